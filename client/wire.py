@@ -1,0 +1,258 @@
+"""The wire format: every message between a training job and the controller.
+
+Both sides import this one module. A message is one ZeroMQ frame of UTF-8 JSON
+with a ``type`` tag and a protocol version ``v``; it is validated here, at the
+edge, with pydantic models that refuse unknown fields and non-finite numbers.
+
+>>> from trimtab.client import wire
+>>> raw = wire.encode(wire.Heartbeat(job="demo", step=3))
+>>> wire.decode(raw)
+Heartbeat(type='heartbeat', v=1, job='demo', step=3)
+
+A frame that cannot be taken raises :class:`WireError`, whose ``code`` says why
+(``oversized``, ``malformed``, ``version``, ``nonfinite``, ``invalid``); the
+controller answers it with an :class:`Error` message carrying the same code.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "MAX_MESSAGE_BYTES",
+    "KNOBS",
+    "ERROR_CODES",
+    "Knob",
+    "Knobs",
+    "ScaleFacts",
+    "Register",
+    "Report",
+    "Command",
+    "Ack",
+    "Heartbeat",
+    "Bye",
+    "Error",
+    "Message",
+    "WireError",
+    "encode",
+    "decode",
+]
+
+PROTOCOL_VERSION = 1
+#: Frames above this size are refused before they are parsed.
+MAX_MESSAGE_BYTES = 64 * 1024
+#: The optimizer knobs trimtab steers, in the order they are reported.
+KNOBS: tuple[str, ...] = ("lr", "momentum", "weight_decay", "clip")
+Knob = Literal["lr", "momentum", "weight_decay", "clip"]
+#: Codes an :class:`Error` reply may carry.
+ERROR_CODES: tuple[str, ...] = (
+    "oversized",
+    "malformed",
+    "version",
+    "nonfinite",
+    "invalid",
+    "unknown_job",
+    "unexpected",
+)
+
+JobId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:@/-]+$")]
+Count = Annotated[int, Field(ge=0, le=2**62)]
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+NonNeg = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
+Text = Annotated[str, Field(max_length=1024)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+class Knobs(_Model):
+    """Knob values in force (or targeted). ``None`` means the optimizer has no such knob
+    (momentum for plain Adagrad) or, for ``clip``, that clipping is off."""
+
+    lr: NonNeg | None = None
+    momentum: NonNeg | None = None
+    weight_decay: NonNeg | None = None
+    clip: NonNeg | None = None
+
+    def set(self) -> dict[str, float]:
+        """The knobs that carry a value."""
+        return {k: v for k, v in self.model_dump().items() if v is not None}
+
+
+class ScaleFacts(_Model):
+    """What the controller needs to know of a job's scale, sent once at registration."""
+
+    param_count: Count
+    group_sizes: Annotated[list[Count], Field(max_length=1024)]
+    world_size: Annotated[int, Field(ge=1, le=1_000_000)] = 1
+    optimizer: Annotated[str, Field(max_length=128)]
+    dtype: Annotated[str, Field(max_length=32)]
+    device: Annotated[str, Field(max_length=32)]
+    batch_size: Annotated[int, Field(ge=1)] | None = None
+
+
+class Register(_Model):
+    """Client -> controller: a job starts (or reconnects: same ``job`` and ``run_id``)."""
+
+    type: Literal["register"] = "register"
+    v: Literal[1] = PROTOCOL_VERSION
+    job: JobId
+    run_id: Annotated[str, Field(min_length=1, max_length=64)]
+    step: Count = 0
+    report_every: Annotated[int, Field(ge=1, le=1_000_000)]
+    facts: ScaleFacts
+    knobs: Knobs
+    #: The sequence number of the last command this client applied (0: none).
+    applied_seq: Count = 0
+
+
+class Report(_Model):
+    """Client -> controller: one report window of probed signals.
+
+    Loss statistics are over the window's finite losses (``None`` when none was
+    finite); gradient norms are global L2 norms before clipping.
+    """
+
+    type: Literal["report"] = "report"
+    v: Literal[1] = PROTOCOL_VERSION
+    job: JobId
+    seq: Annotated[int, Field(ge=1)]
+    #: ``global_step`` at the end of the window (optimizer steps taken).
+    step: Count
+    #: Training steps in this window (guard.step calls, skipped ones included).
+    window: Annotated[int, Field(ge=1, le=1_000_000)]
+    loss_mean: Finite | None = None
+    loss_last: Finite | None = None
+    loss_min: Finite | None = None
+    loss_max: Finite | None = None
+    grad_norm_mean: NonNeg | None = None
+    grad_norm_max: NonNeg | None = None
+    grad_norm_std: NonNeg | None = None
+    group_grad_norms: Annotated[list[NonNeg], Field(max_length=1024)] = []
+    #: ||delta theta|| / ||theta|| over one sampled step of the window.
+    update_ratio: NonNeg | None = None
+    nonfinite_losses: Count = 0
+    nonfinite_grads: Count = 0
+    skipped_steps: Count = 0
+    step_time_s: NonNeg | None = None
+    knobs: Knobs
+    #: Reports this client has dropped so far because its queue was full.
+    dropped_reports: Count = 0
+    applied_seq: Count = 0
+
+
+class Command(_Model):
+    """Controller -> client: absolute knob targets; applied at the next step boundary."""
+
+    type: Literal["command"] = "command"
+    v: Literal[1] = PROTOCOL_VERSION
+    job: JobId
+    seq: Annotated[int, Field(ge=1)]
+    knobs: Knobs
+    reasons: Annotated[list[Text], Field(max_length=64)] = []
+
+
+class Ack(_Model):
+    """Client -> controller: a command was applied; ``knobs`` are the values now in force."""
+
+    type: Literal["ack"] = "ack"
+    v: Literal[1] = PROTOCOL_VERSION
+    job: JobId
+    seq: Annotated[int, Field(ge=1)]
+    step: Count
+    knobs: Knobs
+
+
+class Heartbeat(_Model):
+    """Either way: I am alive. The controller answers each client heartbeat with one."""
+
+    type: Literal["heartbeat"] = "heartbeat"
+    v: Literal[1] = PROTOCOL_VERSION
+    job: JobId
+    step: Count = 0
+
+
+class Bye(_Model):
+    """Client -> controller: the job ends on purpose."""
+
+    type: Literal["bye"] = "bye"
+    v: Literal[1] = PROTOCOL_VERSION
+    job: JobId
+    step: Count = 0
+    reason: Text = "closed"
+
+
+class Error(_Model):
+    """Controller -> client: a message was refused, and why."""
+
+    type: Literal["error"] = "error"
+    v: Literal[1] = PROTOCOL_VERSION
+    code: Literal[
+        "oversized", "malformed", "version", "nonfinite", "invalid", "unknown_job", "unexpected"
+    ]
+    detail: Text
+    job: Annotated[str, Field(max_length=128)] | None = None
+
+
+Message = Annotated[
+    Union[Register, Report, Command, Ack, Heartbeat, Bye, Error],  # noqa: UP007
+    Field(discriminator="type"),
+]
+_ADAPTER: TypeAdapter[Message] = TypeAdapter(Message)
+
+
+class WireError(ValueError):
+    """A frame that cannot be taken. ``code`` is one of :data:`ERROR_CODES`."""
+
+    def __init__(self, code: str, detail: str, job: str | None = None) -> None:
+        super().__init__(f"{code}: {detail}")
+        self.code = code
+        self.detail = detail[:1024]
+        self.job = job
+
+
+def encode(message: BaseModel) -> bytes:
+    """One frame for ``message``."""
+    return message.model_dump_json(exclude_none=False).encode()
+
+
+def _refuse_constant(name: str) -> Any:
+    raise WireError("nonfinite", f"non-finite number {name} in message")
+
+
+def decode(frame: bytes) -> Message:
+    """Parse and validate one frame, or raise :class:`WireError` saying why."""
+    if len(frame) > MAX_MESSAGE_BYTES:
+        raise WireError("oversized", f"{len(frame)} bytes, limit {MAX_MESSAGE_BYTES}")
+    try:
+        raw = json.loads(frame, parse_constant=_refuse_constant)
+    except WireError:
+        raise
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise WireError("malformed", f"not JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise WireError("malformed", f"expected a JSON object, got {type(raw).__name__}")
+    job = raw.get("job") if isinstance(raw.get("job"), str) else None
+    if raw.get("v") != PROTOCOL_VERSION:
+        raise WireError(
+            "version", f"protocol version {raw.get('v')!r}, this side speaks {PROTOCOL_VERSION}",
+            job,
+        )
+    try:
+        return _ADAPTER.validate_python(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        code = "nonfinite" if first["type"] == "finite_number" else "invalid"
+        raise WireError(code, f"{where}: {first['msg']} (got {first.get('input')!r:.80})", job) from None
+
+
+def finite_or_none(x: float | None) -> float | None:
+    """``x`` if it is a finite number, else ``None`` (for building reports)."""
+    return x if x is not None and math.isfinite(x) else None

@@ -1,0 +1,1 @@
+"""trimtab's controller daemon: per-job signal state, policies, governor, journal, metrics."""
