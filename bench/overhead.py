@@ -1,0 +1,191 @@
+"""Client overhead: step time of a training loop attached to a live controller vs bare.
+
+    python bench/overhead.py [--repeats 7] [--steps 200] [--device cpu|cuda]
+
+For each model, bare and attached runs alternate (bare, attached, bare, ...) so drift
+in the machine hits both alike; each run times ``--steps`` steps after a warm-up. The
+printed ratio is the median over pairs of (attached median step time / bare median step
+time). The controller is a real ``trimtab serve`` subprocess on loopback, running its
+default policies, so the client's transport thread is doing real work during the timing.
+
+On CUDA the attached loop also runs under ``torch.cuda.set_sync_debug_mode("warn")`` on
+non-report steps and the number of synchronizing calls is printed (zero expected).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+
+import torch
+
+from trimtab.client import attach
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class TinyTransformer(torch.nn.Module):
+    """A character-level causal transformer (2 layers, d=128, 4 heads, context 64)."""
+
+    def __init__(self, vocab: int = 96, d: int = 128, layers: int = 2, ctx: int = 64) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, d)
+        self.pos = torch.nn.Parameter(torch.zeros(ctx, d))
+        layer = torch.nn.TransformerEncoderLayer(d, 4, 4 * d, dropout=0.0, batch_first=True,
+                                                 norm_first=True)
+        self.body = torch.nn.TransformerEncoder(layer, layers)
+        self.head = torch.nn.Linear(d, vocab)
+        self.register_buffer("mask", torch.nn.Transformer.generate_square_subsequent_mask(ctx))
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        h = self.embed(idx) + self.pos[: idx.shape[1]]
+        return self.head(self.body(h, mask=self.mask, is_causal=True))
+
+
+def make_task(name: str, device: str, seed: int):
+    """(model, optimizer factory, batch function, loss function) for one benchmark model."""
+    torch.manual_seed(seed)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    if name == "mlp":
+        model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(),
+                                    torch.nn.Linear(256, 256), torch.nn.ReLU(),
+                                    torch.nn.Linear(256, 10))
+        x = torch.randn(4096, 64, generator=g).to(device)
+        y = torch.randint(0, 10, (4096,), generator=g).to(device)
+
+        def batch():
+            i = torch.randint(0, 4096, (128,), generator=g).to(device)
+            return x[i], y[i]
+
+        def loss_fn(m, b):
+            return torch.nn.functional.cross_entropy(m(b[0]), b[1])
+
+        return model.to(device), lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9), batch, loss_fn
+    if name == "transformer":
+        import inspect
+
+        text = inspect.getsource(torch.nn.modules.transformer).encode("ascii", "replace")
+        data = torch.tensor([min(max(c - 32, 0), 95) for c in text], dtype=torch.long).to(device)
+        model = TinyTransformer()
+
+        def batch():
+            i = torch.randint(0, len(data) - 65, (16,), generator=g).to(device)
+            seq = torch.stack([data[j: j + 65] for j in i.tolist()])
+            return seq[:, :-1], seq[:, 1:]
+
+        def loss_fn(m, b):
+            return torch.nn.functional.cross_entropy(m(b[0]).flatten(0, 1), b[1].flatten())
+
+        return model.to(device), lambda p: torch.optim.AdamW(p, lr=3e-4), batch, loss_fn
+    raise ValueError(f"unknown model {name!r}")
+
+
+def timed_run(name: str, device: str, steps: int, warmup: int, seed: int,
+              endpoint: str | None, report_every: int) -> tuple[float, int]:
+    """Median step time (s) of one run, and synchronizing calls seen on non-report steps."""
+    model, make_opt, batch, loss_fn = make_task(name, device, seed)
+    opt = make_opt(model.parameters())
+    batches = [batch() for _ in range(16)]
+    guard = None
+    if endpoint is not None:
+        guard = attach(model, opt, job=f"overhead-{name}-{os.getpid()}", endpoint=endpoint,
+                       report_every=report_every)
+    times, syncs = [], 0
+    cuda = device.startswith("cuda")
+    for i in range(warmup + steps):
+        b = batches[i % len(batches)]
+        t0 = time.perf_counter()
+        loss = loss_fn(model, b)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        check = cuda and guard is not None and (i + 1) % report_every != 0 and i >= warmup
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if check:
+                torch.cuda.set_sync_debug_mode("warn")
+            if guard is None:
+                opt.step()
+            else:
+                guard.step(loss)
+            if check:
+                torch.cuda.set_sync_debug_mode("default")
+        syncs += sum("synchroniz" in str(w.message) for w in caught)
+        if cuda:
+            torch.cuda.synchronize()  # timing only: bare and attached pay it alike
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    if guard is not None:
+        guard.close()
+    return statistics.median(times), syncs
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", default="mlp,transformer")
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--warmup", type=int, default=20)
+    ap.add_argument("--report-every", type=int, default=10)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+
+    port = free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "trimtab.controller", "serve", "--bind",
+             f"tcp://127.0.0.1:{port}", "--metrics-port", "0", "--journal",
+             os.path.join(tmp, "journal.db"), "--log-level", "WARNING"],
+            stdout=subprocess.PIPE, text=True)
+        assert "ready" in proc.stdout.readline(), "trimtab serve did not start"
+        endpoint = f"tcp://127.0.0.1:{port}"
+        try:
+            rows = []
+            for name in args.models.split(","):
+                ratios, bare_t, att_t, syncs = [], [], [], 0
+                for r in range(args.repeats):
+                    b, _ = timed_run(name, args.device, args.steps, args.warmup,
+                                     args.seed + r, None, args.report_every)
+                    a, s = timed_run(name, args.device, args.steps, args.warmup,
+                                     args.seed + r, endpoint, args.report_every)
+                    ratios.append(a / b)
+                    bare_t.append(b)
+                    att_t.append(a)
+                    syncs += s
+                rows.append((name, statistics.median(bare_t), statistics.median(att_t),
+                             statistics.median(ratios), min(ratios), max(ratios), syncs))
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=10)
+
+    print(f"# client overhead: {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} cpus, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"device {args.device}, python {platform.python_version()}")
+    print(f"# report_every={args.report_every} steps={args.steps} warmup={args.warmup} "
+          f"repeats={args.repeats} seeds={args.seed}..{args.seed + args.repeats - 1}")
+    print("| model | bare step (ms) | attached step (ms) | ratio (median) | ratio range "
+          "| syncs on non-report steps |")
+    print("|---|---|---|---|---|---|")
+    for name, b, a, r, lo, hi, s in rows:
+        sync = str(s) if args.device.startswith("cuda") else "n/a on cpu"
+        print(f"| {name} | {b * 1e3:.3f} | {a * 1e3:.3f} | {r:.3f} | {lo:.3f}-{hi:.3f} | {sync} |")
+    if any(math.isnan(r[3]) for r in rows):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,180 @@
+"""The journal: every registration, report summary, proposal, decision, command and ack,
+appended to an embedded SQLite database in WAL mode, plus each job's latest state so a
+restarted controller resumes every job.
+
+>>> j = Journal(":memory:")
+>>> j.append("demo", "register", step=0, data={"run_id": "r1"})
+1
+>>> [e.kind for e in j.events("demo")]
+['register']
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["EVENT_KINDS", "Event", "Journal", "JournalError"]
+
+#: What an event can be.
+EVENT_KINDS = (
+    "register", "report", "proposal", "decision", "command", "ack",
+    "bye", "lost", "policy_error", "message_error",
+)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    id    INTEGER PRIMARY KEY,
+    ts    REAL NOT NULL,
+    job   TEXT NOT NULL,
+    kind  TEXT NOT NULL,
+    step  INTEGER,
+    seq   INTEGER,
+    data  TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_job ON events (job, id);
+CREATE TABLE IF NOT EXISTS job_state (
+    job    TEXT PRIMARY KEY,
+    ts     REAL NOT NULL,
+    live   INTEGER NOT NULL,
+    state  TEXT NOT NULL
+);
+"""
+
+
+class JournalError(RuntimeError):
+    """The journal file cannot be used (corrupt, not a database, locked)."""
+
+
+@dataclass(frozen=True)
+class Event:
+    """One journal row."""
+
+    id: int
+    ts: float
+    job: str
+    kind: str
+    step: int | None
+    seq: int | None
+    data: dict[str, Any]
+
+
+class Journal:
+    """Append-only event log and job-state store over one SQLite file.
+
+    Writes go into one open transaction that :meth:`commit` ends; the server commits
+    once per message it handles, so a message's events land together or not at all.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        try:
+            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # NORMAL in WAL mode: a commit survives a process kill; only power loss
+            # may lose the last transactions, never corrupt the file.
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            ok = self._db.execute("PRAGMA quick_check").fetchone()[0]
+            if ok != "ok":
+                raise JournalError(f"journal {path!r} failed its integrity check: {ok}")
+            self._db.executescript(_SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            raise JournalError(f"journal {path!r} cannot be opened: {exc}") from None
+        self._in_tx = False
+        self._batching = False
+
+    def _begin(self) -> None:
+        if not self._in_tx:
+            self._db.execute("BEGIN")
+            self._in_tx = True
+
+    def append(
+        self, job: str, kind: str, *, step: int | None = None, seq: int | None = None,
+        data: dict[str, Any] | None = None,
+    ) -> int:
+        """Add one event; returns its id. Visible to readers after :meth:`commit`."""
+        if kind not in EVENT_KINDS:
+            raise ValueError(f"journal event kind {kind!r} is not one of {EVENT_KINDS}")
+        text = json.dumps(data or {}, allow_nan=False)
+        self._begin()
+        cur = self._db.execute(
+            "INSERT INTO events (ts, job, kind, step, seq, data) VALUES (?, ?, ?, ?, ?, ?)",
+            (time.time(), job, kind, step, seq, text),
+        )
+        self._autocommit_if_idle()
+        return int(cur.lastrowid)
+
+    def save_state(self, job: str, state: dict[str, Any], *, live: bool = True) -> None:
+        """Store a job's latest ``state_dict()`` (replacing the previous one)."""
+        text = json.dumps(state, allow_nan=False)
+        self._begin()
+        self._db.execute(
+            "INSERT INTO job_state (job, ts, live, state) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT(job) DO UPDATE SET ts=excluded.ts, live=excluded.live, "
+            "state=excluded.state",
+            (job, time.time(), int(live), text),
+        )
+        self._autocommit_if_idle()
+
+    def _autocommit_if_idle(self) -> None:
+        if not self._batching:
+            self.commit()
+
+    def batch(self) -> _Batch:
+        """``with journal.batch():`` groups writes into one transaction."""
+        return _Batch(self)
+
+    def commit(self) -> None:
+        if self._in_tx:
+            self._db.execute("COMMIT")
+            self._in_tx = False
+
+    def load_state(self, job: str) -> dict[str, Any] | None:
+        row = self._db.execute("SELECT state FROM job_state WHERE job = ?", (job,)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def states(self, *, live_only: bool = False) -> dict[str, dict[str, Any]]:
+        """Every stored job state, by job."""
+        sql = "SELECT job, state FROM job_state" + (" WHERE live = 1" if live_only else "")
+        return {job: json.loads(s) for job, s in self._db.execute(sql)}
+
+    def events(
+        self, job: str | None = None, kind: str | None = None, *, after_id: int = 0,
+    ) -> list[Event]:
+        """Events in order, optionally for one job and/or of one kind."""
+        return list(self.iter_events(job, kind, after_id=after_id))
+
+    def iter_events(
+        self, job: str | None = None, kind: str | None = None, *, after_id: int = 0,
+    ) -> Iterator[Event]:
+        sql, args = "SELECT id, ts, job, kind, step, seq, data FROM events WHERE id > ?", [after_id]
+        if job is not None:
+            sql, args = sql + " AND job = ?", [*args, job]
+        if kind is not None:
+            sql, args = sql + " AND kind = ?", [*args, kind]
+        for row in self._db.execute(sql + " ORDER BY id", args):
+            yield Event(row[0], row[1], row[2], row[3], row[4], row[5], json.loads(row[6]))
+
+    def jobs(self) -> list[str]:
+        return [r[0] for r in self._db.execute("SELECT DISTINCT job FROM events ORDER BY job")]
+
+    def close(self) -> None:
+        self.commit()
+        self._db.close()
+
+
+class _Batch:
+    def __init__(self, journal: Journal) -> None:
+        self._j = journal
+
+    def __enter__(self) -> Journal:
+        self._j._batching = True
+        return self._j
+
+    def __exit__(self, *exc: object) -> None:
+        self._j._batching = False
+        self._j.commit()

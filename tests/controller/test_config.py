@@ -1,0 +1,60 @@
+"""Config: defaults < TOML < environment < flags, and refusals that name field, value, rule."""
+
+from __future__ import annotations
+
+import pytest
+
+from trimtab.controller.config import ConfigError, load_config
+
+
+def test_defaults_serve_loopback_with_two_policies():
+    cfg = load_config(env={})
+    assert cfg.bind == "tcp://127.0.0.1:5555"
+    assert cfg.metrics_port == 9108
+    assert [p.name for p in cfg.policies] == ["spike_guard", "plateau"]
+
+
+def test_toml_then_env_then_overrides(tmp_path):
+    path = tmp_path / "t.toml"
+    path.write_text('journal = "from-file.db"\nmetrics_port = 1111\n'
+                    '[governor.lr]\ncooldown_steps = 7\n')
+    cfg = load_config(path, env={})
+    assert (cfg.journal, cfg.metrics_port, cfg.governor.lr.cooldown_steps) == ("from-file.db", 1111, 7)
+    env = {"TRIMTAB_METRICS_PORT": "2222", "TRIMTAB_GOVERNOR__LR__COOLDOWN_STEPS": "9"}
+    cfg = load_config(path, env=env)
+    assert (cfg.metrics_port, cfg.governor.lr.cooldown_steps) == (2222, 9)
+    cfg = load_config(path, env=env, overrides={"metrics_port": 3333})
+    assert cfg.metrics_port == 3333
+    assert cfg.journal == "from-file.db"
+
+
+def test_config_path_from_environment(tmp_path):
+    path = tmp_path / "t.toml"
+    path.write_text("job_timeout_s = 5.5\n")
+    assert load_config(env={"TRIMTAB_CONFIG": str(path)}).job_timeout_s == 5.5
+
+
+def test_refusal_names_field_value_and_rule(tmp_path):
+    path = tmp_path / "t.toml"
+    path.write_text("[governor.lr]\nmax_step_ratio = 0.5\n")
+    with pytest.raises(ConfigError, match=r"governor\.lr\.max_step_ratio = 0\.5: .*greater than"):
+        load_config(path, env={})
+
+
+def test_unknown_field_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"metric_port = 1: Extra inputs are not permitted"):
+        load_config(env={"TRIMTAB_METRIC_PORT": "1"})
+
+
+def test_bad_env_value_refused_with_source():
+    with pytest.raises(ConfigError, match=r"\(environment\):\n  metrics_port = 70000: .*less than"):
+        load_config(env={"TRIMTAB_METRICS_PORT": "70000"})
+
+
+def test_missing_and_broken_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.toml", env={})
+    bad = tmp_path / "bad.toml"
+    bad.write_text("this is = = not toml")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(bad, env={})
