@@ -250,7 +250,8 @@ def decode(frame: bytes) -> Message:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
         code = "nonfinite" if first["type"] == "finite_number" else "invalid"
-        raise WireError(code, f"{where}: {first['msg']} (got {first.get('input')!r:.80})", job) from None
+        detail = f"{where}: {first['msg']} (got {first.get('input')!r:.80})"
+        raise WireError(code, detail, job) from None
 
 
 def finite_or_none(x: float | None) -> float | None:

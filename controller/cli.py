@@ -1,6 +1,7 @@
 """The ``trimtab`` command.
 
-    trimtab serve [--bind tcp://127.0.0.1:5555] [--metrics-port 9108] [--journal PATH] [--config FILE]
+    trimtab serve [--bind tcp://127.0.0.1:5555] [--metrics-port 9108] [--journal PATH]
+                  [--config FILE]
     trimtab decisions [--journal PATH] [--job JOB]
     trimtab policies
 """

@@ -19,7 +19,8 @@ def test_toml_then_env_then_overrides(tmp_path):
     path.write_text('journal = "from-file.db"\nmetrics_port = 1111\n'
                     '[governor.lr]\ncooldown_steps = 7\n')
     cfg = load_config(path, env={})
-    assert (cfg.journal, cfg.metrics_port, cfg.governor.lr.cooldown_steps) == ("from-file.db", 1111, 7)
+    got = (cfg.journal, cfg.metrics_port, cfg.governor.lr.cooldown_steps)
+    assert got == ("from-file.db", 1111, 7)
     env = {"TRIMTAB_METRICS_PORT": "2222", "TRIMTAB_GOVERNOR__LR__COOLDOWN_STEPS": "9"}
     cfg = load_config(path, env=env)
     assert (cfg.metrics_port, cfg.governor.lr.cooldown_steps) == (2222, 9)

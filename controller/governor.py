@@ -1,0 +1,298 @@
+"""The governor: the last word on every knob value the controller sends.
+
+Whatever a policy asks for, the governor holds each knob within absolute and
+relative bounds, moves it at most ``max_step_ratio`` per decision and
+``slew_ratio`` per window, waits ``cooldown_steps`` between changes, ignores
+changes inside a ``deadband`` and refuses small reversals (hysteresis). It is
+pure: the per-knob :class:`KnobMemory` it reads lives in the job's state, and the
+engine records into it only what is actually sent.
+
+>>> gov = Governor()
+>>> mem = KnobMemory()
+>>> out = gov.govern("lr", mem, current=1e-3, initial=1e-3, target=1.0, step=100)
+>>> (out.value, out.limits)
+(0.002, ('bounds', 'max_step_ratio', 'slew'))
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from trimtab.client import wire
+
+__all__ = [
+    "LIMIT_NAMES",
+    "KnobLimits",
+    "GovernorConfig",
+    "KnobMemory",
+    "Governed",
+    "Governor",
+]
+
+#: Names a :class:`Governed` outcome may give for the limits that acted.
+LIMIT_NAMES: tuple[str, ...] = (
+    "invalid", "cooldown", "bounds", "max_step_ratio", "slew", "deadband", "hysteresis",
+)
+
+_PosFloat = Field(gt=0.0, allow_inf_nan=False)
+
+
+class KnobLimits(BaseModel):
+    """Limits on one knob; a limit left ``None`` is off.
+
+    Bounds are the intersection of ``[min, max]`` and ``[min_rel, max_rel] x
+    initial``; relative bounds are skipped when the knob had no initial value.
+
+    >>> KnobLimits(min_rel=0.1, max_rel=10, max_step_ratio=2).max_step_ratio
+    2.0
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    min: float | None = Field(None, ge=0.0, allow_inf_nan=False, description="absolute lower bound")
+    max: float | None = Field(None, ge=0.0, allow_inf_nan=False, description="absolute upper bound")
+    min_rel: float | None = Field(None, ge=0.0, allow_inf_nan=False, description="x initial")
+    max_rel: float | None = Field(None, ge=0.0, allow_inf_nan=False, description="x initial")
+    #: Zero is a valid target (momentum, weight decay); else a zero target is refused.
+    allow_zero: bool = False
+    max_step_ratio: float | None = Field(None, ge=1.0, allow_inf_nan=False)
+    slew_ratio: float | None = Field(None, ge=1.0, allow_inf_nan=False)
+    slew_window_steps: int = Field(1000, ge=1)
+    cooldown_steps: int = Field(0, ge=0)
+    deadband: float = Field(0.0, ge=0.0, lt=1.0)
+    reversal_window_steps: int = Field(0, ge=0)
+    reversal_min_change: float = Field(0.0, ge=0.0, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> KnobLimits:
+        for lo, hi in (("min", "max"), ("min_rel", "max_rel")):
+            a, b = getattr(self, lo), getattr(self, hi)
+            if a is not None and b is not None and a > b:
+                raise ValueError(f"{lo}={a} is above {hi}={b}; {lo} must be <= {hi}")
+        return self
+
+
+def _lr_limits() -> KnobLimits:
+    return KnobLimits(
+        min_rel=1e-3, max_rel=10.0, max_step_ratio=2.0, slew_ratio=4.0, slew_window_steps=1000,
+        cooldown_steps=50, deadband=0.01, reversal_window_steps=200, reversal_min_change=0.2,
+    )
+
+
+def _momentum_limits() -> KnobLimits:
+    return KnobLimits(min=0.0, max=0.999, allow_zero=True, cooldown_steps=50, deadband=0.01)
+
+
+def _weight_decay_limits() -> KnobLimits:
+    return KnobLimits(
+        min=0.0, max_rel=10.0, allow_zero=True, max_step_ratio=2.0, cooldown_steps=50,
+        deadband=0.01,
+    )
+
+
+def _clip_limits() -> KnobLimits:
+    return KnobLimits(min=1e-6, max=1e6, max_step_ratio=2.0, cooldown_steps=50, deadband=0.01)
+
+
+class GovernorConfig(BaseModel):
+    """One :class:`KnobLimits` per knob; the defaults are conservative.
+
+    >>> GovernorConfig(lr={"max_step_ratio": 1.5}).lr.cooldown_steps
+    0
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    lr: KnobLimits = Field(default_factory=_lr_limits)
+    momentum: KnobLimits = Field(default_factory=_momentum_limits)
+    weight_decay: KnobLimits = Field(default_factory=_weight_decay_limits)
+    clip: KnobLimits = Field(default_factory=_clip_limits)
+
+
+@dataclass
+class KnobMemory:
+    """What the governor remembers of one knob for one job.
+
+    ``history`` holds ``(step, value)`` of commanded values in the slew window,
+    led by the value that was in force when the window opened.
+    """
+
+    history: list[tuple[int, float]] = field(default_factory=list)
+    last_change_step: int | None = None
+    #: +1 up, -1 down, 0 never changed.
+    last_direction: int = 0
+
+    def record(self, step: int, previous: float | None, value: float, window_steps: int) -> None:
+        """Remember that ``value`` was commanded at ``step`` (replacing ``previous``)."""
+        if not self.history and previous is not None:
+            # The value this change started from is part of the slew window too.
+            self.history.append((step, previous))
+        self.history.append((step, value))
+        self.history = _window(self.history, step, window_steps)
+        if previous is not None and value != previous:
+            self.last_direction = 1 if value > previous else -1
+        self.last_change_step = step
+
+    def state_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable copy."""
+        return {
+            "history": [[s, v] for s, v in self.history],
+            "last_change_step": self.last_change_step,
+            "last_direction": self.last_direction,
+        }
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        """Restore from :meth:`state_dict`; unknown or missing keys are an error."""
+        _check_keys("KnobMemory", sd, {"history", "last_change_step", "last_direction"})
+        self.history = [(int(s), float(v)) for s, v in sd["history"]]
+        self.last_change_step = sd["last_change_step"]
+        self.last_direction = int(sd["last_direction"])
+
+
+def _check_keys(what: str, sd: dict[str, Any], expected: set[str]) -> None:
+    missing, unexpected = expected - sd.keys(), sd.keys() - expected
+    if missing or unexpected:
+        raise ValueError(
+            f"{what} state_dict: missing keys {sorted(missing)}, "
+            f"unexpected keys {sorted(unexpected)}"
+        )
+
+
+def _window(
+    history: list[tuple[int, float]], step: int, window_steps: int
+) -> list[tuple[int, float]]:
+    """Entries after ``step - window_steps``, led by the last one at or before it."""
+    start = step - window_steps
+    keep = list(history)
+    while len(keep) >= 2 and keep[1][0] <= start:
+        keep.pop(0)
+    return keep
+
+
+@dataclass(frozen=True)
+class Governed:
+    """A governed outcome: the value to command (``None``: nothing) and the limits that acted."""
+
+    value: float | None
+    limits: tuple[str, ...] = ()
+
+
+class Governor:
+    """Applies a :class:`GovernorConfig`; see the module docstring for an example."""
+
+    def __init__(self, config: GovernorConfig | dict[str, Any] | None = None) -> None:
+        if config is None:
+            config = GovernorConfig()
+        elif isinstance(config, dict):
+            config = GovernorConfig.model_validate(config)
+        self.config = config
+
+    def limits(self, knob: wire.Knob) -> KnobLimits:
+        """The limits for ``knob``."""
+        return getattr(self.config, knob)
+
+    def bounds(self, knob: wire.Knob, initial: float | None) -> tuple[float, float]:
+        """``(lo, hi)`` for ``knob`` given its value at registration.
+
+        Absolute bounds are hard; if the relative range lies wholly outside them
+        the bound nearest to it is used.
+        """
+        lim = self.limits(knob)
+        abs_lo = lim.min if lim.min is not None else 0.0
+        abs_hi = lim.max if lim.max is not None else math.inf
+        lo, hi = abs_lo, abs_hi
+        if initial is not None:
+            if lim.min_rel is not None:
+                lo = max(lo, lim.min_rel * initial)
+            if lim.max_rel is not None:
+                hi = min(hi, lim.max_rel * initial)
+        if lo > hi:
+            lo = hi = min(max(lo, abs_lo), abs_hi)
+        return lo, hi
+
+    def out_of_bounds(self, knob: wire.Knob, current: float | None, initial: float | None) -> bool:
+        """Whether the value in force lies outside the bounds (the engine then corrects it)."""
+        if current is None:
+            return False
+        lo, hi = self.bounds(knob, initial)
+        return not lo <= current <= hi
+
+    def govern(
+        self,
+        knob: wire.Knob,
+        memory: KnobMemory,
+        current: float | None,
+        initial: float | None,
+        target: float,
+        step: int,
+    ) -> Governed:
+        """The value to command for ``knob`` when ``target`` is asked at ``step``."""
+        lim = self.limits(knob)
+        lo, hi = self.bounds(knob, initial)
+        if current is not None and not lo <= current <= hi:
+            # Bounds always win: move to the nearest bound, whatever else applies; the
+            # policy's own target can be taken up at the next decision.
+            return Governed(min(max(current, lo), hi), ("bounds",))
+        if not _valid(target, lim):
+            return Governed(None, ("invalid",))
+        last = memory.last_change_step
+        if last is not None and step - last < lim.cooldown_steps:
+            return Governed(None, ("cooldown",))
+        if current is None:
+            # Nothing to take a ratio of (e.g. clipping off): bounds only.
+            value = min(max(target, lo), hi)
+            return Governed(value, ("bounds",) if value != target else ())
+        value, acted = self._clamp(lim, memory, current, lo, hi, target, step)
+        if value is None or value == current:
+            return Governed(None, acted)
+        return self._filter(lim, memory, current, value, step, acted)
+
+    def _clamp(
+        self, lim: KnobLimits, memory: KnobMemory, current: float,
+        lo: float, hi: float, target: float, step: int,
+    ) -> tuple[float | None, tuple[str, ...]]:
+        """Clamp into the intersection of bounds, step-ratio and slew ranges."""
+        ranges = [("bounds", lo, hi)]
+        if lim.max_step_ratio is not None:
+            r = lim.max_step_ratio
+            ranges.append(("max_step_ratio", current / r, current * r))
+        if lim.slew_ratio is not None:
+            seen = [v for _, v in _window(memory.history, step, lim.slew_window_steps)]
+            seen.append(current)
+            ranges.append(("slew", max(seen) / lim.slew_ratio, min(seen) * lim.slew_ratio))
+        acted = tuple(name for name, a, b in ranges if not a <= target <= b)
+        low = max(a for _, a, _ in ranges)
+        high = min(b for _, _, b in ranges)
+        if low > high:
+            # Only when the value in force moved outside the slew range on its own.
+            return None, acted or ("slew",)
+        return min(max(target, low), high), acted
+
+    def _filter(
+        self, lim: KnobLimits, memory: KnobMemory, current: float, value: float,
+        step: int, acted: tuple[str, ...],
+    ) -> Governed:
+        """Drop changes too small to matter (deadband) or too small to reverse (hysteresis)."""
+        rel = abs(value - current) / current if current > 0 else math.inf
+        if rel < lim.deadband:
+            return Governed(None, (*acted, "deadband"))
+        direction = 1 if value > current else -1
+        last = memory.last_change_step
+        reversing = (
+            memory.last_direction == -direction
+            and last is not None
+            and step - last <= lim.reversal_window_steps
+        )
+        if reversing and rel < lim.reversal_min_change:
+            return Governed(None, (*acted, "hysteresis"))
+        return Governed(value, acted)
+
+
+def _valid(target: float, lim: KnobLimits) -> bool:
+    if not isinstance(target, (int, float)) or not math.isfinite(target) or target < 0.0:
+        return False
+    return target > 0.0 or lim.allow_zero

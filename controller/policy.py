@@ -1,0 +1,221 @@
+"""The policy API: what a plugin implements, and how plugins are found and loaded.
+
+A policy is a class with a validated ``Config`` and one method, ``propose``,
+that reads a :class:`~trimtab.controller.state.JobView` and returns proposals.
+It never applies anything: the engine arbitrates and the governor bounds.
+
+>>> from pydantic import BaseModel, ConfigDict
+>>> class Halve(Policy):
+...     name = "halve"
+...     class Config(BaseModel):
+...         model_config = ConfigDict(extra="forbid")
+...         every: int = 100
+...     def propose(self, view):
+...         if view.step and view.step % self.config.every == 0:
+...             return [Proposal("lr", factor=0.5, reason=f"step {view.step}")]
+...         return []
+>>> Halve({"every": 10}).config.every
+10
+
+Loading goes in stages, as flake8's finder does: :func:`discover` lists the
+entry points of group ``trimtab.policies`` sorted by name; :func:`load_policy`
+resolves a name or a dotted path, imports it, checks it is a :class:`Policy`
+and validates its config, wrapping every failure in :class:`PolicyLoadError`.
+"""
+
+from __future__ import annotations
+
+import abc
+import importlib
+import math
+from dataclasses import KW_ONLY, dataclass
+from importlib.metadata import EntryPoint, entry_points
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from trimtab.client import wire
+
+if TYPE_CHECKING:
+    from .state import JobView
+
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "Proposal",
+    "Policy",
+    "PolicyLoadError",
+    "discover",
+    "load_policy",
+]
+
+ENTRY_POINT_GROUP = "trimtab.policies"
+
+
+@dataclass(frozen=True)
+class Proposal:
+    """One policy's wish for one knob: a ``factor`` on the value in force, an absolute
+    ``value``, or ``hold=True`` (no change); always with a ``reason``.
+
+    >>> Proposal("lr", factor=0.5, reason="loss plateau").factor
+    0.5
+    """
+
+    knob: wire.Knob
+    _: KW_ONLY
+    reason: str
+    factor: float | None = None
+    value: float | None = None
+    hold: bool = False
+
+    def __post_init__(self) -> None:
+        if self.knob not in wire.KNOBS:
+            raise ValueError(f"knob {self.knob!r} is not one of {', '.join(wire.KNOBS)}")
+        if not isinstance(self.reason, str) or not self.reason.strip():
+            raise ValueError(f"a proposal for {self.knob} needs a non-empty reason")
+        given = [n for n in ("factor", "value") if getattr(self, n) is not None]
+        if self.hold is not False:
+            given.append("hold")
+        if len(given) != 1:
+            raise ValueError(
+                f"a proposal for {self.knob} takes exactly one of factor, value or hold=True; "
+                f"got {given or 'none'}"
+            )
+        if self.hold is not False and self.hold is not True:
+            raise ValueError(f"hold must be True or False, got {self.hold!r}")
+        _check_number(self.knob, "factor", self.factor, strictly_positive=True)
+        _check_number(self.knob, "value", self.value, strictly_positive=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable record."""
+        return {
+            "knob": self.knob, "factor": self.factor, "value": self.value,
+            "hold": self.hold, "reason": self.reason,
+        }
+
+
+def _check_number(knob: str, what: str, x: Any, strictly_positive: bool) -> None:
+    if x is None:
+        return
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
+        raise ValueError(f"{knob} {what} must be a finite number, got {x!r}")
+    if x < 0 or (strictly_positive and x == 0):
+        allowed = "> 0" if strictly_positive else ">= 0"
+        raise ValueError(f"{knob} {what} must be {allowed}, got {x!r}")
+
+
+class _NoConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Policy(abc.ABC):
+    """Base class of every policy; subclasses set ``name``, ``Config`` and ``propose``.
+
+    See the module docstring for a complete example.
+    """
+
+    #: The name the policy is known by (in entry points, metrics, journal, reasons).
+    name: ClassVar[str] = ""
+    #: Its configuration model; pydantic, ``extra="forbid"``.
+    Config: ClassVar[type[BaseModel]] = _NoConfig
+
+    def __init__(self, config: BaseModel | dict[str, Any] | None = None) -> None:
+        if config is None:
+            config = {}
+        if isinstance(config, dict):
+            config = self.Config.model_validate(config)
+        elif not isinstance(config, self.Config):
+            raise TypeError(
+                f"policy {self.name!r}: config must be a dict or {self.Config.__name__}, "
+                f"got {type(config).__name__}"
+            )
+        self.config = config
+
+    @abc.abstractmethod
+    def propose(self, view: JobView) -> list[Proposal]:
+        """Proposals for this job now; an empty list when there is nothing to say."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config!r})"
+
+
+class PolicyLoadError(Exception):
+    """A policy could not be found, imported, checked or configured; says which and why."""
+
+
+def discover() -> dict[str, EntryPoint]:
+    """Installed policies by entry-point name, sorted; the first of duplicate names wins."""
+    found: dict[str, EntryPoint] = {}
+    for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: (e.name, e.value)):
+        found.setdefault(ep.name, ep)
+    return found
+
+
+def load_policy(name: str, config: dict[str, Any] | None = None) -> Policy:
+    """A configured policy from an entry-point name, ``pkg.module:Class`` or ``pkg.module.Class``.
+
+    >>> load_policy("plateau", {"t_crit": 3.0}).config.t_crit
+    3.0
+    """
+    cls = _resolve(name)
+    if not (isinstance(cls, type) and issubclass(cls, Policy)):
+        raise PolicyLoadError(f"policy {name!r}: {cls!r} is not a trimtab Policy subclass")
+    if not isinstance(cls.name, str) or not cls.name:
+        raise PolicyLoadError(f"policy {name!r}: class {cls.__qualname__} sets no name")
+    if config is not None and not isinstance(config, dict):
+        raise PolicyLoadError(
+            f"policy {name!r}: config must be a mapping, got {type(config).__name__}"
+        )
+    try:
+        return cls(config)
+    except ValidationError as exc:
+        raise PolicyLoadError(f"policy {name!r}: bad config: {_explain(exc, cls)}") from None
+    except Exception as exc:
+        raise PolicyLoadError(f"policy {name!r}: constructor failed: {_cause(exc)}") from exc
+
+
+def _resolve(name: str) -> Any:
+    eps = discover()
+    if name in eps:
+        try:
+            return eps[name].load()
+        except Exception as exc:
+            raise PolicyLoadError(
+                f"policy {name!r}: cannot load entry point {eps[name].value!r}: {_cause(exc)}"
+            ) from exc
+    if ":" in name:
+        module, _, attr = name.partition(":")
+    elif "." in name:
+        module, _, attr = name.rpartition(".")
+    else:
+        known = ", ".join(eps) or "none installed"
+        raise PolicyLoadError(
+            f"policy {name!r} not found: no entry point of that name in group "
+            f"{ENTRY_POINT_GROUP!r} (known: {known}), and not a dotted path"
+        )
+    try:
+        obj: Any = importlib.import_module(module)
+    except Exception as exc:
+        raise PolicyLoadError(f"policy {name!r}: cannot import {module!r}: {_cause(exc)}") from exc
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise PolicyLoadError(
+                f"policy {name!r}: module {module!r} has no attribute {attr!r}"
+            ) from None
+    return obj
+
+
+def _explain(exc: ValidationError, cls: type[Policy]) -> str:
+    """Each bad field with its value and what is allowed."""
+    fields = ", ".join(cls.Config.model_fields) or "none"
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "config"
+        allowed = f" (allowed fields: {fields})" if err["type"] == "extra_forbidden" else ""
+        parts.append(f"{where}={err.get('input')!r}: {err['msg']}{allowed}")
+    return "; ".join(parts)
+
+
+def _cause(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"

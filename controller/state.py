@@ -1,0 +1,407 @@
+"""One job's state: what the controller knows of a training run, in one object.
+
+:class:`JobState` folds reports into running signals (EMAs, variances, z-scores,
+the loss slope), remembers the knobs in force, the commands sent and acknowledged,
+and the governor's per-knob memory. Policies never see it: they read the frozen
+:class:`JobView` it hands out.
+
+>>> from trimtab.client import wire
+>>> facts = wire.ScaleFacts(param_count=10, group_sizes=[10], optimizer="AdamW",
+...                         dtype="float32", device="cpu")
+>>> reg = wire.Register(job="demo", run_id="r1", report_every=10, facts=facts,
+...                     knobs=wire.Knobs(lr=1e-3))
+>>> st = JobState.register(reg)
+>>> st.observe(wire.Report(job="demo", seq=1, step=10, window=10, loss_mean=2.0,
+...                        knobs=wire.Knobs(lr=1e-3)))
+>>> st.view().signals.loss_ema
+2.0
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from trimtab.client import wire
+from trimtab.controller.governor import KnobMemory, _check_keys
+from trimtab.controller.signals import ema_var, ols_slope, t_stat, zscore
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+__all__ = ["SignalConfig", "Signals", "JobView", "JobState"]
+
+_STATE_VERSION = 1
+
+
+class SignalConfig(BaseModel):
+    """How reports become signals.
+
+    >>> SignalConfig(slope_window=30).z_warmup
+    10
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: Weight of the newest report in the EMAs and EW variances.
+    alpha: float = Field(0.05, gt=0.0, le=1.0)
+    #: Reports in the least-squares window for the loss slope.
+    slope_window: int = Field(20, ge=3, le=100_000)
+    #: Reports folded in before z-scores are given.
+    z_warmup: int = Field(10, ge=2)
+    #: Added to variances before dividing, so a flat history gives finite z-scores.
+    eps: float = Field(1e-12, gt=0.0, allow_inf_nan=False)
+
+
+@dataclass(frozen=True)
+class Signals:
+    """A snapshot of a job's signals; ``None`` where not yet defined."""
+
+    loss_ema: float | None
+    loss_var: float | None
+    #: Latest loss_mean against the history before it (None during warm-up).
+    loss_z: float | None
+    grad_norm_ema: float | None
+    grad_norm_var: float | None
+    grad_norm_z: float | None
+    #: Least-squares slope of loss_mean per optimizer step over the slope window.
+    slope: float | None
+    slope_se: float | None
+    slope_t: float | None
+    #: Points in the slope window now, and its capacity.
+    slope_n: int
+    slope_window: int
+    #: Step of the oldest point in the slope window.
+    slope_since_step: int | None
+
+
+@dataclass(frozen=True)
+class JobView:
+    """What a policy reads: a frozen snapshot of one job."""
+
+    job: str
+    run_id: str
+    step: int
+    report_every: int
+    facts: wire.ScaleFacts
+    #: Knobs at registration.
+    initial: wire.Knobs
+    #: Knobs in force, as last reported or acknowledged by the client.
+    knobs: wire.Knobs
+    #: Knobs of a command sent but not yet acknowledged (None: nothing pending).
+    pending: wire.Knobs | None
+    reports_seen: int
+    signals: Signals
+    #: The latest report as received (its non-finite counts are for its window).
+    last: wire.Report | None
+    nonfinite_losses_total: int
+    nonfinite_grads_total: int
+    #: Step of the last change the controller commanded, per knob (None: never).
+    last_change_step: Mapping[str, int | None]
+
+
+class _EW:
+    """Exponentially weighted mean and variance of one signal, with a warm-up."""
+
+    __slots__ = ("mean", "var", "n")
+
+    def __init__(self) -> None:
+        self.mean: float | None = None
+        self.var: float | None = None
+        self.n = 0
+
+    def fold(self, x: float, alpha: float) -> None:
+        self.n += 1
+        # alpha = 1/n at first: an EMA seeded by one sample underestimates the
+        # variance for ~1/alpha samples, which would inflate early z-scores.
+        self.mean, self.var = ema_var(self.mean, self.var, x, max(alpha, 1.0 / self.n))
+
+    def to_list(self) -> list[Any]:
+        # Overflowed (inf) moments are dropped rather than written as non-standard JSON.
+        return [_finite(self.mean), _finite(self.var), self.n]
+
+    @classmethod
+    def from_list(cls, raw: list[Any]) -> _EW:
+        ew = cls()
+        ew.mean, ew.var, ew.n = raw[0], raw[1], int(raw[2])
+        return ew
+
+
+def _finite(x: float | None) -> float | None:
+    return x if x is not None and math.isfinite(x) else None
+
+
+def _not_nan(x: float) -> float | None:
+    return None if math.isnan(x) else x
+
+
+class JobState:
+    """Everything the controller keeps for one job; see the module docstring for use."""
+
+    def __init__(
+        self,
+        job: str,
+        run_id: str,
+        facts: wire.ScaleFacts,
+        report_every: int,
+        knobs: wire.Knobs,
+        signal_cfg: SignalConfig | None = None,
+        step: int = 0,
+        applied_seq: int = 0,
+    ) -> None:
+        self.job, self.run_id, self.facts = job, run_id, facts
+        self.report_every = report_every
+        self.signal_cfg = signal_cfg or SignalConfig()
+        self.initial = knobs
+        self.knobs = knobs
+        self.step = step
+        self.reports_seen = 0
+        self._loss, self._grad = _EW(), _EW()
+        self.loss_z: float | None = None
+        self.grad_norm_z: float | None = None
+        self._points: deque[tuple[int, float]] = deque(maxlen=self.signal_cfg.slope_window)
+        self._slope: tuple[float | None, float | None, float | None] = (None, None, None)
+        self.nonfinite_losses = 0
+        self.nonfinite_grads = 0
+        self.dropped_reports = 0
+        self.last_report: wire.Report | None = None
+        self.memory: dict[str, KnobMemory] = {k: KnobMemory() for k in wire.KNOBS}
+        self.last_change_step: dict[str, int | None] = {k: None for k in wire.KNOBS}
+        # Sequence numbers continue past what the client has applied, even without a journal.
+        self.command_seq = applied_seq
+        self.applied_seq = applied_seq
+        self.last_command: wire.Command | None = None
+        self.awaiting_ack = False
+        self.disabled_policies: dict[str, str] = {}
+        #: Commanded changes by (policy, knob, "up"/"down").
+        self.decision_counts: dict[tuple[str, str, str], int] = {}
+
+    @classmethod
+    def from_register(
+        cls, msg: wire.Register, signal_cfg: SignalConfig | None = None
+    ) -> JobState:
+        """A fresh state for a job that just registered."""
+        return cls(
+            msg.job, msg.run_id, msg.facts, msg.report_every, msg.knobs,
+            signal_cfg=signal_cfg, step=msg.step, applied_seq=msg.applied_seq,
+        )
+
+    #: The same as :meth:`from_register`.
+    register = from_register
+
+    def on_register(self, msg: wire.Register) -> None:
+        """This run registered (maybe again, after a reconnect): take its facts, keep signals."""
+        if (msg.job, msg.run_id) != (self.job, self.run_id):
+            raise ValueError(
+                f"register for {msg.job}/{msg.run_id} does not match the state of "
+                f"{self.job}/{self.run_id}"
+            )
+        self.facts, self.report_every, self.knobs = msg.facts, msg.report_every, msg.knobs
+        # Reports carry the authoritative step; a bare re-register (step 0) must not undo it.
+        self.step = max(self.step, msg.step)
+        self._applied(msg.applied_seq)
+        self.command_seq = max(self.command_seq, msg.applied_seq)
+
+    # -- reports, commands, acks ------------------------------------------------
+
+    def observe(self, report: wire.Report) -> None:
+        """Fold one report into the signals."""
+        if report.job != self.job:
+            raise ValueError(f"report for job {report.job!r} given to the state of {self.job!r}")
+        self.step = report.step
+        self.reports_seen += 1
+        self.nonfinite_losses += report.nonfinite_losses
+        self.nonfinite_grads += report.nonfinite_grads
+        self.dropped_reports = report.dropped_reports
+        self.knobs = report.knobs
+        self._applied(report.applied_seq)
+        self.loss_z = self._fold(self._loss, report.loss_mean)
+        self.grad_norm_z = self._fold(self._grad, report.grad_norm_mean)
+        if report.loss_mean is not None:
+            self._points.append((report.step, report.loss_mean))
+            self._refresh_slope()
+        self.last_report = report
+
+    def _fold(self, ew: _EW, x: float | None) -> float | None:
+        """Fold ``x`` into ``ew``; its z-score against the history before it, if warmed up."""
+        if x is None:
+            return None
+        cfg = self.signal_cfg
+        z = zscore(x, ew.mean, ew.var, cfg.eps) if ew.n >= cfg.z_warmup else None
+        ew.fold(x, cfg.alpha)
+        return _finite(z)
+
+    def _refresh_slope(self) -> None:
+        slope, se = ols_slope([s for s, _ in self._points], [y for _, y in self._points])
+        t = t_stat(slope, se)
+        self._slope = (_not_nan(slope), _not_nan(se), _not_nan(t))
+
+    def _applied(self, seq: int) -> None:
+        if seq > self.applied_seq:
+            self.applied_seq = seq
+        if self.last_command is not None and self.applied_seq >= self.last_command.seq:
+            self.awaiting_ack = False
+
+    def next_command_seq(self) -> int:
+        """A new command sequence number (strictly increasing for this job)."""
+        self.command_seq += 1
+        return self.command_seq
+
+    @property
+    def pending_command(self) -> wire.Command | None:
+        """The last command sent and not yet applied, if any."""
+        return self.last_command if self.awaiting_ack else None
+
+    @pending_command.setter
+    def pending_command(self, command: wire.Command | None) -> None:
+        """Record a command as sent (awaiting its ack), or forget the pending one."""
+        if command is not None:
+            if command.job != self.job:
+                raise ValueError(f"command for {command.job!r} set on the state of {self.job!r}")
+            self.command_seq = max(self.command_seq, command.seq)
+            self.last_command = command
+        self.awaiting_ack = command is not None
+
+    @property
+    def pending(self) -> wire.Knobs | None:
+        """Knobs of the pending command."""
+        cmd = self.pending_command
+        return cmd.knobs if cmd is not None else None
+
+    def current(self, knob: str) -> float | None:
+        """The value ``knob`` will have at the next step: pending command first, else in force."""
+        pending = self.pending
+        if pending is not None and getattr(pending, knob) is not None:
+            return getattr(pending, knob)
+        return getattr(self.knobs, knob)
+
+    def on_ack(self, ack: wire.Ack) -> bool:
+        """Take the knobs now in force from an ack; False (ignored) if it is older than one seen."""
+        if ack.job != self.job:
+            raise ValueError(f"ack for job {ack.job!r} given to the state of {self.job!r}")
+        if ack.seq < self.applied_seq:
+            return False
+        self.on_applied(ack.seq, ack.knobs)
+        return True
+
+    def on_applied(self, applied_seq: int, knobs: wire.Knobs) -> None:
+        """The client says commands up to ``applied_seq`` are applied and ``knobs`` are in force."""
+        self.knobs = knobs
+        self._applied(applied_seq)
+
+    # -- what the engine records --------------------------------------------------
+
+    def note_change(
+        self, knob: str, policy: str, previous: float | None, value: float, window_steps: int
+    ) -> None:
+        """Record that ``value`` will be commanded for ``knob`` at the current step."""
+        self.memory[knob].record(self.step, previous, value, window_steps)
+        self.last_change_step[knob] = self.step
+        direction = "up" if previous is None or value > previous else "down"
+        key = (policy, knob, direction)
+        self.decision_counts[key] = self.decision_counts.get(key, 0) + 1
+
+    def disable(self, policy: str, reason: str) -> None:
+        """Stop asking ``policy`` for this job."""
+        self.disabled_policies[policy] = reason
+
+    # -- what policies read -------------------------------------------------------
+
+    def view(self) -> JobView:
+        """A frozen snapshot for policies."""
+        slope, se, t = self._slope
+        signals = Signals(
+            loss_ema=self._loss.mean, loss_var=self._loss.var, loss_z=self.loss_z,
+            grad_norm_ema=self._grad.mean, grad_norm_var=self._grad.var,
+            grad_norm_z=self.grad_norm_z, slope=slope, slope_se=se, slope_t=t,
+            slope_n=len(self._points), slope_window=self.signal_cfg.slope_window,
+            slope_since_step=self._points[0][0] if self._points else None,
+        )
+        return JobView(
+            job=self.job, run_id=self.run_id, step=self.step, report_every=self.report_every,
+            facts=self.facts, initial=self.initial, knobs=self.knobs, pending=self.pending,
+            reports_seen=self.reports_seen, signals=signals, last=self.last_report,
+            nonfinite_losses_total=self.nonfinite_losses,
+            nonfinite_grads_total=self.nonfinite_grads,
+            last_change_step=MappingProxyType(dict(self.last_change_step)),
+        )
+
+    # -- persistence -----------------------------------------------------------------
+
+    _KEYS = frozenset({
+        "version", "job", "run_id", "facts", "report_every", "signal_cfg", "initial", "knobs",
+        "step", "reports_seen", "loss", "grad_norm", "loss_z", "grad_norm_z", "slope_points",
+        "nonfinite_losses", "nonfinite_grads", "dropped_reports", "last_report", "memory",
+        "last_change_step", "command_seq", "applied_seq", "last_command", "awaiting_ack",
+        "disabled_policies", "decision_counts",
+    })
+
+    def state_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable copy (no NaN or infinity) for the journal."""
+        def dump(m: BaseModel | None) -> dict[str, Any] | None:
+            return None if m is None else m.model_dump(mode="json")
+
+        return {
+            "version": _STATE_VERSION, "job": self.job, "run_id": self.run_id,
+            "facts": dump(self.facts), "report_every": self.report_every,
+            "signal_cfg": dump(self.signal_cfg), "initial": dump(self.initial),
+            "knobs": dump(self.knobs), "step": self.step, "reports_seen": self.reports_seen,
+            "loss": self._loss.to_list(), "grad_norm": self._grad.to_list(),
+            "loss_z": self.loss_z, "grad_norm_z": self.grad_norm_z,
+            "slope_points": [[s, y] for s, y in self._points],
+            "nonfinite_losses": self.nonfinite_losses, "nonfinite_grads": self.nonfinite_grads,
+            "dropped_reports": self.dropped_reports, "last_report": dump(self.last_report),
+            "memory": {k: m.state_dict() for k, m in self.memory.items()},
+            "last_change_step": dict(self.last_change_step), "command_seq": self.command_seq,
+            "applied_seq": self.applied_seq, "last_command": dump(self.last_command),
+            "awaiting_ack": self.awaiting_ack, "disabled_policies": dict(self.disabled_policies),
+            "decision_counts": [
+                [p, k, d, n] for (p, k, d), n in sorted(self.decision_counts.items())
+            ],
+        }
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        """Restore from :meth:`state_dict`; missing or unknown keys are an error."""
+        _check_keys("JobState", sd, set(self._KEYS))
+        if sd["version"] != _STATE_VERSION:
+            raise ValueError(
+                f"JobState state_dict version {sd['version']!r}, expected {_STATE_VERSION}"
+            )
+        self.__init__(  # type: ignore[misc]  # re-run to reset everything not saved
+            sd["job"], sd["run_id"], wire.ScaleFacts.model_validate(sd["facts"]),
+            sd["report_every"], wire.Knobs.model_validate(sd["knobs"]),
+            SignalConfig.model_validate(sd["signal_cfg"]), sd["step"], sd["applied_seq"],
+        )
+        self.initial = wire.Knobs.model_validate(sd["initial"])
+        self.reports_seen = sd["reports_seen"]
+        self._loss, self._grad = _EW.from_list(sd["loss"]), _EW.from_list(sd["grad_norm"])
+        self.loss_z, self.grad_norm_z = sd["loss_z"], sd["grad_norm_z"]
+        self._points.extend((int(s), float(y)) for s, y in sd["slope_points"])
+        self._refresh_slope()
+        self.nonfinite_losses, self.nonfinite_grads = sd["nonfinite_losses"], sd["nonfinite_grads"]
+        self.dropped_reports = sd["dropped_reports"]
+        if sd["last_report"] is not None:
+            self.last_report = wire.Report.model_validate(sd["last_report"])
+        _check_keys("JobState.memory", sd["memory"], set(wire.KNOBS))
+        for knob, msd in sd["memory"].items():
+            self.memory[knob].load_state_dict(msd)
+        _check_keys("JobState.last_change_step", sd["last_change_step"], set(wire.KNOBS))
+        self.last_change_step = dict(sd["last_change_step"])
+        self.command_seq = sd["command_seq"]
+        if sd["last_command"] is not None:
+            self.last_command = wire.Command.model_validate(sd["last_command"])
+        self.awaiting_ack = sd["awaiting_ack"]
+        self.disabled_policies = dict(sd["disabled_policies"])
+        self.decision_counts = {(p, k, d): int(n) for p, k, d, n in sd["decision_counts"]}
+
+    @classmethod
+    def from_state_dict(cls, sd: dict[str, Any]) -> JobState:
+        """A state restored from :meth:`state_dict` (for the journal's resume)."""
+        state = cls.__new__(cls)
+        state.load_state_dict(sd)
+        return state

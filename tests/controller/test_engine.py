@@ -1,0 +1,204 @@
+"""The arbiter alone, then the engine: policies, failures, the governor, and what it records."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from trimtab.client import wire
+from trimtab.controller.engine import Arbitration, Engine, arbitrate
+from trimtab.controller.governor import Governor, GovernorConfig, KnobLimits
+from trimtab.controller.policy import Policy, Proposal
+from trimtab.controller.state import JobState
+
+FACTS = wire.ScaleFacts(param_count=1, group_sizes=[1], optimizer="SGD",
+                        dtype="float32", device="cpu")
+
+
+def state(step: int = 1000, **knobs) -> JobState:
+    knobs = knobs or {"lr": 0.1, "momentum": 0.9}
+    return JobState.from_register(wire.Register(
+        job="j", run_id="r", step=step, report_every=10, facts=FACTS, knobs=wire.Knobs(**knobs)))
+
+
+def p(knob="lr", **kw) -> Proposal:
+    return Proposal(knob, reason=kw.pop("reason", "because"), **kw)
+
+
+class Fixed(Policy):
+    """Proposes what it was built with; counts its calls."""
+
+    def __init__(self, name: str, *proposals, returns=None, raises=None) -> None:
+        super().__init__()
+        self.name = name  # type: ignore[misc]
+        self.proposals, self.returns, self.raises, self.calls = proposals, returns, raises, 0
+
+    def propose(self, view):
+        self.calls += 1
+        if self.raises is not None:
+            raise self.raises
+        return self.returns if self.returns is not None else list(self.proposals)
+
+
+LOOSE = Governor(GovernorConfig(lr=KnobLimits(), momentum=KnobLimits(max=0.999)))
+
+
+# -- the arbiter ------------------------------------------------------------------------
+
+
+def test_the_largest_decrease_beats_holds_and_increases():
+    arb = arbitrate(1.0, [("up", p(factor=2.0)), ("hold", p(hold=True)),
+                          ("down", p(factor=0.8)), ("downer", p(value=0.5, reason="r"))])
+    assert arb == Arbitration(0.5, "downer", "r")
+
+
+def test_a_hold_beats_increases():
+    arb = arbitrate(1.0, [("up", p(factor=1.5)), ("hold", p(hold=True, reason="wait"))])
+    assert arb == Arbitration(None, "hold", "wait")
+
+
+def test_a_factor_of_one_is_a_hold():
+    assert arbitrate(1.0, [("up", p(factor=1.5)), ("same", p(factor=1.0))]).target is None
+
+
+def test_the_smallest_increase_wins_among_increases():
+    arb = arbitrate(1.0, [("big", p(factor=3.0)), ("small", p(value=1.2))])
+    assert arb.target == 1.2 and arb.policy == "small"
+
+
+def test_with_no_value_in_force_only_absolute_targets_count():
+    arb = arbitrate(None, [("f", p("clip", factor=0.5)), ("a", p("clip", value=2.0)),
+                           ("b", p("clip", value=1.0))])
+    assert arb == Arbitration(1.0, "b", "because", ("f",))
+    assert arbitrate(None, [("f", p("clip", factor=0.5))]) == Arbitration(None, unusable=("f",))
+
+
+def test_nothing_proposed_is_no_change():
+    assert arbitrate(1.0, []) == Arbitration(None)
+
+
+# -- the engine -------------------------------------------------------------------------
+
+
+def test_engine_arbitrates_then_governs_and_records_what_it_will_send():
+    st = state()
+    eng = Engine([Fixed("up", p(factor=1.5)), Fixed("down", p(factor=0.01, reason="spike"))],
+                 Governor())
+    d = eng.decide(st)
+    kd = d.knobs["lr"]
+    assert (kd.current, kd.target, kd.policy, kd.reason) == (0.1, pytest.approx(1e-3), "down",
+                                                             "spike")
+    assert kd.commanded == 0.05 and kd.limits == ("max_step_ratio", "slew")
+    assert d.commands == {"lr": 0.05}
+    assert st.last_change_step["lr"] == 1000
+    assert st.memory["lr"].history == [(1000, 0.1), (1000, 0.05)]
+    assert st.decision_counts == {("down", "lr", "down"): 1}
+    assert d.reasons() == ["lr 0.1 -> 0.05 by down: spike [limited: max_step_ratio, slew]"]
+
+
+def test_a_blocked_knob_is_decided_but_not_commanded_nor_recorded():
+    st = state()
+    eng = Engine([Fixed("tiny", p(factor=1.001))], Governor())
+    d = eng.decide(st)
+    assert d.knobs["lr"].commanded is None and d.knobs["lr"].limits == ("deadband",)
+    assert d.commands == {} and d.reasons() == []
+    assert st.last_change_step["lr"] is None and st.decision_counts == {}
+
+
+def test_the_next_decision_sees_the_cooldown_it_recorded():
+    st = state()
+    eng = Engine([Fixed("down", p(factor=0.5))], Governor())
+    assert eng.decide(st).commands == {"lr": 0.05}
+    st.pending_command = wire.Command(job="j", seq=1, knobs=wire.Knobs(lr=0.05))
+    st.step += 10
+    d = eng.decide(st)
+    assert d.knobs["lr"].current == 0.05  # the pending command's value, not the old one
+    assert d.commands == {} and d.knobs["lr"].limits == ("cooldown",)
+
+
+def test_a_raising_policy_is_disabled_for_that_job_and_the_others_go_on():
+    bad = Fixed("bad", raises=RuntimeError("boom"))
+    good = Fixed("good", p(factor=0.5))
+    eng = Engine([bad, good], LOOSE)
+    st, other = state(), state()
+    d = eng.decide(st)
+    assert d.errors == (("bad", "raised RuntimeError: boom"),)
+    assert st.disabled_policies == {"bad": "raised RuntimeError: boom"}
+    assert d.commands == {"lr": 0.05}
+    st.step += 100
+    eng.decide(st)
+    assert bad.calls == 1 and good.calls == 2
+    eng.decide(other)  # another job still asks it
+    assert bad.calls == 2
+
+
+@pytest.mark.parametrize(
+    ("returns", "why"),
+    [
+        ({"lr": 0.5}, "returned dict, not a list of Proposal"),
+        ([0.5], "returned item 0 of type float, not a Proposal"),
+        ("lr", "returned str, not a list of Proposal"),
+    ],
+)
+def test_nonsense_disables_the_policy(returns, why):
+    st = state()
+    d = Engine([Fixed("odd", returns=returns), Fixed("good", p(factor=0.5))], LOOSE).decide(st)
+    assert d.errors == (("odd", why),) and st.disabled_policies == {"odd": why}
+    assert d.commands == {"lr": 0.05}
+
+
+def test_a_forced_non_finite_proposal_disables_the_policy():
+    forged = p(factor=0.5)
+    object.__setattr__(forged, "factor", float("nan"))
+    st = state()
+    d = Engine([Fixed("forger", returns=[forged])], LOOSE).decide(st)
+    assert "forger" in st.disabled_policies and "finite" in d.errors[0][1]
+    assert d.knobs == {}
+
+
+def test_a_policy_that_cannot_build_a_proposal_is_disabled():
+    class Sloppy(Policy):
+        name = "sloppy"
+
+        def propose(self, view):
+            return [Proposal("lr", factor=float("inf"), reason="x")]
+
+    st = state()
+    d = Engine([Sloppy()], LOOSE).decide(st)
+    why = "raised ValueError: lr factor must be a finite number, got inf"
+    assert d.errors == (("sloppy", why),)
+
+
+def test_a_knob_outside_its_bounds_is_corrected_without_any_proposal():
+    st = state(momentum=1.5, lr=0.1)
+    d = Engine([], Governor()).decide(st)
+    kd = d.knobs["momentum"]
+    assert d.commands == {"momentum": 0.999}
+    assert kd.policy == "governor" and kd.limits == ("bounds",)
+    assert "outside bounds [0, 0.999]" in kd.reason
+
+
+def test_shadow_decisions_are_not_sent_nor_recorded():
+    st = state()
+    d = Engine([Fixed("down", p(factor=0.5))], Governor(), shadow=True).decide(st)
+    assert d.shadow and d.commands == {} and d.would_command == {"lr": 0.05}
+    assert st.memory["lr"].history == [] and st.decision_counts == {}
+
+
+def test_decision_to_dict_is_json():
+    d = Engine([Fixed("down", p(factor=0.5)), Fixed("bad", raises=KeyError("x"))],
+               Governor()).decide(state())
+    rec = json.loads(json.dumps(d.to_dict(), allow_nan=False))
+    assert rec["commands"] == {"lr": 0.05}
+    assert rec["knobs"]["lr"]["policy"] == "down"
+    assert rec["proposals"][0] == {"policy": "down", "knob": "lr", "factor": 0.5,
+                                   "value": None, "hold": False, "reason": "because"}
+    assert rec["errors"] == [{"policy": "bad", "error": "raised KeyError: 'x'"}]
+
+
+def test_engine_refuses_duplicate_names_and_non_policies():
+    with pytest.raises(ValueError, match=r"repeated: \['a'\]"):
+        Engine([Fixed("a"), Fixed("a")])
+    with pytest.raises(TypeError, match="is not a named trimtab Policy"):
+        Engine([object()])  # type: ignore[list-item]

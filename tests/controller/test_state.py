@@ -1,0 +1,233 @@
+"""JobState: folding reports into signals, commands and acks, and its state_dict."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import statistics
+
+import pytest
+from pydantic import ValidationError
+
+from trimtab.client import wire
+from trimtab.controller.engine import Engine
+from trimtab.controller.policy import Policy, Proposal
+from trimtab.controller.signals import ema_var, ols_slope, zscore
+from trimtab.controller.state import JobState, SignalConfig
+
+FACTS = wire.ScaleFacts(param_count=100, group_sizes=[100], optimizer="AdamW",
+                        dtype="float32", device="cpu")
+KNOBS = wire.Knobs(lr=1e-3, momentum=0.9, weight_decay=0.01)
+
+
+def register(**over) -> wire.Register:
+    return wire.Register(**{"job": "j1", "run_id": "r1", "report_every": 10,
+                            "facts": FACTS, "knobs": KNOBS, **over})
+
+
+def report(seq: int, **over) -> wire.Report:
+    return wire.Report(**{"job": "j1", "seq": seq, "step": 10 * seq, "window": 10,
+                          "knobs": KNOBS, **over})
+
+
+def fed(n: int, cfg: SignalConfig | None = None, seed: int = 0) -> JobState:
+    rng = random.Random(seed)
+    st = JobState.from_register(register(), cfg)
+    for i in range(1, n + 1):
+        st.observe(report(i, loss_mean=3.0 - 0.001 * i + rng.gauss(0, 0.002),
+                          grad_norm_mean=1.0 + rng.gauss(0, 0.05)))
+    return st
+
+
+def test_register_takes_the_job_facts_and_initial_knobs():
+    st = JobState.from_register(register(step=500, applied_seq=7))
+    v = st.view()
+    assert (v.job, v.run_id, v.step, v.report_every) == ("j1", "r1", 500, 10)
+    assert v.initial == KNOBS and v.knobs == KNOBS and v.facts == FACTS
+    assert st.next_command_seq() == 8 and st.next_command_seq() == 9
+
+
+def test_observe_folds_loss_and_grad_norm_into_the_ew_moments():
+    st = JobState.from_register(register(), SignalConfig(alpha=0.5))
+    for i, (loss, g) in enumerate([(2.0, 1.0), (4.0, 3.0), (3.0, 2.0)], start=1):
+        st.observe(report(i, loss_mean=loss, grad_norm_mean=g))
+    m = v = None
+    for n, x in enumerate([2.0, 4.0, 3.0], start=1):
+        m, v = ema_var(m, v, x, max(0.5, 1 / n))
+    s = st.view().signals
+    assert (s.loss_ema, s.loss_var) == (pytest.approx(m), pytest.approx(v))
+    assert s.grad_norm_ema == pytest.approx(m - 1.0)
+    assert st.view().reports_seen == 3 and st.view().step == 30
+
+
+def test_early_moments_are_the_plain_running_ones_until_alpha_takes_over():
+    # Seeded with one sample, a fixed-alpha EW variance starts near 0 and would make
+    # the first z-scores after warm-up far too large.
+    xs = [2.0, 2.4, 1.7, 2.2, 1.9]
+    st = JobState.from_register(register(), SignalConfig(alpha=0.1))
+    for i, x in enumerate(xs, start=1):
+        st.observe(report(i, loss_mean=x))
+    s = st.view().signals
+    assert s.loss_ema == pytest.approx(statistics.fmean(xs))
+    assert s.loss_var == pytest.approx(statistics.pvariance(xs))
+
+
+def test_z_scores_wait_for_warm_up_and_use_the_history_before_the_report():
+    cfg = SignalConfig(z_warmup=5, alpha=0.2)
+    st = JobState.from_register(register(), cfg)
+    for i in range(1, 5):
+        st.observe(report(i, loss_mean=2.0 + 0.01 * (-1) ** i))
+        assert st.view().signals.loss_z is None
+    st.observe(report(5, loss_mean=2.0))
+    before = st.view().signals
+    st.observe(report(6, loss_mean=2.5))
+    z = st.view().signals.loss_z
+    assert z == pytest.approx(zscore(2.5, before.loss_ema, before.loss_var, cfg.eps))
+    assert z > 20
+
+
+def test_a_report_without_a_finite_loss_counts_but_leaves_the_loss_signals_alone():
+    st = fed(12)
+    before = st.view().signals
+    st.observe(report(13, loss_mean=None, nonfinite_losses=3, nonfinite_grads=1,
+                      grad_norm_mean=1.0))
+    v = st.view()
+    assert v.signals.loss_ema == before.loss_ema and v.signals.loss_z is None
+    assert v.signals.slope_n == before.slope_n
+    assert v.signals.grad_norm_ema != before.grad_norm_ema
+    assert (v.nonfinite_losses_total, v.nonfinite_grads_total) == (3, 1)
+    assert v.last.nonfinite_losses == 3
+
+
+def test_the_slope_window_is_bounded_and_measures_the_trend():
+    st = fed(50, SignalConfig(slope_window=20))
+    s = st.view().signals
+    assert (s.slope_n, s.slope_window, s.slope_since_step) == (20, 20, 310)
+    pts = list(st._points)
+    assert s.slope == pytest.approx(ols_slope([p[0] for p in pts], [p[1] for p in pts])[0])
+    assert s.slope == pytest.approx(-1e-4, rel=0.5) and s.slope_t < -5
+
+
+def test_the_view_is_frozen():
+    v = fed(3).view()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        v.step = 0  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        v.last_change_step["lr"] = 5  # type: ignore[index]
+
+
+def test_reports_update_knobs_in_force_and_dropped_counts():
+    st = fed(2)
+    st.observe(report(3, knobs=wire.Knobs(lr=5e-4), dropped_reports=4))
+    assert st.view().knobs.lr == 5e-4 and st.dropped_reports == 4
+
+
+def test_pending_command_ack_and_stale_ack():
+    st = fed(3)
+    cmd = wire.Command(job="j1", seq=st.next_command_seq(), knobs=wire.Knobs(lr=5e-4))
+    st.pending_command = cmd
+    assert st.current("lr") == 5e-4 and st.view().knobs.lr == 1e-3
+    assert st.view().pending == wire.Knobs(lr=5e-4)
+    ack = wire.Ack(job="j1", seq=cmd.seq, step=40, knobs=wire.Knobs(lr=5e-4, momentum=0.9))
+    assert st.on_ack(ack) is True
+    assert st.pending_command is None and st.applied_seq == 1
+    assert st.view().knobs == wire.Knobs(lr=5e-4, momentum=0.9)
+    old = wire.Ack(job="j1", seq=1, step=40, knobs=KNOBS)
+    st.applied_seq = 2
+    assert st.on_ack(old) is False and st.knobs.lr == 5e-4
+
+
+def test_a_report_that_shows_the_command_applied_clears_it():
+    st = fed(3)
+    st.pending_command = wire.Command(job="j1", seq=st.next_command_seq(),
+                                      knobs=wire.Knobs(lr=5e-4))
+    st.observe(report(4, applied_seq=0))
+    assert st.pending_command is not None
+    st.observe(report(5, applied_seq=1, knobs=wire.Knobs(lr=5e-4)))
+    assert st.pending_command is None and st.applied_seq == 1
+
+
+def test_on_register_keeps_signals_and_refuses_another_run():
+    st = fed(5)
+    ema = st.view().signals.loss_ema
+    st.on_register(register(step=55, applied_seq=3))
+    assert st.step == 55 and st.applied_seq == 3 and st.next_command_seq() == 4
+    st.on_register(register(step=0))
+    assert st.step == 55
+    assert st.view().signals.loss_ema == ema
+    with pytest.raises(ValueError, match="register for j1/r2 does not match the state of j1/r1"):
+        st.on_register(register(run_id="r2"))
+
+
+def test_observe_refuses_another_jobs_report():
+    with pytest.raises(ValueError, match="report for job 'j2'"):
+        fed(1).observe(report(2, job="j2"))
+
+
+class _Halve(Policy):
+    name = "halve"
+
+    def propose(self, view):
+        return [Proposal("lr", factor=0.5, reason="test"), Proposal("clip", value=1.0,
+                                                                    reason="turn on")]
+
+
+def _busy_state() -> JobState:
+    st = fed(30, SignalConfig(slope_window=8, z_warmup=3))
+    st.observe(report(31, loss_mean=None, nonfinite_losses=2, loss_last=None))
+    d = Engine([_Halve()]).decide(st)
+    st.pending_command = wire.Command(job="j1", seq=st.next_command_seq(),
+                                      knobs=wire.Knobs(**d.commands), reasons=d.reasons())
+    st.disable("broken", "raised RuntimeError: boom")
+    return st
+
+
+def test_state_dict_is_json_and_round_trips():
+    st = _busy_state()
+    sd = st.state_dict()
+    text = json.dumps(sd, allow_nan=False)
+    back = JobState.from_state_dict(json.loads(text))
+    assert back.state_dict() == sd
+    assert back.view() == st.view()
+    assert back.decision_counts == {("halve", "lr", "down"): 1, ("halve", "clip", "up"): 1}
+    # Both go on identically.
+    nxt = report(32, loss_mean=2.9, grad_norm_mean=1.1, applied_seq=1)
+    st.observe(nxt)
+    back.observe(nxt)
+    assert back.state_dict() == st.state_dict()
+
+
+def test_state_dict_stays_json_when_signals_overflow():
+    st = JobState.from_register(register())
+    for i, x in enumerate([1e300, -1e300, 1e300], start=1):
+        st.observe(report(i, loss_mean=x))
+    json.dumps(st.state_dict(), allow_nan=False)
+
+
+def test_load_state_dict_checks_its_keys():
+    sd = _busy_state().state_dict()
+    del sd["step"]
+    with pytest.raises(ValueError, match=r"JobState state_dict: missing keys \['step'\]"):
+        JobState.from_state_dict(sd)
+    sd = _busy_state().state_dict()
+    sd["bogus"] = 1
+    with pytest.raises(ValueError, match=r"unexpected keys \['bogus'\]"):
+        JobState.from_state_dict(sd)
+    sd = _busy_state().state_dict()
+    sd["memory"]["lr"]["extra"] = 0
+    with pytest.raises(ValueError, match=r"KnobMemory state_dict: .*unexpected keys \['extra'\]"):
+        JobState.from_state_dict(sd)
+    sd = _busy_state().state_dict()
+    sd["version"] = 99
+    with pytest.raises(ValueError, match="version 99, expected 1"):
+        JobState.from_state_dict(sd)
+
+
+def test_signal_config_is_validated():
+    with pytest.raises(ValidationError, match=r"slope_windw\n  Extra inputs are not permitted"):
+        SignalConfig(slope_windw=5)
+    with pytest.raises(ValidationError, match=r"slope_window\n  Input should be greater than or"):
+        SignalConfig(slope_window=2)
+    assert math.isclose(SignalConfig().alpha, 0.05)

@@ -1,0 +1,102 @@
+"""Helpers for the integration tests: a real ``trimtab serve`` subprocess, small real tasks."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from trimtab.controller.journal import Journal
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Serve:
+    """A running controller: its endpoint, metrics URL, journal path and process."""
+
+    proc: subprocess.Popen
+    endpoint: str
+    metrics_url: str
+    journal_path: Path
+    log_path: Path
+
+    def journal(self) -> Journal:
+        return Journal(str(self.journal_path))
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(self.metrics_url, timeout=5) as resp:
+            return resp.read().decode()
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+
+def start_serve(tmp_path: Path, port: int, mport: int, config: str = "",
+                journal: Path | None = None) -> Serve:
+    cfg = tmp_path / "trimtab.toml"
+    cfg.write_text(textwrap.dedent(config))
+    journal = journal or tmp_path / "journal.db"
+    log_path = tmp_path / f"serve-{time.monotonic_ns()}.log"
+    logf = open(log_path, "w")  # noqa: SIM115 - handed to the subprocess
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "trimtab.controller", "serve",
+         "--bind", f"tcp://127.0.0.1:{port}", "--metrics-port", str(mport),
+         "--journal", str(journal), "--config", str(cfg), "--log-level", "DEBUG"],
+        stdout=subprocess.PIPE, stderr=logf, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    line = proc.stdout.readline()
+    if "ready" not in line:
+        proc.kill()
+        raise RuntimeError(f"trimtab serve did not start: {line!r}\n{log_path.read_text()}")
+    return Serve(proc, f"tcp://127.0.0.1:{port}", f"http://127.0.0.1:{mport}/metrics",
+                 journal, log_path)
+
+
+class Regression:
+    """A small real task: noisy linear regression that converges, then plateaus."""
+
+    def __init__(self, seed: int = 0, n: int = 512, dim: int = 16) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, dim, generator=g)
+        w = torch.randn(dim, 1, generator=g)
+        self.y = self.x @ w + 0.3 * torch.randn(n, 1, generator=g)
+        self.g = g
+        torch.manual_seed(seed)
+        self.model = torch.nn.Sequential(torch.nn.Linear(dim, 32), torch.nn.Tanh(),
+                                         torch.nn.Linear(32, 1))
+
+    def batch(self, size: int = 64):
+        idx = torch.randint(0, len(self.x), (size,), generator=self.g)
+        return self.x[idx], self.y[idx]
+
+    def loss(self, xb, yb):
+        return torch.nn.functional.mse_loss(self.model(xb), yb)
+
+
+def wait_for(predicate, timeout: float = 20.0, interval: float = 0.05):
+    """Poll ``predicate`` until it returns a truthy value; returns it (or the last falsy)."""
+    deadline = time.monotonic() + timeout
+    value = predicate()
+    while not value and time.monotonic() < deadline:
+        time.sleep(interval)
+        value = predicate()
+    return value

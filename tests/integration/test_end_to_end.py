@@ -1,0 +1,163 @@
+"""The whole path, for real: a training job attached to a ``trimtab serve`` subprocess."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+
+import pytest
+import torch
+import zmq
+
+from trimtab.client import attach, wire
+
+from .support import Regression, free_port, wait_for
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
+
+# Small windows so the plateau shows within a few hundred steps of a tiny model.
+PLATEAU_ONLY = """
+[[policies]]
+name = "plateau"
+
+[signals]
+slope_window = 8
+
+[governor.lr]
+cooldown_steps = 40
+"""
+
+STEP_S = 0.003  # a realistic, if short, step: the controller answers within a few steps
+
+
+def train(guard, task, opt, steps, stop=None):
+    for _ in range(steps):
+        xb, yb = task.batch()
+        loss = task.loss(xb, yb)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        guard.step(loss)
+        time.sleep(STEP_S)
+        if stop is not None and stop():
+            break
+
+
+def test_plateau_decision_reaches_the_optimizer_and_is_journaled(serve_factory):
+    srv = serve_factory(PLATEAU_ONLY)
+    task = Regression(seed=1)
+    opt = torch.optim.SGD(task.model.parameters(), lr=0.05, momentum=0.9)
+    with attach(task.model, opt, job="plateau-e2e", endpoint=srv.endpoint, report_every=5,
+                heartbeat_s=0.2) as guard:
+        train(guard, task, opt, 1500, stop=lambda: opt.param_groups[0]["lr"] < 0.05)
+        lr_after = opt.param_groups[0]["lr"]
+        step_seen = guard.global_step
+        train(guard, task, opt, 10)  # let the ack go out
+    assert lr_after == pytest.approx(0.025), "plateau should have halved the LR"
+
+    journal = srv.journal()
+    acked = wait_for(lambda: journal.events("plateau-e2e", "ack"))
+    commands = journal.events("plateau-e2e", "command")
+    decisions = journal.events("plateau-e2e", "decision")
+    assert commands and decisions and acked
+    first = commands[0]
+    assert first.data["knobs"]["lr"] == pytest.approx(0.025)
+    assert any("plateau" in r for r in first.data["reasons"])
+    ack = next(a for a in acked if a.seq == first.seq)
+    assert ack.data["knobs"]["lr"] == pytest.approx(0.025)
+    # Applied within a bounded number of steps of the report that caused it.
+    assert ack.step - first.step <= 50
+    assert step_seen - first.step <= 50
+
+
+def test_training_survives_sigkill_and_reconnects_after_restart(serve_factory, tmp_path):
+    port = free_port()
+    srv = serve_factory(PLATEAU_ONLY, port=port)
+    task = Regression(seed=2)
+    opt = torch.optim.SGD(task.model.parameters(), lr=0.05, momentum=0.9)
+    with attach(task.model, opt, job="kill-e2e", endpoint=srv.endpoint, report_every=5,
+                heartbeat_s=0.2) as guard:
+        train(guard, task, opt, 60)
+        assert wait_for(lambda: srv.journal().events("kill-e2e", "report"))
+        srv.kill()
+        lr_at_kill = opt.param_groups[0]["lr"]
+        train(guard, task, opt, 200)
+        assert guard.global_step == 260
+        assert opt.param_groups[0]["lr"] == lr_at_kill, "knobs stay at their last applied values"
+        assert not guard.connected
+
+        last_id = max(e.id for e in srv.journal().events())
+        srv2 = serve_factory(PLATEAU_ONLY, port=port, journal=srv.journal_path)
+
+        def reported_again():
+            train(guard, task, opt, 5)
+            return [e for e in srv2.journal().events("kill-e2e", after_id=last_id)
+                    if e.kind == "report"]
+
+        assert wait_for(reported_again, timeout=30)
+        assert guard.connected
+        reg = srv2.journal().events("kill-e2e", "register", after_id=last_id)
+        assert reg and reg[-1].data["resumed"] == "journal"
+    loss = task.loss(task.x, task.y).item()
+    assert math.isfinite(loss)
+
+
+def _request(sock: zmq.Socket, frame: bytes) -> wire.Message:
+    sock.send(frame)
+    assert sock.poll(5000), "no reply from the controller"
+    return wire.decode(sock.recv())
+
+
+def _metric(text: str, name: str, **labels: str) -> float:
+    for line in text.splitlines():
+        if not line.startswith(name):
+            continue
+        m = re.match(r"^(\w+)(\{[^}]*\})? (\S+)$", line)
+        if m and m.group(1) == name and all(f'{k}="{v}"' in (m.group(2) or "")
+                                            for k, v in labels.items()):
+            return float(m.group(3))
+    return 0.0
+
+
+def test_bad_messages_get_error_replies_and_are_counted(serve_factory):
+    srv = serve_factory(PLATEAU_ONLY)
+    ctx = zmq.Context()
+    bad = ctx.socket(zmq.DEALER)
+    bad.setsockopt(zmq.LINGER, 0)
+    bad.connect(srv.endpoint)
+    task = Regression(seed=3)
+    opt = torch.optim.SGD(task.model.parameters(), lr=0.05)
+    report = json.loads(wire.encode(wire.Report(job="x", seq=1, step=1, window=1,
+                                                knobs=wire.Knobs(lr=0.1))))
+    wrong_version = dict(report, v=2)
+    nonfinite = json.dumps(dict(report, loss_mean=1e999)).encode()
+    nan = json.dumps(dict(report, loss_mean=float("nan"))).encode()
+    cases = [
+        (b"\xff\x00 not json", "malformed"),
+        (json.dumps(wrong_version).encode(), "version"),
+        (b"{" + b" " * (wire.MAX_MESSAGE_BYTES + 10) + b"}", "oversized"),
+        (nonfinite, "nonfinite"),
+        (nan, "nonfinite"),
+        (json.dumps(dict(report, extra_field=1)).encode(), "invalid"),
+        (wire.encode(wire.Report(job="never-registered", seq=1, step=1, window=1,
+                                 knobs=wire.Knobs(lr=0.1))), "unknown_job"),
+    ]
+    with attach(task.model, opt, job="good-neighbour", endpoint=srv.endpoint, report_every=5,
+                heartbeat_s=0.2) as guard:
+        train(guard, task, opt, 20)
+        for frame, code in cases:
+            reply = _request(bad, frame)
+            assert isinstance(reply, wire.Error) and reply.code == code, (code, reply)
+            assert reply.detail
+        before = len(srv.journal().events("good-neighbour", "report"))
+        train(guard, task, opt, 40)
+        assert wait_for(lambda: len(srv.journal().events("good-neighbour", "report")) > before)
+        assert guard.connected
+    text = srv.metrics()
+    for code in ("malformed", "version", "oversized", "invalid", "unknown_job"):
+        assert _metric(text, "trimtab_message_errors_total", code=code) == 1.0, code
+    assert _metric(text, "trimtab_message_errors_total", code="nonfinite") == 2.0
+    assert srv.proc.poll() is None
+    bad.close()
+    ctx.term()

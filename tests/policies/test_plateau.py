@@ -1,0 +1,122 @@
+"""Plateau on synthetic loss streams: fires on flat or rising loss, stays quiet while it falls."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from trimtab.client import wire
+from trimtab.controller.engine import Engine
+from trimtab.controller.governor import Governor
+from trimtab.controller.policy import PolicyLoadError, load_policy
+from trimtab.controller.state import JobState, SignalConfig
+from trimtab.policies.plateau import Plateau
+
+FACTS = wire.ScaleFacts(param_count=1000, group_sizes=[1000], optimizer="AdamW",
+                        dtype="bfloat16", device="cuda")
+EVERY = 10
+WINDOW = 20
+
+
+def job() -> JobState:
+    reg = wire.Register(job="p", run_id="r", report_every=EVERY, facts=FACTS,
+                        knobs=wire.Knobs(lr=1e-3))
+    return JobState.from_register(reg, SignalConfig(slope_window=WINDOW))
+
+
+def feed(st: JobState, i: int, loss: float) -> None:
+    st.observe(wire.Report(job="p", seq=i, step=EVERY * i, window=EVERY, loss_mean=loss,
+                           knobs=st.knobs))
+
+
+def fires(loss_at, n: int = 300, seed: int = 0, policy: Plateau | None = None) -> list[int]:
+    """Reports (1-based) at which plateau proposes, for loss_at(i) + N(0, 0.05) noise."""
+    rng, st, pol = random.Random(seed), job(), policy or Plateau()
+    hits = []
+    for i in range(1, n + 1):
+        feed(st, i, loss_at(i) + rng.gauss(0.0, 0.05))
+        if pol.propose(st.view()):
+            hits.append(i)
+    return hits
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_a_steadily_falling_noisy_loss_never_triggers(seed):
+    # 0.02 per report against 0.05 noise: a clear trend over 20 reports.
+    assert fires(lambda i: 6.0 - 0.02 * i, seed=seed) == []
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_a_flat_noisy_loss_triggers_once_the_window_is_full(seed):
+    hits = fires(lambda i: 2.0, seed=seed)
+    assert hits and hits[0] >= WINDOW
+    # Without an lr change it keeps asking; a t-test at 2.0 lets ~2.5% of windows through.
+    assert len(hits) > 0.9 * (300 - WINDOW + 1)
+
+
+def test_a_rising_loss_triggers():
+    assert fires(lambda i: 2.0 + 0.02 * i, n=WINDOW) == [WINDOW]
+
+
+def test_nothing_before_the_window_is_full_or_below_min_reports():
+    assert fires(lambda i: 2.0, n=WINDOW - 1) == []
+    assert fires(lambda i: 2.0, n=60, policy=Plateau({"min_reports": WINDOW + 1})) == []
+
+
+def test_the_reason_quotes_slope_t_and_window():
+    st, rng = job(), random.Random(1)
+    for i in range(1, WINDOW + 1):
+        feed(st, i, 2.0 + rng.gauss(0, 0.05))
+    (prop,) = Plateau({"factor": 0.7}).propose(st.view())
+    assert (prop.knob, prop.factor) == ("lr", 0.7)
+    s = st.view().signals
+    assert prop.reason == (f"loss plateau: slope {s.slope:.3g}/step, t={s.slope_t:.2f} > -2 "
+                           f"over 20 reports (190 steps)")
+
+
+def test_after_a_cut_it_waits_for_a_window_clear_of_the_change():
+    st, rng = job(), random.Random(2)
+    eng = Engine([Plateau()], Governor())
+    cuts = []
+    for i in range(1, 200):
+        feed(st, i, 2.0 + rng.gauss(0, 0.05))
+        d = eng.decide(st)
+        if d.commands:
+            cuts.append(i)
+            st.on_applied(st.applied_seq + 1, wire.Knobs(lr=d.commands["lr"]))
+    assert cuts[0] == WINDOW
+    # The next cut needs a full window of reports taken after the change; the governor's
+    # slew limit (4x per 1000 steps) then holds off a third cut until step 1200.
+    assert cuts == [20, 40, 120, 140]
+    assert st.knobs.lr == 1e-3 / 16
+
+
+def test_patience_steps_delays_the_next_cut():
+    st, rng = job(), random.Random(3)
+    pol = Plateau({"patience_steps": 1000})
+    for i in range(1, 121):
+        feed(st, i, 2.0 + rng.gauss(0, 0.05))
+    st.last_change_step["lr"] = 500
+    assert pol.propose(st.view()) == [] and st.step == 1200
+    st.last_change_step["lr"] = 200
+    assert pol.propose(st.view()) != []
+
+
+def test_a_window_that_spans_an_lr_change_is_not_judged_whatever_the_patience():
+    st, rng = job(), random.Random(4)
+    pol = Plateau({"patience_steps": 10})
+    for i in range(1, 41):
+        feed(st, i, 2.0 + rng.gauss(0, 0.05))
+    assert st.view().signals.slope_since_step == 210
+    st.last_change_step["lr"] = 300
+    assert pol.propose(st.view()) == []
+    st.last_change_step["lr"] = 200
+    assert pol.propose(st.view()) != []
+
+
+def test_config_is_validated():
+    with pytest.raises(PolicyLoadError, match=r"factor=1.5: Input should be less than 1"):
+        load_policy("plateau", {"factor": 1.5})
+    with pytest.raises(PolicyLoadError, match=r"min_reports=2: Input should be greater than or"):
+        load_policy("plateau", {"min_reports": 2})
