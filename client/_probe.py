@@ -1,0 +1,183 @@
+"""The on-device probe: per-step signals kept on the device, read once per report window.
+
+Each step writes one row of a preallocated ``[report_every, F]`` float32 buffer
+with device ops only (no ``.item()``, no host copy), so probing never waits
+for the device. At the end of a window :meth:`Probe.collect` does the one
+device-to-host copy and reduces the rows to :class:`WindowStats` on the host.
+
+Row layout: loss, global grad norm (before clipping), loss finite (1/0), grads
+finite (1/0), update ratio (last row only, else NaN), then one grad norm per
+param group.
+
+>>> import torch
+>>> p = torch.nn.Parameter(torch.ones(3)); opt = torch.optim.SGD([p], lr=0.1)
+>>> probe = Probe(opt, report_every=2, device=p.device)
+>>> p.grad = torch.full((3,), 2.0)
+>>> grads = probe.grads()
+>>> norm, finite = probe.measure(torch.tensor(1.5), grads)
+>>> probe.advance()
+>>> stats = probe.collect()
+>>> stats.loss_mean, round(stats.grad_norm_mean, 4)
+(1.5, 3.4641)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+import torch
+
+__all__ = ["Probe", "WindowStats", "Grads"]
+
+_LOSS, _NORM, _LOSS_OK, _GRAD_OK, _RATIO, _GROUPS = range(6)
+
+#: Gradients per param group, each split by device (foreach kernels want one device).
+Grads = list[dict[torch.device, list[torch.Tensor]]]
+
+
+@dataclass(frozen=True)
+class WindowStats:
+    """One window's signals, reduced on the host. Statistics skip non-finite values."""
+
+    steps: int
+    loss_mean: float | None = None
+    loss_last: float | None = None
+    loss_min: float | None = None
+    loss_max: float | None = None
+    grad_norm_mean: float | None = None
+    grad_norm_max: float | None = None
+    grad_norm_std: float | None = None
+    group_grad_norms: list[float] = field(default_factory=list)
+    update_ratio: float | None = None
+    nonfinite_losses: int = 0
+    nonfinite_grads: int = 0
+
+
+def _mean(xs: list[float]) -> float:
+    return math.fsum(xs) / len(xs)
+
+
+class Probe:
+    """Per-step gradient and loss signals for one optimizer, kept on ``device``."""
+
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, report_every: int, device: torch.device
+    ) -> None:
+        self.optimizer = optimizer
+        self.device = torch.device(device)
+        self.groups = len(optimizer.param_groups)
+        self.buf = torch.full(
+            (report_every, _GROUPS + self.groups), math.nan, dtype=torch.float32,
+            device=self.device,
+        )
+        #: The row the next step writes; also the number of steps in the open window.
+        self.row = 0
+        self._zero = torch.zeros((), dtype=torch.float32, device=self.device)
+        self._nan = torch.full((), math.nan, dtype=torch.float32, device=self.device)
+        self._before: list[torch.Tensor] = []
+        self._params: list[torch.Tensor] = []
+
+    @property
+    def full(self) -> bool:
+        """Whether the next row written closes the window."""
+        return self.row == self.buf.shape[0] - 1
+
+    def grads(self) -> Grads:
+        """This step's gradients, per group and device (params without a grad are left out)."""
+        out: Grads = []
+        for group in self.optimizer.param_groups:
+            by_device: dict[torch.device, list[torch.Tensor]] = {}
+            for p in group["params"]:
+                if p.grad is not None:
+                    by_device.setdefault(p.grad.device, []).append(p.grad)
+            out.append(by_device)
+        return out
+
+    def _group_norm(self, by_device: dict[torch.device, list[torch.Tensor]]) -> torch.Tensor:
+        # Same reduction as torch.nn.utils.get_total_norm: per-tensor norms, then their norm.
+        norms: list[torch.Tensor] = []
+        for grads in by_device.values():
+            per_tensor = torch._foreach_norm(grads, 2.0, dtype=torch.float32)
+            norms.append(torch.linalg.vector_norm(torch.stack(per_tensor)).to(self.device))
+        if not norms:
+            return self._zero
+        return norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms))
+
+    def measure(
+        self, loss: torch.Tensor | float, grads: Grads
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this step's row; return the global grad norm and its finiteness (on device)."""
+        group_norms = torch.stack([self._group_norm(g) for g in grads])
+        total = torch.linalg.vector_norm(group_norms)
+        finite = torch.isfinite(total)
+        if isinstance(loss, torch.Tensor):
+            loss32 = loss.detach().reshape(()).to(self.device, torch.float32, non_blocking=True)
+        else:
+            loss32 = torch.full((), float(loss), dtype=torch.float32, device=self.device)
+        head = torch.stack(
+            [loss32, total, torch.isfinite(loss32).float(), finite.float(), self._nan]
+        )
+        # Groups added after attach() count in the total (and clipping) but get no column.
+        self.buf[self.row].copy_(torch.cat([head, group_norms[: self.groups]]))
+        return total, finite
+
+    def snapshot(self) -> None:
+        """Copy the params about to be updated; called on the window's last step only."""
+        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        self._before = [p.detach().clone() for p in params]
+        self._params = params
+
+    def update_ratio(self, finite: torch.Tensor) -> None:
+        """Write ||delta theta|| / ||theta|| for the snapshotted step into the current row."""
+        before, self._before = self._before, []
+        if not before:
+            return
+        with torch.no_grad():
+            after = [p.detach() for p in self._params]
+            delta = torch._foreach_sub(after, before)
+            dn = torch.stack(torch._foreach_norm(delta, 2.0, dtype=torch.float32))
+            wn = torch.stack(torch._foreach_norm(before, 2.0, dtype=torch.float32))
+            ratio = torch.linalg.vector_norm(dn.to(self.device)) / torch.linalg.vector_norm(
+                wn.to(self.device)
+            )
+            # A skipped step moved nothing; its ratio says nothing about the step size.
+            self.buf[self.row, _RATIO] = torch.where(finite, ratio, self._nan)
+        self._params = []
+
+    def advance(self) -> None:
+        """Move on to the next row (after :meth:`measure` and the optimizer step)."""
+        self.row += 1
+
+    def skips_so_far(self) -> int:
+        """Non-finite-grad steps in the open window. Reads the device: one sync, on demand."""
+        if self.row == 0:
+            return 0
+        return int((self.buf[: self.row, _GRAD_OK] == 0).sum().item())  # sync, only when asked
+
+    def collect(self) -> WindowStats:
+        """Reduce the open window to host numbers and start a new one."""
+        n, self.row = self.row, 0
+        if n == 0:
+            return WindowStats(steps=0)
+        # THE one device->host copy (and sync) per report window.
+        rows: list[list[float]] = self.buf[:n].tolist()
+        losses = [r[_LOSS] for r in rows if r[_LOSS_OK] == 1.0]
+        ok_rows = [r for r in rows if r[_GRAD_OK] == 1.0]
+        norms = [r[_NORM] for r in ok_rows]
+        stats = WindowStats(
+            steps=n,
+            nonfinite_losses=n - len(losses),
+            nonfinite_grads=n - len(ok_rows),
+            update_ratio=rows[-1][_RATIO] if math.isfinite(rows[-1][_RATIO]) else None,
+        )
+        if losses:
+            stats = replace(stats, loss_mean=_mean(losses), loss_last=losses[-1],
+                            loss_min=min(losses), loss_max=max(losses))
+        if norms:
+            mean = _mean(norms)
+            std = math.sqrt(max(0.0, _mean([(x - mean) ** 2 for x in norms])))
+            groups = [_mean([r[_GROUPS + i] for r in ok_rows]) for i in range(self.groups)]
+            stats = replace(stats, grad_norm_mean=mean, grad_norm_max=max(norms),
+                            grad_norm_std=std, group_grad_norms=groups)
+        return stats

@@ -1,0 +1,266 @@
+"""The client's link to the controller: one daemon thread that owns a ZeroMQ DEALER.
+
+The training thread never touches the socket. It hands messages over through
+two queues and takes commands from one slot:
+
+* reports go into a bounded deque; a full deque drops the *oldest* report and
+  counts the drop, so a slow or absent controller costs memory of at most
+  ``queue_size`` reports and never blocks a step;
+* control messages (acks) go into a small separate queue that is always sent
+  before reports, so reports never starve them; a registration, built fresh at
+  send time so it carries the latest step, knobs and ``applied_seq``, goes
+  before everything;
+* the newest :class:`~trimtab.client.wire.Command` waits in a single slot.
+
+Liveness follows the ZeroMQ guide's Paranoid Pirate pattern: a heartbeat every
+``heartbeat_s``; any valid message from the controller counts as a sign of
+life; after ``liveness`` silent intervals the socket is closed and recreated
+after an exponentially growing pause, and the job registers again.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+import zmq
+
+from . import wire
+
+__all__ = ["Transport"]
+
+log = logging.getLogger("trimtab.client")
+
+#: How long the thread waits on the socket before looking at its queues again.
+_POLL_MS = 20
+#: At most this many queued messages are sent per loop turn, so receiving keeps up.
+_SEND_BURST = 64
+#: Close gives pending messages and the Bye this long to leave.
+_CLOSE_FLUSH_S = 0.25
+
+
+class Transport:
+    """Send reports and control messages to ``endpoint`` and receive commands, off-thread.
+
+    >>> t = Transport("tcp://127.0.0.1:5555", "demo", register=make_register)  # doctest: +SKIP
+    >>> t.start(); t.put_report(report); cmd = t.take_command(); t.close(bye)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        endpoint: str,
+        job: str,
+        *,
+        register: Callable[[], wire.Register],
+        step: Callable[[], int] = lambda: 0,
+        context: zmq.Context | None = None,
+        heartbeat_s: float = 1.0,
+        liveness: int = 3,
+        queue_size: int = 64,
+        reconnect_max_s: float = 32.0,
+        hwm: int = 256,
+        zmq_heartbeat: bool = True,
+    ) -> None:
+        self.endpoint = endpoint
+        self.job = job
+        self._register = register
+        self._step = step
+        self._own_context = context is None
+        self._context = context if context is not None else zmq.Context()
+        self._heartbeat_s = heartbeat_s
+        self._liveness = liveness
+        self._reconnect_max_s = max(reconnect_max_s, heartbeat_s)
+        self._hwm = hwm
+        self._zmq_heartbeat = zmq_heartbeat
+        self._lock = threading.Lock()
+        self._reports: collections.deque[wire.Report] = collections.deque(maxlen=queue_size)
+        self._control: collections.deque[wire.Ack] = collections.deque(maxlen=32)
+        self._need_register = True
+        self._command: wire.Command | None = None
+        self._stop = threading.Event()
+        self._bye: wire.Bye | None = None
+        self._thread = threading.Thread(target=self._run, name="trimtab-client", daemon=True)
+        self._last_heard = float("-inf")
+        #: Reports dropped because the queue was full.
+        self.dropped = 0
+        #: Frames from the controller that did not decode, ignored.
+        self.bad_frames = 0
+        #: Messages handed to the socket (for tests and diagnostics).
+        self.sent = 0
+        #: Sockets created; more than one means the link was re-established.
+        self.connects = 0
+
+    # -- training-thread side: queues only, never the socket -------------------------------
+
+    def start(self) -> None:
+        """Start the thread; it registers first."""
+        self._thread.start()
+
+    def put_report(self, report: wire.Report) -> None:
+        """Queue a report; a full queue drops its oldest report and counts it."""
+        with self._lock:
+            if len(self._reports) == self._reports.maxlen:
+                self.dropped += 1
+            self._reports.append(report)
+
+    def put_control(self, message: wire.Ack) -> None:
+        """Queue a control message; it is sent before any queued report."""
+        with self._lock:
+            self._control.append(message)
+
+    def take_command(self) -> wire.Command | None:
+        """The newest command received since the last call, if any."""
+        if self._command is None:  # the common case, read without the lock
+            return None
+        with self._lock:
+            command, self._command = self._command, None
+        return command
+
+    @property
+    def connected(self) -> bool:
+        """Whether the controller was heard from within the liveness window."""
+        return time.monotonic() - self._last_heard < self._liveness * self._heartbeat_s
+
+    def close(self, bye: wire.Bye | None = None, timeout_s: float = 1.0) -> None:
+        """Send ``bye`` (best effort), stop the thread and wait at most ``timeout_s``."""
+        self._bye = bye
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            log.warning("trimtab client thread did not stop within %.1f s", timeout_s)
+        elif self._own_context:
+            self._context.term()
+
+    # -- thread side ------------------------------------------------------------------------
+
+    def _new_socket(self) -> zmq.Socket:
+        sock = self._context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)  # a dead controller must never hold up close()
+        sock.setsockopt(zmq.SNDHWM, self._hwm)
+        sock.setsockopt(zmq.RCVHWM, self._hwm)
+        sock.setsockopt(zmq.IMMEDIATE, 1)  # queue only to a live connection; we keep the rest
+        ivl_ms = max(1, int(self._heartbeat_s * 1000))
+        sock.setsockopt(zmq.RECONNECT_IVL, min(ivl_ms, 100))
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, int(self._reconnect_max_s * 1000))
+        if self._zmq_heartbeat:
+            # ZMTP-level pings find a dead TCP peer even when the application is quiet.
+            sock.setsockopt(zmq.HEARTBEAT_IVL, ivl_ms)
+            sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, ivl_ms * self._liveness)
+        sock.connect(self.endpoint)
+        self.connects += 1
+        self._need_register = True  # a new link, maybe to a restarted controller
+        return sock
+
+    def _run(self) -> None:
+        sock: zmq.Socket | None = None
+        backoff = self._heartbeat_s
+        while not self._stop.is_set():
+            try:
+                if sock is None:
+                    sock = self._new_socket()
+                    deadline = time.monotonic() + self._liveness * self._heartbeat_s
+                    next_beat = time.monotonic()
+                if self._receive(sock):
+                    deadline = time.monotonic() + self._liveness * self._heartbeat_s
+                    backoff = self._heartbeat_s
+                self._flush(sock)
+                now = time.monotonic()
+                if now >= next_beat and not self._need_register:  # nothing before Register
+                    next_beat = now + self._heartbeat_s
+                    self._send(sock, wire.Heartbeat(job=self.job, step=self._step()))
+                if time.monotonic() >= deadline:
+                    # Paranoid Pirate: silence for `liveness` beats; drop the socket, pause, retry.
+                    log.info("no word from %s; reconnecting in %.2f s", self.endpoint, backoff)
+                    sock.close(linger=0)
+                    sock = None
+                    self._stop.wait(backoff)
+                    backoff = min(backoff * 2, self._reconnect_max_s)
+            except Exception:  # the training loop must never see a transport failure
+                log.exception("trimtab client transport error; recreating the socket")
+                if sock is not None:
+                    sock.close(linger=0)
+                sock = None
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, self._reconnect_max_s)
+        self._shutdown(sock)
+
+    def _receive(self, sock: zmq.Socket) -> bool:
+        """Handle what has arrived; True when the controller was heard from."""
+        heard = False
+        if not sock.poll(_POLL_MS, zmq.POLLIN):
+            return False
+        while True:
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return heard
+            # A controller may put an empty delimiter first; the message is the last frame.
+            try:
+                message = wire.decode(frames[-1])
+            except wire.WireError as exc:
+                self.bad_frames += 1
+                log.debug("ignored a bad frame from the controller: %s", exc)
+                continue
+            heard = True
+            self._last_heard = time.monotonic()
+            self._handle(message)
+
+    def _handle(self, message: wire.Message) -> None:
+        if isinstance(message, wire.Command):
+            if message.job != self.job:
+                log.warning("ignored a command for job %r (this is %r)", message.job, self.job)
+                return
+            with self._lock:
+                pending = self._command
+                if pending is None or message.seq >= pending.seq:
+                    self._command = message
+        elif isinstance(message, wire.Error):
+            if message.code == "unknown_job":  # the controller forgot us (restarted): re-register
+                self._need_register = True
+            else:
+                log.warning("controller refused a message: %s: %s", message.code, message.detail)
+
+    def _send(self, sock: zmq.Socket, message: wire.Message) -> bool:
+        """One non-blocking send; False when no live connection can take it now."""
+        try:
+            sock.send(wire.encode(message), zmq.NOBLOCK)
+        except zmq.Again:
+            return False
+        self.sent += 1
+        return True
+
+    def _flush(self, sock: zmq.Socket, burst: int = _SEND_BURST) -> None:
+        if self._need_register:
+            if not self._send(sock, self._register()):
+                return  # no live connection yet; the registration must go first
+            self._need_register = False
+        queues: tuple[collections.deque, ...] = (self._control, self._reports)
+        for queue in queues:
+            while burst > 0:
+                with self._lock:
+                    if not queue:
+                        break
+                    item = queue[0]
+                if not self._send(sock, item):
+                    return  # nothing can go now; keep everything queued, in order
+                with self._lock:
+                    if queue and queue[0] is item:
+                        queue.popleft()
+                burst -= 1
+
+    def _shutdown(self, sock: zmq.Socket | None) -> None:
+        try:
+            if sock is None:
+                return
+            deadline = time.monotonic() + _CLOSE_FLUSH_S
+            self._flush(sock, burst=self._reports.maxlen or _SEND_BURST)
+            if self._bye is not None:
+                self._send(sock, self._bye)
+            # Give what was handed to the socket a moment to leave, never longer.
+            sock.close(linger=max(0, int((deadline - time.monotonic()) * 1000)))
+        except Exception:
+            log.exception("trimtab client transport error while closing")

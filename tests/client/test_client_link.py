@@ -1,0 +1,203 @@
+"""The client against a real ROUTER playing controller: registration, reports, commands,
+acks, an absent or late controller, re-registration and garbage frames."""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+import pytest
+import torch
+
+from trimtab.client import Guard, attach, wire
+
+pytestmark = pytest.mark.timeout(30)
+
+
+class Run:
+    """A tiny regression run that records, independently of the guard, what each step saw."""
+
+    def __init__(self, opt_factory=None, seed: int = 0) -> None:
+        torch.manual_seed(seed)
+        self.model = torch.nn.Sequential(
+            torch.nn.Linear(5, 7), torch.nn.ReLU(), torch.nn.Linear(7, 1)
+        )
+        weights = [p for n, p in self.model.named_parameters() if n.endswith("weight")]
+        biases = [p for n, p in self.model.named_parameters() if n.endswith("bias")]
+        factory = opt_factory or (lambda groups: torch.optim.SGD(groups, lr=0.05, momentum=0.9))
+        self.opt = factory(
+            [{"params": weights, "weight_decay": 1e-4}, {"params": biases, "lr": 0.1,
+                                                         "weight_decay": 0.0}]
+        )
+        self.losses: list[float] = []
+        self.norms: list[float] = []
+        self.ratios: list[float] = []
+        self.steps = 0
+
+    def step(self, guard: Guard, poison: bool = False) -> None:
+        x = torch.randn(8, 5)
+        loss = (self.model(x) - x.sum(1, keepdim=True)).pow(2).mean()
+        self.opt.zero_grad()
+        loss.backward()
+        if poison:
+            self.model[0].weight.grad[0, 0] = float("inf")
+        grads = [p.grad for p in self.model.parameters()]
+        self.losses.append(loss.item())
+        self.norms.append(torch.nn.utils.get_total_norm(grads).item())
+        before = [p.detach().clone() for p in self.model.parameters()]
+        guard.step(loss)
+        delta = [p.detach() - b for p, b in zip(self.model.parameters(), before, strict=True)]
+        self.ratios.append(
+            (torch.nn.utils.get_total_norm(delta) / torch.nn.utils.get_total_norm(before)).item()
+        )
+        self.steps += 1
+
+
+def _attach(run: Run, endpoint: str, **kw) -> Guard:
+    kw.setdefault("heartbeat_s", 0.05)
+    kw.setdefault("report_every", 5)
+    return attach(run.model, run.opt, job="link-test", endpoint=endpoint, **kw)
+
+
+def test_register_reports_command_ack(fake_controller) -> None:
+    run = Run()
+    with _attach(run, fake_controller.endpoint, batch_size=8) as guard:
+        for _ in range(10):
+            run.step(guard)
+        fake_controller.wait_for(lambda c: len(c.of_type(wire.Report)) >= 2)
+
+        register = fake_controller.of_type(wire.Register)[0]
+        assert fake_controller.messages[0] == register  # nothing goes before registration
+        sizes = [sum(p.numel() for p in g["params"]) for g in run.opt.param_groups]
+        assert register.facts == wire.ScaleFacts(
+            param_count=sum(sizes), group_sizes=sizes, world_size=1, optimizer="SGD",
+            dtype="float32", device="cpu", batch_size=8,
+        )
+        assert register.job == "link-test" and register.report_every == 5
+        assert register.run_id == guard.run_id and len(register.run_id) == 32
+        assert register.knobs == wire.Knobs(lr=0.05, momentum=0.9, weight_decay=1e-4)
+
+        for i, report in enumerate(fake_controller.of_type(wire.Report)[:2]):
+            losses, norms = run.losses[5 * i : 5 * i + 5], run.norms[5 * i : 5 * i + 5]
+            assert (report.seq, report.step, report.window) == (i + 1, 5 * (i + 1), 5)
+            assert report.loss_mean == pytest.approx(statistics.fmean(losses), rel=1e-5)
+            assert report.loss_last == pytest.approx(losses[-1], rel=1e-6)
+            assert report.loss_min == pytest.approx(min(losses), rel=1e-6)
+            assert report.loss_max == pytest.approx(max(losses), rel=1e-6)
+            assert report.grad_norm_mean == pytest.approx(statistics.fmean(norms), rel=1e-5)
+            assert report.grad_norm_max == pytest.approx(max(norms), rel=1e-5)
+            assert report.grad_norm_std == pytest.approx(statistics.pstdev(norms), rel=1e-3)
+            assert len(report.group_grad_norms) == 2
+            assert math.hypot(*report.group_grad_norms) <= report.grad_norm_max * (1 + 1e-5)
+            assert report.update_ratio == pytest.approx(run.ratios[5 * i + 4], rel=1e-4)
+            assert report.nonfinite_grads == report.skipped_steps == 0
+            assert report.step_time_s is not None and report.step_time_s > 0
+            assert report.knobs == register.knobs and report.applied_seq == 0
+
+        command = wire.Command(
+            job="link-test", seq=1, knobs=wire.Knobs(lr=0.025, momentum=0.5, clip=2.0),
+            reasons=["test"],
+        )
+        fake_controller.send(command)
+        fake_controller.wait_for(lambda c: guard.applied_seq == 1,
+                                 while_waiting=lambda: run.step(guard))
+        assert [g["lr"] for g in run.opt.param_groups] == pytest.approx([0.025, 0.05])
+        assert [g["momentum"] for g in run.opt.param_groups] == [0.5, 0.5]
+        assert guard.clip == 2.0
+        in_force = wire.Knobs(lr=0.025, momentum=0.5, weight_decay=1e-4, clip=2.0)
+        assert guard.knobs == in_force
+        fake_controller.wait_for(lambda c: len(c.of_type(wire.Ack)) == 1)
+        ack = fake_controller.of_type(wire.Ack)[0]
+        assert (ack.seq, ack.knobs) == (1, in_force)
+
+        # The same seq again, with other values: acknowledged with what is in force, not applied.
+        fake_controller.send(command.model_copy(update={"knobs": wire.Knobs(lr=0.9)}))
+        fake_controller.wait_for(lambda c: len(c.of_type(wire.Ack)) == 2,
+                                 while_waiting=lambda: run.step(guard))
+        assert fake_controller.of_type(wire.Ack)[1].knobs == in_force
+        assert run.opt.param_groups[0]["lr"] == 0.025
+        fake_controller.wait_for(
+            lambda c: any(r.applied_seq == 1 for r in c.of_type(wire.Report)),
+            while_waiting=lambda: run.step(guard),
+        )
+    fake_controller.wait_for(lambda c: bool(c.of_type(wire.Bye)))
+
+
+def test_nonfinite_step_is_reported(fake_controller) -> None:
+    run = Run()
+    with _attach(run, fake_controller.endpoint) as guard:
+        for i in range(5):
+            run.step(guard, poison=i == 2)
+        fake_controller.wait_for(lambda c: bool(c.of_type(wire.Report)))
+        report = fake_controller.of_type(wire.Report)[0]
+        assert (report.nonfinite_grads, report.skipped_steps, report.step) == (1, 1, 4)
+        finite = [n for n in run.norms if math.isfinite(n)]
+        assert report.grad_norm_max == pytest.approx(max(finite), rel=1e-5)
+        assert guard.global_step == 4
+
+
+def test_no_controller_training_goes_on(dead_endpoint: str) -> None:
+    run = Run()
+    guard = _attach(run, dead_endpoint, report_every=2, queue_size=3)
+    for _ in range(20):
+        run.step(guard)
+    assert guard.global_step == 20
+    assert not guard.connected
+    assert guard.dropped_reports == 10 - 3  # ten reports, room for three, oldest dropped
+    guard.close()  # the test's timeout bounds it; a hang here fails the test
+    assert not guard._transport._thread.is_alive()
+
+
+def test_controller_that_appears_later(make_controller, unused_port: int) -> None:
+    run = Run()
+    with _attach(run, f"tcp://127.0.0.1:{unused_port}") as guard:
+        for _ in range(7):
+            run.step(guard)
+        assert not guard.connected
+        controller = make_controller(unused_port)  # binds only now, training under way
+        controller.wait_for(
+            lambda c: bool(c.of_type(wire.Register)) and bool(c.of_type(wire.Report))
+            and guard.connected,
+            while_waiting=lambda: run.step(guard),
+        )
+        assert controller.of_type(wire.Register)[0].run_id == guard.run_id
+
+
+def test_reregisters_on_unknown_job(fake_controller) -> None:
+    run = Run()
+    with _attach(run, fake_controller.endpoint) as guard:
+        fake_controller.wait_for(lambda c: bool(c.of_type(wire.Register)))
+        for _ in range(3):
+            run.step(guard)
+        fake_controller.send(wire.Error(code="unknown_job", detail="who?", job="link-test"))
+        fake_controller.wait_for(lambda c: len(c.of_type(wire.Register)) == 2,
+                                 while_waiting=lambda: run.step(guard))
+        again = fake_controller.of_type(wire.Register)[1]
+        assert again.run_id == guard.run_id and again.step >= 3
+
+
+def test_silent_controller_triggers_reconnect_and_register(make_controller) -> None:
+    controller = make_controller(answer_heartbeats=False)
+    run = Run()
+    with _attach(run, controller.endpoint) as guard:
+        controller.wait_for(lambda c: len(c.of_type(wire.Register)) >= 2,
+                            while_waiting=lambda: run.step(guard))
+        assert guard._transport.connects >= 2
+
+
+def test_bad_frames_are_counted_and_ignored(fake_controller) -> None:
+    run = Run()
+    with _attach(run, fake_controller.endpoint) as guard:
+        fake_controller.wait_for(lambda c: bool(c.of_type(wire.Register)))
+        fake_controller.send(b"\xff\x00 not json")
+        fake_controller.send(b'{"v": 1, "type": "command", "job": "link-test"}')
+        fake_controller.send(b'{"v": 99, "type": "heartbeat", "job": "link-test"}')
+        fake_controller.send(b"[" * (wire.MAX_MESSAGE_BYTES + 1))
+        fake_controller.wait_for(lambda c: guard.bad_frames == 4,
+                                 while_waiting=lambda: run.step(guard))
+        # The link survived: a valid command afterwards is still applied.
+        fake_controller.send(wire.Command(job="link-test", seq=7, knobs=wire.Knobs(lr=0.01)))
+        fake_controller.wait_for(lambda c: guard.applied_seq == 7,
+                                 while_waiting=lambda: run.step(guard))
+        assert run.opt.param_groups[0]["lr"] == 0.01
+        assert all(math.isfinite(p.sum().item()) for p in run.model.parameters())

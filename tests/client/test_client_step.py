@@ -1,0 +1,214 @@
+"""Guard.step on real CPU training: clipping, non-finite skips, options, no per-step syncs.
+
+These guards point at an endpoint nobody listens on: the step must not care.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from collections import Counter
+
+import pytest
+import torch
+
+from trimtab.client import Guard, attach
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def _model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+
+
+def _backward(model: torch.nn.Module, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(16, 6, generator=g), torch.randn(16, 1, generator=g)
+    loss = torch.nn.functional.mse_loss(model(x), y) * 50  # big enough for clipping to bite
+    model.zero_grad()
+    loss.backward()
+    return loss
+
+
+def _attach(model, opt, endpoint: str, **kw) -> Guard:
+    kw.setdefault("heartbeat_s", 0.05)
+    return attach(model, opt, job="unit", endpoint=endpoint, **kw)
+
+
+def _state(model: torch.nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def test_clipping_matches_clip_grad_norm(dead_endpoint) -> None:
+    model = _model()
+    twin = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    twin_opt = torch.optim.SGD(twin.parameters(), lr=0.01)
+    with _attach(model, opt, dead_endpoint, clip=0.5) as guard:
+        for step in range(3):
+            _backward(model, step)
+            _backward(twin, step)
+            pre = torch.nn.utils.clip_grad_norm_(twin.parameters(), 0.5)
+            assert pre > 0.5  # otherwise this test would not test clipping
+            guard.step(_backward(model, step))
+            twin_opt.step()
+            post = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])
+            assert post <= 0.5 + 1e-5
+            for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+                torch.testing.assert_close(p.grad, q.grad)
+                torch.testing.assert_close(p, q)
+
+
+def _poisoned_run(opt_factory, nonfinite: str, dead_endpoint: str, clip=None) -> Guard:
+    """Two good steps, one with a NaN gradient, two good steps; check the NaN step did nothing."""
+    model = _model()
+    opt = opt_factory(model.parameters())
+    with _attach(model, opt, dead_endpoint, nonfinite=nonfinite, report_every=3,
+                 clip=clip) as guard:
+        for step in range(2):
+            guard.step(_backward(model, step))
+        before, opt_before = _state(model), copy.deepcopy(opt.state_dict())
+        loss = _backward(model, 2)
+        next(model.parameters()).grad[0, 0] = float("nan")
+        guard.step(loss)
+        assert _same(before, _state(model))  # the step was skipped: params untouched
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+        assert guard.skipped_steps == 1
+        assert guard.global_step == 2
+        if nonfinite != "zero":  # an exact skip leaves the optimizer state alone too
+            for k, v in opt.state_dict()["state"][0].items():
+                torch.testing.assert_close(v, opt_before["state"][0][k])
+        for step in range(3, 5):
+            guard.step(_backward(model, step))
+        assert not _same(before, _state(model))  # and training goes on
+        assert guard.global_step == 4 and guard.skipped_steps == 1
+    return guard
+
+
+def test_nonfinite_skip_on_cpu(dead_endpoint) -> None:
+    guard = _poisoned_run(
+        lambda ps: torch.optim.SGD(ps, lr=0.01, momentum=0.9), "auto", dead_endpoint
+    )
+    assert guard.nonfinite_mode == "skip"
+
+
+@pytest.mark.parametrize("cls", [torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD])
+def test_nonfinite_skip_fused_on_device(cls, dead_endpoint) -> None:
+    kw = {"momentum": 0.9} if cls is torch.optim.SGD else {}
+    guard = _poisoned_run(lambda ps: cls(ps, lr=0.01, fused=True, **kw), "auto", dead_endpoint)
+    assert guard.nonfinite_mode == "fused"
+
+
+@pytest.mark.parametrize("clip", [None, 1.0])
+def test_nonfinite_zero(clip, dead_endpoint) -> None:
+    guard = _poisoned_run(lambda ps: torch.optim.SGD(ps, lr=0.01), "zero", dead_endpoint, clip)
+    assert guard.nonfinite_mode == "zero"
+
+
+_SYNCS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__")
+
+
+@pytest.fixture
+def sync_counter(monkeypatch) -> Counter:
+    """Counts host reads of tensor values issued from trimtab.client code."""
+    counts: Counter = Counter()
+
+    def wrap(name: str):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, **kwargs):
+            if sys._getframe(1).f_globals.get("__name__", "").startswith("trimtab.client"):
+                counts[name] += 1
+            return original(self, *args, **kwargs)
+
+        return counted
+
+    for name in _SYNCS:
+        monkeypatch.setattr(torch.Tensor, name, wrap(name))
+    return counts
+
+
+@pytest.mark.parametrize(
+    ("make", "nonfinite"),
+    [
+        (lambda ps: torch.optim.Adam(ps, lr=1e-3, fused=True), "auto"),
+        (lambda ps: torch.optim.SGD(ps, lr=1e-3, momentum=0.9), "zero"),
+    ],
+    ids=["fused", "zero"],
+)
+def test_no_host_sync_per_step(make, nonfinite, sync_counter, dead_endpoint) -> None:
+    model = _model()
+    opt = make(model.parameters())
+    guard = _attach(model, opt, dead_endpoint, clip=1.0, report_every=4, nonfinite=nonfinite)
+    try:
+        per_step = []
+        for step in range(12):
+            loss = _backward(model, step)
+            sync_counter.clear()
+            guard.step(loss)
+            per_step.append(dict(sync_counter))
+    finally:
+        guard.close()
+    for step, reads in enumerate(per_step):
+        closes_window = step % 4 == 3
+        assert reads == ({"tolist": 1} if closes_window else {}), f"step {step}: {reads}"
+
+
+def test_skip_mode_reads_one_flag_per_step(sync_counter, dead_endpoint) -> None:
+    """The counter sees reads: nonfinite="skip" without a fused kernel costs one per step."""
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    with _attach(model, opt, dead_endpoint, report_every=100, nonfinite="skip") as guard:
+        loss = _backward(model, 0)
+        sync_counter.clear()
+        guard.step(loss)
+        assert dict(sync_counter) == {"item": 1}
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("nonfinite", "maybe", r"nonfinite='maybe' is invalid; allowed: auto, skip, zero"),
+        ("report_every", 0, r"report_every=0 is invalid; allowed: an int >= 1"),
+        ("clip", -1.0, r"clip=-1\.0 is invalid; allowed: None or a finite number > 0"),
+        ("queue_size", 0, r"queue_size=0 is invalid"),
+        ("heartbeat_s", 0, r"heartbeat_s=0 is invalid"),
+        ("job", "bad job!", r"job='bad job!' is invalid; allowed: 1-128 characters"),
+    ],
+)
+def test_options_are_validated(option, value, message, dead_endpoint) -> None:
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    kw = {"job": "unit", option: value}
+    with pytest.raises(ValueError, match=message):
+        attach(model, opt, endpoint=dead_endpoint, **kw)
+
+
+def test_closed_guard_refuses_steps(dead_endpoint) -> None:
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with _attach(model, opt, dead_endpoint) as guard:
+        guard.step(_backward(model, 0))
+    assert not guard._transport._thread.is_alive()
+    with pytest.raises(RuntimeError, match="after close"):
+        guard.step(_backward(model, 1))
+
+
+def test_injected_context_is_used_and_left_open(dead_endpoint) -> None:
+    import zmq
+
+    context = zmq.Context()
+    try:
+        model = _model()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        with _attach(model, opt, dead_endpoint, context=context) as guard:
+            guard.step(_backward(model, 0))
+            assert guard._transport._context is context
+        assert not context.closed  # the caller owns it; the guard must not terminate it
+    finally:
+        context.term()
