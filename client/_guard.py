@@ -9,6 +9,7 @@ report. Nothing it does waits on the controller.
 from __future__ import annotations
 
 import logging
+import math
 import time
 import uuid
 import weakref
@@ -197,24 +198,26 @@ class Guard:
         probe = self._probe
         closing = probe.full
         grads = probe.grads()
-        total, finite = probe.measure(loss, grads)
+        total = probe.measure(loss, grads)
+        # Only the device-side skip paths need finiteness as a tensor; "skip" reads the norm.
+        finite = None if self.nonfinite_mode == "skip" else torch.isfinite(total)
         self._clip(grads, total, finite)
         if closing:  # the window's one sampled update, for ||delta theta|| / ||theta||
             probe.snapshot()
-        self._optimizer_step(finite)
+        self._optimizer_step(total, finite)
         if closing:
-            probe.update_ratio(finite)
+            probe.update_ratio()
         probe.advance()
         self._calls += 1
         if closing:
             self._close_window()
 
-    def _clip(self, grads: Grads, total: torch.Tensor, finite: torch.Tensor) -> None:
+    def _clip(self, grads: Grads, total: torch.Tensor, finite: torch.Tensor | None) -> None:
         coef: torch.Tensor | None = None
         if self.clip is not None:
             # clip_grad_norm_'s math; clamping instead of branching keeps it sync-free.
             coef = torch.clamp(self.clip / (total + 1e-6), max=1.0)
-        if self.nonfinite_mode == "zero":
+        if finite is not None and self.nonfinite_mode == "zero":
             # NaN * 0 is NaN, so clean the grads first; then a non-finite step scales by 0.
             for by_device in grads:
                 for gs in by_device.values():
@@ -228,9 +231,9 @@ class Guard:
             for device, gs in by_device.items():
                 torch._foreach_mul_(gs, coef.to(device))
 
-    def _optimizer_step(self, finite: torch.Tensor) -> None:
+    def _optimizer_step(self, total: torch.Tensor, finite: torch.Tensor | None) -> None:
         opt = self.optimizer
-        if self.nonfinite_mode == "fused":
+        if finite is not None and self.nonfinite_mode == "fused":
             # GradScaler's protocol: the fused kernel skips the update where found_inf is 1.
             opt.found_inf = (~finite).float()  # type: ignore[attr-defined]
             opt.grad_scale = None  # type: ignore[attr-defined]
@@ -241,7 +244,7 @@ class Guard:
         elif self.nonfinite_mode == "skip":
             # One read per step: free on CPU (no device queue to wait for); on an accelerator
             # this is the sync the user chose with nonfinite="skip".
-            if not finite.item():
+            if not math.isfinite(total.item()):
                 self._open_skips_host += 1
                 return
             opt.step()

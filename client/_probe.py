@@ -5,16 +5,16 @@ with device ops only (no ``.item()``, no host copy), so probing never waits
 for the device. At the end of a window :meth:`Probe.collect` does the one
 device-to-host copy and reduces the rows to :class:`WindowStats` on the host.
 
-Row layout: loss, global grad norm (before clipping), loss finite (1/0), grads
-finite (1/0), update ratio (last row only, else NaN), then one grad norm per
-param group.
+Row layout: loss, global grad norm (before clipping), one grad norm per param
+group, then the update ratio (written on the window's last step only, else NaN).
+Finiteness is not stored: the host sees NaN and inf in the copied values.
 
 >>> import torch
 >>> p = torch.nn.Parameter(torch.ones(3)); opt = torch.optim.SGD([p], lr=0.1)
 >>> probe = Probe(opt, report_every=2, device=p.device)
 >>> p.grad = torch.full((3,), 2.0)
 >>> grads = probe.grads()
->>> norm, finite = probe.measure(torch.tensor(1.5), grads)
+>>> norm = probe.measure(torch.tensor(1.5), grads)
 >>> probe.advance()
 >>> stats = probe.collect()
 >>> stats.loss_mean, round(stats.grad_norm_mean, 4)
@@ -30,7 +30,7 @@ import torch
 
 __all__ = ["Probe", "WindowStats", "Grads"]
 
-_LOSS, _NORM, _LOSS_OK, _GRAD_OK, _RATIO, _GROUPS = range(6)
+_LOSS, _NORM, _GROUPS = range(3)
 
 #: Gradients per param group, each split by device (foreach kernels want one device).
 Grads = list[dict[torch.device, list[torch.Tensor]]]
@@ -67,14 +67,16 @@ class Probe:
         self.optimizer = optimizer
         self.device = torch.device(device)
         self.groups = len(optimizer.param_groups)
+        self._ratio_col = _GROUPS + self.groups
         self.buf = torch.full(
-            (report_every, _GROUPS + self.groups), math.nan, dtype=torch.float32,
+            (report_every, self._ratio_col + 1), math.nan, dtype=torch.float32,
             device=self.device,
         )
+        # Per-row views of the columns a step writes, made once: one stack(out=) per step.
+        self._rows = [self.buf[i, : self._ratio_col] for i in range(report_every)]
         #: The row the next step writes; also the number of steps in the open window.
         self.row = 0
         self._zero = torch.zeros((), dtype=torch.float32, device=self.device)
-        self._nan = torch.full((), math.nan, dtype=torch.float32, device=self.device)
         self._before: list[torch.Tensor] = []
         self._params: list[torch.Tensor] = []
 
@@ -99,28 +101,26 @@ class Probe:
         norms: list[torch.Tensor] = []
         for grads in by_device.values():
             per_tensor = torch._foreach_norm(grads, 2.0, dtype=torch.float32)
-            norms.append(torch.linalg.vector_norm(torch.stack(per_tensor)).to(self.device))
+            norm = torch.linalg.vector_norm(torch.stack(per_tensor))
+            norms.append(norm if norm.device == self.device else norm.to(self.device))
         if not norms:
             return self._zero
         return norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms))
 
-    def measure(
-        self, loss: torch.Tensor | float, grads: Grads
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write this step's row; return the global grad norm and its finiteness (on device)."""
-        group_norms = torch.stack([self._group_norm(g) for g in grads])
-        total = torch.linalg.vector_norm(group_norms)
-        finite = torch.isfinite(total)
+    def measure(self, loss: torch.Tensor | float, grads: Grads) -> torch.Tensor:
+        """Write this step's row; return the global grad norm before clipping (on device)."""
+        group_norms = [self._group_norm(g) for g in grads]
+        if len(group_norms) == 1:
+            total = group_norms[0]
+        else:
+            total = torch.linalg.vector_norm(torch.stack(group_norms))
         if isinstance(loss, torch.Tensor):
             loss32 = loss.detach().reshape(()).to(self.device, torch.float32, non_blocking=True)
         else:
             loss32 = torch.full((), float(loss), dtype=torch.float32, device=self.device)
-        head = torch.stack(
-            [loss32, total, torch.isfinite(loss32).float(), finite.float(), self._nan]
-        )
         # Groups added after attach() count in the total (and clipping) but get no column.
-        self.buf[self.row].copy_(torch.cat([head, group_norms[: self.groups]]))
-        return total, finite
+        torch.stack([loss32, total, *group_norms[: self.groups]], out=self._rows[self.row])
+        return total
 
     def snapshot(self) -> None:
         """Copy the params about to be updated; called on the window's last step only."""
@@ -128,7 +128,7 @@ class Probe:
         self._before = [p.detach().clone() for p in params]
         self._params = params
 
-    def update_ratio(self, finite: torch.Tensor) -> None:
+    def update_ratio(self) -> None:
         """Write ||delta theta|| / ||theta|| for the snapshotted step into the current row."""
         before, self._before = self._before, []
         if not before:
@@ -141,8 +141,8 @@ class Probe:
             ratio = torch.linalg.vector_norm(dn.to(self.device)) / torch.linalg.vector_norm(
                 wn.to(self.device)
             )
-            # A skipped step moved nothing; its ratio says nothing about the step size.
-            self.buf[self.row, _RATIO] = torch.where(finite, ratio, self._nan)
+            # A skipped step's ratio says nothing of the step size; collect() drops it.
+            self.buf[self.row, self._ratio_col] = ratio
         self._params = []
 
     def advance(self) -> None:
@@ -153,7 +153,8 @@ class Probe:
         """Non-finite-grad steps in the open window. Reads the device: one sync, on demand."""
         if self.row == 0:
             return 0
-        return int((self.buf[: self.row, _GRAD_OK] == 0).sum().item())  # sync, only when asked
+        bad = ~torch.isfinite(self.buf[: self.row, _NORM])
+        return int(bad.sum().item())  # sync, only when asked
 
     def collect(self) -> WindowStats:
         """Reduce the open window to host numbers and start a new one."""
@@ -162,14 +163,16 @@ class Probe:
             return WindowStats(steps=0)
         # THE one device->host copy (and sync) per report window.
         rows: list[list[float]] = self.buf[:n].tolist()
-        losses = [r[_LOSS] for r in rows if r[_LOSS_OK] == 1.0]
-        ok_rows = [r for r in rows if r[_GRAD_OK] == 1.0]
+        self.buf[:, self._ratio_col].fill_(math.nan)
+        losses = [r[_LOSS] for r in rows if math.isfinite(r[_LOSS])]
+        ok_rows = [r for r in rows if math.isfinite(r[_NORM])]
         norms = [r[_NORM] for r in ok_rows]
+        last, ratio = rows[-1][_NORM], rows[-1][self._ratio_col]
         stats = WindowStats(
             steps=n,
             nonfinite_losses=n - len(losses),
             nonfinite_grads=n - len(ok_rows),
-            update_ratio=rows[-1][_RATIO] if math.isfinite(rows[-1][_RATIO]) else None,
+            update_ratio=ratio if math.isfinite(last) and math.isfinite(ratio) else None,
         )
         if losses:
             stats = replace(stats, loss_mean=_mean(losses), loss_last=losses[-1],
