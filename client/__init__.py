@@ -10,9 +10,13 @@
 >>> guard.close()  # doctest: +SKIP
 """
 
-from importlib.metadata import PackageNotFoundError, version
+from __future__ import annotations
 
-from ._guard import Guard, attach
+from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ._guard import Guard, attach
 
 __all__ = ["attach", "Guard", "__version__"]
 
@@ -20,3 +24,13 @@ try:
     __version__ = version("trimtab")
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0.0.0+unknown"
+
+
+def __getattr__(name: str):
+    # torch is imported on first use of attach/Guard, so the controller, which shares the
+    # wire module (trimtab.client.wire), starts without loading torch.
+    if name in ("attach", "Guard"):
+        from . import _guard
+
+        return getattr(_guard, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -39,3 +39,9 @@ def test_client_imports_no_controller_code():
             "'trimtab.policies', 'prometheus_client', 'sqlite3'))]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=str(ROOT.parent))
+
+
+def test_controller_starts_without_importing_torch():
+    code = ("import sys, trimtab.controller.server, trimtab.controller.cli; "
+            "assert 'torch' not in sys.modules, 'the controller imported torch'")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=str(ROOT.parent))

@@ -1,0 +1,58 @@
+"""The ``trimtab`` command: refusals at start, and reading a journal."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from trimtab.controller.journal import Journal
+
+
+def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "trimtab.controller", *args],
+                          capture_output=True, text=True, timeout=60, env=env)
+
+
+def test_serve_refuses_a_bad_config_naming_field_value_and_rule(tmp_path):
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text("[governor.lr]\nmax_step_ratio = 0.5\n")
+    out = run("serve", "--config", str(cfg), "--journal", str(tmp_path / "j.db"))
+    assert out.returncode == 2
+    assert "governor.lr.max_step_ratio = 0.5" in out.stderr
+    assert "greater than or equal to 1" in out.stderr
+
+
+def test_serve_refuses_an_unknown_policy_naming_it(tmp_path):
+    cfg = tmp_path / "p.toml"
+    cfg.write_text('[[policies]]\nname = "no_such_policy"\n')
+    out = run("serve", "--config", str(cfg), "--journal", str(tmp_path / "j.db"),
+              "--metrics-port", "0", "--bind", "tcp://127.0.0.1:0")
+    assert out.returncode == 2
+    assert "no_such_policy" in out.stderr
+
+
+def test_serve_refuses_a_bad_flag_value(tmp_path):
+    out = run("serve", "--bind", "http://nope", "--journal", str(tmp_path / "j.db"))
+    assert out.returncode == 2
+    assert "bind = 'http://nope'" in out.stderr
+
+
+def test_decisions_prints_commands_and_acks(tmp_path):
+    path = str(tmp_path / "j.db")
+    j = Journal(path)
+    j.append("demo", "report", step=10, seq=1, data={})
+    j.append("demo", "command", step=10, seq=1, data={"knobs": {"lr": 0.05}})
+    j.append("demo", "ack", step=12, seq=1, data={"knobs": {"lr": 0.05}})
+    j.close()
+    out = run("decisions", "--journal", path, "--job", "demo")
+    assert out.returncode == 0
+    lines = out.stdout.splitlines()
+    assert len(lines) == 2
+    assert "command #1" in lines[0] and '"lr": 0.05' in lines[0]
+    assert "ack #1" in lines[1]
+
+
+def test_policies_lists_the_built_ins():
+    out = run("policies")
+    assert out.returncode == 0
+    assert "plateau:" in out.stdout and "spike_guard:" in out.stdout
