@@ -47,7 +47,7 @@ class TinyTransformer(torch.nn.Module):
         self.pos = torch.nn.Parameter(torch.zeros(ctx, d))
         layer = torch.nn.TransformerEncoderLayer(d, 4, 4 * d, dropout=0.0, batch_first=True,
                                                  norm_first=True)
-        self.body = torch.nn.TransformerEncoder(layer, layers)
+        self.body = torch.nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.head = torch.nn.Linear(d, vocab)
         self.register_buffer("mask", torch.nn.Transformer.generate_square_subsequent_mask(ctx))
 
@@ -95,8 +95,9 @@ def make_task(name: str, device: str, seed: int):
 
 
 def timed_run(name: str, device: str, steps: int, warmup: int, seed: int,
-              endpoint: str | None, report_every: int) -> tuple[float, int]:
-    """Median step time (s) of one run, and synchronizing calls seen on non-report steps."""
+              endpoint: str | None, report_every: int) -> tuple[float, float, int]:
+    """Median iteration time (s) of one run, median time of the step call alone (s), and
+    synchronizing calls seen on non-report steps."""
     model, make_opt, batch, loss_fn = make_task(name, device, seed)
     opt = make_opt(model.parameters())
     batches = [batch() for _ in range(16)]
@@ -104,7 +105,7 @@ def timed_run(name: str, device: str, steps: int, warmup: int, seed: int,
     if endpoint is not None:
         guard = attach(model, opt, job=f"overhead-{name}-{os.getpid()}", endpoint=endpoint,
                        report_every=report_every)
-    times, syncs = [], 0
+    times, step_times, syncs = [], [], 0
     cuda = device.startswith("cuda")
     for i in range(warmup + steps):
         b = batches[i % len(batches)]
@@ -117,10 +118,12 @@ def timed_run(name: str, device: str, steps: int, warmup: int, seed: int,
             warnings.simplefilter("always")
             if check:
                 torch.cuda.set_sync_debug_mode("warn")
+            t1 = time.perf_counter()
             if guard is None:
                 opt.step()
             else:
                 guard.step(loss)
+            t2 = time.perf_counter()
             if check:
                 torch.cuda.set_sync_debug_mode("default")
         syncs += sum("synchroniz" in str(w.message) for w in caught)
@@ -128,9 +131,10 @@ def timed_run(name: str, device: str, steps: int, warmup: int, seed: int,
             torch.cuda.synchronize()  # timing only: bare and attached pay it alike
         if i >= warmup:
             times.append(time.perf_counter() - t0)
+            step_times.append(t2 - t1)
     if guard is not None:
         guard.close()
-    return statistics.median(times), syncs
+    return statistics.median(times), statistics.median(step_times), syncs
 
 
 def main() -> None:
@@ -156,18 +160,21 @@ def main() -> None:
         try:
             rows = []
             for name in args.models.split(","):
-                ratios, bare_t, att_t, syncs = [], [], [], 0
+                ratios, bare_t, att_t, added, syncs = [], [], [], [], 0
                 for r in range(args.repeats):
-                    b, _ = timed_run(name, args.device, args.steps, args.warmup,
-                                     args.seed + r, None, args.report_every)
-                    a, s = timed_run(name, args.device, args.steps, args.warmup,
-                                     args.seed + r, endpoint, args.report_every)
+                    # ABBA order: a drift in machine speed hits bare and attached alike.
+                    order = (None, endpoint) if r % 2 == 0 else (endpoint, None)
+                    res = {ep: timed_run(name, args.device, args.steps, args.warmup,
+                                         args.seed + r, ep, args.report_every) for ep in order}
+                    (b, b_step, _), (a, a_step, s) = res[None], res[endpoint]
                     ratios.append(a / b)
                     bare_t.append(b)
                     att_t.append(a)
+                    added.append(a_step - b_step)
                     syncs += s
                 rows.append((name, statistics.median(bare_t), statistics.median(att_t),
-                             statistics.median(ratios), min(ratios), max(ratios), syncs))
+                             statistics.median(ratios), min(ratios), max(ratios),
+                             statistics.median(added), syncs))
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=10)
@@ -178,11 +185,12 @@ def main() -> None:
     print(f"# report_every={args.report_every} steps={args.steps} warmup={args.warmup} "
           f"repeats={args.repeats} seeds={args.seed}..{args.seed + args.repeats - 1}")
     print("| model | bare step (ms) | attached step (ms) | ratio (median) | ratio range "
-          "| syncs on non-report steps |")
-    print("|---|---|---|---|---|---|")
-    for name, b, a, r, lo, hi, s in rows:
+          "| guard.step - optimizer.step (us) | syncs on non-report steps |")
+    print("|---|---|---|---|---|---|---|")
+    for name, b, a, r, lo, hi, add, s in rows:
         sync = str(s) if args.device.startswith("cuda") else "n/a on cpu"
-        print(f"| {name} | {b * 1e3:.3f} | {a * 1e3:.3f} | {r:.3f} | {lo:.3f}-{hi:.3f} | {sync} |")
+        print(f"| {name} | {b * 1e3:.3f} | {a * 1e3:.3f} | {r:.3f} | {lo:.3f}-{hi:.3f} "
+              f"| {add * 1e6:.0f} | {sync} |")
     if any(math.isnan(r[3]) for r in rows):
         sys.exit(1)
 

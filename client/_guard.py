@@ -14,6 +14,7 @@ import time
 import uuid
 import weakref
 from types import TracebackType
+from typing import Any
 
 import torch
 import zmq
@@ -365,29 +366,12 @@ class Guard:
         self.close("closed" if exc_type is None else f"error: {exc_type.__name__}")
 
 
-def attach(
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    *,
-    job: str,
-    endpoint: str = "tcp://127.0.0.1:5555",
-    report_every: int = 10,
-    clip: float | None = None,
-    batch_size: int | None = None,
-    heartbeat_s: float = 1.0,
-    queue_size: int = 64,
-    context: zmq.Context | None = None,
-    nonfinite: str = "auto",
-    liveness: int = 3,
-    reconnect_max_s: float = 32.0,
-) -> Guard:
-    """Attach a training loop to a trimtab controller; see :class:`Guard`.
+def attach(model: torch.nn.Module, optimizer: torch.optim.Optimizer, **options: Any) -> Guard:
+    """Attach a training loop to a trimtab controller: ``Guard(model, optimizer, **options)``.
+
+    ``options`` are :class:`Guard`'s keyword arguments (``job`` is required).
 
     >>> guard = attach(model, optimizer, job="gpt-small", clip=1.0)  # doctest: +SKIP
     >>> loss.backward(); guard.step(loss)  # doctest: +SKIP
     """
-    return Guard(
-        model, optimizer, job=job, endpoint=endpoint, report_every=report_every, clip=clip,
-        batch_size=batch_size, heartbeat_s=heartbeat_s, queue_size=queue_size, context=context,
-        nonfinite=nonfinite, liveness=liveness, reconnect_max_s=reconnect_max_s,
-    )
+    return Guard(model, optimizer, **options)

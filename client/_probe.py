@@ -79,6 +79,8 @@ class Probe:
         self._zero = torch.zeros((), dtype=torch.float32, device=self.device)
         self._before: list[torch.Tensor] = []
         self._params: list[torch.Tensor] = []
+        self._one_device = all(
+            p.device == self.device for g in optimizer.param_groups for p in g["params"])
 
     @property
     def full(self) -> bool:
@@ -87,8 +89,12 @@ class Probe:
 
     def grads(self) -> Grads:
         """This step's gradients, per group and device (params without a grad are left out)."""
+        groups = self.optimizer.param_groups
+        if self._one_device:  # the common case, without a per-parameter device lookup
+            dev = self.device
+            return [{dev: [p.grad for p in g["params"] if p.grad is not None]} for g in groups]
         out: Grads = []
-        for group in self.optimizer.param_groups:
+        for group in groups:
             by_device: dict[torch.device, list[torch.Tensor]] = {}
             for p in group["params"]:
                 if p.grad is not None:
@@ -100,6 +106,8 @@ class Probe:
         # Same reduction as torch.nn.utils.get_total_norm: per-tensor norms, then their norm.
         norms: list[torch.Tensor] = []
         for grads in by_device.values():
+            if not grads:
+                continue
             per_tensor = torch._foreach_norm(grads, 2.0, dtype=torch.float32)
             norm = torch.linalg.vector_norm(torch.stack(per_tensor))
             norms.append(norm if norm.device == self.device else norm.to(self.device))

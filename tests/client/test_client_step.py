@@ -212,3 +212,17 @@ def test_injected_context_is_used_and_left_open(dead_endpoint) -> None:
         assert not context.closed  # the caller owns it; the guard must not terminate it
     finally:
         context.term()
+
+
+def test_a_group_whose_params_have_no_grads_is_measured_as_zero(dead_endpoint) -> None:
+    model = _model()
+    for p in model[0].parameters():
+        p.requires_grad_(False)  # a frozen first layer: its group has no gradients at all
+    opt = torch.optim.SGD([{"params": model[0].parameters()},
+                           {"params": model[2].parameters(), "lr": 0.01}], lr=0.1)
+    with _attach(model, opt, dead_endpoint, report_every=2) as guard:
+        for step in range(4):
+            guard.step(_backward(model, step))
+        assert guard.global_step == 4
+        stats = guard._probe.buf[:, :4].tolist()  # last window's rows: loss, norm, g0, g1
+    assert all(row[2] == 0.0 and row[3] > 0.0 for row in stats)
