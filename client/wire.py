@@ -145,17 +145,29 @@ class Report(_Model):
     #: Reports this client has dropped so far because its queue was full.
     dropped_reports: Count = 0
     applied_seq: Count = 0
+    #: Steps of the checkpoints this client can restore (host ring and disk), oldest first.
+    checkpoints: Annotated[list[Count], Field(max_length=256)] = []
+    #: The newest checkpoint the controller marked stable (None: none yet).
+    stable_step: Count | None = None
 
 
 class Command(_Model):
-    """Controller -> client: absolute knob targets; applied at the next step boundary."""
+    """Controller -> client: applied at the next step boundary, in this order:
+
+    1. ``mark_stable``: the checkpoint taken at that step is stable (a rollback target);
+    2. ``rollback_to``: restore the stable checkpoint taken at that step (model, optimizer,
+       RNG, scheduler, knobs, step);
+    3. ``knobs``: absolute targets, applied over whatever is then in force.
+    """
 
     type: Literal["command"] = "command"
     v: Literal[1] = PROTOCOL_VERSION
     job: JobId
     seq: Annotated[int, Field(ge=1)]
-    knobs: Knobs
+    knobs: Knobs = Knobs()
     reasons: Annotated[list[Text], Field(max_length=64)] = []
+    mark_stable: Count | None = None
+    rollback_to: Count | None = None
 
 
 class Ack(_Model):
@@ -167,6 +179,11 @@ class Ack(_Model):
     seq: Annotated[int, Field(ge=1)]
     step: Count
     knobs: Knobs
+    #: The step the run was rolled back to, when the command ordered a rollback and it
+    #: succeeded (``step`` is then that step too).
+    restored_step: Count | None = None
+    #: Why part of the command could not be carried out (e.g. no such checkpoint).
+    error: Text | None = None
 
 
 class Heartbeat(_Model):
