@@ -8,6 +8,10 @@
 ...     loss.backward()
 ...     guard.step(loss)  # instead of optimizer.step()
 >>> guard.close()  # doctest: +SKIP
+
+Checkpoints and rollback: ``attach(..., checkpoint_every=100, keep=3,
+checkpoint_dir="ckpt", scheduler=sched, on_rollback=loader_seek)``; to resume after a
+crash, ``load_stable("ckpt").restore(model, optimizer, sched)``.
 """
 
 from __future__ import annotations
@@ -16,9 +20,10 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from ._checkpoint import Checkpoint, CheckpointStore, load_stable
     from ._guard import Guard, attach
 
-__all__ = ["attach", "Guard", "__version__"]
+__all__ = ["attach", "Guard", "Checkpoint", "CheckpointStore", "load_stable", "__version__"]
 
 try:
     __version__ = version("trimtab")
@@ -33,4 +38,8 @@ def __getattr__(name: str):
         from . import _guard
 
         return getattr(_guard, name)
+    if name in ("Checkpoint", "CheckpointStore", "load_stable"):
+        from . import _checkpoint
+
+        return getattr(_checkpoint, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -3,16 +3,20 @@
 The guard replaces ``optimizer.step()``. Per step it applies a pending command,
 measures and clips the gradient on the device, skips a step whose gradients
 are not finite, steps the optimizer and probes; per report window it sends one
-report. Nothing it does waits on the controller.
+report. Nothing it does waits on the controller. Every ``checkpoint_every`` steps it
+snapshots the run; a controller's command can mark a snapshot stable or roll the run
+back to a stable one.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 import uuid
 import weakref
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
@@ -20,8 +24,10 @@ import torch
 import zmq
 
 from . import wire
+from ._checkpoint import Checkpoint, CheckpointStore
 from ._knobs import apply_knobs, check_optimizer, read_knobs
 from ._probe import Grads, Probe
+from ._schedule import ScheduleHold, scale_schedule
 from ._transport import Transport
 
 __all__ = ["attach", "Guard", "NONFINITE_MODES"]
@@ -61,6 +67,32 @@ def _check_options(
         ("queue_size", queue_size, _is_int(queue_size, 1), "an int >= 1"),
         ("nonfinite", nonfinite, nonfinite in NONFINITE_MODES, ", ".join(NONFINITE_MODES)),
         ("liveness", liveness, _is_int(liveness, 1), "an int >= 1"),
+    ]
+    for name, value, ok, allowed in checks:
+        if not ok:
+            raise _invalid(name, value, allowed)
+
+
+def _check_checkpoint_options(
+    checkpoint_every: int, keep: int, checkpoint_dir: object, scheduler: object,
+    optimizer: torch.optim.Optimizer, on_rollback: object,
+) -> None:
+    sched_ok = scheduler is None or (
+        callable(getattr(scheduler, "state_dict", None))
+        and callable(getattr(scheduler, "load_state_dict", None))
+        and getattr(scheduler, "optimizer", optimizer) is optimizer
+    )
+    checks = [
+        ("checkpoint_every", checkpoint_every, _is_int(checkpoint_every, 0),
+         "an int >= 0 (0: no checkpoints, no rollback)"),
+        ("keep", keep, _is_int(keep, 1) and keep <= 255, "an int from 1 to 255"),
+        ("checkpoint_dir", checkpoint_dir,
+         checkpoint_dir is None or isinstance(checkpoint_dir, (str, os.PathLike)),
+         "None or a directory path (str or os.PathLike)"),
+        ("scheduler", scheduler, sched_ok,
+         "None or an LR scheduler of this optimizer (state_dict/load_state_dict)"),
+        ("on_rollback", on_rollback, on_rollback is None or callable(on_rollback),
+         "None or a callable taking the restored step"),
     ]
     for name, value, ok, allowed in checks:
         if not ok:
@@ -123,6 +155,37 @@ class Guard:
     (momentum and decoupled weight decay still act), while ``"skip"`` skips exactly at
     the cost of one sync per step. Skipped steps do not count in ``global_step``.
 
+    Checkpoints (``checkpoint_every > 0``): at attach, then after the optimizer step
+    whenever ``global_step`` reaches the next multiple of ``checkpoint_every``, the guard
+    snapshots model, optimizer, ``scheduler``, RNG states (torch, CUDA, numpy,
+    ``random``), ``clip`` and its step counters: the ``keep`` newest in host memory plus
+    the newest stable one and, with ``checkpoint_dir``, each also in an atomically
+    written, checksummed file (see :class:`~trimtab.client.CheckpointStore`). On the
+    sync-free device paths the host learns of skipped steps when a report window
+    closes, so there a snapshot waits for the first window end past the multiple.
+
+    Rollback: a command's ``mark_stable`` marks a checkpoint stable (a rollback
+    target); its ``rollback_to`` restores a stable one at this step boundary (a step
+    not held, or not stable, restores nothing: the ack's ``error`` says why, and the
+    command's knobs still apply). That
+    ``guard.step()`` then drops its gradients (they come from the abandoned trajectory)
+    and takes no step; ``global_step`` is the checkpoint's, the open report window is
+    discarded, ``on_rollback(step)`` is called, then the command's knobs are applied
+    over the restored values. The data stream is not rewound (the batches since the
+    checkpoint are skipped); reposition a loader in ``on_rollback`` to replay them.
+
+    LR schedulers: pass ``scheduler=`` and call ``scheduler.step()`` after
+    ``guard.step()``. A command that sets lr scales each group's lr by ``f = new /
+    old`` and the scheduler's reference values by the same ``f`` (``base_lrs``; each
+    group's ``initial_lr``, ``max_lr``, ``min_lr``; ``max_lrs``, ``min_lrs``,
+    ``eta_min``; SequentialLR's and ChainedScheduler's children), so every later lr is
+    the user's schedule times trimtab's cumulative factor, for closed-form (LambdaLR,
+    OneCycleLR) and chainable (StepLR, ExponentialLR) schedulers alike. When group 0's
+    lr is 0 the target is set without a factor: nothing composes. A scheduler that
+    sets momentum (OneCycleLR, CyclicLR) overrides trimtab's momentum at its next step.
+    A rollback restores the scheduler's state and reference values as they were at the
+    checkpoint.
+
     >>> import torch
     >>> from trimtab.client import attach
     >>> model = torch.nn.Linear(4, 1)
@@ -153,9 +216,16 @@ class Guard:
         nonfinite: str = "auto",
         liveness: int = 3,
         reconnect_max_s: float = 32.0,
+        checkpoint_every: int = 100,
+        keep: int = 3,
+        checkpoint_dir: str | os.PathLike | None = None,
+        scheduler: Any = None,
+        on_rollback: Callable[[int], None] | None = None,
     ) -> None:
         _check_options(job, report_every, clip, batch_size, heartbeat_s, queue_size,
                        nonfinite, liveness)
+        _check_checkpoint_options(checkpoint_every, keep, checkpoint_dir, scheduler,
+                                  optimizer, on_rollback)
         check_optimizer(optimizer)
         self.model = model
         self.optimizer = optimizer
@@ -176,16 +246,42 @@ class Guard:
         self._window_start = time.perf_counter()
         self._knobs = read_knobs(optimizer, self.clip)
         self._closed = False
+        #: The user's LR scheduler (``None``: none), composed with trimtab's lr changes.
+        self.scheduler = scheduler
+        self.checkpoint_every = checkpoint_every
+        #: Rollbacks carried out so far.
+        self.rollbacks = 0
+        self._on_rollback = on_rollback
+        self._outcome: tuple[int, int | None, str | None] = (0, None, None)
+        self._hold: ScheduleHold | None = None
+        self._last_checkpoint = 0
+        self._store = self._start_checkpoints(keep, checkpoint_dir)
         self._transport = Transport(
             endpoint, job, register=self._registration, step=self._host_step,
             context=context, heartbeat_s=heartbeat_s, liveness=liveness,
             queue_size=queue_size, reconnect_max_s=reconnect_max_s,
         )
         self._transport.start()
-        # A script that ends without close() still says Bye and stops the thread at exit.
+        # A script that ends without close() still says Bye and stops the threads at exit.
         self._finalizer = weakref.finalize(
-            self, self._transport.close, wire.Bye(job=job, reason="exit")
+            self, _finish, self._transport, self._store, wire.Bye(job=job, reason="exit")
         )
+
+    def _start_checkpoints(
+        self, keep: int, checkpoint_dir: str | os.PathLike | None
+    ) -> CheckpointStore | None:
+        if not self.checkpoint_every:
+            return None
+        try:
+            store = CheckpointStore(keep, checkpoint_dir)
+        except OSError as exc:
+            raise _invalid("checkpoint_dir", checkpoint_dir,
+                           f"a directory that can be created and written ({exc})") from None
+        self._store = store
+        # The early rollback target. The scheduler has already stepped for the coming step
+        # here, unlike at every later snapshot: see the ScheduleHold in _carry_out.
+        self._checkpoint(scheduler_stepped=True)
+        return store
 
     # -- the step -----------------------------------------------------------------------------
 
@@ -195,7 +291,15 @@ class Guard:
             raise RuntimeError("Guard.step() after close()")
         if isinstance(loss, torch.Tensor) and loss.numel() != 1:
             raise ValueError(f"loss must be a scalar, got shape {tuple(loss.shape)}")
-        self._apply_command()
+        if self._store is not None:
+            self._store.poll()  # admits snapshots whose device copies completed; never waits
+        if self._hold is not None:
+            self._hold.put_back(self.scheduler, self.optimizer)
+            self._hold = None
+        if self._apply_command():
+            # Rolled back: these gradients were computed on the abandoned trajectory.
+            self.optimizer.zero_grad(set_to_none=True)
+            return
         probe = self._probe
         closing = probe.full
         grads = probe.grads()
@@ -212,6 +316,11 @@ class Guard:
         self._calls += 1
         if closing:
             self._close_window()
+        # global_step is known on the host every step in "skip" mode, else at window ends.
+        if self._store is not None and (closing or self.nonfinite_mode == "skip"):
+            every = self.checkpoint_every
+            if self._host_step() // every > self._last_checkpoint // every:
+                self._checkpoint()
 
     def _clip(self, grads: Grads, total: torch.Tensor, finite: torch.Tensor | None) -> None:
         coef: torch.Tensor | None = None
@@ -254,25 +363,108 @@ class Guard:
 
     # -- commands and reports ----------------------------------------------------------------
 
-    def _apply_command(self) -> None:
+    def _apply_command(self) -> bool:
+        """Carry out a pending command and acknowledge it; True when it rolled back."""
         command = self._transport.take_command()
         if command is None:
-            return
+            return False
+        rolled_back = False
         if command.seq > self.applied_seq:
-            try:
-                clip = command.knobs.clip
-                if clip is not None and not clip > 0:
-                    raise ValueError(f"clip={clip!r} is out of range; allowed: clip > 0")
-                apply_knobs(self.optimizer, command.knobs)
-                if clip is not None:
-                    self.clip = clip
-            except ValueError as exc:
-                log.warning("command %d not applied: %s", command.seq, exc)
+            restored, error = self._carry_out(command)
             self.applied_seq = command.seq
-        # A repeated or old command is acknowledged again with what is in force, not re-applied.
+            self._outcome = (command.seq, restored, error)
+            rolled_back = restored is not None
+        # A repeated or old command is acknowledged again with what is in force, not
+        # re-applied; the same seq repeats its outcome (its first ack may have been lost).
+        seq, restored, error = self._outcome
+        if seq != command.seq:
+            restored = error = None
         self._knobs = read_knobs(self.optimizer, self.clip)
-        ack = wire.Ack(job=self.job, seq=command.seq, step=self._host_step(), knobs=self._knobs)
+        ack = wire.Ack(job=self.job, seq=command.seq, step=self._host_step(), knobs=self._knobs,
+                       restored_step=restored, error=error)
         self._transport.put_control(ack)
+        return rolled_back
+
+    def _carry_out(self, command: wire.Command) -> tuple[int | None, str | None]:
+        """mark_stable, then rollback_to, then knobs. Never raises: errors go in the ack."""
+        errors: list[str] = []
+        restored: Checkpoint | None = None
+        try:
+            if command.mark_stable is not None:
+                errors += self._mark_stable(command.mark_stable)
+            if command.rollback_to is not None:
+                restored, notes = self._rollback(command.rollback_to)
+                errors += notes
+            errors += self._set_knobs(command.knobs)
+            if restored is not None and restored.scheduler_stepped and self.scheduler is not None:
+                # The loop's scheduler.step() still follows this guard.step(); for a snapshot
+                # taken after the scheduler stepped that is one step too many: undo it.
+                self._hold = ScheduleHold(self.scheduler, self.optimizer)
+        except Exception as exc:  # training must go on; the controller learns from the ack
+            log.exception("trimtab command %d failed", command.seq)
+            errors.append(f"client error: {type(exc).__name__}: {exc}")
+        for error in errors:
+            log.warning("trimtab command %d: %s", command.seq, error)
+        step = None if restored is None else restored.step
+        return step, "; ".join(errors)[:1024] or None
+
+    def _set_knobs(self, knobs: wire.Knobs) -> list[str]:
+        try:
+            clip = knobs.clip
+            if clip is not None and not clip > 0:
+                raise ValueError(f"clip={clip!r} is out of range; allowed: clip > 0")
+            factors = apply_knobs(self.optimizer, knobs)
+            if factors is not None and self.scheduler is not None:
+                scale_schedule(self.scheduler, self.optimizer, factors)
+            if clip is not None:
+                self.clip = clip
+        except ValueError as exc:
+            return [f"knobs not applied: {exc}"]
+        return []
+
+    def _mark_stable(self, step: int) -> list[str]:
+        if self._store is None:
+            return [f"mark_stable={step}: checkpoints are off (checkpoint_every=0)"]
+        if self._store.mark_stable(step):
+            return []
+        held = ", ".join(map(str, self._store.steps())) or "none"
+        return [f"mark_stable={step}: no checkpoint at that step (held: {held})"]
+
+    def _rollback(self, step: int) -> tuple[Checkpoint | None, list[str]]:
+        if self._store is None:
+            return None, [f"rollback_to={step}: checkpoints are off (checkpoint_every=0); "
+                          "nothing restored"]
+        ckpt, note = self._store.restore(step, self.model, self.optimizer, self.scheduler)
+        if ckpt is None:
+            return None, [f"{note}; nothing restored"]
+        notes = [] if note is None else [note]
+        self.clip = ckpt.clip
+        self._calls = ckpt.counters.get("calls", ckpt.step)
+        self._skipped_closed, self._open_skips_host = self._calls - ckpt.step, 0
+        self._probe.reset()
+        self._window_start = time.perf_counter()
+        self._last_checkpoint = ckpt.step
+        self.rollbacks += 1
+        log.warning("trimtab rolled the run back to step %d (rollback %d)", ckpt.step,
+                    self.rollbacks)
+        if self._on_rollback is not None:
+            try:
+                self._on_rollback(ckpt.step)
+            except Exception as exc:
+                log.exception("on_rollback(%d) raised; training goes on", ckpt.step)
+                notes.append(f"on_rollback raised {type(exc).__name__}: {exc}")
+        return ckpt, notes
+
+    def _checkpoint(self, scheduler_stepped: bool = False) -> None:
+        assert self._store is not None
+        step = self._host_step()  # exact here: see where this is called
+        self._last_checkpoint = step
+        try:
+            self._store.take(step, self.model, self.optimizer, self.scheduler, clip=self.clip,
+                             counters={"calls": self._calls},
+                             scheduler_stepped=scheduler_stepped)
+        except Exception:  # a failed snapshot costs a rollback target, never the run
+            log.exception("trimtab could not take a checkpoint at step %d", step)
 
     def _close_window(self) -> None:
         try:
@@ -294,6 +486,7 @@ class Guard:
                 nonfinite_losses=stats.nonfinite_losses, nonfinite_grads=stats.nonfinite_grads,
                 skipped_steps=stats.nonfinite_grads, step_time_s=step_time, knobs=self._knobs,
                 dropped_reports=self._transport.dropped, applied_seq=self.applied_seq,
+                checkpoints=self.checkpoints, stable_step=self.stable_step,
             )
         except Exception:  # a report that cannot be built must not stop training
             log.exception("trimtab could not build a report; window dropped")
@@ -332,6 +525,16 @@ class Guard:
         return read_knobs(self.optimizer, self.clip)
 
     @property
+    def checkpoints(self) -> list[int]:
+        """Steps of the checkpoints a rollback can restore (memory and disk), oldest first."""
+        return [] if self._store is None else self._store.steps()
+
+    @property
+    def stable_step(self) -> int | None:
+        """The newest checkpoint marked stable (``None``: none yet, or checkpoints off)."""
+        return None if self._store is None else self._store.stable_step
+
+    @property
     def dropped_reports(self) -> int:
         """Reports dropped because the send queue was full."""
         return self._transport.dropped
@@ -346,13 +549,16 @@ class Guard:
         """Whether the controller was heard from within the liveness window."""
         return self._transport.connected
 
-    def close(self, reason: str = "closed") -> None:
-        """Report the open window, say Bye and stop the thread (waits at most about 1 s)."""
+    def close(self, reason: str = "closed", checkpoint_timeout_s: float = 60.0) -> None:
+        """Report the open window, finish queued checkpoint writes (at most
+        ``checkpoint_timeout_s``), say Bye and stop the thread (at most about 1 s)."""
         if self._closed:
             return
         if self._probe.row:
             self._close_window()  # the last, partial window: one sync, at the end of the run
         self._closed = True
+        if self._store is not None:
+            self._store.close(checkpoint_timeout_s)
         self._finalizer.detach()
         self._transport.close(wire.Bye(job=self.job, step=self._host_step(), reason=reason[:1024]))
 
@@ -364,6 +570,12 @@ class Guard:
         tb: TracebackType | None,
     ) -> None:
         self.close("closed" if exc_type is None else f"error: {exc_type.__name__}")
+
+
+def _finish(transport: Transport, store: CheckpointStore | None, bye: wire.Bye) -> None:
+    if store is not None:
+        store.close(timeout_s=10.0)  # queued writes get a chance; the files stay consistent
+    transport.close(bye)
 
 
 def attach(model: torch.nn.Module, optimizer: torch.optim.Optimizer, **options: Any) -> Guard:

@@ -22,7 +22,7 @@ import torch
 
 from . import wire
 
-__all__ = ["read_knobs", "apply_knobs", "check_optimizer"]
+__all__ = ["read_knobs", "knobs_of", "apply_knobs", "check_optimizer"]
 
 
 def _scalar(value: Any) -> float:
@@ -51,10 +51,13 @@ def check_optimizer(optimizer: torch.optim.Optimizer) -> None:
 
 def read_knobs(optimizer: torch.optim.Optimizer, clip: float | None) -> wire.Knobs:
     """The knob values in force: group 0's lr and weight decay, the first group's momentum."""
-    group0 = optimizer.param_groups[0]
-    momentum = next(
-        (m for g in optimizer.param_groups if (m := _momentum_of(g)) is not None), None
-    )
+    return knobs_of(optimizer.param_groups, clip)
+
+
+def knobs_of(groups: list[dict[str, Any]], clip: float | None) -> wire.Knobs:
+    """:func:`read_knobs` on param groups (live, or an optimizer ``state_dict``'s)."""
+    group0 = groups[0]
+    momentum = next((m for g in groups if (m := _momentum_of(g)) is not None), None)
     wd = group0.get("weight_decay")
     return wire.Knobs(
         lr=_scalar(group0["lr"]),
@@ -72,21 +75,29 @@ def _write(group: dict[str, Any], key: str, value: float) -> None:
         group[key] = value
 
 
-def _scale_groups(groups: list[dict[str, Any]], key: str, target: float) -> None:
+def _scale_groups(
+    groups: list[dict[str, Any]], key: str, target: float
+) -> list[float | None]:
+    """Write ``target`` to group 0 and scale the others alike; return each group's factor
+    (``None`` where the change is not a scaling: a group without the key, or all at 0)."""
+    factors: list[float | None] = [None] * len(groups)
     if key not in groups[0]:
-        return
+        return factors
     current = _scalar(groups[0][key])
     if current > 0.0:
         ratio = target / current
-        for group in groups[1:]:
+        for i, group in enumerate(groups):
             if key in group:
-                _write(group, key, _scalar(group[key]) * ratio)
+                factors[i] = ratio
+                if i:
+                    _write(group, key, _scalar(group[key]) * ratio)
     elif key == "lr":
         # Every lr at zero (a warm-up from 0) has no ratio to keep: all groups take the target.
         for group in groups[1:]:
             _write(group, key, target)
     # Group 0 gets the target exactly, not target * (c / c) with its rounding.
     _write(groups[0], key, target)
+    return factors
 
 
 def _set_momentum(groups: list[dict[str, Any]], target: float) -> None:
@@ -101,10 +112,15 @@ def _set_momentum(groups: list[dict[str, Any]], target: float) -> None:
                 group["betas"] = (target, *tuple(betas[1:]))
 
 
-def apply_knobs(optimizer: torch.optim.Optimizer, target: wire.Knobs) -> None:
+def apply_knobs(
+    optimizer: torch.optim.Optimizer, target: wire.Knobs
+) -> list[float | None] | None:
     """Write the knobs ``target`` sets (``None`` leaves a knob as it is); ``clip`` is ignored.
 
-    Raises ``ValueError`` before changing anything when a target is out of range.
+    Returns each group's lr factor (new / old; ``None`` for a group whose lr was not
+    scaled), or ``None`` when ``target`` sets no lr: an LR scheduler's reference values
+    are scaled by the same factors. Raises ``ValueError`` before changing anything when
+    a target is out of range.
     """
     if target.momentum is not None and not target.momentum < 1.0:
         raise ValueError(f"momentum={target.momentum!r} is out of range; allowed: 0 <= m < 1")
@@ -113,9 +129,9 @@ def apply_knobs(optimizer: torch.optim.Optimizer, target: wire.Knobs) -> None:
         if value is not None and not math.isfinite(value):
             raise ValueError(f"{name}={value!r} is not finite")
     groups = optimizer.param_groups
-    if target.lr is not None:
-        _scale_groups(groups, "lr", target.lr)
+    factors = None if target.lr is None else _scale_groups(groups, "lr", target.lr)
     if target.weight_decay is not None:
         _scale_groups(groups, "weight_decay", target.weight_decay)
     if target.momentum is not None:
         _set_momentum(groups, target.momentum)
+    return factors

@@ -157,6 +157,12 @@ class Probe:
         """Move on to the next row (after :meth:`measure` and the optimizer step)."""
         self.row += 1
 
+    def reset(self) -> None:
+        """Discard the open window (after a rollback its rows describe an abandoned run)."""
+        self.row = 0
+        self.buf[:, self._ratio_col].fill_(math.nan)
+        self._before, self._params = [], []
+
     def skips_so_far(self) -> int:
         """Non-finite-grad steps in the open window. Reads the device: one sync, on demand."""
         if self.row == 0:

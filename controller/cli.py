@@ -64,7 +64,8 @@ def _decisions(args: argparse.Namespace) -> int:
     except JournalError as exc:
         print(f"trimtab decisions: {exc}", file=sys.stderr)
         return 2
-    kinds = {"command", "ack", "policy_error", "lost", "register", "bye"}
+    kinds = {"command", "ack", "policy_error", "lost", "register", "bye", "stable",
+             "rollback", "restored", "alert"}
     for ev in journal.iter_events(args.job):
         if ev.kind not in kinds:
             continue

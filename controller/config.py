@@ -21,6 +21,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from trimtab.controller.governor import GovernorConfig
+from trimtab.controller.rollback import RollbackConfig
 from trimtab.controller.state import SignalConfig
 
 if sys.version_info >= (3, 11):
@@ -45,7 +46,9 @@ class PolicySpec(BaseModel):
 
 
 def _default_policies() -> list[PolicySpec]:
-    return [PolicySpec(name="spike_guard"), PolicySpec(name="plateau")]
+    # spike_guard stays installed (an LR cut without rollback) but is not on by default:
+    # divergence_guard covers its cases, and rolls back.
+    return [PolicySpec(name="divergence_guard"), PolicySpec(name="plateau")]
 
 
 class ControllerConfig(BaseModel):
@@ -66,6 +69,8 @@ class ControllerConfig(BaseModel):
     policies: list[PolicySpec] = Field(default_factory=_default_policies)
     signals: SignalConfig = Field(default_factory=SignalConfig)
     governor: GovernorConfig = Field(default_factory=GovernorConfig)
+    #: Stable marking, rollback escalation and budget.
+    rollback: RollbackConfig = Field(default_factory=RollbackConfig)
 
 
 class ConfigError(ValueError):

@@ -1,8 +1,19 @@
 """The engine: asks the policies, arbitrates per knob, and passes the result to the governor.
 
-Safety first: for each knob any decrease beats a hold, a hold beats an increase;
-among decreases the largest wins, among increases the smallest. A policy that
-raises or returns nonsense is disabled for that job and the others go on.
+Safety first: a rollback beats everything; then, for each knob, any decrease beats a
+hold, a hold beats an increase; among decreases the largest wins, among increases the
+smallest. A policy that raises or returns nonsense is disabled for that job and the
+others go on.
+
+A rollback proposal (:meth:`Proposal.roll_back`) becomes a rollback to the newest
+stable checkpoint when :func:`~trimtab.controller.rollback.plan_rollback` gives a plan:
+the decision then carries it in :attr:`Decision.rollback`, its knob targets governed by
+:meth:`Governor.govern_rollback` (bounds always, ``max_step_ratio ** level``; never the
+cooldown) and recorded at the checkpoint's step in the governor memory, so ordinary
+changes wait out their cooldown after it; every other proposal waits. Without a plan
+the proposal is an ordinary governed LR decrease by its fallback factor. When nothing
+is rolled back, a checkpoint healthy for a full window is marked stable
+(:attr:`Decision.mark_stable`).
 
 >>> from trimtab.client import wire
 >>> from trimtab.controller.governor import Governor
@@ -25,6 +36,7 @@ raises or returns nonsense is disabled for that job and the others go on.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -33,6 +45,13 @@ from typing import Any
 from trimtab.client import wire
 from trimtab.controller.governor import Governor
 from trimtab.controller.policy import Policy, Proposal
+from trimtab.controller.rollback import (
+    RollbackConfig,
+    RollbackPlan,
+    plan_rollback,
+    stable_to_mark,
+    why_no_rollback,
+)
 from trimtab.controller.state import JobState
 
 __all__ = ["Arbitration", "arbitrate", "KnobDecision", "Decision", "Engine"]
@@ -128,6 +147,12 @@ class Decision:
     errors: tuple[tuple[str, str], ...] = ()
     #: Shadow decisions are logged and exported, never sent.
     shadow: bool = False
+    #: The rollback ordered (its governed knob targets are in ``knobs``); None: none.
+    rollback: RollbackPlan | None = None
+    #: The checkpoint step to mark stable now; None: none.
+    mark_stable: int | None = None
+    #: Why the job went into rollback alert with this decision; None: it did not.
+    alert: str | None = None
 
     @property
     def would_command(self) -> dict[str, float]:
@@ -158,11 +183,16 @@ class Decision:
             },
             "errors": [{"policy": n, "error": e} for n, e in self.errors],
             "commands": self.commands,
+            "rollback": None if self.rollback is None else self.rollback.to_dict(),
+            "mark_stable": self.mark_stable,
+            "alert": self.alert,
         }
 
     def reasons(self) -> list[str]:
-        """One line per commanded knob, for ``wire.Command.reasons`` (each within 1024 chars)."""
-        return [
+        """One line per commanded knob, for ``wire.Command.reasons`` (each within 1024 chars),
+        led by the rollback's."""
+        lead = [self.rollback.describe()] if self.rollback is not None else []
+        return lead + [
             self.knobs[k].describe()[:1024] for k in wire.KNOBS if k in self.would_command
         ]
 
@@ -179,7 +209,8 @@ class Engine:
     """
 
     def __init__(
-        self, policies: Sequence[Policy], governor: Governor | None = None, shadow: bool = False
+        self, policies: Sequence[Policy], governor: Governor | None = None, shadow: bool = False,
+        rollback: RollbackConfig | None = None,
     ) -> None:
         names = [getattr(p, "name", None) for p in policies]
         for policy, name in zip(policies, names, strict=True):
@@ -191,26 +222,81 @@ class Engine:
         self.policies = list(policies)
         self.governor = governor if governor is not None else Governor()
         self.shadow = shadow
+        self.rollback = rollback if rollback is not None else RollbackConfig()
 
     def decide(self, state: JobState) -> Decision:
         """Ask, arbitrate and govern every knob for ``state`` at its current step."""
         proposals, errors = self._ask(state)
-        knobs = {}
-        for knob in wire.KNOBS:
-            mine = [(n, p) for n, p in proposals if p.knob == knob]
-            kd = self._decide_knob(state, knob, mine)
-            if kd is not None:
-                knobs[knob] = kd
+        plan, alert, usable = self._plan_rollback(state, proposals)
+        if plan is not None:
+            knobs = self._rollback_knobs(state, plan)
+        else:
+            knobs = {}
+            for knob in wire.KNOBS:
+                mine = [(n, p) for n, p in usable if p.knob == knob]
+                kd = self._decide_knob(state, knob, mine)
+                if kd is not None:
+                    knobs[knob] = kd
+        mark = None if plan is not None or self.shadow else stable_to_mark(
+            state.rollback, self.rollback)
         decision = Decision(
             step=state.step, proposals=tuple(proposals), knobs=knobs, errors=tuple(errors),
-            shadow=self.shadow,
+            shadow=self.shadow, rollback=plan, mark_stable=mark, alert=alert,
         )
+        if self.shadow:
+            return decision
         # Recorded now because the caller sends what it gets back; shadow ones are not sent.
+        if alert is not None:
+            state.rollback.raise_alert(alert)
+        at = None
+        if plan is not None:
+            # The run goes back to the checkpoint: changes after it never happened, and the
+            # rollback's own ones count from it.
+            at = plan.target_step
+            state.rewind_controls(at)
+            state.rollback.note_ordered(plan)
+        if mark is not None:
+            state.rollback.note_mark(mark)
         for knob, value in decision.commands.items():
             kd = knobs[knob]
             window = self.governor.limits(knob).slew_window_steps  # type: ignore[arg-type]
-            state.note_change(knob, kd.policy or GOVERNOR, kd.current, value, window)
+            state.note_change(knob, kd.policy or GOVERNOR, kd.current, value, window, step=at)
         return decision
+
+    def _plan_rollback(
+        self, state: JobState, proposals: list[tuple[str, Proposal]]
+    ) -> tuple[RollbackPlan | None, str | None, list[tuple[str, Proposal]]]:
+        """``(plan, alert, proposals for the knobs)``: a rollback for the first rollback
+        proposal, or none and those proposals turned into ordinary LR decreases."""
+        asks = [(n, p) for n, p in proposals if p.rollback is not None]
+        if not asks:
+            return None, None, proposals
+        name, first = asks[0]
+        reason = "; ".join(p.reason for _, p in asks)
+        plan = plan_rollback(first.rollback, reason, state.rollback, self.rollback)  # type: ignore[arg-type]
+        if plan is not None:
+            return dataclasses.replace(plan, policy=name), None, proposals
+        code, why = why_no_rollback(state.rollback, self.rollback, first.rollback) or ("", "")
+        alert = why if code == "budget" else None
+        usable = [
+            (n, dataclasses.replace(p, rollback=None, reason=f"{p.reason} (no rollback: {why})"))
+            if p.rollback is not None else (n, p)
+            for n, p in proposals
+        ]
+        return None, alert, usable
+
+    def _rollback_knobs(self, state: JobState, plan: RollbackPlan) -> dict[str, KnobDecision]:
+        """The plan's knob targets through :meth:`Governor.govern_rollback`."""
+        knobs = {}
+        why = f"rollback to step {plan.target_step} (level {plan.level}): {plan.reason}"
+        for knob, target in plan.targets.items():
+            restored = plan.restored.get(knob)
+            gov = self.governor.govern_rollback(
+                knob, restored, getattr(state.initial, knob), target, plan.level  # type: ignore[arg-type]
+            )
+            knobs[knob] = KnobDecision(knob, restored, target, gov.value, plan.policy, why,
+                                       gov.limits)
+        return knobs
 
     def _ask(self, state: JobState) -> tuple[list[tuple[str, Proposal]], list[tuple[str, str]]]:
         """Every enabled policy's proposals; a failing policy is disabled for this job."""

@@ -137,6 +137,12 @@ class KnobMemory:
             self.last_direction = 1 if value > previous else -1
         self.last_change_step = step
 
+    def rewind(self, step: int) -> None:
+        """Forget changes after ``step`` (the run is rolled back to it)."""
+        self.history = [(s, v) for s, v in self.history if s <= step]
+        if self.last_change_step is not None and self.last_change_step > step:
+            self.last_change_step = step
+
     def state_dict(self) -> dict[str, Any]:
         """A JSON-serialisable copy."""
         return {
@@ -250,6 +256,45 @@ class Governor:
         if value is None or value == current:
             return Governed(None, acted)
         return self._filter(lim, memory, current, value, step, acted)
+
+    def govern_rollback(
+        self,
+        knob: wire.Knob,
+        restored: float | None,
+        initial: float | None,
+        target: float,
+        level: int,
+    ) -> Governed:
+        """The value to command for ``knob`` with a rollback at escalation ``level``.
+
+        A rollback is a safety action: the cooldown does not hold it back, and slew,
+        deadband and hysteresis, which judge small steps along one trajectory, do not
+        apply to a jump back to an older one. What does apply: the bounds, always, and
+        ``max_step_ratio ** level`` around ``restored``, the value the restore brings
+        back (a first rollback moves a knob as far as one decision may, each escalation
+        one decision further).
+
+        >>> gov = Governor()
+        >>> gov.govern_rollback("lr", restored=0.1, initial=0.1, target=0.01, level=1)
+        Governed(value=0.05, limits=('max_step_ratio',))
+        >>> gov.govern_rollback("lr", restored=0.1, initial=0.1, target=0.01, level=3).value
+        0.0125
+        """
+        lim = self.limits(knob)
+        if not _valid(target, lim):
+            return Governed(None, ("invalid",))
+        lo, hi = self.bounds(knob, initial)
+        value, acted = target, []
+        if restored is not None and lim.max_step_ratio is not None:
+            r = lim.max_step_ratio ** level
+            if not restored / r <= value <= restored * r:
+                value, acted = min(max(value, restored / r), restored * r), ["max_step_ratio"]
+        if not lo <= value <= hi:
+            value = min(max(value, lo), hi)
+            acted.append("bounds")
+        if value == restored:
+            return Governed(None, tuple(acted))
+        return Governed(value, tuple(acted))
 
     def _clamp(
         self, lim: KnobLimits, memory: KnobMemory, current: float,

@@ -24,6 +24,9 @@ __all__ = ["EVENT_KINDS", "Event", "Journal", "JournalError"]
 EVENT_KINDS = (
     "register", "report", "proposal", "decision", "command", "ack",
     "bye", "lost", "policy_error", "message_error",
+    # Rollback: a checkpoint first listed, marked stable, a rollback ordered, acknowledged
+    # as restored, and a job put in alert (rollback budget exhausted).
+    "checkpoint", "stable", "rollback", "restored", "alert",
 )
 
 _SCHEMA = """

@@ -29,7 +29,8 @@ __all__ = ["ControllerMetrics", "JobCollector"]
 
 
 class JobCollector(Collector):
-    """Per-job series over the live job table: signals, knobs, decisions, policy errors."""
+    """Per-job series over the live job table: signals, knobs, decisions, policy errors,
+    checkpoints and rollbacks."""
 
     def __init__(self, jobs: Callable[[], Iterable[JobState]]) -> None:
         self._jobs = jobs
@@ -56,6 +57,22 @@ class JobCollector(Collector):
         perrors = CounterMetricFamily("trimtab_policy_errors",
                                       "Policies disabled for a job after raising or misbehaving.",
                                       labels=["job", "policy"])
+        rollbacks = CounterMetricFamily("trimtab_rollbacks", "Rollbacks ordered, by cause.",
+                                        labels=["job", "reason"])
+        lost = CounterMetricFamily("trimtab_rollback_steps_lost",
+                                   "Optimizer steps undone by acknowledged rollbacks.",
+                                   labels=["job"])
+        alert = GaugeMetricFamily("trimtab_rollback_alert",
+                                  "1 when the job's rollback budget is exhausted (no more "
+                                  "rollbacks, LR cuts only).", labels=["job"])
+        stable = GaugeMetricFamily("trimtab_checkpoints_stable_step",
+                                   "Step of the newest checkpoint marked stable.",
+                                   labels=["job"])
+        taken = CounterMetricFamily("trimtab_checkpoints",
+                                    "Checkpoints taken, as listed in the job's reports.",
+                                    labels=["job"])
+        marked = CounterMetricFamily("trimtab_checkpoints_marked_stable",
+                                     "Checkpoints marked stable.", labels=["job"])
         for state in list(self._jobs()):
             job = state.job
             for name in KNOBS:
@@ -74,7 +91,17 @@ class JobCollector(Collector):
                 decisions.add_metric([job, policy, kname, direction], n)
             for policy in dict(state.disabled_policies):
                 perrors.add_metric([job, policy], 1)
-        yield from (knob, step, loss, gnorm, reports, dropped, decisions, perrors)
+            rb = state.rollback
+            for cause, n in dict(rb.rollbacks).items():
+                rollbacks.add_metric([job, cause], n)
+            lost.add_metric([job], rb.steps_lost)
+            alert.add_metric([job], 1.0 if rb.alert is not None else 0.0)
+            if rb.stable_step is not None:
+                stable.add_metric([job], rb.stable_step)
+            taken.add_metric([job], rb.checkpoints_seen)
+            marked.add_metric([job], rb.marked_stable)
+        yield from (knob, step, loss, gnorm, reports, dropped, decisions, perrors,
+                    rollbacks, lost, alert, stable, taken, marked)
 
 
 class ControllerMetrics:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import abc
 import importlib
 import math
+import re
 from dataclasses import KW_ONLY, dataclass
 from importlib.metadata import EntryPoint, entry_points
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -51,6 +52,9 @@ __all__ = [
 ENTRY_POINT_GROUP = "trimtab.policies"
 
 
+_CAUSE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+
+
 @dataclass(frozen=True)
 class Proposal:
     """One policy's wish for one knob: a ``factor`` on the value in force, an absolute
@@ -58,6 +62,13 @@ class Proposal:
 
     >>> Proposal("lr", factor=0.5, reason="loss plateau").factor
     0.5
+
+    A rollback proposal (:meth:`roll_back`) asks for a rollback to the newest stable
+    checkpoint; its ``factor`` is the LR cut to make instead when none can be made.
+
+    >>> p = Proposal.roll_back("nonfinite", "NaN loss")
+    >>> (p.rollback, p.knob, p.factor)
+    ('nonfinite', 'lr', 0.5)
     """
 
     knob: wire.Knob
@@ -66,6 +77,15 @@ class Proposal:
     factor: float | None = None
     value: float | None = None
     hold: bool = False
+    #: The cause of a rollback asked for (a short identifier, e.g. ``"nonfinite"``; it
+    #: becomes a metric label); None for an ordinary proposal.
+    rollback: str | None = None
+
+    @classmethod
+    def roll_back(cls, cause: str, reason: str, *, fallback_factor: float = 0.5) -> Proposal:
+        """Roll back to the newest stable checkpoint for ``cause``; where no rollback can be
+        made, cut the LR by ``fallback_factor`` (< 1) instead."""
+        return cls("lr", reason=reason, factor=fallback_factor, rollback=cause)
 
     def __post_init__(self) -> None:
         if self.knob not in wire.KNOBS:
@@ -84,12 +104,22 @@ class Proposal:
             raise ValueError(f"hold must be True or False, got {self.hold!r}")
         _check_number(self.knob, "factor", self.factor, strictly_positive=True)
         _check_number(self.knob, "value", self.value, strictly_positive=False)
+        if self.rollback is not None:
+            if not isinstance(self.rollback, str) or not _CAUSE.match(self.rollback):
+                raise ValueError(
+                    f"a rollback cause must match {_CAUSE.pattern}, got {self.rollback!r}"
+                )
+            if self.knob != "lr" or self.factor is None or not self.factor < 1:
+                raise ValueError(
+                    "a rollback proposal is for lr with a fallback factor < 1, got "
+                    f"{self.knob} factor={self.factor!r} value={self.value!r}"
+                )
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable record."""
         return {
             "knob": self.knob, "factor": self.factor, "value": self.value,
-            "hold": self.hold, "reason": self.reason,
+            "hold": self.hold, "reason": self.reason, "rollback": self.rollback,
         }
 
 

@@ -15,6 +15,7 @@ b'{"type":"error","v":1,"code":"malformed"'
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Iterable
@@ -28,6 +29,7 @@ from trimtab.controller.governor import Governor
 from trimtab.controller.journal import Journal
 from trimtab.controller.metrics import ControllerMetrics
 from trimtab.controller.policy import Policy, load_policy
+from trimtab.controller.rollback import Observation
 from trimtab.controller.state import JobState
 
 __all__ = ["Controller", "Reply"]
@@ -57,7 +59,8 @@ class Controller:
         self.config = config
         self.journal = journal
         self.clock = clock
-        self.engine = Engine(build_policies(config), Governor(config.governor))
+        self.engine = Engine(build_policies(config), Governor(config.governor),
+                             rollback=config.rollback)
         self.jobs: dict[str, JobState] = {}
         self._peer: dict[str, bytes] = {}
         self._last_seen: dict[str, float] = {}
@@ -129,9 +132,11 @@ class Controller:
         if state is None:
             return [self._unknown(peer, msg.job)]
         self.metrics.reports.inc()
+        self._settle_from_report(state, msg)
         state.observe(msg)
         self.journal.append(msg.job, "report", step=msg.step, seq=msg.seq,
                             data=msg.model_dump(exclude={"type", "v", "job"}))
+        self._checkpoints(state, msg, state.rollback.observe(state.view(), self.config.rollback))
         replies = self._resend_if_lost(peer, state, msg)
         if state.pending_command is None:
             decision = self.engine.decide(state)
@@ -143,9 +148,17 @@ class Controller:
         state = self._live(peer, msg)
         if state is None:
             return [self._unknown(peer, msg.job)]
-        state.on_ack(msg)
-        self.journal.append(msg.job, "ack", step=msg.step, seq=msg.seq,
-                            data={"knobs": msg.knobs.model_dump()})
+        last = state.last_command
+        command = last if last is not None and last.seq == msg.seq else None
+        fresh = state.on_ack(msg)
+        self.journal.append(msg.job, "ack", step=msg.step, seq=msg.seq, data={
+            "knobs": msg.knobs.model_dump(), "restored_step": msg.restored_step,
+            "error": msg.error})
+        if msg.error is not None:
+            log.warning("job %s: command %d not wholly applied: %s", msg.job, msg.seq, msg.error)
+        if fresh and command is not None:
+            self._settle(state, command, restored=msg.restored_step, marked=msg.error is None,
+                         why=msg.error or "the ack carries no restored_step")
         self.journal.save_state(msg.job, state.state_dict())
         return []
 
@@ -164,30 +177,104 @@ class Controller:
             log.info("job %s said bye at step %d (%s)", msg.job, msg.step, msg.reason)
         return []
 
+    # -- rollback bookkeeping -------------------------------------------------------------
+    def _checkpoints(self, state: JobState, msg: wire.Report, obs: Observation) -> None:
+        """Journal the checkpoints a report lists for the first time, and adopted marks."""
+        rb = state.rollback
+        for step in obs.new_checkpoints:
+            data = {"step": step, "reported_at": msg.step, "candidate": step in rb.candidates,
+                    "knobs": msg.knobs.model_dump()}
+            if step in obs.disqualified:
+                data["why_not"] = f"unhealthy at step {rb.last_unhealthy_step}: {rb.last_unhealthy}"
+            self.journal.append(state.job, "checkpoint", step=step, data=data)
+        if obs.adopted_stable is not None:
+            self.journal.append(state.job, "stable", step=obs.adopted_stable,
+                                data={"step": obs.adopted_stable, "source": "report"})
+
+    def _settle_from_report(self, state: JobState, msg: wire.Report) -> None:
+        """A report says the pending command is applied before its ack came (the ack was
+        lost): settle its mark and rollback from what the report shows."""
+        command = state.pending_command
+        if command is None or msg.applied_seq < command.seq:
+            return
+        pending = state.rollback.pending
+        restored = (command.rollback_to if pending is not None and msg.step < pending.from_step
+                    else None)
+        self._settle(state, command, restored=restored,
+                     marked=msg.stable_step == command.mark_stable, inferred=True,
+                     why=f"the report at step {msg.step} shows no rollback")
+
+    def _settle(self, state: JobState, command: wire.Command, *, restored: int | None,
+                marked: bool, why: str, inferred: bool = False) -> None:
+        """The client applied ``command``: record its mark and rollback as done or failed."""
+        rb = state.rollback
+        if command.rollback_to is not None and rb.pending is not None:
+            rec = rb.pending
+            if restored is not None:
+                lost = state.on_restored(restored, self.config.rollback)
+                self.journal.append(state.job, "restored", step=restored, seq=command.seq, data={
+                    "restored_step": restored, "from_step": rec.from_step, "steps_lost": lost,
+                    "reason": rec.cause, "level": rec.level, "inferred": inferred})
+                log.warning("job %s: rolled back from step %d to %d (%s, level %d)", state.job,
+                            rec.from_step, restored, rec.cause, rec.level)
+            else:
+                rb.note_failed(why)
+                log.error("job %s: rollback to step %d failed: %s", state.job, rec.to_step, why)
+        if command.mark_stable is not None and rb.pending_mark == command.mark_stable:
+            if marked:
+                rb.note_marked(command.mark_stable)
+                self.journal.append(state.job, "stable", step=command.mark_stable,
+                                    seq=command.seq, data={"step": command.mark_stable,
+                                                           "source": "report" if inferred
+                                                           else "ack"})
+            else:
+                rb.mark_failed(command.mark_stable)
+                log.warning("job %s: checkpoint %d not marked stable", state.job,
+                            command.mark_stable)
+
     # -- helpers ------------------------------------------------------------------------
     def _act(self, peer: bytes, state: JobState, decision: Decision) -> list[Reply]:
+        job = state.job
         for policy, proposal in decision.proposals:
-            self.journal.append(state.job, "proposal", step=decision.step, data={
+            self.journal.append(job, "proposal", step=decision.step, data={
                 "policy": policy, **proposal.to_dict()})
         for policy, error in decision.errors:
-            log.error("policy %s disabled for job %s: %s", policy, state.job, error)
-            self.journal.append(state.job, "policy_error", step=decision.step,
+            log.error("policy %s disabled for job %s: %s", policy, job, error)
+            self.journal.append(job, "policy_error", step=decision.step,
                                 data={"policy": policy, "error": error})
-        if not decision.proposals:
-            return []
-        self.journal.append(state.job, "decision", step=decision.step,
-                            data=decision.to_dict())
+        if decision.alert is not None and not decision.shadow:
+            log.error("job %s: rollback alert, no more rollbacks: %s", job, decision.alert)
+            self.journal.append(job, "alert", step=decision.step, data={
+                "why": decision.alert, "budget": self.config.rollback.budget,
+                "rollbacks": [dataclasses.asdict(r) for r in state.rollback.history]})
+        if decision.proposals:
+            self.journal.append(job, "decision", step=decision.step, data=decision.to_dict())
         targets = decision.commands
-        if not targets:
+        plan = None if decision.shadow else decision.rollback
+        mark = decision.mark_stable
+        if not targets and plan is None and mark is None:
             return []
-        command = wire.Command(job=state.job, seq=state.next_command_seq(),
-                               knobs=wire.Knobs(**targets), reasons=decision.reasons())
+        reasons = decision.reasons()
+        if mark is not None:
+            reasons.append(f"checkpoint at step {mark} marked stable: healthy for "
+                           f"{state.step - mark} steps after it")
+        command = wire.Command(
+            job=job, seq=state.next_command_seq(), knobs=wire.Knobs(**targets),
+            reasons=reasons[:64], mark_stable=mark,
+            rollback_to=plan.target_step if plan is not None else None)
         state.pending_command = command
-        self._pending_since[state.job] = state.reports_seen
-        self.journal.append(state.job, "command", step=decision.step, seq=command.seq,
-                            data={"knobs": targets, "reasons": command.reasons})
+        self._pending_since[job] = state.reports_seen
+        if plan is not None:
+            self.journal.append(job, "rollback", step=decision.step, seq=command.seq, data={
+                "reason": plan.cause, "why": plan.reason, "level": plan.level,
+                "target": plan.target_step, "from_step": plan.from_step, "policy": plan.policy,
+                "cut": plan.cut, "cooldown_steps": plan.cooldown_steps, "knobs": targets})
+            log.warning("job %s: %s", job, plan.describe())
+        self.journal.append(job, "command", step=decision.step, seq=command.seq, data={
+            "knobs": targets, "reasons": command.reasons, "mark_stable": mark,
+            "rollback_to": command.rollback_to})
         self.metrics.commands.inc()
-        log.info("job %s: command %d %s (%s)", state.job, command.seq, targets,
+        log.info("job %s: command %d %s (%s)", job, command.seq, targets,
                  "; ".join(command.reasons))
         return [(peer, wire.encode(command))]
 

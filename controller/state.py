@@ -29,14 +29,17 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from trimtab.client import wire
 from trimtab.controller.governor import KnobMemory, _check_keys
+from trimtab.controller.rollback import RollbackState
 from trimtab.controller.signals import ema_var, ols_slope, t_stat, zscore
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
+    from trimtab.controller.rollback import RollbackConfig
+
 __all__ = ["SignalConfig", "Signals", "JobView", "JobState"]
 
-_STATE_VERSION = 1
+_STATE_VERSION = 2  # 2: rollback state added; a version-1 state loads with none
 
 
 class SignalConfig(BaseModel):
@@ -78,6 +81,10 @@ class Signals:
     slope_window: int
     #: Step of the oldest point in the slope window.
     slope_since_step: int | None
+    #: The EMAs before the latest report was folded in: what its z-scores are measured
+    #: against, and what a spike's size is best compared with.
+    loss_ref: float | None = None
+    grad_norm_ref: float | None = None
 
 
 @dataclass(frozen=True)
@@ -164,6 +171,7 @@ class JobState:
         self._loss, self._grad = _EW(), _EW()
         self.loss_z: float | None = None
         self.grad_norm_z: float | None = None
+        self.refs: tuple[float | None, float | None] = (None, None)
         self._points: deque[tuple[int, float]] = deque(maxlen=self.signal_cfg.slope_window)
         self._slope: tuple[float | None, float | None, float | None] = (None, None, None)
         self.nonfinite_losses = 0
@@ -180,6 +188,8 @@ class JobState:
         self.disabled_policies: dict[str, str] = {}
         #: Commanded changes by (policy, knob, "up"/"down").
         self.decision_counts: dict[tuple[str, str, str], int] = {}
+        #: Checkpoints, stable marks, rollbacks and alert.
+        self.rollback = RollbackState(step=step)
 
     @classmethod
     def from_register(
@@ -220,6 +230,7 @@ class JobState:
         self.dropped_reports = report.dropped_reports
         self.knobs = report.knobs
         self._applied(report.applied_seq)
+        self.refs = (_finite(self._loss.mean), _finite(self._grad.mean))
         self.loss_z = self._fold(self._loss, report.loss_mean)
         self.grad_norm_z = self._fold(self._grad, report.grad_norm_mean)
         if report.loss_mean is not None:
@@ -294,17 +305,39 @@ class JobState:
         self.knobs = knobs
         self._applied(applied_seq)
 
+    def on_restored(self, step: int, cfg: RollbackConfig) -> int:
+        """The client rolled back to the checkpoint at ``step``; returns the steps lost.
+
+        The loss slope window restarts (it would mix two trajectories); the EW moments
+        and z-scores stay, being statistics of the run's noise rather than of one path.
+        """
+        self.step = step
+        self._points.clear()
+        self._slope = (None, None, None)
+        return self.rollback.note_restored(step, cfg)
+
     # -- what the engine records --------------------------------------------------
 
     def note_change(
-        self, knob: str, policy: str, previous: float | None, value: float, window_steps: int
+        self, knob: str, policy: str, previous: float | None, value: float, window_steps: int,
+        step: int | None = None,
     ) -> None:
-        """Record that ``value`` will be commanded for ``knob`` at the current step."""
-        self.memory[knob].record(self.step, previous, value, window_steps)
-        self.last_change_step[knob] = self.step
+        """Record that ``value`` will be commanded for ``knob`` at ``step`` (default: now)."""
+        step = self.step if step is None else step
+        self.memory[knob].record(step, previous, value, window_steps)
+        self.last_change_step[knob] = step
         direction = "up" if previous is None or value > previous else "down"
         key = (policy, knob, direction)
         self.decision_counts[key] = self.decision_counts.get(key, 0) + 1
+
+    def rewind_controls(self, step: int) -> None:
+        """Forget knob changes after ``step`` (a rollback to it is being ordered); a knob
+        changed after it counts as changed at it, since the restore changes it back."""
+        for knob, mem in self.memory.items():
+            mem.rewind(step)
+            last = self.last_change_step[knob]
+            if last is not None and last > step:
+                self.last_change_step[knob] = step
 
     def disable(self, policy: str, reason: str) -> None:
         """Stop asking ``policy`` for this job."""
@@ -321,6 +354,7 @@ class JobState:
             grad_norm_z=self.grad_norm_z, slope=slope, slope_se=se, slope_t=t,
             slope_n=len(self._points), slope_window=self.signal_cfg.slope_window,
             slope_since_step=self._points[0][0] if self._points else None,
+            loss_ref=self.refs[0], grad_norm_ref=self.refs[1],
         )
         return JobView(
             job=self.job, run_id=self.run_id, step=self.step, report_every=self.report_every,
@@ -335,10 +369,10 @@ class JobState:
 
     _KEYS = frozenset({
         "version", "job", "run_id", "facts", "report_every", "signal_cfg", "initial", "knobs",
-        "step", "reports_seen", "loss", "grad_norm", "loss_z", "grad_norm_z", "slope_points",
-        "nonfinite_losses", "nonfinite_grads", "dropped_reports", "last_report", "memory",
-        "last_change_step", "command_seq", "applied_seq", "last_command", "awaiting_ack",
-        "disabled_policies", "decision_counts",
+        "step", "reports_seen", "loss", "grad_norm", "loss_z", "grad_norm_z", "refs",
+        "slope_points", "nonfinite_losses", "nonfinite_grads", "dropped_reports", "last_report",
+        "memory", "last_change_step", "command_seq", "applied_seq", "last_command", "awaiting_ack",
+        "disabled_policies", "decision_counts", "rollback",
     })
 
     def state_dict(self) -> dict[str, Any]:
@@ -352,7 +386,7 @@ class JobState:
             "signal_cfg": dump(self.signal_cfg), "initial": dump(self.initial),
             "knobs": dump(self.knobs), "step": self.step, "reports_seen": self.reports_seen,
             "loss": self._loss.to_list(), "grad_norm": self._grad.to_list(),
-            "loss_z": self.loss_z, "grad_norm_z": self.grad_norm_z,
+            "loss_z": self.loss_z, "grad_norm_z": self.grad_norm_z, "refs": list(self.refs),
             "slope_points": [[s, y] for s, y in self._points],
             "nonfinite_losses": self.nonfinite_losses, "nonfinite_grads": self.nonfinite_grads,
             "dropped_reports": self.dropped_reports, "last_report": dump(self.last_report),
@@ -363,10 +397,14 @@ class JobState:
             "decision_counts": [
                 [p, k, d, n] for (p, k, d), n in sorted(self.decision_counts.items())
             ],
+            "rollback": self.rollback.state_dict(),
         }
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         """Restore from :meth:`state_dict`; missing or unknown keys are an error."""
+        if sd.get("version") == 1 and "rollback" not in sd:  # written before rollback existed
+            fresh = RollbackState(step=sd.get("step", 0)).state_dict()
+            sd = {**sd, "version": 2, "rollback": fresh, "refs": [None, None]}
         _check_keys("JobState", sd, set(self._KEYS))
         if sd["version"] != _STATE_VERSION:
             raise ValueError(
@@ -381,6 +419,7 @@ class JobState:
         self.reports_seen = sd["reports_seen"]
         self._loss, self._grad = _EW.from_list(sd["loss"]), _EW.from_list(sd["grad_norm"])
         self.loss_z, self.grad_norm_z = sd["loss_z"], sd["grad_norm_z"]
+        self.refs = (sd["refs"][0], sd["refs"][1])
         self._points.extend((int(s), float(y)) for s, y in sd["slope_points"])
         self._refresh_slope()
         self.nonfinite_losses, self.nonfinite_grads = sd["nonfinite_losses"], sd["nonfinite_grads"]
@@ -398,6 +437,7 @@ class JobState:
         self.awaiting_ack = sd["awaiting_ack"]
         self.disabled_policies = dict(sd["disabled_policies"])
         self.decision_counts = {(p, k, d): int(n) for p, k, d, n in sd["decision_counts"]}
+        self.rollback.load_state_dict(sd["rollback"])
 
     @classmethod
     def from_state_dict(cls, sd: dict[str, Any]) -> JobState:

@@ -11,7 +11,20 @@ def test_defaults_serve_loopback_with_two_policies():
     cfg = load_config(env={})
     assert cfg.bind == "tcp://127.0.0.1:5555"
     assert cfg.metrics_port == 9108
-    assert [p.name for p in cfg.policies] == ["spike_guard", "plateau"]
+    assert [p.name for p in cfg.policies] == ["divergence_guard", "plateau"]
+
+
+def test_rollback_settings_load_and_are_validated(tmp_path):
+    path = tmp_path / "t.toml"
+    path.write_text("[rollback]\nbudget = 2\nstable_window_steps = 60\n"
+                    "[rollback.health]\nloss_z = 8\n")
+    cfg = load_config(path, env={})
+    assert (cfg.rollback.budget, cfg.rollback.stable_window_steps) == (2, 60)
+    assert cfg.rollback.health.loss_z == 8.0 and cfg.rollback.base_cut == 0.5
+    with pytest.raises(ConfigError, match=r"rollback\.base_cut = 1\.5: .*less than 1"):
+        load_config(env={"TRIMTAB_ROLLBACK__BASE_CUT": "1.5"})
+    with pytest.raises(ConfigError, match=r"rollback\.budget = 0: .*greater than or equal to 1"):
+        load_config(env={"TRIMTAB_ROLLBACK__BUDGET": "0"})
 
 
 def test_toml_then_env_then_overrides(tmp_path):

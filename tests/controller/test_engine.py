@@ -10,6 +10,7 @@ from trimtab.client import wire
 from trimtab.controller.engine import Arbitration, Engine, arbitrate
 from trimtab.controller.governor import Governor, GovernorConfig, KnobLimits
 from trimtab.controller.policy import Policy, Proposal
+from trimtab.controller.rollback import RollbackConfig
 from trimtab.controller.state import JobState
 
 FACTS = wire.ScaleFacts(param_count=1, group_sizes=[1], optimizer="SGD",
@@ -193,7 +194,8 @@ def test_decision_to_dict_is_json():
     assert rec["commands"] == {"lr": 0.05}
     assert rec["knobs"]["lr"]["policy"] == "down"
     assert rec["proposals"][0] == {"policy": "down", "knob": "lr", "factor": 0.5,
-                                   "value": None, "hold": False, "reason": "because"}
+                                   "value": None, "hold": False, "reason": "because",
+                                   "rollback": None}
     assert rec["errors"] == [{"policy": "bad", "error": "raised KeyError: 'x'"}]
 
 
@@ -202,3 +204,125 @@ def test_engine_refuses_duplicate_names_and_non_policies():
         Engine([Fixed("a"), Fixed("a")])
     with pytest.raises(TypeError, match="is not a named trimtab Policy"):
         Engine([object()])  # type: ignore[list-item]
+
+
+# -- rollback ---------------------------------------------------------------------------
+
+
+def with_stable(step: int = 1000, at: int = 500, **knobs) -> JobState:
+    """A job at ``step`` whose checkpoint at ``at`` is stable, taken with ``knobs``."""
+    st = state(step, **knobs)
+    st.rollback.step = step
+    st.rollback.checkpoints = [at]
+    st.rollback.at_checkpoint[at] = {"knobs": st.knobs.model_dump(), "grad_norm_ema": 1.0}
+    st.rollback.note_marked(at)
+    return st
+
+
+def guard(cause: str = "nonfinite") -> Fixed:
+    return Fixed("guard", Proposal.roll_back(cause, "NaN loss"))
+
+
+def test_a_rollback_beats_every_decrease_and_carries_its_governed_cut():
+    st = with_stable()
+    d = Engine([Fixed("down", p(factor=0.1, reason="spike")), guard()], LOOSE).decide(st)
+    plan = d.rollback
+    assert (plan.target_step, plan.from_step, plan.level, plan.cause) == (500, 1000, 1, "nonfinite")
+    assert plan.policy == "guard" and plan.reason == "NaN loss"
+    assert d.commands == {"lr": 0.05} and list(d.knobs) == ["lr"]
+    assert d.knobs["lr"].current == 0.1 and d.mark_stable is None
+    assert d.reasons() == [
+        "rollback from step 1000 to stable step 500 (level 1, lr x0.5) by guard: nonfinite: "
+        "NaN loss",
+        "lr 0.1 -> 0.05 by guard: rollback to step 500 (level 1): NaN loss",
+    ]
+    assert st.rollback.pending.to_step == 500 and st.rollback.rollbacks == {"nonfinite": 1}
+    assert d.to_dict()["rollback"]["target_step"] == 500
+
+
+def test_without_a_stable_checkpoint_a_rollback_is_a_governed_cut():
+    st = state()
+    d = Engine([guard()], Governor()).decide(st)
+    assert d.rollback is None and d.commands == {"lr": 0.05}
+    assert d.knobs["lr"].reason == "NaN loss (no rollback: no stable checkpoint to roll back to)"
+    assert st.rollback.pending is None and st.rollback.history == []
+    # ... which the governor's cooldown then holds like any other change.
+    st.step += 10
+    assert Engine([guard()], Governor()).decide(st).knobs["lr"].limits == ("cooldown",)
+
+
+def test_the_cooldown_does_not_hold_a_rollback_and_counts_from_the_checkpoint_after():
+    st = with_stable()
+    gov = Governor()
+    st.note_change("lr", "plateau", 0.1, 0.08, 1000)  # at 1000: lr is cooling down
+    st.knobs = wire.Knobs(lr=0.08, momentum=0.9)
+    d = Engine([guard()], gov).decide(st)
+    assert d.rollback is not None and d.commands == {"lr": 0.05}
+    assert "cooldown" not in d.knobs["lr"].limits
+    # The memory holds the rollback's change at the checkpoint's step, not the abandoned one.
+    assert st.memory["lr"].history == [(500, 0.1), (500, 0.05)]
+    assert st.last_change_step["lr"] == 500
+    st.on_restored(500, RollbackConfig())
+    st.pending_command = None
+    st.knobs = wire.Knobs(lr=0.05, momentum=0.9)
+    st.step = 520  # ordinary changes wait out the cooldown from the rollback
+    kd = Engine([Fixed("down", p(factor=0.5))], gov).decide(st).knobs["lr"]
+    assert kd.commanded is None and kd.limits == ("cooldown",)
+
+
+def test_the_governor_bounds_and_step_ratio_per_level_still_bound_the_cut():
+    deep = RollbackConfig(base_cut=0.01)
+    st = with_stable()
+    d = Engine([guard()], Governor(), rollback=deep).decide(st)
+    assert d.commands == {"lr": 0.05} and d.knobs["lr"].limits == ("max_step_ratio",)
+    st = with_stable()
+    floor = Governor(GovernorConfig(lr=KnobLimits(min_rel=0.8)))
+    d = Engine([guard()], floor, rollback=deep).decide(st)
+    assert d.commands == {"lr": pytest.approx(0.08)} and d.knobs["lr"].limits == ("bounds",)
+
+
+def test_past_the_budget_the_decision_raises_the_alert_and_cuts_instead():
+    cfg = RollbackConfig(budget=1, cooldown_steps=0)
+    st = with_stable()
+    eng = Engine([guard()], LOOSE, rollback=cfg)
+    assert eng.decide(st).rollback is not None
+    st.on_restored(500, cfg)
+    st.pending_command = None
+    st.step = st.rollback.step = 600
+    d = eng.decide(st)
+    assert d.rollback is None and d.alert.startswith("rollback budget exhausted: 1 rollbacks")
+    assert st.rollback.alert == d.alert and d.commands == {"lr": 0.05}
+    assert "no rollback: rollback budget exhausted" in d.knobs["lr"].reason
+    st.step = st.rollback.step = 700
+    again = eng.decide(st)
+    assert again.alert is None and again.rollback is None  # raised once, then just cuts
+
+
+def test_a_checkpoint_due_is_marked_unless_rolling_back_or_in_shadow():
+    st = with_stable()
+    st.rollback.checkpoints = [500, 700]
+    st.rollback.candidates[700] = 10
+    assert Engine([], LOOSE).decide(st).mark_stable == 700
+    assert st.rollback.pending_mark == 700
+    st = with_stable()
+    st.rollback.checkpoints = [500, 700]
+    st.rollback.candidates[700] = 10
+    assert Engine([], LOOSE, shadow=True).decide(st).mark_stable is None
+    d = Engine([guard()], LOOSE).decide(st)
+    assert d.rollback is not None and d.mark_stable is None
+
+
+def test_a_shadow_rollback_is_decided_but_not_recorded():
+    st = with_stable()
+    d = Engine([guard()], LOOSE, shadow=True).decide(st)
+    assert d.rollback.target_step == 500 and d.commands == {}
+    assert st.rollback.pending is None and st.memory["lr"].history == []
+
+
+def test_a_rollback_proposal_must_be_an_lr_cut_with_a_cause():
+    with pytest.raises(ValueError, match=r"a rollback cause must match"):
+        Proposal.roll_back("Not OK", "x")
+    with pytest.raises(ValueError, match=r"fallback factor < 1, got lr factor=1.5"):
+        Proposal.roll_back("nonfinite", "x", fallback_factor=1.5)
+    with pytest.raises(ValueError, match=r"is for lr"):
+        Proposal("clip", factor=0.5, reason="x", rollback="nonfinite")

@@ -22,9 +22,9 @@ class Clock:
 
 
 def make(tmp_path, **over) -> tuple[Controller, Clock]:
+    over.setdefault("policies", [PolicySpec(name="spike_guard")])
     cfg = ControllerConfig(
         journal=str(tmp_path / "j.db"), metrics_port=0,
-        policies=[PolicySpec(name="spike_guard")],
         governor={"lr": {"min_rel": 1e-3, "max_rel": 10, "max_step_ratio": 2,
                          "cooldown_steps": 0}},
         **over)
@@ -133,3 +133,190 @@ def test_a_new_run_of_the_same_job_starts_fresh(tmp_path):
     ctl.handle(PEER, register(run_id="r2"))
     assert ctl.jobs["j1"].reports_seen == 0
     assert ctl.journal.events("j1", "register")[-1].data["resumed"] == "new"
+
+
+# -- rollback, end to end through frames ----------------------------------------------------
+
+
+class FakeClient:
+    """Reports like a client with a checkpoint every 50 steps; acks as told."""
+
+    def __init__(self, ctl: Controller, job: str = "rb") -> None:
+        self.ctl, self.job = ctl, job
+        self.seq = self.step = self.applied = 0
+        self.ckpts: list[int] = []
+        self.stable: int | None = None
+        self.lr = 0.1
+        ctl.handle(PEER, register(job=job))
+
+    def report(self, **fault) -> list[wire.Command]:
+        self.seq += 1
+        self.step += 10
+        if self.step % 50 == 0:
+            self.ckpts.append(self.step)
+        loss = 1.0 + 0.001 * (self.seq % 3)
+        frame = wire.encode(wire.Report(
+            job=self.job, seq=self.seq, step=self.step, window=10, loss_mean=loss,
+            loss_min=loss - 0.01, grad_norm_mean=1.0, knobs=wire.Knobs(lr=self.lr),
+            applied_seq=self.applied, checkpoints=list(self.ckpts), stable_step=self.stable,
+            **fault))
+        return [m for m in decoded(self.ctl.handle(PEER, frame)) if isinstance(m, wire.Command)]
+
+    def run_to(self, step: int, ack: bool = True) -> list[wire.Command]:
+        """Healthy reports up to ``step``, acking each command as it comes (if ``ack``)."""
+        out = []
+        while self.step < step:
+            for cmd in self.report():
+                out.append(cmd)
+                if ack:
+                    self.ack(cmd)
+        return out
+
+    def ack(self, cmd: wire.Command, *, restore: bool = True, error: str | None = None) -> None:
+        restored = None
+        if cmd.mark_stable is not None and error is None:
+            self.stable = cmd.mark_stable
+        if cmd.rollback_to is not None and restore:
+            restored = self.step = cmd.rollback_to
+            self.ckpts = [s for s in self.ckpts if s <= restored]
+        if cmd.knobs.lr is not None:
+            self.lr = cmd.knobs.lr
+        self.applied = cmd.seq
+        self.ctl.handle(PEER, wire.encode(wire.Ack(
+            job=self.job, seq=cmd.seq, step=self.step, knobs=wire.Knobs(lr=self.lr),
+            restored_step=restored, error=error)))
+
+
+def make_rb(tmp_path, **rollback) -> Controller:
+    ctl, _ = make(tmp_path, policies=[PolicySpec(name="divergence_guard")],
+                  rollback={"stable_window_steps": 50, "stable_min_reports": 3,
+                            "cooldown_steps": 20, **rollback})
+    return ctl
+
+
+def metric(ctl: Controller, line: str) -> bool:
+    return line in generate_latest(ctl.metrics.registry).decode()
+
+
+def kinds(ctl: Controller, job: str = "rb") -> list[str]:
+    return [e.kind for e in ctl.journal.events(job)]
+
+
+def test_checkpoints_are_journaled_and_marked_stable_after_a_healthy_window(tmp_path):
+    ctl = make_rb(tmp_path)
+    c = FakeClient(ctl)
+    assert c.run_to(90) == []
+    (cmd,) = c.report()  # step 100: the checkpoint at 50 has 50 healthy steps after it
+    assert (cmd.mark_stable, cmd.rollback_to, cmd.knobs.set()) == (50, None, {})
+    assert cmd.reasons == ["checkpoint at step 50 marked stable: healthy for 50 steps after it"]
+    c.ack(cmd)
+    assert [e.data["step"] for e in ctl.journal.events("rb", "checkpoint")] == [50, 100]
+    (stable,) = ctl.journal.events("rb", "stable")
+    assert stable.data == {"step": 50, "source": "ack"}
+    assert metric(ctl, 'trimtab_checkpoints_stable_step{job="rb"} 50.0')
+    assert metric(ctl, 'trimtab_checkpoints_marked_stable_total{job="rb"} 1.0')
+    assert metric(ctl, 'trimtab_checkpoints_total{job="rb"} 2.0')
+
+
+def _stable_at_150(ctl: Controller) -> FakeClient:
+    c = FakeClient(ctl)
+    c.run_to(200)
+    assert c.stable == 150
+    c.run_to(230)
+    return c
+
+
+def test_a_nonfinite_report_rolls_back_to_the_newest_stable_checkpoint(tmp_path):
+    ctl = make_rb(tmp_path)
+    c = _stable_at_150(ctl)
+    (cmd,) = c.report(nonfinite_grads=4)  # step 240
+    assert cmd.rollback_to == 150 and cmd.mark_stable is None
+    assert cmd.knobs.lr == pytest.approx(0.05)
+    assert cmd.reasons[0].startswith("rollback from step 240 to stable step 150 (level 1")
+    (order,) = ctl.journal.events("rb", "rollback")
+    assert (order.data["reason"], order.data["level"], order.data["target"]) == (
+        "nonfinite", 1, 150)
+    # While it is pending nothing else is commanded, even at another fault.
+    assert c.report(nonfinite_grads=4) == []
+    c.ack(cmd)
+    (restored,) = ctl.journal.events("rb", "restored")
+    assert restored.data["restored_step"] == 150 and restored.data["steps_lost"] == 90
+    assert kinds(ctl)[-2:] == ["ack", "restored"]
+    st = ctl.jobs["rb"]
+    assert st.step == 150 and st.view().signals.slope_n == 0 and st.knobs.lr == 0.05
+    assert metric(ctl, 'trimtab_rollbacks_total{job="rb",reason="nonfinite"} 1.0')
+    assert metric(ctl, 'trimtab_rollback_steps_lost_total{job="rb"} 90.0')
+    assert metric(ctl, 'trimtab_rollback_alert{job="rb"} 0.0')
+
+
+def test_a_recurring_fault_ends_in_alert_with_its_reason_then_plain_cuts(tmp_path):
+    ctl = make_rb(tmp_path, budget=2)
+    c = _stable_at_150(ctl)
+    orders = []
+    for _ in range(2):
+        (cmd,) = c.report(nonfinite_grads=1)
+        orders.append((cmd.rollback_to, cmd.knobs.lr,
+                       ctl.journal.events("rb", "rollback")[-1].data["level"]))
+        c.ack(cmd)
+        c.run_to(c.step + 100)  # past the cooldown, healthy; 200 becomes stable meanwhile
+    # The second goes to the newer stable checkpoint, one level deeper: lr 0.1 x 0.25, not
+    # 0.05 (the LR in force at 200, after the first cut) x 0.25.
+    assert orders == [(150, 0.05, 1), (200, 0.025, 2)]
+    (cmd,) = c.report(nonfinite_grads=1)
+    assert cmd.rollback_to is None and cmd.knobs.lr == pytest.approx(c.lr * 0.5)
+    (alert,) = ctl.journal.events("rb", "alert")
+    assert alert.data["why"].startswith("rollback budget exhausted: 2 rollbacks within 1000")
+    assert alert.data["budget"] == 2 and len(alert.data["rollbacks"]) == 2
+    assert metric(ctl, 'trimtab_rollback_alert{job="rb"} 1.0')
+    assert len(ctl.journal.events("rb", "rollback")) == 2
+
+
+def test_a_failed_restore_is_journaled_and_that_checkpoint_never_targeted_again(tmp_path):
+    ctl = make_rb(tmp_path)
+    c = _stable_at_150(ctl)
+    (cmd,) = c.report(nonfinite_grads=1)
+    c.ack(cmd, restore=False, error="no checkpoint at step 150")
+    ack = ctl.journal.events("rb", "ack")[-1]
+    assert ack.data["error"] == "no checkpoint at step 150" and ack.data["restored_step"] is None
+    assert not ctl.journal.events("rb", "restored")
+    assert ctl.jobs["rb"].rollback.history[-1].failed == "no checkpoint at step 150"
+    (cmd,) = c.report(nonfinite_grads=1)
+    assert cmd.rollback_to == 100  # the next newest stable one
+
+
+def test_a_lost_ack_is_settled_from_the_next_report(tmp_path):
+    ctl = make_rb(tmp_path)
+    c = _stable_at_150(ctl)
+    (cmd,) = c.report(nonfinite_grads=1)
+    c.step, c.applied, c.lr = 150, cmd.seq, cmd.knobs.lr  # applied, ack lost
+    c.ckpts = [s for s in c.ckpts if s <= 150]
+    c.report()
+    (restored,) = ctl.journal.events("rb", "restored")
+    assert restored.data["inferred"] is True and restored.data["restored_step"] == 150
+    assert ctl.jobs["rb"].pending_command is None
+
+
+def test_rollback_series_end_with_the_job(tmp_path):
+    ctl = make_rb(tmp_path)
+    c = _stable_at_150(ctl)
+    (cmd,) = c.report(nonfinite_grads=1)
+    c.ack(cmd)
+    for name in ("rollbacks_total", "rollback_steps_lost_total", "rollback_alert",
+                 "checkpoints_stable_step", "checkpoints_total", "checkpoints_marked_stable_total"):
+        assert metric(ctl, f'trimtab_{name}{{job="rb"'), name
+    ctl.handle(PEER, wire.encode(wire.Bye(job="rb", step=c.step)))
+    assert 'job="rb"' not in generate_latest(ctl.metrics.registry).decode()
+
+
+def test_non_finite_values_right_after_a_restore_roll_back_again_not_just_cut(tmp_path):
+    # A restored run that meets the bad data again has non-finite weights: every step is
+    # skipped, so a cooldown counted in steps would never end and a cut cannot help.
+    ctl = make_rb(tmp_path, budget=2)
+    c = _stable_at_150(ctl)
+    (first,) = c.report(nonfinite_grads=1)
+    c.ack(first)
+    (second,) = c.report(nonfinite_grads=5)  # step 160, inside the cooldown (until 170)
+    assert second.rollback_to == 150 and second.knobs.lr == pytest.approx(0.025)
+    c.ack(second)
+    (third,) = c.report(nonfinite_grads=5)
+    assert third.rollback_to is None and ctl.journal.events("rb", "alert")  # bounded

@@ -221,7 +221,7 @@ def test_load_state_dict_checks_its_keys():
         JobState.from_state_dict(sd)
     sd = _busy_state().state_dict()
     sd["version"] = 99
-    with pytest.raises(ValueError, match="version 99, expected 1"):
+    with pytest.raises(ValueError, match="version 99, expected 2"):
         JobState.from_state_dict(sd)
 
 

@@ -1,0 +1,207 @@
+"""Fault recovery: inject a real fault into a real training run, with and without trimtab.
+
+    python -m bench.faults [--seeds 5] [--steps 900]
+
+Faults (all at the same data position, iteration 400 of 900 optimizer steps):
+
+- ``scaled_inputs``: three batches with their inputs multiplied by 1e3;
+- ``corrupt_targets``: twenty batches whose targets are replaced by noise x 1e3;
+- ``nan_grad``: a NaN written into one gradient;
+- ``lr_100x``: the user's own code multiplies the LR by 100, once.
+
+The task is a ReLU MLP (16-64-1) regressing a noisy linear rule with SGD + momentum
+(its validation loss floor is the noise variance, 0.09). Each seed trains three runs:
+attached without the fault (the reference), attached with it, and bare with it. Printed
+per fault: runs where the bare run was damaged (non-finite, or validation loss over 1.5x
+the reference), runs trimtab recovered (finite and within 10% of the reference), optimizer
+steps lost to rollbacks (redone), and the final-loss ratio to the reference.
+
+The same harness is used by ``tests/integration/test_rollback.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+FAULTS = ("scaled_inputs", "corrupt_targets", "nan_grad", "lr_100x")
+FAULT_AT = 400
+TOTAL = 900
+CHECKPOINT_EVERY = 50
+REPORT_EVERY = 5
+#: The controller settings the benchmark and the tests run with (small task, small windows).
+CONTROLLER_CONFIG = """
+[rollback]
+stable_window_steps = 60
+"""
+
+
+class Task:
+    """A ReLU MLP regressing ``y = x w + 0.3 noise``; ReLU so poisoned batches really hurt."""
+
+    def __init__(self, seed: int, n: int = 512, dim: int = 16, hidden: int = 64) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, dim, generator=g)
+        self.w = torch.randn(dim, 1, generator=g)
+        self.y = self.x @ self.w + 0.3 * torch.randn(n, 1, generator=g)
+        self.g = g
+        torch.manual_seed(seed)
+        self.model = torch.nn.Sequential(torch.nn.Linear(dim, hidden), torch.nn.ReLU(),
+                                         torch.nn.Linear(hidden, 1))
+        gv = torch.Generator().manual_seed(10_000 + seed)
+        self.xv = torch.randn(1024, dim, generator=gv)
+        self.yv = self.xv @ self.w + 0.3 * torch.randn(1024, 1, generator=gv)
+
+    def batch(self, size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.randint(0, len(self.x), (size,), generator=self.g)
+        return self.x[idx], self.y[idx]
+
+    def validation_loss(self) -> float:
+        with torch.no_grad():
+            return torch.nn.functional.mse_loss(self.model(self.xv), self.yv).item()
+
+
+def poison(kind: str | None, it: int, opt: torch.optim.Optimizer, xb, yb):
+    """Apply fault ``kind`` at data position ``it`` (before the forward pass)."""
+    if kind == "scaled_inputs" and FAULT_AT <= it < FAULT_AT + 3:
+        xb = xb * 1e3
+    elif kind == "corrupt_targets" and FAULT_AT <= it < FAULT_AT + 20:
+        yb = 1e3 * torch.randn_like(yb)
+    elif kind == "lr_100x" and it == FAULT_AT:
+        for group in opt.param_groups:
+            group["lr"] *= 100  # a bug in the user's own code
+    return xb, yb
+
+
+def poison_grad(kind: str | None, it: int, model: torch.nn.Module) -> None:
+    """Apply a gradient fault at data position ``it`` (after backward)."""
+    if kind == "nan_grad" and it == FAULT_AT:
+        next(model.parameters()).grad[0, 0] = float("nan")
+
+
+@dataclass
+class Outcome:
+    val: float
+    iterations: int
+    steps: int
+    restored: list[int] = field(default_factory=list)
+
+    @property
+    def steps_lost(self) -> int:
+        return self.iterations - self.steps
+
+
+def train(kind: str | None, endpoint: str | None, job: str, seed: int = 0,
+          total: int = TOTAL, fault_every_attempt: bool = False,
+          hook: Callable[[object], None] | None = None) -> Outcome:
+    """Train to ``total`` optimizer steps with fault ``kind``; attached when ``endpoint``.
+
+    ``fault_every_attempt`` keys the fault on the optimizer step instead of the data
+    position, so it recurs after every rollback.
+    """
+    from trimtab.client import attach
+
+    task = Task(seed)
+    opt = torch.optim.SGD(task.model.parameters(), lr=0.05, momentum=0.9)
+    restored: list[int] = []
+    guard = None
+    if endpoint is not None:
+        guard = attach(task.model, opt, job=job, endpoint=endpoint, report_every=REPORT_EVERY,
+                       heartbeat_s=0.2, checkpoint_every=CHECKPOINT_EVERY,
+                       on_rollback=restored.append)
+    it = 0
+    while (guard.global_step if guard else it) < total and it < 6 * total:
+        where = guard.global_step if (guard and fault_every_attempt) else it
+        xb, yb = poison(kind, where, opt, *task.batch())
+        loss = torch.nn.functional.mse_loss(task.model(xb), yb)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        poison_grad(kind, where, task.model)
+        if guard is None:
+            opt.step()
+        else:
+            guard.step(loss)
+        it += 1
+    steps = it
+    if guard is not None:
+        if hook is not None:
+            hook(guard)
+        steps = guard.global_step
+        guard.close()
+    return Outcome(task.validation_loss(), it, steps, restored)
+
+
+def damaged(run: Outcome, clean: Outcome) -> bool:
+    return not math.isfinite(run.val) or run.val > 1.5 * clean.val
+
+
+def recovered(run: Outcome, clean: Outcome) -> bool:
+    return math.isfinite(run.val) and abs(run.val - clean.val) <= 0.10 * clean.val
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--faults", default=",".join(FAULTS))
+    args = ap.parse_args()
+    port = _free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = os.path.join(tmp, "trimtab.toml")
+        with open(cfg, "w") as f:
+            f.write(CONTROLLER_CONFIG)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "trimtab.controller", "serve", "--bind",
+             f"tcp://127.0.0.1:{port}", "--metrics-port", "0", "--config", cfg,
+             "--journal", os.path.join(tmp, "journal.db"), "--log-level", "WARNING"],
+            stdout=subprocess.PIPE, text=True)
+        assert "ready" in proc.stdout.readline(), "trimtab serve did not start"
+        endpoint = f"tcp://127.0.0.1:{port}"
+        rows = []
+        try:
+            for kind in args.faults.split(","):
+                dmg = rec = 0
+                lost, ratios = [], []
+                for seed in range(args.seeds):
+                    clean = train(None, endpoint, f"clean-{kind}-{seed}", seed)
+                    bare = train(kind, None, "bare", seed)
+                    run = train(kind, endpoint, f"{kind}-{seed}", seed)
+                    dmg += damaged(bare, clean)
+                    rec += recovered(run, clean)
+                    lost.append(run.steps_lost)
+                    ratios.append(run.val / clean.val if math.isfinite(run.val) else math.inf)
+                rows.append((kind, args.seeds, dmg, rec, statistics.median(lost), max(lost),
+                             statistics.median(ratios), max(ratios)))
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=10)
+    print(f"# fault recovery: {platform.machine()}, {os.cpu_count()} cpus, torch "
+          f"{torch.__version__}, python {platform.python_version()}; seeds 0..{args.seeds - 1}; "
+          f"{TOTAL} steps, fault at iteration {FAULT_AT}, checkpoint every {CHECKPOINT_EVERY}")
+    print("| fault | runs | bare runs damaged | trimtab runs recovered | steps lost (median) "
+          "| steps lost (max) | final-loss ratio to clean (median) | ratio (worst) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for kind, n, dmg, rec, lmed, lmax, rmed, rmax in rows:
+        print(f"| {kind} | {n} | {dmg}/{n} | {rec}/{n} | {lmed:.0f} | {lmax} | {rmed:.3f} "
+              f"| {rmax:.3f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,577 @@
+"""Rollback: which checkpoints are stable, when to roll back to one, and how hard to cut.
+
+Long runs die from loss spikes and non-finite values; the PaLM and OPT-175B reports
+describe people restarting from a checkpoint taken before the spike with a lower
+learning rate. Here that is automatic, and bounded:
+
+* **Health.** Every report is judged by :func:`assess`: non-finite values, a loss or
+  gradient-norm spike (one-sided z-score, and a material rise), or a sustained climb
+  (loss slope significantly positive over a full window) make it unhealthy.
+* **Stable marking.** A checkpoint the client lists becomes a candidate when it shows
+  up after the last unhealthy report; :func:`stable_to_mark` names the newest candidate
+  that has then seen ``stable_window_steps`` steps and ``stable_min_reports`` reports, all
+  healthy. One unhealthy report disqualifies every candidate not yet stable.
+* **Rollback.** :func:`plan_rollback` targets the newest stable checkpoint the client can
+  still restore, with ``level`` = 1 + the rollbacks already ordered to a step within
+  ``near_steps`` of it. The LR becomes ``base_cut * cut_growth ** (level - 1)`` times the
+  LR restored by the first of those rollbacks (the LR at this checkpoint for a first
+  one), and never more than ``base_cut`` times the LR at this checkpoint: escalation does
+  not compound when a later stable checkpoint already carries an earlier cut.
+  After a rollback none is ordered for ``cooldown_steps * cooldown_growth ** (level - 1)``
+  steps past the restored one, except for non-finite values: an LR cut cannot repair
+  non-finite weights, and a run whose every step is skipped never gets past a cooldown
+  counted in steps. Past ``budget`` rollbacks near one spot the job enters alert: no more
+  rollbacks for it, only governed LR cuts. The budget bounds every path: there is never
+  an endless rollback loop.
+
+Everything here is pure over one :class:`RollbackState` per job; the engine records
+into it what it decides, the service what the client acknowledges.
+
+>>> cfg = RollbackConfig()
+>>> [round(cfg.cut(level), 3) for level in (1, 2, 3)]
+[0.5, 0.25, 0.125]
+>>> [cfg.cooldown(level) for level in (1, 2, 3)]
+[100, 200, 400]
+>>> st = RollbackState()
+>>> st.note_marked(400)
+>>> st.checkpoints = [400]
+>>> st.step = 650
+>>> plan = plan_rollback("nonfinite", "non-finite loss", st, cfg)
+>>> (plan.target_step, plan.level, plan.cut)
+(400, 1, 0.5)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from trimtab.controller.governor import _check_keys
+
+if TYPE_CHECKING:
+    from trimtab.controller.state import JobView
+
+__all__ = [
+    "CAUSES",
+    "DivergenceThresholds",
+    "RollbackConfig",
+    "Unhealthy",
+    "assess",
+    "Observation",
+    "RollbackRecord",
+    "RollbackPlan",
+    "RollbackState",
+    "stable_to_mark",
+    "why_no_rollback",
+    "plan_rollback",
+]
+
+#: The causes :func:`assess` gives, most urgent first (the ``reason`` label of the metrics).
+CAUSES: tuple[str, ...] = ("nonfinite", "loss_spike", "grad_spike", "climb")
+
+_Pos = {"gt": 0.0, "allow_inf_nan": False}
+
+
+class DivergenceThresholds(BaseModel):
+    """When a report counts as diverging; shared by the health judgement and the guard.
+
+    Both tests of a spike must pass: the z-score says the jump is out of the noise, the
+    rise says it is big enough to matter (a very smooth loss gives large z to tiny moves)
+    and lasted: it is taken on the window's *lowest* loss (``loss_min``, the mean when not
+    reported), so one bad batch, which lifts the window's mean, is not a spike. A climb
+    likewise needs the latest window's lowest loss above the EMA. Measured on healthy
+    small-model runs near their loss floor, where per-batch losses are heavy-tailed, these
+    two conditions are what removes the false alarms (see tests/policies).
+
+    >>> DivergenceThresholds(loss_z=8).grad_norm_z
+    10.0
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: Non-finite losses (or non-finite gradient steps) in one report that count.
+    nonfinite_min: int = Field(1, ge=1)
+    #: Loss above its EW mean by more than this many EW standard deviations...
+    loss_z: float = Field(6.0, **_Pos)
+    #: ...and the window's lowest loss at least this fraction of |EMA| above the EMA
+    #: (the EMA before the report, which the z-score is measured against too).
+    loss_min_rise: float = Field(0.05, ge=0.0, allow_inf_nan=False)
+    #: Gradient norm z-score over this...
+    grad_norm_z: float = Field(10.0, **_Pos)
+    #: ...and the window's mean gradient norm at least this multiple of its EMA before the
+    #: report (healthy AdamW runs of a small MLP showed self-healing bursts up to 10x).
+    grad_norm_min_ratio: float = Field(20.0, ge=1.0, allow_inf_nan=False)
+    #: Loss slope t-statistic over this, over a full slope window with no LR change...
+    climb_t: float = Field(4.0, **_Pos)
+    #: ...a rise over the window of at least this fraction of |loss EMA|, and the latest
+    #: window's lowest loss above the EMA.
+    climb_min_rise: float = Field(0.05, ge=0.0, allow_inf_nan=False)
+    #: Reports seen before spikes and climbs are judged (non-finite values always are).
+    warmup_reports: int = Field(20, ge=0)
+
+
+class RollbackConfig(BaseModel):
+    """Stable marking, escalation and budget; see the module docstring for the rules.
+
+    >>> RollbackConfig(budget=2).near_steps
+    1000
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: Healthy steps needed after a checkpoint before it is marked stable...
+    stable_window_steps: int = Field(200, ge=1)
+    #: ...and healthy reports (so that a large report_every still gets several looks).
+    stable_min_reports: int = Field(5, ge=1)
+    #: What an unhealthy report is (keep equal to, or stricter than, the guard's).
+    health: DivergenceThresholds = Field(default_factory=DivergenceThresholds)
+    #: LR factor of the first rollback near a spot, on the LR in force at the checkpoint.
+    base_cut: float = Field(0.5, gt=0.0, lt=1.0)
+    #: Each further rollback near the same spot multiplies the cut by this again.
+    cut_growth: float = Field(0.5, gt=0.0, le=1.0)
+    #: If set, each rollback also tightens clipping: ``clip * clip_tighten ** level`` when
+    #: a clip was in force at the checkpoint, else a clip of ``clip_from_grad_norm`` x the
+    #: gradient-norm EMA seen with the checkpoint, ``* clip_tighten ** (level - 1)``.
+    clip_tighten: float | None = Field(None, gt=0.0, lt=1.0)
+    clip_from_grad_norm: float = Field(2.0, **_Pos)
+    #: No new rollback until this many steps past the restored one (x growth per level).
+    cooldown_steps: int = Field(100, ge=0)
+    cooldown_growth: float = Field(2.0, ge=1.0, allow_inf_nan=False)
+    #: Rollbacks whose target steps lie within this distance are "near the same spot".
+    near_steps: int = Field(1000, ge=0)
+    #: Most rollbacks near one spot; one more asked for puts the job in alert.
+    budget: int = Field(3, ge=1, le=100)
+
+    def cut(self, level: int) -> float:
+        """The LR factor of a rollback at escalation ``level`` (1 = first)."""
+        return self.base_cut * self.cut_growth ** (level - 1)
+
+    def cooldown(self, level: int) -> int:
+        """Steps after the restored step during which no new rollback is ordered."""
+        return int(round(self.cooldown_steps * self.cooldown_growth ** (level - 1)))
+
+
+# -- health -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Unhealthy:
+    """Why a report is unhealthy: the most urgent cause (one of :data:`CAUSES`) and all."""
+
+    cause: str
+    reason: str
+
+
+def _rise(x: float, ema: float | None) -> float:
+    if ema is None or not math.isfinite(ema):
+        return 0.0
+    return math.inf if ema == 0.0 else (x - ema) / abs(ema)
+
+
+def assess(view: JobView, th: DivergenceThresholds) -> Unhealthy | None:
+    """Whether the latest report in ``view`` is unhealthy under ``th``, and why."""
+    last = view.last
+    if last is None:
+        return None
+    found: list[tuple[str, str]] = []
+    if max(last.nonfinite_losses, last.nonfinite_grads) >= th.nonfinite_min:
+        found.append(("nonfinite", f"non-finite values in the last report: "
+                      f"{last.nonfinite_losses} losses, {last.nonfinite_grads} gradients"))
+    sig = view.signals
+    if view.reports_seen > th.warmup_reports:
+        if sig.loss_z is not None and last.loss_mean is not None and sig.loss_z > th.loss_z:
+            rise = _rise(_lowest(last), sig.loss_ref)
+            if rise >= th.loss_min_rise:
+                found.append(("loss_spike", f"loss spike: z={sig.loss_z:.1f} > {th.loss_z:g}, "
+                              f"lowest loss of the window {rise:+.0%} on the EMA"))
+        g = last.grad_norm_mean
+        if sig.grad_norm_z is not None and g is not None and sig.grad_norm_z > th.grad_norm_z:
+            ref = sig.grad_norm_ref
+            ratio = math.inf if not ref else g / ref
+            if ratio >= th.grad_norm_min_ratio:
+                found.append(("grad_spike", f"grad norm spike: z={sig.grad_norm_z:.1f} > "
+                              f"{th.grad_norm_z:g}, {ratio:.2g}x its EMA"))
+        climb = _climb(view, th)
+        if climb is not None:
+            found.append(("climb", climb))
+    if not found:
+        return None
+    return Unhealthy(found[0][0], "; ".join(r for _, r in found))
+
+
+def _lowest(report: Any) -> float:
+    return report.loss_min if report.loss_min is not None else report.loss_mean
+
+
+def _climb(view: JobView, th: DivergenceThresholds) -> str | None:
+    sig, last = view.signals, view.last
+    if (sig.slope is None or sig.slope_t is None or sig.slope_since_step is None
+            or sig.slope_n < sig.slope_window or sig.slope_t <= th.climb_t
+            or last is None or last.loss_mean is None):
+        return None
+    if _rise(_lowest(last), sig.loss_ref) <= 0.0:
+        return None  # the latest window dips below the average: a passing bump, not a climb
+    last_lr = view.last_change_step.get("lr")
+    if last_lr is not None and sig.slope_since_step <= last_lr:
+        return None  # the window spans an LR change: two regimes, not one trend
+    span = view.step - sig.slope_since_step
+    rise = sig.slope * span / abs(sig.loss_ema) if sig.loss_ema else math.inf
+    if rise < th.climb_min_rise:
+        return None
+    return (f"loss climbing: slope {sig.slope:.3g}/step, t={sig.slope_t:.1f} > {th.climb_t:g}, "
+            f"{rise:+.0%} over {span} steps")
+
+
+# -- per-job state ------------------------------------------------------------------------
+
+
+@dataclass
+class RollbackRecord:
+    """One rollback ordered: from which step, to which checkpoint, why, at which level."""
+
+    from_step: int
+    to_step: int
+    cause: str
+    reason: str
+    level: int
+    #: The LR in force at the checkpoint rolled back to (the base of the escalation).
+    restored_lr: float | None = None
+    #: Set when the client acknowledged the restore.
+    restored_step: int | None = None
+    #: Set when the client could not restore (and why).
+    failed: str | None = None
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What one report changed: checkpoints seen for the first time, its health, and a
+    stable mark taken over from the client."""
+
+    new_checkpoints: tuple[int, ...] = ()
+    #: Of those, the ones that can never be marked stable (an unhealthy report at or after).
+    disqualified: tuple[int, ...] = ()
+    unhealthy: Unhealthy | None = None
+    adopted_stable: int | None = None
+
+
+@dataclass(frozen=True)
+class RollbackPlan:
+    """A rollback :func:`plan_rollback` proposes; the engine governs ``targets``."""
+
+    target_step: int
+    from_step: int
+    cause: str
+    reason: str
+    level: int
+    #: The escalation's LR factor, on the LR restored by the first rollback near this spot.
+    cut: float
+    cooldown_steps: int
+    #: Knobs in force when the checkpoint was first reported (what the restore brings back).
+    restored: dict[str, float | None]
+    #: Knob targets before the governor: lr, and clip when ``clip_tighten`` is set.
+    targets: dict[str, float]
+    #: The policy that asked (set by the engine).
+    policy: str = ""
+
+    def describe(self) -> str:
+        """One line for a Command's reasons and the log."""
+        return (f"rollback from step {self.from_step} to stable step {self.target_step} "
+                f"(level {self.level}, lr x{self.cut:.3g}) by {self.policy or '?'}: "
+                f"{self.cause}: {self.reason}")[:1024]
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable record."""
+        return asdict(self)
+
+
+@dataclass
+class RollbackState:
+    """One job's checkpoints, stable marks, rollbacks and alert; see the module docstring."""
+
+    #: Step of the latest report (goes back with a restore).
+    step: int = 0
+    #: Checkpoints the client can restore on this trajectory, oldest first.
+    checkpoints: list[int] = field(default_factory=list)
+    #: What was in force when each listed checkpoint was first reported:
+    #: ``{"knobs": {...}, "grad_norm_ema": x}``.
+    at_checkpoint: dict[int, dict[str, Any]] = field(default_factory=dict)
+    #: Candidates for stable: checkpoint step -> healthy reports after it.
+    candidates: dict[int, int] = field(default_factory=dict)
+    #: Checkpoints marked stable (and still listed), oldest first.
+    stable: list[int] = field(default_factory=list)
+    #: Checkpoints the client failed to restore: never targeted or adopted again.
+    unusable: list[int] = field(default_factory=list)
+    #: A mark_stable sent and not yet acknowledged.
+    pending_mark: int | None = None
+    #: The rollback ordered and not yet acknowledged.
+    pending: RollbackRecord | None = None
+    last_unhealthy_step: int | None = None
+    last_unhealthy: str | None = None
+    history: list[RollbackRecord] = field(default_factory=list)
+    #: No rollback is ordered before the run reaches this step.
+    cooldown_until: int | None = None
+    #: Why the job is in alert (budget exhausted); None: not in alert.
+    alert: str | None = None
+    steps_lost: int = 0
+    #: Rollbacks ordered, by cause.
+    rollbacks: dict[str, int] = field(default_factory=dict)
+    restored: int = 0
+    checkpoints_seen: int = 0
+    marked_stable: int = 0
+
+    @property
+    def stable_step(self) -> int | None:
+        """The newest checkpoint marked stable that the client still lists."""
+        return self.stable[-1] if self.stable else None
+
+    # -- what reports tell --------------------------------------------------------------
+
+    def observe(self, view: JobView, cfg: RollbackConfig) -> Observation:
+        """Take the latest report in ``view``: its health, and the checkpoints it lists."""
+        report = view.last
+        if report is None:
+            return Observation()
+        self.step = report.step
+        verdict = assess(view, cfg.health)
+        if verdict is not None:
+            self.last_unhealthy_step, self.last_unhealthy = report.step, verdict.reason
+            self.candidates.clear()
+        else:
+            for c in self.candidates:
+                if report.step > c:
+                    self.candidates[c] += 1
+        # A checkpoint past the current step belongs to a trajectory rolled back from.
+        listed = sorted({s for s in report.checkpoints if s <= report.step})
+        known = set(self.checkpoints)
+        new = [s for s in listed if s not in known]
+        bad = []
+        for s in new:
+            self.checkpoints_seen += 1
+            self.at_checkpoint[s] = {"knobs": report.knobs.model_dump(),
+                                     "grad_norm_ema": view.signals.grad_norm_ema}
+            newest = self.stable_step
+            if self.last_unhealthy_step is not None and self.last_unhealthy_step >= s:
+                bad.append(s)
+            elif newest is None or s > newest:
+                self.candidates[s] = 1 if report.step > s else 0
+        self._keep(listed)
+        adopted = None
+        claimed = report.stable_step
+        if (claimed is not None and claimed in listed and claimed not in self.stable
+                and claimed not in self.unusable
+                and self.pending_mark is None and self.pending is None):
+            self.note_marked(claimed)
+            adopted = claimed
+        return Observation(tuple(new), tuple(bad), verdict, adopted)
+
+    def _keep(self, listed: list[int]) -> None:
+        """Forget what the client can no longer restore."""
+        keep = set(listed)
+        self.checkpoints = list(listed)
+        self.at_checkpoint = {s: v for s, v in self.at_checkpoint.items() if s in keep}
+        self.candidates = {s: n for s, n in self.candidates.items() if s in keep}
+        self.stable = [s for s in self.stable if s in keep]
+        self.unusable = [s for s in self.unusable if s in keep]
+
+    # -- what the engine records ----------------------------------------------------------
+
+    def note_mark(self, step: int) -> None:
+        """A mark_stable for ``step`` is being sent."""
+        self.pending_mark = step
+
+    def note_ordered(self, plan: RollbackPlan) -> RollbackRecord:
+        """A rollback following ``plan`` is being sent."""
+        rec = RollbackRecord(plan.from_step, plan.target_step, plan.cause, plan.reason,
+                             plan.level, plan.restored.get("lr"))
+        self.history.append(rec)
+        del self.history[:-1000]  # bounded; escalation only looks near the current spot
+        self.pending = rec
+        self.rollbacks[plan.cause] = self.rollbacks.get(plan.cause, 0) + 1
+        self.cooldown_until = plan.target_step + plan.cooldown_steps
+        return rec
+
+    def raise_alert(self, why: str) -> None:
+        """No more rollbacks for this job."""
+        self.alert = why
+
+    # -- what acks tell ---------------------------------------------------------------------
+
+    def note_marked(self, step: int) -> None:
+        """The client marked the checkpoint at ``step`` stable."""
+        if self.pending_mark == step:
+            self.pending_mark = None
+        if step not in self.stable:
+            self.stable = sorted([*self.stable, step])
+            self.marked_stable += 1
+        self.candidates = {s: n for s, n in self.candidates.items() if s > step}
+        if step not in self.checkpoints:
+            self.checkpoints = sorted([*self.checkpoints, step])
+
+    def mark_failed(self, step: int) -> None:
+        """The client could not mark ``step`` stable: stop proposing it."""
+        if self.pending_mark == step:
+            self.pending_mark = None
+        self.candidates.pop(step, None)
+
+    def note_restored(self, step: int, cfg: RollbackConfig) -> int:
+        """The client restored the checkpoint at ``step``; returns the steps lost."""
+        rec = self.pending
+        self.pending = None
+        lost = 0
+        if rec is not None:
+            rec.restored_step = step
+            lost = max(rec.from_step - step, 0)
+            self.cooldown_until = step + cfg.cooldown(rec.level)
+        self.steps_lost += lost
+        self.restored += 1
+        self.step = step
+        self._keep([s for s in self.checkpoints if s <= step])
+        self.pending_mark = None
+        if self.last_unhealthy_step is not None and self.last_unhealthy_step > step:
+            self.last_unhealthy_step = None  # it happened on the abandoned trajectory
+        return lost
+
+    def note_failed(self, why: str) -> None:
+        """The client could not restore: never target that checkpoint again."""
+        rec = self.pending
+        self.pending = None
+        if rec is None:
+            return
+        rec.failed = why
+        self.stable = [s for s in self.stable if s != rec.to_step]
+        self.candidates.pop(rec.to_step, None)
+        self.unusable = sorted({*self.unusable, rec.to_step})
+
+    # -- persistence ------------------------------------------------------------------------
+
+    _KEYS = frozenset({
+        "step", "checkpoints", "at_checkpoint", "candidates", "stable", "unusable",
+        "pending_mark",
+        "pending", "last_unhealthy_step", "last_unhealthy", "history", "cooldown_until",
+        "alert", "steps_lost", "rollbacks", "restored", "checkpoints_seen", "marked_stable",
+    })
+
+    def state_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable copy."""
+        def ema(v: dict[str, Any]) -> dict[str, Any]:
+            g = v.get("grad_norm_ema")
+            return {**v, "grad_norm_ema": g if g is not None and math.isfinite(g) else None}
+
+        sd = {k: getattr(self, k) for k in self._KEYS}
+        sd["at_checkpoint"] = [[s, ema(v)] for s, v in sorted(self.at_checkpoint.items())]
+        sd["candidates"] = [[s, n] for s, n in sorted(self.candidates.items())]
+        sd["pending"] = None if self.pending is None else asdict(self.pending)
+        sd["history"] = [asdict(r) for r in self.history]
+        sd["checkpoints"], sd["stable"] = list(self.checkpoints), list(self.stable)
+        sd["unusable"] = list(self.unusable)
+        sd["rollbacks"] = dict(sorted(self.rollbacks.items()))
+        return sd
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        """Restore from :meth:`state_dict`; missing or unknown keys are an error."""
+        _check_keys("RollbackState", sd, set(self._KEYS))
+        self.__init__()  # type: ignore[misc]
+        for k in self._KEYS - {"at_checkpoint", "candidates", "pending", "history"}:
+            setattr(self, k, sd[k])
+        self.checkpoints, self.stable = [int(s) for s in sd["checkpoints"]], list(sd["stable"])
+        self.unusable = [int(s) for s in sd["unusable"]]
+        self.rollbacks = {str(k): int(n) for k, n in sd["rollbacks"].items()}
+        self.at_checkpoint = {int(s): dict(v) for s, v in sd["at_checkpoint"]}
+        self.candidates = {int(s): int(n) for s, n in sd["candidates"]}
+        self.history = [RollbackRecord(**r) for r in sd["history"]]
+        if sd["pending"] is not None:
+            # The pending record is always the newest of the history: keep them one object.
+            pending = RollbackRecord(**sd["pending"])
+            self.pending = self.history[-1] if self.history[-1:] == [pending] else pending
+
+
+# -- decisions ---------------------------------------------------------------------------------
+
+
+def stable_to_mark(state: RollbackState, cfg: RollbackConfig) -> int | None:
+    """The newest candidate healthy for a full window after it, to be marked stable now."""
+    if state.pending_mark is not None or state.pending is not None:
+        return None
+    newest = state.stable_step
+    ready = [
+        c for c, healthy in state.candidates.items()
+        if (newest is None or c > newest) and c in state.checkpoints
+        and state.step - c >= cfg.stable_window_steps and healthy >= cfg.stable_min_reports
+    ]
+    return max(ready, default=None)
+
+
+def _target(state: RollbackState) -> int | None:
+    """The newest stable checkpoint the client still lists, at or before the current step."""
+    ok = [s for s in state.stable if s in state.checkpoints and s <= state.step]
+    return max(ok, default=None)
+
+
+def _near(state: RollbackState, cfg: RollbackConfig, target: int) -> list[RollbackRecord]:
+    return [r for r in state.history if abs(r.to_step - target) <= cfg.near_steps]
+
+
+def _level(state: RollbackState, cfg: RollbackConfig, target: int) -> int:
+    return 1 + len(_near(state, cfg, target))
+
+
+def why_no_rollback(
+    state: RollbackState, cfg: RollbackConfig, cause: str | None = None
+) -> tuple[str, str] | None:
+    """``(code, why)`` when no rollback for ``cause`` can be ordered now, else None.
+
+    Codes: ``alert``, ``pending``, ``cooldown``, ``no_stable``, and ``budget`` (the one the
+    engine turns into an alert).
+    """
+    if state.alert is not None:
+        return "alert", f"job in rollback alert: {state.alert}"
+    if state.pending is not None:
+        return "pending", f"the rollback to step {state.pending.to_step} is not acknowledged yet"
+    target = _target(state)
+    if target is None:
+        return "no_stable", "no stable checkpoint to roll back to"
+    # Before the cooldown: a fault that recurs inside it, with the budget spent, is the
+    # clearest case for the alert; waiting out the cooldown would only hide it.
+    if _level(state, cfg, target) > cfg.budget:
+        near = _near(state, cfg, target)
+        steps = ", ".join(f"{r.from_step}->{r.to_step} ({r.cause})" for r in near)
+        return "budget", (f"rollback budget exhausted: {len(near)} rollbacks within "
+                          f"{cfg.near_steps} steps of step {target} (budget {cfg.budget}): "
+                          f"{steps}")
+    cooling = state.cooldown_until is not None and state.step < state.cooldown_until
+    if cooling and cause != "nonfinite":
+        return "cooldown", f"cooling down after a rollback until step {state.cooldown_until}"
+    return None
+
+
+def plan_rollback(
+    cause: str, reason: str, state: RollbackState, cfg: RollbackConfig
+) -> RollbackPlan | None:
+    """The rollback to order for ``cause``, or None when :func:`why_no_rollback` says no."""
+    if why_no_rollback(state, cfg, cause) is not None:
+        return None
+    target = _target(state)
+    assert target is not None  # why_no_rollback checked it
+    level = _level(state, cfg, target)
+    seen = state.at_checkpoint.get(target, {})
+    restored: dict[str, float | None] = dict(seen.get("knobs", {}))
+    cut = cfg.cut(level)
+    targets: dict[str, float] = {}
+    lr = restored.get("lr")
+    if lr is not None:
+        first = next((r.restored_lr for r in _near(state, cfg, target)
+                      if r.restored_lr is not None), lr)
+        targets["lr"] = min(first * cut, lr * cfg.base_cut)
+    if cfg.clip_tighten is not None:
+        clip, ema = restored.get("clip"), seen.get("grad_norm_ema")
+        if clip is not None:
+            targets["clip"] = clip * cfg.clip_tighten ** level
+        elif ema:
+            targets["clip"] = cfg.clip_from_grad_norm * ema * cfg.clip_tighten ** (level - 1)
+    return RollbackPlan(
+        target_step=target, from_step=state.step, cause=cause, reason=reason, level=level,
+        cut=cut, cooldown_steps=cfg.cooldown(level), restored=restored, targets=targets,
+    )

@@ -1,0 +1,306 @@
+"""CheckpointStore on real CPU training: the ring, exact restores, and the files on disk
+(atomic, written off the training thread, checksummed, bounded)."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import random
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from trimtab.client import CheckpointStore, load_stable
+from trimtab.client import _checkpoint as ckpt_mod
+from trimtab.client._checkpoint_files import WRITER_THREAD, CheckpointFiles
+
+pytestmark = pytest.mark.timeout(30)
+
+
+class Run:
+    """A small MLP, its optimizer and (optionally) a scheduler, trained on random batches."""
+
+    def __init__(self, opt: str = "adam", scheduler: bool = False, seed: int = 0) -> None:
+        torch.manual_seed(seed)
+        self.model = torch.nn.Sequential(
+            torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Dropout(0.1), torch.nn.Linear(8, 1)
+        )
+        if opt == "adam":
+            self.opt = torch.optim.Adam(self.model.parameters(), lr=1e-2)
+        else:
+            self.opt = torch.optim.SGD(self.model.parameters(), lr=1e-2, momentum=0.9)
+        self.sched = (torch.optim.lr_scheduler.OneCycleLR(self.opt, max_lr=0.05, total_steps=50)
+                      if scheduler else None)
+
+    def step(self) -> None:
+        # Batches and dropout draw from torch's RNG: a restored RNG replays them exactly.
+        x = torch.randn(16, 4)
+        loss = (self.model(x) - x.sum(1, keepdim=True)).pow(2).mean()
+        self.opt.zero_grad()
+        loss.backward()
+        self.opt.step()
+        if self.sched is not None:
+            self.sched.step()
+
+    def take(self, store: CheckpointStore, step: int):
+        return store.take(step, self.model, self.opt, self.sched, clip=1.0,
+                          counters={"calls": step})
+
+    def params(self) -> list[torch.Tensor]:
+        return [p.detach().clone() for p in self.model.parameters()]
+
+
+def _draws() -> tuple:
+    return torch.randn(3).tolist(), np.random.rand(3).tolist(), random.random()
+
+
+def _assert_same_state(a: dict, b: dict) -> None:
+    """Two optimizer (or scheduler) state dicts, equal to the bit."""
+    assert a.keys() == b.keys()
+    for key in a:
+        x, y = a[key], b[key]
+        if isinstance(x, torch.Tensor):
+            assert torch.equal(x, y), key
+        elif isinstance(x, dict):
+            _assert_same_state(x, y)
+        else:
+            assert x == y, key
+
+
+def test_ring_keeps_the_k_newest_plus_the_newest_stable() -> None:
+    run = Run()
+    store = CheckpointStore(keep=2)
+    run.take(store, 0)
+    assert store.mark_stable(0) and store.stable_step == 0
+    for step in (10, 20, 30):
+        run.step()
+        run.take(store, step)
+    assert store.steps() == [0, 20, 30]  # 10 left the ring; stable 0 is kept besides the two
+    assert store.mark_stable(20) and store.steps() == [20, 30]  # 0 is no longer the newest
+    run.take(store, 40)
+    run.take(store, 50)
+    assert store.steps() == [20, 40, 50] and store.stable_step == 20
+    assert not store.mark_stable(30)  # evicted: cannot be marked
+    assert not store.mark_stable(7)  # never taken
+    assert store.stable().step == 20
+
+
+@pytest.mark.parametrize("opt", ["adam", "sgd"])
+def test_restore_reproduces_the_exact_state(opt: str) -> None:
+    run = Run(opt, scheduler=True)
+    store = CheckpointStore(keep=3)
+    for _ in range(3):
+        run.step()
+    run.take(store, 3)
+    params, opt_state = run.params(), copy.deepcopy(run.opt.state_dict())
+    sched_state = copy.deepcopy(run.sched.state_dict())
+    rng_state = (torch.get_rng_state(), np.random.get_state(), random.getstate())
+    draws = _draws()
+    torch.set_rng_state(rng_state[0])
+    np.random.set_state(rng_state[1])
+    random.setstate(rng_state[2])
+    continued = []
+    for _ in range(4):
+        run.step()
+        continued.append(run.params())
+    _draws()
+    assert store.mark_stable(3)
+    for _ in range(2):  # twice: training after a restore must not write into the checkpoint
+        restored, note = store.restore(3, run.model, run.opt, run.sched)
+        assert (restored.step, note) == (3, None)
+        assert all(torch.equal(p, q) for p, q in zip(run.params(), params, strict=True))
+        moments = {"adam": {"exp_avg", "exp_avg_sq"}, "sgd": {"momentum_buffer"}}[opt]
+        assert moments <= run.opt.state_dict()["state"][0].keys()  # compared just below
+        _assert_same_state(run.opt.state_dict(), opt_state)
+        _assert_same_state(run.sched.state_dict(), sched_state)
+        assert _draws() == draws  # torch, numpy and random draw what they drew after the take
+        restored.restore(run.model, run.opt, run.sched)  # the RNG again, for the replay
+        for expected in continued:  # and training replays the same trajectory, bit for bit
+            run.step()
+            assert all(torch.equal(p, q) for p, q in zip(run.params(), expected, strict=True))
+    assert restored.knobs.clip == 1.0 and restored.knobs.lr == opt_state["param_groups"][0]["lr"]
+
+
+def test_restore_refuses_a_step_that_is_not_stable() -> None:
+    run = Run()
+    store = CheckpointStore(keep=3)
+    run.take(store, 0)
+    run.step()
+    before = run.params()
+    assert store.restore(0, run.model, run.opt) == (
+        None, "rollback_to=0: no stable checkpoint at that step (stable: none)")
+    assert store.restore(5, run.model, run.opt)[0] is None
+    assert all(torch.equal(p, q) for p, q in zip(run.params(), before, strict=True))
+
+
+def test_restore_drops_the_newer_checkpoints() -> None:
+    run = Run()
+    store = CheckpointStore(keep=3)
+    for step in (0, 5, 10):
+        run.take(store, step)
+        run.step()
+    store.mark_stable(0)
+    store.mark_stable(5)
+    store.restore(0, run.model, run.opt)  # an older stable one: 5 and 10 are in its future
+    assert store.steps() == [0] and store.stable_step == 0
+
+
+class _Event:
+    """Stands in for a torch.cuda.Event whose copy has not finished."""
+
+    done = False
+
+    def query(self) -> bool:
+        return self.done
+
+
+def test_a_snapshot_is_unusable_until_its_copy_completes(monkeypatch, tmp_path) -> None:
+    """The CUDA path's gate, driven on CPU: listed, markable, restorable and written only
+    after event.query() says the device-to-host copy is done; nothing ever waits."""
+    event = _Event()
+    monkeypatch.setattr(ckpt_mod._HostCopier, "events", lambda self: [event])
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: pytest.fail("synchronize"))
+    run = Run()
+    store = CheckpointStore(keep=2, directory=tmp_path)
+    run.take(store, 0)
+    store.poll()
+    assert store.steps() == [] and not store.mark_stable(0)
+    assert store.flush(5) and not list(tmp_path.glob("ckpt-*"))
+    event.done = True
+    store.poll()
+    assert store.steps() == [0] and store.mark_stable(0)
+    assert store.flush(5) and load_stable(tmp_path).step == 0
+    store.close()
+
+
+def test_files_are_written_atomically_off_the_training_thread(monkeypatch, tmp_path) -> None:
+    saves = []
+    real_save = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        final = tmp_path / f"ckpt-{obj['step']:012d}.pt"
+        saves.append((threading.current_thread().name, final.exists()))
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    run = Run(scheduler=True)
+    store = CheckpointStore(keep=2, directory=tmp_path)
+    for step in (0, 10, 20):
+        run.take(store, step)
+        run.step()
+    store.mark_stable(10)
+    assert store.flush(10)
+    # 0 may leave the ring before its write starts, and is then not written at all.
+    assert len(saves) >= 2 and {name for name, _ in saves} == {WRITER_THREAD}
+    assert not any(existed for _, existed in saves)  # never written in place
+    assert threading.current_thread().name != WRITER_THREAD
+    names = sorted(os.listdir(tmp_path))
+    assert names == [f"ckpt-0000000000{s}.{ext}" for s in (10, 20) for ext in ("json", "pt")]
+    for step in (30, 40):
+        run.take(store, step)
+    assert store.flush(10)
+    # keep=2 newest plus the newest stable one, older than both.
+    assert sorted(os.listdir(tmp_path)) == [
+        f"ckpt-0000000000{s}.{ext}" for s in (10, 30, 40) for ext in ("json", "pt")]
+    store.mark_stable(40)
+    store.close()
+    # keep=2 newest plus the newest stable one; 10, no longer the newest stable, is gone.
+    assert sorted(os.listdir(tmp_path)) == [
+        f"ckpt-0000000000{s}.{ext}" for s in (30, 40) for ext in ("json", "pt")]
+    loaded = load_stable(tmp_path)
+    assert loaded.step == 40 and loaded.knobs.clip == 1.0
+    assert loaded.scheduler["last_epoch"] == run.sched.last_epoch
+
+
+def test_a_write_killed_part_way_leaves_the_previous_stable_loadable(
+    monkeypatch, tmp_path, caplog
+) -> None:
+    run = Run()
+    store = CheckpointStore(keep=3, directory=tmp_path)
+    run.take(store, 0)
+    store.mark_stable(0)
+    assert store.flush(10)
+    stable_params = run.params()
+    frozen, resume = threading.Event(), threading.Event()
+
+    def killed_save(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 half a checkpoint")  # part of the temporary file, then "killed"
+        frozen.set()
+        resume.wait(10)
+        raise OSError("simulated kill")
+
+    monkeypatch.setattr(torch, "save", killed_save)
+    run.step()
+    run.take(store, 10)
+    store.mark_stable(10)
+    assert frozen.wait(10)
+    # The moment of the kill: no final file, no manifest; the previous stable one loads.
+    assert not (tmp_path / "ckpt-000000000010.pt").exists()
+    assert not (tmp_path / "ckpt-000000000010.json").exists()
+    assert [p.name for p in tmp_path.glob(".trimtab-*.tmp")]
+    assert load_stable(tmp_path).step == 0
+    with caplog.at_level(logging.WARNING, logger="trimtab.client"):
+        resume.set()
+        assert store.flush(10)
+    assert "write of step 10 failed: simulated kill" in caplog.text
+    assert not list(tmp_path.glob(".trimtab-*.tmp"))
+    loaded = load_stable(tmp_path)
+    assert loaded.step == 0
+    loaded.restore(run.model, run.opt)
+    assert all(torch.equal(p, q) for p, q in zip(run.params(), stable_params, strict=True))
+    store.close()
+
+
+def test_leftovers_of_a_hard_kill_are_never_read(tmp_path) -> None:
+    run = Run()
+    store = CheckpointStore(keep=3, directory=tmp_path)
+    run.take(store, 0)
+    store.mark_stable(0)
+    store.close()
+    # What a kill -9 can leave: a partial temporary file; a data file renamed into place
+    # whose manifest (the commit point) was never written.
+    (tmp_path / ".trimtab-ckpt-000000000010.pt.abc.tmp").write_bytes(b"PK\x03 partial")
+    (tmp_path / "ckpt-000000000010.pt").write_bytes(b"not committed")
+    assert load_stable(tmp_path).step == 0
+    CheckpointFiles(tmp_path, keep=3).close()  # a new writer clears the temporary files
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_corrupted_file_is_skipped_with_a_warning(monkeypatch, tmp_path, caplog) -> None:
+    run = Run(scheduler=True)
+    store = CheckpointStore(keep=3, directory=tmp_path)
+    for step in (0, 10, 20):
+        run.take(store, step)
+        store.mark_stable(step)
+        run.step()
+    store.close()
+    path = tmp_path / "ckpt-000000000020.pt"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte, same size
+    path.write_bytes(bytes(data))
+    loads = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda f, **kw: loads.append(kw) or real_load(f, **kw))
+    with caplog.at_level(logging.WARNING, logger="trimtab.client"):
+        loaded = load_stable(tmp_path)
+    assert loaded.step == 10  # the next older valid one
+    assert len(loads) == 1 and loads[0]["weights_only"] is True  # the bad file never unpickled
+    warning = next(r for r in caplog.records if r.levelno == logging.WARNING)
+    assert str(path) in warning.getMessage()
+    assert "checksum mismatch" in warning.getMessage() and "not loaded" in warning.getMessage()
+
+
+def test_an_unreadable_manifest_is_skipped_with_a_warning(tmp_path, caplog) -> None:
+    run = Run()
+    store = CheckpointStore(keep=3, directory=tmp_path)
+    for step in (0, 10):
+        run.take(store, step)
+        store.mark_stable(step)
+    store.close()
+    (tmp_path / "ckpt-000000000010.json").write_text("{ truncated")
+    with caplog.at_level(logging.WARNING, logger="trimtab.client"):
+        assert load_stable(tmp_path).step == 0
+    assert "ckpt-000000000010.json skipped: unreadable" in caplog.text

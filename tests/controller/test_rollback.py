@@ -1,0 +1,323 @@
+"""Rollback state and rules: stable marking, planning, escalation, budget, persistence."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from pydantic import ValidationError
+
+from trimtab.client import wire
+from trimtab.controller.rollback import (
+    RollbackConfig,
+    RollbackState,
+    plan_rollback,
+    stable_to_mark,
+    why_no_rollback,
+)
+from trimtab.controller.state import JobState
+
+FACTS = wire.ScaleFacts(param_count=10, group_sizes=[10], optimizer="SGD", dtype="float32",
+                        device="cpu")
+CFG = RollbackConfig(stable_window_steps=200, stable_min_reports=5)
+
+
+class Run:
+    """A job fed with reports every ``every`` steps; checkpoints every ``ckpt_every``."""
+
+    def __init__(self, every: int = 10, ckpt_every: int = 100, cfg: RollbackConfig = CFG,
+                 lr: float = 0.1, clip: float | None = None) -> None:
+        self.every, self.ckpt_every, self.cfg = every, ckpt_every, cfg
+        self.knobs = wire.Knobs(lr=lr, clip=clip)
+        self.job = JobState.from_register(wire.Register(
+            job="j", run_id="r", report_every=every, facts=FACTS, knobs=self.knobs))
+        self.seq, self.step, self.ckpts = 0, 0, []
+        self.obs = []
+
+    @property
+    def rb(self) -> RollbackState:
+        return self.job.rollback
+
+    def report(self, loss: float = 1.0, **over) -> None:
+        self.seq += 1
+        self.step += self.every
+        if self.step % self.ckpt_every == 0:
+            self.ckpts = [*self.ckpts, self.step][-8:]
+        fields = {"loss_mean": loss, "loss_min": loss * 0.99, "grad_norm_mean": 1.0,
+                  "checkpoints": list(self.ckpts), "knobs": self.knobs, **over}
+        self.job.observe(wire.Report(job="j", seq=self.seq, step=self.step, window=self.every,
+                                     **fields))
+        self.obs.append(self.rb.observe(self.job.view(), self.cfg))
+
+    def to(self, step: int, **kw) -> None:
+        while self.step < step:
+            self.report(**kw)
+
+    def mark(self) -> int | None:
+        """Mark what is due, as the engine and an ack would."""
+        due = stable_to_mark(self.rb, self.cfg)
+        if due is not None:
+            self.rb.note_mark(due)
+            self.rb.note_marked(due)
+        return due
+
+    def restore(self, step: int) -> int:
+        self.step = step
+        self.ckpts = [s for s in self.ckpts if s <= step]
+        return self.job.on_restored(step, self.cfg)
+
+
+# -- stable marking ------------------------------------------------------------------------
+
+
+def test_a_checkpoint_is_marked_stable_only_after_a_healthy_window():
+    run = Run()
+    run.to(100)
+    assert run.obs[-1].new_checkpoints == (100,) and run.rb.candidates == {100: 0}
+    run.to(290)
+    assert stable_to_mark(run.rb, CFG) is None  # 190 healthy steps: not yet
+    run.to(300)
+    assert stable_to_mark(run.rb, CFG) == 100  # 200 is not due yet
+    assert run.mark() == 100 and run.rb.stable_step == 100 and run.rb.marked_stable == 1
+    assert stable_to_mark(run.rb, CFG) is None
+
+
+def test_few_reports_are_not_a_window_even_when_the_steps_are():
+    run = Run(every=100, ckpt_every=100)
+    run.to(300)  # 200 steps after the checkpoint at 100, but only 2 reports
+    assert stable_to_mark(run.rb, CFG) is None
+    run.to(600)  # five healthy reports after it
+    assert stable_to_mark(run.rb, CFG) == 100
+
+
+@pytest.mark.parametrize("fault", [{"nonfinite_grads": 2}, {"nonfinite_losses": 1}])
+def test_an_unhealthy_report_inside_the_window_disqualifies_the_checkpoint(fault):
+    run = Run()
+    run.to(150)
+    run.report(**fault)  # step 160, inside the window of the checkpoint at 100
+    assert run.rb.candidates == {} and run.rb.last_unhealthy_step == 160
+    run.to(600)
+    assert 100 not in run.rb.candidates
+    # The checkpoint at 200 came after the fault: it is marked once its window is healthy.
+    assert run.mark() == 400  # the newest due (200 and 300 are too)
+    assert run.rb.stable == [400]
+
+
+def test_a_checkpoint_first_listed_after_a_fault_at_or_before_it_never_counts():
+    run = Run()
+    run.to(90)
+    run.report(nonfinite_grads=1, checkpoints=[])  # step 100: unhealthy, checkpoint not listed
+    run.report()  # step 110 lists the checkpoint taken at 100
+    assert run.obs[-1].new_checkpoints == (100,) and run.obs[-1].disqualified == (100,)
+    run.to(400)
+    assert 100 not in run.rb.candidates
+
+
+def test_the_newest_due_checkpoint_is_marked_and_the_older_ones_are_dropped():
+    run = Run(ckpt_every=50)
+    run.to(360)
+    assert stable_to_mark(run.rb, CFG) == 150
+    run.mark()
+    assert sorted(run.rb.candidates) == [200, 250, 300, 350]
+
+
+def test_a_checkpoint_the_client_no_longer_lists_is_never_a_target():
+    run = Run()
+    run.to(500)
+    assert run.mark() == 300
+    run.report(checkpoints=[400, 500])  # 300 evicted from the ring
+    assert run.rb.stable == [] and plan_rollback("nonfinite", "x", run.rb, CFG) is None
+    assert why_no_rollback(run.rb, CFG)[0] == "no_stable"
+
+
+def test_a_stable_mark_reported_by_the_client_is_adopted():
+    run = Run()
+    run.to(200)
+    run.report(stable_step=100)
+    assert run.obs[-1].adopted_stable == 100 and run.rb.stable_step == 100
+
+
+# -- planning, escalation, budget ------------------------------------------------------------
+
+
+def _stable_run(**kw) -> Run:
+    run = Run(**kw)
+    run.to(400)
+    assert run.mark() == 200
+    run.to(450)
+    return run
+
+
+def test_the_plan_targets_the_newest_stable_checkpoint_with_the_lr_there_cut():
+    run = _stable_run()
+    run.knobs = wire.Knobs(lr=0.05)  # changed since the checkpoint
+    run.report()
+    plan = plan_rollback("loss_spike", "loss spike: z=9", run.rb, CFG)
+    assert (plan.target_step, plan.from_step, plan.level, plan.cut) == (200, 460, 1, 0.5)
+    assert plan.restored["lr"] == 0.1 and plan.targets == {"lr": 0.05}
+    assert plan.cooldown_steps == 100 and plan.reason == "loss spike: z=9"
+
+
+def _roll(run: Run, cause: str = "nonfinite"):
+    plan = plan_rollback(cause, "why", run.rb, run.cfg)
+    assert plan is not None, why_no_rollback(run.rb, run.cfg)
+    run.rb.note_ordered(plan)
+    lost = run.restore(plan.target_step)
+    return plan, lost
+
+
+def test_repeated_rollbacks_near_one_step_deepen_the_cut_and_lengthen_the_cooldown():
+    run = _stable_run(cfg=RollbackConfig(budget=5))
+    plans = []
+    for _ in range(3):
+        plan, lost = _roll(run)
+        plans.append(plan)
+        assert lost == plan.from_step - 200 and run.job.step == 200
+        assert why_no_rollback(run.rb, run.cfg)[0] == "cooldown"
+        run.to(200 + plan.cooldown_steps + 10)
+    assert [p.level for p in plans] == [1, 2, 3]
+    assert [p.cut for p in plans] == [0.5, 0.25, 0.125]
+    assert [p.targets["lr"] for p in plans] == [0.05, 0.025, 0.0125]
+    assert [p.cooldown_steps for p in plans] == [100, 200, 400]
+    assert run.rb.steps_lost == sum(p.from_step - 200 for p in plans)
+    assert run.rb.rollbacks == {"nonfinite": 3} and run.rb.restored == 3
+
+
+def test_past_the_budget_no_rollback_is_planned_and_the_reason_names_it():
+    run = _stable_run(cfg=RollbackConfig(budget=2, cooldown_steps=0))
+    _roll(run, "loss_spike")
+    run.to(260)
+    _roll(run, "nonfinite")
+    run.to(260)
+    assert plan_rollback("nonfinite", "again", run.rb, run.cfg) is None
+    code, why = why_no_rollback(run.rb, run.cfg)
+    assert code == "budget"
+    assert why == ("rollback budget exhausted: 2 rollbacks within 1000 steps of step 200 "
+                   "(budget 2): 450->200 (loss_spike), 260->200 (nonfinite)")
+    run.rb.raise_alert(why)
+    assert why_no_rollback(run.rb, run.cfg) == ("alert", f"job in rollback alert: {why}")
+
+
+def test_rollbacks_far_apart_do_not_escalate():
+    run = _stable_run(cfg=RollbackConfig(budget=1, cooldown_steps=0, near_steps=1000))
+    first, _ = _roll(run)
+    run.to(1600)
+    run.mark()
+    run.to(1650)
+    second, _ = _roll(run)
+    assert (first.target_step, second.target_step) == (200, 1400)
+    assert (first.level, second.level) == (1, 1)
+
+
+def test_non_finite_values_are_rolled_back_inside_the_cooldown_spikes_are_not():
+    run = _stable_run()
+    _roll(run)
+    run.to(250)  # inside the cooldown (until 300)
+    assert plan_rollback("loss_spike", "s", run.rb, CFG) is None
+    assert why_no_rollback(run.rb, CFG, "loss_spike")[0] == "cooldown"
+    plan = plan_rollback("nonfinite", "NaN", run.rb, CFG)
+    assert (plan.target_step, plan.level) == (200, 2)
+
+
+def test_nothing_is_planned_while_a_rollback_is_pending_or_without_a_stable_checkpoint():
+    run = Run()
+    run.to(300)
+    assert why_no_rollback(run.rb, CFG) == ("no_stable", "no stable checkpoint to roll back to")
+    run.to(400)
+    run.mark()
+    plan = plan_rollback("climb", "c", run.rb, CFG)
+    run.rb.note_ordered(plan)
+    assert why_no_rollback(run.rb, CFG)[0] == "pending"
+
+
+def test_a_failed_restore_never_targets_that_checkpoint_again():
+    run = Run(ckpt_every=50)
+    run.to(600)
+    run.mark()  # 400
+    run.rb.note_marked(350)
+    run.to(650)
+    plan = plan_rollback("nonfinite", "x", run.rb, CFG)
+    run.rb.note_ordered(plan)
+    run.rb.note_failed("unknown checkpoint 400")
+    assert run.rb.history[-1].failed == "unknown checkpoint 400"
+    assert run.rb.stable == [350] and run.rb.unusable == [400]
+    run.report(stable_step=400)  # still listed, even claimed stable: not taken back
+    assert run.rb.stable == [350] and plan_rollback("x", "x", run.rb, CFG).target_step == 350
+
+
+def test_clip_tightens_when_configured():
+    cfg = RollbackConfig(clip_tighten=0.5)
+    with_clip = _stable_run(cfg=cfg, clip=2.0)
+    assert plan_rollback("grad_spike", "g", with_clip.rb, cfg).targets["clip"] == 1.0
+    without = _stable_run(cfg=cfg)
+    plan = plan_rollback("grad_spike", "g", without.rb, cfg)
+    assert plan.targets["clip"] == pytest.approx(2.0 * 1.0)  # 2 x the grad-norm EMA
+    assert "clip" not in plan_rollback("grad_spike", "g", without.rb, CFG).targets
+
+
+def test_a_restore_forgets_the_abandoned_trajectory():
+    run = _stable_run()
+    run.job.note_change("lr", "p", 0.1, 0.05, 1000)  # at step 450
+    plan = plan_rollback("nonfinite", "x", run.rb, CFG)
+    run.job.rewind_controls(plan.target_step)
+    assert run.job.last_change_step["lr"] == 200 and run.job.memory["lr"].history == []
+    run.rb.note_ordered(plan)
+    assert run.job.view().signals.slope_n == 20
+    run.restore(200)
+    assert run.rb.checkpoints == [100, 200] and run.job.view().signals.slope_n == 0
+    assert run.job.step == 200 and run.rb.cooldown_until == 300
+    # A checkpoint listed from beyond the current step is from the abandoned run: ignored.
+    run.report(checkpoints=[100, 200, 300])
+    assert run.rb.checkpoints == [100, 200]
+
+
+# -- persistence and config ------------------------------------------------------------------
+
+
+def test_state_dict_round_trips_through_json():
+    run = _stable_run(cfg=RollbackConfig(budget=1))
+    _roll(run)
+    run.to(400)
+    plan = plan_rollback("nonfinite", "x", run.rb, run.cfg)
+    assert plan is None
+    run.rb.raise_alert(why_no_rollback(run.rb, run.cfg)[1])
+    run.rb.note_ordered(plan_rollback("nonfinite", "x", _stable_run().rb, CFG))  # pending
+    sd = json.loads(json.dumps(run.rb.state_dict(), allow_nan=False))
+    back = RollbackState()
+    back.load_state_dict(sd)
+    assert back.state_dict() == run.rb.state_dict()
+    assert back.pending is back.history[-1]
+    job_sd = json.loads(json.dumps(run.job.state_dict(), allow_nan=False))
+    assert JobState.from_state_dict(job_sd).rollback.state_dict() == sd
+    sd["extra"] = 1
+    with pytest.raises(ValueError, match=r"RollbackState state_dict: .*unexpected keys"):
+        back.load_state_dict(sd)
+
+
+def test_a_state_written_before_rollback_existed_loads_with_none():
+    sd = Run().job.state_dict()
+    del sd["rollback"]
+    sd["version"] = 1
+    job = JobState.from_state_dict(sd)
+    assert job.rollback.stable == [] and job.state_dict()["version"] == 2
+
+
+def test_config_is_validated_and_escalates_as_documented():
+    with pytest.raises(ValidationError, match=r"base_cut\n  Input should be less than 1"):
+        RollbackConfig(base_cut=1.0)
+    with pytest.raises(ValidationError, match=r"stable_windw\n  Extra inputs are not permitted"):
+        RollbackConfig(stable_windw=5)
+    cfg = RollbackConfig(base_cut=0.3, cut_growth=0.5, cooldown_steps=50, cooldown_growth=3)
+    assert [cfg.cut(n) for n in (1, 2)] == [0.3, 0.15]
+    assert [cfg.cooldown(n) for n in (1, 2, 3)] == [50, 150, 450]
+
+
+def test_a_fault_recurring_inside_the_cooldown_with_the_budget_spent_is_an_alert_at_once():
+    run = _stable_run(cfg=RollbackConfig(budget=1))
+    _roll(run)
+    run.to(250)  # inside the cooldown (until 300)
+    assert why_no_rollback(run.rb, run.cfg)[0] == "budget"
+    run = _stable_run(cfg=RollbackConfig(budget=2))
+    _roll(run)
+    run.to(250)
+    assert why_no_rollback(run.rb, run.cfg)[0] == "cooldown"  # budget left: just wait

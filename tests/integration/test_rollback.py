@@ -1,0 +1,60 @@
+"""Automatic rollback on real faults: real training runs attached to ``trimtab serve``.
+
+For each injected fault the same seeded run is trained three ways (bench/faults.py):
+attached without the fault (the reference), attached with it, and bare with it. The
+fault must be real (the bare run is damaged) and trimtab must recover from it: a finite
+loss, the final validation loss within 10% of the reference, and the rollback and its
+reason in the journal.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from bench.faults import CONTROLLER_CONFIG, FAULT_AT, TOTAL, damaged, recovered, train
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+REASONS = {"nan_grad": {"nonfinite"}}
+SPIKES = {"nonfinite", "loss_spike", "grad_spike", "climb"}
+
+
+@pytest.mark.parametrize("kind", ["scaled_inputs", "corrupt_targets", "nan_grad", "lr_100x"])
+def test_fault_is_rolled_back_and_the_run_recovers(serve_factory, kind):
+    srv = serve_factory(CONTROLLER_CONFIG)
+    clean = train(None, srv.endpoint, job=f"clean-{kind}")
+    bare = train(kind, None, job="bare")
+    run = train(kind, srv.endpoint, job=f"faulted-{kind}")
+
+    assert damaged(bare, clean), f"the fault is not real: bare {bare}, clean {clean}"
+    assert math.isfinite(run.val) and run.steps == TOTAL, run
+    assert recovered(run, clean), f"not within 10%: faulted {run}, clean {clean}"
+    assert run.restored, "on_rollback was never called"
+
+    journal = srv.journal()
+    rollbacks = journal.events(f"faulted-{kind}", "rollback")
+    assert rollbacks, "no rollback journaled"
+    reasons = {e.data["reason"] for e in rollbacks}
+    assert reasons & REASONS.get(kind, SPIKES), reasons
+    restored = journal.events(f"faulted-{kind}", "restored")
+    assert restored and restored[0].data["restored_step"] in run.restored
+    assert restored[0].data["restored_step"] < FAULT_AT
+    assert not journal.events(f"clean-{kind}", "rollback")
+
+
+def test_a_recurring_fault_ends_in_the_alert_state_and_training_goes_on(serve_factory):
+    srv = serve_factory(CONTROLLER_CONFIG + "budget = 2\n")
+    # The same poison at the same optimizer step in every attempt: rollback cannot cure it.
+    run = train("scaled_inputs", srv.endpoint, job="recurring", fault_every_attempt=True)
+    journal = srv.journal()
+    rollbacks = journal.events("recurring", "rollback")
+    alerts = journal.events("recurring", "alert")
+    assert len(rollbacks) == 2, [e.data for e in rollbacks]
+    assert alerts and "budget" in str(alerts[0].data)
+    # Training went on: the loop ran to its end and kept reporting after the alert.
+    assert run.iterations >= TOTAL
+    assert journal.events("recurring", "report", after_id=alerts[0].id)
+    levels = [e.data["level"] for e in rollbacks]
+    assert levels[-1] > levels[0], "repeats must escalate"
