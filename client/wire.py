@@ -149,6 +149,14 @@ class Report(_Model):
     checkpoints: Annotated[list[Count], Field(max_length=256)] = []
     #: The newest checkpoint the controller marked stable (None: none yet).
     stable_step: Count | None = None
+    #: The newest validation metric the loop handed to ``guard.report_validation`` since
+    #: the last report (lower is better), with the step it was measured at.
+    validation: Finite | None = None
+    validation_step: Count | None = None
+    #: Per-micro-batch gradient statistics for the gradient-noise-scale estimate, when the
+    #: loop accumulates gradients: mean squared micro-batch grad norm and micro-batches.
+    micro_sq_norm_mean: NonNeg | None = None
+    micro_batches: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
 
 
 class Command(_Model):
@@ -168,6 +176,8 @@ class Command(_Model):
     reasons: Annotated[list[Text], Field(max_length=64)] = []
     mark_stable: Count | None = None
     rollback_to: Count | None = None
+    #: The controller recommends stopping the run, and why (surfaced as guard.should_stop).
+    stop_advice: Text | None = None
 
 
 class Ack(_Model):
