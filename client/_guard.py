@@ -255,6 +255,14 @@ class Guard:
         self._outcome: tuple[int, int | None, str | None] = (0, None, None)
         self._hold: ScheduleHold | None = None
         self._last_checkpoint = 0
+        #: The controller advises stopping (the validation metric stopped improving).
+        self.should_stop = False
+        #: Why it advises stopping (``None``: it does not).
+        self.stop_reason: str | None = None
+        self._validation: tuple[float, int] | None = None
+        self._micro_calls = 0  # note_micro_batch() calls since the last step
+        self._micro_first: torch.Tensor | None = None
+        self._micro_counts: list[int] = []  # micro-batches per noted step, this window
         self._store = self._start_checkpoints(keep, checkpoint_dir)
         self._transport = Transport(
             endpoint, job, register=self._registration, step=self._host_step,
@@ -296,6 +304,8 @@ class Guard:
         if self._hold is not None:
             self._hold.put_back(self.scheduler, self.optimizer)
             self._hold = None
+        micro, first = self._micro_calls, self._micro_first
+        self._micro_calls, self._micro_first = 0, None
         if self._apply_command():
             # Rolled back: these gradients were computed on the abandoned trajectory.
             self.optimizer.zero_grad(set_to_none=True)
@@ -306,6 +316,12 @@ class Guard:
         total = probe.measure(loss, grads)
         # Only the device-side skip paths need finiteness as a tensor; "skip" reads the norm.
         finite = None if self.nonfinite_mode == "skip" else torch.isfinite(total)
+        if micro >= 2 and first is not None:
+            # |g_1|^2 of the first micro-batch in the accumulated gradient's units: the
+            # accumulated gradient after one micro-batch is g_1 / n with a loss divided by
+            # n (g_1 without), and n^2 puts both conventions on the scale of the total.
+            probe.note_micro(first * float(micro * micro))
+            self._micro_counts.append(micro)
         self._clip(grads, total, finite)
         if closing:  # the window's one sampled update, for ||delta theta|| / ||theta||
             probe.snapshot()
@@ -370,6 +386,9 @@ class Guard:
             return False
         rolled_back = False
         if command.seq > self.applied_seq:
+            if command.stop_advice is not None:
+                self.should_stop, self.stop_reason = True, command.stop_advice
+                log.warning("trimtab controller advises stopping: %s", command.stop_advice)
             restored, error = self._carry_out(command)
             self.applied_seq = command.seq
             self._outcome = (command.seq, restored, error)
@@ -442,6 +461,7 @@ class Guard:
         self._calls = ckpt.counters.get("calls", ckpt.step)
         self._skipped_closed, self._open_skips_host = self._calls - ckpt.step, 0
         self._probe.reset()
+        self._micro_counts = []
         self._window_start = time.perf_counter()
         self._last_checkpoint = ckpt.step
         self.rollbacks += 1
@@ -476,6 +496,9 @@ class Guard:
             now = time.perf_counter()
             step_time, self._window_start = (now - self._window_start) / stats.steps, now
             self._knobs = read_knobs(self.optimizer, self.clip)  # an LR scheduler may move them
+            validation, vstep = self._validation if self._validation is not None else (None, None)
+            counts, self._micro_counts = self._micro_counts, []
+            micro_batches = round(sum(counts) / len(counts)) if counts else None
             self._report_seq += 1
             report = wire.Report(
                 job=self.job, seq=self._report_seq, step=self._host_step(), window=stats.steps,
@@ -487,11 +510,41 @@ class Guard:
                 skipped_steps=stats.nonfinite_grads, step_time_s=step_time, knobs=self._knobs,
                 dropped_reports=self._transport.dropped, applied_seq=self.applied_seq,
                 checkpoints=self.checkpoints, stable_step=self.stable_step,
+                validation=validation, validation_step=vstep,
+                micro_sq_norm_mean=stats.micro_sq_norm_mean if counts else None,
+                micro_batches=micro_batches,
             )
+            self._validation = None
         except Exception:  # a report that cannot be built must not stop training
             log.exception("trimtab could not build a report; window dropped")
             return
         self._transport.put_report(report)
+
+    def report_validation(self, value: float, step: int | None = None) -> None:
+        """Hand the controller a validation result (lower is better) with the next report.
+
+        ``value`` must be a Python number (call ``.item()`` on a tensor: this method never
+        reads the device); ``step`` defaults to the step the host knows now. A newer result
+        before the next report replaces this one; a non-finite one is logged and dropped.
+        """
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _invalid("value", value, "a Python int or float (use tensor.item())")
+        if step is not None and not _is_int(step, 0):
+            raise _invalid("step", step, "None or an int >= 0")
+        if not math.isfinite(value):
+            log.warning("trimtab: non-finite validation value %r not reported", value)
+            return
+        self._validation = (float(value), self._host_step() if step is None else step)
+
+    def note_micro_batch(self) -> None:
+        """Call after each micro-batch's ``backward()`` when accumulating gradients, for the
+        gradient-noise-scale estimate. After the first micro-batch of a step it measures the
+        gradient norm on the device (no sync); the rest only count. Optional."""
+        self._micro_calls += 1
+        if self._micro_calls == 1:
+            with torch.no_grad():
+                norm = self._probe.total_norm(self._probe.grads())
+                self._micro_first = norm * norm
 
     def _registration(self) -> wire.Register:
         # Called from the transport thread; reads only values the training thread swaps whole.

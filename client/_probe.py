@@ -6,7 +6,9 @@ for the device. At the end of a window :meth:`Probe.collect` does the one
 device-to-host copy and reduces the rows to :class:`WindowStats` on the host.
 
 Row layout: loss, global grad norm (before clipping), one grad norm per param
-group, then the update ratio (written on the window's last step only, else NaN).
+group, then the update ratio (written on the window's last step only, else NaN) and the
+squared micro-batch gradient norm (written on steps whose loop reported micro-batches
+through ``Guard.note_micro_batch``, else NaN).
 Finiteness is not stored: the host sees NaN and inf in the copied values.
 
 >>> import torch
@@ -50,6 +52,8 @@ class WindowStats:
     grad_norm_std: float | None = None
     group_grad_norms: list[float] = field(default_factory=list)
     update_ratio: float | None = None
+    #: Mean over the window's steps of ``micro_batches**2 * |first micro-batch grad|^2``.
+    micro_sq_norm_mean: float | None = None
     nonfinite_losses: int = 0
     nonfinite_grads: int = 0
 
@@ -69,11 +73,12 @@ class Probe:
         self.groups = len(optimizer.param_groups)
         self._ratio_col = _GROUPS + self.groups
         self.buf = torch.full(
-            (report_every, self._ratio_col + 1), math.nan, dtype=torch.float32,
+            (report_every, self._ratio_col + 2), math.nan, dtype=torch.float32,
             device=self.device,
         )
         # Per-row views of the columns a step writes, made once: one stack(out=) per step.
         self._rows = [self.buf[i, : self._ratio_col] for i in range(report_every)]
+        self._micro_col = self._ratio_col + 1
         #: The row the next step writes; also the number of steps in the open window.
         self.row = 0
         self._zero = torch.zeros((), dtype=torch.float32, device=self.device)
@@ -153,6 +158,15 @@ class Probe:
             self.buf[self.row, self._ratio_col] = ratio
         self._params = []
 
+    def total_norm(self, grads: Grads) -> torch.Tensor:
+        """The global norm of ``grads`` on the device, without writing a row."""
+        norms = [self._group_norm(g) for g in grads]
+        return norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms))
+
+    def note_micro(self, sq_norm: torch.Tensor) -> None:
+        """Write this step's scaled squared micro-batch gradient norm (a device op)."""
+        self.buf[self.row, self._micro_col].copy_(sq_norm)
+
     def advance(self) -> None:
         """Move on to the next row (after :meth:`measure` and the optimizer step)."""
         self.row += 1
@@ -160,7 +174,7 @@ class Probe:
     def reset(self) -> None:
         """Discard the open window (after a rollback its rows describe an abandoned run)."""
         self.row = 0
-        self.buf[:, self._ratio_col].fill_(math.nan)
+        self.buf[:, self._ratio_col :].fill_(math.nan)
         self._before, self._params = [], []
 
     def skips_so_far(self) -> int:
@@ -177,7 +191,7 @@ class Probe:
             return WindowStats(steps=0)
         # THE one device->host copy (and sync) per report window.
         rows: list[list[float]] = self.buf[:n].tolist()
-        self.buf[:, self._ratio_col].fill_(math.nan)
+        self.buf[:, self._ratio_col :].fill_(math.nan)
         losses = [r[_LOSS] for r in rows if math.isfinite(r[_LOSS])]
         ok_rows = [r for r in rows if math.isfinite(r[_NORM])]
         norms = [r[_NORM] for r in ok_rows]
@@ -191,6 +205,9 @@ class Probe:
         if losses:
             stats = replace(stats, loss_mean=_mean(losses), loss_last=losses[-1],
                             loss_min=min(losses), loss_max=max(losses))
+        micro = [r[self._micro_col] for r in ok_rows if math.isfinite(r[self._micro_col])]
+        if micro:
+            stats = replace(stats, micro_sq_norm_mean=_mean(micro))
         if norms:
             mean = _mean(norms)
             std = math.sqrt(max(0.0, _mean([(x - mean) ** 2 for x in norms])))

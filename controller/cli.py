@@ -3,7 +3,10 @@
     trimtab serve [--bind tcp://127.0.0.1:5555] [--metrics-port 9108] [--journal PATH]
                   [--config FILE]
     trimtab decisions [--journal PATH] [--job JOB]
-    trimtab policies
+    trimtab policies [--config FILE]
+    trimtab export JOB [--journal PATH] [--out FILE]
+    trimtab replay TRACE --policy NAME [--set KEY=VALUE ...] [--job JOB] [--config FILE]
+                   [--plot OUT.png] [--holds]
 """
 
 from __future__ import annotations
@@ -77,17 +80,83 @@ def _decisions(args: argparse.Namespace) -> int:
 
 
 def _policies(args: argparse.Namespace) -> int:
-    from trimtab.controller.policy import PolicyLoadError, discover, load_policy
+    from trimtab.controller.config import ConfigError, load_config
+    from trimtab.controller.policy import Policy, discover, is_allowed
 
-    for name in discover():
-        try:
-            policy = load_policy(name, None)
-        except PolicyLoadError as exc:
-            print(f"{name}: cannot load: {exc}")
+    try:
+        allow = load_config(args.config).allow_plugins
+    except ConfigError as exc:
+        print(f"trimtab policies: {exc}", file=sys.stderr)
+        return 2
+    for name, ep in discover().items():
+        verdict = ("allowed" if is_allowed(name, allow)
+                   else "not allowed: list it in allow_plugins")
+        try:  # the class, not an instance: a policy may have required config fields
+            cls = ep.load()
+            if not (isinstance(cls, type) and issubclass(cls, Policy)):
+                raise TypeError(f"{cls!r} is not a trimtab Policy subclass")
+        except Exception as exc:
+            print(f"{name}: cannot load entry point {ep.value!r}: {type(exc).__name__}: {exc} "
+                  f"[{verdict}]")
             continue
-        schema = policy.Config.model_json_schema().get("properties", {})
-        fields = ", ".join(f"{k}={v.get('default')!r}" for k, v in schema.items())
-        print(f"{name}: {type(policy).__module__}.{type(policy).__qualname__} ({fields})")
+        props = cls.Config.model_json_schema().get("properties", {})
+        fields = ", ".join(f"{k}={v['default']!r}" if "default" in v else f"{k} (required)"
+                           for k, v in props.items())
+        print(f"{name}: {cls.__module__}.{cls.__qualname__} ({fields}) [{verdict}]")
+        compact = {k: {a: b for a, b in v.items() if a != "title"} for k, v in props.items()}
+        print(f"  config schema: {json.dumps(compact, separators=(',', ':'))}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from trimtab.controller.journal import Journal, JournalError
+    from trimtab.controller.replay import TraceError, trace_records, write_trace
+
+    try:
+        journal = Journal(args.journal)
+        try:
+            records = trace_records(journal, args.job)
+        finally:
+            journal.close()
+    except (JournalError, TraceError) as exc:
+        print(f"trimtab export: {exc}", file=sys.stderr)
+        return 2
+    if args.out in (None, "-"):
+        write_trace(records, sys.stdout)
+    else:
+        with open(args.out, "w") as out:
+            n = write_trace(records, out)
+        print(f"trimtab export: {n} records of job {args.job} written to {args.out}",
+              file=sys.stderr)
+    return 0
+
+
+def _replay(args: argparse.Namespace) -> int:
+    from trimtab.controller import replay as rp
+    from trimtab.controller.config import ConfigError, ControllerConfig, load_config
+    from trimtab.controller.journal import JournalError
+    from trimtab.controller.policy import PolicyLoadError, load_policy
+
+    try:
+        config = load_config(args.config, env={}) if args.config else ControllerConfig()
+        # Named on the command line, so allowed: nothing runs live.
+        policy = load_policy(args.policy, rp.parse_sets(args.set or []))
+        trace = rp.read_trace(args.trace, args.job)
+        result = rp.replay(trace, [policy], config)
+        if args.plot:
+            rp.plot(result, args.plot)
+    except (ConfigError, PolicyLoadError, JournalError, rp.TraceError) as exc:
+        print(f"trimtab replay: {exc}", file=sys.stderr)
+        return 2
+    for line in result.lines(holds=args.holds):
+        print(line)
+    steps = [p.step for p in result.points]
+    span = f"steps {steps[0]}-{steps[-1]}" if steps else "no steps"
+    print(f"# {policy.name} on {result.job}: {len(result.decisions)} decisions over "
+          f"{len(steps)} reports ({span}); losses are the recorded ones, and each commanded "
+          "value is assumed applied at the next report")
+    if args.plot:
+        print(f"# plot written to {args.plot}")
     return 0
 
 
@@ -105,8 +174,29 @@ def build_parser() -> argparse.ArgumentParser:
     dec.add_argument("--journal", default="trimtab-journal.db")
     dec.add_argument("--job", help="only this job")
     dec.set_defaults(func=_decisions)
-    pol = sub.add_parser("policies", help="list installed policies and their config defaults")
+    pol = sub.add_parser("policies", help="list installed policies, their config schema and "
+                         "whether the config allows them")
+    pol.add_argument("--config", help="TOML config file (default $TRIMTAB_CONFIG)")
     pol.set_defaults(func=_policies)
+    exp = sub.add_parser("export", help="write a job's trace (registration, reports, acks) "
+                         "as JSON lines")
+    exp.add_argument("job")
+    exp.add_argument("--journal", default="trimtab-journal.db")
+    exp.add_argument("--out", help="file to write (default: standard output)")
+    exp.set_defaults(func=_export)
+    rep = sub.add_parser("replay", help="run a policy offline over a recorded trace and print "
+                         "the decisions it would have made")
+    rep.add_argument("trace", help="a JSONL trace from `trimtab export`, or a journal")
+    rep.add_argument("--policy", required=True, help="entry-point name or dotted path")
+    rep.add_argument("--set", action="append", metavar="KEY=VALUE",
+                     help="a policy config value (JSON, else a string); repeatable")
+    rep.add_argument("--job", help="the job, when TRACE is a journal of several")
+    rep.add_argument("--config", help="TOML config for the governor, signals and rollback "
+                     "(default: the defaults)")
+    rep.add_argument("--plot", metavar="OUT.png", help="draw loss, knobs and decisions")
+    rep.add_argument("--holds", action="store_true",
+                     help="also print the wishes a hold or the governor kept from changing")
+    rep.set_defaults(func=_replay)
     return parser
 
 

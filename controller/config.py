@@ -15,10 +15,11 @@ import json
 import os
 import sys
 from collections.abc import Mapping
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from trimtab.controller.governor import GovernorConfig
 from trimtab.controller.rollback import RollbackConfig
@@ -37,12 +38,24 @@ ENV_PREFIX = "TRIMTAB_"
 
 
 class PolicySpec(BaseModel):
-    """One policy in the engine's ordered set: a registered name or a dotted path."""
+    """One policy in the engine's ordered set: a registered name or a dotted path.
+
+    >>> PolicySpec(name="plateau", shadow=True, jobs=["exp-*"]).applies_to("exp-7")
+    True
+    """
 
     model_config = ConfigDict(extra="forbid")
 
     name: Annotated[str, Field(min_length=1)]
     config: dict[str, Any] = {}
+    #: Run live, but only journal and export its decisions: never send them.
+    shadow: bool = False
+    #: Job-name globs (``fnmatch``) this entry is for; None: every job.
+    jobs: list[Annotated[str, Field(min_length=1)]] | None = None
+
+    def applies_to(self, job: str) -> bool:
+        """Whether this entry runs for ``job``."""
+        return self.jobs is None or any(fnmatchcase(job, g) for g in self.jobs)
 
 
 def _default_policies() -> list[PolicySpec]:
@@ -71,6 +84,21 @@ class ControllerConfig(BaseModel):
     governor: GovernorConfig = Field(default_factory=GovernorConfig)
     #: Stable marking, rollback escalation and budget.
     rollback: RollbackConfig = Field(default_factory=RollbackConfig)
+    #: Third-party policies allowed to load: entry-point names or dotted paths (globs).
+    #: The built-in ``trimtab.policies.*`` are always allowed; nothing else is by default.
+    allow_plugins: list[Annotated[str, Field(min_length=1)]] = []
+
+    @model_validator(mode="after")
+    def _one_entry_per_name_and_job(self) -> ControllerConfig:
+        # The same name twice is fine only for different jobs (say, shadow for some,
+        # active for others); with ``jobs`` unset on both, one would always hide the other.
+        # For a job that two entries match, the first one wins.
+        for spec in self.policies:
+            same = [s for s in self.policies if s.name == spec.name]
+            if len(same) > 1 and any(s.jobs is None for s in same):
+                raise ValueError(f"policy {spec.name!r} is listed {len(same)} times; "
+                                 "give each entry its own `jobs`")
+        return self
 
 
 class ConfigError(ValueError):

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from trimtab.client import wire
-from trimtab.controller.governor import Governor
+from trimtab.controller.governor import Governor, KnobMemory
 from trimtab.controller.policy import Policy, Proposal
 from trimtab.controller.rollback import (
     RollbackConfig,
@@ -153,6 +153,10 @@ class Decision:
     mark_stable: int | None = None
     #: Why the job went into rollback alert with this decision; None: it did not.
     alert: str | None = None
+    #: What the engine's shadow policies would have done (``shadow=True``; never sent).
+    shadowed: Decision | None = None
+    #: ``"policy: reason"`` of the policies advising the run to stop; None: none did.
+    stop_advice: str | None = None
 
     @property
     def would_command(self) -> dict[str, float]:
@@ -186,6 +190,7 @@ class Decision:
             "rollback": None if self.rollback is None else self.rollback.to_dict(),
             "mark_stable": self.mark_stable,
             "alert": self.alert,
+            "stop_advice": self.stop_advice,
         }
 
     def reasons(self) -> list[str]:
@@ -206,44 +211,76 @@ class Engine:
 
     ``shadow=True`` computes and returns decisions without recording them in the
     job's governor memory; their :attr:`Decision.commands` are empty.
+
+    ``shadow_policies`` run beside the live ones, in a pass of their own (arbiter and
+    governor) against the job's separate shadow governor memory, which records their
+    would-be changes so their cooldowns and slew limits apply as if they were live; the
+    result is :attr:`Decision.shadowed`, and nothing of it is ever sent.
     """
 
     def __init__(
         self, policies: Sequence[Policy], governor: Governor | None = None, shadow: bool = False,
-        rollback: RollbackConfig | None = None,
+        rollback: RollbackConfig | None = None, shadow_policies: Sequence[Policy] = (),
     ) -> None:
-        names = [getattr(p, "name", None) for p in policies]
-        for policy, name in zip(policies, names, strict=True):
-            if not isinstance(policy, Policy) or not isinstance(name, str) or not name:
-                raise TypeError(f"{policy!r} is not a named trimtab Policy")
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"policy names must be unique in one engine; repeated: {dupes}")
+        for group in (policies, shadow_policies):
+            names = [getattr(p, "name", None) for p in group]
+            for policy, name in zip(group, names, strict=True):
+                if not isinstance(policy, Policy) or not isinstance(name, str) or not name:
+                    raise TypeError(f"{policy!r} is not a named trimtab Policy")
+            dupes = sorted({n for n in names if names.count(n) > 1})
+            if dupes:
+                raise ValueError(f"policy names must be unique in one engine; repeated: {dupes}")
         self.policies = list(policies)
+        self.shadow_policies = list(shadow_policies)
         self.governor = governor if governor is not None else Governor()
         self.shadow = shadow
         self.rollback = rollback if rollback is not None else RollbackConfig()
 
     def decide(self, state: JobState) -> Decision:
         """Ask, arbitrate and govern every knob for ``state`` at its current step."""
-        proposals, errors = self._ask(state)
-        plan, alert, usable = self._plan_rollback(state, proposals)
+        # The shadow pass goes first, so that both passes see the same state.
+        shadowed = self._shadow_pass(state) if self.shadow_policies else None
+        decision = self._decide(state, self.policies, self.shadow, state.memory)
+        return decision if shadowed is None else dataclasses.replace(decision, shadowed=shadowed)
+
+    def _shadow_pass(self, state: JobState) -> Decision:
+        """The shadow policies' decision, recorded in the shadow memory only."""
+        d = self._decide(state, self.shadow_policies, True, state.shadow_memory)
+        # A knob the governor brings back into bounds is the live pass's business.
+        knobs = {k: kd for k, kd in d.knobs.items() if kd.policy != GOVERNOR}
+        d = dataclasses.replace(d, knobs=knobs)
+        for knob, value in d.would_command.items():
+            window = self.governor.limits(knob).slew_window_steps  # type: ignore[arg-type]
+            state.note_shadow(knob, knobs[knob].policy or GOVERNOR, knobs[knob].current, value,
+                              window)
+        return d
+
+    def _decide(
+        self, state: JobState, policies: Sequence[Policy], shadow: bool,
+        memory: dict[str, KnobMemory],
+    ) -> Decision:
+        proposals, errors = self._ask(state, policies)
+        advice = [(n, p) for n, p in proposals if p.advice == "stop"]
+        stop = "; ".join(f"{n}: {p.reason}" for n, p in advice)[:1024] or None
+        # Advice changes no knob, so it never reaches the arbiter (a hold would block raises).
+        plan, alert, usable = self._plan_rollback(
+            state, [(n, p) for n, p in proposals if p.advice is None])
         if plan is not None:
             knobs = self._rollback_knobs(state, plan)
         else:
             knobs = {}
             for knob in wire.KNOBS:
                 mine = [(n, p) for n, p in usable if p.knob == knob]
-                kd = self._decide_knob(state, knob, mine)
+                kd = self._decide_knob(state, knob, mine, memory[knob])
                 if kd is not None:
                     knobs[knob] = kd
-        mark = None if plan is not None or self.shadow else stable_to_mark(
+        mark = None if plan is not None or shadow else stable_to_mark(
             state.rollback, self.rollback)
         decision = Decision(
             step=state.step, proposals=tuple(proposals), knobs=knobs, errors=tuple(errors),
-            shadow=self.shadow, rollback=plan, mark_stable=mark, alert=alert,
+            shadow=shadow, rollback=plan, mark_stable=mark, alert=alert, stop_advice=stop,
         )
-        if self.shadow:
+        if shadow:
             return decision
         # Recorded now because the caller sends what it gets back; shadow ones are not sent.
         if alert is not None:
@@ -298,12 +335,14 @@ class Engine:
                                        gov.limits)
         return knobs
 
-    def _ask(self, state: JobState) -> tuple[list[tuple[str, Proposal]], list[tuple[str, str]]]:
+    def _ask(
+        self, state: JobState, policies: Sequence[Policy]
+    ) -> tuple[list[tuple[str, Proposal]], list[tuple[str, str]]]:
         """Every enabled policy's proposals; a failing policy is disabled for this job."""
         view = state.view()
         proposals: list[tuple[str, Proposal]] = []
         errors: list[tuple[str, str]] = []
-        for policy in self.policies:
+        for policy in policies:
             if policy.name in state.disabled_policies:
                 continue
             try:
@@ -319,7 +358,7 @@ class Engine:
         return proposals, errors
 
     def _decide_knob(
-        self, state: JobState, knob: str, mine: list[tuple[str, Proposal]]
+        self, state: JobState, knob: str, mine: list[tuple[str, Proposal]], memory: KnobMemory,
     ) -> KnobDecision | None:
         current = state.current(knob)
         initial = getattr(state.initial, knob)
@@ -339,7 +378,7 @@ class Engine:
                 reason = "a factor cannot apply to a knob with no value in force"
             return KnobDecision(knob, current, None, None, policy, reason, limits)
         gov = self.governor.govern(
-            knob, state.memory[knob], current, initial, target, state.step  # type: ignore[arg-type]
+            knob, memory, current, initial, target, state.step  # type: ignore[arg-type]
         )
         return KnobDecision(knob, current, target, gov.value, policy, reason, gov.limits)
 

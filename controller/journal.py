@@ -27,6 +27,10 @@ EVENT_KINDS = (
     # Rollback: a checkpoint first listed, marked stable, a rollback ordered, acknowledged
     # as restored, and a job put in alert (rollback budget exhausted).
     "checkpoint", "stable", "rollback", "restored", "alert",
+    # What shadow policies would have done (journaled and exported, never sent).
+    "shadow",
+    # Advice sent to a run (stop: the validation metric stopped improving).
+    "advice",
 )
 
 _SCHEMA = """

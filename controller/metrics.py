@@ -54,6 +54,10 @@ class JobCollector(Collector):
         decisions = CounterMetricFamily(
             "trimtab_decisions", "Knob changes commanded, by policy, knob and direction.",
             labels=["job", "policy", "knob", "direction"])
+        shadow = CounterMetricFamily(
+            "trimtab_shadow_decisions",
+            "Knob changes shadow policies would have commanded (never sent), by policy, knob "
+            "and direction.", labels=["job", "policy", "knob", "direction"])
         perrors = CounterMetricFamily("trimtab_policy_errors",
                                       "Policies disabled for a job after raising or misbehaving.",
                                       labels=["job", "policy"])
@@ -89,6 +93,8 @@ class JobCollector(Collector):
             dropped.add_metric([job], state.dropped_reports)
             for (policy, kname, direction), n in dict(state.decision_counts).items():
                 decisions.add_metric([job, policy, kname, direction], n)
+            for (policy, kname, direction), n in dict(state.shadow_counts).items():
+                shadow.add_metric([job, policy, kname, direction], n)
             for policy in dict(state.disabled_policies):
                 perrors.add_metric([job, policy], 1)
             rb = state.rollback
@@ -100,7 +106,7 @@ class JobCollector(Collector):
                 stable.add_metric([job], rb.stable_step)
             taken.add_metric([job], rb.checkpoints_seen)
             marked.add_metric([job], rb.marked_stable)
-        yield from (knob, step, loss, gnorm, reports, dropped, decisions, perrors,
+        yield from (knob, step, loss, gnorm, reports, dropped, decisions, shadow, perrors,
                     rollbacks, lost, alert, stable, taken, marked)
 
 

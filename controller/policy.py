@@ -29,7 +29,9 @@ import abc
 import importlib
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import KW_ONLY, dataclass
+from fnmatch import fnmatchcase
 from importlib.metadata import EntryPoint, entry_points
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -46,13 +48,18 @@ __all__ = [
     "Policy",
     "PolicyLoadError",
     "discover",
+    "is_allowed",
     "load_policy",
 ]
 
 ENTRY_POINT_GROUP = "trimtab.policies"
+#: The package of the built-in policies: always allowed to load.
+BUILTIN_PACKAGE = "trimtab.policies"
 
 
 _CAUSE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+#: Advice a proposal may carry instead of a knob change.
+ADVICE: tuple[str, ...] = ("stop",)
 
 
 @dataclass(frozen=True)
@@ -69,6 +76,12 @@ class Proposal:
     >>> p = Proposal.roll_back("nonfinite", "NaN loss")
     >>> (p.rollback, p.knob, p.factor)
     ('nonfinite', 'lr', 0.5)
+
+    An advice proposal (:meth:`advise_stop`) changes no knob: the engine carries it in the
+    decision and the controller passes it on to the run (``Command.stop_advice``).
+
+    >>> Proposal.advise_stop("validation loss flat for 5 evaluations").advice
+    'stop'
     """
 
     knob: wire.Knob
@@ -80,6 +93,13 @@ class Proposal:
     #: The cause of a rollback asked for (a short identifier, e.g. ``"nonfinite"``; it
     #: becomes a metric label); None for an ordinary proposal.
     rollback: str | None = None
+    #: Advice to the run instead of a knob change: one of :data:`ADVICE` (None: none).
+    advice: str | None = None
+
+    @classmethod
+    def advise_stop(cls, reason: str) -> Proposal:
+        """Recommend that the run stop, and why; no knob changes."""
+        return cls("lr", reason=reason, advice="stop")
 
     @classmethod
     def roll_back(cls, cause: str, reason: str, *, fallback_factor: float = 0.5) -> Proposal:
@@ -95,6 +115,13 @@ class Proposal:
         given = [n for n in ("factor", "value") if getattr(self, n) is not None]
         if self.hold is not False:
             given.append("hold")
+        if self.advice is not None:
+            if self.advice not in ADVICE:
+                raise ValueError(f"advice must be one of {', '.join(ADVICE)}, got {self.advice!r}")
+            if given or self.rollback is not None:
+                raise ValueError(f"an advice proposal takes no factor, value, hold or rollback; "
+                                 f"got {given or ['rollback']}")
+            return
         if len(given) != 1:
             raise ValueError(
                 f"a proposal for {self.knob} takes exactly one of factor, value or hold=True; "
@@ -117,10 +144,13 @@ class Proposal:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable record."""
-        return {
+        out = {
             "knob": self.knob, "factor": self.factor, "value": self.value,
             "hold": self.hold, "reason": self.reason, "rollback": self.rollback,
         }
+        if self.advice is not None:
+            out["advice"] = self.advice
+        return out
 
 
 def _check_number(knob: str, what: str, x: Any, strictly_positive: bool) -> None:
@@ -180,12 +210,37 @@ def discover() -> dict[str, EntryPoint]:
     return found
 
 
-def load_policy(name: str, config: dict[str, Any] | None = None) -> Policy:
+def is_allowed(name: str, allow: Sequence[str]) -> bool:
+    """Whether ``name`` may load: a built-in always; anything else only when the name or
+    what it points at matches an entry (an ``fnmatch`` glob) of ``allow``. Nothing is
+    imported to decide.
+
+    >>> is_allowed("plateau", []), is_allowed("acme.policies:Mine", ["acme.*"])
+    (True, True)
+    """
+    eps = discover()
+    target = eps[name].value if name in eps else name
+    module = target.partition(":")[0] if ":" in target else target.rpartition(".")[0]
+    if module == BUILTIN_PACKAGE or module.startswith(BUILTIN_PACKAGE + "."):
+        return True
+    return any(fnmatchcase(name, pat) or fnmatchcase(target, pat) for pat in allow)
+
+
+def load_policy(
+    name: str, config: dict[str, Any] | None = None, *, allow: Sequence[str] | None = None,
+) -> Policy:
     """A configured policy from an entry-point name, ``pkg.module:Class`` or ``pkg.module.Class``.
+
+    With ``allow`` given, a policy that :func:`is_allowed` refuses is not even imported.
 
     >>> load_policy("plateau", {"t_crit": 3.0}).config.t_crit
     3.0
     """
+    if allow is not None and not is_allowed(name, allow):
+        raise PolicyLoadError(
+            f"policy {name!r} is not allowed: besides the built-in {BUILTIN_PACKAGE}.*, only "
+            f"policies listed in allow_plugins load (allow_plugins = {list(allow)!r})"
+        )
     cls = _resolve(name)
     if not (isinstance(cls, type) and issubclass(cls, Policy)):
         raise PolicyLoadError(f"policy {name!r}: {cls!r} is not a trimtab Policy subclass")

@@ -23,7 +23,7 @@ from collections.abc import Iterable
 from prometheus_client import CollectorRegistry
 
 from trimtab.client import wire
-from trimtab.controller.config import ControllerConfig
+from trimtab.controller.config import ControllerConfig, PolicySpec
 from trimtab.controller.engine import Decision, Engine
 from trimtab.controller.governor import Governor
 from trimtab.controller.journal import Journal
@@ -40,9 +40,11 @@ log = logging.getLogger("trimtab.controller")
 Reply = tuple[bytes, bytes]
 
 
-def build_policies(config: ControllerConfig) -> list[Policy]:
-    """The configured policies, in order; a bad one stops the start with its name and cause."""
-    return [load_policy(spec.name, spec.config) for spec in config.policies]
+def build_policies(config: ControllerConfig) -> list[tuple[PolicySpec, Policy]]:
+    """The configured policies, in order; a bad or not allowed one stops the start with its
+    name and cause."""
+    return [(spec, load_policy(spec.name, spec.config, allow=config.allow_plugins))
+            for spec in config.policies]
 
 
 class Controller:
@@ -59,8 +61,11 @@ class Controller:
         self.config = config
         self.journal = journal
         self.clock = clock
-        self.engine = Engine(build_policies(config), Governor(config.governor),
-                             rollback=config.rollback)
+        self._policies = build_policies(config)
+        self._governor = Governor(config.governor)
+        self._engines: dict[tuple[int, ...], Engine] = {}
+        #: The engine of a job no ``jobs``-restricted policy entry matches.
+        self.engine = self.engine_for(None)
         self.jobs: dict[str, JobState] = {}
         self._peer: dict[str, bytes] = {}
         self._last_seen: dict[str, float] = {}
@@ -117,7 +122,8 @@ class Controller:
         self._touch(msg.job, peer)
         self.journal.append(msg.job, "register", step=msg.step, data={
             "run_id": msg.run_id, "resumed": resumed, "facts": msg.facts.model_dump(),
-            "knobs": msg.knobs.model_dump(), "applied_seq": msg.applied_seq})
+            "knobs": msg.knobs.model_dump(), "applied_seq": msg.applied_seq,
+            "report_every": msg.report_every})
         state.on_register(msg)
         self.journal.save_state(msg.job, state.state_dict())
         log.info("job %s registered (%s), step %d", msg.job, resumed, msg.step)
@@ -139,7 +145,9 @@ class Controller:
         self._checkpoints(state, msg, state.rollback.observe(state.view(), self.config.rollback))
         replies = self._resend_if_lost(peer, state, msg)
         if state.pending_command is None:
-            decision = self.engine.decide(state)
+            decision = self.engine_for(state.job).decide(state)
+            if decision.shadowed is not None:
+                self._journal_shadow(state.job, decision.shadowed)
             replies += self._act(peer, state, decision)
         self.journal.save_state(msg.job, state.state_dict())
         return replies
@@ -233,6 +241,33 @@ class Controller:
                             command.mark_stable)
 
     # -- helpers ------------------------------------------------------------------------
+    def engine_for(self, job: str | None) -> Engine:
+        """The engine with the policies configured for ``job`` (None: those for every job),
+        live and shadow; for a job two entries of one name match, the first wins."""
+        picked: dict[str, int] = {}
+        for i, (spec, _) in enumerate(self._policies):
+            if spec.jobs is None or (job is not None and spec.applies_to(job)):
+                picked.setdefault(spec.name, i)
+        key = tuple(sorted(picked.values()))
+        if key not in self._engines:
+            chosen = [self._policies[i] for i in key]
+            self._engines[key] = Engine(
+                [p for spec, p in chosen if not spec.shadow], self._governor,
+                rollback=self.config.rollback,
+                shadow_policies=[p for spec, p in chosen if spec.shadow])
+        return self._engines[key]
+
+    def _journal_shadow(self, job: str, decision: Decision) -> None:
+        """Journal and log what the shadow policies would have done; nothing is sent."""
+        for policy, error in decision.errors:
+            log.error("shadow policy %s disabled for job %s: %s", policy, job, error)
+            self.journal.append(job, "policy_error", step=decision.step,
+                                data={"policy": policy, "error": error, "shadow": True})
+        if decision.proposals:
+            self.journal.append(job, "shadow", step=decision.step, data=decision.to_dict())
+        for line in decision.reasons():
+            log.info("job %s: shadow, not sent: %s", job, line)
+
     def _act(self, peer: bytes, state: JobState, decision: Decision) -> list[Reply]:
         job = state.job
         for policy, proposal in decision.proposals:
@@ -252,16 +287,24 @@ class Controller:
         targets = decision.commands
         plan = None if decision.shadow else decision.rollback
         mark = decision.mark_stable
-        if not targets and plan is None and mark is None:
+        advice = None
+        if decision.stop_advice is not None and not decision.shadow and state.stop_advice is None:
+            advice = state.stop_advice = decision.stop_advice  # sent once per job
+            self.journal.append(job, "advice", step=decision.step,
+                                data={"advice": "stop", "reason": advice})
+            log.warning("job %s: advising the run to stop: %s", job, advice)
+        if not targets and plan is None and mark is None and advice is None:
             return []
         reasons = decision.reasons()
+        if advice is not None:
+            reasons.append(f"stop advised: {advice}"[:1024])
         if mark is not None:
             reasons.append(f"checkpoint at step {mark} marked stable: healthy for "
                            f"{state.step - mark} steps after it")
         command = wire.Command(
             job=job, seq=state.next_command_seq(), knobs=wire.Knobs(**targets),
             reasons=reasons[:64], mark_stable=mark,
-            rollback_to=plan.target_step if plan is not None else None)
+            rollback_to=plan.target_step if plan is not None else None, stop_advice=advice)
         state.pending_command = command
         self._pending_since[job] = state.reports_seen
         if plan is not None:

@@ -19,6 +19,7 @@ and the governor's per-knob memory. Policies never see it: they read the frozen
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import deque
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ if TYPE_CHECKING:
 
     from trimtab.controller.rollback import RollbackConfig
 
-__all__ = ["SignalConfig", "Signals", "JobView", "JobState"]
+__all__ = ["SignalConfig", "Signals", "Sample", "JobView", "JobState"]
 
 _STATE_VERSION = 2  # 2: rollback state added; a version-1 state loads with none
 
@@ -59,6 +60,8 @@ class SignalConfig(BaseModel):
     z_warmup: int = Field(10, ge=2)
     #: Added to variances before dividing, so a flat history gives finite z-scores.
     eps: float = Field(1e-12, gt=0.0, allow_inf_nan=False)
+    #: Reports kept as :class:`Sample` history (and validation results kept) for policies.
+    history: int = Field(128, ge=8, le=100_000)
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,36 @@ class Signals:
 
 
 @dataclass(frozen=True)
+class Sample:
+    """One report, condensed to what history-reading policies need; ``None`` where the
+    report carried nothing."""
+
+    step: int
+    window: int
+    loss_mean: float | None = None
+    grad_norm_mean: float | None = None
+    grad_norm_std: float | None = None
+    grad_norm_max: float | None = None
+    update_ratio: float | None = None
+    micro_sq_norm_mean: float | None = None
+    micro_batches: int | None = None
+    #: The LR in force during the window (as the report says).
+    lr: float | None = None
+    #: Non-finite losses plus non-finite gradient steps in the window.
+    nonfinite: int = 0
+
+    @classmethod
+    def of(cls, r: wire.Report) -> Sample:
+        """The sample of one report."""
+        return cls(r.step, r.window, r.loss_mean, r.grad_norm_mean, r.grad_norm_std,
+                   r.grad_norm_max, r.update_ratio, r.micro_sq_norm_mean, r.micro_batches,
+                   r.knobs.lr, r.nonfinite_losses + r.nonfinite_grads)
+
+    def to_list(self) -> list[Any]:
+        return [getattr(self, f.name) for f in dataclasses.fields(self)]
+
+
+@dataclass(frozen=True)
 class JobView:
     """What a policy reads: a frozen snapshot of one job."""
 
@@ -110,6 +143,10 @@ class JobView:
     nonfinite_grads_total: int
     #: Step of the last change the controller commanded, per knob (None: never).
     last_change_step: Mapping[str, int | None]
+    #: The newest reports as samples, oldest first (at most ``SignalConfig.history``).
+    history: tuple[Sample, ...] = ()
+    #: ``(step, value)`` of the validation results reported, oldest first (lower is better).
+    validations: tuple[tuple[int, float], ...] = ()
 
 
 class _EW:
@@ -143,6 +180,10 @@ def _finite(x: float | None) -> float | None:
     return x if x is not None and math.isfinite(x) else None
 
 
+def _step_of(x: Sample | tuple[int, float]) -> int:
+    return x.step if isinstance(x, Sample) else x[0]
+
+
 def _not_nan(x: float) -> float | None:
     return None if math.isnan(x) else x
 
@@ -174,6 +215,10 @@ class JobState:
         self.refs: tuple[float | None, float | None] = (None, None)
         self._points: deque[tuple[int, float]] = deque(maxlen=self.signal_cfg.slope_window)
         self._slope: tuple[float | None, float | None, float | None] = (None, None, None)
+        self.history: deque[Sample] = deque(maxlen=self.signal_cfg.history)
+        self.validations: deque[tuple[int, float]] = deque(maxlen=self.signal_cfg.history)
+        #: The stop advice sent to the run (it is sent once per job); None: none yet.
+        self.stop_advice: str | None = None
         self.nonfinite_losses = 0
         self.nonfinite_grads = 0
         self.dropped_reports = 0
@@ -190,6 +235,10 @@ class JobState:
         self.decision_counts: dict[tuple[str, str, str], int] = {}
         #: Checkpoints, stable marks, rollbacks and alert.
         self.rollback = RollbackState(step=step)
+        #: The governor memory of shadow policies' would-be changes (never the live one's).
+        self.shadow_memory: dict[str, KnobMemory] = {k: KnobMemory() for k in wire.KNOBS}
+        #: Shadow policies' would-be changes by (policy, knob, "up"/"down").
+        self.shadow_counts: dict[tuple[str, str, str], int] = {}
 
     @classmethod
     def from_register(
@@ -236,6 +285,10 @@ class JobState:
         if report.loss_mean is not None:
             self._points.append((report.step, report.loss_mean))
             self._refresh_slope()
+        self.history.append(Sample.of(report))
+        if report.validation is not None:
+            vstep = report.step if report.validation_step is None else report.validation_step
+            self.validations.append((vstep, report.validation))
         self.last_report = report
 
     def _fold(self, ew: _EW, x: float | None) -> float | None:
@@ -314,6 +367,11 @@ class JobState:
         self.step = step
         self._points.clear()
         self._slope = (None, None, None)
+        # Reports and validation results after the checkpoint describe the abandoned path.
+        for kept in (self.history, self.validations):
+            survivors = [x for x in kept if _step_of(x) <= step]
+            kept.clear()
+            kept.extend(survivors)
         return self.rollback.note_restored(step, cfg)
 
     # -- what the engine records --------------------------------------------------
@@ -339,6 +397,15 @@ class JobState:
             if last is not None and last > step:
                 self.last_change_step[knob] = step
 
+    def note_shadow(
+        self, knob: str, policy: str, previous: float | None, value: float, window_steps: int,
+    ) -> None:
+        """Record that a shadow policy would have commanded ``value`` for ``knob`` now."""
+        self.shadow_memory[knob].record(self.step, previous, value, window_steps)
+        direction = "up" if previous is None or value > previous else "down"
+        key = (policy, knob, direction)
+        self.shadow_counts[key] = self.shadow_counts.get(key, 0) + 1
+
     def disable(self, policy: str, reason: str) -> None:
         """Stop asking ``policy`` for this job."""
         self.disabled_policies[policy] = reason
@@ -363,6 +430,7 @@ class JobState:
             nonfinite_losses_total=self.nonfinite_losses,
             nonfinite_grads_total=self.nonfinite_grads,
             last_change_step=MappingProxyType(dict(self.last_change_step)),
+            history=tuple(self.history), validations=tuple(self.validations),
         )
 
     # -- persistence -----------------------------------------------------------------
@@ -372,7 +440,8 @@ class JobState:
         "step", "reports_seen", "loss", "grad_norm", "loss_z", "grad_norm_z", "refs",
         "slope_points", "nonfinite_losses", "nonfinite_grads", "dropped_reports", "last_report",
         "memory", "last_change_step", "command_seq", "applied_seq", "last_command", "awaiting_ack",
-        "disabled_policies", "decision_counts", "rollback",
+        "disabled_policies", "decision_counts", "rollback", "shadow_memory", "shadow_counts",
+        "history", "validations", "stop_advice",
     })
 
     def state_dict(self) -> dict[str, Any]:
@@ -398,6 +467,13 @@ class JobState:
                 [p, k, d, n] for (p, k, d), n in sorted(self.decision_counts.items())
             ],
             "rollback": self.rollback.state_dict(),
+            "shadow_memory": {k: m.state_dict() for k, m in self.shadow_memory.items()},
+            "shadow_counts": [
+                [p, k, d, n] for (p, k, d), n in sorted(self.shadow_counts.items())
+            ],
+            "history": [s.to_list() for s in self.history],
+            "validations": [[s, v] for s, v in self.validations],
+            "stop_advice": self.stop_advice,
         }
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
@@ -405,6 +481,11 @@ class JobState:
         if sd.get("version") == 1 and "rollback" not in sd:  # written before rollback existed
             fresh = RollbackState(step=sd.get("step", 0)).state_dict()
             sd = {**sd, "version": 2, "rollback": fresh, "refs": [None, None]}
+        if "shadow_counts" not in sd:  # written before shadow policies existed
+            sd = {**sd, "shadow_counts": [],
+                  "shadow_memory": {k: KnobMemory().state_dict() for k in wire.KNOBS}}
+        if "history" not in sd:  # written before report history was kept
+            sd = {**sd, "history": [], "validations": [], "stop_advice": None}
         _check_keys("JobState", sd, set(self._KEYS))
         if sd["version"] != _STATE_VERSION:
             raise ValueError(
@@ -438,6 +519,13 @@ class JobState:
         self.disabled_policies = dict(sd["disabled_policies"])
         self.decision_counts = {(p, k, d): int(n) for p, k, d, n in sd["decision_counts"]}
         self.rollback.load_state_dict(sd["rollback"])
+        _check_keys("JobState.shadow_memory", sd["shadow_memory"], set(wire.KNOBS))
+        for knob, msd in sd["shadow_memory"].items():
+            self.shadow_memory[knob].load_state_dict(msd)
+        self.shadow_counts = {(p, k, d): int(n) for p, k, d, n in sd["shadow_counts"]}
+        self.history.extend(Sample(*row) for row in sd["history"])
+        self.validations.extend((int(s), float(v)) for s, v in sd["validations"])
+        self.stop_advice = sd["stop_advice"]
 
     @classmethod
     def from_state_dict(cls, sd: dict[str, Any]) -> JobState:

@@ -320,3 +320,24 @@ def test_non_finite_values_right_after_a_restore_roll_back_again_not_just_cut(tm
     c.ack(second)
     (third,) = c.report(nonfinite_grads=5)
     assert third.rollback_to is None and ctl.journal.events("rb", "alert")  # bounded
+
+
+def test_stop_advice_goes_out_once_in_a_command_and_is_journaled(tmp_path):
+    ctl, _ = make(tmp_path, policies=[PolicySpec(name="early_stop", config={"patience": 2})])
+    ctl.handle(PEER, register())
+    sent = []
+    for seq, val in enumerate([3.0, 2.0, 2.0, 2.0, 2.0, 2.0], start=1):
+        frame = wire.Report(
+            job="j1", seq=seq, step=seq * 10, window=10, loss_mean=1.0, validation=val,
+            validation_step=seq * 10, knobs=wire.Knobs(lr=0.1, momentum=0.9, weight_decay=0.0),
+            applied_seq=len(sent))
+        sent += [m for m in decoded(ctl.handle(PEER, wire.encode(frame)))
+                 if isinstance(m, wire.Command)]
+    (cmd,) = sent
+    assert cmd.stop_advice == ("early_stop: validation 2 at step 40: no improvement on the best "
+                               "2 (step 20) for 2 results")
+    assert cmd.knobs == wire.Knobs() and cmd.reasons == [f"stop advised: {cmd.stop_advice}"]
+    advice = [e for e in ctl.journal.events("j1") if e.kind == "advice"]
+    assert len(advice) == 1 and advice[0].step == 40
+    assert advice[0].data == {"advice": "stop", "reason": cmd.stop_advice}
+    assert ctl.jobs["j1"].stop_advice == cmd.stop_advice

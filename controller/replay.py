@@ -1,0 +1,302 @@
+"""Offline replay: run any policy over a recorded trace and see what it would have decided.
+
+A trace is one job's registration, reports and acks as the journal holds them.
+:func:`trace_records` reads them from a journal, :func:`write_trace` writes them as JSON
+lines (``trimtab export JOB``), and :func:`read_trace` reads either back. :func:`replay`
+rebuilds the job's :class:`~trimtab.controller.state.JobState` from the registration,
+feeds the reports in order and, after each, runs the engine and governor as the live
+controller does.
+
+The run itself is not simulated: losses and gradient norms are the recorded ones, and a
+value the replayed policies command is assumed applied at the next report (from then on
+it replaces the recorded value of that knob). A rollback is reported, not rewound.
+
+>>> from trimtab.client import wire
+>>> from trimtab.controller.policy import Policy, Proposal
+>>> class Halve(Policy):
+...     name = "halve"
+...     def propose(self, view):
+...         return [Proposal("lr", factor=0.5, reason="demo")] if view.step == 20 else []
+>>> facts = {"param_count": 1, "group_sizes": [1], "optimizer": "SGD", "dtype": "float32",
+...          "device": "cpu"}
+>>> trace = [TraceRecord("register", 0, None, {"job": "j", "run_id": "r", "facts": facts,
+...                      "knobs": {"lr": 0.1}, "report_every": 10})]
+>>> trace += [TraceRecord("report", s, s // 10, {"step": s, "window": 10, "loss_mean": 1.0,
+...           "knobs": {"lr": 0.1}}) for s in (10, 20, 30)]
+>>> result = replay(trace, [Halve()])
+>>> result.lines()
+['step 20: lr 0.1 -> 0.05 by halve: demo']
+>>> [p.knobs["lr"] for p in result.points]
+[0.1, 0.1, 0.05]
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from trimtab.client import wire
+from trimtab.controller.config import ControllerConfig
+from trimtab.controller.engine import Decision, Engine
+from trimtab.controller.governor import Governor
+from trimtab.controller.journal import Journal
+from trimtab.controller.policy import Policy
+from trimtab.controller.state import JobState
+
+__all__ = [
+    "TRACE_KINDS", "TraceError", "TraceRecord", "ReplayPoint", "ReplayResult",
+    "trace_records", "write_trace", "read_trace", "parse_sets", "replay", "plot",
+]
+
+#: The journal events a trace keeps.
+TRACE_KINDS = ("register", "report", "ack")
+
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+class TraceError(ValueError):
+    """A trace cannot be read or replayed; says which file, line or job, and why."""
+
+
+@dataclass(frozen=True)
+class TraceRecord:
+    """One line of a trace: a registration, report or ack, with the journal's fields."""
+
+    kind: str
+    step: int | None
+    seq: int | None
+    data: dict[str, Any]
+
+    def to_json(self) -> str:
+        return json.dumps({"kind": self.kind, "step": self.step, "seq": self.seq,
+                           "data": self.data}, allow_nan=False)
+
+
+def trace_records(journal: Journal, job: str) -> list[TraceRecord]:
+    """The trace of ``job`` in ``journal``: its registrations, reports and acks, in order."""
+    out = []
+    for ev in journal.iter_events(job):
+        if ev.kind in TRACE_KINDS:
+            data = {"job": job, **ev.data} if ev.kind == "register" else ev.data
+            out.append(TraceRecord(ev.kind, ev.step, ev.seq, data))
+    if not any(r.kind == "register" for r in out):
+        known = ", ".join(journal.jobs()) or "none"
+        raise TraceError(f"journal {journal.path!r} has no registration of job {job!r} "
+                         f"(jobs in it: {known})")
+    return out
+
+
+def write_trace(records: Iterable[TraceRecord], out: IO[str]) -> int:
+    """Write ``records`` as JSON lines; returns how many."""
+    n = 0
+    for rec in records:
+        out.write(rec.to_json() + "\n")
+        n += 1
+    return n
+
+
+def read_trace(path: str | Path, job: str | None = None) -> list[TraceRecord]:
+    """A trace from a JSONL export, or from a journal (``job`` needed if it holds several)."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(_SQLITE_MAGIC))
+    except OSError as exc:
+        raise TraceError(f"cannot read trace {str(path)!r}: {exc.strerror}") from None
+    if head == _SQLITE_MAGIC:
+        journal = Journal(str(path))
+        try:
+            jobs = journal.jobs()
+            if job is None:
+                if len(jobs) != 1:
+                    raise TraceError(f"journal {str(path)!r} holds jobs {jobs}; pick one with "
+                                     "--job")
+                job = jobs[0]
+            return trace_records(journal, job)
+        finally:
+            journal.close()
+    records = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            raw = json.loads(line)
+            rec = TraceRecord(raw["kind"], raw.get("step"), raw.get("seq"), dict(raw["data"]))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise TraceError(
+                f"{path}:{i}: not a trace line ({type(exc).__name__}: {exc})") from None
+        if rec.kind in TRACE_KINDS:
+            records.append(rec)
+    return records
+
+
+def parse_sets(items: Sequence[str]) -> dict[str, Any]:
+    """``["key=value", ...]`` as a config dict; each value JSON if it parses, else a string.
+
+    >>> parse_sets(["rise=0.1", "mode=fast", "knobs=[\\"lr\\"]"])
+    {'rise': 0.1, 'mode': 'fast', 'knobs': ['lr']}
+    """
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise TraceError(f"--set expects key=value, got {item!r}")
+        try:
+            out[key.strip()] = json.loads(text)
+        except ValueError:
+            out[key.strip()] = text
+    return out
+
+
+@dataclass(frozen=True)
+class ReplayPoint:
+    """One report as replayed: what was recorded, and the knobs in force in the replay."""
+
+    step: int
+    loss: float | None
+    grad_norm: float | None
+    knobs: dict[str, float | None]
+    recorded: dict[str, float | None]
+
+
+@dataclass
+class ReplayResult:
+    """What the replayed policies would have decided over a trace."""
+
+    job: str
+    points: list[ReplayPoint] = field(default_factory=list)
+    decisions: list[Decision] = field(default_factory=list)
+
+    def lines(self, *, holds: bool = False) -> list[str]:
+        """One line per decision: step, knob, old -> new, reason, limits; a rollback's
+        first. With ``holds``, also the wishes the governor or a hold kept from changing."""
+        out = []
+        for d in self.decisions:
+            if d.rollback is not None:
+                out.append(f"step {d.step}: {d.rollback.describe()} (not rewound in a replay)")
+            for knob in wire.KNOBS:
+                kd = d.knobs.get(knob)
+                if kd is None:
+                    continue
+                if knob in d.would_command:
+                    out.append(f"step {d.step}: {kd.describe()}")
+                elif holds and kd.policy is not None:
+                    wanted = "" if kd.target is None else f", wanted {kd.target:.6g}"
+                    limits = f" [limited: {', '.join(kd.limits)}]" if kd.limits else ""
+                    out.append(f"step {d.step}: {knob} held at {kd.current}{wanted} by "
+                               f"{kd.policy}: {kd.reason}{limits}")
+            for policy, error in d.errors:
+                out.append(f"step {d.step}: policy {policy} disabled: {error}")
+        return out
+
+
+def replay(
+    trace: Sequence[TraceRecord], policies: Sequence[Policy],
+    config: ControllerConfig | None = None,
+) -> ReplayResult:
+    """Run ``policies`` over ``trace`` through the engine and governor of ``config``."""
+    config = config or ControllerConfig()
+    regs = [r for r in trace if r.kind == "register"]
+    reports = [r for r in trace if r.kind == "report"]
+    if not regs:
+        raise TraceError("the trace has no registration to rebuild the job from")
+    state = _rebuild(regs[0], reports, config)
+    engine = Engine(policies, Governor(config.governor), rollback=config.rollback)
+    result = ReplayResult(state.job)
+    applied: dict[str, float] = {}  # what the replay commanded, in force from the next report
+    for rec in trace:
+        if rec.kind == "ack":
+            knobs = _knobs({**rec.data.get("knobs", {}), **applied})
+            state.on_applied(state.command_seq, knobs)
+            continue
+        if rec.kind != "report":
+            continue
+        recorded = dict(rec.data.get("knobs", {}))
+        data = {"seq": rec.seq, **rec.data, "job": state.job,
+                "knobs": {**recorded, **applied}, "applied_seq": state.command_seq}
+        try:
+            report = wire.Report.model_validate(data)
+        except ValueError as exc:
+            raise TraceError(f"report at step {rec.step} is not a valid report: {exc}") from None
+        state.observe(report)
+        state.rollback.observe(state.view(), config.rollback)
+        decision = engine.decide(state)
+        if decision.commands or decision.rollback is not None or decision.errors:
+            result.decisions.append(decision)
+        if decision.commands:
+            state.next_command_seq()
+            applied.update(decision.commands)
+        if decision.mark_stable is not None:
+            state.rollback.note_marked(decision.mark_stable)  # assumed applied, like knobs
+        result.points.append(ReplayPoint(
+            report.step, _num(report.loss_mean), _num(report.grad_norm_mean),
+            report.knobs.model_dump(), recorded))
+    return result
+
+
+def _rebuild(reg: TraceRecord, reports: list[TraceRecord], config: ControllerConfig) -> JobState:
+    d = reg.data
+    # Journals written before report_every was recorded: a report's window is the same.
+    every = d.get("report_every") or (reports[0].data.get("window") if reports else None) or 1
+    try:
+        return JobState(
+            d["job"], d["run_id"], wire.ScaleFacts.model_validate(d["facts"]), int(every),
+            _knobs(d["knobs"]), signal_cfg=config.signals, step=int(reg.step or 0),
+            applied_seq=int(d.get("applied_seq", 0)))
+    except (KeyError, ValueError) as exc:
+        raise TraceError(f"the registration cannot rebuild a job: {type(exc).__name__}: "
+                         f"{exc}") from None
+
+
+def _knobs(raw: dict[str, Any]) -> wire.Knobs:
+    return wire.Knobs.model_validate({k: v for k, v in raw.items() if k in wire.KNOBS})
+
+
+def _num(x: float | None) -> float | None:
+    return x if x is not None and math.isfinite(x) else None
+
+
+def plot(result: ReplayResult, path: str | Path) -> None:
+    """Draw loss and gradient norm, the knobs (replayed, and recorded dashed) and the
+    decisions over steps into ``path`` (needs matplotlib: ``pip install 'trimtab[plots]'``)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise TraceError("--plot needs matplotlib: pip install 'trimtab[plots]'") from None
+    steps = [p.step for p in result.points]
+    knobs = [k for k in wire.KNOBS if any(p.knobs.get(k) is not None for p in result.points)]
+    fig, axes = plt.subplots(1 + max(len(knobs), 1), 1, sharex=True,
+                             figsize=(9, 2.2 * (1 + max(len(knobs), 1))), squeeze=False)
+    ax = axes[0][0]
+    ax.plot(steps, [p.loss for p in result.points], label="loss", color="C0")
+    ax.set_ylabel("loss")
+    twin = ax.twinx()
+    twin.plot(steps, [p.grad_norm for p in result.points], label="grad norm", color="C1",
+              alpha=0.6)
+    twin.set_ylabel("grad norm")
+    ax.set_title(f"replay of {result.job}: {len(result.decisions)} decisions")
+    for row, knob in enumerate(knobs, 1):
+        kax = axes[row][0]
+        kax.step(steps, [p.knobs.get(knob) for p in result.points], where="post",
+                 label=f"{knob} (replay)", color="C2")
+        kax.step(steps, [p.recorded.get(knob) for p in result.points], where="post",
+                 label=f"{knob} (recorded)", color="C7", linestyle="--")
+        kax.set_ylabel(knob)
+        if knob == "lr":
+            kax.set_yscale("log")
+        kax.legend(loc="best", fontsize="small")
+    for d in result.decisions:
+        color = "k" if d.rollback is not None else "C3"
+        for (a,) in axes:
+            a.axvline(d.step, color=color, alpha=0.4, linewidth=1)
+    axes[-1][0].set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

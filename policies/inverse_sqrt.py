@@ -1,0 +1,53 @@
+"""Inverse square root: a linear warm-up, then decay as one over the square root of the step.
+
+The rule (Vaswani et al. 2017, "Attention Is All You Need", sec. 5.3, with the
+``d_model ** -0.5`` constant folded into a peak lr)::
+
+    lr(t) = base x min(n / w, sqrt(w / n)),   n = t + 1, w = warmup_steps
+
+where ``base`` is ``lr`` (default: the job's registered lr), the peak reached at
+``n = w``, and ``t`` the optimizer steps taken: ``lr(t)`` is what the ``(t+1)``-th
+optimizer step -- Vaswani's ``step_num = n`` -- uses. torch has no class for it; its
+counterpart is ``LambdaLR(optimizer, lambda t: min((t + 1) / w, (w / (t + 1)) ** 0.5))``
+after ``t`` scheduler steps. ``warmup_steps=1`` gives the plain ``base / sqrt(n)``.
+
+>>> InverseSqrt({"warmup_steps": 100}).lr_at(399, 0.1)
+0.05
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+from pydantic import BaseModel, Field
+
+from ._schedule import LrField, ScheduleConfig, SchedulePolicy
+
+__all__ = ["InverseSqrt", "InverseSqrtConfig", "inverse_sqrt_factor"]
+
+
+class InverseSqrtConfig(ScheduleConfig):
+    """Inverse square root's settings."""
+
+    #: The peak lr, reached after ``warmup_steps``; None: the job's registered lr.
+    lr: float | None = LrField
+    #: Steps of linear warm-up to the peak (Vaswani et al. used 4000); 1: none.
+    warmup_steps: int = Field(ge=1)
+
+
+def inverse_sqrt_factor(step: int, warmup_steps: int) -> float:
+    """``min(n / w, sqrt(w / n))`` with ``n = step + 1``."""
+    n = step + 1
+    return min(n / warmup_steps, math.sqrt(warmup_steps / n))
+
+
+class InverseSqrt(SchedulePolicy):
+    """Linear warm-up to the peak over ``warmup_steps``, then ``peak x sqrt(w / n)``."""
+
+    name: ClassVar[str] = "inverse_sqrt"
+    Config: ClassVar[type[BaseModel]] = InverseSqrtConfig
+
+    def lr_at(self, step: int, base_lr: float) -> float:
+        cfg: InverseSqrtConfig = self.config  # type: ignore[assignment]
+        return base_lr * inverse_sqrt_factor(step, cfg.warmup_steps)

@@ -1,0 +1,258 @@
+"""The plugin SDK without sockets: the allow-list, shadow policies through the engine and
+the service, and offline replay of a recorded trace."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import types
+
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from pydantic import ValidationError
+
+from trimtab.client import wire
+from trimtab.controller import replay as rp
+from trimtab.controller.config import ControllerConfig, PolicySpec
+from trimtab.controller.engine import Engine
+from trimtab.controller.governor import Governor, GovernorConfig
+from trimtab.controller.journal import Journal
+from trimtab.controller.policy import Policy, PolicyLoadError, Proposal, is_allowed, load_policy
+from trimtab.controller.service import Controller
+from trimtab.controller.state import JobState
+
+from .test_service import PEER, decoded, register, report
+
+
+class Cut(Policy):
+    """Halve the LR once the loss goes above 2."""
+
+    name = "cut"
+
+    def propose(self, view):
+        loss = view.last.loss_mean if view.last is not None else None
+        if loss is not None and loss > 2.0:
+            return [Proposal("lr", factor=0.5, reason=f"loss {loss} > 2")]
+        return []
+
+
+class Boom(Policy):
+    name = "boom"
+
+    def propose(self, view):
+        raise RuntimeError("boom")
+
+
+@pytest.fixture
+def sdk_module(monkeypatch):
+    mod = types.ModuleType("sdk_test_policies")
+    mod.Cut, mod.Boom = Cut, Boom
+    monkeypatch.setitem(sys.modules, "sdk_test_policies", mod)
+    return mod
+
+
+# -- the allow-list -------------------------------------------------------------------------
+
+
+def test_built_ins_are_always_allowed_and_others_only_when_listed(sdk_module):
+    assert is_allowed("plateau", [])
+    assert is_allowed("trimtab.policies.plateau:Plateau", [])
+    assert not is_allowed("sdk_test_policies:Cut", [])
+    assert not is_allowed("trimtab.policiesx.mod:X", [])
+    assert is_allowed("sdk_test_policies:Cut", ["sdk_test_policies:*"])
+    with pytest.raises(PolicyLoadError, match=r"policy 'sdk_test_policies:Cut' is not allowed: "
+                       r".*allow_plugins = \['other'\]"):
+        load_policy("sdk_test_policies:Cut", allow=["other"])
+    assert isinstance(load_policy("sdk_test_policies:Cut", allow=["sdk_test_policies:Cut"]), Cut)
+
+
+def test_a_refused_plugin_is_never_imported():
+    with pytest.raises(PolicyLoadError, match="is not allowed"):
+        load_policy("sdk_never_imported_mod:X", allow=[])
+    assert "sdk_never_imported_mod" not in sys.modules
+
+
+def test_the_controller_refuses_a_plugin_not_allowed_at_start(tmp_path, sdk_module):
+    cfg = ControllerConfig(policies=[PolicySpec(name="sdk_test_policies:Cut")])
+    with pytest.raises(PolicyLoadError, match=r"'sdk_test_policies:Cut' is not allowed.*"
+                       r"allow_plugins = \[\]"):
+        Controller(cfg, Journal(":memory:"), registry=CollectorRegistry())
+
+
+def test_a_name_twice_needs_jobs_on_each_entry():
+    with pytest.raises(ValidationError, match="policy 'plateau' is listed 2 times"):
+        ControllerConfig(policies=[{"name": "plateau"}, {"name": "plateau", "shadow": True,
+                                                         "jobs": ["a*"]}])
+    cfg = ControllerConfig(policies=[{"name": "plateau", "jobs": ["b*"]},
+                                     {"name": "plateau", "shadow": True, "jobs": ["a*"]}])
+    assert [s.applies_to("abc") for s in cfg.policies] == [False, True]
+
+
+# -- shadow in the engine ------------------------------------------------------------------
+
+
+def job(lr=0.1) -> JobState:
+    facts = wire.ScaleFacts(param_count=1, group_sizes=[1], optimizer="SGD", dtype="float32",
+                            device="cpu")
+    return JobState.register(wire.Register(job="j", run_id="r", report_every=10, facts=facts,
+                                           knobs=wire.Knobs(lr=lr)))
+
+
+def feed(st, step, loss):
+    st.observe(wire.Report(job="j", seq=step, step=step, window=10, loss_mean=loss,
+                           knobs=st.knobs))
+
+
+def test_a_shadow_pass_uses_its_own_memory_and_never_the_live_one():
+    gov = Governor(GovernorConfig(lr={"cooldown_steps": 30}))
+    engine = Engine([], gov, shadow_policies=[Cut()])
+    st = job()
+    seen = []
+    for step in range(10, 80, 10):
+        feed(st, step, 3.0)
+        d = engine.decide(st)
+        assert d.commands == {} and d.shadowed is not None and d.shadowed.commands == {}
+        seen.append(d.shadowed.would_command.get("lr"))
+    # Would halve, then waits out its cooldown in the shadow memory, and again.
+    assert seen == [0.05, None, None, 0.05, None, None, 0.05]
+    assert st.memory["lr"].history == [] and st.last_change_step["lr"] is None
+    assert st.decision_counts == {} and st.shadow_counts == {("cut", "lr", "down"): 3}
+    assert st.knobs.lr == 0.1
+
+
+def test_a_raising_shadow_policy_is_disabled_and_the_live_ones_go_on():
+    engine = Engine([Cut()], Governor(), shadow_policies=[Boom()])
+    st = job()
+    feed(st, 10, 3.0)
+    d = engine.decide(st)
+    assert d.commands == {"lr": 0.05}
+    assert d.shadowed.errors == (("boom", "raised RuntimeError: boom"),)
+    assert "boom" in st.disabled_policies
+
+
+def test_shadow_memory_and_counts_round_trip_and_old_states_load():
+    st = job()
+    st.note_shadow("lr", "cut", 0.1, 0.05, 100)
+    back = JobState.from_state_dict(st.state_dict())
+    assert back.shadow_counts == {("cut", "lr", "down"): 1}
+    assert back.shadow_memory["lr"].history == st.shadow_memory["lr"].history
+    old = st.state_dict()
+    del old["shadow_memory"], old["shadow_counts"]
+    assert JobState.from_state_dict(old).shadow_counts == {}
+
+
+# -- shadow through the service ------------------------------------------------------------
+
+
+def make(tmp_path, policies) -> Controller:
+    cfg = ControllerConfig(journal=str(tmp_path / "j.db"), metrics_port=0,
+                           allow_plugins=["sdk_test_policies:*"], policies=policies,
+                           governor={"lr": {"cooldown_steps": 0}})
+    return Controller(cfg, Journal(cfg.journal), registry=CollectorRegistry())
+
+
+def test_a_shadow_policy_is_journaled_and_counted_but_never_sent(tmp_path, sdk_module):
+    ctl = make(tmp_path, [{"name": "sdk_test_policies:Cut", "shadow": True, "jobs": ["j*"]},
+                          {"name": "sdk_test_policies:Cut", "jobs": ["other"]}])
+    ctl.handle(PEER, register())
+    replies = []
+    for seq in range(1, 6):
+        replies += decoded(ctl.handle(PEER, report(seq, loss=3.0)))
+    assert not any(isinstance(m, wire.Command) and m.knobs.lr is not None for m in replies)
+    shadow = ctl.journal.events("j1", "shadow")
+    assert len(shadow) == 5 and shadow[0].data["shadow"] is True
+    assert shadow[0].data["knobs"]["lr"]["commanded"] == pytest.approx(0.05)
+    assert shadow[0].data["commands"] == {}
+    assert not ctl.journal.events("j1", "decision")
+    text = generate_latest(ctl.metrics.registry).decode()
+    assert ('trimtab_shadow_decisions_total{direction="down",job="j1",knob="lr",'
+            'policy="cut"} 5.0') in text
+    assert "trimtab_decisions_total{" not in text
+
+
+def test_the_same_plugin_is_live_for_the_jobs_its_entry_names(tmp_path, sdk_module):
+    ctl = make(tmp_path, [{"name": "sdk_test_policies:Cut", "shadow": True, "jobs": ["x*"]},
+                          {"name": "sdk_test_policies:Cut", "jobs": ["j*"]}])
+    ctl.handle(PEER, register())
+    (cmd,) = decoded(ctl.handle(PEER, report(1, loss=3.0)))
+    assert isinstance(cmd, wire.Command) and cmd.knobs.lr == pytest.approx(0.05)
+    assert not ctl.journal.events("j1", "shadow")
+
+
+def test_a_raising_plugin_is_isolated_through_the_service(tmp_path, sdk_module):
+    ctl = make(tmp_path, [{"name": "sdk_test_policies:Boom"}, {"name": "sdk_test_policies:Cut"}])
+    ctl.handle(PEER, register())
+    (cmd,) = decoded(ctl.handle(PEER, report(1, loss=3.0)))
+    assert cmd.knobs.lr == pytest.approx(0.05)
+    (err,) = ctl.journal.events("j1", "policy_error")
+    assert err.data == {"policy": "boom", "error": "raised RuntimeError: boom"}
+    text = generate_latest(ctl.metrics.registry).decode()
+    assert 'trimtab_policy_errors_total{job="j1",policy="boom"} 1.0' in text
+
+
+# -- replay --------------------------------------------------------------------------------
+
+
+def recorded(tmp_path) -> str:
+    """A journal with one job's trace, recorded by a controller with no policies."""
+    ctl = make(tmp_path, [])
+    ctl.handle(PEER, register())
+    for seq, loss in enumerate([1.0, 1.0, 3.0, 3.0, 1.0], 1):
+        ctl.handle(PEER, report(seq, loss=loss))
+    ctl.close()
+    return str(tmp_path / "j.db")
+
+
+def test_export_and_replay_rebuild_the_job_and_print_decisions(tmp_path, sdk_module):
+    path = recorded(tmp_path)
+    trace = rp.trace_records(Journal(path), "j1")
+    assert [r.kind for r in trace] == ["register"] + ["report"] * 5
+    assert trace[0].data["report_every"] == 10
+    out = tmp_path / "t.jsonl"
+    with open(out, "w") as f:
+        assert rp.write_trace(trace, f) == 6
+    again = rp.read_trace(out)
+    assert again == rp.read_trace(path) == trace
+    result = rp.replay(again, [Cut()], ControllerConfig(governor={"lr": {"cooldown_steps": 0}}))
+    assert result.lines() == ["step 30: lr 0.1 -> 0.05 by cut: loss 3.0 > 2",
+                              "step 40: lr 0.05 -> 0.025 by cut: loss 3.0 > 2"]
+    # Each commanded value is in force from the next report on.
+    assert [p.knobs["lr"] for p in result.points] == [0.1, 0.1, 0.1, 0.05, 0.025]
+    assert [p.recorded["lr"] for p in result.points] == [0.1] * 5
+
+
+def test_replay_errors_name_the_problem(tmp_path):
+    with pytest.raises(rp.TraceError, match="--set expects key=value, got 'rise'"):
+        rp.parse_sets(["rise"])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"kind": "report"}\n')
+    with pytest.raises(rp.TraceError, match=r"bad.jsonl:1: not a trace line \(KeyError"):
+        rp.read_trace(bad)
+    with pytest.raises(rp.TraceError, match=r"has no registration of job 'nope' \(jobs in "
+                       r"it: j1\)"):
+        rp.read_trace(recorded(tmp_path), "nope")
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "trimtab.controller", *args],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_replay_cli_validates_set_values_naming_the_key(tmp_path):
+    out = cli("replay", recorded(tmp_path), "--policy", "plateau", "--set", "t_crit=abc")
+    assert out.returncode == 2
+    assert "policy 'plateau': bad config: t_crit='abc': Input should be a valid number" \
+        in out.stderr
+
+
+def test_export_then_replay_cli_with_a_plot(tmp_path):
+    path = recorded(tmp_path)
+    trace, png = tmp_path / "t.jsonl", tmp_path / "p.png"
+    assert cli("export", "j1", "--journal", path, "--out", str(trace)).returncode == 0
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[governor.lr]\ncooldown_steps = 0\n")
+    out = cli("replay", str(trace), "--policy", "spike_guard", "--set", "z_threshold=1.5",
+              "--config", str(cfg), "--plot", str(png), "--holds")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[-2].startswith("# spike_guard on j1: ")
+    assert png.read_bytes()[:4] == b"\x89PNG"

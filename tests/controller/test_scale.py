@@ -1,0 +1,51 @@
+"""ScaleContext: facts in, the global batch and the batch-size lr rule out."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from trimtab.client import wire
+from trimtab.controller.scale import ScaleContext, optimizer_family
+
+
+def ctx(optimizer: str = "SGD", batch_size: int | None = 32, world_size: int = 8):
+    return ScaleContext.from_facts(wire.ScaleFacts(
+        param_count=30, group_sizes=[10, 20], optimizer=optimizer, dtype="bfloat16",
+        device="cuda:0", batch_size=batch_size, world_size=world_size))
+
+
+def test_the_context_carries_the_facts_and_the_global_batch():
+    c = ctx()
+    assert (c.param_count, c.group_sizes, c.world_size, c.global_batch_size) == (
+        30, (10, 20), 8, 256)
+    assert ctx(batch_size=None).global_batch_size is None
+
+
+@pytest.mark.parametrize(("name", "family"), [
+    ("SGD", "sgd"), ("ASGD", "sgd"), ("LARS", "sgd"), ("Adam", "adam"), ("AdamW", "adam"),
+    ("FusedAdam", "adam"), ("NAdam", "adam"), ("RAdam", "adam"), ("Adamax", "adam"),
+    ("Adafactor", "adam"), ("LAMB", "adam"), ("RMSprop", "adam"), ("Adagrad", "adam"),
+    ("LBFGS", "other"), ("Rprop", "other"),
+])
+def test_optimizer_families(name, family):
+    assert optimizer_family(name) == family
+
+
+def test_linear_for_sgd_square_root_for_adam():
+    assert ctx("SGD").batch_lr_factor(64) == 4.0
+    assert ctx("AdamW").batch_lr_factor(64) == 2.0
+    assert ctx("AdamW").batch_lr_factor(1024) == pytest.approx(math.sqrt(0.25))
+    assert ctx("SGD").batch_lr_factor(256) == 1.0
+
+
+def test_a_rule_can_be_forced_and_unknowns_are_refused():
+    assert ctx("LBFGS").batch_lr_factor(64, "sqrt") == 2.0
+    assert ctx("AdamW").batch_lr_factor(64, "linear") == 4.0
+    with pytest.raises(ValueError, match="optimizer 'LBFGS' is neither SGD- nor Adam-family"):
+        ctx("LBFGS").batch_lr_factor(64)
+    with pytest.raises(ValueError, match="needs the job's batch size"):
+        ctx(batch_size=None).batch_lr_factor(64)
+    with pytest.raises(ValueError, match="reference_batch_size must be >= 1, got 0"):
+        ctx().batch_lr_factor(0)

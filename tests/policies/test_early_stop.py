@@ -1,0 +1,106 @@
+"""Early-stopping advice on synthetic validation streams, the engine's carrying of it, and a
+real run that overfits."""
+
+from __future__ import annotations
+
+import pytest
+
+from trimtab.controller.engine import Engine
+from trimtab.controller.governor import Governor
+from trimtab.controller.policy import Policy, PolicyLoadError, Proposal, load_policy
+from trimtab.controller.state import JobState
+from trimtab.policies.early_stop import EarlyStop, stalled
+
+from .realrun import Run
+from .streams import feed, job
+
+
+def with_validations(*values: float, scale: float = 1.0) -> JobState:
+    st = job()
+    for v in values:
+        feed(st, loss_mean=1.0, validation=scale * v)
+    return st
+
+
+def test_improving_is_quiet_and_stalling_for_patience_advises_stop():
+    assert EarlyStop().propose(with_validations(5, 4, 3, 2, 1, 0.9, 0.8).view()) == []
+    assert EarlyStop().propose(with_validations(5, 4, 3, 3, 3, 3, 3).view()) == []  # 4 since
+    (p,) = EarlyStop().propose(with_validations(5, 4, 3, 3, 3.1, 3, 3.2, 3).view())
+    assert p.advice == "stop" and p.factor is None and p.value is None
+    assert p.reason == ("validation 3 at step 80: no improvement on the best 3 (step 30) "
+                        "for 5 results")
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 1e3])
+def test_improvements_smaller_than_min_rel_delta_do_not_count_whatever_the_scale(scale):
+    tiny = [3.0 - 1e-4 * i for i in range(6)]  # 3e-5 relative per result
+    assert EarlyStop().propose(with_validations(4, *tiny, scale=scale).view()) != []
+    assert EarlyStop({"min_rel_delta": 0}).propose(
+        with_validations(4, *tiny, scale=scale).view()) == []
+
+
+def test_stalled_helper_and_min_delta():
+    assert stalled([], 1, 0.0, 0.0) is None
+    assert stalled([(1, 3.0), (2, 2.5), (3, 2.4)], 1, 0.2, 0.0) == (2, 2.5, 1)
+
+
+def test_the_engine_carries_advice_without_touching_knobs_or_blocking_raises():
+    class Raise(Policy):
+        name = "raise"
+
+        def propose(self, view):
+            return [Proposal("lr", factor=1.5, reason="up")]
+
+    st = with_validations(3, 3, 3, 3, 3, 3)
+    d = Engine([EarlyStop(), Raise()], Governor()).decide(st)
+    assert d.stop_advice.startswith("early_stop: validation 3 at step 60: no improvement")
+    assert d.commands == {"lr": pytest.approx(1.5e-3)}
+    assert d.to_dict()["stop_advice"] == d.stop_advice
+    assert Engine([Raise()], Governor()).decide(with_validations(3)).stop_advice is None
+
+
+def test_advice_proposals_are_validated():
+    with pytest.raises(ValueError, match=r"advice must be one of stop, got 'pause'"):
+        Proposal("lr", reason="x", advice="pause")
+    with pytest.raises(ValueError, match=r"an advice proposal takes no factor, value, hold"):
+        Proposal("lr", reason="x", advice="stop", factor=0.5)
+
+
+def test_validations_survive_state_dict_and_a_rollback_drops_later_ones():
+    st = with_validations(5, 4, 3)
+    again = JobState.from_state_dict(st.state_dict())
+    assert again.view().validations == ((10, 5.0), (20, 4.0), (30, 3.0))
+    assert [s.step for s in again.view().history] == [10, 20, 30]
+    from trimtab.controller.rollback import RollbackConfig
+    st.on_restored(20, RollbackConfig())
+    assert st.view().validations == ((10, 5.0), (20, 4.0))
+    assert [s.step for s in st.view().history] == [10, 20]
+
+
+def test_config_is_validated():
+    with pytest.raises(PolicyLoadError, match=r"patience=0: Input should be greater than or"):
+        load_policy("early_stop", {"patience": 0})
+    with pytest.raises(PolicyLoadError, match=r"min_delta=-1: Input should be greater than or"):
+        load_policy("early_stop", {"min_delta": -1})
+
+
+def test_a_real_run_that_overfits_is_advised_to_stop(tmp_path):
+    run = Run(tmp_path, ["early_stop"], lr=1e-2, optimizer="adamw")
+    run.fix_pool(64)  # 64 training samples: the validation loss soon rises
+    vals = []
+    try:
+        for _ in range(40):
+            run.train(20)
+            vals.append(run.validate())
+            run.guard.report_validation(vals[-1])
+            if run.guard.should_stop:
+                break
+    finally:
+        run.close()
+    print("validation:", [round(v, 4) for v in vals], "stop:", run.guard.stop_reason)
+    assert run.guard.should_stop and run.guard.global_step < 800
+    assert run.guard.stop_reason.startswith("early_stop: validation ")
+    advised = [c for c in run.commands if c.stop_advice is not None]
+    assert len(advised) == 1
+    best = min(vals)
+    assert vals.index(best) <= len(vals) - 1 - 5
