@@ -17,7 +17,10 @@ def test_readme_config_example_is_accepted(tmp_path):
         path = tmp_path / f"example{i}.toml"
         path.write_text(block)
         cfg = load_config(path, env={})
-        assert [p.name for p in cfg.policies] == ["divergence_guard", "plateau"]
+        names = [p.name for p in cfg.policies]
+        assert names[:2] == ["divergence_guard", "plateau"], names
+        for spec in cfg.policies[2:]:  # a third-party policy: allowed, and in shadow mode
+            assert spec.shadow and spec.name in cfg.allow_plugins
 
 
 def test_readme_set_up_commands_are_the_ci_commands():
