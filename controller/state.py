@@ -148,6 +148,13 @@ class JobView:
     #: ``(step, value)`` of the validation results reported, oldest first (lower is better).
     validations: tuple[tuple[int, float], ...] = ()
 
+    def since_change(self, knob: str) -> tuple[Sample, ...]:
+        """History samples whose whole window ran after ``knob`` last changed."""
+        last = self.last_change_step.get(knob)
+        if last is None:
+            return self.history
+        return tuple(s for s in self.history if s.step - s.window >= last)
+
 
 class _EW:
     """Exponentially weighted mean and variance of one signal, with a warm-up."""

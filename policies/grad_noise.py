@@ -113,8 +113,7 @@ class GradNoise(Policy):
 
     def propose(self, view: JobView) -> list[Proposal]:
         cfg: GradNoiseConfig = self.config  # type: ignore[assignment]
-        last = view.last_change_step.get("lr")
-        recent = [s for s in view.history if last is None or s.step - s.window >= last]
+        recent = view.since_change("lr")
         if len(recent) < cfg.reports:
             return []
         window = recent[-cfg.reports:]

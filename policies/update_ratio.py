@@ -66,9 +66,7 @@ class UpdateRatio(Policy):
 
     def propose(self, view: JobView) -> list[Proposal]:
         cfg: UpdateRatioConfig = self.config  # type: ignore[assignment]
-        last = view.last_change_step.get("lr")
-        ratios = [s.update_ratio for s in view.history if s.update_ratio is not None
-                  and (last is None or s.step - s.window >= last)]
+        ratios = [s.update_ratio for s in view.since_change("lr") if s.update_ratio is not None]
         if len(ratios) < cfg.min_reports:
             return []
         r: float | None = None
