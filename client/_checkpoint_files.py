@@ -348,13 +348,17 @@ class CheckpointFiles:
         with self._cond:
             stale = self._stale(step, job.generation)  # a trajectory rolled back meanwhile
             stable = ckpt.stable
+        if not stale:
+            _write_manifest(self.directory, step, digest, size, stable)
+            with self._cond:
+                # Checked again under the lock: a rollback during the manifest write must
+                # not see this step listed afterwards (it belongs to the abandoned run).
+                stale = self._stale(step, job.generation)
+                if not stale:
+                    self._disk[step] = stable
         if stale:
-            with contextlib.suppress(OSError):
-                path.unlink()
+            self._do_delete(_Job("delete", steps=(step,)))
             return
-        _write_manifest(self.directory, step, digest, size, stable)
-        with self._cond:
-            self._disk[step] = stable
         self._prune()
 
     def _do_mark(self, job: _Job) -> None:

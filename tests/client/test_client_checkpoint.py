@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+import trimtab.client._checkpoint_files as files_mod
 from trimtab.client import CheckpointStore, load_stable
 from trimtab.client import _checkpoint as ckpt_mod
 from trimtab.client._checkpoint_files import WRITER_THREAD, CheckpointFiles
@@ -251,6 +252,30 @@ def test_a_write_killed_part_way_leaves_the_previous_stable_loadable(
     assert loaded.step == 0
     loaded.restore(run.model, run.opt)
     assert all(torch.equal(p, q) for p, q in zip(run.params(), stable_params, strict=True))
+    store.close()
+
+
+def test_a_rollback_during_a_write_never_lists_the_abandoned_checkpoint(
+    monkeypatch, tmp_path
+) -> None:
+    run = Run()
+    store = CheckpointStore(keep=3, directory=tmp_path)
+    run.take(store, 0)
+    store.mark_stable(0)
+    assert store.flush(10)
+    real = files_mod._write_manifest
+
+    def rollback_meanwhile(directory, step, *args, **kwargs):
+        real(directory, step, *args, **kwargs)
+        if step == 10:  # the training thread rolls back to 0 while step 10 commits
+            store.files.drop_after(0)
+
+    monkeypatch.setattr(files_mod, "_write_manifest", rollback_meanwhile)
+    run.step()
+    run.take(store, 10)
+    assert store.flush(10)
+    assert store.files.steps() == [0]
+    assert not list(tmp_path.glob("ckpt-000000000010.*"))
     store.close()
 
 
