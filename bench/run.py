@@ -1,0 +1,578 @@
+"""Control-quality benchmark: every contender on every task, seed and starting LR.
+
+    python -m bench run --quick                       # < 15 min on 2 cores
+    python -m bench run --full                        # more steps, 3 seeds
+    python -m bench run --quick --scenarios lr,target --tasks digits_cnn --seeds 2
+
+Scenarios (all runs share one pool of independent runs, deduplicated):
+
+- ``lr``: LR robustness. Each contender at each starting LR of the task's grid (five
+  points over four decades); per contender the best, median and worst final validation
+  loss relative to the task's oracle, and the runs that diverged.
+- ``target``: time to target. From the same runs: iterations to reach the task's target
+  validation loss at the reference (grid-centre) LR and at the contender's best LR.
+- ``scale``: the width sweep. Each contender at the LR that was its best at the smallest
+  width, run at every width; the ratio to each width's own oracle.
+
+The oracle of a task (and width) is the best median-over-seeds final validation loss of
+the hand-tuned schedules (warmup_cosine, step_decay) over a half-decade LR grid spanning
+the same four decades. trimtab runs against one live ``trimtab serve`` subprocess with
+its default configuration, started for the whole benchmark.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import multiprocessing
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Iterable
+from pathlib import Path
+
+from bench import contenders
+from bench.loop import RunResult, RunSpec
+from bench.tasks import Task, load_tasks
+
+__all__ = ["main", "plan", "execute", "report"]
+
+SCENARIOS = ("lr", "target", "scale")
+RESULTS = Path(__file__).resolve().parent / "results"
+MODES = {"quick": {"seeds": 1}, "full": {"seeds": 3}}
+#: Rough cost of one step, relative, to start the slowest runs first.
+_COST = {"char_transformer": 30.0, "digits_cnn": 6.0, "width_mlp": 1.5, "noisy_quadratic": 0.5}
+
+
+# ---------------------------------------------------------------- planning
+
+
+def _steps(task: Task, mode: str, override: int | None) -> int:
+    return override or task.steps[mode]
+
+
+def grid_specs(task: Task, names: Iterable[str], seeds: int, steps: int,
+               width: int | None) -> list[RunSpec]:
+    """Each contender over the LR grid, and the oracle's schedules over its finer grid."""
+    specs = [RunSpec(task.name, c, lr, s, steps, width)
+             for c in names if contenders.get(c).applies_to(task)
+             for lr in task.lr_grid for s in range(seeds)]
+    specs += [RunSpec(task.name, c, lr, s, steps, width) for c in contenders.ORACLE_SCHEDULES
+              for lr in task.oracle_grid for s in range(seeds)]
+    return specs
+
+
+def plan(tasks: dict[str, Task], names: list[str], scenarios: list[str], seeds: int,
+         mode: str, steps: int | None) -> list[RunSpec]:
+    """Phase-one runs: every task's grid (at its smallest width) and every width's oracle."""
+    specs: list[RunSpec] = []
+    for task in tasks.values():
+        n = _steps(task, mode, steps)
+        small = task.widths[0] if task.widths else None
+        if {"lr", "target"} & set(scenarios) or ("scale" in scenarios and task.widths):
+            specs += grid_specs(task, names, seeds, n, small)
+        if "scale" in scenarios:
+            for w in task.widths[1:]:
+                specs += grid_specs(task, [], seeds, n, w)
+    return _dedupe(specs)
+
+
+def scale_specs(tasks: dict[str, Task], names: list[str], results: list[RunResult],
+                seeds: int) -> list[RunSpec]:
+    """Phase two: each contender at its best smallest-width LR, at the other widths."""
+    specs = []
+    for task in tasks.values():
+        if not task.widths:
+            continue
+        for c in names:
+            lr, steps = best_lr(results, task, c, task.widths[0])
+            if lr is not None:
+                specs += [RunSpec(task.name, c, lr, s, steps, w)
+                          for w in task.widths[1:] for s in range(seeds)]
+    return _dedupe(specs)
+
+
+def _dedupe(specs: list[RunSpec]) -> list[RunSpec]:
+    return list({s.key: s for s in specs}.values())
+
+
+# ---------------------------------------------------------------- running
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Controller:
+    """A live ``trimtab serve`` subprocess for the whole benchmark (as bench.faults starts it)."""
+
+    def __init__(self, tmp: str, config: str | None) -> None:
+        port = _free_port()
+        cmd = [sys.executable, "-m", "trimtab.controller", "serve", "--bind",
+               f"tcp://127.0.0.1:{port}", "--metrics-port", "0", "--journal",
+               os.path.join(tmp, "journal.db"), "--log-level", "WARNING"]
+        if config:
+            cmd += ["--config", config]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline()
+        if "ready" not in line:
+            self.proc.kill()
+            raise RuntimeError(f"trimtab serve did not start: {line!r}")
+        self.endpoint = f"tcp://127.0.0.1:{port}"
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+_ENDPOINT: str | None = None
+
+
+def _init_worker(endpoint: str | None, threads: int) -> None:
+    global _ENDPOINT
+    import torch
+
+    contenders.quiet_environment()
+    torch.set_num_threads(threads)
+    _ENDPOINT = endpoint
+
+
+def _run_one(spec: RunSpec) -> dict:
+    from bench.loop import train
+
+    task = load_tasks()[spec.task]
+    return train(task, spec, _ENDPOINT).to_dict()
+
+
+def execute(specs: list[RunSpec], endpoint: str | None, workers: int,
+            log=lambda msg: None) -> list[RunResult]:
+    """Run every spec: in ``workers`` spawned processes, or here with ``workers=1``; one
+    torch thread each either way (on 2 shared cores, 2 threads per run were 20x slower
+    for these small models: the threads spin waiting for each other)."""
+    order = sorted(specs, key=lambda s: -_COST.get(s.task, 1.0) * s.steps)
+    out: list[RunResult] = []
+    t0 = time.perf_counter()
+
+    def done(d: dict) -> None:
+        out.append(RunResult.from_dict(d))
+        if len(out) % 25 == 0 or len(out) == len(order):
+            log(f"  {len(out)}/{len(order)} runs, {time.perf_counter() - t0:.0f} s")
+
+    if workers <= 1:
+        _init_worker(endpoint, 1)
+        for spec in order:
+            done(_run_one(spec))
+    else:
+        ctx = multiprocessing.get_context("spawn")
+        with ctx.Pool(workers, _init_worker, (endpoint, 1)) as pool:
+            for d in pool.imap_unordered(_run_one, order, chunksize=1):
+                done(d)
+    return out
+
+
+# ---------------------------------------------------------------- analysis
+
+
+def _select(results, task, contender=None, width=None, lr=None):
+    return [r for r in results if r.spec.task == task and r.spec.width == width
+            and (contender is None or r.spec.contender == contender)
+            and (lr is None or r.spec.lr == lr)]
+
+
+def _median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else math.nan
+
+
+def oracle(results: list[RunResult], task: Task, width: int | None) -> tuple[float, str]:
+    """Best median-over-seeds final loss of the oracle schedules over the oracle grid."""
+    best, label = math.inf, "none"
+    for c in contenders.ORACLE_SCHEDULES:
+        for lr in task.oracle_grid:
+            runs = _select(results, task.name, c, width, lr)
+            if runs:
+                v = _median([r.final_val for r in runs])
+                if v < best:
+                    best, label = v, f"{c} @ lr {lr:g}"
+    return best, label
+
+
+def best_lr(results, task: Task, contender: str, width) -> tuple[float | None, int]:
+    """The LR-grid point with the best median final loss for ``contender`` (and the run's
+    steps); the oracle's finer grid is not used, so every contender picks from the same LRs."""
+    by_lr = defaultdict(list)
+    for r in _select(results, task.name, contender, width):
+        if r.spec.lr in task.lr_grid:
+            by_lr[r.spec.lr].append(r)
+    if not by_lr:
+        return None, 0
+    lr = min(by_lr, key=lambda k: (_median([r.final_val for r in by_lr[k]]), k))
+    return lr, by_lr[lr][0].spec.steps
+
+
+def _ratio(v: float, ref: float) -> float:
+    return v / ref if math.isfinite(v) and ref > 0 else math.inf
+
+
+def _fmt(x: float) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "—"
+    if math.isinf(x):
+        return "diverged"
+    return f"{x:.3g}" if x < 100 else f"{x:.0f}"
+
+
+def lr_table(results, task: Task, names: list[str]) -> tuple[list[str], dict]:
+    width = task.widths[0] if task.widths else None
+    ref, label = oracle(results, task, width)
+    rows, stats = [], {}
+    for c in names:
+        runs = [r for r in _select(results, task.name, c, width) if r.spec.lr in task.lr_grid]
+        if not runs:
+            continue
+        ratios = [_ratio(r.final_val, ref) for r in runs]
+        by_lr = defaultdict(list)
+        for r in runs:
+            by_lr[r.spec.lr].append(_ratio(r.final_val, ref))
+        best = min(_median(v) for v in by_lr.values())
+        stats[c] = (best, _median(ratios), max(ratios), sum(r.diverged for r in runs), len(runs))
+    tt = stats.get("trimtab")
+    for c, (best, med, worst, div, n) in stats.items():
+        vs = ""
+        if tt and c != "trimtab":
+            vs = ("beats trimtab" if med < tt[1] * 0.99 else
+                  "loses to trimtab" if med > tt[1] * 1.01 else "ties")
+        rows.append(f"| {c} | {_fmt(best)} | {_fmt(med)} | {_fmt(worst)} | {div}/{n} | {vs} |")
+    w = f", width {width}" if width else ""
+    head = [f"### {task.name}{w}: final validation loss / oracle over starting LRs "
+            f"{', '.join(f'{x:g}' for x in task.lr_grid)}",
+            "",
+            f"Oracle: {ref:.4g} ({label}).",
+            "",
+            "| contender | at its best LR | median | worst | diverged | median vs trimtab |",
+            "|---|---|---|---|---|---|"]
+    return head + rows, stats
+
+
+def target_table(results, task: Task, names: list[str]) -> list[str]:
+    width = task.widths[0] if task.widths else None
+    mid = task.lr_grid[len(task.lr_grid) // 2]
+    rows = []
+    for c in list(names) + [n for n in contenders.ORACLE_SCHEDULES if n not in names]:
+        runs = [r for r in _select(results, task.name, c, width) if r.spec.lr in task.lr_grid]
+        if not runs:
+            continue
+        at_mid = [r.steps_to(task.target) for r in runs if r.spec.lr == mid]
+        reached = [s for s in (r.steps_to(task.target) for r in runs) if s is not None]
+        by_lr = defaultdict(list)
+        for r in runs:
+            by_lr[r.spec.lr].append(r.steps_to(task.target))
+        best = [max(v) for v in by_lr.values() if all(s is not None for s in v)]
+        mid_s = (_fmt(_median([float(s) for s in at_mid])) if at_mid and None not in at_mid
+                 else "not reached")
+        rows.append(f"| {c} | {mid_s} | {min(best) if best else 'not reached'} | "
+                    f"{len(reached)}/{len(runs)} |")
+    w = f", width {width}" if width else ""
+    steps = runs[0].spec.steps if rows else 0
+    return [f"### {task.name}{w}: iterations to validation loss <= {task.target:g} "
+            f"(budget {steps}, evaluated every {max(1, steps // task.evals)})",
+            "",
+            f"| contender | at the reference LR {mid:g} | at its best LR | runs that reached it |",
+            "|---|---|---|---|", *rows]
+
+
+def scale_table(results, task: Task, names: list[str]) -> list[str]:
+    refs = {w: oracle(results, task, w) for w in task.widths}
+    params = {w: next((r.n_params for r in _select(results, task.name, width=w)), 0)
+              for w in task.widths}
+    head = [f"### {task.name}: final validation loss / that width's oracle, each contender "
+            f"at its best LR at width {task.widths[0]}",
+            "",
+            "| contender | LR | " + " | ".join(f"w={w} ({params[w] / 1e3:.1f}k)"
+                                             for w in task.widths) + " | worst |",
+            "|---|---|" + "---|" * (len(task.widths) + 1)]
+    rows = []
+    for c in names:
+        lr, _ = best_lr(results, task, c, task.widths[0])
+        if lr is None:
+            continue
+        cells = [_ratio(_median([r.final_val for r in _select(results, task.name, c, w, lr)]),
+                        refs[w][0]) for w in task.widths]
+        rows.append(f"| {c} | {lr:g} | " + " | ".join(_fmt(x) for x in cells)
+                    + f" | {_fmt(max(cells))} |")
+    oracle_row = ("| oracle (per width) | — | "
+                  + " | ".join(f"{refs[w][0]:.3g} ({refs[w][1]})" for w in task.widths)
+                  + " | — |")
+    return head + rows + [oracle_row]
+
+
+# ---------------------------------------------------------------- output
+
+
+def _versions() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = [f"python {platform.python_version()}"]
+    for pkg in ("torch", "numpy", "scikit-learn", "schedulefree", "prodigyopt", "zclip",
+                "torch-lr-finder", "matplotlib", "trimtab"):
+        try:
+            out.append(f"{pkg} {version(pkg)}")
+        except PackageNotFoundError:
+            out.append(f"{pkg} (not installed)")
+    return ", ".join(out)
+
+
+def _machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f
+                       if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    mem = ""
+    try:
+        mem = f", {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB"
+    except (ValueError, OSError, AttributeError):
+        pass
+    return f"{platform.system()} {platform.machine()}, {os.cpu_count()} cpus ({cpu}){mem}"
+
+
+def report(results, tasks, names, scenarios) -> tuple[str, dict]:
+    """The Markdown tables, and the per-task LR-robustness stats."""
+    lines: list[str] = []
+    stats: dict = {}
+    if "lr" in scenarios:
+        lines += ["## LR robustness", ""]
+        for task in tasks.values():
+            table, stats[task.name] = lr_table(results, task, names)
+            lines += table + [""]
+        lines += summary(stats, names) + [""]
+    if "target" in scenarios:
+        lines += ["## Time to target", ""]
+        for task in tasks.values():
+            lines += target_table(results, task, names) + [""]
+    if "scale" in scenarios:
+        for task in tasks.values():
+            if task.widths:
+                lines += ["## Scale", ""] + scale_table(results, task, names) + [""]
+    return "\n".join(lines), stats
+
+
+def summary(stats: dict, names: list[str]) -> list[str]:
+    tasks = list(stats)
+    head = ["### Summary: median (worst) ratio to the oracle per task; diverged runs in all",
+            "",
+            "| contender | " + " | ".join(tasks) + " | diverged |",
+            "|---|" + "---|" * (len(tasks) + 1)]
+    rows = []
+    for c in names:
+        cells, div, n = [], 0, 0
+        for t in tasks:
+            s = stats[t].get(c)
+            if s is None:
+                cells.append("n/a")
+                continue
+            cells.append(f"{_fmt(s[1])} ({_fmt(s[2])})")
+            div, n = div + s[3], n + s[4]
+        rows.append(f"| {c} | " + " | ".join(cells) + f" | {div}/{n} |")
+    return head + rows
+
+
+def plots(results, tasks, names, out: Path) -> list[Path]:
+    """Final validation loss vs starting LR per contender, one PNG per task; and the
+    width sweep's ratio to oracle vs parameter count."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    for task in tasks.values():
+        width = task.widths[0] if task.widths else None
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        ref, _ = oracle(results, task, width)
+        top = 0.0
+        for c in names:
+            runs = _select(results, task.name, c, width)
+            lrs = sorted({r.spec.lr for r in runs if r.spec.lr in task.lr_grid})
+            if not lrs:
+                continue
+            ys = [_median([r.final_val for r in runs if r.spec.lr == lr]) for lr in lrs]
+            top = max([top] + [y for y in ys if math.isfinite(y)])
+            style = dict(lw=2.5, color="black") if c == "trimtab" else dict(lw=1.2)
+            ax.plot(lrs, [y if math.isfinite(y) else math.nan for y in ys], "o-", label=c,
+                    **style)
+            bad = [lr for lr, y in zip(lrs, ys, strict=True) if not math.isfinite(y)]
+            if bad:
+                ax.plot(bad, [top * 1.5] * len(bad), "x", color=ax.lines[-1].get_color(), ms=9)
+        if math.isfinite(ref):
+            ax.axhline(ref, color="grey", ls="--", label="oracle")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("starting LR (Prodigy: x / ref LR as its lr)")
+        ax.set_ylabel("final validation loss (median over seeds; x = diverged)")
+        ax.set_title(f"{task.name}: final validation loss vs starting LR")
+        ax.legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        path = out / f"quality_lr_{task.name}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        made.append(path)
+        if task.widths and any(r.spec.width == task.widths[-1] for r in results):
+            fig, ax = plt.subplots(figsize=(7, 4.5))
+            for c in names:
+                lr, _ = best_lr(results, task, c, task.widths[0])
+                if lr is None:
+                    continue
+                xs, ys = [], []
+                for w in task.widths:
+                    runs = _select(results, task.name, c, w, lr)
+                    if runs:
+                        xs.append(runs[0].n_params)
+                        ys.append(_ratio(_median([r.final_val for r in runs]),
+                                         oracle(results, task, w)[0]))
+                style = dict(lw=2.5, color="black") if c == "trimtab" else dict(lw=1.2)
+                ax.plot(xs, [y if math.isfinite(y) else math.nan for y in ys], "o-", label=c,
+                        **style)
+            ax.axhline(1.0, color="grey", ls="--")
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlabel("parameters")
+            ax.set_ylabel("final val loss / that width's oracle")
+            ax.set_title(f"{task.name}: LR tuned at the smallest width, carried over")
+            ax.legend(fontsize=7, ncol=2)
+            fig.tight_layout()
+            path = out / f"quality_scale_{task.name}.png"
+            fig.savefig(path, dpi=110)
+            plt.close(fig)
+            made.append(path)
+    return made
+
+
+def settings_section(tasks, names, seeds, mode) -> list[str]:
+    from bench.tasks.char_transformer import corpus
+
+    lines = ["## Settings", "", "| task | family | steps | LR grid | target | what |",
+             "|---|---|---|---|---|---|"]
+    for t in tasks.values():
+        lines.append(f"| {t.name} | {t.family} | {t.steps[mode]} | "
+                     f"{', '.join(f'{x:g}' for x in t.lr_grid)} | {t.target:g} | "
+                     f"{t.description} |")
+    lines += ["", "| contender | exact settings |", "|---|---|"]
+    lines += [f"| {c} | {contenders.get(c).settings} |" for c in names]
+    if "char_transformer" in tasks:
+        lines += ["", f"char_transformer text sha256: {corpus()[2]}"]
+    return lines
+
+
+def _run_all(args, tasks, names, scenarios, seeds, log) -> list[RunResult]:
+    with tempfile.TemporaryDirectory() as tmp:
+        ctl = Controller(tmp, args.trimtab_config) if "trimtab" in names else None
+        try:
+            specs = plan(tasks, names, scenarios, seeds, args.mode, args.steps)
+            log(f"bench: {len(specs)} runs ({args.mode}, seeds 0..{seeds - 1}, "
+                f"{args.workers} workers)")
+            results = execute(specs, ctl and ctl.endpoint, args.workers, log)
+            if "scale" in scenarios:
+                more = scale_specs(tasks, names, results, seeds)
+                have = {r.spec.key for r in results}
+                more = [s for s in more if s.key not in have]
+                log(f"bench: scale, {len(more)} more runs")
+                results += execute(more, ctl and ctl.endpoint, args.workers, log)
+        finally:
+            if ctl:
+                ctl.stop()
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench run", description=__doc__.split("\n")[0])
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_const", dest="mode", const="quick")
+    mode.add_argument("--full", action="store_const", dest="mode", const="full")
+    ap.add_argument("--scenarios", default=",".join(SCENARIOS))
+    ap.add_argument("--tasks", default=None, help="comma-separated; default all")
+    ap.add_argument("--contenders", default=None, help="comma-separated; default all")
+    ap.add_argument("--seeds", type=int, default=None, help="quick 1, full 3")
+    ap.add_argument("--steps", type=int, default=None, help="override every task's budget")
+    ap.add_argument("--workers", type=int, default=2,
+                    help="processes of one thread each; 1 = in this process")
+    ap.add_argument("--trimtab-config", default=None, help="TOML for trimtab serve")
+    ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--from-json", default=None, metavar="RUNS_JSON",
+                    help="re-render tables and plots from a quality-runs.json; runs nothing")
+    args = ap.parse_args(argv)
+    args.mode = args.mode or "quick"
+    scenarios = args.scenarios.split(",")
+    bad = set(scenarios) - set(SCENARIOS)
+    if bad:
+        ap.error(f"unknown scenario(s) {sorted(bad)}; known: {', '.join(SCENARIOS)}")
+    all_tasks = load_tasks()
+    try:
+        tasks = ({n: all_tasks[n] for n in args.tasks.split(",")} if args.tasks
+                 else all_tasks)
+    except KeyError as e:
+        ap.error(f"unknown task {e}; known: {', '.join(all_tasks)}")
+    names = args.contenders.split(",") if args.contenders else list(contenders.CONTENDERS)
+    for n in names:
+        contenders.get(n)
+    seeds = args.seeds or MODES[args.mode]["seeds"]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    t0 = time.perf_counter()
+    started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    if args.from_json:
+        saved = json.loads(Path(args.from_json).read_text())
+        results = [RunResult.from_dict(d) for d in saved["runs"]]
+        wall, started = saved["wall_s"], saved.get("started", started)
+    else:
+        results = _run_all(args, tasks, names, scenarios, seeds, log)
+        wall = time.perf_counter() - t0
+    cpu = sum(r.cpu_s for r in results if math.isfinite(r.cpu_s))
+    text, _ = report(results, tasks, names, scenarios)
+    cmd = "python -m bench " + " ".join(["run"] + (argv if argv is not None else sys.argv[2:]))
+    if args.from_json:
+        cmd = saved["command"]
+        seeds = len({r.spec.seed for r in results})
+    header = [f"# Control quality ({args.mode})", "",
+              f"Command: `{cmd}`, {started}; wall time {wall:.0f} s with {args.workers} "
+              f"worker(s), {len(results)} runs using {cpu:.0f} CPU-s in all (on an idle "
+              f"machine about {cpu / max(1, args.workers):.0f} s of wall time).",
+              f"Machine: {_machine()}.",
+              f"Versions: {_versions()}.",
+              f"Seeds: 0..{seeds - 1}. Scenarios: {', '.join(scenarios)}.",
+              "Ratios are final validation loss / the oracle's (1 = as good as the best "
+              "hand-tuned schedule; below 1 beats it). *at its best LR* is the contender's best "
+              "grid point (median over seeds); *median* and *worst* are over every grid "
+              "point and seed; a run *diverged* if its final validation loss is non-finite "
+              "or above its initial one.", ""]
+    print("\n".join(header) + "\n" + text)
+    made = plots(results, tasks, names, out)
+    md = "\n".join(header) + "\n" + text + "\n" + "\n".join(
+        settings_section(tasks, names, seeds, args.mode)) + "\n\nPlots: " + ", ".join(
+        f"[{p.name}]({p.name})" for p in made) + "\n"
+    (out / "quality.md").write_text(md)
+    if not args.from_json:
+        (out / "quality-runs.json").write_text(json.dumps(
+            {"command": cmd, "started": started, "wall_s": wall,
+             "runs": [r.to_dict() for r in results]}))
+    log(f"bench: wrote {out / 'quality.md'} and {len(made)} plots in {wall:.0f} s")
+    return 0
