@@ -1,7 +1,7 @@
 """``python -m bench run --quick|--full [...]``: the control-quality benchmark.
 
 The other benchmarks run as their own modules: ``python -m bench.faults`` (fault
-recovery) and ``python bench/overhead.py`` (client overhead).
+recovery) and ``python -m bench.overhead`` (client overhead).
 """
 
 from __future__ import annotations

@@ -25,16 +25,14 @@ import argparse
 import math
 import os
 import platform
-import signal
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+
+from bench._serve import Controller
 
 FAULTS = ("scaled_inputs", "corrupt_targets", "nan_grad", "lr_100x")
 FAULT_AT = 400
@@ -151,29 +149,17 @@ def recovered(run: Outcome, clean: Outcome) -> bool:
     return math.isfinite(run.val) and abs(run.val - clean.val) <= 0.10 * clean.val
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--faults", default=",".join(FAULTS))
     args = ap.parse_args()
-    port = _free_port()
     with tempfile.TemporaryDirectory() as tmp:
         cfg = os.path.join(tmp, "trimtab.toml")
         with open(cfg, "w") as f:
             f.write(CONTROLLER_CONFIG)
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "trimtab.controller", "serve", "--bind",
-             f"tcp://127.0.0.1:{port}", "--metrics-port", "0", "--config", cfg,
-             "--journal", os.path.join(tmp, "journal.db"), "--log-level", "WARNING"],
-            stdout=subprocess.PIPE, text=True)
-        assert "ready" in proc.stdout.readline(), "trimtab serve did not start"
-        endpoint = f"tcp://127.0.0.1:{port}"
+        ctl = Controller(tmp, cfg)
+        endpoint = ctl.endpoint
         rows = []
         try:
             for kind in args.faults.split(","):
@@ -190,8 +176,7 @@ def main() -> None:
                 rows.append((kind, args.seeds, dmg, rec, statistics.median(lost), max(lost),
                              statistics.median(ratios), max(ratios)))
         finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=10)
+            ctl.stop()
     print(f"# fault recovery: {platform.machine()}, {os.cpu_count()} cpus, torch "
           f"{torch.__version__}, python {platform.python_version()}; seeds 0..{args.seeds - 1}; "
           f"{TOTAL} steps, fault at iteration {FAULT_AT}, checkpoint every {CHECKPOINT_EVERY}")

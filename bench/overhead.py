@@ -1,6 +1,6 @@
 """Client overhead: step time of a training loop attached to a live controller vs bare.
 
-    python bench/overhead.py [--repeats 7] [--steps 200] [--device cpu|cuda]
+    python -m bench.overhead [--repeats 7] [--steps 200] [--device cpu|cuda]
 
 For each model, bare and attached runs alternate (bare, attached, bare, ...) so drift
 in the machine hits both alike; each run times ``--steps`` steps after a warm-up. The
@@ -18,10 +18,7 @@ import argparse
 import math
 import os
 import platform
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,13 +26,8 @@ import warnings
 
 import torch
 
+from bench._serve import Controller
 from trimtab.client import attach
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class TinyTransformer(torch.nn.Module):
@@ -148,15 +140,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
-    port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "trimtab.controller", "serve", "--bind",
-             f"tcp://127.0.0.1:{port}", "--metrics-port", "0", "--journal",
-             os.path.join(tmp, "journal.db"), "--log-level", "WARNING"],
-            stdout=subprocess.PIPE, text=True)
-        assert "ready" in proc.stdout.readline(), "trimtab serve did not start"
-        endpoint = f"tcp://127.0.0.1:{port}"
+        ctl = Controller(tmp)
+        endpoint = ctl.endpoint
         try:
             rows = []
             for name in args.models.split(","):
@@ -176,8 +162,7 @@ def main() -> None:
                              statistics.median(ratios), min(ratios), max(ratios),
                              statistics.median(added), syncs))
         finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=10)
+            ctl.stop()
 
     print(f"# client overhead: {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cpus, torch {torch.__version__}, threads {torch.get_num_threads()}, "

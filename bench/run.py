@@ -29,10 +29,7 @@ import math
 import multiprocessing
 import os
 import platform
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,6 +38,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from bench import contenders
+from bench._serve import Controller
 from bench.loop import RunResult, RunSpec
 from bench.tasks import Task, load_tasks
 
@@ -106,37 +104,6 @@ def _dedupe(specs: list[RunSpec]) -> list[RunSpec]:
 
 
 # ---------------------------------------------------------------- running
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Controller:
-    """A live ``trimtab serve`` subprocess for the whole benchmark (as bench.faults starts it)."""
-
-    def __init__(self, tmp: str, config: str | None) -> None:
-        port = _free_port()
-        cmd = [sys.executable, "-m", "trimtab.controller", "serve", "--bind",
-               f"tcp://127.0.0.1:{port}", "--metrics-port", "0", "--journal",
-               os.path.join(tmp, "journal.db"), "--log-level", "WARNING"]
-        if config:
-            cmd += ["--config", config]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-        line = self.proc.stdout.readline()
-        if "ready" not in line:
-            self.proc.kill()
-            raise RuntimeError(f"trimtab serve did not start: {line!r}")
-        self.endpoint = f"tcp://127.0.0.1:{port}"
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
 
 
 _ENDPOINT: str | None = None
