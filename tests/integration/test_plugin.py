@@ -200,7 +200,8 @@ def test_live_shadow_and_replay(plugin_env, serve_factory, tmp_path):
               "--set", "min_reports=5", "--config", str(cfg), "--plot", str(plot))
     assert out.returncode == 0, out.stderr
     first = out.stdout.splitlines()[0]
-    assert first.startswith(f"step {cmd.step}: lr 0.05 -> 0.025 by example_band: loss EMA")
+    assert "lr 0.05 -> 0.025 by example_band: loss EMA" in first
+    _same_decision_step(first, cmd.step)
     assert "assumed applied at the next report" in out.stdout
     assert plot.stat().st_size > 10_000 and plot.read_bytes()[:4] == b"\x89PNG"
 
@@ -208,8 +209,17 @@ def test_live_shadow_and_replay(plugin_env, serve_factory, tmp_path):
     out = cli("replay", str(srv.journal_path), "--job", "shadow-1", "--policy", "example_band",
               "--set", "rise=0.5", "--set", "min_reports=5", "--config", str(cfg))
     assert out.returncode == 0, out.stderr
-    assert out.stdout.splitlines()[0].startswith(f"step {would[0].step}: lr 0.05 -> 0.025 by "
-                                                 "example_band")
+    first = out.stdout.splitlines()[0]
+    assert "lr 0.05 -> 0.025 by example_band" in first
+    _same_decision_step(first, would[0].step)
+
+
+def _same_decision_step(line: str, live_step: int) -> None:
+    """Replay decides at the first report where the rule holds; live can be a report or two
+    later, because no new decision is taken while an earlier command (a stable mark, say)
+    awaits its ack, which a replay does not model."""
+    replayed = int(line.split(":")[0].removeprefix("step "))
+    assert live_step - 3 * 5 <= replayed <= live_step, (replayed, live_step)
 
 
 ISOLATION = f"""
