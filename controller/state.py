@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 from collections import deque
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -117,7 +118,11 @@ class Sample:
                    r.knobs.lr, r.nonfinite_losses + r.nonfinite_grads)
 
     def to_list(self) -> list[Any]:
-        return [getattr(self, f.name) for f in dataclasses.fields(self)]
+        return list(_sample_values(self))
+
+
+# Made once: state_dict() turns every history sample into a list on every report.
+_sample_values = operator.attrgetter(*(f.name for f in dataclasses.fields(Sample)))
 
 
 @dataclass(frozen=True)
