@@ -6,6 +6,8 @@ import functools
 
 import torch
 
+from bench.tasks import Run
+
 
 @functools.lru_cache(maxsize=1)
 def digits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -35,3 +37,17 @@ def minibatches(x: torch.Tensor, y: torch.Tensor, size: int, seed: int):
             yield x[idx], y[idx]
 
     return stream
+
+
+def classification_run(model: torch.nn.Module, xt: torch.Tensor, yt: torch.Tensor,
+                       xv: torch.Tensor, yv: torch.Tensor, batch: int, seed: int) -> Run:
+    """A :class:`Run` training ``model`` with cross-entropy on (xt, yt), validated on (xv, yv)."""
+
+    def train_loss(m, b):
+        return torch.nn.functional.cross_entropy(m(b[0]), b[1])
+
+    def val_loss(m):
+        return torch.nn.functional.cross_entropy(m(xv), yv).item()
+
+    return Run(model, [{"params": list(model.parameters())}],
+               minibatches(xt, yt, batch, seed), train_loss, val_loss)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from bench.tasks import Run, Task
-from bench.tasks._data import digits, minibatches
+from bench.tasks._data import classification_run, digits
 
 
 class DigitsCNN(Task):
@@ -23,15 +23,7 @@ class DigitsCNN(Task):
             nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),
             nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
             nn.Flatten(), nn.Linear(32 * 4 * 4, 64), nn.ReLU(), nn.Linear(64, 10))
-
-        def train_loss(m, batch):
-            return nn.functional.cross_entropy(m(batch[0]), batch[1])
-
-        def val_loss(m):
-            return nn.functional.cross_entropy(m(xv), yv).item()
-
-        return Run(model, [{"params": list(model.parameters())}],
-                   minibatches(xt, yt, 32, 1000 + seed), train_loss, val_loss)
+        return classification_run(model, xt, yt, xv, yv, 32, 1000 + seed)
 
 
 TASK = DigitsCNN(name="digits_cnn", family="sgd", steps={"quick": 400, "full": 1500},

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from bench.tasks import Run, Task
-from bench.tasks._data import digits, minibatches
+from bench.tasks._data import classification_run, digits
 
 
 class WidthMLP(Task):
@@ -21,15 +21,7 @@ class WidthMLP(Task):
         torch.manual_seed(seed)
         model = nn.Sequential(nn.Linear(64, w), nn.ReLU(), nn.Linear(w, w), nn.ReLU(),
                               nn.Linear(w, 10))
-
-        def train_loss(m, batch):
-            return nn.functional.cross_entropy(m(batch[0]), batch[1])
-
-        def val_loss(m):
-            return nn.functional.cross_entropy(m(xv), yv).item()
-
-        return Run(model, [{"params": list(model.parameters())}],
-                   minibatches(xt, yt, 64, 2000 + seed), train_loss, val_loss)
+        return classification_run(model, xt, yt, xv, yv, 64, 2000 + seed)
 
 
 TASK = WidthMLP(name="width_mlp", family="adam", steps={"quick": 300, "full": 1000},
