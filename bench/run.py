@@ -388,17 +388,10 @@ def plots(results, tasks, names, out: Path) -> list[Path]:
                 ax.plot(bad, [top * 1.5] * len(bad), "x", color=ax.lines[-1].get_color(), ms=9)
         if math.isfinite(ref):
             ax.axhline(ref, color="grey", ls="--", label="oracle")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("starting LR (Prodigy: x / ref LR as its lr)")
-        ax.set_ylabel("final validation loss (median over seeds; x = diverged)")
-        ax.set_title(f"{task.name}: final validation loss vs starting LR")
-        ax.legend(fontsize=7, ncol=2)
-        fig.tight_layout()
-        path = out / f"quality_lr_{task.name}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        made.append(path)
+        made.append(_finish(plt, fig, ax, out / f"quality_lr_{task.name}.png",
+                            "starting LR (Prodigy: x / ref LR as its lr)",
+                            "final validation loss (median over seeds; x = diverged)",
+                            f"{task.name}: final validation loss vs starting LR"))
         if task.widths and any(r.spec.width == task.widths[-1] for r in results):
             fig, ax = plt.subplots(figsize=(7, 4.5))
             for c in names:
@@ -416,18 +409,24 @@ def plots(results, tasks, names, out: Path) -> list[Path]:
                 ax.plot(xs, [y if math.isfinite(y) else math.nan for y in ys], "o-", label=c,
                         **style)
             ax.axhline(1.0, color="grey", ls="--")
-            ax.set_xscale("log")
-            ax.set_yscale("log")
-            ax.set_xlabel("parameters")
-            ax.set_ylabel("final val loss / that width's oracle")
-            ax.set_title(f"{task.name}: LR tuned at the smallest width, carried over")
-            ax.legend(fontsize=7, ncol=2)
-            fig.tight_layout()
-            path = out / f"quality_scale_{task.name}.png"
-            fig.savefig(path, dpi=110)
-            plt.close(fig)
-            made.append(path)
+            made.append(_finish(plt, fig, ax, out / f"quality_scale_{task.name}.png",
+                                "parameters", "final val loss / that width's oracle",
+                                f"{task.name}: LR tuned at the smallest width, carried over"))
     return made
+
+
+def _finish(plt, fig, ax, path: Path, xlabel: str, ylabel: str, title: str) -> Path:
+    """Log-log axes, labels, legend; save ``fig`` to ``path`` and close it."""
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def settings_section(tasks, names, seeds, mode) -> list[str]:
