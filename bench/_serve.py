@@ -26,9 +26,11 @@ class Controller:
 
     def __init__(self, tmp: str, config: str | None = None) -> None:
         port = free_port()
+        #: The controller's journal (SQLite, WAL): readable while it runs.
+        self.journal = os.path.join(tmp, "journal.db")
         cmd = [sys.executable, "-m", "trimtab.controller", "serve", "--bind",
                f"tcp://127.0.0.1:{port}", "--metrics-port", "0", "--journal",
-               os.path.join(tmp, "journal.db"), "--log-level", "WARNING"]
+               self.journal, "--log-level", "WARNING"]
         if config:
             cmd += ["--config", config]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)

@@ -10,6 +10,9 @@ should record (a range test's LR, trimtab's rollbacks, ...).
 Every contender starts from the same starting LR (the LR-robustness grid point), except
 Prodigy, whose ``lr`` is a multiplier of its own estimate: it gets ``lr / task.ref_lr``,
 so the grid's centre is Prodigy's default ``lr=1`` and the grid spans 1e-2..1e2 for it.
+
+trimtab candidate policy sets run as contenders named ``trimtab:NAME`` (see
+:func:`trimtab_set`), each against its own controller.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ import torch
 
 from bench.tasks import Run, Task
 
-__all__ = ["CONTENDERS", "ORACLE_SCHEDULES", "Contender", "Setup", "Stepper", "get"]
+__all__ = ["CONTENDERS", "ORACLE_SCHEDULES", "Contender", "Setup", "Stepper", "get",
+           "trimtab_set", "is_trimtab"]
 
 #: Linear warm-up share of the run for warmup_cosine and Schedule-Free.
 WARMUP_FRACTION = 0.05
@@ -43,6 +47,8 @@ class Setup:
     steps: int
     endpoint: str | None = None
     job: str = "bench"
+    #: The controller's journal: when set, a trimtab run goes in lockstep (bench._lockstep).
+    journal: str | None = None
 
 
 class Stepper:
@@ -68,6 +74,12 @@ class Stepper:
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
 
+    def scale_lr(self, factor: float) -> None:
+        """The user's code multiplies the LR by ``factor`` (the ``lr_100x`` fault); a
+        schedule's reference LRs scale with it, so the fault persists under any schedule."""
+        for group in self.optimizer.param_groups:
+            group["lr"] *= factor
+
     def close(self) -> dict[str, Any]:
         """Ends the run; returns what it should record."""
         return self.info
@@ -81,6 +93,13 @@ class ScheduledStepper(Stepper):
     def step(self, loss):
         self.optimizer.step()
         self.scheduler.step()
+
+    def scale_lr(self, factor):
+        from trimtab.client._schedule import scale_schedule  # the client's own rule
+
+        super().scale_lr(factor)
+        scale_schedule(self.scheduler, self.optimizer, [factor] * len(
+            self.optimizer.param_groups))
 
 
 def base_optimizer(task: Task, groups: list[dict], lr: float) -> torch.optim.Optimizer:
@@ -145,6 +164,10 @@ class PlateauStepper(Stepper):
         super().__init__(optimizer)
         self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             optimizer, mode="min", factor=0.5, patience=2)
+
+    def scale_lr(self, factor):
+        super().scale_lr(factor)
+        self.scheduler.min_lrs = [x * factor for x in self.scheduler.min_lrs]
 
     def after_eval(self, val):
         self.scheduler.step(val if math.isfinite(val) else float("inf"))
@@ -272,25 +295,38 @@ class TrimtabStepper(Stepper):
         super().__init__(optimizer)
         from trimtab.client import attach
 
-        self.rollbacks: list[int] = []
+        #: (iteration, restored step) of each rollback.
+        self.rollbacks: list[tuple[int, int]] = []
         self.guard = attach(s.run.model, optimizer, job=s.job, endpoint=s.endpoint,
                             report_every=TRIMTAB_REPORT_EVERY, heartbeat_s=0.2,
                             checkpoint_every=max(10, s.steps // 10),
-                            on_rollback=self.rollbacks.append)
+                            on_rollback=lambda step: self.rollbacks.append(
+                                (self.iterations + 1, step)))
+        self.lockstep = None
+        if s.journal is not None:
+            from bench._lockstep import Lockstep
+
+            self.lockstep = Lockstep(s.journal, self.guard)
         self.iterations = 0
         self.lrs = [optimizer.param_groups[0]["lr"]]
 
     def step(self, loss):
         self.guard.step(loss)
         self.iterations += 1
+        if self.lockstep is not None:
+            self.lockstep.after_step()
         lr = self.optimizer.param_groups[0]["lr"]
         if lr != self.lrs[-1]:
             self.lrs.append(lr)
 
     def close(self):
-        self.info.update(rollbacks=len(self.rollbacks),
+        self.info.update(rollbacks=len(self.rollbacks), rollback_at=self.rollbacks,
                          skipped_or_redone=self.iterations - self.guard.global_step,
                          lr_changes=len(self.lrs) - 1, final_lr=self.lrs[-1])
+        if self.lockstep is not None:
+            self.info.update(lockstep_timeouts=self.lockstep.timeouts,
+                             lockstep_wait_s=round(self.lockstep.waited_s, 3))
+            self.lockstep.close()
         self.guard.close()
         return self.info
 
@@ -339,11 +375,30 @@ CONTENDERS: dict[str, Contender] = {c.name: c for c in [
 ORACLE_SCHEDULES = tuple(n for n, c in CONTENDERS.items() if c.oracle)
 
 
+_SETS: dict[str, Contender] = {}
+
+
+def is_trimtab(name: str) -> bool:
+    """Whether ``name`` is trimtab's contender or one of its candidate sets."""
+    return name == "trimtab" or name.startswith("trimtab:")
+
+
+def trimtab_set(name: str, policies: str) -> Contender:
+    """The contender ``trimtab:NAME`` for a candidate policy set (``policies`` is how the
+    set was written, for the settings table); its controller runs that set."""
+    c = Trimtab(f"trimtab:{name}", "base optimizer at the starting LR attached to a live "
+                f"`trimtab serve` whose policies are {policies}; otherwise as trimtab")
+    _SETS[c.name] = c
+    return c
+
+
 def get(name: str) -> Contender:
-    try:
-        return CONTENDERS[name]
-    except KeyError:
-        raise ValueError(f"unknown contender {name!r}; known: {', '.join(CONTENDERS)}") from None
+    if name in CONTENDERS or name in _SETS:
+        return CONTENDERS.get(name) or _SETS[name]
+    if name.startswith("trimtab:"):  # a worker process: the set lives in its controller
+        return trimtab_set(name.split(":", 1)[1], "a candidate set")
+    raise ValueError(f"unknown contender {name!r}; known: {', '.join(CONTENDERS)} "
+                     "and trimtab:NAME for a --trimtab-set") from None
 
 
 def quiet_environment() -> None:

@@ -16,7 +16,9 @@ per fault: runs where the bare run was damaged (non-finite, or validation loss o
 the reference), runs trimtab recovered (finite and within 10% of the reference), optimizer
 steps lost to rollbacks (redone), and the final-loss ratio to the reference.
 
-The same harness is used by ``tests/integration/test_rollback.py``.
+The same harness is used by ``tests/integration/test_rollback.py``. The same four faults
+meet every contender of ``python -m bench run`` on its tasks (the ``faults`` scenario,
+:mod:`bench.recovery`), through :func:`poison_batch` and :func:`poison_grad`.
 """
 
 from __future__ import annotations
@@ -71,22 +73,53 @@ class Task:
             return torch.nn.functional.mse_loss(self.model(self.xv), self.yv).item()
 
 
-def poison(kind: str | None, it: int, opt: torch.optim.Optimizer, xb, yb):
-    """Apply fault ``kind`` at data position ``it`` (before the forward pass)."""
-    if kind == "scaled_inputs" and FAULT_AT <= it < FAULT_AT + 3:
+#: Batches a fault touches from its first iteration on (the others touch one iteration).
+SPAN = {"scaled_inputs": 3, "corrupt_targets": 20}
+#: What ``lr_100x`` multiplies the LR by.
+LR_FACTOR = 100.0
+
+
+def poison(kind: str | None, it: int, opt: torch.optim.Optimizer, xb, yb, at: int = FAULT_AT):
+    """Apply fault ``kind`` at data position ``it`` (before the forward pass); the fault
+    starts at iteration ``at``."""
+    if kind == "scaled_inputs" and at <= it < at + SPAN[kind]:
         xb = xb * 1e3
-    elif kind == "corrupt_targets" and FAULT_AT <= it < FAULT_AT + 20:
+    elif kind == "corrupt_targets" and at <= it < at + SPAN[kind]:
         yb = 1e3 * torch.randn_like(yb)
-    elif kind == "lr_100x" and it == FAULT_AT:
+    elif kind == "lr_100x" and it == at:
         for group in opt.param_groups:
-            group["lr"] *= 100  # a bug in the user's own code
+            group["lr"] *= LR_FACTOR  # a bug in the user's own code
     return xb, yb
 
 
-def poison_grad(kind: str | None, it: int, model: torch.nn.Module) -> None:
+def poison_grad(kind: str | None, it: int, model: torch.nn.Module, at: int = FAULT_AT) -> None:
     """Apply a gradient fault at data position ``it`` (after backward)."""
-    if kind == "nan_grad" and it == FAULT_AT:
-        next(model.parameters()).grad[0, 0] = float("nan")
+    if kind == "nan_grad" and it == at:
+        p = next(p for p in model.parameters() if p.grad is not None)
+        p.grad.view(-1)[0] = float("nan")
+
+
+def poison_batch(kind: str | None, it: int, batch, at: int, seed: int = 0):
+    """The benchmark tasks' version of :func:`poison` for an ``(inputs, targets)`` batch:
+    returns ``(batch, loss_scale)``.
+
+    ``scaled_inputs`` multiplies floating-point inputs by 1e3; token inputs cannot be
+    scaled, so there the batch's loss (hence its gradient) is scaled by 1e3 instead.
+    ``corrupt_targets`` replaces floating-point targets by noise x 1e3, as :func:`poison`
+    does, and shuffles integer targets (class labels, next tokens) across the batch: every
+    label stays a valid class, most are wrong. The gradient fault is :func:`poison_grad`;
+    the LR fault is the contender's ``Stepper.scale_lr`` (its schedule scales too).
+    """
+    if kind not in SPAN or not at <= it < at + SPAN[kind]:
+        return batch, 1.0
+    x, y = batch
+    if kind == "scaled_inputs":
+        return ((x * 1e3, y), 1.0) if x.is_floating_point() else ((x, y), 1e3)
+    if y.is_floating_point():
+        return (x, 1e3 * torch.randn_like(y)), 1.0
+    g = torch.Generator().manual_seed(7919 * seed + it)
+    flat = y.reshape(-1)
+    return (x, flat[torch.randperm(flat.numel(), generator=g)].view_as(y)), 1.0
 
 
 @dataclass

@@ -2,6 +2,10 @@
 
 The budget counts iterations (batches drawn and gradients computed), the same for every
 contender: steps that trimtab redoes after a rollback come out of it.
+
+A run may carry a fault (:mod:`bench.faults`): it starts at iteration
+``fault_start(steps)`` (the data position, so a rollback does not replay it) and the run
+records its per-iteration training loss and LR for the plots.
 """
 
 from __future__ import annotations
@@ -13,10 +17,18 @@ from typing import Any
 
 import torch
 
-from bench import contenders
+from bench import contenders, faults
 from bench.tasks import Task
 
-__all__ = ["RunSpec", "RunResult", "train"]
+__all__ = ["RunSpec", "RunResult", "train", "fault_start", "FAULT_FRACTION"]
+
+#: Where in the budget a fault starts.
+FAULT_FRACTION = 0.5
+
+
+def fault_start(steps: int) -> int:
+    """The iteration at which a run of ``steps`` iterations meets its fault."""
+    return max(1, round(FAULT_FRACTION * steps))
 
 
 @dataclass(frozen=True)
@@ -27,14 +39,22 @@ class RunSpec:
     seed: int
     steps: int
     width: int | None = None
+    #: A fault of :data:`bench.faults.FAULTS`, or None for a clean run.
+    fault: str | None = None
 
     @property
     def key(self) -> tuple:
-        return (self.task, self.contender, self.lr, self.seed, self.steps, self.width)
+        return (self.task, self.contender, self.lr, self.seed, self.steps, self.width,
+                self.fault)
+
+    def clean(self) -> RunSpec:
+        """The same run without its fault."""
+        return RunSpec(self.task, self.contender, self.lr, self.seed, self.steps, self.width)
 
     def job(self) -> str:
         w = f"-w{self.width}" if self.width else ""
-        return f"bench-{self.task}{w}-{self.contender}-lr{self.lr:g}-s{self.seed}"
+        f = f"-{self.fault}" if self.fault else ""
+        return f"bench-{self.task}{w}-{self.contender}-lr{self.lr:g}-s{self.seed}{f}"
 
 
 @dataclass
@@ -49,6 +69,9 @@ class RunResult:
     info: dict[str, Any] = field(default_factory=dict)
     #: CPU seconds of this process for the run (what a quiet machine's wall time tracks).
     cpu_s: float = math.nan
+    #: Faulted runs: the training loss and the LR (group 0) at every iteration.
+    loss_trace: list[float] = field(default_factory=list)
+    lr_trace: list[float] = field(default_factory=list)
 
     @property
     def diverged(self) -> bool:
@@ -77,27 +100,41 @@ def _finite_params(model: torch.nn.Module) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
-def train(task: Task, spec: RunSpec, endpoint: str | None = None) -> RunResult:
+def train(task: Task, spec: RunSpec, endpoint: str | None = None,
+          journal: str | None = None) -> RunResult:
     """Train ``spec`` to its budget, evaluating ``task.evals`` times; stops early once the
-    weights are non-finite (nothing can come back from there)."""
+    weights are non-finite (nothing can come back from there). ``journal`` (the trimtab
+    controller's) puts a trimtab run in lockstep (:mod:`bench._lockstep`)."""
     t0, c0 = time.perf_counter(), time.process_time()
     run = task.make(spec.seed, spec.width)
     contender = contenders.get(spec.contender)
     with torch.no_grad():
         init_val = run.val_loss(run.model)
     stepper = contender.build(contenders.Setup(task, run, spec.lr, spec.steps, endpoint,
-                                               spec.job()))
+                                               spec.job(), journal))
     every = max(1, spec.steps // task.evals)
     curve: list[tuple[int, float]] = [(0, init_val)]
+    losses: list[float] = []
+    lrs: list[float] = []
+    kind, at = spec.fault, fault_start(spec.steps)
     batches = run.batches()
     run.model.train()
     val = init_val
     try:
         for it in range(1, spec.steps + 1):
-            loss = run.train_loss(run.model, next(batches))
+            batch, scale = faults.poison_batch(kind, it, next(batches), at, spec.seed)
+            if kind == "lr_100x" and it == at:
+                stepper.scale_lr(faults.LR_FACTOR)  # a bug in the user's own code
+            loss = run.train_loss(run.model, batch)
+            if scale != 1.0:
+                loss = loss * scale
             stepper.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            faults.poison_grad(kind, it, run.model, at)
             stepper.step(loss)
+            if kind is not None:
+                losses.append(float(loss.detach()))  # a host read per step: faulted runs only
+                lrs.append(stepper.lr())
             if it % every == 0 or it == spec.steps:
                 stepper.eval_mode()
                 run.model.eval()
@@ -115,4 +152,4 @@ def train(task: Task, spec: RunSpec, endpoint: str | None = None) -> RunResult:
         info = stepper.close()
     final = val if math.isfinite(val) else math.inf
     return RunResult(spec, init_val, final, curve, time.perf_counter() - t0, run.n_params(),
-                     dict(info), time.process_time() - c0)
+                     dict(info), time.process_time() - c0, losses, lrs)

@@ -1,8 +1,9 @@
 """Control-quality benchmark: every contender on every task, seed and starting LR.
 
-    python -m bench run --quick                       # < 15 min on 2 cores
-    python -m bench run --full                        # more steps, 3 seeds
-    python -m bench run --quick --scenarios lr,target --tasks digits_cnn --seeds 2
+    python -m bench run --quick                       # < 15 min on 2 cores, 2 seeds
+    python -m bench run --full                        # more steps, 5 seeds, all faults
+    python -m bench run --quick --scenarios lr,target --tasks digits_cnn --seeds 1
+    python -m bench run --quick --trimtab-set spike=+spike_guard   # a candidate set
 
 Scenarios (all runs share one pool of independent runs, deduplicated):
 
@@ -13,11 +14,22 @@ Scenarios (all runs share one pool of independent runs, deduplicated):
   validation loss at the reference (grid-centre) LR and at the contender's best LR.
 - ``scale``: the width sweep. Each contender at the LR that was its best at the smallest
   width, run at every width; the ratio to each width's own oracle.
+- ``faults``: fault recovery (:mod:`bench.recovery`). Each contender at the task's
+  reference LR meets the same fault at the same iteration; recovered fraction, iterations
+  redone, iterations until back near the unfaulted run, final-loss ratio to it.
 
 The oracle of a task (and width) is the best median-over-seeds final validation loss of
 the hand-tuned schedules (warmup_cosine, step_decay) over a half-decade LR grid spanning
 the same four decades. trimtab runs against one live ``trimtab serve`` subprocess with
-its default configuration, started for the whole benchmark.
+its default configuration, started for the whole benchmark; each ``--trimtab-set`` runs
+as the contender ``trimtab:NAME`` against its own controller (:mod:`bench.trimtab_sets`).
+
+Lockstep (on unless ``--no-lockstep``): after every report a trimtab run waits until the
+controller has answered it (:mod:`bench._lockstep`), so its commands apply at the same
+step on a quiet or a loaded machine and a seed repeats exactly. The library never waits:
+this is the benchmark's harness only, and it is what a run whose steps take longer than
+the controller's reply (milliseconds) sees anyway. Without it trimtab runs are not
+bit-repeatable: a command lands at whichever step follows its arrival.
 """
 
 from __future__ import annotations
@@ -37,16 +49,21 @@ from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
 
-from bench import contenders
+from bench import contenders, recovery, trimtab_sets
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
 from bench._serve import Controller
 from bench.loop import RunResult, RunSpec
 from bench.tasks import Task, load_tasks
 
 __all__ = ["main", "plan", "execute", "report"]
 
-SCENARIOS = ("lr", "target", "scale")
+SCENARIOS = ("lr", "target", "scale", "faults")
 RESULTS = Path(__file__).resolve().parent / "results"
-MODES = {"quick": {"seeds": 1}, "full": {"seeds": 3}}
+MODES = {"quick": {"seeds": 2}, "full": {"seeds": 5}}
 #: Rough cost of one step, relative, to start the slowest runs first.
 _COST = {"char_transformer": 30.0, "digits_cnn": 6.0, "width_mlp": 1.5, "noisy_quadratic": 0.5}
 
@@ -70,8 +87,9 @@ def grid_specs(task: Task, names: Iterable[str], seeds: int, steps: int,
 
 
 def plan(tasks: dict[str, Task], names: list[str], scenarios: list[str], seeds: int,
-         mode: str, steps: int | None) -> list[RunSpec]:
-    """Phase-one runs: every task's grid (at its smallest width) and every width's oracle."""
+         mode: str, steps: int | None, faults: tuple[str, ...] = ()) -> list[RunSpec]:
+    """Phase-one runs: every task's grid (at its smallest width), every width's oracle,
+    and the fault scenario's clean and faulted runs."""
     specs: list[RunSpec] = []
     for task in tasks.values():
         n = _steps(task, mode, steps)
@@ -81,6 +99,8 @@ def plan(tasks: dict[str, Task], names: list[str], scenarios: list[str], seeds: 
         if "scale" in scenarios:
             for w in task.widths[1:]:
                 specs += grid_specs(task, [], seeds, n, w)
+        if "faults" in scenarios and task.name in recovery.FAULT_TASKS:
+            specs += recovery.fault_specs(task, names, faults, seeds, n)
     return _dedupe(specs)
 
 
@@ -106,30 +126,34 @@ def _dedupe(specs: list[RunSpec]) -> list[RunSpec]:
 # ---------------------------------------------------------------- running
 
 
-_ENDPOINT: str | None = None
+#: contender -> (endpoint, journal or None): where its controller listens; the journal
+#: puts its runs in lockstep.
+_LINKS: dict[str, tuple[str, str | None]] = {}
 
 
-def _init_worker(endpoint: str | None, threads: int) -> None:
-    global _ENDPOINT
+def _init_worker(links: dict[str, tuple[str, str | None]], threads: int) -> None:
     import torch
 
     contenders.quiet_environment()
     torch.set_num_threads(threads)
-    _ENDPOINT = endpoint
+    _LINKS.clear()
+    _LINKS.update(links)
 
 
 def _run_one(spec: RunSpec) -> dict:
     from bench.loop import train
 
     task = load_tasks()[spec.task]
-    return train(task, spec, _ENDPOINT).to_dict()
+    endpoint, journal = _LINKS.get(spec.contender, (None, None))
+    return train(task, spec, endpoint, journal).to_dict()
 
 
-def execute(specs: list[RunSpec], endpoint: str | None, workers: int,
+def execute(specs: list[RunSpec], links: dict[str, tuple[str, str | None]], workers: int,
             log=lambda msg: None) -> list[RunResult]:
     """Run every spec: in ``workers`` spawned processes, or here with ``workers=1``; one
     torch thread each either way (on 2 shared cores, 2 threads per run were 20x slower
-    for these small models: the threads spin waiting for each other)."""
+    for these small models: the threads spin waiting for each other). ``links`` maps a
+    trimtab contender to its controller's (endpoint, journal for lockstep or None)."""
     order = sorted(specs, key=lambda s: -_COST.get(s.task, 1.0) * s.steps)
     out: list[RunResult] = []
     t0 = time.perf_counter()
@@ -140,12 +164,12 @@ def execute(specs: list[RunSpec], endpoint: str | None, workers: int,
             log(f"  {len(out)}/{len(order)} runs, {time.perf_counter() - t0:.0f} s")
 
     if workers <= 1:
-        _init_worker(endpoint, 1)
+        _init_worker(links, 1)
         for spec in order:
             done(_run_one(spec))
     else:
         ctx = multiprocessing.get_context("spawn")
-        with ctx.Pool(workers, _init_worker, (endpoint, 1)) as pool:
+        with ctx.Pool(workers, _init_worker, (links, 1)) as pool:
             for d in pool.imap_unordered(_run_one, order, chunksize=1):
                 done(d)
     return out
@@ -156,6 +180,7 @@ def execute(specs: list[RunSpec], endpoint: str | None, workers: int,
 
 def _select(results, task, contender=None, width=None, lr=None):
     return [r for r in results if r.spec.task == task and r.spec.width == width
+            and r.spec.fault is None
             and (contender is None or r.spec.contender == contender)
             and (lr is None or r.spec.lr == lr)]
 
@@ -336,7 +361,21 @@ def report(results, tasks, names, scenarios) -> tuple[str, dict]:
         for task in tasks.values():
             if task.widths:
                 lines += ["## Scale", ""] + scale_table(results, task, names) + [""]
+    kinds = fault_kinds(results)
+    if "faults" in scenarios and kinds:
+        lines += ["## Fault recovery", "", *recovery.describe_faults(kinds), ""]
+        for task in tasks.values():
+            if task.name in recovery.FAULT_TASKS:
+                lines += recovery.fault_table(results, task, names, kinds) + [""]
     return "\n".join(lines), stats
+
+
+def fault_kinds(results: list[RunResult]) -> tuple[str, ...]:
+    """The faults present in ``results``, in :data:`bench.faults.FAULTS` order."""
+    from bench.faults import FAULTS
+
+    have = {r.spec.fault for r in results}
+    return tuple(k for k in FAULTS if k in have)
 
 
 def summary(stats: dict, names: list[str]) -> list[str]:
@@ -359,7 +398,7 @@ def summary(stats: dict, names: list[str]) -> list[str]:
     return head + rows
 
 
-def plots(results, tasks, names, out: Path) -> list[Path]:
+def plots(results, tasks, names, out: Path, name: str = "quality") -> list[Path]:
     """Final validation loss vs starting LR per contender, one PNG per task; and the
     width sweep's ratio to oracle vs parameter count."""
     import matplotlib
@@ -388,7 +427,7 @@ def plots(results, tasks, names, out: Path) -> list[Path]:
                 ax.plot(bad, [top * 1.5] * len(bad), "x", color=ax.lines[-1].get_color(), ms=9)
         if math.isfinite(ref):
             ax.axhline(ref, color="grey", ls="--", label="oracle")
-        made.append(_finish(plt, fig, ax, out / f"quality_lr_{task.name}.png",
+        made.append(_finish(plt, fig, ax, out / f"{name}_lr_{task.name}.png",
                             "starting LR (Prodigy: x / ref LR as its lr)",
                             "final validation loss (median over seeds; x = diverged)",
                             f"{task.name}: final validation loss vs starting LR"))
@@ -409,7 +448,7 @@ def plots(results, tasks, names, out: Path) -> list[Path]:
                 ax.plot(xs, [y if math.isfinite(y) else math.nan for y in ys], "o-", label=c,
                         **style)
             ax.axhline(1.0, color="grey", ls="--")
-            made.append(_finish(plt, fig, ax, out / f"quality_scale_{task.name}.png",
+            made.append(_finish(plt, fig, ax, out / f"{name}_scale_{task.name}.png",
                                 "parameters", "final val loss / that width's oracle",
                                 f"{task.name}: LR tuned at the smallest width, carried over"))
     return made
@@ -429,13 +468,13 @@ def _finish(plt, fig, ax, path: Path, xlabel: str, ylabel: str, title: str) -> P
     return path
 
 
-def settings_section(tasks, names, seeds, mode) -> list[str]:
+def settings_section(tasks, names, seeds, mode, steps=None) -> list[str]:
     from bench.tasks.char_transformer import corpus
 
     lines = ["## Settings", "", "| task | family | steps | LR grid | target | what |",
              "|---|---|---|---|---|---|"]
     for t in tasks.values():
-        lines.append(f"| {t.name} | {t.family} | {t.steps[mode]} | "
+        lines.append(f"| {t.name} | {t.family} | {_steps(t, mode, steps)} | "
                      f"{', '.join(f'{x:g}' for x in t.lr_grid)} | {t.target:g} | "
                      f"{t.description} |")
     lines += ["", "| contender | exact settings |", "|---|---|"]
@@ -445,27 +484,65 @@ def settings_section(tasks, names, seeds, mode) -> list[str]:
     return lines
 
 
-def _run_all(args, tasks, names, scenarios, seeds, log) -> list[RunResult]:
+def _controllers(tmp: str, args, names: list[str], sets: dict,
+                 steps: dict[str, int]) -> dict[str, Controller]:
+    """One live controller per trimtab contender: the default configuration (or
+    ``--trimtab-config``) for ``trimtab``, exactly its policies for each candidate set
+    (``steps``: each task's budget, for ``{steps}`` settings)."""
+    ctls: dict[str, Controller] = {}
+    try:
+        for c in names:
+            if not contenders.is_trimtab(c):
+                continue
+            d = Path(tmp) / c.replace(":", "_")
+            d.mkdir()
+            config = args.trimtab_config
+            if c in sets:
+                base = (tomllib.loads(Path(config).read_text()) if config else None)
+                config = str(d / "trimtab.toml")
+                Path(config).write_text(trimtab_sets.to_toml(sets[c], steps, base))
+            ctls[c] = Controller(str(d), config)
+    except BaseException:
+        for ctl in ctls.values():
+            ctl.stop()
+        raise
+    return ctls
+
+
+def _run_all(args, tasks, names, scenarios, seeds, log, sets=None) -> list[RunResult]:
+    kinds = recovery.MODE_FAULTS[args.mode] if args.faults is None else args.faults
+    reuse: dict[tuple, RunResult] = {}
+    if args.reuse:
+        for d in json.loads(Path(args.reuse).read_text())["runs"]:
+            r = RunResult.from_dict(d)
+            reuse[r.spec.key] = r
     with tempfile.TemporaryDirectory() as tmp:
-        ctl = Controller(tmp, args.trimtab_config) if "trimtab" in names else None
+        budgets = {n: _steps(t, args.mode, args.steps) for n, t in tasks.items()}
+        ctls = _controllers(tmp, args, names, sets or {}, budgets)
+        links = {c: (ctl.endpoint, ctl.journal if args.lockstep else None)
+                 for c, ctl in ctls.items()}
         try:
-            specs = plan(tasks, names, scenarios, seeds, args.mode, args.steps)
+            specs = plan(tasks, names, scenarios, seeds, args.mode, args.steps, kinds)
+            results = [reuse[s.key] for s in specs if s.key in reuse]
+            specs = [s for s in specs if s.key not in reuse]
             log(f"bench: {len(specs)} runs ({args.mode}, seeds 0..{seeds - 1}, "
-                f"{args.workers} workers)")
-            results = execute(specs, ctl and ctl.endpoint, args.workers, log)
+                f"{args.workers} workers)" + (f", {len(results)} reused" if reuse else ""))
+            results += execute(specs, links, args.workers, log)
             if "scale" in scenarios:
                 more = scale_specs(tasks, names, results, seeds)
                 have = {r.spec.key for r in results}
                 more = [s for s in more if s.key not in have]
+                results += [reuse[s.key] for s in more if s.key in reuse]
+                more = [s for s in more if s.key not in reuse]
                 log(f"bench: scale, {len(more)} more runs")
-                results += execute(more, ctl and ctl.endpoint, args.workers, log)
+                results += execute(more, links, args.workers, log)
         finally:
-            if ctl:
+            for ctl in ctls.values():
                 ctl.stop()
     return results
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m bench run", description=__doc__.split("\n")[0])
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_const", dest="mode", const="quick")
@@ -473,29 +550,75 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scenarios", default=",".join(SCENARIOS))
     ap.add_argument("--tasks", default=None, help="comma-separated; default all")
     ap.add_argument("--contenders", default=None, help="comma-separated; default all")
-    ap.add_argument("--seeds", type=int, default=None, help="quick 1, full 3")
+    ap.add_argument("--seeds", type=int, default=None, help="quick 2, full 5")
     ap.add_argument("--steps", type=int, default=None, help="override every task's budget")
+    ap.add_argument("--faults", default=None,
+                    help="comma-separated faults for the faults scenario; quick: "
+                         f"{','.join(recovery.MODE_FAULTS['quick'])}, full: all")
     ap.add_argument("--workers", type=int, default=2,
                     help="processes of one thread each; 1 = in this process")
-    ap.add_argument("--trimtab-config", default=None, help="TOML for trimtab serve")
+    ap.add_argument("--trimtab-config", default=None,
+                    help="TOML for trimtab serve (candidate sets: all but its policies)")
+    ap.add_argument("--trimtab-set", action="append", default=[], metavar="NAME=POLICIES",
+                    help="an extra contender trimtab:NAME running these policies, e.g. "
+                         "spike=+spike_guard ('+': the default set plus); repeatable")
+    ap.add_argument("--no-lockstep", dest="lockstep", action="store_false",
+                    help="let trimtab's commands arrive asynchronously (not repeatable)")
+    ap.add_argument("--reuse", default=None, metavar="RUNS_JSON",
+                    help="take runs with the same settings from this runs file, not again")
+    ap.add_argument("--name", default="quality",
+                    help="results file stem: NAME.md, NAME-runs.json, NAME_*.png")
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--from-json", default=None, metavar="RUNS_JSON",
-                    help="re-render tables and plots from a quality-runs.json; runs nothing")
+                    help="re-render tables and plots from a runs file; runs nothing")
+    return ap
+
+
+def _names(ap, args) -> tuple[list[str], dict]:
+    """The contenders to run and the candidate sets among them (name -> policies)."""
+    names = args.contenders.split(",") if args.contenders else list(contenders.CONTENDERS)
+    sets = {}
+    for text in args.trimtab_set:
+        try:
+            name, items = trimtab_sets.parse_set(text)
+        except ValueError as e:
+            ap.error(str(e))
+        c = contenders.trimtab_set(name, trimtab_sets.describe(items))
+        if c.name in sets:
+            ap.error(f"--trimtab-set {text!r}: the name {name!r} is given twice")
+        sets[c.name] = items
+        names.append(c.name)
+    for n in names:
+        try:
+            contenders.get(n)
+        except ValueError as e:
+            ap.error(f"--contenders: {e}")
+    return names, sets
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = parser()
     args = ap.parse_args(argv)
     args.mode = args.mode or "quick"
     scenarios = args.scenarios.split(",")
     bad = set(scenarios) - set(SCENARIOS)
     if bad:
-        ap.error(f"unknown scenario(s) {sorted(bad)}; known: {', '.join(SCENARIOS)}")
+        ap.error(f"--scenarios: unknown scenario(s) {sorted(bad)}; known: "
+                 f"{', '.join(SCENARIOS)}")
+    if args.faults is not None:
+        from bench.faults import FAULTS
+
+        args.faults = tuple(args.faults.split(","))
+        wrong = [k for k in args.faults if k not in FAULTS]
+        if wrong:
+            ap.error(f"--faults: unknown fault(s) {wrong}; known: {', '.join(FAULTS)}")
     all_tasks = load_tasks()
     try:
         tasks = ({n: all_tasks[n] for n in args.tasks.split(",")} if args.tasks
                  else all_tasks)
     except KeyError as e:
-        ap.error(f"unknown task {e}; known: {', '.join(all_tasks)}")
-    names = args.contenders.split(",") if args.contenders else list(contenders.CONTENDERS)
-    for n in names:
-        contenders.get(n)
+        ap.error(f"--tasks: unknown task {e}; known: {', '.join(all_tasks)}")
+    names, sets = _names(ap, args)
     seeds = args.seeds or MODES[args.mode]["seeds"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -505,12 +628,19 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    lockstep = "on" if args.lockstep else "off"
     if args.from_json:
         saved = json.loads(Path(args.from_json).read_text())
         results = [RunResult.from_dict(d) for d in saved["runs"]]
         wall, started = saved["wall_s"], saved.get("started", started)
+        lockstep = saved.get("lockstep", "off")
+        for c, items in saved.get("trimtab_sets", {}).items():
+            if c not in names:  # the candidate sets the runs were made with
+                contenders.trimtab_set(c.split(":", 1)[1], trimtab_sets.describe(
+                    [tuple(i) for i in items]))
+                names.append(c)
     else:
-        results = _run_all(args, tasks, names, scenarios, seeds, log)
+        results = _run_all(args, tasks, names, scenarios, seeds, log, sets)
         wall = time.perf_counter() - t0
     cpu = sum(r.cpu_s for r in results if math.isfinite(r.cpu_s))
     text, _ = report(results, tasks, names, scenarios)
@@ -518,27 +648,36 @@ def main(argv: list[str] | None = None) -> int:
     if args.from_json:
         cmd = saved["command"]
         seeds = len({r.spec.seed for r in results})
-    header = [f"# Control quality ({args.mode})", "",
+    title = {"quality": "Control quality",
+             "default-set": "trimtab's default policy set"}.get(args.name, args.name)
+    header = [f"# {title} ({args.mode})", "",
               f"Command: `{cmd}`, {started}; wall time {wall:.0f} s with {args.workers} "
               f"worker(s), {len(results)} runs using {cpu:.0f} CPU-s in all (on an idle "
               f"machine about {cpu / max(1, args.workers):.0f} s of wall time).",
               f"Machine: {_machine()}.",
               f"Versions: {_versions()}.",
-              f"Seeds: 0..{seeds - 1}. Scenarios: {', '.join(scenarios)}.",
+              f"Seeds: 0..{seeds - 1}. Scenarios: {', '.join(scenarios)}. Lockstep: "
+              f"{lockstep} (see bench/run.py: with it on, trimtab runs repeat exactly).",
               "Ratios are final validation loss / the oracle's (1 = as good as the best "
               "hand-tuned schedule; below 1 beats it). *at its best LR* is the contender's best "
               "grid point (median over seeds); *median* and *worst* are over every grid "
               "point and seed; a run *diverged* if its final validation loss is non-finite "
               "or above its initial one.", ""]
     print("\n".join(header) + "\n" + text)
-    made = plots(results, tasks, names, out)
+    made = (plots(results, tasks, names, out, args.name)
+            if {"lr", "scale"} & set(scenarios) else [])
+    if "faults" in scenarios:
+        for task in tasks.values():
+            for kind in fault_kinds(results)[:1]:
+                path = recovery.fault_plot(results, task, kind, out, args.name)
+                made += [path] if path else []
     md = "\n".join(header) + "\n" + text + "\n" + "\n".join(
-        settings_section(tasks, names, seeds, args.mode)) + "\n\nPlots: " + ", ".join(
+        settings_section(tasks, names, seeds, args.mode, args.steps)) + "\n\nPlots: " + ", ".join(
         f"[{p.name}]({p.name})" for p in made) + "\n"
-    (out / "quality.md").write_text(md)
+    (out / f"{args.name}.md").write_text(md)
     if not args.from_json:
-        (out / "quality-runs.json").write_text(json.dumps(
-            {"command": cmd, "started": started, "wall_s": wall,
-             "runs": [r.to_dict() for r in results]}))
-    log(f"bench: wrote {out / 'quality.md'} and {len(made)} plots in {wall:.0f} s")
+        (out / f"{args.name}-runs.json").write_text(json.dumps(
+            {"command": cmd, "started": started, "wall_s": wall, "lockstep": lockstep,
+             "trimtab_sets": sets, "runs": [r.to_dict() for r in results]}))
+    log(f"bench: wrote {out / (args.name + '.md')} and {len(made)} plots in {wall:.0f} s")
     return 0

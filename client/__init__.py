@@ -12,6 +12,14 @@
 Checkpoints and rollback: ``attach(..., checkpoint_every=100, keep=3,
 checkpoint_dir="ckpt", scheduler=sched, on_rollback=loader_seek)``; to resume after a
 crash, ``load_stable("ckpt").restore(model, optimizer, sched)``.
+
+A loop that cannot change: ``attach(..., hooks=True)`` guards the loop's own
+``optimizer.step()`` through the optimizer's step hooks, with ``guard.observe_loss(loss)``;
+Lightning and Hugging Face callbacks: ``trimtab.client.lightning``, ``trimtab.client.hf``
+(see docs/adapters.md).
+
+Many jobs across several controllers: ``attach(..., endpoint=shard_endpoint(job,
+endpoints))`` picks each job's controller by its id (see docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -21,9 +29,11 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from ._checkpoint import Checkpoint, CheckpointStore, load_stable
+    from ._dist import shard_endpoint
     from ._guard import Guard, attach
 
-__all__ = ["attach", "Guard", "Checkpoint", "CheckpointStore", "load_stable", "__version__"]
+__all__ = ["attach", "Guard", "Checkpoint", "CheckpointStore", "load_stable", "shard_endpoint",
+           "__version__"]
 
 try:
     __version__ = version("trimtab")
@@ -42,4 +52,8 @@ def __getattr__(name: str):
         from . import _checkpoint
 
         return getattr(_checkpoint, name)
+    if name == "shard_endpoint":
+        from . import _dist
+
+        return _dist.shard_endpoint
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -25,10 +25,13 @@ import zmq
 
 from . import wire
 from ._checkpoint import Checkpoint, CheckpointStore
+from ._dist import DistLink, rank_directory
+from ._hooks import StepHooks
 from ._knobs import apply_knobs, check_optimizer, read_knobs
+from ._live_schedule import LiveSchedules
 from ._probe import Grads, Probe
 from ._schedule import ScheduleHold, scale_schedule
-from ._transport import Transport
+from ._transport import Transport, load_curve_keys
 
 __all__ = ["attach", "Guard", "NONFINITE_MODES"]
 
@@ -77,10 +80,12 @@ def _check_checkpoint_options(
     checkpoint_every: int, keep: int, checkpoint_dir: object, scheduler: object,
     optimizer: torch.optim.Optimizer, on_rollback: object,
 ) -> None:
+    # A scheduler may be built on a wrapper of this optimizer (accelerate's, Lightning's).
+    owner = getattr(scheduler, "optimizer", optimizer)
     sched_ok = scheduler is None or (
         callable(getattr(scheduler, "state_dict", None))
         and callable(getattr(scheduler, "load_state_dict", None))
-        and getattr(scheduler, "optimizer", optimizer) is optimizer
+        and (owner is optimizer or getattr(owner, "optimizer", None) is optimizer)
     )
     checks = [
         ("checkpoint_every", checkpoint_every, _is_int(checkpoint_every, 0),
@@ -174,6 +179,10 @@ class Guard:
     over the restored values. The data stream is not rewound (the batches since the
     checkpoint are skipped); reposition a loader in ``on_rollback`` to replay them.
 
+    CURVE (a controller configured with keys): ``server_key`` is the controller's
+    ``server.key`` and ``client_key`` this client's ``clients/NAME.key_secret``, both from
+    ``trimtab keys generate``; the link is then authenticated and encrypted.
+
     LR schedulers: pass ``scheduler=`` and call ``scheduler.step()`` after
     ``guard.step()``. A command that sets lr scales each group's lr by ``f = new /
     old`` and the scheduler's reference values by the same ``f`` (``base_lrs``; each
@@ -185,6 +194,25 @@ class Guard:
     sets momentum (OneCycleLR, CyclicLR) overrides trimtab's momentum at its next step.
     A rollback restores the scheduler's state and reference values as they were at the
     checkpoint.
+
+    Live schedules: a command may hand over the controller's schedules (lr, and momentum
+    for OneCycle); from then on the guard sets those knobs before every optimizer step to
+    the schedule's value at ``global_step`` (host arithmetic, no device read; see
+    :mod:`trimtab.client._live_schedule`) until a newer command replaces them.
+
+    Under ``torch.distributed`` (an initialised process group of more than one rank, e.g.
+    DDP under ``torchrun``) attach on every rank with the same options: only rank 0 talks to
+    the controller; each report carries the loss averaged over ranks (one all-reduce per
+    report); each command is broadcast from rank 0 at a report boundary and applied by every
+    rank at the same step, acknowledged once; checkpoint files go to
+    ``checkpoint_dir/rank-<r>``. Gradients must be in sync across ranks before ``step``
+    (DDP does that), and every rank must step and ``close()`` in lockstep.
+
+    Loops that cannot change (``hooks=True``): the loop keeps calling ``optimizer.step()``
+    and the optimizer's step hooks do what ``guard.step`` does around it; the loss comes
+    in with ``guard.observe_loss(loss)`` (without it, reports go without the loss), and
+    ``close()`` takes the hooks off. See :mod:`trimtab.client._hooks` for how a non-finite
+    step is skipped there and how ``optimizer.step(closure)`` is handled.
 
     >>> import torch
     >>> from trimtab.client import attach
@@ -221,12 +249,18 @@ class Guard:
         checkpoint_dir: str | os.PathLike | None = None,
         scheduler: Any = None,
         on_rollback: Callable[[int], None] | None = None,
+        server_key: str | os.PathLike | None = None,
+        client_key: str | os.PathLike | None = None,
+        hooks: bool = False,
     ) -> None:
         _check_options(job, report_every, clip, batch_size, heartbeat_s, queue_size,
                        nonfinite, liveness)
         _check_checkpoint_options(checkpoint_every, keep, checkpoint_dir, scheduler,
                                   optimizer, on_rollback)
         check_optimizer(optimizer)
+        if not isinstance(hooks, bool):
+            raise _invalid("hooks", hooks, "True (the optimizer's step hooks) or False")
+        curve = load_curve_keys(server_key, client_key)
         self.model = model
         self.optimizer = optimizer
         self.job = job
@@ -236,7 +270,13 @@ class Guard:
         self.clip: float | None = None if clip is None else float(clip)
         #: Sequence number of the last command applied (0: none).
         self.applied_seq = 0
+        self._hooks: StepHooks | None = None
         self.facts, device = _facts(model, optimizer, batch_size)
+        # Under torch.distributed: rank 0 links to the controller, all ranks act in step.
+        self._dist = DistLink.detect(device)
+        if self._dist is not None:
+            self._dist.check_same(report_every=report_every, checkpoint_every=checkpoint_every)
+            checkpoint_dir = rank_directory(checkpoint_dir, self._dist.rank)
         self.nonfinite_mode = _resolve_mode(nonfinite, optimizer, device)
         self._probe = Probe(optimizer, report_every, device)
         self._calls = 0
@@ -254,6 +294,7 @@ class Guard:
         self._on_rollback = on_rollback
         self._outcome: tuple[int, int | None, str | None] = (0, None, None)
         self._hold: ScheduleHold | None = None
+        self._live = LiveSchedules()  # the controller's per-step schedules (none at first)
         self._last_checkpoint = 0
         #: The controller advises stopping (the validation metric stopped improving).
         self.should_stop = False
@@ -264,16 +305,23 @@ class Guard:
         self._micro_first: torch.Tensor | None = None
         self._micro_counts: list[int] = []  # micro-batches per noted step, this window
         self._store = self._start_checkpoints(keep, checkpoint_dir)
-        self._transport = Transport(
-            endpoint, job, register=self._registration, step=self._host_step,
-            context=context, heartbeat_s=heartbeat_s, liveness=liveness,
-            queue_size=queue_size, reconnect_max_s=reconnect_max_s,
-        )
+
+        def make_transport() -> Transport:
+            return Transport(
+                endpoint, job, register=self._registration, step=self._host_step,
+                context=context, heartbeat_s=heartbeat_s, liveness=liveness,
+                queue_size=queue_size, reconnect_max_s=reconnect_max_s, curve=curve,
+            )
+
+        self._transport = (make_transport() if self._dist is None
+                           else self._dist.transport(make_transport))
         self._transport.start()
         # A script that ends without close() still says Bye and stops the threads at exit.
         self._finalizer = weakref.finalize(
             self, _finish, self._transport, self._store, wire.Bye(job=job, reason="exit")
         )
+        if hooks:  # the loop calls optimizer.step() itself: see trimtab.client._hooks
+            self._hooks = StepHooks(self)
 
     def _start_checkpoints(
         self, keep: int, checkpoint_dir: str | os.PathLike | None
@@ -297,6 +345,18 @@ class Guard:
         """Apply a pending command, clip, step the optimizer (unless non-finite) and probe."""
         if self._closed:
             raise RuntimeError("Guard.step() after close()")
+        if self._hooks is not None:
+            raise RuntimeError("Guard.step() with hooks=True: the loop calls optimizer.step() "
+                               "itself and hands the loss to guard.observe_loss(loss)")
+        prepared = self._prepare(loss)
+        if prepared is not None:
+            self._optimizer_step(*prepared)
+            self._finish_step()
+
+    def _prepare(
+        self, loss: torch.Tensor | float
+    ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """Before the optimizer step: command, probe, clip. ``None``: a rollback took the step."""
         if isinstance(loss, torch.Tensor) and loss.numel() != 1:
             raise ValueError(f"loss must be a scalar, got shape {tuple(loss.shape)}")
         if self._store is not None:
@@ -309,7 +369,8 @@ class Guard:
         if self._apply_command():
             # Rolled back: these gradients were computed on the abandoned trajectory.
             self.optimizer.zero_grad(set_to_none=True)
-            return
+            return None
+        self._live.apply(self.optimizer, self._host_step())  # host floats only; no-op if none
         probe = self._probe
         closing = probe.full
         grads = probe.grads()
@@ -325,13 +386,20 @@ class Guard:
         self._clip(grads, total, finite)
         if closing:  # the window's one sampled update, for ||delta theta|| / ||theta||
             probe.snapshot()
-        self._optimizer_step(total, finite)
+        return total, finite
+
+    def _finish_step(self) -> None:
+        """After the optimizer step: probe the update, count the step, report, snapshot."""
+        probe = self._probe
+        closing = probe.full
         if closing:
             probe.update_ratio()
         probe.advance()
         self._calls += 1
         if closing:
             self._close_window()
+            if self._dist is not None:  # every rank takes rank 0's command, at this step
+                self._dist.exchange(self._host_step())
         # global_step is known on the host every step in "skip" mode, else at window ends.
         if self._store is not None and (closing or self.nonfinite_mode == "skip"):
             every = self.checkpoint_every
@@ -415,6 +483,8 @@ class Guard:
                 restored, notes = self._rollback(command.rollback_to)
                 errors += notes
             errors += self._set_knobs(command.knobs)
+            self._live.replace(command.schedules)
+            self._live.apply(self.optimizer, self._host_step())  # so the ack reports its values
             if restored is not None and restored.scheduler_stepped and self.scheduler is not None:
                 # The loop's scheduler.step() still follows this guard.step(); for a snapshot
                 # taken after the scheduler stepped that is one step too many: undo it.
@@ -488,7 +558,11 @@ class Guard:
 
     def _close_window(self) -> None:
         try:
+            if self._dist is not None:  # the window's rows become their mean over ranks
+                self._dist.reduce_rows(self._probe.buf[: self._probe.row])
             stats = self._probe.collect()
+            if self._hooks is not None:  # a step without an observed loss is not a bad loss
+                stats = self._hooks.window_closed(stats)
             self._skipped_closed += stats.nonfinite_grads
             self._open_skips_host = 0
             if stats.steps == 0:
@@ -535,6 +609,14 @@ class Guard:
             log.warning("trimtab: non-finite validation value %r not reported", value)
             return
         self._validation = (float(value), self._host_step() if step is None else step)
+
+    def observe_loss(self, loss: torch.Tensor | float) -> None:
+        """With ``hooks=True``: hand over a loss for the coming ``optimizer.step()`` (kept on
+        its device; several calls before one step report their mean)."""
+        if self._hooks is None:
+            raise RuntimeError("observe_loss() needs attach(..., hooks=True); "
+                               "without hooks pass the loss to guard.step(loss)")
+        self._hooks.observe(loss)
 
     def note_micro_batch(self) -> None:
         """Call after each micro-batch's ``backward()`` when accumulating gradients, for the
@@ -607,7 +689,10 @@ class Guard:
         ``checkpoint_timeout_s``), say Bye and stop the thread (at most about 1 s)."""
         if self._closed:
             return
-        if self._probe.row:
+        if self._hooks is not None:
+            self._hooks.remove()
+        # Under torch.distributed the partial window is a collective: only on a clean close.
+        if self._probe.row and (self._dist is None or not reason.startswith("error")):
             self._close_window()  # the last, partial window: one sync, at the end of the run
         self._closed = True
         if self._store is not None:

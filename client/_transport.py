@@ -16,21 +16,29 @@ Liveness follows the ZeroMQ guide's Paranoid Pirate pattern: a heartbeat every
 ``heartbeat_s``; any valid message from the controller counts as a sign of
 life; after ``liveness`` silent intervals the socket is closed and recreated
 after an exponentially growing pause, and the job registers again.
+
+With :class:`CurveKeys` the socket speaks CURVE (``zmq.auth``): it authenticates with
+the client's key pair and checks the controller's public key, and every frame is
+encrypted. A controller that does not list the client's key never completes the
+handshake; the client then sees silence and keeps training, reconnecting with back-off.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import zmq
+import zmq.auth
 
 from . import wire
 
-__all__ = ["Transport"]
+__all__ = ["Transport", "CurveKeys", "load_curve_keys"]
 
 log = logging.getLogger("trimtab.client")
 
@@ -40,6 +48,50 @@ _POLL_MS = 20
 _SEND_BURST = 64
 #: Close gives pending messages and the Bye this long to leave.
 _CLOSE_FLUSH_S = 0.25
+
+
+@dataclass(frozen=True, repr=False)
+class CurveKeys:
+    """The z85 keys a CURVE client needs: the controller's public key and its own pair."""
+
+    server_public: bytes
+    public: bytes
+    secret: bytes
+
+    def __repr__(self) -> str:  # never print a secret key
+        return f"CurveKeys(server_public={self.server_public!r}, public={self.public!r})"
+
+
+def _read_key(field: str, path: str | os.PathLike[str]) -> tuple[bytes, bytes | None]:
+    try:
+        return zmq.auth.load_certificate(path)
+    except (OSError, ValueError) as exc:
+        raise ValueError(
+            f"{field}={str(path)!r} is invalid ({exc}); allowed: a key file "
+            "written by `trimtab keys generate`"
+        ) from None
+
+
+def load_curve_keys(
+    server_key: str | os.PathLike[str] | None, client_key: str | os.PathLike[str] | None
+) -> CurveKeys | None:
+    """Keys from ``server_key`` (the controller's ``server.key``) and ``client_key`` (this
+    client's ``clients/NAME.key_secret``); None when neither is given."""
+    if server_key is None and client_key is None:
+        return None
+    if server_key is None or client_key is None:
+        raise ValueError(
+            f"server_key={server_key!r}, client_key={client_key!r} is invalid; "
+            "allowed: both (CURVE) or neither"
+        )
+    server_public, _ = _read_key("server_key", server_key)
+    public, secret = _read_key("client_key", client_key)
+    if secret is None:
+        raise ValueError(
+            f"client_key={str(client_key)!r} is invalid (it holds no secret key);"
+            " allowed: this client's NAME.key_secret file"
+        )
+    return CurveKeys(server_public, public, secret)
 
 
 class Transport:
@@ -63,8 +115,10 @@ class Transport:
         reconnect_max_s: float = 32.0,
         hwm: int = 256,
         zmq_heartbeat: bool = True,
+        curve: CurveKeys | None = None,
     ) -> None:
         self.endpoint = endpoint
+        self._curve = curve
         self.job = job
         self._register = register
         self._step = step
@@ -92,6 +146,9 @@ class Transport:
         self.sent = 0
         #: Sockets created; more than one means the link was re-established.
         self.connects = 0
+        #: Error replies from the controller, by code.
+        self.refused: dict[str, int] = {}
+        self._warned: dict[str, float] = {}
 
     # -- training-thread side: queues only, never the socket -------------------------------
 
@@ -143,6 +200,12 @@ class Transport:
         sock.setsockopt(zmq.SNDHWM, self._hwm)
         sock.setsockopt(zmq.RCVHWM, self._hwm)
         sock.setsockopt(zmq.IMMEDIATE, 1)  # queue only to a live connection; we keep the rest
+        # Whatever the other end sends, one frame never costs more than this much memory.
+        sock.setsockopt(zmq.MAXMSGSIZE, 4 * wire.MAX_MESSAGE_BYTES)
+        if self._curve is not None:
+            sock.curve_serverkey = self._curve.server_public
+            sock.curve_publickey = self._curve.public
+            sock.curve_secretkey = self._curve.secret
         ivl_ms = max(1, int(self._heartbeat_s * 1000))
         sock.setsockopt(zmq.RECONNECT_IVL, min(ivl_ms, 100))
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, int(self._reconnect_max_s * 1000))
@@ -221,8 +284,12 @@ class Transport:
         elif isinstance(message, wire.Error):
             if message.code == "unknown_job":  # the controller forgot us (restarted): re-register
                 self._need_register = True
-            else:
+            elif time.monotonic() - self._warned.get(message.code, float("-inf")) >= 60.0:
+                # At most one line per code a minute: a refused job would otherwise log
+                # once per report (e.g. ``forbidden``: its key does not own the job).
+                self._warned[message.code] = time.monotonic()
                 log.warning("controller refused a message: %s: %s", message.code, message.detail)
+            self.refused[message.code] = self.refused.get(message.code, 0) + 1
 
     def _send(self, sock: zmq.Socket, message: wire.Message) -> bool:
         """One non-blocking send; False when no live connection can take it now."""

@@ -11,7 +11,10 @@ Heartbeat(type='heartbeat', v=1, job='demo', step=3)
 
 A frame that cannot be taken raises :class:`WireError`, whose ``code`` says why
 (``oversized``, ``malformed``, ``version``, ``nonfinite``, ``invalid``); the
-controller answers it with an :class:`Error` message carrying the same code.
+controller answers it with an :class:`Error` message carrying the same code. The
+controller's own refusals add ``unknown_job``, ``unexpected``, ``stale`` (a replayed or
+out-of-order sequence number), ``forbidden`` (another CURVE key's job) and
+``rate_limited`` (a peer over its message rate).
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ import json
 import math
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+
+from . import schedules
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -32,6 +37,8 @@ __all__ = [
     "ScaleFacts",
     "Register",
     "Report",
+    "SchedulePiece",
+    "LiveSchedule",
     "Command",
     "Ack",
     "Heartbeat",
@@ -58,6 +65,9 @@ ERROR_CODES: tuple[str, ...] = (
     "invalid",
     "unknown_job",
     "unexpected",
+    "stale",
+    "forbidden",
+    "rate_limited",
 )
 
 JobId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:@/-]+$")]
@@ -159,13 +169,84 @@ class Report(_Model):
     micro_batches: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
 
 
+Param = Union[bool, int, float, str]  # noqa: UP007
+
+
+class SchedulePiece(_Model):
+    """One closed form of :mod:`trimtab.client.schedules` with its parameters; its step 0 is
+    at global step ``origin`` (before it, the step-0 value holds).
+
+    >>> SchedulePiece(name="cosine", params={"lr": 0.1, "t_max": 0})
+    Traceback (most recent call last):
+    ...
+    pydantic_core._pydantic_core.ValidationError: 1 validation error for SchedulePiece
+      Value error, cosine: t_max=0 is invalid; allowed: an int >= 1 ...
+    """
+
+    name: Annotated[str, Field(max_length=32)]
+    params: Annotated[dict[Annotated[str, Field(max_length=32)], Param], Field(max_length=16)]
+    origin: Count = 0
+
+    @model_validator(mode="after")
+    def _known(self) -> SchedulePiece:
+        schedules.check(self.name, self.params)
+        return self
+
+    def value(self, knob: str, step: int) -> float:
+        """This piece's ``knob`` at global ``step``."""
+        return schedules.value(knob, self.name, self.params, step - self.origin)
+
+
+class LiveSchedule(_Model):
+    """A knob's trajectory, evaluated by the client before every optimizer step until a newer
+    command replaces it: ``clamp(scale x product of the pieces' values at the step, lo, hi)``.
+
+    The first piece gives the absolute value, the others (reference lr 1) multiply it, as
+    torch's ``ChainedScheduler``; ``scale`` is the controller's correction (e.g. a plateau
+    cut), ``[lo, hi]`` the governor's bounds for the knob.
+
+    >>> s = LiveSchedule(knob="lr", pieces=[SchedulePiece(
+    ...     name="cosine", params={"lr": 0.1, "t_max": 100})], scale=0.5, lo=0.01)
+    >>> s.value(50), s.value(100)
+    (0.025, 0.01)
+    """
+
+    knob: Literal["lr", "momentum"]
+    pieces: Annotated[list[SchedulePiece], Field(min_length=1, max_length=8)]
+    scale: Annotated[float, Field(gt=0.0, allow_inf_nan=False)] = 1.0
+    lo: NonNeg = 0.0
+    #: None: no upper bound.
+    hi: NonNeg | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> LiveSchedule:
+        if self.hi is not None and self.lo > self.hi:
+            raise ValueError(f"lo={self.lo} is above hi={self.hi}; lo must be <= hi")
+        if self.knob == "momentum":
+            bad = [p.name for p in self.pieces if p.name not in schedules.MOMENTUM]
+            if bad:
+                raise ValueError(f"schedules {bad} give no momentum; allowed: "
+                                 f"{', '.join(schedules.MOMENTUM)}")
+        return self
+
+    def value(self, step: int) -> float:
+        """The knob's value for the optimizer step taken after ``step`` steps."""
+        x = self.scale
+        for piece in self.pieces:
+            x *= piece.value(self.knob, step)
+        x = max(x, self.lo)
+        return x if self.hi is None else min(x, self.hi)
+
+
 class Command(_Model):
     """Controller -> client: applied at the next step boundary, in this order:
 
     1. ``mark_stable``: the checkpoint taken at that step is stable (a rollback target);
     2. ``rollback_to``: restore the stable checkpoint taken at that step (model, optimizer,
        RNG, scheduler, knobs, step);
-    3. ``knobs``: absolute targets, applied over whatever is then in force.
+    3. ``knobs``: absolute targets, applied over whatever is then in force;
+    4. ``schedules``: when not None, the live schedules from now on (``[]``: none), each
+       evaluated before every optimizer step from this one on (overriding its knob's target).
     """
 
     type: Literal["command"] = "command"
@@ -178,6 +259,15 @@ class Command(_Model):
     rollback_to: Count | None = None
     #: The controller recommends stopping the run, and why (surfaced as guard.should_stop).
     stop_advice: Text | None = None
+    #: The live schedules from now on, one per knob (None: those in force stay).
+    schedules: Annotated[list[LiveSchedule], Field(max_length=2)] | None = None
+
+    @model_validator(mode="after")
+    def _one_schedule_per_knob(self) -> Command:
+        knobs = [s.knob for s in self.schedules or ()]
+        if len(set(knobs)) != len(knobs):
+            raise ValueError(f"schedules: one per knob, got {knobs}")
+        return self
 
 
 class Ack(_Model):
@@ -221,7 +311,8 @@ class Error(_Model):
     type: Literal["error"] = "error"
     v: Literal[1] = PROTOCOL_VERSION
     code: Literal[
-        "oversized", "malformed", "version", "nonfinite", "invalid", "unknown_job", "unexpected"
+        "oversized", "malformed", "version", "nonfinite", "invalid", "unknown_job", "unexpected",
+        "stale", "forbidden", "rate_limited",
     ]
     detail: Text
     job: Annotated[str, Field(max_length=128)] | None = None

@@ -1,7 +1,8 @@
 """The ``trimtab`` command.
 
     trimtab serve [--bind tcp://127.0.0.1:5555] [--metrics-port 9108] [--journal PATH]
-                  [--config FILE]
+                  [--config FILE] [--allow-remote]
+    trimtab keys generate DIR [--clients N | --name NAME ...]
     trimtab decisions [--journal PATH] [--job JOB]
     trimtab policies [--config FILE]
     trimtab export JOB [--journal PATH] [--out FILE]
@@ -23,6 +24,7 @@ __all__ = ["main"]
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from trimtab.controller.auth import AuthError
     from trimtab.controller.config import ConfigError, load_config
     from trimtab.controller.journal import JournalError
     from trimtab.controller.policy import PolicyLoadError
@@ -32,6 +34,8 @@ def _serve(args: argparse.Namespace) -> int:
         k: v for k, v in (("bind", args.bind), ("metrics_port", args.metrics_port),
                           ("journal", args.journal), ("log_level", args.log_level))
         if v is not None}
+    if args.allow_remote:
+        overrides["allow_remote"] = True
     try:
         config = load_config(args.config, overrides=overrides)
     except ConfigError as exc:
@@ -41,7 +45,7 @@ def _serve(args: argparse.Namespace) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         server = Server(config)
-    except (PolicyLoadError, JournalError, OSError) as exc:
+    except (PolicyLoadError, JournalError, OSError, AuthError) as exc:
         print(f"trimtab serve: cannot start: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # zmq.ZMQError on a bad or busy endpoint
@@ -160,6 +164,24 @@ def _replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def _keys(args: argparse.Namespace) -> int:
+    from trimtab.controller.auth import SERVER_PUBLIC, SERVER_SECRET, AuthError, generate_keys
+
+    names = args.name or [f"client-{i}" for i in range(1, args.clients + 1)]
+    try:
+        made = generate_keys(args.dir, names)
+    except (AuthError, OSError) as exc:
+        print(f"trimtab keys: {exc}", file=sys.stderr)
+        return 2
+    root = args.dir.rstrip("/")
+    print(f"controller: curve_server_secret = \"{root}/{SERVER_SECRET}\"")
+    print(f"            curve_allowed_clients = \"{root}/allowed\"")
+    for name, secret in made.items():
+        print(f"client {name}: attach(..., server_key=\"{root}/{SERVER_PUBLIC}\", "
+              f"client_key=\"{secret}\")")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trimtab", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -169,7 +191,20 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--journal", help="SQLite journal path (default trimtab-journal.db)")
     serve.add_argument("--config", help="TOML config file (default $TRIMTAB_CONFIG)")
     serve.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    serve.add_argument("--allow-remote", action="store_true",
+                       help="allow a non-loopback --bind without CURVE keys (unauthenticated)")
     serve.set_defaults(func=_serve)
+    keys = sub.add_parser("keys", help="CURVE keys for an authenticated, encrypted link")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    gen = keys_sub.add_parser("generate", help="write the controller's key pair (unless "
+                              "present) and one key pair per client into DIR")
+    gen.add_argument("dir", help="key directory (created if missing)")
+    who = gen.add_mutually_exclusive_group()
+    who.add_argument("--clients", type=int, default=1, metavar="N",
+                     help="N clients named client-1 .. client-N (default 1)")
+    who.add_argument("--name", action="append", metavar="NAME",
+                     help="a client's name; repeatable")
+    gen.set_defaults(func=_keys)
     dec = sub.add_parser("decisions", help="print the commands, acks and events in a journal")
     dec.add_argument("--journal", default="trimtab-journal.db")
     dec.add_argument("--job", help="only this job")

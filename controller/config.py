@@ -11,17 +11,27 @@ field, the value given and what is allowed.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
+import socket
 import sys
 from collections.abc import Mapping
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from trimtab.controller.governor import GovernorConfig
+from trimtab.controller.ratelimit import RateLimitConfig
 from trimtab.controller.rollback import RollbackConfig
 from trimtab.controller.state import SignalConfig
 
@@ -30,7 +40,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
-__all__ = ["ENV_PREFIX", "PolicySpec", "ControllerConfig", "ConfigError", "load_config"]
+__all__ = ["ENV_PREFIX", "PolicySpec", "ControllerConfig", "ConfigError", "load_config",
+           "is_loopback_endpoint"]
 
 #: Environment variables ``TRIMTAB_<FIELD>`` override the file; ``__`` goes one level down
 #: (``TRIMTAB_GOVERNOR__LR__MAX_STEP_RATIO=1.5``).
@@ -58,6 +69,34 @@ class PolicySpec(BaseModel):
         return self.jobs is None or any(fnmatchcase(job, g) for g in self.jobs)
 
 
+def is_loopback_endpoint(endpoint: str) -> bool:
+    """Whether a ZeroMQ endpoint is reachable from this host only: ``ipc://``, ``inproc://``,
+    or ``tcp://`` on a loopback address or a name that resolves to loopback addresses only.
+
+    >>> is_loopback_endpoint("tcp://127.0.0.1:5555"), is_loopback_endpoint("tcp://[::1]:5")
+    (True, True)
+    >>> is_loopback_endpoint("tcp://0.0.0.0:5555"), is_loopback_endpoint("tcp://*:5555")
+    (False, False)
+    """
+    scheme, _, rest = endpoint.partition("://")
+    if scheme in ("ipc", "inproc"):
+        return True
+    host = rest.rsplit(":", 1)[0] if ":" in rest else rest
+    host = host.split(";")[-1].strip("[]")  # "src;dst" picks the local address of a connect
+    if host in ("", "*"):
+        return False
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except (OSError, UnicodeError):  # an interface name or an unknown host: not provably local
+        return False
+    return bool(infos) and all(ipaddress.ip_address(i[4][0].split("%")[0]).is_loopback
+                               for i in infos)
+
+
 def _default_policies() -> list[PolicySpec]:
     # spike_guard stays installed (an LR cut without rollback) but is not on by default:
     # divergence_guard covers its cases, and rolls back.
@@ -78,8 +117,17 @@ class ControllerConfig(BaseModel):
     job_timeout_s: Annotated[float, Field(gt=0, le=86400)] = 30.0
     #: A command not acknowledged after this many reports is sent again.
     resend_after_reports: Annotated[int, Field(ge=1, le=1000)] = 2
+    #: Longest wait for one policy's ``propose`` (ms); a policy that overruns it is disabled
+    #: for that job and its call abandoned (see :mod:`trimtab.controller.budget`); 0: no
+    #: budget, policies are called inline. Built-in policies answer in well under 1 ms; the
+    #: margin keeps an overloaded host's preemptions from disabling a healthy policy.
+    policy_budget_ms: Annotated[float, Field(ge=0, le=60_000, allow_inf_nan=False)] = 1000.0
     log_level: Annotated[str, Field(pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")] = "INFO"
     policies: list[PolicySpec] = Field(default_factory=_default_policies)
+    #: Send schedule policies' trajectories to the client to evaluate at every optimizer
+    #: step (where the governor's limits allow; see :mod:`trimtab.controller.engine`);
+    #: False: a schedule moves its knob once per report.
+    live_schedules: bool = True
     signals: SignalConfig = Field(default_factory=SignalConfig)
     governor: GovernorConfig = Field(default_factory=GovernorConfig)
     #: Stable marking, rollback escalation and budget.
@@ -87,6 +135,49 @@ class ControllerConfig(BaseModel):
     #: Third-party policies allowed to load: entry-point names or dotted paths (globs).
     #: The built-in ``trimtab.policies.*`` are always allowed; nothing else is by default.
     allow_plugins: list[Annotated[str, Field(min_length=1)]] = []
+    #: Let ``bind`` be a non-loopback address without CURVE keys: anyone who can reach it
+    #: may then report for and steer any job. Loopback, ipc:// and inproc:// need no keys.
+    allow_remote: bool = False
+    #: CURVE: the controller's key pair file (``server.key_secret`` of ``trimtab keys
+    #: generate``). With ``curve_allowed_clients``, only listed client keys can connect.
+    curve_server_secret: str | None = None
+    #: CURVE: a directory of the client public keys (``*.key``) allowed to connect; re-read
+    #: when it changes.
+    curve_allowed_clients: str | None = None
+    #: Per-peer message rate limits (a peer: one client connection).
+    rate_limit: RateLimitConfig = Field(default_factory=RateLimitConfig)
+
+    @field_validator("curve_server_secret")
+    @classmethod
+    def _a_key_file(cls, path: str | None) -> str | None:
+        if path is not None and not Path(path).is_file():
+            raise ValueError("no such file; expected the server.key_secret written by "
+                             "`trimtab keys generate`")
+        return path
+
+    @field_validator("curve_allowed_clients")
+    @classmethod
+    def _a_key_dir(cls, path: str | None) -> str | None:
+        if path is not None and not Path(path).is_dir():
+            raise ValueError("no such directory; expected a directory of client public keys "
+                             "(*.key), e.g. the allowed/ of `trimtab keys generate`")
+        return path
+
+    @model_validator(mode="after")
+    def _remote_needs_keys(self) -> ControllerConfig:
+        if (self.curve_server_secret is None) != (self.curve_allowed_clients is None):
+            raise ValueError(
+                f"curve_server_secret = {self.curve_server_secret!r} and curve_allowed_clients"
+                f" = {self.curve_allowed_clients!r}: set both (CURVE on) or neither (off)")
+        if (self.curve_server_secret is None and not self.allow_remote
+                and not is_loopback_endpoint(self.bind)):
+            raise ValueError(
+                f"bind = {self.bind!r} is not a loopback address and no CURVE keys are "
+                "configured; allowed without keys: tcp:// on 127.0.0.0/8, [::1] or localhost, "
+                "ipc://, inproc://. Set curve_server_secret and curve_allowed_clients (see "
+                "`trimtab keys generate`), or allow_remote = true (--allow-remote) to accept "
+                "unauthenticated peers")
+        return self
 
     @model_validator(mode="after")
     def _one_entry_per_name_and_job(self) -> ControllerConfig:
@@ -108,7 +199,10 @@ class ConfigError(ValueError):
 def _describe(exc: ValidationError, source: str) -> str:
     lines = [f"invalid trimtab configuration ({source}):"]
     for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        if not err["loc"]:  # a rule across fields: its message names them and their values
+            lines.append(f"  {err['msg']}")
+            continue
+        where = ".".join(str(p) for p in err["loc"])
         given = err.get("input")
         lines.append(f"  {where} = {given!r:.120}: {err['msg']}")
     return "\n".join(lines)

@@ -2,8 +2,8 @@
 
 Safety first: a rollback beats everything; then, for each knob, any decrease beats a
 hold, a hold beats an increase; among decreases the largest wins, among increases the
-smallest. A policy that raises or returns nonsense is disabled for that job and the
-others go on.
+smallest. A policy that raises, returns nonsense or overruns its time budget
+(:mod:`~trimtab.controller.budget`) is disabled for that job and the others go on.
 
 A rollback proposal (:meth:`Proposal.roll_back`) becomes a rollback to the newest
 stable checkpoint when :func:`~trimtab.controller.rollback.plan_rollback` gives a plan:
@@ -14,6 +14,47 @@ changes wait out their cooldown after it; every other proposal waits. Without a 
 the proposal is an ordinary governed LR decrease by its fallback factor. When nothing
 is rolled back, a checkpoint healthy for a full window is marked stable
 (:attr:`Decision.mark_stable`).
+
+Schedules and corrections. A schedule policy's proposal (one carrying
+:attr:`Proposal.schedule`) is the *base trajectory* of its knob, not a rival of the
+other policies: the target is ``schedule(step) x correction x f``, where ``f`` is the
+arbitrated factor proposed now by the other policies (largest decrease, else smallest
+increase) and ``correction`` the product of the factors taken before, kept per job and
+knob in :attr:`JobState.corrections` (so a plateau's cut holds under a cosine instead of
+being undone at the next decision; a rollback's LR cut joins it too). Absolute values and
+holds of other policies are then arbitrated against that target as above, as one-offs.
+Several schedules of one knob compose as torch's ``ChainedScheduler`` with closed forms:
+the first one's value times the others' factors (a ``warmup`` after a ``cosine`` in the
+config ramps the cosine), see :func:`compose_pieces`.
+
+Live schedules (``live_schedules=True``, the controller's default): the trajectory goes
+to the client as a :class:`~trimtab.client.wire.LiveSchedule` (formula, parameters,
+correction, the governor's bounds), which it evaluates before every optimizer step, so
+the knob follows the schedule at every step rather than once per report; it is sent in
+reply to the registration (:meth:`Engine.decide_schedules`) and again only when it
+changes. The governor still bounds it: the client clamps to the bounds sent; a new
+trajectory's jump from the value in force, and every correction, pass
+:meth:`Governor.govern` as any change does; and the schedule's own per-step moves up to
+two report windows ahead must stay within ``max_step_ratio`` per step and
+``slew_ratio`` with the slew window's history -- where they would not (a 10x step decay
+under a x2 limit), the knob falls back to governed values per report until the
+trajectory is within reach again. Cooldown, deadband and hysteresis judge decisions,
+not the steps of one agreed trajectory. A rollback, a measurement phase, or another
+policy's absolute value or hold winning stops the live schedule for that decision.
+
+A measurement phase (:class:`~trimtab.controller.state.Phase`; the LR range test's
+sweep) opens with a policy's first sweep proposal (:meth:`Proposal.sweep_value`), once
+per policy per job and only when the client lists a checkpoint at or before the step;
+that checkpoint is marked stable with the same decision, so that the client keeps it
+and can restore it. While the phase is open the engine takes that policy's proposals
+only (the others are journaled with the decision, not acted on: a divergence guard
+would read the sweep's rising loss as a divergence, a schedule would fight it), marks
+nothing else stable, and governs its sweep values with the bounds only
+(:meth:`Governor.govern_phase`). The phase ends with that policy's planned rollback
+(``Proposal.roll_back(..., to_step=checkpoint, value=lr)``): level 0, the LR bounded
+only, no escalation, budget or cooldown, its ``detail["found_lr"]`` kept as the job's
+``found_lr``. A policy that fails mid-phase ends it with the return to the checkpoint
+at the LR that was in force there (cause ``phase_aborted``).
 
 >>> from trimtab.client import wire
 >>> from trimtab.controller.governor import Governor
@@ -42,7 +83,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from trimtab.client import wire
+from trimtab.client import schedules, wire
+from trimtab.controller.budget import PolicyBudget, PolicyTimeout
 from trimtab.controller.governor import Governor, KnobMemory
 from trimtab.controller.policy import Policy, Proposal
 from trimtab.controller.rollback import (
@@ -52,6 +94,7 @@ from trimtab.controller.rollback import (
     stable_to_mark,
     why_no_rollback,
 )
+from trimtab.controller.scale import decay_is_lr_times_wd
 from trimtab.controller.state import JobState
 
 __all__ = ["Arbitration", "arbitrate", "KnobDecision", "Decision", "Engine"]
@@ -124,6 +167,10 @@ class KnobDecision:
     policy: str | None
     reason: str
     limits: tuple[str, ...] = ()
+    #: The live schedule this knob follows from this decision on (None: per-decision values).
+    live: wire.LiveSchedule | None = None
+    #: The job's new correction factor for this knob (None: unchanged).
+    correction: float | None = None
 
     def describe(self) -> str:
         """One line for a Command's reasons and the log."""
@@ -157,6 +204,9 @@ class Decision:
     shadowed: Decision | None = None
     #: ``"policy: reason"`` of the policies advising the run to stop; None: none did.
     stop_advice: str | None = None
+    #: The live schedules from this decision on, when they change (``()``: none); None: the
+    #: ones sent before stay.
+    schedules: tuple[wire.LiveSchedule, ...] | None = None
 
     @property
     def would_command(self) -> dict[str, float]:
@@ -191,15 +241,20 @@ class Decision:
             "mark_stable": self.mark_stable,
             "alert": self.alert,
             "stop_advice": self.stop_advice,
+            "schedules": None if self.schedules is None else [
+                s.model_dump(mode="json") for s in self.schedules],
         }
 
     def reasons(self) -> list[str]:
         """One line per commanded knob, for ``wire.Command.reasons`` (each within 1024 chars),
         led by the rollback's."""
         lead = [self.rollback.describe()] if self.rollback is not None else []
+        live = [] if self.schedules is None else [_describe_live(s) for s in self.schedules]
+        if self.schedules == ():
+            live = ["live schedules stopped: values per decision"]
         return lead + [
             self.knobs[k].describe()[:1024] for k in wire.KNOBS if k in self.would_command
-        ]
+        ] + live
 
 
 def _json_num(x: float | None) -> float | None:
@@ -221,6 +276,7 @@ class Engine:
     def __init__(
         self, policies: Sequence[Policy], governor: Governor | None = None, shadow: bool = False,
         rollback: RollbackConfig | None = None, shadow_policies: Sequence[Policy] = (),
+        budget: PolicyBudget | None = None, live_schedules: bool = False,
     ) -> None:
         for group in (policies, shadow_policies):
             names = [getattr(p, "name", None) for p in group]
@@ -235,13 +291,35 @@ class Engine:
         self.governor = governor if governor is not None else Governor()
         self.shadow = shadow
         self.rollback = rollback if rollback is not None else RollbackConfig()
+        #: Runs each ``propose`` under a time budget; None: called inline, unbounded.
+        self.budget = budget
+        #: Send schedules to the client to evaluate at every step (see the module docstring).
+        self.live_schedules = live_schedules
 
     def decide(self, state: JobState) -> Decision:
         """Ask, arbitrate and govern every knob for ``state`` at its current step."""
         # The shadow pass goes first, so that both passes see the same state.
         shadowed = self._shadow_pass(state) if self.shadow_policies else None
         decision = self._decide(state, self.policies, self.shadow, state.memory)
+        if not self.shadow:
+            decision = self._settle_schedules(state, decision)
         return decision if shadowed is None else dataclasses.replace(decision, shadowed=shadowed)
+
+    def decide_urgent(self, state: JobState) -> Decision | None:
+        """The decision to send while an earlier command still awaits its ack: a rollback
+        only. Ordinary changes wait for the ack (they are governed against the values in
+        force), but a run that has diverged must not go on for another report window: the
+        live policies are asked, and a rollback one of them asks for is planned and ordered
+        as :meth:`decide` would (the newer command supersedes the pending one). None when
+        no rollback is asked for, or can be made, or a measurement phase is open (a phase's
+        rollbacks are its own). Policy errors met on the way are returned in a decision
+        with no knobs, so that they are journaled."""
+        if self.shadow or state.phase is not None:
+            return None
+        decision = self._decide(state, self.policies, False, state.memory, urgent=True)
+        if decision.rollback is None:
+            return decision if decision.errors else None
+        return self._settle_schedules(state, decision)
 
     def _shadow_pass(self, state: JobState) -> Decision:
         """The shadow policies' decision, recorded in the shadow memory only."""
@@ -257,27 +335,38 @@ class Engine:
 
     def _decide(
         self, state: JobState, policies: Sequence[Policy], shadow: bool,
-        memory: dict[str, KnobMemory],
+        memory: dict[str, KnobMemory], *, urgent: bool = False,
     ) -> Decision:
-        proposals, errors = self._ask(state, policies)
+        heard, errors = self._ask(state, policies)
+        proposals, opened, ending = heard, None, None
+        if urgent:  # rollbacks to the newest stable checkpoint, nothing else
+            proposals = [(n, p) for n, p in heard if p.rollback is not None
+                         and p.to_step is None and p.advice is None]
+        elif not shadow:
+            proposals, opened, ending = self._phase_filter(state, heard)
         advice = [(n, p) for n, p in proposals if p.advice == "stop"]
         stop = "; ".join(f"{n}: {p.reason}" for n, p in advice)[:1024] or None
         # Advice changes no knob, so it never reaches the arbiter (a hold would block raises).
         plan, alert, usable = self._plan_rollback(
             state, [(n, p) for n, p in proposals if p.advice is None])
+        if urgent and plan is None:
+            return Decision(step=state.step, proposals=(), knobs={}, errors=tuple(errors),
+                            shadow=False)
         if plan is not None:
             knobs = self._rollback_knobs(state, plan)
         else:
             knobs = {}
             for knob in wire.KNOBS:
                 mine = [(n, p) for n, p in usable if p.knob == knob]
-                kd = self._decide_knob(state, knob, mine, memory[knob])
+                kd = self._phase_knob(state, knob, mine) if state.phase and not shadow else None
+                if kd is None:
+                    kd = self._decide_knob(state, knob, mine, memory[knob])
                 if kd is not None:
                     knobs[knob] = kd
-        mark = None if plan is not None or shadow else stable_to_mark(
-            state.rollback, self.rollback)
+            self._couple_weight_decay(state, knobs)
+        mark = self._stable_mark(state, plan, opened, shadow)
         decision = Decision(
-            step=state.step, proposals=tuple(proposals), knobs=knobs, errors=tuple(errors),
+            step=state.step, proposals=tuple(heard), knobs=knobs, errors=tuple(errors),
             shadow=shadow, rollback=plan, mark_stable=mark, alert=alert, stop_advice=stop,
         )
         if shadow:
@@ -298,17 +387,97 @@ class Engine:
             kd = knobs[knob]
             window = self.governor.limits(knob).slew_window_steps  # type: ignore[arg-type]
             state.note_change(knob, kd.policy or GOVERNOR, kd.current, value, window, step=at)
+            if plan is not None and plan.planned:
+                # The slew window starts afresh at the measured value: the value restored
+                # and the one set are not two points of one trajectory.
+                state.memory[knob].history = [(at, value)]
+        if ending is not None:
+            state.end_phase(_found_lr(ending))
         return decision
+
+    def _phase_filter(
+        self, state: JobState, proposals: list[tuple[str, Proposal]]
+    ) -> tuple[list[tuple[str, Proposal]], int | None, Proposal | None]:
+        """``(proposals that count, checkpoint of a phase opened now, the proposal ending
+        the open phase)``; see the module docstring for the rules of a phase."""
+        phase, opened = state.phase, None
+        if phase is None:
+            ckpt = _phase_checkpoint(state)
+            first = next((n for n, p in proposals if p.sweep and n not in state.phases_done
+                          and p.advice is None), None)
+            if first is None or ckpt is None:  # a sweep value outside its phase is dropped
+                return [(n, p) for n, p in proposals if not p.sweep], None, None
+            phase, opened = state.begin_phase(first, ckpt), ckpt
+        if phase.policy in state.disabled_policies:
+            # Its policy failed mid-phase: return to the checkpoint with the LR it had.
+            seen = state.rollback.at_checkpoint.get(phase.checkpoint, {}).get("knobs", {})
+            lr = seen.get("lr") or state.initial.lr
+            if lr is None:  # nothing to return to: the phase just ends
+                state.end_phase(None)
+                return [(n, p) for n, p in proposals if not p.sweep], None, None
+            back = Proposal.roll_back("phase_aborted", f"{phase.policy} failed during its "
+                                      "phase", to_step=phase.checkpoint, value=lr)
+            return [(phase.policy, back)], opened, back
+        mine = [(n, p) for n, p in proposals if n == phase.policy]
+        ending = next((p for _, p in mine if p.to_step is not None), None)
+        return mine, opened, ending
+
+    def _phase_knob(
+        self, state: JobState, knob: str, mine: list[tuple[str, Proposal]]
+    ) -> KnobDecision | None:
+        """The open phase's sweep value for ``knob``, bounds only (None: it sent none)."""
+        sweep = [(n, p) for n, p in mine if p.sweep]
+        if not sweep:
+            return None
+        name, p = sweep[-1]
+        current = state.current(knob)
+        gov = self.governor.govern_phase(knob, getattr(state.initial, knob), p.value)  # type: ignore[arg-type]
+        return KnobDecision(knob, current, p.value, gov.value, name, p.reason, gov.limits)
+
+    def _stable_mark(
+        self, state: JobState, plan: RollbackPlan | None, opened: int | None, shadow: bool,
+    ) -> int | None:
+        """The checkpoint to mark stable with this decision: a phase's, at its opening and
+        again with its return (the client restores stable checkpoints only, and keeps the
+        newest one); none during a phase; else one healthy for a full window."""
+        if shadow:
+            return None
+        rb = state.rollback
+        if opened is not None or (plan is not None and plan.planned):
+            step = opened if opened is not None else plan.target_step  # type: ignore[union-attr]
+            return None if step in rb.stable or rb.pending_mark is not None else step
+        if plan is not None or state.phase is not None:
+            return None
+        return stable_to_mark(rb, self.rollback)
 
     def _plan_rollback(
         self, state: JobState, proposals: list[tuple[str, Proposal]]
     ) -> tuple[RollbackPlan | None, str | None, list[tuple[str, Proposal]]]:
         """``(plan, alert, proposals for the knobs)``: a rollback for the first rollback
         proposal, or none and those proposals turned into ordinary LR decreases."""
+        phase = state.phase
+        proposals = [
+            (n, p) if p.to_step is None or (phase is not None and n == phase.policy)
+            else (n, dataclasses.replace(p, rollback=None, to_step=None, reason=(
+                f"{p.reason} (no rollback: a rollback to a named checkpoint ends a measurement "
+                f"phase, and {n} holds none)")))
+            for n, p in proposals
+        ]
         asks = [(n, p) for n, p in proposals if p.rollback is not None]
         if not asks:
             return None, None, proposals
         name, first = asks[0]
+        if first.to_step is not None:
+            plan = plan_rollback(first.rollback, first.reason, state.rollback,  # type: ignore[arg-type]
+                                 self.rollback, first.to_step, first.value)
+            if plan is not None:
+                return dataclasses.replace(plan, policy=name), None, proposals
+            _, why = why_no_rollback(state.rollback, self.rollback, first.rollback,
+                                     first.to_step) or ("", "")
+            # The measured value still applies, as the phase's last (bounds-only) value.
+            last = dataclasses.replace(first, rollback=None, to_step=None, sweep=True,
+                                       reason=f"{first.reason} (no rollback: {why})")
+            return None, None, [(name, last)]
         reason = "; ".join(p.reason for _, p in asks)
         plan = plan_rollback(first.rollback, reason, state.rollback, self.rollback)  # type: ignore[arg-type]
         if plan is not None:
@@ -346,8 +515,11 @@ class Engine:
             if policy.name in state.disabled_policies:
                 continue
             try:
-                out = policy.propose(view)
+                out = policy.propose(view) if self.budget is None else self.budget.call(
+                    policy, view)
                 problem = _nonsense(out)
+            except PolicyTimeout as exc:  # hung: cut off, its thread abandoned
+                problem = str(exc)
             except Exception as exc:  # a plugin's bug must not take the controller down
                 problem = f"raised {type(exc).__name__}: {exc}"
             if problem is not None:
@@ -357,6 +529,27 @@ class Engine:
             proposals.extend((policy.name, p) for p in out)
         return proposals, errors
 
+    def _couple_weight_decay(self, state: JobState, knobs: dict[str, KnobDecision]) -> None:
+        """With ``wd_coupling="keep_product"``, an lr change by ``f`` that leaves wd alone
+        divides wd by ``f`` in the same command, within wd's bounds, for optimizers whose
+        decay per step is ``lr x wd`` (see :class:`GovernorConfig`); a rollback's lr cut
+        is never coupled (decay slows with it, as the AdamW schedule multiplier does), nor
+        a phase's sweep (its rollback restores both)."""
+        lr = knobs.get("lr")
+        wd = state.current("weight_decay")
+        if (self.governor.config.wd_coupling != "keep_product" or lr is None or state.phase
+                or lr.commanded is None or not lr.current or lr.commanded == lr.current
+                or not wd or "weight_decay" in knobs
+                or not decay_is_lr_times_wd(state.facts.optimizer)):
+            return
+        target = wd * lr.current / lr.commanded
+        lo, hi = self.governor.bounds("weight_decay", state.initial.weight_decay)
+        value = min(max(target, lo), hi)
+        why = (f"wd_coupling=keep_product: lr x wd stays {lr.current * wd:.6g} as lr "
+               f"goes {lr.current:.6g} -> {lr.commanded:.6g}")
+        knobs["weight_decay"] = KnobDecision("weight_decay", wd, target, value, GOVERNOR, why,
+                                             ("bounds",) if value != target else ())
+
     def _decide_knob(
         self, state: JobState, knob: str, mine: list[tuple[str, Proposal]], memory: KnobMemory,
     ) -> KnobDecision | None:
@@ -365,6 +558,8 @@ class Engine:
         out_of_bounds = self.governor.out_of_bounds(knob, current, initial)  # type: ignore[arg-type]
         if not mine and not out_of_bounds:
             return None
+        if not out_of_bounds and any(p.schedule is not None for _, p in mine):
+            return self._scheduled_knob(state, knob, mine, memory)
         arb = arbitrate(current, mine)
         target, policy, reason = arb.target, arb.policy, arb.reason
         if out_of_bounds:
@@ -378,9 +573,207 @@ class Engine:
                 reason = "a factor cannot apply to a knob with no value in force"
             return KnobDecision(knob, current, None, None, policy, reason, limits)
         gov = self.governor.govern(
-            knob, memory, current, initial, target, state.step  # type: ignore[arg-type]
+            knob, memory, current, initial, target, state.step,  # type: ignore[arg-type]
+            grad_norm=state.grad_norm_scale(),
         )
         return KnobDecision(knob, current, target, gov.value, policy, reason, gov.limits)
+
+
+    # -- schedules and corrections ----------------------------------------------------------
+
+    def decide_schedules(self, state: JobState) -> Decision:
+        """A decision on the scheduled knobs only, for a job that just registered: its live
+        schedules (or first scheduled values) before its first report."""
+        # Only schedules are asked: the other policies have nothing to go on before a report.
+        asked = [p for p in self.policies if getattr(p, "formula", None) is not None]
+        proposals, errors = self._ask(state, asked)
+        scheduled = [(n, p) for n, p in proposals if p.schedule is not None]
+        knobs = {}
+        for knob in dict.fromkeys(p.knob for _, p in scheduled):
+            mine = [(n, p) for n, p in scheduled if p.knob == knob]
+            kd = self._decide_knob(state, knob, mine, state.memory[knob])
+            if kd is not None:
+                knobs[knob] = kd
+        decision = Decision(step=state.step, proposals=tuple(scheduled), knobs=knobs,
+                            errors=tuple(errors), shadow=self.shadow)
+        if self.shadow:
+            return decision
+        for knob, value in decision.commands.items():
+            window = self.governor.limits(knob).slew_window_steps  # type: ignore[arg-type]
+            state.note_change(knob, knobs[knob].policy or GOVERNOR, knobs[knob].current, value,
+                              window)
+        return self._settle_schedules(state, decision)
+
+    def _scheduled_knob(
+        self, state: JobState, knob: str, mine: list[tuple[str, Proposal]], memory: KnobMemory,
+    ) -> KnobDecision:
+        """A knob with a schedule: target = schedule x correction x the factor proposed now,
+        arbitrated with the absolute and hold proposals; live when the governor allows."""
+        current, initial = state.current(knob), getattr(state.initial, knob)
+        scheds = [(n, p) for n, p in mine if p.schedule is not None]
+        pieces = compose_pieces(knob, [p.schedule for _, p in scheds])  # type: ignore[misc]
+        lo, hi = self.governor.bounds(knob, initial)  # type: ignore[arg-type]
+        corr = state.corrections.get(knob, 1.0)
+        spec = wire.LiveSchedule(knob=knob, pieces=pieces, scale=corr, lo=lo,  # type: ignore[arg-type]
+                                 hi=None if math.isinf(hi) else hi)
+        base = spec.model_copy(update={"scale": 1.0, "lo": 0.0, "hi": None}).value(state.step)
+        factors = [(n, p) for n, p in mine if p.schedule is None and p.factor is not None]
+        fa = arbitrate(1.0, factors)
+        f = 1.0 if fa.target is None else fa.target
+        name = scheds[0][0] if f == 1.0 else fa.policy
+        reason = "; ".join(p.reason for _, p in scheds)
+        if f != 1.0:
+            reason = f"{fa.reason} (correction x{corr * f:.6g} on {reason})"
+        elif corr != 1.0:
+            reason = f"{reason} (correction x{corr:.6g})"
+        candidate = min(max(base * corr * f, lo), hi)
+        rest = [(n, p) for n, p in mine if p.schedule is None and p.factor is None]
+        arb = arbitrate(current, [(name, Proposal(knob, value=candidate, reason=reason)), *rest])  # type: ignore[arg-type]
+        if arb.policy != name or arb.target not in (None, candidate):
+            # Another policy's absolute value or hold wins: a one-off, per decision.
+            return self._governed(state, knob, arb.target, arb.policy, arb.reason, memory)
+        running = state.live.get(knob)
+        if f == 1.0 and self.live_schedules and running == spec and self._live_ok(state, spec):
+            return KnobDecision(knob, current, candidate, None, name, reason, live=spec)
+        gov = self.governor.govern(knob, memory, current, initial, candidate, state.step)  # type: ignore[arg-type]
+        taken = gov.value is not None and math.isclose(gov.value, candidate, rel_tol=1e-12)
+        correction = None
+        if f != 1.0 and gov.value is not None:
+            # With the schedule live, the governor limited the correction's jump alone.
+            live_before = running is not None and self.live_schedules
+            correction = (corr * f if taken or not live_before or base <= 0.0
+                          else gov.value / base)
+            spec = spec.model_copy(update={"scale": correction})
+            taken = taken or live_before
+        elif f != 1.0 and running is not None and self.live_schedules:
+            # The correction waits (cooldown, deadband...); the schedule goes on as it was.
+            return KnobDecision(knob, current, candidate, None, name, reason, gov.limits,
+                                live=running)
+        quiet = gov.value is None and set(gov.limits) <= {"deadband", "hysteresis"}
+        live = (spec if self.live_schedules and (taken or quiet) and self._live_ok(state, spec)
+                else None)
+        commanded = gov.value
+        if live is not None and commanded is None and running != live:
+            commanded = candidate  # a new trajectory: its value now goes with it
+        return KnobDecision(knob, current, candidate, commanded, name, reason, gov.limits,
+                            live=live, correction=correction)
+
+    def _governed(
+        self, state: JobState, knob: str, target: float | None, policy: str | None, reason: str,
+        memory: KnobMemory,
+    ) -> KnobDecision:
+        current = state.current(knob)
+        if target is None:
+            return KnobDecision(knob, current, None, None, policy, reason)
+        gov = self.governor.govern(
+            knob, memory, current, getattr(state.initial, knob), target, state.step)  # type: ignore[arg-type]
+        return KnobDecision(knob, current, target, gov.value, policy, reason, gov.limits)
+
+    def _live_ok(self, state: JobState, spec: wire.LiveSchedule) -> bool:
+        """Whether ``spec``'s own steps, up to two report windows ahead (the next decision
+        and a lost one), stay within ``max_step_ratio`` per step and ``slew_ratio`` with
+        the slew window's history; bounds are clamped by the client itself."""
+        lim = self.governor.limits(spec.knob)
+        if lim.max_step_ratio is None and lim.slew_ratio is None:
+            return True
+        horizon = min(2 * state.report_every, 20_000)
+        values = [spec.value(state.step + i) for i in range(horizon + 1)]
+        if lim.max_step_ratio is not None and not _within(values, lim.max_step_ratio, True):
+            return False
+        if lim.slew_ratio is not None:
+            # The history holds the live schedule's value at each decision (see
+            # _settle_schedules) besides the changes commanded.
+            start = state.step - lim.slew_window_steps
+            seen = [v for s, v in state.memory[spec.knob].history if s > start]
+            return _within(seen + values, lim.slew_ratio, False)
+        return True
+
+    def _settle_schedules(self, state: JobState, decision: Decision) -> Decision:
+        """Record corrections and live schedules in the job's state; the decision carries the
+        live schedules when they change. A rollback's cut becomes part of the correction of
+        a scheduled knob, and stops live schedules until the next decision."""
+        for knob, kd in decision.knobs.items():
+            if kd.correction is not None:
+                state.corrections[knob] = kd.correction
+        live = {k: kd.live for k, kd in decision.knobs.items() if kd.live is not None}
+        if state.phase is not None:
+            live = {}  # a measurement phase (an LR range test's sweep) owns the knobs
+        if decision.rollback is not None:
+            scheduled = {p.knob for _, p in decision.proposals if p.schedule is not None}
+            for knob, kd in decision.knobs.items():
+                if decision.rollback.planned:
+                    # A phase's return sets a measured value: the schedules' new reference
+                    # (found_lr), not a correction on top of them.
+                    state.corrections.pop(knob, None)
+                elif knob in scheduled and kd.commanded is not None and kd.current:
+                    state.corrections[knob] = (state.corrections.get(knob, 1.0)
+                                               * kd.commanded / kd.current)
+            live = {}
+        for knob, spec in live.items():
+            # The client follows it between decisions: its points count in the slew window.
+            window = self.governor.limits(knob).slew_window_steps  # type: ignore[arg-type]
+            state.memory[knob].observe(state.step, spec.value(state.step), window)
+        if not self.live_schedules and not state.live:
+            return decision
+        if live == state.live:
+            return decision
+        state.live = dict(live)
+        return dataclasses.replace(decision, schedules=tuple(live[k] for k in wire.KNOBS
+                                                             if k in live))
+
+
+def _phase_checkpoint(state: JobState) -> int | None:
+    """The checkpoint a phase opened now returns to: the newest the client lists at or
+    before the current step (None: none, or a rollback is under way)."""
+    rb = state.rollback
+    if rb.pending is not None:
+        return None
+    ok = [s for s in rb.checkpoints if s <= state.step and s not in rb.unusable]
+    return max(ok, default=None)
+
+
+def _found_lr(p: Proposal) -> float | None:
+    """``detail["found_lr"]`` of a phase's ending proposal, when a positive finite number."""
+    x = (p.detail or {}).get("found_lr")
+    ok = isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+    return float(x) if ok else None
+
+
+def _describe_live(s: wire.LiveSchedule) -> str:
+    """One line for a live schedule sent."""
+    pieces = " x ".join(f"{p.name}(from step {p.origin})" for p in s.pieces)
+    hi = "inf" if s.hi is None else f"{s.hi:.6g}"
+    return f"{s.knob} live: {pieces} x {s.scale:.6g} in [{s.lo:.6g}, {hi}], every step"[:1024]
+
+
+def compose_pieces(knob: str, pieces: Sequence[wire.SchedulePiece]) -> list[wire.SchedulePiece]:
+    """Several schedules of one knob as one trajectory, as torch's ``ChainedScheduler``: the
+    first one's value times the others' factors (their reference lr set to 1). Momentum
+    has no reference to take a factor of: the first schedule's alone.
+
+    >>> a = wire.SchedulePiece(name="cosine", params={"lr": 0.1, "t_max": 100})
+    >>> b = wire.SchedulePiece(name="warmup", params={"lr": 0.1, "warmup_steps": 10})
+    >>> [p.params.get("lr") for p in compose_pieces("lr", [a, b])]
+    [0.1, 1.0]
+    """
+    if knob != "lr":
+        return list(pieces[:1])
+    out = list(pieces[:1])
+    for piece in pieces[1:]:
+        ref = schedules.REFERENCE[piece.name]
+        out.append(piece.model_copy(update={"params": {**piece.params, ref: 1.0}}))
+    return out
+
+
+def _within(values: Sequence[float], ratio: float, consecutive: bool) -> bool:
+    """Whether consecutive ``values`` (else all of them) stay within ``ratio`` of each other."""
+    pairs = (zip(values[:-1], values[1:], strict=True) if consecutive
+             else [(min(values), max(values))])
+    for a, b in pairs:
+        low, high = min(a, b), max(a, b)
+        if high > 0.0 and (low <= 0.0 or high / low > ratio * (1 + 1e-12)):
+            return False
+    return True
 
 
 def _nonsense(out: object) -> str | None:

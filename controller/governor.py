@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -46,6 +46,10 @@ class KnobLimits(BaseModel):
 
     Bounds are the intersection of ``[min, max]`` and ``[min_rel, max_rel] x
     initial``; relative bounds are skipped when the knob had no initial value.
+    ``[min_rel_grad_norm, max_rel_grad_norm] x`` the job's gradient-norm EMA (given once
+    its z-score warm-up has passed) bounds the targets policies ask for, not the value in
+    force, which the scale drifting under it never moves (that would be a command per
+    report); the clip's default is ``[0.1, 10]``, so its bounds follow the job's own norms.
 
     >>> KnobLimits(min_rel=0.1, max_rel=10, max_step_ratio=2).max_step_ratio
     2.0
@@ -57,6 +61,10 @@ class KnobLimits(BaseModel):
     max: float | None = Field(None, ge=0.0, allow_inf_nan=False, description="absolute upper bound")
     min_rel: float | None = Field(None, ge=0.0, allow_inf_nan=False, description="x initial")
     max_rel: float | None = Field(None, ge=0.0, allow_inf_nan=False, description="x initial")
+    min_rel_grad_norm: float | None = Field(None, ge=0.0, allow_inf_nan=False,
+                                            description="x the job's gradient-norm EMA")
+    max_rel_grad_norm: float | None = Field(None, ge=0.0, allow_inf_nan=False,
+                                            description="x the job's gradient-norm EMA")
     #: Zero is a valid target (momentum, weight decay); else a zero target is refused.
     allow_zero: bool = False
     max_step_ratio: float | None = Field(None, ge=1.0, allow_inf_nan=False)
@@ -69,7 +77,8 @@ class KnobLimits(BaseModel):
 
     @model_validator(mode="after")
     def _ordered(self) -> KnobLimits:
-        for lo, hi in (("min", "max"), ("min_rel", "max_rel")):
+        for lo, hi in (("min", "max"), ("min_rel", "max_rel"),
+                       ("min_rel_grad_norm", "max_rel_grad_norm")):
             a, b = getattr(self, lo), getattr(self, hi)
             if a is not None and b is not None and a > b:
                 raise ValueError(f"{lo}={a} is above {hi}={b}; {lo} must be <= {hi}")
@@ -95,11 +104,23 @@ def _weight_decay_limits() -> KnobLimits:
 
 
 def _clip_limits() -> KnobLimits:
-    return KnobLimits(min=1e-6, max=1e6, max_step_ratio=2.0, cooldown_steps=50, deadband=0.01)
+    return KnobLimits(min=1e-6, max=1e6, min_rel_grad_norm=0.1, max_rel_grad_norm=10.0,
+                      max_step_ratio=2.0, cooldown_steps=50, deadband=0.01)
 
 
 class GovernorConfig(BaseModel):
     """One :class:`KnobLimits` per knob; the defaults are conservative.
+
+    ``wd_coupling`` says what weight decay does when a decision changes only the lr, for
+    optimizers whose step shrinks the weights by ``lr x wd`` (AdamW, SGD; see
+    :func:`~trimtab.controller.scale.decay_is_lr_times_wd`): ``"follow"`` (the default)
+    leaves wd alone, so the decay per step follows the lr, as the schedule multiplier
+    ``eta_t`` scales both the gradient step and the decay in AdamW (Loshchilov & Hutter
+    2019, Algorithm 2), which is what a decay or a rollback cut means to do;
+    ``"keep_product"`` divides wd by the lr's factor in the same command (within wd's
+    bounds), so the decay per step stays where it was, as with the fully independent decay
+    of Wortsman et al. 2023 ("Small-scale proxies for large-scale Transformer training
+    instabilities"), for lr corrections meant to change the step alone.
 
     >>> GovernorConfig(lr={"max_step_ratio": 1.5}).lr.cooldown_steps
     0
@@ -111,6 +132,7 @@ class GovernorConfig(BaseModel):
     momentum: KnobLimits = Field(default_factory=_momentum_limits)
     weight_decay: KnobLimits = Field(default_factory=_weight_decay_limits)
     clip: KnobLimits = Field(default_factory=_clip_limits)
+    wd_coupling: Literal["follow", "keep_product"] = "follow"
 
 
 @dataclass
@@ -136,6 +158,12 @@ class KnobMemory:
         if previous is not None and value != previous:
             self.last_direction = 1 if value > previous else -1
         self.last_change_step = step
+
+    def observe(self, step: int, value: float, window_steps: int) -> None:
+        """Remember that the knob was at ``value`` at ``step`` with no change decided (a point
+        of a live schedule): it counts in the slew window, not for cooldown or direction."""
+        self.history.append((step, value))
+        self.history = _window(self.history, step, window_steps)
 
     def rewind(self, step: int) -> None:
         """Forget changes after ``step`` (the run is rolled back to it)."""
@@ -220,6 +248,24 @@ class Governor:
             lo = hi = min(max(lo, abs_lo), abs_hi)
         return lo, hi
 
+    def grad_norm_range(
+        self, knob: wire.Knob, grad_norm: float | None
+    ) -> tuple[float, float] | None:
+        """``(lo, hi)`` a target for ``knob`` is clamped to given the job's gradient-norm
+        scale (None: no such limit, or no scale yet).
+
+        >>> Governor().grad_norm_range("clip", 2.0)
+        (0.2, 20.0)
+        """
+        lim = self.limits(knob)
+        if grad_norm is None or not math.isfinite(grad_norm) or grad_norm <= 0.0:
+            return None
+        if lim.min_rel_grad_norm is None and lim.max_rel_grad_norm is None:
+            return None
+        lo = 0.0 if lim.min_rel_grad_norm is None else lim.min_rel_grad_norm * grad_norm
+        hi = math.inf if lim.max_rel_grad_norm is None else lim.max_rel_grad_norm * grad_norm
+        return lo, hi
+
     def out_of_bounds(self, knob: wire.Knob, current: float | None, initial: float | None) -> bool:
         """Whether the value in force lies outside the bounds (the engine then corrects it)."""
         if current is None:
@@ -235,8 +281,10 @@ class Governor:
         initial: float | None,
         target: float,
         step: int,
+        grad_norm: float | None = None,
     ) -> Governed:
-        """The value to command for ``knob`` when ``target`` is asked at ``step``."""
+        """The value to command for ``knob`` when ``target`` is asked at ``step``;
+        ``grad_norm`` is the job's gradient-norm scale (see :meth:`grad_norm_range`)."""
         lim = self.limits(knob)
         lo, hi = self.bounds(knob, initial)
         if current is not None and not lo <= current <= hi:
@@ -248,6 +296,11 @@ class Governor:
         last = memory.last_change_step
         if last is not None and step - last < lim.cooldown_steps:
             return Governed(None, ("cooldown",))
+        scaled = self.grad_norm_range(knob, grad_norm)
+        if scaled is not None and not scaled[0] <= target <= scaled[1]:
+            out = self.govern(knob, memory, current, initial,
+                              min(max(target, scaled[0]), scaled[1]), step)
+            return Governed(out.value, ("bounds", *(a for a in out.limits if a != "bounds")))
         if current is None:
             # Nothing to take a ratio of (e.g. clipping off): bounds only.
             value = min(max(target, lo), hi)
@@ -272,7 +325,8 @@ class Governor:
         apply to a jump back to an older one. What does apply: the bounds, always, and
         ``max_step_ratio ** level`` around ``restored``, the value the restore brings
         back (a first rollback moves a knob as far as one decision may, each escalation
-        one decision further).
+        one decision further). ``level`` 0 is a planned rollback (the return at the end of
+        an LR range test, to a value it measured): the bounds only.
 
         >>> gov = Governor()
         >>> gov.govern_rollback("lr", restored=0.1, initial=0.1, target=0.01, level=1)
@@ -285,7 +339,7 @@ class Governor:
             return Governed(None, ("invalid",))
         lo, hi = self.bounds(knob, initial)
         value, acted = target, []
-        if restored is not None and lim.max_step_ratio is not None:
+        if restored is not None and lim.max_step_ratio is not None and level > 0:
             r = lim.max_step_ratio ** level
             if not restored / r <= value <= restored * r:
                 value, acted = min(max(value, restored / r), restored * r), ["max_step_ratio"]
@@ -295,6 +349,22 @@ class Governor:
         if value == restored:
             return Governed(None, tuple(acted))
         return Governed(value, tuple(acted))
+
+    def govern_phase(self, knob: wire.Knob, initial: float | None, target: float) -> Governed:
+        """The value to command for ``knob`` in a measurement phase (an LR range test's
+        sweep): the bounds, always; not the step ratio, slew, cooldown, deadband or
+        hysteresis, which would stretch an exponential sweep over thousands of steps. The
+        engine allows it to one policy per job, once (see :mod:`~trimtab.controller.engine`).
+
+        >>> Governor().govern_phase("lr", initial=0.1, target=5.0)
+        Governed(value=1.0, limits=('bounds',))
+        """
+        lim = self.limits(knob)
+        if not _valid(target, lim):
+            return Governed(None, ("invalid",))
+        lo, hi = self.bounds(knob, initial)
+        value = min(max(target, lo), hi)
+        return Governed(value, ("bounds",) if value != target else ())
 
     def _clamp(
         self, lim: KnobLimits, memory: KnobMemory, current: float,

@@ -2,6 +2,11 @@
 appended to an embedded SQLite database in WAL mode, plus each job's latest state so a
 restarted controller resumes every job.
 
+A commit survives a kill of the process at any point (WAL): the next open finds every
+committed transaction and none of a half-written one. Each open checks the file (SQLite's
+``quick_check`` and the journal's tables) and refuses a damaged one with a
+:class:`JournalError` that names it and says what to do.
+
 >>> j = Journal(":memory:")
 >>> j.append("demo", "register", step=0, data={"run_id": "r1"})
 1
@@ -14,7 +19,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +58,19 @@ CREATE TABLE IF NOT EXISTS job_state (
 """
 
 
+#: The columns of each table, as ``_SCHEMA`` creates them (checked at open).
+_COLUMNS = {
+    "events": ("id", "ts", "job", "kind", "step", "seq", "data"),
+    "job_state": ("job", "ts", "live", "state"),
+}
+
+
+def _remedy(path: str) -> str:
+    """What to do with a journal that fails its check."""
+    return (f"move it aside (with its -wal and -shm files) to start with a new journal, "
+            f"or salvage its events with `sqlite3 {path} .recover | sqlite3 NEW.db`")
+
+
 class JournalError(RuntimeError):
     """The journal file cannot be used (corrupt, not a database, locked)."""
 
@@ -79,20 +97,48 @@ class Journal:
 
     def __init__(self, path: str) -> None:
         self.path = path
+        self._db = None
         try:
             self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
             # NORMAL in WAL mode: a commit survives a process kill; only power loss
             # may lose the last transactions, never corrupt the file.
             self._db.execute("PRAGMA synchronous=NORMAL")
-            ok = self._db.execute("PRAGMA quick_check").fetchone()[0]
-            if ok != "ok":
-                raise JournalError(f"journal {path!r} failed its integrity check: {ok}")
-            self._db.executescript(_SCHEMA)
-        except sqlite3.DatabaseError as exc:
+            self._check()
+        except sqlite3.OperationalError as exc:  # locked, unreadable, no such directory
+            self._close_quietly()
             raise JournalError(f"journal {path!r} cannot be opened: {exc}") from None
+        except sqlite3.DatabaseError as exc:  # not a database, malformed
+            self._close_quietly()
+            raise JournalError(
+                f"journal {path!r} cannot be opened: {exc}; {_remedy(path)}") from None
+        except JournalError:
+            self._close_quietly()
+            raise
         self._in_tx = False
         self._batching = False
+        #: Called with the seconds each commit took (the controller's metrics observe it).
+        self.on_commit: Callable[[float], None] | None = None
+
+    def _check(self) -> None:
+        """At open: SQLite's ``quick_check`` (every page and index entry readable and
+        consistent; linear in the file's size), then the tables a journal has."""
+        problems = [r[0] for r in self._db.execute("PRAGMA quick_check(5)")]
+        if problems != ["ok"]:
+            raise JournalError(f"journal {self.path!r} failed its integrity check: "
+                               f"{'; '.join(problems)}; {_remedy(self.path)}")
+        for table, columns in _COLUMNS.items():
+            found = tuple(r[1] for r in self._db.execute(f"PRAGMA table_info({table})"))
+            if found and found != columns:
+                raise JournalError(
+                    f"{self.path!r} is an SQLite database but not a trimtab journal: table "
+                    f"{table!r} has columns {found}, a journal's has {columns}; give "
+                    "--journal a new file")
+        self._db.executescript(_SCHEMA)
+
+    def _close_quietly(self) -> None:
+        if self._db is not None:
+            self._db.close()
 
     def _begin(self) -> None:
         if not self._in_tx:
@@ -137,8 +183,11 @@ class Journal:
 
     def commit(self) -> None:
         if self._in_tx:
+            t0 = time.perf_counter()
             self._db.execute("COMMIT")
             self._in_tx = False
+            if self.on_commit is not None:
+                self.on_commit(time.perf_counter() - t0)
 
     def load_state(self, job: str) -> dict[str, Any] | None:
         row = self._db.execute("SELECT state FROM job_state WHERE job = ?", (job,)).fetchone()

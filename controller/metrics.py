@@ -1,8 +1,10 @@
 """Prometheus metrics for the controller (the adapter; the engine never imports this).
 
-Controller-wide counters are ordinary prometheus-client metrics on an injected registry.
+Controller-wide metrics are ordinary prometheus-client metrics on an injected registry.
 Per-job series come from :class:`JobCollector`, which reads the live job table at scrape
-time, so a job's series end when the job does.
+time, so a job's series end when the job does. Names follow Prometheus' conventions:
+a ``trimtab_`` prefix, base units (seconds), ``_total`` on counters, and label values from
+bounded sets (knobs, limits, policies, causes) beside the ``job`` label.
 
 >>> from prometheus_client import CollectorRegistry, generate_latest
 >>> m = ControllerMetrics(registry=CollectorRegistry(), jobs=lambda: [])
@@ -13,123 +15,279 @@ True
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import math
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from trimtab.client.wire import KNOBS
+from trimtab.client.wire import ERROR_CODES, KNOBS
+from trimtab.controller.rollback import CAUSES
 
 if TYPE_CHECKING:
+    from trimtab.controller.engine import Decision
     from trimtab.controller.state import JobState
 
 __all__ = ["ControllerMetrics", "JobCollector"]
 
+#: ``(name, help, extra labels)`` of every per-job family; ``_total`` is added to counters.
+_GAUGES = {
+    "trimtab_job_step": ("Optimizer steps the job has taken.", ()),
+    "trimtab_job_last_seen_age_seconds": ("Seconds since the job's last message.", ()),
+    "trimtab_job_healthy": (
+        "1 when the latest report passed the divergence checks (no "
+        "non-finite value, spike or climb), else 0.",
+        (),
+    ),
+    "trimtab_job_loss": ("Mean training loss over the last report's window.", ()),
+    "trimtab_job_loss_ema": ("Exponential moving average of the reported loss.", ()),
+    "trimtab_job_grad_norm": ("Mean global gradient norm (before clipping), last report.", ()),
+    "trimtab_job_grad_norm_max": ("Largest global gradient norm in the last report.", ()),
+    "trimtab_job_grad_norm_std": (
+        "Standard deviation of the global gradient norm over the last report's window.",
+        (),
+    ),
+    "trimtab_job_update_ratio": ("Update-to-weight ratio ||dtheta||/||theta||, last report.", ()),
+    "trimtab_job_step_time_seconds": ("Mean training step time, last report.", ()),
+    "trimtab_job_loss_slope": (
+        "Least-squares slope of the loss per optimizer step over the slope window.",
+        (),
+    ),
+    "trimtab_job_loss_slope_t": ("t-statistic of the loss slope (slope / standard error).", ()),
+    "trimtab_job_zscore": ("z-score of the latest value against its EW history.", ("signal",)),
+    "trimtab_knob_value": ("Knob value in force, as last acknowledged or reported.", ("knob",)),
+    "trimtab_knob_bound": (
+        "The governor's absolute bound on a knob for this job.",
+        ("knob", "side"),
+    ),
+    "trimtab_rollback_alert": (
+        "1 when the job's rollback budget is exhausted (no more rollbacks, LR cuts only).",
+        (),
+    ),
+    "trimtab_checkpoints_stable_step": ("Step of the newest checkpoint marked stable.", ()),
+}
+_COUNTERS = {
+    "trimtab_job_reports": ("Reports received from the job.", ()),
+    "trimtab_job_dropped_reports": ("Reports the job's client dropped (queue full).", ()),
+    "trimtab_job_nonfinite": ("Non-finite losses or gradient steps reported.", ("kind",)),
+    "trimtab_decisions": (
+        "Knob changes commanded, by policy, knob and direction.",
+        ("policy", "knob", "direction"),
+    ),
+    "trimtab_shadow_decisions": (
+        "Knob changes shadow policies would have commanded (never "
+        "sent), by policy, knob and direction.",
+        ("policy", "knob", "direction"),
+    ),
+    "trimtab_governor_clamps": (
+        "Proposals the governor cut or held back, by knob and the limit that acted.",
+        ("knob", "limit"),
+    ),
+    "trimtab_knob_reversals": (
+        "Commanded knob changes that reversed the knob's previous commanded direction.",
+        ("knob",),
+    ),
+    "trimtab_policy_errors": (
+        "Policies disabled for a job after raising or misbehaving.",
+        ("policy",),
+    ),
+    "trimtab_rollbacks": ("Rollbacks ordered, by cause.", ("reason",)),
+    "trimtab_rollback_steps_lost": ("Optimizer steps undone by acknowledged rollbacks.", ()),
+    "trimtab_checkpoints": ("Checkpoints taken, as listed in the job's reports.", ()),
+    "trimtab_checkpoints_marked_stable": ("Checkpoints marked stable.", ()),
+}
+
+#: Why a peer is refused at the socket: a failed CURVE handshake, or a key not allowed.
+REJECT_REASONS = ("handshake", "unknown_key")
+
+#: Per-job family names, as scraped (counters with ``_total``).
+JOB_METRICS = tuple(_GAUGES) + tuple(f"{n}_total" for n in _COUNTERS)
+
 
 class JobCollector(Collector):
-    """Per-job series over the live job table: signals, knobs, decisions, policy errors,
-    checkpoints and rollbacks."""
+    """Per-job series over the live job table: signals, knobs and their bounds, decisions,
+    governor clamps, policy errors, checkpoints and rollbacks.
 
-    def __init__(self, jobs: Callable[[], Iterable[JobState]]) -> None:
+    ``age(job)`` gives the seconds since a job was last heard from (None: unknown);
+    ``bounds(job, knob, initial)`` the job governor's ``(lo, hi)`` for a knob (infinite ones are
+    left out).
+    """
+
+    def __init__(
+        self,
+        jobs: Callable[[], Iterable[JobState]],
+        *,
+        age: Callable[[str], float | None] | None = None,
+        bounds: Callable[[str, str, float | None], tuple[float, float]] | None = None,
+    ) -> None:
         self._jobs = jobs
+        self._age = age
+        self._bounds = bounds
+        #: job -> {(knob, limit): count}, kept by :meth:`ControllerMetrics.note_decision`.
+        self.clamps: dict[str, dict[tuple[str, str], int]] = {}
+        #: job -> {knob: reversals}, and job -> {knob: last commanded direction (+1/-1)}.
+        self.reversals: dict[str, dict[str, int]] = {}
+        self.directions: dict[str, dict[str, int]] = {}
 
-    def collect(self):  # noqa: D102 - the Collector protocol's one method
-        knob = GaugeMetricFamily(
-            "trimtab_knob_value", "Knob value in force, as last acknowledged or reported.",
-            labels=["job", "knob"])
-        step = GaugeMetricFamily("trimtab_job_step", "Optimizer steps the job has taken.",
-                                 labels=["job"])
-        loss = GaugeMetricFamily("trimtab_job_loss", "Mean training loss of the last report.",
-                                 labels=["job"])
-        gnorm = GaugeMetricFamily("trimtab_job_grad_norm",
-                                  "Mean global gradient norm (before clipping), last report.",
-                                  labels=["job"])
-        reports = CounterMetricFamily("trimtab_job_reports", "Reports received from the job.",
-                                      labels=["job"])
-        dropped = CounterMetricFamily("trimtab_job_dropped_reports",
-                                      "Reports the job's client dropped (queue full).",
-                                      labels=["job"])
-        decisions = CounterMetricFamily(
-            "trimtab_decisions", "Knob changes commanded, by policy, knob and direction.",
-            labels=["job", "policy", "knob", "direction"])
-        shadow = CounterMetricFamily(
-            "trimtab_shadow_decisions",
-            "Knob changes shadow policies would have commanded (never sent), by policy, knob "
-            "and direction.", labels=["job", "policy", "knob", "direction"])
-        perrors = CounterMetricFamily("trimtab_policy_errors",
-                                      "Policies disabled for a job after raising or misbehaving.",
-                                      labels=["job", "policy"])
-        rollbacks = CounterMetricFamily("trimtab_rollbacks", "Rollbacks ordered, by cause.",
-                                        labels=["job", "reason"])
-        lost = CounterMetricFamily("trimtab_rollback_steps_lost",
-                                   "Optimizer steps undone by acknowledged rollbacks.",
-                                   labels=["job"])
-        alert = GaugeMetricFamily("trimtab_rollback_alert",
-                                  "1 when the job's rollback budget is exhausted (no more "
-                                  "rollbacks, LR cuts only).", labels=["job"])
-        stable = GaugeMetricFamily("trimtab_checkpoints_stable_step",
-                                   "Step of the newest checkpoint marked stable.",
-                                   labels=["job"])
-        taken = CounterMetricFamily("trimtab_checkpoints",
-                                    "Checkpoints taken, as listed in the job's reports.",
-                                    labels=["job"])
-        marked = CounterMetricFamily("trimtab_checkpoints_marked_stable",
-                                     "Checkpoints marked stable.", labels=["job"])
+    def collect(self) -> Iterator[Metric]:  # the Collector protocol's one method
+        fam: dict[str, GaugeMetricFamily | CounterMetricFamily] = {}
+        for name, (doc, labels) in _GAUGES.items():
+            fam[name] = GaugeMetricFamily(name, doc, labels=["job", *labels])
+        for name, (doc, labels) in _COUNTERS.items():
+            fam[name] = CounterMetricFamily(name, doc, labels=["job", *labels])
+
+        def put(name: str, labels: list[str], value: float | None) -> None:
+            if value is not None and math.isfinite(value):
+                fam[name].add_metric(labels, value)
+
         for state in list(self._jobs()):
             job = state.job
-            for name in KNOBS:
-                value = getattr(state.knobs, name)
-                if value is not None:
-                    knob.add_metric([job, name], value)
-            step.add_metric([job], state.step)
-            last = state.last_report
-            if last is not None and last.loss_mean is not None:
-                loss.add_metric([job], last.loss_mean)
-            if last is not None and last.grad_norm_mean is not None:
-                gnorm.add_metric([job], last.grad_norm_mean)
-            reports.add_metric([job], state.reports_seen)
-            dropped.add_metric([job], state.dropped_reports)
-            for (policy, kname, direction), n in dict(state.decision_counts).items():
-                decisions.add_metric([job, policy, kname, direction], n)
-            for (policy, kname, direction), n in dict(state.shadow_counts).items():
-                shadow.add_metric([job, policy, kname, direction], n)
+            self._signals(put, job, state)
+            for knob in KNOBS:
+                put("trimtab_knob_value", [job, knob], getattr(state.knobs, knob))
+                if self._bounds is not None and getattr(state.knobs, knob) is not None:
+                    lo, hi = self._bounds(job, knob, getattr(state.initial, knob))
+                    put("trimtab_knob_bound", [job, knob, "lower"], lo)
+                    put("trimtab_knob_bound", [job, knob, "upper"], hi)
+            for (policy, knob, direction), n in dict(state.decision_counts).items():
+                put("trimtab_decisions", [job, policy, knob, direction], n)
+            for (policy, knob, direction), n in dict(state.shadow_counts).items():
+                put("trimtab_shadow_decisions", [job, policy, knob, direction], n)
+            for (knob, limit), n in dict(self.clamps.get(job, {})).items():
+                put("trimtab_governor_clamps", [job, knob, limit], n)
+            in_force = {k: 0 for k in KNOBS if getattr(state.knobs, k) is not None}
+            for knob, n in {**in_force, **self.reversals.get(job, {})}.items():
+                put("trimtab_knob_reversals", [job, knob], n)
             for policy in dict(state.disabled_policies):
-                perrors.add_metric([job, policy], 1)
+                put("trimtab_policy_errors", [job, policy], 1)
             rb = state.rollback
-            for cause, n in dict(rb.rollbacks).items():
-                rollbacks.add_metric([job, cause], n)
-            lost.add_metric([job], rb.steps_lost)
-            alert.add_metric([job], 1.0 if rb.alert is not None else 0.0)
-            if rb.stable_step is not None:
-                stable.add_metric([job], rb.stable_step)
-            taken.add_metric([job], rb.checkpoints_seen)
-            marked.add_metric([job], rb.marked_stable)
-        yield from (knob, step, loss, gnorm, reports, dropped, decisions, shadow, perrors,
-                    rollbacks, lost, alert, stable, taken, marked)
+            # Every cause from zero, so that the first rollback is an increase, not a new series.
+            for cause, n in {**dict.fromkeys(CAUSES, 0), **rb.rollbacks}.items():
+                put("trimtab_rollbacks", [job, cause], n)
+            put("trimtab_rollback_steps_lost", [job], rb.steps_lost)
+            put("trimtab_rollback_alert", [job], 1.0 if rb.alert is not None else 0.0)
+            put("trimtab_checkpoints_stable_step", [job], rb.stable_step)
+            put("trimtab_checkpoints", [job], rb.checkpoints_seen)
+            put("trimtab_checkpoints_marked_stable", [job], rb.marked_stable)
+            put(
+                "trimtab_job_healthy",
+                [job],
+                0.0
+                if rb.last_unhealthy_step is not None and rb.last_unhealthy_step >= rb.step
+                else 1.0,
+            )
+        yield from fam.values()
+
+    def _signals(self, put: Callable[..., None], job: str, state: JobState) -> None:
+        """What the job's last report and signal state say."""
+        put("trimtab_job_step", [job], state.step)
+        put("trimtab_job_reports", [job], state.reports_seen)
+        put("trimtab_job_dropped_reports", [job], state.dropped_reports)
+        put("trimtab_job_nonfinite", [job, "loss"], state.nonfinite_losses)
+        put("trimtab_job_nonfinite", [job, "grad"], state.nonfinite_grads)
+        if self._age is not None:
+            put("trimtab_job_last_seen_age_seconds", [job], self._age(job))
+        last = state.last_report
+        if last is not None:
+            put("trimtab_job_loss", [job], last.loss_mean)
+            put("trimtab_job_grad_norm", [job], last.grad_norm_mean)
+            put("trimtab_job_grad_norm_max", [job], last.grad_norm_max)
+            put("trimtab_job_grad_norm_std", [job], last.grad_norm_std)
+            put("trimtab_job_update_ratio", [job], last.update_ratio)
+            put("trimtab_job_step_time_seconds", [job], last.step_time_s)
+        sig = state.signals()
+        put("trimtab_job_loss_ema", [job], sig.loss_ema)
+        put("trimtab_job_loss_slope", [job], sig.slope)
+        put("trimtab_job_loss_slope_t", [job], sig.slope_t)
+        put("trimtab_job_zscore", [job, "loss"], sig.loss_z)
+        put("trimtab_job_zscore", [job, "grad_norm"], sig.grad_norm_z)
 
 
 class ControllerMetrics:
-    """The controller's own metrics, registered on ``registry``."""
+    """The controller's own metrics, registered on ``registry``, and the per-job collector.
 
-    def __init__(self, *, registry: CollectorRegistry,
-                 jobs: Callable[[], Iterable[JobState]]) -> None:
+    ``age`` and ``bounds`` go to :class:`JobCollector`.
+    """
+
+    def __init__(
+        self,
+        *,
+        registry: CollectorRegistry,
+        jobs: Callable[[], Iterable[JobState]],
+        age: Callable[[str], float | None] | None = None,
+        bounds: Callable[[str, str, float | None], tuple[float, float]] | None = None,
+    ) -> None:
         self.registry = registry
-        self.jobs_connected = Gauge("trimtab_jobs_connected", "Jobs currently live.",
-                                    registry=registry)
+        self.jobs_connected = Gauge(
+            "trimtab_jobs_connected", "Jobs currently live.", registry=registry
+        )
         self.reports = Counter("trimtab_reports", "Reports handled, all jobs.", registry=registry)
-        self.messages = Counter("trimtab_messages", "Messages received, by type.", ["type"],
-                                registry=registry)
+        self.messages = Counter(
+            "trimtab_messages", "Messages received, by type.", ["type"], registry=registry
+        )
         self.message_errors = Counter(
-            "trimtab_message_errors", "Messages refused with an error reply, by error code.",
-            ["code"], registry=registry)
+            "trimtab_message_errors",
+            "Messages refused with an error reply, by error code.",
+            ["code"],
+            registry=registry,
+        )
         self.commands = Counter("trimtab_commands", "Commands sent, all jobs.", registry=registry)
         self.decision_latency = Histogram(
             "trimtab_decision_latency_seconds",
             "Time from a report's arrival to its decision being sent.",
             buckets=(1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25),
-            registry=registry)
-        self.jobs_lost = Counter("trimtab_jobs_lost", "Jobs marked lost after going silent.",
-                                 registry=registry)
-        registry.register(JobCollector(jobs))
+            registry=registry,
+        )
+        self.journal_commit = Histogram(
+            "trimtab_journal_commit_seconds",
+            "Time to commit one batch of journal writes (one SQLite transaction).",
+            buckets=(5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 0.1, 0.5),
+            registry=registry,
+        )
+        self.job_timeout = Gauge(
+            "trimtab_job_timeout_seconds",
+            "Silence after which a job is marked lost (the job_timeout_s setting).",
+            registry=registry,
+        )
+        self.jobs_lost = Counter(
+            "trimtab_jobs_lost", "Jobs marked lost after going silent.", registry=registry
+        )
+        self.rejected_peers = Counter(
+            "trimtab_rejected_peers",
+            "Peers refused at the socket, by reason.",
+            ["reason"],
+            registry=registry,
+        )
+        # Known label values start at zero, so that rates and alerts see the first one.
+        for code in ERROR_CODES:
+            self.message_errors.labels(code=code)
+        for reason in REJECT_REASONS:
+            self.rejected_peers.labels(reason=reason)
+        self.collector = JobCollector(jobs, age=age, bounds=bounds)
+        registry.register(self.collector)
+
+    def note_decision(self, job: str, decision: Decision) -> None:
+        """Count the governor's limits that acted on ``decision`` (a live one, about to be
+        sent) and the knob changes it commands against the previous change's direction."""
+        col = self.collector
+        counts = col.clamps.setdefault(job, {})
+        for knob, kd in decision.knobs.items():
+            for limit in kd.limits:
+                counts[(knob, limit)] = counts.get((knob, limit), 0) + 1
+        directions = col.directions.setdefault(job, {})
+        for knob, value in decision.commands.items():
+            current = decision.knobs[knob].current
+            if current is None or value == current:
+                continue
+            way = 1 if value > current else -1
+            if directions.get(knob, way) != way:
+                reversals = col.reversals.setdefault(job, {})
+                reversals[knob] = reversals.get(knob, 0) + 1
+            directions[knob] = way
+
+    def forget(self, job: str) -> None:
+        """The job ended: drop what is kept for it here."""
+        for table in (self.collector.clamps, self.collector.reversals, self.collector.directions):
+            table.pop(job, None)

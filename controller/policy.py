@@ -77,6 +77,22 @@ class Proposal:
     >>> (p.rollback, p.knob, p.factor)
     ('nonfinite', 'lr', 0.5)
 
+    With ``to_step`` it asks for a *planned* rollback to the checkpoint listed at that
+    step, stable or not, with the LR set to ``value``: the return at the end of a
+    measurement phase (the LR range test's), which the engine orders only for the policy
+    holding that phase; it neither escalates nor counts against the rollback budget.
+
+    >>> Proposal.roll_back("lr_range_test", "sweep done", to_step=0, value=0.03).to_step
+    0
+
+    A sweep proposal (:meth:`sweep_value`) is one absolute value of a measurement phase: the
+    first one opens the phase for its policy, and while the phase runs the engine takes
+    that policy's proposals only and lets its values past every governor limit but the
+    bounds (see :mod:`~trimtab.controller.engine`).
+
+    >>> Proposal.sweep_value("lr", 1e-4, "range test at step 10").sweep
+    True
+
     An advice proposal (:meth:`advise_stop`) changes no knob: the engine carries it in the
     decision and the controller passes it on to the run (``Command.stop_advice``).
 
@@ -95,6 +111,16 @@ class Proposal:
     rollback: str | None = None
     #: Advice to the run instead of a knob change: one of :data:`ADVICE` (None: none).
     advice: str | None = None
+    #: With ``rollback``: roll back to the checkpoint at this step (a planned rollback).
+    to_step: int | None = None
+    #: An absolute value of a measurement sweep (see :meth:`sweep_value`).
+    sweep: bool = False
+    #: JSON-serialisable facts journaled with the proposal (e.g. a sweep's curve); a
+    #: phase-ending rollback's ``found_lr`` here becomes the job's ``found_lr``.
+    detail: dict[str, Any] | None = None
+    #: A schedule's base trajectory (``value`` is its value now): the engine multiplies it
+    #: by the job's correction and may send it to the client to evaluate per step.
+    schedule: wire.SchedulePiece | None = None
 
     @classmethod
     def advise_stop(cls, reason: str) -> Proposal:
@@ -102,10 +128,24 @@ class Proposal:
         return cls("lr", reason=reason, advice="stop")
 
     @classmethod
-    def roll_back(cls, cause: str, reason: str, *, fallback_factor: float = 0.5) -> Proposal:
+    def roll_back(
+        cls, cause: str, reason: str, *, fallback_factor: float = 0.5,
+        to_step: int | None = None, value: float | None = None,
+        detail: dict[str, Any] | None = None,
+    ) -> Proposal:
         """Roll back to the newest stable checkpoint for ``cause``; where no rollback can be
-        made, cut the LR by ``fallback_factor`` (< 1) instead."""
-        return cls("lr", reason=reason, factor=fallback_factor, rollback=cause)
+        made, cut the LR by ``fallback_factor`` (< 1) instead. With ``to_step``: a planned
+        rollback to that checkpoint, the LR set to ``value`` (also where none can be made)."""
+        if to_step is not None:
+            return cls("lr", reason=reason, value=value, rollback=cause, to_step=to_step,
+                       detail=detail)
+        return cls("lr", reason=reason, factor=fallback_factor, rollback=cause, detail=detail)
+
+    @classmethod
+    def sweep_value(cls, knob: wire.Knob, value: float, reason: str,
+              detail: dict[str, Any] | None = None) -> Proposal:
+        """One value of a measurement sweep of ``knob`` (opens the policy's phase)."""
+        return cls(knob, reason=reason, value=value, sweep=True, detail=detail)
 
     def __post_init__(self) -> None:
         if self.knob not in wire.KNOBS:
@@ -115,12 +155,14 @@ class Proposal:
         given = [n for n in ("factor", "value") if getattr(self, n) is not None]
         if self.hold is not False:
             given.append("hold")
+        if self.detail is not None and not isinstance(self.detail, dict):
+            raise ValueError(f"detail must be a dict or None, got {type(self.detail).__name__}")
         if self.advice is not None:
             if self.advice not in ADVICE:
                 raise ValueError(f"advice must be one of {', '.join(ADVICE)}, got {self.advice!r}")
-            if given or self.rollback is not None:
-                raise ValueError(f"an advice proposal takes no factor, value, hold or rollback; "
-                                 f"got {given or ['rollback']}")
+            if given or self.rollback is not None or self.sweep:
+                raise ValueError(f"an advice proposal takes no factor, value, hold, rollback or "
+                                 f"sweep; got {given or ['rollback or sweep']}")
             return
         if len(given) != 1:
             raise ValueError(
@@ -131,11 +173,34 @@ class Proposal:
             raise ValueError(f"hold must be True or False, got {self.hold!r}")
         _check_number(self.knob, "factor", self.factor, strictly_positive=True)
         _check_number(self.knob, "value", self.value, strictly_positive=False)
+        if self.schedule is not None and (
+                not isinstance(self.schedule, wire.SchedulePiece) or self.value is None
+                or self.knob not in ("lr", "momentum")):
+            raise ValueError(f"a schedule proposal is a wire.SchedulePiece with a value, for lr "
+                             f"or momentum; got {self.knob} schedule={self.schedule!r:.80} "
+                             f"value={self.value!r}")
+        if self.sweep is not False:
+            if self.sweep is not True or self.value is None or self.rollback is not None:
+                raise ValueError(f"a sweep proposal takes an absolute value and no rollback; "
+                                 f"got sweep={self.sweep!r} value={self.value!r} "
+                                 f"rollback={self.rollback!r}")
+        if self.to_step is not None:
+            if (isinstance(self.to_step, bool) or not isinstance(self.to_step, int)
+                    or self.to_step < 0):
+                raise ValueError(f"to_step must be a checkpoint step (an int >= 0), "
+                                 f"got {self.to_step!r}")
+            if self.rollback is None or self.knob != "lr" or self.value is None:
+                raise ValueError(
+                    "to_step is for a rollback proposal for lr with a value (the LR to set "
+                    f"after the restore); got {self.knob} rollback={self.rollback!r} "
+                    f"value={self.value!r} factor={self.factor!r}")
         if self.rollback is not None:
             if not isinstance(self.rollback, str) or not _CAUSE.match(self.rollback):
                 raise ValueError(
                     f"a rollback cause must match {_CAUSE.pattern}, got {self.rollback!r}"
                 )
+            if self.to_step is not None:
+                return
             if self.knob != "lr" or self.factor is None or not self.factor < 1:
                 raise ValueError(
                     "a rollback proposal is for lr with a fallback factor < 1, got "
@@ -150,6 +215,14 @@ class Proposal:
         }
         if self.advice is not None:
             out["advice"] = self.advice
+        if self.to_step is not None:
+            out["to_step"] = self.to_step
+        if self.sweep:
+            out["sweep"] = True
+        if self.detail is not None:
+            out["detail"] = self.detail
+        if self.schedule is not None:
+            out["schedule"] = self.schedule.model_dump(mode="json")
         return out
 
 

@@ -45,6 +45,7 @@ from trimtab.controller.engine import Decision, Engine
 from trimtab.controller.governor import Governor
 from trimtab.controller.journal import Journal
 from trimtab.controller.policy import Policy
+from trimtab.controller.scale import ScaleContext, derive_limits, explicit_fields
 from trimtab.controller.state import JobState
 
 __all__ = [
@@ -205,7 +206,10 @@ def replay(
     if not regs:
         raise TraceError("the trace has no registration to rebuild the job from")
     state = _rebuild(regs[0], reports, config)
-    engine = Engine(policies, Governor(config.governor), rollback=config.rollback)
+    # The job's own limits, derived from its scale facts, as the live controller has them.
+    limits = derive_limits(ScaleContext.from_facts(state.facts), config.governor,
+                           explicit_fields(config.governor), state.initial).config
+    engine = Engine(policies, Governor(limits), rollback=config.rollback)
     result = ReplayResult(state.job)
     applied: dict[str, float] = {}  # what the replay commanded, in force from the next report
     for rec in trace:

@@ -23,6 +23,12 @@ learning rate. Here that is automatic, and bounded:
   counted in steps. Past ``budget`` rollbacks near one spot the job enters alert: no more
   rollbacks for it, only governed LR cuts. The budget bounds every path: there is never
   an endless rollback loop.
+* **Planned rollback.** With ``to_step`` (:meth:`Proposal.roll_back`), :func:`plan_rollback`
+  targets the checkpoint listed at that step, stable or not: the return to the start of a
+  measurement phase (the LR range test's sweep), which the engine allows once per phase.
+  It has ``level`` 0: it neither escalates later rollbacks nor counts against the
+  budget, is not held back by a cooldown or an alert, and starts none; its LR is the
+  value the phase measured (bounds only, :meth:`Governor.govern_rollback`).
 
 Everything here is pure over one :class:`RollbackState` per job; the engine records
 into it what it decides, the service what the client acknowledges.
@@ -276,8 +282,17 @@ class RollbackPlan:
     #: The policy that asked (set by the engine).
     policy: str = ""
 
+    @property
+    def planned(self) -> bool:
+        """A planned rollback (level 0: to a named checkpoint, ending a phase)."""
+        return self.level == 0
+
     def describe(self) -> str:
         """One line for a Command's reasons and the log."""
+        if self.planned:
+            return (f"planned rollback from step {self.from_step} to checkpoint "
+                    f"{self.target_step} by {self.policy or '?'}: {self.cause}: "
+                    f"{self.reason}")[:1024]
         return (f"rollback from step {self.from_step} to stable step {self.target_step} "
                 f"(level {self.level}, lr x{self.cut:.3g}) by {self.policy or '?'}: "
                 f"{self.cause}: {self.reason}")[:1024]
@@ -424,7 +439,8 @@ class RollbackState:
         if rec is not None:
             rec.restored_step = step
             lost = max(rec.from_step - step, 0)
-            self.cooldown_until = step + cfg.cooldown(rec.level)
+            # A planned rollback (level 0) starts no cooldown.
+            self.cooldown_until = step + cfg.cooldown(rec.level) if rec.level else None
         self.steps_lost += lost
         self.restored += 1
         self.step = step
@@ -511,7 +527,9 @@ def _target(state: RollbackState) -> int | None:
 
 
 def _near(state: RollbackState, cfg: RollbackConfig, target: int) -> list[RollbackRecord]:
-    return [r for r in state.history if abs(r.to_step - target) <= cfg.near_steps]
+    # Planned rollbacks (level 0) end a measurement phase: they do not escalate.
+    return [r for r in state.history
+            if r.level > 0 and abs(r.to_step - target) <= cfg.near_steps]
 
 
 def _level(state: RollbackState, cfg: RollbackConfig, target: int) -> int:
@@ -519,13 +537,25 @@ def _level(state: RollbackState, cfg: RollbackConfig, target: int) -> int:
 
 
 def why_no_rollback(
-    state: RollbackState, cfg: RollbackConfig, cause: str | None = None
+    state: RollbackState, cfg: RollbackConfig, cause: str | None = None,
+    to_step: int | None = None,
 ) -> tuple[str, str] | None:
     """``(code, why)`` when no rollback for ``cause`` can be ordered now, else None.
 
     Codes: ``alert``, ``pending``, ``cooldown``, ``no_stable``, and ``budget`` (the one the
-    engine turns into an alert).
+    engine turns into an alert); for a planned rollback (``to_step``): ``pending`` and
+    ``no_checkpoint``.
     """
+    if to_step is not None:
+        if state.pending is not None:
+            return "pending", (f"the rollback to step {state.pending.to_step} is not "
+                               f"acknowledged yet")
+        if (to_step not in state.checkpoints or to_step in state.unusable
+                or to_step > state.step):
+            held = ", ".join(map(str, state.checkpoints)) or "none"
+            return "no_checkpoint", (f"no restorable checkpoint at step {to_step} "
+                                     f"(listed: {held})")
+        return None
     if state.alert is not None:
         return "alert", f"job in rollback alert: {state.alert}"
     if state.pending is not None:
@@ -548,11 +578,27 @@ def why_no_rollback(
 
 
 def plan_rollback(
-    cause: str, reason: str, state: RollbackState, cfg: RollbackConfig
+    cause: str, reason: str, state: RollbackState, cfg: RollbackConfig,
+    to_step: int | None = None, lr: float | None = None,
 ) -> RollbackPlan | None:
-    """The rollback to order for ``cause``, or None when :func:`why_no_rollback` says no."""
-    if why_no_rollback(state, cfg, cause) is not None:
+    """The rollback to order for ``cause``, or None when :func:`why_no_rollback` says no;
+    with ``to_step``, the planned rollback to that checkpoint, setting ``lr`` (see the
+    module docstring).
+
+    >>> st = RollbackState(step=200, checkpoints=[0, 100])
+    >>> plan = plan_rollback("lr_range_test", "sweep done", st, RollbackConfig(), 0, 0.03)
+    >>> (plan.target_step, plan.level, plan.targets, plan.cooldown_steps)
+    (0, 0, {'lr': 0.03}, 0)
+    """
+    if why_no_rollback(state, cfg, cause, to_step) is not None:
         return None
+    if to_step is not None:
+        seen = state.at_checkpoint.get(to_step, {})
+        return RollbackPlan(
+            target_step=to_step, from_step=state.step, cause=cause, reason=reason, level=0,
+            cut=1.0, cooldown_steps=0, restored=dict(seen.get("knobs", {})),
+            targets={} if lr is None else {"lr": lr},
+        )
     target = _target(state)
     assert target is not None  # why_no_rollback checked it
     level = _level(state, cfg, target)

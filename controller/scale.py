@@ -15,6 +15,27 @@ learning rate tuned at a reference global batch ``B_ref`` to the job's global ba
   (Hoffer et al. 2017, "Train longer, generalize better"; Malladi et al. 2022, "On the
   SDEs and Scaling Rules for Adaptive Gradient Algorithms").
 
+The governor's defaults follow from the same context (:func:`derive_limits`, applied per
+job when it registers; a limit the configuration sets is never touched):
+
+* **lr bounds**: the union of the configured relative band around the job's initial lr
+  (``[1e-3, 10] x initial`` by default) and its family's sane range,
+  ``LR_CENTER[family] x [1e-2, 10] x`` the batch rule from ``REFERENCE_BATCH_SIZE`` = 256
+  to the job's global batch. The centres are the customary lrs at batch 256: 0.1 for
+  SGD (Goyal et al. 2017; He et al. 2016) and 1e-3 for Adam (Kingma & Ba 2015's
+  default). So a run started 100x too low can still be raised into the sane range (the
+  relative band alone stops it at 10x), and one started 100x too high lowered into it;
+  the lr in force at registration always lies inside, so nothing moves on its own.
+* **clip bounds** are relative to the job's own gradient-norm scale (the governor's
+  ``min_rel_grad_norm``/``max_rel_grad_norm``, ``[0.1, 10] x`` the gradient-norm EMA once
+  the z-score warm-up has passed; see :mod:`trimtab.controller.governor`), not absolute,
+  so one setting serves norms of 1e-3 and 1e3 alike.
+* **weight decay and lr** stay coupled as ``wd_coupling`` says (see
+  :func:`decay_is_lr_times_wd`; the engine applies it).
+
+Step limits (``max_step_ratio``, slew, cooldown, deadband) are ratios and step counts,
+already free of the model's scale, so they are not derived.
+
 >>> from trimtab.client import wire
 >>> facts = wire.ScaleFacts(param_count=10, group_sizes=[10], optimizer="AdamW",
 ...                         dtype="float32", device="cpu", batch_size=64, world_size=4)
@@ -30,8 +51,21 @@ from dataclasses import dataclass
 from typing import Literal
 
 from trimtab.client import wire
+from trimtab.controller.governor import GovernorConfig, KnobLimits
 
-__all__ = ["BatchScaling", "OptimizerFamily", "ScaleContext", "optimizer_family"]
+__all__ = [
+    "BatchScaling",
+    "OptimizerFamily",
+    "ScaleContext",
+    "optimizer_family",
+    "decay_is_lr_times_wd",
+    "DerivedLimits",
+    "derive_limits",
+    "explicit_fields",
+    "LR_CENTER",
+    "LR_SPAN",
+    "REFERENCE_BATCH_SIZE",
+]
 
 #: How an lr follows the global batch size: by optimizer family, or forced.
 BatchScaling = Literal["auto", "linear", "sqrt"]
@@ -39,6 +73,17 @@ OptimizerFamily = Literal["sgd", "adam", "other"]
 
 _ADAPTIVE = frozenset({"adafactor", "adagrad", "adadelta", "lamb", "rmsprop"})
 _SGD = frozenset({"sgd", "sgdw", "lars", "asgd"})
+
+#: The global batch size the lr centres are quoted at.
+REFERENCE_BATCH_SIZE = 256
+#: A family's customary lr at ``REFERENCE_BATCH_SIZE``: SGD's 0.1 (Goyal et al. 2017, He et
+#: al. 2016), Adam's 1e-3 (Kingma & Ba 2015's default).
+LR_CENTER: dict[str, float] = {"sgd": 0.1, "adam": 1e-3}
+#: The sane lr range around the centre: two decades below, one above.
+LR_SPAN = (1e-2, 10.0)
+#: Fields of a knob's bounds: setting any of them in the config keeps the lr's derived
+#: bounds off.
+_BOUND_FIELDS = ("min", "max", "min_rel", "max_rel")
 
 
 def optimizer_family(name: str) -> OptimizerFamily:
@@ -53,6 +98,19 @@ def optimizer_family(name: str) -> OptimizerFamily:
     if low in _SGD or low.endswith("sgd"):
         return "sgd"
     return "other"
+
+
+def decay_is_lr_times_wd(name: str) -> bool:
+    """Whether the optimizer's step shrinks the weights by ``lr x wd`` (so ``wd_coupling``
+    applies): decoupled decay (AdamW, Lion; Loshchilov & Hutter 2019) and SGD's family,
+    where L2 in the gradient is scaled by the lr too. Adam's L2 goes through its
+    per-coordinate normalisation, so its decay is not ``lr x wd``.
+
+    >>> [decay_is_lr_times_wd(n) for n in ("AdamW", "SGD", "Lion", "Adam", "RMSprop")]
+    [True, True, True, False, False]
+    """
+    low = name.lower()
+    return "adamw" in low or "lion" in low or optimizer_family(name) == "sgd"
 
 
 @dataclass(frozen=True)
@@ -71,9 +129,12 @@ class ScaleContext:
     def from_facts(cls, facts: wire.ScaleFacts) -> ScaleContext:
         """The context of a job's :class:`~trimtab.client.wire.ScaleFacts`."""
         return cls(
-            param_count=facts.param_count, group_sizes=tuple(facts.group_sizes),
-            world_size=facts.world_size, batch_size=facts.batch_size,
-            optimizer=facts.optimizer, family=optimizer_family(facts.optimizer),
+            param_count=facts.param_count,
+            group_sizes=tuple(facts.group_sizes),
+            world_size=facts.world_size,
+            batch_size=facts.batch_size,
+            optimizer=facts.optimizer,
+            family=optimizer_family(facts.optimizer),
         )
 
     @property
@@ -104,3 +165,89 @@ class ScaleContext:
             )
         ratio = batch / reference_batch_size
         return ratio if self.batch_rule(scaling) == "linear" else math.sqrt(ratio)
+
+    def lr_range(self) -> tuple[float, float] | None:
+        """The family's sane lr range at this job's global batch (None: not SGD/Adam family).
+
+        ``LR_CENTER[family] x LR_SPAN``, times the batch rule from ``REFERENCE_BATCH_SIZE``
+        (1 when the batch size is unknown).
+
+        >>> from trimtab.client import wire
+        >>> facts = wire.ScaleFacts(param_count=10, group_sizes=[10], optimizer="AdamW",
+        ...                         dtype="float32", device="cpu", batch_size=64)
+        >>> ScaleContext.from_facts(facts).lr_range()
+        (5e-06, 0.005)
+        """
+        if self.family == "other":
+            return None
+        f = 1.0 if self.batch_size is None else self.batch_lr_factor(REFERENCE_BATCH_SIZE)
+        center = LR_CENTER[self.family] * f
+        return center * LR_SPAN[0], center * LR_SPAN[1]
+
+
+@dataclass(frozen=True)
+class DerivedLimits:
+    """A job's governor config after :func:`derive_limits`, and one line per derived limit."""
+
+    config: GovernorConfig
+    notes: tuple[str, ...] = ()
+
+
+def explicit_fields(cfg: GovernorConfig) -> set[str]:
+    """``"knob.field"`` for every limit the configuration set, plus top-level names.
+
+    A knob's table replaces that knob's defaults as a whole (fields it leaves out are off),
+    so every field of a knob the configuration gives counts as set.
+
+    >>> sorted(explicit_fields(GovernorConfig(clip={"max": 5.0})))[:2]
+    ['clip.allow_zero', 'clip.cooldown_steps']
+    >>> explicit_fields(GovernorConfig())
+    set()
+    """
+    out: set[str] = set()
+    for name in cfg.model_fields_set:
+        if isinstance(getattr(cfg, name), KnobLimits):
+            out |= {f"{name}.{f}" for f in KnobLimits.model_fields}
+        else:
+            out.add(name)
+    return out
+
+
+def derive_limits(
+    ctx: ScaleContext, cfg: GovernorConfig, explicit: set[str], initial: wire.Knobs
+) -> DerivedLimits:
+    """``cfg`` with the lr bounds derived from ``ctx`` (see the module docstring), unless
+    ``explicit`` (see :func:`explicit_fields`) names one of the lr's bound fields.
+
+    >>> from trimtab.client import wire
+    >>> facts = wire.ScaleFacts(param_count=10, group_sizes=[10], optimizer="SGD",
+    ...                         dtype="float32", device="cpu", batch_size=256)
+    >>> d = derive_limits(ScaleContext.from_facts(facts), GovernorConfig(), set(),
+    ...                   wire.Knobs(lr=1e-4))
+    >>> (f"{d.config.lr.min:g}", d.config.lr.max, d.config.lr.min_rel)
+    ('1e-07', 1.0, None)
+    """
+    notes: list[str] = []
+    lr = cfg.lr
+    rng = ctx.lr_range()
+    if rng is not None and not any(f"lr.{f}" in explicit for f in _BOUND_FIELDS):
+        lows, highs = [rng[0]], [rng[1]]
+        if initial.lr is not None and initial.lr > 0:
+            if lr.min_rel is not None:
+                lows.append(lr.min_rel * initial.lr)
+            if lr.max_rel is not None:
+                highs.append(lr.max_rel * initial.lr)
+        lo, hi = min(lows), max(highs)
+        lr = lr.model_copy(update={"min": lo, "max": hi, "min_rel": None, "max_rel": None})
+        batch = ctx.global_batch_size
+        rule = (
+            "unknown batch, unscaled"
+            if batch is None
+            else (f"{ctx.batch_rule()} rule, global batch {batch} vs {REFERENCE_BATCH_SIZE}")
+        )
+        notes.append(
+            f"lr bounds [{lo:.3g}, {hi:.3g}]: {ctx.family} family range "
+            f"[{rng[0]:.3g}, {rng[1]:.3g}] ({rule}) joined with the relative band "
+            f"around the initial lr {initial.lr}"
+        )
+    return DerivedLimits(cfg.model_copy(update={"lr": lr}), tuple(notes))

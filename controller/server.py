@@ -4,7 +4,17 @@
 ...                                  journal=":memory:"))
 >>> server.endpoint.startswith("tcp://127.0.0.1:")
 True
+>>> server.security
+'loopback only, unauthenticated'
 >>> server.close()
+
+What reaches the controller is bounded here, before any parsing: a frame over
+``4 * MAX_MESSAGE_BYTES`` closes its connection (libzmq's ``MAXMSGSIZE``); a message of
+more than two parts is read to its end but only its first parts are kept; and each peer
+is held to its token bucket (:mod:`trimtab.controller.ratelimit`). With CURVE keys
+configured (:mod:`trimtab.controller.auth`), only listed client keys complete the
+handshake, and each message carries its key (the ZAP User-Id) to the controller, which
+binds every job to the key that registered it.
 """
 
 from __future__ import annotations
@@ -14,10 +24,13 @@ import threading
 
 import zmq
 from prometheus_client import CollectorRegistry, start_http_server
+from zmq.utils.monitor import recv_monitor_message
 
 from trimtab.client import wire
-from trimtab.controller.config import ControllerConfig
+from trimtab.controller.auth import AllowList, CurveAuthenticator, load_server_keys
+from trimtab.controller.config import ControllerConfig, is_loopback_endpoint
 from trimtab.controller.journal import Journal
+from trimtab.controller.ratelimit import RateLimiter
 from trimtab.controller.service import Controller
 
 __all__ = ["Server"]
@@ -26,6 +39,11 @@ log = logging.getLogger("trimtab.controller")
 
 #: How often the loop wakes to mark silent jobs lost, in milliseconds.
 TICK_MS = 250
+#: Parts of one message kept: the routing id and one payload frame (a DEALER's message).
+_KEEP_PARTS = 2
+#: Failed CURVE handshakes that never reach the ZAP handler (wrong mechanism, wrong server
+#: key, garbage): counted as ``trimtab_rejected_peers_total{reason="handshake"}``.
+_HANDSHAKE_EVENTS = zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
 
 
 class Server:
@@ -40,8 +58,18 @@ class Server:
     ) -> None:
         self.config = config
         self.registry = registry or CollectorRegistry()
+        self.curve = config.curve_server_secret is not None
+        if self.curve:  # load the keys before anything starts, so a bad one stops the start
+            public, secret = load_server_keys(config.curve_server_secret)
+            allowed = AllowList(config.curve_allowed_clients)
         self.controller = Controller(config, Journal(config.journal), registry=self.registry)
-        self._ctx = context or zmq.Context.instance()
+        metrics = self.controller.metrics
+        # A ZAP handler serves its whole context, so a CURVE server gets a context of its own.
+        self._own_context = context is None and self.curve
+        self._ctx = context or (zmq.Context() if self.curve else zmq.Context.instance())
+        self._auth = None
+        self._monitor = None
+        self.limiter = RateLimiter(config.rate_limit)
         self.sock = self._ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         # A frame larger than this is cut off by libzmq before it reaches Python; the
@@ -50,46 +78,148 @@ class Server:
         # Drop (rather than block on) replies to peers whose pipes are full or gone.
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
         self.sock.setsockopt(zmq.SNDHWM, 1000)
-        self.sock.bind(config.bind)
+        if self.curve:
+            self._auth = CurveAuthenticator(
+                self._ctx,
+                allowed,
+                on_deny=lambda reason: metrics.rejected_peers.labels(reason=reason).inc(),
+            )
+            self.sock.curve_server = True
+            self.sock.curve_publickey = public
+            self.sock.curve_secretkey = secret
+            self._monitor = self.sock.get_monitor_socket(_HANDSHAKE_EVENTS)
+        try:
+            self.sock.bind(config.bind)
+        except zmq.ZMQError:
+            self._close_sockets()
+            self.controller.close()
+            raise
         self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.metrics_port = None
         if config.metrics_port:
-            httpd, _ = start_http_server(config.metrics_port, addr=config.metrics_addr,
-                                         registry=self.registry)
+            httpd, _ = start_http_server(
+                config.metrics_port, addr=config.metrics_addr, registry=self.registry
+            )
             self.metrics_port = httpd.server_port
             self._httpd = httpd
         self._stop = threading.Event()
+
+    @property
+    def security(self) -> str:
+        """Who can reach this controller, in words (logged at start)."""
+        if self.curve:
+            n = len(self._auth.allowed.keys())
+            return (
+                f"CURVE-authenticated and encrypted: the {n} client keys in "
+                f"{self.config.curve_allowed_clients}"
+            )
+        if is_loopback_endpoint(self.config.bind):
+            return "loopback only, unauthenticated"
+        return (
+            "NOT loopback and unauthenticated (allow_remote): anyone who can reach it "
+            "can steer any job"
+        )
 
     def serve_forever(self) -> None:
         """Handle messages until :meth:`stop` is called."""
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
-        log.info("trimtab controller listening on %s; metrics on %s; journal %s",
-                 self.endpoint,
-                 f"{self.config.metrics_addr}:{self.metrics_port}" if self.metrics_port else "off",
-                 self.config.journal)
+        if self._monitor is not None:
+            poller.register(self._monitor, zmq.POLLIN)
+        log.info(
+            "trimtab controller listening on %s; metrics on %s; journal %s",
+            self.endpoint,
+            f"{self.config.metrics_addr}:{self.metrics_port}" if self.metrics_port else "off",
+            self.config.journal,
+        )
+        (log.info if self.curve or is_loopback_endpoint(self.config.bind) else log.warning)(
+            "trimtab controller security: %s", self.security
+        )
         while not self._stop.is_set():
-            if poller.poll(TICK_MS):
+            ready = dict(poller.poll(TICK_MS))
+            if self.sock in ready:
                 self._drain()
+            if self._monitor is not None and self._monitor in ready:
+                self._watch_handshakes()
             self._send(self.controller.tick())
+
+    def _recv(self) -> tuple[list[zmq.Frame], int]:
+        """One message's first parts, and how many parts it had (the rest are dropped)."""
+        frames = [self.sock.recv(zmq.NOBLOCK, copy=False)]
+        parts, more = 1, frames[0].more
+        while more:  # the parts of one message arrive together: this never waits
+            frame = self.sock.recv(copy=False)
+            parts, more = parts + 1, frame.more
+            if len(frames) < _KEEP_PARTS:
+                frames.append(frame)
+        return frames, parts
+
+    def _user(self, frame: zmq.Frame) -> str | None:
+        """The CURVE key (z85) a frame came with; None without keys (or, should libzmq
+        ever give none with keys, "" — a key no job can be bound to)."""
+        if not self.curve:
+            return None
+        try:
+            return frame.get("User-Id") or ""
+        except zmq.ZMQError:
+            return ""
 
     def _drain(self, budget: int = 1000) -> None:
         for _ in range(budget):
             try:
-                frames = self.sock.recv_multipart(zmq.NOBLOCK)
+                frames, parts = self._recv()
             except zmq.Again:
                 return
-            if len(frames) != 2:
+            peer = frames[0].bytes
+            user = self._user(frames[-1])
+            if not self.limiter.allow(peer):
+                self._over_limit(peer)
+                continue
+            if parts != _KEEP_PARTS:
                 # A DEALER sends [payload]; ROUTER prepends the identity. Anything else
                 # is not ours: refuse it without guessing at the payload.
-                self._send([self.controller.refuse_frames(frames[0], len(frames) - 1)])
+                self._send([self.controller.refuse_frames(peer, parts - 1)])
+                continue
+            if user == "":  # no key with CURVE on: never let it past the job binding
+                self._send([self.controller.refuse(peer, "forbidden", "no CURVE client key")])
                 continue
             try:
-                replies = self.controller.handle(frames[0], frames[1])
+                replies = self.controller.handle(peer, frames[1].bytes, user)
             except Exception:  # one job's bad luck must not stop the others
                 log.exception("unexpected error handling a message; still serving")
                 continue
             self._send(replies)
+
+    def _over_limit(self, peer: bytes) -> None:
+        """Drop a message over its peer's rate; tell the peer at most once per interval."""
+        cfg = self.config.rate_limit
+        if self.limiter.should_notify(peer):
+            self._send(
+                [
+                    self.controller.refuse(
+                        peer,
+                        "rate_limited",
+                        f"over {cfg.messages_per_s:g} messages/s (burst "
+                        f"{cfg.burst}); messages are dropped until the rate falls",
+                    )
+                ]
+            )
+        else:
+            self.controller.metrics.message_errors.labels(code="rate_limited").inc()
+
+    def _watch_handshakes(self) -> None:
+        while True:
+            try:
+                event = recv_monitor_message(self._monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if event["event"] & _HANDSHAKE_EVENTS:
+                log.warning(
+                    "refused a peer at %s: CURVE handshake failed (%s)",
+                    event["endpoint"].decode(errors="replace"),
+                    event["value"],
+                )
+                self.controller.metrics.rejected_peers.labels(reason="handshake").inc()
 
     def _send(self, replies) -> None:
         for peer, frame in replies:
@@ -101,9 +231,19 @@ class Server:
     def stop(self) -> None:
         self._stop.set()
 
+    def _close_sockets(self) -> None:
+        if self._monitor is not None:
+            self.sock.disable_monitor()
+            self._monitor.close(linger=0)
+        self.sock.close(linger=0)
+        if self._auth is not None:
+            self._auth.stop()
+        if self._own_context:
+            self._ctx.term()
+
     def close(self) -> None:
         self.stop()
-        self.sock.close(linger=0)
+        self._close_sockets()
         if self.metrics_port:
             self._httpd.shutdown()
         self.controller.close()

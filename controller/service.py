@@ -15,6 +15,8 @@ b'{"type":"error","v":1,"code":"malformed"'
 
 from __future__ import annotations
 
+import collections
+import copy
 import dataclasses
 import logging
 import time
@@ -23,6 +25,7 @@ from collections.abc import Iterable
 from prometheus_client import CollectorRegistry
 
 from trimtab.client import wire
+from trimtab.controller.budget import PolicyBudget
 from trimtab.controller.config import ControllerConfig, PolicySpec
 from trimtab.controller.engine import Decision, Engine
 from trimtab.controller.governor import Governor
@@ -30,6 +33,7 @@ from trimtab.controller.journal import Journal
 from trimtab.controller.metrics import ControllerMetrics
 from trimtab.controller.policy import Policy, load_policy
 from trimtab.controller.rollback import Observation
+from trimtab.controller.scale import ScaleContext, derive_limits, explicit_fields
 from trimtab.controller.state import JobState
 
 __all__ = ["Controller", "Reply"]
@@ -63,18 +67,37 @@ class Controller:
         self.clock = clock
         self._policies = build_policies(config)
         self._governor = Governor(config.governor)
+        #: One time budget for every policy call (None: inline), shared by all engines.
+        self.budget = (PolicyBudget(config.policy_budget_ms / 1000.0)
+                       if config.policy_budget_ms > 0 else None)
         self._engines: dict[tuple[int, ...], Engine] = {}
+        #: Per job: the governor with the limits derived from its scale facts, and its
+        #: engine (the shared engine it was copied from, the copy).
+        self._job_governors: dict[str, Governor] = {}
+        self._job_engines: dict[str, tuple[Engine, Engine]] = {}
         #: The engine of a job no ``jobs``-restricted policy entry matches.
         self.engine = self.engine_for(None)
         self.jobs: dict[str, JobState] = {}
+        #: Per job: the connection its commands go to, and the connections a later
+        #: registration replaced (a late message from one of those never takes the job back).
         self._peer: dict[str, bytes] = {}
+        self._retired: dict[str, collections.deque[bytes]] = {}
         self._last_seen: dict[str, float] = {}
         self._pending_since: dict[str, int] = {}
-        self.metrics = ControllerMetrics(registry=registry, jobs=lambda: self.jobs.values())
+        #: With CURVE keys: the key (z85 public key, the ZAP User-Id) each live job is bound to.
+        self._owner: dict[str, str] = {}
+        self.metrics = ControllerMetrics(registry=registry, jobs=lambda: self.jobs.values(),
+                                         age=self.silent_for, bounds=self._bounds)
+        journal.on_commit = self.metrics.journal_commit.observe
+        self.metrics.job_timeout.set(config.job_timeout_s)
 
     # -- entry points -------------------------------------------------------------------
-    def handle(self, peer: bytes, frame: bytes) -> list[Reply]:
-        """Take one frame from ``peer``; return the frames to send back."""
+    def handle(self, peer: bytes, frame: bytes, user: str | None = None) -> list[Reply]:
+        """Take one frame from ``peer``; return the frames to send back.
+
+        ``user`` is the CURVE key the frame was authenticated with (None: no keys); a job
+        is bound to the key that registered it, and any other key is refused ``forbidden``.
+        """
         t0 = time.perf_counter()
         try:
             msg = wire.decode(frame)
@@ -85,6 +108,11 @@ class Controller:
         if handler is None:
             return [self._refuse(peer, "unexpected",
                                  f"a client may not send {msg.type!r} messages", msg.job)]
+        if self._forbidden(user, msg):
+            return [self._refuse(peer, "forbidden",
+                                 f"job {msg.job!r} is bound to another client key", msg.job)]
+        if user is not None and msg.type == "register":
+            self._owner[msg.job] = user
         with self.journal.batch():
             replies = handler(peer, msg)
         if msg.type == "report" and replies:
@@ -119,24 +147,42 @@ class Controller:
                 state = JobState.from_register(msg, self.config.signals)
                 resumed = "new"
         self.jobs[msg.job] = state
+        old = self._peer.get(msg.job)
+        if old is not None and old != peer:
+            self._retired.setdefault(msg.job, collections.deque(maxlen=8)).append(old)
+        retired = self._retired.get(msg.job)
+        if retired is not None and peer in retired:
+            retired.remove(peer)
         self._touch(msg.job, peer)
         self.journal.append(msg.job, "register", step=msg.step, data={
             "run_id": msg.run_id, "resumed": resumed, "facts": msg.facts.model_dump(),
             "knobs": msg.knobs.model_dump(), "applied_seq": msg.applied_seq,
-            "report_every": msg.report_every})
+            "report_every": msg.report_every, "key": self._owner.get(msg.job)})
         state.on_register(msg)
         self.journal.save_state(msg.job, state.state_dict())
         log.info("job %s registered (%s), step %d", msg.job, resumed, msg.step)
+        self._derive_limits(state)
         replies = [(peer, wire.encode(wire.Heartbeat(job=msg.job, step=state.step)))]
         pending = state.pending_command
         if pending is not None and pending.seq > msg.applied_seq:
             replies.append((peer, wire.encode(pending)))  # lost with the old connection
+        elif pending is None:
+            # Schedules start at the run's first step, not after its first report window.
+            replies += self._act(peer, state, self.engine_for(state.job).decide_schedules(state))
+            self.journal.save_state(msg.job, state.state_dict())
         return replies
 
     def _on_report(self, peer: bytes, msg: wire.Report) -> list[Reply]:
         state = self._live(peer, msg)
         if state is None:
             return [self._unknown(peer, msg.job)]
+        last = state.last_report
+        if last is not None and msg.seq <= last.seq:  # replayed or out of order: no state change
+            return [self._refuse(peer, "stale", f"report seq {msg.seq} after seq {last.seq}",
+                                 msg.job)]
+        if msg.applied_seq > state.command_seq:
+            return [self._refuse(peer, "invalid", f"applied_seq {msg.applied_seq}: no such "
+                                 f"command was sent (newest {state.command_seq})", msg.job)]
         self.metrics.reports.inc()
         self._settle_from_report(state, msg)
         state.observe(msg)
@@ -144,11 +190,17 @@ class Controller:
                             data=msg.model_dump(exclude={"type", "v", "job"}))
         self._checkpoints(state, msg, state.rollback.observe(state.view(), self.config.rollback))
         replies = self._resend_if_lost(peer, state, msg)
+        engine = self.engine_for(state.job)
         if state.pending_command is None:
-            decision = self.engine_for(state.job).decide(state)
+            decision = engine.decide(state)
             if decision.shadowed is not None:
                 self._journal_shadow(state.job, decision.shadowed)
             replies += self._act(peer, state, decision)
+        elif state.pending_command.rollback_to is None:
+            # A command awaits its ack; ordinary changes wait for it, a rollback does not.
+            urgent = engine.decide_urgent(state)
+            if urgent is not None:
+                replies += self._act(peer, state, urgent)
         self.journal.save_state(msg.job, state.state_dict())
         return replies
 
@@ -156,6 +208,9 @@ class Controller:
         state = self._live(peer, msg)
         if state is None:
             return [self._unknown(peer, msg.job)]
+        if msg.seq > state.command_seq:  # an older seq is a repeat ack: taken, not applied
+            return [self._refuse(peer, "invalid", f"ack seq {msg.seq}: no such command was "
+                                 f"sent (newest {state.command_seq})", msg.job)]
         last = state.last_command
         command = last if last is not None and last.seq == msg.seq else None
         fresh = state.on_ack(msg)
@@ -241,6 +296,11 @@ class Controller:
                             command.mark_stable)
 
     # -- helpers ------------------------------------------------------------------------
+    def _bounds(self, job: str, knob: str, initial: float | None) -> tuple[float, float]:
+        """``job``'s bounds on ``knob``: its own governor's (limits derived from its scale)."""
+        governor = self._job_governors.get(job, self._governor)
+        return governor.bounds(knob, initial)  # type: ignore[arg-type]
+
     def engine_for(self, job: str | None) -> Engine:
         """The engine with the policies configured for ``job`` (None: those for every job),
         live and shadow; for a job two entries of one name match, the first wins."""
@@ -254,8 +314,33 @@ class Controller:
             self._engines[key] = Engine(
                 [p for spec, p in chosen if not spec.shadow], self._governor,
                 rollback=self.config.rollback,
-                shadow_policies=[p for spec, p in chosen if spec.shadow])
-        return self._engines[key]
+                shadow_policies=[p for spec, p in chosen if spec.shadow], budget=self.budget,
+                live_schedules=self.config.live_schedules)
+        engine = self._engines[key]
+        governor = self._job_governors.get(job) if job is not None else None
+        if governor is None:
+            return engine
+        mine = self._job_engines.get(job)  # type: ignore[arg-type]
+        if mine is None or mine[0] is not engine:
+            per_job = copy.copy(engine)  # the same policies, the job's own governor
+            per_job.governor = governor
+            mine = self._job_engines[job] = (engine, per_job)  # type: ignore[index]
+        return mine[1]
+
+    def _derive_limits(self, state: JobState) -> None:
+        """Give the job a governor whose defaults follow its scale facts (see
+        :func:`~trimtab.controller.scale.derive_limits`), and log what was derived."""
+        explicit = explicit_fields(self.config.governor)
+        derived = derive_limits(ScaleContext.from_facts(state.facts), self.config.governor,
+                                explicit, state.initial)
+        self._job_governors[state.job] = Governor(derived.config)
+        self._job_engines.pop(state.job, None)
+        for note in derived.notes:
+            log.info("job %s: governor limit derived from its scale: %s", state.job, note)
+        if not derived.notes:
+            why = ("set in the configuration" if any(f.startswith("lr.") for f in explicit)
+                   else f"no sane range known for optimizer {state.facts.optimizer!r}")
+            log.info("job %s: lr bounds not derived from its scale (%s)", state.job, why)
 
     def _journal_shadow(self, job: str, decision: Decision) -> None:
         """Journal and log what the shadow policies would have done; nothing is sent."""
@@ -284,6 +369,7 @@ class Controller:
                 "rollbacks": [dataclasses.asdict(r) for r in state.rollback.history]})
         if decision.proposals:
             self.journal.append(job, "decision", step=decision.step, data=decision.to_dict())
+        self.metrics.note_decision(job, decision)
         targets = decision.commands
         plan = None if decision.shadow else decision.rollback
         mark = decision.mark_stable
@@ -293,7 +379,8 @@ class Controller:
             self.journal.append(job, "advice", step=decision.step,
                                 data={"advice": "stop", "reason": advice})
             log.warning("job %s: advising the run to stop: %s", job, advice)
-        if not targets and plan is None and mark is None and advice is None:
+        if (not targets and plan is None and mark is None and advice is None
+                and decision.schedules is None):
             return []
         reasons = decision.reasons()
         if advice is not None:
@@ -304,7 +391,8 @@ class Controller:
         command = wire.Command(
             job=job, seq=state.next_command_seq(), knobs=wire.Knobs(**targets),
             reasons=reasons[:64], mark_stable=mark,
-            rollback_to=plan.target_step if plan is not None else None, stop_advice=advice)
+            rollback_to=plan.target_step if plan is not None else None, stop_advice=advice,
+            schedules=None if decision.schedules is None else list(decision.schedules))
         state.pending_command = command
         self._pending_since[job] = state.reports_seen
         if plan is not None:
@@ -319,7 +407,7 @@ class Controller:
         self.metrics.commands.inc()
         log.info("job %s: command %d %s (%s)", job, command.seq, targets,
                  "; ".join(command.reasons))
-        return [(peer, wire.encode(command))]
+        return [(self._peer.get(job, peer), wire.encode(command))]
 
     def _resend_if_lost(self, peer: bytes, state: JobState, msg: wire.Report) -> list[Reply]:
         pending = state.pending_command
@@ -333,14 +421,30 @@ class Controller:
             self._pending_since[state.job] = state.reports_seen
             log.info("job %s: command %d not applied yet; sending it again", state.job,
                      pending.seq)
-            return [(peer, wire.encode(pending))]
+            return [(self._peer.get(state.job, peer), wire.encode(pending))]
         return []
 
     def _live(self, peer: bytes, msg: wire.Report | wire.Ack | wire.Heartbeat | wire.Bye):
         state = self.jobs.get(msg.job)
         if state is not None:
-            self._touch(msg.job, peer)
+            retired = self._retired.get(msg.job)
+            if retired is not None and peer in retired:  # a replaced connection's late message
+                self._last_seen[msg.job] = self.clock()
+            else:
+                self._touch(msg.job, peer)
         return state
+
+    def _forbidden(self, user: str | None, msg: wire.Message) -> bool:
+        """Whether ``msg`` names a job bound to a key other than ``user``. The binding of a
+        job that is not live is read from its journaled registrations, so it outlives the
+        run and a controller restart."""
+        if user is None:
+            return False
+        owner = self._owner.get(msg.job)
+        if owner is None and msg.type == "register":
+            for event in self.journal.iter_events(msg.job, "register"):
+                owner = event.data.get("key") or owner
+        return owner is not None and owner != user
 
     def _touch(self, job: str, peer: bytes) -> None:
         self._peer[job] = peer
@@ -348,14 +452,21 @@ class Controller:
         self.metrics.jobs_connected.set(len(self.jobs))
 
     def _forget(self, job: str) -> None:
-        for table in (self.jobs, self._peer, self._last_seen, self._pending_since):
+        for table in (self.jobs, self._peer, self._retired, self._last_seen, self._pending_since,
+                      self._owner,
+                      self._job_governors, self._job_engines):
             table.pop(job, None)
+        self.metrics.forget(job)
         self.metrics.jobs_connected.set(len(self.jobs))
 
     def refuse_frames(self, peer: bytes, payload_frames: int) -> Reply:
         """The reply to a multi-part (or empty) message: one frame per message is the rule."""
         return self._refuse(peer, "malformed",
                             f"expected 1 payload frame, got {payload_frames}", None)
+
+    def refuse(self, peer: bytes, code: str, detail: str, job: str | None = None) -> Reply:
+        """An error reply to ``peer``, counted under ``code`` (refusals made by the server)."""
+        return self._refuse(peer, code, detail, job)
 
     def _unknown(self, peer: bytes, job: str) -> Reply:
         return self._refuse(peer, "unknown_job", f"job {job!r} is not registered; register first",
@@ -366,6 +477,11 @@ class Controller:
         log.debug("refused a message from %r: %s: %s", peer, code, detail)
         return (peer, wire.encode(wire.Error(code=code, detail=detail, job=job)))
 
+    def silent_for(self, job: str) -> float | None:
+        """Seconds since ``job`` was last heard from (None: not live)."""
+        seen = self._last_seen.get(job)
+        return None if seen is None else self.clock() - seen
+
     def live_jobs(self) -> Iterable[str]:
         return list(self.jobs)
 
@@ -374,3 +490,5 @@ class Controller:
             for job, state in self.jobs.items():
                 self.journal.save_state(job, state.state_dict())
         self.journal.close()
+        if self.budget is not None:
+            self.budget.close()

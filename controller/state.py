@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
     from trimtab.controller.rollback import RollbackConfig
 
-__all__ = ["SignalConfig", "Signals", "Sample", "JobView", "JobState"]
+__all__ = ["SignalConfig", "Signals", "Sample", "Phase", "JobView", "JobState"]
 
 _STATE_VERSION = 2  # 2: rollback state added; a version-1 state loads with none
 
@@ -126,6 +126,25 @@ _sample_values = operator.attrgetter(*(f.name for f in dataclasses.fields(Sample
 
 
 @dataclass(frozen=True)
+class Phase:
+    """A measurement phase that one policy holds for a job: the LR range test's sweep.
+
+    It opens with the policy's first sweep proposal, at ``start_step``, and returns to
+    the checkpoint at ``checkpoint`` when it ends; while it is open the engine takes
+    that policy's proposals only (see :mod:`~trimtab.controller.engine`). A policy holds
+    at most one phase per job, ever.
+    """
+
+    policy: str
+    start_step: int
+    checkpoint: int
+    #: The step it ended at (None: still open).
+    end_step: int | None = None
+    #: The LR it found (None: none, or still open).
+    found_lr: float | None = None
+
+
+@dataclass(frozen=True)
 class JobView:
     """What a policy reads: a frozen snapshot of one job."""
 
@@ -152,6 +171,13 @@ class JobView:
     history: tuple[Sample, ...] = ()
     #: ``(step, value)`` of the validation results reported, oldest first (lower is better).
     validations: tuple[tuple[int, float], ...] = ()
+    #: The measurement phase open now (None: none).
+    phase: Phase | None = None
+    #: Phases that ended, oldest first.
+    phases_done: tuple[Phase, ...] = ()
+    #: The LR an LR range test found for this job (None: none ran or it found none);
+    #: schedule policies take it as their reference LR.
+    found_lr: float | None = None
 
     def since_change(self, knob: str) -> tuple[Sample, ...]:
         """History samples whose whole window ran after ``knob`` last changed."""
@@ -251,6 +277,16 @@ class JobState:
         self.shadow_memory: dict[str, KnobMemory] = {k: KnobMemory() for k in wire.KNOBS}
         #: Shadow policies' would-be changes by (policy, knob, "up"/"down").
         self.shadow_counts: dict[tuple[str, str, str], int] = {}
+        #: Per scheduled knob, the product of the corrections made on top of its schedule
+        #: (other policies' factors, rollback cuts); absent: 1.
+        self.corrections: dict[str, float] = {}
+        #: The live schedules last sent to the client, by knob.
+        self.live: dict[str, wire.LiveSchedule] = {}
+        #: The measurement phase open now, the ones that ended (by policy), and the LR
+        #: the last one found.
+        self.phase: Phase | None = None
+        self.phases_done: dict[str, Phase] = {}
+        self.found_lr: float | None = None
 
     @classmethod
     def from_register(
@@ -302,6 +338,12 @@ class JobState:
             vstep = report.step if report.validation_step is None else report.validation_step
             self.validations.append((vstep, report.validation))
         self.last_report = report
+
+    def grad_norm_scale(self) -> float | None:
+        """The job's gradient-norm EMA once its z-score warm-up has passed (None before):
+        what scale-relative limits (the clip's) are measured against."""
+        g = self._grad
+        return _finite(g.mean) if g.n >= self.signal_cfg.z_warmup else None
 
     def _fold(self, ew: _EW, x: float | None) -> float | None:
         """Fold ``x`` into ``ew``; its z-score against the history before it, if warmed up."""
@@ -418,23 +460,47 @@ class JobState:
         key = (policy, knob, direction)
         self.shadow_counts[key] = self.shadow_counts.get(key, 0) + 1
 
+    def begin_phase(self, policy: str, checkpoint: int) -> Phase:
+        """``policy`` opens its measurement phase now, returning to ``checkpoint`` at its end."""
+        if self.phase is not None or policy in self.phases_done:
+            raise ValueError(f"policy {policy!r} cannot open a phase: "
+                             f"{'one is open' if self.phase else 'it had its phase'}")
+        self.phase = Phase(policy, self.step, checkpoint)
+        return self.phase
+
+    def end_phase(self, found_lr: float | None) -> Phase | None:
+        """The open phase ends now, having found ``found_lr`` (None: nothing)."""
+        if self.phase is None:
+            return None
+        done = dataclasses.replace(self.phase, end_step=self.step, found_lr=found_lr)
+        self.phases_done[done.policy] = done
+        self.phase = None
+        if found_lr is not None:
+            self.found_lr = found_lr
+        return done
+
     def disable(self, policy: str, reason: str) -> None:
         """Stop asking ``policy`` for this job."""
         self.disabled_policies[policy] = reason
 
     # -- what policies read -------------------------------------------------------
 
-    def view(self) -> JobView:
-        """A frozen snapshot for policies."""
+    def signals(self) -> Signals:
+        """The signals now, as :meth:`view` hands them to policies."""
         slope, se, t = self._slope
-        signals = Signals(
+        points = list(self._points)
+        return Signals(
             loss_ema=self._loss.mean, loss_var=self._loss.var, loss_z=self.loss_z,
             grad_norm_ema=self._grad.mean, grad_norm_var=self._grad.var,
             grad_norm_z=self.grad_norm_z, slope=slope, slope_se=se, slope_t=t,
-            slope_n=len(self._points), slope_window=self.signal_cfg.slope_window,
-            slope_since_step=self._points[0][0] if self._points else None,
+            slope_n=len(points), slope_window=self.signal_cfg.slope_window,
+            slope_since_step=points[0][0] if points else None,
             loss_ref=self.refs[0], grad_norm_ref=self.refs[1],
         )
+
+    def view(self) -> JobView:
+        """A frozen snapshot for policies."""
+        signals = self.signals()
         return JobView(
             job=self.job, run_id=self.run_id, step=self.step, report_every=self.report_every,
             facts=self.facts, initial=self.initial, knobs=self.knobs, pending=self.pending,
@@ -443,6 +509,8 @@ class JobState:
             nonfinite_grads_total=self.nonfinite_grads,
             last_change_step=MappingProxyType(dict(self.last_change_step)),
             history=tuple(self.history), validations=tuple(self.validations),
+            phase=self.phase, phases_done=tuple(self.phases_done.values()),
+            found_lr=self.found_lr,
         )
 
     # -- persistence -----------------------------------------------------------------
@@ -453,7 +521,8 @@ class JobState:
         "slope_points", "nonfinite_losses", "nonfinite_grads", "dropped_reports", "last_report",
         "memory", "last_change_step", "command_seq", "applied_seq", "last_command", "awaiting_ack",
         "disabled_policies", "decision_counts", "rollback", "shadow_memory", "shadow_counts",
-        "history", "validations", "stop_advice",
+        "history", "validations", "stop_advice", "phase", "phases_done", "found_lr",
+        "corrections", "live",
     })
 
     def state_dict(self) -> dict[str, Any]:
@@ -486,6 +555,11 @@ class JobState:
             "history": [s.to_list() for s in self.history],
             "validations": [[s, v] for s, v in self.validations],
             "stop_advice": self.stop_advice,
+            "phase": None if self.phase is None else dataclasses.asdict(self.phase),
+            "phases_done": [dataclasses.asdict(p) for p in self.phases_done.values()],
+            "found_lr": self.found_lr,
+            "corrections": dict(self.corrections),
+            "live": {k: s.model_dump(mode="json") for k, s in self.live.items()},
         }
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
@@ -498,6 +572,10 @@ class JobState:
                   "shadow_memory": {k: KnobMemory().state_dict() for k in wire.KNOBS}}
         if "history" not in sd:  # written before report history was kept
             sd = {**sd, "history": [], "validations": [], "stop_advice": None}
+        if "phase" not in sd:  # written before measurement phases existed
+            sd = {**sd, "phase": None, "phases_done": [], "found_lr": None}
+        if "corrections" not in sd:  # written before schedules were composed with corrections
+            sd = {**sd, "corrections": {}, "live": {}}
         _check_keys("JobState", sd, set(self._KEYS))
         if sd["version"] != _STATE_VERSION:
             raise ValueError(
@@ -538,6 +616,11 @@ class JobState:
         self.history.extend(Sample(*row) for row in sd["history"])
         self.validations.extend((int(s), float(v)) for s, v in sd["validations"])
         self.stop_advice = sd["stop_advice"]
+        self.phase = None if sd["phase"] is None else Phase(**sd["phase"])
+        self.phases_done = {p["policy"]: Phase(**p) for p in sd["phases_done"]}
+        self.found_lr = sd["found_lr"]
+        self.corrections = {k: float(v) for k, v in sd["corrections"].items()}
+        self.live = {k: wire.LiveSchedule.model_validate(v) for k, v in sd["live"].items()}
 
     @classmethod
     def from_state_dict(cls, sd: dict[str, Any]) -> JobState:

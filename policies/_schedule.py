@@ -11,16 +11,23 @@ The reference lr (``lr``, or ``max_lr`` for OneCycle) defaults to the lr the job
 registered with; with ``scale_with_batch`` it is multiplied by the batch-size rule of
 :class:`~trimtab.controller.scale.ScaleContext` (linear for SGD, square root for the
 Adam family), taking ``reference_batch_size`` as the batch the lr was tuned at.
+
+When an LR range test ran for the job (:mod:`trimtab.policies.lr_range_test`), its pick,
+``view.found_lr``, is the reference lr of every schedule whose own is not configured
+(``use_found_lr=False`` keeps the registered one). It is not batch-scaled: it was
+measured at the run's batch size. The schedule keeps counting the run's steps: the
+range test rolls the run back to the checkpoint where its sweep began (step 0 when it
+runs from the start), so the schedule starts there afresh and the sweep costs it nothing.
 """
 
 from __future__ import annotations
 
-import abc
-import math
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from trimtab.client import schedules, wire
+from trimtab.client.schedules import anneal_cos, anneal_linear
 from trimtab.controller.policy import Policy, Proposal
 from trimtab.controller.scale import BatchScaling, ScaleContext
 from trimtab.controller.state import JobView
@@ -50,6 +57,8 @@ class ScheduleConfig(BaseModel):
     reference_batch_size: int | None = Field(None, ge=1)
     #: ``"auto"``: linear for SGD, square root for the Adam family; or force one.
     batch_scaling: BatchScaling = "auto"
+    #: Take the LR range test's pick (``view.found_lr``) when no reference lr is configured.
+    use_found_lr: bool = True
 
     @model_validator(mode="after")
     def _reference_given(self) -> ScheduleConfig:
@@ -60,7 +69,11 @@ class ScheduleConfig(BaseModel):
 
 
 def reference_lr(configured: float | None, cfg: ScheduleConfig, view: JobView) -> float:
-    """``configured`` or the job's registered lr, times the batch-size factor if asked."""
+    """``configured`` or the job's registered lr, times the batch-size factor if asked; the
+    LR range test's pick when there is one and nothing is configured (never batch-scaled).
+    """
+    if configured is None and cfg.use_found_lr and view.found_lr is not None:
+        return view.found_lr
     lr = configured if configured is not None else view.initial.lr
     if lr is None:
         raise ValueError("no lr configured and the job registered none")
@@ -75,19 +88,19 @@ def batch_factor(cfg: ScheduleConfig, view: JobView) -> float:
     return ctx.batch_lr_factor(cfg.reference_batch_size, cfg.batch_scaling)  # type: ignore[arg-type]
 
 
-def anneal_cos(start: float, end: float, pct: float) -> float:
-    """Cosine from ``start`` (pct 0) to ``end`` (pct 1), written as torch's OneCycleLR does."""
-    return end + (start - end) / 2.0 * (math.cos(math.pi * pct) + 1)
-
-
-def anneal_linear(start: float, end: float, pct: float) -> float:
-    """Straight line from ``start`` (pct 0) to ``end`` (pct 1), as torch's OneCycleLR."""
-    return (end - start) * pct + start
-
-
 class SchedulePolicy(Policy):
-    """A policy that proposes ``lr = lr_at(view.step, reference lr)``; subclasses give
-    ``lr_at`` and the name of their reference-lr field.
+    """A policy that proposes ``lr = lr_at(t, reference lr)`` with ``t = view.step -
+    step_origin(view)``; subclasses give ``lr_at``, or ``formula`` and ``formula_params``
+    (a closed form of :mod:`trimtab.client.schedules`), and the name of their reference-lr
+    field.
+
+    A schedule's proposal is the *base trajectory* of its knob (it carries
+    :attr:`Proposal.schedule`, the formula and its parameters): the engine multiplies it by
+    the job's persistent correction (the other policies' factors) instead of weighing it
+    against them, composes several schedules of one knob as torch's ``ChainedScheduler``
+    does (the first one's value times the others' factors), and may send it to the client
+    to evaluate at every optimizer step (see :mod:`trimtab.controller.engine`). A subclass
+    with its own ``lr_at`` and no ``formula`` proposes plain absolute values.
 
     >>> class Halving(SchedulePolicy):
     ...     name = "halving"
@@ -101,22 +114,49 @@ class SchedulePolicy(Policy):
 
     #: The config field holding the reference lr.
     lr_field: ClassVar[str] = "lr"
+    #: The closed form in :mod:`trimtab.client.schedules` (None: ``lr_at`` is the policy's own).
+    formula: ClassVar[str | None] = None
 
-    @abc.abstractmethod
+    def formula_params(self, base_lr: float, view: JobView | None = None) -> dict[str, Any]:
+        """The parameters of :attr:`formula` for reference lr ``base_lr`` (``view``: the job,
+        for parameters that depend on it)."""
+        raise NotImplementedError(f"{type(self).__name__} gives neither lr_at nor a formula")
+
     def lr_at(self, step: int, base_lr: float) -> float:
         """The lr for the optimizer step after ``step`` steps, given the reference lr."""
+        if self.formula is None:
+            raise NotImplementedError(f"{type(self).__name__} gives neither lr_at nor a formula")
+        return schedules.value("lr", self.formula, self.formula_params(base_lr), step)
 
     def base_lr(self, view: JobView) -> float:
         """The reference lr for ``view``'s job."""
         cfg: ScheduleConfig = self.config  # type: ignore[assignment]
         return reference_lr(getattr(cfg, self.lr_field), cfg, view)
 
+    def step_origin(self, view: JobView) -> int:
+        """The step at which this schedule's step 0 falls for ``view``'s job (0: the run's
+        start; the checkpoint an LR range test returned to, when the schedule takes its
+        pick); before it the schedule holds its step-0 value."""
+        cfg: ScheduleConfig = self.config  # type: ignore[assignment]
+        if getattr(cfg, self.lr_field) is None and cfg.use_found_lr and view.found_lr:
+            found = [p for p in view.phases_done if p.found_lr == view.found_lr]
+            return found[-1].checkpoint if found else 0
+        return 0
+
     def lr_for(self, view: JobView) -> tuple[float, float]:
         """``(lr, reference lr)`` for ``view``'s job at its step."""
         base = self.base_lr(view)
-        return self.lr_at(view.step, base), base
+        return self.lr_at(max(view.step - self.step_origin(view), 0), base), base
+
+    def piece(self, view: JobView, base_lr: float) -> wire.SchedulePiece | None:
+        """This schedule for ``view``'s job as the client can evaluate it (None: no formula)."""
+        if self.formula is None:
+            return None
+        return wire.SchedulePiece(name=self.formula, params=self.formula_params(base_lr, view),
+                                  origin=self.step_origin(view))
 
     def propose(self, view: JobView) -> list[Proposal]:
         lr, base = self.lr_for(view)
-        return [Proposal("lr", value=lr, reason=f"{self.name} at step {view.step}: "
-                                                f"{lr:.6g} (reference lr {base:.6g})")]
+        return [Proposal("lr", value=lr, schedule=self.piece(view, base),
+                         reason=f"{self.name} at step {view.step}: {lr:.6g} "
+                                f"(reference lr {base:.6g})")]

@@ -16,9 +16,11 @@ constant schedule also holds back other policies' increases (never their decreas
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from pydantic import BaseModel, Field
+
+from trimtab.controller.state import JobView
 
 from ._schedule import LrField, ScheduleConfig, SchedulePolicy
 
@@ -41,7 +43,8 @@ class Constant(SchedulePolicy):
 
     name: ClassVar[str] = "constant"
     Config: ClassVar[type[BaseModel]] = ConstantConfig
+    formula: ClassVar[str] = "constant"
 
-    def lr_at(self, step: int, base_lr: float) -> float:
+    def formula_params(self, base_lr: float, view: JobView | None = None) -> dict[str, Any]:
         cfg: ConstantConfig = self.config  # type: ignore[assignment]
-        return base_lr * cfg.factor if step < cfg.total_iters else base_lr
+        return {"lr": base_lr, "factor": cfg.factor, "total_iters": cfg.total_iters}

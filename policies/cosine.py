@@ -18,10 +18,12 @@ at ``eta_min``. ``eta_min`` is absolute, never batch-scaled.
 
 from __future__ import annotations
 
-import math
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from pydantic import BaseModel, Field
+
+from trimtab.client import schedules
+from trimtab.controller.state import JobView
 
 from ._schedule import LrField, ScheduleConfig, SchedulePolicy
 
@@ -41,7 +43,7 @@ class CosineConfig(ScheduleConfig):
 
 def cosine_lr(step: int, base_lr: float, t_max: int, eta_min: float) -> float:
     """SGDR's eq. 5 at ``step``, in torch's CosineAnnealingLR's closed-form arithmetic."""
-    return eta_min + (base_lr - eta_min) * (1 + math.cos(math.pi * step / t_max)) / 2
+    return schedules.cosine(step, base_lr, t_max, eta_min)
 
 
 class Cosine(SchedulePolicy):
@@ -49,7 +51,8 @@ class Cosine(SchedulePolicy):
 
     name: ClassVar[str] = "cosine"
     Config: ClassVar[type[BaseModel]] = CosineConfig
+    formula: ClassVar[str] = "cosine"
 
-    def lr_at(self, step: int, base_lr: float) -> float:
+    def formula_params(self, base_lr: float, view: JobView | None = None) -> dict[str, Any]:
         cfg: CosineConfig = self.config  # type: ignore[assignment]
-        return cosine_lr(step, base_lr, cfg.t_max, cfg.eta_min)
+        return {"lr": base_lr, "t_max": cfg.t_max, "eta_min": cfg.eta_min}

@@ -17,10 +17,12 @@ after ``t`` scheduler steps. ``warmup_steps=1`` gives the plain ``base / sqrt(n)
 
 from __future__ import annotations
 
-import math
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from pydantic import BaseModel, Field
+
+from trimtab.client import schedules
+from trimtab.controller.state import JobView
 
 from ._schedule import LrField, ScheduleConfig, SchedulePolicy
 
@@ -38,8 +40,7 @@ class InverseSqrtConfig(ScheduleConfig):
 
 def inverse_sqrt_factor(step: int, warmup_steps: int) -> float:
     """``min(n / w, sqrt(w / n))`` with ``n = step + 1``."""
-    n = step + 1
-    return min(n / warmup_steps, math.sqrt(warmup_steps / n))
+    return schedules.inverse_sqrt_factor(step, warmup_steps)
 
 
 class InverseSqrt(SchedulePolicy):
@@ -47,7 +48,8 @@ class InverseSqrt(SchedulePolicy):
 
     name: ClassVar[str] = "inverse_sqrt"
     Config: ClassVar[type[BaseModel]] = InverseSqrtConfig
+    formula: ClassVar[str] = "inverse_sqrt"
 
-    def lr_at(self, step: int, base_lr: float) -> float:
+    def formula_params(self, base_lr: float, view: JobView | None = None) -> dict[str, Any]:
         cfg: InverseSqrtConfig = self.config  # type: ignore[assignment]
-        return base_lr * inverse_sqrt_factor(step, cfg.warmup_steps)
+        return {"lr": base_lr, "warmup_steps": cfg.warmup_steps}

@@ -15,9 +15,12 @@ Much? Adaptive Learning Rate Scheduling by Refinement") to match or beat cosine.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from pydantic import BaseModel, Field
+
+from trimtab.client import schedules
+from trimtab.controller.state import JobView
 
 from ._schedule import LrField, ScheduleConfig, SchedulePolicy
 
@@ -40,7 +43,7 @@ class LinearConfig(ScheduleConfig):
 def linear_factor(step: int, start: float, end: float, total: int) -> float:
     """``start + (end - start) x min(step, total) / total``, in torch's LinearLR's
     arithmetic (its closed form)."""
-    return start + (end - start) * min(total, step) / total
+    return schedules.linear_factor(step, start, end, total)
 
 
 class Linear(SchedulePolicy):
@@ -48,7 +51,9 @@ class Linear(SchedulePolicy):
 
     name: ClassVar[str] = "linear"
     Config: ClassVar[type[BaseModel]] = LinearConfig
+    formula: ClassVar[str] = "linear"
 
-    def lr_at(self, step: int, base_lr: float) -> float:
+    def formula_params(self, base_lr: float, view: JobView | None = None) -> dict[str, Any]:
         cfg: LinearConfig = self.config  # type: ignore[assignment]
-        return base_lr * linear_factor(step, cfg.start_factor, cfg.end_factor, cfg.total_iters)
+        return {"lr": base_lr, "total_iters": cfg.total_iters, "start_factor": cfg.start_factor,
+                "end_factor": cfg.end_factor}

@@ -31,16 +31,18 @@ Momentum is proposed only for a job that has one, and when ``cycle_momentum``.
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
+from trimtab.client import schedules
 from trimtab.controller.policy import Proposal
 from trimtab.controller.state import JobView
 
-from ._schedule import LrField, ScheduleConfig, SchedulePolicy, anneal_cos, anneal_linear
+from ._schedule import LrField, ScheduleConfig, SchedulePolicy
 
 __all__ = ["OneCycle", "OneCycleConfig"]
+
 
 class OneCycleConfig(ScheduleConfig):
     """OneCycle's settings; the defaults are torch's."""
@@ -84,16 +86,9 @@ def phase_table(
     cfg: OneCycleConfig, max_lr: float
 ) -> list[tuple[float, float, float, float, float]]:
     """``(end_step, start_lr, end_lr, start_momentum, end_momentum)`` per phase, as torch."""
-    initial = max_lr / cfg.div_factor
-    final = initial / cfg.final_div_factor
-    hi_m, lo_m = cfg.max_momentum, cfg.base_momentum
-    up = float(cfg.pct_start * cfg.total_steps) - 1
-    last = cfg.total_steps - 1
-    if cfg.three_phase:
-        down = float(2 * cfg.pct_start * cfg.total_steps) - 2
-        return [(up, initial, max_lr, hi_m, lo_m), (down, max_lr, initial, lo_m, hi_m),
-                (last, initial, final, hi_m, hi_m)]
-    return [(up, initial, max_lr, hi_m, lo_m), (last, max_lr, final, lo_m, hi_m)]
+    return schedules.one_cycle_phases(
+        max_lr, cfg.total_steps, cfg.pct_start, cfg.div_factor, cfg.final_div_factor,
+        cfg.three_phase, cfg.base_momentum, cfg.max_momentum)
 
 
 class OneCycle(SchedulePolicy):
@@ -103,29 +98,28 @@ class OneCycle(SchedulePolicy):
     Config: ClassVar[type[BaseModel]] = OneCycleConfig
     lr_field: ClassVar[str] = "max_lr"
 
+    formula: ClassVar[str] = "one_cycle"
+
+    def formula_params(self, base_lr: float, view: JobView | None = None) -> dict[str, Any]:
+        cfg: OneCycleConfig = self.config  # type: ignore[assignment]
+        return {"max_lr": base_lr, "total_steps": cfg.total_steps, "pct_start": cfg.pct_start,
+                "anneal_strategy": cfg.anneal_strategy, "div_factor": cfg.div_factor,
+                "final_div_factor": cfg.final_div_factor, "three_phase": cfg.three_phase,
+                "base_momentum": cfg.base_momentum, "max_momentum": cfg.max_momentum}
+
     def lr_momentum_at(self, step: int, max_lr: float) -> tuple[float, float]:
         """``(lr, momentum)`` for the optimizer step after ``step`` steps."""
-        cfg: OneCycleConfig = self.config  # type: ignore[assignment]
-        anneal = anneal_cos if cfg.anneal_strategy == "cos" else anneal_linear
-        phases = phase_table(cfg, max_lr)
-        step = min(step, cfg.total_steps - 1)
-        start = 0.0
-        for i, (end, lr0, lr1, m0, m1) in enumerate(phases):
-            if step <= end or i == len(phases) - 1:
-                pct = (step - start) / (end - start)
-                return anneal(lr0, lr1, pct), anneal(m0, m1, pct)
-            start = end
-        raise AssertionError("unreachable: the last phase always matches")
-
-    def lr_at(self, step: int, base_lr: float) -> float:
-        return self.lr_momentum_at(step, base_lr)[0]
+        return schedules.one_cycle(step, **self.formula_params(max_lr))
 
     def propose(self, view: JobView) -> list[Proposal]:
         cfg: OneCycleConfig = self.config  # type: ignore[assignment]
         base = self.base_lr(view)
-        lr, momentum = self.lr_momentum_at(view.step, base)
+        lr, momentum = self.lr_momentum_at(max(view.step - self.step_origin(view), 0), base)
+        piece = self.piece(view, base)
         where = f"{self.name} at step {view.step} of {cfg.total_steps}"
-        out = [Proposal("lr", value=lr, reason=f"{where}: {lr:.6g} (max_lr {base:.6g})")]
+        out = [Proposal("lr", value=lr, schedule=piece,
+                        reason=f"{where}: {lr:.6g} (max_lr {base:.6g})")]
         if cfg.cycle_momentum and view.knobs.momentum is not None:
-            out.append(Proposal("momentum", value=momentum, reason=f"{where}: {momentum:.6g}"))
+            out.append(Proposal("momentum", value=momentum, schedule=piece,
+                                reason=f"{where}: {momentum:.6g}"))
         return out

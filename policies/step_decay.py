@@ -13,9 +13,11 @@ steps. Step decay is the schedule of the classic ImageNet recipes (Krizhevsky et
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from pydantic import BaseModel, Field
+
+from trimtab.controller.state import JobView
 
 from ._schedule import LrField, ScheduleConfig, SchedulePolicy
 
@@ -38,7 +40,8 @@ class StepDecay(SchedulePolicy):
 
     name: ClassVar[str] = "step_decay"
     Config: ClassVar[type[BaseModel]] = StepDecayConfig
+    formula: ClassVar[str] = "step_decay"
 
-    def lr_at(self, step: int, base_lr: float) -> float:
+    def formula_params(self, base_lr: float, view: JobView | None = None) -> dict[str, Any]:
         cfg: StepDecayConfig = self.config  # type: ignore[assignment]
-        return base_lr * cfg.gamma ** (step // cfg.step_size)
+        return {"lr": base_lr, "step_size": cfg.step_size, "gamma": cfg.gamma}

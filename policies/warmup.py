@@ -22,10 +22,11 @@ step then makes no update, and a governor that refuses a zero lr holds it back).
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from pydantic import BaseModel, Field
 
+from trimtab.client import schedules
 from trimtab.controller.state import JobView
 
 from ._schedule import LrField, ScheduleConfig, SchedulePolicy, batch_factor
@@ -46,7 +47,7 @@ class WarmupConfig(ScheduleConfig):
 
 def warmup_factor(step: int, warmup_steps: int, start_factor: float) -> float:
     """``s + (1 - s) x min(step, w) / w``."""
-    return start_factor + (1.0 - start_factor) * min(step, warmup_steps) / warmup_steps
+    return schedules.warmup_factor(step, warmup_steps, start_factor)
 
 
 class Warmup(SchedulePolicy):
@@ -54,17 +55,29 @@ class Warmup(SchedulePolicy):
 
     name: ClassVar[str] = "warmup"
     Config: ClassVar[type[BaseModel]] = WarmupConfig
+    formula: ClassVar[str] = "warmup"
+
+    def start_factor(self, view: JobView | None) -> float:
+        """The factor at step 0 for ``view``'s job (see the module docstring)."""
+        cfg: WarmupConfig = self.config  # type: ignore[assignment]
+        if cfg.start_factor is not None:
+            return cfg.start_factor
+        if cfg.scale_with_batch and view is not None:
+            return min(1.0, 1.0 / batch_factor(cfg, view))
+        return 0.0
+
+    def formula_params(self, base_lr: float, view: JobView | None = None) -> dict[str, Any]:
+        cfg: WarmupConfig = self.config  # type: ignore[assignment]
+        return {"lr": base_lr, "warmup_steps": cfg.warmup_steps,
+                "start_factor": self.start_factor(view)}
 
     def lr_at(self, step: int, base_lr: float, start_factor: float | None = None) -> float:
         cfg: WarmupConfig = self.config  # type: ignore[assignment]
         if start_factor is None:
-            start_factor = 0.0 if cfg.start_factor is None else cfg.start_factor
-        return base_lr * warmup_factor(step, cfg.warmup_steps, start_factor)
+            start_factor = self.start_factor(None)
+        return schedules.warmup(step, base_lr, cfg.warmup_steps, start_factor)
 
     def lr_for(self, view: JobView) -> tuple[float, float]:
-        cfg: WarmupConfig = self.config  # type: ignore[assignment]
-        start = cfg.start_factor
-        if start is None:
-            start = min(1.0, 1.0 / batch_factor(cfg, view)) if cfg.scale_with_batch else 0.0
         base = self.base_lr(view)
-        return self.lr_at(view.step, base, start), base
+        step = max(view.step - self.step_origin(view), 0)
+        return self.lr_at(step, base, self.start_factor(view)), base

@@ -11,24 +11,50 @@ from trimtab.controller.scale import ScaleContext, optimizer_family
 
 
 def ctx(optimizer: str = "SGD", batch_size: int | None = 32, world_size: int = 8):
-    return ScaleContext.from_facts(wire.ScaleFacts(
-        param_count=30, group_sizes=[10, 20], optimizer=optimizer, dtype="bfloat16",
-        device="cuda:0", batch_size=batch_size, world_size=world_size))
+    return ScaleContext.from_facts(
+        wire.ScaleFacts(
+            param_count=30,
+            group_sizes=[10, 20],
+            optimizer=optimizer,
+            dtype="bfloat16",
+            device="cuda:0",
+            batch_size=batch_size,
+            world_size=world_size,
+        )
+    )
 
 
 def test_the_context_carries_the_facts_and_the_global_batch():
     c = ctx()
     assert (c.param_count, c.group_sizes, c.world_size, c.global_batch_size) == (
-        30, (10, 20), 8, 256)
+        30,
+        (10, 20),
+        8,
+        256,
+    )
     assert ctx(batch_size=None).global_batch_size is None
 
 
-@pytest.mark.parametrize(("name", "family"), [
-    ("SGD", "sgd"), ("ASGD", "sgd"), ("LARS", "sgd"), ("Adam", "adam"), ("AdamW", "adam"),
-    ("FusedAdam", "adam"), ("NAdam", "adam"), ("RAdam", "adam"), ("Adamax", "adam"),
-    ("Adafactor", "adam"), ("LAMB", "adam"), ("RMSprop", "adam"), ("Adagrad", "adam"),
-    ("LBFGS", "other"), ("Rprop", "other"),
-])
+@pytest.mark.parametrize(
+    ("name", "family"),
+    [
+        ("SGD", "sgd"),
+        ("ASGD", "sgd"),
+        ("LARS", "sgd"),
+        ("Adam", "adam"),
+        ("AdamW", "adam"),
+        ("FusedAdam", "adam"),
+        ("NAdam", "adam"),
+        ("RAdam", "adam"),
+        ("Adamax", "adam"),
+        ("Adafactor", "adam"),
+        ("LAMB", "adam"),
+        ("RMSprop", "adam"),
+        ("Adagrad", "adam"),
+        ("LBFGS", "other"),
+        ("Rprop", "other"),
+    ],
+)
 def test_optimizer_families(name, family):
     assert optimizer_family(name) == family
 

@@ -341,3 +341,40 @@ def test_stop_advice_goes_out_once_in_a_command_and_is_journaled(tmp_path):
     assert len(advice) == 1 and advice[0].step == 40
     assert advice[0].data == {"advice": "stop", "reason": cmd.stop_advice}
     assert ctl.jobs["j1"].stop_advice == cmd.stop_advice
+
+
+def test_a_fault_while_a_command_awaits_its_ack_still_rolls_back(tmp_path):
+    ctl = make_rb(tmp_path)
+    c = _stable_at_150(ctl)
+    pending = []
+    while not pending:  # the next stable mark, left unacknowledged
+        pending = c.run_to(c.step + 10, ack=False)
+    (mark,) = pending
+    assert mark.mark_stable is not None and mark.rollback_to is None
+    (cmd,) = c.report(nonfinite_grads=4)
+    assert cmd.seq == mark.seq + 1 and cmd.rollback_to == 150
+    assert cmd.knobs.lr == pytest.approx(0.05)
+    (order,) = ctl.journal.events("rb", "rollback")
+    assert order.data["reason"] == "nonfinite" and order.seq == cmd.seq
+    # The rollback is pending now: a second fault waits for its ack.
+    assert c.report(nonfinite_grads=4) == []
+    c.ack(cmd)
+    assert ctl.jobs["rb"].step == 150
+    assert ctl.jobs["rb"].pending_command is None
+
+
+def test_commands_go_to_the_connection_that_registered_last(tmp_path):
+    ctl, _ = make(tmp_path)
+    old, new = b"old-connection", b"new-connection"
+    ctl.handle(old, register())
+    for seq in range(1, 4):
+        ctl.handle(old, report(seq))
+    ctl.handle(new, register())  # the client reconnected on a new socket
+    # A report the old socket still delivers late: taken, but it does not take the job back.
+    replies = ctl.handle(old, report(4, nonfinite=3))
+    (peer, frame), = replies
+    assert peer == new and isinstance(wire.decode(frame), wire.Command)
+    # Resent commands go to the new connection too.
+    ctl.handle(new, report(5, nonfinite=3))
+    (peer, frame), = ctl.handle(new, report(6, nonfinite=3))
+    assert peer == new and wire.decode(frame).seq == 1

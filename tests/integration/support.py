@@ -100,3 +100,15 @@ def wait_for(predicate, timeout: float = 20.0, interval: float = 0.05):
         time.sleep(interval)
         value = predicate()
     return value
+
+
+#: A controller config whose ``step_decay`` halves the lr every 30 steps with no cooldown:
+#: its command (a live schedule) goes out as soon as a job registers.
+STEP_DECAY = """
+[[policies]]
+name = "step_decay"
+config = { step_size = 30, gamma = 0.5 }
+
+[governor.lr]
+cooldown_steps = 0
+"""

@@ -1,0 +1,608 @@
+"""The observability scenario, and the per-job dashboard drawn from it.
+
+    python -m bench.dashboard_png [--out docs/img/job-dashboard.png]
+
+A real ``trimtab serve`` steers four real training runs (bench.faults' ReLU MLP, SGD with
+momentum) while a real Prometheus scrapes it every second with the shipped scrape config
+(``deploy/prometheus/prometheus.yml``: only the target, the intervals and the rule file's
+path are changed) and the shipped alert rules (``deploy/prometheus/rules.yml``, each
+``for:`` set to 0s so that a short run can fire them). Each alert gets a scenario:
+
+- ``spike-1`` meets three poisoned batches once, at iteration 400: one rollback, after
+  which it recovers (it runs only the divergence guard live, so that no other command is
+  pending when the spike is reported; the controller decides nothing while one is);
+- ``rb-1`` meets the same poisoned batches (inputs x1e3) at step 400 after every rollback,
+  so the rollback budget (2 here) runs out: TrimtabRollbackBudgetExhausted;
+- ``churn-1`` runs a policy that halves and doubles the LR in turn (TrimtabDecisionChurn;
+  nothing else live that could hold the LR down) and one that raises (a policy error),
+  with a client queue of 4 reports;
+- the controller is stopped (SIGSTOP) for 3 s: TrimtabControllerDown, and ``churn-1``'s
+  client drops reports (TrimtabReportsDropped);
+- ``silent-1``, a training process of its own, is killed (SIGKILL): TrimtabJobSilent,
+  then, after the controller's ``job_timeout_s``, TrimtabJobLost.
+
+``rb-1`` and ``spike-1`` also run the alternating policy in shadow mode, so that between
+the three jobs every series of the per-job dashboard has data.
+
+The picture is matplotlib, drawn by :func:`render` from the same PromQL as the Grafana
+panels (read from ``deploy/grafana/dashboards/trimtab-job.json``, ``$job`` = ``spike-1``)
+over Prometheus' HTTP API, with the dashboard's two annotation queries (rollbacks red,
+knob changes grey). ``docs/img/job-dashboard.png`` was made so, with
+``python -m bench.dashboard_png`` on a 2-core VM. The test
+``tests/integration/test_prometheus.py`` runs the same scenario and checks every panel and
+alert rule against it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench._serve import free_port
+from bench.faults import FAULT_AT, Task
+
+REPO = Path(__file__).resolve().parents[1]
+DEPLOY = REPO / "deploy"
+DASHBOARDS = DEPLOY / "grafana" / "dashboards"
+RULES = DEPLOY / "prometheus" / "rules.yml"
+SCRAPE = DEPLOY / "prometheus" / "prometheus.yml"
+
+#: Test policies, written to a module on the controller's PYTHONPATH.
+POLICIES = '''
+from trimtab.controller.policy import Policy, Proposal
+
+
+class Seesaw(Policy):
+    """Halves the LR when it is at or above its initial value, else doubles it: churn."""
+
+    name = "seesaw"
+
+    def propose(self, view):
+        up = view.knobs.lr < view.initial.lr
+        return [Proposal("lr", factor=2.0 if up else 0.5, reason="seesaw")]
+
+
+class Raising(Policy):
+    """A buggy policy: fine for three reports, then it raises."""
+
+    name = "raising"
+
+    def propose(self, view):
+        if view.reports_seen >= 3:
+            raise RuntimeError(f"boom at step {view.step}")
+        return []
+'''
+
+#: The controller's config: a budget of 2 rollbacks, a job timeout of 6 s.
+CONFIG = """
+job_timeout_s = 6
+allow_plugins = ["trimtab_scenario_policies:*"]
+
+[[policies]]
+name = "divergence_guard"
+
+[[policies]]
+name = "plateau"
+jobs = ["rb-*"]
+
+[[policies]]
+name = "trimtab_scenario_policies:Seesaw"
+jobs = ["churn-*"]
+
+[[policies]]
+name = "trimtab_scenario_policies:Raising"
+jobs = ["churn-*"]
+
+[[policies]]
+name = "trimtab_scenario_policies:Seesaw"
+shadow = true
+jobs = ["rb-*", "spike-*"]
+
+[rollback]
+stable_window_steps = 60
+budget = 2
+"""
+
+#: A training process of its own, killed to make a job go silent.
+SILENT_CLIENT = """
+import sys, time, torch
+from trimtab.client import attach
+from bench.faults import Task
+task = Task(3)
+opt = torch.optim.SGD(task.model.parameters(), lr=0.05, momentum=0.9)
+guard = attach(task.model, opt, job=sys.argv[2], endpoint=sys.argv[1], report_every=5,
+               heartbeat_s=0.2)
+while True:
+    xb, yb = task.batch()
+    loss = torch.nn.functional.mse_loss(task.model(xb), yb)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    guard.step(loss)
+    time.sleep(0.01)
+"""
+
+ALERTS = (
+    "TrimtabControllerDown",
+    "TrimtabRollbackBudgetExhausted",
+    "TrimtabJobSilent",
+    "TrimtabJobLost",
+    "TrimtabDecisionChurn",
+    "TrimtabReportsDropped",
+)
+
+
+def missing_binaries() -> str | None:
+    """Why the scenario cannot run here (None: it can)."""
+    absent = [b for b in ("prometheus", "promtool") if shutil.which(b) is None]
+    if absent:
+        return (
+            f"{' and '.join(absent)} not on PATH (Debian: apt-get install prometheus; "
+            ".ci/run installs it)"
+        )
+    return None
+
+
+def _get(url: str, timeout: float = 10.0) -> Any:
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
+        return json.loads(resp.read().decode())
+
+
+class Prometheus:
+    """A Prometheus server on loopback scraping ``target`` every second, with the shipped
+    rules (``for:`` set to 0s); its TSDB in ``tmp``."""
+
+    def __init__(self, tmp: Path, target: str) -> None:
+        import yaml
+
+        rules = yaml.safe_load(RULES.read_text())
+        for group in rules["groups"]:
+            for rule in group["rules"]:
+                rule["for"] = "0s"
+        (tmp / "rules.yml").write_text(yaml.safe_dump(rules, sort_keys=False))
+        cfg = yaml.safe_load(SCRAPE.read_text())
+        cfg["global"] = {
+            "scrape_interval": "1s",
+            "evaluation_interval": "1s",
+            "scrape_timeout": "900ms",
+        }
+        cfg["rule_files"] = [str(tmp / "rules.yml")]
+        (scrape,) = cfg["scrape_configs"]
+        scrape["static_configs"] = [{"targets": [target]}]
+        config = tmp / "prometheus.yml"
+        config.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = tmp / "prometheus.log"
+        self.proc = subprocess.Popen(
+            [
+                "prometheus",
+                f"--config.file={config}",
+                f"--storage.tsdb.path={tmp / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+                "--log.level=warn",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.log_path, "w"),
+        )  # noqa: SIM115
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(self.url + "/-/ready", timeout=2).close()
+                break
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(
+                        "prometheus did not start:\n" + self.log_path.read_text()
+                    ) from None
+                time.sleep(0.2)
+
+    def api(self, path: str, **params: Any) -> Any:
+        """``/api/v1/<path>``'s data; a failed query raises with Prometheus' error."""
+        url = f"{self.url}/api/v1/{path}?{urllib.parse.urlencode(params, doseq=True)}"
+        try:
+            body = _get(url)
+        except urllib.error.HTTPError as exc:
+            raise RuntimeError(f"{path} {params}: {exc.read().decode()}") from None
+        if body.get("status") != "success":
+            raise RuntimeError(f"{path} {params}: {body}")
+        return body["data"]
+
+    def query(self, expr: str) -> list[dict[str, Any]]:
+        """An instant query's series now."""
+        return self.api("query", query=expr)["result"]
+
+    def query_range(self, expr: str, start: float, end: float, step: float = 1.0):
+        """A range query's series."""
+        return self.api("query_range", query=expr, start=start, end=end, step=step)["result"]
+
+    def fired(self, window_s: int = 600) -> set[str]:
+        """Alerts that fired in the last ``window_s`` seconds."""
+        got = self.query(
+            f'count by (alertname) (max_over_time(ALERTS{{alertstate="firing"}}[{window_s}s]))'
+        )
+        return {s["metric"]["alertname"] for s in got}
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+class Serve:
+    """``trimtab serve`` with the scenario's config and policies, metrics on a free port."""
+
+    def __init__(self, tmp: Path) -> None:
+        (tmp / "trimtab_scenario_policies.py").write_text(POLICIES)
+        (tmp / "trimtab.toml").write_text(CONFIG)
+        port, self.metrics_port = free_port(), free_port()
+        self.endpoint = f"tcp://127.0.0.1:{port}"
+        self.log_path = tmp / "serve.log"
+        path = os.pathsep.join(p for p in (str(tmp), os.environ.get("PYTHONPATH")) if p)
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "trimtab.controller",
+                "serve",
+                "--bind",
+                self.endpoint,
+                "--metrics-port",
+                str(self.metrics_port),
+                "--journal",
+                str(tmp / "journal.db"),
+                "--config",
+                str(tmp / "trimtab.toml"),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=open(self.log_path, "w"),
+            text=True,  # noqa: SIM115
+            env={
+                **os.environ,
+                "PYTHONPATH": path,
+                "PYTHONUNBUFFERED": "1",
+                "TRIMTAB_METRICS_ADDR": "127.0.0.1",
+            },
+        )
+        line = self.proc.stdout.readline()
+        if "ready" not in line:
+            self.proc.kill()
+            raise RuntimeError(
+                f"trimtab serve did not start: {line!r}\n" + self.log_path.read_text()
+            )
+
+    def metrics(self) -> str:
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return resp.read().decode()
+
+    def value(self, name: str, **labels: str) -> float | None:
+        """One sample of the controller's /metrics now (None: no such series)."""
+        want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+        for line in self.metrics().splitlines():
+            head, _, value = line.rpartition(" ")
+            if head.split("{")[0] == name and (
+                not want or all(f"{kv}" in head for kv in want.split(","))
+            ):
+                return float(value)
+        return None
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def train(
+    endpoint: str,
+    job: str,
+    stop: threading.Event,
+    *,
+    seed: int,
+    fault: str | None = None,
+    pace_s: float = 0.002,
+    queue_size: int = 64,
+    clip: float | None = None,
+) -> None:
+    """Train bench.faults' MLP attached to ``endpoint`` until ``stop``. ``fault="once"``
+    scales the inputs of iterations FAULT_AT..FAULT_AT+2 by 1e3; ``"recurring"`` those of
+    optimizer steps FAULT_AT..FAULT_AT+2, so the fault comes back after every rollback."""
+    from trimtab.client import attach
+
+    task = Task(seed)
+    opt = torch.optim.SGD(task.model.parameters(), lr=0.05, momentum=0.9)
+    with attach(
+        task.model,
+        opt,
+        job=job,
+        endpoint=endpoint,
+        report_every=5,
+        heartbeat_s=0.2,
+        checkpoint_every=50,
+        clip=clip,
+        queue_size=queue_size,
+    ) as guard:
+        it = 0
+        while not stop.is_set():
+            xb, yb = task.batch()
+            where = {"once": it, "recurring": guard.global_step}.get(fault or "", -1)
+            if FAULT_AT <= where < FAULT_AT + 3:
+                xb = xb * 1e3
+            it += 1
+            loss = torch.nn.functional.mse_loss(task.model(xb), yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            guard.step(loss)
+            time.sleep(pace_s)
+
+
+def wait_until(what: str, predicate, timeout: float) -> Any:
+    """Poll ``predicate`` every 0.25 s; its truthy value, or TimeoutError naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.25)
+
+
+class Scenario:
+    """Runs the scenario of the module docstring; ``with Scenario(tmp) as s:`` leaves the
+    controller, Prometheus and jobs ``rb-1`` and ``churn-1`` running inside the block."""
+
+    RB, SPIKE, CHURN, SILENT = "rb-1", "spike-1", "churn-1", "silent-1"
+
+    def __init__(self, tmp: Path, log=print) -> None:
+        self.tmp, self.log = Path(tmp), log
+        self.serve: Serve | None = None
+        self.prom: Prometheus | None = None
+        self.stop = threading.Event()
+        self.threads: list[threading.Thread] = []
+        self.silent: subprocess.Popen | None = None
+
+    def __enter__(self) -> Scenario:
+        try:
+            self._run()
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def _run(self) -> None:
+        self.serve = srv = Serve(self.tmp)
+        self.prom = Prometheus(self.tmp, f"127.0.0.1:{srv.metrics_port}")
+        # Series a job starts at 0 must be scraped at 0 once, or changes() misses the
+        # first increment: the jobs start only once Prometheus scrapes the controller.
+        wait_until("Prometheus to scrape the controller", lambda: self.prom.query("up == 1"), 60)
+        self.start = time.time()
+        self.silent = subprocess.Popen(
+            [sys.executable, "-c", SILENT_CLIENT, srv.endpoint, self.SILENT],
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for job, kw in (
+            (self.RB, {"seed": 0, "fault": "recurring"}),
+            (self.SPIKE, {"seed": 2, "fault": "once", "clip": 5.0, "pace_s": 0.01}),
+            (self.CHURN, {"seed": 1, "queue_size": 4, "pace_s": 0.004, "clip": 5.0}),
+        ):
+            t = threading.Thread(
+                target=train, args=(srv.endpoint, job, self.stop), kwargs=kw, daemon=True
+            )
+            t.start()
+            self.threads.append(t)
+        self._send_garbage()
+        wait_until(
+            "rb-1's rollback budget to run out",
+            lambda: srv.value("trimtab_rollback_alert", job=self.RB) == 1.0,
+            120,
+        )
+        wait_until(
+            "spike-1's rollback",
+            lambda: srv.value("trimtab_rollback_steps_lost_total", job=self.SPIKE),
+            120,
+        )
+        wait_until(
+            "churn-1's LR to reverse 6 times",
+            lambda: (
+                (srv.value("trimtab_knob_reversals_total", job=self.CHURN, knob="lr") or 0) >= 6
+            ),
+            120,
+        )
+        wait_until("silent-1 to report", lambda: srv.value("trimtab_job_step", job=self.SILENT), 60)
+        wait_until(
+            "Prometheus to scrape spike-1's rollback",
+            lambda: self.prom.query(f'trimtab_rollback_steps_lost_total{{job="{self.SPIKE}"}} > 0'),
+            30,
+        )
+        self.log("rollback alert, churn and the silent job in place; stopping the controller")
+        srv.proc.send_signal(signal.SIGSTOP)
+        time.sleep(3.0)
+        srv.proc.send_signal(signal.SIGCONT)
+        wait_until(
+            "churn-1 to report dropped reports",
+            lambda: (srv.value("trimtab_job_dropped_reports_total", job=self.CHURN) or 0) > 0,
+            60,
+        )
+        self.log("controller back; killing silent-1")
+        self.silent.kill()
+        self.silent.wait()
+        wait_until("every alert rule to fire", lambda: self.prom.fired() >= set(ALERTS), 90)
+        self.end = time.time()
+        self.log(f"every alert fired, {self.end - self.start:.0f} s after the start")
+
+    def _send_garbage(self) -> None:
+        """One malformed frame, as a confused peer would send (an error reply, counted)."""
+        import zmq
+
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(self.serve.endpoint)
+        sock.send(b"not json")
+        sock.poll(5000)
+        sock.close()
+        ctx.term()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=30)
+        if self.silent is not None and self.silent.poll() is None:
+            self.silent.kill()
+            self.silent.wait()
+        if self.prom is not None:
+            self.prom.stop()
+        if self.serve is not None:
+            self.serve.stop()
+
+
+def dashboard(name: str) -> dict[str, Any]:
+    """A shipped Grafana dashboard, parsed."""
+    return json.loads((DASHBOARDS / name).read_text())
+
+
+def substitute(expr: str, job: str, rate: str = "10s", interval: str = "5s") -> str:
+    """A panel's PromQL with Grafana's variables replaced by concrete values."""
+    out = expr.replace("$__rate_interval", rate).replace("$__interval", interval)
+    out = out.replace("$__range", "10m")
+    return re.sub(r"\$\{?job\}?", job, out)
+
+
+def panels(board: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every panel with queries (rows' nested panels included)."""
+    out = []
+    for p in board["panels"]:
+        out.extend([p, *p.get("panels", [])])
+    return [p for p in out if p.get("targets")]
+
+
+def _legend(fmt: str, labels: dict[str, str], expr: str) -> str:
+    if not fmt or fmt == "__auto":
+        return expr
+    return re.sub(r"\{\{\s*(\w+)\s*\}\}", lambda m: labels.get(m.group(1), ""), fmt)
+
+
+def render(prom: Prometheus, job: str, start: float, end: float, out: Path) -> None:
+    """Draw the per-job dashboard's main panels for ``job`` from ``prom`` into ``out``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    board = dashboard("trimtab-job.json")
+    wanted = [
+        "Loss and LR",
+        "Gradient norm and clip threshold",
+        "LR and its bounds",
+        "Loss slope t and z-scores",
+        "Knob changes by policy",
+        "Rollbacks and checkpoints",
+    ]
+    by_title = {p["title"]: p for p in panels(board)}
+    marks = {}
+    for ann in board["annotations"]["list"]:
+        if "expr" in ann:
+            got = prom.query_range(substitute(ann["expr"], job), start, end)
+            times = sorted({float(t) - start for s in got for t, _ in s["values"]})
+            # A change stays inside the ``[$__interval]`` window for several steps: mark
+            # its first one only.
+            marks[ann["name"]] = [t for i, t in enumerate(times) if i == 0 or t - times[i - 1] > 5]
+    fig, axes = plt.subplots(3, 2, figsize=(13, 11), sharex=True)
+    for ax, title in zip(axes.flat, wanted, strict=True):
+        panel = by_title[title]
+        right = [
+            o["matcher"]["options"]
+            for o in panel["fieldConfig"]["overrides"]
+            if {"id": "custom.axisPlacement", "value": "right"} in o["properties"]
+        ]
+        twin = None
+        for target in panel["targets"]:
+            for series in prom.query_range(substitute(target["expr"], job), start, end):
+                t = [float(x) - start for x, _ in series["values"]]
+                y = [float(v) for _, v in series["values"]]
+                label = _legend(target.get("legendFormat", ""), series["metric"], target["expr"])
+                on = ax
+                if any(re.fullmatch(rx, label) for rx in right):  # the panel's right axis
+                    twin = twin or ax.twinx()
+                    on = twin
+                    if label == "lr":
+                        on.set_yscale("log")
+                        on.set_ylabel("lr")
+                style = "--" if "bound" in label or label == "clip" else "-"
+                on.plot(
+                    t,
+                    y,
+                    style,
+                    lw=1.2,
+                    label=label,
+                    color="black" if label == "lr" and on is twin else None,
+                    drawstyle="steps-post" if "bound" in label or "lr" in label else None,
+                )
+        if title == "LR and its bounds":
+            ax.set_yscale("log")
+        if title in ("Loss and LR", "Gradient norm and clip threshold"):
+            ax.set_yscale("log")
+        if title == "Loss slope t and z-scores":
+            ax.set_yscale("symlog")
+        for x in marks.get("Knob changes", []):
+            ax.axvline(x, color="0.8", lw=0.6, zorder=0)
+        for x in marks.get("Rollbacks", []):
+            ax.axvline(x, color="red", lw=1.0, alpha=0.6, zorder=0)
+        handles, labels = ax.get_legend_handles_labels()
+        if twin is not None:
+            h2, l2 = twin.get_legend_handles_labels()
+            handles, labels = handles + h2, labels + l2
+        ax.legend(handles, labels, fontsize=7, loc="upper right")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    for ax in axes[-1]:
+        ax.set_xlabel("seconds since the controller started")
+    fig.suptitle(
+        f"trimtab / job = {job}: panels of deploy/grafana/dashboards/trimtab-job.json "
+        "from a real run (red: rollbacks, grey: knob changes)",
+        fontsize=11,
+    )
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=textwrap.dedent(__doc__.split("\n\n")[0]))
+    ap.add_argument("--out", type=Path, default=REPO / "docs" / "img" / "job-dashboard.png")
+    args = ap.parse_args(argv)
+    why = missing_binaries()
+    if why:
+        sys.exit(f"bench.dashboard_png: {why}")
+    with tempfile.TemporaryDirectory() as tmp, Scenario(Path(tmp)) as s:
+        render(s.prom, s.SPIKE, s.start, s.end, args.out)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,221 @@
+"""Zero-code attach: a Guard driven by the optimizer's own step hooks (``hooks=True``).
+
+For loops that cannot change: the loop keeps calling ``optimizer.step()``. A step
+pre-hook (``Optimizer.register_step_pre_hook``) does what ``Guard.step`` does before
+the update: it applies a pending command, measures the gradient norm on the device,
+clips with the clip in force and arranges the non-finite handling; a step post-hook
+probes the update and counts the step. The loss comes in with one call,
+``guard.observe_loss(loss)``, any time between two steps (a tensor stays on its device).
+
+A pre-hook cannot cancel the step, so a non-finite step is skipped per mode:
+
+- ``"fused"`` (a fused optimizer): ``found_inf`` is set on the optimizer for that
+  step, as ``GradScaler`` does; the kernel skips the update on the device, no sync.
+- ``"skip"`` (the default on CPU): the norm is read on the host (one read per step,
+  free on CPU); when it is not finite every gradient is set to ``None``, so
+  ``optimizer.step()`` updates nothing: torch.optim's optimizers leave a parameter
+  without a gradient alone (no update, no momentum, no weight decay, no step count).
+  The gradients are gone after that step, as after ``zero_grad(set_to_none=True)``.
+- ``"zero"`` (the default on an accelerator with a non-fused optimizer): as with
+  ``Guard.step``, the gradients are zeroed on the device without a sync; momentum and
+  decoupled weight decay still act for that step.
+
+``optimizer.step(closure)`` (Lightning, closure-style loops): the gradients exist only
+once the closure has run inside ``step()``, so the pre-hook wraps the closure and the
+guard acts after its first call returns, before the update. A rollback drops the
+step's gradients (``None``): that ``optimizer.step()`` updates nothing.
+
+Losses: the step reports the mean of the losses observed since the previous step (one
+per micro-batch when accumulating). A step with none reports no loss (the report's
+loss fields are ``None``; the step is not counted as a non-finite loss), and the guard
+warns once.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ._probe import WindowStats
+
+if TYPE_CHECKING:
+    from ._guard import Guard
+
+__all__ = ["StepHooks", "check_callback_options"]
+
+log = logging.getLogger("trimtab.client")
+
+
+class StepHooks:
+    """The step pre- and post-hooks of one guard's optimizer; ``remove()`` takes them off.
+
+    >>> import torch
+    >>> from trimtab.client import attach
+    >>> model = torch.nn.Linear(4, 1)
+    >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    >>> guard = attach(model, opt, job="demo", hooks=True, endpoint="tcp://127.0.0.1:5555")
+    >>> for _ in range(3):
+    ...     loss = model(torch.randn(8, 4)).pow(2).mean()
+    ...     opt.zero_grad()
+    ...     loss.backward()
+    ...     guard.observe_loss(loss)
+    ...     opt.step()
+    >>> guard.global_step
+    3
+    >>> guard.close()
+    >>> len(opt._optimizer_step_pre_hooks), len(opt._optimizer_step_post_hooks)
+    (0, 0)
+    """
+
+    def __init__(self, guard: Guard) -> None:
+        self._guard = guard
+        self._loss_sum: torch.Tensor | None = None
+        self._loss_n = 0
+        #: Per probe row: whether that step had no observed loss (its NaN is not a bad loss).
+        self._missing = [False] * guard.report_every
+        self._armed = False  # the pre-part ran for the step in flight; the post-hook finishes it
+        self._fused = False  # found_inf is set on the optimizer for the step in flight
+        self._warned = False
+        opt = guard.optimizer
+        self._handles = [
+            opt.register_step_pre_hook(self._pre),
+            opt.register_step_post_hook(self._post),
+        ]
+
+    def observe(self, loss: torch.Tensor | float) -> None:
+        """Add one loss to the step in progress (device ops only; no read)."""
+        if isinstance(loss, bool) or not isinstance(loss, (torch.Tensor, int, float)):
+            raise ValueError(f"loss={loss!r} is invalid; allowed: a scalar tensor or a number")
+        if isinstance(loss, torch.Tensor):
+            if loss.numel() != 1:
+                raise ValueError(f"loss must be a scalar, got shape {tuple(loss.shape)}")
+            value = loss.detach().reshape(()).float()
+        else:
+            value = torch.tensor(float(loss))
+        if self._loss_sum is not None and self._loss_sum.device != value.device:
+            value = value.to(self._loss_sum.device, non_blocking=True)
+        self._loss_sum = value if self._loss_sum is None else self._loss_sum + value
+        self._loss_n += 1
+
+    def remove(self) -> None:
+        """Take the hooks off the optimizer (idempotent)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._disarm()
+
+    def window_closed(self, stats: WindowStats) -> WindowStats:
+        """Steps without an observed loss are reported without one, not as non-finite."""
+        missing = sum(self._missing[: stats.steps])
+        if not missing:
+            return stats
+        return replace(stats, nonfinite_losses=stats.nonfinite_losses - missing)
+
+    # -- the hooks ----------------------------------------------------------------------------
+
+    def _pre(self, opt: torch.optim.Optimizer, args: tuple, kwargs: dict) -> Any:
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
+        if closure is None:
+            self._before()
+            return None
+        return self._wrap(closure, args, kwargs)
+
+    def _wrap(self, closure: Callable[[], Any], args: tuple, kwargs: dict) -> tuple:
+        fired = False
+
+        def guarded() -> Any:
+            nonlocal fired
+            out = closure()
+            if not fired:  # an optimizer may call the closure again; the guard acts once
+                fired = True
+                self._before()
+            return out
+
+        if "closure" in kwargs:
+            return args, {**kwargs, "closure": guarded}
+        return (args[0], guarded, *args[2:]), kwargs
+
+    def _before(self) -> None:
+        guard = self._guard
+        if guard._closed:
+            return
+        self._disarm()  # a step that raised never reached its post-hook; it is not counted
+        loss = self._take_loss()
+        try:
+            prepared = guard._prepare(loss)
+            if prepared is None:  # rolled back: gradients dropped, this step updates nothing
+                return
+            total, finite = prepared
+            self._arm(total, finite)
+        except Exception:  # trimtab never stops the run; this step goes on unguarded
+            log.exception("trimtab step hook failed; the step goes on unguarded")
+
+    def _post(self, opt: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        if not self._armed:
+            return
+        self._disarm()
+        try:
+            self._guard._finish_step()
+        except Exception:
+            log.exception("trimtab step hook failed after the step")
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def _take_loss(self) -> torch.Tensor | float:
+        guard = self._guard
+        total, n = self._loss_sum, self._loss_n
+        self._loss_sum, self._loss_n = None, 0
+        self._missing[guard._probe.row] = total is None
+        if total is None:
+            if not self._warned:
+                self._warned = True
+                log.warning(
+                    "trimtab: optimizer.step() without guard.observe_loss(loss); "
+                    "reports go without the loss"
+                )
+            return math.nan
+        return total if n == 1 else total / n
+
+    def _arm(self, total: torch.Tensor, finite: torch.Tensor | None) -> None:
+        guard, opt = self._guard, self._guard.optimizer
+        if guard.nonfinite_mode == "fused" and finite is not None and not hasattr(opt, "found_inf"):
+            # GradScaler's protocol: the fused kernel skips the update where found_inf is 1
+            # (a GradScaler that set its own already skips non-finite steps: left alone).
+            opt.found_inf = (~finite).float()  # type: ignore[attr-defined]
+            opt.grad_scale = None  # type: ignore[attr-defined]
+            self._fused = True
+        elif guard.nonfinite_mode == "skip" and not math.isfinite(total.item()):
+            # The read is free on CPU; elsewhere it is the sync the user chose with "skip".
+            # Without gradients the optimizer's step leaves every parameter as it is.
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    p.grad = None
+            guard._open_skips_host += 1
+        self._armed = True
+
+    def _disarm(self) -> None:
+        if self._fused:
+            opt = self._guard.optimizer
+            for name in ("found_inf", "grad_scale"):
+                if hasattr(opt, name):
+                    delattr(opt, name)
+            self._fused = False
+        self._armed = False
+
+
+def check_callback_options(monitor: object, options: dict[str, object]) -> None:
+    """Refuse what a framework callback (Lightning's, Hugging Face's) cannot take: ``hooks``
+    (always on: the framework calls ``optimizer.step()`` itself) and a ``monitor`` that is
+    not a metric name."""
+    if "hooks" in options:
+        raise ValueError(
+            f"hooks={options['hooks']!r} is invalid; allowed: leave it out "
+            "(the callback always uses the optimizer's step hooks)"
+        )
+    if monitor is not None and not isinstance(monitor, str):
+        raise ValueError(f"monitor={monitor!r} is invalid; allowed: None or a metric name")

@@ -1,0 +1,148 @@
+"""A Hugging Face ``transformers`` TrainerCallback that attaches ``Trainer.train`` to trimtab.
+
+``pip install "trimtab[hf]"``. The callback attaches in ``on_train_begin`` with
+``hooks=True`` (see :mod:`trimtab.client._hooks`) on the optimizer under accelerate's
+wrapper, so the guard acts inside the Trainer's ``optimizer.step()``, after the Trainer's
+own clipping (``max_grad_norm``) and before the update. The Trainer's LR scheduler is
+handed to the guard, so trimtab's lr changes compose with it multiplicatively.
+
+The loss: the Trainer hands callbacks only the logged loss (averaged over
+``logging_steps``, read on the host), so the callback takes the model's own ``loss``
+output with a forward hook on the model, on the device, in training mode only. A step
+reports the mean over its micro-batches. Its limits: a model that returns no ``loss``
+(a custom ``compute_loss`` or ``compute_loss_func`` computes it outside the model)
+reports no loss, and with ``average_tokens_across_devices``/``num_items_in_batch`` it is
+the model's loss as the Trainer asked for it (a per-micro-batch share of the sum).
+
+Rules:
+
+- ``max_grad_norm`` (the Trainer clips at 1.0 by default) and trimtab's ``clip`` both
+  set: both clip, the Trainer first (a warning says so); set ``max_grad_norm=0`` to let
+  trimtab own clipping.
+- The controller's stop advice sets ``control.should_training_stop`` at the step's end;
+  ``monitor`` names an evaluation metric (e.g. ``"eval_loss"``, lower is better) that
+  is reported as the validation value after each evaluation.
+- Rollback: model, optimizer and scheduler are restored in place at a step boundary;
+  the Trainer owns the loop, so ``state.global_step``, the epoch and the data loader
+  are not rewound.
+
+>>> from trimtab.client.hf import TrimtabCallback
+>>> callback = TrimtabCallback(job="my-run", endpoint="tcp://127.0.0.1:5555")
+>>> trainer = Trainer(model=model, args=args, callbacks=[callback])  # doctest: +SKIP
+>>> trainer.train()  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from typing import Any
+
+try:
+    from transformers import TrainerCallback
+except ImportError:  # pragma: no cover - the extra is not installed
+    raise ImportError('trimtab.client.hf needs transformers: pip install "trimtab[hf]"') from None
+
+import torch
+
+from ._guard import Guard
+from ._hooks import check_callback_options
+
+__all__ = ["TrimtabCallback"]
+
+log = logging.getLogger("trimtab.client")
+
+
+class TrimtabCallback(TrainerCallback):
+    """Attach each ``train()`` to a trimtab controller; ``options`` are ``attach()``'s.
+
+    ``job`` is required; ``hooks`` is always on and ``scheduler`` defaults to the
+    Trainer's. ``guard`` is the attached :class:`~trimtab.client.Guard` during training
+    (``None`` before), kept after it for inspection.
+    """
+
+    def __init__(self, *, job: str, monitor: str | None = None, **options: Any) -> None:
+        check_callback_options(monitor, options)
+        self.job = job
+        self.monitor = monitor
+        self.options = options
+        self.guard: Guard | None = None
+        self._forward_hook: Any = None
+
+    def on_train_begin(
+        self,
+        args: Any,
+        state: Any,
+        control: Any,
+        *,
+        model: Any = None,
+        optimizer: Any = None,
+        lr_scheduler: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        if model is None or optimizer is None:
+            raise ValueError(
+                "TrimtabCallback needs the Trainer's model and optimizer; got "
+                f"model={type(model).__name__}, optimizer={type(optimizer).__name__}"
+            )
+        inner = _unwrap(optimizer)
+        options = dict(self.options)
+        if "scheduler" not in options and lr_scheduler is not None:
+            options["scheduler"] = getattr(lr_scheduler, "scheduler", lr_scheduler)
+        if getattr(args, "max_grad_norm", 0) and options.get("clip") is not None:
+            log.warning(
+                "trimtab: TrainingArguments(max_grad_norm=%s) and clip=%s both clip; "
+                "the Trainer clips first",
+                args.max_grad_norm,
+                options["clip"],
+            )
+        self.guard = Guard(model, inner, job=self.job, hooks=True, **options)
+        self._forward_hook = model.register_forward_hook(self._observe)
+
+    def _observe(self, module: torch.nn.Module, inputs: Any, output: Any) -> None:
+        guard = self.guard
+        if not module.training or guard is None or guard._closed:
+            return  # evaluation passes are not training steps
+        loss = output.get("loss") if isinstance(output, Mapping) else getattr(output, "loss", None)
+        if isinstance(loss, torch.Tensor) and loss.numel() == 1:
+            guard.observe_loss(loss)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        guard = self.guard
+        if guard is not None and guard.should_stop and not control.should_training_stop:
+            log.warning(
+                "trimtab: stopping training on the controller's advice: %s", guard.stop_reason
+            )
+            control.should_training_stop = True
+        return control
+
+    def on_evaluate(
+        self,
+        args: Any,
+        state: Any,
+        control: Any,
+        *,
+        metrics: Mapping[str, float] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if self.guard is None or self.guard._closed or self.monitor is None or not metrics:
+            return
+        value = metrics.get(self.monitor)
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            self.guard.report_validation(float(value))
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self._forward_hook is not None:
+            self._forward_hook.remove()
+            self._forward_hook = None
+        if self.guard is not None:
+            self.guard.close()
+
+
+def _unwrap(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimizer under accelerate's ``AcceleratedOptimizer`` (and the like)."""
+    seen = 0
+    while hasattr(optimizer, "optimizer") and seen < 8:
+        optimizer, seen = optimizer.optimizer, seen + 1
+    return optimizer

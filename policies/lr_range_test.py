@@ -1,0 +1,260 @@
+"""LR range test: sweep the LR up at the start of the run, pick one, and roll back.
+
+The rule (Smith 2017, "Cyclical Learning Rates for Training Neural Networks", sec. 3.3:
+train while the LR rises and read the usable range off the loss; as practised by
+fastai's ``lr_find`` and torch-lr-finder's ``LRFinder``, whose conventions give the
+defaults), in the run itself:
+
+* **Sweep.** From the first report that lists a checkpoint, the LR rises exponentially
+  from ``min_lr`` to ``max_lr`` over ``sweep_steps`` optimizer steps,
+  ``lr(t) = min_lr x (max_lr / min_lr) ** (t / sweep_steps)`` with ``t`` the steps since
+  the sweep began, set once per report.
+* **Smoothing.** Each report's mean loss goes into a bias-corrected exponential moving
+  average with ``beta`` per optimizer step (``beta ** window`` per report; fastai's 0.98).
+* **Stop.** When the smoothed loss passes ``diverge_factor`` x its lowest (fastai's 4,
+  torch-lr-finder's 5), a loss or gradient is non-finite, or ``sweep_steps`` are done.
+* **Pick.** ``"min"``: the LR at the lowest smoothed loss divided by ``pick_divisor``
+  (fastai's ``lr_min``: a tenth of where the loss bottoms out, which the smoothing's lag
+  puts a little late); ``"steepest"``: the LR where the smoothed loss falls fastest
+  against log LR, up to its lowest point (torch-lr-finder's suggestion, fastai's
+  ``lr_steep``). No pick when fewer than ``min_points`` reports came in, or the smoothed
+  loss never fell ``min_drop`` below its first value (a flat-then-up curve says nothing
+  about where to train): the job keeps the LR it registered.
+* **Return.** A planned rollback to the checkpoint where the sweep began (the engine
+  marks it stable when the sweep opens), the LR set to the pick x ``start_fraction``
+  (1 for a schedule that starts at its reference LR, such as cosine; ``1 / div_factor``
+  for ``one_cycle``, the warm-up's start factor for ``warmup``, so that the schedule
+  takes over without the governor's rate limits in the way). The pick becomes the job's
+  ``found_lr``: schedule policies whose own reference LR is not configured take it. The
+  decision journals the curve, ``(lr, smoothed loss)`` per report. The run pays only the
+  sweep's steps.
+
+The sweep is a measurement phase of the engine: while it runs only this policy's
+proposals count, its values get past every governor limit but the bounds (so
+``max_lr`` above the bounds, 10 x the registered LR by default, is cut to them; widen
+``[governor.lr] max_rel`` with it), and the rollback neither escalates nor counts
+against the rollback budget (see :mod:`trimtab.controller.engine`). A job has one range
+test, ever: the phase is kept in the job's state, so a restarted controller stays quiet
+too. Without checkpoints (``checkpoint_every=0``) there is nothing to return to, and no
+sweep starts.
+
+>>> from trimtab.policies.lr_range_test import pick_lr, smooth
+>>> curve = smooth([(1e-3, 1.0, 10), (1e-2, 0.5, 10), (1e-1, 0.2, 10), (1.0, 5.0, 10)], 0.0)
+>>> pick_lr(curve, "min", 10.0)
+0.01
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from trimtab.controller.policy import Policy, Proposal
+from trimtab.controller.state import JobView, Phase
+
+__all__ = ["LrRangeTest", "LrRangeTestConfig", "smooth", "pick_lr", "stop_reason"]
+
+#: The rollback cause (and metric label) of the return.
+CAUSE = "lr_range_test"
+
+
+class LrRangeTestConfig(BaseModel):
+    """The range test's settings; see the module docstring for the rule."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: The sweep's first LR; None: ``min_factor`` x the registered LR.
+    min_lr: float | None = Field(None, gt=0.0, allow_inf_nan=False)
+    #: The sweep's last LR; None: ``max_factor`` x the registered LR.
+    max_lr: float | None = Field(None, gt=0.0, allow_inf_nan=False)
+    min_factor: float = Field(1e-2, gt=0.0, allow_inf_nan=False)
+    #: 10: the default governor's ``max_rel``, past which the bounds would cut the sweep.
+    max_factor: float = Field(10.0, gt=0.0, allow_inf_nan=False)
+    #: Optimizer steps from ``min_lr`` to ``max_lr``.
+    sweep_steps: int = Field(200, ge=2)
+    #: EMA weight of the previous smoothed loss, per optimizer step.
+    beta: float = Field(0.98, ge=0.0, lt=1.0)
+    #: Stop when the smoothed loss passes this multiple of its lowest.
+    diverge_factor: float = Field(4.0, gt=1.0, allow_inf_nan=False)
+    pick: Literal["min", "steepest"] = "min"
+    #: ``"min"`` picks the LR of the lowest smoothed loss divided by this.
+    pick_divisor: float = Field(10.0, ge=1.0, allow_inf_nan=False)
+    #: Reports needed for a pick.
+    min_points: int = Field(4, ge=2)
+    #: The lowest smoothed loss must lie this fraction below the first for a pick.
+    min_drop: float = Field(0.02, ge=0.0, lt=1.0)
+    #: The LR set with the rollback is the pick times this.
+    start_fraction: float = Field(1.0, gt=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _rising(self) -> LrRangeTestConfig:
+        if self.min_lr is not None and self.max_lr is not None and self.min_lr >= self.max_lr:
+            raise ValueError(
+                f"min_lr={self.min_lr} is not below max_lr={self.max_lr}; the "
+                "sweep rises: min_lr must be < max_lr"
+            )
+        if self.min_factor >= self.max_factor:
+            raise ValueError(
+                f"min_factor={self.min_factor} is not below max_factor="
+                f"{self.max_factor}; min_factor must be < max_factor"
+            )
+        return self
+
+
+def smooth(points: list[tuple[float, float, int]], beta: float) -> list[tuple[float, float]]:
+    """``(lr, smoothed loss)`` from ``(lr, mean loss, steps in its window)`` per report:
+    a bias-corrected EMA with ``beta ** window`` per report (a non-finite loss stays so).
+
+    >>> smooth([(0.1, 2.0, 10), (0.2, 1.0, 10)], 0.0)
+    [(0.1, 2.0), (0.2, 1.0)]
+    """
+    out: list[tuple[float, float]] = []
+    avg, kept = 0.0, 1.0  # kept: the product of the betas, for the bias correction
+    for lr, loss, window in points:
+        b = beta ** max(window, 1)
+        avg = b * avg + (1.0 - b) * loss
+        kept *= b
+        out.append((lr, avg / (1.0 - kept)))
+    return out
+
+
+def stop_reason(curve: list[tuple[float, float]], diverge_factor: float) -> str | None:
+    """Why the sweep stops at the last point of ``curve`` (None: it goes on)."""
+    if not curve:
+        return None
+    last = curve[-1][1]
+    if not math.isfinite(last):
+        return f"non-finite loss at lr {curve[-1][0]:.3g}"
+    best = min(loss for _, loss in curve)
+    if last > diverge_factor * best:
+        return (
+            f"smoothed loss {last:.4g} > {diverge_factor:g} x its lowest {best:.4g} "
+            f"at lr {curve[-1][0]:.3g}"
+        )
+    return None
+
+
+def pick_lr(curve: list[tuple[float, float]], how: str, divisor: float) -> float:
+    """The LR ``how`` (``"min"`` or ``"steepest"``) picks from a finite ``curve``."""
+    i_min = min(range(len(curve)), key=lambda i: curve[i][1])
+    if how == "min" or i_min == 0:
+        return curve[i_min][0] / (divisor if how == "min" else 1.0)
+    # The slope against log lr between neighbours, up to the minimum; the steepest fall wins.
+    slopes = []
+    for i in range(1, i_min + 1):
+        (a, la), (b, lb) = curve[i - 1], curve[i]
+        if b > a:
+            slopes.append(((lb - la) / math.log(b / a), b))
+    return min(slopes)[1] if slopes else curve[i_min][0]
+
+
+class LrRangeTest(Policy):
+    """An exponential LR sweep at the start, its pick handed on, the run rolled back."""
+
+    name: ClassVar[str] = "lr_range_test"
+    Config: ClassVar[type[BaseModel]] = LrRangeTestConfig
+
+    def sweep_range(self, view: JobView) -> tuple[float, float]:
+        """``(first, last)`` LR of the sweep for ``view``'s job."""
+        cfg: LrRangeTestConfig = self.config  # type: ignore[assignment]
+        lr = view.initial.lr
+        if (cfg.min_lr is None or cfg.max_lr is None) and lr is None:
+            raise ValueError("no min_lr/max_lr configured and the job registered no lr")
+        lo = cfg.min_lr if cfg.min_lr is not None else cfg.min_factor * lr  # type: ignore[operator]
+        hi = cfg.max_lr if cfg.max_lr is not None else cfg.max_factor * lr  # type: ignore[operator]
+        if not lo < hi:
+            raise ValueError(
+                f"the sweep would run from {lo:.6g} down to {hi:.6g}; set min_lr "
+                "and max_lr so that min_lr < max_lr"
+            )
+        return lo, hi
+
+    def lr_at(self, steps: int, lo: float, hi: float) -> float:
+        """The sweep's LR ``steps`` optimizer steps after it began."""
+        cfg: LrRangeTestConfig = self.config  # type: ignore[assignment]
+        return lo * (hi / lo) ** (min(steps, cfg.sweep_steps) / cfg.sweep_steps)
+
+    def propose(self, view: JobView) -> list[Proposal]:
+        if any(p.policy == self.name for p in view.phases_done):
+            return []  # one range test per job
+        phase = view.phase
+        if phase is not None and phase.policy != self.name:
+            return []
+        lo, hi = self.sweep_range(view)
+        if phase is None:
+            listed = view.last.checkpoints if view.last is not None else []
+            if not any(s <= view.step for s in listed):
+                return []  # nothing to return to (yet)
+            return [
+                Proposal.sweep_value(
+                    "lr",
+                    lo,
+                    f"LR range test starts: {lo:.3g} -> "
+                    f"{hi:.3g} over {self.config.sweep_steps} steps",
+                )
+            ]
+        return self._during(view, phase, lo, hi)
+
+    def _during(self, view: JobView, phase: Phase, lo: float, hi: float) -> list[Proposal]:
+        cfg: LrRangeTestConfig = self.config  # type: ignore[assignment]
+        samples = [
+            s for s in view.history if s.step - s.window >= phase.start_step and s.lr is not None
+        ]
+        points = [
+            (
+                s.lr,
+                math.inf
+                if s.nonfinite or s.loss_mean is None or not math.isfinite(s.loss_mean)
+                else s.loss_mean,
+                s.window,
+            )
+            for s in samples
+        ]
+        curve = smooth(points, cfg.beta)  # type: ignore[arg-type]
+        done = view.step - phase.start_step
+        why = stop_reason(curve, cfg.diverge_factor)
+        if why is None and done >= cfg.sweep_steps:
+            why = f"sweep done at lr {curve[-1][0]:.3g}" if curve else "sweep done"
+        if why is None:
+            lr = self.lr_at(done, lo, hi)
+            loss = f", smoothed loss {curve[-1][1]:.4g}" if curve else ""
+            return [
+                Proposal.sweep_value(
+                    "lr", lr, f"LR range test: step {done} of {cfg.sweep_steps}, lr {lr:.3g}{loss}"
+                )
+            ]
+        return [self._finish(view, phase, curve, why)]
+
+    def _finish(
+        self, view: JobView, phase: Phase, curve: list[tuple[float, float]], why: str
+    ) -> Proposal:
+        """The planned rollback to the sweep's checkpoint, with the pick (if any)."""
+        cfg: LrRangeTestConfig = self.config  # type: ignore[assignment]
+        finite = [(lr, loss) for lr, loss in curve if math.isfinite(loss)]
+        found, verdict = None, ""
+        if len(finite) < cfg.min_points:
+            verdict = f"no pick: {len(finite)} finite points < min_points={cfg.min_points}"
+        elif min(loss for _, loss in finite) > finite[0][1] * (1.0 - cfg.min_drop):
+            verdict = (
+                f"no pick: the smoothed loss never fell {cfg.min_drop:.0%} below its "
+                f"first value {finite[0][1]:.4g}"
+            )
+        else:
+            found = pick_lr(finite, cfg.pick, cfg.pick_divisor)
+            verdict = f"picked lr {found:.4g} ({cfg.pick})"
+        lr = found * cfg.start_fraction if found is not None else view.initial.lr
+        detail = {
+            "found_lr": found,
+            "pick": cfg.pick,
+            "stop": why,
+            "start_step": phase.start_step,
+            "checkpoint": phase.checkpoint,
+            "curve": [[lr_, loss if math.isfinite(loss) else None] for lr_, loss in curve],
+        }
+        reason = (
+            f"LR range test over {len(curve)} reports stopped ({why}); {verdict}; back "
+            f"to step {phase.checkpoint}"
+        )
+        return Proposal.roll_back(CAUSE, reason, to_step=phase.checkpoint, value=lr, detail=detail)

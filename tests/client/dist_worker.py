@@ -1,0 +1,137 @@
+"""One rank of a DDP training job attached to a trimtab controller, for test_distributed.py.
+
+Launched by ``python -m torch.distributed.run --standalone --nproc_per_node=N`` (gloo, CPU).
+Every rank trains the same small ReLU MLP under DistributedDataParallel on its own data
+and writes ``rank-<r>.json`` to ``--out``: one row per ``guard.step()`` (iteration, global
+step, lr, a SHA-256 of the parameters' bytes, the local loss, stable step, rollbacks) and
+what ``on_rollback`` saw. Without ``--fault`` it trains ``--iters`` iterations (whole
+report windows) and, with ``--until-lr-moves``, on until a command has moved the lr. With
+``--fault``, once a checkpoint is stable (the same step on every rank: the mark is
+broadcast), rank 1 alone feeds one batch with a NaN: DDP's gradient all-reduce spreads it
+to every rank, and only the reduced report shows the NaN loss. Every condition that ends
+the loop is the same on every rank, so the ranks stop together.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from trimtab.client import attach
+
+
+def param_hash(model: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for p in model.parameters():
+        h.update(p.detach().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--endpoint", required=True)
+    ap.add_argument("--job", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--iters", type=int, default=100, help="iterations, at least")
+    ap.add_argument("--cap", type=int, default=3000, help="iterations, at most")
+    ap.add_argument("--until-lr-moves", action="store_true", help="and until the lr changed")
+    ap.add_argument("--after", type=int, default=30, help="iterations after the rollback")
+    ap.add_argument("--fault", action="store_true")
+    ap.add_argument("--report-every", type=int, default=5)
+    ap.add_argument("--uneven", action="store_true", help="rank 1 reports every N+1 steps")
+    ap.add_argument("--checkpoint-dir", default=None)
+    args = ap.parse_args()
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 16, generator=g)
+    y = x @ torch.randn(16, 1, generator=g) + 0.3 * torch.randn(512, 1, generator=g)
+    torch.manual_seed(rank)  # DDP makes every replica rank 0's at construction
+    model = DistributedDataParallel(
+        torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 1))
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    data = torch.Generator().manual_seed(100 + rank)  # each rank its own batches
+    restored: list[int] = []
+    try:
+        guard = attach(
+            model,
+            opt,
+            job=args.job,
+            endpoint=args.endpoint,
+            report_every=args.report_every + (args.uneven and rank == 1),
+            checkpoint_every=25,
+            heartbeat_s=0.2,
+            on_rollback=restored.append,
+            checkpoint_dir=args.checkpoint_dir,
+        )
+    except ValueError as exc:
+        print(f"rank {rank}: attach refused: {exc}", file=sys.stderr, flush=True)
+        dist.destroy_process_group()
+        sys.exit(3)
+    rows = [[-1, 0, opt.param_groups[0]["lr"], param_hash(model), None, None, 0]]
+    if rank == 0:  # the others wait for rank 0 in DDP's first gradient all-reduce
+        deadline = time.monotonic() + 60
+        while not guard.connected and time.monotonic() < deadline:
+            time.sleep(0.01)
+    lr0 = opt.param_groups[0]["lr"]
+    fault_step = fault_iter = None
+    after = 0
+    for it in range(args.cap):
+        idx = torch.randint(0, len(x), (64,), generator=data)
+        xb, yb = x[idx], y[idx]
+        if args.fault and fault_step is None and guard.stable_step is not None:
+            fault_step, fault_iter = guard.global_step, it  # the same on every rank
+            if rank == 1:
+                xb = xb.clone()
+                xb[0, 0] = math.nan
+        loss = torch.nn.functional.mse_loss(model(xb), yb)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        guard.step(loss)
+        value = loss.item()
+        rows.append(
+            [
+                it,
+                guard.global_step,
+                opt.param_groups[0]["lr"],
+                param_hash(model),
+                value if math.isfinite(value) else None,
+                guard.stable_step,
+                guard.rollbacks,
+            ]
+        )
+        # Every condition below is the same on every rank (rollbacks and knobs are in step).
+        if args.fault:
+            after += guard.rollbacks > 0
+            if after > args.after:
+                break
+        elif it + 1 >= args.iters and (it + 1) % args.report_every == 0:
+            if not args.until_lr_moves or opt.param_groups[0]["lr"] != lr0:
+                break
+    guard.close()
+    out = {
+        "rank": rank,
+        "world": dist.get_world_size(),
+        "rows": rows,
+        "restored": restored,
+        "fault_step": fault_step,
+        "fault_iter": fault_iter,
+    }
+    Path(args.out, f"rank-{rank}.json").write_text(json.dumps(out))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

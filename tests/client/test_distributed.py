@@ -1,0 +1,289 @@
+"""torch.distributed: real DDP jobs (gloo, CPU, torchrun) attached to a real ``trimtab serve``.
+
+Each job runs ``dist_worker.py`` on every rank; every rank logs, per ``guard.step()``, its
+global step, lr and a hash of its parameters' bytes, and the tests compare the ranks' logs
+with each other and with the controller's journal. The pure parts (the command tensor,
+the shard choice) are tested in-process.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from trimtab.client import load_stable, shard_endpoint, wire
+from trimtab.client._dist import HEADER_SIZE, decode_command, encode_command, rank_directory
+
+from ..integration.support import free_port, start_serve
+
+WORKER = Path(__file__).with_name("dist_worker.py")
+_GLOO = dist.is_available() and dist.is_gloo_available()
+
+
+def TORCHRUN(test):  # noqa: N802 - used as a mark
+    """Launches ranks with torchrun (gloo) and, most of them, a trimtab serve."""
+    needs_gloo = pytest.mark.skipif(not _GLOO, reason="torch.distributed with gloo is missing")
+    return pytest.mark.integration(needs_gloo(test))
+
+
+REPORT_EVERY = 5
+
+# Commands of every kind: marks (stable_window_steps), a rollback with an LR cut
+# (divergence_guard on the NaN), and plain lr changes (step_decay). No resends: each
+# command reaches the job once, so each must be acknowledged exactly once.
+CONFIG = """
+resend_after_reports = 1000
+
+[[policies]]
+name = "divergence_guard"
+
+[[policies]]
+name = "step_decay"
+config = { step_size = 30, gamma = 0.7 }
+
+[governor.lr]
+cooldown_steps = 0
+
+[rollback]
+stable_window_steps = 40
+"""
+
+
+@pytest.fixture
+def serve(tmp_path):
+    srv = start_serve(tmp_path, free_port(), free_port(), CONFIG)
+    yield srv
+    srv.proc.terminate()
+    srv.proc.wait(timeout=10)
+
+
+def torchrun(nproc: int, out: Path, *args: str, check: bool = True):
+    out.mkdir(exist_ok=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        str(WORKER),
+        "--out",
+        str(out),
+        *args,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=150, env=env)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    logs = [
+        json.loads((out / f"rank-{r}.json").read_text())
+        for r in range(nproc)
+        if (out / f"rank-{r}.json").exists()
+    ]
+    return proc, logs
+
+
+def assert_in_step(logs: list[dict]) -> None:
+    """Every rank has the same global step, lr and parameter bytes after every step."""
+    first = logs[0]["rows"]
+    for log in logs[1:]:
+        assert len(log["rows"]) == len(first)
+        for a, b in zip(first, log["rows"], strict=True):
+            assert a[1:4] == b[1:4], f"rank 0 {a} vs rank {log['rank']} {b}"
+
+
+def assert_acked_once(journal, job: str) -> list:
+    commands = journal.events(job, "command")
+    acks = journal.events(job, "ack")
+    per_seq = collections.Counter(a.seq for a in acks)
+    assert per_seq and set(per_seq.values()) == {1}, per_seq
+    # All but a command sent after the job's last report boundary were applied.
+    assert sorted(per_seq) == [c.seq for c in commands][: len(per_seq)]
+    assert len(commands) - len(per_seq) <= 1
+    assert len(journal.events(job, "register")) == 1  # one link for the job, not per rank
+    return acks
+
+
+@TORCHRUN
+def test_ddp_rollback_restores_every_rank_to_the_same_checkpoint(serve, tmp_path):
+    proc, logs = torchrun(
+        2,
+        tmp_path / "out",
+        "--endpoint",
+        serve.endpoint,
+        "--job",
+        "ddp2",
+        "--fault",
+        "--after",
+        "30",
+        "--checkpoint-dir",
+        str(tmp_path / "ckpt"),
+    )
+    assert [log["rank"] for log in logs] == [0, 1]
+    assert_in_step(logs)
+
+    journal = serve.journal()
+    acks = assert_acked_once(journal, "ddp2")
+    restored = journal.events("ddp2", "restored")
+    assert len(restored) == 1, [e.data for e in journal.events("ddp2", "rollback")]
+    target = restored[0].data["restored_step"]
+    assert [log["restored"] for log in logs] == [[target], [target]]
+    assert any(a.data["restored_step"] == target for a in acks)
+    # Rank 1 alone saw the NaN loss; the report (built on rank 0) counts it: the reduction.
+    fault = logs[0]["fault_step"]
+    rows0 = logs[0]["rows"]
+    fault_row = rows0[1 + logs[0]["fault_iter"]]
+    assert fault_row[1] == fault  # the step was skipped on every rank
+    assert fault_row[4] is not None and math.isfinite(fault_row[4])
+    nonfinite = [e for e in journal.events("ddp2", "report") if e.data["nonfinite_losses"]]
+    assert nonfinite and nonfinite[0].step <= fault + REPORT_EVERY
+    # After the rollback both ranks hold the checkpoint's parameters, bit for bit: the
+    # hash logged when the run first stood at that step.
+    for log in logs:
+        rows = log["rows"]
+        back = next(i for i, r in enumerate(rows) if r[6] == 1)
+        assert rows[back][1] == target
+        first_time = next(r for r in rows if r[1] == target)
+        assert rows[back][3] == first_time[3]
+    # On disk: one directory per rank; each rank's newest stable file holds that same state.
+    for log in logs:
+        ckpt = load_stable(tmp_path / "ckpt" / f"rank-{log['rank']}")
+        assert ckpt is not None and ckpt.step == target
+        digest = hashlib.sha256(b"".join(t.numpy().tobytes() for t in ckpt.model.values()))
+        assert digest.hexdigest()[:16] == next(r for r in log["rows"] if r[1] == target)[3]
+
+
+@TORCHRUN
+def test_ddp_reports_average_the_loss_and_commands_apply_at_one_step_on_4_ranks(serve, tmp_path):
+    proc, logs = torchrun(
+        4, tmp_path / "out", "--endpoint", serve.endpoint, "--job", "ddp4", "--until-lr-moves"
+    )
+    assert len(logs) == 4
+    assert_in_step(logs)
+    journal = serve.journal()
+    acks = assert_acked_once(journal, "ddp4")
+    # Commands (step_decay's live schedule, stable marks) were applied at report
+    # boundaries, where they were broadcast, and moved the lr on every rank alike.
+    assert acks and all(a.step % REPORT_EVERY == 0 for a in acks), [a.step for a in acks]
+    assert len({r[2] for r in logs[0]["rows"]}) > 1
+    # Each report's loss is the mean over ranks and steps of every rank's own losses.
+    reports = journal.events("ddp4", "report")
+    assert len(reports) == (len(logs[0]["rows"]) - 1) // REPORT_EVERY
+    for k, rep in enumerate(reports):
+        window = [log["rows"][1 + k * REPORT_EVERY : 1 + (k + 1) * REPORT_EVERY] for log in logs]
+        losses = [r[4] for rows in window for r in rows]
+        assert rep.data["loss_mean"] == pytest.approx(math.fsum(losses) / len(losses), rel=1e-5)
+        assert rep.data["loss_mean"] != pytest.approx(
+            math.fsum(r[4] for r in window[0]) / REPORT_EVERY, rel=1e-5
+        )
+
+
+@TORCHRUN
+def test_ranks_attached_with_different_report_every_are_refused(tmp_path):
+    proc, logs = torchrun(
+        2,
+        tmp_path / "out",
+        "--endpoint",
+        f"tcp://127.0.0.1:{free_port()}",
+        "--job",
+        "mismatch",
+        "--uneven",
+        check=False,
+    )
+    assert proc.returncode != 0 and not logs
+    for rank in (0, 1):  # refused on every rank, so none waits in a collective
+        assert (
+            f"rank {rank}: attach refused: report_every differs across ranks (from 5 to 6; "
+            f"this rank {5 + rank}); allowed: the same value on every rank"
+        ) in proc.stderr
+
+
+# -- in-process: the command tensor, checkpoint directories, sharding ---------------------
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        None,
+        wire.Command(
+            job="j",
+            seq=7,
+            knobs=wire.Knobs(lr=1e-4, momentum=0.0, clip=2.5),
+            reasons=["plateau: slope not below 0"],
+        ),
+        wire.Command(
+            job="j",
+            seq=2**60,
+            mark_stable=100,
+            rollback_to=0,
+            knobs=wire.Knobs(weight_decay=0.01),
+            stop_advice="é" * 1000,
+        ),
+    ],
+)
+def test_command_travels_whole_in_a_fixed_header_and_its_wire_bytes(command):
+    header, body = encode_command(command, step=123)
+    assert header.shape == (HEADER_SIZE,) and header.dtype == torch.float64
+    assert header.tolist() == [body.numel(), 123.0] and body.dtype == torch.uint8
+    assert decode_command(bytes(body.tolist())) == command
+
+
+def test_command_encoding_refuses_what_is_not_a_command():
+    with pytest.raises(ValueError, match=r"step=9007199254740993 .*allowed: 0 to 2\*\*53"):
+        encode_command(None, 2**53 + 1)
+    with pytest.raises(wire.WireError, match="unexpected: expected a command, got a heartbeat"):
+        decode_command(wire.encode(wire.Heartbeat(job="j")))
+    with pytest.raises(wire.WireError, match="malformed"):
+        decode_command(b"\x00\x01")
+
+
+def test_rank_directory():
+    assert rank_directory(None, 1) is None
+    assert rank_directory("ckpt", 1) == Path("ckpt/rank-1")
+
+
+def test_shard_endpoint_is_stable_even_and_moves_few_jobs():
+    eps = [f"tcp://ctl-{i}:5555" for i in range(4)]
+    jobs = [f"run-{i}" for i in range(2000)]
+    placed = {j: shard_endpoint(j, eps) for j in jobs}
+    assert placed == {j: shard_endpoint(j, list(reversed(eps))) for j in jobs}
+    counts = collections.Counter(placed.values())
+    assert set(counts) == set(eps) and min(counts.values()) > 0.8 * 500
+    # A fifth controller takes about a fifth of the jobs, and only jobs moving to it move.
+    more = eps + ["tcp://ctl-4:5555"]
+    moved = [j for j in jobs if shard_endpoint(j, more) != placed[j]]
+    assert all(shard_endpoint(j, more) == more[-1] for j in moved)
+    assert 0.15 * len(jobs) < len(moved) < 0.25 * len(jobs)
+
+    # The documented rule, so that any tool can compute it: the highest sha256 score wins.
+    def score(endpoint, job):
+        return int.from_bytes(hashlib.sha256(f"{endpoint}\n{job}".encode()).digest()[:8], "big")
+
+    assert all(placed[j] == max(eps, key=lambda e, j=j: score(e, j)) for j in jobs[:50])
+    # Removing one moves only that one's jobs.
+    fewer = eps[1:]
+    assert all(shard_endpoint(j, fewer) == placed[j] for j in jobs if placed[j] != eps[0])
+
+
+@pytest.mark.parametrize(
+    "job, endpoints, match",
+    [
+        ("bad job", ["tcp://a:1"], r"job='bad job' is invalid; allowed: 1-128 characters"),
+        ("j", [], r"endpoints=\[\] is invalid; allowed: a non-empty list"),
+        ("j", "tcp://a:1", r"endpoints='tcp://a:1' is invalid; allowed: a non-empty list"),
+        ("j", ["tcp://a:1", "tcp://a:1"], r"\(a duplicate\); allowed: distinct"),
+        ("j", ["tcp://a:1", ""], r"\(''\); allowed: distinct, non-empty"),
+    ],
+)
+def test_shard_endpoint_refuses_bad_input(job, endpoints, match):
+    with pytest.raises(ValueError, match=match):
+        shard_endpoint(job, endpoints)

@@ -1,0 +1,210 @@
+"""trimtab.client.hf: real transformers Trainer runs attached through TrimtabCallback.
+
+The model is a tiny ``PreTrainedModel`` built from its config (nothing is downloaded).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from trimtab.client import wire
+
+from ..integration.support import STEP_DECAY, free_port, start_serve, wait_for
+
+transformers = pytest.importorskip("transformers", reason="the hf extra is not installed")
+from trimtab.client.hf import TrimtabCallback  # noqa: E402
+
+pytestmark = [
+    pytest.mark.timeout(120),
+    pytest.mark.usefixtures("one_thread"),
+    pytest.mark.filterwarnings("ignore"),
+]
+
+
+class TinyConfig(transformers.PretrainedConfig):
+    model_type = "trimtab-tiny"
+
+    def __init__(self, dim: int = 8, hidden: int = 16, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.dim, self.hidden = dim, hidden
+
+
+class TinyRegressor(transformers.PreTrainedModel):
+    """An MLP that returns its mean-squared-error ``loss`` when given ``labels``."""
+
+    config_class = TinyConfig
+
+    def __init__(self, config: TinyConfig) -> None:
+        super().__init__(config)
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(config.dim, config.hidden),
+            torch.nn.Tanh(),
+            torch.nn.Linear(config.hidden, 1),
+        )
+        self.losses: list[float] = []
+
+    def forward(self, x, labels=None):
+        out = self.net(x)
+        if labels is None:
+            return {"logits": out}
+        loss = torch.nn.functional.mse_loss(out, labels)
+        if self.training:
+            self.losses.append(loss.item())  # the test's own record of training losses
+        return {"loss": loss, "logits": out}
+
+
+class Data(torch.utils.data.Dataset):
+    def __init__(self, n: int = 2048, dim: int = 8) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(n, dim, generator=g)
+        self.y = self.x @ torch.randn(dim, 1, generator=g) + 0.1 * torch.randn(n, 1, generator=g)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"x": self.x[i], "labels": self.y[i]}
+
+
+class LrRecorder(transformers.TrainerCallback):
+    """The lr each optimizer step used (read after the step, before the scheduler's)."""
+
+    def __init__(self) -> None:
+        self.lrs: list[float] = []
+
+    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        self.lrs.append(optimizer.param_groups[0]["lr"])
+
+
+def _train(tmp_path, callbacks: list, max_steps: int, eval_dataset=None, **kw):
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        max_steps=max_steps,
+        per_device_train_batch_size=16,
+        learning_rate=0.05,
+        optim="sgd",
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        **kw,
+    )
+    model = TinyRegressor(TinyConfig())
+    recorder = LrRecorder()
+    trainer = transformers.Trainer(
+        model=model,
+        args=args,
+        train_dataset=Data(),
+        eval_dataset=eval_dataset,
+        callbacks=[*callbacks, recorder],
+    )
+    trainer.train()
+    return trainer, model, recorder.lrs
+
+
+@pytest.mark.integration
+def test_train_takes_the_controllers_lr_and_acks(tmp_path) -> None:
+    srv = start_serve(tmp_path, free_port(), free_port(), STEP_DECAY)
+    try:
+        callback = TrimtabCallback(
+            job="hf", endpoint=srv.endpoint, report_every=5, heartbeat_s=0.05
+        )
+        trainer, model, lrs = _train(
+            tmp_path,
+            [callback],
+            200,
+            lr_scheduler_type="constant",
+            max_grad_norm=0.0,
+            gradient_accumulation_steps=2,
+        )
+        guard = callback.guard
+        assert guard.global_step == trainer.state.global_step == 200
+        assert len(trainer.optimizer.optimizer._optimizer_step_pre_hooks) == 0  # closed
+        journal = srv.journal()
+        acks = wait_for(lambda: journal.events("hf", "ack"))
+        # The command handed over step_decay: from its step on, every step ran at its lr.
+        t0 = acks[0].step
+        assert lrs[t0:] == [pytest.approx(0.05 * 0.5 ** (t // 30)) for t in range(t0, 200)]
+        assert min(lrs) < 0.05
+        reports = wait_for(
+            lambda: len(journal.events("hf", "report")) == 40 and journal.events("hf", "report")
+        )
+        seqs = [c.seq for c in journal.events("hf", "command")]
+        assert acks and [a.seq for a in acks] == seqs[: len(acks)]
+        assert len(seqs) - len(acks) <= 1
+        # The model's own loss, the mean over a step's two micro-batches.
+        assert reports[0].data["loss_mean"] == pytest.approx(sum(model.losses[:10]) / 10, rel=1e-5)
+    finally:
+        srv.proc.terminate()
+        srv.proc.wait(timeout=10)
+
+
+def test_lr_command_composes_with_the_trainers_scheduler(tmp_path, fake_controller, caplog) -> None:
+    callback = TrimtabCallback(
+        job="hf", endpoint=fake_controller.endpoint, report_every=5, heartbeat_s=0.05, clip=5.0
+    )
+
+    class Command(transformers.TrainerCallback):  # the controller's command, once registered
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 20:
+                fake_controller.wait_for(lambda c: c.of_type(wire.Register))
+                fake_controller.send(wire.Command(job="hf", seq=1, knobs=wire.Knobs(lr=0.01)))
+            if state.global_step == 60:
+                fake_controller.send(wire.Command(job="hf", seq=2, stop_advice="enough"))
+
+    steps = 400
+    with caplog.at_level(logging.WARNING, logger="trimtab.client"):
+        trainer, _, lrs = _train(tmp_path, [callback, Command()], steps, lr_scheduler_type="linear")
+    assert trainer.state.global_step < steps  # stopped on the advice
+    schedule = [0.05 * (1 - t / steps) for t in range(len(lrs))]
+    ratios = [lr / s for lr, s in zip(lrs, schedule, strict=True)]
+    assert ratios[0] == pytest.approx(1.0)
+    changed = next(t for t, r in enumerate(ratios) if r != pytest.approx(1.0))
+    # From the command on: the Trainer's linear decay times trimtab's factor.
+    assert lrs[changed] == pytest.approx(0.01)
+    assert all(r == pytest.approx(ratios[changed]) for r in ratios[changed:])
+    ack = fake_controller.of_type(wire.Ack)[0]
+    assert ack.seq == 1 and ack.knobs.lr == pytest.approx(0.01)
+    assert callback.guard.stop_reason == "enough"
+    assert any("both clip" in r.getMessage() for r in caplog.records)
+
+
+def test_monitored_metric_goes_to_the_controller(tmp_path, fake_controller) -> None:
+    callback = TrimtabCallback(
+        job="hf", endpoint=fake_controller.endpoint, report_every=5, monitor="eval_loss"
+    )
+    seen: list[float] = []
+
+    class Record(transformers.TrainerCallback):
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            seen.append(metrics["eval_loss"])
+
+    _, model, _ = _train(
+        tmp_path,
+        [callback, Record()],
+        40,
+        eval_dataset=Data(64),
+        eval_strategy="steps",
+        eval_steps=10,
+    )
+    fake_controller.wait_for(lambda c: len(c.of_type(wire.Report)) == 8)
+    reports = fake_controller.of_type(wire.Report)
+    reported = [r.validation for r in reports if r.validation is not None]
+    # Each goes with the next report; the last evaluation (at step 40) has none after it.
+    assert len(seen) == 4 and reported == pytest.approx(seen[:3])
+    # Evaluation forward passes are not training losses: each window's are its steps' own.
+    windows = [model.losses[i : i + 5] for i in range(0, 40, 5)]
+    assert [r.loss_mean for r in reports] == pytest.approx([sum(w) / 5 for w in windows])
+
+
+def test_options_are_checked() -> None:
+    with pytest.raises(ValueError, match=r"hooks=True is invalid; allowed: leave it out"):
+        TrimtabCallback(job="hf", hooks=True)
+    with pytest.raises(ValueError, match=r"monitor=3 is invalid; allowed: None or a metric"):
+        TrimtabCallback(job="hf", monitor=3)

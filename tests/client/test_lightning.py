@@ -1,0 +1,166 @@
+"""trimtab.client.lightning: real PyTorch Lightning fits attached through TrimtabCallback."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import pytest
+import torch
+
+from trimtab.client import wire
+
+from ..integration.support import STEP_DECAY, free_port, start_serve, wait_for
+
+pl = pytest.importorskip("pytorch_lightning", reason="the lightning extra is not installed")
+from trimtab.client.lightning import TrimtabCallback  # noqa: E402
+
+pytestmark = [
+    pytest.mark.timeout(90),
+    pytest.mark.usefixtures("one_thread"),
+    pytest.mark.filterwarnings("ignore"),
+]
+
+
+class Regression(pl.LightningModule):
+    """A small MLP on noisy linear data; records each micro-batch's raw loss."""
+
+    def __init__(self, lr: float = 0.05) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1)
+        )
+        self.lr = lr
+        self.losses: list[float] = []
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = torch.nn.functional.mse_loss(self.net(x), y)
+        self.losses.append(loss.item())  # the test's own record
+        time.sleep(0.002)  # a step long enough for the controller to answer within a few
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+
+
+def _loader(n: int = 4096, batch: int = 32):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 8, generator=g)
+    y = x @ torch.randn(8, 1, generator=g) + 0.1 * torch.randn(n, 1, generator=g)
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=batch)
+
+
+def _trainer(callback: TrimtabCallback, max_steps: int, **kw) -> pl.Trainer:
+    return pl.Trainer(
+        max_steps=max_steps,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[callback],
+        **kw,
+    )
+
+
+@pytest.mark.integration
+def test_fit_takes_the_controllers_lr_and_acks(tmp_path) -> None:
+    srv = start_serve(tmp_path, free_port(), free_port(), STEP_DECAY)
+    try:
+        model = Regression()
+        callback = TrimtabCallback(
+            job="pl", endpoint=srv.endpoint, report_every=5, heartbeat_s=0.05
+        )
+        trainer = _trainer(callback, 300, accumulate_grad_batches=2)
+        trainer.fit(model, _loader())
+        guard = callback.guard
+        opt = trainer.optimizers[0]
+        assert guard.global_step == trainer.global_step == 300
+        assert len(opt._optimizer_step_pre_hooks) == 0  # closed at the end of the fit
+        # step_decay's lr at the last step (t = 299) is what the optimizer holds.
+        assert opt.param_groups[0]["lr"] == pytest.approx(0.05 * 0.5 ** (299 // 30))
+
+        journal = srv.journal()
+        acks = wait_for(lambda: journal.events("pl", "ack"))
+        reports = wait_for(
+            lambda: len(journal.events("pl", "report")) == 60 and journal.events("pl", "report")
+        )
+        commands = journal.events("pl", "command")
+        # Every command was acknowledged, once, but one sent after the last report.
+        seqs = [c.seq for c in commands]
+        assert acks and [a.seq for a in acks] == seqs[: len(acks)]
+        assert len(seqs) - len(acks) <= 1
+        # A report's loss is the mean over its steps' micro-batches, in the loss's own
+        # units (Lightning's division by accumulate_grad_batches undone).
+        first = model.losses[:10]
+        assert reports[0].data["loss_mean"] == pytest.approx(sum(first) / 10, rel=1e-5)
+    finally:
+        srv.proc.terminate()
+        srv.proc.wait(timeout=10)
+
+
+def test_command_knobs_and_stop_advice_reach_the_trainer(fake_controller, caplog) -> None:
+    model = Regression()
+    callback = TrimtabCallback(
+        job="pl", endpoint=fake_controller.endpoint, report_every=5, heartbeat_s=0.05, clip=5.0
+    )
+
+    class Command(pl.Callback):  # the controller's command once the job has registered
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == 20:
+                fake_controller.wait_for(lambda c: c.of_type(wire.Register))
+                fake_controller.send(
+                    wire.Command(
+                        job="pl",
+                        seq=1,
+                        knobs=wire.Knobs(lr=0.01),
+                        stop_advice="validation stopped improving",
+                    )
+                )
+
+    trainer = _trainer(callback, 2000, gradient_clip_val=1.0)
+    trainer.callbacks.append(Command())
+    with caplog.at_level(logging.WARNING, logger="trimtab.client"):
+        trainer.fit(model, _loader())
+    assert trainer.should_stop and trainer.global_step < 2000
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.01)
+    fake_controller.wait_for(lambda c: c.of_type(wire.Ack))
+    ack = fake_controller.of_type(wire.Ack)[0]
+    assert ack.seq == 1 and ack.knobs.lr == pytest.approx(0.01)
+    assert callback.guard.stop_reason == "validation stopped improving"
+    assert any("both clip" in r.getMessage() for r in caplog.records)
+
+
+def test_options_are_checked() -> None:
+    with pytest.raises(ValueError, match=r"hooks=False is invalid; allowed: leave it out"):
+        TrimtabCallback(job="pl", hooks=False)
+    with pytest.raises(ValueError, match=r"monitor=3 is invalid; allowed: None or a metric"):
+        TrimtabCallback(job="pl", monitor=3)
+
+
+class WithValidation(Regression):
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", torch.nn.functional.mse_loss(self.net(x), y))
+
+
+def test_monitored_metric_goes_to_the_controller(fake_controller) -> None:
+    callback = TrimtabCallback(
+        job="pl", endpoint=fake_controller.endpoint, report_every=5, monitor="val_loss"
+    )
+    seen: list[float] = []
+
+    class Record(pl.Callback):
+        def on_validation_end(self, trainer, pl_module):
+            if not trainer.sanity_checking:
+                seen.append(float(trainer.callback_metrics["val_loss"]))
+
+    trainer = _trainer(callback, 40, val_check_interval=10, limit_val_batches=2)
+    trainer.callbacks.append(Record())
+    trainer.fit(WithValidation(), _loader(), _loader(256))
+    fake_controller.wait_for(lambda c: len(c.of_type(wire.Report)) == 8)
+    reported = [r.validation for r in fake_controller.of_type(wire.Report) if r.validation]
+    # Each goes with the next report; the last validation (at step 40) has none after it.
+    assert len(seen) == 4 and reported == pytest.approx(seen[:3])

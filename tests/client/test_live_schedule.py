@@ -1,0 +1,291 @@
+"""Live schedules: the client evaluates the controller's schedule before every optimizer step.
+
+Client alone: values, clamping to the governor's bounds, param groups, momentum, bad
+schedules refused on the wire and dropped at run time. With a real ``trimtab serve``: a
+cosine and a OneCycle schedule sent in reply to the registration follow torch's
+``CosineAnnealingLR`` / ``OneCycleLR`` at every optimizer step, from the first, with
+reports every 10 steps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch.optim import lr_scheduler
+
+from trimtab.client import attach, schedules, wire
+from trimtab.client._live_schedule import LiveSchedules
+
+from ..integration.support import Regression, start_serve, wait_for
+from .conftest import free_port
+
+TOL = 1e-6
+
+
+def _cosine(lr: float = 0.1, t_max: int = 100, **extra) -> wire.LiveSchedule:
+    piece = wire.SchedulePiece(name="cosine", params={"lr": lr, "t_max": t_max})
+    return wire.LiveSchedule(knob="lr", pieces=[piece], **extra)
+
+
+def _sgd(groups=None, lr: float = 0.1, momentum: float = 0.9) -> torch.optim.SGD:
+    if groups is None:
+        groups = [{"params": [torch.nn.Parameter(torch.zeros(2))]}]
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum)
+
+
+def test_the_lr_follows_the_schedule_step_by_step():
+    opt = _sgd()
+    live = LiveSchedules()
+    live.replace([_cosine()])
+    torch_opt = _sgd()
+    ref = lr_scheduler.CosineAnnealingLR(torch_opt, T_max=100)
+    for step in range(150):
+        live.apply(opt, step)
+        assert opt.param_groups[0]["lr"] == pytest.approx(
+            torch_opt.param_groups[0]["lr"], rel=TOL, abs=1e-12
+        )
+        torch_opt.step()
+        ref.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * (1 + math.cos(math.pi * 1.49)) / 2)
+
+
+def test_values_are_clamped_to_the_bounds_sent_with_the_schedule():
+    opt = _sgd()
+    live = LiveSchedules()
+    live.replace([_cosine(scale=2.0, lo=0.01, hi=0.15)])
+    live.apply(opt, 0)  # 2 x 0.1 = 0.2, above hi
+    assert opt.param_groups[0]["lr"] == 0.15
+    live.apply(opt, 50)  # 2 x 0.05 = 0.1, inside
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1)
+    live.apply(opt, 100)  # 2 x 0 = 0, below lo
+    assert opt.param_groups[0]["lr"] == 0.01
+
+
+def test_other_groups_keep_their_ratio_and_momentum_is_set_in_every_group():
+    groups = [
+        {"params": [torch.nn.Parameter(torch.zeros(2))]},
+        {"params": [torch.nn.Parameter(torch.zeros(2))], "lr": 0.01},
+    ]
+    opt = _sgd(groups)
+    params = {"max_lr": 0.1, "total_steps": 100}
+    piece = wire.SchedulePiece(name="one_cycle", params=params)
+    live = LiveSchedules()
+    live.replace(
+        [
+            wire.LiveSchedule(knob="lr", pieces=[piece]),
+            wire.LiveSchedule(knob="momentum", pieces=[piece]),
+        ]
+    )
+    live.apply(opt, 29)  # the peak: lr 0.1, momentum 0.85
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1)
+    assert opt.param_groups[1]["lr"] == pytest.approx(0.01)
+    assert [g["momentum"] for g in opt.param_groups] == [pytest.approx(0.85)] * 2
+
+
+def test_none_keeps_the_schedules_and_an_empty_list_stops_them():
+    opt = _sgd()
+    live = LiveSchedules()
+    live.replace([_cosine()])
+    live.replace(None)
+    live.apply(opt, 50)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.05)
+    live.replace([])
+    live.apply(opt, 0)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.05)  # untouched
+
+
+def test_a_schedule_that_fails_at_run_time_is_dropped_and_training_goes_on(caplog):
+    opt = _sgd()
+    # Valid on the wire, but its momentum reaches 1 with a correction of 1.1 (a bug).
+    piece = wire.SchedulePiece(name="one_cycle", params={"max_lr": 0.1, "total_steps": 10})
+    live = LiveSchedules()
+    live.replace([wire.LiveSchedule(knob="momentum", pieces=[piece], scale=1.1), _cosine()])
+    live.apply(opt, 0)
+    assert "live momentum schedule dropped at step 0" in caplog.text
+    assert [s.knob for s in live.schedules] == ["lr"]
+    assert opt.param_groups[0]["momentum"] == 0.9
+
+
+@pytest.mark.parametrize(
+    ("params", "match"),
+    [
+        ({"lr": 0.1, "t_max": 0}, r"cosine: t_max=0 is invalid; allowed: an int >= 1"),
+        ({"lr": 0.1}, r"cosine: missing parameters \['t_max'\]"),
+        (
+            {"lr": 0.1, "t_max": 5, "T_max": 5},
+            r"cosine: unknown parameters \['T_max'\]; allowed: "
+            r"lr, t_max, eta_min",
+        ),
+        ({"lr": -1.0, "t_max": 5}, r"cosine: lr=-1.0 is invalid; allowed: a finite number >= 0"),
+    ],
+)
+def test_a_bad_schedule_is_refused_at_the_edge_naming_the_field(params, match):
+    frame = wire.encode(wire.Command(job="j", seq=1)).replace(
+        b'"schedules":null',
+        b'"schedules":[{"knob":"lr","pieces":[{"name":"cosine","params":'
+        + json.dumps(params).encode()
+        + b"}]}]",
+    )
+    with pytest.raises(wire.WireError, match=match):
+        wire.decode(frame)
+
+
+def test_an_unknown_schedule_and_a_momentum_schedule_without_momentum_are_refused():
+    with pytest.raises(ValueError, match=r"schedule 'cyclic' is unknown; allowed: constant"):
+        wire.SchedulePiece(name="cyclic", params={})
+    with pytest.raises(ValueError, match=r"schedules \['cosine'\] give no momentum"):
+        wire.LiveSchedule(knob="momentum", pieces=[_cosine().pieces[0]])
+
+
+def test_the_guard_applies_a_commanded_schedule_every_step_and_acks_its_values(fake_controller):
+    task = Regression(seed=3)
+    opt = torch.optim.SGD(task.model.parameters(), lr=0.1)
+    with attach(
+        task.model,
+        opt,
+        job="live-guard",
+        endpoint=fake_controller.endpoint,
+        report_every=10,
+        checkpoint_every=0,
+        heartbeat_s=0.2,
+    ) as guard:
+        fake_controller.wait_for(lambda c: c.of_type(wire.Register))
+        fake_controller.send(
+            wire.Command(job="live-guard", seq=1, schedules=[_cosine(lr=0.2, t_max=40, lo=0.001)])
+        )
+        # Wait for the command to reach the client (the test's only look inside the guard).
+        assert wait_for(lambda: guard._transport._command is not None, 10)
+        used = []
+        for _ in range(60):
+            x, y = task.batch()
+            loss = task.loss(x, y)
+            opt.zero_grad()
+            loss.backward()
+            guard.step(loss)
+            used.append(opt.param_groups[0]["lr"])
+        fake_controller.wait_for(lambda c: c.of_type(wire.Ack))
+    expected = [max(schedules.cosine(t, 0.2, 40), 0.001) for t in range(60)]
+    assert used == pytest.approx(expected, rel=TOL)
+    (ack,) = fake_controller.of_type(wire.Ack)
+    assert ack.step == 0 and ack.knobs.lr == pytest.approx(0.2)
+
+
+# -- a real controller ------------------------------------------------------------------
+
+#: Every governor limit opened (TOML has no null: wide values instead).
+OPEN = """
+[governor.{knob}]
+min = 0.0
+max = 1e6
+min_rel = 0.0
+max_rel = 1e6
+allow_zero = true
+max_step_ratio = 1e9
+slew_ratio = 1e9
+cooldown_steps = 0
+deadband = 0.0
+reversal_window_steps = 0
+"""
+
+
+CASES = [
+    (
+        "cosine",
+        "{ t_max = 120, eta_min = 0.001 }",
+        lambda o: lr_scheduler.CosineAnnealingLR(o, T_max=120, eta_min=0.001),
+        False,
+    ),
+    (
+        "one_cycle",
+        "{ total_steps = 150 }",
+        lambda o: lr_scheduler.OneCycleLR(o, max_lr=0.1, total_steps=150),
+        True,
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def serve(tmp_path_factory):
+    """One controller for both cases: each policy runs for its own job."""
+    entries = "".join(
+        f'[[policies]]\nname = "{p}"\nconfig = {c}\njobs = ["live-{p}"]\n\n' for p, c, *_ in CASES
+    )
+    config = (
+        entries
+        + OPEN.format(knob="lr")
+        + OPEN.format(knob="momentum").replace("max = 1e6", "max = 0.999")
+    )
+    srv = start_serve(tmp_path_factory.mktemp("serve"), free_port(), free_port(), config)
+    yield srv
+    srv.proc.terminate()
+    srv.proc.wait(timeout=10)
+
+
+def _torch_run(make, steps: int) -> list[tuple[float, float]]:
+    task = Regression(seed=5)
+    opt = torch.optim.SGD(task.model.parameters(), lr=0.1, momentum=0.9)
+    sched = make(opt)
+    out = []
+    for _ in range(steps):
+        out.append((opt.param_groups[0]["lr"], opt.param_groups[0]["momentum"]))
+        x, y = task.batch()
+        loss = task.loss(x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    return out
+
+
+def _trimtab_run(srv, job: str, steps: int) -> tuple[list[tuple[float, float]], list]:
+    task = Regression(seed=5)
+    opt = torch.optim.SGD(task.model.parameters(), lr=0.1, momentum=0.9)
+    out = []
+    with attach(
+        task.model,
+        opt,
+        job=job,
+        endpoint=srv.endpoint,
+        report_every=10,
+        checkpoint_every=0,
+        heartbeat_s=0.2,
+    ) as guard:
+        # The schedule comes in reply to the registration; start once it is here.
+        assert wait_for(lambda: guard._transport._command is not None, 20)
+        for _ in range(steps):
+            x, y = task.batch()
+            loss = task.loss(x, y)
+            opt.zero_grad()
+            loss.backward()
+            guard.step(loss)
+            # What this step used: the guard sets the knobs before the optimizer step.
+            out.append((opt.param_groups[0]["lr"], opt.param_groups[0]["momentum"]))
+    journal = srv.journal()
+    return out, wait_for(lambda: journal.events(job, "command"))
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(("policy", "config", "make", "momentum"), CASES, ids=[c[0] for c in CASES])
+def test_a_live_schedule_matches_torch_at_every_step_through_trimtab_serve(
+    serve, policy, config, make, momentum
+):
+    steps = 150
+    ours, commands = _trimtab_run(serve, f"live-{policy}", steps)
+    theirs = _torch_run(make, steps)
+    lr_err = max(abs(a[0] - b[0]) / b[0] for a, b in zip(ours, theirs, strict=True))
+    m_err = max(abs(a[1] - b[1]) / b[1] for a, b in zip(ours, theirs, strict=True))
+    print(
+        f"\n{policy} live through trimtab serve, report_every=10: max relative error over "
+        f"{steps} steps: lr {lr_err:.3g}, momentum {m_err:.3g}; {len(commands)} command(s)"
+    )
+    assert lr_err <= TOL and m_err <= TOL
+    # The schedule moved within every report window: it was not piecewise constant.
+    assert all(ours[i][0] != ours[i + 1][0] for i in range(0, steps - 1, 10))
+    # One command, the one that answered the registration, carried the whole schedule.
+    assert len(commands) == 1 and commands[0].step == 0
+    if momentum:
+        assert len({m for _, m in ours}) > 10

@@ -1,0 +1,175 @@
+"""The controller's Prometheus metrics, driven with frames through a real Controller."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+
+from trimtab.client import wire
+from trimtab.controller.config import ControllerConfig, PolicySpec
+from trimtab.controller.journal import Journal
+from trimtab.controller.policy import Policy, Proposal
+from trimtab.controller.rollback import CAUSES
+from trimtab.controller.service import Controller
+
+PEER = b"peer-1"
+HERE = "tests.controller.test_metrics"
+
+
+class Seesaw(Policy):
+    """Asks for the LR x0.01 when it is at or above its initial value, else x100."""
+
+    name = "seesaw"
+
+    def propose(self, view):
+        up = view.knobs.lr < view.initial.lr
+        return [Proposal("lr", factor=100.0 if up else 0.01, reason="seesaw")]
+
+
+class Clock:
+    t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def make(tmp_path, policies=("spike_guard",)) -> tuple[Controller, Clock]:
+    cfg = ControllerConfig(
+        journal=str(tmp_path / "j.db"),
+        metrics_port=0,
+        job_timeout_s=12.0,
+        allow_plugins=[f"{HERE}:*"],
+        policies=[PolicySpec(name=n) for n in policies],
+        governor={"lr": {"min_rel": 1e-3, "max_rel": 10, "max_step_ratio": 2}},
+    )
+    clock = Clock()
+    ctl = Controller(cfg, Journal(cfg.journal), registry=CollectorRegistry(), clock=clock)
+    facts = wire.ScaleFacts(
+        param_count=100, group_sizes=[100], optimizer="SGD", dtype="float32", device="cpu"
+    )
+    reg = wire.Register(
+        job="j", run_id="r", report_every=10, facts=facts, knobs=wire.Knobs(lr=0.1, momentum=0.9)
+    )
+    ctl.handle(PEER, wire.encode(reg))
+    return ctl, clock
+
+
+def report(seq: int, lr: float = 0.1, loss: float = 1.0, applied_seq: int = 0) -> bytes:
+    return wire.encode(
+        wire.Report(
+            job="j",
+            seq=seq,
+            step=10 * seq,
+            window=10,
+            loss_mean=loss,
+            grad_norm_mean=2.0,
+            grad_norm_max=3.5,
+            grad_norm_std=0.25,
+            update_ratio=1e-3,
+            step_time_s=0.02,
+            nonfinite_grads=1 if seq == 2 else 0,
+            dropped_reports=seq // 3,
+            knobs=wire.Knobs(lr=lr, momentum=0.9),
+            applied_seq=applied_seq,
+        )
+    )
+
+
+def sample(ctl: Controller, name: str, **labels: str) -> float | None:
+    text = generate_latest(ctl.metrics.registry).decode()
+    for line in text.splitlines():
+        m = re.fullmatch(rf"{name}(?:\{{(.*)\}})? (\S+)", line)
+        if m and dict(re.findall(r'(\w+)="([^"]*)"', m.group(1) or "")) == labels:
+            return float(m.group(2))
+    return None
+
+
+def test_every_signal_of_the_last_report_is_a_job_series(tmp_path):
+    ctl, clock = make(tmp_path)
+    for seq in range(1, 16):
+        ctl.handle(PEER, report(seq, loss=2.0 - 0.1 * seq))
+    clock.t += 2.5
+    state = ctl.jobs["j"]
+    sig = state.signals()
+    want = {
+        "trimtab_job_loss": 0.5,
+        "trimtab_job_grad_norm": 2.0,
+        "trimtab_job_grad_norm_max": 3.5,
+        "trimtab_job_grad_norm_std": 0.25,
+        "trimtab_job_update_ratio": 1e-3,
+        "trimtab_job_step_time_seconds": 0.02,
+        "trimtab_job_step": 150.0,
+        "trimtab_job_last_seen_age_seconds": 2.5,
+        "trimtab_job_healthy": 1.0,
+        "trimtab_job_reports_total": 15.0,
+        "trimtab_job_dropped_reports_total": 5.0,
+        "trimtab_job_loss_slope": sig.slope,
+        "trimtab_job_loss_slope_t": sig.slope_t,
+        "trimtab_job_loss_ema": sig.loss_ema,
+    }
+    for name, value in want.items():
+        assert sample(ctl, name, job="j") == pytest.approx(value), name
+    assert sig.slope == pytest.approx(-0.01)
+    assert sample(ctl, "trimtab_job_zscore", job="j", signal="loss") == pytest.approx(sig.loss_z)
+    assert sample(ctl, "trimtab_job_zscore", job="j", signal="grad_norm") is not None
+    assert sample(ctl, "trimtab_job_nonfinite_total", job="j", kind="grad") == 1.0
+
+
+def test_knob_bounds_are_the_governors_for_the_job(tmp_path):
+    ctl, _ = make(tmp_path)
+    gov = ctl.engine_for("j").governor  # the job's own, with limits derived from its scale
+    assert gov is not ctl.engine.governor
+    for knob, initial in (("lr", 0.1), ("momentum", 0.9)):
+        lo, hi = gov.bounds(knob, initial)
+        assert sample(ctl, "trimtab_knob_bound", job="j", knob=knob, side="lower") == lo
+        assert sample(ctl, "trimtab_knob_bound", job="j", knob=knob, side="upper") == hi
+    assert sample(ctl, "trimtab_knob_bound", job="j", knob="lr", side="upper") == 1.0
+    # clip is off (no value in force): no bounds drawn for it.
+    assert sample(ctl, "trimtab_knob_bound", job="j", knob="clip", side="upper") is None
+
+
+def test_governor_clamps_and_knob_reversals_are_counted_and_end_with_the_job(tmp_path):
+    ctl, _ = make(tmp_path, policies=(f"{HERE}:Seesaw",))
+    lr, seq, applied = 0.1, 0, 0
+    for _ in range(4):
+        seq += 1
+        (frame,) = [f for _, f in ctl.handle(PEER, report(seq, lr=lr, applied_seq=applied))]
+        cmd = wire.decode(frame)
+        lr, applied = cmd.knobs.lr, cmd.seq
+        ctl.handle(
+            PEER,
+            wire.encode(
+                wire.Ack(job="j", seq=cmd.seq, step=10 * seq, knobs=wire.Knobs(lr=lr, momentum=0.9))
+            ),
+        )
+    # x0.01 and x100 are both cut to the governor's x2 per decision: down, up, down, up.
+    assert lr == pytest.approx(0.1)
+    assert (
+        sample(ctl, "trimtab_governor_clamps_total", job="j", knob="lr", limit="max_step_ratio")
+        == 4.0
+    )
+    assert sample(ctl, "trimtab_knob_reversals_total", job="j", knob="lr") == 3.0
+    assert sample(ctl, "trimtab_knob_reversals_total", job="j", knob="momentum") == 0.0
+    ctl.handle(PEER, wire.encode(wire.Bye(job="j", step=50)))
+    text = generate_latest(ctl.metrics.registry).decode()
+    assert 'job="j"' not in text
+    assert ctl.metrics.collector.clamps == {} and ctl.metrics.collector.reversals == {}
+
+
+def test_known_label_values_start_at_zero(tmp_path):
+    ctl, _ = make(tmp_path)
+    for code in wire.ERROR_CODES:
+        assert sample(ctl, "trimtab_message_errors_total", code=code) == 0.0
+    assert sample(ctl, "trimtab_rejected_peers_total", reason="handshake") == 0.0
+    for cause in CAUSES:  # so that the first rollback is an increase, not a new series
+        assert sample(ctl, "trimtab_rollbacks_total", job="j", reason=cause) == 0.0
+
+
+def test_controller_series_time_the_journal_and_give_the_job_timeout(tmp_path):
+    ctl, _ = make(tmp_path)
+    before = sample(ctl, "trimtab_journal_commit_seconds_count")
+    ctl.handle(PEER, report(1))
+    assert sample(ctl, "trimtab_journal_commit_seconds_count") == before + 1
+    assert sample(ctl, "trimtab_job_timeout_seconds") == 12.0

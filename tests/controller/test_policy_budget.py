@@ -1,0 +1,253 @@
+"""The policy time budget: a hung policy is cut off and disabled for its job, the others go
+on; alone, in the engine, and through a real ``trimtab serve`` with two training clients."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import threading
+
+import pytest
+import torch
+
+from tests.integration.support import Regression, free_port, start_serve, wait_for
+from trimtab.client import attach, wire
+from trimtab.controller.budget import PolicyBudget, PolicyTimeout
+from trimtab.controller.config import ConfigError, load_config
+from trimtab.controller.engine import Engine
+from trimtab.controller.governor import Governor, GovernorConfig, KnobLimits
+from trimtab.controller.policy import Policy, Proposal
+from trimtab.controller.state import JobState
+
+FACTS = wire.ScaleFacts(
+    param_count=1, group_sizes=[1], optimizer="SGD", dtype="float32", device="cpu"
+)
+LOOSE = Governor(GovernorConfig(lr=KnobLimits()))
+
+
+def state(job: str) -> JobState:
+    return JobState.from_register(
+        wire.Register(
+            job=job, run_id="r", step=1000, report_every=10, facts=FACTS, knobs=wire.Knobs(lr=0.1)
+        )
+    )
+
+
+class HangsFor(Policy):
+    """Hangs (until released) for the jobs it is told; proposes a hold otherwise."""
+
+    name = "hangs"
+
+    def __init__(self, *jobs: str) -> None:
+        super().__init__()
+        self.jobs, self.release, self.calls = set(jobs), threading.Event(), 0
+
+    def propose(self, view):
+        self.calls += 1
+        if view is None or view.job in self.jobs:
+            self.release.wait()
+        return [Proposal("momentum", hold=True, reason="steady")]
+
+
+class Halve(Policy):
+    name = "halve"
+
+    def propose(self, view):
+        return [Proposal("lr", factor=0.5, reason="halve")]
+
+
+@pytest.fixture
+def hangs():
+    policy = HangsFor("a")
+    yield policy
+    policy.release.set()  # let the abandoned threads end
+
+
+def test_a_quick_call_answers_and_a_raising_one_raises_as_inline():
+    budget = PolicyBudget(1.0)
+    assert budget.call(Halve(), None)[0].factor == 0.5
+
+    class Raises(Policy):
+        name = "raises"
+
+        def propose(self, view):
+            raise KeyError("nope")
+
+    with pytest.raises(KeyError, match="nope"):
+        budget.call(Raises(), None)
+
+    class Exits(Policy):
+        name = "exits"
+
+        def propose(self, view):
+            raise SystemExit(3)
+
+    with pytest.raises(RuntimeError, match="SystemExit: 3"):  # never the controller's exit
+        budget.call(Exits(), None)
+    assert budget.timeouts == {} and budget.stuck_threads == 0
+    budget.close()
+
+
+def test_a_hung_call_is_cut_off_and_the_next_job_gets_a_fresh_worker(hangs):
+    budget = PolicyBudget(0.25)
+    with pytest.raises(PolicyTimeout, match=r"^exceeded time budget of 250 ms$"):
+        budget.call(hangs, state("a").view())
+    assert budget.stuck_threads == 1 and budget.timeouts == {"hangs": 1}
+    out = budget.call(hangs, state("b").view())  # the stuck worker is not reused
+    assert out[0].hold and hangs.calls == 2
+    hangs.release.set()
+    assert wait_for(lambda: budget.stuck_threads == 0, timeout=5)
+    budget.close()
+
+
+def test_stuck_calls_are_bounded_then_the_policy_is_not_called_for_any_job(hangs):
+    budget = PolicyBudget(0.25, max_stuck=2)
+    for job in ("a", "a"):
+        with pytest.raises(PolicyTimeout, match="exceeded"):
+            budget.call(hangs, state(job).view())
+    with pytest.raises(PolicyTimeout, match="not called: 2 earlier calls are still running"):
+        budget.call(hangs, state("b").view())
+    assert hangs.calls == 2 and budget.stuck_threads == 2
+    hangs.release.set()
+    assert wait_for(lambda: budget.stuck_threads == 0, timeout=5)
+    assert budget.call(hangs, state("b").view())[0].hold  # callable again once they ended
+
+
+def test_the_engine_disables_a_hung_policy_for_its_job_only(hangs):
+    engine = Engine([hangs, Halve()], LOOSE, budget=PolicyBudget(0.25))
+    a, b = state("a"), state("b")
+    decision = engine.decide(a)
+    assert decision.errors == (("hangs", "exceeded time budget of 250 ms"),)
+    assert a.disabled_policies == {"hangs": "exceeded time budget of 250 ms"}
+    assert decision.commands == {"lr": 0.05}, "the other policy went on"
+    again = engine.decide(a)
+    assert again.errors == () and hangs.calls == 1, "not asked again for job a"
+    decision_b = engine.decide(b)
+    assert decision_b.errors == () and not b.disabled_policies
+    assert [n for n, _ in decision_b.proposals] == ["hangs", "halve"]
+
+
+def test_the_budget_is_configured_and_checked():
+    assert load_config(env={}).policy_budget_ms == 1000.0
+    assert load_config(env={"TRIMTAB_POLICY_BUDGET_MS": "0"}).policy_budget_ms == 0
+    with pytest.raises(
+        ConfigError,
+        match=r"policy_budget_ms = -1: Input should be greater "
+        r"than or equal to 0",
+    ):
+        load_config(env={"TRIMTAB_POLICY_BUDGET_MS": "-1"})
+    with pytest.raises(ConfigError, match=r"policy_budget_ms = 100000: .*less than or equal"):
+        load_config(env={"TRIMTAB_POLICY_BUDGET_MS": "100000"})
+
+
+# -- for real: a ``trimtab serve`` subprocess, a plugin that hangs for one job --------------
+
+HANGING = '''
+import threading
+
+from trimtab.controller.policy import Policy, Proposal
+
+_FOREVER = threading.Event()
+
+
+class Hanging(Policy):
+    """A third-party policy with a bug that makes it wait forever for one job."""
+
+    name = "hanging"
+
+    def propose(self, view):
+        if view.job == "hang-a" and view.reports_seen >= 3:
+            _FOREVER.wait()
+        return []
+
+
+class Nudge(Policy):
+    """A working one: 10% less LR at every report (the governor's cooldown spaces them)."""
+
+    name = "nudge"
+
+    def propose(self, view):
+        return [Proposal("lr", factor=0.9, reason="nudge")]
+'''
+
+CONFIG = """
+policy_budget_ms = 300
+allow_plugins = ["hanging_policy:*"]
+
+[[policies]]
+name = "hanging_policy:Hanging"
+
+[[policies]]
+name = "hanging_policy:Nudge"
+
+[governor.lr]
+cooldown_steps = 20
+slew_ratio = 1000.0
+"""
+
+
+def _train(srv_endpoint: str, job: str, steps: int, seed: int, out: dict) -> None:
+    task = Regression(seed=seed)
+    opt = torch.optim.SGD(task.model.parameters(), lr=0.05)
+    lrs = []
+    with attach(
+        task.model, opt, job=job, endpoint=srv_endpoint, report_every=5, heartbeat_s=0.2
+    ) as guard:
+        for _ in range(steps):
+            xb, yb = task.batch()
+            loss = task.loss(xb, yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            guard.step(loss)
+            lrs.append(opt.param_groups[0]["lr"])
+            threading.Event().wait(0.004)
+        out[job] = (guard.global_step, lrs, out["scrape"]() if "scrape" in out else "")
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+def test_a_plugin_hung_for_one_job_is_cut_off_while_the_other_job_is_served(tmp_path, monkeypatch):
+    (tmp_path / "hanging_policy.py").write_text(HANGING)
+    monkeypatch.setenv(
+        "PYTHONPATH",
+        os.pathsep.join([str(tmp_path), *filter(None, [os.environ.get("PYTHONPATH")])]),
+    )
+    srv = start_serve(tmp_path, free_port(), free_port(), CONFIG)
+    try:
+        out: dict = {"scrape": srv.metrics}
+        threads = [
+            threading.Thread(target=_train, args=(srv.endpoint, job, 320, seed, out))
+            for seed, job in enumerate(("hang-a", "hang-b"))
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(90)
+        assert srv.proc.poll() is None, "the controller is still up"
+        journal = srv.journal()
+        (err,) = wait_for(lambda: journal.events("hang-a", "policy_error"))
+        assert err.data == {"policy": "hanging", "error": "exceeded time budget of 300 ms"}
+        assert journal.events("hang-b", "policy_error") == []
+        for job in ("hang-a", "hang-b"):
+            steps, lrs, scraped = out[job]
+            assert steps == 320
+            # nudge went on for both jobs: LR commands applied all through the run.
+            cmds = [c for c in journal.events(job, "command") if "lr" in c.data["knobs"]]
+            late = [c for c in cmds if c.step > err.step]
+            assert len(late) >= 4, (job, [c.step for c in cmds], err.step)
+            assert lrs[-1] < 0.05 * 0.9**4
+            errors = re.findall(
+                rf'trimtab_policy_errors_total{{job="{job}",policy="hanging"}} '
+                r"(\S+)",
+                scraped,
+            )
+            assert errors == (["1.0"] if job == "hang-a" else [])
+        assert "policy hanging disabled for job hang-a: exceeded time budget of 300 ms" in srv.log()
+    finally:
+        srv.proc.terminate()
+        try:
+            srv.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            srv.proc.kill()
+            srv.proc.wait(10)

@@ -1,0 +1,431 @@
+"""Scale-derived governor defaults: lr bounds by family and batch, clip bounds from the job's
+own gradient norms, lr x wd coupling; explicit configuration always wins."""
+
+from __future__ import annotations
+
+import logging
+from typing import ClassVar
+
+import pytest
+import torch
+from prometheus_client import CollectorRegistry
+
+from trimtab.client import wire
+from trimtab.controller.config import ConfigError, ControllerConfig, PolicySpec, load_config
+from trimtab.controller.engine import Engine
+from trimtab.controller.governor import Governor, GovernorConfig, KnobMemory
+from trimtab.controller.journal import Journal
+from trimtab.controller.policy import Policy, Proposal
+from trimtab.controller.scale import (
+    ScaleContext,
+    derive_limits,
+    explicit_fields,
+)
+from trimtab.controller.service import Controller
+from trimtab.controller.state import JobState
+
+
+def facts(optimizer: str = "AdamW", batch_size: int | None = 256, world_size: int = 1):
+    return wire.ScaleFacts(
+        param_count=1000,
+        group_sizes=[1000],
+        optimizer=optimizer,
+        dtype="float32",
+        device="cpu",
+        batch_size=batch_size,
+        world_size=world_size,
+    )
+
+
+def ctx(*args, **kw) -> ScaleContext:
+    return ScaleContext.from_facts(facts(*args, **kw))
+
+
+def job(optimizer: str = "AdamW", **knobs) -> JobState:
+    return JobState.register(
+        wire.Register(
+            job="s", run_id="r", report_every=10, facts=facts(optimizer), knobs=wire.Knobs(**knobs)
+        )
+    )
+
+
+def feed(st: JobState, n: int = 1, **fields) -> None:
+    for _ in range(n):
+        i = st.reports_seen + 1
+        st.observe(
+            wire.Report(
+                job="s", seq=i, step=10 * i, window=10, loss_mean=1.0, knobs=st.knobs, **fields
+            )
+        )
+
+
+def apply(st: JobState, commands: dict[str, float]) -> None:
+    """The client applied ``commands`` (as its ack would say)."""
+    st.on_applied(st.applied_seq + 1, st.knobs.model_copy(update=commands))
+
+
+class Ask(Policy):
+    """Asks for one fixed proposal at every decision."""
+
+    name: ClassVar[str] = "ask"
+
+    def __init__(self, proposal: Proposal) -> None:
+        super().__init__()
+        self.proposal = proposal
+
+    def propose(self, view):
+        return [self.proposal]
+
+
+# -- lr bounds ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "batch", "world", "expected"),
+    [
+        ("SGD", 256, 1, (1e-3, 1.0)),  # 0.1 x [1e-2, 10] at the reference batch
+        ("SGD", 32, 1, (1.25e-4, 0.125)),  # linear: x 32/256
+        ("SGD", 64, 16, (4e-3, 4.0)),  # global batch 1024: x 4
+        ("AdamW", 256, 1, (1e-5, 1e-2)),  # 1e-3 x [1e-2, 10]
+        ("AdamW", 64, 1, (5e-6, 5e-3)),  # square root: x sqrt(64/256)
+        ("Adam", 1024, 1, (2e-5, 2e-2)),  # x sqrt(4)
+        ("AdamW", None, 1, (1e-5, 1e-2)),  # batch unknown: unscaled
+    ],
+)
+def test_the_sane_lr_range_follows_family_and_batch_rule(optimizer, batch, world, expected):
+    lo, hi = ctx(optimizer, batch, world).lr_range()
+    assert (lo, hi) == (pytest.approx(expected[0]), pytest.approx(expected[1]))
+
+
+def test_no_range_for_an_optimizer_of_neither_family():
+    assert ctx("LBFGS").lr_range() is None
+    d = derive_limits(ctx("LBFGS"), GovernorConfig(), set(), wire.Knobs(lr=1.0))
+    assert d.config == GovernorConfig() and d.notes == ()
+
+
+def test_derived_lr_bounds_join_the_relative_band_and_the_family_range():
+    # A sensible start: the band [1e-6, 1e-2] and the range [1e-5, 1e-2] -> [1e-6, 1e-2].
+    d = derive_limits(ctx("AdamW"), GovernorConfig(), set(), wire.Knobs(lr=1e-3))
+    assert (d.config.lr.min, d.config.lr.max) == (pytest.approx(1e-6), pytest.approx(1e-2))
+    assert (d.config.lr.min_rel, d.config.lr.max_rel) == (None, None)
+    # Everything else stays as configured.
+    assert d.config.lr.max_step_ratio == 2.0 and d.config.clip == GovernorConfig().clip
+    (note,) = d.notes
+    assert note.startswith(
+        "lr bounds [1e-06, 0.01]: adam family range [1e-05, 0.01] "
+        "(sqrt rule, global batch 256 vs 256)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("lr", "old_hi", "new_hi"),
+    [
+        (1e-5, 1e-4, 1e-2),  # 100x too low: the old band stopped it at 10x
+        (1e-1, 1.0, 1.0),  # 100x too high: already free to come down, and still is
+    ],
+)
+def test_a_start_100x_off_can_be_moved_into_the_sane_range(lr, old_hi, new_hi):
+    d = derive_limits(ctx("AdamW"), GovernorConfig(), set(), wire.Knobs(lr=lr))
+    new, old = Governor(d.config), Governor()
+    assert old.bounds("lr", lr) == (pytest.approx(lr * 1e-3), pytest.approx(old_hi))
+    lo, hi = new.bounds("lr", lr)
+    assert hi == pytest.approx(new_hi)
+    assert lo <= 1e-5 and lo <= lr <= hi  # the sane range and the start are both inside
+
+
+def test_a_too_low_start_is_raised_past_10x_by_a_policy_only_with_derived_bounds():
+    def run(governor: Governor) -> float:
+        st = job(lr=1e-5)
+        eng = Engine([Ask(Proposal("lr", factor=2.0, reason="too slow"))], governor)
+        for _ in range(700):  # 7000 steps; the slew limit allows 4x per 1000
+            feed(st)
+            d = eng.decide(st)
+            if d.commands:
+                apply(st, d.commands)
+        return st.knobs.lr
+
+    derived = derive_limits(ctx("AdamW"), GovernorConfig(), set(), wire.Knobs(lr=1e-5))
+    assert run(Governor()) == pytest.approx(1e-4)  # the relative band's 10x
+    assert run(Governor(derived.config)) == pytest.approx(1e-2)  # the family range's top
+
+
+# -- explicit configuration wins ------------------------------------------------------------
+
+
+def test_explicit_fields_are_those_of_the_knob_tables_given():
+    cfg = ControllerConfig.model_validate({"governor": {"lr": {"max_rel": 5.0}}}).governor
+    assert {"lr.max_rel", "lr.min_rel", "lr.min"} <= explicit_fields(cfg)
+    assert not any(f.startswith("clip.") for f in explicit_fields(cfg))
+    assert explicit_fields(ControllerConfig().governor) == set()
+
+
+@pytest.mark.parametrize("source", ["toml", "env"])
+def test_lr_limits_set_in_the_config_are_not_derived(tmp_path, source):
+    if source == "toml":
+        path = tmp_path / "t.toml"
+        path.write_text("[governor.lr]\nmin_rel = 0.5\nmax_rel = 2.0\n")
+        cfg = load_config(path, env={}).governor
+    else:
+        cfg = load_config(env={"TRIMTAB_GOVERNOR__LR__MAX_REL": "2.0"}).governor
+    d = derive_limits(ctx("SGD"), cfg, explicit_fields(cfg), wire.Knobs(lr=0.1))
+    assert d.config.lr == cfg.lr and d.notes == ()
+    assert Governor(d.config).bounds("lr", 0.1)[1] == pytest.approx(0.2)
+
+
+def test_a_clip_table_leaves_the_lr_derivation_on():
+    cfg = GovernorConfig(clip={"max": 5.0})
+    d = derive_limits(ctx("SGD"), cfg, explicit_fields(cfg), wire.Knobs(lr=0.1))
+    assert (d.config.lr.min, d.config.lr.max) == (pytest.approx(1e-4), pytest.approx(1.0))
+    assert d.config.clip == cfg.clip
+
+
+def test_bad_values_name_the_field_value_and_rule():
+    with pytest.raises(
+        ConfigError,
+        match=r"governor.wd_coupling = 'keep': Input should be "
+        r"'follow' or 'keep_product'",
+    ):
+        load_config(overrides={"governor": {"wd_coupling": "keep"}}, env={})
+    with pytest.raises(
+        ConfigError,
+        match=r"min_rel_grad_norm=3.0 is above "
+        r"max_rel_grad_norm=2.0",
+    ):
+        load_config(
+            overrides={"governor": {"clip": {"min_rel_grad_norm": 3.0, "max_rel_grad_norm": 2.0}}},
+            env={},
+        )
+
+
+# -- the controller derives per job -----------------------------------------------------------
+
+
+def register(job: str, optimizer: str, lr: float, batch: int) -> bytes:
+    return wire.encode(
+        wire.Register(
+            job=job,
+            run_id="r",
+            report_every=10,
+            knobs=wire.Knobs(lr=lr),
+            facts=wire.ScaleFacts(
+                param_count=100,
+                group_sizes=[100],
+                optimizer=optimizer,
+                dtype="float32",
+                device="cpu",
+                batch_size=batch,
+            ),
+        )
+    )
+
+
+def test_each_job_gets_its_own_derived_governor_and_a_log_line(tmp_path, caplog):
+    cfg = ControllerConfig(
+        journal=str(tmp_path / "j.db"), metrics_port=0, policies=[PolicySpec(name="plateau")]
+    )
+    ctl = Controller(cfg, Journal(cfg.journal), registry=CollectorRegistry())
+    with caplog.at_level(logging.INFO, logger="trimtab.controller"):
+        ctl.handle(b"a", register("sgd-job", "SGD", 0.1, 32))
+        ctl.handle(b"b", register("adam-job", "AdamW", 1e-3, 1024))
+    sgd = ctl.engine_for("sgd-job").governor
+    adam = ctl.engine_for("adam-job").governor
+    assert sgd.bounds("lr", 0.1) == (pytest.approx(1e-4), pytest.approx(1.0))
+    assert adam.bounds("lr", 1e-3) == (pytest.approx(1e-6), pytest.approx(2e-2))
+    assert ctl.engine_for("sgd-job").policies == ctl.engine.policies  # same policies
+    assert ctl.engine.governor.bounds("lr", 0.1) == (pytest.approx(1e-4), pytest.approx(1.0))
+    lines = [r.getMessage() for r in caplog.records if "derived from its scale" in r.getMessage()]
+    assert lines == [
+        "job sgd-job: governor limit derived from its scale: lr bounds [0.0001, 1]: sgd family "
+        "range [0.000125, 0.125] (linear rule, global batch 32 vs 256) joined with the "
+        "relative band around the initial lr 0.1",
+        "job adam-job: governor limit derived from its scale: lr bounds [1e-06, 0.02]: adam "
+        "family range [2e-05, 0.02] (sqrt rule, global batch 1024 vs 256) joined with the "
+        "relative band around the initial lr 0.001",
+    ]
+    ctl.handle(b"a", wire.encode(wire.Bye(job="sgd-job", step=0, reason="done")))
+    assert "sgd-job" not in ctl._job_governors and "sgd-job" not in ctl._job_engines
+    ctl.close()
+
+
+# -- clip bounds from the job's own gradient norms ----------------------------------------------
+
+
+@pytest.mark.parametrize("norm", [1e-3, 1.0, 1e3])
+def test_clip_targets_are_bounded_relative_to_the_jobs_gradient_norm(norm):
+    st = job(lr=1e-3, clip=norm)
+    eng = Engine(
+        [Ask(Proposal("clip", value=norm * 1e4, reason="far too high"))],
+        Governor(
+            GovernorConfig(
+                clip={"min": 1e-9, "max": 1e9, "min_rel_grad_norm": 0.1, "max_rel_grad_norm": 10.0}
+            )
+        ),
+    )
+    feed(st, 9, grad_norm_mean=norm)  # one short of the z-score warm-up (10)
+    assert st.grad_norm_scale() is None
+    first = eng.decide(st)
+    assert first.commands["clip"] == pytest.approx(norm * 1e4)  # no scale yet: absolute only
+    st2 = job(lr=1e-3, clip=norm)
+    feed(st2, 10, grad_norm_mean=norm)
+    assert st2.grad_norm_scale() == pytest.approx(norm)
+    kd = eng.decide(st2).knobs["clip"]
+    assert kd.commanded == pytest.approx(10 * norm) and kd.limits[0] == "bounds"
+
+
+def test_default_clip_bounds_are_relative_to_the_gradient_norm():
+    g = Governor()
+    assert g.grad_norm_range("clip", 0.5) == (pytest.approx(0.05), pytest.approx(5.0))
+    assert g.grad_norm_range("clip", None) is None
+    assert g.grad_norm_range("lr", 0.5) is None
+    out = g.govern("clip", KnobMemory(), 1.0, 1.0, 0.001, 0, grad_norm=0.5)
+    assert out.value == pytest.approx(0.5) and out.limits == ("bounds", "max_step_ratio")
+
+
+def test_a_clip_in_force_outside_the_scaled_range_is_not_moved_without_a_proposal():
+    st = job(lr=1e-3, clip=1e3)
+    feed(st, 20, grad_norm_mean=1e-3)
+    assert Engine([], Governor()).decide(st).commands == {}
+
+
+# -- lr x wd coupling ------------------------------------------------------------------------------
+
+
+def coupled(optimizer: str, coupling: str, proposals: list[Proposal]) -> dict[str, float]:
+    st = job(optimizer, lr=1e-3, weight_decay=0.1)
+    feed(st)
+    eng = Engine(
+        [Ask(p) for p in proposals][:1]
+        if len(proposals) == 1
+        else [_named(p, i) for i, p in enumerate(proposals)],
+        Governor(GovernorConfig(wd_coupling=coupling)),
+    )
+    return eng.decide(st).commands
+
+
+def _named(p: Proposal, i: int) -> Policy:
+    policy = Ask(p)
+    policy.name = f"ask{i}"  # type: ignore[misc]
+    return policy
+
+
+@pytest.mark.parametrize("optimizer", ["AdamW", "SGD"])
+def test_keep_product_holds_lr_times_wd_when_a_policy_changes_only_lr(optimizer):
+    out = coupled(optimizer, "keep_product", [Proposal("lr", factor=0.5, reason="decay")])
+    assert out == {"lr": pytest.approx(5e-4), "weight_decay": pytest.approx(0.2)}
+    assert out["lr"] * out["weight_decay"] == pytest.approx(1e-3 * 0.1)
+
+
+def test_follow_is_the_default_and_leaves_wd_alone():
+    assert GovernorConfig().wd_coupling == "follow"
+    out = coupled("AdamW", "follow", [Proposal("lr", factor=0.5, reason="decay")])
+    assert out == {"lr": pytest.approx(5e-4)}
+
+
+def test_no_coupling_where_decay_is_not_lr_times_wd_or_a_policy_set_wd():
+    # Adam's L2 goes through its normalisation: lr x wd is not its decay.
+    assert coupled("Adam", "keep_product", [Proposal("lr", factor=0.5, reason="d")]) == {
+        "lr": pytest.approx(5e-4)
+    }
+    out = coupled(
+        "AdamW",
+        "keep_product",
+        [Proposal("lr", factor=0.5, reason="d"), Proposal("weight_decay", value=0.15, reason="w")],
+    )
+    assert out == {"lr": pytest.approx(5e-4), "weight_decay": pytest.approx(0.15)}
+
+
+def test_the_coupled_wd_stays_within_its_bounds():
+    st = job("AdamW", lr=1e-3, weight_decay=0.1)
+    feed(st)
+    eng = Engine(
+        [Ask(Proposal("lr", factor=0.5, reason="d"))],
+        Governor(
+            GovernorConfig(
+                wd_coupling="keep_product",
+                weight_decay={"min": 0.0, "max": 0.15, "allow_zero": True},
+            )
+        ),
+    )
+    kd = eng.decide(st).knobs["weight_decay"]
+    assert (kd.target, kd.commanded, kd.limits) == (pytest.approx(0.2), 0.15, ("bounds",))
+    assert kd.reason.startswith("wd_coupling=keep_product: lr x wd stays 0.0001")
+
+
+# -- a real `trimtab serve`: a run started 100x too low is raised past 10x ---------------------
+
+RAISE_CONFIG = """
+[[policies]]
+name = "divergence_guard"
+
+[[policies]]
+name = "update_ratio"
+config = { low = 5e-3, high = 2e-2, max_lr_rel = 1000.0 }
+"""
+OLD_BOUNDS = """
+[governor.lr]
+min_rel = 1e-3
+max_rel = 10.0
+max_step_ratio = 2.0
+slew_ratio = 4.0
+slew_window_steps = 1000
+cooldown_steps = 50
+deadband = 0.01
+reversal_window_steps = 200
+reversal_min_change = 0.2
+"""
+
+
+def _too_low_run(tmp_path, config: str) -> tuple[float, str]:
+    """AdamW at lr 1e-5 (its range at batch 64 is [5e-6, 5e-3]) for 4000 steps against a
+    real ``trimtab serve``; the final lr and the controller's log."""
+    from trimtab.client import attach
+
+    from ..integration.support import Regression, free_port, start_serve
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    srv = start_serve(tmp_path, free_port(), free_port(), config)
+    try:
+        task = Regression(seed=0)
+        opt = torch.optim.AdamW(task.model.parameters(), lr=1e-5, weight_decay=0.0)
+        with attach(
+            task.model,
+            opt,
+            job="too-low",
+            endpoint=srv.endpoint,
+            batch_size=64,
+            report_every=10,
+            checkpoint_every=0,
+        ) as guard:
+            for _ in range(4000):
+                loss = task.loss(*task.batch(64))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                guard.step(loss)
+        return opt.param_groups[0]["lr"], srv.log()
+    finally:
+        srv.proc.terminate()
+        srv.proc.wait(timeout=10)
+
+
+@pytest.fixture
+def one_thread():
+    """A tiny model trains fastest on one thread (and a shared machine stays usable)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_a_real_run_started_100x_too_low_rises_past_10x_only_with_derived_bounds(
+    tmp_path, one_thread
+):
+    derived_lr, log = _too_low_run(tmp_path / "derived", RAISE_CONFIG)
+    old_lr, old_log = _too_low_run(tmp_path / "old", RAISE_CONFIG + OLD_BOUNDS)
+    print(
+        f"\nAdamW from lr 1e-5, 4000 steps: derived bounds -> lr {derived_lr:.3g}; "
+        f"the old relative band, set explicitly -> lr {old_lr:.3g}"
+    )
+    assert "job too-low: governor limit derived from its scale: lr bounds [1e-08, 0.005]" in log
+    assert "lr bounds not derived from its scale (set in the configuration)" in old_log
+    assert old_lr <= 1e-4 * (1 + 1e-9)  # stopped by the relative band's 10x
+    assert 1e-4 < derived_lr <= 5e-3  # past it, within the family's range

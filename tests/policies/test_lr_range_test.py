@@ -1,0 +1,409 @@
+"""The LR range test: synthetic loss-vs-LR streams through the real engine, then a real run
+through ``trimtab serve``.
+
+The synthetic driver plays the client: each report's loss is a function of the LR in
+force, the engine decides, and its commands, stable marks and rollbacks are carried out
+on the job state as the client's acks would.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+import torch
+
+from trimtab.client import attach, wire
+from trimtab.controller.engine import Engine
+from trimtab.controller.governor import Governor
+from trimtab.controller.policy import Proposal, load_policy
+from trimtab.controller.rollback import RollbackConfig, plan_rollback
+from trimtab.controller.state import JobState
+from trimtab.policies.cosine import Cosine
+from trimtab.policies.divergence_guard import DivergenceGuard
+from trimtab.policies.lr_range_test import LrRangeTest, pick_lr, smooth
+from trimtab.policies.one_cycle import OneCycle
+from trimtab.policies.plateau import Plateau
+
+from ..integration.support import Regression, free_port, start_serve, wait_for
+from .streams import EVERY, job
+
+LR = 1e-3
+RB = RollbackConfig()
+#: Bounds wide enough for a sweep of LR/100 .. LR*100 (the default stops at 10x).
+WIDE = Governor({"lr": {"min_rel": 1e-3, "max_rel": 1e3}})
+
+
+def dip(best: float, blow: float = 30.0):
+    """A loss lowest at ``best`` (quadratic in log LR) that explodes past ``blow * best``."""
+
+    def loss(lr: float) -> float:
+        x = math.log10(lr / best)
+        return (1.0 + 0.5 * x * x) * math.exp(3.0 * max(lr / (best * blow) - 1.0, 0.0))
+
+    return loss
+
+
+def drive(
+    engine: Engine,
+    st: JobState,
+    loss_of,
+    reports: int,
+    checkpoints=(0, 100, 200),
+    stop_on_rollback: bool = True,
+):
+    """``reports`` reports whose loss is ``loss_of(lr in force)`` (inf: non-finite);
+    carries out every decision as the client would. Returns the decisions."""
+    decisions = []
+    for _ in range(reports):
+        step = st.step + EVERY
+        loss = loss_of(st.knobs.lr)
+        bad = not math.isfinite(loss)
+        st.observe(
+            wire.Report(
+                job="s",
+                seq=st.reports_seen + 1,
+                step=step,
+                window=EVERY,
+                knobs=st.knobs,
+                loss_mean=None if bad else loss,
+                nonfinite_losses=EVERY if bad else 0,
+                checkpoints=[c for c in checkpoints if c <= step],
+                stable_step=st.rollback.stable_step,
+            )
+        )
+        st.rollback.observe(st.view(), RB)
+        d = engine.decide(st)
+        decisions.append(d)
+        if d.mark_stable is not None:
+            st.rollback.note_marked(d.mark_stable)
+        knobs = st.knobs.model_dump()
+        if d.rollback is not None:
+            knobs.update(d.rollback.restored)
+            st.on_restored(d.rollback.target_step, RB)
+        knobs.update(d.commands)
+        st.knobs = wire.Knobs(**knobs)
+        if d.rollback is not None and stop_on_rollback:
+            break
+    return decisions
+
+
+def finished(decisions):
+    """The range test's ending proposal (its planned rollback)."""
+    ends = [
+        p
+        for d in decisions
+        for n, p in d.proposals
+        if n == "lr_range_test" and p.to_step is not None
+    ]
+    assert len(ends) == 1, ends
+    return ends[0]
+
+
+def test_a_dip_then_blow_up_picks_the_lr_of_the_lowest_loss_over_ten():
+    st = job(LR)
+    policy = LrRangeTest({"min_lr": 1e-5, "max_lr": 1e-1, "sweep_steps": 400, "beta": 0.0})
+    ds = drive(Engine([policy], WIDE), st, dip(best=3e-3, blow=5.0), 60)
+    end = finished(ds)
+    curve = end.detail["curve"]
+    lrs = [lr for lr, _ in curve]
+    i_min = min(range(len(curve)), key=lambda i: curve[i][1])
+    # The sweep stopped on the blow-up, well before its end, past the dip.
+    assert "x its lowest" in end.detail["stop"] and lrs[-1] < 1e-1 and lrs[i_min] < lrs[-1]
+    # The pick: the sampled LR of the lowest loss, nearest the true minimum, over 10.
+    assert end.detail["found_lr"] == pytest.approx(lrs[i_min] / 10)
+    assert lrs[i_min] == min(lrs, key=lambda lr: abs(math.log(lr / 3e-3)))
+    # Rolled back to the checkpoint the sweep began at, with the found LR; kept in the job.
+    assert ds[-1].rollback.target_step == 0 and ds[-1].rollback.level == 0
+    assert ds[-1].commands["lr"] == pytest.approx(lrs[i_min] / 10)
+    assert st.found_lr == pytest.approx(lrs[i_min] / 10) and st.view().found_lr == st.found_lr
+    assert st.step == 0 and st.knobs.lr == pytest.approx(st.found_lr)
+    print(f"found lr {st.found_lr:.3g} from {len(curve)} points")
+
+
+def test_steepest_picks_where_the_loss_falls_fastest():
+    curve = [(1e-4, 1.0), (1e-3, 0.98), (1e-2, 0.6), (1e-1, 0.5), (1.0, 3.0)]
+    assert pick_lr(curve, "steepest", 10.0) == 1e-2
+    assert pick_lr(curve, "min", 10.0) == pytest.approx(1e-2)
+    # Bias-corrected: a constant loss smooths to itself from the first point on.
+    assert [round(x, 12) for _, x in smooth([(1, 2.0, 10)] * 3, 0.98)] == [2.0, 2.0, 2.0]
+
+
+def test_a_flat_then_up_curve_picks_nothing_and_returns_at_the_registered_lr():
+    st = job(LR)
+    flat = lambda lr: 1.0 if lr < 2e-2 else 1.0 * math.exp(50 * (lr - 2e-2))  # noqa: E731
+    ds = drive(Engine([LrRangeTest({"min_lr": 1e-5, "max_lr": 1.0})], WIDE), st, flat, 60)
+    end = finished(ds)
+    assert end.detail["found_lr"] is None and "never fell" in end.reason
+    assert ds[-1].rollback.target_step == 0
+    assert st.found_lr is None and st.knobs.lr == pytest.approx(LR)
+    # Schedules keep the registered LR.
+    assert Cosine({"t_max": 1000}).base_lr(st.view()) == LR
+
+
+def test_a_non_finite_loss_mid_sweep_stops_it_and_rolls_back():
+    st = job(LR)
+    nan_past = lambda lr: math.inf if lr > 1e-2 else dip(3e-3)(lr)  # noqa: E731
+    policy = LrRangeTest({"min_lr": 1e-5, "max_lr": 1.0, "beta": 0.0})
+    ds = drive(Engine([policy, DivergenceGuard()], WIDE), st, nan_past, 60)
+    end = finished(ds)
+    assert "non-finite" in end.detail["stop"] and end.detail["curve"][-1][1] is None
+    plan = ds[-1].rollback
+    # The range test's return, not the guard's rollback (which the phase defers).
+    assert (plan.policy, plan.cause, plan.target_step) == ("lr_range_test", "lr_range_test", 0)
+    assert st.found_lr is not None and st.found_lr < 1e-2 / 10 * 1.001
+
+
+def test_the_sweep_runs_through_the_governor_bounds_and_defers_the_other_policies():
+    st = job(LR)
+    gov = Governor()  # the defaults: bounds [1e-3, 10] x the registered LR
+    lo, hi = gov.bounds("lr", LR)
+
+    class Nervous(DivergenceGuard):
+        name = "nervous"
+
+        def propose(self, view):  # a guard that sees a divergence in every report
+            return [Proposal.roll_back("climb", "loss rising")]
+
+    policies = [
+        Nervous(),
+        Plateau(),
+        LrRangeTest({"sweep_steps": 300, "max_factor": 100.0}),
+        Cosine({"t_max": 2000}),
+    ]
+    ds = drive(Engine(policies, gov), st, dip(best=2e-3, blow=20.0), 80)
+    # The opening decision marks the sweep's checkpoint stable (the client restores only
+    # stable ones) and sends the sweep's first LR.
+    assert ds[0].mark_stable == 0 and ds[0].commands["lr"] == pytest.approx(LR / 100)
+    sent = [d.commands["lr"] for d in ds if "lr" in d.commands]
+    # Every value within the bounds, the top one cut to them ...
+    assert all(lo <= v <= hi for v in sent) and max(sent) == pytest.approx(hi)
+    # ... and well past what the rate limits allow: 2x a decision, 4x per 1000 steps.
+    assert max(sent) / min(sent) > 100
+    rising = [b / a for a, b in zip(sent, sent[1:-1], strict=False)]
+    assert all(r >= 1 for r in rising), "the sweep only rises"
+    # Only the range test's proposals acted: the guard asked for a rollback and the cosine
+    # for its schedule at every report, and neither was applied.
+    assert all({"nervous", "cosine"} <= {n for n, _ in d.proposals} for d in ds)
+    assert all(d.rollback is None for d in ds[:-1])
+    assert all(kd.policy == "lr_range_test" for d in ds for kd in d.knobs.values())
+    assert all(d.mark_stable is None for d in ds[1:])
+    plan = ds[-1].rollback
+    assert plan.policy == "lr_range_test" and plan.target_step == 0 and plan.level == 0
+    found = st.found_lr
+    assert found is not None and ds[-1].commands["lr"] == pytest.approx(found)
+    # Not a divergence rollback: counted under its own cause, no escalation, no cooldown.
+    assert st.rollback.rollbacks == {"lr_range_test": 1}
+    assert st.rollback.cooldown_until in (None, 0)
+    st.rollback.step = 300
+    st.rollback.checkpoints = [0, 300]
+    assert plan_rollback("loss_spike", "spike", st.rollback, RB).level == 1
+    # Afterwards the phase is over: the cosine takes the found LR as its reference.
+    assert Cosine({"t_max": 2000}).lr_for(st.view())[1] == found
+    assert st.phase is None and [p.policy for p in st.phases_done.values()] == ["lr_range_test"]
+
+
+def test_quiet_when_finished_also_after_a_restart_and_without_a_checkpoint():
+    policy = LrRangeTest({"min_lr": 1e-5, "max_lr": 1.0, "beta": 0.0})
+    st = job(LR)
+    drive(Engine([policy], WIDE), st, lambda lr: 1.0, 3, checkpoints=())
+    assert st.phase is None and not st.phases_done, "no checkpoint: no sweep"
+    assert policy.propose(st.view()) == []
+    drive(Engine([policy], WIDE), st, dip(3e-3), 60)
+    found = st.found_lr
+    assert found is not None and policy.propose(st.view()) == []
+    restarted = JobState.from_state_dict(st.state_dict())
+    assert restarted.found_lr == found and restarted.phases_done == st.phases_done
+    ds = drive(
+        Engine([load_policy("lr_range_test", {"min_lr": 1e-5, "max_lr": 1.0})], WIDE),
+        restarted,
+        dip(3e-3),
+        5,
+    )
+    assert all(not d.proposals and not d.commands for d in ds)
+    assert restarted.found_lr == found
+
+
+def test_a_restart_mid_sweep_carries_on_from_the_job_state():
+    cfg = {"min_lr": 1e-5, "max_lr": 1e-1, "sweep_steps": 400, "beta": 0.0}
+    whole = job(LR)
+    drive(Engine([LrRangeTest(cfg)], WIDE), whole, dip(3e-3, blow=5.0), 60)
+    st = job(LR)
+    drive(Engine([LrRangeTest(cfg)], WIDE), st, dip(3e-3, blow=5.0), 5)
+    assert st.phase is not None and st.found_lr is None
+    restarted = JobState.from_state_dict(st.state_dict())
+    assert restarted.phase == st.phase
+    drive(Engine([LrRangeTest(cfg)], WIDE), restarted, dip(3e-3, blow=5.0), 60)
+    assert whole.found_lr is not None and restarted.found_lr == whole.found_lr
+
+
+def test_a_policy_failing_mid_sweep_ends_the_phase_with_the_return():
+    class Flaky(LrRangeTest):
+        calls = 0
+
+        def propose(self, view):
+            Flaky.calls += 1
+            if Flaky.calls > 4:
+                raise RuntimeError("boom")
+            return super().propose(view)
+
+    st = job(LR)
+    ds = drive(Engine([Flaky({"min_lr": 1e-5, "max_lr": 1.0})], WIDE), st, dip(3e-3), 10)
+    plan = ds[-1].rollback
+    assert plan.cause == "phase_aborted" and plan.target_step == 0
+    assert ds[-1].commands.get("lr", LR) == pytest.approx(LR) and st.knobs.lr == LR
+    assert st.phase is None and st.found_lr is None
+
+
+def test_a_planned_rollback_is_only_for_the_policy_holding_the_phase():
+    class Rogue(DivergenceGuard):
+        name = "rogue"
+
+        def propose(self, view):
+            return [Proposal.roll_back("climb", "back", to_step=0, value=LR / 2)]
+
+    st = job(LR)
+    d = drive(Engine([Rogue()], Governor()), st, lambda lr: 1.0, 1)[0]
+    assert d.rollback is None and d.commands == {"lr": LR / 2}
+    assert "holds none" in d.knobs["lr"].reason
+    with pytest.raises(ValueError, match="to_step is for a rollback proposal for lr with a value"):
+        Proposal("lr", reason="x", factor=0.5, rollback="climb", to_step=3)
+    with pytest.raises(ValueError, match="to_step must be a checkpoint step"):
+        Proposal.roll_back("climb", "x", to_step=-1, value=1.0)
+    with pytest.raises(ValueError, match="sweep proposal takes an absolute value"):
+        Proposal("lr", reason="x", factor=2.0, sweep=True)
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(Exception, match="min_lr=0.1 is not below max_lr=0.01"):
+        load_policy("lr_range_test", {"min_lr": 0.1, "max_lr": 0.01})
+    with pytest.raises(Exception, match="sweep_steps"):
+        load_policy("lr_range_test", {"sweep_steps": 1})
+
+
+def test_one_cycle_starts_at_its_start_fraction_of_the_found_lr():
+    st = job(LR)
+    rt = LrRangeTest({"min_lr": 1e-5, "max_lr": 1e-1, "beta": 0.0, "start_fraction": 1 / 25})
+    oc = OneCycle({"total_steps": 1000, "cycle_momentum": False})
+    ds = drive(Engine([rt, oc], WIDE), st, dip(3e-3), 60)
+    found = st.found_lr
+    assert ds[-1].commands["lr"] == pytest.approx(found / 25)
+    assert oc.lr_for(st.view()) == (pytest.approx(found / 25), found)
+
+
+# -- a real run ---------------------------------------------------------------------------
+
+POST = 1000  # optimizer steps after the rollback, and of the fixed-LR baseline
+CONFIG = f"""
+[[policies]]
+name = "lr_range_test"
+config = {{ sweep_steps = 200, max_factor = 1000.0 }}
+
+[[policies]]
+name = "cosine"
+config = {{ t_max = {POST}, eta_min = 0.0 }}
+
+[governor.lr]
+max_rel = 1000.0
+"""
+
+STEP_S = 0.003  # a realistic, if short, step: the controller answers within a few steps
+#: A poor guess for this task (SGD + momentum; fixed LRs of 0.03-0.1 do best, 0.3 diverges),
+#: as a first run's often is.
+REGISTERED_LR = 0.001
+
+
+def fit(task: Regression, opt, steps: int, guard=None) -> float:
+    """``steps`` steps (through ``guard`` when given); the loss over the whole data set."""
+    for _ in range(steps):
+        xb, yb = task.batch()
+        loss = task.loss(xb, yb)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if guard is None:
+            opt.step()
+        else:
+            guard.step(loss)
+            time.sleep(STEP_S)
+    with torch.no_grad():
+        return task.loss(task.x, task.y).item()
+
+
+@pytest.fixture
+def serve(tmp_path):
+    srv = start_serve(tmp_path, free_port(), free_port(), CONFIG)
+    yield srv
+    srv.proc.terminate()
+    srv.proc.wait(timeout=10)
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(180)
+def test_a_real_run_sweeps_rolls_back_and_trains_with_the_found_lr(serve):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model: more threads only contend for the cores
+    try:
+        _real_run(serve)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _real_run(srv):
+    task = Regression(seed=3)
+    opt = torch.optim.SGD(task.model.parameters(), lr=REGISTERED_LR, momentum=0.9)
+    restored: list[int] = []
+    with attach(
+        task.model,
+        opt,
+        job="range",
+        endpoint=srv.endpoint,
+        report_every=10,
+        checkpoint_every=100,
+        on_rollback=restored.append,
+    ) as guard:
+        while not restored and guard.global_step < 600:
+            fit(task, opt, 10, guard)
+        assert restored == [0], f"no rollback to the sweep's start: {restored}"
+        fit(task, opt, 1, guard)
+        lr_after = opt.param_groups[0]["lr"]
+        loss = fit(task, opt, POST - 1, guard)
+    base = Regression(seed=3)
+    baseline = fit(
+        base, torch.optim.SGD(base.model.parameters(), lr=REGISTERED_LR, momentum=0.9), POST
+    )
+
+    journal = srv.journal()
+    acks = wait_for(
+        lambda: [a for a in journal.events("range", "ack") if a.data["restored_step"] is not None]
+    )
+    assert acks and acks[0].data["restored_step"] == 0
+    ends = [e for e in journal.events("range", "decision") if e.data["rollback"]]
+    assert ends and ends[0].data["rollback"]["cause"] == "lr_range_test"
+    detail = next(p["detail"] for p in ends[0].data["proposals"] if p.get("to_step") == 0)
+    found, curve = detail["found_lr"], detail["curve"]
+    print(
+        f"found lr {found:.4g} from a curve of {len(curve)} points (sweep "
+        f"{curve[0][0]:.3g} .. {curve[-1][0]:.3g}, stopped: {detail['stop']}); loss after "
+        f"{POST} steps {loss:.4f}, fixed lr {REGISTERED_LR}: {baseline:.4f}"
+    )
+    # The LR after the rollback: the found one (cosine at step 1 of POST from it).
+    assert lr_after == pytest.approx(found, rel=0.01)
+    # A sane pick for this model: inside the sweep, not at its ends, above the poor guess.
+    lo, hi = REGISTERED_LR / 100, REGISTERED_LR * 1000
+    assert lo * 10 < found < hi / 10 and found > REGISTERED_LR
+    assert loss <= baseline, f"range test + cosine {loss:.4f} worse than fixed lr {baseline:.4f}"
+
+
+def test_a_schedule_counts_its_steps_from_the_checkpoint_the_range_test_returned_to():
+    st = job(LR)
+    st.step = 100
+    st.begin_phase("lr_range_test", 100)
+    st.step = 300
+    st.end_phase(0.02)
+    st.step = 100  # rolled back
+    cos = Cosine({"t_max": 1000})
+    assert cos.step_origin(st.view()) == 100 and cos.lr_for(st.view()) == (0.02, 0.02)
+    # A configured reference LR, or use_found_lr=False, ignores the range test.
+    assert Cosine({"t_max": 1000, "lr": 0.5}).lr_for(st.view())[1] == 0.5
+    assert Cosine({"t_max": 1000, "use_found_lr": False}).step_origin(st.view()) == 0

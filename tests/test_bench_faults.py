@@ -1,0 +1,124 @@
+"""The benchmark's fault scenario: every contender meets the same real fault in a real run,
+and trimtab's runs against a live controller repeat exactly in lockstep."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from bench import contenders, faults
+from bench._serve import Controller
+from bench.tasks import load_tasks
+
+ROOT = Path(__file__).resolve().parents[1]
+
+_MISSING = "the bench extra is not installed (pip install -e '.[bench]')"
+pytest.importorskip("matplotlib", reason=_MISSING)
+pytest.importorskip("zclip", reason=_MISSING)
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
+
+# | fault | contender | recovered k/n | redone | back after | final ratio | worst | vs trimtab |
+ROW = re.compile(r"^\| (\w+) \| ([\w:]+) \| (\d+)/(\d+) \| (\d+) \| ([^|]+) \| ([^|]+) \| "
+                 r"([^|]+) \| ([^|]*)\|", re.M)
+
+
+def test_every_contender_meets_the_fault_and_the_table_says_who_recovered(tmp_path):
+    cmd = [sys.executable, "-m", "bench", "run", "--quick", "--tasks", "digits_cnn",
+           "--contenders", "constant,zclip,trimtab", "--seeds", "1", "--steps", "60",
+           "--workers", "1", "--scenarios", "faults", "--faults", "nan_grad",
+           "--out", str(tmp_path)]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=220)
+    assert done.returncode == 0, done.stderr[-3000:]
+    section = done.stdout.split("## Fault recovery")[1]
+    rows = {m.group(2): m.groups() for m in ROW.finditer(section)}
+    assert set(rows) == {"constant", "zclip", "trimtab"}, section
+    for fault, *_ in rows.values():
+        assert fault == "nan_grad"
+    # A NaN in one gradient: plain SGD writes it into the weights and the run is lost;
+    # trimtab's guard skips that step (one iteration redone) and the run goes on (its
+    # controller also halves the LR, so it need not end within 10% of the clean run).
+    assert rows["constant"][2:4] == ("0", "1") and rows["constant"][6].strip() == "diverged"
+    assert rows["trimtab"][3:5] == ("1", "1"), rows["trimtab"]
+    assert 0.5 < float(rows["trimtab"][6]) < 3, rows["trimtab"]
+    assert "loses to trimtab" in rows["constant"][8]
+    assert (tmp_path / "quality_digits_cnn_nan_grad.png").stat().st_size > 0
+    assert "fault at iteration 30 of 60" in section
+
+
+def _resume_when_waited_on_or_past(pid: int, progress: list[int], waits: list[int],
+                                   last: int) -> None:
+    """SIGCONT ``pid`` once lockstep began a wait after the stop, or the loop got to
+    iteration ``last`` (without lockstep nothing waits)."""
+    start = waits[0]
+    while waits[0] == start and progress[0] < last:
+        time.sleep(0.001)
+    os.kill(pid, signal.SIGCONT)
+
+
+def _lr_run(ctl: Controller, job: str, stall: bool) -> list[float]:
+    """digits_cnn with trimtab, the LR x100 at iteration 30; with ``stall`` the controller
+    is stopped (SIGSTOP) just before that step until lockstep waits on it or the loop gets
+    to iteration 40. Returns the LR after each iteration."""
+    task = load_tasks()["digits_cnn"]
+    run = task.make(0)
+    setup = contenders.Setup(task, run, 0.03, 60, ctl.endpoint, job, ctl.journal)
+    stepper = contenders.get("trimtab").build(setup)
+    batches, lrs, progress, waits = run.batches(), [], [0], [0]
+    if stepper.lockstep is not None:
+        wait = stepper.lockstep._wait
+
+        def counted(*args):
+            waits[0] += 1
+            return wait(*args)
+
+        stepper.lockstep._wait = counted
+    resumer = None
+    try:
+        for it in range(1, 46):
+            progress[0] = it
+            if it == 30:
+                stepper.scale_lr(faults.LR_FACTOR)
+            loss = run.train_loss(run.model, next(batches))
+            stepper.optimizer.zero_grad()
+            loss.backward()
+            if it == 30 and stall:
+                os.kill(ctl.proc.pid, signal.SIGSTOP)
+                resumer = threading.Thread(target=_resume_when_waited_on_or_past,
+                                           args=(ctl.proc.pid, progress, waits, 40))
+                resumer.start()
+            stepper.step(loss)
+            lrs.append(stepper.lr())
+    finally:
+        progress[0] = 1_000
+        if resumer is not None:
+            resumer.join()
+        info = stepper.close()
+    assert info.get("lockstep_timeouts", 0) == 0
+    return lrs
+
+
+def test_lockstep_applies_a_command_at_the_step_after_its_report_even_when_it_is_late(
+        tmp_path):
+    ctl = Controller(str(tmp_path))
+    try:
+        calm = _lr_run(ctl, "calm", False)
+        stalled = _lr_run(ctl, "stalled", True)
+    finally:
+        ctl.stop()
+    # The x100 LR is reported at step 30; the controller's correction lands at step 31
+    # however long the controller took (without lockstep the loop runs on to step 40
+    # while the controller is stopped, and the correction lands after that).
+    assert calm[29] == pytest.approx(3.0)
+    assert calm[30] < calm[29], calm[25:40]
+    assert stalled == calm
+    assert all(math.isfinite(x) for x in calm)
