@@ -136,8 +136,9 @@ def test_train_takes_the_controllers_lr_and_acks(tmp_path) -> None:
             lambda: len(journal.events("hf", "report")) == 40 and journal.events("hf", "report")
         )
         seqs = [c.seq for c in journal.events("hf", "command")]
-        assert acks and [a.seq for a in acks] == seqs[: len(acks)]
-        assert len(seqs) - len(acks) <= 1
+        acked = list(dict.fromkeys(a.seq for a in acks))  # a resent command is re-acked
+        assert acked and acked == seqs[: len(acked)]
+        assert len(seqs) - len(acked) <= 1
         # The model's own loss, the mean over a step's two micro-batches.
         assert reports[0].data["loss_mean"] == pytest.approx(sum(model.losses[:10]) / 10, rel=1e-5)
     finally:

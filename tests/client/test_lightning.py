@@ -90,8 +90,9 @@ def test_fit_takes_the_controllers_lr_and_acks(tmp_path) -> None:
         commands = journal.events("pl", "command")
         # Every command was acknowledged, once, but one sent after the last report.
         seqs = [c.seq for c in commands]
-        assert acks and [a.seq for a in acks] == seqs[: len(acks)]
-        assert len(seqs) - len(acks) <= 1
+        acked = list(dict.fromkeys(a.seq for a in acks))  # a resent command is re-acked
+        assert acked and acked == seqs[: len(acked)]
+        assert len(seqs) - len(acked) <= 1
         # A report's loss is the mean over its steps' micro-batches, in the loss's own
         # units (Lightning's division by accumulate_grad_batches undone).
         first = model.losses[:10]
