@@ -11,7 +11,8 @@
 
 Checkpoints and rollback: ``attach(..., checkpoint_every=100, keep=3,
 checkpoint_dir="ckpt", scheduler=sched, on_rollback=loader_seek)``; to resume after a
-crash, ``load_stable("ckpt").restore(model, optimizer, sched)``.
+crash, ``load_stable("ckpt").restore(model, optimizer, sched)`` (a model sharded with
+FSDP2: ``load_sharded("ckpt", model, optimizer)`` on every rank).
 
 A loop that cannot change: ``attach(..., hooks=True)`` guards the loop's own
 ``optimizer.step()`` through the optimizer's step hooks, with ``guard.observe_loss(loss)``;
@@ -31,9 +32,10 @@ if TYPE_CHECKING:
     from ._checkpoint import Checkpoint, CheckpointStore, load_stable
     from ._dist import shard_endpoint
     from ._guard import Guard, attach
+    from ._sharded import load_sharded
 
-__all__ = ["attach", "Guard", "Checkpoint", "CheckpointStore", "load_stable", "shard_endpoint",
-           "__version__"]
+__all__ = ["attach", "Guard", "Checkpoint", "CheckpointStore", "load_stable", "load_sharded",
+           "shard_endpoint", "__version__"]
 
 try:
     __version__ = version("trimtab")
@@ -52,6 +54,10 @@ def __getattr__(name: str):
         from . import _checkpoint
 
         return getattr(_checkpoint, name)
+    if name == "load_sharded":
+        from . import _sharded
+
+        return _sharded.load_sharded
     if name == "shard_endpoint":
         from . import _dist
 

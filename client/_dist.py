@@ -25,6 +25,9 @@ launched by ``torchrun``, say), every rank attaches its own guard and they act a
   its files under ``rank-<r>`` there: see :func:`rank_directory`). A mark or a rollback
   reaches all ranks in the same broadcast, so all restore the same step from their own
   snapshots; DDP replicas are identical, so the restored parameters are identical too.
+* **Sharded models** (FSDP2's ``fully_shard``: DTensor parameters). The gradient norm is
+  made global with one all-reduce per step, checkpoints hold each rank's shards and go to
+  DCP directories shared by all ranks: see :mod:`trimtab.client._sharded`.
 
 Per report that is two small collectives (a third, only when a command is carried) and
 one host copy of each result; nothing per step. A collective waits for every rank, as

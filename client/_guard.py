@@ -31,6 +31,7 @@ from ._knobs import apply_knobs, check_optimizer, read_knobs
 from ._live_schedule import LiveSchedules
 from ._probe import Grads, Probe
 from ._schedule import ScheduleHold, scale_schedule
+from ._sharded import ShardedStore, ShardNorms, is_sharded
 from ._transport import Transport, load_curve_keys
 
 __all__ = ["attach", "Guard", "NONFINITE_MODES"]
@@ -206,7 +207,9 @@ class Guard:
     report); each command is broadcast from rank 0 at a report boundary and applied by every
     rank at the same step, acknowledged once; checkpoint files go to
     ``checkpoint_dir/rank-<r>``. Gradients must be in sync across ranks before ``step``
-    (DDP does that), and every rank must step and ``close()`` in lockstep.
+    (DDP does that), and every rank must step and ``close()`` in lockstep. A model sharded
+    with FSDP2's ``fully_shard`` gets global gradient norms and sharded checkpoints (DCP
+    directories ``checkpoint_dir/step-<N>``): see :mod:`trimtab.client._sharded`.
 
     Loops that cannot change (``hooks=True``): the loop keeps calling ``optimizer.step()``
     and the optimizer's step hooks do what ``guard.step`` does around it; the loss comes
@@ -274,11 +277,16 @@ class Guard:
         self.facts, device = _facts(model, optimizer, batch_size)
         # Under torch.distributed: rank 0 links to the controller, all ranks act in step.
         self._dist = DistLink.detect(device)
+        # FSDP2 (DTensor shards): global norms and sharded snapshots, see _sharded.
+        self._sharded = is_sharded(model)
         if self._dist is not None:
             self._dist.check_same(report_every=report_every, checkpoint_every=checkpoint_every)
-            checkpoint_dir = rank_directory(checkpoint_dir, self._dist.rank)
+            if not self._sharded:  # DCP directories hold every rank's shards together
+                checkpoint_dir = rank_directory(checkpoint_dir, self._dist.rank)
         self.nonfinite_mode = _resolve_mode(nonfinite, optimizer, device)
         self._probe = Probe(optimizer, report_every, device)
+        if self._sharded:
+            self._probe.sharding = ShardNorms.of(model)
         self._calls = 0
         self._skipped_closed = 0  # skips in windows already reduced
         self._open_skips_host = 0  # skips in the open window seen on the host ("skip" mode)
@@ -329,7 +337,8 @@ class Guard:
         if not self.checkpoint_every:
             return None
         try:
-            store = CheckpointStore(keep, checkpoint_dir)
+            store = (ShardedStore(keep, checkpoint_dir) if self._sharded
+                     else CheckpointStore(keep, checkpoint_dir))
         except OSError as exc:
             raise _invalid("checkpoint_dir", checkpoint_dir,
                            f"a directory that can be created and written ({exc})") from None

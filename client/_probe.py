@@ -11,6 +11,10 @@ squared micro-batch gradient norm (written on steps whose loop reported micro-ba
 through ``Guard.note_micro_batch``, else NaN).
 Finiteness is not stored: the host sees NaN and inf in the copied values.
 
+Sharded parameters (FSDP2): with :attr:`Probe.sharding` set (see
+:mod:`trimtab.client._sharded`) the probe works on this rank's shards and turns local
+norms into global ones with one all-reduce of their squares per step.
+
 >>> import torch
 >>> p = torch.nn.Parameter(torch.ones(3)); opt = torch.optim.SGD([p], lr=0.1)
 >>> probe = Probe(opt, report_every=2, device=p.device)
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 
@@ -86,6 +91,9 @@ class Probe:
         self._params: list[torch.Tensor] = []
         self._one_device = all(
             p.device == self.device for g in optimizer.param_groups for p in g["params"])
+        #: Sharded parameters: this rank's shards and global norms (``_sharded.ShardNorms``);
+        #: ``None``: every tensor is whole on this rank.
+        self.sharding: Any = None
 
     @property
     def full(self) -> bool:
@@ -95,6 +103,8 @@ class Probe:
     def grads(self) -> Grads:
         """This step's gradients, per group and device (params without a grad are left out)."""
         groups = self.optimizer.param_groups
+        if self.sharding is not None:
+            return self.sharding.grads(groups, self.device)
         if self._one_device:  # the common case, without a per-parameter device lookup
             dev = self.device
             return [{dev: [p.grad for p in g["params"] if p.grad is not None]} for g in groups]
@@ -123,6 +133,8 @@ class Probe:
     def measure(self, loss: torch.Tensor | float, grads: Grads) -> torch.Tensor:
         """Write this step's row; return the global grad norm before clipping (on device)."""
         group_norms = [self._group_norm(g) for g in grads]
+        if self.sharding is not None:  # each rank holds a part of every gradient
+            group_norms = self.sharding.global_norms(group_norms)
         if len(group_norms) == 1:
             total = group_norms[0]
         else:
@@ -138,6 +150,8 @@ class Probe:
     def snapshot(self) -> None:
         """Copy the params about to be updated; called on the window's last step only."""
         params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if self.sharding is not None:
+            params = [self.sharding.local(p) for p in params]
         self._before = [p.detach().clone() for p in params]
         self._params = params
 
@@ -151,9 +165,10 @@ class Probe:
             delta = torch._foreach_sub(after, before)
             dn = torch.stack(torch._foreach_norm(delta, 2.0, dtype=torch.float32))
             wn = torch.stack(torch._foreach_norm(before, 2.0, dtype=torch.float32))
-            ratio = torch.linalg.vector_norm(dn.to(self.device)) / torch.linalg.vector_norm(
-                wn.to(self.device)
-            )
+            norms = [torch.linalg.vector_norm(n.to(self.device)) for n in (dn, wn)]
+            if self.sharding is not None:
+                norms = self.sharding.global_norms(norms)
+            ratio = norms[0] / norms[1]
             # A skipped step's ratio says nothing of the step size; collect() drops it.
             self.buf[self.row, self._ratio_col] = ratio
         self._params = []
@@ -161,6 +176,8 @@ class Probe:
     def total_norm(self, grads: Grads) -> torch.Tensor:
         """The global norm of ``grads`` on the device, without writing a row."""
         norms = [self._group_norm(g) for g in grads]
+        if self.sharding is not None:
+            norms = self.sharding.global_norms(norms)
         return norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms))
 
     def note_micro(self, sq_norm: torch.Tensor) -> None:

@@ -1,0 +1,204 @@
+"""FSDP2 (``fully_shard``): a real sharded job (gloo, CPU, torchrun, 2 ranks) attached to a
+real ``trimtab serve``: global gradient norms, sharded snapshots, rollback and DCP files.
+
+``fsdp_worker.py`` runs on every rank and logs, per ``guard.step()``, its global step, a
+hash of its own shards, a hash of the gathered parameters and the gathered gradient's
+norm; the test compares the ranks' logs with each other and with the controller's journal.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from trimtab.client import attach
+from trimtab.client._sharded import is_sharded, step_name
+
+from ..integration.support import free_port, start_serve
+from .test_distributed import CONFIG, REPORT_EVERY, TORCHRUN
+
+WORKER = Path(__file__).with_name("fsdp_worker.py")
+CLIP = 2.0
+
+# Columns of a worker's row.
+IT, STEP, LR, LOCAL, FULL, LOSS, STABLE, ROLLBACKS, NORM, DTENSOR_NORM, CLIPPED = range(11)
+
+
+@pytest.fixture
+def serve(tmp_path):
+    srv = start_serve(tmp_path, free_port(), free_port(), CONFIG)
+    yield srv
+    srv.proc.terminate()
+    srv.proc.wait(timeout=10)
+
+
+def torchrun(out: Path, *args: str) -> list[dict]:
+    out.mkdir()
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(WORKER),
+        "--out",
+        str(out),
+        *args,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=150, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return [json.loads((out / f"rank-{r}.json").read_text()) for r in range(2)]
+
+
+@TORCHRUN
+def test_fsdp_rollback_restores_every_rank_and_dcp_files_load_back(serve, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    logs = torchrun(
+        tmp_path / "out",
+        "--endpoint",
+        serve.endpoint,
+        "--job",
+        "fsdp2",
+        "--clip",
+        str(CLIP),
+        "--report-every",
+        str(REPORT_EVERY),
+        "--checkpoint-dir",
+        str(ckpt),
+    )
+    assert [log["rank"] for log in logs] == [0, 1]
+    rows0, rows1 = logs[0]["rows"], logs[1]["rows"]
+    assert len(rows0) == len(rows1)
+    # Every rank at the same step with the same lr and the same gathered parameters after
+    # every step; their own shards differ (each holds a different part).
+    for a, b in zip(rows0, rows1, strict=True):
+        assert (a[STEP], a[LR], a[FULL]) == (b[STEP], b[LR], b[FULL]), (a, b)
+    assert rows0[5][LOCAL] != rows1[5][LOCAL]
+
+    # The rollback: one, to the same stable step on every rank.
+    journal = serve.journal()
+    restored = journal.events("fsdp2", "restored")
+    assert len(restored) == 1, [e.data for e in journal.events("fsdp2", "rollback")]
+    target = restored[0].data["restored_step"]
+    assert target > 0  # a snapshot with momentum buffers in the optimizer state
+    assert [[r[0] for r in log["restored"]] for log in logs] == [[target], [target]]
+    fault = logs[0]["fault_step"]
+    assert target <= fault and rows0[1 + logs[0]["fault_iter"]][STEP] == fault  # skipped
+    for log in logs:
+        rows = log["rows"]
+        first_time = next(r for r in rows if r[STEP] == target)
+        # Right after the restore this rank's shards (parameters and momentum) are, bit for
+        # bit, those it held when the snapshot was taken.
+        assert log["restored"][0][1] == first_time[LOCAL]
+        back = next(i for i, r in enumerate(rows) if i and r[ROLLBACKS] == 1)
+        assert rows[back][STEP] == target
+        assert (rows[back][LOCAL], rows[back][FULL]) == (first_time[LOCAL], first_time[FULL])
+        # Training goes on from there: more steps, finite losses.
+        tail = rows[back + 1 :]
+        assert tail and tail[-1][STEP] == target + len(tail)
+        assert all(r[LOSS] is not None for r in tail)
+
+    # The reported gradient norm is the whole (gathered) gradient's, not a shard's: each
+    # report's mean equals the mean of the gathered norms over its window's steps.
+    reports = journal.events("fsdp2", "report")
+    windows, window, rollbacks = [], [], 0
+    for r in rows0[1:]:
+        if r[ROLLBACKS] != rollbacks:  # the rollback's step probes nothing, drops the window
+            rollbacks, window = r[ROLLBACKS], []
+            continue
+        window.append(r[NORM])
+        if len(window) == REPORT_EVERY:
+            windows.append(window)
+            window = []
+    assert len(reports) == len(windows)
+    checked = 0
+    for rep, window in zip(reports, windows, strict=True):
+        if None in window:  # the NaN step: counted, not averaged
+            assert rep.data["nonfinite_grads"] == 1
+            continue
+        assert rep.data["grad_norm_mean"] == pytest.approx(sum(window) / len(window), rel=1e-4)
+        assert rep.data["grad_norm_max"] == pytest.approx(max(window), rel=1e-4)
+        checked += 1
+    assert checked == len(windows) - 1
+    # torch's own DTensor norm agrees; clipping used the global norm: the whole gradient
+    # after the guard's clip has norm min(norm, clip) on every rank.
+    finite = [r for r in rows0[1:] if r[NORM] is not None and r[CLIPPED] is not None]
+    norms = sorted(r[NORM] for r in finite)
+    assert norms[0] < CLIP < norms[-1], (norms[:3], norms[-3:])
+    for r in finite:
+        assert r[DTENSOR_NORM] == pytest.approx(r[NORM], rel=1e-5)
+        assert r[CLIPPED] == pytest.approx(min(r[NORM], CLIP), rel=1e-4)
+
+    # On disk: one complete DCP directory per checkpoint the ring holds, shared by the ranks.
+    assert logs[0]["checkpoints"] == logs[1]["checkpoints"]
+    dirs = [d for d in logs[0]["dirs"] if d.startswith("step-")]
+    assert dirs == [step_name(s) for s in logs[0]["checkpoints"]]
+    for d in dirs:
+        assert (ckpt / d / ".metadata").is_file()
+        assert sorted(p.name for p in (ckpt / d).glob("*.distcp")) == [
+            "__0_0.distcp",
+            "__1_0.distcp",
+        ]
+    # A freshly built FSDP model and optimizer (other initial weights) load the newest
+    # stable one back to that step's state: every rank's shards and the gathered whole.
+    for log in logs:
+        rows = log["rows"]
+        step = log["loaded_step"]
+        assert step == target  # no later checkpoint was marked stable in this short run
+        at = [r for r in rows if r[STEP] == step]
+        assert log["fresh_before"] != at[0][LOCAL]
+        assert log["loaded"] == at[0][LOCAL] and log["loaded_full"] == at[0][FULL]
+
+
+def test_a_model_without_dtensor_parameters_is_not_sharded():
+    assert not is_sharded(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1)))
+
+
+@pytest.fixture
+def one_rank():
+    """A process group of one rank (gloo), for building DTensor models in this process."""
+    if not dist.is_available() or not dist.is_gloo_available() or dist.is_initialized():
+        pytest.skip("needs torch.distributed with gloo and no process group yet")
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
+    )
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_models_the_guard_cannot_reduce_are_refused_naming_the_parameter(one_rank):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (1,))
+    partly = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1))
+    fully_shard(partly[0], mesh=mesh)
+    opt = torch.optim.SGD(partly.parameters(), lr=0.1)
+    with pytest.raises(
+        ValueError,
+        match=r"parameter '1.weight' is a plain tensor in a model with DTensor parameters; "
+        r"allowed: every parameter sharded",
+    ):
+        attach(partly, opt, job="partly", endpoint=f"tcp://127.0.0.1:{free_port()}")
+    mesh2 = init_device_mesh("cpu", (1, 1), mesh_dim_names=("replicate", "shard"))
+    hsdp = torch.nn.Linear(4, 1)
+    fully_shard(hsdp, mesh=mesh2)
+    with pytest.raises(
+        ValueError,
+        match=r"parameter 'weight' has placements=\(Replicate\(\), Shard\(dim=0\)\) on a 2-D "
+        r"mesh; allowed: one Shard placement on a 1-D mesh",
+    ):
+        is_sharded(hsdp)
+    whole = torch.nn.Linear(4, 1)
+    fully_shard(whole, mesh=mesh)
+    assert is_sharded(whole)
