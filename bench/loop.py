@@ -133,8 +133,9 @@ def train(task: Task, spec: RunSpec, endpoint: str | None = None,
             faults.poison_grad(kind, it, run.model, at)
             stepper.step(loss)
             if kind is not None:
-                losses.append(float(loss.detach()))  # a host read per step: faulted runs only
-                lrs.append(stepper.lr())
+                # A host read per step, faulted runs only; 6 digits keep the runs file small.
+                losses.append(float(f"{float(loss.detach()):.6g}"))
+                lrs.append(float(f"{stepper.lr():.6g}"))
             if it % every == 0 or it == spec.steps:
                 stepper.eval_mode()
                 run.model.eval()

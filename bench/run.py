@@ -497,10 +497,13 @@ def _controllers(tmp: str, args, names: list[str], sets: dict,
             d = Path(tmp) / c.replace(":", "_")
             d.mkdir()
             config = args.trimtab_config
-            if c in sets:
+            items = sets.get(c)
+            if items is None and config is None:  # the default set, fitted to each budget
+                items = trimtab_sets.default_items()
+            if items is not None:
                 base = (tomllib.loads(Path(config).read_text()) if config else None)
                 config = str(d / "trimtab.toml")
-                Path(config).write_text(trimtab_sets.to_toml(sets[c], steps, base))
+                Path(config).write_text(trimtab_sets.to_toml(items, steps, base))
             ctls[c] = Controller(str(d), config)
     except BaseException:
         for ctl in ctls.values():

@@ -8,8 +8,11 @@ settings after colons, each value read as JSON when it parses and as a string ot
 schedule fits every task: the controller then gets one entry per task, for that task's
 jobs (``bench-TASK-*``).
 
->>> parse_set("warm=+warmup:warmup_steps=20")
-('warm', [('divergence_guard', {}), ('plateau', {}), ('warmup', {'warmup_steps': 20})])
+>>> name, items = parse_set("warm=+warmup:warmup_steps=20")
+>>> name, [p for p, _ in items]
+('warm', ['divergence_guard', 'plateau', 'lr_range_test', 'warmup'])
+>>> items[2:]
+[('lr_range_test', {'sweep_steps': '{steps/5}'}), ('warmup', {'warmup_steps': 20})]
 >>> print(to_toml([("warmup", {"warmup_steps": 20})]), end="")
 [[policies]]
 name = "warmup"
@@ -27,20 +30,27 @@ import json
 import re
 from importlib.metadata import entry_points
 
-__all__ = ["CANDIDATES", "default_set", "describe", "known_policies", "parse_set", "to_toml"]
+__all__ = ["CANDIDATES", "FIT_TO_BUDGET", "default_items", "default_set", "describe",
+           "known_policies", "parse_set", "to_toml"]
 
 #: The candidate default sets ``python -m bench.choose_default`` measures beside the
 #: ``trimtab`` contender (the current default), as written on the command line: the
 #: default plus each policy that could join it.
 CANDIDATES = (
+    "guard_plateau=divergence_guard,plateau",
     "spike=+spike_guard",
     "clip=+adaptive_clip",
     "ratio=+update_ratio",
     "noise=+grad_noise",
     "warmup=+warmup:warmup_steps={steps/20}",
-    "rangetest=+lr_range_test:sweep_steps={steps/5}",
-    "rangetest_cosine=+lr_range_test:sweep_steps={steps/5},cosine:t_max={steps}",
+    "cosine=+cosine:t_max={steps}",
 )
+
+#: Settings the bench gives the default set's policies so that they fit a run's budget, as
+#: the schedule contenders get theirs (OneCycle's total steps, cosine's T_max): the range
+#: test's sweep takes a fifth of the budget (the library's default, 200 steps, is for runs
+#: of thousands of steps).
+FIT_TO_BUDGET = {"lr_range_test": {"sweep_steps": "{steps/5}"}}
 
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,40}$")
 _KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -52,6 +62,12 @@ def default_set() -> list[str]:
     from trimtab.controller.config import ControllerConfig
 
     return [p.name for p in ControllerConfig().policies]
+
+
+def default_items() -> list[tuple[str, dict]]:
+    """The default set as the bench runs it: each policy with its :data:`FIT_TO_BUDGET`
+    settings."""
+    return [(p, dict(FIT_TO_BUDGET.get(p, {}))) for p in default_set()]
 
 
 def known_policies() -> list[str]:
@@ -78,7 +94,7 @@ def parse_set(text: str) -> tuple[str, list[tuple[str, dict]]]:
                          "with NAME of 1-40 characters A-Za-z0-9_.-")
     items: list[tuple[str, dict]] = []
     if body.startswith("+"):
-        items = [(p, {}) for p in default_set()]
+        items = default_items()
         body = body[1:]
     known = known_policies()
     for part in filter(None, body.split(",")):

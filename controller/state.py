@@ -416,11 +416,18 @@ class JobState:
         """The client rolled back to the checkpoint at ``step``; returns the steps lost.
 
         The loss slope window restarts (it would mix two trajectories); the EW moments
-        and z-scores stay, being statistics of the run's noise rather than of one path.
+        and z-scores stay, being statistics of the run's noise rather than of one path —
+        except after a planned rollback (level 0, the end of a measurement phase such as
+        the LR range test): those moments were taken while the phase swept the LR over
+        decades, and the run restarts from the phase's start, where its loss is naturally
+        far above anything the sweep reached, so they start afresh.
         """
+        planned = self.rollback.pending is not None and self.rollback.pending.level == 0
         self.step = step
         self._points.clear()
         self._slope = (None, None, None)
+        if planned:
+            self._loss, self._grad = _EW(), _EW()
         # Reports and validation results after the checkpoint describe the abandoned path.
         for kept in (self.history, self.validations):
             survivors = [x for x in kept if _step_of(x) <= step]

@@ -45,10 +45,11 @@ def test_every_contender_meets_the_fault_and_the_table_says_who_recovered(tmp_pa
     for fault, *_ in rows.values():
         assert fault == "nan_grad"
     # A NaN in one gradient: plain SGD writes it into the weights and the run is lost;
-    # trimtab's guard skips that step (one iteration redone) and the run goes on (its
-    # controller also halves the LR, so it need not end within 10% of the clean run).
+    # trimtab's guard skips that step and the run goes on (its controller also halves the
+    # LR, so it need not end within 10% of the clean run). Iterations redone count the LR
+    # range test's return to its start too (its sweep takes the first fifth of the budget).
     assert rows["constant"][2:4] == ("0", "1") and rows["constant"][6].strip() == "diverged"
-    assert rows["trimtab"][3:5] == ("1", "1"), rows["trimtab"]
+    assert rows["trimtab"][3] == "1" and int(rows["trimtab"][4]) >= 1, rows["trimtab"]
     assert 0.5 < float(rows["trimtab"][6]) < 3, rows["trimtab"]
     assert "loses to trimtab" in rows["constant"][8]
     assert (tmp_path / "quality_digits_cnn_nan_grad.png").stat().st_size > 0
@@ -109,7 +110,12 @@ def _lr_run(ctl: Controller, job: str, stall: bool) -> list[float]:
 
 def test_lockstep_applies_a_command_at_the_step_after_its_report_even_when_it_is_late(
         tmp_path):
-    ctl = Controller(str(tmp_path))
+    # The policies of the rollback guard and plateau only: no LR range test sweeping the
+    # first steps, so the LR in force before the fault is the starting one.
+    config = tmp_path / "trimtab.toml"
+    config.write_text('[[policies]]\nname = "divergence_guard"\n\n'
+                      '[[policies]]\nname = "plateau"\n')
+    ctl = Controller(str(tmp_path), str(config))
     try:
         calm = _lr_run(ctl, "calm", False)
         stalled = _lr_run(ctl, "stalled", True)

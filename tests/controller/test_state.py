@@ -231,3 +231,22 @@ def test_signal_config_is_validated():
     with pytest.raises(ValidationError, match=r"slope_window\n  Input should be greater than or"):
         SignalConfig(slope_window=2)
     assert math.isclose(SignalConfig().alpha, 0.05)
+
+
+@pytest.mark.parametrize("level, fresh", [(0, True), (1, False)])
+def test_ew_moments_start_afresh_only_after_a_planned_rollback(level, fresh):
+    """A planned rollback ends a measurement phase (the LR range test): the moments it saw
+    were taken while the LR swept decades, and the run goes back to its start, where the
+    loss is far above them. A divergence rollback keeps them (the run's own noise)."""
+    from trimtab.controller.rollback import RollbackConfig, RollbackRecord
+
+    st = fed(40)
+    assert st.view().signals.loss_ema is not None
+    st.rollback.pending = RollbackRecord(400, 0, "lr_range_test" if level == 0 else "nonfinite",
+                                         "test", level)
+    st.on_restored(0, RollbackConfig())
+    sig = st.view().signals
+    assert (sig.loss_ema is None, sig.grad_norm_ema is None) == (fresh, fresh)
+    st.observe(report(41, step=10, loss_mean=3.0, grad_norm_mean=1.0))
+    # Right after the restore, the start-of-run loss is no spike against fresh moments.
+    assert (st.view().signals.loss_z is None) == fresh
