@@ -4,13 +4,14 @@ The task: scikit-learn's digits, an MLP 64-w-w-10 (ReLU, PyTorch's default init)
 (weight decay 0.01), batch 64, 400 steps, at w=32 (3,466 parameters) and w=160 (37,770:
 10.9x). The user tunes a fixed LR at w=32 on a small grid and starts both widths from it;
 in the standard parametrisation Adam's best LR falls with width, so the wide model needs
-a smaller one. trimtab runs with one configuration for both: the default policies plus
-``grad_noise`` (whose measure, the gradient norm's coefficient of variation, is a ratio of
+a smaller one. trimtab runs with one configuration for both: divergence_guard + plateau
+(the default set before lr_range_test joined it) plus ``grad_noise`` (whose measure,
+the gradient norm's coefficient of variation, is a ratio of
 the job's own signals), every limit at its default (the scale-derived ones included).
 
 Measured (final validation loss / that width's best fixed LR on the grid; seeds 0-3):
 the tuned LR kept fixed at w=160 ends 3.04x, 1.51x, 3.20x, 1.00x; this configuration ends
-within 1.10x at both widths on every seed (worst 1.10x); the default policies alone end
+within 1.10x at both widths on every seed (worst 1.10x); divergence_guard + plateau alone end
 3.20x at w=160 on seed 2. The test runs seed 2 and asserts 1.5x.
 """
 
@@ -155,7 +156,7 @@ def test_one_configuration_serves_a_model_and_one_10x_wider_without_retuning(tmp
         print(
             f"  fixed at the tuned LR: {grid[w][tuned] / best[w]:.2f}x best; "
             f"trimtab {'+'.join(POLICIES)}: {ours[w][0] / best[w]:.2f}x (lr ends "
-            f"{ours[w][1]:.3g}); default policies only: {default[w][0] / best[w]:.2f}x "
+            f"{ours[w][1]:.3g}); divergence_guard+plateau only: {default[w][0] / best[w]:.2f}x "
             f"(lr ends {default[w][1]:.3g})"
         )
     # Without retuning, the small width's LR does not serve the wide model...
