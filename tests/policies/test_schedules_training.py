@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from trimtab.client import wire
-from trimtab.client._guard import _facts
 from trimtab.client._knobs import apply_knobs, read_knobs
+from trimtab.client._options import _facts
 from trimtab.controller.engine import Engine
 from trimtab.controller.governor import Governor
 from trimtab.controller.policy import load_policy
