@@ -165,6 +165,7 @@ def main() -> None:
         out["loaded"] = local_hash(fresh, fresh_opt)
         out["loaded_full"] = full_hash(fresh)
     Path(args.out, f"rank-{rank}.json").write_text(json.dumps(out))
+    dist.barrier()  # no rank tears the group down while a peer is still in a collective
     dist.destroy_process_group()
 
 
