@@ -291,6 +291,10 @@ class CheckpointStore:
             rng=capture_rng(), clip=clip, counters=dict(counters or {}),
             scheduler_stepped=scheduler_stepped,
         )
+        return self._admit(ckpt, copier)
+
+    def _admit(self, ckpt: Checkpoint, copier: _HostCopier) -> Checkpoint:
+        """Queue ``ckpt``, whose copies ``copier`` started; it counts once they are done."""
         ckpt._events, ckpt._pinned = copier.events(), copier.pinned
         self._pool.trim()
         self._pending.append(ckpt)

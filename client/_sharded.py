@@ -243,11 +243,7 @@ class ShardedStore(CheckpointStore):
             scheduler_stepped=scheduler_stepped,
         )
         ckpt.specs = specs
-        ckpt._events, ckpt._pinned = copier.events(), copier.pinned
-        self._pool.trim()
-        self._pending.append(ckpt)
-        self.poll()
-        return ckpt
+        return self._admit(ckpt, copier)
 
     def poll(self) -> None:
         super().poll()

@@ -24,6 +24,7 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
+from bench.tasks._data import digits
 from trimtab.client import Guard, wire
 from trimtab.controller.config import ControllerConfig, PolicySpec
 from trimtab.controller.journal import Journal
@@ -37,18 +38,6 @@ GRID = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 POLICIES = ("divergence_guard", "plateau", "grad_noise")
 #: Final validation loss within this factor of the width's best fixed LR on the grid.
 WITHIN = 1.5
-
-
-def _digits() -> tuple[torch.Tensor, ...]:
-    from sklearn.datasets import load_digits  # bundled with scikit-learn: no download
-
-    data = load_digits()
-    x = torch.tensor(data.data, dtype=torch.float32) / 16.0
-    y = torch.tensor(data.target, dtype=torch.long)
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-    x, y = x[perm], y[perm]
-    n_val = len(x) // 5
-    return x[n_val:], y[n_val:], x[:n_val], y[:n_val]
 
 
 def _free_port() -> int:
@@ -138,7 +127,7 @@ def one_thread():
 
 
 def test_one_configuration_serves_a_model_and_one_10x_wider_without_retuning(tmp_path, one_thread):
-    data = _digits()
+    data = digits()
     params = {w: sum(p.numel() for p in _mlp(w).parameters()) for w in WIDTHS}
     assert params[WIDTHS[1]] >= 10 * params[WIDTHS[0]]
     grid = {w: {lr: train(data, w, lr)[0] for lr in GRID} for w in WIDTHS}
