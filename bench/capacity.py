@@ -2,8 +2,8 @@
 
     python -m bench.capacity [--jobs 1,10,50,100,200,400] [--rate 2] [--seconds 10] [--procs 2]
 
-For each job count N a fresh controller starts (default config: the default policies
-``divergence_guard`` + ``plateau``, journal on, metrics off), then ``--procs`` generator
+For each job count N a fresh controller starts (default config: the default policy set,
+journal on, metrics off), then ``--procs`` generator
 processes (multiprocessing, spawn) share the N simulated jobs. Each job has its own ZeroMQ
 DEALER on 127.0.0.1, registers with realistic scale facts and knobs, then sends a Report at
 ``--rate`` Hz (20 optimizer steps per report; healthy, slowly falling, noisy loss and
@@ -47,7 +47,7 @@ import zmq
 
 from bench._serve import Controller
 
-__all__ = ["Row", "measure", "run_sweep", "format_report", "main"]
+__all__ = ["Row", "measure", "run_sweep", "format_report", "header", "main"]
 
 STEPS_PER_REPORT = 20
 CHECKPOINT_EVERY = 100
@@ -374,9 +374,23 @@ def _header(args) -> list[str]:
         f"# jobs={args.jobs} rate={args.rate} Hz seconds={args.seconds} procs={args.procs} "
         f"seed={args.seed}; {STEPS_PER_REPORT} steps/report, checkpoint every "
         f"{CHECKPOINT_EVERY} steps (last {KEEP} listed), a Heartbeat after every Report; "
-        f"default config (divergence_guard + plateau), journal on, metrics off; loopback "
+        f"default config ({' + '.join(_default_policies())}), journal on, metrics off; loopback "
         f"tcp://127.0.0.1; generators on the same machine as the controller",
     ]
+
+
+def _default_policies() -> list[str]:
+    from trimtab.controller.config import ControllerConfig
+
+    return [p.name for p in ControllerConfig().policies]
+
+
+def header(jobs: list[int], rate: float, seconds: float, procs: int, seed: int) -> list[str]:
+    """The report's first lines: machine, versions and settings."""
+    import types
+
+    return _header(types.SimpleNamespace(jobs=",".join(map(str, jobs)), rate=rate,
+                                         seconds=seconds, procs=procs, seed=seed))
 
 
 def _f(x: float, fmt: str = ".2f") -> str:

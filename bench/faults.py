@@ -13,8 +13,10 @@ The task is a ReLU MLP (16-64-1) regressing a noisy linear rule with SGD + momen
 (its validation loss floor is the noise variance, 0.09). Each seed trains three runs:
 attached without the fault (the reference), attached with it, and bare with it. Printed
 per fault: runs where the bare run was damaged (non-finite, or validation loss over 1.5x
-the reference), runs trimtab recovered (finite and within 10% of the reference), optimizer
-steps lost to rollbacks (redone), and the final-loss ratio to the reference.
+the reference), runs trimtab recovered (finite and at most 10% above the reference), optimizer
+steps redone after rollbacks by the faulted run and, beside them, by the reference (the
+default policy set's LR range test returns to its start once in every attached run), and
+the final-loss ratio to the reference.
 
 The same harness is used by ``tests/integration/test_rollback.py``. The same four faults
 meet every contender of ``python -m bench run`` on its tasks (the ``faults`` scenario,
@@ -179,7 +181,9 @@ def damaged(run: Outcome, clean: Outcome) -> bool:
 
 
 def recovered(run: Outcome, clean: Outcome) -> bool:
-    return math.isfinite(run.val) and abs(run.val - clean.val) <= 0.10 * clean.val
+    """Finite and at most 10% above the reference (ending lower than the reference is
+    recovery too: the attached runs' LR paths differ with when commands arrive)."""
+    return math.isfinite(run.val) and run.val <= 1.10 * clean.val
 
 
 def main() -> None:
@@ -197,7 +201,7 @@ def main() -> None:
         try:
             for kind in args.faults.split(","):
                 dmg = rec = 0
-                lost, ratios = [], []
+                lost, planned, ratios = [], [], []
                 for seed in range(args.seeds):
                     clean = train(None, endpoint, f"clean-{kind}-{seed}", seed)
                     bare = train(kind, None, "bare", seed)
@@ -205,20 +209,23 @@ def main() -> None:
                     dmg += damaged(bare, clean)
                     rec += recovered(run, clean)
                     lost.append(run.steps_lost)
+                    planned.append(clean.steps_lost)
                     ratios.append(run.val / clean.val if math.isfinite(run.val) else math.inf)
                 rows.append((kind, args.seeds, dmg, rec, statistics.median(lost), max(lost),
-                             statistics.median(ratios), max(ratios)))
+                             statistics.median(planned), statistics.median(ratios),
+                             min(ratios), max(ratios)))
         finally:
             ctl.stop()
     print(f"# fault recovery: {platform.machine()}, {os.cpu_count()} cpus, torch "
           f"{torch.__version__}, python {platform.python_version()}; seeds 0..{args.seeds - 1}; "
           f"{TOTAL} steps, fault at iteration {FAULT_AT}, checkpoint every {CHECKPOINT_EVERY}")
-    print("| fault | runs | bare runs damaged | trimtab runs recovered | steps lost (median) "
-          "| steps lost (max) | final-loss ratio to clean (median) | ratio (worst) |")
-    print("|---|---|---|---|---|---|---|---|")
-    for kind, n, dmg, rec, lmed, lmax, rmed, rmax in rows:
-        print(f"| {kind} | {n} | {dmg}/{n} | {rec}/{n} | {lmed:.0f} | {lmax} | {rmed:.3f} "
-              f"| {rmax:.3f} |")
+    print("| fault | runs | bare runs damaged | trimtab runs recovered | steps redone (median) "
+          "| steps redone (max) | reference's steps redone (median) "
+          "| final-loss ratio to clean (median) | ratio (best) | ratio (worst) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for kind, n, dmg, rec, lmed, lmax, pmed, rmed, rmin, rmax in rows:
+        print(f"| {kind} | {n} | {dmg}/{n} | {rec}/{n} | {lmed:.0f} | {lmax} | {pmed:.0f} "
+              f"| {rmed:.3f} | {rmin:.3f} | {rmax:.3f} |")
 
 
 if __name__ == "__main__":

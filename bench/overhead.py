@@ -1,6 +1,11 @@
 """Client overhead: step time of a training loop attached to a live controller vs bare.
 
-    python -m bench.overhead [--repeats 7] [--steps 200] [--device cpu|cuda]
+    python -m bench.overhead [--models mlp,transformer,wide_mlp] [--repeats 7] [--steps 200]
+                             [--device cpu|cuda]
+
+Models: ``mlp`` (85K parameters, SGD), ``transformer`` (a 2-layer character transformer,
+AdamW) and ``wide_mlp`` (4.7M parameters, SGD). ``python -m bench run`` runs the same
+measurement as its ``overhead`` scenario.
 
 For each model, bare and attached runs alternate (bare, attached, bare, ...) so drift
 in the machine hits both alike; each run times ``--steps`` steps after a warm-up. The
@@ -48,25 +53,34 @@ class TinyTransformer(torch.nn.Module):
         return self.head(self.body(h, mask=self.mask, is_causal=True))
 
 
+#: MLP models: (input width, hidden width, batch). ``wide_mlp`` is the larger model:
+#: 4.7M parameters, 56x the ``mlp``'s 85K.
+_MLPS = {"mlp": (64, 256, 128), "wide_mlp": (256, 2048, 256)}
+
+
+def _mlp_task(d_in: int, hidden: int, size: int, device: str, g: torch.Generator):
+    model = torch.nn.Sequential(torch.nn.Linear(d_in, hidden), torch.nn.ReLU(),
+                                torch.nn.Linear(hidden, hidden), torch.nn.ReLU(),
+                                torch.nn.Linear(hidden, 10))
+    x = torch.randn(4096, d_in, generator=g).to(device)
+    y = torch.randint(0, 10, (4096,), generator=g).to(device)
+
+    def batch():
+        i = torch.randint(0, 4096, (size,), generator=g).to(device)
+        return x[i], y[i]
+
+    def loss_fn(m, b):
+        return torch.nn.functional.cross_entropy(m(b[0]), b[1])
+
+    return model.to(device), lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9), batch, loss_fn
+
+
 def make_task(name: str, device: str, seed: int):
     """(model, optimizer factory, batch function, loss function) for one benchmark model."""
     torch.manual_seed(seed)
     g = torch.Generator(device="cpu").manual_seed(seed)
-    if name == "mlp":
-        model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(),
-                                    torch.nn.Linear(256, 256), torch.nn.ReLU(),
-                                    torch.nn.Linear(256, 10))
-        x = torch.randn(4096, 64, generator=g).to(device)
-        y = torch.randint(0, 10, (4096,), generator=g).to(device)
-
-        def batch():
-            i = torch.randint(0, 4096, (128,), generator=g).to(device)
-            return x[i], y[i]
-
-        def loss_fn(m, b):
-            return torch.nn.functional.cross_entropy(m(b[0]), b[1])
-
-        return model.to(device), lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9), batch, loss_fn
+    if name in _MLPS:
+        return _mlp_task(*_MLPS[name], device, g)
     if name == "transformer":
         import inspect
 
@@ -129,29 +143,24 @@ def timed_run(name: str, device: str, steps: int, warmup: int, seed: int,
     return statistics.median(times), statistics.median(step_times), syncs
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--models", default="mlp,transformer")
-    ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--warmup", type=int, default=20)
-    ap.add_argument("--report-every", type=int, default=10)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args()
-
+def measure(models: list[str], repeats: int = 7, steps: int = 200, warmup: int = 20,
+            report_every: int = 10, device: str = "cpu", seed: int = 0,
+            log=None) -> list[tuple]:
+    """One row per model: ``(name, bare median step s, attached median step s, ratio
+    median, ratio min, ratio max, guard.step - optimizer.step median s, syncs)``, against
+    a fresh ``trimtab serve`` with its default policies."""
     with tempfile.TemporaryDirectory() as tmp:
         ctl = Controller(tmp)
         endpoint = ctl.endpoint
         try:
             rows = []
-            for name in args.models.split(","):
+            for name in models:
                 ratios, bare_t, att_t, added, syncs = [], [], [], [], 0
-                for r in range(args.repeats):
+                for r in range(repeats):
                     # ABBA order: a drift in machine speed hits bare and attached alike.
                     order = (None, endpoint) if r % 2 == 0 else (endpoint, None)
-                    res = {ep: timed_run(name, args.device, args.steps, args.warmup,
-                                         args.seed + r, ep, args.report_every) for ep in order}
+                    res = {ep: timed_run(name, device, steps, warmup, seed + r, ep,
+                                         report_every) for ep in order}
                     (b, b_step, _), (a, a_step, s) = res[None], res[endpoint]
                     ratios.append(a / b)
                     bare_t.append(b)
@@ -161,21 +170,47 @@ def main() -> None:
                 rows.append((name, statistics.median(bare_t), statistics.median(att_t),
                              statistics.median(ratios), min(ratios), max(ratios),
                              statistics.median(added), syncs))
+                if log is not None:
+                    log(f"overhead {name}: ratio {rows[-1][3]:.3f}")
         finally:
             ctl.stop()
+    return rows
 
-    print(f"# client overhead: {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} cpus, torch {torch.__version__}, threads {torch.get_num_threads()}, "
-          f"device {args.device}, python {platform.python_version()}")
-    print(f"# report_every={args.report_every} steps={args.steps} warmup={args.warmup} "
-          f"repeats={args.repeats} seeds={args.seed}..{args.seed + args.repeats - 1}")
-    print("| model | bare step (ms) | attached step (ms) | ratio (median) | ratio range "
-          "| guard.step - optimizer.step (us) | syncs on non-report steps |")
-    print("|---|---|---|---|---|---|---|")
+
+def format_table(rows: list[tuple], repeats: int, steps: int, warmup: int,
+                 report_every: int, device: str, seed: int) -> str:
+    """The printed table, with the machine and settings."""
+    lines = [
+        f"# client overhead: {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} cpus, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+        f"device {device}, python {platform.python_version()}",
+        f"# report_every={report_every} steps={steps} warmup={warmup} "
+        f"repeats={repeats} seeds={seed}..{seed + repeats - 1}",
+        "| model | bare step (ms) | attached step (ms) | ratio (median) | ratio range "
+        "| guard.step - optimizer.step (us) | syncs on non-report steps |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, b, a, r, lo, hi, add, s in rows:
-        sync = str(s) if args.device.startswith("cuda") else "n/a on cpu"
-        print(f"| {name} | {b * 1e3:.3f} | {a * 1e3:.3f} | {r:.3f} | {lo:.3f}-{hi:.3f} "
-              f"| {add * 1e6:.0f} | {sync} |")
+        sync = str(s) if device.startswith("cuda") else "n/a on cpu"
+        lines.append(f"| {name} | {b * 1e3:.3f} | {a * 1e3:.3f} | {r:.3f} | {lo:.3f}-{hi:.3f} "
+                     f"| {add * 1e6:.0f} | {sync} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", default="mlp,transformer,wide_mlp")
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--warmup", type=int, default=20)
+    ap.add_argument("--report-every", type=int, default=10)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    rows = measure(args.models.split(","), args.repeats, args.steps, args.warmup,
+                   args.report_every, args.device, args.seed)
+    print(format_table(rows, args.repeats, args.steps, args.warmup, args.report_every,
+                       args.device, args.seed))
     if any(math.isnan(r[3]) for r in rows):
         sys.exit(1)
 

@@ -17,6 +17,11 @@ Scenarios (all runs share one pool of independent runs, deduplicated):
 - ``faults``: fault recovery (:mod:`bench.recovery`). Each contender at the task's
   reference LR meets the same fault at the same iteration; recovered fraction, iterations
   redone, iterations until back near the unfaulted run, final-loss ratio to it.
+- ``overhead``: the client's cost (:mod:`bench.overhead`): step time attached vs bare on
+  three models, run after the training runs, with the machine otherwise idle.
+- ``capacity``: one controller under N simulated jobs (:mod:`bench.capacity`): reports/s
+  handled, heartbeat and report->command latency, CPU and memory per job, the largest N
+  with p99 under 10 ms. Sizes per mode: :data:`SYSTEM_SIZES`.
 
 The oracle of a task (and width) is the best median-over-seeds final validation loss of
 the hand-tuned schedules (warmup_cosine, step_decay) over a half-decade LR grid spanning
@@ -61,9 +66,23 @@ from bench.tasks import Task, load_tasks
 
 __all__ = ["main", "plan", "execute", "report"]
 
-SCENARIOS = ("lr", "target", "scale", "faults")
+#: Scenarios made of training runs (one shared pool of runs).
+QUALITY = ("lr", "target", "scale", "faults")
+#: Scenarios that measure trimtab itself, run after the pool (the machine otherwise idle).
+SYSTEM = ("overhead", "capacity")
+SCENARIOS = QUALITY + SYSTEM
 RESULTS = Path(__file__).resolve().parent / "results"
 MODES = {"quick": {"seeds": 2}, "full": {"seeds": 5}}
+#: The system scenarios' sizes: client overhead (:mod:`bench.overhead`, on the CPU) and
+#: controller capacity (:mod:`bench.capacity`, 2 reports/s per job, 2 generator processes).
+SYSTEM_SIZES = {
+    "quick": {"overhead": {"models": ["mlp", "transformer", "wide_mlp"], "repeats": 5,
+                           "steps": 60, "warmup": 10},
+              "capacity": {"jobs": [1, 10, 50], "seconds": 5.0}},
+    "full": {"overhead": {"models": ["mlp", "transformer", "wide_mlp"], "repeats": 20,
+                          "steps": 100, "warmup": 20},
+             "capacity": {"jobs": [1, 10, 20, 50, 100, 200, 400], "seconds": 10.0}},
+}
 #: Rough cost of one step, relative, to start the slowest runs first.
 _COST = {"char_transformer": 30.0, "digits_cnn": 6.0, "width_mlp": 1.5, "noisy_quadratic": 0.5}
 
@@ -370,6 +389,46 @@ def report(results, tasks, names, scenarios) -> tuple[str, dict]:
     return "\n".join(lines), stats
 
 
+def system_sections(scenarios: list[str], mode: str, log) -> dict[str, str]:
+    """Run the system scenarios asked for; their printed tables by scenario."""
+    out: dict[str, str] = {}
+    if "overhead" in scenarios:
+        from bench import overhead
+
+        o = SYSTEM_SIZES[mode]["overhead"]
+        log(f"bench: overhead, {len(o['models'])} models x {o['repeats']} pairs")
+        rows = overhead.measure(o["models"], o["repeats"], o["steps"], o["warmup"], 10, "cpu",
+                                0, log)
+        out["overhead"] = overhead.format_table(rows, o["repeats"], o["steps"], o["warmup"],
+                                                10, "cpu", 0)
+    if "capacity" in scenarios:
+        from bench import capacity
+
+        c = SYSTEM_SIZES[mode]["capacity"]
+        log(f"bench: capacity, N = {c['jobs']}")
+        rows = capacity.run_sweep(c["jobs"], 2.0, c["seconds"], 2, capacity.SEED, log)
+        out["capacity"] = capacity.format_report(
+            rows, capacity.header(c["jobs"], 2.0, c["seconds"], 2, capacity.SEED))
+    return out
+
+
+def system_report(sections: dict[str, str]) -> str:
+    """The system scenarios' sections, their tables as printed."""
+    lines: list[str] = []
+    if "overhead" in sections:
+        lines += ["## Client overhead", "",
+                  "Step time attached to a live `trimtab serve` (default policies) over bare, "
+                  "bare and attached runs alternating; the median over pairs "
+                  "(`bench/overhead.py`; longer runs and CUDA: [overhead.md](overhead.md)).",
+                  "", "```", sections["overhead"], "```", ""]
+    if "capacity" in sections:
+        lines += ["## Controller capacity", "",
+                  "Simulated jobs in 2 generator processes on the same machine, against one "
+                  "controller on loopback (`bench/capacity.py`; up to 400 jobs: "
+                  "[capacity.md](capacity.md)).", "", "```", sections["capacity"], "```", ""]
+    return "\n".join(lines)
+
+
 def fault_kinds(results: list[RunResult]) -> tuple[str, ...]:
     """The faults present in ``results``, in :data:`bench.faults.FAULTS` order."""
     from bench.faults import FAULTS
@@ -642,11 +701,15 @@ def main(argv: list[str] | None = None) -> int:
                 contenders.trimtab_set(c.split(":", 1)[1], trimtab_sets.describe(
                     [tuple(i) for i in items]))
                 names.append(c)
+        system = saved.get("system", {})
     else:
-        results = _run_all(args, tasks, names, scenarios, seeds, log, sets)
+        results = (_run_all(args, tasks, names, scenarios, seeds, log, sets)
+                   if set(QUALITY) & set(scenarios) else [])
+        system = system_sections(scenarios, args.mode, log)
         wall = time.perf_counter() - t0
     cpu = sum(r.cpu_s for r in results if math.isfinite(r.cpu_s))
     text, _ = report(results, tasks, names, scenarios)
+    text += system_report(system)
     cmd = "python -m bench " + " ".join(["run"] + (argv if argv is not None else sys.argv[2:]))
     if args.from_json:
         cmd = saved["command"]
@@ -681,6 +744,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.from_json:
         (out / f"{args.name}-runs.json").write_text(json.dumps(
             {"command": cmd, "started": started, "wall_s": wall, "lockstep": lockstep,
-             "trimtab_sets": sets, "runs": [r.to_dict() for r in results]}))
+             "trimtab_sets": sets, "runs": [r.to_dict() for r in results],
+             "system": system}))
     log(f"bench: wrote {out / (args.name + '.md')} and {len(made)} plots in {wall:.0f} s")
     return 0

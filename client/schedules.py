@@ -37,6 +37,7 @@ __all__ = [
     "MOMENTUM",
     "constant",
     "step_decay",
+    "exponential",
     "linear",
     "linear_factor",
     "cosine",
@@ -71,6 +72,12 @@ def constant(t: int, lr: float, factor: float = 1.0, total_iters: int = 0) -> fl
 def step_decay(t: int, lr: float, step_size: int, gamma: float = 0.1) -> float:
     """``lr x gamma ** (t // step_size)`` (torch's StepLR)."""
     return lr * gamma ** (t // step_size)
+
+
+def exponential(t: int, lr: float, gamma: float) -> float:
+    """``lr x gamma ** t`` (torch's ExponentialLR); with ``gamma > 1`` the LR range test's
+    sweep, which the client then follows step by step."""
+    return lr * gamma**t
 
 
 def linear_factor(t: int, start: float, end: float, total: int) -> float:
@@ -184,6 +191,7 @@ def _one_cycle_momentum(t: int, **params: Any) -> float:
 _LR: dict[str, Callable[..., float]] = {
     "constant": constant,
     "step_decay": step_decay,
+    "exponential": exponential,
     "linear": linear,
     "cosine": cosine,
     "inverse_sqrt": inverse_sqrt,

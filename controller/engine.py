@@ -95,6 +95,7 @@ from trimtab.controller.policy import Policy, Proposal
 from trimtab.controller.rollback import (
     RollbackConfig,
     RollbackPlan,
+    RollbackState,
     plan_rollback,
     stable_to_mark,
     why_no_rollback,
@@ -275,8 +276,18 @@ class Engine:
             return None
         name, p = sweep[-1]
         current = state.current(knob)
-        gov = self.governor.govern_phase(knob, getattr(state.initial, knob), p.value)  # type: ignore[arg-type]
-        return KnobDecision(knob, current, p.value, gov.value, name, p.reason, gov.limits)
+        initial = getattr(state.initial, knob)
+        gov = self.governor.govern_phase(knob, initial, p.value)  # type: ignore[arg-type]
+        if p.schedule is None or not self.live_schedules:
+            return KnobDecision(knob, current, p.value, gov.value, name, p.reason, gov.limits)
+        # The sweep goes live: the client follows it at every step, clamped to the bounds;
+        # sent once, and again only if the policy's trajectory changes.
+        lo, hi = self.governor.bounds(knob, initial)  # type: ignore[arg-type]
+        spec = wire.LiveSchedule(knob=knob, pieces=[p.schedule], lo=lo,  # type: ignore[arg-type]
+                                 hi=None if math.isinf(hi) else hi)
+        commanded = None if state.live.get(knob) == spec else gov.value
+        return KnobDecision(knob, current, p.value, commanded, name, p.reason, gov.limits,
+                            live=spec)
 
     def _stable_mark(
         self, state: JobState, plan: RollbackPlan | None, opened: int | None, shadow: bool,
@@ -290,6 +301,8 @@ class Engine:
         if opened is not None or (plan is not None and plan.planned):
             step = opened if opened is not None else plan.target_step  # type: ignore[union-attr]
             return None if step in rb.stable or rb.pending_mark is not None else step
+        if plan is not None and plan.target_step == rb.pending_mark:
+            return rb.pending_mark  # sent again with the rollback to it (_with_pending_mark)
         if plan is not None or state.phase is not None:
             return None
         return stable_to_mark(rb, self.rollback)
@@ -323,10 +336,11 @@ class Engine:
                                        reason=f"{first.reason} (no rollback: {why})")
             return None, None, [(name, last)]
         reason = "; ".join(p.reason for _, p in asks)
-        plan = plan_rollback(first.rollback, reason, state.rollback, self.rollback)  # type: ignore[arg-type]
+        rb = _with_pending_mark(state.rollback)
+        plan = plan_rollback(first.rollback, reason, rb, self.rollback)  # type: ignore[arg-type]
         if plan is not None:
             return dataclasses.replace(plan, policy=name), None, proposals
-        code, why = why_no_rollback(state.rollback, self.rollback, first.rollback) or ("", "")
+        code, why = why_no_rollback(rb, self.rollback, first.rollback) or ("", "")
         alert = why if code == "budget" else None
         usable = [
             (n, dataclasses.replace(p, rollback=None, reason=f"{p.reason} (no rollback: {why})"))
@@ -402,7 +416,7 @@ class Engine:
         out_of_bounds = self.governor.out_of_bounds(knob, current, initial)  # type: ignore[arg-type]
         if not mine and not out_of_bounds:
             return None
-        if not out_of_bounds and any(p.schedule is not None for _, p in mine):
+        if not out_of_bounds and any(p.schedule is not None and not p.sweep for _, p in mine):
             return self._scheduled_knob(state, knob, mine, memory)
         arb = arbitrate(current, mine)
         target, policy, reason = arb.target, arb.policy, arb.reason
@@ -454,7 +468,7 @@ class Engine:
         """A knob with a schedule: target = schedule x correction x the factor proposed now,
         arbitrated with the absolute and hold proposals; live when the governor allows."""
         current, initial = state.current(knob), getattr(state.initial, knob)
-        scheds = [(n, p) for n, p in mine if p.schedule is not None]
+        scheds = [(n, p) for n, p in mine if p.schedule is not None and not p.sweep]
         pieces = compose_pieces(knob, [p.schedule for _, p in scheds])  # type: ignore[misc]
         lo, hi = self.governor.bounds(knob, initial)  # type: ignore[arg-type]
         corr = state.corrections.get(knob, 1.0)
@@ -471,7 +485,7 @@ class Engine:
         elif corr != 1.0:
             reason = f"{reason} (correction x{corr:.6g})"
         candidate = min(max(base * corr * f, lo), hi)
-        rest = [(n, p) for n, p in mine if p.schedule is None and p.factor is None]
+        rest = [(n, p) for n, p in mine if (p.schedule is None or p.sweep) and p.factor is None]
         arb = arbitrate(current, [(name, Proposal(knob, value=candidate, reason=reason)), *rest])  # type: ignore[arg-type]
         if arb.policy != name or arb.target not in (None, candidate):
             # Another policy's absolute value or hold wins: a one-off, per decision.
@@ -540,8 +554,10 @@ class Engine:
             if kd.correction is not None:
                 state.corrections[knob] = kd.correction
         live = {k: kd.live for k, kd in decision.knobs.items() if kd.live is not None}
+        # A measurement phase owns the knobs: only its own sweep may be live meanwhile.
         if state.phase is not None:
-            live = {}  # a measurement phase (an LR range test's sweep) owns the knobs
+            live = {k: kd.live for k, kd in decision.knobs.items()
+                    if kd.live is not None and kd.policy == state.phase.policy}
         if decision.rollback is not None:
             scheduled = {p.knob for _, p in decision.proposals if p.schedule is not None}
             for knob, kd in decision.knobs.items():
@@ -564,6 +580,21 @@ class Engine:
         state.live = dict(live)
         return dataclasses.replace(decision, schedules=tuple(live[k] for k in wire.KNOBS
                                                              if k in live))
+
+
+def _with_pending_mark(rb: RollbackState) -> RollbackState:
+    """``rb`` as the client will see it once a rollback command is applied: a mark sent and
+    not yet acknowledged counts as done (a copy; ``rb`` is unchanged). The client may have
+    applied it already, and then it keeps that checkpoint as its newest stable one and lets
+    the one before go; or it may never (a newer command supersedes one not yet taken). A
+    rollback ordered now targets the marked checkpoint and carries the mark again, which
+    holds either way (see :meth:`Engine._stable_mark`)."""
+    mark = rb.pending_mark
+    if mark is None or mark not in rb.checkpoints or mark in rb.unusable:
+        return rb
+    view = dataclasses.replace(rb)
+    view.note_marked(mark)
+    return view
 
 
 def _phase_checkpoint(state: JobState) -> int | None:

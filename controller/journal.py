@@ -32,6 +32,8 @@ EVENT_KINDS = (
     # Rollback: a checkpoint first listed, marked stable, a rollback ordered, acknowledged
     # as restored, and a job put in alert (rollback budget exhausted).
     "checkpoint", "stable", "rollback", "restored", "alert",
+    # A report sent before a rollback its client had applied by the time it arrived.
+    "abandoned",
     # What shadow policies would have done (journaled and exported, never sent).
     "shadow",
     # Advice sent to a run (stop: the validation metric stopped improving).

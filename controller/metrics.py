@@ -233,6 +233,12 @@ class ControllerMetrics:
             ["code"],
             registry=registry,
         )
+        self.reports_abandoned = Counter(
+            "trimtab_reports_abandoned",
+            "Reports sent before the rollback their client had applied since (they describe "
+            "the path rolled back from): journaled, not observed.",
+            registry=registry,
+        )
         self.commands = Counter("trimtab_commands", "Commands sent, all jobs.", registry=registry)
         self.decision_latency = Histogram(
             "trimtab_decision_latency_seconds",

@@ -143,9 +143,13 @@ class Proposal:
 
     @classmethod
     def sweep_value(cls, knob: wire.Knob, value: float, reason: str,
-              detail: dict[str, Any] | None = None) -> Proposal:
-        """One value of a measurement sweep of ``knob`` (opens the policy's phase)."""
-        return cls(knob, reason=reason, value=value, sweep=True, detail=detail)
+                    detail: dict[str, Any] | None = None,
+                    schedule: wire.SchedulePiece | None = None) -> Proposal:
+        """One value of a measurement sweep of ``knob`` (opens the policy's phase); with
+        ``schedule``, the sweep's trajectory (``value`` is its value now), which the engine
+        sends live for the client to follow step by step."""
+        return cls(knob, reason=reason, value=value, sweep=True, detail=detail,
+                   schedule=schedule)
 
     def __post_init__(self) -> None:
         if self.knob not in wire.KNOBS:

@@ -185,6 +185,8 @@ class Controller:
                                  f"command was sent (newest {state.command_seq})", msg.job)]
         self.metrics.reports.inc()
         self._settle_from_report(state, msg)
+        if msg.applied_seq < state.branch_seq:
+            return self._abandoned(state, msg)
         state.observe(msg)
         self.journal.append(msg.job, "report", step=msg.step, seq=msg.seq,
                             data=msg.model_dump(exclude={"type", "v", "job"}))
@@ -254,6 +256,19 @@ class Controller:
             self.journal.append(state.job, "stable", step=obs.adopted_stable,
                                 data={"step": obs.adopted_stable, "source": "report"})
 
+    def _abandoned(self, state: JobState, msg: wire.Report) -> list[Reply]:
+        """A report the client sent before it applied the last rollback (it was in flight,
+        or queued, when the restore happened): its signals, checkpoints and stable mark
+        describe the path rolled back from. It is journaled and counted, never observed —
+        observed, its non-finite values would order a second rollback, and its checkpoint
+        list and stable mark would resurrect checkpoints the client no longer has."""
+        self.metrics.reports_abandoned.inc()
+        self.journal.append(msg.job, "abandoned", step=msg.step, seq=msg.seq, data={
+            **msg.model_dump(exclude={"type", "v", "job"}), "branch_seq": state.branch_seq})
+        log.info("job %s: report %d (step %d) predates rollback command %d: not observed",
+                 msg.job, msg.seq, msg.step, state.branch_seq)
+        return []
+
     def _settle_from_report(self, state: JobState, msg: wire.Report) -> None:
         """A report says the pending command is applied before its ack came (the ack was
         lost): settle its mark and rollback from what the report shows."""
@@ -269,20 +284,10 @@ class Controller:
 
     def _settle(self, state: JobState, command: wire.Command, *, restored: int | None,
                 marked: bool, why: str, inferred: bool = False) -> None:
-        """The client applied ``command``: record its mark and rollback as done or failed."""
+        """The client applied ``command``: record its mark and rollback as done or failed
+        (in the client's order: the mark first, so a rollback to the checkpoint the same
+        command marks finds it stable)."""
         rb = state.rollback
-        if command.rollback_to is not None and rb.pending is not None:
-            rec = rb.pending
-            if restored is not None:
-                lost = state.on_restored(restored, self.config.rollback)
-                self.journal.append(state.job, "restored", step=restored, seq=command.seq, data={
-                    "restored_step": restored, "from_step": rec.from_step, "steps_lost": lost,
-                    "reason": rec.cause, "level": rec.level, "inferred": inferred})
-                log.warning("job %s: rolled back from step %d to %d (%s, level %d)", state.job,
-                            rec.from_step, restored, rec.cause, rec.level)
-            else:
-                rb.note_failed(why)
-                log.error("job %s: rollback to step %d failed: %s", state.job, rec.to_step, why)
         if command.mark_stable is not None and rb.pending_mark == command.mark_stable:
             if marked:
                 rb.note_marked(command.mark_stable)
@@ -294,6 +299,19 @@ class Controller:
                 rb.mark_failed(command.mark_stable)
                 log.warning("job %s: checkpoint %d not marked stable", state.job,
                             command.mark_stable)
+        if command.rollback_to is not None and rb.pending is not None:
+            rec = rb.pending
+            if restored is not None:
+                state.branch_seq = max(state.branch_seq, command.seq)
+                lost = state.on_restored(restored, self.config.rollback)
+                self.journal.append(state.job, "restored", step=restored, seq=command.seq, data={
+                    "restored_step": restored, "from_step": rec.from_step, "steps_lost": lost,
+                    "reason": rec.cause, "level": rec.level, "inferred": inferred})
+                log.warning("job %s: rolled back from step %d to %d (%s, level %d)", state.job,
+                            rec.from_step, restored, rec.cause, rec.level)
+            else:
+                rb.note_failed(why)
+                log.error("job %s: rollback to step %d failed: %s", state.job, rec.to_step, why)
 
     # -- helpers ------------------------------------------------------------------------
     def _bounds(self, job: str, knob: str, initial: float | None) -> tuple[float, float]:

@@ -268,6 +268,9 @@ class JobState:
         self.applied_seq = applied_seq
         self.last_command: wire.Command | None = None
         self.awaiting_ack = False
+        #: The seq of the last command whose rollback the client applied: a report with an
+        #: older ``applied_seq`` was sent before the restore and describes the abandoned path.
+        self.branch_seq = 0
         self.disabled_policies: dict[str, str] = {}
         #: Commanded changes by (policy, knob, "up"/"down").
         self.decision_counts: dict[tuple[str, str, str], int] = {}
@@ -529,7 +532,7 @@ class JobState:
         "memory", "last_change_step", "command_seq", "applied_seq", "last_command", "awaiting_ack",
         "disabled_policies", "decision_counts", "rollback", "shadow_memory", "shadow_counts",
         "history", "validations", "stop_advice", "phase", "phases_done", "found_lr",
-        "corrections", "live",
+        "corrections", "live", "branch_seq",
     })
 
     def state_dict(self) -> dict[str, Any]:
@@ -567,6 +570,7 @@ class JobState:
             "found_lr": self.found_lr,
             "corrections": dict(self.corrections),
             "live": {k: s.model_dump(mode="json") for k, s in self.live.items()},
+            "branch_seq": self.branch_seq,
         }
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
@@ -583,6 +587,8 @@ class JobState:
             sd = {**sd, "phase": None, "phases_done": [], "found_lr": None}
         if "corrections" not in sd:  # written before schedules were composed with corrections
             sd = {**sd, "corrections": {}, "live": {}}
+        if "branch_seq" not in sd:  # written before reports from abandoned paths were told
+            sd = {**sd, "branch_seq": 0}
         _check_keys("JobState", sd, set(self._KEYS))
         if sd["version"] != _STATE_VERSION:
             raise ValueError(
@@ -628,6 +634,7 @@ class JobState:
         self.found_lr = sd["found_lr"]
         self.corrections = {k: float(v) for k, v in sd["corrections"].items()}
         self.live = {k: wire.LiveSchedule.model_validate(v) for k, v in sd["live"].items()}
+        self.branch_seq = int(sd["branch_seq"])
 
     @classmethod
     def from_state_dict(cls, sd: dict[str, Any]) -> JobState:

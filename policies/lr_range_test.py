@@ -8,7 +8,10 @@ defaults), in the run itself:
 * **Sweep.** From the first report that lists a checkpoint, the LR rises exponentially
   from ``min_lr`` to ``max_lr`` over ``sweep_steps`` optimizer steps,
   ``lr(t) = min_lr x (max_lr / min_lr) ** (t / sweep_steps)`` with ``t`` the steps since
-  the sweep began, set once per report.
+  the sweep began. With live schedules (the controller's default) the client follows it
+  at every step (an ``exponential`` schedule, torch's ExponentialLR, from the step the
+  sweep opened), so the LR each step sees does not depend on when commands arrive; without
+  them it is set once per report.
 * **Smoothing.** Each report's mean loss goes into a bias-corrected exponential moving
   average with ``beta`` per optimizer step (``beta ** window`` per report; fastai's 0.98).
 * **Stop.** When the smoothed loss passes ``diverge_factor`` x its lowest (fastai's 4,
@@ -51,6 +54,7 @@ from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from trimtab.client import wire
 from trimtab.controller.policy import Policy, Proposal
 from trimtab.controller.state import JobView, Phase
 
@@ -176,6 +180,14 @@ class LrRangeTest(Policy):
         cfg: LrRangeTestConfig = self.config  # type: ignore[assignment]
         return lo * (hi / lo) ** (min(steps, cfg.sweep_steps) / cfg.sweep_steps)
 
+    def trajectory(self, start: int, lo: float, hi: float) -> wire.SchedulePiece:
+        """The sweep as a schedule from global step ``start`` (torch's ExponentialLR with
+        ``gamma = (hi / lo) ** (1 / sweep_steps)``), which the client follows step by step
+        when the controller sends live schedules."""
+        gamma = (hi / lo) ** (1.0 / self.config.sweep_steps)  # type: ignore[attr-defined]
+        return wire.SchedulePiece(name="exponential", params={"lr": lo, "gamma": gamma},
+                                  origin=start)
+
     def propose(self, view: JobView) -> list[Proposal]:
         if any(p.policy == self.name for p in view.phases_done):
             return []  # one range test per job
@@ -193,6 +205,7 @@ class LrRangeTest(Policy):
                     lo,
                     f"LR range test starts: {lo:.3g} -> "
                     f"{hi:.3g} over {self.config.sweep_steps} steps",
+                    schedule=self.trajectory(view.step, lo, hi),
                 )
             ]
         return self._during(view, phase, lo, hi)
@@ -222,7 +235,10 @@ class LrRangeTest(Policy):
             loss = f", smoothed loss {curve[-1][1]:.4g}" if curve else ""
             return [
                 Proposal.sweep_value(
-                    "lr", lr, f"LR range test: step {done} of {cfg.sweep_steps}, lr {lr:.3g}{loss}"
+                    "lr",
+                    lr,
+                    f"LR range test: step {done} of {cfg.sweep_steps}, lr {lr:.3g}{loss}",
+                    schedule=self.trajectory(phase.start_step, lo, hi),
                 )
             ]
         return [self._finish(view, phase, curve, why)]

@@ -52,6 +52,24 @@ def test_the_lr_follows_the_schedule_step_by_step():
     assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * (1 + math.cos(math.pi * 1.49)) / 2)
 
 
+def test_the_exponential_sweep_follows_torchs_exponential_lr_and_stops_at_the_bound():
+    # The LR range test's sweep: 1e-4 rising 10x every 50 steps, capped at the bound 0.05.
+    piece = wire.SchedulePiece(name="exponential", params={"lr": 1e-4, "gamma": 10 ** 0.02},
+                               origin=20)
+    opt, live = _sgd(lr=0.3), LiveSchedules()
+    live.replace([wire.LiveSchedule(knob="lr", pieces=[piece], hi=0.05)])
+    torch_opt = _sgd(lr=1e-4)
+    ref = lr_scheduler.ExponentialLR(torch_opt, gamma=10 ** 0.02)
+    for step in range(200):
+        live.apply(opt, step)
+        expected = 1e-4 if step < 20 else min(torch_opt.param_groups[0]["lr"], 0.05)
+        assert opt.param_groups[0]["lr"] == pytest.approx(expected, rel=TOL), step
+        if step >= 20:
+            torch_opt.step()
+            ref.step()
+    assert opt.param_groups[0]["lr"] == 0.05
+
+
 def test_values_are_clamped_to_the_bounds_sent_with_the_schedule():
     opt = _sgd()
     live = LiveSchedules()

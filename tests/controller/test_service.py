@@ -350,17 +350,22 @@ def test_a_fault_while_a_command_awaits_its_ack_still_rolls_back(tmp_path):
     while not pending:  # the next stable mark, left unacknowledged
         pending = c.run_to(c.step + 10, ack=False)
     (mark,) = pending
-    assert mark.mark_stable is not None and mark.rollback_to is None
+    assert mark.mark_stable == 200 and mark.rollback_to is None
     (cmd,) = c.report(nonfinite_grads=4)
-    assert cmd.seq == mark.seq + 1 and cmd.rollback_to == 150
+    # The client may apply the mark before this command comes (then it keeps 200 as its
+    # newest stable checkpoint and lets 150 go) or never (this one supersedes it): the
+    # rollback goes to 200 and marks it again, which holds either way.
+    assert cmd.seq == mark.seq + 1 and (cmd.rollback_to, cmd.mark_stable) == (200, 200)
     assert cmd.knobs.lr == pytest.approx(0.05)
     (order,) = ctl.journal.events("rb", "rollback")
     assert order.data["reason"] == "nonfinite" and order.seq == cmd.seq
     # The rollback is pending now: a second fault waits for its ack.
     assert c.report(nonfinite_grads=4) == []
     c.ack(cmd)
-    assert ctl.jobs["rb"].step == 150
-    assert ctl.jobs["rb"].pending_command is None
+    st = ctl.jobs["rb"]
+    assert st.step == 200 and st.pending_command is None
+    assert st.rollback.stable_step == 200 and st.rollback.pending_mark is None
+    assert ctl.journal.events("rb", "stable")[-1].data == {"step": 200, "source": "ack"}
 
 
 def test_commands_go_to_the_connection_that_registered_last(tmp_path):
@@ -378,3 +383,33 @@ def test_commands_go_to_the_connection_that_registered_last(tmp_path):
     ctl.handle(new, report(5, nonfinite=3))
     (peer, frame), = ctl.handle(new, report(6, nonfinite=3))
     assert peer == new and wire.decode(frame).seq == 1
+
+
+def test_a_report_sent_before_the_restore_is_journaled_not_observed(tmp_path):
+    # The client's transport may deliver reports it queued before it applied the rollback
+    # after the ack: they describe the path rolled back from (here still non-finite, with
+    # the checkpoint at 200 and a stable mark the restore discarded).
+    ctl = make_rb(tmp_path, budget=3)
+    c = _stable_at_150(ctl)
+    c.run_to(250)
+    assert c.stable == 200
+    (cmd,) = c.report(nonfinite_grads=4)  # step 260
+    assert cmd.rollback_to == 200
+    before = (c.seq, c.step, c.applied, list(c.ckpts), c.stable)
+    c.ack(cmd)
+    c.seq, c.step, c.applied, c.ckpts, c.stable = before  # the queued report's view
+    c.step -= 10  # its window was skipped steps: the same step as the report that faulted
+    assert c.report(nonfinite_grads=5, nonfinite_losses=5) == []
+    (gone,) = ctl.journal.events("rb", "abandoned")
+    assert gone.data["step"] == 260 and gone.data["branch_seq"] == cmd.seq
+    assert metric(ctl, "trimtab_reports_abandoned_total 1.0")
+    st = ctl.jobs["rb"]
+    assert st.step == 200 and st.nonfinite_grads == 4  # only the report that faulted
+    assert st.rollback.checkpoints == [50, 100, 150, 200] and st.rollback.stable_step == 200
+    assert len(ctl.journal.events("rb", "rollback")) == 1
+    # The run goes on from 200; its reports are observed again, with no second rollback.
+    c.step, c.applied, c.ckpts = 200, cmd.seq, [50, 100, 150, 200]
+    c.run_to(300)
+    assert len(ctl.journal.events("rb", "rollback")) == 1 and st.step == 300
+    # A controller restarted from the journal still knows which reports are stale.
+    assert type(st).from_state_dict(st.state_dict()).branch_seq == cmd.seq

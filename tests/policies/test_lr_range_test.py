@@ -122,6 +122,44 @@ def test_a_dip_then_blow_up_picks_the_lr_of_the_lowest_loss_over_ten():
     print(f"found lr {st.found_lr:.3g} from {len(curve)} points")
 
 
+def test_with_live_schedules_the_sweep_goes_out_once_and_the_client_follows_it():
+    st = job(LR)
+    policy = LrRangeTest({"min_lr": 1e-5, "max_lr": 1e-1, "sweep_steps": 400, "beta": 0.0})
+    engine = Engine([policy], WIDE, live_schedules=True)
+    loss, decisions, live = dip(best=3e-3, blow=5.0), [], None
+    for _ in range(60):
+        step = st.step + EVERY
+        # The client's LR over the window: the live schedule's, step by step.
+        lr = live.value(step - 1) if live is not None else st.knobs.lr
+        st.observe(wire.Report(job="s", seq=st.reports_seen + 1, step=step, window=EVERY,
+                               knobs=st.knobs.model_copy(update={"lr": lr}),
+                               loss_mean=loss(lr), checkpoints=[0], stable_step=0))
+        st.rollback.observe(st.view(), RB)
+        d = engine.decide(st)
+        decisions.append(d)
+        if d.schedules is not None:
+            live = next((s for s in d.schedules if s.knob == "lr"), None)
+        if d.rollback is not None:
+            st.on_restored(d.rollback.target_step, RB)
+            st.knobs = st.knobs.model_copy(update=d.commands)
+            break
+    first, *middle, last = decisions
+    # One command carries the sweep: torch's ExponentialLR from the step the phase opened.
+    (spec,) = first.schedules
+    (piece,) = spec.pieces
+    assert (piece.name, piece.origin, piece.params["lr"]) == ("exponential", EVERY, 1e-5)
+    assert piece.params["gamma"] ** 400 == pytest.approx(1e-1 / 1e-5)
+    assert first.commands == {"lr": 1e-5}
+    assert all(d.schedules is None and not d.commands for d in middle), "sent again"
+    # The return stops it (schedules=[]) and sets the pick, read off the per-step curve.
+    assert last.rollback.planned and last.schedules == () and st.live == {}
+    curve = finished(decisions).detail["curve"]
+    gamma = piece.params["gamma"]  # point k: the report at step (k + 2) x EVERY
+    assert [lr for lr, _ in curve] == [
+        pytest.approx(1e-5 * gamma ** ((k + 1) * EVERY - 1), rel=1e-12) for k in range(len(curve))]
+    assert last.commands["lr"] == pytest.approx(st.found_lr)
+
+
 def test_steepest_picks_where_the_loss_falls_fastest():
     curve = [(1e-4, 1.0), (1e-3, 0.98), (1e-2, 0.6), (1e-1, 0.5), (1.0, 3.0)]
     assert pick_lr(curve, "steepest", 10.0) == 1e-2
@@ -314,8 +352,9 @@ STEP_S = 0.003  # a realistic, if short, step: the controller answers within a f
 REGISTERED_LR = 0.001
 
 
-def fit(task: Regression, opt, steps: int, guard=None) -> float:
-    """``steps`` steps (through ``guard`` when given); the loss over the whole data set."""
+def fit(task: Regression, opt, steps: int, guard=None, seen=None) -> float:
+    """``steps`` steps (through ``guard`` when given, appending ``(step, lr it used)`` to
+    ``seen``); the loss over the whole data set."""
     for _ in range(steps):
         xb, yb = task.batch()
         loss = task.loss(xb, yb)
@@ -325,6 +364,8 @@ def fit(task: Regression, opt, steps: int, guard=None) -> float:
             opt.step()
         else:
             guard.step(loss)
+            if seen is not None:
+                seen.append((guard.global_step - 1, opt.param_groups[0]["lr"]))
             time.sleep(STEP_S)
     with torch.no_grad():
         return task.loss(task.x, task.y).item()
@@ -362,8 +403,9 @@ def _real_run(srv):
         checkpoint_every=100,
         on_rollback=restored.append,
     ) as guard:
+        seen: list[tuple[int, float]] = []  # the sweep's steps, with the LR each used
         while not restored and guard.global_step < 600:
-            fit(task, opt, 10, guard)
+            fit(task, opt, 10, guard, seen)
         assert restored == [0], f"no rollback to the sweep's start: {restored}"
         fit(task, opt, 1, guard)
         lr_after = opt.param_groups[0]["lr"]
@@ -387,6 +429,17 @@ def _real_run(srv):
         f"{curve[0][0]:.3g} .. {curve[-1][0]:.3g}, stopped: {detail['stop']}); loss after "
         f"{POST} steps {loss:.4f}, fixed lr {REGISTERED_LR}: {baseline:.4f}"
     )
+    # The sweep went out once, live: from its arrival on, every step used the schedule's
+    # LR exactly (so the curve does not depend on when commands arrived).
+    (sent,) = [s for e in journal.events("range", "decision") for s in e.data["schedules"] or ()
+               if s["pieces"][0]["name"] == "exponential"]
+    sweep = wire.LiveSchedule.model_validate(sent)
+    back = next(i for i in range(1, len(seen)) if seen[i][0] < seen[i - 1][0])
+    seen = seen[:back]  # the steps before the return to step 0
+    followed = next(i for i, (s, lr) in enumerate(seen) if lr == pytest.approx(sweep.value(s)))
+    assert followed < 20 and len(seen) - followed > 50, (followed, len(seen))
+    assert [lr for _, lr in seen[followed:]] == [
+        pytest.approx(sweep.value(s), rel=1e-12) for s, _ in seen[followed:]]
     # The LR after the rollback: the found one (cosine at step 1 of POST from it).
     assert lr_after == pytest.approx(found, rel=0.01)
     # A sane pick for this model: inside the sweep, not at its ends, above the poor guess.
