@@ -1,6 +1,7 @@
 """Controller capacity: how many reporting jobs one ``trimtab serve`` handles on loopback.
 
     python -m bench.capacity [--jobs 1,10,50,100,200,400] [--rate 2] [--seconds 10] [--procs 2]
+                             [--pin]
 
 For each job count N a fresh controller starts (default config: the default policy set,
 journal on, metrics off), then ``--procs`` generator
@@ -21,6 +22,10 @@ Measured over the ``--seconds`` window (after every job has registered):
 - report -> command: report send -> the Command it produced, when one comes;
 - controller CPU (``/proc/PID/stat`` utime+stime over the window, % of one core) and RSS
   (``/proc/PID/status`` VmRSS, before registration and at the end of the window).
+
+``--pin`` runs the controller alone on one CPU and the generators on the others
+(``sched_setaffinity``), so that its latencies are not the generators' queueing; unpinned,
+the scheduler shares every core among them.
 
 Bounded: each job sends at most ``ceil(seconds x rate) + 1`` reports, replies are awaited
 for at most ``GRACE_S`` after the window, every generator process is joined or killed and
@@ -123,9 +128,15 @@ class _Job:
         self.pending.append(now)
 
     def on_command(self, cmd) -> None:
-        """Apply a Command as the guard would, and acknowledge it."""
+        """Apply a Command as the guard would, and acknowledge it; a repeat (the controller
+        resends a command whose ack is late) is acknowledged again, not applied again."""
         w = self.wire
         restored = None
+        if cmd.seq <= self.applied_seq:
+            self.sock.send(w.encode(w.Ack(job=self.name, seq=cmd.seq, step=self.step,
+                                          knobs=w.Knobs(**self.knobs))))
+            self.commands.append("repeat")
+            return
         if cmd.mark_stable is not None:
             self.stable_step = cmd.mark_stable
             self.commands.append("mark_stable")
@@ -149,9 +160,12 @@ class _Job:
 
 
 def _generator(endpoint: str, indices: list[int], seed: int, rate: float, seconds: float,
-               ready, go, start_at, out) -> None:
+               ready, go, start_at, out, cpus: set[int] | None = None) -> None:
     """One generator process: register its jobs, run the report schedule, send results."""
     from trimtab.client import wire
+
+    if cpus:
+        os.sched_setaffinity(0, cpus)
 
     ctx = zmq.Context()
     jobs = [_Job(ctx, endpoint, i, seed, rate) for i in indices]
@@ -231,7 +245,9 @@ def _generator(endpoint: str, indices: list[int], seed: int, rate: float, second
                  "in_window": in_window, "late": late,
                  "unanswered": sum(len(j.pending) for j in jobs),
                  "jobs_answered": sum(1 for j in jobs if j.seq > len(j.pending)),
-                 "jobs": len(jobs), "errors": errors, "commands": commands})
+                 "jobs": len(jobs), "errors": errors, "commands": commands,
+                 "cpus": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                 else []})
         for j in jobs:
             j.bye()
     finally:
@@ -282,28 +298,52 @@ class Row:
     jobs_answered: int
     errors: dict = field(default_factory=dict)
     commands: dict = field(default_factory=dict)
+    #: The CPUs the generator processes ran on.
+    generator_cpus: list = field(default_factory=list)
 
     @property
     def us_per_report(self) -> float:
         return self.cpu_pct / 100.0 / self.handled * 1e6 if self.handled else math.nan
 
 
-def measure(n_jobs: int, rate: float, seconds: float, procs: int, seed: int = SEED) -> Row:
-    """One fresh controller, ``n_jobs`` simulated jobs at ``rate`` Hz for ``seconds``."""
+def pinning() -> tuple[set[int], set[int]] | None:
+    """``(controller CPUs, generator CPUs)`` for ``--pin``: the controller alone on the
+    first CPU this process may use, the generators on the others (None: fewer than 2)."""
+    if not hasattr(os, "sched_getaffinity"):
+        return None
+    mine = sorted(os.sched_getaffinity(0))
+    return ({mine[0]}, set(mine[1:])) if len(mine) >= 2 else None
+
+
+def _pin_process(pid: int, cpus: set[int]) -> None:
+    """Pin every thread of ``pid`` (the controller's, started already) to ``cpus``."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        os.sched_setaffinity(int(tid), cpus)
+
+
+def measure(n_jobs: int, rate: float, seconds: float, procs: int, seed: int = SEED,
+            pin: bool = False) -> Row:
+    """One fresh controller, ``n_jobs`` simulated jobs at ``rate`` Hz for ``seconds``; with
+    ``pin``, the controller on one CPU and the generators on the others."""
     ctx = mp.get_context("spawn")
     procs = max(1, min(procs, n_jobs))
+    cpus = pinning() if pin else None
+    if pin and cpus is None:
+        raise RuntimeError("--pin needs at least 2 CPUs this process may run on")
     with tempfile.TemporaryDirectory() as tmp:
         ctl = Controller(tmp)
         workers: list = []
         try:
             pid = ctl.proc.pid
+            if cpus is not None:
+                _pin_process(pid, cpus[0])
             rss0 = _rss_mb(pid)
             ready, out = ctx.Queue(), ctx.Queue()
             go, start_at = ctx.Event(), ctx.Value("d", 0.0)
             for p in range(procs):
                 w = ctx.Process(target=_generator, daemon=True, args=(
                     ctl.endpoint, list(range(p, n_jobs, procs)), seed, rate, seconds,
-                    ready, go, start_at, out))
+                    ready, go, start_at, out, cpus[1] if cpus else None))
                 w.start()
                 workers.append(w)
             registered = sum(ready.get(timeout=120) for _ in workers)
@@ -344,14 +384,15 @@ def measure(n_jobs: int, rate: float, seconds: float, procs: int, seed: int = SE
         cpu_pct=100.0 * (cpu1 - cpu0) / seconds, rss_mb=rss1,
         kb_per_job=1024.0 * (rss1 - rss0) / n_jobs,
         jobs_answered=sum(r["jobs_answered"] for r in results), errors=errors,
-        commands=commands)
+        commands=commands,
+        generator_cpus=sorted({c for r in results for c in r.get("cpus", ())}))
 
 
 def run_sweep(jobs: list[int], rate: float, seconds: float, procs: int,
-              seed: int = SEED, log=None) -> list[Row]:
+              seed: int = SEED, log=None, pin: bool = False) -> list[Row]:
     rows = []
     for n in jobs:
-        row = measure(n, rate, seconds, procs, seed)
+        row = measure(n, rate, seconds, procs, seed, pin)
         if log is not None:
             log(f"N={n}: {row.handled:.0f} reports/s, hb p99 {row.hb_p99_ms:.2f} ms, "
                 f"cpu {row.cpu_pct:.0f}%")
@@ -366,6 +407,9 @@ def _header(args) -> list[str]:
         from trimtab.client import __version__ as tv
     except ImportError:  # pragma: no cover
         tv = "?"
+    pins = pinning() if getattr(args, "pin", False) else None
+    where = (f"the controller pinned to CPU {sorted(pins[0])}, the generators to CPUs "
+             f"{sorted(pins[1])}" if pins else "unpinned")
     return [
         f"# controller capacity: {platform.machine()}, {os.cpu_count()} cpus, "
         f"{platform.system()} {platform.release()}, python {platform.python_version()}, "
@@ -375,7 +419,7 @@ def _header(args) -> list[str]:
         f"seed={args.seed}; {STEPS_PER_REPORT} steps/report, checkpoint every "
         f"{CHECKPOINT_EVERY} steps (last {KEEP} listed), a Heartbeat after every Report; "
         f"default config ({' + '.join(_default_policies())}), journal on, metrics off; loopback "
-        f"tcp://127.0.0.1; generators on the same machine as the controller",
+        f"tcp://127.0.0.1; generators on the same machine as the controller, {where}",
     ]
 
 
@@ -385,12 +429,13 @@ def _default_policies() -> list[str]:
     return [p.name for p in ControllerConfig().policies]
 
 
-def header(jobs: list[int], rate: float, seconds: float, procs: int, seed: int) -> list[str]:
+def header(jobs: list[int], rate: float, seconds: float, procs: int, seed: int,
+           pin: bool = False) -> list[str]:
     """The report's first lines: machine, versions and settings."""
     import types
 
     return _header(types.SimpleNamespace(jobs=",".join(map(str, jobs)), rate=rate,
-                                         seconds=seconds, procs=procs, seed=seed))
+                                         seconds=seconds, procs=procs, seed=seed, pin=pin))
 
 
 def _f(x: float, fmt: str = ".2f") -> str:
@@ -453,6 +498,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=10.0, help="measurement window per N")
     ap.add_argument("--procs", type=int, default=2, help="load-generator processes")
     ap.add_argument("--seed", type=int, default=SEED)
+    ap.add_argument("--pin", action="store_true",
+                    help="the controller alone on one CPU, the generators on the others")
     ap.add_argument("--out", default=None,
                     help="also write the report here (e.g. bench/results/capacity.md)")
     args = ap.parse_args(argv)
@@ -460,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
     if not jobs or min(jobs) < 1 or args.rate <= 0 or args.seconds <= 0 or args.procs < 1:
         ap.error("jobs, rate, seconds and procs must be positive")
     rows = run_sweep(jobs, args.rate, args.seconds, args.procs, args.seed,
-                     log=lambda s: print(s, file=sys.stderr, flush=True))
+                     log=lambda s: print(s, file=sys.stderr, flush=True), pin=args.pin)
     text = format_report(rows, _header(args))
     print(text)
     if args.out:

@@ -424,7 +424,8 @@ def system_report(sections: dict[str, str]) -> str:
     if "capacity" in sections:
         lines += ["## Controller capacity", "",
                   "Simulated jobs in 2 generator processes on the same machine, against one "
-                  "controller on loopback (`bench/capacity.py`; up to 400 jobs: "
+                  "controller on loopback, unpinned (`bench/capacity.py`; up to 400 jobs, and "
+                  "pinned: "
                   "[capacity.md](capacity.md)).", "", "```", sections["capacity"], "```", ""]
     return "\n".join(lines)
 
