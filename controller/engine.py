@@ -554,10 +554,13 @@ class Engine:
             if kd.correction is not None:
                 state.corrections[knob] = kd.correction
         live = {k: kd.live for k, kd in decision.knobs.items() if kd.live is not None}
-        # A measurement phase owns the knobs: only its own sweep may be live meanwhile.
+        # A measurement phase owns the knobs: only its own sweep may be live meanwhile, and
+        # it stays live through a decision that says nothing of its knob (the schedules
+        # sent in reply to a re-registration mid-sweep).
         if state.phase is not None:
             live = {k: kd.live for k, kd in decision.knobs.items()
                     if kd.live is not None and kd.policy == state.phase.policy}
+            live = {**{k: s for k, s in state.live.items() if k not in decision.knobs}, **live}
         if decision.rollback is not None:
             scheduled = {p.knob for _, p in decision.proposals if p.schedule is not None}
             for knob, kd in decision.knobs.items():

@@ -160,6 +160,18 @@ def test_with_live_schedules_the_sweep_goes_out_once_and_the_client_follows_it()
     assert last.commands["lr"] == pytest.approx(st.found_lr)
 
 
+def test_a_re_registration_mid_sweep_leaves_the_live_sweep_running():
+    st = job(LR)
+    engine = Engine([LrRangeTest({"min_lr": 1e-5, "max_lr": 1e-1})], WIDE, live_schedules=True)
+    drive(engine, st, lambda lr: 1.0, 3, checkpoints=(0,))
+    sweep = st.live["lr"]
+    assert st.phase is not None and sweep.pieces[0].name == "exponential"
+    # The reply to a register asks the schedule policies only (none here): it must not
+    # stop the sweep (schedules=[]) nor send it again.
+    d = engine.decide_schedules(st)
+    assert d.schedules is None and st.live == {"lr": sweep}
+
+
 def test_steepest_picks_where_the_loss_falls_fastest():
     curve = [(1e-4, 1.0), (1e-3, 0.98), (1e-2, 0.6), (1e-1, 0.5), (1.0, 3.0)]
     assert pick_lr(curve, "steepest", 10.0) == 1e-2
