@@ -56,6 +56,7 @@ import torch
 
 from bench._serve import free_port
 from bench.faults import FAULT_AT, Task
+from bench.scenario_policies import python_path
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
@@ -63,36 +64,10 @@ DASHBOARDS = DEPLOY / "grafana" / "dashboards"
 RULES = DEPLOY / "prometheus" / "rules.yml"
 SCRAPE = DEPLOY / "prometheus" / "prometheus.yml"
 
-#: Test policies, written to a module on the controller's PYTHONPATH.
-POLICIES = '''
-from trimtab.controller.policy import Policy, Proposal
-
-
-class Seesaw(Policy):
-    """Halves the LR when it is at or above its initial value, else doubles it: churn."""
-
-    name = "seesaw"
-
-    def propose(self, view):
-        up = view.knobs.lr < view.initial.lr
-        return [Proposal("lr", factor=2.0 if up else 0.5, reason="seesaw")]
-
-
-class Raising(Policy):
-    """A buggy policy: fine for three reports, then it raises."""
-
-    name = "raising"
-
-    def propose(self, view):
-        if view.reports_seen >= 3:
-            raise RuntimeError(f"boom at step {view.step}")
-        return []
-'''
-
 #: The controller's config: a budget of 2 rollbacks, a job timeout of 6 s.
 CONFIG = """
 job_timeout_s = 6
-allow_plugins = ["trimtab_scenario_policies:*"]
+allow_plugins = ["bench.scenario_policies:*"]
 
 [[policies]]
 name = "divergence_guard"
@@ -102,15 +77,15 @@ name = "plateau"
 jobs = ["rb-*"]
 
 [[policies]]
-name = "trimtab_scenario_policies:Seesaw"
+name = "bench.scenario_policies:Seesaw"
 jobs = ["churn-*"]
 
 [[policies]]
-name = "trimtab_scenario_policies:Raising"
+name = "bench.scenario_policies:Raising"
 jobs = ["churn-*"]
 
 [[policies]]
-name = "trimtab_scenario_policies:Seesaw"
+name = "bench.scenario_policies:Seesaw"
 shadow = true
 jobs = ["rb-*", "spike-*"]
 
@@ -250,12 +225,11 @@ class Serve:
     """``trimtab serve`` with the scenario's config and policies, metrics on a free port."""
 
     def __init__(self, tmp: Path) -> None:
-        (tmp / "trimtab_scenario_policies.py").write_text(POLICIES)
         (tmp / "trimtab.toml").write_text(CONFIG)
         port, self.metrics_port = free_port(), free_port()
         self.endpoint = f"tcp://127.0.0.1:{port}"
         self.log_path = tmp / "serve.log"
-        path = os.pathsep.join(p for p in (str(tmp), os.environ.get("PYTHONPATH")) if p)
+        path = python_path(os.environ.get("PYTHONPATH"))
         self.proc = subprocess.Popen(
             [
                 sys.executable,

@@ -15,7 +15,6 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
-import torch
 import zmq
 
 from trimtab.client import wire
@@ -120,13 +119,3 @@ def unused_port() -> int:
 def dead_endpoint(unused_port: int) -> str:
     """An endpoint on which no controller listens."""
     return f"tcp://127.0.0.1:{unused_port}"
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """torch on one thread for the test: real training beside a controller subprocess on a
-    busy two-core machine otherwise crawls (oversubscribed intra-op threads)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from trimtab.client import load_stable, shard_endpoint, wire
 from trimtab.client._dist import HEADER_SIZE, decode_command, encode_command, rank_directory
 
-from ..integration.support import free_port, start_serve
+from ..integration.support import free_port
 
 WORKER = Path(__file__).with_name("dist_worker.py")
 _GLOO = dist.is_available() and dist.is_gloo_available()
@@ -60,11 +60,8 @@ stable_window_steps = 40
 
 
 @pytest.fixture
-def serve(tmp_path):
-    srv = start_serve(tmp_path, free_port(), free_port(), CONFIG)
-    yield srv
-    srv.proc.terminate()
-    srv.proc.wait(timeout=10)
+def serve(serve_factory):
+    return serve_factory(CONFIG)
 
 
 def torchrun(nproc: int, out: Path, *args: str, check: bool = True):

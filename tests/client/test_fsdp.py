@@ -21,7 +21,7 @@ import torch.distributed as dist
 from trimtab.client import attach
 from trimtab.client._sharded import is_sharded, step_name
 
-from ..integration.support import free_port, start_serve
+from ..integration.support import free_port
 from .test_distributed import CONFIG, REPORT_EVERY, TORCHRUN
 
 WORKER = Path(__file__).with_name("fsdp_worker.py")
@@ -32,11 +32,8 @@ IT, STEP, LR, LOCAL, FULL, LOSS, STABLE, ROLLBACKS, NORM, DTENSOR_NORM, CLIPPED 
 
 
 @pytest.fixture
-def serve(tmp_path):
-    srv = start_serve(tmp_path, free_port(), free_port(), CONFIG)
-    yield srv
-    srv.proc.terminate()
-    srv.proc.wait(timeout=10)
+def serve(serve_factory):
+    return serve_factory(CONFIG)
 
 
 def torchrun(out: Path, *args: str) -> list[dict]:

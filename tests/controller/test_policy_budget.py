@@ -11,6 +11,7 @@ import threading
 import pytest
 import torch
 
+from bench.scenario_policies import python_path
 from tests.integration.support import Regression, free_port, start_serve, wait_for
 from trimtab.client import attach, wire
 from trimtab.controller.budget import PolicyBudget, PolicyTimeout
@@ -143,43 +144,16 @@ def test_the_budget_is_configured_and_checked():
 
 # -- for real: a ``trimtab serve`` subprocess, a plugin that hangs for one job --------------
 
-HANGING = '''
-import threading
-
-from trimtab.controller.policy import Policy, Proposal
-
-_FOREVER = threading.Event()
-
-
-class Hanging(Policy):
-    """A third-party policy with a bug that makes it wait forever for one job."""
-
-    name = "hanging"
-
-    def propose(self, view):
-        if view.job == "hang-a" and view.reports_seen >= 3:
-            _FOREVER.wait()
-        return []
-
-
-class Nudge(Policy):
-    """A working one: 10% less LR at every report (the governor's cooldown spaces them)."""
-
-    name = "nudge"
-
-    def propose(self, view):
-        return [Proposal("lr", factor=0.9, reason="nudge")]
-'''
-
 CONFIG = """
 policy_budget_ms = 300
-allow_plugins = ["hanging_policy:*"]
+allow_plugins = ["bench.scenario_policies:*"]
 
 [[policies]]
-name = "hanging_policy:Hanging"
+name = "bench.scenario_policies:Hanging"
 
 [[policies]]
-name = "hanging_policy:Nudge"
+name = "bench.scenario_policies:Nudge"
+config = { factor = 0.9 }
 
 [governor.lr]
 cooldown_steps = 20
@@ -208,11 +182,7 @@ def _train(srv_endpoint: str, job: str, steps: int, seed: int, out: dict) -> Non
 @pytest.mark.integration
 @pytest.mark.timeout(120)
 def test_a_plugin_hung_for_one_job_is_cut_off_while_the_other_job_is_served(tmp_path, monkeypatch):
-    (tmp_path / "hanging_policy.py").write_text(HANGING)
-    monkeypatch.setenv(
-        "PYTHONPATH",
-        os.pathsep.join([str(tmp_path), *filter(None, [os.environ.get("PYTHONPATH")])]),
-    )
+    monkeypatch.setenv("PYTHONPATH", python_path(os.environ.get("PYTHONPATH")))
     srv = start_serve(tmp_path, free_port(), free_port(), CONFIG)
     try:
         out: dict = {"scrape": srv.metrics}

@@ -407,15 +407,6 @@ def _too_low_run(tmp_path, config: str) -> tuple[float, str]:
         srv.proc.wait(timeout=10)
 
 
-@pytest.fixture
-def one_thread():
-    """A tiny model trains fastest on one thread (and a shared machine stays usable)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_a_real_run_started_100x_too_low_rises_past_10x_only_with_derived_bounds(
     tmp_path, one_thread
 ):

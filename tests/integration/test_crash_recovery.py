@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
+from bench.scenario_policies import python_path
 from trimtab.client import attach
 from trimtab.controller.journal import Journal, JournalError
 
@@ -122,28 +123,15 @@ def test_a_database_that_is_not_a_journal_is_refused(tmp_path):
 
 # -- the controller killed mid-run --------------------------------------------------------
 
-NUDGE = '''
-from trimtab.controller.policy import Policy, Proposal
-
-
-class Nudge(Policy):
-    """Asks for 3% less LR at every report: a command for nearly every report."""
-
-    name = "nudge"
-
-    def propose(self, view):
-        return [Proposal("lr", factor=0.97, reason="nudge")]
-'''
-
 CONFIG = """
 resend_after_reports = 3
-allow_plugins = ["nudge_policy:*"]
+allow_plugins = ["bench.scenario_policies:*"]
 
 [[policies]]
 name = "divergence_guard"
 
 [[policies]]
-name = "nudge_policy:Nudge"
+name = "bench.scenario_policies:Nudge"
 
 [governor.lr]
 cooldown_steps = 0
@@ -215,13 +203,10 @@ class Run:
 
 
 @pytest.fixture
-def nudge(tmp_path, monkeypatch):
-    """The nudge policy importable by ``trimtab serve`` subprocesses."""
-    (tmp_path / "nudge_policy.py").write_text(NUDGE)
-    monkeypatch.setenv(
-        "PYTHONPATH",
-        os.pathsep.join([str(tmp_path), *filter(None, [os.environ.get("PYTHONPATH")])]),
-    )
+def nudge(monkeypatch):
+    """The nudge policy (3% less LR at every report: a command for nearly every report)
+    importable by ``trimtab serve`` subprocesses."""
+    monkeypatch.setenv("PYTHONPATH", python_path(os.environ.get("PYTHONPATH")))
 
 
 def test_sigkill_with_a_command_pending_resumes_every_job_exactly(nudge, serve_factory):

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.scenario_policies import python_path
 from trimtab.controller.config import load_config
 from trimtab.controller.governor import Governor
 from trimtab.controller.journal import Journal
@@ -38,21 +39,8 @@ REAL_STEP_S = 0.02  # the real runs' pace: about 40 steps/s
 # Generous: on a loaded host the runs start and step slowly; the soak itself is SOAK_S.
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(3 * SOAK_S + 240)]
 
-NUDGE = '''
-from trimtab.controller.policy import Policy, Proposal
-
-
-class Nudge(Policy):
-    """Asks for 3% less LR at every report; the governor's cooldown spaces the changes."""
-
-    name = "nudge"
-
-    def propose(self, view):
-        return [Proposal("lr", factor=0.97, reason="nudge")]
-'''
-
 CONFIG = """
-allow_plugins = ["nudge_policy:*"]
+allow_plugins = ["bench.scenario_policies:*"]
 
 [[policies]]
 name = "divergence_guard"
@@ -61,7 +49,7 @@ name = "divergence_guard"
 name = "plateau"
 
 [[policies]]
-name = "nudge_policy:Nudge"
+name = "bench.scenario_policies:Nudge"
 
 [governor.lr]
 cooldown_steps = 100
@@ -272,11 +260,7 @@ class Soak:
 
 @pytest.fixture
 def soak(tmp_path, monkeypatch):
-    (tmp_path / "nudge_policy.py").write_text(NUDGE)
-    monkeypatch.setenv(
-        "PYTHONPATH",
-        os.pathsep.join([str(tmp_path), *filter(None, [os.environ.get("PYTHONPATH")])]),
-    )
+    monkeypatch.setenv("PYTHONPATH", python_path(os.environ.get("PYTHONPATH")))
     s = Soak(tmp_path)
     yield s
     s.close()

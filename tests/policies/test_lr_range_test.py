@@ -26,7 +26,7 @@ from trimtab.policies.lr_range_test import LrRangeTest, pick_lr, smooth
 from trimtab.policies.one_cycle import OneCycle
 from trimtab.policies.plateau import Plateau
 
-from ..integration.support import Regression, free_port, start_serve, wait_for
+from ..integration.support import Regression, wait_for
 from .streams import EVERY, job
 
 LR = 1e-3
@@ -384,25 +384,14 @@ def fit(task: Regression, opt, steps: int, guard=None, seen=None) -> float:
 
 
 @pytest.fixture
-def serve(tmp_path):
-    srv = start_serve(tmp_path, free_port(), free_port(), CONFIG)
-    yield srv
-    srv.proc.terminate()
-    srv.proc.wait(timeout=10)
+def serve(serve_factory):
+    return serve_factory(CONFIG)
 
 
 @pytest.mark.integration
 @pytest.mark.timeout(180)
-def test_a_real_run_sweeps_rolls_back_and_trains_with_the_found_lr(serve):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a tiny model: more threads only contend for the cores
-    try:
-        _real_run(serve)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _real_run(srv):
+def test_a_real_run_sweeps_rolls_back_and_trains_with_the_found_lr(serve, one_thread):
+    srv = serve
     task = Regression(seed=3)
     opt = torch.optim.SGD(task.model.parameters(), lr=REGISTERED_LR, momentum=0.9)
     restored: list[int] = []

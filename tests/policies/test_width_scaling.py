@@ -117,15 +117,6 @@ def train(
             ctl.close()  # type: ignore[union-attr]
 
 
-@pytest.fixture
-def one_thread():
-    """Small matrices train fastest on one thread (and a shared machine stays usable)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_one_configuration_serves_a_model_and_one_10x_wider_without_retuning(tmp_path, one_thread):
     data = digits()
     params = {w: sum(p.numel() for p in _mlp(w).parameters()) for w in WIDTHS}

@@ -1,14 +1,17 @@
-"""Fixtures: a factory of real ``trimtab serve`` subprocesses, stopped after each test."""
+"""Fixtures for every test: a factory of real ``trimtab serve`` subprocesses, stopped after
+each test, and torch on one thread."""
 
 from __future__ import annotations
 
 import signal
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
-from .support import Serve, free_port, start_serve
+from tests.integration.support import Serve, free_port, start_serve
 
 
 @pytest.fixture
@@ -28,3 +31,14 @@ def serve_factory(tmp_path):
                 s.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 s.proc.kill()
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """torch on one thread for the test: real training beside a controller subprocess on a
+    busy two-core machine otherwise crawls (oversubscribed intra-op threads), and small
+    matrices train fastest on one thread anyway."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
