@@ -400,14 +400,16 @@ def run_sweep(jobs: list[int], rate: float, seconds: float, procs: int,
     return rows
 
 
-def _header(args) -> list[str]:
+def header(jobs: list[int], rate: float, seconds: float, procs: int, seed: int,
+           pin: bool = False) -> list[str]:
+    """The report's first lines: machine, versions and settings."""
     import pydantic
 
     try:
         from trimtab.client import __version__ as tv
     except ImportError:  # pragma: no cover
         tv = "?"
-    pins = pinning() if getattr(args, "pin", False) else None
+    pins = pinning() if pin else None
     where = (f"the controller pinned to CPU {sorted(pins[0])}, the generators to CPUs "
              f"{sorted(pins[1])}" if pins else "unpinned")
     return [
@@ -415,8 +417,8 @@ def _header(args) -> list[str]:
         f"{platform.system()} {platform.release()}, python {platform.python_version()}, "
         f"trimtab {tv}, pyzmq {zmq.__version__} (libzmq {zmq.zmq_version()}), "
         f"pydantic {pydantic.__version__}",
-        f"# jobs={args.jobs} rate={args.rate} Hz seconds={args.seconds} procs={args.procs} "
-        f"seed={args.seed}; {STEPS_PER_REPORT} steps/report, checkpoint every "
+        f"# jobs={','.join(map(str, jobs))} rate={rate} Hz seconds={seconds} procs={procs} "
+        f"seed={seed}; {STEPS_PER_REPORT} steps/report, checkpoint every "
         f"{CHECKPOINT_EVERY} steps (last {KEEP} listed), a Heartbeat after every Report; "
         f"default config ({' + '.join(_default_policies())}), journal on, metrics off; loopback "
         f"tcp://127.0.0.1; generators on the same machine as the controller, {where}",
@@ -427,15 +429,6 @@ def _default_policies() -> list[str]:
     from trimtab.controller.config import ControllerConfig
 
     return [p.name for p in ControllerConfig().policies]
-
-
-def header(jobs: list[int], rate: float, seconds: float, procs: int, seed: int,
-           pin: bool = False) -> list[str]:
-    """The report's first lines: machine, versions and settings."""
-    import types
-
-    return _header(types.SimpleNamespace(jobs=",".join(map(str, jobs)), rate=rate,
-                                         seconds=seconds, procs=procs, seed=seed, pin=pin))
 
 
 def _f(x: float, fmt: str = ".2f") -> str:
@@ -508,7 +501,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("jobs, rate, seconds and procs must be positive")
     rows = run_sweep(jobs, args.rate, args.seconds, args.procs, args.seed,
                      log=lambda s: print(s, file=sys.stderr, flush=True), pin=args.pin)
-    text = format_report(rows, _header(args))
+    text = format_report(rows, header(jobs, args.rate, args.seconds, args.procs, args.seed,
+                                      args.pin))
     print(text)
     if args.out:
         Path(args.out).write_text(text + "\n")
