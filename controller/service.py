@@ -411,6 +411,9 @@ class Controller:
             reasons=reasons[:64], mark_stable=mark,
             rollback_to=plan.target_step if plan is not None else None, stop_advice=advice,
             schedules=None if decision.schedules is None else list(decision.schedules))
+        # An urgent rollback may replace a command still awaiting its ack; the client keeps
+        # only the newest it has received, so the replaced one may never be applied.
+        superseded = state.pending_command
         state.pending_command = command
         self._pending_since[job] = state.reports_seen
         if plan is not None:
@@ -421,7 +424,8 @@ class Controller:
             log.warning("job %s: %s", job, plan.describe())
         self.journal.append(job, "command", step=decision.step, seq=command.seq, data={
             "knobs": targets, "reasons": command.reasons, "mark_stable": mark,
-            "rollback_to": command.rollback_to})
+            "rollback_to": command.rollback_to,
+            "supersedes": None if superseded is None else superseded.seq})
         self.metrics.commands.inc()
         log.info("job %s: command %d %s (%s)", job, command.seq, targets,
                  "; ".join(command.reasons))

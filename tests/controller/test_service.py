@@ -359,6 +359,9 @@ def test_a_fault_while_a_command_awaits_its_ack_still_rolls_back(tmp_path):
     assert cmd.knobs.lr == pytest.approx(0.05)
     (order,) = ctl.journal.events("rb", "rollback")
     assert order.data["reason"] == "nonfinite" and order.seq == cmd.seq
+    # The journal says which command the rollback replaced (the mark may never be applied).
+    sent = {e.seq: e.data["supersedes"] for e in ctl.journal.events("rb", "command")}
+    assert sent[cmd.seq] == mark.seq and sent[mark.seq] is None
     # The rollback is pending now: a second fault waits for its ack.
     assert c.report(nonfinite_grads=4) == []
     c.ack(cmd)

@@ -112,3 +112,19 @@ config = { step_size = 30, gamma = 0.5 }
 [governor.lr]
 cooldown_steps = 0
 """
+
+
+def assert_applied_in_order(commands: list, applied: list[int], who: str) -> None:
+    """``applied`` (the seqs a run applied, in the order it applied them) takes each of the
+    journal's ``commands`` once and in order. A command may be missing in two cases only: a
+    newer command superseded it before the client took it (the journal's ``supersedes``: an
+    urgent rollback replaces a command still awaiting its ack, and the client keeps only the
+    newest it received), or it is the last, sent when the run was about to end."""
+    seqs = [c.seq for c in commands]
+    assert applied == sorted(set(applied)), f"{who}: applied out of order or twice: {applied}"
+    unsent = sorted(set(applied) - set(seqs))
+    assert not unsent, f"{who}: applied {unsent}, never sent"
+    superseded = {c.data.get("supersedes") for c in commands} - {None}
+    missing = [s for s in seqs if s not in applied]
+    lost = [s for s in missing if s not in superseded and s != seqs[-1]]
+    assert not lost, f"{who}: commands {lost} were never applied (applied {applied}, sent {seqs})"
