@@ -9,10 +9,13 @@ a smaller one. trimtab runs with one configuration for both: divergence_guard + 
 the gradient norm's coefficient of variation, is a ratio of
 the job's own signals), every limit at its default (the scale-derived ones included).
 
-Measured (final validation loss / that width's best fixed LR on the grid; seeds 0-3):
-the tuned LR kept fixed at w=160 ends 3.04x, 1.51x, 3.20x, 1.00x; this configuration ends
-within 1.10x at both widths on every seed (worst 1.10x); divergence_guard + plateau alone end
-3.20x at w=160 on seed 2. The test runs seed 2 and asserts 1.5x.
+Final validation loss / that width's best fixed LR on the grid, as this test printed on a
+2-core AMD EPYC VM (torch 2.13.0+cpu, one thread), seeds 0-3: the tuned LR kept fixed at
+w=160 ends 2.04x, 1.25x, 1.00x, 1.00x; this configuration ends within 1.31x at both widths
+on every seed. The grid's high-LR runs are chaotic: on an earlier VM the same code printed
+3.04x, 1.51x, 3.20x, 1.00x for the fixed LR (docs/scale.md has both). So the test runs all
+four seeds and asserts what holds on both machines: the fixed LR misses 1.5x on some seed,
+and trimtab's configuration is within 1.5x at both widths on every seed.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from trimtab.controller.service import Controller
 
 pytest.importorskip("sklearn", reason="scikit-learn (in the dev extra) ships the digits data")
 
-SEED, STEPS, BATCH = 2, 400, 64
+SEEDS, STEPS, BATCH = (0, 1, 2, 3), 400, 64
 WIDTHS = (32, 160)
 GRID = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 POLICIES = ("divergence_guard", "plateau", "grad_noise")
@@ -46,8 +49,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _mlp(width: int) -> torch.nn.Module:
-    torch.manual_seed(SEED)
+def _mlp(width: int, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
     return torch.nn.Sequential(
         torch.nn.Linear(64, width),
         torch.nn.ReLU(),
@@ -63,19 +66,20 @@ def train(
     lr: float,
     tmp_path: Any = None,
     policies: tuple[str, ...] = (),
+    seed: int = 0,
 ) -> tuple[float, float]:
     """(final validation loss, final lr) of one run; with ``policies``, attached to an
     in-process controller that runs them (the guard's reports and acks handed to it as
     frames, its commands put in the guard's command slot, as its transport would)."""
     xt, yt, xv, yv = data
-    model = _mlp(width)
+    model = _mlp(width, seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    gen = torch.Generator().manual_seed(100 + SEED)
+    gen = torch.Generator().manual_seed(100 + seed)
     guard = ctl = None
     if policies:
         # The policy time budget is off: a loaded test machine must not disable a policy.
         cfg = ControllerConfig(
-            journal=str(tmp_path / f"{len(policies)}-w{width}.db"),
+            journal=str(tmp_path / f"{len(policies)}-w{width}-s{seed}.db"),
             metrics_port=0,
             policy_budget_ms=0,
             policies=[PolicySpec(name=p) for p in policies],
@@ -121,26 +125,26 @@ def test_one_configuration_serves_a_model_and_one_10x_wider_without_retuning(tmp
     data = digits()
     params = {w: sum(p.numel() for p in _mlp(w).parameters()) for w in WIDTHS}
     assert params[WIDTHS[1]] >= 10 * params[WIDTHS[0]]
-    grid = {w: {lr: train(data, w, lr)[0] for lr in GRID} for w in WIDTHS}
-    best = {w: min(grid[w].values()) for w in WIDTHS}
-    tuned = min(grid[WIDTHS[0]], key=grid[WIDTHS[0]].get)  # the LR tuned at the small width
-    ours = {w: train(data, w, tuned, tmp_path, POLICIES) for w in WIDTHS}
-    default = {w: train(data, w, tuned, tmp_path, POLICIES[:2]) for w in WIDTHS}
-    print(
-        f"\nwidth MLP on digits, AdamW, {STEPS} steps, seed {SEED}; LR tuned at w="
-        f"{WIDTHS[0]}: {tuned:g}"
-    )
-    for w in WIDTHS:
-        row = ", ".join(f"{lr:g}: {v:.4f}" for lr, v in grid[w].items())
-        print(f"w={w} ({params[w]} params) fixed-LR grid: {row}")
-        print(
-            f"  fixed at the tuned LR: {grid[w][tuned] / best[w]:.2f}x best; "
-            f"trimtab {'+'.join(POLICIES)}: {ours[w][0] / best[w]:.2f}x (lr ends "
-            f"{ours[w][1]:.3g}); divergence_guard+plateau only: {default[w][0] / best[w]:.2f}x "
-            f"(lr ends {default[w][1]:.3g})"
-        )
-    # Without retuning, the small width's LR does not serve the wide model...
-    assert grid[WIDTHS[1]][tuned] > 2.0 * best[WIDTHS[1]]
-    # ...while one trimtab configuration serves both from it.
-    for w in WIDTHS:
-        assert ours[w][0] <= WITHIN * best[w], (w, ours[w], best[w])
+    fixed: dict[int, dict[int, float]] = {}  # seed -> width -> tuned LR kept fixed / best
+    ours: dict[int, dict[int, float]] = {}  # seed -> width -> trimtab / best
+    for seed in SEEDS:
+        grid = {w: {lr: train(data, w, lr, seed=seed)[0] for lr in GRID} for w in WIDTHS}
+        best = {w: min(grid[w].values()) for w in WIDTHS}
+        tuned = min(grid[WIDTHS[0]], key=grid[WIDTHS[0]].get)  # tuned at the small width
+        runs = {w: train(data, w, tuned, tmp_path, POLICIES, seed=seed) for w in WIDTHS}
+        fixed[seed] = {w: grid[w][tuned] / best[w] for w in WIDTHS}
+        ours[seed] = {w: runs[w][0] / best[w] for w in WIDTHS}
+        print(f"\nseed {seed}: LR tuned at w={WIDTHS[0]}: {tuned:g}")
+        for w in WIDTHS:
+            row = ", ".join(f"{lr:g}: {v:.4f}" for lr, v in grid[w].items())
+            print(f"  w={w} ({params[w]} params) fixed-LR grid: {row}")
+            print(
+                f"    fixed at the tuned LR: {fixed[seed][w]:.2f}x best; trimtab "
+                f"{'+'.join(POLICIES)}: {ours[seed][w]:.2f}x (lr ends {runs[w][1]:.3g})"
+            )
+    # Without retuning, the small width's LR kept fixed misses the mark on some seed...
+    assert any(fixed[s][WIDTHS[1]] > WITHIN for s in SEEDS), fixed
+    # ...while one trimtab configuration, started from it, meets it at both widths on all.
+    for seed in SEEDS:
+        for w in WIDTHS:
+            assert ours[seed][w] <= WITHIN, (seed, w, ours[seed][w])
