@@ -11,7 +11,12 @@ defaults), in the run itself:
   the sweep began. With live schedules (the controller's default) the client follows it
   at every step (an ``exponential`` schedule, torch's ExponentialLR, from the step the
   sweep opened), so the LR each step sees does not depend on when commands arrive; without
-  them it is set once per report.
+  them it is set once per report. Unless set, ``min_lr`` and ``max_lr`` span
+  ``[min_factor, max_factor] x`` the registered LR joined with the optimizer family's
+  sane range at the job's global batch (:meth:`ScaleContext.lr_range
+  <trimtab.controller.scale.ScaleContext.lr_range>`, the range the governor's derived
+  bounds already admit), so a run registered decades away from a workable LR still
+  sweeps across one (``family_range=False``: the registered LR's band only).
 * **Smoothing.** Each report's mean loss goes into a bias-corrected exponential moving
   average with ``beta`` per optimizer step (``beta ** window`` per report; fastai's 0.98).
 * **Stop.** When the smoothed loss passes ``diverge_factor`` x its lowest (fastai's 4,
@@ -56,6 +61,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from trimtab.client import wire
 from trimtab.controller.policy import Policy, Proposal
+from trimtab.controller.scale import ScaleContext
 from trimtab.controller.state import JobView, Phase
 
 __all__ = ["LrRangeTest", "LrRangeTestConfig", "smooth", "pick_lr", "stop_reason"]
@@ -76,6 +82,8 @@ class LrRangeTestConfig(BaseModel):
     min_factor: float = Field(1e-2, gt=0.0, allow_inf_nan=False)
     #: 10: the default governor's ``max_rel``, past which the bounds would cut the sweep.
     max_factor: float = Field(10.0, gt=0.0, allow_inf_nan=False)
+    #: Join the default span with the optimizer family's sane LR range at the job's batch.
+    family_range: bool = True
     #: Optimizer steps from ``min_lr`` to ``max_lr``.
     sweep_steps: int = Field(200, ge=2)
     #: EMA weight of the previous smoothed loss, per optimizer step.
@@ -166,8 +174,17 @@ class LrRangeTest(Policy):
         lr = view.initial.lr
         if (cfg.min_lr is None or cfg.max_lr is None) and lr is None:
             raise ValueError("no min_lr/max_lr configured and the job registered no lr")
-        lo = cfg.min_lr if cfg.min_lr is not None else cfg.min_factor * lr  # type: ignore[operator]
-        hi = cfg.max_lr if cfg.max_lr is not None else cfg.max_factor * lr  # type: ignore[operator]
+        family = ScaleContext.from_facts(view.facts).lr_range() if cfg.family_range else None
+        if cfg.min_lr is not None:
+            lo = cfg.min_lr
+        else:
+            lo = cfg.min_factor * lr  # type: ignore[operator]
+            lo = lo if family is None else min(lo, family[0])
+        if cfg.max_lr is not None:
+            hi = cfg.max_lr
+        else:
+            hi = cfg.max_factor * lr  # type: ignore[operator]
+            hi = hi if family is None else max(hi, family[1])
         if not lo < hi:
             raise ValueError(
                 f"the sweep would run from {lo:.6g} down to {hi:.6g}; set min_lr "

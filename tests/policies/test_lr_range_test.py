@@ -16,9 +16,10 @@ import torch
 
 from trimtab.client import attach, wire
 from trimtab.controller.engine import Engine
-from trimtab.controller.governor import Governor
+from trimtab.controller.governor import Governor, GovernorConfig
 from trimtab.controller.policy import Proposal, load_policy
 from trimtab.controller.rollback import RollbackConfig, plan_rollback
+from trimtab.controller.scale import ScaleContext, derive_limits
 from trimtab.controller.state import JobState
 from trimtab.policies.cosine import Cosine
 from trimtab.policies.divergence_guard import DivergenceGuard
@@ -120,6 +121,28 @@ def test_a_dip_then_blow_up_picks_the_lr_of_the_lowest_loss_over_ten():
     assert st.found_lr == pytest.approx(lrs[i_min] / 10) and st.view().found_lr == st.found_lr
     assert st.step == 0 and st.knobs.lr == pytest.approx(st.found_lr)
     print(f"found lr {st.found_lr:.3g} from {len(curve)} points")
+
+
+@pytest.mark.parametrize("family_range", [True, False])
+def test_a_run_registered_decades_too_low_sweeps_into_its_family_range(family_range):
+    # AdamW registered at 1e-6, whose loss is lowest at 3e-3: the default band (1e-8 ..
+    # 1e-5) never reaches it; joined with Adam's sane range (1e-5 .. 1e-2 at batch 256,
+    # which the derived governor bounds admit too) the sweep crosses the dip.
+    start = 1e-6
+    st = job(start)
+    ctx = ScaleContext.from_facts(st.facts)
+    gov = Governor(derive_limits(ctx, GovernorConfig(), set(), st.knobs).config)
+    policy = LrRangeTest({"sweep_steps": 400, "beta": 0.0, "family_range": family_range})
+    lo, hi = policy.sweep_range(st.view())
+    assert lo == pytest.approx(start / 100)
+    assert hi == pytest.approx(1e-2 if family_range else start * 10)
+    ds = drive(Engine([policy], gov), st, dip(best=3e-3, blow=5.0), 60)
+    found = finished(ds).detail["found_lr"]
+    if family_range:
+        assert 1e-4 <= found <= 1e-3 and st.knobs.lr == pytest.approx(found)
+    else:
+        assert found <= start
+    print(f"family_range={family_range}: sweep {lo:.3g} -> {hi:.3g}, found {found:.3g}")
 
 
 def test_with_live_schedules_the_sweep_goes_out_once_and_the_client_follows_it():
