@@ -10,9 +10,9 @@ jobs (``bench-TASK-*``).
 
 >>> name, items = parse_set("warm=+warmup:warmup_steps=20")
 >>> name, [p for p, _ in items]
-('warm', ['divergence_guard', 'plateau', 'lr_range_test', 'warmup'])
->>> items[2:]
-[('lr_range_test', {'sweep_steps': '{steps/5}'}), ('warmup', {'warmup_steps': 20})]
+('warm', ['divergence_guard', 'plateau', 'lr_range_test', 'grad_noise', 'warmup'])
+>>> items[2], items[-1]
+(('lr_range_test', {'sweep_steps': '{steps/5}'}), ('warmup', {'warmup_steps': 20}))
 >>> print(to_toml([("warmup", {"warmup_steps": 20})]), end="")
 [[policies]]
 name = "warmup"
@@ -41,7 +41,7 @@ CANDIDATES = (
     "spike=+spike_guard",
     "clip=+adaptive_clip",
     "ratio=+update_ratio",
-    "noise=+grad_noise",
+    "no_noise=divergence_guard,plateau,lr_range_test:sweep_steps={steps/5}",
     "warmup=+warmup:warmup_steps={steps/20}",
     "cosine=+cosine:t_max={steps}",
 )

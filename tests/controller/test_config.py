@@ -11,7 +11,8 @@ def test_defaults_serve_loopback_with_the_measured_default_policies():
     cfg = load_config(env={})
     assert cfg.bind == "tcp://127.0.0.1:5555"
     assert cfg.metrics_port == 9108
-    assert [p.name for p in cfg.policies] == ["divergence_guard", "plateau", "lr_range_test"]
+    assert [p.name for p in cfg.policies] == [
+        "divergence_guard", "plateau", "lr_range_test", "grad_noise"]
 
 
 def test_rollback_settings_load_and_are_validated(tmp_path):
