@@ -138,11 +138,14 @@ class Outcome:
 
 def train(kind: str | None, endpoint: str | None, job: str, seed: int = 0,
           total: int = TOTAL, fault_every_attempt: bool = False,
-          hook: Callable[[object], None] | None = None) -> Outcome:
+          hook: Callable[[object], None] | None = None,
+          journal: str | None = None) -> Outcome:
     """Train to ``total`` optimizer steps with fault ``kind``; attached when ``endpoint``.
 
     ``fault_every_attempt`` keys the fault on the optimizer step instead of the data
-    position, so it recurs after every rollback.
+    position, so it recurs after every rollback. With ``journal`` (the controller's), an
+    attached run goes in lockstep with the controller (:mod:`bench._lockstep`), so it
+    repeats exactly; without, commands land whenever they arrive, as in a real run.
     """
     from trimtab.client import attach
 
@@ -154,6 +157,11 @@ def train(kind: str | None, endpoint: str | None, job: str, seed: int = 0,
         guard = attach(task.model, opt, job=job, endpoint=endpoint, report_every=REPORT_EVERY,
                        heartbeat_s=0.2, checkpoint_every=CHECKPOINT_EVERY,
                        on_rollback=restored.append)
+    lockstep = None
+    if guard is not None and journal is not None:
+        from bench._lockstep import Lockstep
+
+        lockstep = Lockstep(journal, guard)
     it = 0
     while (guard.global_step if guard else it) < total and it < 6 * total:
         where = guard.global_step if (guard and fault_every_attempt) else it
@@ -166,6 +174,8 @@ def train(kind: str | None, endpoint: str | None, job: str, seed: int = 0,
             opt.step()
         else:
             guard.step(loss)
+            if lockstep is not None:
+                lockstep.after_step()
         it += 1
     steps = it
     if guard is not None:
