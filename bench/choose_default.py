@@ -101,10 +101,11 @@ def ranking_table(stats: dict, sets: dict[str, list]) -> list[str]:
 
 def from_runs(path: Path) -> list[str]:
     """The ranking of every trimtab contender in a runs file (``bench run`` writes the
-    candidate sets' policies into it; ``trimtab`` is the controller's default set)."""
+    candidate sets' policies into it, and the default set ``trimtab`` ran with; files
+    written before that key existed get the controller's current default set)."""
     saved = json.loads(path.read_text())
     results = [RunResult.from_dict(d) for d in saved["runs"]]
-    sets = {"trimtab": trimtab_sets.default_items()}
+    sets = {"trimtab": [tuple(i) for i in saved.get("default_set", trimtab_sets.default_items())]}
     sets.update({c: [tuple(i) for i in items]
                  for c, items in saved.get("trimtab_sets", {}).items()})
     have = {r.spec.task for r in results}

@@ -745,7 +745,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.from_json:
         (out / f"{args.name}-runs.json").write_text(json.dumps(
             {"command": cmd, "started": started, "wall_s": wall, "lockstep": lockstep,
-             "trimtab_sets": sets, "runs": [r.to_dict() for r in results],
+             "trimtab_sets": sets, "default_set": trimtab_sets.default_items(),
+             "runs": [r.to_dict() for r in results],
              "system": system}))
     log(f"bench: wrote {out / (args.name + '.md')} and {len(made)} plots in {wall:.0f} s")
     return 0

@@ -4,6 +4,7 @@ a configuration the controller loads, and ranked by the default-set criterion.""
 from __future__ import annotations
 
 import doctest
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -99,3 +100,17 @@ def test_ranking_is_worst_case_over_tasks_within_5_percent_then_the_next_worst_t
 @pytest.mark.parametrize("module", [trimtab_sets, choose_default])
 def test_docstring_examples(module):
     assert doctest.testmod(module, optionflags=doctest.ELLIPSIS).failed == 0
+
+
+def test_a_re_rendered_ranking_names_the_default_set_its_runs_were_made_with(tmp_path):
+    saved = json.loads((ROOT / "bench/results/default-set-runs.json").read_text())
+    saved["default_set"] = [["divergence_guard", {}], ["spike_guard", {"z_threshold": 9}]]
+    path = tmp_path / "runs.json"
+    path.write_text(json.dumps(saved))
+    (row,) = [r for r in choose_default.from_runs(path) if r.split(" | ")[1:2] == ["trimtab"]]
+    assert "| divergence_guard, spike_guard (z_threshold=9) |" in row, row
+    # A runs file from before the key existed: the controller's current default set.
+    del saved["default_set"]
+    path.write_text(json.dumps(saved))
+    (row,) = [r for r in choose_default.from_runs(path) if r.split(" | ")[1:2] == ["trimtab"]]
+    assert f"| {trimtab_sets.describe(trimtab_sets.default_items())} |" in row, row
