@@ -52,7 +52,7 @@ __all__ = ["Checkpoint", "CheckpointStore", "load_stable", "capture_rng", "resto
 log = logging.getLogger("trimtab.client")
 
 _PAYLOAD_KEYS = ("step", "model", "optimizer", "scheduler", "rng", "clip", "counters",
-                 "scheduler_stepped")
+                 "scheduler_stepped", "controls")
 
 
 # -- RNG -------------------------------------------------------------------------------------
@@ -201,6 +201,8 @@ class Checkpoint:
     clip: float | None = None
     counters: dict[str, int] = field(default_factory=dict)
     scheduler_stepped: bool = False
+    #: trimtab's knobs in force: multipliers, commanded momentum (see ``Actuator``).
+    controls: dict[str, Any] = field(default_factory=dict)
     stable: bool = False
     #: Set while the writer thread serializes it (read under the writer's lock).
     writing: bool = field(default=False, repr=False)
@@ -215,7 +217,8 @@ class Checkpoint:
 
     @property
     def knobs(self) -> wire.Knobs:
-        """The knob values in force when it was taken."""
+        """The user's own knob values when it was taken (the optimizer's param groups hold
+        them between steps) and the clip; :attr:`controls` has trimtab's multipliers."""
         return knobs_of(self.optimizer["param_groups"], self.clip)
 
     def payload(self) -> dict[str, Any]:
@@ -224,7 +227,8 @@ class Checkpoint:
 
     @classmethod
     def from_payload(cls, payload: dict[str, Any]) -> Checkpoint:
-        return cls(**{k: payload[k] for k in _PAYLOAD_KEYS})
+        # Files written before the knob model have no controls: the user's values held.
+        return cls(**{k: payload[k] for k in _PAYLOAD_KEYS if k in payload})
 
     def restore(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                 scheduler: Any = None) -> None:
@@ -282,6 +286,7 @@ class CheckpointStore:
         self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
         scheduler: Any = None, *, clip: float | None = None,
         counters: dict[str, int] | None = None, scheduler_stepped: bool = False,
+        controls: dict[str, Any] | None = None,
     ) -> Checkpoint:
         """Snapshot the run at ``step``; usable once its copies are done (see :meth:`poll`)."""
         copier = _HostCopier(self._pool)
@@ -289,7 +294,7 @@ class CheckpointStore:
             step=step, model=copier(model.state_dict()), optimizer=copier(optimizer.state_dict()),
             scheduler=None if scheduler is None else copier(scheduler.state_dict()),
             rng=capture_rng(), clip=clip, counters=dict(counters or {}),
-            scheduler_stepped=scheduler_stepped,
+            scheduler_stepped=scheduler_stepped, controls=dict(controls or {}),
         )
         return self._admit(ckpt, copier)
 

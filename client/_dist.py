@@ -38,7 +38,7 @@ Every rank must attach with the same ``report_every`` and ``checkpoint_every``
 Many jobs: :func:`shard_endpoint` picks a job's controller from a list, stably.
 
 >>> from trimtab.client import wire
->>> cmd = wire.Command(job="demo", seq=3, knobs=wire.Knobs(lr=0.05), mark_stable=200)
+>>> cmd = wire.Command(job="demo", seq=3, scale=wire.ScaleTargets(lr=0.5), mark_stable=200)
 >>> header, body = encode_command(cmd, step=240)
 >>> header.tolist()[1], header.dtype, body.dtype
 (240.0, torch.float64, torch.uint8)

@@ -27,8 +27,7 @@ from . import wire
 from ._checkpoint import Checkpoint, CheckpointStore
 from ._dist import DistLink, rank_directory
 from ._hooks import StepHooks
-from ._knobs import apply_knobs, check_optimizer, read_knobs
-from ._live_schedule import LiveSchedules
+from ._knobs import Actuator, check_optimizer
 from ._options import (
     NONFINITE_MODES,
     _check_checkpoint_options,
@@ -39,7 +38,7 @@ from ._options import (
     _resolve_mode,
 )
 from ._probe import Grads, Probe
-from ._schedule import ScheduleHold, scale_schedule
+from ._schedule import ScheduleHold
 from ._sharded import ShardedStore, ShardNorms, is_sharded
 from ._transport import Transport, load_curve_keys
 
@@ -183,10 +182,13 @@ class Guard:
         self.job = job
         self.run_id = uuid.uuid4().hex
         self.report_every = report_every
-        #: The clipping threshold in force (``None``: off); a command may change it.
-        self.clip: float | None = None if clip is None else float(clip)
+        # The knobs: multipliers on the user's lr and weight decay, momentum, clip.
+        self._act = Actuator(optimizer, None if clip is None else float(clip))
         #: Sequence number of the last command applied (0: none).
         self.applied_seq = 0
+        # Commands taken and not yet acknowledged: (seq, restored step, error), acked at
+        # the first optimizer step that runs with them.
+        self._owed: list[tuple[int, int | None, str | None]] = []
         self._hooks: StepHooks | None = None
         self.facts, device = _facts(model, optimizer, batch_size)
         # Under torch.distributed: rank 0 links to the controller, all ranks act in step.
@@ -206,7 +208,8 @@ class Guard:
         self._open_skips_host = 0  # skips in the open window seen on the host ("skip" mode)
         self._report_seq = 0
         self._window_start = time.perf_counter()
-        self._knobs = read_knobs(optimizer, self.clip)
+        # What registration tells the controller; swapped whole by the training thread.
+        self._in_force = (self._act.used(), self._act.base(), self._act.scale())
         self._closed = False
         #: The user's LR scheduler (``None``: none), composed with trimtab's lr changes.
         self.scheduler = scheduler
@@ -216,7 +219,6 @@ class Guard:
         self._on_rollback = on_rollback
         self._outcome: tuple[int, int | None, str | None] = (0, None, None)
         self._hold: ScheduleHold | None = None
-        self._live = LiveSchedules()  # the controller's per-step schedules (none at first)
         self._last_checkpoint = 0
         #: The controller advises stopping (the validation metric stopped improving).
         self.should_stop = False
@@ -273,7 +275,10 @@ class Guard:
                                "itself and hands the loss to guard.observe_loss(loss)")
         prepared = self._prepare(loss)
         if prepared is not None:
-            self._optimizer_step(*prepared)
+            try:
+                self._optimizer_step(*prepared)
+            finally:
+                self._act.release()  # the user's own lr and weight decay are back
             self._finish_step()
 
     def _prepare(
@@ -293,7 +298,6 @@ class Guard:
             # Rolled back: these gradients were computed on the abandoned trajectory.
             self.optimizer.zero_grad(set_to_none=True)
             return None
-        self._live.apply(self.optimizer, self._host_step())  # host floats only; no-op if none
         probe = self._probe
         closing = probe.full
         grads = probe.grads()
@@ -309,6 +313,10 @@ class Guard:
         self._clip(grads, total, finite)
         if closing:  # the window's one sampled update, for ||delta theta|| / ||theta||
             probe.snapshot()
+        # Last, so that only the optimizer step runs between engage and release.
+        self._act.engage(self._host_step())  # host floats only (tensor entries: on device)
+        if self._owed:
+            self._acknowledge()  # with the values this step uses
         return total, finite
 
     def _finish_step(self) -> None:
@@ -371,7 +379,8 @@ class Guard:
     # -- commands and reports ----------------------------------------------------------------
 
     def _apply_command(self) -> bool:
-        """Carry out a pending command and acknowledge it; True when it rolled back."""
+        """Carry out a pending command; True when it rolled back. Its ack goes out with the
+        first optimizer step that runs with it (:meth:`_acknowledge`)."""
         command = self._transport.take_command()
         if command is None:
             return False
@@ -389,11 +398,20 @@ class Guard:
         seq, restored, error = self._outcome
         if seq != command.seq:
             restored = error = None
-        self._knobs = read_knobs(self.optimizer, self.clip)
-        ack = wire.Ack(job=self.job, seq=command.seq, step=self._host_step(), knobs=self._knobs,
-                       restored_step=restored, error=error)
-        self._transport.put_control(ack)
+        del self._owed[:-7]  # bounded: a controller resending faster than steps run
+        self._owed.append((command.seq, restored, error))
         return rolled_back
+
+    def _acknowledge(self) -> None:
+        """Send the acks owed for the commands taken, with the values in force: those of
+        the step just engaged (or, at close, of the last one)."""
+        owed, self._owed = self._owed, []
+        knobs, base, scale = self._act.used(), self._act.base(), self._act.scale()
+        self._in_force = (knobs, base, scale)
+        for seq, restored, error in owed:
+            self._transport.put_control(wire.Ack(
+                job=self.job, seq=seq, step=self._host_step(), knobs=knobs, base=base,
+                scale=scale, restored_step=restored, error=error))
 
     def _carry_out(self, command: wire.Command) -> tuple[int | None, str | None]:
         """mark_stable, then rollback_to, then knobs. Never raises: errors go in the ack."""
@@ -405,9 +423,8 @@ class Guard:
             if command.rollback_to is not None:
                 restored, notes = self._rollback(command.rollback_to)
                 errors += notes
-            errors += self._set_knobs(command.knobs)
-            self._live.replace(command.schedules)
-            self._live.apply(self.optimizer, self._host_step())  # so the ack reports its values
+            errors += self._act.command(command.scale, command.knobs, command.lr_max)
+            self._act.live.replace(command.schedules)
             if restored is not None and restored.scheduler_stepped and self.scheduler is not None:
                 # The loop's scheduler.step() still follows this guard.step(); for a snapshot
                 # taken after the scheduler stepped that is one step too many: undo it.
@@ -419,20 +436,6 @@ class Guard:
             log.warning("trimtab command %d: %s", command.seq, error)
         step = None if restored is None else restored.step
         return step, "; ".join(errors)[:1024] or None
-
-    def _set_knobs(self, knobs: wire.Knobs) -> list[str]:
-        try:
-            clip = knobs.clip
-            if clip is not None and not clip > 0:
-                raise ValueError(f"clip={clip!r} is out of range; allowed: clip > 0")
-            factors = apply_knobs(self.optimizer, knobs)
-            if factors is not None and self.scheduler is not None:
-                scale_schedule(self.scheduler, self.optimizer, factors)
-            if clip is not None:
-                self.clip = clip
-        except ValueError as exc:
-            return [f"knobs not applied: {exc}"]
-        return []
 
     def _mark_stable(self, step: int) -> list[str]:
         if self._store is None:
@@ -450,7 +453,9 @@ class Guard:
         if ckpt is None:
             return None, [f"{note}; nothing restored"]
         notes = [] if note is None else [note]
-        self.clip = ckpt.clip
+        # The multipliers, momentum and clip in force at the checkpoint; the user's own
+        # values come back with the optimizer's (and the scheduler's) state.
+        self._act.load_state_dict({**ckpt.controls, "clip": ckpt.clip})
         self._calls = ckpt.counters.get("calls", ckpt.step)
         self._skipped_closed, self._open_skips_host = self._calls - ckpt.step, 0
         self._probe.reset()
@@ -475,7 +480,8 @@ class Guard:
         try:
             self._store.take(step, self.model, self.optimizer, self.scheduler, clip=self.clip,
                              counters={"calls": self._calls},
-                             scheduler_stepped=scheduler_stepped)
+                             scheduler_stepped=scheduler_stepped,
+                             controls=self._act.state_dict())
         except Exception:  # a failed snapshot costs a rollback target, never the run
             log.exception("trimtab could not take a checkpoint at step %d", step)
 
@@ -492,7 +498,9 @@ class Guard:
                 return
             now = time.perf_counter()
             step_time, self._window_start = (now - self._window_start) / stats.steps, now
-            self._knobs = read_knobs(self.optimizer, self.clip)  # an LR scheduler may move them
+            # What the window's last step used, the user's own values then, the multipliers.
+            knobs, base, scale = self._act.used(), self._act.base(), self._act.scale()
+            self._in_force = (knobs, base, scale)
             validation, vstep = self._validation if self._validation is not None else (None, None)
             counts, self._micro_counts = self._micro_counts, []
             micro_batches = round(sum(counts) / len(counts)) if counts else None
@@ -504,7 +512,9 @@ class Guard:
                 grad_norm_max=stats.grad_norm_max, grad_norm_std=stats.grad_norm_std,
                 group_grad_norms=stats.group_grad_norms, update_ratio=stats.update_ratio,
                 nonfinite_losses=stats.nonfinite_losses, nonfinite_grads=stats.nonfinite_grads,
-                skipped_steps=stats.nonfinite_grads, step_time_s=step_time, knobs=self._knobs,
+                skipped_steps=stats.nonfinite_grads, step_time_s=step_time, knobs=knobs,
+                base=base, scale=scale, user_clipped_steps=stats.user_clipped_steps,
+                user_clip=stats.user_clip,
                 dropped_reports=self._transport.dropped, applied_seq=self.applied_seq,
                 checkpoints=self.checkpoints, stable_step=self.stable_step,
                 validation=validation, validation_step=vstep,
@@ -553,10 +563,11 @@ class Guard:
 
     def _registration(self) -> wire.Register:
         # Called from the transport thread; reads only values the training thread swaps whole.
+        knobs, base, scale = self._in_force
         return wire.Register(
             job=self.job, run_id=self.run_id, step=self._host_step(),
-            report_every=self.report_every, facts=self.facts, knobs=self._knobs,
-            applied_seq=self.applied_seq,
+            report_every=self.report_every, facts=self.facts, knobs=knobs, base=base,
+            scale=scale, applied_seq=self.applied_seq,
         )
 
     def _host_step(self) -> int:
@@ -578,9 +589,22 @@ class Guard:
         return self._calls - self.skipped_steps
 
     @property
+    def clip(self) -> float | None:
+        """The clipping threshold in force (``None``: off); a command may change it."""
+        return self._act.clip
+
+    @property
     def knobs(self) -> wire.Knobs:
-        """The knob values in force now, read from the optimizer."""
-        return read_knobs(self.optimizer, self.clip)
+        """The effective values the optimizer used at the last step: the user's lr and
+        weight decay times trimtab's multipliers, the momentum, the clip (before the first
+        step: what it would use now). Between steps the param groups hold the user's own
+        values; a tensor-valued setting is read from its device here."""
+        return self._act.used()
+
+    @property
+    def scale(self) -> wire.Scale:
+        """trimtab's multipliers in force on the user's lr and weight decay (1.0: none)."""
+        return self._act.scale()
 
     @property
     def checkpoints(self) -> list[int]:
@@ -614,6 +638,9 @@ class Guard:
             return
         if self._hooks is not None:
             self._hooks.remove()
+        self._act.release()
+        if self._owed:  # a command taken after the last step ran
+            self._acknowledge()
         # Under torch.distributed the partial window is a collective: only on a clean close.
         if self._probe.row and (self._dist is None or not reason.startswith("error")):
             self._close_window()  # the last, partial window: one sync, at the end of the run

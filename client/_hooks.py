@@ -7,6 +7,10 @@ clips with the clip in force and arranges the non-finite handling; a step post-h
 probes the update and counts the step. The loss comes in with one call,
 ``guard.observe_loss(loss)``, any time between two steps (a tensor stays on its device).
 
+The knobs go in last in the pre-hook and come out first in the post-hook: the step runs
+with ``base x multiplier`` and the loop sees its own values again after it (see
+:mod:`trimtab.client._knobs`).
+
 A pre-hook cannot cancel the step, so a non-finite step is skipped per mode:
 
 - ``"fused"`` (a fused optimizer): ``found_inf`` is set on the optimizer for that
@@ -156,6 +160,7 @@ class StepHooks:
             log.exception("trimtab step hook failed; the step goes on unguarded")
 
     def _post(self, opt: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        self._guard._act.release()  # the user's own lr and weight decay are back
         if not self._armed:
             return
         self._disarm()
@@ -199,6 +204,7 @@ class StepHooks:
         self._armed = True
 
     def _disarm(self) -> None:
+        self._guard._act.release()  # idempotent; a step that raised never reached _post
         if self._fused:
             opt = self._guard.optimizer
             for name in ("found_inf", "grad_scale"):

@@ -1,28 +1,54 @@
-"""Read and write the knobs trimtab steers on any ``torch.optim.Optimizer``.
+"""The knob model on the client: trimtab's multipliers around the user's own values.
 
-The job's ``lr`` and ``weight_decay`` are param group 0's values. A target is
-applied to every group by the ratio ``target / group-0 value``, so groups keep
-their relative settings (a no-decay group at 0 stays at 0). ``momentum`` is set
-absolutely in every group that has one: ``momentum`` (SGD, RMSprop) or
-``betas[0]`` (the Adam family). ``clip`` is not an optimizer setting; the guard
-holds it and passes it in.
+The user's code or scheduler owns each param group's ``lr`` and ``weight_decay`` (the
+*base*: a loop may rewrite them every iteration, a scheduler steps them). trimtab's lr
+and weight-decay knobs are *multipliers* on that base, put in just before the optimizer
+step and taken off right after it, as ``GradScaler`` puts its scale around the user's
+step::
+
+    engage()          group["lr"] = base x m   (every group by the same m: ratios kept)
+    optimizer.step()
+    release()         group["lr"] = base       (the loop and its scheduler see their own)
+
+So a loop that writes ``param_group["lr"]`` every iteration, closed-form and chainable
+torch schedulers and a trainer's schedule all compose with trimtab, and a multiplier
+below 1 always lowers the lr relative to the user's schedule. A multiplier above 1 raises
+it, at most to ``lr_max`` (the governor's safety cap; a base already above the cap is
+never lowered by it). Momentum (``momentum``, or ``betas[0]`` for the Adam family) is
+absolute: once commanded it is put in around every step the same way (``None``: the
+user's own). The clip threshold is the guard's own.
+
+Between steps the param groups hold the user's values; :meth:`Actuator.used` says what
+the optimizer used at the last step. Tensor-valued settings (capturable or fused
+optimizers) are scaled in place on their device, never read per step.
 
 >>> import torch
->>> opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1, momentum=0.9)
->>> read_knobs(opt, clip=None)
-Knobs(lr=0.1, momentum=0.9, weight_decay=0.0, clip=None)
+>>> p = torch.nn.Parameter(torch.zeros(2))
+>>> opt = torch.optim.SGD([{"params": [p]}, {"params": [], "lr": 0.01}], lr=0.1, momentum=0.9)
+>>> act = Actuator(opt, clip=None)
+>>> act.command(wire.ScaleTargets(lr=0.5), wire.Knobs(), None)
+[]
+>>> act.engage(step=0); [g["lr"] for g in opt.param_groups]
+[0.05, 0.005]
+>>> act.release(); [g["lr"] for g in opt.param_groups]
+[0.1, 0.01]
+>>> act.used().lr, act.base().lr, act.scale().lr
+(0.05, 0.1, 0.5)
 """
 
 from __future__ import annotations
 
-import math
+import logging
 from typing import Any
 
 import torch
 
 from . import wire
+from ._live_schedule import LiveSchedules
 
-__all__ = ["read_knobs", "knobs_of", "apply_knobs", "check_optimizer"]
+__all__ = ["Actuator", "knobs_of", "check_optimizer"]
+
+log = logging.getLogger("trimtab.client")
 
 
 def _scalar(value: Any) -> float:
@@ -31,12 +57,12 @@ def _scalar(value: Any) -> float:
     return float(value.item()) if isinstance(value, torch.Tensor) else float(value)
 
 
-def _momentum_of(group: dict[str, Any]) -> float | None:
+def _momentum_of(group: dict[str, Any]) -> Any:
     if "momentum" in group:
-        return _scalar(group["momentum"])
+        return group["momentum"]
     betas = group.get("betas")
     if isinstance(betas, (tuple, list)) and betas:
-        return _scalar(betas[0])
+        return betas[0]
     return None
 
 
@@ -49,89 +75,197 @@ def check_optimizer(optimizer: torch.optim.Optimizer) -> None:
             raise ValueError(f"optimizer param group {i} has no 'lr'; trimtab steers lr")
 
 
-def read_knobs(optimizer: torch.optim.Optimizer, clip: float | None) -> wire.Knobs:
-    """The knob values in force: group 0's lr and weight decay, the first group's momentum."""
-    return knobs_of(optimizer.param_groups, clip)
-
-
 def knobs_of(groups: list[dict[str, Any]], clip: float | None) -> wire.Knobs:
-    """:func:`read_knobs` on param groups (live, or an optimizer ``state_dict``'s)."""
+    """Group 0's lr and weight decay and the first group's momentum, as they are in
+    ``groups`` (live param groups, or an optimizer ``state_dict``'s)."""
     group0 = groups[0]
     momentum = next((m for g in groups if (m := _momentum_of(g)) is not None), None)
     wd = group0.get("weight_decay")
     return wire.Knobs(
         lr=_scalar(group0["lr"]),
-        momentum=momentum,
+        momentum=None if momentum is None else _scalar(momentum),
         weight_decay=None if wd is None else _scalar(wd),
         clip=clip,
     )
 
 
-def _write(group: dict[str, Any], key: str, value: float) -> None:
-    # Tensor-valued settings are updated in place so a fused or captured step keeps its tensor.
-    if isinstance(group[key], torch.Tensor):
-        group[key].fill_(value)
-    else:
-        group[key] = value
+class Actuator:
+    """trimtab's knobs on one optimizer: the multipliers, momentum, clip and the live
+    schedules in force, put in around each optimizer step; see the module docstring."""
 
+    def __init__(self, optimizer: torch.optim.Optimizer, clip: float | None) -> None:
+        self.optimizer = optimizer
+        #: The lr and weight-decay multipliers commanded (1.0: the user's values).
+        self.lr_scale = 1.0
+        self.wd_scale = 1.0
+        #: The most a multiplier above 1 may take the effective lr to (None: no cap).
+        self.lr_max: float | None = None
+        #: The momentum commanded (None: the user's own).
+        self.momentum: float | None = None
+        #: The clipping threshold in force (None: off).
+        self.clip = clip
+        #: The controller's per-step schedules (none at first).
+        self.live = LiveSchedules()
+        # (group, key, base) to put back after the step; None: nothing engaged.
+        self._saved: list[tuple[dict[str, Any], str, Any]] | None = None
+        # What the last engaged step used: group 0's base lr, wd, momentum (floats, or
+        # tensor copies), the lr multiplier after the cap, the momentum put in.
+        self._last: tuple[Any, Any, Any, Any, float | None, float] | None = None
 
-def _scale_groups(
-    groups: list[dict[str, Any]], key: str, target: float
-) -> list[float | None]:
-    """Write ``target`` to group 0 and scale the others alike; return each group's factor
-    (``None`` where the change is not a scaling: a group without the key, or all at 0)."""
-    factors: list[float | None] = [None] * len(groups)
-    if key not in groups[0]:
-        return factors
-    current = _scalar(groups[0][key])
-    if current > 0.0:
-        ratio = target / current
-        for i, group in enumerate(groups):
-            if key in group:
-                factors[i] = ratio
-                if i:
-                    _write(group, key, _scalar(group[key]) * ratio)
-    elif key == "lr":
-        # Every lr at zero (a warm-up from 0) has no ratio to keep: all groups take the target.
-        for group in groups[1:]:
-            _write(group, key, target)
-    # Group 0 gets the target exactly, not target * (c / c) with its rounding.
-    _write(groups[0], key, target)
-    return factors
+    # -- commands ------------------------------------------------------------------------------
 
+    def command(
+        self, scale: wire.ScaleTargets, knobs: wire.Knobs, lr_max: float | None
+    ) -> list[str]:
+        """Take a command's multipliers, momentum, clip and cap; errors (nothing changed)."""
+        clip, momentum = knobs.clip, knobs.momentum
+        if clip is not None and not clip > 0:
+            return [f"knobs not applied: clip={clip!r} is out of range; allowed: clip > 0"]
+        if momentum is not None and not 0.0 <= momentum < 1.0:
+            return [f"knobs not applied: momentum={momentum!r} is out of range; "
+                    "allowed: 0 <= m < 1"]
+        if momentum is not None and all(_momentum_of(g) is None
+                                        for g in self.optimizer.param_groups):
+            return ["knobs not applied: momentum commanded, but the optimizer has none"]
+        if scale.lr is not None:
+            self.lr_scale = scale.lr
+        if scale.weight_decay is not None:
+            self.wd_scale = scale.weight_decay
+        if lr_max is not None:
+            self.lr_max = lr_max
+        if momentum is not None:
+            self.momentum = momentum
+        if clip is not None:
+            self.clip = clip
+        return []
 
-def _set_momentum(groups: list[dict[str, Any]], target: float) -> None:
-    for group in groups:
-        if "momentum" in group:
-            _write(group, "momentum", target)
-        elif isinstance(group.get("betas"), (tuple, list)) and group["betas"]:
-            betas = group["betas"]
-            if isinstance(betas[0], torch.Tensor):
-                betas[0].fill_(target)
+    def state_dict(self) -> dict[str, Any]:
+        """The knobs in force, for a checkpoint (live schedules are the controller's)."""
+        return {"lr_scale": self.lr_scale, "wd_scale": self.wd_scale, "lr_max": self.lr_max,
+                "momentum": self.momentum, "clip": self.clip}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        """Put back what :meth:`state_dict` gave (a rollback; keys left out stay)."""
+        self.lr_scale = float(sd.get("lr_scale", self.lr_scale))
+        self.wd_scale = float(sd.get("wd_scale", self.wd_scale))
+        self.lr_max = sd.get("lr_max", self.lr_max)
+        self.momentum = sd.get("momentum", self.momentum)
+        self.clip = sd.get("clip", self.clip)
+
+    # -- around the step -------------------------------------------------------------------------
+
+    def engage(self, step: int) -> None:
+        """Put the effective values in the param groups for the optimizer step after ``step``
+        steps (host arithmetic on param-group entries; tensor entries in place on device)."""
+        if self._saved is not None:  # the last step raised before its release
+            self.release()
+        live = self.live.values(step)
+        lr_m = live.get("lr", self.lr_scale)
+        momentum = live.get("momentum", self.momentum)
+        groups = self.optimizer.param_groups
+        g0 = groups[0]
+        base_lr, base_wd = g0["lr"], g0.get("weight_decay")
+        base_mom = next((m for g in groups if (m := _momentum_of(g)) is not None), None)
+        # Read before the writes below: a tensor entry is scaled in place.
+        self._last = (_keep(base_lr), _keep(base_wd), _keep(base_mom), None, momentum,
+                      self.wd_scale)
+        lr_eff = self._capped(base_lr, lr_m)
+        saved: list[tuple[dict[str, Any], str, Any]] = []
+        for group in groups:
+            if lr_m != 1.0:
+                _scale(group, "lr", lr_eff, saved)
+            if self.wd_scale != 1.0 and "weight_decay" in group:
+                _scale(group, "weight_decay", self.wd_scale, saved)
+            if momentum is not None:
+                _put_momentum(group, momentum, saved)
+        self._saved = saved
+        self._last = (*self._last[:3], lr_eff, momentum, self.wd_scale)
+
+    def _capped(self, base: Any, m: float) -> Any:
+        """The lr multiplier after the cap: ``min(m, max(1, lr_max / base))`` for ``m > 1``."""
+        if m <= 1.0 or self.lr_max is None:
+            return m
+        if isinstance(base, torch.Tensor):
+            if base.device.type != "cpu":  # on the device: no host read per step
+                return torch.clamp(self.lr_max / base, min=1.0, max=m)
+            base = float(base)
+        return m if base <= 0.0 else min(m, max(1.0, self.lr_max / base))
+
+    def release(self) -> None:
+        """Put the user's values back after the optimizer step (idempotent)."""
+        saved, self._saved = self._saved, None
+        for group, key, base in reversed(saved or ()):
+            live = group.get(key)
+            if isinstance(live, torch.Tensor) and isinstance(base, torch.Tensor):
+                live.copy_(base)
+            elif key == "betas" and isinstance(live, (tuple, list)) and isinstance(
+                    live[0], torch.Tensor) and isinstance(base, torch.Tensor):
+                live[0].copy_(base)
             else:
-                group["betas"] = (target, *tuple(betas[1:]))
+                group[key] = base
+
+    # -- what was in force ----------------------------------------------------------------------
+
+    def used(self) -> wire.Knobs:
+        """The effective values of the last engaged step (before any: what a step now would
+        use). Reads a tensor-valued setting from its device: once per report or ack."""
+        base = self.base()
+        if self._last is None:
+            lr_m: Any = None if base.lr is None else self._capped(base.lr, self.lr_scale)
+            momentum, wd_m = self.momentum, self.wd_scale
+        else:
+            lr_m, momentum, wd_m = self._last[3:]
+        lr = None if base.lr is None else base.lr * _scalar(lr_m)
+        wd = None if base.weight_decay is None else base.weight_decay * wd_m
+        mom = momentum if momentum is not None and base.momentum is not None else base.momentum
+        return wire.Knobs(lr=lr, momentum=mom, weight_decay=wd, clip=self.clip)
+
+    def base(self) -> wire.Knobs:
+        """The user's own values at the last engaged step (before any: in the groups now)."""
+        if self._last is None:
+            return knobs_of(self.optimizer.param_groups, None)
+        lr, wd, mom = self._last[:3]
+        return wire.Knobs(lr=_scalar(lr), momentum=None if mom is None else _scalar(mom),
+                          weight_decay=None if wd is None else _scalar(wd))
+
+    def scale(self) -> wire.Scale:
+        """The multipliers in force (a live lr schedule's value at the last engaged step)."""
+        lr = self.live.last.get("lr", self.lr_scale) if self.live.schedules else self.lr_scale
+        return wire.Scale(lr=lr, weight_decay=self.wd_scale)
 
 
-def apply_knobs(
-    optimizer: torch.optim.Optimizer, target: wire.Knobs
-) -> list[float | None] | None:
-    """Write the knobs ``target`` sets (``None`` leaves a knob as it is); ``clip`` is ignored.
+def _keep(value: Any) -> Any:
+    """A value to read later: a tensor is copied on its device (it may change in place)."""
+    return value.detach().clone() if isinstance(value, torch.Tensor) else value
 
-    Returns each group's lr factor (new / old; ``None`` for a group whose lr was not
-    scaled), or ``None`` when ``target`` sets no lr: an LR scheduler's reference values
-    are scaled by the same factors. Raises ``ValueError`` before changing anything when
-    a target is out of range.
-    """
-    if target.momentum is not None and not target.momentum < 1.0:
-        raise ValueError(f"momentum={target.momentum!r} is out of range; allowed: 0 <= m < 1")
-    for name in ("lr", "weight_decay"):
-        value = getattr(target, name)
-        if value is not None and not math.isfinite(value):
-            raise ValueError(f"{name}={value!r} is not finite")
-    groups = optimizer.param_groups
-    factors = None if target.lr is None else _scale_groups(groups, "lr", target.lr)
-    if target.weight_decay is not None:
-        _scale_groups(groups, "weight_decay", target.weight_decay)
-    if target.momentum is not None:
-        _set_momentum(groups, target.momentum)
-    return factors
+
+def _scale(group: dict[str, Any], key: str, factor: Any, saved: list) -> None:
+    base = group[key]
+    if isinstance(base, torch.Tensor):
+        saved.append((group, key, base.clone()))
+        base.mul_(factor)  # in place: a fused or captured step keeps its tensor
+    else:
+        saved.append((group, key, base))
+        group[key] = base * (factor if not isinstance(factor, torch.Tensor)
+                             else _scalar(factor))
+
+
+def _put_momentum(group: dict[str, Any], value: float, saved: list) -> None:
+    if "momentum" in group:
+        base = group["momentum"]
+        if isinstance(base, torch.Tensor):
+            saved.append((group, "momentum", base.clone()))
+            base.fill_(value)
+        else:
+            saved.append((group, "momentum", base))
+            group["momentum"] = value
+        return
+    betas = group.get("betas")
+    if isinstance(betas, (tuple, list)) and betas:
+        if isinstance(betas[0], torch.Tensor):
+            saved.append((group, "betas", betas[0].clone()))
+            betas[0].fill_(value)
+        else:
+            saved.append((group, "betas", betas))
+            group["betas"] = (value, *tuple(betas[1:]))
+

@@ -11,6 +11,14 @@ squared micro-batch gradient norm (written on steps whose loop reported micro-ba
 through ``Guard.note_micro_batch``, else NaN).
 Finiteness is not stored: the host sees NaN and inf in the copied values.
 
+A loop that clips its own gradients (``clip_grad_norm_`` before the guard sees them, as
+under ``hooks=True`` or in a trainer) leaves clipped steps with a norm *at* its threshold:
+``clip_grad_norm_`` scales to ``max_norm x n / (n + 1e-6)``, the same number to about
+1e-6 whatever ``n`` was. :meth:`Probe.collect` finds that ceiling on the host -- three
+steps of one window, or two in each of two windows, sharing the window's largest norm --
+and counts the steps at it (``WindowStats.user_clipped_steps``): their norms are the
+clip, not the gradient's, and the controller's noise-reading policies leave them out.
+
 Sharded parameters (FSDP2): with :attr:`Probe.sharding` set (see
 :mod:`trimtab.client._sharded`) the probe works on this rank's shards and turns local
 norms into global ones with one all-reduce of their squares per step.
@@ -61,6 +69,17 @@ class WindowStats:
     micro_sq_norm_mean: float | None = None
     nonfinite_losses: int = 0
     nonfinite_grads: int = 0
+    #: Steps whose norm sat at the loop's own clipping threshold, and that threshold.
+    user_clipped_steps: int = 0
+    user_clip: float | None = None
+
+
+def _at_top(norms: list[float]) -> tuple[float, int]:
+    """The largest norm and how many steps share it (within float32 rounding and
+    ``clip_grad_norm_``'s 1e-6)."""
+    top = max(norms)
+    tol = 1e-6 + 4e-6 * top
+    return top, sum(1 for x in norms if top - x <= tol)
 
 
 def _mean(xs: list[float]) -> float:
@@ -94,6 +113,10 @@ class Probe:
         #: Sharded parameters: this rank's shards and global norms (``_sharded.ShardNorms``);
         #: ``None``: every tensor is whole on this rank.
         self.sharding: Any = None
+        #: The threshold the loop clips its gradients to itself (None: none seen), and the
+        #: last window's largest norm shared by two steps (a ceiling seen once).
+        self.user_clip: float | None = None
+        self._maybe_clip: float | None = None
 
     @property
     def full(self) -> bool:
@@ -231,4 +254,21 @@ class Probe:
             groups = [_mean([r[_GROUPS + i] for r in ok_rows]) for i in range(self.groups)]
             stats = replace(stats, grad_norm_mean=mean, grad_norm_max=max(norms),
                             grad_norm_std=std, group_grad_norms=groups)
+            clip, at = self._ceiling(norms)
+            if clip is not None:
+                stats = replace(stats, user_clip=clip, user_clipped_steps=at)
         return stats
+
+    def _ceiling(self, norms: list[float]) -> tuple[float | None, int]:
+        """The loop's own clipping threshold as these norms show it, and the steps at it."""
+        top, n = _at_top(norms)
+        tol = 1e-6 + 4e-6 * top
+        seen, self._maybe_clip = self._maybe_clip, (top if n >= 2 else None)
+        if n >= 3 or (n == 2 and seen is not None and abs(top - seen) <= tol):
+            self.user_clip = top
+        elif self.user_clip is not None and top > self.user_clip + tol:
+            self.user_clip = None  # a norm past it: the loop no longer clips there
+        clip = self.user_clip
+        if clip is None:
+            return None, 0
+        return clip, sum(1 for x in norms if abs(x - clip) <= 1e-6 + 4e-6 * clip)

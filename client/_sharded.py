@@ -222,6 +222,7 @@ class ShardedStore(CheckpointStore):
         clip: float | None = None,
         counters: dict[str, int] | None = None,
         scheduler_stepped: bool = False,
+        controls: dict[str, Any] | None = None,
     ) -> Checkpoint:
         """Snapshot this rank's shards at ``step`` (every rank at the same step)."""
         from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -241,6 +242,7 @@ class ShardedStore(CheckpointStore):
             clip=clip,
             counters=dict(counters or {}),
             scheduler_stepped=scheduler_stepped,
+            controls=dict(controls or {}),
         )
         ckpt.specs = specs
         return self._admit(ckpt, copier)

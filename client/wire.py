@@ -7,7 +7,7 @@ edge, with pydantic models that refuse unknown fields and non-finite numbers.
 >>> from trimtab.client import wire
 >>> raw = wire.encode(wire.Heartbeat(job="demo", step=3))
 >>> wire.decode(raw)
-Heartbeat(type='heartbeat', v=1, job='demo', step=3)
+Heartbeat(type='heartbeat', v=2, job='demo', step=3)
 
 A frame that cannot be taken raises :class:`WireError`, whose ``code`` says why
 (``oversized``, ``malformed``, ``version``, ``nonfinite``, ``invalid``); the
@@ -34,11 +34,13 @@ __all__ = [
     "ERROR_CODES",
     "Knob",
     "Knobs",
+    "Scale",
     "ScaleFacts",
     "Register",
     "Report",
     "SchedulePiece",
     "LiveSchedule",
+    "ScaleTargets",
     "Command",
     "Ack",
     "Heartbeat",
@@ -50,7 +52,8 @@ __all__ = [
     "decode",
 ]
 
-PROTOCOL_VERSION = 1
+#: 2: the knob model (lr and weight decay commanded as multipliers on the user's values).
+PROTOCOL_VERSION = 2
 #: Frames above this size are refused before they are parsed.
 MAX_MESSAGE_BYTES = 64 * 1024
 #: The optimizer knobs trimtab steers, in the order they are reported.
@@ -77,13 +80,22 @@ NonNeg = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
 Text = Annotated[str, Field(max_length=1024)]
 
 
+Multiplier = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class Knobs(_Model):
-    """Knob values in force (or targeted). ``None`` means the optimizer has no such knob
-    (momentum for plain Adagrad) or, for ``clip``, that clipping is off."""
+    """Knob values (group 0's lr and weight decay, the momentum, the guard's clip). ``None``
+    means the optimizer has no such knob (momentum for plain Adagrad) or, for ``clip``,
+    that clipping is off.
+
+    In a report or an ack, ``knobs`` are the *effective* values the optimizer used and
+    ``base`` the user's own values (what the loop or its scheduler put in the param
+    groups); trimtab's lr and weight decay are the multipliers of :class:`Scale` on them.
+    """
 
     lr: NonNeg | None = None
     momentum: NonNeg | None = None
@@ -93,6 +105,19 @@ class Knobs(_Model):
     def set(self) -> dict[str, float]:
         """The knobs that carry a value."""
         return {k: v for k, v in self.model_dump().items() if v is not None}
+
+
+class Scale(_Model):
+    """trimtab's multipliers on the user's own lr and weight decay (the knob model).
+
+    The user's code or scheduler owns each param group's lr and weight decay (the
+    *base*, which it may rewrite every iteration); the optimizer steps with ``base x
+    multiplier`` (every group by the same multiplier, so their ratios are kept), and the
+    base is put back right after the step. ``1.0`` leaves the user's schedule untouched.
+    """
+
+    lr: Multiplier = 1.0
+    weight_decay: Multiplier = 1.0
 
 
 class ScaleFacts(_Model):
@@ -111,13 +136,17 @@ class Register(_Model):
     """Client -> controller: a job starts (or reconnects: same ``job`` and ``run_id``)."""
 
     type: Literal["register"] = "register"
-    v: Literal[1] = PROTOCOL_VERSION
+    v: Literal[2] = PROTOCOL_VERSION
     job: JobId
     run_id: Annotated[str, Field(min_length=1, max_length=64)]
     step: Count = 0
     report_every: Annotated[int, Field(ge=1, le=1_000_000)]
     facts: ScaleFacts
+    #: The values in force at registration (effective; see :class:`Knobs`).
     knobs: Knobs
+    #: The user's own values at registration, and trimtab's multipliers on them.
+    base: Knobs = Knobs()
+    scale: Scale = Scale()
     #: The sequence number of the last command this client applied (0: none).
     applied_seq: Count = 0
 
@@ -130,7 +159,7 @@ class Report(_Model):
     """
 
     type: Literal["report"] = "report"
-    v: Literal[1] = PROTOCOL_VERSION
+    v: Literal[2] = PROTOCOL_VERSION
     job: JobId
     seq: Annotated[int, Field(ge=1)]
     #: ``global_step`` at the end of the window (optimizer steps taken).
@@ -151,7 +180,16 @@ class Report(_Model):
     nonfinite_grads: Count = 0
     skipped_steps: Count = 0
     step_time_s: NonNeg | None = None
+    #: The values the optimizer used at the window's last step (effective)...
     knobs: Knobs
+    #: ...the user's own values at that step (``clip``: None), and trimtab's multipliers.
+    base: Knobs = Knobs()
+    scale: Scale = Scale()
+    #: Steps of the window whose gradient norm sat at a ceiling the loop clips to itself
+    #: (its own ``clip_grad_norm_`` before the guard saw the gradients), and that ceiling:
+    #: the norms of those steps are the clip, not the gradient's (None: none detected).
+    user_clipped_steps: Count = 0
+    user_clip: NonNeg | None = None
     #: Reports this client has dropped so far because its queue was full.
     dropped_reports: Count = 0
     applied_seq: Count = 0
@@ -201,9 +239,11 @@ class LiveSchedule(_Model):
     """A knob's trajectory, evaluated by the client before every optimizer step until a newer
     command replaces it: ``clamp(scale x product of the pieces' values at the step, lo, hi)``.
 
-    The first piece gives the absolute value, the others (reference lr 1) multiply it, as
-    torch's ``ChainedScheduler``; ``scale`` is the controller's correction (e.g. a plateau
-    cut), ``[lo, hi]`` the governor's bounds for the knob.
+    The first piece gives the value, the others (reference lr 1) multiply it, as torch's
+    ``ChainedScheduler``; ``scale`` is the controller's correction (e.g. a plateau cut),
+    ``[lo, hi]`` the governor's bounds for the knob. For ``lr`` the value is trimtab's lr
+    *multiplier* on the user's own lr (:class:`Scale`): a trimtab schedule composes with the
+    user's as two chained schedulers do; for ``momentum`` it is the momentum itself.
 
     >>> s = LiveSchedule(knob="lr", pieces=[SchedulePiece(
     ...     name="cosine", params={"lr": 0.1, "t_max": 100})], scale=0.5, lo=0.01)
@@ -238,22 +278,39 @@ class LiveSchedule(_Model):
         return x if self.hi is None else min(x, self.hi)
 
 
+class ScaleTargets(_Model):
+    """The multipliers a command sets (``None``: the one in force stays)."""
+
+    lr: Multiplier | None = None
+    weight_decay: Multiplier | None = None
+
+    def set(self) -> dict[str, float]:
+        """The multipliers that carry a value."""
+        return {k: v for k, v in self.model_dump().items() if v is not None}
+
+
 class Command(_Model):
     """Controller -> client: applied at the next step boundary, in this order:
 
     1. ``mark_stable``: the checkpoint taken at that step is stable (a rollback target);
     2. ``rollback_to``: restore the stable checkpoint taken at that step (model, optimizer,
-       RNG, scheduler, knobs, step);
-    3. ``knobs``: absolute targets, applied over whatever is then in force;
+       RNG, scheduler, multipliers, momentum, clip, step);
+    3. ``scale``: the lr and weight-decay multipliers on the user's own values from now on
+       (a field left ``None`` keeps the one in force); ``knobs``: momentum and clip,
+       absolute (``None``: unchanged); ``lr_max``: the cap above which a multiplier over 1
+       never takes the effective lr (the user's own lr is never lowered by it);
     4. ``schedules``: when not None, the live schedules from now on (``[]``: none), each
        evaluated before every optimizer step from this one on (overriding its knob's target).
     """
 
     type: Literal["command"] = "command"
-    v: Literal[1] = PROTOCOL_VERSION
+    v: Literal[2] = PROTOCOL_VERSION
     job: JobId
     seq: Annotated[int, Field(ge=1)]
+    #: Momentum and clip only: lr and weight decay are multipliers (``scale``).
     knobs: Knobs = Knobs()
+    scale: ScaleTargets = ScaleTargets()
+    lr_max: NonNeg | None = None
     reasons: Annotated[list[Text], Field(max_length=64)] = []
     mark_stable: Count | None = None
     rollback_to: Count | None = None
@@ -264,6 +321,10 @@ class Command(_Model):
 
     @model_validator(mode="after")
     def _one_schedule_per_knob(self) -> Command:
+        for name in ("lr", "weight_decay"):
+            if getattr(self.knobs, name) is not None:
+                raise ValueError(f"knobs.{name}={getattr(self.knobs, name)!r}: {name} is "
+                                 f"commanded as a multiplier on the user's value (scale.{name})")
         knobs = [s.knob for s in self.schedules or ()]
         if len(set(knobs)) != len(knobs):
             raise ValueError(f"schedules: one per knob, got {knobs}")
@@ -271,14 +332,18 @@ class Command(_Model):
 
 
 class Ack(_Model):
-    """Client -> controller: a command was applied; ``knobs`` are the values now in force."""
+    """Client -> controller: a command was applied. Sent at the first optimizer step that
+    runs with it (after a rollback, the next step taken): ``knobs`` are the effective
+    values that step used, ``base`` the user's own values then, ``scale`` the multipliers."""
 
     type: Literal["ack"] = "ack"
-    v: Literal[1] = PROTOCOL_VERSION
+    v: Literal[2] = PROTOCOL_VERSION
     job: JobId
     seq: Annotated[int, Field(ge=1)]
     step: Count
     knobs: Knobs
+    base: Knobs = Knobs()
+    scale: Scale = Scale()
     #: The step the run was rolled back to, when the command ordered a rollback and it
     #: succeeded (``step`` is then that step too).
     restored_step: Count | None = None
@@ -290,7 +355,7 @@ class Heartbeat(_Model):
     """Either way: I am alive. The controller answers each client heartbeat with one."""
 
     type: Literal["heartbeat"] = "heartbeat"
-    v: Literal[1] = PROTOCOL_VERSION
+    v: Literal[2] = PROTOCOL_VERSION
     job: JobId
     step: Count = 0
 
@@ -299,7 +364,7 @@ class Bye(_Model):
     """Client -> controller: the job ends on purpose."""
 
     type: Literal["bye"] = "bye"
-    v: Literal[1] = PROTOCOL_VERSION
+    v: Literal[2] = PROTOCOL_VERSION
     job: JobId
     step: Count = 0
     reason: Text = "closed"
@@ -309,7 +374,7 @@ class Error(_Model):
     """Controller -> client: a message was refused, and why."""
 
     type: Literal["error"] = "error"
-    v: Literal[1] = PROTOCOL_VERSION
+    v: Literal[2] = PROTOCOL_VERSION
     code: Literal[
         "oversized", "malformed", "version", "nonfinite", "invalid", "unknown_job", "unexpected",
         "stale", "forbidden", "rate_limited",

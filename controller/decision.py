@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from trimtab.client import wire
+from trimtab.controller.governor import MULTIPLIERS
 from trimtab.controller.policy import Proposal
 from trimtab.controller.rollback import RollbackPlan
 
@@ -93,8 +94,10 @@ class KnobDecision:
     correction: float | None = None
 
     def describe(self) -> str:
-        """One line for a Command's reasons and the log."""
-        line = f"{self.knob} {self.current:.6g} -> {self.commanded:.6g}" if (
+        """One line for a Command's reasons and the log; lr and weight decay as trimtab's
+        multipliers on the user's own values (``lr x1 -> x0.5``)."""
+        x = "x" if self.knob in MULTIPLIERS else ""
+        line = f"{self.knob} {x}{self.current:.6g} -> {x}{self.commanded:.6g}" if (
             self.current is not None and self.commanded is not None
         ) else f"{self.knob} {self.current} -> {self.commanded}"
         line += f" by {self.policy}: {self.reason}"
@@ -185,4 +188,6 @@ def _describe_live(s: wire.LiveSchedule) -> str:
     """One line for a live schedule sent."""
     pieces = " x ".join(f"{p.name}(from step {p.origin})" for p in s.pieces)
     hi = "inf" if s.hi is None else f"{s.hi:.6g}"
-    return f"{s.knob} live: {pieces} x {s.scale:.6g} in [{s.lo:.6g}, {hi}], every step"[:1024]
+    what = "multiplier" if s.knob == "lr" else "value"
+    return (f"{s.knob} live {what}: {pieces} x {s.scale:.6g} in [{s.lo:.6g}, {hi}], "
+            "every step")[:1024]

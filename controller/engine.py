@@ -69,10 +69,10 @@ at the LR that was in force there (cause ``phase_aborted``).
 >>> st = JobState.register(wire.Register(job="j", run_id="r", step=100, report_every=10,
 ...                                      facts=facts, knobs=wire.Knobs(lr=0.1)))
 >>> decision = Engine([Halve()], Governor()).decide(st)
->>> decision.commands
-{'lr': 0.05}
+>>> decision.commands  # the lr multiplier on the job's own lr (the knob model)
+{'lr': 0.5}
 >>> decision.reasons()
-['lr 0.1 -> 0.05 by halve: demo']
+['lr x1 -> x0.5 by halve: demo']
 """
 
 from __future__ import annotations
@@ -326,7 +326,8 @@ class Engine:
         name, first = asks[0]
         if first.to_step is not None:
             plan = plan_rollback(first.rollback, first.reason, state.rollback,  # type: ignore[arg-type]
-                                 self.rollback, first.to_step, first.value)
+                                 self.rollback, first.to_step, first.value,
+                                 in_force=state.knobs.model_dump())
             if plan is not None:
                 return dataclasses.replace(plan, policy=name), None, proposals
             _, why = why_no_rollback(state.rollback, self.rollback, first.rollback,
@@ -337,7 +338,8 @@ class Engine:
             return None, None, [(name, last)]
         reason = "; ".join(p.reason for _, p in asks)
         rb = _with_pending_mark(state.rollback)
-        plan = plan_rollback(first.rollback, reason, rb, self.rollback)  # type: ignore[arg-type]
+        plan = plan_rollback(first.rollback, reason, rb, self.rollback,  # type: ignore[arg-type]
+                             in_force=state.knobs.model_dump())
         if plan is not None:
             return dataclasses.replace(plan, policy=name), None, proposals
         code, why = why_no_rollback(rb, self.rollback, first.rollback) or ("", "")
@@ -350,13 +352,16 @@ class Engine:
         return None, alert, usable
 
     def _rollback_knobs(self, state: JobState, plan: RollbackPlan) -> dict[str, KnobDecision]:
-        """The plan's knob targets through :meth:`Governor.govern_rollback`."""
+        """The plan's knob targets through :meth:`Governor.govern_rollback`, relative to the
+        values in force at the fault; a knob whose governed value is what the restore brings
+        back anyway is not sent."""
         knobs = {}
         why = f"rollback to step {plan.target_step} (level {plan.level}): {plan.reason}"
         for knob, target in plan.targets.items():
             restored = plan.restored.get(knob)
+            reference = plan.in_force.get(knob, restored)
             gov = self.governor.govern_rollback(
-                knob, restored, getattr(state.initial, knob), target, plan.level  # type: ignore[arg-type]
+                knob, reference, getattr(state.initial, knob), target, plan.level  # type: ignore[arg-type]
             )
             knobs[knob] = KnobDecision(knob, restored, target, gov.value, plan.policy, why,
                                        gov.limits)

@@ -7,11 +7,18 @@ changes inside a ``deadband`` and refuses small reversals (hysteresis). It is
 pure: the per-knob :class:`KnobMemory` it reads lives in the job's state, and the
 engine records into it only what is actually sent.
 
+The knob model: ``lr`` and ``weight_decay`` are trimtab's *multipliers* on the user's own
+values (:data:`MULTIPLIERS`; 1.0 leaves the user's schedule as it is), so every limit
+but one acts on the multiplier -- the bounds ``[min_rel, max_rel]`` (relative to 1.0),
+the step ratio, the slew window -- and a falling user schedule is never lifted by them.
+The one absolute limit is the lr's ``max``: a cap the client puts on the effective lr
+when the multiplier is above 1 (it never lowers the user's own lr).
+
 >>> gov = Governor()
 >>> mem = KnobMemory()
->>> out = gov.govern("lr", mem, current=1e-3, initial=1e-3, target=1.0, step=100)
+>>> out = gov.govern("lr", mem, current=1.0, initial=1.0, target=1000.0, step=100)
 >>> (out.value, out.limits)
-(0.002, ('bounds', 'max_step_ratio', 'slew'))
+(2.0, ('bounds', 'max_step_ratio', 'slew'))
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from trimtab.client import wire
 
 __all__ = [
     "LIMIT_NAMES",
+    "MULTIPLIERS",
     "KnobLimits",
     "GovernorConfig",
     "KnobMemory",
@@ -40,12 +48,19 @@ LIMIT_NAMES: tuple[str, ...] = (
 
 _PosFloat = Field(gt=0.0, allow_inf_nan=False)
 
+#: The knobs steered as multipliers on the user's own values (the knob model).
+MULTIPLIERS: tuple[str, ...] = ("lr", "weight_decay")
+
 
 class KnobLimits(BaseModel):
     """Limits on one knob; a limit left ``None`` is off.
 
     Bounds are the intersection of ``[min, max]`` and ``[min_rel, max_rel] x
-    initial``; relative bounds are skipped when the knob had no initial value.
+    initial``; relative bounds are skipped when the knob had no initial value. For the
+    multiplier knobs (lr, weight decay) ``[min_rel, max_rel]`` bounds the multiplier
+    (initial 1.0); ``min`` and ``max`` are not multiplier bounds: the lr's ``max`` caps the
+    effective lr a multiplier above 1 can reach, and the others are refused (see
+    :class:`GovernorConfig`).
     ``[min_rel_grad_norm, max_rel_grad_norm] x`` the job's gradient-norm EMA (given once
     its z-score warm-up has passed) bounds the targets policies ask for, not the value in
     force, which the scale drifting under it never moves (that would be a command per
@@ -98,7 +113,7 @@ def _momentum_limits() -> KnobLimits:
 
 def _weight_decay_limits() -> KnobLimits:
     return KnobLimits(
-        min=0.0, max_rel=10.0, allow_zero=True, max_step_ratio=2.0, cooldown_steps=50,
+        min_rel=0.0, max_rel=10.0, allow_zero=True, max_step_ratio=2.0, cooldown_steps=50,
         deadband=0.01,
     )
 
@@ -124,6 +139,11 @@ class GovernorConfig(BaseModel):
 
     >>> GovernorConfig(lr={"max_step_ratio": 1.5}).lr.cooldown_steps
     0
+    >>> GovernorConfig(lr={"min": 1e-5})
+    Traceback (most recent call last):
+    ...
+    pydantic_core._pydantic_core.ValidationError: 1 validation error for GovernorConfig
+      Value error, governor.lr.min = 1e-05: lr is steered as a multiplier on your own lr...
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -133,6 +153,19 @@ class GovernorConfig(BaseModel):
     weight_decay: KnobLimits = Field(default_factory=_weight_decay_limits)
     clip: KnobLimits = Field(default_factory=_clip_limits)
     wd_coupling: Literal["follow", "keep_product"] = "follow"
+
+    @model_validator(mode="after")
+    def _multipliers(self) -> GovernorConfig:
+        refused = [("lr", "min"), ("weight_decay", "min"), ("weight_decay", "max")]
+        for knob, name in refused:
+            value = getattr(getattr(self, knob), name)
+            if value is not None:
+                raise ValueError(
+                    f"governor.{knob}.{name} = {value!r}: {knob} is steered as a multiplier on "
+                    f"your own {knob}, which trimtab never lifts or caps from below; bound the "
+                    "multiplier with min_rel / max_rel"
+                    + (" (lr.max caps the effective lr)" if knob == "lr" else ""))
+        return self
 
 
 @dataclass
@@ -238,6 +271,8 @@ class Governor:
         lim = self.limits(knob)
         abs_lo = lim.min if lim.min is not None else 0.0
         abs_hi = lim.max if lim.max is not None else math.inf
+        if knob in MULTIPLIERS:  # the lr's max caps the effective lr, on the client
+            abs_lo, abs_hi = 0.0, math.inf
         lo, hi = abs_lo, abs_hi
         if initial is not None:
             if lim.min_rel is not None:
@@ -313,41 +348,40 @@ class Governor:
     def govern_rollback(
         self,
         knob: wire.Knob,
-        restored: float | None,
+        reference: float | None,
         initial: float | None,
         target: float,
         level: int,
     ) -> Governed:
-        """The value to command for ``knob`` with a rollback at escalation ``level``.
+        """The value to command for ``knob`` with a rollback at escalation ``level``;
+        ``reference`` is the value the cut is measured from (the one in force at the fault).
 
         A rollback is a safety action: the cooldown does not hold it back, and slew,
         deadband and hysteresis, which judge small steps along one trajectory, do not
         apply to a jump back to an older one. What does apply: the bounds, always, and
-        ``max_step_ratio ** level`` around ``restored``, the value the restore brings
-        back (a first rollback moves a knob as far as one decision may, each escalation
-        one decision further). ``level`` 0 is a planned rollback (the return at the end of
+        ``max_step_ratio ** level`` around ``reference`` (a first rollback moves a knob as
+        far as one decision may from where the fault found it, each escalation one decision
+        further). ``level`` 0 is a planned rollback (the return at the end of
         an LR range test, to a value it measured): the bounds only.
 
         >>> gov = Governor()
-        >>> gov.govern_rollback("lr", restored=0.1, initial=0.1, target=0.01, level=1)
-        Governed(value=0.05, limits=('max_step_ratio',))
-        >>> gov.govern_rollback("lr", restored=0.1, initial=0.1, target=0.01, level=3).value
-        0.0125
+        >>> gov.govern_rollback("lr", reference=1.0, initial=1.0, target=0.1, level=1)
+        Governed(value=0.5, limits=('max_step_ratio',))
+        >>> gov.govern_rollback("lr", reference=1.0, initial=1.0, target=0.1, level=3).value
+        0.125
         """
         lim = self.limits(knob)
         if not _valid(target, lim):
             return Governed(None, ("invalid",))
         lo, hi = self.bounds(knob, initial)
         value, acted = target, []
-        if restored is not None and lim.max_step_ratio is not None and level > 0:
+        if reference is not None and lim.max_step_ratio is not None and level > 0:
             r = lim.max_step_ratio ** level
-            if not restored / r <= value <= restored * r:
-                value, acted = min(max(value, restored / r), restored * r), ["max_step_ratio"]
+            if not reference / r <= value <= reference * r:
+                value, acted = min(max(value, reference / r), reference * r), ["max_step_ratio"]
         if not lo <= value <= hi:
             value = min(max(value, lo), hi)
             acted.append("bounds")
-        if value == restored:
-            return Governed(None, tuple(acted))
         return Governed(value, tuple(acted))
 
     def govern_phase(self, knob: wire.Knob, initial: float | None, target: float) -> Governed:
@@ -356,8 +390,8 @@ class Governor:
         hysteresis, which would stretch an exponential sweep over thousands of steps. The
         engine allows it to one policy per job, once (see :mod:`~trimtab.controller.engine`).
 
-        >>> Governor().govern_phase("lr", initial=0.1, target=5.0)
-        Governed(value=1.0, limits=('bounds',))
+        >>> Governor().govern_phase("lr", initial=1.0, target=50.0)
+        Governed(value=10.0, limits=('bounds',))
         """
         lim = self.limits(knob)
         if not _valid(target, lim):

@@ -24,6 +24,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from trimtab.client.wire import ERROR_CODES, KNOBS
+from trimtab.controller.governor import MULTIPLIERS
 from trimtab.controller.rollback import CAUSES
 
 if TYPE_CHECKING:
@@ -57,9 +58,22 @@ _GAUGES = {
     ),
     "trimtab_job_loss_slope_t": ("t-statistic of the loss slope (slope / standard error).", ()),
     "trimtab_job_zscore": ("z-score of the latest value against its EW history.", ("signal",)),
-    "trimtab_knob_value": ("Knob value in force, as last acknowledged or reported.", ("knob",)),
+    "trimtab_knob_value": (
+        "The value the optimizer used at the last reported or acknowledged step (for lr and "
+        "weight_decay: the user's own value times trimtab's multiplier).",
+        ("knob",),
+    ),
+    "trimtab_knob_base": (
+        "The user's own value (what the loop or its scheduler set) at that step.",
+        ("knob",),
+    ),
+    "trimtab_knob_multiplier": (
+        "trimtab's multiplier on the user's lr or weight decay (1: the user's schedule as is).",
+        ("knob",),
+    ),
     "trimtab_knob_bound": (
-        "The governor's absolute bound on a knob for this job.",
+        "The governor's bound on what it steers for this job: the multiplier for lr and "
+        "weight_decay, the value for momentum and clip.",
         ("knob", "side"),
     ),
     "trimtab_rollback_alert": (
@@ -146,7 +160,11 @@ class JobCollector(Collector):
             job = state.job
             self._signals(put, job, state)
             for knob in KNOBS:
-                put("trimtab_knob_value", [job, knob], getattr(state.knobs, knob))
+                put("trimtab_knob_value", [job, knob], getattr(state.effective, knob))
+                if knob != "clip":
+                    put("trimtab_knob_base", [job, knob], getattr(state.base, knob))
+                if knob in MULTIPLIERS:
+                    put("trimtab_knob_multiplier", [job, knob], getattr(state.knobs, knob))
                 if self._bounds is not None and getattr(state.knobs, knob) is not None:
                     lo, hi = self._bounds(job, knob, getattr(state.initial, knob))
                     put("trimtab_knob_bound", [job, knob, "lower"], lo)

@@ -9,7 +9,9 @@ controller does.
 
 The run itself is not simulated: losses and gradient norms are the recorded ones, and a
 value the replayed policies command is assumed applied at the next report (from then on
-it replaces the recorded value of that knob). A rollback is reported, not rewound.
+it replaces the recorded value of that knob: an lr or weight-decay multiplier scales the
+user's own value the report recorded, the knob model). A rollback is reported, not
+rewound.
 
 >>> from trimtab.client import wire
 >>> from trimtab.controller.policy import Policy, Proposal
@@ -25,7 +27,7 @@ it replaces the recorded value of that knob). A rollback is reported, not rewoun
 ...           "knobs": {"lr": 0.1}}) for s in (10, 20, 30)]
 >>> result = replay(trace, [Halve()])
 >>> result.lines()
-['step 20: lr 0.1 -> 0.05 by halve: demo']
+['step 20: lr x1 -> x0.5 by halve: demo']
 >>> [p.knobs["lr"] for p in result.points]
 [0.1, 0.1, 0.05]
 """
@@ -155,7 +157,8 @@ def parse_sets(items: Sequence[str]) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class ReplayPoint:
-    """One report as replayed: what was recorded, and the knobs in force in the replay."""
+    """One report as replayed: the values the optimizer would have used in the replay, and
+    the ones it used in the recorded run."""
 
     step: int
     loss: float | None
@@ -208,22 +211,21 @@ def replay(
     state = _rebuild(regs[0], reports, config)
     # The job's own limits, derived from its scale facts, as the live controller has them.
     limits = derive_limits(ScaleContext.from_facts(state.facts), config.governor,
-                           explicit_fields(config.governor), state.initial).config
+                           explicit_fields(config.governor), state.registered).config
     engine = Engine(policies, Governor(limits), rollback=config.rollback)
     result = ReplayResult(state.job)
-    applied: dict[str, float] = {}  # what the replay commanded, in force from the next report
+    # What the replay commanded (controlled values), in force from the next report.
+    applied: dict[str, float] = {k: v for k, v in state.knobs.set().items()
+                                 if k in ("lr", "weight_decay")}
     for rec in trace:
         if rec.kind == "ack":
-            knobs = _knobs({**rec.data.get("knobs", {}), **applied})
-            state.on_applied(state.command_seq, knobs)
+            state.on_applied(state.command_seq, state.knobs.model_copy(update=applied))
             continue
         if rec.kind != "report":
             continue
         recorded = dict(rec.data.get("knobs", {}))
-        data = {"seq": rec.seq, **rec.data, "job": state.job,
-                "knobs": {**recorded, **applied}, "applied_seq": state.command_seq}
         try:
-            report = wire.Report.model_validate(data)
+            report = wire.Report.model_validate(_replayed(rec, state, applied))
         except ValueError as exc:
             raise TraceError(f"report at step {rec.step} is not a valid report: {exc}") from None
         state.observe(report)
@@ -247,10 +249,11 @@ def _rebuild(reg: TraceRecord, reports: list[TraceRecord], config: ControllerCon
     # Journals written before report_every was recorded: a report's window is the same.
     every = d.get("report_every") or (reports[0].data.get("window") if reports else None) or 1
     try:
-        return JobState(
-            d["job"], d["run_id"], wire.ScaleFacts.model_validate(d["facts"]), int(every),
-            _knobs(d["knobs"]), signal_cfg=config.signals, step=int(reg.step or 0),
-            applied_seq=int(d.get("applied_seq", 0)))
+        return JobState.from_register(wire.Register(
+            job=d["job"], run_id=d["run_id"], facts=wire.ScaleFacts.model_validate(d["facts"]),
+            report_every=int(every), knobs=_knobs(d["knobs"]),
+            base=_knobs(d.get("base") or d["knobs"]), step=int(reg.step or 0),
+            applied_seq=int(d.get("applied_seq", 0))), config.signals)
     except (KeyError, ValueError) as exc:
         raise TraceError(f"the registration cannot rebuild a job: {type(exc).__name__}: "
                          f"{exc}") from None
@@ -258,6 +261,23 @@ def _rebuild(reg: TraceRecord, reports: list[TraceRecord], config: ControllerCon
 
 def _knobs(raw: dict[str, Any]) -> wire.Knobs:
     return wire.Knobs.model_validate({k: v for k, v in raw.items() if k in wire.KNOBS})
+
+
+def _replayed(rec: TraceRecord, state: JobState, applied: dict[str, float]) -> dict[str, Any]:
+    """A recorded report with the replay's knobs in force: its multipliers on the user's
+    own values the report recorded, its momentum and clip."""
+    recorded = _knobs(rec.data.get("knobs", {}))
+    base = _knobs(rec.data.get("base") or recorded.model_dump())
+    scale = {"lr": applied.get("lr", 1.0), "weight_decay": applied.get("weight_decay", 1.0)}
+    knobs = {
+        "lr": None if base.lr is None else base.lr * scale["lr"],
+        "weight_decay": (None if base.weight_decay is None
+                         else base.weight_decay * scale["weight_decay"]),
+        "momentum": applied.get("momentum", recorded.momentum),
+        "clip": applied.get("clip", recorded.clip),
+    }
+    return {"seq": rec.seq, **rec.data, "job": state.job, "knobs": knobs,
+            "base": base.model_dump(), "scale": scale, "applied_seq": state.command_seq}
 
 
 def _num(x: float | None) -> float | None:

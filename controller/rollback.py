@@ -13,10 +13,13 @@ learning rate. Here that is automatic, and bounded:
   healthy. One unhealthy report disqualifies every candidate not yet stable.
 * **Rollback.** :func:`plan_rollback` targets the newest stable checkpoint the client can
   still restore, with ``level`` = 1 + the rollbacks already ordered to a step within
-  ``near_steps`` of it. The LR becomes ``base_cut * cut_growth ** (level - 1)`` times the
-  LR restored by the first of those rollbacks (the LR at this checkpoint for a first
-  one), and never more than ``base_cut`` times the LR at this checkpoint: escalation does
-  not compound when a later stable checkpoint already carries an earlier cut.
+  ``near_steps`` of it. The cut is relative to the values *in force at the fault* (the
+  lr multiplier on the user's own schedule, the knob model): the lr multiplier becomes
+  ``base_cut * cut_growth ** (level - 1)`` times the one in force at the first of those
+  faults (at this fault for a first rollback), and never more than ``base_cut`` times the
+  one in force now: escalation does not compound when the run already carries an
+  earlier cut. The restore puts the user's schedule back at the checkpoint's position;
+  the cut multiplies it from there.
   After a rollback none is ordered for ``cooldown_steps * cooldown_growth ** (level - 1)``
   steps past the restored one, except for non-finite values: an LR cut cannot repair
   non-finite weights, and a run whose every step is skipped never gets past a cooldown
@@ -243,8 +246,8 @@ class RollbackRecord:
     cause: str
     reason: str
     level: int
-    #: The LR in force at the checkpoint rolled back to (the base of the escalation).
-    restored_lr: float | None = None
+    #: The lr multiplier in force at the fault (the base of the escalation).
+    fault_lr: float | None = None
     #: Set when the client acknowledged the restore.
     restored_step: int | None = None
     #: Set when the client could not restore (and why).
@@ -272,13 +275,15 @@ class RollbackPlan:
     cause: str
     reason: str
     level: int
-    #: The escalation's LR factor, on the LR restored by the first rollback near this spot.
+    #: The escalation's lr factor, on the multiplier in force at the first fault near here.
     cut: float
     cooldown_steps: int
-    #: Knobs in force when the checkpoint was first reported (what the restore brings back).
+    #: The controlled values in force at the checkpoint (what the restore brings back).
     restored: dict[str, float | None]
     #: Knob targets before the governor: lr, and clip when ``clip_tighten`` is set.
     targets: dict[str, float]
+    #: The controlled values in force at the fault (what the cut is relative to).
+    in_force: dict[str, float | None] = field(default_factory=dict)
     #: The policy that asked (set by the engine).
     policy: str = ""
 
@@ -310,9 +315,13 @@ class RollbackState:
     step: int = 0
     #: Checkpoints the client can restore on this trajectory, oldest first.
     checkpoints: list[int] = field(default_factory=list)
-    #: What was in force when each listed checkpoint was first reported:
+    #: What was in force at each listed checkpoint's step (the controlled values the
+    #: report ending at that step gave, else the first report listing it):
     #: ``{"knobs": {...}, "grad_norm_ema": x}``.
     at_checkpoint: dict[int, dict[str, Any]] = field(default_factory=dict)
+    #: The same for the newest reported steps (and the registration), until a checkpoint
+    #: at one of them is listed.
+    in_force_at: dict[int, dict[str, Any]] = field(default_factory=dict)
     #: Candidates for stable: checkpoint step -> healthy reports after it.
     candidates: dict[int, int] = field(default_factory=dict)
     #: Checkpoints marked stable (and still listed), oldest first.
@@ -350,6 +359,7 @@ class RollbackState:
         if report is None:
             return Observation()
         self.step = report.step
+        seen = {"knobs": view.knobs.model_dump(), "grad_norm_ema": view.signals.grad_norm_ema}
         verdict = assess(view, cfg.health)
         if verdict is not None:
             self.last_unhealthy_step, self.last_unhealthy = report.step, verdict.reason
@@ -365,14 +375,14 @@ class RollbackState:
         bad = []
         for s in new:
             self.checkpoints_seen += 1
-            self.at_checkpoint[s] = {"knobs": report.knobs.model_dump(),
-                                     "grad_norm_ema": view.signals.grad_norm_ema}
+            self.at_checkpoint[s] = self.in_force_at.get(s, seen)
             newest = self.stable_step
             if self.last_unhealthy_step is not None and self.last_unhealthy_step >= s:
                 bad.append(s)
             elif newest is None or s > newest:
                 self.candidates[s] = 1 if report.step > s else 0
         self._keep(listed)
+        self.note_in_force(report.step, seen)
         adopted = None
         claimed = report.stable_step
         if (claimed is not None and claimed in listed and claimed not in self.stable
@@ -391,6 +401,13 @@ class RollbackState:
         self.stable = [s for s in self.stable if s in keep]
         self.unusable = [s for s in self.unusable if s in keep]
 
+    def note_in_force(self, step: int, seen: dict[str, Any]) -> None:
+        """``seen`` was in force at ``step`` (a report's end, or the registration): what a
+        checkpoint taken there holds."""
+        self.in_force_at[step] = seen
+        for old in sorted(self.in_force_at)[:-32]:  # bounded: checkpoints list within a few
+            del self.in_force_at[old]
+
     # -- what the engine records ----------------------------------------------------------
 
     def note_mark(self, step: int) -> None:
@@ -400,7 +417,7 @@ class RollbackState:
     def note_ordered(self, plan: RollbackPlan) -> RollbackRecord:
         """A rollback following ``plan`` is being sent."""
         rec = RollbackRecord(plan.from_step, plan.target_step, plan.cause, plan.reason,
-                             plan.level, plan.restored.get("lr"))
+                             plan.level, plan.in_force.get("lr"))
         self.history.append(rec)
         del self.history[:-1000]  # bounded; escalation only looks near the current spot
         self.pending = rec
@@ -445,6 +462,7 @@ class RollbackState:
         self.restored += 1
         self.step = step
         self._keep([s for s in self.checkpoints if s <= step])
+        self.in_force_at = {s: v for s, v in self.in_force_at.items() if s <= step}
         self.pending_mark = None
         if self.last_unhealthy_step is not None and self.last_unhealthy_step > step:
             self.last_unhealthy_step = None  # it happened on the abandoned trajectory
@@ -464,7 +482,8 @@ class RollbackState:
     # -- persistence ------------------------------------------------------------------------
 
     _KEYS = frozenset({
-        "step", "checkpoints", "at_checkpoint", "candidates", "stable", "unusable",
+        "step", "checkpoints", "at_checkpoint", "in_force_at", "candidates", "stable",
+        "unusable",
         "pending_mark",
         "pending", "last_unhealthy_step", "last_unhealthy", "history", "cooldown_until",
         "alert", "steps_lost", "rollbacks", "restored", "checkpoints_seen", "marked_stable",
@@ -478,6 +497,7 @@ class RollbackState:
 
         sd = {k: getattr(self, k) for k in self._KEYS}
         sd["at_checkpoint"] = [[s, ema(v)] for s, v in sorted(self.at_checkpoint.items())]
+        sd["in_force_at"] = [[s, ema(v)] for s, v in sorted(self.in_force_at.items())]
         sd["candidates"] = [[s, n] for s, n in sorted(self.candidates.items())]
         sd["pending"] = None if self.pending is None else asdict(self.pending)
         sd["history"] = [asdict(r) for r in self.history]
@@ -490,12 +510,14 @@ class RollbackState:
         """Restore from :meth:`state_dict`; missing or unknown keys are an error."""
         _check_keys("RollbackState", sd, set(self._KEYS))
         self.__init__()  # type: ignore[misc]
-        for k in self._KEYS - {"at_checkpoint", "candidates", "pending", "history"}:
+        for k in self._KEYS - {"at_checkpoint", "in_force_at", "candidates", "pending",
+                               "history"}:
             setattr(self, k, sd[k])
         self.checkpoints, self.stable = [int(s) for s in sd["checkpoints"]], list(sd["stable"])
         self.unusable = [int(s) for s in sd["unusable"]]
         self.rollbacks = {str(k): int(n) for k, n in sd["rollbacks"].items()}
         self.at_checkpoint = {int(s): dict(v) for s, v in sd["at_checkpoint"]}
+        self.in_force_at = {int(s): dict(v) for s, v in sd["in_force_at"]}
         self.candidates = {int(s): int(n) for s, n in sd["candidates"]}
         self.history = [RollbackRecord(**r) for r in sd["history"]]
         if sd["pending"] is not None:
@@ -580,16 +602,18 @@ def why_no_rollback(
 def plan_rollback(
     cause: str, reason: str, state: RollbackState, cfg: RollbackConfig,
     to_step: int | None = None, lr: float | None = None,
+    in_force: dict[str, float | None] | None = None,
 ) -> RollbackPlan | None:
     """The rollback to order for ``cause``, or None when :func:`why_no_rollback` says no;
-    with ``to_step``, the planned rollback to that checkpoint, setting ``lr`` (see the
-    module docstring).
+    with ``to_step``, the planned rollback to that checkpoint, setting the lr multiplier
+    ``lr`` (see the module docstring). ``in_force``: the controlled values in force now.
 
     >>> st = RollbackState(step=200, checkpoints=[0, 100])
     >>> plan = plan_rollback("lr_range_test", "sweep done", st, RollbackConfig(), 0, 0.03)
     >>> (plan.target_step, plan.level, plan.targets, plan.cooldown_steps)
     (0, 0, {'lr': 0.03}, 0)
     """
+    in_force = dict(in_force or {})
     if why_no_rollback(state, cfg, cause, to_step) is not None:
         return None
     if to_step is not None:
@@ -597,7 +621,7 @@ def plan_rollback(
         return RollbackPlan(
             target_step=to_step, from_step=state.step, cause=cause, reason=reason, level=0,
             cut=1.0, cooldown_steps=0, restored=dict(seen.get("knobs", {})),
-            targets={} if lr is None else {"lr": lr},
+            targets={} if lr is None else {"lr": lr}, in_force=in_force,
         )
     target = _target(state)
     assert target is not None  # why_no_rollback checked it
@@ -606,13 +630,14 @@ def plan_rollback(
     restored: dict[str, float | None] = dict(seen.get("knobs", {}))
     cut = cfg.cut(level)
     targets: dict[str, float] = {}
-    lr = restored.get("lr")
+    now = {**restored, **{k: v for k, v in in_force.items() if v is not None}}
+    lr = now.get("lr")
     if lr is not None:
-        first = next((r.restored_lr for r in _near(state, cfg, target)
-                      if r.restored_lr is not None), lr)
+        first = next((r.fault_lr for r in _near(state, cfg, target)
+                      if r.fault_lr is not None), lr)
         targets["lr"] = min(first * cut, lr * cfg.base_cut)
     if cfg.clip_tighten is not None:
-        clip, ema = restored.get("clip"), seen.get("grad_norm_ema")
+        clip, ema = now.get("clip"), seen.get("grad_norm_ema")
         if clip is not None:
             targets["clip"] = clip * cfg.clip_tighten ** level
         elif ema:
@@ -620,4 +645,5 @@ def plan_rollback(
     return RollbackPlan(
         target_step=target, from_step=state.step, cause=cause, reason=reason, level=level,
         cut=cut, cooldown_steps=cfg.cooldown(level), restored=restored, targets=targets,
+        in_force=now,
     )

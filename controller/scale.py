@@ -18,14 +18,18 @@ learning rate tuned at a reference global batch ``B_ref`` to the job's global ba
 The governor's defaults follow from the same context (:func:`derive_limits`, applied per
 job when it registers; a limit the configuration sets is never touched):
 
-* **lr bounds**: the union of the configured relative band around the job's initial lr
-  (``[1e-3, 10] x initial`` by default) and its family's sane range,
-  ``LR_CENTER[family] x [1e-2, 10] x`` the batch rule from ``REFERENCE_BATCH_SIZE`` = 256
-  to the job's global batch. The centres are the customary lrs at batch 256: 0.1 for
-  SGD (Goyal et al. 2017; He et al. 2016) and 1e-3 for Adam (Kingma & Ba 2015's
+* **lr bounds**: the lr is steered as a multiplier on the user's own lr (the knob
+  model), so its bounds are the configured band of the multiplier (``[1e-3, 10]`` by
+  default) widened to reach the family's sane range from the lr the job registered
+  with: ``LR_CENTER[family] x [1e-2, 10] x`` the batch rule from ``REFERENCE_BATCH_SIZE``
+  = 256 to the job's global batch. The centres are the customary lrs at batch 256: 0.1
+  for SGD (Goyal et al. 2017; He et al. 2016) and 1e-3 for Adam (Kingma & Ba 2015's
   default). So a run started 100x too low can still be raised into the sane range (the
-  relative band alone stops it at 10x), and one started 100x too high lowered into it;
-  the lr in force at registration always lies inside, so nothing moves on its own.
+  band alone stops it at 10x), and one started 100x too high lowered into it. The
+  effective lr a multiplier above 1 reaches is capped (``lr.max``, applied by the client
+  at every step) at the top of that union, so a run registered early in its warm-up,
+  whose lr is still tiny, is not raised past the sane range later; the user's own lr is
+  never lowered by the cap, and 1.0 always lies inside, so nothing moves on its own.
 * **clip bounds** are relative to the job's own gradient-norm scale (the governor's
   ``min_rel_grad_norm``/``max_rel_grad_norm``, ``[0.1, 10] x`` the gradient-norm EMA once
   the z-score warm-up has passed; see :mod:`trimtab.controller.governor`), not absolute,
@@ -214,31 +218,33 @@ def explicit_fields(cfg: GovernorConfig) -> set[str]:
 
 
 def derive_limits(
-    ctx: ScaleContext, cfg: GovernorConfig, explicit: set[str], initial: wire.Knobs
+    ctx: ScaleContext, cfg: GovernorConfig, explicit: set[str], registered: wire.Knobs
 ) -> DerivedLimits:
     """``cfg`` with the lr bounds derived from ``ctx`` (see the module docstring), unless
     ``explicit`` (see :func:`explicit_fields`) names one of the lr's bound fields.
+    ``registered`` holds the user's own values at registration.
 
     >>> from trimtab.client import wire
     >>> facts = wire.ScaleFacts(param_count=10, group_sizes=[10], optimizer="SGD",
     ...                         dtype="float32", device="cpu", batch_size=256)
     >>> d = derive_limits(ScaleContext.from_facts(facts), GovernorConfig(), set(),
     ...                   wire.Knobs(lr=1e-4))
-    >>> (f"{d.config.lr.min:g}", d.config.lr.max, d.config.lr.min_rel)
-    ('1e-07', 1.0, None)
+    >>> (f"{d.config.lr.min_rel:g}", f"{d.config.lr.max_rel:g}", d.config.lr.max)
+    ('0.001', '10000', 1.0)
     """
     notes: list[str] = []
     lr = cfg.lr
     rng = ctx.lr_range()
     if rng is not None and not any(f"lr.{f}" in explicit for f in _BOUND_FIELDS):
-        lows, highs = [rng[0]], [rng[1]]
-        if initial.lr is not None and initial.lr > 0:
-            if lr.min_rel is not None:
-                lows.append(lr.min_rel * initial.lr)
+        lr0 = registered.lr
+        lo_m = lr.min_rel if lr.min_rel is not None else 0.0
+        hi_m = lr.max_rel if lr.max_rel is not None else math.inf
+        cap = rng[1]
+        if lr0 is not None and lr0 > 0:
+            lo_m, hi_m = min(lo_m, rng[0] / lr0), max(hi_m, rng[1] / lr0)
             if lr.max_rel is not None:
-                highs.append(lr.max_rel * initial.lr)
-        lo, hi = min(lows), max(highs)
-        lr = lr.model_copy(update={"min": lo, "max": hi, "min_rel": None, "max_rel": None})
+                cap = max(cap, lr.max_rel * lr0)
+        lr = lr.model_copy(update={"min_rel": lo_m, "max_rel": hi_m, "max": cap})
         batch = ctx.global_batch_size
         rule = (
             "unknown batch, unscaled"
@@ -246,8 +252,8 @@ def derive_limits(
             else (f"{ctx.batch_rule()} rule, global batch {batch} vs {REFERENCE_BATCH_SIZE}")
         )
         notes.append(
-            f"lr bounds [{lo:.3g}, {hi:.3g}]: {ctx.family} family range "
-            f"[{rng[0]:.3g}, {rng[1]:.3g}] ({rule}) joined with the relative band "
-            f"around the initial lr {initial.lr}"
+            f"lr multiplier bounds [{lo_m:.3g}, {hi_m:.3g}], effective lr capped at "
+            f"{cap:.3g}: {ctx.family} family range [{rng[0]:.3g}, {rng[1]:.3g}] ({rule}) "
+            f"joined with the configured band around the registered lr {lr0}"
         )
     return DerivedLimits(cfg.model_copy(update={"lr": lr}), tuple(notes))

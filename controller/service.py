@@ -10,7 +10,7 @@ adapter around it. Tests drive it with raw frames.
 >>> ctl = Controller(ControllerConfig(), Journal(":memory:"), registry=CollectorRegistry())
 >>> replies = ctl.handle(b"peer-1", b"not json")
 >>> replies[0][1][:40]
-b'{"type":"error","v":1,"code":"malformed"'
+b'{"type":"error","v":2,"code":"malformed"'
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from trimtab.controller.metrics import ControllerMetrics
 from trimtab.controller.policy import Policy, load_policy
 from trimtab.controller.rollback import Observation
 from trimtab.controller.scale import ScaleContext, derive_limits, explicit_fields
-from trimtab.controller.state import JobState
+from trimtab.controller.state import JobState, controls_of
 
 __all__ = ["Controller", "Reply"]
 
@@ -140,10 +140,15 @@ class Controller:
         resumed = "live"
         if state is None or state.run_id != msg.run_id:
             stored = self.journal.load_state(msg.job)
+            state = None
             if stored is not None and stored.get("run_id") == msg.run_id:
-                state = JobState.from_state_dict(stored)
-                resumed = "journal"
-            else:
+                try:
+                    state = JobState.from_state_dict(stored)
+                    resumed = "journal"
+                except ValueError as exc:  # e.g. written by an older controller
+                    log.warning("job %s: journaled state not resumed (%s); starting afresh",
+                                msg.job, exc)
+            if state is None:
                 state = JobState.from_register(msg, self.config.signals)
                 resumed = "new"
         self.jobs[msg.job] = state
@@ -156,7 +161,8 @@ class Controller:
         self._touch(msg.job, peer)
         self.journal.append(msg.job, "register", step=msg.step, data={
             "run_id": msg.run_id, "resumed": resumed, "facts": msg.facts.model_dump(),
-            "knobs": msg.knobs.model_dump(), "applied_seq": msg.applied_seq,
+            "knobs": msg.knobs.model_dump(), "base": msg.base.model_dump(),
+            "scale": msg.scale.model_dump(), "applied_seq": msg.applied_seq,
             "report_every": msg.report_every, "key": self._owner.get(msg.job)})
         state.on_register(msg)
         self.journal.save_state(msg.job, state.state_dict())
@@ -217,7 +223,8 @@ class Controller:
         command = last if last is not None and last.seq == msg.seq else None
         fresh = state.on_ack(msg)
         self.journal.append(msg.job, "ack", step=msg.step, seq=msg.seq, data={
-            "knobs": msg.knobs.model_dump(), "restored_step": msg.restored_step,
+            "knobs": msg.knobs.model_dump(), "base": msg.base.model_dump(),
+            "scale": msg.scale.model_dump(), "restored_step": msg.restored_step,
             "error": msg.error})
         if msg.error is not None:
             log.warning("job %s: command %d not wholly applied: %s", msg.job, msg.seq, msg.error)
@@ -350,7 +357,7 @@ class Controller:
         :func:`~trimtab.controller.scale.derive_limits`), and log what was derived."""
         explicit = explicit_fields(self.config.governor)
         derived = derive_limits(ScaleContext.from_facts(state.facts), self.config.governor,
-                                explicit, state.initial)
+                                explicit, state.registered)
         self._job_governors[state.job] = Governor(derived.config)
         self._job_engines.pop(state.job, None)
         for note in derived.notes:
@@ -406,8 +413,12 @@ class Controller:
         if mark is not None:
             reasons.append(f"checkpoint at step {mark} marked stable: healthy for "
                            f"{state.step - mark} steps after it")
+        scale = {k: v for k, v in targets.items() if k in ("lr", "weight_decay")}
+        absolute = {k: v for k, v in targets.items() if k not in scale}
+        lr_max = self.engine_for(job).governor.limits("lr").max
         command = wire.Command(
-            job=job, seq=state.next_command_seq(), knobs=wire.Knobs(**targets),
+            job=job, seq=state.next_command_seq(), knobs=wire.Knobs(**absolute),
+            scale=wire.ScaleTargets(**scale), lr_max=lr_max,
             reasons=reasons[:64], mark_stable=mark,
             rollback_to=plan.target_step if plan is not None else None, stop_advice=advice,
             schedules=None if decision.schedules is None else list(decision.schedules))
@@ -420,10 +431,12 @@ class Controller:
             self.journal.append(job, "rollback", step=decision.step, seq=command.seq, data={
                 "reason": plan.cause, "why": plan.reason, "level": plan.level,
                 "target": plan.target_step, "from_step": plan.from_step, "policy": plan.policy,
-                "cut": plan.cut, "cooldown_steps": plan.cooldown_steps, "knobs": targets})
+                "cut": plan.cut, "cooldown_steps": plan.cooldown_steps, "scale": scale,
+                "knobs": absolute})
             log.warning("job %s: %s", job, plan.describe())
         self.journal.append(job, "command", step=decision.step, seq=command.seq, data={
-            "knobs": targets, "reasons": command.reasons, "mark_stable": mark,
+            "scale": scale, "knobs": absolute, "lr_max": lr_max,
+            "reasons": command.reasons, "mark_stable": mark,
             "rollback_to": command.rollback_to,
             "supersedes": None if superseded is None else superseded.seq})
         self.metrics.commands.inc()
@@ -436,7 +449,8 @@ class Controller:
         if pending is None:
             return []
         if msg.applied_seq >= pending.seq:  # applied, its ack still on the way or lost
-            state.on_applied(msg.applied_seq, msg.knobs)
+            state.on_applied(msg.applied_seq, controls_of(msg.knobs, msg.scale), msg.knobs,
+                             msg.base)
             return []
         sent_at = self._pending_since.get(state.job, state.reports_seen)
         if state.reports_seen - sent_at >= self.config.resend_after_reports:

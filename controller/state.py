@@ -12,9 +12,18 @@ and the governor's per-knob memory. Policies never see it: they read the frozen
 ...                     knobs=wire.Knobs(lr=1e-3))
 >>> st = JobState.register(reg)
 >>> st.observe(wire.Report(job="demo", seq=1, step=10, window=10, loss_mean=2.0,
-...                        knobs=wire.Knobs(lr=1e-3)))
+...                        knobs=wire.Knobs(lr=5e-4), base=wire.Knobs(lr=1e-3),
+...                        scale=wire.Scale(lr=0.5)))
 >>> st.view().signals.loss_ema
 2.0
+
+The knob model: for ``lr`` and ``weight_decay`` the controller steers trimtab's
+*multiplier* on the user's own value (1.0: the user's schedule untouched), for
+``momentum`` and ``clip`` the value itself. :attr:`JobState.knobs` holds these controlled
+values; :attr:`JobState.effective` the values the optimizer used, as reported.
+
+>>> st.knobs.lr, st.effective.lr, st.base.lr
+(0.5, 0.0005, 0.001)
 """
 
 from __future__ import annotations
@@ -39,9 +48,30 @@ if TYPE_CHECKING:
 
     from trimtab.controller.rollback import RollbackConfig
 
-__all__ = ["SignalConfig", "Signals", "Sample", "Phase", "JobView", "JobState"]
+__all__ = ["SignalConfig", "Signals", "Sample", "Phase", "JobView", "JobState", "controls_of",
+           "command_controls"]
 
-_STATE_VERSION = 2  # 2: rollback state added; a version-1 state loads with none
+_STATE_VERSION = 3  # 3: the knob model (lr and weight decay held as multipliers)
+
+
+def controls_of(knobs: wire.Knobs, scale: wire.Scale) -> wire.Knobs:
+    """The controlled values of a report, ack or registration: the lr and weight-decay
+    multipliers (where the optimizer has the setting), the momentum and clip in force.
+
+    >>> controls_of(wire.Knobs(lr=0.05, momentum=0.9), wire.Scale(lr=0.5))
+    Knobs(lr=0.5, momentum=0.9, weight_decay=None, clip=None)
+    """
+    return wire.Knobs(
+        lr=None if knobs.lr is None else scale.lr, momentum=knobs.momentum,
+        weight_decay=None if knobs.weight_decay is None else scale.weight_decay,
+        clip=knobs.clip,
+    )
+
+
+def command_controls(command: wire.Command) -> wire.Knobs:
+    """The controlled values a command sets (``None``: unchanged)."""
+    return wire.Knobs(lr=command.scale.lr, momentum=command.knobs.momentum,
+                      weight_decay=command.scale.weight_decay, clip=command.knobs.clip)
 
 
 class SignalConfig(BaseModel):
@@ -105,17 +135,23 @@ class Sample:
     update_ratio: float | None = None
     micro_sq_norm_mean: float | None = None
     micro_batches: int | None = None
-    #: The LR in force during the window (as the report says).
+    #: trimtab's lr multiplier in force at the window's end (as the report says).
     lr: float | None = None
     #: Non-finite losses plus non-finite gradient steps in the window.
     nonfinite: int = 0
+    #: The lr the optimizer used at the window's last step (the user's times ``lr``).
+    lr_used: float | None = None
+    #: Steps whose gradient norm sat at the loop's own clipping threshold: their norms
+    #: are that threshold, not the gradient's.
+    user_clipped: int = 0
 
     @classmethod
     def of(cls, r: wire.Report) -> Sample:
         """The sample of one report."""
         return cls(r.step, r.window, r.loss_mean, r.grad_norm_mean, r.grad_norm_std,
                    r.grad_norm_max, r.update_ratio, r.micro_sq_norm_mean, r.micro_batches,
-                   r.knobs.lr, r.nonfinite_losses + r.nonfinite_grads)
+                   None if r.knobs.lr is None else r.scale.lr,
+                   r.nonfinite_losses + r.nonfinite_grads, r.knobs.lr, r.user_clipped_steps)
 
     def to_list(self) -> list[Any]:
         return list(_sample_values(self))
@@ -153,11 +189,15 @@ class JobView:
     step: int
     report_every: int
     facts: wire.ScaleFacts
-    #: Knobs at registration.
+    #: The controlled values with nothing changed: lr and weight-decay multipliers 1.0
+    #: (the user's own values), momentum and clip as registered.
     initial: wire.Knobs
-    #: Knobs in force, as last reported or acknowledged by the client.
+    #: The controlled values in force, as last reported or acknowledged by the client:
+    #: lr and weight_decay are trimtab's multipliers on the user's values, momentum and
+    #: clip absolute. A policy's factor multiplies these; its value replaces them.
     knobs: wire.Knobs
-    #: Knobs of a command sent but not yet acknowledged (None: nothing pending).
+    #: The controlled values of a command sent but not yet acknowledged (None: nothing
+    #: pending; a knob it leaves unchanged is None).
     pending: wire.Knobs | None
     reports_seen: int
     signals: Signals
@@ -175,9 +215,16 @@ class JobView:
     phase: Phase | None = None
     #: Phases that ended, oldest first.
     phases_done: tuple[Phase, ...] = ()
-    #: The LR an LR range test found for this job (None: none ran or it found none);
-    #: schedule policies take it as their reference LR.
+    #: The lr multiplier an LR range test found for this job (None: none ran or it found
+    #: none); schedule policies take it as their reference.
     found_lr: float | None = None
+    #: The values the optimizer used at the last reported (or acknowledged) step...
+    effective: wire.Knobs = wire.Knobs()
+    #: ...the user's own values then (what the loop or its scheduler set)...
+    base: wire.Knobs = wire.Knobs()
+    #: ...and the user's own values at registration (what an absolute lr a policy is
+    #: configured with relates to: multiplier = lr / registered.lr).
+    registered: wire.Knobs = wire.Knobs()
 
     def since_change(self, knob: str) -> tuple[Sample, ...]:
         """History samples whose whole window ran after ``knob`` last changed."""
@@ -214,6 +261,11 @@ class _EW:
         return ew
 
 
+def _base_of(msg: wire.Register | wire.Report | wire.Ack) -> wire.Knobs:
+    """The user's own values a message carries (its effective ones where it has none)."""
+    return msg.base if msg.base.lr is not None else msg.knobs
+
+
 def _finite(x: float | None) -> float | None:
     return x if x is not None and math.isfinite(x) else None
 
@@ -239,12 +291,23 @@ class JobState:
         signal_cfg: SignalConfig | None = None,
         step: int = 0,
         applied_seq: int = 0,
+        effective: wire.Knobs | None = None,
+        base: wire.Knobs | None = None,
     ) -> None:
         self.job, self.run_id, self.facts = job, run_id, facts
         self.report_every = report_every
         self.signal_cfg = signal_cfg or SignalConfig()
-        self.initial = knobs
+        #: The controlled values with nothing changed (multipliers 1.0).
+        self.initial = knobs.model_copy(update={
+            "lr": None if knobs.lr is None else 1.0,
+            "weight_decay": None if knobs.weight_decay is None else 1.0})
+        #: The controlled values in force (see the module docstring).
         self.knobs = knobs
+        #: The values the optimizer used and the user's own, as last reported or acked.
+        self.effective = effective if effective is not None else knobs
+        self.base = base if base is not None else self.effective
+        #: The user's own values at registration (what absolute settings relate to).
+        self.registered = self.base
         self.step = step
         self.reports_seen = 0
         self._loss, self._grad = _EW(), _EW()
@@ -296,10 +359,15 @@ class JobState:
         cls, msg: wire.Register, signal_cfg: SignalConfig | None = None
     ) -> JobState:
         """A fresh state for a job that just registered."""
-        return cls(
-            msg.job, msg.run_id, msg.facts, msg.report_every, msg.knobs,
+        state = cls(
+            msg.job, msg.run_id, msg.facts, msg.report_every, controls_of(msg.knobs, msg.scale),
             signal_cfg=signal_cfg, step=msg.step, applied_seq=msg.applied_seq,
+            effective=msg.knobs, base=_base_of(msg),
         )
+        # The guard snapshots at attach: that checkpoint holds what is in force now.
+        state.rollback.note_in_force(msg.step, {"knobs": state.knobs.model_dump(),
+                                                "grad_norm_ema": None})
+        return state
 
     #: The same as :meth:`from_register`.
     register = from_register
@@ -311,7 +379,9 @@ class JobState:
                 f"register for {msg.job}/{msg.run_id} does not match the state of "
                 f"{self.job}/{self.run_id}"
             )
-        self.facts, self.report_every, self.knobs = msg.facts, msg.report_every, msg.knobs
+        self.facts, self.report_every = msg.facts, msg.report_every
+        self.knobs, self.effective = controls_of(msg.knobs, msg.scale), msg.knobs
+        self.base = _base_of(msg)
         # Reports carry the authoritative step; a bare re-register (step 0) must not undo it.
         self.step = max(self.step, msg.step)
         self._applied(msg.applied_seq)
@@ -328,7 +398,8 @@ class JobState:
         self.nonfinite_losses += report.nonfinite_losses
         self.nonfinite_grads += report.nonfinite_grads
         self.dropped_reports = report.dropped_reports
-        self.knobs = report.knobs
+        self.knobs = controls_of(report.knobs, report.scale)
+        self.effective, self.base = report.knobs, _base_of(report)
         self._applied(report.applied_seq)
         self.refs = (_finite(self._loss.mean), _finite(self._grad.mean))
         self.loss_z = self._fold(self._loss, report.loss_mean)
@@ -390,9 +461,9 @@ class JobState:
 
     @property
     def pending(self) -> wire.Knobs | None:
-        """Knobs of the pending command."""
+        """The controlled values the pending command sets (None where it leaves a knob)."""
         cmd = self.pending_command
-        return cmd.knobs if cmd is not None else None
+        return command_controls(cmd) if cmd is not None else None
 
     def current(self, knob: str) -> float | None:
         """The value ``knob`` will have at the next step: pending command first, else in force."""
@@ -407,12 +478,20 @@ class JobState:
             raise ValueError(f"ack for job {ack.job!r} given to the state of {self.job!r}")
         if ack.seq < self.applied_seq:
             return False
-        self.on_applied(ack.seq, ack.knobs)
+        self.on_applied(ack.seq, controls_of(ack.knobs, ack.scale), ack.knobs, _base_of(ack))
         return True
 
-    def on_applied(self, applied_seq: int, knobs: wire.Knobs) -> None:
-        """The client says commands up to ``applied_seq`` are applied and ``knobs`` are in force."""
+    def on_applied(
+        self, applied_seq: int, knobs: wire.Knobs, effective: wire.Knobs | None = None,
+        base: wire.Knobs | None = None,
+    ) -> None:
+        """The client says commands up to ``applied_seq`` are applied and the controlled
+        values ``knobs`` are in force (``effective`` used, the user's ``base``)."""
         self.knobs = knobs
+        if effective is not None:
+            self.effective = effective
+        if base is not None:
+            self.base = base
         self._applied(applied_seq)
 
     def on_restored(self, step: int, cfg: RollbackConfig) -> int:
@@ -520,7 +599,8 @@ class JobState:
             last_change_step=MappingProxyType(dict(self.last_change_step)),
             history=tuple(self.history), validations=tuple(self.validations),
             phase=self.phase, phases_done=tuple(self.phases_done.values()),
-            found_lr=self.found_lr,
+            found_lr=self.found_lr, effective=self.effective, base=self.base,
+            registered=self.registered,
         )
 
     # -- persistence -----------------------------------------------------------------
@@ -532,7 +612,7 @@ class JobState:
         "memory", "last_change_step", "command_seq", "applied_seq", "last_command", "awaiting_ack",
         "disabled_policies", "decision_counts", "rollback", "shadow_memory", "shadow_counts",
         "history", "validations", "stop_advice", "phase", "phases_done", "found_lr",
-        "corrections", "live", "branch_seq",
+        "corrections", "live", "branch_seq", "effective", "base", "registered",
     })
 
     def state_dict(self) -> dict[str, Any]:
@@ -570,36 +650,26 @@ class JobState:
             "found_lr": self.found_lr,
             "corrections": dict(self.corrections),
             "live": {k: s.model_dump(mode="json") for k, s in self.live.items()},
-            "branch_seq": self.branch_seq,
+            "branch_seq": self.branch_seq, "effective": dump(self.effective),
+            "base": dump(self.base), "registered": dump(self.registered),
         }
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         """Restore from :meth:`state_dict`; missing or unknown keys are an error."""
-        if sd.get("version") == 1 and "rollback" not in sd:  # written before rollback existed
-            fresh = RollbackState(step=sd.get("step", 0)).state_dict()
-            sd = {**sd, "version": 2, "rollback": fresh, "refs": [None, None]}
-        if "shadow_counts" not in sd:  # written before shadow policies existed
-            sd = {**sd, "shadow_counts": [],
-                  "shadow_memory": {k: KnobMemory().state_dict() for k in wire.KNOBS}}
-        if "history" not in sd:  # written before report history was kept
-            sd = {**sd, "history": [], "validations": [], "stop_advice": None}
-        if "phase" not in sd:  # written before measurement phases existed
-            sd = {**sd, "phase": None, "phases_done": [], "found_lr": None}
-        if "corrections" not in sd:  # written before schedules were composed with corrections
-            sd = {**sd, "corrections": {}, "live": {}}
-        if "branch_seq" not in sd:  # written before reports from abandoned paths were told
-            sd = {**sd, "branch_seq": 0}
-        _check_keys("JobState", sd, set(self._KEYS))
-        if sd["version"] != _STATE_VERSION:
+        if sd.get("version") != _STATE_VERSION:
             raise ValueError(
-                f"JobState state_dict version {sd['version']!r}, expected {_STATE_VERSION}"
-            )
+                f"JobState state_dict version {sd.get('version')!r}, expected {_STATE_VERSION} "
+                "(states written before the knob model cannot be resumed)")
+        _check_keys("JobState", sd, set(self._KEYS))
         self.__init__(  # type: ignore[misc]  # re-run to reset everything not saved
             sd["job"], sd["run_id"], wire.ScaleFacts.model_validate(sd["facts"]),
             sd["report_every"], wire.Knobs.model_validate(sd["knobs"]),
             SignalConfig.model_validate(sd["signal_cfg"]), sd["step"], sd["applied_seq"],
         )
         self.initial = wire.Knobs.model_validate(sd["initial"])
+        self.effective = wire.Knobs.model_validate(sd["effective"])
+        self.base = wire.Knobs.model_validate(sd["base"])
+        self.registered = wire.Knobs.model_validate(sd["registered"])
         self.reports_seen = sd["reports_seen"]
         self._loss, self._grad = _EW.from_list(sd["loss"]), _EW.from_list(sd["grad_norm"])
         self.loss_z, self.grad_norm_z = sd["loss_z"], sd["grad_norm_z"]

@@ -1,20 +1,30 @@
-"""What every schedule policy shares: the config base, the reference lr, the proposal.
+"""What every schedule policy shares: the config base, the reference, the proposal.
 
 A schedule policy is a pure function of the job's step: at a decision taken when
-``view.step`` optimizer steps have been taken, it proposes the *absolute* lr (and,
-for OneCycle, momentum) the next optimizer step should use. That is torch's
-convention too: after ``t`` calls of ``scheduler.step()`` the lr in force is the one
-the ``(t+1)``-th ``optimizer.step()`` uses, so ``lr_at(t)`` here equals
-``scheduler.get_last_lr()[0]`` after ``t`` scheduler steps.
+``view.step`` optimizer steps have been taken, it proposes the lr (and, for OneCycle,
+momentum) the next optimizer step should use. That is torch's convention too: after
+``t`` calls of ``scheduler.step()`` the lr in force is the one the ``(t+1)``-th
+``optimizer.step()`` uses, so ``lr_at(t)`` here equals ``scheduler.get_last_lr()[0]``
+after ``t`` scheduler steps.
 
-The reference lr (``lr``, or ``max_lr`` for OneCycle) defaults to the lr the job
-registered with; with ``scale_with_batch`` it is multiplied by the batch-size rule of
-:class:`~trimtab.controller.scale.ScaleContext` (linear for SGD, square root for the
-Adam family), taking ``reference_batch_size`` as the batch the lr was tuned at.
+The knob model: trimtab steers a *multiplier* on the user's own lr, so a trimtab schedule
+is a multiplier trajectory, and it composes with a schedule of the user's (a loop that
+writes its lr, a torch scheduler, a trainer's) as two schedulers chained with torch's
+``ChainedScheduler`` do: the optimizer steps with ``user's lr x trimtab's schedule``.
+With a user lr that stays constant this is exactly the schedule from the reference lr.
+The user's own schedule is the default owner of the lr: no schedule policy is in the
+default set; configure one only for a run whose loop has none, or to shape it further.
+
+The reference (``lr``, or ``max_lr`` for OneCycle) is therefore a multiplier:
+``configured lr / the user's lr at registration`` when an absolute lr is configured
+(:func:`reference_multiplier`), else 1 (the user's own lr); with ``scale_with_batch`` it
+is multiplied by the batch-size rule of :class:`~trimtab.controller.scale.ScaleContext`
+(linear for SGD, square root for the Adam family), taking ``reference_batch_size`` as the
+batch the lr was tuned at.
 
 When an LR range test ran for the job (:mod:`trimtab.policies.lr_range_test`), its pick,
-``view.found_lr``, is the reference lr of every schedule whose own is not configured
-(``use_found_lr=False`` keeps the registered one). It is not batch-scaled: it was
+``view.found_lr`` (a multiplier), is the reference of every schedule whose own is not
+configured (``use_found_lr=False`` keeps the user's). It is not batch-scaled: it was
 measured at the run's batch size. The schedule keeps counting the run's steps: the
 range test rolls the run back to the checkpoint where its sweep began (step 0 when it
 runs from the start), so the schedule starts there afresh and the sweep costs it nothing.
@@ -33,11 +43,11 @@ from trimtab.controller.scale import BatchScaling, ScaleContext
 from trimtab.controller.state import JobView
 
 __all__ = [
-    "LrField", "ScheduleConfig", "SchedulePolicy", "reference_lr", "batch_factor", "anneal_cos",
-    "anneal_linear",
+    "LrField", "ScheduleConfig", "SchedulePolicy", "reference_multiplier", "batch_factor",
+    "anneal_cos", "anneal_linear",
 ]
 
-#: The reference lr of a schedule; None: the lr the job registered with.
+#: The reference lr of a schedule, absolute; None: the user's own lr.
 LrField = Field(None, gt=0.0, allow_inf_nan=False)
 
 
@@ -68,16 +78,21 @@ class ScheduleConfig(BaseModel):
         return self
 
 
-def reference_lr(configured: float | None, cfg: ScheduleConfig, view: JobView) -> float:
-    """``configured`` or the job's registered lr, times the batch-size factor if asked; the
-    LR range test's pick when there is one and nothing is configured (never batch-scaled).
-    """
+def reference_multiplier(configured: float | None, cfg: ScheduleConfig, view: JobView) -> float:
+    """The schedule's reference as a multiplier on the user's lr: ``configured`` (an
+    absolute lr) over the user's lr at registration, or 1 (the user's own), times the
+    batch-size factor if asked; the LR range test's pick when there is one and nothing is
+    configured (never batch-scaled)."""
     if configured is None and cfg.use_found_lr and view.found_lr is not None:
         return view.found_lr
-    lr = configured if configured is not None else view.initial.lr
-    if lr is None:
-        raise ValueError("no lr configured and the job registered none")
-    return lr * batch_factor(cfg, view)
+    m = 1.0
+    if configured is not None:
+        own = view.registered.lr
+        if not own:
+            raise ValueError(f"an absolute reference lr ({configured:g}) needs the job's own "
+                             f"lr at registration, and it registered {own!r}")
+        m = configured / own
+    return m * batch_factor(cfg, view)
 
 
 def batch_factor(cfg: ScheduleConfig, view: JobView) -> float:
@@ -129,9 +144,9 @@ class SchedulePolicy(Policy):
         return schedules.value("lr", self.formula, self.formula_params(base_lr), step)
 
     def base_lr(self, view: JobView) -> float:
-        """The reference lr for ``view``'s job."""
+        """The reference for ``view``'s job, as a multiplier on its own lr."""
         cfg: ScheduleConfig = self.config  # type: ignore[assignment]
-        return reference_lr(getattr(cfg, self.lr_field), cfg, view)
+        return reference_multiplier(getattr(cfg, self.lr_field), cfg, view)
 
     def step_origin(self, view: JobView) -> int:
         """The step at which this schedule's step 0 falls for ``view``'s job (0: the run's
@@ -158,5 +173,5 @@ class SchedulePolicy(Policy):
     def propose(self, view: JobView) -> list[Proposal]:
         lr, base = self.lr_for(view)
         return [Proposal("lr", value=lr, schedule=self.piece(view, base),
-                         reason=f"{self.name} at step {view.step}: {lr:.6g} "
-                                f"(reference lr {base:.6g})")]
+                         reason=f"{self.name} at step {view.step}: x{lr:.6g} "
+                                f"(reference x{base:.6g})")]

@@ -106,7 +106,9 @@ class AdaptiveClip(Policy):
 
     def propose(self, view: JobView) -> list[Proposal]:
         cfg: AdaptiveClipConfig = self.config  # type: ignore[assignment]
-        samples = [s for s in view.history if s.grad_norm_mean is not None]
+        # Windows with steps at the loop's own clip carry that threshold, not the norm.
+        samples = [s for s in view.history if s.grad_norm_mean is not None
+                   and not s.user_clipped]
         if cfg.mode == "zscore":
             thr = zclip_threshold(samples, cfg.alpha, cfg.z, cfg.warmup_reports)
             how = f"EW mean + {cfg.z:g} std of the gradient norm"

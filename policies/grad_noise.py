@@ -16,9 +16,14 @@ LR change, so the window measures the LR in force):
 * otherwise it is the coefficient of variation of the per-step gradient norm (pooled
   window spread over pooled mean), a dimensionless proxy for the same thing.
 
-Above ``high`` it proposes ``lr *= down``; below ``low``, ``lr *= up`` while the LR is
-under ``max_lr_rel`` times its initial value. Both measures are ratios of the job's own
-signals, so one configuration serves models of any width.
+Above ``high`` it proposes ``lr *= down``; below ``low``, ``lr *= up`` while trimtab's lr
+multiplier is under ``max_lr_rel`` (the user's own lr times that). Both measures are
+ratios of the job's own signals, so one configuration serves models of any width.
+
+Gradients the loop clips itself before the guard sees them (its own ``clip_grad_norm_``
+under ``hooks=True``, a trainer's ``max_grad_norm``) have the clip's norm, not their
+own: a window with steps at that ceiling (``Sample.user_clipped``) says nothing of the
+noise, and the policy proposes nothing from it.
 
 >>> GradNoise({"high": 0.8}).config.low
 0.1
@@ -117,6 +122,8 @@ class GradNoise(Policy):
         if len(recent) < cfg.reports:
             return []
         window = recent[-cfg.reports:]
+        if any(s.user_clipped for s in window):
+            return []  # clipped norms are the loop's threshold, not the gradient's spread
         rho = noise_to_batch(window)
         if rho is not None:
             measure, lo, hi, what = rho, cfg.noise_low, cfg.noise_high, "noise scale B_simple/B"

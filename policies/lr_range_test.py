@@ -37,6 +37,11 @@ defaults), in the run itself:
   decision journals the curve, ``(lr, smoothed loss)`` per report. The run pays only the
   sweep's steps.
 
+The knob model: trimtab steers a multiplier on the user's own lr, so the sweep is a sweep
+of the multiplier (``min_lr``/``max_lr`` and the family's range, which are absolute, are
+divided by the user's lr at registration), the curve is the smoothed loss against the
+multiplier, and the pick, ``found_lr``, is a multiplier on the user's lr.
+
 The sweep is a measurement phase of the engine: while it runs only this policy's
 proposals count, its values get past every governor limit but the bounds (so
 ``max_lr`` above the bounds, 10 x the registered LR by default, is cut to them; widen
@@ -138,12 +143,12 @@ def stop_reason(curve: list[tuple[float, float]], diverge_factor: float) -> str 
         return None
     last = curve[-1][1]
     if not math.isfinite(last):
-        return f"non-finite loss at lr {curve[-1][0]:.3g}"
+        return f"non-finite loss at lr x{curve[-1][0]:.3g}"
     best = min(loss for _, loss in curve)
     if last > diverge_factor * best:
         return (
             f"smoothed loss {last:.4g} > {diverge_factor:g} x its lowest {best:.4g} "
-            f"at lr {curve[-1][0]:.3g}"
+            f"at lr x{curve[-1][0]:.3g}"
         )
     return None
 
@@ -169,19 +174,27 @@ class LrRangeTest(Policy):
     Config: ClassVar[type[BaseModel]] = LrRangeTestConfig
 
     def sweep_range(self, view: JobView) -> tuple[float, float]:
-        """``(first, last)`` LR of the sweep for ``view``'s job."""
+        """``(first, last)`` lr multiplier of the sweep for ``view``'s job."""
         cfg: LrRangeTestConfig = self.config  # type: ignore[assignment]
-        lr = view.initial.lr
+        lr = view.initial.lr  # 1.0: the user's own lr
+        own = view.registered.lr  # the user's lr at registration, what absolute values relate to
         if (cfg.min_lr is None or cfg.max_lr is None) and lr is None:
             raise ValueError("no min_lr/max_lr configured and the job registered no lr")
+        if (cfg.min_lr is not None or cfg.max_lr is not None) and not own:
+            raise ValueError("min_lr/max_lr are absolute and the job registered no lr of its "
+                             f"own to relate them to (got {own!r})")
         family = ScaleContext.from_facts(view.facts).lr_range() if cfg.family_range else None
+        if family is not None and own:
+            family = (family[0] / own, family[1] / own)
+        else:
+            family = None
         if cfg.min_lr is not None:
-            lo = cfg.min_lr
+            lo = cfg.min_lr / own  # type: ignore[operator]
         else:
             lo = cfg.min_factor * lr  # type: ignore[operator]
             lo = lo if family is None else min(lo, family[0])
         if cfg.max_lr is not None:
-            hi = cfg.max_lr
+            hi = cfg.max_lr / own  # type: ignore[operator]
         else:
             hi = cfg.max_factor * lr  # type: ignore[operator]
             hi = hi if family is None else max(hi, family[1])
@@ -220,8 +233,8 @@ class LrRangeTest(Policy):
                 Proposal.sweep_value(
                     "lr",
                     lo,
-                    f"LR range test starts: {lo:.3g} -> "
-                    f"{hi:.3g} over {self.config.sweep_steps} steps",
+                    f"LR range test starts: lr x{lo:.3g} -> "
+                    f"x{hi:.3g} over {self.config.sweep_steps} steps",
                     schedule=self.trajectory(view.step, lo, hi),
                 )
             ]
@@ -246,7 +259,7 @@ class LrRangeTest(Policy):
         done = view.step - phase.start_step
         why = stop_reason(curve, cfg.diverge_factor)
         if why is None and done >= cfg.sweep_steps:
-            why = f"sweep done at lr {curve[-1][0]:.3g}" if curve else "sweep done"
+            why = f"sweep done at lr x{curve[-1][0]:.3g}" if curve else "sweep done"
         if why is None:
             lr = self.lr_at(done, lo, hi)
             loss = f", smoothed loss {curve[-1][1]:.4g}" if curve else ""
@@ -254,7 +267,7 @@ class LrRangeTest(Policy):
                 Proposal.sweep_value(
                     "lr",
                     lr,
-                    f"LR range test: step {done} of {cfg.sweep_steps}, lr {lr:.3g}{loss}",
+                    f"LR range test: step {done} of {cfg.sweep_steps}, lr x{lr:.3g}{loss}",
                     schedule=self.trajectory(phase.start_step, lo, hi),
                 )
             ]
@@ -276,7 +289,7 @@ class LrRangeTest(Policy):
             )
         else:
             found = pick_lr(finite, cfg.pick, cfg.pick_divisor)
-            verdict = f"picked lr {found:.4g} ({cfg.pick})"
+            verdict = f"picked lr x{found:.4g} ({cfg.pick})"
         lr = found * cfg.start_fraction if found is not None else view.initial.lr
         detail = {
             "found_lr": found,

@@ -118,7 +118,7 @@ class OneCycle(SchedulePolicy):
         piece = self.piece(view, base)
         where = f"{self.name} at step {view.step} of {cfg.total_steps}"
         out = [Proposal("lr", value=lr, schedule=piece,
-                        reason=f"{where}: {lr:.6g} (max_lr {base:.6g})")]
+                        reason=f"{where}: x{lr:.6g} (max_lr x{base:.6g})")]
         if cfg.cycle_momentum and view.knobs.momentum is not None:
             out.append(Proposal("momentum", value=momentum, schedule=piece,
                                 reason=f"{where}: {momentum:.6g}"))

@@ -33,6 +33,10 @@ class Run:
         self.norms: list[float] = []
         self.ratios: list[float] = []
         self.steps = 0
+        #: Per optimizer step, each group's (lr, momentum) that step ran with.
+        self.used: list[tuple[list[float], list[float]]] = []
+        self.opt.register_step_pre_hook(lambda opt, args, kwargs: self.used.append(
+            ([g["lr"] for g in opt.param_groups], [g.get("momentum") for g in opt.param_groups])))
 
     def step(self, guard: Guard, poison: bool = False) -> None:
         x = torch.randn(8, 5)
@@ -95,27 +99,30 @@ def test_register_reports_command_ack(fake_controller) -> None:
             assert report.knobs == register.knobs and report.applied_seq == 0
 
         command = wire.Command(
-            job="link-test", seq=1, knobs=wire.Knobs(lr=0.025, momentum=0.5, clip=2.0),
-            reasons=["test"],
+            job="link-test", seq=1, scale=wire.ScaleTargets(lr=0.5),
+            knobs=wire.Knobs(momentum=0.5, clip=2.0), reasons=["test"],
         )
         fake_controller.send(command)
         fake_controller.wait_for(lambda c: guard.applied_seq == 1,
                                  while_waiting=lambda: run.step(guard))
-        assert [g["lr"] for g in run.opt.param_groups] == pytest.approx([0.025, 0.05])
-        assert [g["momentum"] for g in run.opt.param_groups] == [0.5, 0.5]
+        # Between steps the groups hold the loop's own values; the step used them x0.5.
+        assert [g["lr"] for g in run.opt.param_groups] == pytest.approx([0.05, 0.1])
+        assert [g["momentum"] for g in run.opt.param_groups] == [0.9, 0.9]
+        assert run.used[-1] == (pytest.approx([0.025, 0.05]), [0.5, 0.5])
         assert guard.clip == 2.0
         in_force = wire.Knobs(lr=0.025, momentum=0.5, weight_decay=1e-4, clip=2.0)
-        assert guard.knobs == in_force
+        assert guard.knobs == in_force and guard.scale == wire.Scale(lr=0.5)
         fake_controller.wait_for(lambda c: len(c.of_type(wire.Ack)) == 1)
         ack = fake_controller.of_type(wire.Ack)[0]
-        assert (ack.seq, ack.knobs) == (1, in_force)
+        assert (ack.seq, ack.knobs, ack.scale) == (1, in_force, wire.Scale(lr=0.5))
+        assert ack.base == wire.Knobs(lr=0.05, momentum=0.9, weight_decay=1e-4)
 
         # The same seq again, with other values: acknowledged with what is in force, not applied.
-        fake_controller.send(command.model_copy(update={"knobs": wire.Knobs(lr=0.9)}))
+        fake_controller.send(command.model_copy(update={"scale": wire.ScaleTargets(lr=9.0)}))
         fake_controller.wait_for(lambda c: len(c.of_type(wire.Ack)) == 2,
                                  while_waiting=lambda: run.step(guard))
         assert fake_controller.of_type(wire.Ack)[1].knobs == in_force
-        assert run.opt.param_groups[0]["lr"] == 0.025
+        assert run.used[-1][0] == pytest.approx([0.025, 0.05])
         fake_controller.wait_for(
             lambda c: any(r.applied_seq == 1 for r in c.of_type(wire.Report)),
             while_waiting=lambda: run.step(guard),
@@ -196,8 +203,9 @@ def test_bad_frames_are_counted_and_ignored(fake_controller) -> None:
         fake_controller.wait_for(lambda c: guard.bad_frames == 4,
                                  while_waiting=lambda: run.step(guard))
         # The link survived: a valid command afterwards is still applied.
-        fake_controller.send(wire.Command(job="link-test", seq=7, knobs=wire.Knobs(lr=0.01)))
+        fake_controller.send(wire.Command(job="link-test", seq=7,
+                                          scale=wire.ScaleTargets(lr=0.2)))
         fake_controller.wait_for(lambda c: guard.applied_seq == 7,
                                  while_waiting=lambda: run.step(guard))
-        assert run.opt.param_groups[0]["lr"] == 0.01
+        assert guard.knobs.lr == pytest.approx(0.01)
         assert all(math.isfinite(p.sum().item()) for p in run.model.parameters())

@@ -88,14 +88,15 @@ def test_engine_arbitrates_then_governs_and_records_what_it_will_send():
                  Governor())
     d = eng.decide(st)
     kd = d.knobs["lr"]
-    assert (kd.current, kd.target, kd.policy, kd.reason) == (0.1, pytest.approx(1e-3), "down",
+    # The lr is trimtab's multiplier on the job's own lr: 1 at registration.
+    assert (kd.current, kd.target, kd.policy, kd.reason) == (1.0, pytest.approx(1e-2), "down",
                                                              "spike")
-    assert kd.commanded == 0.05 and kd.limits == ("max_step_ratio", "slew")
-    assert d.commands == {"lr": 0.05}
+    assert kd.commanded == 0.5 and kd.limits == ("max_step_ratio", "slew")
+    assert d.commands == {"lr": 0.5}
     assert st.last_change_step["lr"] == 1000
-    assert st.memory["lr"].history == [(1000, 0.1), (1000, 0.05)]
+    assert st.memory["lr"].history == [(1000, 1.0), (1000, 0.5)]
     assert st.decision_counts == {("down", "lr", "down"): 1}
-    assert d.reasons() == ["lr 0.1 -> 0.05 by down: spike [limited: max_step_ratio, slew]"]
+    assert d.reasons() == ["lr x1 -> x0.5 by down: spike [limited: max_step_ratio, slew]"]
 
 
 def test_a_blocked_knob_is_decided_but_not_commanded_nor_recorded():
@@ -110,11 +111,11 @@ def test_a_blocked_knob_is_decided_but_not_commanded_nor_recorded():
 def test_the_next_decision_sees_the_cooldown_it_recorded():
     st = state()
     eng = Engine([Fixed("down", p(factor=0.5))], Governor())
-    assert eng.decide(st).commands == {"lr": 0.05}
-    st.pending_command = wire.Command(job="j", seq=1, knobs=wire.Knobs(lr=0.05))
+    assert eng.decide(st).commands == {"lr": 0.5}
+    st.pending_command = wire.Command(job="j", seq=1, scale=wire.ScaleTargets(lr=0.5))
     st.step += 10
     d = eng.decide(st)
-    assert d.knobs["lr"].current == 0.05  # the pending command's value, not the old one
+    assert d.knobs["lr"].current == 0.5  # the pending command's value, not the old one
     assert d.commands == {} and d.knobs["lr"].limits == ("cooldown",)
 
 
@@ -126,7 +127,7 @@ def test_a_raising_policy_is_disabled_for_that_job_and_the_others_go_on():
     d = eng.decide(st)
     assert d.errors == (("bad", "raised RuntimeError: boom"),)
     assert st.disabled_policies == {"bad": "raised RuntimeError: boom"}
-    assert d.commands == {"lr": 0.05}
+    assert d.commands == {"lr": 0.5}
     st.step += 100
     eng.decide(st)
     assert bad.calls == 1 and good.calls == 2
@@ -146,7 +147,7 @@ def test_nonsense_disables_the_policy(returns, why):
     st = state()
     d = Engine([Fixed("odd", returns=returns), Fixed("good", p(factor=0.5))], LOOSE).decide(st)
     assert d.errors == (("odd", why),) and st.disabled_policies == {"odd": why}
-    assert d.commands == {"lr": 0.05}
+    assert d.commands == {"lr": 0.5}
 
 
 def test_a_forced_non_finite_proposal_disables_the_policy():
@@ -183,7 +184,7 @@ def test_a_knob_outside_its_bounds_is_corrected_without_any_proposal():
 def test_shadow_decisions_are_not_sent_nor_recorded():
     st = state()
     d = Engine([Fixed("down", p(factor=0.5))], Governor(), shadow=True).decide(st)
-    assert d.shadow and d.commands == {} and d.would_command == {"lr": 0.05}
+    assert d.shadow and d.commands == {} and d.would_command == {"lr": 0.5}
     assert st.memory["lr"].history == [] and st.decision_counts == {}
 
 
@@ -191,7 +192,7 @@ def test_decision_to_dict_is_json():
     d = Engine([Fixed("down", p(factor=0.5)), Fixed("bad", raises=KeyError("x"))],
                Governor()).decide(state())
     rec = json.loads(json.dumps(d.to_dict(), allow_nan=False))
-    assert rec["commands"] == {"lr": 0.05}
+    assert rec["commands"] == {"lr": 0.5}
     assert rec["knobs"]["lr"]["policy"] == "down"
     assert rec["proposals"][0] == {"policy": "down", "knob": "lr", "factor": 0.5,
                                    "value": None, "hold": False, "reason": "because",
@@ -229,12 +230,12 @@ def test_a_rollback_beats_every_decrease_and_carries_its_governed_cut():
     plan = d.rollback
     assert (plan.target_step, plan.from_step, plan.level, plan.cause) == (500, 1000, 1, "nonfinite")
     assert plan.policy == "guard" and plan.reason == "NaN loss"
-    assert d.commands == {"lr": 0.05} and list(d.knobs) == ["lr"]
-    assert d.knobs["lr"].current == 0.1 and d.mark_stable is None
+    assert d.commands == {"lr": 0.5} and list(d.knobs) == ["lr"]
+    assert d.knobs["lr"].current == 1.0 and d.mark_stable is None
     assert d.reasons() == [
         "rollback from step 1000 to stable step 500 (level 1, lr x0.5) by guard: nonfinite: "
         "NaN loss",
-        "lr 0.1 -> 0.05 by guard: rollback to step 500 (level 1): NaN loss",
+        "lr x1 -> x0.5 by guard: rollback to step 500 (level 1): NaN loss",
     ]
     assert st.rollback.pending.to_step == 500 and st.rollback.rollbacks == {"nonfinite": 1}
     assert d.to_dict()["rollback"]["target_step"] == 500
@@ -243,7 +244,7 @@ def test_a_rollback_beats_every_decrease_and_carries_its_governed_cut():
 def test_without_a_stable_checkpoint_a_rollback_is_a_governed_cut():
     st = state()
     d = Engine([guard()], Governor()).decide(st)
-    assert d.rollback is None and d.commands == {"lr": 0.05}
+    assert d.rollback is None and d.commands == {"lr": 0.5}
     assert d.knobs["lr"].reason == "NaN loss (no rollback: no stable checkpoint to roll back to)"
     assert st.rollback.pending is None and st.rollback.history == []
     # ... which the governor's cooldown then holds like any other change.
@@ -254,17 +255,18 @@ def test_without_a_stable_checkpoint_a_rollback_is_a_governed_cut():
 def test_the_cooldown_does_not_hold_a_rollback_and_counts_from_the_checkpoint_after():
     st = with_stable()
     gov = Governor()
-    st.note_change("lr", "plateau", 0.1, 0.08, 1000)  # at 1000: lr is cooling down
-    st.knobs = wire.Knobs(lr=0.08, momentum=0.9)
+    st.note_change("lr", "plateau", 1.0, 0.8, 1000)  # at 1000: lr is cooling down
+    st.knobs = wire.Knobs(lr=0.8, momentum=0.9)
     d = Engine([guard()], gov).decide(st)
-    assert d.rollback is not None and d.commands == {"lr": 0.05}
+    # The cut is relative to the multiplier in force at the fault (0.8), not the checkpoint's.
+    assert d.rollback is not None and d.commands == {"lr": pytest.approx(0.4)}
     assert "cooldown" not in d.knobs["lr"].limits
     # The memory holds the rollback's change at the checkpoint's step, not the abandoned one.
-    assert st.memory["lr"].history == [(500, 0.1), (500, 0.05)]
+    assert st.memory["lr"].history == [(500, 1.0), (500, pytest.approx(0.4))]
     assert st.last_change_step["lr"] == 500
     st.on_restored(500, RollbackConfig())
     st.pending_command = None
-    st.knobs = wire.Knobs(lr=0.05, momentum=0.9)
+    st.knobs = wire.Knobs(lr=0.4, momentum=0.9)
     st.step = 520  # ordinary changes wait out the cooldown from the rollback
     kd = Engine([Fixed("down", p(factor=0.5))], gov).decide(st).knobs["lr"]
     assert kd.commanded is None and kd.limits == ("cooldown",)
@@ -274,11 +276,11 @@ def test_the_governor_bounds_and_step_ratio_per_level_still_bound_the_cut():
     deep = RollbackConfig(base_cut=0.01)
     st = with_stable()
     d = Engine([guard()], Governor(), rollback=deep).decide(st)
-    assert d.commands == {"lr": 0.05} and d.knobs["lr"].limits == ("max_step_ratio",)
+    assert d.commands == {"lr": 0.5} and d.knobs["lr"].limits == ("max_step_ratio",)
     st = with_stable()
     floor = Governor(GovernorConfig(lr=KnobLimits(min_rel=0.8)))
     d = Engine([guard()], floor, rollback=deep).decide(st)
-    assert d.commands == {"lr": pytest.approx(0.08)} and d.knobs["lr"].limits == ("bounds",)
+    assert d.commands == {"lr": pytest.approx(0.8)} and d.knobs["lr"].limits == ("bounds",)
 
 
 def test_past_the_budget_the_decision_raises_the_alert_and_cuts_instead():
@@ -291,7 +293,7 @@ def test_past_the_budget_the_decision_raises_the_alert_and_cuts_instead():
     st.step = st.rollback.step = 600
     d = eng.decide(st)
     assert d.rollback is None and d.alert.startswith("rollback budget exhausted: 1 rollbacks")
-    assert st.rollback.alert == d.alert and d.commands == {"lr": 0.05}
+    assert st.rollback.alert == d.alert and d.commands == {"lr": 0.5}
     assert "no rollback: rollback budget exhausted" in d.knobs["lr"].reason
     st.step = st.rollback.step = 700
     again = eng.decide(st)
