@@ -59,13 +59,15 @@ class Guard:
     to the controller through a background thread; a controller that is absent, slow or
     restarting never blocks, slows or stops training.
 
-    Knobs with several param groups: the job's ``lr`` and ``weight_decay`` are group
-    0's. A command scales every group by ``target / group-0 value``, so groups keep
-    their ratios and a group at 0 stays at 0 (when group 0's lr is 0 every group gets
-    the target lr; when group 0's weight decay is 0 only group 0 changes). ``momentum``
-    (``momentum``, or ``betas[0]`` for the Adam family) is set absolutely in every group
-    that has one. ``clip`` is this guard's own threshold (``None``: no clipping); a
-    command's ``None`` leaves a knob unchanged.
+    The knob model (see :mod:`trimtab.client._knobs`): the loop's code or scheduler owns
+    each param group's ``lr`` and ``weight_decay``; trimtab's are multipliers on them,
+    put in just before the optimizer step and taken off right after it, so every group
+    keeps its ratio to the others and the loop sees its own values between steps. The
+    job's ``lr`` and ``weight_decay`` are group 0's. ``momentum`` (``momentum``, or
+    ``betas[0]`` for the Adam family) is absolute, put in around the step in every group
+    that has one once commanded. ``clip`` is this guard's own threshold (``None``: no
+    clipping); a command's ``None`` leaves a knob unchanged. A command's ack goes out with
+    the first optimizer step that runs with it, stating that step's values.
 
     Non-finite gradients: with a fused optimizer the step is skipped on the device
     (``found_inf``, as ``GradScaler`` does); on CPU the flag is read on the host and
@@ -90,28 +92,22 @@ class Guard:
     ``guard.step()`` then drops its gradients (they come from the abandoned trajectory)
     and takes no step; ``global_step`` is the checkpoint's, the open report window is
     discarded, ``on_rollback(step)`` is called, then the command's knobs are applied
-    over the restored values. The data stream is not rewound (the batches since the
+    over the restored ones (multipliers, momentum and clip come back with the
+    checkpoint; the loop's own lr with the optimizer's and the scheduler's state). The data stream is not rewound (the batches since the
     checkpoint are skipped); reposition a loader in ``on_rollback`` to replay them.
 
     CURVE (a controller configured with keys): ``server_key`` is the controller's
     ``server.key`` and ``client_key`` this client's ``clients/NAME.key_secret``, both from
     ``trimtab keys generate``; the link is then authenticated and encrypted.
 
-    LR schedulers: pass ``scheduler=`` and call ``scheduler.step()`` after
-    ``guard.step()``. A command that sets lr scales each group's lr by ``f = new /
-    old`` and the scheduler's reference values by the same ``f`` (``base_lrs``; each
-    group's ``initial_lr``, ``max_lr``, ``min_lr``; ``max_lrs``, ``min_lrs``,
-    ``eta_min``; SequentialLR's and ChainedScheduler's children), so every later lr is
-    the user's schedule times trimtab's cumulative factor, for closed-form (LambdaLR,
-    OneCycleLR) and chainable (StepLR, ExponentialLR) schedulers alike. When group 0's
-    lr is 0 the target is set without a factor: nothing composes. A scheduler that
-    sets momentum (OneCycleLR, CyclicLR) overrides trimtab's momentum at its next step.
-    A rollback restores the scheduler's state and reference values as they were at the
-    checkpoint.
+    LR schedulers: any schedule composes (the knob model), and nothing needs the
+    scheduler for that; pass ``scheduler=`` so that a rollback restores its state (the
+    schedule's position) with the model and optimizer, and call ``scheduler.step()``
+    after ``guard.step()``.
 
-    Live schedules: a command may hand over the controller's schedules (lr, and momentum
-    for OneCycle); from then on the guard sets those knobs before every optimizer step to
-    the schedule's value at ``global_step`` (host arithmetic, no device read; see
+    Live schedules: a command may hand over the controller's schedules (an lr multiplier,
+    and momentum for OneCycle); from then on the guard evaluates them before every
+    optimizer step at ``global_step`` (host arithmetic, no device read; see
     :mod:`trimtab.client._live_schedule`) until a newer command replaces them.
 
     Under ``torch.distributed`` (an initialised process group of more than one rank, e.g.
@@ -211,7 +207,7 @@ class Guard:
         # What registration tells the controller; swapped whole by the training thread.
         self._in_force = (self._act.used(), self._act.base(), self._act.scale())
         self._closed = False
-        #: The user's LR scheduler (``None``: none), composed with trimtab's lr changes.
+        #: The user's LR scheduler (``None``: none): its state is restored on rollback.
         self.scheduler = scheduler
         self.checkpoint_every = checkpoint_every
         #: Rollbacks carried out so far.

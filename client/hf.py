@@ -4,7 +4,8 @@
 ``hooks=True`` (see :mod:`trimtab.client._hooks`) on the optimizer under accelerate's
 wrapper, so the guard acts inside the Trainer's ``optimizer.step()``, after the Trainer's
 own clipping (``max_grad_norm``) and before the update. The Trainer's LR scheduler is
-handed to the guard, so trimtab's lr changes compose with it multiplicatively.
+handed to the guard, so that a rollback restores its state; trimtab's multiplier goes on
+top of its lr at every step (the knob model).
 
 The loss: the Trainer hands callbacks only the logged loss (averaged over
 ``logging_steps``, read on the host), so the callback takes the model's own ``loss``

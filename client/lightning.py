@@ -6,7 +6,8 @@
 Lightning's own clipping) and before the update. The loss comes from
 ``on_before_backward``, multiplied back by ``accumulate_grad_batches`` (Lightning divides
 it), and a step reports the mean over its micro-batches. Lightning's LR scheduler of
-that optimizer is handed to the guard, so trimtab's lr changes compose with it.
+that optimizer is handed to the guard, so that a rollback restores its state; trimtab's
+multiplier goes on top of its lr at every step (the knob model).
 
 Rules:
 

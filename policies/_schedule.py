@@ -43,7 +43,8 @@ from trimtab.controller.scale import BatchScaling, ScaleContext
 from trimtab.controller.state import JobView
 
 __all__ = [
-    "LrField", "ScheduleConfig", "SchedulePolicy", "reference_multiplier", "batch_factor",
+    "LrField", "ScheduleConfig", "SchedulePolicy", "reference_multiplier", "as_multiplier",
+    "batch_factor",
     "anneal_cos", "anneal_linear",
 ]
 
@@ -93,6 +94,19 @@ def reference_multiplier(configured: float | None, cfg: ScheduleConfig, view: Jo
                              f"lr at registration, and it registered {own!r}")
         m = configured / own
     return m * batch_factor(cfg, view)
+
+
+def as_multiplier(lr: float, view: JobView | None) -> float:
+    """An absolute lr a schedule is configured with (e.g. cosine's ``eta_min``) as a
+    multiplier on the user's lr at registration (``view`` None: unchanged, for the
+    policies' own arithmetic on a reference of 1)."""
+    if view is None or lr == 0.0:
+        return lr
+    own = view.registered.lr
+    if not own:
+        raise ValueError(f"an absolute lr ({lr:g}) needs the job's own lr at registration, "
+                         f"and it registered {own!r}")
+    return lr / own
 
 
 def batch_factor(cfg: ScheduleConfig, view: JobView) -> float:
@@ -159,9 +173,12 @@ class SchedulePolicy(Policy):
         return 0
 
     def lr_for(self, view: JobView) -> tuple[float, float]:
-        """``(lr, reference lr)`` for ``view``'s job at its step."""
+        """``(lr, reference)`` multipliers for ``view``'s job at its step."""
         base = self.base_lr(view)
-        return self.lr_at(max(view.step - self.step_origin(view), 0), base), base
+        step = max(view.step - self.step_origin(view), 0)
+        if self.formula is not None:  # the piece's own parameters, as the client evaluates it
+            return schedules.value("lr", self.formula, self.formula_params(base, view), step), base
+        return self.lr_at(step, base), base
 
     def piece(self, view: JobView, base_lr: float) -> wire.SchedulePiece | None:
         """This schedule for ``view``'s job as the client can evaluate it (None: no formula)."""

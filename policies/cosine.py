@@ -10,7 +10,9 @@ steps taken; ``lr(t)`` is what the ``(t+1)``-th optimizer step uses. This is
 ``torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=t_max, eta_min)`` after
 ``t`` scheduler steps, past ``t_max`` included: like torch, the lr then rises again
 along the same cosine (period ``2 x t_max``); set ``t_max`` to the run's length to end
-at ``eta_min``. ``eta_min`` is absolute, never batch-scaled.
+at ``eta_min``. ``eta_min`` is an absolute lr, never batch-scaled; as trimtab steers a
+multiplier on the user's lr (the knob model), it goes to the client as ``eta_min / the
+user's lr at registration``.
 
 >>> Cosine({"t_max": 100}).lr_at(50, 0.1)
 0.05
@@ -25,7 +27,7 @@ from pydantic import BaseModel, Field
 from trimtab.client import schedules
 from trimtab.controller.state import JobView
 
-from ._schedule import LrField, ScheduleConfig, SchedulePolicy
+from ._schedule import LrField, ScheduleConfig, SchedulePolicy, as_multiplier
 
 __all__ = ["Cosine", "CosineConfig", "cosine_lr"]
 
@@ -55,4 +57,4 @@ class Cosine(SchedulePolicy):
 
     def formula_params(self, base_lr: float, view: JobView | None = None) -> dict[str, Any]:
         cfg: CosineConfig = self.config  # type: ignore[assignment]
-        return {"lr": base_lr, "t_max": cfg.t_max, "eta_min": cfg.eta_min}
+        return {"lr": base_lr, "t_max": cfg.t_max, "eta_min": as_multiplier(cfg.eta_min, view)}

@@ -81,12 +81,12 @@ def main() -> None:
         print(f"rank {rank}: attach refused: {exc}", file=sys.stderr, flush=True)
         dist.destroy_process_group()
         sys.exit(3)
-    rows = [[-1, 0, opt.param_groups[0]["lr"], param_hash(model), None, None, 0]]
+    rows = [[-1, 0, guard.knobs.lr, param_hash(model), None, None, 0]]
     if rank == 0:  # the others wait for rank 0 in DDP's first gradient all-reduce
         deadline = time.monotonic() + 60
         while not guard.connected and time.monotonic() < deadline:
             time.sleep(0.01)
-    lr0 = opt.param_groups[0]["lr"]
+    lr0 = guard.knobs.lr
     fault_step = fault_iter = None
     after = 0
     for it in range(args.cap):
@@ -106,7 +106,7 @@ def main() -> None:
             [
                 it,
                 guard.global_step,
-                opt.param_groups[0]["lr"],
+                guard.knobs.lr,
                 param_hash(model),
                 value if math.isfinite(value) else None,
                 guard.stable_step,
@@ -119,7 +119,7 @@ def main() -> None:
             if after > args.after:
                 break
         elif it + 1 >= args.iters and (it + 1) % args.report_every == 0:
-            if not args.until_lr_moves or opt.param_groups[0]["lr"] != lr0:
+            if not args.until_lr_moves or guard.knobs.lr != lr0:
                 break
     guard.close()
     out = {

@@ -103,7 +103,7 @@ def main() -> None:
         on_rollback=on_rollback,
         checkpoint_dir=args.checkpoint_dir,
     )
-    rows = [[-1, 0, opt.param_groups[0]["lr"], local_hash(model, opt), full_hash(model)]]
+    rows = [[-1, 0, guard.knobs.lr, local_hash(model, opt), full_hash(model)]]
     if rank == 0:  # the others wait for rank 0 in FSDP's first all-gather
         deadline = time.monotonic() + 60
         while not guard.connected and time.monotonic() < deadline:
@@ -132,7 +132,7 @@ def main() -> None:
             [
                 it,
                 guard.global_step,
-                opt.param_groups[0]["lr"],
+                guard.knobs.lr,
                 local_hash(model, opt),
                 full_hash(model),
                 value if math.isfinite(value) else None,

@@ -29,7 +29,11 @@ class Run:
                                    lr=0.05, momentum=0.9)
         self.sched = None if sched is None else sched(self.opt)
         self.at: dict[int, tuple[list[torch.Tensor], dict]] = {}
+        #: (global_step after the step, each group's lr the optimizer step ran with).
         self.lrs: list[tuple[int, list[float]]] = []
+        self._ran: list[float] = []
+        self.opt.register_step_pre_hook(lambda opt, args, kwargs: setattr(
+            self, "_ran", [g["lr"] for g in opt.param_groups]))
 
     def step(self, guard: Guard, poison: bool = False) -> None:
         x = torch.randn(8, 5)
@@ -39,7 +43,7 @@ class Run:
         if poison:
             self.model[0].weight.grad[0, 0] = float("nan")
         guard.step(loss)
-        self.lrs.append((guard.global_step, [g["lr"] for g in self.opt.param_groups]))
+        self.lrs.append((guard.global_step, list(self._ran)))
         # The first time each step is reached: a rollback must not overwrite what it was.
         self.at.setdefault(guard.global_step,
                            (self.params(), copy.deepcopy(self.opt.state_dict())))
@@ -104,17 +108,23 @@ def test_rollback_command_end_to_end(fake_controller, tmp_path) -> None:
         _send_until(fake_controller, _command(2, knobs=wire.Knobs(momentum=0.5)),
                     lambda c: guard.applied_seq == 2, train)
         assert guard.global_step > 5 and not run.is_at(5)
-        cut = wire.Knobs(lr=0.01, clip=0.5)
-        _send_until(fake_controller, _command(3, rollback_to=5, knobs=cut, reasons=["spike"]),
+        _send_until(fake_controller, _command(3, rollback_to=5, scale=wire.ScaleTargets(lr=0.2),
+                                              knobs=wire.Knobs(clip=0.5), reasons=["spike"]),
                     lambda c: guard.rollbacks == 1, train)
 
         assert guard.global_step == 5 and run.is_at(5) and seen == [5]
-        assert [g["lr"] for g in run.opt.param_groups] == pytest.approx([0.01, 0.02])
-        in_force = wire.Knobs(lr=0.01, momentum=0.9, weight_decay=0.0, clip=0.5)
-        assert guard.knobs == in_force  # momentum back to the checkpoint's, lr cut applied after
+        assert not any(a.seq == 3 for a in fake_controller.of_type(wire.Ack))  # not before...
+        run.step(guard)  # ... the first step that runs with it
+        assert run.lrs[-1][1] == pytest.approx([0.01, 0.02])
+        assert [g["lr"] for g in run.opt.param_groups] == [0.05, 0.1]  # the loop's own values
+        in_force = {"lr": pytest.approx(0.01), "momentum": 0.9, "weight_decay": 0.0, "clip": 0.5}
+        # The momentum is back to the checkpoint's (the user's), the lr cut applied after.
+        assert guard.knobs.model_dump() == in_force
         fake_controller.wait_for(lambda c: any(a.seq == 3 for a in c.of_type(wire.Ack)))
         ack = next(a for a in fake_controller.of_type(wire.Ack) if a.seq == 3)
-        assert (ack.restored_step, ack.step, ack.knobs, ack.error) == (5, 5, in_force, None)
+        assert (ack.restored_step, ack.step, ack.error) == (5, 5, None)
+        assert ack.knobs.model_dump() == in_force
+        assert ack.scale == wire.Scale(lr=0.2) and ack.base.lr == 0.05
 
         fake_controller.wait_for(lambda c: any(r.applied_seq == 3 for r in c.of_type(wire.Report)),
                                  while_waiting=lambda: run.step(guard))
@@ -131,7 +141,8 @@ def test_rollback_to_a_step_that_is_not_stable_restores_nothing(dead_endpoint) -
         for _ in range(5):
             run.step(guard)
         before = run.params()
-        _deliver(guard, _command(1, mark_stable=3, rollback_to=2, knobs=wire.Knobs(lr=0.02)))
+        _deliver(guard, _command(1, mark_stable=3, rollback_to=2,
+                                 scale=wire.ScaleTargets(lr=0.4)))
         run.step(guard)
         ack = _last_ack(guard)
         assert ack.restored_step is None and guard.rollbacks == 0
@@ -140,7 +151,8 @@ def test_rollback_to_a_step_that_is_not_stable_restores_nothing(dead_endpoint) -
                              "nothing restored")
         assert guard.global_step == 6 and not run.is_at(4)  # the step was taken, not dropped
         assert not all(torch.equal(p, q) for p, q in zip(run.params(), before, strict=True))
-        assert ack.knobs.lr == 0.02 == run.opt.param_groups[0]["lr"]  # knobs still applied
+        assert ack.knobs.lr == pytest.approx(0.02)  # knobs still applied
+        assert run.lrs[-1][1][0] == pytest.approx(0.02)
 
 
 def test_a_repeated_rollback_is_acknowledged_not_repeated(dead_endpoint) -> None:
@@ -173,10 +185,10 @@ def test_on_rollback_that_raises_is_reported_and_training_goes_on(dead_endpoint,
         _deliver(guard, _command(1, mark_stable=2, rollback_to=2))
         with caplog.at_level(logging.WARNING, logger="trimtab.client"):
             run.step(guard)
+        run.step(guard)  # the ack goes with the first step after the restore
         ack = _last_ack(guard)
         assert ack.restored_step == 2
         assert "on_rollback raised RuntimeError: cannot seek to 2" in ack.error
-        run.step(guard)
         assert guard.global_step == 3
 
 
@@ -193,11 +205,11 @@ def test_checkpoint_every_zero_turns_checkpoints_off(fake_controller, monkeypatc
         fake_controller.wait_for(lambda c: bool(c.of_type(wire.Report)),
                                  while_waiting=lambda: run.step(guard))
         _send_until(fake_controller,
-                    _command(1, mark_stable=0, rollback_to=0, knobs=wire.Knobs(lr=0.03)),
+                    _command(1, mark_stable=0, rollback_to=0, scale=wire.ScaleTargets(lr=0.6)),
                     lambda c: bool(c.of_type(wire.Ack)), lambda: run.step(guard))
         ack = fake_controller.of_type(wire.Ack)[0]
         assert ack.restored_step is None and "checkpoints are off" in ack.error
-        assert ack.knobs.lr == 0.03 and guard.rollbacks == 0
+        assert ack.knobs.lr == pytest.approx(0.03) and guard.rollbacks == 0
         report = fake_controller.of_type(wire.Report)[0]
         assert report.checkpoints == [] and report.stable_step is None
 
@@ -279,9 +291,8 @@ def test_lr_cut_composes_with_the_users_scheduler(name, dead_endpoint) -> None:
     run = Run(sched=SCHEDULERS[name])
     with _attach(run, dead_endpoint, checkpoint_every=0) as guard:
         for i in range(24):
-            if i == 7:  # halve lr at step 7, as a controller's absolute target would
-                half = 0.5 * run.opt.param_groups[0]["lr"]
-                _deliver(guard, _command(1, knobs=wire.Knobs(lr=half)))
+            if i == 7:  # halve lr at step 7: a multiplier on the user's schedule
+                _deliver(guard, _command(1, scale=wire.ScaleTargets(lr=0.5)))
             run.step(guard)
     for step, lrs in run.lrs:
         assert _close(lrs, reference[step], 0.5 if step >= 8 else 1.0), (step, lrs)
@@ -298,9 +309,8 @@ def test_rollback_restores_the_schedule(name, back_to, dead_endpoint) -> None:
     with _attach(run, dead_endpoint, checkpoint_every=3, keep=5) as guard:
         for _ in range(10):
             run.step(guard)
-        lr_then = reference[back_to] if back_to else reference[1]
         _deliver(guard, _command(1, mark_stable=back_to, rollback_to=back_to,
-                                 knobs=wire.Knobs(lr=0.5 * lr_then[0])))
+                                 scale=wire.ScaleTargets(lr=0.5)))
         run.lrs.clear()
         for _ in range(12):
             run.step(guard)

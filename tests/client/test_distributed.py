@@ -214,7 +214,9 @@ def test_ranks_attached_with_different_report_every_are_refused(tmp_path):
         wire.Command(
             job="j",
             seq=7,
-            knobs=wire.Knobs(lr=1e-4, momentum=0.0, clip=2.5),
+            scale=wire.ScaleTargets(lr=1e-3),
+            knobs=wire.Knobs(momentum=0.0, clip=2.5),
+            lr_max=0.5,
             reasons=["plateau: slope not below 0"],
         ),
         wire.Command(
@@ -222,7 +224,7 @@ def test_ranks_attached_with_different_report_every_are_refused(tmp_path):
             seq=2**60,
             mark_stable=100,
             rollback_to=0,
-            knobs=wire.Knobs(weight_decay=0.01),
+            scale=wire.ScaleTargets(weight_decay=0.01),
             stop_advice="é" * 1000,
         ),
     ],

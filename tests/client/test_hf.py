@@ -71,13 +71,20 @@ class Data(torch.utils.data.Dataset):
 
 
 class LrRecorder(transformers.TrainerCallback):
-    """The lr each optimizer step used (read after the step, before the scheduler's)."""
+    """The lr each optimizer step ran with: a step pre-hook registered after trimtab's
+    (this callback comes last), so it sees the values trimtab puts in around the step."""
 
     def __init__(self) -> None:
         self.lrs: list[float] = []
 
-    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
-        self.lrs.append(optimizer.param_groups[0]["lr"])
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        while hasattr(optimizer, "optimizer"):  # accelerate's wrapper
+            optimizer = optimizer.optimizer
+        self.handle = optimizer.register_step_pre_hook(
+            lambda opt, a, k: self.lrs.append(opt.param_groups[0]["lr"]))
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.handle.remove()
 
 
 def _train(tmp_path, callbacks: list, max_steps: int, eval_dataset=None, **kw):
@@ -155,7 +162,8 @@ def test_lr_command_composes_with_the_trainers_scheduler(tmp_path, fake_controll
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step == 20:
                 fake_controller.wait_for(lambda c: c.of_type(wire.Register))
-                fake_controller.send(wire.Command(job="hf", seq=1, knobs=wire.Knobs(lr=0.01)))
+                fake_controller.send(wire.Command(job="hf", seq=1,
+                                                  scale=wire.ScaleTargets(lr=0.25)))
             if state.global_step == 60:
                 fake_controller.send(wire.Command(job="hf", seq=2, stop_advice="enough"))
 
@@ -167,11 +175,11 @@ def test_lr_command_composes_with_the_trainers_scheduler(tmp_path, fake_controll
     ratios = [lr / s for lr, s in zip(lrs, schedule, strict=True)]
     assert ratios[0] == pytest.approx(1.0)
     changed = next(t for t, r in enumerate(ratios) if r != pytest.approx(1.0))
-    # From the command on: the Trainer's linear decay times trimtab's factor.
-    assert lrs[changed] == pytest.approx(0.01)
-    assert all(r == pytest.approx(ratios[changed]) for r in ratios[changed:])
+    # From the command on: the Trainer's linear decay times trimtab's multiplier.
+    assert changed > 20 and all(r == pytest.approx(0.25) for r in ratios[changed:])
     ack = fake_controller.of_type(wire.Ack)[0]
-    assert ack.seq == 1 and ack.knobs.lr == pytest.approx(0.01)
+    assert ack.seq == 1 and ack.knobs.lr == pytest.approx(lrs[changed])
+    assert ack.base.lr == pytest.approx(schedule[changed]) and ack.scale.lr == 0.25
     assert callback.guard.stop_reason == "enough"
     assert any("both clip" in r.getMessage() for r in caplog.records)
 

@@ -45,7 +45,7 @@ def test_plain_loop_gets_commands_applied_and_acked(tmp_path) -> None:
             loss.backward()
             guard.observe_loss(loss)
             opt.step()
-            lrs.append(opt.param_groups[0]["lr"])
+            lrs.append(guard.knobs.lr)  # what the step ran with
             time.sleep(0.003)
         assert guard.global_step == 150
         assert guard.applied_seq > 0

@@ -79,8 +79,10 @@ def test_fit_takes_the_controllers_lr_and_acks(tmp_path) -> None:
         opt = trainer.optimizers[0]
         assert guard.global_step == trainer.global_step == 300
         assert len(opt._optimizer_step_pre_hooks) == 0  # closed at the end of the fit
-        # step_decay's lr at the last step (t = 299) is what the optimizer holds.
-        assert opt.param_groups[0]["lr"] == pytest.approx(0.05 * 0.5 ** (299 // 30))
+        # step_decay's lr at the last step (t = 299) is what the last step ran with; the
+        # optimizer holds the module's own lr between steps.
+        assert guard.knobs.lr == pytest.approx(0.05 * 0.5 ** (299 // 30))
+        assert opt.param_groups[0]["lr"] == 0.05
 
         journal = srv.journal()
         acks = wait_for(lambda: journal.events("pl", "ack"))
@@ -116,7 +118,7 @@ def test_command_knobs_and_stop_advice_reach_the_trainer(fake_controller, caplog
                     wire.Command(
                         job="pl",
                         seq=1,
-                        knobs=wire.Knobs(lr=0.01),
+                        scale=wire.ScaleTargets(lr=0.2),
                         stop_advice="validation stopped improving",
                     )
                 )
@@ -126,7 +128,7 @@ def test_command_knobs_and_stop_advice_reach_the_trainer(fake_controller, caplog
     with caplog.at_level(logging.WARNING, logger="trimtab.client"):
         trainer.fit(model, _loader())
     assert trainer.should_stop and trainer.global_step < 2000
-    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.01)
+    assert callback.guard.knobs.lr == pytest.approx(0.01)  # 0.2 x the module's 0.05
     fake_controller.wait_for(lambda c: c.of_type(wire.Ack))
     ack = fake_controller.of_type(wire.Ack)[0]
     assert ack.seq == 1 and ack.knobs.lr == pytest.approx(0.01)

@@ -17,6 +17,7 @@ import torch
 from torch.optim import lr_scheduler
 
 from trimtab.client import attach, schedules, wire
+from trimtab.client._knobs import Actuator
 from trimtab.client._live_schedule import LiveSchedules
 
 from ..integration.support import Regression, start_serve, wait_for
@@ -37,94 +38,92 @@ def _sgd(groups=None, lr: float = 0.1, momentum: float = 0.9) -> torch.optim.SGD
 
 
 def test_the_lr_follows_the_schedule_step_by_step():
-    opt = _sgd()
     live = LiveSchedules()
     live.replace([_cosine()])
     torch_opt = _sgd()
     ref = lr_scheduler.CosineAnnealingLR(torch_opt, T_max=100)
     for step in range(150):
-        live.apply(opt, step)
-        assert opt.param_groups[0]["lr"] == pytest.approx(
+        assert live.values(step)["lr"] == pytest.approx(
             torch_opt.param_groups[0]["lr"], rel=TOL, abs=1e-12
         )
         torch_opt.step()
         ref.step()
-    assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * (1 + math.cos(math.pi * 1.49)) / 2)
+    assert live.values(149)["lr"] == pytest.approx(0.1 * (1 + math.cos(math.pi * 1.49)) / 2)
 
 
 def test_the_exponential_sweep_follows_torchs_exponential_lr_and_stops_at_the_bound():
     # The LR range test's sweep: 1e-4 rising 10x every 50 steps, capped at the bound 0.05.
     piece = wire.SchedulePiece(name="exponential", params={"lr": 1e-4, "gamma": 10 ** 0.02},
                                origin=20)
-    opt, live = _sgd(lr=0.3), LiveSchedules()
+    live = LiveSchedules()
     live.replace([wire.LiveSchedule(knob="lr", pieces=[piece], hi=0.05)])
     torch_opt = _sgd(lr=1e-4)
     ref = lr_scheduler.ExponentialLR(torch_opt, gamma=10 ** 0.02)
     for step in range(200):
-        live.apply(opt, step)
         expected = 1e-4 if step < 20 else min(torch_opt.param_groups[0]["lr"], 0.05)
-        assert opt.param_groups[0]["lr"] == pytest.approx(expected, rel=TOL), step
+        assert live.values(step)["lr"] == pytest.approx(expected, rel=TOL), step
         if step >= 20:
             torch_opt.step()
             ref.step()
-    assert opt.param_groups[0]["lr"] == 0.05
+    assert live.values(199)["lr"] == 0.05
 
 
 def test_values_are_clamped_to_the_bounds_sent_with_the_schedule():
-    opt = _sgd()
     live = LiveSchedules()
     live.replace([_cosine(scale=2.0, lo=0.01, hi=0.15)])
-    live.apply(opt, 0)  # 2 x 0.1 = 0.2, above hi
-    assert opt.param_groups[0]["lr"] == 0.15
-    live.apply(opt, 50)  # 2 x 0.05 = 0.1, inside
-    assert opt.param_groups[0]["lr"] == pytest.approx(0.1)
-    live.apply(opt, 100)  # 2 x 0 = 0, below lo
-    assert opt.param_groups[0]["lr"] == 0.01
+    assert live.values(0)["lr"] == 0.15  # 2 x 0.1 = 0.2, above hi
+    assert live.values(50)["lr"] == pytest.approx(0.1)  # 2 x 0.05 = 0.1, inside
+    assert live.values(100)["lr"] == 0.01  # 2 x 0 = 0, below lo
 
 
-def test_other_groups_keep_their_ratio_and_momentum_is_set_in_every_group():
+def test_the_lr_schedule_multiplies_the_users_lr_in_every_group_and_sets_momentum():
+    """The lr schedule's value is a multiplier on the user's own lr (the knob model): with
+    groups at 1.0 and 0.1, the step at OneCycle's peak runs at 0.1 and 0.01, and momentum
+    0.85 in both; between steps the groups hold the user's values."""
     groups = [
         {"params": [torch.nn.Parameter(torch.zeros(2))]},
-        {"params": [torch.nn.Parameter(torch.zeros(2))], "lr": 0.01},
+        {"params": [torch.nn.Parameter(torch.zeros(2))], "lr": 0.1},
     ]
-    opt = _sgd(groups)
+    opt = _sgd(groups, lr=1.0)
     params = {"max_lr": 0.1, "total_steps": 100}
     piece = wire.SchedulePiece(name="one_cycle", params=params)
-    live = LiveSchedules()
-    live.replace(
+    act = Actuator(opt, clip=None)
+    act.live.replace(
         [
             wire.LiveSchedule(knob="lr", pieces=[piece]),
             wire.LiveSchedule(knob="momentum", pieces=[piece]),
         ]
     )
-    live.apply(opt, 29)  # the peak: lr 0.1, momentum 0.85
-    assert opt.param_groups[0]["lr"] == pytest.approx(0.1)
-    assert opt.param_groups[1]["lr"] == pytest.approx(0.01)
+    act.engage(29)  # the peak: lr x0.1, momentum 0.85
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.1, 0.01])
     assert [g["momentum"] for g in opt.param_groups] == [pytest.approx(0.85)] * 2
+    act.release()
+    assert [g["lr"] for g in opt.param_groups] == [1.0, 0.1]
+    assert [g["momentum"] for g in opt.param_groups] == [0.9, 0.9]
+    assert act.scale().lr == pytest.approx(0.1) and act.used().momentum == pytest.approx(0.85)
 
 
 def test_none_keeps_the_schedules_and_an_empty_list_stops_them():
-    opt = _sgd()
     live = LiveSchedules()
     live.replace([_cosine()])
     live.replace(None)
-    live.apply(opt, 50)
-    assert opt.param_groups[0]["lr"] == pytest.approx(0.05)
+    assert live.values(50)["lr"] == pytest.approx(0.05)
     live.replace([])
-    live.apply(opt, 0)
-    assert opt.param_groups[0]["lr"] == pytest.approx(0.05)  # untouched
+    assert live.values(0) == {}  # nothing scheduled: the commanded multiplier holds
 
 
 def test_a_schedule_that_fails_at_run_time_is_dropped_and_training_goes_on(caplog):
     opt = _sgd()
     # Valid on the wire, but its momentum reaches 1 with a correction of 1.1 (a bug).
     piece = wire.SchedulePiece(name="one_cycle", params={"max_lr": 0.1, "total_steps": 10})
-    live = LiveSchedules()
-    live.replace([wire.LiveSchedule(knob="momentum", pieces=[piece], scale=1.1), _cosine()])
-    live.apply(opt, 0)
+    act = Actuator(opt, clip=None)
+    act.live.replace([wire.LiveSchedule(knob="momentum", pieces=[piece], scale=1.1),
+                      _cosine()])
+    act.engage(0)
     assert "live momentum schedule dropped at step 0" in caplog.text
-    assert [s.knob for s in live.schedules] == ["lr"]
-    assert opt.param_groups[0]["momentum"] == 0.9
+    assert [s.knob for s in act.live.schedules] == ["lr"]
+    assert opt.param_groups[0]["momentum"] == 0.9  # the user's, untouched
+    act.release()
 
 
 @pytest.mark.parametrize(
@@ -161,6 +160,8 @@ def test_an_unknown_schedule_and_a_momentum_schedule_without_momentum_are_refuse
 def test_the_guard_applies_a_commanded_schedule_every_step_and_acks_its_values(fake_controller):
     task = Regression(seed=3)
     opt = torch.optim.SGD(task.model.parameters(), lr=0.1)
+    used: list[float] = []  # what each optimizer step ran with
+    opt.register_step_pre_hook(lambda o, a, k: used.append(o.param_groups[0]["lr"]))
     with attach(
         task.model,
         opt,
@@ -171,24 +172,25 @@ def test_the_guard_applies_a_commanded_schedule_every_step_and_acks_its_values(f
         heartbeat_s=0.2,
     ) as guard:
         fake_controller.wait_for(lambda c: c.of_type(wire.Register))
+        # A multiplier schedule: 2 x the user's 0.1 down a cosine, floored at x0.01.
         fake_controller.send(
-            wire.Command(job="live-guard", seq=1, schedules=[_cosine(lr=0.2, t_max=40, lo=0.001)])
+            wire.Command(job="live-guard", seq=1, schedules=[_cosine(lr=2.0, t_max=40, lo=0.01)])
         )
         # Wait for the command to reach the client (the test's only look inside the guard).
         assert wait_for(lambda: guard._transport._command is not None, 10)
-        used = []
         for _ in range(60):
             x, y = task.batch()
             loss = task.loss(x, y)
             opt.zero_grad()
             loss.backward()
             guard.step(loss)
-            used.append(opt.param_groups[0]["lr"])
+            assert opt.param_groups[0]["lr"] == 0.1  # the user's own between steps
         fake_controller.wait_for(lambda c: c.of_type(wire.Ack))
-    expected = [max(schedules.cosine(t, 0.2, 40), 0.001) for t in range(60)]
+    expected = [0.1 * max(schedules.cosine(t, 2.0, 40), 0.01) for t in range(60)]
     assert used == pytest.approx(expected, rel=TOL)
     (ack,) = fake_controller.of_type(wire.Ack)
-    assert ack.step == 0 and ack.knobs.lr == pytest.approx(0.2)
+    assert ack.step == 0 and ack.knobs.lr == pytest.approx(0.2) and ack.base.lr == 0.1
+    assert ack.scale.lr == pytest.approx(2.0)
 
 
 # -- a real controller ------------------------------------------------------------------
@@ -196,7 +198,6 @@ def test_the_guard_applies_a_commanded_schedule_every_step_and_acks_its_values(f
 #: Every governor limit opened (TOML has no null: wide values instead).
 OPEN = """
 [governor.{knob}]
-min = 0.0
 max = 1e6
 min_rel = 0.0
 max_rel = 1e6
@@ -234,7 +235,7 @@ def serve(tmp_path_factory):
     config = (
         entries
         + OPEN.format(knob="lr")
-        + OPEN.format(knob="momentum").replace("max = 1e6", "max = 0.999")
+        + OPEN.format(knob="momentum").replace("max = 1e6", "min = 0.0\nmax = 0.999")
     )
     srv = start_serve(tmp_path_factory.mktemp("serve"), free_port(), free_port(), config)
     yield srv
@@ -262,6 +263,9 @@ def _trimtab_run(srv, job: str, steps: int) -> tuple[list[tuple[float, float]], 
     task = Regression(seed=5)
     opt = torch.optim.SGD(task.model.parameters(), lr=0.1, momentum=0.9)
     out = []
+    # What each step used: the guard puts the knobs in around the optimizer step.
+    opt.register_step_pre_hook(lambda o, a, k: out.append(
+        (o.param_groups[0]["lr"], o.param_groups[0]["momentum"])))
     with attach(
         task.model,
         opt,
@@ -279,8 +283,6 @@ def _trimtab_run(srv, job: str, steps: int) -> tuple[list[tuple[float, float]], 
             opt.zero_grad()
             loss.backward()
             guard.step(loss)
-            # What this step used: the guard sets the knobs before the optimizer step.
-            out.append((opt.param_groups[0]["lr"], opt.param_groups[0]["momentum"]))
     journal = srv.journal()
     return out, wait_for(lambda: journal.events(job, "command"))
 
