@@ -34,7 +34,7 @@ __all__ = ["FAULT_TASKS", "MODE_FAULTS", "fault_specs", "recovery_delay", "fault
            "fault_plot"]
 
 #: The tasks the scenario runs on (when selected).
-FAULT_TASKS = ("char_transformer", "digits_cnn")
+FAULT_TASKS = ("char_transformer", "digits_cnn", "gpt_lambda", "gpt_loop", "gpt_onecycle")
 #: Faults per mode.
 MODE_FAULTS = {"quick": ("scaled_inputs", "lr_100x"), "full": faults.FAULTS}
 #: A faulted run is recovered within this relative distance of its unfaulted run.
