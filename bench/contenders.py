@@ -11,6 +11,16 @@ Every contender starts from the same starting LR (the LR-robustness grid point),
 Prodigy, whose ``lr`` is a multiplier of its own estimate: it gets ``lr / task.ref_lr``,
 so the grid's centre is Prodigy's default ``lr=1`` and the grid spans 1e-2..1e2 for it.
 
+A task may carry its users' own LR schedule (``Task.schedule``, a
+:class:`bench.tasks.UserSchedule`). A contender either brings its own schedule and so
+*replaces* the user's (``owns_schedule = True``: warmup_cosine, step_decay, plateau,
+onecycle_rangetest, schedulefree), or *keeps* it (constant, zclip, prodigy, trimtab and
+its sets): the loop passes it in ``Setup.schedule``; the contender builds a torch
+scheduler on its optimizer with :func:`user_scheduler` and exposes it as
+``Stepper.user_scheduler`` (trimtab also hands it to ``attach``), and the loop steps it
+after every ``stepper.step(loss)``; a ``"loop"`` schedule has no scheduler: the loop
+writes the LR itself (:mod:`bench.loop`). On tasks without a schedule nothing differs.
+
 trimtab candidate policy sets run as contenders named ``trimtab:NAME`` (see
 :func:`trimtab_set`), each against its own controller.
 """
@@ -22,14 +32,14 @@ import io
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
-from bench.tasks import Run, Task
+from bench.tasks import Run, Task, UserSchedule
 
 __all__ = ["CONTENDERS", "ORACLE_SCHEDULES", "Contender", "Setup", "Stepper", "get",
-           "trimtab_set", "is_trimtab"]
+           "trimtab_set", "is_trimtab", "user_scheduler"]
 
 #: Linear warm-up share of the run for warmup_cosine and Schedule-Free.
 WARMUP_FRACTION = 0.05
@@ -49,13 +59,34 @@ class Setup:
     job: str = "bench"
     #: The controller's journal: when set, a trimtab run goes in lockstep (bench._lockstep).
     journal: str | None = None
+    #: The user's schedule the contender keeps (``None``: none, or the contender owns one).
+    schedule: UserSchedule | None = None
+
+
+def user_scheduler(s: Setup, optimizer: torch.optim.Optimizer):
+    """The user's torch scheduler for this run, built on ``optimizer`` as the user builds
+    it; ``None`` without a kept schedule or for a ``"loop"`` one (the loop writes the LR)."""
+    return None if s.schedule is None else s.schedule.scheduler(optimizer, s.steps)
+
+
+def _scale_schedule(scheduler, optimizer: torch.optim.Optimizer, factor: float) -> None:
+    """Scale a scheduler's reference LRs (base_lrs, OneCycle's per-group max_lr, ...) by
+    ``factor``, as the group LRs were: the same rule trimtab's client applies."""
+    from trimtab.client._schedule import scale_schedule
+
+    scale_schedule(scheduler, optimizer, [factor] * len(optimizer.param_groups))
 
 
 class Stepper:
-    """Drives one run's optimizer; the base class is a plain ``optimizer.step()``."""
+    """Drives one run's optimizer; the base class is a plain ``optimizer.step()``.
 
-    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+    ``user_scheduler`` is the user's own torch scheduler when the run keeps one: the loop
+    calls its ``step()`` right after :meth:`step`, as the user's loop does.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, user_scheduler: Any = None) -> None:
         self.optimizer = optimizer
+        self.user_scheduler = user_scheduler
         self.info: dict[str, Any] = {}
 
     def step(self, loss: torch.Tensor) -> None:
@@ -74,11 +105,19 @@ class Stepper:
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
 
+    def lr_used(self) -> float:
+        """The LR (group 0) the last :meth:`step` used; read right after it, before the
+        user's scheduler steps."""
+        return self.lr()
+
     def scale_lr(self, factor: float) -> None:
         """The user's code multiplies the LR by ``factor`` (the ``lr_100x`` fault); a
-        schedule's reference LRs scale with it, so the fault persists under any schedule."""
+        schedule's reference LRs scale with it, so the fault persists under any schedule
+        (a ``"loop"`` schedule's peaks are the loop's: :mod:`bench.loop` scales them)."""
         for group in self.optimizer.param_groups:
             group["lr"] *= factor
+        if self.user_scheduler is not None:
+            _scale_schedule(self.user_scheduler, self.optimizer, factor)
 
     def close(self) -> dict[str, Any]:
         """Ends the run; returns what it should record."""
@@ -86,20 +125,24 @@ class Stepper:
 
 
 class ScheduledStepper(Stepper):
+    """The contender's own schedule, stepped after every optimizer step."""
+
     def __init__(self, optimizer, scheduler) -> None:
         super().__init__(optimizer)
         self.scheduler = scheduler
+        self._used = self.lr()
 
     def step(self, loss):
+        self._used = self.lr()
         self.optimizer.step()
         self.scheduler.step()
 
-    def scale_lr(self, factor):
-        from trimtab.client._schedule import scale_schedule  # the client's own rule
+    def lr_used(self):
+        return self._used
 
+    def scale_lr(self, factor):
         super().scale_lr(factor)
-        scale_schedule(self.scheduler, self.optimizer, [factor] * len(
-            self.optimizer.param_groups))
+        _scale_schedule(self.scheduler, self.optimizer, factor)
 
 
 def base_optimizer(task: Task, groups: list[dict], lr: float) -> torch.optim.Optimizer:
@@ -122,6 +165,9 @@ class Contender:
     #: Part of the oracle's grid of hand-tuned schedules.
     oracle: bool = False
     packages: tuple[str, ...] = field(default=())
+    #: Brings its own LR schedule, which replaces the task's user schedule; otherwise the
+    #: contender keeps the user's (``Setup.schedule``) and must build it.
+    owns_schedule: ClassVar[bool] = False
 
     def build(self, s: Setup) -> Stepper:
         raise NotImplementedError
@@ -132,7 +178,8 @@ class Contender:
 
 class Constant(Contender):
     def build(self, s):
-        return Stepper(base_optimizer(s.task, s.run.param_groups, s.lr))
+        opt = base_optimizer(s.task, s.run.param_groups, s.lr)
+        return Stepper(opt, user_scheduler(s, opt))
 
 
 def _lambda(opt, fn):
@@ -140,6 +187,8 @@ def _lambda(opt, fn):
 
 
 class WarmupCosine(Contender):
+    owns_schedule = True
+
     def build(self, s):
         opt = base_optimizer(s.task, s.run.param_groups, s.lr)
         warm = max(1, round(WARMUP_FRACTION * s.steps))
@@ -153,6 +202,8 @@ class WarmupCosine(Contender):
 
 
 class StepDecay(Contender):
+    owns_schedule = True
+
     def build(self, s):
         opt = base_optimizer(s.task, s.run.param_groups, s.lr)
         milestones = [s.steps // 2, (3 * s.steps) // 4]
@@ -174,6 +225,8 @@ class PlateauStepper(Stepper):
 
 
 class Plateau(Contender):
+    owns_schedule = True
+
     def build(self, s):
         return PlateauStepper(base_optimizer(s.task, s.run.param_groups, s.lr))
 
@@ -219,6 +272,8 @@ def range_test(s: Setup, num_iter: int = 100, end_lr: float = 10.0) -> tuple[flo
 
 
 class OneCycleRangeTest(Contender):
+    owns_schedule = True
+
     def build(self, s):
         max_lr, info = range_test(s, num_iter=min(100, max(20, s.steps // 3)))
         opt = base_optimizer(s.task, s.run.param_groups, s.lr)
@@ -241,6 +296,8 @@ class ScheduleFreeStepper(Stepper):
 
 
 class ScheduleFree(Contender):
+    owns_schedule = True
+
     def build(self, s):
         import schedulefree
 
@@ -266,15 +323,18 @@ class Prodigy(Contender):
         with contextlib.redirect_stdout(io.StringIO()):  # it prints about weight decay
             opt = ProdigyOpt(s.run.param_groups, lr=scale, betas=(0.9, 0.999),
                              weight_decay=s.task.weight_decay, decouple=True)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=s.steps)
-        stepper = ScheduledStepper(opt, sched)
+        if s.schedule is not None:  # the user's schedule, on Prodigy's lr multiplier
+            stepper = Stepper(opt, user_scheduler(s, opt))
+        else:
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=s.steps)
+            stepper = ScheduledStepper(opt, sched)
         stepper.info["prodigy_lr"] = scale
         return stepper
 
 
 class ZClipStepper(Stepper):
-    def __init__(self, optimizer, model) -> None:
-        super().__init__(optimizer)
+    def __init__(self, optimizer, model, user_scheduler=None) -> None:
+        super().__init__(optimizer, user_scheduler)
         from zclip import ZClip
 
         self.model = model
@@ -287,12 +347,16 @@ class ZClipStepper(Stepper):
 
 class ZClipConstant(Contender):
     def build(self, s):
-        return ZClipStepper(base_optimizer(s.task, s.run.param_groups, s.lr), s.run.model)
+        opt = base_optimizer(s.task, s.run.param_groups, s.lr)
+        return ZClipStepper(opt, s.run.model, user_scheduler(s, opt))
 
 
 class TrimtabStepper(Stepper):
     def __init__(self, optimizer, s: Setup) -> None:
-        super().__init__(optimizer)
+        # The user's scheduler exists before attach, which takes it (a rollback restores
+        # it); a "loop" schedule has none: the loop writes the LR from its own iteration
+        # counter, and on_rollback leaves that counter alone, as nanoGPT's loop does.
+        super().__init__(optimizer, user_scheduler(s, optimizer))
         from trimtab.client import attach
 
         #: (iteration, restored step) of each rollback.
@@ -300,6 +364,7 @@ class TrimtabStepper(Stepper):
         self.guard = attach(s.run.model, optimizer, job=s.job, endpoint=s.endpoint,
                             report_every=TRIMTAB_REPORT_EVERY, heartbeat_s=0.2,
                             checkpoint_every=max(10, s.steps // 10),
+                            scheduler=self.user_scheduler,
                             on_rollback=lambda step: self.rollbacks.append(
                                 (self.iterations + 1, step)))
         self.lockstep = None
@@ -318,6 +383,12 @@ class TrimtabStepper(Stepper):
         lr = self.optimizer.param_groups[0]["lr"]
         if lr != self.lrs[-1]:
             self.lrs.append(lr)
+
+    def lr_used(self):
+        # A trimtab that applies its LR around the step and puts the user's value back
+        # after it leaves the user's value in the group: its knobs say what was used.
+        lr = getattr(getattr(self.guard, "knobs", None), "lr", None)
+        return float(lr) if isinstance(lr, (int, float)) else self.lr()
 
     def close(self):
         self.info.update(rollbacks=len(self.rollbacks), rollback_at=self.rollbacks,
@@ -343,7 +414,8 @@ _WC = (f"base optimizer; linear warm-up over {WARMUP_FRACTION:.0%} of the steps,
 _SD = "base optimizer; MultiStepLR x0.1 at 50% and 75% of the steps"
 
 CONTENDERS: dict[str, Contender] = {c.name: c for c in [
-    Constant("constant", "base optimizer at the starting LR, no schedule"),
+    Constant("constant", "bare: base optimizer at the starting LR under the task's own "
+                         "schedule (none on most tasks), nothing else"),
     WarmupCosine("warmup_cosine", _WC, oracle=True),
     StepDecay("step_decay", _SD, oracle=True),
     Plateau("plateau", "base optimizer; torch ReduceLROnPlateau(mode=min, factor=0.5, "
@@ -363,7 +435,8 @@ CONTENDERS: dict[str, Contender] = {c.name: c for c in [
     Prodigy("prodigy",
             "Prodigy(lr = starting LR / task ref LR, betas=(0.9, 0.999), d_coef=1, "
             "decouple=True, task weight decay) + CosineAnnealingLR(T_max=steps), as its "
-            "README recommends; Adam-type on every task", packages=("prodigyopt",)),
+            "README recommends (a task's own schedule instead, where it has one); Adam-type "
+            "on every task", packages=("prodigyopt",)),
     ZClipConstant("zclip", "base optimizer at the starting LR + ZClip() defaults (zscore, "
                            "adaptive_scaling, alpha=0.97, z_thresh=2.5, max_grad_norm=1.0, "
                            "warmup 25 steps)", packages=("zclip",)),

@@ -6,6 +6,11 @@ contender: steps that trimtab redoes after a rollback come out of it.
 A run may carry a fault (:mod:`bench.faults`): it starts at iteration
 ``fault_start(steps)`` (the data position, so a rollback does not replay it) and the run
 records its per-iteration training loss and LR for the plots.
+
+A task's user schedule (``Task.schedule``) is applied here as the user's loop applies it,
+unless the contender owns a schedule (``Contender.owns_schedule``): a ``"loop"`` schedule
+writes each group's LR before the step from this loop's iteration counter; a torch
+scheduler (``stepper.user_scheduler``) is stepped right after ``stepper.step(loss)``.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from typing import Any
 import torch
 
 from bench import contenders, faults
-from bench.tasks import Task
+from bench.tasks import Task, UserSchedule
 
 __all__ = ["RunSpec", "RunResult", "train", "fault_start", "FAULT_FRACTION"]
 
@@ -100,6 +105,33 @@ def _finite_params(model: torch.nn.Module) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
+class LoopSchedule:
+    """A user's loop that writes its LR itself (kind ``"loop"``): before optimizer step
+    ``t`` (from 0) every group's LR becomes its own peak times ``schedule.factor(t)``.
+
+    The peaks are the groups' LRs when the loop starts (so the groups keep their ratios);
+    ``t`` is the loop's own iteration counter, which a trimtab rollback does not rewind.
+    """
+
+    def __init__(self, schedule: UserSchedule, optimizer: torch.optim.Optimizer,
+                 steps: int) -> None:
+        self.schedule, self.optimizer, self.steps = schedule, optimizer, steps
+        self.peaks = [float(g["lr"]) for g in optimizer.param_groups]
+
+    def write(self, t: int) -> None:
+        f = self.schedule.factor(t, self.steps)
+        for group, peak in zip(self.optimizer.param_groups, self.peaks, strict=True):
+            group["lr"] = peak * f
+
+    def scale(self, factor: float) -> None:
+        """The user's code multiplies its LR (the ``lr_100x`` fault): the peaks it writes from."""
+        self.peaks = [p * factor for p in self.peaks]
+
+
+def _user_schedule(task: Task, contender: contenders.Contender) -> UserSchedule | None:
+    return None if contender.owns_schedule else task.schedule
+
+
 def train(task: Task, spec: RunSpec, endpoint: str | None = None,
           journal: str | None = None) -> RunResult:
     """Train ``spec`` to its budget, evaluating ``task.evals`` times; stops early once the
@@ -110,8 +142,15 @@ def train(task: Task, spec: RunSpec, endpoint: str | None = None,
     contender = contenders.get(spec.contender)
     with torch.no_grad():
         init_val = run.val_loss(run.model)
+    schedule = _user_schedule(task, contender)
     stepper = contender.build(contenders.Setup(task, run, spec.lr, spec.steps, endpoint,
-                                               spec.job(), journal))
+                                               spec.job(), journal, schedule))
+    loop_lr = None
+    if schedule is not None and schedule.kind == "loop":
+        loop_lr = LoopSchedule(schedule, stepper.optimizer, spec.steps)
+    elif schedule is not None and stepper.user_scheduler is None:
+        raise RuntimeError(f"contender {spec.contender!r} keeps the user's schedule but "
+                           f"built no scheduler for it (kind {schedule.kind!r})")
     every = max(1, spec.steps // task.evals)
     curve: list[tuple[int, float]] = [(0, init_val)]
     losses: list[float] = []
@@ -125,6 +164,10 @@ def train(task: Task, spec: RunSpec, endpoint: str | None = None,
             batch, scale = faults.poison_batch(kind, it, next(batches), at, spec.seed)
             if kind == "lr_100x" and it == at:
                 stepper.scale_lr(faults.LR_FACTOR)  # a bug in the user's own code
+                if loop_lr is not None:
+                    loop_lr.scale(faults.LR_FACTOR)
+            if loop_lr is not None:
+                loop_lr.write(it - 1)
             loss = run.train_loss(run.model, batch)
             if scale != 1.0:
                 loss = loss * scale
@@ -135,7 +178,9 @@ def train(task: Task, spec: RunSpec, endpoint: str | None = None,
             if kind is not None:
                 # A host read per step, faulted runs only; 6 digits keep the runs file small.
                 losses.append(float(f"{float(loss.detach()):.6g}"))
-                lrs.append(float(f"{stepper.lr():.6g}"))
+                lrs.append(float(f"{stepper.lr_used():.6g}"))
+            if stepper.user_scheduler is not None:
+                stepper.user_scheduler.step()
             if it % every == 0 or it == spec.steps:
                 stepper.eval_mode()
                 run.model.eval()

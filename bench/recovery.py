@@ -34,7 +34,7 @@ __all__ = ["FAULT_TASKS", "MODE_FAULTS", "fault_specs", "recovery_delay", "fault
            "fault_plot"]
 
 #: The tasks the scenario runs on (when selected).
-FAULT_TASKS = ("char_transformer", "digits_cnn")
+FAULT_TASKS = ("char_transformer", "digits_cnn", "gpt_lambda", "gpt_loop", "gpt_onecycle")
 #: Faults per mode.
 MODE_FAULTS = {"quick": ("scaled_inputs", "lr_100x"), "full": faults.FAULTS}
 #: A faulted run is recovered within this relative distance of its unfaulted run.
@@ -45,7 +45,8 @@ _WHAT = {
     "corrupt_targets": "corrupted labels: a burst of {n} batches with shuffled labels "
                        "(regression targets: noise x 1e3)",
     "nan_grad": "a NaN written into one gradient element, once",
-    "lr_100x": "the user's code multiplies the LR (and the schedule's reference LRs) by 100",
+    "lr_100x": "the user's code multiplies the LR (and its schedule's reference or peak LRs) "
+               "by 100",
 }
 
 
@@ -199,10 +200,11 @@ def fault_plot(results: list[RunResult], task: Task, kind: str, out: Path,
                 ax.annotate(f"rollback -> {step}", (it, 0.98), xycoords=("data", "axes fraction"),
                             fontsize=7, color="red", ha="left", va="top")
         ax.set_yscale("log")
-    changes = [i + 1 for i in range(1, len(run.lr_trace))
-               if run.lr_trace[i] != run.lr_trace[i - 1] and i + 1 != at]
-    ax2.plot(changes, [run.lr_trace[i - 1] for i in changes], "v", color="black", ms=4,
-             label="trimtab LR command applied")
+    if task.schedule is None:  # under a user's schedule the LR changes every step
+        changes = [i + 1 for i in range(1, len(run.lr_trace))
+                   if run.lr_trace[i] != run.lr_trace[i - 1] and i + 1 != at]
+        ax2.plot(changes, [run.lr_trace[i - 1] for i in changes], "v", color="black", ms=4,
+                 label="trimtab LR command applied")
     ax1.set_ylabel("loss")
     ax2.set_ylabel("LR (group 0)")
     ax2.set_xlabel("iteration (the budget; a rollback does not give iterations back)")

@@ -84,7 +84,8 @@ SYSTEM_SIZES = {
              "capacity": {"jobs": [1, 10, 20, 50, 100, 200, 400], "seconds": 10.0}},
 }
 #: Rough cost of one step, relative, to start the slowest runs first.
-_COST = {"char_transformer": 30.0, "digits_cnn": 6.0, "width_mlp": 1.5, "noisy_quadratic": 0.5}
+_COST = {"char_transformer": 30.0, "gpt_loop": 30.0, "gpt_lambda": 30.0, "gpt_onecycle": 30.0,
+         "digits_cnn": 6.0, "width_mlp": 1.5, "noisy_quadratic": 0.5}
 
 
 # ---------------------------------------------------------------- planning
@@ -528,6 +529,10 @@ def _finish(plt, fig, ax, path: Path, xlabel: str, ylabel: str, title: str) -> P
     return path
 
 
+#: Tasks trained on the standard-library text (its SHA-256 goes with the settings).
+_STDLIB_TEXT = ("char_transformer", "gpt_lambda", "gpt_loop", "gpt_onecycle")
+
+
 def settings_section(tasks, names, seeds, mode, steps=None) -> list[str]:
     from bench.tasks.char_transformer import corpus
 
@@ -539,8 +544,17 @@ def settings_section(tasks, names, seeds, mode, steps=None) -> list[str]:
                      f"{t.description} |")
     lines += ["", "| contender | exact settings |", "|---|---|"]
     lines += [f"| {c} | {contenders.get(c).settings} |" for c in names]
-    if "char_transformer" in tasks:
-        lines += ["", f"char_transformer text sha256: {corpus()[2]}"]
+    scheduled = [t.name for t in tasks.values() if t.schedule is not None]
+    if scheduled:
+        shown = dict.fromkeys([*names, *contenders.ORACLE_SCHEDULES])
+        owners = [c for c in shown if contenders.get(c).owns_schedule]
+        lines += ["", f"{', '.join(scheduled)} come with the user's own LR schedule (the "
+                  "table above). Contenders that replace it with their own: "
+                  f"{', '.join(owners) or 'none'}; every other contender keeps it, its "
+                  "starting LR as the schedule's peak."]
+    text = [n for n in _STDLIB_TEXT if n in tasks]
+    if text:
+        lines += ["", f"{', '.join(text)} text sha256: {corpus()[2]}"]
     return lines
 
 
