@@ -71,10 +71,10 @@ def user_scheduler(s: Setup, optimizer: torch.optim.Optimizer):
 
 def _scale_schedule(scheduler, optimizer: torch.optim.Optimizer, factor: float) -> None:
     """Scale a scheduler's reference LRs (base_lrs, OneCycle's per-group max_lr, ...) by
-    ``factor``, as the group LRs were: the same rule trimtab's client applies."""
-    from trimtab.client._schedule import scale_schedule
+    ``factor``, as the group LRs were (see :mod:`bench._user_lr`)."""
+    from bench._user_lr import scale_schedule
 
-    scale_schedule(scheduler, optimizer, [factor] * len(optimizer.param_groups))
+    scale_schedule(scheduler, optimizer, factor)
 
 
 class Stepper:
@@ -373,27 +373,28 @@ class TrimtabStepper(Stepper):
 
             self.lockstep = Lockstep(s.journal, self.guard)
         self.iterations = 0
-        self.lrs = [optimizer.param_groups[0]["lr"]]
+        #: trimtab's lr multiplier on the user's own lr, each time it changed.
+        self.scales = [self.guard.scale.lr]
 
     def step(self, loss):
         self.guard.step(loss)
         self.iterations += 1
         if self.lockstep is not None:
             self.lockstep.after_step()
-        lr = self.optimizer.param_groups[0]["lr"]
-        if lr != self.lrs[-1]:
-            self.lrs.append(lr)
+        m = self.guard.scale.lr
+        if m != self.scales[-1]:
+            self.scales.append(m)
 
     def lr_used(self):
-        # A trimtab that applies its LR around the step and puts the user's value back
-        # after it leaves the user's value in the group: its knobs say what was used.
-        lr = getattr(getattr(self.guard, "knobs", None), "lr", None)
-        return float(lr) if isinstance(lr, (int, float)) else self.lr()
+        # trimtab applies its multiplier around the step and puts the user's value back
+        # after it: the guard's knobs say what the step used.
+        return float(self.guard.knobs.lr)
 
     def close(self):
         self.info.update(rollbacks=len(self.rollbacks), rollback_at=self.rollbacks,
                          skipped_or_redone=self.iterations - self.guard.global_step,
-                         lr_changes=len(self.lrs) - 1, final_lr=self.lrs[-1])
+                         lr_changes=len(self.scales) - 1, final_lr=self.lr_used(),
+                         final_lr_multiplier=self.scales[-1])
         if self.lockstep is not None:
             self.info.update(lockstep_timeouts=self.lockstep.timeouts,
                              lockstep_wait_s=round(self.lockstep.waited_s, 3))

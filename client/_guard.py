@@ -93,8 +93,9 @@ class Guard:
     and takes no step; ``global_step`` is the checkpoint's, the open report window is
     discarded, ``on_rollback(step)`` is called, then the command's knobs are applied
     over the restored ones (multipliers, momentum and clip come back with the
-    checkpoint; the loop's own lr with the optimizer's and the scheduler's state). The data stream is not rewound (the batches since the
-    checkpoint are skipped); reposition a loader in ``on_rollback`` to replay them.
+    checkpoint; the loop's own lr with the optimizer's and the scheduler's state). The
+    data stream is not rewound (the batches since the checkpoint are skipped); reposition
+    a loader in ``on_rollback`` to replay them.
 
     CURVE (a controller configured with keys): ``server_key`` is the controller's
     ``server.key`` and ``client_key`` this client's ``clients/NAME.key_secret``, both from
@@ -419,8 +420,8 @@ class Guard:
             if command.rollback_to is not None:
                 restored, notes = self._rollback(command.rollback_to)
                 errors += notes
-            errors += self._act.command(command.scale, command.knobs, command.lr_max)
-            self._act.live.replace(command.schedules)
+            errors += self._act.command(command.scale, command.knobs, command.lr_max,
+                                        command.schedules)
             if restored is not None and restored.scheduler_stepped and self.scheduler is not None:
                 # The loop's scheduler.step() still follows this guard.step(); for a snapshot
                 # taken after the scheduler stepped that is one step too many: undo it.

@@ -115,9 +115,15 @@ class Actuator:
     # -- commands ------------------------------------------------------------------------------
 
     def command(
-        self, scale: wire.ScaleTargets, knobs: wire.Knobs, lr_max: float | None
+        self, scale: wire.ScaleTargets, knobs: wire.Knobs, lr_max: float | None,
+        schedules: list[wire.LiveSchedule] | None = None,
     ) -> list[str]:
-        """Take a command's multipliers, momentum, clip and cap; errors (nothing changed)."""
+        """Take a command's multipliers, momentum, clip, cap and live schedules; errors
+        (nothing changed then, schedules included).
+
+        A live schedule that a command replaces or stops leaves its last value in force
+        (the controller counts on it, as a value the run is at), unless the same command
+        sets that knob."""
         clip, momentum = knobs.clip, knobs.momentum
         if clip is not None and not clip > 0:
             return [f"knobs not applied: clip={clip!r} is out of range; allowed: clip > 0"]
@@ -127,6 +133,12 @@ class Actuator:
         if momentum is not None and all(_momentum_of(g) is None
                                         for g in self.optimizer.param_groups):
             return ["knobs not applied: momentum commanded, but the optimizer has none"]
+        if schedules is not None:
+            last = self.live.last
+            self.lr_scale = last.get("lr", self.lr_scale)
+            if "momentum" in last:
+                self.momentum = last["momentum"]
+            self.live.replace(schedules)
         if scale.lr is not None:
             self.lr_scale = scale.lr
         if scale.weight_decay is not None:
@@ -145,7 +157,9 @@ class Actuator:
                 "momentum": self.momentum, "clip": self.clip}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
-        """Put back what :meth:`state_dict` gave (a rollback; keys left out stay)."""
+        """Put back what :meth:`state_dict` gave (a rollback; keys left out stay). A live
+        schedule's last value belongs to the trajectory rolled back from: it is dropped."""
+        self.live.last = {}
         self.lr_scale = float(sd.get("lr_scale", self.lr_scale))
         self.wd_scale = float(sd.get("wd_scale", self.wd_scale))
         self.lr_max = sd.get("lr_max", self.lr_max)

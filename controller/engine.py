@@ -573,9 +573,13 @@ class Engine:
                     # A phase's return sets a measured value: the schedules' new reference
                     # (found_lr), not a correction on top of them.
                     state.corrections.pop(knob, None)
-                elif knob in scheduled and kd.commanded is not None and kd.current:
-                    state.corrections[knob] = (state.corrections.get(knob, 1.0)
-                                               * kd.commanded / kd.current)
+                elif knob in scheduled and kd.commanded is not None:
+                    # The cut is relative to the value in force at the fault, not to the
+                    # one the restore brings back.
+                    at_fault = decision.rollback.in_force.get(knob) or kd.current
+                    if at_fault:
+                        state.corrections[knob] = (state.corrections.get(knob, 1.0)
+                                                   * kd.commanded / at_fault)
             live = {}
         for knob, spec in live.items():
             # The client follows it between decisions: its points count in the slew window.

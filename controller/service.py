@@ -34,7 +34,7 @@ from trimtab.controller.metrics import ControllerMetrics
 from trimtab.controller.policy import Policy, load_policy
 from trimtab.controller.rollback import Observation
 from trimtab.controller.scale import ScaleContext, derive_limits, explicit_fields
-from trimtab.controller.state import JobState, controls_of
+from trimtab.controller.state import JobState, base_of, controls_of
 
 __all__ = ["Controller", "Reply"]
 
@@ -450,7 +450,7 @@ class Controller:
             return []
         if msg.applied_seq >= pending.seq:  # applied, its ack still on the way or lost
             state.on_applied(msg.applied_seq, controls_of(msg.knobs, msg.scale), msg.knobs,
-                             msg.base)
+                             base_of(msg))
             return []
         sent_at = self._pending_since.get(state.job, state.reports_seen)
         if state.reports_seen - sent_at >= self.config.resend_after_reports:

@@ -49,7 +49,7 @@ if TYPE_CHECKING:
     from trimtab.controller.rollback import RollbackConfig
 
 __all__ = ["SignalConfig", "Signals", "Sample", "Phase", "JobView", "JobState", "controls_of",
-           "command_controls"]
+           "command_controls", "base_of"]
 
 _STATE_VERSION = 3  # 3: the knob model (lr and weight decay held as multipliers)
 
@@ -261,7 +261,7 @@ class _EW:
         return ew
 
 
-def _base_of(msg: wire.Register | wire.Report | wire.Ack) -> wire.Knobs:
+def base_of(msg: wire.Register | wire.Report | wire.Ack) -> wire.Knobs:
     """The user's own values a message carries (its effective ones where it has none)."""
     return msg.base if msg.base.lr is not None else msg.knobs
 
@@ -362,7 +362,7 @@ class JobState:
         state = cls(
             msg.job, msg.run_id, msg.facts, msg.report_every, controls_of(msg.knobs, msg.scale),
             signal_cfg=signal_cfg, step=msg.step, applied_seq=msg.applied_seq,
-            effective=msg.knobs, base=_base_of(msg),
+            effective=msg.knobs, base=base_of(msg),
         )
         # The guard snapshots at attach: that checkpoint holds what is in force now.
         state.rollback.note_in_force(msg.step, {"knobs": state.knobs.model_dump(),
@@ -381,7 +381,7 @@ class JobState:
             )
         self.facts, self.report_every = msg.facts, msg.report_every
         self.knobs, self.effective = controls_of(msg.knobs, msg.scale), msg.knobs
-        self.base = _base_of(msg)
+        self.base = base_of(msg)
         # Reports carry the authoritative step; a bare re-register (step 0) must not undo it.
         self.step = max(self.step, msg.step)
         self._applied(msg.applied_seq)
@@ -399,7 +399,7 @@ class JobState:
         self.nonfinite_grads += report.nonfinite_grads
         self.dropped_reports = report.dropped_reports
         self.knobs = controls_of(report.knobs, report.scale)
-        self.effective, self.base = report.knobs, _base_of(report)
+        self.effective, self.base = report.knobs, base_of(report)
         self._applied(report.applied_seq)
         self.refs = (_finite(self._loss.mean), _finite(self._grad.mean))
         self.loss_z = self._fold(self._loss, report.loss_mean)
@@ -478,7 +478,7 @@ class JobState:
             raise ValueError(f"ack for job {ack.job!r} given to the state of {self.job!r}")
         if ack.seq < self.applied_seq:
             return False
-        self.on_applied(ack.seq, controls_of(ack.knobs, ack.scale), ack.knobs, _base_of(ack))
+        self.on_applied(ack.seq, controls_of(ack.knobs, ack.scale), ack.knobs, base_of(ack))
         return True
 
     def on_applied(

@@ -11,17 +11,19 @@ the gradient norm,
   ``min_rel_jump`` above the ``before`` mean (relative, so scale-free);
 * the new level is flat: the second half of ``after`` has not risen above the first half
   by more than ``max_climb`` of the jump (a climb is divergence, not a shift);
-* no report in the two windows has non-finite values, and the LR in force is the same in
-  all of them (a change the controller or a schedule made is no data shift).
+* no report in the two windows has non-finite values, trimtab's lr multiplier is the same
+  in all of them, and the lr the optimizer used (the user's own schedule times the
+  multiplier) moved by at most ``lr_drift`` (a change the controller or the user's
+  schedule made is no data shift; a cosine's slow drift is no change).
 
-At the report that first finds it the policy proposes ``lr = lr0 * cut`` (``lr0``: the LR
-in force then); over the next ``rewarm_reports`` reports the absolute target ramps
-linearly back to ``lr0``, and for at most as many reports more it still asks for ``lr0``
-while the LR in force is below it. Then it is over: the re-warm is bounded and ends. A
-shift found within a re-warm, or before its windows have cleared it, is the same shift.
-Every test is recomputed from the job's history, so the policy keeps no state of its own
-(the history must hold ``before + after + 2 * rewarm_reports`` reports, as the default
-``SignalConfig.history`` does).
+At the report that first finds it the policy proposes ``lr = lr0 * cut`` (``lr0``:
+trimtab's lr multiplier then, the knob model); over the next ``rewarm_reports`` reports
+the target ramps linearly back to ``lr0``, and for at most as many reports more it still
+asks for ``lr0`` while the multiplier in force is below it. Then it is over: the re-warm is
+bounded and ends. A shift found within a re-warm, or before its windows have cleared it,
+is the same shift. Every test is recomputed from the job's history, so the policy keeps
+no state of its own (the history must hold ``before + after + 2 * rewarm_reports``
+reports, as the default ``SignalConfig.history`` does).
 
 Where it comes from: a short linear warm-up after a change in the data distribution is the
 usual practice in continual pre-training (Gupta et al. 2023, "Continual Pre-Training of
@@ -66,6 +68,9 @@ class DataShiftConfig(BaseModel):
     cut: float = Field(0.5, gt=0.0, lt=1.0)
     #: Reports over which the LR ramps back to its value before the shift.
     rewarm_reports: int = Field(10, ge=1)
+    #: The lr the optimizer used may drift this much (max/min - 1) over the windows judged:
+    #: a user's schedule moves it a little every step, a step in it is not a data shift.
+    lr_drift: float = Field(0.25, ge=0.0, allow_inf_nan=False)
 
 
 def level_shift(
@@ -94,8 +99,19 @@ def level_shift(
     return jump / abs(mb) if mb != 0 else math.inf
 
 
+def _lr_steady(window: list[Sample], drift: float) -> bool:
+    """Whether trimtab's multiplier stayed put and the lr the optimizer used (the user's
+    own schedule times it) moved less than ``drift`` over ``window``."""
+    if len({s.lr for s in window}) != 1:
+        return False
+    used = [s.lr_used for s in window if s.lr_used is not None]
+    if not used or min(used) <= 0.0:
+        return not used
+    return max(used) / min(used) <= 1.0 + drift
+
+
 def _detect(window: list[Sample], cfg: DataShiftConfig) -> str | None:
-    if any(s.nonfinite for s in window) or len({s.lr for s in window}) != 1:
+    if any(s.nonfinite for s in window) or not _lr_steady(window, cfg.lr_drift):
         return None
     for label, attr in _SIGNALS:
         rel = level_shift([getattr(s, attr) for s in window], cfg.before, cfg.z,

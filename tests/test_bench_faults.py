@@ -98,7 +98,7 @@ def _lr_run(ctl: Controller, job: str, stall: bool) -> list[float]:
                                            args=(ctl.proc.pid, progress, waits, 40))
                 resumer.start()
             stepper.step(loss)
-            lrs.append(stepper.lr())
+            lrs.append(stepper.lr_used())  # what the step ran with
     finally:
         progress[0] = 1_000
         if resumer is not None:
@@ -109,22 +109,30 @@ def _lr_run(ctl: Controller, job: str, stall: bool) -> list[float]:
 
 
 def test_lockstep_applies_a_command_at_the_step_after_its_report_even_when_it_is_late(
-        tmp_path):
-    # The policies of the rollback guard and plateau only: no LR range test sweeping the
-    # first steps, so the LR in force before the fault is the starting one.
+        tmp_path, monkeypatch):
+    # A policy that answers every report with x0.9 on trimtab's lr multiplier (no cooldown):
+    # each report's command must land at the very next step. (The x100 of the user's own
+    # LR at step 30 is the user's: under the knob model trimtab multiplies it, it does not
+    # clamp it, so the step after shows 0.9 x the user's 3.0 x the multiplier before.)
+    from bench.scenario_policies import python_path
+
+    monkeypatch.setenv("PYTHONPATH", python_path(os.environ.get("PYTHONPATH")))
     config = tmp_path / "trimtab.toml"
-    config.write_text('[[policies]]\nname = "divergence_guard"\n\n'
-                      '[[policies]]\nname = "plateau"\n')
+    config.write_text('allow_plugins = ["bench.scenario_policies:*"]\n\n'
+                      '[[policies]]\nname = "bench.scenario_policies:Nudge"\n'
+                      'config = { factor = 0.9 }\n\n'
+                      '[governor.lr]\ncooldown_steps = 0\nslew_ratio = 100.0\n')
     ctl = Controller(str(tmp_path), str(config))
     try:
         calm = _lr_run(ctl, "calm", False)
         stalled = _lr_run(ctl, "stalled", True)
     finally:
         ctl.stop()
-    # The x100 LR is reported at step 30; the controller's correction lands at step 31
-    # however long the controller took (without lockstep the loop runs on to step 40
-    # while the controller is stopped, and the correction lands after that).
-    assert calm[29] == pytest.approx(3.0)
-    assert calm[30] < calm[29], calm[25:40]
+    # The report at step 30 (its window ran at x0.9**5 of 0.03) brings x0.9 more, which
+    # lands at step 31 however long the controller took (without lockstep the loop runs
+    # on to step 40 while the controller is stopped, and the command lands after that).
+    assert calm[28] == pytest.approx(0.03 * 0.9 ** 5)
+    assert calm[29] == pytest.approx(3.0 * 0.9 ** 5)
+    assert calm[30] == pytest.approx(3.0 * 0.9 ** 6), calm[25:40]
     assert stalled == calm
     assert all(math.isfinite(x) for x in calm)

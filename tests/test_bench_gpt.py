@@ -147,6 +147,7 @@ class _FakeGuard:
     def __init__(self, model, optimizer, **options):
         self.optimizer, self.options, self.global_step = optimizer, options, 0
         self.knobs = SimpleNamespace(lr=0.123)
+        self.scale = SimpleNamespace(lr=1.0)
         self.calls = 0
 
     def step(self, loss):

@@ -126,6 +126,37 @@ def test_a_schedule_that_fails_at_run_time_is_dropped_and_training_goes_on(caplo
     act.release()
 
 
+def test_a_stopped_schedule_leaves_its_last_value_in_force_unless_the_command_sets_one():
+    """The controller counts on the value the run is at when it stops a live schedule; a
+    rollback's restore drops it (it belongs to the path rolled back from)."""
+    opt = _sgd(lr=0.1)
+    act = Actuator(opt, clip=None)
+    act.command(wire.ScaleTargets(), wire.Knobs(), None, [_cosine(lr=1.0, t_max=100)])
+    for step in range(50):
+        act.engage(step)
+        act.release()
+    assert act.used().lr == pytest.approx(0.1 * schedules.cosine(49, 1.0, 100))
+    act.command(wire.ScaleTargets(), wire.Knobs(), None, [])  # stopped, no value with it
+    act.engage(50)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * schedules.cosine(49, 1.0, 100))
+    act.release()
+    act.command(wire.ScaleTargets(), wire.Knobs(), None, [_cosine(lr=1.0, t_max=100)])
+    act.engage(60)
+    act.release()
+    act.command(wire.ScaleTargets(lr=0.3), wire.Knobs(), None, [])  # stopped with a value
+    act.engage(61)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.03)
+    act.release()
+    act.command(wire.ScaleTargets(), wire.Knobs(), None, [_cosine(lr=1.0, t_max=100)])
+    act.engage(70)
+    act.release()
+    act.load_state_dict({"lr_scale": 0.7})  # a rollback to a checkpoint at x0.7
+    act.command(wire.ScaleTargets(), wire.Knobs(), None, [])
+    act.engage(20)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.07)
+    act.release()
+
+
 @pytest.mark.parametrize(
     ("params", "match"),
     [

@@ -20,7 +20,7 @@ import time
 import pytest
 import torch
 import zmq
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
@@ -32,6 +32,13 @@ from trimtab.controller.service import Controller
 
 PEER = b"fuzzer"
 WITNESS = "witness"
+V = wire.PROTOCOL_VERSION
+#: The effective values, the user's own and trimtab's multipliers (none yet) of a client.
+IN_FORCE = {
+    "knobs": wire.Knobs(lr=0.1, momentum=0.9, weight_decay=0.0),
+    "base": wire.Knobs(lr=0.1, momentum=0.9, weight_decay=0.0),
+    "scale": wire.Scale(),
+}
 FUZZ = settings(
     max_examples=200,
     deadline=None,
@@ -59,7 +66,7 @@ def register(job: str, **over) -> dict:
         facts=wire.ScaleFacts(
             param_count=100, group_sizes=[100], optimizer="SGD", dtype="float32", device="cpu"
         ),
-        knobs=wire.Knobs(lr=0.1, momentum=0.9, weight_decay=0.0),
+        **IN_FORCE,
     )
     return {**json.loads(wire.encode(msg)), **over}
 
@@ -77,19 +84,19 @@ def report(job: str, seq: int, loss: float = 1.0, **over) -> dict:
         grad_norm_mean=1.0,
         grad_norm_max=1.0,
         grad_norm_std=0.1,
-        knobs=wire.Knobs(lr=0.1, momentum=0.9, weight_decay=0.0),
+        **IN_FORCE,
     )
     return {**json.loads(wire.encode(msg)), **over}
 
 
 def valid_messages(job: str) -> list[dict]:
-    knobs = {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.0, "clip": None}
+    in_force = {k: v.model_dump() for k, v in IN_FORCE.items()}
     return [
         register(job),
         report(job, 7),
-        {"type": "ack", "v": 1, "job": job, "seq": 1, "step": 5, "knobs": knobs},
-        {"type": "heartbeat", "v": 1, "job": job, "step": 3},
-        {"type": "bye", "v": 1, "job": job, "step": 3, "reason": "done"},
+        {"type": "ack", "v": V, "job": job, "seq": 1, "step": 5, **in_force},
+        {"type": "heartbeat", "v": V, "job": job, "step": 3},
+        {"type": "bye", "v": V, "job": job, "step": 3, "reason": "done"},
     ]
 
 
@@ -150,7 +157,7 @@ def witness_still_served(ctl: Controller, state_before: str, user: str | None = 
         if commands:
             break
     assert commands, "the witness job got no plateau decision after the fuzzing"
-    assert commands[0].knobs.lr == pytest.approx(0.05)
+    assert commands[0].scale.lr == pytest.approx(0.5)  # half the job's own lr
     assert any("plateau" in r for r in commands[0].reasons)
     ctl.close()
 
@@ -306,17 +313,22 @@ def test_edge_numbers_are_refused_with_the_right_code():
             report("edge", 1, extra_field=1),
             register("edge", report_every=0),
         ],
-        "version": [report("edge", 1, v=2), report("edge", 1, v=None), report("edge", 1, v="1")],
-        "unknown_job": [report("nobody", 1), {"type": "heartbeat", "v": 1, "job": "nobody"}],
-        "unexpected": [{"type": "command", "v": 1, "job": WITNESS, "seq": 99}],
+        "version": [
+            report("edge", 1, v=1),  # protocol 1: before the knob model
+            report("edge", 1, v=V + 1),
+            report("edge", 1, v=None),
+            report("edge", 1, v=str(V)),
+        ],
+        "unknown_job": [report("nobody", 1), {"type": "heartbeat", "v": V, "job": "nobody"}],
+        "unexpected": [{"type": "command", "v": V, "job": WITNESS, "seq": 99}],
     }
     for code, msgs in cases.items():
         for msg in msgs:
             (reply,) = feed(ctl, frame(msg))
             assert (reply.code, msg) == (code, msg)
-    (reply,) = feed(ctl, b'{"type":"report","v":1,"job":"edge","seq":1e400}')
+    (reply,) = feed(ctl, b'{"type":"report","v":2,"job":"edge","seq":1e400}')
     assert reply.code in ("nonfinite", "invalid")
-    (reply,) = feed(ctl, b'{"type":"report","v":1,"seq":' + b"9" * 5000 + b"}")
+    (reply,) = feed(ctl, b'{"type":"report","v":2,"seq":' + b"9" * 5000 + b"}")
     assert reply.code == "malformed"  # Python refuses ints of over 4300 digits
     (reply,) = feed(ctl, b"[" * 60_000)  # too deep for the parser
     assert reply.code == "malformed"
@@ -334,6 +346,8 @@ def test_replayed_and_out_of_order_sequence_numbers():
         st.lists(st.integers(min_value=1, max_value=40), min_size=1, max_size=30),
         st.lists(st.integers(min_value=1, max_value=2**62), max_size=5),
     )
+    # The plateau's command goes out at the fifth report: its ack is taken, the next refused.
+    @example([1, 2, 3, 4, 5], [1, 2])
     def run(report_seqs, ack_seqs):
         job = f"seqs-{next(jobs)}"
         feed(ctl, frame(register(job)))
@@ -349,14 +363,18 @@ def test_replayed_and_out_of_order_sequence_numbers():
                 assert [r.code for r in replies] == ["stale"]
                 assert state.reports_seen == seen
         for seq in ack_seqs:
-            ack = {"type": "ack", "v": 1, "job": job, "seq": seq, "step": 1, "knobs": {"lr": 123.0}}
+            ack = {"type": "ack", "v": V, "job": job, "seq": seq, "step": 1,
+                   "knobs": {"lr": 12.3}, "base": {"lr": 0.1}, "scale": {"lr": 123.0}}
+            before = (state.knobs, state.effective, state.base)
             replies = feed(ctl, frame(ack))
             if seq > state.command_seq:
                 assert [r.code for r in replies] == ["invalid"]
-                assert state.knobs.lr != 123.0
+                # Its values were not taken (an earlier ack, of a command sent, may have
+                # set the same ones: compare with what was in force before it).
+                assert (state.knobs, state.effective, state.base) == before
             else:
                 assert replies == []
-        feed(ctl, frame({"type": "bye", "v": 1, "job": job}))  # keep the job table small
+        feed(ctl, frame({"type": "bye", "v": V, "job": job}))  # keep the job table small
         assert job not in ctl.jobs
 
     run()
@@ -401,7 +419,7 @@ def test_real_socket_garbage_then_a_normal_client_still_works(tmp_path):
             [b"{}"] * 10_000,  # ten thousand parts: read, not kept
             [os.urandom(200)],
             [bytes(rng.getrandbits(8) for _ in range(wire.MAX_MESSAGE_BYTES + 10))],
-            [b'{"type":"heartbeat","v":1,"job":"nobody"}'],
+            [b'{"type":"heartbeat","v":2,"job":"nobody"}'],
         ]
         for parts in garbage:
             dealer.send_multipart(parts)

@@ -39,7 +39,9 @@ def test_defaults_are_the_documented_ones():
     assert (c.lr.slew_ratio, c.lr.slew_window_steps) == (4.0, 1000)
     assert (c.lr.cooldown_steps, c.lr.deadband) == (50, 0.01)
     assert (c.momentum.min, c.momentum.max) == (0.0, 0.999)
-    assert (c.weight_decay.min, c.weight_decay.max_rel) == (0.0, 10.0)
+    # lr and weight decay are multipliers on the user's own values: relative bounds only.
+    assert (c.weight_decay.min_rel, c.weight_decay.max_rel) == (0.0, 10.0)
+    assert (c.lr.min, c.lr.max, c.weight_decay.min, c.weight_decay.max) == (None,) * 4
     assert (c.clip.min, c.clip.max) == (1e-6, 1e6)
 
 
@@ -64,12 +66,31 @@ def test_config_refuses_unknown_knobs():
         GovernorConfig(learning_rate={})
 
 
+@pytest.mark.parametrize(
+    ("knob", "field", "value"),
+    [("lr", "min", 1e-5), ("weight_decay", "min", 0.0), ("weight_decay", "max", 0.05)],
+)
+def test_config_refuses_absolute_bounds_on_a_multiplier_naming_the_field(knob, field, value):
+    with pytest.raises(ValidationError, match=(
+            rf"governor\.{knob}\.{field} = {value!r}: {knob} is steered as a multiplier on "
+            rf"your own {knob}.*bound the multiplier with min_rel / max_rel")):
+        GovernorConfig(**{knob: {field: value}})
+
+
+def test_the_lr_max_is_allowed_and_caps_the_effective_lr_not_the_multiplier():
+    g = Governor(GovernorConfig(lr=KnobLimits(max=1e-2, max_rel=10.0)))
+    assert g.limits("lr").max == 1e-2
+    assert g.bounds("lr", 1.0) == (0.0, 10.0)
+    assert g.govern("lr", KnobMemory(), 1.0, 1.0, 8.0, 0) == Governed(8.0, ())
+
+
 # -- each limit -------------------------------------------------------------------------
 
 
 def test_relative_and_absolute_bounds():
-    out = gov(min_rel=0.1, max_rel=10).govern("lr", KnobMemory(), 1e-3, 1e-3, 1.0, 0)
-    assert out == Governed(pytest.approx(1e-2), ("bounds",))
+    # The lr multiplier (1.0 at registration) within [min_rel, max_rel].
+    out = gov(min_rel=0.1, max_rel=10).govern("lr", KnobMemory(), 1.0, 1.0, 1000.0, 0)
+    assert out == Governed(pytest.approx(10.0), ("bounds",))
     out = Governor().govern("momentum", KnobMemory(), 0.9, 0.9, 1.5, 0)
     assert out == Governed(0.999, ("bounds",))
 
@@ -80,11 +101,11 @@ def test_absolute_bounds_beat_relative_ones_that_lie_outside_them():
 
 
 def test_a_knob_found_outside_its_bounds_is_brought_inside_whatever_else_applies():
-    g = gov(min=1e-4, max=1e-2, max_step_ratio=2, cooldown_steps=100)
+    g = gov(min_rel=0.1, max_rel=10, max_step_ratio=2, cooldown_steps=100)
     mem = KnobMemory(last_change_step=10)
     # In cooldown, asked to go further up, and far from the bound: bounds still win.
-    assert g.govern("lr", mem, 1.0, 1e-3, 2.0, 20) == Governed(1e-2, ("bounds",))
-    assert g.govern("lr", mem, 1e-6, 1e-3, NAN, 20) == Governed(1e-4, ("bounds",))
+    assert g.govern("lr", mem, 1000.0, 1.0, 2000.0, 20) == Governed(10.0, ("bounds",))
+    assert g.govern("lr", mem, 1e-3, 1.0, NAN, 20) == Governed(0.1, ("bounds",))
 
 
 def test_max_step_ratio_either_way():
@@ -133,7 +154,7 @@ def test_hysteresis_drops_small_reversals_inside_the_window_only():
 
 @pytest.mark.parametrize("target", [NAN, INF, -INF, -1.0, 0.0, "0.1", None])
 def test_invalid_targets_are_refused(target):
-    assert Governor().govern("lr", KnobMemory(), 1e-3, 1e-3, target, 0) == Governed(
+    assert Governor().govern("lr", KnobMemory(), 1.0, 1.0, target, 0) == Governed(
         None, ("invalid",)
     )
 
@@ -150,9 +171,16 @@ def test_a_knob_with_no_value_in_force_takes_an_absolute_target_within_bounds():
 
 
 def test_a_zero_initial_value_pins_relative_bounds_at_zero():
-    # 10 x 0 is 0: a weight decay that started off stays off.
-    assert Governor().bounds("weight_decay", 0.0) == (0.0, 0.0)
+    # 10 x 0 is 0: a knob with relative bounds that started at zero stays there.
+    g = Governor(GovernorConfig(clip=KnobLimits(min_rel=0.5, max_rel=10.0)))
+    assert g.bounds("clip", 0.0) == (0.0, 0.0)
     assert Governor().bounds("clip", None) == (1e-6, 1e6)
+
+
+def test_the_weight_decay_multiplier_is_bounded_relative_to_one():
+    # Its initial is the multiplier 1.0 (the user's own weight decay); a decay that started
+    # off stays off on the client, where the multiplier scales a zero.
+    assert Governor().bounds("weight_decay", 1.0) == (0.0, 10.0)
 
 
 def test_memory_state_dict_round_trip_and_key_check():
@@ -186,10 +214,11 @@ STRICT = GovernorConfig(
     lr=KnobLimits(min_rel=0.01, max_rel=5, max_step_ratio=1.5, slew_ratio=2.0,
                   slew_window_steps=300, cooldown_steps=20, deadband=0.05,
                   reversal_window_steps=100, reversal_min_change=0.3),
-    weight_decay=KnobLimits(min=0, max=0.05, allow_zero=True, max_step_ratio=3,
+    weight_decay=KnobLimits(min_rel=0, max_rel=5, allow_zero=True, max_step_ratio=3,
                             slew_ratio=5, slew_window_steps=50),
 )
-INITIAL = {"lr": 1e-3, "momentum": 0.9, "weight_decay": 0.01, "clip": 1.0}
+# lr and weight decay are multipliers (1.0: the user's own values), momentum and clip absolute.
+INITIAL = {"lr": 1.0, "momentum": 0.9, "weight_decay": 1.0, "clip": 1.0}
 
 
 @settings(max_examples=300, deadline=None)

@@ -19,7 +19,7 @@ HERE = "tests.controller.test_metrics"
 
 
 class Seesaw(Policy):
-    """Asks for the LR x0.01 when it is at or above its initial value, else x100."""
+    """Asks for the LR multiplier x0.01 when it is at or above its initial 1.0, else x100."""
 
     name = "seesaw"
 
@@ -49,14 +49,20 @@ def make(tmp_path, policies=("spike_guard",)) -> tuple[Controller, Clock]:
     facts = wire.ScaleFacts(
         param_count=100, group_sizes=[100], optimizer="SGD", dtype="float32", device="cpu"
     )
-    reg = wire.Register(
-        job="j", run_id="r", report_every=10, facts=facts, knobs=wire.Knobs(lr=0.1, momentum=0.9)
-    )
+    reg = wire.Register(job="j", run_id="r", report_every=10, facts=facts, **in_force())
     ctl.handle(PEER, wire.encode(reg))
     return ctl, clock
 
 
-def report(seq: int, lr: float = 0.1, loss: float = 1.0, applied_seq: int = 0) -> bytes:
+def in_force(lr: float = 1.0, base_lr: float = 0.1) -> dict:
+    """``knobs`` (effective), ``base`` and ``scale`` with trimtab's lr multiplier ``lr`` on
+    the user's own ``base_lr``."""
+    return {"knobs": wire.Knobs(lr=base_lr * lr, momentum=0.9),
+            "base": wire.Knobs(lr=base_lr, momentum=0.9), "scale": wire.Scale(lr=lr)}
+
+
+def report(seq: int, lr: float = 1.0, loss: float = 1.0, applied_seq: int = 0,
+           base_lr: float = 0.1) -> bytes:
     return wire.encode(
         wire.Report(
             job="j",
@@ -71,8 +77,8 @@ def report(seq: int, lr: float = 0.1, loss: float = 1.0, applied_seq: int = 0) -
             step_time_s=0.02,
             nonfinite_grads=1 if seq == 2 else 0,
             dropped_reports=seq // 3,
-            knobs=wire.Knobs(lr=lr, momentum=0.9),
             applied_seq=applied_seq,
+            **in_force(lr, base_lr),
         )
     )
 
@@ -121,31 +127,47 @@ def test_knob_bounds_are_the_governors_for_the_job(tmp_path):
     ctl, _ = make(tmp_path)
     gov = ctl.engine_for("j").governor  # the job's own, with limits derived from its scale
     assert gov is not ctl.engine.governor
-    for knob, initial in (("lr", 0.1), ("momentum", 0.9)):
+    # For the lr, the bounds of what the governor steers: the multiplier (initial 1.0).
+    for knob, initial in (("lr", 1.0), ("momentum", 0.9)):
         lo, hi = gov.bounds(knob, initial)
         assert sample(ctl, "trimtab_knob_bound", job="j", knob=knob, side="lower") == lo
         assert sample(ctl, "trimtab_knob_bound", job="j", knob=knob, side="upper") == hi
-    assert sample(ctl, "trimtab_knob_bound", job="j", knob="lr", side="upper") == 1.0
+    assert sample(ctl, "trimtab_knob_bound", job="j", knob="lr", side="lower") == 1e-3
+    assert sample(ctl, "trimtab_knob_bound", job="j", knob="lr", side="upper") == 10.0
     # clip is off (no value in force): no bounds drawn for it.
     assert sample(ctl, "trimtab_knob_bound", job="j", knob="clip", side="upper") is None
 
 
+def test_knob_series_are_the_effective_value_the_users_base_and_the_multiplier(tmp_path):
+    ctl, _ = make(tmp_path)
+    # The user's scheduler moved its lr to 0.08; trimtab's multiplier 0.5 is on top of it.
+    ctl.handle(PEER, report(1, lr=0.5, base_lr=0.08))
+    assert sample(ctl, "trimtab_knob_value", job="j", knob="lr") == pytest.approx(0.04)
+    assert sample(ctl, "trimtab_knob_base", job="j", knob="lr") == 0.08
+    assert sample(ctl, "trimtab_knob_multiplier", job="j", knob="lr") == 0.5
+    # Momentum is absolute: a value and a base, no multiplier; clip is off: no series.
+    assert sample(ctl, "trimtab_knob_value", job="j", knob="momentum") == 0.9
+    assert sample(ctl, "trimtab_knob_base", job="j", knob="momentum") == 0.9
+    assert sample(ctl, "trimtab_knob_multiplier", job="j", knob="momentum") is None
+    assert sample(ctl, "trimtab_knob_value", job="j", knob="clip") is None
+    assert sample(ctl, "trimtab_knob_base", job="j", knob="clip") is None
+    # The optimizer has no weight decay: no multiplier series for it either.
+    assert sample(ctl, "trimtab_knob_multiplier", job="j", knob="weight_decay") is None
+
+
 def test_governor_clamps_and_knob_reversals_are_counted_and_end_with_the_job(tmp_path):
     ctl, _ = make(tmp_path, policies=(f"{HERE}:Seesaw",))
-    lr, seq, applied = 0.1, 0, 0
+    lr, seq, applied = 1.0, 0, 0  # trimtab's lr multiplier
     for _ in range(4):
         seq += 1
         (frame,) = [f for _, f in ctl.handle(PEER, report(seq, lr=lr, applied_seq=applied))]
         cmd = wire.decode(frame)
-        lr, applied = cmd.knobs.lr, cmd.seq
-        ctl.handle(
-            PEER,
-            wire.encode(
-                wire.Ack(job="j", seq=cmd.seq, step=10 * seq, knobs=wire.Knobs(lr=lr, momentum=0.9))
-            ),
-        )
+        lr, applied = cmd.scale.lr, cmd.seq
+        ctl.handle(PEER, wire.encode(wire.Ack(job="j", seq=cmd.seq, step=10 * seq,
+                                              **in_force(lr))))
+        assert sample(ctl, "trimtab_knob_multiplier", job="j", knob="lr") == lr
     # x0.01 and x100 are both cut to the governor's x2 per decision: down, up, down, up.
-    assert lr == pytest.approx(0.1)
+    assert lr == pytest.approx(1.0)
     assert (
         sample(ctl, "trimtab_governor_clamps_total", job="j", knob="lr", limit="max_step_ratio")
         == 4.0

@@ -99,8 +99,11 @@ def job(lr=0.1) -> JobState:
 
 
 def feed(st, step, loss):
+    """A report with ``st``'s lr multiplier in force on the user's own lr."""
+    base = st.registered.lr
     st.observe(wire.Report(job="j", seq=step, step=step, window=10, loss_mean=loss,
-                           knobs=st.knobs))
+                           knobs=wire.Knobs(lr=base * st.knobs.lr), base=wire.Knobs(lr=base),
+                           scale=wire.Scale(lr=st.knobs.lr)))
 
 
 def test_a_shadow_pass_uses_its_own_memory_and_never_the_live_one():
@@ -113,11 +116,12 @@ def test_a_shadow_pass_uses_its_own_memory_and_never_the_live_one():
         d = engine.decide(st)
         assert d.commands == {} and d.shadowed is not None and d.shadowed.commands == {}
         seen.append(d.shadowed.would_command.get("lr"))
-    # Would halve, then waits out its cooldown in the shadow memory, and again.
-    assert seen == [0.05, None, None, 0.05, None, None, 0.05]
+    # Would halve (the multiplier on the job's own lr), then waits out its cooldown in the
+    # shadow memory, and again.
+    assert seen == [0.5, None, None, 0.5, None, None, 0.5]
     assert st.memory["lr"].history == [] and st.last_change_step["lr"] is None
     assert st.decision_counts == {} and st.shadow_counts == {("cut", "lr", "down"): 3}
-    assert st.knobs.lr == 0.1
+    assert st.knobs.lr == 1.0 and st.effective.lr == 0.1
 
 
 def test_a_raising_shadow_policy_is_disabled_and_the_live_ones_go_on():
@@ -125,20 +129,22 @@ def test_a_raising_shadow_policy_is_disabled_and_the_live_ones_go_on():
     st = job()
     feed(st, 10, 3.0)
     d = engine.decide(st)
-    assert d.commands == {"lr": 0.05}
+    assert d.commands == {"lr": 0.5}
     assert d.shadowed.errors == (("boom", "raised RuntimeError: boom"),)
     assert "boom" in st.disabled_policies
 
 
-def test_shadow_memory_and_counts_round_trip_and_old_states_load():
+def test_shadow_memory_and_counts_round_trip_and_a_state_without_them_is_refused():
     st = job()
-    st.note_shadow("lr", "cut", 0.1, 0.05, 100)
+    st.note_shadow("lr", "cut", 1.0, 0.5, 100)
     back = JobState.from_state_dict(st.state_dict())
     assert back.shadow_counts == {("cut", "lr", "down"): 1}
     assert back.shadow_memory["lr"].history == st.shadow_memory["lr"].history
+    # States written before shadow policies existed are older than the knob model: refused.
     old = st.state_dict()
     del old["shadow_memory"], old["shadow_counts"]
-    assert JobState.from_state_dict(old).shadow_counts == {}
+    with pytest.raises(ValueError, match=r"missing keys \['shadow_counts', 'shadow_memory'\]"):
+        JobState.from_state_dict(old)
 
 
 # -- shadow through the service ------------------------------------------------------------
@@ -158,10 +164,10 @@ def test_a_shadow_policy_is_journaled_and_counted_but_never_sent(tmp_path, sdk_m
     replies = []
     for seq in range(1, 6):
         replies += decoded(ctl.handle(PEER, report(seq, loss=3.0)))
-    assert not any(isinstance(m, wire.Command) and m.knobs.lr is not None for m in replies)
+    assert not any(isinstance(m, wire.Command) and m.scale.lr is not None for m in replies)
     shadow = ctl.journal.events("j1", "shadow")
     assert len(shadow) == 5 and shadow[0].data["shadow"] is True
-    assert shadow[0].data["knobs"]["lr"]["commanded"] == pytest.approx(0.05)
+    assert shadow[0].data["knobs"]["lr"]["commanded"] == pytest.approx(0.5)
     assert shadow[0].data["commands"] == {}
     assert not ctl.journal.events("j1", "decision")
     text = generate_latest(ctl.metrics.registry).decode()
@@ -175,7 +181,7 @@ def test_the_same_plugin_is_live_for_the_jobs_its_entry_names(tmp_path, sdk_modu
                           {"name": "sdk_test_policies:Cut", "jobs": ["j*"]}])
     ctl.handle(PEER, register())
     (cmd,) = decoded(ctl.handle(PEER, report(1, loss=3.0)))
-    assert isinstance(cmd, wire.Command) and cmd.knobs.lr == pytest.approx(0.05)
+    assert isinstance(cmd, wire.Command) and cmd.scale.lr == pytest.approx(0.5)
     assert not ctl.journal.events("j1", "shadow")
 
 
@@ -183,7 +189,7 @@ def test_a_raising_plugin_is_isolated_through_the_service(tmp_path, sdk_module):
     ctl = make(tmp_path, [{"name": "sdk_test_policies:Boom"}, {"name": "sdk_test_policies:Cut"}])
     ctl.handle(PEER, register())
     (cmd,) = decoded(ctl.handle(PEER, report(1, loss=3.0)))
-    assert cmd.knobs.lr == pytest.approx(0.05)
+    assert cmd.scale.lr == pytest.approx(0.5)
     (err,) = ctl.journal.events("j1", "policy_error")
     assert err.data == {"policy": "boom", "error": "raised RuntimeError: boom"}
     text = generate_latest(ctl.metrics.registry).decode()
@@ -214,9 +220,10 @@ def test_export_and_replay_rebuild_the_job_and_print_decisions(tmp_path, sdk_mod
     again = rp.read_trace(out)
     assert again == rp.read_trace(path) == trace
     result = rp.replay(again, [Cut()], ControllerConfig(governor={"lr": {"cooldown_steps": 0}}))
-    assert result.lines() == ["step 30: lr 0.1 -> 0.05 by cut: loss 3.0 > 2",
-                              "step 40: lr 0.05 -> 0.025 by cut: loss 3.0 > 2"]
-    # Each commanded value is in force from the next report on.
+    # The lr as trimtab's multiplier on the job's own lr (0.1).
+    assert result.lines() == ["step 30: lr x1 -> x0.5 by cut: loss 3.0 > 2",
+                              "step 40: lr x0.5 -> x0.25 by cut: loss 3.0 > 2"]
+    # Each commanded multiplier is in force from the next report on: the lr it gives.
     assert [p.knobs["lr"] for p in result.points] == [0.1, 0.1, 0.1, 0.05, 0.025]
     assert [p.recorded["lr"] for p in result.points] == [0.1] * 5
 

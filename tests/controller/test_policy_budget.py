@@ -121,7 +121,7 @@ def test_the_engine_disables_a_hung_policy_for_its_job_only(hangs):
     decision = engine.decide(a)
     assert decision.errors == (("hangs", "exceeded time budget of 250 ms"),)
     assert a.disabled_policies == {"hangs": "exceeded time budget of 250 ms"}
-    assert decision.commands == {"lr": 0.05}, "the other policy went on"
+    assert decision.commands == {"lr": 0.5}, "the other policy went on"  # x0.5 the job's lr
     again = engine.decide(a)
     assert again.errors == () and hangs.calls == 1, "not asked again for job a"
     decision_b = engine.decide(b)
@@ -174,7 +174,9 @@ def _train(srv_endpoint: str, job: str, steps: int, seed: int, out: dict) -> Non
             opt.zero_grad(set_to_none=True)
             loss.backward()
             guard.step(loss)
-            lrs.append(opt.param_groups[0]["lr"])
+            # The lr the step used: the user's own (0.05, back in the param group after the
+            # step) times trimtab's multiplier.
+            lrs.append(guard.knobs.lr)
             threading.Event().wait(0.004)
         out[job] = (guard.global_step, lrs, out["scrape"]() if "scrape" in out else "")
 
@@ -203,7 +205,7 @@ def test_a_plugin_hung_for_one_job_is_cut_off_while_the_other_job_is_served(tmp_
             steps, lrs, scraped = out[job]
             assert steps == 320
             # nudge went on for both jobs: LR commands applied all through the run.
-            cmds = [c for c in journal.events(job, "command") if "lr" in c.data["knobs"]]
+            cmds = [c for c in journal.events(job, "command") if "lr" in c.data["scale"]]
             late = [c for c in cmds if c.step > err.step]
             assert len(late) >= 4, (job, [c.step for c in cmds], err.step)
             assert lrs[-1] < 0.05 * 0.9**4

@@ -23,14 +23,15 @@ CFG = RollbackConfig(stable_window_steps=200, stable_min_reports=5)
 
 
 class Run:
-    """A job fed with reports every ``every`` steps; checkpoints every ``ckpt_every``."""
+    """A job fed with reports every ``every`` steps; checkpoints every ``ckpt_every``.
+    ``lr`` is the user's own lr, ``scale`` trimtab's multiplier on it (the knob model)."""
 
     def __init__(self, every: int = 10, ckpt_every: int = 100, cfg: RollbackConfig = CFG,
                  lr: float = 0.1, clip: float | None = None) -> None:
         self.every, self.ckpt_every, self.cfg = every, ckpt_every, cfg
-        self.knobs = wire.Knobs(lr=lr, clip=clip)
+        self.lr, self.scale, self.clip = lr, 1.0, clip
         self.job = JobState.from_register(wire.Register(
-            job="j", run_id="r", report_every=every, facts=FACTS, knobs=self.knobs))
+            job="j", run_id="r", report_every=every, facts=FACTS, **self.in_force()))
         self.seq, self.step, self.ckpts = 0, 0, []
         self.obs = []
 
@@ -38,13 +39,18 @@ class Run:
     def rb(self) -> RollbackState:
         return self.job.rollback
 
+    def in_force(self) -> dict:
+        """``knobs`` (effective), ``base`` and ``scale`` as the client reports them."""
+        return {"knobs": wire.Knobs(lr=self.lr * self.scale, clip=self.clip),
+                "base": wire.Knobs(lr=self.lr), "scale": wire.Scale(lr=self.scale)}
+
     def report(self, loss: float = 1.0, **over) -> None:
         self.seq += 1
         self.step += self.every
         if self.step % self.ckpt_every == 0:
             self.ckpts = [*self.ckpts, self.step][-8:]
         fields = {"loss_mean": loss, "loss_min": loss * 0.99, "grad_norm_mean": 1.0,
-                  "checkpoints": list(self.ckpts), "knobs": self.knobs, **over}
+                  "checkpoints": list(self.ckpts), **self.in_force(), **over}
         self.job.observe(wire.Report(job="j", seq=self.seq, step=self.step, window=self.every,
                                      **fields))
         self.obs.append(self.rb.observe(self.job.view(), self.cfg))
@@ -137,6 +143,38 @@ def test_a_stable_mark_reported_by_the_client_is_adopted():
     assert run.obs[-1].adopted_stable == 100 and run.rb.stable_step == 100
 
 
+def test_a_checkpoints_values_are_those_of_the_report_ending_at_its_step():
+    run = Run()
+    run.to(90)
+    run.report(checkpoints=[])  # step 100: the checkpoint there is not listed yet
+    run.scale = 0.5  # changed in the window after it
+    run.report()  # step 110 lists the checkpoint at 100
+    assert run.obs[-1].new_checkpoints == (100,)
+    assert run.rb.at_checkpoint[100]["knobs"]["lr"] == 1.0
+    # A checkpoint at a step no report ended at takes the first report listing it.
+    run.report(checkpoints=[100, 115])  # step 120
+    assert run.rb.at_checkpoint[115]["knobs"]["lr"] == 0.5
+
+
+def test_the_checkpoint_at_registration_holds_the_registrations_values():
+    run = Run()
+    run.scale = 0.5
+    run.report(checkpoints=[0])  # step 10 lists the guard's snapshot at attach
+    assert run.rb.at_checkpoint[0]["knobs"]["lr"] == 1.0
+    assert run.rb.at_checkpoint[0]["grad_norm_ema"] is None
+
+
+def test_the_values_in_force_are_kept_for_the_newest_steps_only():
+    run = Run()
+    run.to(500)
+    assert sorted(run.rb.in_force_at) == list(range(190, 510, 10))  # the newest 32
+    assert run.mark() == 300
+    run.to(550)
+    run.rb.note_ordered(_plan(run))
+    run.restore(300)
+    assert max(run.rb.in_force_at) == 300  # the abandoned trajectory's are forgotten
+
+
 # -- planning, escalation, budget ------------------------------------------------------------
 
 
@@ -148,21 +186,46 @@ def _stable_run(**kw) -> Run:
     return run
 
 
-def test_the_plan_targets_the_newest_stable_checkpoint_with_the_lr_there_cut():
+def _plan(run: Run, cause: str = "nonfinite", reason: str = "why", cfg=None):
+    """The plan the engine would make: relative to the controlled values in force now."""
+    return plan_rollback(cause, reason, run.rb, cfg or run.cfg,
+                         in_force=run.job.knobs.model_dump())
+
+
+def test_the_plan_targets_the_newest_stable_checkpoint_with_the_lr_in_force_cut():
     run = _stable_run()
-    run.knobs = wire.Knobs(lr=0.05)  # changed since the checkpoint
+    run.scale = 0.5  # trimtab's multiplier changed since the checkpoint
     run.report()
-    plan = plan_rollback("loss_spike", "loss spike: z=9", run.rb, CFG)
+    plan = _plan(run, "loss_spike", "loss spike: z=9", CFG)
     assert (plan.target_step, plan.from_step, plan.level, plan.cut) == (200, 460, 1, 0.5)
-    assert plan.restored["lr"] == 0.1 and plan.targets == {"lr": 0.05}
+    # The cut is on the multiplier in force at the fault (0.5), not the checkpoint's (1.0).
+    assert plan.restored["lr"] == 1.0 and plan.in_force["lr"] == 0.5
+    assert plan.targets == {"lr": 0.25}
     assert plan.cooldown_steps == 100 and plan.reason == "loss spike: z=9"
 
 
+def test_the_cut_is_on_the_multiplier_not_the_users_lr_however_its_schedule_moved():
+    run = _stable_run()
+    run.lr = 0.01  # the user's own schedule decayed 10x since the checkpoint
+    run.report()
+    plan = _plan(run)
+    assert plan.restored["lr"] == 1.0 and plan.targets == {"lr": 0.5}
+
+
+def test_a_plan_without_the_values_in_force_cuts_from_the_checkpoints():
+    run = _stable_run()
+    run.scale = 0.5
+    run.report()
+    plan = plan_rollback("nonfinite", "x", run.rb, CFG)
+    assert plan.in_force["lr"] == 1.0 and plan.targets == {"lr": 0.5}
+
+
 def _roll(run: Run, cause: str = "nonfinite"):
-    plan = plan_rollback(cause, "why", run.rb, run.cfg)
+    plan = _plan(run, cause)
     assert plan is not None, why_no_rollback(run.rb, run.cfg)
     run.rb.note_ordered(plan)
     lost = run.restore(plan.target_step)
+    run.scale = plan.targets.get("lr", run.scale)  # the client applies the cut
     return plan, lost
 
 
@@ -177,7 +240,12 @@ def test_repeated_rollbacks_near_one_step_deepen_the_cut_and_lengthen_the_cooldo
         run.to(200 + plan.cooldown_steps + 10)
     assert [p.level for p in plans] == [1, 2, 3]
     assert [p.cut for p in plans] == [0.5, 0.25, 0.125]
-    assert [p.targets["lr"] for p in plans] == [0.05, 0.025, 0.0125]
+    # The multiplier at the checkpoint is 1.0 each time; the one in force at each fault is
+    # the previous cut, and the escalation is measured from the first fault's (1.0).
+    assert [p.restored["lr"] for p in plans] == [1.0, 1.0, 1.0]
+    assert [p.in_force["lr"] for p in plans] == [1.0, 0.5, 0.25]
+    assert [r.fault_lr for r in run.rb.history] == [1.0, 0.5, 0.25]
+    assert [p.targets["lr"] for p in plans] == [0.5, 0.25, 0.125]
     assert [p.cooldown_steps for p in plans] == [100, 200, 400]
     assert run.rb.steps_lost == sum(p.from_step - 200 for p in plans)
     assert run.rb.rollbacks == {"nonfinite": 3} and run.rb.restored == 3
@@ -196,6 +264,17 @@ def test_past_the_budget_no_rollback_is_planned_and_the_reason_names_it():
                    "(budget 2): 450->200 (loss_spike), 260->200 (nonfinite)")
     run.rb.raise_alert(why)
     assert why_no_rollback(run.rb, run.cfg) == ("alert", f"job in rollback alert: {why}")
+
+
+def test_escalation_does_not_compound_on_a_cut_already_in_force():
+    run = _stable_run(cfg=RollbackConfig(budget=5))
+    first, _ = _roll(run)
+    run.to(200 + first.cooldown_steps + 10)
+    run.scale = 0.1  # a policy cut the multiplier far below the first rollback's
+    run.report()
+    second = _plan(run)
+    # Level 2 from the first fault's 1.0 would be 0.25: never above base_cut x in force.
+    assert second.level == 2 and second.targets == {"lr": pytest.approx(0.05)}
 
 
 def test_rollbacks_far_apart_do_not_escalate():
@@ -257,7 +336,7 @@ def test_clip_tightens_when_configured():
 
 def test_a_restore_forgets_the_abandoned_trajectory():
     run = _stable_run()
-    run.job.note_change("lr", "p", 0.1, 0.05, 1000)  # at step 450
+    run.job.note_change("lr", "p", 1.0, 0.5, 1000)  # at step 450
     plan = plan_rollback("nonfinite", "x", run.rb, CFG)
     run.job.rewind_controls(plan.target_step)
     assert run.job.last_change_step["lr"] == 200 and run.job.memory["lr"].history == []
@@ -292,14 +371,6 @@ def test_state_dict_round_trips_through_json():
     sd["extra"] = 1
     with pytest.raises(ValueError, match=r"RollbackState state_dict: .*unexpected keys"):
         back.load_state_dict(sd)
-
-
-def test_a_state_written_before_rollback_existed_loads_with_none():
-    sd = Run().job.state_dict()
-    del sd["rollback"]
-    sd["version"] = 1
-    job = JobState.from_state_dict(sd)
-    assert job.rollback.stable == [] and job.state_dict()["version"] == 2
 
 
 def test_config_is_validated_and_escalates_as_documented():

@@ -24,6 +24,8 @@ from trimtab.controller.scale import (
 from trimtab.controller.service import Controller
 from trimtab.controller.state import JobState
 
+HERE = "tests.controller.test_scale_defaults"
+
 
 def facts(optimizer: str = "AdamW", batch_size: int | None = 256, world_size: int = 1):
     return wire.ScaleFacts(
@@ -49,18 +51,37 @@ def job(optimizer: str = "AdamW", **knobs) -> JobState:
     )
 
 
+def in_force(st: JobState) -> dict:
+    """``knobs`` (effective), ``base`` and ``scale`` a client reports with ``st``'s controlled
+    values in force on the user's own values (those it registered with)."""
+    base, c = st.registered, st.knobs
+    return {
+        "knobs": wire.Knobs(
+            lr=None if base.lr is None else base.lr * c.lr,
+            momentum=c.momentum,
+            weight_decay=None if base.weight_decay is None else base.weight_decay * c.weight_decay,
+            clip=c.clip,
+        ),
+        "base": base.model_copy(update={"clip": None}),
+        "scale": wire.Scale(
+            lr=1.0 if c.lr is None else c.lr,
+            weight_decay=1.0 if c.weight_decay is None else c.weight_decay,
+        ),
+    }
+
+
 def feed(st: JobState, n: int = 1, **fields) -> None:
     for _ in range(n):
         i = st.reports_seen + 1
         st.observe(
             wire.Report(
-                job="s", seq=i, step=10 * i, window=10, loss_mean=1.0, knobs=st.knobs, **fields
+                job="s", seq=i, step=10 * i, window=10, loss_mean=1.0, **in_force(st), **fields
             )
         )
 
 
 def apply(st: JobState, commands: dict[str, float]) -> None:
-    """The client applied ``commands`` (as its ack would say)."""
+    """The client applied ``commands`` (controlled values, as its ack would say)."""
     st.on_applied(st.applied_seq + 1, st.knobs.model_copy(update=commands))
 
 
@@ -104,17 +125,24 @@ def test_no_range_for_an_optimizer_of_neither_family():
 
 
 def test_derived_lr_bounds_join_the_relative_band_and_the_family_range():
-    # A sensible start: the band [1e-6, 1e-2] and the range [1e-5, 1e-2] -> [1e-6, 1e-2].
+    # A sensible start at 1e-3: the multiplier band [1e-3, 10] and the range [1e-5, 1e-2]
+    # over the registered lr, [1e-2, 10] -> [1e-3, 10]; the effective lr capped at 1e-2.
     d = derive_limits(ctx("AdamW"), GovernorConfig(), set(), wire.Knobs(lr=1e-3))
-    assert (d.config.lr.min, d.config.lr.max) == (pytest.approx(1e-6), pytest.approx(1e-2))
-    assert (d.config.lr.min_rel, d.config.lr.max_rel) == (None, None)
+    assert (d.config.lr.min_rel, d.config.lr.max_rel) == (pytest.approx(1e-3), pytest.approx(10))
+    assert (d.config.lr.min, d.config.lr.max) == (None, pytest.approx(1e-2))
     # Everything else stays as configured.
     assert d.config.lr.max_step_ratio == 2.0 and d.config.clip == GovernorConfig().clip
     (note,) = d.notes
-    assert note.startswith(
-        "lr bounds [1e-06, 0.01]: adam family range [1e-05, 0.01] "
-        "(sqrt rule, global batch 256 vs 256)"
+    assert note == (
+        "lr multiplier bounds [0.001, 10], effective lr capped at 0.01: adam family range "
+        "[1e-05, 0.01] (sqrt rule, global batch 256 vs 256) joined with the configured band "
+        "around the registered lr 0.001"
     )
+
+
+def test_the_cap_is_the_band_over_the_registered_lr_where_that_is_above_the_range():
+    d = derive_limits(ctx("AdamW"), GovernorConfig(), set(), wire.Knobs(lr=0.1))
+    assert d.config.lr.max == pytest.approx(1.0)  # 10 x 0.1, above the range's 1e-2
 
 
 @pytest.mark.parametrize(
@@ -125,16 +153,20 @@ def test_derived_lr_bounds_join_the_relative_band_and_the_family_range():
     ],
 )
 def test_a_start_100x_off_can_be_moved_into_the_sane_range(lr, old_hi, new_hi):
+    # Bounds are on the multiplier (1.0: the registered lr); the effective lr is the
+    # multiplier times the user's lr, capped at the derived lr.max.
     d = derive_limits(ctx("AdamW"), GovernorConfig(), set(), wire.Knobs(lr=lr))
     new, old = Governor(d.config), Governor()
-    assert old.bounds("lr", lr) == (pytest.approx(lr * 1e-3), pytest.approx(old_hi))
-    lo, hi = new.bounds("lr", lr)
-    assert hi == pytest.approx(new_hi)
-    assert lo <= 1e-5 and lo <= lr <= hi  # the sane range and the start are both inside
+    assert old.bounds("lr", 1.0) == (pytest.approx(1e-3), pytest.approx(10.0))
+    assert 10.0 * lr == pytest.approx(old_hi)
+    lo, hi = new.bounds("lr", 1.0)
+    assert min(hi * lr, d.config.lr.max) == pytest.approx(new_hi)
+    # The sane range and the start (multiplier 1) are both inside.
+    assert lo * lr <= 1e-5 * (1 + 1e-9) and lo <= 1.0 <= hi
 
 
 def test_a_too_low_start_is_raised_past_10x_by_a_policy_only_with_derived_bounds():
-    def run(governor: Governor) -> float:
+    def run(governor: Governor) -> tuple[float, float]:
         st = job(lr=1e-5)
         eng = Engine([Ask(Proposal("lr", factor=2.0, reason="too slow"))], governor)
         for _ in range(700):  # 7000 steps; the slew limit allows 4x per 1000
@@ -142,11 +174,15 @@ def test_a_too_low_start_is_raised_past_10x_by_a_policy_only_with_derived_bounds
             d = eng.decide(st)
             if d.commands:
                 apply(st, d.commands)
-        return st.knobs.lr
+        feed(st)
+        return st.knobs.lr, st.effective.lr
 
     derived = derive_limits(ctx("AdamW"), GovernorConfig(), set(), wire.Knobs(lr=1e-5))
-    assert run(Governor()) == pytest.approx(1e-4)  # the relative band's 10x
-    assert run(Governor(derived.config)) == pytest.approx(1e-2)  # the family range's top
+    # The relative band's 10x: multiplier 10, lr 1e-4.
+    assert run(Governor()) == (pytest.approx(10.0), pytest.approx(1e-4))
+    # The family range's top: multiplier 1000, lr 1e-2 (the derived cap, lr.max).
+    assert run(Governor(derived.config)) == (pytest.approx(1000.0), pytest.approx(1e-2))
+    assert derived.config.lr.max == pytest.approx(1e-2)
 
 
 # -- explicit configuration wins ------------------------------------------------------------
@@ -169,13 +205,15 @@ def test_lr_limits_set_in_the_config_are_not_derived(tmp_path, source):
         cfg = load_config(env={"TRIMTAB_GOVERNOR__LR__MAX_REL": "2.0"}).governor
     d = derive_limits(ctx("SGD"), cfg, explicit_fields(cfg), wire.Knobs(lr=0.1))
     assert d.config.lr == cfg.lr and d.notes == ()
-    assert Governor(d.config).bounds("lr", 0.1)[1] == pytest.approx(0.2)
+    assert Governor(d.config).bounds("lr", 1.0)[1] == pytest.approx(2.0)  # the multiplier's
+    assert d.config.lr.max is None  # and no cap derived
 
 
 def test_a_clip_table_leaves_the_lr_derivation_on():
     cfg = GovernorConfig(clip={"max": 5.0})
     d = derive_limits(ctx("SGD"), cfg, explicit_fields(cfg), wire.Knobs(lr=0.1))
-    assert (d.config.lr.min, d.config.lr.max) == (pytest.approx(1e-4), pytest.approx(1.0))
+    assert (d.config.lr.min_rel, d.config.lr.max_rel) == (pytest.approx(1e-3), pytest.approx(10))
+    assert d.config.lr.max == pytest.approx(1.0) and len(d.notes) == 1
     assert d.config.clip == cfg.clip
 
 
@@ -229,21 +267,53 @@ def test_each_job_gets_its_own_derived_governor_and_a_log_line(tmp_path, caplog)
         ctl.handle(b"b", register("adam-job", "AdamW", 1e-3, 1024))
     sgd = ctl.engine_for("sgd-job").governor
     adam = ctl.engine_for("adam-job").governor
-    assert sgd.bounds("lr", 0.1) == (pytest.approx(1e-4), pytest.approx(1.0))
-    assert adam.bounds("lr", 1e-3) == (pytest.approx(1e-6), pytest.approx(2e-2))
+    # Multiplier bounds (x the registered lr: [1e-4, 1] and [1e-6, 2e-2]) and the lr cap.
+    assert sgd.bounds("lr", 1.0) == (pytest.approx(1e-3), pytest.approx(10.0))
+    assert sgd.limits("lr").max == pytest.approx(1.0)
+    assert adam.bounds("lr", 1.0) == (pytest.approx(1e-3), pytest.approx(20.0))
+    assert adam.limits("lr").max == pytest.approx(2e-2)
     assert ctl.engine_for("sgd-job").policies == ctl.engine.policies  # same policies
-    assert ctl.engine.governor.bounds("lr", 0.1) == (pytest.approx(1e-4), pytest.approx(1.0))
+    assert ctl.engine.governor.bounds("lr", 1.0) == (pytest.approx(1e-3), pytest.approx(10.0))
+    assert ctl.engine.governor.limits("lr").max is None
     lines = [r.getMessage() for r in caplog.records if "derived from its scale" in r.getMessage()]
     assert lines == [
-        "job sgd-job: governor limit derived from its scale: lr bounds [0.0001, 1]: sgd family "
-        "range [0.000125, 0.125] (linear rule, global batch 32 vs 256) joined with the "
-        "relative band around the initial lr 0.1",
-        "job adam-job: governor limit derived from its scale: lr bounds [1e-06, 0.02]: adam "
-        "family range [2e-05, 0.02] (sqrt rule, global batch 1024 vs 256) joined with the "
-        "relative band around the initial lr 0.001",
+        "job sgd-job: governor limit derived from its scale: lr multiplier bounds [0.001, 10], "
+        "effective lr capped at 1: sgd family range [0.000125, 0.125] (linear rule, global "
+        "batch 32 vs 256) joined with the configured band around the registered lr 0.1",
+        "job adam-job: governor limit derived from its scale: lr multiplier bounds [0.001, 20], "
+        "effective lr capped at 0.02: adam family range [2e-05, 0.02] (sqrt rule, global batch "
+        "1024 vs 256) joined with the configured band around the registered lr 0.001",
     ]
     ctl.handle(b"a", wire.encode(wire.Bye(job="sgd-job", step=0, reason="done")))
     assert "sgd-job" not in ctl._job_governors and "sgd-job" not in ctl._job_engines
+    ctl.close()
+
+
+class Double(Policy):
+    """Asks for the lr x2 at every decision."""
+
+    name: ClassVar[str] = "double"
+
+    def propose(self, view):
+        return [Proposal("lr", factor=2.0, reason="up")]
+
+
+def test_a_command_carries_the_jobs_derived_cap_on_the_effective_lr(tmp_path):
+    cfg = ControllerConfig(
+        journal=str(tmp_path / "j.db"),
+        metrics_port=0,
+        allow_plugins=[f"{HERE}:*"],
+        policies=[PolicySpec(name=f"{HERE}:Double")],
+    )
+    ctl = Controller(cfg, Journal(cfg.journal), registry=CollectorRegistry())
+    ctl.handle(b"a", register("sgd-job", "SGD", 0.1, 32))
+    report = wire.Report(
+        job="sgd-job", seq=1, step=10, window=10, loss_mean=1.0, knobs=wire.Knobs(lr=0.1),
+        base=wire.Knobs(lr=0.1),
+    )
+    (cmd,) = [wire.decode(f) for _, f in ctl.handle(b"a", wire.encode(report))]
+    assert cmd.scale.lr == pytest.approx(2.0) and cmd.knobs.lr is None
+    assert cmd.lr_max == pytest.approx(1.0)  # the job's own, derived from its scale
     ctl.close()
 
 
@@ -311,27 +381,29 @@ def _named(p: Proposal, i: int) -> Policy:
 @pytest.mark.parametrize("optimizer", ["AdamW", "SGD"])
 def test_keep_product_holds_lr_times_wd_when_a_policy_changes_only_lr(optimizer):
     out = coupled(optimizer, "keep_product", [Proposal("lr", factor=0.5, reason="decay")])
-    assert out == {"lr": pytest.approx(5e-4), "weight_decay": pytest.approx(0.2)}
-    assert out["lr"] * out["weight_decay"] == pytest.approx(1e-3 * 0.1)
+    # Multipliers on the user's lr (1e-3) and wd (0.1): their product stays 1, so the
+    # effective lr x wd stays 1e-3 x 0.1.
+    assert out == {"lr": pytest.approx(0.5), "weight_decay": pytest.approx(2.0)}
+    assert out["lr"] * out["weight_decay"] == pytest.approx(1.0)
 
 
 def test_follow_is_the_default_and_leaves_wd_alone():
     assert GovernorConfig().wd_coupling == "follow"
     out = coupled("AdamW", "follow", [Proposal("lr", factor=0.5, reason="decay")])
-    assert out == {"lr": pytest.approx(5e-4)}
+    assert out == {"lr": pytest.approx(0.5)}
 
 
 def test_no_coupling_where_decay_is_not_lr_times_wd_or_a_policy_set_wd():
     # Adam's L2 goes through its normalisation: lr x wd is not its decay.
     assert coupled("Adam", "keep_product", [Proposal("lr", factor=0.5, reason="d")]) == {
-        "lr": pytest.approx(5e-4)
+        "lr": pytest.approx(0.5)
     }
     out = coupled(
         "AdamW",
         "keep_product",
-        [Proposal("lr", factor=0.5, reason="d"), Proposal("weight_decay", value=0.15, reason="w")],
+        [Proposal("lr", factor=0.5, reason="d"), Proposal("weight_decay", value=1.5, reason="w")],
     )
-    assert out == {"lr": pytest.approx(5e-4), "weight_decay": pytest.approx(0.15)}
+    assert out == {"lr": pytest.approx(0.5), "weight_decay": pytest.approx(1.5)}
 
 
 def test_the_coupled_wd_stays_within_its_bounds():
@@ -342,13 +414,14 @@ def test_the_coupled_wd_stays_within_its_bounds():
         Governor(
             GovernorConfig(
                 wd_coupling="keep_product",
-                weight_decay={"min": 0.0, "max": 0.15, "allow_zero": True},
+                weight_decay={"min_rel": 0.0, "max_rel": 1.5, "allow_zero": True},
             )
         ),
     )
     kd = eng.decide(st).knobs["weight_decay"]
-    assert (kd.target, kd.commanded, kd.limits) == (pytest.approx(0.2), 0.15, ("bounds",))
-    assert kd.reason.startswith("wd_coupling=keep_product: lr x wd stays 0.0001")
+    # The wd multiplier would be 2.0; its bound is 1.5 (x the user's 0.1: 0.15).
+    assert (kd.target, kd.commanded, kd.limits) == (pytest.approx(2.0), 1.5, ("bounds",))
+    assert kd.reason == "wd_coupling=keep_product: lr x wd stays 1 as lr goes 1 -> 0.5"
 
 
 # -- a real `trimtab serve`: a run started 100x too low is raised past 10x ---------------------
@@ -377,7 +450,7 @@ reversal_min_change = 0.2
 
 def _too_low_run(tmp_path, config: str) -> tuple[float, str]:
     """AdamW at lr 1e-5 (its range at batch 64 is [5e-6, 5e-3]) for 4000 steps against a
-    real ``trimtab serve``; the final lr and the controller's log."""
+    real ``trimtab serve``; the effective lr of the last step and the controller's log."""
     from trimtab.client import attach
 
     from ..integration.support import Regression, free_port, start_serve
@@ -401,7 +474,11 @@ def _too_low_run(tmp_path, config: str) -> tuple[float, str]:
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 guard.step(loss)
-        return opt.param_groups[0]["lr"], srv.log()
+            # Between steps the param groups hold the user's own lr (1e-5); the step used
+            # it times trimtab's multiplier, capped at the derived lr.max.
+            assert opt.param_groups[0]["lr"] == 1e-5
+            used = guard.knobs.lr
+        return used, srv.log()
     finally:
         srv.proc.terminate()
         srv.proc.wait(timeout=10)
@@ -416,7 +493,8 @@ def test_a_real_run_started_100x_too_low_rises_past_10x_only_with_derived_bounds
         f"\nAdamW from lr 1e-5, 4000 steps: derived bounds -> lr {derived_lr:.3g}; "
         f"the old relative band, set explicitly -> lr {old_lr:.3g}"
     )
-    assert "job too-low: governor limit derived from its scale: lr bounds [1e-08, 0.005]" in log
+    assert ("job too-low: governor limit derived from its scale: lr multiplier bounds "
+            "[0.001, 500], effective lr capped at 0.005") in log
     assert "lr bounds not derived from its scale (set in the configuration)" in old_log
     assert old_lr <= 1e-4 * (1 + 1e-9)  # stopped by the relative band's 10x
     assert 1e-4 < derived_lr <= 5e-3  # past it, within the family's range

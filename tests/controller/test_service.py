@@ -32,20 +32,27 @@ def make(tmp_path, **over) -> tuple[Controller, Clock]:
     return Controller(cfg, Journal(cfg.journal), registry=CollectorRegistry(), clock=clock), clock
 
 
+def in_force(lr: float = 1.0, base_lr: float = 0.1) -> dict:
+    """``knobs`` (effective), ``base`` and ``scale`` with trimtab's lr multiplier ``lr`` on
+    the user's own ``base_lr`` (weight decay 0 times a multiplier 1)."""
+    return {"knobs": wire.Knobs(lr=base_lr * lr, momentum=0.9, weight_decay=0.0),
+            "base": wire.Knobs(lr=base_lr, momentum=0.9, weight_decay=0.0),
+            "scale": wire.Scale(lr=lr)}
+
+
 def register(job="j1", run_id="r1", applied_seq=0) -> bytes:
     return wire.encode(wire.Register(
         job=job, run_id=run_id, report_every=10, applied_seq=applied_seq,
         facts=wire.ScaleFacts(param_count=100, group_sizes=[100], optimizer="SGD",
                               dtype="float32", device="cpu"),
-        knobs=wire.Knobs(lr=0.1, momentum=0.9, weight_decay=0.0)))
+        **in_force()))
 
 
-def report(seq, loss=1.0, job="j1", nonfinite=0, applied_seq=0, lr=0.1) -> bytes:
+def report(seq, loss=1.0, job="j1", nonfinite=0, applied_seq=0, lr=1.0) -> bytes:
     return wire.encode(wire.Report(
         job=job, seq=seq, step=seq * 10, window=10, loss_mean=loss, loss_last=loss,
         loss_min=loss, loss_max=loss, grad_norm_mean=1.0, grad_norm_max=1.0, grad_norm_std=0.0,
-        nonfinite_grads=nonfinite, knobs=wire.Knobs(lr=lr, momentum=0.9, weight_decay=0.0),
-        applied_seq=applied_seq))
+        nonfinite_grads=nonfinite, applied_seq=applied_seq, **in_force(lr)))
 
 
 def decoded(replies):
@@ -67,24 +74,34 @@ def test_nonfinite_report_triggers_a_bounded_command_then_ack(tmp_path):
         assert ctl.handle(PEER, report(seq)) == []
     (cmd,) = decoded(ctl.handle(PEER, report(4, nonfinite=3)))
     assert isinstance(cmd, wire.Command) and cmd.seq == 1
-    assert cmd.knobs.lr == pytest.approx(0.05)
+    # Half the user's own lr: the multiplier 0.5, sent as a scale; no absolute lr.
+    assert cmd.scale.lr == pytest.approx(0.5) and cmd.knobs.lr is None
     assert any("spike_guard" in r for r in cmd.reasons)
     # No new decision while a command is unacknowledged; it is re-sent when not applied.
     assert ctl.handle(PEER, report(5, nonfinite=3)) == []
     (again,) = decoded(ctl.handle(PEER, report(6, nonfinite=3)))
     assert again == cmd
-    ctl.handle(PEER, wire.encode(wire.Ack(job="j1", seq=1, step=60,
-                                          knobs=wire.Knobs(lr=0.05, momentum=0.9))))
-    assert ctl.jobs["j1"].knobs.lr == pytest.approx(0.05)
+    ctl.handle(PEER, wire.encode(wire.Ack(job="j1", seq=1, step=60, **in_force(0.5))))
+    st = ctl.jobs["j1"]
+    assert st.knobs.lr == pytest.approx(0.5) and st.effective.lr == pytest.approx(0.05)
+    assert st.base.lr == 0.1
     kinds = [e.kind for e in ctl.journal.events("j1")]
     assert kinds.count("command") == 1 and "decision" in kinds and kinds[-1] == "ack"
+    # The journal keeps the multipliers apart from the absolute knobs, and the lr cap.
+    (sent,) = ctl.journal.events("j1", "command")
+    assert sent.data["scale"] == {"lr": pytest.approx(0.5)} and sent.data["knobs"] == {}
+    # The lr's bounds are configured here, so none is derived: no cap on the effective lr.
+    assert sent.data["lr_max"] is None and cmd.lr_max is None
+    ack = ctl.journal.events("j1", "ack")[-1]
+    assert (ack.data["knobs"]["lr"], ack.data["base"]["lr"], ack.data["scale"]["lr"]) == (
+        pytest.approx(0.05), 0.1, 0.5)
 
 
 def test_unknown_job_and_client_only_types_are_refused_and_counted(tmp_path):
     ctl, _ = make(tmp_path)
     (err,) = decoded(ctl.handle(PEER, report(1, job="ghost")))
     assert isinstance(err, wire.Error) and err.code == "unknown_job" and err.job == "ghost"
-    cmd = wire.encode(wire.Command(job="ghost", seq=1, knobs=wire.Knobs(lr=1.0)))
+    cmd = wire.encode(wire.Command(job="ghost", seq=1, scale=wire.ScaleTargets(lr=1.0)))
     (err,) = decoded(ctl.handle(PEER, cmd))
     assert err.code == "unexpected"
     text = generate_latest(ctl.metrics.registry).decode()
@@ -125,6 +142,24 @@ def test_restarted_controller_resumes_job_state_from_the_journal(tmp_path):
     assert ctl2.journal.events("j1", "register")[-1].data["resumed"] == "journal"
 
 
+def test_a_journaled_state_from_before_the_knob_model_is_not_resumed(tmp_path, caplog):
+    ctl, _ = make(tmp_path)
+    ctl.handle(PEER, register())
+    for seq in range(1, 5):
+        ctl.handle(PEER, report(seq))
+    old = ctl.jobs["j1"].state_dict()
+    old["version"] = 2  # written by a controller before the knob model
+    ctl.journal.save_state("j1", old)
+    ctl.journal.close()
+
+    ctl2, _ = make(tmp_path)
+    with caplog.at_level("WARNING", logger="trimtab.controller"):
+        ctl2.handle(b"peer-2", register())
+    assert ctl2.jobs["j1"].reports_seen == 0
+    assert ctl2.journal.events("j1", "register")[-1].data["resumed"] == "new"
+    assert "journaled state not resumed (JobState state_dict version 2, expected 3" in caplog.text
+
+
 def test_a_new_run_of_the_same_job_starts_fresh(tmp_path):
     ctl, _ = make(tmp_path)
     ctl.handle(PEER, register(run_id="r1"))
@@ -139,15 +174,20 @@ def test_a_new_run_of_the_same_job_starts_fresh(tmp_path):
 
 
 class FakeClient:
-    """Reports like a client with a checkpoint every 50 steps; acks as told."""
+    """Reports like a client with a checkpoint every 50 steps; acks as told. ``base_lr`` is
+    the user's own lr, ``lr`` trimtab's multiplier on it."""
 
     def __init__(self, ctl: Controller, job: str = "rb") -> None:
         self.ctl, self.job = ctl, job
         self.seq = self.step = self.applied = 0
         self.ckpts: list[int] = []
         self.stable: int | None = None
-        self.lr = 0.1
+        self.base_lr, self.lr = 0.1, 1.0
         ctl.handle(PEER, register(job=job))
+
+    def in_force(self) -> dict:
+        return {"knobs": wire.Knobs(lr=self.base_lr * self.lr),
+                "base": wire.Knobs(lr=self.base_lr), "scale": wire.Scale(lr=self.lr)}
 
     def report(self, **fault) -> list[wire.Command]:
         self.seq += 1
@@ -157,7 +197,7 @@ class FakeClient:
         loss = 1.0 + 0.001 * (self.seq % 3)
         frame = wire.encode(wire.Report(
             job=self.job, seq=self.seq, step=self.step, window=10, loss_mean=loss,
-            loss_min=loss - 0.01, grad_norm_mean=1.0, knobs=wire.Knobs(lr=self.lr),
+            loss_min=loss - 0.01, grad_norm_mean=1.0, **self.in_force(),
             applied_seq=self.applied, checkpoints=list(self.ckpts), stable_step=self.stable,
             **fault))
         return [m for m in decoded(self.ctl.handle(PEER, frame)) if isinstance(m, wire.Command)]
@@ -179,11 +219,11 @@ class FakeClient:
         if cmd.rollback_to is not None and restore:
             restored = self.step = cmd.rollback_to
             self.ckpts = [s for s in self.ckpts if s <= restored]
-        if cmd.knobs.lr is not None:
-            self.lr = cmd.knobs.lr
+        if cmd.scale.lr is not None:
+            self.lr = cmd.scale.lr
         self.applied = cmd.seq
         self.ctl.handle(PEER, wire.encode(wire.Ack(
-            job=self.job, seq=cmd.seq, step=self.step, knobs=wire.Knobs(lr=self.lr),
+            job=self.job, seq=cmd.seq, step=self.step, **self.in_force(),
             restored_step=restored, error=error)))
 
 
@@ -207,7 +247,8 @@ def test_checkpoints_are_journaled_and_marked_stable_after_a_healthy_window(tmp_
     c = FakeClient(ctl)
     assert c.run_to(90) == []
     (cmd,) = c.report()  # step 100: the checkpoint at 50 has 50 healthy steps after it
-    assert (cmd.mark_stable, cmd.rollback_to, cmd.knobs.set()) == (50, None, {})
+    assert (cmd.mark_stable, cmd.rollback_to, cmd.knobs.set(), cmd.scale.set()) == (
+        50, None, {}, {})
     assert cmd.reasons == ["checkpoint at step 50 marked stable: healthy for 50 steps after it"]
     c.ack(cmd)
     assert [e.data["step"] for e in ctl.journal.events("rb", "checkpoint")] == [50, 100]
@@ -231,7 +272,7 @@ def test_a_nonfinite_report_rolls_back_to_the_newest_stable_checkpoint(tmp_path)
     c = _stable_at_150(ctl)
     (cmd,) = c.report(nonfinite_grads=4)  # step 240
     assert cmd.rollback_to == 150 and cmd.mark_stable is None
-    assert cmd.knobs.lr == pytest.approx(0.05)
+    assert cmd.scale.lr == pytest.approx(0.5)
     assert cmd.reasons[0].startswith("rollback from step 240 to stable step 150 (level 1")
     (order,) = ctl.journal.events("rb", "rollback")
     assert (order.data["reason"], order.data["level"], order.data["target"]) == (
@@ -243,7 +284,8 @@ def test_a_nonfinite_report_rolls_back_to_the_newest_stable_checkpoint(tmp_path)
     assert restored.data["restored_step"] == 150 and restored.data["steps_lost"] == 90
     assert kinds(ctl)[-2:] == ["ack", "restored"]
     st = ctl.jobs["rb"]
-    assert st.step == 150 and st.view().signals.slope_n == 0 and st.knobs.lr == 0.05
+    assert st.step == 150 and st.view().signals.slope_n == 0 and st.knobs.lr == 0.5
+    assert st.effective.lr == pytest.approx(0.05)
     assert metric(ctl, 'trimtab_rollbacks_total{job="rb",reason="nonfinite"} 1.0')
     assert metric(ctl, 'trimtab_rollback_steps_lost_total{job="rb"} 90.0')
     assert metric(ctl, 'trimtab_rollback_alert{job="rb"} 0.0')
@@ -255,15 +297,17 @@ def test_a_recurring_fault_ends_in_alert_with_its_reason_then_plain_cuts(tmp_pat
     orders = []
     for _ in range(2):
         (cmd,) = c.report(nonfinite_grads=1)
-        orders.append((cmd.rollback_to, cmd.knobs.lr,
+        orders.append((cmd.rollback_to, cmd.scale.lr,
                        ctl.journal.events("rb", "rollback")[-1].data["level"]))
         c.ack(cmd)
         c.run_to(c.step + 100)  # past the cooldown, healthy; 200 becomes stable meanwhile
-    # The second goes to the newer stable checkpoint, one level deeper: lr 0.1 x 0.25, not
-    # 0.05 (the LR in force at 200, after the first cut) x 0.25.
-    assert orders == [(150, 0.05, 1), (200, 0.025, 2)]
+    # The second goes to the newer stable checkpoint, one level deeper: the multiplier in
+    # force at the first fault (1.0) x 0.25, not the one in force at the second (0.5, after
+    # the first cut) x 0.25.
+    assert orders == [(150, 0.5, 1), (200, 0.25, 2)]
+    assert [r.fault_lr for r in ctl.jobs["rb"].rollback.history] == [1.0, 0.5]
     (cmd,) = c.report(nonfinite_grads=1)
-    assert cmd.rollback_to is None and cmd.knobs.lr == pytest.approx(c.lr * 0.5)
+    assert cmd.rollback_to is None and cmd.scale.lr == pytest.approx(c.lr * 0.5)
     (alert,) = ctl.journal.events("rb", "alert")
     assert alert.data["why"].startswith("rollback budget exhausted: 2 rollbacks within 1000")
     assert alert.data["budget"] == 2 and len(alert.data["rollbacks"]) == 2
@@ -288,12 +332,14 @@ def test_a_lost_ack_is_settled_from_the_next_report(tmp_path):
     ctl = make_rb(tmp_path)
     c = _stable_at_150(ctl)
     (cmd,) = c.report(nonfinite_grads=1)
-    c.step, c.applied, c.lr = 150, cmd.seq, cmd.knobs.lr  # applied, ack lost
+    c.step, c.applied, c.lr = 150, cmd.seq, cmd.scale.lr  # applied, ack lost
     c.ckpts = [s for s in c.ckpts if s <= 150]
     c.report()
     (restored,) = ctl.journal.events("rb", "restored")
     assert restored.data["inferred"] is True and restored.data["restored_step"] == 150
-    assert ctl.jobs["rb"].pending_command is None
+    st = ctl.jobs["rb"]
+    assert st.pending_command is None
+    assert (st.knobs.lr, st.effective.lr, st.base.lr) == (0.5, pytest.approx(0.05), 0.1)
 
 
 def test_rollback_series_end_with_the_job(tmp_path):
@@ -316,7 +362,8 @@ def test_non_finite_values_right_after_a_restore_roll_back_again_not_just_cut(tm
     (first,) = c.report(nonfinite_grads=1)
     c.ack(first)
     (second,) = c.report(nonfinite_grads=5)  # step 160, inside the cooldown (until 170)
-    assert second.rollback_to == 150 and second.knobs.lr == pytest.approx(0.025)
+    # One level deeper from the multiplier in force at the first fault: 1.0 x 0.25.
+    assert second.rollback_to == 150 and second.scale.lr == pytest.approx(0.25)
     c.ack(second)
     (third,) = c.report(nonfinite_grads=5)
     assert third.rollback_to is None and ctl.journal.events("rb", "alert")  # bounded
@@ -329,14 +376,14 @@ def test_stop_advice_goes_out_once_in_a_command_and_is_journaled(tmp_path):
     for seq, val in enumerate([3.0, 2.0, 2.0, 2.0, 2.0, 2.0], start=1):
         frame = wire.Report(
             job="j1", seq=seq, step=seq * 10, window=10, loss_mean=1.0, validation=val,
-            validation_step=seq * 10, knobs=wire.Knobs(lr=0.1, momentum=0.9, weight_decay=0.0),
-            applied_seq=len(sent))
+            validation_step=seq * 10, applied_seq=len(sent), **in_force())
         sent += [m for m in decoded(ctl.handle(PEER, wire.encode(frame)))
                  if isinstance(m, wire.Command)]
     (cmd,) = sent
     assert cmd.stop_advice == ("early_stop: validation 2 at step 40: no improvement on the best "
                                "2 (step 20) for 2 results")
-    assert cmd.knobs == wire.Knobs() and cmd.reasons == [f"stop advised: {cmd.stop_advice}"]
+    assert cmd.knobs == wire.Knobs() and cmd.scale == wire.ScaleTargets()
+    assert cmd.reasons == [f"stop advised: {cmd.stop_advice}"]
     advice = [e for e in ctl.journal.events("j1") if e.kind == "advice"]
     assert len(advice) == 1 and advice[0].step == 40
     assert advice[0].data == {"advice": "stop", "reason": cmd.stop_advice}
@@ -356,7 +403,7 @@ def test_a_fault_while_a_command_awaits_its_ack_still_rolls_back(tmp_path):
     # newest stable checkpoint and lets 150 go) or never (this one supersedes it): the
     # rollback goes to 200 and marks it again, which holds either way.
     assert cmd.seq == mark.seq + 1 and (cmd.rollback_to, cmd.mark_stable) == (200, 200)
-    assert cmd.knobs.lr == pytest.approx(0.05)
+    assert cmd.scale.lr == pytest.approx(0.5)
     (order,) = ctl.journal.events("rb", "rollback")
     assert order.data["reason"] == "nonfinite" and order.seq == cmd.seq
     # The journal says which command the rollback replaced (the mark may never be applied).

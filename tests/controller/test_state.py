@@ -13,23 +13,47 @@ from pydantic import ValidationError
 
 from trimtab.client import wire
 from trimtab.controller.engine import Engine
+from trimtab.controller.governor import MULTIPLIERS
 from trimtab.controller.policy import Policy, Proposal
 from trimtab.controller.signals import ema_var, ols_slope, zscore
 from trimtab.controller.state import JobState, SignalConfig
 
 FACTS = wire.ScaleFacts(param_count=100, group_sizes=[100], optimizer="AdamW",
                         dtype="float32", device="cpu")
+#: The user's own values (what the loop or its scheduler set).
 KNOBS = wire.Knobs(lr=1e-3, momentum=0.9, weight_decay=0.01)
+#: The controlled values with nothing changed: multipliers 1.0, momentum absolute.
+UNCHANGED = wire.Knobs(lr=1.0, momentum=0.9, weight_decay=1.0)
+
+
+def in_force(lr: float = 1.0, weight_decay: float = 1.0, base: wire.Knobs = KNOBS,
+             **absolute) -> dict:
+    """``knobs`` (effective), ``base`` and ``scale`` of a report, ack or registration with
+    trimtab's multipliers ``lr`` and ``weight_decay`` on the user's ``base``."""
+    return {
+        "knobs": base.model_copy(update={"lr": base.lr * lr,
+                                         "weight_decay": base.weight_decay * weight_decay,
+                                         **absolute}),
+        "base": base, "scale": wire.Scale(lr=lr, weight_decay=weight_decay),
+    }
 
 
 def register(**over) -> wire.Register:
     return wire.Register(**{"job": "j1", "run_id": "r1", "report_every": 10,
-                            "facts": FACTS, "knobs": KNOBS, **over})
+                            "facts": FACTS, **in_force(), **over})
 
 
 def report(seq: int, **over) -> wire.Report:
     return wire.Report(**{"job": "j1", "seq": seq, "step": 10 * seq, "window": 10,
-                          "knobs": KNOBS, **over})
+                          **in_force(), **over})
+
+
+def command(seq: int, controls: dict[str, float], **over) -> wire.Command:
+    """A command setting ``controls`` (controlled values: multipliers for lr and wd)."""
+    scale = {k: v for k, v in controls.items() if k in MULTIPLIERS}
+    absolute = {k: v for k, v in controls.items() if k not in MULTIPLIERS}
+    return wire.Command(job="j1", seq=seq, scale=wire.ScaleTargets(**scale),
+                        knobs=wire.Knobs(**absolute), **over)
 
 
 def fed(n: int, cfg: SignalConfig | None = None, seed: int = 0) -> JobState:
@@ -45,8 +69,22 @@ def test_register_takes_the_job_facts_and_initial_knobs():
     st = JobState.from_register(register(step=500, applied_seq=7))
     v = st.view()
     assert (v.job, v.run_id, v.step, v.report_every) == ("j1", "r1", 500, 10)
-    assert v.initial == KNOBS and v.knobs == KNOBS and v.facts == FACTS
+    assert v.initial == UNCHANGED and v.knobs == UNCHANGED and v.facts == FACTS
+    assert v.effective == KNOBS and v.base == KNOBS and v.registered == KNOBS
     assert st.next_command_seq() == 8 and st.next_command_seq() == 9
+
+
+def test_a_registration_with_a_multiplier_in_force_keeps_initial_at_one():
+    # A client reconnecting with trimtab's lr multiplier 0.5 on the user's lr.
+    st = JobState.from_register(register(**in_force(lr=0.5)))
+    v = st.view()
+    assert v.initial == UNCHANGED and v.knobs == UNCHANGED.model_copy(update={"lr": 0.5})
+    assert v.effective.lr == 5e-4 and v.base == KNOBS and v.registered == KNOBS
+
+
+def test_a_registration_without_a_base_takes_the_effective_values_as_the_users():
+    st = JobState.from_register(register(knobs=KNOBS, base=wire.Knobs()))
+    assert st.base == KNOBS and st.registered == KNOBS and st.knobs == UNCHANGED
 
 
 def test_observe_folds_loss_and_grad_norm_into_the_ew_moments():
@@ -120,32 +158,56 @@ def test_the_view_is_frozen():
 
 def test_reports_update_knobs_in_force_and_dropped_counts():
     st = fed(2)
-    st.observe(report(3, knobs=wire.Knobs(lr=5e-4), dropped_reports=4))
-    assert st.view().knobs.lr == 5e-4 and st.dropped_reports == 4
+    st.observe(report(3, **in_force(lr=0.5), dropped_reports=4))
+    assert st.view().knobs.lr == 0.5 and st.dropped_reports == 4
+    assert st.view().effective.lr == 5e-4 and st.view().base.lr == 1e-3
+    last = st.view().history[-1]
+    assert (last.lr, last.lr_used) == (0.5, 5e-4)
+
+
+def test_reports_update_the_effective_and_base_values_as_the_users_schedule_moves():
+    st = fed(2)
+    # The user's scheduler halved its own lr; trimtab's multiplier 0.5 is on top of that.
+    moved = KNOBS.model_copy(update={"lr": 5e-4})
+    st.observe(report(3, **in_force(lr=0.5, weight_decay=2.0, base=moved)))
+    v = st.view()
+    assert v.knobs == wire.Knobs(lr=0.5, momentum=0.9, weight_decay=2.0)
+    assert v.effective == wire.Knobs(lr=2.5e-4, momentum=0.9, weight_decay=0.02)
+    assert v.base == moved and v.registered == KNOBS  # registration's values are kept
 
 
 def test_pending_command_ack_and_stale_ack():
     st = fed(3)
-    cmd = wire.Command(job="j1", seq=st.next_command_seq(), knobs=wire.Knobs(lr=5e-4))
+    cmd = command(st.next_command_seq(), {"lr": 0.5})
     st.pending_command = cmd
-    assert st.current("lr") == 5e-4 and st.view().knobs.lr == 1e-3
-    assert st.view().pending == wire.Knobs(lr=5e-4)
-    ack = wire.Ack(job="j1", seq=cmd.seq, step=40, knobs=wire.Knobs(lr=5e-4, momentum=0.9))
+    assert st.current("lr") == 0.5 and st.view().knobs.lr == 1.0
+    assert st.view().pending == wire.Knobs(lr=0.5)
+    ack = wire.Ack(job="j1", seq=cmd.seq, step=40, **in_force(lr=0.5))
     assert st.on_ack(ack) is True
     assert st.pending_command is None and st.applied_seq == 1
-    assert st.view().knobs == wire.Knobs(lr=5e-4, momentum=0.9)
-    old = wire.Ack(job="j1", seq=1, step=40, knobs=KNOBS)
+    assert st.view().knobs == wire.Knobs(lr=0.5, momentum=0.9, weight_decay=1.0)
+    assert st.view().effective.lr == 5e-4 and st.view().base == KNOBS
+    old = wire.Ack(job="j1", seq=1, step=40, **in_force())
     st.applied_seq = 2
-    assert st.on_ack(old) is False and st.knobs.lr == 5e-4
+    assert st.on_ack(old) is False and st.knobs.lr == 0.5 and st.effective.lr == 5e-4
+
+
+def test_an_ack_updates_the_effective_and_base_values():
+    st = fed(3)
+    st.pending_command = command(st.next_command_seq(), {"lr": 0.5, "momentum": 0.8})
+    moved = KNOBS.model_copy(update={"lr": 2e-3})  # the user's schedule at the ack's step
+    st.on_ack(wire.Ack(job="j1", seq=1, step=40, **in_force(lr=0.5, base=moved, momentum=0.8)))
+    assert st.knobs == wire.Knobs(lr=0.5, momentum=0.8, weight_decay=1.0)
+    assert st.effective == wire.Knobs(lr=1e-3, momentum=0.8, weight_decay=0.01)
+    assert st.base == moved
 
 
 def test_a_report_that_shows_the_command_applied_clears_it():
     st = fed(3)
-    st.pending_command = wire.Command(job="j1", seq=st.next_command_seq(),
-                                      knobs=wire.Knobs(lr=5e-4))
+    st.pending_command = command(st.next_command_seq(), {"lr": 0.5})
     st.observe(report(4, applied_seq=0))
     assert st.pending_command is not None
-    st.observe(report(5, applied_seq=1, knobs=wire.Knobs(lr=5e-4)))
+    st.observe(report(5, applied_seq=1, **in_force(lr=0.5)))
     assert st.pending_command is None and st.applied_seq == 1
 
 
@@ -176,10 +238,11 @@ class _Halve(Policy):
 
 def _busy_state() -> JobState:
     st = fed(30, SignalConfig(slope_window=8, z_warmup=3))
-    st.observe(report(31, loss_mean=None, nonfinite_losses=2, loss_last=None))
+    # A multiplier on a user's lr its scheduler moved: effective, base, registered all differ.
+    st.observe(report(31, loss_mean=None, nonfinite_losses=2, loss_last=None,
+                      **in_force(lr=0.5, base=KNOBS.model_copy(update={"lr": 2e-3}))))
     d = Engine([_Halve()]).decide(st)
-    st.pending_command = wire.Command(job="j1", seq=st.next_command_seq(),
-                                      knobs=wire.Knobs(**d.commands), reasons=d.reasons())
+    st.pending_command = command(st.next_command_seq(), d.commands, reasons=d.reasons())
     st.disable("broken", "raised RuntimeError: boom")
     return st
 
@@ -191,6 +254,8 @@ def test_state_dict_is_json_and_round_trips():
     back = JobState.from_state_dict(json.loads(text))
     assert back.state_dict() == sd
     assert back.view() == st.view()
+    assert (back.knobs.lr, back.effective.lr, back.base.lr, back.registered.lr) == (
+        0.5, 1e-3, 2e-3, 1e-3)
     assert back.decision_counts == {("halve", "lr", "down"): 1, ("halve", "clip", "up"): 1}
     # Both go on identically.
     nxt = report(32, loss_mean=2.9, grad_norm_mean=1.1, applied_seq=1)
@@ -221,7 +286,15 @@ def test_load_state_dict_checks_its_keys():
         JobState.from_state_dict(sd)
     sd = _busy_state().state_dict()
     sd["version"] = 99
-    with pytest.raises(ValueError, match="version 99, expected 2"):
+    with pytest.raises(ValueError, match="version 99, expected 3"):
+        JobState.from_state_dict(sd)
+
+
+def test_a_state_written_before_the_knob_model_is_refused():
+    sd = _busy_state().state_dict()
+    sd["version"] = 2
+    with pytest.raises(ValueError, match=r"version 2, expected 3 \(states written before the "
+                                         r"knob model cannot be resumed\)"):
         JobState.from_state_dict(sd)
 
 

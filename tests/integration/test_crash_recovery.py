@@ -199,7 +199,7 @@ class Run:
                 if guard.applied_seq != (self.applied[-1] if self.applied else 0):
                     self.applied.append(guard.applied_seq)
                 time.sleep(0.003)
-            self.steps, self.lr = guard.global_step, opt.param_groups[0]["lr"]
+            self.steps, self.lr_scale = guard.global_step, guard.scale.lr
 
 
 @pytest.fixture
@@ -234,7 +234,7 @@ def test_sigkill_with_a_command_pending_resumes_every_job_exactly(nudge, serve_f
         pending = {job: sd["last_command"] for job, sd in before.items() if sd["awaiting_ack"]}
         assert pending, "no command pending at the kill"
         assert any(
-            "lr" in cmd["knobs"] and cmd["knobs"]["lr"] is not None for cmd in pending.values()
+            cmd["scale"]["lr"] is not None for cmd in pending.values()
         ), pending
         for job, cmd in pending.items():
             assert not [a for a in journal.events(job, "ack") if a.seq == cmd["seq"]]
@@ -287,10 +287,13 @@ def test_sigkill_with_a_command_pending_resumes_every_job_exactly(nudge, serve_f
         # is acknowledged again with the same values, never applied again.
         assert {a.seq for a in acks} == set(run.applied), run.job
         for a in acks:
-            for knob, value in commands[a.seq - 1].data["knobs"].items():
+            sent = commands[a.seq - 1].data
+            for knob, value in sent["knobs"].items():  # momentum, clip: absolute
                 assert a.data["knobs"][knob] == pytest.approx(value), (run.job, a.seq, knob)
-        lr_commands = [c for c in applied if "lr" in c.data["knobs"]]
-        assert run.lr == pytest.approx(lr_commands[-1].data["knobs"]["lr"])
+            for knob, value in sent["scale"].items():  # lr, weight decay: multipliers
+                assert a.data["scale"][knob] == pytest.approx(value), (run.job, a.seq, knob)
+        lr_commands = [c for c in applied if "lr" in c.data["scale"]]
+        assert run.lr_scale == pytest.approx(lr_commands[-1].data["scale"]["lr"])
     for job, cmd in pending.items():
         acks = [a for a in journal.events(job, "ack") if a.seq == cmd["seq"]]
         assert acks and acks[0].id > last_id, "the pending command was applied after the restart"

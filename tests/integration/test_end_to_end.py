@@ -50,8 +50,9 @@ def test_plateau_decision_reaches_the_optimizer_and_is_journaled(serve_factory):
     opt = torch.optim.SGD(task.model.parameters(), lr=0.05, momentum=0.9)
     with attach(task.model, opt, job="plateau-e2e", endpoint=srv.endpoint, report_every=5,
                 heartbeat_s=0.2) as guard:
-        train(guard, task, opt, 1500, stop=lambda: opt.param_groups[0]["lr"] < 0.05)
-        lr_after = opt.param_groups[0]["lr"]
+        # guard.knobs: what the last step ran with (the group holds the loop's own 0.05).
+        train(guard, task, opt, 1500, stop=lambda: guard.knobs.lr < 0.05)
+        lr_after = guard.knobs.lr
         step_seen = guard.global_step
         train(guard, task, opt, 10)  # let the ack go out
     assert lr_after == pytest.approx(0.025), "plateau should have halved the LR"
@@ -62,7 +63,7 @@ def test_plateau_decision_reaches_the_optimizer_and_is_journaled(serve_factory):
     decisions = journal.events("plateau-e2e", "decision")
     assert commands and decisions and acked
     first = commands[0]
-    assert first.data["knobs"]["lr"] == pytest.approx(0.025)
+    assert first.data["scale"]["lr"] == pytest.approx(0.5)
     assert any("plateau" in r for r in first.data["reasons"])
     ack = next(a for a in acked if a.seq == first.seq)
     assert ack.data["knobs"]["lr"] == pytest.approx(0.025)
@@ -81,10 +82,10 @@ def test_training_survives_sigkill_and_reconnects_after_restart(serve_factory, t
         train(guard, task, opt, 60)
         assert wait_for(lambda: srv.journal().events("kill-e2e", "report"))
         srv.kill()
-        lr_at_kill = opt.param_groups[0]["lr"]
+        lr_at_kill = guard.knobs.lr
         train(guard, task, opt, 200)
         assert guard.global_step == 260
-        assert opt.param_groups[0]["lr"] == lr_at_kill, "knobs stay at their last applied values"
+        assert guard.knobs.lr == lr_at_kill, "knobs stay at their last applied values"
         assert not guard.connected
 
         last_id = max(e.id for e in srv.journal().events())
@@ -130,7 +131,7 @@ def test_bad_messages_get_error_replies_and_are_counted(serve_factory):
     opt = torch.optim.SGD(task.model.parameters(), lr=0.05)
     report = json.loads(wire.encode(wire.Report(job="x", seq=1, step=1, window=1,
                                                 knobs=wire.Knobs(lr=0.1))))
-    wrong_version = dict(report, v=2)
+    wrong_version = dict(report, v=1)  # the protocol before the knob model
     nonfinite = json.dumps(dict(report, loss_mean=1e999)).encode()
     nan = json.dumps(dict(report, loss_mean=float("nan"))).encode()
     cases = [

@@ -96,7 +96,7 @@ def run_job(srv, job: str, stop_after_cut: bool = True, steps: int = 900,
             opt.zero_grad(set_to_none=True)
             loss.backward()
             guard.step(loss)
-            seen.append((guard.global_step, opt.param_groups[0]["lr"]))
+            seen.append((guard.global_step, guard.knobs.lr))  # what the step ran with
             time.sleep(0.003)
             if stop_after_cut and seen[-1][1] < LR0 and i > SHIFT_AT + 40:
                 break
@@ -162,8 +162,8 @@ def test_live_shadow_and_replay(plugin_env, serve_factory, tmp_path):
     assert live[-1][1] == pytest.approx(LR0 / 2), "example_band should have halved the LR"
     journal = srv.journal()
     (cmd, *_) = wait_for(lambda: [c for c in journal.events("live-1", "command")
-                                  if "lr" in c.data["knobs"]])
-    assert cmd.step > SHIFT_AT and cmd.data["knobs"]["lr"] == pytest.approx(LR0 / 2)
+                                  if "lr" in c.data["scale"]])
+    assert cmd.step > SHIFT_AT and cmd.data["scale"]["lr"] == pytest.approx(0.5)
     assert any("by example_band: loss EMA" in r for r in cmd.data["reasons"])
     assert not journal.events("live-1", "shadow")
 
@@ -176,9 +176,9 @@ def test_live_shadow_and_replay(plugin_env, serve_factory, tmp_path):
     would = [e for e in events if e.data["knobs"].get("lr", {}).get("commanded")]
     assert would and would[0].step > SHIFT_AT
     assert would[0].data["shadow"] is True and would[0].data["commands"] == {}
-    assert would[0].data["knobs"]["lr"]["commanded"] == pytest.approx(LR0 / 2)
+    assert would[0].data["knobs"]["lr"]["commanded"] == pytest.approx(0.5)  # the multiplier
     assert would[0].data["knobs"]["lr"]["policy"] == "example_band"
-    assert all("lr" not in c.data["knobs"] for c in srv.journal().events("shadow-1", "command"))
+    assert all("lr" not in c.data["scale"] for c in srv.journal().events("shadow-1", "command"))
     acks = srv.journal().events("shadow-1", "ack")
     assert all(a.data["knobs"]["lr"] == LR0 for a in acks)
     metrics = scraped[0]
@@ -200,7 +200,7 @@ def test_live_shadow_and_replay(plugin_env, serve_factory, tmp_path):
               "--set", "min_reports=5", "--config", str(cfg), "--plot", str(plot))
     assert out.returncode == 0, out.stderr
     first = out.stdout.splitlines()[0]
-    assert "lr 0.05 -> 0.025 by example_band: loss EMA" in first
+    assert "lr x1 -> x0.5 by example_band: loss EMA" in first
     _same_decision_step(first, cmd.step)
     assert "assumed applied at the next report" in out.stdout
     assert plot.stat().st_size > 10_000 and plot.read_bytes()[:4] == b"\x89PNG"
@@ -210,7 +210,7 @@ def test_live_shadow_and_replay(plugin_env, serve_factory, tmp_path):
               "--set", "rise=0.5", "--set", "min_reports=5", "--config", str(cfg))
     assert out.returncode == 0, out.stderr
     first = out.stdout.splitlines()[0]
-    assert "lr 0.05 -> 0.025 by example_band" in first
+    assert "lr x1 -> x0.5 by example_band" in first
     _same_decision_step(first, would[0].step)
 
 
@@ -243,7 +243,7 @@ def test_a_raising_plugin_is_disabled_counted_and_the_other_goes_on(plugin_env, 
     (err,) = wait_for(lambda: journal.events("iso-1", "policy_error"))
     assert err.data["policy"] == "raising"
     assert err.data["error"].startswith("raised RuntimeError: boom at step")
-    (cmd, *_) = [c for c in journal.events("iso-1", "command") if "lr" in c.data["knobs"]]
+    (cmd, *_) = [c for c in journal.events("iso-1", "command") if "lr" in c.data["scale"]]
     assert cmd.step > err.step and any("by example_band" in r for r in cmd.data["reasons"])
     assert 'trimtab_policy_errors_total{job="iso-1",policy="raising"} 1.0' in scraped[0]
     assert "policy raising disabled for job iso-1: raised RuntimeError: boom" in srv.log()

@@ -75,8 +75,12 @@ SIM = textwrap.dedent('''
             self.sock.connect(endpoint)
             self.step = self.seq = self.applied_seq = self.reacks = self.registers = 0
             self.applied, self.errors, self.stable = [], {}, None
-            self.knobs = {"lr": 3e-4 * (1 + self.rng.random()), "momentum": 0.9,
-                          "weight_decay": 0.1, "clip": 1.0}
+            # The run's own values, trimtab's multipliers on lr and weight decay (the
+            # knob model), and the momentum and clip commanded.
+            self.base = {"lr": 3e-4 * (1 + self.rng.random()), "momentum": 0.9,
+                         "weight_decay": 0.1}
+            self.scale = {"lr": 1.0, "weight_decay": 1.0}
+            self.absolute = {"momentum": 0.9, "clip": 1.0}
             self.loss0, self.tau = 2.0 + self.rng.random(), 3000 + 3000 * self.rng.random()
 
         def send(self, msg):
@@ -92,8 +96,15 @@ SIM = textwrap.dedent('''
                                     batch_size=512)
             self.send(wire.Register(job=self.name, run_id=self.run_id, step=self.step,
                                     report_every=STEPS, facts=facts,
-                                    knobs=wire.Knobs(**self.knobs),
-                                    applied_seq=self.applied_seq))
+                                    **self.values(), applied_seq=self.applied_seq))
+
+        def values(self):
+            """knobs (what the optimizer used), base and scale, as a client reports them."""
+            knobs = wire.Knobs(lr=self.base["lr"] * self.scale["lr"],
+                               weight_decay=self.base["weight_decay"] * self.scale["weight_decay"],
+                               **self.absolute)
+            return {"knobs": knobs, "base": wire.Knobs(**self.base),
+                    "scale": wire.Scale(**self.scale)}
 
         def report(self):
             r = self.rng
@@ -107,7 +118,7 @@ SIM = textwrap.dedent('''
                 job=self.name, seq=self.seq, step=self.step, window=STEPS, loss_mean=mean,
                 loss_last=mean, loss_min=mean * 0.97, loss_max=mean * 1.03,
                 grad_norm_mean=gn, grad_norm_max=gn * 1.3, grad_norm_std=0.1 * gn,
-                update_ratio=1e-3, step_time_s=0.05, knobs=wire.Knobs(**self.knobs),
+                update_ratio=1e-3, step_time_s=0.05, **self.values(),
                 applied_seq=self.applied_seq, checkpoints=ckpts, stable_step=self.stable))
 
         def on(self, msg):
@@ -118,13 +129,14 @@ SIM = textwrap.dedent('''
                         self.stable = msg.mark_stable
                     if msg.rollback_to is not None:
                         restored = self.step = msg.rollback_to
-                    self.knobs.update(msg.knobs.set())
+                    self.scale.update(msg.scale.set())
+                    self.absolute.update(msg.knobs.set())
                     self.applied_seq = msg.seq
                     self.applied.append(msg.seq)
                 else:
                     self.reacks += 1
                 self.send(wire.Ack(job=self.name, seq=msg.seq, step=self.step,
-                                   knobs=wire.Knobs(**self.knobs), restored_step=restored))
+                                   **self.values(), restored_step=restored))
             elif msg.type == "error":
                 self.errors[msg.code] = self.errors.get(msg.code, 0) + 1
                 if msg.code == "unknown_job":  # the controller restarted: register again
@@ -188,7 +200,7 @@ REAL = textwrap.dedent('''
                 applied.append(guard.applied_seq)
             time.sleep(step_s)
         result = {"steps": guard.global_step, "applied": applied, "run_id": guard.run_id,
-                  "lr": opt.param_groups[0]["lr"]}
+                  "lr": guard.knobs.lr}
     json.dump(result, open(out, "w"))
 ''')
 
@@ -274,7 +286,9 @@ def _runs(journal: Journal, job: str) -> list[dict]:
             runs.append(
                 {
                     "run_id": e.data["run_id"],
-                    "initial": e.data["knobs"],
+                    # What the governor steers: multipliers (1 at registration) for lr
+                    # and weight decay, momentum and clip as registered.
+                    "initial": {**e.data["knobs"], "lr": 1.0, "weight_decay": 1.0},
                     "commands": [],
                     "acks": [],
                     "applied_seq": 0,
@@ -368,14 +382,16 @@ def test_soak_with_controller_and_client_kills(soak):
             for a in run["acks"]:
                 assert a.seq in by_seq, f"{job}: ack {a.seq} matches no command"
                 # A resent command is acknowledged again with the same values, not re-applied.
-                assert acked.setdefault(a.seq, a.data["knobs"]) == a.data["knobs"], (job, a.seq)
+                values = (a.data["knobs"], a.data["scale"])
+                assert acked.setdefault(a.seq, values) == values, (job, a.seq)
             # Every command was applied: acked, or shown applied by a later registration or
             # report; only the last of a run may be left, if the run ended right after it.
             unsettled = [s for s in seqs if s not in acked and s > run["applied_seq"]]
             assert unsettled in ([], seqs[-1:]), f"{job}: commands {unsettled} lost"
             # Knob values commanded and in force stayed within the governor's bounds.
             for e in run["commands"] + run["acks"]:
-                for knob, value in e.data["knobs"].items():
+                steered = {**e.data["knobs"], **e.data["scale"]}  # multipliers for lr, wd
+                for knob, value in steered.items():
                     if value is None:
                         continue
                     lo, hi = governor.bounds(knob, run["initial"][knob])

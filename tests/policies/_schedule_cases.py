@@ -1,5 +1,10 @@
 """Shared by the schedule tests: each schedule policy paired with its torch scheduler,
-and the two ways of driving them step by step (trimtab's engine, torch's scheduler)."""
+and the two ways of driving them step by step (trimtab's engine, torch's scheduler).
+
+The knob model: the user's lr is ``LR`` and stays constant; a trimtab schedule proposes a
+multiplier on it, which the client's Actuator puts in around each optimizer step. So the
+lr the optimizer uses under trimtab (the *effective* lr) is what torch's scheduler gives
+from ``LR``."""
 
 from __future__ import annotations
 
@@ -12,11 +17,12 @@ import torch
 from torch.optim import lr_scheduler as sched
 
 from trimtab.client import wire
-from trimtab.client._knobs import read_knobs
 from trimtab.controller.engine import Engine
 from trimtab.controller.governor import Governor, GovernorConfig, KnobLimits
 from trimtab.controller.policy import Policy, load_policy
 from trimtab.controller.state import JobState
+
+from .simclient import Client
 
 STEPS = 300
 LR = 0.1
@@ -96,29 +102,35 @@ def rel_err(a: float, b: float) -> float:
 
 
 class EngineDriver:
-    """A job under ``Engine([policy], Governor(OPENED))``, one report per step; the values
-    in force are what the engine commanded, acknowledged at once."""
+    """A job under ``Engine([policy], Governor(OPENED))``, one report per step, whose
+    commands a client carries out: the real Actuator on ``optimizer`` (the user's lr and
+    momentum as it was built with), each command acknowledged by the step that runs with it."""
 
-    def __init__(self, policy: Policy, knobs: wire.Knobs, optimizer: str = "SGD",
+    def __init__(self, policy: Policy, optimizer: torch.optim.Optimizer,
                  batch_size: int | None = None, world_size: int = 1) -> None:
-        facts = wire.ScaleFacts(param_count=2, group_sizes=[2], optimizer=optimizer,
-                                dtype="float32", device="cpu", batch_size=batch_size,
-                                world_size=world_size)
-        self.state = JobState.from_register(wire.Register(
-            job="s", run_id="r", report_every=1, facts=facts, knobs=knobs))
+        facts = wire.ScaleFacts(param_count=2, group_sizes=[2],
+                                optimizer=type(optimizer).__name__, dtype="float32",
+                                device="cpu", batch_size=batch_size, world_size=world_size)
+        self.client = Client(optimizer, every=1, facts=facts)
         self.engine = Engine([policy], Governor(OPENED))
 
-    def decide(self, step: int, loss: float | None = 1.0) -> wire.Knobs:
-        """Report ``step`` (after the first), decide, apply; the knobs now in force."""
-        st = self.state
+    @property
+    def state(self) -> JobState:
+        return self.client.state
+
+    def decide(self, step: int, loss: float | None = 1.0) -> tuple[float, float | None]:
+        """Report ``step`` (after the first), decide, send; then the optimizer step after
+        ``step`` steps runs: the ``(lr, momentum)`` it used."""
+        c = self.client
+        assert c.step == step, (c.step, step)
         if step:
-            st.observe(wire.Report(job="s", seq=step, step=step, window=1, loss_mean=loss,
-                                   knobs=st.knobs, applied_seq=st.applied_seq))
-        decision = self.engine.decide(st)
+            c.observe(loss_mean=loss)
+        decision = self.engine.decide(c.state)
         assert not decision.errors, decision.errors
-        if decision.commands:
-            st.on_applied(st.applied_seq + 1, st.knobs.model_copy(update=decision.commands))
-        return st.knobs
+        c.send(decision)
+        c.run(1)
+        _, lr, momentum = c.trace[-1]
+        return lr, momentum
 
 
 def torch_trace(case: Case, steps: int = STEPS) -> list[tuple[float, float]]:
@@ -138,15 +150,17 @@ def torch_trace(case: Case, steps: int = STEPS) -> list[tuple[float, float]]:
 
 def engine_trace(case: Case, steps: int = STEPS,
                  loss: Callable[[int], float | None] = lambda t: 1.0) -> list[tuple[float, float]]:
-    """``(lr, momentum)`` in force at each step under the policy, through the engine."""
+    """``(lr, momentum)`` each optimizer step uses under the policy, through the engine,
+    with the user's lr ``LR`` constant."""
     p = torch.nn.Parameter(torch.zeros(2))
-    knobs = read_knobs(make_optimizer(case.optimizer, [p]), clip=None)
-    driver = EngineDriver(load_policy(case.policy, case.config), knobs, case.optimizer)
+    driver = EngineDriver(load_policy(case.policy, case.config),
+                          make_optimizer(case.optimizer, [p]))
     out = []
     for t in range(steps):
-        k = driver.decide(t, loss(t))
-        assert k.lr is not None and k.momentum is not None
-        out.append((k.lr, k.momentum))
+        lr, momentum = driver.decide(t, loss(t))
+        assert momentum is not None
+        out.append((lr, momentum))
+    assert all(g["lr"] == LR for g in driver.client.opt.param_groups)  # the user's, untouched
     return out
 
 

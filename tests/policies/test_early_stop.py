@@ -54,7 +54,7 @@ def test_the_engine_carries_advice_without_touching_knobs_or_blocking_raises():
     st = with_validations(3, 3, 3, 3, 3, 3)
     d = Engine([EarlyStop(), Raise()], Governor()).decide(st)
     assert d.stop_advice.startswith("early_stop: validation 3 at step 60: no improvement")
-    assert d.commands == {"lr": pytest.approx(1.5e-3)}
+    assert d.commands == {"lr": pytest.approx(1.5)}  # x1.5 the user's lr: only Raise's
     assert d.to_dict()["stop_advice"] == d.stop_advice
     assert Engine([Raise()], Governor()).decide(with_validations(3)).stop_advice is None
 

@@ -46,12 +46,20 @@ def test_quiet_until_a_window_after_the_last_lr_change():
 
 
 def test_raises_stop_at_max_lr_rel():
+    # max_lr_rel bounds trimtab's lr multiplier (2: twice the user's own lr).
     st = with_cv(0.02, lr=1e-3)
-    st.knobs = st.knobs.model_copy(update={"lr": 1.9e-3})
+    st.knobs = st.knobs.model_copy(update={"lr": 1.9})
     (p,) = GradNoise().propose(st.view())
-    assert p.factor == pytest.approx(2e-3 / 1.9e-3)
-    st.knobs = st.knobs.model_copy(update={"lr": 2e-3})
+    assert p.factor == pytest.approx(2.0 / 1.9)
+    st.knobs = st.knobs.model_copy(update={"lr": 2.0})
     assert GradNoise().propose(st.view()) == []
+
+
+def test_quiet_on_a_window_with_steps_the_loop_clipped_itself():
+    # Norms at the loop's own clip threshold are the threshold, not the gradient's spread.
+    assert GradNoise().propose(with_cv(0.8, user_clipped_steps=1, user_clip=2.0).view()) == []
+    assert GradNoise().propose(with_cv(0.02, user_clipped_steps=3, user_clip=2.0).view()) == []
+    assert GradNoise().propose(with_cv(0.8, user_clipped_steps=0).view()) != []
 
 
 def test_micro_batch_noise_scale_overrides_the_cv():
@@ -97,9 +105,10 @@ def test_a_real_run_with_gradient_accumulation(tmp_path):
     rho = noise_to_batch([Sample.of(r) for r in reps])
     cv = pooled_cv([Sample.of(r) for r in reps])
     print(f"B_simple/B {rho:.3g}, cv {cv:.3g}; commands:",
-          [(c.knobs.lr, c.reasons) for c in run.commands])
+          [(c.scale.lr, c.reasons) for c in run.commands])
     assert 0 < rho < math.inf
-    lrs = [c.knobs.lr for c in run.commands]
+    lrs = [c.scale.lr for c in run.commands]  # trimtab's multipliers on the user's 0.05
     if rho > 4:  # as found here: noise-dominated steps, so the LR only goes down
-        assert lrs and all(b < a for a, b in zip([0.05, *lrs], lrs, strict=False))
+        assert lrs and all(b < a for a, b in zip([1.0, *lrs], lrs, strict=False))
+        assert reps[-1].knobs.lr < 0.05 and reps[-1].base.lr == 0.05
     assert all("B_simple/B" in c.reasons[0] for c in run.commands)

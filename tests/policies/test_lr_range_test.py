@@ -1,9 +1,11 @@
 """The LR range test: synthetic loss-vs-LR streams through the real engine, then a real run
 through ``trimtab serve``.
 
-The synthetic driver plays the client: each report's loss is a function of the LR in
-force, the engine decides, and its commands, stable marks and rollbacks are carried out
-on the job state as the client's acks would.
+The synthetic driver plays the client: the real Actuator on an AdamW whose own lr stays
+``LR``, each report's loss a function of the lr its last step used (the effective lr:
+``LR`` x trimtab's multiplier), the engine's decisions carried out as the guard does
+(commands, stable marks and rollbacks, each acknowledged by the step that runs with it).
+The range test sweeps the multiplier: its curve and ``found_lr`` are multipliers on ``LR``.
 """
 
 from __future__ import annotations
@@ -28,12 +30,18 @@ from trimtab.policies.one_cycle import OneCycle
 from trimtab.policies.plateau import Plateau
 
 from ..integration.support import Regression, wait_for
-from .streams import EVERY, job
+from .simclient import Client, one_param
+from .streams import EVERY, FACTS, job
 
 LR = 1e-3
 RB = RollbackConfig()
-#: Bounds wide enough for a sweep of LR/100 .. LR*100 (the default stops at 10x).
+#: Multiplier bounds wide enough for a sweep of LR/100 .. LR*100 (the default stops at 10x).
 WIDE = Governor({"lr": {"min_rel": 1e-3, "max_rel": 1e3}})
+
+
+def client(lr: float = LR, checkpoints=(0, 100, 200)) -> Client:
+    """A job whose loop trains an AdamW at its own ``lr`` (constant), with checkpoints."""
+    return Client(one_param("AdamW", lr), facts=FACTS, checkpoints=checkpoints, rollback=RB)
 
 
 def dip(best: float, blow: float = 30.0):
@@ -48,44 +56,29 @@ def dip(best: float, blow: float = 30.0):
 
 def drive(
     engine: Engine,
-    st: JobState,
+    c: Client,
     loss_of,
     reports: int,
-    checkpoints=(0, 100, 200),
+    listed=None,
     stop_on_rollback: bool = True,
 ):
-    """``reports`` reports whose loss is ``loss_of(lr in force)`` (inf: non-finite);
-    carries out every decision as the client would. Returns the decisions."""
+    """``reports`` reports whose loss is ``loss_of(the effective lr of the window's last
+    step)`` (inf: non-finite), listing the checkpoints ``listed`` (None: those taken);
+    every decision carried out by the client. Returns the decisions."""
     decisions = []
+    lr_max = engine.governor.limits("lr").max
     for _ in range(reports):
-        step = st.step + EVERY
-        loss = loss_of(st.knobs.lr)
+        c.advance()
+        loss = loss_of(c.act.used().lr)
         bad = not math.isfinite(loss)
-        st.observe(
-            wire.Report(
-                job="s",
-                seq=st.reports_seen + 1,
-                step=step,
-                window=EVERY,
-                knobs=st.knobs,
-                loss_mean=None if bad else loss,
-                nonfinite_losses=EVERY if bad else 0,
-                checkpoints=[c for c in checkpoints if c <= step],
-                stable_step=st.rollback.stable_step,
-            )
-        )
-        st.rollback.observe(st.view(), RB)
-        d = engine.decide(st)
+        extra = {} if listed is None else {"checkpoints": [s for s in listed if s <= c.step]}
+        c.observe(loss_mean=None if bad else loss, nonfinite_losses=EVERY if bad else 0,
+                  **extra)
+        d = engine.decide(c.state)
         decisions.append(d)
-        if d.mark_stable is not None:
-            st.rollback.note_marked(d.mark_stable)
-        knobs = st.knobs.model_dump()
-        if d.rollback is not None:
-            knobs.update(d.rollback.restored)
-            st.on_restored(d.rollback.target_step, RB)
-        knobs.update(d.commands)
-        st.knobs = wire.Knobs(**knobs)
+        c.send(d, lr_max)
         if d.rollback is not None and stop_on_rollback:
+            c.run(1)  # the step that runs from the restored checkpoint acknowledges it
             break
     return decisions
 
@@ -103,24 +96,30 @@ def finished(decisions):
 
 
 def test_a_dip_then_blow_up_picks_the_lr_of_the_lowest_loss_over_ten():
-    st = job(LR)
+    c = client()
+    st = c.state
     policy = LrRangeTest({"min_lr": 1e-5, "max_lr": 1e-1, "sweep_steps": 400, "beta": 0.0})
-    ds = drive(Engine([policy], WIDE), st, dip(best=3e-3, blow=5.0), 60)
+    assert policy.sweep_range(st.view()) == (pytest.approx(1e-2), pytest.approx(1e2))  # x LR
+    ds = drive(Engine([policy], WIDE), c, dip(best=3e-3, blow=5.0), 60)
     end = finished(ds)
     curve = end.detail["curve"]
-    lrs = [lr for lr, _ in curve]
+    lrs = [lr for lr, _ in curve]  # multipliers on LR
     i_min = min(range(len(curve)), key=lambda i: curve[i][1])
     # The sweep stopped on the blow-up, well before its end, past the dip.
-    assert "x its lowest" in end.detail["stop"] and lrs[-1] < 1e-1 and lrs[i_min] < lrs[-1]
+    assert "x its lowest" in end.detail["stop"] and lrs[-1] < 1e-1 / LR
+    assert lrs[i_min] < lrs[-1]
     # The pick: the sampled LR of the lowest loss, nearest the true minimum, over 10.
     assert end.detail["found_lr"] == pytest.approx(lrs[i_min] / 10)
-    assert lrs[i_min] == min(lrs, key=lambda lr: abs(math.log(lr / 3e-3)))
+    assert lrs[i_min] == min(lrs, key=lambda m: abs(math.log(m * LR / 3e-3)))
     # Rolled back to the checkpoint the sweep began at, with the found LR; kept in the job.
     assert ds[-1].rollback.target_step == 0 and ds[-1].rollback.level == 0
     assert ds[-1].commands["lr"] == pytest.approx(lrs[i_min] / 10)
     assert st.found_lr == pytest.approx(lrs[i_min] / 10) and st.view().found_lr == st.found_lr
     assert st.step == 0 and st.knobs.lr == pytest.approx(st.found_lr)
-    print(f"found lr {st.found_lr:.3g} from {len(curve)} points")
+    # The step the run restarted with used the found lr: the user's LR x the pick.
+    assert c.trace[-1][:2] == (0, pytest.approx(LR * st.found_lr))
+    assert st.effective.lr == pytest.approx(LR * st.found_lr) and st.base.lr == LR
+    print(f"found lr x{st.found_lr:.3g} from {len(curve)} points")
 
 
 @pytest.mark.parametrize("family_range", [True, False])
@@ -129,64 +128,64 @@ def test_a_run_registered_decades_too_low_sweeps_into_its_family_range(family_ra
     # 1e-5) never reaches it; joined with Adam's sane range (1e-5 .. 1e-2 at batch 256,
     # which the derived governor bounds admit too) the sweep crosses the dip.
     start = 1e-6
-    st = job(start)
+    c = client(start)
+    st = c.state
     ctx = ScaleContext.from_facts(st.facts)
-    gov = Governor(derive_limits(ctx, GovernorConfig(), set(), st.knobs).config)
+    gov = Governor(derive_limits(ctx, GovernorConfig(), set(), st.registered).config)
     policy = LrRangeTest({"sweep_steps": 400, "beta": 0.0, "family_range": family_range})
-    lo, hi = policy.sweep_range(st.view())
-    assert lo == pytest.approx(start / 100)
-    assert hi == pytest.approx(1e-2 if family_range else start * 10)
-    ds = drive(Engine([policy], gov), st, dip(best=3e-3, blow=5.0), 60)
+    lo, hi = policy.sweep_range(st.view())  # multipliers on the user's lr
+    assert lo == pytest.approx(1 / 100)
+    assert hi == pytest.approx(1e-2 / start if family_range else 10)
+    ds = drive(Engine([policy], gov), c, dip(best=3e-3, blow=5.0), 60)
     found = finished(ds).detail["found_lr"]
     if family_range:
-        assert 1e-4 <= found <= 1e-3 and st.knobs.lr == pytest.approx(found)
+        assert 1e-4 <= start * found <= 1e-3 and st.knobs.lr == pytest.approx(found)
+        assert st.effective.lr == pytest.approx(start * found)
     else:
-        assert found <= start
-    print(f"family_range={family_range}: sweep {lo:.3g} -> {hi:.3g}, found {found:.3g}")
+        assert found <= 1
+    print(f"family_range={family_range}: sweep x{lo:.3g} -> x{hi:.3g} of {start}, "
+          f"found x{found:.3g}")
 
 
 def test_with_live_schedules_the_sweep_goes_out_once_and_the_client_follows_it():
-    st = job(LR)
+    c = client(checkpoints=(0,))
+    st = c.state
     policy = LrRangeTest({"min_lr": 1e-5, "max_lr": 1e-1, "sweep_steps": 400, "beta": 0.0})
     engine = Engine([policy], WIDE, live_schedules=True)
-    loss, decisions, live = dip(best=3e-3, blow=5.0), [], None
-    for _ in range(60):
-        step = st.step + EVERY
-        # The client's LR over the window: the live schedule's, step by step.
-        lr = live.value(step - 1) if live is not None else st.knobs.lr
-        st.observe(wire.Report(job="s", seq=st.reports_seen + 1, step=step, window=EVERY,
-                               knobs=st.knobs.model_copy(update={"lr": lr}),
-                               loss_mean=loss(lr), checkpoints=[0], stable_step=0))
-        st.rollback.observe(st.view(), RB)
-        d = engine.decide(st)
-        decisions.append(d)
-        if d.schedules is not None:
-            live = next((s for s in d.schedules if s.knob == "lr"), None)
-        if d.rollback is not None:
-            st.on_restored(d.rollback.target_step, RB)
-            st.knobs = st.knobs.model_copy(update=d.commands)
-            break
+    decisions = drive(engine, c, dip(best=3e-3, blow=5.0), 60)
     first, *middle, last = decisions
-    # One command carries the sweep: torch's ExponentialLR from the step the phase opened.
+    # One command carries the sweep: torch's ExponentialLR from the step the phase opened,
+    # of the multiplier (1e-5 / LR = 0.01 to 1e-1 / LR = 100).
     (spec,) = first.schedules
     (piece,) = spec.pieces
-    assert (piece.name, piece.origin, piece.params["lr"]) == ("exponential", EVERY, 1e-5)
+    assert (piece.name, piece.origin) == ("exponential", EVERY)
+    assert piece.params["lr"] == pytest.approx(1e-5 / LR, rel=1e-12)
     assert piece.params["gamma"] ** 400 == pytest.approx(1e-1 / 1e-5)
-    assert first.commands == {"lr": 1e-5}
+    assert first.commands == {"lr": pytest.approx(1e-5 / LR, rel=1e-12)}
     assert all(d.schedules is None and not d.commands for d in middle), "sent again"
+    # The client followed it at every step of the sweep: the user's LR x the schedule.
+    gamma = piece.params["gamma"]
+    swept = [(s, lr) for s, lr, _ in c.trace if EVERY <= s < last.step]
+    assert len(swept) == last.step - EVERY
+    assert [lr for _, lr in swept] == [
+        pytest.approx(LR * 1e-5 / LR * gamma ** (s - EVERY), rel=1e-12) for s, _ in swept]
     # The return stops it (schedules=[]) and sets the pick, read off the per-step curve.
     assert last.rollback.planned and last.schedules == () and st.live == {}
     curve = finished(decisions).detail["curve"]
-    gamma = piece.params["gamma"]  # point k: the report at step (k + 2) x EVERY
+    # Point k: the report at step (k + 2) x EVERY, the schedule's value at its last step.
     assert [lr for lr, _ in curve] == [
-        pytest.approx(1e-5 * gamma ** ((k + 1) * EVERY - 1), rel=1e-12) for k in range(len(curve))]
+        pytest.approx(1e-5 / LR * gamma ** ((k + 1) * EVERY - 1), rel=1e-12)
+        for k in range(len(curve))]
     assert last.commands["lr"] == pytest.approx(st.found_lr)
+    # After the return the live sweep is gone: the run steps at LR x the pick.
+    assert c.trace[-1][:2] == (0, pytest.approx(LR * st.found_lr))
 
 
 def test_a_re_registration_mid_sweep_leaves_the_live_sweep_running():
-    st = job(LR)
+    c = client(checkpoints=(0,))
+    st = c.state
     engine = Engine([LrRangeTest({"min_lr": 1e-5, "max_lr": 1e-1})], WIDE, live_schedules=True)
-    drive(engine, st, lambda lr: 1.0, 3, checkpoints=(0,))
+    drive(engine, c, lambda lr: 1.0, 3)
     sweep = st.live["lr"]
     assert st.phase is not None and sweep.pieces[0].name == "exponential"
     # The reply to a register asks the schedule policies only (none here): it must not
@@ -204,34 +203,40 @@ def test_steepest_picks_where_the_loss_falls_fastest():
 
 
 def test_a_flat_then_up_curve_picks_nothing_and_returns_at_the_registered_lr():
-    st = job(LR)
+    c = client()
+    st = c.state
     flat = lambda lr: 1.0 if lr < 2e-2 else 1.0 * math.exp(50 * (lr - 2e-2))  # noqa: E731
-    ds = drive(Engine([LrRangeTest({"min_lr": 1e-5, "max_lr": 1.0})], WIDE), st, flat, 60)
+    ds = drive(Engine([LrRangeTest({"min_lr": 1e-5, "max_lr": 1.0})], WIDE), c, flat, 60)
     end = finished(ds)
     assert end.detail["found_lr"] is None and "never fell" in end.reason
     assert ds[-1].rollback.target_step == 0
-    assert st.found_lr is None and st.knobs.lr == pytest.approx(LR)
+    # Back at the user's own lr: multiplier 1.
+    assert st.found_lr is None and st.knobs.lr == pytest.approx(1.0)
+    assert c.trace[-1][:2] == (0, pytest.approx(LR)) and st.effective.lr == pytest.approx(LR)
     # Schedules keep the registered LR.
-    assert Cosine({"t_max": 1000}).base_lr(st.view()) == LR
+    assert Cosine({"t_max": 1000}).base_lr(st.view()) == 1.0
 
 
 def test_a_non_finite_loss_mid_sweep_stops_it_and_rolls_back():
-    st = job(LR)
+    c = client()
+    st = c.state
     nan_past = lambda lr: math.inf if lr > 1e-2 else dip(3e-3)(lr)  # noqa: E731
     policy = LrRangeTest({"min_lr": 1e-5, "max_lr": 1.0, "beta": 0.0})
-    ds = drive(Engine([policy, DivergenceGuard()], WIDE), st, nan_past, 60)
+    ds = drive(Engine([policy, DivergenceGuard()], WIDE), c, nan_past, 60)
     end = finished(ds)
     assert "non-finite" in end.detail["stop"] and end.detail["curve"][-1][1] is None
     plan = ds[-1].rollback
     # The range test's return, not the guard's rollback (which the phase defers).
     assert (plan.policy, plan.cause, plan.target_step) == ("lr_range_test", "lr_range_test", 0)
-    assert st.found_lr is not None and st.found_lr < 1e-2 / 10 * 1.001
+    assert st.found_lr is not None and LR * st.found_lr < 1e-2 / 10 * 1.001
 
 
 def test_the_sweep_runs_through_the_governor_bounds_and_defers_the_other_policies():
-    st = job(LR)
-    gov = Governor()  # the defaults: bounds [1e-3, 10] x the registered LR
-    lo, hi = gov.bounds("lr", LR)
+    c = client()
+    st = c.state
+    gov = Governor()  # the defaults: bounds [1e-3, 10] x the registered LR (multiplier 1)
+    lo, hi = gov.bounds("lr", 1.0)
+    assert (lo, hi) == (pytest.approx(1e-3), pytest.approx(10.0))
 
     class Nervous(DivergenceGuard):
         name = "nervous"
@@ -245,10 +250,10 @@ def test_the_sweep_runs_through_the_governor_bounds_and_defers_the_other_policie
         LrRangeTest({"sweep_steps": 300, "max_factor": 100.0}),
         Cosine({"t_max": 2000}),
     ]
-    ds = drive(Engine(policies, gov), st, dip(best=2e-3, blow=20.0), 80)
+    ds = drive(Engine(policies, gov), c, dip(best=2e-3, blow=20.0), 80)
     # The opening decision marks the sweep's checkpoint stable (the client restores only
-    # stable ones) and sends the sweep's first LR.
-    assert ds[0].mark_stable == 0 and ds[0].commands["lr"] == pytest.approx(LR / 100)
+    # stable ones) and sends the sweep's first LR (x1/100 the user's).
+    assert ds[0].mark_stable == 0 and ds[0].commands["lr"] == pytest.approx(1 / 100)
     sent = [d.commands["lr"] for d in ds if "lr" in d.commands]
     # Every value within the bounds, the top one cut to them ...
     assert all(lo <= v <= hi for v in sent) and max(sent) == pytest.approx(hi)
@@ -279,18 +284,20 @@ def test_the_sweep_runs_through_the_governor_bounds_and_defers_the_other_policie
 
 def test_quiet_when_finished_also_after_a_restart_and_without_a_checkpoint():
     policy = LrRangeTest({"min_lr": 1e-5, "max_lr": 1.0, "beta": 0.0})
-    st = job(LR)
-    drive(Engine([policy], WIDE), st, lambda lr: 1.0, 3, checkpoints=())
+    c = client()
+    st = c.state
+    drive(Engine([policy], WIDE), c, lambda lr: 1.0, 3, listed=())
     assert st.phase is None and not st.phases_done, "no checkpoint: no sweep"
     assert policy.propose(st.view()) == []
-    drive(Engine([policy], WIDE), st, dip(3e-3), 60)
+    drive(Engine([policy], WIDE), c, dip(3e-3), 60)
     found = st.found_lr
     assert found is not None and policy.propose(st.view()) == []
     restarted = JobState.from_state_dict(st.state_dict())
     assert restarted.found_lr == found and restarted.phases_done == st.phases_done
+    c.state = restarted
     ds = drive(
         Engine([load_policy("lr_range_test", {"min_lr": 1e-5, "max_lr": 1.0})], WIDE),
-        restarted,
+        c,
         dip(3e-3),
         5,
     )
@@ -300,15 +307,17 @@ def test_quiet_when_finished_also_after_a_restart_and_without_a_checkpoint():
 
 def test_a_restart_mid_sweep_carries_on_from_the_job_state():
     cfg = {"min_lr": 1e-5, "max_lr": 1e-1, "sweep_steps": 400, "beta": 0.0}
-    whole = job(LR)
+    whole = client()
     drive(Engine([LrRangeTest(cfg)], WIDE), whole, dip(3e-3, blow=5.0), 60)
-    st = job(LR)
-    drive(Engine([LrRangeTest(cfg)], WIDE), st, dip(3e-3, blow=5.0), 5)
+    c = client()
+    st = c.state
+    drive(Engine([LrRangeTest(cfg)], WIDE), c, dip(3e-3, blow=5.0), 5)
     assert st.phase is not None and st.found_lr is None
     restarted = JobState.from_state_dict(st.state_dict())
     assert restarted.phase == st.phase
-    drive(Engine([LrRangeTest(cfg)], WIDE), restarted, dip(3e-3, blow=5.0), 60)
-    assert whole.found_lr is not None and restarted.found_lr == whole.found_lr
+    c.state = restarted
+    drive(Engine([LrRangeTest(cfg)], WIDE), c, dip(3e-3, blow=5.0), 60)
+    assert whole.state.found_lr is not None and restarted.found_lr == whole.state.found_lr
 
 
 def test_a_policy_failing_mid_sweep_ends_the_phase_with_the_return():
@@ -321,11 +330,14 @@ def test_a_policy_failing_mid_sweep_ends_the_phase_with_the_return():
                 raise RuntimeError("boom")
             return super().propose(view)
 
-    st = job(LR)
-    ds = drive(Engine([Flaky({"min_lr": 1e-5, "max_lr": 1.0})], WIDE), st, dip(3e-3), 10)
+    c = client()
+    st = c.state
+    ds = drive(Engine([Flaky({"min_lr": 1e-5, "max_lr": 1.0})], WIDE), c, dip(3e-3), 10)
     plan = ds[-1].rollback
     assert plan.cause == "phase_aborted" and plan.target_step == 0
-    assert ds[-1].commands.get("lr", LR) == pytest.approx(LR) and st.knobs.lr == LR
+    # Back at the lr in force at the checkpoint: the user's own (multiplier 1).
+    assert ds[-1].commands.get("lr", 1.0) == pytest.approx(1.0) and st.knobs.lr == 1.0
+    assert c.trace[-1][:2] == (0, LR)
     assert st.phase is None and st.found_lr is None
 
 
@@ -334,11 +346,11 @@ def test_a_planned_rollback_is_only_for_the_policy_holding_the_phase():
         name = "rogue"
 
         def propose(self, view):
-            return [Proposal.roll_back("climb", "back", to_step=0, value=LR / 2)]
+            return [Proposal.roll_back("climb", "back", to_step=0, value=0.5)]
 
-    st = job(LR)
-    d = drive(Engine([Rogue()], Governor()), st, lambda lr: 1.0, 1)[0]
-    assert d.rollback is None and d.commands == {"lr": LR / 2}
+    c = client()
+    d = drive(Engine([Rogue()], Governor()), c, lambda lr: 1.0, 1)[0]
+    assert d.rollback is None and d.commands == {"lr": 0.5}
     assert "holds none" in d.knobs["lr"].reason
     with pytest.raises(ValueError, match="to_step is for a rollback proposal for lr with a value"):
         Proposal("lr", reason="x", factor=0.5, rollback="climb", to_step=3)
@@ -356,10 +368,11 @@ def test_config_errors_name_the_field():
 
 
 def test_one_cycle_starts_at_its_start_fraction_of_the_found_lr():
-    st = job(LR)
+    c = client()
+    st = c.state
     rt = LrRangeTest({"min_lr": 1e-5, "max_lr": 1e-1, "beta": 0.0, "start_fraction": 1 / 25})
     oc = OneCycle({"total_steps": 1000, "cycle_momentum": False})
-    ds = drive(Engine([rt, oc], WIDE), st, dip(3e-3), 60)
+    ds = drive(Engine([rt, oc], WIDE), c, dip(3e-3), 60)
     found = st.found_lr
     assert ds[-1].commands["lr"] == pytest.approx(found / 25)
     assert oc.lr_for(st.view()) == (pytest.approx(found / 25), found)
@@ -389,7 +402,8 @@ REGISTERED_LR = 0.001
 
 def fit(task: Regression, opt, steps: int, guard=None, seen=None) -> float:
     """``steps`` steps (through ``guard`` when given, appending ``(step, lr it used)`` to
-    ``seen``); the loss over the whole data set."""
+    ``seen``: the effective lr, the user's times trimtab's multiplier); the loss over the
+    whole data set."""
     for _ in range(steps):
         xb, yb = task.batch()
         loss = task.loss(xb, yb)
@@ -400,7 +414,9 @@ def fit(task: Regression, opt, steps: int, guard=None, seen=None) -> float:
         else:
             guard.step(loss)
             if seen is not None:
-                seen.append((guard.global_step - 1, opt.param_groups[0]["lr"]))
+                seen.append((guard.global_step - 1, guard.knobs.lr))
+            # Between steps the param groups hold the user's own lr.
+            assert opt.param_groups[0]["lr"] == REGISTERED_LR
             time.sleep(STEP_S)
     with torch.no_grad():
         return task.loss(task.x, task.y).item()
@@ -432,7 +448,7 @@ def test_a_real_run_sweeps_rolls_back_and_trains_with_the_found_lr(serve, one_th
             fit(task, opt, 10, guard, seen)
         assert restored == [0], f"no rollback to the sweep's start: {restored}"
         fit(task, opt, 1, guard)
-        lr_after = opt.param_groups[0]["lr"]
+        lr_after = guard.knobs.lr
         loss = fit(task, opt, POST - 1, guard)
     base = Regression(seed=3)
     baseline = fit(
@@ -449,26 +465,29 @@ def test_a_real_run_sweeps_rolls_back_and_trains_with_the_found_lr(serve, one_th
     detail = next(p["detail"] for p in ends[0].data["proposals"] if p.get("to_step") == 0)
     found, curve = detail["found_lr"], detail["curve"]
     print(
-        f"found lr {found:.4g} from a curve of {len(curve)} points (sweep "
-        f"{curve[0][0]:.3g} .. {curve[-1][0]:.3g}, stopped: {detail['stop']}); loss after "
+        f"found lr x{found:.4g} from a curve of {len(curve)} points (sweep "
+        f"x{curve[0][0]:.3g} .. x{curve[-1][0]:.3g}, stopped: {detail['stop']}); loss after "
         f"{POST} steps {loss:.4f}, fixed lr {REGISTERED_LR}: {baseline:.4f}"
     )
     # The sweep went out once, live: from its arrival on, every step used the schedule's
-    # LR exactly (so the curve does not depend on when commands arrived).
+    # LR exactly (so the curve does not depend on when commands arrived): the user's lr
+    # times the schedule's multiplier.
     (sent,) = [s for e in journal.events("range", "decision") for s in e.data["schedules"] or ()
                if s["pieces"][0]["name"] == "exponential"]
     sweep = wire.LiveSchedule.model_validate(sent)
     back = next(i for i in range(1, len(seen)) if seen[i][0] < seen[i - 1][0])
     seen = seen[:back]  # the steps before the return to step 0
-    followed = next(i for i, (s, lr) in enumerate(seen) if lr == pytest.approx(sweep.value(s)))
+    followed = next(i for i, (s, lr) in enumerate(seen)
+                    if lr == pytest.approx(REGISTERED_LR * sweep.value(s)))
     assert followed < 20 and len(seen) - followed > 50, (followed, len(seen))
     assert [lr for _, lr in seen[followed:]] == [
-        pytest.approx(sweep.value(s), rel=1e-12) for s, _ in seen[followed:]]
+        pytest.approx(REGISTERED_LR * sweep.value(s), rel=1e-12) for s, _ in seen[followed:]]
     # The LR after the rollback: the found one (cosine at step 1 of POST from it).
-    assert lr_after == pytest.approx(found, rel=0.01)
-    # A sane pick for this model: inside the sweep, not at its ends, above the poor guess.
+    assert lr_after == pytest.approx(REGISTERED_LR * found, rel=0.01)
+    # A sane pick for this model: inside the sweep, not at its ends, above the poor guess
+    # (found is a multiplier on the registered lr).
     lo, hi = REGISTERED_LR / 100, REGISTERED_LR * 1000
-    assert lo * 10 < found < hi / 10 and found > REGISTERED_LR
+    assert lo * 10 < REGISTERED_LR * found < hi / 10 and found > 1
     assert loss <= baseline, f"range test + cosine {loss:.4f} worse than fixed lr {baseline:.4f}"
 
 
@@ -481,6 +500,7 @@ def test_a_schedule_counts_its_steps_from_the_checkpoint_the_range_test_returned
     st.step = 100  # rolled back
     cos = Cosine({"t_max": 1000})
     assert cos.step_origin(st.view()) == 100 and cos.lr_for(st.view()) == (0.02, 0.02)
-    # A configured reference LR, or use_found_lr=False, ignores the range test.
-    assert Cosine({"t_max": 1000, "lr": 0.5}).lr_for(st.view())[1] == 0.5
+    # A configured reference LR (absolute: x0.5 / LR), or use_found_lr=False, ignores the
+    # range test.
+    assert Cosine({"t_max": 1000, "lr": 0.5}).lr_for(st.view())[1] == pytest.approx(0.5 / LR)
     assert Cosine({"t_max": 1000, "use_found_lr": False}).step_origin(st.view()) == 0

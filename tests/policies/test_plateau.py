@@ -13,6 +13,8 @@ from trimtab.controller.policy import PolicyLoadError, load_policy
 from trimtab.controller.state import JobState, SignalConfig
 from trimtab.policies.plateau import Plateau
 
+from .simclient import Client, one_param
+
 FACTS = wire.ScaleFacts(param_count=1000, group_sizes=[1000], optimizer="AdamW",
                         dtype="bfloat16", device="cuda")
 EVERY = 10
@@ -21,13 +23,16 @@ WINDOW = 20
 
 def job() -> JobState:
     reg = wire.Register(job="p", run_id="r", report_every=EVERY, facts=FACTS,
-                        knobs=wire.Knobs(lr=1e-3))
+                        knobs=wire.Knobs(lr=1e-3), base=wire.Knobs(lr=1e-3))
     return JobState.from_register(reg, SignalConfig(slope_window=WINDOW))
 
 
 def feed(st: JobState, i: int, loss: float) -> None:
+    """Report ``i`` of a loop whose own lr stays 1e-3, under trimtab's multiplier in force."""
+    m = st.knobs.lr
     st.observe(wire.Report(job="p", seq=i, step=EVERY * i, window=EVERY, loss_mean=loss,
-                           knobs=st.knobs))
+                           knobs=wire.Knobs(lr=1e-3 * m), base=wire.Knobs(lr=1e-3),
+                           scale=wire.Scale(lr=m)))
 
 
 def fires(loss_at, n: int = 300, seed: int = 0, policy: Plateau | None = None) -> list[int]:
@@ -76,20 +81,24 @@ def test_the_reason_quotes_slope_t_and_window():
 
 
 def test_after_a_cut_it_waits_for_a_window_clear_of_the_change():
-    st, rng = job(), random.Random(2)
-    eng = Engine([Plateau()], Governor())
+    # A client (the real Actuator on an AdamW at lr 1e-3) carries out the commands.
+    rng = random.Random(2)
+    client = Client(one_param("AdamW", lr=1e-3), facts=FACTS,
+                    signal_cfg=SignalConfig(slope_window=WINDOW))
+    st, eng = client.state, Engine([Plateau()], Governor())
     cuts = []
     for i in range(1, 200):
-        feed(st, i, 2.0 + rng.gauss(0, 0.05))
+        client.report(loss_mean=2.0 + rng.gauss(0, 0.05))
         d = eng.decide(st)
+        client.send(d)
         if d.commands:
             cuts.append(i)
-            st.on_applied(st.applied_seq + 1, wire.Knobs(lr=d.commands["lr"]))
     assert cuts[0] == WINDOW
     # The next cut needs a full window of reports taken after the change; the governor's
     # slew limit (4x per 1000 steps) then holds off a third cut until step 1200.
     assert cuts == [20, 40, 120, 140]
-    assert st.knobs.lr == 1e-3 / 16
+    assert st.knobs.lr == 1 / 16  # trimtab's multiplier: the user's lr over 16
+    assert client.trace[-1][1] == pytest.approx(1e-3 / 16) == st.effective.lr
 
 
 def test_patience_steps_delays_the_next_cut():

@@ -17,13 +17,10 @@ import pytest
 import torch
 from torch.optim import lr_scheduler as sched
 
-from trimtab.client import schedules, wire
-from trimtab.client._knobs import apply_knobs, read_knobs
-from trimtab.client._live_schedule import LiveSchedules
-from trimtab.controller.engine import Decision, Engine, KnobDecision
+from trimtab.client import schedules
+from trimtab.controller.engine import Decision, Engine
 from trimtab.controller.governor import Governor, GovernorConfig, KnobLimits
 from trimtab.controller.policy import Policy, Proposal, load_policy
-from trimtab.controller.rollback import RollbackPlan
 from trimtab.controller.state import JobState, SignalConfig
 from trimtab.policies.cosine import Cosine
 from trimtab.policies.plateau import Plateau
@@ -31,15 +28,17 @@ from trimtab.policies.step_decay import StepDecay
 from trimtab.policies.warmup import Warmup
 
 from ._schedule_cases import CASES, LR, OPENED, Case, make_optimizer, max_rel_err, torch_trace
+from .simclient import Client
 
 TOL = 1e-6
 EVERY = 10
 
 
-class Client:
-    """A job under ``Engine(policies, governor)``: a real optimizer, the client's own knob
-    writer and live schedules, a report every ``every`` steps, commands acknowledged at
-    once, and the schedules' reply to the registration applied before step 0."""
+class Job:
+    """A job under ``Engine(policies, governor)`` whose commands a client carries out (the
+    real Actuator on a real optimizer at the user's constant lr ``LR``, live schedules
+    evaluated by the client's own code), a report every ``every`` steps, and the
+    schedules' reply to the registration taken before step 0."""
 
     def __init__(
         self,
@@ -50,61 +49,43 @@ class Client:
         every: int = EVERY,
         live: bool = True,
         slope_window: int = 20,
+        checkpoints: tuple[int, ...] = (),
     ) -> None:
-        self.param = torch.nn.Parameter(torch.zeros(2))
-        self.opt = make_optimizer(optimizer, [self.param])
-        self.every = every
-        facts = wire.ScaleFacts(
-            param_count=2, group_sizes=[2], optimizer=optimizer, dtype="float32", device="cpu"
-        )
-        self.state = JobState.from_register(
-            wire.Register(
-                job="c",
-                run_id="r",
-                report_every=every,
-                facts=facts,
-                knobs=read_knobs(self.opt, None),
-            ),
-            SignalConfig(slope_window=slope_window),
-        )
+        self.client = Client(make_optimizer(optimizer, [torch.nn.Parameter(torch.zeros(2))]),
+                             every=every, signal_cfg=SignalConfig(slope_window=slope_window),
+                             checkpoints=checkpoints, job="c")
         self.engine = Engine(policies, Governor(governor), live_schedules=live)
-        self.live = LiveSchedules()
         self.decisions: list[Decision] = []
-        self._apply(self.engine.decide_schedules(self.state), 0)
+        self.send(self.engine.decide_schedules(self.state))
 
-    def _apply(self, d: Decision, step: int) -> None:
+    @property
+    def state(self) -> JobState:
+        return self.client.state
+
+    @state.setter
+    def state(self, state: JobState) -> None:
+        self.client.state = state
+
+    def send(self, d: Decision) -> None:
         assert not d.errors, d.errors
         self.decisions.append(d)
-        if d.commands or d.schedules is not None:
-            apply_knobs(self.opt, wire.Knobs(**d.commands))
-            self.live.replace(None if d.schedules is None else list(d.schedules))
-            self.live.apply(self.opt, step)
-            self.state.on_applied(self.state.next_command_seq(), read_knobs(self.opt, None))
+        self.client.send(d)
 
     def run(
         self, steps: int, loss: Callable[[int], float] = lambda t: 1.0, start: int = 0
     ) -> list[tuple[float, float | None]]:
         """``(lr, momentum)`` each optimizer step from ``start`` to ``steps`` uses."""
-        out = []
+        c = self.client
+        assert c.step == start, (c.step, start)
+        first = len(c.trace)
         for t in range(start, steps):
-            if t and t % self.every == 0:
-                st = self.state
-                st.observe(
-                    wire.Report(
-                        job="c",
-                        seq=st.reports_seen + 1,
-                        step=t,
-                        window=self.every,
-                        loss_mean=loss(t),
-                        knobs=read_knobs(self.opt, None),
-                        applied_seq=st.applied_seq,
-                    )
-                )
-                self._apply(self.engine.decide(st), t)
-            self.live.apply(self.opt, t)  # what the guard does before each optimizer step
-            k = read_knobs(self.opt, None)
-            out.append((k.lr, k.momentum))
-        return out
+            if t > c.reported and t % c.every == 0:
+                c.observe(loss_mean=loss(t))
+                self.send(self.engine.decide(self.state))
+            c.run(1)
+        assert [s for s, _, _ in c.trace[first:]] == list(range(start, steps))
+        assert all(g["lr"] == LR for g in c.opt.param_groups)  # the user's, untouched
+        return [(lr, m) for _, lr, m in c.trace[first:]]
 
 
 def _flat(seed: int = 0) -> Callable[[int], float]:
@@ -131,7 +112,7 @@ class CutAt(Policy):
 
 
 def test_a_plateau_cut_persists_under_cosine():
-    c = Client([Cosine({"t_max": 2000}), Plateau()], slope_window=5)
+    c = Job([Cosine({"t_max": 2000}), Plateau()], slope_window=5)
     lrs = [lr for lr, _ in c.run(400, _flat())]
     ratios = [lr / schedules.cosine(t, LR, 2000) for t, lr in enumerate(lrs)]
     cuts = [round(math.log(r, 0.5), 9) for r in ratios]
@@ -147,7 +128,7 @@ def test_a_plateau_cut_persists_under_cosine():
 
 
 def test_a_correction_persists_under_a_schedule_decided_per_report():
-    c = Client([Cosine({"t_max": 1000}), CutAt(100, 0.5)], live=False)
+    c = Job([Cosine({"t_max": 1000}), CutAt(100, 0.5)], live=False)
     lrs = [lr for lr, _ in c.run(300)]
     # Per report, the lr in force is the one decided at the last report.
     expected = [
@@ -158,7 +139,7 @@ def test_a_correction_persists_under_a_schedule_decided_per_report():
 
 
 def test_without_a_schedule_a_factor_acts_on_the_value_in_force_as_before():
-    c = Client([Plateau()], slope_window=5)
+    c = Job([Plateau()], slope_window=5)
     lrs = [lr for lr, _ in c.run(200, _flat())]
     assert min(lrs) < LR and c.state.corrections == {} and c.state.live == {}
 
@@ -168,43 +149,44 @@ def test_an_absolute_value_from_another_policy_is_a_one_off_under_a_schedule():
         name = "pin"
 
         def propose(self, view):
-            return [Proposal("lr", value=0.01, reason="pin")] if view.step == 100 else []
+            # x0.1 the user's lr: an absolute value of the multiplier.
+            return [Proposal("lr", value=0.1, reason="pin")] if view.step == 100 else []
 
-    c = Client([Cosine({"t_max": 1000}), Pin()])
+    c = Job([Cosine({"t_max": 1000}), Pin()])
     lrs = [lr for lr, _ in c.run(130)]
-    assert lrs[100:110] == [0.01] * 10  # decreases win, for one decision ...
+    assert lrs[100:110] == pytest.approx([0.1 * LR] * 10)  # decreases win, for one decision
     assert lrs[125] == pytest.approx(schedules.cosine(125, LR, 1000))  # ... then the schedule
     assert c.state.corrections == {}
 
 
 def test_a_rollback_cut_becomes_part_of_the_correction():
-    c = Client([Cosine({"t_max": 1000})])
-    c.run(50)
+    class Spike(Policy):
+        """A divergence seen once, at step 400: roll back (cut the lr in force by half)."""
+
+        name = "spike"
+
+        def propose(self, view):
+            if view.step == 400:
+                return [Proposal.roll_back("loss_spike", "spike")]
+            return []
+
+    c = Job([Cosine({"t_max": 1000}), Spike()], checkpoints=(0, 100))
+    c.run(400)
     st = c.state
-    d = c.engine.decide(st)  # nothing new: the live schedule runs on
-    assert d.schedules is None and d.commands == {}
-    # A rollback decision that cut the lr in force by half, as the engine settles it.
-    kd = KnobDecision("lr", 0.08, 0.04, 0.04, "divergence_guard", "spike")
-    plan = RollbackPlan(
-        target_step=0,
-        from_step=50,
-        cause="spike",
-        reason="spike",
-        level=1,
-        cut=0.5,
-        cooldown_steps=100,
-        restored={"lr": 0.08},
-        targets={"lr": 0.04},
-    )
-    rolled = Decision(step=50, proposals=d.proposals, knobs={"lr": kd}, rollback=plan)
-    out = c.engine._settle_schedules(st, rolled)
-    assert st.corrections["lr"] == 0.5
-    assert out.schedules == () and st.live == {}  # stopped until the next decision ...
+    c.client.observe(loss_mean=1.0)  # the report at step 400
+    at_fault = st.knobs.lr  # the live cosine's multiplier in force at the fault
+    assert at_fault == pytest.approx(schedules.cosine(399, 1.0, 1000))
     d = c.engine.decide(st)
-    (spec,) = d.schedules  # ... which sends the schedule again, at half
-    assert spec.scale == 0.5 and spec.value(60) == pytest.approx(
-        0.5 * schedules.cosine(60, LR, 1000)
-    )
+    assert d.rollback is not None and d.rollback.target_step == 100 and d.rollback.cut == 0.5
+    assert d.commands == {"lr": pytest.approx(0.5 * at_fault)}  # half the lr in force
+    assert st.corrections["lr"] == pytest.approx(0.5)
+    assert d.schedules == () and st.live == {}  # stopped until the next decision ...
+    c.send(d)
+    lrs = [lr for lr, _ in c.run(200, start=100)]
+    (spec,) = next(x for x in c.decisions[-10:] if x.schedules).schedules  # ... which sends
+    assert spec.scale == pytest.approx(0.5) and spec.value(160) == pytest.approx(  # it again,
+        0.5 * schedules.cosine(160, 1.0, 1000))  # at half, from the restored step on
+    assert lrs[-1] == pytest.approx(0.5 * schedules.cosine(199, LR, 1000))
 
 
 # -- several schedules of one knob ----------------------------------------------------------
@@ -213,7 +195,7 @@ def test_a_rollback_cut_becomes_part_of_the_correction():
 @pytest.mark.parametrize("live", [True, False], ids=["live", "per-report"])
 def test_warmup_times_cosine_equals_torchs_chained_scheduler(live):
     steps = 300
-    c = Client(
+    c = Job(
         [Cosine({"t_max": 200}), Warmup({"warmup_steps": 50, "start_factor": 0.1})],
         every=EVERY if live else 1,
         live=live,
@@ -247,7 +229,7 @@ def test_warmup_times_cosine_equals_torchs_chained_scheduler(live):
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_a_live_schedule_matches_torch_at_every_step_with_reports_every_10(case: Case):
-    c = Client([load_policy(case.policy, case.config)], optimizer=case.optimizer)
+    c = Job([load_policy(case.policy, case.config)], optimizer=case.optimizer)
     ours = c.run(300)
     lr_err, mom_err = max_rel_err(ours, torch_trace(case))  # type: ignore[arg-type]
     sent = sum(d.schedules is not None for d in c.decisions)
@@ -266,7 +248,7 @@ def test_a_drop_beyond_max_step_ratio_falls_back_to_governed_values_per_report()
     gov = GovernorConfig(
         lr=limits, momentum=OPENED.momentum, weight_decay=OPENED.weight_decay, clip=OPENED.clip
     )
-    c = Client([StepDecay({"step_size": 100, "gamma": 0.1})], gov)
+    c = Job([StepDecay({"step_size": 100, "gamma": 0.1})], gov)
     lrs = [lr for lr, _ in c.run(160)]
     stopped = next(d for d in c.decisions if d.schedules == ())
     assert 80 <= stopped.step < 100 and lrs[99] == LR
@@ -277,19 +259,19 @@ def test_a_drop_beyond_max_step_ratio_falls_back_to_governed_values_per_report()
 
 
 def test_the_governors_bounds_go_with_a_live_schedule():
-    limits = KnobLimits(allow_zero=True, min_rel=0.1)  # lr >= 0.01
+    limits = KnobLimits(allow_zero=True, min_rel=0.1)  # multiplier >= 0.1: lr >= 0.01
     gov = GovernorConfig(
         lr=limits, momentum=OPENED.momentum, weight_decay=OPENED.weight_decay, clip=OPENED.clip
     )
-    c = Client([Cosine({"t_max": 100})], gov)
+    c = Job([Cosine({"t_max": 100})], gov)
     lrs = [lr for lr, _ in c.run(100)]
     (spec,) = c.decisions[0].schedules
-    assert spec.lo == pytest.approx(0.01) and min(lrs) == pytest.approx(0.01)
+    assert spec.lo == pytest.approx(0.1) and min(lrs) == pytest.approx(0.01)
     assert lrs[30] == pytest.approx(schedules.cosine(30, LR, 100))
 
 
 def test_corrections_and_the_live_schedule_survive_a_controller_restart():
-    c = Client([Cosine({"t_max": 1000}), CutAt(100, 0.5)])
+    c = Job([Cosine({"t_max": 1000}), CutAt(100, 0.5)])
     c.run(150)
     assert c.state.corrections == {"lr": 0.5}
     sd = c.state.state_dict()
@@ -304,7 +286,7 @@ def test_corrections_and_the_live_schedule_survive_a_controller_restart():
 def test_under_the_default_governor_a_live_schedule_keeps_the_slew_limit():
     # Cosine from 0.1 towards 0 over 3000 steps: live while the default lr limits allow
     # (x4 over any 1000 steps), then governed per report, never faster than x4 per 1000.
-    c = Client([Cosine({"t_max": 3000})], GovernorConfig())
+    c = Job([Cosine({"t_max": 3000})], GovernorConfig())
     lrs = [lr for lr, _ in c.run(3000)]
     worst = max(
         max(lrs[max(0, t - 1000) : t + 1]) / min(lrs[max(0, t - 1000) : t + 1]) for t in range(3000)

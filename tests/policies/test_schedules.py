@@ -9,6 +9,7 @@ import random
 from itertools import pairwise
 
 import pytest
+import torch
 
 from trimtab.client import wire
 from trimtab.controller.engine import Engine
@@ -27,9 +28,11 @@ from ._schedule_cases import (
     Case,
     EngineDriver,
     engine_trace,
+    make_optimizer,
     max_rel_err,
     torch_trace,
 )
+from .simclient import one_param
 
 TOL = 1e-6
 
@@ -75,8 +78,9 @@ def test_one_cycle_holds_its_final_values_after_the_cycle():
 
 
 def test_one_cycle_proposes_momentum_only_for_a_job_that_has_one():
-    with_m = EngineDriver(OneCycle({"total_steps": 10}), wire.Knobs(lr=0.1, momentum=0.9))
-    without = EngineDriver(OneCycle({"total_steps": 10}), wire.Knobs(lr=0.1))
+    with_m = EngineDriver(OneCycle({"total_steps": 10}), one_param("SGD", 0.1, momentum=0.9))
+    without = EngineDriver(OneCycle({"total_steps": 10}), one_param("Adagrad", 0.1))
+    assert without.state.knobs.momentum is None
     assert {p.knob for p in OneCycle({"total_steps": 10}).propose(
         with_m.state.view())} == {"lr", "momentum"}
     assert [p.knob for p in OneCycle({"total_steps": 10}).propose(
@@ -86,31 +90,38 @@ def test_one_cycle_proposes_momentum_only_for_a_job_that_has_one():
 
 
 def test_the_reference_lr_is_the_registered_one_unless_configured():
-    d = EngineDriver(Cosine({"t_max": 10}), wire.Knobs(lr=0.3))
-    assert d.decide(0).lr == 0.3
-    d = EngineDriver(Cosine({"t_max": 10, "lr": 0.02}), wire.Knobs(lr=0.3))
-    assert d.decide(0).lr == 0.02
+    # The lr the optimizer uses: the user's own (multiplier 1), or the configured one.
+    d = EngineDriver(Cosine({"t_max": 10}), make_optimizer("SGD", [torch.nn.Parameter(
+        torch.zeros(2))], lr=0.3))
+    assert d.decide(0)[0] == 0.3 and d.state.knobs.lr == 1.0
+    d = EngineDriver(Cosine({"t_max": 10, "lr": 0.02}), make_optimizer("SGD", [
+        torch.nn.Parameter(torch.zeros(2))], lr=0.3))
+    assert d.decide(0)[0] == pytest.approx(0.02, rel=1e-12)
+    assert d.state.knobs.lr == pytest.approx(0.02 / 0.3, rel=1e-12)
 
 
 def test_the_reason_names_the_schedule_and_step():
-    view = EngineDriver(Cosine({"t_max": 100}), wire.Knobs(lr=0.1)).state.view()
+    view = EngineDriver(Cosine({"t_max": 100}), one_param("SGD", 0.1)).state.view()
     (p,) = Cosine({"t_max": 100}).propose(view)
-    assert p.reason == "cosine at step 0: 0.1 (reference lr 0.1)"
+    assert p.reason == "cosine at step 0: x1 (reference x1)"
     (p, q) = OneCycle({"total_steps": 100}).propose(
-        EngineDriver(Cosine({"t_max": 1}), wire.Knobs(lr=0.1, momentum=0.9)).state.view())
-    assert p.reason == "one_cycle at step 0 of 100: 0.004 (max_lr 0.1)"
+        EngineDriver(Cosine({"t_max": 1}), one_param("SGD", 0.1, momentum=0.9)).state.view())
+    assert p.reason == "one_cycle at step 0 of 100: x0.04 (max_lr x1)"
     assert q.reason == "one_cycle at step 0 of 100: 0.95"
 
 
 def test_under_the_default_governor_a_schedule_is_bounded_like_any_policy():
     # The default lr limits allow at most x2 per decision: a warm-up from 0.001 x lr
-    # cannot jump to lr in one step.
+    # cannot jump to lr in one step (multiplier 1 -> 1000 on the user's 1e-4).
     st = JobState.from_register(wire.Register(
         job="s", run_id="r", report_every=10, step=100, knobs=wire.Knobs(lr=1e-4),
+        base=wire.Knobs(lr=1e-4),
         facts=wire.ScaleFacts(param_count=1, group_sizes=[1], optimizer="SGD",
                               dtype="float32", device="cpu")))
     d = Engine([Warmup({"warmup_steps": 100, "lr": 0.1})], Governor()).decide(st)
-    assert d.commands == {"lr": 2e-4} and "max_step_ratio" in d.knobs["lr"].limits
+    ((_, proposal),) = d.proposals
+    assert proposal.value == pytest.approx(1000.0)
+    assert d.commands == {"lr": 2.0} and "max_step_ratio" in d.knobs["lr"].limits
     assert Governor(OPENED).config.lr.max_step_ratio is None
 
 
@@ -118,7 +129,7 @@ def test_under_the_default_governor_a_schedule_is_bounded_like_any_policy():
 
 
 def _view(optimizer: str, batch_size: int | None, world_size: int = 4, lr: float = LR):
-    return EngineDriver(Cosine({"t_max": 1}), wire.Knobs(lr=lr), optimizer,
+    return EngineDriver(Cosine({"t_max": 1}), one_param(optimizer, lr),
                         batch_size=batch_size, world_size=world_size).state.view()
 
 
@@ -134,23 +145,23 @@ SCALED = {"t_max": 100, "scale_with_batch": True, "reference_batch_size": 256}
 def test_batch_scaling_is_linear_for_sgd_and_square_root_for_adam(optimizer, factor):
     # 128 per rank x 4 ranks = 512 = 2 x the reference batch of 256.
     (p,) = Cosine(SCALED).propose(_view(optimizer, batch_size=128))
-    assert p.value == pytest.approx(LR * factor, rel=1e-12)
+    assert p.value == pytest.approx(factor, rel=1e-12)  # x the user's lr
 
 
 def test_batch_scaling_can_be_forced_and_is_off_by_default():
     (p,) = Cosine({**SCALED, "batch_scaling": "linear"}).propose(_view("AdamW", 128))
-    assert p.value == pytest.approx(2 * LR)
+    assert p.value == pytest.approx(2.0)
     (p,) = Cosine({"t_max": 100}).propose(_view("AdamW", 128))
-    assert p.value == LR
+    assert p.value == 1.0  # the user's own lr
 
 
 def test_a_smaller_batch_scales_down():
     (p,) = Cosine(SCALED).propose(_view("SGD", batch_size=16))  # 64 of 256
-    assert p.value == pytest.approx(LR / 4)
+    assert p.value == pytest.approx(1 / 4)
 
 
 def test_batch_scaling_without_a_batch_size_disables_the_policy_with_the_reason():
-    d = EngineDriver(Cosine(SCALED), wire.Knobs(lr=LR), "SGD", batch_size=None)
+    d = EngineDriver(Cosine(SCALED), one_param("SGD", LR), batch_size=None)
     decision = d.engine.decide(d.state)
     assert decision.commands == {}
     ((name, error),) = decision.errors
@@ -161,14 +172,14 @@ def test_batch_scaling_refuses_to_guess_for_an_unknown_optimizer():
     with pytest.raises(ValueError, match="optimizer 'LBFGS' is neither SGD- nor Adam-family"):
         Cosine(SCALED).propose(_view("LBFGS", 128))
     (p,) = Cosine({**SCALED, "batch_scaling": "sqrt"}).propose(_view("LBFGS", 128))
-    assert p.value == pytest.approx(LR * math.sqrt(2))
+    assert p.value == pytest.approx(math.sqrt(2))
 
 
 def test_scaled_warmup_starts_at_the_reference_lr_as_goyal_et_al():
     # SGD at 4x the reference batch: lr 4 x 0.1, ramped from 0.1 (start factor 1/4).
     pol = Warmup({"warmup_steps": 10, "scale_with_batch": True, "reference_batch_size": 128})
-    d = EngineDriver(pol, wire.Knobs(lr=0.1), "SGD", batch_size=128, world_size=4)
-    lrs = [d.decide(t).lr for t in range(15)]
+    d = EngineDriver(pol, one_param("SGD", 0.1), batch_size=128, world_size=4)
+    lrs = [d.decide(t)[0] for t in range(15)]
     assert lrs[0] == pytest.approx(0.1) and lrs[10] == pytest.approx(0.4) == lrs[14]
     assert lrs[5] == pytest.approx(0.25)
 

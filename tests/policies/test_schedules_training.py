@@ -1,6 +1,7 @@
 """Schedules on a real training run: a small MLP trained with its lr (and momentum) set at
 every step boundary from the policy's decision, through the engine, the opened governor and
-the client's own knob writer, against the same loop driven by torch's scheduler."""
+the client's own Actuator (the user's lr constant, trimtab's multiplier put in around each
+optimizer step), against the same loop driven by torch's scheduler."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 from trimtab.client import wire
-from trimtab.client._knobs import apply_knobs, read_knobs
+from trimtab.client._knobs import Actuator
 from trimtab.client._options import _facts
 from trimtab.controller.engine import Engine
 from trimtab.controller.governor import Governor
@@ -16,6 +17,7 @@ from trimtab.controller.policy import load_policy
 from trimtab.controller.state import JobState
 
 from ._schedule_cases import CASES, OPENED, STEPS, Case, make_optimizer, max_rel_err, momentum_of
+from .simclient import command_of
 
 
 def _data() -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,9 +33,9 @@ def _model() -> torch.nn.Module:
 
 
 def _train(case: Case, steer) -> tuple[list[tuple[float, float]], list[float]]:
-    """Train for STEPS minibatch steps; ``steer(opt, step, last_loss)`` runs at each step
-    boundary and ``after(opt)`` after each optimizer step. Returns the (lr, momentum) each
-    step used and the losses."""
+    """Train for STEPS minibatch steps; ``steer(model, opt)`` gives ``before(step,
+    last_loss)``, run at each step boundary, and ``after()``, run after each optimizer
+    step. Returns the (lr, momentum) each step used and the losses."""
     x, y = _data()
     model = _model()
     opt = make_optimizer(case.optimizer, model.parameters())
@@ -62,25 +64,39 @@ def _by_torch(case: Case):
 
 
 def _by_trimtab(case: Case):
-    """The controller's decision at every step (report_every=1), applied the client's way."""
+    """The controller's decision at every step (report_every=1), carried out the client's
+    way: the command taken by the Actuator, engaged just before the optimizer step (and
+    acknowledged with what that step uses), released right after it."""
     def steer(model, opt):
         facts, _ = _facts(model, opt, batch_size=64)
+        act = Actuator(opt, None)
         st = JobState.from_register(wire.Register(
-            job="run", run_id="r", report_every=1, facts=facts, knobs=read_knobs(opt, None)))
+            job="run", run_id="r", report_every=1, facts=facts, knobs=act.used(),
+            base=act.base(), scale=act.scale()))
         engine = Engine([load_policy(case.policy, case.config)], Governor(OPENED))
 
         def before(t: int, loss: float | None) -> None:
             if t:
                 st.observe(wire.Report(job="run", seq=t, step=t, window=1, loss_mean=loss,
-                                       knobs=read_knobs(opt, None), applied_seq=st.applied_seq))
+                                       knobs=act.used(), base=act.base(), scale=act.scale(),
+                                       applied_seq=st.applied_seq))
             decision = engine.decide(st)
             assert not decision.errors, decision.errors
-            if decision.commands:
-                seq = st.next_command_seq()
-                apply_knobs(opt, wire.Knobs(**decision.commands))
-                assert st.on_ack(wire.Ack(job="run", seq=seq, step=t,
-                                          knobs=read_knobs(opt, None)))
-        return before, lambda: None
+            command = command_of(st, decision)
+            if command is not None:
+                assert not act.command(command.scale, command.knobs, command.lr_max)
+                act.live.replace(command.schedules)
+            act.engage(t)
+            if command is not None:
+                assert st.on_ack(wire.Ack(job="run", seq=command.seq, step=t,
+                                          knobs=act.used(), base=act.base(),
+                                          scale=act.scale()))
+
+        def after() -> None:
+            act.release()
+            # The loop's own lr, untouched between steps (the user's, constant here).
+            assert opt.param_groups[0]["lr"] == opt.defaults["lr"]
+        return before, after
     return steer
 
 

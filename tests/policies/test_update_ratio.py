@@ -10,6 +10,7 @@ from trimtab.controller.policy import PolicyLoadError, load_policy
 from trimtab.policies.update_ratio import UpdateRatio
 
 from .realrun import Run
+from .simclient import Client, one_param
 from .streams import feed, job
 
 
@@ -51,21 +52,28 @@ def test_only_reports_since_the_last_lr_change_count():
 
 
 def test_raises_stop_at_max_lr_rel():
+    # max_lr_rel bounds trimtab's lr multiplier (10: ten times the user's own lr).
     st = with_ratio(*[1e-4] * 5, lr=1e-3)
-    st.knobs = st.knobs.model_copy(update={"lr": 1e-2})
+    st.knobs = st.knobs.model_copy(update={"lr": 9.0})
+    (p,) = UpdateRatio().propose(st.view())
+    assert p.factor == pytest.approx(10 / 9)
+    st.knobs = st.knobs.model_copy(update={"lr": 10.0})
     assert UpdateRatio().propose(st.view()) == []
 
 
 def test_closed_loop_converges_into_the_band():
-    # A ratio proportional to the LR: 1e-4 at lr 1e-3, so the band needs lr in [5e-3, 2e-2].
-    st, eng = job(lr=1e-3), Engine([UpdateRatio()], Governor(GovernorConfig(
+    # A ratio proportional to the LR the optimizer uses: 1e-4 at lr 1e-3, so the band needs
+    # lr in [5e-3, 2e-2]. A client (the real Actuator on an SGD at lr 1e-3) carries out the
+    # commands.
+    client = Client(one_param(lr=1e-3))
+    st, eng = client.state, Engine([UpdateRatio()], Governor(GovernorConfig(
         lr={"max_rel": 100, "max_step_ratio": 2, "cooldown_steps": 0})))
     for _ in range(200):
-        feed(st, loss_mean=1.0, update_ratio=0.1 * st.knobs.lr)
-        d = eng.decide(st)
-        if d.commands:
-            st.on_applied(st.applied_seq + 1, st.knobs.model_copy(update=d.commands))
-    assert 5e-4 <= 0.1 * st.knobs.lr <= 2e-3
+        client.advance()
+        client.observe(loss_mean=1.0, update_ratio=0.1 * client.act.used().lr)
+        client.send(eng.decide(st))
+    assert 5e-4 <= 0.1 * st.effective.lr <= 2e-3
+    assert st.effective.lr == pytest.approx(1e-3 * st.knobs.lr)  # the multiplier did it
 
 
 def test_config_is_validated():
@@ -82,10 +90,11 @@ def test_a_real_run_from_a_too_small_lr_moves_toward_the_band(tmp_path):
     finally:
         run.close()
     ratios = [r.update_ratio for r in run.reports]
-    lrs = [c.knobs.lr for c in run.commands]
-    print("lr commanded:", [f"{x:.3g}" for x in lrs])
+    lrs = [c.scale.lr for c in run.commands]  # trimtab's multipliers on the user's 1e-4
+    print("lr multiplier commanded:", [f"{x:.3g}" for x in lrs])
     print("ratio first/last 5:", [f"{x:.3g}" for x in ratios[:5]],
           [f"{x:.3g}" for x in ratios[-5:]])
-    assert lrs and all(b > a for a, b in zip([1e-4, *lrs], lrs, strict=False))
+    assert lrs and all(b > a for a, b in zip([1.0, *lrs], lrs, strict=False))
+    assert run.reports[-1].knobs.lr > 1e-4 == run.reports[-1].base.lr
     assert all(c.reasons[0].endswith("below [0.0005, 0.002]") for c in run.commands)
     assert sum(ratios[-5:]) > 1.5 * sum(ratios[:5])

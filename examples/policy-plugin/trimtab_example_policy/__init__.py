@@ -44,7 +44,8 @@ class LossEmaBand(Policy):
 
     def __init__(self, config=None) -> None:
         super().__init__(config)
-        # Optional per-job state: (best loss EMA, the LR in force when it was seen).
+        # Optional per-job state: (best loss EMA, trimtab's lr multiplier when it was seen;
+        # the knob model: view.knobs.lr is the multiplier on the run's own lr).
         self._best: dict[str, tuple[float, float | None]] = {}
 
     def propose(self, view):
@@ -60,4 +61,4 @@ class LossEmaBand(Policy):
             return []
         return [Proposal("lr", factor=self.config.cut, reason=(
             f"loss EMA {ema:.4g} is {ema / best - 1:.0%} above its best {best:.4g} "
-            f"since lr was {best_lr:.4g} (band {self.config.rise:.0%})"))]
+            f"since the lr multiplier was x{best_lr:.4g} (band {self.config.rise:.0%})"))]
