@@ -52,7 +52,7 @@ def main() -> None:
 
     guard = attach(model, opt, job=args.job, endpoint=args.endpoint,  # trimtab
                    report_every=args.report_every, batch_size=args.batch_size)
-    lr_seen = opt.param_groups[0]["lr"]
+    lr_seen = guard.knobs.lr
     t0 = time.perf_counter()
     with guard:
         for _ in range(args.steps):
@@ -61,9 +61,12 @@ def main() -> None:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             guard.step(loss)  # trimtab: clip, step, probe, apply commands between steps
-            lr = opt.param_groups[0]["lr"]
+            # What the step ran with: the loop's own lr times trimtab's multiplier (the
+            # optimizer's param group holds the loop's own lr between steps).
+            lr = guard.knobs.lr
             if lr != lr_seen:
-                print(f"step {guard.global_step}: lr {lr_seen:.4g} -> {lr:.4g}")
+                print(f"step {guard.global_step}: lr {lr_seen:.4g} -> {lr:.4g} "
+                      f"(trimtab's multiplier x{guard.scale.lr:.3g})")
                 lr_seen = lr
     with torch.no_grad():
         val = torch.nn.functional.cross_entropy(model(xv), yv).item()
