@@ -10,7 +10,6 @@ real probe numbers and their decisions act on the run.
 from __future__ import annotations
 
 import math
-
 import socket
 from collections.abc import Callable
 from typing import Any

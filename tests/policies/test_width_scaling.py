@@ -21,7 +21,6 @@ and trimtab's configuration is within 1.5x at both widths on every seed.
 from __future__ import annotations
 
 import math
-
 import socket
 from typing import Any
 
