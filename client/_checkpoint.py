@@ -47,7 +47,8 @@ from . import wire
 from ._checkpoint_files import CheckpointFiles, read_payload, scan
 from ._knobs import knobs_of
 
-__all__ = ["Checkpoint", "CheckpointStore", "load_stable", "capture_rng", "restore_rng"]
+__all__ = ["Checkpoint", "CheckpointStore", "load_stable", "capture_rng", "restore_rng",
+           "reseed_rng"]
 
 log = logging.getLogger("trimtab.client")
 
@@ -92,6 +93,32 @@ def restore_rng(state: dict[str, Any]) -> None:
                          n["has_gauss"], n["cached"]))
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
+
+
+def reseed_rng(salt: int) -> None:
+    """Re-seed every RNG :func:`capture_rng` covers from its own state and ``salt``.
+
+    After a rollback the restored RNG states would draw exactly what they drew the first
+    time: a loop that takes its batches from torch's RNG (nanoGPT's ``torch.randint``)
+    would meet the batches that led to the fault again. Each generator draws one number
+    from its restored state, mixes ``salt`` (the rollback count) in and is seeded with the
+    result: deterministic for a given run and rollback, different from the first pass and
+    from one rollback to the next. Host arithmetic and a seed per CUDA device; no sync.
+    """
+    mix = 0x9E3779B97F4A7C15 * (salt + 1)
+
+    def seed(x: int) -> int:
+        return (x ^ mix) % (2**63 - 1)
+
+    torch.manual_seed(seed(int(torch.randint(2**62, (1,)).item())))  # CPU generator, host
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for device in range(torch.cuda.device_count()):
+            # The Philox generator's seed and offset, read on the host (no device work).
+            state = tuple(torch.cuda.get_rng_state(device).tolist())
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(seed(hash(state) & (2**62 - 1)))
+    np.random.seed(seed(int(np.random.randint(0, 2**31 - 1))) % 2**32)
+    random.seed(seed(random.getrandbits(62)))
 
 
 # -- host copies -----------------------------------------------------------------------------

@@ -24,7 +24,7 @@ import torch
 import zmq
 
 from . import wire
-from ._checkpoint import Checkpoint, CheckpointStore
+from ._checkpoint import Checkpoint, CheckpointStore, reseed_rng
 from ._dist import DistLink, rank_directory
 from ._hooks import StepHooks
 from ._knobs import Actuator, check_optimizer
@@ -95,7 +95,11 @@ class Guard:
     over the restored ones (multipliers, momentum and clip come back with the
     checkpoint; the loop's own lr with the optimizer's and the scheduler's state). The
     data stream is not rewound (the batches since the checkpoint are skipped); reposition
-    a loader in ``on_rollback`` to replay them.
+    a loader in ``on_rollback`` to replay them. With ``reseed_on_rollback`` (the default)
+    the restored RNG states are re-seeded from themselves and the rollback count (see
+    :func:`~trimtab.client._checkpoint.reseed_rng`), so that a loop drawing its batches
+    from torch's RNG does not draw the ones that led to the fault again; ``False`` restores
+    them exactly (the same draws again).
 
     CURVE (a controller configured with keys): ``server_key`` is the controller's
     ``server.key`` and ``client_key`` this client's ``clients/NAME.key_secret``, both from
@@ -165,6 +169,7 @@ class Guard:
         server_key: str | os.PathLike | None = None,
         client_key: str | os.PathLike | None = None,
         hooks: bool = False,
+        reseed_on_rollback: bool = True,
     ) -> None:
         _check_options(job, report_every, clip, batch_size, heartbeat_s, queue_size,
                        nonfinite, liveness)
@@ -173,6 +178,10 @@ class Guard:
         check_optimizer(optimizer)
         if not isinstance(hooks, bool):
             raise _invalid("hooks", hooks, "True (the optimizer's step hooks) or False")
+        if not isinstance(reseed_on_rollback, bool):
+            raise _invalid("reseed_on_rollback", reseed_on_rollback, "True or False")
+        #: Re-seed the restored RNGs after a rollback (see :func:`reseed_rng`).
+        self.reseed_on_rollback = reseed_on_rollback
         curve = load_curve_keys(server_key, client_key)
         self.model = model
         self.optimizer = optimizer
@@ -460,6 +469,8 @@ class Guard:
         self._window_start = time.perf_counter()
         self._last_checkpoint = ckpt.step
         self.rollbacks += 1
+        if self.reseed_on_rollback:  # no replay of the batches that led here
+            reseed_rng(self.rollbacks)
         log.warning("trimtab rolled the run back to step %d (rollback %d)", ckpt.step,
                     self.rollbacks)
         if self._on_rollback is not None:
@@ -511,7 +522,7 @@ class Guard:
                 nonfinite_losses=stats.nonfinite_losses, nonfinite_grads=stats.nonfinite_grads,
                 skipped_steps=stats.nonfinite_grads, step_time_s=step_time, knobs=knobs,
                 base=base, scale=scale, user_clipped_steps=stats.user_clipped_steps,
-                user_clip=stats.user_clip,
+                user_clip=stats.user_clip, offline=not self._transport.connected,
                 dropped_reports=self._transport.dropped, applied_seq=self.applied_seq,
                 checkpoints=self.checkpoints, stable_step=self.stable_step,
                 validation=validation, validation_step=vstep,

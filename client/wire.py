@@ -190,6 +190,9 @@ class Report(_Model):
     #: the norms of those steps are the clip, not the gradient's (None: none detected).
     user_clipped_steps: Count = 0
     user_clip: NonNeg | None = None
+    #: Made while this client had heard no controller within its liveness window (none
+    #: running yet, or restarting): sent later, it tells a past no controller saw live.
+    offline: bool = False
     #: Reports this client has dropped so far because its queue was full.
     dropped_reports: Count = 0
     applied_seq: Count = 0

@@ -155,11 +155,12 @@ class Engine:
         only. Ordinary changes wait for the ack (they are governed against the values in
         force), but a run that has diverged must not go on for another report window: the
         live policies are asked, and a rollback one of them asks for is planned and ordered
-        as :meth:`decide` would (the newer command supersedes the pending one). None when
-        no rollback is asked for, or can be made, or a measurement phase is open (a phase's
-        rollbacks are its own). Policy errors met on the way are returned in a decision
-        with no knobs, so that they are journaled."""
-        if self.shadow or state.phase is not None:
+        as :meth:`decide` would (the newer command supersedes the pending one); an open
+        measurement phase ends with its return when non-finite values persist (see
+        :data:`SAFETY`). None when no rollback is asked for or can be made. Policy errors
+        met on the way are returned in a decision with no knobs, so that they are
+        journaled."""
+        if self.shadow:
             return None
         decision = self._decide(state, self.policies, False, state.memory, urgent=True)
         if decision.rollback is None:
@@ -184,7 +185,10 @@ class Engine:
     ) -> Decision:
         heard, errors = self._ask(state, policies)
         proposals, opened, ending = heard, None, None
-        if urgent:  # rollbacks to the newest stable checkpoint, nothing else
+        if not shadow and state.phase is not None and _safety(heard, state.phase.policy):
+            # Safety first: persistent non-finite values end any phase, at once.
+            proposals, opened, ending = self._phase_filter(state, heard)
+        elif urgent:  # rollbacks to the newest stable checkpoint, nothing else
             proposals = [(n, p) for n, p in heard if p.rollback is not None
                          and p.to_step is None and p.advice is None]
         elif not shadow:
@@ -253,18 +257,25 @@ class Engine:
             if first is None or ckpt is None:  # a sweep value outside its phase is dropped
                 return [(n, p) for n, p in proposals if not p.sweep], None, None
             phase, opened = state.begin_phase(first, ckpt), ckpt
-        if phase.policy in state.disabled_policies:
-            # Its policy failed mid-phase: return to the checkpoint with the LR it had.
+        mine = [(n, p) for n, p in proposals if n == phase.policy]
+        ending = next((p for _, p in mine if p.to_step is not None), None)
+        safety = _safety(proposals, phase.policy)
+        failed = phase.policy in state.disabled_policies
+        if failed or (safety and ending is None):
+            # Its policy failed mid-phase, or the run went persistently non-finite during
+            # it: return to the checkpoint with the LR it had there (the phase's values are
+            # what went wrong, not the run's own), and the phase is over.
             seen = state.rollback.at_checkpoint.get(phase.checkpoint, {}).get("knobs", {})
             lr = seen.get("lr") or state.initial.lr
             if lr is None:  # nothing to return to: the phase just ends
                 state.end_phase(None)
                 return [(n, p) for n, p in proposals if not p.sweep], None, None
-            back = Proposal.roll_back("phase_aborted", f"{phase.policy} failed during its "
-                                      "phase", to_step=phase.checkpoint, value=lr)
+            cause, why = (("phase_aborted", f"{phase.policy} failed during its phase")
+                          if failed else
+                          (safety[1].rollback, f"{safety[0]}: {safety[1].reason} during "
+                           f"{phase.policy}'s phase"))
+            back = Proposal.roll_back(cause, why, to_step=phase.checkpoint, value=lr)  # type: ignore[arg-type]
             return [(phase.policy, back)], opened, back
-        mine = [(n, p) for n, p in proposals if n == phase.policy]
-        ending = next((p for _, p in mine if p.to_step is not None), None)
         return mine, opened, ending
 
     def _phase_knob(
@@ -303,6 +314,10 @@ class Engine:
             return None if step in rb.stable or rb.pending_mark is not None else step
         if plan is not None and plan.target_step == rb.pending_mark:
             return rb.pending_mark  # sent again with the rollback to it (_with_pending_mark)
+        if plan is not None and plan.target_step not in rb.stable:
+            # A run gone non-finite with nothing stable goes back to the checkpoint taken at
+            # attach; the client restores stable checkpoints only: mark it in the same command.
+            return plan.target_step
         if plan is not None or state.phase is not None:
             return None
         return stable_to_mark(rb, self.rollback)
@@ -592,6 +607,17 @@ class Engine:
         state.live = dict(live)
         return dataclasses.replace(decision, schedules=tuple(live[k] for k in wire.KNOBS
                                                              if k in live))
+
+
+#: Rollback causes that override every phase, sweep, schedule and cooldown.
+SAFETY: tuple[str, ...] = ("nonfinite",)
+
+
+def _safety(proposals: Sequence[tuple[str, Proposal]], phase_policy: str
+            ) -> tuple[str, Proposal] | None:
+    """The first safety rollback (:data:`SAFETY`) another policy than the phase's asks for."""
+    return next(((n, p) for n, p in proposals if p.rollback in SAFETY and p.to_step is None
+                 and n != phase_policy), None)
 
 
 def _with_pending_mark(rb: RollbackState) -> RollbackState:

@@ -34,6 +34,8 @@ EVENT_KINDS = (
     "checkpoint", "stable", "rollback", "restored", "alert",
     # A report sent before a rollback its client had applied by the time it arrived.
     "abandoned",
+    # A report made while its client heard no controller, or before its registration.
+    "stale",
     # What shadow policies would have done (journaled and exported, never sent).
     "shadow",
     # Advice sent to a run (stop: the validation metric stopped improving).

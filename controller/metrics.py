@@ -257,6 +257,12 @@ class ControllerMetrics:
             "the path rolled back from): journaled, not observed.",
             registry=registry,
         )
+        self.reports_stale = Counter(
+            "trimtab_reports_stale",
+            "Reports of steps before their job's current registration (queued while no "
+            "controller heard the run): journaled, not observed, never evidence.",
+            registry=registry,
+        )
         self.commands = Counter("trimtab_commands", "Commands sent, all jobs.", registry=registry)
         self.decision_latency = Histogram(
             "trimtab_decision_latency_seconds",

@@ -103,6 +103,10 @@ class DivergenceThresholds(BaseModel):
 
     #: Non-finite losses (or non-finite gradient steps) in one report that count.
     nonfinite_min: int = Field(1, ge=1)
+    #: At most this many non-finite steps in one report, after a report without any, are an
+    #: isolated bad batch that the guard's skip already absorbed: no rollback for it (0: every
+    #: one counts). Persistent ones (more in one report, or again in the next) always count.
+    nonfinite_isolated: int = Field(1, ge=0)
     #: Loss above its EW mean by more than this many EW standard deviations...
     loss_z: float = Field(6.0, **_Pos)
     #: ...and the window's lowest loss at least this fraction of |EMA| above the EMA
@@ -186,7 +190,8 @@ def assess(view: JobView, th: DivergenceThresholds) -> Unhealthy | None:
     if last is None:
         return None
     found: list[tuple[str, str]] = []
-    if max(last.nonfinite_losses, last.nonfinite_grads) >= th.nonfinite_min:
+    bad = max(last.nonfinite_losses, last.nonfinite_grads)
+    if bad >= th.nonfinite_min and not _isolated(view, bad, th):
         found.append(("nonfinite", f"non-finite values in the last report: "
                       f"{last.nonfinite_losses} losses, {last.nonfinite_grads} gradients"))
     sig = view.signals
@@ -209,6 +214,15 @@ def assess(view: JobView, th: DivergenceThresholds) -> Unhealthy | None:
     if not found:
         return None
     return Unhealthy(found[0][0], "; ".join(r for _, r in found))
+
+
+def _isolated(view: JobView, bad: int, th: DivergenceThresholds) -> bool:
+    """Whether ``bad`` non-finite steps in the latest report are an isolated bad batch: few
+    enough, and the report before it had none (or there was none before it)."""
+    if bad > th.nonfinite_isolated:
+        return False
+    before = view.history[-2] if len(view.history) >= 2 else None
+    return before is None or before.nonfinite == 0
 
 
 def _lowest(report: Any) -> float:
@@ -542,9 +556,14 @@ def stable_to_mark(state: RollbackState, cfg: RollbackConfig) -> int | None:
     return max(ready, default=None)
 
 
-def _target(state: RollbackState) -> int | None:
-    """The newest stable checkpoint the client still lists, at or before the current step."""
+def _target(state: RollbackState, cause: str | None = None) -> int | None:
+    """The newest stable checkpoint the client still lists, at or before the current step;
+    for non-finite values with none stable, the oldest one it lists (the one taken at
+    attach while it is held): a run whose every step is skipped must not be stranded."""
     ok = [s for s in state.stable if s in state.checkpoints and s <= state.step]
+    if not ok and cause == "nonfinite":
+        listed = [s for s in state.checkpoints if s <= state.step and s not in state.unusable]
+        return min(listed, default=None)
     return max(ok, default=None)
 
 
@@ -582,7 +601,7 @@ def why_no_rollback(
         return "alert", f"job in rollback alert: {state.alert}"
     if state.pending is not None:
         return "pending", f"the rollback to step {state.pending.to_step} is not acknowledged yet"
-    target = _target(state)
+    target = _target(state, cause)
     if target is None:
         return "no_stable", "no stable checkpoint to roll back to"
     # Before the cooldown: a fault that recurs inside it, with the budget spent, is the
@@ -623,7 +642,7 @@ def plan_rollback(
             cut=1.0, cooldown_steps=0, restored=dict(seen.get("knobs", {})),
             targets={} if lr is None else {"lr": lr}, in_force=in_force,
         )
-    target = _target(state)
+    target = _target(state, cause)
     assert target is not None  # why_no_rollback checked it
     level = _level(state, cfg, target)
     seen = state.at_checkpoint.get(target, {})

@@ -190,6 +190,8 @@ class Controller:
             return [self._refuse(peer, "invalid", f"applied_seq {msg.applied_seq}: no such "
                                  f"command was sent (newest {state.command_seq})", msg.job)]
         self.metrics.reports.inc()
+        if state.is_stale(msg):
+            return self._stale(state, msg)
         self._settle_from_report(state, msg)
         if msg.applied_seq < state.branch_seq:
             return self._abandoned(state, msg)
@@ -274,6 +276,19 @@ class Controller:
             **msg.model_dump(exclude={"type", "v", "job"}), "branch_seq": state.branch_seq})
         log.info("job %s: report %d (step %d) predates rollback command %d: not observed",
                  msg.job, msg.seq, msg.step, state.branch_seq)
+        return []
+
+    def _stale(self, state: JobState, msg: wire.Report) -> list[Reply]:
+        """A report of a step before the run's current registration: queued while no
+        controller heard the run (this one started after it, or restarted), then sent. It
+        is journaled and counted, never observed: a decision, a phase or a checkpoint list
+        taken from it would act on a past the run has left (only reports seen live are
+        evidence)."""
+        self.metrics.reports_stale.inc()
+        self.journal.append(msg.job, "stale", step=msg.step, seq=msg.seq, data={
+            **msg.model_dump(exclude={"type", "v", "job"}), "live_since": state.live_since})
+        log.info("job %s: report %d (step %d) predates its registration at step %d: not "
+                 "observed", msg.job, msg.seq, msg.step, state.live_since)
         return []
 
     def _settle_from_report(self, state: JobState, msg: wire.Report) -> None:

@@ -52,6 +52,8 @@ __all__ = ["SignalConfig", "Signals", "Sample", "Phase", "JobView", "JobState", 
            "command_controls", "base_of"]
 
 _STATE_VERSION = 3  # 3: the knob model (lr and weight decay held as multipliers)
+#: Reported steps whose signals are kept for a rollback to a checkpoint taken there.
+_SIGNAL_MARKS = 64
 
 
 def controls_of(knobs: wire.Knobs, scale: wire.Scale) -> wire.Knobs:
@@ -309,6 +311,11 @@ class JobState:
         #: The user's own values at registration (what absolute settings relate to).
         self.registered = self.base
         self.step = step
+        #: The step of the run's current registration: a report of an earlier step was made
+        #: before it (queued while no controller heard the run), never evidence.
+        self.live_since = step
+        #: The signals at the newest reported steps (and the registration's), for a rollback.
+        self._marks: dict[int, list[Any]] = {}
         self.reports_seen = 0
         self._loss, self._grad = _EW(), _EW()
         self.loss_z: float | None = None
@@ -364,9 +371,11 @@ class JobState:
             signal_cfg=signal_cfg, step=msg.step, applied_seq=msg.applied_seq,
             effective=msg.knobs, base=base_of(msg),
         )
-        # The guard snapshots at attach: that checkpoint holds what is in force now.
+        # The guard snapshots at attach: that checkpoint holds what is in force now, and no
+        # signal yet.
         state.rollback.note_in_force(msg.step, {"knobs": state.knobs.model_dump(),
                                                 "grad_norm_ema": None})
+        state._mark_signals(msg.step)
         return state
 
     #: The same as :meth:`from_register`.
@@ -384,10 +393,18 @@ class JobState:
         self.base = base_of(msg)
         # Reports carry the authoritative step; a bare re-register (step 0) must not undo it.
         self.step = max(self.step, msg.step)
+        self.live_since = msg.step
         self._applied(msg.applied_seq)
         self.command_seq = max(self.command_seq, msg.applied_seq)
 
     # -- reports, commands, acks ------------------------------------------------
+
+    def is_stale(self, report: wire.Report) -> bool:
+        """Whether ``report`` was made while no controller heard the run (the client says so:
+        a controller started late, or restarted) or before the run's current registration:
+        sent later, it describes a past the controller did not see live, and is never
+        evidence for a decision."""
+        return report.offline or report.step < self.live_since
 
     def observe(self, report: wire.Report) -> None:
         """Fold one report into the signals."""
@@ -408,10 +425,40 @@ class JobState:
             self._points.append((report.step, report.loss_mean))
             self._refresh_slope()
         self.history.append(Sample.of(report))
+        self._mark_signals(report.step)
         if report.validation is not None:
             vstep = report.step if report.validation_step is None else report.validation_step
             self.validations.append((vstep, report.validation))
         self.last_report = report
+
+    def _signal_state(self) -> list[Any]:
+        """The signals as they are now (for :meth:`on_restored`), JSON-serialisable."""
+        return [self._loss.to_list(), self._grad.to_list(), _finite(self.loss_z),
+                _finite(self.grad_norm_z), [_finite(x) for x in self.refs],
+                [[s, y] for s, y in self._points]]
+
+    def _load_signals(self, snap: list[Any] | None) -> None:
+        """Put back what :meth:`_signal_state` gave (None: afresh)."""
+        self._loss, self._grad = _EW(), _EW()
+        self.loss_z = self.grad_norm_z = None
+        self.refs = (None, None)
+        self._points.clear()
+        if snap is not None:
+            self._loss, self._grad = _EW.from_list(snap[0]), _EW.from_list(snap[1])
+            self.loss_z, self.grad_norm_z = snap[2], snap[3]
+            self.refs = (snap[4][0], snap[4][1])
+            self._points.extend((int(s), float(y)) for s, y in snap[5])
+        if self._points:
+            self._refresh_slope()
+        else:
+            self._slope = (None, None, None)
+
+    def _mark_signals(self, step: int) -> None:
+        """Keep the signals as they stand at ``step`` (a report's end): a checkpoint taken
+        there holds the run as they describe it."""
+        self._marks[step] = self._signal_state()
+        for old in sorted(self._marks)[:-_SIGNAL_MARKS]:
+            del self._marks[old]
 
     def grad_norm_scale(self) -> float | None:
         """The job's gradient-norm EMA once its z-score warm-up has passed (None before):
@@ -497,19 +544,17 @@ class JobState:
     def on_restored(self, step: int, cfg: RollbackConfig) -> int:
         """The client rolled back to the checkpoint at ``step``; returns the steps lost.
 
-        The loss slope window restarts (it would mix two trajectories); the EW moments
-        and z-scores stay, being statistics of the run's noise rather than of one path —
-        except after a planned rollback (level 0, the end of a measurement phase such as
-        the LR range test): those moments were taken while the phase swept the LR over
-        decades, and the run restarts from the phase's start, where its loss is naturally
-        far above anything the sweep reached, so they start afresh.
+        The signals go back with the run: the EW moments, the z-score baselines and the
+        loss slope window are those of the report that ended at the checkpoint's step (the
+        newest one at or before it; afresh when none is kept), so that no decision after a
+        rollback is made on statistics of the path rolled back from -- a spike's 1e5 loss
+        in the loss EMA, or a measurement phase's sweep over decades of LR.
         """
-        planned = self.rollback.pending is not None and self.rollback.pending.level == 0
         self.step = step
-        self._points.clear()
-        self._slope = (None, None, None)
-        if planned:
-            self._loss, self._grad = _EW(), _EW()
+        marks = [s for s in self._marks if s <= step]
+        snap = self._marks[max(marks)] if marks else None
+        self._marks = {s: v for s, v in self._marks.items() if s <= step}
+        self._load_signals(snap)
         # Reports and validation results after the checkpoint describe the abandoned path.
         for kept in (self.history, self.validations):
             survivors = [x for x in kept if _step_of(x) <= step]
@@ -612,7 +657,8 @@ class JobState:
         "memory", "last_change_step", "command_seq", "applied_seq", "last_command", "awaiting_ack",
         "disabled_policies", "decision_counts", "rollback", "shadow_memory", "shadow_counts",
         "history", "validations", "stop_advice", "phase", "phases_done", "found_lr",
-        "corrections", "live", "branch_seq", "effective", "base", "registered",
+        "corrections", "live", "branch_seq", "effective", "base", "registered", "live_since",
+        "signal_marks",
     })
 
     def state_dict(self) -> dict[str, Any]:
@@ -652,6 +698,8 @@ class JobState:
             "live": {k: s.model_dump(mode="json") for k, s in self.live.items()},
             "branch_seq": self.branch_seq, "effective": dump(self.effective),
             "base": dump(self.base), "registered": dump(self.registered),
+            "live_since": self.live_since,
+            "signal_marks": [[s, v] for s, v in sorted(self._marks.items())],
         }
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
@@ -670,6 +718,8 @@ class JobState:
         self.effective = wire.Knobs.model_validate(sd["effective"])
         self.base = wire.Knobs.model_validate(sd["base"])
         self.registered = wire.Knobs.model_validate(sd["registered"])
+        self.live_since = int(sd["live_since"])
+        self._marks = {int(s): v for s, v in sd["signal_marks"]}
         self.reports_seen = sd["reports_seen"]
         self._loss, self._grad = _EW.from_list(sd["loss"]), _EW.from_list(sd["grad_norm"])
         self.loss_z, self.grad_norm_z = sd["loss_z"], sd["grad_norm_z"]

@@ -209,3 +209,24 @@ def test_bad_frames_are_counted_and_ignored(fake_controller) -> None:
                                  while_waiting=lambda: run.step(guard))
         assert guard.knobs.lr == pytest.approx(0.01)
         assert all(math.isfinite(p.sum().item()) for p in run.model.parameters())
+
+
+def test_reports_made_before_a_controller_is_heard_are_marked_offline(make_controller,
+                                                                     unused_port) -> None:
+    """A report made while the client heard no controller says so; a controller that comes
+    up later takes it as the past it did not see live (never evidence)."""
+    run = Run()
+    with _attach(run, f"tcp://127.0.0.1:{unused_port}") as guard:
+        for _ in range(20):
+            run.step(guard)
+        controller = make_controller(unused_port)
+        controller.wait_for(lambda c: len(c.of_type(wire.Report)) >= 4,
+                            while_waiting=lambda: run.step(guard))
+        assert guard.connected
+        controller.wait_for(lambda c: not c.of_type(wire.Report)[-1].offline,
+                            while_waiting=lambda: run.step(guard))
+    reports = controller.of_type(wire.Report)
+    offline = [r.offline for r in reports]
+    assert offline[:4] == [True] * 4  # the four windows made before it was there
+    first_live = offline.index(False)
+    assert all(not o for o in offline[first_live:])

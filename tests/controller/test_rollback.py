@@ -96,7 +96,19 @@ def test_few_reports_are_not_a_window_even_when_the_steps_are():
     assert stable_to_mark(run.rb, CFG) == 100
 
 
-@pytest.mark.parametrize("fault", [{"nonfinite_grads": 2}, {"nonfinite_losses": 1}])
+def test_an_isolated_skipped_step_is_healthy_and_a_repeat_is_not():
+    """One non-finite step after a clean report is a bad batch the guard skipped: the run is
+    healthy (no rollback, the checkpoint stays a candidate); another in the next report
+    makes it persistent."""
+    run = Run()
+    run.to(150)
+    run.report(nonfinite_grads=1)  # step 160
+    assert run.rb.last_unhealthy_step is None and 100 in run.rb.candidates
+    run.report(nonfinite_grads=1)  # step 170: again
+    assert run.rb.last_unhealthy_step == 170 and run.rb.candidates == {}
+
+
+@pytest.mark.parametrize("fault", [{"nonfinite_grads": 2}, {"nonfinite_losses": 2}])
 def test_an_unhealthy_report_inside_the_window_disqualifies_the_checkpoint(fault):
     run = Run()
     run.to(150)
@@ -112,7 +124,7 @@ def test_an_unhealthy_report_inside_the_window_disqualifies_the_checkpoint(fault
 def test_a_checkpoint_first_listed_after_a_fault_at_or_before_it_never_counts():
     run = Run()
     run.to(90)
-    run.report(nonfinite_grads=1, checkpoints=[])  # step 100: unhealthy, checkpoint not listed
+    run.report(nonfinite_grads=2, checkpoints=[])  # step 100: unhealthy, checkpoint not listed
     run.report()  # step 110 lists the checkpoint taken at 100
     assert run.obs[-1].new_checkpoints == (100,) and run.obs[-1].disqualified == (100,)
     run.to(400)
@@ -132,8 +144,19 @@ def test_a_checkpoint_the_client_no_longer_lists_is_never_a_target():
     run.to(500)
     assert run.mark() == 300
     run.report(checkpoints=[400, 500])  # 300 evicted from the ring
-    assert run.rb.stable == [] and plan_rollback("nonfinite", "x", run.rb, CFG) is None
+    assert run.rb.stable == [] and plan_rollback("loss_spike", "x", run.rb, CFG) is None
     assert why_no_rollback(run.rb, CFG)[0] == "no_stable"
+    # Non-finite values with nothing stable: the oldest checkpoint still listed, not 300.
+    assert plan_rollback("nonfinite", "x", run.rb, CFG).target_step == 400
+
+
+def test_a_run_gone_non_finite_with_nothing_stable_goes_back_to_the_attach_checkpoint():
+    run = Run()
+    run.ckpts = [0]  # the snapshot the guard takes at attach
+    run.to(150)  # checkpoints at 0 and 100 listed, none stable yet
+    plan = plan_rollback("nonfinite", "every step skipped", run.rb, CFG)
+    assert plan is not None and plan.target_step == run.rb.checkpoints[0] == 0
+    assert plan_rollback("loss_spike", "x", run.rb, CFG) is None  # only for non-finite
 
 
 def test_a_stable_mark_reported_by_the_client_is_adopted():
@@ -343,7 +366,8 @@ def test_a_restore_forgets_the_abandoned_trajectory():
     run.rb.note_ordered(plan)
     assert run.job.view().signals.slope_n == 20
     run.restore(200)
-    assert run.rb.checkpoints == [100, 200] and run.job.view().signals.slope_n == 0
+    sig = run.job.view().signals  # the slope window as it stood at step 200, not after
+    assert run.rb.checkpoints == [100, 200] and sig.slope_n == 20 and sig.slope_since_step == 10
     assert run.job.step == 200 and run.rb.cooldown_until == 300
     # A checkpoint listed from beyond the current step is from the abandoned run: ignored.
     run.report(checkpoints=[100, 200, 300])
@@ -392,3 +416,22 @@ def test_a_fault_recurring_inside_the_cooldown_with_the_budget_spent_is_an_alert
     _roll(run)
     run.to(250)
     assert why_no_rollback(run.rb, run.cfg)[0] == "cooldown"  # budget left: just wait
+
+
+def test_signals_after_a_rollback_are_the_checkpoints():
+    """A spike's 1e5 loss must not stay in the loss EMA once the spike is rolled back: the
+    EW moments, z-score baselines and slope window come back as they were at the
+    checkpoint's step."""
+    run = Run()
+    run.to(200, loss=1.0)
+    at_checkpoint = run.job.signals()
+    run.to(240, loss=0.9)
+    run.report(loss=1e5)  # step 250: the spike
+    assert run.job.signals().loss_ema > 1e3
+    run.restore(200)
+    assert run.job.signals() == at_checkpoint
+    # A checkpoint older than every signal kept comes back with signals afresh.
+    run.job._marks.clear()
+    run.restore(100)
+    fresh = run.job.signals()
+    assert (fresh.loss_ema, fresh.slope_n, fresh.loss_ref) == (None, 0, None)

@@ -284,7 +284,9 @@ def test_a_nonfinite_report_rolls_back_to_the_newest_stable_checkpoint(tmp_path)
     assert restored.data["restored_step"] == 150 and restored.data["steps_lost"] == 90
     assert kinds(ctl)[-2:] == ["ack", "restored"]
     st = ctl.jobs["rb"]
-    assert st.step == 150 and st.view().signals.slope_n == 0 and st.knobs.lr == 0.5
+    # The signals are the checkpoint's (its step's report ended with 15 slope points).
+    assert st.step == 150 and st.view().signals.slope_n == 15 and st.knobs.lr == 0.5
+    assert st.view().signals.slope_since_step == 10
     assert st.effective.lr == pytest.approx(0.05)
     assert metric(ctl, 'trimtab_rollbacks_total{job="rb",reason="nonfinite"} 1.0')
     assert metric(ctl, 'trimtab_rollback_steps_lost_total{job="rb"} 90.0')
@@ -296,7 +298,7 @@ def test_a_recurring_fault_ends_in_alert_with_its_reason_then_plain_cuts(tmp_pat
     c = _stable_at_150(ctl)
     orders = []
     for _ in range(2):
-        (cmd,) = c.report(nonfinite_grads=1)
+        (cmd,) = c.report(nonfinite_grads=2)
         orders.append((cmd.rollback_to, cmd.scale.lr,
                        ctl.journal.events("rb", "rollback")[-1].data["level"]))
         c.ack(cmd)
@@ -306,7 +308,7 @@ def test_a_recurring_fault_ends_in_alert_with_its_reason_then_plain_cuts(tmp_pat
     # the first cut) x 0.25.
     assert orders == [(150, 0.5, 1), (200, 0.25, 2)]
     assert [r.fault_lr for r in ctl.jobs["rb"].rollback.history] == [1.0, 0.5]
-    (cmd,) = c.report(nonfinite_grads=1)
+    (cmd,) = c.report(nonfinite_grads=2)
     assert cmd.rollback_to is None and cmd.scale.lr == pytest.approx(c.lr * 0.5)
     (alert,) = ctl.journal.events("rb", "alert")
     assert alert.data["why"].startswith("rollback budget exhausted: 2 rollbacks within 1000")
@@ -318,20 +320,20 @@ def test_a_recurring_fault_ends_in_alert_with_its_reason_then_plain_cuts(tmp_pat
 def test_a_failed_restore_is_journaled_and_that_checkpoint_never_targeted_again(tmp_path):
     ctl = make_rb(tmp_path)
     c = _stable_at_150(ctl)
-    (cmd,) = c.report(nonfinite_grads=1)
+    (cmd,) = c.report(nonfinite_grads=2)
     c.ack(cmd, restore=False, error="no checkpoint at step 150")
     ack = ctl.journal.events("rb", "ack")[-1]
     assert ack.data["error"] == "no checkpoint at step 150" and ack.data["restored_step"] is None
     assert not ctl.journal.events("rb", "restored")
     assert ctl.jobs["rb"].rollback.history[-1].failed == "no checkpoint at step 150"
-    (cmd,) = c.report(nonfinite_grads=1)
+    (cmd,) = c.report(nonfinite_grads=2)
     assert cmd.rollback_to == 100  # the next newest stable one
 
 
 def test_a_lost_ack_is_settled_from_the_next_report(tmp_path):
     ctl = make_rb(tmp_path)
     c = _stable_at_150(ctl)
-    (cmd,) = c.report(nonfinite_grads=1)
+    (cmd,) = c.report(nonfinite_grads=2)
     c.step, c.applied, c.lr = 150, cmd.seq, cmd.scale.lr  # applied, ack lost
     c.ckpts = [s for s in c.ckpts if s <= 150]
     c.report()
@@ -345,7 +347,7 @@ def test_a_lost_ack_is_settled_from_the_next_report(tmp_path):
 def test_rollback_series_end_with_the_job(tmp_path):
     ctl = make_rb(tmp_path)
     c = _stable_at_150(ctl)
-    (cmd,) = c.report(nonfinite_grads=1)
+    (cmd,) = c.report(nonfinite_grads=2)
     c.ack(cmd)
     for name in ("rollbacks_total", "rollback_steps_lost_total", "rollback_alert",
                  "checkpoints_stable_step", "checkpoints_total", "checkpoints_marked_stable_total"):
@@ -359,7 +361,7 @@ def test_non_finite_values_right_after_a_restore_roll_back_again_not_just_cut(tm
     # skipped, so a cooldown counted in steps would never end and a cut cannot help.
     ctl = make_rb(tmp_path, budget=2)
     c = _stable_at_150(ctl)
-    (first,) = c.report(nonfinite_grads=1)
+    (first,) = c.report(nonfinite_grads=2)
     c.ack(first)
     (second,) = c.report(nonfinite_grads=5)  # step 160, inside the cooldown (until 170)
     # One level deeper from the multiplier in force at the first fault: 1.0 x 0.25.
@@ -463,3 +465,36 @@ def test_a_report_sent_before_the_restore_is_journaled_not_observed(tmp_path):
     assert len(ctl.journal.events("rb", "rollback")) == 1 and st.step == 300
     # A controller restarted from the journal still knows which reports are stale.
     assert type(st).from_state_dict(st.state_dict()).branch_seq == cmd.seq
+
+
+def test_reports_made_before_the_controller_heard_the_run_are_stale(tmp_path):
+    """Only fresh evidence: reports the client made while it heard no controller (offline),
+    or of steps before its registration, are journaled as stale and counted, never
+    observed: no signal, no checkpoint list, no decision comes from them, not even a
+    non-finite one's rollback or cut."""
+    ctl, _ = make(tmp_path)
+    ctl.handle(PEER, wire.encode(wire.Register(
+        job="j1", run_id="r1", report_every=10, step=364,
+        facts=wire.ScaleFacts(param_count=100, group_sizes=[100], optimizer="SGD",
+                              dtype="float32", device="cpu"), **in_force())))
+    queued = [wire.Report(job="j1", seq=s, step=s * 10, window=10, loss_mean=5.0 - s / 10,
+                          grad_norm_mean=1.0, nonfinite_grads=3 if s == 30 else 0,
+                          checkpoints=[0, 100], offline=True, **in_force())
+              for s in range(1, 37)]
+    late = wire.Report(job="j1", seq=37, step=370, window=10, loss_mean=1.4, grad_norm_mean=1.0,
+                       checkpoints=[300, 360], offline=True, **in_force())
+    for r in [*queued, late]:
+        assert ctl.handle(PEER, wire.encode(r)) == []
+    st = ctl.jobs["j1"]
+    assert st.reports_seen == 0 and st.last_report is None and st.step == 364
+    assert st.rollback.checkpoints == [] and st.nonfinite_grads == 0
+    assert [e.kind for e in ctl.journal.events("j1")] == ["register"] + ["stale"] * 37
+    assert metric(ctl, "trimtab_reports_stale_total 37.0")
+    # The first report made while the controller is heard is observed.
+    fresh = late.model_copy(update={"seq": 38, "step": 375, "offline": False})
+    ctl.handle(PEER, wire.encode(fresh))
+    assert st.reports_seen == 1 and st.rollback.checkpoints == [300, 360]
+    # A report of a step before the registration is stale even when not marked offline.
+    old = late.model_copy(update={"seq": 39, "step": 360, "offline": False})
+    ctl.handle(PEER, wire.encode(old))
+    assert st.reports_seen == 1 and ctl.journal.events("j1")[-1].kind == "stale"

@@ -306,20 +306,24 @@ def test_signal_config_is_validated():
     assert math.isclose(SignalConfig().alpha, 0.05)
 
 
-@pytest.mark.parametrize("level, fresh", [(0, True), (1, False)])
-def test_ew_moments_start_afresh_only_after_a_planned_rollback(level, fresh):
-    """A planned rollback ends a measurement phase (the LR range test): the moments it saw
-    were taken while the LR swept decades, and the run goes back to its start, where the
-    loss is far above them. A divergence rollback keeps them (the run's own noise)."""
+@pytest.mark.parametrize("level", [0, 1])
+def test_after_any_rollback_the_signals_are_those_at_the_checkpoint(level):
+    """A planned rollback (the end of the LR range test's sweep) or a divergence rollback:
+    the moments and the slope window go back with the run to the checkpoint's step. Back
+    to the start of the run, that is afresh: the start-of-run loss is no spike against
+    moments the sweep (or the diverging path) left behind."""
     from trimtab.controller.rollback import RollbackConfig, RollbackRecord
 
     st = fed(40)
+    at_200 = st._marks[200]
     assert st.view().signals.loss_ema is not None
     st.rollback.pending = RollbackRecord(400, 0, "lr_range_test" if level == 0 else "nonfinite",
                                          "test", level)
     st.on_restored(0, RollbackConfig())
     sig = st.view().signals
-    assert (sig.loss_ema is None, sig.grad_norm_ema is None) == (fresh, fresh)
+    assert (sig.loss_ema, sig.grad_norm_ema, sig.slope_n) == (None, None, 0)
     st.observe(report(41, step=10, loss_mean=3.0, grad_norm_mean=1.0))
-    # Right after the restore, the start-of-run loss is no spike against fresh moments.
-    assert (st.view().signals.loss_z is None) == fresh
+    assert st.view().signals.loss_z is None
+    st = fed(40)
+    st.on_restored(200, RollbackConfig())
+    assert st._signal_state() == at_200

@@ -178,7 +178,7 @@ def test_a_climb_across_an_lr_change_is_not_judged():
 def test_the_most_urgent_cause_leads_and_every_cause_is_in_the_reason():
     st = job()
     nxt = calm(st, 50)
-    feed(st, nxt, nonfinite_grads=1, **window([6.0] * EVERY, [40.0] * EVERY))
+    feed(st, nxt, nonfinite_grads=2, **window([6.0] * EVERY, [40.0] * EVERY))
     (prop,) = DivergenceGuard().propose(st.view())
     assert prop.rollback == "nonfinite"
     assert "loss spike" in prop.reason and "grad norm spike" in prop.reason
