@@ -194,6 +194,17 @@ class RankTransport:
         """Rank 0: whether the controller was heard from; other ranks have no link: False."""
         return self.inner is not None and self.inner.connected
 
+    @property
+    def link(self) -> int:
+        """Rank 0: its transport's link; other ranks: 0 (they build no report)."""
+        return 0 if self.inner is None else self.inner.link
+
+    @property
+    def offline(self) -> bool:
+        """Rank 0: whether no controller was heard for a liveness window; other ranks: False
+        (they build no report)."""
+        return self.inner is not None and self.inner.offline
+
     def close(self, bye: wire.Bye | None = None, timeout_s: float = 1.0) -> None:
         if self.inner is not None:
             self.inner.close(bye, timeout_s)

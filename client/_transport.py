@@ -138,6 +138,7 @@ class Transport:
         self._bye: wire.Bye | None = None
         self._thread = threading.Thread(target=self._run, name="trimtab-client", daemon=True)
         self._last_heard = float("-inf")
+        self._started = time.monotonic()
         #: Reports dropped because the queue was full.
         self.dropped = 0
         #: Frames from the controller that did not decode, ignored.
@@ -180,6 +181,19 @@ class Transport:
     def connected(self) -> bool:
         """Whether the controller was heard from within the liveness window."""
         return time.monotonic() - self._last_heard < self._liveness * self._heartbeat_s
+
+    @property
+    def link(self) -> int:
+        """The link (connection attempt) in use, counted from 1; reports carry it."""
+        return self.connects
+
+    @property
+    def offline(self) -> bool:
+        """Whether no controller was heard for a whole liveness window: since the last word
+        from one, or since this transport started when none was ever heard (a report made
+        in the first window of a run is not offline: its registration is on its way)."""
+        quiet = time.monotonic() - max(self._last_heard, self._started)
+        return quiet >= self._liveness * self._heartbeat_s
 
     def close(self, bye: wire.Bye | None = None, timeout_s: float = 1.0) -> None:
         """Send ``bye`` (best effort), stop the thread and wait at most ``timeout_s``."""
@@ -302,7 +316,7 @@ class Transport:
 
     def _flush(self, sock: zmq.Socket, burst: int = _SEND_BURST) -> None:
         if self._need_register:
-            if not self._send(sock, self._register()):
+            if not self._send(sock, self._register().model_copy(update={"link": self.connects})):
                 return  # no live connection yet; the registration must go first
             self._need_register = False
         queues: tuple[collections.deque, ...] = (self._control, self._reports)

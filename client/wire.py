@@ -149,6 +149,8 @@ class Register(_Model):
     scale: Scale = Scale()
     #: The sequence number of the last command this client applied (0: none).
     applied_seq: Count = 0
+    #: Which of this client's links (connection attempts, counted from 1) it goes on.
+    link: Count = 0
 
 
 class Report(_Model):
@@ -190,9 +192,12 @@ class Report(_Model):
     #: the norms of those steps are the clip, not the gradient's (None: none detected).
     user_clipped_steps: Count = 0
     user_clip: NonNeg | None = None
-    #: Made while this client had heard no controller within its liveness window (none
+    #: Made after this client had heard no controller for a whole liveness window (none
     #: running yet, or restarting): sent later, it tells a past no controller saw live.
     offline: bool = False
+    #: The client's link (see :attr:`Register.link`) when it was made: a report made under
+    #: an earlier link than the registration's predates it (a controller restarted).
+    link: Count = 0
     #: Reports this client has dropped so far because its queue was full.
     dropped_reports: Count = 0
     applied_seq: Count = 0

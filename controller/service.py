@@ -162,7 +162,7 @@ class Controller:
         self.journal.append(msg.job, "register", step=msg.step, data={
             "run_id": msg.run_id, "resumed": resumed, "facts": msg.facts.model_dump(),
             "knobs": msg.knobs.model_dump(), "base": msg.base.model_dump(),
-            "scale": msg.scale.model_dump(), "applied_seq": msg.applied_seq,
+            "scale": msg.scale.model_dump(), "applied_seq": msg.applied_seq, "link": msg.link,
             "report_every": msg.report_every, "key": self._owner.get(msg.job)})
         state.on_register(msg)
         self.journal.save_state(msg.job, state.state_dict())
@@ -279,16 +279,16 @@ class Controller:
         return []
 
     def _stale(self, state: JobState, msg: wire.Report) -> list[Reply]:
-        """A report of a step before the run's current registration: queued while no
-        controller heard the run (this one started after it, or restarted), then sent. It
-        is journaled and counted, never observed: a decision, a phase or a checkpoint list
+        """A report made while its client heard no controller (this one started after the
+        run, or restarted), or under a link before its registration's, then sent. It is
+        journaled and counted, never observed: a decision, a phase or a checkpoint list
         taken from it would act on a past the run has left (only reports seen live are
         evidence)."""
         self.metrics.reports_stale.inc()
         self.journal.append(msg.job, "stale", step=msg.step, seq=msg.seq, data={
-            **msg.model_dump(exclude={"type", "v", "job"}), "live_since": state.live_since})
-        log.info("job %s: report %d (step %d) predates its registration at step %d: not "
-                 "observed", msg.job, msg.seq, msg.step, state.live_since)
+            **msg.model_dump(exclude={"type", "v", "job"})})
+        log.info("job %s: report %d (step %d) was made while its client heard no controller: "
+                 "not observed", msg.job, msg.seq, msg.step)
         return []
 
     def _settle_from_report(self, state: JobState, msg: wire.Report) -> None:

@@ -311,9 +311,9 @@ class JobState:
         #: The user's own values at registration (what absolute settings relate to).
         self.registered = self.base
         self.step = step
-        #: The step of the run's current registration: a report of an earlier step was made
-        #: before it (queued while no controller heard the run), never evidence.
-        self.live_since = step
+        #: The client's link its current registration came on: reports made under an
+        #: earlier one predate it (a restarted or late controller), never evidence.
+        self.link = 0
         #: The signals at the newest reported steps (and the registration's), for a rollback.
         self._marks: dict[int, list[Any]] = {}
         self.reports_seen = 0
@@ -376,6 +376,7 @@ class JobState:
         state.rollback.note_in_force(msg.step, {"knobs": state.knobs.model_dump(),
                                                 "grad_norm_ema": None})
         state._mark_signals(msg.step)
+        state.link = msg.link
         return state
 
     #: The same as :meth:`from_register`.
@@ -393,18 +394,20 @@ class JobState:
         self.base = base_of(msg)
         # Reports carry the authoritative step; a bare re-register (step 0) must not undo it.
         self.step = max(self.step, msg.step)
-        self.live_since = msg.step
+        self.link = msg.link
         self._applied(msg.applied_seq)
         self.command_seq = max(self.command_seq, msg.applied_seq)
 
     # -- reports, commands, acks ------------------------------------------------
 
     def is_stale(self, report: wire.Report) -> bool:
-        """Whether ``report`` was made while no controller heard the run (the client says so:
-        a controller started late, or restarted) or before the run's current registration:
-        sent later, it describes a past the controller did not see live, and is never
-        evidence for a decision."""
-        return report.offline or report.step < self.live_since
+        """Whether ``report`` was made after the client had heard no controller for a whole
+        liveness window (the client says so: a controller started late, or restarted), or
+        under an earlier link than the registration's (before the client reconnected):
+        sent later, it describes a past no controller saw live, and is never evidence for
+        a decision. (Not a report's step against the registration's: the client builds its
+        registration when its link is ready, after reports it made in the meantime.)"""
+        return report.offline or report.link < self.link
 
     def observe(self, report: wire.Report) -> None:
         """Fold one report into the signals."""
@@ -657,8 +660,8 @@ class JobState:
         "memory", "last_change_step", "command_seq", "applied_seq", "last_command", "awaiting_ack",
         "disabled_policies", "decision_counts", "rollback", "shadow_memory", "shadow_counts",
         "history", "validations", "stop_advice", "phase", "phases_done", "found_lr",
-        "corrections", "live", "branch_seq", "effective", "base", "registered", "live_since",
-        "signal_marks",
+        "corrections", "live", "branch_seq", "effective", "base", "registered", "signal_marks",
+        "link",
     })
 
     def state_dict(self) -> dict[str, Any]:
@@ -698,8 +701,8 @@ class JobState:
             "live": {k: s.model_dump(mode="json") for k, s in self.live.items()},
             "branch_seq": self.branch_seq, "effective": dump(self.effective),
             "base": dump(self.base), "registered": dump(self.registered),
-            "live_since": self.live_since,
             "signal_marks": [[s, v] for s, v in sorted(self._marks.items())],
+            "link": self.link,
         }
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
@@ -718,8 +721,8 @@ class JobState:
         self.effective = wire.Knobs.model_validate(sd["effective"])
         self.base = wire.Knobs.model_validate(sd["base"])
         self.registered = wire.Knobs.model_validate(sd["registered"])
-        self.live_since = int(sd["live_since"])
         self._marks = {int(s): v for s, v in sd["signal_marks"]}
+        self.link = int(sd["link"])
         self.reports_seen = sd["reports_seen"]
         self._loss, self._grad = _EW.from_list(sd["loss"]), _EW.from_list(sd["grad_norm"])
         self.loss_z, self.grad_norm_z = sd["loss_z"], sd["grad_norm_z"]

@@ -215,14 +215,16 @@ def test_reports_made_before_a_controller_is_heard_are_marked_offline(make_contr
                                                                      unused_port) -> None:
     """A report made while the client heard no controller says so; a controller that comes
     up later takes it as the past it did not see live (never evidence)."""
+    import time
+
     run = Run()
     with _attach(run, f"tcp://127.0.0.1:{unused_port}") as guard:
+        time.sleep(0.3)  # past the liveness window (3 beats of 0.05 s) with no controller
         for _ in range(20):
             run.step(guard)
         controller = make_controller(unused_port)
-        controller.wait_for(lambda c: len(c.of_type(wire.Report)) >= 4,
+        controller.wait_for(lambda c: len(c.of_type(wire.Report)) >= 4 and guard.connected,
                             while_waiting=lambda: run.step(guard))
-        assert guard.connected
         controller.wait_for(lambda c: not c.of_type(wire.Report)[-1].offline,
                             while_waiting=lambda: run.step(guard))
     reports = controller.of_type(wire.Report)
@@ -230,3 +232,7 @@ def test_reports_made_before_a_controller_is_heard_are_marked_offline(make_contr
     assert offline[:4] == [True] * 4  # the four windows made before it was there
     first_live = offline.index(False)
     assert all(not o for o in offline[first_live:])
+    # The link the client registered on: reports made later carry it; those made before
+    # the controller was there went under earlier links (reconnect attempts) or this one.
+    (register,) = controller.of_type(wire.Register)[-1:]
+    assert register.link >= 1 and all(r.link == register.link for r in reports[first_live:])

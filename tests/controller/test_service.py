@@ -468,10 +468,9 @@ def test_a_report_sent_before_the_restore_is_journaled_not_observed(tmp_path):
 
 
 def test_reports_made_before_the_controller_heard_the_run_are_stale(tmp_path):
-    """Only fresh evidence: reports the client made while it heard no controller (offline),
-    or of steps before its registration, are journaled as stale and counted, never
-    observed: no signal, no checkpoint list, no decision comes from them, not even a
-    non-finite one's rollback or cut."""
+    """Only fresh evidence: reports the client made while it heard no controller (offline)
+    are journaled as stale and counted, never observed: no signal, no checkpoint list, no
+    decision comes from them, not even a non-finite one's rollback or cut."""
     ctl, _ = make(tmp_path)
     ctl.handle(PEER, wire.encode(wire.Register(
         job="j1", run_id="r1", report_every=10, step=364,
@@ -494,7 +493,14 @@ def test_reports_made_before_the_controller_heard_the_run_are_stale(tmp_path):
     fresh = late.model_copy(update={"seq": 38, "step": 375, "offline": False})
     ctl.handle(PEER, wire.encode(fresh))
     assert st.reports_seen == 1 and st.rollback.checkpoints == [300, 360]
-    # A report of a step before the registration is stale even when not marked offline.
-    old = late.model_copy(update={"seq": 39, "step": 360, "offline": False})
+    # After the client reconnected (a new link, registered again), a report it made under
+    # the old link is stale, offline or not.
+    ctl.handle(PEER, wire.encode(wire.Register(
+        job="j1", run_id="r1", report_every=10, step=380, link=2,
+        facts=wire.ScaleFacts(param_count=100, group_sizes=[100], optimizer="SGD",
+                              dtype="float32", device="cpu"), **in_force())))
+    old = fresh.model_copy(update={"seq": 39, "step": 380, "link": 1})
     ctl.handle(PEER, wire.encode(old))
     assert st.reports_seen == 1 and ctl.journal.events("j1")[-1].kind == "stale"
+    ctl.handle(PEER, wire.encode(old.model_copy(update={"seq": 40, "step": 385, "link": 2})))
+    assert st.reports_seen == 2

@@ -258,10 +258,13 @@ def test_sigkill_with_a_command_pending_resumes_every_job_exactly(nudge, serve_f
             # What the restarted controller holds is exactly what it held before the kill:
             # EMAs, slope window, governor memory (cooldowns, slew), rollback state and
             # budget, command sequence and the pending command; only the step moves on to
-            # the one the run registered at, if it stepped after its last report.
+            # the one the run registered at, if it stepped after its last report, and the
+            # link is the one it registered on (a new one if the client reconnected).
             now = journal.load_state(job)
             assert now["step"] == max(before[job]["step"], again[-1].step), job
-            assert {**now, "step": None} == {**before[job], "step": None}, job
+            assert now["link"] == again[-1].data["link"] >= before[job]["link"], job
+            moved = {"step": None, "link": None}
+            assert {**now, **moved} == {**before[job], **moved}, job
         paused.clear()
         for t in threads:
             t.join(90)

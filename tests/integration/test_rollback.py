@@ -17,7 +17,6 @@ from bench.faults import CONTROLLER_CONFIG, FAULT_AT, TOTAL, damaged, recovered,
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
-REASONS = {"nan_grad": {"nonfinite"}}
 SPIKES = {"nonfinite", "loss_spike", "grad_spike", "climb"}
 
 
@@ -36,13 +35,16 @@ def test_fault_is_rolled_back_and_the_run_recovers(serve_factory, kind):
     assert damaged(bare, clean), f"the fault is not real: bare {bare}, clean {clean}"
     assert math.isfinite(run.val) and run.steps == TOTAL, run
     assert recovered(run, clean), f"more than 10% above the reference: faulted {run}, clean {clean}"
-    assert run.restored, "on_rollback was never called"
-
     journal = srv.journal()
     rollbacks = _fault_rollbacks(journal, f"faulted-{kind}")
+    if kind == "nan_grad":
+        # One NaN gradient is a bad batch the guard's skip absorbs: no rollback for it.
+        assert not rollbacks, [e.data for e in rollbacks]
+        return
+    assert run.restored, "on_rollback was never called"
     assert rollbacks, "no rollback journaled"
     reasons = {e.data["reason"] for e in rollbacks}
-    assert reasons & REASONS.get(kind, SPIKES), reasons
+    assert reasons & SPIKES, reasons
     ordered = {e.seq for e in rollbacks}  # the range test's return to step 0 comes first
     restored = [e for e in journal.events(f"faulted-{kind}", "restored") if e.seq in ordered]
     assert restored and restored[0].data["restored_step"] in run.restored

@@ -53,7 +53,8 @@ def test_the_cut_multiplies_the_schedule_restored_to_its_position(kind, serve_fa
     own = own_lrs(kind, 60)
     with run.guard:
         for it in range(70):
-            run.step(poison=it == FAULT)
+            # Two bad batches in a row: persistent (one alone is skipped, no rollback).
+            run.step(poison=FAULT <= it < FAULT + 2)
             lockstep.after_step()
     lockstep.close()
     assert lockstep.timeouts == 0
