@@ -10,8 +10,8 @@ jobs (``bench-TASK-*``).
 
 >>> name, items = parse_set("warm=+warmup:warmup_steps=20")
 >>> name, [p for p, _ in items]
-('warm', ['divergence_guard', 'plateau', 'lr_range_test', 'grad_noise', 'warmup'])
->>> items[2], items[-1]
+('warm', ['divergence_guard', 'lr_range_test', 'warmup'])
+>>> items[1], items[-1]
 (('lr_range_test', {'sweep_steps': '{steps/5}'}), ('warmup', {'warmup_steps': 20}))
 >>> print(to_toml([("warmup", {"warmup_steps": 20})]), end="")
 [[policies]]
@@ -37,11 +37,13 @@ __all__ = ["CANDIDATES", "FIT_TO_BUDGET", "default_items", "default_set", "descr
 #: ``trimtab`` contender (the current default), as written on the command line: the
 #: default plus each policy that could join it.
 CANDIDATES = (
-    "guard_plateau=divergence_guard,plateau",
+    "guard_only=divergence_guard",
+    "plateau=+plateau",
+    "noise=+grad_noise",
     "spike=+spike_guard",
     "clip=+adaptive_clip",
     "ratio=+update_ratio",
-    "no_noise=divergence_guard,plateau,lr_range_test:sweep_steps={steps/5}",
+    "always_sweep=divergence_guard,lr_range_test:when=always:sweep_steps={steps/5}",
     "warmup=+warmup:warmup_steps={steps/20}",
     "cosine=+cosine:t_max={steps}",
 )

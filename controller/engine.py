@@ -250,6 +250,9 @@ class Engine:
         """``(proposals that count, checkpoint of a phase opened now, the proposal ending
         the open phase)``; see the module docstring for the rules of a phase."""
         phase, opened = state.phase, None
+        if phase is None and _safety(proposals, ""):
+            # Safety first: no phase opens while a safety rollback is asked for.
+            return [(n, p) for n, p in proposals if not p.sweep], None, None
         if phase is None:
             ckpt = _phase_checkpoint(state)
             first = next((n for n, p in proposals if p.sweep and n not in state.phases_done

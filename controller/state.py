@@ -146,6 +146,9 @@ class Sample:
     #: Steps whose gradient norm sat at the loop's own clipping threshold: their norms
     #: are that threshold, not the gradient's.
     user_clipped: int = 0
+    #: The window's lowest and highest finite loss.
+    loss_min: float | None = None
+    loss_max: float | None = None
 
     @classmethod
     def of(cls, r: wire.Report) -> Sample:
@@ -153,7 +156,8 @@ class Sample:
         return cls(r.step, r.window, r.loss_mean, r.grad_norm_mean, r.grad_norm_std,
                    r.grad_norm_max, r.update_ratio, r.micro_sq_norm_mean, r.micro_batches,
                    None if r.knobs.lr is None else r.scale.lr,
-                   r.nonfinite_losses + r.nonfinite_grads, r.knobs.lr, r.user_clipped_steps)
+                   r.nonfinite_losses + r.nonfinite_grads, r.knobs.lr, r.user_clipped_steps,
+                   r.loss_min, r.loss_max)
 
     def to_list(self) -> list[Any]:
         return list(_sample_values(self))

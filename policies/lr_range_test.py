@@ -104,6 +104,20 @@ class LrRangeTestConfig(BaseModel):
     min_drop: float = Field(0.02, ge=0.0, lt=1.0)
     #: The LR set with the rollback is the pick times this.
     start_fraction: float = Field(1.0, gt=0.0, le=1.0)
+    #: When the sweep runs: ``"evidence"`` only when the run shows its LR is far off (see
+    #: :meth:`LrRangeTest.far_off`), ``"always"`` at the start of every run.
+    when: Literal["evidence", "always"] = "evidence"
+    #: Reports the evidence is looked for in, from the run's first live report on.
+    evidence_reports: int = Field(20, ge=2)
+    #: Too high: one of the first ``explode_reports`` windows spans more than this ratio
+    #: of highest to lowest loss (the loss blew up within a few steps)...
+    explode_ratio: float = Field(4.0, gt=1.0, allow_inf_nan=False)
+    explode_reports: int = Field(4, ge=1)
+    #: ...or a later report's loss stands this fraction above the first one's.
+    rise: float = Field(0.05, ge=0.0, allow_inf_nan=False)
+    #: Too low: after ``flat_reports`` reports the loss fell less than this fraction.
+    flat_drop: float = Field(0.02, ge=0.0, lt=1.0, allow_inf_nan=False)
+    flat_reports: int = Field(20, ge=3)
 
     @model_validator(mode="after")
     def _rising(self) -> LrRangeTestConfig:
@@ -229,16 +243,56 @@ class LrRangeTest(Policy):
             listed = view.last.checkpoints if view.last is not None else []
             if not any(s <= view.step for s in listed):
                 return []  # nothing to return to (yet)
+            why = "configured to run always" if self.config.when == "always" else (  # type: ignore[attr-defined]
+                self.far_off(view))
+            if why is None:
+                return []  # the run's own LR is the prior: no evidence it is far off
             return [
                 Proposal.sweep_value(
                     "lr",
                     lo,
-                    f"LR range test starts: lr x{lo:.3g} -> "
+                    f"LR range test starts ({why}): lr x{lo:.3g} -> "
                     f"x{hi:.3g} over {self.config.sweep_steps} steps",
                     schedule=self.trajectory(view.step, lo, hi),
                 )
             ]
         return self._during(view, phase, lo, hi)
+
+    def far_off(self, view: JobView) -> str | None:
+        """Why the run's own LR looks far off (None: no evidence, the sweep does not run).
+
+        Within the first ``evidence_reports`` reports, an LR far too high shows as
+        non-finite values, as a loss that blows up within a window (highest over lowest
+        above ``explode_ratio`` in one of the first ``explode_reports``), or as a loss that
+        rises above the first report's by ``rise``; one far too low as a loss that fell
+        less than ``flat_drop`` over the first ``flat_reports`` reports. Each is measured on
+        the benchmark's tasks to stay quiet at a tuned LR (``python -m bench.tuned``);
+        a run that shows none keeps its own LR untouched.
+        """
+        cfg: LrRangeTestConfig = self.config  # type: ignore[assignment]
+        if view.reports_seen > cfg.evidence_reports or not view.history:
+            return None  # past the start of the run: its LR has proved itself
+        seen = view.history
+        if view.nonfinite_losses_total or view.nonfinite_grads_total:
+            return (f"non-finite values in the first {view.reports_seen} reports: "
+                    f"{view.nonfinite_losses_total} losses, {view.nonfinite_grads_total} "
+                    "gradient steps")
+        for s in seen[:cfg.explode_reports]:
+            if s.loss_min and s.loss_max and s.loss_min > 0:
+                if s.loss_max / s.loss_min > cfg.explode_ratio:
+                    return (f"the loss blew up within the window ending at step {s.step}: "
+                            f"{s.loss_min:.4g} to {s.loss_max:.4g}")
+        losses = [s.loss_mean for s in seen if s.loss_mean is not None]
+        if len(losses) >= 2 and losses[0] > 0 and max(losses[1:]) > losses[0] * (1 + cfg.rise):
+            return (f"the loss rose from {losses[0]:.4g} to {max(losses[1:]):.4g} over the first "
+                    f"{len(losses)} reports")
+        if len(losses) >= cfg.flat_reports:
+            head, tail = losses[:3], losses[cfg.flat_reports - 3:cfg.flat_reports]
+            start, now = sum(head) / len(head), sum(tail) / len(tail)
+            if start > 0 and now > start * (1.0 - cfg.flat_drop):
+                return (f"loss {start:.4g} -> {now:.4g} over the first {cfg.flat_reports} "
+                        f"reports: it did not fall {cfg.flat_drop:.0%}")
+        return None
 
     def _during(self, view: JobView, phase: Phase, lo: float, hi: float) -> list[Proposal]:
         cfg: LrRangeTestConfig = self.config  # type: ignore[assignment]

@@ -62,7 +62,7 @@ def test_plateau_decision_reaches_the_optimizer_and_is_journaled(serve_factory):
     commands = journal.events("plateau-e2e", "command")
     decisions = journal.events("plateau-e2e", "decision")
     assert commands and decisions and acked
-    first = commands[0]
+    first = next(c for c in commands if "lr" in c.data["scale"])  # marks may come first
     assert first.data["scale"]["lr"] == pytest.approx(0.5)
     assert any("plateau" in r for r in first.data["reasons"])
     ack = next(a for a in acked if a.seq == first.seq)

@@ -98,7 +98,8 @@ def finished(decisions):
 def test_a_dip_then_blow_up_picks_the_lr_of_the_lowest_loss_over_ten():
     c = client()
     st = c.state
-    policy = LrRangeTest({"min_lr": 1e-5, "max_lr": 1e-1, "sweep_steps": 400, "beta": 0.0})
+    policy = LrRangeTest({"when": "always",
+                          "min_lr": 1e-5, "max_lr": 1e-1, "sweep_steps": 400, "beta": 0.0})
     assert policy.sweep_range(st.view()) == (pytest.approx(1e-2), pytest.approx(1e2))  # x LR
     ds = drive(Engine([policy], WIDE), c, dip(best=3e-3, blow=5.0), 60)
     end = finished(ds)
@@ -132,7 +133,8 @@ def test_a_run_registered_decades_too_low_sweeps_into_its_family_range(family_ra
     st = c.state
     ctx = ScaleContext.from_facts(st.facts)
     gov = Governor(derive_limits(ctx, GovernorConfig(), set(), st.registered).config)
-    policy = LrRangeTest({"sweep_steps": 400, "beta": 0.0, "family_range": family_range})
+    policy = LrRangeTest({"when": "always",
+                          "sweep_steps": 400, "beta": 0.0, "family_range": family_range})
     lo, hi = policy.sweep_range(st.view())  # multipliers on the user's lr
     assert lo == pytest.approx(1 / 100)
     assert hi == pytest.approx(1e-2 / start if family_range else 10)
@@ -150,7 +152,8 @@ def test_a_run_registered_decades_too_low_sweeps_into_its_family_range(family_ra
 def test_with_live_schedules_the_sweep_goes_out_once_and_the_client_follows_it():
     c = client(checkpoints=(0,))
     st = c.state
-    policy = LrRangeTest({"min_lr": 1e-5, "max_lr": 1e-1, "sweep_steps": 400, "beta": 0.0})
+    policy = LrRangeTest({"when": "always",
+                          "min_lr": 1e-5, "max_lr": 1e-1, "sweep_steps": 400, "beta": 0.0})
     engine = Engine([policy], WIDE, live_schedules=True)
     decisions = drive(engine, c, dip(best=3e-3, blow=5.0), 60)
     first, *middle, last = decisions
@@ -184,7 +187,8 @@ def test_with_live_schedules_the_sweep_goes_out_once_and_the_client_follows_it()
 def test_a_re_registration_mid_sweep_leaves_the_live_sweep_running():
     c = client(checkpoints=(0,))
     st = c.state
-    engine = Engine([LrRangeTest({"min_lr": 1e-5, "max_lr": 1e-1})], WIDE, live_schedules=True)
+    engine = Engine([LrRangeTest({"when": "always",
+                                  "min_lr": 1e-5, "max_lr": 1e-1})], WIDE, live_schedules=True)
     drive(engine, c, lambda lr: 1.0, 3)
     sweep = st.live["lr"]
     assert st.phase is not None and sweep.pieces[0].name == "exponential"
@@ -206,7 +210,8 @@ def test_a_flat_then_up_curve_picks_nothing_and_returns_at_the_registered_lr():
     c = client()
     st = c.state
     flat = lambda lr: 1.0 if lr < 2e-2 else 1.0 * math.exp(50 * (lr - 2e-2))  # noqa: E731
-    ds = drive(Engine([LrRangeTest({"min_lr": 1e-5, "max_lr": 1.0})], WIDE), c, flat, 60)
+    ds = drive(Engine([LrRangeTest({"when": "always",
+                                    "min_lr": 1e-5, "max_lr": 1.0})], WIDE), c, flat, 60)
     end = finished(ds)
     assert end.detail["found_lr"] is None and "never fell" in end.reason
     assert ds[-1].rollback.target_step == 0
@@ -221,7 +226,7 @@ def test_a_non_finite_loss_mid_sweep_stops_it_and_rolls_back():
     c = client()
     st = c.state
     nan_past = lambda lr: math.inf if lr > 1e-2 else dip(3e-3)(lr)  # noqa: E731
-    policy = LrRangeTest({"min_lr": 1e-5, "max_lr": 1.0, "beta": 0.0})
+    policy = LrRangeTest({"when": "always", "min_lr": 1e-5, "max_lr": 1.0, "beta": 0.0})
     ds = drive(Engine([policy, DivergenceGuard()], WIDE), c, nan_past, 60)
     end = finished(ds)
     assert "non-finite" in end.detail["stop"] and end.detail["curve"][-1][1] is None
@@ -247,7 +252,7 @@ def test_the_sweep_runs_through_the_governor_bounds_and_defers_the_other_policie
     policies = [
         Nervous(),
         Plateau(),
-        LrRangeTest({"sweep_steps": 300, "max_factor": 100.0}),
+        LrRangeTest({"when": "always", "sweep_steps": 300, "max_factor": 100.0}),
         Cosine({"t_max": 2000}),
     ]
     ds = drive(Engine(policies, gov), c, dip(best=2e-3, blow=20.0), 80)
@@ -283,7 +288,7 @@ def test_the_sweep_runs_through_the_governor_bounds_and_defers_the_other_policie
 
 
 def test_quiet_when_finished_also_after_a_restart_and_without_a_checkpoint():
-    policy = LrRangeTest({"min_lr": 1e-5, "max_lr": 1.0, "beta": 0.0})
+    policy = LrRangeTest({"when": "always", "min_lr": 1e-5, "max_lr": 1.0, "beta": 0.0})
     c = client()
     st = c.state
     drive(Engine([policy], WIDE), c, lambda lr: 1.0, 3, listed=())
@@ -296,7 +301,8 @@ def test_quiet_when_finished_also_after_a_restart_and_without_a_checkpoint():
     assert restarted.found_lr == found and restarted.phases_done == st.phases_done
     c.state = restarted
     ds = drive(
-        Engine([load_policy("lr_range_test", {"min_lr": 1e-5, "max_lr": 1.0})], WIDE),
+        Engine([load_policy("lr_range_test", {"when": "always",
+                                              "min_lr": 1e-5, "max_lr": 1.0})], WIDE),
         c,
         dip(3e-3),
         5,
@@ -306,7 +312,7 @@ def test_quiet_when_finished_also_after_a_restart_and_without_a_checkpoint():
 
 
 def test_a_restart_mid_sweep_carries_on_from_the_job_state():
-    cfg = {"min_lr": 1e-5, "max_lr": 1e-1, "sweep_steps": 400, "beta": 0.0}
+    cfg = {"when": "always", "min_lr": 1e-5, "max_lr": 1e-1, "sweep_steps": 400, "beta": 0.0}
     whole = client()
     drive(Engine([LrRangeTest(cfg)], WIDE), whole, dip(3e-3, blow=5.0), 60)
     c = client()
@@ -332,7 +338,8 @@ def test_a_policy_failing_mid_sweep_ends_the_phase_with_the_return():
 
     c = client()
     st = c.state
-    ds = drive(Engine([Flaky({"min_lr": 1e-5, "max_lr": 1.0})], WIDE), c, dip(3e-3), 10)
+    ds = drive(Engine([Flaky({"when": "always", "min_lr": 1e-5, "max_lr": 1.0})], WIDE), c,
+               dip(3e-3), 10)
     plan = ds[-1].rollback
     assert plan.cause == "phase_aborted" and plan.target_step == 0
     # Back at the lr in force at the checkpoint: the user's own (multiplier 1).
@@ -370,7 +377,8 @@ def test_config_errors_name_the_field():
 def test_one_cycle_starts_at_its_start_fraction_of_the_found_lr():
     c = client()
     st = c.state
-    rt = LrRangeTest({"min_lr": 1e-5, "max_lr": 1e-1, "beta": 0.0, "start_fraction": 1 / 25})
+    rt = LrRangeTest({"when": "always",
+                      "min_lr": 1e-5, "max_lr": 1e-1, "beta": 0.0, "start_fraction": 1 / 25})
     oc = OneCycle({"total_steps": 1000, "cycle_momentum": False})
     ds = drive(Engine([rt, oc], WIDE), c, dip(3e-3), 60)
     found = st.found_lr
@@ -384,7 +392,7 @@ POST = 1000  # optimizer steps after the rollback, and of the fixed-LR baseline
 CONFIG = f"""
 [[policies]]
 name = "lr_range_test"
-config = {{ sweep_steps = 200, max_factor = 1000.0 }}
+config = {{ when = "always", sweep_steps = 200, max_factor = 1000.0 }}
 
 [[policies]]
 name = "cosine"
@@ -504,3 +512,52 @@ def test_a_schedule_counts_its_steps_from_the_checkpoint_the_range_test_returned
     # range test.
     assert Cosine({"t_max": 1000, "lr": 0.5}).lr_for(st.view())[1] == pytest.approx(0.5 / LR)
     assert Cosine({"t_max": 1000, "use_found_lr": False}).step_origin(st.view()) == 0
+
+
+# -- when the sweep runs: only on evidence the run's own LR is far off ----------------------
+
+
+def _evidence(losses, spreads=None, nonfinite_at=None):
+    """The range test's verdict on a job fed one report per loss (window 5, checkpoint 0
+    listed): the reason it starts its sweep at the last report, or None."""
+    st = JobState.from_register(wire.Register(
+        job="j", run_id="r", report_every=5, knobs=wire.Knobs(lr=LR), base=wire.Knobs(lr=LR),
+        facts=wire.ScaleFacts(param_count=10, group_sizes=[10], optimizer="AdamW",
+                              dtype="float32", device="cpu")))
+    for i, loss in enumerate(losses, 1):
+        spread = (spreads or {}).get(i, 1.05)
+        st.observe(wire.Report(
+            job="j", seq=i, step=5 * i, window=5, loss_mean=loss, loss_min=loss / spread ** 0.5,
+            loss_max=loss * spread ** 0.5, knobs=wire.Knobs(lr=LR), base=wire.Knobs(lr=LR),
+            checkpoints=[0], nonfinite_grads=1 if i == nonfinite_at else 0))
+    policy = LrRangeTest()
+    out = policy.propose(st.view())
+    return (policy.far_off(st.view()), out)
+
+
+def test_a_run_at_a_sane_lr_is_never_swept():
+    """A loss that falls, with an ordinary spread inside each window: no evidence, no
+    sweep, whatever the report (the default is ``when = "evidence"``)."""
+    falling = [4.0 * 0.97 ** i for i in range(30)]
+    for n in range(1, 31):
+        why, out = _evidence(falling[:n])
+        assert why is None and out == []
+
+
+@pytest.mark.parametrize(("case", "expect"), [
+    (dict(losses=[4.0, 3.8, 3.7], nonfinite_at=2), "non-finite values"),
+    (dict(losses=[4.0, 3.9], spreads={2: 6.0}), "the loss blew up within the window"),
+    (dict(losses=[2.3, 2.4, 2.5]), "the loss rose from 2.3"),
+    (dict(losses=[2.31 - 0.001 * i for i in range(20)]), "it did not fall 2%"),
+])
+def test_each_kind_of_evidence_starts_the_sweep(case, expect):
+    why, out = _evidence(**case)
+    assert why is not None and expect in why
+    (p,) = out
+    assert p.sweep and expect in p.reason
+
+
+def test_past_the_start_of_the_run_no_evidence_counts():
+    rising = [2.0] + [2.5] * 25  # rose at once, but the verdict is only taken early on
+    assert _evidence(rising[:5])[0] is not None
+    assert _evidence(rising)[0] is None
