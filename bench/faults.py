@@ -1,6 +1,6 @@
 """Fault recovery: inject a real fault into a real training run, with and without trimtab.
 
-    python -m bench.faults [--seeds 5] [--steps 900]
+    python -m bench.faults [--seeds 5] [--schedules constant,warmup_cosine]
 
 Faults (all at the same data position, iteration 400 of 900 optimizer steps):
 
@@ -10,13 +10,19 @@ Faults (all at the same data position, iteration 400 of 900 optimizer steps):
 - ``lr_100x``: the user's own code multiplies the LR by 100, once.
 
 The task is a ReLU MLP (16-64-1) regressing a noisy linear rule with SGD + momentum
-(its validation loss floor is the noise variance, 0.09). Each seed trains three runs:
-attached without the fault (the reference), attached with it, and bare with it. Printed
-per fault: runs where the bare run was damaged (non-finite, or validation loss over 1.5x
-the reference), runs trimtab recovered (finite and at most 10% above the reference), optimizer
-steps redone after rollbacks by the faulted run and, beside them, by the reference (the
-default policy set's LR range test returns to its start once in every attached run), and
-the final-loss ratio to the reference.
+(its validation loss floor is the noise variance, 0.09), under one of two schedules: a
+constant LR of 0.05, or ``warmup_cosine``, the loop writing ``param_group['lr']`` itself
+at every iteration as nanoGPT does (linear warm-up over 50 iterations to 0.05, cosine to
+0.005 at iteration 900; keyed on the loop's iteration counter, which a rollback does not
+rewind). There ``lr_100x`` is one iteration's LR written 100x too high (the loop rewrites
+it at the next), where under the constant LR it stays.
+
+Each seed trains four runs: attached without the fault (the reference), attached with it,
+bare with it, and bare without it. Printed per fault: runs where the bare run was damaged
+(non-finite, or validation loss over 1.5x the reference), runs trimtab recovered (finite
+and at most 10% above the reference), optimizer steps redone after rollbacks by the
+faulted run and, beside them, by the reference, and the faulted run's final loss over the
+attached reference and over the bare clean run.
 
 The same harness is used by ``tests/integration/test_rollback.py``. The same four faults
 meet every contender of ``python -m bench run`` on its tasks (the ``faults`` scenario,
@@ -79,6 +85,26 @@ class Task:
 SPAN = {"scaled_inputs": 3, "corrupt_targets": 20}
 #: What ``lr_100x`` multiplies the LR by.
 LR_FACTOR = 100.0
+SCHEDULES = ("constant", "warmup_cosine")
+PEAK_LR, MIN_LR, WARMUP = 0.05, 0.005, 50
+
+
+def scheduled_lr(schedule: str, it: int) -> float:
+    """The LR a loop with ``schedule`` writes at iteration ``it``.
+
+    >>> [round(scheduled_lr("warmup_cosine", i), 4) for i in (0, 49, 50, 475, 900, 2000)]
+    [0.001, 0.05, 0.05, 0.0275, 0.005, 0.005]
+    >>> scheduled_lr("constant", 123)
+    0.05
+    """
+    if schedule == "constant":
+        return PEAK_LR
+    if schedule != "warmup_cosine":
+        raise ValueError(f"schedule {schedule!r} is unknown; allowed: {', '.join(SCHEDULES)}")
+    if it < WARMUP:
+        return PEAK_LR * (it + 1) / WARMUP
+    frac = min(1.0, (it - WARMUP) / (TOTAL - WARMUP))
+    return MIN_LR + 0.5 * (1.0 + math.cos(math.pi * frac)) * (PEAK_LR - MIN_LR)
 
 
 def poison(kind: str | None, it: int, opt: torch.optim.Optimizer, xb, yb, at: int = FAULT_AT):
@@ -139,8 +165,9 @@ class Outcome:
 def train(kind: str | None, endpoint: str | None, job: str, seed: int = 0,
           total: int = TOTAL, fault_every_attempt: bool = False,
           hook: Callable[[object], None] | None = None,
-          journal: str | None = None) -> Outcome:
-    """Train to ``total`` optimizer steps with fault ``kind``; attached when ``endpoint``.
+          journal: str | None = None, schedule: str = "constant") -> Outcome:
+    """Train to ``total`` optimizer steps with fault ``kind``; attached when ``endpoint``;
+    the loop writes its LR at every iteration unless ``schedule`` is ``constant``.
 
     ``fault_every_attempt`` keys the fault on the optimizer step instead of the data
     position, so it recurs after every rollback. With ``journal`` (the controller's), an
@@ -150,7 +177,7 @@ def train(kind: str | None, endpoint: str | None, job: str, seed: int = 0,
     from trimtab.client import attach
 
     task = Task(seed)
-    opt = torch.optim.SGD(task.model.parameters(), lr=0.05, momentum=0.9)
+    opt = torch.optim.SGD(task.model.parameters(), lr=scheduled_lr(schedule, 0), momentum=0.9)
     restored: list[int] = []
     guard = None
     if endpoint is not None:
@@ -165,6 +192,9 @@ def train(kind: str | None, endpoint: str | None, job: str, seed: int = 0,
     it = 0
     while (guard.global_step if guard else it) < total and it < 6 * total:
         where = guard.global_step if (guard and fault_every_attempt) else it
+        if schedule != "constant":
+            for group in opt.param_groups:
+                group["lr"] = scheduled_lr(schedule, it)
         xb, yb = poison(kind, where, opt, *task.batch())
         loss = torch.nn.functional.mse_loss(task.model(xb), yb)
         opt.zero_grad(set_to_none=True)
@@ -200,7 +230,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--faults", default=",".join(FAULTS))
+    ap.add_argument("--schedules", default=",".join(SCHEDULES))
     args = ap.parse_args()
+    schedules = args.schedules.split(",")
+    for name in schedules:
+        try:
+            scheduled_lr(name, 0)  # a bad name is refused before anything runs
+        except ValueError as e:
+            ap.error(f"--schedules: {e}")
     with tempfile.TemporaryDirectory() as tmp:
         cfg = os.path.join(tmp, "trimtab.toml")
         with open(cfg, "w") as f:
@@ -209,34 +246,41 @@ def main() -> None:
         endpoint = ctl.endpoint
         rows = []
         try:
-            for kind in args.faults.split(","):
-                dmg = rec = 0
-                lost, planned, ratios = [], [], []
-                for seed in range(args.seeds):
-                    clean = train(None, endpoint, f"clean-{kind}-{seed}", seed)
-                    bare = train(kind, None, "bare", seed)
-                    run = train(kind, endpoint, f"{kind}-{seed}", seed)
-                    dmg += damaged(bare, clean)
-                    rec += recovered(run, clean)
-                    lost.append(run.steps_lost)
-                    planned.append(clean.steps_lost)
-                    ratios.append(run.val / clean.val if math.isfinite(run.val) else math.inf)
-                rows.append((kind, args.seeds, dmg, rec, statistics.median(lost), max(lost),
-                             statistics.median(planned), statistics.median(ratios),
-                             min(ratios), max(ratios)))
+            for sched in schedules:
+                for kind in args.faults.split(","):
+                    rows.append((sched, kind, *_fault_row(kind, sched, args.seeds, endpoint)))
         finally:
             ctl.stop()
     print(f"# fault recovery: {platform.machine()}, {os.cpu_count()} cpus, torch "
           f"{torch.__version__}, python {platform.python_version()}; seeds 0..{args.seeds - 1}; "
           f"{TOTAL} steps, fault at iteration {FAULT_AT}, checkpoint every {CHECKPOINT_EVERY}")
-    print("| fault | runs | bare runs damaged | trimtab runs recovered | steps redone (median) "
-          "| steps redone (max) | reference's steps redone (median) "
-          "| final-loss ratio to clean (median) | ratio (best) | ratio (worst) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for kind, n, dmg, rec, lmed, lmax, pmed, rmed, rmin, rmax in rows:
-        print(f"| {kind} | {n} | {dmg}/{n} | {rec}/{n} | {lmed:.0f} | {lmax} | {pmed:.0f} "
-              f"| {rmed:.3f} | {rmin:.3f} | {rmax:.3f} |")
+    print("| schedule | fault | runs | bare runs damaged | trimtab runs recovered "
+          "| steps redone (median) | steps redone (max) | reference's steps redone (median) "
+          "| ratio to attached clean (median) | (best) | (worst) "
+          "| ratio to bare clean (median) | (worst) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for sched, kind, n, dmg, rec, lmed, lmax, pmed, rmed, rmin, rmax, bmed, bmax in rows:
+        print(f"| {sched} | {kind} | {n} | {dmg}/{n} | {rec}/{n} | {lmed:.0f} | {lmax} "
+              f"| {pmed:.0f} | {rmed:.3f} | {rmin:.3f} | {rmax:.3f} | {bmed:.3f} | {bmax:.3f} |")
 
+
+def _fault_row(kind: str, sched: str, seeds: int, endpoint: str) -> tuple:
+    dmg = rec = 0
+    lost, planned, ratios, to_bare = [], [], [], []
+    for seed in range(seeds):
+        clean = train(None, endpoint, f"clean-{sched}-{kind}-{seed}", seed, schedule=sched)
+        bare_clean = train(None, None, "bare-clean", seed, schedule=sched)
+        bare = train(kind, None, "bare", seed, schedule=sched)
+        run = train(kind, endpoint, f"{sched}-{kind}-{seed}", seed, schedule=sched)
+        dmg += damaged(bare, clean)
+        rec += recovered(run, clean)
+        lost.append(run.steps_lost)
+        planned.append(clean.steps_lost)
+        ratios.append(run.val / clean.val if math.isfinite(run.val) else math.inf)
+        to_bare.append(run.val / bare_clean.val if math.isfinite(run.val) else math.inf)
+    return (seeds, dmg, rec, statistics.median(lost), max(lost), statistics.median(planned),
+            statistics.median(ratios), min(ratios), max(ratios), statistics.median(to_bare),
+            max(to_bare))
 
 if __name__ == "__main__":
     main()

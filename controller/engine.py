@@ -241,7 +241,7 @@ class Engine:
                 # and the one set are not two points of one trajectory.
                 state.memory[knob].history = [(at, value)]
         if ending is not None:
-            state.end_phase(_found_lr(ending))
+            state.end_phase(_found_lr(ending), ending.to_step)
         return decision
 
     def _phase_filter(

@@ -609,11 +609,14 @@ class JobState:
         self.phase = Phase(policy, self.step, checkpoint)
         return self.phase
 
-    def end_phase(self, found_lr: float | None) -> Phase | None:
-        """The open phase ends now, having found ``found_lr`` (None: nothing)."""
+    def end_phase(self, found_lr: float | None, back_to: int | None = None) -> Phase | None:
+        """The open phase ends now, having found ``found_lr`` (None: nothing), returning
+        to the checkpoint at ``back_to`` (None: the one it opened with)."""
         if self.phase is None:
             return None
         done = dataclasses.replace(self.phase, end_step=self.step, found_lr=found_lr)
+        if back_to is not None:
+            done = dataclasses.replace(done, checkpoint=back_to)
         self.phases_done[done.policy] = done
         self.phase = None
         if found_lr is not None:

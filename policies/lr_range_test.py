@@ -109,8 +109,8 @@ class LrRangeTestConfig(BaseModel):
     when: Literal["evidence", "always"] = "evidence"
     #: Reports the evidence is looked for in, from the run's first live report on.
     evidence_reports: int = Field(20, ge=2)
-    #: Too high: one of the first ``explode_reports`` windows spans more than this ratio
-    #: of highest to lowest loss (the loss blew up within a few steps)...
+    #: Too high: in one of the first ``explode_reports`` reports after the first, the loss
+    #: reached a new high above this multiple of the lowest loss seen (it blew up)...
     explode_ratio: float = Field(4.0, gt=1.0, allow_inf_nan=False)
     explode_reports: int = Field(4, ge=1)
     #: ...or a later report's loss stands this fraction above the first one's.
@@ -262,8 +262,9 @@ class LrRangeTest(Policy):
         """Why the run's own LR looks far off (None: no evidence, the sweep does not run).
 
         Within the first ``evidence_reports`` reports, an LR far too high shows as
-        non-finite values, as a loss that blows up within a window (highest over lowest
-        above ``explode_ratio`` in one of the first ``explode_reports``), or as a loss that
+        non-finite values, as a loss that blows up (a new high above ``explode_ratio`` times
+        the lowest loss so far, in one of the first ``explode_reports`` reports after the
+        first: a fast fall from the initial loss never passes its first high), or as a loss that
         rises above the first report's by ``rise``; one far too low as a loss that fell
         less than ``flat_drop`` over the first ``flat_reports`` reports. Each is measured on
         the benchmark's tasks to stay quiet at a tuned LR (``python -m bench.tuned``);
@@ -277,11 +278,18 @@ class LrRangeTest(Policy):
             return (f"non-finite values in the first {view.reports_seen} reports: "
                     f"{view.nonfinite_losses_total} losses, {view.nonfinite_grads_total} "
                     "gradient steps")
-        for s in seen[:cfg.explode_reports]:
-            if s.loss_min and s.loss_max and s.loss_min > 0:
-                if s.loss_max / s.loss_min > cfg.explode_ratio:
-                    return (f"the loss blew up within the window ending at step {s.step}: "
-                            f"{s.loss_min:.4g} to {s.loss_max:.4g}")
+        low = high = None  # the lowest and highest losses of the reports before
+        for s in seen[:cfg.explode_reports + 1]:
+            if s.loss_min is None or s.loss_max is None:
+                continue
+            # A blow-up reaches a new high, far above the lowest loss seen; a fast fall from
+            # the initial loss spreads a window as widely, but never passes its first high.
+            if (low is not None and high is not None and low > 0 and s.loss_max > high
+                    and s.loss_max > cfg.explode_ratio * min(low, s.loss_min)):
+                return (f"the loss blew up by the window ending at step {s.step}: "
+                        f"to {s.loss_max:.4g}, from a lowest {min(low, s.loss_min):.4g}")
+            low = s.loss_min if low is None else min(low, s.loss_min)
+            high = s.loss_max if high is None else max(high, s.loss_max)
         losses = [s.loss_mean for s in seen if s.loss_mean is not None]
         if len(losses) >= 2 and losses[0] > 0 and max(losses[1:]) > losses[0] * (1 + cfg.rise):
             return (f"the loss rose from {losses[0]:.4g} to {max(losses[1:]):.4g} over the first "
@@ -325,12 +333,15 @@ class LrRangeTest(Policy):
                     schedule=self.trajectory(phase.start_step, lo, hi),
                 )
             ]
-        return [self._finish(view, phase, curve, why)]
+        return [self._finish(view, phase, curve, why, [s.step for s in samples])]
 
     def _finish(
-        self, view: JobView, phase: Phase, curve: list[tuple[float, float]], why: str
+        self, view: JobView, phase: Phase, curve: list[tuple[float, float]], why: str,
+        steps: list[int] | None = None,
     ) -> Proposal:
-        """The planned rollback to the sweep's checkpoint, with the pick (if any)."""
+        """The planned rollback with the pick (if any): to the newest checkpoint taken
+        during the sweep at or before its lowest smoothed loss, where the sweep's steps
+        made progress (:meth:`resume_at`), else to the sweep's own checkpoint."""
         cfg: LrRangeTestConfig = self.config  # type: ignore[assignment]
         finite = [(lr, loss) for lr, loss in curve if math.isfinite(loss)]
         found, verdict = None, ""
@@ -345,16 +356,46 @@ class LrRangeTest(Policy):
             found = pick_lr(finite, cfg.pick, cfg.pick_divisor)
             verdict = f"picked lr x{found:.4g} ({cfg.pick})"
         lr = found * cfg.start_fraction if found is not None else view.initial.lr
+        back = phase.checkpoint
+        if found is not None and steps is not None:
+            back = self.resume_at(view, phase, curve, steps)
         detail = {
             "found_lr": found,
             "pick": cfg.pick,
             "stop": why,
             "start_step": phase.start_step,
-            "checkpoint": phase.checkpoint,
+            "checkpoint": back,
             "curve": [[lr_, loss if math.isfinite(loss) else None] for lr_, loss in curve],
         }
+        kept = "" if back == phase.checkpoint else (
+            f" (kept the sweep's progress: its start was step {phase.checkpoint})")
         reason = (
             f"LR range test over {len(curve)} reports stopped ({why}); {verdict}; back "
-            f"to step {phase.checkpoint}"
+            f"to step {back}{kept}"
         )
-        return Proposal.roll_back(CAUSE, reason, to_step=phase.checkpoint, value=lr, detail=detail)
+        return Proposal.roll_back(CAUSE, reason, to_step=back, value=lr, detail=detail)
+
+    def resume_at(self, view: JobView, phase: Phase, curve: list[tuple[float, float]],
+                  steps: list[int]) -> int:
+        """The checkpoint the run resumes from after a sweep that picked an LR.
+
+        The sweep's steps up to its lowest smoothed loss ran at LRs no higher than the one
+        that loss was reached at, and lowered the loss: they are progress, not damage, so
+        the run keeps them. It goes back to the newest checkpoint the client holds within
+        the sweep, at or before that lowest point, whose smoothed loss lies ``min_drop``
+        below the sweep's first; where there is none, to the sweep's own checkpoint.
+        """
+        cfg: LrRangeTestConfig = self.config  # type: ignore[assignment]
+        finite = [(st, loss) for st, (_, loss) in zip(steps, curve, strict=True)
+                  if math.isfinite(loss)]
+        if not finite:
+            return phase.checkpoint
+        lowest = min(finite, key=lambda p: p[1])
+        held = view.last.checkpoints if view.last is not None else []
+        for ckpt in sorted(held, reverse=True):
+            if not phase.start_step < ckpt <= lowest[0]:
+                continue
+            before = [loss for st, loss in finite if st <= ckpt]
+            if before and before[-1] < finite[0][1] * (1.0 - cfg.min_drop):
+                return ckpt
+        return phase.checkpoint

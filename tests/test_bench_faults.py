@@ -136,3 +136,17 @@ def test_lockstep_applies_a_command_at_the_step_after_its_report_even_when_it_is
     assert calm[30] == pytest.approx(3.0 * 0.9 ** 6), calm[25:40]
     assert stalled == calm
     assert all(math.isfinite(x) for x in calm)
+
+
+def test_the_loops_schedule_and_a_bad_schedule_name():
+    """The warm-up + cosine the fault benchmark's loop writes, and a refused name that says
+    what is allowed (in the docstring's examples too)."""
+    import doctest
+
+    assert doctest.testmod(faults).failed == 0
+    with pytest.raises(ValueError, match=r"schedule 'cosine' is unknown; allowed: constant, "
+                                         r"warmup_cosine"):
+        faults.scheduled_lr("cosine", 0)
+    done = subprocess.run([sys.executable, "-m", "bench.faults", "--schedules", "linear"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "--schedules: schedule 'linear' is unknown" in done.stderr
