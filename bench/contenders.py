@@ -443,8 +443,8 @@ CONTENDERS: dict[str, Contender] = {c.name: c for c in [
                            "warmup 25 steps)", packages=("zclip",)),
     Trimtab("trimtab",
             "base optimizer at the starting LR attached to a live `trimtab serve` with its "
-            "default configuration (divergence_guard, plateau, lr_range_test with its sweep "
-            f"fitted to the budget: sweep_steps=steps/5, grad_noise); report_every="
+            "default configuration (divergence_guard, lr_range_test sweeping on evidence, "
+            f"its sweep fitted to the budget: sweep_steps=steps/5); report_every="
             f"{TRIMTAB_REPORT_EVERY}, checkpoint_every=max(10, steps/10), clip off"),
 ]}
 ORACLE_SCHEDULES = tuple(n for n, c in CONTENDERS.items() if c.oracle)

@@ -266,7 +266,8 @@ class LrRangeTest(Policy):
         the lowest loss so far, in one of the first ``explode_reports`` reports after the
         first: a fast fall from the initial loss never passes its first high), or as a loss that
         rises above the first report's by ``rise``; one far too low as a loss that fell
-        less than ``flat_drop`` over the first ``flat_reports`` reports. Each is measured on
+        less than ``flat_drop`` over the first ``flat_reports`` reports while the LR the
+        optimizer used held within 1.5x (a loop's own warm-up is no evidence). Each is measured on
         the benchmark's tasks to stay quiet at a tuned LR (``python -m bench.tuned``);
         a run that shows none keeps its own LR untouched.
         """
@@ -294,7 +295,10 @@ class LrRangeTest(Policy):
         if len(losses) >= 2 and losses[0] > 0 and max(losses[1:]) > losses[0] * (1 + cfg.rise):
             return (f"the loss rose from {losses[0]:.4g} to {max(losses[1:]):.4g} over the first "
                     f"{len(losses)} reports")
-        if len(losses) >= cfg.flat_reports:
+        used = [s.lr_used for s in seen[:cfg.flat_reports] if s.lr_used]
+        warming = len(used) >= 2 and max(used) > 1.5 * min(used)
+        if len(losses) >= cfg.flat_reports and not warming:
+            # (A loop still warming its LR up is not flat at a bad LR: its LR is moving.)
             head, tail = losses[:3], losses[cfg.flat_reports - 3:cfg.flat_reports]
             start, now = sum(head) / len(head), sum(tail) / len(tail)
             if start > 0 and now > start * (1.0 - cfg.flat_drop):
@@ -383,19 +387,29 @@ class LrRangeTest(Policy):
         that loss was reached at, and lowered the loss: they are progress, not damage, so
         the run keeps them. It goes back to the newest checkpoint the client holds within
         the sweep, at or before that lowest point, whose smoothed loss lies ``min_drop``
-        below the sweep's first; where there is none, to the sweep's own checkpoint.
+        below the sweep's first and below every loss the run reported before the sweep
+        (a run that had blown up before its sweep began falls from a ruin, not to
+        progress); where there is none, to the sweep's own checkpoint.
         """
         cfg: LrRangeTestConfig = self.config  # type: ignore[assignment]
         finite = [(st, loss) for st, (_, loss) in zip(steps, curve, strict=True)
                   if math.isfinite(loss)]
         if not finite:
             return phase.checkpoint
+        bar = finite[0][1] * (1.0 - cfg.min_drop)
+        for s in view.history:
+            if s.step > phase.start_step:
+                break
+            low = s.loss_min if s.loss_min is not None else s.loss_mean
+            if s.nonfinite or low is None or not math.isfinite(low):
+                return phase.checkpoint  # non-finite before the sweep: no progress to keep
+            bar = min(bar, low)
         lowest = min(finite, key=lambda p: p[1])
         held = view.last.checkpoints if view.last is not None else []
         for ckpt in sorted(held, reverse=True):
             if not phase.start_step < ckpt <= lowest[0]:
                 continue
             before = [loss for st, loss in finite if st <= ckpt]
-            if before and before[-1] < finite[0][1] * (1.0 - cfg.min_drop):
+            if before and before[-1] < bar:
                 return ckpt
         return phase.checkpoint

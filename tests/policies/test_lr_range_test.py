@@ -112,18 +112,18 @@ def test_a_dip_then_blow_up_picks_the_lr_of_the_lowest_loss_over_ten():
     # The pick: the sampled LR of the lowest loss, nearest the true minimum, over 10.
     assert end.detail["found_lr"] == pytest.approx(lrs[i_min] / 10)
     assert lrs[i_min] == min(lrs, key=lambda m: abs(math.log(m * LR / 3e-3)))
-    # Rolled back with the found LR (kept in the job) to the newest checkpoint taken within
-    # the sweep at or before its lowest loss: the steps up to there ran at LRs below the one
-    # of the lowest loss and lowered the loss, so the run keeps them.
-    lowest_step = (i_min + 1) * EVERY
-    assert lowest_step >= 200
-    assert ds[-1].rollback.target_step == 200 == end.detail["checkpoint"]
-    assert ds[-1].rollback.level == 0 and "kept the sweep's progress" in end.reason
+    # Rolled back with the found LR (kept in the job) to the checkpoint the sweep began at:
+    # this synthetic loss depends on the LR alone, so the checkpoints within the sweep (at
+    # 100 and 200) hold no loss below the one reported before the sweep, no progress to
+    # keep (test_a_run_that_blew_up_before_its_sweep_keeps_nothing_of_it has a sweep that
+    # keeps its progress).
+    assert ds[-1].rollback.target_step == 0 == end.detail["checkpoint"]
+    assert ds[-1].rollback.level == 0 and "kept" not in end.reason
     assert ds[-1].commands["lr"] == pytest.approx(lrs[i_min] / 10)
     assert st.found_lr == pytest.approx(lrs[i_min] / 10) and st.view().found_lr == st.found_lr
-    assert st.step == 200 and st.knobs.lr == pytest.approx(st.found_lr)
+    assert st.step == 0 and st.knobs.lr == pytest.approx(st.found_lr)
     # The step the run restarted with used the found lr: the user's LR x the pick.
-    assert c.trace[-1][:2] == (200, pytest.approx(LR * st.found_lr))
+    assert c.trace[-1][:2] == (0, pytest.approx(LR * st.found_lr))
     assert st.effective.lr == pytest.approx(LR * st.found_lr) and st.base.lr == LR
     print(f"found lr x{st.found_lr:.3g} from {len(curve)} points")
 
@@ -141,6 +141,34 @@ def test_a_sweep_that_made_no_progress_by_a_checkpoint_goes_back_to_its_start():
     assert end.detail["found_lr"] is not None
     assert ds[-1].rollback.target_step == 0 == end.detail["checkpoint"]
     assert "kept" not in end.reason and c.state.step == 0
+
+
+def test_a_run_that_blew_up_before_its_sweep_keeps_nothing_of_it():
+    """SGD far too hot: the loss went from ~10 to 1e27 before the sweep began (at step 10,
+    checkpoint 0). The sweep's loss falls a little from that ruin; the checkpoints it took
+    hold ruins too, so the run goes back to the sweep's own checkpoint (the clean start).
+    The same curve after a healthy start keeps the sweep's progress."""
+    def state(before):
+        st = JobState.from_register(wire.Register(
+            job="j", run_id="r", report_every=5, knobs=wire.Knobs(lr=LR),
+            base=wire.Knobs(lr=LR), facts=FACTS))
+        for i, (lo, mean) in enumerate(before, 1):
+            st.observe(wire.Report(job="j", seq=i, step=5 * i, window=5, loss_mean=mean,
+                                   loss_min=lo, loss_max=mean * 2, knobs=wire.Knobs(lr=LR),
+                                   base=wire.Knobs(lr=LR), checkpoints=[0]))
+        phase = st.begin_phase("lr_range_test", 0)
+        st.observe(wire.Report(job="j", seq=9, step=40, window=5, loss_mean=1.0,
+                               knobs=wire.Knobs(lr=LR), base=wire.Knobs(lr=LR),
+                               checkpoints=[0, 20, 30]))
+        return st.view(), phase
+
+    curve = [(0.1, 8e27), (0.2, 6e27), (0.4, 4e27), (0.8, 9e27)]
+    steps = [15, 20, 30, 40]
+    policy = LrRangeTest()
+    ruined, phase = state([(10.0, 3e13), (1e20, 1e27)])
+    assert policy.resume_at(ruined, phase, curve, steps) == 0
+    healthy, phase = state([(9e27, 9.5e27), (8.5e27, 9e27)])  # the same scale, no fall yet
+    assert policy.resume_at(healthy, phase, curve, steps) == 30
 
 
 @pytest.mark.parametrize("family_range", [True, False])
@@ -294,11 +322,10 @@ def test_the_sweep_runs_through_the_governor_bounds_and_defers_the_other_policie
     assert all({"nervous", "cosine"} <= {n for n, _ in d.proposals} for d in ds)
     assert all(d.rollback is None for d in ds[:-1])
     assert all(kd.policy == "lr_range_test" for d in ds for kd in d.knobs.values())
-    assert all(d.mark_stable is None for d in ds[1:-1])
+    assert all(d.mark_stable is None for d in ds[1:])
     plan = ds[-1].rollback
     assert plan.policy == "lr_range_test" and plan.level == 0
-    assert plan.target_step == finished(ds).detail["checkpoint"] == 200
-    assert ds[-1].mark_stable == 200  # where the run resumes is its new stable base
+    assert plan.target_step == finished(ds).detail["checkpoint"] == 0
     found = st.found_lr
     assert found is not None and ds[-1].commands["lr"] == pytest.approx(found)
     # Not a divergence rollback: counted under its own cause, no escalation, no cooldown.
@@ -545,9 +572,10 @@ def test_a_schedule_counts_its_steps_from_the_checkpoint_the_range_test_returned
 # -- when the sweep runs: only on evidence the run's own LR is far off ----------------------
 
 
-def _evidence(losses, spreads=None, nonfinite_at=None):
+def _evidence(losses, spreads=None, nonfinite_at=None, used=None):
     """The range test's verdict on a job fed one report per loss (window 5, checkpoint 0
-    listed): the reason it starts its sweep at the last report, or None."""
+    listed; ``used``: the loop's own LR per report, else ``LR``): the reason it starts its
+    sweep at the last report, or None."""
     st = JobState.from_register(wire.Register(
         job="j", run_id="r", report_every=5, knobs=wire.Knobs(lr=LR), base=wire.Knobs(lr=LR),
         facts=wire.ScaleFacts(param_count=10, group_sizes=[10], optimizer="AdamW",
@@ -556,7 +584,8 @@ def _evidence(losses, spreads=None, nonfinite_at=None):
         spread = (spreads or {}).get(i, 1.05)
         st.observe(wire.Report(
             job="j", seq=i, step=5 * i, window=5, loss_mean=loss, loss_min=loss / spread ** 0.5,
-            loss_max=loss * spread ** 0.5, knobs=wire.Knobs(lr=LR), base=wire.Knobs(lr=LR),
+            loss_max=loss * spread ** 0.5, knobs=wire.Knobs(lr=used[i - 1] if used else LR),
+            base=wire.Knobs(lr=used[i - 1] if used else LR),
             checkpoints=[0], nonfinite_grads=1 if i == nonfinite_at else 0))
     policy = LrRangeTest()
     out = policy.propose(st.view())
@@ -597,6 +626,16 @@ def test_a_fast_fall_from_the_initial_loss_is_no_blow_up():
     # The same start, then a new high far above the lowest loss: that is a blow-up.
     why, _ = _evidence([*means[:4], 60.0], spreads)
     assert why is not None and "blew up" in why
+
+
+def test_a_flat_loss_under_the_loops_own_warm_up_is_no_evidence():
+    """nanoGPT warms its LR up over 2000 iterations: over the first 20 reports the loss
+    barely moves at a still tiny LR. That is the loop's schedule, not an LR far too low;
+    the same flat loss at a steady LR is."""
+    flat = [2.31 - 0.001 * i for i in range(20)]
+    warm = [LR * (i + 1) / 200 for i in range(20)]
+    assert _evidence(flat, used=warm)[0] is None
+    assert "did not fall" in _evidence(flat, used=[LR] * 20)[0]
 
 
 def test_past_the_start_of_the_run_no_evidence_counts():
