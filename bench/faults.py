@@ -139,17 +139,19 @@ class Outcome:
 def train(kind: str | None, endpoint: str | None, job: str, seed: int = 0,
           total: int = TOTAL, fault_every_attempt: bool = False,
           hook: Callable[[object], None] | None = None,
-          journal: str | None = None) -> Outcome:
+          journal: str | None = None, device: str = "cpu") -> Outcome:
     """Train to ``total`` optimizer steps with fault ``kind``; attached when ``endpoint``.
 
     ``fault_every_attempt`` keys the fault on the optimizer step instead of the data
     position, so it recurs after every rollback. With ``journal`` (the controller's), an
     attached run goes in lockstep with the controller (:mod:`bench._lockstep`), so it
     repeats exactly; without, commands land whenever they arrive, as in a real run.
+    ``device``: where the model trains (the data is drawn on the CPU, as always).
     """
     from trimtab.client import attach
 
     task = Task(seed)
+    task.model.to(device)
     opt = torch.optim.SGD(task.model.parameters(), lr=0.05, momentum=0.9)
     restored: list[int] = []
     guard = None
@@ -165,7 +167,8 @@ def train(kind: str | None, endpoint: str | None, job: str, seed: int = 0,
     it = 0
     while (guard.global_step if guard else it) < total and it < 6 * total:
         where = guard.global_step if (guard and fault_every_attempt) else it
-        xb, yb = poison(kind, where, opt, *task.batch())
+        xb, yb = (t.to(device) for t in task.batch())
+        xb, yb = poison(kind, where, opt, xb, yb)
         loss = torch.nn.functional.mse_loss(task.model(xb), yb)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -183,6 +186,7 @@ def train(kind: str | None, endpoint: str | None, job: str, seed: int = 0,
             hook(guard)
         steps = guard.global_step
         guard.close()
+    task.model.cpu()
     return Outcome(task.validation_loss(), it, steps, restored)
 
 

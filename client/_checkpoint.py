@@ -705,6 +705,7 @@ class CheckpointStore:
 
     def close(self, timeout_s: float | None = 60.0) -> None:
         """Finish queued file writes (at most ``timeout_s``) and stop the writer."""
+        self.fence()  # copies in flight finish before their sources may be freed
         if self.files is not None:
             self.files.close(timeout_s)
 

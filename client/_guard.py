@@ -83,7 +83,11 @@ class Guard:
     the newest stable one and, with ``checkpoint_dir``, each also in an atomically
     written, checksummed file (see :class:`~trimtab.client.CheckpointStore`). On the
     sync-free device paths the host learns of skipped steps when a report window
-    closes, so there a snapshot waits for the first window end past the multiple.
+    closes, so there a snapshot waits for the first window end past the multiple. On
+    CUDA the copies run on a side stream into pinned buffers allocated ahead of need in
+    the background; a snapshot due before its buffers exist waits for the next chance.
+    ``memory_keep`` (default ``keep``; fewer needs ``checkpoint_dir``) bounds the
+    snapshots held in host memory: older ones, once written, live on disk only.
 
     Rollback: a command's ``mark_stable`` marks a checkpoint stable (a rollback
     target); its ``rollback_to`` restores a stable one at this step boundary (a step
