@@ -165,18 +165,22 @@ class Outcome:
 def train(kind: str | None, endpoint: str | None, job: str, seed: int = 0,
           total: int = TOTAL, fault_every_attempt: bool = False,
           hook: Callable[[object], None] | None = None,
-          journal: str | None = None, schedule: str = "constant") -> Outcome:
-    """Train to ``total`` optimizer steps with fault ``kind``; attached when ``endpoint``;
-    the loop writes its LR at every iteration unless ``schedule`` is ``constant``.
+          journal: str | None = None, schedule: str = "constant",
+          device: str = "cpu") -> Outcome:
+    """Train to ``total`` optimizer steps with fault ``kind`` on ``device``; attached when
+    ``endpoint``; the loop writes its LR at every iteration unless ``schedule`` is
+    ``constant``.
 
     ``fault_every_attempt`` keys the fault on the optimizer step instead of the data
     position, so it recurs after every rollback. With ``journal`` (the controller's), an
     attached run goes in lockstep with the controller (:mod:`bench._lockstep`), so it
     repeats exactly; without, commands land whenever they arrive, as in a real run.
+    ``device``: where the model trains (the data is drawn on the CPU, as always).
     """
     from trimtab.client import attach
 
     task = Task(seed)
+    task.model.to(device)
     opt = torch.optim.SGD(task.model.parameters(), lr=scheduled_lr(schedule, 0), momentum=0.9)
     restored: list[int] = []
     guard = None
@@ -195,7 +199,8 @@ def train(kind: str | None, endpoint: str | None, job: str, seed: int = 0,
         if schedule != "constant":
             for group in opt.param_groups:
                 group["lr"] = scheduled_lr(schedule, it)
-        xb, yb = poison(kind, where, opt, *task.batch())
+        xb, yb = (t.to(device) for t in task.batch())
+        xb, yb = poison(kind, where, opt, xb, yb)
         loss = torch.nn.functional.mse_loss(task.model(xb), yb)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -213,6 +218,7 @@ def train(kind: str | None, endpoint: str | None, job: str, seed: int = 0,
             hook(guard)
         steps = guard.global_step
         guard.close()
+    task.model.cpu()
     return Outcome(task.validation_loss(), it, steps, restored)
 
 

@@ -37,6 +37,7 @@ import copy
 import logging
 import os
 import random
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -123,57 +124,191 @@ def reseed_rng(salt: int) -> None:
 
 # -- host copies -----------------------------------------------------------------------------
 
+#: A pinned buffer's kind: (shape, dtype).
+_Key = tuple
+
+
+def _key(t: torch.Tensor) -> _Key:
+    return tuple(t.shape), t.dtype
+
+
+def _staged(t: torch.Tensor) -> bool:
+    """Whether ``t`` is copied into a pooled pinned buffer (asynchronously) or cloned."""
+    return t.is_cuda and t.layout == torch.strided
+
+
+def _empty_host(key: _Key) -> torch.Tensor:
+    shape, dtype = key
+    return torch.empty(shape, dtype=dtype, pin_memory=torch.cuda.is_available())
+
 
 class _PinnedPool:
-    """Pinned host buffers of evicted checkpoints, reused by the next snapshot."""
+    """Pinned host buffers for snapshots: allocated ahead of need by a background thread,
+    reused from one snapshot to the next, never allocated on the training thread.
+
+    :meth:`reserve` says how many buffers of each kind (shape, dtype) to hold in all;
+    a background thread, ``trimtab-pinned-alloc``, allocates the missing ones (pinning
+    memory is slow: ~1 s per GB, and it must not stall a step). :meth:`get` hands out a
+    free one or ``None``; :meth:`give` takes one back. Thread-safe.
+    """
 
     def __init__(self) -> None:
-        self._free: dict[tuple, list[torch.Tensor]] = collections.defaultdict(list)
+        self._lock = threading.Lock()
+        self._free: dict[_Key, list[torch.Tensor]] = collections.defaultdict(list)
+        self._want: collections.Counter[_Key] = collections.Counter()
+        self._have: collections.Counter[_Key] = collections.Counter()
+        self._thread: threading.Thread | None = None
+        #: Bytes of pinned host memory allocated so far (free and in use).
+        self.nbytes = 0
 
-    def get(self, like: torch.Tensor) -> torch.Tensor:
-        free = self._free.get((tuple(like.shape), like.dtype))
-        if free:
-            return free.pop()
-        return torch.empty(like.shape, dtype=like.dtype, pin_memory=True)
+    def reserve(self, layout: collections.Counter[_Key], copies: int) -> None:
+        """Hold ``copies`` snapshots' worth of ``layout`` (never less than asked before)."""
+        with self._lock:
+            for key, n in layout.items():
+                self._want[key] = max(self._want[key], n * copies)
+            short = any(self._have[k] < n for k, n in self._want.items())
+            if short and self._thread is None:
+                self._thread = threading.Thread(target=self._allocate, daemon=True,
+                                                name="trimtab-pinned-alloc")
+                self._thread.start()
+
+    def ready(self) -> bool:
+        """Whether every buffer reserved is allocated."""
+        with self._lock:
+            return all(self._have[k] >= n for k, n in self._want.items())
+
+    def _allocate(self) -> None:
+        while True:
+            with self._lock:
+                key = next((k for k, n in self._want.items() if self._have[k] < n), None)
+                if key is None:
+                    self._thread = None
+                    return
+            try:
+                buf = _empty_host(key)  # torch.empty releases the GIL while it pins
+            except Exception:  # out of pinned memory: snapshots wait, training goes on
+                log.exception("trimtab could not allocate pinned host memory for snapshots")
+                with self._lock:
+                    self._want.clear()
+                    self._thread = None
+                return
+            with self._lock:
+                self._free[key].append(buf)
+                self._have[key] += 1
+                self.nbytes += buf.numel() * buf.element_size()
+
+    def get(self, key: _Key, block: bool = False) -> torch.Tensor | None:
+        """A free buffer of ``key``; ``None`` when none is (``block``: allocate one here)."""
+        with self._lock:
+            free = self._free.get(key)
+            if free:
+                return free.pop()
+            if not block:
+                return None
+            self._have[key] += 1
+            self._want[key] = max(self._want[key], self._have[key])
+        buf = _empty_host(key)
+        with self._lock:
+            self.nbytes += buf.numel() * buf.element_size()
+        return buf
 
     def give(self, buffers: list[torch.Tensor]) -> None:
-        for b in buffers:
-            self._free[(tuple(b.shape), b.dtype)].append(b)
+        """Take buffers back for the next snapshots."""
+        with self._lock:
+            for b in buffers:
+                self._free[_key(b)].append(b)
 
-    def trim(self) -> None:
-        """Free what the last snapshot did not reuse: the pool never outgrows one snapshot."""
-        self._free.clear()
+
+class _CopyStreams:
+    """One side stream per CUDA device for snapshot copies.
+
+    A copy starts after everything already queued on the training stream (the optimizer
+    step just taken), runs beside the next steps' forward and backward, and the training
+    stream waits for it (:func:`fence`, a device-side wait) only before the next step
+    changes parameters or optimizer state in place. Nothing waits on the host.
+    """
+
+    def __init__(self) -> None:
+        self._streams: dict[torch.device, Any] = {}
+
+    def copy(self, device: torch.device, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
+        """Queue ``dst.copy_(src)`` for every pair on ``device``'s side stream; its event."""
+        stream = self._streams.get(device)
+        if stream is None:
+            stream = self._streams[device] = torch.cuda.Stream(device=device)
+        stream.wait_stream(torch.cuda.current_stream(device))  # after the step just queued
+        with torch.cuda.stream(stream):
+            for dst, src in pairs:
+                dst.copy_(src, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(stream)
+        return done
+
+
+def _current_copy(device: torch.device, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
+    """Queue the copies on the training stream itself (tensors a forward pass may change in
+    place, such as batch-norm statistics): stream order keeps them exact."""
+    with torch.cuda.device(device):
+        for dst, src in pairs:
+            dst.copy_(src, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(device))
+    return done
+
+
+def _fence(device: torch.device, event: Any) -> None:
+    """Make the training stream of ``device`` wait for ``event`` (on the device, not here)."""
+    torch.cuda.current_stream(device).wait_event(event)
 
 
 class _HostCopier:
-    """Copies nested state (dicts, lists, tuples, tensors) to the host without a sync."""
+    """Copies nested state (dicts, lists, tuples, tensors) to the host without a sync.
 
-    def __init__(self, pool: _PinnedPool) -> None:
+    CUDA tensors go into pooled pinned buffers; the copies are queued by :meth:`start`
+    once the whole state has buffers (``missing`` counts those it could not get: the
+    snapshot is then abandoned, nothing was queued). ``side(t)`` says whether ``t`` only
+    changes in the optimizer step (parameters, optimizer state): those are copied on the
+    side stream, the rest on the training stream. CPU tensors are cloned here.
+    """
+
+    def __init__(self, pool: _PinnedPool, streams: _CopyStreams | None = None,
+                 block: bool = False) -> None:
         self.pool = pool
+        self.streams = streams
+        self.block = block
         self.pinned: list[torch.Tensor] = []
-        self.devices: set[torch.device] = set()
-        self._memo: dict[tuple, torch.Tensor] = {}
+        #: Staged tensors by kind, for :meth:`_PinnedPool.reserve`.
+        self.layout: collections.Counter[_Key] = collections.Counter()
+        self.missing = 0
+        self._pairs: dict[tuple[torch.device, bool], list] = collections.defaultdict(list)
+        self._memo: dict[tuple, torch.Tensor | None] = {}
+        self._side: Any = None
 
-    def __call__(self, obj: Any) -> Any:
+    def __call__(self, obj: Any, side: Any = None) -> Any:
+        """The host copy of ``obj``; ``side``: a predicate on tensors (default: none)."""
+        self._side = side
+        return self._tree(obj)
+
+    def _tree(self, obj: Any) -> Any:
         if isinstance(obj, torch.Tensor):
             return self._tensor(obj)
         if isinstance(obj, dict):
             out = collections.OrderedDict() if isinstance(obj, collections.OrderedDict) else {}
             for k, v in obj.items():
-                out[k] = self(v)
+                out[k] = self._tree(v)
             if hasattr(obj, "_metadata"):  # module versions, read by load_state_dict
                 out._metadata = copy.deepcopy(obj._metadata)  # type: ignore[attr-defined]
             return out
         if isinstance(obj, list):
-            return [self(v) for v in obj]
+            return [self._tree(v) for v in obj]
         if isinstance(obj, tuple):
-            items = [self(v) for v in obj]
+            items = [self._tree(v) for v in obj]
             return type(obj)(*items) if hasattr(obj, "_fields") else tuple(items)
         if obj is None or isinstance(obj, (bool, int, float, str, bytes)):
             return obj
         return copy.deepcopy(obj)
 
-    def _tensor(self, t: torch.Tensor) -> torch.Tensor:
+    def _tensor(self, t: torch.Tensor) -> torch.Tensor | None:
         t = t.detach()
         key = None
         if t.layout == torch.strided and t.numel():
@@ -181,14 +316,15 @@ class _HostCopier:
             key = (t.device, t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride()))
             if key in self._memo:
                 return self._memo[key]
-        if t.is_cuda and t.layout == torch.strided:
-            buf = self.pool.get(t)
-            # Asynchronous device->pinned-host copy, queued on t's device's current stream
-            # behind the optimizer step that produced t and ahead of the next one that will
-            # change it in place: stream order makes the copy exact without a host sync.
-            buf.copy_(t, non_blocking=True)
-            self.pinned.append(buf)
-            self.devices.add(t.device)
+        if _staged(t):
+            self.layout[_key(t)] += 1
+            buf = self.pool.get(_key(t), self.block)
+            if buf is None:
+                self.missing += 1
+            else:
+                self.pinned.append(buf)
+                side = self.streams is not None and self._side is not None and self._side(t)
+                self._pairs[(t.device, side)].append((buf, t))
             out = buf
         elif t.device.type == "cpu":
             out = t.clone()
@@ -199,14 +335,20 @@ class _HostCopier:
             self._memo[key] = out
         return out
 
-    def events(self) -> list[Any]:
-        """One event per CUDA device copied from, recorded after its copies."""
+    def start(self) -> list[tuple[torch.device, Any, bool]]:
+        """Queue the copies; ``(device, event, on the side stream)`` per group of copies."""
         events = []
-        for device in self.devices:
-            event = torch.cuda.Event()
-            event.record(torch.cuda.current_stream(device))
-            events.append(event)
+        for (device, side), pairs in self._pairs.items():
+            if side:
+                assert self.streams is not None
+                events.append((device, self.streams.copy(device, pairs), True))
+            else:
+                events.append((device, _current_copy(device, pairs), False))
         return events
+
+    def sources(self) -> list[torch.Tensor]:
+        """The device tensors read by copies in flight (kept alive until they are done)."""
+        return [src for pairs in self._pairs.values() for _, src in pairs]
 
 
 # -- the checkpoint --------------------------------------------------------------------------
@@ -233,14 +375,28 @@ class Checkpoint:
     stable: bool = False
     #: Set while the writer thread serializes it (read under the writer's lock).
     writing: bool = field(default=False, repr=False)
+    #: (device, event, copied on the side stream) per group of copies in flight.
     _events: list[Any] = field(default_factory=list, repr=False)
     _pinned: list[torch.Tensor] = field(default_factory=list, repr=False)
+    #: The device tensors its copies read, alive until the copies are done.
+    _sources: list[torch.Tensor] = field(default_factory=list, repr=False)
+    _fenced: bool = field(default=False, repr=False)
 
     def ready(self) -> bool:
         """Whether its host copies are complete (never waits: ``event.query()``)."""
-        if self._events and all(e.query() for e in self._events):
-            self._events = []
+        if self._events and all(e.query() for _, e, _ in self._events):
+            self._events, self._sources = [], []
         return not self._events
+
+    def fence(self) -> None:
+        """Make the training streams wait (on the device) for its side-stream copies, before
+        anything changes their sources in place; once per checkpoint, never a host wait."""
+        if self._fenced:
+            return
+        self._fenced = True
+        for device, event, side in self._events:
+            if side:
+                _fence(device, event)
 
     @property
     def knobs(self) -> wire.Knobs:
@@ -284,6 +440,18 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> 
                 group[key] = tensor
 
 
+def _tensors(obj: Any):
+    """Every tensor in nested containers."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors(v)
+
+
 # -- the store -------------------------------------------------------------------------------
 
 
@@ -292,46 +460,115 @@ class CheckpointStore:
 
     With ``directory``, every checkpoint is also written there off the training thread
     once its host copy is complete; the ``keep`` newest files plus the newest stable
-    one are kept. All methods are for the training thread.
+    one are kept. ``memory_keep`` (default ``keep``; fewer only with a ``directory``)
+    bounds the snapshots held in host memory: older ones, once written, live on disk
+    only, and a rollback to them reads their file. All methods are for the training
+    thread.
+
+    CUDA state is copied into pinned host buffers that a background thread allocates
+    ahead of need (:meth:`prepare`, and every :meth:`take` for the next one) and that are
+    reused from snapshot to snapshot: about ``memory_keep + 2`` snapshots' worth of
+    (model + optimizer state) pinned bytes (:attr:`host_bytes`). A :meth:`take` whose
+    buffers are not all there yet takes nothing and returns ``None`` (counted in
+    :attr:`deferred`); the guard tries again at its next chance.
 
     >>> store = CheckpointStore(keep=3, directory=None)
     >>> store.steps(), store.stable_step
     ([], None)
     """
 
-    def __init__(self, keep: int = 3, directory: str | os.PathLike | None = None) -> None:
+    def __init__(self, keep: int = 3, directory: str | os.PathLike | None = None,
+                 memory_keep: int | None = None) -> None:
         if not (isinstance(keep, int) and not isinstance(keep, bool) and 1 <= keep <= 255):
             raise ValueError(f"keep={keep!r} is invalid; allowed: an int from 1 to 255")
+        memory_keep = keep if memory_keep is None else memory_keep
+        if not (isinstance(memory_keep, int) and not isinstance(memory_keep, bool)
+                and 1 <= memory_keep <= keep) or (memory_keep < keep and directory is None):
+            raise ValueError(f"memory_keep={memory_keep!r} is invalid; allowed: an int from 1 "
+                             f"to keep={keep} (below keep only with a checkpoint directory)")
         self.keep = keep
+        self.memory_keep = memory_keep
         self.files = None if directory is None else CheckpointFiles(directory, keep)
         self._held: dict[int, Checkpoint] = {}
         self._pending: collections.deque[Checkpoint] = collections.deque()
+        self._retired: list[Checkpoint] = []  # left the ring while the writer reads them
         self._stable: set[int] = set()
         self._pool = _PinnedPool()
+        self._streams = _CopyStreams()
+        #: Snapshots not taken because their pinned buffers were not allocated yet.
+        self.deferred = 0
+
+    @property
+    def host_bytes(self) -> int:
+        """Pinned host memory allocated for snapshots (0 when nothing is on CUDA)."""
+        return self._pool.nbytes
+
+    @property
+    def _copies(self) -> int:
+        # The ring, the newest stable one and one snapshot in flight.
+        return self.memory_keep + 2
+
+    def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Start allocating the pinned buffers that snapshots of this state will need (in
+        the background; shapes and dtypes only, no device work). Call once the optimizer
+        state exists (after the first step); :meth:`take` does it too."""
+        layout: collections.Counter[_Key] = collections.Counter()
+        seen: set[tuple] = set()
+        for sd in (model.state_dict(), optimizer.state_dict()["state"]):
+            for t in _tensors(sd):
+                if _staged(t) and t.numel():
+                    mark = (t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride()))
+                    if mark not in seen:
+                        seen.add(mark)
+                        layout[_key(t)] += 1
+        self._pool.reserve(layout, self._copies)
 
     def take(
         self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
         scheduler: Any = None, *, clip: float | None = None,
         counters: dict[str, int] | None = None, scheduler_stepped: bool = False,
-        controls: dict[str, Any] | None = None,
-    ) -> Checkpoint:
-        """Snapshot the run at ``step``; usable once its copies are done (see :meth:`poll`)."""
-        copier = _HostCopier(self._pool)
+        controls: dict[str, Any] | None = None, block: bool = False,
+    ) -> Checkpoint | None:
+        """Snapshot the run at ``step``; usable once its copies are done (see :meth:`poll`).
+
+        ``None``: the pinned buffers it needs are still being allocated (``block``:
+        allocate them here instead, as the guard does once at attach)."""
+        copier = _HostCopier(self._pool, self._streams, block=block)
+        # Parameters and optimizer state change only in the optimizer step: their copies
+        # run on the side stream. Buffers (batch-norm statistics) may change in a forward.
+        params = {p.data_ptr() for p in model.parameters()}
+        model_sd = copier(model.state_dict(), side=lambda t: t.data_ptr() in params)
+        opt = optimizer.state_dict()
+        optim_sd = {k: copier(v, side=(lambda t: True) if k == "state" else None)
+                    for k, v in opt.items()}
+        sched = None if scheduler is None else copier(scheduler.state_dict())
+        self._pool.reserve(copier.layout, self._copies)
+        if copier.missing:
+            self._pool.give(copier.pinned)
+            self.deferred += 1
+            return None
+        events = copier.start()
         ckpt = Checkpoint(
-            step=step, model=copier(model.state_dict()), optimizer=copier(optimizer.state_dict()),
-            scheduler=None if scheduler is None else copier(scheduler.state_dict()),
+            step=step, model=model_sd, optimizer=optim_sd, scheduler=sched,
             rng=capture_rng(), clip=clip, counters=dict(counters or {}),
             scheduler_stepped=scheduler_stepped, controls=dict(controls or {}),
         )
-        return self._admit(ckpt, copier)
+        return self._admit(ckpt, copier, events)
 
-    def _admit(self, ckpt: Checkpoint, copier: _HostCopier) -> Checkpoint:
+    def _admit(self, ckpt: Checkpoint, copier: _HostCopier,
+               events: list[Any] | None = None) -> Checkpoint:
         """Queue ``ckpt``, whose copies ``copier`` started; it counts once they are done."""
-        ckpt._events, ckpt._pinned = copier.events(), copier.pinned
-        self._pool.trim()
+        ckpt._events = copier.start() if events is None else events
+        ckpt._pinned, ckpt._sources = copier.pinned, copier.sources() if ckpt._events else []
         self._pending.append(ckpt)
         self.poll()
         return ckpt
+
+    def fence(self) -> None:
+        """Before parameters or optimizer state change in place (the optimizer step, a
+        restore): the training streams wait on the device for snapshot copies in flight."""
+        for ckpt in self._pending:
+            ckpt.fence()
 
     def poll(self) -> None:
         """Admit the checkpoints whose copies completed, oldest first; never waits."""
@@ -340,10 +577,26 @@ class CheckpointStore:
             old = self._held.pop(ckpt.step, None)
             if old is not None:
                 self._stable.discard(old.step)  # a new trajectory's snapshot at the same step
+                self._release(old)
             self._held[ckpt.step] = ckpt
             if self.files is not None:
                 self.files.write(ckpt)
             self._evict()
+        if self.memory_keep < self.keep and len(self._held) > self.memory_keep:
+            self._evict()  # files written since: their host copies may go
+        if self._retired:
+            retired, self._retired = self._retired, []
+            for ckpt in retired:
+                self._release(ckpt)
+
+    def _release(self, ckpt: Checkpoint, cancel: bool = True) -> None:
+        """``ckpt`` left memory: its buffers go back to the pool once the writer is done."""
+        free = self.files.forget(ckpt, cancel) if self.files is not None else True
+        if not free:
+            self._retired.append(ckpt)
+        elif ckpt._pinned:
+            self._pool.give(ckpt._pinned)
+            ckpt._pinned = []
 
     def _evict(self) -> None:
         steps = sorted(self._held)
@@ -353,10 +606,12 @@ class CheckpointStore:
             keep.add(stable[-1])
         for step in steps:
             if step not in keep:
-                ckpt = self._held.pop(step)
-                free = self.files.forget(ckpt) if self.files is not None else True
-                if free and ckpt._pinned:
-                    self._pool.give(ckpt._pinned)
+                self._release(self._held.pop(step))
+        if self.memory_keep < self.keep and self.files is not None:
+            # Fewer in memory than on disk: the older ones stay as files once written.
+            written = [s for s in sorted(self._held) if self.files.has(s)]
+            for step in written[: max(0, len(self._held) - self.memory_keep)]:
+                self._release(self._held.pop(step), cancel=False)
 
     def steps(self) -> list[int]:
         """Steps of the usable checkpoints, memory and disk, oldest first (at most 256)."""
@@ -420,6 +675,7 @@ class CheckpointStore:
         ckpt = self.stable(at_most=step)
         if ckpt is None:
             return None, f"rollback_to={step}: no stable checkpoint at or before it loads"
+        self.fence()  # copies still reading the live tensors finish before they are overwritten
         ckpt.restore(model, optimizer, scheduler)
         self._drop_after(ckpt.step)
         if ckpt.step not in self._held:  # loaded from disk: keep it at hand for next time
@@ -433,9 +689,11 @@ class CheckpointStore:
     def _drop_after(self, step: int) -> None:
         # Later snapshots belong to the trajectory just abandoned.
         for s in [s for s in self._held if s > step]:
-            ckpt = self._held.pop(s)
-            if self.files is not None:
-                self.files.forget(ckpt)
+            self._release(self._held.pop(s))
+        for ckpt in [c for c in self._pending if c.step > step]:
+            ckpt.fence()  # the next copy into its buffers is ordered after this one
+            self._pool.give(ckpt._pinned)
+            ckpt._pinned = []
         self._pending = collections.deque(c for c in self._pending if c.step <= step)
         self._stable = {s for s in self._stable if s <= step}
         if self.files is not None:
@@ -447,6 +705,7 @@ class CheckpointStore:
 
     def close(self, timeout_s: float | None = 60.0) -> None:
         """Finish queued file writes (at most ``timeout_s``) and stop the writer."""
+        self.fence()  # copies in flight finish before their sources may be freed
         if self.files is not None:
             self.files.close(timeout_s)
 

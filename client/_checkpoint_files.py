@@ -255,11 +255,12 @@ class CheckpointFiles:
         """Queue marking the checkpoint at ``step`` stable in its manifest."""
         self._put(_Job("mark", steps=(step,)))
 
-    def forget(self, ckpt: Writable) -> bool:
-        """``ckpt`` left the memory ring: drop its queued write unless it is stable.
-        True when the writer no longer touches it (its buffers may be reused)."""
+    def forget(self, ckpt: Writable, cancel: bool = True) -> bool:
+        """``ckpt`` left the memory ring: drop its queued write unless it is stable (or
+        ``cancel`` is False: it lives on as a file). True when the writer no longer
+        touches it (its buffers may be reused)."""
         with self._cond:
-            if not ckpt.stable:
+            if cancel and not ckpt.stable:
                 self._jobs = collections.deque(j for j in self._jobs if j.ckpt is not ckpt)
             return not ckpt.writing and all(j.ckpt is not ckpt for j in self._jobs)
 

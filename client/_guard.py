@@ -83,7 +83,11 @@ class Guard:
     the newest stable one and, with ``checkpoint_dir``, each also in an atomically
     written, checksummed file (see :class:`~trimtab.client.CheckpointStore`). On the
     sync-free device paths the host learns of skipped steps when a report window
-    closes, so there a snapshot waits for the first window end past the multiple.
+    closes, so there a snapshot waits for the first window end past the multiple. On
+    CUDA the copies run on a side stream into pinned buffers allocated ahead of need in
+    the background; a snapshot due before its buffers exist waits for the next chance.
+    ``memory_keep`` (default ``keep``; fewer needs ``checkpoint_dir``) bounds the
+    snapshots held in host memory: older ones, once written, live on disk only.
 
     Rollback: a command's ``mark_stable`` marks a checkpoint stable (a rollback
     target); its ``rollback_to`` restores a stable one at this step boundary (a step
@@ -164,6 +168,7 @@ class Guard:
         checkpoint_every: int = 100,
         keep: int = 3,
         checkpoint_dir: str | os.PathLike | None = None,
+        memory_keep: int | None = None,
         scheduler: Any = None,
         on_rollback: Callable[[int], None] | None = None,
         server_key: str | os.PathLike | None = None,
@@ -234,7 +239,7 @@ class Guard:
         self._micro_calls = 0  # note_micro_batch() calls since the last step
         self._micro_first: torch.Tensor | None = None
         self._micro_counts: list[int] = []  # micro-batches per noted step, this window
-        self._store = self._start_checkpoints(keep, checkpoint_dir)
+        self._store = self._start_checkpoints(keep, checkpoint_dir, memory_keep)
 
         def make_transport() -> Transport:
             return Transport(
@@ -254,20 +259,22 @@ class Guard:
             self._hooks = StepHooks(self)
 
     def _start_checkpoints(
-        self, keep: int, checkpoint_dir: str | os.PathLike | None
+        self, keep: int, checkpoint_dir: str | os.PathLike | None, memory_keep: int | None
     ) -> CheckpointStore | None:
         if not self.checkpoint_every:
             return None
         try:
             store = (ShardedStore(keep, checkpoint_dir) if self._sharded
-                     else CheckpointStore(keep, checkpoint_dir))
+                     else CheckpointStore(keep, checkpoint_dir, memory_keep))
         except OSError as exc:
             raise _invalid("checkpoint_dir", checkpoint_dir,
                            f"a directory that can be created and written ({exc})") from None
         self._store = store
         # The early rollback target. The scheduler has already stepped for the coming step
-        # here, unlike at every later snapshot: see the ScheduleHold in _carry_out.
-        self._checkpoint(scheduler_stepped=True)
+        # here, unlike at every later snapshot: see the ScheduleHold in _carry_out. Its
+        # pinned buffers are allocated here, before training starts (later ones are
+        # allocated ahead of need by a background thread).
+        self._checkpoint(scheduler_stepped=True, block=True)
         return store
 
     # -- the step -----------------------------------------------------------------------------
@@ -319,6 +326,10 @@ class Guard:
         self._clip(grads, total, finite)
         if closing:  # the window's one sampled update, for ||delta theta|| / ||theta||
             probe.snapshot()
+        if self._store is not None and self._store._pending:
+            # The optimizer step changes what snapshot copies in flight read: the training
+            # stream waits for them on the device (no host wait; see CheckpointStore).
+            self._store.fence()
         # Last, so that only the optimizer step runs between engage and release.
         self._act.engage(self._host_step())  # host floats only (tensor entries: on device)
         if self._owed:
@@ -333,6 +344,8 @@ class Guard:
             probe.update_ratio()
         probe.advance()
         self._calls += 1
+        if self._calls == 1 and self._store is not None:
+            self._prepare_snapshots()
         if closing:
             self._close_window()
             if self._dist is not None:  # every rank takes rank 0's command, at this step
@@ -481,17 +494,33 @@ class Guard:
                 notes.append(f"on_rollback raised {type(exc).__name__}: {exc}")
         return ckpt, notes
 
-    def _checkpoint(self, scheduler_stepped: bool = False) -> None:
+    def _checkpoint(self, scheduler_stepped: bool = False, block: bool = False) -> None:
         assert self._store is not None
         step = self._host_step()  # exact here: see where this is called
-        self._last_checkpoint = step
         try:
-            self._store.take(step, self.model, self.optimizer, self.scheduler, clip=self.clip,
-                             counters={"calls": self._calls},
-                             scheduler_stepped=scheduler_stepped,
-                             controls=self._act.state_dict())
+            taken = self._store.take(step, self.model, self.optimizer, self.scheduler,
+                                     clip=self.clip, counters={"calls": self._calls},
+                                     scheduler_stepped=scheduler_stepped,
+                                     controls=self._act.state_dict(), block=block)
         except Exception:  # a failed snapshot costs a rollback target, never the run
             log.exception("trimtab could not take a checkpoint at step %d", step)
+            taken = True
+        if taken is None:
+            # Its pinned buffers are still being allocated: tried again at the next chance
+            # rather than stalling this step.
+            if self._store.deferred == 1:
+                log.info("trimtab snapshot at step %d deferred: pinned host buffers are "
+                         "still being allocated", step)
+            return
+        self._last_checkpoint = step
+
+    def _prepare_snapshots(self) -> None:
+        """After the first step (the optimizer state exists now): allocate the snapshots'
+        pinned buffers in the background, well before the first snapshot needs them."""
+        try:
+            self._store.prepare(self.model, self.optimizer)
+        except Exception:
+            log.exception("trimtab could not prepare snapshot buffers")
 
     def _close_window(self) -> None:
         try:

@@ -223,8 +223,10 @@ class ShardedStore(CheckpointStore):
         counters: dict[str, int] | None = None,
         scheduler_stepped: bool = False,
         controls: dict[str, Any] | None = None,
+        block: bool = True,
     ) -> Checkpoint:
-        """Snapshot this rank's shards at ``step`` (every rank at the same step)."""
+        """Snapshot this rank's shards at ``step`` (every rank at the same step; its host
+        buffers are allocated as it goes, whatever ``block`` says: every rank must take it)."""
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         model_sd, optim_sd = get_state_dict(model, optimizer)
@@ -232,7 +234,7 @@ class ShardedStore(CheckpointStore):
             self.dcp.save(step, {"model": model_sd, "optimizer": optim_sd})
         specs: dict[tuple, tuple] = {}
         local = _split({"model": model_sd, "optimizer": optim_sd}, specs)
-        copier = _HostCopier(self._pool)
+        copier = _HostCopier(self._pool, block=True)  # as before: FSDP stages in place
         ckpt = ShardedCheckpoint(
             step=step,
             model=copier(local["model"]),
@@ -246,6 +248,9 @@ class ShardedStore(CheckpointStore):
         )
         ckpt.specs = specs
         return self._admit(ckpt, copier)
+
+    def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Nothing ahead of time: sharded snapshots allocate as they are taken."""
 
     def poll(self) -> None:
         super().poll()

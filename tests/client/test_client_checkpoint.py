@@ -162,7 +162,8 @@ def test_a_snapshot_is_unusable_until_its_copy_completes(monkeypatch, tmp_path) 
     """The CUDA path's gate, driven on CPU: listed, markable, restorable and written only
     after event.query() says the device-to-host copy is done; nothing ever waits."""
     event = _Event()
-    monkeypatch.setattr(ckpt_mod._HostCopier, "events", lambda self: [event])
+    monkeypatch.setattr(ckpt_mod._HostCopier, "start",
+                        lambda self: [(torch.device("cpu"), event, True)])
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: pytest.fail("synchronize"))
     run = Run()
     store = CheckpointStore(keep=2, directory=tmp_path)

@@ -1,0 +1,43 @@
+"""``python -m bench.gpu`` on the CPU (CI has no GPU): every section runs, smaller, and the
+result file holds every table; it also runs from a plain checkout (no install)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
+
+
+def test_bench_gpu_runs_every_section_on_the_cpu(tmp_path) -> None:
+    result = tmp_path / "gpu-cpu.md"
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "PYTHONUNBUFFERED": "1"}
+    done = subprocess.run([sys.executable, "-m", "bench.gpu", "--device", "cpu", "--quick",
+                           "--out", str(result)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=220)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    text = result.read_text()
+    assert text == (tmp_path / "out" / "gpu-cpu.md").read_text()  # $OUT gets the same
+    assert text.strip() in done.stdout  # and everything written was printed
+    for title in ("## env", "## overhead", "## snapshots", "## faults", "## writer"):
+        assert title in text
+    assert "0 section(s) failed" in text and "Traceback" not in text
+    assert text.count("| mlp (SGD), scaled |") == 1
+    assert "| memory ring + checkpoint_dir |" in text
+    assert "| attached, fault |" in text
+
+
+def test_a_failing_section_does_not_stop_the_others(tmp_path) -> None:
+    done = subprocess.run([sys.executable, "-m", "bench.gpu", "--device", "cpu", "--quick",
+                           "--sections", "nonsense,env", "--out", str(tmp_path / "r.md")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    text = (tmp_path / "r.md").read_text()
+    assert "unknown section 'nonsense'" in text and "| torch |" in text
+    assert "1 section(s) failed" in text
