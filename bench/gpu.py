@@ -331,11 +331,15 @@ def section_env(out: Report, device: str) -> None:
     else:
         rows.append(("device", f"cpu ({platform.processor() or platform.machine()}), "
                                f"torch threads {torch.get_num_threads()}"))
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                                capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = ""
+    # A copy of the tree sent to another machine can carry stale git metadata: the sender
+    # names the commit it sent in TRIMTAB_COMMIT.
+    commit = os.environ.get("TRIMTAB_COMMIT", "")
+    if not commit:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                                    capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            commit = ""
     rows.append(("trimtab commit", commit or "unknown"))
     for k, v in rows:
         out(f"| {k} | {v} |")

@@ -272,3 +272,16 @@ def test_memory_keep_keeps_older_snapshots_on_disk_only(monkeypatch, tmp_path) -
     restored, note = store.restore(20, model, opt)  # read from its file
     assert restored.step == 20 and note is None
     store.close()
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+def test_the_copies_of_a_snapshot_are_queued_in_one_call_or_one_each(monkeypatch, foreach):
+    """The snapshot step queues all its copies with torch's ``_foreach_copy_`` (one Python
+    call for hundreds of tensors); a torch without it copies pair by pair. Either way
+    every destination holds its source, dtypes and shapes mixed."""
+    if not foreach:
+        monkeypatch.delattr(torch, "_foreach_copy_", raising=False)
+    srcs = [torch.randn(3), torch.randn(2, 5).to(torch.bfloat16), torch.arange(4)]
+    dsts = [torch.empty_like(s) for s in srcs]
+    ckpt_mod._copy_all(list(zip(dsts, srcs, strict=True)))
+    assert all(torch.equal(d, s) for d, s in zip(dsts, srcs, strict=True))
