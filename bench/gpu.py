@@ -332,8 +332,8 @@ def section_env(out: Report, device: str) -> None:
         rows.append(("device", f"cpu ({platform.processor() or platform.machine()}), "
                                f"torch threads {torch.get_num_threads()}"))
     # A copy of the tree sent to another machine can carry stale git metadata: the sender
-    # names the commit it sent in TRIMTAB_COMMIT.
-    commit = os.environ.get("TRIMTAB_COMMIT", "")
+    # names the commit it sent in BENCH_GPU_COMMIT.
+    commit = os.environ.get("BENCH_GPU_COMMIT", "")
     if not commit:
         try:
             commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
