@@ -195,13 +195,31 @@ class Engine:
             proposals, opened, ending = self._phase_filter(state, heard)
         advice = [(n, p) for n, p in proposals if p.advice == "stop"]
         stop = "; ".join(f"{n}: {p.reason}" for n, p in advice)[:1024] or None
+        phase = state.phase
+        restart = None
+        if opened is not None and phase is not None and phase.start_step < state.step:
+            # A phase opened to start over from an earlier checkpoint: a planned rollback
+            # there, with the phase's sweep (it is not the phase's end: the phase goes on).
+            sweep = next(p for n, p in proposals if n == phase.policy and p.sweep)
+            restart = plan_rollback(phase.policy, sweep.reason, state.rollback, self.rollback,
+                                    phase.start_step, sweep.value,
+                                    in_force=state.knobs.model_dump())
+            if restart is not None:
+                restart = dataclasses.replace(restart, policy=phase.policy)
         # Advice changes no knob, so it never reaches the arbiter (a hold would block raises).
-        plan, alert, usable = self._plan_rollback(
-            state, [(n, p) for n, p in proposals if p.advice is None])
+        if restart is not None:
+            plan, alert, usable = restart, None, proposals
+        else:
+            plan, alert, usable = self._plan_rollback(
+                state, [(n, p) for n, p in proposals if p.advice is None])
         if urgent and plan is None:
             return Decision(step=state.step, proposals=(), knobs={}, errors=tuple(errors),
                             shadow=False)
-        if plan is not None:
+        if restart is not None:
+            kd = self._phase_knob(state, "lr", [(n, p) for n, p in proposals
+                                                if n == phase.policy])  # type: ignore[union-attr]
+            knobs = {} if kd is None else {"lr": kd}
+        elif plan is not None:
             knobs = self._rollback_knobs(state, plan)
         else:
             knobs = {}
@@ -259,7 +277,13 @@ class Engine:
                           and p.advice is None), None)
             if first is None or ckpt is None:  # a sweep value outside its phase is dropped
                 return [(n, p) for n, p in proposals if not p.sweep], None, None
-            phase, opened = state.begin_phase(first, ckpt), ckpt
+            restart = self._restart_from(state, first, proposals)
+            phase, opened = state.begin_phase(first, ckpt if restart is None else restart), (
+                ckpt if restart is None else restart)
+            if restart is not None:
+                # The phase starts over from that checkpoint: the decision that opens it
+                # rolls the run back there and sends the sweep (see _decide).
+                phase = state.phase = dataclasses.replace(phase, start_step=restart)
         mine = [(n, p) for n, p in proposals if n == phase.policy]
         ending = next((p for _, p in mine if p.to_step is not None), None)
         safety = _safety(proposals, phase.policy)
@@ -280,6 +304,22 @@ class Engine:
             back = Proposal.roll_back(cause, why, to_step=phase.checkpoint, value=lr)  # type: ignore[arg-type]
             return [(phase.policy, back)], opened, back
         return mine, opened, ending
+
+    def _restart_from(self, state: JobState, name: str,
+                      proposals: list[tuple[str, Proposal]]) -> int | None:
+        """The checkpoint a phase opening now asks to start over from (``detail
+        ["restart_from"]`` of its first sweep proposal: the steps since ran too hot), when
+        the client lists it, it lies before the current step and a planned rollback to it
+        can be made; else None (the phase starts where the run is)."""
+        p = next(p for n, p in proposals if n == name and p.sweep)
+        want = (p.detail or {}).get("restart_from")
+        rb = state.rollback
+        if (not isinstance(want, int) or isinstance(want, bool) or want >= state.step
+                or want not in rb.checkpoints or want in rb.unusable):
+            return None
+        if why_no_rollback(rb, self.rollback, name, want) is not None:
+            return None
+        return want
 
     def _phase_knob(
         self, state: JobState, knob: str, mine: list[tuple[str, Proposal]]
@@ -323,6 +363,14 @@ class Engine:
             return plan.target_step
         if plan is not None or state.phase is not None:
             return None
+        if state.reports_seen == 1 and not rb.stable and rb.pending_mark is None:
+            # The checkpoint taken at attach holds the run as its user handed it over, before
+            # any step trimtab saw: the rollback target of last resort, marked at the first
+            # report so that the client keeps it until a newer one is stable (a run too hot
+            # from its first steps has nothing else worth returning to).
+            attach = min(rb.in_force_at, default=None)
+            if attach is not None and attach in rb.checkpoints and attach not in rb.unusable:
+                return attach
         return stable_to_mark(rb, self.rollback)
 
     def _plan_rollback(
@@ -584,7 +632,10 @@ class Engine:
             live = {k: kd.live for k, kd in decision.knobs.items()
                     if kd.live is not None and kd.policy == state.phase.policy}
             live = {**{k: s for k, s in state.live.items() if k not in decision.knobs}, **live}
-        if decision.rollback is not None:
+        restarting = (decision.rollback is not None and decision.rollback.planned
+                      and state.phase is not None
+                      and state.phase.start_step == decision.rollback.target_step)
+        if decision.rollback is not None and not restarting:
             scheduled = {p.knob for _, p in decision.proposals if p.schedule is not None}
             for knob, kd in decision.knobs.items():
                 if decision.rollback.planned:

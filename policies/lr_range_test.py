@@ -243,23 +243,38 @@ class LrRangeTest(Policy):
             listed = view.last.checkpoints if view.last is not None else []
             if not any(s <= view.step for s in listed):
                 return []  # nothing to return to (yet)
-            why = "configured to run always" if self.config.when == "always" else (  # type: ignore[attr-defined]
-                self.far_off(view))
-            if why is None:
+            found = (("always", "configured to run always")
+                     if self.config.when == "always" else self.evidence(view))  # type: ignore[attr-defined]
+            if found is None:
                 return []  # the run's own LR is the prior: no evidence it is far off
+            kind, why = found
+            start, detail, where = view.step, None, ""
+            oldest = min(s for s in listed if s <= view.step)
+            if kind == "high" and oldest < view.step:
+                # The steps so far ran too hot: their state may be ruined (a dead network
+                # sweeps to nothing). The sweep starts over from the oldest checkpoint.
+                start, detail = oldest, {"restart_from": oldest}
+                where = f", from the checkpoint at step {oldest}"
             return [
                 Proposal.sweep_value(
                     "lr",
                     lo,
                     f"LR range test starts ({why}): lr x{lo:.3g} -> "
-                    f"x{hi:.3g} over {self.config.sweep_steps} steps",
-                    schedule=self.trajectory(view.step, lo, hi),
+                    f"x{hi:.3g} over {self.config.sweep_steps} steps{where}",
+                    detail=detail,
+                    schedule=self.trajectory(start, lo, hi),
                 )
             ]
         return self._during(view, phase, lo, hi)
 
     def far_off(self, view: JobView) -> str | None:
-        """Why the run's own LR looks far off (None: no evidence, the sweep does not run).
+        """Why the run's own LR looks far off (None: no evidence); see :meth:`evidence`."""
+        found = self.evidence(view)
+        return None if found is None else found[1]
+
+    def evidence(self, view: JobView) -> tuple[str, str] | None:
+        """``(kind, why)``: the run's own LR looks far too ``"high"`` or too ``"low"``
+        (None: no evidence, the sweep does not run).
 
         Within the first ``evidence_reports`` reports, an LR far too high shows as
         non-finite values, as a loss that blows up (a new high above ``explode_ratio`` times
@@ -276,9 +291,9 @@ class LrRangeTest(Policy):
             return None  # past the start of the run: its LR has proved itself
         seen = view.history
         if view.nonfinite_losses_total or view.nonfinite_grads_total:
-            return (f"non-finite values in the first {view.reports_seen} reports: "
-                    f"{view.nonfinite_losses_total} losses, {view.nonfinite_grads_total} "
-                    "gradient steps")
+            return "high", (f"non-finite values in the first {view.reports_seen} reports: "
+                            f"{view.nonfinite_losses_total} losses, "
+                            f"{view.nonfinite_grads_total} gradient steps")
         low = high = None  # the lowest and highest losses of the reports before
         for s in seen[:cfg.explode_reports + 1]:
             if s.loss_min is None or s.loss_max is None:
@@ -287,23 +302,33 @@ class LrRangeTest(Policy):
             # the initial loss spreads a window as widely, but never passes its first high.
             if (low is not None and high is not None and low > 0 and s.loss_max > high
                     and s.loss_max > cfg.explode_ratio * min(low, s.loss_min)):
-                return (f"the loss blew up by the window ending at step {s.step}: "
-                        f"to {s.loss_max:.4g}, from a lowest {min(low, s.loss_min):.4g}")
+                return "high", (f"the loss blew up by the window ending at step {s.step}: "
+                                f"to {s.loss_max:.4g}, from a lowest "
+                                f"{min(low, s.loss_min):.4g}")
             low = s.loss_min if low is None else min(low, s.loss_min)
             high = s.loss_max if high is None else max(high, s.loss_max)
         losses = [s.loss_mean for s in seen if s.loss_mean is not None]
         if len(losses) >= 2 and losses[0] > 0 and max(losses[1:]) > losses[0] * (1 + cfg.rise):
-            return (f"the loss rose from {losses[0]:.4g} to {max(losses[1:]):.4g} over the first "
-                    f"{len(losses)} reports")
+            return "high", (f"the loss rose from {losses[0]:.4g} to {max(losses[1:]):.4g} "
+                            f"over the first {len(losses)} reports")
         used = [s.lr_used for s in seen[:cfg.flat_reports] if s.lr_used]
         warming = len(used) >= 2 and max(used) > 1.5 * min(used)
         if len(losses) >= cfg.flat_reports and not warming:
             # (A loop still warming its LR up is not flat at a bad LR: its LR is moving.)
             head, tail = losses[:3], losses[cfg.flat_reports - 3:cfg.flat_reports]
             start, now = sum(head) / len(head), sum(tail) / len(tail)
-            if start > 0 and now > start * (1.0 - cfg.flat_drop):
-                return (f"loss {start:.4g} -> {now:.4g} over the first {cfg.flat_reports} "
-                        f"reports: it did not fall {cfg.flat_drop:.0%}")
+            # The first report's lowest loss is about the initial one: a run whose loss
+            # jumped in its first steps and settled back has a high head mean but no fall.
+            first = seen[0].loss_min if seen[0].loss_min is not None else start
+            if start > 0 and now > min(start, first) * (1.0 - cfg.flat_drop):
+                peak = max((x.loss_max for x in seen[:cfg.explode_reports + 1]
+                            if x.loss_max is not None), default=0.0)
+                # Stuck after a jump far above where it began: too hot (a dead network),
+                # not too cold.
+                kind = "high" if first > 0 and peak > cfg.explode_ratio * first else "low"
+                return kind, (f"loss {min(start, first):.4g} -> {now:.4g} over the first "
+                              f"{cfg.flat_reports} reports: it did not fall "
+                              f"{cfg.flat_drop:.0%}")
         return None
 
     def _during(self, view: JobView, phase: Phase, lo: float, hi: float) -> list[Proposal]:

@@ -252,6 +252,36 @@ def test_without_a_stable_checkpoint_a_rollback_is_a_governed_cut():
     assert Engine([guard()], Governor()).decide(st).knobs["lr"].limits == ("cooldown",)
 
 
+def _report(st: JobState, step: int, checkpoints: list[int], loss: float = 2.0) -> None:
+    st.observe(wire.Report(job="j", seq=st.reports_seen + 1, step=step, window=10,
+                           loss_mean=loss, knobs=st.effective, checkpoints=checkpoints))
+    st.rollback.observe(st.view(), RollbackConfig())
+
+
+def test_the_checkpoint_taken_at_attach_is_marked_stable_with_the_first_report():
+    """The attach checkpoint holds the run as its user handed it over: the first decision
+    marks it stable, so that the client keeps it until a newer one is stable (a run too hot
+    from its first steps keeps something worth returning to); later decisions mark only
+    checkpoints healthy for a full window."""
+    st = state(step=0)
+    engine = Engine([], Governor())
+    _report(st, 10, [0])
+    d = engine.decide(st)
+    assert d.mark_stable == 0
+    st.rollback.note_marked(0)
+    _report(st, 20, [0, 20])
+    assert engine.decide(st).mark_stable is None
+    # Registered late (a controller started after the job, at step 500): the checkpoint at
+    # the registration step, where the client holds one, is the run as this controller met
+    # it; an older one (300, 400) is never marked without a healthy window after it.
+    late = state(step=500)
+    _report(late, 510, [300, 400, 500])
+    assert engine.decide(late).mark_stable == 500
+    late2 = state(step=500)
+    _report(late2, 510, [300, 400])
+    assert engine.decide(late2).mark_stable is None
+
+
 def test_the_cooldown_does_not_hold_a_rollback_and_counts_from_the_checkpoint_after():
     st = with_stable()
     gov = Governor()

@@ -143,6 +143,38 @@ def test_a_sweep_that_made_no_progress_by_a_checkpoint_goes_back_to_its_start():
     assert "kept" not in end.reason and c.state.step == 0
 
 
+def test_a_run_too_hot_from_the_start_sweeps_again_from_its_first_checkpoint():
+    """SGD far too hot: the loss blows up in the second report (evidence "too high"). The
+    steps since the attach checkpoint may have ruined the model (a dead network sweeps to
+    nothing), so the decision that opens the phase rolls the run back to step 0 and sends
+    the sweep from there: one command, the rollback with the live sweep. The sweep then
+    runs from step 0, ends with a pick and returns as usual."""
+    c = client(checkpoints=(0, 10, 100, 200))
+    st = c.state
+    engine = Engine([LrRangeTest({"beta": 0.0, "min_lr": 1e-5, "max_lr": 1e-1})], WIDE,
+                    live_schedules=True)
+    c.advance()
+    c.observe(loss_mean=2.3, loss_min=2.2, loss_max=2.4)
+    c.send(engine.decide(st))
+    c.advance()
+    c.observe(loss_mean=40.0, loss_min=3.0, loss_max=90.0)  # a new high, 40x the lowest
+    d = engine.decide(st)
+    assert d.rollback is not None and d.rollback.target_step == 0 and d.rollback.planned
+    assert st.phase is not None and st.phase.start_step == 0 and st.phase.checkpoint == 0
+    (sweep,) = d.schedules
+    assert sweep.knob == "lr" and sweep.pieces[0].origin == 0
+    assert "from the checkpoint at step 0" in d.knobs["lr"].reason
+    command = c.send(d)
+    assert command.rollback_to == 0 and command.schedules
+    ds = drive(engine, c, dip(best=1e-4, blow=5.0), 60)
+    # The sweep ran from step 0: the first step after the restore was step 0, at the
+    # sweep's first LR (1e-5), and the sweep's LR rose from there.
+    assert c.trace[2 * EVERY][:2] == (0, pytest.approx(1e-5))
+    end = finished(ds)
+    assert end.detail["found_lr"] is not None and st.phase is None
+    assert st.found_lr == pytest.approx(end.detail["found_lr"])
+
+
 def test_a_run_that_blew_up_before_its_sweep_keeps_nothing_of_it():
     """SGD far too hot: the loss went from ~10 to 1e27 before the sweep began (at step 10,
     checkpoint 0). The sweep's loss falls a little from that ruin; the checkpoints it took
@@ -589,6 +621,7 @@ def _evidence(losses, spreads=None, nonfinite_at=None, used=None):
             checkpoints=[0], nonfinite_grads=1 if i == nonfinite_at else 0))
     policy = LrRangeTest()
     out = policy.propose(st.view())
+    _evidence.kind = (policy.evidence(st.view()) or (None,))[0]
     return (policy.far_off(st.view()), out)
 
 
@@ -626,6 +659,19 @@ def test_a_fast_fall_from_the_initial_loss_is_no_blow_up():
     # The same start, then a new high far above the lowest loss: that is a blow-up.
     why, _ = _evidence([*means[:4], 60.0], spreads)
     assert why is not None and "blew up" in why
+
+
+def test_a_loss_that_jumped_and_settled_at_its_start_is_too_hot_and_a_flat_one_too_cold():
+    """Adam at 100x its LR: the loss jumps to ~40 within the first window and settles back
+    at the initial ~2.3, where it stays (a dead network). No report after the first
+    reaches a new high and the mean falls from the first report's, so only the first
+    report's lowest loss (about the initial one) shows that nothing was learnt; the jump
+    says which way the LR is off. A loss flat from the start says "too low"."""
+    stuck = [10.0] + [2.34] * 19
+    why, _ = _evidence(stuck, spreads={1: (10.0 / 2.3) ** 2})
+    assert why is not None and "did not fall" in why and _evidence.kind == "high"
+    why, _ = _evidence([2.31 - 0.001 * i for i in range(20)])
+    assert why is not None and _evidence.kind == "low"
 
 
 def test_a_flat_loss_under_the_loops_own_warm_up_is_no_evidence():
