@@ -166,10 +166,10 @@ def train(kind: str | None, endpoint: str | None, job: str, seed: int = 0,
           total: int = TOTAL, fault_every_attempt: bool = False,
           hook: Callable[[object], None] | None = None,
           journal: str | None = None, schedule: str = "constant",
-          device: str = "cpu") -> Outcome:
+          device: str = "cpu", lr_scale: float = 1.0) -> Outcome:
     """Train to ``total`` optimizer steps with fault ``kind`` on ``device``; attached when
     ``endpoint``; the loop writes its LR at every iteration unless ``schedule`` is
-    ``constant``.
+    ``constant``; ``lr_scale`` multiplies the loop's LR throughout (a run started hot).
 
     ``fault_every_attempt`` keys the fault on the optimizer step instead of the data
     position, so it recurs after every rollback. With ``journal`` (the controller's), an
@@ -181,7 +181,8 @@ def train(kind: str | None, endpoint: str | None, job: str, seed: int = 0,
 
     task = Task(seed)
     task.model.to(device)
-    opt = torch.optim.SGD(task.model.parameters(), lr=scheduled_lr(schedule, 0), momentum=0.9)
+    opt = torch.optim.SGD(task.model.parameters(), lr=lr_scale * scheduled_lr(schedule, 0),
+                          momentum=0.9)
     restored: list[int] = []
     guard = None
     if endpoint is not None:
@@ -198,7 +199,7 @@ def train(kind: str | None, endpoint: str | None, job: str, seed: int = 0,
         where = guard.global_step if (guard and fault_every_attempt) else it
         if schedule != "constant":
             for group in opt.param_groups:
-                group["lr"] = scheduled_lr(schedule, it)
+                group["lr"] = lr_scale * scheduled_lr(schedule, it)
         xb, yb = (t.to(device) for t in task.batch())
         xb, yb = poison(kind, where, opt, xb, yb)
         loss = torch.nn.functional.mse_loss(task.model(xb), yb)

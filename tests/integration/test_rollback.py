@@ -86,3 +86,25 @@ def test_a_recurring_fault_ends_in_the_alert_state_and_training_goes_on(serve_fa
     assert journal.events("recurring", "report", after_id=alerts[0].id)
     levels = [e.data["level"] for e in rollbacks]
     assert levels[-1] > levels[0], "repeats must escalate"
+
+
+def test_a_run_far_too_hot_from_its_first_step_is_swept_from_its_attach_checkpoint(
+        serve_factory):
+    """SGD with momentum at 40x its tuned LR (2.0): the bare run goes non-finite. Attached
+    with the default policies, the run is rolled back, its LR range test starts over from
+    the checkpoint taken at attach (its first steps ruined the model), picks an LR and the
+    run ends as well as the tuned bare run does over the same steps."""
+    srv = serve_factory(CONTROLLER_CONFIG)
+    tuned = train(None, None, job="tuned", total=600)
+    bare = train(None, None, job="bare-hot", total=600, lr_scale=40.0)
+    run = train(None, srv.endpoint, job="hot", total=600, lr_scale=40.0)
+    assert not math.isfinite(bare.val), bare
+    assert math.isfinite(run.val) and run.steps == 600, run
+    assert run.val <= 1.5 * tuned.val, (run, tuned)
+    journal = srv.journal()
+    swept = [e for e in journal.events("hot", "rollback")
+             if e.data["reason"] == "lr_range_test" and e.data["target"] == 0
+             and "from the checkpoint at step 0" in e.data["why"]]
+    assert swept, [e.data for e in journal.events("hot", "rollback")]
+    assert 0 in run.restored
+
