@@ -128,6 +128,25 @@ def test_a_dip_then_blow_up_picks_the_lr_of_the_lowest_loss_over_ten():
     print(f"found lr x{st.found_lr:.3g} from {len(curve)} points")
 
 
+def test_a_short_sweep_is_smoothed_over_a_tenth_of_it_and_picks_at_the_dip():
+    """An 80-step sweep (a short run's, as the benchmark fits it): smoothed at 0.98 per
+    step the curve remembers ~50 steps, its lowest point lags to 5.6x the true best and
+    the pick lands at 0.56x, where it should be about the best (1x) over 10. Smoothed over
+    a tenth of the sweep, it is."""
+    picks = {}
+    for beta in (None, 0.98):
+        c = client()
+        policy = LrRangeTest({"when": "always", "min_lr": 1e-6, "max_lr": 1e-1,
+                              "sweep_steps": 80})
+        if beta is not None:
+            policy.sweep_beta = lambda b=beta: b  # the old smoothing, for comparison
+        end = finished(drive(Engine([policy], WIDE), c, dip(best=1e-3, blow=8.0), 30))
+        picks[beta] = end.detail["found_lr"]
+    assert LrRangeTest({"sweep_steps": 80}).sweep_beta() == pytest.approx(0.875)
+    assert 0.05 < picks[None] < 0.3, picks  # about best / 10 (x1 / 10)
+    assert picks[0.98] > 0.4, picks  # the lag the fix removes
+
+
 def test_a_sweep_that_made_no_progress_by_a_checkpoint_goes_back_to_its_start():
     """A loss flat at 4 below 2e-3 that drops to ~1 only then: the checkpoints at 100 and
     200 hold states the sweep did not improve on its first (lr at step 200: 1e-3), so the
