@@ -227,23 +227,42 @@ def run_steps(task: Task, steps: int, warmup: int, device: str, guard=None) -> R
     return run
 
 
+#: Where the synchronizing calls on non-report steps came from (thread, step, stack).
+SYNC_ORIGINS: list[str] = []
+
+
 def count_syncs(task: Task, guard, steps: int) -> tuple[float, float, int, int]:
-    """Synchronizing calls per non-report step and per report step, and how many of each."""
+    """Synchronizing calls per non-report step and per report step, and how many of each.
+
+    Each one on a non-report step also goes to :data:`SYNC_ORIGINS` with the thread that
+    made it (the warnings filter is process-wide: a background thread's count too), the
+    step and the innermost frames of its stack."""
     if not torch.cuda.is_available() or not next(task.model.parameters()).is_cuda:
         return math.nan, math.nan, 0, 0
     counts = {False: [0, 0], True: [0, 0]}
-    for _ in range(steps):
+    for i in range(steps):
         loss = task.loss()
         report = guard._probe.full
-        with warnings.catch_warnings(record=True) as caught:
+        seen: list[str] = []
+
+        def show(message, category, filename, lineno, file=None, line=None, _seen=seen, _i=i):
+            if "synchroniz" in str(message):
+                stack = "".join(traceback.format_stack(limit=8)[:-1])
+                _seen.append(f"thread {threading.current_thread().name}, step {_i} of the "
+                             f"count ({guard._calls} guard calls):\n{stack}")
+
+        with warnings.catch_warnings():
             warnings.simplefilter("always")
+            warnings.showwarning = show
             torch.cuda.set_sync_debug_mode("warn")
             try:
                 guard.step(loss)
             finally:
                 torch.cuda.set_sync_debug_mode("default")
-        counts[report][0] += sum("synchroniz" in str(w.message) for w in caught)
+        counts[report][0] += len(seen)
         counts[report][1] += 1
+        if not report:
+            SYNC_ORIGINS.extend(seen)
     (a, n), (b, m) = counts[False], counts[True]
     return a / max(n, 1), b / max(m, 1), n, m
 
@@ -421,6 +440,14 @@ def section_overhead(out: Report, device: str, quick: bool, endpoint: str) -> No
             task = None  # noqa: F841 -- free the device memory before the next model
             if device.startswith("cuda"):
                 torch.cuda.empty_cache()
+    if SYNC_ORIGINS:
+        out()
+        out(f"Synchronizing calls on non-report steps, where from ({len(SYNC_ORIGINS)}; the "
+            "first 3):")
+        out("```")
+        for origin in SYNC_ORIGINS[:3]:
+            out(origin.rstrip())
+        out("```")
 
 
 def _snapshot_row(label: str, run: Run) -> str:

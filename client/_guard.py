@@ -239,6 +239,7 @@ class Guard:
         self._micro_calls = 0  # note_micro_batch() calls since the last step
         self._micro_first: torch.Tensor | None = None
         self._micro_counts: list[int] = []  # micro-batches per noted step, this window
+        self._found_inf: torch.Tensor | None = None  # the fused step's skip flag, reused
         self._store = self._start_checkpoints(keep, checkpoint_dir, memory_keep)
 
         def make_transport() -> Transport:
@@ -363,6 +364,7 @@ class Guard:
             coef = torch.clamp(self.clip / (total + 1e-6), max=1.0)
         if finite is not None and self.nonfinite_mode == "zero":
             # NaN * 0 is NaN, so clean the grads first; then a non-finite step scales by 0.
+            # (torch has no foreach nan_to_num: one call per gradient.)
             for by_device in grads:
                 for gs in by_device.values():
                     for g in gs:
@@ -371,15 +373,23 @@ class Guard:
             coef = torch.where(finite, keep, torch.zeros_like(keep))
         if coef is None:
             return
-        for by_device in grads:
-            for device, gs in by_device.items():
-                torch._foreach_mul_(gs, coef.to(device))
+        # One foreach call per device over every group's gradients.
+        by_device: dict[torch.device, list[torch.Tensor]] = {}
+        for group in grads:
+            for device, gs in group.items():
+                if device in by_device:
+                    by_device[device] = by_device[device] + gs
+                else:
+                    by_device[device] = gs
+        for device, gs in by_device.items():
+            if gs:
+                torch._foreach_mul_(gs, coef if device == coef.device else coef.to(device))
 
     def _optimizer_step(self, total: torch.Tensor, finite: torch.Tensor | None) -> None:
         opt = self.optimizer
         if finite is not None and self.nonfinite_mode == "fused":
             # GradScaler's protocol: the fused kernel skips the update where found_inf is 1.
-            opt.found_inf = (~finite).float()  # type: ignore[attr-defined]
+            opt.found_inf = self._found_inf_of(finite)  # type: ignore[attr-defined]
             opt.grad_scale = None  # type: ignore[attr-defined]
             try:
                 opt.step()
@@ -394,6 +404,15 @@ class Guard:
             opt.step()
         else:
             opt.step()
+
+    def _found_inf_of(self, finite: torch.Tensor) -> torch.Tensor:
+        """``found_inf`` for a fused step: 1.0 where ``finite`` is False; one op, into a
+        float32 buffer made once (the kernel reads it in stream order, before the next
+        step writes it again)."""
+        buf = self._found_inf
+        if buf is None or buf.device != finite.device:
+            buf = self._found_inf = torch.empty((), dtype=torch.float32, device=finite.device)
+        return torch.logical_not(finite, out=buf)
 
     # -- commands and reports ----------------------------------------------------------------
 

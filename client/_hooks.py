@@ -191,7 +191,7 @@ class StepHooks:
         if guard.nonfinite_mode == "fused" and finite is not None and not hasattr(opt, "found_inf"):
             # GradScaler's protocol: the fused kernel skips the update where found_inf is 1
             # (a GradScaler that set its own already skips non-finite steps: left alone).
-            opt.found_inf = (~finite).float()  # type: ignore[attr-defined]
+            opt.found_inf = guard._found_inf_of(finite)  # type: ignore[attr-defined]
             opt.grad_scale = None  # type: ignore[attr-defined]
             self._fused = True
         elif guard.nonfinite_mode == "skip" and not math.isfinite(total.item()):

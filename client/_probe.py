@@ -153,9 +153,31 @@ class Probe:
             return self._zero
         return norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms))
 
+    def _group_norms(self, grads: Grads) -> list[torch.Tensor]:
+        """Each group's gradient norm, on the device.
+
+        With every gradient on the probe's device (the common case): one ``_foreach_norm``
+        over all groups' gradients and one ``stack`` of the per-tensor norms, then each
+        group's slice reduced; a single group is exactly ``get_total_norm``'s reduction.
+        Per group and device otherwise (several devices, sharded parameters).
+        """
+        dev = self.device
+        if not self._one_device or self.sharding is not None:
+            return [self._group_norm(g) for g in grads]
+        lists = [g.get(dev, []) for g in grads]
+        flat = lists[0] if len(lists) == 1 else [t for gs in lists for t in gs]
+        if not flat:
+            return [self._zero] * len(lists)
+        per_tensor = torch.stack(torch._foreach_norm(flat, 2.0, dtype=torch.float32))
+        if len(lists) == 1:
+            return [torch.linalg.vector_norm(per_tensor)]
+        counts = [len(gs) for gs in lists]
+        return [torch.linalg.vector_norm(part) if n else self._zero
+                for part, n in zip(per_tensor.split(counts), counts, strict=True)]
+
     def measure(self, loss: torch.Tensor | float, grads: Grads) -> torch.Tensor:
         """Write this step's row; return the global grad norm before clipping (on device)."""
-        group_norms = [self._group_norm(g) for g in grads]
+        group_norms = self._group_norms(grads)
         if self.sharding is not None:  # each rank holds a part of every gradient
             group_norms = self.sharding.global_norms(group_norms)
         if len(group_norms) == 1:
@@ -163,7 +185,11 @@ class Probe:
         else:
             total = torch.linalg.vector_norm(torch.stack(group_norms))
         if isinstance(loss, torch.Tensor):
-            loss32 = loss.detach().reshape(()).to(self.device, torch.float32, non_blocking=True)
+            loss32 = loss.detach()
+            if loss32.dim():
+                loss32 = loss32.reshape(())
+            if loss32.dtype != torch.float32 or loss32.device != self.device:
+                loss32 = loss32.to(self.device, torch.float32, non_blocking=True)
         else:
             loss32 = torch.full((), float(loss), dtype=torch.float32, device=self.device)
         # Groups added after attach() count in the total (and clipping) but get no column.
@@ -198,7 +224,7 @@ class Probe:
 
     def total_norm(self, grads: Grads) -> torch.Tensor:
         """The global norm of ``grads`` on the device, without writing a row."""
-        norms = [self._group_norm(g) for g in grads]
+        norms = self._group_norms(grads)
         if self.sharding is not None:
             norms = self.sharding.global_norms(norms)
         return norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms))

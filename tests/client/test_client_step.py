@@ -226,3 +226,61 @@ def test_a_group_whose_params_have_no_grads_is_measured_as_zero(dead_endpoint) -
         assert guard.global_step == 4
         stats = guard._probe.buf[:, :4].tolist()  # last window's rows: loss, norm, g0, g1
     assert all(row[2] == 0.0 and row[3] > 0.0 for row in stats)
+
+
+def _two_group_model():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(20)])
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    other = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": 0.1}, {"params": other, "weight_decay": 0.0}]
+    return model, torch.optim.AdamW(groups, lr=1e-3, fused=True)
+
+
+def _step_loss(model) -> torch.Tensor:
+    model.zero_grad()
+    loss = model(torch.randn(8, 4)).pow(2).mean()
+    loss.backward()
+    return loss
+
+
+def test_a_non_report_step_launches_a_bounded_number_of_ops(dead_endpoint) -> None:
+    """The guard's own work on a non-report step (clip, fused skip flag, two groups of 20
+    tensors): one foreach norm and one foreach scale for all groups, not one per group,
+    and no per-step conversions: at most 18 top-level aten ops (it was 23)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model, opt = _two_group_model()
+    with _attach(model, opt, dead_endpoint, clip=1.0, report_every=10) as guard:
+        assert guard.nonfinite_mode == "fused"
+        guard.step(_step_loss(model))
+        loss = _step_loss(model)
+        real, opt.step = opt.step, lambda *a, **k: None  # the guard's own ops only
+        try:
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                guard.step(loss)
+        finally:
+            opt.step = real
+    top = [e.name for e in prof.events() if e.name.startswith("aten::")
+           and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))]
+    counts = Counter(top)
+    assert counts["aten::_foreach_norm"] == 1 and counts["aten::_foreach_mul_"] == 1, counts
+    assert len(top) <= 18, counts
+
+
+def test_group_norms_are_each_groups_own_norm(dead_endpoint) -> None:
+    """One foreach norm over all groups, split per group: each column is its group's
+    get_total_norm, the total their norm, and found_inf's buffer is reused step to step."""
+    model, opt = _two_group_model()
+    with _attach(model, opt, dead_endpoint, report_every=10) as guard:
+        for step in range(3):
+            loss = _step_loss(model)
+            want = [torch.nn.utils.get_total_norm([p.grad for p in g["params"]])
+                    for g in opt.param_groups]
+            guard.step(loss)
+            row = guard._probe.buf[step]
+            assert torch.equal(row[2], want[0]) and torch.equal(row[3], want[1])
+            torch.testing.assert_close(row[1], torch.linalg.vector_norm(torch.stack(want)))
+            if step == 0:
+                flag = guard._found_inf
+            assert guard._found_inf is flag and flag.item() == 0.0

@@ -285,3 +285,123 @@ def test_the_copies_of_a_snapshot_are_queued_in_one_call_or_one_each(monkeypatch
     dsts = [torch.empty_like(s) for s in srcs]
     ckpt_mod._copy_all(list(zip(dsts, srcs, strict=True)))
     assert all(torch.equal(d, s) for d, s in zip(dsts, srcs, strict=True))
+
+
+class _Tied(torch.nn.Module):
+    """Tied weights, a batch-norm buffer and an extra state that is not a tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(6, 4)
+        self.bn = torch.nn.BatchNorm1d(4)
+        self.head = torch.nn.Linear(4, 6, bias=False)
+        self.head.weight = self.emb.weight
+        self.note = {"seen": [1, 2]}
+
+    def get_extra_state(self):
+        return self.note
+
+    def set_extra_state(self, state) -> None:
+        self.note = state
+
+    def forward(self, idx):
+        return self.head(self.bn(self.emb(idx)))
+
+
+def _tied_run():
+    torch.manual_seed(0)
+    model = _Tied()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    return model, opt
+
+
+def _tied_step(model, opt) -> None:
+    idx = torch.randint(0, 6, (8,))
+    loss = model(idx).logsumexp(1).mean()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+
+
+def _same_tree(a, b) -> None:
+    """Equal containers, keys, types and values (tensors by value)."""
+    assert type(a) is type(b), (type(a), type(b))
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert list(a) == list(b)
+        assert getattr(a, "_metadata", None) == getattr(b, "_metadata", None)
+        for k in a:
+            _same_tree(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b, strict=True):
+            _same_tree(x, y)
+    else:
+        assert a == b
+
+
+def test_the_copy_plan_is_reused_and_matches_the_walk(monkeypatch) -> None:
+    """The cached plan gives the walk's snapshot exactly: same containers, _metadata, tied
+    weights copied once (one buffer for both names), BN buffers on the training stream,
+    the rest on the side stream, non-tensor values copied, not shared."""
+    device = FakeDevice(monkeypatch)
+    model, opt = _tied_run()
+    _tied_step(model, opt)
+    opt.state[model.emb.weight]["note"] = [3]  # a non-tensor entry in the optimizer's state
+    store = CheckpointStore(keep=3)
+    first = store.take(1, model, opt, block=True)
+    plan = store._plan
+    assert plan is not None
+    second = store.take(2, model, opt, block=True)
+    assert store._plan is plan  # nothing changed: not worked out again
+    assert second.model["emb.weight"] is second.model["head.weight"]  # tied: copied once
+    queued = [pairs for _, pairs in device.queued[-2:]]
+    assert sum(len(p) for p in queued) == len(second._pinned)
+    sides = dict(zip(device.sides[-2:], queued, strict=True))
+    bn = {model.bn.running_mean.data_ptr(), model.bn.running_var.data_ptr(),
+          model.bn.num_batches_tracked.data_ptr()}
+    assert {src.data_ptr() for _, src in sides[False]} == bn
+    assert not bn & {src.data_ptr() for _, src in sides[True]}
+    walked_store = CheckpointStore(keep=3)
+    monkeypatch.setattr(ckpt_mod, "flatten", lambda *a: None)
+    walked = walked_store.take(2, model, opt, block=True)
+    assert walked_store._plan is None
+    _same_tree(second.model, walked.model)
+    _same_tree(second.optimizer, walked.optimizer)
+    model.note["seen"].append(9)
+    opt.state[model.emb.weight]["note"].append(4)
+    assert first.model["_extra_state"] == {"seen": [1, 2]}
+    assert second.optimizer["state"][0]["note"] == [3]
+
+
+def test_the_copy_plan_is_worked_out_again_when_the_state_changes(monkeypatch) -> None:
+    """A rollback (new optimizer state tensors), a param group added, a parameter's data
+    swapped: the next snapshot works the plan out again and holds exactly the live state."""
+    FakeDevice(monkeypatch)
+    model, opt = _tied_run()
+    _tied_step(model, opt)
+    store = CheckpointStore(keep=3)
+    store.take(1, model, opt, block=True)
+    assert store.mark_stable(1)
+
+    def check(step: int) -> None:
+        plan = store._plan
+        ckpt = store.take(step, model, opt, block=True)
+        assert store._plan is not plan, "the plan was not worked out again"
+        _same_tree(ckpt.model, model.state_dict())
+        _same_tree(ckpt.optimizer["state"], opt.state_dict()["state"])
+
+    _tied_step(model, opt)
+    store.restore(1, model, opt)  # load_state_dict: the optimizer's state is new tensors
+    check(2)
+    extra = torch.nn.Parameter(torch.randn(3))
+    model.register_parameter("extra", extra)
+    opt.add_param_group({"params": [extra]})
+    extra.grad = torch.ones(3)
+    opt.step()
+    check(3)
+    with torch.no_grad():
+        model.bn.running_mean.data = torch.full((4,), 7.0)  # same tensor object, new data
+    check(4)
+    assert torch.equal(store._held[4].model["bn.running_mean"], torch.full((4,), 7.0))
