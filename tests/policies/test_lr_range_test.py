@@ -210,7 +210,7 @@ def test_a_run_that_blew_up_before_its_sweep_keeps_nothing_of_it():
         phase = st.begin_phase("lr_range_test", 0)
         st.observe(wire.Report(job="j", seq=9, step=40, window=5, loss_mean=1.0,
                                knobs=wire.Knobs(lr=LR), base=wire.Knobs(lr=LR),
-                               checkpoints=[0, 20, 30]))
+                               checkpoints=[0, 20, 30], stable_step=0))
         return st.view(), phase
 
     curve = [(0.1, 8e27), (0.2, 6e27), (0.4, 4e27), (0.8, 9e27)]
@@ -220,6 +220,12 @@ def test_a_run_that_blew_up_before_its_sweep_keeps_nothing_of_it():
     assert policy.resume_at(ruined, phase, curve, steps) == 0
     healthy, phase = state([(9e27, 9.5e27), (8.5e27, 9e27)])  # the same scale, no fall yet
     assert policy.resume_at(healthy, phase, curve, steps) == 30
+    # The client listed 0 (stable), 20 and 30: 20 would be next to go; 30 is kept... and
+    # had the lowest point been at 20, the return would go to the sweep's start, not to a
+    # checkpoint the next snapshot may have evicted (seen: "rollback_to=80: no stable
+    # checkpoint at that step (held: 0, 120, 160, 200)").
+    early = [(0.1, 8e27), (0.2, 3e27), (0.4, 9e27), (0.8, 9.5e27)]
+    assert policy.resume_at(healthy, phase, early, steps) == 0
 
 
 @pytest.mark.parametrize("family_range", [True, False])
@@ -331,10 +337,11 @@ def test_a_non_finite_loss_mid_sweep_stops_it_and_rolls_back():
     assert "non-finite" in end.detail["stop"] and end.detail["curve"][-1][1] is None
     plan = ds[-1].rollback
     # The range test's return, not the guard's rollback (which the phase defers), to the
-    # newest checkpoint before the sweep's lowest loss (the non-finite steps came later).
+    # sweep's own checkpoint: the one before its lowest loss (100) is the oldest of the
+    # client's ring, which its next snapshot may evict before the command lands.
     assert (plan.policy, plan.cause, plan.target_step) == ("lr_range_test", "lr_range_test",
                                                            end.detail["checkpoint"])
-    assert end.detail["checkpoint"] == 100
+    assert end.detail["checkpoint"] == 0
     assert st.found_lr is not None and LR * st.found_lr < 1e-2 / 10 * 1.001
 
 
