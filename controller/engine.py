@@ -277,13 +277,11 @@ class Engine:
                           and p.advice is None), None)
             if first is None or ckpt is None:  # a sweep value outside its phase is dropped
                 return [(n, p) for n, p in proposals if not p.sweep], None, None
+            # A phase that starts over from an earlier checkpoint opens there: the decision
+            # that opens it rolls the run back there and sends the sweep (see _decide).
             restart = self._restart_from(state, first, proposals)
-            phase, opened = state.begin_phase(first, ckpt if restart is None else restart), (
-                ckpt if restart is None else restart)
-            if restart is not None:
-                # The phase starts over from that checkpoint: the decision that opens it
-                # rolls the run back there and sends the sweep (see _decide).
-                phase = state.phase = dataclasses.replace(phase, start_step=restart)
+            ckpt = ckpt if restart is None else restart
+            phase, opened = state.begin_phase(first, ckpt, start=restart), ckpt
         mine = [(n, p) for n, p in proposals if n == phase.policy]
         ending = next((p for _, p in mine if p.to_step is not None), None)
         safety = _safety(proposals, phase.policy)

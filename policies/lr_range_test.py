@@ -107,7 +107,7 @@ class LrRangeTestConfig(BaseModel):
     #: The LR set with the rollback is the pick times this.
     start_fraction: float = Field(1.0, gt=0.0, le=1.0)
     #: When the sweep runs: ``"evidence"`` only when the run shows its LR is far off (see
-    #: :meth:`LrRangeTest.far_off`), ``"always"`` at the start of every run.
+    #: :meth:`LrRangeTest.evidence`), ``"always"`` at the start of every run.
     when: Literal["evidence", "always"] = "evidence"
     #: Reports the evidence is looked for in, from the run's first live report on.
     evidence_reports: int = Field(20, ge=2)
@@ -383,7 +383,7 @@ class LrRangeTest(Policy):
 
     def _finish(
         self, view: JobView, phase: Phase, curve: list[tuple[float, float]], why: str,
-        steps: list[int] | None = None,
+        steps: list[int],
     ) -> Proposal:
         """The planned rollback with the pick (if any): to the newest checkpoint taken
         during the sweep at or before its lowest smoothed loss, where the sweep's steps
@@ -403,7 +403,7 @@ class LrRangeTest(Policy):
             verdict = f"picked lr x{found:.4g} ({cfg.pick})"
         lr = found * cfg.start_fraction if found is not None else view.initial.lr
         back = phase.checkpoint
-        if found is not None and steps is not None:
+        if found is not None:
             back = self.resume_at(view, phase, curve, steps)
         detail = {
             "found_lr": found,
@@ -431,9 +431,8 @@ class LrRangeTest(Policy):
         the sweep, at or before that lowest point (not the oldest of the client's ring,
         which its next snapshot may evict before the command lands), whose smoothed loss
         lies ``min_drop`` below the sweep's first and below every loss the run reported
-        before the sweep
-        (a run that had blown up before its sweep began falls from a ruin, not to
-        progress); where there is none, to the sweep's own checkpoint.
+        before the sweep (a run that had blown up before its sweep began falls from a ruin,
+        not to progress); where there is none, to the sweep's own checkpoint.
         """
         cfg: LrRangeTestConfig = self.config  # type: ignore[assignment]
         finite = [(st, loss) for st, (_, loss) in zip(steps, curve, strict=True)
