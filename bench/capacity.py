@@ -69,7 +69,7 @@ class _Job:
 
     def __init__(self, ctx: zmq.Context, endpoint: str, index: int, seed: int,
                  rate: float) -> None:
-        from trimtab.client import wire
+        from trimtab.protocol import wire
 
         self.wire = wire
         self.name = f"cap-{index:05d}"
@@ -162,7 +162,7 @@ class _Job:
 def _generator(endpoint: str, indices: list[int], seed: int, rate: float, seconds: float,
                ready, go, start_at, out, cpus: set[int] | None = None) -> None:
     """One generator process: register its jobs, run the report schedule, send results."""
-    from trimtab.client import wire
+    from trimtab.protocol import wire
 
     if cpus:
         os.sched_setaffinity(0, cpus)

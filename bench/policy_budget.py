@@ -16,10 +16,10 @@ import platform
 import statistics
 import time
 
-from trimtab.client import wire
 from trimtab.controller.budget import PolicyBudget
 from trimtab.controller.policy import load_policy
 from trimtab.controller.state import JobState
+from trimtab.protocol import wire
 
 __all__ = ["main", "measure"]
 

@@ -44,8 +44,7 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 
 
 def __getattr__(name: str):
-    # torch is imported on first use of attach/Guard, so the controller, which shares the
-    # wire module (trimtab.client.wire), starts without loading torch.
+    # torch is imported on first use of attach/Guard: importing this package stays cheap.
     if name in ("attach", "Guard"):
         from . import _guard
 

@@ -45,7 +45,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import wire
+from trimtab.protocol import wire
+
 from ._checkpoint_files import CheckpointFiles, read_payload, scan
 from ._copy_plan import CopyPlan, Flat, flatten
 from ._knobs import knobs_of

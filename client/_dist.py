@@ -37,7 +37,7 @@ Every rank must attach with the same ``report_every`` and ``checkpoint_every``
 
 Many jobs: :func:`shard_endpoint` picks a job's controller from a list, stably.
 
->>> from trimtab.client import wire
+>>> from trimtab.protocol import wire
 >>> cmd = wire.Command(job="demo", seq=3, scale=wire.ScaleTargets(lr=0.5), mark_stable=200)
 >>> header, body = encode_command(cmd, step=240)
 >>> header.tolist()[1], header.dtype, body.dtype
@@ -60,7 +60,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from . import wire
+from trimtab.protocol import wire
+
 from ._transport import Transport
 
 __all__ = [
@@ -94,7 +95,7 @@ def encode_command(command: wire.Command | None, step: int) -> tuple[torch.Tenso
 
 def decode_command(body: bytes) -> wire.Command | None:
     """The command in a body :func:`encode_command` made (``b""``: none), validated as any
-    frame from the controller is; :class:`~trimtab.client.wire.WireError` if it is not one."""
+    frame from the controller is; :class:`~trimtab.protocol.wire.WireError` if it is not one."""
     if not body:
         return None
     message = wire.decode(body)

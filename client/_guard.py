@@ -23,7 +23,8 @@ from typing import Any
 import torch
 import zmq
 
-from . import wire
+from trimtab.protocol import wire
+
 from ._checkpoint import Checkpoint, CheckpointStore, reseed_rng
 from ._dist import DistLink, rank_directory
 from ._hooks import StepHooks

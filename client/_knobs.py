@@ -43,7 +43,8 @@ from typing import Any
 
 import torch
 
-from . import wire
+from trimtab.protocol import wire
+
 from ._live_schedule import LiveSchedules
 
 __all__ = ["Actuator", "knobs_of", "check_optimizer"]

@@ -1,9 +1,9 @@
 """Live schedules: knob trajectories the controller hands over, evaluated before every step.
 
-A command may carry :class:`~trimtab.client.wire.LiveSchedule` s (lr, and momentum for
+A command may carry :class:`~trimtab.protocol.wire.LiveSchedule` s (lr, and momentum for
 OneCycle). From the step boundary that applies it until a newer command replaces them,
 :meth:`LiveSchedules.values` gives each scheduled knob's value for the coming optimizer
-step -- the same closed form (:mod:`trimtab.client.schedules`) the controller's policy
+step -- the same closed form (:mod:`trimtab.protocol.schedules`) the controller's policy
 proposes, times the controller's correction, clamped to the governor's bounds -- so a
 schedule follows torch's at every step, not once per report.
 
@@ -12,7 +12,7 @@ An lr schedule's value is trimtab's lr *multiplier* (the knob model, see
 the user's compose as two chained schedulers do. A momentum schedule's value is the
 momentum. It is host float math: no device read, no socket, no allocation that grows.
 
->>> from trimtab.client import wire
+>>> from trimtab.protocol import wire
 >>> live = LiveSchedules()
 >>> live.replace([wire.LiveSchedule(knob="lr", pieces=[wire.SchedulePiece(
 ...     name="cosine", params={"lr": 1.0, "t_max": 100})], lo=0.1)])
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 
-from . import wire
+from trimtab.protocol import wire
 
 __all__ = ["LiveSchedules"]
 

@@ -10,7 +10,7 @@ import os
 
 import torch
 
-from . import wire
+from trimtab.protocol import wire
 
 __all__ = ["NONFINITE_MODES"]
 

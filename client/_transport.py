@@ -10,7 +10,7 @@ two queues and takes commands from one slot:
   before reports, so reports never starve them; a registration, built fresh at
   send time so it carries the latest step, knobs and ``applied_seq``, goes
   before everything;
-* the newest :class:`~trimtab.client.wire.Command` waits in a single slot.
+* the newest :class:`~trimtab.protocol.wire.Command` waits in a single slot.
 
 Liveness follows the ZeroMQ guide's Paranoid Pirate pattern: a heartbeat every
 ``heartbeat_s``; any valid message from the controller counts as a sign of
@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import zmq
 import zmq.auth
 
-from . import wire
+from trimtab.protocol import wire
 
 __all__ = ["Transport", "CurveKeys", "load_curve_keys"]
 

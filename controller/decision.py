@@ -13,10 +13,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from trimtab.client import wire
 from trimtab.controller.governor import MULTIPLIERS
 from trimtab.controller.policy import Proposal
 from trimtab.controller.rollback import RollbackPlan
+from trimtab.protocol import wire
 
 __all__ = ["GOVERNOR", "Arbitration", "arbitrate", "KnobDecision", "Decision"]
 

@@ -28,7 +28,7 @@ the first one's value times the others' factors (a ``warmup`` after a ``cosine``
 config ramps the cosine), see :func:`compose_pieces`.
 
 Live schedules (``live_schedules=True``, the controller's default): the trajectory goes
-to the client as a :class:`~trimtab.client.wire.LiveSchedule` (formula, parameters,
+to the client as a :class:`~trimtab.protocol.wire.LiveSchedule` (formula, parameters,
 correction, the governor's bounds), which it evaluates before every optimizer step, so
 the knob follows the schedule at every step rather than once per report; it is sent in
 reply to the registration (:meth:`Engine.decide_schedules`) and again only when it
@@ -56,7 +56,7 @@ only, no escalation, budget or cooldown, its ``detail["found_lr"]`` kept as the 
 ``found_lr``. A policy that fails mid-phase ends it with the return to the checkpoint
 at the LR that was in force there (cause ``phase_aborted``).
 
->>> from trimtab.client import wire
+>>> from trimtab.protocol import wire
 >>> from trimtab.controller.governor import Governor
 >>> from trimtab.controller.policy import Policy, Proposal
 >>> from trimtab.controller.state import JobState
@@ -81,7 +81,6 @@ import dataclasses
 import math
 from collections.abc import Sequence
 
-from trimtab.client import schedules, wire
 from trimtab.controller.budget import PolicyBudget, PolicyTimeout
 from trimtab.controller.decision import (
     GOVERNOR,
@@ -102,6 +101,7 @@ from trimtab.controller.rollback import (
 )
 from trimtab.controller.scale import decay_is_lr_times_wd
 from trimtab.controller.state import JobState
+from trimtab.protocol import schedules, wire
 
 __all__ = ["Arbitration", "arbitrate", "KnobDecision", "Decision", "Engine"]
 

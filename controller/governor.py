@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from trimtab.client import wire
+from trimtab.protocol import wire
 
 __all__ = [
     "LIMIT_NAMES",

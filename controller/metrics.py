@@ -23,9 +23,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from trimtab.client.wire import ERROR_CODES, KNOBS
 from trimtab.controller.governor import MULTIPLIERS
 from trimtab.controller.rollback import CAUSES
+from trimtab.protocol.wire import ERROR_CODES, KNOBS
 
 if TYPE_CHECKING:
     from trimtab.controller.engine import Decision

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from trimtab.client import wire
+from trimtab.protocol import wire
 
 if TYPE_CHECKING:
     from .state import JobView

@@ -13,7 +13,7 @@ it replaces the recorded value of that knob: an lr or weight-decay multiplier sc
 user's own value the report recorded, the knob model). A rollback is reported, not
 rewound.
 
->>> from trimtab.client import wire
+>>> from trimtab.protocol import wire
 >>> from trimtab.controller.policy import Policy, Proposal
 >>> class Halve(Policy):
 ...     name = "halve"
@@ -41,7 +41,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from trimtab.client import wire
 from trimtab.controller.config import ControllerConfig
 from trimtab.controller.engine import Decision, Engine
 from trimtab.controller.governor import Governor
@@ -49,6 +48,7 @@ from trimtab.controller.journal import Journal
 from trimtab.controller.policy import Policy
 from trimtab.controller.scale import ScaleContext, derive_limits, explicit_fields
 from trimtab.controller.state import JobState
+from trimtab.protocol import wire
 
 __all__ = [
     "TRACE_KINDS", "TraceError", "TraceRecord", "ReplayPoint", "ReplayResult",

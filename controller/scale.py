@@ -40,7 +40,7 @@ job when it registers; a limit the configuration sets is never touched):
 Step limits (``max_step_ratio``, slew, cooldown, deadband) are ratios and step counts,
 already free of the model's scale, so they are not derived.
 
->>> from trimtab.client import wire
+>>> from trimtab.protocol import wire
 >>> facts = wire.ScaleFacts(param_count=10, group_sizes=[10], optimizer="AdamW",
 ...                         dtype="float32", device="cpu", batch_size=64, world_size=4)
 >>> ctx = ScaleContext.from_facts(facts)
@@ -54,8 +54,8 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-from trimtab.client import wire
 from trimtab.controller.governor import GovernorConfig, KnobLimits
+from trimtab.protocol import wire
 
 __all__ = [
     "BatchScaling",
@@ -131,7 +131,7 @@ class ScaleContext:
 
     @classmethod
     def from_facts(cls, facts: wire.ScaleFacts) -> ScaleContext:
-        """The context of a job's :class:`~trimtab.client.wire.ScaleFacts`."""
+        """The context of a job's :class:`~trimtab.protocol.wire.ScaleFacts`."""
         return cls(
             param_count=facts.param_count,
             group_sizes=tuple(facts.group_sizes),
@@ -176,7 +176,7 @@ class ScaleContext:
         ``LR_CENTER[family] x LR_SPAN``, times the batch rule from ``REFERENCE_BATCH_SIZE``
         (1 when the batch size is unknown).
 
-        >>> from trimtab.client import wire
+        >>> from trimtab.protocol import wire
         >>> facts = wire.ScaleFacts(param_count=10, group_sizes=[10], optimizer="AdamW",
         ...                         dtype="float32", device="cpu", batch_size=64)
         >>> ScaleContext.from_facts(facts).lr_range()
@@ -224,7 +224,7 @@ def derive_limits(
     ``explicit`` (see :func:`explicit_fields`) names one of the lr's bound fields.
     ``registered`` holds the user's own values at registration.
 
-    >>> from trimtab.client import wire
+    >>> from trimtab.protocol import wire
     >>> facts = wire.ScaleFacts(param_count=10, group_sizes=[10], optimizer="SGD",
     ...                         dtype="float32", device="cpu", batch_size=256)
     >>> d = derive_limits(ScaleContext.from_facts(facts), GovernorConfig(), set(),

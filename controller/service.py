@@ -24,7 +24,6 @@ from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry
 
-from trimtab.client import wire
 from trimtab.controller.budget import PolicyBudget
 from trimtab.controller.config import ControllerConfig, PolicySpec
 from trimtab.controller.engine import Decision, Engine
@@ -35,6 +34,7 @@ from trimtab.controller.policy import Policy, load_policy
 from trimtab.controller.rollback import Observation
 from trimtab.controller.scale import ScaleContext, derive_limits, explicit_fields
 from trimtab.controller.state import JobState, base_of, controls_of
+from trimtab.protocol import wire
 
 __all__ = ["Controller", "Reply"]
 

@@ -5,7 +5,7 @@ the loss slope), remembers the knobs in force, the commands sent and acknowledge
 and the governor's per-knob memory. Policies never see it: they read the frozen
 :class:`JobView` it hands out.
 
->>> from trimtab.client import wire
+>>> from trimtab.protocol import wire
 >>> facts = wire.ScaleFacts(param_count=10, group_sizes=[10], optimizer="AdamW",
 ...                         dtype="float32", device="cpu")
 >>> reg = wire.Register(job="demo", run_id="r1", report_every=10, facts=facts,
@@ -38,10 +38,10 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from trimtab.client import wire
 from trimtab.controller.governor import KnobMemory, _check_keys
 from trimtab.controller.rollback import RollbackState
 from trimtab.controller.signals import ema_var, ols_slope, t_stat, zscore
+from trimtab.protocol import wire
 
 if TYPE_CHECKING:
     from collections.abc import Mapping

@@ -36,11 +36,11 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from trimtab.client import schedules, wire
-from trimtab.client.schedules import anneal_cos, anneal_linear
 from trimtab.controller.policy import Policy, Proposal
 from trimtab.controller.scale import BatchScaling, ScaleContext
 from trimtab.controller.state import JobView
+from trimtab.protocol import schedules, wire
+from trimtab.protocol.schedules import anneal_cos, anneal_linear
 
 __all__ = [
     "LrField", "ScheduleConfig", "SchedulePolicy", "reference_multiplier", "as_multiplier",
@@ -120,7 +120,7 @@ def batch_factor(cfg: ScheduleConfig, view: JobView) -> float:
 class SchedulePolicy(Policy):
     """A policy that proposes ``lr = lr_at(t, reference lr)`` with ``t = view.step -
     step_origin(view)``; subclasses give ``lr_at``, or ``formula`` and ``formula_params``
-    (a closed form of :mod:`trimtab.client.schedules`), and the name of their reference-lr
+    (a closed form of :mod:`trimtab.protocol.schedules`), and the name of their reference-lr
     field.
 
     A schedule's proposal is the *base trajectory* of its knob (it carries
@@ -143,7 +143,7 @@ class SchedulePolicy(Policy):
 
     #: The config field holding the reference lr.
     lr_field: ClassVar[str] = "lr"
-    #: The closed form in :mod:`trimtab.client.schedules` (None: ``lr_at`` is the policy's own).
+    #: The closed form in :mod:`trimtab.protocol.schedules` (None: ``lr_at`` is the policy's own).
     formula: ClassVar[str | None] = None
 
     def formula_params(self, base_lr: float, view: JobView | None = None) -> dict[str, Any]:

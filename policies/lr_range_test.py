@@ -64,10 +64,10 @@ from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from trimtab.client import wire
 from trimtab.controller.policy import Policy, Proposal
 from trimtab.controller.scale import ScaleContext
 from trimtab.controller.state import JobView, Phase
+from trimtab.protocol import wire
 
 __all__ = ["LrRangeTest", "LrRangeTestConfig", "smooth", "pick_lr", "stop_reason"]
 

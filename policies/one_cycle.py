@@ -35,9 +35,9 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
-from trimtab.client import schedules
 from trimtab.controller.policy import Proposal
 from trimtab.controller.state import JobView
+from trimtab.protocol import schedules
 
 from ._schedule import LrField, ScheduleConfig, SchedulePolicy
 

@@ -26,8 +26,8 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, Field
 
-from trimtab.client import schedules
 from trimtab.controller.state import JobView
+from trimtab.protocol import schedules
 
 from ._schedule import LrField, ScheduleConfig, SchedulePolicy, batch_factor
 

@@ -11,11 +11,12 @@ import pytest
 import trimtab.client
 import trimtab.controller
 import trimtab.policies
+import trimtab.protocol
 
 
 def _modules() -> list[str]:
     names = []
-    for pkg in (trimtab.client, trimtab.controller, trimtab.policies):
+    for pkg in (trimtab.client, trimtab.controller, trimtab.policies, trimtab.protocol):
         names.append(pkg.__name__)
         names += [m.name for m in pkgutil.iter_modules(pkg.__path__, pkg.__name__ + ".")
                   if not m.name.endswith("__main__")]

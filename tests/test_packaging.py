@@ -20,7 +20,7 @@ def test_wheel_holds_only_the_trimtab_namespace(tmp_path):
     # the checkout would shadow the installed metadata (entry points) for later imports.
     src = tmp_path / "src"
     src.mkdir()
-    for name in ("pyproject.toml", "README.md", "client", "controller", "policies"):
+    for name in ("pyproject.toml", "README.md", "client", "controller", "policies", "protocol"):
         copy = shutil.copytree if (ROOT / name).is_dir() else shutil.copy
         copy(ROOT / name, src / name)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
@@ -29,9 +29,9 @@ def test_wheel_holds_only_the_trimtab_namespace(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     tops = {n.split("/")[0] for n in names}
     assert tops == {"trimtab", next(t for t in tops if t.endswith(".dist-info"))}
-    for pkg in ("client", "controller", "policies"):
+    for pkg in ("client", "controller", "policies", "protocol"):
         assert f"trimtab/{pkg}/__init__.py" in names
-    assert "trimtab/client/wire.py" in names
+    assert "trimtab/protocol/wire.py" in names
 
 
 def test_console_script_and_policy_entry_points_are_declared():

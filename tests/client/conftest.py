@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 import pytest
 import zmq
 
-from trimtab.client import wire
+from trimtab.protocol import wire
 
 
 def free_port() -> int:

@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trimtab.client import wire
 from trimtab.client._knobs import Actuator, check_optimizer, knobs_of
+from trimtab.protocol import wire
 
 pytestmark = pytest.mark.timeout(30)
 

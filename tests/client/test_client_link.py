@@ -9,7 +9,8 @@ import statistics
 import pytest
 import torch
 
-from trimtab.client import Guard, attach, wire
+from trimtab.client import Guard, attach
+from trimtab.protocol import wire
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -11,7 +11,8 @@ from collections import Counter
 import pytest
 import torch
 
-from trimtab.client import Guard, attach, load_stable, wire
+from trimtab.client import Guard, attach, load_stable
+from trimtab.protocol import wire
 
 pytestmark = pytest.mark.timeout(30)
 

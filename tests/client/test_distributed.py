@@ -21,8 +21,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from trimtab.client import load_stable, shard_endpoint, wire
+from trimtab.client import load_stable, shard_endpoint
 from trimtab.client._dist import HEADER_SIZE, decode_command, encode_command, rank_directory
+from trimtab.protocol import wire
 
 from ..integration.support import assert_applied_in_order, free_port
 

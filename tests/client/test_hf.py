@@ -10,7 +10,7 @@ import logging
 import pytest
 import torch
 
-from trimtab.client import wire
+from trimtab.protocol import wire
 
 from ..integration.support import STEP_DECAY, free_port, start_serve, wait_for
 

@@ -12,7 +12,8 @@ import time
 import pytest
 import torch
 
-from trimtab.client import Guard, attach, wire
+from trimtab.client import Guard, attach
+from trimtab.protocol import wire
 
 from ..integration.support import STEP_DECAY, Regression, free_port, start_serve, wait_for
 from .test_client_step import _backward, _model, _same, _state, sync_counter  # noqa: F401

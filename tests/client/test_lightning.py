@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from trimtab.client import wire
+from trimtab.protocol import wire
 
 from ..integration.support import STEP_DECAY, free_port, start_serve, wait_for
 

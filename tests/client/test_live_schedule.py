@@ -16,9 +16,10 @@ import pytest
 import torch
 from torch.optim import lr_scheduler
 
-from trimtab.client import attach, schedules, wire
+from trimtab.client import attach
 from trimtab.client._knobs import Actuator
 from trimtab.client._live_schedule import LiveSchedules
+from trimtab.protocol import schedules, wire
 
 from ..integration.support import Regression, start_serve, wait_for
 from .conftest import free_port

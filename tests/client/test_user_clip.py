@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trimtab.client import attach, wire
+from trimtab.client import attach
+from trimtab.protocol import wire
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("one_thread")]
 

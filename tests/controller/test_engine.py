@@ -6,12 +6,12 @@ import json
 
 import pytest
 
-from trimtab.client import wire
 from trimtab.controller.engine import Arbitration, Engine, arbitrate
 from trimtab.controller.governor import Governor, GovernorConfig, KnobLimits
 from trimtab.controller.policy import Policy, Proposal
 from trimtab.controller.rollback import RollbackConfig
 from trimtab.controller.state import JobState
+from trimtab.protocol import wire
 
 FACTS = wire.ScaleFacts(param_count=1, group_sizes=[1], optimizer="SGD",
                         dtype="float32", device="cpu")

@@ -25,10 +25,11 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 from tests.integration.support import Regression, free_port, start_serve, wait_for
-from trimtab.client import attach, wire
+from trimtab.client import attach
 from trimtab.controller.config import ControllerConfig, PolicySpec
 from trimtab.controller.journal import Journal
 from trimtab.controller.service import Controller
+from trimtab.protocol import wire
 
 PEER = b"fuzzer"
 WITNESS = "witness"

@@ -7,12 +7,12 @@ import re
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from trimtab.client import wire
 from trimtab.controller.config import ControllerConfig, PolicySpec
 from trimtab.controller.journal import Journal
 from trimtab.controller.policy import Policy, Proposal
 from trimtab.controller.rollback import CAUSES
 from trimtab.controller.service import Controller
+from trimtab.protocol import wire
 
 PEER = b"peer-1"
 HERE = "tests.controller.test_metrics"

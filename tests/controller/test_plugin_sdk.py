@@ -11,7 +11,6 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from pydantic import ValidationError
 
-from trimtab.client import wire
 from trimtab.controller import replay as rp
 from trimtab.controller.config import ControllerConfig, PolicySpec
 from trimtab.controller.engine import Engine
@@ -20,6 +19,7 @@ from trimtab.controller.journal import Journal
 from trimtab.controller.policy import Policy, PolicyLoadError, Proposal, is_allowed, load_policy
 from trimtab.controller.service import Controller
 from trimtab.controller.state import JobState
+from trimtab.protocol import wire
 
 from .test_service import PEER, decoded, register, report
 

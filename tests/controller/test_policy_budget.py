@@ -13,13 +13,14 @@ import torch
 
 from bench.scenario_policies import python_path
 from tests.integration.support import Regression, free_port, start_serve, wait_for
-from trimtab.client import attach, wire
+from trimtab.client import attach
 from trimtab.controller.budget import PolicyBudget, PolicyTimeout
 from trimtab.controller.config import ConfigError, load_config
 from trimtab.controller.engine import Engine
 from trimtab.controller.governor import Governor, GovernorConfig, KnobLimits
 from trimtab.controller.policy import Policy, Proposal
 from trimtab.controller.state import JobState
+from trimtab.protocol import wire
 
 FACTS = wire.ScaleFacts(
     param_count=1, group_sizes=[1], optimizer="SGD", dtype="float32", device="cpu"

@@ -9,9 +9,9 @@ import pytest
 import zmq
 
 from tests.integration.support import free_port, start_serve
-from trimtab.client import wire
 from trimtab.controller.config import ConfigError, load_config
 from trimtab.controller.ratelimit import RateLimitConfig, RateLimiter, TokenBucket
+from trimtab.protocol import wire
 
 
 class Clock:

@@ -7,7 +7,6 @@ import json
 import pytest
 from pydantic import ValidationError
 
-from trimtab.client import wire
 from trimtab.controller.rollback import (
     RollbackConfig,
     RollbackState,
@@ -16,6 +15,7 @@ from trimtab.controller.rollback import (
     why_no_rollback,
 )
 from trimtab.controller.state import JobState
+from trimtab.protocol import wire
 
 FACTS = wire.ScaleFacts(param_count=10, group_sizes=[10], optimizer="SGD", dtype="float32",
                         device="cpu")

@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from trimtab.client import wire
 from trimtab.controller.scale import ScaleContext, optimizer_family
+from trimtab.protocol import wire
 
 
 def ctx(optimizer: str = "SGD", batch_size: int | None = 32, world_size: int = 8):

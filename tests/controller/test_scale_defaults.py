@@ -10,7 +10,6 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
-from trimtab.client import wire
 from trimtab.controller.config import ConfigError, ControllerConfig, PolicySpec, load_config
 from trimtab.controller.engine import Engine
 from trimtab.controller.governor import Governor, GovernorConfig, KnobMemory
@@ -23,6 +22,7 @@ from trimtab.controller.scale import (
 )
 from trimtab.controller.service import Controller
 from trimtab.controller.state import JobState
+from trimtab.protocol import wire
 
 HERE = "tests.controller.test_scale_defaults"
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from trimtab.client import wire
 from trimtab.controller.config import ControllerConfig, PolicySpec
 from trimtab.controller.journal import Journal
 from trimtab.controller.service import Controller
+from trimtab.protocol import wire
 
 PEER = b"peer-1"
 

@@ -11,12 +11,12 @@ import statistics
 import pytest
 from pydantic import ValidationError
 
-from trimtab.client import wire
 from trimtab.controller.engine import Engine
 from trimtab.controller.governor import MULTIPLIERS
 from trimtab.controller.policy import Policy, Proposal
 from trimtab.controller.signals import ema_var, ols_slope, zscore
 from trimtab.controller.state import JobState, SignalConfig
+from trimtab.protocol import wire
 
 FACTS = wire.ScaleFacts(param_count=100, group_sizes=[100], optimizer="AdamW",
                         dtype="float32", device="cpu")

@@ -21,10 +21,10 @@ import yaml
 from prometheus_client import CollectorRegistry, generate_latest
 
 from bench.dashboard_png import panels, substitute
-from trimtab.client import wire
 from trimtab.controller.config import ControllerConfig, PolicySpec
 from trimtab.controller.journal import Journal
 from trimtab.controller.service import Controller
+from trimtab.protocol import wire
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 GRAFANA = DEPLOY / "grafana"

@@ -17,8 +17,9 @@ import torch
 import zmq
 import zmq.auth
 
-from trimtab.client import attach, wire
+from trimtab.client import attach
 from trimtab.controller.cli import main
+from trimtab.protocol import wire
 
 from .support import Regression, free_port, start_serve, wait_for
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 import zmq
 
-from trimtab.client import attach, wire
+from trimtab.client import attach
+from trimtab.protocol import wire
 
 from .support import Regression, free_port, wait_for
 

@@ -60,7 +60,7 @@ SIM = textwrap.dedent('''
     (by seq) and acks it; re-registers when the controller does not know it (restarted)."""
     import json, math, os, random, sys, time
     import zmq
-    from trimtab.client import wire
+    from trimtab.protocol import wire
 
     endpoint, n, stop, rate, out = sys.argv[1], int(sys.argv[2]), sys.argv[3], \\
         float(sys.argv[4]), sys.argv[5]

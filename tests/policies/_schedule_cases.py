@@ -16,11 +16,11 @@ from typing import Any
 import torch
 from torch.optim import lr_scheduler as sched
 
-from trimtab.client import wire
 from trimtab.controller.engine import Engine
 from trimtab.controller.governor import Governor, GovernorConfig, KnobLimits
 from trimtab.controller.policy import Policy, load_policy
 from trimtab.controller.state import JobState
+from trimtab.protocol import wire
 
 from .simclient import Client
 

@@ -17,10 +17,11 @@ from typing import Any
 import torch
 from prometheus_client import CollectorRegistry
 
-from trimtab.client import Guard, wire
+from trimtab.client import Guard
 from trimtab.controller.config import ControllerConfig, PolicySpec
 from trimtab.controller.journal import Journal
 from trimtab.controller.service import Controller
+from trimtab.protocol import wire
 
 IN, HIDDEN = 16, 64
 

@@ -23,11 +23,11 @@ from typing import Any
 
 import torch
 
-from trimtab.client import wire
 from trimtab.client._knobs import Actuator
 from trimtab.controller.decision import Decision
 from trimtab.controller.rollback import RollbackConfig
 from trimtab.controller.state import JobState, SignalConfig
+from trimtab.protocol import wire
 
 __all__ = ["Client", "command_of", "momentum_of", "one_param"]
 

@@ -7,8 +7,8 @@ effective values (base x multiplier; momentum and clip as they are in force).
 
 from __future__ import annotations
 
-from trimtab.client import wire
 from trimtab.controller.state import JobState
+from trimtab.protocol import wire
 
 FACTS = wire.ScaleFacts(param_count=1000, group_sizes=[1000], optimizer="AdamW",
                         dtype="float32", device="cpu")

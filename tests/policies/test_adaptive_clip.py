@@ -6,10 +6,10 @@ import random
 
 import pytest
 
-from trimtab.client import wire
 from trimtab.controller.policy import PolicyLoadError, load_policy
 from trimtab.controller.state import Sample
 from trimtab.policies.adaptive_clip import AdaptiveClip, zclip_threshold
+from trimtab.protocol import wire
 
 from .realrun import Run
 from .streams import feed, job

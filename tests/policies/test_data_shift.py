@@ -6,11 +6,11 @@ import random
 
 import pytest
 
-from trimtab.client import wire
 from trimtab.controller.engine import Engine
 from trimtab.controller.governor import Governor, GovernorConfig
 from trimtab.controller.policy import PolicyLoadError, load_policy
 from trimtab.policies.data_shift import DataShift, level_shift
+from trimtab.protocol import wire
 
 from .realrun import Run
 from .simclient import Client, one_param

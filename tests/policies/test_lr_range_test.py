@@ -16,7 +16,7 @@ import time
 import pytest
 import torch
 
-from trimtab.client import attach, wire
+from trimtab.client import attach
 from trimtab.controller.engine import Engine
 from trimtab.controller.governor import Governor, GovernorConfig
 from trimtab.controller.policy import Proposal, load_policy
@@ -28,6 +28,7 @@ from trimtab.policies.divergence_guard import DivergenceGuard
 from trimtab.policies.lr_range_test import LrRangeTest, pick_lr, smooth
 from trimtab.policies.one_cycle import OneCycle
 from trimtab.policies.plateau import Plateau
+from trimtab.protocol import wire
 
 from ..integration.support import Regression, wait_for
 from .simclient import Client, one_param

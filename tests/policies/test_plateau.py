@@ -7,12 +7,12 @@ import random
 
 import pytest
 
-from trimtab.client import wire
 from trimtab.controller.engine import Engine
 from trimtab.controller.governor import Governor
 from trimtab.controller.policy import PolicyLoadError, load_policy
 from trimtab.controller.state import JobState, SignalConfig
 from trimtab.policies.plateau import Plateau
+from trimtab.protocol import wire
 
 from .simclient import Client, one_param
 

@@ -17,7 +17,6 @@ import pytest
 import torch
 from torch.optim import lr_scheduler as sched
 
-from trimtab.client import schedules
 from trimtab.controller.engine import Decision, Engine
 from trimtab.controller.governor import Governor, GovernorConfig, KnobLimits
 from trimtab.controller.policy import Policy, Proposal, load_policy
@@ -26,6 +25,7 @@ from trimtab.policies.cosine import Cosine
 from trimtab.policies.plateau import Plateau
 from trimtab.policies.step_decay import StepDecay
 from trimtab.policies.warmup import Warmup
+from trimtab.protocol import schedules
 
 from ._schedule_cases import CASES, LR, OPENED, Case, make_optimizer, max_rel_err, torch_trace
 from .simclient import Client

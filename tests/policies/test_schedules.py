@@ -11,7 +11,6 @@ from itertools import pairwise
 import pytest
 import torch
 
-from trimtab.client import wire
 from trimtab.controller.engine import Engine
 from trimtab.controller.governor import Governor
 from trimtab.controller.policy import PolicyLoadError, load_policy
@@ -19,6 +18,7 @@ from trimtab.controller.state import JobState
 from trimtab.policies.cosine import Cosine
 from trimtab.policies.one_cycle import OneCycle
 from trimtab.policies.warmup import Warmup
+from trimtab.protocol import wire
 
 from ._schedule_cases import (
     CASES,

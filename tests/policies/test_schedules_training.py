@@ -8,13 +8,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trimtab.client import wire
 from trimtab.client._knobs import Actuator
 from trimtab.client._options import _facts
 from trimtab.controller.engine import Engine
 from trimtab.controller.governor import Governor
 from trimtab.controller.policy import load_policy
 from trimtab.controller.state import JobState
+from trimtab.protocol import wire
 
 from ._schedule_cases import CASES, OPENED, STEPS, Case, make_optimizer, max_rel_err, momentum_of
 from .simclient import command_of

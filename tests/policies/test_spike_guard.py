@@ -6,10 +6,10 @@ import random
 
 import pytest
 
-from trimtab.client import wire
 from trimtab.controller.policy import PolicyLoadError, load_policy
 from trimtab.controller.state import JobState, SignalConfig
 from trimtab.policies.spike_guard import SpikeGuard
+from trimtab.protocol import wire
 
 FACTS = wire.ScaleFacts(param_count=1000, group_sizes=[1000], optimizer="AdamW",
                         dtype="float32", device="cpu")

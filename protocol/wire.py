@@ -4,7 +4,7 @@ Both sides import this one module. A message is one ZeroMQ frame of UTF-8 JSON
 with a ``type`` tag and a protocol version ``v``; it is validated here, at the
 edge, with pydantic models that refuse unknown fields and non-finite numbers.
 
->>> from trimtab.client import wire
+>>> from trimtab.protocol import wire
 >>> raw = wire.encode(wire.Heartbeat(job="demo", step=3))
 >>> wire.decode(raw)
 Heartbeat(type='heartbeat', v=2, job='demo', step=3)
@@ -219,7 +219,7 @@ Param = Union[bool, int, float, str]  # noqa: UP007
 
 
 class SchedulePiece(_Model):
-    """One closed form of :mod:`trimtab.client.schedules` with its parameters; its step 0 is
+    """One closed form of :mod:`trimtab.protocol.schedules` with its parameters; its step 0 is
     at global step ``origin`` (before it, the step-0 value holds).
 
     >>> SchedulePiece(name="cosine", params={"lr": 0.1, "t_max": 0})

@@ -2,7 +2,7 @@
 
 The controller's schedule policies (:mod:`trimtab.policies`) propose these values, and
 the client evaluates the same functions before every optimizer step when a command
-carries a live schedule (:class:`~trimtab.client.wire.LiveSchedule`), so the two can
+carries a live schedule (:class:`~trimtab.protocol.wire.LiveSchedule`), so the two can
 never drift apart. No torch, no numpy: one evaluation is a few float operations on the
 host, never a device read.
 
