@@ -24,7 +24,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from trimtab.controller.governor import MULTIPLIERS
-from trimtab.controller.rollback import CAUSES
+from trimtab.controller.health import CAUSES
 from trimtab.protocol.wire import ERROR_CODES, KNOBS
 
 if TYPE_CHECKING:

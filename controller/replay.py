@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from trimtab.controller.advance import advance
 from trimtab.controller.config import ControllerConfig
 from trimtab.controller.engine import Decision, Engine
 from trimtab.controller.governor import Governor
@@ -228,9 +229,8 @@ def replay(
             report = wire.Report.model_validate(_replayed(rec, state, applied))
         except ValueError as exc:
             raise TraceError(f"report at step {rec.step} is not a valid report: {exc}") from None
-        state.observe(report)
-        state.rollback.observe(state.view(), config.rollback)
-        decision = engine.decide(state)
+        decision = advance(state, report, engine).decision
+        assert decision is not None  # replay assumes every command applied: none is pending
         if decision.commands or decision.rollback is not None or decision.errors:
             result.decisions.append(decision)
         if decision.commands:

@@ -4,9 +4,10 @@ Long runs die from loss spikes and non-finite values; the PaLM and OPT-175B repo
 describe people restarting from a checkpoint taken before the spike with a lower
 learning rate. Here that is automatic, and bounded:
 
-* **Health.** Every report is judged by :func:`assess`: non-finite values, a loss or
-  gradient-norm spike (one-sided z-score, and a material rise), or a sustained climb
-  (loss slope significantly positive over a full window) make it unhealthy.
+* **Health.** Every report is judged once, by :func:`~trimtab.controller.health.assess`:
+  non-finite values, a loss or gradient-norm spike (one-sided z-score, and a material
+  rise), or a sustained climb (loss slope significantly positive over a full window) make
+  it unhealthy. The same verdict reaches the ``divergence_guard`` policy.
 * **Stable marking.** A checkpoint the client lists becomes a candidate when it shows
   up after the last unhealthy report; :func:`stable_to_mark` names the newest candidate
   that has then seen ``stable_window_steps`` steps and ``stable_min_reports`` reports, all
@@ -59,16 +60,13 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from trimtab.controller.governor import _check_keys
+from trimtab.controller.health import DivergenceThresholds, Unhealthy
 
 if TYPE_CHECKING:
-    from trimtab.controller.state import JobView
+    from trimtab.controller.view import JobView
 
 __all__ = [
-    "CAUSES",
-    "DivergenceThresholds",
     "RollbackConfig",
-    "Unhealthy",
-    "assess",
     "Observation",
     "RollbackRecord",
     "RollbackPlan",
@@ -78,52 +76,7 @@ __all__ = [
     "plan_rollback",
 ]
 
-#: The causes :func:`assess` gives, most urgent first (the ``reason`` label of the metrics).
-CAUSES: tuple[str, ...] = ("nonfinite", "loss_spike", "grad_spike", "climb")
-
 _Pos = {"gt": 0.0, "allow_inf_nan": False}
-
-
-class DivergenceThresholds(BaseModel):
-    """When a report counts as diverging; shared by the health judgement and the guard.
-
-    Both tests of a spike must pass: the z-score says the jump is out of the noise, the
-    rise says it is big enough to matter (a very smooth loss gives large z to tiny moves)
-    and lasted: it is taken on the window's *lowest* loss (``loss_min``, the mean when not
-    reported), so one bad batch, which lifts the window's mean, is not a spike. A climb
-    likewise needs the latest window's lowest loss above the EMA. Measured on healthy
-    small-model runs near their loss floor, where per-batch losses are heavy-tailed, these
-    two conditions are what removes the false alarms (see tests/policies).
-
-    >>> DivergenceThresholds(loss_z=8).grad_norm_z
-    10.0
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    #: Non-finite losses (or non-finite gradient steps) in one report that count.
-    nonfinite_min: int = Field(1, ge=1)
-    #: At most this many non-finite steps in one report, after a report without any, are an
-    #: isolated bad batch that the guard's skip already absorbed: no rollback for it (0: every
-    #: one counts). Persistent ones (more in one report, or again in the next) always count.
-    nonfinite_isolated: int = Field(1, ge=0)
-    #: Loss above its EW mean by more than this many EW standard deviations...
-    loss_z: float = Field(6.0, **_Pos)
-    #: ...and the window's lowest loss at least this fraction of |EMA| above the EMA
-    #: (the EMA before the report, which the z-score is measured against too).
-    loss_min_rise: float = Field(0.05, ge=0.0, allow_inf_nan=False)
-    #: Gradient norm z-score over this...
-    grad_norm_z: float = Field(10.0, **_Pos)
-    #: ...and the window's mean gradient norm at least this multiple of its EMA before the
-    #: report (healthy AdamW runs of a small MLP showed self-healing bursts up to 10x).
-    grad_norm_min_ratio: float = Field(20.0, ge=1.0, allow_inf_nan=False)
-    #: Loss slope t-statistic over this, over a full slope window with no LR change...
-    climb_t: float = Field(4.0, **_Pos)
-    #: ...a rise over the window of at least this fraction of |loss EMA|, and the latest
-    #: window's lowest loss above the EMA.
-    climb_min_rise: float = Field(0.05, ge=0.0, allow_inf_nan=False)
-    #: Reports seen before spikes and climbs are judged (non-finite values always are).
-    warmup_reports: int = Field(20, ge=0)
 
 
 class RollbackConfig(BaseModel):
@@ -139,7 +92,8 @@ class RollbackConfig(BaseModel):
     stable_window_steps: int = Field(200, ge=1)
     #: ...and healthy reports (so that a large report_every still gets several looks).
     stable_min_reports: int = Field(5, ge=1)
-    #: What an unhealthy report is (keep equal to, or stricter than, the guard's).
+    #: What an unhealthy report is: the one judgement the rollback manager and the
+    #: ``divergence_guard`` policy share (:mod:`~trimtab.controller.health`).
     health: DivergenceThresholds = Field(default_factory=DivergenceThresholds)
     #: LR factor of the first rollback near a spot, on the LR in force at the checkpoint.
     base_cut: float = Field(0.5, gt=0.0, lt=1.0)
@@ -165,87 +119,6 @@ class RollbackConfig(BaseModel):
     def cooldown(self, level: int) -> int:
         """Steps after the restored step during which no new rollback is ordered."""
         return int(round(self.cooldown_steps * self.cooldown_growth ** (level - 1)))
-
-
-# -- health -----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Unhealthy:
-    """Why a report is unhealthy: the most urgent cause (one of :data:`CAUSES`) and all."""
-
-    cause: str
-    reason: str
-
-
-def _rise(x: float, ema: float | None) -> float:
-    if ema is None or not math.isfinite(ema):
-        return 0.0
-    return math.inf if ema == 0.0 else (x - ema) / abs(ema)
-
-
-def assess(view: JobView, th: DivergenceThresholds) -> Unhealthy | None:
-    """Whether the latest report in ``view`` is unhealthy under ``th``, and why."""
-    last = view.last
-    if last is None:
-        return None
-    found: list[tuple[str, str]] = []
-    bad = max(last.nonfinite_losses, last.nonfinite_grads)
-    if bad >= th.nonfinite_min and not _isolated(view, bad, th):
-        found.append(("nonfinite", f"non-finite values in the last report: "
-                      f"{last.nonfinite_losses} losses, {last.nonfinite_grads} gradients"))
-    sig = view.signals
-    if view.reports_seen > th.warmup_reports:
-        if sig.loss_z is not None and last.loss_mean is not None and sig.loss_z > th.loss_z:
-            rise = _rise(_lowest(last), sig.loss_ref)
-            if rise >= th.loss_min_rise:
-                found.append(("loss_spike", f"loss spike: z={sig.loss_z:.1f} > {th.loss_z:g}, "
-                              f"lowest loss of the window {rise:+.0%} on the EMA"))
-        g = last.grad_norm_mean
-        if sig.grad_norm_z is not None and g is not None and sig.grad_norm_z > th.grad_norm_z:
-            ref = sig.grad_norm_ref
-            ratio = math.inf if not ref else g / ref
-            if ratio >= th.grad_norm_min_ratio:
-                found.append(("grad_spike", f"grad norm spike: z={sig.grad_norm_z:.1f} > "
-                              f"{th.grad_norm_z:g}, {ratio:.2g}x its EMA"))
-        climb = _climb(view, th)
-        if climb is not None:
-            found.append(("climb", climb))
-    if not found:
-        return None
-    return Unhealthy(found[0][0], "; ".join(r for _, r in found))
-
-
-def _isolated(view: JobView, bad: int, th: DivergenceThresholds) -> bool:
-    """Whether ``bad`` non-finite steps in the latest report are an isolated bad batch: few
-    enough, and the report before it had none (or there was none before it)."""
-    if bad > th.nonfinite_isolated:
-        return False
-    before = view.history[-2] if len(view.history) >= 2 else None
-    return before is None or before.nonfinite == 0
-
-
-def _lowest(report: Any) -> float:
-    return report.loss_min if report.loss_min is not None else report.loss_mean
-
-
-def _climb(view: JobView, th: DivergenceThresholds) -> str | None:
-    sig, last = view.signals, view.last
-    if (sig.slope is None or sig.slope_t is None or sig.slope_since_step is None
-            or sig.slope_n < sig.slope_window or sig.slope_t <= th.climb_t
-            or last is None or last.loss_mean is None):
-        return None
-    if _rise(_lowest(last), sig.loss_ref) <= 0.0:
-        return None  # the latest window dips below the average: a passing bump, not a climb
-    last_lr = view.last_change_step.get("lr")
-    if last_lr is not None and sig.slope_since_step <= last_lr:
-        return None  # the window spans an LR change: two regimes, not one trend
-    span = view.step - sig.slope_since_step
-    rise = sig.slope * span / abs(sig.loss_ema) if sig.loss_ema else math.inf
-    if rise < th.climb_min_rise:
-        return None
-    return (f"loss climbing: slope {sig.slope:.3g}/step, t={sig.slope_t:.1f} > {th.climb_t:g}, "
-            f"{rise:+.0%} over {span} steps")
 
 
 # -- per-job state ------------------------------------------------------------------------
@@ -367,14 +240,15 @@ class RollbackState:
 
     # -- what reports tell --------------------------------------------------------------
 
-    def observe(self, view: JobView, cfg: RollbackConfig) -> Observation:
-        """Take the latest report in ``view``: its health, and the checkpoints it lists."""
+    def observe(self, view: JobView, verdict: Unhealthy | None) -> Observation:
+        """Take the latest report in ``view``: its health (``verdict``, the controller's one
+        judgement of it, :func:`~trimtab.controller.health.assess`), and the checkpoints it
+        lists."""
         report = view.last
         if report is None:
             return Observation()
         self.step = report.step
         seen = {"knobs": view.knobs.model_dump(), "grad_norm_ema": view.signals.grad_norm_ema}
-        verdict = assess(view, cfg.health)
         if verdict is not None:
             self.last_unhealthy_step, self.last_unhealthy = report.step, verdict.reason
             self.candidates.clear()

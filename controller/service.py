@@ -24,6 +24,7 @@ from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry
 
+from trimtab.controller.advance import advance
 from trimtab.controller.budget import PolicyBudget
 from trimtab.controller.config import ControllerConfig, PolicySpec
 from trimtab.controller.engine import Decision, Engine
@@ -33,7 +34,7 @@ from trimtab.controller.metrics import ControllerMetrics
 from trimtab.controller.policy import Policy, load_policy
 from trimtab.controller.rollback import Observation
 from trimtab.controller.scale import ScaleContext, derive_limits, explicit_fields
-from trimtab.controller.state import JobState, base_of, controls_of
+from trimtab.controller.state import JobState
 from trimtab.protocol import wire
 
 __all__ = ["Controller", "Reply"]
@@ -195,22 +196,15 @@ class Controller:
         self._settle_from_report(state, msg)
         if msg.applied_seq < state.branch_seq:
             return self._abandoned(state, msg)
-        state.observe(msg)
         self.journal.append(msg.job, "report", step=msg.step, seq=msg.seq,
                             data=msg.model_dump(exclude={"type", "v", "job"}))
-        self._checkpoints(state, msg, state.rollback.observe(state.view(), self.config.rollback))
+        step = advance(state, msg, self.engine_for(state.job))
+        self._checkpoints(state, msg, step.observation)
         replies = self._resend_if_lost(peer, state, msg)
-        engine = self.engine_for(state.job)
-        if state.pending_command is None:
-            decision = engine.decide(state)
-            if decision.shadowed is not None:
-                self._journal_shadow(state.job, decision.shadowed)
-            replies += self._act(peer, state, decision)
-        elif state.pending_command.rollback_to is None:
-            # A command awaits its ack; ordinary changes wait for it, a rollback does not.
-            urgent = engine.decide_urgent(state)
-            if urgent is not None:
-                replies += self._act(peer, state, urgent)
+        if step.decision is not None:
+            if step.decision.shadowed is not None:
+                self._journal_shadow(state.job, step.decision.shadowed)
+            replies += self._act(peer, state, step.decision)
         self.journal.save_state(msg.job, state.state_dict())
         return replies
 
@@ -461,11 +455,7 @@ class Controller:
 
     def _resend_if_lost(self, peer: bytes, state: JobState, msg: wire.Report) -> list[Reply]:
         pending = state.pending_command
-        if pending is None:
-            return []
-        if msg.applied_seq >= pending.seq:  # applied, its ack still on the way or lost
-            state.on_applied(msg.applied_seq, controls_of(msg.knobs, msg.scale), msg.knobs,
-                             base_of(msg))
+        if pending is None:  # none sent, or the report says it is applied (observe saw)
             return []
         sent_at = self._pending_since.get(state.job, state.reports_seen)
         if state.reports_seen - sent_at >= self.config.resend_after_reports:

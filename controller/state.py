@@ -30,9 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import operator
 from collections import deque
-from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
@@ -41,15 +39,15 @@ from pydantic import BaseModel, ConfigDict, Field
 from trimtab.controller.governor import KnobMemory, _check_keys
 from trimtab.controller.rollback import RollbackState
 from trimtab.controller.signals import ema_var, ols_slope, t_stat, zscore
+from trimtab.controller.view import JobView, Phase, Sample, Signals
 from trimtab.protocol import wire
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
 
+    from trimtab.controller.health import Unhealthy
     from trimtab.controller.rollback import RollbackConfig
 
-__all__ = ["SignalConfig", "Signals", "Sample", "Phase", "JobView", "JobState", "controls_of",
-           "command_controls", "base_of"]
+__all__ = ["SignalConfig", "JobState", "controls_of", "command_controls", "base_of"]
 
 _STATE_VERSION = 3  # 3: the knob model (lr and weight decay held as multipliers)
 #: Reported steps whose signals are kept for a rollback to a checkpoint taken there.
@@ -95,149 +93,6 @@ class SignalConfig(BaseModel):
     eps: float = Field(1e-12, gt=0.0, allow_inf_nan=False)
     #: Reports kept as :class:`Sample` history (and validation results kept) for policies.
     history: int = Field(128, ge=8, le=100_000)
-
-
-@dataclass(frozen=True)
-class Signals:
-    """A snapshot of a job's signals; ``None`` where not yet defined."""
-
-    loss_ema: float | None
-    loss_var: float | None
-    #: Latest loss_mean against the history before it (None during warm-up).
-    loss_z: float | None
-    grad_norm_ema: float | None
-    grad_norm_var: float | None
-    grad_norm_z: float | None
-    #: Least-squares slope of loss_mean per optimizer step over the slope window.
-    slope: float | None
-    slope_se: float | None
-    slope_t: float | None
-    #: Points in the slope window now, and its capacity.
-    slope_n: int
-    slope_window: int
-    #: Step of the oldest point in the slope window.
-    slope_since_step: int | None
-    #: The EMAs before the latest report was folded in: what its z-scores are measured
-    #: against, and what a spike's size is best compared with.
-    loss_ref: float | None = None
-    grad_norm_ref: float | None = None
-
-
-@dataclass(frozen=True)
-class Sample:
-    """One report, condensed to what history-reading policies need; ``None`` where the
-    report carried nothing."""
-
-    step: int
-    window: int
-    loss_mean: float | None = None
-    grad_norm_mean: float | None = None
-    grad_norm_std: float | None = None
-    grad_norm_max: float | None = None
-    update_ratio: float | None = None
-    micro_sq_norm_mean: float | None = None
-    micro_batches: int | None = None
-    #: trimtab's lr multiplier in force at the window's end (as the report says).
-    lr: float | None = None
-    #: Non-finite losses plus non-finite gradient steps in the window.
-    nonfinite: int = 0
-    #: The lr the optimizer used at the window's last step (the user's times ``lr``).
-    lr_used: float | None = None
-    #: Steps whose gradient norm sat at the loop's own clipping threshold: their norms
-    #: are that threshold, not the gradient's.
-    user_clipped: int = 0
-    #: The window's lowest and highest finite loss.
-    loss_min: float | None = None
-    loss_max: float | None = None
-
-    @classmethod
-    def of(cls, r: wire.Report) -> Sample:
-        """The sample of one report."""
-        return cls(r.step, r.window, r.loss_mean, r.grad_norm_mean, r.grad_norm_std,
-                   r.grad_norm_max, r.update_ratio, r.micro_sq_norm_mean, r.micro_batches,
-                   None if r.knobs.lr is None else r.scale.lr,
-                   r.nonfinite_losses + r.nonfinite_grads, r.knobs.lr, r.user_clipped_steps,
-                   r.loss_min, r.loss_max)
-
-    def to_list(self) -> list[Any]:
-        return list(_sample_values(self))
-
-
-# Made once: state_dict() turns every history sample into a list on every report.
-_sample_values = operator.attrgetter(*(f.name for f in dataclasses.fields(Sample)))
-
-
-@dataclass(frozen=True)
-class Phase:
-    """A measurement phase that one policy holds for a job: the LR range test's sweep.
-
-    It opens with the policy's first sweep proposal, at ``start_step``, and returns to
-    the checkpoint at ``checkpoint`` when it ends; while it is open the engine takes
-    that policy's proposals only (see :mod:`~trimtab.controller.engine`). A policy holds
-    at most one phase per job, ever.
-    """
-
-    policy: str
-    start_step: int
-    checkpoint: int
-    #: The step it ended at (None: still open).
-    end_step: int | None = None
-    #: The LR it found (None: none, or still open).
-    found_lr: float | None = None
-
-
-@dataclass(frozen=True)
-class JobView:
-    """What a policy reads: a frozen snapshot of one job."""
-
-    job: str
-    run_id: str
-    step: int
-    report_every: int
-    facts: wire.ScaleFacts
-    #: The controlled values with nothing changed: lr and weight-decay multipliers 1.0
-    #: (the user's own values), momentum and clip as registered.
-    initial: wire.Knobs
-    #: The controlled values in force, as last reported or acknowledged by the client:
-    #: lr and weight_decay are trimtab's multipliers on the user's values, momentum and
-    #: clip absolute. A policy's factor multiplies these; its value replaces them.
-    knobs: wire.Knobs
-    #: The controlled values of a command sent but not yet acknowledged (None: nothing
-    #: pending; a knob it leaves unchanged is None).
-    pending: wire.Knobs | None
-    reports_seen: int
-    signals: Signals
-    #: The latest report as received (its non-finite counts are for its window).
-    last: wire.Report | None
-    nonfinite_losses_total: int
-    nonfinite_grads_total: int
-    #: Step of the last change the controller commanded, per knob (None: never).
-    last_change_step: Mapping[str, int | None]
-    #: The newest reports as samples, oldest first (at most ``SignalConfig.history``).
-    history: tuple[Sample, ...] = ()
-    #: ``(step, value)`` of the validation results reported, oldest first (lower is better).
-    validations: tuple[tuple[int, float], ...] = ()
-    #: The measurement phase open now (None: none).
-    phase: Phase | None = None
-    #: Phases that ended, oldest first.
-    phases_done: tuple[Phase, ...] = ()
-    #: The lr multiplier an LR range test found for this job (None: none ran or it found
-    #: none); schedule policies take it as their reference.
-    found_lr: float | None = None
-    #: The values the optimizer used at the last reported (or acknowledged) step...
-    effective: wire.Knobs = wire.Knobs()
-    #: ...the user's own values then (what the loop or its scheduler set)...
-    base: wire.Knobs = wire.Knobs()
-    #: ...and the user's own values at registration (what an absolute lr a policy is
-    #: configured with relates to: multiplier = lr / registered.lr).
-    registered: wire.Knobs = wire.Knobs()
-
-    def since_change(self, knob: str) -> tuple[Sample, ...]:
-        """History samples whose whole window ran after ``knob`` last changed."""
-        last = self.last_change_step.get(knob)
-        if last is None:
-            return self.history
-        return tuple(s for s in self.history if s.step - s.window >= last)
 
 
 class _EW:
@@ -331,6 +186,9 @@ class JobState:
         self.validations: deque[tuple[int, float]] = deque(maxlen=self.signal_cfg.history)
         #: The stop advice sent to the run (it is sent once per job); None: none yet.
         self.stop_advice: str | None = None
+        #: The judgement of the latest report (:func:`~trimtab.controller.health.assess`),
+        #: set by :func:`~trimtab.controller.advance.advance` after each report is folded in.
+        self.health: Unhealthy | None = None
         self.nonfinite_losses = 0
         self.nonfinite_grads = 0
         self.dropped_reports = 0
@@ -414,9 +272,11 @@ class JobState:
         return report.offline or report.link < self.link
 
     def observe(self, report: wire.Report) -> None:
-        """Fold one report into the signals."""
+        """Fold one report into the signals (its health is judged after, by
+        :func:`~trimtab.controller.advance.advance`)."""
         if report.job != self.job:
             raise ValueError(f"report for job {report.job!r} given to the state of {self.job!r}")
+        self.health = None
         self.step = report.step
         self.reports_seen += 1
         self.nonfinite_losses += report.nonfinite_losses
@@ -657,7 +517,7 @@ class JobState:
             history=tuple(self.history), validations=tuple(self.validations),
             phase=self.phase, phases_done=tuple(self.phases_done.values()),
             found_lr=self.found_lr, effective=self.effective, base=self.base,
-            registered=self.registered,
+            registered=self.registered, health=self.health,
         )
 
     # -- persistence -----------------------------------------------------------------

@@ -38,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from trimtab.controller.policy import Policy, Proposal
 from trimtab.controller.scale import BatchScaling, ScaleContext
-from trimtab.controller.state import JobView
+from trimtab.controller.view import JobView
 from trimtab.protocol import schedules, wire
 from trimtab.protocol.schedules import anneal_cos, anneal_linear
 

@@ -29,9 +29,7 @@ from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from trimtab.controller.policy import Policy, Proposal
-from trimtab.controller.signals import ema_var
-from trimtab.controller.state import JobView, Sample
+from trimtab.policies.sdk import JobView, Policy, Proposal, Sample, ema_var
 
 __all__ = ["AdaptiveClip", "AdaptiveClipConfig", "zclip_threshold", "percentile"]
 

@@ -24,10 +24,14 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, Field
 
-from trimtab.controller.state import JobView
-from trimtab.protocol import schedules
-
-from ._schedule import LrField, ScheduleConfig, SchedulePolicy, as_multiplier
+from trimtab.policies.sdk import (
+    JobView,
+    LrField,
+    ScheduleConfig,
+    SchedulePolicy,
+    as_multiplier,
+    schedules,
+)
 
 __all__ = ["Cosine", "CosineConfig", "cosine_lr"]
 

@@ -42,8 +42,7 @@ from typing import ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from trimtab.controller.policy import Policy, Proposal
-from trimtab.controller.state import JobView, Sample
+from trimtab.policies.sdk import JobView, Policy, Proposal, Sample
 
 __all__ = ["DataShift", "DataShiftConfig", "level_shift", "find_shifts"]
 

@@ -1,17 +1,19 @@
 """Divergence guard: roll back to the newest stable checkpoint when a run diverges.
 
-The rule (:func:`~trimtab.controller.rollback.assess`, shared with the controller's
-judgement of which checkpoints are stable), on the latest report:
+The controller judges every report once (:mod:`~trimtab.controller.health`, under the
+``[rollback.health]`` thresholds of its config) and the verdict reaches this policy as
+:attr:`JobView.health <trimtab.controller.view.JobView.health>`: the same judgement that
+decides which checkpoints are stable, so the two can never disagree. The causes, most
+urgent first:
 
-* ``nonfinite``: at least ``nonfinite_min`` non-finite losses or gradient steps;
-* ``loss_spike``: after ``warmup_reports``, the loss z-score (against the exponentially
-  weighted mean and variance of the reports before it; one-sided, upward only) above
-  ``loss_z`` and the loss at least ``loss_min_rise`` above its EMA;
-* ``grad_spike``: the gradient-norm z-score above ``grad_norm_z`` and the norm at least
-  ``grad_norm_min_ratio`` times its EMA;
-* ``climb``: over a full loss-slope window with no LR change in it, the least-squares slope
-  significantly positive (``t > climb_t``) and rising at least ``climb_min_rise`` of the
-  loss over the window.
+* ``nonfinite``: non-finite losses or gradient steps (an isolated bad batch, which the
+  client's skip already absorbed, excepted);
+* ``loss_spike``: after a warm-up, a loss z-score far out of the noise and a material
+  rise of the window's lowest loss over its EMA;
+* ``grad_spike``: a gradient-norm z-score far out of the noise and a norm many times its
+  EMA;
+* ``climb``: over a full loss-slope window with no LR change in it, a slope significantly
+  positive and a material rise.
 
 Any of them proposes a rollback (:meth:`Proposal.roll_back`); the engine rolls back, with
 an escalating LR cut, when a stable checkpoint, the cooldown and the budget allow, and
@@ -22,43 +24,57 @@ restarting from a checkpoint about 100 steps before the spike and skipping 200-5
 batches; the OPT-175B logbook (Zhang et al. 2022) records restarts from the last good
 checkpoint with a lower LR after divergences and loss spikes, as an operator's routine.
 Spike detection by a z-score against a running mean and variance is the usual online
-outlier rule. The defaults are well above the spike guard's z = 4, which fires on healthy
-early training (a small MLP reached grad-norm z ~ 5): a rollback costs steps and a
-permanent LR cut, so it must be rare on a healthy run (see the tests' false-alarm bounds).
+outlier rule. The default thresholds are well above the spike guard's z = 4, which fires
+on healthy early training (a small MLP reached grad-norm z ~ 5): a rollback costs steps and
+a permanent LR cut, so it must be rare on a healthy run (see the tests' false-alarm bounds).
 
->>> DivergenceGuard({"loss_z": 8}).config.fallback_cut
-0.5
+>>> DivergenceGuard({"fallback_cut": 0.3}).config.fallback_cut
+0.3
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from trimtab.controller.policy import Policy, Proposal
-from trimtab.controller.rollback import DivergenceThresholds, assess
-from trimtab.controller.state import JobView
+from trimtab.policies.sdk import DivergenceThresholds, JobView, Policy, Proposal
 
 __all__ = ["DivergenceGuard", "DivergenceGuardConfig"]
 
 
-class DivergenceGuardConfig(DivergenceThresholds):
-    """The thresholds of :class:`DivergenceThresholds`, and the cut without a rollback."""
+class DivergenceGuardConfig(BaseModel):
+    """The cut without a rollback. The thresholds are the controller's, in
+    ``[rollback.health]``: one judgement, shared with stable marking."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     #: The LR factor when no rollback can be made (no stable checkpoint, cooldown, alert).
     fallback_cut: float = Field(0.5, gt=0.0, lt=1.0)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _thresholds_moved(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        moved = sorted(set(data) & set(DivergenceThresholds.model_fields))
+        if moved:
+            raise ValueError(
+                f"divergence_guard config {', '.join(moved)}: the divergence thresholds are "
+                "the controller's, set them under [rollback.health] (one judgement of each "
+                "report, shared by stable marking and this policy); allowed here: fallback_cut")
+        return data
+
 
 class DivergenceGuard(Policy):
-    """Non-finite values, a loss or gradient-norm spike, or a climb -> roll back."""
+    """The controller judged the latest report unhealthy -> roll back."""
 
     name: ClassVar[str] = "divergence_guard"
     Config: ClassVar[type[BaseModel]] = DivergenceGuardConfig
 
     def propose(self, view: JobView) -> list[Proposal]:
         cfg: DivergenceGuardConfig = self.config  # type: ignore[assignment]
-        verdict = assess(view, cfg)
+        verdict = view.health
         if verdict is None:
             return []
         return [Proposal.roll_back(verdict.cause, verdict.reason, fallback_factor=cfg.fallback_cut)]

@@ -20,8 +20,7 @@ from typing import ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from trimtab.controller.policy import Policy, Proposal
-from trimtab.controller.state import JobView
+from trimtab.policies.sdk import JobView, Policy, Proposal
 
 __all__ = ["EarlyStop", "EarlyStopConfig", "stalled"]
 

@@ -36,8 +36,7 @@ from typing import ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from trimtab.controller.policy import Policy, Proposal
-from trimtab.controller.state import JobView, Sample
+from trimtab.policies.sdk import JobView, Policy, Proposal, Sample
 
 __all__ = ["GradNoise", "GradNoiseConfig", "pooled_cv", "noise_to_batch"]
 

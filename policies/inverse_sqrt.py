@@ -21,10 +21,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, Field
 
-from trimtab.controller.state import JobView
-from trimtab.protocol import schedules
-
-from ._schedule import LrField, ScheduleConfig, SchedulePolicy
+from trimtab.policies.sdk import JobView, LrField, ScheduleConfig, SchedulePolicy, schedules
 
 __all__ = ["InverseSqrt", "InverseSqrtConfig", "inverse_sqrt_factor"]
 

@@ -64,10 +64,7 @@ from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from trimtab.controller.policy import Policy, Proposal
-from trimtab.controller.scale import ScaleContext
-from trimtab.controller.state import JobView, Phase
-from trimtab.protocol import wire
+from trimtab.policies.sdk import JobView, Phase, Policy, Proposal, ScaleContext, SchedulePiece
 
 __all__ = ["LrRangeTest", "LrRangeTestConfig", "smooth", "pick_lr", "stop_reason"]
 
@@ -241,12 +238,12 @@ class LrRangeTest(Policy):
         cfg: LrRangeTestConfig = self.config  # type: ignore[assignment]
         return lo * (hi / lo) ** (min(steps, cfg.sweep_steps) / cfg.sweep_steps)
 
-    def trajectory(self, start: int, lo: float, hi: float) -> wire.SchedulePiece:
+    def trajectory(self, start: int, lo: float, hi: float) -> SchedulePiece:
         """The sweep as a schedule from global step ``start`` (torch's ExponentialLR with
         ``gamma = (hi / lo) ** (1 / sweep_steps)``), which the client follows step by step
         when the controller sends live schedules."""
         gamma = (hi / lo) ** (1.0 / self.config.sweep_steps)  # type: ignore[attr-defined]
-        return wire.SchedulePiece(name="exponential", params={"lr": lo, "gamma": gamma},
+        return SchedulePiece(name="exponential", params={"lr": lo, "gamma": gamma},
                                   origin=start)
 
     def propose(self, view: JobView) -> list[Proposal]:

@@ -35,11 +35,14 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
-from trimtab.controller.policy import Proposal
-from trimtab.controller.state import JobView
-from trimtab.protocol import schedules
-
-from ._schedule import LrField, ScheduleConfig, SchedulePolicy
+from trimtab.policies.sdk import (
+    JobView,
+    LrField,
+    Proposal,
+    ScheduleConfig,
+    SchedulePolicy,
+    schedules,
+)
 
 __all__ = ["OneCycle", "OneCycleConfig"]
 

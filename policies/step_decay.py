@@ -17,9 +17,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, Field
 
-from trimtab.controller.state import JobView
-
-from ._schedule import LrField, ScheduleConfig, SchedulePolicy
+from trimtab.policies.sdk import JobView, LrField, ScheduleConfig, SchedulePolicy
 
 __all__ = ["StepDecay", "StepDecayConfig"]
 

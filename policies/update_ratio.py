@@ -27,9 +27,7 @@ from typing import ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from trimtab.controller.policy import Policy, Proposal
-from trimtab.controller.signals import ema
-from trimtab.controller.state import JobView
+from trimtab.policies.sdk import JobView, Policy, Proposal, ema
 
 __all__ = ["UpdateRatio", "UpdateRatioConfig"]
 

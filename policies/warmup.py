@@ -26,10 +26,14 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, Field
 
-from trimtab.controller.state import JobView
-from trimtab.protocol import schedules
-
-from ._schedule import LrField, ScheduleConfig, SchedulePolicy, batch_factor
+from trimtab.policies.sdk import (
+    JobView,
+    LrField,
+    ScheduleConfig,
+    SchedulePolicy,
+    batch_factor,
+    schedules,
+)
 
 __all__ = ["Warmup", "WarmupConfig", "warmup_factor"]
 

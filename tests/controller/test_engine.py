@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from trimtab.controller.advance import take
 from trimtab.controller.engine import Arbitration, Engine, arbitrate
 from trimtab.controller.governor import Governor, GovernorConfig, KnobLimits
 from trimtab.controller.policy import Policy, Proposal
@@ -253,9 +254,9 @@ def test_without_a_stable_checkpoint_a_rollback_is_a_governed_cut():
 
 
 def _report(st: JobState, step: int, checkpoints: list[int], loss: float = 2.0) -> None:
-    st.observe(wire.Report(job="j", seq=st.reports_seen + 1, step=step, window=10,
-                           loss_mean=loss, knobs=st.effective, checkpoints=checkpoints))
-    st.rollback.observe(st.view(), RollbackConfig())
+    take(st, wire.Report(job="j", seq=st.reports_seen + 1, step=step, window=10,
+                         loss_mean=loss, knobs=st.effective, checkpoints=checkpoints),
+         RollbackConfig().health)
 
 
 def test_the_checkpoint_taken_at_attach_is_marked_stable_with_the_first_report():

@@ -7,6 +7,7 @@ import json
 import pytest
 from pydantic import ValidationError
 
+from trimtab.controller.advance import take
 from trimtab.controller.rollback import (
     RollbackConfig,
     RollbackState,
@@ -51,9 +52,8 @@ class Run:
             self.ckpts = [*self.ckpts, self.step][-8:]
         fields = {"loss_mean": loss, "loss_min": loss * 0.99, "grad_norm_mean": 1.0,
                   "checkpoints": list(self.ckpts), **self.in_force(), **over}
-        self.job.observe(wire.Report(job="j", seq=self.seq, step=self.step, window=self.every,
-                                     **fields))
-        self.obs.append(self.rb.observe(self.job.view(), self.cfg))
+        report = wire.Report(job="j", seq=self.seq, step=self.step, window=self.every, **fields)
+        self.obs.append(take(self.job, report, self.cfg.health).observation)
 
     def to(self, step: int, **kw) -> None:
         while self.step < step:

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from trimtab.client._knobs import Actuator
+from trimtab.controller.advance import take
 from trimtab.controller.decision import Decision
 from trimtab.controller.rollback import RollbackConfig
 from trimtab.controller.state import JobState, SignalConfig
@@ -194,6 +195,5 @@ class Client:
                              window=self.step - self.reported, applied_seq=st.applied_seq,
                              **fields)
         self.reported = self.step
-        st.observe(report)
-        st.rollback.observe(st.view(), self.rb)
+        take(st, report, self.rb.health)
         return report

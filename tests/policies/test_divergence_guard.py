@@ -1,13 +1,22 @@
-"""DivergenceGuard on synthetic streams: rolls back on divergence, quiet on healthy noise."""
+"""DivergenceGuard on synthetic streams: rolls back on divergence, quiet on healthy noise.
+
+Each report is judged as the controller judges it (:func:`~trimtab.controller.advance.take`,
+under ``[rollback.health]``); the guard proposes from that one verdict.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 
 import pytest
 
+from trimtab.controller.advance import advance, take
+from trimtab.controller.engine import Engine
+from trimtab.controller.health import DivergenceThresholds, assess
 from trimtab.controller.policy import PolicyLoadError, load_policy
+from trimtab.controller.rollback import RollbackConfig
 from trimtab.controller.state import JobState
 from trimtab.policies.divergence_guard import DivergenceGuard
 from trimtab.protocol import wire
@@ -49,8 +58,17 @@ def healthy(kind: str, rng: random.Random, i: int) -> dict:
 
 
 def feed(st: JobState, i: int, **fields) -> None:
-    st.observe(wire.Report(job="d", seq=i, step=EVERY * i, window=EVERY, knobs=st.knobs,
-                           **fields))
+    take(st, wire.Report(job="d", seq=i, step=EVERY * i, window=EVERY, knobs=st.knobs,
+                         **fields), DivergenceThresholds())
+
+
+def proposals(st: JobState, th: dict | None = None, **config) -> list:
+    """The guard's proposals on the latest report; with thresholds ``th`` the report is
+    judged again first, as a controller with those ``[rollback.health]`` values would."""
+    view = st.view()
+    if th is not None:
+        view = dataclasses.replace(view, health=assess(view, DivergenceThresholds(**th)))
+    return DivergenceGuard(config).propose(view)
 
 
 def calm(st: JobState, n: int, seed: int = 0, kind: str = "gauss", start: int = 1) -> int:
@@ -60,14 +78,14 @@ def calm(st: JobState, n: int, seed: int = 0, kind: str = "gauss", start: int = 
     return start + n
 
 
-def alarms(config: dict, kind: str, seeds: int = 20, n: int = 400) -> int:
-    """Reports at which the guard fires on healthy streams."""
-    pol, hits = DivergenceGuard(config), 0
+def alarms(th: dict, kind: str, seeds: int = 20, n: int = 400) -> int:
+    """Reports at which the guard fires on healthy streams, judged under thresholds ``th``."""
+    hits = 0
     for seed in range(seeds):
         st, rng = job(), random.Random(seed)
         for i in range(1, n + 1):
             feed(st, i, **healthy(kind, rng, i))
-            hits += bool(pol.propose(st.view()))
+            hits += bool(proposals(st, th))
     return hits
 
 
@@ -91,14 +109,14 @@ def test_non_finite_values_roll_back_at_once_even_in_warm_up():
     (prop,) = DivergenceGuard().propose(st.view())
     assert (prop.knob, prop.rollback, prop.factor) == ("lr", "nonfinite", 0.5)
     assert prop.reason == "non-finite values in the last report: 2 losses, 1 gradients"
-    assert DivergenceGuard({"nonfinite_min": 3}).propose(st.view()) == []
+    assert proposals(st, {"nonfinite_min": 3}) == []
 
 
 def test_a_loss_spike_that_fills_the_window_rolls_back():
     st = job()
     nxt = calm(st, 50)
     feed(st, nxt, **window([4.0] * EVERY, [1.0] * EVERY))
-    (prop,) = DivergenceGuard({"fallback_cut": 0.3}).propose(st.view())
+    (prop,) = proposals(st, fallback_cut=0.3)
     z = st.view().signals.loss_z
     assert prop.rollback == "loss_spike" and prop.factor == 0.3 and z > 6
     assert prop.reason.startswith(f"loss spike: z={z:.1f} > 6, lowest loss of the window +")
@@ -129,7 +147,7 @@ def test_no_spike_is_judged_in_warm_up():
     nxt = calm(st, 15)  # z-scores exist from report 11, spikes are judged after 20
     feed(st, nxt, **window([40.0] * EVERY, [40.0] * EVERY))
     assert DivergenceGuard().propose(st.view()) == []
-    assert DivergenceGuard({"warmup_reports": 10}).propose(st.view()) != []
+    assert proposals(st, {"warmup_reports": 10}) != []
 
 
 def _climbing(st: JobState, start: int, n: int, rate: float = 0.01, seed: int = 1) -> int:
@@ -188,5 +206,32 @@ def test_registered_and_config_validated():
     assert isinstance(load_policy("divergence_guard"), DivergenceGuard)
     with pytest.raises(PolicyLoadError, match=r"fallback_cut=1: Input should be less than 1"):
         load_policy("divergence_guard", {"fallback_cut": 1})
-    with pytest.raises(PolicyLoadError, match=r"loss_zz=.*allowed fields: nonfinite_min"):
+    with pytest.raises(PolicyLoadError, match=r"loss_zz=.*allowed fields: fallback_cut"):
         load_policy("divergence_guard", {"loss_zz": 3})
+    # The thresholds are the controller's: the error says where they went.
+    with pytest.raises(PolicyLoadError, match=r"loss_z: .*under \[rollback.health\]"):
+        load_policy("divergence_guard", {"loss_z": 8})
+
+
+def test_the_guard_acts_on_the_controllers_one_judgement():
+    """One judgement per report, shared with stable marking: the guard follows the
+    controller's [rollback.health] thresholds, and has none of its own."""
+    def spike(health: DivergenceThresholds):
+        st = job()
+        engine = Engine([DivergenceGuard()], rollback=RollbackConfig(health=health))
+        rng = random.Random(0)
+        for i in range(1, 51):
+            advance(st, wire.Report(job="d", seq=i, step=EVERY * i, window=EVERY,
+                                    knobs=st.knobs, **healthy("gauss", rng, i)), engine)
+        return st, advance(st, wire.Report(job="d", seq=51, step=EVERY * 51, window=EVERY,
+                                           knobs=st.knobs,
+                                           **window([4.0] * EVERY, [1.0] * EVERY)), engine)
+
+    st, out = spike(DivergenceThresholds())
+    assert out.health.cause == "loss_spike" and st.view().health == out.health
+    assert [p.rollback for _, p in out.decision.proposals] == ["loss_spike"]
+    # The same spike under a controller that asks for z > 100: no verdict, no proposal, and
+    # the rollback manager saw a healthy report too.
+    st, out = spike(DivergenceThresholds(loss_z=100))
+    assert out.health is None and out.decision.proposals == ()
+    assert st.rollback.last_unhealthy_step is None

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from trimtab.controller.policy import Policy, Proposal
+from trimtab.policies.sdk import Policy, Proposal
 
 __all__ = ["LossEmaBand"]
 

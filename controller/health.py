@@ -1,0 +1,151 @@
+"""Health: whether a job's latest report shows it diverging, and why.
+
+One judgement per report, made by :func:`assess` under the controller's
+``[rollback.health]`` thresholds (:class:`DivergenceThresholds`) and shared by everything
+that needs it: the rollback manager (:mod:`~trimtab.controller.rollback`: an unhealthy
+report disqualifies the checkpoints not yet stable) and the ``divergence_guard`` policy,
+which reads it from the view (:attr:`~trimtab.controller.view.JobView.health`).
+
+* ``nonfinite``: at least ``nonfinite_min`` non-finite losses or gradient steps, unless
+  they are an isolated bad batch that the client's skip already absorbed;
+* ``loss_spike``: after ``warmup_reports``, the loss z-score (against the exponentially
+  weighted mean and variance of the reports before it; one-sided, upward only) above
+  ``loss_z`` and the window's lowest loss at least ``loss_min_rise`` above its EMA;
+* ``grad_spike``: the gradient-norm z-score above ``grad_norm_z`` and the norm at least
+  ``grad_norm_min_ratio`` times its EMA;
+* ``climb``: over a full loss-slope window with no LR change in it, the least-squares slope
+  significantly positive (``t > climb_t``) and rising at least ``climb_min_rise`` of the
+  loss over the window.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from trimtab.controller.view import Unhealthy
+
+if TYPE_CHECKING:
+    from trimtab.controller.view import JobView
+
+__all__ = ["CAUSES", "DivergenceThresholds", "Unhealthy", "assess"]
+
+#: The causes :func:`assess` gives, most urgent first (the ``reason`` label of the metrics).
+CAUSES: tuple[str, ...] = ("nonfinite", "loss_spike", "grad_spike", "climb")
+
+_Pos = {"gt": 0.0, "allow_inf_nan": False}
+
+
+class DivergenceThresholds(BaseModel):
+    """When a report counts as diverging; shared by the health judgement and the guard.
+
+    Both tests of a spike must pass: the z-score says the jump is out of the noise, the
+    rise says it is big enough to matter (a very smooth loss gives large z to tiny moves)
+    and lasted: it is taken on the window's *lowest* loss (``loss_min``, the mean when not
+    reported), so one bad batch, which lifts the window's mean, is not a spike. A climb
+    likewise needs the latest window's lowest loss above the EMA. Measured on healthy
+    small-model runs near their loss floor, where per-batch losses are heavy-tailed, these
+    two conditions are what removes the false alarms (see tests/policies).
+
+    >>> DivergenceThresholds(loss_z=8).grad_norm_z
+    10.0
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: Non-finite losses (or non-finite gradient steps) in one report that count.
+    nonfinite_min: int = Field(1, ge=1)
+    #: At most this many non-finite steps in one report, after a report without any, are an
+    #: isolated bad batch that the guard's skip already absorbed: no rollback for it (0: every
+    #: one counts). Persistent ones (more in one report, or again in the next) always count.
+    nonfinite_isolated: int = Field(1, ge=0)
+    #: Loss above its EW mean by more than this many EW standard deviations...
+    loss_z: float = Field(6.0, **_Pos)
+    #: ...and the window's lowest loss at least this fraction of |EMA| above the EMA
+    #: (the EMA before the report, which the z-score is measured against too).
+    loss_min_rise: float = Field(0.05, ge=0.0, allow_inf_nan=False)
+    #: Gradient norm z-score over this...
+    grad_norm_z: float = Field(10.0, **_Pos)
+    #: ...and the window's mean gradient norm at least this multiple of its EMA before the
+    #: report (healthy AdamW runs of a small MLP showed self-healing bursts up to 10x).
+    grad_norm_min_ratio: float = Field(20.0, ge=1.0, allow_inf_nan=False)
+    #: Loss slope t-statistic over this, over a full slope window with no LR change...
+    climb_t: float = Field(4.0, **_Pos)
+    #: ...a rise over the window of at least this fraction of |loss EMA|, and the latest
+    #: window's lowest loss above the EMA.
+    climb_min_rise: float = Field(0.05, ge=0.0, allow_inf_nan=False)
+    #: Reports seen before spikes and climbs are judged (non-finite values always are).
+    warmup_reports: int = Field(20, ge=0)
+
+
+
+def _rise(x: float, ema: float | None) -> float:
+    if ema is None or not math.isfinite(ema):
+        return 0.0
+    return math.inf if ema == 0.0 else (x - ema) / abs(ema)
+
+
+def assess(view: JobView, th: DivergenceThresholds) -> Unhealthy | None:
+    """Whether the latest report in ``view`` is unhealthy under ``th``, and why."""
+    last = view.last
+    if last is None:
+        return None
+    found: list[tuple[str, str]] = []
+    bad = max(last.nonfinite_losses, last.nonfinite_grads)
+    if bad >= th.nonfinite_min and not _isolated(view, bad, th):
+        found.append(("nonfinite", f"non-finite values in the last report: "
+                      f"{last.nonfinite_losses} losses, {last.nonfinite_grads} gradients"))
+    sig = view.signals
+    if view.reports_seen > th.warmup_reports:
+        if sig.loss_z is not None and last.loss_mean is not None and sig.loss_z > th.loss_z:
+            rise = _rise(_lowest(last), sig.loss_ref)
+            if rise >= th.loss_min_rise:
+                found.append(("loss_spike", f"loss spike: z={sig.loss_z:.1f} > {th.loss_z:g}, "
+                              f"lowest loss of the window {rise:+.0%} on the EMA"))
+        g = last.grad_norm_mean
+        if sig.grad_norm_z is not None and g is not None and sig.grad_norm_z > th.grad_norm_z:
+            ref = sig.grad_norm_ref
+            ratio = math.inf if not ref else g / ref
+            if ratio >= th.grad_norm_min_ratio:
+                found.append(("grad_spike", f"grad norm spike: z={sig.grad_norm_z:.1f} > "
+                              f"{th.grad_norm_z:g}, {ratio:.2g}x its EMA"))
+        climb = _climb(view, th)
+        if climb is not None:
+            found.append(("climb", climb))
+    if not found:
+        return None
+    return Unhealthy(found[0][0], "; ".join(r for _, r in found))
+
+
+def _isolated(view: JobView, bad: int, th: DivergenceThresholds) -> bool:
+    """Whether ``bad`` non-finite steps in the latest report are an isolated bad batch: few
+    enough, and the report before it had none (or there was none before it)."""
+    if bad > th.nonfinite_isolated:
+        return False
+    before = view.history[-2] if len(view.history) >= 2 else None
+    return before is None or before.nonfinite == 0
+
+
+def _lowest(report: Any) -> float:
+    return report.loss_min if report.loss_min is not None else report.loss_mean
+
+
+def _climb(view: JobView, th: DivergenceThresholds) -> str | None:
+    sig, last = view.signals, view.last
+    if (sig.slope is None or sig.slope_t is None or sig.slope_since_step is None
+            or sig.slope_n < sig.slope_window or sig.slope_t <= th.climb_t
+            or last is None or last.loss_mean is None):
+        return None
+    if _rise(_lowest(last), sig.loss_ref) <= 0.0:
+        return None  # the latest window dips below the average: a passing bump, not a climb
+    last_lr = view.last_change_step.get("lr")
+    if last_lr is not None and sig.slope_since_step <= last_lr:
+        return None  # the window spans an LR change: two regimes, not one trend
+    span = view.step - sig.slope_since_step
+    rise = sig.slope * span / abs(sig.loss_ema) if sig.loss_ema else math.inf
+    if rise < th.climb_min_rise:
+        return None
+    return (f"loss climbing: slope {sig.slope:.3g}/step, t={sig.slope_t:.1f} > {th.climb_t:g}, "
+            f"{rise:+.0%} over {span} steps")
