@@ -10,12 +10,16 @@ The live service (:mod:`~trimtab.controller.service`), offline replay
    rollback manager and by the ``divergence_guard`` policy alike;
 3. the rollback manager takes the checkpoints it lists
    (:meth:`RollbackState.observe <trimtab.controller.rollback.RollbackState.observe>`);
-4. the engine decides: everything when no command awaits its ack, only an urgent
-   rollback while an ordinary command does (ordinary changes are governed against the
-   values in force, so they wait for the ack), nothing while a rollback command does.
+4. the engine decides, changing nothing (:meth:`Engine.decide
+   <trimtab.controller.engine.Engine.decide>` works on a draft of the state): everything
+   when no command awaits its ack, only an urgent rollback while an ordinary command does
+   (ordinary changes are governed against the values in force, so they wait for the ack),
+   nothing while a rollback command does;
+5. :func:`commit` makes the decision the job's: its draft is adopted and the command it
+   sends is built and becomes the job's pending command.
 
-What the caller does with the decision (journal it, send its command, assume it applied)
-is the caller's: the service sends and journals, replay assumes the command applied.
+What the caller does with the command (journal it and send it, or assume it applied) is
+the caller's: the service sends and journals, replay assumes the command applied.
 
 >>> from trimtab.protocol import wire
 >>> from trimtab.controller.engine import Engine
@@ -34,18 +38,21 @@ is the caller's: the service sends and journals, replay assumes the command appl
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from trimtab.controller.governor import MULTIPLIERS
 from trimtab.controller.health import DivergenceThresholds, Unhealthy, assess
+from trimtab.protocol import wire
 
 if TYPE_CHECKING:
     from trimtab.controller.engine import Decision, Engine
-    from trimtab.controller.rollback import Observation
+    from trimtab.controller.rollback import Observation, RollbackConfig, RollbackRecord
     from trimtab.controller.state import JobState
-    from trimtab.protocol import wire
 
-__all__ = ["Taken", "Advanced", "take", "advance"]
+__all__ = ["Taken", "Advanced", "Settled", "take", "advance", "commit", "settle",
+           "settle_ack", "settle_from_report"]
 
 
 @dataclass(frozen=True)
@@ -58,9 +65,13 @@ class Taken:
 
 @dataclass(frozen=True)
 class Advanced(Taken):
-    """...and the decision (None: none was asked for, a rollback command awaits its ack)."""
+    """...and the decision (None: none to record: a rollback command awaits its ack, or an
+    ordinary one does and no rollback was needed), the command it sends (None: nothing to
+    send) and the pending command that command replaces (an urgent rollback's)."""
 
     decision: Decision | None = None
+    command: wire.Command | None = None
+    superseded: wire.Command | None = None
 
 
 def take(state: JobState, report: wire.Report, thresholds: DivergenceThresholds) -> Taken:
@@ -74,17 +85,126 @@ def take(state: JobState, report: wire.Report, thresholds: DivergenceThresholds)
 
 
 def advance(state: JobState, report: wire.Report, engine: Engine) -> Advanced:
-    """Take ``report`` into ``state`` and decide under ``engine`` (see the module docstring).
-
-    ``engine.rollback.health`` holds the health thresholds. ``state`` changes as the report
-    and the decision say; nothing else does.
-    """
+    """Take ``report`` into ``state``, decide under ``engine`` and commit the decision (see
+    the module docstring). ``engine.rollback.health`` holds the health thresholds."""
     taken = take(state, report, engine.rollback.health)
     pending = state.pending_command
-    if pending is None:
-        decision: Decision | None = engine.decide(state)
-    elif pending.rollback_to is None:
-        decision = engine.decide_urgent(state)
-    else:
-        decision = None
-    return Advanced(taken.health, taken.observation, decision)
+    if pending is not None and pending.rollback_to is not None:
+        return Advanced(taken.health, taken.observation)
+    decision = engine.decide(state) if pending is None else engine.decide_urgent(state)
+    if decision is None:  # a shadow engine, with a command pending
+        return Advanced(taken.health, taken.observation)
+    command = commit(state, decision, engine.governor.limits("lr").max)
+    if pending is not None and decision.rollback is None and not decision.errors:
+        decision = None  # nothing urgent: the pending command stands, nothing to record
+    return Advanced(taken.health, taken.observation, decision, command, pending)
+
+
+def commit(state: JobState, decision: Decision,
+           lr_max: float | None = None) -> wire.Command | None:
+    """The one place a decision changes the job: its draft becomes the job's state, and the
+    command it sends, if any, is built and becomes the job's pending command (it replaces
+    one still pending: the client keeps only the newest). Stop advice is sent once per job.
+    ``lr_max`` is the governor's lr ceiling the command carries (the client clamps the lr
+    it computes to it). Returns the command to send (None: the decision sends nothing)."""
+    if decision.draft is not None:
+        state.adopt(decision.draft)
+    targets = decision.commands
+    plan = None if decision.shadow else decision.rollback
+    mark = decision.mark_stable
+    advice = None
+    if decision.stop_advice is not None and not decision.shadow and state.stop_advice is None:
+        advice = state.stop_advice = decision.stop_advice
+    if (not targets and plan is None and mark is None and advice is None
+            and decision.schedules is None):
+        return None
+    reasons = decision.reasons()
+    if advice is not None:
+        reasons.append(f"stop advised: {advice}"[:1024])
+    if mark is not None:
+        reasons.append(f"checkpoint at step {mark} marked stable: healthy for "
+                       f"{state.step - mark} steps after it")
+    scale = {k: v for k, v in targets.items() if k in MULTIPLIERS}
+    absolute = {k: v for k, v in targets.items() if k not in scale}
+    command = wire.Command(
+        job=state.job, seq=state.next_command_seq(), knobs=wire.Knobs(**absolute),
+        scale=wire.ScaleTargets(**scale), lr_max=lr_max,
+        reasons=reasons[:64], mark_stable=mark,
+        rollback_to=plan.target_step if plan is not None else None, stop_advice=advice,
+        schedules=None if decision.schedules is None else list(decision.schedules))
+    state.pending_command = command
+    state.pending_since = state.reports_seen
+    return command
+
+
+# -- what the client says it applied ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Settled:
+    """What settling an applied command recorded: the stable mark done (``marked``) or
+    refused (``mark_failed``), and its rollback restored (``restored``, with the steps
+    lost) or failed (``failed``, why); ``rollback`` is the rollback either way."""
+
+    command: wire.Command
+    inferred: bool = False
+    marked: int | None = None
+    mark_failed: int | None = None
+    rollback: RollbackRecord | None = None
+    restored: int | None = None
+    steps_lost: int = 0
+    failed: str | None = None
+
+
+def settle(state: JobState, command: wire.Command, cfg: RollbackConfig, *,
+           restored: int | None, marked: bool, why: str, inferred: bool = False) -> Settled:
+    """The client applied ``command``: record its mark and rollback as done or failed (in
+    the client's order: the mark first, so a rollback to the checkpoint the same command
+    marks finds it stable). ``restored`` is the step the client restored (None: it did not,
+    for ``why``)."""
+    rb = state.rollback
+    out = Settled(command, inferred)
+    if command.mark_stable is not None and rb.pending_mark == command.mark_stable:
+        if marked:
+            rb.note_marked(command.mark_stable)
+            out = dataclasses.replace(out, marked=command.mark_stable)
+        else:
+            rb.mark_failed(command.mark_stable)
+            out = dataclasses.replace(out, mark_failed=command.mark_stable)
+    if command.rollback_to is not None and rb.pending is not None:
+        rec = rb.pending
+        if restored is not None:
+            state.branch_seq = max(state.branch_seq, command.seq)
+            lost = state.on_restored(restored, cfg)
+            out = dataclasses.replace(out, rollback=rec, restored=restored, steps_lost=lost)
+        else:
+            rb.note_failed(why)
+            out = dataclasses.replace(out, rollback=rec, failed=why)
+    return out
+
+
+def settle_ack(state: JobState, ack: wire.Ack, cfg: RollbackConfig) -> Settled | None:
+    """Take an ack: the knobs now in force, and the command it acknowledges settled (None:
+    an ack older than one seen, or of a command replaced since, settles nothing)."""
+    last = state.last_command
+    command = last if last is not None and last.seq == ack.seq else None
+    fresh = state.on_ack(ack)
+    if not fresh or command is None:
+        return None
+    return settle(state, command, cfg, restored=ack.restored_step, marked=ack.error is None,
+                  why=ack.error or "the ack carries no restored_step")
+
+
+def settle_from_report(state: JobState, report: wire.Report,
+                       cfg: RollbackConfig) -> Settled | None:
+    """A report says the pending command is applied before its ack came (the ack was lost):
+    settle its mark and rollback from what the report shows (None: nothing to settle)."""
+    command = state.pending_command
+    if command is None or report.applied_seq < command.seq:
+        return None
+    pending = state.rollback.pending
+    restored = (command.rollback_to if pending is not None and report.step < pending.from_step
+                else None)
+    return settle(state, command, cfg, restored=restored,
+                  marked=report.stable_step == command.mark_stable, inferred=True,
+                  why=f"the report at step {report.step} shows no rollback")

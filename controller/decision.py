@@ -11,12 +11,15 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from trimtab.controller.governor import MULTIPLIERS
 from trimtab.controller.policy import Proposal
 from trimtab.controller.rollback import RollbackPlan
 from trimtab.protocol import wire
+
+if TYPE_CHECKING:
+    from trimtab.controller.state import JobState
 
 __all__ = ["GOVERNOR", "Arbitration", "arbitrate", "KnobDecision", "Decision"]
 
@@ -130,6 +133,10 @@ class Decision:
     #: The live schedules from this decision on, when they change (``()``: none); None: the
     #: ones sent before stay.
     schedules: tuple[wire.LiveSchedule, ...] | None = None
+    #: The job's state as this decision leaves it (a draft, :meth:`JobState.fork
+    #: <trimtab.controller.state.JobState.fork>`): deciding changes nothing, and
+    #: :func:`~trimtab.controller.advance.commit` adopts it. Not part of the decision's value.
+    draft: JobState | None = field(default=None, compare=False, repr=False)
 
     @property
     def would_command(self) -> dict[str, float]:

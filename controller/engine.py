@@ -142,13 +142,21 @@ class Engine:
         self.live_schedules = live_schedules
 
     def decide(self, state: JobState) -> Decision:
-        """Ask, arbitrate and govern every knob for ``state`` at its current step."""
+        """Ask, arbitrate and govern every knob for ``state`` at its current step.
+
+        Pure as far as the job goes: ``state`` is untouched. The decision is made on a draft
+        (:meth:`JobState.fork <trimtab.controller.state.JobState.fork>`) and carries it
+        (:attr:`Decision.draft`); :func:`~trimtab.controller.advance.commit` adopts it and
+        builds the command. (Policies are called: one that keeps state of its own, or
+        fails and is disabled in the draft, is the policy's business.)
+        """
+        draft = state.fork()
         # The shadow pass goes first, so that both passes see the same state.
-        shadowed = self._shadow_pass(state) if self.shadow_policies else None
-        decision = self._decide(state, self.policies, self.shadow, state.memory)
+        shadowed = self._shadow_pass(draft) if self.shadow_policies else None
+        decision = self._decide(draft, self.policies, self.shadow, draft.memory)
         if not self.shadow:
-            decision = self._settle_schedules(state, decision)
-        return decision if shadowed is None else dataclasses.replace(decision, shadowed=shadowed)
+            decision = self._settle_schedules(draft, decision)
+        return dataclasses.replace(decision, shadowed=shadowed, draft=draft)
 
     def decide_urgent(self, state: JobState) -> Decision | None:
         """The decision to send while an earlier command still awaits its ack: a rollback
@@ -157,15 +165,17 @@ class Engine:
         live policies are asked, and a rollback one of them asks for is planned and ordered
         as :meth:`decide` would (the newer command supersedes the pending one); an open
         measurement phase ends with its return when non-finite values persist (see
-        :data:`SAFETY`). None when no rollback is asked for or can be made. Policy errors
-        met on the way are returned in a decision with no knobs, so that they are
-        journaled."""
+        :data:`SAFETY`). A shadow engine sends nothing: None. Otherwise a decision, with
+        no knobs when no rollback is asked for or can be made (it may still carry policy
+        errors to journal, and its draft the policies they disabled). Pure, as
+        :meth:`decide`."""
         if self.shadow:
             return None
-        decision = self._decide(state, self.policies, False, state.memory, urgent=True)
-        if decision.rollback is None:
-            return decision if decision.errors else None
-        return self._settle_schedules(state, decision)
+        draft = state.fork()
+        decision = self._decide(draft, self.policies, False, draft.memory, urgent=True)
+        if decision.rollback is not None:
+            decision = self._settle_schedules(draft, decision)
+        return dataclasses.replace(decision, draft=draft)
 
     def _shadow_pass(self, state: JobState) -> Decision:
         """The shadow policies' decision, recorded in the shadow memory only."""
@@ -510,7 +520,9 @@ class Engine:
 
     def decide_schedules(self, state: JobState) -> Decision:
         """A decision on the scheduled knobs only, for a job that just registered: its live
-        schedules (or first scheduled values) before its first report."""
+        schedules (or first scheduled values) before its first report. Pure, as
+        :meth:`decide`."""
+        state = state.fork()
         # Only schedules are asked: the other policies have nothing to go on before a report.
         asked = [p for p in self.policies if getattr(p, "formula", None) is not None]
         proposals, errors = self._ask(state, asked)
@@ -522,7 +534,7 @@ class Engine:
             if kd is not None:
                 knobs[knob] = kd
         decision = Decision(step=state.step, proposals=tuple(scheduled), knobs=knobs,
-                            errors=tuple(errors), shadow=self.shadow)
+                            errors=tuple(errors), shadow=self.shadow, draft=state)
         if self.shadow:
             return decision
         for knob, value in decision.commands.items():

@@ -181,6 +181,10 @@ class KnobMemory:
     #: +1 up, -1 down, 0 never changed.
     last_direction: int = 0
 
+    def copy(self) -> KnobMemory:
+        """A copy with its own history list."""
+        return KnobMemory(list(self.history), self.last_change_step, self.last_direction)
+
     def record(self, step: int, previous: float | None, value: float, window_steps: int) -> None:
         """Remember that ``value`` was commanded at ``step`` (replacing ``previous``)."""
         if not self.history and previous is not None:

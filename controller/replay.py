@@ -229,14 +229,15 @@ def replay(
             report = wire.Report.model_validate(_replayed(rec, state, applied))
         except ValueError as exc:
             raise TraceError(f"report at step {rec.step} is not a valid report: {exc}") from None
+        # The report says every command so far is applied (applied_seq): none is pending,
+        # so each report is decided in full, as the live controller does once acks came.
         decision = advance(state, report, engine).decision
-        assert decision is not None  # replay assumes every command applied: none is pending
-        if decision.commands or decision.rollback is not None or decision.errors:
+        if decision is not None and (decision.commands or decision.rollback is not None
+                                     or decision.errors):
             result.decisions.append(decision)
-        if decision.commands:
-            state.next_command_seq()
+        if decision is not None and decision.commands:
             applied.update(decision.commands)
-        if decision.mark_stable is not None:
+        if decision is not None and decision.mark_stable is not None:
             state.rollback.note_marked(decision.mark_stable)  # assumed applied, like knobs
         result.points.append(ReplayPoint(
             report.step, _num(report.loss_mean), _num(report.grad_norm_mean),

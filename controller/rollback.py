@@ -53,6 +53,7 @@ into it what it decides, the service what the client acknowledges.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -239,6 +240,14 @@ class RollbackState:
         return self.stable[-1] if self.stable else None
 
     # -- what reports tell --------------------------------------------------------------
+
+    def copy(self) -> RollbackState:
+        """A copy with containers of its own (their items are never changed in place)."""
+        return dataclasses.replace(
+            self, checkpoints=list(self.checkpoints), at_checkpoint=dict(self.at_checkpoint),
+            in_force_at=dict(self.in_force_at), candidates=dict(self.candidates),
+            stable=list(self.stable), unusable=list(self.unusable), history=list(self.history),
+            rollbacks=dict(self.rollbacks))
 
     def observe(self, view: JobView, verdict: Unhealthy | None) -> Observation:
         """Take the latest report in ``view``: its health (``verdict``, the controller's one

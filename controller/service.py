@@ -24,7 +24,13 @@ from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry
 
-from trimtab.controller.advance import advance
+from trimtab.controller.advance import (
+    Settled,
+    advance,
+    commit,
+    settle_ack,
+    settle_from_report,
+)
 from trimtab.controller.budget import PolicyBudget
 from trimtab.controller.config import ControllerConfig, PolicySpec
 from trimtab.controller.engine import Decision, Engine
@@ -84,7 +90,6 @@ class Controller:
         self._peer: dict[str, bytes] = {}
         self._retired: dict[str, collections.deque[bytes]] = {}
         self._last_seen: dict[str, float] = {}
-        self._pending_since: dict[str, int] = {}
         #: With CURVE keys: the key (z85 public key, the ZAP User-Id) each live job is bound to.
         self._owner: dict[str, str] = {}
         self.metrics = ControllerMetrics(registry=registry, jobs=lambda: self.jobs.values(),
@@ -193,18 +198,19 @@ class Controller:
         self.metrics.reports.inc()
         if state.is_stale(msg):
             return self._stale(state, msg)
-        self._settle_from_report(state, msg)
+        self._journal_settled(state, settle_from_report(state, msg, self.config.rollback))
         if msg.applied_seq < state.branch_seq:
             return self._abandoned(state, msg)
         self.journal.append(msg.job, "report", step=msg.step, seq=msg.seq,
                             data=msg.model_dump(exclude={"type", "v", "job"}))
         step = advance(state, msg, self.engine_for(state.job))
         self._checkpoints(state, msg, step.observation)
-        replies = self._resend_if_lost(peer, state, msg)
+        # A command sent now replaces the one pending: that one is not sent again.
+        replies = [] if step.command is not None else self._resend_if_lost(peer, state, msg)
         if step.decision is not None:
             if step.decision.shadowed is not None:
                 self._journal_shadow(state.job, step.decision.shadowed)
-            replies += self._act(peer, state, step.decision)
+            replies += self._record(peer, state, step.decision, step.command, step.superseded)
         self.journal.save_state(msg.job, state.state_dict())
         return replies
 
@@ -215,18 +221,14 @@ class Controller:
         if msg.seq > state.command_seq:  # an older seq is a repeat ack: taken, not applied
             return [self._refuse(peer, "invalid", f"ack seq {msg.seq}: no such command was "
                                  f"sent (newest {state.command_seq})", msg.job)]
-        last = state.last_command
-        command = last if last is not None and last.seq == msg.seq else None
-        fresh = state.on_ack(msg)
+        done = settle_ack(state, msg, self.config.rollback)
         self.journal.append(msg.job, "ack", step=msg.step, seq=msg.seq, data={
             "knobs": msg.knobs.model_dump(), "base": msg.base.model_dump(),
             "scale": msg.scale.model_dump(), "restored_step": msg.restored_step,
             "error": msg.error})
         if msg.error is not None:
             log.warning("job %s: command %d not wholly applied: %s", msg.job, msg.seq, msg.error)
-        if fresh and command is not None:
-            self._settle(state, command, restored=msg.restored_step, marked=msg.error is None,
-                         why=msg.error or "the ack carries no restored_step")
+        self._journal_settled(state, done)
         self.journal.save_state(msg.job, state.state_dict())
         return []
 
@@ -285,49 +287,26 @@ class Controller:
                  "not observed", msg.job, msg.seq, msg.step)
         return []
 
-    def _settle_from_report(self, state: JobState, msg: wire.Report) -> None:
-        """A report says the pending command is applied before its ack came (the ack was
-        lost): settle its mark and rollback from what the report shows."""
-        command = state.pending_command
-        if command is None or msg.applied_seq < command.seq:
+    def _journal_settled(self, state: JobState, done: Settled | None) -> None:
+        """Journal and log what settling an applied command recorded."""
+        if done is None:
             return
-        pending = state.rollback.pending
-        restored = (command.rollback_to if pending is not None and msg.step < pending.from_step
-                    else None)
-        self._settle(state, command, restored=restored,
-                     marked=msg.stable_step == command.mark_stable, inferred=True,
-                     why=f"the report at step {msg.step} shows no rollback")
-
-    def _settle(self, state: JobState, command: wire.Command, *, restored: int | None,
-                marked: bool, why: str, inferred: bool = False) -> None:
-        """The client applied ``command``: record its mark and rollback as done or failed
-        (in the client's order: the mark first, so a rollback to the checkpoint the same
-        command marks finds it stable)."""
-        rb = state.rollback
-        if command.mark_stable is not None and rb.pending_mark == command.mark_stable:
-            if marked:
-                rb.note_marked(command.mark_stable)
-                self.journal.append(state.job, "stable", step=command.mark_stable,
-                                    seq=command.seq, data={"step": command.mark_stable,
-                                                           "source": "report" if inferred
-                                                           else "ack"})
-            else:
-                rb.mark_failed(command.mark_stable)
-                log.warning("job %s: checkpoint %d not marked stable", state.job,
-                            command.mark_stable)
-        if command.rollback_to is not None and rb.pending is not None:
-            rec = rb.pending
-            if restored is not None:
-                state.branch_seq = max(state.branch_seq, command.seq)
-                lost = state.on_restored(restored, self.config.rollback)
-                self.journal.append(state.job, "restored", step=restored, seq=command.seq, data={
-                    "restored_step": restored, "from_step": rec.from_step, "steps_lost": lost,
-                    "reason": rec.cause, "level": rec.level, "inferred": inferred})
-                log.warning("job %s: rolled back from step %d to %d (%s, level %d)", state.job,
-                            rec.from_step, restored, rec.cause, rec.level)
-            else:
-                rb.note_failed(why)
-                log.error("job %s: rollback to step %d failed: %s", state.job, rec.to_step, why)
+        command, job = done.command, state.job
+        if done.marked is not None:
+            self.journal.append(job, "stable", step=done.marked, seq=command.seq, data={
+                "step": done.marked, "source": "report" if done.inferred else "ack"})
+        if done.mark_failed is not None:
+            log.warning("job %s: checkpoint %d not marked stable", job, done.mark_failed)
+        rec = done.rollback
+        if rec is not None and done.restored is not None:
+            self.journal.append(job, "restored", step=done.restored, seq=command.seq, data={
+                "restored_step": done.restored, "from_step": rec.from_step,
+                "steps_lost": done.steps_lost, "reason": rec.cause, "level": rec.level,
+                "inferred": done.inferred})
+            log.warning("job %s: rolled back from step %d to %d (%s, level %d)", job,
+                        rec.from_step, done.restored, rec.cause, rec.level)
+        elif rec is not None:
+            log.error("job %s: rollback to step %d failed: %s", job, rec.to_step, done.failed)
 
     # -- helpers ------------------------------------------------------------------------
     def _bounds(self, job: str, knob: str, initial: float | None) -> tuple[float, float]:
@@ -388,6 +367,14 @@ class Controller:
             log.info("job %s: shadow, not sent: %s", job, line)
 
     def _act(self, peer: bytes, state: JobState, decision: Decision) -> list[Reply]:
+        """Commit a decision made outside a report (at registration) and record it."""
+        superseded = state.pending_command
+        command = commit(state, decision, self.engine_for(state.job).governor.limits("lr").max)
+        return self._record(peer, state, decision, command, superseded)
+
+    def _record(self, peer: bytes, state: JobState, decision: Decision,
+                command: wire.Command | None, superseded: wire.Command | None) -> list[Reply]:
+        """Journal, log and count a committed decision and its command; the reply sending it."""
         job = state.job
         for policy, proposal in decision.proposals:
             self.journal.append(job, "proposal", step=decision.step, data={
@@ -404,38 +391,15 @@ class Controller:
         if decision.proposals:
             self.journal.append(job, "decision", step=decision.step, data=decision.to_dict())
         self.metrics.note_decision(job, decision)
-        targets = decision.commands
-        plan = None if decision.shadow else decision.rollback
-        mark = decision.mark_stable
-        advice = None
-        if decision.stop_advice is not None and not decision.shadow and state.stop_advice is None:
-            advice = state.stop_advice = decision.stop_advice  # sent once per job
-            self.journal.append(job, "advice", step=decision.step,
-                                data={"advice": "stop", "reason": advice})
-            log.warning("job %s: advising the run to stop: %s", job, advice)
-        if (not targets and plan is None and mark is None and advice is None
-                and decision.schedules is None):
+        if command is None:
             return []
-        reasons = decision.reasons()
-        if advice is not None:
-            reasons.append(f"stop advised: {advice}"[:1024])
-        if mark is not None:
-            reasons.append(f"checkpoint at step {mark} marked stable: healthy for "
-                           f"{state.step - mark} steps after it")
-        scale = {k: v for k, v in targets.items() if k in ("lr", "weight_decay")}
-        absolute = {k: v for k, v in targets.items() if k not in scale}
-        lr_max = self.engine_for(job).governor.limits("lr").max
-        command = wire.Command(
-            job=job, seq=state.next_command_seq(), knobs=wire.Knobs(**absolute),
-            scale=wire.ScaleTargets(**scale), lr_max=lr_max,
-            reasons=reasons[:64], mark_stable=mark,
-            rollback_to=plan.target_step if plan is not None else None, stop_advice=advice,
-            schedules=None if decision.schedules is None else list(decision.schedules))
-        # An urgent rollback may replace a command still awaiting its ack; the client keeps
-        # only the newest it has received, so the replaced one may never be applied.
-        superseded = state.pending_command
-        state.pending_command = command
-        self._pending_since[job] = state.reports_seen
+        if command.stop_advice is not None:
+            self.journal.append(job, "advice", step=decision.step,
+                                data={"advice": "stop", "reason": command.stop_advice})
+            log.warning("job %s: advising the run to stop: %s", job, command.stop_advice)
+        scale = command.scale.model_dump(exclude_none=True)
+        absolute = command.knobs.model_dump(exclude_none=True)
+        plan = None if decision.shadow else decision.rollback
         if plan is not None:
             self.journal.append(job, "rollback", step=decision.step, seq=command.seq, data={
                 "reason": plan.cause, "why": plan.reason, "level": plan.level,
@@ -444,12 +408,12 @@ class Controller:
                 "knobs": absolute})
             log.warning("job %s: %s", job, plan.describe())
         self.journal.append(job, "command", step=decision.step, seq=command.seq, data={
-            "scale": scale, "knobs": absolute, "lr_max": lr_max,
-            "reasons": command.reasons, "mark_stable": mark,
+            "scale": scale, "knobs": absolute, "lr_max": command.lr_max,
+            "reasons": command.reasons, "mark_stable": command.mark_stable,
             "rollback_to": command.rollback_to,
             "supersedes": None if superseded is None else superseded.seq})
         self.metrics.commands.inc()
-        log.info("job %s: command %d %s (%s)", job, command.seq, targets,
+        log.info("job %s: command %d %s (%s)", job, command.seq, decision.commands,
                  "; ".join(command.reasons))
         return [(self._peer.get(job, peer), wire.encode(command))]
 
@@ -457,9 +421,9 @@ class Controller:
         pending = state.pending_command
         if pending is None:  # none sent, or the report says it is applied (observe saw)
             return []
-        sent_at = self._pending_since.get(state.job, state.reports_seen)
+        sent_at = state.pending_since if state.pending_since is not None else state.reports_seen
         if state.reports_seen - sent_at >= self.config.resend_after_reports:
-            self._pending_since[state.job] = state.reports_seen
+            state.pending_since = state.reports_seen
             log.info("job %s: command %d not applied yet; sending it again", state.job,
                      pending.seq)
             return [(self._peer.get(state.job, peer), wire.encode(pending))]
@@ -493,7 +457,7 @@ class Controller:
         self.metrics.jobs_connected.set(len(self.jobs))
 
     def _forget(self, job: str) -> None:
-        for table in (self.jobs, self._peer, self._retired, self._last_seen, self._pending_since,
+        for table in (self.jobs, self._peer, self._retired, self._last_seen,
                       self._owner,
                       self._job_governors, self._job_engines):
             table.pop(job, None)

@@ -28,6 +28,7 @@ values; :attr:`JobState.effective` the values the optimizer used, as reported.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from collections import deque
@@ -222,6 +223,37 @@ class JobState:
         self.phase: Phase | None = None
         self.phases_done: dict[str, Phase] = {}
         self.found_lr: float | None = None
+        #: ``reports_seen`` when the pending command was last sent (None: not this process's
+        #: sending): it is sent again after ``resend_after_reports`` without being applied.
+        self.pending_since: int | None = None
+
+    # -- what a decision changes --------------------------------------------------------
+
+    #: The parts of the state a decision changes (:meth:`fork`, :meth:`adopt`): the governor
+    #: memories and change records, the phases, the corrections and live schedules, the
+    #: disabled policies and the rollback bookkeeping. Everything else is the reports' and
+    #: the acks', and a decision only reads it.
+    DECIDED = ("memory", "shadow_memory", "last_change_step", "decision_counts",
+               "shadow_counts", "phase", "phases_done", "found_lr", "disabled_policies",
+               "corrections", "live", "rollback")
+
+    def fork(self) -> JobState:
+        """A draft for a decision to work on: a copy whose :data:`DECIDED` parts are its own
+        (new containers; their items are never changed in place), sharing the rest, which a
+        decision only reads. The job's state is untouched until :meth:`adopt`."""
+        draft = copy.copy(self)
+        draft.memory = {k: m.copy() for k, m in self.memory.items()}
+        draft.shadow_memory = {k: m.copy() for k, m in self.shadow_memory.items()}
+        for name in ("last_change_step", "decision_counts", "shadow_counts", "phases_done",
+                     "disabled_policies", "corrections", "live"):
+            setattr(draft, name, dict(getattr(self, name)))
+        draft.rollback = self.rollback.copy()
+        return draft
+
+    def adopt(self, draft: JobState) -> None:
+        """Take the :data:`DECIDED` parts of a draft a decision was made on (:meth:`fork`)."""
+        for name in self.DECIDED:
+            setattr(self, name, getattr(draft, name))
 
     @classmethod
     def from_register(

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from tests._decide import decided
 from trimtab.controller.advance import take
 from trimtab.controller.engine import Arbitration, Engine, arbitrate
 from trimtab.controller.governor import Governor, GovernorConfig, KnobLimits
@@ -87,7 +88,7 @@ def test_engine_arbitrates_then_governs_and_records_what_it_will_send():
     st = state()
     eng = Engine([Fixed("up", p(factor=1.5)), Fixed("down", p(factor=0.01, reason="spike"))],
                  Governor())
-    d = eng.decide(st)
+    d = decided(eng, st)
     kd = d.knobs["lr"]
     # The lr is trimtab's multiplier on the job's own lr: 1 at registration.
     assert (kd.current, kd.target, kd.policy, kd.reason) == (1.0, pytest.approx(1e-2), "down",
@@ -103,7 +104,7 @@ def test_engine_arbitrates_then_governs_and_records_what_it_will_send():
 def test_a_blocked_knob_is_decided_but_not_commanded_nor_recorded():
     st = state()
     eng = Engine([Fixed("tiny", p(factor=1.001))], Governor())
-    d = eng.decide(st)
+    d = decided(eng, st)
     assert d.knobs["lr"].commanded is None and d.knobs["lr"].limits == ("deadband",)
     assert d.commands == {} and d.reasons() == []
     assert st.last_change_step["lr"] is None and st.decision_counts == {}
@@ -112,10 +113,10 @@ def test_a_blocked_knob_is_decided_but_not_commanded_nor_recorded():
 def test_the_next_decision_sees_the_cooldown_it_recorded():
     st = state()
     eng = Engine([Fixed("down", p(factor=0.5))], Governor())
-    assert eng.decide(st).commands == {"lr": 0.5}
+    assert decided(eng, st).commands == {"lr": 0.5}
     st.pending_command = wire.Command(job="j", seq=1, scale=wire.ScaleTargets(lr=0.5))
     st.step += 10
-    d = eng.decide(st)
+    d = decided(eng, st)
     assert d.knobs["lr"].current == 0.5  # the pending command's value, not the old one
     assert d.commands == {} and d.knobs["lr"].limits == ("cooldown",)
 
@@ -125,14 +126,14 @@ def test_a_raising_policy_is_disabled_for_that_job_and_the_others_go_on():
     good = Fixed("good", p(factor=0.5))
     eng = Engine([bad, good], LOOSE)
     st, other = state(), state()
-    d = eng.decide(st)
+    d = decided(eng, st)
     assert d.errors == (("bad", "raised RuntimeError: boom"),)
     assert st.disabled_policies == {"bad": "raised RuntimeError: boom"}
     assert d.commands == {"lr": 0.5}
     st.step += 100
-    eng.decide(st)
+    decided(eng, st)
     assert bad.calls == 1 and good.calls == 2
-    eng.decide(other)  # another job still asks it
+    decided(eng, other)  # another job still asks it
     assert bad.calls == 2
 
 
@@ -146,7 +147,7 @@ def test_a_raising_policy_is_disabled_for_that_job_and_the_others_go_on():
 )
 def test_nonsense_disables_the_policy(returns, why):
     st = state()
-    d = Engine([Fixed("odd", returns=returns), Fixed("good", p(factor=0.5))], LOOSE).decide(st)
+    d = decided(Engine([Fixed("odd", returns=returns), Fixed("good", p(factor=0.5))], LOOSE), st)
     assert d.errors == (("odd", why),) and st.disabled_policies == {"odd": why}
     assert d.commands == {"lr": 0.5}
 
@@ -155,7 +156,7 @@ def test_a_forced_non_finite_proposal_disables_the_policy():
     forged = p(factor=0.5)
     object.__setattr__(forged, "factor", float("nan"))
     st = state()
-    d = Engine([Fixed("forger", returns=[forged])], LOOSE).decide(st)
+    d = decided(Engine([Fixed("forger", returns=[forged])], LOOSE), st)
     assert "forger" in st.disabled_policies and "finite" in d.errors[0][1]
     assert d.knobs == {}
 
@@ -168,14 +169,14 @@ def test_a_policy_that_cannot_build_a_proposal_is_disabled():
             return [Proposal("lr", factor=float("inf"), reason="x")]
 
     st = state()
-    d = Engine([Sloppy()], LOOSE).decide(st)
+    d = decided(Engine([Sloppy()], LOOSE), st)
     why = "raised ValueError: lr factor must be a finite number, got inf"
     assert d.errors == (("sloppy", why),)
 
 
 def test_a_knob_outside_its_bounds_is_corrected_without_any_proposal():
     st = state(momentum=1.5, lr=0.1)
-    d = Engine([], Governor()).decide(st)
+    d = decided(Engine([], Governor()), st)
     kd = d.knobs["momentum"]
     assert d.commands == {"momentum": 0.999}
     assert kd.policy == "governor" and kd.limits == ("bounds",)
@@ -184,14 +185,14 @@ def test_a_knob_outside_its_bounds_is_corrected_without_any_proposal():
 
 def test_shadow_decisions_are_not_sent_nor_recorded():
     st = state()
-    d = Engine([Fixed("down", p(factor=0.5))], Governor(), shadow=True).decide(st)
+    d = decided(Engine([Fixed("down", p(factor=0.5))], Governor(), shadow=True), st)
     assert d.shadow and d.commands == {} and d.would_command == {"lr": 0.5}
     assert st.memory["lr"].history == [] and st.decision_counts == {}
 
 
 def test_decision_to_dict_is_json():
-    d = Engine([Fixed("down", p(factor=0.5)), Fixed("bad", raises=KeyError("x"))],
-               Governor()).decide(state())
+    d = decided(Engine([Fixed("down", p(factor=0.5)), Fixed("bad", raises=KeyError("x"))],
+               Governor()), state())
     rec = json.loads(json.dumps(d.to_dict(), allow_nan=False))
     assert rec["commands"] == {"lr": 0.5}
     assert rec["knobs"]["lr"]["policy"] == "down"
@@ -227,7 +228,7 @@ def guard(cause: str = "nonfinite") -> Fixed:
 
 def test_a_rollback_beats_every_decrease_and_carries_its_governed_cut():
     st = with_stable()
-    d = Engine([Fixed("down", p(factor=0.1, reason="spike")), guard()], LOOSE).decide(st)
+    d = decided(Engine([Fixed("down", p(factor=0.1, reason="spike")), guard()], LOOSE), st)
     plan = d.rollback
     assert (plan.target_step, plan.from_step, plan.level, plan.cause) == (500, 1000, 1, "nonfinite")
     assert plan.policy == "guard" and plan.reason == "NaN loss"
@@ -244,13 +245,13 @@ def test_a_rollback_beats_every_decrease_and_carries_its_governed_cut():
 
 def test_without_a_stable_checkpoint_a_rollback_is_a_governed_cut():
     st = state()
-    d = Engine([guard()], Governor()).decide(st)
+    d = decided(Engine([guard()], Governor()), st)
     assert d.rollback is None and d.commands == {"lr": 0.5}
     assert d.knobs["lr"].reason == "NaN loss (no rollback: no stable checkpoint to roll back to)"
     assert st.rollback.pending is None and st.rollback.history == []
     # ... which the governor's cooldown then holds like any other change.
     st.step += 10
-    assert Engine([guard()], Governor()).decide(st).knobs["lr"].limits == ("cooldown",)
+    assert decided(Engine([guard()], Governor()), st).knobs["lr"].limits == ("cooldown",)
 
 
 def _report(st: JobState, step: int, checkpoints: list[int], loss: float = 2.0) -> None:
@@ -267,20 +268,20 @@ def test_the_checkpoint_taken_at_attach_is_marked_stable_with_the_first_report()
     st = state(step=0)
     engine = Engine([], Governor())
     _report(st, 10, [0])
-    d = engine.decide(st)
+    d = decided(engine, st)
     assert d.mark_stable == 0
     st.rollback.note_marked(0)
     _report(st, 20, [0, 20])
-    assert engine.decide(st).mark_stable is None
+    assert decided(engine, st).mark_stable is None
     # Registered late (a controller started after the job, at step 500): the checkpoint at
     # the registration step, where the client holds one, is the run as this controller met
     # it; an older one (300, 400) is never marked without a healthy window after it.
     late = state(step=500)
     _report(late, 510, [300, 400, 500])
-    assert engine.decide(late).mark_stable == 500
+    assert decided(engine, late).mark_stable == 500
     late2 = state(step=500)
     _report(late2, 510, [300, 400])
-    assert engine.decide(late2).mark_stable is None
+    assert decided(engine, late2).mark_stable is None
 
 
 def test_the_cooldown_does_not_hold_a_rollback_and_counts_from_the_checkpoint_after():
@@ -288,7 +289,7 @@ def test_the_cooldown_does_not_hold_a_rollback_and_counts_from_the_checkpoint_af
     gov = Governor()
     st.note_change("lr", "plateau", 1.0, 0.8, 1000)  # at 1000: lr is cooling down
     st.knobs = wire.Knobs(lr=0.8, momentum=0.9)
-    d = Engine([guard()], gov).decide(st)
+    d = decided(Engine([guard()], gov), st)
     # The cut is relative to the multiplier in force at the fault (0.8), not the checkpoint's.
     assert d.rollback is not None and d.commands == {"lr": pytest.approx(0.4)}
     assert "cooldown" not in d.knobs["lr"].limits
@@ -299,18 +300,18 @@ def test_the_cooldown_does_not_hold_a_rollback_and_counts_from_the_checkpoint_af
     st.pending_command = None
     st.knobs = wire.Knobs(lr=0.4, momentum=0.9)
     st.step = 520  # ordinary changes wait out the cooldown from the rollback
-    kd = Engine([Fixed("down", p(factor=0.5))], gov).decide(st).knobs["lr"]
+    kd = decided(Engine([Fixed("down", p(factor=0.5))], gov), st).knobs["lr"]
     assert kd.commanded is None and kd.limits == ("cooldown",)
 
 
 def test_the_governor_bounds_and_step_ratio_per_level_still_bound_the_cut():
     deep = RollbackConfig(base_cut=0.01)
     st = with_stable()
-    d = Engine([guard()], Governor(), rollback=deep).decide(st)
+    d = decided(Engine([guard()], Governor(), rollback=deep), st)
     assert d.commands == {"lr": 0.5} and d.knobs["lr"].limits == ("max_step_ratio",)
     st = with_stable()
     floor = Governor(GovernorConfig(lr=KnobLimits(min_rel=0.8)))
-    d = Engine([guard()], floor, rollback=deep).decide(st)
+    d = decided(Engine([guard()], floor, rollback=deep), st)
     assert d.commands == {"lr": pytest.approx(0.8)} and d.knobs["lr"].limits == ("bounds",)
 
 
@@ -318,16 +319,16 @@ def test_past_the_budget_the_decision_raises_the_alert_and_cuts_instead():
     cfg = RollbackConfig(budget=1, cooldown_steps=0)
     st = with_stable()
     eng = Engine([guard()], LOOSE, rollback=cfg)
-    assert eng.decide(st).rollback is not None
+    assert decided(eng, st).rollback is not None
     st.on_restored(500, cfg)
     st.pending_command = None
     st.step = st.rollback.step = 600
-    d = eng.decide(st)
+    d = decided(eng, st)
     assert d.rollback is None and d.alert.startswith("rollback budget exhausted: 1 rollbacks")
     assert st.rollback.alert == d.alert and d.commands == {"lr": 0.5}
     assert "no rollback: rollback budget exhausted" in d.knobs["lr"].reason
     st.step = st.rollback.step = 700
-    again = eng.decide(st)
+    again = decided(eng, st)
     assert again.alert is None and again.rollback is None  # raised once, then just cuts
 
 
@@ -335,19 +336,19 @@ def test_a_checkpoint_due_is_marked_unless_rolling_back_or_in_shadow():
     st = with_stable()
     st.rollback.checkpoints = [500, 700]
     st.rollback.candidates[700] = 10
-    assert Engine([], LOOSE).decide(st).mark_stable == 700
+    assert decided(Engine([], LOOSE), st).mark_stable == 700
     assert st.rollback.pending_mark == 700
     st = with_stable()
     st.rollback.checkpoints = [500, 700]
     st.rollback.candidates[700] = 10
-    assert Engine([], LOOSE, shadow=True).decide(st).mark_stable is None
-    d = Engine([guard()], LOOSE).decide(st)
+    assert decided(Engine([], LOOSE, shadow=True), st).mark_stable is None
+    d = decided(Engine([guard()], LOOSE), st)
     assert d.rollback is not None and d.mark_stable is None
 
 
 def test_a_shadow_rollback_is_decided_but_not_recorded():
     st = with_stable()
-    d = Engine([guard()], LOOSE, shadow=True).decide(st)
+    d = decided(Engine([guard()], LOOSE, shadow=True), st)
     assert d.rollback.target_step == 500 and d.commands == {}
     assert st.rollback.pending is None and st.memory["lr"].history == []
 

@@ -11,6 +11,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from pydantic import ValidationError
 
+from tests._decide import decided
 from trimtab.controller import replay as rp
 from trimtab.controller.config import ControllerConfig, PolicySpec
 from trimtab.controller.engine import Engine
@@ -113,7 +114,7 @@ def test_a_shadow_pass_uses_its_own_memory_and_never_the_live_one():
     seen = []
     for step in range(10, 80, 10):
         feed(st, step, 3.0)
-        d = engine.decide(st)
+        d = decided(engine, st)
         assert d.commands == {} and d.shadowed is not None and d.shadowed.commands == {}
         seen.append(d.shadowed.would_command.get("lr"))
     # Would halve (the multiplier on the job's own lr), then waits out its cooldown in the
@@ -128,7 +129,7 @@ def test_a_raising_shadow_policy_is_disabled_and_the_live_ones_go_on():
     engine = Engine([Cut()], Governor(), shadow_policies=[Boom()])
     st = job()
     feed(st, 10, 3.0)
-    d = engine.decide(st)
+    d = decided(engine, st)
     assert d.commands == {"lr": 0.5}
     assert d.shadowed.errors == (("boom", "raised RuntimeError: boom"),)
     assert "boom" in st.disabled_policies

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from bench.scenario_policies import python_path
+from tests._decide import decided
 from tests.integration.support import Regression, free_port, start_serve, wait_for
 from trimtab.client import attach
 from trimtab.controller.budget import PolicyBudget, PolicyTimeout
@@ -119,13 +120,13 @@ def test_stuck_calls_are_bounded_then_the_policy_is_not_called_for_any_job(hangs
 def test_the_engine_disables_a_hung_policy_for_its_job_only(hangs):
     engine = Engine([hangs, Halve()], LOOSE, budget=PolicyBudget(0.25))
     a, b = state("a"), state("b")
-    decision = engine.decide(a)
+    decision = decided(engine, a)
     assert decision.errors == (("hangs", "exceeded time budget of 250 ms"),)
     assert a.disabled_policies == {"hangs": "exceeded time budget of 250 ms"}
     assert decision.commands == {"lr": 0.5}, "the other policy went on"  # x0.5 the job's lr
-    again = engine.decide(a)
+    again = decided(engine, a)
     assert again.errors == () and hangs.calls == 1, "not asked again for job a"
-    decision_b = engine.decide(b)
+    decision_b = decided(engine, b)
     assert decision_b.errors == () and not b.disabled_policies
     assert [n for n, _ in decision_b.proposals] == ["hangs", "halve"]
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
+from tests._decide import decided
 from trimtab.controller.config import ConfigError, ControllerConfig, PolicySpec, load_config
 from trimtab.controller.engine import Engine
 from trimtab.controller.governor import Governor, GovernorConfig, KnobMemory
@@ -171,7 +172,7 @@ def test_a_too_low_start_is_raised_past_10x_by_a_policy_only_with_derived_bounds
         eng = Engine([Ask(Proposal("lr", factor=2.0, reason="too slow"))], governor)
         for _ in range(700):  # 7000 steps; the slew limit allows 4x per 1000
             feed(st)
-            d = eng.decide(st)
+            d = decided(eng, st)
             if d.commands:
                 apply(st, d.commands)
         feed(st)
@@ -333,12 +334,12 @@ def test_clip_targets_are_bounded_relative_to_the_jobs_gradient_norm(norm):
     )
     feed(st, 9, grad_norm_mean=norm)  # one short of the z-score warm-up (10)
     assert st.grad_norm_scale() is None
-    first = eng.decide(st)
+    first = decided(eng, st)
     assert first.commands["clip"] == pytest.approx(norm * 1e4)  # no scale yet: absolute only
     st2 = job(lr=1e-3, clip=norm)
     feed(st2, 10, grad_norm_mean=norm)
     assert st2.grad_norm_scale() == pytest.approx(norm)
-    kd = eng.decide(st2).knobs["clip"]
+    kd = decided(eng, st2).knobs["clip"]
     assert kd.commanded == pytest.approx(10 * norm) and kd.limits[0] == "bounds"
 
 
@@ -354,7 +355,7 @@ def test_default_clip_bounds_are_relative_to_the_gradient_norm():
 def test_a_clip_in_force_outside_the_scaled_range_is_not_moved_without_a_proposal():
     st = job(lr=1e-3, clip=1e3)
     feed(st, 20, grad_norm_mean=1e-3)
-    assert Engine([], Governor()).decide(st).commands == {}
+    assert decided(Engine([], Governor()), st).commands == {}
 
 
 # -- lr x wd coupling ------------------------------------------------------------------------------
@@ -369,7 +370,7 @@ def coupled(optimizer: str, coupling: str, proposals: list[Proposal]) -> dict[st
         else [_named(p, i) for i, p in enumerate(proposals)],
         Governor(GovernorConfig(wd_coupling=coupling)),
     )
-    return eng.decide(st).commands
+    return decided(eng, st).commands
 
 
 def _named(p: Proposal, i: int) -> Policy:
@@ -418,7 +419,7 @@ def test_the_coupled_wd_stays_within_its_bounds():
             )
         ),
     )
-    kd = eng.decide(st).knobs["weight_decay"]
+    kd = decided(eng, st).knobs["weight_decay"]
     # The wd multiplier would be 2.0; its bound is 1.5 (x the user's 0.1: 0.15).
     assert (kd.target, kd.commanded, kd.limits) == (pytest.approx(2.0), 1.5, ("bounds",))
     assert kd.reason == "wd_coupling=keep_product: lr x wd stays 1 as lr goes 1 -> 0.5"

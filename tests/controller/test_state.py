@@ -11,6 +11,7 @@ import statistics
 import pytest
 from pydantic import ValidationError
 
+from tests._decide import decided
 from trimtab.controller.engine import Engine
 from trimtab.controller.governor import MULTIPLIERS
 from trimtab.controller.policy import Policy, Proposal
@@ -241,7 +242,7 @@ def _busy_state() -> JobState:
     # A multiplier on a user's lr its scheduler moved: effective, base, registered all differ.
     st.observe(report(31, loss_mean=None, nonfinite_losses=2, loss_last=None,
                       **in_force(lr=0.5, base=KNOBS.model_copy(update={"lr": 2e-3}))))
-    d = Engine([_Halve()]).decide(st)
+    d = decided(Engine([_Halve()]), st)
     st.pending_command = command(st.next_command_seq(), d.commands, reasons=d.reasons())
     st.disable("broken", "raised RuntimeError: boom")
     return st

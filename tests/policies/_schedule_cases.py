@@ -124,10 +124,11 @@ class EngineDriver:
         c = self.client
         assert c.step == step, (c.step, step)
         if step:
-            c.observe(loss_mean=loss)
-        decision = self.engine.decide(c.state)
-        assert not decision.errors, decision.errors
-        c.send(decision)
+            decision = c.exchange(self.engine, loss_mean=loss).decision
+        else:  # before the first report, as at registration
+            decision = self.engine.decide(c.state)
+            c.send(decision)
+        assert decision is not None and not decision.errors, decision
         c.run(1)
         _, lr, momentum = c.trace[-1]
         return lr, momentum

@@ -24,13 +24,14 @@ from typing import Any
 import torch
 
 from trimtab.client._knobs import Actuator
-from trimtab.controller.advance import take
+from trimtab.controller.advance import Advanced, advance, commit, settle_ack, take
 from trimtab.controller.decision import Decision
+from trimtab.controller.engine import Engine
 from trimtab.controller.rollback import RollbackConfig
 from trimtab.controller.state import JobState, SignalConfig
 from trimtab.protocol import wire
 
-__all__ = ["Client", "command_of", "momentum_of", "one_param"]
+__all__ = ["Client", "momentum_of", "one_param"]
 
 EVERY = 10
 
@@ -48,25 +49,6 @@ def momentum_of(opt: torch.optim.Optimizer) -> float | None:
         return float(group["momentum"])
     betas = group.get("betas")
     return None if betas is None else float(betas[0])
-
-
-def command_of(state: JobState, decision: Decision,
-               lr_max: float | None = None) -> wire.Command | None:
-    """The command the service sends for ``decision`` (None: nothing to send)."""
-    targets = decision.commands
-    plan = None if decision.shadow else decision.rollback
-    advice = None if decision.shadow else decision.stop_advice
-    if (not targets and plan is None and decision.mark_stable is None and advice is None
-            and decision.schedules is None):
-        return None
-    scale = {k: v for k, v in targets.items() if k in ("lr", "weight_decay")}
-    absolute = {k: v for k, v in targets.items() if k not in scale}
-    return wire.Command(
-        job=state.job, seq=state.next_command_seq(), knobs=wire.Knobs(**absolute),
-        scale=wire.ScaleTargets(**scale), lr_max=lr_max, reasons=decision.reasons()[:64],
-        mark_stable=decision.mark_stable,
-        rollback_to=None if plan is None else plan.target_step, stop_advice=advice,
-        schedules=None if decision.schedules is None else list(decision.schedules))
 
 
 class Client:
@@ -113,11 +95,11 @@ class Client:
     # -- the controller's commands ------------------------------------------------------------
 
     def send(self, decision: Decision, lr_max: float | None = None) -> wire.Command | None:
-        """What the service does with ``decision`` (the command marked pending), then the
-        client takes it; returns the command (None: nothing sent)."""
-        command = command_of(self.state, decision, lr_max)
+        """What the service does with ``decision`` (:func:`~trimtab.controller.advance.commit`:
+        its draft adopted, its command pending), then the client takes the command; returns
+        it (None: nothing sent)."""
+        command = commit(self.state, decision, lr_max)
         if command is not None:
-            self.state.pending_command = command
             self.take(command)
         return command
 
@@ -137,20 +119,10 @@ class Client:
     def _acknowledge(self) -> None:
         owed, self._owed = self._owed, []
         knobs, base, scale = self.act.used(), self.act.base(), self.act.scale()
-        st = self.state
         for command, restored in owed:
-            fresh = st.on_ack(wire.Ack(job=self.job, seq=command.seq, step=self.step,
-                                       knobs=knobs, base=base, scale=scale,
-                                       restored_step=restored))
-            if not fresh:
-                continue
-            if st.last_command is command:
-                st.pending_command = None
-            if command.mark_stable is not None:
-                st.rollback.note_marked(command.mark_stable)
-            if restored is not None and st.rollback.pending is not None:
-                st.branch_seq = max(st.branch_seq, command.seq)
-                st.on_restored(restored, self.rb)
+            settle_ack(self.state, wire.Ack(job=self.job, seq=command.seq, step=self.step,
+                                            knobs=knobs, base=base, scale=scale,
+                                            restored_step=restored), self.rb)
 
     # -- training -----------------------------------------------------------------------------
 
@@ -184,7 +156,22 @@ class Client:
         return self.observe(**fields)
 
     def observe(self, **fields: Any) -> wire.Report:
-        """The report at this step, without training further (see :meth:`report`)."""
+        """The report at this step, without training further (see :meth:`report`); the
+        state takes it (:func:`~trimtab.controller.advance.take`), nothing is decided."""
+        report = self._report(**fields)
+        take(self.state, report, self.rb.health)
+        return report
+
+    def exchange(self, engine: Engine, **fields: Any) -> Advanced:
+        """The report at this step through the controller as the live service takes it
+        (:func:`~trimtab.controller.advance.advance`: folded in, judged, decided,
+        committed), and the command it sends taken by the client."""
+        out = advance(self.state, self._report(**fields), engine)
+        if out.command is not None:
+            self.take(out.command)
+        return out
+
+    def _report(self, **fields: Any) -> wire.Report:
         st = self.state
         fields.setdefault("knobs", self.act.used())
         fields.setdefault("base", self.act.base())
@@ -195,5 +182,4 @@ class Client:
                              window=self.step - self.reported, applied_seq=st.applied_seq,
                              **fields)
         self.reported = self.step
-        take(st, report, self.rb.health)
         return report

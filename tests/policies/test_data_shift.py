@@ -31,9 +31,8 @@ def run(loss_at, n: int = 60, seed: int = 0, scale: float = 1.0, policy=None, cl
         fields = dict(loss_mean=scale * (loss_at(i) + rng.gauss(0, 0.02)), grad_norm_mean=1.0,
                       **report.get(i, {}))
         if client is not None:
-            client.report(**fields)
-            d = eng.decide(st)
-            client.send(d)
+            client.advance()
+            d = client.exchange(eng, **fields).decision
             if d.commands:
                 out.append((i, d.commands["lr"]))
         else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from tests._decide import decided
 from trimtab.controller.engine import Engine
 from trimtab.controller.governor import Governor
 from trimtab.controller.policy import Policy, PolicyLoadError, Proposal, load_policy
@@ -52,11 +53,11 @@ def test_the_engine_carries_advice_without_touching_knobs_or_blocking_raises():
             return [Proposal("lr", factor=1.5, reason="up")]
 
     st = with_validations(3, 3, 3, 3, 3, 3)
-    d = Engine([EarlyStop(), Raise()], Governor()).decide(st)
+    d = decided(Engine([EarlyStop(), Raise()], Governor()), st)
     assert d.stop_advice.startswith("early_stop: validation 3 at step 60: no improvement")
     assert d.commands == {"lr": pytest.approx(1.5)}  # x1.5 the user's lr: only Raise's
     assert d.to_dict()["stop_advice"] == d.stop_advice
-    assert Engine([Raise()], Governor()).decide(with_validations(3)).stop_advice is None
+    assert decided(Engine([Raise()], Governor()), with_validations(3)).stop_advice is None
 
 
 def test_advice_proposals_are_validated():

@@ -16,6 +16,7 @@ import time
 import pytest
 import torch
 
+from tests._decide import decided, decided_schedules
 from trimtab.client import attach
 from trimtab.controller.engine import Engine
 from trimtab.controller.governor import Governor, GovernorConfig
@@ -67,17 +68,14 @@ def drive(
     step)`` (inf: non-finite), listing the checkpoints ``listed`` (None: those taken);
     every decision carried out by the client. Returns the decisions."""
     decisions = []
-    lr_max = engine.governor.limits("lr").max
     for _ in range(reports):
         c.advance()
         loss = loss_of(c.act.used().lr)
         bad = not math.isfinite(loss)
         extra = {} if listed is None else {"checkpoints": [s for s in listed if s <= c.step]}
-        c.observe(loss_mean=None if bad else loss, nonfinite_losses=EVERY if bad else 0,
-                  **extra)
-        d = engine.decide(c.state)
+        d = c.exchange(engine, loss_mean=None if bad else loss,
+                       nonfinite_losses=EVERY if bad else 0, **extra).decision
         decisions.append(d)
-        c.send(d, lr_max)
         if d.rollback is not None and stop_on_rollback:
             c.run(1)  # the step that runs from the restored checkpoint acknowledges it
             break
@@ -175,10 +173,10 @@ def test_a_run_too_hot_from_the_start_sweeps_again_from_its_first_checkpoint():
                     live_schedules=True)
     c.advance()
     c.observe(loss_mean=2.3, loss_min=2.2, loss_max=2.4)
-    c.send(engine.decide(st))
+    c.send(decided(engine, st))
     c.advance()
     c.observe(loss_mean=40.0, loss_min=3.0, loss_max=90.0)  # a new high, 40x the lowest
-    d = engine.decide(st)
+    d = decided(engine, st)
     assert d.rollback is not None and d.rollback.target_step == 0 and d.rollback.planned
     assert st.phase is not None and st.phase.start_step == 0 and st.phase.checkpoint == 0
     (sweep,) = d.schedules
@@ -300,7 +298,7 @@ def test_a_re_registration_mid_sweep_leaves_the_live_sweep_running():
     assert st.phase is not None and sweep.pieces[0].name == "exponential"
     # The reply to a register asks the schedule policies only (none here): it must not
     # stop the sweep (schedules=[]) nor send it again.
-    d = engine.decide_schedules(st)
+    d = decided_schedules(engine, st)
     assert d.schedules is None and st.live == {"lr": sweep}
 
 

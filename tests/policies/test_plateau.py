@@ -125,9 +125,8 @@ def test_after_a_cut_it_waits_for_a_window_clear_of_the_change():
     st, eng = client.state, Engine([Plateau(T_ONLY)], Governor())
     cuts = []
     for i in range(1, 200):
-        client.report(loss_mean=2.0 + rng.gauss(0, 0.05))
-        d = eng.decide(st)
-        client.send(d)
+        client.advance()
+        d = client.exchange(eng, loss_mean=2.0 + rng.gauss(0, 0.05)).decision
         if d.commands:
             cuts.append(i)
     assert cuts[0] == WINDOW

@@ -17,6 +17,7 @@ import pytest
 import torch
 from torch.optim import lr_scheduler as sched
 
+from tests._decide import decided, decided_schedules
 from trimtab.controller.engine import Decision, Engine
 from trimtab.controller.governor import Governor, GovernorConfig, KnobLimits
 from trimtab.controller.policy import Policy, Proposal, load_policy
@@ -56,7 +57,7 @@ class Job:
                              checkpoints=checkpoints, job="c")
         self.engine = Engine(policies, Governor(governor), live_schedules=live)
         self.decisions: list[Decision] = []
-        self.send(self.engine.decide_schedules(self.state))
+        self.send(decided_schedules(self.engine, self.state))
 
     @property
     def state(self) -> JobState:
@@ -80,8 +81,10 @@ class Job:
         first = len(c.trace)
         for t in range(start, steps):
             if t > c.reported and t % c.every == 0:
-                c.observe(loss_mean=loss(t))
-                self.send(self.engine.decide(self.state))
+                d = c.exchange(self.engine, loss_mean=loss(t)).decision
+                if d is not None:
+                    assert not d.errors, d.errors
+                    self.decisions.append(d)
             c.run(1)
         assert [s for s, _, _ in c.trace[first:]] == list(range(start, steps))
         assert all(g["lr"] == LR for g in c.opt.param_groups)  # the user's, untouched
@@ -176,7 +179,7 @@ def test_a_rollback_cut_becomes_part_of_the_correction():
     c.client.observe(loss_mean=1.0)  # the report at step 400
     at_fault = st.knobs.lr  # the live cosine's multiplier in force at the fault
     assert at_fault == pytest.approx(schedules.cosine(399, 1.0, 1000))
-    d = c.engine.decide(st)
+    d = decided(c.engine, st)
     assert d.rollback is not None and d.rollback.target_step == 100 and d.rollback.cut == 0.5
     assert d.commands == {"lr": pytest.approx(0.5 * at_fault)}  # half the lr in force
     assert st.corrections["lr"] == pytest.approx(0.5)

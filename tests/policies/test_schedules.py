@@ -11,6 +11,7 @@ from itertools import pairwise
 import pytest
 import torch
 
+from tests._decide import decided
 from trimtab.controller.engine import Engine
 from trimtab.controller.governor import Governor
 from trimtab.controller.policy import PolicyLoadError, load_policy
@@ -118,7 +119,7 @@ def test_under_the_default_governor_a_schedule_is_bounded_like_any_policy():
         base=wire.Knobs(lr=1e-4),
         facts=wire.ScaleFacts(param_count=1, group_sizes=[1], optimizer="SGD",
                               dtype="float32", device="cpu")))
-    d = Engine([Warmup({"warmup_steps": 100, "lr": 0.1})], Governor()).decide(st)
+    d = decided(Engine([Warmup({"warmup_steps": 100, "lr": 0.1})], Governor()), st)
     ((_, proposal),) = d.proposals
     assert proposal.value == pytest.approx(1000.0)
     assert d.commands == {"lr": 2.0} and "max_step_ratio" in d.knobs["lr"].limits
@@ -162,7 +163,7 @@ def test_a_smaller_batch_scales_down():
 
 def test_batch_scaling_without_a_batch_size_disables_the_policy_with_the_reason():
     d = EngineDriver(Cosine(SCALED), one_param("SGD", LR), batch_size=None)
-    decision = d.engine.decide(d.state)
+    decision = decided(d.engine, d.state)
     assert decision.commands == {}
     ((name, error),) = decision.errors
     assert name == "cosine" and "client registered none (pass batch_size= to attach)" in error

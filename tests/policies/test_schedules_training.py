@@ -10,6 +10,7 @@ import torch
 
 from trimtab.client._knobs import Actuator
 from trimtab.client._options import _facts
+from trimtab.controller.advance import advance, commit
 from trimtab.controller.engine import Engine
 from trimtab.controller.governor import Governor
 from trimtab.controller.policy import load_policy
@@ -17,7 +18,6 @@ from trimtab.controller.state import JobState
 from trimtab.protocol import wire
 
 from ._schedule_cases import CASES, OPENED, STEPS, Case, make_optimizer, max_rel_err, momentum_of
-from .simclient import command_of
 
 
 def _data() -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,12 +77,15 @@ def _by_trimtab(case: Case):
 
         def before(t: int, loss: float | None) -> None:
             if t:
-                st.observe(wire.Report(job="run", seq=t, step=t, window=1, loss_mean=loss,
-                                       knobs=act.used(), base=act.base(), scale=act.scale(),
-                                       applied_seq=st.applied_seq))
-            decision = engine.decide(st)
+                out = advance(st, wire.Report(job="run", seq=t, step=t, window=1,
+                                              loss_mean=loss, knobs=act.used(), base=act.base(),
+                                              scale=act.scale(), applied_seq=st.applied_seq),
+                              engine)
+                decision, command = out.decision, out.command
+            else:  # before the first report, as at registration
+                decision = engine.decide(st)
+                command = commit(st, decision)
             assert not decision.errors, decision.errors
-            command = command_of(st, decision)
             if command is not None:
                 assert not act.command(command.scale, command.knobs, command.lr_max)
                 act.live.replace(command.schedules)

@@ -70,8 +70,7 @@ def test_closed_loop_converges_into_the_band():
         lr={"max_rel": 100, "max_step_ratio": 2, "cooldown_steps": 0})))
     for _ in range(200):
         client.advance()
-        client.observe(loss_mean=1.0, update_ratio=0.1 * client.act.used().lr)
-        client.send(eng.decide(st))
+        client.exchange(eng, loss_mean=1.0, update_ratio=0.1 * client.act.used().lr)
     assert 5e-4 <= 0.1 * st.effective.lr <= 2e-3
     assert st.effective.lr == pytest.approx(1e-3 * st.knobs.lr)  # the multiplier did it
 

@@ -1,0 +1,111 @@
+"""Deciding changes nothing; committing is the one place a decision changes the job; advance
+takes a report through both, for the live service and replay alike."""
+
+from __future__ import annotations
+
+import json
+
+from trimtab.controller.advance import advance, commit, take
+from trimtab.controller.engine import Engine
+from trimtab.controller.governor import Governor, GovernorConfig, KnobLimits
+from trimtab.controller.health import DivergenceThresholds
+from trimtab.controller.state import JobState
+from trimtab.policies.divergence_guard import DivergenceGuard
+from trimtab.policies.lr_range_test import LrRangeTest
+from trimtab.policies.plateau import Plateau
+from trimtab.policies.warmup import Warmup
+from trimtab.protocol import wire
+
+FACTS = wire.ScaleFacts(param_count=1000, group_sizes=[1000], optimizer="SGD",
+                        dtype="float32", device="cpu")
+EVERY = 10
+#: No cooldown, slew or step limit: every change the policies ask for is sent.
+LOOSE = Governor(GovernorConfig(lr=KnobLimits(), momentum=KnobLimits(max=0.999)))
+
+
+def job() -> JobState:
+    return JobState.from_register(wire.Register(
+        job="j", run_id="r", report_every=EVERY, facts=FACTS,
+        knobs=wire.Knobs(lr=0.1, momentum=0.9)))
+
+
+def report(st: JobState, loss: float | None, **kw) -> wire.Report:
+    step = st.step + EVERY
+    kw.setdefault("checkpoints", [s for s in range(0, step + 1, 50)][-4:])
+    kw.setdefault("applied_seq", st.command_seq)
+    return wire.Report(job="j", seq=st.reports_seen + 1, step=step, window=EVERY,
+                       loss_mean=loss, loss_min=loss, loss_max=loss, grad_norm_mean=1.0,
+                       knobs=st.effective, base=st.base, scale=wire.Scale(lr=st.knobs.lr or 1.0),
+                       **kw)
+
+
+def snapshot(st: JobState) -> str:
+    """Everything the job's state holds, as text (what the journal would store)."""
+    return json.dumps(st.state_dict(), sort_keys=True, default=str)
+
+
+def engine() -> Engine:
+    return Engine([DivergenceGuard(), LrRangeTest({"when": "evidence"}), Plateau(),
+                   Warmup({"warmup_steps": 500})], Governor())
+
+
+def _feed(st: JobState, eng: Engine, losses) -> None:
+    for loss in losses:
+        out = advance(st, report(st, loss), eng)
+        if out.command is not None:  # the client applies it at once and says so
+            st.on_applied(out.command.seq, st.knobs)
+
+
+def test_deciding_twice_on_the_same_state_gives_equal_decisions_and_changes_nothing():
+    eng = engine()
+    st = job()
+    # Healthy at first, so a checkpoint is marked; then the run goes non-finite: the
+    # decision orders a rollback, cuts the lr, rewinds the governor and ends any phase.
+    _feed(st, eng, [2.0 - 0.01 * i for i in range(30)])
+    take(st, report(st, None, nonfinite_losses=EVERY, nonfinite_grads=EVERY),
+         DivergenceThresholds())
+    before = snapshot(st)
+    first, second = eng.decide(st), eng.decide(st)
+    assert first == second
+    assert first.rollback is not None and first.commands  # a decision with consequences
+    assert snapshot(st) == before  # the job's state untouched, by both calls
+    # The draft holds what the decision leaves; committing makes it the job's.
+    command = commit(st, first)
+    assert command is not None and command.rollback_to == first.rollback.target_step
+    assert snapshot(st) != before and st.rollback.pending is not None
+    assert st.pending_command == command
+
+
+def test_a_decision_that_opens_a_phase_is_pure_too():
+    eng = Engine([DivergenceGuard(), LrRangeTest({"when": "evidence"})], Governor())
+    st = job()
+    # A loss that does not fall: the range test's evidence of an lr far too low. Every
+    # decision on the way is pure; the one that opens the sweep's phase too.
+    for _ in range(40):
+        take(st, report(st, 2.0), DivergenceThresholds())
+        before = snapshot(st)
+        first, second = eng.decide(st), eng.decide(st)
+        assert first == second and snapshot(st) == before
+        if first.draft.phase is not None:
+            break
+        command = commit(st, first)
+        if command is not None:
+            st.on_applied(command.seq, st.knobs)
+    assert st.phase is None and first.draft.phase.policy == "lr_range_test"
+    commit(st, first)
+    assert st.phase == first.draft.phase
+
+
+def test_advance_sends_ordinary_changes_only_once_the_pending_command_is_applied():
+    eng = Engine([Warmup({"warmup_steps": 500})], LOOSE)
+    st = job()
+    out = advance(st, report(st, 2.0), eng)
+    assert out.command is not None and st.pending_command == out.command
+    # Not applied yet: the warm-up's next step waits (only a rollback would not).
+    out2 = advance(st, report(st, 2.0, applied_seq=0), eng)
+    assert out2.decision is None and out2.command is None
+    assert st.pending_command == out.command
+    # Applied: decided in full again.
+    out3 = advance(st, report(st, 2.0), eng)
+    assert out3.decision is not None and out3.command is not None
+    assert out3.command.seq == out.command.seq + 1
