@@ -8,6 +8,7 @@
     trimtab export JOB [--journal PATH] [--out FILE]
     trimtab replay TRACE --policy NAME [--set KEY=VALUE ...] [--job JOB] [--config FILE]
                    [--plot OUT.png] [--holds]
+    trimtab rerun TRACE [--job JOB] [--config FILE]
 """
 
 from __future__ import annotations
@@ -164,6 +165,33 @@ def _replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rerun(args: argparse.Namespace) -> int:
+    from trimtab.controller import replay as rp
+    from trimtab.controller.config import ConfigError, load_config
+    from trimtab.controller.journal import JournalError
+    from trimtab.controller.policy import PolicyLoadError
+
+    try:
+        config = load_config(args.config, env={})
+        commands = rp.rerun(rp.read_trace(args.trace, args.job), config)
+    except (ConfigError, PolicyLoadError, JournalError, rp.TraceError) as exc:
+        print(f"trimtab rerun: {exc}", file=sys.stderr)
+        return 2
+    for c in commands:
+        what = [f"{k} x{v:.6g}" for k, v in c.scale.set().items()]
+        what += [f"{k} {v:.6g}" for k, v in c.knobs.set().items()]
+        if c.mark_stable is not None:
+            what.append(f"mark {c.mark_stable} stable")
+        if c.rollback_to is not None:
+            what.append(f"roll back to {c.rollback_to}")
+        if c.schedules is not None:
+            what.append(f"live schedules {[s.knob for s in c.schedules]}")
+        print(f"command {c.seq}: {', '.join(what) or 'nothing'} ({'; '.join(c.reasons)})")
+    print(f"# {len(commands)} commands: the run's own messages through a fresh controller "
+          f"with {'the config ' + args.config if args.config else 'the default config'}")
+    return 0
+
+
 def _keys(args: argparse.Namespace) -> int:
     from trimtab.controller.auth import SERVER_PUBLIC, SERVER_SECRET, AuthError, generate_keys
 
@@ -232,6 +260,13 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--holds", action="store_true",
                      help="also print the wishes a hold or the governor kept from changing")
     rep.set_defaults(func=_replay)
+    rer = sub.add_parser("rerun", help="take a recorded job's messages through a fresh "
+                         "controller and print the commands it sends (with the live run's "
+                         "config: the live run's commands)")
+    rer.add_argument("trace", help="a JSONL trace from `trimtab export`, or a journal")
+    rer.add_argument("--job", help="the job, when TRACE is a journal of several")
+    rer.add_argument("--config", help="the controller's TOML config (default: the defaults)")
+    rer.set_defaults(func=_rerun)
     return parser
 
 

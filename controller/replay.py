@@ -36,10 +36,13 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
+
+from prometheus_client import CollectorRegistry
 
 from trimtab.controller.advance import advance
 from trimtab.controller.config import ControllerConfig
@@ -48,16 +51,18 @@ from trimtab.controller.governor import Governor
 from trimtab.controller.journal import Journal
 from trimtab.controller.policy import Policy
 from trimtab.controller.scale import ScaleContext, derive_limits, explicit_fields
+from trimtab.controller.service import Controller
 from trimtab.controller.state import JobState
 from trimtab.protocol import wire
 
 __all__ = [
     "TRACE_KINDS", "TraceError", "TraceRecord", "ReplayPoint", "ReplayResult",
-    "trace_records", "write_trace", "read_trace", "parse_sets", "replay", "plot",
+    "trace_records", "write_trace", "read_trace", "parse_sets", "replay", "rerun", "plot",
 ]
 
-#: The journal events a trace keeps.
-TRACE_KINDS = ("register", "report", "ack")
+#: The journal events a trace keeps: what the client sent (reports the controller did not
+#: observe, ``stale`` and ``abandoned``, included: a re-run classifies them again).
+TRACE_KINDS = ("register", "report", "ack", "stale", "abandoned")
 
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 
@@ -243,6 +248,52 @@ def replay(
             report.step, _num(report.loss_mean), _num(report.grad_norm_mean),
             report.knobs.model_dump(), recorded))
     return result
+
+
+def rerun(trace: Sequence[TraceRecord], config: ControllerConfig) -> list[wire.Command]:
+    """The commands a fresh controller with ``config`` sends for ``trace``: every message the
+    client sent, in the journal's order, taken by the live service's own code
+    (:class:`~trimtab.controller.service.Controller`: :func:`~trimtab.controller.advance.advance`
+    for reports, :func:`~trimtab.controller.advance.settle_ack` for acks), with a scratch
+    journal. With the live run's config these are the live run's commands: nothing else
+    than the messages and the config goes into a decision.
+
+    Unlike :func:`replay`, the run's values are the recorded ones throughout: it re-runs
+    the decisions the run actually met (and a changed policy's first different command is
+    where its run would have parted from the recorded one).
+    """
+    regs = [r for r in trace if r.kind == "register"]
+    if not regs:
+        raise TraceError("the trace has no registration to rebuild the job from")
+    job = regs[0].data["job"]
+    peer, sent = b"rerun", []
+    with tempfile.TemporaryDirectory() as scratch:
+        journal = Journal(str(Path(scratch) / "rerun.db"))
+        controller = Controller(config, journal, registry=CollectorRegistry())
+        try:
+            for rec in trace:
+                try:
+                    msg = _message(job, rec)
+                except ValueError as exc:
+                    raise TraceError(f"{rec.kind} at step {rec.step} is not a valid message: "
+                                     f"{exc}") from None
+                for _, frame in controller.handle(peer, wire.encode(msg)):
+                    out = wire.decode(frame)
+                    if isinstance(out, wire.Command):
+                        sent.append(out)
+        finally:
+            controller.close()  # closes the scratch journal too
+    return sent
+
+
+def _message(job: str, rec: TraceRecord) -> wire.Message:
+    """The client's message a trace record holds."""
+    data = {k: v for k, v in rec.data.items() if k not in ("resumed", "key", "branch_seq")}
+    if rec.kind == "register":
+        return wire.Register.model_validate({**data, "job": job, "step": rec.step or 0})
+    if rec.kind == "ack":
+        return wire.Ack.model_validate({**data, "job": job, "seq": rec.seq, "step": rec.step})
+    return wire.Report.model_validate({**data, "job": job})
 
 
 def _rebuild(reg: TraceRecord, reports: list[TraceRecord], config: ControllerConfig) -> JobState:
