@@ -21,6 +21,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry
 
@@ -58,6 +59,26 @@ def build_policies(config: ControllerConfig) -> list[tuple[PolicySpec, Policy]]:
             for spec in config.policies]
 
 
+@dataclass
+class LiveJob:
+    """One live job: its state, and what the controller keeps beside it."""
+
+    state: JobState
+    #: The connection its commands go to, and when it was last heard from.
+    peer: bytes
+    last_seen: float
+    #: Connections a later registration replaced: a late message from one of those never
+    #: takes the job back.
+    retired: collections.deque[bytes] = field(
+        default_factory=lambda: collections.deque(maxlen=8))
+    #: With CURVE keys: the key (z85 public key, the ZAP User-Id) the job is bound to.
+    owner: str | None = None
+    #: Its governor, with the limits derived from its scale facts (None: the shared one),
+    #: and its engine (the shared engine it was copied from, the copy).
+    governor: Governor | None = None
+    engine: tuple[Engine, Engine] | None = None
+
+
 class Controller:
     """Per-job state, engine, governor, journal and metrics behind one ``handle()`` call."""
 
@@ -80,19 +101,12 @@ class Controller:
         self._engines: dict[tuple[int, ...], Engine] = {}
         #: Per job: the governor with the limits derived from its scale facts, and its
         #: engine (the shared engine it was copied from, the copy).
-        self._job_governors: dict[str, Governor] = {}
-        self._job_engines: dict[str, tuple[Engine, Engine]] = {}
         #: The engine of a job no ``jobs``-restricted policy entry matches.
         self.engine = self.engine_for(None)
-        self.jobs: dict[str, JobState] = {}
-        #: Per job: the connection its commands go to, and the connections a later
-        #: registration replaced (a late message from one of those never takes the job back).
-        self._peer: dict[str, bytes] = {}
-        self._retired: dict[str, collections.deque[bytes]] = {}
-        self._last_seen: dict[str, float] = {}
-        #: With CURVE keys: the key (z85 public key, the ZAP User-Id) each live job is bound to.
-        self._owner: dict[str, str] = {}
-        self.metrics = ControllerMetrics(registry=registry, jobs=lambda: self.jobs.values(),
+        #: The live jobs, by name: each one's state and connection, in one record.
+        self._jobs: dict[str, LiveJob] = {}
+        self.metrics = ControllerMetrics(registry=registry,
+                                         jobs=lambda: [r.state for r in self._jobs.values()],
                                          age=self.silent_for, bounds=self._bounds)
         journal.on_commit = self.metrics.journal_commit.observe
         self.metrics.job_timeout.set(config.job_timeout_s)
@@ -117,10 +131,9 @@ class Controller:
         if self._forbidden(user, msg):
             return [self._refuse(peer, "forbidden",
                                  f"job {msg.job!r} is bound to another client key", msg.job)]
-        if user is not None and msg.type == "register":
-            self._owner[msg.job] = user
         with self.journal.batch():
-            replies = handler(peer, msg)
+            replies = (self._on_register(peer, msg, user) if isinstance(msg, wire.Register)
+                       else handler(peer, msg))
         if msg.type == "report" and replies:
             self.metrics.decision_latency.observe(time.perf_counter() - t0)
         return replies
@@ -128,21 +141,23 @@ class Controller:
     def tick(self) -> list[Reply]:
         """Periodic work: mark silent jobs lost. Returns nothing to send today."""
         now = self.clock()
-        for job in [j for j, t in self._last_seen.items()
-                    if now - t > self.config.job_timeout_s]:
-            state = self.jobs[job]
-            log.warning("job %s lost: silent for %.1f s", job, now - self._last_seen[job])
+        for job, rec in [(j, r) for j, r in self._jobs.items()
+                         if now - r.last_seen > self.config.job_timeout_s]:
+            state = rec.state
+            log.warning("job %s lost: silent for %.1f s", job, now - rec.last_seen)
             with self.journal.batch():
                 self.journal.append(job, "lost", step=state.step,
-                                    data={"silent_s": now - self._last_seen[job]})
+                                    data={"silent_s": now - rec.last_seen})
                 self.journal.save_state(job, state.state_dict(), live=False)
             self._forget(job)
             self.metrics.jobs_lost.inc()
         return []
 
     # -- messages -----------------------------------------------------------------------
-    def _on_register(self, peer: bytes, msg: wire.Register) -> list[Reply]:
-        state = self.jobs.get(msg.job)
+    def _on_register(self, peer: bytes, msg: wire.Register, user: str | None = None
+                     ) -> list[Reply]:
+        rec = self._jobs.get(msg.job)
+        state = None if rec is None else rec.state
         resumed = "live"
         if state is None or state.run_id != msg.run_id:
             stored = self.journal.load_state(msg.job)
@@ -157,19 +172,22 @@ class Controller:
             if state is None:
                 state = JobState.from_register(msg, self.config.signals)
                 resumed = "new"
-        self.jobs[msg.job] = state
-        old = self._peer.get(msg.job)
-        if old is not None and old != peer:
-            self._retired.setdefault(msg.job, collections.deque(maxlen=8)).append(old)
-        retired = self._retired.get(msg.job)
-        if retired is not None and peer in retired:
-            retired.remove(peer)
-        self._touch(msg.job, peer)
+        if rec is None:
+            rec = self._jobs[msg.job] = LiveJob(state, peer, self.clock())
+        else:
+            rec.state = state
+            if rec.peer != peer:
+                rec.retired.append(rec.peer)
+        if user is not None:
+            rec.owner = user
+        if peer in rec.retired:
+            rec.retired.remove(peer)
+        self._touch(rec, peer)
         self.journal.append(msg.job, "register", step=msg.step, data={
             "run_id": msg.run_id, "resumed": resumed, "facts": msg.facts.model_dump(),
             "knobs": msg.knobs.model_dump(), "base": msg.base.model_dump(),
             "scale": msg.scale.model_dump(), "applied_seq": msg.applied_seq, "link": msg.link,
-            "report_every": msg.report_every, "key": self._owner.get(msg.job)})
+            "report_every": msg.report_every, "key": rec.owner})
         state.on_register(msg)
         self.journal.save_state(msg.job, state.state_dict())
         log.info("job %s registered (%s), step %d", msg.job, resumed, msg.step)
@@ -311,7 +329,8 @@ class Controller:
     # -- helpers ------------------------------------------------------------------------
     def _bounds(self, job: str, knob: str, initial: float | None) -> tuple[float, float]:
         """``job``'s bounds on ``knob``: its own governor's (limits derived from its scale)."""
-        governor = self._job_governors.get(job, self._governor)
+        rec = self._jobs.get(job)
+        governor = rec.governor if rec is not None and rec.governor is not None else self._governor
         return governor.bounds(knob, initial)  # type: ignore[arg-type]
 
     def engine_for(self, job: str | None) -> Engine:
@@ -330,15 +349,14 @@ class Controller:
                 shadow_policies=[p for spec, p in chosen if spec.shadow], budget=self.budget,
                 live_schedules=self.config.live_schedules)
         engine = self._engines[key]
-        governor = self._job_governors.get(job) if job is not None else None
-        if governor is None:
+        rec = self._jobs.get(job) if job is not None else None
+        if rec is None or rec.governor is None:
             return engine
-        mine = self._job_engines.get(job)  # type: ignore[arg-type]
-        if mine is None or mine[0] is not engine:
+        if rec.engine is None or rec.engine[0] is not engine:
             per_job = copy.copy(engine)  # the same policies, the job's own governor
-            per_job.governor = governor
-            mine = self._job_engines[job] = (engine, per_job)  # type: ignore[index]
-        return mine[1]
+            per_job.governor = rec.governor
+            rec.engine = (engine, per_job)
+        return rec.engine[1]
 
     def _derive_limits(self, state: JobState) -> None:
         """Give the job a governor whose defaults follow its scale facts (see
@@ -346,8 +364,8 @@ class Controller:
         explicit = explicit_fields(self.config.governor)
         derived = derive_limits(ScaleContext.from_facts(state.facts), self.config.governor,
                                 explicit, state.registered)
-        self._job_governors[state.job] = Governor(derived.config)
-        self._job_engines.pop(state.job, None)
+        rec = self._jobs[state.job]
+        rec.governor, rec.engine = Governor(derived.config), None
         for note in derived.notes:
             log.info("job %s: governor limit derived from its scale: %s", state.job, note)
         if not derived.notes:
@@ -415,7 +433,7 @@ class Controller:
         self.metrics.commands.inc()
         log.info("job %s: command %d %s (%s)", job, command.seq, decision.commands,
                  "; ".join(command.reasons))
-        return [(self._peer.get(job, peer), wire.encode(command))]
+        return [(self._peer_of(job, peer), wire.encode(command))]
 
     def _resend_if_lost(self, peer: bytes, state: JobState, msg: wire.Report) -> list[Reply]:
         pending = state.pending_command
@@ -426,18 +444,18 @@ class Controller:
             state.pending_since = state.reports_seen
             log.info("job %s: command %d not applied yet; sending it again", state.job,
                      pending.seq)
-            return [(self._peer.get(state.job, peer), wire.encode(pending))]
+            return [(self._peer_of(state.job, peer), wire.encode(pending))]
         return []
 
     def _live(self, peer: bytes, msg: wire.Report | wire.Ack | wire.Heartbeat | wire.Bye):
-        state = self.jobs.get(msg.job)
-        if state is not None:
-            retired = self._retired.get(msg.job)
-            if retired is not None and peer in retired:  # a replaced connection's late message
-                self._last_seen[msg.job] = self.clock()
-            else:
-                self._touch(msg.job, peer)
-        return state
+        rec = self._jobs.get(msg.job)
+        if rec is None:
+            return None
+        if peer in rec.retired:  # a replaced connection's late message
+            rec.last_seen = self.clock()
+        else:
+            self._touch(rec, peer)
+        return rec.state
 
     def _forbidden(self, user: str | None, msg: wire.Message) -> bool:
         """Whether ``msg`` names a job bound to a key other than ``user``. The binding of a
@@ -445,24 +463,26 @@ class Controller:
         run and a controller restart."""
         if user is None:
             return False
-        owner = self._owner.get(msg.job)
+        rec = self._jobs.get(msg.job)
+        owner = None if rec is None else rec.owner
         if owner is None and msg.type == "register":
             for event in self.journal.iter_events(msg.job, "register"):
                 owner = event.data.get("key") or owner
         return owner is not None and owner != user
 
-    def _touch(self, job: str, peer: bytes) -> None:
-        self._peer[job] = peer
-        self._last_seen[job] = self.clock()
-        self.metrics.jobs_connected.set(len(self.jobs))
+    def _touch(self, rec: LiveJob, peer: bytes) -> None:
+        rec.peer, rec.last_seen = peer, self.clock()
+        self.metrics.jobs_connected.set(len(self._jobs))
+
+    def _peer_of(self, job: str, peer: bytes) -> bytes:
+        """The connection ``job``'s messages go to (``peer`` when it is not live)."""
+        rec = self._jobs.get(job)
+        return peer if rec is None else rec.peer
 
     def _forget(self, job: str) -> None:
-        for table in (self.jobs, self._peer, self._retired, self._last_seen,
-                      self._owner,
-                      self._job_governors, self._job_engines):
-            table.pop(job, None)
+        self._jobs.pop(job, None)
         self.metrics.forget(job)
-        self.metrics.jobs_connected.set(len(self.jobs))
+        self.metrics.jobs_connected.set(len(self._jobs))
 
     def refuse_frames(self, peer: bytes, payload_frames: int) -> Reply:
         """The reply to a multi-part (or empty) message: one frame per message is the rule."""
@@ -484,16 +504,21 @@ class Controller:
 
     def silent_for(self, job: str) -> float | None:
         """Seconds since ``job`` was last heard from (None: not live)."""
-        seen = self._last_seen.get(job)
-        return None if seen is None else self.clock() - seen
+        rec = self._jobs.get(job)
+        return None if rec is None else self.clock() - rec.last_seen
 
     def live_jobs(self) -> Iterable[str]:
-        return list(self.jobs)
+        return list(self._jobs)
+
+    @property
+    def jobs(self) -> dict[str, JobState]:
+        """The live jobs' states, by name (a new dict: read it, do not change it)."""
+        return {job: rec.state for job, rec in self._jobs.items()}
 
     def close(self) -> None:
         with self.journal.batch():
-            for job, state in self.jobs.items():
-                self.journal.save_state(job, state.state_dict())
+            for job, rec in self._jobs.items():
+                self.journal.save_state(job, rec.state.state_dict())
         self.journal.close()
         if self.budget is not None:
             self.budget.close()

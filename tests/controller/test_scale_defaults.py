@@ -286,7 +286,9 @@ def test_each_job_gets_its_own_derived_governor_and_a_log_line(tmp_path, caplog)
         "1024 vs 256) joined with the configured band around the registered lr 0.001",
     ]
     ctl.handle(b"a", wire.encode(wire.Bye(job="sgd-job", step=0, reason="done")))
-    assert "sgd-job" not in ctl._job_governors and "sgd-job" not in ctl._job_engines
+    # Its governor and engine went with its record.
+    assert "sgd-job" not in ctl._jobs and "adam-job" in ctl._jobs
+    assert ctl._jobs["adam-job"].governor is not None
     ctl.close()
 
 
