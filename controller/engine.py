@@ -15,46 +15,9 @@ the proposal is an ordinary governed LR decrease by its fallback factor. When no
 is rolled back, a checkpoint healthy for a full window is marked stable
 (:attr:`Decision.mark_stable`).
 
-Schedules and corrections. A schedule policy's proposal (one carrying
-:attr:`Proposal.schedule`) is the *base trajectory* of its knob, not a rival of the
-other policies: the target is ``schedule(step) x correction x f``, where ``f`` is the
-arbitrated factor proposed now by the other policies (largest decrease, else smallest
-increase) and ``correction`` the product of the factors taken before, kept per job and
-knob in :attr:`JobState.corrections` (so a plateau's cut holds under a cosine instead of
-being undone at the next decision; a rollback's LR cut joins it too). Absolute values and
-holds of other policies are then arbitrated against that target as above, as one-offs.
-Several schedules of one knob compose as torch's ``ChainedScheduler`` with closed forms:
-the first one's value times the others' factors (a ``warmup`` after a ``cosine`` in the
-config ramps the cosine), see :func:`compose_pieces`.
-
-Live schedules (``live_schedules=True``, the controller's default): the trajectory goes
-to the client as a :class:`~trimtab.protocol.wire.LiveSchedule` (formula, parameters,
-correction, the governor's bounds), which it evaluates before every optimizer step, so
-the knob follows the schedule at every step rather than once per report; it is sent in
-reply to the registration (:meth:`Engine.decide_schedules`) and again only when it
-changes. The governor still bounds it: the client clamps to the bounds sent; a new
-trajectory's jump from the value in force, and every correction, pass
-:meth:`Governor.govern` as any change does; and the schedule's own per-step moves up to
-two report windows ahead must stay within ``max_step_ratio`` per step and
-``slew_ratio`` with the slew window's history -- where they would not (a 10x step decay
-under a x2 limit), the knob falls back to governed values per report until the
-trajectory is within reach again. Cooldown, deadband and hysteresis judge decisions,
-not the steps of one agreed trajectory. A rollback, a measurement phase, or another
-policy's absolute value or hold winning stops the live schedule for that decision.
-
-A measurement phase (:class:`~trimtab.controller.state.Phase`; the LR range test's
-sweep) opens with a policy's first sweep proposal (:meth:`Proposal.sweep_value`), once
-per policy per job and only when the client lists a checkpoint at or before the step;
-that checkpoint is marked stable with the same decision, so that the client keeps it
-and can restore it. While the phase is open the engine takes that policy's proposals
-only (the others are journaled with the decision, not acted on: a divergence guard
-would read the sweep's rising loss as a divergence, a schedule would fight it), marks
-nothing else stable, and governs its sweep values with the bounds only
-(:meth:`Governor.govern_phase`). The phase ends with that policy's planned rollback
-(``Proposal.roll_back(..., to_step=checkpoint, value=lr)``): level 0, the LR bounded
-only, no escalation, budget or cooldown, its ``detail["found_lr"]`` kept as the job's
-``found_lr``. A policy that fails mid-phase ends it with the return to the checkpoint
-at the LR that was in force there (cause ``phase_aborted``).
+Schedules and corrections are :mod:`~trimtab.controller.scheduling`'s part of the
+engine, measurement phases :mod:`~trimtab.controller.phases`'s: the :class:`Engine` is
+made of the three.
 
 >>> from trimtab.protocol import wire
 >>> from trimtab.controller.governor import Governor
@@ -90,23 +53,25 @@ from trimtab.controller.decision import (
     arbitrate,
 )
 from trimtab.controller.governor import Governor, KnobMemory
+from trimtab.controller.phases import SAFETY, PhaseRules, _found_lr, _safety
 from trimtab.controller.policy import Policy, Proposal
 from trimtab.controller.rollback import (
     RollbackConfig,
     RollbackPlan,
     RollbackState,
     plan_rollback,
-    stable_to_mark,
     why_no_rollback,
 )
 from trimtab.controller.scale import decay_is_lr_times_wd
+from trimtab.controller.scheduling import ScheduleRules, compose_pieces
 from trimtab.controller.state import JobState
-from trimtab.protocol import schedules, wire
+from trimtab.protocol import wire
 
-__all__ = ["Arbitration", "arbitrate", "KnobDecision", "Decision", "Engine"]
+__all__ = ["Arbitration", "arbitrate", "KnobDecision", "Decision", "Engine", "SAFETY",
+           "compose_pieces"]
 
 
-class Engine:
+class Engine(PhaseRules, ScheduleRules):
     """Runs policies, the arbiter and the governor for a job; see the module docstring.
 
     ``shadow=True`` computes and returns decisions without recording them in the
@@ -272,115 +237,6 @@ class Engine:
             state.end_phase(_found_lr(ending), ending.to_step)
         return decision
 
-    def _phase_filter(
-        self, state: JobState, proposals: list[tuple[str, Proposal]]
-    ) -> tuple[list[tuple[str, Proposal]], int | None, Proposal | None]:
-        """``(proposals that count, checkpoint of a phase opened now, the proposal ending
-        the open phase)``; see the module docstring for the rules of a phase."""
-        phase, opened = state.phase, None
-        if phase is None and _safety(proposals, ""):
-            # Safety first: no phase opens while a safety rollback is asked for.
-            return [(n, p) for n, p in proposals if not p.sweep], None, None
-        if phase is None:
-            ckpt = _phase_checkpoint(state)
-            first = next((n for n, p in proposals if p.sweep and n not in state.phases_done
-                          and p.advice is None), None)
-            if first is None or ckpt is None:  # a sweep value outside its phase is dropped
-                return [(n, p) for n, p in proposals if not p.sweep], None, None
-            # A phase that starts over from an earlier checkpoint opens there: the decision
-            # that opens it rolls the run back there and sends the sweep (see _decide).
-            restart = self._restart_from(state, first, proposals)
-            ckpt = ckpt if restart is None else restart
-            phase, opened = state.begin_phase(first, ckpt, start=restart), ckpt
-        mine = [(n, p) for n, p in proposals if n == phase.policy]
-        ending = next((p for _, p in mine if p.to_step is not None), None)
-        safety = _safety(proposals, phase.policy)
-        failed = phase.policy in state.disabled_policies
-        if failed or (safety and ending is None):
-            # Its policy failed mid-phase, or the run went persistently non-finite during
-            # it: return to the checkpoint with the LR it had there (the phase's values are
-            # what went wrong, not the run's own), and the phase is over.
-            seen = state.rollback.at_checkpoint.get(phase.checkpoint, {}).get("knobs", {})
-            lr = seen.get("lr") or state.initial.lr
-            if lr is None:  # nothing to return to: the phase just ends
-                state.end_phase(None)
-                return [(n, p) for n, p in proposals if not p.sweep], None, None
-            cause, why = (("phase_aborted", f"{phase.policy} failed during its phase")
-                          if failed else
-                          (safety[1].rollback, f"{safety[0]}: {safety[1].reason} during "
-                           f"{phase.policy}'s phase"))
-            back = Proposal.roll_back(cause, why, to_step=phase.checkpoint, value=lr)  # type: ignore[arg-type]
-            return [(phase.policy, back)], opened, back
-        return mine, opened, ending
-
-    def _restart_from(self, state: JobState, name: str,
-                      proposals: list[tuple[str, Proposal]]) -> int | None:
-        """The checkpoint a phase opening now asks to start over from (``detail
-        ["restart_from"]`` of its first sweep proposal: the steps since ran too hot), when
-        the client lists it, it lies before the current step and a planned rollback to it
-        can be made; else None (the phase starts where the run is)."""
-        p = next(p for n, p in proposals if n == name and p.sweep)
-        want = (p.detail or {}).get("restart_from")
-        rb = state.rollback
-        if (not isinstance(want, int) or isinstance(want, bool) or want >= state.step
-                or want not in rb.checkpoints or want in rb.unusable):
-            return None
-        if why_no_rollback(rb, self.rollback, name, want) is not None:
-            return None
-        return want
-
-    def _phase_knob(
-        self, state: JobState, knob: str, mine: list[tuple[str, Proposal]]
-    ) -> KnobDecision | None:
-        """The open phase's sweep value for ``knob``, bounds only (None: it sent none)."""
-        sweep = [(n, p) for n, p in mine if p.sweep]
-        if not sweep:
-            return None
-        name, p = sweep[-1]
-        current = state.current(knob)
-        initial = getattr(state.initial, knob)
-        gov = self.governor.govern_phase(knob, initial, p.value)  # type: ignore[arg-type]
-        if p.schedule is None or not self.live_schedules:
-            return KnobDecision(knob, current, p.value, gov.value, name, p.reason, gov.limits)
-        # The sweep goes live: the client follows it at every step, clamped to the bounds;
-        # sent once, and again only if the policy's trajectory changes.
-        lo, hi = self.governor.bounds(knob, initial)  # type: ignore[arg-type]
-        spec = wire.LiveSchedule(knob=knob, pieces=[p.schedule], lo=lo,  # type: ignore[arg-type]
-                                 hi=None if math.isinf(hi) else hi)
-        commanded = None if state.live.get(knob) == spec else gov.value
-        return KnobDecision(knob, current, p.value, commanded, name, p.reason, gov.limits,
-                            live=spec)
-
-    def _stable_mark(
-        self, state: JobState, plan: RollbackPlan | None, opened: int | None, shadow: bool,
-    ) -> int | None:
-        """The checkpoint to mark stable with this decision: a phase's, at its opening and
-        again with its return (the client restores stable checkpoints only, and keeps the
-        newest one); none during a phase; else one healthy for a full window."""
-        if shadow:
-            return None
-        rb = state.rollback
-        if opened is not None or (plan is not None and plan.planned):
-            step = opened if opened is not None else plan.target_step  # type: ignore[union-attr]
-            return None if step in rb.stable or rb.pending_mark is not None else step
-        if plan is not None and plan.target_step == rb.pending_mark:
-            return rb.pending_mark  # sent again with the rollback to it (_with_pending_mark)
-        if plan is not None and plan.target_step not in rb.stable:
-            # A run gone non-finite with nothing stable goes back to the checkpoint taken at
-            # attach; the client restores stable checkpoints only: mark it in the same command.
-            return plan.target_step
-        if plan is not None or state.phase is not None:
-            return None
-        if state.reports_seen == 1 and not rb.stable and rb.pending_mark is None:
-            # The checkpoint taken at attach holds the run as its user handed it over, before
-            # any step trimtab saw: the rollback target of last resort, marked at the first
-            # report so that the client keeps it until a newer one is stable (a run too hot
-            # from its first steps has nothing else worth returning to).
-            attach = min(rb.in_force_at, default=None)
-            if attach is not None and attach in rb.checkpoints and attach not in rb.unusable:
-                return attach
-        return stable_to_mark(rb, self.rollback)
-
     def _plan_rollback(
         self, state: JobState, proposals: list[tuple[str, Proposal]]
     ) -> tuple[RollbackPlan | None, str | None, list[tuple[str, Proposal]]]:
@@ -516,173 +372,6 @@ class Engine:
         return KnobDecision(knob, current, target, gov.value, policy, reason, gov.limits)
 
 
-    # -- schedules and corrections ----------------------------------------------------------
-
-    def decide_schedules(self, state: JobState) -> Decision:
-        """A decision on the scheduled knobs only, for a job that just registered: its live
-        schedules (or first scheduled values) before its first report. Pure, as
-        :meth:`decide`."""
-        state = state.fork()
-        # Only schedules are asked: the other policies have nothing to go on before a report.
-        asked = [p for p in self.policies if getattr(p, "formula", None) is not None]
-        proposals, errors = self._ask(state, asked)
-        scheduled = [(n, p) for n, p in proposals if p.schedule is not None]
-        knobs = {}
-        for knob in dict.fromkeys(p.knob for _, p in scheduled):
-            mine = [(n, p) for n, p in scheduled if p.knob == knob]
-            kd = self._decide_knob(state, knob, mine, state.memory[knob])
-            if kd is not None:
-                knobs[knob] = kd
-        decision = Decision(step=state.step, proposals=tuple(scheduled), knobs=knobs,
-                            errors=tuple(errors), shadow=self.shadow, draft=state)
-        if self.shadow:
-            return decision
-        for knob, value in decision.commands.items():
-            window = self.governor.limits(knob).slew_window_steps  # type: ignore[arg-type]
-            state.note_change(knob, knobs[knob].policy or GOVERNOR, knobs[knob].current, value,
-                              window)
-        return self._settle_schedules(state, decision)
-
-    def _scheduled_knob(
-        self, state: JobState, knob: str, mine: list[tuple[str, Proposal]], memory: KnobMemory,
-    ) -> KnobDecision:
-        """A knob with a schedule: target = schedule x correction x the factor proposed now,
-        arbitrated with the absolute and hold proposals; live when the governor allows."""
-        current, initial = state.current(knob), getattr(state.initial, knob)
-        scheds = [(n, p) for n, p in mine if p.schedule is not None and not p.sweep]
-        pieces = compose_pieces(knob, [p.schedule for _, p in scheds])  # type: ignore[misc]
-        lo, hi = self.governor.bounds(knob, initial)  # type: ignore[arg-type]
-        corr = state.corrections.get(knob, 1.0)
-        spec = wire.LiveSchedule(knob=knob, pieces=pieces, scale=corr, lo=lo,  # type: ignore[arg-type]
-                                 hi=None if math.isinf(hi) else hi)
-        base = spec.model_copy(update={"scale": 1.0, "lo": 0.0, "hi": None}).value(state.step)
-        factors = [(n, p) for n, p in mine if p.schedule is None and p.factor is not None]
-        fa = arbitrate(1.0, factors)
-        f = 1.0 if fa.target is None else fa.target
-        name = scheds[0][0] if f == 1.0 else fa.policy
-        reason = "; ".join(p.reason for _, p in scheds)
-        if f != 1.0:
-            reason = f"{fa.reason} (correction x{corr * f:.6g} on {reason})"
-        elif corr != 1.0:
-            reason = f"{reason} (correction x{corr:.6g})"
-        candidate = min(max(base * corr * f, lo), hi)
-        rest = [(n, p) for n, p in mine if (p.schedule is None or p.sweep) and p.factor is None]
-        arb = arbitrate(current, [(name, Proposal(knob, value=candidate, reason=reason)), *rest])  # type: ignore[arg-type]
-        if arb.policy != name or arb.target not in (None, candidate):
-            # Another policy's absolute value or hold wins: a one-off, per decision.
-            return self._governed(state, knob, arb.target, arb.policy, arb.reason, memory)
-        running = state.live.get(knob)
-        if f == 1.0 and self.live_schedules and running == spec and self._live_ok(state, spec):
-            return KnobDecision(knob, current, candidate, None, name, reason, live=spec)
-        gov = self.governor.govern(knob, memory, current, initial, candidate, state.step)  # type: ignore[arg-type]
-        taken = gov.value is not None and math.isclose(gov.value, candidate, rel_tol=1e-12)
-        correction = None
-        if f != 1.0 and gov.value is not None:
-            # With the schedule live, the governor limited the correction's jump alone.
-            live_before = running is not None and self.live_schedules
-            correction = (corr * f if taken or not live_before or base <= 0.0
-                          else gov.value / base)
-            spec = spec.model_copy(update={"scale": correction})
-            taken = taken or live_before
-        elif f != 1.0 and running is not None and self.live_schedules:
-            # The correction waits (cooldown, deadband...); the schedule goes on as it was.
-            return KnobDecision(knob, current, candidate, None, name, reason, gov.limits,
-                                live=running)
-        quiet = gov.value is None and set(gov.limits) <= {"deadband", "hysteresis"}
-        live = (spec if self.live_schedules and (taken or quiet) and self._live_ok(state, spec)
-                else None)
-        commanded = gov.value
-        if live is not None and commanded is None and running != live:
-            commanded = candidate  # a new trajectory: its value now goes with it
-        return KnobDecision(knob, current, candidate, commanded, name, reason, gov.limits,
-                            live=live, correction=correction)
-
-    def _governed(
-        self, state: JobState, knob: str, target: float | None, policy: str | None, reason: str,
-        memory: KnobMemory,
-    ) -> KnobDecision:
-        current = state.current(knob)
-        if target is None:
-            return KnobDecision(knob, current, None, None, policy, reason)
-        gov = self.governor.govern(
-            knob, memory, current, getattr(state.initial, knob), target, state.step)  # type: ignore[arg-type]
-        return KnobDecision(knob, current, target, gov.value, policy, reason, gov.limits)
-
-    def _live_ok(self, state: JobState, spec: wire.LiveSchedule) -> bool:
-        """Whether ``spec``'s own steps, up to two report windows ahead (the next decision
-        and a lost one), stay within ``max_step_ratio`` per step and ``slew_ratio`` with
-        the slew window's history; bounds are clamped by the client itself."""
-        lim = self.governor.limits(spec.knob)
-        if lim.max_step_ratio is None and lim.slew_ratio is None:
-            return True
-        horizon = min(2 * state.report_every, 20_000)
-        values = [spec.value(state.step + i) for i in range(horizon + 1)]
-        if lim.max_step_ratio is not None and not _within(values, lim.max_step_ratio, True):
-            return False
-        if lim.slew_ratio is not None:
-            # The history holds the live schedule's value at each decision (see
-            # _settle_schedules) besides the changes commanded.
-            start = state.step - lim.slew_window_steps
-            seen = [v for s, v in state.memory[spec.knob].history if s > start]
-            return _within(seen + values, lim.slew_ratio, False)
-        return True
-
-    def _settle_schedules(self, state: JobState, decision: Decision) -> Decision:
-        """Record corrections and live schedules in the job's state; the decision carries the
-        live schedules when they change. A rollback's cut becomes part of the correction of
-        a scheduled knob, and stops live schedules until the next decision."""
-        for knob, kd in decision.knobs.items():
-            if kd.correction is not None:
-                state.corrections[knob] = kd.correction
-        live = {k: kd.live for k, kd in decision.knobs.items() if kd.live is not None}
-        # A measurement phase owns the knobs: only its own sweep may be live meanwhile, and
-        # it stays live through a decision that says nothing of its knob (the schedules
-        # sent in reply to a re-registration mid-sweep).
-        if state.phase is not None:
-            live = {k: kd.live for k, kd in decision.knobs.items()
-                    if kd.live is not None and kd.policy == state.phase.policy}
-            live = {**{k: s for k, s in state.live.items() if k not in decision.knobs}, **live}
-        restarting = (decision.rollback is not None and decision.rollback.planned
-                      and state.phase is not None
-                      and state.phase.start_step == decision.rollback.target_step)
-        if decision.rollback is not None and not restarting:
-            scheduled = {p.knob for _, p in decision.proposals if p.schedule is not None}
-            for knob, kd in decision.knobs.items():
-                if decision.rollback.planned:
-                    # A phase's return sets a measured value: the schedules' new reference
-                    # (found_lr), not a correction on top of them.
-                    state.corrections.pop(knob, None)
-                elif knob in scheduled and kd.commanded is not None:
-                    # The cut is relative to the value in force at the fault, not to the
-                    # one the restore brings back.
-                    at_fault = decision.rollback.in_force.get(knob) or kd.current
-                    if at_fault:
-                        state.corrections[knob] = (state.corrections.get(knob, 1.0)
-                                                   * kd.commanded / at_fault)
-            live = {}
-        for knob, spec in live.items():
-            # The client follows it between decisions: its points count in the slew window.
-            window = self.governor.limits(knob).slew_window_steps  # type: ignore[arg-type]
-            state.memory[knob].observe(state.step, spec.value(state.step), window)
-        if not self.live_schedules and not state.live:
-            return decision
-        if live == state.live:
-            return decision
-        state.live = dict(live)
-        return dataclasses.replace(decision, schedules=tuple(live[k] for k in wire.KNOBS
-                                                             if k in live))
-
-
-#: Rollback causes that override every phase, sweep, schedule and cooldown.
-SAFETY: tuple[str, ...] = ("nonfinite",)
-
-
-def _safety(proposals: Sequence[tuple[str, Proposal]], phase_policy: str
-            ) -> tuple[str, Proposal] | None:
-    """The first safety rollback (:data:`SAFETY`) another policy than the phase's asks for."""
-    return next(((n, p) for n, p in proposals if p.rollback in SAFETY and p.to_step is None
-                 and n != phase_policy), None)
-
 
 def _with_pending_mark(rb: RollbackState) -> RollbackState:
     """``rb`` as the client will see it once a rollback command is applied: a mark sent and
@@ -697,53 +386,6 @@ def _with_pending_mark(rb: RollbackState) -> RollbackState:
     view = dataclasses.replace(rb)
     view.note_marked(mark)
     return view
-
-
-def _phase_checkpoint(state: JobState) -> int | None:
-    """The checkpoint a phase opened now returns to: the newest the client lists at or
-    before the current step (None: none, or a rollback is under way)."""
-    rb = state.rollback
-    if rb.pending is not None:
-        return None
-    ok = [s for s in rb.checkpoints if s <= state.step and s not in rb.unusable]
-    return max(ok, default=None)
-
-
-def _found_lr(p: Proposal) -> float | None:
-    """``detail["found_lr"]`` of a phase's ending proposal, when a positive finite number."""
-    x = (p.detail or {}).get("found_lr")
-    ok = isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
-    return float(x) if ok else None
-
-
-def compose_pieces(knob: str, pieces: Sequence[wire.SchedulePiece]) -> list[wire.SchedulePiece]:
-    """Several schedules of one knob as one trajectory, as torch's ``ChainedScheduler``: the
-    first one's value times the others' factors (their reference lr set to 1). Momentum
-    has no reference to take a factor of: the first schedule's alone.
-
-    >>> a = wire.SchedulePiece(name="cosine", params={"lr": 0.1, "t_max": 100})
-    >>> b = wire.SchedulePiece(name="warmup", params={"lr": 0.1, "warmup_steps": 10})
-    >>> [p.params.get("lr") for p in compose_pieces("lr", [a, b])]
-    [0.1, 1.0]
-    """
-    if knob != "lr":
-        return list(pieces[:1])
-    out = list(pieces[:1])
-    for piece in pieces[1:]:
-        ref = schedules.REFERENCE[piece.name]
-        out.append(piece.model_copy(update={"params": {**piece.params, ref: 1.0}}))
-    return out
-
-
-def _within(values: Sequence[float], ratio: float, consecutive: bool) -> bool:
-    """Whether consecutive ``values`` (else all of them) stay within ``ratio`` of each other."""
-    pairs = (zip(values[:-1], values[1:], strict=True) if consecutive
-             else [(min(values), max(values))])
-    for a, b in pairs:
-        low, high = min(a, b), max(a, b)
-        if high > 0.0 and (low <= 0.0 or high / low > ratio * (1 + 1e-12)):
-            return False
-    return True
 
 
 def _nonsense(out: object) -> str | None:
