@@ -1,6 +1,6 @@
 """One report through the controller: fold it in, judge it, decide. The only such loop.
 
-The live service (:mod:`~trimtab.controller.service`), offline replay
+The live service (:mod:`~trimtab.controller.handler`), offline replay
 (:mod:`~trimtab.controller.replay`) and the tests all take a report the same way, here:
 
 1. :meth:`JobState.observe <trimtab.controller.state.JobState.observe>` folds it into the

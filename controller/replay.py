@@ -48,10 +48,10 @@ from trimtab.controller.advance import advance
 from trimtab.controller.config import ControllerConfig
 from trimtab.controller.engine import Decision, Engine
 from trimtab.controller.governor import Governor
+from trimtab.controller.handler import Controller
 from trimtab.controller.journal import Journal
 from trimtab.controller.policy import Policy
 from trimtab.controller.scale import ScaleContext, derive_limits, explicit_fields
-from trimtab.controller.service import Controller
 from trimtab.controller.state import JobState
 from trimtab.protocol import wire
 
@@ -253,7 +253,7 @@ def replay(
 def rerun(trace: Sequence[TraceRecord], config: ControllerConfig) -> list[wire.Command]:
     """The commands a fresh controller with ``config`` sends for ``trace``: every message the
     client sent, in the journal's order, taken by the live service's own code
-    (:class:`~trimtab.controller.service.Controller`: :func:`~trimtab.controller.advance.advance`
+    (:class:`~trimtab.controller.handler.Controller`: :func:`~trimtab.controller.advance.advance`
     for reports, :func:`~trimtab.controller.advance.settle_ack` for acks), with a scratch
     journal. With the live run's config these are the live run's commands: nothing else
     than the messages and the config goes into a decision.

@@ -28,9 +28,9 @@ from zmq.utils.monitor import recv_monitor_message
 
 from trimtab.controller.auth import AllowList, CurveAuthenticator, load_server_keys
 from trimtab.controller.config import ControllerConfig, is_loopback_endpoint
+from trimtab.controller.handler import Controller
 from trimtab.controller.journal import Journal
 from trimtab.controller.ratelimit import RateLimiter
-from trimtab.controller.service import Controller
 from trimtab.protocol import wire
 
 __all__ = ["Server"]

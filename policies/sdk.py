@@ -47,7 +47,7 @@ from trimtab.controller.policy import Policy, PolicyLoadError, Proposal
 from trimtab.controller.scale import BatchScaling, ScaleContext
 from trimtab.controller.signals import ema, ema_var
 from trimtab.controller.view import JobView, Phase, Sample, Signals
-from trimtab.policies._schedule import (
+from trimtab.policies._schedule_base import (
     LrField,
     ScheduleConfig,
     SchedulePolicy,

@@ -27,8 +27,8 @@ from prometheus_client import CollectorRegistry
 from tests.integration.support import Regression, free_port, start_serve, wait_for
 from trimtab.client import attach
 from trimtab.controller.config import ControllerConfig, PolicySpec
+from trimtab.controller.handler import Controller
 from trimtab.controller.journal import Journal
-from trimtab.controller.service import Controller
 from trimtab.protocol import wire
 
 PEER = b"fuzzer"

@@ -16,13 +16,13 @@ from trimtab.controller import replay as rp
 from trimtab.controller.config import ControllerConfig, PolicySpec
 from trimtab.controller.engine import Engine
 from trimtab.controller.governor import Governor, GovernorConfig
+from trimtab.controller.handler import Controller
 from trimtab.controller.journal import Journal
 from trimtab.controller.policy import Policy, PolicyLoadError, Proposal, is_allowed, load_policy
-from trimtab.controller.service import Controller
 from trimtab.controller.state import JobState
 from trimtab.protocol import wire
 
-from .test_service import PEER, decoded, register, report
+from .test_handler import PEER, decoded, register, report
 
 
 class Cut(Policy):

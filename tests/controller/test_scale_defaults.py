@@ -14,6 +14,7 @@ from tests._decide import decided
 from trimtab.controller.config import ConfigError, ControllerConfig, PolicySpec, load_config
 from trimtab.controller.engine import Engine
 from trimtab.controller.governor import Governor, GovernorConfig, KnobMemory
+from trimtab.controller.handler import Controller
 from trimtab.controller.journal import Journal
 from trimtab.controller.policy import Policy, Proposal
 from trimtab.controller.scale import (
@@ -21,7 +22,6 @@ from trimtab.controller.scale import (
     derive_limits,
     explicit_fields,
 )
-from trimtab.controller.service import Controller
 from trimtab.controller.state import JobState
 from trimtab.protocol import wire
 

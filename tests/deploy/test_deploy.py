@@ -22,8 +22,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from bench.dashboard_png import panels, substitute
 from trimtab.controller.config import ControllerConfig, PolicySpec
+from trimtab.controller.handler import Controller
 from trimtab.controller.journal import Journal
-from trimtab.controller.service import Controller
 from trimtab.protocol import wire
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"

@@ -2,7 +2,7 @@
 
 The real :class:`~trimtab.client.Guard` probes a small MLP and points at an endpoint
 nobody listens on; its reports and acks are handed straight to a real
-:class:`~trimtab.controller.service.Controller` (as frames), and the commands it answers
+:class:`~trimtab.controller.handler.Controller` (as frames), and the commands it answers
 go into the guard's command slot, as its transport would put them. So the policies see
 real probe numbers and their decisions act on the run.
 """
@@ -19,8 +19,8 @@ from prometheus_client import CollectorRegistry
 
 from trimtab.client import Guard
 from trimtab.controller.config import ControllerConfig, PolicySpec
+from trimtab.controller.handler import Controller
 from trimtab.controller.journal import Journal
-from trimtab.controller.service import Controller
 from trimtab.protocol import wire
 
 IN, HIDDEN = 16, 64

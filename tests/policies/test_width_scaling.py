@@ -31,8 +31,8 @@ from prometheus_client import CollectorRegistry
 from bench.tasks._data import digits
 from trimtab.client import Guard
 from trimtab.controller.config import ControllerConfig, PolicySpec
+from trimtab.controller.handler import Controller
 from trimtab.controller.journal import Journal
-from trimtab.controller.service import Controller
 from trimtab.protocol import wire
 
 pytest.importorskip("sklearn", reason="scikit-learn (in the dev extra) ships the digits data")

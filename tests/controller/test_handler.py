@@ -6,8 +6,8 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from trimtab.controller.config import ControllerConfig, PolicySpec
+from trimtab.controller.handler import Controller
 from trimtab.controller.journal import Journal
-from trimtab.controller.service import Controller
 from trimtab.protocol import wire
 
 PEER = b"peer-1"
