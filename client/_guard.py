@@ -38,9 +38,10 @@ from ._options import (
     _is_int,
     _resolve_mode,
 )
-from ._probe import Grads, Probe
+from ._probe import Probe
 from ._schedule import ScheduleHold
 from ._sharded import ShardedStore, ShardNorms, is_sharded
+from ._step import Step
 from ._transport import Transport, load_curve_keys
 
 __all__ = ["attach", "Guard", "NONFINITE_MODES"]
@@ -215,9 +216,8 @@ class Guard:
         self._probe = Probe(optimizer, report_every, device)
         if self._sharded:
             self._probe.sharding = ShardNorms.of(model)
-        self._calls = 0
-        self._skipped_closed = 0  # skips in windows already reduced
-        self._open_skips_host = 0  # skips in the open window seen on the host ("skip" mode)
+        # Probe, clip, non-finite handling and the step counts: see trimtab.client._step.
+        self._step = Step(optimizer, self._probe, self._act, self.nonfinite_mode)
         self._report_seq = 0
         self._window_start = time.perf_counter()
         # What registration tells the controller; swapped whole by the training thread.
@@ -237,10 +237,6 @@ class Guard:
         #: Why it advises stopping (``None``: it does not).
         self.stop_reason: str | None = None
         self._validation: tuple[float, int] | None = None
-        self._micro_calls = 0  # note_micro_batch() calls since the last step
-        self._micro_first: torch.Tensor | None = None
-        self._micro_counts: list[int] = []  # micro-batches per noted step, this window
-        self._found_inf: torch.Tensor | None = None  # the fused step's skip flag, reused
         self._store = self._start_checkpoints(keep, checkpoint_dir, memory_keep)
 
         def make_transport() -> Transport:
@@ -258,7 +254,7 @@ class Guard:
             self, _finish, self._transport, self._store, wire.Bye(job=job, reason="exit")
         )
         if hooks:  # the loop calls optimizer.step() itself: see trimtab.client._hooks
-            self._hooks = StepHooks(self)
+            self._hooks = StepHooks(self._step, self._prepare, self._finish_step)
 
     def _start_checkpoints(
         self, keep: int, checkpoint_dir: str | os.PathLike | None, memory_keep: int | None
@@ -291,7 +287,7 @@ class Guard:
         prepared = self._prepare(loss)
         if prepared is not None:
             try:
-                self._optimizer_step(*prepared)
+                self._step.run(*prepared)
             finally:
                 self._act.release()  # the user's own lr and weight decay are back
             self._finish_step()
@@ -307,27 +303,12 @@ class Guard:
         if self._hold is not None:
             self._hold.put_back(self.scheduler, self.optimizer)
             self._hold = None
-        micro, first = self._micro_calls, self._micro_first
-        self._micro_calls, self._micro_first = 0, None
+        micro = self._step.take_micro()
         if self._apply_command():
             # Rolled back: these gradients were computed on the abandoned trajectory.
             self.optimizer.zero_grad(set_to_none=True)
             return None
-        probe = self._probe
-        closing = probe.full
-        grads = probe.grads()
-        total = probe.measure(loss, grads)
-        # Only the device-side skip paths need finiteness as a tensor; "skip" reads the norm.
-        finite = None if self.nonfinite_mode == "skip" else torch.isfinite(total)
-        if micro >= 2 and first is not None:
-            # |g_1|^2 of the first micro-batch in the accumulated gradient's units: the
-            # accumulated gradient after one micro-batch is g_1 / n with a loss divided by
-            # n (g_1 without), and n^2 puts both conventions on the scale of the total.
-            probe.note_micro(first * float(micro * micro))
-            self._micro_counts.append(micro)
-        self._clip(grads, total, finite)
-        if closing:  # the window's one sampled update, for ||delta theta|| / ||theta||
-            probe.snapshot()
+        total, finite = self._step.measure(loss, micro)
         if self._store is not None and self._store._pending:
             # The optimizer step changes what snapshot copies in flight read: the training
             # stream waits for them on the device (no host wait; see CheckpointStore).
@@ -340,13 +321,8 @@ class Guard:
 
     def _finish_step(self) -> None:
         """After the optimizer step: probe the update, count the step, report, snapshot."""
-        probe = self._probe
-        closing = probe.full
-        if closing:
-            probe.update_ratio()
-        probe.advance()
-        self._calls += 1
-        if self._calls == 1 and self._store is not None:
+        closing = self._step.finish()
+        if self._step.calls == 1 and self._store is not None:
             self._prepare_snapshots()
         if closing:
             self._close_window()
@@ -357,63 +333,6 @@ class Guard:
             every = self.checkpoint_every
             if self._host_step() // every > self._last_checkpoint // every:
                 self._checkpoint()
-
-    def _clip(self, grads: Grads, total: torch.Tensor, finite: torch.Tensor | None) -> None:
-        coef: torch.Tensor | None = None
-        if self.clip is not None:
-            # clip_grad_norm_'s math; clamping instead of branching keeps it sync-free.
-            coef = torch.clamp(self.clip / (total + 1e-6), max=1.0)
-        if finite is not None and self.nonfinite_mode == "zero":
-            # NaN * 0 is NaN, so clean the grads first; then a non-finite step scales by 0.
-            # (torch has no foreach nan_to_num: one call per gradient.)
-            for by_device in grads:
-                for gs in by_device.values():
-                    for g in gs:
-                        g.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
-            keep = finite.float() if coef is None else coef
-            coef = torch.where(finite, keep, torch.zeros_like(keep))
-        if coef is None:
-            return
-        # One foreach call per device over every group's gradients.
-        by_device: dict[torch.device, list[torch.Tensor]] = {}
-        for group in grads:
-            for device, gs in group.items():
-                if device in by_device:
-                    by_device[device] = by_device[device] + gs
-                else:
-                    by_device[device] = gs
-        for device, gs in by_device.items():
-            if gs:
-                torch._foreach_mul_(gs, coef if device == coef.device else coef.to(device))
-
-    def _optimizer_step(self, total: torch.Tensor, finite: torch.Tensor | None) -> None:
-        opt = self.optimizer
-        if finite is not None and self.nonfinite_mode == "fused":
-            # GradScaler's protocol: the fused kernel skips the update where found_inf is 1.
-            opt.found_inf = self._found_inf_of(finite)  # type: ignore[attr-defined]
-            opt.grad_scale = None  # type: ignore[attr-defined]
-            try:
-                opt.step()
-            finally:
-                del opt.found_inf, opt.grad_scale  # type: ignore[attr-defined]
-        elif self.nonfinite_mode == "skip":
-            # One read per step: free on CPU (no device queue to wait for); on an accelerator
-            # this is the sync the user chose with nonfinite="skip".
-            if not math.isfinite(total.item()):
-                self._open_skips_host += 1
-                return
-            opt.step()
-        else:
-            opt.step()
-
-    def _found_inf_of(self, finite: torch.Tensor) -> torch.Tensor:
-        """``found_inf`` for a fused step: 1.0 where ``finite`` is False; one op, into a
-        float32 buffer made once (the kernel reads it in stream order, before the next
-        step writes it again)."""
-        buf = self._found_inf
-        if buf is None or buf.device != finite.device:
-            buf = self._found_inf = torch.empty((), dtype=torch.float32, device=finite.device)
-        return torch.logical_not(finite, out=buf)
 
     # -- commands and reports ----------------------------------------------------------------
 
@@ -495,10 +414,7 @@ class Guard:
         # The multipliers, momentum and clip in force at the checkpoint; the user's own
         # values come back with the optimizer's (and the scheduler's) state.
         self._act.load_state_dict({**ckpt.controls, "clip": ckpt.clip})
-        self._calls = ckpt.counters.get("calls", ckpt.step)
-        self._skipped_closed, self._open_skips_host = self._calls - ckpt.step, 0
-        self._probe.reset()
-        self._micro_counts = []
+        self._step.restart(ckpt.counters.get("calls", ckpt.step), ckpt.step)
         self._window_start = time.perf_counter()
         self._last_checkpoint = ckpt.step
         self.rollbacks += 1
@@ -519,7 +435,7 @@ class Guard:
         step = self._host_step()  # exact here: see where this is called
         try:
             taken = self._store.take(step, self.model, self.optimizer, self.scheduler,
-                                     clip=self.clip, counters={"calls": self._calls},
+                                     clip=self.clip, counters={"calls": self._step.calls},
                                      scheduler_stepped=scheduler_stepped,
                                      controls=self._act.state_dict(), block=block)
         except Exception:  # a failed snapshot costs a rollback target, never the run
@@ -549,8 +465,7 @@ class Guard:
             stats = self._probe.collect()
             if self._hooks is not None:  # a step without an observed loss is not a bad loss
                 stats = self._hooks.window_closed(stats)
-            self._skipped_closed += stats.nonfinite_grads
-            self._open_skips_host = 0
+            self._step.window_closed(stats.nonfinite_grads)
             if stats.steps == 0:
                 return
             now = time.perf_counter()
@@ -559,7 +474,7 @@ class Guard:
             knobs, base, scale = self._act.used(), self._act.base(), self._act.scale()
             self._in_force = (knobs, base, scale)
             validation, vstep = self._validation if self._validation is not None else (None, None)
-            counts, self._micro_counts = self._micro_counts, []
+            counts = self._step.take_micro_counts()
             micro_batches = round(sum(counts) / len(counts)) if counts else None
             self._report_seq += 1
             report = wire.Report(
@@ -613,11 +528,7 @@ class Guard:
         """Call after each micro-batch's ``backward()`` when accumulating gradients, for the
         gradient-noise-scale estimate. After the first micro-batch of a step it measures the
         gradient norm on the device (no sync); the rest only count. Optional."""
-        self._micro_calls += 1
-        if self._micro_calls == 1:
-            with torch.no_grad():
-                norm = self._probe.total_norm(self._probe.grads())
-                self._micro_first = norm * norm
+        self._step.note_micro_batch()
 
     def _registration(self) -> wire.Register:
         # Called from the transport thread; reads only values the training thread swaps whole.
@@ -630,21 +541,24 @@ class Guard:
 
     def _host_step(self) -> int:
         """global_step as far as the host knows without reading the device."""
-        return self._calls - self._skipped_closed - self._open_skips_host
+        return self._step.host_step
 
     # -- state --------------------------------------------------------------------------------
 
     @property
     def skipped_steps(self) -> int:
         """Steps skipped for non-finite gradients (mid-window on the sync-free paths: one sync)."""
-        if self.nonfinite_mode == "skip" or self._closed:
-            return self._skipped_closed + self._open_skips_host
-        return self._skipped_closed + self._probe.skips_so_far()
+        return self._step.skipped(self._closed)
+
+    @property
+    def _calls(self) -> int:
+        # Calls that reached the optimizer step, skipped ones included (bench/ reads it).
+        return self._step.calls
 
     @property
     def global_step(self) -> int:
         """Optimizer steps taken (skipped steps not counted)."""
-        return self._calls - self.skipped_steps
+        return self._step.calls - self.skipped_steps
 
     @property
     def clip(self) -> float | None:
