@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import time
 import uuid
 import weakref
 from collections.abc import Callable
@@ -39,6 +38,7 @@ from ._options import (
     _resolve_mode,
 )
 from ._probe import Probe
+from ._report import Reporter
 from ._schedule import ScheduleHold
 from ._sharded import ShardedStore, ShardNorms, is_sharded
 from ._step import Step
@@ -218,10 +218,9 @@ class Guard:
             self._probe.sharding = ShardNorms.of(model)
         # Probe, clip, non-finite handling and the step counts: see trimtab.client._step.
         self._step = Step(optimizer, self._probe, self._act, self.nonfinite_mode)
-        self._report_seq = 0
-        self._window_start = time.perf_counter()
         # What registration tells the controller; swapped whole by the training thread.
         self._in_force = (self._act.used(), self._act.base(), self._act.scale())
+        self._reporter = Reporter(job)  # the first window's clock starts here
         self._closed = False
         #: The user's LR scheduler (``None``: none): its state is restored on rollback.
         self.scheduler = scheduler
@@ -236,7 +235,6 @@ class Guard:
         self.should_stop = False
         #: Why it advises stopping (``None``: it does not).
         self.stop_reason: str | None = None
-        self._validation: tuple[float, int] | None = None
         self._store = self._start_checkpoints(keep, checkpoint_dir, memory_keep)
 
         def make_transport() -> Transport:
@@ -415,7 +413,7 @@ class Guard:
         # values come back with the optimizer's (and the scheduler's) state.
         self._act.load_state_dict({**ckpt.controls, "clip": ckpt.clip})
         self._step.restart(ckpt.counters.get("calls", ckpt.step), ckpt.step)
-        self._window_start = time.perf_counter()
+        self._reporter.restart()
         self._last_checkpoint = ckpt.step
         self.rollbacks += 1
         if self.reseed_on_rollback:  # no replay of the batches that led here
@@ -468,33 +466,15 @@ class Guard:
             self._step.window_closed(stats.nonfinite_grads)
             if stats.steps == 0:
                 return
-            now = time.perf_counter()
-            step_time, self._window_start = (now - self._window_start) / stats.steps, now
             # What the window's last step used, the user's own values then, the multipliers.
             knobs, base, scale = self._act.used(), self._act.base(), self._act.scale()
             self._in_force = (knobs, base, scale)
-            validation, vstep = self._validation if self._validation is not None else (None, None)
-            counts = self._step.take_micro_counts()
-            micro_batches = round(sum(counts) / len(counts)) if counts else None
-            self._report_seq += 1
-            report = wire.Report(
-                job=self.job, seq=self._report_seq, step=self._host_step(), window=stats.steps,
-                loss_mean=stats.loss_mean, loss_last=stats.loss_last, loss_min=stats.loss_min,
-                loss_max=stats.loss_max, grad_norm_mean=stats.grad_norm_mean,
-                grad_norm_max=stats.grad_norm_max, grad_norm_std=stats.grad_norm_std,
-                group_grad_norms=stats.group_grad_norms, update_ratio=stats.update_ratio,
-                nonfinite_losses=stats.nonfinite_losses, nonfinite_grads=stats.nonfinite_grads,
-                skipped_steps=stats.nonfinite_grads, step_time_s=step_time, knobs=knobs,
-                base=base, scale=scale, user_clipped_steps=stats.user_clipped_steps,
-                user_clip=stats.user_clip, offline=self._transport.offline,
-                link=self._transport.link,
-                dropped_reports=self._transport.dropped, applied_seq=self.applied_seq,
+            report = self._reporter.report(
+                stats, step=self._host_step(), knobs=knobs, base=base, scale=scale,
+                micro_counts=self._step.take_micro_counts(), applied_seq=self.applied_seq,
                 checkpoints=self.checkpoints, stable_step=self.stable_step,
-                validation=validation, validation_step=vstep,
-                micro_sq_norm_mean=stats.micro_sq_norm_mean if counts else None,
-                micro_batches=micro_batches,
+                transport=self._transport,
             )
-            self._validation = None
         except Exception:  # a report that cannot be built must not stop training
             log.exception("trimtab could not build a report; window dropped")
             return
@@ -514,7 +494,7 @@ class Guard:
         if not math.isfinite(value):
             log.warning("trimtab: non-finite validation value %r not reported", value)
             return
-        self._validation = (float(value), self._host_step() if step is None else step)
+        self._reporter.validation = (float(value), self._host_step() if step is None else step)
 
     def observe_loss(self, loss: torch.Tensor | float) -> None:
         """With ``hooks=True``: hand over a loss for the coming ``optimizer.step()`` (kept on
@@ -549,6 +529,11 @@ class Guard:
     def skipped_steps(self) -> int:
         """Steps skipped for non-finite gradients (mid-window on the sync-free paths: one sync)."""
         return self._step.skipped(self._closed)
+
+    @property
+    def _report_seq(self) -> int:
+        # The last report's number (bench/ watches it to follow the reports).
+        return self._reporter.seq
 
     @property
     def _calls(self) -> int:
