@@ -25,6 +25,7 @@ import zmq
 from trimtab.protocol import wire
 
 from ._checkpoint import Checkpoint, CheckpointStore, reseed_rng
+from ._commands import Commands
 from ._dist import DistLink, rank_directory
 from ._hooks import StepHooks
 from ._knobs import Actuator, check_optimizer
@@ -197,11 +198,6 @@ class Guard:
         self.report_every = report_every
         # The knobs: multipliers on the user's lr and weight decay, momentum, clip.
         self._act = Actuator(optimizer, None if clip is None else float(clip))
-        #: Sequence number of the last command applied (0: none).
-        self.applied_seq = 0
-        # Commands taken and not yet acknowledged: (seq, restored step, error), acked at
-        # the first optimizer step that runs with them.
-        self._owed: list[tuple[int, int | None, str | None]] = []
         self._hooks: StepHooks | None = None
         self.facts, device = _facts(model, optimizer, batch_size)
         # Under torch.distributed: rank 0 links to the controller, all ranks act in step.
@@ -218,8 +214,6 @@ class Guard:
             self._probe.sharding = ShardNorms.of(model)
         # Probe, clip, non-finite handling and the step counts: see trimtab.client._step.
         self._step = Step(optimizer, self._probe, self._act, self.nonfinite_mode)
-        # What registration tells the controller; swapped whole by the training thread.
-        self._in_force = (self._act.used(), self._act.base(), self._act.scale())
         self._reporter = Reporter(job)  # the first window's clock starts here
         self._closed = False
         #: The user's LR scheduler (``None``: none): its state is restored on rollback.
@@ -228,13 +222,8 @@ class Guard:
         #: Rollbacks carried out so far.
         self.rollbacks = 0
         self._on_rollback = on_rollback
-        self._outcome: tuple[int, int | None, str | None] = (0, None, None)
         self._hold: ScheduleHold | None = None
         self._last_checkpoint = 0
-        #: The controller advises stopping (the validation metric stopped improving).
-        self.should_stop = False
-        #: Why it advises stopping (``None``: it does not).
-        self.stop_reason: str | None = None
         self._store = self._start_checkpoints(keep, checkpoint_dir, memory_keep)
 
         def make_transport() -> Transport:
@@ -246,6 +235,8 @@ class Guard:
 
         self._transport = (make_transport() if self._dist is None
                            else self._dist.transport(make_transport))
+        # Commands, acks and the values in force (read by the registration from now on).
+        self._commands = Commands(job, self._act, self._transport)
         self._transport.start()
         # A script that ends without close() still says Bye and stops the threads at exit.
         self._finalizer = weakref.finalize(
@@ -302,7 +293,7 @@ class Guard:
             self._hold.put_back(self.scheduler, self.optimizer)
             self._hold = None
         micro = self._step.take_micro()
-        if self._apply_command():
+        if self._commands.take(self._carry_out):
             # Rolled back: these gradients were computed on the abandoned trajectory.
             self.optimizer.zero_grad(set_to_none=True)
             return None
@@ -313,8 +304,8 @@ class Guard:
             self._store.fence()
         # Last, so that only the optimizer step runs between engage and release.
         self._act.engage(self._host_step())  # host floats only (tensor entries: on device)
-        if self._owed:
-            self._acknowledge()  # with the values this step uses
+        if self._commands.owed:
+            self._commands.acknowledge(self._host_step())  # with the values this step uses
         return total, finite
 
     def _finish_step(self) -> None:
@@ -333,41 +324,6 @@ class Guard:
                 self._checkpoint()
 
     # -- commands and reports ----------------------------------------------------------------
-
-    def _apply_command(self) -> bool:
-        """Carry out a pending command; True when it rolled back. Its ack goes out with the
-        first optimizer step that runs with it (:meth:`_acknowledge`)."""
-        command = self._transport.take_command()
-        if command is None:
-            return False
-        rolled_back = False
-        if command.seq > self.applied_seq:
-            if command.stop_advice is not None:
-                self.should_stop, self.stop_reason = True, command.stop_advice
-                log.warning("trimtab controller advises stopping: %s", command.stop_advice)
-            restored, error = self._carry_out(command)
-            self.applied_seq = command.seq
-            self._outcome = (command.seq, restored, error)
-            rolled_back = restored is not None
-        # A repeated or old command is acknowledged again with what is in force, not
-        # re-applied; the same seq repeats its outcome (its first ack may have been lost).
-        seq, restored, error = self._outcome
-        if seq != command.seq:
-            restored = error = None
-        del self._owed[:-7]  # bounded: a controller resending faster than steps run
-        self._owed.append((command.seq, restored, error))
-        return rolled_back
-
-    def _acknowledge(self) -> None:
-        """Send the acks owed for the commands taken, with the values in force: those of
-        the step just engaged (or, at close, of the last one)."""
-        owed, self._owed = self._owed, []
-        knobs, base, scale = self._act.used(), self._act.base(), self._act.scale()
-        self._in_force = (knobs, base, scale)
-        for seq, restored, error in owed:
-            self._transport.put_control(wire.Ack(
-                job=self.job, seq=seq, step=self._host_step(), knobs=knobs, base=base,
-                scale=scale, restored_step=restored, error=error))
 
     def _carry_out(self, command: wire.Command) -> tuple[int | None, str | None]:
         """mark_stable, then rollback_to, then knobs. Never raises: errors go in the ack."""
@@ -467,8 +423,7 @@ class Guard:
             if stats.steps == 0:
                 return
             # What the window's last step used, the user's own values then, the multipliers.
-            knobs, base, scale = self._act.used(), self._act.base(), self._act.scale()
-            self._in_force = (knobs, base, scale)
+            knobs, base, scale = self._commands.note_in_force()
             report = self._reporter.report(
                 stats, step=self._host_step(), knobs=knobs, base=base, scale=scale,
                 micro_counts=self._step.take_micro_counts(), applied_seq=self.applied_seq,
@@ -512,7 +467,7 @@ class Guard:
 
     def _registration(self) -> wire.Register:
         # Called from the transport thread; reads only values the training thread swaps whole.
-        knobs, base, scale = self._in_force
+        knobs, base, scale = self._commands.in_force
         return wire.Register(
             job=self.job, run_id=self.run_id, step=self._host_step(),
             report_every=self.report_every, facts=self.facts, knobs=knobs, base=base,
@@ -529,6 +484,21 @@ class Guard:
     def skipped_steps(self) -> int:
         """Steps skipped for non-finite gradients (mid-window on the sync-free paths: one sync)."""
         return self._step.skipped(self._closed)
+
+    @property
+    def applied_seq(self) -> int:
+        """Sequence number of the last command applied (0: none)."""
+        return self._commands.applied_seq
+
+    @property
+    def should_stop(self) -> bool:
+        """The controller advises stopping (the validation metric stopped improving)."""
+        return self._commands.should_stop
+
+    @property
+    def stop_reason(self) -> str | None:
+        """Why it advises stopping (``None``: it does not)."""
+        return self._commands.stop_reason
 
     @property
     def _report_seq(self) -> int:
@@ -596,8 +566,8 @@ class Guard:
         if self._hooks is not None:
             self._hooks.remove()
         self._act.release()
-        if self._owed:  # a command taken after the last step ran
-            self._acknowledge()
+        if self._commands.owed:  # a command taken after the last step ran
+            self._commands.acknowledge(self._host_step())
         # Under torch.distributed the partial window is a collective: only on a clean close.
         if self._probe.row and (self._dist is None or not reason.startswith("error")):
             self._close_window()  # the last, partial window: one sync, at the end of the run
