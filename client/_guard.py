@@ -24,7 +24,8 @@ import zmq
 
 from trimtab.protocol import wire
 
-from ._checkpoint import Checkpoint, CheckpointStore, reseed_rng
+from ._checkpoint import CheckpointStore
+from ._checkpointing import Checkpointing, open_store
 from ._commands import Commands
 from ._dist import DistLink, rank_directory
 from ._hooks import StepHooks
@@ -40,8 +41,7 @@ from ._options import (
 )
 from ._probe import Probe
 from ._report import Reporter
-from ._schedule import ScheduleHold
-from ._sharded import ShardedStore, ShardNorms, is_sharded
+from ._sharded import ShardNorms, is_sharded
 from ._step import Step
 from ._transport import Transport, load_curve_keys
 
@@ -188,8 +188,6 @@ class Guard:
             raise _invalid("hooks", hooks, "True (the optimizer's step hooks) or False")
         if not isinstance(reseed_on_rollback, bool):
             raise _invalid("reseed_on_rollback", reseed_on_rollback, "True or False")
-        #: Re-seed the restored RNGs after a rollback (see :func:`reseed_rng`).
-        self.reseed_on_rollback = reseed_on_rollback
         curve = load_curve_keys(server_key, client_key)
         self.model = model
         self.optimizer = optimizer
@@ -216,15 +214,20 @@ class Guard:
         self._step = Step(optimizer, self._probe, self._act, self.nonfinite_mode)
         self._reporter = Reporter(job)  # the first window's clock starts here
         self._closed = False
-        #: The user's LR scheduler (``None``: none): its state is restored on rollback.
-        self.scheduler = scheduler
-        self.checkpoint_every = checkpoint_every
-        #: Rollbacks carried out so far.
-        self.rollbacks = 0
-        self._on_rollback = on_rollback
-        self._hold: ScheduleHold | None = None
-        self._last_checkpoint = 0
-        self._store = self._start_checkpoints(keep, checkpoint_dir, memory_keep)
+        self._store = (None if not checkpoint_every
+                       else open_store(keep, checkpoint_dir, memory_keep, self._sharded))
+        # Snapshots on schedule, mark stable, rollback: see trimtab.client._checkpointing.
+        self._ckpts = Checkpointing(
+            self._store, checkpoint_every, model=model, optimizer=optimizer,
+            scheduler=scheduler, act=self._act, step=self._step, reporter=self._reporter,
+            on_rollback=on_rollback, reseed=reseed_on_rollback,
+        )
+        if self._store is not None:
+            # The early rollback target. The scheduler has already stepped for the coming
+            # step here, unlike at every later snapshot: see Checkpointing.hold_schedule.
+            # Its pinned buffers are allocated here, before training starts (later ones
+            # are allocated ahead of need by a background thread).
+            self._ckpts.take(scheduler_stepped=True, block=True)
 
         def make_transport() -> Transport:
             return Transport(
@@ -236,7 +239,7 @@ class Guard:
         self._transport = (make_transport() if self._dist is None
                            else self._dist.transport(make_transport))
         # Commands, acks and the values in force (read by the registration from now on).
-        self._commands = Commands(job, self._act, self._transport)
+        self._commands = Commands(job, self._act, self._transport, self._ckpts)
         self._transport.start()
         # A script that ends without close() still says Bye and stops the threads at exit.
         self._finalizer = weakref.finalize(
@@ -244,25 +247,6 @@ class Guard:
         )
         if hooks:  # the loop calls optimizer.step() itself: see trimtab.client._hooks
             self._hooks = StepHooks(self._step, self._prepare, self._finish_step)
-
-    def _start_checkpoints(
-        self, keep: int, checkpoint_dir: str | os.PathLike | None, memory_keep: int | None
-    ) -> CheckpointStore | None:
-        if not self.checkpoint_every:
-            return None
-        try:
-            store = (ShardedStore(keep, checkpoint_dir) if self._sharded
-                     else CheckpointStore(keep, checkpoint_dir, memory_keep))
-        except OSError as exc:
-            raise _invalid("checkpoint_dir", checkpoint_dir,
-                           f"a directory that can be created and written ({exc})") from None
-        self._store = store
-        # The early rollback target. The scheduler has already stepped for the coming step
-        # here, unlike at every later snapshot: see the ScheduleHold in _carry_out. Its
-        # pinned buffers are allocated here, before training starts (later ones are
-        # allocated ahead of need by a background thread).
-        self._checkpoint(scheduler_stepped=True, block=True)
-        return store
 
     # -- the step -----------------------------------------------------------------------------
 
@@ -287,21 +271,14 @@ class Guard:
         """Before the optimizer step: command, probe, clip. ``None``: a rollback took the step."""
         if isinstance(loss, torch.Tensor) and loss.numel() != 1:
             raise ValueError(f"loss must be a scalar, got shape {tuple(loss.shape)}")
-        if self._store is not None:
-            self._store.poll()  # admits snapshots whose device copies completed; never waits
-        if self._hold is not None:
-            self._hold.put_back(self.scheduler, self.optimizer)
-            self._hold = None
+        self._ckpts.before_step()
         micro = self._step.take_micro()
-        if self._commands.take(self._carry_out):
+        if self._commands.take():
             # Rolled back: these gradients were computed on the abandoned trajectory.
             self.optimizer.zero_grad(set_to_none=True)
             return None
         total, finite = self._step.measure(loss, micro)
-        if self._store is not None and self._store._pending:
-            # The optimizer step changes what snapshot copies in flight read: the training
-            # stream waits for them on the device (no host wait; see CheckpointStore).
-            self._store.fence()
+        self._ckpts.fence()  # snapshot copies in flight finish first, on the device
         # Last, so that only the optimizer step runs between engage and release.
         self._act.engage(self._host_step())  # host floats only (tensor entries: on device)
         if self._commands.owed:
@@ -311,106 +288,17 @@ class Guard:
     def _finish_step(self) -> None:
         """After the optimizer step: probe the update, count the step, report, snapshot."""
         closing = self._step.finish()
-        if self._step.calls == 1 and self._store is not None:
-            self._prepare_snapshots()
+        if self._step.calls == 1:
+            self._ckpts.prepare()
         if closing:
             self._close_window()
             if self._dist is not None:  # every rank takes rank 0's command, at this step
                 self._dist.exchange(self._host_step())
         # global_step is known on the host every step in "skip" mode, else at window ends.
-        if self._store is not None and (closing or self.nonfinite_mode == "skip"):
-            every = self.checkpoint_every
-            if self._host_step() // every > self._last_checkpoint // every:
-                self._checkpoint()
+        if closing or self.nonfinite_mode == "skip":
+            self._ckpts.take_if_due()
 
     # -- commands and reports ----------------------------------------------------------------
-
-    def _carry_out(self, command: wire.Command) -> tuple[int | None, str | None]:
-        """mark_stable, then rollback_to, then knobs. Never raises: errors go in the ack."""
-        errors: list[str] = []
-        restored: Checkpoint | None = None
-        try:
-            if command.mark_stable is not None:
-                errors += self._mark_stable(command.mark_stable)
-            if command.rollback_to is not None:
-                restored, notes = self._rollback(command.rollback_to)
-                errors += notes
-            errors += self._act.command(command.scale, command.knobs, command.lr_max,
-                                        command.schedules)
-            if restored is not None and restored.scheduler_stepped and self.scheduler is not None:
-                # The loop's scheduler.step() still follows this guard.step(); for a snapshot
-                # taken after the scheduler stepped that is one step too many: undo it.
-                self._hold = ScheduleHold(self.scheduler, self.optimizer)
-        except Exception as exc:  # training must go on; the controller learns from the ack
-            log.exception("trimtab command %d failed", command.seq)
-            errors.append(f"client error: {type(exc).__name__}: {exc}")
-        for error in errors:
-            log.warning("trimtab command %d: %s", command.seq, error)
-        step = None if restored is None else restored.step
-        return step, "; ".join(errors)[:1024] or None
-
-    def _mark_stable(self, step: int) -> list[str]:
-        if self._store is None:
-            return [f"mark_stable={step}: checkpoints are off (checkpoint_every=0)"]
-        if self._store.mark_stable(step):
-            return []
-        held = ", ".join(map(str, self._store.steps())) or "none"
-        return [f"mark_stable={step}: no checkpoint at that step (held: {held})"]
-
-    def _rollback(self, step: int) -> tuple[Checkpoint | None, list[str]]:
-        if self._store is None:
-            return None, [f"rollback_to={step}: checkpoints are off (checkpoint_every=0); "
-                          "nothing restored"]
-        ckpt, note = self._store.restore(step, self.model, self.optimizer, self.scheduler)
-        if ckpt is None:
-            return None, [f"{note}; nothing restored"]
-        notes = [] if note is None else [note]
-        # The multipliers, momentum and clip in force at the checkpoint; the user's own
-        # values come back with the optimizer's (and the scheduler's) state.
-        self._act.load_state_dict({**ckpt.controls, "clip": ckpt.clip})
-        self._step.restart(ckpt.counters.get("calls", ckpt.step), ckpt.step)
-        self._reporter.restart()
-        self._last_checkpoint = ckpt.step
-        self.rollbacks += 1
-        if self.reseed_on_rollback:  # no replay of the batches that led here
-            reseed_rng(self.rollbacks)
-        log.warning("trimtab rolled the run back to step %d (rollback %d)", ckpt.step,
-                    self.rollbacks)
-        if self._on_rollback is not None:
-            try:
-                self._on_rollback(ckpt.step)
-            except Exception as exc:
-                log.exception("on_rollback(%d) raised; training goes on", ckpt.step)
-                notes.append(f"on_rollback raised {type(exc).__name__}: {exc}")
-        return ckpt, notes
-
-    def _checkpoint(self, scheduler_stepped: bool = False, block: bool = False) -> None:
-        assert self._store is not None
-        step = self._host_step()  # exact here: see where this is called
-        try:
-            taken = self._store.take(step, self.model, self.optimizer, self.scheduler,
-                                     clip=self.clip, counters={"calls": self._step.calls},
-                                     scheduler_stepped=scheduler_stepped,
-                                     controls=self._act.state_dict(), block=block)
-        except Exception:  # a failed snapshot costs a rollback target, never the run
-            log.exception("trimtab could not take a checkpoint at step %d", step)
-            taken = True
-        if taken is None:
-            # Its pinned buffers are still being allocated: tried again at the next chance
-            # rather than stalling this step.
-            if self._store.deferred == 1:
-                log.info("trimtab snapshot at step %d deferred: pinned host buffers are "
-                         "still being allocated", step)
-            return
-        self._last_checkpoint = step
-
-    def _prepare_snapshots(self) -> None:
-        """After the first step (the optimizer state exists now): allocate the snapshots'
-        pinned buffers in the background, well before the first snapshot needs them."""
-        try:
-            self._store.prepare(self.model, self.optimizer)
-        except Exception:
-            log.exception("trimtab could not prepare snapshot buffers")
 
     def _close_window(self) -> None:
         try:
@@ -499,6 +387,36 @@ class Guard:
     def stop_reason(self) -> str | None:
         """Why it advises stopping (``None``: it does not)."""
         return self._commands.stop_reason
+
+    @property
+    def scheduler(self) -> Any:
+        """The user's LR scheduler (``None``: none): its state is restored on rollback."""
+        return self._ckpts.scheduler
+
+    @property
+    def checkpoint_every(self) -> int:
+        """Steps between snapshots (0: checkpoints off)."""
+        return self._ckpts.every
+
+    @property
+    def rollbacks(self) -> int:
+        """Rollbacks carried out so far."""
+        return self._ckpts.rollbacks
+
+    @property
+    def reseed_on_rollback(self) -> bool:
+        """Re-seed the restored RNGs after a rollback (see
+        :func:`~trimtab.client._checkpoint.reseed_rng`)."""
+        return self._ckpts.reseed
+
+    @reseed_on_rollback.setter
+    def reseed_on_rollback(self, value: bool) -> None:
+        self._ckpts.reseed = value
+
+    @property
+    def _last_checkpoint(self) -> int:
+        # The step of the last snapshot taken or restored (bench/ watches it).
+        return self._ckpts.last
 
     @property
     def _report_seq(self) -> int:
