@@ -3,15 +3,16 @@
 A :class:`Checkpoint` holds everything needed to put a run back where it was: the
 model's and optimizer's state (host copies), the LR scheduler's state, the RNG states
 (torch CPU, every CUDA device, numpy's global generator, Python's ``random``), the
-clipping threshold (the other knobs live in the optimizer's param groups) and the
-guard's step counters.
+clipping threshold and trimtab's other knobs in force, and the guard's step counters
+(see :mod:`trimtab.client._snapshot`; it and the RNG functions are importable from here).
 
 A :class:`CheckpointStore` keeps the ``keep`` newest checkpoints in host memory plus,
 always, the newest one marked stable. Copies never stall the device: CPU tensors are
 cloned; CUDA tensors are copied into pinned host buffers with ``non_blocking=True`` and
-a CUDA event is recorded; the checkpoint becomes usable (listed, restorable, written)
-only once :meth:`CheckpointStore.poll`, called at later step boundaries, sees its events
-completed with ``event.query()`` — the training thread never synchronizes.
+a CUDA event is recorded (see :mod:`trimtab.client._host_copy`); the checkpoint becomes
+usable (listed, restorable, written) only once :meth:`CheckpointStore.poll`, called at
+later step boundaries, sees its events completed with ``event.query()`` — the training
+thread never synchronizes.
 
 With a ``directory``, every checkpoint that becomes usable is also written to disk by a
 background thread (see :mod:`._checkpoint_files`: atomic, fsynced, SHA-256 checked on
@@ -33,494 +34,23 @@ load); the ``keep`` newest files plus the newest stable one are kept.
 from __future__ import annotations
 
 import collections
-import copy
 import itertools
 import logging
 import os
-import random
-import threading
-from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 
-from trimtab.protocol import wire
-
+from . import _host_copy
 from ._checkpoint_files import CheckpointFiles, read_payload, scan
 from ._copy_plan import CopyPlan, Flat, flatten
-from ._knobs import knobs_of
+from ._host_copy import _CopyStreams, _HostCopier, _PinnedPool
+from ._snapshot import Checkpoint, capture_rng, reseed_rng, restore_rng
 
 __all__ = ["Checkpoint", "CheckpointStore", "load_stable", "capture_rng", "restore_rng",
            "reseed_rng"]
 
 log = logging.getLogger("trimtab.client")
-
-_PAYLOAD_KEYS = ("step", "model", "optimizer", "scheduler", "rng", "clip", "counters",
-                 "scheduler_stepped", "controls")
-
-
-# -- RNG -------------------------------------------------------------------------------------
-
-
-def capture_rng() -> dict[str, Any]:
-    """Every RNG state a training step may draw from, as tensors and plain values."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
-    cuda = None
-    # Only once CUDA is in use: asking earlier would initialize it. get_rng_state_all reads
-    # the generators' seed and offset on the host; it does not wait for the device.
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        cuda = torch.cuda.get_rng_state_all()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": cuda,
-        # As a tensor and plain numbers, so a file loads with weights_only=True.
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)),
-                  "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)},
-        "python": random.getstate(),
-    }
-
-
-def restore_rng(state: dict[str, Any]) -> None:
-    """Put back what :func:`capture_rng` captured."""
-    torch.set_rng_state(state["torch"])
-    cuda = state.get("cuda")
-    if cuda is not None and torch.cuda.is_available():
-        if len(cuda) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(cuda)
-        else:
-            log.warning("trimtab checkpoint has CUDA RNG states for %d devices, this process "
-                        "sees %d; CUDA RNG states not restored", len(cuda),
-                        torch.cuda.device_count())
-    n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"],
-                         n["has_gauss"], n["cached"]))
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-
-
-def reseed_rng(salt: int) -> None:
-    """Re-seed every RNG :func:`capture_rng` covers from its own state and ``salt``.
-
-    After a rollback the restored RNG states would draw exactly what they drew the first
-    time: a loop that takes its batches from torch's RNG (nanoGPT's ``torch.randint``)
-    would meet the batches that led to the fault again. Each generator draws one number
-    from its restored state, mixes ``salt`` (the rollback count) in and is seeded with the
-    result: deterministic for a given run and rollback, different from the first pass and
-    from one rollback to the next. Host arithmetic and a seed per CUDA device; no sync.
-    """
-    mix = 0x9E3779B97F4A7C15 * (salt + 1)
-
-    def seed(x: int) -> int:
-        return (x ^ mix) % (2**63 - 1)
-
-    torch.manual_seed(seed(int(torch.randint(2**62, (1,)).item())))  # CPU generator, host
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        for device in range(torch.cuda.device_count()):
-            # The Philox generator's seed and offset, read on the host (no device work).
-            state = tuple(torch.cuda.get_rng_state(device).tolist())
-            with torch.cuda.device(device):
-                torch.cuda.manual_seed(seed(hash(state) & (2**62 - 1)))
-    np.random.seed(seed(int(np.random.randint(0, 2**31 - 1))) % 2**32)
-    random.seed(seed(random.getrandbits(62)))
-
-
-# -- host copies -----------------------------------------------------------------------------
-
-#: A pinned buffer's kind: (shape, dtype).
-_Key = tuple
-
-
-def _key(t: torch.Tensor) -> _Key:
-    return tuple(t.shape), t.dtype
-
-
-def _staged(t: torch.Tensor) -> bool:
-    """Whether ``t`` is copied into a pooled pinned buffer (asynchronously) or cloned."""
-    return t.is_cuda and t.layout == torch.strided
-
-
-def _empty_host(key: _Key) -> torch.Tensor:
-    shape, dtype = key
-    return torch.empty(shape, dtype=dtype, pin_memory=torch.cuda.is_available())
-
-
-class _PinnedPool:
-    """Pinned host buffers for snapshots: allocated ahead of need by a background thread,
-    reused from one snapshot to the next, never allocated on the training thread.
-
-    :meth:`reserve` says how many buffers of each kind (shape, dtype) to hold in all;
-    a background thread, ``trimtab-pinned-alloc``, allocates the missing ones (pinning
-    memory is slow: ~1 s per GB, and it must not stall a step). :meth:`get` hands out a
-    free one or ``None``; :meth:`give` takes one back. Thread-safe.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._free: dict[_Key, list[torch.Tensor]] = collections.defaultdict(list)
-        self._want: collections.Counter[_Key] = collections.Counter()
-        self._have: collections.Counter[_Key] = collections.Counter()
-        self._thread: threading.Thread | None = None
-        #: Bytes of pinned host memory allocated so far (free and in use).
-        self.nbytes = 0
-
-    def reserve(self, layout: collections.Counter[_Key], copies: int) -> None:
-        """Hold ``copies`` snapshots' worth of ``layout`` (never less than asked before)."""
-        with self._lock:
-            for key, n in layout.items():
-                self._want[key] = max(self._want[key], n * copies)
-            short = any(self._have[k] < n for k, n in self._want.items())
-            if short and self._thread is None:
-                self._thread = threading.Thread(target=self._allocate, daemon=True,
-                                                name="trimtab-pinned-alloc")
-                self._thread.start()
-
-    def ready(self) -> bool:
-        """Whether every buffer reserved is allocated."""
-        with self._lock:
-            return all(self._have[k] >= n for k, n in self._want.items())
-
-    def _allocate(self) -> None:
-        while True:
-            with self._lock:
-                key = next((k for k, n in self._want.items() if self._have[k] < n), None)
-                if key is None:
-                    self._thread = None
-                    return
-            try:
-                buf = _empty_host(key)  # torch.empty releases the GIL while it pins
-            except Exception:  # out of pinned memory: snapshots wait, training goes on
-                log.exception("trimtab could not allocate pinned host memory for snapshots")
-                with self._lock:
-                    self._want.clear()
-                    self._thread = None
-                return
-            with self._lock:
-                self._free[key].append(buf)
-                self._have[key] += 1
-                self.nbytes += buf.numel() * buf.element_size()
-
-    def get(self, key: _Key, block: bool = False) -> torch.Tensor | None:
-        """A free buffer of ``key``; ``None`` when none is (``block``: allocate one here)."""
-        with self._lock:
-            free = self._free.get(key)
-            if free:
-                return free.pop()
-            if not block:
-                return None
-            self._have[key] += 1
-            self._want[key] = max(self._want[key], self._have[key])
-        buf = _empty_host(key)
-        with self._lock:
-            self.nbytes += buf.numel() * buf.element_size()
-        return buf
-
-    def get_many(self, keys: list[_Key], block: bool = False) -> list[torch.Tensor] | None:
-        """A free buffer of each of ``keys`` (one lock), or ``None`` and none taken when any
-        is missing (``block``: allocate the missing ones here)."""
-        out: list[Any] = []
-        with self._lock:
-            pop = {k: free.pop for k, free in self._free.items() if free}
-            try:
-                for key in keys:
-                    out.append(pop[key]())
-            except (KeyError, IndexError):  # one missing
-                if not block:
-                    for k, b in zip(keys, out, strict=False):
-                        self._free[k].append(b)
-                    return None
-                for key in keys[len(out):]:
-                    free = self._free.get(key)
-                    out.append(free.pop() if free else None)
-        if block:
-            out = [self.get(k, True) if b is None else b for k, b in zip(keys, out, strict=True)]
-        return out
-
-    def give(self, buffers: list[torch.Tensor], keys: list[_Key] | None = None) -> None:
-        """Take buffers back for the next snapshots (``keys``: theirs, when known)."""
-        if keys is None or len(keys) != len(buffers):
-            keys = [_key(b) for b in buffers]
-        with self._lock:
-            for k, b in zip(keys, buffers, strict=True):
-                self._free[k].append(b)
-
-
-class _CopyStreams:
-    """One side stream per CUDA device for snapshot copies.
-
-    A copy starts after everything already queued on the training stream (the optimizer
-    step just taken), runs beside the next steps' forward and backward, and the training
-    stream waits for it (:func:`fence`, a device-side wait) only before the next step
-    changes parameters or optimizer state in place. Nothing waits on the host.
-    """
-
-    def __init__(self) -> None:
-        self._streams: dict[torch.device, Any] = {}
-
-    def copy(self, device: torch.device, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
-        """Queue ``dst.copy_(src)`` for every pair on ``device``'s side stream; its event."""
-        stream = self._streams.get(device)
-        if stream is None:
-            stream = self._streams[device] = torch.cuda.Stream(device=device)
-        stream.wait_stream(torch.cuda.current_stream(device))  # after the step just queued
-        with torch.cuda.stream(stream):
-            _copy_all(pairs)
-            done = torch.cuda.Event()
-            done.record(stream)
-        return done
-
-
-def _copy_all(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-    """``dst.copy_(src, non_blocking=True)`` for every pair, in one call where torch has
-    ``_foreach_copy_`` (its loop over the pairs runs in C++: hundreds of tensors cost one
-    Python call on the snapshot step instead of one each)."""
-    foreach = getattr(torch, "_foreach_copy_", None)
-    if foreach is not None and pairs:
-        foreach([d for d, _ in pairs], [s for _, s in pairs], non_blocking=True)
-        return
-    for dst, src in pairs:
-        dst.copy_(src, non_blocking=True)
-
-
-def _current_copy(device: torch.device, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
-    """Queue the copies on the training stream itself (tensors a forward pass may change in
-    place, such as batch-norm statistics): stream order keeps them exact."""
-    with torch.cuda.device(device):
-        _copy_all(pairs)
-        done = torch.cuda.Event()
-        done.record(torch.cuda.current_stream(device))
-    return done
-
-
-def _fence(device: torch.device, event: Any) -> None:
-    """Make the training stream of ``device`` wait for ``event`` (on the device, not here)."""
-    torch.cuda.current_stream(device).wait_event(event)
-
-
-#: Values copied as they are (immutable); exact types, not subclasses.
-_ATOMIC = frozenset({type(None), bool, int, float, str, bytes})
-
-
-def _copy_metadata(metadata: Any) -> Any:
-    """``copy.deepcopy`` of a state_dict's ``_metadata`` (a dict of small dicts of
-    versions): the inner dicts of plain values are copied with ``dict()``, ~10x faster."""
-    if type(metadata) not in (dict, collections.OrderedDict):
-        return copy.deepcopy(metadata)
-    out = type(metadata)()
-    for k, v in metadata.items():
-        if type(v) is dict and all(type(x) in _ATOMIC for x in v.values()):
-            out[k] = dict(v)
-        else:
-            out[k] = copy.deepcopy(v)
-    return out
-
-
-class _HostCopier:
-    """Copies nested state (dicts, lists, tuples, tensors) to the host without a sync.
-
-    CUDA tensors go into pooled pinned buffers; the copies are queued by :meth:`start`
-    once the whole state has buffers (``missing`` counts those it could not get: the
-    snapshot is then abandoned, nothing was queued). ``side(t)`` says whether ``t`` only
-    changes in the optimizer step (parameters, optimizer state): those are copied on the
-    side stream, the rest on the training stream. CPU tensors are cloned here.
-    """
-
-    def __init__(self, pool: _PinnedPool, streams: _CopyStreams | None = None,
-                 block: bool = False) -> None:
-        self.pool = pool
-        self.streams = streams
-        self.block = block
-        self.pinned: list[torch.Tensor] = []
-        self.pinned_keys: list[_Key] = []  # their pool keys
-        #: (memo keys, copies) of tensors copied outside the walk, put in the memo on
-        #: the first tensor the walk meets (see CheckpointStore._planned).
-        self.memo_later: tuple[list, list] | None = None
-        #: Staged tensors by kind, for :meth:`_PinnedPool.reserve`.
-        self.layout: collections.Counter[_Key] = collections.Counter()
-        self.missing = 0
-        self._pairs: dict[tuple[torch.device, bool], list] = collections.defaultdict(list)
-        self._memo: dict[tuple, torch.Tensor | None] = {}
-        self._side: Any = None
-
-    def __call__(self, obj: Any, side: Any = None) -> Any:
-        """The host copy of ``obj``; ``side``: a predicate on tensors (default: none)."""
-        self._side = side
-        return self._tree(obj)
-
-    def _tree(self, obj: Any) -> Any:
-        if isinstance(obj, torch.Tensor):
-            return self._tensor(obj)
-        if isinstance(obj, dict):
-            out = collections.OrderedDict() if isinstance(obj, collections.OrderedDict) else {}
-            for k, v in obj.items():
-                out[k] = self._tree(v)
-            if hasattr(obj, "_metadata"):  # module versions, read by load_state_dict
-                out._metadata = _copy_metadata(obj._metadata)  # type: ignore[attr-defined]
-            return out
-        if isinstance(obj, list):
-            if all(type(v) in _ATOMIC for v in obj):  # a param group's indices
-                return list(obj)
-            return [self._tree(v) for v in obj]
-        if isinstance(obj, tuple):
-            items = [self._tree(v) for v in obj]
-            return type(obj)(*items) if hasattr(obj, "_fields") else tuple(items)
-        if obj is None or isinstance(obj, (bool, int, float, str, bytes)):
-            return obj
-        return copy.deepcopy(obj)
-
-    def _tensor(self, t: torch.Tensor) -> torch.Tensor | None:
-        t = t.detach()
-        key = None
-        if self.memo_later is not None:
-            keys, copies = self.memo_later
-            self.memo_later = None
-            self._memo.update((k, v) for k, v in zip(keys, copies, strict=True)
-                              if k is not None)
-        if t.layout == torch.strided and t.numel():
-            # Tied weights appear once per name in a state_dict: copy each storage view once.
-            key = (t.device, t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride()))
-            if key in self._memo:
-                return self._memo[key]
-        if _staged(t):
-            kind = _key(t)
-            self.layout[kind] += 1
-            buf = self.pool.get(kind, self.block)
-            if buf is None:
-                self.missing += 1
-            else:
-                self.pinned.append(buf)
-                self.pinned_keys.append(kind)
-                side = self.streams is not None and self._side is not None and self._side(t)
-                self._pairs[(t.device, side)].append((buf, t))
-            out = buf
-        elif t.device.type == "cpu":
-            out = t.clone()
-        else:
-            # Other devices and layouts (sparse, MPS, XLA): a plain copy, which may wait.
-            out = t.to("cpu", copy=True)
-        if key is not None:
-            self._memo[key] = out
-        return out
-
-    def start(self) -> list[tuple[torch.device, Any, bool]]:
-        """Queue the copies; ``(device, event, on the side stream)`` per group of copies."""
-        events = []
-        for (device, side), pairs in self._pairs.items():
-            if side:
-                assert self.streams is not None
-                events.append((device, self.streams.copy(device, pairs), True))
-            else:
-                events.append((device, _current_copy(device, pairs), False))
-        return events
-
-    def sources(self) -> list[torch.Tensor]:
-        """The device tensors read by copies in flight (kept alive until they are done)."""
-        return [src for pairs in self._pairs.values() for _, src in pairs]
-
-
-# -- the checkpoint --------------------------------------------------------------------------
-
-
-@dataclass(eq=False)
-class Checkpoint:
-    """One restorable state of a run, in host memory.
-
-    ``scheduler_stepped`` says the snapshot was taken after the scheduler stepped for
-    the coming optimizer step (the snapshot at attach time), not before (all others).
-    """
-
-    step: int
-    model: dict[str, Any]
-    optimizer: dict[str, Any]
-    scheduler: dict[str, Any] | None
-    rng: dict[str, Any]
-    clip: float | None = None
-    counters: dict[str, int] = field(default_factory=dict)
-    scheduler_stepped: bool = False
-    #: trimtab's knobs in force: multipliers, commanded momentum (see ``Actuator``).
-    controls: dict[str, Any] = field(default_factory=dict)
-    stable: bool = False
-    #: Set while the writer thread serializes it (read under the writer's lock).
-    writing: bool = field(default=False, repr=False)
-    #: (device, event, copied on the side stream) per group of copies in flight.
-    _events: list[Any] = field(default_factory=list, repr=False)
-    _pinned: list[torch.Tensor] = field(default_factory=list, repr=False)
-    _pinned_keys: list[Any] = field(default_factory=list, repr=False)
-    #: The device tensors its copies read, alive until the copies are done.
-    _sources: list[torch.Tensor] = field(default_factory=list, repr=False)
-    _fenced: bool = field(default=False, repr=False)
-
-    def ready(self) -> bool:
-        """Whether its host copies are complete (never waits: ``event.query()``)."""
-        if self._events and all(e.query() for _, e, _ in self._events):
-            self._events, self._sources = [], []
-        return not self._events
-
-    def fence(self) -> None:
-        """Make the training streams wait (on the device) for its side-stream copies, before
-        anything changes their sources in place; once per checkpoint, never a host wait."""
-        if self._fenced:
-            return
-        self._fenced = True
-        for device, event, side in self._events:
-            if side:
-                _fence(device, event)
-
-    @property
-    def knobs(self) -> wire.Knobs:
-        """The user's own knob values when it was taken (the optimizer's param groups hold
-        them between steps) and the clip; :attr:`controls` has trimtab's multipliers."""
-        return knobs_of(self.optimizer["param_groups"], self.clip)
-
-    def payload(self) -> dict[str, Any]:
-        """What goes into its file: containers, numbers, strings and tensors only."""
-        return {"format": 1, **{k: getattr(self, k) for k in _PAYLOAD_KEYS}}
-
-    @classmethod
-    def from_payload(cls, payload: dict[str, Any]) -> Checkpoint:
-        # Files written before the knob model have no controls: the user's values held.
-        return cls(**{k: payload[k] for k in _PAYLOAD_KEYS if k in payload})
-
-    def restore(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                scheduler: Any = None) -> None:
-        """Load model, optimizer, scheduler and RNG states (the checkpoint stays reusable)."""
-        # Loading copies into the live tensors (a host-to-device copy that waits on CUDA:
-        # a rollback is rare and the run is going nowhere until it is done).
-        model.load_state_dict(self.model)
-        _load_optimizer(optimizer, self.optimizer)
-        if scheduler is not None and self.scheduler is not None:
-            # load_state_dict adopts the dict's lists: give it a copy, keep ours intact.
-            scheduler.load_state_dict(copy.deepcopy(self.scheduler))
-        restore_rng(self.rng)
-
-
-def _load_optimizer(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    # Optimizer.load_state_dict keeps tensors already on the param's device and dtype
-    # rather than copying them: without the deepcopy, training would write into ours.
-    live = [{k: v for k, v in g.items() if isinstance(v, torch.Tensor)}
-            for g in optimizer.param_groups]
-    optimizer.load_state_dict(copy.deepcopy(state))
-    # A tensor lr (capturable or fused steps) stays the same tensor, on its device.
-    for group, tensors in zip(optimizer.param_groups, live, strict=False):
-        for key, tensor in tensors.items():
-            if isinstance(group.get(key), torch.Tensor):
-                tensor.copy_(group[key])
-                group[key] = tensor
-
-
-def _tensors(obj: Any):
-    """Every tensor in nested containers."""
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            yield from _tensors(v)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            yield from _tensors(v)
-
-
-# -- the store -------------------------------------------------------------------------------
 
 
 class CheckpointStore:
@@ -581,15 +111,7 @@ class CheckpointStore:
         """Start allocating the pinned buffers that snapshots of this state will need (in
         the background; shapes and dtypes only, no device work). Call once the optimizer
         state exists (after the first step); :meth:`take` does it too."""
-        layout: collections.Counter[_Key] = collections.Counter()
-        seen: set[tuple] = set()
-        for sd in (model.state_dict(), optimizer.state_dict()["state"]):
-            for t in _tensors(sd):
-                if _staged(t) and t.numel():
-                    mark = (t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride()))
-                    if mark not in seen:
-                        seen.add(mark)
-                        layout[_key(t)] += 1
+        layout = _host_copy.staged_layout(model.state_dict(), optimizer.state_dict()["state"])
         self._pool.reserve(layout, self._copies)
 
     def take(
@@ -642,8 +164,8 @@ class CheckpointStore:
             return None
         plan = self._plan
         if plan is None or plan.fingerprint != fingerprint:
-            plan = self._plan = CopyPlan(flat, fingerprint, params, _staged, _key,
-                                         side_streams=copier.streams is not None)
+            plan = self._plan = CopyPlan(flat, fingerprint, params, _host_copy._staged,
+                                         _host_copy._key, side_streams=copier.streams is not None)
         buffers = self._pool.get_many(plan.pool_keys, block)
         copier.layout.update(plan.layout)
         if buffers is None:  # not allocated yet: the snapshot waits (see take)
@@ -669,7 +191,7 @@ class CheckpointStore:
         model_copy = (collections.OrderedDict if isinstance(src, collections.OrderedDict)
                       else dict)(zip(src, values[:n], strict=True))
         if hasattr(src, "_metadata"):  # module versions, read by load_state_dict
-            model_copy._metadata = _copy_metadata(src._metadata)  # type: ignore[attr-defined]
+            model_copy._metadata = _host_copy._copy_metadata(src._metadata)  # type: ignore[attr-defined]
         state: dict[Any, Any] = {}
         rest = iter(values[n:])
         for (key, inner), size in zip(flat.state.items(), flat.inner_lens, strict=True):

@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import time
 import uuid
 import weakref
 from collections.abc import Callable
@@ -25,7 +24,9 @@ import zmq
 
 from trimtab.protocol import wire
 
-from ._checkpoint import Checkpoint, CheckpointStore, reseed_rng
+from ._checkpoint import CheckpointStore
+from ._checkpointing import Checkpointing, open_store
+from ._commands import Commands
 from ._dist import DistLink, rank_directory
 from ._hooks import StepHooks
 from ._knobs import Actuator, check_optimizer
@@ -38,9 +39,10 @@ from ._options import (
     _is_int,
     _resolve_mode,
 )
-from ._probe import Grads, Probe
-from ._schedule import ScheduleHold
-from ._sharded import ShardedStore, ShardNorms, is_sharded
+from ._probe import Probe
+from ._report import Reporter
+from ._sharded import ShardNorms, is_sharded
+from ._step import Step
 from ._transport import Transport, load_curve_keys
 
 __all__ = ["attach", "Guard", "NONFINITE_MODES"]
@@ -186,8 +188,6 @@ class Guard:
             raise _invalid("hooks", hooks, "True (the optimizer's step hooks) or False")
         if not isinstance(reseed_on_rollback, bool):
             raise _invalid("reseed_on_rollback", reseed_on_rollback, "True or False")
-        #: Re-seed the restored RNGs after a rollback (see :func:`reseed_rng`).
-        self.reseed_on_rollback = reseed_on_rollback
         curve = load_curve_keys(server_key, client_key)
         self.model = model
         self.optimizer = optimizer
@@ -196,11 +196,6 @@ class Guard:
         self.report_every = report_every
         # The knobs: multipliers on the user's lr and weight decay, momentum, clip.
         self._act = Actuator(optimizer, None if clip is None else float(clip))
-        #: Sequence number of the last command applied (0: none).
-        self.applied_seq = 0
-        # Commands taken and not yet acknowledged: (seq, restored step, error), acked at
-        # the first optimizer step that runs with them.
-        self._owed: list[tuple[int, int | None, str | None]] = []
         self._hooks: StepHooks | None = None
         self.facts, device = _facts(model, optimizer, batch_size)
         # Under torch.distributed: rank 0 links to the controller, all ranks act in step.
@@ -215,33 +210,24 @@ class Guard:
         self._probe = Probe(optimizer, report_every, device)
         if self._sharded:
             self._probe.sharding = ShardNorms.of(model)
-        self._calls = 0
-        self._skipped_closed = 0  # skips in windows already reduced
-        self._open_skips_host = 0  # skips in the open window seen on the host ("skip" mode)
-        self._report_seq = 0
-        self._window_start = time.perf_counter()
-        # What registration tells the controller; swapped whole by the training thread.
-        self._in_force = (self._act.used(), self._act.base(), self._act.scale())
+        # Probe, clip, non-finite handling and the step counts: see trimtab.client._step.
+        self._step = Step(optimizer, self._probe, self._act, self.nonfinite_mode)
+        self._reporter = Reporter(job)  # the first window's clock starts here
         self._closed = False
-        #: The user's LR scheduler (``None``: none): its state is restored on rollback.
-        self.scheduler = scheduler
-        self.checkpoint_every = checkpoint_every
-        #: Rollbacks carried out so far.
-        self.rollbacks = 0
-        self._on_rollback = on_rollback
-        self._outcome: tuple[int, int | None, str | None] = (0, None, None)
-        self._hold: ScheduleHold | None = None
-        self._last_checkpoint = 0
-        #: The controller advises stopping (the validation metric stopped improving).
-        self.should_stop = False
-        #: Why it advises stopping (``None``: it does not).
-        self.stop_reason: str | None = None
-        self._validation: tuple[float, int] | None = None
-        self._micro_calls = 0  # note_micro_batch() calls since the last step
-        self._micro_first: torch.Tensor | None = None
-        self._micro_counts: list[int] = []  # micro-batches per noted step, this window
-        self._found_inf: torch.Tensor | None = None  # the fused step's skip flag, reused
-        self._store = self._start_checkpoints(keep, checkpoint_dir, memory_keep)
+        self._store = (None if not checkpoint_every
+                       else open_store(keep, checkpoint_dir, memory_keep, self._sharded))
+        # Snapshots on schedule, mark stable, rollback: see trimtab.client._checkpointing.
+        self._ckpts = Checkpointing(
+            self._store, checkpoint_every, model=model, optimizer=optimizer,
+            scheduler=scheduler, act=self._act, step=self._step, reporter=self._reporter,
+            on_rollback=on_rollback, reseed=reseed_on_rollback,
+        )
+        if self._store is not None:
+            # The early rollback target. The scheduler has already stepped for the coming
+            # step here, unlike at every later snapshot: see Checkpointing.hold_schedule.
+            # Its pinned buffers are allocated here, before training starts (later ones
+            # are allocated ahead of need by a background thread).
+            self._ckpts.take(scheduler_stepped=True, block=True)
 
         def make_transport() -> Transport:
             return Transport(
@@ -252,32 +238,15 @@ class Guard:
 
         self._transport = (make_transport() if self._dist is None
                            else self._dist.transport(make_transport))
+        # Commands, acks and the values in force (read by the registration from now on).
+        self._commands = Commands(job, self._act, self._transport, self._ckpts)
         self._transport.start()
         # A script that ends without close() still says Bye and stops the threads at exit.
         self._finalizer = weakref.finalize(
             self, _finish, self._transport, self._store, wire.Bye(job=job, reason="exit")
         )
         if hooks:  # the loop calls optimizer.step() itself: see trimtab.client._hooks
-            self._hooks = StepHooks(self)
-
-    def _start_checkpoints(
-        self, keep: int, checkpoint_dir: str | os.PathLike | None, memory_keep: int | None
-    ) -> CheckpointStore | None:
-        if not self.checkpoint_every:
-            return None
-        try:
-            store = (ShardedStore(keep, checkpoint_dir) if self._sharded
-                     else CheckpointStore(keep, checkpoint_dir, memory_keep))
-        except OSError as exc:
-            raise _invalid("checkpoint_dir", checkpoint_dir,
-                           f"a directory that can be created and written ({exc})") from None
-        self._store = store
-        # The early rollback target. The scheduler has already stepped for the coming step
-        # here, unlike at every later snapshot: see the ScheduleHold in _carry_out. Its
-        # pinned buffers are allocated here, before training starts (later ones are
-        # allocated ahead of need by a background thread).
-        self._checkpoint(scheduler_stepped=True, block=True)
-        return store
+            self._hooks = StepHooks(self._step, self._prepare, self._finish_step)
 
     # -- the step -----------------------------------------------------------------------------
 
@@ -291,7 +260,7 @@ class Guard:
         prepared = self._prepare(loss)
         if prepared is not None:
             try:
-                self._optimizer_step(*prepared)
+                self._step.run(*prepared)
             finally:
                 self._act.release()  # the user's own lr and weight decay are back
             self._finish_step()
@@ -302,245 +271,34 @@ class Guard:
         """Before the optimizer step: command, probe, clip. ``None``: a rollback took the step."""
         if isinstance(loss, torch.Tensor) and loss.numel() != 1:
             raise ValueError(f"loss must be a scalar, got shape {tuple(loss.shape)}")
-        if self._store is not None:
-            self._store.poll()  # admits snapshots whose device copies completed; never waits
-        if self._hold is not None:
-            self._hold.put_back(self.scheduler, self.optimizer)
-            self._hold = None
-        micro, first = self._micro_calls, self._micro_first
-        self._micro_calls, self._micro_first = 0, None
-        if self._apply_command():
+        self._ckpts.before_step()
+        micro = self._step.take_micro()
+        if self._commands.take():
             # Rolled back: these gradients were computed on the abandoned trajectory.
             self.optimizer.zero_grad(set_to_none=True)
             return None
-        probe = self._probe
-        closing = probe.full
-        grads = probe.grads()
-        total = probe.measure(loss, grads)
-        # Only the device-side skip paths need finiteness as a tensor; "skip" reads the norm.
-        finite = None if self.nonfinite_mode == "skip" else torch.isfinite(total)
-        if micro >= 2 and first is not None:
-            # |g_1|^2 of the first micro-batch in the accumulated gradient's units: the
-            # accumulated gradient after one micro-batch is g_1 / n with a loss divided by
-            # n (g_1 without), and n^2 puts both conventions on the scale of the total.
-            probe.note_micro(first * float(micro * micro))
-            self._micro_counts.append(micro)
-        self._clip(grads, total, finite)
-        if closing:  # the window's one sampled update, for ||delta theta|| / ||theta||
-            probe.snapshot()
-        if self._store is not None and self._store._pending:
-            # The optimizer step changes what snapshot copies in flight read: the training
-            # stream waits for them on the device (no host wait; see CheckpointStore).
-            self._store.fence()
+        total, finite = self._step.measure(loss, micro)
+        self._ckpts.fence()  # snapshot copies in flight finish first, on the device
         # Last, so that only the optimizer step runs between engage and release.
         self._act.engage(self._host_step())  # host floats only (tensor entries: on device)
-        if self._owed:
-            self._acknowledge()  # with the values this step uses
+        if self._commands.owed:
+            self._commands.acknowledge(self._host_step())  # with the values this step uses
         return total, finite
 
     def _finish_step(self) -> None:
         """After the optimizer step: probe the update, count the step, report, snapshot."""
-        probe = self._probe
-        closing = probe.full
-        if closing:
-            probe.update_ratio()
-        probe.advance()
-        self._calls += 1
-        if self._calls == 1 and self._store is not None:
-            self._prepare_snapshots()
+        closing = self._step.finish()
+        if self._step.calls == 1:
+            self._ckpts.prepare()
         if closing:
             self._close_window()
             if self._dist is not None:  # every rank takes rank 0's command, at this step
                 self._dist.exchange(self._host_step())
         # global_step is known on the host every step in "skip" mode, else at window ends.
-        if self._store is not None and (closing or self.nonfinite_mode == "skip"):
-            every = self.checkpoint_every
-            if self._host_step() // every > self._last_checkpoint // every:
-                self._checkpoint()
-
-    def _clip(self, grads: Grads, total: torch.Tensor, finite: torch.Tensor | None) -> None:
-        coef: torch.Tensor | None = None
-        if self.clip is not None:
-            # clip_grad_norm_'s math; clamping instead of branching keeps it sync-free.
-            coef = torch.clamp(self.clip / (total + 1e-6), max=1.0)
-        if finite is not None and self.nonfinite_mode == "zero":
-            # NaN * 0 is NaN, so clean the grads first; then a non-finite step scales by 0.
-            # (torch has no foreach nan_to_num: one call per gradient.)
-            for by_device in grads:
-                for gs in by_device.values():
-                    for g in gs:
-                        g.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
-            keep = finite.float() if coef is None else coef
-            coef = torch.where(finite, keep, torch.zeros_like(keep))
-        if coef is None:
-            return
-        # One foreach call per device over every group's gradients.
-        by_device: dict[torch.device, list[torch.Tensor]] = {}
-        for group in grads:
-            for device, gs in group.items():
-                if device in by_device:
-                    by_device[device] = by_device[device] + gs
-                else:
-                    by_device[device] = gs
-        for device, gs in by_device.items():
-            if gs:
-                torch._foreach_mul_(gs, coef if device == coef.device else coef.to(device))
-
-    def _optimizer_step(self, total: torch.Tensor, finite: torch.Tensor | None) -> None:
-        opt = self.optimizer
-        if finite is not None and self.nonfinite_mode == "fused":
-            # GradScaler's protocol: the fused kernel skips the update where found_inf is 1.
-            opt.found_inf = self._found_inf_of(finite)  # type: ignore[attr-defined]
-            opt.grad_scale = None  # type: ignore[attr-defined]
-            try:
-                opt.step()
-            finally:
-                del opt.found_inf, opt.grad_scale  # type: ignore[attr-defined]
-        elif self.nonfinite_mode == "skip":
-            # One read per step: free on CPU (no device queue to wait for); on an accelerator
-            # this is the sync the user chose with nonfinite="skip".
-            if not math.isfinite(total.item()):
-                self._open_skips_host += 1
-                return
-            opt.step()
-        else:
-            opt.step()
-
-    def _found_inf_of(self, finite: torch.Tensor) -> torch.Tensor:
-        """``found_inf`` for a fused step: 1.0 where ``finite`` is False; one op, into a
-        float32 buffer made once (the kernel reads it in stream order, before the next
-        step writes it again)."""
-        buf = self._found_inf
-        if buf is None or buf.device != finite.device:
-            buf = self._found_inf = torch.empty((), dtype=torch.float32, device=finite.device)
-        return torch.logical_not(finite, out=buf)
+        if closing or self.nonfinite_mode == "skip":
+            self._ckpts.take_if_due()
 
     # -- commands and reports ----------------------------------------------------------------
-
-    def _apply_command(self) -> bool:
-        """Carry out a pending command; True when it rolled back. Its ack goes out with the
-        first optimizer step that runs with it (:meth:`_acknowledge`)."""
-        command = self._transport.take_command()
-        if command is None:
-            return False
-        rolled_back = False
-        if command.seq > self.applied_seq:
-            if command.stop_advice is not None:
-                self.should_stop, self.stop_reason = True, command.stop_advice
-                log.warning("trimtab controller advises stopping: %s", command.stop_advice)
-            restored, error = self._carry_out(command)
-            self.applied_seq = command.seq
-            self._outcome = (command.seq, restored, error)
-            rolled_back = restored is not None
-        # A repeated or old command is acknowledged again with what is in force, not
-        # re-applied; the same seq repeats its outcome (its first ack may have been lost).
-        seq, restored, error = self._outcome
-        if seq != command.seq:
-            restored = error = None
-        del self._owed[:-7]  # bounded: a controller resending faster than steps run
-        self._owed.append((command.seq, restored, error))
-        return rolled_back
-
-    def _acknowledge(self) -> None:
-        """Send the acks owed for the commands taken, with the values in force: those of
-        the step just engaged (or, at close, of the last one)."""
-        owed, self._owed = self._owed, []
-        knobs, base, scale = self._act.used(), self._act.base(), self._act.scale()
-        self._in_force = (knobs, base, scale)
-        for seq, restored, error in owed:
-            self._transport.put_control(wire.Ack(
-                job=self.job, seq=seq, step=self._host_step(), knobs=knobs, base=base,
-                scale=scale, restored_step=restored, error=error))
-
-    def _carry_out(self, command: wire.Command) -> tuple[int | None, str | None]:
-        """mark_stable, then rollback_to, then knobs. Never raises: errors go in the ack."""
-        errors: list[str] = []
-        restored: Checkpoint | None = None
-        try:
-            if command.mark_stable is not None:
-                errors += self._mark_stable(command.mark_stable)
-            if command.rollback_to is not None:
-                restored, notes = self._rollback(command.rollback_to)
-                errors += notes
-            errors += self._act.command(command.scale, command.knobs, command.lr_max,
-                                        command.schedules)
-            if restored is not None and restored.scheduler_stepped and self.scheduler is not None:
-                # The loop's scheduler.step() still follows this guard.step(); for a snapshot
-                # taken after the scheduler stepped that is one step too many: undo it.
-                self._hold = ScheduleHold(self.scheduler, self.optimizer)
-        except Exception as exc:  # training must go on; the controller learns from the ack
-            log.exception("trimtab command %d failed", command.seq)
-            errors.append(f"client error: {type(exc).__name__}: {exc}")
-        for error in errors:
-            log.warning("trimtab command %d: %s", command.seq, error)
-        step = None if restored is None else restored.step
-        return step, "; ".join(errors)[:1024] or None
-
-    def _mark_stable(self, step: int) -> list[str]:
-        if self._store is None:
-            return [f"mark_stable={step}: checkpoints are off (checkpoint_every=0)"]
-        if self._store.mark_stable(step):
-            return []
-        held = ", ".join(map(str, self._store.steps())) or "none"
-        return [f"mark_stable={step}: no checkpoint at that step (held: {held})"]
-
-    def _rollback(self, step: int) -> tuple[Checkpoint | None, list[str]]:
-        if self._store is None:
-            return None, [f"rollback_to={step}: checkpoints are off (checkpoint_every=0); "
-                          "nothing restored"]
-        ckpt, note = self._store.restore(step, self.model, self.optimizer, self.scheduler)
-        if ckpt is None:
-            return None, [f"{note}; nothing restored"]
-        notes = [] if note is None else [note]
-        # The multipliers, momentum and clip in force at the checkpoint; the user's own
-        # values come back with the optimizer's (and the scheduler's) state.
-        self._act.load_state_dict({**ckpt.controls, "clip": ckpt.clip})
-        self._calls = ckpt.counters.get("calls", ckpt.step)
-        self._skipped_closed, self._open_skips_host = self._calls - ckpt.step, 0
-        self._probe.reset()
-        self._micro_counts = []
-        self._window_start = time.perf_counter()
-        self._last_checkpoint = ckpt.step
-        self.rollbacks += 1
-        if self.reseed_on_rollback:  # no replay of the batches that led here
-            reseed_rng(self.rollbacks)
-        log.warning("trimtab rolled the run back to step %d (rollback %d)", ckpt.step,
-                    self.rollbacks)
-        if self._on_rollback is not None:
-            try:
-                self._on_rollback(ckpt.step)
-            except Exception as exc:
-                log.exception("on_rollback(%d) raised; training goes on", ckpt.step)
-                notes.append(f"on_rollback raised {type(exc).__name__}: {exc}")
-        return ckpt, notes
-
-    def _checkpoint(self, scheduler_stepped: bool = False, block: bool = False) -> None:
-        assert self._store is not None
-        step = self._host_step()  # exact here: see where this is called
-        try:
-            taken = self._store.take(step, self.model, self.optimizer, self.scheduler,
-                                     clip=self.clip, counters={"calls": self._calls},
-                                     scheduler_stepped=scheduler_stepped,
-                                     controls=self._act.state_dict(), block=block)
-        except Exception:  # a failed snapshot costs a rollback target, never the run
-            log.exception("trimtab could not take a checkpoint at step %d", step)
-            taken = True
-        if taken is None:
-            # Its pinned buffers are still being allocated: tried again at the next chance
-            # rather than stalling this step.
-            if self._store.deferred == 1:
-                log.info("trimtab snapshot at step %d deferred: pinned host buffers are "
-                         "still being allocated", step)
-            return
-        self._last_checkpoint = step
-
-    def _prepare_snapshots(self) -> None:
-        """After the first step (the optimizer state exists now): allocate the snapshots'
-        pinned buffers in the background, well before the first snapshot needs them."""
-        try:
-            self._store.prepare(self.model, self.optimizer)
-        except Exception:
-            log.exception("trimtab could not prepare snapshot buffers")
 
     def _close_window(self) -> None:
         try:
@@ -549,37 +307,17 @@ class Guard:
             stats = self._probe.collect()
             if self._hooks is not None:  # a step without an observed loss is not a bad loss
                 stats = self._hooks.window_closed(stats)
-            self._skipped_closed += stats.nonfinite_grads
-            self._open_skips_host = 0
+            self._step.window_closed(stats.nonfinite_grads)
             if stats.steps == 0:
                 return
-            now = time.perf_counter()
-            step_time, self._window_start = (now - self._window_start) / stats.steps, now
             # What the window's last step used, the user's own values then, the multipliers.
-            knobs, base, scale = self._act.used(), self._act.base(), self._act.scale()
-            self._in_force = (knobs, base, scale)
-            validation, vstep = self._validation if self._validation is not None else (None, None)
-            counts, self._micro_counts = self._micro_counts, []
-            micro_batches = round(sum(counts) / len(counts)) if counts else None
-            self._report_seq += 1
-            report = wire.Report(
-                job=self.job, seq=self._report_seq, step=self._host_step(), window=stats.steps,
-                loss_mean=stats.loss_mean, loss_last=stats.loss_last, loss_min=stats.loss_min,
-                loss_max=stats.loss_max, grad_norm_mean=stats.grad_norm_mean,
-                grad_norm_max=stats.grad_norm_max, grad_norm_std=stats.grad_norm_std,
-                group_grad_norms=stats.group_grad_norms, update_ratio=stats.update_ratio,
-                nonfinite_losses=stats.nonfinite_losses, nonfinite_grads=stats.nonfinite_grads,
-                skipped_steps=stats.nonfinite_grads, step_time_s=step_time, knobs=knobs,
-                base=base, scale=scale, user_clipped_steps=stats.user_clipped_steps,
-                user_clip=stats.user_clip, offline=self._transport.offline,
-                link=self._transport.link,
-                dropped_reports=self._transport.dropped, applied_seq=self.applied_seq,
+            knobs, base, scale = self._commands.note_in_force()
+            report = self._reporter.report(
+                stats, step=self._host_step(), knobs=knobs, base=base, scale=scale,
+                micro_counts=self._step.take_micro_counts(), applied_seq=self.applied_seq,
                 checkpoints=self.checkpoints, stable_step=self.stable_step,
-                validation=validation, validation_step=vstep,
-                micro_sq_norm_mean=stats.micro_sq_norm_mean if counts else None,
-                micro_batches=micro_batches,
+                transport=self._transport,
             )
-            self._validation = None
         except Exception:  # a report that cannot be built must not stop training
             log.exception("trimtab could not build a report; window dropped")
             return
@@ -599,7 +337,7 @@ class Guard:
         if not math.isfinite(value):
             log.warning("trimtab: non-finite validation value %r not reported", value)
             return
-        self._validation = (float(value), self._host_step() if step is None else step)
+        self._reporter.validation = (float(value), self._host_step() if step is None else step)
 
     def observe_loss(self, loss: torch.Tensor | float) -> None:
         """With ``hooks=True``: hand over a loss for the coming ``optimizer.step()`` (kept on
@@ -613,15 +351,11 @@ class Guard:
         """Call after each micro-batch's ``backward()`` when accumulating gradients, for the
         gradient-noise-scale estimate. After the first micro-batch of a step it measures the
         gradient norm on the device (no sync); the rest only count. Optional."""
-        self._micro_calls += 1
-        if self._micro_calls == 1:
-            with torch.no_grad():
-                norm = self._probe.total_norm(self._probe.grads())
-                self._micro_first = norm * norm
+        self._step.note_micro_batch()
 
     def _registration(self) -> wire.Register:
         # Called from the transport thread; reads only values the training thread swaps whole.
-        knobs, base, scale = self._in_force
+        knobs, base, scale = self._commands.in_force
         return wire.Register(
             job=self.job, run_id=self.run_id, step=self._host_step(),
             report_every=self.report_every, facts=self.facts, knobs=knobs, base=base,
@@ -630,21 +364,74 @@ class Guard:
 
     def _host_step(self) -> int:
         """global_step as far as the host knows without reading the device."""
-        return self._calls - self._skipped_closed - self._open_skips_host
+        return self._step.host_step
 
     # -- state --------------------------------------------------------------------------------
 
     @property
     def skipped_steps(self) -> int:
         """Steps skipped for non-finite gradients (mid-window on the sync-free paths: one sync)."""
-        if self.nonfinite_mode == "skip" or self._closed:
-            return self._skipped_closed + self._open_skips_host
-        return self._skipped_closed + self._probe.skips_so_far()
+        return self._step.skipped(self._closed)
+
+    @property
+    def applied_seq(self) -> int:
+        """Sequence number of the last command applied (0: none)."""
+        return self._commands.applied_seq
+
+    @property
+    def should_stop(self) -> bool:
+        """The controller advises stopping (the validation metric stopped improving)."""
+        return self._commands.should_stop
+
+    @property
+    def stop_reason(self) -> str | None:
+        """Why it advises stopping (``None``: it does not)."""
+        return self._commands.stop_reason
+
+    @property
+    def scheduler(self) -> Any:
+        """The user's LR scheduler (``None``: none): its state is restored on rollback."""
+        return self._ckpts.scheduler
+
+    @property
+    def checkpoint_every(self) -> int:
+        """Steps between snapshots (0: checkpoints off)."""
+        return self._ckpts.every
+
+    @property
+    def rollbacks(self) -> int:
+        """Rollbacks carried out so far."""
+        return self._ckpts.rollbacks
+
+    @property
+    def reseed_on_rollback(self) -> bool:
+        """Re-seed the restored RNGs after a rollback (see
+        :func:`~trimtab.client._checkpoint.reseed_rng`)."""
+        return self._ckpts.reseed
+
+    @reseed_on_rollback.setter
+    def reseed_on_rollback(self, value: bool) -> None:
+        self._ckpts.reseed = value
+
+    @property
+    def _last_checkpoint(self) -> int:
+        # The step of the last snapshot taken or restored (bench/ watches it).
+        return self._ckpts.last
+
+    @property
+    def _report_seq(self) -> int:
+        # The last report's number (bench/ watches it to follow the reports).
+        return self._reporter.seq
+
+    @property
+    def _calls(self) -> int:
+        # Calls that reached the optimizer step, skipped ones included (bench/ reads it).
+        return self._step.calls
 
     @property
     def global_step(self) -> int:
         """Optimizer steps taken (skipped steps not counted)."""
-        return self._calls - self.skipped_steps
+        return self._step.calls - self.skipped_steps
 
     @property
     def clip(self) -> float | None:
@@ -697,8 +484,8 @@ class Guard:
         if self._hooks is not None:
             self._hooks.remove()
         self._act.release()
-        if self._owed:  # a command taken after the last step ran
-            self._acknowledge()
+        if self._commands.owed:  # a command taken after the last step ran
+            self._commands.acknowledge(self._host_step())
         # Under torch.distributed the partial window is a collective: only on a clean close.
         if self._probe.row and (self._dist is None or not reason.startswith("error")):
             self._close_window()  # the last, partial window: one sync, at the end of the run

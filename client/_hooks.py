@@ -11,6 +11,10 @@ The knobs go in last in the pre-hook and come out first in the post-hook: the st
 with ``base x multiplier`` and the loop sees its own values again after it (see
 :mod:`trimtab.client._knobs`).
 
+The probe, the clip and the non-finite handling are ``Guard.step``'s own: the same
+:class:`~trimtab.client._step.Step`. The guard's work before and after the optimizer
+step comes in as two callables, so this module knows nothing of the guard itself.
+
 A pre-hook cannot cancel the step, so a non-finite step is skipped per mode:
 
 - ``"fused"`` (a fused optimizer): ``found_inf`` is set on the optimizer for that
@@ -41,14 +45,12 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from ._probe import WindowStats
-
-if TYPE_CHECKING:
-    from ._guard import Guard
+from ._step import Step
 
 __all__ = ["StepHooks", "check_callback_options"]
 
@@ -57,6 +59,11 @@ log = logging.getLogger("trimtab.client")
 
 class StepHooks:
     """The step pre- and post-hooks of one guard's optimizer; ``remove()`` takes them off.
+
+    ``prepare(loss)`` is the guard's work before the optimizer step (a command, the
+    probe and clip of ``step``, the knobs engaged): it returns the step's norm and
+    finiteness, or ``None`` when a rollback took the step. ``finish()`` is its work after
+    the step (count, report, snapshot).
 
     >>> import torch
     >>> from trimtab.client import attach
@@ -76,16 +83,21 @@ class StepHooks:
     (0, 0)
     """
 
-    def __init__(self, guard: Guard) -> None:
-        self._guard = guard
+    def __init__(
+        self, step: Step,
+        prepare: Callable[[torch.Tensor | float], tuple[torch.Tensor, torch.Tensor | None] | None],
+        finish: Callable[[], None],
+    ) -> None:
+        self._step = step
+        self._prepare = prepare
+        self._finish = finish
         self._loss_sum: torch.Tensor | None = None
         self._loss_n = 0
         #: Per probe row: whether that step had no observed loss (its NaN is not a bad loss).
-        self._missing = [False] * guard.report_every
+        self._missing = [False] * len(step.probe.buf)
         self._armed = False  # the pre-part ran for the step in flight; the post-hook finishes it
-        self._fused = False  # found_inf is set on the optimizer for the step in flight
         self._warned = False
-        opt = guard.optimizer
+        opt = step.optimizer
         self._handles = [
             opt.register_step_pre_hook(self._pre),
             opt.register_step_post_hook(self._post),
@@ -145,37 +157,34 @@ class StepHooks:
         return (args[0], guarded, *args[2:]), kwargs
 
     def _before(self) -> None:
-        guard = self._guard
-        if guard._closed:
+        if not self._handles:  # removed (the guard closed)
             return
         self._disarm()  # a step that raised never reached its post-hook; it is not counted
         loss = self._take_loss()
         try:
-            prepared = guard._prepare(loss)
+            prepared = self._prepare(loss)
             if prepared is None:  # rolled back: gradients dropped, this step updates nothing
                 return
-            total, finite = prepared
-            self._arm(total, finite)
+            self._arm(*prepared)
         except Exception:  # trimtab never stops the run; this step goes on unguarded
             log.exception("trimtab step hook failed; the step goes on unguarded")
 
     def _post(self, opt: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
-        self._guard._act.release()  # the user's own lr and weight decay are back
+        self._step.act.release()  # the user's own lr and weight decay are back
         if not self._armed:
             return
         self._disarm()
         try:
-            self._guard._finish_step()
+            self._finish()
         except Exception:
             log.exception("trimtab step hook failed after the step")
 
     # -- helpers ------------------------------------------------------------------------------
 
     def _take_loss(self) -> torch.Tensor | float:
-        guard = self._guard
         total, n = self._loss_sum, self._loss_n
         self._loss_sum, self._loss_n = None, 0
-        self._missing[guard._probe.row] = total is None
+        self._missing[self._step.probe.row] = total is None
         if total is None:
             if not self._warned:
                 self._warned = True
@@ -187,30 +196,18 @@ class StepHooks:
         return total if n == 1 else total / n
 
     def _arm(self, total: torch.Tensor, finite: torch.Tensor | None) -> None:
-        guard, opt = self._guard, self._guard.optimizer
-        if guard.nonfinite_mode == "fused" and finite is not None and not hasattr(opt, "found_inf"):
-            # GradScaler's protocol: the fused kernel skips the update where found_inf is 1
-            # (a GradScaler that set its own already skips non-finite steps: left alone).
-            opt.found_inf = guard._found_inf_of(finite)  # type: ignore[attr-defined]
-            opt.grad_scale = None  # type: ignore[attr-defined]
-            self._fused = True
-        elif guard.nonfinite_mode == "skip" and not math.isfinite(total.item()):
-            # The read is free on CPU; elsewhere it is the sync the user chose with "skip".
-            # Without gradients the optimizer's step leaves every parameter as it is.
-            for group in opt.param_groups:
+        step = self._step
+        if step.arm(total, finite):
+            # "skip" mode and not finite: without gradients the optimizer's step leaves
+            # every parameter as it is.
+            for group in step.optimizer.param_groups:
                 for p in group["params"]:
                     p.grad = None
-            guard._open_skips_host += 1
         self._armed = True
 
     def _disarm(self) -> None:
-        self._guard._act.release()  # idempotent; a step that raised never reached _post
-        if self._fused:
-            opt = self._guard.optimizer
-            for name in ("found_inf", "grad_scale"):
-                if hasattr(opt, name):
-                    delattr(opt, name)
-            self._fused = False
+        self._step.act.release()  # idempotent; a step that raised never reached _post
+        self._step.disarm()
         self._armed = False
 
 

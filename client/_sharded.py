@@ -56,8 +56,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ._checkpoint import Checkpoint, CheckpointStore, _HostCopier, capture_rng, restore_rng
+from ._checkpoint import Checkpoint, CheckpointStore, capture_rng, restore_rng
 from ._checkpoint_files import atomic_write
+from ._host_copy import _HostCopier
 from ._probe import Grads
 
 __all__ = ["is_sharded", "ShardNorms", "ShardedStore", "load_sharded", "step_name"]

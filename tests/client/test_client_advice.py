@@ -47,7 +47,7 @@ def test_a_validation_goes_out_with_the_next_report_only(fake_controller) -> Non
         assert (first.validation, first.validation_step) == (0.25, 2)
         assert (second.validation, second.validation_step) == (None, None)
         guard.report_validation(1.5)  # default step: the step the host knows
-        assert guard._validation == (1.5, 10)
+        assert guard._reporter.validation == (1.5, 10)
 
 
 def test_report_validation_checks_its_input() -> None:
@@ -58,7 +58,7 @@ def test_report_validation_checks_its_input() -> None:
         with pytest.raises(ValueError, match=r"step=-1 is invalid; allowed: None or an int >= 0"):
             g.report_validation(1.0, step=-1)
         g.report_validation(math.nan)  # dropped (a NaN would make the report invalid)
-        assert g._validation is None
+        assert g._reporter.validation is None
 
 
 def test_stop_advice_sets_should_stop(fake_controller) -> None:

@@ -15,7 +15,7 @@ import torch
 
 import trimtab.client._checkpoint_files as files_mod
 from trimtab.client import CheckpointStore, load_stable
-from trimtab.client import _checkpoint as ckpt_mod
+from trimtab.client import _host_copy as copies_mod
 from trimtab.client._checkpoint_files import WRITER_THREAD, CheckpointFiles
 
 pytestmark = pytest.mark.timeout(30)
@@ -162,7 +162,7 @@ def test_a_snapshot_is_unusable_until_its_copy_completes(monkeypatch, tmp_path) 
     """The CUDA path's gate, driven on CPU: listed, markable, restorable and written only
     after event.query() says the device-to-host copy is done; nothing ever waits."""
     event = _Event()
-    monkeypatch.setattr(ckpt_mod._HostCopier, "start",
+    monkeypatch.setattr(copies_mod._HostCopier, "start",
                         lambda self: [(torch.device("cpu"), event, True)])
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: pytest.fail("synchronize"))
     run = Run()

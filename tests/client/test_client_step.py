@@ -282,5 +282,5 @@ def test_group_norms_are_each_groups_own_norm(dead_endpoint) -> None:
             assert torch.equal(row[2], want[0]) and torch.equal(row[3], want[1])
             torch.testing.assert_close(row[1], torch.linalg.vector_norm(torch.stack(want)))
             if step == 0:
-                flag = guard._found_inf
-            assert guard._found_inf is flag and flag.item() == 0.0
+                flag = guard._step._found_inf
+            assert guard._step._found_inf is flag and flag.item() == 0.0

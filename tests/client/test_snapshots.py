@@ -13,6 +13,7 @@ import torch
 
 from trimtab.client import CheckpointStore, attach
 from trimtab.client import _checkpoint as ckpt_mod
+from trimtab.client import _host_copy as copies_mod
 from trimtab.client._checkpoint_files import WRITER_THREAD
 
 pytestmark = pytest.mark.timeout(60)
@@ -44,19 +45,19 @@ class FakeDevice:
         self.fences: list[_Event] = []
         self.sides: list[bool] = []
         self.allocs: list[str] = []  # the thread of every pinned allocation
-        real_empty = ckpt_mod._empty_host
+        real_empty = copies_mod._empty_host
 
         def empty(key):
             self.allocs.append(threading.current_thread().name)
             return real_empty(key)
 
-        monkeypatch.setattr(ckpt_mod, "_staged", lambda t: t.layout == torch.strided)
-        monkeypatch.setattr(ckpt_mod, "_empty_host", empty)
-        monkeypatch.setattr(ckpt_mod._CopyStreams, "copy",
+        monkeypatch.setattr(copies_mod, "_staged", lambda t: t.layout == torch.strided)
+        monkeypatch.setattr(copies_mod, "_empty_host", empty)
+        monkeypatch.setattr(copies_mod._CopyStreams, "copy",
                             lambda streams, device, pairs: self._queue(pairs, True))
-        monkeypatch.setattr(ckpt_mod, "_current_copy",
+        monkeypatch.setattr(copies_mod, "_current_copy",
                             lambda device, pairs: self._queue(pairs, False))
-        monkeypatch.setattr(ckpt_mod, "_fence", lambda device, event: self._fence(event))
+        monkeypatch.setattr(copies_mod, "_fence", lambda device, event: self._fence(event))
         monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: pytest.fail("synchronize"))
 
     def _queue(self, pairs: list, side: bool) -> _Event:
@@ -143,8 +144,8 @@ def test_buffers_are_allocated_off_the_training_thread_and_reused(
 def test_a_snapshot_waits_for_its_buffers_rather_than_stalling(monkeypatch, dead_endpoint):
     device = FakeDevice(monkeypatch)
     gate = threading.Event()
-    real = ckpt_mod._PinnedPool._allocate
-    monkeypatch.setattr(ckpt_mod._PinnedPool, "_allocate",
+    real = copies_mod._PinnedPool._allocate
+    monkeypatch.setattr(copies_mod._PinnedPool, "_allocate",
                         lambda pool: (gate.wait(10), real(pool)))
     model, opt = _model()
     guard = attach(model, opt, job="snap", endpoint=dead_endpoint, report_every=5,
@@ -283,7 +284,7 @@ def test_the_copies_of_a_snapshot_are_queued_in_one_call_or_one_each(monkeypatch
         monkeypatch.delattr(torch, "_foreach_copy_", raising=False)
     srcs = [torch.randn(3), torch.randn(2, 5).to(torch.bfloat16), torch.arange(4)]
     dsts = [torch.empty_like(s) for s in srcs]
-    ckpt_mod._copy_all(list(zip(dsts, srcs, strict=True)))
+    copies_mod._copy_all(list(zip(dsts, srcs, strict=True)))
     assert all(torch.equal(d, s) for d, s in zip(dsts, srcs, strict=True))
 
 

@@ -1,0 +1,167 @@
+"""The guard's checkpoints of its run: taken on schedule, marked stable, rolled back to.
+
+The store (:class:`~trimtab.client._checkpoint.CheckpointStore`, or the sharded one) keeps
+the snapshots; this part decides when one is taken and what a rollback puts back around
+the store's restore: the knobs in force at the checkpoint, the step counts (the open
+report window is discarded), the RNGs re-seeded, the loop's ``on_rollback``, and the
+scheduler held back one step where the snapshot was taken after it stepped.
+
+With ``checkpoint_every=0`` there is no store: nothing is taken, and a command's
+``mark_stable`` or ``rollback_to`` is answered with an error saying checkpoints are off.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ._checkpoint import Checkpoint, CheckpointStore, reseed_rng
+from ._knobs import Actuator
+from ._options import _invalid
+from ._report import Reporter
+from ._schedule import ScheduleHold
+from ._sharded import ShardedStore
+from ._step import Step
+
+__all__ = ["Checkpointing", "open_store"]
+
+log = logging.getLogger("trimtab.client")
+
+
+def open_store(keep: int, directory: str | os.PathLike | None, memory_keep: int | None,
+               sharded: bool) -> CheckpointStore:
+    """The store for a guard's snapshots (sharded: DCP directories, see ``_sharded``)."""
+    try:
+        return (ShardedStore(keep, directory) if sharded
+                else CheckpointStore(keep, directory, memory_keep))
+    except OSError as exc:
+        raise _invalid("checkpoint_dir", directory,
+                       f"a directory that can be created and written ({exc})") from None
+
+
+class Checkpointing:
+    """Snapshots of one run every ``every`` steps into ``store`` (``None``: off), and
+    rollbacks to them; the parts a rollback resets are handed in."""
+
+    def __init__(
+        self, store: CheckpointStore | None, every: int, *, model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer, scheduler: Any, act: Actuator, step: Step,
+        reporter: Reporter, on_rollback: Callable[[int], None] | None, reseed: bool,
+    ) -> None:
+        self.store = store
+        self.every = every
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self._act, self._step, self._reporter = act, step, reporter
+        self._on_rollback = on_rollback
+        #: Re-seed the restored RNGs after a rollback (see :func:`reseed_rng`).
+        self.reseed = reseed
+        #: The step of the last snapshot taken (or restored).
+        self.last = 0
+        #: Rollbacks carried out so far.
+        self.rollbacks = 0
+        self._hold: ScheduleHold | None = None
+
+    # -- around the step ----------------------------------------------------------------------
+
+    def before_step(self) -> None:
+        """At a step boundary: admit finished snapshots (never waits) and put back a
+        schedule held since a rollback."""
+        if self.store is not None:
+            self.store.poll()  # admits snapshots whose device copies completed; never waits
+        if self._hold is not None:
+            self._hold.put_back(self.scheduler, self.optimizer)
+            self._hold = None
+
+    def fence(self) -> None:
+        """Before the optimizer step: it changes what snapshot copies in flight read, so the
+        training stream waits for them on the device (no host wait; see CheckpointStore)."""
+        if self.store is not None and self.store._pending:
+            self.store.fence()
+
+    def take_if_due(self) -> None:
+        """Take a snapshot when ``global_step`` passed the next multiple of ``every``; call
+        where the host knows it exactly (every step in "skip" mode, else at window ends)."""
+        if self.store is not None and self._step.host_step // self.every > self.last // self.every:
+            self.take()
+
+    def take(self, scheduler_stepped: bool = False, block: bool = False) -> None:
+        """Snapshot the run at the step the host knows (exact where this is called)."""
+        assert self.store is not None
+        step = self._step.host_step
+        try:
+            taken = self.store.take(step, self.model, self.optimizer, self.scheduler,
+                                    clip=self._act.clip, counters={"calls": self._step.calls},
+                                    scheduler_stepped=scheduler_stepped,
+                                    controls=self._act.state_dict(), block=block)
+        except Exception:  # a failed snapshot costs a rollback target, never the run
+            log.exception("trimtab could not take a checkpoint at step %d", step)
+            taken = True
+        if taken is None:
+            # Its pinned buffers are still being allocated: tried again at the next chance
+            # rather than stalling this step.
+            if self.store.deferred == 1:
+                log.info("trimtab snapshot at step %d deferred: pinned host buffers are "
+                         "still being allocated", step)
+            return
+        self.last = step
+
+    def prepare(self) -> None:
+        """After the first step (the optimizer state exists now): allocate the snapshots'
+        pinned buffers in the background, well before the first snapshot needs them."""
+        if self.store is None:
+            return
+        try:
+            self.store.prepare(self.model, self.optimizer)
+        except Exception:
+            log.exception("trimtab could not prepare snapshot buffers")
+
+    # -- commands -----------------------------------------------------------------------------
+
+    def mark_stable(self, step: int) -> list[str]:
+        """A command's ``mark_stable``; the errors for its ack."""
+        if self.store is None:
+            return [f"mark_stable={step}: checkpoints are off (checkpoint_every=0)"]
+        if self.store.mark_stable(step):
+            return []
+        held = ", ".join(map(str, self.store.steps())) or "none"
+        return [f"mark_stable={step}: no checkpoint at that step (held: {held})"]
+
+    def rollback(self, step: int) -> tuple[Checkpoint | None, list[str]]:
+        """A command's ``rollback_to``: the checkpoint restored (``None``: nothing was) and
+        the notes for its ack."""
+        if self.store is None:
+            return None, [f"rollback_to={step}: checkpoints are off (checkpoint_every=0); "
+                          "nothing restored"]
+        ckpt, note = self.store.restore(step, self.model, self.optimizer, self.scheduler)
+        if ckpt is None:
+            return None, [f"{note}; nothing restored"]
+        notes = [] if note is None else [note]
+        # The multipliers, momentum and clip in force at the checkpoint; the user's own
+        # values come back with the optimizer's (and the scheduler's) state.
+        self._act.load_state_dict({**ckpt.controls, "clip": ckpt.clip})
+        self._step.restart(ckpt.counters.get("calls", ckpt.step), ckpt.step)
+        self._reporter.restart()
+        self.last = ckpt.step
+        self.rollbacks += 1
+        if self.reseed:  # no replay of the batches that led here
+            reseed_rng(self.rollbacks)
+        log.warning("trimtab rolled the run back to step %d (rollback %d)", ckpt.step,
+                    self.rollbacks)
+        if self._on_rollback is not None:
+            try:
+                self._on_rollback(ckpt.step)
+            except Exception as exc:
+                log.exception("on_rollback(%d) raised; training goes on", ckpt.step)
+                notes.append(f"on_rollback raised {type(exc).__name__}: {exc}")
+        return ckpt, notes
+
+    def hold_schedule(self, restored: Checkpoint) -> None:
+        """After a rollback's command is carried out: the loop's scheduler.step() still
+        follows this guard.step(); for a snapshot taken after the scheduler stepped that is
+        one step too many, so the schedule as restored is put back at the next step."""
+        if restored.scheduler_stepped and self.scheduler is not None:
+            self._hold = ScheduleHold(self.scheduler, self.optimizer)

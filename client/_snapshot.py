@@ -1,0 +1,191 @@
+"""A checkpoint of a training run: what it holds and how it puts the run back.
+
+A :class:`Checkpoint` holds everything needed to put a run back where it was: the
+model's and optimizer's state (host copies), the LR scheduler's state, the RNG states
+(torch CPU, every CUDA device, numpy's global generator, Python's ``random``), the
+clipping threshold and trimtab's other knobs in force, and the guard's step counters.
+The copies are made by :mod:`trimtab.client._host_copy`; the ring of checkpoints, their
+files and their stable marks are :class:`~trimtab.client._checkpoint.CheckpointStore`'s.
+
+>>> import torch
+>>> model = torch.nn.Linear(2, 1); opt = torch.optim.SGD(model.parameters(), lr=0.1)
+>>> ckpt = Checkpoint(step=0, model=model.state_dict(), optimizer=opt.state_dict(),
+...                   scheduler=None, rng=capture_rng())
+>>> ckpt.knobs.lr, sorted(Checkpoint.from_payload(ckpt.payload()).rng)
+(0.1, ['cuda', 'numpy', 'python', 'torch'])
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from trimtab.protocol import wire
+
+from . import _host_copy
+from ._knobs import knobs_of
+
+__all__ = ["Checkpoint", "capture_rng", "restore_rng", "reseed_rng"]
+
+log = logging.getLogger("trimtab.client")
+
+_PAYLOAD_KEYS = ("step", "model", "optimizer", "scheduler", "rng", "clip", "counters",
+                 "scheduler_stepped", "controls")
+
+
+# -- RNG -------------------------------------------------------------------------------------
+
+
+def capture_rng() -> dict[str, Any]:
+    """Every RNG state a training step may draw from, as tensors and plain values."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    cuda = None
+    # Only once CUDA is in use: asking earlier would initialize it. get_rng_state_all reads
+    # the generators' seed and offset on the host; it does not wait for the device.
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        cuda = torch.cuda.get_rng_state_all()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": cuda,
+        # As a tensor and plain numbers, so a file loads with weights_only=True.
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)),
+                  "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)},
+        "python": random.getstate(),
+    }
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    """Put back what :func:`capture_rng` captured."""
+    torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+        else:
+            log.warning("trimtab checkpoint has CUDA RNG states for %d devices, this process "
+                        "sees %d; CUDA RNG states not restored", len(cuda),
+                        torch.cuda.device_count())
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"],
+                         n["has_gauss"], n["cached"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def reseed_rng(salt: int) -> None:
+    """Re-seed every RNG :func:`capture_rng` covers from its own state and ``salt``.
+
+    After a rollback the restored RNG states would draw exactly what they drew the first
+    time: a loop that takes its batches from torch's RNG (nanoGPT's ``torch.randint``)
+    would meet the batches that led to the fault again. Each generator draws one number
+    from its restored state, mixes ``salt`` (the rollback count) in and is seeded with the
+    result: deterministic for a given run and rollback, different from the first pass and
+    from one rollback to the next. Host arithmetic and a seed per CUDA device; no sync.
+    """
+    mix = 0x9E3779B97F4A7C15 * (salt + 1)
+
+    def seed(x: int) -> int:
+        return (x ^ mix) % (2**63 - 1)
+
+    torch.manual_seed(seed(int(torch.randint(2**62, (1,)).item())))  # CPU generator, host
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for device in range(torch.cuda.device_count()):
+            # The Philox generator's seed and offset, read on the host (no device work).
+            state = tuple(torch.cuda.get_rng_state(device).tolist())
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(seed(hash(state) & (2**62 - 1)))
+    np.random.seed(seed(int(np.random.randint(0, 2**31 - 1))) % 2**32)
+    random.seed(seed(random.getrandbits(62)))
+
+
+@dataclass(eq=False)
+class Checkpoint:
+    """One restorable state of a run, in host memory.
+
+    ``scheduler_stepped`` says the snapshot was taken after the scheduler stepped for
+    the coming optimizer step (the snapshot at attach time), not before (all others).
+    """
+
+    step: int
+    model: dict[str, Any]
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any] | None
+    rng: dict[str, Any]
+    clip: float | None = None
+    counters: dict[str, int] = field(default_factory=dict)
+    scheduler_stepped: bool = False
+    #: trimtab's knobs in force: multipliers, commanded momentum (see ``Actuator``).
+    controls: dict[str, Any] = field(default_factory=dict)
+    stable: bool = False
+    #: Set while the writer thread serializes it (read under the writer's lock).
+    writing: bool = field(default=False, repr=False)
+    #: (device, event, copied on the side stream) per group of copies in flight.
+    _events: list[Any] = field(default_factory=list, repr=False)
+    _pinned: list[torch.Tensor] = field(default_factory=list, repr=False)
+    _pinned_keys: list[Any] = field(default_factory=list, repr=False)
+    #: The device tensors its copies read, alive until the copies are done.
+    _sources: list[torch.Tensor] = field(default_factory=list, repr=False)
+    _fenced: bool = field(default=False, repr=False)
+
+    def ready(self) -> bool:
+        """Whether its host copies are complete (never waits: ``event.query()``)."""
+        if self._events and all(e.query() for _, e, _ in self._events):
+            self._events, self._sources = [], []
+        return not self._events
+
+    def fence(self) -> None:
+        """Make the training streams wait (on the device) for its side-stream copies, before
+        anything changes their sources in place; once per checkpoint, never a host wait."""
+        if self._fenced:
+            return
+        self._fenced = True
+        for device, event, side in self._events:
+            if side:
+                _host_copy._fence(device, event)
+
+    @property
+    def knobs(self) -> wire.Knobs:
+        """The user's own knob values when it was taken (the optimizer's param groups hold
+        them between steps) and the clip; :attr:`controls` has trimtab's multipliers."""
+        return knobs_of(self.optimizer["param_groups"], self.clip)
+
+    def payload(self) -> dict[str, Any]:
+        """What goes into its file: containers, numbers, strings and tensors only."""
+        return {"format": 1, **{k: getattr(self, k) for k in _PAYLOAD_KEYS}}
+
+    @classmethod
+    def from_payload(cls, payload: dict[str, Any]) -> Checkpoint:
+        # Files written before the knob model have no controls: the user's values held.
+        return cls(**{k: payload[k] for k in _PAYLOAD_KEYS if k in payload})
+
+    def restore(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                scheduler: Any = None) -> None:
+        """Load model, optimizer, scheduler and RNG states (the checkpoint stays reusable)."""
+        # Loading copies into the live tensors (a host-to-device copy that waits on CUDA:
+        # a rollback is rare and the run is going nowhere until it is done).
+        model.load_state_dict(self.model)
+        _load_optimizer(optimizer, self.optimizer)
+        if scheduler is not None and self.scheduler is not None:
+            # load_state_dict adopts the dict's lists: give it a copy, keep ours intact.
+            scheduler.load_state_dict(copy.deepcopy(self.scheduler))
+        restore_rng(self.rng)
+
+
+def _load_optimizer(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    # Optimizer.load_state_dict keeps tensors already on the param's device and dtype
+    # rather than copying them: without the deepcopy, training would write into ours.
+    live = [{k: v for k, v in g.items() if isinstance(v, torch.Tensor)}
+            for g in optimizer.param_groups]
+    optimizer.load_state_dict(copy.deepcopy(state))
+    # A tensor lr (capturable or fused steps) stays the same tensor, on its device.
+    for group, tensors in zip(optimizer.param_groups, live, strict=False):
+        for key, tensor in tensors.items():
+            if isinstance(group.get(key), torch.Tensor):
+                tensor.copy_(group[key])
+                group[key] = tensor
