@@ -47,22 +47,23 @@ class _Event:
 
 
 @contextlib.contextmanager
-def _simulated(ckpt_mod: Any):
+def _simulated(copy_mod: Any):
     """The CUDA snapshot path on the CPU: every strided tensor staged into pooled buffers,
-    copies queued in one ``_foreach_copy_`` per stream, events that complete on demand."""
-    saved = {n: getattr(ckpt_mod, n) for n in ("_staged", "_current_copy", "_fence")}
-    copy = ckpt_mod._CopyStreams.copy
-    ckpt_mod._staged = lambda t: t.layout == torch.strided
-    ckpt_mod._current_copy = lambda device, pairs: (ckpt_mod._copy_all(pairs), _Event())[1]
-    ckpt_mod._fence = lambda device, event: None
-    ckpt_mod._CopyStreams.copy = lambda self, device, pairs: (ckpt_mod._copy_all(pairs),
+    copies queued in one ``_foreach_copy_`` per stream, events that complete on demand
+    (``copy_mod``: :mod:`trimtab.client._host_copy`, where the copy functions live)."""
+    saved = {n: getattr(copy_mod, n) for n in ("_staged", "_current_copy", "_fence")}
+    copy = copy_mod._CopyStreams.copy
+    copy_mod._staged = lambda t: t.layout == torch.strided
+    copy_mod._current_copy = lambda device, pairs: (copy_mod._copy_all(pairs), _Event())[1]
+    copy_mod._fence = lambda device, event: None
+    copy_mod._CopyStreams.copy = lambda self, device, pairs: (copy_mod._copy_all(pairs),
                                                               _Event())[1]
     try:
         yield
     finally:
         for name, value in saved.items():
-            setattr(ckpt_mod, name, value)
-        ckpt_mod._CopyStreams.copy = copy
+            setattr(copy_mod, name, value)
+        copy_mod._CopyStreams.copy = copy
 
 
 def _model(device: str, layers: int, width: int):
@@ -90,12 +91,13 @@ def _median_ms(fn, repeats: int) -> float:
 def snapshot(device: str, layers: int, width: int, repeats: int) -> list[tuple[str, float]]:
     """Host ms of a snapshot and its parts: state_dicts, plan or walk, queueing."""
     from trimtab.client import _checkpoint as ckpt_mod
+    from trimtab.client import _host_copy as copy_mod
 
     model, opt, idx = _model(device, layers, width)
     model(idx, idx).backward()
     opt.step()
     cuda = device.startswith("cuda")
-    with contextlib.nullcontext() if cuda else _simulated(ckpt_mod):
+    with contextlib.nullcontext() if cuda else _simulated(copy_mod):
         store = ckpt_mod.CheckpointStore(keep=3)
         store.prepare(model, opt)
         while not store._pool.ready():
@@ -125,7 +127,7 @@ def snapshot(device: str, layers: int, width: int, repeats: int) -> list[tuple[s
 
         rows = [("state_dict() x2", _median_ms(lambda: (model.state_dict(),
                                                          opt.state_dict()), repeats))]
-        real_copy, real_flatten = ckpt_mod._copy_all, ckpt_mod.flatten
+        real_copy, real_flatten = copy_mod._copy_all, ckpt_mod.flatten
         whole = {}
         for label, flatten in (("generic walk (before)", lambda *a: None),
                                ("cached copy plan", real_flatten)):
@@ -135,11 +137,11 @@ def snapshot(device: str, layers: int, width: int, repeats: int) -> list[tuple[s
                     take()
                     settle()
                 with_copies = timed(take)
-                ckpt_mod._copy_all = lambda pairs: None
+                copy_mod._copy_all = lambda pairs: None
                 try:
                     without = timed(take)
                 finally:
-                    ckpt_mod._copy_all = real_copy
+                    copy_mod._copy_all = real_copy
             finally:
                 ckpt_mod.flatten = real_flatten
             whole[label] = with_copies
