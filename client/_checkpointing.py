@@ -23,7 +23,7 @@ from ._checkpoint import Checkpoint, CheckpointStore, reseed_rng
 from ._knobs import Actuator
 from ._options import _invalid
 from ._report import Reporter
-from ._schedule import ScheduleHold
+from ._scheduler_hold import ScheduleHold
 from ._sharded import ShardedStore
 from ._step import Step
 

@@ -33,7 +33,7 @@ from pydantic import (
 from trimtab.controller.governor import GovernorConfig
 from trimtab.controller.ratelimit import RateLimitConfig
 from trimtab.controller.rollback import RollbackConfig
-from trimtab.controller.state import SignalConfig
+from trimtab.controller.tracker import SignalConfig
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -30,16 +30,15 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 from collections import deque
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel
 
 from trimtab.controller.governor import KnobMemory, _check_keys
 from trimtab.controller.rollback import RollbackState
-from trimtab.controller.signals import ema_var, ols_slope, t_stat, zscore
+from trimtab.controller.tracker import SignalConfig, SignalTracker
 from trimtab.controller.view import JobView, Phase, Sample, Signals
 from trimtab.protocol import wire
 
@@ -48,11 +47,9 @@ if TYPE_CHECKING:
     from trimtab.controller.health import Unhealthy
     from trimtab.controller.rollback import RollbackConfig
 
-__all__ = ["SignalConfig", "JobState", "controls_of", "command_controls", "base_of"]
+__all__ = ["JobState", "controls_of", "command_controls", "base_of"]
 
 _STATE_VERSION = 3  # 3: the knob model (lr and weight decay held as multipliers)
-#: Reported steps whose signals are kept for a rollback to a checkpoint taken there.
-_SIGNAL_MARKS = 64
 
 
 def controls_of(knobs: wire.Knobs, scale: wire.Scale) -> wire.Knobs:
@@ -75,69 +72,13 @@ def command_controls(command: wire.Command) -> wire.Knobs:
                       weight_decay=command.scale.weight_decay, clip=command.knobs.clip)
 
 
-class SignalConfig(BaseModel):
-    """How reports become signals.
-
-    >>> SignalConfig(slope_window=30).z_warmup
-    10
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    #: Weight of the newest report in the EMAs and EW variances.
-    alpha: float = Field(0.05, gt=0.0, le=1.0)
-    #: Reports in the least-squares window for the loss slope.
-    slope_window: int = Field(20, ge=3, le=100_000)
-    #: Reports folded in before z-scores are given.
-    z_warmup: int = Field(10, ge=2)
-    #: Added to variances before dividing, so a flat history gives finite z-scores.
-    eps: float = Field(1e-12, gt=0.0, allow_inf_nan=False)
-    #: Reports kept as :class:`Sample` history (and validation results kept) for policies.
-    history: int = Field(128, ge=8, le=100_000)
-
-
-class _EW:
-    """Exponentially weighted mean and variance of one signal, with a warm-up."""
-
-    __slots__ = ("mean", "var", "n")
-
-    def __init__(self) -> None:
-        self.mean: float | None = None
-        self.var: float | None = None
-        self.n = 0
-
-    def fold(self, x: float, alpha: float) -> None:
-        self.n += 1
-        # alpha = 1/n at first: an EMA seeded by one sample underestimates the
-        # variance for ~1/alpha samples, which would inflate early z-scores.
-        self.mean, self.var = ema_var(self.mean, self.var, x, max(alpha, 1.0 / self.n))
-
-    def to_list(self) -> list[Any]:
-        # Overflowed (inf) moments are dropped rather than written as non-standard JSON.
-        return [_finite(self.mean), _finite(self.var), self.n]
-
-    @classmethod
-    def from_list(cls, raw: list[Any]) -> _EW:
-        ew = cls()
-        ew.mean, ew.var, ew.n = raw[0], raw[1], int(raw[2])
-        return ew
-
-
 def base_of(msg: wire.Register | wire.Report | wire.Ack) -> wire.Knobs:
     """The user's own values a message carries (its effective ones where it has none)."""
     return msg.base if msg.base.lr is not None else msg.knobs
 
 
-def _finite(x: float | None) -> float | None:
-    return x if x is not None and math.isfinite(x) else None
-
-
 def _step_of(x: Sample | tuple[int, float]) -> int:
     return x.step if isinstance(x, Sample) else x[0]
-
-
-def _not_nan(x: float) -> float | None:
-    return None if math.isnan(x) else x
 
 
 class JobState:
@@ -174,15 +115,9 @@ class JobState:
         #: The client's link its current registration came on: reports made under an
         #: earlier one predate it (a restarted or late controller), never evidence.
         self.link = 0
-        #: The signals at the newest reported steps (and the registration's), for a rollback.
-        self._marks: dict[int, list[Any]] = {}
         self.reports_seen = 0
-        self._loss, self._grad = _EW(), _EW()
-        self.loss_z: float | None = None
-        self.grad_norm_z: float | None = None
-        self.refs: tuple[float | None, float | None] = (None, None)
-        self._points: deque[tuple[int, float]] = deque(maxlen=self.signal_cfg.slope_window)
-        self._slope: tuple[float | None, float | None, float | None] = (None, None, None)
+        #: The running signals (EW moments, z-scores, the loss slope) and their marks.
+        self.tracker = SignalTracker(self.signal_cfg)
         self.history: deque[Sample] = deque(maxlen=self.signal_cfg.history)
         self.validations: deque[tuple[int, float]] = deque(maxlen=self.signal_cfg.history)
         #: The stop advice sent to the run (it is sent once per job); None: none yet.
@@ -269,7 +204,7 @@ class JobState:
         # signal yet.
         state.rollback.note_in_force(msg.step, {"knobs": state.knobs.model_dump(),
                                                 "grad_norm_ema": None})
-        state._mark_signals(msg.step)
+        state.tracker.mark(msg.step)
         state.link = msg.link
         return state
 
@@ -317,67 +252,17 @@ class JobState:
         self.knobs = controls_of(report.knobs, report.scale)
         self.effective, self.base = report.knobs, base_of(report)
         self._applied(report.applied_seq)
-        self.refs = (_finite(self._loss.mean), _finite(self._grad.mean))
-        self.loss_z = self._fold(self._loss, report.loss_mean)
-        self.grad_norm_z = self._fold(self._grad, report.grad_norm_mean)
-        if report.loss_mean is not None:
-            self._points.append((report.step, report.loss_mean))
-            self._refresh_slope()
+        self.tracker.fold(report.step, report.loss_mean, report.grad_norm_mean)
         self.history.append(Sample.of(report))
-        self._mark_signals(report.step)
         if report.validation is not None:
             vstep = report.step if report.validation_step is None else report.validation_step
             self.validations.append((vstep, report.validation))
         self.last_report = report
 
-    def _signal_state(self) -> list[Any]:
-        """The signals as they are now (for :meth:`on_restored`), JSON-serialisable."""
-        return [self._loss.to_list(), self._grad.to_list(), _finite(self.loss_z),
-                _finite(self.grad_norm_z), [_finite(x) for x in self.refs],
-                [[s, y] for s, y in self._points]]
-
-    def _load_signals(self, snap: list[Any] | None) -> None:
-        """Put back what :meth:`_signal_state` gave (None: afresh)."""
-        self._loss, self._grad = _EW(), _EW()
-        self.loss_z = self.grad_norm_z = None
-        self.refs = (None, None)
-        self._points.clear()
-        if snap is not None:
-            self._loss, self._grad = _EW.from_list(snap[0]), _EW.from_list(snap[1])
-            self.loss_z, self.grad_norm_z = snap[2], snap[3]
-            self.refs = (snap[4][0], snap[4][1])
-            self._points.extend((int(s), float(y)) for s, y in snap[5])
-        if self._points:
-            self._refresh_slope()
-        else:
-            self._slope = (None, None, None)
-
-    def _mark_signals(self, step: int) -> None:
-        """Keep the signals as they stand at ``step`` (a report's end): a checkpoint taken
-        there holds the run as they describe it."""
-        self._marks[step] = self._signal_state()
-        for old in sorted(self._marks)[:-_SIGNAL_MARKS]:
-            del self._marks[old]
-
     def grad_norm_scale(self) -> float | None:
         """The job's gradient-norm EMA once its z-score warm-up has passed (None before):
         what scale-relative limits (the clip's) are measured against."""
-        g = self._grad
-        return _finite(g.mean) if g.n >= self.signal_cfg.z_warmup else None
-
-    def _fold(self, ew: _EW, x: float | None) -> float | None:
-        """Fold ``x`` into ``ew``; its z-score against the history before it, if warmed up."""
-        if x is None:
-            return None
-        cfg = self.signal_cfg
-        z = zscore(x, ew.mean, ew.var, cfg.eps) if ew.n >= cfg.z_warmup else None
-        ew.fold(x, cfg.alpha)
-        return _finite(z)
-
-    def _refresh_slope(self) -> None:
-        slope, se = ols_slope([s for s, _ in self._points], [y for _, y in self._points])
-        t = t_stat(slope, se)
-        self._slope = (_not_nan(slope), _not_nan(se), _not_nan(t))
+        return self.tracker.grad_norm_scale()
 
     def _applied(self, seq: int) -> None:
         if seq > self.applied_seq:
@@ -450,10 +335,7 @@ class JobState:
         in the loss EMA, or a measurement phase's sweep over decades of LR.
         """
         self.step = step
-        marks = [s for s in self._marks if s <= step]
-        snap = self._marks[max(marks)] if marks else None
-        self._marks = {s: v for s, v in self._marks.items() if s <= step}
-        self._load_signals(snap)
+        self.tracker.rewind(step)
         # Reports and validation results after the checkpoint describe the abandoned path.
         for kept in (self.history, self.validations):
             survivors = [x for x in kept if _step_of(x) <= step]
@@ -525,16 +407,7 @@ class JobState:
 
     def signals(self) -> Signals:
         """The signals now, as :meth:`view` hands them to policies."""
-        slope, se, t = self._slope
-        points = list(self._points)
-        return Signals(
-            loss_ema=self._loss.mean, loss_var=self._loss.var, loss_z=self.loss_z,
-            grad_norm_ema=self._grad.mean, grad_norm_var=self._grad.var,
-            grad_norm_z=self.grad_norm_z, slope=slope, slope_se=se, slope_t=t,
-            slope_n=len(points), slope_window=self.signal_cfg.slope_window,
-            slope_since_step=points[0][0] if points else None,
-            loss_ref=self.refs[0], grad_norm_ref=self.refs[1],
-        )
+        return self.tracker.signals()
 
     def view(self) -> JobView:
         """A frozen snapshot for policies."""
@@ -575,9 +448,7 @@ class JobState:
             "facts": dump(self.facts), "report_every": self.report_every,
             "signal_cfg": dump(self.signal_cfg), "initial": dump(self.initial),
             "knobs": dump(self.knobs), "step": self.step, "reports_seen": self.reports_seen,
-            "loss": self._loss.to_list(), "grad_norm": self._grad.to_list(),
-            "loss_z": self.loss_z, "grad_norm_z": self.grad_norm_z, "refs": list(self.refs),
-            "slope_points": [[s, y] for s, y in self._points],
+            **self.tracker.state_dict(),
             "nonfinite_losses": self.nonfinite_losses, "nonfinite_grads": self.nonfinite_grads,
             "dropped_reports": self.dropped_reports, "last_report": dump(self.last_report),
             "memory": {k: m.state_dict() for k, m in self.memory.items()},
@@ -602,7 +473,6 @@ class JobState:
             "live": {k: s.model_dump(mode="json") for k, s in self.live.items()},
             "branch_seq": self.branch_seq, "effective": dump(self.effective),
             "base": dump(self.base), "registered": dump(self.registered),
-            "signal_marks": [[s, v] for s, v in sorted(self._marks.items())],
             "link": self.link,
         }
 
@@ -622,14 +492,9 @@ class JobState:
         self.effective = wire.Knobs.model_validate(sd["effective"])
         self.base = wire.Knobs.model_validate(sd["base"])
         self.registered = wire.Knobs.model_validate(sd["registered"])
-        self._marks = {int(s): v for s, v in sd["signal_marks"]}
         self.link = int(sd["link"])
         self.reports_seen = sd["reports_seen"]
-        self._loss, self._grad = _EW.from_list(sd["loss"]), _EW.from_list(sd["grad_norm"])
-        self.loss_z, self.grad_norm_z = sd["loss_z"], sd["grad_norm_z"]
-        self.refs = (sd["refs"][0], sd["refs"][1])
-        self._points.extend((int(s), float(y)) for s, y in sd["slope_points"])
-        self._refresh_slope()
+        self.tracker.load_state_dict({k: sd[k] for k in SignalTracker.KEYS})
         self.nonfinite_losses, self.nonfinite_grads = sd["nonfinite_losses"], sd["nonfinite_grads"]
         self.dropped_reports = sd["dropped_reports"]
         if sd["last_report"] is not None:

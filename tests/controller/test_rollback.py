@@ -431,7 +431,7 @@ def test_signals_after_a_rollback_are_the_checkpoints():
     run.restore(200)
     assert run.job.signals() == at_checkpoint
     # A checkpoint older than every signal kept comes back with signals afresh.
-    run.job._marks.clear()
+    run.job.tracker._marks.clear()
     run.restore(100)
     fresh = run.job.signals()
     assert (fresh.loss_ema, fresh.slope_n, fresh.loss_ref) == (None, 0, None)

@@ -16,7 +16,8 @@ from trimtab.controller.engine import Engine
 from trimtab.controller.governor import MULTIPLIERS
 from trimtab.controller.policy import Policy, Proposal
 from trimtab.controller.signals import ema_var, ols_slope, zscore
-from trimtab.controller.state import JobState, SignalConfig
+from trimtab.controller.state import JobState
+from trimtab.controller.tracker import SignalConfig
 from trimtab.protocol import wire
 
 FACTS = wire.ScaleFacts(param_count=100, group_sizes=[100], optimizer="AdamW",
@@ -144,7 +145,7 @@ def test_the_slope_window_is_bounded_and_measures_the_trend():
     st = fed(50, SignalConfig(slope_window=20))
     s = st.view().signals
     assert (s.slope_n, s.slope_window, s.slope_since_step) == (20, 20, 310)
-    pts = list(st._points)
+    pts = list(st.tracker._points)
     assert s.slope == pytest.approx(ols_slope([p[0] for p in pts], [p[1] for p in pts])[0])
     assert s.slope == pytest.approx(-1e-4, rel=0.5) and s.slope_t < -5
 
@@ -316,7 +317,7 @@ def test_after_any_rollback_the_signals_are_those_at_the_checkpoint(level):
     from trimtab.controller.rollback import RollbackConfig, RollbackRecord
 
     st = fed(40)
-    at_200 = st._marks[200]
+    at_200 = st.tracker._marks[200]
     assert st.view().signals.loss_ema is not None
     st.rollback.pending = RollbackRecord(400, 0, "lr_range_test" if level == 0 else "nonfinite",
                                          "test", level)
@@ -327,4 +328,4 @@ def test_after_any_rollback_the_signals_are_those_at_the_checkpoint(level):
     assert st.view().signals.loss_z is None
     st = fed(40)
     st.on_restored(200, RollbackConfig())
-    assert st._signal_state() == at_200
+    assert st.tracker._snapshot() == at_200

@@ -28,7 +28,8 @@ from trimtab.controller.advance import Advanced, advance, commit, settle_ack, ta
 from trimtab.controller.decision import Decision
 from trimtab.controller.engine import Engine
 from trimtab.controller.rollback import RollbackConfig
-from trimtab.controller.state import JobState, SignalConfig
+from trimtab.controller.state import JobState
+from trimtab.controller.tracker import SignalConfig
 from trimtab.protocol import wire
 
 __all__ = ["Client", "momentum_of", "one_param"]

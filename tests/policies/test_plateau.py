@@ -10,7 +10,8 @@ import pytest
 from trimtab.controller.engine import Engine
 from trimtab.controller.governor import Governor
 from trimtab.controller.policy import PolicyLoadError, load_policy
-from trimtab.controller.state import JobState, SignalConfig
+from trimtab.controller.state import JobState
+from trimtab.controller.tracker import SignalConfig
 from trimtab.policies.plateau import Plateau
 from trimtab.protocol import wire
 

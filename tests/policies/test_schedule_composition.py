@@ -21,7 +21,8 @@ from tests._decide import decided, decided_schedules
 from trimtab.controller.engine import Decision, Engine
 from trimtab.controller.governor import Governor, GovernorConfig, KnobLimits
 from trimtab.controller.policy import Policy, Proposal, load_policy
-from trimtab.controller.state import JobState, SignalConfig
+from trimtab.controller.state import JobState
+from trimtab.controller.tracker import SignalConfig
 from trimtab.policies.cosine import Cosine
 from trimtab.policies.plateau import Plateau
 from trimtab.policies.step_decay import StepDecay

@@ -7,7 +7,8 @@ import random
 import pytest
 
 from trimtab.controller.policy import PolicyLoadError, load_policy
-from trimtab.controller.state import JobState, SignalConfig
+from trimtab.controller.state import JobState
+from trimtab.controller.tracker import SignalConfig
 from trimtab.policies.spike_guard import SpikeGuard
 from trimtab.protocol import wire
 
