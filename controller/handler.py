@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import collections
 import copy
-import dataclasses
 import logging
 import time
 from collections.abc import Iterable
@@ -26,7 +25,6 @@ from dataclasses import dataclass, field
 from prometheus_client import CollectorRegistry
 
 from trimtab.controller.advance import (
-    Settled,
     advance,
     commit,
     settle_ack,
@@ -39,7 +37,7 @@ from trimtab.controller.governor import Governor
 from trimtab.controller.journal import Journal
 from trimtab.controller.metrics import ControllerMetrics
 from trimtab.controller.policy import Policy, load_policy
-from trimtab.controller.rollback import Observation
+from trimtab.controller.recorder import Recorder
 from trimtab.controller.scale import ScaleContext, derive_limits, explicit_fields
 from trimtab.controller.state import JobState
 from trimtab.protocol import wire
@@ -109,6 +107,8 @@ class Controller:
                                          jobs=lambda: [r.state for r in self._jobs.values()],
                                          age=self.silent_for, bounds=self._bounds)
         journal.on_commit = self.metrics.journal_commit.observe
+        #: Journal entries, log lines and counters of what each message did.
+        self.recorder = Recorder(config, journal, self.metrics)
         self.metrics.job_timeout.set(config.job_timeout_s)
 
     # -- entry points -------------------------------------------------------------------
@@ -215,20 +215,22 @@ class Controller:
                                  f"command was sent (newest {state.command_seq})", msg.job)]
         self.metrics.reports.inc()
         if state.is_stale(msg):
-            return self._stale(state, msg)
-        self._journal_settled(state, settle_from_report(state, msg, self.config.rollback))
+            self.recorder.stale(state, msg)
+            return []
+        self.recorder.settled(state, settle_from_report(state, msg, self.config.rollback))
         if msg.applied_seq < state.branch_seq:
-            return self._abandoned(state, msg)
+            self.recorder.abandoned(state, msg)
+            return []
         self.journal.append(msg.job, "report", step=msg.step, seq=msg.seq,
                             data=msg.model_dump(exclude={"type", "v", "job"}))
         step = advance(state, msg, self.engine_for(state.job))
-        self._checkpoints(state, msg, step.observation)
+        self.recorder.checkpoints(state, msg, step.observation)
         # A command sent now replaces the one pending: that one is not sent again.
         replies = [] if step.command is not None else self._resend_if_lost(peer, state, msg)
         if step.decision is not None:
             if step.decision.shadowed is not None:
-                self._journal_shadow(state.job, step.decision.shadowed)
-            replies += self._record(peer, state, step.decision, step.command, step.superseded)
+                self.recorder.shadow(state.job, step.decision.shadowed)
+            replies += self._send(peer, state, step.decision, step.command, step.superseded)
         self.journal.save_state(msg.job, state.state_dict())
         return replies
 
@@ -246,7 +248,7 @@ class Controller:
             "error": msg.error})
         if msg.error is not None:
             log.warning("job %s: command %d not wholly applied: %s", msg.job, msg.seq, msg.error)
-        self._journal_settled(state, done)
+        self.recorder.settled(state, done)
         self.journal.save_state(msg.job, state.state_dict())
         return []
 
@@ -264,67 +266,6 @@ class Controller:
             self._forget(msg.job)
             log.info("job %s said bye at step %d (%s)", msg.job, msg.step, msg.reason)
         return []
-
-    # -- rollback bookkeeping -------------------------------------------------------------
-    def _checkpoints(self, state: JobState, msg: wire.Report, obs: Observation) -> None:
-        """Journal the checkpoints a report lists for the first time, and adopted marks."""
-        rb = state.rollback
-        for step in obs.new_checkpoints:
-            data = {"step": step, "reported_at": msg.step, "candidate": step in rb.candidates,
-                    "knobs": msg.knobs.model_dump()}
-            if step in obs.disqualified:
-                data["why_not"] = f"unhealthy at step {rb.last_unhealthy_step}: {rb.last_unhealthy}"
-            self.journal.append(state.job, "checkpoint", step=step, data=data)
-        if obs.adopted_stable is not None:
-            self.journal.append(state.job, "stable", step=obs.adopted_stable,
-                                data={"step": obs.adopted_stable, "source": "report"})
-
-    def _abandoned(self, state: JobState, msg: wire.Report) -> list[Reply]:
-        """A report the client sent before it applied the last rollback (it was in flight,
-        or queued, when the restore happened): its signals, checkpoints and stable mark
-        describe the path rolled back from. It is journaled and counted, never observed —
-        observed, its non-finite values would order a second rollback, and its checkpoint
-        list and stable mark would resurrect checkpoints the client no longer has."""
-        self.metrics.reports_abandoned.inc()
-        self.journal.append(msg.job, "abandoned", step=msg.step, seq=msg.seq, data={
-            **msg.model_dump(exclude={"type", "v", "job"}), "branch_seq": state.branch_seq})
-        log.info("job %s: report %d (step %d) predates rollback command %d: not observed",
-                 msg.job, msg.seq, msg.step, state.branch_seq)
-        return []
-
-    def _stale(self, state: JobState, msg: wire.Report) -> list[Reply]:
-        """A report made while its client heard no controller (this one started after the
-        run, or restarted), or under a link before its registration's, then sent. It is
-        journaled and counted, never observed: a decision, a phase or a checkpoint list
-        taken from it would act on a past the run has left (only reports seen live are
-        evidence)."""
-        self.metrics.reports_stale.inc()
-        self.journal.append(msg.job, "stale", step=msg.step, seq=msg.seq, data={
-            **msg.model_dump(exclude={"type", "v", "job"})})
-        log.info("job %s: report %d (step %d) was made while its client heard no controller: "
-                 "not observed", msg.job, msg.seq, msg.step)
-        return []
-
-    def _journal_settled(self, state: JobState, done: Settled | None) -> None:
-        """Journal and log what settling an applied command recorded."""
-        if done is None:
-            return
-        command, job = done.command, state.job
-        if done.marked is not None:
-            self.journal.append(job, "stable", step=done.marked, seq=command.seq, data={
-                "step": done.marked, "source": "report" if done.inferred else "ack"})
-        if done.mark_failed is not None:
-            log.warning("job %s: checkpoint %d not marked stable", job, done.mark_failed)
-        rec = done.rollback
-        if rec is not None and done.restored is not None:
-            self.journal.append(job, "restored", step=done.restored, seq=command.seq, data={
-                "restored_step": done.restored, "from_step": rec.from_step,
-                "steps_lost": done.steps_lost, "reason": rec.cause, "level": rec.level,
-                "inferred": done.inferred})
-            log.warning("job %s: rolled back from step %d to %d (%s, level %d)", job,
-                        rec.from_step, done.restored, rec.cause, rec.level)
-        elif rec is not None:
-            log.error("job %s: rollback to step %d failed: %s", job, rec.to_step, done.failed)
 
     # -- helpers ------------------------------------------------------------------------
     def _bounds(self, job: str, knob: str, initial: float | None) -> tuple[float, float]:
@@ -373,67 +314,17 @@ class Controller:
                    else f"no sane range known for optimizer {state.facts.optimizer!r}")
             log.info("job %s: lr bounds not derived from its scale (%s)", state.job, why)
 
-    def _journal_shadow(self, job: str, decision: Decision) -> None:
-        """Journal and log what the shadow policies would have done; nothing is sent."""
-        for policy, error in decision.errors:
-            log.error("shadow policy %s disabled for job %s: %s", policy, job, error)
-            self.journal.append(job, "policy_error", step=decision.step,
-                                data={"policy": policy, "error": error, "shadow": True})
-        if decision.proposals:
-            self.journal.append(job, "shadow", step=decision.step, data=decision.to_dict())
-        for line in decision.reasons():
-            log.info("job %s: shadow, not sent: %s", job, line)
-
     def _act(self, peer: bytes, state: JobState, decision: Decision) -> list[Reply]:
         """Commit a decision made outside a report (at registration) and record it."""
         superseded = state.pending_command
         command = commit(state, decision, self.engine_for(state.job).governor.limits("lr").max)
-        return self._record(peer, state, decision, command, superseded)
+        return self._send(peer, state, decision, command, superseded)
 
-    def _record(self, peer: bytes, state: JobState, decision: Decision,
-                command: wire.Command | None, superseded: wire.Command | None) -> list[Reply]:
-        """Journal, log and count a committed decision and its command; the reply sending it."""
-        job = state.job
-        for policy, proposal in decision.proposals:
-            self.journal.append(job, "proposal", step=decision.step, data={
-                "policy": policy, **proposal.to_dict()})
-        for policy, error in decision.errors:
-            log.error("policy %s disabled for job %s: %s", policy, job, error)
-            self.journal.append(job, "policy_error", step=decision.step,
-                                data={"policy": policy, "error": error})
-        if decision.alert is not None and not decision.shadow:
-            log.error("job %s: rollback alert, no more rollbacks: %s", job, decision.alert)
-            self.journal.append(job, "alert", step=decision.step, data={
-                "why": decision.alert, "budget": self.config.rollback.budget,
-                "rollbacks": [dataclasses.asdict(r) for r in state.rollback.history]})
-        if decision.proposals:
-            self.journal.append(job, "decision", step=decision.step, data=decision.to_dict())
-        self.metrics.note_decision(job, decision)
-        if command is None:
-            return []
-        if command.stop_advice is not None:
-            self.journal.append(job, "advice", step=decision.step,
-                                data={"advice": "stop", "reason": command.stop_advice})
-            log.warning("job %s: advising the run to stop: %s", job, command.stop_advice)
-        scale = command.scale.model_dump(exclude_none=True)
-        absolute = command.knobs.model_dump(exclude_none=True)
-        plan = None if decision.shadow else decision.rollback
-        if plan is not None:
-            self.journal.append(job, "rollback", step=decision.step, seq=command.seq, data={
-                "reason": plan.cause, "why": plan.reason, "level": plan.level,
-                "target": plan.target_step, "from_step": plan.from_step, "policy": plan.policy,
-                "cut": plan.cut, "cooldown_steps": plan.cooldown_steps, "scale": scale,
-                "knobs": absolute})
-            log.warning("job %s: %s", job, plan.describe())
-        self.journal.append(job, "command", step=decision.step, seq=command.seq, data={
-            "scale": scale, "knobs": absolute, "lr_max": command.lr_max,
-            "reasons": command.reasons, "mark_stable": command.mark_stable,
-            "rollback_to": command.rollback_to,
-            "supersedes": None if superseded is None else superseded.seq})
-        self.metrics.commands.inc()
-        log.info("job %s: command %d %s (%s)", job, command.seq, decision.commands,
-                 "; ".join(command.reasons))
-        return [(self._peer_of(job, peer), wire.encode(command))]
+    def _send(self, peer: bytes, state: JobState, decision: Decision,
+              command: wire.Command | None, superseded: wire.Command | None) -> list[Reply]:
+        """Record a committed decision; the reply that sends its command (if any)."""
+        self.recorder.decision(state, decision, command, superseded)
+        return [] if command is None else [(self._peer_of(state.job, peer), wire.encode(command))]
 
     def _resend_if_lost(self, peer: bytes, state: JobState, msg: wire.Report) -> list[Reply]:
         pending = state.pending_command

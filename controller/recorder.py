@@ -1,0 +1,147 @@
+"""What the controller records of each hop: the journal, the logs and the counters.
+
+The handler (:mod:`~trimtab.controller.handler`) decides what happened (through
+:mod:`~trimtab.controller.advance`); :class:`Recorder` writes it down, in one place: a
+report's new checkpoints, a report not observed (stale or abandoned), an applied command
+settled, a decision with its proposals and its command, a shadow decision. Nothing here
+changes a job's state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+from trimtab.controller.advance import Settled
+from trimtab.controller.config import ControllerConfig
+from trimtab.controller.decision import Decision
+from trimtab.controller.journal import Journal
+from trimtab.controller.metrics import ControllerMetrics
+from trimtab.controller.rollback import Observation
+from trimtab.controller.state import JobState
+from trimtab.protocol import wire
+
+__all__ = ["Recorder"]
+
+log = logging.getLogger("trimtab.controller")
+
+
+class Recorder:
+    """Journal entries, log lines and metrics for one controller."""
+
+    def __init__(self, config: ControllerConfig, journal: Journal,
+                 metrics: ControllerMetrics) -> None:
+        self.config, self.journal, self.metrics = config, journal, metrics
+
+    def checkpoints(self, state: JobState, msg: wire.Report, obs: Observation) -> None:
+        """Journal the checkpoints a report lists for the first time, and adopted marks."""
+        rb = state.rollback
+        for step in obs.new_checkpoints:
+            data = {"step": step, "reported_at": msg.step, "candidate": step in rb.candidates,
+                    "knobs": msg.knobs.model_dump()}
+            if step in obs.disqualified:
+                data["why_not"] = f"unhealthy at step {rb.last_unhealthy_step}: {rb.last_unhealthy}"
+            self.journal.append(state.job, "checkpoint", step=step, data=data)
+        if obs.adopted_stable is not None:
+            self.journal.append(state.job, "stable", step=obs.adopted_stable,
+                                data={"step": obs.adopted_stable, "source": "report"})
+
+    def abandoned(self, state: JobState, msg: wire.Report) -> None:
+        """A report the client sent before it applied the last rollback (it was in flight,
+        or queued, when the restore happened): its signals, checkpoints and stable mark
+        describe the path rolled back from. It is journaled and counted, never observed —
+        observed, its non-finite values would order a second rollback, and its checkpoint
+        list and stable mark would resurrect checkpoints the client no longer has."""
+        self.metrics.reports_abandoned.inc()
+        self.journal.append(msg.job, "abandoned", step=msg.step, seq=msg.seq, data={
+            **msg.model_dump(exclude={"type", "v", "job"}), "branch_seq": state.branch_seq})
+        log.info("job %s: report %d (step %d) predates rollback command %d: not observed",
+                 msg.job, msg.seq, msg.step, state.branch_seq)
+
+    def stale(self, state: JobState, msg: wire.Report) -> None:
+        """A report made while its client heard no controller (this one started after the
+        run, or restarted), or under a link before its registration's, then sent. It is
+        journaled and counted, never observed: a decision, a phase or a checkpoint list
+        taken from it would act on a past the run has left (only reports seen live are
+        evidence)."""
+        self.metrics.reports_stale.inc()
+        self.journal.append(msg.job, "stale", step=msg.step, seq=msg.seq, data={
+            **msg.model_dump(exclude={"type", "v", "job"})})
+        log.info("job %s: report %d (step %d) was made while its client heard no controller: "
+                 "not observed", msg.job, msg.seq, msg.step)
+
+    def settled(self, state: JobState, done: Settled | None) -> None:
+        """Journal and log what settling an applied command recorded."""
+        if done is None:
+            return
+        command, job = done.command, state.job
+        if done.marked is not None:
+            self.journal.append(job, "stable", step=done.marked, seq=command.seq, data={
+                "step": done.marked, "source": "report" if done.inferred else "ack"})
+        if done.mark_failed is not None:
+            log.warning("job %s: checkpoint %d not marked stable", job, done.mark_failed)
+        rec = done.rollback
+        if rec is not None and done.restored is not None:
+            self.journal.append(job, "restored", step=done.restored, seq=command.seq, data={
+                "restored_step": done.restored, "from_step": rec.from_step,
+                "steps_lost": done.steps_lost, "reason": rec.cause, "level": rec.level,
+                "inferred": done.inferred})
+            log.warning("job %s: rolled back from step %d to %d (%s, level %d)", job,
+                        rec.from_step, done.restored, rec.cause, rec.level)
+        elif rec is not None:
+            log.error("job %s: rollback to step %d failed: %s", job, rec.to_step, done.failed)
+
+    def shadow(self, job: str, decision: Decision) -> None:
+        """Journal and log what the shadow policies would have done; nothing is sent."""
+        for policy, error in decision.errors:
+            log.error("shadow policy %s disabled for job %s: %s", policy, job, error)
+            self.journal.append(job, "policy_error", step=decision.step,
+                                data={"policy": policy, "error": error, "shadow": True})
+        if decision.proposals:
+            self.journal.append(job, "shadow", step=decision.step, data=decision.to_dict())
+        for line in decision.reasons():
+            log.info("job %s: shadow, not sent: %s", job, line)
+
+    def decision(self, state: JobState, decision: Decision, command: wire.Command | None,
+                 superseded: wire.Command | None) -> None:
+        """Journal, log and count a committed decision and the command it sends."""
+        job = state.job
+        for policy, proposal in decision.proposals:
+            self.journal.append(job, "proposal", step=decision.step, data={
+                "policy": policy, **proposal.to_dict()})
+        for policy, error in decision.errors:
+            log.error("policy %s disabled for job %s: %s", policy, job, error)
+            self.journal.append(job, "policy_error", step=decision.step,
+                                data={"policy": policy, "error": error})
+        if decision.alert is not None and not decision.shadow:
+            log.error("job %s: rollback alert, no more rollbacks: %s", job, decision.alert)
+            self.journal.append(job, "alert", step=decision.step, data={
+                "why": decision.alert, "budget": self.config.rollback.budget,
+                "rollbacks": [dataclasses.asdict(r) for r in state.rollback.history]})
+        if decision.proposals:
+            self.journal.append(job, "decision", step=decision.step, data=decision.to_dict())
+        self.metrics.note_decision(job, decision)
+        if command is None:
+            return
+        if command.stop_advice is not None:
+            self.journal.append(job, "advice", step=decision.step,
+                                data={"advice": "stop", "reason": command.stop_advice})
+            log.warning("job %s: advising the run to stop: %s", job, command.stop_advice)
+        scale = command.scale.model_dump(exclude_none=True)
+        absolute = command.knobs.model_dump(exclude_none=True)
+        plan = None if decision.shadow else decision.rollback
+        if plan is not None:
+            self.journal.append(job, "rollback", step=decision.step, seq=command.seq, data={
+                "reason": plan.cause, "why": plan.reason, "level": plan.level,
+                "target": plan.target_step, "from_step": plan.from_step, "policy": plan.policy,
+                "cut": plan.cut, "cooldown_steps": plan.cooldown_steps, "scale": scale,
+                "knobs": absolute})
+            log.warning("job %s: %s", job, plan.describe())
+        self.journal.append(job, "command", step=decision.step, seq=command.seq, data={
+            "scale": scale, "knobs": absolute, "lr_max": command.lr_max,
+            "reasons": command.reasons, "mark_stable": command.mark_stable,
+            "rollback_to": command.rollback_to,
+            "supersedes": None if superseded is None else superseded.seq})
+        self.metrics.commands.inc()
+        log.info("job %s: command %d %s (%s)", job, command.seq, decision.commands,
+                 "; ".join(command.reasons))
