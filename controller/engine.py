@@ -6,7 +6,7 @@ smallest. A policy that raises, returns nonsense or overruns its time budget
 (:mod:`~trimtab.controller.budget`) is disabled for that job and the others go on.
 
 A rollback proposal (:meth:`Proposal.roll_back`) becomes a rollback to the newest
-stable checkpoint when :func:`~trimtab.controller.rollback.plan_rollback` gives a plan:
+stable checkpoint when :func:`~trimtab.controller.rollback_rules.plan_rollback` gives a plan:
 the decision then carries it in :attr:`Decision.rollback`, its knob targets governed by
 :meth:`Governor.govern_rollback` (bounds always, ``max_step_ratio ** level``; never the
 cooldown) and recorded at the checkpoint's step in the governor memory, so ordinary
@@ -55,13 +55,8 @@ from trimtab.controller.decision import (
 from trimtab.controller.governor import Governor, KnobMemory
 from trimtab.controller.phases import SAFETY, PhaseRules, _found_lr, _safety
 from trimtab.controller.policy import Policy, Proposal
-from trimtab.controller.rollback import (
-    RollbackConfig,
-    RollbackPlan,
-    RollbackState,
-    plan_rollback,
-    why_no_rollback,
-)
+from trimtab.controller.rollback import RollbackConfig, RollbackPlan, RollbackState
+from trimtab.controller.rollback_rules import plan_rollback, why_no_rollback
 from trimtab.controller.scale import decay_is_lr_times_wd
 from trimtab.controller.scheduling import ScheduleRules, compose_pieces
 from trimtab.controller.state import JobState

@@ -25,7 +25,8 @@ from collections.abc import Sequence
 
 from trimtab.controller.decision import KnobDecision
 from trimtab.controller.policy import Proposal
-from trimtab.controller.rollback import RollbackPlan, stable_to_mark, why_no_rollback
+from trimtab.controller.rollback import RollbackPlan
+from trimtab.controller.rollback_rules import stable_to_mark, why_no_rollback
 from trimtab.controller.state import JobState
 from trimtab.protocol import wire
 

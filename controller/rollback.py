@@ -8,47 +8,45 @@ learning rate. Here that is automatic, and bounded:
   non-finite values, a loss or gradient-norm spike (one-sided z-score, and a material
   rise), or a sustained climb (loss slope significantly positive over a full window) make
   it unhealthy. The same verdict reaches the ``divergence_guard`` policy.
-* **Stable marking.** A checkpoint the client lists becomes a candidate when it shows
-  up after the last unhealthy report; :func:`stable_to_mark` names the newest candidate
-  that has then seen ``stable_window_steps`` steps and ``stable_min_reports`` reports, all
-  healthy. One unhealthy report disqualifies every candidate not yet stable.
-* **Rollback.** :func:`plan_rollback` targets the newest stable checkpoint the client can
-  still restore, with ``level`` = 1 + the rollbacks already ordered to a step within
-  ``near_steps`` of it. The cut is relative to the values *in force at the fault* (the
-  lr multiplier on the user's own schedule, the knob model): the lr multiplier becomes
-  ``base_cut * cut_growth ** (level - 1)`` times the one in force at the first of those
-  faults (at this fault for a first rollback), and never more than ``base_cut`` times the
-  one in force now: escalation does not compound when the run already carries an
-  earlier cut. The restore puts the user's schedule back at the checkpoint's position;
-  the cut multiplies it from there.
-  After a rollback none is ordered for ``cooldown_steps * cooldown_growth ** (level - 1)``
-  steps past the restored one, except for non-finite values: an LR cut cannot repair
-  non-finite weights, and a run whose every step is skipped never gets past a cooldown
-  counted in steps. Past ``budget`` rollbacks near one spot the job enters alert: no more
-  rollbacks for it, only governed LR cuts. The budget bounds every path: there is never
-  an endless rollback loop.
-* **Planned rollback.** With ``to_step`` (:meth:`Proposal.roll_back`), :func:`plan_rollback`
-  targets the checkpoint listed at that step, stable or not: the return to the start of a
-  measurement phase (the LR range test's sweep), which the engine allows once per phase.
-  It has ``level`` 0: it neither escalates later rollbacks nor counts against the
-  budget, is not held back by a cooldown or an alert, and starts none; its LR is the
-  value the phase measured (bounds only, :meth:`Governor.govern_rollback`).
+* **Stable marking.** A checkpoint the client lists becomes a candidate when it shows up
+  after the last unhealthy report;
+  :func:`~trimtab.controller.rollback_rules.stable_to_mark` names the newest candidate
+  that has then seen ``stable_window_steps`` steps and ``stable_min_reports`` reports,
+  all healthy. One unhealthy report disqualifies every candidate not yet stable.
+* **Rollback.** :func:`~trimtab.controller.rollback_rules.plan_rollback` targets the newest
+  stable checkpoint the client can still restore, with ``level`` = 1 + the rollbacks
+  already ordered to a step within ``near_steps`` of it. The cut is relative to the
+  values *in force at the fault* (the lr multiplier on the user's own schedule, the knob
+  model): the lr multiplier becomes ``base_cut * cut_growth ** (level - 1)`` times the
+  one in force at the first of those faults (at this fault for a first rollback), and
+  never more than ``base_cut`` times the one in force now: escalation does not compound
+  when the run already carries an earlier cut. The restore puts the user's schedule back
+  at the checkpoint's position; the cut multiplies it from there. After a rollback none
+  is ordered for ``cooldown_steps * cooldown_growth ** (level - 1)`` steps past the
+  restored one, except for non-finite values: an LR cut cannot repair non-finite weights,
+  and a run whose every step is skipped never gets past a cooldown counted in steps. Past
+  ``budget`` rollbacks near one spot the job enters alert: no more rollbacks for it, only
+  governed LR cuts. The budget bounds every path: there is never an endless rollback
+  loop.
+* **Planned rollback.** With ``to_step`` (:meth:`Proposal.roll_back`),
+  :func:`~trimtab.controller.rollback_rules.plan_rollback` targets the checkpoint listed
+  at that step, stable or not: the return to the start of a measurement phase (the LR
+  range test's sweep), which the engine allows once per phase. It has ``level`` 0: it
+  neither escalates later rollbacks nor counts against the budget, is not held back by a
+  cooldown or an alert, and starts none; its LR is the value the phase measured (bounds
+  only, :meth:`Governor.govern_rollback`).
 
-Everything here is pure over one :class:`RollbackState` per job; the engine records
-into it what it decides, the service what the client acknowledges.
+This module holds the bookkeeping: the config, one :class:`RollbackState` per job (the
+checkpoints listed, the candidates, the stable ones, the rollbacks ordered and settled)
+and its records. The rules that read it (:func:`stable_to_mark`, :func:`plan_rollback`,
+:func:`why_no_rollback`) are pure functions in :mod:`~trimtab.controller.rollback_rules`.
+The engine records into a state what it decides, the ack handling what the client did.
 
 >>> cfg = RollbackConfig()
 >>> [round(cfg.cut(level), 3) for level in (1, 2, 3)]
 [0.5, 0.25, 0.125]
 >>> [cfg.cooldown(level) for level in (1, 2, 3)]
 [100, 200, 400]
->>> st = RollbackState()
->>> st.note_marked(400)
->>> st.checkpoints = [400]
->>> st.step = 650
->>> plan = plan_rollback("nonfinite", "non-finite loss", st, cfg)
->>> (plan.target_step, plan.level, plan.cut)
-(400, 1, 0.5)
 """
 
 from __future__ import annotations
@@ -72,9 +70,6 @@ __all__ = [
     "RollbackRecord",
     "RollbackPlan",
     "RollbackState",
-    "stable_to_mark",
-    "why_no_rollback",
-    "plan_rollback",
 ]
 
 _Pos = {"gt": 0.0, "allow_inf_nan": False}
@@ -421,131 +416,3 @@ class RollbackState:
             # The pending record is always the newest of the history: keep them one object.
             pending = RollbackRecord(**sd["pending"])
             self.pending = self.history[-1] if self.history[-1:] == [pending] else pending
-
-
-# -- decisions ---------------------------------------------------------------------------------
-
-
-def stable_to_mark(state: RollbackState, cfg: RollbackConfig) -> int | None:
-    """The newest candidate healthy for a full window after it, to be marked stable now."""
-    if state.pending_mark is not None or state.pending is not None:
-        return None
-    newest = state.stable_step
-    ready = [
-        c for c, healthy in state.candidates.items()
-        if (newest is None or c > newest) and c in state.checkpoints
-        and state.step - c >= cfg.stable_window_steps and healthy >= cfg.stable_min_reports
-    ]
-    return max(ready, default=None)
-
-
-def _target(state: RollbackState, cause: str | None = None) -> int | None:
-    """The newest stable checkpoint the client still lists, at or before the current step;
-    for non-finite values with none stable, the oldest one it lists (the one taken at
-    attach while it is held): a run whose every step is skipped must not be stranded."""
-    ok = [s for s in state.stable if s in state.checkpoints and s <= state.step]
-    if not ok and cause == "nonfinite":
-        listed = [s for s in state.checkpoints if s <= state.step and s not in state.unusable]
-        return min(listed, default=None)
-    return max(ok, default=None)
-
-
-def _near(state: RollbackState, cfg: RollbackConfig, target: int) -> list[RollbackRecord]:
-    # Planned rollbacks (level 0) end a measurement phase: they do not escalate.
-    return [r for r in state.history
-            if r.level > 0 and abs(r.to_step - target) <= cfg.near_steps]
-
-
-def _level(state: RollbackState, cfg: RollbackConfig, target: int) -> int:
-    return 1 + len(_near(state, cfg, target))
-
-
-def why_no_rollback(
-    state: RollbackState, cfg: RollbackConfig, cause: str | None = None,
-    to_step: int | None = None,
-) -> tuple[str, str] | None:
-    """``(code, why)`` when no rollback for ``cause`` can be ordered now, else None.
-
-    Codes: ``alert``, ``pending``, ``cooldown``, ``no_stable``, and ``budget`` (the one the
-    engine turns into an alert); for a planned rollback (``to_step``): ``pending`` and
-    ``no_checkpoint``.
-    """
-    if to_step is not None:
-        if state.pending is not None:
-            return "pending", (f"the rollback to step {state.pending.to_step} is not "
-                               f"acknowledged yet")
-        if (to_step not in state.checkpoints or to_step in state.unusable
-                or to_step > state.step):
-            held = ", ".join(map(str, state.checkpoints)) or "none"
-            return "no_checkpoint", (f"no restorable checkpoint at step {to_step} "
-                                     f"(listed: {held})")
-        return None
-    if state.alert is not None:
-        return "alert", f"job in rollback alert: {state.alert}"
-    if state.pending is not None:
-        return "pending", f"the rollback to step {state.pending.to_step} is not acknowledged yet"
-    target = _target(state, cause)
-    if target is None:
-        return "no_stable", "no stable checkpoint to roll back to"
-    # Before the cooldown: a fault that recurs inside it, with the budget spent, is the
-    # clearest case for the alert; waiting out the cooldown would only hide it.
-    if _level(state, cfg, target) > cfg.budget:
-        near = _near(state, cfg, target)
-        steps = ", ".join(f"{r.from_step}->{r.to_step} ({r.cause})" for r in near)
-        return "budget", (f"rollback budget exhausted: {len(near)} rollbacks within "
-                          f"{cfg.near_steps} steps of step {target} (budget {cfg.budget}): "
-                          f"{steps}")
-    cooling = state.cooldown_until is not None and state.step < state.cooldown_until
-    if cooling and cause != "nonfinite":
-        return "cooldown", f"cooling down after a rollback until step {state.cooldown_until}"
-    return None
-
-
-def plan_rollback(
-    cause: str, reason: str, state: RollbackState, cfg: RollbackConfig,
-    to_step: int | None = None, lr: float | None = None,
-    in_force: dict[str, float | None] | None = None,
-) -> RollbackPlan | None:
-    """The rollback to order for ``cause``, or None when :func:`why_no_rollback` says no;
-    with ``to_step``, the planned rollback to that checkpoint, setting the lr multiplier
-    ``lr`` (see the module docstring). ``in_force``: the controlled values in force now.
-
-    >>> st = RollbackState(step=200, checkpoints=[0, 100])
-    >>> plan = plan_rollback("lr_range_test", "sweep done", st, RollbackConfig(), 0, 0.03)
-    >>> (plan.target_step, plan.level, plan.targets, plan.cooldown_steps)
-    (0, 0, {'lr': 0.03}, 0)
-    """
-    in_force = dict(in_force or {})
-    if why_no_rollback(state, cfg, cause, to_step) is not None:
-        return None
-    if to_step is not None:
-        seen = state.at_checkpoint.get(to_step, {})
-        return RollbackPlan(
-            target_step=to_step, from_step=state.step, cause=cause, reason=reason, level=0,
-            cut=1.0, cooldown_steps=0, restored=dict(seen.get("knobs", {})),
-            targets={} if lr is None else {"lr": lr}, in_force=in_force,
-        )
-    target = _target(state, cause)
-    assert target is not None  # why_no_rollback checked it
-    level = _level(state, cfg, target)
-    seen = state.at_checkpoint.get(target, {})
-    restored: dict[str, float | None] = dict(seen.get("knobs", {}))
-    cut = cfg.cut(level)
-    targets: dict[str, float] = {}
-    now = {**restored, **{k: v for k, v in in_force.items() if v is not None}}
-    lr = now.get("lr")
-    if lr is not None:
-        first = next((r.fault_lr for r in _near(state, cfg, target)
-                      if r.fault_lr is not None), lr)
-        targets["lr"] = min(first * cut, lr * cfg.base_cut)
-    if cfg.clip_tighten is not None:
-        clip, ema = now.get("clip"), seen.get("grad_norm_ema")
-        if clip is not None:
-            targets["clip"] = clip * cfg.clip_tighten ** level
-        elif ema:
-            targets["clip"] = cfg.clip_from_grad_norm * ema * cfg.clip_tighten ** (level - 1)
-    return RollbackPlan(
-        target_step=target, from_step=state.step, cause=cause, reason=reason, level=level,
-        cut=cut, cooldown_steps=cfg.cooldown(level), restored=restored, targets=targets,
-        in_force=now,
-    )

@@ -8,13 +8,8 @@ import pytest
 from pydantic import ValidationError
 
 from trimtab.controller.advance import take
-from trimtab.controller.rollback import (
-    RollbackConfig,
-    RollbackState,
-    plan_rollback,
-    stable_to_mark,
-    why_no_rollback,
-)
+from trimtab.controller.rollback import RollbackConfig, RollbackState
+from trimtab.controller.rollback_rules import plan_rollback, stable_to_mark, why_no_rollback
 from trimtab.controller.state import JobState
 from trimtab.protocol import wire
 

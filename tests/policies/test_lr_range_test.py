@@ -21,7 +21,8 @@ from trimtab.client import attach
 from trimtab.controller.engine import Engine
 from trimtab.controller.governor import Governor, GovernorConfig
 from trimtab.controller.policy import Proposal, load_policy
-from trimtab.controller.rollback import RollbackConfig, plan_rollback
+from trimtab.controller.rollback import RollbackConfig
+from trimtab.controller.rollback_rules import plan_rollback
 from trimtab.controller.scale import ScaleContext, derive_limits
 from trimtab.controller.state import JobState
 from trimtab.policies.cosine import Cosine

@@ -1,0 +1,150 @@
+"""Rollback rules: which checkpoint to mark stable, whether and where to roll back, and how
+hard to cut. Pure functions over a job's :class:`~trimtab.controller.rollback.RollbackState`
+(the rules themselves are told in :mod:`~trimtab.controller.rollback`'s docstring).
+
+>>> from trimtab.controller.rollback import RollbackConfig, RollbackState
+>>> cfg = RollbackConfig()
+>>> st = RollbackState()
+>>> st.note_marked(400)
+>>> st.checkpoints = [400]
+>>> st.step = 650
+>>> plan = plan_rollback("nonfinite", "non-finite loss", st, cfg)
+>>> (plan.target_step, plan.level, plan.cut)
+(400, 1, 0.5)
+"""
+
+from __future__ import annotations
+
+from trimtab.controller.rollback import (
+    RollbackConfig,
+    RollbackPlan,
+    RollbackRecord,
+    RollbackState,
+)
+
+__all__ = ["stable_to_mark", "why_no_rollback", "plan_rollback"]
+
+
+def stable_to_mark(state: RollbackState, cfg: RollbackConfig) -> int | None:
+    """The newest candidate healthy for a full window after it, to be marked stable now."""
+    if state.pending_mark is not None or state.pending is not None:
+        return None
+    newest = state.stable_step
+    ready = [
+        c for c, healthy in state.candidates.items()
+        if (newest is None or c > newest) and c in state.checkpoints
+        and state.step - c >= cfg.stable_window_steps and healthy >= cfg.stable_min_reports
+    ]
+    return max(ready, default=None)
+
+
+def _target(state: RollbackState, cause: str | None = None) -> int | None:
+    """The newest stable checkpoint the client still lists, at or before the current step;
+    for non-finite values with none stable, the oldest one it lists (the one taken at
+    attach while it is held): a run whose every step is skipped must not be stranded."""
+    ok = [s for s in state.stable if s in state.checkpoints and s <= state.step]
+    if not ok and cause == "nonfinite":
+        listed = [s for s in state.checkpoints if s <= state.step and s not in state.unusable]
+        return min(listed, default=None)
+    return max(ok, default=None)
+
+
+def _near(state: RollbackState, cfg: RollbackConfig, target: int) -> list[RollbackRecord]:
+    # Planned rollbacks (level 0) end a measurement phase: they do not escalate.
+    return [r for r in state.history
+            if r.level > 0 and abs(r.to_step - target) <= cfg.near_steps]
+
+
+def _level(state: RollbackState, cfg: RollbackConfig, target: int) -> int:
+    return 1 + len(_near(state, cfg, target))
+
+
+def why_no_rollback(
+    state: RollbackState, cfg: RollbackConfig, cause: str | None = None,
+    to_step: int | None = None,
+) -> tuple[str, str] | None:
+    """``(code, why)`` when no rollback for ``cause`` can be ordered now, else None.
+
+    Codes: ``alert``, ``pending``, ``cooldown``, ``no_stable``, and ``budget`` (the one the
+    engine turns into an alert); for a planned rollback (``to_step``): ``pending`` and
+    ``no_checkpoint``.
+    """
+    if to_step is not None:
+        if state.pending is not None:
+            return "pending", (f"the rollback to step {state.pending.to_step} is not "
+                               f"acknowledged yet")
+        if (to_step not in state.checkpoints or to_step in state.unusable
+                or to_step > state.step):
+            held = ", ".join(map(str, state.checkpoints)) or "none"
+            return "no_checkpoint", (f"no restorable checkpoint at step {to_step} "
+                                     f"(listed: {held})")
+        return None
+    if state.alert is not None:
+        return "alert", f"job in rollback alert: {state.alert}"
+    if state.pending is not None:
+        return "pending", f"the rollback to step {state.pending.to_step} is not acknowledged yet"
+    target = _target(state, cause)
+    if target is None:
+        return "no_stable", "no stable checkpoint to roll back to"
+    # Before the cooldown: a fault that recurs inside it, with the budget spent, is the
+    # clearest case for the alert; waiting out the cooldown would only hide it.
+    if _level(state, cfg, target) > cfg.budget:
+        near = _near(state, cfg, target)
+        steps = ", ".join(f"{r.from_step}->{r.to_step} ({r.cause})" for r in near)
+        return "budget", (f"rollback budget exhausted: {len(near)} rollbacks within "
+                          f"{cfg.near_steps} steps of step {target} (budget {cfg.budget}): "
+                          f"{steps}")
+    cooling = state.cooldown_until is not None and state.step < state.cooldown_until
+    if cooling and cause != "nonfinite":
+        return "cooldown", f"cooling down after a rollback until step {state.cooldown_until}"
+    return None
+
+
+def plan_rollback(
+    cause: str, reason: str, state: RollbackState, cfg: RollbackConfig,
+    to_step: int | None = None, lr: float | None = None,
+    in_force: dict[str, float | None] | None = None,
+) -> RollbackPlan | None:
+    """The rollback to order for ``cause``, or None when :func:`why_no_rollback` says no;
+    with ``to_step``, the planned rollback to that checkpoint, setting the lr multiplier
+    ``lr`` (see the module docstring). ``in_force``: the controlled values in force now.
+
+    >>> st = RollbackState(step=200, checkpoints=[0, 100])
+    >>> plan = plan_rollback("lr_range_test", "sweep done", st, RollbackConfig(), 0, 0.03)
+    >>> (plan.target_step, plan.level, plan.targets, plan.cooldown_steps)
+    (0, 0, {'lr': 0.03}, 0)
+    """
+    in_force = dict(in_force or {})
+    if why_no_rollback(state, cfg, cause, to_step) is not None:
+        return None
+    if to_step is not None:
+        seen = state.at_checkpoint.get(to_step, {})
+        return RollbackPlan(
+            target_step=to_step, from_step=state.step, cause=cause, reason=reason, level=0,
+            cut=1.0, cooldown_steps=0, restored=dict(seen.get("knobs", {})),
+            targets={} if lr is None else {"lr": lr}, in_force=in_force,
+        )
+    target = _target(state, cause)
+    assert target is not None  # why_no_rollback checked it
+    level = _level(state, cfg, target)
+    seen = state.at_checkpoint.get(target, {})
+    restored: dict[str, float | None] = dict(seen.get("knobs", {}))
+    cut = cfg.cut(level)
+    targets: dict[str, float] = {}
+    now = {**restored, **{k: v for k, v in in_force.items() if v is not None}}
+    lr = now.get("lr")
+    if lr is not None:
+        first = next((r.fault_lr for r in _near(state, cfg, target)
+                      if r.fault_lr is not None), lr)
+        targets["lr"] = min(first * cut, lr * cfg.base_cut)
+    if cfg.clip_tighten is not None:
+        clip, ema = now.get("clip"), seen.get("grad_norm_ema")
+        if clip is not None:
+            targets["clip"] = clip * cfg.clip_tighten ** level
+        elif ema:
+            targets["clip"] = cfg.clip_from_grad_norm * ema * cfg.clip_tighten ** (level - 1)
+    return RollbackPlan(
+        target_step=target, from_step=state.step, cause=cause, reason=reason, level=level,
+        cut=cut, cooldown_steps=cfg.cooldown(level), restored=restored, targets=targets,
+        in_force=now,
+    )
