@@ -32,11 +32,10 @@ import copy
 import dataclasses
 from collections import deque
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from pydantic import BaseModel
-
-from trimtab.controller.governor import KnobMemory, _check_keys
+from trimtab.controller.governor import KnobMemory
+from trimtab.controller.persist import Persisted
 from trimtab.controller.rollback import RollbackState
 from trimtab.controller.tracker import SignalConfig, SignalTracker
 from trimtab.controller.view import JobView, Phase, Sample, Signals
@@ -49,7 +48,6 @@ if TYPE_CHECKING:
 
 __all__ = ["JobState", "controls_of", "command_controls", "base_of"]
 
-_STATE_VERSION = 3  # 3: the knob model (lr and weight decay held as multipliers)
 
 
 def controls_of(knobs: wire.Knobs, scale: wire.Scale) -> wire.Knobs:
@@ -81,7 +79,7 @@ def _step_of(x: Sample | tuple[int, float]) -> int:
     return x.step if isinstance(x, Sample) else x[0]
 
 
-class JobState:
+class JobState(Persisted):
     """Everything the controller keeps for one job; see the module docstring for use."""
 
     def __init__(
@@ -424,110 +422,3 @@ class JobState:
             found_lr=self.found_lr, effective=self.effective, base=self.base,
             registered=self.registered, health=self.health,
         )
-
-    # -- persistence -----------------------------------------------------------------
-
-    _KEYS = frozenset({
-        "version", "job", "run_id", "facts", "report_every", "signal_cfg", "initial", "knobs",
-        "step", "reports_seen", "loss", "grad_norm", "loss_z", "grad_norm_z", "refs",
-        "slope_points", "nonfinite_losses", "nonfinite_grads", "dropped_reports", "last_report",
-        "memory", "last_change_step", "command_seq", "applied_seq", "last_command", "awaiting_ack",
-        "disabled_policies", "decision_counts", "rollback", "shadow_memory", "shadow_counts",
-        "history", "validations", "stop_advice", "phase", "phases_done", "found_lr",
-        "corrections", "live", "branch_seq", "effective", "base", "registered", "signal_marks",
-        "link",
-    })
-
-    def state_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable copy (no NaN or infinity) for the journal."""
-        def dump(m: BaseModel | None) -> dict[str, Any] | None:
-            return None if m is None else m.model_dump(mode="json")
-
-        return {
-            "version": _STATE_VERSION, "job": self.job, "run_id": self.run_id,
-            "facts": dump(self.facts), "report_every": self.report_every,
-            "signal_cfg": dump(self.signal_cfg), "initial": dump(self.initial),
-            "knobs": dump(self.knobs), "step": self.step, "reports_seen": self.reports_seen,
-            **self.tracker.state_dict(),
-            "nonfinite_losses": self.nonfinite_losses, "nonfinite_grads": self.nonfinite_grads,
-            "dropped_reports": self.dropped_reports, "last_report": dump(self.last_report),
-            "memory": {k: m.state_dict() for k, m in self.memory.items()},
-            "last_change_step": dict(self.last_change_step), "command_seq": self.command_seq,
-            "applied_seq": self.applied_seq, "last_command": dump(self.last_command),
-            "awaiting_ack": self.awaiting_ack, "disabled_policies": dict(self.disabled_policies),
-            "decision_counts": [
-                [p, k, d, n] for (p, k, d), n in sorted(self.decision_counts.items())
-            ],
-            "rollback": self.rollback.state_dict(),
-            "shadow_memory": {k: m.state_dict() for k, m in self.shadow_memory.items()},
-            "shadow_counts": [
-                [p, k, d, n] for (p, k, d), n in sorted(self.shadow_counts.items())
-            ],
-            "history": [s.to_list() for s in self.history],
-            "validations": [[s, v] for s, v in self.validations],
-            "stop_advice": self.stop_advice,
-            "phase": None if self.phase is None else dataclasses.asdict(self.phase),
-            "phases_done": [dataclasses.asdict(p) for p in self.phases_done.values()],
-            "found_lr": self.found_lr,
-            "corrections": dict(self.corrections),
-            "live": {k: s.model_dump(mode="json") for k, s in self.live.items()},
-            "branch_seq": self.branch_seq, "effective": dump(self.effective),
-            "base": dump(self.base), "registered": dump(self.registered),
-            "link": self.link,
-        }
-
-    def load_state_dict(self, sd: dict[str, Any]) -> None:
-        """Restore from :meth:`state_dict`; missing or unknown keys are an error."""
-        if sd.get("version") != _STATE_VERSION:
-            raise ValueError(
-                f"JobState state_dict version {sd.get('version')!r}, expected {_STATE_VERSION} "
-                "(states written before the knob model cannot be resumed)")
-        _check_keys("JobState", sd, set(self._KEYS))
-        self.__init__(  # type: ignore[misc]  # re-run to reset everything not saved
-            sd["job"], sd["run_id"], wire.ScaleFacts.model_validate(sd["facts"]),
-            sd["report_every"], wire.Knobs.model_validate(sd["knobs"]),
-            SignalConfig.model_validate(sd["signal_cfg"]), sd["step"], sd["applied_seq"],
-        )
-        self.initial = wire.Knobs.model_validate(sd["initial"])
-        self.effective = wire.Knobs.model_validate(sd["effective"])
-        self.base = wire.Knobs.model_validate(sd["base"])
-        self.registered = wire.Knobs.model_validate(sd["registered"])
-        self.link = int(sd["link"])
-        self.reports_seen = sd["reports_seen"]
-        self.tracker.load_state_dict({k: sd[k] for k in SignalTracker.KEYS})
-        self.nonfinite_losses, self.nonfinite_grads = sd["nonfinite_losses"], sd["nonfinite_grads"]
-        self.dropped_reports = sd["dropped_reports"]
-        if sd["last_report"] is not None:
-            self.last_report = wire.Report.model_validate(sd["last_report"])
-        _check_keys("JobState.memory", sd["memory"], set(wire.KNOBS))
-        for knob, msd in sd["memory"].items():
-            self.memory[knob].load_state_dict(msd)
-        _check_keys("JobState.last_change_step", sd["last_change_step"], set(wire.KNOBS))
-        self.last_change_step = dict(sd["last_change_step"])
-        self.command_seq = sd["command_seq"]
-        if sd["last_command"] is not None:
-            self.last_command = wire.Command.model_validate(sd["last_command"])
-        self.awaiting_ack = sd["awaiting_ack"]
-        self.disabled_policies = dict(sd["disabled_policies"])
-        self.decision_counts = {(p, k, d): int(n) for p, k, d, n in sd["decision_counts"]}
-        self.rollback.load_state_dict(sd["rollback"])
-        _check_keys("JobState.shadow_memory", sd["shadow_memory"], set(wire.KNOBS))
-        for knob, msd in sd["shadow_memory"].items():
-            self.shadow_memory[knob].load_state_dict(msd)
-        self.shadow_counts = {(p, k, d): int(n) for p, k, d, n in sd["shadow_counts"]}
-        self.history.extend(Sample(*row) for row in sd["history"])
-        self.validations.extend((int(s), float(v)) for s, v in sd["validations"])
-        self.stop_advice = sd["stop_advice"]
-        self.phase = None if sd["phase"] is None else Phase(**sd["phase"])
-        self.phases_done = {p["policy"]: Phase(**p) for p in sd["phases_done"]}
-        self.found_lr = sd["found_lr"]
-        self.corrections = {k: float(v) for k, v in sd["corrections"].items()}
-        self.live = {k: wire.LiveSchedule.model_validate(v) for k, v in sd["live"].items()}
-        self.branch_seq = int(sd["branch_seq"])
-
-    @classmethod
-    def from_state_dict(cls, sd: dict[str, Any]) -> JobState:
-        """A state restored from :meth:`state_dict` (for the journal's resume)."""
-        state = cls.__new__(cls)
-        state.load_state_dict(sd)
-        return state
