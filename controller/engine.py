@@ -21,7 +21,7 @@ made of the three.
 
 >>> from trimtab.protocol import wire
 >>> from trimtab.controller.governor import Governor
->>> from trimtab.controller.policy import Policy, Proposal
+>>> from trimtab.controller.policy import KINDS, Policy, Proposal, Rollback, Sweep
 >>> from trimtab.controller.state import JobState
 >>> class Halve(Policy):
 ...     name = "halve"
@@ -54,7 +54,7 @@ from trimtab.controller.decision import (
 )
 from trimtab.controller.governor import Governor, KnobMemory
 from trimtab.controller.phases import SAFETY, PhaseRules, _found_lr, _safety
-from trimtab.controller.policy import Policy, Proposal
+from trimtab.controller.policy import KINDS, Policy, Proposal, Rollback, Sweep
 from trimtab.controller.rollback import RollbackConfig, RollbackPlan, RollbackState
 from trimtab.controller.rollback_rules import plan_rollback, why_no_rollback
 from trimtab.controller.scale import decay_is_lr_times_wd
@@ -240,7 +240,7 @@ class Engine(PhaseRules, ScheduleRules):
         phase = state.phase
         proposals = [
             (n, p) if p.to_step is None or (phase is not None and n == phase.policy)
-            else (n, dataclasses.replace(p, rollback=None, to_step=None, reason=(
+            else (n, Proposal("lr", value=p.value, detail=p.detail, reason=(
                 f"{p.reason} (no rollback: a rollback to a named checkpoint ends a measurement "
                 f"phase, and {n} holds none)")))
             for n, p in proposals
@@ -258,8 +258,8 @@ class Engine(PhaseRules, ScheduleRules):
             _, why = why_no_rollback(state.rollback, self.rollback, first.rollback,
                                      first.to_step) or ("", "")
             # The measured value still applies, as the phase's last (bounds-only) value.
-            last = dataclasses.replace(first, rollback=None, to_step=None, sweep=True,
-                                       reason=f"{first.reason} (no rollback: {why})")
+            last = Sweep("lr", first.value, detail=first.detail,  # type: ignore[arg-type]
+                         reason=f"{first.reason} (no rollback: {why})")
             return None, None, [(name, last)]
         reason = "; ".join(p.reason for _, p in asks)
         rb = _with_pending_mark(state.rollback)
@@ -270,7 +270,7 @@ class Engine(PhaseRules, ScheduleRules):
         code, why = why_no_rollback(rb, self.rollback, first.rollback) or ("", "")
         alert = why if code == "budget" else None
         usable = [
-            (n, dataclasses.replace(p, rollback=None, reason=f"{p.reason} (no rollback: {why})"))
+            (n, _as_change(p, f"{p.reason} (no rollback: {why})"))
             if p.rollback is not None else (n, p)
             for n, p in proposals
         ]
@@ -383,12 +383,20 @@ def _with_pending_mark(rb: RollbackState) -> RollbackState:
     return view
 
 
+def _as_change(p: Rollback, reason: str) -> Proposal:
+    """A rollback that cannot be made, as the lr change it asks for instead: its fallback
+    cut, or a planned one's value."""
+    if p.to_step is None:
+        return Proposal("lr", factor=p.factor, detail=p.detail, reason=reason)
+    return Proposal("lr", value=p.value, detail=p.detail, reason=reason)
+
+
 def _nonsense(out: object) -> str | None:
     """Why a policy's return value cannot be used, or None if it can."""
     if not isinstance(out, (list, tuple)):
         return f"returned {type(out).__name__}, not a list of Proposal"
     for i, p in enumerate(out):
-        if not isinstance(p, Proposal):
+        if not isinstance(p, KINDS):
             return f"returned item {i} of type {type(p).__name__}, not a Proposal"
         try:
             p.__post_init__()  # re-check: a frozen dataclass can still be forced

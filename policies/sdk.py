@@ -18,9 +18,10 @@ are its first users and the reference for a plugin::
 
 What is here:
 
-* **The base and the proposal:** :class:`Policy`, :class:`Proposal` (a knob change, or
-  its constructors :meth:`Proposal.roll_back`, :meth:`Proposal.sweep_value` and
-  :meth:`Proposal.advise_stop`), :class:`PolicyLoadError`.
+* **The base and the proposals:** :class:`Policy`, and the four kinds of proposal, each
+  with only its own fields: :class:`Proposal` (a knob change), :class:`Rollback`,
+  :class:`Sweep` and :class:`Advice` (built directly, or with :meth:`Proposal.roll_back`,
+  :meth:`Proposal.sweep_value` and :meth:`Proposal.advise_stop`); :class:`PolicyLoadError`.
 * **What a policy reads:** :class:`JobView` (its fields are listed in
   docs/writing-policies.md), :class:`Signals`, :class:`Sample` (one report of the
   history), :class:`Phase` (a measurement phase), :class:`Unhealthy` (the controller's
@@ -43,7 +44,7 @@ import re
 
 from trimtab.controller import view as _view
 from trimtab.controller.health import CAUSES, DivergenceThresholds, Unhealthy
-from trimtab.controller.policy import Policy, PolicyLoadError, Proposal
+from trimtab.controller.policy import Advice, Policy, PolicyLoadError, Proposal, Rollback, Sweep
 from trimtab.controller.scale import BatchScaling, ScaleContext
 from trimtab.controller.signals import ema, ema_var
 from trimtab.controller.view import JobView, Phase, Sample, Signals
@@ -58,10 +59,10 @@ from trimtab.protocol import schedules
 from trimtab.protocol.wire import SchedulePiece
 
 __all__ = [
-    "CAUSES", "BatchScaling", "DivergenceThresholds", "JobView", "LrField", "Phase", "Policy",
-    "PolicyLoadError", "Proposal", "Sample", "ScaleContext", "ScheduleConfig", "SchedulePiece",
-    "SchedulePolicy", "Signals", "Unhealthy", "as_multiplier", "batch_factor", "ema", "ema_var",
-    "schedules", "fields_markdown",
+    "CAUSES", "Advice", "BatchScaling", "DivergenceThresholds", "JobView", "LrField", "Phase",
+    "Policy", "PolicyLoadError", "Proposal", "Rollback", "Sample", "ScaleContext",
+    "ScheduleConfig", "SchedulePiece", "SchedulePolicy", "Signals", "Sweep", "Unhealthy",
+    "as_multiplier", "batch_factor", "ema", "ema_var", "schedules", "fields_markdown",
 ]
 
 #: The classes a policy reads, in the order docs/writing-policies.md lists them.

@@ -8,7 +8,7 @@ import pytest
 from tests._decide import decided
 from trimtab.controller.engine import Engine
 from trimtab.controller.governor import Governor
-from trimtab.controller.policy import Policy, PolicyLoadError, Proposal, load_policy
+from trimtab.controller.policy import Advice, Policy, PolicyLoadError, Proposal, load_policy
 from trimtab.controller.state import JobState
 from trimtab.policies.early_stop import EarlyStop, stalled
 
@@ -62,9 +62,13 @@ def test_the_engine_carries_advice_without_touching_knobs_or_blocking_raises():
 
 def test_advice_proposals_are_validated():
     with pytest.raises(ValueError, match=r"advice must be one of stop, got 'pause'"):
-        Proposal("lr", reason="x", advice="pause")
-    with pytest.raises(ValueError, match=r"an advice proposal takes no factor, value, hold"):
-        Proposal("lr", reason="x", advice="stop", factor=0.5)
+        Advice(reason="x", advice="pause")
+    # Advice is its own kind: it names no knob and carries no factor, value or hold.
+    a = Proposal.advise_stop("x")
+    assert isinstance(a, Advice) and (a.knob, a.factor, a.value, a.hold) == (None, None, None,
+                                                                            False)
+    with pytest.raises(TypeError, match="factor"):
+        Advice(reason="x", factor=0.5)  # type: ignore[call-arg]
 
 
 def test_validations_survive_state_dict_and_a_rollback_drops_later_ones():

@@ -20,7 +20,7 @@ from tests._decide import decided, decided_schedules
 from trimtab.client import attach
 from trimtab.controller.engine import Engine
 from trimtab.controller.governor import Governor, GovernorConfig
-from trimtab.controller.policy import Proposal, load_policy
+from trimtab.controller.policy import Proposal, Rollback, Sweep, load_policy
 from trimtab.controller.rollback import RollbackConfig
 from trimtab.controller.rollback_rules import plan_rollback
 from trimtab.controller.scale import ScaleContext, derive_limits
@@ -469,12 +469,12 @@ def test_a_planned_rollback_is_only_for_the_policy_holding_the_phase():
     d = drive(Engine([Rogue()], Governor()), c, lambda lr: 1.0, 1)[0]
     assert d.rollback is None and d.commands == {"lr": 0.5}
     assert "holds none" in d.knobs["lr"].reason
-    with pytest.raises(ValueError, match="to_step is for a rollback proposal for lr with a value"):
-        Proposal("lr", reason="x", factor=0.5, rollback="climb", to_step=3)
+    with pytest.raises(ValueError, match="a planned rollback .* takes the LR to set"):
+        Rollback("climb", reason="x", factor=0.5, to_step=3)
     with pytest.raises(ValueError, match="to_step must be a checkpoint step"):
         Proposal.roll_back("climb", "x", to_step=-1, value=1.0)
-    with pytest.raises(ValueError, match="sweep proposal takes an absolute value"):
-        Proposal("lr", reason="x", factor=2.0, sweep=True)
+    with pytest.raises(ValueError, match="sweep proposal for lr takes an absolute value"):
+        Sweep("lr", None, reason="x")  # type: ignore[arg-type]
 
 
 def test_config_errors_name_the_field():
