@@ -42,8 +42,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from trimtab.controller.governor import MULTIPLIERS
 from trimtab.controller.health import DivergenceThresholds, Unhealthy, assess
+from trimtab.controller.limits import MULTIPLIERS
 from trimtab.protocol import wire
 
 if TYPE_CHECKING:

@@ -30,7 +30,7 @@ from pydantic import (
     model_validator,
 )
 
-from trimtab.controller.governor import GovernorConfig
+from trimtab.controller.limits import GovernorConfig
 from trimtab.controller.ratelimit import RateLimitConfig
 from trimtab.controller.rollback import RollbackConfig
 from trimtab.controller.tracker import SignalConfig

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from trimtab.controller.governor import MULTIPLIERS
+from trimtab.controller.limits import MULTIPLIERS
 from trimtab.controller.policy import Proposal
 from trimtab.controller.rollback import RollbackPlan
 from trimtab.protocol import wire

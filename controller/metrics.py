@@ -23,8 +23,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from trimtab.controller.governor import MULTIPLIERS
 from trimtab.controller.health import CAUSES
+from trimtab.controller.limits import MULTIPLIERS
 from trimtab.protocol.wire import ERROR_CODES, KNOBS
 
 if TYPE_CHECKING:

@@ -54,7 +54,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-from trimtab.controller.governor import GovernorConfig, KnobLimits
+from trimtab.controller.limits import GovernorConfig, KnobLimits
 from trimtab.protocol import wire
 
 __all__ = [

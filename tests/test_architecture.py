@@ -122,7 +122,8 @@ def test_the_protocol_imports_neither_side_nor_torch():
 
 
 #: The SDK module and its own internals (the schedule policies' base, which it exports).
-SDK = {"trimtab.policies.sdk", "trimtab.policies._schedule_base", "trimtab.policies"}
+SDK = {"trimtab.policies.sdk", "trimtab.policies._schedule_base", "trimtab.policies._lr_curve",
+       "trimtab.policies"}
 EXAMPLE_PLUGIN = ROOT / "examples" / "policy-plugin" / "trimtab_example_policy" / "__init__.py"
 
 

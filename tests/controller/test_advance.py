@@ -7,8 +7,9 @@ import json
 
 from trimtab.controller.advance import advance, commit, take
 from trimtab.controller.engine import Engine
-from trimtab.controller.governor import Governor, GovernorConfig, KnobLimits
+from trimtab.controller.governor import Governor
 from trimtab.controller.health import DivergenceThresholds
+from trimtab.controller.limits import GovernorConfig, KnobLimits
 from trimtab.controller.state import JobState
 from trimtab.policies.divergence_guard import DivergenceGuard
 from trimtab.policies.lr_range_test import LrRangeTest

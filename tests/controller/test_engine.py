@@ -9,7 +9,8 @@ import pytest
 from tests._decide import decided
 from trimtab.controller.advance import take
 from trimtab.controller.engine import Arbitration, Engine, arbitrate
-from trimtab.controller.governor import Governor, GovernorConfig, KnobLimits
+from trimtab.controller.governor import Governor
+from trimtab.controller.limits import GovernorConfig, KnobLimits
 from trimtab.controller.policy import Policy, Proposal
 from trimtab.controller.rollback import RollbackConfig
 from trimtab.controller.state import JobState

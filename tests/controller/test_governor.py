@@ -9,13 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from trimtab.controller.governor import (
-    Governed,
-    Governor,
-    GovernorConfig,
-    KnobLimits,
-    KnobMemory,
-)
+from trimtab.controller.governor import Governed, Governor, KnobMemory
+from trimtab.controller.limits import GovernorConfig, KnobLimits
 
 NAN, INF = math.nan, math.inf
 

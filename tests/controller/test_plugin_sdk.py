@@ -15,9 +15,10 @@ from tests._decide import decided
 from trimtab.controller import replay as rp
 from trimtab.controller.config import ControllerConfig, PolicySpec
 from trimtab.controller.engine import Engine
-from trimtab.controller.governor import Governor, GovernorConfig
+from trimtab.controller.governor import Governor
 from trimtab.controller.handler import Controller
 from trimtab.controller.journal import Journal
+from trimtab.controller.limits import GovernorConfig
 from trimtab.controller.policy import Policy, PolicyLoadError, Proposal, is_allowed, load_policy
 from trimtab.controller.state import JobState
 from trimtab.protocol import wire

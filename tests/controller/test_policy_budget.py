@@ -18,7 +18,8 @@ from trimtab.client import attach
 from trimtab.controller.budget import PolicyBudget, PolicyTimeout
 from trimtab.controller.config import ConfigError, load_config
 from trimtab.controller.engine import Engine
-from trimtab.controller.governor import Governor, GovernorConfig, KnobLimits
+from trimtab.controller.governor import Governor
+from trimtab.controller.limits import GovernorConfig, KnobLimits
 from trimtab.controller.policy import Policy, Proposal
 from trimtab.controller.state import JobState
 from trimtab.protocol import wire

@@ -13,9 +13,10 @@ from prometheus_client import CollectorRegistry
 from tests._decide import decided
 from trimtab.controller.config import ConfigError, ControllerConfig, PolicySpec, load_config
 from trimtab.controller.engine import Engine
-from trimtab.controller.governor import Governor, GovernorConfig, KnobMemory
+from trimtab.controller.governor import Governor, KnobMemory
 from trimtab.controller.handler import Controller
 from trimtab.controller.journal import Journal
+from trimtab.controller.limits import GovernorConfig
 from trimtab.controller.policy import Policy, Proposal
 from trimtab.controller.scale import (
     ScaleContext,

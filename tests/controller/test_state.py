@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from tests._decide import decided
 from trimtab.controller.engine import Engine
-from trimtab.controller.governor import MULTIPLIERS
+from trimtab.controller.limits import MULTIPLIERS
 from trimtab.controller.policy import Policy, Proposal
 from trimtab.controller.signals import ema_var, ols_slope, zscore
 from trimtab.controller.state import JobState

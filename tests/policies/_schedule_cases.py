@@ -17,7 +17,8 @@ import torch
 from torch.optim import lr_scheduler as sched
 
 from trimtab.controller.engine import Engine
-from trimtab.controller.governor import Governor, GovernorConfig, KnobLimits
+from trimtab.controller.governor import Governor
+from trimtab.controller.limits import GovernorConfig, KnobLimits
 from trimtab.controller.policy import Policy, load_policy
 from trimtab.controller.state import JobState
 from trimtab.protocol import wire

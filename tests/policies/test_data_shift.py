@@ -7,7 +7,8 @@ import random
 import pytest
 
 from trimtab.controller.engine import Engine
-from trimtab.controller.governor import Governor, GovernorConfig
+from trimtab.controller.governor import Governor
+from trimtab.controller.limits import GovernorConfig
 from trimtab.controller.policy import PolicyLoadError, load_policy
 from trimtab.policies.data_shift import DataShift, level_shift
 from trimtab.protocol import wire

@@ -19,7 +19,8 @@ import torch
 from tests._decide import decided, decided_schedules
 from trimtab.client import attach
 from trimtab.controller.engine import Engine
-from trimtab.controller.governor import Governor, GovernorConfig
+from trimtab.controller.governor import Governor
+from trimtab.controller.limits import GovernorConfig
 from trimtab.controller.policy import Proposal, Rollback, Sweep, load_policy
 from trimtab.controller.rollback import RollbackConfig
 from trimtab.controller.rollback_rules import plan_rollback

@@ -19,7 +19,8 @@ from torch.optim import lr_scheduler as sched
 
 from tests._decide import decided, decided_schedules
 from trimtab.controller.engine import Decision, Engine
-from trimtab.controller.governor import Governor, GovernorConfig, KnobLimits
+from trimtab.controller.governor import Governor
+from trimtab.controller.limits import GovernorConfig, KnobLimits
 from trimtab.controller.policy import Policy, Proposal, load_policy
 from trimtab.controller.state import JobState
 from trimtab.controller.tracker import SignalConfig

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from trimtab.controller.engine import Engine
-from trimtab.controller.governor import Governor, GovernorConfig
+from trimtab.controller.governor import Governor
+from trimtab.controller.limits import GovernorConfig
 from trimtab.controller.policy import PolicyLoadError, load_policy
 from trimtab.policies.update_ratio import UpdateRatio
 
