@@ -11,6 +11,7 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from tests._decide import decided
+from trimtab.controller.advance import advance
 from trimtab.controller.config import ConfigError, ControllerConfig, PolicySpec, load_config
 from trimtab.controller.engine import Engine
 from trimtab.controller.governor import Governor, KnobMemory
@@ -72,14 +73,16 @@ def in_force(st: JobState) -> dict:
     }
 
 
+def report(st: JobState, **fields) -> wire.Report:
+    """The job's next report, with ``st``'s controlled values in force."""
+    i = st.reports_seen + 1
+    return wire.Report(job="s", seq=i, step=10 * i, window=10, loss_mean=1.0, **in_force(st),
+                       **fields)
+
+
 def feed(st: JobState, n: int = 1, **fields) -> None:
     for _ in range(n):
-        i = st.reports_seen + 1
-        st.observe(
-            wire.Report(
-                job="s", seq=i, step=10 * i, window=10, loss_mean=1.0, **in_force(st), **fields
-            )
-        )
+        st.observe(report(st, **fields))
 
 
 def apply(st: JobState, commands: dict[str, float]) -> None:
@@ -172,10 +175,9 @@ def test_a_too_low_start_is_raised_past_10x_by_a_policy_only_with_derived_bounds
         st = job(lr=1e-5)
         eng = Engine([Ask(Proposal("lr", factor=2.0, reason="too slow"))], governor)
         for _ in range(700):  # 7000 steps; the slew limit allows 4x per 1000
-            feed(st)
-            d = decided(eng, st)
-            if d.commands:
-                apply(st, d.commands)
+            out = advance(st, report(st), eng)
+            if out.command is not None:  # the client applies it before its next report
+                apply(st, out.decision.commands)
         feed(st)
         return st.knobs.lr, st.effective.lr
 
