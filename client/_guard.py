@@ -41,6 +41,7 @@ from ._options import (
 )
 from ._probe import Probe
 from ._report import Reporter
+from ._report_window import ReportWindow
 from ._sharded import ShardNorms, is_sharded
 from ._step import Step
 from ._transport import Transport, load_curve_keys
@@ -247,6 +248,12 @@ class Guard:
         )
         if hooks:  # the loop calls optimizer.step() itself: see trimtab.client._hooks
             self._hooks = StepHooks(self._step, self._prepare, self._finish_step)
+        # Closing a report window (rows, stats, report): see trimtab.client._report_window.
+        self._window = ReportWindow(
+            probe=self._probe, step=self._step, reporter=self._reporter,
+            commands=self._commands, transport=self._transport, store=self._store,
+            dist=self._dist, hooks=self._hooks,
+        )
 
     # -- the step -----------------------------------------------------------------------------
 
@@ -291,7 +298,7 @@ class Guard:
         if self._step.calls == 1:
             self._ckpts.prepare()
         if closing:
-            self._close_window()
+            self._window.close()
             if self._dist is not None:  # every rank takes rank 0's command, at this step
                 self._dist.exchange(self._host_step())
         # global_step is known on the host every step in "skip" mode, else at window ends.
@@ -299,29 +306,6 @@ class Guard:
             self._ckpts.take_if_due()
 
     # -- commands and reports ----------------------------------------------------------------
-
-    def _close_window(self) -> None:
-        try:
-            if self._dist is not None:  # the window's rows become their mean over ranks
-                self._dist.reduce_rows(self._probe.buf[: self._probe.row])
-            stats = self._probe.collect()
-            if self._hooks is not None:  # a step without an observed loss is not a bad loss
-                stats = self._hooks.window_closed(stats)
-            self._step.window_closed(stats.nonfinite_grads)
-            if stats.steps == 0:
-                return
-            # What the window's last step used, the user's own values then, the multipliers.
-            knobs, base, scale = self._commands.note_in_force()
-            report = self._reporter.report(
-                stats, step=self._host_step(), knobs=knobs, base=base, scale=scale,
-                micro_counts=self._step.take_micro_counts(), applied_seq=self.applied_seq,
-                checkpoints=self.checkpoints, stable_step=self.stable_step,
-                transport=self._transport,
-            )
-        except Exception:  # a report that cannot be built must not stop training
-            log.exception("trimtab could not build a report; window dropped")
-            return
-        self._transport.put_report(report)
 
     def report_validation(self, value: float, step: int | None = None) -> None:
         """Hand the controller a validation result (lower is better) with the next report.
@@ -488,7 +472,7 @@ class Guard:
             self._commands.acknowledge(self._host_step())
         # Under torch.distributed the partial window is a collective: only on a clean close.
         if self._probe.row and (self._dist is None or not reason.startswith("error")):
-            self._close_window()  # the last, partial window: one sync, at the end of the run
+            self._window.close()  # the last, partial window: one sync, at the end of the run
         self._closed = True
         if self._store is not None:
             self._store.close(checkpoint_timeout_s)
