@@ -28,6 +28,7 @@ from ._checkpoint import CheckpointStore
 from ._checkpointing import Checkpointing, open_store
 from ._commands import Commands
 from ._dist import DistLink, rank_directory
+from ._guard_state import GuardState
 from ._hooks import StepHooks
 from ._knobs import Actuator, check_optimizer
 from ._options import (
@@ -52,7 +53,7 @@ log = logging.getLogger("trimtab.client")
 
 
 
-class Guard:
+class Guard(GuardState):
     """Steps an optimizer for a training loop and keeps a trimtab controller informed.
 
     ``guard.step(loss)`` replaces ``optimizer.step()`` after ``loss.backward()``. It
@@ -350,115 +351,7 @@ class Guard:
         """global_step as far as the host knows without reading the device."""
         return self._step.host_step
 
-    # -- state --------------------------------------------------------------------------------
-
-    @property
-    def skipped_steps(self) -> int:
-        """Steps skipped for non-finite gradients (mid-window on the sync-free paths: one sync)."""
-        return self._step.skipped(self._closed)
-
-    @property
-    def applied_seq(self) -> int:
-        """Sequence number of the last command applied (0: none)."""
-        return self._commands.applied_seq
-
-    @property
-    def should_stop(self) -> bool:
-        """The controller advises stopping (the validation metric stopped improving)."""
-        return self._commands.should_stop
-
-    @property
-    def stop_reason(self) -> str | None:
-        """Why it advises stopping (``None``: it does not)."""
-        return self._commands.stop_reason
-
-    @property
-    def scheduler(self) -> Any:
-        """The user's LR scheduler (``None``: none): its state is restored on rollback."""
-        return self._ckpts.scheduler
-
-    @property
-    def checkpoint_every(self) -> int:
-        """Steps between snapshots (0: checkpoints off)."""
-        return self._ckpts.every
-
-    @property
-    def rollbacks(self) -> int:
-        """Rollbacks carried out so far."""
-        return self._ckpts.rollbacks
-
-    @property
-    def reseed_on_rollback(self) -> bool:
-        """Re-seed the restored RNGs after a rollback (see
-        :func:`~trimtab.client._checkpoint.reseed_rng`)."""
-        return self._ckpts.reseed
-
-    @reseed_on_rollback.setter
-    def reseed_on_rollback(self, value: bool) -> None:
-        self._ckpts.reseed = value
-
-    @property
-    def _last_checkpoint(self) -> int:
-        # The step of the last snapshot taken or restored (bench/ watches it).
-        return self._ckpts.last
-
-    @property
-    def _report_seq(self) -> int:
-        # The last report's number (bench/ watches it to follow the reports).
-        return self._reporter.seq
-
-    @property
-    def _calls(self) -> int:
-        # Calls that reached the optimizer step, skipped ones included (bench/ reads it).
-        return self._step.calls
-
-    @property
-    def global_step(self) -> int:
-        """Optimizer steps taken (skipped steps not counted)."""
-        return self._step.calls - self.skipped_steps
-
-    @property
-    def clip(self) -> float | None:
-        """The clipping threshold in force (``None``: off); a command may change it."""
-        return self._act.clip
-
-    @property
-    def knobs(self) -> wire.Knobs:
-        """The effective values the optimizer used at the last step: the user's lr and
-        weight decay times trimtab's multipliers, the momentum, the clip (before the first
-        step: what it would use now). Between steps the param groups hold the user's own
-        values; a tensor-valued setting is read from its device here."""
-        return self._act.used()
-
-    @property
-    def scale(self) -> wire.Scale:
-        """trimtab's multipliers in force on the user's lr and weight decay (1.0: none)."""
-        return self._act.scale()
-
-    @property
-    def checkpoints(self) -> list[int]:
-        """Steps of the checkpoints a rollback can restore (memory and disk), oldest first."""
-        return [] if self._store is None else self._store.steps()
-
-    @property
-    def stable_step(self) -> int | None:
-        """The newest checkpoint marked stable (``None``: none yet, or checkpoints off)."""
-        return None if self._store is None else self._store.stable_step
-
-    @property
-    def dropped_reports(self) -> int:
-        """Reports dropped because the send queue was full."""
-        return self._transport.dropped
-
-    @property
-    def bad_frames(self) -> int:
-        """Frames from the controller that did not decode and were ignored."""
-        return self._transport.bad_frames
-
-    @property
-    def connected(self) -> bool:
-        """Whether the controller was heard from within the liveness window."""
-        return self._transport.connected
+    # -- state: the properties (global_step, knobs, checkpoints, ...) are GuardState's -------
 
     def close(self, reason: str = "closed", checkpoint_timeout_s: float = 60.0) -> None:
         """Report the open window, finish queued checkpoint writes (at most
