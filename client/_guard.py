@@ -35,9 +35,9 @@ from ._options import (
     NONFINITE_MODES,
     _check_checkpoint_options,
     _check_options,
+    _check_switches,
+    _check_validation,
     _facts,
-    _invalid,
-    _is_int,
     _resolve_mode,
 )
 from ._probe import Probe
@@ -186,10 +186,7 @@ class Guard(GuardState):
         _check_checkpoint_options(checkpoint_every, keep, checkpoint_dir, scheduler,
                                   optimizer, on_rollback)
         check_optimizer(optimizer)
-        if not isinstance(hooks, bool):
-            raise _invalid("hooks", hooks, "True (the optimizer's step hooks) or False")
-        if not isinstance(reseed_on_rollback, bool):
-            raise _invalid("reseed_on_rollback", reseed_on_rollback, "True or False")
+        _check_switches(hooks, reseed_on_rollback)
         curve = load_curve_keys(server_key, client_key)
         self.model = model
         self.optimizer = optimizer
@@ -315,10 +312,7 @@ class Guard(GuardState):
         reads the device); ``step`` defaults to the step the host knows now. A newer result
         before the next report replaces this one; a non-finite one is logged and dropped.
         """
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise _invalid("value", value, "a Python int or float (use tensor.item())")
-        if step is not None and not _is_int(step, 0):
-            raise _invalid("step", step, "None or an int >= 0")
+        _check_validation(value, step)
         if not math.isfinite(value):
             log.warning("trimtab: non-finite validation value %r not reported", value)
             return
