@@ -6,6 +6,12 @@ are not finite, steps the optimizer and probes; per report window it sends one
 report. Nothing it does waits on the controller. Every ``checkpoint_every`` steps it
 snapshots the run; a controller's command can mark a snapshot stable or roll the run
 back to a stable one.
+
+The guard is a facade over its parts: the step in :mod:`~trimtab.client._step`, the
+commands in :mod:`~trimtab.client._commands`, the snapshots and rollbacks in
+:mod:`~trimtab.client._checkpointing`, the report windows in
+:mod:`~trimtab.client._report_window`; its properties are
+:class:`~trimtab.client._guard_state.GuardState`'s.
 """
 
 from __future__ import annotations
@@ -50,7 +56,6 @@ from ._transport import Transport, load_curve_keys
 __all__ = ["attach", "Guard", "NONFINITE_MODES"]
 
 log = logging.getLogger("trimtab.client")
-
 
 
 class Guard(GuardState):
