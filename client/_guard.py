@@ -6,6 +6,12 @@ are not finite, steps the optimizer and probes; per report window it sends one
 report. Nothing it does waits on the controller. Every ``checkpoint_every`` steps it
 snapshots the run; a controller's command can mark a snapshot stable or roll the run
 back to a stable one.
+
+The guard is a facade over its parts: the step in :mod:`~trimtab.client._step`, the
+commands in :mod:`~trimtab.client._commands`, the snapshots and rollbacks in
+:mod:`~trimtab.client._checkpointing`, the report windows in
+:mod:`~trimtab.client._report_window`; its properties are
+:class:`~trimtab.client._guard_state.GuardState`'s.
 """
 
 from __future__ import annotations
@@ -28,19 +34,21 @@ from ._checkpoint import CheckpointStore
 from ._checkpointing import Checkpointing, open_store
 from ._commands import Commands
 from ._dist import DistLink, rank_directory
+from ._guard_state import GuardState
 from ._hooks import StepHooks
 from ._knobs import Actuator, check_optimizer
 from ._options import (
     NONFINITE_MODES,
     _check_checkpoint_options,
     _check_options,
+    _check_switches,
+    _check_validation,
     _facts,
-    _invalid,
-    _is_int,
     _resolve_mode,
 )
 from ._probe import Probe
 from ._report import Reporter
+from ._report_window import ReportWindow
 from ._sharded import ShardNorms, is_sharded
 from ._step import Step
 from ._transport import Transport, load_curve_keys
@@ -50,8 +58,7 @@ __all__ = ["attach", "Guard", "NONFINITE_MODES"]
 log = logging.getLogger("trimtab.client")
 
 
-
-class Guard:
+class Guard(GuardState):
     """Steps an optimizer for a training loop and keeps a trimtab controller informed.
 
     ``guard.step(loss)`` replaces ``optimizer.step()`` after ``loss.backward()``. It
@@ -184,10 +191,7 @@ class Guard:
         _check_checkpoint_options(checkpoint_every, keep, checkpoint_dir, scheduler,
                                   optimizer, on_rollback)
         check_optimizer(optimizer)
-        if not isinstance(hooks, bool):
-            raise _invalid("hooks", hooks, "True (the optimizer's step hooks) or False")
-        if not isinstance(reseed_on_rollback, bool):
-            raise _invalid("reseed_on_rollback", reseed_on_rollback, "True or False")
+        _check_switches(hooks, reseed_on_rollback)
         curve = load_curve_keys(server_key, client_key)
         self.model = model
         self.optimizer = optimizer
@@ -247,6 +251,12 @@ class Guard:
         )
         if hooks:  # the loop calls optimizer.step() itself: see trimtab.client._hooks
             self._hooks = StepHooks(self._step, self._prepare, self._finish_step)
+        # Closing a report window (rows, stats, report): see trimtab.client._report_window.
+        self._window = ReportWindow(
+            probe=self._probe, step=self._step, reporter=self._reporter,
+            commands=self._commands, transport=self._transport, store=self._store,
+            dist=self._dist, hooks=self._hooks,
+        )
 
     # -- the step -----------------------------------------------------------------------------
 
@@ -291,7 +301,7 @@ class Guard:
         if self._step.calls == 1:
             self._ckpts.prepare()
         if closing:
-            self._close_window()
+            self._window.close()
             if self._dist is not None:  # every rank takes rank 0's command, at this step
                 self._dist.exchange(self._host_step())
         # global_step is known on the host every step in "skip" mode, else at window ends.
@@ -300,29 +310,6 @@ class Guard:
 
     # -- commands and reports ----------------------------------------------------------------
 
-    def _close_window(self) -> None:
-        try:
-            if self._dist is not None:  # the window's rows become their mean over ranks
-                self._dist.reduce_rows(self._probe.buf[: self._probe.row])
-            stats = self._probe.collect()
-            if self._hooks is not None:  # a step without an observed loss is not a bad loss
-                stats = self._hooks.window_closed(stats)
-            self._step.window_closed(stats.nonfinite_grads)
-            if stats.steps == 0:
-                return
-            # What the window's last step used, the user's own values then, the multipliers.
-            knobs, base, scale = self._commands.note_in_force()
-            report = self._reporter.report(
-                stats, step=self._host_step(), knobs=knobs, base=base, scale=scale,
-                micro_counts=self._step.take_micro_counts(), applied_seq=self.applied_seq,
-                checkpoints=self.checkpoints, stable_step=self.stable_step,
-                transport=self._transport,
-            )
-        except Exception:  # a report that cannot be built must not stop training
-            log.exception("trimtab could not build a report; window dropped")
-            return
-        self._transport.put_report(report)
-
     def report_validation(self, value: float, step: int | None = None) -> None:
         """Hand the controller a validation result (lower is better) with the next report.
 
@@ -330,10 +317,7 @@ class Guard:
         reads the device); ``step`` defaults to the step the host knows now. A newer result
         before the next report replaces this one; a non-finite one is logged and dropped.
         """
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise _invalid("value", value, "a Python int or float (use tensor.item())")
-        if step is not None and not _is_int(step, 0):
-            raise _invalid("step", step, "None or an int >= 0")
+        _check_validation(value, step)
         if not math.isfinite(value):
             log.warning("trimtab: non-finite validation value %r not reported", value)
             return
@@ -366,115 +350,7 @@ class Guard:
         """global_step as far as the host knows without reading the device."""
         return self._step.host_step
 
-    # -- state --------------------------------------------------------------------------------
-
-    @property
-    def skipped_steps(self) -> int:
-        """Steps skipped for non-finite gradients (mid-window on the sync-free paths: one sync)."""
-        return self._step.skipped(self._closed)
-
-    @property
-    def applied_seq(self) -> int:
-        """Sequence number of the last command applied (0: none)."""
-        return self._commands.applied_seq
-
-    @property
-    def should_stop(self) -> bool:
-        """The controller advises stopping (the validation metric stopped improving)."""
-        return self._commands.should_stop
-
-    @property
-    def stop_reason(self) -> str | None:
-        """Why it advises stopping (``None``: it does not)."""
-        return self._commands.stop_reason
-
-    @property
-    def scheduler(self) -> Any:
-        """The user's LR scheduler (``None``: none): its state is restored on rollback."""
-        return self._ckpts.scheduler
-
-    @property
-    def checkpoint_every(self) -> int:
-        """Steps between snapshots (0: checkpoints off)."""
-        return self._ckpts.every
-
-    @property
-    def rollbacks(self) -> int:
-        """Rollbacks carried out so far."""
-        return self._ckpts.rollbacks
-
-    @property
-    def reseed_on_rollback(self) -> bool:
-        """Re-seed the restored RNGs after a rollback (see
-        :func:`~trimtab.client._checkpoint.reseed_rng`)."""
-        return self._ckpts.reseed
-
-    @reseed_on_rollback.setter
-    def reseed_on_rollback(self, value: bool) -> None:
-        self._ckpts.reseed = value
-
-    @property
-    def _last_checkpoint(self) -> int:
-        # The step of the last snapshot taken or restored (bench/ watches it).
-        return self._ckpts.last
-
-    @property
-    def _report_seq(self) -> int:
-        # The last report's number (bench/ watches it to follow the reports).
-        return self._reporter.seq
-
-    @property
-    def _calls(self) -> int:
-        # Calls that reached the optimizer step, skipped ones included (bench/ reads it).
-        return self._step.calls
-
-    @property
-    def global_step(self) -> int:
-        """Optimizer steps taken (skipped steps not counted)."""
-        return self._step.calls - self.skipped_steps
-
-    @property
-    def clip(self) -> float | None:
-        """The clipping threshold in force (``None``: off); a command may change it."""
-        return self._act.clip
-
-    @property
-    def knobs(self) -> wire.Knobs:
-        """The effective values the optimizer used at the last step: the user's lr and
-        weight decay times trimtab's multipliers, the momentum, the clip (before the first
-        step: what it would use now). Between steps the param groups hold the user's own
-        values; a tensor-valued setting is read from its device here."""
-        return self._act.used()
-
-    @property
-    def scale(self) -> wire.Scale:
-        """trimtab's multipliers in force on the user's lr and weight decay (1.0: none)."""
-        return self._act.scale()
-
-    @property
-    def checkpoints(self) -> list[int]:
-        """Steps of the checkpoints a rollback can restore (memory and disk), oldest first."""
-        return [] if self._store is None else self._store.steps()
-
-    @property
-    def stable_step(self) -> int | None:
-        """The newest checkpoint marked stable (``None``: none yet, or checkpoints off)."""
-        return None if self._store is None else self._store.stable_step
-
-    @property
-    def dropped_reports(self) -> int:
-        """Reports dropped because the send queue was full."""
-        return self._transport.dropped
-
-    @property
-    def bad_frames(self) -> int:
-        """Frames from the controller that did not decode and were ignored."""
-        return self._transport.bad_frames
-
-    @property
-    def connected(self) -> bool:
-        """Whether the controller was heard from within the liveness window."""
-        return self._transport.connected
+    # -- state: the properties (global_step, knobs, checkpoints, ...) are GuardState's -------
 
     def close(self, reason: str = "closed", checkpoint_timeout_s: float = 60.0) -> None:
         """Report the open window, finish queued checkpoint writes (at most
@@ -488,7 +364,7 @@ class Guard:
             self._commands.acknowledge(self._host_step())
         # Under torch.distributed the partial window is a collective: only on a clean close.
         if self._probe.row and (self._dist is None or not reason.startswith("error")):
-            self._close_window()  # the last, partial window: one sync, at the end of the run
+            self._window.close()  # the last, partial window: one sync, at the end of the run
         self._closed = True
         if self._store is not None:
             self._store.close(checkpoint_timeout_s)

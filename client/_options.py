@@ -81,6 +81,22 @@ def _check_checkpoint_options(
             raise _invalid(name, value, allowed)
 
 
+def _check_switches(hooks: object, reseed_on_rollback: object) -> None:
+    if not isinstance(hooks, bool):
+        raise _invalid("hooks", hooks, "True (the optimizer's step hooks) or False")
+    if not isinstance(reseed_on_rollback, bool):
+        raise _invalid("reseed_on_rollback", reseed_on_rollback, "True or False")
+
+
+def _check_validation(value: object, step: object) -> None:
+    """``report_validation``'s arguments: a Python number (never a tensor: reporting one
+    must not read the device) and ``None`` or a step."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _invalid("value", value, "a Python int or float (use tensor.item())")
+    if step is not None and not _is_int(step, 0):
+        raise _invalid("step", step, "None or an int >= 0")
+
+
 def _resolve_mode(nonfinite: str, optimizer: torch.optim.Optimizer, device: torch.device) -> str:
     """How a non-finite step is skipped: "fused", "skip" (host check) or "zero"."""
     if nonfinite == "zero":

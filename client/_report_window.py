@@ -1,0 +1,86 @@
+"""Closing a report window: the probe's rows become one report on the send queue.
+
+The guard closes the open window every ``report_every`` steps, and once more at close
+for a partial one. Closing reads every part that holds some of the window: under
+torch.distributed the rows first become their mean over ranks
+(:meth:`~trimtab.client._dist.DistLink.reduce_rows`, one all-reduce); the
+:class:`~trimtab.client._probe.Probe` reduces them to
+:class:`~trimtab.client._probe.WindowStats` on the host (the one sync per window); with
+``hooks=True`` a step without an observed loss is not counted as a bad loss
+(:class:`~trimtab.client._hooks.StepHooks`); the :class:`~trimtab.client._step.Step`
+learns the window's skipped steps; the :class:`~trimtab.client._report.Reporter` builds
+the report from what the host knows (the knobs in force from
+:class:`~trimtab.client._commands.Commands`, the checkpoints held) and the transport
+queues it. The reporter itself stays a builder that knows none of these parts (the
+checkpointing reads it, and the commands read the checkpointing): this part does the
+gathering, so that no import goes round in a circle.
+
+A report that cannot be built is logged and the window dropped: reporting must never
+stop training.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._checkpoint import CheckpointStore
+    from ._commands import Commands
+    from ._dist import DistLink
+    from ._hooks import StepHooks
+    from ._probe import Probe
+    from ._report import Reporter
+    from ._step import Step
+
+__all__ = ["ReportWindow"]
+
+log = logging.getLogger("trimtab.client")
+
+
+class ReportWindow:
+    """One guard's open report window and what closing it reads: the probe's rows, the
+    step counts, the commands' values in force, the checkpoints held, the link. ``dist``
+    (``None``: one process) averages the rows over ranks; ``hooks`` (``None``: no
+    ``hooks=True``) corrects the loss counts of steps that saw no loss."""
+
+    def __init__(
+        self, *, probe: Probe, step: Step, reporter: Reporter, commands: Commands,
+        transport: Any, store: CheckpointStore | None, dist: DistLink | None,
+        hooks: StepHooks | None,
+    ) -> None:
+        self._probe = probe
+        self._step = step
+        self._reporter = reporter
+        self._commands = commands
+        self._transport = transport
+        self._store = store
+        self._dist = dist
+        self._hooks = hooks
+
+    def close(self) -> None:
+        """Reduce the open window's rows and queue its report (none for an empty window)."""
+        try:
+            if self._dist is not None:  # the window's rows become their mean over ranks
+                self._dist.reduce_rows(self._probe.buf[: self._probe.row])
+            stats = self._probe.collect()
+            if self._hooks is not None:  # a step without an observed loss is not a bad loss
+                stats = self._hooks.window_closed(stats)
+            self._step.window_closed(stats.nonfinite_grads)
+            if stats.steps == 0:
+                return
+            # What the window's last step used, the user's own values then, the multipliers.
+            knobs, base, scale = self._commands.note_in_force()
+            store = self._store
+            report = self._reporter.report(
+                stats, step=self._step.host_step, knobs=knobs, base=base, scale=scale,
+                micro_counts=self._step.take_micro_counts(),
+                applied_seq=self._commands.applied_seq,
+                checkpoints=[] if store is None else store.steps(),
+                stable_step=None if store is None else store.stable_step,
+                transport=self._transport,
+            )
+        except Exception:  # a report that cannot be built must not stop training
+            log.exception("trimtab could not build a report; window dropped")
+            return
+        self._transport.put_report(report)
