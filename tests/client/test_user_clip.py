@@ -68,6 +68,9 @@ def test_a_loop_that_does_not_clip_reports_no_ceiling(fake_controller):
 def test_a_clip_that_acts_rarely_is_found_and_a_clip_dropped_is_forgotten(fake_controller):
     # Clipping at the 80th percentile of the norms for 20 steps, then no clipping.
     _, bare = _run(fake_controller.endpoint, lambda t: None)
+    # Every message of the first run in before the second's are counted: its last reports
+    # may still be on their way when close() returns.
+    fake_controller.wait_for(lambda c: len(c.of_type(wire.Report)) >= 4 and c.of_type(wire.Bye))
     fake_controller.messages.clear()
     cut = sorted(n for n, _ in bare[:20])[15]
     _, seen = _run(fake_controller.endpoint, lambda t: cut if t < 20 else None)
