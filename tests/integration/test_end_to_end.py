@@ -163,3 +163,61 @@ def test_bad_messages_get_error_replies_and_are_counted(serve_factory):
     assert srv.proc.poll() is None
     bad.close()
     ctx.term()
+
+
+def test_a_controller_restarted_with_its_journal_deleted_takes_the_job_over(serve_factory,
+                                                                             tmp_path):
+    """The controller dies after it cut the lr, its journal is lost, and a new one starts
+    empty on the same endpoint while the run goes on: it takes the job over from the
+    registration the client sends on reconnecting. The lr cut the run carries stays in
+    force (the new controller starts from the values the client says are in force, and
+    never sets the lr back); its commands continue the client's sequence (none is taken
+    for one already applied); reports the client made while no controller was there are
+    journaled as stale, never observed."""
+    port = free_port()
+    first = tmp_path / "first"
+    first.mkdir()
+    srv = serve_factory(PLATEAU_ONLY, port=port, journal=first / "journal.db")
+    task = Regression(seed=1)
+    opt = torch.optim.SGD(task.model.parameters(), lr=0.05, momentum=0.9)
+    with attach(task.model, opt, job="amnesia", endpoint=srv.endpoint, report_every=5,
+                heartbeat_s=0.05) as guard:
+        train(guard, task, opt, 1500, stop=lambda: guard.knobs.lr < 0.05)
+        train(guard, task, opt, 10)  # the ack goes out
+        assert guard.knobs.lr == pytest.approx(0.025), "plateau should have halved the LR"
+        applied = guard.applied_seq
+        assert applied >= 1
+        srv.kill()
+        for f in first.iterdir():  # the journal is lost, WAL and all
+            f.unlink()
+        train(guard, task, opt, 100)  # no controller: reports queue up
+        second = tmp_path / "second"
+        second.mkdir()
+        srv2 = serve_factory(PLATEAU_ONLY, port=port, journal=second / "journal.db")
+
+        def reported_live():
+            train(guard, task, opt, 5)
+            return [e for e in srv2.journal().events("amnesia", "report")]
+
+        assert wait_for(lambda: len(reported_live()) >= 20, timeout=60)
+        train(guard, task, opt, 200)
+        lr_after = guard.knobs.lr
+    journal = srv2.journal()
+    regs = journal.events("amnesia", "register")
+    assert regs and regs[0].data["resumed"] == "new"
+    assert regs[-1].data["applied_seq"] == applied
+    reports = journal.events("amnesia", "report")
+    # The new controller saw the run's lr cut as in force, from its first live report on.
+    assert reports[0].data["scale"]["lr"] == pytest.approx(0.5)
+    assert not any(r.data["offline"] for r in reports)
+    assert all(r.step >= regs[-1].step for r in reports)
+    commands = journal.events("amnesia", "command")
+    assert commands and all(c.seq > applied for c in commands)
+    # The reports made while no controller ran arrived, and were set aside as stale.
+    assert journal.events("amnesia", "stale")
+    # The client's stable checkpoint, which the lost journal knew, is adopted from its
+    # reports: a rollback can go back to it without waiting for a new one to prove itself.
+    assert any(e.data["source"] == "report" for e in journal.events("amnesia", "stable"))
+    # Nothing lifted the cut: every lr multiplier commanded is at most the one in force.
+    assert all(c.data["scale"].get("lr", 0.5) <= 0.5 + 1e-12 for c in commands)
+    assert lr_after <= 0.025 + 1e-12
