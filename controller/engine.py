@@ -53,17 +53,16 @@ from trimtab.controller.decision import (
     arbitrate,
 )
 from trimtab.controller.governor import Governor, KnobMemory
-from trimtab.controller.phases import SAFETY, PhaseRules, _found_lr, _safety
+from trimtab.controller.phases import PhaseRules, _found_lr, _safety
 from trimtab.controller.policy import KINDS, Policy, Proposal, Rollback, Sweep
 from trimtab.controller.rollback import RollbackConfig, RollbackPlan, RollbackState
 from trimtab.controller.rollback_rules import plan_rollback, why_no_rollback
 from trimtab.controller.scale import decay_is_lr_times_wd
-from trimtab.controller.scheduling import ScheduleRules, compose_pieces
+from trimtab.controller.scheduling import ScheduleRules
 from trimtab.controller.state import JobState
 from trimtab.protocol import wire
 
-__all__ = ["Arbitration", "arbitrate", "KnobDecision", "Decision", "Engine", "SAFETY",
-           "compose_pieces"]
+__all__ = ["Arbitration", "arbitrate", "KnobDecision", "Decision", "Engine"]
 
 
 class Engine(PhaseRules, ScheduleRules):
@@ -125,10 +124,10 @@ class Engine(PhaseRules, ScheduleRules):
         live policies are asked, and a rollback one of them asks for is planned and ordered
         as :meth:`decide` would (the newer command supersedes the pending one); an open
         measurement phase ends with its return when non-finite values persist (see
-        :data:`SAFETY`). A shadow engine sends nothing: None. Otherwise a decision, with
-        no knobs when no rollback is asked for or can be made (it may still carry policy
-        errors to journal, and its draft the policies they disabled). Pure, as
-        :meth:`decide`."""
+        :data:`~trimtab.controller.phases.SAFETY`). A shadow engine sends nothing: None.
+        Otherwise a decision, with no knobs when no rollback is asked for or can be made
+        (it may still carry policy errors to journal, and its draft the policies they
+        disabled). Pure, as :meth:`decide`."""
         if self.shadow:
             return None
         draft = state.fork()

@@ -97,8 +97,6 @@ class Controller:
         self.budget = (PolicyBudget(config.policy_budget_ms / 1000.0)
                        if config.policy_budget_ms > 0 else None)
         self._engines: dict[tuple[int, ...], Engine] = {}
-        #: Per job: the governor with the limits derived from its scale facts, and its
-        #: engine (the shared engine it was copied from, the copy).
         #: The engine of a job no ``jobs``-restricted policy entry matches.
         self.engine = self.engine_for(None)
         #: The live jobs, by name: each one's state and connection, in one record.
@@ -132,8 +130,8 @@ class Controller:
             return [self._refuse(peer, "forbidden",
                                  f"job {msg.job!r} is bound to another client key", msg.job)]
         with self.journal.batch():
-            replies = (self._on_register(peer, msg, user) if isinstance(msg, wire.Register)
-                       else handler(peer, msg))
+            # Registration binds the job to the key it came with.
+            replies = handler(peer, msg, user) if msg.type == "register" else handler(peer, msg)
         if msg.type == "report" and replies:
             self.metrics.decision_latency.observe(time.perf_counter() - t0)
         return replies

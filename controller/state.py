@@ -175,12 +175,14 @@ class JobState(Persisted):
         (new containers; their items are never changed in place), sharing the rest, which a
         decision only reads. The job's state is untouched until :meth:`adopt`."""
         draft = copy.copy(self)
-        draft.memory = {k: m.copy() for k, m in self.memory.items()}
-        draft.shadow_memory = {k: m.copy() for k, m in self.shadow_memory.items()}
-        for name in ("last_change_step", "decision_counts", "shadow_counts", "phases_done",
-                     "disabled_policies", "corrections", "live"):
-            setattr(draft, name, dict(getattr(self, name)))
-        draft.rollback = self.rollback.copy()
+        for name in self.DECIDED:
+            value = getattr(self, name)
+            if isinstance(value, RollbackState):
+                value = value.copy()
+            elif isinstance(value, dict):  # the governor memories are copied too
+                value = {k: v.copy() if isinstance(v, KnobMemory) else v
+                         for k, v in value.items()}
+            setattr(draft, name, value)  # the phase and found_lr: immutable, shared
         return draft
 
     def adopt(self, draft: JobState) -> None:

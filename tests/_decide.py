@@ -20,15 +20,6 @@ def decided(engine: Engine, state: JobState) -> Decision:
     return _adopted(state, engine.decide(state))
 
 
-def decided_urgent(engine: Engine, state: JobState) -> Decision | None:
-    """``engine.decide_urgent(state)``, its draft adopted; None when it decided nothing."""
-    d = engine.decide_urgent(state)
-    if d is None:
-        return None
-    _adopted(state, d)
-    return d if d.rollback is not None or d.errors else None
-
-
 def decided_schedules(engine: Engine, state: JobState) -> Decision:
     """``engine.decide_schedules(state)``, its draft adopted."""
     return _adopted(state, engine.decide_schedules(state))
