@@ -330,6 +330,11 @@ class CheckpointStore:
                           f"restored the stable one at step {ckpt.step}")
         return ckpt, None
 
+    def drop_all(self) -> None:
+        """Forget every snapshot, stable or not, and delete the files this store wrote."""
+        self.fence()
+        self._drop_after(-1)
+
     def _drop_after(self, step: int) -> None:
         # Later snapshots belong to the trajectory just abandoned.
         for s in [s for s in self._held if s > step]:

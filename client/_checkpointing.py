@@ -109,6 +109,16 @@ class Checkpointing:
             return
         self.last = step
 
+    def replace_all(self) -> None:
+        """Drop every snapshot held (and its file) and take one of the run as it is now: the
+        state a resumed run starts from (:mod:`trimtab.client._resume`) replaces the one
+        snapshotted at attach. The scheduler has stepped for the coming step, as at attach."""
+        if self.store is None:
+            return
+        self.store.drop_all()
+        self.last = self._step.host_step
+        self.take(scheduler_stepped=True, block=True)
+
     def prepare(self) -> None:
         """After the first step (the optimizer state exists now): allocate the snapshots'
         pinned buffers in the background, well before the first snapshot needs them."""

@@ -178,6 +178,10 @@ class RankTransport:
         if self.inner is not None:  # one ack per job: rank 0's
             self.inner.put_control(message)
 
+    def reregister(self) -> None:
+        if self.inner is not None:
+            self.inner.reregister()
+
     def take_command(self) -> wire.Command | None:
         command, self._link.pending = self._link.pending, None
         return command

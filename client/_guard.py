@@ -49,6 +49,7 @@ from ._options import (
 from ._probe import Probe
 from ._report import Reporter
 from ._report_window import ReportWindow
+from ._resume import load_state, state_of
 from ._sharded import ShardNorms, is_sharded
 from ._step import Step
 from ._transport import Transport, load_curve_keys
@@ -197,6 +198,9 @@ class Guard(GuardState):
         self.optimizer = optimizer
         self.job = job
         self.run_id = uuid.uuid4().hex
+        # Resumes of this run from a saved guard state (see trimtab.client._resume).
+        self._resumes = 0
+        self._resumed_here = False
         self.report_every = report_every
         # The knobs: multipliers on the user's lr and weight decay, momentum, clip.
         self._act = Actuator(optimizer, None if clip is None else float(clip))
@@ -232,6 +236,9 @@ class Guard(GuardState):
             # Its pinned buffers are allocated here, before training starts (later ones
             # are allocated ahead of need by a background thread).
             self._ckpts.take(scheduler_stepped=True, block=True)
+        # The checkpoints held, as the registration tells them (read by the transport thread).
+        self._listing: tuple[list[int], int | None] = ([], None)
+        self._note_listing()
 
         def make_transport() -> Transport:
             return Transport(
@@ -302,6 +309,7 @@ class Guard(GuardState):
             self._ckpts.prepare()
         if closing:
             self._window.close()
+            self._note_listing()
             if self._dist is not None:  # every rank takes rank 0's command, at this step
                 self._dist.exchange(self._host_step())
         # global_step is known on the host every step in "skip" mode, else at window ends.
@@ -340,11 +348,37 @@ class Guard(GuardState):
     def _registration(self) -> wire.Register:
         # Called from the transport thread; reads only values the training thread swaps whole.
         knobs, base, scale = self._commands.in_force
+        checkpoints, stable = self._listing
         return wire.Register(
             job=self.job, run_id=self.run_id, step=self._host_step(),
             report_every=self.report_every, facts=self.facts, knobs=knobs, base=base,
-            scale=scale, applied_seq=self.applied_seq,
+            scale=scale, applied_seq=self.applied_seq, resume=self._resumes,
+            checkpoints=checkpoints, stable_step=stable,
+            schedules=list(self._act.live.schedules),
         )
+
+    def _note_listing(self) -> None:
+        """Keep the checkpoints held for the next registration (swapped whole: the transport
+        thread reads it; the store itself is the training thread's)."""
+        store = self._store
+        self._listing = (([], None) if store is None
+                         else (store.steps()[-wire.MAX_LISTED:], store.stable_step))
+
+    # -- the user's checkpoint: resume in a new process ------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """trimtab's state for the user's checkpoint, to resume from in a new process with
+        :meth:`load_state_dict`: the multipliers, momentum, clip and live schedules in force,
+        the step counters, the last command applied and the run's identity on the
+        controller (plain Python values). See :mod:`trimtab.client._resume`."""
+        return state_of(self)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Resume from :meth:`state_dict`'s dict: after ``attach`` and after loading the
+        model's, optimizer's and scheduler's state, before the first step. The run continues
+        with the values in force when it was saved, as the same job on the controller, which
+        sets aside what it saw after this step. See :mod:`trimtab.client._resume`."""
+        load_state(self, state_dict)
 
     def _host_step(self) -> int:
         """global_step as far as the host knows without reading the device."""

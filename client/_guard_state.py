@@ -44,6 +44,13 @@ class GuardState:
     _store: CheckpointStore | None
     _transport: Transport | RankTransport  # the second under torch.distributed
     _closed: bool
+    job: str
+    run_id: str
+    _resumes: int  # resumes of this run from a saved guard state (see _resume)
+    _resumed_here: bool
+
+    def _note_listing(self) -> None:  # the guard's: the checkpoints its registration lists
+        raise NotImplementedError
 
     @property
     def skipped_steps(self) -> int:

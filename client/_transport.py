@@ -177,6 +177,11 @@ class Transport:
             command, self._command = self._command, None
         return command
 
+    def reregister(self) -> None:
+        """Register again on this link before anything else is sent (the run's identity or
+        position changed: a resume, see :mod:`trimtab.client._resume`)."""
+        self._need_register = True
+
     @property
     def connected(self) -> bool:
         """Whether the controller was heard from within the liveness window."""

@@ -158,9 +158,10 @@ class Controller:
         state = None if rec is None else rec.state
         resumed = "live"
         if state is None or state.run_id != msg.run_id:
-            stored = self.journal.load_state(msg.job)
+            self._retire(msg.job, msg.run_id, state)
+            stored = self.journal.load_run_state(msg.job, msg.run_id)
             state = None
-            if stored is not None and stored.get("run_id") == msg.run_id:
+            if stored is not None:
                 try:
                     state = JobState.from_state_dict(stored)
                     resumed = "journal"
@@ -181,12 +182,18 @@ class Controller:
         if peer in rec.retired:
             rec.retired.remove(peer)
         self._touch(rec, peer)
+        if msg.resume > state.resumes:
+            resumed = "resume"  # the run, resumed in a new process from the user's checkpoint
+            log.warning("job %s resumed at step %d (resume %d): %d steps the controller saw "
+                        "after it set aside", msg.job, msg.step, msg.resume,
+                        max(state.step - msg.step, 0))
         self.journal.append(msg.job, "register", step=msg.step, data={
-            "run_id": msg.run_id, "resumed": resumed, "facts": msg.facts.model_dump(),
-            "knobs": msg.knobs.model_dump(), "base": msg.base.model_dump(),
-            "scale": msg.scale.model_dump(), "applied_seq": msg.applied_seq, "link": msg.link,
-            "report_every": msg.report_every, "key": rec.owner})
-        state.on_register(msg)
+            "resumed": resumed, "key": rec.owner,
+            **msg.model_dump(mode="json", exclude={"type", "v", "job", "step"})})
+        adopted = state.on_register(msg)
+        if adopted is not None:
+            self.journal.append(msg.job, "stable", step=adopted,
+                                data={"step": adopted, "source": "register"})
         self.journal.save_state(msg.job, state.state_dict())
         log.info("job %s registered (%s), step %d", msg.job, resumed, msg.step)
         self._derive_limits(state)
@@ -199,6 +206,19 @@ class Controller:
             replies += self._act(peer, state, self.engine_for(state.job).decide_schedules(state))
             self.journal.save_state(msg.job, state.state_dict())
         return replies
+
+    def _retire(self, job: str, run_id: str, live: JobState | None) -> None:
+        """Another run of ``job`` registers: keep the state of the one it replaces (the live
+        one, else the journal's), should that run be resumed later from the user's
+        checkpoint (``guard.load_state_dict``). A run that never reported is not kept."""
+        if live is not None:
+            if live.reports_seen:
+                self.journal.retire_state(job, live.run_id, live.state_dict())
+            return
+        stored = self.journal.load_state(job)
+        if (stored is not None and stored.get("reports_seen")
+                and stored.get("run_id") != run_id):
+            self.journal.retire_state(job, str(stored.get("run_id")), stored)
 
     def _on_report(self, peer: bytes, msg: wire.Report) -> list[Reply]:
         state = self._live(peer, msg)

@@ -59,13 +59,24 @@ CREATE TABLE IF NOT EXISTS job_state (
     live   INTEGER NOT NULL,
     state  TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS run_state (
+    job    TEXT NOT NULL,
+    run_id TEXT NOT NULL,
+    ts     REAL NOT NULL,
+    state  TEXT NOT NULL,
+    PRIMARY KEY (job, run_id)
+);
 """
+
+#: Earlier runs' states kept per job (:meth:`Journal.retire_state`), newest first.
+RETIRED_PER_JOB = 4
 
 
 #: The columns of each table, as ``_SCHEMA`` creates them (checked at open).
 _COLUMNS = {
     "events": ("id", "ts", "job", "kind", "step", "seq", "data"),
     "job_state": ("job", "ts", "live", "state"),
+    "run_state": ("job", "run_id", "ts", "state"),
 }
 
 
@@ -192,6 +203,31 @@ class Journal:
             self._in_tx = False
             if self.on_commit is not None:
                 self.on_commit(time.perf_counter() - t0)
+
+    def retire_state(self, job: str, run_id: str, state: dict[str, Any]) -> None:
+        """Keep the state of a run that another run of the job replaces (a new process
+        registered): if the old run is resumed from the user's checkpoint, the controller
+        takes it back up (:meth:`load_run_state`). The newest :data:`RETIRED_PER_JOB` per
+        job are kept."""
+        self._begin()
+        self._db.execute(
+            "INSERT INTO run_state (job, run_id, ts, state) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT(job, run_id) DO UPDATE SET ts=excluded.ts, state=excluded.state",
+            (job, run_id, time.time(), json.dumps(state, allow_nan=False)))
+        self._db.execute(
+            "DELETE FROM run_state WHERE job = ? AND run_id NOT IN (SELECT run_id FROM "
+            "run_state WHERE job = ? ORDER BY ts DESC, rowid DESC LIMIT ?)",
+            (job, job, RETIRED_PER_JOB))
+        self._autocommit_if_idle()
+
+    def load_run_state(self, job: str, run_id: str) -> dict[str, Any] | None:
+        """The state of run ``run_id`` of ``job``: the job's current one, or a retired one."""
+        current = self.load_state(job)
+        if current is not None and current.get("run_id") == run_id:
+            return current
+        row = self._db.execute("SELECT state FROM run_state WHERE job = ? AND run_id = ?",
+                               (job, run_id)).fetchone()
+        return json.loads(row[0]) if row else None
 
     def load_state(self, job: str) -> dict[str, Any] | None:
         row = self._db.execute("SELECT state FROM job_state WHERE job = ?", (job,)).fetchone()

@@ -21,7 +21,11 @@ from trimtab.protocol import wire
 
 __all__ = ["STATE_VERSION", "Persisted"]
 
-STATE_VERSION = 3  # 3: the knob model (lr and weight decay held as multipliers)
+#: 3: the knob model (lr and weight decay held as multipliers); 4: ``resumes`` (a state of
+#: version 3 loads with none).
+STATE_VERSION = 4
+#: Keys a state of an older version lacks, with the value it loads with.
+_ADDED = {4: {"resumes": 0}}
 
 
 class Persisted:
@@ -36,7 +40,7 @@ class Persisted:
         "disabled_policies", "decision_counts", "rollback", "shadow_memory", "shadow_counts",
         "history", "validations", "stop_advice", "phase", "phases_done", "found_lr",
         "corrections", "live", "branch_seq", "effective", "base", "registered", "signal_marks",
-        "link",
+        "link", "resumes",
     })
 
     def state_dict(self) -> dict[str, Any]:
@@ -74,15 +78,18 @@ class Persisted:
             "live": {k: s.model_dump(mode="json") for k, s in self.live.items()},
             "branch_seq": self.branch_seq, "effective": dump(self.effective),
             "base": dump(self.base), "registered": dump(self.registered),
-            "link": self.link,
+            "link": self.link, "resumes": self.resumes,
         }
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         """Restore from :meth:`state_dict`; missing or unknown keys are an error."""
-        if sd.get("version") != STATE_VERSION:
+        version = sd.get("version")
+        if version not in range(3, STATE_VERSION + 1):
             raise ValueError(
-                f"JobState state_dict version {sd.get('version')!r}, expected {STATE_VERSION} "
+                f"JobState state_dict version {version!r}, expected 3 to {STATE_VERSION} "
                 "(states written before the knob model cannot be resumed)")
+        for v in range(version + 1, STATE_VERSION + 1):  # an older state: what it lacks
+            sd = {**_ADDED[v], **sd, "version": v}
         _check_keys("JobState", sd, set(self._KEYS))
         self.__init__(  # type: ignore[misc]  # re-run to reset everything not saved
             sd["job"], sd["run_id"], wire.ScaleFacts.model_validate(sd["facts"]),
@@ -125,6 +132,7 @@ class Persisted:
         self.corrections = {k: float(v) for k, v in sd["corrections"].items()}
         self.live = {k: wire.LiveSchedule.model_validate(v) for k, v in sd["live"].items()}
         self.branch_seq = int(sd["branch_seq"])
+        self.resumes = int(sd["resumes"])
 
     @classmethod
     def from_state_dict(cls, sd: dict[str, Any]) -> Any:

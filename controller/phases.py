@@ -12,7 +12,9 @@ nothing else stable, and governs its sweep values with the bounds only
 (``Proposal.roll_back(..., to_step=checkpoint, value=lr)``): level 0, the LR bounded
 only, no escalation, budget or cooldown, its ``detail["found_lr"]`` kept as the job's
 ``found_lr``. A policy that fails mid-phase ends it with the return to the checkpoint
-at the LR that was in force there (cause ``phase_aborted``).
+at the LR that was in force there (cause ``phase_aborted``); so does a phase whose
+checkpoint the client no longer lists (a run resumed in a new process from the user's
+checkpoint): the return cannot restore it, and sets that LR only.
 
 Safety outranks a phase: persistent non-finite values (:data:`SAFETY`) end any phase at
 once, with its return.
@@ -65,7 +67,12 @@ class PhaseRules:
         ending = next((p for _, p in mine if p.to_step is not None), None)
         safety = _safety(proposals, phase.policy)
         failed = phase.policy in state.disabled_policies
-        if failed or (safety and ending is None):
+        # The client no longer holds the phase's checkpoint (it always keeps a stable one):
+        # a new process resumed from the user's own checkpoint. The phase cannot end with
+        # its return, so it ends now, at the LR it had there.
+        lost = (phase.checkpoint not in state.rollback.checkpoints
+                and state.rollback.pending is None)
+        if failed or lost or (safety and ending is None):
             # Its policy failed mid-phase, or the run went persistently non-finite during
             # it: return to the checkpoint with the LR it had there (the phase's values are
             # what went wrong, not the run's own), and the phase is over.
@@ -76,6 +83,10 @@ class PhaseRules:
                 return [(n, p) for n, p in proposals if not p.sweep], None, None
             cause, why = (("phase_aborted", f"{phase.policy} failed during its phase")
                           if failed else
+                          ("phase_aborted", f"the run no longer holds the checkpoint at step "
+                           f"{phase.checkpoint} that {phase.policy}'s phase returns to "
+                           "(resumed in a new process)")
+                          if lost and not safety else
                           (safety[1].rollback, f"{safety[0]}: {safety[1].reason} during "
                            f"{phase.policy}'s phase"))
             back = Proposal.roll_back(cause, why, to_step=phase.checkpoint, value=lr)  # type: ignore[arg-type]

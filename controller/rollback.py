@@ -300,6 +300,44 @@ class RollbackState:
         for old in sorted(self.in_force_at)[:-32]:  # bounded: checkpoints list within a few
             del self.in_force_at[old]
 
+    def note_registered(self, step: int, listed: list[int], claimed: int | None,
+                        seen: dict[str, Any]) -> int | None:
+        """A registration lists the checkpoints the client holds and the newest one it has
+        marked stable: a controller that has just started, restarted or followed a resume
+        knows them before the first report, and takes the client's stable mark as its own
+        (a report's listing does the same, :meth:`observe`). Returns the mark adopted."""
+        listed = sorted({s for s in listed if s <= step})
+        for s in listed:
+            if s not in self.at_checkpoint:
+                self.at_checkpoint[s] = self.in_force_at.get(s, seen)
+                self.checkpoints_seen += 1
+        self._keep(listed)
+        self.note_in_force(step, seen)
+        if (claimed is not None and claimed in listed and claimed not in self.stable
+                and claimed not in self.unusable
+                and self.pending_mark is None and self.pending is None):
+            self.note_marked(claimed)
+            return claimed
+        return None
+
+    def note_resumed(self, step: int) -> None:
+        """The run was resumed at ``step`` in a new process: a rollback or a mark sent to the
+        old one is void, what happened after ``step`` never did, and the checkpoints are
+        the new process's (its registration lists them, :meth:`note_registered`)."""
+        if self.pending is not None:
+            self.pending.failed = f"the run was resumed at step {step} before it was applied"
+            self.pending = None
+        self.pending_mark = None
+        self.step = step
+        self._keep([])
+        self.unusable = []
+        self.in_force_at = {s: v for s, v in self.in_force_at.items() if s <= step}
+        if self.last_unhealthy_step is not None and self.last_unhealthy_step > step:
+            self.last_unhealthy_step = None
+        if self.cooldown_until is not None and self.cooldown_until > step:
+            # A cooldown counted on the abandoned path: from the resumed step at most.
+            self.cooldown_until = None
+
     # -- what the engine records ----------------------------------------------------------
 
     def note_mark(self, step: int) -> None:

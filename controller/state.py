@@ -159,6 +159,9 @@ class JobState(Persisted):
         #: ``reports_seen`` when the pending command was last sent (None: not this process's
         #: sending): it is sent again after ``resend_after_reports`` without being applied.
         self.pending_since: int | None = None
+        #: Resumes of this run from a saved guard state that the controller has followed
+        #: (:meth:`on_resumed`); a registration counting more is a new resume.
+        self.resumes = 0
 
     # -- what a decision changes --------------------------------------------------------
 
@@ -211,13 +214,17 @@ class JobState(Persisted):
     #: The same as :meth:`from_register`.
     register = from_register
 
-    def on_register(self, msg: wire.Register) -> None:
-        """This run registered (maybe again, after a reconnect): take its facts, keep signals."""
+    def on_register(self, msg: wire.Register) -> int | None:
+        """This run registered (maybe again, after a reconnect; or resumed, :meth:`on_resumed`):
+        take its facts and the checkpoints it lists, keep signals. Returns the client's
+        stable mark when the registration made it the controller's too."""
         if (msg.job, msg.run_id) != (self.job, self.run_id):
             raise ValueError(
                 f"register for {msg.job}/{msg.run_id} does not match the state of "
                 f"{self.job}/{self.run_id}"
             )
+        if msg.resume > self.resumes:
+            self.on_resumed(msg)
         self.facts, self.report_every = msg.facts, msg.report_every
         self.knobs, self.effective = controls_of(msg.knobs, msg.scale), msg.knobs
         self.base = base_of(msg)
@@ -226,6 +233,43 @@ class JobState(Persisted):
         self.link = msg.link
         self._applied(msg.applied_seq)
         self.command_seq = max(self.command_seq, msg.applied_seq)
+        if msg.schedules is not None and self.pending_command is None:
+            # What the client runs (none sent is on its way): the controller's record
+            # follows it, e.g. after a resume from a save made under older schedules.
+            self.live = {s.knob: s for s in msg.schedules}
+        if not msg.checkpoints:
+            return None
+        seen = {"knobs": self.knobs.model_dump(),
+                "grad_norm_ema": self.tracker.signals().grad_norm_ema}
+        return self.rollback.note_registered(msg.step, msg.checkpoints, msg.stable_step, seen)
+
+    def on_resumed(self, msg: wire.Register) -> None:
+        """This run was resumed in a new process from the user's checkpoint at ``msg.step``
+        (``guard.load_state_dict``), maybe an older one than the controller last saw: what
+        it saw after that step is set aside as it is after a rollback (the signals, reports
+        and validation results; the knob changes, which now never happened), the reports'
+        sequence starts again, the commands the process applied after its save are not in
+        force (the registration tells what is) and none pending is sent again, and the
+        checkpoints, stable marks and a rollback under way are those of the new process
+        (:meth:`RollbackState.note_resumed`). Sequence numbers keep growing: a new command
+        is never mistaken for one the process already applied.
+        """
+        step = msg.step
+        self.resumes = msg.resume
+        self.step = step
+        self.tracker.rewind(step)
+        for kept in (self.history, self.validations):
+            survivors = [x for x in kept if _step_of(x) <= step]
+            kept.clear()
+            kept.extend(survivors)
+        self.rewind_controls(step)
+        self.last_report = None  # the resumed process numbers its reports from its save
+        self.health = None
+        self.applied_seq = msg.applied_seq
+        self.branch_seq = min(self.branch_seq, msg.applied_seq)
+        self.pending_command = None
+        self.pending_since = None
+        self.rollback.note_resumed(step)
 
     # -- reports, commands, acks ------------------------------------------------
 

@@ -45,6 +45,7 @@ from .values import (
 __all__ = [
     "PROTOCOL_VERSION",
     "MAX_MESSAGE_BYTES",
+    "MAX_LISTED",
     "KNOBS",
     "ERROR_CODES",
     "Knob",
@@ -71,6 +72,8 @@ __all__ = [
 PROTOCOL_VERSION = 2
 #: Frames above this size are refused before they are parsed.
 MAX_MESSAGE_BYTES = 64 * 1024
+#: The most checkpoint steps a report or registration lists (the newest ones).
+MAX_LISTED = 256
 #: Codes an :class:`Error` reply may carry.
 ERROR_CODES: tuple[str, ...] = (
     "oversized",
@@ -104,6 +107,18 @@ class Register(_Model):
     applied_seq: Count = 0
     #: Which of this client's links (connection attempts, counted from 1) it goes on.
     link: Count = 0
+    #: Times this run was resumed from a saved guard state (``guard.load_state_dict``) in
+    #: a new process; a registration with more than the controller has seen is a resume,
+    #: at ``step``: what the controller saw after it belongs to a trajectory set aside.
+    resume: Count = 0
+    #: Steps of the checkpoints this client can restore, oldest first, and the newest the
+    #: controller marked stable (as a report lists them), so that a controller that starts
+    #: or restarts, or follows a resume, knows them before the first report.
+    checkpoints: Annotated[list[Count], Field(max_length=MAX_LISTED)] = []
+    stable_step: Count | None = None
+    #: The live schedules this client runs (a resumed one: those it was saved with; None:
+    #: not told, an older client).
+    schedules: Annotated[list[LiveSchedule], Field(max_length=len(KNOBS))] | None = None
 
 
 class Report(_Model):
@@ -155,7 +170,7 @@ class Report(_Model):
     dropped_reports: Count = 0
     applied_seq: Count = 0
     #: Steps of the checkpoints this client can restore (host ring and disk), oldest first.
-    checkpoints: Annotated[list[Count], Field(max_length=256)] = []
+    checkpoints: Annotated[list[Count], Field(max_length=MAX_LISTED)] = []
     #: The newest checkpoint the controller marked stable (None: none yet).
     stable_step: Count | None = None
     #: The newest validation metric the loop handed to ``guard.report_validation`` since

@@ -288,14 +288,14 @@ def test_load_state_dict_checks_its_keys():
         JobState.from_state_dict(sd)
     sd = _busy_state().state_dict()
     sd["version"] = 99
-    with pytest.raises(ValueError, match="version 99, expected 3"):
+    with pytest.raises(ValueError, match="version 99, expected 3 to 4"):
         JobState.from_state_dict(sd)
 
 
 def test_a_state_written_before_the_knob_model_is_refused():
     sd = _busy_state().state_dict()
     sd["version"] = 2
-    with pytest.raises(ValueError, match=r"version 2, expected 3 \(states written before the "
+    with pytest.raises(ValueError, match=r"version 2, expected 3 to 4 \(states written before the "
                                          r"knob model cannot be resumed\)"):
         JobState.from_state_dict(sd)
 

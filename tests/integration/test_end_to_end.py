@@ -216,8 +216,11 @@ def test_a_controller_restarted_with_its_journal_deleted_takes_the_job_over(serv
     # The reports made while no controller ran arrived, and were set aside as stale.
     assert journal.events("amnesia", "stale")
     # The client's stable checkpoint, which the lost journal knew, is adopted from its
-    # reports: a rollback can go back to it without waiting for a new one to prove itself.
-    assert any(e.data["source"] == "report" for e in journal.events("amnesia", "stable"))
+    # registration: a rollback can go back to it without waiting for a new one to prove
+    # itself, or even for a report.
+    adopted = [e for e in journal.events("amnesia", "stable") if e.data["source"] == "register"]
+    assert adopted and adopted[0].id < reports[0].id
+    assert adopted[0].step in regs[-1].data["checkpoints"]
     # Nothing lifted the cut: every lr multiplier commanded is at most the one in force.
     assert all(c.data["scale"].get("lr", 0.5) <= 0.5 + 1e-12 for c in commands)
     assert lr_after <= 0.025 + 1e-12

@@ -304,6 +304,35 @@ def test_a_re_registration_mid_sweep_leaves_the_live_sweep_running():
     assert d.schedules is None and st.live == {"lr": sweep}
 
 
+def test_a_run_resumed_mid_sweep_in_a_new_process_ends_the_phase_at_its_starting_lr():
+    """A new process resumed from the user's checkpoint saved mid-sweep holds none of the
+    old one's checkpoints: the phase cannot return to its own. It ends at the first
+    report after the resume, at the LR in force at its checkpoint, its live sweep stopped;
+    nothing is restored and no other rollback is ordered."""
+    c = client(checkpoints=(0,))
+    st = c.state
+    engine = Engine([LrRangeTest({"when": "always", "min_lr": 1e-5, "max_lr": 1e-1})], WIDE,
+                    live_schedules=True)
+    drive(engine, c, lambda lr: 1.0, 4)
+    assert st.phase is not None and st.phase.checkpoint == 0 and "lr" in st.live
+    swept = c.act.used().lr
+    assert swept != pytest.approx(LR)
+    # The new process: the saved knobs and live sweep, one checkpoint, at the saved step.
+    st.on_register(wire.Register(
+        job=c.job, run_id=st.run_id, step=c.step, report_every=EVERY, facts=FACTS,
+        knobs=c.act.used(), base=c.act.base(), scale=c.act.scale(),
+        applied_seq=st.applied_seq, resume=1, checkpoints=[c.step],
+        schedules=list(c.act.live.schedules)))
+    c.checkpoints = (c.step,)
+    (d,) = drive(engine, c, lambda lr: 1.0, 1)
+    assert d.rollback is None and st.phase is None
+    assert any("no longer holds the checkpoint at step 0" in r for r in d.reasons()), d.reasons()
+    assert d.schedules == () and st.live == {}
+    assert d.commands["lr"] == pytest.approx(1.0)
+    c.run(1)
+    assert c.trace[-1][1] == pytest.approx(LR)
+
+
 def test_steepest_picks_where_the_loss_falls_fastest():
     curve = [(1e-4, 1.0), (1e-3, 0.98), (1e-2, 0.6), (1e-1, 0.5), (1.0, 3.0)]
     assert pick_lr(curve, "steepest", 10.0) == 1e-2

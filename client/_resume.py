@@ -1,0 +1,174 @@
+"""trimtab's state in the user's own checkpoint: what a guard needs to resume exactly.
+
+A long run is preempted and resumed from the user's checkpoint in a new process. The
+model, optimizer and scheduler come back through their own ``state_dict``; trimtab's
+part -- the multipliers, momentum, clip and live schedules in force, the step counters,
+the last command applied, the run's identity on the controller -- comes back through
+``guard.state_dict()`` / ``guard.load_state_dict(sd)``, in torch's convention::
+
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(), "trimtab": guard.state_dict()}, path)
+    ...  # a new process
+    guard = attach(model, opt, job="gpt", scheduler=sched, ...)
+    ckpt = torch.load(path)
+    model.load_state_dict(ckpt["model"]); opt.load_state_dict(ckpt["optimizer"])
+    sched.load_state_dict(ckpt["scheduler"]); guard.load_state_dict(ckpt["trimtab"])
+
+The state is plain Python (numbers, strings, lists, dicts): it goes in a ``torch.save``
+file, a JSON file or a trainer's callback state alike. Loading it
+
+- continues the same run on the controller (its ``run_id``), which registers again as a
+  *resume* (``Register.resume``, counted): the controller sets aside what it saw after
+  the resumed step, drops stable marks this process does not hold and re-bases its
+  commands (see :meth:`~trimtab.controller.state.JobState.on_resumed`);
+- puts back the values in force, so the first step after the resume runs with the same
+  effective lr, momentum, weight decay and clip as the first step after the save would
+  have, and the live schedules continue at the resumed step;
+- continues the step counters (``global_step``, skipped steps, the report numbers) and
+  the command sequence: a command the saving process applied is never applied again;
+- replaces the snapshot taken at attach (it holds the state before the user's own was
+  loaded) by one of the resumed state, the new rollback target of last resort.
+
+Call it after loading the model's, optimizer's and scheduler's state and before the first
+step (later, it raises: the steps already taken would be counted twice).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import TYPE_CHECKING, Any
+
+from trimtab.protocol import wire
+
+if TYPE_CHECKING:
+    from ._guard_state import GuardState as Guard  # the guard's parts; _guard imports this
+
+__all__ = ["FORMAT", "state_of", "load_state"]
+
+log = logging.getLogger("trimtab.client")
+
+#: The layout of :func:`state_of`'s dict (``"format"``); a newer one is refused.
+FORMAT = 1
+
+_KEYS = ("format", "job", "run_id", "resume", "step", "calls", "report_seq", "applied_seq",
+         "should_stop", "stop_reason", "rollbacks", "controls", "live")
+_CONTROLS = ("lr_scale", "wd_scale", "lr_max", "momentum", "clip")
+
+
+def state_of(guard: Guard) -> dict[str, Any]:
+    """The guard's state to resume from (see the module docstring); reads the device once
+    on the sync-free paths mid-window (the exact count of skipped steps)."""
+    if guard._act._saved is not None:
+        raise RuntimeError("guard.state_dict() during an optimizer step; call it between steps")
+    step = guard.global_step
+    act = guard._act
+    return {
+        "format": FORMAT,
+        "job": guard.job,
+        "run_id": guard.run_id,
+        "resume": guard._resumes,
+        "step": step,
+        "calls": guard._step.calls,
+        "report_seq": guard._reporter.seq,
+        "applied_seq": guard._commands.applied_seq,
+        "should_stop": guard._commands.should_stop,
+        "stop_reason": guard._commands.stop_reason,
+        "rollbacks": guard._ckpts.rollbacks,
+        "controls": act.state_dict(),
+        "live": {"schedules": [s.model_dump(mode="json") for s in act.live.schedules],
+                 "last": dict(act.live.last)},
+    }
+
+
+def _bad(key: str, value: Any, allowed: str) -> ValueError:
+    return ValueError(f"guard.load_state_dict: {key}={value!r} is invalid; allowed: {allowed}")
+
+
+def _count(sd: dict[str, Any], key: str) -> int:
+    v = sd[key]
+    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+        raise _bad(key, v, "an int >= 0")
+    return v
+
+
+def _number(value: Any, key: str, *, optional: bool) -> float | None:
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise _bad(key, value, "a finite number" + (" or None" if optional else ""))
+    return float(value)
+
+
+def check(sd: Any, job: str) -> dict[str, Any]:
+    """The checked state (a refused one raises ``ValueError`` naming the key, the value and
+    what is allowed); nothing on the guard changes before this passes."""
+    if not isinstance(sd, dict):
+        raise TypeError(f"guard.load_state_dict expects the dict guard.state_dict() gave, "
+                        f"got {type(sd).__name__}")
+    missing = [k for k in _KEYS if k not in sd]
+    if missing:
+        raise ValueError(f"guard.load_state_dict: missing keys {missing}; is this "
+                         "guard.state_dict()'s dict?")
+    if sd["format"] != FORMAT:
+        raise _bad("format", sd["format"], f"{FORMAT} (saved by a newer trimtab?)")
+    if sd["job"] != job:
+        raise _bad("job", sd["job"], f"this guard's job {job!r} (attach with the job saved)")
+    if not isinstance(sd["run_id"], str) or not 1 <= len(sd["run_id"]) <= 64:
+        raise _bad("run_id", sd["run_id"], "a string of 1 to 64 characters")
+    for key in ("resume", "step", "calls", "report_seq", "applied_seq", "rollbacks"):
+        _count(sd, key)
+    if sd["calls"] < sd["step"]:
+        raise _bad("calls", sd["calls"], f">= step={sd['step']} (calls count skipped steps too)")
+    controls = sd["controls"]
+    if not isinstance(controls, dict) or set(controls) != set(_CONTROLS):
+        raise _bad("controls", controls, f"a dict with the keys {list(_CONTROLS)}")
+    out = {k: _number(controls[k], f"controls.{k}", optional=k not in ("lr_scale", "wd_scale"))
+           for k in _CONTROLS}
+    if out["lr_scale"] < 0 or out["wd_scale"] < 0:  # type: ignore[operator]
+        raise _bad("controls", controls, "multipliers >= 0")
+    live = sd["live"]
+    if not isinstance(live, dict) or not isinstance(live.get("schedules"), list):
+        raise _bad("live", live, "{'schedules': [...], 'last': {...}}")
+    try:
+        schedules = [wire.LiveSchedule.model_validate(s) for s in live["schedules"]]
+    except Exception as exc:
+        raise _bad("live.schedules", live["schedules"], f"live schedules ({exc})") from None
+    last = live.get("last") or {}
+    if not isinstance(last, dict):
+        raise _bad("live.last", last, "a dict of knob -> value")
+    return {**sd, "controls": out, "live": (schedules, {str(k): float(v) for k, v in
+                                                        last.items()})}
+
+
+def load_state(guard: Guard, sd: Any) -> None:
+    """Put ``sd`` (:func:`state_of`'s) back into a guard that has taken no step yet; see
+    the module docstring for what that means for the run and its controller."""
+    if guard._closed:
+        raise RuntimeError("guard.load_state_dict() after close()")
+    if guard._step.calls or guard._resumed_here:
+        raise RuntimeError("guard.load_state_dict() after the guard has stepped (or loaded a "
+                           "state already); call it once, after attach and before the first step")
+    sd = check(sd, guard.job)
+    act, step = guard._act, sd["step"]
+    act.load_state_dict(sd["controls"])  # drops the live schedules' last values
+    schedules, last = sd["live"]
+    act.live.replace(schedules)
+    act.live.last = last
+    guard._step.restart(sd["calls"], step)
+    guard._reporter.seq = sd["report_seq"]
+    guard._reporter.restart()
+    commands = guard._commands
+    commands.applied_seq = sd["applied_seq"]
+    commands.should_stop, commands.stop_reason = bool(sd["should_stop"]), sd["stop_reason"]
+    commands.note_in_force()
+    guard._ckpts.rollbacks = sd["rollbacks"]
+    guard.run_id = sd["run_id"]
+    guard._resumes = sd["resume"] + 1
+    guard._resumed_here = True
+    guard._ckpts.replace_all()  # the attach snapshot predates the state just loaded
+    guard._note_listing()
+    # Registered again, on the same link: as this run, resumed at ``step``.
+    guard._transport.reregister()
+    log.info("trimtab resumed job %s (run %s) at step %d (resume %d)", guard.job,
+             guard.run_id, step, guard._resumes)

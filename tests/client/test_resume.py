@@ -1,0 +1,215 @@
+"""guard.state_dict() / load_state_dict(): trimtab's part of the user's own checkpoint.
+
+A run saves ``{"model", "optimizer", "scheduler", "trimtab": guard.state_dict()}`` and is
+resumed in a new guard: the effective lr, momentum, weight decay and clip, the live
+schedules, the step counters and the command sequence continue; the registration says it
+is the same run, resumed, with the checkpoints the new guard holds.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from trimtab.client import Guard, attach
+from trimtab.protocol import wire
+
+JOB = "resume-test"
+
+
+class Run:
+    """A small regression trained with SGD + momentum, weight decay and a step scheduler."""
+
+    def __init__(self, seed: int = 0) -> None:
+        torch.manual_seed(seed)
+        self.model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(),
+                                         torch.nn.Linear(16, 1))
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=0.05, momentum=0.9,
+                                   weight_decay=1e-3)
+        self.sched = torch.optim.lr_scheduler.StepLR(self.opt, step_size=7, gamma=0.8)
+        g = torch.Generator().manual_seed(100)  # the same data in every process
+        self.x = torch.randn(256, 6, generator=g)
+        self.y = self.x[:, :1] * 2 - self.x[:, 1:2] + 0.1 * torch.randn(256, 1, generator=g)
+
+    def step(self, guard: Guard, i: int) -> float:
+        idx = slice((i * 32) % 256, (i * 32) % 256 + 32)
+        loss = torch.nn.functional.mse_loss(self.model(self.x[idx]), self.y[idx])
+        self.opt.zero_grad()
+        loss.backward()
+        guard.step(loss)
+        self.sched.step()
+        return loss.item()
+
+    def save(self, guard: Guard) -> dict:
+        # Deep copies, as torch.save makes: the live tensors keep changing.
+        return copy.deepcopy({"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+                              "scheduler": self.sched.state_dict(),
+                              "trimtab": guard.state_dict()})
+
+    def load(self, saved: dict) -> None:
+        self.model.load_state_dict(saved["model"])
+        self.opt.load_state_dict(saved["optimizer"])
+        self.sched.load_state_dict(saved["scheduler"])
+
+
+def _attach(run: Run, endpoint: str, **kw) -> Guard:
+    kw.setdefault("heartbeat_s", 0.05)
+    kw.setdefault("report_every", 5)
+    return attach(run.model, run.opt, job=JOB, endpoint=endpoint, scheduler=run.sched, **kw)
+
+
+def _deliver(guard: Guard, command: wire.Command) -> None:
+    """Hand a command to the guard as its transport thread does on receiving it."""
+    guard._transport._handle(command)
+
+
+def _commanded(guard: Guard, run: Run, start: int) -> int:
+    """Command multipliers, momentum, clip and a live lr schedule, and train past them."""
+    cosine = wire.LiveSchedule(knob="lr", pieces=[wire.SchedulePiece(
+        name="cosine", params={"lr": 1.0, "t_max": 200})], lo=0.05)
+    _deliver(guard, wire.Command(job=JOB, seq=3, scale=wire.ScaleTargets(weight_decay=2.0),
+                                 knobs=wire.Knobs(momentum=0.8, clip=0.7), lr_max=0.2,
+                                 schedules=[cosine]))
+    for i in range(start, start + 9):
+        run.step(guard, i)
+    return start + 9
+
+
+def test_a_resumed_guard_continues_with_the_values_counters_and_run_it_was_saved_with(
+        dead_endpoint) -> None:
+    run = Run()
+    guard = _attach(run, dead_endpoint, checkpoint_every=10)
+    i = _commanded(guard, run, 0)
+    saved = run.save(guard)
+    before = guard.knobs
+    sd = saved["trimtab"]
+    json.dumps(sd)  # plain values: a JSON file or a trainer's callback state takes it
+    assert (sd["step"], sd["applied_seq"], sd["controls"]["momentum"]) == (9, 3, 0.8)
+    # The uninterrupted run's next step, for comparison.
+    run.step(guard, i)
+    expected = guard.knobs
+    expected_params = [p.detach().clone() for p in run.model.parameters()]
+    guard.close()
+
+    again = Run(seed=7)  # a new process: other weights until the user's state is loaded
+    resumed = _attach(again, dead_endpoint, checkpoint_every=10)
+    again.load(saved)
+    resumed.load_state_dict(saved["trimtab"])
+    assert (resumed.global_step, resumed.applied_seq, resumed.run_id) == (9, 3, guard.run_id)
+    # Before its first step a guard tells what a step would use now (the scheduler has
+    # moved the user's lr on since the save): all but the lr are the saved ones.
+    now = resumed.knobs
+    assert (now.momentum, now.weight_decay, now.clip) == (before.momentum, before.weight_decay,
+                                                          before.clip)
+    assert resumed.scale.weight_decay == 2.0 and resumed.clip == 0.7
+    again.step(resumed, i)
+    # The first step after the resume ran with the values the uninterrupted run's did
+    # (the live cosine schedule continued at step 9, under the lr cap), and landed on
+    # the same weights.
+    assert resumed.knobs == expected
+    assert all(torch.allclose(p, q) for p, q in
+               zip(again.model.parameters(), expected_params, strict=True))
+    # An old command is acknowledged, never applied again.
+    _deliver(resumed, wire.Command(job=JOB, seq=3, knobs=wire.Knobs(momentum=0.5)))
+    again.step(resumed, i + 1)
+    assert resumed.knobs.momentum == 0.8 and resumed.applied_seq == 3
+    resumed.close()
+
+
+def test_the_resumed_guard_registers_as_the_same_run_resumed_with_its_checkpoints(
+        fake_controller) -> None:
+    run = Run()
+    guard = _attach(run, fake_controller.endpoint, checkpoint_every=5)
+    for i in range(12):
+        run.step(guard, i)
+    saved = run.save(guard)
+    guard.close()
+
+    again = Run(seed=3)
+    resumed = _attach(again, fake_controller.endpoint, checkpoint_every=5)
+    fake_controller.wait_for(lambda c: any(r.run_id != guard.run_id
+                                           for r in c.of_type(wire.Register)))
+    again.load(saved)
+    resumed.load_state_dict(saved["trimtab"])
+    fake_controller.wait_for(lambda c: c.of_type(wire.Register)[-1].resume == 1)
+    reg = fake_controller.of_type(wire.Register)[-1]
+    assert (reg.run_id, reg.step, reg.applied_seq) == (guard.run_id, 12, 0)
+    # The snapshot taken at attach (the new process's weights before the load) is gone:
+    # the one held is of the resumed state, at the resumed step.
+    assert reg.checkpoints == [12] and reg.stable_step is None
+    assert resumed.checkpoints == [12]
+    for i in range(12, 16):
+        again.step(resumed, i)
+    # Reports continue the saved numbering (a controller refuses a report seq it has seen).
+    fake_controller.wait_for(lambda c: bool(c.of_type(wire.Report)
+                                            and c.of_type(wire.Report)[-1].step >= 15),
+                             while_waiting=lambda: again.step(resumed, 0))
+    seqs = [r.seq for r in fake_controller.of_type(wire.Report)]
+    assert seqs[-1] > saved["trimtab"]["report_seq"]
+    resumed.close()
+
+
+def test_a_rollback_after_a_resume_restores_the_resumed_state_not_the_attach_one(
+        dead_endpoint) -> None:
+    run = Run()
+    guard = _attach(run, dead_endpoint, checkpoint_every=50)
+    for i in range(20):
+        run.step(guard, i)
+    saved = run.save(guard)
+    guard.close()
+
+    again = Run(seed=11)
+    resumed = _attach(again, dead_endpoint, checkpoint_every=50)
+    again.load(saved)
+    resumed.load_state_dict(saved["trimtab"])
+    for i in range(20, 30):
+        again.step(resumed, i)
+    _deliver(resumed, wire.Command(job=JOB, seq=1, mark_stable=20, rollback_to=20))
+    again.step(resumed, 30)
+    assert resumed.global_step == 20 and resumed.rollbacks == 1
+    assert all(torch.equal(p, saved["model"][k]) for k, p in again.model.state_dict().items())
+    resumed.close()
+
+
+def test_a_bad_state_is_refused_with_its_key_and_nothing_changes(dead_endpoint) -> None:
+    run = Run()
+    guard = _attach(run, dead_endpoint, checkpoint_every=0)
+    for i in range(3):
+        run.step(guard, i)
+    sd = guard.state_dict()
+    guard.close()
+    fresh = _attach(Run(), dead_endpoint, checkpoint_every=0)
+    run_id = fresh.run_id
+    cases = [
+        ({**sd, "job": "other"}, r"job='other' is invalid; allowed: this guard's job"),
+        ({**sd, "format": 2}, r"format=2 is invalid; allowed: 1"),
+        ({**sd, "step": -1}, r"step=-1 is invalid; allowed: an int >= 0"),
+        ({**sd, "calls": 1}, r"calls=1 is invalid; allowed: >= step=3"),
+        ({**sd, "controls": {**sd["controls"], "clip": float("nan")}},
+         r"controls.clip=nan is invalid; allowed: a finite number or None"),
+        ({k: v for k, v in sd.items() if k != "live"}, r"missing keys \['live'\]"),
+    ]
+    for bad, message in cases:
+        with pytest.raises(ValueError, match=message):
+            fresh.load_state_dict(bad)
+    with pytest.raises(TypeError, match="expects the dict guard.state_dict"):
+        fresh.load_state_dict([1, 2])
+    assert (fresh.run_id, fresh.global_step) == (run_id, 0)
+    fresh.load_state_dict(sd)
+    assert fresh.global_step == 3
+    with pytest.raises(RuntimeError, match="call it once"):
+        fresh.load_state_dict(sd)
+    fresh.close()
+
+
+def test_loading_after_the_first_step_is_refused(dead_endpoint) -> None:
+    run = Run()
+    guard = _attach(run, dead_endpoint, checkpoint_every=0)
+    sd = guard.state_dict()
+    run.step(guard, 0)
+    with pytest.raises(RuntimeError, match="before the first step"):
+        guard.load_state_dict(sd)
+    guard.close()

@@ -1,0 +1,136 @@
+"""A run resumed in a new process from the user's checkpoint (``guard.load_state_dict``):
+the controller follows it, driven with frames (no sockets)."""
+
+from __future__ import annotations
+
+import pytest
+
+from trimtab.controller.journal import Journal
+from trimtab.protocol import wire
+
+from .test_handler import PEER, decoded, in_force, make
+
+FACTS = wire.ScaleFacts(param_count=100, group_sizes=[100], optimizer="SGD", dtype="float32",
+                        device="cpu")
+
+
+def register(run_id="r1", step=0, applied_seq=0, resume=0, checkpoints=(), stable=None,
+             lr=1.0) -> bytes:
+    return wire.encode(wire.Register(
+        job="j1", run_id=run_id, step=step, report_every=10, applied_seq=applied_seq,
+        facts=FACTS, resume=resume, checkpoints=list(checkpoints), stable_step=stable,
+        schedules=[], **in_force(lr)))
+
+
+def report(seq, step, loss=1.0, nonfinite=0, applied_seq=0, lr=1.0, checkpoints=(),
+           stable=None) -> bytes:
+    return wire.encode(wire.Report(
+        job="j1", seq=seq, step=step, window=10, loss_mean=loss, loss_last=loss, loss_min=loss,
+        loss_max=loss, grad_norm_mean=1.0, grad_norm_max=1.0, grad_norm_std=0.0,
+        nonfinite_grads=nonfinite, applied_seq=applied_seq, checkpoints=list(checkpoints),
+        stable_step=stable, **in_force(lr)))
+
+
+def _first_run(ctl):
+    """r1 trains to step 300 with checkpoints every 100; a non-finite window at step 250
+    cuts the lr (command 1, applied); stable marks come with the healthy windows."""
+    ctl.handle(PEER, register(checkpoints=[0]))
+    stable, applied, lr = None, 0, 1.0
+    for seq in range(1, 31):
+        step = seq * 10
+        listed = [s for s in (0, 100, 200, 300) if s <= step]
+        for cmd in decoded(ctl.handle(PEER, report(seq, step, nonfinite=3 if step == 250 else 0,
+                                                   applied_seq=applied, lr=lr,
+                                                   checkpoints=listed, stable=stable))):
+            if isinstance(cmd, wire.Command):
+                applied = cmd.seq
+                lr = cmd.scale.lr if cmd.scale.lr is not None else lr
+                stable = cmd.mark_stable if cmd.mark_stable is not None else stable
+                ctl.handle(PEER, wire.encode(wire.Ack(
+                    job="j1", seq=cmd.seq, step=step, **in_force(lr))))
+    return applied, lr
+
+
+def test_a_run_resumed_from_an_older_checkpoint_is_followed_from_there(tmp_path):
+    ctl, _ = make(tmp_path)
+    applied, lr = _first_run(ctl)
+    st = ctl.jobs["j1"]
+    assert lr == pytest.approx(0.5) and st.step == 300 and st.rollback.stable
+    seq_before = st.command_seq
+    # The process is preempted. A new one attaches (a new run id, before it loads the
+    # user's state) and then resumes the saved run at step 120, saved before the cut.
+    ctl.handle(PEER, register(run_id="fresh"))
+    assert ctl.jobs["j1"].run_id == "fresh"
+    replies = decoded(ctl.handle(PEER, register(step=120, applied_seq=0, resume=1,
+                                                checkpoints=[120], lr=1.0)))
+    st = ctl.jobs["j1"]
+    reg = ctl.journal.events("j1", "register")[-1]
+    assert reg.data["resumed"] == "resume" and reg.data["resume"] == 1
+    # The run's state came back (from the retired runs), and went back to step 120: what
+    # was seen after it is set aside, the knobs are the registration's (the cut at step
+    # 250 never happened for this process), and the old stable marks are gone.
+    assert st.run_id == "r1" and st.resumes == 1 and st.step == 120
+    assert all(s.step <= 120 for s in st.history) and st.last_report is None
+    assert st.knobs.lr == 1.0 and st.applied_seq == 0
+    assert st.rollback.checkpoints == [120] and st.rollback.stable == []
+    assert st.pending_command is None
+    assert not any(isinstance(r, wire.Command) and r.seq <= seq_before for r in replies)
+    # The resumed process numbers its reports from its save: accepted, observed.
+    out = decoded(ctl.handle(PEER, report(13, 130, checkpoints=[120])))
+    assert not any(isinstance(r, wire.Error) for r in out)
+    assert st.last_report is not None and st.last_report.step == 130
+    # A fault now: the next command continues the sequence, and cuts from the
+    # registration's multiplier.
+    (cmd,) = [r for r in decoded(ctl.handle(PEER, report(14, 140, nonfinite=3,
+                                                         checkpoints=[120])))
+              if isinstance(r, wire.Command)]
+    assert cmd.seq > seq_before and cmd.scale.lr == pytest.approx(0.5)
+
+
+def test_the_same_resume_registering_again_sets_nothing_aside_twice(tmp_path):
+    ctl, _ = make(tmp_path)
+    _first_run(ctl)
+    ctl.handle(PEER, register(step=120, resume=1, checkpoints=[120]))
+    for seq in range(13, 20):
+        ctl.handle(PEER, report(seq, seq * 10, checkpoints=[120]))
+    st = ctl.jobs["j1"]
+    seen = len(st.history)
+    # A reconnect of the resumed process: the same resume count, a later step.
+    ctl.handle(PEER, register(step=190, resume=1, checkpoints=[120]))
+    assert st.step == 190 and len(st.history) == seen
+    assert ctl.journal.events("j1", "register")[-1].data["resumed"] == "live"
+
+
+def test_a_restarted_controller_follows_a_resume_from_its_journal(tmp_path):
+    ctl, _ = make(tmp_path)
+    _first_run(ctl)
+    ctl.handle(PEER, register(run_id="fresh"))
+    ctl.close()
+    # A new controller on the same journal: the resumed run is found among the retired.
+    again, _ = make(tmp_path)
+    again.handle(PEER, register(step=200, resume=1, checkpoints=[200], stable=None))
+    st = again.jobs["j1"]
+    assert st.run_id == "r1" and st.step == 200 and st.reports_seen == 30
+    assert again.journal.events("j1", "register")[-1].data["resumed"] == "resume"
+
+
+def test_a_registration_lists_the_clients_checkpoints_and_adopts_its_stable_mark(tmp_path):
+    """A controller that starts after the run learns its checkpoints and stable mark from
+    the registration: a rollback can go to it before the first report."""
+    ctl, _ = make(tmp_path)
+    ctl.handle(PEER, register(step=400, checkpoints=[200, 300, 400], stable=300))
+    rb = ctl.jobs["j1"].rollback
+    assert rb.checkpoints == [200, 300, 400] and rb.stable == [300]
+    (ev,) = ctl.journal.events("j1", "stable")
+    assert (ev.step, ev.data["source"]) == (300, "register")
+
+
+def test_retired_run_states_are_kept_per_job_up_to_a_bound(tmp_path):
+    j = Journal(str(tmp_path / "r.db"))
+    for i in range(7):
+        j.retire_state("a", f"run{i}", {"run_id": f"run{i}", "i": i})
+    j.retire_state("b", "run0", {"run_id": "run0", "i": 99})
+    assert j.load_run_state("a", "run6") == {"run_id": "run6", "i": 6}
+    assert j.load_run_state("a", "run0") is None  # only the newest few are kept
+    assert j.load_run_state("b", "run0")["i"] == 99
+    j.close()

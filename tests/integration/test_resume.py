@@ -1,0 +1,109 @@
+"""A run preempted and resumed in a new process from the user's own checkpoint, attached
+to a real ``trimtab serve`` (each process is a real subprocess: tests/integration/
+resume_worker.py).
+
+The user's checkpoint holds ``guard.state_dict()`` beside the model's, optimizer's and
+scheduler's; the resumed process loads it after ``attach``. The run ends as the
+uninterrupted one does, every step after the resume uses the knobs the uninterrupted run's
+step used, and the controller follows the resume: from the step saved even when the old
+process ran on past it, with no command applied twice and no stable mark of the old
+process used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .support import free_port
+
+#: The controller halves trimtab's lr multiplier every 100 steps (a live schedule sent at
+#: registration): the knobs in force change over the run, and must continue exactly.
+CONFIG = """
+[[policies]]
+name = "step_decay"
+config = { step_size = 100, gamma = 0.5 }
+
+[governor.lr]
+cooldown_steps = 0
+"""
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _worker(endpoint: str, workdir: Path, *args: str) -> dict:
+    name = f"p{len(list(workdir.glob('p*.json')))}"
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.integration.resume_worker", endpoint, str(workdir),
+         "--name", name, *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads((workdir / f"{name}.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> dict:
+    from .support import start_serve
+
+    tmp = tmp_path_factory.mktemp("whole")
+    srv = start_serve(tmp, free_port(), free_port(), CONFIG)
+    try:
+        return _worker(srv.endpoint, tmp, "--until", "300")
+    finally:
+        srv.proc.terminate()
+        srv.proc.wait(timeout=10)
+
+
+def _knobs_by_step(run: dict) -> dict[int, dict]:
+    return {step: knobs for step, knobs, _ in run["used"]}
+
+
+@pytest.mark.parametrize("ran_to", [150, 220], ids=["at-the-save", "past-the-save"])
+def test_a_run_resumed_in_a_new_process_ends_as_the_uninterrupted_one(
+        serve_factory, tmp_path, uninterrupted, ran_to):
+    srv = serve_factory(CONFIG)
+    first = _worker(srv.endpoint, tmp_path, "--until", str(ran_to), "--save-at", "150",
+                    "--die")
+    journal = srv.journal()
+    before = journal.events("resumable")
+    sent_before = [e.seq for e in before if e.kind == "command"]
+    assert first["step"] == ran_to and sent_before
+    second = _worker(srv.endpoint, tmp_path, "--until", "300", "--resume")
+
+    # Within 2% of the uninterrupted run's final loss (in fact the same run).
+    assert second["final"] == pytest.approx(uninterrupted["final"], rel=0.02)
+    # Every step after the resume used the knobs the uninterrupted run's step used: the
+    # live schedule, multipliers, momentum and clip continued from the save.
+    whole, resumed = _knobs_by_step(uninterrupted), _knobs_by_step(second)
+    assert sorted(resumed) == list(range(151, 301))
+    for step in (151, 152, 200, 201, 300):
+        assert resumed[step] == pytest.approx(whole[step], rel=1e-9), step
+    assert resumed[201]["lr"] < resumed[199]["lr"]  # the schedule halved it at step 200
+    # The controller followed the same run, resumed at the step saved.
+    events = journal.events("resumable")
+    regs = [e for e in events if e.kind == "register"]
+    resume = next(e for e in regs if e.data["resumed"] == "resume")
+    assert resume.step == 150 and resume.data["run_id"] == first["run_id"] == second["run_id"]
+    assert resume.data["checkpoints"] == [150]
+    after = [e for e in events if e.id > resume.id]
+    # Nothing applied twice: commands after the resume continue the sequence, and the new
+    # process applied each command once, in order.
+    cmds = [e for e in after if e.kind == "command"]
+    assert all(c.seq > max(sent_before) for c in cmds)
+    applied = [seq for _, _, seq in second["used"]]
+    assert applied == sorted(applied) and applied[0] == first["used"][149][2]
+    # No stable mark of the old process is used: marks and rollbacks after the resume name
+    # only checkpoints the new process holds (from step 150 on).
+    named = [c.data.get(k) for c in cmds for k in ("mark_stable", "rollback_to")]
+    assert all(s is None or s >= 150 for s in named)
+    assert not [e for e in after if e.kind == "rollback"]
+    # Reports of the new process were observed (none refused as stale or abandoned).
+    reports = [e for e in after if e.kind == "report"]
+    assert reports and reports[0].step > 150
+    assert not [e for e in after if e.kind in ("abandoned", "stale")]
