@@ -10,9 +10,12 @@
 >>> guard.close()  # doctest: +SKIP
 
 Checkpoints and rollback: ``attach(..., checkpoint_every=100, keep=3,
-checkpoint_dir="ckpt", scheduler=sched, on_rollback=loader_seek)``; to resume after a
-crash, ``load_stable("ckpt").restore(model, optimizer, sched)`` (a model sharded with
-FSDP2: ``load_sharded("ckpt", model, optimizer)`` on every rank).
+checkpoint_dir="ckpt", scheduler=sched, on_rollback=loader_seek)``. Resuming from your own
+checkpoint in a new process: save ``guard.state_dict()`` in it, and call
+``guard.load_state_dict(...)`` after ``attach`` and your other ``load_state_dict`` calls
+(see :mod:`trimtab.client._resume`); from trimtab's own files,
+``load_stable("ckpt").restore(model, optimizer, sched)`` (a model sharded with FSDP2:
+``load_sharded("ckpt", model, optimizer)`` on every rank).
 
 A loop that cannot change: ``attach(..., hooks=True)`` guards the loop's own
 ``optimizer.step()`` through the optimizer's step hooks, with ``guard.observe_loss(loss)``;

@@ -201,6 +201,7 @@ class Guard(GuardState):
         # Resumes of this run from a saved guard state (see trimtab.client._resume).
         self._resumes = 0
         self._resumed_here = False
+        self._resume_step: int | None = None
         self.report_every = report_every
         # The knobs: multipliers on the user's lr and weight decay, momentum, clip.
         self._act = Actuator(optimizer, None if clip is None else float(clip))
@@ -353,6 +354,7 @@ class Guard(GuardState):
             job=self.job, run_id=self.run_id, step=self._host_step(),
             report_every=self.report_every, facts=self.facts, knobs=knobs, base=base,
             scale=scale, applied_seq=self.applied_seq, resume=self._resumes,
+            resume_step=self._resume_step,
             checkpoints=checkpoints, stable_step=stable,
             schedules=list(self._act.live.schedules),
         )

@@ -48,6 +48,7 @@ class GuardState:
     run_id: str
     _resumes: int  # resumes of this run from a saved guard state (see _resume)
     _resumed_here: bool
+    _resume_step: int | None
 
     def _note_listing(self) -> None:  # the guard's: the checkpoints its registration lists
         raise NotImplementedError

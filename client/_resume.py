@@ -166,6 +166,7 @@ def load_state(guard: Guard, sd: Any) -> None:
     guard.run_id = sd["run_id"]
     guard._resumes = sd["resume"] + 1
     guard._resumed_here = True
+    guard._resume_step = step
     guard._ckpts.replace_all()  # the attach snapshot predates the state just loaded
     guard._note_listing()
     # Registered again, on the same link: as this run, resumed at ``step``.

@@ -26,6 +26,14 @@ Rules:
 - Rollback: model, optimizer and scheduler are restored in place at a step boundary;
   the Trainer owns the loop, so ``state.global_step``, the epoch and the data loader
   are not rewound.
+- Resume: the callback is an ``ExportableState``: trimtab's state (``guard.state_dict()``,
+  see :mod:`trimtab.client._resume`) goes into every checkpoint's ``trainer_state.json``,
+  and ``trainer.train(resume_from_checkpoint=...)`` loads it back in ``on_train_begin``
+  (the Trainer has restored model, optimizer and scheduler by then), before the first
+  step. It does so whether or not ``restore_callback_states_from_checkpoint`` is set;
+  when it is, the Trainer re-creates the callback from its saved arguments, which keep
+  only the options that are plain values (an ``on_rollback`` function, a ZeroMQ context
+  are not saved: leave that setting off to keep them).
 
 >>> from trimtab.client.hf import TrimtabCallback
 >>> callback = TrimtabCallback(job="my-run", endpoint="tcp://127.0.0.1:5555")
@@ -35,6 +43,7 @@ Rules:
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Mapping
@@ -42,6 +51,7 @@ from typing import Any
 
 try:
     from transformers import TrainerCallback
+    from transformers.trainer_callback import ExportableState
 except ImportError:  # pragma: no cover - the extra is not installed
     raise ImportError('trimtab.client.hf needs transformers: pip install "trimtab[hf]"') from None
 
@@ -55,7 +65,7 @@ __all__ = ["TrimtabCallback"]
 log = logging.getLogger("trimtab.client")
 
 
-class TrimtabCallback(TrainerCallback):
+class TrimtabCallback(TrainerCallback, ExportableState):
     """Attach each ``train()`` to a trimtab controller; ``options`` are ``attach()``'s.
 
     ``job`` is required; ``hooks`` is always on and ``scheduler`` defaults to the
@@ -70,6 +80,19 @@ class TrimtabCallback(TrainerCallback):
         self.options = options
         self.guard: Guard | None = None
         self._forward_hook: Any = None
+        #: trimtab's state to resume from (set by the Trainer when it re-creates the
+        #: callback from a checkpoint; else read from the resumed ``TrainerState``).
+        self.resume_state: dict[str, Any] | None = None
+
+    def state(self) -> dict[str, Any]:
+        """The ``ExportableState`` the Trainer saves with each checkpoint (JSON): this
+        callback's plain-valued arguments, and the guard's state."""
+        guard = self.guard
+        saved = (guard.state_dict() if guard is not None and not guard._closed
+                 else self.resume_state)
+        args = {"job": self.job, "monitor": self.monitor,
+                **{k: v for k, v in self.options.items() if _plain(v)}}
+        return {"args": args, "attributes": {"resume_state": saved}}
 
     def on_train_begin(
         self,
@@ -100,6 +123,10 @@ class TrimtabCallback(TrainerCallback):
             )
         self.guard = Guard(model, inner, job=self.job, hooks=True, **options)
         self._forward_hook = model.register_forward_hook(self._observe)
+        saved = self.resume_state or _saved_state(state, type(self).__name__)
+        self.resume_state = None
+        if saved is not None and getattr(state, "global_step", 0) > 0:
+            self.guard.load_state_dict(saved)
 
     def _observe(self, module: torch.nn.Module, inputs: Any, output: Any) -> None:
         guard = self.guard
@@ -139,6 +166,26 @@ class TrimtabCallback(TrainerCallback):
             self._forward_hook = None
         if self.guard is not None:
             self.guard.close()
+
+
+def _plain(value: Any) -> bool:
+    """Whether ``value`` is a plain JSON value (what a TrainerState file can hold)."""
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def _saved_state(state: Any, name: str) -> dict[str, Any] | None:
+    """trimtab's state in a resumed ``TrainerState`` (its ``stateful_callbacks``)."""
+    entry = (getattr(state, "stateful_callbacks", None) or {}).get(name)
+    if isinstance(entry, list):
+        entry = entry[0] if entry else None
+    if not isinstance(entry, dict):
+        return None
+    saved = (entry.get("attributes") or {}).get("resume_state")
+    return saved if isinstance(saved, dict) else None
 
 
 def _unwrap(optimizer: Any) -> torch.optim.Optimizer:

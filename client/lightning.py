@@ -20,6 +20,12 @@ Rules:
 - Rollback: model and optimizer (and the scheduler) are restored in place at a step
   boundary; Lightning owns the loop, so ``trainer.global_step`` and the epoch and batch
   counters are not rewound, and the data loader is not repositioned.
+- Resume: trimtab's state (``guard.state_dict()``, see :mod:`trimtab.client._resume`) is
+  the callback's state in every checkpoint Lightning saves; ``trainer.fit(model,
+  ckpt_path=...)`` with a ``TrimtabCallback`` of the same ``job`` loads it back in
+  ``on_train_start``, once Lightning has restored the optimizer and scheduler and before
+  the first step: the run continues with its knobs, counters and live schedules, as the
+  same run on the controller.
 
 >>> from trimtab.client.lightning import TrimtabCallback
 >>> callback = TrimtabCallback(job="my-run", endpoint="tcp://127.0.0.1:5555", clip=1.0)
@@ -67,6 +73,25 @@ class TrimtabCallback(pl.Callback):
         self.monitor = monitor
         self.options = options
         self.guard: Guard | None = None
+        # trimtab's state from the checkpoint a fit resumes from (None: a fresh fit).
+        self._resume: dict[str, Any] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """trimtab's part of a Lightning checkpoint: the guard's state (between steps)."""
+        guard = self.guard
+        if guard is None or guard._closed:
+            return {} if self._resume is None else {"guard": self._resume}
+        return {"guard": guard.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Lightning restores a checkpoint: keep trimtab's state for ``on_train_start``
+        (the optimizer and scheduler are restored after ``on_fit_start``)."""
+        self._resume = state_dict.get("guard")
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.guard is not None and self._resume is not None:
+            self.guard.load_state_dict(self._resume)
+            self._resume = None
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         optimizers = trainer.optimizers

@@ -184,9 +184,9 @@ class Controller:
         self._touch(rec, peer)
         if msg.resume > state.resumes:
             resumed = "resume"  # the run, resumed in a new process from the user's checkpoint
+            at = msg.step if msg.resume_step is None else msg.resume_step
             log.warning("job %s resumed at step %d (resume %d): %d steps the controller saw "
-                        "after it set aside", msg.job, msg.step, msg.resume,
-                        max(state.step - msg.step, 0))
+                        "after it set aside", msg.job, at, msg.resume, max(state.step - at, 0))
         self.journal.append(msg.job, "register", step=msg.step, data={
             "resumed": resumed, "key": rec.owner,
             **msg.model_dump(mode="json", exclude={"type", "v", "job", "step"})})

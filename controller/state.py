@@ -244,7 +244,8 @@ class JobState(Persisted):
         return self.rollback.note_registered(msg.step, msg.checkpoints, msg.stable_step, seen)
 
     def on_resumed(self, msg: wire.Register) -> None:
-        """This run was resumed in a new process from the user's checkpoint at ``msg.step``
+        """This run was resumed in a new process from the user's checkpoint at
+        ``msg.resume_step``
         (``guard.load_state_dict``), maybe an older one than the controller last saw: what
         it saw after that step is set aside as it is after a rollback (the signals, reports
         and validation results; the knob changes, which now never happened), the reports'
@@ -254,7 +255,7 @@ class JobState(Persisted):
         (:meth:`RollbackState.note_resumed`). Sequence numbers keep growing: a new command
         is never mistaken for one the process already applied.
         """
-        step = msg.step
+        step = msg.step if msg.resume_step is None else min(msg.resume_step, msg.step)
         self.resumes = msg.resume
         self.step = step
         self.tracker.rewind(step)

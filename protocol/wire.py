@@ -111,6 +111,9 @@ class Register(_Model):
     #: a new process; a registration with more than the controller has seen is a resume,
     #: at ``step``: what the controller saw after it belongs to a trajectory set aside.
     resume: Count = 0
+    #: With ``resume``: the step the run was resumed at (its save's); ``step`` is where the
+    #: run is when the registration goes out, maybe a few steps on.
+    resume_step: Count | None = None
     #: Steps of the checkpoints this client can restore, oldest first, and the newest the
     #: controller marked stable (as a report lists them), so that a controller that starts
     #: or restarts, or follows a resume, knows them before the first report.

@@ -87,21 +87,22 @@ class LrRecorder(transformers.TrainerCallback):
         self.handle.remove()
 
 
-def _train(tmp_path, callbacks: list, max_steps: int, eval_dataset=None, **kw):
-    args = transformers.TrainingArguments(
-        output_dir=str(tmp_path / "out"),
-        max_steps=max_steps,
-        per_device_train_batch_size=16,
-        learning_rate=0.05,
-        optim="sgd",
-        report_to=[],
-        save_strategy="no",
-        logging_strategy="no",
-        use_cpu=True,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
+def _train(tmp_path, callbacks: list, max_steps: int, eval_dataset=None, resume_from=None,
+           **kw):
+    args = transformers.TrainingArguments(**{
+        "output_dir": str(tmp_path / "out"),
+        "max_steps": max_steps,
+        "per_device_train_batch_size": 16,
+        "learning_rate": 0.05,
+        "optim": "sgd",
+        "report_to": [],
+        "save_strategy": "no",
+        "logging_strategy": "no",
+        "use_cpu": True,
+        "disable_tqdm": True,
+        "dataloader_num_workers": 0,
         **kw,
-    )
+    })
     model = TinyRegressor(TinyConfig())
     recorder = LrRecorder()
     trainer = transformers.Trainer(
@@ -111,7 +112,7 @@ def _train(tmp_path, callbacks: list, max_steps: int, eval_dataset=None, **kw):
         eval_dataset=eval_dataset,
         callbacks=[*callbacks, recorder],
     )
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume_from)
     return trainer, model, recorder.lrs
 
 
@@ -219,3 +220,48 @@ def test_options_are_checked() -> None:
         TrimtabCallback(job="hf", hooks=True)
     with pytest.raises(ValueError, match=r"monitor=3 is invalid; allowed: None or a metric"):
         TrimtabCallback(job="hf", monitor=3)
+
+
+@pytest.mark.parametrize("recreate", [False, True], ids=["kept", "re-created"])
+def test_training_resumed_from_a_trainer_checkpoint_continues_trimtabs_state(
+        tmp_path, fake_controller, recreate) -> None:
+    """trimtab's state goes into the Trainer's checkpoints (trainer_state.json) and comes
+    back with ``resume_from_checkpoint``, whether the Trainer keeps the callback given or
+    re-creates it from its saved arguments (``restore_callback_states_from_checkpoint``)."""
+    first = TrimtabCallback(job="hf", endpoint=fake_controller.endpoint, report_every=5,
+                            heartbeat_s=0.05, clip=5.0)
+
+    class Command(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 10:
+                fake_controller.wait_for(lambda c: c.of_type(wire.Register))
+                fake_controller.send(wire.Command(
+                    job="hf", seq=1, scale=wire.ScaleTargets(lr=0.5),
+                    knobs=wire.Knobs(clip=2.0)))
+            if state.global_step == 40:  # preempted (the schedule is the 60 steps' one)
+                control.should_training_stop = True
+
+    kw = {"save_strategy": "steps", "save_steps": 30, "lr_scheduler_type": "linear"}
+    _train(tmp_path, [first, Command()], 60, **kw)
+    assert first.guard.applied_seq == 1
+    registered = len(fake_controller.of_type(wire.Register))
+
+    second = TrimtabCallback(job="hf", endpoint=fake_controller.endpoint, report_every=5,
+                             heartbeat_s=0.05, clip=5.0)
+    trainer, _, lrs = _train(tmp_path, [second], 60,
+                             resume_from=str(tmp_path / "out" / "checkpoint-30"),
+                             restore_callback_states_from_checkpoint=recreate, **kw)
+    (callback,) = [c for c in trainer.callback_handler.callbacks
+                   if isinstance(c, TrimtabCallback)]
+    assert (callback is second) != recreate
+    guard = callback.guard
+    assert guard.run_id == first.guard.run_id and guard.global_step == 60
+    assert guard.applied_seq == 1
+    assert guard.clip == 2.0 and guard.scale.lr == 0.5
+    assert guard.knobs.lr == pytest.approx(0.5 * 0.05 * (1 - 59 / 60))
+    if not recreate:  # (a re-created callback's step hook runs after the recorder's)
+        # Every step after the resume ran at the Trainer's (linear) lr times the multiplier.
+        assert len(lrs) == 30 and all(lr == pytest.approx(0.5 * 0.05 * (1 - (30 + t) / 60))
+                                      for t, lr in enumerate(lrs))
+    fake_controller.wait_for(lambda c: any(
+        r.resume == 1 for r in c.of_type(wire.Register)[registered:]))

@@ -167,3 +167,50 @@ def test_monitored_metric_goes_to_the_controller(fake_controller) -> None:
     reported = [r.validation for r in fake_controller.of_type(wire.Report) if r.validation]
     # Each goes with the next report; the last validation (at step 40) has none after it.
     assert len(seen) == 4 and reported == pytest.approx(seen[:3])
+
+
+def test_a_fit_resumed_from_a_lightning_checkpoint_continues_trimtabs_state(
+        fake_controller, tmp_path) -> None:
+    """trimtab's state is the callback's part of Lightning's checkpoint: a new fit from it
+    (a new module, callback and trainer, as in a new process) continues with the knobs the
+    controller commanded, the step counters and the same run on the controller, without
+    the command being sent again."""
+    first = TrimtabCallback(job="pl", endpoint=fake_controller.endpoint, report_every=5,
+                            heartbeat_s=0.05, clip=5.0)
+
+    class Command(pl.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == 10:
+                fake_controller.wait_for(lambda c: c.of_type(wire.Register))
+                fake_controller.send(wire.Command(
+                    job="pl", seq=1, scale=wire.ScaleTargets(lr=0.5),
+                    knobs=wire.Knobs(momentum=0.8, clip=2.0)))
+
+    saver = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=30,
+                                         save_top_k=-1, filename="{step}")
+
+    def trainer(callbacks, steps):
+        return pl.Trainer(max_steps=steps, accelerator="cpu", logger=False,
+                          enable_progress_bar=False, enable_model_summary=False,
+                          callbacks=callbacks, default_root_dir=tmp_path / "root")
+
+    trainer([first, Command(), saver], 40).fit(Regression(), _loader())
+    assert first.guard.applied_seq == 1 and first.guard.knobs.momentum == 0.8
+    (ckpt,) = tmp_path.glob("step=30*.ckpt")
+    registered = len(fake_controller.of_type(wire.Register))
+
+    second = TrimtabCallback(job="pl", endpoint=fake_controller.endpoint, report_every=5,
+                             heartbeat_s=0.05, clip=5.0)
+    resumed = trainer([second], 60)
+    resumed.fit(Regression(), _loader(), ckpt_path=str(ckpt))
+    guard = second.guard
+    assert guard.run_id == first.guard.run_id
+    assert guard.global_step == resumed.global_step == 60
+    assert guard.applied_seq == 1
+    knobs = guard.knobs
+    assert (knobs.lr, knobs.momentum, knobs.clip) == (pytest.approx(0.025), 0.8, 2.0)
+    fake_controller.wait_for(lambda c: any(
+        r.resume == 1 for r in c.of_type(wire.Register)[registered:]))
+    reg = next(r for r in fake_controller.of_type(wire.Register)[registered:] if r.resume)
+    assert (reg.run_id, reg.resume_step, reg.applied_seq) == (first.guard.run_id, 30, 1)
+    assert reg.step >= 30 and reg.checkpoints == [30]

@@ -136,7 +136,7 @@ def test_the_resumed_guard_registers_as_the_same_run_resumed_with_its_checkpoint
     resumed.load_state_dict(saved["trimtab"])
     fake_controller.wait_for(lambda c: c.of_type(wire.Register)[-1].resume == 1)
     reg = fake_controller.of_type(wire.Register)[-1]
-    assert (reg.run_id, reg.step, reg.applied_seq) == (guard.run_id, 12, 0)
+    assert (reg.run_id, reg.step, reg.resume_step, reg.applied_seq) == (guard.run_id, 12, 12, 0)
     # The snapshot taken at attach (the new process's weights before the load) is gone:
     # the one held is of the resumed state, at the resumed step.
     assert reg.checkpoints == [12] and reg.stable_step is None

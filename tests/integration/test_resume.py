@@ -89,7 +89,8 @@ def test_a_run_resumed_in_a_new_process_ends_as_the_uninterrupted_one(
     events = journal.events("resumable")
     regs = [e for e in events if e.kind == "register"]
     resume = next(e for e in regs if e.data["resumed"] == "resume")
-    assert resume.step == 150 and resume.data["run_id"] == first["run_id"] == second["run_id"]
+    assert resume.data["resume_step"] == 150
+    assert resume.data["run_id"] == first["run_id"] == second["run_id"]
     assert resume.data["checkpoints"] == [150]
     after = [e for e in events if e.id > resume.id]
     # Nothing applied twice: commands after the resume continue the sequence, and the new
@@ -107,3 +108,34 @@ def test_a_run_resumed_in_a_new_process_ends_as_the_uninterrupted_one(
     reports = [e for e in after if e.kind == "report"]
     assert reports and reports[0].step > 150
     assert not [e for e in after if e.kind in ("abandoned", "stale")]
+
+
+def test_the_resumable_example_survives_a_kill(serve_factory, tmp_path):
+    """examples/train_resumable.py, killed with SIGKILL after a save and started again with
+    the same arguments, resumes from its checkpoint and finishes; the controller follows
+    the same run, resumed."""
+    import signal
+
+    srv = serve_factory(CONFIG)
+    cmd = [sys.executable, str(ROOT / "examples" / "train_resumable.py"), "--job", "ex",
+           "--endpoint", srv.endpoint, "--steps", "1000", "--save-every", "50",
+           "--ckpt", str(tmp_path / "run.pt")]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
+    saved = []
+    for line in proc.stdout:
+        saved += [int(line.split()[2])] if line.startswith("saved step") else []
+        if saved and saved[-1] >= 100:
+            proc.send_signal(signal.SIGKILL)  # preempted, no clean-up
+            break
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    resumed_at = int(out.stdout.split("resumed at step ")[1].split()[0])
+    assert resumed_at >= 100 and resumed_at % 50 == 0
+    assert "done at step 1000" in out.stdout
+    regs = srv.journal().events("ex", "register")
+    resume = [r for r in regs if r.data["resumed"] == "resume"]
+    assert len(resume) == 1 and resume[0].data["resume_step"] == resumed_at
+    assert resume[0].data["run_id"] == regs[0].data["run_id"]
