@@ -190,10 +190,9 @@ class Controller:
         self.journal.append(msg.job, "register", step=msg.step, data={
             "resumed": resumed, "key": rec.owner,
             **msg.model_dump(mode="json", exclude={"type", "v", "job", "step"})})
-        adopted = state.on_register(msg)
-        if adopted is not None:
-            self.journal.append(msg.job, "stable", step=adopted,
-                                data={"step": adopted, "source": "register"})
+        listing = state.on_register(msg)
+        if listing is not None:
+            self.recorder.listed(state, msg, listing)
         self.journal.save_state(msg.job, state.state_dict())
         log.info("job %s registered (%s), step %d", msg.job, resumed, msg.step)
         self._derive_limits(state)

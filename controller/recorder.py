@@ -33,18 +33,27 @@ class Recorder:
                  metrics: ControllerMetrics) -> None:
         self.config, self.journal, self.metrics = config, journal, metrics
 
-    def checkpoints(self, state: JobState, msg: wire.Report, obs: Observation) -> None:
-        """Journal the checkpoints a report lists for the first time, and adopted marks."""
+    def checkpoints(self, state: JobState, msg: wire.Report | wire.Register,
+                    obs: Observation) -> None:
+        """Journal the checkpoints a report (or a registration) lists for the first time,
+        and adopted marks."""
         rb = state.rollback
+        source = "report" if isinstance(msg, wire.Report) else "register"
         for step in obs.new_checkpoints:
             data = {"step": step, "reported_at": msg.step, "candidate": step in rb.candidates,
                     "knobs": msg.knobs.model_dump()}
+            if source == "register":
+                data["source"] = source
             if step in obs.disqualified:
                 data["why_not"] = f"unhealthy at step {rb.last_unhealthy_step}: {rb.last_unhealthy}"
             self.journal.append(state.job, "checkpoint", step=step, data=data)
         if obs.adopted_stable is not None:
             self.journal.append(state.job, "stable", step=obs.adopted_stable,
-                                data={"step": obs.adopted_stable, "source": "report"})
+                                data={"step": obs.adopted_stable, "source": source})
+
+    #: The checkpoints a registration lists (a controller that starts, restarts or follows
+    #: a resume learns them before the first report).
+    listed = checkpoints
 
     def abandoned(self, state: JobState, msg: wire.Report) -> None:
         """A report the client sent before it applied the last rollback (it was in flight,

@@ -301,24 +301,34 @@ class RollbackState:
             del self.in_force_at[old]
 
     def note_registered(self, step: int, listed: list[int], claimed: int | None,
-                        seen: dict[str, Any]) -> int | None:
+                        seen: dict[str, Any]) -> Observation:
         """A registration lists the checkpoints the client holds and the newest one it has
         marked stable: a controller that has just started, restarted or followed a resume
         knows them before the first report, and takes the client's stable mark as its own
-        (a report's listing does the same, :meth:`observe`). Returns the mark adopted."""
+        (a report's listing does the same, :meth:`observe`; a registration is no report, so
+        it counts no healthy one after a new candidate). Returns the checkpoints new to
+        the controller and the mark adopted."""
         listed = sorted({s for s in listed if s <= step})
-        for s in listed:
-            if s not in self.at_checkpoint:
-                self.at_checkpoint[s] = self.in_force_at.get(s, seen)
-                self.checkpoints_seen += 1
+        known = set(self.checkpoints)
+        new = [s for s in listed if s not in known]
+        bad = []
+        for s in new:
+            self.checkpoints_seen += 1
+            self.at_checkpoint[s] = self.in_force_at.get(s, seen)
+            newest = self.stable_step
+            if self.last_unhealthy_step is not None and self.last_unhealthy_step >= s:
+                bad.append(s)
+            elif newest is None or s > newest:
+                self.candidates[s] = 0
         self._keep(listed)
         self.note_in_force(step, seen)
+        adopted = None
         if (claimed is not None and claimed in listed and claimed not in self.stable
                 and claimed not in self.unusable
                 and self.pending_mark is None and self.pending is None):
             self.note_marked(claimed)
-            return claimed
-        return None
+            adopted = claimed
+        return Observation(tuple(new), tuple(bad), None, adopted)
 
     def note_resumed(self, step: int) -> None:
         """The run was resumed at ``step`` in a new process: a rollback or a mark sent to the

@@ -44,7 +44,7 @@ from trimtab.protocol import wire
 if TYPE_CHECKING:
 
     from trimtab.controller.health import Unhealthy
-    from trimtab.controller.rollback import RollbackConfig
+    from trimtab.controller.rollback import Observation, RollbackConfig
 
 __all__ = ["JobState", "controls_of", "command_controls", "base_of"]
 
@@ -214,10 +214,11 @@ class JobState(Persisted):
     #: The same as :meth:`from_register`.
     register = from_register
 
-    def on_register(self, msg: wire.Register) -> int | None:
+    def on_register(self, msg: wire.Register) -> Observation | None:
         """This run registered (maybe again, after a reconnect; or resumed, :meth:`on_resumed`):
-        take its facts and the checkpoints it lists, keep signals. Returns the client's
-        stable mark when the registration made it the controller's too."""
+        take its facts and the checkpoints it lists, keep signals. Returns what the listing
+        told (:meth:`RollbackState.note_registered`; None: nothing to take, a run that
+        starts afresh, which its first report lists)."""
         if (msg.job, msg.run_id) != (self.job, self.run_id):
             raise ValueError(
                 f"register for {msg.job}/{msg.run_id} does not match the state of "
@@ -237,7 +238,8 @@ class JobState(Persisted):
             # What the client runs (none sent is on its way): the controller's record
             # follows it, e.g. after a resume from a save made under older schedules.
             self.live = {s.knob: s for s in msg.schedules}
-        if not msg.checkpoints:
+        fresh = self.reports_seen == 0 and msg.step == 0 and msg.stable_step is None
+        if not msg.checkpoints or fresh:
             return None
         seen = {"knobs": self.knobs.model_dump(),
                 "grad_norm_ema": self.tracker.signals().grad_norm_ema}
