@@ -226,8 +226,12 @@ class Actuator:
         use). Reads a tensor-valued setting from its device: once per report or ack."""
         base = self.base()
         if self._last is None:
-            lr_m: Any = None if base.lr is None else self._capped(base.lr, self.lr_scale)
-            momentum, wd_m = self.momentum, self.wd_scale
+            # A live schedule's last value (a guard resumed from a saved state) holds until
+            # the first step evaluates it again.
+            last = self.live.last if self.live.schedules else {}
+            lr_m: Any = (None if base.lr is None
+                         else self._capped(base.lr, last.get("lr", self.lr_scale)))
+            momentum, wd_m = last.get("momentum", self.momentum), self.wd_scale
         else:
             lr_m, momentum, wd_m = self._last[3:]
         lr = None if base.lr is None else base.lr * _scalar(lr_m)
