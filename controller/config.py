@@ -124,6 +124,10 @@ class ControllerConfig(BaseModel):
     journal: str = "trimtab-journal.db"
     #: A job not heard from for this long is marked lost and its series end.
     job_timeout_s: Annotated[float, Field(gt=0, le=86400)] = 30.0
+    #: An ended job's series (it said bye, or was lost) stay on /metrics this long, with
+    #: ``trimtab_job_live`` 0, so that a job shorter than a scrape interval is scraped and
+    #: every job's end is seen; 0: they go at once. Keep it above the scrape interval.
+    metrics_grace_s: Annotated[float, Field(ge=0, le=86400)] = 300.0
     #: A command not acknowledged after this many reports is sent again.
     resend_after_reports: Annotated[int, Field(ge=1, le=1000)] = 2
     #: Longest wait for one policy's ``propose`` (ms); a policy that overruns it is disabled

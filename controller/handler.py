@@ -46,6 +46,9 @@ __all__ = ["Controller", "Reply"]
 
 log = logging.getLogger("trimtab.controller")
 
+#: Ended jobs whose series are kept for the metrics grace at most (the oldest go first).
+_MAX_ENDED = 10_000
+
 #: (peer identity, frame) to send.
 Reply = tuple[bytes, bytes]
 
@@ -101,9 +104,13 @@ class Controller:
         self.engine = self.engine_for(None)
         #: The live jobs, by name: each one's state and connection, in one record.
         self._jobs: dict[str, LiveJob] = {}
+        #: Jobs that ended (bye, lost) within ``metrics_grace_s``: their state and when they
+        #: were last heard from; their series stay on /metrics until the grace ends.
+        self._ended: dict[str, tuple[JobState, float]] = {}
         self.metrics = ControllerMetrics(registry=registry,
                                          jobs=lambda: [r.state for r in self._jobs.values()],
-                                         age=self.silent_for, bounds=self._bounds)
+                                         age=self.silent_for, bounds=self._bounds,
+                                         ended=lambda: [s for s, _ in self._ended.values()])
         journal.on_commit = self.metrics.journal_commit.observe
         #: Journal entries, log lines and counters of what each message did.
         self.recorder = Recorder(config, journal, self.metrics)
@@ -137,8 +144,12 @@ class Controller:
         return replies
 
     def tick(self) -> list[Reply]:
-        """Periodic work: mark silent jobs lost. Returns nothing to send today."""
+        """Periodic work: mark silent jobs lost, end the metrics grace of ended ones.
+        Returns nothing to send today."""
         now = self.clock()
+        for job in [j for j, (_, ended) in self._ended.items()
+                    if now - ended > self.config.metrics_grace_s]:
+            self._drop_series(job)
         for job, rec in [(j, r) for j, r in self._jobs.items()
                          if now - r.last_seen > self.config.job_timeout_s]:
             state = rec.state
@@ -156,6 +167,7 @@ class Controller:
                      ) -> list[Reply]:
         rec = self._jobs.get(msg.job)
         state = None if rec is None else rec.state
+        self._ended.pop(msg.job, None)  # live again: its series are the live job's
         resumed = "live"
         if state is None or state.run_id != msg.run_id:
             self._retire(msg.job, msg.run_id, state)
@@ -388,9 +400,20 @@ class Controller:
         return peer if rec is None else rec.peer
 
     def _forget(self, job: str) -> None:
-        self._jobs.pop(job, None)
-        self.metrics.forget(job)
+        """The job ended (bye, or lost): no longer live; its series stay for the grace."""
+        rec = self._jobs.pop(job, None)
+        if rec is not None and self.config.metrics_grace_s > 0:
+            self._ended[job] = (rec.state, self.clock())
+            while len(self._ended) > _MAX_ENDED:  # bounded: the oldest ends go first
+                self._drop_series(next(iter(self._ended)))
+        else:
+            self.metrics.forget(job)
         self.metrics.jobs_connected.set(len(self._jobs))
+
+    def _drop_series(self, job: str) -> None:
+        self._ended.pop(job, None)
+        if job not in self._jobs:
+            self.metrics.forget(job)
 
     def refuse_frames(self, peer: bytes, payload_frames: int) -> Reply:
         """The reply to a multi-part (or empty) message: one frame per message is the rule."""

@@ -35,6 +35,12 @@ __all__ = ["ControllerMetrics", "JobCollector"]
 
 #: ``(name, help, extra labels)`` of every per-job family; ``_total`` is added to counters.
 _GAUGES = {
+    "trimtab_job_live": (
+        "1 while the job is live; 0 during the grace period after it ended (said bye or was "
+        "lost), when its series stay so that a scrape sees how it ended "
+        "(the metrics_grace_s setting).",
+        (),
+    ),
     "trimtab_job_step": ("Optimizer steps the job has taken.", ()),
     "trimtab_job_last_seen_age_seconds": ("Seconds since the job's last message.", ()),
     "trimtab_job_healthy": (
@@ -124,7 +130,9 @@ class JobCollector(Collector):
     """Per-job series over the live job table: signals, knobs and their bounds, decisions,
     governor clamps, policy errors, checkpoints and rollbacks.
 
-    ``age(job)`` gives the seconds since a job was last heard from (None: unknown);
+    ``ended()`` gives the jobs that ended within the grace period (their series stay, with
+    ``trimtab_job_live`` 0); ``age(job)`` gives the seconds since a job was last heard
+    from (None: unknown);
     ``bounds(job, knob, initial)`` the job governor's ``(lo, hi)`` for a knob (infinite ones are
     left out).
     """
@@ -135,8 +143,10 @@ class JobCollector(Collector):
         *,
         age: Callable[[str], float | None] | None = None,
         bounds: Callable[[str, str, float | None], tuple[float, float]] | None = None,
+        ended: Callable[[], Iterable[JobState]] | None = None,
     ) -> None:
         self._jobs = jobs
+        self._ended = ended
         self._age = age
         self._bounds = bounds
         #: job -> {(knob, limit): count}, kept by :meth:`ControllerMetrics.note_decision`.
@@ -156,8 +166,10 @@ class JobCollector(Collector):
             if value is not None and math.isfinite(value):
                 fam[name].add_metric(labels, value)
 
-        for state in list(self._jobs()):
+        ended = [] if self._ended is None else [(s, 0.0) for s in self._ended()]
+        for state, live in [(s, 1.0) for s in self._jobs()] + ended:
             job = state.job
+            put("trimtab_job_live", [job], live)
             self._signals(put, job, state)
             for knob in KNOBS:
                 put("trimtab_knob_value", [job, knob], getattr(state.effective, knob))
@@ -226,7 +238,8 @@ class JobCollector(Collector):
 class ControllerMetrics:
     """The controller's own metrics, registered on ``registry``, and the per-job collector.
 
-    ``age`` and ``bounds`` go to :class:`JobCollector`.
+    ``age``, ``bounds`` and ``ended`` (the jobs in their grace period after they ended) go
+    to :class:`JobCollector`.
     """
 
     def __init__(
@@ -236,6 +249,7 @@ class ControllerMetrics:
         jobs: Callable[[], Iterable[JobState]],
         age: Callable[[str], float | None] | None = None,
         bounds: Callable[[str, str, float | None], tuple[float, float]] | None = None,
+        ended: Callable[[], Iterable[JobState]] | None = None,
     ) -> None:
         self.registry = registry
         self.jobs_connected = Gauge(
@@ -295,7 +309,7 @@ class ControllerMetrics:
             self.message_errors.labels(code=code)
         for reason in REJECT_REASONS:
             self.rejected_peers.labels(reason=reason)
-        self.collector = JobCollector(jobs, age=age, bounds=bounds)
+        self.collector = JobCollector(jobs, age=age, bounds=bounds, ended=ended)
         registry.register(self.collector)
 
     def note_decision(self, job: str, decision: Decision) -> None:

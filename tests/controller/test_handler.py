@@ -109,22 +109,42 @@ def test_unknown_job_and_client_only_types_are_refused_and_counted(tmp_path):
     assert 'trimtab_message_errors_total{code="unexpected"} 1.0' in text
 
 
-def test_job_series_end_with_bye_and_when_lost(tmp_path):
-    ctl, clock = make(tmp_path, job_timeout_s=5.0)
+def test_job_series_end_with_bye_and_when_lost_after_the_grace(tmp_path):
+    ctl, clock = make(tmp_path, job_timeout_s=5.0, metrics_grace_s=60.0)
     ctl.handle(PEER, register("a"))
     ctl.handle(PEER, register("b"))
     ctl.handle(PEER, report(1, job="a"))
     text = generate_latest(ctl.metrics.registry).decode()
     assert 'trimtab_knob_value{job="a",knob="lr"} 0.1' in text
+    assert 'trimtab_job_live{job="a"} 1.0' in text
     assert "trimtab_jobs_connected 2.0" in text
     ctl.handle(PEER, wire.encode(wire.Bye(job="a", step=10)))
     clock.t += 6
     ctl.tick()
+    # Both ended (a said bye, b went silent): not live, but their series stay for the
+    # grace, so that a scrape sees a short job and how each one ended.
     text = generate_latest(ctl.metrics.registry).decode()
-    assert 'job="a"' not in text and 'job="b"' not in text
     assert "trimtab_jobs_connected 0.0" in text
     assert "trimtab_jobs_lost_total 1.0" in text
     assert [e.kind for e in ctl.journal.events("b")][-1] == "lost"
+    assert 'trimtab_job_live{job="a"} 0.0' in text and 'trimtab_job_live{job="b"} 0.0' in text
+    assert 'trimtab_knob_value{job="a",knob="lr"} 0.1' in text
+    # Back before the grace ends: live again, one series each.
+    ctl.handle(PEER, register("b"))
+    text = generate_latest(ctl.metrics.registry).decode()
+    assert text.count('trimtab_job_live{job="b"}') == 1 and 'trimtab_job_live{job="b"} 1.0' in text
+    clock.t += 61
+    ctl.tick()
+    text = generate_latest(ctl.metrics.registry).decode()
+    assert 'job="a"' not in text  # its grace is over
+    assert 'trimtab_job_live{job="b"} 0.0' in text  # lost again, in its own grace
+
+
+def test_with_no_grace_series_end_at_once(tmp_path):
+    ctl, _ = make(tmp_path, metrics_grace_s=0.0)
+    ctl.handle(PEER, register("a"))
+    ctl.handle(PEER, wire.encode(wire.Bye(job="a", step=10)))
+    assert 'job="a"' not in generate_latest(ctl.metrics.registry).decode()
 
 
 def test_restarted_controller_resumes_job_state_from_the_journal(tmp_path):
@@ -354,6 +374,9 @@ def test_rollback_series_end_with_the_job(tmp_path):
                  "checkpoints_stable_step", "checkpoints_total", "checkpoints_marked_stable_total"):
         assert metric(ctl, f'trimtab_{name}{{job="rb"'), name
     ctl.handle(PEER, wire.encode(wire.Bye(job="rb", step=c.step)))
+    assert metric(ctl, 'trimtab_job_live{job="rb"} 0.0')
+    ctl.clock.t += ctl.config.metrics_grace_s + 1  # the metrics grace ends
+    ctl.tick()
     assert 'job="rb"' not in generate_latest(ctl.metrics.registry).decode()
 
 

@@ -156,7 +156,7 @@ def test_knob_series_are_the_effective_value_the_users_base_and_the_multiplier(t
 
 
 def test_governor_clamps_and_knob_reversals_are_counted_and_end_with_the_job(tmp_path):
-    ctl, _ = make(tmp_path, policies=(f"{HERE}:Seesaw",))
+    ctl, clock = make(tmp_path, policies=(f"{HERE}:Seesaw",))
     lr, seq, applied = 1.0, 0, 0  # trimtab's lr multiplier
     for _ in range(4):
         seq += 1
@@ -175,6 +175,11 @@ def test_governor_clamps_and_knob_reversals_are_counted_and_end_with_the_job(tmp
     assert sample(ctl, "trimtab_knob_reversals_total", job="j", knob="lr") == 3.0
     assert sample(ctl, "trimtab_knob_reversals_total", job="j", knob="momentum") == 0.0
     ctl.handle(PEER, wire.encode(wire.Bye(job="j", step=50)))
+    # Ended: the series stay through the metrics grace (a scrape sees the end), then go.
+    assert sample(ctl, "trimtab_knob_reversals_total", job="j", knob="lr") == 3.0
+    assert sample(ctl, "trimtab_job_live", job="j") == 0.0
+    clock.t += ctl.config.metrics_grace_s + 1
+    ctl.tick()
     text = generate_latest(ctl.metrics.registry).decode()
     assert 'job="j"' not in text
     assert ctl.metrics.collector.clamps == {} and ctl.metrics.collector.reversals == {}

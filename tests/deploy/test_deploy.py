@@ -29,7 +29,11 @@ from trimtab.protocol import wire
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 GRAFANA = DEPLOY / "grafana"
 BOARDS = {"trimtab-fleet.json": "trimtab-fleet", "trimtab-job.json": "trimtab-job"}
-DS = {"type": "prometheus", "uid": "trimtab-prometheus"}
+#: Every query of the dashboards names the datasource through their ``datasource`` variable:
+#: provisioned, it defaults to the provisioned Prometheus (:data:`PROVISIONED`); imported by
+#: hand into another Grafana, the user picks one.
+DS = {"type": "prometheus", "uid": "${datasource}"}
+PROVISIONED = {"type": "prometheus", "uid": "trimtab-prometheus"}
 
 promtool = pytest.mark.skipif(
     shutil.which("promtool") is None,
@@ -170,7 +174,10 @@ def test_the_provisioned_datasource_has_the_uid_the_dashboards_use():
     (ds,) = yaml.safe_load((GRAFANA / "provisioning" / "datasources" / "trimtab.yml").read_text())[
         "datasources"
     ]
-    assert (ds["type"], ds["uid"]) == (DS["type"], DS["uid"])
+    assert (ds["type"], ds["uid"]) == (PROVISIONED["type"], PROVISIONED["uid"])
+    for name in BOARDS:
+        var = _board(name)["templating"]["list"][0]
+        assert var["current"]["value"] == PROVISIONED["uid"]
     (provider,) = yaml.safe_load(
         (GRAFANA / "provisioning" / "dashboards" / "trimtab.yml").read_text()
     )["providers"]
@@ -209,9 +216,22 @@ def test_a_dashboard_is_what_grafana_file_provisioning_takes(name):
     assert any(a.get("name") == "Rollbacks" for a in board["annotations"]["list"])
 
 
+@pytest.mark.parametrize("name", sorted(BOARDS))
+def test_a_dashboard_imported_by_hand_asks_for_its_datasource(name):
+    """No datasource uid is hard-coded: a Grafana whose Prometheus has another uid imports
+    the file as it is and picks the datasource in the dashboard's ``datasource``
+    variable (of type datasource, Prometheus ones)."""
+    text = (GRAFANA / "dashboards" / name).read_text()
+    assert PROVISIONED["uid"] not in text.replace('"value": "trimtab-prometheus"', "")
+    var = json.loads(text)["templating"]["list"][0]
+    assert (var["name"], var["type"], var["query"]) == ("datasource", "datasource", "prometheus")
+    assert text.count('"uid": "${datasource}"') >= 10
+
+
 def test_the_job_dashboard_is_templated_on_job():
     board = _board("trimtab-job.json")
-    (var,) = board["templating"]["list"]
+    (ds, var) = board["templating"]["list"]
+    assert ds["name"] == "datasource"
     assert var["name"] == "job" and var["type"] == "query" and var["datasource"] == DS
     assert var["query"]["query"] == "label_values(trimtab_job_step, job)"
     for panel in panels(board):
