@@ -1,6 +1,7 @@
 """The ``trimtab`` command.
 
-    trimtab serve [--bind tcp://127.0.0.1:5555] [--metrics-port 9108] [--journal PATH]
+    trimtab serve [--bind tcp://127.0.0.1:5555] [--metrics-port 9108] [--metrics-addr 127.0.0.1]
+                  [--journal PATH]
                   [--config FILE] [--allow-remote]
     trimtab keys generate DIR [--clients N | --name NAME ...]
     trimtab decisions [--journal PATH] [--job JOB]
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -33,6 +35,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     overrides: dict[str, Any] = {
         k: v for k, v in (("bind", args.bind), ("metrics_port", args.metrics_port),
+                          ("metrics_addr", args.metrics_addr),
                           ("journal", args.journal), ("log_level", args.log_level))
         if v is not None}
     if args.allow_remote:
@@ -52,11 +55,19 @@ def _serve(args: argparse.Namespace) -> int:
     except Exception as exc:  # zmq.ZMQError on a bad or busy endpoint
         print(f"trimtab serve: cannot start on {config.bind}: {exc}", file=sys.stderr)
         return 2
-    signal.signal(signal.SIGTERM, lambda *_: server.stop())
-    signal.signal(signal.SIGINT, lambda *_: server.stop())
+
+    def stop(signum: int, _frame: Any) -> None:
+        server.stop_reason = signal.Signals(signum).name
+        server.stop()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    config_file = args.config or os.environ.get("TRIMTAB_CONFIG") or None
+    for line in server.describe(config_file):
+        print(f"trimtab serve: {line}", file=sys.stderr, flush=True)
     # Tests and scripts wait for this line to know the sockets are bound.
-    print(f"trimtab serve: ready on {server.endpoint} metrics_port={server.metrics_port or 0}",
-          flush=True)
+    print(f"trimtab serve: ready on {server.endpoint} metrics_port={server.metrics_port or 0} "
+          f"metrics={server.metrics_address or 'off'}", flush=True)
     try:
         server.serve_forever()
     finally:
@@ -216,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the controller daemon")
     serve.add_argument("--bind", help="ZeroMQ endpoint (default tcp://127.0.0.1:5555)")
     serve.add_argument("--metrics-port", type=int, help="Prometheus port, 0 = off (default 9108)")
+    serve.add_argument("--metrics-addr",
+                       help="address /metrics binds (default 127.0.0.1; 0.0.0.0: every interface)")
     serve.add_argument("--journal", help="SQLite journal path (default trimtab-journal.db)")
     serve.add_argument("--config", help="TOML config file (default $TRIMTAB_CONFIG)")
     serve.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])

@@ -120,7 +120,10 @@ class ControllerConfig(BaseModel):
     bind: Annotated[str, Field(pattern=r"^(tcp|ipc|inproc)://.+")] = "tcp://127.0.0.1:5555"
     #: Port of the Prometheus /metrics endpoint; 0 turns it off.
     metrics_port: Annotated[int, Field(ge=0, le=65535)] = 9108
-    metrics_addr: str = "0.0.0.0"
+    #: Address the /metrics endpoint binds: loopback by default, like ``bind``; a
+    #: Prometheus on another host (or outside a container) needs ``0.0.0.0`` or the
+    #: host's address (``--metrics-addr``). The endpoint is unauthenticated and read-only.
+    metrics_addr: Annotated[str, Field(min_length=1, max_length=255)] = "127.0.0.1"
     journal: str = "trimtab-journal.db"
     #: A job not heard from for this long is marked lost and its series end.
     job_timeout_s: Annotated[float, Field(gt=0, le=86400)] = 30.0

@@ -446,10 +446,15 @@ class Controller:
         """The live jobs' states, by name (a new dict: read it, do not change it)."""
         return {job: rec.state for job, rec in self._jobs.items()}
 
-    def close(self) -> None:
+    def close(self) -> list[tuple[str, int]]:
+        """Save every live job's state in the journal and close it; returns the jobs saved
+        and their steps (the shutdown line names them)."""
+        saved = []
         with self.journal.batch():
             for job, rec in self._jobs.items():
                 self.journal.save_state(job, rec.state.state_dict())
+                saved.append((job, rec.state.step))
         self.journal.close()
         if self.budget is not None:
             self.budget.close()
+        return saved

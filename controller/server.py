@@ -30,6 +30,7 @@ from trimtab.controller.auth import AllowList, CurveAuthenticator, load_server_k
 from trimtab.controller.config import ControllerConfig, is_loopback_endpoint
 from trimtab.controller.handler import Controller
 from trimtab.controller.journal import Journal
+from trimtab.controller.lock import JournalLock
 from trimtab.controller.ratelimit import RateLimiter
 from trimtab.protocol import wire
 
@@ -62,7 +63,12 @@ class Server:
         if self.curve:  # load the keys before anything starts, so a bad one stops the start
             public, secret = load_server_keys(config.curve_server_secret)
             allowed = AllowList(config.curve_allowed_clients)
-        self.controller = Controller(config, Journal(config.journal), registry=self.registry)
+        self._lock = JournalLock(config.journal)  # one controller per journal
+        try:
+            self.controller = Controller(config, Journal(config.journal), registry=self.registry)
+        except BaseException:
+            self._lock.release()
+            raise
         metrics = self.controller.metrics
         # A ZAP handler serves its whole context, so a CURVE server gets a context of its own.
         self._own_context = context is None and self.curve
@@ -90,19 +96,65 @@ class Server:
             self._monitor = self.sock.get_monitor_socket(_HANDSHAKE_EVENTS)
         try:
             self.sock.bind(config.bind)
-        except zmq.ZMQError:
-            self._close_sockets()
-            self.controller.close()
-            raise
+        except zmq.ZMQError as exc:
+            self._abort()
+            raise OSError(f"cannot bind {config.bind}: {exc}") from None
         self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.metrics_port = None
         if config.metrics_port:
-            httpd, _ = start_http_server(
-                config.metrics_port, addr=config.metrics_addr, registry=self.registry
-            )
+            try:
+                httpd, _ = start_http_server(
+                    config.metrics_port, addr=config.metrics_addr, registry=self.registry
+                )
+            except OSError as exc:  # busy port, address not on this host
+                self._abort()
+                raise OSError(f"cannot serve metrics on {config.metrics_addr}:"
+                              f"{config.metrics_port} (--metrics-addr, --metrics-port): "
+                              f"{exc.strerror or exc}") from None
             self.metrics_port = httpd.server_port
             self._httpd = httpd
         self._stop = threading.Event()
+        #: Why the loop stopped (the shutdown line says it), e.g. "SIGTERM".
+        self.stop_reason = "stopped"
+
+    def _abort(self) -> None:
+        """A start that failed half way: undo what was set up."""
+        self._close_sockets()
+        self.controller.close()
+        self._lock.release()
+
+    @property
+    def metrics_address(self) -> str | None:
+        """``http://ADDR:PORT/metrics`` as bound (None: metrics off)."""
+        if not self.metrics_port:
+            return None
+        addr = self.config.metrics_addr
+        host = f"[{addr}]" if ":" in addr else addr
+        return f"http://{host}:{self.metrics_port}/metrics"
+
+    def describe(self, config_file: str | None) -> list[str]:
+        """The start-up lines: the config read, the policies live and in shadow, where it
+        listens, who can reach it, where its metrics and journal are."""
+        pol = self.config.policies
+
+        def names(shadow: bool) -> str:
+            chosen = [p.name + ("" if p.jobs is None else f" (jobs {', '.join(p.jobs)})")
+                      for p in pol if p.shadow == shadow]
+            return ", ".join(chosen) or "none"
+
+        metrics = self.metrics_address or "off (--metrics-port 0)"
+        addr = self.config.metrics_addr
+        host = f"[{addr}]" if ":" in addr else addr
+        if self.metrics_port and not is_loopback_endpoint(f"tcp://{host}:1"):
+            metrics += " (not loopback: anyone who can reach it reads every job's metrics)"
+        return [
+            f"config: {config_file or 'none (defaults and TRIMTAB_* environment)'}",
+            f"policies live: {names(False)}",
+            f"policies in shadow: {names(True)}",
+            f"bind: {self.endpoint} ({self.security})",
+            f"metrics: {metrics}",
+            f"journal: {self.config.journal}",
+        ]
 
     @property
     def security(self) -> str:
@@ -128,9 +180,7 @@ class Server:
             poller.register(self._monitor, zmq.POLLIN)
         log.info(
             "trimtab controller listening on %s; metrics on %s; journal %s",
-            self.endpoint,
-            f"{self.config.metrics_addr}:{self.metrics_port}" if self.metrics_port else "off",
-            self.config.journal,
+            self.endpoint, self.metrics_address or "off", self.config.journal,
         )
         (log.info if self.curve or is_loopback_endpoint(self.config.bind) else log.warning)(
             "trimtab controller security: %s", self.security
@@ -242,8 +292,16 @@ class Server:
             self._ctx.term()
 
     def close(self) -> None:
+        """Stop, save every live job's state in the journal (logged, with the jobs and their
+        steps), close the sockets and the metrics endpoint, release the journal."""
         self.stop()
         self._close_sockets()
         if self.metrics_port:
             self._httpd.shutdown()
-        self.controller.close()
+        saved = self.controller.close()
+        self._lock.release()
+        jobs = ", ".join(f"{job} at step {step}" for job, step in saved[:20])
+        more = f" and {len(saved) - 20} more" if len(saved) > 20 else ""
+        log.info("trimtab controller stopped (%s): the state of %d live job%s saved in %s%s",
+                 self.stop_reason, len(saved), "" if len(saved) == 1 else "s",
+                 self.config.journal, f": {jobs}{more}" if saved else "")

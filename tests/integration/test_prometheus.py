@@ -76,7 +76,7 @@ def test_every_annotation_query_marks_the_rollbacks_and_knob_changes(scenario, b
 
 
 def test_the_job_variable_lists_the_live_jobs(scenario):
-    (var,) = dashboard("trimtab-job.json")["templating"]["list"]
+    (_, var) = dashboard("trimtab-job.json")["templating"]["list"]  # datasource, job
     assert var["query"]["query"] == "label_values(trimtab_job_step, job)"
     values = scenario.prom.api("label/job/values", **{"match[]": "trimtab_job_step"})
     assert {scenario.RB, scenario.SPIKE, scenario.CHURN, scenario.SILENT} <= set(values)
