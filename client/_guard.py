@@ -33,6 +33,7 @@ from trimtab.protocol import wire
 from ._checkpoint import CheckpointStore
 from ._checkpointing import Checkpointing, open_store
 from ._commands import Commands
+from ._compiled import CompileNote
 from ._dist import DistLink, rank_directory
 from ._guard_state import GuardState
 from ._hooks import StepHooks
@@ -202,6 +203,7 @@ class Guard(GuardState):
         self._act = Actuator(optimizer, None if clip is None else float(clip))
         self._hooks: StepHooks | None = None
         self.facts, device = _facts(model, optimizer, batch_size)
+        self._compile_note = CompileNote(model)  # torch.compile: see trimtab.client._compiled
         # Under torch.distributed: rank 0 links to the controller, all ranks act in step.
         self._dist = DistLink.detect(device)
         # FSDP2 (DTensor shards): global norms and sharded snapshots, see _sharded.
@@ -302,6 +304,7 @@ class Guard(GuardState):
             self._ckpts.prepare()
         if closing:
             self._window.close()
+            self._compile_note.window_closed(self.job)
             if self._dist is not None:  # every rank takes rank 0's command, at this step
                 self._dist.exchange(self._host_step())
         # global_step is known on the host every step in "skip" mode, else at window ends.
