@@ -140,6 +140,16 @@ class Guard(GuardState):
     with FSDP2's ``fully_shard`` gets global gradient norms and sharded checkpoints (DCP
     directories ``checkpoint_dir/step-<N>``): see :mod:`trimtab.client._sharded`.
 
+    Mixed precision, compiled models, accumulation (docs/adapters.md has the recipes): with
+    a ``torch.amp.GradScaler`` attach with ``hooks=True`` and keep ``scaler.step(optimizer);
+    scaler.update()``: the guard measures and clips unscaled gradients, and a step the scaler
+    skips is neither counted in ``global_step`` nor a skip or a fault of trimtab's (see
+    :mod:`trimtab.client._step`); ``guard.step`` takes no scaler. bf16 autocast needs
+    nothing. A ``torch.compile``d model attaches as it is (``graph_breaks``: dynamo's count;
+    see :mod:`trimtab.client._compiled`). Accumulating gradients, call ``step`` once per
+    optimizer step with the mean of the micro-batches' losses (``observe_loss`` per
+    micro-batch with the hooks).
+
     Loops that cannot change (``hooks=True``): the loop keeps calling ``optimizer.step()``
     and the optimizer's step hooks do what ``guard.step`` does around it; the loss comes
     in with ``guard.observe_loss(loss)`` (without it, reports go without the loss), and
