@@ -62,12 +62,15 @@ def _unattached(fused: bool) -> tuple[list[torch.Tensor], list[tuple[bool, float
     return [p.detach().clone() for p in model.parameters()], trace
 
 
+@pytest.mark.parametrize("unscale", [False, True], ids=["scaler.step", "unscale_-first"])
 @pytest.mark.parametrize("fused", [False, True], ids=["foreach", "fused"])
-def test_grad_scaler_recipe(fake_controller, fused: bool) -> None:
+def test_grad_scaler_recipe(fake_controller, fused: bool, unscale: bool) -> None:
     """The guard clips the unscaled gradients, nothing unscales twice (the run equals the
     loop that unscales and clips itself, step for step), the scaler's skipped steps are
     neither steps, nor trimtab skips, nor non-finite gradients in the reports, and the
-    reported norms are the unscaled gradients'."""
+    reported norms are the unscaled gradients'. Whether the loop unscales first
+    (``scaler.unscale_``) or leaves it to ``scaler.step`` (for a fused optimizer: to its
+    kernel, the gradients still scaled when the guard sees them) makes no difference."""
     want, trace = _unattached(fused)
     skipped = sum(s for s, _, _ in trace)
     assert 3 <= skipped < STEPS - 2 * REPORT_EVERY  # overflows happened, and steps too
@@ -84,6 +87,8 @@ def test_grad_scaler_recipe(fake_controller, fused: bool) -> None:
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             guard.observe_loss(loss)
+            if unscale:
+                scaler.unscale_(opt)
             scaler.step(opt)
             scaler.update()
     got = [p.detach() for p in model.parameters()]
