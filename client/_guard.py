@@ -33,6 +33,7 @@ from trimtab.protocol import wire
 from ._checkpoint import CheckpointStore
 from ._checkpointing import Checkpointing, open_store
 from ._commands import Commands
+from ._compiled import CompileNote
 from ._dist import DistLink, rank_directory
 from ._guard_state import GuardState
 from ._hooks import StepHooks
@@ -140,6 +141,16 @@ class Guard(GuardState):
     with FSDP2's ``fully_shard`` gets global gradient norms and sharded checkpoints (DCP
     directories ``checkpoint_dir/step-<N>``): see :mod:`trimtab.client._sharded`.
 
+    Mixed precision, compiled models, accumulation (docs/adapters.md has the recipes): with
+    a ``torch.amp.GradScaler`` attach with ``hooks=True`` and keep ``scaler.step(optimizer);
+    scaler.update()``: the guard measures and clips unscaled gradients, and a step the scaler
+    skips is neither counted in ``global_step`` nor a skip or a fault of trimtab's (see
+    :mod:`trimtab.client._step`); ``guard.step`` takes no scaler. bf16 autocast needs
+    nothing. A ``torch.compile``d model attaches as it is (``graph_breaks``: dynamo's count;
+    see :mod:`trimtab.client._compiled`). Accumulating gradients, call ``step`` once per
+    optimizer step with the mean of the micro-batches' losses (``observe_loss`` per
+    micro-batch with the hooks).
+
     Loops that cannot change (``hooks=True``): the loop keeps calling ``optimizer.step()``
     and the optimizer's step hooks do what ``guard.step`` does around it; the loss comes
     in with ``guard.observe_loss(loss)`` (without it, reports go without the loss), and
@@ -207,6 +218,7 @@ class Guard(GuardState):
         self._act = Actuator(optimizer, None if clip is None else float(clip))
         self._hooks: StepHooks | None = None
         self.facts, device = _facts(model, optimizer, batch_size)
+        self._compile_note = CompileNote(model)  # torch.compile: see trimtab.client._compiled
         # Under torch.distributed: rank 0 links to the controller, all ranks act in step.
         self._dist = DistLink.detect(device)
         # FSDP2 (DTensor shards): global norms and sharded snapshots, see _sharded.
@@ -311,6 +323,7 @@ class Guard(GuardState):
         if closing:
             self._window.close()
             self._note_listing()
+            self._compile_note.window_closed(self.job)
             if self._dist is not None:  # every rank takes rank 0's command, at this step
                 self._dist.exchange(self._host_step())
         # global_step is known on the host every step in "skip" mode, else at window ends.

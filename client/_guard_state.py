@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 from trimtab.protocol import wire
 
+from ._compiled import graph_breaks
+
 if TYPE_CHECKING:
     from ._checkpoint import CheckpointStore
     from ._checkpointing import Checkpointing
@@ -112,6 +114,12 @@ class GuardState:
     def _calls(self) -> int:
         # Calls that reached the optimizer step, skipped ones included (bench/ reads it).
         return self._step.calls
+
+    @property
+    def graph_breaks(self) -> int:
+        """Graph breaks ``torch.compile`` has met in this process so far (dynamo's count,
+        see :mod:`trimtab.client._compiled`; 0 when nothing was compiled). No device read."""
+        return graph_breaks()
 
     @property
     def global_step(self) -> int:

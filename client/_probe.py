@@ -6,10 +6,18 @@ for the device. At the end of a window :meth:`Probe.collect` does the one
 device-to-host copy and reduces the rows to :class:`WindowStats` on the host.
 
 Row layout: loss, global grad norm (before clipping), one grad norm per param
-group, then the update ratio (written on the window's last step only, else NaN) and the
+group, then the update ratio (written on the window's last step only, else NaN), the
 squared micro-batch gradient norm (written on steps whose loop reported micro-batches
-through ``Guard.note_micro_batch``, else NaN).
+through ``Guard.note_micro_batch``, else NaN) and the ``found_inf`` of a ``GradScaler``
+that drove the step (written when one did, else NaN).
 Finiteness is not stored: the host sees NaN and inf in the copied values.
+
+A ``GradScaler`` stepping an optimizer that takes ``found_inf`` itself (a fused one)
+calls ``optimizer.step()`` on its overflow steps too, and the fused kernel skips them.
+Such a row is the scaler's, not a fault: :meth:`Probe.collect` leaves it out of the
+gradient statistics and the non-finite counts, and counts it in
+``WindowStats.scaler_skips``. (A scaler does not call a non-fused optimizer's ``step()``
+on an overflow at all, so no row is written for it.)
 
 A loop that clips its own gradients (``clip_grad_norm_`` before the guard sees them, as
 under ``hooks=True`` or in a trainer) leaves clipped steps with a norm *at* its threshold:
@@ -69,6 +77,8 @@ class WindowStats:
     micro_sq_norm_mean: float | None = None
     nonfinite_losses: int = 0
     nonfinite_grads: int = 0
+    #: Steps a ``GradScaler`` skipped for an overflow (its ``found_inf``): not faults.
+    scaler_skips: int = 0
     #: Steps whose norm sat at the loop's own clipping threshold, and that threshold.
     user_clipped_steps: int = 0
     user_clip: float | None = None
@@ -97,12 +107,13 @@ class Probe:
         self.groups = len(optimizer.param_groups)
         self._ratio_col = _GROUPS + self.groups
         self.buf = torch.full(
-            (report_every, self._ratio_col + 2), math.nan, dtype=torch.float32,
+            (report_every, self._ratio_col + 3), math.nan, dtype=torch.float32,
             device=self.device,
         )
         # Per-row views of the columns a step writes, made once: one stack(out=) per step.
         self._rows = [self.buf[i, : self._ratio_col] for i in range(report_every)]
         self._micro_col = self._ratio_col + 1
+        self._scaler_col = self._ratio_col + 2
         #: The row the next step writes; also the number of steps in the open window.
         self.row = 0
         self._zero = torch.zeros((), dtype=torch.float32, device=self.device)
@@ -175,11 +186,20 @@ class Probe:
         return [torch.linalg.vector_norm(part) if n else self._zero
                 for part, n in zip(per_tensor.split(counts), counts, strict=True)]
 
-    def measure(self, loss: torch.Tensor | float, grads: Grads) -> torch.Tensor:
-        """Write this step's row; return the global grad norm before clipping (on device)."""
+    def measure(self, loss: torch.Tensor | float, grads: Grads,
+                grad_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """Write this step's row; return the global grad norm before clipping (on device).
+
+        ``grad_scale``: the gradients are still multiplied by it (a ``GradScaler`` handed
+        the unscaling to a fused optimizer's kernel); the norms are divided by it, so that
+        they are the unscaled gradients' (device ops; the gradients are left as they are).
+        """
         group_norms = self._group_norms(grads)
         if self.sharding is not None:  # each rank holds a part of every gradient
             group_norms = self.sharding.global_norms(group_norms)
+        if grad_scale is not None:
+            scale = grad_scale.to(self.device, torch.float32, non_blocking=True)
+            group_norms = [n / scale for n in group_norms]
         if len(group_norms) == 1:
             total = group_norms[0]
         else:
@@ -233,6 +253,11 @@ class Probe:
         """Write this step's scaled squared micro-batch gradient norm (a device op)."""
         self.buf[self.row, self._micro_col].copy_(sq_norm)
 
+    def note_scaler(self, found_inf: torch.Tensor) -> None:
+        """Write a ``GradScaler``'s ``found_inf`` for this step (a device op): a row where
+        it is set is the scaler's skip, not a fault."""
+        self.buf[self.row, self._scaler_col].copy_(found_inf.reshape(()))
+
     def advance(self) -> None:
         """Move on to the next row (after :meth:`measure` and the optimizer step)."""
         self.row += 1
@@ -247,7 +272,8 @@ class Probe:
         """Non-finite-grad steps in the open window. Reads the device: one sync, on demand."""
         if self.row == 0:
             return 0
-        bad = ~torch.isfinite(self.buf[: self.row, _NORM])
+        rows = self.buf[: self.row]
+        bad = ~torch.isfinite(rows[:, _NORM]) & ~(rows[:, self._scaler_col] > 0)
         return int(bad.sum().item())  # sync, only when asked
 
     def collect(self) -> WindowStats:
@@ -259,13 +285,18 @@ class Probe:
         rows: list[list[float]] = self.buf[:n].tolist()
         self.buf[:, self._ratio_col :].fill_(math.nan)
         losses = [r[_LOSS] for r in rows if math.isfinite(r[_LOSS])]
-        ok_rows = [r for r in rows if math.isfinite(r[_NORM])]
+        # A GradScaler's overflow steps (its found_inf set): neither gradients nor faults.
+        scaled = [r for r in rows if not r[self._scaler_col] > 0]
+        ok_rows = [r for r in scaled if math.isfinite(r[_NORM])]
         norms = [r[_NORM] for r in ok_rows]
         last, ratio = rows[-1][_NORM], rows[-1][self._ratio_col]
+        if rows[-1][self._scaler_col] > 0:
+            last = math.nan  # that step updated nothing: its ratio says nothing
         stats = WindowStats(
             steps=n,
             nonfinite_losses=n - len(losses),
-            nonfinite_grads=n - len(ok_rows),
+            nonfinite_grads=len(scaled) - len(ok_rows),
+            scaler_skips=n - len(scaled),
             update_ratio=ratio if math.isfinite(last) and math.isfinite(ratio) else None,
         )
         if losses:

@@ -66,7 +66,7 @@ class ReportWindow:
             stats = self._probe.collect()
             if self._hooks is not None:  # a step without an observed loss is not a bad loss
                 stats = self._hooks.window_closed(stats)
-            self._step.window_closed(stats.nonfinite_grads)
+            self._step.window_closed(stats.nonfinite_grads, stats.scaler_skips)
             if stats.steps == 0:
                 return
             # What the window's last step used, the user's own values then, the multipliers.

@@ -16,6 +16,18 @@ Non-finite gradients, per mode (chosen by ``_options._resolve_mode``):
 - ``"zero"``: the gradients are zeroed on the device without a sync (in the clip);
   momentum and decoupled weight decay still act for that step.
 
+A ``GradScaler`` (``torch.amp``) drives the step when the loop calls
+``scaler.step(optimizer)`` with ``hooks=True``. For a non-fused optimizer it unscales the
+gradients first and calls ``optimizer.step()`` only when they are finite: the hooks see
+unscaled gradients, and an overflow step never reaches them. For an optimizer that takes
+``found_inf`` itself (a fused one) it sets ``found_inf`` and ``grad_scale`` on the
+optimizer and calls ``step()`` every time; :meth:`Step.measure` then divides the norms by
+``grad_scale`` (the gradients stay scaled: the kernel unscales them, and a clip's factor
+applies the same to scaled and unscaled ones), leaves the scaler's ``found_inf`` in charge
+and has the probe mark the row with it. When the window closes, the scaler's skips are
+taken off :attr:`Step.calls`: either way a step the scaler skipped is not an optimizer
+step, not a skip of trimtab's and not a non-finite gradient. Nothing here unscales.
+
 The host knows ``global_step`` without reading the device: in ``"skip"`` mode at every
 step, on the sync-free paths at each window's end (:meth:`Step.window_closed`).
 
@@ -55,7 +67,8 @@ class Step:
         self.act = act
         #: The non-finite mode: ``"fused"``, ``"skip"`` or ``"zero"``.
         self.mode = mode
-        #: Calls that reached the optimizer step (skipped ones included).
+        #: Calls that reached the optimizer step (skipped ones included), less those a
+        #: ``GradScaler`` skipped once a window's end told the host of them.
         self.calls = 0
         self.skipped_closed = 0  # skips in windows already reduced
         self.open_skips = 0  # skips in the open window seen on the host ("skip" mode)
@@ -110,7 +123,12 @@ class Step:
         probe = self.probe
         closing = probe.full
         grads = probe.grads()
-        total = probe.measure(loss, grads)
+        # Set here, before arm(), only by a GradScaler stepping an optimizer that takes
+        # found_inf itself (see the module's docstring).
+        scaler_inf = getattr(self.optimizer, "found_inf", None)
+        total = probe.measure(loss, grads, getattr(self.optimizer, "grad_scale", None))
+        if isinstance(scaler_inf, torch.Tensor):
+            probe.note_scaler(scaler_inf)
         finite = None if self.mode == "skip" else torch.isfinite(total)
         n, first = micro
         if n >= 2 and first is not None:
@@ -210,10 +228,12 @@ class Step:
 
     # -- windows and rollbacks ----------------------------------------------------------------
 
-    def window_closed(self, skipped: int) -> None:
-        """A window was reduced with ``skipped`` non-finite steps: the host now knows them."""
+    def window_closed(self, skipped: int, scaler_skips: int = 0) -> None:
+        """A window was reduced with ``skipped`` non-finite steps and ``scaler_skips`` steps
+        a ``GradScaler`` skipped: the host now knows them."""
         self.skipped_closed += skipped
         self.open_skips = 0
+        self.calls -= scaler_skips  # not optimizer steps at all
 
     def restart(self, calls: int, step: int) -> None:
         """After a rollback: the checkpoint's counts; the open window is discarded."""
