@@ -10,6 +10,7 @@
     trimtab replay TRACE --policy NAME [--set KEY=VALUE ...] [--job JOB] [--config FILE]
                    [--plot OUT.png] [--holds]
     trimtab rerun TRACE [--job JOB] [--config FILE]
+    trimtab journal compact [--journal PATH] [--config FILE] [--vacuum]
 """
 
 from __future__ import annotations
@@ -221,6 +222,49 @@ def _keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def _journal_compact(args: argparse.Namespace) -> int:
+    from trimtab.controller.config import ConfigError, load_config
+    from trimtab.controller.journal import Journal, JournalError
+    from trimtab.controller.lock import JournalLock
+
+    if not os.path.exists(args.journal):
+        print(f"trimtab journal compact: no journal at {args.journal}", file=sys.stderr)
+        return 2
+    try:
+        cfg = load_config(args.config).retention
+    except ConfigError as exc:
+        print(f"trimtab journal compact: {exc}", file=sys.stderr)
+        return 2
+    try:
+        lock = JournalLock(args.journal)  # a running serve compacts its journal itself
+    except JournalError as exc:
+        print(f"trimtab journal compact: {exc} (it compacts the journal itself every "
+              f"{cfg.compact_every_s:g} s)", file=sys.stderr)
+        return 2
+    try:
+        before = _db_bytes(args.journal)
+        journal = Journal(args.journal)
+        deleted = journal.compact(cfg)
+        if args.vacuum:
+            journal.vacuum()
+        journal.close()
+    except JournalError as exc:
+        print(f"trimtab journal compact: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        lock.release()
+    for what, n in deleted.items():
+        print(f"{what}: {n} rows deleted")
+    after = _db_bytes(args.journal)
+    print(f"journal {args.journal}: {before} bytes before, {after} after"
+          + ("" if args.vacuum else " (freed pages are reused; --vacuum returns them)"))
+    return 0
+
+
+def _db_bytes(path: str) -> int:
+    return sum(os.path.getsize(p) for p in (path, f"{path}-wal") if os.path.exists(p))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trimtab", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -280,6 +324,16 @@ def build_parser() -> argparse.ArgumentParser:
     rer.add_argument("--job", help="the job, when TRACE is a journal of several")
     rer.add_argument("--config", help="the controller's TOML config (default: the defaults)")
     rer.set_defaults(func=_rerun)
+    jour = sub.add_parser("journal", help="maintain a journal")
+    jour_sub = jour.add_subparsers(dest="journal_command", required=True)
+    comp = jour_sub.add_parser("compact", help="apply the retention rules now (what "
+                               "trimtab serve does every compact_every_s)")
+    comp.add_argument("--journal", default="trimtab-journal.db")
+    comp.add_argument("--config", help="TOML config with [retention] (default "
+                      "$TRIMTAB_CONFIG, else the defaults)")
+    comp.add_argument("--vacuum", action="store_true",
+                      help="also give the freed pages back to the file system")
+    comp.set_defaults(func=_journal_compact)
     return parser
 
 

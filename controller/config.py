@@ -32,6 +32,7 @@ from pydantic import (
 
 from trimtab.controller.limits import GovernorConfig
 from trimtab.controller.ratelimit import RateLimitConfig
+from trimtab.controller.retention import RetentionConfig
 from trimtab.controller.rollback import RollbackConfig
 from trimtab.controller.tracker import SignalConfig
 
@@ -162,6 +163,8 @@ class ControllerConfig(BaseModel):
     curve_allowed_clients: str | None = None
     #: Per-peer message rate limits (a peer: one client connection).
     rate_limit: RateLimitConfig = Field(default_factory=RateLimitConfig)
+    #: What the journal keeps, and for how long (see :mod:`trimtab.controller.retention`).
+    retention: RetentionConfig = Field(default_factory=RetentionConfig)
 
     @field_validator("curve_server_secret")
     @classmethod

@@ -107,6 +107,10 @@ class Controller:
         #: Jobs that ended (bye, lost) within ``metrics_grace_s``: their state and when they
         #: were last heard from; their series stay on /metrics until the grace ends.
         self._ended: dict[str, tuple[JobState, float]] = {}
+        # The journal's next compaction (wall time: the journal's timestamps are), and the
+        # rows the one under way has deleted so far.
+        self._compact_at = journal.clock()
+        self._compacted: dict[str, int] = {}
         self.metrics = ControllerMetrics(registry=registry,
                                          jobs=lambda: [r.state for r in self._jobs.values()],
                                          age=self.silent_for, bounds=self._bounds,
@@ -144,8 +148,9 @@ class Controller:
         return replies
 
     def tick(self) -> list[Reply]:
-        """Periodic work: mark silent jobs lost, end the metrics grace of ended ones.
-        Returns nothing to send today."""
+        """Periodic work: mark silent jobs lost, end the metrics grace of ended ones, compact
+        the journal when due (a slice per call). Returns nothing to send today."""
+        self._compact_slice()
         now = self.clock()
         for job in [j for j, (_, ended) in self._ended.items()
                     if now - ended > self.config.metrics_grace_s]:
@@ -409,6 +414,23 @@ class Controller:
         else:
             self.metrics.forget(job)
         self.metrics.jobs_connected.set(len(self._jobs))
+
+    def _compact_slice(self) -> None:
+        """The journal's retention (:mod:`~trimtab.controller.retention`), applied every
+        ``compact_every_s`` in slices of ``batch_rows`` rows, one per call."""
+        cfg = self.config.retention
+        if not cfg.compact_every_s or self.journal.clock() < self._compact_at:
+            return
+        deleted = self.journal.compact(cfg, limit=cfg.batch_rows)
+        for what, n in deleted.items():
+            self._compacted[what] = self._compacted.get(what, 0) + n
+        if sum(deleted.values()) < cfg.batch_rows:  # nothing more due: done until next time
+            total = sum(self._compacted.values())
+            if total:
+                log.info("journal compacted: %d rows deleted (%s)", total, ", ".join(
+                    f"{what} {n}" for what, n in self._compacted.items() if n))
+            self._compacted = {}
+            self._compact_at = self.journal.clock() + cfg.compact_every_s
 
     def _drop_series(self, job: str) -> None:
         self._ended.pop(job, None)

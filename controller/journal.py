@@ -23,6 +23,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from trimtab.controller.retention import RetentionConfig, plan_sql
+
 __all__ = ["EVENT_KINDS", "Event", "Journal", "JournalError"]
 
 #: What an event can be.
@@ -53,6 +55,7 @@ CREATE TABLE IF NOT EXISTS events (
     data  TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_job ON events (job, id);
+CREATE INDEX IF NOT EXISTS events_kind_ts ON events (kind, ts);
 CREATE TABLE IF NOT EXISTS job_state (
     job    TEXT PRIMARY KEY,
     ts     REAL NOT NULL,
@@ -132,6 +135,8 @@ class Journal:
             raise
         self._in_tx = False
         self._batching = False
+        #: The wall clock events are stamped with (and retention measures ages by).
+        self.clock: Callable[[], float] = time.time
         #: Called with the seconds each commit took (the controller's metrics observe it).
         self.on_commit: Callable[[float], None] | None = None
 
@@ -171,7 +176,7 @@ class Journal:
         self._begin()
         cur = self._db.execute(
             "INSERT INTO events (ts, job, kind, step, seq, data) VALUES (?, ?, ?, ?, ?, ?)",
-            (time.time(), job, kind, step, seq, text),
+            (self.clock(), job, kind, step, seq, text),
         )
         self._autocommit_if_idle()
         return int(cur.lastrowid)
@@ -184,7 +189,7 @@ class Journal:
             "INSERT INTO job_state (job, ts, live, state) VALUES (?, ?, ?, ?) "
             "ON CONFLICT(job) DO UPDATE SET ts=excluded.ts, live=excluded.live, "
             "state=excluded.state",
-            (job, time.time(), int(live), text),
+            (job, self.clock(), int(live), text),
         )
         self._autocommit_if_idle()
 
@@ -213,7 +218,7 @@ class Journal:
         self._db.execute(
             "INSERT INTO run_state (job, run_id, ts, state) VALUES (?, ?, ?, ?) "
             "ON CONFLICT(job, run_id) DO UPDATE SET ts=excluded.ts, state=excluded.state",
-            (job, run_id, time.time(), json.dumps(state, allow_nan=False)))
+            (job, run_id, self.clock(), json.dumps(state, allow_nan=False)))
         self._db.execute(
             "DELETE FROM run_state WHERE job = ? AND run_id NOT IN (SELECT run_id FROM "
             "run_state WHERE job = ? ORDER BY ts DESC, rowid DESC LIMIT ?)",
@@ -257,6 +262,32 @@ class Journal:
 
     def jobs(self) -> list[str]:
         return [r[0] for r in self._db.execute("SELECT DISTINCT job FROM events ORDER BY job")]
+
+    def compact(self, cfg: RetentionConfig, now: float | None = None,
+                limit: int | None = None) -> dict[str, int]:
+        """Apply the retention rules (:mod:`~trimtab.controller.retention`) at ``now``
+        (default: the time now), deleting at most ``limit`` rows (None: all that are due);
+        returns the rows deleted, by rule (none left due when the counts sum below
+        ``limit``)."""
+        now = self.clock() if now is None else now
+        left = limit
+        deleted: dict[str, int] = {}
+        for what, select, args in plan_sql(cfg, now):
+            if left is not None and left <= 0:
+                break
+            cap = "" if left is None else f" LIMIT {int(left)}"
+            self._begin()
+            cur = self._db.execute(f"DELETE FROM events WHERE id IN ({select}{cap})", args)
+            self._autocommit_if_idle()
+            deleted[what] = cur.rowcount
+            if left is not None:
+                left -= cur.rowcount
+        return deleted
+
+    def vacuum(self) -> None:
+        """Give the pages of deleted rows back to the file system (rewrites the file)."""
+        self.commit()
+        self._db.execute("VACUUM")
 
     def close(self) -> None:
         self.commit()

@@ -1,0 +1,89 @@
+"""A journal that lives for months: what is kept, what is thinned, what goes.
+
+A job reporting once a second writes ~86,400 reports a day (about 1 KB of JSON each, ~1.8
+KB on disk with SQLite's pages and index). Kept whole forever, one job's journal grows by
+~150 MB a day. What a person or a replay needs later is not every report: it is every
+decision that acted, every command, ack, rollback and alert, and the run's curve at a
+coarser grain. So (``[retention]`` in the controller's config):
+
+- **kept for good**: registrations, commands, acks, rollbacks, restores, alerts, stable
+  marks, checkpoints, stop advice, policy errors, byes and losses, and every decision
+  that acted (a command, a mark, a rollback, an alert or advice) with its proposals;
+- **kept whole for** ``full_s`` (6 h): every report, and the per-report records of
+  decisions that changed nothing (holds) with their proposals, and the shadow, stale and
+  abandoned reports;
+- **then thinned** to one report per job per ``downsample_s`` (60 s): the curve stays;
+  the per-report records of decisions that changed nothing, shadow, stale and abandoned
+  reports go;
+- **dropped after** ``max_age_s`` (90 days; 0: never): the thinned reports too.
+
+``trimtab serve`` compacts every ``compact_every_s`` (in slices of ``batch_rows`` rows
+per loop turn, so that a large backlog never stalls message handling);
+``trimtab journal compact`` does it by hand. Deleted rows' pages are reused by SQLite;
+``--vacuum`` gives them back to the file system.
+
+>>> RetentionConfig().full_s, RetentionConfig().downsample_s
+(21600.0, 60.0)
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = ["RetentionConfig", "DETAIL_KINDS", "plan_sql"]
+
+
+class RetentionConfig(BaseModel):
+    """``[retention]``: how long the journal keeps what (see the module docstring)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    #: Every report is kept this long (seconds).
+    full_s: Annotated[float, Field(ge=0)] = 6 * 3600.0
+    #: Older reports are thinned to one per job per this many seconds.
+    downsample_s: Annotated[float, Field(gt=0)] = 60.0
+    #: Thinned reports older than this are dropped (0: never).
+    max_age_s: Annotated[float, Field(ge=0)] = 90 * 86400.0
+    #: ``trimtab serve`` compacts this often (0: never; ``trimtab journal compact`` then).
+    compact_every_s: Annotated[float, Field(ge=0)] = 600.0
+    #: Rows deleted per slice (one slice per turn of the serve loop).
+    batch_rows: Annotated[int, Field(ge=100, le=1_000_000)] = 5000
+
+
+#: Events that describe one report and nothing beyond it.
+DETAIL_KINDS = ("report", "shadow", "stale", "abandoned")
+
+#: A decision (or its proposals) that changed nothing: kept with its reports only.
+_IDLE = ("json_extract(data, '$.commands') = '{}' AND json_extract(data, '$.rollback') IS NULL"
+         " AND json_extract(data, '$.mark_stable') IS NULL AND json_extract(data, '$.alert')"
+         " IS NULL AND json_extract(data, '$.stop_advice') IS NULL"
+         " AND json_extract(data, '$.schedules') IS NULL")
+
+
+def plan_sql(cfg: RetentionConfig, now: float) -> list[tuple[str, str, tuple]]:
+    """``(what, SELECT of the ids to delete, args)`` for one compaction at ``now``."""
+    full = now - cfg.full_s
+    out: list[tuple[str, str, tuple]] = []
+    kinds = ",".join(f"'{k}'" for k in DETAIL_KINDS if k != "report")
+    # Shadow, stale and abandoned reports: only while the reports are kept whole.
+    out.append(("per-report records", f"SELECT id FROM events WHERE ts < ? AND kind IN ({kinds})",
+                (full,)))
+    # Decisions that changed nothing, and the proposals of their steps.
+    out.append(("idle decisions", f"SELECT id FROM events WHERE ts < ? AND kind = 'decision' "
+                f"AND {_IDLE}", (full,)))
+    out.append(("proposals of idle decisions",
+                "SELECT p.id FROM events p WHERE p.ts < ? AND p.kind = 'proposal' AND NOT EXISTS "
+                "(SELECT 1 FROM events d WHERE d.job = p.job AND d.step IS p.step AND "
+                f"d.kind = 'decision' AND NOT ({_IDLE.replace('data', 'd.data')}))", (full,)))
+    # Reports past the full window: the first of each job's downsample_s bucket stays.
+    out.append(("thinned reports",
+                "SELECT id FROM events WHERE ts < ? AND kind = 'report' AND id NOT IN "
+                "(SELECT min(id) FROM events WHERE ts < ? AND kind = 'report' "
+                "GROUP BY job, CAST(ts / ? AS INTEGER))", (full, full, cfg.downsample_s)))
+    if cfg.max_age_s > 0:
+        out.append(("reports past max_age_s",
+                    "SELECT id FROM events WHERE ts < ? AND kind = 'report'",
+                    (now - cfg.max_age_s,)))
+    return out
