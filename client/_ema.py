@@ -24,7 +24,8 @@ taken). One ``torch._foreach_lerp_`` per device and dtype, a few scalar ops, no 
 weights rather than copied from the model, so that the averaged weights are evaluated with
 statistics that match them, without an ``update_bn`` pass over the data before each
 validation (torch's documentation notes either way works; this one costs nothing extra).
-Integer buffers (``num_batches_tracked``) are counters, not averaged: they are copied.
+Integer buffers (``num_batches_tracked``) are counters, not averaged: they are copied at
+each step averaged in.
 
 The parameters and buffers are gathered once, at attach (as an optimizer holds its
 parameters): a buffer the model replaces by another tensor, rather than updating in place,
@@ -105,7 +106,7 @@ class Ema:
         #: (device, dtype) -> (averaged tensors, the model's): averaged with one lerp.
         self._groups: dict[tuple[torch.device, torch.dtype], tuple[list, list]] = (
             collections.defaultdict(lambda: ([], [])))
-        #: Integer buffers (step counters): copied, not averaged.
+        #: Integer buffers (counters): copied at each step averaged in, not averaged.
         self._copied: list[tuple[torch.Tensor, torch.Tensor]] = []
         for avg, live in zip(mine, theirs, strict=True):
             if avg.is_floating_point() or avg.is_complex():
@@ -154,7 +155,10 @@ class Ema:
             w = weight.to(device=device, dtype=dtype, non_blocking=True)
             torch._foreach_lerp_(avg, live, [w] * len(avg))
         for avg, live in self._copied:
-            avg.copy_(live, non_blocking=True)
+            if taken is None:
+                avg.copy_(live, non_blocking=True)
+            else:  # as of the last step averaged in, like the weights
+                avg.copy_(torch.where(taken.to(avg.device, non_blocking=True), live, avg))
 
     def state_dict(self) -> dict[str, Any]:
         """The average's state (live tensors: copy them to keep them)."""
