@@ -3,8 +3,10 @@
 
 JSON-serialisable (no NaN or infinity), versioned (:data:`STATE_VERSION`), and strict: a
 missing or unknown key is an error, so that a state written by another controller version
-is refused with its name rather than half-loaded. The controller saves each live job's
-state after every message it handles and resumes a job that re-registers from it.
+is refused with its name rather than half-loaded; only the keys added within a version
+(:attr:`Persisted._ADDED`) may be missing, so that a journal written before them still
+loads. The controller saves each live job's state after every message it handles and
+resumes a job that re-registers from it.
 """
 
 from __future__ import annotations
@@ -38,6 +40,9 @@ class Persisted:
         "corrections", "live", "branch_seq", "effective", "base", "registered", "signal_marks",
         "link",
     })
+    #: Keys added within :data:`STATE_VERSION`: a state without them (an older journal's)
+    #: loads with them empty.
+    _ADDED = frozenset({"validations_ema"})
 
     def state_dict(self) -> dict[str, Any]:
         """A JSON-serialisable copy (no NaN or infinity) for the journal."""
@@ -66,6 +71,7 @@ class Persisted:
             ],
             "history": [s.to_list() for s in self.history],
             "validations": [[s, v] for s, v in self.validations],
+            "validations_ema": [[s, v] for s, v in self.validations_ema],
             "stop_advice": self.stop_advice,
             "phase": None if self.phase is None else dataclasses.asdict(self.phase),
             "phases_done": [dataclasses.asdict(p) for p in self.phases_done.values()],
@@ -83,7 +89,7 @@ class Persisted:
             raise ValueError(
                 f"JobState state_dict version {sd.get('version')!r}, expected {STATE_VERSION} "
                 "(states written before the knob model cannot be resumed)")
-        _check_keys("JobState", sd, set(self._KEYS))
+        _check_keys("JobState", sd, set(self._KEYS) | (self._ADDED & sd.keys()))
         self.__init__(  # type: ignore[misc]  # re-run to reset everything not saved
             sd["job"], sd["run_id"], wire.ScaleFacts.model_validate(sd["facts"]),
             sd["report_every"], wire.Knobs.model_validate(sd["knobs"]),
@@ -118,6 +124,7 @@ class Persisted:
         self.shadow_counts = {(p, k, d): int(n) for p, k, d, n in sd["shadow_counts"]}
         self.history.extend(Sample(*row) for row in sd["history"])
         self.validations.extend((int(s), float(v)) for s, v in sd["validations"])
+        self.validations_ema.extend((int(s), float(v)) for s, v in sd.get("validations_ema", ()))
         self.stop_advice = sd["stop_advice"]
         self.phase = None if sd["phase"] is None else Phase(**sd["phase"])
         self.phases_done = {p["policy"]: Phase(**p) for p in sd["phases_done"]}
