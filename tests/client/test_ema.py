@@ -325,3 +325,40 @@ def test_a_checkpoint_without_an_average_restarts_it() -> None:
     old.restore(model, opt, ema=average)
     assert int(average.n_averaged) == 0
     assert math.isfinite(float(average.module[0].weight.detach().sum()))
+
+
+def test_on_the_cuda_path_the_average_is_copied_ahead_of_its_next_update(monkeypatch,
+                                                                        dead_endpoint) -> None:
+    """The CUDA snapshot path driven on CPU (test_snapshots' fake device runs a side-stream
+    copy only when the training stream is fenced on it): the snapshot holds the average
+    exactly as it was at its step, so its copy was ordered before the next update, and
+    its pinned buffers are reserved ahead of need with the rest's."""
+    from trimtab.client._host_copy import staged_layout
+
+    from .test_snapshots import FakeDevice, _wait_ready
+
+    device = FakeDevice(monkeypatch, auto=False)
+    model = _model()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    guard = _attach(model, opt, dead_endpoint, ema=0.9, checkpoint_every=5, keep=3,
+                    nonfinite="zero")
+    device.run()
+    _step(model, opt, guard)
+    _wait_ready(guard._store)
+    # Reserved after the first step: the snapshots' worth of model, optimizer and average.
+    layout = staged_layout(model.state_dict(), opt.state_dict()["state"],
+                           guard.ema_model.state_dict())
+    want, copies = guard._store._pool._want, guard._store._copies
+    assert all(want[k] >= n * copies for k, n in layout.items())
+    for _ in range(4):
+        _step(model, opt, guard)
+    assert guard.global_step == 5
+    expected = _ema_state(guard)
+    _step(model, opt, guard)  # fenced before its optimizer step, then the average moves
+    assert not torch.equal(_ema_state(guard)["module.0.weight"], expected["module.0.weight"])
+    _step(model, opt, guard)  # admitted now that its copy is done
+    assert guard.checkpoints == [0, 5] and guard._store.deferred == 0
+    held = guard._store._held[5].ema
+    assert held.keys() == expected.keys()
+    assert all(torch.equal(held[k], v) for k, v in expected.items())
+    guard.close()
