@@ -34,10 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from trimtab.policies.sdk import JobView, Policy, Proposal
 
-__all__ = ["EarlyStop", "EarlyStopConfig", "stalled", "best_of", "SOURCES"]
-
-#: What the validation series judged is made of (see the module docstring).
-SOURCES = ("best", "raw", "ema")
+__all__ = ["EarlyStop", "EarlyStopConfig", "stalled", "best_of"]
 
 
 class EarlyStopConfig(BaseModel):
