@@ -158,7 +158,7 @@ class Checkpointing:
         # values come back with the optimizer's (and the scheduler's) state.
         self._act.load_state_dict({**ckpt.controls, "clip": ckpt.clip})
         self._step.restart(ckpt.counters.get("calls", ckpt.step), ckpt.step)
-        self._reporter.restart()
+        self._reporter.restart(ckpt.step)
         self.last = ckpt.step
         self.rollbacks += 1
         if self.reseed:  # no replay of the batches that led here

@@ -46,9 +46,13 @@ class Reporter:
         self.validation_ema: float | None = None
         self._window_start = time.perf_counter()
 
-    def restart(self) -> None:
-        """The open window was discarded (a rollback): its time does not count."""
+    def restart(self, step: int | None = None) -> None:
+        """The open window was discarded (a rollback to ``step``): its time does not count,
+        and a validation result measured after ``step`` waiting for the next report is
+        dropped: it is of the path rolled back from (the controller drops those it has)."""
         self._window_start = time.perf_counter()
+        if step is not None and self.validation is not None and self.validation[1] > step:
+            self.validation = self.validation_ema = None
 
     def report(
         self, stats: WindowStats, *, step: int, knobs: wire.Knobs, base: wire.Knobs,

@@ -362,3 +362,27 @@ def test_on_the_cuda_path_the_average_is_copied_ahead_of_its_next_update(monkeyp
     assert held.keys() == expected.keys()
     assert all(torch.equal(held[k], v) for k, v in expected.items())
     guard.close()
+
+
+def test_a_validation_of_the_path_rolled_back_from_is_not_sent_after_the_rollback(
+        dead_endpoint) -> None:
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with _attach(model, opt, dead_endpoint, ema=0.9, checkpoint_every=2,
+                 report_every=100) as guard:
+        for _ in range(3):
+            _step(model, opt, guard)
+        guard.report_validation(2.0, ema=1.5, step=1)  # measured before the checkpoint: kept
+        _deliver(guard, _command(1, mark_stable=2))
+        _step(model, opt, guard)
+        _deliver(guard, _command(2, rollback_to=2))
+        _step(model, opt, guard)
+        assert guard.rollbacks == 1 and guard._reporter.validation == (2.0, 1)
+        assert guard._reporter.validation_ema == 1.5
+        for _ in range(2):
+            _step(model, opt, guard)
+        guard.report_validation(3.0, ema=2.5)  # at step 4, then a rollback to 2: dropped
+        _deliver(guard, _command(3, rollback_to=2))
+        _step(model, opt, guard)
+        assert guard.rollbacks == 2 and guard.global_step == 2
+        assert (guard._reporter.validation, guard._reporter.validation_ema) == (None, None)
