@@ -1,9 +1,9 @@
 """Weight averaging (Polyak / EMA) of the guarded model: on the device, without a sync.
 
 ``attach(..., ema=0.999)`` keeps an exponential moving average of the model's weights
-beside the run: after every optimizer step that was taken,
-``ema <- decay * ema + (1 - decay) * weights`` (:func:`torch.optim.swa_utils.get_ema_multi_avg_fn`'s
-rule; the first step taken copies the weights, as ``AveragedModel`` does). The average is a
+beside the run: after every optimizer step that was taken, ``ema <- decay * ema + (1 -
+decay) * weights`` (the rule of :func:`torch.optim.swa_utils.get_ema_multi_avg_fn`; the
+first step taken copies the weights, as ``AveragedModel`` does). The average is a
 :class:`torch.optim.swa_utils.AveragedModel` (``guard.ema_model``): evaluate it like the
 model, hand its validation loss to ``guard.report_validation(value, ema=...)``, save it with
 its ``state_dict()``; ``torch.optim.swa_utils.update_bn`` and the rest of ``swa_utils`` take
@@ -23,7 +23,8 @@ taken). One ``torch._foreach_lerp_`` per device and dtype, a few scalar ops, no 
 ``use_buffers=True``: the buffers (batch-norm running statistics) are averaged with the
 weights rather than copied from the model, so that the averaged weights are evaluated with
 statistics that match them, without an ``update_bn`` pass over the data before each
-validation (torch's documentation notes either way works; this one costs nothing extra).
+validation (torch's documentation notes either way works; this one costs only the buffers'
+share of the update).
 Integer buffers (``num_batches_tracked``) are counters, not averaged: they are copied at
 each step averaged in.
 
@@ -40,7 +41,7 @@ is not followed. A model wrapped in ``DistributedDataParallel`` is averaged thro
 >>> ema.update()  # the first step taken: a copy
 >>> with torch.no_grad():
 ...     _ = model.weight.fill_(4.0)
->>> ema.update(torch.tensor(True)); ema.update(torch.tensor(False))  # the second is skipped
+>>> ema.update(torch.tensor(True)); ema.update(torch.tensor(False))  # False: not averaged in
 >>> ema.model.module.weight.item(), int(ema.model.n_averaged)
 (3.0, 2)
 """
