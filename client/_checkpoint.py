@@ -331,7 +331,10 @@ class CheckpointStore:
         if ckpt is None:
             return None, f"rollback_to={step}: no stable checkpoint at or before it loads"
         self.fence()  # copies still reading the live tensors finish before they are overwritten
-        ckpt.restore(model, optimizer, scheduler, ema)
+        if ema is None:  # a sharded checkpoint's restore takes no average
+            ckpt.restore(model, optimizer, scheduler)
+        else:
+            ckpt.restore(model, optimizer, scheduler, ema=ema)
         self._drop_after(ckpt.step)
         if ckpt.step not in self._held:  # loaded from disk: keep it at hand for next time
             self._held[ckpt.step] = ckpt
