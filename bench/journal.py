@@ -79,12 +79,15 @@ def run(path: str, retention: dict, days: float, every_s: float) -> dict:
     wall_s = time.perf_counter() - t0
     counts = dict(journal._db.execute(  # noqa: SLF001 - a benchmark reads its own journal
         "SELECT kind, count(*) FROM events GROUP BY kind").fetchall())
+    recent = journal._db.execute(  # noqa: SLF001
+        "SELECT count(*) FROM events WHERE ts >= ?", (wall[0] - 86400,)).fetchone()[0]
     ctl.close()
     j = Journal(path)
     j.vacuum()
     j.close()
     size = os.path.getsize(path)
-    return {"reports_sent": n, "rows": counts, "bytes": size, "wall_s": wall_s}
+    return {"reports_sent": n, "rows": counts, "bytes": size, "wall_s": wall_s,
+            "rows_last_day": recent}
 
 
 def main() -> None:
@@ -98,22 +101,29 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         off = run(os.path.join(tmp, "off.db"), {"compact_every_s": 0}, args.days, args.every_s)
         on = run(os.path.join(tmp, "on.db"), {}, args.days, args.every_s)
-    ret = RetentionConfig()
-    per_report = off["bytes"] / off["reports_sent"]
-    print(f"{'':22s} {'reports kept':>12s} {'rows':>8s} {'bytes':>12s} {'bytes/report sent':>18s}")
+    print(f"{'':20s} {'reports kept':>12s} {'rows':>7s} {'bytes':>11s} {'B/report sent':>13s}"
+          "  rows by kind")
     for name, r in (("retention off", off), ("default retention", on)):
         rows = sum(r["rows"].values())
-        print(f"{name:22s} {r['rows'].get('report', 0):12d} {rows:8d} {r['bytes']:12d} "
-              f"{r['bytes'] / r['reports_sent']:18.1f}")
-    day = 86400
-    full = ret.full_s * per_report
-    thinned_day = day / ret.downsample_s * per_report
-    print(f"one job at 1 report/s: without retention {per_report * day / 1e6:.1f} MB per day, "
-          f"growing for good; with the default retention {full / 1e6:.1f} MB for the last "
-          f"{ret.full_s / 3600:g} h plus {thinned_day / 1e6:.2f} MB per older day, up to "
-          f"{(full + thinned_day * (ret.max_age_s - ret.full_s) / day) / 1e6:.0f} MB at "
-          f"{ret.max_age_s / day:g} days")
-
+        kinds = ", ".join(f"{k} {n}" for k, n in sorted(r["rows"].items(), key=lambda x: -x[1]))
+        print(f"{name:20s} {r['rows'].get('report', 0):12d} {rows:7d} {r['bytes']:11d} "
+              f"{r['bytes'] / r['reports_sent']:13.1f}  {kinds}")
+    # At 1 report/s: everything scales with the report rate but the thinned reports (one
+    # a minute whatever the rate). Bytes per row: the journal's own average.
+    ret = RetentionConfig()
+    scale = args.every_s
+    per_row_off = off["bytes"] / sum(off["rows"].values())
+    per_day_off = off["bytes"] / args.days * scale
+    per_row_on = on["bytes"] / sum(on["rows"].values())
+    kept = sum(on["rows"].values()) - on["rows"].get("report", 0)  # all kinds but reports
+    kept_day = kept / args.days * scale * per_row_on
+    thinned_day = 86400 / ret.downsample_s * per_row_on
+    window = ret.full_s * per_row_off * sum(off["rows"].values()) / off["reports_sent"]
+    print(f"one job at 1 report/s, extrapolated: without retention {per_day_off / 1e6:.1f} MB "
+          f"per day, kept for good; with the default retention the last {ret.full_s / 3600:g} h "
+          f"whole ({window / 1e6:.1f} MB), then {(kept_day + thinned_day) / 1e6:.2f} MB per "
+          f"older day ({kept_day / 1e6:.2f} MB of commands, acks, marks and acting "
+          f"decisions, {thinned_day / 1e6:.2f} MB of reports thinned to one a minute)")
 
 if __name__ == "__main__":
     main()

@@ -3,8 +3,9 @@
 A :class:`Checkpoint` holds everything needed to put a run back where it was: the
 model's and optimizer's state (host copies), the LR scheduler's state, the RNG states
 (torch CPU, every CUDA device, numpy's global generator, Python's ``random``), the
-clipping threshold and trimtab's other knobs in force, and the guard's step counters
-(see :mod:`trimtab.client._snapshot`; it and the RNG functions are importable from here).
+clipping threshold and trimtab's other knobs in force, the guard's step counters and its
+weight average, if it keeps one (see :mod:`trimtab.client._snapshot`; it and the RNG
+functions are importable from here).
 
 A :class:`CheckpointStore` keeps the ``keep`` newest checkpoints in host memory plus,
 always, the newest one marked stable. Copies never stall the device: CPU tensors are
@@ -40,6 +41,7 @@ import os
 from typing import Any
 
 import torch
+from torch.optim.swa_utils import AveragedModel
 
 from . import _host_copy
 from ._checkpoint_files import CheckpointFiles, read_payload, scan
@@ -107,11 +109,14 @@ class CheckpointStore:
         # The ring, the newest stable one and one snapshot in flight.
         return self.memory_keep + 2
 
-    def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                ema: dict[str, Any] | None = None) -> None:
         """Start allocating the pinned buffers that snapshots of this state will need (in
         the background; shapes and dtypes only, no device work). Call once the optimizer
-        state exists (after the first step); :meth:`take` does it too."""
-        layout = _host_copy.staged_layout(model.state_dict(), optimizer.state_dict()["state"])
+        state exists (after the first step); :meth:`take` does it too. ``ema``: the weight
+        average's state_dict, snapshotted with them."""
+        layout = _host_copy.staged_layout(model.state_dict(), optimizer.state_dict()["state"],
+                                          ema)
         self._pool.reserve(layout, self._copies)
 
     def take(
@@ -119,11 +124,13 @@ class CheckpointStore:
         scheduler: Any = None, *, clip: float | None = None,
         counters: dict[str, int] | None = None, scheduler_stepped: bool = False,
         controls: dict[str, Any] | None = None, block: bool = False,
+        ema: dict[str, Any] | None = None,
     ) -> Checkpoint | None:
         """Snapshot the run at ``step``; usable once its copies are done (see :meth:`poll`).
 
         ``None``: the pinned buffers it needs are still being allocated (``block``:
-        allocate them here instead, as the guard does once at attach)."""
+        allocate them here instead, as the guard does once at attach). ``ema``: the weight
+        average's state_dict (see :mod:`trimtab.client._ema`), snapshotted with the model."""
         copier = _HostCopier(self._pool, self._streams, block=block)
         model_sd, opt = model.state_dict(), optimizer.state_dict()
         flat = flatten(model_sd, opt.get("state"))
@@ -139,6 +146,9 @@ class CheckpointStore:
             model_sd, state = planned
             optim_sd = {k: state if k == "state" else copier(v) for k, v in opt.items()}
         sched = None if scheduler is None else copier(scheduler.state_dict())
+        # The average changes only right after the optimizer step, as the parameters do (and
+        # after the fence before it): its copies run on the side stream too.
+        ema_sd = None if ema is None else copier(ema, side=lambda t: True)
         self._pool.reserve(copier.layout, self._copies)
         if copier.missing:
             self._pool.give(copier.pinned, copier.pinned_keys)
@@ -148,7 +158,7 @@ class CheckpointStore:
         ckpt = Checkpoint(
             step=step, model=model_sd, optimizer=optim_sd, scheduler=sched,
             rng=capture_rng(), clip=clip, counters=dict(counters or {}),
-            scheduler_stepped=scheduler_stepped, controls=dict(controls or {}),
+            scheduler_stepped=scheduler_stepped, controls=dict(controls or {}), ema=ema_sd,
         )
         return self._admit(ckpt, copier, events)
 
@@ -305,9 +315,10 @@ class CheckpointStore:
 
     def restore(
         self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-        scheduler: Any = None,
+        scheduler: Any = None, ema: AveragedModel | None = None,
     ) -> tuple[Checkpoint | None, str | None]:
-        """Restore the stable checkpoint at ``step`` into the run; drop every newer one.
+        """Restore the stable checkpoint at ``step`` into the run (``ema``: and its weight
+        average); drop every newer one.
 
         Returns the checkpoint restored (``None``: nothing was touched) and a note saying
         why not, or that an unreadable file made it fall back to an older stable one.
@@ -320,7 +331,10 @@ class CheckpointStore:
         if ckpt is None:
             return None, f"rollback_to={step}: no stable checkpoint at or before it loads"
         self.fence()  # copies still reading the live tensors finish before they are overwritten
-        ckpt.restore(model, optimizer, scheduler)
+        if ema is None:  # a sharded checkpoint's restore takes no average
+            ckpt.restore(model, optimizer, scheduler)
+        else:
+            ckpt.restore(model, optimizer, scheduler, ema=ema)
         self._drop_after(ckpt.step)
         if ckpt.step not in self._held:  # loaded from disk: keep it at hand for next time
             self._held[ckpt.step] = ckpt
@@ -364,7 +378,8 @@ def load_stable(directory: str | os.PathLike) -> Checkpoint | None:
 
     Files that fail are skipped with a WARNING naming them, and the next older stable
     one is tried; ``None`` when none loads. Use it to resume a run after a crash:
-    ``ckpt = load_stable(d); ckpt.restore(model, optimizer, scheduler)``.
+    ``ckpt = load_stable(d); ckpt.restore(model, optimizer, scheduler)`` (with
+    ``ema=guard.ema_model``, or an ``AveragedModel`` of your own: the weight average too).
     """
     for entry in reversed(scan(directory)):
         if entry.stable and (payload := read_payload(directory, entry.step)) is not None:

@@ -4,7 +4,9 @@ The store (:class:`~trimtab.client._checkpoint.CheckpointStore`, or the sharded 
 the snapshots; this part decides when one is taken and what a rollback puts back around
 the store's restore: the knobs in force at the checkpoint, the step counts (the open
 report window is discarded), the RNGs re-seeded, the loop's ``on_rollback``, and the
-scheduler held back one step where the snapshot was taken after it stepped.
+scheduler held back one step where the snapshot was taken after it stepped. A weight
+average (``attach(..., ema=...)``, see :mod:`trimtab.client._ema`) is snapshotted and
+restored with the model.
 
 With ``checkpoint_every=0`` there is no store: nothing is taken, and a command's
 ``mark_stable`` or ``rollback_to`` is answered with an error saying checkpoints are off.
@@ -20,6 +22,7 @@ from typing import Any
 import torch
 
 from ._checkpoint import Checkpoint, CheckpointStore, reseed_rng
+from ._ema import Ema
 from ._knobs import Actuator
 from ._options import _invalid
 from ._report import Reporter
@@ -51,12 +54,15 @@ class Checkpointing:
         self, store: CheckpointStore | None, every: int, *, model: torch.nn.Module,
         optimizer: torch.optim.Optimizer, scheduler: Any, act: Actuator, step: Step,
         reporter: Reporter, on_rollback: Callable[[int], None] | None, reseed: bool,
+        ema: Ema | None = None,
     ) -> None:
         self.store = store
         self.every = every
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self._act, self._step, self._reporter = act, step, reporter
         self._on_rollback = on_rollback
+        #: The weight average, snapshotted and restored with the model (None: none kept).
+        self.ema = ema
         #: Re-seed the restored RNGs after a rollback (see :func:`reseed_rng`).
         self.reseed = reseed
         #: The step of the last snapshot taken (or restored).
@@ -96,7 +102,8 @@ class Checkpointing:
             taken = self.store.take(step, self.model, self.optimizer, self.scheduler,
                                     clip=self._act.clip, counters={"calls": self._step.calls},
                                     scheduler_stepped=scheduler_stepped,
-                                    controls=self._act.state_dict(), block=block)
+                                    controls=self._act.state_dict(), block=block,
+                                    **self._ema_state())
         except Exception:  # a failed snapshot costs a rollback target, never the run
             log.exception("trimtab could not take a checkpoint at step %d", step)
             taken = True
@@ -125,9 +132,14 @@ class Checkpointing:
         if self.store is None:
             return
         try:
-            self.store.prepare(self.model, self.optimizer)
+            self.store.prepare(self.model, self.optimizer, **self._ema_state())
         except Exception:
             log.exception("trimtab could not prepare snapshot buffers")
+
+    def _ema_state(self) -> dict[str, Any]:
+        """The weight average's state for the store, as a keyword (none without one: the
+        sharded store takes no average)."""
+        return {} if self.ema is None else {"ema": self.ema.state_dict()}
 
     # -- commands -----------------------------------------------------------------------------
 
@@ -146,7 +158,9 @@ class Checkpointing:
         if self.store is None:
             return None, [f"rollback_to={step}: checkpoints are off (checkpoint_every=0); "
                           "nothing restored"]
-        ckpt, note = self.store.restore(step, self.model, self.optimizer, self.scheduler)
+        extra = {} if self.ema is None else {"ema": self.ema.model}
+        ckpt, note = self.store.restore(step, self.model, self.optimizer, self.scheduler,
+                                        **extra)
         if ckpt is None:
             return None, [f"{note}; nothing restored"]
         notes = [] if note is None else [note]
@@ -154,7 +168,7 @@ class Checkpointing:
         # values come back with the optimizer's (and the scheduler's) state.
         self._act.load_state_dict({**ckpt.controls, "clip": ckpt.clip})
         self._step.restart(ckpt.counters.get("calls", ckpt.step), ckpt.step)
-        self._reporter.restart()
+        self._reporter.restart(ckpt.step)
         self.last = ckpt.step
         self.rollbacks += 1
         if self.reseed:  # no replay of the batches that led here

@@ -35,6 +35,7 @@ from ._checkpointing import Checkpointing, open_store
 from ._commands import Commands
 from ._compiled import CompileNote
 from ._dist import DistLink, rank_directory
+from ._ema import Ema, check_decay
 from ._guard_state import GuardState
 from ._hooks import StepHooks
 from ._knobs import Actuator, check_optimizer
@@ -45,6 +46,7 @@ from ._options import (
     _check_switches,
     _check_validation,
     _facts,
+    _invalid,
     _resolve_mode,
 )
 from ._probe import Probe
@@ -116,6 +118,15 @@ class Guard(GuardState):
     :func:`~trimtab.client._checkpoint.reseed_rng`), so that a loop drawing its batches
     from torch's RNG does not draw the ones that led to the fault again; ``False`` restores
     them exactly (the same draws again).
+
+    Weight averaging (``ema``: a decay strictly between 0 and 1, e.g. ``0.999``; ``None``,
+    the default: off): after each optimizer step taken, an exponential moving average of
+    the model's weights and buffers is updated on the device without a sync; a skipped step
+    (non-finite gradients, on every path) is not averaged in. ``guard.ema_model`` is the
+    average, a ``torch.optim.swa_utils.AveragedModel``: evaluate it and report its result
+    beside the raw one with ``report_validation(value, ema=...)``. It is snapshotted and
+    rolled back with the model, and ``load_stable(d).restore(..., ema=guard.ema_model)``
+    puts it back on resume. See :mod:`trimtab.client._ema`.
 
     CURVE (a controller configured with keys): ``server_key`` is the controller's
     ``server.key`` and ``client_key`` this client's ``clients/NAME.key_secret``, both from
@@ -197,6 +208,7 @@ class Guard(GuardState):
         client_key: str | os.PathLike | None = None,
         hooks: bool = False,
         reseed_on_rollback: bool = True,
+        ema: float | None = None,
     ) -> None:
         _check_options(job, report_every, clip, batch_size, heartbeat_s, queue_size,
                        nonfinite, liveness)
@@ -204,6 +216,7 @@ class Guard(GuardState):
                                   optimizer, on_rollback)
         check_optimizer(optimizer)
         _check_switches(hooks, reseed_on_rollback)
+        check_decay(ema)
         curve = load_curve_keys(server_key, client_key)
         self.model = model
         self.optimizer = optimizer
@@ -234,6 +247,11 @@ class Guard(GuardState):
         # Probe, clip, non-finite handling and the step counts: see trimtab.client._step.
         self._step = Step(optimizer, self._probe, self._act, self.nonfinite_mode)
         self._reporter = Reporter(job)  # the first window's clock starts here
+        if ema is not None and self._sharded:
+            raise _invalid("ema", ema, "None with an FSDP2-sharded model (its weight average "
+                                       "would need sharded snapshots of its own)")
+        # The weight average (None: off): see trimtab.client._ema.
+        self._ema = None if ema is None else Ema(model, ema)
         self._closed = False
         self._store = (None if not checkpoint_every
                        else open_store(keep, checkpoint_dir, memory_keep, self._sharded))
@@ -241,7 +259,7 @@ class Guard(GuardState):
         self._ckpts = Checkpointing(
             self._store, checkpoint_every, model=model, optimizer=optimizer,
             scheduler=scheduler, act=self._act, step=self._step, reporter=self._reporter,
-            on_rollback=on_rollback, reseed=reseed_on_rollback,
+            on_rollback=on_rollback, reseed=reseed_on_rollback, ema=self._ema,
         )
         if self._store is not None:
             # The early rollback target. The scheduler has already stepped for the coming
@@ -316,7 +334,10 @@ class Guard(GuardState):
         return total, finite
 
     def _finish_step(self) -> None:
-        """After the optimizer step: probe the update, count the step, report, snapshot."""
+        """After the optimizer step: average the weights in, probe the update, count the
+        step, report, snapshot."""
+        if self._ema is not None:
+            self._ema.after_step(self._step.taken)
         closing = self._step.finish()
         if self._step.calls == 1:
             self._ckpts.prepare()
@@ -332,18 +353,26 @@ class Guard(GuardState):
 
     # -- commands and reports ----------------------------------------------------------------
 
-    def report_validation(self, value: float, step: int | None = None) -> None:
+    def report_validation(self, value: float, step: int | None = None,
+                          ema: float | None = None) -> None:
         """Hand the controller a validation result (lower is better) with the next report.
 
         ``value`` must be a Python number (call ``.item()`` on a tensor: this method never
-        reads the device); ``step`` defaults to the step the host knows now. A newer result
-        before the next report replaces this one; a non-finite one is logged and dropped.
+        reads the device); ``step`` defaults to the step the host knows now; ``ema`` is the
+        same validation of the weight average (:attr:`ema_model`, or one of your own),
+        reported beside it. A newer result before the next report replaces this one; a
+        non-finite one is logged and dropped (a non-finite ``ema`` alone: only it).
         """
-        _check_validation(value, step)
+        _check_validation(value, step, ema)
         if not math.isfinite(value):
             log.warning("trimtab: non-finite validation value %r not reported", value)
             return
+        if ema is not None and not math.isfinite(ema):
+            log.warning("trimtab: non-finite validation value of the weight average %r not "
+                        "reported", ema)
+            ema = None
         self._reporter.validation = (float(value), self._host_step() if step is None else step)
+        self._reporter.validation_ema = None if ema is None else float(ema)
 
     def observe_loss(self, loss: torch.Tensor | float) -> None:
         """With ``hooks=True``: hand over a loss for the coming ``optimizer.step()`` (kept on
@@ -398,6 +427,12 @@ class Guard(GuardState):
     def _host_step(self) -> int:
         """global_step as far as the host knows without reading the device."""
         return self._step.host_step
+
+    @property
+    def ema_model(self) -> torch.nn.Module | None:
+        """The weight average (``attach(..., ema=decay)``), a
+        ``torch.optim.swa_utils.AveragedModel`` to evaluate as the model; ``None``: off."""
+        return None if self._ema is None else self._ema.model
 
     # -- state: the properties (global_step, knobs, checkpoints, ...) are GuardState's -------
 

@@ -88,11 +88,15 @@ def _check_switches(hooks: object, reseed_on_rollback: object) -> None:
         raise _invalid("reseed_on_rollback", reseed_on_rollback, "True or False")
 
 
-def _check_validation(value: object, step: object) -> None:
+def _check_validation(value: object, step: object, ema: object = None) -> None:
     """``report_validation``'s arguments: a Python number (never a tensor: reporting one
-    must not read the device) and ``None`` or a step."""
+    must not read the device), ``None`` or a step, and ``None`` or the weight average's
+    number."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise _invalid("value", value, "a Python int or float (use tensor.item())")
+    if ema is not None and (isinstance(ema, bool) or not isinstance(ema, (int, float))):
+        raise _invalid("ema", ema, "None or a Python int or float: the weight average's "
+                       "validation result (use tensor.item())")
     if step is not None and not _is_int(step, 0):
         raise _invalid("step", step, "None or an int >= 0")
 

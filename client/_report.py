@@ -40,13 +40,19 @@ class Reporter:
         self.job = job
         #: The last report's sequence number (0: none yet).
         self.seq = 0
-        #: A validation result (value, step) waiting for the next report.
+        #: A validation result (value, step) waiting for the next report...
         self.validation: tuple[float, int] | None = None
+        #: ...and the weight average's result at that step (None: none).
+        self.validation_ema: float | None = None
         self._window_start = time.perf_counter()
 
-    def restart(self) -> None:
-        """The open window was discarded (a rollback): its time does not count."""
+    def restart(self, step: int | None = None) -> None:
+        """The open window was discarded (a rollback to ``step``): its time does not count,
+        and a validation result measured after ``step`` waiting for the next report is
+        dropped: it is of the path rolled back from (the controller drops those it has)."""
         self._window_start = time.perf_counter()
+        if step is not None and self.validation is not None and self.validation[1] > step:
+            self.validation = self.validation_ema = None
 
     def report(
         self, stats: WindowStats, *, step: int, knobs: wire.Knobs, base: wire.Knobs,
@@ -74,8 +80,9 @@ class Reporter:
             dropped_reports=transport.dropped, applied_seq=applied_seq,
             checkpoints=checkpoints, stable_step=stable_step,
             validation=validation, validation_step=vstep,
+            validation_ema=None if validation is None else self.validation_ema,
             micro_sq_norm_mean=stats.micro_sq_norm_mean if counts else None,
             micro_batches=micro_batches,
         )
-        self.validation = None
+        self.validation = self.validation_ema = None
         return report

@@ -14,8 +14,9 @@ the last command applied, the run's identity on the controller -- comes back thr
     model.load_state_dict(ckpt["model"]); opt.load_state_dict(ckpt["optimizer"])
     sched.load_state_dict(ckpt["scheduler"]); guard.load_state_dict(ckpt["trimtab"])
 
-The state is plain Python (numbers, strings, lists, dicts): it goes in a ``torch.save``
-file, a JSON file or a trainer's callback state alike. Loading it
+The state is plain Python (numbers, strings, lists, dicts) -- but for ``"ema"``, the
+weight average's tensors with ``attach(..., ema=)`` (``None`` without): it goes in a
+``torch.save`` file; without an average, in a JSON file too. Loading it
 
 - continues the same run on the controller (its ``run_id``), which registers again as a
   *resume* (``Register.resume``, counted): the controller sets aside what it saw after
@@ -24,6 +25,8 @@ file, a JSON file or a trainer's callback state alike. Loading it
 - puts back the values in force, so the first step after the resume runs with the same
   effective lr, momentum, weight decay and clip as the first step after the save would
   have, and the live schedules continue at the resumed step;
+- puts back the weight average (``ema=``) as it was at the save (a state saved without one
+  starts it again from the resumed weights, with a warning);
 - continues the step counters (``global_step``, skipped steps, the report numbers) and
   the command sequence: a command the saving process applied is never applied again;
 - replaces the snapshot taken at attach (it holds the state before the user's own was
@@ -78,6 +81,10 @@ def state_of(guard: Guard) -> dict[str, Any]:
         "controls": act.state_dict(),
         "live": {"schedules": [s.model_dump(mode="json") for s in act.live.schedules],
                  "last": dict(act.live.last)},
+        # The weight average's tensors (attach(..., ema=)), copied: the only entry that is
+        # not a plain value (None: no average).
+        "ema": None if guard._ema is None else {
+            k: v.detach().clone() for k, v in guard._ema.state_dict().items()},
     }
 
 
@@ -163,6 +170,14 @@ def load_state(guard: Guard, sd: Any) -> None:
     commands.should_stop, commands.stop_reason = bool(sd["should_stop"]), sd["stop_reason"]
     commands.note_in_force()
     guard._ckpts.rollbacks = sd["rollbacks"]
+    ema = sd.get("ema")
+    if guard._ema is not None:
+        if ema is not None:
+            guard._ema.load_state_dict(ema)
+        else:  # saved without an average (or by a trainer that cannot hold tensors)
+            guard._ema.restart()
+            log.warning("trimtab: the saved state has no weight average; it starts again "
+                        "from the resumed weights")
     guard.run_id = sd["run_id"]
     guard._resumes = sd["resume"] + 1
     guard._resumed_here = True

@@ -3,7 +3,8 @@
 A :class:`Checkpoint` holds everything needed to put a run back where it was: the
 model's and optimizer's state (host copies), the LR scheduler's state, the RNG states
 (torch CPU, every CUDA device, numpy's global generator, Python's ``random``), the
-clipping threshold and trimtab's other knobs in force, and the guard's step counters.
+clipping threshold and trimtab's other knobs in force, the guard's step counters and, with
+``attach(..., ema=...)``, the weight average's state (see :mod:`trimtab.client._ema`).
 The copies are made by :mod:`trimtab.client._host_copy`; the ring of checkpoints, their
 files and their stable marks are :class:`~trimtab.client._checkpoint.CheckpointStore`'s.
 
@@ -25,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.optim.swa_utils import AveragedModel
 
 from trimtab.protocol import wire
 
@@ -36,7 +38,7 @@ __all__ = ["Checkpoint", "capture_rng", "restore_rng", "reseed_rng"]
 log = logging.getLogger("trimtab.client")
 
 _PAYLOAD_KEYS = ("step", "model", "optimizer", "scheduler", "rng", "clip", "counters",
-                 "scheduler_stepped", "controls")
+                 "scheduler_stepped", "controls", "ema")
 
 
 # -- RNG -------------------------------------------------------------------------------------
@@ -122,6 +124,9 @@ class Checkpoint:
     scheduler_stepped: bool = False
     #: trimtab's knobs in force: multipliers, commanded momentum (see ``Actuator``).
     controls: dict[str, Any] = field(default_factory=dict)
+    #: The weight average's ``state_dict`` (``AveragedModel``'s: ``n_averaged`` and the
+    #: ``module.`` entries); ``None``: the run kept none.
+    ema: dict[str, Any] | None = None
     stable: bool = False
     #: Set while the writer thread serializes it (read under the writer's lock).
     writing: bool = field(default=False, repr=False)
@@ -161,12 +166,18 @@ class Checkpoint:
 
     @classmethod
     def from_payload(cls, payload: dict[str, Any]) -> Checkpoint:
-        # Files written before the knob model have no controls: the user's values held.
+        # Files written before the knob model have no controls (the user's values held),
+        # those written before weight averaging no ema.
         return cls(**{k: payload[k] for k in _PAYLOAD_KEYS if k in payload})
 
     def restore(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                scheduler: Any = None) -> None:
-        """Load model, optimizer, scheduler and RNG states (the checkpoint stays reusable)."""
+                scheduler: Any = None, ema: AveragedModel | None = None) -> None:
+        """Load model, optimizer, scheduler and RNG states (the checkpoint stays reusable).
+
+        ``ema``: the weight average to put back too (``guard.ema_model``, or an
+        ``AveragedModel`` of your own). A checkpoint that holds none restarts it: the next
+        step taken copies the restored weights.
+        """
         # Loading copies into the live tensors (a host-to-device copy that waits on CUDA:
         # a rollback is rare and the run is going nowhere until it is done).
         model.load_state_dict(self.model)
@@ -174,6 +185,13 @@ class Checkpoint:
         if scheduler is not None and self.scheduler is not None:
             # load_state_dict adopts the dict's lists: give it a copy, keep ours intact.
             scheduler.load_state_dict(copy.deepcopy(self.scheduler))
+        if ema is not None:
+            if self.ema is not None:
+                ema.load_state_dict(self.ema)  # copies into its tensors: ours stay intact
+            else:
+                log.info("trimtab checkpoint at step %d holds no weight average; the average "
+                         "restarts from the restored weights", self.step)
+                ema.n_averaged.zero_()
         restore_rng(self.rng)
 
 

@@ -74,6 +74,10 @@ class Step:
         self.open_skips = 0  # skips in the open window seen on the host ("skip" mode)
         self._found_inf: torch.Tensor | None = None  # the fused step's skip flag, reused
         self._fused = False  # found_inf is set on the optimizer for the step in flight
+        #: Whether the step in flight updates the weights, for what follows it (the weight
+        #: average): its finiteness on the device (``"fused"``, ``"zero"``), ``None`` when
+        #: the host knows it is taken, ``False`` when the host skips it (``"skip"``).
+        self.taken: torch.Tensor | bool | None = None
         self._micro_calls = 0  # note_micro_batch() calls since the last step
         self._micro_first: torch.Tensor | None = None
         self._micro_counts: list[int] = []  # micro-batches per noted step, this window
@@ -176,6 +180,7 @@ class Step:
         step must not update anything (``"skip"`` mode, counted here). :meth:`disarm`
         after the step."""
         opt = self.optimizer
+        self.taken = finite
         if self.mode == "fused" and finite is not None and not hasattr(opt, "found_inf"):
             # GradScaler's protocol: the fused kernel skips the update where found_inf is 1
             # (a GradScaler that set its own already skips non-finite steps: left alone).
@@ -186,6 +191,7 @@ class Step:
             # One read per step: free on CPU (no device queue to wait for); on an
             # accelerator this is the sync the user chose with nonfinite="skip".
             self.open_skips += 1
+            self.taken = False
             return True
         return False
 

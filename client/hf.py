@@ -46,6 +46,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -61,6 +62,9 @@ from ._guard import Guard
 from ._hooks import check_callback_options
 
 __all__ = ["TrimtabCallback"]
+
+#: The weight average's file in a Trainer checkpoint folder (with ``ema=``).
+EMA_FILE = "trimtab_ema.pt"
 
 log = logging.getLogger("trimtab.client")
 
@@ -90,6 +94,8 @@ class TrimtabCallback(TrainerCallback, ExportableState):
         guard = self.guard
         saved = (guard.state_dict() if guard is not None and not guard._closed
                  else self.resume_state)
+        if saved is not None and saved.get("ema") is not None:
+            saved = {**saved, "ema": None}  # tensors: in the checkpoint folder (on_save)
         args = {"job": self.job, "monitor": self.monitor,
                 **{k: v for k, v in self.options.items() if _plain(v)}}
         return {"args": args, "attributes": {"resume_state": saved}}
@@ -125,8 +131,22 @@ class TrimtabCallback(TrainerCallback, ExportableState):
         self._forward_hook = model.register_forward_hook(self._observe)
         saved = self.resume_state or _saved_state(state, type(self).__name__)
         self.resume_state = None
-        if saved is not None and getattr(state, "global_step", 0) > 0:
+        step = getattr(state, "global_step", 0)
+        if saved is not None and step > 0:
+            average = os.path.join(args.output_dir, f"checkpoint-{step}", EMA_FILE)
+            if self.guard.ema_model is not None and os.path.exists(average):
+                saved = {**saved, "ema": torch.load(average, weights_only=True)}
             self.guard.load_state_dict(saved)
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """The weight average's tensors (``ema=``) go into the checkpoint folder the Trainer
+        just wrote (its trainer_state.json holds plain values only)."""
+        guard = self.guard
+        if guard is None or guard._closed or guard.ema_model is None:
+            return
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if os.path.isdir(folder):
+            torch.save(guard.ema_model.state_dict(), os.path.join(folder, EMA_FILE))
 
     def _observe(self, module: torch.nn.Module, inputs: Any, output: Any) -> None:
         guard = self.guard

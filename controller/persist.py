@@ -3,8 +3,10 @@
 
 JSON-serialisable (no NaN or infinity), versioned (:data:`STATE_VERSION`), and strict: a
 missing or unknown key is an error, so that a state written by another controller version
-is refused with its name rather than half-loaded. The controller saves each live job's
-state after every message it handles and resumes a job that re-registers from it.
+is refused with its name rather than half-loaded; only the keys added within a version
+(:attr:`Persisted._ADDED`) may be missing, so that a journal written before them still
+loads. The controller saves each live job's state after every message it handles and
+resumes a job that re-registers from it.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ __all__ = ["STATE_VERSION", "Persisted"]
 #: version 3 loads with none).
 STATE_VERSION = 4
 #: Keys a state of an older version lacks, with the value it loads with.
-_ADDED = {4: {"resumes": 0}}
+_UPGRADES = {4: {"resumes": 0}}
 
 
 class Persisted:
@@ -42,6 +44,9 @@ class Persisted:
         "corrections", "live", "branch_seq", "effective", "base", "registered", "signal_marks",
         "link", "resumes",
     })
+    #: Keys added within :data:`STATE_VERSION`: a state without them (an older journal's)
+    #: loads with them empty.
+    _ADDED = frozenset({"validations_ema"})
 
     def state_dict(self) -> dict[str, Any]:
         """A JSON-serialisable copy (no NaN or infinity) for the journal."""
@@ -70,6 +75,7 @@ class Persisted:
             ],
             "history": [s.to_list() for s in self.history],
             "validations": [[s, v] for s, v in self.validations],
+            "validations_ema": [[s, v] for s, v in self.validations_ema],
             "stop_advice": self.stop_advice,
             "phase": None if self.phase is None else dataclasses.asdict(self.phase),
             "phases_done": [dataclasses.asdict(p) for p in self.phases_done.values()],
@@ -89,8 +95,8 @@ class Persisted:
                 f"JobState state_dict version {version!r}, expected 3 to {STATE_VERSION} "
                 "(states written before the knob model cannot be resumed)")
         for v in range(version + 1, STATE_VERSION + 1):  # an older state: what it lacks
-            sd = {**_ADDED[v], **sd, "version": v}
-        _check_keys("JobState", sd, set(self._KEYS))
+            sd = {**_UPGRADES[v], **sd, "version": v}
+        _check_keys("JobState", sd, set(self._KEYS) | (self._ADDED & sd.keys()))
         self.__init__(  # type: ignore[misc]  # re-run to reset everything not saved
             sd["job"], sd["run_id"], wire.ScaleFacts.model_validate(sd["facts"]),
             sd["report_every"], wire.Knobs.model_validate(sd["knobs"]),
@@ -125,6 +131,7 @@ class Persisted:
         self.shadow_counts = {(p, k, d): int(n) for p, k, d, n in sd["shadow_counts"]}
         self.history.extend(Sample(*row) for row in sd["history"])
         self.validations.extend((int(s), float(v)) for s, v in sd["validations"])
+        self.validations_ema.extend((int(s), float(v)) for s, v in sd.get("validations_ema", ()))
         self.stop_advice = sd["stop_advice"]
         self.phase = None if sd["phase"] is None else Phase(**sd["phase"])
         self.phases_done = {p["policy"]: Phase(**p) for p in sd["phases_done"]}

@@ -7,14 +7,15 @@ decision that acted, every command, ack, rollback and alert, and the run's curve
 coarser grain. So (``[retention]`` in the controller's config):
 
 - **kept for good**: registrations, commands, acks, rollbacks, restores, alerts, stable
-  marks, checkpoints, stop advice, policy errors, byes and losses, and every decision
-  that acted (a command, a mark, a rollback, an alert or advice) with its proposals;
+  marks, stop advice, policy errors, byes and losses, every decision that acted (a
+  command, a mark, a rollback, an alert or advice) with its proposals, and the
+  checkpoints that were marked stable or restored;
 - **kept whole for** ``full_s`` (6 h): every report, and the per-report records of
   decisions that changed nothing (holds) with their proposals, and the shadow, stale and
   abandoned reports;
 - **then thinned** to one report per job per ``downsample_s`` (60 s): the curve stays;
   the per-report records of decisions that changed nothing, shadow, stale and abandoned
-  reports go;
+  reports, and the checkpoints never marked stable go;
 - **dropped after** ``max_age_s`` (90 days; 0: never): the thinned reports too.
 
 ``trimtab serve`` compacts every ``compact_every_s`` (in slices of ``batch_rows`` rows
@@ -82,6 +83,12 @@ def plan_sql(cfg: RetentionConfig, now: float) -> list[tuple[str, str, tuple]]:
                 "SELECT id FROM events WHERE ts < ? AND kind = 'report' AND id NOT IN "
                 "(SELECT min(id) FROM events WHERE ts < ? AND kind = 'report' "
                 "GROUP BY job, CAST(ts / ? AS INTEGER))", (full, full, cfg.downsample_s)))
+    # Checkpoints first listed that were never marked stable nor restored: the marks and
+    # restores (kept) name every checkpoint that mattered.
+    out.append(("checkpoints never marked",
+                "SELECT c.id FROM events c WHERE c.ts < ? AND c.kind = 'checkpoint' AND NOT "
+                "EXISTS (SELECT 1 FROM events s WHERE s.job = c.job AND s.step IS c.step AND "
+                "s.kind IN ('stable', 'restored'))", (full,)))
     if cfg.max_age_s > 0:
         out.append(("reports past max_age_s",
                     "SELECT id FROM events WHERE ts < ? AND kind = 'report'",

@@ -118,6 +118,8 @@ class JobState(Persisted):
         self.tracker = SignalTracker(self.signal_cfg)
         self.history: deque[Sample] = deque(maxlen=self.signal_cfg.history)
         self.validations: deque[tuple[int, float]] = deque(maxlen=self.signal_cfg.history)
+        #: The weight average's validation results (``Report.validation_ema``), likewise.
+        self.validations_ema: deque[tuple[int, float]] = deque(maxlen=self.signal_cfg.history)
         #: The stop advice sent to the run (it is sent once per job); None: none yet.
         self.stop_advice: str | None = None
         #: The judgement of the latest report (:func:`~trimtab.controller.health.assess`),
@@ -304,6 +306,8 @@ class JobState(Persisted):
         if report.validation is not None:
             vstep = report.step if report.validation_step is None else report.validation_step
             self.validations.append((vstep, report.validation))
+            if report.validation_ema is not None:
+                self.validations_ema.append((vstep, report.validation_ema))
         self.last_report = report
 
     def grad_norm_scale(self) -> float | None:
@@ -384,7 +388,7 @@ class JobState(Persisted):
         self.step = step
         self.tracker.rewind(step)
         # Reports and validation results after the checkpoint describe the abandoned path.
-        for kept in (self.history, self.validations):
+        for kept in (self.history, self.validations, self.validations_ema):
             survivors = [x for x in kept if _step_of(x) <= step]
             kept.clear()
             kept.extend(survivors)
@@ -467,6 +471,7 @@ class JobState(Persisted):
             nonfinite_grads_total=self.nonfinite_grads,
             last_change_step=MappingProxyType(dict(self.last_change_step)),
             history=tuple(self.history), validations=tuple(self.validations),
+            validations_ema=tuple(self.validations_ema),
             phase=self.phase, phases_done=tuple(self.phases_done.values()),
             found_lr=self.found_lr, effective=self.effective, base=self.base,
             registered=self.registered, health=self.health,

@@ -167,6 +167,9 @@ class JobView:
     history: tuple[Sample, ...] = ()
     #: ``(step, value)`` of the validation results reported, oldest first (lower is better).
     validations: tuple[tuple[int, float], ...] = ()
+    #: ``(step, value)`` of the same validations measured on the client's weight average
+    #: (``attach(..., ema=)``), where the run reported one; oldest first.
+    validations_ema: tuple[tuple[int, float], ...] = ()
     #: The measurement phase open now (None: none).
     phase: Phase | None = None
     #: Phases that ended, oldest first.

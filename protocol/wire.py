@@ -180,6 +180,9 @@ class Report(_Model):
     #: the last report (lower is better), with the step it was measured at.
     validation: Finite | None = None
     validation_step: Count | None = None
+    #: The same validation measured on the client's weight average (``attach(..., ema=)``,
+    #: ``guard.report_validation(value, ema=...)``), at ``validation_step`` too (None: none).
+    validation_ema: Finite | None = None
     #: Per-micro-batch gradient statistics for the gradient-noise-scale estimate, when the
     #: loop accumulates gradients: mean squared micro-batch grad norm and micro-batches.
     micro_sq_norm_mean: NonNeg | None = None
@@ -299,9 +302,21 @@ class WireError(ValueError):
         self.job = job
 
 
+#: Fields added to a message within protocol version 2, per message type: left out of a
+#: frame while they are ``None``, so that a peer from before them (which refuses unknown
+#: fields) still takes every message that does not use them.
+_ADDED_IN_V2: dict[type[BaseModel], tuple[str, ...]] = {Report: ("validation_ema",)}
+
+
 def encode(message: BaseModel) -> bytes:
-    """One frame for ``message``."""
-    return message.model_dump_json(exclude_none=False).encode()
+    """One frame for ``message``.
+
+    >>> b"validation_ema" in encode(Report(job="j", seq=1, step=0, window=1, knobs=Knobs()))
+    False
+    """
+    added = _ADDED_IN_V2.get(type(message), ())
+    unset = {name for name in added if getattr(message, name) is None}
+    return message.model_dump_json(exclude_none=False, exclude=unset or None).encode()
 
 
 def _refuse_constant(name: str) -> Any:

@@ -1,15 +1,16 @@
 """One rank of a DDP training job attached to a trimtab controller, for test_distributed.py.
 
 Launched by ``python -m torch.distributed.run --standalone --nproc_per_node=N`` (gloo, CPU).
-Every rank trains the same small ReLU MLP under DistributedDataParallel on its own data
-and writes ``rank-<r>.json`` to ``--out``: one row per ``guard.step()`` (iteration, global
-step, lr, a SHA-256 of the parameters' bytes, the local loss, stable step, rollbacks) and
-what ``on_rollback`` saw. Without ``--fault`` it trains ``--iters`` iterations (whole
-report windows) and, with ``--until-lr-moves``, on until a command has moved the lr. With
-``--fault``, once a checkpoint is stable (the same step on every rank: the mark is
-broadcast), rank 1 alone feeds one batch with a NaN: DDP's gradient all-reduce spreads it
-to every rank, and only the reduced report shows the NaN loss. Every condition that ends
-the loop is the same on every rank, so the ranks stop together.
+Every rank trains the same small ReLU MLP under DistributedDataParallel on its own data and
+writes ``rank-<r>.json`` to ``--out``: one row per ``guard.step()`` (iteration, global step,
+lr, a SHA-256 of the parameters' bytes, the local loss, stable step, rollbacks and, with
+``--ema``, a SHA-256 of the weight average's parameters) and what ``on_rollback`` saw.
+Without ``--fault`` it trains ``--iters`` iterations (whole report windows) and, with
+``--until-lr-moves``, on until a command has moved the lr. With ``--fault``, once a
+checkpoint is stable (the same step on every rank: the mark is broadcast), rank 1 alone
+feeds one batch with a NaN: DDP's gradient all-reduce spreads it to every rank, and only the
+reduced report shows the NaN loss. Every condition that ends the loop is the same on every
+rank, so the ranks stop together.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ def main() -> None:
     ap.add_argument("--report-every", type=int, default=5)
     ap.add_argument("--uneven", action="store_true", help="rank 1 reports every N+1 steps")
     ap.add_argument("--checkpoint-dir", default=None)
+    ap.add_argument("--ema", type=float, default=None, help="attach(..., ema=)")
     args = ap.parse_args()
 
     dist.init_process_group("gloo")
@@ -76,12 +78,14 @@ def main() -> None:
             heartbeat_s=0.2,
             on_rollback=restored.append,
             checkpoint_dir=args.checkpoint_dir,
+            ema=args.ema,
         )
     except ValueError as exc:
         print(f"rank {rank}: attach refused: {exc}", file=sys.stderr, flush=True)
         dist.destroy_process_group()
         sys.exit(3)
-    rows = [[-1, 0, guard.knobs.lr, param_hash(model), None, None, 0]]
+    average = None if guard.ema_model is None else param_hash(guard.ema_model)
+    rows = [[-1, 0, guard.knobs.lr, param_hash(model), None, None, 0, average]]
     if rank == 0:  # the others wait for rank 0 in DDP's first gradient all-reduce
         deadline = time.monotonic() + 60
         while not guard.connected and time.monotonic() < deadline:
@@ -113,6 +117,7 @@ def main() -> None:
                 value if math.isfinite(value) else None,
                 guard.stable_step,
                 guard.rollbacks,
+                None if guard.ema_model is None else param_hash(guard.ema_model),
             ]
         )
         # Every condition below is the same on every rank (rollbacks and knobs are in step).

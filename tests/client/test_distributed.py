@@ -125,9 +125,14 @@ def test_ddp_rollback_restores_every_rank_to_the_same_checkpoint(serve, tmp_path
         "30",
         "--checkpoint-dir",
         str(tmp_path / "ckpt"),
+        "--ema",
+        "0.9",
     )
     assert [log["rank"] for log in logs] == [0, 1]
     assert_in_step(logs)
+    # The weight average of the wrapped module: the same on every rank after every step.
+    averages = [[r[7] for r in log["rows"][1:]] for log in logs]
+    assert averages[0] == averages[1] and None not in averages[0]
 
     journal = serve.journal()
     acks = assert_acked_once(journal, "ddp2")
@@ -152,6 +157,7 @@ def test_ddp_rollback_restores_every_rank_to_the_same_checkpoint(serve, tmp_path
         assert rows[back][1] == target
         first_time = next(r for r in rows if r[1] == target)
         assert rows[back][3] == first_time[3]
+        assert rows[back][7] == first_time[7]  # and the weight average with them
     # On disk: one directory per rank; each rank's newest stable file holds that same state.
     for log in logs:
         ckpt = load_stable(tmp_path / "ckpt" / f"rank-{log['rank']}")

@@ -265,3 +265,15 @@ def test_training_resumed_from_a_trainer_checkpoint_continues_trimtabs_state(
                                       for t, lr in enumerate(lrs))
     fake_controller.wait_for(lambda c: any(
         r.resume == 1 for r in c.of_type(wire.Register)[registered:]))
+
+
+def test_weight_averaging_through_the_callback(tmp_path, dead_endpoint) -> None:
+    """``ema=`` goes to attach: the Trainer's every optimizer step (under accelerate's
+    wrapper) is averaged in, and the average is not the model."""
+    callback = TrimtabCallback(job="hf", endpoint=dead_endpoint, report_every=5, ema=0.9)
+    trainer, model, _ = _train(tmp_path, [callback], 20)
+    average = callback.guard.ema_model
+    assert int(average.n_averaged) == trainer.state.global_step == 20
+    ours = dict(average.module.named_parameters())
+    assert ours.keys() == dict(model.named_parameters()).keys()
+    assert all(not torch.equal(ours[n], p) for n, p in model.named_parameters())

@@ -214,3 +214,36 @@ def test_a_fit_resumed_from_a_lightning_checkpoint_continues_trimtabs_state(
     reg = next(r for r in fake_controller.of_type(wire.Register)[registered:] if r.resume)
     assert (reg.run_id, reg.resume_step, reg.applied_seq) == (first.guard.run_id, 30, 1)
     assert reg.step >= 30 and reg.checkpoints == [30]
+
+
+def test_weight_averaging_through_the_callback(fake_controller) -> None:
+    """``ema=`` goes to attach; the average's validation, reported beside the raw one as
+    docs/adapters.md shows (monitor unset), reaches the controller."""
+    callback = TrimtabCallback(job="pl", endpoint=fake_controller.endpoint, report_every=5,
+                               ema=0.9)
+    g = torch.Generator().manual_seed(1)
+    xv = torch.randn(64, 8, generator=g)
+    yv = xv.sum(1, keepdim=True)
+    sent: list[tuple[float, float]] = []
+
+    class ReportBoth(pl.Callback):
+        def on_validation_end(self, trainer, pl_module):
+            if trainer.sanity_checking:
+                return
+            guard = callback.guard
+            with torch.no_grad():
+                raw = torch.nn.functional.mse_loss(pl_module.net(xv), yv).item()
+                avg = torch.nn.functional.mse_loss(guard.ema_model.module.net(xv), yv).item()
+            guard.report_validation(raw, ema=avg)
+            sent.append((raw, avg))
+
+    trainer = _trainer(callback, 40, val_check_interval=10, limit_val_batches=1)
+    trainer.callbacks.append(ReportBoth())
+    trainer.fit(WithValidation(), _loader(), _loader(64))
+    assert int(callback.guard.ema_model.n_averaged) == trainer.global_step == 40
+    fake_controller.wait_for(lambda c: len(c.of_type(wire.Report)) == 8)
+    both = [(r.validation, r.validation_ema) for r in fake_controller.of_type(wire.Report)
+            if r.validation is not None]
+    # Each goes with the next report; the last (at step 40) has none after it.
+    assert len(sent) == 4 and both == [pytest.approx(s) for s in sent[:3]]
+    assert all(raw != avg for raw, avg in sent)

@@ -213,3 +213,30 @@ def test_loading_after_the_first_step_is_refused(dead_endpoint) -> None:
     with pytest.raises(RuntimeError, match="before the first step"):
         guard.load_state_dict(sd)
     guard.close()
+
+
+def test_the_weight_average_is_saved_and_resumed_with_the_guard(dead_endpoint) -> None:
+    """With ``ema=`` the state carries the average's tensors: the resumed average is the
+    saved one and goes on averaging as the uninterrupted one does; a state saved without
+    one starts the average again from the resumed weights."""
+    run = Run()
+    guard = _attach(run, dead_endpoint, checkpoint_every=0, ema=0.9)
+    for i in range(8):
+        run.step(guard, i)
+    saved = run.save(guard)
+    run.step(guard, 8)
+    expected = [p.detach().clone() for p in guard.ema_model.parameters()]
+    guard.close()
+    again = Run(seed=5)
+    resumed = _attach(again, dead_endpoint, checkpoint_every=0, ema=0.9)
+    again.load(saved)
+    resumed.load_state_dict(saved["trimtab"])
+    assert int(resumed.ema_model.n_averaged) == 8
+    again.step(resumed, 8)
+    assert all(torch.allclose(p, q) for p, q in
+               zip(resumed.ema_model.parameters(), expected, strict=True))
+    resumed.close()
+    plain = _attach(Run(seed=6), dead_endpoint, checkpoint_every=0, ema=0.9)
+    plain.load_state_dict({**saved["trimtab"], "ema": None})
+    assert int(plain.ema_model.n_averaged) == 0
+    plain.close()

@@ -86,6 +86,11 @@ def test_a_long_jobs_journal_stays_within_its_retention_and_keeps_every_decision
     changed = {c.step for c in j.events("j1", "command") if c.data["scale"] or c.data["knobs"]}
     assert changed and changed <= acted
     assert j.events("j1", "register")
+    # Checkpoints: those marked stable stay listed; the others go after the full window.
+    ckpts = j.events("j1", "checkpoint")
+    assert {e.step for e in j.events("j1", "stable")} <= {c.step for c in ckpts}
+    assert all(c.ts >= wall.t - cfg.full_s - cfg.compact_every_s for c in ckpts
+               if c.step not in {e.step for e in j.events("j1", "stable")})
 
 
 def test_compaction_by_hand_refuses_a_journal_in_use_and_reports_what_it_deleted(tmp_path):

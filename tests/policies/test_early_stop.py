@@ -109,3 +109,71 @@ def test_a_real_run_that_overfits_is_advised_to_stop(tmp_path):
     assert len(advised) == 1
     best = min(vals)
     assert vals.index(best) <= len(vals) - 1 - 5
+
+
+def with_both(raw: list[float], ema: list[float]) -> JobState:
+    st = job()
+    for r, e in zip(raw, ema, strict=True):
+        feed(st, loss_mean=1.0, validation=r, validation_ema=e)
+    return st
+
+
+def test_with_a_weight_average_the_default_judges_the_better_of_the_two():
+    # The raw weights stall from the 3rd evaluation on; their average, lagging behind,
+    # keeps improving (and is ahead from the 5th on).
+    raw = [5, 4, 3, 3, 3, 3, 3, 3]
+    ema = [6, 5, 4, 3.5, 2.9, 2.8, 2.7, 2.6]
+    view = with_both(raw, ema).view()
+    assert view.validations_ema == tuple((10 * (i + 1), float(v)) for i, v in enumerate(ema))
+    (p,) = EarlyStop({"source": "raw"}).propose(view)  # the raw series alone: stop
+    assert p.reason == ("validation 3 at step 80: no improvement on the best 3 (step 30) for "
+                        "5 results")
+    assert EarlyStop().propose(view) == []  # the average still improves: go on
+    assert EarlyStop({"source": "ema"}).propose(view) == []
+    # Once neither improves for patience results, the default advises stopping too.
+    stalled_both = with_both(raw + [3] * 5, ema + [2.6] * 5).view()
+    (p,) = EarlyStop().propose(stalled_both)
+    assert p.reason == ("validation (the better of raw and weight average) 2.6 at step 130: no "
+                        "improvement on the best 2.6 (step 80) for 5 results")
+    # Judging the average alone ignores raw weights that are ahead of a stalled average.
+    (p,) = EarlyStop({"source": "ema"}).propose(with_both([5, 4, 3, 2, 1, 0.5, 0.4],
+                                                          [6] * 7).view())
+    assert p.reason.startswith("weight average's validation 6 at step 70")
+    assert EarlyStop().propose(with_both([5, 4, 3, 2, 1, 0.5, 0.4], [6] * 7).view()) == []
+
+
+def test_without_a_weight_average_the_default_is_the_raw_series():
+    st = with_validations(5, 4, 3, 3, 3.1, 3, 3.2, 3)
+    assert st.view().validations_ema == ()
+    assert EarlyStop().propose(st.view()) == EarlyStop({"source": "raw"}).propose(st.view())
+    assert EarlyStop({"source": "ema"}).propose(st.view()) == []
+    with pytest.raises(PolicyLoadError, match=r"source='mean': Input should be 'best', 'raw' "
+                                              r"or 'ema'"):
+        load_policy("early_stop", {"source": "mean"})
+
+
+def test_best_of_merges_by_step():
+    from trimtab.policies.early_stop import best_of
+
+    assert best_of([], [(1, 2.0)]) == [(1, 2.0)]
+    assert best_of([(1, 3.0), (3, 1.0)], [(2, 2.0), (3, 1.5)]) == [(1, 3.0), (2, 2.0), (3, 1.0)]
+
+
+def test_ema_validations_survive_state_dict_a_rollback_drops_later_ones_and_old_states_load():
+    st = with_both([5, 4, 3], [5.5, 4.5, 3.5])
+    sd = st.state_dict()
+    again = JobState.from_state_dict(sd)
+    assert again.view().validations_ema == ((10, 5.5), (20, 4.5), (30, 3.5))
+    from trimtab.controller.rollback import RollbackConfig
+    st.on_restored(20, RollbackConfig())
+    assert st.view().validations_ema == ((10, 5.5), (20, 4.5))
+    # A journal written before the weight average's validations: loads, with none.
+    del sd["validations_ema"]
+    old = JobState.from_state_dict(sd)
+    assert old.view().validations_ema == () and len(old.view().validations) == 3
+    # Any other key missing (or one unknown) is still refused, by name.
+    del sd["validations"]
+    with pytest.raises(ValueError, match=r"missing keys \['validations'\]"):
+        JobState.from_state_dict(sd)
+    with pytest.raises(ValueError, match=r"unexpected keys \['validations_emma'\]"):
+        JobState.from_state_dict({**st.state_dict(), "validations_emma": []})
