@@ -45,6 +45,7 @@ from ._options import (
     _check_validation,
     _facts,
     _resolve_mode,
+    check_endpoint,
 )
 from ._probe import Probe
 from ._report import Reporter
@@ -192,6 +193,7 @@ class Guard(GuardState):
                                   optimizer, on_rollback)
         check_optimizer(optimizer)
         _check_switches(hooks, reseed_on_rollback)
+        check_endpoint(endpoint)
         curve = load_curve_keys(server_key, client_key)
         self.model = model
         self.optimizer = optimizer

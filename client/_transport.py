@@ -17,6 +17,12 @@ Liveness follows the ZeroMQ guide's Paranoid Pirate pattern: a heartbeat every
 life; after ``liveness`` silent intervals the socket is closed and recreated
 after an exponentially growing pause, and the job registers again.
 
+A client alone says so, from this thread, in a few lines rather than a storm: one warning
+when no controller has answered within the first liveness window (naming the endpoint
+and the job: a wrong endpoint otherwise looks like a quiet run), or when one that did
+goes silent; a reminder every :data:`_REMIND_S` while it lasts; one line when a
+controller answers again. The reconnections themselves log at DEBUG.
+
 With :class:`CurveKeys` the socket speaks CURVE (``zmq.auth``): it authenticates with
 the client's key pair and checks the controller's public key, and every frame is
 encrypted. A controller that does not list the client's key never completes the
@@ -48,6 +54,8 @@ _POLL_MS = 20
 _SEND_BURST = 64
 #: Close gives pending messages and the Bye this long to leave.
 _CLOSE_FLUSH_S = 0.25
+#: While no controller answers, the warning is repeated this often (a reminder, not a storm).
+_REMIND_S = 600.0
 
 
 @dataclass(frozen=True, repr=False)
@@ -150,6 +158,13 @@ class Transport:
         #: Error replies from the controller, by code.
         self.refused: dict[str, int] = {}
         self._warned: dict[str, float] = {}
+        #: Seconds between reminders that no controller answers (tests shorten it).
+        self.remind_every_s = _REMIND_S
+        # When the run was last said to be alone (None: it is not, or not yet said), and
+        # since when it has been alone.
+        self._alone_said: float | None = None
+        self._alone_since = 0.0
+        self._last_error: str | None = None
 
     # -- training-thread side: queues only, never the socket -------------------------------
 
@@ -179,7 +194,8 @@ class Transport:
 
     @property
     def connected(self) -> bool:
-        """Whether the controller was heard from within the liveness window."""
+        """Whether the controller was heard from within the liveness window (``liveness``
+        heartbeats): False until its first answer, and while it is absent or restarting."""
         return time.monotonic() - self._last_heard < self._liveness * self._heartbeat_s
 
     @property
@@ -246,24 +262,54 @@ class Transport:
                     backoff = self._heartbeat_s
                 self._flush(sock)
                 now = time.monotonic()
+                self._watch_link(now)
                 if now >= next_beat and not self._need_register:  # nothing before Register
                     next_beat = now + self._heartbeat_s
                     self._send(sock, wire.Heartbeat(job=self.job, step=self._step()))
                 if time.monotonic() >= deadline:
                     # Paranoid Pirate: silence for `liveness` beats; drop the socket, pause, retry.
-                    log.info("no word from %s; reconnecting in %.2f s", self.endpoint, backoff)
+                    log.debug("no word from %s; reconnecting in %.2f s", self.endpoint, backoff)
                     sock.close(linger=0)
                     sock = None
                     self._stop.wait(backoff)
                     backoff = min(backoff * 2, self._reconnect_max_s)
-            except Exception:  # the training loop must never see a transport failure
-                log.exception("trimtab client transport error; recreating the socket")
+            except Exception as exc:  # the training loop must never see a transport failure
+                # Its traceback once; the same failure again at every retry only at DEBUG.
+                report = log.exception if repr(exc) != self._last_error else log.debug
+                self._last_error = repr(exc)
+                report("trimtab client transport error; recreating the socket")
                 if sock is not None:
                     sock.close(linger=0)
                 sock = None
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, self._reconnect_max_s)
         self._shutdown(sock)
+
+    def _watch_link(self, now: float) -> None:
+        """Say once that the run is alone, remind at a low rate, say when it is not."""
+        window = self._liveness * self._heartbeat_s
+        quiet_since = max(self._last_heard, self._started)
+        if now - quiet_since < window:  # heard from lately, or still in the first window
+            if self._alone_said is not None:  # so heard from again
+                log.warning("trimtab: job %r reached the controller at %s after %.0f s "
+                            "without one", self.job, self.endpoint, now - self._alone_since)
+                self._alone_said = None
+            return
+        if self._alone_said is None:
+            self._alone_said, self._alone_since = now, quiet_since
+            if self._last_heard == float("-inf"):
+                log.warning("trimtab: job %r has not reached a controller at %s within %.1f s "
+                            "(%d heartbeats); training goes on uncontrolled until one answers "
+                            "(guard.connected is False)", self.job, self.endpoint, window,
+                            self._liveness)
+            else:
+                log.warning("trimtab: job %r lost the controller at %s (no word for %.1f s); "
+                            "training goes on uncontrolled, reconnecting", self.job,
+                            self.endpoint, now - quiet_since)
+        elif now - self._alone_said >= self.remind_every_s:
+            self._alone_said = now
+            log.warning("trimtab: job %r still has no controller at %s (%.0f s without one)",
+                        self.job, self.endpoint, now - self._alone_since)
 
     def _receive(self, sock: zmq.Socket) -> bool:
         """Handle what has arrived; True when the controller was heard from."""
