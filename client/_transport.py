@@ -290,7 +290,7 @@ class Transport:
         window = self._liveness * self._heartbeat_s
         quiet_since = max(self._last_heard, self._started)
         if now - quiet_since < window:  # heard from lately, or still in the first window
-            if self._alone_said is not None:  # so heard from again
+            if self._alone_said is not None:  # heard from again: closes the warning, as loud
                 log.warning("trimtab: job %r reached the controller at %s after %.0f s "
                             "without one", self.job, self.endpoint, now - self._alone_since)
                 self._alone_said = None

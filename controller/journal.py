@@ -277,8 +277,7 @@ def no_such_job(journal: Journal, job: str, limit: int = 20) -> str:
     >>> for name in ("gpt-small", "gpt-large", "mlp"):
     ...     _ = j.append(name, "register")
     >>> no_such_job(j, "gpt-smal")
-    "no job 'gpt-smal' in journal ':memory:' (jobs in it: gpt-large, gpt-small, mlp); \
-did you mean 'gpt-small'?"
+    "no job 'gpt-smal' in journal ':memory:' (jobs in it: ...); did you mean 'gpt-small'?"
     >>> no_such_job(j, "x", limit=2)
     "no job 'x' in journal ':memory:' (jobs in it: gpt-large, gpt-small and 1 more)"
     """
