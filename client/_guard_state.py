@@ -159,6 +159,7 @@ class GuardState:
         Training runs the same either way: reports wait in the bounded queue, the last
         applied knobs stay in force. The transport thread logs a warning when the run
         is alone for a liveness window, a reminder every 10 minutes, and one line when a
-        controller answers. Reading it never waits on the link.
+        controller answers; a link that keeps dropping, one warning a minute (see
+        :mod:`~trimtab.client._link_watch`). Reading it never waits on the link.
         """
         return self._transport.connected

@@ -17,11 +17,8 @@ Liveness follows the ZeroMQ guide's Paranoid Pirate pattern: a heartbeat every
 life; after ``liveness`` silent intervals the socket is closed and recreated
 after an exponentially growing pause, and the job registers again.
 
-A client alone says so, from this thread, in a few lines rather than a storm: one warning
-when no controller has answered within the first liveness window (naming the endpoint
-and the job: a wrong endpoint otherwise looks like a quiet run), or when one that did
-goes silent; a reminder every :data:`_REMIND_S` while it lasts; one line when a
-controller answers again. The reconnections themselves log at DEBUG.
+A client alone says so, from this thread, in a few lines rather than a storm (see
+:mod:`~trimtab.client._link_watch`); the reconnections themselves log at DEBUG.
 
 With :class:`CurveKeys` the socket speaks CURVE (``zmq.auth``): it authenticates with
 the client's key pair and checks the controller's public key, and every frame is
@@ -44,6 +41,8 @@ import zmq.auth
 
 from trimtab.protocol import wire
 
+from ._link_watch import LinkWatch
+
 __all__ = ["Transport", "CurveKeys", "load_curve_keys"]
 
 log = logging.getLogger("trimtab.client")
@@ -54,8 +53,6 @@ _POLL_MS = 20
 _SEND_BURST = 64
 #: Close gives pending messages and the Bye this long to leave.
 _CLOSE_FLUSH_S = 0.25
-#: While no controller answers, the warning is repeated this often (a reminder, not a storm).
-_REMIND_S = 600.0
 
 
 @dataclass(frozen=True, repr=False)
@@ -158,12 +155,8 @@ class Transport:
         #: Error replies from the controller, by code.
         self.refused: dict[str, int] = {}
         self._warned: dict[str, float] = {}
-        #: Seconds between reminders that no controller answers (tests shorten it).
-        self.remind_every_s = _REMIND_S
-        # When the run was last said to be alone (None: it is not, or not yet said), and
-        # since when it has been alone.
-        self._alone_said: float | None = None
-        self._alone_since = 0.0
+        #: What the log says of the link (a run alone, a controller back).
+        self.watch = LinkWatch(job, endpoint, liveness * heartbeat_s, liveness, self._started)
         self._last_error: str | None = None
 
     # -- training-thread side: queues only, never the socket -------------------------------
@@ -262,7 +255,7 @@ class Transport:
                     backoff = self._heartbeat_s
                 self._flush(sock)
                 now = time.monotonic()
-                self._watch_link(now)
+                self.watch.update(now, self._last_heard)
                 if now >= next_beat and not self._need_register:  # nothing before Register
                     next_beat = now + self._heartbeat_s
                     self._send(sock, wire.Heartbeat(job=self.job, step=self._step()))
@@ -284,32 +277,6 @@ class Transport:
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, self._reconnect_max_s)
         self._shutdown(sock)
-
-    def _watch_link(self, now: float) -> None:
-        """Say once that the run is alone, remind at a low rate, say when it is not."""
-        window = self._liveness * self._heartbeat_s
-        quiet_since = max(self._last_heard, self._started)
-        if now - quiet_since < window:  # heard from lately, or still in the first window
-            if self._alone_said is not None:  # heard from again: closes the warning, as loud
-                log.warning("trimtab: job %r reached the controller at %s after %.0f s "
-                            "without one", self.job, self.endpoint, now - self._alone_since)
-                self._alone_said = None
-            return
-        if self._alone_said is None:
-            self._alone_said, self._alone_since = now, quiet_since
-            if self._last_heard == float("-inf"):
-                log.warning("trimtab: job %r has not reached a controller at %s within %.1f s "
-                            "(%d heartbeats); training goes on uncontrolled until one answers "
-                            "(guard.connected is False)", self.job, self.endpoint, window,
-                            self._liveness)
-            else:
-                log.warning("trimtab: job %r lost the controller at %s (no word for %.1f s); "
-                            "training goes on uncontrolled, reconnecting", self.job,
-                            self.endpoint, now - quiet_since)
-        elif now - self._alone_said >= self.remind_every_s:
-            self._alone_said = now
-            log.warning("trimtab: job %r still has no controller at %s (%.0f s without one)",
-                        self.job, self.endpoint, now - self._alone_since)
 
     def _receive(self, sock: zmq.Socket) -> bool:
         """Handle what has arrived; True when the controller was heard from."""

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from trimtab.client import attach, shard_endpoint
+from trimtab.client._link_watch import LinkWatch
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -137,10 +138,86 @@ def test_a_run_alone_for_long_is_reminded_while_it_lasts(dead_endpoint, caplog):
     model, opt = _model_and_opt()
     with attach(model, opt, job="alone-run", endpoint=dead_endpoint, heartbeat_s=0.05,
                 liveness=2) as guard:
-        guard._transport.remind_every_s = 0.2  # 10 minutes in a run; a fraction here
+        guard._transport.watch.remind_every_s = 0.2  # 10 minutes in a run; a fraction here
         _train_until(model, opt, guard, lambda: len(_lines(caplog, "still has no")) >= 2)
     assert len(_lines(caplog, "has not reached")) == 1
     reminder = _lines(caplog, "still has no")[0]
     assert reminder.threadName == "trimtab-client"
     assert reminder.getMessage().startswith(
         f"trimtab: job 'alone-run' still has no controller at {dead_endpoint} (")
+
+
+# -- LinkWatch on its own clock: reminders and a flapping link, with no waiting -------------
+
+INF = float("-inf")
+
+
+def _watched(caplog) -> LinkWatch:
+    caplog.set_level(logging.DEBUG, logger="trimtab.client")
+    return LinkWatch("flappy", "tcp://ctl:5555", window=3.0, heartbeats=3, started=0.0)
+
+
+def _said_at(caplog, level: int) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.name == "trimtab.client" and r.levelno == level]
+
+
+def test_the_reminder_comes_every_interval_while_no_controller_answers(caplog):
+    watch = _watched(caplog)
+    for t in range(0, 1900):  # a transport turn every second for half an hour
+        watch.update(float(t), INF)
+    said = _said_at(caplog, logging.WARNING)
+    # Said at 3 s (the window), then every 600 s after the line before.
+    assert said[0].startswith("trimtab: job 'flappy' has not reached a controller at "
+                              "tcp://ctl:5555 within 3.0 s (3 heartbeats)")
+    assert said[1:] == [
+        "trimtab: job 'flappy' still has no controller at tcp://ctl:5555 (603 s without one)",
+        "trimtab: job 'flappy' still has no controller at tcp://ctl:5555 (1203 s without one)",
+        "trimtab: job 'flappy' still has no controller at tcp://ctl:5555 (1803 s without one)",
+    ]
+    watch.update(1900.0, 1900.0)  # a controller answers
+    assert _said_at(caplog, logging.WARNING)[-1] == (
+        "trimtab: job 'flappy' reached the controller at tcp://ctl:5555 after 1900 s without one")
+
+
+def test_a_flapping_link_is_one_warning_a_minute_counting_the_drops_between(caplog):
+    watch = _watched(caplog)
+    heard = 0.0
+    for t in range(0, 200):  # heard every second, except for 5 s in every 20
+        if t % 20 >= 5:
+            heard = float(t)
+        watch.update(float(t) + 0.5, heard)
+    warnings = _said_at(caplog, logging.WARNING)
+    # Ten drops (at 3.5, 22.5, ... 182.5 s): said at 3.5, at 82.5 (the first a minute or
+    # more after it, three counted between) and at 142.5 (two counted between).
+    lost = ("trimtab: job 'flappy' lost the controller at tcp://ctl:5555 (no word for 3.5 s); "
+            "training goes on uncontrolled, reconnecting")
+    back = "trimtab: job 'flappy' reached the controller at tcp://ctl:5555 after 6 s without one"
+    assert warnings == [
+        lost, back,
+        lost + " (3 more short drops since the last warning)", back,
+        lost + " (2 more short drops since the last warning)", back,
+    ]
+    debug = _said_at(caplog, logging.DEBUG)
+    assert debug.count("trimtab: job 'flappy' lost the controller at tcp://ctl:5555 again") == 7
+
+
+def test_a_controller_that_stops_answering_and_answers_again_is_a_line_each_way(
+    make_controller, caplog
+):
+    caplog.set_level(logging.DEBUG, logger="trimtab.client")
+    controller = make_controller()
+    model, opt = _model_and_opt()
+    with attach(model, opt, job="flap-run", endpoint=controller.endpoint, heartbeat_s=0.05,
+                liveness=3) as guard:
+        _train_until(model, opt, guard, lambda: guard.connected)
+        for _ in range(2):  # two drops within the minute: the second one is DEBUG only
+            controller.answer_heartbeats = False
+            _train_until(model, opt, guard, lambda: not guard.connected)
+            controller.answer_heartbeats = True
+            _train_until(model, opt, guard, lambda: guard.connected)
+    said = [r for r in caplog.records if r.name == "trimtab.client" and r.levelno >= logging.INFO]
+    assert [r.getMessage().split(" at ")[0] for r in said] == [
+        "trimtab: job 'flap-run' lost the controller", "trimtab: job 'flap-run' reached the "
+        "controller"]
+    assert _lines(caplog, "lost the controller at") and _lines(caplog, "again")
