@@ -62,6 +62,7 @@ import torch.distributed as dist
 
 from trimtab.protocol import wire
 
+from ._options import check_endpoint
 from ._transport import Transport
 
 __all__ = [
@@ -146,6 +147,8 @@ def shard_endpoint(job: str, endpoints: Sequence[str]) -> str:
             f"endpoints={list(endpoints)!r} is invalid ({what}); allowed: "
             "distinct, non-empty endpoint strings"
         )
+    for i, endpoint in enumerate(endpoints):
+        check_endpoint(endpoint, f"endpoints[{i}]")
 
     def score(endpoint: str) -> int:
         digest = hashlib.sha256(f"{endpoint}\n{job}".encode()).digest()

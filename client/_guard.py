@@ -48,6 +48,7 @@ from ._options import (
     _facts,
     _invalid,
     _resolve_mode,
+    check_endpoint,
 )
 from ._probe import Probe
 from ._report import Reporter
@@ -217,6 +218,7 @@ class Guard(GuardState):
         check_optimizer(optimizer)
         _check_switches(hooks, reseed_on_rollback)
         check_decay(ema)
+        check_endpoint(endpoint)
         curve = load_curve_keys(server_key, client_key)
         self.model = model
         self.optimizer = optimizer

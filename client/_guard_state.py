@@ -167,5 +167,16 @@ class GuardState:
 
     @property
     def connected(self) -> bool:
-        """Whether the controller was heard from within the liveness window."""
+        """Whether a controller answered within the last ``liveness`` heartbeats
+        (``liveness x heartbeat_s`` seconds; any message from it counts).
+
+        False until the first answer (a moment after attach when one is listening), while
+        none is reachable (a wrong endpoint, a controller down or restarting, a CURVE key
+        it does not list), and always on ranks other than 0 under ``torch.distributed``.
+        Training runs the same either way: reports wait in the bounded queue, the last
+        applied knobs stay in force. The transport thread logs a warning when the run
+        is alone for a liveness window, a reminder every 10 minutes, and one line when a
+        controller answers; a link that keeps dropping, one warning a minute (see
+        :mod:`~trimtab.client._link_watch`). Reading it never waits on the link.
+        """
         return self._transport.connected

@@ -6,13 +6,15 @@ A refused option names the option, the value given and what is allowed.
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 
 import torch
 
 from trimtab.protocol import wire
 
-__all__ = ["NONFINITE_MODES"]
+__all__ = ["NONFINITE_MODES", "check_endpoint"]
 
 #: Allowed values of ``nonfinite``.
 NONFINITE_MODES: tuple[str, ...] = ("auto", "skip", "zero")
@@ -51,6 +53,84 @@ def _check_options(
     for name, value, ok, allowed in checks:
         if not ok:
             raise _invalid(name, value, allowed)
+
+
+#: What ``endpoint`` may be, as a refusal says it.
+_ENDPOINT_FORMS = "'tcp://HOST:PORT' (PORT 1-65535), 'ipc://PATH', 'inproc://NAME'"
+#: A host name's labels (the underscore too: container runtimes name hosts with one).
+_HOST_NAME = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?(\.[A-Za-z0-9_]"
+                        r"([A-Za-z0-9_-]*[A-Za-z0-9_])?)*\.?")
+
+
+def _tcp_problem(rest: str) -> tuple[str, str | None]:
+    """Why ``tcp://REST`` cannot be connected to, and a likely fix; ``("", None)``: it can."""
+    host, sep, port = rest.rpartition(":")
+    if not sep or not host:
+        return "no HOST:PORT", None
+    if port.endswith("/") and port.rstrip("/").isdigit():
+        return "a trailing '/'", f"tcp://{host}:{port.rstrip('/')}"
+    if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+        return f"port {port!r} is not a number from 1 to 65535", None
+    if host == "*":  # bind's wildcard: a client connects to one host
+        return "'*' is for binding, a client connects to a host", f"tcp://127.0.0.1:{port}"
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            ipaddress.IPv6Address(host[1:-1].partition("%")[0])
+        except ValueError:
+            return f"{host} is not an IPv6 address", None
+        return "", None
+    if ":" in host:  # an IPv6 address without its brackets
+        return "an IPv6 address goes in brackets", f"tcp://[{host}]:{port}"
+    if re.fullmatch(r"[0-9.]+", host):
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            return f"{host!r} is not an IPv4 address", None
+        return "", None
+    if not _HOST_NAME.fullmatch(host) or len(host) > 253:
+        return f"{host!r} is not a host name or address", None
+    return "", None
+
+
+def check_endpoint(endpoint: object, name: str = "endpoint") -> None:
+    """Refuse an endpoint a DEALER cannot connect to, naming ``name``, the value, the forms
+    allowed and, where it is clear, the endpoint meant.
+
+    ZeroMQ refuses a malformed endpoint only when the transport thread connects, after
+    attach has returned, and then again at every reconnection: the run would go on alone,
+    its log full of tracebacks. Checked here, the mistake stops the script at its line.
+
+    >>> check_endpoint("tcp://controller:5555"); check_endpoint("ipc:///run/trimtab.sock")
+    >>> check_endpoint("127.0.0.1:5555")
+    Traceback (most recent call last):
+    ...
+    ValueError: endpoint='127.0.0.1:5555' is not a ZeroMQ endpoint ... 'tcp://127.0.0.1:5555'?)
+    """
+    guess: str | None = None
+    if isinstance(endpoint, int) and not isinstance(endpoint, bool):
+        why = "a port alone"
+        guess = f"tcp://127.0.0.1:{endpoint}" if 1 <= endpoint <= 65535 else None
+    elif not isinstance(endpoint, str):
+        why = f"a {type(endpoint).__name__}, not a string"
+    elif "://" not in endpoint:
+        why = "no scheme"
+        if endpoint.isdigit():
+            guess = f"tcp://127.0.0.1:{endpoint}"
+        elif not _tcp_problem(endpoint)[0]:
+            guess = f"tcp://{endpoint}"
+    else:
+        scheme, _, rest = endpoint.partition("://")
+        if scheme == "tcp":
+            why, guess = _tcp_problem(rest)
+        elif scheme in ("ipc", "inproc"):
+            why = "" if rest.strip() and "\0" not in rest else f"no {scheme} name"
+        else:
+            why = f"scheme {scheme!r} is not one a client connects with"
+        if not why:
+            return
+    hint = f" (did you mean {guess!r}?)" if guess else ""
+    raise ValueError(f"{name}={endpoint!r} is not a ZeroMQ endpoint ({why}); "
+                     f"allowed: {_ENDPOINT_FORMS}{hint}")
 
 
 def _check_checkpoint_options(

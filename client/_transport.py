@@ -17,6 +17,9 @@ Liveness follows the ZeroMQ guide's Paranoid Pirate pattern: a heartbeat every
 life; after ``liveness`` silent intervals the socket is closed and recreated
 after an exponentially growing pause, and the job registers again.
 
+A client alone says so, from this thread, in a few lines rather than a storm (see
+:mod:`~trimtab.client._link_watch`); the reconnections themselves log at DEBUG.
+
 With :class:`CurveKeys` the socket speaks CURVE (``zmq.auth``): it authenticates with
 the client's key pair and checks the controller's public key, and every frame is
 encrypted. A controller that does not list the client's key never completes the
@@ -37,6 +40,8 @@ import zmq
 import zmq.auth
 
 from trimtab.protocol import wire
+
+from ._link_watch import LinkWatch
 
 __all__ = ["Transport", "CurveKeys", "load_curve_keys"]
 
@@ -150,6 +155,9 @@ class Transport:
         #: Error replies from the controller, by code.
         self.refused: dict[str, int] = {}
         self._warned: dict[str, float] = {}
+        #: What the log says of the link (a run alone, a controller back).
+        self.watch = LinkWatch(job, endpoint, liveness * heartbeat_s, liveness, self._started)
+        self._last_error: str | None = None
 
     # -- training-thread side: queues only, never the socket -------------------------------
 
@@ -184,7 +192,8 @@ class Transport:
 
     @property
     def connected(self) -> bool:
-        """Whether the controller was heard from within the liveness window."""
+        """Whether the controller was heard from within the liveness window (``liveness``
+        heartbeats): False until its first answer, and while it is absent or restarting."""
         return time.monotonic() - self._last_heard < self._liveness * self._heartbeat_s
 
     @property
@@ -251,18 +260,22 @@ class Transport:
                     backoff = self._heartbeat_s
                 self._flush(sock)
                 now = time.monotonic()
+                self.watch.update(now, self._last_heard)
                 if now >= next_beat and not self._need_register:  # nothing before Register
                     next_beat = now + self._heartbeat_s
                     self._send(sock, wire.Heartbeat(job=self.job, step=self._step()))
                 if time.monotonic() >= deadline:
                     # Paranoid Pirate: silence for `liveness` beats; drop the socket, pause, retry.
-                    log.info("no word from %s; reconnecting in %.2f s", self.endpoint, backoff)
+                    log.debug("no word from %s; reconnecting in %.2f s", self.endpoint, backoff)
                     sock.close(linger=0)
                     sock = None
                     self._stop.wait(backoff)
                     backoff = min(backoff * 2, self._reconnect_max_s)
-            except Exception:  # the training loop must never see a transport failure
-                log.exception("trimtab client transport error; recreating the socket")
+            except Exception as exc:  # the training loop must never see a transport failure
+                # Its traceback once; the same failure again at every retry only at DEBUG.
+                report = log.exception if repr(exc) != self._last_error else log.debug
+                self._last_error = repr(exc)
+                report("trimtab client transport error; recreating the socket")
                 if sock is not None:
                     sock.close(linger=0)
                 sock = None

@@ -77,12 +77,16 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _decisions(args: argparse.Namespace) -> int:
-    from trimtab.controller.journal import Journal, JournalError
+    from trimtab.controller.journal import Journal, JournalError, no_such_job
 
     try:
-        journal = Journal(args.journal)
+        journal = Journal(args.journal, readonly=True)  # reading never creates a journal
     except JournalError as exc:
         print(f"trimtab decisions: {exc}", file=sys.stderr)
+        return 2
+    if args.job is not None and not journal.has_job(args.job):
+        print(f"trimtab decisions: {no_such_job(journal, args.job)}", file=sys.stderr)
+        journal.close()
         return 2
     kinds = {"command", "ack", "policy_error", "lost", "register", "bye", "stable",
              "rollback", "restored", "alert"}
@@ -130,7 +134,7 @@ def _export(args: argparse.Namespace) -> int:
     from trimtab.controller.replay import TraceError, trace_records, write_trace
 
     try:
-        journal = Journal(args.journal)
+        journal = Journal(args.journal, readonly=True)
         try:
             records = trace_records(journal, args.job)
         finally:

@@ -367,8 +367,7 @@ class Controller:
         sent_at = state.pending_since if state.pending_since is not None else state.reports_seen
         if state.reports_seen - sent_at >= self.config.resend_after_reports:
             state.pending_since = state.reports_seen
-            log.info("job %s: command %d not applied yet; sending it again", state.job,
-                     pending.seq)
+            self.recorder.resent(state.job, pending.seq, self.clock())
             return [(self._peer_of(state.job, peer), wire.encode(pending))]
         return []
 

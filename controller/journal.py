@@ -7,6 +7,10 @@ committed transaction and none of a half-written one. Each open checks the file 
 ``quick_check`` and the journal's tables) and refuses a damaged one with a
 :class:`JournalError` that names it and says what to do.
 
+The read-only commands (``trimtab decisions``, ``export``, ``replay``, ``rerun``) open a
+journal with ``readonly=True``: a missing file is an error (:class:`JournalMissing`),
+never an empty journal created on the spot, and nothing is written, created or changed.
+
 >>> j = Journal(":memory:")
 >>> j.append("demo", "register", step=0, data={"run_id": "r1"})
 1
@@ -16,16 +20,20 @@ committed transaction and none of a half-written one. Each open checks the file 
 
 from __future__ import annotations
 
+import difflib
 import json
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from trimtab.controller.retention import RetentionConfig, plan_sql
 
-__all__ = ["EVENT_KINDS", "Event", "Journal", "JournalError"]
+__all__ = ["EVENT_KINDS", "Event", "Journal", "JournalError", "JournalMissing", "named_jobs",
+           "no_such_job"]
 
 #: What an event can be.
 EVENT_KINDS = (
@@ -93,6 +101,23 @@ class JournalError(RuntimeError):
     """The journal file cannot be used (corrupt, not a database, locked)."""
 
 
+class JournalMissing(JournalError):
+    """A journal opened to be read does not exist."""
+
+
+def _readonly_uri(path: str) -> str:
+    """The URI that opens ``path`` for reading only, creating nothing.
+
+    A reader of a WAL database creates its ``-wal`` and ``-shm`` files when they are
+    missing, and leaves them behind. They are missing only when no writer has the journal
+    open (the last one to close removes them); the file is then read as ``immutable``,
+    without locks or side files. A ``trimtab serve`` starting in the middle of that read
+    could make it fail, never corrupt the journal.
+    """
+    uri = Path(path).resolve().as_uri() + "?mode=ro"
+    return uri if os.path.exists(path + "-wal") else uri + "&immutable=1"
+
+
 @dataclass(frozen=True)
 class Event:
     """One journal row."""
@@ -113,15 +138,22 @@ class Journal:
     once per message it handles, so a message's events land together or not at all.
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, *, readonly: bool = False) -> None:
         self.path = path
+        self.readonly = readonly
         self._db = None
+        if readonly and not os.path.isfile(path):
+            raise JournalMissing(f"no journal at {path}; trimtab serve writes it (see --journal)")
         try:
-            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            # NORMAL in WAL mode: a commit survives a process kill; only power loss
-            # may lose the last transactions, never corrupt the file.
-            self._db.execute("PRAGMA synchronous=NORMAL")
+            if readonly:
+                self._db = sqlite3.connect(_readonly_uri(path), uri=True, isolation_level=None,
+                                           check_same_thread=False)
+            else:
+                self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+                self._db.execute("PRAGMA journal_mode=WAL")
+                # NORMAL in WAL mode: a commit survives a process kill; only power loss
+                # may lose the last transactions, never corrupt the file.
+                self._db.execute("PRAGMA synchronous=NORMAL")
             self._check()
         except sqlite3.OperationalError as exc:  # locked, unreadable, no such directory
             self._close_quietly()
@@ -154,7 +186,11 @@ class Journal:
                     f"{self.path!r} is an SQLite database but not a trimtab journal: table "
                     f"{table!r} has columns {found}, a journal's has {columns}; give "
                     "--journal a new file")
-        self._db.executescript(_SCHEMA)
+            if not found and self.readonly:  # a writer would create it; a reader cannot
+                raise JournalError(f"{self.path!r} is an SQLite database but not a trimtab "
+                                   f"journal: it has no table {table!r}")
+        if not self.readonly:
+            self._db.executescript(_SCHEMA)
 
     def _close_quietly(self) -> None:
         if self._db is not None:
@@ -289,9 +325,47 @@ class Journal:
         self.commit()
         self._db.execute("VACUUM")
 
+    def has_job(self, job: str) -> bool:
+        """Whether any event of ``job`` is in the journal (one index lookup)."""
+        return self._db.execute("SELECT 1 FROM events WHERE job = ? LIMIT 1",
+                                (job,)).fetchone() is not None
+
     def close(self) -> None:
-        self.commit()
+        if not self.readonly:
+            self.commit()
         self._db.close()
+
+
+def no_such_job(journal: Journal, job: str, limit: int = 20) -> str:
+    """What to say of a job ``journal`` has no event of: the jobs it has (at most ``limit``
+    named, however many there are) and the names closest to the one given.
+
+    >>> j = Journal(":memory:")
+    >>> for name in ("gpt-small", "gpt-large", "mlp"):
+    ...     _ = j.append(name, "register")
+    >>> no_such_job(j, "gpt-smal")
+    "no job 'gpt-smal' in journal ':memory:' (jobs in it: ...); did you mean 'gpt-small'?"
+    >>> no_such_job(j, "x", limit=2)
+    "no job 'x' in journal ':memory:' (jobs in it: gpt-large, gpt-small and 1 more)"
+    """
+    jobs = journal.jobs()
+    if not jobs:
+        return f"no job {job!r} in journal {journal.path!r}: it holds no events yet"
+    close = difflib.get_close_matches(job, jobs, n=3)
+    hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
+    return f"no job {job!r} in journal {journal.path!r} ({named_jobs(jobs, limit)}){hint}"
+
+
+def named_jobs(jobs: list[str], limit: int = 20) -> str:
+    """``jobs`` for a message, at most ``limit`` of them named.
+
+    >>> named_jobs(["a", "b", "c"], limit=2)
+    'jobs in it: a, b and 1 more'
+    """
+    if not jobs:
+        return "no jobs in it"
+    more = f" and {len(jobs) - limit} more" if len(jobs) > limit else ""
+    return f"jobs in it: {', '.join(jobs[:limit])}{more}"
 
 
 class _Batch:

@@ -27,6 +27,7 @@ and validates its config, wrapping every failure in :class:`PolicyLoadError`.
 from __future__ import annotations
 
 import abc
+import difflib
 import importlib
 from collections.abc import Sequence
 from fnmatch import fnmatchcase
@@ -134,6 +135,10 @@ def load_policy(
     3.0
     """
     if allow is not None and not is_allowed(name, allow):
+        eps = discover()
+        if name not in eps and ":" not in name and "." not in name:
+            # Neither installed nor a dotted path: a typo, and not a matter of permission.
+            raise _not_found(name, eps)
         raise PolicyLoadError(
             f"policy {name!r} is not allowed: besides the built-in {BUILTIN_PACKAGE}.*, only "
             f"policies listed in allow_plugins load (allow_plugins = {list(allow)!r})"
@@ -169,11 +174,7 @@ def _resolve(name: str) -> Any:
     elif "." in name:
         module, _, attr = name.rpartition(".")
     else:
-        known = ", ".join(eps) or "none installed"
-        raise PolicyLoadError(
-            f"policy {name!r} not found: no entry point of that name in group "
-            f"{ENTRY_POINT_GROUP!r} (known: {known}), and not a dotted path"
-        )
+        raise _not_found(name, eps)
     try:
         obj: Any = importlib.import_module(module)
     except Exception as exc:
@@ -186,6 +187,17 @@ def _resolve(name: str) -> Any:
                 f"policy {name!r}: module {module!r} has no attribute {attr!r}"
             ) from None
     return obj
+
+
+def _not_found(name: str, eps: dict[str, EntryPoint]) -> PolicyLoadError:
+    """A name that is no installed policy: the ones there are, and the closest to it."""
+    known = ", ".join(eps) or "none installed"
+    close = difflib.get_close_matches(name, list(eps), n=3)
+    hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
+    return PolicyLoadError(
+        f"policy {name!r} not found: no entry point of that name in group "
+        f"{ENTRY_POINT_GROUP!r} (known: {known}), and not a dotted path{hint}"
+    )
 
 
 def _explain(exc: ValidationError, cls: type[Policy]) -> str:

@@ -25,6 +25,13 @@ __all__ = ["Recorder"]
 
 log = logging.getLogger("trimtab.controller")
 
+#: A job's resends are logged at most this often: a backlog of reports arriving at once
+#: (a client flushing its queue after a pause) resends a command several times in
+#: milliseconds, and each line would say the same.
+RESEND_LOG_EVERY_S = 10.0
+#: Jobs whose last resend line is remembered; past this, lines older than the interval go.
+_RESEND_JOBS = 4096
+
 
 class Recorder:
     """Journal entries, log lines and metrics for one controller."""
@@ -32,6 +39,22 @@ class Recorder:
     def __init__(self, config: ControllerConfig, journal: Journal,
                  metrics: ControllerMetrics) -> None:
         self.config, self.journal, self.metrics = config, journal, metrics
+        # Per job: when its last resend line went out, and the resends since, unsaid.
+        self._resends: dict[str, tuple[float, int]] = {}
+
+    def resent(self, job: str, seq: int, now: float) -> None:
+        """Log (DEBUG) that a command not yet applied is sent again: at most one line per
+        job per :data:`RESEND_LOG_EVERY_S`, counting the resends it stood for."""
+        last, unsaid = self._resends.get(job, (float("-inf"), 0))
+        if now - last < RESEND_LOG_EVERY_S:
+            self._resends[job] = (last, unsaid + 1)
+            return
+        if len(self._resends) >= _RESEND_JOBS:
+            self._resends = {j: v for j, v in self._resends.items()
+                             if now - v[0] < RESEND_LOG_EVERY_S}
+        self._resends[job] = (now, 0)
+        more = f" ({unsaid} more resends since the last line)" if unsaid else ""
+        log.debug("job %s: command %d not applied yet; sending it again%s", job, seq, more)
 
     def checkpoints(self, state: JobState, msg: wire.Report | wire.Register,
                     obs: Observation) -> None:

@@ -49,7 +49,7 @@ from trimtab.controller.config import ControllerConfig
 from trimtab.controller.engine import Decision, Engine
 from trimtab.controller.governor import Governor
 from trimtab.controller.handler import Controller
-from trimtab.controller.journal import Journal
+from trimtab.controller.journal import Journal, named_jobs, no_such_job
 from trimtab.controller.policy import Policy
 from trimtab.controller.scale import ScaleContext, derive_limits, explicit_fields
 from trimtab.controller.state import JobState
@@ -92,10 +92,10 @@ def trace_records(journal: Journal, job: str) -> list[TraceRecord]:
         if ev.kind in TRACE_KINDS:
             data = {"job": job, **ev.data} if ev.kind == "register" else ev.data
             out.append(TraceRecord(ev.kind, ev.step, ev.seq, data))
+    if not out and not journal.has_job(job):
+        raise TraceError(no_such_job(journal, job))
     if not any(r.kind == "register" for r in out):
-        known = ", ".join(journal.jobs()) or "none"
-        raise TraceError(f"journal {journal.path!r} has no registration of job {job!r} "
-                         f"(jobs in it: {known})")
+        raise TraceError(f"journal {journal.path!r} has no registration of job {job!r}")
     return out
 
 
@@ -117,13 +117,13 @@ def read_trace(path: str | Path, job: str | None = None) -> list[TraceRecord]:
     except OSError as exc:
         raise TraceError(f"cannot read trace {str(path)!r}: {exc.strerror}") from None
     if head == _SQLITE_MAGIC:
-        journal = Journal(str(path))
+        journal = Journal(str(path), readonly=True)
         try:
-            jobs = journal.jobs()
             if job is None:
+                jobs = journal.jobs()
                 if len(jobs) != 1:
-                    raise TraceError(f"journal {str(path)!r} holds jobs {jobs}; pick one with "
-                                     "--job")
+                    raise TraceError(f"journal {str(path)!r} holds {len(jobs)} jobs "
+                                     f"({named_jobs(jobs)}); pick one with --job")
                 job = jobs[0]
             return trace_records(journal, job)
         finally:

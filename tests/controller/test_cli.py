@@ -31,6 +31,18 @@ def test_serve_refuses_an_unknown_policy_naming_it(tmp_path):
     assert "no_such_policy" in out.stderr
 
 
+def test_serve_says_a_typod_policy_is_not_found_and_suggests_the_name(tmp_path):
+    cfg = tmp_path / "p.toml"
+    cfg.write_text('[[policies]]\nname = "platau"\n')
+    out = run("serve", "--config", str(cfg), "--journal", str(tmp_path / "j.db"),
+              "--metrics-port", "0", "--bind", "tcp://127.0.0.1:0")
+    assert out.returncode == 2
+    assert "trimtab serve: cannot start: policy 'platau' not found: no entry point" in out.stderr
+    assert "(known: adaptive_clip, " in out.stderr and ", plateau, " in out.stderr
+    assert out.stderr.rstrip().endswith("did you mean 'plateau'?")
+    assert "allow_plugins" not in out.stderr  # not a permission problem: no such policy
+
+
 def test_serve_refuses_a_bad_flag_value(tmp_path):
     out = run("serve", "--bind", "http://nope", "--journal", str(tmp_path / "j.db"))
     assert out.returncode == 2

@@ -172,3 +172,32 @@ def test_bad_config_field_lists_the_allowed_fields():
 def test_config_must_be_a_mapping():
     with pytest.raises(PolicyLoadError, match="config must be a mapping, got list"):
         load_policy("plateau", [1])  # type: ignore[arg-type]
+
+
+def test_a_typo_is_not_found_with_the_closest_names_even_where_plugins_are_restricted():
+    # allow_plugins = [] (the default): a name no policy has is still a typo, not a refusal.
+    for allow in (None, []):
+        with pytest.raises(PolicyLoadError) as info:
+            load_policy("platau", allow=allow)
+        message = str(info.value)
+        assert message.startswith("policy 'platau' not found: no entry point of that name in "
+                                  "group 'trimtab.policies' (known: adaptive_clip, ")
+        assert message.endswith(", and not a dotted path; did you mean 'plateau'?")
+        assert "allow_plugins" not in message
+
+
+def test_an_installed_plugin_not_in_allow_plugins_is_refused_and_its_typo_not_found(
+    monkeypatch,
+):
+    eps = [*discover().values(), EntryPoint("loss_band", "acme_band:LossBand", "trimtab.policies")]
+    monkeypatch.setattr(policy_mod, "entry_points", lambda group: eps)
+    with pytest.raises(PolicyLoadError, match=r"^policy 'loss_band' is not allowed: besides the "
+                       r"built-in trimtab.policies.\*, only policies listed in allow_plugins "
+                       r"load \(allow_plugins = \['other'\]\)$"):
+        load_policy("loss_band", allow=["other"])
+    with pytest.raises(PolicyLoadError, match=r"^policy 'loss_bnd' not found: .*\(known: .*"
+                       r"loss_band.*\), and not a dotted path; did you mean 'loss_band'\?$"):
+        load_policy("loss_bnd", allow=["other"])
+    # Nothing close: the known names, and no guess.
+    with pytest.raises(PolicyLoadError, match=r"and not a dotted path$"):
+        load_policy("xyzzy", allow=[])
