@@ -205,12 +205,14 @@ def test_a_controller_restarted_with_its_journal_deleted_takes_the_job_over(serv
     journal = srv2.journal()
     regs = journal.events("amnesia", "register")
     assert regs and regs[0].data["resumed"] == "new"
-    assert regs[-1].data["applied_seq"] == applied
+    # The first registration it heard (a loaded host may flap the link and register again
+    # later, after the new controller's own commands).
+    assert regs[0].data["applied_seq"] == applied
     reports = journal.events("amnesia", "report")
     # The new controller saw the run's lr cut as in force, from its first live report on.
     assert reports[0].data["scale"]["lr"] == pytest.approx(0.5)
     assert not any(r.data["offline"] for r in reports)
-    assert all(r.step >= regs[-1].step for r in reports)
+    assert all(r.step >= regs[0].step for r in reports)
     commands = journal.events("amnesia", "command")
     assert commands and all(c.seq > applied for c in commands)
     # The reports made while no controller ran arrived, and were set aside as stale.
@@ -220,7 +222,7 @@ def test_a_controller_restarted_with_its_journal_deleted_takes_the_job_over(serv
     # itself, or even for a report.
     adopted = [e for e in journal.events("amnesia", "stable") if e.data["source"] == "register"]
     assert adopted and adopted[0].id < reports[0].id
-    assert adopted[0].step in regs[-1].data["checkpoints"]
+    assert adopted[0].step in regs[0].data["checkpoints"]
     # Nothing lifted the cut: every lr multiplier commanded is at most the one in force.
     assert all(c.data["scale"].get("lr", 0.5) <= 0.5 + 1e-12 for c in commands)
     assert lr_after <= 0.025 + 1e-12
