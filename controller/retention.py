@@ -18,10 +18,13 @@ coarser grain. So (``[retention]`` in the controller's config):
   reports, and the checkpoints never marked stable go;
 - **dropped after** ``max_age_s`` (90 days; 0: never): the thinned reports too.
 
-``trimtab serve`` compacts every ``compact_every_s`` (in slices of ``batch_rows`` rows
-per loop turn, so that a large backlog never stalls message handling);
-``trimtab journal compact`` does it by hand. Deleted rows' pages are reused by SQLite;
-``--vacuum`` gives them back to the file system.
+``trimtab serve`` compacts every ``compact_every_s``, in slices of at most ``batch_rows``
+rows deleted, one per turn of its loop, between messages. Measured on a 2-core VM under
+load (a journal of 200,000 reports, one a second): a slice takes ~0.04 s once the journal
+is in its steady state, and ~0.3-0.45 s while a large backlog is worked off (the first
+compaction of a journal kept whole for days: 37 slices, 17 s): messages wait that long
+then. ``trimtab journal compact`` works a backlog off by hand, with serve stopped. Deleted
+rows' pages are reused by SQLite; ``--vacuum`` gives them back to the file system.
 
 >>> RetentionConfig().full_s, RetentionConfig().downsample_s
 (21600.0, 60.0)
@@ -74,10 +77,11 @@ def plan_sql(cfg: RetentionConfig, now: float) -> list[tuple[str, str, tuple]]:
     # Decisions that changed nothing, and the proposals of their steps.
     out.append(("idle decisions", f"SELECT id FROM events WHERE ts < ? AND kind = 'decision' "
                 f"AND {_IDLE}", (full,)))
+    # (Row-value IN over an uncorrelated subquery: SQLite builds its set once.)
     out.append(("proposals of idle decisions",
-                "SELECT p.id FROM events p WHERE p.ts < ? AND p.kind = 'proposal' AND NOT EXISTS "
-                "(SELECT 1 FROM events d WHERE d.job = p.job AND d.step IS p.step AND "
-                f"d.kind = 'decision' AND NOT ({_IDLE.replace('data', 'd.data')}))", (full,)))
+                "SELECT id FROM events WHERE ts < ? AND kind = 'proposal' AND (job, step) NOT IN "
+                f"(SELECT job, step FROM events WHERE kind = 'decision' AND step IS NOT NULL "
+                f"AND NOT ({_IDLE}))", (full,)))
     # Reports past the full window: the first of each job's downsample_s bucket stays.
     out.append(("thinned reports",
                 "SELECT id FROM events WHERE ts < ? AND kind = 'report' AND id NOT IN "
@@ -86,9 +90,9 @@ def plan_sql(cfg: RetentionConfig, now: float) -> list[tuple[str, str, tuple]]:
     # Checkpoints first listed that were never marked stable nor restored: the marks and
     # restores (kept) name every checkpoint that mattered.
     out.append(("checkpoints never marked",
-                "SELECT c.id FROM events c WHERE c.ts < ? AND c.kind = 'checkpoint' AND NOT "
-                "EXISTS (SELECT 1 FROM events s WHERE s.job = c.job AND s.step IS c.step AND "
-                "s.kind IN ('stable', 'restored'))", (full,)))
+                "SELECT id FROM events WHERE ts < ? AND kind = 'checkpoint' AND (job, step) NOT IN "
+                "(SELECT job, step FROM events WHERE kind IN ('stable', 'restored') "
+                "AND step IS NOT NULL)", (full,)))
     if cfg.max_age_s > 0:
         out.append(("reports past max_age_s",
                     "SELECT id FROM events WHERE ts < ? AND kind = 'report'",
