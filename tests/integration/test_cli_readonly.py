@@ -115,7 +115,8 @@ def test_reading_a_real_journal_creates_nothing_and_refuses_an_unknown_job(
     srv.proc.send_signal(signal.SIGTERM)
     assert srv.proc.wait(timeout=30) == 0
     before = _files(folder)
-    assert list(before) == ["journal.db"]  # serve's clean close folded its WAL in
+    # serve's clean close folded its WAL in; its lock file stays (released, not removed)
+    assert list(before) == ["journal.db", "journal.db.lock"]
 
     out = cli("decisions", "--journal", jpath, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
