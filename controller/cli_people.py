@@ -28,7 +28,8 @@ from trimtab.controller.timeline import DEFAULT_KINDS, Row, Timeline, parse_kind
 
 __all__ = ["add_parsers"]
 
-#: Through a pipe, tables are this wide (unless $COLUMNS says otherwise): a row on one line.
+#: Through a pipe, tables are this wide (whatever $COLUMNS says): a row stays on one line,
+#: for grep and for scripts.
 PIPE_WIDTH = 220
 #: ``--follow`` looks for new events this often.
 FOLLOW_POLL_S = 0.5
@@ -36,7 +37,7 @@ FOLLOW_POLL_S = 0.5
 
 def _console() -> Console:
     console = Console(highlight=False)
-    if not console.is_terminal and "COLUMNS" not in os.environ:
+    if not console.is_terminal:
         console = Console(highlight=False, width=PIPE_WIDTH)
     return console
 
