@@ -145,25 +145,28 @@ def _follow(journal: Journal, job: str | None, timeline: Timeline, last: int,
     with no writer (opened ``immutable``) is opened again once a writer appears; one whose
     writer goes away mid-read is opened again at the next poll."""
     had_wal = os.path.exists(journal.path + "-wal")
-    while True:
-        time.sleep(FOLLOW_POLL_S)
-        try:
-            if not had_wal and os.path.exists(journal.path + "-wal"):
-                raise sqlite3.OperationalError("a writer appeared")
-            rows: list[Row] = []
-            for ev in journal.iter_events(job, after_id=last):
-                rows += timeline.feed(ev)
-                last = ev.id
-        except (sqlite3.Error, JournalError):
-            journal.close()
+    try:
+        while True:
+            time.sleep(FOLLOW_POLL_S)
             try:
-                journal = _open(journal.path)
-            except JournalError:
-                continue  # moved aside or being replaced: look again at the next poll
-            had_wal = os.path.exists(journal.path + "-wal")
-            continue
-        _print_rows(console, rows, with_job=with_job, as_json=as_json, header=header)
-        header = header and not rows
+                if not had_wal and os.path.exists(journal.path + "-wal"):
+                    raise sqlite3.OperationalError("a writer appeared")
+                rows: list[Row] = []
+                for ev in journal.iter_events(job, after_id=last):
+                    rows += timeline.feed(ev)
+                    last = ev.id
+            except (sqlite3.Error, JournalError):
+                journal.close()
+                try:
+                    journal = _open(journal.path)
+                except JournalError:
+                    continue  # moved aside or being replaced: look again at the next poll
+                had_wal = os.path.exists(journal.path + "-wal")
+                continue
+            _print_rows(console, rows, with_job=with_job, as_json=as_json, header=header)
+            header = header and not rows
+    finally:
+        journal.close()
 
 
 # -- jobs and top ---------------------------------------------------------------------------

@@ -70,8 +70,8 @@ class JobsView:
             line.alert = (sd.get("rollback") or {}).get("alert")
             if job in live and line.state in ("?", "live"):
                 line.state = "live"
-            elif job not in live and line.state == "live":
-                line.state = "ended"
+            elif job not in live and line.state in ("?", "live"):
+                line.state = "ended"  # its bye or loss compacted away, or never journaled
         return [self._lines[j] for j in sorted(self._lines)]
 
     def lines(self, *, all_jobs: bool = False, now: float | None = None) -> list[JobLine]:
