@@ -4,7 +4,9 @@
                   [--journal PATH]
                   [--config FILE] [--allow-remote]
     trimtab keys generate DIR [--clients N | --name NAME ...]
-    trimtab decisions [--journal PATH] [--job JOB]
+    trimtab decisions [JOB] [--journal PATH] [--kind KINDS] [--since WHEN] [--follow] [--json]
+    trimtab jobs [--journal PATH] [--all] [--json]
+    trimtab top [--journal PATH] [--all] [--interval SECONDS]
     trimtab policies [--config FILE]
     trimtab export JOB [--journal PATH] [--out FILE]
     trimtab replay TRACE --policy NAME [--set KEY=VALUE ...] [--job JOB] [--config FILE]
@@ -21,7 +23,6 @@ import logging
 import os
 import signal
 import sys
-import time
 from typing import Any
 
 __all__ = ["main"]
@@ -73,30 +74,6 @@ def _serve(args: argparse.Namespace) -> int:
         server.serve_forever()
     finally:
         server.close()
-    return 0
-
-
-def _decisions(args: argparse.Namespace) -> int:
-    from trimtab.controller.journal import Journal, JournalError, no_such_job
-
-    try:
-        journal = Journal(args.journal, readonly=True)  # reading never creates a journal
-    except JournalError as exc:
-        print(f"trimtab decisions: {exc}", file=sys.stderr)
-        return 2
-    if args.job is not None and not journal.has_job(args.job):
-        print(f"trimtab decisions: {no_such_job(journal, args.job)}", file=sys.stderr)
-        journal.close()
-        return 2
-    kinds = {"command", "ack", "policy_error", "lost", "register", "bye", "stable",
-             "rollback", "restored", "alert"}
-    for ev in journal.iter_events(args.job):
-        if ev.kind not in kinds:
-            continue
-        when = time.strftime("%H:%M:%S", time.localtime(ev.ts))
-        seq = f" #{ev.seq}" if ev.seq is not None else ""
-        print(f"{when} {ev.job} step={ev.step} {ev.kind}{seq} {json.dumps(ev.data)}")
-    journal.close()
     return 0
 
 
@@ -294,10 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     who.add_argument("--name", action="append", metavar="NAME",
                      help="a client's name; repeatable")
     gen.set_defaults(func=_keys)
-    dec = sub.add_parser("decisions", help="print the commands, acks and events in a journal")
-    dec.add_argument("--journal", default="trimtab-journal.db")
-    dec.add_argument("--job", help="only this job")
-    dec.set_defaults(func=_decisions)
+    from trimtab.controller.cli_people import add_parsers
+
+    add_parsers(sub)
     pol = sub.add_parser("policies", help="list installed policies, their config schema and "
                          "whether the config allows them")
     pol.add_argument("--config", help="TOML config file (default $TRIMTAB_CONFIG)")

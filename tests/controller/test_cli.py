@@ -49,19 +49,25 @@ def test_serve_refuses_a_bad_flag_value(tmp_path):
     assert "bind = 'http://nope'" in out.stderr
 
 
-def test_decisions_prints_commands_and_acks(tmp_path):
+def test_decisions_prints_a_command_and_hides_its_ack_that_says_nothing_new(tmp_path):
     path = str(tmp_path / "j.db")
     j = Journal(path)
     j.append("demo", "report", step=10, seq=1, data={})
-    j.append("demo", "command", step=10, seq=1, data={"knobs": {"lr": 0.05}})
-    j.append("demo", "ack", step=12, seq=1, data={"knobs": {"lr": 0.05}})
+    j.append("demo", "command", step=10, seq=1, data={"knobs": {"momentum": 0.8}})
+    j.append("demo", "ack", step=12, seq=1, data={"knobs": {"momentum": 0.8}})
+    j.append("demo", "command", step=20, seq=2, data={"knobs": {"momentum": 0.7}})
+    j.append("demo", "ack", step=22, seq=2, data={"knobs": {"momentum": 0.75}})
     j.close()
     out = run("decisions", "--journal", path, "--job", "demo")
-    assert out.returncode == 0
-    lines = out.stdout.splitlines()
-    assert len(lines) == 2
-    assert "command #1" in lines[0] and '"lr": 0.05' in lines[0]
-    assert "ack #1" in lines[1]
+    assert out.returncode == 0, out.stderr
+    header, *rows = out.stdout.splitlines()
+    assert header.split() == ["time", "step", "kind", "policy", "knob", "from", "->", "to",
+                              "why"]
+    assert [r.split()[1:] for r in rows] == [
+        ["10", "command", "momentum", "0.8"],
+        ["20", "command", "momentum", "0.7"],
+        ["22", "ack", "#2", "differs", "momentum", "0.7", "asked,", "0.75", "applied"],
+    ]
 
 
 def test_policies_lists_the_built_ins():

@@ -109,8 +109,8 @@ def test_reading_a_real_journal_creates_nothing_and_refuses_an_unknown_job(
     # While serve runs (its -wal and -shm files are there): read through them.
     live = cli("decisions", "--journal", jpath, "--job", "cli-real", cwd=tmp_path)
     assert live.returncode == 0, live.stderr
-    assert " cli-real step=" in live.stdout
-    assert " register {" in live.stdout and " bye {" in live.stdout
+    assert " register " in live.stdout and "registered (new, run " in live.stdout
+    assert " bye " in live.stdout and "ended: closed" in live.stdout
 
     srv.proc.send_signal(signal.SIGTERM)
     assert srv.proc.wait(timeout=30) == 0
@@ -118,10 +118,11 @@ def test_reading_a_real_journal_creates_nothing_and_refuses_an_unknown_job(
     # serve's clean close folded its WAL in; its lock file stays (released, not removed)
     assert list(before) == ["journal.db", "journal.db.lock"]
 
-    out = cli("decisions", "--journal", jpath, cwd=tmp_path)
+    out = cli("decisions", "cli-real", "--journal", jpath, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines() == live.stdout.splitlines()
     assert cli("export", "cli-real", "--journal", jpath, cwd=tmp_path).returncode == 0
+    assert cli("jobs", "--journal", jpath, cwd=tmp_path).returncode == 0
 
     unknown = cli("decisions", "--journal", jpath, "--job", "nosuchjob", cwd=tmp_path)
     assert unknown.returncode == 2 and unknown.stdout == ""
@@ -130,7 +131,8 @@ def test_reading_a_real_journal_creates_nothing_and_refuses_an_unknown_job(
     typo = cli("decisions", "--journal", jpath, "--job", "cli-rael", cwd=tmp_path)
     assert typo.returncode == 2
     assert typo.stderr.strip().endswith("(jobs in it: cli-real); did you mean 'cli-real'?")
-    for args in (("export", "nosuchjob", "--journal", jpath),
+    for args in (("decisions", "nosuchjob", "--journal", jpath),
+                 ("export", "nosuchjob", "--journal", jpath),
                  ("replay", jpath, "--policy", "plateau", "--job", "nosuchjob"),
                  ("rerun", jpath, "--job", "nosuchjob")):
         refused = cli(*args, cwd=tmp_path)

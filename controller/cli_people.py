@@ -1,0 +1,278 @@
+"""The read-only commands for people: ``trimtab decisions``, ``trimtab jobs``, ``trimtab top``.
+
+    trimtab decisions [JOB] [--journal PATH] [--kind KINDS] [--since WHEN] [--follow] [--json]
+    trimtab jobs [--journal PATH] [--all] [--json]
+    trimtab top [--journal PATH] [--all] [--interval SECONDS]
+
+Each opens the journal read-only (:class:`~trimtab.controller.journal.Journal`): a missing
+journal or an unknown job is an error that says so (exit 2), and nothing is ever created or
+written. Tables are drawn by ``rich``: on a terminal with colour, through a pipe as plain
+aligned columns (no escape codes), wide enough that a row stays on one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sqlite3
+import sys
+import time
+from collections.abc import Iterable
+
+from rich.console import Console
+from rich.table import Table
+
+from trimtab.controller.jobs_view import JobLine, JobsView
+from trimtab.controller.journal import Journal, JournalError, no_such_job
+from trimtab.controller.timeline import DEFAULT_KINDS, Row, Timeline, parse_kinds, parse_since
+
+__all__ = ["add_parsers"]
+
+#: Through a pipe, tables are this wide (whatever $COLUMNS says): a row stays on one line,
+#: for grep and for scripts.
+PIPE_WIDTH = 220
+#: ``--follow`` looks for new events this often.
+FOLLOW_POLL_S = 0.5
+
+
+def _console() -> Console:
+    console = Console(highlight=False)
+    if not console.is_terminal:
+        console = Console(highlight=False, width=PIPE_WIDTH)
+    return console
+
+
+def _fail(command: str, message: str) -> int:
+    print(f"trimtab {command}: {message}", file=sys.stderr)
+    return 2
+
+
+def _open(path: str) -> Journal:
+    return Journal(path, readonly=True)  # reading never creates a journal
+
+
+# -- decisions ------------------------------------------------------------------------------
+
+def _decision_table(with_job: bool, header: bool = True) -> Table:
+    """The table's columns, fixed in width so that the rows ``--follow`` adds line up."""
+    table = Table(box=None, show_header=header, header_style="bold", pad_edge=False,
+                  show_edge=False)
+    table.add_column("time", min_width=19, no_wrap=True)
+    if with_job:
+        table.add_column("job", min_width=12, no_wrap=True)
+    table.add_column("step", min_width=6, justify="right", no_wrap=True)
+    table.add_column("kind", min_width=9, no_wrap=True)
+    table.add_column("policy", min_width=14, no_wrap=True)
+    table.add_column("knob", min_width=5, no_wrap=True)
+    table.add_column("from -> to", min_width=18, no_wrap=True)
+    table.add_column("why", overflow="fold")
+    return table
+
+
+_STYLE = {"shadow": "dim", "rollback": "bold red", "restored": "red", "alert": "bold red",
+          "policy_error": "red", "stable": "green"}
+
+
+def _print_rows(console: Console, rows: list[Row], *, with_job: bool, as_json: bool,
+                header: bool) -> None:
+    if as_json:
+        for row in rows:
+            print(row.to_json(), flush=True)
+        return
+    if not rows:
+        return
+    table = _decision_table(with_job, header)
+    for r in rows:
+        cells = [r.when, *([r.job] if with_job else []),
+                 "" if r.step is None else str(r.step), r.kind, r.policy, r.knob, r.change,
+                 r.why]
+        table.add_row(*cells, style=_STYLE.get(r.kind))
+    _emit(console, table)
+
+
+def _emit(console: Console, table: Table) -> None:
+    """Print ``table``; through a pipe without the blanks rich pads each line with."""
+    if console.is_terminal:
+        console.print(table)
+    else:
+        with console.capture() as cap:
+            console.print(table)
+        sys.stdout.write("".join(line.rstrip() + "\n" for line in cap.get().splitlines()))
+    sys.stdout.flush()
+
+
+def _decisions(args: argparse.Namespace) -> int:
+    if args.job_pos and args.job and args.job_pos != args.job:
+        return _fail("decisions", f"job given twice: {args.job_pos!r} and --job {args.job!r}")
+    job = args.job_pos or args.job
+    try:
+        kinds = parse_kinds(args.kind) if args.kind else DEFAULT_KINDS
+        since = parse_since(args.since) if args.since else None
+    except ValueError as exc:
+        return _fail("decisions", str(exc))
+    try:
+        journal = _open(args.journal)
+    except JournalError as exc:
+        return _fail("decisions", str(exc))
+    try:
+        if job is not None and not journal.has_job(job):
+            return _fail("decisions", no_such_job(journal, job))
+        timeline, console = Timeline(kinds, since), _console()
+        with_job = job is None
+        last = 0
+        rows: list[Row] = []
+        for ev in journal.iter_events(job):
+            rows += timeline.feed(ev)
+            last = ev.id
+        _print_rows(console, rows, with_job=with_job, as_json=args.json, header=True)
+        if not rows and not args.follow:
+            print(f"trimtab decisions: nothing of kinds {', '.join(sorted(kinds))} to show"
+                  + (f" since {args.since}" if since is not None else "")
+                  + "; --kind all shows every event", file=sys.stderr)
+        if args.follow:
+            _follow(journal, job, timeline, last, console, with_job, args.json,
+                    header=not rows)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        journal.close()
+    return 0
+
+
+def _follow(journal: Journal, job: str | None, timeline: Timeline, last: int,
+            console: Console, with_job: bool, as_json: bool, header: bool) -> None:
+    """Print new events' rows as they are journaled, until interrupted. A journal read
+    with no writer (opened ``immutable``) is opened again once a writer appears; one whose
+    writer goes away mid-read is opened again at the next poll."""
+    had_wal = os.path.exists(journal.path + "-wal")
+    try:
+        while True:
+            time.sleep(FOLLOW_POLL_S)
+            try:
+                if not had_wal and os.path.exists(journal.path + "-wal"):
+                    raise sqlite3.OperationalError("a writer appeared")
+                rows: list[Row] = []
+                for ev in journal.iter_events(job, after_id=last):
+                    rows += timeline.feed(ev)
+                    last = ev.id
+            except (sqlite3.Error, JournalError):
+                journal.close()
+                try:
+                    journal = _open(journal.path)
+                except JournalError:
+                    continue  # moved aside or being replaced: look again at the next poll
+                had_wal = os.path.exists(journal.path + "-wal")
+                continue
+            _print_rows(console, rows, with_job=with_job, as_json=as_json, header=header)
+            header = header and not rows
+    finally:
+        journal.close()
+
+
+# -- jobs and top ---------------------------------------------------------------------------
+
+def _jobs_table(lines: Iterable[JobLine], title: str | None = None) -> Table:
+    table = Table(box=None, header_style="bold", pad_edge=False, show_edge=False, title=title,
+                  title_justify="left")
+    for name, justify in (("job", "left"), ("state", "left"), ("step", "right"),
+                          ("lr", "right"), ("momentum", "right"), ("wd", "right"),
+                          ("clip", "right"), ("rollbacks", "right"), ("alert", "left"),
+                          ("last decision", "left")):
+        table.add_column(name, justify=justify, no_wrap=name != "last decision",
+                         overflow="fold")
+    for ln in lines:
+        k = ln.knobs
+
+        def fmt(name: str, k: dict = k) -> str:
+            if name not in k:
+                return ""
+            return "off" if k[name] is None else f"{k[name]:.4g}"
+
+        last = (f"step {ln.last_decision_step}: {ln.last_decision}" if ln.last_decision
+                else "")
+        table.add_row(ln.job, ln.state, "" if ln.step is None else str(ln.step), fmt("lr"),
+                      fmt("momentum"), fmt("weight_decay"), fmt("clip"), str(ln.rollbacks),
+                      ln.alert or "", last,
+                      style="bold red" if ln.alert else ("green" if ln.state == "live"
+                                                         else None))
+    return table
+
+
+def _jobs(args: argparse.Namespace) -> int:
+    try:
+        journal = _open(args.journal)
+    except JournalError as exc:
+        return _fail("jobs", str(exc))
+    try:
+        lines = JobsView(journal).lines(all_jobs=args.all)
+    finally:
+        journal.close()
+    if args.json:
+        for ln in lines:
+            print(ln.to_json())
+        return 0
+    if not lines:
+        print(f"trimtab jobs: no job live or heard from in the last day in {args.journal}"
+              + ("" if args.all else "; --all lists every job"), file=sys.stderr)
+        return 0
+    _emit(_console(), _jobs_table(lines))
+    return 0
+
+
+def _top(args: argparse.Namespace) -> int:
+    from rich.live import Live
+
+    if not args.interval > 0:
+        return _fail("top", f"--interval {args.interval}: must be a number of seconds > 0")
+    try:
+        journal = _open(args.journal)
+    except JournalError as exc:
+        return _fail("top", str(exc))
+    view = JobsView(journal)
+
+    def frame() -> Table:
+        lines = view.lines(all_jobs=args.all)
+        title = (f"trimtab top: {args.journal} at {time.strftime('%H:%M:%S')}, "
+                 f"{sum(ln.state == 'live' for ln in lines)} live of {len(lines)} "
+                 "(Ctrl-C to quit)")
+        return _jobs_table(lines, title)
+
+    try:
+        with Live(frame(), console=Console(highlight=False), auto_refresh=False) as live:
+            while True:
+                time.sleep(args.interval)
+                live.update(frame(), refresh=True)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        journal.close()
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    """Add ``decisions``, ``jobs`` and ``top`` to the ``trimtab`` command."""
+    dec = sub.add_parser("decisions", help="what the controller changed, sent and rolled "
+                         "back, and why, as a table (one row per knob change)")
+    dec.add_argument("job_pos", nargs="?", metavar="JOB", help="only this job")
+    dec.add_argument("--job", help="only this job (the same as JOB)")
+    dec.add_argument("--journal", default="trimtab-journal.db")
+    dec.add_argument("--kind", metavar="KINDS",
+                     help="event kinds, comma-separated, or 'all' (default: "
+                          f"{','.join(sorted(DEFAULT_KINDS))}; also proposal, report, ...)")
+    dec.add_argument("--since", metavar="WHEN",
+                     help="only events since a duration ago (10m, 2h, 1d) or an ISO time")
+    dec.add_argument("--follow", "-f", action="store_true",
+                     help="keep printing new events as they are journaled (Ctrl-C stops)")
+    dec.add_argument("--json", action="store_true", help="one JSON object per row")
+    dec.set_defaults(func=_decisions)
+    jobs = sub.add_parser("jobs", help="every job: state, step, knobs in force, last "
+                          "decision, rollbacks, alert")
+    jobs.add_argument("--journal", default="trimtab-journal.db")
+    jobs.add_argument("--all", action="store_true",
+                      help="every job (default: live ones and those heard in the last day)")
+    jobs.add_argument("--json", action="store_true", help="one JSON object per job")
+    jobs.set_defaults(func=_jobs)
+    top = sub.add_parser("top", help="the jobs table, refreshing in place (Ctrl-C quits)")
+    top.add_argument("--journal", default="trimtab-journal.db")
+    top.add_argument("--all", action="store_true", help="every job, not only recent ones")
+    top.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
+    top.set_defaults(func=_top)

@@ -1,0 +1,108 @@
+"""Every job of a journal, one line each (``trimtab jobs``, ``trimtab top``).
+
+A line joins two sources: the job's saved state (the controller's own view after each
+message: step, the knobs in force, the rollback alert; ``job_state``) and its events (when
+it was last heard, whether it said goodbye or was lost, its last decision that acted and
+why, its rollbacks). :class:`JobsView` reads the events incrementally — only those
+journaled since its last read — so that ``trimtab top`` refreshing every second reads a
+long journal once, not once a second.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+
+from trimtab.controller.journal import Event, Journal
+from trimtab.controller.timeline import knob_text
+
+__all__ = ["JobLine", "JobsView", "RECENT_S"]
+
+#: ``trimtab jobs`` without ``--all``: live jobs, and jobs heard within this many seconds.
+RECENT_S = 86400.0
+
+_KNOBS = ("lr", "momentum", "weight_decay", "clip")
+
+
+@dataclass
+class JobLine:
+    """What ``trimtab jobs`` says of one job."""
+
+    job: str
+    state: str = "?"
+    step: int | None = None
+    #: The knobs in force, as the optimizer has them (the effective values).
+    knobs: dict[str, float | None] = field(default_factory=dict)
+    last_decision: str = ""
+    last_decision_step: int | None = None
+    rollbacks: int = 0
+    alert: str | None = None
+    last_seen: float = 0.0
+
+    def knobs_text(self) -> str:
+        return " ".join(f"{k}={'off' if v is None else f'{v:.4g}'}"
+                        for k, v in self.knobs.items() if k in _KNOBS)
+
+    def to_json(self) -> str:
+        return json.dumps({**asdict(self), "last_seen_time": time.strftime(
+            "%Y-%m-%dT%H:%M:%S", time.localtime(self.last_seen))}, allow_nan=False)
+
+
+class JobsView:
+    """The lines of a journal's jobs, kept up to date by :meth:`update`."""
+
+    def __init__(self, journal: Journal) -> None:
+        self.journal = journal
+        self._lines: dict[str, JobLine] = {}
+        self._after = 0
+
+    def update(self) -> list[JobLine]:
+        """Read what was journaled since the last call; every job's line, by name."""
+        for ev in self.journal.iter_events(after_id=self._after):
+            self._after = ev.id
+            self._feed(self._lines.setdefault(ev.job, JobLine(ev.job)), ev)
+        live = set(self.journal.states(live_only=True))
+        for job, sd in self.journal.states().items():
+            line = self._lines.setdefault(job, JobLine(job))
+            line.step = sd.get("step", line.step)
+            line.knobs = dict(sd.get("effective") or {})
+            line.alert = (sd.get("rollback") or {}).get("alert")
+            if job in live and line.state in ("?", "live"):
+                line.state = "live"
+            elif job not in live and line.state in ("?", "live"):
+                line.state = "ended"  # its bye or loss compacted away, or never journaled
+        return [self._lines[j] for j in sorted(self._lines)]
+
+    def lines(self, *, all_jobs: bool = False, now: float | None = None) -> list[JobLine]:
+        """:meth:`update`, then the jobs to show: every one, or live and recent ones."""
+        now = time.time() if now is None else now
+        return [ln for ln in self.update()
+                if all_jobs or ln.state == "live" or now - ln.last_seen <= RECENT_S]
+
+    @staticmethod
+    def _feed(line: JobLine, ev: Event) -> None:
+        line.last_seen = max(line.last_seen, ev.ts)
+        if ev.step is not None and ev.kind in ("report", "register", "ack", "bye", "lost"):
+            line.step = ev.step
+        d = ev.data
+        if ev.kind == "register":
+            line.state = "live"
+        elif ev.kind == "bye":
+            line.state = f"ended ({d.get('reason', 'bye')})"
+        elif ev.kind == "lost":
+            line.state = "lost"
+        elif ev.kind == "rollback":
+            line.rollbacks += 1
+            line.last_decision = (f"rollback {d.get('from_step')} -> {d.get('target')}: "
+                                  f"{d.get('reason')}: {d.get('why')}")
+            line.last_decision_step = ev.step
+        elif ev.kind == "decision":
+            acted = [f"{k} {knob_text(k, v.get('current'))} -> {knob_text(k, v['commanded'])} by "
+                     f"{v.get('policy')}: {v.get('reason')}"
+                     for k, v in d.get("knobs", {}).items()
+                     if v.get("commanded") is not None and v["commanded"] != v.get("current")]
+            if acted:
+                line.last_decision, line.last_decision_step = "; ".join(acted), ev.step
+        elif ev.kind == "alert":
+            line.alert = d.get("why")

@@ -1,0 +1,301 @@
+"""``trimtab decisions``, ``trimtab jobs`` and ``trimtab top`` read a journal a real
+``trimtab serve`` writes while real training runs report to it: a live policy that
+changes the lr, a shadow policy, checkpoints marked stable. ``top`` runs in a
+pseudo-terminal, as a person would see it."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import queue
+import re
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import pytest
+import torch
+
+from trimtab.client import attach
+from trimtab.controller.journal import Journal
+
+from .support import Regression, free_port, start_serve, wait_for
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
+
+#: update_ratio cuts the lr at once on this task (its update/weight ratio is far above the
+#: band); step_decay runs in shadow; checkpoints are marked stable after 20 steps.
+CONFIG = """
+[[policies]]
+name = "update_ratio"
+config = { min_reports = 2 }
+
+[[policies]]
+name = "step_decay"
+shadow = true
+config = { step_size = 30, gamma = 0.5 }
+
+[governor.lr]
+cooldown_steps = 0
+
+[rollback]
+stable_window_steps = 20
+stable_min_reports = 2
+"""
+
+
+def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "trimtab.controller", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=60)
+
+
+def train(endpoint: str, job: str, steps: int, folder: Path, stop=None) -> None:
+    """A small real training run attached to the controller (``stop``: an Event that ends
+    it early)."""
+    torch.set_num_threads(1)
+    task = Regression(seed=5)
+    opt = torch.optim.SGD(task.model.parameters(), lr=0.05)
+    with attach(task.model, opt, job=job, endpoint=endpoint, report_every=5, heartbeat_s=0.1,
+                checkpoint_every=20, checkpoint_dir=str(folder / f"ckpt-{job}")) as guard:
+        for _ in range(steps):
+            if stop is not None and stop.is_set():
+                break
+            xb, yb = task.batch()
+            loss = task.loss(xb, yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            guard.step(loss)
+            if stop is not None:
+                time.sleep(0.01)  # a run a person watches: a few reports a second
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """A live serve whose journal holds one finished job, ``people``."""
+    folder = tmp_path_factory.mktemp("people")
+    srv = start_serve(folder, free_port(), free_port(), CONFIG)
+    try:
+        train(srv.endpoint, "people", 150, folder)
+
+        def said_bye() -> bool:
+            j = Journal(str(srv.journal_path), readonly=True)
+            try:
+                return bool(j.events("people", "bye"))
+            finally:
+                j.close()
+
+        assert wait_for(said_bye)
+        yield srv, folder
+    finally:
+        srv.proc.send_signal(signal.SIGTERM)
+        srv.proc.wait(timeout=30)
+
+
+def _events(srv, kind: str, job: str = "people") -> list:
+    j = Journal(str(srv.journal_path), readonly=True)
+    try:
+        return j.events(job, kind)
+    finally:
+        j.close()
+
+
+def _json_rows(out: str) -> list[dict]:
+    return [json.loads(line) for line in out.splitlines()]
+
+
+def test_decisions_is_a_table_of_knob_changes_with_from_to_and_why(served):
+    srv, folder = served
+    out = cli("decisions", "people", "--journal", str(srv.journal_path), cwd=folder)
+    assert out.returncode == 0, out.stderr
+    header, *lines = out.stdout.splitlines()
+    assert header.split() == ["time", "step", "kind", "policy", "knob", "from", "->", "to",
+                              "why"]
+    first = _events(srv, "decision")[0].data["knobs"]["lr"]
+    change = [ln for ln in lines if " decision " in ln][0]
+    # 2026-01-31T14:00:00  10  decision  update_ratio  lr  x1 -> x0.8  update/weight ratio ...
+    assert re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d +\d+ +decision +update_ratio +lr +"
+                    rf"x{first['current']:.6g} -> x{first['commanded']:.6g} +"
+                    rf"{re.escape(first['reason'])}$", change), change
+    assert not any(ln.split()[2] == "ack" for ln in lines if len(ln.split()) > 2 and
+                   "differs" not in ln and "error" not in ln)  # acks as commanded: hidden
+    assert "ended: closed" in lines[-1]
+
+
+def test_shadow_decisions_are_shown_and_marked(served):
+    srv, folder = served
+    assert _events(srv, "shadow"), "the shadow policy journaled nothing"
+    rows = _json_rows(cli("decisions", "people", "--journal", str(srv.journal_path),
+                          "--json", cwd=folder).stdout)
+    shadow = [r for r in rows if r["kind"] == "shadow"]
+    assert shadow and all(r["policy"] == "step_decay (shadow)" for r in shadow)
+    assert all(r["policy"] != "step_decay" for r in rows)  # never shown as if it acted
+
+
+def test_stable_marks_are_shown_at_the_step_they_were_marked(served):
+    srv, folder = served
+    marks = _events(srv, "stable")
+    assert marks
+    rows = _json_rows(cli("decisions", "people", "--journal", str(srv.journal_path),
+                          "--json", "--kind", "stable", cwd=folder).stdout)
+    assert [r["why"] for r in rows] == [
+        f"checkpoint {m.data['step']} marked stable ({m.data['source']})" for m in marks]
+    # The journal holds each mark at its checkpoint's step; the rows are at the step the
+    # mark was made, after the checkpoint, so that steps never seem to go back.
+    assert all(r["step"] > m.step for r, m in zip(rows, marks, strict=True))
+    table = cli("decisions", "people", "--journal", str(srv.journal_path), cwd=folder)
+    steps = [int(ln.split()[1]) for ln in table.stdout.splitlines()[1:]
+             if " stable " in ln or " decision " in ln]
+    assert steps == sorted(steps)
+
+
+def test_kind_since_and_json(served):
+    srv, folder = served
+    jpath = str(srv.journal_path)
+    picked = _json_rows(cli("decisions", "people", "--journal", jpath, "--json", "--kind",
+                            "proposal,report", cwd=folder).stdout)
+    assert {r["kind"] for r in picked} == {"proposal", "report"}
+    assert sum(r["kind"] == "report" for r in picked) == len(_events(srv, "report"))
+    assert {"time", "step", "kind", "policy", "knob", "change", "why", "job"} <= set(picked[0])
+    every = _json_rows(cli("decisions", "people", "--journal", jpath, "--json", "--kind",
+                           "all", cwd=folder).stdout)
+    assert {"register", "report", "checkpoint", "decision", "command", "bye"} <= {
+        r["kind"] for r in every}
+
+    recent = cli("decisions", "people", "--journal", jpath, "--json", "--since", "1d",
+                 cwd=folder)
+    default = cli("decisions", "people", "--journal", jpath, "--json", cwd=folder)
+    assert recent.stdout == default.stdout and recent.stdout
+    later = (datetime.now() + timedelta(hours=1)).isoformat(timespec="seconds")
+    none = cli("decisions", "people", "--journal", jpath, "--since", later, cwd=folder)
+    assert none.returncode == 0 and none.stdout == ""
+    assert "nothing of kinds " in none.stderr and f"since {later}" in none.stderr
+    bad = cli("decisions", "people", "--journal", jpath, "--since", "yesterday", cwd=folder)
+    assert bad.returncode == 2
+    assert "--since 'yesterday': not a duration or a time; allowed: a number with s, m, h " \
+           "or d (10m, 2h, 1d), or an ISO time" in bad.stderr
+    badkind = cli("decisions", "--journal", jpath, "--kind", "decisions", cwd=folder)
+    assert badkind.returncode == 2
+    assert "--kind 'decisions': 'decisions' is not an event kind; allowed: all" in badkind.stderr
+
+
+def test_jobs_lists_the_job_its_knobs_and_last_decision(served):
+    srv, folder = served
+    jpath = str(srv.journal_path)
+    lines = _json_rows(cli("jobs", "--journal", jpath, "--json", cwd=folder).stdout)
+    (line,) = [ln for ln in lines if ln["job"] == "people"]
+    j = Journal(jpath, readonly=True)
+    state = j.load_state("people")
+    j.close()
+    last = _events(srv, "decision")[-1]
+    assert line["job"] == "people" and line["state"] == "ended (closed)"
+    assert line["step"] == state["step"] and line["knobs"] == state["effective"]
+    assert line["last_decision_step"] == last.step
+    assert line["last_decision"].startswith("lr x") and " by update_ratio: " in line[
+        "last_decision"]
+    assert line["rollbacks"] == 0 and line["alert"] is None
+    table = cli("jobs", "--journal", jpath, cwd=folder)
+    header, *rows = table.stdout.splitlines()
+    (row,) = [r for r in rows if r.startswith("people ")]
+    assert header.split()[:9] == ["job", "state", "step", "lr", "momentum", "wd", "clip",
+                                  "rollbacks", "alert"]
+    assert row.split()[:5] == ["people", "ended", "(closed)", str(state["step"]),
+                               f"{state['effective']['lr']:.4g}"]
+
+
+def test_unknown_job_and_missing_journal_are_errors(served, tmp_path):
+    srv, folder = served
+    jpath = str(srv.journal_path)
+    for args in (("decisions", "peopel"), ("decisions", "--job", "peopel")):
+        out = cli(*args, "--journal", jpath, cwd=folder)
+        assert out.returncode == 2 and out.stdout == ""
+        assert out.stderr.strip() == (f"trimtab decisions: no job 'peopel' in journal {jpath!r} "
+                                      "(jobs in it: people); did you mean 'people'?")
+    for command in ("decisions", "jobs", "top"):
+        out = cli(command, "--journal", "missing.db", cwd=tmp_path)
+        assert out.returncode == 2
+        assert out.stderr.strip() == (f"trimtab {command}: no journal at missing.db; trimtab "
+                                      "serve writes it (see --journal)")
+        assert list(tmp_path.iterdir()) == []
+
+
+def _read_until(lines: queue.Queue, predicate, timeout: float = 60.0) -> list[str]:
+    """Lines from ``lines`` until one satisfies ``predicate`` (or the time is up)."""
+    got: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            line = lines.get(timeout=0.2)
+        except queue.Empty:
+            continue
+        got.append(line)
+        if predicate(line):
+            break
+    return got
+
+
+def test_follow_prints_events_as_they_are_journaled(served):
+    srv, folder = served
+    follow = subprocess.Popen(
+        [sys.executable, "-m", "trimtab.controller", "decisions", "--journal",
+         str(srv.journal_path), "--kind", "register,bye", "--json", "--follow"],
+        cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(ln) for ln in follow.stdout], daemon=True).start()
+    try:
+        before = _read_until(lines, lambda ln: json.loads(ln)["kind"] == "bye")
+        assert [json.loads(ln)["job"] for ln in before] == ["people", "people"]
+        train(srv.endpoint, "late", 20, folder)
+        after = _read_until(lines, lambda ln: json.loads(ln)["kind"] == "bye")
+        assert [(r["job"], r["kind"]) for r in map(json.loads, after)] == [
+            ("late", "register"), ("late", "bye")]
+    finally:
+        follow.send_signal(signal.SIGINT)
+        assert follow.wait(timeout=20) == 0, follow.stderr.read()
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def test_top_refreshes_a_live_job_in_place_in_a_terminal(served):
+    srv, folder = served
+    stop = threading.Event()
+    run = threading.Thread(target=train, args=(srv.endpoint, "watched", 100_000, folder, stop))
+    run.start()
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: trimtab top on the pseudo-terminal
+        os.chdir(folder)
+        os.execve(sys.executable, [sys.executable, "-m", "trimtab.controller", "top",
+                                   "--journal", str(srv.journal_path), "--interval", "0.2"],
+                  {**os.environ, "TERM": "xterm-256color", "COLUMNS": "200", "LINES": "30"})
+    screen = ""
+    steps: list[int] = []
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and len(set(steps)) < 3:
+            ready, _, _ = select.select([fd], [], [], 0.5)
+            if not ready:
+                continue
+            try:
+                screen += os.read(fd, 65536).decode(errors="replace")
+            except OSError:
+                break
+            text = _ANSI.sub("", screen)
+            steps = [int(m) for m in re.findall(r"watched\s+live\s+(\d+)", text)]
+        assert len(set(steps)) >= 3, _ANSI.sub("", screen)[-3000:]
+        assert steps == sorted(steps)  # the job's step grows on the screen
+        assert "\x1b[" in screen  # drawn for a terminal: moved over, not scrolled
+        assert "trimtab top: " in _ANSI.sub("", screen)
+    finally:
+        stop.set()
+        run.join(timeout=60)
+        os.kill(pid, signal.SIGINT)
+        _, status = os.waitpid(pid, 0)
+        os.close(fd)
+    assert os.waitstatus_to_exitcode(status) == 0
