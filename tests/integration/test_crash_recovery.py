@@ -123,8 +123,12 @@ def test_a_database_that_is_not_a_journal_is_refused(tmp_path):
 
 # -- the controller killed mid-run --------------------------------------------------------
 
+# state_save_s: what reports alone change is saved within 0.2 s, so that the state the
+# kill leaves (checked equal to the live one below) is the whole of it; commands and acks
+# save at once whatever it is (test_handler checks what a kill within it loses).
 CONFIG = """
 resend_after_reports = 3
+state_save_s = 0.2
 allow_plugins = ["bench.scenario_policies:*"]
 
 [[policies]]
@@ -229,7 +233,7 @@ def test_sigkill_with_a_command_pending_resumes_every_job_exactly(nudge, serve_f
                 any(e.step == PAUSE_AT for e in journal.events(job, "report")) for job in JOBS[1:]
             )
         )
-        time.sleep(0.5)
+        time.sleep(1.0)  # past state_save_s and the controller's tick
         before = {job: journal.load_state(job) for job in JOBS}
         pending = {job: sd["last_command"] for job, sd in before.items() if sd["awaiting_ack"]}
         assert pending, "no command pending at the kill"
