@@ -4,7 +4,9 @@
 JSON-serialisable (no NaN or infinity), versioned (:data:`STATE_VERSION`), and strict: a
 missing or unknown key is an error, so that a state written by another controller version
 is refused with its name rather than half-loaded. The controller saves each live job's
-state after every message it handles and resumes a job that re-registers from it.
+state with every command, ack, registration and end, and what reports alone change once
+it is ``state_save_s`` old (:meth:`~trimtab.controller.handler.Controller.save_due`); it
+resumes a job that re-registers from it.
 """
 
 from __future__ import annotations
