@@ -233,7 +233,13 @@ def test_sigkill_with_a_command_pending_resumes_every_job_exactly(nudge, serve_f
                 any(e.step == PAUSE_AT for e in journal.events(job, "report")) for job in JOBS[1:]
             )
         )
-        time.sleep(1.0)  # past state_save_s and the controller's tick
+        time.sleep(0.5)
+
+        def saved_whole(job: str) -> bool:  # the saved state holds the job's last report
+            state, reports = journal.load_state(job), journal.events(job, "report")
+            return state["last_report"]["seq"] == reports[-1].seq
+
+        assert wait_for(lambda: all(saved_whole(job) for job in JOBS))  # state_save_s 0.2
         before = {job: journal.load_state(job) for job in JOBS}
         pending = {job: sd["last_command"] for job, sd in before.items() if sd["awaiting_ack"]}
         assert pending, "no command pending at the kill"
