@@ -132,6 +132,12 @@ class ControllerConfig(BaseModel):
     #: ``trimtab_job_live`` 0, so that a job shorter than a scrape interval is scraped and
     #: every job's end is seen; 0: they go at once. Keep it above the scrape interval.
     metrics_grace_s: Annotated[float, Field(ge=0, le=86400)] = 300.0
+    #: A live job's state is saved in the journal at registration, with every command it
+    #: is sent, every ack, and when it ends; what reports alone change (its signals and
+    #: history) is saved once it is this old. So a controller killed outright loses at most
+    #: this many seconds of a job's signal history (a restarted one takes the next reports
+    #: from there), never a command or its sequence number. 0: saved after every report.
+    state_save_s: Annotated[float, Field(ge=0, le=3600, allow_inf_nan=False)] = 5.0
     #: A command not acknowledged after this many reports is sent again.
     resend_after_reports: Annotated[int, Field(ge=1, le=1000)] = 2
     #: Longest wait for one policy's ``propose`` (ms); a policy that overruns it is disabled

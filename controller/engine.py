@@ -298,17 +298,17 @@ class Engine(PhaseRules, ScheduleRules):
         view = state.view()
         proposals: list[tuple[str, Proposal]] = []
         errors: list[tuple[str, str]] = []
-        for policy in policies:
-            if policy.name in state.disabled_policies:
-                continue
-            try:
-                out = policy.propose(view) if self.budget is None else self.budget.call(
-                    policy, view)
+        asked = [p for p in policies if p.name not in state.disabled_policies]
+        # Under a budget, all of them in one hand-over to its worker and one back.
+        outcomes = (self.budget.call_each(asked, view) if self.budget is not None
+                    else [_inline(p, view) for p in asked])
+        for policy, (ok, out) in zip(asked, outcomes, strict=True):
+            if ok:
                 problem = _nonsense(out)
-            except PolicyTimeout as exc:  # hung: cut off, its thread abandoned
-                problem = str(exc)
-            except Exception as exc:  # a plugin's bug must not take the controller down
-                problem = f"raised {type(exc).__name__}: {exc}"
+            elif isinstance(out, PolicyTimeout):  # hung: cut off, its thread abandoned
+                problem = str(out)
+            else:  # a plugin's bug must not take the controller down
+                problem = f"raised {type(out).__name__}: {out}"
             if problem is not None:
                 state.disable(policy.name, problem)
                 errors.append((policy.name, problem))
@@ -388,6 +388,14 @@ def _as_change(p: Rollback, reason: str) -> Proposal:
     if p.to_step is None:
         return Proposal("lr", factor=p.factor, detail=p.detail, reason=reason)
     return Proposal("lr", value=p.value, detail=p.detail, reason=reason)
+
+
+def _inline(policy: Policy, view: object) -> tuple[bool, object]:
+    """``policy.propose(view)`` called here, as :meth:`PolicyBudget.call_each` reports it."""
+    try:
+        return True, policy.propose(view)
+    except Exception as exc:
+        return False, exc
 
 
 def _nonsense(out: object) -> str | None:

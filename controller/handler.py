@@ -52,6 +52,21 @@ _MAX_ENDED = 10_000
 #: (peer identity, frame) to send.
 Reply = tuple[bytes, bytes]
 
+#: The time :meth:`Controller.save_due` spends on one call at most (one save at least).
+_SAVE_SLICE_S = 0.005
+
+
+def _kept_now(state: JobState) -> tuple:
+    """What a report changes only along with something a restarted controller must not
+    lose (a command's sequence, what was applied, a settled rollback or mark, a policy
+    disabled, stop advice, a measurement phase): a report that changes any of it saves the
+    state at once."""
+    rb = state.rollback
+    return (state.command_seq, state.applied_seq, state.awaiting_ack, state.branch_seq,
+            state.pending_since, len(state.disabled_policies), state.stop_advice, id(state.phase),
+            rb.pending is None, rb.pending_mark, rb.stable[-1:], rb.alert,
+            id(rb.history[-1]) if rb.history else None)
+
 
 def build_policies(config: ControllerConfig) -> list[tuple[PolicySpec, Policy]]:
     """The configured policies, in order; a bad or not allowed one stops the start with its
@@ -111,6 +126,9 @@ class Controller:
         # rows the one under way has deleted so far.
         self._compact_at = journal.clock()
         self._compacted: dict[str, int] = {}
+        #: Live jobs whose state reports changed since it was last saved, and since when
+        #: (oldest first): :meth:`save_due` saves them ``state_save_s`` later.
+        self._unsaved: dict[str, float] = {}
         self.metrics = ControllerMetrics(registry=registry,
                                          jobs=lambda: [r.state for r in self._jobs.values()],
                                          age=self.silent_for, bounds=self._bounds,
@@ -148,8 +166,10 @@ class Controller:
         return replies
 
     def tick(self) -> list[Reply]:
-        """Periodic work: mark silent jobs lost, end the metrics grace of ended ones, compact
-        the journal when due (a slice per call). Returns nothing to send today."""
+        """Periodic work: mark silent jobs lost, end the metrics grace of ended ones, save the
+        states due (:meth:`save_due`), compact the journal when due (a slice per call).
+        Returns nothing to send today."""
+        self.save_due()
         self._compact_slice()
         now = self.clock()
         for job in [j for j, (_, ended) in self._ended.items()
@@ -162,7 +182,7 @@ class Controller:
             with self.journal.batch():
                 self.journal.append(job, "lost", step=state.step,
                                     data={"silent_s": now - rec.last_seen})
-                self.journal.save_state(job, state.state_dict(), live=False)
+                self._save(state, live=False)
             self._forget(job)
             self.metrics.jobs_lost.inc()
         return []
@@ -210,7 +230,7 @@ class Controller:
         listing = state.on_register(msg)
         if listing is not None:
             self.recorder.listed(state, msg, listing)
-        self.journal.save_state(msg.job, state.state_dict())
+        self._save(state)
         log.info("job %s registered (%s), step %d", msg.job, resumed, msg.step)
         self._derive_limits(state)
         replies = [(peer, wire.encode(wire.Heartbeat(job=msg.job, step=state.step)))]
@@ -220,7 +240,7 @@ class Controller:
         elif pending is None:
             # Schedules start at the run's first step, not after its first report window.
             replies += self._act(peer, state, self.engine_for(state.job).decide_schedules(state))
-            self.journal.save_state(msg.job, state.state_dict())
+            self._save(state)
         return replies
 
     def _retire(self, job: str, run_id: str, live: JobState | None) -> None:
@@ -251,6 +271,7 @@ class Controller:
         if state.is_stale(msg):
             self.recorder.stale(state, msg)
             return []
+        kept = _kept_now(state)
         self.recorder.settled(state, settle_from_report(state, msg, self.config.rollback))
         if msg.applied_seq < state.branch_seq:
             self.recorder.abandoned(state, msg)
@@ -265,7 +286,11 @@ class Controller:
             if step.decision.shadowed is not None:
                 self.recorder.shadow(state.job, step.decision.shadowed)
             replies += self._send(peer, state, step.decision, step.command, step.superseded)
-        self.journal.save_state(msg.job, state.state_dict())
+        decided = step.decision is not None and (step.decision.proposals or step.decision.errors)
+        if replies or decided or _kept_now(state) != kept:
+            self._save(state)  # a command sent or settled, a decision: saved before replying
+        elif msg.job not in self._unsaved:
+            self._unsaved[msg.job] = self.clock()  # signals only: saved when due
         return replies
 
     def _on_ack(self, peer: bytes, msg: wire.Ack) -> list[Reply]:
@@ -283,7 +308,7 @@ class Controller:
         if msg.error is not None:
             log.warning("job %s: command %d not wholly applied: %s", msg.job, msg.seq, msg.error)
         self.recorder.settled(state, done)
-        self.journal.save_state(msg.job, state.state_dict())
+        self._save(state)
         return []
 
     def _on_heartbeat(self, peer: bytes, msg: wire.Heartbeat) -> list[Reply]:
@@ -296,12 +321,38 @@ class Controller:
         state = self._live(peer, msg)
         if state is not None:
             self.journal.append(msg.job, "bye", step=msg.step, data={"reason": msg.reason})
-            self.journal.save_state(msg.job, state.state_dict(), live=False)
+            self._save(state, live=False)
             self._forget(msg.job)
             log.info("job %s said bye at step %d (%s)", msg.job, msg.step, msg.reason)
         return []
 
     # -- helpers ------------------------------------------------------------------------
+    def _save(self, state: JobState, *, live: bool = True) -> None:
+        """Save ``state`` in the journal now (in the transaction of the message at hand)."""
+        self.journal.save_state(state.job, state.state_dict(), live=live)
+        self._unsaved.pop(state.job, None)
+
+    def save_due(self, slice_s: float = _SAVE_SLICE_S) -> int:
+        """Save the live states that reports changed ``state_save_s`` ago or longer, oldest
+        first, for about ``slice_s`` at most (one at least), so a backlog is spread over
+        calls rather than stalling every job at once; returns how many were saved."""
+        if not self._unsaved:
+            return 0
+        due = self.clock() - self.config.state_save_s
+        t0, saved = time.perf_counter(), 0
+        with self.journal.batch():
+            while self._unsaved:
+                job, since = next(iter(self._unsaved.items()))
+                if since > due or (saved and time.perf_counter() - t0 > slice_s):
+                    break
+                rec = self._jobs.get(job)
+                if rec is None:  # ended meanwhile (its end saved it)
+                    del self._unsaved[job]
+                    continue
+                self._save(rec.state)
+                saved += 1
+        return saved
+
     def _bounds(self, job: str, knob: str, initial: float | None) -> tuple[float, float]:
         """``job``'s bounds on ``knob``: its own governor's (limits derived from its scale)."""
         rec = self._jobs.get(job)
@@ -473,7 +524,7 @@ class Controller:
         saved = []
         with self.journal.batch():
             for job, rec in self._jobs.items():
-                self.journal.save_state(job, rec.state.state_dict())
+                self._save(rec.state)
                 saved.append((job, rec.state.step))
         self.journal.close()
         if self.budget is not None:

@@ -134,8 +134,10 @@ class Event:
 class Journal:
     """Append-only event log and job-state store over one SQLite file.
 
-    Writes go into one open transaction that :meth:`commit` ends; the server commits
-    once per message it handles, so a message's events land together or not at all.
+    Writes go into one open transaction that :meth:`commit` ends. The server handles the
+    messages that are ready in one transaction (:meth:`batch`, a bounded number) and sends
+    their replies once it committed, so a message's events land together or not at all,
+    and whatever a client was told (a command and its sequence number) is in the journal.
     """
 
     def __init__(self, path: str, *, readonly: bool = False) -> None:
@@ -369,13 +371,18 @@ def named_jobs(jobs: list[str], limit: int = 20) -> str:
 
 
 class _Batch:
+    """One transaction; a batch inside another joins the outer one, which commits."""
+
     def __init__(self, journal: Journal) -> None:
         self._j = journal
+        self._outer = False
 
     def __enter__(self) -> Journal:
+        self._outer = self._j._batching
         self._j._batching = True
         return self._j
 
     def __exit__(self, *exc: object) -> None:
-        self._j._batching = False
-        self._j.commit()
+        self._j._batching = self._outer
+        if not self._outer:
+            self._j.commit()

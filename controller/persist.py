@@ -5,7 +5,10 @@ JSON-serialisable (no NaN or infinity), versioned (:data:`STATE_VERSION`), and s
 missing or unknown key is an error, so that a state written by another controller version
 is refused with its name rather than half-loaded; only the keys added within a version
 (:attr:`Persisted._ADDED`) may be missing, so that a journal written before them still
-loads. The controller saves each live job's state after every message it handles and
+loads, and a state of an older version gets what it lacks (``_UPGRADES``). The controller
+saves each live job's state with every command, ack, registration and end, and what
+reports alone change once it is ``state_save_s`` old
+(:meth:`~trimtab.controller.handler.Controller.save_due`); it
 resumes a job that re-registers from it.
 """
 

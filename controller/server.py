@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 import zmq
 from prometheus_client import CollectorRegistry, start_http_server
@@ -40,6 +41,10 @@ log = logging.getLogger("trimtab.controller")
 
 #: How often the loop wakes to mark silent jobs lost, in milliseconds.
 TICK_MS = 250
+#: One journal transaction holds the messages handled in a row, up to this many or for
+#: this long (seconds), whichever comes first; their replies go out once it is committed.
+BATCH_MESSAGES = 128
+BATCH_S = 0.004
 #: Parts of one message kept: the routing id and one payload frame (a DEALER's message).
 _KEEP_PARTS = 2
 #: Failed CURVE handshakes that never reach the ZAP handler (wrong mechanism, wrong server
@@ -114,6 +119,8 @@ class Server:
             self.metrics_port = httpd.server_port
             self._httpd = httpd
         self._stop = threading.Event()
+        #: Whether the last :meth:`_handle_ready` found no message left ready.
+        self._idle = True
         #: Why the loop stopped (the shutdown line says it), e.g. "SIGTERM".
         self.stop_reason = "stopped"
 
@@ -185,13 +192,18 @@ class Server:
         (log.info if self.curve or is_loopback_endpoint(self.config.bind) else log.warning)(
             "trimtab controller security: %s", self.security
         )
+        next_tick = 0.0
         while not self._stop.is_set():
             ready = dict(poller.poll(TICK_MS))
             if self.sock in ready:
                 self._drain()
             if self._monitor is not None and self._monitor in ready:
                 self._watch_handshakes()
-            self._send(self.controller.tick())
+            if time.monotonic() >= next_tick:  # its scan of every job: not after every drain
+                next_tick = time.monotonic() + TICK_MS / 1000
+                self._send(self.controller.tick())
+            else:  # states due for saving, a slice at a time
+                self.controller.save_due()
 
     def _recv(self) -> tuple[list[zmq.Frame], int]:
         """One message's first parts, and how many parts it had (the rest are dropped)."""
@@ -215,47 +227,68 @@ class Server:
             return ""
 
     def _drain(self, budget: int = 1000) -> None:
-        for _ in range(budget):
+        """Handle up to ``budget`` messages that are ready, in transactions of a bounded
+        size (:data:`BATCH_MESSAGES`, :data:`BATCH_S`): one COMMIT for many messages, the
+        replies of each transaction sent once it committed. A kill loses at most the
+        transaction under way, whole messages of it and nothing any client was told."""
+        left = budget
+        while left > 0:
+            replies: list = []
+            with self.controller.journal.batch():
+                handled = self._handle_ready(min(left, BATCH_MESSAGES), replies)
+            self._send(replies)
+            left -= handled
+            if self._idle:  # nothing more ready
+                return
+
+    def _handle_ready(self, most: int, replies: list) -> int:
+        """Handle up to ``most`` ready messages for :data:`BATCH_S` at most, adding their
+        replies to ``replies``; returns how many were handled (fewer: none left ready, or
+        the time was up, as :attr:`_idle` says)."""
+        t0 = time.perf_counter()
+        self._idle = False
+        for n in range(most):
+            if n and time.perf_counter() - t0 > BATCH_S:
+                return n
             try:
                 frames, parts = self._recv()
             except zmq.Again:
-                return
+                self._idle = True
+                return n
             peer = frames[0].bytes
             user = self._user(frames[-1])
             if not self.limiter.allow(peer):
-                self._over_limit(peer)
+                replies += self._over_limit(peer)
                 continue
             if parts != _KEEP_PARTS:
                 # A DEALER sends [payload]; ROUTER prepends the identity. Anything else
                 # is not ours: refuse it without guessing at the payload.
-                self._send([self.controller.refuse_frames(peer, parts - 1)])
+                replies.append(self.controller.refuse_frames(peer, parts - 1))
                 continue
             if user == "":  # no key with CURVE on: never let it past the job binding
-                self._send([self.controller.refuse(peer, "forbidden", "no CURVE client key")])
+                replies.append(self.controller.refuse(peer, "forbidden", "no CURVE client key"))
                 continue
             try:
-                replies = self.controller.handle(peer, frames[1].bytes, user)
+                replies += self.controller.handle(peer, frames[1].bytes, user)
             except Exception:  # one job's bad luck must not stop the others
                 log.exception("unexpected error handling a message; still serving")
-                continue
-            self._send(replies)
+        self._idle = False
+        return most
 
-    def _over_limit(self, peer: bytes) -> None:
+    def _over_limit(self, peer: bytes) -> list:
         """Drop a message over its peer's rate; tell the peer at most once per interval."""
         cfg = self.config.rate_limit
         if self.limiter.should_notify(peer):
-            self._send(
-                [
-                    self.controller.refuse(
-                        peer,
-                        "rate_limited",
-                        f"over {cfg.messages_per_s:g} messages/s (burst "
-                        f"{cfg.burst}); messages are dropped until the rate falls",
-                    )
-                ]
-            )
-        else:
-            self.controller.metrics.message_errors.labels(code="rate_limited").inc()
+            return [
+                self.controller.refuse(
+                    peer,
+                    "rate_limited",
+                    f"over {cfg.messages_per_s:g} messages/s (burst "
+                    f"{cfg.burst}); messages are dropped until the rate falls",
+                )
+            ]
+        self.controller.metrics.message_errors.labels(code="rate_limited").inc()
+        return []
 
     def _watch_handshakes(self) -> None:
         while True:

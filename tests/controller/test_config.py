@@ -75,3 +75,13 @@ def test_missing_and_broken_files(tmp_path):
     bad.write_text("this is = = not toml")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(bad, env={})
+
+
+def test_state_save_s_is_configured_and_checked():
+    assert load_config(env={}).state_save_s == 5.0
+    assert load_config(env={"TRIMTAB_STATE_SAVE_S": "0"}).state_save_s == 0
+    with pytest.raises(ConfigError, match=r"state_save_s = -1: Input should be greater than or "
+                                          r"equal to 0"):
+        load_config(env={"TRIMTAB_STATE_SAVE_S": "-1"})
+    with pytest.raises(ConfigError, match=r"state_save_s = 7200: .*less than or equal to 3600"):
+        load_config(env={"TRIMTAB_STATE_SAVE_S": "7200"})

@@ -148,10 +148,12 @@ def test_with_no_grace_series_end_at_once(tmp_path):
 
 
 def test_restarted_controller_resumes_job_state_from_the_journal(tmp_path):
-    ctl, _ = make(tmp_path)
+    ctl, clock = make(tmp_path)
     ctl.handle(PEER, register())
     for seq in range(1, 8):
         ctl.handle(PEER, report(seq, loss=1.0 + 0.01 * seq))
+    clock.t += ctl.config.state_save_s  # what reports alone changed is saved once due
+    ctl.tick()
     before = ctl.jobs["j1"].state_dict()
     ctl.journal.close()  # the process dies; the file stays
 
@@ -160,6 +162,45 @@ def test_restarted_controller_resumes_job_state_from_the_journal(tmp_path):
     after = ctl2.jobs["j1"].state_dict()
     assert after == before
     assert ctl2.journal.events("j1", "register")[-1].data["resumed"] == "journal"
+
+
+def test_a_kill_loses_at_most_state_save_s_of_signals_and_never_a_command(tmp_path):
+    ctl, clock = make(tmp_path, state_save_s=5.0)
+    ctl.handle(PEER, register())
+    at_registration = ctl.journal.load_state("j1")
+    for seq in range(1, 4):  # signals only: not saved yet
+        clock.t += 1.0
+        ctl.handle(PEER, report(seq))
+    assert ctl.journal.load_state("j1") == at_registration
+    clock.t += 1.0
+    (cmd,) = decoded(ctl.handle(PEER, report(4, nonfinite=3)))
+    # A command is in the journal, with the state that sent it, before it goes out.
+    saved = ctl.journal.load_state("j1")
+    assert saved == ctl.jobs["j1"].state_dict()
+    assert saved["command_seq"] == cmd.seq == 1 and saved["awaiting_ack"]
+    ctl.handle(PEER, wire.encode(wire.Ack(job="j1", seq=1, step=40, **in_force(lr=0.5))))
+    assert ctl.journal.load_state("j1") == ctl.jobs["j1"].state_dict(), "an ack saves"
+    clock.t += 1.0
+    ctl.handle(PEER, report(5, applied_seq=1, lr=0.5))
+    clock.t += 4.9
+    ctl.tick()
+    assert ctl.journal.load_state("j1")["reports_seen"] == 4, "4.9 s: not due yet"
+    clock.t += 0.1
+    ctl.tick()  # 5 s after the report that left it unsaved
+    assert ctl.journal.load_state("j1") == ctl.jobs["j1"].state_dict()
+    ctl.journal.close()  # killed
+
+    ctl2, _ = make(tmp_path)  # a restarted controller numbers its next command on
+    ctl2.handle(b"peer-2", register(applied_seq=1))
+    assert ctl2.jobs["j1"].command_seq == 1
+
+
+def test_with_state_save_s_0_every_report_is_saved(tmp_path):
+    ctl, _ = make(tmp_path, state_save_s=0.0)
+    ctl.handle(PEER, register())
+    ctl.handle(PEER, report(1))
+    ctl.tick()
+    assert ctl.journal.load_state("j1")["reports_seen"] == 1
 
 
 def test_a_journaled_state_from_before_the_knob_model_is_not_resumed(tmp_path, caplog):

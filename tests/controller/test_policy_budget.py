@@ -118,6 +118,38 @@ def test_stuck_calls_are_bounded_then_the_policy_is_not_called_for_any_job(hangs
     assert budget.call(hangs, state("b").view())[0].hold  # callable again once they ended
 
 
+class Where(Policy):
+    """Records the thread each call ran on."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name, self.threads = name, []
+
+    def propose(self, view):
+        self.threads.append(threading.get_ident())
+        return []
+
+
+def test_a_jobs_policies_go_to_one_worker_together_and_a_hang_among_them_costs_only_itself(
+        hangs):
+    first, last = Where("first"), Where("last")
+    budget = PolicyBudget(0.25)
+    out = budget.call_each([first, hangs, last], state("b").view())
+    assert [ok for ok, _ in out] == [True, True, True] and out[1][1][0].hold
+    # One hand-over for the three: they ran one after the other on one worker thread.
+    assert first.threads == last.threads and first.threads[0] != threading.get_ident()
+    out = budget.call_each([first, hangs, last], state("a").view())
+    assert out[0] == (True, []) and out[2] == (True, [])
+    assert not out[1][0] and str(out[1][1]) == "exceeded time budget of 250 ms"
+    assert budget.timeouts == {"hangs": 1} and budget.stuck_threads == 1
+    # The policy after the hung one ran on a fresh worker; the abandoned one called no more.
+    assert first.threads[1] == first.threads[0] and last.threads[1] != first.threads[1]
+    assert len(last.threads) == 2
+    out = budget.call_each([first, last], state("b").view())
+    assert first.threads[2] == last.threads[2] == last.threads[1], "the fresh one is kept"
+    budget.close()
+
+
 def test_the_engine_disables_a_hung_policy_for_its_job_only(hangs):
     engine = Engine([hangs, Halve()], LOOSE, budget=PolicyBudget(0.25))
     a, b = state("a"), state("b")

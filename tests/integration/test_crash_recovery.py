@@ -123,8 +123,12 @@ def test_a_database_that_is_not_a_journal_is_refused(tmp_path):
 
 # -- the controller killed mid-run --------------------------------------------------------
 
+# state_save_s: what reports alone change is saved within 0.2 s, so that the state the
+# kill leaves (checked equal to the live one below) is the whole of it; commands and acks
+# save at once whatever it is (test_handler checks what a kill within it loses).
 CONFIG = """
 resend_after_reports = 3
+state_save_s = 0.2
 allow_plugins = ["bench.scenario_policies:*"]
 
 [[policies]]
@@ -230,6 +234,12 @@ def test_sigkill_with_a_command_pending_resumes_every_job_exactly(nudge, serve_f
             )
         )
         time.sleep(0.5)
+
+        def saved_whole(job: str) -> bool:  # the saved state holds the job's last report
+            state, reports = journal.load_state(job), journal.events(job, "report")
+            return state["last_report"]["seq"] == reports[-1].seq
+
+        assert wait_for(lambda: all(saved_whole(job) for job in JOBS))  # state_save_s 0.2
         before = {job: journal.load_state(job) for job in JOBS}
         pending = {job: sd["last_command"] for job, sd in before.items() if sd["awaiting_ack"]}
         assert pending, "no command pending at the kill"
