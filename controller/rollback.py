@@ -260,8 +260,18 @@ class RollbackState:
             for c in self.candidates:
                 if report.step > c:
                     self.candidates[c] += 1
+        return self._take_listing(report.checkpoints, report.step, report.stable_step, seen,
+                                  verdict, report=True)
+
+    def _take_listing(self, checkpoints: list[int], step: int, claimed: int | None,
+                      seen: dict[str, Any], verdict: Unhealthy | None,
+                      report: bool) -> Observation:
+        """The checkpoints a report (``report``) or a registration lists at ``step``, and the
+        stable mark it claims: new ones become candidates (a report counts as one healthy
+        report after those it follows; a registration counts none), the client's mark is
+        adopted when nothing of ours is under way."""
         # A checkpoint past the current step belongs to a trajectory rolled back from.
-        listed = sorted({s for s in report.checkpoints if s <= report.step})
+        listed = sorted({s for s in checkpoints if s <= step})
         known = set(self.checkpoints)
         new = [s for s in listed if s not in known]
         bad = []
@@ -272,11 +282,10 @@ class RollbackState:
             if self.last_unhealthy_step is not None and self.last_unhealthy_step >= s:
                 bad.append(s)
             elif newest is None or s > newest:
-                self.candidates[s] = 1 if report.step > s else 0
+                self.candidates[s] = 1 if report and step > s else 0
         self._keep(listed)
-        self.note_in_force(report.step, seen)
+        self.note_in_force(step, seen)
         adopted = None
-        claimed = report.stable_step
         if (claimed is not None and claimed in listed and claimed not in self.stable
                 and claimed not in self.unusable
                 and self.pending_mark is None and self.pending is None):
@@ -308,27 +317,7 @@ class RollbackState:
         (a report's listing does the same, :meth:`observe`; a registration is no report, so
         it counts no healthy one after a new candidate). Returns the checkpoints new to
         the controller and the mark adopted."""
-        listed = sorted({s for s in listed if s <= step})
-        known = set(self.checkpoints)
-        new = [s for s in listed if s not in known]
-        bad = []
-        for s in new:
-            self.checkpoints_seen += 1
-            self.at_checkpoint[s] = self.in_force_at.get(s, seen)
-            newest = self.stable_step
-            if self.last_unhealthy_step is not None and self.last_unhealthy_step >= s:
-                bad.append(s)
-            elif newest is None or s > newest:
-                self.candidates[s] = 0
-        self._keep(listed)
-        self.note_in_force(step, seen)
-        adopted = None
-        if (claimed is not None and claimed in listed and claimed not in self.stable
-                and claimed not in self.unusable
-                and self.pending_mark is None and self.pending is None):
-            self.note_marked(claimed)
-            adopted = claimed
-        return Observation(tuple(new), tuple(bad), None, adopted)
+        return self._take_listing(listed, step, claimed, seen, None, report=False)
 
     def note_resumed(self, step: int) -> None:
         """The run was resumed at ``step`` in a new process: a rollback or a mark sent to the
