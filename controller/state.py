@@ -226,7 +226,8 @@ class JobState(Persisted):
                 f"register for {msg.job}/{msg.run_id} does not match the state of "
                 f"{self.job}/{self.run_id}"
             )
-        if msg.resume > self.resumes:
+        resumed = msg.resume > self.resumes
+        if resumed:
             self.on_resumed(msg)
         self.facts, self.report_every = msg.facts, msg.report_every
         self.knobs, self.effective = controls_of(msg.knobs, msg.scale), msg.knobs
@@ -240,8 +241,13 @@ class JobState(Persisted):
             # What the client runs (none sent is on its way): the controller's record
             # follows it, e.g. after a resume from a save made under older schedules.
             self.live = {s.knob: s for s in msg.schedules}
+        # The listing is taken where the controller knows none of the run's checkpoints: a
+        # resume (the new process's), or a run it takes over (it started or restarted without
+        # its journal). A run starting afresh lists them with its first report; one the
+        # controller already follows (a reconnect, a restart with the journal) keeps the state
+        # it had, exactly, until its next report.
         fresh = self.reports_seen == 0 and msg.step == 0 and msg.stable_step is None
-        if not msg.checkpoints or fresh:
+        if not msg.checkpoints or fresh or (self.rollback.checkpoints and not resumed):
             return None
         seen = {"knobs": self.knobs.model_dump(),
                 "grad_norm_ema": self.tracker.signals().grad_norm_ema}
