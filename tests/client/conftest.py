@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -119,3 +120,25 @@ def unused_port() -> int:
 def dead_endpoint(unused_port: int) -> str:
     """An endpoint on which no controller listens."""
     return f"tcp://127.0.0.1:{unused_port}"
+
+
+#: The tensor methods that read a value from its device onto the host (a sync on CUDA).
+HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__")
+
+
+def count_host_reads(monkeypatch: pytest.MonkeyPatch) -> collections.Counter:
+    """Count, by method, the :data:`HOST_READS` called from trimtab's client code (the
+    test's own reads are not counted) until the test ends."""
+    import torch
+
+    reads: collections.Counter = collections.Counter()
+    for name in HOST_READS:
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _name=name, _original=original, **k):
+            if sys._getframe(1).f_globals.get("__name__", "").startswith("trimtab.client"):
+                reads[_name] += 1
+            return _original(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return reads

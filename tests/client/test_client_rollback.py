@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import copy
 import logging
-import sys
-from collections import Counter
 
 import pytest
 import torch
 
 from trimtab.client import Guard, attach, load_stable
 from trimtab.protocol import wire
+
+from .conftest import count_host_reads
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -236,16 +236,7 @@ def test_snapshots_do_not_read_the_device(dead_endpoint, monkeypatch) -> None:
     """On the sync-free path a step that snapshots reads no more than the window's one copy."""
     run = Run()
     guard = _attach(run, dead_endpoint, checkpoint_every=2, report_every=2, nonfinite="zero")
-    reads: Counter = Counter()
-    for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__"):
-        original = getattr(torch.Tensor, name)
-
-        def counted(self, *a, _name=name, _original=original, **k):
-            if sys._getframe(1).f_globals.get("__name__", "").startswith("trimtab.client"):
-                reads[_name] += 1
-            return _original(self, *a, **k)
-
-        monkeypatch.setattr(torch.Tensor, name, counted)
+    reads = count_host_reads(monkeypatch)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: pytest.fail("synchronize"))
     per_step = []
     for _ in range(6):

@@ -7,8 +7,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import sys
-from collections import Counter
 
 import pytest
 import torch
@@ -17,6 +15,8 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from trimtab.client import Guard, attach, load_stable
 from trimtab.client._checkpoint import Checkpoint, capture_rng
 from trimtab.protocol import wire
+
+from .conftest import count_host_reads
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -135,8 +135,6 @@ def test_a_skipped_step_is_not_averaged_in(make, nonfinite, mode, dead_endpoint)
         assert int(guard.ema_model.n_averaged) == guard.global_step == 5
 
 
-_SYNCS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__")
-
 
 @pytest.mark.parametrize(("make", "nonfinite"), [
     (lambda ps: torch.optim.Adam(ps, lr=1e-3, fused=True), "auto"),
@@ -146,16 +144,7 @@ def test_averaging_reads_nothing_from_the_device(make, nonfinite, dead_endpoint,
                                                  monkeypatch) -> None:
     """With the average on, a step reads what it reads without it: nothing, but the
     window's one copy at its end (and a snapshot step nothing more)."""
-    reads: Counter = Counter()
-    for name in _SYNCS:
-        original = getattr(torch.Tensor, name)
-
-        def counted(self, *a, _name=name, _original=original, **k):
-            if sys._getframe(1).f_globals.get("__name__", "").startswith("trimtab.client"):
-                reads[_name] += 1
-            return _original(self, *a, **k)
-
-        monkeypatch.setattr(torch.Tensor, name, counted)
+    reads = count_host_reads(monkeypatch)
     model = _model()
     opt = make(model.parameters())
     per_step = []
