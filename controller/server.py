@@ -135,9 +135,13 @@ class Server:
         """``http://ADDR:PORT/metrics`` as bound (None: metrics off)."""
         if not self.metrics_port:
             return None
+        return f"http://{self._metrics_host}:{self.metrics_port}/metrics"
+
+    @property
+    def _metrics_host(self) -> str:
+        """The metrics address as a URL host (an IPv6 one in brackets)."""
         addr = self.config.metrics_addr
-        host = f"[{addr}]" if ":" in addr else addr
-        return f"http://{host}:{self.metrics_port}/metrics"
+        return f"[{addr}]" if ":" in addr else addr
 
     def describe(self, config_file: str | None) -> list[str]:
         """The start-up lines: the config read, the policies live and in shadow, where it
@@ -150,9 +154,7 @@ class Server:
             return ", ".join(chosen) or "none"
 
         metrics = self.metrics_address or "off (--metrics-port 0)"
-        addr = self.config.metrics_addr
-        host = f"[{addr}]" if ":" in addr else addr
-        if self.metrics_port and not is_loopback_endpoint(f"tcp://{host}:1"):
+        if self.metrics_port and not is_loopback_endpoint(f"tcp://{self._metrics_host}:1"):
             metrics += " (not loopback: anyone who can reach it reads every job's metrics)"
         return [
             f"config: {config_file or 'none (defaults and TRIMTAB_* environment)'}",
