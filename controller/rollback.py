@@ -326,13 +326,8 @@ class RollbackState:
         if self.pending is not None:
             self.pending.failed = f"the run was resumed at step {step} before it was applied"
             self.pending = None
-        self.pending_mark = None
-        self.step = step
-        self._keep([])
+        self._go_back(step, [])
         self.unusable = []
-        self.in_force_at = {s: v for s, v in self.in_force_at.items() if s <= step}
-        if self.last_unhealthy_step is not None and self.last_unhealthy_step > step:
-            self.last_unhealthy_step = None
         if self.cooldown_until is not None and self.cooldown_until > step:
             # A cooldown counted on the abandoned path: from the resumed step at most.
             self.cooldown_until = None
@@ -389,13 +384,19 @@ class RollbackState:
             self.cooldown_until = step + cfg.cooldown(rec.level) if rec.level else None
         self.steps_lost += lost
         self.restored += 1
+        self._go_back(step, [s for s in self.checkpoints if s <= step])
+        return lost
+
+    def _go_back(self, step: int, held: list[int]) -> None:
+        """The run is at ``step`` again (a restore, a resume) holding the checkpoints
+        ``held``: a mark under way is void, and what was in force or unhealthy after
+        ``step`` happened on the path it left."""
         self.step = step
-        self._keep([s for s in self.checkpoints if s <= step])
+        self._keep(held)
         self.in_force_at = {s: v for s, v in self.in_force_at.items() if s <= step}
         self.pending_mark = None
         if self.last_unhealthy_step is not None and self.last_unhealthy_step > step:
-            self.last_unhealthy_step = None  # it happened on the abandoned trajectory
-        return lost
+            self.last_unhealthy_step = None
 
     def note_failed(self, why: str) -> None:
         """The client could not restore: never target that checkpoint again."""

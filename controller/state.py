@@ -255,24 +255,18 @@ class JobState(Persisted):
 
     def on_resumed(self, msg: wire.Register) -> None:
         """This run was resumed in a new process from the user's checkpoint at
-        ``msg.resume_step``
-        (``guard.load_state_dict``), maybe an older one than the controller last saw: what
-        it saw after that step is set aside as it is after a rollback (the signals, reports
-        and validation results; the knob changes, which now never happened), the reports'
-        sequence starts again, the commands the process applied after its save are not in
-        force (the registration tells what is) and none pending is sent again, and the
-        checkpoints, stable marks and a rollback under way are those of the new process
-        (:meth:`RollbackState.note_resumed`). Sequence numbers keep growing: a new command
-        is never mistaken for one the process already applied.
+        ``msg.resume_step`` (``guard.load_state_dict``), maybe an older one than the
+        controller last saw: what it saw after that step is set aside as it is after a
+        rollback (the signals, reports and validation results; the knob changes, which now
+        never happened), the reports' sequence starts again, the commands the process applied
+        after its save are not in force (the registration tells what is) and none pending is
+        sent again, and the checkpoints, stable marks and a rollback under way are those of
+        the new process (:meth:`RollbackState.note_resumed`). Sequence numbers keep growing:
+        a new command is never mistaken for one the process already applied.
         """
         step = msg.step if msg.resume_step is None else min(msg.resume_step, msg.step)
         self.resumes = msg.resume
-        self.step = step
-        self.tracker.rewind(step)
-        for kept in (self.history, self.validations):
-            survivors = [x for x in kept if _step_of(x) <= step]
-            kept.clear()
-            kept.extend(survivors)
+        self._go_back(step)
         self.rewind_controls(step)
         self.last_report = None  # the resumed process numbers its reports from its save
         self.health = None
@@ -391,14 +385,19 @@ class JobState(Persisted):
         rollback is made on statistics of the path rolled back from -- a spike's 1e5 loss
         in the loss EMA, or a measurement phase's sweep over decades of LR.
         """
+        self._go_back(step)
+        return self.rollback.note_restored(step, cfg)
+
+    def _go_back(self, step: int) -> None:
+        """The run is at ``step`` again (a restore, a resume): the signals are those of the
+        report that ended at it, and the reports and validation results (raw and averaged)
+        after it describe a path it left."""
         self.step = step
         self.tracker.rewind(step)
-        # Reports and validation results after the checkpoint describe the abandoned path.
         for kept in (self.history, self.validations, self.validations_ema):
             survivors = [x for x in kept if _step_of(x) <= step]
             kept.clear()
             kept.extend(survivors)
-        return self.rollback.note_restored(step, cfg)
 
     # -- what the engine records --------------------------------------------------
 

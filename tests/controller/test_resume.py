@@ -57,6 +57,8 @@ def test_a_run_resumed_from_an_older_checkpoint_is_followed_from_there(tmp_path)
     st = ctl.jobs["j1"]
     assert lr == pytest.approx(0.5) and st.step == 300 and st.rollback.stable
     seq_before = st.command_seq
+    st.validations.append((250, 0.9))  # validation results of the path about to be left
+    st.validations_ema.append((250, 0.8))
     # The process is preempted. A new one attaches (a new run id, before it loads the
     # user's state) and then resumes the saved run at step 120, saved before the cut.
     ctl.handle(PEER, register(run_id="fresh"))
@@ -71,6 +73,7 @@ def test_a_run_resumed_from_an_older_checkpoint_is_followed_from_there(tmp_path)
     # 250 never happened for this process), and the old stable marks are gone.
     assert st.run_id == "r1" and st.resumes == 1 and st.step == 120
     assert all(s.step <= 120 for s in st.history) and st.last_report is None
+    assert all(s <= 120 for s, _ in (*st.validations, *st.validations_ema))
     assert st.knobs.lr == 1.0 and st.applied_seq == 0
     assert st.rollback.checkpoints == [120] and st.rollback.stable == []
     assert st.pending_command is None
