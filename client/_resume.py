@@ -44,6 +44,8 @@ from typing import TYPE_CHECKING, Any
 
 from trimtab.protocol import wire
 
+from ._options import _invalid, _is_int
+
 if TYPE_CHECKING:
     from ._guard_state import GuardState as Guard  # the guard's parts; _guard imports this
 
@@ -89,12 +91,12 @@ def state_of(guard: Guard) -> dict[str, Any]:
 
 
 def _bad(key: str, value: Any, allowed: str) -> ValueError:
-    return ValueError(f"guard.load_state_dict: {key}={value!r} is invalid; allowed: {allowed}")
+    return _invalid(f"guard.load_state_dict: {key}", value, allowed)
 
 
 def _count(sd: dict[str, Any], key: str) -> int:
     v = sd[key]
-    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+    if not _is_int(v, 0):
         raise _bad(key, v, "an int >= 0")
     return v
 
