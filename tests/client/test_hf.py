@@ -6,7 +6,6 @@ The model is a tiny ``PreTrainedModel`` built from its config (nothing is downlo
 from __future__ import annotations
 
 import logging
-import time
 
 import pytest
 import torch
@@ -239,10 +238,8 @@ def test_training_resumed_from_a_trainer_checkpoint_continues_trimtabs_state(
                 fake_controller.send(wire.Command(
                     job="hf", seq=1, scale=wire.ScaleTargets(lr=0.5),
                     knobs=wire.Knobs(clip=2.0)))
-                deadline = time.monotonic() + 20  # in the guard's slot before the next step
-                while first.guard._transport._command is None:
-                    assert time.monotonic() < deadline, "the command never arrived"
-                    time.sleep(0.01)
+                # In the guard's slot before the next step (a loaded host is slow to deliver).
+                assert wait_for(lambda: first.guard._transport._command is not None)
             if state.global_step == 40:  # preempted (the schedule is the 60 steps' one)
                 control.should_training_stop = True
 

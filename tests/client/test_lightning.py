@@ -186,7 +186,7 @@ def test_a_fit_resumed_from_a_lightning_checkpoint_continues_trimtabs_state(
                     job="pl", seq=1, scale=wire.ScaleTargets(lr=0.5),
                     knobs=wire.Knobs(momentum=0.8, clip=2.0)))
                 # In the guard's slot before the next step (a loaded host is slow to deliver).
-                _until(lambda: first.guard._transport._command is not None)
+                assert wait_for(lambda: first.guard._transport._command is not None)
 
     saver = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=30,
                                          save_top_k=-1, filename="{step}")
@@ -249,10 +249,3 @@ def test_weight_averaging_through_the_callback(fake_controller) -> None:
     # Each goes with the next report; the last (at step 40) has none after it.
     assert len(sent) == 4 and both == [pytest.approx(s) for s in sent[:3]]
     assert all(raw != avg for raw, avg in sent)
-
-
-def _until(done, timeout_s: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not done():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
