@@ -457,8 +457,14 @@ def format_report(rows: list[Row], header: list[str]) -> str:
     # Capacity: CPU cost per report at the busiest well-served point extrapolated to one
     # full core, or the handled rate if the controller already saturated.
     busiest = max(rows, key=lambda r: r.handled) if rows else None
-    if busiest is not None and busiest.handled > 0:
-        saturated = busiest.cpu_pct >= 90.0 or busiest.handled < 0.95 * busiest.offered
+    saturated = busiest is not None and (busiest.cpu_pct >= 90.0
+                                         or busiest.handled < 0.95 * busiest.offered)
+    if (busiest is not None and busiest.handled > 0 and not saturated
+            and busiest.us_per_report <= 0):
+        # A short window at a low rate: the controller's CPU rounds to 0 clock ticks.
+        lines.append("scale-out: not estimated (the controller's CPU over the window was "
+                     "below the clock's resolution; run longer or with more jobs)")
+    elif busiest is not None and busiest.handled > 0:
         per_s = busiest.handled if saturated else 1e6 / busiest.us_per_report
         how = ("measured at saturation" if saturated else
                f"extrapolated to one full core from {busiest.us_per_report:.0f} us CPU/report "
