@@ -3,10 +3,13 @@
     trimtab serve [--bind tcp://127.0.0.1:5555] [--metrics-port 9108] [--metrics-addr 127.0.0.1]
                   [--journal PATH]
                   [--config FILE] [--allow-remote]
-    trimtab keys generate DIR [--clients N | --name NAME ...]
+    trimtab keys generate DIR [--clients N | --name NAME ...] [--operator NAME ...]
     trimtab decisions [JOB] [--journal PATH] [--kind KINDS] [--since WHEN] [--follow] [--json]
     trimtab jobs [--journal PATH] [--all] [--json]
     trimtab top [--journal PATH] [--all] [--interval SECONDS]
+    trimtab set JOB KNOB=VALUE ... --reason WHY [--endpoint E] [--who NAME]
+    trimtab pause JOB --reason WHY / trimtab resume JOB --reason WHY
+    trimtab rollback JOB [--to STEP] --reason WHY
     trimtab policies [--config FILE]
     trimtab export JOB [--journal PATH] [--out FILE]
     trimtab replay TRACE --policy NAME [--set KEY=VALUE ...] [--job JOB] [--config FILE]
@@ -188,16 +191,24 @@ def _rerun(args: argparse.Namespace) -> int:
 def _keys(args: argparse.Namespace) -> int:
     from trimtab.controller.auth import SERVER_PUBLIC, SERVER_SECRET, AuthError, generate_keys
 
-    names = args.name or [f"client-{i}" for i in range(1, args.clients + 1)]
+    operators = args.operator or []
+    clients = args.clients if args.clients is not None else (0 if operators else 1)
+    names = args.name or [f"client-{i}" for i in range(1, clients + 1)]
     try:
-        made = generate_keys(args.dir, names)
+        made = generate_keys(args.dir, names, operators)
     except (AuthError, OSError) as exc:
         print(f"trimtab keys: {exc}", file=sys.stderr)
         return 2
     root = args.dir.rstrip("/")
     print(f"controller: curve_server_secret = \"{root}/{SERVER_SECRET}\"")
     print(f"            curve_allowed_clients = \"{root}/allowed\"")
+    if operators:
+        print(f"            curve_operators = \"{root}/operators\"")
     for name, secret in made.items():
+        if name in operators:
+            print(f"operator {name}: trimtab set JOB ... --server-key {root}/{SERVER_PUBLIC} "
+                  f"--key {secret}")
+            continue
         print(f"client {name}: attach(..., server_key=\"{root}/{SERVER_PUBLIC}\", "
               f"client_key=\"{secret}\")")
     return 0
@@ -266,14 +277,20 @@ def build_parser() -> argparse.ArgumentParser:
                               "present) and one key pair per client into DIR")
     gen.add_argument("dir", help="key directory (created if missing)")
     who = gen.add_mutually_exclusive_group()
-    who.add_argument("--clients", type=int, default=1, metavar="N",
-                     help="N clients named client-1 .. client-N (default 1)")
+    who.add_argument("--clients", type=int, default=None, metavar="N",
+                     help="N clients named client-1 .. client-N (default 1, none with only "
+                          "--operator)")
     who.add_argument("--name", action="append", metavar="NAME",
                      help="a client's name; repeatable")
+    gen.add_argument("--operator", action="append", metavar="NAME",
+                     help="a person allowed to steer jobs (trimtab set, pause, resume, "
+                          "rollback); repeatable")
     gen.set_defaults(func=_keys)
+    from trimtab.controller.cli_operate import add_parsers as add_operator_parsers
     from trimtab.controller.cli_people import add_parsers
 
     add_parsers(sub)
+    add_operator_parsers(sub)
     pol = sub.add_parser("policies", help="list installed policies, their config schema and "
                          "whether the config allows them")
     pol.add_argument("--config", help="TOML config file (default $TRIMTAB_CONFIG)")

@@ -167,6 +167,11 @@ class ControllerConfig(BaseModel):
     #: CURVE: a directory of the client public keys (``*.key``) allowed to connect; re-read
     #: when it changes.
     curve_allowed_clients: str | None = None
+    #: CURVE: a directory of the public keys of the people allowed to steer jobs (``trimtab
+    #: set``, ``pause``, ``resume``, ``rollback``; ``trimtab keys generate --operator``).
+    #: Unset, with CURVE on, nobody may; without CURVE, anyone who can reach the loopback
+    #: socket may (as anyone there may report for any job).
+    curve_operators: str | None = None
     #: Per-peer message rate limits (a peer: one client connection).
     rate_limit: RateLimitConfig = Field(default_factory=RateLimitConfig)
     #: What the journal keeps, and for how long (see :mod:`trimtab.controller.retention`).
@@ -178,6 +183,14 @@ class ControllerConfig(BaseModel):
         if path is not None and not Path(path).is_file():
             raise ValueError("no such file; expected the server.key_secret written by "
                              "`trimtab keys generate`")
+        return path
+
+    @field_validator("curve_operators")
+    @classmethod
+    def _an_operator_dir(cls, path: str | None) -> str | None:
+        if path is not None and not Path(path).is_dir():
+            raise ValueError("no such directory; expected a directory of operator public keys "
+                             "(*.key), e.g. the operators/ of `trimtab keys generate --operator`")
         return path
 
     @field_validator("curve_allowed_clients")
@@ -194,6 +207,10 @@ class ControllerConfig(BaseModel):
             raise ValueError(
                 f"curve_server_secret = {self.curve_server_secret!r} and curve_allowed_clients"
                 f" = {self.curve_allowed_clients!r}: set both (CURVE on) or neither (off)")
+        if self.curve_operators is not None and self.curve_server_secret is None:
+            raise ValueError(
+                f"curve_operators = {self.curve_operators!r} without CURVE: set "
+                "curve_server_secret and curve_allowed_clients too, or leave it unset")
         if (self.curve_server_secret is None and not self.allow_remote
                 and not is_loopback_endpoint(self.bind)):
             raise ValueError(

@@ -153,15 +153,17 @@ class Engine(PhaseRules, ScheduleRules):
         memory: dict[str, KnobMemory], *, urgent: bool = False,
     ) -> Decision:
         heard, errors = self._ask(state, policies)
-        proposals, opened, ending = heard, None, None
-        if not shadow and state.phase is not None and _safety(heard, state.phase.policy):
+        # Paused by a person: only the safety net acts (the others are journaled, not acted on).
+        acting = heard if shadow or state.paused is None else _while_paused(state, heard)
+        proposals, opened, ending = acting, None, None
+        if not shadow and state.phase is not None and _safety(acting, state.phase.policy):
             # Safety first: persistent non-finite values end any phase, at once.
-            proposals, opened, ending = self._phase_filter(state, heard)
+            proposals, opened, ending = self._phase_filter(state, acting)
         elif urgent:  # rollbacks to the newest stable checkpoint, nothing else
-            proposals = [(n, p) for n, p in heard if p.rollback is not None
+            proposals = [(n, p) for n, p in acting if p.rollback is not None
                          and p.to_step is None and p.advice is None]
         elif not shadow:
-            proposals, opened, ending = self._phase_filter(state, heard)
+            proposals, opened, ending = self._phase_filter(state, acting)
         advice = [(n, p) for n, p in proposals if p.advice == "stop"]
         stop = "; ".join(f"{n}: {p.reason}" for n, p in advice)[:1024] or None
         phase = state.phase
@@ -365,6 +367,19 @@ class Engine(PhaseRules, ScheduleRules):
         )
         return KnobDecision(knob, current, target, gov.value, policy, reason, gov.limits)
 
+
+
+def _while_paused(state: JobState, heard: list[tuple[str, Proposal]]
+                  ) -> list[tuple[str, Proposal]]:
+    """The proposals acted on while a person has paused the job's policies (``trimtab
+    pause``): the safety net's rollbacks (to the newest stable checkpoint, for a divergence
+    or non-finite values), and a measurement phase under way, which runs to its return (cut
+    off mid-sweep, it would leave the run at a sweep's lr). No other change, schedule, phase
+    or advice; the governor's bounds and the stable marks go on as ever."""
+    phase = state.phase
+    return [(n, p) for n, p in heard
+            if (p.rollback is not None and p.to_step is None and p.advice is None)
+            or (phase is not None and n == phase.policy)]
 
 
 def _with_pending_mark(rb: RollbackState) -> RollbackState:

@@ -19,7 +19,7 @@ import collections
 import copy
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry
@@ -35,6 +35,7 @@ from trimtab.controller.config import ControllerConfig, PolicySpec
 from trimtab.controller.engine import Decision, Engine
 from trimtab.controller.governor import Governor
 from trimtab.controller.journal import Journal
+from trimtab.controller.manual import Outcome, operate
 from trimtab.controller.metrics import ControllerMetrics
 from trimtab.controller.policy import Policy, load_policy
 from trimtab.controller.recorder import Recorder
@@ -136,6 +137,10 @@ class Controller:
         journal.on_commit = self.metrics.journal_commit.observe
         #: Journal entries, log lines and counters of what each message did.
         self.recorder = Recorder(config, journal, self.metrics)
+        #: With CURVE keys: the z85 public keys allowed to steer jobs (``trimtab set`` and the
+        #: like), mapped to their names; set by the server from ``curve_operators``. None:
+        #: none may (without keys, every peer may: the socket is loopback-only).
+        self.operators: Callable[[], dict[str, str]] | None = None
         self.metrics.job_timeout.set(config.job_timeout_s)
 
     # -- entry points -------------------------------------------------------------------
@@ -155,12 +160,14 @@ class Controller:
         if handler is None:
             return [self._refuse(peer, "unexpected",
                                  f"a client may not send {msg.type!r} messages", msg.job)]
-        if self._forbidden(user, msg):
+        if msg.type != "operate" and self._forbidden(user, msg):
             return [self._refuse(peer, "forbidden",
                                  f"job {msg.job!r} is bound to another client key", msg.job)]
         with self.journal.batch():
-            # Registration binds the job to the key it came with.
-            replies = handler(peer, msg, user) if msg.type == "register" else handler(peer, msg)
+            # Registration binds the job to the key it came with; an operator's key decides
+            # what it may do.
+            replies = (handler(peer, msg, user) if msg.type in ("register", "operate")
+                       else handler(peer, msg))
         if msg.type == "report" and replies:
             self.metrics.decision_latency.observe(time.perf_counter() - t0)
         return replies
@@ -237,7 +244,7 @@ class Controller:
         pending = state.pending_command
         if pending is not None and pending.seq > msg.applied_seq:
             replies.append((peer, wire.encode(pending)))  # lost with the old connection
-        elif pending is None:
+        elif pending is None and state.paused is None:
             # Schedules start at the run's first step, not after its first report window.
             replies += self._act(peer, state, self.engine_for(state.job).decide_schedules(state))
             self._save(state)
@@ -325,6 +332,42 @@ class Controller:
             self._forget(msg.job)
             log.info("job %s said bye at step %d (%s)", msg.job, msg.step, msg.reason)
         return []
+
+    def _on_operate(self, peer: bytes, msg: wire.Operate, user: str | None = None
+                    ) -> list[Reply]:
+        """A person steers a job (:mod:`~trimtab.controller.manual`): carried out through the
+        job's governor, journaled with who and why, answered with what came of it."""
+        rec = self._jobs.get(msg.job)
+        key = None
+        if user is not None:  # CURVE: only operator keys may steer
+            key = None if self.operators is None else self.operators().get(user)
+            if key is None:
+                out = Outcome(False, "this client key is not an operator key (the controller's "
+                                     "curve_operators directory lists those allowed to steer)")
+                return self._answer(peer, msg, out, None, rec)
+        if rec is None:
+            ended = self._ended.get(msg.job)
+            why = (f"job {msg.job!r} ended (step {ended[0].step}); only a live job can be "
+                   "steered" if ended is not None else
+                   f"job {msg.job!r} is not live on this controller (see `trimtab jobs`)")
+            return self._answer(peer, msg, Outcome(False, why), key, None)
+        state = rec.state
+        out = operate(state, msg, self.engine_for(msg.job), self.config.rollback)
+        replies = self._answer(peer, msg, out, key, rec)
+        if out.command is not None:
+            replies += self._send(rec.peer, state, out.decision or Decision(state.step, ()),
+                                  out.command, out.superseded)
+        if out.ok:
+            self._save(state)
+        return replies
+
+    def _answer(self, peer: bytes, msg: wire.Operate, out: Outcome, key: str | None,
+                rec: LiveJob | None) -> list[Reply]:
+        step = None if rec is None else rec.state.step
+        self.recorder.manual(msg.job, step, msg, out, key)
+        return [(peer, wire.encode(wire.Operated(
+            job=msg.job, request=msg.request, ok=out.ok, detail=out.detail[:1024],
+            seq=None if out.command is None else out.command.seq)))]
 
     # -- helpers ------------------------------------------------------------------------
     def _save(self, state: JobState, *, live: bool = True) -> None:

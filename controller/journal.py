@@ -50,6 +50,8 @@ EVENT_KINDS = (
     "shadow",
     # Advice sent to a run (stop: the validation metric stopped improving).
     "advice",
+    # A person's request (trimtab set, pause, resume, rollback): who, why, and what came of it.
+    "manual",
 )
 
 _SCHEMA = """

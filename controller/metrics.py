@@ -25,7 +25,7 @@ from prometheus_client.registry import Collector
 
 from trimtab.controller.health import CAUSES
 from trimtab.controller.limits import MULTIPLIERS
-from trimtab.protocol.wire import ERROR_CODES, KNOBS
+from trimtab.protocol.wire import ERROR_CODES, KNOBS, OPERATOR_ACTIONS
 
 if TYPE_CHECKING:
     from trimtab.controller.engine import Decision
@@ -87,6 +87,10 @@ _GAUGES = {
         (),
     ),
     "trimtab_checkpoints_stable_step": ("Step of the newest checkpoint marked stable.", ()),
+    "trimtab_job_paused": (
+        "1 while a person has paused the job's policies (trimtab pause; the safety net acts).",
+        (),
+    ),
 }
 _COUNTERS = {
     "trimtab_job_reports": ("Reports received from the job.", ()),
@@ -117,6 +121,10 @@ _COUNTERS = {
     "trimtab_rollback_steps_lost": ("Optimizer steps undone by acknowledged rollbacks.", ()),
     "trimtab_checkpoints": ("Checkpoints taken, as listed in the job's reports.", ()),
     "trimtab_checkpoints_marked_stable": ("Checkpoints marked stable.", ()),
+    "trimtab_operator_actions": (
+        "What people did to the job (trimtab set, pause, resume, rollback), carried out.",
+        ("action",),
+    ),
 }
 
 #: Why a peer is refused at the socket: a failed CURVE handshake, or a key not allowed.
@@ -194,9 +202,13 @@ class JobCollector(Collector):
                 put("trimtab_policy_errors", [job, policy], 1)
             rb = state.rollback
             # Every cause from zero, so that the first rollback is an increase, not a new series.
-            for cause, n in {**dict.fromkeys(CAUSES, 0), **rb.rollbacks}.items():
+            for cause, n in {**dict.fromkeys((*CAUSES, "manual"), 0), **rb.rollbacks}.items():
                 put("trimtab_rollbacks", [job, cause], n)
             put("trimtab_rollback_steps_lost", [job], rb.steps_lost)
+            put("trimtab_job_paused", [job], 0.0 if state.paused is None else 1.0)
+            for action, n in {**dict.fromkeys(OPERATOR_ACTIONS, 0),
+                              **state.operator_actions}.items():
+                put("trimtab_operator_actions", [job, action], n)
             put("trimtab_rollback_alert", [job], 1.0 if rb.alert is not None else 0.0)
             put("trimtab_checkpoints_stable_step", [job], rb.stable_step)
             put("trimtab_checkpoints", [job], rb.checkpoints_seen)
@@ -298,6 +310,13 @@ class ControllerMetrics:
         self.jobs_lost = Counter(
             "trimtab_jobs_lost", "Jobs marked lost after going silent.", registry=registry
         )
+        self.operator_requests = Counter(
+            "trimtab_operator_requests",
+            "Requests people sent (trimtab set, pause, resume, rollback), by action and "
+            "outcome (done, refused).",
+            ["action", "outcome"],
+            registry=registry,
+        )
         self.rejected_peers = Counter(
             "trimtab_rejected_peers",
             "Peers refused at the socket, by reason.",
@@ -309,6 +328,9 @@ class ControllerMetrics:
             self.message_errors.labels(code=code)
         for reason in REJECT_REASONS:
             self.rejected_peers.labels(reason=reason)
+        for action in OPERATOR_ACTIONS:
+            for outcome in ("done", "refused"):
+                self.operator_requests.labels(action=action, outcome=outcome)
         self.collector = JobCollector(jobs, age=age, bounds=bounds, ended=ended)
         registry.register(self.collector)
 

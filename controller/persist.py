@@ -49,7 +49,7 @@ class Persisted:
     })
     #: Keys added within :data:`STATE_VERSION`: a state without them (an older journal's)
     #: loads with them empty.
-    _ADDED = frozenset({"validations_ema"})
+    _ADDED = frozenset({"validations_ema", "paused", "operator_actions"})
 
     def state_dict(self) -> dict[str, Any]:
         """A JSON-serialisable copy (no NaN or infinity) for the journal."""
@@ -88,6 +88,8 @@ class Persisted:
             "branch_seq": self.branch_seq, "effective": dump(self.effective),
             "base": dump(self.base), "registered": dump(self.registered),
             "link": self.link, "resumes": self.resumes,
+            "paused": None if self.paused is None else dict(self.paused),
+            "operator_actions": dict(self.operator_actions),
         }
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
@@ -143,6 +145,8 @@ class Persisted:
         self.live = {k: wire.LiveSchedule.model_validate(v) for k, v in sd["live"].items()}
         self.branch_seq = int(sd["branch_seq"])
         self.resumes = int(sd["resumes"])
+        self.paused = None if sd.get("paused") is None else dict(sd["paused"])
+        self.operator_actions = {k: int(n) for k, n in sd.get("operator_actions", {}).items()}
 
     @classmethod
     def from_state_dict(cls, sd: dict[str, Any]) -> Any:

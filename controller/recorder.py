@@ -16,6 +16,7 @@ from trimtab.controller.advance import Settled
 from trimtab.controller.config import ControllerConfig
 from trimtab.controller.decision import Decision
 from trimtab.controller.journal import Journal
+from trimtab.controller.manual import Outcome
 from trimtab.controller.metrics import ControllerMetrics
 from trimtab.controller.rollback import Observation
 from trimtab.controller.state import JobState
@@ -133,6 +134,22 @@ class Recorder:
             self.journal.append(job, "shadow", step=decision.step, data=decision.to_dict())
         for line in decision.reasons():
             log.info("job %s: shadow, not sent: %s", job, line)
+
+    def manual(self, job: str, step: int | None, msg: wire.Operate, outcome: Outcome,
+               key: str | None) -> None:
+        """Journal, log and count a person's request and what came of it."""
+        asked = msg.model_dump(include={"knobs", "scale"}, exclude_none=True)
+        self.journal.append(job, "manual", step=step,
+                            seq=None if outcome.command is None else outcome.command.seq, data={
+            "action": msg.action, "who": msg.who, "reason": msg.reason, "key": key,
+            "ok": outcome.ok, "detail": outcome.detail,
+            **{k: v for k, v in asked.items() if v}, "to_step": msg.to_step,
+            **outcome.record})
+        done = "done" if outcome.ok else "refused"
+        self.metrics.operator_requests.labels(action=msg.action, outcome=done).inc()
+        (log.warning if outcome.ok else log.info)(
+            "job %s: %s by %s (%s): %s: %s", job, msg.action, msg.who, msg.reason, done,
+            outcome.detail)
 
     def decision(self, state: JobState, decision: Decision, command: wire.Command | None,
                  superseded: wire.Command | None) -> None:

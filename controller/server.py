@@ -68,6 +68,8 @@ class Server:
         if self.curve:  # load the keys before anything starts, so a bad one stops the start
             public, secret = load_server_keys(config.curve_server_secret)
             allowed = AllowList(config.curve_allowed_clients)
+            operators = (None if config.curve_operators is None
+                         else AllowList(config.curve_operators, "curve_operators"))
         self._lock = JournalLock(config.journal)  # one controller per journal
         try:
             self.controller = Controller(config, Journal(config.journal), registry=self.registry)
@@ -75,6 +77,8 @@ class Server:
             self._lock.release()
             raise
         metrics = self.controller.metrics
+        if self.curve and operators is not None:
+            self.controller.operators = operators.named
         # A ZAP handler serves its whole context, so a CURVE server gets a context of its own.
         self._own_context = context is None and self.curve
         self._ctx = context or (zmq.Context() if self.curve else zmq.Context.instance())
@@ -94,6 +98,7 @@ class Server:
                 self._ctx,
                 allowed,
                 on_deny=lambda reason: metrics.rejected_peers.labels(reason=reason).inc(),
+                operators=operators,
             )
             self.sock.curve_server = True
             self.sock.curve_publickey = public
@@ -170,9 +175,13 @@ class Server:
         """Who can reach this controller, in words (logged at start)."""
         if self.curve:
             n = len(self._auth.allowed.keys())
+            ops = self._auth.operators
+            steer = ("nobody may steer jobs by hand (no curve_operators)" if ops is None else
+                     f"the {len(ops.keys())} operator keys in {self.config.curve_operators} "
+                     "may steer jobs by hand")
             return (
                 f"CURVE-authenticated and encrypted: the {n} client keys in "
-                f"{self.config.curve_allowed_clients}"
+                f"{self.config.curve_allowed_clients}; {steer}"
             )
         if is_loopback_endpoint(self.config.bind):
             return "loopback only, unauthenticated"

@@ -32,7 +32,7 @@ import copy
 import dataclasses
 from collections import deque
 from types import MappingProxyType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from trimtab.controller.governor import KnobMemory
 from trimtab.controller.persist import Persisted
@@ -164,6 +164,11 @@ class JobState(Persisted):
         #: Resumes of this run from a saved guard state that the controller has followed
         #: (:meth:`on_resumed`); a registration counting more is a new resume.
         self.resumes = 0
+        #: A person paused the policies (``trimtab pause``): who, why, at which step; None:
+        #: not paused. See :mod:`~trimtab.controller.manual`.
+        self.paused: dict[str, Any] | None = None
+        #: What people did to this job, by action (set, pause, resume, rollback).
+        self.operator_actions: dict[str, int] = {}
 
     # -- what a decision changes --------------------------------------------------------
 

@@ -29,7 +29,7 @@ __all__ = ["DEFAULT_KINDS", "Row", "Timeline", "knob_text", "parse_kinds", "pars
 #: sent and what came of it (reports and proposals are many; ``--kind`` names them).
 DEFAULT_KINDS = frozenset({
     "decision", "shadow", "command", "ack", "rollback", "restored", "stable", "alert",
-    "policy_error", "advice", "register", "bye", "lost",
+    "policy_error", "advice", "register", "bye", "lost", "manual",
 })
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
@@ -175,6 +175,8 @@ class Timeline:
                         why=f"checkpoint {d.get('step')} marked stable ({d.get('source')})")]
         if ev.kind == "alert":
             return [make(why=f"rollback alert: {d.get('why')}")]
+        if ev.kind == "manual":
+            return self._manual(make, d)
         if ev.kind == "proposal":
             return [self._proposal(make, d)]
         if ev.kind == "policy_error":
@@ -193,6 +195,23 @@ class Timeline:
         if ev.kind == "lost":
             return [make(why=f"lost: silent for {d.get('silent_s', float('nan')):.1f} s")]
         return [make(why=json.dumps(d, separators=(",", ":"))[:200])]
+
+    @staticmethod
+    def _manual(make, d: dict[str, Any]) -> list[Row]:
+        """A person's request: one row per knob a ``set`` asked for, else one row."""
+        who = f"{d.get('who')}: {d.get('reason')}"
+        outcome = "" if d.get("ok") else f" (refused: {d.get('detail')})"
+        if d.get("action") == "set" and d.get("ok") and d.get("asked"):
+            return [make(policy="manual", knob=k, change=f"set {knob_text(k, v)}",
+                         why=who) for k, v in d["asked"].items()]
+        change = str(d.get("action"))
+        if d.get("action") == "rollback" and d.get("to_step") is not None:
+            change += f" to {d['to_step']}"
+        if d.get("action") == "set":
+            asked = {**d.get("knobs", {}), **{k: f"x{v:g}" for k, v in d.get("scale", {}).items()}}
+            change += " " + ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                                      for k, v in asked.items())
+        return [make(policy="manual", change=change, why=who + outcome)]
 
     @staticmethod
     def _maker(ev: Event):

@@ -15,6 +15,10 @@ controller answers it with an :class:`Error` message carrying the same code. The
 controller's own refusals add ``unknown_job``, ``unexpected``, ``stale`` (a replayed or
 out-of-order sequence number), ``forbidden`` (another CURVE key's job) and
 ``rate_limited`` (a peer over its message rate).
+
+A person steers a job through the same controller (``trimtab set``, ``pause``,
+``resume``, ``rollback``): an :class:`Operate` message on the same socket, answered with
+:class:`Operated` (done, or refused and why).
 """
 
 from __future__ import annotations
@@ -62,6 +66,9 @@ __all__ = [
     "Heartbeat",
     "Bye",
     "Error",
+    "Operate",
+    "Operated",
+    "OPERATOR_ACTIONS",
     "Message",
     "WireError",
     "encode",
@@ -272,6 +279,69 @@ class Bye(_Model):
     reason: Text = "closed"
 
 
+#: What a person can do to a job (:class:`Operate`).
+OPERATOR_ACTIONS: tuple[str, ...] = ("set", "pause", "resume", "rollback")
+
+
+class Operate(_Model):
+    """Operator -> controller: a person steers a live job (``trimtab set JOB lr=3e-4``).
+
+    - ``set``: ``knobs`` are the values asked, as the optimizer is to use them (lr and
+      weight decay too: the controller turns them into multipliers on the user's own
+      values at the job's last report), or ``scale`` the lr and weight-decay multipliers
+      themselves; each within the governor's bounds, or the whole request is refused;
+    - ``pause``: the policies' proposals are no longer acted on (the safety net stays on);
+      ``resume`` ends it;
+    - ``rollback``: restore the checkpoint at ``to_step`` (None: the newest stable one).
+
+    ``who`` and ``reason`` are journaled with what was done; ``request`` is echoed in the
+    reply.
+    """
+
+    type: Literal["operate"] = "operate"
+    v: Literal[2] = PROTOCOL_VERSION
+    job: JobId
+    action: Literal["set", "pause", "resume", "rollback"]
+    knobs: Knobs = Knobs()
+    scale: ScaleTargets = ScaleTargets()
+    to_step: Count | None = None
+    who: Annotated[str, Field(min_length=1, max_length=128)]
+    reason: Annotated[str, Field(min_length=1, max_length=1024)]
+    request: Annotated[str, Field(max_length=64)] = ""
+
+    @model_validator(mode="after")
+    def _fits_action(self) -> Operate:
+        asked = {**self.knobs.set(), **{k: v for k, v in self.scale.model_dump().items()
+                                       if v is not None}}
+        if self.action == "set":
+            if not asked:
+                raise ValueError("set: name at least one knob (lr, momentum, weight_decay, clip)")
+            both = [k for k in ("lr", "weight_decay")
+                    if getattr(self.knobs, k) is not None and getattr(self.scale, k) is not None]
+            if both:
+                raise ValueError(f"set: {both[0]} given both as a value and as a multiplier; "
+                                 "give one")
+        elif asked:
+            raise ValueError(f"{self.action}: takes no knob values (got {sorted(asked)})")
+        if self.to_step is not None and self.action != "rollback":
+            raise ValueError(f"{self.action}: to_step is for rollback only")
+        return self
+
+
+class Operated(_Model):
+    """Controller -> operator: the answer to an :class:`Operate` (``ok``: done; else refused,
+    nothing changed). ``detail`` says what was done or why not; ``seq`` is the command sent
+    to the job (None: none was needed)."""
+
+    type: Literal["operated"] = "operated"
+    v: Literal[2] = PROTOCOL_VERSION
+    job: Annotated[str, Field(max_length=128)]
+    request: Annotated[str, Field(max_length=64)] = ""
+    ok: bool
+    detail: Text
+    seq: Count | None = None
+
+
 class Error(_Model):
     """Controller -> client: a message was refused, and why."""
 
@@ -286,7 +356,7 @@ class Error(_Model):
 
 
 Message = Annotated[
-    Union[Register, Report, Command, Ack, Heartbeat, Bye, Error],  # noqa: UP007
+    Union[Register, Report, Command, Ack, Heartbeat, Bye, Error, Operate, Operated],  # noqa: UP007
     Field(discriminator="type"),
 ]
 _ADAPTER: TypeAdapter[Message] = TypeAdapter(Message)
