@@ -19,15 +19,17 @@ path are changed) and the shipped alert rules (``deploy/prometheus/rules.yml``, 
 - the controller is stopped (SIGSTOP) for 3 s: TrimtabControllerDown, and ``churn-1``'s
   client drops reports (TrimtabReportsDropped);
 - ``silent-1``, a training process of its own, is killed (SIGKILL): TrimtabJobSilent,
-  then, after the controller's ``job_timeout_s``, TrimtabJobLost.
+  then, after the controller's ``job_timeout_s``, TrimtabJobLost;
+- a person pauses ``spike-1`` after its rollback (``trimtab pause``): the operator
+  annotation and the fleet table's paused column.
 
 ``rb-1`` and ``spike-1`` also run the alternating policy in shadow mode, so that between
 the three jobs every series of the per-job dashboard has data.
 
 The picture is matplotlib, drawn by :func:`render` from the same PromQL as the Grafana
 panels (read from ``deploy/grafana/dashboards/trimtab-job.json``, ``$job`` = ``spike-1``)
-over Prometheus' HTTP API, with the dashboard's two annotation queries (rollbacks red,
-knob changes grey). ``docs/img/job-dashboard.png`` was made so, with
+over Prometheus' HTTP API, with the dashboard's annotation queries (rollbacks red, knob
+changes grey, a person's actions blue). ``docs/img/job-dashboard.png`` was made so, with
 ``python -m bench.dashboard_png`` on a 2-core VM. The test
 ``tests/integration/test_prometheus.py`` runs the same scenario and checks every panel and
 alert rule against it.
@@ -412,6 +414,20 @@ class Scenario:
             lambda: self.prom.query(f'trimtab_rollback_steps_lost_total{{job="{self.SPIKE}"}} > 0'),
             30,
         )
+        # A person pauses spike-1 after its rollback (trimtab pause, as a person would):
+        # the operator annotation and the jobs table's paused column have it.
+        out = subprocess.run(
+            [sys.executable, "-m", "trimtab.controller", "pause", self.SPIKE, "--reason",
+             "looking at its spike", "--who", "oncall", "--endpoint", srv.endpoint],
+            cwd=REPO, capture_output=True, text=True, timeout=60,
+        )
+        if out.returncode != 0:
+            raise RuntimeError(f"trimtab pause {self.SPIKE} failed: {out.stderr}")
+        wait_until(
+            "Prometheus to scrape spike-1's pause",
+            lambda: self.prom.query(f'trimtab_job_paused{{job="{self.SPIKE}"}} > 0'),
+            30,
+        )
         self.log("rollback alert, churn and the silent job in place; stopping the controller")
         srv.proc.send_signal(signal.SIGSTOP)
         time.sleep(3.0)
@@ -546,6 +562,8 @@ def render(prom: Prometheus, job: str, start: float, end: float, out: Path) -> N
             ax.axvline(x, color="0.8", lw=0.6, zorder=0)
         for x in marks.get("Rollbacks", []):
             ax.axvline(x, color="red", lw=1.0, alpha=0.6, zorder=0)
+        for x in marks.get("Operator actions", []):
+            ax.axvline(x, color="blue", lw=1.0, alpha=0.6, ls=":", zorder=0)
         handles, labels = ax.get_legend_handles_labels()
         if twin is not None:
             h2, l2 = twin.get_legend_handles_labels()
@@ -557,7 +575,7 @@ def render(prom: Prometheus, job: str, start: float, end: float, out: Path) -> N
         ax.set_xlabel("seconds since the controller started")
     fig.suptitle(
         f"trimtab / job = {job}: panels of deploy/grafana/dashboards/trimtab-job.json "
-        "from a real run (red: rollbacks, grey: knob changes)",
+        "from a real run (red: rollbacks, grey: knob changes, blue: a person's action)",
         fontsize=11,
     )
     fig.tight_layout()

@@ -190,7 +190,8 @@ def _jobs_table(lines: Iterable[JobLine], title: str | None = None) -> Table:
 
         last = (f"step {ln.last_decision_step}: {ln.last_decision}" if ln.last_decision
                 else "")
-        table.add_row(ln.job, ln.state, "" if ln.step is None else str(ln.step), fmt("lr"),
+        state = ln.state if ln.paused is None else f"{ln.state}, paused"
+        table.add_row(ln.job, state, "" if ln.step is None else str(ln.step), fmt("lr"),
                       fmt("momentum"), fmt("weight_decay"), fmt("clip"), str(ln.rollbacks),
                       ln.alert or "", last,
                       style="bold red" if ln.alert else ("green" if ln.state == "live"

@@ -39,6 +39,8 @@ class JobLine:
     rollbacks: int = 0
     alert: str | None = None
     last_seen: float = 0.0
+    #: Who paused the job's policies, and why (``trimtab pause``); None: not paused.
+    paused: str | None = None
 
     def knobs_text(self) -> str:
         return " ".join(f"{k}={'off' if v is None else f'{v:.4g}'}"
@@ -68,6 +70,9 @@ class JobsView:
             line.step = sd.get("step", line.step)
             line.knobs = dict(sd.get("effective") or {})
             line.alert = (sd.get("rollback") or {}).get("alert")
+            p = sd.get("paused")
+            line.paused = None if not p else f"{p.get('who')} at step {p.get('step')}: " \
+                                             f"{p.get('reason')}"
             if job in live and line.state in ("?", "live"):
                 line.state = "live"
             elif job not in live and line.state in ("?", "live"):
@@ -106,3 +111,6 @@ class JobsView:
                 line.last_decision, line.last_decision_step = "; ".join(acted), ev.step
         elif ev.kind == "alert":
             line.alert = d.get("why")
+        elif ev.kind == "manual" and d.get("ok"):
+            line.last_decision = f"{d.get('action')} by {d.get('who')}: {d.get('reason')}"
+            line.last_decision_step = ev.step

@@ -287,6 +287,9 @@ def test_an_unknown_job_and_a_non_operator_key_are_refused(tmp_path):
     reply, _ = answer(ctl, operate("pause"))
     assert not reply.ok and "not live" in reply.detail
     ctl.handle(PEER, register(), user="job-key")
+    # CURVE on and no operator keys configured: nobody steers.
+    reply, _ = answer(ctl, operate("pause"), user="ops-key")
+    assert not reply.ok and "not an operator key" in reply.detail
     ctl.operators = lambda: {"ops-key": "bob"}
     reply, _ = answer(ctl, operate("pause"), user="job-key")
     assert not reply.ok and "not an operator key" in reply.detail

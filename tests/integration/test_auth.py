@@ -361,3 +361,44 @@ def test_bad_security_settings_are_refused_naming_field_and_value(tmp_path, keys
     ]
     for overrides in ok:
         assert load_config(env={}, overrides=overrides).bind == overrides["bind"]
+
+
+def test_with_keys_only_an_operator_key_steers_a_job(tmp_path):
+    """``trimtab keys generate --operator``: that key may pause a job (over CURVE, with the
+    CLI), a client key or one not listed may not (without ``curve_operators`` nobody
+    may: tests/controller/test_manual.py)."""
+    d = tmp_path / "keys"
+    assert main(["keys", "generate", str(d), "--name", "alice", "--operator", "ops"]) == 0
+    assert (d / "operators" / "ops.key").is_file() and not (d / "allowed" / "ops.key").exists()
+    srv = start_serve(tmp_path, free_port(), free_port(),
+                      curve_config(d, f'curve_operators = "{d / "operators"}"\n'))
+    ctx = zmq.Context()
+    try:
+        job = dealer(ctx, srv.endpoint, d, d / "clients" / "alice.key_secret")
+        assert isinstance(ask(job, register("alices-job")), wire.Heartbeat)
+        assert "1 operator keys in" in srv.log()
+
+        def pause(key: str, *extra: str) -> subprocess.CompletedProcess:
+            return subprocess.run(
+                [sys.executable, "-m", "trimtab.controller", "pause", "alices-job",
+                 "--reason", "checking", "--endpoint", srv.endpoint,
+                 "--server-key", str(d / "server.key"), "--key", key, "--timeout", "3",
+                 *extra], capture_output=True, text=True, timeout=60)
+
+        # The job's own key is not an operator key: refused by the controller.
+        out = pause(str(d / "clients" / "alice.key_secret"))
+        assert out.returncode == 1 and "not an operator key" in out.stderr
+        # The operator's key: done, and journaled under its name.
+        out = pause(str(d / "clients" / "ops.key_secret"), "--who", "oncall")
+        assert out.returncode == 0, out.stderr
+        events = [e.data for e in srv.journal().events("alices-job", "manual")]
+        assert [(e["ok"], e["key"]) for e in events] == [(False, None), (True, "ops")]
+        # A key no list holds never completes the handshake: no answer.
+        stranger = tmp_path / "stranger"
+        assert main(["keys", "generate", str(stranger), "--name", "eve"]) == 0
+        out = pause(str(stranger / "clients" / "eve.key_secret"))
+        assert out.returncode == 2 and "no answer" in out.stderr
+    finally:
+        ctx.destroy(linger=0)
+        srv.proc.terminate()
+        srv.proc.wait(timeout=30)

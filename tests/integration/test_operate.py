@@ -144,6 +144,11 @@ def test_a_person_pauses_sets_is_refused_rolls_back_and_resumes_a_real_run(steer
     assert not [e for e in after if e.kind == "command"
                 and "update_ratio" in " ".join(e.data["reasons"])]
     assert 'trimtab_job_paused{job="steered"} 1.0' in srv.metrics()
+    out = cli("jobs", "--journal", str(srv.journal_path), "--json", cwd=folder)
+    (line,) = [json.loads(x) for x in out.stdout.splitlines()]
+    assert line["paused"].startswith("alice at step") and "looking at the loss" in line["paused"]
+    out = cli("jobs", "--journal", str(srv.journal_path), cwd=folder)
+    assert "live, paused" in out.stdout
 
     # -- set: the multiplier on the user's own (decaying) lr, and momentum ------------
     out = cli("set", JOB, "lr=x0.5", "momentum=0.8", "--reason", "halve it for a while",
@@ -198,6 +203,8 @@ def test_a_person_pauses_sets_is_refused_rolls_back_and_resumes_a_real_run(steer
                              and "update_ratio" in " ".join(e.data["reasons"])], timeout=60)
     text = srv.metrics()
     assert 'trimtab_job_paused{job="steered"} 0.0' in text
+    out = cli("jobs", "--journal", str(srv.journal_path), "--json", cwd=folder)
+    assert json.loads(out.stdout)["paused"] is None
     for action, n in (("set", 1), ("pause", 1), ("resume", 1), ("rollback", 1)):
         assert f'trimtab_operator_actions_total{{action="{action}",job="steered"}} {n}.0' \
             in text
