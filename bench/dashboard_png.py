@@ -345,6 +345,10 @@ def wait_until(what: str, predicate, timeout: float) -> Any:
         time.sleep(0.25)
 
 
+#: The per-job dashboard's lr panel (the user's lr, trimtab's multiplier, the lr used).
+LR_PANEL = "LR: yours, trimtab's multiplier, what ran"
+
+
 class Scenario:
     """Runs the scenario of the module docstring; ``with Scenario(tmp) as s:`` leaves the
     controller, Prometheus and jobs ``rb-1`` and ``churn-1`` running inside the block."""
@@ -507,7 +511,7 @@ def render(prom: Prometheus, job: str, start: float, end: float, out: Path) -> N
     wanted = [
         "Loss and LR",
         "Gradient norm and clip threshold",
-        "LR and its bounds",
+        LR_PANEL,
         "Loss slope t and z-scores",
         "Knob changes by policy",
         "Rollbacks and checkpoints",
@@ -552,7 +556,7 @@ def render(prom: Prometheus, job: str, start: float, end: float, out: Path) -> N
                     color="black" if label == "lr" and on is twin else None,
                     drawstyle="steps-post" if "bound" in label or "lr" in label else None,
                 )
-        if title == "LR and its bounds":
+        if title == LR_PANEL:
             ax.set_yscale("log")
         if title in ("Loss and LR", "Gradient norm and clip threshold"):
             ax.set_yscale("log")

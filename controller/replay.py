@@ -61,8 +61,9 @@ __all__ = [
 ]
 
 #: The journal events a trace keeps: what the client sent (reports the controller did not
-#: observe, ``stale`` and ``abandoned``, included: a re-run classifies them again).
-TRACE_KINDS = ("register", "report", "ack", "stale", "abandoned")
+#: observe, ``stale`` and ``abandoned``, included: a re-run classifies them again), and what
+#: people asked (``manual``: ``trimtab set`` and the like; a re-run asks it again).
+TRACE_KINDS = ("register", "report", "ack", "stale", "abandoned", "manual")
 
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 
@@ -256,7 +257,8 @@ def rerun(trace: Sequence[TraceRecord], config: ControllerConfig) -> list[wire.C
     (:class:`~trimtab.controller.handler.Controller`: :func:`~trimtab.controller.advance.advance`
     for reports, :func:`~trimtab.controller.advance.settle_ack` for acks), with a scratch
     journal. With the live run's config these are the live run's commands: nothing else
-    than the messages and the config goes into a decision.
+    than the messages (a person's requests among them) and the config goes into a
+    decision.
 
     Unlike :func:`replay`, the run's values are the recorded ones throughout: it re-runs
     the decisions the run actually met (and a changed policy's first different command is
@@ -293,6 +295,10 @@ def _message(job: str, rec: TraceRecord) -> wire.Message:
         return wire.Register.model_validate({**data, "job": job, "step": rec.step or 0})
     if rec.kind == "ack":
         return wire.Ack.model_validate({**data, "job": job, "seq": rec.seq, "step": rec.step})
+    if rec.kind == "manual":
+        return wire.Operate.model_validate({
+            "job": job, **{k: data[k] for k in ("action", "who", "reason", "knobs", "scale",
+                                                "to_step") if data.get(k) is not None}})
     return wire.Report.model_validate({**data, "job": job})
 
 

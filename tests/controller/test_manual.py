@@ -308,3 +308,25 @@ def test_an_unknown_job_and_a_non_operator_key_are_refused(tmp_path):
 def test_a_malformed_request_is_refused_with_its_cause(kw, why):
     with pytest.raises(ValueError, match=why):
         wire.Operate(job="j1", who="a", reason="r", **kw)
+
+
+def test_a_rerun_of_the_journal_asks_what_people_asked_and_sends_the_same_commands(tmp_path):
+    from trimtab.controller.replay import rerun, trace_records
+
+    ctl = make(tmp_path)
+    ctl.handle(PEER, register())
+    for seq in range(1, 5):
+        tick(ctl, seq)
+    answer(ctl, operate("set", knobs=wire.Knobs(lr=0.05, momentum=0.8)))
+    answer(ctl, operate("set", knobs=wire.Knobs(lr=5.0)))  # refused: asked again, refused
+    for seq in range(5, 9):
+        tick(ctl, seq)
+    answer(ctl, operate("rollback", to_step=40))
+    live = [e for e in ctl.journal.events("j1") if e.kind == "command"]
+    trace = trace_records(ctl.journal, "j1")
+    assert [r.kind for r in trace].count("manual") == 3
+    again = rerun(trace, ctl.config)
+    assert [(c.seq, c.scale.lr, c.knobs.momentum, c.rollback_to) for c in again] == [
+        (e.seq, e.data["scale"].get("lr"), e.data["knobs"].get("momentum"),
+         e.data["rollback_to"]) for e in live]
+    assert any(c.rollback_to == 40 for c in again) and any(c.knobs.momentum for c in again)
