@@ -50,7 +50,6 @@ True
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -149,12 +148,7 @@ def shard_endpoint(job: str, endpoints: Sequence[str]) -> str:
         )
     for i, endpoint in enumerate(endpoints):
         check_endpoint(endpoint, f"endpoints[{i}]")
-
-    def score(endpoint: str) -> int:
-        digest = hashlib.sha256(f"{endpoint}\n{job}".encode()).digest()
-        return int.from_bytes(digest[:8], "big")
-
-    return max(endpoints, key=score)
+    return wire.shard_of(job, list(endpoints))
 
 
 class RankTransport:

@@ -93,10 +93,14 @@ def _operate(args: argparse.Namespace) -> int:
     command = f"trimtab {args.action}"
     try:
         request = _request(args)
-        endpoint = _endpoint(args)
-        if endpoint.partition("://")[0] not in ("tcp", "ipc", "inproc"):
-            raise ValueError(f"endpoint {endpoint!r} is not a ZeroMQ endpoint; allowed: "
-                             "tcp://HOST:PORT, ipc://PATH, inproc://NAME")
+        endpoints = [e.strip() for e in _endpoint(args).split(",")]
+        for endpoint in endpoints:
+            if endpoint.partition("://")[0] not in ("tcp", "ipc", "inproc"):
+                raise ValueError(f"endpoint {endpoint!r} is not a ZeroMQ endpoint; allowed: "
+                                 "tcp://HOST:PORT, ipc://PATH, inproc://NAME (or a comma "
+                                 "list of them: the controllers jobs are sharded across)")
+        # Jobs sharded across controllers: the one this job's client picks.
+        endpoint = wire.shard_of(args.job, endpoints)
     except (ValueError, ValidationError, ConfigError) as exc:
         why = exc.errors()[0]["msg"] if isinstance(exc, ValidationError) else str(exc)
         print(f"{command}: {why}", file=sys.stderr)
@@ -159,7 +163,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--reason", required=True, help="why (journaled with it)")
         p.add_argument("--who", help="who asks (default: USER@HOST)")
         p.add_argument("--endpoint", help="the controller's socket (default: $TRIMTAB_ENDPOINT, "
-                       f"the --config's bind, or {DEFAULT_ENDPOINT})")
+                       f"the --config's bind, or {DEFAULT_ENDPOINT}); a comma list: the "
+                       "controllers jobs are sharded across (the job's own is picked as its "
+                       "client picks it)")
         p.add_argument("--config", help="the controller's config file (for its bind)")
         p.add_argument("--server-key", help="CURVE: the controller's public key file")
         p.add_argument("--key", help="CURVE: your operator key pair file "

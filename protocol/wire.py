@@ -23,6 +23,7 @@ A person steers a job through the same controller (``trimtab set``, ``pause``,
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from typing import Annotated, Any, Literal, Union
@@ -419,6 +420,22 @@ def decode(frame: bytes) -> Message:
         code = "nonfinite" if first["type"] == "finite_number" else "invalid"
         detail = f"{where}: {first['msg']} (got {first.get('input')!r:.80})"
         raise WireError(code, detail, job) from None
+
+
+def shard_of(job: str, endpoints: list[str] | tuple[str, ...]) -> str:
+    """The endpoint, of ``endpoints``, whose controller serves ``job`` when jobs are sharded
+    across controllers: rendezvous (highest-random-weight) hashing, each endpoint scoring
+    the first 8 bytes (big-endian) of ``sha256(endpoint + "\\n" + job)``, the highest
+    winning. The client (``shard_endpoint``) and ``trimtab set`` and the like use it alike.
+
+    >>> shard_of("gpt-small", ["tcp://ctl-a:5555", "tcp://ctl-b:5555", "tcp://ctl-c:5555"])
+    'tcp://ctl-c:5555'
+    """
+    def score(endpoint: str) -> int:
+        digest = hashlib.sha256(f"{endpoint}\n{job}".encode()).digest()
+        return int.from_bytes(digest[:8], "big")
+
+    return max(endpoints, key=score)
 
 
 def finite_or_none(x: float | None) -> float | None:

@@ -13,6 +13,7 @@ acts again.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -182,11 +183,11 @@ def test_a_person_pauses_sets_is_refused_rolls_back_and_resumes_a_real_run(steer
 
     # -- rollback to the newest stable checkpoint: the run goes back -------------------
     stable = max(e.data["step"] for e in events(srv, "stable"))
-    at = run.used[-1]["step"]
     out = cli("rollback", JOB, "--reason", "bad shard", *op, cwd=folder)
     assert out.returncode == 0, out.stderr
-    target = int(out.stdout.split("to checkpoint ")[1].split(",")[0])
-    assert target >= stable and target < at
+    said = re.search(r"roll back from step (\d+) to checkpoint (\d+)", out.stdout)
+    at, target = int(said[1]), int(said[2])
+    assert stable <= target < at
     restored = wait_for(lambda: [e for e in events(srv, "restored")
                                  if e.data.get("reason") == "manual"], timeout=30)
     assert restored and restored[0].data["restored_step"] == target
@@ -231,3 +232,20 @@ def test_a_job_that_is_not_live_and_no_controller_are_told_apart(steered):
     out = cli("pause", JOB, "--reason", "x", "--endpoint", f"tcp://127.0.0.1:{free_port()}",
               "--timeout", "0.5", cwd=folder)
     assert out.returncode == 2 and "no answer from a controller" in out.stderr
+
+
+def test_with_sharded_controllers_the_request_goes_to_the_jobs_own(steered):
+    """``--endpoint A,B``: the controller the job's client picks (``shard_endpoint``)."""
+    from trimtab.client import shard_endpoint
+
+    srv, run, folder = steered
+    others = [f"tcp://127.0.0.1:{p}" for p in range(20000, 20100)]
+    other = next(e for e in others if shard_endpoint(JOB, [e, srv.endpoint]) == srv.endpoint)
+    wrong = next(e for e in others if shard_endpoint(JOB, [e, srv.endpoint]) == e)
+    for action in ("pause", "resume"):
+        out = cli(action, JOB, "--reason", "sharded", "--endpoint", f"{other},{srv.endpoint}",
+                  cwd=folder)
+        assert out.returncode == 0, out.stderr
+    out = cli("pause", JOB, "--reason", "sharded", "--endpoint", f"{srv.endpoint},{wrong}",
+              "--timeout", "0.5", cwd=folder)
+    assert out.returncode == 2 and wrong in out.stderr  # this list puts the job elsewhere
