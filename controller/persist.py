@@ -49,7 +49,7 @@ class Persisted:
     })
     #: Keys added within :data:`STATE_VERSION`: a state without them (an older journal's)
     #: loads with them empty.
-    _ADDED = frozenset({"validations_ema", "paused", "operator_actions"})
+    _ADDED = frozenset({"validations_ema", "paused", "operator_actions", "signal_trail"})
 
     def state_dict(self) -> dict[str, Any]:
         """A JSON-serialisable copy (no NaN or infinity) for the journal."""
@@ -113,7 +113,7 @@ class Persisted:
         self.registered = wire.Knobs.model_validate(sd["registered"])
         self.link = int(sd["link"])
         self.reports_seen = sd["reports_seen"]
-        self.tracker.load_state_dict({k: sd[k] for k in SignalTracker.KEYS})
+        self.tracker.load_state_dict({k: sd[k] for k in SignalTracker.KEYS if k in sd})
         self.nonfinite_losses, self.nonfinite_grads = sd["nonfinite_losses"], sd["nonfinite_grads"]
         self.dropped_reports = sd["dropped_reports"]
         if sd["last_report"] is not None:

@@ -94,8 +94,13 @@ class SignalTracker:
         self.refs: tuple[float | None, float | None] = (None, None)
         self._points: deque[tuple[int, float]] = deque(maxlen=cfg.slope_window)
         self._slope: tuple[float | None, float | None, float | None] = (None, None, None)
-        #: The signals at the newest reported steps (and the registration's), for a rollback.
+        #: The signals at the newest reported steps (and the registration's), for a rollback;
+        #: each holds how many slope points it had, which :attr:`_trail` keeps (a mark does
+        #: not repeat them: most of a job's saved state, before).
         self._marks: dict[int, list[Any]] = {}
+        #: The slope points folded in lately, enough for every mark's window.
+        self._trail: deque[tuple[int, float]] = deque(
+            maxlen=cfg.slope_window + _SIGNAL_MARKS + 1)
 
     def fold(self, step: int, loss: float | None, grad_norm: float | None) -> None:
         """Fold one report (ending at ``step``) in, and mark the signals there."""
@@ -104,6 +109,7 @@ class SignalTracker:
         self.grad_norm_z = self._fold(self._grad, grad_norm)
         if loss is not None:
             self._points.append((step, loss))
+            self._trail.append((step, loss))
             self._refresh_slope()
         self.mark(step)
 
@@ -118,9 +124,13 @@ class SignalTracker:
         """The run went back to ``step``: the signals become those of the report that ended
         at it (the newest one at or before it; afresh when none is kept)."""
         marks = [s for s in self._marks if s <= step]
-        snap = self._marks[max(marks)] if marks else None
+        at = max(marks, default=None)
+        snap = None if at is None else self._marks[at]
         self._marks = {s: v for s, v in self._marks.items() if s <= step}
-        self._load(snap)
+        kept = [p for p in self._trail if p[0] <= step]
+        self._trail.clear()
+        self._trail.extend(kept)
+        self._load(snap, at)
 
     def grad_norm_scale(self) -> float | None:
         """The gradient-norm EMA once its z-score warm-up has passed (None before): what
@@ -144,7 +154,7 @@ class SignalTracker:
     # -- persistence (the keys of JobState.state_dict it owns) ----------------------------
 
     KEYS = ("loss", "grad_norm", "loss_z", "grad_norm_z", "refs", "slope_points",
-            "signal_marks")
+            "signal_marks", "signal_trail")
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -152,10 +162,15 @@ class SignalTracker:
             "loss_z": self.loss_z, "grad_norm_z": self.grad_norm_z, "refs": list(self.refs),
             "slope_points": [[s, y] for s, y in self._points],
             "signal_marks": [[s, v] for s, v in sorted(self._marks.items())],
+            "signal_trail": [[s, y] for s, y in self._trail],
         }
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
+        """Restore from :meth:`state_dict`; ``signal_trail`` may be missing (a state saved
+        before it: its marks hold their slope points themselves)."""
         self._marks = {int(s): v for s, v in sd["signal_marks"]}
+        self._trail.clear()
+        self._trail.extend((int(s), float(y)) for s, y in sd.get("signal_trail") or ())
         self._loss, self._grad = _EW.from_list(sd["loss"]), _EW.from_list(sd["grad_norm"])
         self.loss_z, self.grad_norm_z = sd["loss_z"], sd["grad_norm_z"]
         self.refs = (sd["refs"][0], sd["refs"][1])
@@ -168,11 +183,10 @@ class SignalTracker:
     def _snapshot(self) -> list[Any]:
         """The signals as they are now (for :meth:`rewind`), JSON-serialisable."""
         return [self._loss.to_list(), self._grad.to_list(), _finite(self.loss_z),
-                _finite(self.grad_norm_z), [_finite(x) for x in self.refs],
-                [[s, y] for s, y in self._points]]
+                _finite(self.grad_norm_z), [_finite(x) for x in self.refs], len(self._points)]
 
-    def _load(self, snap: list[Any] | None) -> None:
-        """Put back what :meth:`_snapshot` gave (None: afresh)."""
+    def _load(self, snap: list[Any] | None, at: int | None = None) -> None:
+        """Put back what :meth:`_snapshot` gave at step ``at`` (None: afresh)."""
         self._loss, self._grad = _EW(), _EW()
         self.loss_z = self.grad_norm_z = None
         self.refs = (None, None)
@@ -181,7 +195,15 @@ class SignalTracker:
             self._loss, self._grad = _EW.from_list(snap[0]), _EW.from_list(snap[1])
             self.loss_z, self.grad_norm_z = snap[2], snap[3]
             self.refs = (snap[4][0], snap[4][1])
-            self._points.extend((int(s), float(y)) for s, y in snap[5])
+            # The mark's slope points: the newest ``n`` of the trail up to its step, or, in a
+            # state saved before the trail, the points themselves.
+            n = snap[5]
+            if isinstance(n, list):
+                points = n
+            else:
+                trail = [p for p in self._trail if at is None or p[0] <= at]
+                points = trail[-n:] if n else []
+            self._points.extend((int(s), float(y)) for s, y in points)
         if self._points:
             self._refresh_slope()
         else:

@@ -329,3 +329,32 @@ def test_after_any_rollback_the_signals_are_those_at_the_checkpoint(level):
     st = fed(40)
     st.on_restored(200, RollbackConfig())
     assert st.tracker._snapshot() == at_200
+
+
+def test_a_checkpoints_signal_marks_hold_no_copy_of_the_slope_window():
+    """The marks a rollback rewinds to share one trail of slope points instead of a copy
+    each (they were most of a long job's saved state): a long job's state stays small, and
+    every mark still gives back the slope window it had."""
+    import json
+
+    st = fed(1000)
+    sd = st.state_dict()
+    assert len(json.dumps(sd["signal_marks"])) + len(json.dumps(sd["signal_trail"])) < 20_000
+    for step in (9400, 9700, 10_000):
+        expected = fed(step // 10).signals()
+        back = JobState.from_state_dict(json.loads(json.dumps(sd)))
+        back.tracker.rewind(step)
+        assert back.signals() == expected
+
+
+def test_a_state_saved_with_the_points_in_each_mark_still_rewinds():
+    """A journal written before the trail: its marks carry their slope points."""
+    st = fed(300)
+    sd = st.state_dict()
+    trail = sd.pop("signal_trail")
+    for step, snap in sd["signal_marks"]:
+        points = [p for p in trail if p[0] <= step][-snap[5]:] if snap[5] else []
+        snap[5] = points
+    back = JobState.from_state_dict(sd)
+    back.tracker.rewind(2800)
+    assert back.signals() == fed(280).signals()
