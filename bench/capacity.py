@@ -474,7 +474,8 @@ def format_report(rows: list[Row], header: list[str]) -> str:
             f"scale-out: one controller handles about {per_s:.0f} reports/s ({how}) => about "
             f"{per_s:.0f} / {rate:g} Hz = {k} jobs at {rate:g} Hz (each report followed by a "
             f"heartbeat, as here). Beyond that, shard jobs by id across controllers "
-            f"(controller = hash(job) % n_controllers): n_controllers = ceil(N_jobs / {k}), "
+            f"(shard_endpoint: rendezvous hashing of the job id): n_controllers = "
+            f"ceil(N_jobs / {k}), "
             f"e.g. {2 * k} jobs need 2; keep each below ~70% of that for p99 headroom.")
     for r in rows:
         extra = []
