@@ -18,6 +18,12 @@ import torch
 from trimtab.controller.journal import Journal
 
 
+def cli(*args: str, cwd: Path | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    """``trimtab ARGS...`` in a subprocess, as a person types it; output captured."""
+    return subprocess.run([sys.executable, "-m", "trimtab.controller", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -25,7 +25,7 @@ import torch
 from trimtab.client import attach
 from trimtab.controller.journal import Journal
 
-from .support import Regression, free_port, start_serve, wait_for
+from .support import Regression, cli, free_port, start_serve, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -48,11 +48,6 @@ cooldown_steps = 0
 stable_window_steps = 20
 stable_min_reports = 2
 """
-
-
-def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "trimtab.controller", *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=60)
 
 
 def train(endpoint: str, job: str, steps: int, folder: Path, stop=None) -> None:

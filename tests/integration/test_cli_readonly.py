@@ -7,8 +7,6 @@ from __future__ import annotations
 import os
 import signal
 import sqlite3
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,14 +15,9 @@ import torch
 from trimtab.client import attach
 from trimtab.controller.journal import Journal
 
-from .support import Regression, wait_for
+from .support import Regression, cli, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
-
-
-def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "trimtab.controller", *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=60)
 
 
 def _files(folder: Path) -> dict[str, bytes]:

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -26,7 +24,7 @@ import torch
 from trimtab.client import attach
 from trimtab.controller.journal import Journal
 
-from .support import Regression, free_port, start_serve, wait_for
+from .support import Regression, cli, free_port, start_serve, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -53,11 +51,6 @@ stable_min_reports = 2
 """
 
 JOB = "steered"
-
-
-def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "trimtab.controller", *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=60)
 
 
 class Run(threading.Thread):
