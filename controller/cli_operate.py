@@ -7,8 +7,12 @@ the job's governor and journals it with who and why (see
 :mod:`~trimtab.controller.manual`); ``trimtab decisions JOB --kind manual,command,ack``
 shows it and the ack of the values then in force.
 
-Exit status: 0 done, 1 refused, 2 not sent or not answered (a bad argument, no
-controller at the endpoint within ``--timeout``).
+When the request sends the job a command, the CLI then waits (``--wait``, 10 s) for the
+job to apply it and prints the values the job's step used, as its ack says them.
+
+Exit status: 0 done (applied, or still pending after ``--wait``), 1 refused or never to be
+applied (the job ended, a rollback replaced it), 2 not sent or not answered (a bad
+argument, no controller at the endpoint within ``--timeout``).
 """
 
 from __future__ import annotations
@@ -79,7 +83,7 @@ def _request(args: argparse.Namespace):
         job=args.job, action=args.action, knobs=wire.Knobs(**values),
         scale=wire.ScaleTargets(**scale), to_step=getattr(args, "to", None),
         who=args.who or f"{getpass.getuser()}@{socket.gethostname()}", reason=args.reason,
-        request=uuid.uuid4().hex[:16])
+        request=uuid.uuid4().hex[:16], wait=args.wait > 0)
 
 
 def _operate(args: argparse.Namespace) -> int:
@@ -141,8 +145,11 @@ def _operate(args: argparse.Namespace) -> int:
             if isinstance(reply, wire.Operated) and reply.request == request.request:
                 stream = sys.stdout if reply.ok else sys.stderr
                 verdict = "done" if reply.ok else "refused"
-                print(f"{command} {args.job}: {verdict}: {reply.detail}", file=stream)
-                return 0 if reply.ok else 1
+                print(f"{command} {args.job}: {verdict}: {reply.detail}", file=stream,
+                      flush=True)
+                if not reply.ok or reply.seq is None or not request.wait:
+                    return 0 if reply.ok else 1
+                return _await_applied(sock, request, reply.seq, command, args)
         print(f"{command}: no answer from a controller at {endpoint} within {args.timeout:g} s"
               " (is `trimtab serve` running there? --endpoint, TRIMTAB_ENDPOINT or --config "
               "name it; with CURVE, --server-key and an operator --key)", file=sys.stderr)
@@ -150,6 +157,27 @@ def _operate(args: argparse.Namespace) -> int:
     finally:
         sock.close(0)
         ctx.term()
+
+
+def _await_applied(sock, request, seq: int, command: str, args: argparse.Namespace) -> int:
+    """The second answer: the job applied command ``seq`` (0), will not (1), or has not
+    said so within ``--wait`` seconds (0: it stays pending)."""
+    from trimtab.protocol import wire
+
+    deadline_ms = int(args.wait * 1000)
+    while sock.poll(deadline_ms):
+        try:
+            reply = wire.decode(sock.recv())
+        except wire.WireError:
+            continue
+        if isinstance(reply, wire.Operated) and reply.request == request.request:
+            stream = sys.stdout if reply.ok else sys.stderr
+            print(f"{command} {args.job}: {reply.detail}", file=stream)
+            return 0 if reply.ok else 1
+    print(f"{command} {args.job}: command {seq} not applied within {args.wait:g} s; it is "
+          "pending and applies at the job's next step (`trimtab decisions "
+          f"{args.job} --kind manual,command,ack` shows its ack)")
+    return 0
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -171,7 +199,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--key", help="CURVE: your operator key pair file "
                        "(`trimtab keys generate --operator NAME`)")
         p.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS",
-                       help="how long to wait for the answer (default 5)")
+                       help="how long to wait for the controller's answer (default 5)")
+        p.add_argument("--wait", type=float, default=10.0, metavar="SECONDS",
+                       help="then how long to wait for the job to apply the command it sends, "
+                            "printing the values its step used (default 10; 0: do not wait)")
         p.set_defaults(func=_operate, action=action)
 
     p = job(sub.add_parser("set", help="set a live job's lr, momentum, weight decay or "

@@ -49,6 +49,8 @@ log = logging.getLogger("trimtab.controller")
 
 #: Ended jobs whose series are kept for the metrics grace at most (the oldest go first).
 _MAX_ENDED = 10_000
+#: People waiting on one job's commands at most (``Operate.wait``; the oldest go first).
+_MAX_WAITING = 16
 
 #: (peer identity, frame) to send.
 Reply = tuple[bytes, bytes]
@@ -141,6 +143,9 @@ class Controller:
         #: like), mapped to their names; set by the server from ``curve_operators``. None:
         #: none may (without keys, every peer may: the socket is loopback-only).
         self.operators: Callable[[], dict[str, str]] | None = None
+        #: People waiting to hear that a command of theirs is applied (``Operate.wait``):
+        #: job -> [(seq, their connection, their request id)], the newest few per job.
+        self._waiting: dict[str, list[tuple[int, bytes, str]]] = {}
         self.metrics.job_timeout.set(config.job_timeout_s)
 
     # -- entry points -------------------------------------------------------------------
@@ -175,10 +180,11 @@ class Controller:
     def tick(self) -> list[Reply]:
         """Periodic work: mark silent jobs lost, end the metrics grace of ended ones, save the
         states due (:meth:`save_due`), compact the journal when due (a slice per call).
-        Returns nothing to send today."""
+        Returns the answers to people waiting on a job it marked lost."""
         self.save_due()
         self._compact_slice()
         now = self.clock()
+        replies: list[Reply] = []
         for job in [j for j, (_, ended) in self._ended.items()
                     if now - ended > self.config.metrics_grace_s]:
             self._drop_series(job)
@@ -190,9 +196,10 @@ class Controller:
                 self.journal.append(job, "lost", step=state.step,
                                     data={"silent_s": now - rec.last_seen})
                 self._save(state, live=False)
+            replies += self._never_applied(job, "the job was lost (silent) before applying it")
             self._forget(job)
             self.metrics.jobs_lost.inc()
-        return []
+        return replies
 
     # -- messages -----------------------------------------------------------------------
     def _on_register(self, peer: bytes, msg: wire.Register, user: str | None = None
@@ -280,15 +287,21 @@ class Controller:
             return []
         kept = _kept_now(state)
         self.recorder.settled(state, settle_from_report(state, msg, self.config.rollback))
+        last = state.last_command
+        rolled = (last.rollback_to if last is not None and last.seq == msg.applied_seq
+                  else None)
+        told = self._tell_applied(msg.job, msg.applied_seq, msg.step, msg.knobs, msg.scale,
+                                  rolled, None, "its report (the ack was lost)")
         if msg.applied_seq < state.branch_seq:
             self.recorder.abandoned(state, msg)
-            return []
+            return told
         self.journal.append(msg.job, "report", step=msg.step, seq=msg.seq,
                             data=msg.model_dump(exclude={"type", "v", "job"}))
         step = advance(state, msg, self.engine_for(state.job))
         self.recorder.checkpoints(state, msg, step.observation)
         # A command sent now replaces the one pending: that one is not sent again.
-        replies = [] if step.command is not None else self._resend_if_lost(peer, state, msg)
+        replies = told + ([] if step.command is not None
+                          else self._resend_if_lost(peer, state, msg))
         if step.decision is not None:
             if step.decision.shadowed is not None:
                 self.recorder.shadow(state.job, step.decision.shadowed)
@@ -316,7 +329,8 @@ class Controller:
             log.warning("job %s: command %d not wholly applied: %s", msg.job, msg.seq, msg.error)
         self.recorder.settled(state, done)
         self._save(state)
-        return []
+        return self._tell_applied(msg.job, msg.seq, msg.step, msg.knobs, msg.scale,
+                                  msg.restored_step, msg.error, "its ack")
 
     def _on_heartbeat(self, peer: bytes, msg: wire.Heartbeat) -> list[Reply]:
         state = self._live(peer, msg)
@@ -331,6 +345,8 @@ class Controller:
             self._save(state, live=False)
             self._forget(msg.job)
             log.info("job %s said bye at step %d (%s)", msg.job, msg.step, msg.reason)
+            return self._never_applied(msg.job, f"the job ended ({msg.reason}) before "
+                                                "applying it")
         return []
 
     def _on_operate(self, peer: bytes, msg: wire.Operate, user: str | None = None
@@ -357,6 +373,10 @@ class Controller:
         if out.command is not None:
             replies += self._send(rec.peer, state, out.decision or Decision(state.step, ()),
                                   out.command, out.superseded)
+            if msg.wait:
+                waiting = self._waiting.setdefault(msg.job, [])
+                waiting.append((out.command.seq, peer, msg.request))
+                del waiting[:-_MAX_WAITING]
         if out.ok:
             self._save(state)
         return replies
@@ -368,6 +388,46 @@ class Controller:
         return [(peer, wire.encode(wire.Operated(
             job=msg.job, request=msg.request, ok=out.ok, detail=out.detail[:1024],
             seq=None if out.command is None else out.command.seq)))]
+
+    def _tell_applied(self, job: str, seq: int, step: int, knobs: wire.Knobs,
+                      scale: wire.Scale, restored: int | None, error: str | None,
+                      source: str) -> list[Reply]:
+        """Answer the people waiting on commands up to ``seq``, which the job now says it
+        applied (``source``: its ack, or a report when the ack was lost): the values the
+        job used, as it says them."""
+        waiting = self._waiting.get(job)
+        if not waiting or waiting[0][0] > seq:
+            return []
+        done = [w for w in waiting if w[0] <= seq]
+        self._waiting[job] = [w for w in waiting if w[0] > seq]
+        used = ", ".join(
+            f"{k} {v:.6g}" + (f" (x{getattr(scale, k):.6g} of yours)"
+                              if k in ("lr", "weight_decay") and getattr(scale, k) is not None
+                              else "")
+            for k, v in knobs.set().items())
+        replies = []
+        for mine, peer, request in done:
+            if error is not None:
+                ok, detail = False, f"command {seq} not wholly applied: {error}"
+            elif restored is not None and mine < seq:
+                ok, detail = False, (f"replaced by command {seq}, a rollback to step "
+                                     f"{restored}: the knobs in force there came back ({used})")
+            else:
+                ok = True
+                carried = f" (carried by command {seq})" if mine < seq else ""
+                back = f", rolled back to step {restored}" if restored is not None else ""
+                detail = f"applied at step {step}{back}{carried}, as {source} says: {used}"
+            replies.append((peer, wire.encode(wire.Operated(
+                job=job, request=request, ok=ok, detail=detail[:1024], seq=mine, applied=ok,
+                step=step, knobs=knobs, scale=scale))))
+        return replies
+
+    def _never_applied(self, job: str, why: str) -> list[Reply]:
+        """Answer the people waiting on ``job``'s commands: they will not be applied."""
+        return [(peer, wire.encode(wire.Operated(
+                    job=job, request=request, ok=False, seq=seq,
+                    detail=f"command {seq} not applied: {why}")))
+                for seq, peer, request in self._waiting.pop(job, [])]
 
     # -- helpers ------------------------------------------------------------------------
     def _save(self, state: JobState, *, live: bool = True) -> None:

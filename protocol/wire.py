@@ -309,6 +309,9 @@ class Operate(_Model):
     who: Annotated[str, Field(min_length=1, max_length=128)]
     reason: Annotated[str, Field(min_length=1, max_length=1024)]
     request: Annotated[str, Field(max_length=64)] = ""
+    #: Answer a second time once the job has applied the command this sends (see
+    #: :class:`Operated`).
+    wait: bool = False
 
     @model_validator(mode="after")
     def _fits_action(self) -> Operate:
@@ -332,7 +335,12 @@ class Operate(_Model):
 class Operated(_Model):
     """Controller -> operator: the answer to an :class:`Operate` (``ok``: done; else refused,
     nothing changed). ``detail`` says what was done or why not; ``seq`` is the command sent
-    to the job (None: none was needed)."""
+    to the job (None: none was needed).
+
+    A request that sent a command and asked to ``wait`` gets a second answer once the job
+    applied it (``applied``): the step it was first used at, and the values that step used
+    (``knobs``, effective; ``scale``, trimtab's multipliers), as the job's ack says them;
+    or, ``ok`` False, why it will not be (the job ended, a rollback replaced it)."""
 
     type: Literal["operated"] = "operated"
     v: Literal[2] = PROTOCOL_VERSION
@@ -341,6 +349,10 @@ class Operated(_Model):
     ok: bool
     detail: Text
     seq: Count | None = None
+    applied: bool = False
+    step: Count | None = None
+    knobs: Knobs | None = None
+    scale: Scale | None = None
 
 
 class Error(_Model):

@@ -330,3 +330,37 @@ def test_a_rerun_of_the_journal_asks_what_people_asked_and_sends_the_same_comman
         (e.seq, e.data["scale"].get("lr"), e.data["knobs"].get("momentum"),
          e.data["rollback_to"]) for e in live]
     assert any(c.rollback_to == 40 for c in again) and any(c.knobs.momentum for c in again)
+
+
+def test_a_person_waiting_hears_the_values_the_job_used_once_it_applied_them(tmp_path):
+    ctl = make(tmp_path)
+    ctl.handle(PEER, register())
+    tick(ctl, 1)
+    frame = wire.encode(wire.Operate(job="j1", action="set", who="alice", reason="r",
+                                     request="r-1", knobs=wire.Knobs(lr=0.05), wait=True))
+    reply, (cmd,) = answer(ctl, frame)
+    assert reply.ok and not reply.applied
+    # The ack: the values the step used, as the job says them, go to the person.
+    out = decoded(ctl.handle(PEER, wire.encode(wire.Ack(job="j1", seq=cmd.seq, step=17,
+                                                         **in_force(0.5)))))
+    ((peer, told),) = out
+    assert peer == OPERATOR and told.request == "r-1" and told.applied and told.ok
+    assert told.step == 17 and told.knobs.lr == pytest.approx(0.05)
+    assert told.scale.lr == pytest.approx(0.5)
+    assert "applied at step 17, as its ack says: lr 0.05 (x0.5 of yours)" in told.detail
+    # Told once: a repeated ack tells nobody.
+    assert decoded(ctl.handle(PEER, wire.encode(wire.Ack(job="j1", seq=cmd.seq, step=17,
+                                                         **in_force(0.5))))) == []
+
+
+def test_a_person_waiting_hears_when_the_command_will_never_be_applied(tmp_path):
+    ctl = make(tmp_path)
+    ctl.handle(PEER, register())
+    tick(ctl, 1)
+    frame = wire.encode(wire.Operate(job="j1", action="set", who="alice", reason="r",
+                                     request="r-1", knobs=wire.Knobs(momentum=0.8), wait=True))
+    answer(ctl, frame)
+    out = decoded(ctl.handle(PEER, wire.encode(wire.Bye(job="j1", step=12))))
+    ((peer, told),) = out
+    assert peer == OPERATOR and not told.ok and not told.applied
+    assert "ended (closed) before applying it" in told.detail

@@ -149,10 +149,15 @@ def test_a_person_pauses_sets_is_refused_rolls_back_and_resumes_a_real_run(steer
               *op, cwd=folder)
     assert out.returncode == 0, out.stderr
     assert "done: command" in out.stdout and "lr x0.5" in out.stdout
-    seq = max(e.seq for e in events(srv, "command"))
+    seq = max(e.seq for e in events(srv, "command") if "manual" in " ".join(e.data["reasons"]))
     acks = wait_for(lambda: [e for e in events(srv, "ack") if e.seq == seq], timeout=30)
     assert acks and acks[0].data["scale"]["lr"] == pytest.approx(0.5)
     assert acks[0].data["knobs"]["momentum"] == pytest.approx(0.8)
+    # The CLI waited for that ack and printed the values the job's step used.
+    used = re.search(r"applied at step (\d+), as its ack says: lr (\S+) \(x0\.5 of yours\), "
+                     r"momentum 0\.8", out.stdout)
+    assert used and int(used[1]) == acks[0].step
+    assert float(used[2]) == pytest.approx(acks[0].data["knobs"]["lr"])
     assert wait_for(lambda: len([u for u in run.used if u["applied"] >= seq]) >= 10)
     used = [u for u in run.used if u["applied"] >= seq][1:10]
     for u in used:  # what the optimizer used: the user's lr of that step, halved
