@@ -121,6 +121,7 @@ ALERTS = (
     "TrimtabJobLost",
     "TrimtabDecisionChurn",
     "TrimtabReportsDropped",
+    "TrimtabJobPausedLong",
 )
 
 

@@ -100,6 +100,7 @@ def test_every_alert_rule_fires_in_its_scenario(scenario):
     assert by_alert["TrimtabDecisionChurn"] == {s.CHURN}
     assert s.CHURN in by_alert["TrimtabReportsDropped"]
     assert by_alert["TrimtabControllerDown"] == {"trimtab"}
+    assert by_alert["TrimtabJobPausedLong"] == {s.SPIKE}  # the job a person paused
 
 
 def test_the_controllers_metrics_pass_promtool(scenario):
