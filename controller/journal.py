@@ -35,6 +35,11 @@ from trimtab.controller.retention import RetentionConfig, plan_sql
 __all__ = ["EVENT_KINDS", "Event", "Journal", "JournalError", "JournalMissing", "named_jobs",
            "no_such_job"]
 
+def _dumps(data: Any) -> str:
+    """JSON for the journal: no NaN or infinity, no spaces (a journal keeps millions)."""
+    return json.dumps(data, allow_nan=False, separators=(",", ":"))
+
+
 #: What an event can be.
 EVENT_KINDS = (
     "register", "report", "proposal", "decision", "command", "ack",
@@ -212,7 +217,7 @@ class Journal:
         """Add one event; returns its id. Visible to readers after :meth:`commit`."""
         if kind not in EVENT_KINDS:
             raise ValueError(f"journal event kind {kind!r} is not one of {EVENT_KINDS}")
-        text = json.dumps(data or {}, allow_nan=False)
+        text = _dumps(data or {})
         self._begin()
         cur = self._db.execute(
             "INSERT INTO events (ts, job, kind, step, seq, data) VALUES (?, ?, ?, ?, ?, ?)",
@@ -223,7 +228,7 @@ class Journal:
 
     def save_state(self, job: str, state: dict[str, Any], *, live: bool = True) -> None:
         """Store a job's latest ``state_dict()`` (replacing the previous one)."""
-        text = json.dumps(state, allow_nan=False)
+        text = _dumps(state)
         self._begin()
         self._db.execute(
             "INSERT INTO job_state (job, ts, live, state) VALUES (?, ?, ?, ?) "
@@ -258,7 +263,7 @@ class Journal:
         self._db.execute(
             "INSERT INTO run_state (job, run_id, ts, state) VALUES (?, ?, ?, ?) "
             "ON CONFLICT(job, run_id) DO UPDATE SET ts=excluded.ts, state=excluded.state",
-            (job, run_id, self.clock(), json.dumps(state, allow_nan=False)))
+            (job, run_id, self.clock(), _dumps(state)))
         self._db.execute(
             "DELETE FROM run_state WHERE job = ? AND run_id NOT IN (SELECT run_id FROM "
             "run_state WHERE job = ? ORDER BY ts DESC, rowid DESC LIMIT ?)",
