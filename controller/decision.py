@@ -8,6 +8,7 @@ decreases the largest wins, among increases the smallest.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from trimtab.controller.limits import MULTIPLIERS
 from trimtab.controller.policy import Proposal
 from trimtab.controller.rollback import RollbackPlan
+from trimtab.controller.view import Phase
 from trimtab.protocol import wire
 
 if TYPE_CHECKING:
@@ -133,6 +135,9 @@ class Decision:
     #: The live schedules from this decision on, when they change (``()``: none); None: the
     #: ones sent before stay.
     schedules: tuple[wire.LiveSchedule, ...] | None = None
+    #: The measurement phase this decision ended, as it ended (``in_place``: no rollback;
+    #: else with the return in ``rollback``); None: it ended none.
+    phase_end: Phase | None = None
     #: The job's state as this decision leaves it (a draft, :meth:`JobState.fork
     #: <trimtab.controller.state.JobState.fork>`): deciding changes nothing, and
     #: :func:`~trimtab.controller.advance.commit` adopts it. Not part of the decision's value.
@@ -173,6 +178,7 @@ class Decision:
             "stop_advice": self.stop_advice,
             "schedules": None if self.schedules is None else [
                 s.model_dump(mode="json") for s in self.schedules],
+            "phase_end": None if self.phase_end is None else dataclasses.asdict(self.phase_end),
         }
 
     def reasons(self) -> list[str]:

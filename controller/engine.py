@@ -230,8 +230,25 @@ class Engine(PhaseRules, ScheduleRules):
                 # and the one set are not two points of one trajectory.
                 state.memory[knob].history = [(at, value)]
         if ending is not None:
-            state.end_phase(_found_lr(ending), ending.to_step)
+            decision = self._end_phase(state, decision, ending)
         return decision
+
+    def _end_phase(self, state: JobState, decision: Decision, ending: Proposal) -> Decision:
+        """End the open phase with ``decision``: with its return when the decision rolls the
+        run back, else in place (the phase's last value, or a return that could not be
+        made); recorded in the job's phases and as :attr:`Decision.phase_end`."""
+        in_place = decision.rollback is None
+        kd = decision.knobs.get("lr")
+        lr = None if kd is None else kd.commanded if kd.commanded is not None else kd.target
+        if in_place:
+            for knob, value in decision.commands.items():
+                # The measured value is the knob's new reference, as a return's would be:
+                # no correction on top of it, and a slew window that starts afresh there.
+                state.corrections.pop(knob, None)
+                state.memory[knob].history = [(state.step, value)]
+        done = state.end_phase(_found_lr(ending), None if in_place else ending.to_step,
+                               in_place=in_place, lr=lr)
+        return dataclasses.replace(decision, phase_end=done)
 
     def _plan_rollback(
         self, state: JobState, proposals: list[tuple[str, Proposal]]

@@ -11,13 +11,17 @@ nothing else stable, and governs its sweep values with the bounds only
 (:meth:`Governor.govern_phase`). The phase ends with that policy's planned rollback
 (``Proposal.roll_back(..., to_step=checkpoint, value=lr)``): level 0, the LR bounded
 only, no escalation, budget or cooldown, its ``detail["found_lr"]`` kept as the job's
-``found_lr``. A policy that fails mid-phase ends it with the return to the checkpoint
-at the LR that was in force there (cause ``phase_aborted``); so does a phase whose
-checkpoint the client no longer lists (a run resumed in a new process from the user's
-checkpoint): the return cannot restore it, and sets that LR only.
+``found_lr``; or in place (``Proposal.end_in_place(knob, value, ...)``, the sweep's
+last value): no rollback, the value set with the bounds only and the phase recorded as
+ended in place at that step and value (:attr:`Decision.phase_end`, ``Phase.in_place``).
+A return that cannot be made (no restorable checkpoint) ends the phase in place too,
+and is recorded so. A policy that fails mid-phase ends it with the return to the
+checkpoint at the LR that was in force there (cause ``phase_aborted``); so does a phase
+whose checkpoint the client no longer lists (a run resumed in a new process from the
+user's checkpoint): the return cannot restore it, and sets that LR only.
 
 Safety outranks a phase: persistent non-finite values (:data:`SAFETY`) end any phase at
-once, with its return.
+once, with its return, also when its policy proposes to end it in place.
 """
 
 from __future__ import annotations
@@ -54,8 +58,8 @@ class PhaseRules:
             return [(n, p) for n, p in proposals if not p.sweep], None, None
         if phase is None:
             ckpt = _phase_checkpoint(state)
-            first = next((n for n, p in proposals if p.sweep and n not in state.phases_done
-                          and p.advice is None), None)
+            first = next((n for n, p in proposals if p.sweep and not p.ends_phase
+                          and n not in state.phases_done and p.advice is None), None)
             if first is None or ckpt is None:  # a sweep value outside its phase is dropped
                 return [(n, p) for n, p in proposals if not p.sweep], None, None
             # A phase that starts over from an earlier checkpoint opens there: the decision
@@ -64,18 +68,20 @@ class PhaseRules:
             ckpt = ckpt if restart is None else restart
             phase, opened = state.begin_phase(first, ckpt, start=restart), ckpt
         mine = [(n, p) for n, p in proposals if n == phase.policy]
-        ending = next((p for _, p in mine if p.to_step is not None), None)
+        ending = next((p for _, p in mine if p.to_step is not None or p.ends_phase), None)
+        in_place = ending is not None and ending.ends_phase
         safety = _safety(proposals, phase.policy)
         failed = phase.policy in state.disabled_policies
         # The client no longer holds the phase's checkpoint (it always keeps a stable one):
         # a new process resumed from the user's own checkpoint. The phase cannot end with
-        # its return, so it ends now, at the LR it had there.
+        # its return, so it ends now, at the LR it had there (an end in place needs none).
         lost = (phase.checkpoint not in state.rollback.checkpoints
-                and state.rollback.pending is None)
-        if failed or lost or (safety and ending is None):
+                and state.rollback.pending is None and not in_place)
+        if failed or lost or (safety and (ending is None or in_place)):
             # Its policy failed mid-phase, or the run went persistently non-finite during
-            # it: return to the checkpoint with the LR it had there (the phase's values are
-            # what went wrong, not the run's own), and the phase is over.
+            # it (an end in place would keep the non-finite run): return to the checkpoint
+            # with the LR it had there (the phase's values are what went wrong, not the
+            # run's own), and the phase is over.
             seen = state.rollback.at_checkpoint.get(phase.checkpoint, {}).get("knobs", {})
             lr = seen.get("lr") or state.initial.lr
             if lr is None:  # nothing to return to: the phase just ends
@@ -116,7 +122,8 @@ class PhaseRules:
         sweep = [(n, p) for n, p in mine if p.sweep]
         if not sweep:
             return None
-        name, p = sweep[-1]
+        # The phase's last value, when it sends one, is the value it ends with.
+        name, p = next(((n, p) for n, p in sweep if p.ends_phase), sweep[-1])
         current = state.current(knob)
         initial = getattr(state.initial, knob)
         gov = self.governor.govern_phase(knob, initial, p.value)  # type: ignore[arg-type]

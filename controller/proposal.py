@@ -6,15 +6,17 @@
 * :class:`Rollback`: a rollback to the newest stable checkpoint for a ``cause``, with the
   LR cut to make instead when none can be made; or, with ``to_step``, a *planned*
   rollback to that checkpoint with the LR set to ``value`` (a measurement phase's return).
-* :class:`Sweep`: one absolute value of a measurement sweep (the first opens the phase).
+* :class:`Sweep`: one absolute value of a measurement sweep (the first opens the phase);
+  with ``ends_phase``, the phase's last value: the phase ends where the run is, with no
+  rollback.
 * :class:`Advice`: advice to the run, no knob: ``"stop"``.
 
 Every kind has a ``reason`` and may carry ``detail`` (JSON-serialisable facts journaled
 with it). The engine reads every kind through the same attributes (``knob``, ``factor``,
-``value``, ``hold``, ``rollback``, ``to_step``, ``sweep``, ``advice``, ``schedule``,
-``detail``): a kind answers None or False for what it does not carry. The constructors
-:meth:`Proposal.roll_back`, :meth:`Proposal.sweep_value` and :meth:`Proposal.advise_stop`
-build the other kinds.
+``value``, ``hold``, ``rollback``, ``to_step``, ``sweep``, ``ends_phase``, ``advice``,
+``schedule``, ``detail``): a kind answers None or False for what it does not carry. The
+constructors :meth:`Proposal.roll_back`, :meth:`Proposal.sweep_value`,
+:meth:`Proposal.end_in_place` and :meth:`Proposal.advise_stop` build the other kinds.
 
 >>> Proposal("lr", factor=0.5, reason="loss plateau").factor
 0.5
@@ -24,6 +26,8 @@ build the other kinds.
 >>> Proposal.roll_back("lr_range_test", "sweep done", to_step=0, value=0.03).to_step
 0
 >>> Proposal.sweep_value("lr", 1e-4, "range test at step 10").sweep
+True
+>>> Proposal.end_in_place("lr", 0.03, "sweep done, the run kept where it is").ends_phase
 True
 >>> a = Proposal.advise_stop("validation loss flat for 5 evaluations")
 >>> (a.advice, a.knob)
@@ -56,6 +60,7 @@ class _Kind:
     rollback: str | None = None
     to_step: int | None = None
     sweep: ClassVar[bool] = False
+    ends_phase: bool = False
     advice: str | None = None
     schedule: wire.SchedulePiece | None = None
     detail: dict[str, Any] | None = None
@@ -79,6 +84,8 @@ class _Kind:
             out["to_step"] = self.to_step
         if self.sweep:
             out["sweep"] = True
+        if self.ends_phase:
+            out["ends_phase"] = True
         if self.detail is not None:
             out["detail"] = self.detail
         if self.schedule is not None:
@@ -123,6 +130,14 @@ class Proposal(_Kind):
         return Sweep(knob, value, reason=reason, detail=detail, schedule=schedule)
 
     @staticmethod
+    def end_in_place(knob: wire.Knob, value: float, reason: str,
+                     detail: dict[str, Any] | None = None) -> Sweep:
+        """The last value of the proposing policy's measurement sweep: its phase ends now
+        where the run is, with no rollback, and ``value`` is set (bounds only), as a
+        planned rollback's would be; ``detail["found_lr"]`` becomes the job's ``found_lr``."""
+        return Sweep(knob, value, reason=reason, detail=detail, ends_phase=True)
+
+    @staticmethod
     def advise_stop(reason: str) -> Advice:
         """Recommend that the run stop, and why; no knob changes."""
         return Advice(reason=reason)
@@ -149,7 +164,9 @@ class Sweep(_Kind):
     """One absolute value of a measurement sweep: the first one opens the phase for its
     policy, and while the phase runs the engine takes that policy's proposals only and
     lets its values past every governor limit but the bounds (see
-    :mod:`~trimtab.controller.phases`)."""
+    :mod:`~trimtab.controller.phases`). With ``ends_phase``, the sweep's last value: the
+    phase ends with it where the run is, no rollback (it opens no phase, and takes no
+    schedule)."""
 
     knob: wire.Knob
     value: float
@@ -157,6 +174,7 @@ class Sweep(_Kind):
     reason: str
     schedule: wire.SchedulePiece | None = None
     detail: dict[str, Any] | None = None
+    ends_phase: bool = False
     sweep: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
@@ -164,6 +182,11 @@ class Sweep(_Kind):
         self._check_common()
         if self.value is None:
             raise ValueError(f"a sweep proposal for {self.knob} takes an absolute value")
+        if self.ends_phase is not False and self.ends_phase is not True:
+            raise ValueError(f"ends_phase must be True or False, got {self.ends_phase!r}")
+        if self.ends_phase and self.schedule is not None:
+            raise ValueError(f"a sweep's last value (ends_phase) for {self.knob} is a value, "
+                             "not a schedule; got a schedule")
         _check_number(self.knob, "value", self.value, strictly_positive=False)
         _check_schedule(self.knob, self.schedule, self.value)
 

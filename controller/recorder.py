@@ -170,6 +170,11 @@ class Recorder:
         if decision.proposals:
             self.journal.append(job, "decision", step=decision.step, data=decision.to_dict())
         self.metrics.note_decision(job, decision)
+        end = decision.phase_end
+        if end is not None and end.in_place and not decision.shadow:
+            lr = "unchanged" if end.end_lr is None else f"x{end.end_lr:.6g}"
+            log.warning("job %s: %s's measurement phase ended in place at step %d, no rollback "
+                        "(lr %s)", job, end.policy, decision.step, lr)
         if command is None:
             return
         if command.stop_advice is not None:

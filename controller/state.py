@@ -446,12 +446,15 @@ class JobState(Persisted):
         self.phase = Phase(policy, self.step if start is None else start, checkpoint)
         return self.phase
 
-    def end_phase(self, found_lr: float | None, back_to: int | None = None) -> Phase | None:
+    def end_phase(self, found_lr: float | None, back_to: int | None = None, *,
+                  in_place: bool = False, lr: float | None = None) -> Phase | None:
         """The open phase ends now, having found ``found_lr`` (None: nothing), returning
-        to the checkpoint at ``back_to`` (None: the one it opened with)."""
+        to the checkpoint at ``back_to`` (None: the one it opened with), or, ``in_place``,
+        where the run is; ``lr``: the lr multiplier set with its end."""
         if self.phase is None:
             return None
-        done = dataclasses.replace(self.phase, end_step=self.step, found_lr=found_lr)
+        done = dataclasses.replace(self.phase, end_step=self.step, found_lr=found_lr,
+                                   in_place=in_place, end_lr=lr)
         if back_to is not None:
             done = dataclasses.replace(done, checkpoint=back_to)
         self.phases_done[done.policy] = done

@@ -102,8 +102,9 @@ class Phase:
     """A measurement phase that one policy holds for a job: the LR range test's sweep.
 
     It opens with the policy's first sweep proposal, at ``start_step``, and returns to
-    the checkpoint at ``checkpoint`` when it ends; while it is open the engine takes
-    that policy's proposals only (see :mod:`~trimtab.controller.engine`). A policy holds
+    the checkpoint at ``checkpoint`` when it ends, unless it ends in place (``in_place``:
+    no rollback, the run went on from ``end_step``); while it is open the engine takes
+    that policy's proposals only (see :mod:`~trimtab.controller.phases`). A policy holds
     at most one phase per job, ever.
     """
 
@@ -114,6 +115,17 @@ class Phase:
     end_step: int | None = None
     #: The LR it found (None: none, or still open).
     found_lr: float | None = None
+    #: It ended where the run was, with no rollback (False: with its return to ``checkpoint``,
+    #: or still open).
+    in_place: bool = False
+    #: The lr multiplier set at its end (None: none set, or still open).
+    end_lr: float | None = None
+
+    @property
+    def resume_step(self) -> int:
+        """The step the run went on from after the phase: the checkpoint it returned to, or
+        the step it ended at in place."""
+        return self.end_step if self.in_place and self.end_step is not None else self.checkpoint
 
 
 @dataclass(frozen=True)

@@ -164,12 +164,13 @@ class SchedulePolicy(Policy):
 
     def step_origin(self, view: JobView) -> int:
         """The step at which this schedule's step 0 falls for ``view``'s job (0: the run's
-        start; the checkpoint an LR range test returned to, when the schedule takes its
-        pick); before it the schedule holds its step-0 value."""
+        start; the checkpoint an LR range test returned to, or the step it ended at in
+        place, when the schedule takes its pick); before it the schedule holds its step-0
+        value."""
         cfg: ScheduleConfig = self.config  # type: ignore[assignment]
         if getattr(cfg, self.lr_field) is None and cfg.use_found_lr and view.found_lr:
             found = [p for p in view.phases_done if p.found_lr == view.found_lr]
-            return found[-1].checkpoint if found else 0
+            return found[-1].resume_step if found else 0
         return 0
 
     def lr_for(self, view: JobView) -> tuple[float, float]:

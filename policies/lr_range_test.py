@@ -1,4 +1,4 @@
-"""LR range test: sweep the LR up at the start of the run, pick one, and roll back.
+"""LR range test: sweep the LR up at the start of the run, pick one, and go on from its best.
 
 The rule (Smith 2017, "Cyclical Learning Rates for Training Neural Networks", sec. 3.3:
 train while the LR rises and read the usable range off the loss; as practised by
@@ -20,7 +20,11 @@ defaults), in the run itself:
 * **Smoothing.** Each report's mean loss goes into a bias-corrected exponential moving
   average with ``beta`` per optimizer step (``beta ** window`` per report; fastai's 0.98).
 * **Stop.** When the smoothed loss passes ``diverge_factor`` x its lowest (fastai's 4,
-  torch-lr-finder's 5), a loss or gradient is non-finite, or ``sweep_steps`` are done.
+  torch-lr-finder's 5), a loss or gradient is non-finite, or ``sweep_steps`` are done; or,
+  once the smoothed loss has fallen ``min_drop`` below its first value, as soon as a
+  report's mean loss turns up past ``turn_ratio`` x the sweep's lowest report: in a run
+  (not fastai's throw-away copy) the LR past the low ruins the weights within a few
+  reports, long before the smoothed loss reaches 4x its low.
 * **Pick.** ``"min"``: the LR at the lowest smoothed loss divided by ``pick_divisor``
   (fastai's ``lr_min``: a tenth of where the loss bottoms out, which the smoothing's lag
   puts a little late); ``"steepest"``: the LR where the smoothed loss falls fastest
@@ -28,14 +32,22 @@ defaults), in the run itself:
   ``lr_steep``). No pick when fewer than ``min_points`` reports came in, or the smoothed
   loss never fell ``min_drop`` below its first value (a flat-then-up curve says nothing
   about where to train): the job keeps the LR it registered.
-* **Return.** A planned rollback to the checkpoint where the sweep began (the engine
-  marks it stable when the sweep opens), the LR set to the pick x ``start_fraction``
+* **End in place.** With a pick, when the latest report is finite, healthy (the
+  controller's verdict) and its mean loss within ``keep_within`` x the sweep's lowest
+  report, the smoothed loss at its lowest at most one report before, the run is at its
+  best and the sweep's steps were training: the phase ends where the run is
+  (``Proposal.end_in_place``), no rollback, the LR set to the pick x ``start_fraction``,
+  and the phase is journaled as ended in place at that step and LR. ``end_in_place =
+  false`` always returns, as below.
+* **Return.** Otherwise a planned rollback to the checkpoint where the sweep began (the
+  engine marks it stable when the sweep opens), the LR set to the pick x ``start_fraction``
   (1 for a schedule that starts at its reference LR, such as cosine; ``1 / div_factor``
   for ``one_cycle``, the warm-up's start factor for ``warmup``, so that the schedule
   takes over without the governor's rate limits in the way). The pick becomes the job's
   ``found_lr``: schedule policies whose own reference LR is not configured take it. The
-  decision journals the curve, ``(lr, smoothed loss)`` per report. The run pays only the
-  sweep's steps.
+  decision journals the curve, ``(lr, smoothed loss)`` per report. The run pays at most
+  the sweep's steps (:meth:`LrRangeTest.resume_at` keeps the sweep's progress where it
+  can), and none of those it kept in place.
 
 The knob model: trimtab steers a multiplier on the user's own lr, so the sweep is a sweep
 of the multiplier (``min_lr``/``max_lr`` and the family's range, which are absolute, are
@@ -113,6 +125,18 @@ class LrRangeTestConfig(BaseModel):
     min_drop: float = Field(0.02, ge=0.0, lt=1.0)
     #: The LR set with the rollback is the pick times this.
     start_fraction: float = Field(1.0, gt=0.0, le=1.0)
+    #: Stop too once the loss has fallen (the smoothed loss ``min_drop`` below its first)
+    #: and a report's mean loss then passes this multiple of the sweep's lowest report
+    #: (None: only the ``diverge_factor`` stop): past its low, a run blows up within a few
+    #: reports, long before the smoothed loss reaches 4x its lowest.
+    turn_ratio: float | None = Field(1.5, gt=1.0, allow_inf_nan=False)
+    #: End in place, no rollback, when an LR was picked and the latest report's mean loss is
+    #: finite, healthy and within ``keep_within`` x the sweep's lowest report, the smoothed
+    #: loss at its lowest at most a report before: the run is at its best, and the sweep's
+    #: steps were training (False: always roll back). 1.6: measured on the digits CNN
+    #: started 10x and 30x too hot, 8 seeds (2.0 kept runs the turn had already worn down).
+    end_in_place: bool = True
+    keep_within: float = Field(1.6, ge=1.0, allow_inf_nan=False)
     #: When the sweep runs: ``"evidence"`` only when the run shows its LR is far off (see
     #: :meth:`LrRangeTest.evidence`), ``"always"`` at the start of every run.
     when: Literal["evidence", "always"] = "evidence"
@@ -326,6 +350,8 @@ class LrRangeTest(Policy):
         curve = smooth(points, self.sweep_beta())  # type: ignore[arg-type]
         done = view.step - phase.start_step
         why = stop_reason(curve, cfg.diverge_factor)
+        if why is None:
+            why = self.turned([loss for _, loss, _ in points], curve)
         if why is None and done >= cfg.sweep_steps:
             why = f"sweep done at lr x{curve[-1][0]:.3g}" if curve else "sweep done"
         if why is None:
@@ -339,15 +365,39 @@ class LrRangeTest(Policy):
                     schedule=self.trajectory(phase.start_step, lo, hi),
                 )
             ]
-        return [self._finish(view, phase, curve, why, [s.step for s in samples])]
+        return [self._finish(view, phase, curve, why, [s.step for s in samples],
+                             [loss for _, loss, _ in points])]
+
+    def turned(self, losses: list[float], curve: list[tuple[float, float]]) -> str | None:
+        """Why the sweep stops at its latest report because its loss turned up off its low
+        (None: it did not): the smoothed loss fell ``min_drop`` below its first value, and
+        the latest report's mean loss passes ``turn_ratio`` x the lowest before it.
+
+        >>> LrRangeTest().turned([2.3, 2.0, 1.0, 0.6, 1.2], [(0.1, 2.3), (0.2, 2.1),
+        ...                      (0.4, 1.6), (0.8, 1.1), (1.6, 1.1)])
+        'the loss turned up: 1.2 > 1.5 x its lowest report 0.6 at lr x1.6'
+        """
+        cfg: LrRangeTestConfig = self.config  # type: ignore[assignment]
+        if cfg.turn_ratio is None or len(losses) < cfg.min_points:
+            return None
+        finite = [x for _, x in curve if math.isfinite(x)]
+        if not finite or min(finite) > finite[0] * (1.0 - cfg.min_drop):
+            return None  # the loss has not fallen: no low to turn up from yet
+        before = [x for x in losses[:-1] if math.isfinite(x)]
+        last = losses[-1]
+        if not before or not last > cfg.turn_ratio * min(before):
+            return None
+        return (f"the loss turned up: {last:.4g} > {cfg.turn_ratio:g} x its lowest report "
+                f"{min(before):.4g} at lr x{curve[-1][0]:.3g}")
 
     def _finish(
         self, view: JobView, phase: Phase, curve: list[tuple[float, float]], why: str,
-        steps: list[int],
+        steps: list[int], losses: list[float],
     ) -> Proposal:
-        """The planned rollback with the pick (if any): to the newest checkpoint taken
-        during the sweep at or before its lowest smoothed loss, where the sweep's steps
-        made progress (:meth:`resume_at`), else to the sweep's own checkpoint."""
+        """The sweep's end with the pick (if any): in place when the run is at its best
+        (:meth:`keeps`), else the planned rollback to the newest checkpoint taken during
+        the sweep at or before its lowest smoothed loss, where the sweep's steps made
+        progress (:meth:`resume_at`), else to the sweep's own checkpoint."""
         cfg: LrRangeTestConfig = self.config  # type: ignore[assignment]
         finite = [(lr, loss) for lr, loss in curve if math.isfinite(loss)]
         found, verdict = None, ""
@@ -362,24 +412,54 @@ class LrRangeTest(Policy):
             found = pick_lr(finite, cfg.pick, cfg.pick_divisor)
             verdict = f"picked lr x{found:.4g} ({cfg.pick})"
         lr = found * cfg.start_fraction if found is not None else view.initial.lr
-        back = phase.checkpoint
-        if found is not None:
-            back = self.resume_at(view, phase, curve, steps)
+        kept = self.keeps(view, losses, curve) if found is not None else None
         detail = {
             "found_lr": found,
             "pick": cfg.pick,
             "stop": why,
             "start_step": phase.start_step,
-            "checkpoint": back,
+            "checkpoint": None,
             "curve": [[lr_, loss if math.isfinite(loss) else None] for lr_, loss in curve],
         }
-        kept = "" if back == phase.checkpoint else (
+        if kept is not None:
+            detail["end"] = "in_place"
+            reason = (f"LR range test over {len(curve)} reports stopped ({why}); {verdict}; "
+                      f"ended in place at step {view.step}, no rollback ({kept})")
+            return Proposal.end_in_place("lr", lr, reason, detail=detail)  # type: ignore[arg-type]
+        back = phase.checkpoint
+        if found is not None:
+            back = self.resume_at(view, phase, curve, steps)
+        detail["end"], detail["checkpoint"] = "rollback", back
+        progress = "" if back == phase.checkpoint else (
             f" (kept the sweep's progress: its start was step {phase.checkpoint})")
         reason = (
             f"LR range test over {len(curve)} reports stopped ({why}); {verdict}; back "
-            f"to step {back}{kept}"
+            f"to step {back}{progress}"
         )
         return Proposal.roll_back(CAUSE, reason, to_step=back, value=lr, detail=detail)
+
+    def keeps(self, view: JobView, losses: list[float], curve: list[tuple[float, float]]
+              ) -> str | None:
+        """Why the sweep's run is kept where it is, with no rollback (None: it goes back):
+        its latest report is finite, healthy (the controller's verdict) and its mean loss
+        within ``keep_within`` x the sweep's lowest report, and the smoothed loss was at its
+        lowest at most one report ago (a sweep that ran on past its low, at LRs too high
+        for it, has worn the run down: it goes back to a checkpoint before): the run is at
+        its best, and the sweep's steps were training, not damage.
+        """
+        cfg: LrRangeTestConfig = self.config  # type: ignore[assignment]
+        last = view.history[-1] if view.history else None
+        finite = [x for x in losses if math.isfinite(x)]
+        smoothed = [x for _, x in curve]
+        if (not cfg.end_in_place or last is None or last.nonfinite or view.health is not None
+                or not finite or not losses or not math.isfinite(losses[-1])
+                or not all(math.isfinite(x) for x in smoothed[-2:])):
+            return None
+        low = min(finite)
+        if losses[-1] > cfg.keep_within * low or min(smoothed[-2:]) > min(smoothed):
+            return None
+        return (f"its latest loss {losses[-1]:.4g} within {cfg.keep_within:g} x its lowest "
+                f"report {low:.4g}")
 
     def resume_at(self, view: JobView, phase: Phase, curve: list[tuple[float, float]],
                   steps: list[int]) -> int:

@@ -65,16 +65,20 @@ def drive(
     reports: int,
     listed=None,
     stop_on_rollback: bool = True,
+    spread: float = 0.0,
 ):
     """``reports`` reports whose loss is ``loss_of(the effective lr of the window's last
-    step)`` (inf: non-finite), listing the checkpoints ``listed`` (None: those taken);
-    every decision carried out by the client. Returns the decisions."""
+    step)`` (inf: non-finite), the window's lowest ``spread`` below it, listing the
+    checkpoints ``listed`` (None: those taken); every decision carried out by the client.
+    Returns the decisions."""
     decisions = []
     for _ in range(reports):
         c.advance()
         loss = loss_of(c.act.used().lr)
         bad = not math.isfinite(loss)
         extra = {} if listed is None else {"checkpoints": [s for s in listed if s <= c.step]}
+        if spread and not bad:
+            extra["loss_min"] = loss * (1.0 - spread)
         d = c.exchange(engine, loss_mean=None if bad else loss,
                        nonfinite_losses=EVERY if bad else 0, **extra).decision
         decisions.append(d)
@@ -239,7 +243,7 @@ def test_a_run_registered_decades_too_low_sweeps_into_its_family_range(family_ra
     st = c.state
     ctx = ScaleContext.from_facts(st.facts)
     gov = Governor(derive_limits(ctx, GovernorConfig(), set(), st.registered).config)
-    policy = LrRangeTest({"when": "always",
+    policy = LrRangeTest({"when": "always", "end_in_place": False,
                           "sweep_steps": 400, "beta": 0.0, "family_range": family_range})
     lo, hi = policy.sweep_range(st.view())  # multipliers on the user's lr
     assert lo == pytest.approx(1 / 100)
@@ -375,6 +379,112 @@ def test_a_non_finite_loss_mid_sweep_stops_it_and_rolls_back():
     assert st.found_lr is not None and LR * st.found_lr < 1e-2 / 10 * 1.001
 
 
+def turn_up(best: float, to: float = 1.55):
+    """:func:`dip` up to 1.2x ``best``, then a loss of ``to`` (its lowest is 1): a run
+    that turns up off its low at once, without blowing up."""
+    below = dip(best, blow=1e9)
+    return lambda lr: below(lr) if lr <= 1.2 * best else to
+
+
+def test_a_sweep_whose_run_is_still_near_its_best_ends_in_place_with_no_rollback():
+    # The loss turns up past its lowest (no blow-up): the sweep stops at the first report
+    # 1.5x above the lowest, and the run, within 1.6x its best, off its low for one report
+    # only and healthy (a noisy window, as at a high LR: its lowest loss is no spike), is
+    # kept where it is: no rollback, the pick set as the lr in force, the phase journaled
+    # as ended in place.
+    c = client()
+    st = c.state
+    policy = LrRangeTest({"when": "always", "min_lr": 1e-5, "max_lr": 1.0, "beta": 0.0})
+    ds = drive(Engine([policy], WIDE, live_schedules=True), c, turn_up(best=3e-3), 40,
+               spread=0.5)
+    (d,) = [d for d in ds if d.phase_end is not None]
+    (end,) = [p for n, p in d.proposals if n == "lr_range_test"]
+    assert isinstance(end, Sweep) and end.ends_phase and end.to_step is None
+    assert end.detail["stop"].startswith("the loss turned up") and end.detail["end"] == "in_place"
+    assert "ended in place" in end.reason and "no rollback" in end.reason
+    found = end.detail["found_lr"]
+    assert 1e-4 < LR * found < 1e-3  # about the best lr / 10
+    # No rollback, ordered or counted; the run never went back a step.
+    assert all(x.rollback is None for x in ds) and st.rollback.rollbacks == {}
+    steps = [s for s, *_ in c.trace]
+    assert steps == sorted(steps)
+    # The decision and the job's phase record say how it ended, where and at which lr.
+    assert (d.phase_end.in_place, d.phase_end.end_step) == (True, d.step)
+    assert d.phase_end.end_lr == pytest.approx(found) and d.commands["lr"] == pytest.approx(found)
+    assert d.to_dict()["phase_end"]["in_place"] is True and d.to_dict()["rollback"] is None
+    assert d.schedules == ()  # the live sweep stopped: the pick holds
+    assert st.phase is None and st.found_lr == pytest.approx(found)
+    done = st.phases_done["lr_range_test"]
+    assert done.in_place and done.resume_step == d.step and done.end_lr == d.phase_end.end_lr
+    # From there on the run trains at the pick, and a schedule would count from that step.
+    assert c.trace[-1][1] == pytest.approx(LR * found)
+    assert Cosine({"t_max": 2000}).step_origin(st.view()) == d.step
+
+
+def test_the_return_is_kept_when_the_run_is_past_its_best_or_in_place_ends_are_off():
+    # A blow-up past the low: the latest report is far above the lowest, the run goes back.
+    c = client()
+    policy = LrRangeTest({"when": "always", "min_lr": 1e-5, "max_lr": 1.0, "beta": 0.0})
+    ds = drive(Engine([policy], WIDE), c, dip(best=3e-3, blow=1.2), 60)
+    (d,) = [d for d in ds if d.phase_end is not None]
+    assert d.rollback is not None and d.phase_end.in_place is False
+    assert d.phase_end.checkpoint == d.rollback.target_step and "kept" not in d.rollback.reason
+    # A gentle rise past the low: when the loss is 1.5x its lowest, the run has trained
+    # reports long at LRs too high for it, and goes back.
+    c = client()
+    policy = LrRangeTest({"when": "always", "min_lr": 1e-5, "max_lr": 1.0, "beta": 0.0})
+    ds = drive(Engine([policy], WIDE), c, dip(best=3e-3, blow=1e9), 60)
+    assert ds[-1].rollback is not None and finished(ds).detail["end"] == "rollback"
+    assert finished(ds).detail["stop"].startswith("the loss turned up")
+    # The same turn as in the test above, with end_in_place off: the return, as before.
+    c = client()
+    policy = LrRangeTest({"when": "always", "min_lr": 1e-5, "max_lr": 1.0, "beta": 0.0,
+                          "end_in_place": False})
+    ds = drive(Engine([policy], WIDE), c, turn_up(best=3e-3), 60)
+    assert ds[-1].rollback is not None and finished(ds).detail["end"] == "rollback"
+
+
+def test_persistent_non_finite_values_outrank_an_end_in_place():
+    class EndsNow(LrRangeTest):
+        def propose(self, view):
+            if view.phase is not None:
+                return [Proposal.end_in_place("lr", 0.5, "the run is at its best")]
+            return super().propose(view)
+
+    class Skipping(DivergenceGuard):
+        name = "skipping"
+
+        def propose(self, view):  # every step skipped, from the second report on
+            if view.reports_seen < 2:
+                return []
+            return [Proposal.roll_back("nonfinite", "every step skipped")]
+
+    c = client()
+    st = c.state
+    engine = Engine([EndsNow({"when": "always"}), Skipping()], WIDE)
+    ds = drive(engine, c, dip(3e-3), 3)
+    assert st.phases_done["lr_range_test"].in_place is False
+    plan = ds[-1].rollback
+    # The phase's return to its checkpoint, for the non-finite values, not an end in place.
+    assert plan is not None and plan.cause == "nonfinite" and plan.target_step == 0
+    assert ds[-1].phase_end.in_place is False and c.state.step == 0
+
+
+def test_an_end_in_place_opens_no_phase_and_carries_no_schedule():
+    class Ends(LrRangeTest):
+        def propose(self, view):
+            return [Proposal.end_in_place("lr", 0.5, "nothing to end")]
+
+    c = client()
+    d = drive(Engine([Ends({"when": "always"})], WIDE), c, dip(3e-3), 1)[0]
+    assert c.state.phase is None and d.commands == {} and d.phase_end is None
+    piece = wire.SchedulePiece(name="exponential", params={"lr": 0.1, "gamma": 1.1}, origin=0)
+    with pytest.raises(ValueError, match="ends_phase.*is a value, not a schedule"):
+        Sweep("lr", 0.1, reason="x", ends_phase=True, schedule=piece)
+    with pytest.raises(ValueError, match="ends_phase must be True or False"):
+        Sweep("lr", 0.1, reason="x", ends_phase=1)  # type: ignore[arg-type]
+
+
 def test_the_sweep_runs_through_the_governor_bounds_and_defers_the_other_policies():
     c = client()
     st = c.state
@@ -391,7 +501,8 @@ def test_the_sweep_runs_through_the_governor_bounds_and_defers_the_other_policie
     policies = [
         Nervous(),
         Plateau(),
-        LrRangeTest({"when": "always", "sweep_steps": 300, "max_factor": 100.0}),
+        LrRangeTest({"when": "always", "sweep_steps": 300, "max_factor": 100.0,
+                     "end_in_place": False}),
         Cosine({"t_max": 2000}),
     ]
     ds = drive(Engine(policies, gov), c, dip(best=2e-3, blow=20.0), 80)
@@ -517,7 +628,7 @@ def test_config_errors_name_the_field():
 def test_one_cycle_starts_at_its_start_fraction_of_the_found_lr():
     c = client()
     st = c.state
-    rt = LrRangeTest({"when": "always",
+    rt = LrRangeTest({"when": "always", "end_in_place": False,
                       "min_lr": 1e-5, "max_lr": 1e-1, "beta": 0.0, "start_fraction": 1 / 25})
     oc = OneCycle({"total_steps": 1000, "cycle_momentum": False})
     ds = drive(Engine([rt, oc], WIDE), c, dip(3e-3), 60)
@@ -532,7 +643,7 @@ POST = 1000  # optimizer steps after the rollback, and of the fixed-LR baseline
 CONFIG = f"""
 [[policies]]
 name = "lr_range_test"
-config = {{ when = "always", sweep_steps = 200, max_factor = 1000.0 }}
+config = {{ when = "always", sweep_steps = 200, max_factor = 1000.0, end_in_place = false }}
 
 [[policies]]
 name = "cosine"
