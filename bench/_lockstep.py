@@ -45,8 +45,9 @@ class Lockstep:
         self.waited_s = 0.0
         # Register first: the controller's job state starts from the registration.
         self._after = self._wait(
-            "SELECT id FROM events WHERE job = ? AND kind = 'register' AND data LIKE ? "
-            "ORDER BY id DESC LIMIT 1", (guard.job, f'%"run_id": "{guard.run_id}"%')) or 0
+            "SELECT id FROM events WHERE job = ? AND kind = 'register' "
+            "AND json_extract(data, '$.run_id') = ? ORDER BY id DESC LIMIT 1",
+            (guard.job, guard.run_id)) or 0
 
     def _wait(self, sql: str, args: tuple) -> Any:
         t0 = time.perf_counter()
