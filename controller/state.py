@@ -443,7 +443,8 @@ class JobState(Persisted):
         if self.phase is not None or policy in self.phases_done:
             raise ValueError(f"policy {policy!r} cannot open a phase: "
                              f"{'one is open' if self.phase else 'it had its phase'}")
-        self.phase = Phase(policy, self.step if start is None else start, checkpoint)
+        self.phase = Phase(policy, self.step if start is None else start, checkpoint,
+                           restarted=start is not None and start < self.step)
         return self.phase
 
     def end_phase(self, found_lr: float | None, back_to: int | None = None, *,

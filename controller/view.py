@@ -120,6 +120,9 @@ class Phase:
     in_place: bool = False
     #: The lr multiplier set at its end (None: none set, or still open).
     end_lr: float | None = None
+    #: It started over from an earlier checkpoint (the steps before it ran too hot), not at
+    #: the step it opened at.
+    restarted: bool = False
 
     @property
     def resume_step(self) -> int:

@@ -37,8 +37,9 @@ defaults), in the run itself:
   report, the smoothed loss at its lowest at most one report before, the run is at its
   best and the sweep's steps were training: the phase ends where the run is
   (``Proposal.end_in_place``), no rollback, the LR set to the pick x ``start_fraction``,
-  and the phase is journaled as ended in place at that step and LR. ``end_in_place =
-  false`` always returns, as below.
+  and the phase is journaled as ended in place at that step and LR. By default only a
+  sweep that started over because the run ran too hot may end so (and stop at the turn);
+  ``end_in_place = "always"`` lets every sweep, ``"never"`` none.
 * **Return.** Otherwise a planned rollback to the checkpoint where the sweep began (the
   engine marks it stable when the sweep opens), the LR set to the pick x ``start_fraction``
   (1 for a schedule that starts at its reference LR, such as cosine; ``1 / div_factor``
@@ -133,9 +134,15 @@ class LrRangeTestConfig(BaseModel):
     #: End in place, no rollback, when an LR was picked and the latest report's mean loss is
     #: finite, healthy and within ``keep_within`` x the sweep's lowest report, the smoothed
     #: loss at its lowest at most a report before: the run is at its best, and the sweep's
-    #: steps were training (False: always roll back). 1.6: measured on the digits CNN
-    #: started 10x and 30x too hot, 8 seeds (2.0 kept runs the turn had already worn down).
-    end_in_place: bool = True
+    #: steps were training. ``"restarted"``: only for a sweep that started over from an
+    #: earlier checkpoint because the run ran too hot (its weights trained at the sweep's
+    #: low LRs only); a sweep of a run that had trained for a while at too low an LR climbs
+    #: far past the pick and goes back (kept in place, the digits CNN started 100x too low
+    #: ended 2.4-3x worse in the quick grid). ``"always"`` (True), ``"never"`` (False: always
+    #: roll back). The ``turn_ratio`` stop applies where an end in place may. 1.6: measured
+    #: on the digits CNN started 10x and 30x too hot, 8 seeds (2.0 kept runs the turn had
+    #: already worn down).
+    end_in_place: Literal["restarted", "always", "never"] | bool = "restarted"
     keep_within: float = Field(1.6, ge=1.0, allow_inf_nan=False)
     #: When the sweep runs: ``"evidence"`` only when the run shows its LR is far off (see
     #: :meth:`LrRangeTest.evidence`), ``"always"`` at the start of every run.
@@ -351,7 +358,8 @@ class LrRangeTest(Policy):
         done = view.step - phase.start_step
         why = stop_reason(curve, cfg.diverge_factor)
         if why is None:
-            why = self.turned([loss for _, loss, _ in points], curve)
+            why = (self.turned([loss for _, loss, _ in points], curve)
+                   if self.in_place_allowed(phase) else None)
         if why is None and done >= cfg.sweep_steps:
             why = f"sweep done at lr x{curve[-1][0]:.3g}" if curve else "sweep done"
         if why is None:
@@ -412,7 +420,8 @@ class LrRangeTest(Policy):
             found = pick_lr(finite, cfg.pick, cfg.pick_divisor)
             verdict = f"picked lr x{found:.4g} ({cfg.pick})"
         lr = found * cfg.start_fraction if found is not None else view.initial.lr
-        kept = self.keeps(view, losses, curve) if found is not None else None
+        kept = (self.keeps(view, losses, curve)
+                if found is not None and self.in_place_allowed(phase) else None)
         detail = {
             "found_lr": found,
             "pick": cfg.pick,
@@ -438,6 +447,13 @@ class LrRangeTest(Policy):
         )
         return Proposal.roll_back(CAUSE, reason, to_step=back, value=lr, detail=detail)
 
+    def in_place_allowed(self, phase: Phase) -> bool:
+        """Whether this sweep may stop at its turn and end in place (``end_in_place``)."""
+        mode = self.config.end_in_place  # type: ignore[attr-defined]
+        if isinstance(mode, bool):
+            return mode
+        return mode == "always" or (mode == "restarted" and phase.restarted)
+
     def keeps(self, view: JobView, losses: list[float], curve: list[tuple[float, float]]
               ) -> str | None:
         """Why the sweep's run is kept where it is, with no rollback (None: it goes back):
@@ -451,7 +467,7 @@ class LrRangeTest(Policy):
         last = view.history[-1] if view.history else None
         finite = [x for x in losses if math.isfinite(x)]
         smoothed = [x for _, x in curve]
-        if (not cfg.end_in_place or last is None or last.nonfinite or view.health is not None
+        if (last is None or last.nonfinite or view.health is not None
                 or not finite or not losses or not math.isfinite(losses[-1])
                 or not all(math.isfinite(x) for x in smoothed[-2:])):
             return None

@@ -197,6 +197,11 @@ def test_a_run_too_hot_from_the_start_sweeps_again_from_its_first_checkpoint():
     end = finished(ds)
     assert end.detail["found_lr"] is not None and st.phase is None
     assert st.found_lr == pytest.approx(end.detail["found_lr"])
+    # A sweep that started over stops at its turn (by default, only such a sweep may, and
+    # end in place): this one's loss turned up 2.4x its low, past keep_within, so it
+    # returns.
+    assert st.phases_done["lr_range_test"].restarted
+    assert end.detail["stop"].startswith("the loss turned up") and end.detail["end"] == "rollback"
 
 
 def test_a_run_that_blew_up_before_its_sweep_keeps_nothing_of_it():
@@ -394,7 +399,8 @@ def test_a_sweep_whose_run_is_still_near_its_best_ends_in_place_with_no_rollback
     # as ended in place.
     c = client()
     st = c.state
-    policy = LrRangeTest({"when": "always", "min_lr": 1e-5, "max_lr": 1.0, "beta": 0.0})
+    policy = LrRangeTest({"when": "always", "min_lr": 1e-5, "max_lr": 1.0, "beta": 0.0,
+                          "end_in_place": "always"})
     ds = drive(Engine([policy], WIDE, live_schedules=True), c, turn_up(best=3e-3), 40,
                spread=0.5)
     (d,) = [d for d in ds if d.phase_end is not None]
@@ -424,7 +430,8 @@ def test_a_sweep_whose_run_is_still_near_its_best_ends_in_place_with_no_rollback
 def test_the_return_is_kept_when_the_run_is_past_its_best_or_in_place_ends_are_off():
     # A blow-up past the low: the latest report is far above the lowest, the run goes back.
     c = client()
-    policy = LrRangeTest({"when": "always", "min_lr": 1e-5, "max_lr": 1.0, "beta": 0.0})
+    policy = LrRangeTest({"when": "always", "min_lr": 1e-5, "max_lr": 1.0, "beta": 0.0,
+                          "end_in_place": "always"})
     ds = drive(Engine([policy], WIDE), c, dip(best=3e-3, blow=1.2), 60)
     (d,) = [d for d in ds if d.phase_end is not None]
     assert d.rollback is not None and d.phase_end.in_place is False
@@ -432,7 +439,8 @@ def test_the_return_is_kept_when_the_run_is_past_its_best_or_in_place_ends_are_o
     # A gentle rise past the low: when the loss is 1.5x its lowest, the run has trained
     # reports long at LRs too high for it, and goes back.
     c = client()
-    policy = LrRangeTest({"when": "always", "min_lr": 1e-5, "max_lr": 1.0, "beta": 0.0})
+    policy = LrRangeTest({"when": "always", "min_lr": 1e-5, "max_lr": 1.0, "beta": 0.0,
+                          "end_in_place": "always"})
     ds = drive(Engine([policy], WIDE), c, dip(best=3e-3, blow=1e9), 60)
     assert ds[-1].rollback is not None and finished(ds).detail["end"] == "rollback"
     assert finished(ds).detail["stop"].startswith("the loss turned up")
@@ -442,6 +450,15 @@ def test_the_return_is_kept_when_the_run_is_past_its_best_or_in_place_ends_are_o
                           "end_in_place": False})
     ds = drive(Engine([policy], WIDE), c, turn_up(best=3e-3), 60)
     assert ds[-1].rollback is not None and finished(ds).detail["end"] == "rollback"
+    # By default only a sweep that started over because the run ran too hot may end in
+    # place: this one started where the run was (a run at too low an LR climbs far past
+    # its pick), so it sweeps on past the turn and goes back.
+    c = client()
+    policy = LrRangeTest({"when": "always", "min_lr": 1e-5, "max_lr": 1.0, "beta": 0.0})
+    ds = drive(Engine([policy], WIDE), c, turn_up(best=3e-3), 60)
+    assert not c.state.phases_done["lr_range_test"].restarted
+    assert ds[-1].rollback is not None and finished(ds).detail["end"] == "rollback"
+    assert not finished(ds).detail["stop"].startswith("the loss turned up")
 
 
 def test_persistent_non_finite_values_outrank_an_end_in_place():
