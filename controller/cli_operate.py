@@ -22,6 +22,7 @@ import getpass
 import os
 import socket
 import sys
+import time
 import uuid
 
 __all__ = ["add_parsers", "parse_values"]
@@ -132,24 +133,18 @@ def _operate(args: argparse.Namespace) -> int:
             sock.curve_secretkey = secret
         sock.connect(endpoint)
         sock.send(wire.encode(request))
-        deadline_ms = int(args.timeout * 1000)
-        while sock.poll(deadline_ms):
-            try:
-                reply = wire.decode(sock.recv())
-            except wire.WireError:
-                continue
-            if isinstance(reply, wire.Error):
-                print(f"{command}: the controller refused the request: {reply.code}: "
-                      f"{reply.detail}", file=sys.stderr)
-                return 2
-            if isinstance(reply, wire.Operated) and reply.request == request.request:
-                stream = sys.stdout if reply.ok else sys.stderr
-                verdict = "done" if reply.ok else "refused"
-                print(f"{command} {args.job}: {verdict}: {reply.detail}", file=stream,
-                      flush=True)
-                if not reply.ok or reply.seq is None or not request.wait:
-                    return 0 if reply.ok else 1
-                return _await_applied(sock, request, reply.seq, command, args)
+        reply = _next_answer(sock, request, args.timeout)
+        if isinstance(reply, wire.Error):
+            print(f"{command}: the controller refused the request: {reply.code}: "
+                  f"{reply.detail}", file=sys.stderr)
+            return 2
+        if reply is not None:
+            stream = sys.stdout if reply.ok else sys.stderr
+            verdict = "done" if reply.ok else "refused"
+            print(f"{command} {args.job}: {verdict}: {reply.detail}", file=stream, flush=True)
+            if not reply.ok or reply.seq is None or not request.wait:
+                return 0 if reply.ok else 1
+            return _await_applied(sock, request, reply.seq, command, args)
         print(f"{command}: no answer from a controller at {endpoint} within {args.timeout:g} s"
               " (is `trimtab serve` running there? --endpoint, TRIMTAB_ENDPOINT or --config "
               "name it; with CURVE, --server-key and an operator --key)", file=sys.stderr)
@@ -159,21 +154,33 @@ def _operate(args: argparse.Namespace) -> int:
         ctx.term()
 
 
+def _next_answer(sock, request, seconds: float):
+    """The controller's next answer to ``request`` (an ``Operated``, or an ``Error``), or
+    None when none came within ``seconds``."""
+    from trimtab.protocol import wire
+
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0 and sock.poll(int(left * 1000) + 1):
+        try:
+            reply = wire.decode(sock.recv())
+        except wire.WireError:
+            continue
+        if isinstance(reply, wire.Error) or (
+                isinstance(reply, wire.Operated) and reply.request == request.request):
+            return reply
+    return None
+
+
 def _await_applied(sock, request, seq: int, command: str, args: argparse.Namespace) -> int:
     """The second answer: the job applied command ``seq`` (0), will not (1), or has not
     said so within ``--wait`` seconds (0: it stays pending)."""
     from trimtab.protocol import wire
 
-    deadline_ms = int(args.wait * 1000)
-    while sock.poll(deadline_ms):
-        try:
-            reply = wire.decode(sock.recv())
-        except wire.WireError:
-            continue
-        if isinstance(reply, wire.Operated) and reply.request == request.request:
-            stream = sys.stdout if reply.ok else sys.stderr
-            print(f"{command} {args.job}: {reply.detail}", file=stream)
-            return 0 if reply.ok else 1
+    reply = _next_answer(sock, request, args.wait)
+    if isinstance(reply, wire.Operated):
+        stream = sys.stdout if reply.ok else sys.stderr
+        print(f"{command} {args.job}: {reply.detail}", file=stream)
+        return 0 if reply.ok else 1
     print(f"{command} {args.job}: command {seq} not applied within {args.wait:g} s; it is "
           "pending and applies at the job's next step (`trimtab decisions "
           f"{args.job} --kind manual,command,ack` shows its ack)")
