@@ -27,8 +27,9 @@ dashboards). A request that cannot be carried out changes nothing and is answere
   counts against no rollback budget and starts no rollback cooldown). It ends a
   measurement phase under way.
 
-A request is refused while a rollback awaits its ack (the run is going back: ask again
-once it has), and a ``set`` while a measurement phase owns the knobs.
+A request that would send the job a command is refused while a rollback awaits its ack
+(the run is going back, and a newer command would replace the rollback: ask again once it
+has); a ``set`` is refused while a measurement phase owns the knobs.
 """
 
 from __future__ import annotations
