@@ -27,8 +27,7 @@ import uuid
 
 __all__ = ["add_parsers", "parse_values"]
 
-#: Where ``trimtab serve`` listens unless told otherwise.
-DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
+
 
 
 def parse_values(items: list[str]) -> tuple[dict[str, float], dict[str, float]]:
@@ -73,7 +72,14 @@ def _endpoint(args: argparse.Namespace) -> str:
         from trimtab.controller.config import load_config
 
         return load_config(args.config).bind
-    return DEFAULT_ENDPOINT
+    return _default_bind()
+
+
+def _default_bind() -> str:
+    """Where ``trimtab serve`` listens unless told otherwise (its config's default)."""
+    from trimtab.controller.config import ControllerConfig
+
+    return ControllerConfig.model_fields["bind"].default
 
 
 def _request(args: argparse.Namespace):
@@ -198,7 +204,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--reason", required=True, help="why (journaled with it)")
         p.add_argument("--who", help="who asks (default: USER@HOST)")
         p.add_argument("--endpoint", help="the controller's socket (default: $TRIMTAB_ENDPOINT, "
-                       f"the --config's bind, or {DEFAULT_ENDPOINT}); a comma list: the "
+                       f"the --config's bind, or {_default_bind()}); a comma list: the "
                        "controllers jobs are sharded across (the job's own is picked as its "
                        "client picks it)")
         p.add_argument("--config", help="the controller's config file (for its bind)")

@@ -160,8 +160,7 @@ class Engine(PhaseRules, ScheduleRules):
             # Safety first: persistent non-finite values end any phase, at once.
             proposals, opened, ending = self._phase_filter(state, acting)
         elif urgent:  # rollbacks to the newest stable checkpoint, nothing else
-            proposals = [(n, p) for n, p in acting if p.rollback is not None
-                         and p.to_step is None and p.advice is None]
+            proposals = [(n, p) for n, p in acting if _asks_safety_rollback(p)]
         elif not shadow:
             proposals, opened, ending = self._phase_filter(state, acting)
         advice = [(n, p) for n, p in proposals if p.advice == "stop"]
@@ -395,8 +394,13 @@ def _while_paused(state: JobState, heard: list[tuple[str, Proposal]]
     or advice; the governor's bounds and the stable marks go on as ever."""
     phase = state.phase
     return [(n, p) for n, p in heard
-            if (p.rollback is not None and p.to_step is None and p.advice is None)
-            or (phase is not None and n == phase.policy)]
+            if _asks_safety_rollback(p) or (phase is not None and n == phase.policy)]
+
+
+def _asks_safety_rollback(p: Proposal) -> bool:
+    """A rollback to the newest stable checkpoint (a divergence's, non-finite values'): what
+    an urgent decision and a paused job still act on."""
+    return p.rollback is not None and p.to_step is None and p.advice is None
 
 
 def _with_pending_mark(rb: RollbackState) -> RollbackState:

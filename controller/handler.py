@@ -287,11 +287,13 @@ class Controller:
             return []
         kept = _kept_now(state)
         self.recorder.settled(state, settle_from_report(state, msg, self.config.rollback))
-        last = state.last_command
-        rolled = (last.rollback_to if last is not None and last.seq == msg.applied_seq
-                  else None)
-        told = self._tell_applied(msg.job, msg.applied_seq, msg.step, msg.knobs, msg.scale,
-                                  rolled, None, "its report (the ack was lost)")
+        told: list[Reply] = []
+        if msg.job in self._waiting:  # someone waits on a command: is it applied?
+            last = state.last_command
+            rolled = (last.rollback_to if last is not None and last.seq == msg.applied_seq
+                      else None)
+            told = self._tell_applied(msg.job, msg.applied_seq, msg.step, msg.knobs,
+                                      msg.scale, rolled, None, "its report (the ack was lost)")
         if msg.applied_seq < state.branch_seq:
             self.recorder.abandoned(state, msg)
             return told
@@ -399,7 +401,11 @@ class Controller:
         if not waiting or waiting[0][0] > seq:
             return []
         done = [w for w in waiting if w[0] <= seq]
-        self._waiting[job] = [w for w in waiting if w[0] > seq]
+        rest = [w for w in waiting if w[0] > seq]
+        if rest:
+            self._waiting[job] = rest
+        else:
+            del self._waiting[job]
         used = ", ".join(
             f"{k} {v:.6g}" + (f" (x{getattr(scale, k):.6g} of yours)"
                               if k in ("lr", "weight_decay") and getattr(scale, k) is not None
