@@ -107,6 +107,7 @@ def commit(state: JobState, decision: Decision,
     one still pending: the client keeps only the newest). Stop advice is sent once per job.
     ``lr_max`` is the governor's lr ceiling the command carries (the client clamps the lr
     it computes to it). Returns the command to send (None: the decision sends nothing)."""
+    superseded = state.pending_command
     if decision.draft is not None:
         state.adopt(decision.draft)
     targets = decision.commands
@@ -118,6 +119,16 @@ def commit(state: JobState, decision: Decision,
     if (not targets and plan is None and mark is None and advice is None
             and decision.schedules is None):
         return None
+    schedules = decision.schedules
+    if schedules is None and (plan is not None or (
+            superseded is not None and superseded.schedules is not None)):
+        # What the client follows after this command must be what the controller records
+        # as live: a command it replaces may have been the one that changed them (stopped a
+        # sweep, say), and a restore does not touch the schedules the client runs. So a
+        # rollback, and any command replacing one that set schedules, says them.
+        schedules = tuple(state.live[k] for k in wire.KNOBS if k in state.live)
+    if advice is None and superseded is not None and superseded.stop_advice is not None:
+        advice = superseded.stop_advice  # sent once per job: it must not be lost with it
     reasons = decision.reasons()
     if advice is not None:
         reasons.append(f"stop advised: {advice}"[:1024])
@@ -131,7 +142,7 @@ def commit(state: JobState, decision: Decision,
         scale=wire.ScaleTargets(**scale), lr_max=lr_max,
         reasons=reasons[:64], mark_stable=mark,
         rollback_to=plan.target_step if plan is not None else None, stop_advice=advice,
-        schedules=None if decision.schedules is None else list(decision.schedules))
+        schedules=None if schedules is None else list(schedules))
     state.pending_command = command
     state.pending_since = state.reports_seen
     return command

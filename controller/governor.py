@@ -297,7 +297,12 @@ class Governor:
         if low > high:
             # Only when the value in force moved outside the slew range on its own.
             return None, acted or ("slew",)
-        return min(max(target, low), high), acted
+        value = min(max(target, low), high)
+        if not min(current, target) <= value <= max(current, target):
+            # The value in force left the slew range on its own (the user's schedule moved
+            # it): the range would turn the change asked into one the other way. None.
+            return None, acted or ("slew",)
+        return value, acted
 
     def _filter(
         self, lim: KnobLimits, memory: KnobMemory, current: float, value: float,

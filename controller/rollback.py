@@ -27,7 +27,12 @@ learning rate. Here that is automatic, and bounded:
   and a run whose every step is skipped never gets past a cooldown counted in steps. Past
   ``budget`` rollbacks near one spot the job enters alert: no more rollbacks for it, only
   governed LR cuts. The budget bounds every path: there is never an endless rollback
-  loop.
+  loop. One exception, bounded too: a **stranded** run, every step of the last
+  ``stranded_reports`` reports skipped (its weights or optimizer state blew up before the
+  guard could skip: nothing changes from one step to the next, so neither an LR cut nor
+  waiting can cure it), is still rolled back for non-finite values past the alert and the
+  budget, each time one escalation deeper, up to ``stranded_budget`` more rollbacks near
+  the spot; after them the engine advises stopping the run.
 * **Planned rollback.** With ``to_step`` (:meth:`Proposal.roll_back`),
   :func:`~trimtab.controller.rollback_rules.plan_rollback` targets the checkpoint listed
   at that step, stable or not: the return to the start of a measurement phase (the LR
@@ -107,6 +112,13 @@ class RollbackConfig(BaseModel):
     near_steps: int = Field(1000, ge=0)
     #: Most rollbacks near one spot; one more asked for puts the job in alert.
     budget: int = Field(3, ge=1, le=100)
+    #: A run is stranded after this many reports in a row with every step skipped (its
+    #: weights or optimizer state are non-finite or overflow: no step can change them)...
+    stranded_reports: int = Field(2, ge=1, le=100)
+    #: ...and is still rolled back, past the budget and in alert, up to this many more
+    #: times near one spot, each with the next escalation's (deeper) cut; after them the
+    #: engine advises stopping the run.
+    stranded_budget: int = Field(8, ge=0, le=100)
 
     def cut(self, level: int) -> float:
         """The LR factor of a rollback at escalation ``level`` (1 = first)."""
@@ -222,6 +234,8 @@ class RollbackState:
     cooldown_until: int | None = None
     #: Why the job is in alert (budget exhausted); None: not in alert.
     alert: str | None = None
+    #: Reports in a row, since the last restore, with every step skipped.
+    skipped_reports: int = 0
     steps_lost: int = 0
     #: Rollbacks ordered, by cause.
     rollbacks: dict[str, int] = field(default_factory=dict)
@@ -252,6 +266,8 @@ class RollbackState:
         if report is None:
             return Observation()
         self.step = report.step
+        every = report.skipped_steps >= report.window
+        self.skipped_reports = self.skipped_reports + 1 if every else 0
         seen = {"knobs": view.knobs.model_dump(), "grad_norm_ema": view.signals.grad_norm_ema}
         if verdict is not None:
             self.last_unhealthy_step, self.last_unhealthy = report.step, verdict.reason
@@ -395,6 +411,7 @@ class RollbackState:
         self._keep(held)
         self.in_force_at = {s: v for s, v in self.in_force_at.items() if s <= step}
         self.pending_mark = None
+        self.skipped_reports = 0
         if self.last_unhealthy_step is not None and self.last_unhealthy_step > step:
             self.last_unhealthy_step = None
 
@@ -417,7 +434,14 @@ class RollbackState:
         "pending_mark",
         "pending", "last_unhealthy_step", "last_unhealthy", "history", "cooldown_until",
         "alert", "steps_lost", "rollbacks", "restored", "checkpoints_seen", "marked_stable",
+        "skipped_reports",
     })
+    #: Keys a state saved by an older version lacks, with the value they then take.
+    _ADDED = {"skipped_reports": 0}
+
+    def stranded(self, cfg: RollbackConfig) -> bool:
+        """Whether every step of the last ``cfg.stranded_reports`` reports was skipped."""
+        return self.skipped_reports >= cfg.stranded_reports
 
     def state_dict(self) -> dict[str, Any]:
         """A JSON-serialisable copy."""
@@ -438,6 +462,7 @@ class RollbackState:
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         """Restore from :meth:`state_dict`; missing or unknown keys are an error."""
+        sd = {**self._ADDED, **sd}
         _check_keys("RollbackState", sd, set(self._KEYS))
         self.__init__()  # type: ignore[misc]
         for k in self._KEYS - {"at_checkpoint", "in_force_at", "candidates", "pending",

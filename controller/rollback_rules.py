@@ -79,7 +79,10 @@ def why_no_rollback(
             return "no_checkpoint", (f"no restorable checkpoint at step {to_step} "
                                      f"(listed: {held})")
         return None
-    if state.alert is not None:
+    # A stranded run (every step skipped) changes no more whatever is waited for or cut:
+    # past the alert and the budget, it is rolled back still, up to stranded_budget more.
+    stranded = cause == "nonfinite" and state.stranded(cfg)
+    if state.alert is not None and not stranded:
         return "alert", f"job in rollback alert: {state.alert}"
     if state.pending is not None:
         return "pending", f"the rollback to step {state.pending.to_step} is not acknowledged yet"
@@ -88,9 +91,18 @@ def why_no_rollback(
         return "no_stable", "no stable checkpoint to roll back to"
     # Before the cooldown: a fault that recurs inside it, with the budget spent, is the
     # clearest case for the alert; waiting out the cooldown would only hide it.
-    if _level(state, cfg, target) > cfg.budget:
+    budget = cfg.budget + (cfg.stranded_budget if stranded else 0)
+    if _level(state, cfg, target) > budget:
         near = _near(state, cfg, target)
         steps = ", ".join(f"{r.from_step}->{r.to_step} ({r.cause})" for r in near)
+        if stranded and state.alert is not None and state.alert.startswith("stranded:"):
+            return "alert", f"job in rollback alert: {state.alert}"  # said once
+        if stranded:
+            return "budget", (f"stranded: every step of the last {state.skipped_reports} "
+                              f"reports skipped, and {len(near)} rollbacks within "
+                              f"{cfg.near_steps} steps of step {target} did not cure it "
+                              f"(budget {cfg.budget} + {cfg.stranded_budget} for a stranded "
+                              f"run): {steps}")
         return "budget", (f"rollback budget exhausted: {len(near)} rollbacks within "
                           f"{cfg.near_steps} steps of step {target} (budget {cfg.budget}): "
                           f"{steps}")
@@ -127,6 +139,9 @@ def plan_rollback(
     target = _target(state, cause)
     assert target is not None  # why_no_rollback checked it
     level = _level(state, cfg, target)
+    if level > cfg.budget:
+        reason = (f"{reason} (stranded: every step of the last {state.skipped_reports} "
+                  f"reports skipped; rolled back past the budget of {cfg.budget})")[:1024]
     seen = state.at_checkpoint.get(target, {})
     restored: dict[str, float | None] = dict(seen.get("knobs", {}))
     cut = cfg.cut(level)

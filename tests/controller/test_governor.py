@@ -123,6 +123,18 @@ def test_slew_over_a_window_counts_the_value_in_force_at_its_start():
     assert g.govern("lr", mem, 4.0, 1.0, 20.0, 100) == Governed(12.0, ("slew",))
 
 
+def test_a_change_never_goes_the_other_way_from_the_one_asked():
+    """The value in force left the slew range on its own (a user's schedule, a client-side
+    sweep took it to 0.18 while 1.0 is in the window): a cut asked from there must not come
+    out as a raise to the range's floor (0.25); nothing is sent instead."""
+    g = gov(slew_ratio=4, slew_window_steps=1000)
+    mem = KnobMemory()
+    changed(g, mem, 1.0, 0.5, 0)
+    assert g.govern("lr", mem, 0.18, 1.0, 0.09, 100) == Governed(None, ("slew",))
+    # Toward the range it may move, as far as the range allows.
+    assert g.govern("lr", mem, 0.18, 1.0, 0.4, 100) == Governed(0.4, ())
+
+
 def test_cooldown():
     g = gov(cooldown_steps=50)
     mem = KnobMemory()
@@ -204,7 +216,8 @@ SPECIAL = st.sampled_from([NAN, INF, -INF, 0.0, -0.0, -1.0, 1e300, 1e-300, 5e-32
 NUMBER = st.one_of(
     SPECIAL, st.floats(0.9, 1.1), st.floats(0.1, 10), st.floats(allow_nan=True, allow_infinity=True)
 )
-PROPOSAL = st.tuples(st.sampled_from(["factor", "value"]), NUMBER)
+# "drift": the value in force moves on its own (the user's schedule), nothing recorded.
+PROPOSAL = st.tuples(st.sampled_from(["factor", "value", "drift"]), NUMBER)
 STRICT = GovernorConfig(
     lr=KnobLimits(min_rel=0.01, max_rel=5, max_step_ratio=1.5, slew_ratio=2.0,
                   slew_window_steps=300, cooldown_steps=20, deadband=0.05,
@@ -226,15 +239,22 @@ def test_no_proposal_stream_gets_past_the_governor(config, knob, moves):
     g, lim, mem = Governor(config), getattr(config, knob), KnobMemory()
     lo, hi = g.bounds(knob, INITIAL[knob])
     cur, step, last = INITIAL[knob], 0, None
-    sent = []
+    sent, drifted = [], False
     for inc, (kind, x) in moves:
         step += inc
+        if kind == "drift":
+            if math.isfinite(x) and x > 0:
+                cur = min(max(cur * min(max(x, 0.1), 10.0), lo), hi)
+                drifted = True
+            continue
         target = cur * x if kind == "factor" else x
         out = g.govern(knob, mem, cur, INITIAL[knob], target, step)
         if out.value is None:
             continue
         v = out.value
         assert lo <= v <= hi and v != cur
+        # Never the other way from the one asked, nor past the target.
+        assert min(cur, target) <= v <= max(cur, target), (cur, target, v)
         if lim.max_step_ratio is not None and cur > 0:
             assert max(v, cur) / min(v, cur) <= lim.max_step_ratio * (1 + 1e-12)
         assert last is None or step - last >= lim.cooldown_steps
@@ -242,7 +262,7 @@ def test_no_proposal_stream_gets_past_the_governor(config, knob, moves):
         mem.record(step, cur, v, lim.slew_window_steps)
         sent.append((step, v))
         cur, last = v, step
-    if lim.slew_ratio is not None:
+    if lim.slew_ratio is not None and not drifted:  # the slew range is the commands' own
         _assert_slew(sent, INITIAL[knob], lim.slew_window_steps, lim.slew_ratio)
 
 

@@ -257,11 +257,11 @@ class FakeClient:
         if self.step % 50 == 0:
             self.ckpts.append(self.step)
         loss = 1.0 + 0.001 * (self.seq % 3)
+        fields = {"loss_mean": loss, "loss_min": loss - 0.01, "grad_norm_mean": 1.0, **fault}
         frame = wire.encode(wire.Report(
-            job=self.job, seq=self.seq, step=self.step, window=10, loss_mean=loss,
-            loss_min=loss - 0.01, grad_norm_mean=1.0, **self.in_force(),
+            job=self.job, seq=self.seq, step=self.step, window=10, **self.in_force(),
             applied_seq=self.applied, checkpoints=list(self.ckpts), stable_step=self.stable,
-            **fault))
+            **fields))
         return [m for m in decoded(self.ctl.handle(PEER, frame)) if isinstance(m, wire.Command)]
 
     def run_to(self, step: int, ack: bool = True) -> list[wire.Command]:
@@ -377,6 +377,43 @@ def test_a_recurring_fault_ends_in_alert_with_its_reason_then_plain_cuts(tmp_pat
     assert alert.data["budget"] == 2 and len(alert.data["rollbacks"]) == 2
     assert metric(ctl, 'trimtab_rollback_alert{job="rb"} 1.0')
     assert len(ctl.journal.events("rb", "rollback")) == 2
+
+
+def test_a_stranded_run_in_alert_is_rolled_back_then_advised_to_stop(tmp_path):
+    """In alert after its budget, the run's every step is skipped from then on (its state
+    blew up): plain cuts cannot change a run that takes no step. Two such reports and it is
+    rolled back anyway, one level deeper; when the stranded run's extra rollbacks are spent
+    too, the job is advised to stop (guard.should_stop), once."""
+    ctl = make_rb(tmp_path, budget=1, stranded_budget=1)
+    c = _stable_at_150(ctl)
+    (cmd,) = c.report(nonfinite_grads=2)
+    c.ack(cmd)
+    c.run_to(c.step + 100)
+    c.report(nonfinite_grads=2)  # the budget is spent: alert, a plain cut
+    assert ctl.jobs["rb"].rollback.alert is not None
+    for cmd in c.run_to(0):
+        c.ack(cmd)
+    skipped = {"loss_mean": None, "loss_min": None, "grad_norm_mean": None,
+               "nonfinite_losses": 10, "nonfinite_grads": 10, "skipped_steps": 10}
+
+    def stranded_report() -> list[wire.Command]:
+        out = c.report(**skipped)
+        for cmd in out:
+            c.ack(cmd)
+        return out
+
+    assert [m.rollback_to for m in stranded_report()] in ([], [None])  # a plain cut, maybe
+    (cmd,) = stranded_report()
+    assert cmd.rollback_to == 200 and cmd.stop_advice is None
+    order = ctl.journal.events("rb", "rollback")[-1].data
+    assert order["level"] == 2 and "stranded" in order["why"]
+    assert [m.rollback_to for m in stranded_report()] in ([], [None])
+    (cmd,) = [m for m in stranded_report() if m.stop_advice]
+    assert cmd.rollback_to is None and "stranded" in cmd.stop_advice
+    # Said once: no new alert or advice at every report after.
+    assert [m for m in stranded_report() if m.stop_advice or m.rollback_to] == []
+    alerts = ctl.journal.events("rb", "alert")
+    assert len(alerts) == 2 and alerts[-1].data["why"].startswith("stranded: every step")
 
 
 def test_a_failed_restore_is_journaled_and_that_checkpoint_never_targeted_again(tmp_path):

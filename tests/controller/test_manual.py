@@ -364,3 +364,25 @@ def test_a_person_waiting_hears_when_the_command_will_never_be_applied(tmp_path)
     ((peer, told),) = out
     assert peer == OPERATOR and not told.ok and not told.applied
     assert "ended (closed) before applying it" in told.detail
+
+
+def test_a_rollback_that_replaces_a_command_stopping_the_schedules_stops_them_itself(tmp_path):
+    """The client keeps only its newest command. The pause's command (stop the live
+    schedule) is still pending when non-finite values bring a rollback, which replaces it:
+    the rollback must say the schedules itself, or the client goes on following the one
+    it runs, from the restored step, while the controller believes none is live (the
+    hot-start run of tests/integration/test_rollback.py re-ran its range test's sweep from
+    step 0 after every rollback that way, and was stranded)."""
+    ctl = make(tmp_path, policies=(STEP_DECAY, "divergence_guard"), live_schedules=True)
+    ctl.handle(PEER, register())
+    ctl.handle(PEER, wire.encode(wire.Ack(job="j1", seq=1, step=0, **in_force())))
+    ctl.handle(PEER, report(1, applied_seq=1))
+    reply, (stop,) = answer(ctl, operate("pause"))
+    assert reply.ok and stop.schedules == [] and ctl.jobs["j1"].live == {}
+    # The pause's command is not applied yet (applied_seq stays 1): the client still runs
+    # the step-decay schedule when its steps go non-finite.
+    cmds = [m for _, m in decoded(ctl.handle(PEER, report(2, nonfinite=5, applied_seq=1)))
+            if isinstance(m, wire.Command)]
+    (rollback,) = cmds
+    assert rollback.rollback_to == 0 and rollback.seq > stop.seq
+    assert rollback.schedules == [], rollback

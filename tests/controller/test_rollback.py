@@ -413,6 +413,44 @@ def test_a_fault_recurring_inside_the_cooldown_with_the_budget_spent_is_an_alert
     assert why_no_rollback(run.rb, run.cfg)[0] == "cooldown"  # budget left: just wait
 
 
+def test_a_stranded_run_is_rolled_back_past_the_alert_with_a_deeper_cut_each_time():
+    """Every step of the run skipped (its weights or state blew up before the guard could
+    skip): nothing changes from one step to the next, so no lr cut and no amount of waiting
+    can cure it. Past the budget and in alert, it is still rolled back, once it is stranded
+    for ``stranded_reports`` reports, each time with the next escalation's cut, up to
+    ``stranded_budget`` more rollbacks; then no more (the engine advises stopping)."""
+    cfg = RollbackConfig(budget=2, cooldown_steps=0, stranded_budget=2)
+    run = _stable_run(cfg=cfg)
+    for _ in range(2):
+        _roll(run)
+        run.to(260)
+    code, why = why_no_rollback(run.rb, cfg, "nonfinite")
+    assert code == "budget"
+    run.rb.raise_alert(why)
+    skipped = {"loss_mean": None, "loss_min": None, "grad_norm_mean": None,
+               "nonfinite_losses": 10, "nonfinite_grads": 10, "skipped_steps": 10}
+    levels = []
+    for _ in range(2):
+        run.report(**skipped)  # one report with every step skipped: not yet stranded
+        assert why_no_rollback(run.rb, cfg, "nonfinite")[0] == "alert"
+        run.report(**skipped)
+        assert run.rb.skipped_reports == 2
+        plan, _ = _roll(run)
+        assert run.rb.skipped_reports == 0  # the restore starts the count again
+        levels.append((plan.level, plan.cut))
+        assert "stranded" in plan.reason
+    assert levels == [(3, 0.125), (4, 0.0625)]
+    # Only a stranded run: a spike in alert is still not rolled back.
+    assert why_no_rollback(run.rb, cfg, "loss_spike")[0] == "alert"
+    run.report(**skipped)
+    run.report(**skipped)
+    code, why = why_no_rollback(run.rb, cfg, "nonfinite")
+    assert code == "budget" and "stranded" in why and "4 rollbacks" in why
+    # A report with a step taken ends the stranding.
+    run.report()
+    assert run.rb.skipped_reports == 0
+
+
 def test_signals_after_a_rollback_are_the_checkpoints():
     """A spike's 1e5 loss must not stay in the loss EMA once the spike is rolled back: the
     EW moments, z-score baselines and slope window come back as they were at the
