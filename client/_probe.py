@@ -9,7 +9,8 @@ Row layout: loss, global grad norm (before clipping), one grad norm per param
 group, then the update ratio (written on the window's last step only, else NaN), the
 squared micro-batch gradient norm (written on steps whose loop reported micro-batches
 through ``Guard.note_micro_batch``, else NaN) and the ``found_inf`` of a ``GradScaler``
-that drove the step (written when one did, else NaN).
+that drove the step (written when one did, else NaN), and the update alignment (written
+on a window's first step only, else NaN).
 Finiteness is not stored: the host sees NaN and inf in the copied values.
 
 A ``GradScaler`` stepping an optimizer that takes ``found_inf`` itself (a fused one)
@@ -26,6 +27,16 @@ under ``hooks=True`` or in a trainer) leaves clipped steps with a norm *at* its 
 steps of one window, or two in each of two windows, sharing the window's largest norm --
 and counts the steps at it (``WindowStats.user_clipped_steps``): their norms are the
 clip, not the gradient's, and the controller's noise-reading policies leave them out.
+
+The update alignment is the cosine between the gradient at a window's first step and the
+opposite of the update the previous window's last step made, ``cos(g_t, -dtheta_{t-1})``:
+the sign of the hypergradient, d loss / d lr (Baydin et al. 2018, "Online Learning Rate
+Adaptation with Hypergradient Descent"). Clearly positive, consecutive steps keep going the
+same way and a larger LR would have gone further down: the LR is too low; near zero or
+negative, the steps overshoot along the sharp directions, as at a tuned LR. It reuses the
+update kept for the update ratio (one more step, then freed) and costs four ``foreach``
+ops once per window; it is not measured on sharded parameters or gradients spread over
+several devices.
 
 Sharded parameters (FSDP2): with :attr:`Probe.sharding` set (see
 :mod:`trimtab.client._sharded`) the probe works on this rank's shards and turns local
@@ -73,6 +84,8 @@ class WindowStats:
     grad_norm_std: float | None = None
     group_grad_norms: list[float] = field(default_factory=list)
     update_ratio: float | None = None
+    #: ``cos(g, -dtheta)`` of the window's first step's gradient and the update before it.
+    update_alignment: float | None = None
     #: Mean over the window's steps of ``micro_batches**2 * |first micro-batch grad|^2``.
     micro_sq_norm_mean: float | None = None
     nonfinite_losses: int = 0
@@ -107,13 +120,17 @@ class Probe:
         self.groups = len(optimizer.param_groups)
         self._ratio_col = _GROUPS + self.groups
         self.buf = torch.full(
-            (report_every, self._ratio_col + 3), math.nan, dtype=torch.float32,
+            (report_every, self._ratio_col + 4), math.nan, dtype=torch.float32,
             device=self.device,
         )
         # Per-row views of the columns a step writes, made once: one stack(out=) per step.
         self._rows = [self.buf[i, : self._ratio_col] for i in range(report_every)]
         self._micro_col = self._ratio_col + 1
         self._scaler_col = self._ratio_col + 2
+        self._align_col = self._ratio_col + 3
+        #: The last window's sampled update (the params and their deltas) and its norm,
+        #: kept for the next step's alignment; None: none to measure.
+        self._update: tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor] | None = None
         #: The row the next step writes; also the number of steps in the open window.
         self.row = 0
         self._zero = torch.zeros((), dtype=torch.float32, device=self.device)
@@ -214,7 +231,31 @@ class Probe:
             loss32 = torch.full((), float(loss), dtype=torch.float32, device=self.device)
         # Groups added after attach() count in the total (and clipping) but get no column.
         torch.stack([loss32, total, *group_norms[: self.groups]], out=self._rows[self.row])
+        if self._update is not None:
+            self._alignment()
         return total
+
+    def _alignment(self) -> None:
+        """Write ``cos(g, -dtheta)`` of this step's gradients and the update kept by
+        :meth:`update_ratio` into this row (device ops; see the module docstring). With
+        unit vectors ``a = g / |g|`` and ``b = dtheta / |dtheta|``, ``cos(g, -dtheta) =
+        -a.b = 1 - |a + b|^2 / 2``: one norm, no dot-product loop over the tensors."""
+        params, delta, norm = self._update  # type: ignore[misc]
+        self._update = None
+        grads = [p.grad for p in params]
+        if any(g is None or g.shape != d.shape or g.dtype != d.dtype
+               for g, d in zip(grads, delta, strict=True)):
+            return
+        with torch.no_grad():
+            gn = torch.linalg.vector_norm(torch.stack(
+                torch._foreach_norm(grads, 2.0, dtype=torch.float32)))
+            dtype = delta[0].dtype
+            unit = torch._foreach_div(grads, gn.to(dtype))  # type: ignore[arg-type]
+            torch._foreach_div_(delta, norm.to(dtype))
+            torch._foreach_add_(unit, delta)
+            s = torch.linalg.vector_norm(torch.stack(
+                torch._foreach_norm(unit, 2.0, dtype=torch.float32)))
+            self.buf[self.row, self._align_col] = (1.0 - s * s / 2.0).clamp(-1.0, 1.0)
 
     def snapshot(self) -> None:
         """Copy the params about to be updated; called on the window's last step only."""
@@ -240,6 +281,9 @@ class Probe:
             ratio = norms[0] / norms[1]
             # A skipped step's ratio says nothing of the step size; collect() drops it.
             self.buf[self.row, self._ratio_col] = ratio
+            if (self.sharding is None and self._one_device and delta
+                    and len({d.dtype for d in delta}) == 1):
+                self._update = (self._params, delta, norms[0])
         self._params = []
 
     def total_norm(self, grads: Grads) -> torch.Tensor:
@@ -266,7 +310,7 @@ class Probe:
         """Discard the open window (after a rollback its rows describe an abandoned run)."""
         self.row = 0
         self.buf[:, self._ratio_col :].fill_(math.nan)
-        self._before, self._params = [], []
+        self._before, self._params, self._update = [], [], None
 
     def skips_so_far(self) -> int:
         """Non-finite-grad steps in the open window. Reads the device: one sync, on demand."""
@@ -290,6 +334,7 @@ class Probe:
         ok_rows = [r for r in scaled if math.isfinite(r[_NORM])]
         norms = [r[_NORM] for r in ok_rows]
         last, ratio = rows[-1][_NORM], rows[-1][self._ratio_col]
+        align = rows[0][self._align_col]
         if rows[-1][self._scaler_col] > 0:
             last = math.nan  # that step updated nothing: its ratio says nothing
         stats = WindowStats(
@@ -298,6 +343,7 @@ class Probe:
             nonfinite_grads=len(scaled) - len(ok_rows),
             scaler_skips=n - len(scaled),
             update_ratio=ratio if math.isfinite(last) and math.isfinite(ratio) else None,
+            update_alignment=align if math.isfinite(align) else None,
         )
         if losses:
             stats = replace(stats, loss_mean=_mean(losses), loss_last=losses[-1],

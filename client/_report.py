@@ -73,6 +73,7 @@ class Reporter:
             loss_max=stats.loss_max, grad_norm_mean=stats.grad_norm_mean,
             grad_norm_max=stats.grad_norm_max, grad_norm_std=stats.grad_norm_std,
             group_grad_norms=stats.group_grad_norms, update_ratio=stats.update_ratio,
+            update_alignment=stats.update_alignment,
             nonfinite_losses=stats.nonfinite_losses, nonfinite_grads=stats.nonfinite_grads,
             skipped_steps=stats.nonfinite_grads, step_time_s=step_time, knobs=knobs,
             base=base, scale=scale, user_clipped_steps=stats.user_clipped_steps,

@@ -57,6 +57,11 @@ _GAUGES = {
         (),
     ),
     "trimtab_job_update_ratio": ("Update-to-weight ratio ||dtheta||/||theta||, last report.", ()),
+    "trimtab_job_update_alignment": (
+        "cos(g, -dtheta): a window's first gradient against the update before it, last report "
+        "(the hypergradient's sign: clearly positive when the LR is too low).",
+        (),
+    ),
     "trimtab_job_step_time_seconds": ("Mean training step time, last report.", ()),
     "trimtab_job_loss_slope": (
         "Least-squares slope of the loss per optimizer step over the slope window.",
@@ -238,6 +243,7 @@ class JobCollector(Collector):
             put("trimtab_job_grad_norm_max", [job], last.grad_norm_max)
             put("trimtab_job_grad_norm_std", [job], last.grad_norm_std)
             put("trimtab_job_update_ratio", [job], last.update_ratio)
+            put("trimtab_job_update_alignment", [job], last.update_alignment)
             put("trimtab_job_step_time_seconds", [job], last.step_time_s)
         sig = state.signals()
         put("trimtab_job_loss_ema", [job], sig.loss_ema)

@@ -66,7 +66,9 @@ class PhaseRules:
             # that opens it rolls the run back there and sends the sweep (see _decide).
             restart = self._restart_from(state, first, proposals)
             ckpt = ckpt if restart is None else restart
-            phase, opened = state.begin_phase(first, ckpt, start=restart), ckpt
+            asked = next(p.value for n, p in proposals if n == first and p.sweep)
+            phase, opened = state.begin_phase(first, ckpt, start=restart,
+                                              sweep_from=asked), ckpt
         mine = [(n, p) for n, p in proposals if n == phase.policy]
         ending = next((p for _, p in mine if p.to_step is not None or p.ends_phase), None)
         in_place = ending is not None and ending.ends_phase

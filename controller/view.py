@@ -79,6 +79,8 @@ class Sample:
     #: The window's lowest and highest finite loss.
     loss_min: float | None = None
     loss_max: float | None = None
+    #: cos(g, -delta theta) of the window's first step (see the client's probe).
+    update_alignment: float | None = None
 
     @classmethod
     def of(cls, r: wire.Report) -> Sample:
@@ -87,7 +89,7 @@ class Sample:
                    r.grad_norm_max, r.update_ratio, r.micro_sq_norm_mean, r.micro_batches,
                    None if r.knobs.lr is None else r.scale.lr,
                    r.nonfinite_losses + r.nonfinite_grads, r.knobs.lr, r.user_clipped_steps,
-                   r.loss_min, r.loss_max)
+                   r.loss_min, r.loss_max, r.update_alignment)
 
     def to_list(self) -> list[Any]:
         return list(_sample_values(self))
@@ -123,6 +125,8 @@ class Phase:
     #: It started over from an earlier checkpoint (the steps before it ran too hot), not at
     #: the step it opened at.
     restarted: bool = False
+    #: The value its opening proposal asked for (the sweep's first; None: not known).
+    sweep_from: float | None = None
 
     @property
     def resume_step(self) -> int:

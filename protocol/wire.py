@@ -157,6 +157,9 @@ class Report(_Model):
     group_grad_norms: Annotated[list[NonNeg], Field(max_length=1024)] = []
     #: ||delta theta|| / ||theta|| over one sampled step of the window.
     update_ratio: NonNeg | None = None
+    #: cos(g, -delta theta): the window's first gradient against the update before it
+    #: (the hypergradient's sign: clearly positive when the LR is too low).
+    update_alignment: Annotated[float, Field(ge=-1.0, le=1.0, allow_inf_nan=False)] | None = None
     nonfinite_losses: Count = 0
     nonfinite_grads: Count = 0
     skipped_steps: Count = 0

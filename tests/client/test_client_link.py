@@ -33,6 +33,9 @@ class Run:
         self.losses: list[float] = []
         self.norms: list[float] = []
         self.ratios: list[float] = []
+        #: Per step, the gradient and the update it made, flattened.
+        self.grads: list[torch.Tensor] = []
+        self.deltas: list[torch.Tensor] = []
         self.steps = 0
         #: Per optimizer step, each group's (lr, momentum) that step ran with.
         self.used: list[tuple[list[float], list[float]]] = []
@@ -49,9 +52,11 @@ class Run:
         grads = [p.grad for p in self.model.parameters()]
         self.losses.append(loss.item())
         self.norms.append(torch.nn.utils.get_total_norm(grads).item())
+        self.grads.append(torch.cat([g.reshape(-1) for g in grads]).clone())
         before = [p.detach().clone() for p in self.model.parameters()]
         guard.step(loss)
         delta = [p.detach() - b for p, b in zip(self.model.parameters(), before, strict=True)]
+        self.deltas.append(torch.cat([d.reshape(-1) for d in delta]))
         self.ratios.append(
             (torch.nn.utils.get_total_norm(delta) / torch.nn.utils.get_total_norm(before)).item()
         )
@@ -95,6 +100,12 @@ def test_register_reports_command_ack(fake_controller) -> None:
             assert len(report.group_grad_norms) == 2
             assert math.hypot(*report.group_grad_norms) <= report.grad_norm_max * (1 + 1e-5)
             assert report.update_ratio == pytest.approx(run.ratios[5 * i + 4], rel=1e-4)
+            if i == 0:  # no update before the run's first step
+                assert report.update_alignment is None
+            else:  # the window's first gradient against the previous window's last update
+                cos = torch.nn.functional.cosine_similarity(
+                    run.grads[5 * i], -run.deltas[5 * i - 1], dim=0).item()
+                assert report.update_alignment == pytest.approx(cos, abs=1e-5)
             assert report.nonfinite_grads == report.skipped_steps == 0
             assert report.step_time_s is not None and report.step_time_s > 0
             assert report.knobs == register.knobs and report.applied_seq == 0

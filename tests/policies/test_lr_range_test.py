@@ -788,10 +788,10 @@ def test_a_schedule_counts_its_steps_from_the_checkpoint_the_range_test_returned
 # -- when the sweep runs: only on evidence the run's own LR is far off ----------------------
 
 
-def _evidence(losses, spreads=None, nonfinite_at=None, used=None):
+def _evidence(losses, spreads=None, nonfinite_at=None, used=None, aligned=None):
     """The range test's verdict on a job fed one report per loss (window 5, checkpoint 0
-    listed; ``used``: the loop's own LR per report, else ``LR``): the reason it starts its
-    sweep at the last report, or None."""
+    listed; ``used``: the loop's own LR per report, else ``LR``; ``aligned``: the update
+    alignment per report): the reason it starts its sweep at the last report, or None."""
     st = JobState.from_register(wire.Register(
         job="j", run_id="r", report_every=5, knobs=wire.Knobs(lr=LR), base=wire.Knobs(lr=LR),
         facts=wire.ScaleFacts(param_count=10, group_sizes=[10], optimizer="AdamW",
@@ -802,7 +802,8 @@ def _evidence(losses, spreads=None, nonfinite_at=None, used=None):
             job="j", seq=i, step=5 * i, window=5, loss_mean=loss, loss_min=loss / spread ** 0.5,
             loss_max=loss * spread ** 0.5, knobs=wire.Knobs(lr=used[i - 1] if used else LR),
             base=wire.Knobs(lr=used[i - 1] if used else LR),
-            checkpoints=[0], nonfinite_grads=1 if i == nonfinite_at else 0))
+            checkpoints=[0], nonfinite_grads=1 if i == nonfinite_at else 0,
+            update_alignment=aligned[i - 1] if aligned else None))
     policy = LrRangeTest()
     out = policy.propose(st.view())
     _evidence.kind = (policy.evidence(st.view()) or (None,))[0]
@@ -866,6 +867,26 @@ def test_a_flat_loss_under_the_loops_own_warm_up_is_no_evidence():
     warm = [LR * (i + 1) / 200 for i in range(20)]
     assert _evidence(flat, used=warm)[0] is None
     assert "did not fall" in _evidence(flat, used=[LR] * 20)[0]
+
+
+def test_updates_that_keep_lining_up_with_the_next_gradient_say_the_lr_is_too_low():
+    """A loss that falls steadily (no flat-loss evidence), but each update lines up with
+    the next gradient: the hypergradient says a larger LR would have gone further. Only the
+    second half of the evidence window counts (every run's first steps line up); at a
+    tuned LR the alignment sits near zero; under the loop's own warm-up it is no evidence."""
+    falling = [4.0 * 0.97 ** i for i in range(20)]
+    early_only = [0.5] * 10 + [0.02] * 10
+    assert _evidence(falling, aligned=early_only)[0] is None
+    tuned = [0.5] * 10 + [0.05, -0.1, 0.04, -0.02, 0.1, 0.0, 0.03, -0.05, 0.02, 0.01]
+    assert _evidence(falling, aligned=tuned)[0] is None
+    cold = [0.5] * 10 + [0.3, 0.2, 0.25, 0.1, 0.28, 0.22, 0.31, 0.19, 0.26, 0.24]
+    why, (p,) = _evidence(falling, aligned=cold)
+    assert "median cos(g, -update) +0.24 > 0.15" in why and _evidence.kind == "low"
+    assert p.sweep and "lined up" in p.reason
+    # Fewer than five reports with an alignment: nothing said yet.
+    assert _evidence(falling[:14], aligned=cold[:14])[0] is None
+    warm = [LR * (i + 1) / 40 for i in range(20)]
+    assert _evidence(falling, aligned=cold, used=warm)[0] is None
 
 
 def test_past_the_start_of_the_run_no_evidence_counts():
