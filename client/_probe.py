@@ -34,8 +34,9 @@ the sign of the hypergradient, d loss / d lr (Baydin et al. 2018, "Online Learni
 Adaptation with Hypergradient Descent"). Clearly positive, consecutive steps keep going the
 same way and a larger LR would have gone further down: the LR is too low; near zero or
 negative, the steps overshoot along the sharp directions, as at a tuned LR. It reuses the
-update kept for the update ratio (one more step, then freed) and costs four ``foreach``
-ops once per window; it is not measured on sharded parameters or gradients spread over
+update kept for the update ratio (one more step, then freed; scaled and added to in
+place, so no new tensor of the model's size) and costs two ``foreach`` norms, a scale and
+an add once per window; it is not measured on sharded parameters or gradients spread over
 several devices.
 
 Sharded parameters (FSDP2): with :attr:`Probe.sharding` set (see
@@ -237,9 +238,10 @@ class Probe:
 
     def _alignment(self) -> None:
         """Write ``cos(g, -dtheta)`` of this step's gradients and the update kept by
-        :meth:`update_ratio` into this row (device ops; see the module docstring). With
-        unit vectors ``a = g / |g|`` and ``b = dtheta / |dtheta|``, ``cos(g, -dtheta) =
-        -a.b = 1 - |a + b|^2 / 2``: one norm, no dot-product loop over the tensors."""
+        :meth:`update_ratio` into this row (device ops; see the module docstring). The kept
+        update is scaled in place to the gradient's norm, ``d = dtheta |g| / |dtheta|``, and
+        ``cos(g, -dtheta) = 1 - |g + d|^2 / (2 |g|^2)``: one norm of the sum, no dot-product
+        loop over the tensors and no new tensor of the model's size."""
         params, delta, norm = self._update  # type: ignore[misc]
         self._update = None
         grads = [p.grad for p in params]
@@ -249,13 +251,12 @@ class Probe:
         with torch.no_grad():
             gn = torch.linalg.vector_norm(torch.stack(
                 torch._foreach_norm(grads, 2.0, dtype=torch.float32)))
-            dtype = delta[0].dtype
-            unit = torch._foreach_div(grads, gn.to(dtype))  # type: ignore[arg-type]
-            torch._foreach_div_(delta, norm.to(dtype))
-            torch._foreach_add_(unit, delta)
+            torch._foreach_mul_(delta, (gn / norm).to(delta[0].dtype))
+            torch._foreach_add_(delta, grads)  # type: ignore[arg-type]
             s = torch.linalg.vector_norm(torch.stack(
-                torch._foreach_norm(unit, 2.0, dtype=torch.float32)))
-            self.buf[self.row, self._align_col] = (1.0 - s * s / 2.0).clamp(-1.0, 1.0)
+                torch._foreach_norm(delta, 2.0, dtype=torch.float32)))
+            cos = 1.0 - (s / gn) ** 2 / 2.0
+            self.buf[self.row, self._align_col] = cos.clamp(-1.0, 1.0)
 
     def snapshot(self) -> None:
         """Copy the params about to be updated; called on the window's last step only."""
