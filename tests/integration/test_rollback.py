@@ -107,7 +107,12 @@ def test_a_run_far_too_hot_from_its_first_step_is_swept_from_its_attach_checkpoi
     srv = serve_factory(CONTROLLER_CONFIG)
     tuned = train(None, None, job="tuned", total=600)
     bare = train(None, None, job="bare-hot", total=600, lr_scale=40.0)
-    run = train(None, srv.endpoint, job="hot", total=600, lr_scale=40.0)
+    # In lockstep (each command applied at the step after the report that caused it, as in
+    # a run whose steps outlast the controller's reply): unsynchronised, these sub-ms steps
+    # ran 15 steps past a command under a loaded CI, which is how the stranding fixed in
+    # controller/advance.commit was found (tests/controller/test_manual.py has it exactly).
+    run = train(None, srv.endpoint, job="hot", total=600, lr_scale=40.0,
+                journal=str(srv.journal_path))
     assert not math.isfinite(bare.val), bare
     assert math.isfinite(run.val) and run.steps == 600, run
     assert run.val <= 1.5 * tuned.val, (run, tuned)

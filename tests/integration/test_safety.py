@@ -135,3 +135,27 @@ def test_a_controller_started_late_takes_no_evidence_from_queued_reports(serve_f
             for step in (e.data["mark_stable"], e.data["rollback_to"]):
                 assert step is None or step in listed, (e.data, listed)
     assert not any(r.data["offline"] for r in reports)
+
+
+def test_a_start_too_low_is_told_by_its_updates_and_swept_from_its_own_lr(serve_factory):
+    """The same regression at a tenth of its LR: the loss falls (no flat-loss evidence),
+    but each update lines up with the next gradient, and the reports say so
+    (``update_alignment``, measured by the client). The range test sweeps, from the
+    multiplier in force up, never below it; at the run's own LR the same task shows none."""
+    srv = serve_factory("")
+    _run(srv, "cold", 200, lr=0.002)
+    _run(srv, "tuned", 200, lr=0.02)
+    journal = srv.journal()
+
+    def aligned(job):
+        reports = journal.events(job, "report")[10:20]
+        return sorted(r.data["update_alignment"] for r in reports)[5]
+
+    assert aligned("cold") > 0.15 > aligned("tuned"), (aligned("cold"), aligned("tuned"))
+    starts = [e for e in journal.events("cold", "proposal")
+              if e.data["policy"] == "lr_range_test" and "starts" in e.data["reason"]]
+    assert starts and "lined up with the next gradient" in starts[0].data["reason"]
+    # From the run's own LR up (to the sweep's whole steps: x0.993).
+    assert starts[0].data["value"] == pytest.approx(1.0, rel=0.01)
+    assert not [e for e in journal.events("tuned", "proposal")
+                if e.data["policy"] == "lr_range_test"]
