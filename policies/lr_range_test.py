@@ -29,7 +29,9 @@ defaults), in the run itself:
   (fastai's ``lr_min``: a tenth of where the loss bottoms out, which the smoothing's lag
   puts a little late); ``"steepest"``: the LR where the smoothed loss falls fastest
   against log LR, up to its lowest point (torch-lr-finder's suggestion, fastai's
-  ``lr_steep``). No pick when fewer than ``min_points`` reports came in, or the smoothed
+  ``lr_steep``). A sweep of a run too low (it began at the run's own multiplier) never
+  picks below where it began: when "min" would, it picks halfway up, in log, from there to
+  the lowest smoothed loss. No pick when fewer than ``min_points`` reports came in, or the smoothed
   loss never fell ``min_drop`` below its first value (a flat-then-up curve says nothing
   about where to train): the job keeps the LR it registered.
 * **End in place.** With a pick, when the latest report is finite, healthy (the
@@ -473,6 +475,14 @@ class LrRangeTest(Policy):
         else:
             found = pick_lr(finite, cfg.pick, cfg.pick_divisor)
             verdict = f"picked lr x{found:.4g} ({cfg.pick})"
+            start = phase.sweep_from
+            best = min(finite, key=lambda p: p[1])[0]
+            if self.skipped(*self.sweep_range(view), start) and found < start < best:
+                # A sweep of a run too low began at its own LR: a pick below it would put
+                # back an LR the evidence said is too low. Halfway up (in log) to the best.
+                found = math.sqrt(start * best)  # type: ignore[operator]
+                verdict = (f"picked lr x{found:.4g} (halfway from the run's own x{start:.3g}, "
+                           f"too low, to the lowest loss's x{best:.3g})")
         lr = found * cfg.start_fraction if found is not None else view.initial.lr
         kept = (self.keeps(view, losses, curve)
                 if found is not None and self.in_place_allowed(phase) else None)

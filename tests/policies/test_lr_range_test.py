@@ -889,6 +889,31 @@ def test_updates_that_keep_lining_up_with_the_next_gradient_say_the_lr_is_too_lo
     assert _evidence(falling, aligned=cold, used=warm)[0] is None
 
 
+def test_a_sweep_of_a_run_too_low_begins_at_its_lr_and_never_picks_below_it():
+    """Evidence says the run's own LR is too low (its updates line up with the next
+    gradient); the sweep begins there, not at a hundredth of it, and its loss still falls at
+    the sweep's top: "min / 10" would hand the run its own LR back (the width MLP's 10x-too-
+    low runs lost 2.5-4.5% that way); the pick is halfway up, in log, to the lowest loss."""
+    c = client()
+    engine = Engine([LrRangeTest({"sweep_steps": 100, "beta": 0.0})], WIDE)
+    decisions = []
+    for _ in range(60):
+        c.advance()
+        lr = c.act.used().lr
+        d = c.exchange(engine, loss_mean=1.0 / (1.0 + lr / LR), update_alignment=0.3).decision
+        decisions.append(d)
+        if d.rollback is not None:
+            break
+    first = next(p for d in decisions for n, p in d.proposals
+                 if n == "lr_range_test" and p.sweep)
+    assert first.value == pytest.approx(1.0, rel=0.03) and "lined up" in first.reason
+    end = finished(decisions)
+    best = min(end.detail["curve"], key=lambda p: p[1])[0]
+    assert best == end.detail["curve"][-1][0]  # still falling at the top
+    assert end.detail["found_lr"] == pytest.approx(math.sqrt(1.0 * best), rel=0.03)
+    assert end.detail["found_lr"] > 1.0 and "halfway" in end.reason
+
+
 def test_past_the_start_of_the_run_no_evidence_counts():
     rising = [2.0] + [2.5] * 25  # rose at once, but the verdict is only taken early on
     assert _evidence(rising[:5])[0] is not None
