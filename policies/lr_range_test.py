@@ -75,6 +75,7 @@ sweep starts.
 from __future__ import annotations
 
 import math
+import statistics
 from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -354,9 +355,7 @@ class LrRangeTest(Policy):
         low = self._aligned(view)
         if low is not None:
             return "low", low
-        used = [s.lr_used for s in seen[:cfg.flat_reports] if s.lr_used]
-        warming = len(used) >= 2 and max(used) > 1.5 * min(used)
-        if len(losses) >= cfg.flat_reports and not warming:
+        if len(losses) >= cfg.flat_reports and not _warming(seen[:cfg.flat_reports]):
             # (A loop still warming its LR up is not flat at a bad LR: its LR is moving.)
             head, tail = losses[:3], losses[cfg.flat_reports - 3:cfg.flat_reports]
             start, now = sum(head) / len(head), sum(tail) / len(tail)
@@ -381,12 +380,9 @@ class LrRangeTest(Policy):
             return None
         late = view.history[cfg.evidence_reports // 2:cfg.evidence_reports]
         seen = [s.update_alignment for s in late if s.update_alignment is not None]
-        used = [s.lr_used for s in late if s.lr_used]
-        if len(seen) < cfg.align_reports or (len(used) >= 2 and max(used) > 1.5 * min(used)):
+        if len(seen) < cfg.align_reports or _warming(late):
             return None  # too few, or the loop's own LR still moving (a warm-up)
-        seen.sort()
-        mid = len(seen) // 2
-        median = seen[mid] if len(seen) % 2 else (seen[mid - 1] + seen[mid]) / 2
+        median = statistics.median(seen)
         if median <= cfg.align_low:
             return None
         return (f"each update lined up with the next gradient: median cos(g, -update) "
@@ -430,7 +426,7 @@ class LrRangeTest(Policy):
                 )
             ]
         return [self._finish(view, phase, curve, why, [s.step for s in samples],
-                             [loss for _, loss, _ in points])]
+                             [loss for _, loss, _ in points], skip)]
 
     def turned(self, losses: list[float], curve: list[tuple[float, float]]) -> str | None:
         """Why the sweep stops at its latest report because its loss turned up off its low
@@ -456,12 +452,13 @@ class LrRangeTest(Policy):
 
     def _finish(
         self, view: JobView, phase: Phase, curve: list[tuple[float, float]], why: str,
-        steps: list[int], losses: list[float],
+        steps: list[int], losses: list[float], skip: int,
     ) -> Proposal:
         """The sweep's end with the pick (if any): in place when the run is at its best
         (:meth:`keeps`), else the planned rollback to the newest checkpoint taken during
         the sweep at or before its lowest smoothed loss, where the sweep's steps made
-        progress (:meth:`resume_at`), else to the sweep's own checkpoint."""
+        progress (:meth:`resume_at`), else to the sweep's own checkpoint. ``skip``: the
+        steps of the full sweep it left out below the run's own LR (:meth:`skipped`)."""
         cfg: LrRangeTestConfig = self.config  # type: ignore[assignment]
         finite = [(lr, loss) for lr, loss in curve if math.isfinite(loss)]
         found, verdict = None, ""
@@ -477,7 +474,7 @@ class LrRangeTest(Policy):
             verdict = f"picked lr x{found:.4g} ({cfg.pick})"
             start = phase.sweep_from
             best = min(finite, key=lambda p: p[1])[0]
-            if self.skipped(*self.sweep_range(view), start) and found < start < best:
+            if skip and found < start < best:  # type: ignore[operator]
                 # A sweep of a run too low began at its own LR: a pick below it would put
                 # back an LR the evidence said is too low. Halfway up (in log) to the best.
                 found = math.sqrt(start * best)  # type: ignore[operator]
@@ -582,3 +579,10 @@ class LrRangeTest(Policy):
             if before and before[-1] < bar:
                 return ckpt
         return phase.checkpoint
+
+
+def _warming(samples: list) -> bool:
+    """Whether the loop's own LR moved more than 1.5x over ``samples`` (its warm-up): a
+    loss or an alignment seen then says nothing of an LR far off."""
+    used = [s.lr_used for s in samples if s.lr_used]
+    return len(used) >= 2 and max(used) > 1.5 * min(used)

@@ -336,9 +336,7 @@ def test_a_person_waiting_hears_the_values_the_job_used_once_it_applied_them(tmp
     ctl = make(tmp_path)
     ctl.handle(PEER, register())
     tick(ctl, 1)
-    frame = wire.encode(wire.Operate(job="j1", action="set", who="alice", reason="r",
-                                     request="r-1", knobs=wire.Knobs(lr=0.05), wait=True))
-    reply, (cmd,) = answer(ctl, frame)
+    reply, (cmd,) = answer(ctl, operate("set", knobs=wire.Knobs(lr=0.05), wait=True))
     assert reply.ok and not reply.applied
     # The ack: the values the step used, as the job says them, go to the person.
     out = decoded(ctl.handle(PEER, wire.encode(wire.Ack(job="j1", seq=cmd.seq, step=17,
@@ -357,9 +355,7 @@ def test_a_person_waiting_hears_when_the_command_will_never_be_applied(tmp_path)
     ctl = make(tmp_path)
     ctl.handle(PEER, register())
     tick(ctl, 1)
-    frame = wire.encode(wire.Operate(job="j1", action="set", who="alice", reason="r",
-                                     request="r-1", knobs=wire.Knobs(momentum=0.8), wait=True))
-    answer(ctl, frame)
+    answer(ctl, operate("set", knobs=wire.Knobs(momentum=0.8), wait=True))
     out = decoded(ctl.handle(PEER, wire.encode(wire.Bye(job="j1", step=12))))
     ((peer, told),) = out
     assert peer == OPERATOR and not told.ok and not told.applied
