@@ -184,7 +184,7 @@ class Engine(PhaseRules, ScheduleRules):
                 state, [(n, p) for n, p in proposals if p.advice is None])
         if alert is not None and state.rollback.stranded(self.rollback):
             # Rollbacks did not cure it and no step can: the run should end (or be looked at).
-            stop = stop or f"{alert}"[:1024]
+            stop = stop or alert[:1024]
         if urgent and plan is None:
             return Decision(step=state.step, proposals=(), knobs={}, errors=tuple(errors),
                             shadow=False)
