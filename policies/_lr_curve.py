@@ -11,7 +11,39 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["smooth", "stop_reason", "pick_lr"]
+__all__ = ["smooth", "stop_reason", "pick_lr", "fell_below", "past"]
+
+# Losses need not be positive (a noise or likelihood term can take them below 0), and a
+# ratio to a lowest loss at or below 0 says nothing (every loss is "4x" a negative one):
+# the tests "past ratio x the lowest" go through :func:`past`, which measures a rise off a
+# lowest at or below 0 in units of the fall to it, and a fall by a fraction is measured on
+# the first value's magnitude (:func:`fell_below`).
+
+
+def past(value: float, low: float, first: float, ratio: float) -> bool:
+    """Whether ``value`` lies past ``ratio`` x the lowest loss ``low`` of a curve that
+    began at ``first``: ``value > ratio * low`` for a positive ``low``; off a lowest at or
+    below 0, a rise above it of more than ``ratio - 1`` times the fall from ``first`` to it
+    (the same bar for a curve that fell from ``first`` to ``low > 0`` when ``first = 2 *
+    low``; False when there was no fall).
+
+    >>> past(4.5, 1.0, 3.0, 4.0), past(2.0, -0.5, 1.5, 1.5), past(0.4, -0.5, 1.5, 1.5)
+    (True, True, False)
+    """
+    if low > 0:
+        return value > ratio * low
+    fall = first - low
+    return fall > 0 and value - low > (ratio - 1.0) * fall
+
+
+def fell_below(first: float, fraction: float) -> float:
+    """The value a loss that began at ``first`` has fallen ``fraction`` of it below:
+    ``first * (1 - fraction)`` for a positive one, further below 0 for a negative one.
+
+    >>> fell_below(2.0, 0.02), fell_below(-2.0, 0.02)
+    (1.96, -2.04)
+    """
+    return first - fraction * abs(first)
 
 
 def smooth(points: list[tuple[float, float, int]], beta: float) -> list[tuple[float, float]]:
@@ -39,11 +71,10 @@ def stop_reason(curve: list[tuple[float, float]], diverge_factor: float) -> str 
     if not math.isfinite(last):
         return f"non-finite loss at lr x{curve[-1][0]:.3g}"
     best = min(loss for _, loss in curve)
-    if last > diverge_factor * best:
-        return (
-            f"smoothed loss {last:.4g} > {diverge_factor:g} x its lowest {best:.4g} "
-            f"at lr x{curve[-1][0]:.3g}"
-        )
+    if past(last, best, curve[0][1], diverge_factor):
+        bar = (f"{diverge_factor:g} x its lowest" if best > 0 else
+               f"its lowest + {diverge_factor - 1:g} x its fall from {curve[0][1]:.4g} to")
+        return f"smoothed loss {last:.4g} > {bar} {best:.4g} at lr x{curve[-1][0]:.3g}"
     return None
 
 

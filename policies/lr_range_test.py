@@ -24,7 +24,9 @@ defaults), in the run itself:
   once the smoothed loss has fallen ``min_drop`` below its first value, as soon as a
   report's mean loss turns up past ``turn_ratio`` x the sweep's lowest report: in a run
   (not fastai's throw-away copy) the LR past the low ruins the weights within a few
-  reports, long before the smoothed loss reaches 4x its low.
+  reports, long before the smoothed loss reaches 4x its low. A loss that goes below 0 (a
+  noise or likelihood term) has no meaningful ratio to its lowest: there each "x its
+  lowest" bar is a rise off the lowest of that many times the fall to it (``past``).
 * **Pick.** ``"min"``: the LR at the lowest smoothed loss divided by ``pick_divisor``
   (fastai's ``lr_min``: a tenth of where the loss bottoms out, which the smoothing's lag
   puts a little late); ``"steepest"``: the LR where the smoothed loss falls fastest
@@ -87,6 +89,8 @@ from trimtab.policies.sdk import (
     Proposal,
     ScaleContext,
     SchedulePiece,
+    fell_below,
+    past,
     pick_lr,
     smooth,
     stop_reason,
@@ -341,8 +345,11 @@ class LrRangeTest(Policy):
                 continue
             # A blow-up reaches a new high, far above the lowest loss seen; a fast fall from
             # the initial loss spreads a window as widely, but never passes its first high.
-            if (low is not None and high is not None and low > 0 and s.loss_max > high
-                    and s.loss_max > cfg.explode_ratio * min(low, s.loss_min)):
+            # (Off a lowest at or below 0, a loss with a noise or likelihood term, the
+            # rise is measured in units of the fall from the first report's mean: past.)
+            if (low is not None and high is not None and s.loss_max > high
+                    and past(s.loss_max, min(low, s.loss_min), seen[0].loss_mean
+                             if seen[0].loss_mean is not None else high, cfg.explode_ratio)):
                 return "high", (f"the loss blew up by the window ending at step {s.step}: "
                                 f"to {s.loss_max:.4g}, from a lowest "
                                 f"{min(low, s.loss_min):.4g}")
@@ -441,14 +448,15 @@ class LrRangeTest(Policy):
         if cfg.turn_ratio is None or len(losses) < cfg.min_points:
             return None
         finite = [x for _, x in curve if math.isfinite(x)]
-        if not finite or min(finite) > finite[0] * (1.0 - cfg.min_drop):
+        if not finite or min(finite) > fell_below(finite[0], cfg.min_drop):
             return None  # the loss has not fallen: no low to turn up from yet
         before = [x for x in losses[:-1] if math.isfinite(x)]
         last = losses[-1]
-        if not before or not last > cfg.turn_ratio * min(before):
+        if not before or not past(last, min(before), before[0], cfg.turn_ratio):
             return None
-        return (f"the loss turned up: {last:.4g} > {cfg.turn_ratio:g} x its lowest report "
-                f"{min(before):.4g} at lr x{curve[-1][0]:.3g}")
+        bar = (f"{cfg.turn_ratio:g} x its lowest report" if min(before) > 0 else
+               f"its lowest report + {cfg.turn_ratio - 1:g} x its fall from {before[0]:.4g} to")
+        return f"the loss turned up: {last:.4g} > {bar} {min(before):.4g} at lr x{curve[-1][0]:.3g}"
 
     def _finish(
         self, view: JobView, phase: Phase, curve: list[tuple[float, float]], why: str,
@@ -464,7 +472,7 @@ class LrRangeTest(Policy):
         found, verdict = None, ""
         if len(finite) < cfg.min_points:
             verdict = f"no pick: {len(finite)} finite points < min_points={cfg.min_points}"
-        elif min(loss for _, loss in finite) > finite[0][1] * (1.0 - cfg.min_drop):
+        elif min(loss for _, loss in finite) > fell_below(finite[0][1], cfg.min_drop):
             verdict = (
                 f"no pick: the smoothed loss never fell {cfg.min_drop:.0%} below its "
                 f"first value {finite[0][1]:.4g}"
@@ -533,7 +541,7 @@ class LrRangeTest(Policy):
                 or not all(math.isfinite(x) for x in smoothed[-2:])):
             return None
         low = min(finite)
-        if losses[-1] > cfg.keep_within * low or min(smoothed[-2:]) > min(smoothed):
+        if past(losses[-1], low, finite[0], cfg.keep_within) or min(smoothed[-2:]) > min(smoothed):
             return None
         return (f"its latest loss {losses[-1]:.4g} within {cfg.keep_within:g} x its lowest "
                 f"report {low:.4g}")
@@ -556,7 +564,7 @@ class LrRangeTest(Policy):
                   if math.isfinite(loss)]
         if not finite:
             return phase.checkpoint
-        bar = finite[0][1] * (1.0 - cfg.min_drop)
+        bar = fell_below(finite[0][1], cfg.min_drop)
         for s in view.history:
             if s.step > phase.start_step:
                 break

@@ -133,6 +133,29 @@ def test_a_dip_then_blow_up_picks_the_lr_of_the_lowest_loss_over_ten():
     print(f"found lr x{st.found_lr:.3g} from {len(curve)} points")
 
 
+@pytest.mark.parametrize("shift", [0.0, -1.2])
+def test_a_loss_that_goes_below_zero_sweeps_to_its_blow_up_and_picks_the_same(shift):
+    """A loss with a noise or likelihood term can go below 0: the same dip shifted down by
+    1.2 bottoms out at -0.2. A ratio to a negative lowest says nothing (every loss is "4x"
+    it: the sweep stopped at its first point below 0), so the stop measures the rise off
+    such a lowest in units of the fall to it, and the sweep runs past the dip to the blow-up
+    and picks as it does for the loss above 0."""
+    c = client()
+    policy = LrRangeTest({"when": "always",
+                          "min_lr": 1e-5, "max_lr": 1e-1, "sweep_steps": 400, "beta": 0.0})
+    above = dip(best=3e-3, blow=5.0)
+    ds = drive(Engine([policy], WIDE), c, lambda lr: above(lr) + shift, 60)
+    end = finished(ds)
+    curve = end.detail["curve"]
+    lrs = [lr for lr, _ in curve]
+    i_min = min(range(len(curve)), key=lambda i: curve[i][1])
+    assert curve[i_min][1] == pytest.approx(min(above(m * LR) for m in lrs) + shift)
+    assert lrs[i_min] < lrs[-1] < 1e-1 / LR  # stopped past the dip, before the sweep's end
+    assert "its lowest" in end.detail["stop"] and curve[-1][1] > 1.0
+    assert lrs[i_min] == min(lrs, key=lambda m: abs(math.log(m * LR / 3e-3)))
+    assert end.detail["found_lr"] == pytest.approx(lrs[i_min] / 10)
+
+
 def test_a_short_sweep_is_smoothed_over_a_tenth_of_it_and_picks_at_the_dip():
     """An 80-step sweep (a short run's, as the benchmark fits it): smoothed at 0.98 per
     step the curve remembers ~50 steps, its lowest point lags to 5.6x the true best and
@@ -788,10 +811,11 @@ def test_a_schedule_counts_its_steps_from_the_checkpoint_the_range_test_returned
 # -- when the sweep runs: only on evidence the run's own LR is far off ----------------------
 
 
-def _evidence(losses, spreads=None, nonfinite_at=None, used=None, aligned=None):
+def _evidence(losses, spreads=None, nonfinite_at=None, used=None, aligned=None, lows=None):
     """The range test's verdict on a job fed one report per loss (window 5, checkpoint 0
     listed; ``used``: the loop's own LR per report, else ``LR``; ``aligned``: the update
-    alignment per report): the reason it starts its sweep at the last report, or None."""
+    alignment per report; ``lows``: a report's lowest loss, where not the spread's): the
+    reason it starts its sweep at the last report, or None."""
     st = JobState.from_register(wire.Register(
         job="j", run_id="r", report_every=5, knobs=wire.Knobs(lr=LR), base=wire.Knobs(lr=LR),
         facts=wire.ScaleFacts(param_count=10, group_sizes=[10], optimizer="AdamW",
@@ -799,7 +823,8 @@ def _evidence(losses, spreads=None, nonfinite_at=None, used=None, aligned=None):
     for i, loss in enumerate(losses, 1):
         spread = (spreads or {}).get(i, 1.05)
         st.observe(wire.Report(
-            job="j", seq=i, step=5 * i, window=5, loss_mean=loss, loss_min=loss / spread ** 0.5,
+            job="j", seq=i, step=5 * i, window=5, loss_mean=loss,
+            loss_min=(lows or {}).get(i, loss / spread ** 0.5),
             loss_max=loss * spread ** 0.5, knobs=wire.Knobs(lr=used[i - 1] if used else LR),
             base=wire.Knobs(lr=used[i - 1] if used else LR),
             checkpoints=[0], nonfinite_grads=1 if i == nonfinite_at else 0,
@@ -843,6 +868,18 @@ def test_a_fast_fall_from_the_initial_loss_is_no_blow_up():
         assert _evidence(means[:n], spreads)[0] is None
     # The same start, then a new high far above the lowest loss: that is a blow-up.
     why, _ = _evidence([*means[:4], 60.0], spreads)
+    assert why is not None and "blew up" in why
+
+
+def test_a_window_dipping_below_zero_is_no_blow_up():
+    """A loss with a noise term (the noisy quadratic's, a negative log-likelihood's) can
+    dip below 0 within a window: every loss is "4x" a negative lowest, so the ratio says
+    nothing, and a new high of 6 after a lowest of -0.6 in a run falling from 5 is no
+    blow-up (the noisy quadratic at 10x its tuned LR was swept on it, and ended 1.28x its
+    bare run). Against a positive lowest, the same new high still is one."""
+    why, _ = _evidence([5.0, 2.0], spreads={2: 9.0}, lows={2: -0.6})
+    assert why is None
+    why, _ = _evidence([5.0, 2.0], spreads={2: 9.0}, lows={2: 0.6})
     assert why is not None and "blew up" in why
 
 
