@@ -66,9 +66,10 @@ class PhaseRules:
             # that opens it rolls the run back there and sends the sweep (see _decide).
             restart = self._restart_from(state, first, proposals)
             ckpt = ckpt if restart is None else restart
-            asked = next(p.value for n, p in proposals if n == first and p.sweep)
-            phase, opened = state.begin_phase(first, ckpt, start=restart,
-                                              sweep_from=asked), ckpt
+            asked = next(p for n, p in proposals if n == first and p.sweep)
+            phase, opened = state.begin_phase(
+                first, ckpt, start=restart, sweep_from=asked.value,
+                opened=None if asked.detail is None else dict(asked.detail)), ckpt
         mine = [(n, p) for n, p in proposals if n == phase.policy]
         ending = next((p for _, p in mine if p.to_step is not None or p.ends_phase), None)
         in_place = ending is not None and ending.ends_phase

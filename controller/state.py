@@ -437,16 +437,18 @@ class JobState(Persisted):
         self.shadow_counts[key] = self.shadow_counts.get(key, 0) + 1
 
     def begin_phase(self, policy: str, checkpoint: int, start: int | None = None,
-                    sweep_from: float | None = None) -> Phase:
+                    sweep_from: float | None = None,
+                    opened: dict[str, Any] | None = None) -> Phase:
         """``policy`` opens its measurement phase now, returning to ``checkpoint`` at its end;
         it starts at ``start`` (default: the current step; an earlier checkpoint's step when
-        the phase starts over from it); ``sweep_from``: the value its opening proposal asked."""
+        the phase starts over from it); ``sweep_from``: the value its opening proposal asked,
+        ``opened``: that proposal's detail."""
         if self.phase is not None or policy in self.phases_done:
             raise ValueError(f"policy {policy!r} cannot open a phase: "
                              f"{'one is open' if self.phase else 'it had its phase'}")
         self.phase = Phase(policy, self.step if start is None else start, checkpoint,
                            restarted=start is not None and start < self.step,
-                           sweep_from=sweep_from)
+                           sweep_from=sweep_from, opened=opened)
         return self.phase
 
     def end_phase(self, found_lr: float | None, back_to: int | None = None, *,

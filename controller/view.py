@@ -127,6 +127,9 @@ class Phase:
     restarted: bool = False
     #: The value its opening proposal asked for (the sweep's first; None: not known).
     sweep_from: float | None = None
+    #: The opening proposal's ``detail``, as its policy recorded it for the phase (the LR
+    #: range test: the sweep's range, fixed when it opened); None: none, or an older save.
+    opened: dict[str, Any] | None = None
 
     @property
     def resume_step(self) -> int:

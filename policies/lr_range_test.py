@@ -96,7 +96,7 @@ from trimtab.policies.sdk import (
     stop_reason,
 )
 
-__all__ = ["LrRangeTest", "LrRangeTestConfig", "smooth", "pick_lr", "stop_reason"]
+__all__ = ["LrRangeTest", "LrRangeTestConfig", "own_lr", "smooth", "pick_lr", "stop_reason"]
 
 #: The rollback cause (and metric label) of the return.
 CAUSE = "lr_range_test"
@@ -189,6 +189,26 @@ class LrRangeTestConfig(BaseModel):
         return self
 
 
+def own_lr(view: JobView) -> float | None:
+    """The user's own lr that absolute lr settings relate to: the highest it has been so
+    far (at registration, in the reports kept, at the latest report). A loop's warm-up
+    registers a fraction of the lr it runs at (LambdaLR's first factor: 1/30 of it in
+    the benchmark's GPT), and a range of absolute LRs divided by that fraction would sweep
+    and pick 30x too high; its decay after the peak leaves the peak as the run's scale.
+
+    >>> from trimtab.controller.state import JobState
+    >>> from trimtab.protocol import wire
+    >>> own_lr(JobState.from_register(wire.Register(job="j", run_id="r", report_every=5,
+    ...     knobs=wire.Knobs(lr=1e-5), facts=wire.ScaleFacts(param_count=1, group_sizes=[1],
+    ...     optimizer="AdamW", dtype="float32", device="cpu"))).view())
+    1e-05
+    """
+    seen = [x for x in (view.registered.lr, view.base.lr) if x is not None and x > 0]
+    seen += [s.lr_used / s.lr for s in view.history
+             if s.lr_used is not None and s.lr and s.lr_used > 0]
+    return max(seen, default=view.registered.lr)
+
+
 class LrRangeTest(Policy):
     """An exponential LR sweep at the start, its pick handed on, the run rolled back."""
 
@@ -196,10 +216,17 @@ class LrRangeTest(Policy):
     Config: ClassVar[type[BaseModel]] = LrRangeTestConfig
 
     def sweep_range(self, view: JobView) -> tuple[float, float]:
-        """``(first, last)`` lr multiplier of the sweep for ``view``'s job."""
+        """``(first, last)`` lr multiplier of the sweep for ``view``'s job: the range its
+        open sweep recorded when it opened, else as it would open now (the absolute
+        ``min_lr``, ``max_lr`` and family range as multipliers on :func:`own_lr`)."""
+        phase = view.phase
+        if phase is not None and phase.policy == self.name and phase.opened:
+            fixed = phase.opened.get("range")
+            if isinstance(fixed, (list, tuple)) and len(fixed) == 2:
+                return float(fixed[0]), float(fixed[1])
         cfg: LrRangeTestConfig = self.config  # type: ignore[assignment]
         lr = view.initial.lr  # 1.0: the user's own lr
-        own = view.registered.lr  # the user's lr at registration, what absolute values relate to
+        own = own_lr(view)  # what the absolute values relate to
         if (cfg.min_lr is None or cfg.max_lr is None) and lr is None:
             raise ValueError("no min_lr/max_lr configured and the job registered no lr")
         if (cfg.min_lr is not None or cfg.max_lr is not None) and not own:
@@ -298,6 +325,8 @@ class LrRangeTest(Policy):
                 start, detail = oldest, {"restart_from": oldest}
                 where = f", from the checkpoint at step {oldest}"
             first = self.lr_at(0, lo, hi, skip)
+            # The range is fixed for the sweep: the loop's own lr may move under it.
+            detail = {**(detail or {}), "range": [lo, hi]}
             return [
                 Proposal.sweep_value(
                     "lr",

@@ -10,6 +10,7 @@ The range test sweeps the multiplier: its curve and ``found_lr`` are multipliers
 
 from __future__ import annotations
 
+import json
 import math
 import time
 
@@ -285,6 +286,41 @@ def test_a_run_registered_decades_too_low_sweeps_into_its_family_range(family_ra
         assert found <= 1
     print(f"family_range={family_range}: sweep x{lo:.3g} -> x{hi:.3g} of {start}, "
           f"found x{found:.3g}")
+
+
+def test_the_sweep_range_relates_to_the_lr_the_loop_runs_at_and_holds_for_the_sweep():
+    """A LambdaLR warm-up registers its first value: here 1/30 of the 3e-4 the loop then
+    runs at. Adam's family range (1e-5 .. 1e-2) is absolute; as multipliers on the
+    registered 1e-5 its top is x1000, which on the loop's 3e-4 swept to 0.3 (capped at the
+    family's 1e-2 by the governor, while the curve said x1000) and picked 10x too high.
+    It relates to the highest lr the loop has run at (x33 at the top), is recorded when
+    the sweep opens, and holds while the loop's own lr decays under the sweep; the pick
+    lands a tenth below the dip (3e-3) on the lr the loop runs at."""
+    c = client(1e-5)
+    st = c.state
+    gov = Governor(derive_limits(ScaleContext.from_facts(st.facts), GovernorConfig(), set(),
+                                 st.registered).config)
+    c.opt.param_groups[0]["lr"] = 3e-4  # the loop's warm-up is over
+    c.run(c.every)
+    c.exchange(Engine([], gov), loss_mean=5.0)
+    policy = LrRangeTest({"when": "always", "end_in_place": False, "sweep_steps": 400,
+                          "beta": 0.0})
+    assert policy.sweep_range(st.view()) == (pytest.approx(1e-2), pytest.approx(1e-2 / 3e-4))
+    engine = Engine([policy], gov)
+    loss = dip(best=3e-3, blow=5.0)
+    drive(engine, c, loss, 1)
+    assert st.phase is not None and st.phase.opened["range"] == [
+        pytest.approx(1e-2), pytest.approx(1e-2 / 3e-4)]
+    c.opt.param_groups[0]["lr"] = 2e-4  # the loop's own decay, under the sweep
+    assert policy.sweep_range(st.view()) == (pytest.approx(1e-2), pytest.approx(1e-2 / 3e-4))
+    # The range is part of the saved job state (a restarted controller sweeps on as before).
+    saved = json.loads(json.dumps(st.state_dict()))
+    assert JobState.from_state_dict(saved).phase.opened == st.phase.opened
+    ds = drive(engine, c, loss, 60)
+    end = finished(ds)
+    assert max(lr for lr, _ in end.detail["curve"]) <= 1e-2 / 3e-4 * 1.0001
+    assert 1e-4 <= 2e-4 * end.detail["found_lr"] <= 1e-3
+    print(f"found x{end.detail['found_lr']:.3g} on the loop's 2e-4")
 
 
 def test_with_live_schedules_the_sweep_goes_out_once_and_the_client_follows_it():
