@@ -346,7 +346,12 @@ def test_soak_with_controller_and_client_kills(soak):
     assert sim.wait(60) == 0, (soak.tmp / "sim.log").read_text()[-2000:]
     for name, proc in (("real-a", real_a), ("real-b2", real_b2)):
         assert proc.wait(SOAK_S) == 0, (soak.tmp / f"{name}.log").read_text()[-2000:]
-    time.sleep(1.0)  # the last acks and byes
+    # The last acks and byes: on a loaded host the controller may take a while to reach
+    # them, and a SIGTERM before it does would lose one (the check below asserts each).
+    names = [*json.loads(sim_out.read_text()), "real-a", "real-b"]
+    said_bye = last.journal()
+    wait_for(lambda: all(said_bye.events(j, "bye") for j in names), timeout=60, interval=0.5)
+    time.sleep(1.0)  # and the acks that may trail them
     rss_end = _rss_kb(last.proc.pid)
     soak._stop.set()
     last.proc.send_signal(signal.SIGTERM)
