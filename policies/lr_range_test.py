@@ -56,8 +56,9 @@ defaults), in the run itself:
 
 The knob model: trimtab steers a multiplier on the user's own lr, so the sweep is a sweep
 of the multiplier (``min_lr``/``max_lr`` and the family's range, which are absolute, are
-divided by the user's lr at registration), the curve is the smoothed loss against the
-multiplier, and the pick, ``found_lr``, is a multiplier on the user's lr.
+divided by :func:`own_lr`, the highest lr the loop has run at, once, when the sweep
+opens: the range is kept with the phase, ``Phase.opened``), the curve is the smoothed loss
+against the multiplier, and the pick, ``found_lr``, is a multiplier on the user's lr.
 
 The sweep is a measurement phase of the engine: while it runs only this policy's
 proposals count, its values get past every governor limit but the bounds (so
@@ -107,9 +108,9 @@ class LrRangeTestConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    #: The sweep's first LR; None: ``min_factor`` x the registered LR.
+    #: The sweep's first LR (absolute); None: ``min_factor`` x the user's own LR.
     min_lr: float | None = Field(None, gt=0.0, allow_inf_nan=False)
-    #: The sweep's last LR; None: ``max_factor`` x the registered LR.
+    #: The sweep's last LR (absolute); None: ``max_factor`` x the user's own LR.
     max_lr: float | None = Field(None, gt=0.0, allow_inf_nan=False)
     min_factor: float = Field(1e-2, gt=0.0, allow_inf_nan=False)
     #: 10: the default governor's ``max_rel``, past which the bounds would cut the sweep.
