@@ -391,7 +391,8 @@ class WireError(ValueError):
 #: Fields added to a message within protocol version 2, per message type: left out of a
 #: frame while they are ``None``, so that a peer from before them (which refuses unknown
 #: fields) still takes every message that does not use them.
-_ADDED_IN_V2: dict[type[BaseModel], tuple[str, ...]] = {Report: ("validation_ema",)}
+_ADDED_IN_V2: dict[type[BaseModel], tuple[str, ...]] = {
+    Report: ("validation_ema", "update_alignment")}
 
 
 def encode(message: BaseModel) -> bytes:

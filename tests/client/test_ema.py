@@ -219,17 +219,20 @@ def test_the_ema_validation_goes_out_beside_the_raw_one(fake_controller) -> None
     assert (third.validation, third.validation_ema) == (None, None)
 
 
-def test_a_report_without_an_ema_validation_has_no_such_field_on_the_wire() -> None:
-    """A peer from before the field (which refuses unknown fields) still takes the report."""
+@pytest.mark.parametrize("field", ["validation_ema", "update_alignment"])
+def test_a_report_without_a_field_added_in_v2_has_no_such_field_on_the_wire(field) -> None:
+    """A peer from before the field (which refuses unknown fields) still takes the report:
+    the EMA's validation, and the update alignment (none in a report whose window had no
+    earlier update to line up with, or from a client that does not measure it)."""
     report = wire.Report(job=JOB, seq=1, step=10, window=10, knobs=wire.Knobs(lr=0.1),
                          validation=1.0, validation_step=10)
-    assert "validation_ema" not in json.loads(wire.encode(report))
+    assert field not in json.loads(wire.encode(report))
     assert wire.decode(wire.encode(report)) == report
-    with_ema = report.model_copy(update={"validation_ema": 0.75})
-    assert json.loads(wire.encode(with_ema))["validation_ema"] == 0.75
-    assert wire.decode(wire.encode(with_ema)).validation_ema == 0.75
-    with pytest.raises(wire.WireError, match="validation_ema"):
-        wire.decode(wire.encode(report)[:-1] + b', "validation_ema": "x"}')
+    with_it = report.model_copy(update={field: 0.75})
+    assert json.loads(wire.encode(with_it))[field] == 0.75
+    assert getattr(wire.decode(wire.encode(with_it)), field) == 0.75
+    with pytest.raises(wire.WireError, match=field):
+        wire.decode(wire.encode(report)[:-1] + f', "{field}": "x"}}'.encode())
 
 
 def test_rollback_ordered_by_a_router_restores_the_average(fake_controller) -> None:
