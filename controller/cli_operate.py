@@ -28,8 +28,6 @@ import uuid
 __all__ = ["add_parsers", "parse_values"]
 
 
-
-
 def parse_values(items: list[str]) -> tuple[dict[str, float], dict[str, float]]:
     """``KNOB=VALUE`` arguments as ``(values, multipliers)``; ``lr=x0.5`` (lr and weight
     decay only) is a multiplier on the loop's own value. Raises ValueError naming the

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["smooth", "stop_reason", "pick_lr", "fell_below", "past"]
+__all__ = ["smooth", "stop_reason", "pick_lr", "fell_below", "past", "past_bar"]
 
 # Losses need not be positive (a noise or likelihood term can take them below 0), and a
 # ratio to a lowest loss at or below 0 says nothing (every loss is "4x" a negative one):
@@ -34,6 +34,17 @@ def past(value: float, low: float, first: float, ratio: float) -> bool:
         return value > ratio * low
     fall = first - low
     return fall > 0 and value - low > (ratio - 1.0) * fall
+
+
+def past_bar(low: float, first: float, ratio: float, lowest: str = "its lowest") -> str:
+    """The words for the bar :func:`past` tests against (``lowest`` names the low).
+
+    >>> past_bar(1.0, 3.0, 4.0), past_bar(-0.5, 1.5, 1.5, "its lowest report")
+    ('4 x its lowest 1', 'its lowest report + 0.5 x its fall from 1.5 to -0.5')
+    """
+    if low > 0:
+        return f"{ratio:g} x {lowest} {low:.4g}"
+    return f"{lowest} + {ratio - 1:g} x its fall from {first:.4g} to {low:.4g}"
 
 
 def fell_below(first: float, fraction: float) -> float:
@@ -72,9 +83,8 @@ def stop_reason(curve: list[tuple[float, float]], diverge_factor: float) -> str 
         return f"non-finite loss at lr x{curve[-1][0]:.3g}"
     best = min(loss for _, loss in curve)
     if past(last, best, curve[0][1], diverge_factor):
-        bar = (f"{diverge_factor:g} x its lowest" if best > 0 else
-               f"its lowest + {diverge_factor - 1:g} x its fall from {curve[0][1]:.4g} to")
-        return f"smoothed loss {last:.4g} > {bar} {best:.4g} at lr x{curve[-1][0]:.3g}"
+        bar = past_bar(best, curve[0][1], diverge_factor)
+        return f"smoothed loss {last:.4g} > {bar} at lr x{curve[-1][0]:.3g}"
     return None
 
 

@@ -92,6 +92,7 @@ from trimtab.policies.sdk import (
     SchedulePiece,
     fell_below,
     past,
+    past_bar,
     pick_lr,
     smooth,
     stop_reason,
@@ -484,9 +485,8 @@ class LrRangeTest(Policy):
         last = losses[-1]
         if not before or not past(last, min(before), before[0], cfg.turn_ratio):
             return None
-        bar = (f"{cfg.turn_ratio:g} x its lowest report" if min(before) > 0 else
-               f"its lowest report + {cfg.turn_ratio - 1:g} x its fall from {before[0]:.4g} to")
-        return f"the loss turned up: {last:.4g} > {bar} {min(before):.4g} at lr x{curve[-1][0]:.3g}"
+        bar = past_bar(min(before), before[0], cfg.turn_ratio, "its lowest report")
+        return f"the loss turned up: {last:.4g} > {bar} at lr x{curve[-1][0]:.3g}"
 
     def _finish(
         self, view: JobView, phase: Phase, curve: list[tuple[float, float]], why: str,
@@ -573,8 +573,8 @@ class LrRangeTest(Policy):
         low = min(finite)
         if past(losses[-1], low, finite[0], cfg.keep_within) or min(smoothed[-2:]) > min(smoothed):
             return None
-        return (f"its latest loss {losses[-1]:.4g} within {cfg.keep_within:g} x its lowest "
-                f"report {low:.4g}")
+        bar = past_bar(low, finite[0], cfg.keep_within, "its lowest report")
+        return f"its latest loss {losses[-1]:.4g} within {bar}"
 
     def resume_at(self, view: JobView, phase: Phase, curve: list[tuple[float, float]],
                   steps: list[int]) -> int:

@@ -35,8 +35,8 @@ What is here:
   :data:`LrField`, :func:`as_multiplier`, :func:`batch_factor`.
 * **Running statistics:** :func:`ema`, :func:`ema_var`.
 * **A sweep's loss-against-LR curve:** :func:`smooth`, :func:`stop_reason`, :func:`pick_lr`,
-  :func:`fell_below`, :func:`past` (the LR range test's; fastai's and torch-lr-finder's
-  conventions).
+  :func:`fell_below`, :func:`past`, :func:`past_bar` (the LR range test's; fastai's and
+  torch-lr-finder's conventions).
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ from trimtab.controller.policy import Advice, Policy, PolicyLoadError, Proposal,
 from trimtab.controller.scale import BatchScaling, ScaleContext
 from trimtab.controller.signals import ema, ema_var
 from trimtab.controller.view import JobView, Phase, Sample, Signals
-from trimtab.policies._lr_curve import fell_below, past, pick_lr, smooth, stop_reason
+from trimtab.policies._lr_curve import fell_below, past, past_bar, pick_lr, smooth, stop_reason
 from trimtab.policies._schedule_base import (
     LrField,
     ScheduleConfig,
@@ -67,7 +67,7 @@ __all__ = [
     "Policy", "PolicyLoadError", "Proposal", "Rollback", "Sample", "ScaleContext",
     "ScheduleConfig", "SchedulePiece", "SchedulePolicy", "Signals", "Sweep", "Unhealthy",
     "as_multiplier", "batch_factor", "ema", "ema_var", "schedules", "fields_markdown",
-    "smooth", "stop_reason", "pick_lr", "fell_below", "past",
+    "smooth", "stop_reason", "pick_lr", "fell_below", "past", "past_bar",
 ]
 
 #: The classes a policy reads, in the order docs/writing-policies.md lists them.
