@@ -352,11 +352,23 @@ class Transport:
                 burst -= 1
 
     def _shutdown(self, sock: zmq.Socket | None) -> None:
+        """Hand what is queued, then the Bye, to a link within ``_CLOSE_FLUSH_S``.
+
+        Between links (a reconnect's pause, after a silence that may only have been this
+        process's threads starved) one more link is opened for it, and a link that is not
+        up yet is waited for, never past the bound: the acks of a last command and the Bye
+        are not dropped because the run ended in a pause."""
+        deadline = time.monotonic() + _CLOSE_FLUSH_S
         try:
             if sock is None:
-                return
-            deadline = time.monotonic() + _CLOSE_FLUSH_S
-            self._flush(sock, burst=self._reports.maxlen or _SEND_BURST)
+                sock = self._new_socket()
+            while True:
+                self._flush(sock, burst=self._reports.maxlen or _SEND_BURST)
+                with self._lock:
+                    done = not (self._need_register or self._control or self._reports)
+                if done or time.monotonic() >= deadline:
+                    break
+                sock.poll(5, zmq.POLLOUT)  # a link coming up
             if self._bye is not None:
                 self._send(sock, self._bye)
             # Give what was handed to the socket a moment to leave, never longer.

@@ -204,6 +204,30 @@ def test_silent_controller_triggers_reconnect_and_register(make_controller) -> N
         assert guard._transport.connects >= 2
 
 
+def test_a_close_between_links_still_says_bye_and_sends_what_is_queued(make_controller) -> None:
+    """A client that heard nothing for a while (a controller busy, or this process's
+    threads starved) is in a reconnect's pause, holding no socket, when the run ends: its
+    close opens one more link and sends the queued reports and the Bye, within the
+    close's bound (the acks of a last rollback go the same way)."""
+    import time
+
+    controller = make_controller(answer_heartbeats=False)
+    run = Run()
+    with _attach(run, controller.endpoint, liveness=2) as guard:
+        # Each silent link lives 2 beats (0.1 s), then a pause that doubles: 0.05 .. 1.6 s.
+        controller.wait_for(lambda c: guard._transport.connects >= 6,
+                            while_waiting=lambda: run.step(guard))
+        time.sleep(0.3)  # link 6 is dropped; its pause (1.6 s) has begun
+        seen = len(controller.messages)
+        for _ in range(5):
+            run.step(guard)  # one more report, queued while no link is up
+        last = guard.global_step
+    controller.wait_for(lambda c: bool(c.of_type(wire.Bye)), timeout_s=2.0)
+    after = controller.messages[seen:]
+    assert [m.type for m in after][-2:] == ["report", "bye"]
+    assert after[-2].step == last
+
+
 def test_bad_frames_are_counted_and_ignored(fake_controller) -> None:
     run = Run()
     with _attach(run, fake_controller.endpoint) as guard:
