@@ -210,6 +210,29 @@ class StepDecay(Contender):
         return ScheduledStepper(opt, torch.optim.lr_scheduler.MultiStepLR(opt, milestones, 0.1))
 
 
+@dataclass
+class ConstantCooldown(Contender):
+    """The starting LR held, then a straight line to 0 over the last ``fraction`` of the
+    steps (a warm-up-stable-decay schedule without the warm-up): what a loop with a
+    constant LR would get from a cooldown, for ``python -m bench.ceiling``. Not one of the
+    quality benchmark's contenders; only for tasks without a schedule of their own."""
+
+    fraction: float = 0.1
+    owns_schedule = True
+
+    def build(self, s):
+        opt = base_optimizer(s.task, s.run.param_groups, s.lr)
+        start = round((1.0 - self.fraction) * s.steps)
+
+        def factor(t):  # after t scheduler steps: the (t+1)-th optimizer step's factor
+            return 1.0 if t < start else max(0.0, (s.steps - t) / max(1, s.steps - start))
+
+        return ScheduledStepper(opt, _lambda(opt, factor))
+
+    def applies_to(self, task: Task) -> bool:
+        return task.schedule is None
+
+
 class PlateauStepper(Stepper):
     def __init__(self, optimizer) -> None:
         super().__init__(optimizer)
@@ -449,6 +472,14 @@ CONTENDERS: dict[str, Contender] = {c.name: c for c in [
 ]}
 ORACLE_SCHEDULES = tuple(n for n, c in CONTENDERS.items() if c.oracle)
 
+#: Reference schedules measured outside the quality tables (``python -m bench.ceiling``).
+REFERENCES: dict[str, Contender] = {c.name: c for c in [
+    ConstantCooldown(f"cooldown{round(f * 100)}",
+                     f"base optimizer at the starting LR, then linear to 0 over the last "
+                     f"{f:.0%} of the steps (LambdaLR)", fraction=f)
+    for f in (0.1, 0.2)
+]}
+
 
 _SETS: dict[str, Contender] = {}
 
@@ -468,8 +499,8 @@ def trimtab_set(name: str, policies: str) -> Contender:
 
 
 def get(name: str) -> Contender:
-    if name in CONTENDERS or name in _SETS:
-        return CONTENDERS.get(name) or _SETS[name]
+    if name in CONTENDERS or name in _SETS or name in REFERENCES:
+        return CONTENDERS.get(name) or _SETS.get(name) or REFERENCES[name]
     if name.startswith("trimtab:"):  # a worker process: the set lives in its controller
         return trimtab_set(name.split(":", 1)[1], "a candidate set")
     raise ValueError(f"unknown contender {name!r}; known: {', '.join(CONTENDERS)} "
