@@ -536,7 +536,7 @@ class LrRangeTest(Policy):
             return Proposal.end_in_place("lr", lr, reason, detail=detail)  # type: ignore[arg-type]
         back = phase.checkpoint
         if found is not None:
-            back = self.resume_at(view, phase, curve, steps)
+            back = self.resume_at(view, phase, curve, steps, found)
         detail["end"], detail["checkpoint"] = "rollback", back
         progress = "" if back == phase.checkpoint else (
             f" (kept the sweep's progress: its start was step {phase.checkpoint})")
@@ -577,8 +577,8 @@ class LrRangeTest(Policy):
         return f"its latest loss {losses[-1]:.4g} within {bar}"
 
     def resume_at(self, view: JobView, phase: Phase, curve: list[tuple[float, float]],
-                  steps: list[int]) -> int:
-        """The checkpoint the run resumes from after a sweep that picked an LR.
+                  steps: list[int], found: float | None = None) -> int:
+        """The checkpoint the run resumes from after a sweep that picked an LR (``found``).
 
         The sweep's steps up to its lowest smoothed loss ran at LRs no higher than the one
         that loss was reached at, and lowered the loss: they are progress, not damage, so
@@ -587,14 +587,19 @@ class LrRangeTest(Policy):
         which its next snapshot may evict before the command lands), whose smoothed loss
         lies ``min_drop`` below the sweep's first and below every loss the run reported
         before the sweep (a run that had blown up before its sweep began falls from a ruin,
-        not to progress); where there is none, to the sweep's own checkpoint.
+        not to progress), or that the sweep reached at an LR no higher than ``found``, its
+        loss no higher than the sweep's first (every step before it ran at an LR no higher
+        than the one the run now trains at: training the run would have done anyway, such
+        as the first, slow steps of a sweep of a run too low); where there is none, to the
+        sweep's own checkpoint.
         """
         cfg: LrRangeTestConfig = self.config  # type: ignore[assignment]
-        finite = [(st, loss) for st, (_, loss) in zip(steps, curve, strict=True)
+        finite = [(st, lr, loss) for st, (lr, loss) in zip(steps, curve, strict=True)
                   if math.isfinite(loss)]
         if not finite:
             return phase.checkpoint
-        bar = fell_below(finite[0][1], cfg.min_drop)
+        first = finite[0][2]
+        bar = fell_below(first, cfg.min_drop)
         for s in view.history:
             if s.step > phase.start_step:
                 break
@@ -602,7 +607,7 @@ class LrRangeTest(Policy):
             if s.nonfinite or low is None or not math.isfinite(low):
                 return phase.checkpoint  # non-finite before the sweep: no progress to keep
             bar = min(bar, low)
-        lowest = min(finite, key=lambda p: p[1])
+        lowest = min(finite, key=lambda p: p[2])
         held = view.last.checkpoints if view.last is not None else []
         stable = view.last.stable_step if view.last is not None else None
         # The oldest checkpoint of the client's ring is the next one it evicts, possibly at
@@ -613,8 +618,15 @@ class LrRangeTest(Policy):
         for ckpt in sorted(held, reverse=True):
             if not phase.start_step < ckpt <= lowest[0] or ckpt == doomed:
                 continue
-            before = [loss for st, loss in finite if st <= ckpt]
-            if before and before[-1] < bar:
+            before = [loss for st, _, loss in finite if st <= ckpt]
+            if not before:
+                continue
+            if before[-1] < bar:
+                return ckpt
+            # The LR of the first report at or after the checkpoint bounds every LR the
+            # sweep ran at up to it (it only rises).
+            reached = next((lr for st, lr, _ in finite if st >= ckpt), math.inf)
+            if found is not None and reached <= found and before[-1] <= first:
                 return ckpt
         return phase.checkpoint
 

@@ -262,6 +262,37 @@ def test_a_run_that_blew_up_before_its_sweep_keeps_nothing_of_it():
     assert policy.resume_at(healthy, phase, early, steps) == 0
 
 
+def test_a_sweep_of_a_run_too_low_keeps_the_checkpoints_it_reached_below_its_pick():
+    """The GPT whose loop writes its own LR, started 100x too low: its updates lined up,
+    the sweep opened at step 75 (checkpoint 60) and ran x2 -> x333 with the loss still
+    falling, picking x33. Its checkpoint at step 90 was taken at x12: every step before it
+    ran at an LR below the pick, training the run would have done anyway. Its loss there
+    (4.08) had not fallen below the pre-sweep windows' lowest losses (4.0), so it did not
+    count as progress, and the run went back to 60: 50 steps lost, and in a loop whose
+    own schedule a rollback does not rewind, lost from the schedule too."""
+    st = JobState.from_register(wire.Register(
+        job="j", run_id="r", report_every=5, knobs=wire.Knobs(lr=LR), base=wire.Knobs(lr=LR),
+        facts=FACTS))
+    for i in range(1, 16):  # steps 5 .. 75, healthy and slowly falling
+        st.observe(wire.Report(job="j", seq=i, step=5 * i, window=5, loss_mean=4.5 - 0.02 * i,
+                               loss_min=4.0, loss_max=4.6, knobs=wire.Knobs(lr=LR),
+                               base=wire.Knobs(lr=LR), checkpoints=[0, 30, 60]))
+    phase = st.begin_phase("lr_range_test", 60)
+    st.observe(wire.Report(job="j", seq=16, step=110, window=5, loss_mean=3.2,
+                           knobs=wire.Knobs(lr=LR), base=wire.Knobs(lr=LR),
+                           checkpoints=[30, 60, 90], stable_step=60))
+    curve = [(2.17, 4.124), (5.17, 4.118), (12.3, 4.084), (29.3, 3.943), (69.9, 3.772),
+             (166.0, 3.464), (333.0, 3.219)]
+    steps = [80, 85, 90, 95, 100, 105, 110]
+    policy = LrRangeTest()
+    assert policy.resume_at(st.view(), phase, curve, steps, found=33.3) == 90
+    # A pick below the LR the checkpoint was reached at: what came before it ran hotter
+    # than the run will now, and its loss is no progress: back to the sweep's start.
+    assert policy.resume_at(st.view(), phase, curve, steps, found=10.0) == 60
+    # No pick known (the old call): as before.
+    assert policy.resume_at(st.view(), phase, curve, steps) == 60
+
+
 @pytest.mark.parametrize("family_range", [True, False])
 def test_a_run_registered_decades_too_low_sweeps_into_its_family_range(family_range):
     # AdamW registered at 1e-6, whose loss is lowest at 3e-3: the default band (1e-8 ..
