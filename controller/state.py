@@ -303,8 +303,12 @@ class JobState(Persisted):
         self.nonfinite_losses += report.nonfinite_losses
         self.nonfinite_grads += report.nonfinite_grads
         self.dropped_reports = report.dropped_reports
-        self.knobs = controls_of(report.knobs, report.scale)
-        self.effective, self.base = report.knobs, base_of(report)
+        if report.applied_seq >= self.applied_seq:
+            # Its values are those in force. A report made before a command it does not
+            # count (an ack that overtook it: acks go before queued reports) holds the
+            # values that command replaced; the ack's stand.
+            self.knobs = controls_of(report.knobs, report.scale)
+            self.effective, self.base = report.knobs, base_of(report)
         self._applied(report.applied_seq)
         self.tracker.fold(report.step, report.loss_mean, report.grad_norm_mean)
         self.history.append(Sample.of(report))

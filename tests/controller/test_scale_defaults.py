@@ -74,10 +74,11 @@ def in_force(st: JobState) -> dict:
 
 
 def report(st: JobState, **fields) -> wire.Report:
-    """The job's next report, with ``st``'s controlled values in force."""
+    """The job's next report, with ``st``'s controlled values in force (and the commands
+    applied that put them there, as a client says)."""
     i = st.reports_seen + 1
     return wire.Report(job="s", seq=i, step=10 * i, window=10, loss_mean=1.0, **in_force(st),
-                       **fields)
+                       **{"applied_seq": st.applied_seq, **fields})
 
 
 def feed(st: JobState, n: int = 1, **fields) -> None:

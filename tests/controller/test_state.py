@@ -204,6 +204,23 @@ def test_an_ack_updates_the_effective_and_base_values():
     assert st.base == moved
 
 
+def test_a_report_an_ack_overtook_does_not_put_back_the_values_it_replaced():
+    """Acks go out before queued reports, so on a busy host the ack of a command applied at
+    step 120 can reach the controller before the report of step 115, made before it was
+    applied. That report's values are the ones the command replaced: they are not what is
+    in force (seen in a real serve's journal: the decision on report 115 said "x0.512 ->
+    x0.4096", a change already acked, and sent it again)."""
+    st = fed(3)
+    st.pending_command = command(st.next_command_seq(), {"lr": 0.5})
+    st.on_ack(wire.Ack(job="j1", seq=1, step=42, **in_force(lr=0.5)))
+    st.observe(report(4, step=40, applied_seq=0, **in_force(lr=1.0)))  # made before it
+    assert st.knobs.lr == 0.5 and st.effective.lr == 5e-4 and st.view().knobs.lr == 0.5
+    assert st.applied_seq == 1 and st.pending_command is None
+    assert st.view().history[-1].lr == 1.0  # its own window ran at x1: kept as it ran
+    st.observe(report(5, step=50, applied_seq=1, **in_force(lr=0.5)))
+    assert st.knobs.lr == 0.5
+
+
 def test_a_report_that_shows_the_command_applied_clears_it():
     st = fed(3)
     st.pending_command = command(st.next_command_seq(), {"lr": 0.5})
