@@ -401,6 +401,7 @@ class Guard(GuardState):
             resume_step=self._resume_step,
             checkpoints=checkpoints, stable_step=stable,
             schedules=list(self._act.live.schedules),
+            keep=None if self._store is None else self._store.keep,
         )
 
     def _note_listing(self) -> None:

@@ -49,7 +49,8 @@ class Persisted:
     })
     #: Keys added within :data:`STATE_VERSION`: a state without them (an older journal's)
     #: loads with them empty.
-    _ADDED = frozenset({"validations_ema", "paused", "operator_actions", "signal_trail"})
+    _ADDED = frozenset({"validations_ema", "paused", "operator_actions", "signal_trail",
+                        "checkpoint_keep"})
 
     def state_dict(self) -> dict[str, Any]:
         """A JSON-serialisable copy (no NaN or infinity) for the journal."""
@@ -90,6 +91,7 @@ class Persisted:
             "link": self.link, "resumes": self.resumes,
             "paused": None if self.paused is None else dict(self.paused),
             "operator_actions": dict(self.operator_actions),
+            "checkpoint_keep": self.checkpoint_keep,
         }
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
@@ -147,6 +149,8 @@ class Persisted:
         self.resumes = int(sd["resumes"])
         self.paused = None if sd.get("paused") is None else dict(sd["paused"])
         self.operator_actions = {k: int(n) for k, n in sd.get("operator_actions", {}).items()}
+        keep = sd.get("checkpoint_keep")
+        self.checkpoint_keep = None if keep is None else int(keep)
 
     @classmethod
     def from_state_dict(cls, sd: dict[str, Any]) -> Any:

@@ -169,6 +169,9 @@ class JobState(Persisted):
         self.paused: dict[str, Any] | None = None
         #: What people did to this job, by action (set, pause, resume, rollback).
         self.operator_actions: dict[str, int] = {}
+        #: How many newest checkpoints the client keeps besides the newest stable one, as
+        #: it registered (None: not told).
+        self.checkpoint_keep: int | None = None
 
     # -- what a decision changes --------------------------------------------------------
 
@@ -216,6 +219,7 @@ class JobState(Persisted):
                                                 "grad_norm_ema": None})
         state.tracker.mark(msg.step)
         state.link = msg.link
+        state.checkpoint_keep = msg.keep
         return state
 
     #: The same as :meth:`from_register`.
@@ -240,6 +244,7 @@ class JobState(Persisted):
         # Reports carry the authoritative step; a bare re-register (step 0) must not undo it.
         self.step = max(self.step, msg.step)
         self.link = msg.link
+        self.checkpoint_keep = msg.keep
         self._applied(msg.applied_seq)
         self.command_seq = max(self.command_seq, msg.applied_seq)
         if msg.schedules is not None and self.pending_command is None:
@@ -497,4 +502,5 @@ class JobState(Persisted):
             phase=self.phase, phases_done=tuple(self.phases_done.values()),
             found_lr=self.found_lr, effective=self.effective, base=self.base,
             registered=self.registered, health=self.health,
+            checkpoint_keep=self.checkpoint_keep,
         )

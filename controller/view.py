@@ -210,6 +210,35 @@ class JobView:
     #: :func:`~trimtab.controller.health.assess` under ``[rollback.health]``, made once per
     #: report and shared by the rollback manager and every policy that reads it.
     health: Unhealthy | None = None
+    #: How many of its newest checkpoints the client keeps besides the newest stable one,
+    #: as it registered (None: not told); ``evicted_next()`` gives those of the latest
+    #: listing its next snapshot evicts (a command that refers to one may find it gone).
+    checkpoint_keep: int | None = None
+
+    def evicted_next(self) -> frozenset[int]:
+        """The checkpoints of the latest report's listing that the client's next snapshot
+        evicts: those not among its ``checkpoint_keep`` newest once that snapshot is taken,
+        bar the newest stable one. A command that refers to one may find it gone. Not told
+        ``checkpoint_keep``, the oldest checkpoint that is not the stable one.
+
+        >>> from trimtab.controller.state import JobState
+        >>> st = JobState.from_register(wire.Register(job="j", run_id="r", report_every=5,
+        ...     knobs=wire.Knobs(lr=0.1), facts=wire.ScaleFacts(param_count=1, group_sizes=[1],
+        ...     optimizer="SGD", dtype="float32", device="cpu"), keep=3))
+        >>> st.observe(wire.Report(job="j", seq=1, step=60, window=5, knobs=wire.Knobs(lr=0.1),
+        ...                        checkpoints=[0, 40], stable_step=0))
+        >>> sorted(st.view().evicted_next())  # a ring of 3 holding one: nothing goes
+        []
+        """
+        if self.last is None:
+            return frozenset()
+        held, stable = sorted(self.last.checkpoints), self.last.stable_step
+        if self.checkpoint_keep is None:
+            ring = [s for s in held if s != stable]
+            return frozenset(ring[:1])
+        # After the next snapshot the newest ``keep`` are it and the keep - 1 newest held.
+        kept = set(held[max(0, len(held) - (self.checkpoint_keep - 1)):])
+        return frozenset(s for s in held if s not in kept and s != stable)
 
     def since_change(self, knob: str) -> tuple[Sample, ...]:
         """History samples whose whole window ran after ``knob`` last changed."""

@@ -583,8 +583,9 @@ class LrRangeTest(Policy):
         The sweep's steps up to its lowest smoothed loss ran at LRs no higher than the one
         that loss was reached at, and lowered the loss: they are progress, not damage, so
         the run keeps them. It goes back to the newest checkpoint the client holds within
-        the sweep, at or before that lowest point (not the oldest of the client's ring,
-        which its next snapshot may evict before the command lands), whose smoothed loss
+        the sweep, at or before that lowest point (not one the client's next snapshot
+        evicts, :meth:`JobView.evicted_next`, which may be gone before the command lands),
+        whose smoothed loss
         lies ``min_drop`` below the sweep's first and below every loss the run reported
         before the sweep (a run that had blown up before its sweep began falls from a ruin,
         not to progress), or that the sweep reached at an LR no higher than ``found``, its
@@ -609,14 +610,12 @@ class LrRangeTest(Policy):
             bar = min(bar, low)
         lowest = min(finite, key=lambda p: p[2])
         held = view.last.checkpoints if view.last is not None else []
-        stable = view.last.stable_step if view.last is not None else None
-        # The oldest checkpoint of the client's ring is the next one it evicts, possibly at
-        # the very step this report was made (the snapshot follows the report): a return
-        # to it could find it gone, and the run would stay where the sweep left it.
-        ring = sorted(s for s in held if s != stable)
-        doomed = ring[0] if ring else None
+        # The client's next snapshot, possibly at the very step this report was made (the
+        # snapshot follows the report), may evict one: a return to it could find it gone,
+        # and the run would stay where the sweep left it.
+        doomed = view.evicted_next()
         for ckpt in sorted(held, reverse=True):
-            if not phase.start_step < ckpt <= lowest[0] or ckpt == doomed:
+            if not phase.start_step < ckpt <= lowest[0] or ckpt in doomed:
                 continue
             before = [loss for st, _, loss in finite if st <= ckpt]
             if not before:

@@ -130,6 +130,10 @@ class Register(_Model):
     #: The live schedules this client runs (a resumed one: those it was saved with; None:
     #: not told, an older client).
     schedules: Annotated[list[LiveSchedule], Field(max_length=len(KNOBS))] | None = None
+    #: How many of its newest checkpoints the client keeps, besides the newest stable one
+    #: (``attach(keep=)``): which one its next snapshot evicts (None: not told, no
+    #: checkpoints or an older client).
+    keep: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
 
 
 class Report(_Model):
@@ -392,7 +396,7 @@ class WireError(ValueError):
 #: frame while they are ``None``, so that a peer from before them (which refuses unknown
 #: fields) still takes every message that does not use them.
 _ADDED_IN_V2: dict[type[BaseModel], tuple[str, ...]] = {
-    Report: ("validation_ema", "update_alignment")}
+    Report: ("validation_ema", "update_alignment"), Register: ("keep",)}
 
 
 def encode(message: BaseModel) -> bytes:

@@ -228,6 +228,22 @@ def test_a_close_between_links_still_says_bye_and_sends_what_is_queued(make_cont
     assert after[-2].step == last
 
 
+def test_the_registration_says_how_many_checkpoints_the_client_keeps(make_controller) -> None:
+    """``keep``: with the listing, the controller knows which checkpoint the next snapshot
+    evicts. A client without checkpoints leaves the field out of the frame (a field added
+    within protocol v2: a controller from before it still takes the registration)."""
+    import json
+
+    for every, keep, said in ((10, 2, 2), (0, 3, None)):
+        controller = make_controller()
+        run = Run()
+        with _attach(run, controller.endpoint, checkpoint_every=every, keep=keep):
+            controller.wait_for(lambda c: bool(c.of_type(wire.Register)))
+        register = controller.of_type(wire.Register)[0]
+        assert register.keep == said
+        assert ("keep" in json.loads(wire.encode(register))) == (said is not None)
+
+
 def test_bad_frames_are_counted_and_ignored(fake_controller) -> None:
     run = Run()
     with _attach(run, fake_controller.endpoint) as guard:

@@ -293,6 +293,36 @@ def test_a_sweep_of_a_run_too_low_keeps_the_checkpoints_it_reached_below_its_pic
     assert policy.resume_at(st.view(), phase, curve, steps) == 60
 
 
+@pytest.mark.parametrize(("keep", "held", "stable", "back"), [
+    (None, [0, 40], 0, 0),  # not told: the oldest of the ring (40) may go next
+    (3, [0, 40], 0, 40),  # a ring of 3 holding 1: the next snapshot evicts nothing
+    (3, [0, 40, 80, 120], 0, 0),  # full: the next snapshot evicts 40
+    (1, [0, 40], 0, 0),  # a ring of 1: the next snapshot replaces 40
+])
+def test_a_sweeps_return_avoids_only_a_checkpoint_the_clients_next_snapshot_evicts(
+        keep, held, stable, back):
+    """The client keeps its ``keep`` newest checkpoints plus the newest stable one, and
+    says ``keep`` when it registers. A checkpoint the next snapshot would evict may be gone
+    before the command lands; any other is a safe return. Not knowing ``keep`` (an older
+    client), the oldest of the ring is taken to go next, as before."""
+    st = JobState.from_register(wire.Register(
+        job="j", run_id="r", report_every=5, knobs=wire.Knobs(lr=LR), base=wire.Knobs(lr=LR),
+        facts=FACTS, keep=keep))
+    for i in range(1, 5):
+        st.observe(wire.Report(job="j", seq=i, step=5 * i, window=5, loss_mean=2.3,
+                               knobs=wire.Knobs(lr=LR), base=wire.Knobs(lr=LR),
+                               checkpoints=[0]))
+    phase = st.begin_phase("lr_range_test", 0, start=0)
+    st.observe(wire.Report(job="j", seq=5, step=60, window=5, loss_mean=1.5,
+                           knobs=wire.Knobs(lr=LR), base=wire.Knobs(lr=LR),
+                           checkpoints=held, stable_step=stable))
+    # The loss fell by step 40 and is lowest at 60.
+    curve = [(0.01, 2.3), (0.02, 2.2), (0.04, 2.0), (0.08, 1.8), (0.16, 1.6), (0.32, 1.5)]
+    steps = [10, 20, 30, 40, 50, 60]
+    assert st.view().checkpoint_keep == keep
+    assert LrRangeTest().resume_at(st.view(), phase, curve, steps) == back
+
+
 @pytest.mark.parametrize("family_range", [True, False])
 def test_a_run_registered_decades_too_low_sweeps_into_its_family_range(family_range):
     # AdamW registered at 1e-6, whose loss is lowest at 3e-3: the default band (1e-8 ..
