@@ -129,10 +129,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{f' --steps {args.steps}' if args.steps else ''}`: {len(todo)} runs made in "
             f"{time.perf_counter() - t0:.0f} s with {args.workers} worker(s), {len(reused)} "
             f"taken from {Path(args.runs).name}; {bench_run._versions()}.", ""]
-    text = "\n".join(head + lines)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    bench_run.publish("\n".join(head + lines), args.out)
     return 0
 
 

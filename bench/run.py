@@ -334,6 +334,13 @@ def scale_table(results, task: Task, names: list[str]) -> list[str]:
 # ---------------------------------------------------------------- output
 
 
+def publish(text: str, out: str | None) -> None:
+    """Print a benchmark's report, and write it to ``out`` (Markdown) when given."""
+    print(text)
+    if out:
+        Path(out).write_text(text + "\n")
+
+
 def _versions() -> str:
     from importlib.metadata import PackageNotFoundError, version
 

@@ -156,10 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     head = [f"# bench.tuned: {bench_run._machine()}; {len(plan)} runs in "
             f"{time.perf_counter() - t0:.0f} s; seeds 0..{args.seeds - 1}; trimtab config: "
             f"{args.trimtab_config or 'defaults'}", ""]
-    text = "\n".join(head + lines)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    bench_run.publish("\n".join(head + lines), args.out)
     return 0 if ok else 1
 
 
