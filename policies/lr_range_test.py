@@ -585,14 +585,13 @@ class LrRangeTest(Policy):
         the run keeps them. It goes back to the newest checkpoint the client holds within
         the sweep, at or before that lowest point (not one the client's next snapshot
         evicts, :meth:`JobView.evicted_next`, which may be gone before the command lands),
-        whose smoothed loss
-        lies ``min_drop`` below the sweep's first and below every loss the run reported
-        before the sweep (a run that had blown up before its sweep began falls from a ruin,
-        not to progress), or that the sweep reached at an LR no higher than ``found``, its
-        loss no higher than the sweep's first (every step before it ran at an LR no higher
-        than the one the run now trains at: training the run would have done anyway, such
-        as the first, slow steps of a sweep of a run too low); where there is none, to the
-        sweep's own checkpoint.
+        whose smoothed loss lies ``min_drop`` below the sweep's first and below every loss
+        the run reported before the sweep (a run that had blown up before its sweep began
+        falls from a ruin, not to progress), or that the sweep reached at an LR no higher
+        than ``found``, its loss no higher than the sweep's first (every step before it ran
+        at an LR no higher than the one the run now trains at: training the run would have
+        done anyway, such as the first, slow steps of a sweep of a run too low); where there
+        is none, to the sweep's own checkpoint.
         """
         cfg: LrRangeTestConfig = self.config  # type: ignore[assignment]
         finite = [(st, lr, loss) for st, (lr, loss) in zip(steps, curve, strict=True)

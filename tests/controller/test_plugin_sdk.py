@@ -230,6 +230,32 @@ def test_export_and_replay_rebuild_the_job_and_print_decisions(tmp_path, sdk_mod
     assert [p.recorded["lr"] for p in result.points] == [0.1] * 5
 
 
+def test_replay_rebuilds_what_the_registration_said_of_the_clients_checkpoints():
+    """A replayed job knows how many checkpoints its client keeps, as the live one did, so
+    a policy that reads it (the range test's return) decides the same."""
+    seen = []
+
+    class Keeps(Policy):
+        name = "keeps"
+
+        def propose(self, view):
+            seen.append(view.checkpoint_keep)
+            return []
+
+    facts = {"param_count": 1, "group_sizes": [1], "optimizer": "SGD", "dtype": "float32",
+             "device": "cpu"}
+    for keep in (3, None):
+        seen.clear()
+        register = {"job": "j", "run_id": "r", "facts": facts, "knobs": {"lr": 0.1},
+                    "report_every": 10, **({} if keep is None else {"keep": keep})}
+        trace = [rp.TraceRecord("register", 0, None, register)]
+        trace += [rp.TraceRecord("report", s, s // 10, {"step": s, "window": 10,
+                                                        "loss_mean": 1.0, "knobs": {"lr": 0.1}})
+                  for s in (10, 20)]
+        rp.replay(trace, [Keeps()])
+        assert seen == [keep, keep]
+
+
 def test_replay_errors_name_the_problem(tmp_path):
     with pytest.raises(rp.TraceError, match="--set expects key=value, got 'rise'"):
         rp.parse_sets(["rise"])
