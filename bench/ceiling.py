@@ -18,7 +18,7 @@ for every task without a schedule of its own:
 Runs already in the runs file (the quality grid's bare runs) are taken from it, not made
 again.
 
-    python -m bench.ceiling --seeds 4 --out bench/results/ceiling.md
+    python -m bench.ceiling --seeds 8 --out bench/results/ceiling.md
 """
 
 from __future__ import annotations
