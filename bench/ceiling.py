@@ -33,7 +33,7 @@ from pathlib import Path
 from bench import run as bench_run
 from bench.loop import RunResult, RunSpec
 from bench.tasks import load_tasks
-from bench.tuned import TUNED_MEDIAN, TUNED_WORST, tuned_lrs
+from bench.tuned import TUNED_MEDIAN, TUNED_WORST, final_losses, tuned_lrs
 
 __all__ = ["main", "specs"]
 
@@ -56,12 +56,6 @@ def specs(tasks, lrs: dict[str, float], seeds: int, steps: int | None = None) ->
     return list({s.key: s for s in out}.values())
 
 
-def _final(results, task: str, contender: str, lr: float) -> dict[int, float]:
-    return {r.spec.seed: r.final_val for r in results
-            if (r.spec.task, r.spec.contender) == (task, contender)
-            and math.isclose(r.spec.lr, lr, rel_tol=1e-9)}
-
-
 def report(results: list[RunResult], base: list[RunResult], tasks,
            lrs: dict[str, float]) -> list[str]:
     lines = ["## ceiling: a constant LR at every point of the oracle's grid, over the oracle",
@@ -74,7 +68,7 @@ def report(results: list[RunResult], base: list[RunResult], tasks,
         orc, label = bench_run.oracle(base, task, width)
         row = []
         for lr in task.oracle_grid:
-            got = _final(results, name, "constant", lr)
+            got = final_losses(results, name, "constant", lr)
             vals = [got[s] for s in range(GRID_SEEDS) if s in got]
             row.append((lr, statistics.median(vals) / orc if vals else math.nan))
         lr_best, best = min(row, key=lambda p: p[1] if math.isfinite(p[1]) else math.inf)
@@ -86,9 +80,9 @@ def report(results: list[RunResult], base: list[RunResult], tasks,
               f"within the tuned aim (<= {TUNED_MEDIAN}, <= {TUNED_WORST}) |",
               "|---|---|---|---|---|---|---|"]
     for name in tasks:
-        bare = _final(results, name, "constant", lrs[name])
+        bare = final_losses(results, name, "constant", lrs[name])
         for c in COOLDOWNS:
-            got = _final(results, name, c, lrs[name])
+            got = final_losses(results, name, c, lrs[name])
             ratios = [got[s] / bare[s] for s in sorted(bare) if s in got]
             med, worst = statistics.median(ratios), max(ratios)
             ok = med <= TUNED_MEDIAN and worst <= TUNED_WORST

@@ -34,7 +34,7 @@ from bench._serve import Controller
 from bench.loop import RunResult, RunSpec
 from bench.tasks import load_tasks
 
-__all__ = ["main", "tuned_lrs", "specs"]
+__all__ = ["main", "tuned_lrs", "specs", "final_losses"]
 
 RESULTS = Path(__file__).resolve().parent / "results"
 HOT_TASKS = ("gpt_loop", "digits_cnn")
@@ -75,7 +75,9 @@ def specs(tasks, lrs: dict[str, float], seeds: int, steps: int | None) -> list[R
     return out
 
 
-def _final(results: list[RunResult], task: str, contender: str, lr: float) -> dict[int, float]:
+def final_losses(results: list[RunResult], task: str, contender: str,
+                 lr: float) -> dict[int, float]:
+    """Final validation loss per seed of ``contender``'s runs of ``task`` at ``lr``."""
     return {r.spec.seed: r.final_val for r in results
             if (r.spec.task, r.spec.contender) == (task, contender)
             and math.isclose(r.spec.lr, lr, rel_tol=1e-9)}
@@ -92,8 +94,8 @@ def report(results: list[RunResult], tasks, lrs: dict[str, float]) -> tuple[list
              "| worst | aim met |", "|---|---|---|---|---|---|---|---|"]
     ok = True
     for name in tasks:
-        bare = _final(results, name, "constant", lrs[name])
-        att = _final(results, name, "trimtab", lrs[name])
+        bare = final_losses(results, name, "constant", lrs[name])
+        att = final_losses(results, name, "trimtab", lrs[name])
         ratios = [att[s] / bare[s] for s in sorted(bare) if s in att]
         med, worst = statistics.median(ratios), max(ratios)
         met = med <= TUNED_MEDIAN and worst <= TUNED_WORST
@@ -104,14 +106,14 @@ def report(results: list[RunResult], tasks, lrs: dict[str, float]) -> tuple[list
                      f"{'yes' if met else 'no'} |")
     for hot in (t for t in HOT_TASKS if t in tasks):
         lr = lrs[hot]
-        ref = _final(results, hot, "constant", lr)
+        ref = final_losses(results, hot, "constant", lr)
         lines += ["", f"## hot: {hot} started at 10x and 30x its tuned LR {lr:g}, over the "
                   "tuned bare run (final validation loss, per seed)", "",
                   "| start | contender | ratio per seed | median | worst | diverged | aim met |",
                   "|---|---|---|---|---|---|---|"]
         for f in HOT_FACTORS:
             for c in ("constant", "trimtab"):
-                got = _final(results, hot, c, lr * f)
+                got = final_losses(results, hot, c, lr * f)
                 ratios = [got[s] / ref[s] for s in sorted(ref) if s in got]
                 # Diverged as the quality benchmark counts it: non-finite, or above the
                 # run's own initial validation loss.

@@ -43,6 +43,8 @@ from typing import Any
 import torch
 from torch.optim.swa_utils import AveragedModel
 
+from trimtab.protocol.ring import kept
+
 from . import _host_copy
 from ._checkpoint_files import CheckpointFiles, read_payload, scan
 from ._copy_plan import CopyPlan, Flat, flatten
@@ -254,10 +256,7 @@ class CheckpointStore:
 
     def _evict(self) -> None:
         steps = sorted(self._held)
-        keep = set(steps[-self.keep:])
-        stable = self.stable_steps()
-        if stable and stable[-1] in self._held:
-            keep.add(stable[-1])
+        keep = kept(steps, self.stable_step, self.keep)
         for step in steps:
             if step not in keep:
                 self._release(self._held.pop(step))

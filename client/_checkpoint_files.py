@@ -43,6 +43,8 @@ from typing import IO, Any, Protocol
 
 import torch
 
+from trimtab.protocol.ring import kept
+
 __all__ = ["CheckpointFiles", "read_payload", "scan", "WRITER_THREAD", "FORMAT"]
 
 log = logging.getLogger("trimtab.client")
@@ -388,10 +390,9 @@ class CheckpointFiles:
     def _prune(self) -> None:
         with self._cond:
             steps = sorted(self._disk)
-            keep = set(steps[-self.keep:])
             stable = [s for s in steps if self._disk[s]]
-            if stable:
-                keep.add(stable[-1])  # the newest stable one survives any crash
+            # The newest stable one survives any crash.
+            keep = kept(steps, stable[-1] if stable else None, self.keep)
             doomed = tuple(s for s in steps if s not in keep)
             for s in doomed:
                 del self._disk[s]

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from trimtab.protocol import wire
+from trimtab.protocol.ring import kept
 
 __all__ = ["Signals", "Sample", "Phase", "Unhealthy", "JobView"]
 
@@ -236,9 +237,10 @@ class JobView:
         if self.checkpoint_keep is None:
             ring = [s for s in held if s != stable]
             return frozenset(ring[:1])
-        # After the next snapshot the newest ``keep`` are it and the keep - 1 newest held.
-        kept = set(held[max(0, len(held) - (self.checkpoint_keep - 1)):])
-        return frozenset(s for s in held if s not in kept and s != stable)
+        if not held:
+            return frozenset()
+        # The client's own rule, on its listing with the next snapshot (newer than all).
+        return frozenset(set(held) - kept([*held, held[-1] + 1], stable, self.checkpoint_keep))
 
     def since_change(self, knob: str) -> tuple[Sample, ...]:
         """History samples whose whole window ran after ``knob`` last changed."""
