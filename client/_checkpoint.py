@@ -126,13 +126,15 @@ class CheckpointStore:
         scheduler: Any = None, *, clip: float | None = None,
         counters: dict[str, int] | None = None, scheduler_stepped: bool = False,
         controls: dict[str, Any] | None = None, block: bool = False,
-        ema: dict[str, Any] | None = None,
+        ema: dict[str, Any] | None = None, provisional: bool = False,
     ) -> Checkpoint | None:
         """Snapshot the run at ``step``; usable once its copies are done (see :meth:`poll`).
 
         ``None``: the pinned buffers it needs are still being allocated (``block``:
         allocate them here instead, as the guard does once at attach). ``ema``: the weight
-        average's state_dict (see :mod:`trimtab.client._ema`), snapshotted with the model."""
+        average's state_dict (see :mod:`trimtab.client._ema`), snapshotted with the model.
+        ``provisional``: ``step`` is only a bound, the snapshot stays out of the ring until
+        :meth:`settle` gives its step (or drops it)."""
         copier = _HostCopier(self._pool, self._streams, block=block)
         model_sd, opt = model.state_dict(), optimizer.state_dict()
         flat = flatten(model_sd, opt.get("state"))
@@ -161,8 +163,27 @@ class CheckpointStore:
             step=step, model=model_sd, optimizer=optim_sd, scheduler=sched,
             rng=capture_rng(), clip=clip, counters=dict(counters or {}),
             scheduler_stepped=scheduler_stepped, controls=dict(controls or {}), ema=ema_sd,
+            _provisional=provisional,
         )
         return self._admit(ckpt, copier, events)
+
+    def settle(self, ckpt: Checkpoint, step: int | None,
+               counters: dict[str, int] | None = None) -> None:
+        """Label a provisional snapshot with the step it was taken at, and the guard's
+        counters then (it joins the ring once its copies are done); ``step=None``: drop it
+        (its buffers go back to the pool, ordered after its copies)."""
+        if ckpt not in self._pending:
+            return
+        if step is None:
+            self._pending.remove(ckpt)
+            ckpt.fence()  # the next copy into its buffers is ordered after this one
+            self._pool.give(ckpt._pinned, ckpt._pinned_keys)
+            ckpt._pinned = []
+            return
+        ckpt.step = step
+        ckpt.counters.update(counters or {})
+        ckpt._provisional = False
+        self.poll()
 
     def _planned(self, copier: _HostCopier, model: torch.nn.Module, flat: Flat,
                  block: bool) -> tuple[Any, Any] | None:
@@ -228,7 +249,7 @@ class CheckpointStore:
 
     def poll(self) -> None:
         """Admit the checkpoints whose copies completed, oldest first; never waits."""
-        while self._pending and self._pending[0].ready():
+        while self._pending and not self._pending[0]._provisional and self._pending[0].ready():
             ckpt = self._pending.popleft()
             old = self._held.pop(ckpt.step, None)
             if old is not None:

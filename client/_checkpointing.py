@@ -70,6 +70,9 @@ class Checkpointing:
         #: Rollbacks carried out so far.
         self.rollbacks = 0
         self._hold: ScheduleHold | None = None
+        #: The snapshot take_early() took this window, and whether it tried (see settle).
+        self._early: Checkpoint | None = None
+        self._tried_early = False
 
     # -- around the step ----------------------------------------------------------------------
 
@@ -94,8 +97,42 @@ class Checkpointing:
         if self.store is not None and self._step.host_step // self.every > self.last // self.every:
             self.take()
 
-    def take(self, scheduler_stepped: bool = False, block: bool = False) -> None:
-        """Snapshot the run at the step the host knows (exact where this is called)."""
+    def may_be_due(self) -> bool:
+        """Whether a snapshot may be due at this window's end, before its skipped steps are
+        known (``global_step`` is at most the host's count then): see :meth:`take_early`."""
+        return (self.store is not None and not isinstance(self.store, ShardedStore)
+                and self._step.host_step // self.every > self.last // self.every)
+
+    def take_early(self) -> None:
+        """Snapshot the run at a window's end before the window's rows are read, the one
+        sync per window: its host work (state dicts, queueing the copies) then runs while
+        the device still works through the step, instead of after the sync with the device
+        idle. Its step is only a bound until :meth:`settle`, after the read, labels it (or
+        drops it, when skipped steps put ``global_step`` back before the multiple of
+        ``every``); until then it is never listed, marked or restored."""
+        self._early = self.take(provisional=True)
+        self._tried_early = True
+
+    def settle(self) -> bool:
+        """After the window's read: label or drop the snapshot :meth:`take_early` took;
+        False when none was tried (take one now if due: :meth:`take_if_due`)."""
+        if not self._tried_early:
+            return False
+        ckpt, self._early, self._tried_early = self._early, None, False
+        if ckpt is None or self.store is None:
+            return True  # deferred (tried again at the next chance) or failed (logged)
+        step = self._step.host_step
+        if step // self.every > self.last // self.every:
+            self.store.settle(ckpt, step, {"calls": self._step.calls})
+            self.last = step
+        else:
+            self.store.settle(ckpt, None)
+        return True
+
+    def take(self, scheduler_stepped: bool = False, block: bool = False,
+             provisional: bool = False) -> Checkpoint | None:
+        """Snapshot the run at the step the host knows (exact where this is called, a bound
+        when ``provisional``); the snapshot, ``None`` when none was taken."""
         assert self.store is not None
         step = self._step.host_step
         try:
@@ -103,18 +140,22 @@ class Checkpointing:
                                     clip=self._act.clip, counters={"calls": self._step.calls},
                                     scheduler_stepped=scheduler_stepped,
                                     controls=self._act.state_dict(), block=block,
+                                    **({"provisional": True} if provisional else {}),
                                     **self._ema_state())
         except Exception:  # a failed snapshot costs a rollback target, never the run
             log.exception("trimtab could not take a checkpoint at step %d", step)
-            taken = True
+            self.last = step
+            return None
         if taken is None:
             # Its pinned buffers are still being allocated: tried again at the next chance
             # rather than stalling this step.
             if self.store.deferred == 1:
                 log.info("trimtab snapshot at step %d deferred: pinned host buffers are "
                          "still being allocated", step)
-            return
-        self.last = step
+            return None
+        if not provisional:
+            self.last = step
+        return taken
 
     def replace_all(self) -> None:
         """Drop every snapshot held (and its file) and take one of the run as it is now: the

@@ -343,14 +343,25 @@ class Guard(GuardState):
         closing = self._step.finish()
         if self._step.calls == 1:
             self._ckpts.prepare()
+        early = False
         if closing:
-            self._window.close()
+            # A snapshot due at this window's end is taken before the window's one read,
+            # behind it in the device's queue (see Checkpointing.take_early).
+            early = (self._dist is None and self.nonfinite_mode != "skip"
+                     and self._ckpts.may_be_due())
+            if early:
+                self._probe.stage()
+                self._ckpts.take_early()
+            try:
+                self._window.close()
+            finally:
+                early = self._ckpts.settle()
             self._note_listing()
             self._compile_note.window_closed(self.job)
             if self._dist is not None:  # every rank takes rank 0's command, at this step
                 self._dist.exchange(self._host_step())
         # global_step is known on the host every step in "skip" mode, else at window ends.
-        if closing or self.nonfinite_mode == "skip":
+        if (closing and not early) or self.nonfinite_mode == "skip":
             self._ckpts.take_if_due()
 
     # -- commands and reports ----------------------------------------------------------------

@@ -146,6 +146,11 @@ class Probe:
         #: last window's largest norm shared by two steps (a ceiling seen once).
         self.user_clip: float | None = None
         self._maybe_clip: float | None = None
+        #: On CUDA, a pinned host copy of the rows for :meth:`stage`, made here (not on a
+        #: step), and the staged read in flight: (rows, event).
+        self._host_rows = (torch.empty(self.buf.shape, dtype=self.buf.dtype, pin_memory=True)
+                           if self.device.type == "cuda" else None)
+        self._staged: tuple[int, Any] | None = None
 
     @property
     def full(self) -> bool:
@@ -307,9 +312,22 @@ class Probe:
         """Move on to the next row (after :meth:`measure` and the optimizer step)."""
         self.row += 1
 
+    def stage(self) -> None:
+        """Queue the open window's rows for the host now, ahead of what is queued next (a
+        snapshot's copies): :meth:`collect`'s read then waits for the step only, never for
+        those copies. No sync here; nothing to do off CUDA."""
+        if self._host_rows is None or self.row == 0:
+            return
+        n = self.row
+        self._host_rows[:n].copy_(self.buf[:n], non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(self.device))
+        self._staged = (n, done)
+
     def reset(self) -> None:
         """Discard the open window (after a rollback its rows describe an abandoned run)."""
         self.row = 0
+        self._staged = None
         self.buf[:, self._ratio_col :].fill_(math.nan)
         self._before, self._params, self._update = [], [], None
 
@@ -327,7 +345,12 @@ class Probe:
         if n == 0:
             return WindowStats(steps=0)
         # THE one device->host copy (and sync) per report window.
-        rows: list[list[float]] = self.buf[:n].tolist()
+        staged, self._staged = self._staged, None
+        if staged is not None and staged[0] == n and self._host_rows is not None:
+            staged[1].synchronize()  # the rows staged by stage(), behind the step only
+            rows: list[list[float]] = self._host_rows[:n].tolist()
+        else:
+            rows = self.buf[:n].tolist()
         self.buf[:, self._ratio_col :].fill_(math.nan)
         losses = [r[_LOSS] for r in rows if math.isfinite(r[_LOSS])]
         # A GradScaler's overflow steps (its found_inf set): neither gradients nor faults.

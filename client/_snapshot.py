@@ -137,6 +137,9 @@ class Checkpoint:
     #: The device tensors its copies read, alive until the copies are done.
     _sources: list[torch.Tensor] = field(default_factory=list, repr=False)
     _fenced: bool = field(default=False, repr=False)
+    #: Taken before its step was known for sure: never admitted until
+    #: :meth:`~trimtab.client._checkpoint.CheckpointStore.settle` labels or drops it.
+    _provisional: bool = field(default=False, repr=False)
 
     def ready(self) -> bool:
         """Whether its host copies are complete (never waits: ``event.query()``)."""

@@ -257,6 +257,65 @@ def test_a_write_in_progress_never_blocks_step(monkeypatch, tmp_path, dead_endpo
     assert sorted(p.name for p in tmp_path.glob("ckpt-*.pt"))[-1] == "ckpt-000000000040.pt"
 
 
+def test_a_snapshot_due_at_a_window_end_is_taken_before_the_windows_read(
+    monkeypatch, dead_endpoint
+) -> None:
+    """The snapshot's host work is queued before the window's one read (the sync), while a
+    device would still be working through the step; its step is a bound until that read:
+    a skipped step that puts ``global_step`` back before the multiple of ``every`` drops it
+    (its buffers back in the pool), and a later one is labelled with the exact step and
+    the guard's counters. Before it is labelled it is never listed or marked."""
+    device = FakeDevice(monkeypatch)
+    model, opt = _model()
+    guard = attach(model, opt, job="snap", endpoint=dead_endpoint, report_every=5,
+                   checkpoint_every=5, keep=3, heartbeat_s=0.05, nonfinite="zero")
+    store = guard._store
+    order: list[str] = []
+    real_take, real_collect = store.take, guard._probe.collect
+
+    def take(step, *args, **kwargs):
+        order.append(f"take {step}")
+        ckpt = real_take(step, *args, **kwargs)
+        assert store.steps() == [0] and not store.mark_stable(step)  # not in the ring yet
+        return ckpt
+
+    def collect():
+        order.append("read")
+        return real_collect()
+
+    monkeypatch.setattr(store, "take", take)
+    monkeypatch.setattr(guard._probe, "collect", collect)
+    _train(model, opt, guard)
+    _wait_ready(store)
+    free = sum(len(v) for v in store._pool._free.values())
+
+    def train(nan: bool) -> None:
+        x = torch.randn(16, 4)
+        loss = (model(x) - x.sum(1, keepdim=True)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        if nan:
+            next(model.parameters()).grad[0, 0] = float("nan")
+        guard.step(loss)
+
+    for i in range(2, 6):  # step 3 skipped: the window ends at global_step 4
+        train(nan=i == 3)
+    assert order == ["take 5", "read"] and guard.global_step == 4
+    assert guard.checkpoints == [0] and not store._pending
+    assert sum(len(v) for v in store._pool._free.values()) == free  # its buffers are back
+    for i in range(6, 11):  # step 7 skipped: taken at most at 9, labelled 8 after the read
+        train(nan=i == 7)
+    assert order[2:] == ["take 9", "read"] and guard.global_step == 8
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    device.run()
+    _train(model, opt, guard)  # admitted at the next step boundary
+    assert guard.checkpoints == [0, 8]
+    ckpt = store._held[8]
+    assert ckpt.step == 8 and ckpt.counters == {"calls": 10}
+    assert all(torch.equal(ckpt.model[k], v) for k, v in expected.items())
+    guard.close()
+
+
 def test_memory_keep_keeps_older_snapshots_on_disk_only(monkeypatch, tmp_path) -> None:
     FakeDevice(monkeypatch)
     model, opt = _model()
