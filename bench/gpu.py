@@ -9,7 +9,9 @@ its traceback and the others still run):
 - ``overhead``: step time bare vs attached to a live ``trimtab serve`` (default policies,
   loopback), bare and attached alternating in ABAB pairs on the same model, for three
   model sizes: an MLP with SGD (a few ms per step), a 4-layer GPT (~11 ms) and a GPT-2
-  124M (bf16 autocast, fused AdamW, batch 16 x 1024); on the CPU all three scaled down.
+  124M (bf16 autocast, fused AdamW, batch 16 x 1024); on CUDA the 4-layer GPT once more
+  with torch's default (foreach) AdamW, whose non-finite handling is the guard's "zero"
+  mode; on the CPU the three sizes scaled down.
   Step times are the intervals between CUDA events recorded at each step's start (no sync
   inside the timed loop). Also: the host time of ``guard.step`` against ``optimizer.step``
   on non-report steps, synchronizing calls per step (``torch.cuda.set_sync_debug_mode``)
@@ -82,6 +84,9 @@ class Spec:
     batch: int
     steps: int
     warmup: int = 10
+    #: The GPT's AdamW: "fused" (found_inf on the device: "fused" mode) or "foreach"
+    #: (torch's default on CUDA; the guard's "zero" mode: one nan_to_num_ per gradient).
+    adamw: str = "fused"
 
 
 def specs(device: str, quick: bool) -> list[Spec]:
@@ -90,6 +95,8 @@ def specs(device: str, quick: bool) -> list[Spec]:
         return [
             Spec("mlp (SGD, fp32)", "mlp", (2048, 4), 2048, 200),
             Spec("gpt 4-layer (bf16, fused AdamW)", "gpt", (50304, 1024, 512, 4, 8), 8, 100),
+            Spec("gpt 4-layer (bf16, default foreach AdamW)", "gpt",
+                 (50304, 1024, 512, 4, 8), 8, 100, adamw="foreach"),
             Spec("gpt-2 124M (bf16, fused AdamW)", "gpt", (50304, 1024, 768, 12, 12), 16, 60),
         ]
     n = 0.5 if quick else 1.0
@@ -127,7 +134,8 @@ class Task:
             groups = [{"params": decay, "weight_decay": 0.1},
                       {"params": other, "weight_decay": 0.0}]
             try:
-                self.opt = torch.optim.AdamW(groups, lr=3e-4, betas=(0.9, 0.95), fused=True)
+                self.opt = torch.optim.AdamW(groups, lr=3e-4, betas=(0.9, 0.95),
+                                             fused=spec.adamw == "fused" or None)
             except (RuntimeError, TypeError):  # no fused AdamW for this device here
                 self.opt = torch.optim.AdamW(groups, lr=3e-4, betas=(0.9, 0.95))
             self.batches = []

@@ -19,7 +19,9 @@ Printed (medians over ``--repeats``, in ms or us of host time):
 - per step (``guard.step`` on non-report steps, the optimizer's own step stubbed out):
   the guard's own host time and the top-level aten ops it dispatches, fused AdamW with
   two param groups and ``clip``. On a CPU each op also computes (tiny tensors, but the
-  CPU foreach kernels loop per tensor), so the op count is the portable figure.
+  CPU foreach kernels loop per tensor), so the op count is the portable figure; the same
+  on a model of 4 tensors shows the host's cost of dispatching them and of the guard's
+  Python.
 
 Nothing here is asserted; the tests pin behaviour and op counts.
 """
@@ -153,22 +155,43 @@ def snapshot(device: str, layers: int, width: int, repeats: int) -> list[tuple[s
         return rows
 
 
-def per_step(device: str, layers: int, width: int, repeats: int) -> list[tuple[str, float]]:
-    """The guard's own host us per non-report step, and its top-level aten ops."""
+def _small(device: str):
+    """Two linear layers (4 tensors) in two groups, fused AdamW: the per-step work without
+    the per-tensor loops of the CPU's foreach kernels, i.e. op dispatch and Python."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1)).to(device)
+    weights = [p for p in model.parameters() if p.dim() >= 2]
+    biases = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": weights}, {"params": biases, "weight_decay": 0.0}],
+                            lr=1e-3, fused=True)
+    x = torch.randn(8, 4, device=device)
+    return model, opt, lambda: model(x).pow(2).mean()
+
+
+def per_step(device: str, layers: int, width: int, repeats: int,
+             small: bool = False) -> list[tuple[str, float]]:
+    """The guard's own host us per non-report step, and its top-level aten ops (``small``:
+    on :func:`_small`'s model, host time only)."""
     from torch.profiler import ProfilerActivity, profile
 
     from trimtab.client import attach
 
-    model, opt, idx = _model(device, layers, width)
+    if small:
+        model, opt, forward = _small(device)
+    else:
+        model, opt, idx = _model(device, layers, width)
+
+        def forward() -> torch.Tensor:
+            return model(idx, idx)
     guard = attach(model, opt, job="host-time", endpoint="tcp://127.0.0.1:9", clip=1.0,
                    report_every=10, checkpoint_every=0)
     try:
-        loss = model(idx, idx)
+        loss = forward()
         loss.backward()
         guard.step(loss)
         real, opt.step = opt.step, lambda *a, **k: None  # the guard's own work only
         xs = []
-        while len(xs) < repeats * 5:
+        while len(xs) < repeats * (50 if small else 5):
             report = guard._probe.full
             t0 = time.perf_counter()
             guard.step(loss)
@@ -187,9 +210,12 @@ def per_step(device: str, layers: int, width: int, repeats: int) -> list[tuple[s
            and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))]
     counts = collections.Counter(top)
     ops = ", ".join(f"{k.removeprefix('aten::')} {v}" for k, v in sorted(counts.items()))
-    return [(f"guard's own host us per non-report step ({guard.nonfinite_mode}, clip, "
-             f"{len(opt.param_groups)} groups)", statistics.median(xs) * 1e6),
-            (f"top-level aten ops: {len(top)} ({ops})", float("nan"))]
+    n = sum(1 for p in model.parameters())
+    host = (f"guard's own host us per non-report step ({guard.nonfinite_mode}, clip, "
+            f"{len(opt.param_groups)} groups, {n} tensors)", statistics.median(xs) * 1e6)
+    if small:
+        return [host]
+    return [host, (f"top-level aten ops: {len(top)} ({ops})", float("nan"))]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -209,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     print("| what | host |\n|---|---|")
     for what, value in snapshot(args.device, args.layers, args.width, args.repeats):
         print(f"| snapshot: {what} | {'' if value != value else f'{value:.2f} ms'} |")
-    for what, value in per_step(args.device, args.layers, args.width, args.repeats):
+    for what, value in (per_step(args.device, args.layers, args.width, args.repeats)
+                        + per_step(args.device, 0, 0, args.repeats, small=True)):
         print(f"| step: {what} | {'' if value != value else f'{value:.0f} us'} |")
     return 0
 

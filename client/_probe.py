@@ -124,8 +124,10 @@ class Probe:
             (report_every, self._ratio_col + 4), math.nan, dtype=torch.float32,
             device=self.device,
         )
-        # Per-row views of the columns a step writes, made once: one stack(out=) per step.
+        # Per-row views of the columns a step writes, made once: one stack(out=) per step;
+        # and of their parts (the loss; the total, then each group's norm; the total).
         self._rows = [self.buf[i, : self._ratio_col] for i in range(report_every)]
+        self._views = [(r[_LOSS], r[_NORM: self._ratio_col], r[_NORM]) for r in self._rows]
         self._micro_col = self._ratio_col + 1
         self._scaler_col = self._ratio_col + 2
         self._align_col = self._ratio_col + 3
@@ -151,6 +153,10 @@ class Probe:
         self._host_rows = (torch.empty(self.buf.shape, dtype=self.buf.dtype, pin_memory=True)
                            if self.device.type == "cuda" else None)
         self._staged: tuple[int, Any] | None = None
+        self._masks: dict[tuple[int, ...], torch.Tensor] = {}  # see _mask
+        #: Every gradient :meth:`measure` measured, in one list, when they are all on the
+        #: probe's device (for the clip's one foreach call); ``None``: see ``grads``.
+        self.flat: list[torch.Tensor] | None = None
 
     @property
     def full(self) -> bool:
@@ -217,6 +223,13 @@ class Probe:
         the unscaling to a fused optimizer's kernel); the norms are divided by it, so that
         they are the unscaled gradients' (device ops; the gradients are left as they are).
         """
+        self.flat = None
+        if grad_scale is None and self._one_device and self.sharding is None:
+            total = self._measure_fast(loss, grads)
+            if total is not None:
+                if self._update is not None:
+                    self._alignment()
+                return total
         group_norms = self._group_norms(grads)
         if self.sharding is not None:  # each rank holds a part of every gradient
             group_norms = self.sharding.global_norms(group_norms)
@@ -240,6 +253,56 @@ class Probe:
         if self._update is not None:
             self._alignment()
         return total
+
+    def _measure_fast(self, loss: torch.Tensor | float, grads: Grads) -> torch.Tensor | None:
+        """:meth:`measure` with every gradient whole on the probe's device (the common
+        case), in as few ops as the row allows: one ``_foreach_norm`` over every group's
+        gradients and a ``stack``; then one ``vector_norm`` writes the total and each
+        group's norm straight into the row (several groups: over the per-tensor norms
+        times a 0/1 mask, the total's row all ones, made once per grouping); and one copy
+        of the loss. ``None``: no gradient at all (the general path writes zeros).
+
+        The total is the norm of every per-tensor norm, ``get_total_norm``'s reduction
+        over all the optimizer's gradients (with several groups it may differ from the
+        norm of the group norms in the last bit)."""
+        dev = self.device
+        lists = [g.get(dev, []) for g in grads]
+        flat = lists[0] if len(lists) == 1 else [t for gs in lists for t in gs]
+        if not flat:
+            return None
+        self.flat = flat
+        loss_at, norms, total = self._views[self.row]
+        with torch.no_grad():  # the loss is part of a graph: its copy is not
+            per_tensor = torch.stack(torch._foreach_norm(flat, 2.0, dtype=torch.float32))
+            if len(lists) == 1 and self.groups == 1:
+                torch.linalg.vector_norm(per_tensor.expand(2, -1), dim=1, out=norms)
+            else:
+                torch.linalg.vector_norm(per_tensor * self._mask(lists), dim=1, out=norms)
+            if not isinstance(loss, torch.Tensor):
+                loss_at.fill_(float(loss))
+            else:  # copy_ converts dtype and device too
+                loss_at.copy_(loss if loss.dim() == 0 else loss.reshape(()))
+        return total
+
+    def _mask(self, lists: list[list[torch.Tensor]]) -> torch.Tensor:
+        """The 0/1 mask that picks, from the per-tensor norms, the total (row 0, all ones)
+        and each group's (the groups a step's gradients fall in), on the device; made once
+        per grouping (a handful at most: gradients that come and go between steps)."""
+        counts = tuple(len(gs) for gs in lists)
+        mask = self._masks.get(counts)
+        if mask is None:
+            rows = 1 + self.groups  # groups added after attach() count in the total only
+            host = torch.zeros((rows, sum(counts)), dtype=torch.float32)
+            host[0] = 1.0
+            start = 0
+            for i, n in enumerate(counts):
+                if i < self.groups:
+                    host[1 + i, start: start + n] = 1.0
+                start += n
+            if len(self._masks) >= 8:
+                self._masks.clear()
+            mask = self._masks[counts] = host.to(self.device, non_blocking=True)
+        return mask
 
     def _alignment(self) -> None:
         """Write ``cos(g, -dtheta)`` of this step's gradients and the update kept by

@@ -73,6 +73,7 @@ class Step:
         self.skipped_closed = 0  # skips in windows already reduced
         self.open_skips = 0  # skips in the open window seen on the host ("skip" mode)
         self._found_inf: torch.Tensor | None = None  # the fused step's skip flag, reused
+        self._clip_t: tuple[float, torch.Tensor] | None = None  # the clip on the device
         self._fused = False  # found_inf is set on the optimizer for the step in flight
         #: Whether the step in flight updates the weights, for what follows it (the weight
         #: average): its finiteness on the device (``"fused"``, ``"zero"``), ``None`` when
@@ -141,16 +142,25 @@ class Step:
             # n (g_1 without), and n^2 puts both conventions on the scale of the total.
             probe.note_micro(first * float(n * n))
             self._micro_counts.append(n)
-        self._clip(grads, total, finite)
+        self._clip(grads, total, finite, probe.flat)
         if closing:  # the window's one sampled update, for ||delta theta|| / ||theta||
             probe.snapshot()
         return total, finite
 
-    def _clip(self, grads: Grads, total: torch.Tensor, finite: torch.Tensor | None) -> None:
+    def _clip(self, grads: Grads, total: torch.Tensor, finite: torch.Tensor | None,
+              flat: list[torch.Tensor] | None = None) -> None:
+        """Scale the gradients by the clip's factor (and, in ``"zero"`` mode, by 0 on a
+        non-finite step) in one foreach call per device; ``flat``: all of them, on one
+        device (as the probe measured them)."""
         coef: torch.Tensor | None = None
         clip = self.act.clip
-        if clip is not None:
-            # clip_grad_norm_'s math; clamping instead of branching keeps it sync-free.
+        if clip is not None and clip > 0:
+            # clip / max(norm, clip): 1 exactly up to the clip, clip / norm above it, 0 for an
+            # infinite norm, NaN for a NaN one; two ops on a clip kept on the device, and no
+            # branch (a branch would read the device). clip_grad_norm_ divides by norm + 1e-6.
+            at = self._clip_on(clip, total.device)
+            coef = at / torch.maximum(total, at)
+        elif clip is not None:
             coef = torch.clamp(clip / (total + 1e-6), max=1.0)
         if finite is not None and self.mode == "zero":
             # NaN * 0 is NaN, so clean the grads first; then a non-finite step scales by 0.
@@ -159,9 +169,12 @@ class Step:
                 for gs in by_device.values():
                     for g in gs:
                         g.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
-            keep = finite.float() if coef is None else coef
-            coef = torch.where(finite, keep, torch.zeros_like(keep))
+            # 1 or 0 without a clip; with one, its factor where finite (a NaN there) or 0.
+            coef = finite.float() if coef is None else torch.where(finite, coef, 0.0)
         if coef is None:
+            return
+        if flat is not None:
+            torch._foreach_mul_(flat, coef)
             return
         # One foreach call per device over every group's gradients.
         by_device: dict[torch.device, list[torch.Tensor]] = {}
@@ -174,6 +187,14 @@ class Step:
         for device, gs in by_device.items():
             if gs:
                 torch._foreach_mul_(gs, coef if device == coef.device else coef.to(device))
+
+    def _clip_on(self, clip: float, device: torch.device) -> torch.Tensor:
+        """The clip as a tensor on ``device``, made again only when it changes."""
+        kept = self._clip_t
+        if kept is None or kept[0] != clip or kept[1].device != device:
+            kept = self._clip_t = (clip, torch.full((), clip, dtype=torch.float32,
+                                                   device=device))
+        return kept[1]
 
     def arm(self, total: torch.Tensor, finite: torch.Tensor | None) -> bool:
         """Arrange the non-finite handling for the optimizer step about to run; True: the
