@@ -465,3 +465,43 @@ def test_the_copy_plan_is_worked_out_again_when_the_state_changes(monkeypatch) -
         model.bn.running_mean.data = torch.full((4,), 7.0)  # same tensor object, new data
     check(4)
     assert torch.equal(store._held[4].model["bn.running_mean"], torch.full((4,), 7.0))
+
+
+def test_the_windows_rows_are_read_from_their_staged_copy(monkeypatch) -> None:
+    """On CUDA, ``Probe.stage`` queues the rows' copy to pinned memory ahead of a
+    snapshot's copies and ``collect`` waits for that copy's event only, then reads the
+    host copy; a row written after staging makes the stage stale, and the device's rows
+    are read as before. (CPU stand-ins for the pinned rows and the event.)"""
+    from trimtab.client._probe import Probe
+
+    waited: list[bool] = []
+
+    class Event:
+        def record(self, stream=None) -> None:
+            pass
+
+        def synchronize(self) -> None:
+            waited.append(True)
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: None)
+    p = torch.nn.Parameter(torch.ones(3))
+    probe = Probe(torch.optim.SGD([p], lr=0.1), report_every=4, device=p.device)
+    probe._host_rows = torch.full_like(probe.buf, float("nan"))  # as if pinned, on CUDA
+
+    def write(loss: float) -> None:
+        p.grad = torch.full((3,), 2.0)
+        probe.measure(torch.tensor(loss), probe.grads())
+        probe.advance()
+
+    for loss in (1.0, 2.0):
+        write(loss)
+    probe.stage()
+    probe.buf[:2, 0] = 99.0  # what the device does after the staged copy: not read
+    stats = probe.collect()
+    assert waited == [True] and stats.steps == 2 and stats.loss_mean == 1.5
+    write(3.0)
+    probe.stage()
+    write(5.0)  # a row after the stage: the staged copy is not the window's
+    stats = probe.collect()
+    assert waited == [True] and stats.steps == 2 and stats.loss_mean == 4.0
