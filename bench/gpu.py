@@ -201,12 +201,13 @@ class Run:
     deferred: int = 0
     host_bytes: int = 0
     written: int = 0
+    report_at: list[int] | None = None  # indexes of the steps that closed a report window
 
 
 def run_steps(task: Task, steps: int, warmup: int, device: str, guard=None) -> Run:
     """``warmup`` untimed steps, then ``steps`` timed ones (step time: start to start)."""
     clock = Clock(device)
-    host, snaps, rolls = [], [], []
+    host, snaps, rolls, reports = [], [], [], []
     every = guard.report_every if guard is not None else 10
     for i in range(warmup + steps + 1):
         if i >= warmup:
@@ -225,11 +226,13 @@ def run_steps(task: Task, steps: int, warmup: int, device: str, guard=None) -> R
         if i >= warmup:
             if not report and (guard is not None or (i + 1) % every):
                 host.append(dt * 1e6)
+            if report:
+                reports.append(i - warmup)
             if guard is not None and guard._last_checkpoint != last:
                 snaps.append(i - warmup)
             if guard is not None and guard.rollbacks != rollbacks:
                 rolls.append(i - warmup)
-    run = Run(clock.intervals_ms(), host, snaps, rolls)
+    run = Run(clock.intervals_ms(), host, snaps, rolls, report_at=reports)
     if guard is not None and guard._store is not None:
         run.deferred, run.host_bytes = guard._store.deferred, guard._store.host_bytes
     return run
@@ -470,9 +473,13 @@ def _snapshot_row(label: str, run: Run) -> str:
              if i + 1 < len(run.step_ms) and i + 1 not in bad]
     worst = max(snap + after) if snap + after else math.nan
     early = max(run.step_ms[:first]) if first else math.nan
+    taken = set(run.snapshot_at)
+    plain = [run.step_ms[i] for i in run.report_at or []
+             if first <= i < len(run.step_ms) and i not in taken and i not in bad]
     return (f"| {label} | {len(run.step_ms)} | {len(run.snapshot_at)} | {run.deferred} "
             f"| {early:.2f} "
             f"| {med:.2f} | {_pct(steps, 0.95):.2f} | {max(steps):.2f} "
+            f"| {statistics.median(plain) if plain else math.nan:.2f} "
             f"| {max(snap):.2f} | {max(after) if after else math.nan:.2f} "
             f"| {worst / med:.3f} | {run.host_bytes / 2**30:.2f} | {len(run.rollback_at)} |")
 
@@ -485,14 +492,17 @@ def section_snapshots(out: Report, device: str, quick: bool, endpoint: str) -> N
         "each step start (start to start; perf_counter on the CPU). Statistics from the "
         "first snapshot on; "
         "'snapshot step' is the step whose end takes the snapshot (host work: state_dict, "
-        "queueing the copies), 'next step' the one whose optimizer step waits on the "
+        "queueing the copies; a report step too: its window's one read follows), 'report "
+        "step' one that closes a window without a snapshot (the read, a sync, alone), "
+        "'next step' the one whose optimizer step waits on the "
         "device for the copies. Steps around a rollback (the default policies may order "
         "one) are left out and counted.")
     out()
     out("| run | steps | snapshots | deferred (buffers not ready) | max before the first "
-        "snapshot (ms) | median (ms) | p95 (ms) | max (ms) | max snapshot step (ms) "
+        "snapshot (ms) | median (ms) | p95 (ms) | max (ms) | median report step without a "
+        "snapshot (ms) | max snapshot step (ms) "
         "| max next step (ms) | worst / median | pinned host (GiB) | rollbacks |")
-    out("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    out("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     task = Task(spec, device)
     run_steps(task, 0, spec.warmup, device)
     for label, use_dir in (("memory ring", False), ("memory ring + checkpoint_dir", True)):
