@@ -3,7 +3,9 @@
 Each step writes one row of a preallocated ``[report_every, F]`` float32 buffer
 with device ops only (no ``.item()``, no host copy), so probing never waits
 for the device. At the end of a window :meth:`Probe.collect` does the one
-device-to-host copy and reduces the rows to :class:`WindowStats` on the host.
+device-to-host copy and reduces the rows to :class:`WindowStats` on the host (on CUDA
+that copy may have been queued earlier by :meth:`Probe.stage`, ahead of a snapshot's
+copies, and ``collect`` then waits for it alone).
 
 Row layout: loss, global grad norm (before clipping), one grad norm per param
 group, then the update ratio (written on the window's last step only, else NaN), the

@@ -169,7 +169,8 @@ class Step:
                 for gs in by_device.values():
                     for g in gs:
                         g.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
-            # 1 or 0 without a clip; with one, its factor where finite (a NaN there) or 0.
+            # Without a clip: 1 on a finite step, 0 on a non-finite one; with a clip: its
+            # factor on a finite step, 0 on a non-finite one (whose factor may be NaN).
             coef = finite.float() if coef is None else torch.where(finite, coef, 0.0)
         if coef is None:
             return
