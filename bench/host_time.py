@@ -16,6 +16,9 @@ Printed (medians over ``--repeats``, in ms or us of host time):
 - snapshot (``CheckpointStore.take``): the two ``state_dict()`` calls; the walk over the
   state (the cached copy plan, and the generic walk it replaces, forced for comparison);
   queueing the copies; the whole ``take``.
+- snapshot step: the host time between the window's one read (the sync; on a GPU the
+  device is idle from there on) and ``guard.step``'s return, on snapshot steps and on
+  report steps without one: what a snapshot step leaves exposed on a GPU.
 - per step (``guard.step`` on non-report steps, the optimizer's own step stubbed out):
   the guard's own host time and the top-level aten ops it dispatches, fused AdamW with
   two param groups and ``clip``. On a CPU each op also computes (tiny tensors, but the
@@ -155,6 +158,53 @@ def snapshot(device: str, layers: int, width: int, repeats: int) -> list[tuple[s
         return rows
 
 
+def after_read(device: str, layers: int, width: int, repeats: int) -> list[tuple[str, float]]:
+    """Host ms between the window's one read (the sync: on a GPU the device is idle from
+    there on) and ``guard.step``'s return, on snapshot steps and on report steps without a
+    snapshot: the host work a snapshot step leaves exposed on a GPU."""
+    from trimtab.client import _host_copy as copy_mod
+    from trimtab.client import attach
+
+    model, opt, idx = _model(device, layers, width)
+    cuda = device.startswith("cuda")
+    snap: list[float] = []
+    plain: list[float] = []
+    with contextlib.nullcontext() if cuda else _simulated(copy_mod):
+        guard = attach(model, opt, job="host-time-read", endpoint="tcp://127.0.0.1:9",
+                       report_every=10, checkpoint_every=20, keep=3)
+        try:
+            read = [0.0]
+            collect = guard._probe.collect
+
+            def timed_collect():
+                stats = collect()
+                read[0] = time.perf_counter()
+                return stats
+
+            guard._probe.collect = timed_collect
+            step = 0
+            while len(snap) < repeats and step < 40 * repeats + 200:
+                step += 1
+                loss = model(idx, idx)
+                loss.backward()
+                report, last = guard._probe.full, guard._ckpts.last
+                _Event.done = True  # the "device" finished the earlier copies
+                guard.step(loss)
+                end = time.perf_counter()
+                opt.zero_grad(set_to_none=True)
+                if cuda:
+                    torch.cuda.synchronize()
+                if not report or step < 40:  # after the buffers' allocation settled
+                    continue
+                (snap if guard._ckpts.last != last else plain).append((end - read[0]) * 1e3)
+        finally:
+            guard.close()
+    return [(f"host ms after the window's read, snapshot steps ({guard.nonfinite_mode} mode)",
+             statistics.median(snap) if snap else float("nan")),
+            ("host ms after the window's read, report steps without a snapshot",
+             statistics.median(plain) if plain else float("nan"))]
+
+
 def _small(device: str):
     """Two linear layers (4 tensors) in two groups, fused AdamW: the per-step work without
     the per-tensor loops of the CPU's foreach kernels, i.e. op dispatch and Python."""
@@ -235,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     print("| what | host |\n|---|---|")
     for what, value in snapshot(args.device, args.layers, args.width, args.repeats):
         print(f"| snapshot: {what} | {'' if value != value else f'{value:.2f} ms'} |")
+    for what, value in after_read(args.device, args.layers, args.width, args.repeats):
+        print(f"| snapshot step: {what} | {'' if value != value else f'{value:.2f} ms'} |")
     for what, value in (per_step(args.device, args.layers, args.width, args.repeats)
                         + per_step(args.device, 0, 0, args.repeats, small=True)):
         print(f"| step: {what} | {'' if value != value else f'{value:.0f} us'} |")

@@ -45,12 +45,14 @@ def test_a_failing_section_does_not_stop_the_others(tmp_path) -> None:
 
 def test_bench_host_time_prints_the_snapshot_and_per_step_rows() -> None:
     """``python -m bench.host_time`` (the GPU figures' host side, measured anywhere) runs
-    and prints every row: the snapshot's parts and both per-step models."""
+    and prints every row: the snapshot's parts, the host time after the window's read,
+    and both per-step models."""
     done = subprocess.run([sys.executable, "-m", "bench.host_time", "--repeats", "3",
                            "--layers", "2"], cwd=ROOT, capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = [line for line in done.stdout.splitlines() if line.startswith("| ")]
     assert sum("snapshot: " in r for r in rows) == 8
+    assert sum("host ms after the window's read" in r for r in rows) == 2
     assert sum("non-report step" in r for r in rows) == 2
     assert any("top-level aten ops: " in r for r in rows)
