@@ -116,7 +116,11 @@ def _decisions(args: argparse.Namespace) -> int:
         return _fail("decisions", str(exc))
     try:
         if job is not None and not journal.has_job(job):
-            return _fail("decisions", no_such_job(journal, job))
+            if not args.follow:
+                return _fail("decisions", no_such_job(journal, job))
+            # tail -F's way: a job that has not registered yet is waited for.
+            print(f"trimtab decisions: {no_such_job(journal, job)}; following: its events "
+                  "show once it registers (Ctrl-C stops)", file=sys.stderr, flush=True)
         timeline, console = Timeline(kinds, since), _console()
         with_job = job is None
         last = 0

@@ -269,6 +269,34 @@ def test_follow_prints_events_as_they_are_journaled(served):
         assert follow.wait(timeout=20) == 0, follow.stderr.read()
 
 
+def test_follow_waits_for_a_job_that_has_not_registered_yet(served):
+    """``decisions JOB --follow`` for a job not in the journal yet says so (with the jobs
+    there, for a typo) and shows its events once it registers, as ``tail -F`` waits for a
+    file; without ``--follow`` it stays an error."""
+    srv, folder = served
+    jpath = str(srv.journal_path)
+    follow = subprocess.Popen(
+        [sys.executable, "-m", "trimtab.controller", "decisions", "soon", "--journal", jpath,
+         "--kind", "register,bye", "--json", "--follow"],
+        cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=_ctrl_c_reaches)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(ln) for ln in follow.stdout], daemon=True).start()
+    try:
+        said = follow.stderr.readline()
+        assert said.startswith(f"trimtab decisions: no job 'soon' in journal {jpath!r} "
+                               "(jobs in it: "), said
+        assert said.rstrip().endswith("following: its events show once it registers "
+                                      "(Ctrl-C stops)"), said
+        train(srv.endpoint, "soon", 20, folder)
+        got = _read_until(lines, lambda ln: json.loads(ln)["kind"] == "bye")
+        assert [(r["job"], r["kind"]) for r in map(json.loads, got)] == [
+            ("soon", "register"), ("soon", "bye")]
+    finally:
+        follow.send_signal(signal.SIGINT)
+        assert follow.wait(timeout=20) == 0, follow.stderr.read()
+
+
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
