@@ -56,3 +56,18 @@ def test_bench_host_time_prints_the_snapshot_and_per_step_rows() -> None:
     assert sum("host ms after the window's read" in r for r in rows) == 2
     assert sum("non-report step" in r for r in rows) == 2
     assert any("top-level aten ops: " in r for r in rows)
+
+
+def test_the_device_wheels_are_trimtabs_dependencies_less_what_the_device_has() -> None:
+    """``python -m bench.device_wheels`` fetches, for the device's Python, every dependency
+    in pyproject.toml except torch and numpy (the device's own), markers applied."""
+    from bench.device_wheels import command, requirements
+
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    names = [r.split(">")[0].split("<")[0].split("=")[0] for r in requirements(pyproject,
+                                                                            "3.12")]
+    assert sorted(names) == ["prometheus-client", "pydantic", "pyzmq", "rich"]
+    assert any(r.startswith("tomli") for r in requirements(pyproject, "3.10"))
+    cmd = command(["pyzmq>=25"], "3.12", "out")
+    assert cmd[-1] == "pyzmq>=25" and "--only-binary=:all:" in cmd
+    assert cmd[cmd.index("--python-version") + 1] == "3.12"
