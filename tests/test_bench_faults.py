@@ -150,3 +150,29 @@ def test_the_loops_schedule_and_a_bad_schedule_name():
     done = subprocess.run([sys.executable, "-m", "bench.faults", "--schedules", "linear"],
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "--schedules: schedule 'linear' is unknown" in done.stderr
+
+
+def test_a_fault_on_the_gpu_path_is_rolled_back_to_an_early_snapshot_and_recovers(
+    monkeypatch, tmp_path
+) -> None:
+    """The path a GPU run takes with a non-fused optimizer (``nonfinite="zero"``: nothing
+    read from the device between reports, each snapshot taken before its window's read and
+    labelled after it), driven on the CPU against a live controller: the fault is rolled
+    back to such a snapshot and the run ends as good as the clean one."""
+    import functools
+
+    import trimtab.client
+
+    monkeypatch.setattr(trimtab.client, "attach",
+                        functools.partial(trimtab.client.attach, nonfinite="zero"))
+    cfg = tmp_path / "trimtab.toml"
+    cfg.write_text(faults.CONTROLLER_CONFIG)
+    ctl = Controller(str(tmp_path), str(cfg))
+    try:
+        clean = faults.train(None, ctl.endpoint, "clean", 0)
+        hit = faults.train("scaled_inputs", ctl.endpoint, "hit", 0)
+    finally:
+        ctl.stop()
+    assert hit.restored and all(0 < s < faults.FAULT_AT and s % faults.CHECKPOINT_EVERY == 0
+                                for s in hit.restored), hit.restored
+    assert hit.steps == faults.TOTAL and faults.recovered(hit, clean), (hit, clean)
