@@ -248,15 +248,22 @@ def _ctrl_c_reaches() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def test_follow_prints_events_as_they_are_journaled(served):
-    srv, folder = served
+def _follow(folder, *args: str) -> tuple[subprocess.Popen, queue.Queue]:
+    """``trimtab decisions ARGS --kind register,bye --json --follow`` running, and the
+    lines it prints as they come."""
     follow = subprocess.Popen(
-        [sys.executable, "-m", "trimtab.controller", "decisions", "--journal",
-         str(srv.journal_path), "--kind", "register,bye", "--json", "--follow"],
+        [sys.executable, "-m", "trimtab.controller", "decisions", *args,
+         "--kind", "register,bye", "--json", "--follow"],
         cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=_ctrl_c_reaches)
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(ln) for ln in follow.stdout], daemon=True).start()
+    return follow, lines
+
+
+def test_follow_prints_events_as_they_are_journaled(served):
+    srv, folder = served
+    follow, lines = _follow(folder, "--journal", str(srv.journal_path))
     try:
         before = _read_until(lines, lambda ln: json.loads(ln)["kind"] == "bye")
         assert [json.loads(ln)["job"] for ln in before] == ["people", "people"]
@@ -275,13 +282,7 @@ def test_follow_waits_for_a_job_that_has_not_registered_yet(served):
     file; without ``--follow`` it stays an error."""
     srv, folder = served
     jpath = str(srv.journal_path)
-    follow = subprocess.Popen(
-        [sys.executable, "-m", "trimtab.controller", "decisions", "soon", "--journal", jpath,
-         "--kind", "register,bye", "--json", "--follow"],
-        cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=_ctrl_c_reaches)
-    lines: queue.Queue = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(ln) for ln in follow.stdout], daemon=True).start()
+    follow, lines = _follow(folder, "soon", "--journal", jpath)
     try:
         said = follow.stderr.readline()
         assert said.startswith(f"trimtab decisions: no job 'soon' in journal {jpath!r} "
