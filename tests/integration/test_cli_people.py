@@ -279,7 +279,8 @@ def test_follow_prints_events_as_they_are_journaled(served):
 def test_follow_waits_for_a_job_that_has_not_registered_yet(served):
     """``decisions JOB --follow`` for a job not in the journal yet says so (with the jobs
     there, for a typo) and shows its events once it registers, as ``tail -F`` waits for a
-    file; without ``--follow`` it stays an error."""
+    file (without ``--follow`` it stays an error: see
+    test_unknown_job_and_missing_journal_are_errors)."""
     srv, folder = served
     jpath = str(srv.journal_path)
     follow, lines = _follow(folder, "soon", "--journal", jpath)
