@@ -113,7 +113,14 @@ def _decisions(args: argparse.Namespace) -> int:
     try:
         journal = _open(args.journal)
     except JournalError as exc:
-        return _fail("decisions", str(exc))
+        if not args.follow or os.path.exists(args.journal):
+            return _fail("decisions", str(exc))
+        # tail -F's way again: a journal that trimtab serve has not written yet is waited for.
+        print(f"trimtab decisions: {exc}; following: waiting for it (Ctrl-C stops)",
+              file=sys.stderr, flush=True)
+        journal = _wait_for_journal(args.journal)
+        if journal is None:
+            return 0
     try:
         if job is not None and not journal.has_job(job):
             if not args.follow:
@@ -141,6 +148,20 @@ def _decisions(args: argparse.Namespace) -> int:
     finally:
         journal.close()
     return 0
+
+
+def _wait_for_journal(path: str) -> Journal | None:
+    """The journal at ``path`` once a serve has written it (``None``: interrupted first)."""
+    try:
+        while True:
+            time.sleep(FOLLOW_POLL_S)
+            if os.path.exists(path):
+                try:
+                    return _open(path)
+                except JournalError:
+                    continue  # created, its tables not yet: look again at the next poll
+    except KeyboardInterrupt:
+        return None
 
 
 def _follow(journal: Journal, job: str | None, timeline: Timeline, last: int,

@@ -299,6 +299,32 @@ def test_follow_waits_for_a_job_that_has_not_registered_yet(served):
         assert follow.wait(timeout=20) == 0, follow.stderr.read()
 
 
+def test_follow_waits_for_a_journal_that_serve_has_not_written_yet(tmp_path):
+    """``decisions --follow`` on a journal that does not exist yet (the serve not started)
+    says so and shows the rows once a serve writes it, creating nothing itself meanwhile."""
+    jpath = tmp_path / "later.db"
+    follow, lines = _follow(tmp_path, "fresh", "--journal", str(jpath))
+    srv = None
+    try:
+        said = follow.stderr.readline()
+        assert said.strip() == (f"trimtab decisions: no journal at {jpath}; trimtab serve "
+                                "writes it (see --journal); following: waiting for it "
+                                "(Ctrl-C stops)"), said
+        time.sleep(0.5)
+        assert not jpath.exists()  # waiting reads nothing and creates nothing
+        srv = start_serve(tmp_path, free_port(), free_port(), CONFIG, journal=jpath)
+        train(srv.endpoint, "fresh", 20, tmp_path)
+        got = _read_until(lines, lambda ln: json.loads(ln)["kind"] == "bye")
+        assert [(r["job"], r["kind"]) for r in map(json.loads, got)] == [
+            ("fresh", "register"), ("fresh", "bye")]
+    finally:
+        follow.send_signal(signal.SIGINT)
+        assert follow.wait(timeout=20) == 0, follow.stderr.read()
+        if srv is not None:
+            srv.proc.send_signal(signal.SIGTERM)
+            srv.proc.wait(timeout=30)
+
+
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
