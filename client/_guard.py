@@ -38,7 +38,7 @@ from ._dist import DistLink, rank_directory
 from ._ema import Ema, check_decay
 from ._guard_state import GuardState
 from ._hooks import StepHooks
-from ._knobs import Actuator, check_optimizer
+from ._knobs import Actuator, check_optimizer, nominal_lr
 from ._options import (
     NONFINITE_MODES,
     _check_checkpoint_options,
@@ -413,11 +413,14 @@ class Guard(GuardState):
             checkpoints=checkpoints, stable_step=stable,
             schedules=list(self._act.live.schedules),
             keep=None if self._store is None else self._store.keep,
+            nominal_lr=self._nominal_lr,
         )
 
     def _note_listing(self) -> None:
-        """Keep the checkpoints held for the next registration (swapped whole: the transport
-        thread reads it; the store itself is the training thread's)."""
+        """Keep the checkpoints held, and the lr the loop's scheduler scales, for the next
+        registration (swapped whole: the transport thread reads them; the store and the
+        param groups are the training thread's)."""
+        self._nominal_lr = nominal_lr(self.optimizer.param_groups)
         store = self._store
         self._listing = (([], None) if store is None
                          else (store.steps()[-wire.MAX_LISTED:], store.stable_step))

@@ -39,6 +39,7 @@ optimizers) are scaled in place on their device, never read per step.
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import torch
@@ -47,7 +48,7 @@ from trimtab.protocol import wire
 
 from ._live_schedule import LiveSchedules
 
-__all__ = ["Actuator", "knobs_of", "check_optimizer"]
+__all__ = ["Actuator", "knobs_of", "nominal_lr", "check_optimizer"]
 
 log = logging.getLogger("trimtab.client")
 
@@ -88,6 +89,28 @@ def knobs_of(groups: list[dict[str, Any]], clip: float | None) -> wire.Knobs:
         weight_decay=None if wd is None else _scalar(wd),
         clip=clip,
     )
+
+
+def nominal_lr(groups: list[dict[str, Any]]) -> float | None:
+    """The lr group 0's torch scheduler scales: OneCycleLR's ``max_lr``, else any
+    scheduler's ``initial_lr`` (the lr it was given, however far a warm-up has come);
+    ``None`` where no scheduler left one (a loop that writes its lr itself).
+
+    >>> opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    >>> nominal_lr(opt.param_groups)
+    >>> _ = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.01)
+    >>> opt.param_groups[0]["lr"], nominal_lr(opt.param_groups)
+    (0.001, 0.1)
+    """
+    group0 = groups[0] if groups else {}
+    for key in ("max_lr", "initial_lr"):
+        value = group0.get(key)
+        if isinstance(value, torch.Tensor):  # a tensor lr: read on the host only if there
+            value = float(value) if value.numel() == 1 and value.device.type == "cpu" else None
+        if (isinstance(value, (int, float)) and not isinstance(value, bool)
+                and math.isfinite(value) and value > 0):
+            return float(value)
+    return None
 
 
 class Actuator:

@@ -50,7 +50,7 @@ class Persisted:
     #: Keys added within :data:`STATE_VERSION`: a state without them (an older journal's)
     #: loads with them empty.
     _ADDED = frozenset({"validations_ema", "paused", "operator_actions", "signal_trail",
-                        "checkpoint_keep"})
+                        "checkpoint_keep", "nominal_lr"})
 
     def state_dict(self) -> dict[str, Any]:
         """A JSON-serialisable copy (no NaN or infinity) for the journal."""
@@ -91,7 +91,7 @@ class Persisted:
             "link": self.link, "resumes": self.resumes,
             "paused": None if self.paused is None else dict(self.paused),
             "operator_actions": dict(self.operator_actions),
-            "checkpoint_keep": self.checkpoint_keep,
+            "checkpoint_keep": self.checkpoint_keep, "nominal_lr": self.nominal_lr,
         }
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
@@ -151,6 +151,8 @@ class Persisted:
         self.operator_actions = {k: int(n) for k, n in sd.get("operator_actions", {}).items()}
         keep = sd.get("checkpoint_keep")
         self.checkpoint_keep = None if keep is None else int(keep)
+        nominal = sd.get("nominal_lr")
+        self.nominal_lr = None if nominal is None else float(nominal)
 
     @classmethod
     def from_state_dict(cls, sd: dict[str, Any]) -> Any:

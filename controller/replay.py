@@ -311,7 +311,8 @@ def _rebuild(reg: TraceRecord, reports: list[TraceRecord], config: ControllerCon
             job=d["job"], run_id=d["run_id"], facts=wire.ScaleFacts.model_validate(d["facts"]),
             report_every=int(every), knobs=_knobs(d["knobs"]),
             base=_knobs(d.get("base") or d["knobs"]), step=int(reg.step or 0),
-            applied_seq=int(d.get("applied_seq", 0)), keep=d.get("keep")), config.signals)
+            applied_seq=int(d.get("applied_seq", 0)), keep=d.get("keep"),
+            nominal_lr=d.get("nominal_lr")), config.signals)
     except (KeyError, ValueError) as exc:
         raise TraceError(f"the registration cannot rebuild a job: {type(exc).__name__}: "
                          f"{exc}") from None

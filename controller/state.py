@@ -172,6 +172,8 @@ class JobState(Persisted):
         #: How many newest checkpoints the client keeps besides the newest stable one, as
         #: it registered (None: not told).
         self.checkpoint_keep: int | None = None
+        #: The lr the client's own scheduler scales, as it registered (None: not told).
+        self.nominal_lr: float | None = None
 
     # -- what a decision changes --------------------------------------------------------
 
@@ -220,6 +222,7 @@ class JobState(Persisted):
         state.tracker.mark(msg.step)
         state.link = msg.link
         state.checkpoint_keep = msg.keep
+        state.nominal_lr = msg.nominal_lr
         return state
 
     #: The same as :meth:`from_register`.
@@ -245,6 +248,7 @@ class JobState(Persisted):
         self.step = max(self.step, msg.step)
         self.link = msg.link
         self.checkpoint_keep = msg.keep
+        self.nominal_lr = msg.nominal_lr
         self._applied(msg.applied_seq)
         self.command_seq = max(self.command_seq, msg.applied_seq)
         if msg.schedules is not None and self.pending_command is None:
@@ -502,5 +506,5 @@ class JobState(Persisted):
             phase=self.phase, phases_done=tuple(self.phases_done.values()),
             found_lr=self.found_lr, effective=self.effective, base=self.base,
             registered=self.registered, health=self.health,
-            checkpoint_keep=self.checkpoint_keep,
+            checkpoint_keep=self.checkpoint_keep, nominal_lr=self.nominal_lr,
         )

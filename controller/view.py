@@ -205,7 +205,8 @@ class JobView:
     #: ...the user's own values then (what the loop or its scheduler set)...
     base: wire.Knobs = wire.Knobs()
     #: ...and the user's own values at registration (what an absolute lr a policy is
-    #: configured with relates to: multiplier = lr / registered.lr).
+    #: configured with relates to where the client told no ``nominal_lr``: multiplier =
+    #: lr / registered.lr).
     registered: wire.Knobs = wire.Knobs()
     #: The controller's judgement of the latest report (None: healthy, or not judged yet):
     #: :func:`~trimtab.controller.health.assess` under ``[rollback.health]``, made once per
@@ -215,6 +216,11 @@ class JobView:
     #: as it registered (None: not told); ``evicted_next()`` gives those of the latest
     #: listing its next snapshot evicts (a command that refers to one may find it gone).
     checkpoint_keep: int | None = None
+    #: The lr the client's own torch scheduler scales for group 0 (its ``initial_lr``, or
+    #: OneCycleLR's ``max_lr``), as it registered: what an absolute lr a policy is
+    #: configured with relates to, with ``registered.lr`` where it is None (not told: no
+    #: scheduler, or an older client).
+    nominal_lr: float | None = None
 
     def evicted_next(self) -> frozenset[int]:
         """The checkpoints of the latest report's listing that the client's next snapshot

@@ -16,7 +16,9 @@ The user's own schedule is the default owner of the lr: no schedule policy is in
 default set; configure one only for a run whose loop has none, or to shape it further.
 
 The reference (``lr``, or ``max_lr`` for OneCycle) is therefore a multiplier:
-``configured lr / the user's lr at registration`` when an absolute lr is configured
+``configured lr / the lr the user's scheduler scales`` (the client's ``nominal_lr``: its
+``initial_lr``, or OneCycleLR's ``max_lr``; for a loop without a scheduler, the user's lr
+at registration) when an absolute lr is configured
 (:func:`reference_multiplier`), else 1 (the user's own lr); with ``scale_with_batch`` it
 is multiplied by the batch-size rule of :class:`~trimtab.controller.scale.ScaleContext`
 (linear for SGD, square root for the Adam family), taking ``reference_batch_size`` as the
@@ -79,34 +81,38 @@ class ScheduleConfig(BaseModel):
         return self
 
 
+def _own_lr(view: JobView, what: str) -> float:
+    """What an absolute lr relates to: the lr the user's own scheduler scales (the
+    client's ``nominal_lr``), else the user's lr at registration."""
+    own = view.nominal_lr or view.registered.lr
+    if not own:
+        raise ValueError(f"{what} needs the job's own lr (its scheduler's, or at "
+                         f"registration), and it registered {view.registered.lr!r} with no "
+                         "scheduler's lr")
+    return own
+
+
 def reference_multiplier(configured: float | None, cfg: ScheduleConfig, view: JobView) -> float:
     """The schedule's reference as a multiplier on the user's lr: ``configured`` (an
-    absolute lr) over the user's lr at registration, or 1 (the user's own), times the
-    batch-size factor if asked; the LR range test's pick when there is one and nothing is
-    configured (never batch-scaled)."""
+    absolute lr) over the lr the user's own scheduler scales (else the user's lr at
+    registration), or 1 (the user's own), times the batch-size factor if asked; the LR
+    range test's pick when there is one and nothing is configured (never batch-scaled)."""
     if configured is None and cfg.use_found_lr and view.found_lr is not None:
         return view.found_lr
     m = 1.0
     if configured is not None:
-        own = view.registered.lr
-        if not own:
-            raise ValueError(f"an absolute reference lr ({configured:g}) needs the job's own "
-                             f"lr at registration, and it registered {own!r}")
-        m = configured / own
+        m = configured / _own_lr(view, f"an absolute reference lr ({configured:g})")
     return m * batch_factor(cfg, view)
 
 
 def as_multiplier(lr: float, view: JobView | None) -> float:
     """An absolute lr a schedule is configured with (e.g. cosine's ``eta_min``) as a
-    multiplier on the user's lr at registration (``view`` None: unchanged, for the
-    policies' own arithmetic on a reference of 1)."""
+    multiplier on the lr the user's own scheduler scales (else the user's lr at
+    registration; ``view`` None: unchanged, for the policies' own arithmetic on a
+    reference of 1)."""
     if view is None or lr == 0.0:
         return lr
-    own = view.registered.lr
-    if not own:
-        raise ValueError(f"an absolute lr ({lr:g}) needs the job's own lr at registration, "
-                         f"and it registered {own!r}")
-    return lr / own
+    return lr / _own_lr(view, f"an absolute lr ({lr:g})")
 
 
 def batch_factor(cfg: ScheduleConfig, view: JobView) -> float:

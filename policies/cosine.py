@@ -12,7 +12,7 @@ steps taken; ``lr(t)`` is what the ``(t+1)``-th optimizer step uses. This is
 along the same cosine (period ``2 x t_max``); set ``t_max`` to the run's length to end
 at ``eta_min``. ``eta_min`` is an absolute lr, never batch-scaled; as trimtab steers a
 multiplier on the user's lr (the knob model), it goes to the client as ``eta_min / the
-user's lr at registration``.
+lr the user's scheduler scales`` (see :func:`reference_multiplier`).
 
 >>> Cosine({"t_max": 100}).lr_at(50, 0.1)
 0.05

@@ -134,6 +134,11 @@ class Register(_Model):
     #: (``attach(keep=)``): which one its next snapshot evicts (None: not told, no
     #: checkpoints or an older client).
     keep: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
+    #: The lr the loop's torch scheduler scales for group 0 (its ``initial_lr``;
+    #: ``max_lr`` for OneCycleLR), however far a warm-up has come at registration: what an
+    #: absolute lr a schedule policy is configured with relates to (None: not told, a loop
+    #: without a scheduler or an older client; the registered lr then).
+    nominal_lr: Annotated[float, Field(gt=0.0, allow_inf_nan=False)] | None = None
 
 
 class Report(_Model):
@@ -396,7 +401,7 @@ class WireError(ValueError):
 #: frame while they are ``None``, so that a peer from before them (which refuses unknown
 #: fields) still takes every message that does not use them.
 _ADDED_IN_V2: dict[type[BaseModel], tuple[str, ...]] = {
-    Report: ("validation_ema", "update_alignment"), Register: ("keep",)}
+    Report: ("validation_ema", "update_alignment"), Register: ("keep", "nominal_lr")}
 
 
 def encode(message: BaseModel) -> bytes:

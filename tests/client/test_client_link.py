@@ -244,6 +244,35 @@ def test_the_registration_says_how_many_checkpoints_the_client_keeps(make_contro
         assert ("keep" in json.loads(wire.encode(register))) == (said is not None)
 
 
+def test_the_registration_says_the_lr_the_users_schedule_is_a_multiple_of(
+    make_controller
+) -> None:
+    """``nominal_lr``: group 0's lr as the loop's torch scheduler was given it (its
+    ``initial_lr``; ``max_lr`` for OneCycleLR), however far a warm-up has come when the
+    job registers, so that an absolute lr a schedule policy is configured with relates to
+    it. A loop without a scheduler leaves the field out of the frame (a field added within
+    protocol v2: a controller from before it still takes the registration)."""
+    import json
+
+    def warmup(opt):
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100))
+
+    def one_cycle(opt):
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[0.5, 0.8], total_steps=100)
+
+    for make, said, at_registration in ((warmup, 0.05, 0.0005), (one_cycle, 0.5, 0.02),
+                                        (None, None, 0.05)):
+        controller = make_controller()
+        run = Run()
+        scheduler = None if make is None else make(run.opt)
+        with _attach(run, controller.endpoint, scheduler=scheduler):
+            controller.wait_for(lambda c: bool(c.of_type(wire.Register)))
+        register = controller.of_type(wire.Register)[0]
+        assert register.base.lr == pytest.approx(at_registration)
+        assert register.nominal_lr == (None if said is None else pytest.approx(said))
+        assert ("nominal_lr" in json.loads(wire.encode(register))) == (said is not None)
+
+
 def test_bad_frames_are_counted_and_ignored(fake_controller) -> None:
     run = Run()
     with _attach(run, fake_controller.endpoint) as guard:

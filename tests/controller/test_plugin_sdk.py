@@ -231,8 +231,9 @@ def test_export_and_replay_rebuild_the_job_and_print_decisions(tmp_path, sdk_mod
 
 
 def test_replay_rebuilds_what_the_registration_said_of_the_clients_checkpoints():
-    """A replayed job knows how many checkpoints its client keeps, as the live one did, so
-    a policy that reads it (the range test's return) decides the same."""
+    """A replayed job knows how many checkpoints its client keeps and the lr its
+    scheduler scales, as the live one did, so a policy that reads them (the range test's
+    return, a schedule with an absolute lr) decides the same."""
     seen = []
 
     class Keeps(Policy):
@@ -240,20 +241,25 @@ def test_replay_rebuilds_what_the_registration_said_of_the_clients_checkpoints()
 
         def propose(self, view):
             seen.append(view.checkpoint_keep)
+            nominal.append(view.nominal_lr)
             return []
+
+    nominal: list = []
 
     facts = {"param_count": 1, "group_sizes": [1], "optimizer": "SGD", "dtype": "float32",
              "device": "cpu"}
-    for keep in (3, None):
+    for keep, lr in ((3, 0.5), (None, None)):
         seen.clear()
+        nominal.clear()
         register = {"job": "j", "run_id": "r", "facts": facts, "knobs": {"lr": 0.1},
-                    "report_every": 10, **({} if keep is None else {"keep": keep})}
+                    "report_every": 10, **({} if keep is None else {"keep": keep}),
+                    **({} if lr is None else {"nominal_lr": lr})}
         trace = [rp.TraceRecord("register", 0, None, register)]
         trace += [rp.TraceRecord("report", s, s // 10, {"step": s, "window": 10,
                                                         "loss_mean": 1.0, "knobs": {"lr": 0.1}})
                   for s in (10, 20)]
         rp.replay(trace, [Keeps()])
-        assert seen == [keep, keep]
+        assert seen == [keep, keep] and nominal == [lr, lr]
 
 
 def test_replay_errors_name_the_problem(tmp_path):

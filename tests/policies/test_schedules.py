@@ -101,6 +101,26 @@ def test_the_reference_lr_is_the_registered_one_unless_configured():
     assert d.state.knobs.lr == pytest.approx(0.02 / 0.3, rel=1e-12)
 
 
+def test_an_absolute_lr_relates_to_the_lr_the_users_schedule_is_a_multiple_of():
+    """A job registered early in its own warm-up (its lr 0.001 x its scheduler's 0.1):
+    a configured absolute lr and cosine's eta_min are multipliers on the scheduler's lr
+    (nominal_lr), not on the warm-up's value at registration (1000x too much). A client
+    that does not tell it (a loop without a scheduler, an older client): the registered
+    lr, as before."""
+    def view(nominal):
+        return JobState.from_register(wire.Register(
+            job="w", run_id="r", report_every=10, knobs=wire.Knobs(lr=1e-4),
+            base=wire.Knobs(lr=1e-4), nominal_lr=nominal,
+            facts=wire.ScaleFacts(param_count=1, group_sizes=[1], optimizer="SGD",
+                                  dtype="float32", device="cpu"))).view()
+
+    cos = Cosine({"t_max": 100, "lr": 0.05, "eta_min": 0.001})
+    assert view(0.1).nominal_lr == 0.1 and view(None).nominal_lr is None
+    assert cos.base_lr(view(0.1)) == pytest.approx(0.5)
+    assert cos.formula_params(0.5, view(0.1))["eta_min"] == pytest.approx(0.01)
+    assert cos.base_lr(view(None)) == pytest.approx(500.0)
+
+
 def test_the_reason_names_the_schedule_and_step():
     view = EngineDriver(Cosine({"t_max": 100}), one_param("SGD", 0.1)).state.view()
     (p,) = Cosine({"t_max": 100}).propose(view)
