@@ -25,6 +25,11 @@ its traceback and the others still run):
   injected, a live controller: whether trimtab rolled back and recovered, steps redone.
 - ``writer``: how much a checkpoint file write (torch.save + SHA-256 + fsync on the writer
   thread) slows a Python loop on the training thread: the GIL's share.
+- ``tail`` (CUDA only): an experiment for the per-step host time, not trimtab's code path:
+  the guard's per-step ops on GPT-2 124M's count of gradients (tiny ones: the host's cost),
+  eager as the guard runs them against the part after the norms captured once in a CUDA
+  graph and replayed (5 host calls instead of 10), host us per step and whether both give
+  the same results.
 
 The results go to ``bench/results/gpu.md`` (CUDA) or ``bench/results/gpu-cpu.md`` (CPU),
 written after every section, and, when ``OUT`` is set, to ``$OUT/`` under the same name;
@@ -56,7 +61,7 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ("env", "overhead", "snapshots", "faults", "writer")
+SECTIONS = ("env", "overhead", "snapshots", "faults", "writer", "tail")
 #: Stop starting sections after this long (s): the whole run must fit a short device lease.
 BUDGET_S = 270.0
 
@@ -601,6 +606,91 @@ def section_writer(out: Report, device: str, quick: bool) -> None:
         f"{rate:.2f} of before (1.00: the write takes none of the GIL the loop needs)")
 
 
+def section_tail(out: Report, device: str, quick: bool) -> None:
+    if not device.startswith("cuda"):
+        out("CUDA only (a CUDA graph): nothing to measure on the CPU.")
+        return
+    dev = torch.device(device)
+    tensors, split = 148, 100  # GPT-2 124M's gradients: two groups (decay, no decay)
+    torch.manual_seed(0)
+    grads = [torch.randn(256, device=dev) * 3 for _ in range(tensors)]
+    mask = torch.zeros(3, tensors, device=dev)
+    mask[0] = 1.0
+    mask[1, :split] = 1.0
+    mask[2, split:] = 1.0
+    loss, clip = torch.tensor(2.0, device=dev), torch.tensor(1.0, device=dev)
+    row, found = torch.zeros(4, device=dev), torch.zeros((), device=dev)
+    loss_at, norms, total = row[0], row[1:], row[1]  # views made once, as the probe does
+    per, coef = torch.zeros(tensors, device=dev), torch.zeros((), device=dev)
+
+    def eager() -> None:  # the guard's ten ops (fused mode, clip, two groups)
+        per_tensor = torch.stack(torch._foreach_norm(grads, 2.0, dtype=torch.float32))
+        torch.linalg.vector_norm(per_tensor * mask, dim=1, out=norms)
+        loss_at.copy_(loss)
+        factor = clip / torch.maximum(total, clip)
+        torch.logical_not(torch.isfinite(total), out=found)
+        torch._foreach_mul_(grads, factor)
+
+    def after_norms() -> None:  # static tensors in and out only: what the graph holds
+        torch.linalg.vector_norm(per * mask, dim=1, out=norms)
+        coef.copy_(clip / torch.maximum(total, clip))
+        torch.logical_not(torch.isfinite(total), out=found)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            after_norms()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        after_norms()
+
+    def graphed() -> None:
+        torch.stack(torch._foreach_norm(grads, 2.0, dtype=torch.float32), out=per)
+        loss_at.copy_(loss)
+        graph.replay()
+        torch._foreach_mul_(grads, coef)
+
+    # Both give the same row, flag and scaled gradients from the same gradients.
+    start = [g.clone() for g in grads]
+    results = []
+    for fn in (eager, graphed):
+        for g, s0 in zip(grads, start, strict=True):
+            g.copy_(s0)
+        fn()
+        torch.cuda.synchronize()
+        results.append((row.clone(), found.clone(), [g.clone() for g in grads]))
+    (r1, f1, g1), (r2, f2, g2) = results
+    same = (torch.allclose(r1, r2, rtol=1e-6) and bool(torch.equal(f1, f2))
+            and all(torch.allclose(a, b, rtol=1e-6) for a, b in zip(g1, g2, strict=True)))
+
+    def host_us(fn, chunks: int = 10 if quick else 30, per_chunk: int = 100) -> float:
+        xs = []
+        for _ in range(chunks):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(per_chunk):
+                fn()
+            xs.append((time.perf_counter() - t0) / per_chunk * 1e6)
+        torch.cuda.synchronize()
+        return statistics.median(xs)
+
+    for fn in (eager, graphed):  # warm
+        host_us(fn, chunks=2)
+    rows = [(name, calls, host_us(fn)) for name, calls, fn in
+            (("eager (the guard's ops)", 10, eager), ("norms eager, the rest a CUDA graph", 5,
+                                                      graphed), ("eager, again", 10, eager))]
+    out(f"{tensors} gradients of 256 floats in two groups, clip and the fused skip flag; host "
+        "time per step from perf_counter over 100-step chunks (median of the chunks), a sync "
+        "between chunks only. Same results from both: " + ("yes" if same else "NO") + ".")
+    out()
+    out("| version | host calls | host us per step |")
+    out("|---|---|---|")
+    for name, calls, us in rows:
+        out(f"| {name} | {calls} | {us:.1f} |")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="auto", help="auto (cuda when available), cuda, cpu")
@@ -650,6 +740,8 @@ def main(argv: list[str] | None = None) -> int:
                         section_faults(out, device, args.quick)
                     elif section == "writer":
                         section_writer(out, device, args.quick)
+                    elif section == "tail":
+                        section_tail(out, device, args.quick)
                     else:
                         out(f"unknown section {section!r}; known: {', '.join(SECTIONS)}")
                         failed += 1
