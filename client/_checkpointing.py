@@ -70,9 +70,6 @@ class Checkpointing:
         #: Rollbacks carried out so far.
         self.rollbacks = 0
         self._hold: ScheduleHold | None = None
-        #: The snapshot take_early() took this window, and whether it tried (see settle).
-        self._early: Checkpoint | None = None
-        self._tried_early = False
 
     # -- around the step ----------------------------------------------------------------------
 
@@ -103,31 +100,26 @@ class Checkpointing:
         return (self.store is not None and not isinstance(self.store, ShardedStore)
                 and self._step.host_step // self.every > self.last // self.every)
 
-    def take_early(self) -> None:
+    def take_early(self) -> Checkpoint | None:
         """Snapshot the run at a window's end before the window's rows are read, the one
         sync per window: its host work (state dicts, queueing the copies) then runs while
         the device still works through the step, instead of after the sync with the device
         idle. Its step is only a bound until :meth:`settle`, after the read, labels it (or
         drops it, when skipped steps put ``global_step`` back before the multiple of
-        ``every``); until then it is never listed, marked or restored."""
-        self._early = self.take(provisional=True)
-        self._tried_early = True
+        ``every``); until then it is never listed, marked or restored. ``None``: none was
+        taken (deferred, or failed: logged)."""
+        return self.take(provisional=True)
 
-    def settle(self) -> bool:
-        """After the window's read: label or drop the snapshot :meth:`take_early` took;
-        False when none was tried (take one now if due: :meth:`take_if_due`)."""
-        if not self._tried_early:
-            return False
-        ckpt, self._early, self._tried_early = self._early, None, False
+    def settle(self, ckpt: Checkpoint | None) -> None:
+        """After the window's read: label or drop the snapshot :meth:`take_early` took."""
         if ckpt is None or self.store is None:
-            return True  # deferred (tried again at the next chance) or failed (logged)
+            return  # deferred (tried again at the next chance) or failed (logged)
         step = self._step.host_step
         if step // self.every > self.last // self.every:
             self.store.settle(ckpt, step, {"calls": self._step.calls})
             self.last = step
         else:
             self.store.settle(ckpt, None)
-        return True
 
     def take(self, scheduler_stepped: bool = False, block: bool = False,
              provisional: bool = False) -> Checkpoint | None:

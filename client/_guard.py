@@ -349,13 +349,15 @@ class Guard(GuardState):
             # behind it in the device's queue (see Checkpointing.take_early).
             early = (self._dist is None and self.nonfinite_mode != "skip"
                      and self._ckpts.may_be_due())
+            ckpt = None
             if early:
                 self._probe.stage()
-                self._ckpts.take_early()
+                ckpt = self._ckpts.take_early()
             try:
                 self._window.close()
             finally:
-                early = self._ckpts.settle()
+                if early:
+                    self._ckpts.settle(ckpt)
             self._note_listing()
             self._compile_note.window_closed(self.job)
             if self._dist is not None:  # every rank takes rank 0's command, at this step
