@@ -220,13 +220,18 @@ class JobState(Persisted):
         state.rollback.note_in_force(msg.step, {"knobs": state.knobs.model_dump(),
                                                 "grad_norm_ema": None})
         state.tracker.mark(msg.step)
-        state.link = msg.link
-        state.checkpoint_keep = msg.keep
-        state.nominal_lr = msg.nominal_lr
+        state._note_client(msg)
         return state
 
     #: The same as :meth:`from_register`.
     register = from_register
+
+    def _note_client(self, msg: wire.Register) -> None:
+        """What each registration tells of the client as it is now: its link, its ring's
+        size, the lr its scheduler scales."""
+        self.link = msg.link
+        self.checkpoint_keep = msg.keep
+        self.nominal_lr = msg.nominal_lr
 
     def on_register(self, msg: wire.Register) -> Observation | None:
         """This run registered (maybe again, after a reconnect; or resumed, :meth:`on_resumed`):
@@ -246,9 +251,7 @@ class JobState(Persisted):
         self.base = base_of(msg)
         # Reports carry the authoritative step; a bare re-register (step 0) must not undo it.
         self.step = max(self.step, msg.step)
-        self.link = msg.link
-        self.checkpoint_keep = msg.keep
-        self.nominal_lr = msg.nominal_lr
+        self._note_client(msg)
         self._applied(msg.applied_seq)
         self.command_seq = max(self.command_seq, msg.applied_seq)
         if msg.schedules is not None and self.pending_command is None:
