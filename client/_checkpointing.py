@@ -69,6 +69,11 @@ class Checkpointing:
         self.last = 0
         #: Rollbacks carried out so far.
         self.rollbacks = 0
+        #: The step of the snapshot of the run as its user handed it over: taken at attach,
+        #: or of the state a resumed process loaded (:meth:`replace_all`); the controller
+        #: marks it stable with the first report, as the rollback target of last resort
+        #: (None: none taken).
+        self.origin: int | None = None
         self._hold: ScheduleHold | None = None
 
     # -- around the step ----------------------------------------------------------------------
@@ -157,7 +162,17 @@ class Checkpointing:
             return
         self.store.drop_all()
         self.last = self._step.host_step
-        self.take(scheduler_stepped=True, block=True)
+        self.origin = None
+        self.take_origin()
+
+    def take_origin(self) -> None:
+        """Snapshot the run as its user hands it over (at attach, or a resumed state); its
+        pinned buffers are allocated here, before training starts (later ones are
+        allocated ahead of need by a background thread). The scheduler has already stepped
+        for the coming step here, unlike at every later snapshot: see
+        :meth:`hold_schedule`."""
+        if self.take(scheduler_stepped=True, block=True) is not None:
+            self.origin = self._step.host_step
 
     def prepare(self) -> None:
         """After the first step (the optimizer state exists now): allocate the snapshots'

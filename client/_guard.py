@@ -228,6 +228,7 @@ class Guard(GuardState):
         self._resumes = 0
         self._resumed_here = False
         self._resume_step: int | None = None
+        self._resume_id: str | None = None  # made by load_state_dict (see _resume)
         self.report_every = report_every
         # The knobs: multipliers on the user's lr and weight decay, momentum, clip.
         self._act = Actuator(optimizer, None if clip is None else float(clip))
@@ -264,13 +265,10 @@ class Guard(GuardState):
             on_rollback=on_rollback, reseed=reseed_on_rollback, ema=self._ema,
         )
         if self._store is not None:
-            # The early rollback target. The scheduler has already stepped for the coming
-            # step here, unlike at every later snapshot: see Checkpointing.hold_schedule.
-            # Its pinned buffers are allocated here, before training starts (later ones
-            # are allocated ahead of need by a background thread).
-            self._ckpts.take(scheduler_stepped=True, block=True)
-        # The checkpoints held, as the registration tells them (read by the transport thread).
-        self._listing: tuple[list[int], int | None] = ([], None)
+            self._ckpts.take_origin()  # the early rollback target
+        # The checkpoints held, as the registration tells them (read by the transport thread):
+        # their steps, the newest stable one, and the origin's (Checkpointing.origin).
+        self._listing: tuple[list[int], int | None, int | None] = ([], None, None)
         self._note_listing()
 
         def make_transport() -> Transport:
@@ -406,13 +404,13 @@ class Guard(GuardState):
     def _registration(self) -> wire.Register:
         # Called from the transport thread; reads only values the training thread swaps whole.
         knobs, base, scale = self._commands.in_force
-        checkpoints, stable = self._listing
+        checkpoints, stable, origin = self._listing
         return wire.Register(
             job=self.job, run_id=self.run_id, step=self._host_step(),
             report_every=self.report_every, facts=self.facts, knobs=knobs, base=base,
             scale=scale, applied_seq=self.applied_seq, resume=self._resumes,
-            resume_step=self._resume_step,
-            checkpoints=checkpoints, stable_step=stable,
+            resume_step=self._resume_step, resume_id=self._resume_id,
+            checkpoints=checkpoints, stable_step=stable, origin=origin,
             schedules=list(self._act.live.schedules),
             keep=None if self._store is None else self._store.keep,
             nominal_lr=self._nominal_lr,
@@ -424,8 +422,13 @@ class Guard(GuardState):
         param groups are the training thread's)."""
         self._nominal_lr = nominal_lr(self.optimizer.param_groups)
         store = self._store
-        self._listing = (([], None) if store is None
-                         else (store.steps()[-wire.MAX_LISTED:], store.stable_step))
+        if store is None:
+            self._listing = ([], None, None)
+            return
+        held = store.steps()
+        origin = self._ckpts.origin
+        self._listing = (held[-wire.MAX_LISTED:], store.stable_step,
+                         origin if origin in held else None)
 
     # -- the user's checkpoint: resume in a new process ------------------------------------
 

@@ -51,6 +51,7 @@ class GuardState:
     _resumes: int  # resumes of this run from a saved guard state (see _resume)
     _resumed_here: bool
     _resume_step: int | None
+    _resume_id: str | None
     _ema: Any  # the weight average (None: off), see _ema
 
     def _note_listing(self) -> None:  # the guard's: the checkpoints its registration lists

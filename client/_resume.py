@@ -19,7 +19,9 @@ weight average's tensors with ``attach(..., ema=)`` (``None`` without): it goes 
 ``torch.save`` file; without an average, in a JSON file too. Loading it
 
 - continues the same run on the controller (its ``run_id``), which registers again as a
-  *resume* (``Register.resume``, counted): the controller sets aside what it saw after
+  *resume* (``Register.resume``, counted, and ``Register.resume_id``, made anew by each
+  process that loads a state, so that two processes resumed from the same save are two
+  resumes): the controller sets aside what it saw after
   the resumed step, drops stable marks this process does not hold and re-bases its
   commands (see :meth:`~trimtab.controller.state.JobState.on_resumed`);
 - puts back the values in force, so the first step after the resume runs with the same
@@ -30,7 +32,8 @@ weight average's tensors with ``attach(..., ema=)`` (``None`` without): it goes 
 - continues the step counters (``global_step``, skipped steps, the report numbers) and
   the command sequence: a command the saving process applied is never applied again;
 - replaces the snapshot taken at attach (it holds the state before the user's own was
-  loaded) by one of the resumed state, the new rollback target of last resort.
+  loaded) by one of the resumed state, the new rollback target of last resort (the
+  controller marks it stable with the first report after the resume).
 
 Call it after loading the model's, optimizer's and scheduler's state and before the first
 step (later, it raises: the steps already taken would be counted twice).
@@ -40,6 +43,7 @@ from __future__ import annotations
 
 import logging
 import math
+import uuid
 from typing import TYPE_CHECKING, Any
 
 from trimtab.protocol import wire
@@ -184,6 +188,9 @@ def load_state(guard: Guard, sd: Any) -> None:
     guard._resumes = sd["resume"] + 1
     guard._resumed_here = True
     guard._resume_step = step
+    # This process's resume: a second process resumed from the same save counts the same
+    # resumes, and this id tells the controller that it is another resume all the same.
+    guard._resume_id = uuid.uuid4().hex
     guard._ckpts.replace_all()  # the attach snapshot predates the state just loaded
     guard._note_listing()
     # Registered again, on the same link: as this run, resumed at ``step``.

@@ -233,7 +233,7 @@ class Controller:
         if peer in rec.retired:
             rec.retired.remove(peer)
         self._touch(rec, peer)
-        if msg.resume > state.resumes:
+        if state.is_new_resume(msg):
             resumed = "resume"  # the run, resumed in a new process from the user's checkpoint
             at = msg.step if msg.resume_step is None else msg.resume_step
             log.warning("job %s resumed at step %d (resume %d): %d steps the controller saw "

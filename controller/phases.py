@@ -161,14 +161,16 @@ class PhaseRules:
             return plan.target_step
         if plan is not None or state.phase is not None:
             return None
-        if state.reports_seen == 1 and not rb.stable and rb.pending_mark is None:
-            # The checkpoint taken at attach holds the run as its user handed it over, before
-            # any step trimtab saw: the rollback target of last resort, marked at the first
-            # report so that the client keeps it until a newer one is stable (a run too hot
-            # from its first steps has nothing else worth returning to).
-            attach = min(rb.in_force_at, default=None)
-            if attach is not None and attach in rb.checkpoints and attach not in rb.unusable:
-                return attach
+        last = next((s for s in rb.last_resort
+                     if s in rb.checkpoints and s not in rb.unusable), None)
+        if last is not None and not rb.stable and rb.pending_mark is None:
+            # The checkpoint at the registration, or taken at attach (or of the state a
+            # resumed process loaded), holds the run as this controller met it or its user
+            # handed it over, before any step trimtab saw: the rollback target of last
+            # resort, marked at the first report so that the client keeps it until a newer
+            # one is stable (a run too hot from its first steps, or soon after a resume, has
+            # nothing else worth returning to).
+            return last
         return stable_to_mark(rb, self.rollback)
 
 

@@ -312,7 +312,7 @@ def _rebuild(reg: TraceRecord, reports: list[TraceRecord], config: ControllerCon
             report_every=int(every), knobs=_knobs(d["knobs"]),
             base=_knobs(d.get("base") or d["knobs"]), step=int(reg.step or 0),
             applied_seq=int(d.get("applied_seq", 0)), keep=d.get("keep"),
-            nominal_lr=d.get("nominal_lr")), config.signals)
+            nominal_lr=d.get("nominal_lr"), origin=d.get("origin")), config.signals)
     except (KeyError, ValueError) as exc:
         raise TraceError(f"the registration cannot rebuild a job: {type(exc).__name__}: "
                          f"{exc}") from None

@@ -225,6 +225,12 @@ class RollbackState:
     unusable: list[int] = field(default_factory=list)
     #: A mark_stable sent and not yet acknowledged.
     pending_mark: int | None = None
+    #: Where the run was when this controller met it, or its user handed it over: the
+    #: registration's step, and the client's origin (the snapshot taken at attach, or of
+    #: the state a resumed process loaded, :attr:`wire.Register.origin`). The first of them
+    #: the client lists is marked stable with the first report while nothing is, as the
+    #: rollback target of last resort (empty: marked, or none).
+    last_resort: list[int] = field(default_factory=list)
     #: The rollback ordered and not yet acknowledged.
     pending: RollbackRecord | None = None
     last_unhealthy_step: int | None = None
@@ -256,6 +262,7 @@ class RollbackState:
             self, checkpoints=list(self.checkpoints), at_checkpoint=dict(self.at_checkpoint),
             in_force_at=dict(self.in_force_at), candidates=dict(self.candidates),
             stable=list(self.stable), unusable=list(self.unusable), history=list(self.history),
+            last_resort=list(self.last_resort),
             rollbacks=dict(self.rollbacks))
 
     def observe(self, view: JobView, verdict: Unhealthy | None) -> Observation:
@@ -335,15 +342,17 @@ class RollbackState:
         the controller and the mark adopted."""
         return self._take_listing(listed, step, claimed, seen, None, report=False)
 
-    def note_resumed(self, step: int) -> None:
+    def note_resumed(self, step: int, origin: int | None = None) -> None:
         """The run was resumed at ``step`` in a new process: a rollback or a mark sent to the
         old one is void, what happened after ``step`` never did, and the checkpoints are
-        the new process's (its registration lists them, :meth:`note_registered`)."""
+        the new process's (its registration lists them, :meth:`note_registered`); its
+        snapshot of the state it loaded (at ``origin``, else ``step``) is the last resort."""
         if self.pending is not None:
             self.pending.failed = f"the run was resumed at step {step} before it was applied"
             self.pending = None
         self._go_back(step, [])
         self.unusable = []
+        self.last_resort = [step] if origin is None else [step, origin]
         if self.cooldown_until is not None and self.cooldown_until > step:
             # A cooldown counted on the abandoned path: from the resumed step at most.
             self.cooldown_until = None
@@ -375,6 +384,7 @@ class RollbackState:
         """The client marked the checkpoint at ``step`` stable."""
         if self.pending_mark == step:
             self.pending_mark = None
+        self.last_resort = []  # something is stable: no longer needed
         if step not in self.stable:
             self.stable = sorted([*self.stable, step])
             self.marked_stable += 1
@@ -431,13 +441,13 @@ class RollbackState:
     _KEYS = frozenset({
         "step", "checkpoints", "at_checkpoint", "in_force_at", "candidates", "stable",
         "unusable",
-        "pending_mark",
+        "pending_mark", "last_resort",
         "pending", "last_unhealthy_step", "last_unhealthy", "history", "cooldown_until",
         "alert", "steps_lost", "rollbacks", "restored", "checkpoints_seen", "marked_stable",
         "skipped_reports",
     })
     #: Keys a state saved by an older version lacks, with the value they then take.
-    _ADDED = {"skipped_reports": 0}
+    _ADDED = {"skipped_reports": 0, "last_resort": []}
 
     def stranded(self, cfg: RollbackConfig) -> bool:
         """Whether every step of the last ``cfg.stranded_reports`` reports was skipped."""
@@ -457,6 +467,7 @@ class RollbackState:
         sd["history"] = [asdict(r) for r in self.history]
         sd["checkpoints"], sd["stable"] = list(self.checkpoints), list(self.stable)
         sd["unusable"] = list(self.unusable)
+        sd["last_resort"] = list(self.last_resort)
         sd["rollbacks"] = dict(sorted(self.rollbacks.items()))
         return sd
 
@@ -470,6 +481,7 @@ class RollbackState:
             setattr(self, k, sd[k])
         self.checkpoints, self.stable = [int(s) for s in sd["checkpoints"]], list(sd["stable"])
         self.unusable = [int(s) for s in sd["unusable"]]
+        self.last_resort = [int(s) for s in sd["last_resort"]]
         self.rollbacks = {str(k): int(n) for k, n in sd["rollbacks"].items()}
         self.at_checkpoint = {int(s): dict(v) for s, v in sd["at_checkpoint"]}
         self.in_force_at = {int(s): dict(v) for s, v in sd["in_force_at"]}

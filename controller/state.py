@@ -164,6 +164,9 @@ class JobState(Persisted):
         #: Resumes of this run from a saved guard state that the controller has followed
         #: (:meth:`on_resumed`); a registration counting more is a new resume.
         self.resumes = 0
+        #: The resume id of the process that resumed the run last (:attr:`wire.Register.
+        #: resume_id`; None: none told): a registration with another one is a new resume.
+        self.resume_id: str | None = None
         #: A person paused the policies (``trimtab pause``): who, why, at which step; None:
         #: not paused. See :mod:`~trimtab.controller.manual`.
         self.paused: dict[str, Any] | None = None
@@ -219,6 +222,8 @@ class JobState(Persisted):
         # signal yet.
         state.rollback.note_in_force(msg.step, {"knobs": state.knobs.model_dump(),
                                                 "grad_norm_ema": None})
+        state.rollback.last_resort = [msg.step] if msg.origin is None else [msg.step,
+                                                                            msg.origin]
         state.tracker.mark(msg.step)
         state._note_client(msg)
         return state
@@ -243,7 +248,7 @@ class JobState(Persisted):
                 f"register for {msg.job}/{msg.run_id} does not match the state of "
                 f"{self.job}/{self.run_id}"
             )
-        resumed = msg.resume > self.resumes
+        resumed = self.is_new_resume(msg)
         if resumed:
             self.on_resumed(msg)
         self.facts, self.report_every = msg.facts, msg.report_every
@@ -270,6 +275,16 @@ class JobState(Persisted):
                 "grad_norm_ema": self.tracker.signals().grad_norm_ema}
         return self.rollback.note_registered(msg.step, msg.checkpoints, msg.stable_step, seen)
 
+    def is_new_resume(self, msg: wire.Register) -> bool:
+        """Whether ``msg`` registers a resume of this run that the controller has not
+        followed yet: more resumes than it has seen, or the same count from another process
+        (two processes resumed from one save; told apart by their ``resume_id``). A
+        reconnect of the process it follows is none."""
+        if msg.resume > self.resumes:
+            return True
+        return (msg.resume > 0 and msg.resume_id is not None
+                and msg.resume_id != self.resume_id)
+
     def on_resumed(self, msg: wire.Register) -> None:
         """This run was resumed in a new process from the user's checkpoint at
         ``msg.resume_step`` (``guard.load_state_dict``), maybe an older one than the
@@ -282,7 +297,8 @@ class JobState(Persisted):
         a new command is never mistaken for one the process already applied.
         """
         step = msg.step if msg.resume_step is None else min(msg.resume_step, msg.step)
-        self.resumes = msg.resume
+        self.resumes = max(self.resumes, msg.resume)
+        self.resume_id = msg.resume_id
         self._go_back(step)
         self.rewind_controls(step)
         self.last_report = None  # the resumed process numbers its reports from its save
@@ -291,7 +307,7 @@ class JobState(Persisted):
         self.branch_seq = min(self.branch_seq, msg.applied_seq)
         self.pending_command = None
         self.pending_since = None
-        self.rollback.note_resumed(step)
+        self.rollback.note_resumed(step, msg.origin)
 
     # -- reports, commands, acks ------------------------------------------------
 

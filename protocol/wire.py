@@ -122,11 +122,21 @@ class Register(_Model):
     #: With ``resume``: the step the run was resumed at (its save's); ``step`` is where the
     #: run is when the registration goes out, maybe a few steps on.
     resume_step: Count | None = None
+    #: With ``resume``: an id the process made when it loaded the saved state, the same on
+    #: every registration of that process (a reconnect) and new in each process that
+    #: loads one: two processes resumed from the same save count the same ``resume`` and
+    #: are told apart by it (None: an older client; ``resume`` alone then).
+    resume_id: Annotated[str, Field(min_length=1, max_length=64)] | None = None
     #: Steps of the checkpoints this client can restore, oldest first, and the newest the
     #: controller marked stable (as a report lists them), so that a controller that starts
     #: or restarts, or follows a resume, knows them before the first report.
     checkpoints: Annotated[list[Count], Field(max_length=MAX_LISTED)] = []
     stable_step: Count | None = None
+    #: The step of the checkpoint of the run as its user handed it over -- the snapshot
+    #: taken at attach, or of the state a resumed process loaded -- while the client holds
+    #: it: the controller marks it stable with the first report, as the rollback target of
+    #: last resort (None: not held, or an older client).
+    origin: Count | None = None
     #: The live schedules this client runs (a resumed one: those it was saved with; None:
     #: not told, an older client).
     schedules: Annotated[list[LiveSchedule], Field(max_length=len(KNOBS))] | None = None
@@ -401,7 +411,8 @@ class WireError(ValueError):
 #: frame while they are ``None``, so that a peer from before them (which refuses unknown
 #: fields) still takes every message that does not use them.
 _ADDED_IN_V2: dict[type[BaseModel], tuple[str, ...]] = {
-    Report: ("validation_ema", "update_alignment"), Register: ("keep", "nominal_lr")}
+    Report: ("validation_ema", "update_alignment"),
+    Register: ("keep", "nominal_lr", "resume_id", "origin")}
 
 
 def encode(message: BaseModel) -> bytes:

@@ -122,9 +122,14 @@ def test_a_resumed_guard_continues_with_the_values_counters_and_run_it_was_saved
 def test_the_resumed_guard_registers_as_the_same_run_resumed_with_its_checkpoints(
         fake_controller) -> None:
     run = Run()
-    guard = _attach(run, fake_controller.endpoint, checkpoint_every=5)
+    guard = _attach(run, fake_controller.endpoint, checkpoint_every=5, keep=2)
+    fake_controller.wait_for(lambda c: bool(c.of_type(wire.Register)))
+    # The registration tells the attach snapshot's step (origin), while it is held.
+    assert fake_controller.of_type(wire.Register)[0].origin == 0
     for i in range(12):
         run.step(guard, i)
+    guard._note_listing()  # as at the next window's end
+    assert 0 not in guard.checkpoints and guard._listing[2] is None  # evicted: not told
     saved = run.save(guard)
     guard.close()
 
@@ -138,8 +143,14 @@ def test_the_resumed_guard_registers_as_the_same_run_resumed_with_its_checkpoint
     reg = fake_controller.of_type(wire.Register)[-1]
     assert (reg.run_id, reg.step, reg.resume_step, reg.applied_seq) == (guard.run_id, 12, 12, 0)
     # The snapshot taken at attach (the new process's weights before the load) is gone:
-    # the one held is of the resumed state, at the resumed step.
-    assert reg.checkpoints == [12] and reg.stable_step is None
+    # the one held is of the resumed state, at the resumed step, and is the origin now.
+    assert reg.checkpoints == [12] and reg.stable_step is None and reg.origin == 12
+    # This process's resume has an id of its own, the same on every registration of it.
+    first = fake_controller.of_type(wire.Register)[0]
+    assert first.resume_id is None and reg.resume_id
+    resumed._transport.reregister()
+    fake_controller.wait_for(lambda c: len(c.of_type(wire.Register)) >= 4)
+    assert fake_controller.of_type(wire.Register)[-1].resume_id == reg.resume_id
     assert resumed.checkpoints == [12]
     for i in range(12, 16):
         again.step(resumed, i)

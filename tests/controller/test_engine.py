@@ -285,6 +285,36 @@ def test_the_checkpoint_taken_at_attach_is_marked_stable_with_the_first_report()
     assert decided(engine, late2).mark_stable is None
 
 
+def test_the_attach_checkpoint_is_marked_with_the_first_report_when_registered_after_it():
+    """A client whose registration goes out a few steps into the run (its transport thread
+    connects while the loop already trains: ``hooks=True``, a fast first step) tells the
+    step of its attach snapshot as ``origin``: that one is marked with the first report,
+    not left unmarked for a whole stable window."""
+    engine = Engine([], Governor())
+    for step, origin in ((8, 0), (1, 0)):
+        st = JobState.from_register(wire.Register(
+            job="j", run_id="r", step=step, report_every=10, facts=FACTS,
+            knobs=wire.Knobs(lr=0.1, momentum=0.9), checkpoints=[0], origin=origin))
+        _report(st, 10, [0])
+        assert decided(engine, st).mark_stable == 0, step
+    # An older client tells no origin: the registration's step, as before (none held there).
+    old = state(step=8)
+    _report(old, 10, [0])
+    assert decided(engine, old).mark_stable is None
+    # A late controller meets a run whose attach snapshot is still held: the checkpoint at
+    # the registration comes first where the client holds one, else the origin.
+    late = JobState.from_register(wire.Register(
+        job="j", run_id="r", step=500, report_every=10, facts=FACTS,
+        knobs=wire.Knobs(lr=0.1, momentum=0.9), origin=0))
+    _report(late, 510, [0, 300, 400, 500])
+    assert decided(engine, late).mark_stable == 500
+    late2 = JobState.from_register(wire.Register(
+        job="j", run_id="r", step=500, report_every=10, facts=FACTS,
+        knobs=wire.Knobs(lr=0.1, momentum=0.9), origin=0))
+    _report(late2, 510, [0, 400])
+    assert decided(engine, late2).mark_stable == 0
+
+
 def test_the_cooldown_does_not_hold_a_rollback_and_counts_from_the_checkpoint_after():
     st = with_stable()
     gov = Governor()

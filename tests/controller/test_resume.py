@@ -15,11 +15,11 @@ FACTS = wire.ScaleFacts(param_count=100, group_sizes=[100], optimizer="SGD", dty
 
 
 def register(run_id="r1", step=0, applied_seq=0, resume=0, checkpoints=(), stable=None,
-             lr=1.0) -> bytes:
+             lr=1.0, resume_id=None) -> bytes:
     return wire.encode(wire.Register(
         job="j1", run_id=run_id, step=step, report_every=10, applied_seq=applied_seq,
-        facts=FACTS, resume=resume, checkpoints=list(checkpoints), stable_step=stable,
-        schedules=[], **in_force(lr)))
+        facts=FACTS, resume=resume, resume_id=resume_id, checkpoints=list(checkpoints),
+        stable_step=stable, schedules=[], **in_force(lr)))
 
 
 def report(seq, step, loss=1.0, nonfinite=0, applied_seq=0, lr=1.0, checkpoints=(),
@@ -78,16 +78,21 @@ def test_a_run_resumed_from_an_older_checkpoint_is_followed_from_there(tmp_path)
     assert st.rollback.checkpoints == [120] and st.rollback.stable == []
     assert st.pending_command is None
     assert not any(isinstance(r, wire.Command) and r.seq <= seq_before for r in replies)
-    # The resumed process numbers its reports from its save: accepted, observed.
+    # The resumed process numbers its reports from its save: accepted, observed; the
+    # snapshot of the resumed state is marked stable with it (the client acks the mark).
     out = decoded(ctl.handle(PEER, report(13, 130, checkpoints=[120])))
     assert not any(isinstance(r, wire.Error) for r in out)
     assert st.last_report is not None and st.last_report.step == 130
+    (mark,) = [r for r in out if isinstance(r, wire.Command)]
+    assert mark.mark_stable == 120 and mark.seq > seq_before
+    ctl.handle(PEER, wire.encode(wire.Ack(job="j1", seq=mark.seq, step=130, **in_force(1.0))))
     # A fault now: the next command continues the sequence, and cuts from the
     # registration's multiplier.
     (cmd,) = [r for r in decoded(ctl.handle(PEER, report(14, 140, nonfinite=3,
-                                                         checkpoints=[120])))
+                                                         applied_seq=mark.seq,
+                                                         checkpoints=[120], stable=120)))
               if isinstance(r, wire.Command)]
-    assert cmd.seq > seq_before and cmd.scale.lr == pytest.approx(0.5)
+    assert cmd.seq > mark.seq and cmd.scale.lr == pytest.approx(0.5)
 
 
 def test_the_same_resume_registering_again_sets_nothing_aside_twice(tmp_path):
@@ -102,6 +107,57 @@ def test_the_same_resume_registering_again_sets_nothing_aside_twice(tmp_path):
     ctl.handle(PEER, register(step=190, resume=1, checkpoints=[120]))
     assert st.step == 190 and len(st.history) == seen
     assert ctl.journal.events("j1", "register")[-1].data["resumed"] == "live"
+
+
+def test_a_second_process_resumed_from_the_same_save_is_followed_as_a_resume(tmp_path):
+    """Preempted twice before the next save: two processes resume from the same saved state,
+    so both register with the same resume count. Each is a new resume (its own resume
+    id), whether the controller still holds the run live or takes it from its journal."""
+    ctl, _ = make(tmp_path)
+    _first_run(ctl)
+    for ended in (False, True):
+        ctl.handle(PEER, register(run_id="fresh"))  # the process attaches, then loads
+        ctl.handle(PEER, register(step=120, resume=1, resume_id="p1", checkpoints=[120]))
+        for seq in range(13, 20):
+            ctl.handle(PEER, report(seq, seq * 10, checkpoints=[120, 150]))
+        if ended:
+            ctl.handle(PEER, wire.encode(wire.Bye(job="j1", step=190)))
+        ctl.handle(PEER, register(run_id="fresh"))
+        ctl.handle(PEER, register(step=120, resume=1, resume_id="p2", checkpoints=[120]))
+        reg = ctl.journal.events("j1", "register")[-1]
+        st = ctl.jobs["j1"]
+        assert reg.data["resumed"] == "resume", ended
+        assert st.run_id == "r1" and st.step == 120 and st.last_report is None
+        assert all(s.step <= 120 for s in st.history)
+        # The second process numbers its reports from the save, as the first did: observed.
+        out = decoded(ctl.handle(PEER, report(13, 130, checkpoints=[120])))
+        assert not any(isinstance(r, wire.Error) for r in out), out
+        assert st.last_report is not None and st.last_report.step == 130
+        # A reconnect of that process (the same resume id) is no new resume.
+        ctl.handle(PEER, register(step=130, resume=1, resume_id="p2", checkpoints=[120]))
+        assert ctl.journal.events("j1", "register")[-1].data["resumed"] == "live"
+        assert st.step == 130
+
+
+def test_the_resumed_snapshot_is_marked_stable_with_the_first_report_after_the_resume(
+        tmp_path):
+    """The snapshot a resumed process takes of the state it loaded is its rollback target of
+    last resort, as the one taken at attach is for a new run: marked stable with the first
+    report, so that a spike soon after the resume can be rolled back."""
+    ctl, _ = make(tmp_path)
+    _first_run(ctl)
+    st = ctl.jobs["j1"]
+    assert st.rollback.stable  # the first process had marks; the new one holds none of them
+    ctl.handle(PEER, register(run_id="fresh"))
+    ctl.handle(PEER, register(step=120, resume=1, resume_id="p1", checkpoints=[120]))
+    st = ctl.jobs["j1"]
+    assert st.rollback.stable == [] and st.rollback.checkpoints == [120]
+    cmds = [r for r in decoded(ctl.handle(PEER, report(13, 130, checkpoints=[120])))
+            if isinstance(r, wire.Command)]
+    assert [c.mark_stable for c in cmds] == [120]
+    ctl.handle(PEER, wire.encode(wire.Ack(job="j1", seq=cmds[0].seq, step=130,
+                                          **in_force(1.0))))
+    assert st.rollback.stable == [120]
 
 
 def test_a_restarted_controller_follows_a_resume_from_its_journal(tmp_path):

@@ -1,12 +1,14 @@
 """One process of a resumable run (tests/integration/test_resume.py runs it).
 
 ``python -m tests.integration.resume_worker ENDPOINT WORKDIR --until N [--save-at S]
-[--resume] [--die]``: trains a small regression attached to the controller at ENDPOINT
-up to step N (its batches a function of the step, so that any process draws the same one
-at the same step), saving ``{"model", "optimizer", "scheduler", "trimtab"}`` to
-WORKDIR/ckpt.pt at step S. ``--resume`` starts from that file; ``--die`` ends the process
-at step N without closing the guard (a preemption). It writes WORKDIR/<name>.json: the
-knobs each step used, the final loss on the whole data set, the guard's run id.
+[--resume] [--die] [--spike-at K]``: trains a small regression attached to the controller
+at ENDPOINT up to step N (its batches a function of the step, so that any process draws
+the same one at the same step), saving ``{"model", "optimizer", "scheduler", "trimtab"}``
+to WORKDIR/ckpt.pt at step S. ``--resume`` starts from that file; ``--die`` ends the
+process at step N without closing the guard (a preemption); ``--spike-at K`` runs the 3
+steps from step K on at 300x the lr, once (a bug in the loop). It writes
+WORKDIR/<name>.json: the knobs each step used, the final loss on the whole data set, the
+guard's run id and its rollbacks.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ def main() -> None:
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--die", action="store_true")
     ap.add_argument("--name", default="run")
+    ap.add_argument("--spike-at", type=int, help="the loop's own bug: lr x300 for 3 steps")
     args = ap.parse_args()
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)
@@ -62,13 +65,22 @@ def main() -> None:
         time.sleep(0.01)
     time.sleep(0.3)
     used = []
-    step = guard.global_step
+    step, spiked = guard.global_step, 0
     while step < args.until:
         xb, yb = batch(step, x, y)
         loss = torch.nn.functional.mse_loss(model(xb), yb)
         opt.zero_grad()
         loss.backward()
+        spike = args.spike_at is not None and step >= args.spike_at and spiked < 3
+        spiked += spike  # once: a rollback's replay of the steps does not repeat the bug
+        if spike:
+            lrs = [group["lr"] for group in opt.param_groups]
+            for group in opt.param_groups:
+                group["lr"] *= 300
         guard.step(loss)
+        if spike:
+            for group, lr in zip(opt.param_groups, lrs, strict=True):
+                group["lr"] = lr
         sched.step()
         step = guard.global_step
         used.append([step, guard.knobs.model_dump(), guard.applied_seq])
@@ -80,7 +92,7 @@ def main() -> None:
     with torch.no_grad():
         final = torch.nn.functional.mse_loss(model(x), y).item()
     out = {"used": used, "final": final, "run_id": guard.run_id, "step": step,
-           "checkpoints": guard.checkpoints}
+           "checkpoints": guard.checkpoints, "rollbacks": guard.rollbacks}
     (args.workdir / f"{args.name}.json").write_text(json.dumps(out))
     if args.die:
         time.sleep(0.3)  # its last reports reach the controller; then it is gone

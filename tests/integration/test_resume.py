@@ -112,6 +112,37 @@ def test_a_run_resumed_in_a_new_process_ends_as_the_uninterrupted_one(
     assert not [e for e in after if e.kind in ("abandoned", "stale")]
 
 
+def test_a_run_resumed_twice_from_one_save_is_followed_and_rolled_back_after_it(
+        serve_factory, tmp_path, uninterrupted):
+    """Preempted twice before its next save: two processes resume from the same file. The
+    controller follows each as a resume (none of the second's reports refused as stale),
+    and the snapshot of the resumed state is the rollback target from the first report
+    on: a spike the loop causes 20 steps after the resume is rolled back to it."""
+    srv = serve_factory(CONFIG + '\n[[policies]]\nname = "divergence_guard"\n')
+    first = _worker(srv.endpoint, tmp_path, "--until", "200", "--save-at", "150", "--die")
+    _worker(srv.endpoint, tmp_path, "--until", "190", "--resume", "--die")
+    third = _worker(srv.endpoint, tmp_path, "--until", "300", "--resume", "--spike-at", "170")
+    print(f"final loss: uninterrupted {uninterrupted['final']:.6f}, resumed twice with a "
+          f"spike at 170 {third['final']:.6f}, rollbacks {third['rollbacks']}")
+    events = srv.journal().events("resumable")
+    regs = [e for e in events if e.kind == "register"]
+    resumes = [e for e in regs if e.data["resumed"] == "resume"]
+    assert [r.data["resume_step"] for r in resumes] == [150, 150]
+    assert len({r.data["resume_id"] for r in resumes}) == 2
+    assert all(r.data["run_id"] == first["run_id"] for r in resumes)
+    after = [e for e in events if e.id > resumes[-1].id]
+    assert [e for e in after if e.kind == "report"]
+    assert not [e for e in after if e.kind in ("abandoned", "stale")]
+    # The resumed snapshot was marked stable with the first report, and the spike was
+    # rolled back to it.
+    marks = [e.step for e in after if e.kind == "stable"]
+    assert marks and marks[0] == 150
+    rollbacks = [e for e in after if e.kind == "rollback"]
+    assert rollbacks and rollbacks[0].data["target"] == 150, rollbacks
+    assert third["rollbacks"] >= 1 and third["step"] == 300
+    assert third["final"] < 2 * uninterrupted["final"]
+
+
 def test_the_resumable_example_survives_a_kill(serve_factory, tmp_path):
     """examples/train_resumable.py, killed with SIGKILL after a save and started again with
     the same arguments, resumes from its checkpoint and finishes; the controller follows
