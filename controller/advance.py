@@ -31,7 +31,7 @@ the caller's: the service sends and journals, replay assumes the command applied
 ...                                      knobs=wire.Knobs(lr=0.1)))
 >>> engine = Engine([DivergenceGuard()])
 >>> out = advance(st, wire.Report(job="j", seq=1, step=10, window=10, loss_mean=float(2),
-...                               nonfinite_losses=3, knobs=wire.Knobs(lr=0.1)), engine)
+...                               nonfinite_losses=10, knobs=wire.Knobs(lr=0.1)), engine)
 >>> out.health.cause, st.view().health.cause
 ('nonfinite', 'nonfinite')
 """
@@ -81,6 +81,8 @@ def take(state: JobState, report: wire.Report, thresholds: DivergenceThresholds)
     view = state.view()
     verdict = assess(view, thresholds)
     state.health = verdict
+    if verdict is not None and verdict.cause == "nonfinite":  # the most urgent cause
+        state.nonfinite_faults += 1
     return Taken(verdict, state.rollback.observe(view, verdict))
 
 

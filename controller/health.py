@@ -7,7 +7,8 @@ report disqualifies the checkpoints not yet stable) and the ``divergence_guard``
 which reads it from the view (:attr:`~trimtab.controller.view.JobView.health`).
 
 * ``nonfinite``: at least ``nonfinite_min`` non-finite losses or gradient steps, unless
-  they are an isolated bad batch that the client's skip already absorbed;
+  they are a burst of bad batches that the client's skip already absorbed (over within
+  the report or the next one: see :func:`_isolated`);
 * ``loss_spike``: after ``warmup_reports``, the loss z-score (against the exponentially
   weighted mean and variance of the reports before it; one-sided, upward only) above
   ``loss_z`` and the window's lowest loss at least ``loss_min_rise`` above its EMA;
@@ -57,10 +58,13 @@ class DivergenceThresholds(BaseModel):
 
     #: Non-finite losses (or non-finite gradient steps) in one report that count.
     nonfinite_min: int = Field(1, ge=1)
-    #: At most this many non-finite steps in one report, after a report without any, are an
-    #: isolated bad batch that the guard's skip already absorbed: no rollback for it (0: every
-    #: one counts). Persistent ones (more in one report, or again in the next) always count.
-    nonfinite_isolated: int = Field(1, ge=0)
+    #: Non-finite steps the guard skipped left the weights as they were: a burst of them (a
+    #: few bad batches, or one) is absorbed, no rollback for it, when it is over within the
+    #: report or runs over into the next one only. Persistent ones count: non-finite values
+    #: in three reports in a row, or in every step of a report (the run is stranded, or is
+    #: about to be). This caps the steps a burst may have in one report (None: any number
+    #: short of the whole report; 0: every non-finite step counts).
+    nonfinite_isolated: int | None = Field(None, ge=0)
     #: Loss above its EW mean by more than this many EW standard deviations...
     loss_z: float = Field(6.0, **_Pos)
     #: ...and the window's lowest loss at least this fraction of |EMA| above the EMA
@@ -120,12 +124,16 @@ def assess(view: JobView, th: DivergenceThresholds) -> Unhealthy | None:
 
 
 def _isolated(view: JobView, bad: int, th: DivergenceThresholds) -> bool:
-    """Whether ``bad`` non-finite steps in the latest report are an isolated bad batch: few
-    enough, and the report before it had none (or there was none before it)."""
-    if bad > th.nonfinite_isolated:
-        return False
-    before = view.history[-2] if len(view.history) >= 2 else None
-    return before is None or before.nonfinite == 0
+    """Whether ``bad`` non-finite steps in the latest report are a burst the guard's skip
+    absorbed: short of the whole report and within ``nonfinite_isolated``, and the report
+    before had none, or the one before that had none (a burst running over a report's
+    end)."""
+    last = view.last
+    if (last is None or bad >= last.window
+            or (th.nonfinite_isolated is not None and bad > th.nonfinite_isolated)):
+        return False  # every step of the report: the run is stranded, or will be
+    before = [s.nonfinite for s in view.history[-3:-1]]  # the two reports before, oldest first
+    return not before or before[-1] == 0 or len(before) < 2 or before[0] == 0
 
 
 def _lowest(report: Any) -> float:

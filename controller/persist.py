@@ -50,7 +50,7 @@ class Persisted:
     #: Keys added within :data:`STATE_VERSION`: a state without them (an older journal's)
     #: loads with them empty.
     _ADDED = frozenset({"validations_ema", "paused", "operator_actions", "signal_trail",
-                        "checkpoint_keep", "nominal_lr", "resume_id"})
+                        "checkpoint_keep", "nominal_lr", "resume_id", "nonfinite_faults"})
 
     def state_dict(self) -> dict[str, Any]:
         """A JSON-serialisable copy (no NaN or infinity) for the journal."""
@@ -92,7 +92,7 @@ class Persisted:
             "paused": None if self.paused is None else dict(self.paused),
             "operator_actions": dict(self.operator_actions),
             "checkpoint_keep": self.checkpoint_keep, "nominal_lr": self.nominal_lr,
-            "resume_id": self.resume_id,
+            "resume_id": self.resume_id, "nonfinite_faults": self.nonfinite_faults,
         }
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
@@ -154,6 +154,7 @@ class Persisted:
         self.checkpoint_keep = None if keep is None else int(keep)
         nominal = sd.get("nominal_lr")
         self.nominal_lr = None if nominal is None else float(nominal)
+        self.nonfinite_faults = int(sd.get("nonfinite_faults", 0))
         resume_id = sd.get("resume_id")
         self.resume_id = None if resume_id is None else str(resume_id)
 

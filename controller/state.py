@@ -127,6 +127,9 @@ class JobState(Persisted):
         self.health: Unhealthy | None = None
         self.nonfinite_losses = 0
         self.nonfinite_grads = 0
+        #: Reports judged unhealthy for non-finite values (persistent ones; a burst of bad
+        #: batches the client's skip absorbed is not: see controller.health).
+        self.nonfinite_faults = 0
         self.dropped_reports = 0
         self.last_report: wire.Report | None = None
         self.memory: dict[str, KnobMemory] = {k: KnobMemory() for k in wire.KNOBS}
@@ -519,6 +522,7 @@ class JobState(Persisted):
             reports_seen=self.reports_seen, signals=signals, last=self.last_report,
             nonfinite_losses_total=self.nonfinite_losses,
             nonfinite_grads_total=self.nonfinite_grads,
+            nonfinite_faults=self.nonfinite_faults,
             last_change_step=MappingProxyType(dict(self.last_change_step)),
             history=tuple(self.history), validations=tuple(self.validations),
             validations_ema=tuple(self.validations_ema),

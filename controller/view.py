@@ -188,6 +188,10 @@ class JobView:
     last_change_step: Mapping[str, int | None]
     #: The newest reports as samples, oldest first (at most ``SignalConfig.history``).
     history: tuple[Sample, ...] = ()
+    #: Reports judged unhealthy for non-finite values over the whole run: persistent ones
+    #: (a burst of bad batches that the client skipped, over within a report or the next,
+    #: is not counted; see :class:`~trimtab.controller.health.DivergenceThresholds`).
+    nonfinite_faults: int = 0
     #: ``(step, value)`` of the validation results reported, oldest first (lower is better).
     validations: tuple[tuple[int, float], ...] = ()
     #: ``(step, value)`` of the same validations measured on the client's weight average

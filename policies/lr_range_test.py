@@ -366,7 +366,13 @@ class LrRangeTest(Policy):
         if view.reports_seen > cfg.evidence_reports or not view.history:
             return None  # past the start of the run: its LR has proved itself
         seen = view.history
-        if view.nonfinite_losses_total or view.nonfinite_grads_total:
+        if seen[0].step - seen[0].window > cfg.evidence_reports * view.report_every:
+            # The controller met the run past its start (it started late, or restarted
+            # without its journal): what it sees first is a run that has trained a while.
+            return None
+        if view.nonfinite_faults:
+            # Persistent ones only: a burst of bad batches the client skipped is no
+            # evidence about the LR (see DivergenceThresholds.nonfinite_isolated).
             return "high", (f"non-finite values in the first {view.reports_seen} reports: "
                             f"{view.nonfinite_losses_total} losses, "
                             f"{view.nonfinite_grads_total} gradient steps")

@@ -332,7 +332,7 @@ def _stable_at_150(ctl: Controller) -> FakeClient:
 def test_a_nonfinite_report_rolls_back_to_the_newest_stable_checkpoint(tmp_path):
     ctl = make_rb(tmp_path)
     c = _stable_at_150(ctl)
-    (cmd,) = c.report(nonfinite_grads=4)  # step 240
+    (cmd,) = c.report(nonfinite_grads=10)  # step 240
     assert cmd.rollback_to == 150 and cmd.mark_stable is None
     assert cmd.scale.lr == pytest.approx(0.5)
     assert cmd.reasons[0].startswith("rollback from step 240 to stable step 150 (level 1")
@@ -340,7 +340,7 @@ def test_a_nonfinite_report_rolls_back_to_the_newest_stable_checkpoint(tmp_path)
     assert (order.data["reason"], order.data["level"], order.data["target"]) == (
         "nonfinite", 1, 150)
     # While it is pending nothing else is commanded, even at another fault.
-    assert c.report(nonfinite_grads=4) == []
+    assert c.report(nonfinite_grads=10) == []
     c.ack(cmd)
     (restored,) = ctl.journal.events("rb", "restored")
     assert restored.data["restored_step"] == 150 and restored.data["steps_lost"] == 90
@@ -360,7 +360,7 @@ def test_a_recurring_fault_ends_in_alert_with_its_reason_then_plain_cuts(tmp_pat
     c = _stable_at_150(ctl)
     orders = []
     for _ in range(2):
-        (cmd,) = c.report(nonfinite_grads=2)
+        (cmd,) = c.report(nonfinite_grads=10)
         orders.append((cmd.rollback_to, cmd.scale.lr,
                        ctl.journal.events("rb", "rollback")[-1].data["level"]))
         c.ack(cmd)
@@ -370,7 +370,7 @@ def test_a_recurring_fault_ends_in_alert_with_its_reason_then_plain_cuts(tmp_pat
     # the first cut) x 0.25.
     assert orders == [(150, 0.5, 1), (200, 0.25, 2)]
     assert [r.fault_lr for r in ctl.jobs["rb"].rollback.history] == [1.0, 0.5]
-    (cmd,) = c.report(nonfinite_grads=2)
+    (cmd,) = c.report(nonfinite_grads=10)
     assert cmd.rollback_to is None and cmd.scale.lr == pytest.approx(c.lr * 0.5)
     (alert,) = ctl.journal.events("rb", "alert")
     assert alert.data["why"].startswith("rollback budget exhausted: 2 rollbacks within 1000")
@@ -386,10 +386,10 @@ def test_a_stranded_run_in_alert_is_rolled_back_then_advised_to_stop(tmp_path):
     too, the job is advised to stop (guard.should_stop), once."""
     ctl = make_rb(tmp_path, budget=1, stranded_budget=1)
     c = _stable_at_150(ctl)
-    (cmd,) = c.report(nonfinite_grads=2)
+    (cmd,) = c.report(nonfinite_grads=10)
     c.ack(cmd)
     c.run_to(c.step + 100)
-    c.report(nonfinite_grads=2)  # the budget is spent: alert, a plain cut
+    c.report(nonfinite_grads=10)  # the budget is spent: alert, a plain cut
     assert ctl.jobs["rb"].rollback.alert is not None
     for cmd in c.run_to(0):
         c.ack(cmd)
@@ -419,20 +419,20 @@ def test_a_stranded_run_in_alert_is_rolled_back_then_advised_to_stop(tmp_path):
 def test_a_failed_restore_is_journaled_and_that_checkpoint_never_targeted_again(tmp_path):
     ctl = make_rb(tmp_path)
     c = _stable_at_150(ctl)
-    (cmd,) = c.report(nonfinite_grads=2)
+    (cmd,) = c.report(nonfinite_grads=10)
     c.ack(cmd, restore=False, error="no checkpoint at step 150")
     ack = ctl.journal.events("rb", "ack")[-1]
     assert ack.data["error"] == "no checkpoint at step 150" and ack.data["restored_step"] is None
     assert not ctl.journal.events("rb", "restored")
     assert ctl.jobs["rb"].rollback.history[-1].failed == "no checkpoint at step 150"
-    (cmd,) = c.report(nonfinite_grads=2)
+    (cmd,) = c.report(nonfinite_grads=10)
     assert cmd.rollback_to == 100  # the next newest stable one
 
 
 def test_a_lost_ack_is_settled_from_the_next_report(tmp_path):
     ctl = make_rb(tmp_path)
     c = _stable_at_150(ctl)
-    (cmd,) = c.report(nonfinite_grads=2)
+    (cmd,) = c.report(nonfinite_grads=10)
     c.step, c.applied, c.lr = 150, cmd.seq, cmd.scale.lr  # applied, ack lost
     c.ckpts = [s for s in c.ckpts if s <= 150]
     c.report()
@@ -446,7 +446,7 @@ def test_a_lost_ack_is_settled_from_the_next_report(tmp_path):
 def test_rollback_series_end_with_the_job(tmp_path):
     ctl = make_rb(tmp_path)
     c = _stable_at_150(ctl)
-    (cmd,) = c.report(nonfinite_grads=2)
+    (cmd,) = c.report(nonfinite_grads=10)
     c.ack(cmd)
     for name in ("rollbacks_total", "rollback_steps_lost_total", "rollback_alert",
                  "checkpoints_stable_step", "checkpoints_total", "checkpoints_marked_stable_total"):
@@ -463,13 +463,13 @@ def test_non_finite_values_right_after_a_restore_roll_back_again_not_just_cut(tm
     # skipped, so a cooldown counted in steps would never end and a cut cannot help.
     ctl = make_rb(tmp_path, budget=2)
     c = _stable_at_150(ctl)
-    (first,) = c.report(nonfinite_grads=2)
+    (first,) = c.report(nonfinite_grads=10)
     c.ack(first)
-    (second,) = c.report(nonfinite_grads=5)  # step 160, inside the cooldown (until 170)
+    (second,) = c.report(nonfinite_grads=10)  # step 160, inside the cooldown (until 170)
     # One level deeper from the multiplier in force at the first fault: 1.0 x 0.25.
     assert second.rollback_to == 150 and second.scale.lr == pytest.approx(0.25)
     c.ack(second)
-    (third,) = c.report(nonfinite_grads=5)
+    (third,) = c.report(nonfinite_grads=10)
     assert third.rollback_to is None and ctl.journal.events("rb", "alert")  # bounded
 
 
@@ -502,7 +502,7 @@ def test_a_fault_while_a_command_awaits_its_ack_still_rolls_back(tmp_path):
         pending = c.run_to(c.step + 10, ack=False)
     (mark,) = pending
     assert mark.mark_stable == 200 and mark.rollback_to is None
-    (cmd,) = c.report(nonfinite_grads=4)
+    (cmd,) = c.report(nonfinite_grads=10)
     # The client may apply the mark before this command comes (then it keeps 200 as its
     # newest stable checkpoint and lets 150 go) or never (this one supersedes it): the
     # rollback goes to 200 and marks it again, which holds either way.
@@ -514,7 +514,7 @@ def test_a_fault_while_a_command_awaits_its_ack_still_rolls_back(tmp_path):
     sent = {e.seq: e.data["supersedes"] for e in ctl.journal.events("rb", "command")}
     assert sent[cmd.seq] == mark.seq and sent[mark.seq] is None
     # The rollback is pending now: a second fault waits for its ack.
-    assert c.report(nonfinite_grads=4) == []
+    assert c.report(nonfinite_grads=10) == []
     c.ack(cmd)
     st = ctl.jobs["rb"]
     assert st.step == 200 and st.pending_command is None
@@ -547,7 +547,7 @@ def test_a_report_sent_before_the_restore_is_journaled_not_observed(tmp_path):
     c = _stable_at_150(ctl)
     c.run_to(250)
     assert c.stable == 200
-    (cmd,) = c.report(nonfinite_grads=4)  # step 260
+    (cmd,) = c.report(nonfinite_grads=10)  # step 260
     assert cmd.rollback_to == 200
     before = (c.seq, c.step, c.applied, list(c.ckpts), c.stable)
     c.ack(cmd)
@@ -558,7 +558,7 @@ def test_a_report_sent_before_the_restore_is_journaled_not_observed(tmp_path):
     assert gone.data["step"] == 260 and gone.data["branch_seq"] == cmd.seq
     assert metric(ctl, "trimtab_reports_abandoned_total 1.0")
     st = ctl.jobs["rb"]
-    assert st.step == 200 and st.nonfinite_grads == 4  # only the report that faulted
+    assert st.step == 200 and st.nonfinite_grads == 10  # only the report that faulted
     assert st.rollback.checkpoints == [50, 100, 150, 200] and st.rollback.stable_step == 200
     assert len(ctl.journal.events("rb", "rollback")) == 1
     # The run goes on from 200; its reports are observed again, with no second rollback.

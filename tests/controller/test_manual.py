@@ -175,7 +175,7 @@ def test_pause_stops_the_policies_and_keeps_the_safety_rollback_and_resume_ends_
     assert [e.step for e in proposals if e.data["policy"] == "spike_guard"] == [140]
     # Non-finite values: the divergence guard's rollback still goes out.
     stable = ctl.jobs["j1"].rollback.stable_step
-    cmds = tick(ctl, 15, nonfinite=5) or tick(ctl, 16, nonfinite=5)
+    cmds = tick(ctl, 15, nonfinite=10) or tick(ctl, 16, nonfinite=10)
     assert cmds and cmds[-1].rollback_to == stable is not None
     text = generate_latest(ctl.metrics.registry).decode()
     assert 'trimtab_job_paused{job="j1"} 1.0' in text
@@ -377,7 +377,7 @@ def test_a_rollback_that_replaces_a_command_stopping_the_schedules_stops_them_it
     assert reply.ok and stop.schedules == [] and ctl.jobs["j1"].live == {}
     # The pause's command is not applied yet (applied_seq stays 1): the client still runs
     # the step-decay schedule when its steps go non-finite.
-    cmds = [m for _, m in decoded(ctl.handle(PEER, report(2, nonfinite=5, applied_seq=1)))
+    cmds = [m for _, m in decoded(ctl.handle(PEER, report(2, nonfinite=10, applied_seq=1)))
             if isinstance(m, wire.Command)]
     (rollback,) = cmds
     assert rollback.rollback_to == 0 and rollback.seq > stop.seq

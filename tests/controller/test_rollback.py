@@ -91,23 +91,46 @@ def test_few_reports_are_not_a_window_even_when_the_steps_are():
     assert stable_to_mark(run.rb, CFG) == 100
 
 
-def test_an_isolated_skipped_step_is_healthy_and_a_repeat_is_not():
-    """One non-finite step after a clean report is a bad batch the guard skipped: the run is
-    healthy (no rollback, the checkpoint stays a candidate); another in the next report
-    makes it persistent."""
+def test_a_burst_of_skipped_steps_is_healthy_and_a_persistent_one_is_not():
+    """Non-finite steps the guard skipped left the weights as they were: a burst of them (a
+    few bad batches) that is over within the report, or the next one, is healthy -- no
+    rollback, the checkpoint stays a candidate. Non-finite values in three reports in a
+    row, or in every step of a report (the run is stranded), are persistent."""
     run = Run()
     run.to(150)
-    run.report(nonfinite_grads=1)  # step 160
+    run.report(nonfinite_grads=3, nonfinite_losses=3)  # step 160: a burst of three
     assert run.rb.last_unhealthy_step is None and 100 in run.rb.candidates
-    run.report(nonfinite_grads=1)  # step 170: again
-    assert run.rb.last_unhealthy_step == 170 and run.rb.candidates == {}
+    run.report(nonfinite_losses=2)  # step 170: the burst ran over the report's end
+    assert run.rb.last_unhealthy_step is None and 100 in run.rb.candidates
+    run.report()
+    run.report(nonfinite_grads=1)  # 190
+    run.report(nonfinite_grads=1)  # 200
+    assert run.rb.last_unhealthy_step is None
+    run.report(nonfinite_grads=1)  # 210: in three reports in a row
+    assert run.rb.last_unhealthy_step == 210 and run.rb.candidates == {}
+    stranded = Run()
+    stranded.to(150)
+    stranded.report(nonfinite_grads=10, skipped_steps=10)  # 160: a whole report
+    assert stranded.rb.last_unhealthy_step == 160
 
 
-@pytest.mark.parametrize("fault", [{"nonfinite_grads": 2}, {"nonfinite_losses": 2}])
+@pytest.mark.parametrize("isolated,unhealthy", [(0, 160), (1, 160), (3, None)])
+def test_a_cap_on_the_steps_a_burst_may_have_is_configurable(isolated, unhealthy):
+    """``nonfinite_isolated``: at most this many non-finite steps in one report are a burst
+    (0: every one counts)."""
+    cfg = RollbackConfig(stable_window_steps=200, stable_min_reports=5,
+                         health={"nonfinite_isolated": isolated})
+    run = Run(cfg=cfg)
+    run.to(150)
+    run.report(nonfinite_grads=3)
+    assert run.rb.last_unhealthy_step == unhealthy
+
+
+@pytest.mark.parametrize("fault", ["nonfinite_grads", "nonfinite_losses"])
 def test_an_unhealthy_report_inside_the_window_disqualifies_the_checkpoint(fault):
     run = Run()
     run.to(150)
-    run.report(**fault)  # step 160, inside the window of the checkpoint at 100
+    run.report(**{fault: 10})  # step 160, inside the window of the checkpoint at 100
     assert run.rb.candidates == {} and run.rb.last_unhealthy_step == 160
     run.to(600)
     assert 100 not in run.rb.candidates
@@ -119,7 +142,7 @@ def test_an_unhealthy_report_inside_the_window_disqualifies_the_checkpoint(fault
 def test_a_checkpoint_first_listed_after_a_fault_at_or_before_it_never_counts():
     run = Run()
     run.to(90)
-    run.report(nonfinite_grads=2, checkpoints=[])  # step 100: unhealthy, checkpoint not listed
+    run.report(nonfinite_grads=10, checkpoints=[])  # step 100: unhealthy, checkpoint not listed
     run.report()  # step 110 lists the checkpoint taken at 100
     assert run.obs[-1].new_checkpoints == (100,) and run.obs[-1].disqualified == (100,)
     run.to(400)

@@ -67,8 +67,10 @@ def test_a_run_whose_every_step_is_skipped_is_rolled_back_and_trains(serve_facto
     # By the guard, or by the sweep that was under way (its own end, back to its start).
     assert rollbacks[0].data["reason"] in ("nonfinite", "lr_range_test")
     assert journal.events("stranded", "restored")
-    # The run trained on: it took its steps, and its loss is finite and lower than at the start.
-    assert guard.global_step > 150 and guard.rollbacks >= 1
+    # The run trained on: it took its steps, and its loss is finite and lower than at the start
+    # (of 200 iterations, 17 + 20 lost to the first rollback: the first report with skipped
+    # steps could be a burst of bad batches, the second, all skipped, says it is stranded).
+    assert guard.global_step > 140 and guard.rollbacks >= 1
     assert math.isfinite(losses[-1]) and losses[-1] < losses[0]
     assert all(bool(torch.isfinite(p).all()) for p in task.model.parameters())
 

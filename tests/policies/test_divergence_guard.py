@@ -105,11 +105,27 @@ def test_the_materiality_tests_are_what_keeps_heavy_tails_quiet():
 
 def test_non_finite_values_roll_back_at_once_even_in_warm_up():
     st = job()
-    feed(st, 1, loss_mean=None, nonfinite_losses=2, nonfinite_grads=1)
+    feed(st, 1, loss_mean=None, nonfinite_losses=EVERY, nonfinite_grads=EVERY - 1)
     (prop,) = DivergenceGuard().propose(st.view())
     assert (prop.knob, prop.rollback, prop.factor) == ("lr", "nonfinite", 0.5)
-    assert prop.reason == "non-finite values in the last report: 2 losses, 1 gradients"
-    assert proposals(st, {"nonfinite_min": 3}) == []
+    assert prop.reason == (f"non-finite values in the last report: {EVERY} losses, "
+                           f"{EVERY - 1} gradients")
+    assert proposals(st, {"nonfinite_min": EVERY + 1}) == []
+
+
+def test_a_burst_of_skipped_bad_batches_is_no_fault_and_a_recurring_one_is():
+    """Three bad batches in a row, skipped by the guard: the weights are as they were, no
+    rollback; again in the next report (a burst over the report's end): still none; in a
+    third report in a row: persistent."""
+    st = job()
+    nxt = calm(st, 30)
+    feed(st, nxt, nonfinite_losses=3, nonfinite_grads=3)
+    assert DivergenceGuard().propose(st.view()) == []
+    feed(st, nxt + 1, nonfinite_losses=2, nonfinite_grads=2)
+    assert DivergenceGuard().propose(st.view()) == []
+    feed(st, nxt + 2, nonfinite_losses=1, nonfinite_grads=1)
+    (prop,) = DivergenceGuard().propose(st.view())
+    assert prop.rollback == "nonfinite"
 
 
 def test_a_loss_spike_that_fills_the_window_rolls_back():
@@ -196,7 +212,7 @@ def test_a_climb_across_an_lr_change_is_not_judged():
 def test_the_most_urgent_cause_leads_and_every_cause_is_in_the_reason():
     st = job()
     nxt = calm(st, 50)
-    feed(st, nxt, nonfinite_grads=2, **window([6.0] * EVERY, [40.0] * EVERY))
+    feed(st, nxt, nonfinite_grads=EVERY, **window([6.0] * EVERY, [40.0] * EVERY))
     (prop,) = DivergenceGuard().propose(st.view())
     assert prop.rollback == "nonfinite"
     assert "loss spike" in prop.reason and "grad norm spike" in prop.reason

@@ -19,8 +19,10 @@ import torch
 
 from tests._decide import decided, decided_schedules
 from trimtab.client import attach
+from trimtab.controller.advance import take
 from trimtab.controller.engine import Engine
 from trimtab.controller.governor import Governor
+from trimtab.controller.health import DivergenceThresholds
 from trimtab.controller.limits import GovernorConfig
 from trimtab.controller.policy import Proposal, Rollback, Sweep, load_policy
 from trimtab.controller.rollback import RollbackConfig
@@ -908,24 +910,28 @@ def test_a_schedule_counts_its_steps_from_the_checkpoint_the_range_test_returned
 # -- when the sweep runs: only on evidence the run's own LR is far off ----------------------
 
 
-def _evidence(losses, spreads=None, nonfinite_at=None, used=None, aligned=None, lows=None):
+def _evidence(losses, spreads=None, nonfinite_at=None, used=None, aligned=None, lows=None,
+              nonfinite=5, start=0):
     """The range test's verdict on a job fed one report per loss (window 5, checkpoint 0
-    listed; ``used``: the loop's own LR per report, else ``LR``; ``aligned``: the update
-    alignment per report; ``lows``: a report's lowest loss, where not the spread's): the
-    reason it starts its sweep at the last report, or None."""
+    listed, each report's health judged; ``used``: the loop's own LR per report, else
+    ``LR``; ``aligned``: the update alignment per report; ``lows``: a report's lowest loss,
+    where not the spread's; ``nonfinite`` non-finite steps in the reports ``nonfinite_at``
+    (a number or a set); ``start``: the step of the registration): the reason it starts
+    its sweep at the last report, or None."""
     st = JobState.from_register(wire.Register(
         job="j", run_id="r", report_every=5, knobs=wire.Knobs(lr=LR), base=wire.Knobs(lr=LR),
-        facts=wire.ScaleFacts(param_count=10, group_sizes=[10], optimizer="AdamW",
-                              dtype="float32", device="cpu")))
+        step=start, facts=wire.ScaleFacts(param_count=10, group_sizes=[10], optimizer="AdamW",
+                                          dtype="float32", device="cpu")))
+    bad = {nonfinite_at} if isinstance(nonfinite_at, int) else set(nonfinite_at or ())
     for i, loss in enumerate(losses, 1):
         spread = (spreads or {}).get(i, 1.05)
-        st.observe(wire.Report(
-            job="j", seq=i, step=5 * i, window=5, loss_mean=loss,
+        take(st, wire.Report(
+            job="j", seq=i, step=start + 5 * i, window=5, loss_mean=loss,
             loss_min=(lows or {}).get(i, loss / spread ** 0.5),
             loss_max=loss * spread ** 0.5, knobs=wire.Knobs(lr=used[i - 1] if used else LR),
             base=wire.Knobs(lr=used[i - 1] if used else LR),
-            checkpoints=[0], nonfinite_grads=1 if i == nonfinite_at else 0,
-            update_alignment=aligned[i - 1] if aligned else None))
+            checkpoints=[start], nonfinite_grads=nonfinite if i in bad else 0,
+            update_alignment=aligned[i - 1] if aligned else None), DivergenceThresholds())
     policy = LrRangeTest()
     out = policy.propose(st.view())
     _evidence.kind = (policy.evidence(st.view()) or (None,))[0]
@@ -952,6 +958,29 @@ def test_each_kind_of_evidence_starts_the_sweep(case, expect):
     assert why is not None and expect in why
     (p,) = out
     assert p.sweep and expect in p.reason
+
+
+def test_bad_batches_the_guard_skipped_are_no_evidence_and_persistent_ones_are():
+    """Non-finite steps in a report are evidence of an LR far too high only where they
+    persist (the health judgement's, shared with the divergence guard): a burst of bad
+    batches the client skipped, over within a report or the next, leaves the run's LR
+    alone (a trial: two NaN batches in a tuned Trainer run started a sweep from step 0)."""
+    falling = [4.0 * 0.97 ** i for i in range(12)]
+    assert _evidence(falling, nonfinite_at={3, 4}, nonfinite=2)[0] is None
+    why, _ = _evidence(falling, nonfinite_at={3, 4, 5}, nonfinite=2)
+    assert why is not None and "non-finite values" in why
+    assert "non-finite values" in _evidence(falling[:3], nonfinite_at=3)[0]  # a whole report
+
+
+def test_a_controller_that_meets_a_run_past_its_start_looks_for_no_evidence():
+    """A controller started late (or restarted without its journal) meets a run that has
+    trained a while: its first reports are no start of a run, and a loss that wobbles by
+    5% at the floor is no LR far too high (a trial: a run at step 1505, loss 0.0008 ->
+    0.001, swept from the checkpoint at 1400 and left at 0.04x its tuned LR)."""
+    wobbling = [0.00082, 0.00105, 0.0009]
+    why, _ = _evidence(wobbling)
+    assert why is not None and "rose" in why  # at the start of a run, that is a rise
+    assert _evidence(wobbling, start=1505)[0] is None
 
 
 def test_a_fast_fall_from_the_initial_loss_is_no_blow_up():
