@@ -1,8 +1,8 @@
 """The read-only commands for people: ``trimtab decisions``, ``trimtab jobs``, ``trimtab top``.
 
     trimtab decisions [JOB] [--journal PATH] [--kind KINDS] [--since WHEN] [--follow] [--json]
-    trimtab jobs [--journal PATH] [--all] [--json]
-    trimtab top [--journal PATH] [--all] [--interval SECONDS]
+    trimtab jobs [--journal PATH] [--all] [--json] [--wide]
+    trimtab top [--journal PATH] [--all] [--interval SECONDS] [-n N]
 
 Each opens the journal read-only (:class:`~trimtab.controller.journal.Journal`): a missing
 journal or an unknown job is an error that says so (exit 2), and nothing is ever created or
@@ -13,11 +13,14 @@ aligned columns (no escape codes), wide enough that a row stays on one line.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
+import signal
 import sqlite3
 import sys
 import time
 from collections.abc import Iterable
+from contextlib import nullcontext
 
 from rich.cells import cell_len
 from rich.console import Console
@@ -294,36 +297,62 @@ def _jobs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _interrupt(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def _top(args: argparse.Namespace) -> int:
+    """On a terminal, the jobs table refreshing in place, fitted to the terminal's width.
+    Through a pipe (``top -b``'s batch mode): a frame every ``--interval``, each a title
+    line and the table uncut, flushed as it is printed, for ``--iterations`` frames or
+    until interrupted. SIGTERM ends it as Ctrl-C does (exit status 0)."""
     from rich.console import Group
     from rich.live import Live
     from rich.text import Text
 
     if not args.interval > 0:
         return _fail("top", f"--interval {args.interval}: must be a number of seconds > 0")
+    if args.iterations is not None and args.iterations < 1:
+        return _fail("top", f"--iterations {args.iterations}: must be a number of frames > 0")
     try:
         journal = _open(args.journal)
     except JournalError as exc:
         return _fail("top", str(exc))
     view = JobsView(journal)
     console = Console(highlight=False)
+    batch = not console.is_terminal
 
-    def frame() -> Group:  # fitted to the terminal's width, as it is now
+    def title(lines: list[JobLine]) -> str:
+        return (f"trimtab top: {args.journal} at {time.strftime('%H:%M:%S')}, "
+                f"{sum(ln.state == 'live' for ln in lines)} live of {len(lines)}"
+                + ("" if batch else " (Ctrl-C to quit)"))
+
+    uncut = Console(highlight=False, width=UNCUT_WIDTH)
+
+    def show(live: Live | None) -> None:
         lines = view.lines(all_jobs=args.all)
-        title = (f"trimtab top: {args.journal} at {time.strftime('%H:%M:%S')}, "
-                 f"{sum(ln.state == 'live' for ln in lines)} live of {len(lines)} "
-                 "(Ctrl-C to quit)")
-        return Group(Text(title, no_wrap=True, overflow="ellipsis"),
-                     _jobs_table(lines, width=console.width))
+        if live is not None:  # fitted to the terminal's width, as it is now
+            live.update(Group(Text(title(lines), no_wrap=True, overflow="ellipsis"),
+                              _jobs_table(lines, width=console.width)), refresh=True)
+        else:
+            sys.stdout.write(title(lines) + "\n")
+            _emit(uncut, _jobs_table(lines))  # flushed
 
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
-        with Live(frame(), console=console, auto_refresh=False) as live:
-            while True:
+        with nullcontext() if batch else Live(console=console, auto_refresh=False) as live:
+            for frames in itertools.count(1):
+                if frames > 1 and batch:
+                    sys.stdout.write("\n")
+                show(live)
+                if frames == args.iterations:
+                    break
                 time.sleep(args.interval)
-                live.update(frame(), refresh=True)
+        return 0
     except KeyboardInterrupt:
         return 0
     finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         journal.close()
 
 
@@ -357,4 +386,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     top.add_argument("--journal", default="trimtab-journal.db")
     top.add_argument("--all", action="store_true", help="every job, not only recent ones")
     top.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
+    top.add_argument("--iterations", "-n", type=int, metavar="N",
+                     help="stop after N frames (default: until Ctrl-C or SIGTERM); through "
+                          "a pipe, -n 1 prints the table once")
     top.set_defaults(func=_top)

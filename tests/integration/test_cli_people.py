@@ -425,3 +425,44 @@ def test_jobs_fits_a_terminal_a_line_per_job_and_wide_or_a_pipe_has_it_whole(ser
         assert row.rstrip().endswith(last), row
         assert len(shown) == 1 + len(lines)
 
+
+def test_top_through_a_pipe_prints_a_whole_frame_each_refresh_and_ends_on_sigterm(served):
+    """``trimtab top | ...`` is ``top -b``: a frame (a title line, then the table, no line
+    cut) every interval, each as it is made; SIGTERM ends it as Ctrl-C does, between
+    frames; ``-n 1`` prints one frame and exits."""
+    srv, folder = served
+    jpath = str(srv.journal_path)
+    (people,) = [ln for ln in _json_rows(cli("jobs", "--journal", jpath, "--json",
+                                             cwd=folder).stdout) if ln["job"] == "people"]
+    last = f"step {people['last_decision_step']}: {people['last_decision']}"
+    top = subprocess.Popen([sys.executable, "-m", "trimtab.controller", "top", "--journal",
+                            jpath, "--interval", "0.2"], cwd=folder, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(ln) for ln in top.stdout], daemon=True).start()
+    titles: list[int] = []
+    got: list[str] = []
+    try:  # two whole frames: up to the people row after the second title
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not (
+                len(titles) >= 2 and any(ln.startswith("people ") for ln in got[titles[1]:])):
+            got += _read_until(lines, lambda ln: True, timeout=1)
+            titles = [i for i, ln in enumerate(got) if ln.startswith("trimtab top: ")]
+    finally:
+        top.send_signal(signal.SIGTERM)
+        assert top.wait(timeout=20) == 0, top.stderr.read()
+    assert len(titles) >= 2, got
+    for start in titles[:2]:
+        frame = [ln.rstrip("\n") for ln in got[start:]]
+        assert frame[0].startswith(f"trimtab top: {jpath} at "), frame
+        assert frame[1].split()[:3] == ["job", "state", "step"], frame
+        rows = frame[2:frame.index("")] if "" in frame else frame[2:]
+        (row,) = [ln for ln in rows if ln.startswith("people ")]
+        assert row.endswith(last), row  # no line cut to 80 columns
+    assert top.stderr.read() == ""
+
+    once = cli("top", "--journal", jpath, "-n", "1", cwd=folder, timeout=30)
+    assert once.returncode == 0, once.stderr
+    assert once.stdout.count("trimtab top: ") == 1
+    assert any(ln.startswith("people ") and ln.endswith(last)
+               for ln in once.stdout.splitlines())
