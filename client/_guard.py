@@ -283,9 +283,10 @@ class Guard(GuardState):
         # Commands, acks and the values in force (read by the registration from now on).
         self._commands = Commands(job, self._act, self._transport, self._ckpts)
         self._transport.start()
-        # A script that ends without close() still says Bye and stops the threads at exit.
+        # A script that ends without close() still reports its last window, says Bye at
+        # its last step and stops the threads at exit. The finalizer holds the guard weakly.
         self._finalizer = weakref.finalize(
-            self, _finish, self._transport, self._store, wire.Bye(job=job, reason="exit")
+            self, _finish, weakref.ref(self), self._transport, self._store
         )
         if hooks:  # the loop calls optimizer.step() itself: see trimtab.client._hooks
             self._hooks = StepHooks(self._step, self._prepare, self._finish_step)
@@ -461,6 +462,13 @@ class Guard(GuardState):
     def close(self, reason: str = "closed", checkpoint_timeout_s: float = 60.0) -> None:
         """Report the open window, finish queued checkpoint writes (at most
         ``checkpoint_timeout_s``), say Bye and stop the thread (at most about 1 s)."""
+        # Under torch.distributed the partial window is a collective: only on a clean close.
+        self._end(reason, checkpoint_timeout_s,
+                  last_window=self._dist is None or not reason.startswith("error"))
+
+    def _end(self, reason: str, checkpoint_timeout_s: float, *, last_window: bool) -> None:
+        """:meth:`close`, and the finalizer's at exit: ``last_window``, whether the open,
+        partial window is reported."""
         if self._closed:
             return
         if self._hooks is not None:
@@ -468,8 +476,7 @@ class Guard(GuardState):
         self._act.release()
         if self._commands.owed:  # a command taken after the last step ran
             self._commands.acknowledge(self._host_step())
-        # Under torch.distributed the partial window is a collective: only on a clean close.
-        if self._probe.row and (self._dist is None or not reason.startswith("error")):
+        if self._probe.row and last_window:
             self._window.close()  # the last, partial window: one sync, at the end of the run
         self._closed = True
         if self._store is not None:
@@ -487,10 +494,20 @@ class Guard(GuardState):
         self.close("closed" if exc_type is None else f"error: {exc_type.__name__}")
 
 
-def _finish(transport: Transport, store: CheckpointStore | None, bye: wire.Bye) -> None:
+def _finish(guard: weakref.ref[Guard], transport: Transport,
+            store: CheckpointStore | None) -> None:
+    """A guard never closed, at interpreter exit: what ``close("exit")`` does, so that the
+    journal has its last window and its Bye at the step it ended at. Queued checkpoint
+    writes get 10 s (the files stay consistent either way). Under torch.distributed the
+    partial window is not reported: its reduction is a collective, and at exit the other
+    ranks may be gone."""
+    live = guard()
+    if live is not None:  # always: its transport holds it (the registration callback)
+        live._end("exit", 10.0, last_window=live._dist is None)
+        return
     if store is not None:
-        store.close(timeout_s=10.0)  # queued writes get a chance; the files stay consistent
-    transport.close(bye)
+        store.close(timeout_s=10.0)
+    transport.close(None)  # the step it ended at is gone with it: no Bye rather than a wrong one
 
 
 def attach(model: torch.nn.Module, optimizer: torch.optim.Optimizer, **options: Any) -> Guard:

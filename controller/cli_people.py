@@ -1,8 +1,8 @@
 """The read-only commands for people: ``trimtab decisions``, ``trimtab jobs``, ``trimtab top``.
 
     trimtab decisions [JOB] [--journal PATH] [--kind KINDS] [--since WHEN] [--follow] [--json]
-    trimtab jobs [--journal PATH] [--all] [--json]
-    trimtab top [--journal PATH] [--all] [--interval SECONDS]
+    trimtab jobs [--journal PATH] [--all] [--json] [--wide]
+    trimtab top [--journal PATH] [--all] [--interval SECONDS] [-n N]
 
 Each opens the journal read-only (:class:`~trimtab.controller.journal.Journal`): a missing
 journal or an unknown job is an error that says so (exit 2), and nothing is ever created or
@@ -13,12 +13,16 @@ aligned columns (no escape codes), wide enough that a row stays on one line.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
+import signal
 import sqlite3
 import sys
 import time
 from collections.abc import Iterable
+from contextlib import nullcontext
 
+from rich.cells import cell_len
 from rich.console import Console
 from rich.table import Table
 
@@ -31,6 +35,8 @@ __all__ = ["add_parsers"]
 #: Through a pipe, tables are this wide (whatever $COLUMNS says): a row stays on one line,
 #: for grep and for scripts.
 PIPE_WIDTH = 220
+#: ``trimtab jobs`` through a pipe or ``--wide``: no line is cut or folded short of this.
+UNCUT_WIDTH = 100_000
 #: ``--follow`` looks for new events this often.
 FOLLOW_POLL_S = 0.5
 
@@ -196,31 +202,73 @@ def _follow(journal: Journal, job: str | None, timeline: Timeline, last: int,
 
 # -- jobs and top ---------------------------------------------------------------------------
 
-def _jobs_table(lines: Iterable[JobLine], title: str | None = None) -> Table:
-    table = Table(box=None, header_style="bold", pad_edge=False, show_edge=False, title=title,
-                  title_justify="left")
-    for name, justify in (("job", "left"), ("state", "left"), ("step", "right"),
-                          ("lr", "right"), ("momentum", "right"), ("wd", "right"),
-                          ("clip", "right"), ("rollbacks", "right"), ("alert", "left"),
-                          ("last decision", "left")):
-        table.add_column(name, justify=justify, no_wrap=name != "last decision",
-                         overflow="fold")
-    for ln in lines:
-        k = ln.knobs
+#: The jobs table's columns: name, justification, and for the free-text ones the fewest
+#: columns they are cut to (with "…") to fit a terminal; the rest are never cut.
+_JOB_COLUMNS = (("job", "left", 12), ("state", "left", 12), ("step", "right", None),
+                ("lr", "right", None), ("momentum", "right", None), ("wd", "right", None),
+                ("clip", "right", None), ("rollbacks", "right", None), ("alert", "left", 5),
+                ("last decision", "left", 20))
+#: What gives way when a terminal is too narrow, in this order: the gaps between columns
+#: (two spaces to one), then the last decision, the alert, the state and the job's name,
+#: each to its fewest columns (_JOB_COLUMNS), then the last decision to what is left.
+_SHRINK_ORDER = ("gaps", "last decision", "alert", "state", "job")
 
-        def fmt(name: str, k: dict = k) -> str:
-            if name not in k:
-                return ""
-            return "off" if k[name] is None else f"{k[name]:.4g}"
 
-        last = (f"step {ln.last_decision_step}: {ln.last_decision}" if ln.last_decision
-                else "")
-        state = ln.state if ln.paused is None else f"{ln.state}, paused"
-        table.add_row(ln.job, state, "" if ln.step is None else str(ln.step), fmt("lr"),
-                      fmt("momentum"), fmt("weight_decay"), fmt("clip"), str(ln.rollbacks),
-                      ln.alert or "", last,
-                      style="bold red" if ln.alert else ("green" if ln.state == "live"
-                                                         else None))
+def _job_cells(ln: JobLine) -> list[str]:
+    k = ln.knobs
+
+    def fmt(name: str) -> str:
+        if name not in k:
+            return ""
+        return "off" if k[name] is None else f"{k[name]:.4g}"
+
+    last = f"step {ln.last_decision_step}: {ln.last_decision}" if ln.last_decision else ""
+    state = ln.state if ln.paused is None else f"{ln.state}, paused"
+    return [ln.job, state, "" if ln.step is None else str(ln.step), fmt("lr"),
+            fmt("momentum"), fmt("weight_decay"), fmt("clip"), str(ln.rollbacks),
+            ln.alert or "", last]
+
+
+def _fit(rows: list[list[str]], width: int) -> tuple[dict[str, int], bool]:
+    """The widths the free-text columns are cut to so that a row fits ``width`` columns
+    (see _SHRINK_ORDER), and whether the gaps between columns are one space. Numbers are
+    never cut; on a terminal too narrow even for that, the lines run past its edge."""
+    widths = {name: max([cell_len(name), *(cell_len(r[i]) for r in rows)])
+              for i, (name, _, _) in enumerate(_JOB_COLUMNS)}
+    fewest = {name: least for name, _, least in _JOB_COLUMNS if least is not None}
+    cut: dict[str, int] = {}
+    gap = 2
+
+    def over() -> int:
+        return sum(widths.values()) + gap * (len(widths) - 1) - width
+
+    for name in _SHRINK_ORDER:
+        if over() <= 0:
+            break
+        if name == "gaps":
+            gap = 1
+        elif widths[name] > fewest[name]:
+            widths[name] = cut[name] = max(fewest[name], widths[name] - over())
+    if over() > 0:
+        cut["last decision"] = max(1, widths["last decision"] - over())
+    return cut, gap == 1
+
+
+def _jobs_table(lines: Iterable[JobLine], width: int | None = None) -> Table:
+    """The jobs table, a line per job. ``width`` (a terminal's): the free text is cut with
+    "…" to fit it (see :func:`_fit`); ``None`` (through a pipe, ``--wide``): nothing is
+    cut, however long the lines."""
+    lines = list(lines)
+    rows = [_job_cells(ln) for ln in lines]
+    cut, tight = _fit(rows, width) if width is not None else ({}, False)
+    table = Table(box=None, header_style="bold", pad_edge=False, show_edge=False,
+                  collapse_padding=tight)
+    for name, justify, _ in _JOB_COLUMNS:
+        table.add_column(name, justify=justify, no_wrap=True, overflow="ellipsis",
+                         max_width=cut.get(name))
+    for ln, cells in zip(lines, rows, strict=True):
+        table.add_row(*cells, style="bold red" if ln.alert else ("green" if ln.state == "live"
+                                                                 else None))
     return table
 
 
@@ -241,36 +289,70 @@ def _jobs(args: argparse.Namespace) -> int:
         print(f"trimtab jobs: no job live or heard from in the last day in {args.journal}"
               + ("" if args.all else "; --all lists every job"), file=sys.stderr)
         return 0
-    _emit(_console(), _jobs_table(lines))
+    console = Console(highlight=False)
+    if console.is_terminal and not args.wide:
+        _emit(console, _jobs_table(lines, width=console.width))
+    else:  # through a pipe, or --wide: each job's line whole
+        _emit(Console(highlight=False, width=UNCUT_WIDTH), _jobs_table(lines))
     return 0
 
 
+def _interrupt(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def _top(args: argparse.Namespace) -> int:
+    """On a terminal, the jobs table refreshing in place, fitted to the terminal's width.
+    Through a pipe (``top -b``'s batch mode): a frame every ``--interval``, each a title
+    line and the table uncut, flushed as it is printed, for ``--iterations`` frames or
+    until interrupted. SIGTERM ends it as Ctrl-C does (exit status 0)."""
+    from rich.console import Group
     from rich.live import Live
+    from rich.text import Text
 
     if not args.interval > 0:
         return _fail("top", f"--interval {args.interval}: must be a number of seconds > 0")
+    if args.iterations is not None and args.iterations < 1:
+        return _fail("top", f"--iterations {args.iterations}: must be a number of frames > 0")
     try:
         journal = _open(args.journal)
     except JournalError as exc:
         return _fail("top", str(exc))
     view = JobsView(journal)
+    console = Console(highlight=False)
+    batch = not console.is_terminal
 
-    def frame() -> Table:
+    def title(lines: list[JobLine]) -> str:
+        return (f"trimtab top: {args.journal} at {time.strftime('%H:%M:%S')}, "
+                f"{sum(ln.state == 'live' for ln in lines)} live of {len(lines)}"
+                + ("" if batch else " (Ctrl-C to quit)"))
+
+    uncut = Console(highlight=False, width=UNCUT_WIDTH)
+
+    def show(live: Live | None) -> None:
         lines = view.lines(all_jobs=args.all)
-        title = (f"trimtab top: {args.journal} at {time.strftime('%H:%M:%S')}, "
-                 f"{sum(ln.state == 'live' for ln in lines)} live of {len(lines)} "
-                 "(Ctrl-C to quit)")
-        return _jobs_table(lines, title)
+        if live is not None:  # fitted to the terminal's width, as it is now
+            live.update(Group(Text(title(lines), no_wrap=True, overflow="ellipsis"),
+                              _jobs_table(lines, width=console.width)), refresh=True)
+        else:
+            sys.stdout.write(title(lines) + "\n")
+            _emit(uncut, _jobs_table(lines))  # flushed
 
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
-        with Live(frame(), console=Console(highlight=False), auto_refresh=False) as live:
-            while True:
+        with nullcontext() if batch else Live(console=console, auto_refresh=False) as live:
+            for frames in itertools.count(1):
+                if frames > 1 and batch:
+                    sys.stdout.write("\n")
+                show(live)
+                if frames == args.iterations:
+                    break
                 time.sleep(args.interval)
-                live.update(frame(), refresh=True)
+        return 0
     except KeyboardInterrupt:
         return 0
     finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         journal.close()
 
 
@@ -296,9 +378,15 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     jobs.add_argument("--all", action="store_true",
                       help="every job (default: live ones and those heard in the last day)")
     jobs.add_argument("--json", action="store_true", help="one JSON object per job")
+    jobs.add_argument("--wide", action="store_true",
+                      help="on a terminal too, each job's line whole, however long (by "
+                           "default the last decision and alert are cut to fit it, with …)")
     jobs.set_defaults(func=_jobs)
     top = sub.add_parser("top", help="the jobs table, refreshing in place (Ctrl-C quits)")
     top.add_argument("--journal", default="trimtab-journal.db")
     top.add_argument("--all", action="store_true", help="every job, not only recent ones")
     top.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
+    top.add_argument("--iterations", "-n", type=int, metavar="N",
+                     help="stop after N frames (default: until Ctrl-C or SIGTERM); through "
+                          "a pipe, -n 1 prints the table once")
     top.set_defaults(func=_top)

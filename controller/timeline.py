@@ -108,6 +108,18 @@ def knob_text(knob: str, value: float | None) -> str:
     return f"{'x' if knob in MULTIPLIERS else ''}{value:.6g}"
 
 
+def _num(value: Any, spec: str = ".4g") -> str:
+    """A number a report or event may leave out or send as null (a window with no finite
+    loss: ``loss_mean`` null), as text: ``none`` then, never a format error.
+
+    >>> _num(0.123456), _num(None), _num(2.0, ".1f")
+    ('0.1235', 'none', '2.0')
+    """
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return "none" if value is None else str(value)
+    return format(value, spec)
+
+
 def _close(a: float | None, b: float | None) -> bool:
     if a is None or b is None:
         return a is b
@@ -185,15 +197,13 @@ class Timeline:
         if ev.kind == "advice":
             return [make(change=str(d.get("advice")), why=str(d.get("reason")))]
         if ev.kind == "report":
-            return [make(change=f"loss {d.get('loss_mean', float('nan')):.4g}",
-                         why=f"grad norm {d.get('grad_norm_mean', float('nan')):.4g}, "
-                             f"lr {d.get('knobs', {}).get('lr')}")]
+            return [self._report(make, d)]
         if ev.kind == "register":
             return [make(why=f"registered ({d.get('resumed', 'new')}, run {d.get('run_id')})")]
         if ev.kind == "bye":
             return [make(why=f"ended: {d.get('reason')}")]
         if ev.kind == "lost":
-            return [make(why=f"lost: silent for {d.get('silent_s', float('nan')):.1f} s")]
+            return [make(why=f"lost: silent for {_num(d.get('silent_s'), '.1f')} s")]
         return [make(why=json.dumps(d, separators=(",", ":"))[:200])]
 
     @staticmethod
@@ -212,6 +222,19 @@ class Timeline:
             change += " " + ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
                                       for k, v in asked.items())
         return [make(policy="manual", change=change, why=who + outcome)]
+
+    @staticmethod
+    def _report(make, d: dict[str, Any]) -> Row:
+        """A report: its mean loss (``none finite``: every loss of its window was NaN or
+        infinite, or none was handed over), its non-finite values, gradient norm and lr."""
+        loss = d.get("loss_mean")
+        bad = [f"{d[k]} non-finite {what}" for k, what in (("nonfinite_losses", "losses"),
+                                                           ("nonfinite_grads", "gradients"))
+               if d.get(k)]
+        why = [*bad, f"grad norm {_num(d.get('grad_norm_mean'))}",
+               f"lr {_num((d.get('knobs') or {}).get('lr'))}"]
+        return make(change="loss none finite" if loss is None else f"loss {_num(loss)}",
+                    why=", ".join(why))
 
     @staticmethod
     def _maker(ev: Event):

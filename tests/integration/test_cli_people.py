@@ -5,6 +5,7 @@ pseudo-terminal, as a person would see it."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import pty
@@ -12,8 +13,10 @@ import queue
 import re
 import select
 import signal
+import struct
 import subprocess
 import sys
+import termios
 import threading
 import time
 from datetime import datetime, timedelta
@@ -365,3 +368,101 @@ def test_top_refreshes_a_live_job_in_place_in_a_terminal(served):
         _, status = os.waitpid(pid, 0)
         os.close(fd)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def _in_terminal(folder, columns: int, *args: str) -> list[str]:
+    """``trimtab ARGS`` run to its end on a pseudo-terminal ``columns`` wide, as a person
+    sees it: its lines, without the escape codes."""
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the terminal's size is set, as a terminal emulator sets it
+        fcntl.ioctl(1, termios.TIOCSWINSZ, struct.pack("HHHH", 40, columns, 0, 0))
+        os.chdir(folder)
+        env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+        os.execve(sys.executable, [sys.executable, "-m", "trimtab.controller", *args],
+                  {**env, "TERM": "xterm-256color"})
+    out = b""
+    try:
+        while True:
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:  # the child ended and closed the terminal
+                break
+            if not chunk:
+                break
+            out += chunk
+    finally:
+        _, status = os.waitpid(pid, 0)
+        os.close(fd)
+    assert os.waitstatus_to_exitcode(status) == 0, out
+    return _ANSI.sub("", out.decode()).replace("\r\n", "\n").splitlines()
+
+
+def test_jobs_fits_a_terminal_a_line_per_job_and_wide_or_a_pipe_has_it_whole(served):
+    """On a terminal 100 or 80 columns wide, ``trimtab jobs`` is a line per job: the
+    numbers whole, the free text (the last decision first) cut with … to fit. ``--wide``,
+    or a pipe, gives each job's line whole, however long."""
+    srv, folder = served
+    jpath = str(srv.journal_path)
+    lines = _json_rows(cli("jobs", "--journal", jpath, "--json", cwd=folder).stdout)
+    (people,) = [ln for ln in lines if ln["job"] == "people"]
+    last = f"step {people['last_decision_step']}: {people['last_decision']}"
+    lr = f"{people['knobs']['lr']:.4g}"
+    assert len(last) > 100  # too long for the terminal: it must be cut
+    for columns in (100, 80):
+        shown = _in_terminal(folder, columns, "jobs", "--journal", jpath)
+        assert len(shown) == 1 + len(lines), shown  # a header, then one line per job
+        assert all(len(ln) <= columns for ln in shown), shown
+        (row,) = [ln for ln in shown if ln.startswith("people ")]
+        assert row.split()[3:5] == [str(people["step"]), lr], row  # never cut
+        cell = row[shown[0].index("last"):]
+        assert cell.endswith("…") and last.startswith(cell[:-1]), (cell, last)
+        if columns == 100:
+            assert len(cell) >= 10, cell
+    wide = _in_terminal(folder, 100, "jobs", "--journal", jpath, "--wide")
+    piped = cli("jobs", "--journal", jpath, cwd=folder).stdout.splitlines()
+    for shown in (wide, piped):
+        (row,) = [ln for ln in shown if ln.startswith("people ")]
+        assert row.rstrip().endswith(last), row
+        assert len(shown) == 1 + len(lines)
+
+
+def test_top_through_a_pipe_prints_a_whole_frame_each_refresh_and_ends_on_sigterm(served):
+    """``trimtab top | ...`` is ``top -b``: a frame (a title line, then the table, no line
+    cut) every interval, each as it is made; SIGTERM ends it as Ctrl-C does, between
+    frames; ``-n 1`` prints one frame and exits."""
+    srv, folder = served
+    jpath = str(srv.journal_path)
+    (people,) = [ln for ln in _json_rows(cli("jobs", "--journal", jpath, "--json",
+                                             cwd=folder).stdout) if ln["job"] == "people"]
+    last = f"step {people['last_decision_step']}: {people['last_decision']}"
+    top = subprocess.Popen([sys.executable, "-m", "trimtab.controller", "top", "--journal",
+                            jpath, "--interval", "0.2"], cwd=folder, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(ln) for ln in top.stdout], daemon=True).start()
+    titles: list[int] = []
+    got: list[str] = []
+    try:  # two whole frames: up to the people row after the second title
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not (
+                len(titles) >= 2 and any(ln.startswith("people ") for ln in got[titles[1]:])):
+            got += _read_until(lines, lambda ln: True, timeout=1)
+            titles = [i for i, ln in enumerate(got) if ln.startswith("trimtab top: ")]
+    finally:
+        top.send_signal(signal.SIGTERM)
+        assert top.wait(timeout=20) == 0, top.stderr.read()
+    assert len(titles) >= 2, got
+    for start in titles[:2]:
+        frame = [ln.rstrip("\n") for ln in got[start:]]
+        assert frame[0].startswith(f"trimtab top: {jpath} at "), frame
+        assert frame[1].split()[:3] == ["job", "state", "step"], frame
+        rows = frame[2:frame.index("")] if "" in frame else frame[2:]
+        (row,) = [ln for ln in rows if ln.startswith("people ")]
+        assert row.endswith(last), row  # no line cut to 80 columns
+    assert top.stderr.read() == ""
+
+    once = cli("top", "--journal", jpath, "-n", "1", cwd=folder, timeout=30)
+    assert once.returncode == 0, once.stderr
+    assert once.stdout.count("trimtab top: ") == 1
+    assert any(ln.startswith("people ") and ln.endswith(last)
+               for ln in once.stdout.splitlines())

@@ -4,6 +4,7 @@ extends or changes a file."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
@@ -137,3 +138,49 @@ def test_reading_a_real_journal_creates_nothing_and_refuses_an_unknown_job(
     assert _files(folder) == before
     logs = [p.name for p in tmp_path.glob("serve-*.log")]
     assert sorted(os.listdir(tmp_path)) == sorted(["journal", "trimtab.toml", *logs])
+
+
+def test_a_window_of_only_non_finite_losses_is_read_by_every_command(serve_factory, tmp_path):
+    """A report whose window had no finite loss carries ``loss_mean: null`` (and the other
+    loss statistics null): every read-only command reads such a journal, and the report's
+    row says so instead of failing on it."""
+    srv = serve_factory("")
+    task = Regression(seed=5)
+    opt = torch.optim.SGD(task.model.parameters(), lr=0.05)
+    with attach(task.model, opt, job="nanwin", endpoint=srv.endpoint, report_every=5,
+                heartbeat_s=0.1) as guard:
+        for i in range(30):
+            xb, yb = task.batch()
+            loss = task.loss(xb, yb)
+            if 10 <= i < 15:
+                loss = loss * float("nan")  # one whole report window of NaN losses
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            guard.step(loss)
+        assert wait_for(lambda: guard.connected)
+    jpath = str(srv.journal_path)
+
+    def reports() -> list:
+        journal = Journal(jpath, readonly=True)
+        try:
+            return journal.events("nanwin", "report") if journal.events("nanwin", "bye") else []
+        finally:
+            journal.close()
+
+    assert wait_for(reports)
+    empty = [r for r in reports() if r.data.get("loss_mean", 0.0) is None]
+    assert empty, "no report of a window without a finite loss was journaled"
+    assert empty[0].data["loss_min"] is None and empty[0].data["nonfinite_losses"] == 5
+
+    for args in (("decisions", "nanwin"), ("decisions",), ("decisions", "nanwin", "--json"),
+                 ("decisions", "--kind", "all"), ("jobs",), ("jobs", "--json"),
+                 ("export", "nanwin")):
+        out = cli(*args, "--journal", jpath, cwd=tmp_path)
+        assert out.returncode == 0 and out.stdout, (args, out.stderr)
+        assert "Traceback" not in out.stderr, (args, out.stderr)
+    rows = [json.loads(ln) for ln in cli("decisions", "nanwin", "--journal", jpath, "--kind",
+                                         "report", "--json", cwd=tmp_path).stdout.splitlines()]
+    (row,) = [r for r in rows if r["step"] == empty[0].step and r["id"] == empty[0].id]
+    assert row["change"] == "loss none finite"
+    assert row["why"].startswith("5 non-finite losses, 5 non-finite gradients, grad norm none, "
+                                 "lr ")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import re
+import subprocess
+import sys
 import time
 
 import pytest
@@ -226,3 +228,47 @@ def test_a_controller_restarted_with_its_journal_deleted_takes_the_job_over(serv
     # Nothing lifted the cut: every lr multiplier commanded is at most the one in force.
     assert all(c.data["scale"].get("lr", 0.5) <= 0.5 + 1e-12 for c in commands)
     assert lr_after <= 0.025 + 1e-12
+
+
+#: A script that never calls guard.close(): its guard's finalizer says Bye at exit.
+NO_CLOSE = """
+import sys, torch
+from trimtab.client import attach
+torch.manual_seed(0)
+model = torch.nn.Linear(8, 1)
+opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+hooks = sys.argv[2] == "hooks"
+guard = attach(model, opt, job=sys.argv[3], endpoint=sys.argv[1], report_every=10,
+               heartbeat_s=0.1, hooks=hooks)
+for _ in range(23):
+    loss = model(torch.randn(16, 8)).pow(2).mean()
+    opt.zero_grad()
+    loss.backward()
+    if hooks:
+        guard.observe_loss(loss)
+        opt.step()
+    else:
+        guard.step(loss)
+print(guard.global_step, flush=True)
+"""
+
+
+@pytest.mark.parametrize("mode", ["step", "hooks"])
+def test_a_script_that_never_closes_says_bye_at_its_last_step_with_its_last_window(
+    serve_factory, mode
+):
+    """Without ``guard.close()`` the guard's finalizer ends the run at exit as close() would:
+    the journal's bye is at the step the run ended at (not at 0, the step when it
+    attached), and the last, partial window (steps 21-23) is reported."""
+    srv = serve_factory("")
+    job = f"noclose-{mode}"
+    out = subprocess.run([sys.executable, "-c", NO_CLOSE, srv.endpoint, mode, job],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout) == 23
+    journal = srv.journal()
+    (bye,) = wait_for(lambda: journal.events(job, "bye"))
+    assert (bye.step, bye.data["reason"]) == (23, "exit")
+    reports = journal.events(job, "report")
+    assert [r.step for r in reports] == [10, 20, 23]
+    assert reports[-1].data["window"] == 3
