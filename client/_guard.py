@@ -213,10 +213,10 @@ class Guard(GuardState):
     ) -> None:
         _check_options(job, report_every, clip, batch_size, heartbeat_s, queue_size,
                        nonfinite, liveness)
+        _check_switches(hooks, reseed_on_rollback)
         _check_checkpoint_options(checkpoint_every, keep, checkpoint_dir, scheduler,
                                   optimizer, on_rollback)
         check_optimizer(optimizer)
-        _check_switches(hooks, reseed_on_rollback)
         check_decay(ema)
         check_endpoint(endpoint)
         curve = load_curve_keys(server_key, client_key)
@@ -255,6 +255,33 @@ class Guard(GuardState):
         # The weight average (None: off): see trimtab.client._ema.
         self._ema = None if ema is None else Ema(model, ema)
         self._closed = False
+        if hooks:  # the loop calls optimizer.step() itself: see trimtab.client._hooks
+            # First: an optimizer that takes no hooks is refused before anything starts.
+            self._hooks = StepHooks(self._step, self._prepare, self._finish_step)
+        self._store = None
+        self._transport = None
+        try:
+            self._start(
+                model=model, optimizer=optimizer, endpoint=endpoint, job=job,
+                context=context, heartbeat_s=heartbeat_s, liveness=liveness,
+                queue_size=queue_size, reconnect_max_s=reconnect_max_s, curve=curve,
+                checkpoint_every=checkpoint_every, keep=keep, checkpoint_dir=checkpoint_dir,
+                memory_keep=memory_keep, scheduler=scheduler, on_rollback=on_rollback,
+                reseed_on_rollback=reseed_on_rollback,
+            )
+        except BaseException:
+            self._abandon()
+            raise
+
+    def _start(self, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, endpoint: str,
+               job: str, context: zmq.Context | None, heartbeat_s: float, liveness: int,
+               queue_size: int, reconnect_max_s: float, curve: Any, checkpoint_every: int,
+               keep: int, checkpoint_dir: str | os.PathLike | None, memory_keep: int | None,
+               scheduler: Any, on_rollback: Callable[[int], None] | None,
+               reseed_on_rollback: bool) -> None:
+        """The checkpoints, the commands, the report window and the link, in that order: the
+        link starts last, once nothing else can fail, so that an attach that fails leaves
+        no job registered with the controller."""
         self._store = (None if not checkpoint_every
                        else open_store(keep, checkpoint_dir, memory_keep, self._sharded))
         # Snapshots on schedule, mark stable, rollback: see trimtab.client._checkpointing.
@@ -284,19 +311,28 @@ class Guard(GuardState):
                            else self._dist.transport(make_transport))
         # Commands, acks and the values in force (read by the registration from now on).
         self._commands = Commands(job, self._act, self._transport, self._ckpts)
-        self._transport.start()
-        # A script that ends without close() still says Bye and stops the threads at exit.
-        self._finalizer = weakref.finalize(
-            self, _finish, self._transport, self._store, wire.Bye(job=job, reason="exit")
-        )
-        if hooks:  # the loop calls optimizer.step() itself: see trimtab.client._hooks
-            self._hooks = StepHooks(self._step, self._prepare, self._finish_step)
         # Closing a report window (rows, stats, report): see trimtab.client._report_window.
         self._window = ReportWindow(
             probe=self._probe, step=self._step, reporter=self._reporter,
             commands=self._commands, transport=self._transport, store=self._store,
             dist=self._dist, hooks=self._hooks,
         )
+        self._transport.start()
+        # A script that ends without close() still says Bye and stops the threads at exit.
+        self._finalizer = weakref.finalize(
+            self, _finish, self._transport, self._store, wire.Bye(job=job, reason="exit")
+        )
+
+    def _abandon(self) -> None:
+        """Undo a failed attach: the hooks off the optimizer, the checkpoint store's writer
+        and the link (not started: no job registered) closed."""
+        self._closed = True
+        if self._hooks is not None:
+            self._hooks.remove()
+        if self._store is not None:
+            self._store.close(timeout_s=1.0)
+        if self._transport is not None:
+            self._transport.close()
 
     # -- the step -----------------------------------------------------------------------------
 

@@ -97,11 +97,7 @@ class StepHooks:
         self._missing = [False] * len(step.probe.buf)
         self._armed = False  # the pre-part ran for the step in flight; the post-hook finishes it
         self._warned = False
-        opt = step.optimizer
-        self._handles = [
-            opt.register_step_pre_hook(self._pre),
-            opt.register_step_post_hook(self._post),
-        ]
+        self._handles = _register(step.optimizer, self._pre, self._post)
 
     def observe(self, loss: torch.Tensor | float) -> None:
         """Add one loss to the step in progress (device ops only; no read)."""
@@ -209,6 +205,26 @@ class StepHooks:
         self._step.act.release()  # idempotent; a step that raised never reached _post
         self._step.disarm()
         self._armed = False
+
+
+def _register(opt: torch.optim.Optimizer, pre: Callable[..., Any],
+              post: Callable[..., Any]) -> list[Any]:
+    """The step hooks' handles on ``opt``; an optimizer that takes no step hooks (a wrapper
+    that skips ``Optimizer.__init__`` and holds its optimizer where trimtab does not look)
+    is refused, with nothing left registered."""
+    handles: list[Any] = []
+    try:
+        handles.append(opt.register_step_pre_hook(pre))
+        handles.append(opt.register_step_post_hook(post))
+    except (AttributeError, TypeError):
+        for handle in handles:
+            handle.remove()
+        raise ValueError(
+            f"optimizer={type(opt).__name__} is invalid with hooks=True: it takes no step "
+            f"hooks; allowed: a torch.optim.Optimizer, or a wrapper that holds one "
+            "as .optimizer (accelerate's AcceleratedOptimizer)"
+        ) from None
+    return handles
 
 
 def check_callback_options(monitor: object, options: dict[str, object]) -> None:
