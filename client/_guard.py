@@ -57,6 +57,7 @@ from ._resume import load_state, state_of
 from ._sharded import ShardNorms, is_sharded
 from ._step import Step
 from ._transport import Transport, load_curve_keys
+from ._wrapped import unwrap
 
 __all__ = ["attach", "Guard", "NONFINITE_MODES"]
 
@@ -214,6 +215,9 @@ class Guard(GuardState):
         _check_options(job, report_every, clip, batch_size, heartbeat_s, queue_size,
                        nonfinite, liveness)
         _check_switches(hooks, reseed_on_rollback)
+        # A wrapper (accelerate's): the guard works on the torch optimizer under it and
+        # steps through it. See trimtab.client._wrapped.
+        wrapper, optimizer = optimizer, unwrap(optimizer)
         _check_checkpoint_options(checkpoint_every, keep, checkpoint_dir, scheduler,
                                   optimizer, on_rollback)
         check_optimizer(optimizer)
@@ -221,7 +225,9 @@ class Guard(GuardState):
         check_endpoint(endpoint)
         curve = load_curve_keys(server_key, client_key)
         self.model = model
+        #: The torch optimizer (under accelerate's wrapper, when attached with one).
         self.optimizer = optimizer
+        self._wrapper = None if wrapper is optimizer else wrapper
         self.job = job
         self.run_id = uuid.uuid4().hex
         # Resumes of this run from a saved guard state (see trimtab.client._resume).
@@ -247,7 +253,8 @@ class Guard(GuardState):
         if self._sharded:
             self._probe.sharding = ShardNorms.of(model)
         # Probe, clip, non-finite handling and the step counts: see trimtab.client._step.
-        self._step = Step(optimizer, self._probe, self._act, self.nonfinite_mode)
+        self._step = Step(optimizer, self._probe, self._act, self.nonfinite_mode,
+                          driver=self._wrapper)
         self._reporter = Reporter(job)  # the first window's clock starts here
         if ema is not None and self._sharded:
             raise _invalid("ema", ema, "None with an FSDP2-sharded model (its weight average "

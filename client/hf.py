@@ -116,7 +116,6 @@ class TrimtabCallback(TrainerCallback, ExportableState):
                 "TrimtabCallback needs the Trainer's model and optimizer; got "
                 f"model={type(model).__name__}, optimizer={type(optimizer).__name__}"
             )
-        inner = _unwrap(optimizer)
         options = dict(self.options)
         if "scheduler" not in options and lr_scheduler is not None:
             options["scheduler"] = getattr(lr_scheduler, "scheduler", lr_scheduler)
@@ -127,7 +126,8 @@ class TrimtabCallback(TrainerCallback, ExportableState):
                 args.max_grad_norm,
                 options["clip"],
             )
-        self.guard = Guard(model, inner, job=self.job, hooks=True, **options)
+        # The hooks go on the torch optimizer under accelerate's wrapper (see _wrapped).
+        self.guard = Guard(model, optimizer, job=self.job, hooks=True, **options)
         self._forward_hook = model.register_forward_hook(self._observe)
         saved = self.resume_state or _saved_state(state, type(self).__name__)
         self.resume_state = None
@@ -207,10 +207,3 @@ def _saved_state(state: Any, name: str) -> dict[str, Any] | None:
     saved = (entry.get("attributes") or {}).get("resume_state")
     return saved if isinstance(saved, dict) else None
 
-
-def _unwrap(optimizer: Any) -> torch.optim.Optimizer:
-    """The torch optimizer under accelerate's ``AcceleratedOptimizer`` (and the like)."""
-    seen = 0
-    while hasattr(optimizer, "optimizer") and seen < 8:
-        optimizer, seen = optimizer.optimizer, seen + 1
-    return optimizer
