@@ -37,7 +37,7 @@ from ._compiled import CompileNote
 from ._dist import DistLink, rank_directory
 from ._ema import Ema, check_decay
 from ._guard_state import GuardState
-from ._hooks import StepHooks
+from ._hooks import Losses, StepHooks
 from ._knobs import Actuator, check_optimizer, nominal_lr
 from ._options import (
     NONFINITE_MODES,
@@ -57,7 +57,7 @@ from ._resume import load_state, state_of
 from ._sharded import ShardNorms, is_sharded
 from ._step import Step
 from ._transport import Transport, load_curve_keys
-from ._wrapped import unwrap
+from ._wrapped import check_wrapper, syncs, unwrap
 
 __all__ = ["attach", "Guard", "NONFINITE_MODES"]
 
@@ -217,6 +217,7 @@ class Guard(GuardState):
         _check_switches(hooks, reseed_on_rollback)
         # A wrapper (accelerate's): the guard works on the torch optimizer under it and
         # steps through it. See trimtab.client._wrapped.
+        check_wrapper(optimizer, hooks)
         wrapper, optimizer = optimizer, unwrap(optimizer)
         _check_checkpoint_options(checkpoint_every, keep, checkpoint_dir, scheduler,
                                   optimizer, on_rollback)
@@ -228,6 +229,7 @@ class Guard(GuardState):
         #: The torch optimizer (under accelerate's wrapper, when attached with one).
         self.optimizer = optimizer
         self._wrapper = None if wrapper is optimizer else wrapper
+        self._micro_losses = Losses()  # guard.step on a wrapper's micro-batches
         self.job = job
         self.run_id = uuid.uuid4().hex
         # Resumes of this run from a saved guard state (see trimtab.client._resume).
@@ -350,6 +352,12 @@ class Guard(GuardState):
         if self._hooks is not None:
             raise RuntimeError("Guard.step() with hooks=True: the loop calls optimizer.step() "
                                "itself and hands the loss to guard.observe_loss(loss)")
+        if self._wrapper is not None:
+            # accelerate: a micro-batch its wrapper would not step is no step of the guard's.
+            self._micro_losses.observe(loss)
+            if not syncs(self._wrapper):
+                return
+            loss = self._micro_losses.take()  # the mean over the step's micro-batches
         prepared = self._prepare(loss)
         if prepared is not None:
             try:

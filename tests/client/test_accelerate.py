@@ -109,3 +109,51 @@ def test_hooks_go_on_the_torch_optimizer_under_accelerates_wrapper(fake_controll
     _check_reports(fake_controller.of_type(wire.Report), step_losses, step_norms)
     assert fake_controller.of_type(wire.Register)[0].facts.optimizer == "SGD"
 
+
+def test_guard_step_inside_accumulate_steps_only_where_accelerate_syncs(fake_controller) -> None:
+    """``guard.step(loss)`` at every micro-batch, in place of the wrapper's ``step()``: a
+    micro-batch whose gradients are not synced is only a micro-batch (its loss joins the
+    step's mean; no step, no count, no clip, no snapshot), so ``global_step`` counts the
+    optimizer's real steps and the clip acts on the accumulated gradient alone, as
+    ``accelerator.clip_grad_norm_`` at the sync step does in the unattached loop."""
+    accelerator, model, opt, loader = _prepared()
+
+    def clipped(loss: torch.Tensor) -> None:
+        if accelerator.sync_gradients:
+            accelerator.clip_grad_norm_(model.parameters(), CLIP)
+        opt.step()
+
+    _run(accelerator, model, opt, loader, clipped)
+    expected = [p.detach().clone() for p in model.parameters()]
+    accelerate.state.GradientState._reset_state()
+
+    accelerator, model, opt, loader = _prepared()
+    updates = _count_updates(opt)
+    guard = attach(model, opt, job="accel", endpoint=fake_controller.endpoint, clip=CLIP,
+                   report_every=REPORT_EVERY, heartbeat_s=0.05, checkpoint_every=REPORT_EVERY,
+                   keep=4)
+    step_losses, step_norms = _run(accelerator, model, opt, loader, guard.step)
+    assert len(updates) == guard.global_step == STEPS
+    assert guard.checkpoints == list(range(0, STEPS + 1, REPORT_EVERY))
+    guard.close()
+    for p, q in zip(model.parameters(), expected, strict=True):
+        torch.testing.assert_close(p.detach(), q, rtol=1e-5, atol=1e-6)
+    fake_controller.wait_for(lambda c: bool(c.of_type(wire.Bye)))
+    _check_reports(fake_controller.of_type(wire.Report), step_losses, step_norms)
+
+
+def test_guard_step_refuses_a_wrapper_that_holds_a_grad_scaler(dead_endpoint) -> None:
+    """fp16 under accelerate: its wrapper steps through a ``GradScaler``, which
+    ``guard.step`` would bypass (scaled norms, overflow steps taken); hooks=True is the way."""
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    accelerate.Accelerator(cpu=True)  # the state the wrapper reads
+    model = torch.nn.Linear(4, 1)
+    opt = AcceleratedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                               scaler=torch.amp.GradScaler("cpu"))
+    with pytest.raises(ValueError, match=r"optimizer=AcceleratedOptimizer holding a GradScaler "
+                                         r"is invalid with guard.step\(loss\); allowed: "
+                                         r"attach\(\.\.\., hooks=True\)"):
+        attach(model, opt, job="accel", endpoint=dead_endpoint)
+    with attach(model, opt, job="accel", endpoint=dead_endpoint, hooks=True) as guard:
+        assert guard.optimizer is opt.optimizer
