@@ -9,11 +9,24 @@ top of its lr at every step (the knob model).
 
 The loss: the Trainer hands callbacks only the logged loss (averaged over
 ``logging_steps``, read on the host), so the callback takes the model's own ``loss``
-output with a forward hook on the model, on the device, in training mode only. A step
-reports the mean over its micro-batches. Its limits: a model that returns no ``loss``
-(a custom ``compute_loss`` or ``compute_loss_func`` computes it outside the model)
-reports no loss, and with ``average_tokens_across_devices``/``num_items_in_batch`` it is
-the model's loss as the Trainer asked for it (a per-micro-batch share of the sum).
+output with a forward hook on the model, on the device, in training mode only, and a step
+reports what the Trainer logs for it (``training_step``'s losses summed over the step):
+
+- a model that takes the Trainer's loss kwargs (``model_accepts_loss_kwargs``: its
+  ``forward`` has ``**kwargs``, as the transformers models do) is called with
+  ``num_items_in_batch``, the step's count of label tokens over all its micro-batches, and
+  returns its micro-batch's share of the step's loss (its token sum over that count): the
+  step's loss is the sum of its micro-batches' losses, handed to the guard in
+  ``on_pre_optimizer_step``;
+- any other model returns its micro-batch's mean and the Trainer divides it by the
+  accumulation steps: the step's loss is the mean of its micro-batches' losses.
+
+Its limits: a model that returns no ``loss`` (a custom ``compute_loss`` or
+``compute_loss_func`` computes it outside the model) reports no loss; a Trainer subclass
+that sets ``loss_is_scaled_for_ga`` against the rule above is not followed; under several
+processes with ``average_tokens_across_devices`` (the count is over all ranks, and the
+Trainer multiplies each rank's loss by their number), the reported loss is the Trainer's
+divided by the number of processes.
 
 Rules:
 
@@ -84,6 +97,8 @@ class TrimtabCallback(TrainerCallback, ExportableState):
         self.options = options
         self.guard: Guard | None = None
         self._forward_hook: Any = None
+        #: The step's micro-batch losses so far that are shares of its sum (see _observe).
+        self._shares: torch.Tensor | None = None
         #: trimtab's state to resume from (set by the Trainer when it re-creates the
         #: callback from a checkpoint; else read from the resumed ``TrainerState``).
         self.resume_state: dict[str, Any] | None = None
@@ -128,7 +143,7 @@ class TrimtabCallback(TrainerCallback, ExportableState):
             )
         # The hooks go on the torch optimizer under accelerate's wrapper (see _wrapped).
         self.guard = Guard(model, optimizer, job=self.job, hooks=True, **options)
-        self._forward_hook = model.register_forward_hook(self._observe)
+        self._forward_hook = model.register_forward_hook(self._observe, with_kwargs=True)
         saved = self.resume_state or _saved_state(state, type(self).__name__)
         self.resume_state = None
         step = getattr(state, "global_step", 0)
@@ -148,13 +163,27 @@ class TrimtabCallback(TrainerCallback, ExportableState):
         if os.path.isdir(folder):
             torch.save(guard.ema_model.state_dict(), os.path.join(folder, EMA_FILE))
 
-    def _observe(self, module: torch.nn.Module, inputs: Any, output: Any) -> None:
+    def _observe(self, module: torch.nn.Module, args: Any, kwargs: dict[str, Any],
+                 output: Any) -> None:
         guard = self.guard
         if not module.training or guard is None or guard._closed:
             return  # evaluation passes are not training steps
         loss = output.get("loss") if isinstance(output, Mapping) else getattr(output, "loss", None)
-        if isinstance(loss, torch.Tensor) and loss.numel() == 1:
-            guard.observe_loss(loss)
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            return
+        if kwargs.get("num_items_in_batch") is None:
+            guard.observe_loss(loss)  # the micro-batch's mean: the step reports their mean
+            return
+        # The micro-batch's share of the step's token sum: the step's loss is their sum,
+        # handed over before the optimizer step (on the device, no read).
+        share = loss.detach().reshape(()).float()
+        self._shares = share if self._shares is None else self._shares + share
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        shares, self._shares = self._shares, None
+        guard = self.guard
+        if shares is not None and guard is not None and not guard._closed:
+            guard.observe_loss(shares)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
         guard = self.guard
