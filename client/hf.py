@@ -131,6 +131,7 @@ class TrimtabCallback(TrainerCallback, ExportableState):
                 "TrimtabCallback needs the Trainer's model and optimizer; got "
                 f"model={type(model).__name__}, optimizer={type(optimizer).__name__}"
             )
+        self._close_interrupted()
         options = dict(self.options)
         if "scheduler" not in options and lr_scheduler is not None:
             options["scheduler"] = getattr(lr_scheduler, "scheduler", lr_scheduler)
@@ -152,6 +153,24 @@ class TrimtabCallback(TrainerCallback, ExportableState):
             if self.guard.ema_model is not None and os.path.exists(average):
                 saved = {**saved, "ema": torch.load(average, weights_only=True)}
             self.guard.load_state_dict(saved)
+
+    def _close_interrupted(self) -> None:
+        """Close the guard of a ``train()`` that never reached ``on_train_end`` (interrupted:
+        Ctrl-C, an exception; then ``train()`` again on the same Trainer, as in a notebook):
+        left open, its hooks would count the new run's steps on the reused optimizer beside
+        the new guard's, under the same job."""
+        guard = self.guard
+        self._remove_forward_hook()
+        self._shares = None
+        if guard is not None and not guard._closed:
+            log.warning("trimtab: the guard of an interrupted train() (job %s, step %d) was "
+                        "still open; closing it", self.job, guard.global_step)
+            guard.close("error: interrupted")
+
+    def _remove_forward_hook(self) -> None:
+        if self._forward_hook is not None:
+            self._forward_hook.remove()
+            self._forward_hook = None
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """The weight average's tensors (``ema=``) go into the checkpoint folder the Trainer
@@ -210,9 +229,7 @@ class TrimtabCallback(TrainerCallback, ExportableState):
             self.guard.report_validation(float(value))
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self._forward_hook is not None:
-            self._forward_hook.remove()
-            self._forward_hook = None
+        self._remove_forward_hook()
         if self.guard is not None:
             self.guard.close()
 

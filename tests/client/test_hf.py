@@ -332,3 +332,46 @@ def test_reported_loss_is_the_trainers_logged_loss(tmp_path, fake_controller, ac
     fake_controller.wait_for(lambda c: len(c.of_type(wire.Report)) == 2)
     reported = [r.loss_mean for r in fake_controller.of_type(wire.Report)]
     assert reported == pytest.approx(logged, rel=1e-5)
+
+
+def test_train_again_after_an_interrupted_train_closes_the_first_guard(
+        tmp_path, fake_controller, caplog) -> None:
+    """The notebook pattern: ``trainer.train()`` interrupted (Ctrl-C at step 8: no
+    ``on_train_end``), then ``trainer.train()`` again on the same Trainer. The first guard
+    is closed when the second train begins, so only one guard is hooked and counts."""
+    callback = TrimtabCallback(job="hf", endpoint=fake_controller.endpoint, report_every=5,
+                               heartbeat_s=0.05)
+
+    class CtrlC(transformers.TrainerCallback):
+        armed = True
+        hooks: list[int] = []  # trimtab's step hooks on the optimizer, at each step's end
+
+        def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+            self.hooks.append(len(optimizer.optimizer._optimizer_step_pre_hooks))
+            if self.armed and state.global_step == 8:
+                self.armed = False
+                raise KeyboardInterrupt
+
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "out"), max_steps=20, per_device_train_batch_size=16,
+        learning_rate=0.05, optim="sgd", report_to=[], save_strategy="no",
+        logging_strategy="no", use_cpu=True, disable_tqdm=True, dataloader_num_workers=0)
+    model = TinyRegressor(TinyConfig())
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=Data(),
+                                   callbacks=[callback, CtrlC()])
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    first = callback.guard
+    assert not first._closed and first.global_step == 8
+    with caplog.at_level(logging.INFO, logger="trimtab.client"):
+        trainer.train()
+    second = callback.guard
+    assert second is not first and first._closed and first.global_step == 8
+    assert second.global_step == trainer.state.global_step == 20
+    assert CtrlC.hooks == [1] * 28
+    optimizer = trainer.optimizer.optimizer
+    assert len(optimizer._optimizer_step_pre_hooks) == 0  # the second guard closed too
+    assert len(model._forward_hooks) == 0
+    assert any("still open" in r.getMessage() for r in caplog.records)
+    fake_controller.wait_for(lambda c: len(c.of_type(wire.Bye)) == 2)
+    assert fake_controller.of_type(wire.Bye)[0].reason == "error: interrupted"
