@@ -47,6 +47,9 @@ Rules:
   when it is, the Trainer re-creates the callback from its saved arguments, which keep
   only the options that are plain values (an ``on_rollback`` function, a ZeroMQ context
   are not saved: leave that setting off to keep them).
+  A checkpoint of a run without the callback has no trimtab state: the run attaches as
+  a new one, its steps counted from the resume (a warning says so), and the callback puts
+  its entry into the Trainer's state so that the next save can write it.
 
 >>> from trimtab.client.hf import TrimtabCallback
 >>> callback = TrimtabCallback(job="my-run", endpoint="tcp://127.0.0.1:5555")
@@ -148,11 +151,26 @@ class TrimtabCallback(TrainerCallback, ExportableState):
         saved = self.resume_state or _saved_state(state, type(self).__name__)
         self.resume_state = None
         step = getattr(state, "global_step", 0)
+        if saved is None and step > 0:
+            self._resumed_without_state(state, step)
         if saved is not None and step > 0:
             average = os.path.join(args.output_dir, f"checkpoint-{step}", EMA_FILE)
             if self.guard.ema_model is not None and os.path.exists(average):
                 saved = {**saved, "ema": torch.load(average, weights_only=True)}
             self.guard.load_state_dict(saved)
+
+    def _resumed_without_state(self, state: Any, step: int) -> None:
+        """Resumed from a checkpoint a run without this callback wrote: its state holds no
+        entry for the callback, which the Trainer's next save needs (it reads that entry
+        before it writes it), so one is put in. A guard cannot start at a given step (its
+        count comes back only with its own state): it counts from here, and says so."""
+        callbacks = getattr(state, "stateful_callbacks", None)
+        if isinstance(callbacks, dict):
+            callbacks.setdefault(type(self).__name__, self.state())
+        log.warning(
+            "trimtab: resumed at step %d from a checkpoint with no trimtab state (written "
+            "without TrimtabCallback): job %s starts as a new run, its steps counted from "
+            "here (guard.global_step = state.global_step - %d)", step, self.job, step)
 
     def _close_interrupted(self) -> None:
         """Close the guard of a ``train()`` that never reached ``on_train_end`` (interrupted:

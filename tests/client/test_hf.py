@@ -375,3 +375,23 @@ def test_train_again_after_an_interrupted_train_closes_the_first_guard(
     assert any("still open" in r.getMessage() for r in caplog.records)
     fake_controller.wait_for(lambda c: len(c.of_type(wire.Bye)) == 2)
     assert fake_controller.of_type(wire.Bye)[0].reason == "error: interrupted"
+
+
+def test_resumed_from_a_checkpoint_without_trimtabs_state(tmp_path, dead_endpoint,
+                                                          caplog) -> None:
+    """A checkpoint written by a run without the callback: the resumed run attaches (its
+    steps counted from the resume, with a warning that says so) and its own checkpoints
+    hold trimtab's state, where the Trainer used to fail at the first save (KeyError:
+    'TrimtabCallback' in its stateful_callbacks)."""
+    kw = {"save_strategy": "steps", "save_steps": 10, "lr_scheduler_type": "linear"}
+    _train(tmp_path, [], 20, **kw)
+    callback = TrimtabCallback(job="hf", endpoint=dead_endpoint, report_every=5)
+    with caplog.at_level(logging.WARNING, logger="trimtab.client"):
+        trainer, _, _ = _train(tmp_path, [callback], 30, **kw,
+                               resume_from=str(tmp_path / "out" / "checkpoint-10"))
+    assert trainer.state.global_step == 30 and callback.guard.global_step == 20
+    assert any("no trimtab state" in r.getMessage() and "step 10" in r.getMessage()
+               for r in caplog.records)
+    saved = transformers.TrainerState.load_from_json(
+        str(tmp_path / "out" / "checkpoint-30" / "trainer_state.json"))
+    assert saved.stateful_callbacks["TrimtabCallback"]["attributes"]["resume_state"]["step"] == 20
