@@ -37,7 +37,7 @@ from ._compiled import CompileNote
 from ._dist import DistLink, rank_directory
 from ._ema import Ema, check_decay
 from ._guard_state import GuardState
-from ._hooks import StepHooks
+from ._hooks import Losses, StepHooks
 from ._knobs import Actuator, check_optimizer, nominal_lr
 from ._options import (
     NONFINITE_MODES,
@@ -57,6 +57,7 @@ from ._resume import load_state, state_of
 from ._sharded import ShardNorms, is_sharded
 from ._step import Step
 from ._transport import Transport, load_curve_keys
+from ._wrapped import check_wrapper, syncs, unwrap
 
 __all__ = ["attach", "Guard", "NONFINITE_MODES"]
 
@@ -213,15 +214,22 @@ class Guard(GuardState):
     ) -> None:
         _check_options(job, report_every, clip, batch_size, heartbeat_s, queue_size,
                        nonfinite, liveness)
+        _check_switches(hooks, reseed_on_rollback)
+        # A wrapper (accelerate's): the guard works on the torch optimizer under it and
+        # steps through it. See trimtab.client._wrapped.
+        check_wrapper(optimizer, hooks)
+        wrapper, optimizer = optimizer, unwrap(optimizer)
         _check_checkpoint_options(checkpoint_every, keep, checkpoint_dir, scheduler,
                                   optimizer, on_rollback)
         check_optimizer(optimizer)
-        _check_switches(hooks, reseed_on_rollback)
         check_decay(ema)
         check_endpoint(endpoint)
         curve = load_curve_keys(server_key, client_key)
         self.model = model
+        #: The torch optimizer (under accelerate's wrapper, when attached with one).
         self.optimizer = optimizer
+        self._wrapper = None if wrapper is optimizer else wrapper
+        self._micro_losses = Losses()  # guard.step on a wrapper's micro-batches
         self.job = job
         self.run_id = uuid.uuid4().hex
         # Resumes of this run from a saved guard state (see trimtab.client._resume).
@@ -248,7 +256,8 @@ class Guard(GuardState):
         if self._sharded:
             self._probe.sharding = ShardNorms.of(model)
         # Probe, clip, non-finite handling and the step counts: see trimtab.client._step.
-        self._step = Step(optimizer, self._probe, self._act, self.nonfinite_mode)
+        self._step = Step(optimizer, self._probe, self._act, self.nonfinite_mode,
+                          driver=self._wrapper)
         self._reporter = Reporter(job)  # the first window's clock starts here
         if ema is not None and self._sharded:
             raise _invalid("ema", ema, "None with an FSDP2-sharded model (its weight average "
@@ -256,6 +265,33 @@ class Guard(GuardState):
         # The weight average (None: off): see trimtab.client._ema.
         self._ema = None if ema is None else Ema(model, ema)
         self._closed = False
+        if hooks:  # the loop calls optimizer.step() itself: see trimtab.client._hooks
+            # First: an optimizer that takes no hooks is refused before anything starts.
+            self._hooks = StepHooks(self._step, self._prepare, self._finish_step)
+        self._store = None
+        self._transport = None
+        try:
+            self._start(
+                model=model, optimizer=optimizer, endpoint=endpoint, job=job,
+                context=context, heartbeat_s=heartbeat_s, liveness=liveness,
+                queue_size=queue_size, reconnect_max_s=reconnect_max_s, curve=curve,
+                checkpoint_every=checkpoint_every, keep=keep, checkpoint_dir=checkpoint_dir,
+                memory_keep=memory_keep, scheduler=scheduler, on_rollback=on_rollback,
+                reseed_on_rollback=reseed_on_rollback,
+            )
+        except BaseException:
+            self._abandon()
+            raise
+
+    def _start(self, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, endpoint: str,
+               job: str, context: zmq.Context | None, heartbeat_s: float, liveness: int,
+               queue_size: int, reconnect_max_s: float, curve: Any, checkpoint_every: int,
+               keep: int, checkpoint_dir: str | os.PathLike | None, memory_keep: int | None,
+               scheduler: Any, on_rollback: Callable[[int], None] | None,
+               reseed_on_rollback: bool) -> None:
+        """The checkpoints, the commands, the report window and the link, in that order: the
+        link starts last, once nothing else can fail, so that an attach that fails leaves
+        no job registered with the controller."""
         self._store = (None if not checkpoint_every
                        else open_store(keep, checkpoint_dir, memory_keep, self._sharded))
         # Snapshots on schedule, mark stable, rollback: see trimtab.client._checkpointing.
@@ -282,20 +318,29 @@ class Guard(GuardState):
                            else self._dist.transport(make_transport))
         # Commands, acks and the values in force (read by the registration from now on).
         self._commands = Commands(job, self._act, self._transport, self._ckpts)
-        self._transport.start()
-        # A script that ends without close() still reports its last window, says Bye at
-        # its last step and stops the threads at exit. The finalizer holds the guard weakly.
-        self._finalizer = weakref.finalize(
-            self, _finish, weakref.ref(self), self._transport, self._store
-        )
-        if hooks:  # the loop calls optimizer.step() itself: see trimtab.client._hooks
-            self._hooks = StepHooks(self._step, self._prepare, self._finish_step)
         # Closing a report window (rows, stats, report): see trimtab.client._report_window.
         self._window = ReportWindow(
             probe=self._probe, step=self._step, reporter=self._reporter,
             commands=self._commands, transport=self._transport, store=self._store,
             dist=self._dist, hooks=self._hooks,
         )
+        self._transport.start()
+        # A script that ends without close() still reports its last window, says Bye at
+        # its last step and stops the threads at exit. The finalizer holds the guard weakly.
+        self._finalizer = weakref.finalize(
+            self, _finish, weakref.ref(self), self._transport, self._store
+        )
+
+    def _abandon(self) -> None:
+        """Undo a failed attach: the hooks off the optimizer, the checkpoint store's writer
+        and the link (not started: no job registered) closed."""
+        self._closed = True
+        if self._hooks is not None:
+            self._hooks.remove()
+        if self._store is not None:
+            self._store.close(timeout_s=1.0)
+        if self._transport is not None:
+            self._transport.close()
 
     # -- the step -----------------------------------------------------------------------------
 
@@ -306,6 +351,12 @@ class Guard(GuardState):
         if self._hooks is not None:
             raise RuntimeError("Guard.step() with hooks=True: the loop calls optimizer.step() "
                                "itself and hands the loss to guard.observe_loss(loss)")
+        if self._wrapper is not None:
+            # accelerate: a micro-batch its wrapper would not step is no step of the guard's.
+            self._micro_losses.observe(loss)
+            if not syncs(self._wrapper):
+                return
+            loss = self._micro_losses.take()  # the mean over the step's micro-batches
         prepared = self._prepare(loss)
         if prepared is not None:
             try:

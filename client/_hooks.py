@@ -52,7 +52,7 @@ import torch
 from ._probe import WindowStats
 from ._step import Step
 
-__all__ = ["StepHooks", "check_callback_options"]
+__all__ = ["Losses", "StepHooks", "check_callback_options"]
 
 log = logging.getLogger("trimtab.client")
 
@@ -91,32 +91,16 @@ class StepHooks:
         self._step = step
         self._prepare = prepare
         self._finish = finish
-        self._loss_sum: torch.Tensor | None = None
-        self._loss_n = 0
+        self._losses = Losses()
         #: Per probe row: whether that step had no observed loss (its NaN is not a bad loss).
         self._missing = [False] * len(step.probe.buf)
         self._armed = False  # the pre-part ran for the step in flight; the post-hook finishes it
         self._warned = False
-        opt = step.optimizer
-        self._handles = [
-            opt.register_step_pre_hook(self._pre),
-            opt.register_step_post_hook(self._post),
-        ]
+        self._handles = _register(step.optimizer, self._pre, self._post)
 
     def observe(self, loss: torch.Tensor | float) -> None:
         """Add one loss to the step in progress (device ops only; no read)."""
-        if isinstance(loss, bool) or not isinstance(loss, (torch.Tensor, int, float)):
-            raise ValueError(f"loss={loss!r} is invalid; allowed: a scalar tensor or a number")
-        if isinstance(loss, torch.Tensor):
-            if loss.numel() != 1:
-                raise ValueError(f"loss must be a scalar, got shape {tuple(loss.shape)}")
-            value = loss.detach().reshape(()).float()
-        else:
-            value = torch.tensor(float(loss))
-        if self._loss_sum is not None and self._loss_sum.device != value.device:
-            value = value.to(self._loss_sum.device, non_blocking=True)
-        self._loss_sum = value if self._loss_sum is None else self._loss_sum + value
-        self._loss_n += 1
+        self._losses.observe(loss)
 
     def remove(self) -> None:
         """Take the hooks off the optimizer (idempotent)."""
@@ -182,10 +166,9 @@ class StepHooks:
     # -- helpers ------------------------------------------------------------------------------
 
     def _take_loss(self) -> torch.Tensor | float:
-        total, n = self._loss_sum, self._loss_n
-        self._loss_sum, self._loss_n = None, 0
-        self._missing[self._step.probe.row] = total is None
-        if total is None:
+        mean = self._losses.take()
+        self._missing[self._step.probe.row] = mean is None
+        if mean is None:
             if not self._warned:
                 self._warned = True
                 log.warning(
@@ -193,7 +176,7 @@ class StepHooks:
                     "reports go without the loss"
                 )
             return math.nan
-        return total if n == 1 else total / n
+        return mean
 
     def _arm(self, total: torch.Tensor, finite: torch.Tensor | None) -> None:
         step = self._step
@@ -209,6 +192,56 @@ class StepHooks:
         self._step.act.release()  # idempotent; a step that raised never reached _post
         self._step.disarm()
         self._armed = False
+
+
+class Losses:
+    """The losses handed over for the coming optimizer step (one per micro-batch when
+    accumulating), summed on their device; :meth:`take` gives their mean and starts again."""
+
+    def __init__(self) -> None:
+        self._sum: torch.Tensor | None = None
+        self._n = 0
+
+    def observe(self, loss: torch.Tensor | float) -> None:
+        """Add one loss (device ops only; no read)."""
+        if isinstance(loss, bool) or not isinstance(loss, (torch.Tensor, int, float)):
+            raise ValueError(f"loss={loss!r} is invalid; allowed: a scalar tensor or a number")
+        if isinstance(loss, torch.Tensor):
+            if loss.numel() != 1:
+                raise ValueError(f"loss must be a scalar, got shape {tuple(loss.shape)}")
+            value = loss.detach().reshape(()).float()
+        else:
+            value = torch.tensor(float(loss))
+        if self._sum is not None and self._sum.device != value.device:
+            value = value.to(self._sum.device, non_blocking=True)
+        self._sum = value if self._sum is None else self._sum + value
+        self._n += 1
+
+    def take(self) -> torch.Tensor | None:
+        """The mean of the losses observed since the last take (``None``: none)."""
+        total, n = self._sum, self._n
+        self._sum, self._n = None, 0
+        return total if total is None or n == 1 else total / n
+
+
+def _register(opt: torch.optim.Optimizer, pre: Callable[..., Any],
+              post: Callable[..., Any]) -> list[Any]:
+    """The step hooks' handles on ``opt``; an optimizer that takes no step hooks (a wrapper
+    that skips ``Optimizer.__init__`` and holds its optimizer where trimtab does not look)
+    is refused, with nothing left registered."""
+    handles: list[Any] = []
+    try:
+        handles.append(opt.register_step_pre_hook(pre))
+        handles.append(opt.register_step_post_hook(post))
+    except (AttributeError, TypeError):
+        for handle in handles:
+            handle.remove()
+        raise ValueError(
+            f"optimizer={type(opt).__name__} is invalid with hooks=True: it takes no step "
+            f"hooks; allowed: a torch.optim.Optimizer, or a wrapper that holds one "
+            "as .optimizer (accelerate's AcceleratedOptimizer)"
+        ) from None
+    return handles
 
 
 def check_callback_options(monitor: object, options: dict[str, object]) -> None:

@@ -47,6 +47,7 @@ False
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -60,8 +61,11 @@ class Step:
     """Probe, clip and non-finite handling of one optimizer's steps, and their counts."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, probe: Probe, act: Actuator,
-                 mode: str) -> None:
+                 mode: str, driver: Any = None) -> None:
         self.optimizer = optimizer
+        #: What :meth:`run` steps: a wrapper of ``optimizer`` (accelerate's, see
+        #: :mod:`trimtab.client._wrapped`), or ``None``: the optimizer itself.
+        self.driver = driver
         self.probe = probe
         #: The knobs; :meth:`measure` clips with ``act.clip``.
         self.act = act
@@ -230,7 +234,7 @@ class Step:
         """The optimizer step itself, armed (``Guard.step``; the hooks' loop steps itself)."""
         try:
             if not self.arm(total, finite):
-                self.optimizer.step()
+                (self.optimizer if self.driver is None else self.driver).step()
         finally:
             self.disarm()
 

@@ -279,3 +279,119 @@ def test_weight_averaging_through_the_callback(tmp_path, dead_endpoint) -> None:
     ours = dict(average.module.named_parameters())
     assert ours.keys() == dict(model.named_parameters()).keys()
     assert all(not torch.equal(ours[n], p) for n, p in model.named_parameters())
+
+
+class Tokens(torch.utils.data.Dataset):
+    """Random token sequences for a causal LM, some label positions masked (-100), so that
+    micro-batches hold different numbers of counted tokens."""
+
+    def __init__(self, n: int = 256, seq: int = 16, vocab: int = 64) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(0, vocab, (n, seq), generator=g)
+        masked = torch.rand(n, seq, generator=g) < 0.3
+        self.labels = torch.where(masked, -100, self.ids)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.labels[i]}
+
+
+def _tiny_gpt2() -> transformers.PreTrainedModel:
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=1,
+                                     n_head=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return transformers.GPT2LMHeadModel(config)
+
+
+@pytest.mark.parametrize("accumulation", [1, 4])
+@pytest.mark.parametrize("loss_kwargs", [True, False], ids=["num_items_in_batch", "mean"])
+def test_reported_loss_is_the_trainers_logged_loss(tmp_path, fake_controller, accumulation,
+                                                   loss_kwargs) -> None:
+    """A model that takes the Trainer's loss kwargs (a GPT-2) gets ``num_items_in_batch``:
+    its loss per micro-batch is that micro-batch's share of the step's token sum, and the
+    step's loss is their sum; one that does not returns its mean, and the Trainer divides by
+    the accumulation steps. Either way each report's loss is the Trainer's logged loss over
+    the same steps."""
+    model = _tiny_gpt2()
+    if not loss_kwargs:
+        model.accepts_loss_kwargs = False  # what the Trainer reads
+    callback = TrimtabCallback(job="hf", endpoint=fake_controller.endpoint, report_every=5,
+                               heartbeat_s=0.05)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "out"), max_steps=10, per_device_train_batch_size=4,
+        gradient_accumulation_steps=accumulation, learning_rate=1e-3, logging_steps=5,
+        save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
+        dataloader_num_workers=0)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=Tokens(),
+                                   callbacks=[callback])
+    trainer.train()
+    assert trainer.model_accepts_loss_kwargs is loss_kwargs
+    logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    fake_controller.wait_for(lambda c: len(c.of_type(wire.Report)) == 2)
+    reported = [r.loss_mean for r in fake_controller.of_type(wire.Report)]
+    assert reported == pytest.approx(logged, rel=1e-5)
+
+
+def test_train_again_after_an_interrupted_train_closes_the_first_guard(
+        tmp_path, fake_controller, caplog) -> None:
+    """The notebook pattern: ``trainer.train()`` interrupted (Ctrl-C at step 8: no
+    ``on_train_end``), then ``trainer.train()`` again on the same Trainer. The first guard
+    is closed when the second train begins, so only one guard is hooked and counts."""
+    callback = TrimtabCallback(job="hf", endpoint=fake_controller.endpoint, report_every=5,
+                               heartbeat_s=0.05)
+
+    class CtrlC(transformers.TrainerCallback):
+        armed = True
+        hooks: list[int] = []  # trimtab's step hooks on the optimizer, at each step's end
+
+        def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+            self.hooks.append(len(optimizer.optimizer._optimizer_step_pre_hooks))
+            if self.armed and state.global_step == 8:
+                self.armed = False
+                raise KeyboardInterrupt
+
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "out"), max_steps=20, per_device_train_batch_size=16,
+        learning_rate=0.05, optim="sgd", report_to=[], save_strategy="no",
+        logging_strategy="no", use_cpu=True, disable_tqdm=True, dataloader_num_workers=0)
+    model = TinyRegressor(TinyConfig())
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=Data(),
+                                   callbacks=[callback, CtrlC()])
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    first = callback.guard
+    assert not first._closed and first.global_step == 8
+    with caplog.at_level(logging.INFO, logger="trimtab.client"):
+        trainer.train()
+    second = callback.guard
+    assert second is not first and first._closed and first.global_step == 8
+    assert second.global_step == trainer.state.global_step == 20
+    assert CtrlC.hooks == [1] * 28
+    optimizer = trainer.optimizer.optimizer
+    assert len(optimizer._optimizer_step_pre_hooks) == 0  # the second guard closed too
+    assert len(model._forward_hooks) == 0
+    assert any("still open" in r.getMessage() for r in caplog.records)
+    fake_controller.wait_for(lambda c: len(c.of_type(wire.Bye)) == 2)
+    assert fake_controller.of_type(wire.Bye)[0].reason == "error: interrupted"
+
+
+def test_resumed_from_a_checkpoint_without_trimtabs_state(tmp_path, dead_endpoint,
+                                                          caplog) -> None:
+    """A checkpoint written by a run without the callback: the resumed run attaches (its
+    steps counted from the resume, with a warning that says so) and its own checkpoints
+    hold trimtab's state, where the Trainer used to fail at the first save (KeyError:
+    'TrimtabCallback' in its stateful_callbacks)."""
+    kw = {"save_strategy": "steps", "save_steps": 10, "lr_scheduler_type": "linear"}
+    _train(tmp_path, [], 20, **kw)
+    callback = TrimtabCallback(job="hf", endpoint=dead_endpoint, report_every=5)
+    with caplog.at_level(logging.WARNING, logger="trimtab.client"):
+        trainer, _, _ = _train(tmp_path, [callback], 30, **kw,
+                               resume_from=str(tmp_path / "out" / "checkpoint-10"))
+    assert trainer.state.global_step == 30 and callback.guard.global_step == 20
+    assert any("no trimtab state" in r.getMessage() and "step 10" in r.getMessage()
+               for r in caplog.records)
+    saved = transformers.TrainerState.load_from_json(
+        str(tmp_path / "out" / "checkpoint-30" / "trainer_state.json"))
+    assert saved.stateful_callbacks["TrimtabCallback"]["attributes"]["resume_state"]["step"] == 20

@@ -268,3 +268,46 @@ def test_rollback_restores_at_the_next_step_and_that_step_updates_nothing(
     fake_controller.wait_for(lambda c: bool(c.of_type(wire.Ack)))
     ack = fake_controller.of_type(wire.Ack)[0]
     assert ack.seq == 1 and ack.restored_step == 5 and ack.error is None
+
+
+class _Proxy(torch.optim.Optimizer):
+    """An optimizer wrapper of the kind trimtab does not know: a ``torch.optim.Optimizer``
+    subclass that skips ``Optimizer.__init__`` (so it has no step hooks of its own) and
+    hands its param groups and steps to an optimizer it holds under another name."""
+
+    def __init__(self, inner: torch.optim.Optimizer) -> None:
+        self.inner = inner
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.inner.param_groups
+
+    @property
+    def state(self):
+        return self.inner.state
+
+    @property
+    def defaults(self) -> dict:
+        return self.inner.defaults
+
+    def state_dict(self) -> dict:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.inner.load_state_dict(state_dict)
+
+    def step(self, closure=None):
+        return self.inner.step(closure)
+
+
+def test_an_optimizer_without_step_hooks_is_refused_before_the_job_registers(
+        fake_controller) -> None:
+    """A clear error, and no job left registered on the controller by the guard that
+    failed to attach."""
+    model = _model()
+    opt = _Proxy(torch.optim.SGD(model.parameters(), lr=1e-3))
+    with pytest.raises(ValueError, match=r"optimizer=_Proxy is invalid with hooks=True: it "
+                                         r"takes no step hooks; allowed: a torch.optim.Optimizer"):
+        _attach(model, opt, fake_controller.endpoint, checkpoint_every=1)
+    time.sleep(0.5)  # a registration would have come by now (heartbeat_s=0.05)
+    assert fake_controller.messages == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import time
 
 import pytest
@@ -52,7 +53,8 @@ def _loader(n: int = 4096, batch: int = 32):
     return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=batch)
 
 
-def _trainer(callback: TrimtabCallback, max_steps: int, **kw) -> pl.Trainer:
+def _trainer(callback: TrimtabCallback, max_steps: int, *others: pl.Callback,
+             **kw) -> pl.Trainer:
     return pl.Trainer(
         max_steps=max_steps,
         accelerator="cpu",
@@ -60,7 +62,7 @@ def _trainer(callback: TrimtabCallback, max_steps: int, **kw) -> pl.Trainer:
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[callback],
+        callbacks=[callback, *others],
         **kw,
     )
 
@@ -249,3 +251,39 @@ def test_weight_averaging_through_the_callback(fake_controller) -> None:
     # Each goes with the next report; the last (at step 40) has none after it.
     assert len(sent) == 4 and both == [pytest.approx(s) for s in sent[:3]]
     assert all(raw != avg for raw, avg in sent)
+
+
+@pytest.mark.parametrize("interruption", [RuntimeError, KeyboardInterrupt])
+def test_fit_again_after_an_interrupted_fit_has_one_guard(fake_controller, interruption) -> None:
+    """A fit interrupted at step 8 (an exception; Ctrl-C, which Lightning turns into
+    ``SystemExit`` after its own shutdown) closes its guard in ``on_exception``: the next
+    fit with the same callback and module is the only one hooked and counting."""
+    callback = TrimtabCallback(job="pl", endpoint=fake_controller.endpoint, report_every=5,
+                               heartbeat_s=0.05)
+    model = Regression()
+    hooks: list[int] = []  # trimtab's step hooks on the optimizer at each batch's end
+
+    class Interrupt(pl.Callback):
+        armed = True
+
+        def on_train_batch_end(self, trainer, *args, **kwargs):
+            hooks.append(len(trainer.optimizers[0]._optimizer_step_pre_hooks))
+            if self.armed and trainer.global_step == 8:
+                self.armed = False
+                raise interruption("interrupted")
+
+    interrupt = Interrupt()
+    sigint = signal.getsignal(signal.SIGINT)  # Lightning ignores Ctrl-C while shutting down
+    try:
+        with pytest.raises(SystemExit if interruption is KeyboardInterrupt else interruption):
+            _trainer(callback, 20, interrupt).fit(model, _loader())
+    finally:
+        signal.signal(signal.SIGINT, sigint)
+    first = callback.guard
+    assert first._closed and first.global_step == 8
+    trainer = _trainer(callback, 20, interrupt)
+    trainer.fit(model, _loader())
+    assert callback.guard is not first and callback.guard.global_step == trainer.global_step == 20
+    assert hooks == [1] * 28
+    fake_controller.wait_for(lambda c: len(c.of_type(wire.Bye)) == 2)
+    assert fake_controller.of_type(wire.Bye)[0].reason == f"error: {interruption.__name__}"
