@@ -98,9 +98,10 @@ def main() -> None:
         xb, yb = x[idx], y[idx]
         if args.fault and fault_step is None and guard.stable_step is not None:
             fault_step, fault_iter = guard.global_step, it  # the same on every rank
-        # Two bad batches in a row on one rank: persistent (a single one is a bad batch the
-        # guard's skip absorbs, with no rollback).
-        if fault_iter is not None and it - fault_iter < 2 and rank == 1:
+        # Bad batches on one rank until a whole report window is non-finite: persistent (a
+        # shorter burst is bad batches the guard's skip absorbs, with no rollback).
+        if (fault_iter is not None and it - fault_iter < 2 * args.report_every
+                and guard.rollbacks == 0 and rank == 1):
             xb = xb.clone()
             xb[0, 0] = math.nan
         loss = torch.nn.functional.mse_loss(model(xb), yb)
