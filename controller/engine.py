@@ -55,8 +55,8 @@ from trimtab.controller.decision import (
 from trimtab.controller.governor import Governor, KnobMemory
 from trimtab.controller.phases import PhaseRules, _found_lr, _safety
 from trimtab.controller.policy import KINDS, Policy, Proposal, Rollback, Sweep
-from trimtab.controller.rollback import RollbackConfig, RollbackPlan, RollbackState
-from trimtab.controller.rollback_rules import plan_rollback, why_no_rollback
+from trimtab.controller.rollback import RollbackConfig, RollbackPlan
+from trimtab.controller.rollback_rules import plan_rollback, why_no_rollback, with_pending_mark
 from trimtab.controller.scale import decay_is_lr_times_wd
 from trimtab.controller.scheduling import ScheduleRules
 from trimtab.controller.state import JobState
@@ -282,7 +282,7 @@ class Engine(PhaseRules, ScheduleRules):
                          reason=f"{first.reason} (no rollback: {why})")
             return None, None, [(name, last)]
         reason = "; ".join(p.reason for _, p in asks)
-        rb = _with_pending_mark(state.rollback)
+        rb = with_pending_mark(state.rollback)
         plan = plan_rollback(first.rollback, reason, rb, self.rollback,  # type: ignore[arg-type]
                              in_force=state.knobs.model_dump())
         if plan is not None:
@@ -404,21 +404,6 @@ def _asks_safety_rollback(p: Proposal) -> bool:
     """A rollback to the newest stable checkpoint (a divergence's, non-finite values'): what
     an urgent decision and a paused job still act on."""
     return p.rollback is not None and p.to_step is None and p.advice is None
-
-
-def _with_pending_mark(rb: RollbackState) -> RollbackState:
-    """``rb`` as the client will see it once a rollback command is applied: a mark sent and
-    not yet acknowledged counts as done (a copy; ``rb`` is unchanged). The client may have
-    applied it already, and then it keeps that checkpoint as its newest stable one and lets
-    the one before go; or it may never (a newer command supersedes one not yet taken). A
-    rollback ordered now targets the marked checkpoint and carries the mark again, which
-    holds either way (see :meth:`Engine._stable_mark`)."""
-    mark = rb.pending_mark
-    if mark is None or mark not in rb.checkpoints or mark in rb.unusable:
-        return rb
-    view = dataclasses.replace(rb)
-    view.note_marked(mark)
-    return view
 
 
 def _as_change(p: Rollback, reason: str) -> Proposal:

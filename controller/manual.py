@@ -44,7 +44,7 @@ from trimtab.controller.decision import Decision, KnobDecision
 from trimtab.controller.engine import Engine
 from trimtab.controller.limits import MULTIPLIERS
 from trimtab.controller.rollback import RollbackConfig
-from trimtab.controller.rollback_rules import plan_rollback, why_no_rollback
+from trimtab.controller.rollback_rules import plan_rollback, why_no_rollback, with_pending_mark
 from trimtab.controller.state import JobState
 from trimtab.controller.timeline import knob_text
 from trimtab.protocol import wire
@@ -216,11 +216,12 @@ def _describe(state: JobState, knob: str, value: float) -> str:
 def _command(state: JobState, engine: Engine, pending: wire.Command | None, *,
              scale: dict[str, float], absolute: dict[str, float], reasons: list[str],
              schedules: tuple[wire.LiveSchedule, ...] | None = None,
-             rollback_to: int | None = None) -> wire.Command:
+             rollback_to: int | None = None, mark: int | None = None) -> wire.Command:
     """The job's next command, made its pending one. The client keeps only its newest
     command, so an ordinary one still pending is carried in it (its changes, its mark, its
-    schedules where this one sets none); a rollback replaces it."""
-    mark, advice = None, None
+    schedules where this one sets none); a rollback replaces it (``mark``: the checkpoint
+    it marks stable, its own target whose mark is still unacknowledged)."""
+    advice = None
     if pending is not None and rollback_to is None:
         scale = {**pending.scale.set(), **scale}
         absolute = {**pending.knobs.set(), **absolute}
@@ -281,7 +282,11 @@ def _rollback(state: JobState, msg: wire.Operate, engine: Engine,
     rb = state.rollback
     target = msg.to_step
     if target is None:
-        usable = [s for s in rb.stable if s in rb.checkpoints and s <= state.step]
+        # A mark sent and not acknowledged yet counts, as for the guard's own rollbacks: the
+        # client may have applied it (and let the older stable checkpoint go), and the
+        # command carries the mark again, which holds either way.
+        marked = with_pending_mark(rb)
+        usable = [s for s in marked.stable if s in rb.checkpoints and s <= state.step]
         if not usable:
             held = ", ".join(map(str, rb.checkpoints)) or "none"
             return _refused(f"no stable checkpoint to roll back to (the client lists: {held});"
@@ -304,7 +309,8 @@ def _rollback(state: JobState, msg: wire.Operate, engine: Engine,
     superseded = state.pending_command
     command = _command(state, engine, superseded, scale={}, absolute={},
                        reasons=[plan.describe()], rollback_to=target,
-                       schedules=() if stopped else None)
+                       schedules=() if stopped else None,
+                       mark=target if target == rb.pending_mark else None)
     _count(state, "rollback")
     said = (f"command {command.seq} sent: roll back from step {state.step} to checkpoint "
             f"{target}, with the knobs in force there")

@@ -154,7 +154,7 @@ class PhaseRules:
             step = opened if opened is not None else plan.target_step  # type: ignore[union-attr]
             return None if step in rb.stable or rb.pending_mark is not None else step
         if plan is not None and plan.target_step == rb.pending_mark:
-            return rb.pending_mark  # sent again with the rollback to it (_with_pending_mark)
+            return rb.pending_mark  # sent again with the rollback to it (with_pending_mark)
         if plan is not None and plan.target_step not in rb.stable:
             # A run gone non-finite with nothing stable goes back to the checkpoint taken at
             # attach; the client restores stable checkpoints only: mark it in the same command.

@@ -15,6 +15,8 @@ hard to cut. Pure functions over a job's :class:`~trimtab.controller.rollback.Ro
 
 from __future__ import annotations
 
+import dataclasses
+
 from trimtab.controller.rollback import (
     RollbackConfig,
     RollbackPlan,
@@ -22,7 +24,7 @@ from trimtab.controller.rollback import (
     RollbackState,
 )
 
-__all__ = ["stable_to_mark", "why_no_rollback", "plan_rollback"]
+__all__ = ["stable_to_mark", "why_no_rollback", "plan_rollback", "with_pending_mark"]
 
 
 def stable_to_mark(state: RollbackState, cfg: RollbackConfig) -> int | None:
@@ -163,3 +165,18 @@ def plan_rollback(
         cut=cut, cooldown_steps=cfg.cooldown(level), restored=restored, targets=targets,
         in_force=now,
     )
+
+
+def with_pending_mark(rb: RollbackState) -> RollbackState:
+    """``rb`` as the client will see it once a rollback command is applied: a mark sent and
+    not yet acknowledged counts as done (a copy; ``rb`` is unchanged). The client may have
+    applied it already, and then it keeps that checkpoint as its newest stable one and lets
+    the one before go; or it may never (a newer command supersedes one not yet taken). A
+    rollback ordered now targets the marked checkpoint and carries the mark again, which
+    holds either way (see :meth:`~trimtab.controller.engine.Engine._stable_mark`)."""
+    mark = rb.pending_mark
+    if mark is None or mark not in rb.checkpoints or mark in rb.unusable:
+        return rb
+    view = dataclasses.replace(rb)
+    view.note_marked(mark)
+    return view

@@ -273,10 +273,25 @@ def test_rollback_to_a_named_checkpoint_and_to_the_newest_stable_one(tmp_path):
     assert 'trimtab_operator_actions_total{action="rollback",job="j1"} 1.0' in text
 
 
+def test_rollback_without_a_step_goes_to_a_checkpoint_whose_mark_is_on_its_way(tmp_path):
+    """A person's rollback ordered while a stable mark is sent and not acknowledged goes to
+    that checkpoint and carries the mark again, as the guard's own rollbacks do: the client
+    may have applied the mark and let the older stable checkpoint go (a trial: the
+    rollback went to 100, dropping the mark of 200, and lost 300 steps)."""
+    ctl = make(tmp_path)
+    ctl.handle(PEER, register())
+    for seq in range(1, 7):
+        tick(ctl, seq)
+    assert ctl.jobs["j1"].rollback.stable == [0, 20]
+    (mark,) = tick(ctl, 7)
+    assert mark.mark_stable == 40  # sent; the next report has not said it is applied
+    reply, (cmd,) = answer(ctl, operate("rollback", reason="bad shard"))
+    assert reply.ok and (cmd.rollback_to, cmd.mark_stable) == (40, 40)
+
+
 def test_rollback_without_a_step_needs_a_stable_checkpoint(tmp_path):
     ctl = make(tmp_path)
     ctl.handle(PEER, register())
-    ctl.handle(PEER, report(1))
     reply, sent = answer(ctl, operate("rollback"))
     assert not reply.ok and sent == [] and "no stable checkpoint" in reply.detail
     assert "--to STEP" in reply.detail
