@@ -221,8 +221,8 @@ class Checkpointing:
         self.rollbacks += 1
         if self.reseed:  # no replay of the batches that led here
             reseed_rng(self.rollbacks)
-        log.warning("trimtab rolled the run back to step %d (rollback %d)", ckpt.step,
-                    self.rollbacks)
+        log.warning("trimtab rolled job %s back to step %d (rollback %d)", self._reporter.job,
+                    ckpt.step, self.rollbacks)
         if self._on_rollback is not None:
             try:
                 self._on_rollback(ckpt.step)

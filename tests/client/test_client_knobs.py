@@ -214,3 +214,14 @@ def test_optimizer_without_lr_is_refused():
     del opt.param_groups[0]["lr"]
     with pytest.raises(ValueError, match="param group 0 has no 'lr'"):
         check_optimizer(opt)
+
+
+@pytest.mark.parametrize("hooks", [False, True])
+def test_attach_without_an_optimizer_is_refused_naming_what_it_needs(hooks, dead_endpoint):
+    """A loop that updates its parameters by hand (pytorch/examples' word language model)
+    has no optimizer to attach: the argument is named, with what is allowed."""
+    model = torch.nn.Linear(2, 1)
+    from trimtab.client import attach
+    for given in (None, model.parameters(), list(model.parameters())):
+        with pytest.raises(ValueError, match=r"optimizer=.*allowed: a torch\.optim\.Optimizer"):
+            attach(model, given, job="no-opt", endpoint=dead_endpoint, hooks=hooks)
