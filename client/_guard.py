@@ -229,6 +229,13 @@ class Guard(GuardState):
         check_optimizer(optimizer)
         check_decay(ema)
         check_endpoint(endpoint)
+        other = _OPEN.get(job)
+        if other is not None and not other._closed:
+            # Two guards on one job would mix two runs' reports (and roll one back for the
+            # other's faults): a GAN's two optimizers are two jobs.
+            raise _invalid("job", job, "a job no open guard in this process has (close that "
+                                       "one first, or give each optimizer a job of its own, "
+                                       "e.g. 'gan-D' and 'gan-G')")
         curve = load_curve_keys(server_key, client_key)
         self.model = model
         #: The torch optimizer (under accelerate's wrapper, when attached with one).
@@ -287,6 +294,7 @@ class Guard(GuardState):
         except BaseException:
             self._abandon()
             raise
+        _OPEN[job] = self
 
     def _start(self, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, endpoint: str,
                job: str, context: zmq.Context | None, heartbeat_s: float, liveness: int,
@@ -548,6 +556,11 @@ class Guard(GuardState):
         tb: TracebackType | None,
     ) -> None:
         self.close("closed" if exc_type is None else f"error: {exc_type.__name__}")
+
+
+#: The open guards of this process, by job (weakly: a guard never closed is not kept alive
+#: by it): a second guard on a job one already has is refused.
+_OPEN: weakref.WeakValueDictionary[str, Guard] = weakref.WeakValueDictionary()
 
 
 def _finish(guard: weakref.ref[Guard], transport: Transport,

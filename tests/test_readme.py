@@ -36,3 +36,20 @@ def test_readme_set_up_commands_are_the_ci_commands():
     test = ".venv/bin/python -m pytest"
     assert install in text and test in text
     assert install in ci and test in ci
+
+
+def test_the_adapter_guides_config_examples_are_accepted(tmp_path):
+    """Every TOML block in docs/adapters.md loads (the GAN's per-job policy set: the range
+    test in shadow for the GAN's jobs, live for every other job)."""
+    checked = 0
+    for page in [README.parent / "docs" / "adapters.md"]:
+        for i, block in enumerate(re.findall(r"```toml\n(.*?)```", page.read_text(), re.S)):
+            path = tmp_path / f"{page.stem}{i}.toml"
+            path.write_text(block)
+            cfg = load_config(path, env={})
+            checked += 1
+            if page.name == "adapters.md" and "gan-*" in block:
+                (shadow,) = [p for p in cfg.policies if p.name == "lr_range_test" and p.shadow]
+                live = [p for p in cfg.policies if p.name == "lr_range_test" and not p.shadow]
+                assert shadow.applies_to("gan-G") and live and live[0].applies_to("char-lm")
+    assert checked

@@ -221,3 +221,22 @@ def test_a_controller_that_stops_answering_and_answers_again_is_a_line_each_way(
         "trimtab: job 'flap-run' lost the controller", "trimtab: job 'flap-run' reached the "
         "controller"]
     assert _lines(caplog, "lost the controller at") and _lines(caplog, "again")
+
+
+def test_a_second_open_guard_on_the_same_job_is_refused(dead_endpoint):
+    """Two guards on one job in one process would mix two runs' reports, and roll one back
+    for the other's faults (a trial: a GAN's two optimizers given one job name). The second
+    is refused naming the job; once the first is closed the job is free, and two jobs may
+    be open side by side."""
+    from trimtab.client import attach
+    d, g = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
+    opt_d = torch.optim.Adam(d.parameters(), lr=2e-4)
+    opt_g = torch.optim.Adam(g.parameters(), lr=2e-4)
+    first = attach(d, opt_d, job="gan", endpoint=dead_endpoint, checkpoint_every=0)
+    with pytest.raises(ValueError, match=r"job='gan' is invalid; allowed: a job no open guard"):
+        attach(g, opt_g, job="gan", endpoint=dead_endpoint, checkpoint_every=0)
+    other = attach(g, opt_g, job="gan-G", endpoint=dead_endpoint, checkpoint_every=0)
+    first.close()
+    again = attach(d, opt_d, job="gan", endpoint=dead_endpoint, checkpoint_every=0)
+    again.close()
+    other.close()
