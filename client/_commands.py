@@ -66,8 +66,9 @@ class Commands:
         self.in_force = (act.used(), act.base(), act.scale())
         # Commands taken and not yet acknowledged: (seq, restored step, error), acked at
         # the first optimizer step that runs with them.
-        self._owed: list[tuple[int, int | None, str | None]] = []
-        self._outcome: tuple[int, int | None, str | None] = (0, None, None)
+        # (seq, the step restored, the step rolled back from, error) per ack owed.
+        self._owed: list[tuple[int, int | None, int | None, str | None]] = []
+        self._outcome: tuple[int, int | None, int | None, str | None] = (0, None, None, None)
 
     @property
     def owed(self) -> bool:
@@ -85,17 +86,19 @@ class Commands:
             if command.stop_advice is not None:
                 self.should_stop, self.stop_reason = True, command.stop_advice
                 log.warning("trimtab controller advises stopping: %s", command.stop_advice)
+            before = self._checkpoints._step.host_step  # where the run stood
             restored, error = self._carry_out(command)
             self.applied_seq = command.seq
-            self._outcome = (command.seq, restored, error)
+            self._outcome = (command.seq, restored,
+                             None if restored is None else before, error)
             rolled_back = restored is not None
         # A repeated or old command is acknowledged again with what is in force, not
         # re-applied; the same seq repeats its outcome (its first ack may have been lost).
-        seq, restored, error = self._outcome
+        seq, restored, before, error = self._outcome
         if seq != command.seq:
-            restored = error = None
+            restored = before = error = None
         del self._owed[:-7]  # bounded: a controller resending faster than steps run
-        self._owed.append((command.seq, restored, error))
+        self._owed.append((command.seq, restored, before, error))
         return rolled_back
 
     def _carry_out(self, command: wire.Command) -> Outcome:
@@ -132,7 +135,7 @@ class Commands:
         the step just engaged (or, at close, of the last one)."""
         owed, self._owed = self._owed, []
         knobs, base, scale = self.note_in_force()
-        for seq, restored, error in owed:
+        for seq, restored, before, error in owed:
             self._transport.put_control(wire.Ack(
                 job=self.job, seq=seq, step=step, knobs=knobs, base=base,
-                scale=scale, restored_step=restored, error=error))
+                scale=scale, restored_step=restored, rolled_back_from=before, error=error))

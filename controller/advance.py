@@ -170,11 +170,12 @@ class Settled:
 
 
 def settle(state: JobState, command: wire.Command, cfg: RollbackConfig, *,
-           restored: int | None, marked: bool, why: str, inferred: bool = False) -> Settled:
+           restored: int | None, marked: bool, why: str, inferred: bool = False,
+           rolled_back_from: int | None = None) -> Settled:
     """The client applied ``command``: record its mark and rollback as done or failed (in
     the client's order: the mark first, so a rollback to the checkpoint the same command
     marks finds it stable). ``restored`` is the step the client restored (None: it did not,
-    for ``why``)."""
+    for ``why``; ``rolled_back_from``: the step it stood at then, as its ack says)."""
     rb = state.rollback
     out = Settled(command, inferred)
     if command.mark_stable is not None and rb.pending_mark == command.mark_stable:
@@ -188,7 +189,7 @@ def settle(state: JobState, command: wire.Command, cfg: RollbackConfig, *,
         rec = rb.pending
         if restored is not None:
             state.branch_seq = max(state.branch_seq, command.seq)
-            lost = state.on_restored(restored, cfg)
+            lost = state.on_restored(restored, cfg, rolled_back_from)
             out = dataclasses.replace(out, rollback=rec, restored=restored, steps_lost=lost)
         else:
             rb.note_failed(why)
@@ -205,7 +206,8 @@ def settle_ack(state: JobState, ack: wire.Ack, cfg: RollbackConfig) -> Settled |
     if not fresh or command is None:
         return None
     return settle(state, command, cfg, restored=ack.restored_step, marked=ack.error is None,
-                  why=ack.error or "the ack carries no restored_step")
+                  why=ack.error or "the ack carries no restored_step",
+                  rolled_back_from=ack.rolled_back_from)
 
 
 def settle_from_report(state: JobState, report: wire.Report,

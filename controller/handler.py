@@ -326,7 +326,7 @@ class Controller:
         self.journal.append(msg.job, "ack", step=msg.step, seq=msg.seq, data={
             "knobs": msg.knobs.model_dump(), "base": msg.base.model_dump(),
             "scale": msg.scale.model_dump(), "restored_step": msg.restored_step,
-            "error": msg.error})
+            "rolled_back_from": msg.rolled_back_from, "error": msg.error})
         if msg.error is not None:
             log.warning("job %s: command %d not wholly applied: %s", msg.job, msg.seq, msg.error)
         self.recorder.settled(state, done)

@@ -398,13 +398,18 @@ class RollbackState:
             self.pending_mark = None
         self.candidates.pop(step, None)
 
-    def note_restored(self, step: int, cfg: RollbackConfig) -> int:
-        """The client restored the checkpoint at ``step``; returns the steps lost."""
+    def note_restored(self, step: int, cfg: RollbackConfig, from_step: int | None = None) -> int:
+        """The client restored the checkpoint at ``step``, from ``from_step`` (its ack's
+        ``rolled_back_from``: where the run stood when the command reached it, which on a
+        fast loop is some steps past the report it was decided on; None: not told, the
+        decision's step); returns the steps lost."""
         rec = self.pending
         self.pending = None
         lost = 0
         if rec is not None:
             rec.restored_step = step
+            if from_step is not None:
+                rec.from_step = from_step
             lost = max(rec.from_step - step, 0)
             # A planned rollback (level 0) starts no cooldown.
             self.cooldown_until = step + cfg.cooldown(rec.level) if rec.level else None

@@ -416,8 +416,9 @@ class JobState(Persisted):
             self.base = base
         self._applied(applied_seq)
 
-    def on_restored(self, step: int, cfg: RollbackConfig) -> int:
-        """The client rolled back to the checkpoint at ``step``; returns the steps lost.
+    def on_restored(self, step: int, cfg: RollbackConfig, from_step: int | None = None) -> int:
+        """The client rolled back to the checkpoint at ``step`` (from ``from_step``, where it
+        says it stood); returns the steps lost.
 
         The signals go back with the run: the EW moments, the z-score baselines and the
         loss slope window are those of the report that ended at the checkpoint's step (the
@@ -426,7 +427,7 @@ class JobState(Persisted):
         in the loss EMA, or a measurement phase's sweep over decades of LR.
         """
         self._go_back(step)
-        return self.rollback.note_restored(step, cfg)
+        return self.rollback.note_restored(step, cfg, from_step)
 
     def _go_back(self, step: int) -> None:
         """The run is at ``step`` again (a restore, a resume): the signals are those of the

@@ -279,6 +279,10 @@ class Ack(_Model):
     #: The step the run was rolled back to, when the command ordered a rollback and it
     #: succeeded (``step`` is then that step too).
     restored_step: Count | None = None
+    #: With ``restored_step``: the client's ``global_step`` when it carried the rollback
+    #: out, the steps from there back to ``restored_step`` lost (a command reaches a fast
+    #: loop some steps after the report it was decided on; None: an older client).
+    rolled_back_from: Count | None = None
     #: Why part of the command could not be carried out (e.g. no such checkpoint).
     error: Text | None = None
 
@@ -412,7 +416,7 @@ class WireError(ValueError):
 #: fields) still takes every message that does not use them.
 _ADDED_IN_V2: dict[type[BaseModel], tuple[str, ...]] = {
     Report: ("validation_ema", "update_alignment"),
-    Register: ("keep", "nominal_lr", "resume_id", "origin")}
+    Register: ("keep", "nominal_lr", "resume_id", "origin"), Ack: ("rolled_back_from",)}
 
 
 def encode(message: BaseModel) -> bytes:

@@ -102,7 +102,12 @@ def test_rollback_command_end_to_end(fake_controller, tmp_path) -> None:
         for _ in range(12):
             run.step(guard)
         fake_controller.wait_for(lambda c: any(5 in r.checkpoints for r in c.of_type(wire.Report)))
-        train = lambda: run.step(guard)  # noqa: E731
+        stood: list[int] = []  # where the run stood before each step
+
+        def train() -> None:
+            stood.append(guard.global_step)
+            run.step(guard)
+
         _send_until(fake_controller, _command(1, mark_stable=5),
                     lambda c: guard.stable_step == 5, train)
         # A knob change after the checkpoint: the rollback must take it back.
@@ -124,6 +129,8 @@ def test_rollback_command_end_to_end(fake_controller, tmp_path) -> None:
         fake_controller.wait_for(lambda c: any(a.seq == 3 for a in c.of_type(wire.Ack)))
         ack = next(a for a in fake_controller.of_type(wire.Ack) if a.seq == 3)
         assert (ack.restored_step, ack.step, ack.error) == (5, 5, None)
+        # Where the run stood when it carried the rollback out: the steps lost are from there.
+        assert ack.rolled_back_from == stood[-1] > 5
         assert ack.knobs.model_dump() == in_force
         assert ack.scale == wire.Scale(lr=0.2) and ack.base.lr == 0.05
 

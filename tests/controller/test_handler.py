@@ -274,8 +274,11 @@ class FakeClient:
                     self.ack(cmd)
         return out
 
-    def ack(self, cmd: wire.Command, *, restore: bool = True, error: str | None = None) -> None:
-        restored = None
+    def ack(self, cmd: wire.Command, *, restore: bool = True, error: str | None = None,
+            ran_on: int = 0) -> None:
+        """Apply ``cmd`` and ack it (``ran_on``: steps the loop took past the report before
+        the command reached it)."""
+        restored, before = None, self.step + ran_on
         if cmd.mark_stable is not None and error is None:
             self.stable = cmd.mark_stable
         if cmd.rollback_to is not None and restore:
@@ -286,7 +289,8 @@ class FakeClient:
         self.applied = cmd.seq
         self.ctl.handle(PEER, wire.encode(wire.Ack(
             job=self.job, seq=cmd.seq, step=self.step, **self.in_force(),
-            restored_step=restored, error=error)))
+            restored_step=restored, error=error,
+            rolled_back_from=None if restored is None else before)))
 
 
 def make_rb(tmp_path, **rollback) -> Controller:
@@ -321,6 +325,20 @@ def test_checkpoints_are_journaled_and_marked_stable_after_a_healthy_window(tmp_
     assert metric(ctl, 'trimtab_checkpoints_total{job="rb"} 2.0')
 
 
+def test_the_steps_lost_are_counted_from_where_the_client_carried_the_rollback_out(tmp_path):
+    """A fast loop takes steps between the report a rollback is decided on and the command's
+    arrival: its ack says where the run stood (a trial: the journal said 10 steps lost where
+    the loop lost 17). The journal and the metric count from there."""
+    ctl = make_rb(tmp_path)
+    c = _stable_at_150(ctl)
+    (cmd,) = c.report(nonfinite_grads=10)  # decided at step 240
+    assert cmd.rollback_to == 150
+    c.ack(cmd, ran_on=7)
+    (restored,) = ctl.journal.events("rb", "restored")
+    assert (restored.data["from_step"], restored.data["steps_lost"]) == (247, 97)
+    assert metric(ctl, 'trimtab_rollback_steps_lost_total{job="rb"} 97.0')
+
+
 def _stable_at_150(ctl: Controller) -> FakeClient:
     c = FakeClient(ctl)
     c.run_to(200)
@@ -341,9 +359,9 @@ def test_a_nonfinite_report_rolls_back_to_the_newest_stable_checkpoint(tmp_path)
         "nonfinite", 1, 150)
     # While it is pending nothing else is commanded, even at another fault.
     assert c.report(nonfinite_grads=10) == []
-    c.ack(cmd)
+    c.ack(cmd)  # the client ran on to 250 before it carried it out: 100 steps lost
     (restored,) = ctl.journal.events("rb", "restored")
-    assert restored.data["restored_step"] == 150 and restored.data["steps_lost"] == 90
+    assert restored.data["restored_step"] == 150 and restored.data["steps_lost"] == 100
     assert kinds(ctl)[-2:] == ["ack", "restored"]
     st = ctl.jobs["rb"]
     # The signals are the checkpoint's (its step's report ended with 15 slope points).
@@ -351,7 +369,7 @@ def test_a_nonfinite_report_rolls_back_to_the_newest_stable_checkpoint(tmp_path)
     assert st.view().signals.slope_since_step == 10
     assert st.effective.lr == pytest.approx(0.05)
     assert metric(ctl, 'trimtab_rollbacks_total{job="rb",reason="nonfinite"} 1.0')
-    assert metric(ctl, 'trimtab_rollback_steps_lost_total{job="rb"} 90.0')
+    assert metric(ctl, 'trimtab_rollback_steps_lost_total{job="rb"} 100.0')
     assert metric(ctl, 'trimtab_rollback_alert{job="rb"} 0.0')
 
 
