@@ -82,6 +82,8 @@ class Sample:
     loss_max: float | None = None
     #: cos(g, -delta theta) of the window's first step (see the client's probe).
     update_alignment: float | None = None
+    #: The loss of the window's last step (None: not finite, or not reported).
+    loss_last: float | None = None
 
     @classmethod
     def of(cls, r: wire.Report) -> Sample:
@@ -90,7 +92,7 @@ class Sample:
                    r.grad_norm_max, r.update_ratio, r.micro_sq_norm_mean, r.micro_batches,
                    None if r.knobs.lr is None else r.scale.lr,
                    r.nonfinite_losses + r.nonfinite_grads, r.knobs.lr, r.user_clipped_steps,
-                   r.loss_min, r.loss_max, r.update_alignment)
+                   r.loss_min, r.loss_max, r.update_alignment, r.loss_last)
 
     def to_list(self) -> list[Any]:
         return list(_sample_values(self))

@@ -158,11 +158,13 @@ class LrRangeTestConfig(BaseModel):
     when: Literal["evidence", "always"] = "evidence"
     #: Reports the evidence is looked for in, from the run's first live report on.
     evidence_reports: int = Field(20, ge=2)
-    #: Too high: in one of the first ``explode_reports`` reports after the first, the loss
-    #: reached a new high above this multiple of the lowest loss seen (it blew up)...
+    #: Too high: in one of the first ``explode_reports`` reports after the first, a whole
+    #: window (its lowest loss) stood above every loss before and this multiple of the
+    #: lowest (it blew up)...
     explode_ratio: float = Field(4.0, gt=1.0, allow_inf_nan=False)
     explode_reports: int = Field(4, ge=1)
-    #: ...or a later report's loss stands this fraction above the first one's.
+    #: ...or a later window's mean stands this fraction above the first report's (and, in
+    #: a run whose mean fell below half the first's, its last or lowest loss too).
     rise: float = Field(0.05, ge=0.0, allow_inf_nan=False)
     #: Too low: after ``flat_reports`` reports the loss fell less than this fraction.
     flat_drop: float = Field(0.02, ge=0.0, lt=1.0, allow_inf_nan=False)
@@ -350,17 +352,21 @@ class LrRangeTest(Policy):
         """``(kind, why)``: the run's own LR looks far too ``"high"`` or too ``"low"``
         (None: no evidence, the sweep does not run).
 
-        Within the first ``evidence_reports`` reports, an LR far too high shows as
-        non-finite values, as a loss that blows up (a new high above ``explode_ratio`` times
-        the lowest loss so far, in one of the first ``explode_reports`` reports after the
-        first: a fast fall from the initial loss never passes its first high), or as a loss that
-        rises above the first report's by ``rise``; one far too low as updates that keep
-        lining up with the next gradient (a median ``update_alignment`` over ``align_low``
-        in the second half of the window, while the loop's LR holds), or a loss that fell
-        less than ``flat_drop`` over the first ``flat_reports`` reports while the LR the
-        optimizer used held within 1.5x (a loop's own warm-up is no evidence). Each is measured on
-        the benchmark's tasks to stay quiet at a tuned LR (``python -m bench.tuned``);
-        a run that shows none keeps its own LR untouched.
+        Within the first ``evidence_reports`` reports (seen from the run's start), an LR far
+        too high shows as persistent non-finite values, as a loss that blows up (a whole
+        window, its lowest loss, above every loss before and ``explode_ratio`` times the
+        lowest, in one of the first ``explode_reports`` reports after the first: a fast
+        fall from the initial loss, noisy batches or a few bad ones spread a window as
+        widely, but never lift its lowest loss), as a window that jumps whole above the one
+        before (its lowest above that one's highest and twice its lowest), or as a window
+        whose mean rises above the first report's by ``rise`` (in a run that has trained,
+        its last or lowest loss too); one far too low as updates that keep lining up with
+        the next gradient (a median ``update_alignment``
+        over ``align_low`` in the second half of the window, while the loop's LR holds), or
+        a loss that fell less than ``flat_drop`` over the first ``flat_reports`` reports
+        while the LR the optimizer used held within 1.5x (a loop's own warm-up is no
+        evidence). Each is measured on the benchmark's tasks to stay quiet at a tuned LR
+        (``python -m bench.tuned``); a run that shows none keeps its own LR untouched.
         """
         cfg: LrRangeTestConfig = self.config  # type: ignore[assignment]
         if view.reports_seen > cfg.evidence_reports or not view.history:
@@ -380,22 +386,56 @@ class LrRangeTest(Policy):
         for s in seen[:cfg.explode_reports + 1]:
             if s.loss_min is None or s.loss_max is None:
                 continue
-            # A blow-up reaches a new high, far above the lowest loss seen; a fast fall from
-            # the initial loss spreads a window as widely, but never passes its first high.
-            # (Off a lowest at or below 0, a loss with a noise or likelihood term, the
-            # rise is measured in units of the fall from the first report's mean: past.)
-            if (low is not None and high is not None and s.loss_max > high
-                    and past(s.loss_max, min(low, s.loss_min), seen[0].loss_mean
+            # A blow-up lifts a whole window far above the lowest loss seen before: its
+            # lowest loss stands there. One batch does not: a window's highest loss is a
+            # single batch, and small noisy batches, or a few bad ones, spread a healthy
+            # window as widely (a trial: a regression at batch 8, falling, spread 2.1-14.5
+            # in one window, was swept from step 0 and ended 35x its bare run). (Off a lowest
+            # at or below 0, a loss with a noise or likelihood term, the rise is measured in
+            # units of the fall from the first report's mean: past.) And above every loss
+            # seen before: a window that only sits above one unusually low batch is noise.
+            if (low is not None and high is not None and s.loss_min > high
+                    and past(s.loss_min, low, seen[0].loss_mean
                              if seen[0].loss_mean is not None else high, cfg.explode_ratio)):
                 return "high", (f"the loss blew up by the window ending at step {s.step}: "
-                                f"to {s.loss_max:.4g}, from a lowest "
-                                f"{min(low, s.loss_min):.4g}")
+                                f"its lowest {s.loss_min:.4g}, from a lowest {low:.4g} "
+                                f"before")
             low = s.loss_min if low is None else min(low, s.loss_min)
             high = s.loss_max if high is None else max(high, s.loss_max)
+        for before, s in zip(seen[:-1], seen[1:], strict=True):
+            # A jump: a whole window above the whole window before it, and its lowest loss at
+            # least twice the one before's (a CNN at 10x its LR, falling to 0.53-1.23, then
+            # 1.90-4.84 in one window: dead a few reports later). Windows of noisy batches,
+            # a fall, a slow rise or a bad batch or two overlap the window before.
+            if (before.loss_min is not None and before.loss_max is not None
+                    and s.loss_min is not None and before.loss_min > 0
+                    and s.loss_min > before.loss_max and s.loss_min > 2 * before.loss_min):
+                return "high", (f"the loss jumped by the window ending at step {s.step}: its "
+                                f"lowest {s.loss_min:.4g} above the window before's highest "
+                                f"{before.loss_max:.4g}")
         losses = [s.loss_mean for s in seen if s.loss_mean is not None]
-        if len(losses) >= 2 and losses[0] > 0 and max(losses[1:]) > losses[0] * (1 + cfg.rise):
-            return "high", (f"the loss rose from {losses[0]:.4g} to {max(losses[1:]):.4g} "
-                            f"over the first {len(losses)} reports")
+        # A rise: a later window's mean above the first report's. A run that has trained
+        # (a report's mean below half the first's) must show it in the whole window or at
+        # its end (its lowest or last loss) too: a window lifted by a few bad batches that
+        # it got past is no LR far too high (a trial: three batches x1e6 at step 150 of a
+        # tuned Lightning run, its clip absorbing them, were swept from step 0). One that
+        # never got far from its start and only gets worse is (a CNN at 30x its LR,
+        # hovering at its initial loss, its mean lifted 5-10% by its worst batches).
+        if len(losses) >= 2 and losses[0] > 0:
+            bar = losses[0] * (1 + cfg.rise)
+            lowest = losses[0]
+            for s in seen[1:]:
+                if s.loss_mean is None:
+                    continue
+                if s.loss_mean <= bar:
+                    lowest = min(lowest, s.loss_mean)
+                    continue
+                ends = s.loss_last if s.loss_last is not None else s.loss_mean
+                whole = s.loss_min if s.loss_min is not None else s.loss_mean
+                if lowest >= 0.5 * losses[0] or ends > bar or whole > bar:
+                    return "high", (f"the loss rose from {losses[0]:.4g} to {s.loss_mean:.4g} "
+                                    f"by the window ending at step {s.step} (its last loss "
+                                    f"{ends:.4g}) over the first {len(losses)} reports")
         low = self._aligned(view)
         if low is not None:
             return "low", low
