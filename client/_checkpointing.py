@@ -76,6 +76,11 @@ class Checkpointing:
         self.origin: int | None = None
         self._hold: ScheduleHold | None = None
 
+    @property
+    def step_now(self) -> int:
+        """The run's ``global_step`` as the host knows it now."""
+        return self._step.host_step
+
     # -- around the step ----------------------------------------------------------------------
 
     def before_step(self) -> None:

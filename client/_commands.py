@@ -86,7 +86,8 @@ class Commands:
             if command.stop_advice is not None:
                 self.should_stop, self.stop_reason = True, command.stop_advice
                 log.warning("trimtab controller advises stopping: %s", command.stop_advice)
-            before = self._checkpoints._step.host_step  # where the run stood
+            before = (None if command.rollback_to is None or self._checkpoints is None
+                      else self._checkpoints.step_now)  # where the run stood
             restored, error = self._carry_out(command)
             self.applied_seq = command.seq
             self._outcome = (command.seq, restored,

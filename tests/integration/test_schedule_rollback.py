@@ -1,10 +1,11 @@
 """A rollback under each kind of user schedule, ordered by a real ``trimtab serve``.
 
-The loop runs at trimtab's multiplier x0.8 (a policy's one decrease) when a NaN gradient
-makes divergence_guard roll it back: the controller cuts from the multiplier in force at
-the fault (x0.4, half of x0.8), the client restores the schedule's position with the
-checkpoint -- the scheduler's state, or the loop's own lr read from ``guard.global_step``
--- and every step after the restore runs at the schedule's own value there, times 0.4.
+The loop runs at trimtab's multiplier x0.8 (a policy's one decrease) when NaN gradients
+(a whole report window of them) make divergence_guard roll it back: the controller cuts
+from the multiplier in force at the fault (x0.4, half of x0.8), the client restores the
+schedule's position with the checkpoint -- the scheduler's state, or the loop's own lr
+read from ``guard.global_step`` -- and every step after the restore runs at the
+schedule's own value there, times 0.4.
 """
 
 from __future__ import annotations
@@ -53,8 +54,9 @@ def test_the_cut_multiplies_the_schedule_restored_to_its_position(kind, serve_fa
     own = own_lrs(kind, 60)
     with run.guard:
         for it in range(70):
-            # Two bad batches in a row: persistent (one alone is skipped, no rollback).
-            run.step(poison=FAULT <= it < FAULT + 2)
+            # Bad batches from FAULT on until the rollback: a whole report window of them is
+            # persistent (a shorter burst is skipped, no rollback).
+            run.step(poison=FAULT <= it and run.guard.rollbacks == 0)
             lockstep.after_step()
     lockstep.close()
     assert lockstep.timeouts == 0
