@@ -395,3 +395,31 @@ def test_resumed_from_a_checkpoint_without_trimtabs_state(tmp_path, dead_endpoin
     saved = transformers.TrainerState.load_from_json(
         str(tmp_path / "out" / "checkpoint-30" / "trainer_state.json"))
     assert saved.stateful_callbacks["TrimtabCallback"]["attributes"]["resume_state"]["step"] == 20
+
+
+class RollbackAt(transformers.TrainerCallback):
+    """Hands the trimtab guard a rollback to ``to`` once the Trainer reaches ``at`` (as its
+    transport thread does on receiving one)."""
+
+    def __init__(self, trimtab: TrimtabCallback, at: int, to: int) -> None:
+        self.trimtab, self.at, self.to = trimtab, at, to
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.at:
+            self.trimtab.guard._transport._handle(
+                wire.Command(job=self.trimtab.job, seq=1, mark_stable=self.to,
+                             rollback_to=self.to))
+
+
+def test_a_rollback_leaves_the_trainers_step_ahead_by_the_steps_rolled_back_plus_one(
+        tmp_path, dead_endpoint) -> None:
+    """The Trainer owns its loop: a rollback restores the model, optimizer and scheduler, and
+    ``state.global_step`` runs on. The step that carries the rollback out updates nothing
+    and the Trainer counts it: ahead by the steps rolled back plus one (docs/adapters.md)."""
+    callback = TrimtabCallback(job="hf-rb", endpoint=dead_endpoint, report_every=5,
+                               checkpoint_every=5)
+    trainer, _, _ = _train(tmp_path, [callback, RollbackAt(callback, at=12, to=10)],
+                           max_steps=20)
+    guard = callback.guard
+    assert guard.rollbacks == 1
+    assert trainer.state.global_step - guard.global_step == (12 - 10) + 1

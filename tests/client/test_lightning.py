@@ -287,3 +287,32 @@ def test_fit_again_after_an_interrupted_fit_has_one_guard(fake_controller, inter
     assert hooks == [1] * 28
     fake_controller.wait_for(lambda c: len(c.of_type(wire.Bye)) == 2)
     assert fake_controller.of_type(wire.Bye)[0].reason == f"error: {interruption.__name__}"
+
+
+class RollbackAt(pl.Callback):
+    """Hands the trimtab guard a rollback to ``to`` once the trainer reaches ``at`` (as its
+    transport thread does on receiving one)."""
+
+    def __init__(self, trimtab: TrimtabCallback, at: int, to: int) -> None:
+        self.trimtab, self.at, self.to = trimtab, at, to
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.at:
+            self.trimtab.guard._transport._handle(
+                wire.Command(job=self.trimtab.job, seq=1, mark_stable=self.to,
+                             rollback_to=self.to))
+
+
+def test_a_rollback_leaves_the_trainers_step_ahead_by_the_steps_rolled_back_plus_one(
+        dead_endpoint) -> None:
+    """Lightning owns its loop: a rollback restores the model, optimizer and scheduler, and
+    ``trainer.global_step`` runs on. The step that carries the rollback out updates nothing
+    and Lightning counts it: ahead by the steps rolled back plus one (docs/adapters.md),
+    and ``max_steps`` counts them."""
+    callback = TrimtabCallback(job="pl-rb", endpoint=dead_endpoint, report_every=5,
+                               checkpoint_every=5)
+    trainer = _trainer(callback, 20, RollbackAt(callback, at=12, to=10))
+    trainer.fit(Regression(), _loader())
+    guard = callback.guard
+    assert guard.rollbacks == 1 and trainer.global_step == 20
+    assert trainer.global_step - guard.global_step == (12 - 10) + 1
