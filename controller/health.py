@@ -11,7 +11,9 @@ which reads it from the view (:attr:`~trimtab.controller.view.JobView.health`).
   the report or the next one: see :func:`_isolated`);
 * ``loss_spike``: after ``warmup_reports``, the loss z-score (against the exponentially
   weighted mean and variance of the reports before it; one-sided, upward only) above
-  ``loss_z`` and the window's lowest loss at least ``loss_min_rise`` above its EMA;
+  ``loss_z`` and the window's lowest loss at least ``loss_min_rise`` above its EMA; or the
+  report before's z-score above ``loss_z`` and this window's lowest loss that far above
+  the EMA (a spike that began at the first step of the window before);
 * ``grad_spike``: the gradient-norm z-score above ``grad_norm_z`` and the norm at least
   ``grad_norm_min_ratio`` times its EMA;
 * ``climb``: over a full loss-slope window with no LR change in it, the least-squares slope
@@ -108,6 +110,18 @@ def assess(view: JobView, th: DivergenceThresholds) -> Unhealthy | None:
             if rise >= th.loss_min_rise:
                 found.append(("loss_spike", f"loss spike: z={sig.loss_z:.1f} > {th.loss_z:g}, "
                               f"lowest loss of the window {rise:+.0%} on the EMA"))
+        elif (sig.loss_z_before is not None and sig.loss_z_before > th.loss_z
+              and last.loss_mean is not None and view.reports_seen > th.warmup_reports + 1):
+            # A spike that began at the first step of the window before: that window's
+            # lowest loss was its first step's, from before it, so it did not count then,
+            # and its mean has since lifted the variance this z-score is measured against.
+            # It counts now if this whole window stands above the EMA (a bad batch or two
+            # in the window before leaves this one's lowest loss below it).
+            rise = _rise(_lowest(last), sig.loss_ref)
+            if rise >= th.loss_min_rise:
+                found.append(("loss_spike", f"loss spike from the window before: "
+                              f"z={sig.loss_z_before:.1f} > {th.loss_z:g} there, lowest loss "
+                              f"of this window {rise:+.0%} on the EMA"))
         g = last.grad_norm_mean
         if sig.grad_norm_z is not None and g is not None and sig.grad_norm_z > th.grad_norm_z:
             ref = sig.grad_norm_ref

@@ -50,7 +50,8 @@ class Persisted:
     #: Keys added within :data:`STATE_VERSION`: a state without them (an older journal's)
     #: loads with them empty.
     _ADDED = frozenset({"validations_ema", "paused", "operator_actions", "signal_trail",
-                        "checkpoint_keep", "nominal_lr", "resume_id", "nonfinite_faults"})
+                        "checkpoint_keep", "nominal_lr", "resume_id", "nonfinite_faults",
+                        "loss_z_before"})
 
     def state_dict(self) -> dict[str, Any]:
         """A JSON-serialisable copy (no NaN or infinity) for the journal."""

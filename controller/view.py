@@ -46,6 +46,10 @@ class Signals:
     #: against, and what a spike's size is best compared with.
     loss_ref: float | None = None
     grad_norm_ref: float | None = None
+    #: The loss z-score of the report before the latest (None: none, or in warm-up): a
+    #: spike that began at the first step of that window shows there, its lowest loss not
+    #: yet raised.
+    loss_z_before: float | None = None
 
 
 @dataclass(frozen=True)

@@ -209,6 +209,27 @@ def test_a_climb_across_an_lr_change_is_not_judged():
     assert DivergenceGuard().propose(st2.view())[0].rollback == "climb"
 
 
+def test_a_spike_that_begins_at_a_windows_first_step_is_caught_at_the_next_report():
+    """The LR blows up at a window's first step (a minGPT trial: one step at 1000x its LR):
+    that window's lowest loss is its first step's, from before the blow-up, so it is no
+    spike there, and by the next report its mean has lifted the variance the z-score is
+    measured against (z 56 then 1.7 in the trial: never caught, the run ended 24x worse).
+    The next window standing whole above the EMA makes it one. Bad batches that the run
+    got past leave the next window at the EMA: no spike."""
+    for blew_up, expect in ((True, "loss_spike"), (False, None)):
+        st = job()
+        nxt = calm(st, 40)
+        first = [3.0 - 2e-4 * nxt * EVERY]  # the first step's loss, from before it
+        feed(st, nxt, **window(first + [40.0] * (EVERY - 1), [1.0] * EVERY))
+        assert DivergenceGuard().propose(st.view()) == []  # its lowest is from before
+        after = [30.0] * EVERY if blew_up else [2.9] * EVERY
+        feed(st, nxt + 1, **window(after, [1.0] * EVERY))
+        props = DivergenceGuard().propose(st.view())
+        assert [p.rollback for p in props] == ([expect] if expect else [])
+        if blew_up:
+            assert "from the window before" in props[0].reason
+
+
 def test_the_most_urgent_cause_leads_and_every_cause_is_in_the_reason():
     st = job()
     nxt = calm(st, 50)
