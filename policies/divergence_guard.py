@@ -6,9 +6,10 @@ The controller judges every report once (:mod:`~trimtab.controller.health`, unde
 decides which checkpoints are stable, so the two can never disagree. The causes, most
 urgent first:
 
-* ``nonfinite``: non-finite losses or gradient steps (an isolated bad batch, which the
-  client's skip already absorbed, excepted);
-* ``loss_spike``: after a warm-up, a loss z-score far out of the noise and a material
+* ``nonfinite``: persistent non-finite losses or gradient steps (a burst of bad batches,
+  which the client's skip already absorbed, over within the report or the next, excepted);
+* ``loss_spike``: after a warm-up, a loss z-score far out of the noise (this report's, or
+  the one before's for a spike that began at that window's first step) and a material
   rise of the window's lowest loss over its EMA;
 * ``grad_spike``: a gradient-norm z-score far out of the noise and a norm many times its
   EMA;
