@@ -217,13 +217,13 @@ class Guard(GuardState):
         _check_switches(hooks, reseed_on_rollback)
         # A wrapper (accelerate's): the guard works on the torch optimizer under it and
         # steps through it. See trimtab.client._wrapped.
-        if not isinstance(unwrap(optimizer), torch.optim.Optimizer):
-            raise _invalid("optimizer", f"{type(optimizer).__name__} {optimizer!r}"[:200],
+        wrapper, optimizer = optimizer, unwrap(optimizer)
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise _invalid("optimizer", f"{type(wrapper).__name__} {wrapper!r}"[:200],
                            "a torch.optim.Optimizer (or a wrapper holding one as .optimizer, "
                            "as accelerate's does): trimtab steers its param_groups, and a "
                            "loop that updates the parameters by hand has none")
-        check_wrapper(optimizer, hooks)
-        wrapper, optimizer = optimizer, unwrap(optimizer)
+        check_wrapper(wrapper, hooks)
         _check_checkpoint_options(checkpoint_every, keep, checkpoint_dir, scheduler,
                                   optimizer, on_rollback)
         check_optimizer(optimizer)

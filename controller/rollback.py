@@ -352,10 +352,16 @@ class RollbackState:
             self.pending = None
         self._go_back(step, [])
         self.unusable = []
-        self.last_resort = [step] if origin is None else [step, origin]
+        self.note_origin(step, origin)
         if self.cooldown_until is not None and self.cooldown_until > step:
             # A cooldown counted on the abandoned path: from the resumed step at most.
             self.cooldown_until = None
+
+    def note_origin(self, step: int, origin: int | None) -> None:
+        """The run as this controller meets it at ``step`` (a registration, a resume) and, as
+        the client tells it, the step of its snapshot of the run as its user handed it over:
+        the last resorts, in that order (:attr:`last_resort`)."""
+        self.last_resort = [step] if origin is None else [step, origin]
 
     # -- what the engine records ----------------------------------------------------------
 

@@ -225,8 +225,7 @@ class JobState(Persisted):
         # signal yet.
         state.rollback.note_in_force(msg.step, {"knobs": state.knobs.model_dump(),
                                                 "grad_norm_ema": None})
-        state.rollback.last_resort = [msg.step] if msg.origin is None else [msg.step,
-                                                                            msg.origin]
+        state.rollback.note_origin(msg.step, msg.origin)
         state.tracker.mark(msg.step)
         state._note_client(msg)
         return state
