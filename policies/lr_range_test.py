@@ -79,6 +79,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Sequence
 from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -88,6 +89,7 @@ from trimtab.policies.sdk import (
     Phase,
     Policy,
     Proposal,
+    Sample,
     ScaleContext,
     SchedulePiece,
     fell_below,
@@ -382,60 +384,11 @@ class LrRangeTest(Policy):
             return "high", (f"non-finite values in the first {view.reports_seen} reports: "
                             f"{view.nonfinite_losses_total} losses, "
                             f"{view.nonfinite_grads_total} gradient steps")
-        low = high = None  # the lowest and highest losses of the reports before
-        for s in seen[:cfg.explode_reports + 1]:
-            if s.loss_min is None or s.loss_max is None:
-                continue
-            # A blow-up lifts a whole window far above the lowest loss seen before: its
-            # lowest loss stands there. One batch does not: a window's highest loss is a
-            # single batch, and small noisy batches, or a few bad ones, spread a healthy
-            # window as widely (a trial: a regression at batch 8, falling, spread 2.1-14.5
-            # in one window, was swept from step 0 and ended 35x its bare run). (Off a lowest
-            # at or below 0, a loss with a noise or likelihood term, the rise is measured in
-            # units of the fall from the first report's mean: past.) And above every loss
-            # seen before: a window that only sits above one unusually low batch is noise.
-            if (low is not None and high is not None and s.loss_min > high
-                    and past(s.loss_min, low, seen[0].loss_mean
-                             if seen[0].loss_mean is not None else high, cfg.explode_ratio)):
-                return "high", (f"the loss blew up by the window ending at step {s.step}: "
-                                f"its lowest {s.loss_min:.4g}, from a lowest {low:.4g} "
-                                f"before")
-            low = s.loss_min if low is None else min(low, s.loss_min)
-            high = s.loss_max if high is None else max(high, s.loss_max)
-        for before, s in zip(seen[:-1], seen[1:], strict=True):
-            # A jump: a whole window above the whole window before it, and its lowest loss at
-            # least twice the one before's (a CNN at 10x its LR, falling to 0.53-1.23, then
-            # 1.90-4.84 in one window: dead a few reports later). Windows of noisy batches,
-            # a fall, a slow rise or a bad batch or two overlap the window before.
-            if (before.loss_min is not None and before.loss_max is not None
-                    and s.loss_min is not None and before.loss_min > 0
-                    and s.loss_min > before.loss_max and s.loss_min > 2 * before.loss_min):
-                return "high", (f"the loss jumped by the window ending at step {s.step}: its "
-                                f"lowest {s.loss_min:.4g} above the window before's highest "
-                                f"{before.loss_max:.4g}")
         losses = [s.loss_mean for s in seen if s.loss_mean is not None]
-        # A rise: a later window's mean above the first report's. A run that has trained
-        # (a report's mean below half the first's) must show it in the whole window or at
-        # its end (its lowest or last loss) too: a window lifted by a few bad batches that
-        # it got past is no LR far too high (a trial: three batches x1e6 at step 150 of a
-        # tuned Lightning run, its clip absorbing them, were swept from step 0). One that
-        # never got far from its start and only gets worse is (a CNN at 30x its LR,
-        # hovering at its initial loss, its mean lifted 5-10% by its worst batches).
-        if len(losses) >= 2 and losses[0] > 0:
-            bar = losses[0] * (1 + cfg.rise)
-            lowest = losses[0]
-            for s in seen[1:]:
-                if s.loss_mean is None:
-                    continue
-                if s.loss_mean <= bar:
-                    lowest = min(lowest, s.loss_mean)
-                    continue
-                ends = s.loss_last if s.loss_last is not None else s.loss_mean
-                whole = s.loss_min if s.loss_min is not None else s.loss_mean
-                if lowest >= 0.5 * losses[0] or ends > bar or whole > bar:
-                    return "high", (f"the loss rose from {losses[0]:.4g} to {s.loss_mean:.4g} "
-                                    f"by the window ending at step {s.step} (its last loss "
-                                    f"{ends:.4g}) over the first {len(losses)} reports")
+        hot = (_blew_up(seen[:cfg.explode_reports + 1], cfg.explode_ratio) or _jumped(seen)
+               or _rose(seen, losses, cfg.rise))
+        if hot is not None:
+            return "high", hot
         low = self._aligned(view)
         if low is not None:
             return "low", low
@@ -673,6 +626,74 @@ class LrRangeTest(Policy):
             if found is not None and reached <= found and before[-1] <= first:
                 return ckpt
         return phase.checkpoint
+
+
+def _blew_up(seen: Sequence[Sample], ratio: float) -> str | None:
+    """Why ``seen`` (the first reports) blew up: a whole window far above the lowest loss
+    seen before (None: none did)."""
+    low = high = None  # the lowest and highest losses of the reports before
+    for s in seen:
+        if s.loss_min is None or s.loss_max is None:
+            continue
+        # A blow-up lifts a whole window far above the lowest loss seen before: its lowest
+        # loss stands there. One batch does not: a window's highest loss is a single batch,
+        # and small noisy batches, or a few bad ones, spread a healthy window as widely (a
+        # trial: a regression at batch 8, falling, spread 2.1-14.5 in one window, was swept
+        # from step 0 and ended 35x its bare run). (Off a lowest at or below 0, a loss with
+        # a noise or likelihood term, the rise is measured in units of the fall from the
+        # first report's mean: past.) And above every loss seen before: a window that only
+        # sits above one unusually low batch is noise.
+        if (low is not None and high is not None and s.loss_min > high
+                and past(s.loss_min, low, seen[0].loss_mean
+                         if seen[0].loss_mean is not None else high, ratio)):
+            return (f"the loss blew up by the window ending at step {s.step}: its lowest "
+                    f"{s.loss_min:.4g}, from a lowest {low:.4g} before")
+        low = s.loss_min if low is None else min(low, s.loss_min)
+        high = s.loss_max if high is None else max(high, s.loss_max)
+    return None
+
+
+def _jumped(seen: Sequence[Sample]) -> str | None:
+    """Why a window of ``seen`` jumped: whole above the window before it, its lowest loss at
+    least twice that one's (a CNN at 10x its LR, falling to 0.53-1.23, then 1.90-4.84 in
+    one window: dead a few reports later). Windows of noisy batches, a fall, a slow rise or
+    a bad batch or two overlap the window before. None: none did."""
+    for before, s in zip(seen[:-1], seen[1:], strict=True):
+        if (before.loss_min is not None and before.loss_max is not None
+                and s.loss_min is not None and before.loss_min > 0
+                and s.loss_min > before.loss_max and s.loss_min > 2 * before.loss_min):
+            return (f"the loss jumped by the window ending at step {s.step}: its lowest "
+                    f"{s.loss_min:.4g} above the window before's highest "
+                    f"{before.loss_max:.4g}")
+    return None
+
+
+def _rose(seen: Sequence[Sample], losses: list[float], rise: float) -> str | None:
+    """Why the loss of ``seen`` (``losses``: their means) rose: a later window's mean
+    ``rise`` above the first report's. A run that has trained (a report's mean below half
+    the first's) must show it in the whole window or at its end (its lowest or last loss)
+    too: a window lifted by a few bad batches that it got past is no LR far too high (a
+    trial: three batches x1e6 at step 150 of a tuned Lightning run, its clip absorbing
+    them, were swept from step 0). One that never got far from its start and only gets
+    worse is (a CNN at 30x its LR, hovering at its initial loss, its mean lifted 5-10% by
+    its worst batches). None: it did not."""
+    if len(losses) < 2 or losses[0] <= 0:
+        return None
+    bar = losses[0] * (1 + rise)
+    lowest = losses[0]
+    for s in seen[1:]:
+        if s.loss_mean is None:
+            continue
+        if s.loss_mean <= bar:
+            lowest = min(lowest, s.loss_mean)
+            continue
+        ends = s.loss_last if s.loss_last is not None else s.loss_mean
+        whole = s.loss_min if s.loss_min is not None else s.loss_mean
+        if lowest >= 0.5 * losses[0] or ends > bar or whole > bar:
+            return (f"the loss rose from {losses[0]:.4g} to {s.loss_mean:.4g} by the window "
+                    f"ending at step {s.step} (its last loss {ends:.4g}) over the first "
+                    f"{len(losses)} reports")
+    return None
 
 
 def _warming(samples: list) -> bool:
