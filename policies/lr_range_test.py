@@ -133,8 +133,14 @@ class LrRangeTestConfig(BaseModel):
     pick_divisor: float = Field(10.0, ge=1.0, allow_inf_nan=False)
     #: Reports needed for a pick.
     min_points: int = Field(4, ge=2)
-    #: The lowest smoothed loss must lie this fraction below the first for a pick.
+    #: The lowest smoothed loss must lie this fraction below the first for a pick...
     min_drop: float = Field(0.02, ge=0.0, lt=1.0)
+    #: ...and this many standard errors of a report's mean loss (its window's range over
+    #: the expected range of as many normal draws, over the square root of its steps; the
+    #: median over the sweep's reports): a loss whose batches spread it 2x either way
+    #: "falls" 8% at an LR that moves nothing (a small-batch regression 10x too cold: the
+    #: sweep stopped at its "turn" and picked a thousandth of the run's LR).
+    min_drop_noise: float = Field(2.0, ge=0.0, allow_inf_nan=False)
     #: The LR set with the rollback is the pick times this.
     start_fraction: float = Field(1.0, gt=0.0, le=1.0)
     #: Stop too once the loss has fallen (the smoothed loss ``min_drop`` below its first)
@@ -173,7 +179,8 @@ class LrRangeTestConfig(BaseModel):
     flat_reports: int = Field(20, ge=3)
     #: Too low, too: the median update alignment (``cos(g, -dtheta)``, the hypergradient's
     #: sign, reported by the client) of the reports in the second half of the evidence
-    #: window, at least ``align_reports`` of them, above this (None: not used). Measured
+    #: window, at least ``align_reports`` of them, above this, and no more than a fifth of
+    #: them at or below 0 (None: not used). Measured
     #: on the benchmark's five tasks, 4 seeds, reports 10-20 of 5 steps: at the tuned LR
     #: -0.19..+0.05; at a tenth of it +0.22..+0.52 (char, GPT, width MLP; the digits CNN
     #: +0.11..+0.25); the early steps of every run are positive, hence the second half.
@@ -422,9 +429,16 @@ class LrRangeTest(Policy):
         median = statistics.median(seen)
         if median <= cfg.align_low:
             return None
+        # Nearly all of them, too: one sampled step per report spreads a tuned run's
+        # alignment +-0.3, and a noisy one's first five (+0.25, +0.17, +0.50, -0.04, -0.30)
+        # had a median over the line; a run far too low lines up at almost every report.
+        against = sum(1 for a in seen if a <= 0.0)
+        if against > len(seen) // 5:
+            return None
         return (f"each update lined up with the next gradient: median cos(g, -update) "
                 f"{median:+.2f} > {cfg.align_low:g} over {len(seen)} reports from report "
-                f"{cfg.evidence_reports // 2 + 1}, a larger LR would have gone further")
+                f"{cfg.evidence_reports // 2 + 1} ({len(seen) - against} of them above 0), "
+                "a larger LR would have gone further")
 
     def _during(self, view: JobView, phase: Phase, lo: float, hi: float) -> list[Proposal]:
         cfg: LrRangeTestConfig = self.config  # type: ignore[assignment]
@@ -446,7 +460,7 @@ class LrRangeTest(Policy):
         skip = self.skipped(lo, hi, phase.sweep_from)
         why = stop_reason(curve, cfg.diverge_factor)
         if why is None:
-            why = (self.turned([loss for _, loss, _ in points], curve)
+            why = (self.turned([loss for _, loss, _ in points], curve, samples)
                    if self.in_place_allowed(phase) else None)
         if why is None and done + skip >= cfg.sweep_steps:
             why = f"sweep done at lr x{curve[-1][0]:.3g}" if curve else "sweep done"
@@ -462,13 +476,14 @@ class LrRangeTest(Policy):
                     schedule=self.trajectory(phase.start_step, lo, hi, skip),
                 )
             ]
-        return [self._finish(view, phase, curve, why, [s.step for s in samples],
+        return [self._finish(view, phase, curve, why, samples,
                              [loss for _, loss, _ in points], skip)]
 
-    def turned(self, losses: list[float], curve: list[tuple[float, float]]) -> str | None:
+    def turned(self, losses: list[float], curve: list[tuple[float, float]],
+               samples: Sequence[Sample] = ()) -> str | None:
         """Why the sweep stops at its latest report because its loss turned up off its low
-        (None: it did not): the smoothed loss fell ``min_drop`` below its first value, and
-        the latest report's mean loss passes ``turn_ratio`` x the lowest before it.
+        (None: it did not): the smoothed loss fell below its first value (:meth:`fell`),
+        and the latest report's mean loss passes ``turn_ratio`` x the lowest before it.
 
         >>> LrRangeTest().turned([2.3, 2.0, 1.0, 0.6, 1.2], [(0.1, 2.3), (0.2, 2.1),
         ...                      (0.4, 1.6), (0.8, 1.1), (1.6, 1.1)])
@@ -478,7 +493,7 @@ class LrRangeTest(Policy):
         if cfg.turn_ratio is None or len(losses) < cfg.min_points:
             return None
         finite = [x for _, x in curve if math.isfinite(x)]
-        if not finite or min(finite) > fell_below(finite[0], cfg.min_drop):
+        if not finite or not self.fell(finite, samples):
             return None  # the loss has not fallen: no low to turn up from yet
         before = [x for x in losses[:-1] if math.isfinite(x)]
         last = losses[-1]
@@ -487,23 +502,48 @@ class LrRangeTest(Policy):
         bar = past_bar(min(before), before[0], cfg.turn_ratio, "its lowest report")
         return f"the loss turned up: {last:.4g} > {bar} at lr x{curve[-1][0]:.3g}"
 
+    def fell(self, smoothed: list[float], samples: Sequence[Sample]) -> bool:
+        """Whether the sweep's finite ``smoothed`` losses fell below their first: their
+        lowest ``min_drop`` of it and ``min_drop_noise`` standard errors of a report's mean
+        loss (:func:`mean_noise`, the median over ``samples``, the sweep's reports) below.
+
+        >>> from trimtab.controller.view import Sample
+        >>> calm = [Sample(step=10 * i, window=10, loss_min=8.0, loss_max=9.0)
+        ...         for i in range(1, 5)]
+        >>> noisy = [Sample(step=10 * i, window=10, loss_min=3.0, loss_max=20.0)
+        ...          for i in range(1, 5)]
+        >>> t = LrRangeTest()
+        >>> t.fell([8.6, 7.9, 8.4], calm), t.fell([8.6, 7.9, 8.4], noisy)
+        (True, False)
+        """
+        cfg: LrRangeTestConfig = self.config  # type: ignore[assignment]
+        noise = [mean_noise(s) for s in samples]
+        noise = [x for x in noise if x is not None]
+        spread = statistics.median(noise) if noise else 0.0
+        first = smoothed[0]
+        return min(smoothed) < min(fell_below(first, cfg.min_drop),
+                                   first - cfg.min_drop_noise * spread)
+
     def _finish(
         self, view: JobView, phase: Phase, curve: list[tuple[float, float]], why: str,
-        steps: list[int], losses: list[float], skip: int,
+        reports: Sequence[Sample], losses: list[float], skip: int,
     ) -> Proposal:
         """The sweep's end with the pick (if any): in place when the run is at its best
         (:meth:`keeps`), else the planned rollback to the newest checkpoint taken during
         the sweep at or before its lowest smoothed loss, where the sweep's steps made
         progress (:meth:`resume_at`), else to the sweep's own checkpoint. ``skip``: the
-        steps of the full sweep it left out below the run's own LR (:meth:`skipped`)."""
+        steps of the full sweep it left out below the run's own LR (:meth:`skipped`);
+        ``reports``: the sweep's."""
         cfg: LrRangeTestConfig = self.config  # type: ignore[assignment]
+        steps = [s.step for s in reports]
         finite = [(lr, loss) for lr, loss in curve if math.isfinite(loss)]
         found, verdict = None, ""
         if len(finite) < cfg.min_points:
             verdict = f"no pick: {len(finite)} finite points < min_points={cfg.min_points}"
-        elif min(loss for _, loss in finite) > fell_below(finite[0][1], cfg.min_drop):
+        elif not self.fell([loss for _, loss in finite], reports):
             verdict = (
-                f"no pick: the smoothed loss never fell {cfg.min_drop:.0%} below its "
+                f"no pick: the smoothed loss never fell {cfg.min_drop:.0%} and "
+                f"{cfg.min_drop_noise:g} standard errors of a report's mean below its "
                 f"first value {finite[0][1]:.4g}"
             )
         else:
@@ -694,6 +734,21 @@ def _rose(seen: Sequence[Sample], losses: list[float], rise: float) -> str | Non
                     f"ending at step {s.step} (its last loss {ends:.4g}) over the first "
                     f"{len(losses)} reports")
     return None
+
+
+def mean_noise(s: Sample) -> float | None:
+    """The standard error of ``s``'s mean loss, from its window's spread: the range over
+    the expected range of ``window`` normal draws (Blom's approximation), over
+    ``sqrt(window)``. None without a range, or for a window under 2 steps.
+
+    >>> round(mean_noise(Sample(step=10, window=10, loss_min=1.0, loss_max=4.0)), 3)
+    0.307
+    """
+    n, lo, hi = s.window, s.loss_min, s.loss_max
+    if n < 2 or lo is None or hi is None or not math.isfinite(hi - lo):
+        return None
+    expected_range = 2.0 * statistics.NormalDist().inv_cdf((n - 0.375) / (n + 0.25))
+    return (hi - lo) / expected_range / math.sqrt(n)
 
 
 def _warming(samples: list) -> bool:

@@ -488,6 +488,36 @@ def test_a_flat_then_up_curve_picks_nothing_and_returns_at_the_registered_lr():
     assert Cosine({"t_max": 1000}).base_lr(st.view()) == 1.0
 
 
+def test_a_sweep_over_batch_noise_neither_turns_up_nor_picks():
+    """A loss the sweep's LRs do not move, each window's batches spread 3-20 around a mean
+    of 8-10 (a small-batch regression started 10x too cold, as a user's trial journaled
+    it): the smoothed loss's 8% dip and a window mean 1.66x the lowest are the batches,
+    not the LR. The sweep does not stop at a "turn" and picks nothing; the same reports
+    without the noise bar stop it at the turn with a pick below the run's LR (the trial's
+    pick, a thousandth of its LR, stalled it: 9.24 against 0.98 bare)."""
+    means = [8.4, 8.57, 7.52, 8.87, 8.45, 9.26, 9.20, 10.35, 9.09, 7.78, 12.47, 8.9, 9.1]
+
+    def sweep(**cfg):
+        c = client()
+        policy = LrRangeTest({"when": "always", "min_lr": 1e-5, "max_lr": 1e-2,
+                              "sweep_steps": 120, "end_in_place": "always", **cfg})
+        engine = Engine([policy], WIDE)
+        for i in range(14):
+            c.advance()
+            mean = means[i % len(means)]
+            d = c.exchange(engine, loss_mean=mean, loss_min=3.0, loss_max=20.0).decision
+            if d.phase_end is not None or d.rollback is not None:
+                return next(p for n, p in d.proposals if n == "lr_range_test")
+        raise AssertionError("the sweep did not end")
+
+    end = sweep()
+    assert end.detail["stop"].startswith("sweep done") and end.detail["found_lr"] is None
+    assert "never fell 2% and 2 standard errors" in end.reason
+    bare = sweep(min_drop_noise=0.0)
+    assert bare.detail["stop"].startswith("the loss turned up")
+    assert bare.detail["found_lr"] < 1e-2
+
+
 def test_a_non_finite_loss_mid_sweep_stops_it_and_rolls_back():
     c = client()
     st = c.state
@@ -1082,6 +1112,17 @@ def test_updates_that_keep_lining_up_with_the_next_gradient_say_the_lr_is_too_lo
     assert p.sweep and "lined up" in p.reason
     # Fewer than five reports with an alignment: nothing said yet.
     assert _evidence(falling[:14], aligned=cold[:14])[0] is None
+    # A median over the line is not enough while two in five (or three in ten) say
+    # otherwise: a noisy tuned run (a small-batch regression, one sampled step per report)
+    # whose first five late reports have a median of +0.17, and whose ten do not line up
+    # (as journaled in a user's trial; swept, it ended 1.07x worse than bare).
+    noisy = [0.5] * 10 + [0.254, 0.171, 0.498, -0.043, -0.301, -0.233, 0.591, 0.241,
+                          -0.063, -0.34]
+    for n in range(15, 21):
+        assert _evidence(falling[:n], aligned=noisy[:n])[0] is None
+    # One in five against is allowed: a run far too low whose sampled step once was not.
+    once = cold[:12] + [-0.05] + cold[13:]
+    assert "(9 of them above 0)" in _evidence(falling, aligned=once)[0]
     warm = [LR * (i + 1) / 40 for i in range(20)]
     assert _evidence(falling, aligned=cold, used=warm)[0] is None
 
