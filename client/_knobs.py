@@ -207,7 +207,7 @@ class Actuator:
         # Read before the writes below: a tensor entry is scaled in place.
         self._last = (_keep(base_lr), _keep(base_wd), _keep(base_mom), None, momentum,
                       self.wd_scale)
-        lr_eff = self._capped(base_lr, lr_m)
+        lr_eff = self._capped(_top_lr(groups), lr_m)
         saved: list[tuple[dict[str, Any], str, Any]] = []
         for group in groups:
             if lr_m != 1.0:
@@ -220,7 +220,9 @@ class Actuator:
         self._last = (*self._last[:3], lr_eff, momentum, self.wd_scale)
 
     def _capped(self, base: Any, m: float) -> Any:
-        """The lr multiplier after the cap: ``min(m, max(1, lr_max / base))`` for ``m > 1``."""
+        """The lr multiplier after the cap: ``min(m, max(1, lr_max / base))`` for ``m > 1``;
+        ``base`` is the highest lr of the param groups (:func:`_top_lr`), so that no group
+        runs past the cap (layer-wise LR decay puts the smallest lr in group 0)."""
         if m <= 1.0 or self.lr_max is None:
             return m
         if isinstance(base, torch.Tensor):
@@ -253,7 +255,8 @@ class Actuator:
             # the first step evaluates it again.
             last = self.live.last if self.live.schedules else {}
             lr_m: Any = (None if base.lr is None
-                         else self._capped(base.lr, last.get("lr", self.lr_scale)))
+                         else self._capped(_top_lr(self.optimizer.param_groups),
+                                           last.get("lr", self.lr_scale)))
             momentum, wd_m = last.get("momentum", self.momentum), self.wd_scale
         else:
             lr_m, momentum, wd_m = self._last[3:]
@@ -274,6 +277,24 @@ class Actuator:
         """The multipliers in force (a live lr schedule's value at the last engaged step)."""
         lr = self.live.last.get("lr", self.lr_scale) if self.live.schedules else self.lr_scale
         return wire.Scale(lr=lr, weight_decay=self.wd_scale)
+
+
+def _top_lr(groups: list[dict[str, Any]]) -> Any:
+    """The highest lr of the param groups, which the cap on a multiplier above 1 is
+    measured on: the multiplier is the same for every group, so the group with the highest
+    lr reaches the cap first (timm's layer-wise LR decay orders its groups from the input,
+    the smallest lr first). Host arithmetic for float lrs; tensor lrs are reduced on their
+    device, with no host read."""
+    lrs = [g["lr"] for g in groups]
+    if len(lrs) == 1:
+        return lrs[0]
+    tensors = [v for v in lrs if isinstance(v, torch.Tensor)]
+    if not tensors:
+        return max(lrs)
+    device = tensors[0].device
+    return torch.stack([torch.as_tensor(v, dtype=torch.float64 if device.type == "cpu"
+                                        else torch.float32, device=device).reshape(())
+                        for v in lrs]).amax()
 
 
 def _keep(value: Any) -> Any:
