@@ -207,7 +207,7 @@ class Actuator:
         # Read before the writes below: a tensor entry is scaled in place.
         self._last = (_keep(base_lr), _keep(base_wd), _keep(base_mom), None, momentum,
                       self.wd_scale)
-        lr_eff = self._capped(_top_lr(groups), lr_m)
+        lr_eff = self._capped(groups, lr_m)
         saved: list[tuple[dict[str, Any], str, Any]] = []
         for group in groups:
             if lr_m != 1.0:
@@ -219,12 +219,14 @@ class Actuator:
         self._saved = saved
         self._last = (*self._last[:3], lr_eff, momentum, self.wd_scale)
 
-    def _capped(self, base: Any, m: float) -> Any:
+    def _capped(self, groups: list[dict[str, Any]], m: float) -> Any:
         """The lr multiplier after the cap: ``min(m, max(1, lr_max / base))`` for ``m > 1``;
-        ``base`` is the highest lr of the param groups (:func:`_top_lr`), so that no group
-        runs past the cap (layer-wise LR decay puts the smallest lr in group 0)."""
+        ``base`` is the highest lr of the param ``groups`` (:func:`_top_lr`, read only
+        then), so that no group runs past the cap (layer-wise LR decay puts the smallest lr
+        in group 0)."""
         if m <= 1.0 or self.lr_max is None:
             return m
+        base = _top_lr(groups)
         if isinstance(base, torch.Tensor):
             if base.device.type != "cpu":  # on the device: no host read per step
                 return torch.clamp(self.lr_max / base, min=1.0, max=m)
@@ -255,7 +257,7 @@ class Actuator:
             # the first step evaluates it again.
             last = self.live.last if self.live.schedules else {}
             lr_m: Any = (None if base.lr is None
-                         else self._capped(_top_lr(self.optimizer.param_groups),
+                         else self._capped(self.optimizer.param_groups,
                                            last.get("lr", self.lr_scale)))
             momentum, wd_m = last.get("momentum", self.momentum), self.wd_scale
         else:
