@@ -135,6 +135,10 @@ class Actuator:
         # What the last engaged step used: group 0's base lr, wd, momentum (floats, or
         # tensor copies), the lr multiplier after the cap, the momentum put in.
         self._last: tuple[Any, Any, Any, Any, float | None, float] | None = None
+        # The lowest and highest lr put in for the open report window's steps (group 0's,
+        # effective; host floats), and whether a step's lr was a tensor (not read).
+        self._window_lr: tuple[float, float] | None = None
+        self._window_lr_unread = False
 
     # -- commands ------------------------------------------------------------------------------
 
@@ -218,6 +222,25 @@ class Actuator:
                 _put_momentum(group, momentum, saved)
         self._saved = saved
         self._last = (*self._last[:3], lr_eff, momentum, self.wd_scale)
+        self._note_lr(base_lr, lr_eff)
+
+    def _note_lr(self, base: Any, m: Any) -> None:
+        """Widen the open window's lr range by the lr just put in (``base x m``); an lr
+        held in a tensor is not read (that would be a host sync per step)."""
+        if isinstance(base, torch.Tensor) or isinstance(m, torch.Tensor):
+            self._window_lr_unread = True
+            return
+        lr = float(base) * m
+        w = self._window_lr
+        self._window_lr = (lr, lr) if w is None else (min(w[0], lr), max(w[1], lr))
+
+    def take_window_lr(self) -> tuple[float | None, float | None]:
+        """The lowest and highest lr (group 0's, effective) put in for the steps since the
+        last call, and a new window begun; ``(None, None)`` for no step, or where an lr was a
+        tensor (reading it would sync)."""
+        w, unread = self._window_lr, self._window_lr_unread
+        self._window_lr, self._window_lr_unread = None, False
+        return (None, None) if w is None or unread else w
 
     def _capped(self, groups: list[dict[str, Any]], m: float) -> Any:
         """The lr multiplier after the cap: ``min(m, max(1, lr_max / base))`` for ``m > 1``;

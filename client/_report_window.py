@@ -74,6 +74,7 @@ class ReportWindow:
             store = self._store
             report = self._reporter.report(
                 stats, step=self._step.host_step, knobs=knobs, base=base, scale=scale,
+                lr_range=self._step.act.take_window_lr(),
                 micro_counts=self._step.take_micro_counts(),
                 applied_seq=self._commands.applied_seq,
                 checkpoints=[] if store is None else store.steps(),

@@ -272,4 +272,5 @@ class Step:
         self.calls = calls
         self.skipped_closed, self.open_skips = calls - step, 0
         self.probe.reset()
+        self.act.take_window_lr()  # the discarded window's lrs
         self._micro_counts = []

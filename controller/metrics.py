@@ -63,6 +63,11 @@ _GAUGES = {
         (),
     ),
     "trimtab_job_step_time_seconds": ("Mean training step time, last report.", ()),
+    "trimtab_job_lr_window": (
+        "The lowest (bound=min) and highest (bound=max) lr the optimizer was given over the "
+        "last report's window (param group 0's: the user's own times trimtab's multiplier).",
+        ("bound",),
+    ),
     "trimtab_job_loss_slope": (
         "Least-squares slope of the loss per optimizer step over the slope window.",
         (),
@@ -245,6 +250,8 @@ class JobCollector(Collector):
             put("trimtab_job_update_ratio", [job], last.update_ratio)
             put("trimtab_job_update_alignment", [job], last.update_alignment)
             put("trimtab_job_step_time_seconds", [job], last.step_time_s)
+            put("trimtab_job_lr_window", [job, "min"], last.lr_window_min)
+            put("trimtab_job_lr_window", [job, "max"], last.lr_window_max)
         sig = state.signals()
         put("trimtab_job_loss_ema", [job], sig.loss_ema)
         put("trimtab_job_loss_slope", [job], sig.slope)

@@ -183,6 +183,11 @@ class Report(_Model):
     nonfinite_grads: Count = 0
     skipped_steps: Count = 0
     step_time_s: NonNeg | None = None
+    #: The lowest and highest lr put in for the window's steps (param group 0's,
+    #: effective: the loop's own times trimtab's multiplier; None where the lr is a tensor):
+    #: a loop that wrote another lr for a few steps mid-window shows it here, not in knobs.
+    lr_window_min: NonNeg | None = None
+    lr_window_max: NonNeg | None = None
     #: The values the optimizer used at the window's last step (effective)...
     knobs: Knobs
     #: ...the user's own values at that step (``clip``: None), and trimtab's multipliers.

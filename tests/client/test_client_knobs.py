@@ -169,6 +169,26 @@ def test_a_tensor_lr_is_scaled_in_place_and_put_back():
     assert act.used().lr == pytest.approx(0.02) and act.base().lr == pytest.approx(0.01)
 
 
+def test_the_window_lr_range_is_the_lrs_put_in_and_none_for_a_tensor_lr():
+    """take_window_lr: the lowest and highest effective lr of the steps since the last
+    call (the loop's own lr times the multiplier), then a new window; an lr held in a
+    tensor is not read on the host (it would sync every step): no range."""
+    opt = torch.optim.SGD(_params(), lr=0.1)
+    act = Actuator(opt, clip=None)
+    assert act.take_window_lr() == (None, None)  # no step yet
+    act.command(wire.ScaleTargets(lr=0.5), wire.Knobs(), None)
+    for own in (0.1, 0.4, 0.2):
+        opt.param_groups[0]["lr"] = own
+        _step(opt, act)
+    assert act.take_window_lr() == (pytest.approx(0.05), pytest.approx(0.2))
+    _step(opt, act)
+    assert act.take_window_lr() == (pytest.approx(0.1), pytest.approx(0.1))
+    t = torch.optim.Adam(_params(), lr=torch.tensor(0.01))
+    act = Actuator(t, clip=None)
+    _step(t, act)
+    assert act.take_window_lr() == (None, None)
+
+
 def test_out_of_range_values_change_nothing():
     opt = torch.optim.Adam(_params(), lr=0.1)
     act = Actuator(opt, clip=None)
