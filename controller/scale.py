@@ -67,6 +67,7 @@ __all__ = [
     "derive_limits",
     "explicit_fields",
     "LR_CENTER",
+    "LR_CENTER_BY_OPTIMIZER",
     "LR_SPAN",
     "REFERENCE_BATCH_SIZE",
 ]
@@ -83,6 +84,10 @@ REFERENCE_BATCH_SIZE = 256
 #: A family's customary lr at ``REFERENCE_BATCH_SIZE``: SGD's 0.1 (Goyal et al. 2017, He et
 #: al. 2016), Adam's 1e-3 (Kingma & Ba 2015's default).
 LR_CENTER: dict[str, float] = {"sgd": 0.1, "adam": 1e-3}
+#: Optimizers of a family whose lr means something else: Adadelta's lr scales an update
+#: already in the parameters' units (Zeiler 2012 has none; torch's default is 1.0), so the
+#: Adam family's centre would put a run at its customary lr 100x over the sane range.
+LR_CENTER_BY_OPTIMIZER: dict[str, float] = {"adadelta": 1.0}
 #: The sane lr range around the centre: two decades below, one above.
 LR_SPAN = (1e-2, 10.0)
 #: Fields of a knob's bounds: setting any of them in the config keeps the lr's derived
@@ -181,11 +186,15 @@ class ScaleContext:
         ...                         dtype="float32", device="cpu", batch_size=64)
         >>> ScaleContext.from_facts(facts).lr_range()
         (5e-06, 0.005)
+        >>> ScaleContext.from_facts(facts.model_copy(update={"optimizer": "Adadelta",
+        ...                                                  "batch_size": 256})).lr_range()
+        (0.01, 10.0)
         """
         if self.family == "other":
             return None
         f = 1.0 if self.batch_size is None else self.batch_lr_factor(REFERENCE_BATCH_SIZE)
-        center = LR_CENTER[self.family] * f
+        center = LR_CENTER_BY_OPTIMIZER.get(self.optimizer.lower(),
+                                            LR_CENTER[self.family]) * f
         return center * LR_SPAN[0], center * LR_SPAN[1]
 
 
@@ -253,7 +262,14 @@ def derive_limits(
         )
         notes.append(
             f"lr multiplier bounds [{lo_m:.3g}, {hi_m:.3g}], effective lr capped at "
-            f"{cap:.3g}: {ctx.family} family range [{rng[0]:.3g}, {rng[1]:.3g}] ({rule}) "
+            f"{cap:.3g}: {_whose(ctx)} range [{rng[0]:.3g}, {rng[1]:.3g}] ({rule}) "
             f"joined with the configured band around the registered lr {lr0}"
         )
     return DerivedLimits(cfg.model_copy(update={"lr": lr}), tuple(notes))
+
+
+def _whose(ctx: ScaleContext) -> str:
+    """Whose sane lr range a job's is, for the log: its family's, or its optimizer's own."""
+    if ctx.optimizer.lower() in LR_CENTER_BY_OPTIMIZER:
+        return f"{ctx.optimizer}'s"
+    return f"{ctx.family} family"

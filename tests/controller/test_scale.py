@@ -6,7 +6,8 @@ import math
 
 import pytest
 
-from trimtab.controller.scale import ScaleContext, optimizer_family
+from trimtab.controller.governor import GovernorConfig
+from trimtab.controller.scale import ScaleContext, derive_limits, optimizer_family
 from trimtab.protocol import wire
 
 
@@ -57,6 +58,21 @@ def test_the_context_carries_the_facts_and_the_global_batch():
 )
 def test_optimizer_families(name, family):
     assert optimizer_family(name) == family
+
+
+def test_adadelta_has_its_own_sane_range_not_adams():
+    """Adadelta's lr scales an update already in the parameters' units (torch's default
+    1.0, as pytorch/examples' mnist trains it): Adam's range [1e-5, 1e-2] put that run 100x
+    over it and named it "adam family range" in the log. Its own is [0.01, 10] at batch
+    256, the batch rule still Adam's (square root)."""
+    facts = wire.ScaleFacts(param_count=10, group_sizes=[10], optimizer="Adadelta",
+                            dtype="float32", device="cpu", batch_size=64)
+    ctx = ScaleContext.from_facts(facts)
+    assert ctx.family == "adam" and ctx.lr_range() == pytest.approx((0.005, 5.0))
+    d = derive_limits(ctx, GovernorConfig(), set(), wire.Knobs(lr=1.0))
+    (note,) = d.notes
+    assert "Adadelta's range [0.005, 5]" in note and "adam family" not in note
+    assert d.config.lr.min_rel == pytest.approx(1e-3) and d.config.lr.max == pytest.approx(10.0)
 
 
 def test_linear_for_sgd_square_root_for_adam():
