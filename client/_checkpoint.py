@@ -49,7 +49,7 @@ from . import _host_copy
 from ._checkpoint_files import CheckpointFiles, read_payload, scan
 from ._copy_plan import CopyPlan, Flat, flatten
 from ._host_copy import _CopyStreams, _HostCopier, _PinnedPool
-from ._snapshot import Checkpoint, capture_rng, reseed_rng, restore_rng
+from ._snapshot import Checkpoint, Unrestorable, capture_rng, reseed_rng, restore_rng
 
 __all__ = ["Checkpoint", "CheckpointStore", "load_stable", "capture_rng", "restore_rng",
            "reseed_rng"]
@@ -351,10 +351,13 @@ class CheckpointStore:
         if ckpt is None:
             return None, f"rollback_to={step}: no stable checkpoint at or before it loads"
         self.fence()  # copies still reading the live tensors finish before they are overwritten
-        if ema is None:  # a sharded checkpoint's restore takes no average
-            ckpt.restore(model, optimizer, scheduler)
-        else:
-            ckpt.restore(model, optimizer, scheduler, ema=ema)
+        try:
+            if ema is None:  # a sharded checkpoint's restore takes no average
+                ckpt.restore(model, optimizer, scheduler)
+            else:
+                ckpt.restore(model, optimizer, scheduler, ema=ema)
+        except Unrestorable as exc:  # raised before anything was touched
+            return None, f"rollback_to={step}: {exc}"
         self._drop_after(ckpt.step)
         if ckpt.step not in self._held:  # loaded from disk: keep it at hand for next time
             self._held[ckpt.step] = ckpt

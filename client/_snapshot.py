@@ -33,7 +33,7 @@ from trimtab.protocol import wire
 from . import _host_copy
 from ._knobs import knobs_of
 
-__all__ = ["Checkpoint", "capture_rng", "restore_rng", "reseed_rng"]
+__all__ = ["Checkpoint", "Unrestorable", "capture_rng", "restore_rng", "reseed_rng"]
 
 log = logging.getLogger("trimtab.client")
 
@@ -181,10 +181,13 @@ class Checkpoint:
         ``AveragedModel`` of your own). A checkpoint that holds none restarts it: the next
         step taken copies the restored weights.
         """
+        # Checked before anything is touched: a checkpoint that does not fit the optimizer's
+        # param groups restores nothing (Unrestorable), the model included.
+        optim_sd = _fit_groups(optimizer, self.optimizer, self.step)
         # Loading copies into the live tensors (a host-to-device copy that waits on CUDA:
         # a rollback is rare and the run is going nowhere until it is done).
         model.load_state_dict(self.model)
-        _load_optimizer(optimizer, self.optimizer)
+        _load_optimizer(optimizer, optim_sd)
         if scheduler is not None and self.scheduler is not None:
             # load_state_dict adopts the dict's lists: give it a copy, keep ours intact.
             scheduler.load_state_dict(copy.deepcopy(self.scheduler))
@@ -196,6 +199,40 @@ class Checkpoint:
                          "restarts from the restored weights", self.step)
                 ema.n_averaged.zero_()
         restore_rng(self.rng)
+
+
+class Unrestorable(ValueError):
+    """A checkpoint that does not fit the run any more; raised before anything is touched."""
+
+
+def _fit_groups(optimizer: torch.optim.Optimizer, state: dict[str, Any],
+                step: int) -> dict[str, Any]:
+    """The checkpoint's optimizer ``state`` to load into ``optimizer`` as its param groups
+    are now.
+
+    A loop that unfreezes layers as it goes (progressive unfreezing) adds param groups
+    with ``add_param_group`` after checkpoints were taken. Such a checkpoint holds the
+    groups it knew, which are the optimizer's first ones (``add_param_group`` appends):
+    those get its state; the groups added since keep the settings the loop gave them, and
+    their parameters no optimizer state, which is what they had at the checkpoint (the
+    model's ``state_dict`` restores their values). Any other difference (a group removed,
+    one whose parameters changed) raises :class:`Unrestorable`.
+    """
+    saved = [len(g["params"]) for g in state["param_groups"]]
+    live = [len(g["params"]) for g in optimizer.param_groups]
+    if saved == live:
+        return state
+    if len(live) > len(saved) and live[: len(saved)] == saved:
+        added = optimizer.state_dict()["param_groups"][len(saved):]
+        log.warning("trimtab checkpoint at step %d was taken with %d param group(s), the "
+                    "optimizer has %d now: the %d added since keep their settings, and their "
+                    "parameters restart without optimizer state", step, len(saved), len(live),
+                    len(live) - len(saved))
+        return {**state, "param_groups": [*state["param_groups"], *added]}
+    raise Unrestorable(
+        f"the checkpoint at step {step} does not fit the optimizer's param groups (parameters "
+        f"per group then: {saved}, now: {live}); only groups added since, after the others, "
+        "can be restored around")
 
 
 def _load_optimizer(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:

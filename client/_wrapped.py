@@ -33,6 +33,7 @@ leaves the stepping to the wrapper:
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -62,7 +63,16 @@ def syncs(optimizer: Any) -> bool:
 
 
 def check_wrapper(optimizer: Any, hooks: bool) -> None:
-    """Refuse a wrapper that steps through a ``GradScaler`` without ``hooks=True``."""
+    """Refuse a wrapper that steps through a ``GradScaler`` without ``hooks=True``, and an
+    optimizer whose ``step()`` needs a closure (``LBFGS``) without them: ``guard.step(loss)``
+    calls ``step()`` with none, and the step hooks wrap the loop's own closure."""
+    if not hooks and _needs_closure(unwrap(optimizer)):
+        raise ValueError(
+            f"optimizer={type(unwrap(optimizer)).__name__} is invalid with guard.step(loss): "
+            "its step() needs a closure, which guard.step cannot pass; allowed: "
+            "attach(..., hooks=True) and the loop's own optimizer.step(closure) (the guard "
+            "acts after the closure's first call, before the update)"
+        )
     if hooks or unwrap(optimizer) is optimizer:
         return
     if getattr(optimizer, "scaler", None) is not None:
@@ -71,3 +81,12 @@ def check_wrapper(optimizer: Any, hooks: bool) -> None:
             "guard.step(loss); allowed: attach(..., hooks=True) and the loop's own "
             "optimizer.step() (the wrapper unscales and skips overflow steps inside it)"
         )
+
+
+def _needs_closure(optimizer: Any) -> bool:
+    """Whether ``optimizer.step`` has a ``closure`` parameter without a default (LBFGS)."""
+    try:
+        param = inspect.signature(type(optimizer).step).parameters.get("closure")
+    except (TypeError, ValueError):
+        return False
+    return param is not None and param.default is inspect.Parameter.empty

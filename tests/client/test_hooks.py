@@ -122,6 +122,26 @@ def test_closure_step_is_guarded_after_the_closure(dead_endpoint) -> None:
         assert guard.global_step == 3
 
 
+def test_an_optimizer_that_needs_a_closure_is_refused_without_hooks(fake_controller) -> None:
+    """LBFGS: ``guard.step(loss)`` would call ``step()`` without the closure it needs (a
+    TypeError from torch in the middle of the loop); attach says what to do instead, before
+    the job registers, and with ``hooks=True`` the loop's own ``step(closure)`` is guarded."""
+    model, twin = _model(), _model()
+    opt = torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=4)
+    twin_opt = torch.optim.LBFGS(twin.parameters(), lr=0.5, max_iter=4)
+    with pytest.raises(ValueError, match=r"optimizer=LBFGS is invalid with guard.step\(loss\): "
+                                         r"its step\(\) needs a closure.*hooks=True"):
+        attach(model, opt, job="lbfgs", endpoint=fake_controller.endpoint)
+    assert _hook_count(opt) == 0
+    with _attach(model, opt, fake_controller.endpoint, report_every=2) as guard:
+        for step in range(4):
+            opt.step(lambda step=step: _backward(model, step))
+            twin_opt.step(lambda step=step: _backward(twin, step))
+        assert _same(_state(model), _state(twin)) and guard.global_step == 4
+    fake_controller.wait_for(lambda c: len(c.of_type(wire.Report)) >= 2)
+    assert fake_controller.of_type(wire.Register)[0].job == "hooks"  # not "lbfgs"
+
+
 def _poison(model: torch.nn.Module, step: int) -> torch.Tensor:
     loss = _backward(model, step)
     next(model.parameters()).grad[0, 0] = float("nan")
