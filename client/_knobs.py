@@ -77,12 +77,35 @@ def check_optimizer(optimizer: torch.optim.Optimizer) -> None:
             raise ValueError(f"optimizer param group {i} has no 'lr'; trimtab steers lr")
 
 
+def decay_of(groups: list[dict[str, Any]]) -> Any:
+    """The weight decay that stands for the job: the first group's that is not 0, else
+    group 0's (None: no group has one). A no-decay group listed first (timm's
+    ``create_optimizer_v2``, many fine-tuning recipes) would read 0: "nothing to
+    multiply" for a run whose other groups decay. A tensor entry counts as not 0 (it is
+    not read here).
+
+    >>> decay_of([{"weight_decay": 0.0}, {"weight_decay": 0.05}]), decay_of([{}])
+    (0.05, None)
+    """
+    first = None
+    for g in groups:
+        wd = g.get("weight_decay")
+        if wd is None:
+            continue
+        if first is None:
+            first = wd
+        if isinstance(wd, torch.Tensor) or wd != 0:
+            return wd
+    return first
+
+
 def knobs_of(groups: list[dict[str, Any]], clip: float | None) -> wire.Knobs:
-    """Group 0's lr and weight decay and the first group's momentum, as they are in
-    ``groups`` (live param groups, or an optimizer ``state_dict``'s)."""
+    """Group 0's lr, the job's weight decay (:func:`decay_of`) and the first group's
+    momentum, as they are in ``groups`` (live param groups, or an optimizer
+    ``state_dict``'s)."""
     group0 = groups[0]
     momentum = next((m for g in groups if (m := _momentum_of(g)) is not None), None)
-    wd = group0.get("weight_decay")
+    wd = decay_of(groups)
     return wire.Knobs(
         lr=_scalar(group0["lr"]),
         momentum=None if momentum is None else _scalar(momentum),
@@ -206,7 +229,7 @@ class Actuator:
         momentum = live.get("momentum", self.momentum)
         groups = self.optimizer.param_groups
         g0 = groups[0]
-        base_lr, base_wd = g0["lr"], g0.get("weight_decay")
+        base_lr, base_wd = g0["lr"], decay_of(groups)
         base_mom = next((m for g in groups if (m := _momentum_of(g)) is not None), None)
         # Read before the writes below: a tensor entry is scaled in place.
         self._last = (_keep(base_lr), _keep(base_wd), _keep(base_mom), None, momentum,

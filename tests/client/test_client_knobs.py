@@ -169,6 +169,25 @@ def test_a_tensor_lr_is_scaled_in_place_and_put_back():
     assert act.used().lr == pytest.approx(0.02) and act.base().lr == pytest.approx(0.01)
 
 
+def test_the_jobs_weight_decay_is_the_first_groups_that_decays():
+    """A no-decay group listed first (timm's create_optimizer_v2, fine-tuning recipes): the
+    job's weight decay is the first group's that is not 0, so reports say the decay the
+    run has (not 0) and a multiplier has something to multiply; group 0's lr still stands
+    for the lr. A run with no decay anywhere reports 0."""
+    w, b = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(1))
+    opt = torch.optim.AdamW([{"params": [b], "weight_decay": 0.0},
+                             {"params": [w], "weight_decay": 0.05}], lr=1e-3)
+    act = Actuator(opt, clip=None)
+    assert act.base().weight_decay == 0.05
+    act.command(wire.ScaleTargets(weight_decay=2.0), wire.Knobs(), None)
+    seen = Seen(opt)
+    _step(opt, act)
+    assert [g["weight_decay"] for g in seen.steps[-1]] == [0.0, pytest.approx(0.1)]
+    assert act.used().weight_decay == pytest.approx(0.1) and act.base().weight_decay == 0.05
+    none = torch.optim.AdamW([torch.nn.Parameter(torch.ones(1))], lr=1e-3, weight_decay=0.0)
+    assert Actuator(none, clip=None).base().weight_decay == 0.0
+
+
 def test_the_window_lr_range_is_the_lrs_put_in_and_none_for_a_tensor_lr():
     """take_window_lr: the lowest and highest effective lr of the steps since the last
     call (the loop's own lr times the multiplier), then a new window; an lr held in a
