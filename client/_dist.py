@@ -45,7 +45,7 @@ Many jobs: :func:`shard_endpoint` picks a job's controller from a list, stably.
 >>> decode_command(bytes(body.tolist())) == cmd
 True
 >>> encode_command(None, step=240)[0].tolist()
-[0.0, 240.0]
+[0.0, 240.0, 0.0]
 """
 
 from __future__ import annotations
@@ -76,20 +76,22 @@ __all__ = [
 
 log = logging.getLogger("trimtab.client")
 
-#: The header broadcast at every report boundary: the command's length in bytes (0: none)
-#: and rank 0's global step.
-HEADER_SIZE = 2
+#: The header broadcast at every report boundary: the command's length in bytes (0: none),
+#: rank 0's global step, and 1 when rank 0 hears no controller (0 when it does).
+HEADER_SIZE = 3
 #: Integers above this are not exact in a float64.
 _EXACT = 2**53
 
 
-def encode_command(command: wire.Command | None, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_command(command: wire.Command | None, step: int,
+                   alone: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``command`` (``None``: no command) as a float64 header of :data:`HEADER_SIZE` values
-    (its length in bytes, ``step``) and a uint8 body: its wire frame (UTF-8 JSON)."""
+    (its length in bytes, ``step``, ``alone``: no controller heard) and a uint8 body: its
+    wire frame (UTF-8 JSON)."""
     if not 0 <= step <= _EXACT:
         raise ValueError(f"step={step!r} cannot travel in the header; allowed: 0 to 2**53")
     raw = b"" if command is None else wire.encode(command)
-    header = torch.tensor([float(len(raw)), float(step)], dtype=torch.float64)
+    header = torch.tensor([float(len(raw)), float(step), float(alone)], dtype=torch.float64)
     return header, torch.tensor(list(raw), dtype=torch.uint8)
 
 
@@ -227,6 +229,9 @@ class DistLink:
         self._src = 0 if group is None else dist.get_global_rank(group, 0)
         #: The command of the last broadcast, until the guard takes it.
         self.pending: wire.Command | None = None
+        #: Whether rank 0 heard no controller at the last exchange (every rank holds a live
+        #: lr schedule alike: see :class:`~trimtab.client._knobs.Actuator`).
+        self.alone = False
         self._transport: Transport | None = None
         self._warned = False
 
@@ -287,11 +292,13 @@ class DistLink:
         against it (ranks out of lockstep are logged, once).
         """
         own = None if self._transport is None else self._transport.take_command()
-        header, body = encode_command(own, step)
+        alone = self._transport is not None and not self._transport.connected
+        header, body = encode_command(own, step, alone)
         try:
             header = header.to(self.device)
             dist.broadcast(header, src=self._src, group=self.group)
-            size, step0 = header.tolist()  # a host copy (a sync), once per report
+            size, step0, alone0 = header.tolist()  # a host copy (a sync), once per report
+            self.alone = bool(alone0)
             if size:  # a second broadcast only when there is a command
                 if self.rank != 0:
                     body = torch.empty(int(size), dtype=torch.uint8)

@@ -392,6 +392,9 @@ class Guard(GuardState):
             return None
         total, finite = self._step.measure(loss, micro)
         self._ckpts.fence()  # snapshot copies in flight finish first, on the device
+        if self._dist is None and self._transport is not None:
+            # (Under torch.distributed rank 0's link state travels with its commands.)
+            self._act.alone = not self._transport.connected
         # Last, so that only the optimizer step runs between engage and release.
         self._act.engage(self._host_step())  # host floats only (tensor entries: on device)
         if self._commands.owed:
@@ -425,6 +428,7 @@ class Guard(GuardState):
             self._compile_note.window_closed(self.job)
             if self._dist is not None:  # every rank takes rank 0's command, at this step
                 self._dist.exchange(self._host_step())
+                self._act.alone = self._dist.alone  # and its link state
         # global_step is known on the host every step in "skip" mode, else at window ends.
         if (closing and not early) or self.nonfinite_mode == "skip":
             self._ckpts.take_if_due()

@@ -158,6 +158,9 @@ class Actuator:
         # What the last engaged step used: group 0's base lr, wd, momentum (floats, or
         # tensor copies), the lr multiplier after the cap, the momentum put in.
         self._last: tuple[Any, Any, Any, Any, float | None, float] | None = None
+        #: Whether no controller answers (the guard sets it: see :meth:`engage`).
+        self.alone = False
+        self._held = False  # whether a live lr schedule is held for it, said once
         # The lowest and highest lr put in for the open report window's steps (group 0's,
         # effective; host floats), and whether a step's lr was a tensor (not read).
         self._window_lr: tuple[float, float] | None = None
@@ -226,6 +229,20 @@ class Actuator:
             self.release()
         live = self.live.values(step)
         lr_m = live.get("lr", self.lr_scale)
+        if self.alone and lr_m > self.lr_scale:
+            # No controller to watch it: a live lr schedule is not followed above the value
+            # its command set (a range test's sweep rises to where runs blow up); it goes on
+            # from where its trajectory is once a controller answers.
+            if not self._held:
+                self._held = True
+                log.warning(
+                    "trimtab: no controller answers: the live lr schedule (x%.4g now) is held "
+                    "at its command's x%.4g until one does", lr_m, self.lr_scale)
+            lr_m = self.live.last["lr"] = self.lr_scale
+        elif self._held and not self.alone:
+            self._held = False
+            log.warning("trimtab: a controller answers: the live lr schedule goes on (x%.4g)",
+                        lr_m)
         momentum = live.get("momentum", self.momentum)
         groups = self.optimizer.param_groups
         g0 = groups[0]

@@ -1,0 +1,82 @@
+"""A controller that dies during a range test's sweep does not leave the run climbing.
+
+The sweep is a live schedule the client follows step by step: an lr multiplier rising
+exponentially to where runs blow up, which only the controller ends (it reads the loss
+curve and rolls the run back). With the controller killed mid-sweep, a user's run went on
+climbing to the sweep's top and stayed there (x10 its own lr, uncontrolled). Now a client
+that hears no controller holds a live lr schedule at the value its command set (the
+sweep's start); once a controller answers again the schedule goes on from where its
+trajectory is. A real ``trimtab serve``, SIGKILLed and restarted on its journal.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from trimtab.client import attach
+
+from .support import Regression
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+LR = 1e-3
+CONFIG = """
+[[policies]]
+name = "lr_range_test"
+config = { when = "always", sweep_steps = 2000 }
+"""
+
+
+def test_a_sweep_is_held_at_its_start_while_no_controller_answers(serve_factory, one_thread):
+    srv = serve_factory(CONFIG)
+    task = Regression()
+    opt = torch.optim.SGD(task.model.parameters(), lr=LR)
+    ran: list[float] = []  # the lr of every optimizer step, as the optimizer saw it
+    opt.register_step_pre_hook(lambda o, a, k: ran.append(float(o.param_groups[0]["lr"])))
+    guard = attach(task.model, opt, job="alone-sweep", endpoint=srv.endpoint, report_every=5,
+                   heartbeat_s=0.1, liveness=3)
+
+    def step() -> None:
+        loss = task.loss(*task.batch())
+        opt.zero_grad()
+        loss.backward()
+        guard.step(loss)
+        time.sleep(0.005)
+
+    with guard:
+        # The sweep runs: its multiplier rises from its start, past 2x it.
+        start = None
+        for _ in range(3000):
+            step()
+            if start is None and guard._act.live.schedules:
+                start = guard._act.lr_scale  # the value the sweep's command set
+            if start is not None and ran[-1] > 2 * start * LR:
+                break
+        assert start is not None and ran[-1] > 2 * start * LR, (start, ran[-5:])
+        climbed = ran[-1]
+
+        srv.kill()  # SIGKILL: no goodbye
+        while guard.connected:
+            step()
+        for _ in range(40):
+            step()
+        # Alone: held at the sweep's start; what the guard says is what ran.
+        assert ran[-20:] == pytest.approx([start * LR] * 20)
+        assert guard.knobs.lr == pytest.approx(start * LR)
+        assert guard.scale.lr == pytest.approx(start)
+
+        back = serve_factory(CONFIG, port=int(srv.endpoint.rsplit(":", 1)[1]),
+                             journal=srv.journal_path)
+        assert back.endpoint == srv.endpoint
+        for _ in range(3000):
+            step()
+            if guard.connected:
+                break
+        assert guard.connected
+        for _ in range(5):
+            step()
+        # The sweep goes on where its trajectory is: above where it was left.
+        assert ran[-1] > climbed
