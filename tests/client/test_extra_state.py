@@ -144,8 +144,10 @@ def _send_until(controller, command: wire.Command, done, step) -> None:
     raise AssertionError(f"command {command.seq} never took effect")
 
 
-def _ack(controller, seq: int) -> wire.Ack:
-    controller.wait_for(lambda c: any(a.seq == seq for a in c.of_type(wire.Ack)))
+def _ack(controller, seq: int, step) -> wire.Ack:
+    """The ack of command ``seq`` (it goes out with the first step that runs with it)."""
+    controller.wait_for(lambda c: any(a.seq == seq for a in c.of_type(wire.Ack)),
+                        while_waiting=step)
     return next(a for a in controller.of_type(wire.Ack) if a.seq == seq)
 
 
@@ -182,7 +184,7 @@ def test_a_rollback_restores_the_swa_average_its_schedule_and_the_loops_own_stat
         assert _same(state, run.at[5])
         assert int(state["swa"]["n_averaged"]) == 4  # averaged in after steps 1-4
         assert state["swa_sched"]["last_epoch"] == 4
-        ack = _ack(fake_controller, 2)
+        ack = _ack(fake_controller, 2, train)
         assert (ack.restored_step, ack.error) == (5, None)
 
         # Training goes on from there, writing into the objects (the tally into the very
@@ -195,7 +197,7 @@ def test_a_rollback_restores_the_swa_average_its_schedule_and_the_loops_own_stat
                     lambda c: guard.rollbacks == 2, train)
         step, state = run.restored[1]
         assert step == 5 and _same(state, run.at[5])
-        assert _ack(fake_controller, 3).error is None
+        assert _ack(fake_controller, 3, train).error is None
 
 
 def test_files_carry_the_extra_state_to_a_rollback_and_to_load_stable(fake_controller,
@@ -219,7 +221,7 @@ def test_files_carry_the_extra_state_to_a_rollback_and_to_load_stable(fake_contr
                     lambda c: guard.rollbacks == 1, train)
         step, state = run.restored[0]
         assert step == 4 and _same(state, run.at[4])
-        assert _ack(fake_controller, 2).error is None
+        assert _ack(fake_controller, 2, train).error is None
         for _ in range(3):
             train()
     # A new process: fresh objects, loaded from the newest stable file.
@@ -293,12 +295,12 @@ def test_a_load_state_dict_that_raises_is_reported_in_the_ack_and_the_rest_resto
                     lambda c: guard.rollbacks == 1, train)
         step, state = run.restored[0]
         assert step == 5 and _same(state, run.at[5])
-        ack = _ack(fake_controller, 2)
+        assert guard.global_step == 5 and guard.rollbacks == 1
+        ack = _ack(fake_controller, 2, train)
         assert ack.restored_step == 5
         assert ack.error is not None
         assert "extra_state['brittle']" in ack.error
         assert "RuntimeError: cannot go back" in ack.error
-        assert guard.global_step == 5
 
 
 class _NoLoad:
@@ -399,11 +401,18 @@ def test_extra_state_reads_nothing_from_the_device(dead_endpoint, monkeypatch) -
     per_step = []
     with _attach(run, dead_endpoint, report_every=4, checkpoint_every=4) as guard:
         for _ in range(12):
+            x = torch.randn(8, 5)
+            loss = (run.model(x) - x.sum(1, keepdim=True)).pow(2).mean()
+            run.opt.zero_grad()
+            loss.backward()
             reads.clear()
-            run.step(guard)
+            guard.step(loss)
             per_step.append(dict(reads))
+            run.swa.update_parameters(run.model)
+            run.swa_sched.step()
+            run.tally.update(loss)
         monkeypatch.undo()
-        assert guard.checkpoints == [0, 4, 8, 12]
+        assert guard.checkpoints == [4, 8, 12]
     for step, got in enumerate(per_step):
         assert got == ({"tolist": 1} if step % 4 == 3 else {}), f"step {step}: {got}"
 
