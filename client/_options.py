@@ -178,7 +178,10 @@ def _shown(value: object) -> str:
     (a module's or an optimizer's repr runs over many lines); a dict entry by entry."""
     if type(value) is dict and value:
         return "{" + ", ".join(f"{k!r}: {_shown(v)}" for k, v in value.items()) + "}"
-    text = repr(value)
+    try:
+        text = repr(value)
+    except Exception:  # a refusal must not fail on the value it names
+        text = "\n"
     return text if "\n" not in text and len(text) <= 100 else f"<{type(value).__name__}>"
 
 

@@ -226,11 +226,9 @@ class Checkpoint:
         held = self.extra or {}
         lacked = [name for name in objects if name not in held]
         if lacked:
-            log.warning("trimtab checkpoint at step %d holds no extra state for %s; %s as %s "
-                        "%s", self.step, ", ".join(map(repr, lacked)),
-                        "it stays" if len(lacked) == 1 else "they stay",
-                        "it" if len(lacked) == 1 else "they",
-                        "is" if len(lacked) == 1 else "are")
+            log.warning("trimtab checkpoint at step %d holds no extra state for %s (written "
+                        "without it): not restored, left as it was", self.step,
+                        ", ".join(map(repr, lacked)))
         failed = []
         for name, obj in objects.items():
             if name not in held:
