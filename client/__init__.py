@@ -10,12 +10,14 @@
 >>> guard.close()  # doctest: +SKIP
 
 Checkpoints and rollback: ``attach(..., checkpoint_every=100, keep=3,
-checkpoint_dir="ckpt", scheduler=sched, on_rollback=loader_seek)``. Resuming from your own
-checkpoint in a new process: save ``guard.state_dict()`` in it, and call
+checkpoint_dir="ckpt", scheduler=sched, on_rollback=loader_seek)``; the loop's own stateful
+objects (an EMA or SWA model of its own, a second scheduler) are rolled back with the model
+when handed over as ``extra_state={"swa": swa_model, "swa_sched": swalr}``. Resuming from
+your own checkpoint in a new process: save ``guard.state_dict()`` in it, and call
 ``guard.load_state_dict(...)`` after ``attach`` and your other ``load_state_dict`` calls
 (see :mod:`trimtab.client._resume`); from trimtab's own files,
-``load_stable("ckpt").restore(model, optimizer, sched)`` (a model sharded with FSDP2:
-``load_sharded("ckpt", model, optimizer)`` on every rank).
+``load_stable("ckpt").restore(model, optimizer, sched, extra_state={...})`` (a model
+sharded with FSDP2: ``load_sharded("ckpt", model, optimizer)`` on every rank).
 
 A loop that cannot change: ``attach(..., hooks=True)`` guards the loop's own
 ``optimizer.step()`` through the optimizer's step hooks, with ``guard.observe_loss(loss)``;

@@ -3,9 +3,10 @@
 A :class:`Checkpoint` holds everything needed to put a run back where it was: the
 model's and optimizer's state (host copies), the LR scheduler's state, the RNG states
 (torch CPU, every CUDA device, numpy's global generator, Python's ``random``), the
-clipping threshold and trimtab's other knobs in force, the guard's step counters and its
-weight average, if it keeps one (see :mod:`trimtab.client._snapshot`; it and the RNG
-functions are importable from here).
+clipping threshold and trimtab's other knobs in force, the guard's step counters, its
+weight average, if it keeps one, and the state of the loop's own objects handed over as
+``extra_state`` (see :mod:`trimtab.client._snapshot`; it and the RNG functions are
+importable from here).
 
 A :class:`CheckpointStore` keeps the ``keep`` newest checkpoints in host memory plus,
 always, the newest one marked stable. Copies never stall the device: CPU tensors are
@@ -49,10 +50,17 @@ from . import _host_copy
 from ._checkpoint_files import CheckpointFiles, read_payload, scan
 from ._copy_plan import CopyPlan, Flat, flatten
 from ._host_copy import _CopyStreams, _HostCopier, _PinnedPool
-from ._snapshot import Checkpoint, Unrestorable, capture_rng, reseed_rng, restore_rng
+from ._snapshot import (
+    Checkpoint,
+    PartlyRestored,
+    Unrestorable,
+    capture_rng,
+    reseed_rng,
+    restore_rng,
+)
 
-__all__ = ["Checkpoint", "CheckpointStore", "load_stable", "capture_rng", "restore_rng",
-           "reseed_rng"]
+__all__ = ["Checkpoint", "CheckpointStore", "PartlyRestored", "load_stable", "capture_rng",
+           "restore_rng", "reseed_rng"]
 
 log = logging.getLogger("trimtab.client")
 
@@ -112,13 +120,15 @@ class CheckpointStore:
         return self.memory_keep + 2
 
     def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                ema: dict[str, Any] | None = None) -> None:
+                ema: dict[str, Any] | None = None,
+                extra: dict[str, dict[str, Any]] | None = None) -> None:
         """Start allocating the pinned buffers that snapshots of this state will need (in
         the background; shapes and dtypes only, no device work). Call once the optimizer
         state exists (after the first step); :meth:`take` does it too. ``ema``: the weight
-        average's state_dict, snapshotted with them."""
+        average's state_dict, ``extra``: the loop's objects' (by name), snapshotted with
+        them."""
         layout = _host_copy.staged_layout(model.state_dict(), optimizer.state_dict()["state"],
-                                          ema)
+                                          ema, extra)
         self._pool.reserve(layout, self._copies)
 
     def take(
@@ -126,13 +136,15 @@ class CheckpointStore:
         scheduler: Any = None, *, clip: float | None = None,
         counters: dict[str, int] | None = None, scheduler_stepped: bool = False,
         controls: dict[str, Any] | None = None, block: bool = False,
-        ema: dict[str, Any] | None = None, provisional: bool = False,
+        ema: dict[str, Any] | None = None, extra: dict[str, dict[str, Any]] | None = None,
+        provisional: bool = False,
     ) -> Checkpoint | None:
         """Snapshot the run at ``step``; usable once its copies are done (see :meth:`poll`).
 
         ``None``: the pinned buffers it needs are still being allocated (``block``:
         allocate them here instead, as the guard does once at attach). ``ema``: the weight
-        average's state_dict (see :mod:`trimtab.client._ema`), snapshotted with the model.
+        average's state_dict (see :mod:`trimtab.client._ema`), snapshotted with the model;
+        ``extra``: the state_dicts of the loop's own objects by name (``extra_state``).
         ``provisional``: ``step`` is only a bound, the snapshot stays out of the ring until
         :meth:`settle` gives its step (or drops it)."""
         copier = _HostCopier(self._pool, self._streams, block=block)
@@ -153,6 +165,11 @@ class CheckpointStore:
         # The average changes only right after the optimizer step, as the parameters do (and
         # after the fence before it): its copies run on the side stream too.
         ema_sd = None if ema is None else copier(ema, side=lambda t: True)
+        # The loop's own objects may change right after guard.step() (an SWA average, its
+        # schedule), before the fence of the next optimizer step: their copies run on the
+        # training stream, in order before whatever the loop queues next.
+        extra_sd = None if extra is None else {name: copier(state)
+                                               for name, state in extra.items()}
         self._pool.reserve(copier.layout, self._copies)
         if copier.missing:
             self._pool.give(copier.pinned, copier.pinned_keys)
@@ -163,7 +180,7 @@ class CheckpointStore:
             step=step, model=model_sd, optimizer=optim_sd, scheduler=sched,
             rng=capture_rng(), clip=clip, counters=dict(counters or {}),
             scheduler_stepped=scheduler_stepped, controls=dict(controls or {}), ema=ema_sd,
-            _provisional=provisional,
+            extra=extra_sd, _provisional=provisional,
         )
         return self._admit(ckpt, copier, events)
 
@@ -336,12 +353,14 @@ class CheckpointStore:
     def restore(
         self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
         scheduler: Any = None, ema: AveragedModel | None = None,
+        extra_state: dict[str, Any] | None = None,
     ) -> tuple[Checkpoint | None, str | None]:
         """Restore the stable checkpoint at ``step`` into the run (``ema``: and its weight
-        average); drop every newer one.
+        average; ``extra_state``: and the loop's own objects, by name); drop every newer one.
 
         Returns the checkpoint restored (``None``: nothing was touched) and a note saying
-        why not, or that an unreadable file made it fall back to an older stable one.
+        why not, that an unreadable file made it fall back to an older stable one, or that
+        an object of ``extra_state`` could not be put back (the rest was).
         """
         stable = self.stable_steps()
         if step not in stable:
@@ -351,21 +370,25 @@ class CheckpointStore:
         if ckpt is None:
             return None, f"rollback_to={step}: no stable checkpoint at or before it loads"
         self.fence()  # copies still reading the live tensors finish before they are overwritten
+        # A sharded checkpoint's restore takes neither an average nor extra state.
+        own: dict[str, Any] = {} if ema is None else {"ema": ema}
+        if extra_state:
+            own["extra_state"] = extra_state
+        notes = []
         try:
-            if ema is None:  # a sharded checkpoint's restore takes no average
-                ckpt.restore(model, optimizer, scheduler)
-            else:
-                ckpt.restore(model, optimizer, scheduler, ema=ema)
+            ckpt.restore(model, optimizer, scheduler, **own)
         except Unrestorable as exc:  # raised before anything was touched
             return None, f"rollback_to={step}: {exc}"
+        except PartlyRestored as exc:  # the rest restored: the rollback stands, and says so
+            notes.append(f"rollback_to={step}: {exc}")
         self._drop_after(ckpt.step)
         if ckpt.step not in self._held:  # loaded from disk: keep it at hand for next time
             self._held[ckpt.step] = ckpt
             self._evict()
         if ckpt.step != step:
-            return ckpt, (f"rollback_to={step}: that checkpoint did not load (see the log); "
-                          f"restored the stable one at step {ckpt.step}")
-        return ckpt, None
+            notes.insert(0, f"rollback_to={step}: that checkpoint did not load (see the log); "
+                            f"restored the stable one at step {ckpt.step}")
+        return ckpt, "; ".join(notes) or None
 
     def drop_all(self) -> None:
         """Forget every snapshot, stable or not, and delete the files this store wrote."""
@@ -402,7 +425,9 @@ def load_stable(directory: str | os.PathLike) -> Checkpoint | None:
     Files that fail are skipped with a WARNING naming them, and the next older stable
     one is tried; ``None`` when none loads. Use it to resume a run after a crash:
     ``ckpt = load_stable(d); ckpt.restore(model, optimizer, scheduler)`` (with
-    ``ema=guard.ema_model``, or an ``AveragedModel`` of your own: the weight average too).
+    ``ema=guard.ema_model``, or an ``AveragedModel`` of your own: the weight average too;
+    with ``extra_state={name: obj}``, the objects the run was attached with as its
+    ``extra_state``: theirs).
     """
     for entry in reversed(scan(directory)):
         if entry.stable and (payload := read_payload(directory, entry.step)) is not None:

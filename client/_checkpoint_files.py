@@ -45,7 +45,7 @@ import torch
 
 from trimtab.protocol.ring import kept
 
-__all__ = ["CheckpointFiles", "read_payload", "scan", "WRITER_THREAD", "FORMAT"]
+__all__ = ["CheckpointFiles", "read_payload", "scan", "unfileable", "WRITER_THREAD", "FORMAT"]
 
 log = logging.getLogger("trimtab.client")
 
@@ -180,6 +180,46 @@ def read_payload(directory: str | os.PathLike, step: int) -> dict[str, Any] | No
                     path, step)
         return None
     return payload
+
+
+def _skeleton(obj: Any) -> Any:
+    """``obj`` with every tensor replaced by an empty one of its dtype: what a file's loader
+    meets in it, without its data."""
+    if isinstance(obj, torch.Tensor):
+        try:
+            return torch.empty(0, dtype=obj.dtype)
+        except Exception:  # a dtype that has no empty tensor: its data loads as any tensor's
+            return torch.empty(0)
+    if type(obj) in (dict, collections.OrderedDict):
+        out = type(obj)((k, _skeleton(v)) for k, v in obj.items())
+        if hasattr(obj, "_metadata"):
+            out._metadata = obj._metadata  # type: ignore[attr-defined]
+        return out
+    if type(obj) in (list, tuple):
+        return type(obj)(_skeleton(v) for v in obj)
+    return obj
+
+
+def unfileable(state: Any) -> str | None:
+    """Why ``state`` (a ``state_dict``) cannot go in a checkpoint file, which loads with
+    ``weights_only=True`` (containers, numbers, strings, tensors), or ``None``: it can.
+    Its structure is saved and loaded without the tensors' data: cheap, and no device read.
+
+    >>> unfileable({"step": 3, "w": torch.zeros(2), "names": ["a"]}) is None
+    True
+    >>> print(unfileable({"when": object()}))  # doctest: +ELLIPSIS
+    Unsupported global: GLOBAL ...object was not an allowed global by default
+    """
+    buffer = io.BytesIO()
+    try:
+        torch.save(_skeleton(state), buffer)
+        buffer.seek(0)
+        torch.load(buffer, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        text = str(exc)
+        found = re.search(r"WeightsUnpickler error: (.*?)(?:\. Please|\n|$)", text)
+        return (found[1] if found else f"{type(exc).__name__}: {text.splitlines()[0]}")[:300]
+    return None
 
 
 @dataclass(frozen=True)

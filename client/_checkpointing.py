@@ -5,7 +5,8 @@ the snapshots; this part decides when one is taken and what a rollback puts back
 the store's restore: the knobs in force at the checkpoint, the step counts (the open
 report window is discarded), the RNGs re-seeded, the loop's ``on_rollback``, and the
 scheduler held back one step where the snapshot was taken after it stepped. A weight
-average (``attach(..., ema=...)``, see :mod:`trimtab.client._ema`) is snapshotted and
+average (``attach(..., ema=...)``, see :mod:`trimtab.client._ema`) and the loop's own
+objects (``attach(..., extra_state={name: obj})``: their ``state_dict()``) are snapshotted and
 restored with the model.
 
 With ``checkpoint_every=0`` there is no store: nothing is taken, and a command's
@@ -54,7 +55,7 @@ class Checkpointing:
         self, store: CheckpointStore | None, every: int, *, model: torch.nn.Module,
         optimizer: torch.optim.Optimizer, scheduler: Any, act: Actuator, step: Step,
         reporter: Reporter, on_rollback: Callable[[int], None] | None, reseed: bool,
-        ema: Ema | None = None,
+        ema: Ema | None = None, extra: dict[str, Any] | None = None,
     ) -> None:
         self.store = store
         self.every = every
@@ -63,6 +64,8 @@ class Checkpointing:
         self._on_rollback = on_rollback
         #: The weight average, snapshotted and restored with the model (None: none kept).
         self.ema = ema
+        #: The loop's own objects by name (``extra_state``), snapshotted and restored with it.
+        self.extra = dict(extra or {})
         #: Re-seed the restored RNGs after a rollback (see :func:`reseed_rng`).
         self.reseed = reseed
         #: The step of the last snapshot taken (or restored).
@@ -143,7 +146,7 @@ class Checkpointing:
                                     scheduler_stepped=scheduler_stepped,
                                     controls=self._act.state_dict(), block=block,
                                     **({"provisional": True} if provisional else {}),
-                                    **self._ema_state())
+                                    **self._own_state())
         except Exception:  # a failed snapshot costs a rollback target, never the run
             log.exception("trimtab could not take a checkpoint at step %d", step)
             self.last = step
@@ -185,14 +188,17 @@ class Checkpointing:
         if self.store is None:
             return
         try:
-            self.store.prepare(self.model, self.optimizer, **self._ema_state())
+            self.store.prepare(self.model, self.optimizer, **self._own_state())
         except Exception:
             log.exception("trimtab could not prepare snapshot buffers")
 
-    def _ema_state(self) -> dict[str, Any]:
-        """The weight average's state for the store, as a keyword (none without one: the
-        sharded store takes no average)."""
-        return {} if self.ema is None else {"ema": self.ema.state_dict()}
+    def _own_state(self) -> dict[str, Any]:
+        """The weight average's state and the loop's objects' (``extra_state``) for the store,
+        as keywords (none without them: the sharded store takes neither)."""
+        own: dict[str, Any] = {} if self.ema is None else {"ema": self.ema.state_dict()}
+        if self.extra:
+            own["extra"] = {name: obj.state_dict() for name, obj in self.extra.items()}
+        return own
 
     # -- commands -----------------------------------------------------------------------------
 
@@ -211,9 +217,11 @@ class Checkpointing:
         if self.store is None:
             return None, [f"rollback_to={step}: checkpoints are off (checkpoint_every=0); "
                           "nothing restored"]
-        extra = {} if self.ema is None else {"ema": self.ema.model}
+        own: dict[str, Any] = {} if self.ema is None else {"ema": self.ema.model}
+        if self.extra:
+            own["extra_state"] = self.extra
         ckpt, note = self.store.restore(step, self.model, self.optimizer, self.scheduler,
-                                        **extra)
+                                        **own)
         if ckpt is None:
             return None, [f"{note}; nothing restored"]
         notes = [] if note is None else [note]

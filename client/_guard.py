@@ -42,12 +42,15 @@ from ._knobs import Actuator, check_optimizer, nominal_lr
 from ._options import (
     NONFINITE_MODES,
     _check_checkpoint_options,
+    _check_extra_state,
     _check_options,
     _check_switches,
     _check_validation,
     _facts,
     _invalid,
+    _refused,
     _resolve_mode,
+    _shown,
     check_endpoint,
 )
 from ._probe import Probe
@@ -130,6 +133,23 @@ class Guard(GuardState):
     rolled back with the model, and ``load_stable(d).restore(..., ema=guard.ema_model)``
     puts it back on resume. See :mod:`trimtab.client._ema`.
 
+    The loop's own state (``extra_state``: a dict of name -> object with ``state_dict()``
+    and ``load_state_dict()``, e.g. ``{"swa": swa_model, "swa_sched": swalr, "ema":
+    timm_model_ema}``): every snapshot holds each object's ``state_dict()`` as it is when
+    the optimizer step at the snapshot's step is done (before what the loop does after
+    ``guard.step()``), copied as the model's state is (no host sync; on CUDA into pinned
+    buffers, in stream order on the training stream, since the loop changes them between
+    steps), and a rollback puts it back with ``load_state_dict`` (a module's copies into its
+    tensors; any other object gets a copy, so the checkpoint stays intact), so it is at the
+    model's step again; the files hold it too, and ``load_stable(d).restore(...,
+    extra_state={...})`` puts it back on resume. A checkpoint that holds no state for a name
+    leaves that object as it is (a warning names it); an object whose ``load_state_dict``
+    raises is reported in the rollback's ack, the rest restored. Refused at attach: an
+    object without the two methods, one given twice or that the guard restores anyway (the
+    model, the optimizer, the scheduler), one whose ``state_dict()`` is not a dict or, with
+    ``checkpoint_dir``, holds what a file cannot (it loads with ``weights_only=True``); and
+    any with an FSDP2-sharded model.
+
     CURVE (a controller configured with keys): ``server_key`` is the controller's
     ``server.key`` and ``client_key`` this client's ``clients/NAME.key_secret``, both from
     ``trimtab keys generate``; the link is then authenticated and encrypted.
@@ -211,6 +231,7 @@ class Guard(GuardState):
         hooks: bool = False,
         reseed_on_rollback: bool = True,
         ema: float | None = None,
+        extra_state: dict[str, Any] | None = None,
     ) -> None:
         _check_options(job, report_every, clip, batch_size, heartbeat_s, queue_size,
                        nonfinite, liveness)
@@ -226,6 +247,9 @@ class Guard(GuardState):
         check_wrapper(wrapper, hooks)
         _check_checkpoint_options(checkpoint_every, keep, checkpoint_dir, scheduler,
                                   optimizer, on_rollback)
+        extra = _check_extra_state(extra_state, model=model, optimizer=optimizer,
+                                   wrapper=wrapper, scheduler=scheduler,
+                                   checkpoint_dir=checkpoint_dir)
         check_optimizer(optimizer)
         check_decay(ema)
         check_endpoint(endpoint)
@@ -274,6 +298,9 @@ class Guard(GuardState):
         if ema is not None and self._sharded:
             raise _invalid("ema", ema, "None with an FSDP2-sharded model (its weight average "
                                        "would need sharded snapshots of its own)")
+        if extra and self._sharded:
+            raise _refused("extra_state", _shown(extra_state), "None with an FSDP2-sharded "
+                           "model (its snapshots are DCP's, of the model and optimizer only)")
         # The weight average (None: off): see trimtab.client._ema.
         self._ema = None if ema is None else Ema(model, ema)
         self._closed = False
@@ -289,7 +316,7 @@ class Guard(GuardState):
                 queue_size=queue_size, reconnect_max_s=reconnect_max_s, curve=curve,
                 checkpoint_every=checkpoint_every, keep=keep, checkpoint_dir=checkpoint_dir,
                 memory_keep=memory_keep, scheduler=scheduler, on_rollback=on_rollback,
-                reseed_on_rollback=reseed_on_rollback,
+                reseed_on_rollback=reseed_on_rollback, extra=extra,
             )
         except BaseException:
             self._abandon()
@@ -301,7 +328,7 @@ class Guard(GuardState):
                queue_size: int, reconnect_max_s: float, curve: Any, checkpoint_every: int,
                keep: int, checkpoint_dir: str | os.PathLike | None, memory_keep: int | None,
                scheduler: Any, on_rollback: Callable[[int], None] | None,
-               reseed_on_rollback: bool) -> None:
+               reseed_on_rollback: bool, extra: dict[str, Any]) -> None:
         """The checkpoints, the commands, the report window and the link, in that order: the
         link starts last, once nothing else can fail, so that an attach that fails leaves
         no job registered with the controller."""
@@ -311,7 +338,7 @@ class Guard(GuardState):
         self._ckpts = Checkpointing(
             self._store, checkpoint_every, model=model, optimizer=optimizer,
             scheduler=scheduler, act=self._act, step=self._step, reporter=self._reporter,
-            on_rollback=on_rollback, reseed=reseed_on_rollback, ema=self._ema,
+            on_rollback=on_rollback, reseed=reseed_on_rollback, ema=self._ema, extra=extra,
         )
         if self._store is not None:
             self._ckpts.take_origin()  # the early rollback target

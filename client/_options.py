@@ -9,10 +9,13 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+from typing import Any
 
 import torch
 
 from trimtab.protocol import wire
+
+from ._checkpoint_files import unfileable
 
 __all__ = ["NONFINITE_MODES", "check_endpoint"]
 
@@ -159,6 +162,81 @@ def _check_checkpoint_options(
     for name, value, ok, allowed in checks:
         if not ok:
             raise _invalid(name, value, allowed)
+
+
+#: What each value of ``extra_state`` must be, as a refusal says it.
+_EXTRA_OBJECT = "an object with callable state_dict() and load_state_dict(state_dict)"
+
+
+def _refused(name: str, shown: str, allowed: str) -> ValueError:
+    """:func:`_invalid` for a value shown as ``shown`` (see :func:`_shown`)."""
+    return ValueError(f"{name}={shown} is invalid; allowed: {allowed}")
+
+
+def _shown(value: object) -> str:
+    """A value as a refusal names it: its repr when that is one short line, else its type
+    (a module's or an optimizer's repr runs over many lines); a dict entry by entry."""
+    if type(value) is dict and value:
+        return "{" + ", ".join(f"{k!r}: {_shown(v)}" for k, v in value.items()) + "}"
+    try:
+        text = repr(value)
+    except Exception:  # a refusal must not fail on the value it names
+        text = "\n"
+    return text if "\n" not in text and len(text) <= 100 else f"<{type(value).__name__}>"
+
+
+def _check_extra_state(
+    extra_state: object, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+    wrapper: object, scheduler: object, checkpoint_dir: object,
+) -> dict[str, Any]:
+    """``attach``'s ``extra_state``: ``None`` or a dict of name -> an object with
+    ``state_dict()`` and ``load_state_dict()``, each object once and none the guard restores
+    already (the model, the optimizer, the scheduler); its ``state_dict()`` must return a
+    dict and, with a ``checkpoint_dir``, one a checkpoint file can hold. The objects by name
+    (``{}``: none)."""
+    if extra_state is None:
+        return {}
+    if not isinstance(extra_state, dict):
+        raise _refused("extra_state", _shown(extra_state),
+                       f"None or a dict of name (str) -> {_EXTRA_OBJECT}")
+    module = getattr(model, "module", None)  # a DDP wrapper's
+    restored = {id(model): "the model", id(optimizer): "the optimizer",
+                id(wrapper): "the optimizer"}
+    if isinstance(module, torch.nn.Module):
+        restored[id(module)] = "the model"
+    if scheduler is not None:
+        restored[id(scheduler)] = "the scheduler"
+    given: dict[int, str] = {}
+    for name, obj in extra_state.items():
+        if not isinstance(name, str) or not name:
+            raise _invalid("extra_state name", name, "a non-empty str")
+        field, shown = f"extra_state[{name!r}]", _shown(obj)
+        if not (callable(getattr(obj, "state_dict", None))
+                and callable(getattr(obj, "load_state_dict", None))):
+            raise _refused(field, shown, _EXTRA_OBJECT)
+        if id(obj) in restored:
+            raise _refused(field, shown, f"an object not given already (as "
+                                         f"{restored[id(obj)]}: it is restored anyway)")
+        if id(obj) in given:
+            raise _refused(field, shown, f"an object not given already (as "
+                                         f"extra_state[{given[id(obj)]!r}])")
+        given[id(obj)] = name
+        try:
+            state = obj.state_dict()
+        except Exception as exc:
+            raise _refused(field, shown, f"an object whose state_dict() returns a dict (it "
+                                         f"raised {type(exc).__name__}: {exc})") from exc
+        if not isinstance(state, dict):
+            raise _refused(field, shown, f"an object whose state_dict() returns a dict (it "
+                                         f"returned a {type(state).__name__})")
+        # Checked here: a file that does not load would cost its checkpoint at a rollback.
+        problem = None if checkpoint_dir is None else unfileable(state)
+        if problem is not None:
+            raise _refused(field, shown, "with checkpoint_dir, an object whose state_dict() "
+                                         "holds only containers, numbers, strings and tensors "
+                                         f"(checkpoint files load with weights_only=True: "
+                                         f"{problem})")
+    return dict(extra_state)
 
 
 def _check_switches(hooks: object, reseed_on_rollback: object) -> None:

@@ -4,7 +4,8 @@ A :class:`Checkpoint` holds everything needed to put a run back where it was: th
 model's and optimizer's state (host copies), the LR scheduler's state, the RNG states
 (torch CPU, every CUDA device, numpy's global generator, Python's ``random``), the
 clipping threshold and trimtab's other knobs in force, the guard's step counters and, with
-``attach(..., ema=...)``, the weight average's state (see :mod:`trimtab.client._ema`).
+``attach(..., ema=...)``, the weight average's state (see :mod:`trimtab.client._ema`), with
+``attach(..., extra_state={name: obj})`` each of the loop's own objects' ``state_dict()``.
 The copies are made by :mod:`trimtab.client._host_copy`; the ring of checkpoints, their
 files and their stable marks are :class:`~trimtab.client._checkpoint.CheckpointStore`'s.
 
@@ -33,12 +34,13 @@ from trimtab.protocol import wire
 from . import _host_copy
 from ._knobs import knobs_of
 
-__all__ = ["Checkpoint", "Unrestorable", "capture_rng", "restore_rng", "reseed_rng"]
+__all__ = ["Checkpoint", "Unrestorable", "PartlyRestored", "capture_rng", "restore_rng",
+           "reseed_rng"]
 
 log = logging.getLogger("trimtab.client")
 
 _PAYLOAD_KEYS = ("step", "model", "optimizer", "scheduler", "rng", "clip", "counters",
-                 "scheduler_stepped", "controls", "ema")
+                 "scheduler_stepped", "controls", "ema", "extra")
 
 
 # -- RNG -------------------------------------------------------------------------------------
@@ -127,6 +129,9 @@ class Checkpoint:
     #: The weight average's ``state_dict`` (``AveragedModel``'s: ``n_averaged`` and the
     #: ``module.`` entries); ``None``: the run kept none.
     ema: dict[str, Any] | None = None
+    #: The loop's own objects' ``state_dict()`` by name (``attach(..., extra_state=...)``);
+    #: ``None``: the run handed over none.
+    extra: dict[str, dict[str, Any]] | None = None
     stable: bool = False
     #: Set while the writer thread serializes it (read under the writer's lock).
     writing: bool = field(default=False, repr=False)
@@ -170,16 +175,22 @@ class Checkpoint:
     @classmethod
     def from_payload(cls, payload: dict[str, Any]) -> Checkpoint:
         # Files written before the knob model have no controls (the user's values held),
-        # those written before weight averaging no ema.
+        # those written before weight averaging no ema, before extra_state no extra.
         return cls(**{k: payload[k] for k in _PAYLOAD_KEYS if k in payload})
 
     def restore(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                scheduler: Any = None, ema: AveragedModel | None = None) -> None:
+                scheduler: Any = None, ema: AveragedModel | None = None,
+                extra_state: dict[str, Any] | None = None) -> None:
         """Load model, optimizer, scheduler and RNG states (the checkpoint stays reusable).
 
         ``ema``: the weight average to put back too (``guard.ema_model``, or an
         ``AveragedModel`` of your own). A checkpoint that holds none restarts it: the next
         step taken copies the restored weights.
+
+        ``extra_state``: the loop's own objects by name, as the run was attached with them;
+        each gets its state back with ``load_state_dict`` (see :meth:`_restore_extra`). An
+        object whose ``load_state_dict`` raises does not stop the rest: everything else is
+        restored, then :class:`PartlyRestored` says which did not.
         """
         # Checked before anything is touched: a checkpoint that does not fit the optimizer's
         # param groups restores nothing (Unrestorable), the model included.
@@ -198,11 +209,47 @@ class Checkpoint:
                 log.info("trimtab checkpoint at step %d holds no weight average; the average "
                          "restarts from the restored weights", self.step)
                 ema.n_averaged.zero_()
+        failed = self._restore_extra(extra_state) if extra_state else []
         restore_rng(self.rng)
+        if failed:
+            raise PartlyRestored(
+                f"the checkpoint at step {self.step} was restored but for "
+                + "; ".join(f"{what} (it may hold part of the checkpoint's state)"
+                            for what, _ in failed)) from failed[0][1]
+
+    def _restore_extra(self, objects: dict[str, Any]) -> list[tuple[str, Exception]]:
+        """Put back each object's state: a module's ``load_state_dict`` copies into its
+        tensors (ours stay intact), any other object gets a copy (a scheduler's adopts the
+        dict's lists, others their tensors: training must not write into the checkpoint).
+        A name the checkpoint holds no state for leaves its object as it is, with a warning.
+        What failed, as ``(what, the exception)``."""
+        held = self.extra or {}
+        lacked = [name for name in objects if name not in held]
+        if lacked:
+            log.warning("trimtab checkpoint at step %d holds no extra state for %s (written "
+                        "without it): not restored, left as it was", self.step,
+                        ", ".join(map(repr, lacked)))
+        failed = []
+        for name, obj in objects.items():
+            if name not in held:
+                continue
+            state = held[name]
+            try:
+                obj.load_state_dict(state if isinstance(obj, torch.nn.Module)
+                                    else copy.deepcopy(state))
+            except Exception as exc:
+                failed.append((f"extra_state[{name!r}]: load_state_dict raised "
+                               f"{type(exc).__name__}: {exc}", exc))
+        return failed
 
 
 class Unrestorable(ValueError):
     """A checkpoint that does not fit the run any more; raised before anything is touched."""
+
+
+class PartlyRestored(RuntimeError):
+    """A checkpoint restored but for some of the loop's own objects (``extra_state``), whose
+    ``load_state_dict`` raised; raised once everything else is restored."""
 
 
 def _fit_groups(optimizer: torch.optim.Optimizer, state: dict[str, Any],

@@ -201,3 +201,20 @@ def test_models_the_guard_cannot_reduce_are_refused_naming_the_parameter(one_ran
     whole = torch.nn.Linear(4, 1)
     fully_shard(whole, mesh=mesh)
     assert is_sharded(whole)
+
+
+def test_extra_state_is_refused_with_a_sharded_model(one_rank):
+    """A sharded model's snapshots are DCP's: the loop's own objects (extra_state) are refused
+    as trimtab's weight average is, at attach, naming the option."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = torch.nn.Linear(4, 1)
+    fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3)
+    with pytest.raises(ValueError, match=r"extra_state=\{'sched': <torch.optim.lr_scheduler."
+                                         r"StepLR object at .*>\} is invalid; allowed: None "
+                                         r"with an FSDP2-sharded model"):
+        attach(model, opt, job="sharded-extra", endpoint=f"tcp://127.0.0.1:{free_port()}",
+               extra_state={"sched": sched})
