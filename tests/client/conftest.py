@@ -82,6 +82,19 @@ class FakeController:
                 while_waiting()
             time.sleep(0.01)
 
+    def send_until(self, command: wire.Command, done: Callable[[FakeController], bool],
+                   step: Callable[[], None], tries: int = 5) -> None:
+        """Send ``command`` until ``done(self)``, training (``step``) meanwhile, re-sending
+        as a controller does when no ack comes (a reconnect may lose a frame; commands are
+        idempotent by seq)."""
+        for _ in range(tries):
+            self.send(command)
+            try:
+                return self.wait_for(done, timeout_s=2.0, while_waiting=step)
+            except AssertionError:
+                continue
+        raise AssertionError(f"command {command.seq} never took effect")
+
     def close(self) -> None:
         self._stop.set()
         self._thread.join(2)

@@ -60,14 +60,6 @@ class Run:
                            (self.params(), copy.deepcopy(self.opt.state_dict())))
 
 
-def _send_until(controller, command: wire.Command, done, step) -> None:
-    for _ in range(5):
-        controller.send(command)
-        try:
-            return controller.wait_for(done, timeout_s=2.0, while_waiting=step)
-        except AssertionError:
-            continue
-    raise AssertionError(f"command {command.seq} never took effect")
 
 
 def _ack(controller, seq: int) -> wire.Ack:
@@ -87,14 +79,14 @@ def test_rollback_to_a_checkpoint_taken_before_a_group_was_added(fake_controller
         fake_controller.wait_for(lambda c: any(5 in r.checkpoints
                                                for r in c.of_type(wire.Report)),
                                  while_waiting=lambda: run.step(guard))
-        _send_until(fake_controller, wire.Command(job=JOB, seq=1, mark_stable=5),
+        fake_controller.send_until(wire.Command(job=JOB, seq=1, mark_stable=5),
                     lambda c: guard.stable_step == 5, lambda: run.step(guard))
         run.unfreeze()  # the backbone becomes trainable: a second param group
         backbone_then = [p.detach().clone() for p in run.model[0].parameters()]
         for _ in range(6):
             run.step(guard)
         assert not torch.equal(run.model[0].weight, backbone_then[0])  # it trained
-        _send_until(fake_controller, wire.Command(job=JOB, seq=2, rollback_to=5,
+        fake_controller.send_until(wire.Command(job=JOB, seq=2, rollback_to=5,
                                                   scale=wire.ScaleTargets(lr=0.5)),
                     lambda c: guard.rollbacks == 1, lambda: run.step(guard))
 
@@ -128,7 +120,7 @@ def test_a_checkpoint_that_does_not_fit_the_groups_restores_nothing(fake_control
         fake_controller.wait_for(lambda c: any(5 in r.checkpoints
                                                for r in c.of_type(wire.Report)),
                                  while_waiting=lambda: run.step(guard))
-        _send_until(fake_controller, wire.Command(job=JOB, seq=1, mark_stable=5),
+        fake_controller.send_until(wire.Command(job=JOB, seq=1, mark_stable=5),
                     lambda c: guard.stable_step == 5, lambda: run.step(guard))
         dropped = run.opt.param_groups.pop(1)  # the loop drops the backbone's group
         for p in dropped["params"]:

@@ -73,16 +73,6 @@ def _command(seq: int, **kw) -> wire.Command:
     return wire.Command(job="ckpt-test", seq=seq, **kw)
 
 
-def _send_until(controller, command: wire.Command, done, step) -> None:
-    """Send ``command`` until ``done(controller)``, re-sending as a controller does when
-    no ack comes (a reconnect may lose a frame; commands are idempotent by seq)."""
-    for _ in range(5):
-        controller.send(command)
-        try:
-            return controller.wait_for(done, timeout_s=2.0, while_waiting=step)
-        except AssertionError:
-            continue
-    raise AssertionError(f"command {command.seq} never took effect")
 
 
 def _deliver(guard: Guard, command: wire.Command) -> None:
@@ -108,13 +98,13 @@ def test_rollback_command_end_to_end(fake_controller, tmp_path) -> None:
             stood.append(guard.global_step)
             run.step(guard)
 
-        _send_until(fake_controller, _command(1, mark_stable=5),
+        fake_controller.send_until(_command(1, mark_stable=5),
                     lambda c: guard.stable_step == 5, train)
         # A knob change after the checkpoint: the rollback must take it back.
-        _send_until(fake_controller, _command(2, knobs=wire.Knobs(momentum=0.5)),
+        fake_controller.send_until(_command(2, knobs=wire.Knobs(momentum=0.5)),
                     lambda c: guard.applied_seq == 2, train)
         assert guard.global_step > 5 and not run.is_at(5)
-        _send_until(fake_controller, _command(3, rollback_to=5, scale=wire.ScaleTargets(lr=0.2),
+        fake_controller.send_until(_command(3, rollback_to=5, scale=wire.ScaleTargets(lr=0.2),
                                               knobs=wire.Knobs(clip=0.5), reasons=["spike"]),
                     lambda c: guard.rollbacks == 1, train)
 
@@ -212,9 +202,9 @@ def test_checkpoint_every_zero_turns_checkpoints_off(fake_controller, monkeypatc
         assert guard.checkpoints == [] and guard.stable_step is None
         fake_controller.wait_for(lambda c: bool(c.of_type(wire.Report)),
                                  while_waiting=lambda: run.step(guard))
-        _send_until(fake_controller,
-                    _command(1, mark_stable=0, rollback_to=0, scale=wire.ScaleTargets(lr=0.6)),
-                    lambda c: bool(c.of_type(wire.Ack)), lambda: run.step(guard))
+        fake_controller.send_until(
+            _command(1, mark_stable=0, rollback_to=0, scale=wire.ScaleTargets(lr=0.6)),
+            lambda c: bool(c.of_type(wire.Ack)), lambda: run.step(guard))
         ack = fake_controller.of_type(wire.Ack)[0]
         assert ack.restored_step is None and "checkpoints are off" in ack.error
         assert ack.knobs.lr == pytest.approx(0.03) and guard.rollbacks == 0

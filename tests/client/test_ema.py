@@ -250,12 +250,12 @@ def test_rollback_ordered_by_a_router_restores_the_average(fake_controller) -> N
             train()
         fake_controller.wait_for(lambda c: any(5 in r.checkpoints
                                                for r in c.of_type(wire.Report)))
-        fake_controller.send(_command(1, mark_stable=5))
-        fake_controller.wait_for(lambda c: guard.stable_step == 5, while_waiting=train)
+        fake_controller.send_until(_command(1, mark_stable=5),
+                                   lambda c: guard.stable_step == 5, train)
         assert guard.global_step > 5
         assert not torch.equal(_ema_state(guard)["module.0.weight"], at[5]["module.0.weight"])
-        fake_controller.send(_command(2, rollback_to=5))
-        fake_controller.wait_for(lambda c: guard.rollbacks == 1, while_waiting=train)
+        fake_controller.send_until(_command(2, rollback_to=5),
+                                   lambda c: guard.rollbacks == 1, train)
 
         # Back at step 5: the average (weights, batch-norm statistics, count) as it was there.
         assert guard.global_step == 5

@@ -132,16 +132,6 @@ def _command(seq: int, **kw) -> wire.Command:
     return wire.Command(job=JOB, seq=seq, **kw)
 
 
-def _send_until(controller, command: wire.Command, done, step) -> None:
-    """Send ``command`` until ``done(controller)``, re-sending as a controller does when no
-    ack comes (commands are idempotent by seq)."""
-    for _ in range(5):
-        controller.send(command)
-        try:
-            return controller.wait_for(done, timeout_s=2.0, while_waiting=step)
-        except AssertionError:
-            continue
-    raise AssertionError(f"command {command.seq} never took effect")
 
 
 def _ack(controller, seq: int, step) -> wire.Ack:
@@ -166,7 +156,7 @@ def test_a_rollback_restores_the_swa_average_its_schedule_and_the_loops_own_stat
         for _ in range(7):
             train()
         fake_controller.wait_for(_listed(5), while_waiting=train)
-        _send_until(fake_controller, _command(1, mark_stable=5),
+        fake_controller.send_until(_command(1, mark_stable=5),
                     lambda c: guard.stable_step == 5, train)
         for _ in range(3):
             train()
@@ -174,7 +164,7 @@ def test_a_rollback_restores_the_swa_average_its_schedule_and_the_loops_own_stat
         assert guard.global_step > 5
         for name in ("swa", "swa_sched", "tally"):  # each moved on past the checkpoint
             assert not _same(moved, run.at[5], names=[name]), name
-        _send_until(fake_controller, _command(2, rollback_to=5),
+        fake_controller.send_until(_command(2, rollback_to=5),
                     lambda c: guard.rollbacks == 1, train)
 
         # Right after the rollback every object is as it was when step 5 was first reached,
@@ -193,7 +183,7 @@ def test_a_rollback_restores_the_swa_average_its_schedule_and_the_loops_own_stat
         for _ in range(4):
             train()
         assert guard.global_step > 5 and not _same(run.state(), run.at[5])
-        _send_until(fake_controller, _command(3, rollback_to=5),
+        fake_controller.send_until(_command(3, rollback_to=5),
                     lambda c: guard.rollbacks == 2, train)
         step, state = run.restored[1]
         assert step == 5 and _same(state, run.at[5])
@@ -212,12 +202,12 @@ def test_files_carry_the_extra_state_to_a_rollback_and_to_load_stable(fake_contr
         for _ in range(5):
             train()
         fake_controller.wait_for(_listed(4), while_waiting=train)
-        _send_until(fake_controller, _command(1, mark_stable=4),
+        fake_controller.send_until(_command(1, mark_stable=4),
                     lambda c: guard.stable_step == 4, train)
         # Once newer ones are written, step 4 is held on disk only.
         fake_controller.wait_for(lambda c: 4 not in guard._store._held and guard.global_step
                                  >= 12, while_waiting=train)
-        _send_until(fake_controller, _command(2, rollback_to=4),
+        fake_controller.send_until(_command(2, rollback_to=4),
                     lambda c: guard.rollbacks == 1, train)
         step, state = run.restored[0]
         assert step == 4 and _same(state, run.at[4])
@@ -242,7 +232,7 @@ def test_a_checkpoint_without_a_name_restores_the_others_and_says_what_it_lacked
         for _ in range(5):
             run.step(guard)
         fake_controller.wait_for(_listed(4), while_waiting=lambda: run.step(guard))
-        _send_until(fake_controller, _command(1, mark_stable=4),
+        fake_controller.send_until(_command(1, mark_stable=4),
                     lambda c: guard.stable_step == 4, lambda: run.step(guard))
     fresh = Run(seed=1)
     before = fresh.state()
@@ -288,10 +278,10 @@ def test_a_load_state_dict_that_raises_is_reported_in_the_ack_and_the_rest_resto
         for _ in range(6):
             train()
         fake_controller.wait_for(_listed(5), while_waiting=train)
-        _send_until(fake_controller, _command(1, mark_stable=5),
+        fake_controller.send_until(_command(1, mark_stable=5),
                     lambda c: guard.stable_step == 5, train)
         train()
-        _send_until(fake_controller, _command(2, rollback_to=5),
+        fake_controller.send_until(_command(2, rollback_to=5),
                     lambda c: guard.rollbacks == 1, train)
         step, state = run.restored[0]
         assert step == 5 and _same(state, run.at[5])
