@@ -139,6 +139,8 @@ class Controller:
         journal.on_commit = self.metrics.journal_commit.observe
         #: Journal entries, log lines and counters of what each message did.
         self.recorder = Recorder(config, journal, self.metrics)
+        # (code, job) pairs whose refusal was logged at WARNING (see _refuse).
+        self._refusals_said: set[tuple[str, str | None]] = set()
         #: With CURVE keys: the z85 public keys allowed to steer jobs (``trimtab set`` and the
         #: like), mapped to their names; set by the server from ``curve_operators``. None:
         #: none may (without keys, every peer may: the socket is loopback-only).
@@ -611,7 +613,16 @@ class Controller:
 
     def _refuse(self, peer: bytes, code: str, detail: str, job: str | None) -> Reply:
         self.metrics.message_errors.labels(code=code).inc()
-        log.debug("refused a message from %r: %s: %s", peer, code, detail)
+        key = (code, job)
+        if code in ("invalid", "version") and key not in self._refusals_said:
+            # Said once per job and code (the set is bounded): a client on another trimtab
+            # release has every report refused, and the runs go on uncontrolled.
+            if len(self._refusals_said) < 1000:
+                self._refusals_said.add(key)
+            log.warning("refused a message for job %s: %s: %s (said once per job and code; "
+                        "counted in trimtab_message_errors_total)", job, code, detail)
+        else:
+            log.debug("refused a message from %r: %s: %s", peer, code, detail)
         return (peer, wire.encode(wire.Error(code=code, detail=detail, job=job)))
 
     def silent_for(self, job: str) -> float | None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from importlib import metadata as _metadata
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError, model_validator
@@ -464,7 +465,18 @@ def decode(frame: bytes) -> Message:
         where = ".".join(str(p) for p in first["loc"])
         code = "nonfinite" if first["type"] == "finite_number" else "invalid"
         detail = f"{where}: {first['msg']} (got {first.get('input')!r:.80})"
+        if first["type"] == "extra_forbidden":
+            detail += (f"; a field this side (trimtab {_release()}) does not know: a peer "
+                       "from a newer trimtab? Upgrade the older side")
         raise WireError(code, detail, job) from None
+
+
+def _release() -> str:
+    """This side's trimtab release, for an error that may be a version skew."""
+    try:
+        return _metadata.version("trimtab")
+    except _metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def shard_of(job: str, endpoints: list[str] | tuple[str, ...]) -> str:

@@ -11,6 +11,7 @@ against a ``trimtab serve`` subprocess, with frames no client would send.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import random
@@ -334,6 +335,22 @@ def test_edge_numbers_are_refused_with_the_right_code():
     (reply,) = feed(ctl, b"[" * 60_000)  # too deep for the parser
     assert reply.code == "malformed"
     witness_still_served(ctl, witness)
+
+
+def test_a_newer_clients_report_is_refused_saying_so_and_logged_once(caplog):
+    """A client from a newer trimtab sends a field this controller does not know in every
+    report (as lr_window_min was to a controller before it: a user trial's runs went on
+    uncontrolled, the refusals logged at DEBUG): each is refused and counted, the reply
+    says it may be a version skew, and the controller says so at WARNING once per job."""
+    ctl, witness = with_witness()
+    with caplog.at_level(logging.DEBUG, logger="trimtab.controller"):
+        for seq in (4, 5, 6):
+            (reply,) = feed(ctl, frame(report(WITNESS, seq) | {"loss_p99": 1.0}))
+            assert reply.code == "invalid"
+            assert "loss_p99" in reply.detail and "newer trimtab" in reply.detail
+    said = [r for r in caplog.records if r.levelno == logging.WARNING
+            and "refused a message" in r.getMessage()]
+    assert len(said) == 1 and WITNESS in said[0].getMessage()
 
 
 def test_replayed_and_out_of_order_sequence_numbers():
