@@ -41,7 +41,7 @@ def test_readme_set_up_commands_are_the_ci_commands():
 def test_the_adapter_guides_config_examples_are_accepted(tmp_path):
     """Every TOML block in docs/adapters.md loads (the GAN's per-job policy set: the range
     test in shadow for the GAN's jobs, live for every other job)."""
-    checked = 0
+    checked = rl_blocks = 0
     for page in [README.parent / "docs" / "adapters.md"]:
         for i, block in enumerate(re.findall(r"```toml\n(.*?)```", page.read_text(), re.S)):
             path = tmp_path / f"{page.stem}{i}.toml"
@@ -52,4 +52,11 @@ def test_the_adapter_guides_config_examples_are_accepted(tmp_path):
                 (shadow,) = [p for p in cfg.policies if p.name == "lr_range_test" and p.shadow]
                 live = [p for p in cfg.policies if p.name == "lr_range_test" and not p.shadow]
                 assert shadow.applies_to("gan-G") and live and live[0].applies_to("char-lm")
+            if page.name == "adapters.md" and "[rollback.health]" in block:
+                rl_blocks += 1
+                # The RL controller: the safety net without the loss-trend judgements that
+                # misread a policy-gradient loss (no range test, no climb verdicts).
+                assert [p.name for p in cfg.policies] == ["divergence_guard"]
+                assert cfg.rollback.health.climb_t >= 1e9
     assert checked
+    assert rl_blocks == 1, "docs/adapters.md lost its RL controller config"
