@@ -133,6 +133,12 @@ class Guard(GuardState):
     rolled back with the model, and ``load_stable(d).restore(..., ema=guard.ema_model)``
     puts it back on resume. See :mod:`trimtab.client._ema`.
 
+    ``loss_trend=False`` says the loss is not expected to fall as the run learns (a
+    policy-gradient loss such as PPO's, whose value term grows with the returns; a GAN's
+    generator): the controller then draws nothing from its trend or curve (no ``climb``
+    rollback, no range test, no plateau cut); non-finite values and spikes are still
+    rolled back.
+
     The loop's own state (``extra_state``: a dict of name -> object with ``state_dict()``
     and ``load_state_dict()``, e.g. ``{"swa": swa_model, "swa_sched": swalr, "ema":
     timm_model_ema}``): every snapshot holds each object's ``state_dict()`` as it is when
@@ -232,10 +238,13 @@ class Guard(GuardState):
         reseed_on_rollback: bool = True,
         ema: float | None = None,
         extra_state: dict[str, Any] | None = None,
+        loss_trend: bool = True,
     ) -> None:
         _check_options(job, report_every, clip, batch_size, heartbeat_s, queue_size,
                        nonfinite, liveness)
-        _check_switches(hooks, reseed_on_rollback)
+        _check_switches(hooks, reseed_on_rollback, loss_trend)
+        #: Whether the loss is expected to fall as the run learns (registered).
+        self.loss_trend = loss_trend
         # A wrapper (accelerate's): the guard works on the torch optimizer under it and
         # steps through it. See trimtab.client._wrapped.
         wrapper, optimizer = optimizer, unwrap(optimizer)
@@ -510,6 +519,7 @@ class Guard(GuardState):
             schedules=list(self._act.live.schedules),
             keep=None if self._store is None else self._store.keep,
             nominal_lr=self._nominal_lr,
+            loss_trend=None if self.loss_trend else False,
         )
 
     def _note_listing(self) -> None:

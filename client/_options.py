@@ -239,11 +239,15 @@ def _check_extra_state(
     return dict(extra_state)
 
 
-def _check_switches(hooks: object, reseed_on_rollback: object) -> None:
+def _check_switches(hooks: object, reseed_on_rollback: object,
+                    loss_trend: object = True) -> None:
     if not isinstance(hooks, bool):
         raise _invalid("hooks", hooks, "True (the optimizer's step hooks) or False")
     if not isinstance(reseed_on_rollback, bool):
         raise _invalid("reseed_on_rollback", reseed_on_rollback, "True or False")
+    if not isinstance(loss_trend, bool):
+        raise _invalid("loss_trend", loss_trend, "True (the loss falls as the run learns) "
+                       "or False (a policy-gradient or GAN generator loss)")
 
 
 def _check_validation(value: object, step: object, ema: object = None) -> None:

@@ -18,7 +18,8 @@ which reads it from the view (:attr:`~trimtab.controller.view.JobView.health`).
   ``grad_norm_min_ratio`` times its EMA;
 * ``climb``: over a full loss-slope window with no LR change in it, the least-squares slope
   significantly positive (``t > climb_t``) and rising at least ``climb_min_rise`` of the
-  loss over the window.
+  loss over the window; not for a job whose loss is not expected to fall
+  (``attach(loss_trend=False)``: a policy-gradient loss climbs as the returns grow).
 """
 
 from __future__ import annotations
@@ -129,7 +130,9 @@ def assess(view: JobView, th: DivergenceThresholds) -> Unhealthy | None:
             if ratio >= th.grad_norm_min_ratio:
                 found.append(("grad_spike", f"grad norm spike: z={sig.grad_norm_z:.1f} > "
                               f"{th.grad_norm_z:g}, {ratio:.2g}x its EMA"))
-        climb = _climb(view, th)
+        # A loss that is not expected to fall (attach(loss_trend=False): PPO's value loss
+        # grows with its returns) climbs as the run learns: no climb verdict for it.
+        climb = _climb(view, th) if view.loss_trend else None
         if climb is not None:
             found.append(("climb", climb))
     if not found:

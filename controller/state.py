@@ -180,6 +180,9 @@ class JobState(Persisted):
         self.checkpoint_keep: int | None = None
         #: The lr the client's own scheduler scales, as it registered (None: not told).
         self.nominal_lr: float | None = None
+        #: Whether the loss is expected to fall as the run learns (the client's
+        #: ``attach(loss_trend=)``, as it registered).
+        self.loss_trend = True
 
     # -- what a decision changes --------------------------------------------------------
 
@@ -239,6 +242,7 @@ class JobState(Persisted):
         self.link = msg.link
         self.checkpoint_keep = msg.keep
         self.nominal_lr = msg.nominal_lr
+        self.loss_trend = msg.loss_trend is not False
 
     def on_register(self, msg: wire.Register) -> Observation | None:
         """This run registered (maybe again, after a reconnect; or resumed, :meth:`on_resumed`):
@@ -530,4 +534,5 @@ class JobState(Persisted):
             found_lr=self.found_lr, effective=self.effective, base=self.base,
             registered=self.registered, health=self.health,
             checkpoint_keep=self.checkpoint_keep, nominal_lr=self.nominal_lr,
+            loss_trend=self.loss_trend,
         )

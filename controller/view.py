@@ -231,6 +231,10 @@ class JobView:
     #: configured with relates to, with ``registered.lr`` where it is None (not told: no
     #: scheduler, or an older client).
     nominal_lr: float | None = None
+    #: Whether the job's loss is expected to fall as it learns (False: the client attached
+    #: with ``loss_trend=False``, a policy-gradient or GAN generator loss): a policy that
+    #: reads the loss's trend, level or curve as evidence about the knobs stays out.
+    loss_trend: bool = True
 
     def evicted_next(self) -> frozenset[int]:
         """The checkpoints of the latest report's listing that the client's next snapshot

@@ -313,6 +313,10 @@ class LrRangeTest(Policy):
     def propose(self, view: JobView) -> list[Proposal]:
         if any(p.policy == self.name for p in view.phases_done):
             return []  # one range test per job
+        if not view.loss_trend and view.phase is None:
+            # A loss not expected to fall (attach(loss_trend=False): PPO's, a GAN
+            # generator's) is no evidence about the LR, and a sweep reads its curve: none.
+            return []
         phase = view.phase
         if phase is not None and phase.policy != self.name:
             return []

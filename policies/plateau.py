@@ -68,6 +68,8 @@ class Plateau(Policy):
     def propose(self, view: JobView) -> list[Proposal]:
         cfg: PlateauConfig = self.config  # type: ignore[assignment]
         sig = view.signals
+        if not view.loss_trend:
+            return []  # a loss not expected to fall has no plateau to read
         if sig.slope is None or sig.slope_t is None or sig.slope_since_step is None:
             return []
         if sig.slope_n < max(cfg.min_reports, sig.slope_window):

@@ -150,6 +150,10 @@ class Register(_Model):
     #: absolute lr a schedule policy is configured with relates to (None: not told, a loop
     #: without a scheduler or an older client; the registered lr then).
     nominal_lr: Annotated[float, Field(gt=0.0, allow_inf_nan=False)] | None = None
+    #: False: the loss is not expected to fall as the run learns (a policy-gradient loss
+    #: such as PPO's, a GAN's generator): the controller draws nothing from its trend
+    #: (``attach(loss_trend=False)``). None: it is (the default, and an older client).
+    loss_trend: Literal[False] | None = None
 
 
 class Report(_Model):
@@ -422,7 +426,8 @@ class WireError(ValueError):
 #: fields) still takes every message that does not use them.
 _ADDED_IN_V2: dict[type[BaseModel], tuple[str, ...]] = {
     Report: ("validation_ema", "update_alignment"),
-    Register: ("keep", "nominal_lr", "resume_id", "origin"), Ack: ("rolled_back_from",)}
+    Register: ("keep", "nominal_lr", "resume_id", "origin", "loss_trend"),
+    Ack: ("rolled_back_from",)}
 
 
 def encode(message: BaseModel) -> bytes:

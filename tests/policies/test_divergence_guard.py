@@ -26,9 +26,9 @@ FACTS = wire.ScaleFacts(param_count=1000, group_sizes=[1000], optimizer="AdamW",
 EVERY = 10
 
 
-def job() -> JobState:
+def job(**registered) -> JobState:
     reg = wire.Register(job="d", run_id="r", report_every=EVERY, facts=FACTS,
-                        knobs=wire.Knobs(lr=1e-3))
+                        knobs=wire.Knobs(lr=1e-3), **registered)
     return JobState.from_register(reg)
 
 
@@ -188,6 +188,21 @@ def test_a_sustained_climb_rolls_back():
     ema = st.view().signals.loss_ema
     feed(st, nxt, **window([ema + 0.3] * (EVERY - 1) + [ema - 0.05], [1.0] * EVERY))
     assert st.view().signals.slope_t > 4 and DivergenceGuard().propose(st.view()) == []
+
+
+def test_a_loss_registered_as_not_falling_is_never_judged_a_climb():
+    """attach(loss_trend=False) (a PPO, whose value loss grows with its returns: 10 of 10
+    tuned runs were rolled back for climbing in a trial): the same climb that rolls a
+    supervised run back is no verdict; a spike still is."""
+    st = job(loss_trend=False)
+    assert not st.view().loss_trend
+    nxt = _climbing(st, calm(st, 40), 25)
+    assert st.view().signals.slope_t > 4
+    assert assess(st.view(), DivergenceThresholds()) is None
+    assert DivergenceGuard().propose(st.view()) == []
+    ema = st.view().signals.loss_ema
+    feed(st, nxt, **window([ema * 50] * EVERY, [1.0] * EVERY))
+    assert assess(st.view(), DivergenceThresholds()).cause == "loss_spike"
 
 
 def test_a_climb_across_an_lr_change_is_not_judged():

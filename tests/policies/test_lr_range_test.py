@@ -941,7 +941,7 @@ def test_a_schedule_counts_its_steps_from_the_checkpoint_the_range_test_returned
 
 
 def _evidence(losses, spreads=None, nonfinite_at=None, used=None, aligned=None, lows=None,
-              nonfinite=5, start=0, lasts=None):
+              nonfinite=5, start=0, lasts=None, loss_trend=None):
     """The range test's verdict on a job fed one report per loss (window 5, checkpoint 0
     listed, each report's health judged; ``used``: the loop's own LR per report, else
     ``LR``; ``aligned``: the update alignment per report; ``lows``: a report's lowest loss,
@@ -952,7 +952,8 @@ def _evidence(losses, spreads=None, nonfinite_at=None, used=None, aligned=None, 
     st = JobState.from_register(wire.Register(
         job="j", run_id="r", report_every=5, knobs=wire.Knobs(lr=LR), base=wire.Knobs(lr=LR),
         step=start, facts=wire.ScaleFacts(param_count=10, group_sizes=[10], optimizer="AdamW",
-                                          dtype="float32", device="cpu")))
+                                          dtype="float32", device="cpu"),
+        loss_trend=loss_trend))
     bad = {nonfinite_at} if isinstance(nonfinite_at, int) else set(nonfinite_at or ())
     for i, loss in enumerate(losses, 1):
         spread = (spreads or {}).get(i, 1.05)
@@ -968,6 +969,23 @@ def _evidence(losses, spreads=None, nonfinite_at=None, used=None, aligned=None, 
     out = policy.propose(st.view())
     _evidence.kind = (policy.evidence(st.view()) or (None,))[0]
     return (policy.far_off(st.view()), out)
+
+
+def test_a_loss_registered_as_not_falling_is_never_evidence_nor_swept():
+    """attach(loss_trend=False) (a PPO: its value loss grew 21.5 -> 24.1 in its first
+    reports as the agent learned, read as "the loss rose", and the sweep's pick ended 5 of 5
+    tuned runs at a tenth of bare's return): the same rise that starts a sweep of a
+    supervised run starts none, and neither does a configured "always"."""
+    rising = [2.0 + 0.1 * i for i in range(6)]
+    assert "the loss rose" in _evidence(rising)[0] and _evidence.kind == "high"
+    assert _evidence(rising, loss_trend=False)[1] == []
+    st = JobState.from_register(wire.Register(
+        job="j", run_id="r", report_every=5, knobs=wire.Knobs(lr=LR), loss_trend=False,
+        facts=wire.ScaleFacts(param_count=10, group_sizes=[10], optimizer="AdamW",
+                              dtype="float32", device="cpu")))
+    take(st, wire.Report(job="j", seq=1, step=5, window=5, loss_mean=1.0,
+                         knobs=wire.Knobs(lr=LR), checkpoints=[0]), DivergenceThresholds())
+    assert LrRangeTest({"when": "always"}).propose(st.view()) == []
 
 
 def test_a_run_at_a_sane_lr_is_never_swept():

@@ -23,9 +23,9 @@ EVERY = 10
 WINDOW = 20
 
 
-def job() -> JobState:
+def job(**registered) -> JobState:
     reg = wire.Register(job="p", run_id="r", report_every=EVERY, facts=FACTS,
-                        knobs=wire.Knobs(lr=1e-3), base=wire.Knobs(lr=1e-3))
+                        knobs=wire.Knobs(lr=1e-3), base=wire.Knobs(lr=1e-3), **registered)
     return JobState.from_register(reg, SignalConfig(slope_window=WINDOW))
 
 
@@ -37,9 +37,10 @@ def feed(st: JobState, i: int, loss: float) -> None:
                            scale=wire.Scale(lr=m)))
 
 
-def fires(loss_at, n: int = 300, seed: int = 0, policy: Plateau | None = None) -> list[int]:
+def fires(loss_at, n: int = 300, seed: int = 0, policy: Plateau | None = None,
+          **registered) -> list[int]:
     """Reports (1-based) at which plateau proposes, for loss_at(i) + N(0, 0.05) noise."""
-    rng, st, pol = random.Random(seed), job(), policy or Plateau()
+    rng, st, pol = random.Random(seed), job(**registered), policy or Plateau()
     hits = []
     for i in range(1, n + 1):
         feed(st, i, loss_at(i) + rng.gauss(0.0, 0.05))
@@ -99,6 +100,8 @@ def test_a_run_whose_own_lr_moves_is_left_to_its_schedule():
 
 def test_a_rising_loss_triggers():
     assert fires(lambda i: 2.0 + 0.02 * i, n=WINDOW) == [WINDOW]
+    # ...but not one registered as not expected to fall (attach(loss_trend=False)).
+    assert fires(lambda i: 2.0 + 0.02 * i, n=WINDOW, loss_trend=False) == []
 
 
 def test_nothing_before_the_window_is_full_or_below_min_reports():
