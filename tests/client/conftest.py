@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 import zmq
@@ -94,6 +95,14 @@ class FakeController:
             except AssertionError:
                 continue
         raise AssertionError(f"command {command.seq} never took effect")
+
+    def mark_stable(self, guard: Any, step: int, seq: int, train: Callable[[], None]) -> None:
+        """Once a report lists checkpoint ``step``, mark it stable (command ``seq``) until
+        ``guard`` has it, training (``train``) all the while."""
+        self.wait_for(lambda c: any(step in r.checkpoints for r in c.of_type(wire.Report)),
+                      while_waiting=train)
+        self.send_until(wire.Command(job=guard.job, seq=seq, mark_stable=step),
+                        lambda c: guard.stable_step == step, train)
 
     def close(self) -> None:
         self._stop.set()

@@ -76,19 +76,15 @@ def test_rollback_to_a_checkpoint_taken_before_a_group_was_added(fake_controller
         run.record()
         for _ in range(6):
             run.step(guard)
-        fake_controller.wait_for(lambda c: any(5 in r.checkpoints
-                                               for r in c.of_type(wire.Report)),
-                                 while_waiting=lambda: run.step(guard))
-        fake_controller.send_until(wire.Command(job=JOB, seq=1, mark_stable=5),
-                    lambda c: guard.stable_step == 5, lambda: run.step(guard))
+        fake_controller.mark_stable(guard, 5, seq=1, train=lambda: run.step(guard))
         run.unfreeze()  # the backbone becomes trainable: a second param group
         backbone_then = [p.detach().clone() for p in run.model[0].parameters()]
         for _ in range(6):
             run.step(guard)
         assert not torch.equal(run.model[0].weight, backbone_then[0])  # it trained
         fake_controller.send_until(wire.Command(job=JOB, seq=2, rollback_to=5,
-                                                  scale=wire.ScaleTargets(lr=0.5)),
-                    lambda c: guard.rollbacks == 1, lambda: run.step(guard))
+                                                scale=wire.ScaleTargets(lr=0.5)),
+                                   lambda c: guard.rollbacks == 1, lambda: run.step(guard))
 
         assert guard.global_step == 5
         params, opt_state = run.at[5]
@@ -117,11 +113,7 @@ def test_a_checkpoint_that_does_not_fit_the_groups_restores_nothing(fake_control
                 heartbeat_s=0.05, report_every=5, checkpoint_every=5) as guard:
         for _ in range(6):
             run.step(guard)
-        fake_controller.wait_for(lambda c: any(5 in r.checkpoints
-                                               for r in c.of_type(wire.Report)),
-                                 while_waiting=lambda: run.step(guard))
-        fake_controller.send_until(wire.Command(job=JOB, seq=1, mark_stable=5),
-                    lambda c: guard.stable_step == 5, lambda: run.step(guard))
+        fake_controller.mark_stable(guard, 5, seq=1, train=lambda: run.step(guard))
         dropped = run.opt.param_groups.pop(1)  # the loop drops the backbone's group
         for p in dropped["params"]:
             run.opt.state.pop(p, None)

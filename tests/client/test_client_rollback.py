@@ -99,14 +99,14 @@ def test_rollback_command_end_to_end(fake_controller, tmp_path) -> None:
             run.step(guard)
 
         fake_controller.send_until(_command(1, mark_stable=5),
-                    lambda c: guard.stable_step == 5, train)
+                                   lambda c: guard.stable_step == 5, train)
         # A knob change after the checkpoint: the rollback must take it back.
         fake_controller.send_until(_command(2, knobs=wire.Knobs(momentum=0.5)),
-                    lambda c: guard.applied_seq == 2, train)
+                                   lambda c: guard.applied_seq == 2, train)
         assert guard.global_step > 5 and not run.is_at(5)
         fake_controller.send_until(_command(3, rollback_to=5, scale=wire.ScaleTargets(lr=0.2),
-                                              knobs=wire.Knobs(clip=0.5), reasons=["spike"]),
-                    lambda c: guard.rollbacks == 1, train)
+                                            knobs=wire.Knobs(clip=0.5), reasons=["spike"]),
+                                   lambda c: guard.rollbacks == 1, train)
 
         assert guard.global_step == 5 and run.is_at(5) and seen == [5]
         assert not any(a.seq == 3 for a in fake_controller.of_type(wire.Ack))  # not before...

@@ -141,10 +141,6 @@ def _ack(controller, seq: int, step) -> wire.Ack:
     return next(a for a in controller.of_type(wire.Ack) if a.seq == seq)
 
 
-def _listed(step: int):
-    return lambda c: any(step in r.checkpoints for r in c.of_type(wire.Report))
-
-
 def test_a_rollback_restores_the_swa_average_its_schedule_and_the_loops_own_state(
         fake_controller) -> None:
     run = Run()
@@ -155,9 +151,7 @@ def test_a_rollback_restores_the_swa_average_its_schedule_and_the_loops_own_stat
 
         for _ in range(7):
             train()
-        fake_controller.wait_for(_listed(5), while_waiting=train)
-        fake_controller.send_until(_command(1, mark_stable=5),
-                    lambda c: guard.stable_step == 5, train)
+        fake_controller.mark_stable(guard, 5, seq=1, train=train)
         for _ in range(3):
             train()
         moved = run.state()
@@ -165,7 +159,7 @@ def test_a_rollback_restores_the_swa_average_its_schedule_and_the_loops_own_stat
         for name in ("swa", "swa_sched", "tally"):  # each moved on past the checkpoint
             assert not _same(moved, run.at[5], names=[name]), name
         fake_controller.send_until(_command(2, rollback_to=5),
-                    lambda c: guard.rollbacks == 1, train)
+                                   lambda c: guard.rollbacks == 1, train)
 
         # Right after the rollback every object is as it was when step 5 was first reached,
         # with the model.
@@ -184,7 +178,7 @@ def test_a_rollback_restores_the_swa_average_its_schedule_and_the_loops_own_stat
             train()
         assert guard.global_step > 5 and not _same(run.state(), run.at[5])
         fake_controller.send_until(_command(3, rollback_to=5),
-                    lambda c: guard.rollbacks == 2, train)
+                                   lambda c: guard.rollbacks == 2, train)
         step, state = run.restored[1]
         assert step == 5 and _same(state, run.at[5])
         assert _ack(fake_controller, 3, train).error is None
@@ -201,14 +195,12 @@ def test_files_carry_the_extra_state_to_a_rollback_and_to_load_stable(fake_contr
 
         for _ in range(5):
             train()
-        fake_controller.wait_for(_listed(4), while_waiting=train)
-        fake_controller.send_until(_command(1, mark_stable=4),
-                    lambda c: guard.stable_step == 4, train)
+        fake_controller.mark_stable(guard, 4, seq=1, train=train)
         # Once newer ones are written, step 4 is held on disk only.
         fake_controller.wait_for(lambda c: 4 not in guard._store._held and guard.global_step
                                  >= 12, while_waiting=train)
         fake_controller.send_until(_command(2, rollback_to=4),
-                    lambda c: guard.rollbacks == 1, train)
+                                   lambda c: guard.rollbacks == 1, train)
         step, state = run.restored[0]
         assert step == 4 and _same(state, run.at[4])
         assert _ack(fake_controller, 2, train).error is None
@@ -231,9 +223,7 @@ def test_a_checkpoint_without_a_name_restores_the_others_and_says_what_it_lacked
                  extra_state={"swa": run.swa}) as guard:
         for _ in range(5):
             run.step(guard)
-        fake_controller.wait_for(_listed(4), while_waiting=lambda: run.step(guard))
-        fake_controller.send_until(_command(1, mark_stable=4),
-                    lambda c: guard.stable_step == 4, lambda: run.step(guard))
+        fake_controller.mark_stable(guard, 4, seq=1, train=lambda: run.step(guard))
     fresh = Run(seed=1)
     before = fresh.state()
     ckpt = load_stable(tmp_path)
@@ -277,12 +267,10 @@ def test_a_load_state_dict_that_raises_is_reported_in_the_ack_and_the_rest_resto
 
         for _ in range(6):
             train()
-        fake_controller.wait_for(_listed(5), while_waiting=train)
-        fake_controller.send_until(_command(1, mark_stable=5),
-                    lambda c: guard.stable_step == 5, train)
+        fake_controller.mark_stable(guard, 5, seq=1, train=train)
         train()
         fake_controller.send_until(_command(2, rollback_to=5),
-                    lambda c: guard.rollbacks == 1, train)
+                                   lambda c: guard.rollbacks == 1, train)
         step, state = run.restored[0]
         assert step == 5 and _same(state, run.at[5])
         assert guard.global_step == 5 and guard.rollbacks == 1
