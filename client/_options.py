@@ -24,7 +24,7 @@ NONFINITE_MODES: tuple[str, ...] = ("auto", "skip", "zero")
 
 
 def _invalid(name: str, value: object, allowed: str) -> ValueError:
-    return ValueError(f"{name}={value!r} is invalid; allowed: {allowed}")
+    return _refused(name, repr(value), allowed)
 
 
 def _is_int(x: object, low: int) -> bool:
@@ -169,7 +169,8 @@ _EXTRA_OBJECT = "an object with callable state_dict() and load_state_dict(state_
 
 
 def _refused(name: str, shown: str, allowed: str) -> ValueError:
-    """:func:`_invalid` for a value shown as ``shown`` (see :func:`_shown`)."""
+    """The error refusing option ``name``, its value shown as ``shown`` (its repr, for
+    :func:`_invalid`; see :func:`_shown`), and what is allowed."""
     return ValueError(f"{name}={shown} is invalid; allowed: {allowed}")
 
 
