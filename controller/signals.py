@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-__all__ = ["ema", "ema_var", "zscore", "ols_slope", "t_stat"]
+__all__ = ["ema", "ema_var", "zscore", "ols_slope", "t_stat", "lined_up"]
 
 
 def ema(prev: float | None, x: float, alpha: float) -> float:
@@ -109,3 +109,27 @@ def t_stat(estimate: float | None, stderr: float | None) -> float:
     if stderr == 0.0:
         return 0.0 if estimate == 0.0 else math.copysign(math.inf, estimate)
     return estimate / stderr
+
+
+def lined_up(alignments: Sequence[float], above: float, at_least: int) -> bool:
+    """Whether the updates kept lining up with the next gradient: at least ``at_least``
+    alignments (``cos(g, -update)``, one sampled step per report), their median above
+    ``above``, and no more than a fifth of them at or below 0.
+
+    The alignment is the hypergradient's sign (Baydin et al. 2018, "Online Learning Rate
+    Adaptation with Hypergradient Descent"): above 0, the gradient where a step landed
+    still points along the step, so the loss of the next batch kept falling over the
+    whole step. A run whose loss rises while nearly every step lines up is not overshooting
+    on its LR; what it is fitting moves (a policy-gradient loss as the returns grow, a
+    drifting stream). One sampled step spreads a tuned run's alignment by +-0.3, hence
+    the median and the fifth.
+
+    >>> lined_up([0.2, 0.3, 0.25], 0.15, 3), lined_up([0.2, 0.3, -0.1], 0.15, 3)
+    (True, False)
+    """
+    if len(alignments) < at_least:
+        return False
+    ordered = sorted(alignments)
+    n = len(ordered)
+    median = ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2.0
+    return median > above and sum(1 for a in ordered if a <= 0.0) <= n // 5

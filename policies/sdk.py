@@ -49,7 +49,7 @@ from trimtab.controller import view as _view
 from trimtab.controller.health import CAUSES, DivergenceThresholds, Unhealthy
 from trimtab.controller.policy import Advice, Policy, PolicyLoadError, Proposal, Rollback, Sweep
 from trimtab.controller.scale import BatchScaling, ScaleContext
-from trimtab.controller.signals import ema, ema_var
+from trimtab.controller.signals import ema, ema_var, lined_up
 from trimtab.controller.view import JobView, Phase, Sample, Signals
 from trimtab.policies._lr_curve import fell_below, past, past_bar, pick_lr, smooth, stop_reason
 from trimtab.policies._schedule_base import (
@@ -66,7 +66,8 @@ __all__ = [
     "CAUSES", "Advice", "BatchScaling", "DivergenceThresholds", "JobView", "LrField", "Phase",
     "Policy", "PolicyLoadError", "Proposal", "Rollback", "Sample", "ScaleContext",
     "ScheduleConfig", "SchedulePiece", "SchedulePolicy", "Signals", "Sweep", "Unhealthy",
-    "as_multiplier", "batch_factor", "ema", "ema_var", "schedules", "fields_markdown",
+    "as_multiplier", "batch_factor", "ema", "ema_var", "lined_up", "schedules",
+    "fields_markdown",
     "smooth", "stop_reason", "pick_lr", "fell_below", "past", "past_bar",
 ]
 

@@ -1,12 +1,18 @@
-"""``attach(loss_trend=False)``: a loss that rises as the run learns is no evidence.
+"""A loss that rises as the run learns is no evidence: under updates that each go
+downhill by default, and under any with ``attach(loss_trend=False)``.
 
 cleanrl's PPO, attached to a default controller, ended 5 of 5 tuned CartPole runs at a
 tenth of bare's return: its value loss grows with the returns, and the range test read
 that as "the loss rose" (then picked x0.002-x0.14), the health judgement as a climb (10 of
-10 runs rolled back with the range test in shadow). A real ``trimtab serve`` with the
-default policies; a real regression run whose reported loss grows 1% a step, as a
-policy-gradient loss grows with the returns: judged and acted on by default, left alone
-with ``loss_trend=False`` -- whose non-finite values are still skipped and rolled back.
+10 runs rolled back with the range test in shadow). Its updates lined up with the next
+gradient all along (median ``cos(g, -update)`` +0.2): every step went downhill, the loss
+rose anyway. A real ``trimtab serve`` with the default policies; a real regression run
+whose reported loss grows 1% a step, as a policy-gradient loss grows with the returns:
+
+* trained from scratch at a low LR, its updates line up: the rise is left alone;
+* at its noise floor (trained first, bare), its updates spread around 0: the same rise
+  reads as an LR far off and is acted on, unless it is registered with
+  ``loss_trend=False`` -- whose non-finite values are still skipped and rolled back.
 """
 
 from __future__ import annotations
@@ -21,9 +27,15 @@ from .support import Regression, wait_for
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 
-def _run(srv, job: str, loss_trend: bool, nan_from: int | None = None) -> None:
+def _run(srv, job: str, loss_trend: bool = True, nan_from: int | None = None,
+         lr: float = 1e-3, trained: int = 0) -> None:
     task = Regression()
-    opt = torch.optim.Adam(task.model.parameters(), lr=1e-3)
+    opt = torch.optim.Adam(task.model.parameters(), lr=lr)
+    for _ in range(trained):  # bare, before attaching: to its noise floor
+        loss = task.loss(*task.batch())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
     with attach(task.model, opt, job=job, endpoint=srv.endpoint, report_every=10,
                 loss_trend=loss_trend, checkpoint_every=50) as guard:
         for i in range(400):
@@ -36,16 +48,39 @@ def _run(srv, job: str, loss_trend: bool, nan_from: int | None = None) -> None:
             guard.step(reported)
 
 
+def _alignments(journal, job: str) -> list[float]:
+    return [e.data["update_alignment"] for e in journal.events(job, "report")
+            if e.data.get("update_alignment") is not None]
+
+
+def _acted(journal, job: str) -> bool:
+    return any("rose" in str(e.data) or "climb" in str(e.data)
+               for e in journal.events(job, "decision"))
+
+
+def test_a_rise_under_updates_that_each_go_downhill_is_left_alone(serve_factory,
+                                                                 one_thread):
+    srv = serve_factory()
+    _run(srv, "descending")  # from scratch at 1e-3: every update lines up
+    _run(srv, "at-floor", lr=1e-2, trained=200)
+    journal = srv.journal()
+    wait_for(lambda: journal.events("descending", "bye") and journal.events("at-floor", "bye"))
+    early = _alignments(journal, "descending")[:20]
+    assert len(early) >= 15 and min(early) > 0.15
+    assert journal.events("descending", "decision") == []
+    assert journal.events("descending", "rollback") == []
+    # The same rise at the noise floor, updates spread around 0: an LR far off, acted on.
+    assert sum(1 for a in _alignments(journal, "at-floor")[:10] if a <= 0) >= 3
+    assert _acted(journal, "at-floor")
+
+
 def test_a_loss_not_expected_to_fall_is_left_alone(serve_factory, one_thread):
     srv = serve_factory()
-    _run(srv, "supervised", loss_trend=True)
-    _run(srv, "ppo-like", loss_trend=False)
+    _run(srv, "ppo-like", loss_trend=False, lr=1e-2, trained=200)
     journal = srv.journal()
-    wait_for(lambda: journal.events("ppo-like", "bye") and journal.events("supervised", "bye"))
-    # By default the rise is read as an LR far off: acted on.
-    acted = journal.events("supervised", "decision")
-    assert acted and any("rose" in str(e.data) or "climb" in str(e.data) for e in acted)
-    # Registered as not expected to fall: no decision, no rollback.
+    wait_for(lambda: journal.events("ppo-like", "bye"))
+    # Registered as not expected to fall: no decision, no rollback (the same run without
+    # the flag is acted on: the test above).
     (reg,) = journal.events("ppo-like", "register")
     assert reg.data["loss_trend"] is False
     assert journal.events("ppo-like", "decision") == []

@@ -166,13 +166,16 @@ def test_no_spike_is_judged_in_warm_up():
     assert proposals(st, {"warmup_reports": 10}) != []
 
 
-def _climbing(st: JobState, start: int, n: int, rate: float = 0.01, seed: int = 1) -> int:
-    """Reports whose loss rises by ``rate`` per report from the current level."""
+def _climbing(st: JobState, start: int, n: int, rate: float = 0.01, seed: int = 1,
+              align: float | None = None) -> int:
+    """Reports whose loss rises by ``rate`` per report from the current level; with
+    ``align``, each carries an update alignment spread +-0.1 around it."""
     rng, level = random.Random(seed), st.view().signals.loss_ema
     for i in range(start, start + n):
         base = level + rate * (i - start + 1)
+        extra = {} if align is None else {"update_alignment": align + rng.uniform(-0.1, 0.1)}
         feed(st, i, **window([base + rng.gauss(0, 0.02) for _ in range(EVERY)],
-                             [1.0 + rng.gauss(0, 0.1) for _ in range(EVERY)]))
+                             [1.0 + rng.gauss(0, 0.1) for _ in range(EVERY)]), **extra)
     return start + n
 
 
@@ -203,6 +206,21 @@ def test_a_loss_registered_as_not_falling_is_never_judged_a_climb():
     ema = st.view().signals.loss_ema
     feed(st, nxt, **window([ema * 50] * EVERY, [1.0] * EVERY))
     assert assess(st.view(), DivergenceThresholds()).cause == "loss_spike"
+
+
+@pytest.mark.parametrize("align, judged", [(0.25, False), (-0.05, True), (0.05, True)])
+def test_a_climb_under_updates_that_each_go_downhill_is_no_verdict(align, judged):
+    """A loss that climbs while nearly every update lines up with the next gradient (a
+    tuned PPO, its value loss growing with the returns: median cos(g, -update) +0.2, 10
+    of 10 runs rolled back in a trial) is a moving target, not a divergence; the same
+    climb under updates spread around 0 (an overshooting run) still rolls back."""
+    st = job()
+    _climbing(st, calm(st, 40), 25, align=align)
+    assert st.view().signals.slope_t > 4
+    verdict = assess(st.view(), DivergenceThresholds())
+    assert (verdict is not None and verdict.cause == "climb") is judged
+    # Turned off, the gate judges every climb.
+    assert assess(st.view(), DivergenceThresholds(climb_align=None)).cause == "climb"
 
 
 def test_a_climb_across_an_lr_change_is_not_judged():

@@ -988,6 +988,32 @@ def test_a_loss_registered_as_not_falling_is_never_evidence_nor_swept():
     assert LrRangeTest({"when": "always"}).propose(st.view()) == []
 
 
+def test_a_rise_under_updates_that_each_go_downhill_is_no_evidence():
+    """A loss that rises while nearly every update lines up with the next gradient: each
+    step went downhill and the loss rose anyway, so what the run fits moves (a tuned PPO
+    on CartPole, its value loss growing with the returns at +0.11..+0.30 from its first
+    reports, was swept and ended at a tenth of bare's return). No evidence, either way:
+    not "too high", and not the "too low" its alignments would otherwise say. A rise
+    whose early alignments are all above 0 waits for a third; one at or below 0 among
+    them (the benchmark's hot runs: -0.66 on the noisy quadratic at 100x, +0.19 then
+    -0.11 on the digits CNN) keeps the rise's verdict."""
+    rising = [2.0 + 0.1 * i for i in range(20)]
+    ppo = [None, 0.11, 0.27, 0.25, 0.19, 0.2, 0.21, 0.19, 0.22, 0.22,
+           0.21, 0.21, 0.19, 0.22, 0.22, 0.22, 0.2, 0.2, 0.23, 0.2]
+    for n in range(2, 21):
+        why, out = _evidence(rising[:n], aligned=ppo[:n])
+        assert why is None and out == [], n
+    # Without alignments (or with them turned off) the same rise starts the sweep.
+    assert "the loss rose" in _evidence(rising[:3])[0]
+    # Hot: an alignment at or below 0 among the first ones keeps the verdict.
+    assert "the loss rose" in _evidence([2.0, 2.3], aligned=[None, -0.66])[0]
+    why, (p,) = _evidence(rising[:3], aligned=[None, 0.19, -0.11])
+    assert "the loss rose" in why and p.sweep and _evidence.kind == "high"
+    # Every one above 0 but the median under the line: the rise stands at the third.
+    assert _evidence(rising[:3], aligned=[None, 0.05, 0.1])[0] is None  # waits
+    assert "the loss rose" in _evidence(rising[:4], aligned=[None, 0.05, 0.1, 0.08])[0]
+
+
 def test_a_run_at_a_sane_lr_is_never_swept():
     """A loss that falls, with an ordinary spread inside each window: no evidence, no
     sweep, whatever the report (the default is ``when = "evidence"``)."""
