@@ -76,6 +76,7 @@ def _decision_table(with_job: bool, header: bool = True) -> Table:
 
 
 _STYLE = {"shadow": "dim", "rollback": "bold red", "restored": "red", "alert": "bold red",
+          "restore_failed": "bold red",
           "policy_error": "red", "stable": "green"}
 
 

@@ -102,6 +102,12 @@ class JobsView:
             line.last_decision = (f"rollback {d.get('from_step')} -> {d.get('target')}: "
                                   f"{d.get('reason')}: {d.get('why')}")
             line.last_decision_step = ev.step
+        elif ev.kind == "restore_failed":
+            # Ordered, not done: the client restored nothing.
+            line.rollbacks = max(line.rollbacks - 1, 0)
+            line.last_decision = (f"rollback to {d.get('target')} not restored: "
+                                  f"{d.get('why')}")
+            line.last_decision_step = ev.step
         elif ev.kind == "decision":
             acted = [f"{k} {knob_text(k, v.get('current'))} -> {knob_text(k, v['commanded'])} by "
                      f"{v.get('policy')}: {v.get('reason')}"

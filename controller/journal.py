@@ -45,8 +45,9 @@ EVENT_KINDS = (
     "register", "report", "proposal", "decision", "command", "ack",
     "bye", "lost", "policy_error", "message_error",
     # Rollback: a checkpoint first listed, marked stable, a rollback ordered, acknowledged
-    # as restored, and a job put in alert (rollback budget exhausted).
-    "checkpoint", "stable", "rollback", "restored", "alert",
+    # as restored or as not restored (the client said why), and a job put in alert
+    # (rollback budget exhausted).
+    "checkpoint", "stable", "rollback", "restored", "restore_failed", "alert",
     # A report sent before a rollback its client had applied by the time it arrived.
     "abandoned",
     # A report made while its client heard no controller, or before its registration.

@@ -129,6 +129,9 @@ _COUNTERS = {
     ),
     "trimtab_rollbacks": ("Rollbacks ordered, by cause.", ("reason",)),
     "trimtab_rollback_steps_lost": ("Optimizer steps undone by acknowledged rollbacks.", ()),
+    "trimtab_rollback_failures": ("Rollbacks ordered that the client could not restore "
+                                 "(nothing restored; that checkpoint is not targeted again).",
+                                 ()),
     "trimtab_checkpoints": ("Checkpoints taken, as listed in the job's reports.", ()),
     "trimtab_checkpoints_marked_stable": ("Checkpoints marked stable.", ()),
     "trimtab_operator_actions": (
@@ -215,6 +218,7 @@ class JobCollector(Collector):
             for cause, n in {**dict.fromkeys((*CAUSES, "manual"), 0), **rb.rollbacks}.items():
                 put("trimtab_rollbacks", [job, cause], n)
             put("trimtab_rollback_steps_lost", [job], rb.steps_lost)
+            put("trimtab_rollback_failures", [job], rb.failed)
             put("trimtab_job_paused", [job], 0.0 if state.paused is None else 1.0)
             for action, n in {**dict.fromkeys(OPERATOR_ACTIONS, 0),
                               **state.operator_actions}.items():

@@ -122,7 +122,13 @@ class Recorder:
             log.warning("job %s: rolled back from step %d to %d (%s, level %d)", job,
                         rec.from_step, done.restored, rec.cause, rec.level)
         elif rec is not None:
-            log.error("job %s: rollback to step %d failed: %s", job, rec.to_step, done.failed)
+            # Nothing was restored: the journal says so (the rollback event says only that
+            # one was ordered), and that checkpoint is never targeted again.
+            self.journal.append(job, "restore_failed", step=state.step, seq=command.seq, data={
+                "target": rec.to_step, "from_step": rec.from_step, "reason": rec.cause,
+                "level": rec.level, "why": done.failed, "inferred": done.inferred})
+            log.error("job %s: rollback to step %d failed, nothing restored: %s", job,
+                      rec.to_step, done.failed)
 
     def shadow(self, job: str, decision: Decision) -> None:
         """Journal and log what the shadow policies would have done; nothing is sent."""

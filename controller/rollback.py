@@ -246,6 +246,8 @@ class RollbackState:
     #: Rollbacks ordered, by cause.
     rollbacks: dict[str, int] = field(default_factory=dict)
     restored: int = 0
+    #: Rollbacks the client could not restore (its ack said why; nothing was restored).
+    failed: int = 0
     checkpoints_seen: int = 0
     marked_stable: int = 0
 
@@ -443,6 +445,7 @@ class RollbackState:
         if rec is None:
             return
         rec.failed = why
+        self.failed += 1
         self.stable = [s for s in self.stable if s != rec.to_step]
         self.candidates.pop(rec.to_step, None)
         self.unusable = sorted({*self.unusable, rec.to_step})
@@ -455,10 +458,10 @@ class RollbackState:
         "pending_mark", "last_resort",
         "pending", "last_unhealthy_step", "last_unhealthy", "history", "cooldown_until",
         "alert", "steps_lost", "rollbacks", "restored", "checkpoints_seen", "marked_stable",
-        "skipped_reports",
+        "skipped_reports", "failed",
     })
     #: Keys a state saved by an older version lacks, with the value they then take.
-    _ADDED = {"skipped_reports": 0, "last_resort": []}
+    _ADDED = {"skipped_reports": 0, "last_resort": [], "failed": 0}
 
     def stranded(self, cfg: RollbackConfig) -> bool:
         """Whether every step of the last ``cfg.stranded_reports`` reports was skipped."""

@@ -28,7 +28,8 @@ __all__ = ["DEFAULT_KINDS", "Row", "Timeline", "knob_text", "parse_kinds", "pars
 #: What ``trimtab decisions`` shows unless ``--kind`` says otherwise: what acted, what was
 #: sent and what came of it (reports and proposals are many; ``--kind`` names them).
 DEFAULT_KINDS = frozenset({
-    "decision", "shadow", "command", "ack", "rollback", "restored", "stable", "alert",
+    "decision", "shadow", "command", "ack", "rollback", "restored", "restore_failed",
+    "stable", "alert",
     "policy_error", "advice", "register", "bye", "lost", "manual",
 })
 
@@ -181,6 +182,11 @@ class Timeline:
             return [make(change=f"step {d.get('from_step')} -> {d.get('restored_step')}",
                          why=f"restored: {d.get('steps_lost')} steps lost ({d.get('reason')}, "
                              f"level {d.get('level')})")]
+        if ev.kind == "restore_failed":
+            return [make(change=f"step {d.get('from_step')} -> {d.get('target')}",
+                         why=f"not restored: {d.get('why')} ({d.get('reason')}, level "
+                             f"{d.get('level')}; checkpoint {d.get('target')} is not "
+                             "targeted again)")]
         if ev.kind == "stable":
             return [Row(ev.id, ev.ts, ev.job, at if at is not None else ev.step, ev.kind,
                         change=f"checkpoint {d.get('step')}", seq=ev.seq,

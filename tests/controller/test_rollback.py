@@ -360,6 +360,7 @@ def test_a_failed_restore_never_targets_that_checkpoint_again():
     run.rb.note_ordered(plan)
     run.rb.note_failed("unknown checkpoint 400")
     assert run.rb.history[-1].failed == "unknown checkpoint 400"
+    assert (run.rb.failed, run.rb.restored) == (1, 0)  # trimtab_rollback_failures_total
     assert run.rb.stable == [350] and run.rb.unusable == [400]
     run.report(stable_step=400)  # still listed, even claimed stable: not taken back
     assert run.rb.stable == [350] and plan_rollback("x", "x", run.rb, CFG).target_step == 350
