@@ -20,8 +20,10 @@ which reads it from the view (:attr:`~trimtab.controller.view.JobView.health`).
   significantly positive (``t > climb_t``) and rising at least ``climb_min_rise`` of the
   loss over the window, while the window's updates did not keep lining up with the next
   gradient (``climb_align``: a loss that rises under steps that each went downhill is a
-  moving target); not for a job whose loss is not expected to fall
-  (``attach(loss_trend=False)``: a policy-gradient loss climbs as the returns grow).
+  moving target), and not a level shift (``climb_shift``: one jump, after which the loss
+  does not climb and the gradients push harder, is data that got harder); not for a job
+  whose loss is not expected to fall (``attach(loss_trend=False)``: a policy-gradient
+  loss climbs as the returns grow).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from trimtab.controller.signals import lined_up
+from trimtab.controller.signals import lined_up, ols_slope, t_stat
 from trimtab.controller.view import Unhealthy
 
 if TYPE_CHECKING:
@@ -94,6 +96,18 @@ class DivergenceThresholds(BaseModel):
     #: rolled back in 10 of 10 runs). The benchmark's one climb verdict (the GPT with
     #: OneCycle at 100x its LR) came under a median of -0.06, 23 of 25 at or below 0.
     climb_align: float | None = Field(0.15, gt=0.0, lt=1.0, allow_inf_nan=False)
+    #: ...and not when the window's rise is a level shift: one rise between two reports'
+    #: means of at least this fraction of the window's fitted rise, the reports after it
+    #: not climbing on their own (at least 3 of them, their slope's t-statistic at most
+    #: ``climb_t``; while there are fewer, the reports before it, likewise), their mean
+    #: gradient norm at least the mean of those before (the harder data pushes; a network
+    #: a bad step killed goes flat with its gradients) and the LR the optimizer used held
+    #: within 1.5x over the window (a loop's own ramp into instability is no shift). The
+    #: data got harder (a curriculum's next stage, a new data mixture); a rollback replays
+    #: into the same shift, with its LR cut (a trial: a regression whose stage-2 data came
+    #: at step 400, its loss 0.023 -> 0.17, its gradient norm 0.2 -> 0.5, was rolled back
+    #: 255 steps at x0.5; one at step 600, 260 steps). None: not used.
+    climb_shift: float | None = Field(0.5, gt=0.0, le=1.0, allow_inf_nan=False)
     #: Reports seen before spikes and climbs are judged (non-finite values always are).
     warmup_reports: int = Field(20, ge=0)
 
@@ -168,6 +182,34 @@ def _lowest(report: Any) -> float:
     return report.loss_min if report.loss_min is not None else report.loss_mean
 
 
+def _level_shift(window: list, least: float, climb_t: float) -> bool:
+    """Whether the reports of ``window`` (samples, oldest first, each with a finite mean
+    loss) rose by a level shift: their largest rise from one report's mean to the next is
+    at least ``least``; the reports after it do not climb on their own (the t-statistic
+    of their least-squares slope at most ``climb_t``, over at least 3 of them; while there
+    are fewer, over at least 3 before it); their mean gradient norm is at least that of
+    the reports before; and the LR the optimizer used held within 1.5x."""
+    if len(window) < 2:
+        return False
+    jump, at = max((b.loss_mean - a.loss_mean, i + 1)
+                   for i, (a, b) in enumerate(zip(window[:-1], window[1:], strict=True)))
+    if jump < least or jump <= 0.0:
+        return False
+    after, before = window[at:], window[:at]
+    part = after if len(after) >= 3 else before
+    if len(part) < 3:
+        return False
+    t = t_stat(*ols_slope([s.step for s in part], [s.loss_mean for s in part]))
+    if math.isnan(t) or t > climb_t:
+        return False  # climbing on: divergence after a jump, or before it
+    norms = [[s.grad_norm_mean for s in side if s.grad_norm_mean is not None
+              and math.isfinite(s.grad_norm_mean)] for side in (before, after)]
+    if not all(norms) or sum(norms[1]) / len(norms[1]) < sum(norms[0]) / len(norms[0]):
+        return False  # gradients fading: not new data pushing
+    used = [s.lr_used for s in window if s.lr_used]
+    return not used or max(used) <= 1.5 * min(used)
+
+
 def _climb(view: JobView, th: DivergenceThresholds) -> str | None:
     sig, last = view.signals, view.last
     if (sig.slope is None or sig.slope_t is None or sig.slope_since_step is None
@@ -189,5 +231,10 @@ def _climb(view: JobView, th: DivergenceThresholds) -> str | None:
     rise = sig.slope * span / abs(sig.loss_ema) if sig.loss_ema else math.inf
     if rise < th.climb_min_rise:
         return None
+    if th.climb_shift is not None:
+        window = [s for s in view.history if s.step >= sig.slope_since_step
+                  and s.loss_mean is not None and math.isfinite(s.loss_mean)]
+        if _level_shift(window, th.climb_shift * sig.slope * span, th.climb_t):
+            return None  # one jump, then no climb: the data moved, the run adapts
     return (f"loss climbing: slope {sig.slope:.3g}/step, t={sig.slope_t:.1f} > {th.climb_t:g}, "
             f"{rise:+.0%} over {span} steps")

@@ -223,6 +223,41 @@ def test_a_climb_under_updates_that_each_go_downhill_is_no_verdict(align, judged
     assert assess(st.view(), DivergenceThresholds(climb_align=None)).cause == "climb"
 
 
+def test_a_level_shift_is_no_climb_and_a_climb_after_a_jump_still_is():
+    """The data got harder (a curriculum's next stage, a new data mixture): the loss jumps
+    once, then falls as the run adapts. Over a slope window holding the jump that reads as
+    a significant slope (a trial's regression, stage 2 at step 400, was rolled back 255
+    steps at x0.5, its gradient norm up 2.5x); it is no climb. A jump that the loss keeps
+    climbing after is one, as is a rise already under way before its largest jump, and a
+    jump the loss stays flat after as its gradients fade (a network a bad step killed)."""
+    def run(after_rate: float, th: DivergenceThresholds, before_rate: float = 0.0,
+            grad_after: float = 1.5) -> list:
+        st, rng = job(), random.Random(3)
+        nxt = calm(st, 30)
+        if before_rate:
+            nxt = _climbing(st, nxt, 10, rate=before_rate)
+        level = st.view().signals.loss_ema + 0.5  # the jump
+        causes = []
+        for k in range(12):
+            base = level + after_rate * k
+            feed(st, nxt + k, **window([base + rng.gauss(0, 0.05) for _ in range(EVERY)],
+                                       [grad_after + rng.gauss(0, 0.01) for _ in range(EVERY)]))
+            verdict = assess(st.view(), th)
+            causes.append(None if verdict is None else verdict.cause)
+        return causes
+    # loss_z off: a jump this clean is also a loss spike, judged first; the climb is tested.
+    default = DivergenceThresholds(loss_z=1e9)
+    off = DivergenceThresholds(loss_z=1e9, climb_shift=None)
+    assert "climb" in run(-0.01, off)  # the rule's own reading of the window
+    assert "climb" not in run(-0.01, default)  # jumped, then falling: a level shift
+    assert "climb" not in run(0.0, default)  # jumped, then flat
+    # Jumped, then flat with its gradients fading: a network a bad step killed.
+    assert "climb" in run(0.0, default, grad_after=0.1)
+    assert "climb" in run(0.03, default)  # jumped, then climbing on
+    # A rise under way before its largest jump: a climb while the jump is too new to tell.
+    assert run(-0.01, default, before_rate=0.02)[0] == "climb"
+
+
 def test_a_climb_across_an_lr_change_is_not_judged():
     st = job()
     nxt = calm(st, 40)
