@@ -57,9 +57,10 @@ def healthy(kind: str, rng: random.Random, i: int) -> dict:
     return window(losses, grads)
 
 
-def feed(st: JobState, i: int, **fields) -> None:
-    take(st, wire.Report(job="d", seq=i, step=EVERY * i, window=EVERY, knobs=st.knobs,
-                         **fields), DivergenceThresholds())
+def feed(st: JobState, i: int, knobs: wire.Knobs | None = None, **fields) -> None:
+    """One report; ``knobs``: what the optimizer used (default: the job's)."""
+    take(st, wire.Report(job="d", seq=i, step=EVERY * i, window=EVERY,
+                         knobs=knobs or st.knobs, **fields), DivergenceThresholds())
 
 
 def proposals(st: JobState, th: dict | None = None, **config) -> list:
@@ -231,17 +232,19 @@ def test_a_level_shift_is_no_climb_and_a_climb_after_a_jump_still_is():
     climbing after is one, as is a rise already under way before its largest jump, and a
     jump the loss stays flat after as its gradients fade (a network a bad step killed)."""
     def run(after_rate: float, th: DivergenceThresholds, before_rate: float = 0.0,
-            grad_after: float = 1.5) -> list:
+            grad_after: float = 1.5, lr_after: float = 1.0) -> list:
         st, rng = job(), random.Random(3)
         nxt = calm(st, 30)
         if before_rate:
             nxt = _climbing(st, nxt, 10, rate=before_rate)
         level = st.view().signals.loss_ema + 0.5  # the jump
+        lr = wire.Knobs(lr=st.knobs.lr * lr_after)  # what the optimizer used after it
         causes = []
         for k in range(12):
             base = level + after_rate * k
-            feed(st, nxt + k, **window([base + rng.gauss(0, 0.05) for _ in range(EVERY)],
-                                       [grad_after + rng.gauss(0, 0.01) for _ in range(EVERY)]))
+            feed(st, nxt + k, knobs=lr,
+                 **window([base + rng.gauss(0, 0.05) for _ in range(EVERY)],
+                          [grad_after + rng.gauss(0, 0.01) for _ in range(EVERY)]))
             verdict = assess(st.view(), th)
             causes.append(None if verdict is None else verdict.cause)
         return causes
@@ -253,6 +256,8 @@ def test_a_level_shift_is_no_climb_and_a_climb_after_a_jump_still_is():
     assert "climb" not in run(0.0, default)  # jumped, then flat
     # Jumped, then flat with its gradients fading: a network a bad step killed.
     assert "climb" in run(0.0, default, grad_after=0.1)
+    # Jumped as the loop's own LR went up 2x (a ramp into instability): no shift.
+    assert "climb" in run(0.0, default, lr_after=2.0)
     assert "climb" in run(0.03, default)  # jumped, then climbing on
     # A rise under way before its largest jump: a climb while the jump is too new to tell.
     assert run(-0.01, default, before_rate=0.02)[0] == "climb"
