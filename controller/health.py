@@ -106,7 +106,7 @@ class DivergenceThresholds(BaseModel):
     #: data got harder (a curriculum's next stage, a new data mixture); a rollback replays
     #: into the same shift, with its LR cut (a trial: a regression whose stage-2 data came
     #: at step 400, its loss 0.023 -> 0.17, its gradient norm 0.2 -> 0.5, was rolled back
-    #: 255 steps at x0.5; one at step 600, 260 steps). None: not used.
+    #: 255 steps at x0.5; at steps 250 and 600, 237 and 245). None: not used.
     climb_shift: float | None = Field(0.5, gt=0.0, le=1.0, allow_inf_nan=False)
     #: Reports seen before spikes and climbs are judged (non-finite values always are).
     warmup_reports: int = Field(20, ge=0)
