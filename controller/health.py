@@ -99,7 +99,8 @@ class DivergenceThresholds(BaseModel):
     #: ...and not when the window's rise is a level shift: one rise between two reports'
     #: means of at least this fraction of the window's fitted rise, the reports after it
     #: not climbing on their own (at least 3 of them, their slope's t-statistic at most
-    #: ``climb_t``; while there are fewer, the reports before it, likewise), their mean
+    #: ``climb_t`` or their fitted rise under half the jump; while there are fewer, the
+    #: reports before it, their t at most ``climb_t``), their mean
     #: gradient norm at least the mean of those before (the harder data pushes; a network
     #: a bad step killed goes flat with its gradients) and the LR the optimizer used held
     #: within 1.5x over the window (a loop's own ramp into instability is no shift). The
@@ -186,9 +187,10 @@ def _level_shift(window: list, least: float, climb_t: float) -> bool:
     """Whether the reports of ``window`` (samples, oldest first, each with a finite mean
     loss) rose by a level shift: their largest rise from one report's mean to the next is
     at least ``least``; the reports after it do not climb on their own (the t-statistic
-    of their least-squares slope at most ``climb_t``, over at least 3 of them; while there
-    are fewer, over at least 3 before it); their mean gradient norm is at least that of
-    the reports before; and the LR the optimizer used held within 1.5x."""
+    of their least-squares slope at most ``climb_t``, or their fitted rise under half the
+    jump, over at least 3 of them; while there are fewer, the t-statistic of those before
+    it); their mean gradient norm is at least that of the reports before; and the LR the
+    optimizer used held within 1.5x."""
     if len(window) < 2:
         return False
     jump, at = max((b.loss_mean - a.loss_mean, i + 1)
@@ -199,8 +201,14 @@ def _level_shift(window: list, least: float, climb_t: float) -> bool:
     part = after if len(after) >= 3 else before
     if len(part) < 3:
         return False
-    t = t_stat(*ols_slope([s.step for s in part], [s.loss_mean for s in part]))
-    if math.isnan(t) or t > climb_t:
+    slope, se = ols_slope([s.step for s in part], [s.loss_mean for s in part])
+    t = t_stat(slope, se)
+    if math.isnan(t):
+        return False
+    # After the jump, a rise under half of it is the run settling on the new data (Adam's
+    # moments catching up); a divergence after a jump keeps going past that.
+    settling = part is after and slope * (after[-1].step - after[0].step) < 0.5 * jump
+    if t > climb_t and not settling:
         return False  # climbing on: divergence after a jump, or before it
     norms = [[s.grad_norm_mean for s in side if s.grad_norm_mean is not None
               and math.isfinite(s.grad_norm_mean)] for side in (before, after)]
