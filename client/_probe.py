@@ -38,7 +38,8 @@ same way and a larger LR would have gone further down: the LR is too low; near z
 negative, the steps overshoot along the sharp directions, as at a tuned LR. It reuses the
 update kept for the update ratio (one more step, then freed; scaled and added to in
 place, so no new tensor of the model's size) and costs two ``foreach`` norms, a scale and
-an add once per window; it is not measured on sharded parameters or gradients spread over
+an add once per window (a scale per dtype where the weights mix them, e.g. fp32 norms
+beside bf16 weights); it is not measured on sharded parameters or gradients spread over
 several devices.
 
 Sharded parameters (FSDP2): with :attr:`Probe.sharding` set (see
@@ -321,7 +322,13 @@ class Probe:
         with torch.no_grad():
             gn = torch.linalg.vector_norm(torch.stack(
                 torch._foreach_norm(grads, 2.0, dtype=torch.float32)))
-            torch._foreach_mul_(delta, (gn / norm).to(delta[0].dtype))
+            scale = gn / norm
+            if len({d.dtype for d in delta}) == 1:
+                torch._foreach_mul_(delta, scale.to(delta[0].dtype))
+            else:  # mixed precision (fp32 norms beside bf16 weights): one scale per dtype
+                for dtype in {d.dtype for d in delta}:
+                    torch._foreach_mul_([d for d in delta if d.dtype == dtype],
+                                        scale.to(dtype))
             torch._foreach_add_(delta, grads)  # type: ignore[arg-type]
             s = torch.linalg.vector_norm(torch.stack(
                 torch._foreach_norm(delta, 2.0, dtype=torch.float32)))
@@ -352,8 +359,7 @@ class Probe:
             ratio = norms[0] / norms[1]
             # A skipped step's ratio says nothing of the step size; collect() drops it.
             self.buf[self.row, self._ratio_col] = ratio
-            if (self.sharding is None and self._one_device and delta
-                    and len({d.dtype for d in delta}) == 1):
+            if self.sharding is None and self._one_device and delta:
                 self._update = (self._params, delta, norms[0])
         self._params = []
 

@@ -317,3 +317,43 @@ def test_reports_made_before_a_controller_is_heard_are_marked_offline(make_contr
     # the controller was there went under earlier links (reconnect attempts) or this one.
     (register,) = controller.of_type(wire.Register)[-1:]
     assert register.link >= 1 and all(r.link == register.link for r in reports[first_live:])
+
+
+class _Mixed(torch.nn.Module):
+    """bf16 weights beside fp32 ones (a norm kept in fp32 in a bf16 model)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wide = torch.nn.Linear(5, 7).to(torch.bfloat16)
+        self.head = torch.nn.Linear(7, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.wide(x.to(torch.bfloat16))).float())
+
+
+def test_the_update_alignment_is_reported_for_mixed_dtype_parameters(fake_controller) -> None:
+    """The range test's and the climb's alignment checks read it: a model whose weights
+    are not all of one dtype must report it too (it was None for every report)."""
+    torch.manual_seed(0)
+    model = _Mixed()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    grads, deltas = [], []
+    with attach(model, opt, job="mixed", endpoint=fake_controller.endpoint,
+                heartbeat_s=0.05, report_every=5) as guard:
+        for _ in range(15):
+            x = torch.randn(8, 5)
+            loss = (model(x) - x.sum(1, keepdim=True)).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            grads.append(torch.cat([p.grad.float().reshape(-1) for p in model.parameters()]))
+            before = [p.detach().float().clone() for p in model.parameters()]
+            guard.step(loss)
+            deltas.append(torch.cat([(p.detach().float() - b).reshape(-1)
+                                     for p, b in zip(model.parameters(), before, strict=True)]))
+        fake_controller.wait_for(lambda c: len(c.of_type(wire.Report)) >= 3)
+    reports = fake_controller.of_type(wire.Report)[:3]
+    assert reports[0].update_alignment is None  # no update before the first step
+    for i, report in enumerate(reports[1:], 1):
+        cos = torch.nn.functional.cosine_similarity(grads[5 * i], -deltas[5 * i - 1],
+                                                    dim=0).item()
+        assert report.update_alignment == pytest.approx(cos, abs=0.02)  # bf16 arithmetic
