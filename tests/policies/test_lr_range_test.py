@@ -1130,6 +1130,19 @@ def test_a_loss_that_jumped_and_settled_at_its_start_is_too_hot_and_a_flat_one_t
     assert why is not None and _evidence.kind == "low"
 
 
+def test_a_flat_loss_whose_batch_noise_would_hide_the_fall_is_no_evidence():
+    """A model trained to its floor, attached fresh (a fine-tune, a continued run): its
+    reports do not fall 2%, but their batches spread the loss so widely that a 2% fall
+    would not show (a regression at batch 32: 2% of the loss was 0.47-0.60 of two standard
+    errors of a three-report mean; swept, the runs ended 1.04-1.15x worse than bare). The
+    same flat means from windows spread 5% is evidence."""
+    flat = [0.0136 * (1 + 0.005 * ((-1) ** i)) for i in range(20)]
+    why, out = _evidence(flat)  # each window spread 1.05x: a fall of 2% would show
+    assert "it did not fall 2%" in why and out[0].sweep
+    noisy = dict.fromkeys(range(1, 21), 3.0)  # each window spread 3x: batches of 32
+    assert _evidence(flat, spreads=noisy) == (None, [])
+
+
 def test_a_flat_loss_under_the_loops_own_warm_up_is_no_evidence():
     """nanoGPT warms its LR up over 2000 iterations: over the first 20 reports the loss
     barely moves at a still tiny LR. That is the loop's schedule, not an LR far too low;
