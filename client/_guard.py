@@ -260,6 +260,9 @@ class Guard(GuardState):
                                    wrapper=wrapper, scheduler=scheduler,
                                    checkpoint_dir=checkpoint_dir)
         check_optimizer(optimizer)
+        # The optimizer stepped before it was handed over (its state loaded from a run
+        # that trained): told to the controller with each registration.
+        self._warm_start = any(bool(s) for s in optimizer.state.values())
         check_decay(ema)
         check_endpoint(endpoint)
         other = _OPEN.get(job)
@@ -520,6 +523,7 @@ class Guard(GuardState):
             keep=None if self._store is None else self._store.keep,
             nominal_lr=self._nominal_lr,
             loss_trend=None if self.loss_trend else False,
+            warm_start=True if self._warm_start else None,
         )
 
     def _note_listing(self) -> None:

@@ -51,7 +51,7 @@ class Persisted:
     #: loads with them empty.
     _ADDED = frozenset({"validations_ema", "paused", "operator_actions", "signal_trail",
                         "checkpoint_keep", "nominal_lr", "resume_id", "nonfinite_faults",
-                        "loss_z_before", "loss_trend"})
+                        "loss_z_before", "loss_trend", "warm_start"})
 
     def state_dict(self) -> dict[str, Any]:
         """A JSON-serialisable copy (no NaN or infinity) for the journal."""
@@ -95,6 +95,7 @@ class Persisted:
             "checkpoint_keep": self.checkpoint_keep, "nominal_lr": self.nominal_lr,
             "resume_id": self.resume_id, "nonfinite_faults": self.nonfinite_faults,
             "loss_trend": self.loss_trend,
+            "warm_start": self.warm_start,
         }
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
@@ -158,6 +159,7 @@ class Persisted:
         self.nominal_lr = None if nominal is None else float(nominal)
         self.nonfinite_faults = int(sd.get("nonfinite_faults", 0))
         self.loss_trend = bool(sd.get("loss_trend", True))
+        self.warm_start = bool(sd.get("warm_start", False))
         resume_id = sd.get("resume_id")
         self.resume_id = None if resume_id is None else str(resume_id)
 

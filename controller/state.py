@@ -183,6 +183,8 @@ class JobState(Persisted):
         #: Whether the loss is expected to fall as the run learns (the client's
         #: ``attach(loss_trend=)``, as it registered).
         self.loss_trend = True
+        #: Whether the client's optimizer held state when it attached (as it registered).
+        self.warm_start = False
 
     # -- what a decision changes --------------------------------------------------------
 
@@ -243,6 +245,7 @@ class JobState(Persisted):
         self.checkpoint_keep = msg.keep
         self.nominal_lr = msg.nominal_lr
         self.loss_trend = msg.loss_trend is not False
+        self.warm_start = msg.warm_start is True
 
     def on_register(self, msg: wire.Register) -> Observation | None:
         """This run registered (maybe again, after a reconnect; or resumed, :meth:`on_resumed`):
@@ -534,5 +537,5 @@ class JobState(Persisted):
             found_lr=self.found_lr, effective=self.effective, base=self.base,
             registered=self.registered, health=self.health,
             checkpoint_keep=self.checkpoint_keep, nominal_lr=self.nominal_lr,
-            loss_trend=self.loss_trend,
+            loss_trend=self.loss_trend, warm_start=self.warm_start,
         )

@@ -235,6 +235,10 @@ class JobView:
     #: with ``loss_trend=False``, a policy-gradient or GAN generator loss): a policy that
     #: reads the loss's trend, level or curve as evidence about the knobs stays out.
     loss_trend: bool = True
+    #: Whether the job's optimizer already held state when the client attached (a run
+    #: continued from its own checkpoint without trimtab's state): its LR has run before,
+    #: and a policy that looks for evidence at a run's start stays out.
+    warm_start: bool = False
 
     def evicted_next(self) -> frozenset[int]:
         """The checkpoints of the latest report's listing that the client's next snapshot

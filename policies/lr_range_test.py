@@ -402,6 +402,12 @@ class LrRangeTest(Policy):
             # The controller met the run past its start (it started late, or restarted
             # without its journal): what it sees first is a run that has trained a while.
             return None
+        if view.warm_start:
+            # The optimizer had stepped before it was attached (a run continued from its
+            # own checkpoint, without trimtab's state): past its start, too. A regression
+            # trained to its floor and continued so was swept on noise ("the loss rose"
+            # 7% in a window of batches spread 2x) and ended 1.07x worse than bare.
+            return None
         if view.nonfinite_faults:
             # Persistent ones only: a burst of bad batches the client skipped is no
             # evidence about the LR (see DivergenceThresholds.nonfinite_isolated).

@@ -154,6 +154,12 @@ class Register(_Model):
     #: such as PPO's, a GAN's generator): the controller draws nothing from its trend
     #: (``attach(loss_trend=False)``). None: it is (the default, and an older client).
     loss_trend: Literal[False] | None = None
+    #: True: the optimizer already held state when the guard attached (the run continues
+    #: one that trained, without trimtab's state: a fine-tune resumed from its own
+    #: checkpoint, a run continued from saved weights and optimizer): its LR has run
+    #: before, so the range test looks for no evidence, as for a run met past its start.
+    #: None: a fresh optimizer (and an older client).
+    warm_start: Literal[True] | None = None
 
 
 class Report(_Model):
@@ -426,7 +432,7 @@ class WireError(ValueError):
 #: fields) still takes every message that does not use them.
 _ADDED_IN_V2: dict[type[BaseModel], tuple[str, ...]] = {
     Report: ("validation_ema", "update_alignment"),
-    Register: ("keep", "nominal_lr", "resume_id", "origin", "loss_trend"),
+    Register: ("keep", "nominal_lr", "resume_id", "origin", "loss_trend", "warm_start"),
     Ack: ("rolled_back_from",)}
 
 

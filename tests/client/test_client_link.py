@@ -357,3 +357,20 @@ def test_the_update_alignment_is_reported_for_mixed_dtype_parameters(fake_contro
         cos = torch.nn.functional.cosine_similarity(grads[5 * i], -deltas[5 * i - 1],
                                                     dim=0).item()
         assert report.update_alignment == pytest.approx(cos, abs=0.02)  # bf16 arithmetic
+
+
+def test_the_registration_says_whether_the_optimizer_had_stepped(fake_controller) -> None:
+    """A fresh optimizer registers no warm start; one whose state was loaded from a run
+    that trained registers one (the controller's range test then looks for no evidence)."""
+    trained = Run()
+    with _attach(trained, fake_controller.endpoint) as guard:
+        for _ in range(3):
+            trained.step(guard)
+        fake_controller.wait_for(lambda c: c.of_type(wire.Register))
+    assert fake_controller.of_type(wire.Register)[0].warm_start is None
+    fake_controller.messages.clear()
+    again = Run()
+    again.opt.load_state_dict(trained.opt.state_dict())
+    with _attach(again, fake_controller.endpoint):
+        fake_controller.wait_for(lambda c: c.of_type(wire.Register))
+    assert fake_controller.of_type(wire.Register)[0].warm_start is True

@@ -941,7 +941,7 @@ def test_a_schedule_counts_its_steps_from_the_checkpoint_the_range_test_returned
 
 
 def _evidence(losses, spreads=None, nonfinite_at=None, used=None, aligned=None, lows=None,
-              nonfinite=5, start=0, lasts=None, loss_trend=None):
+              nonfinite=5, start=0, lasts=None, loss_trend=None, warm_start=None):
     """The range test's verdict on a job fed one report per loss (window 5, checkpoint 0
     listed, each report's health judged; ``used``: the loop's own LR per report, else
     ``LR``; ``aligned``: the update alignment per report; ``lows``: a report's lowest loss,
@@ -953,7 +953,7 @@ def _evidence(losses, spreads=None, nonfinite_at=None, used=None, aligned=None, 
         job="j", run_id="r", report_every=5, knobs=wire.Knobs(lr=LR), base=wire.Knobs(lr=LR),
         step=start, facts=wire.ScaleFacts(param_count=10, group_sizes=[10], optimizer="AdamW",
                                           dtype="float32", device="cpu"),
-        loss_trend=loss_trend))
+        loss_trend=loss_trend, warm_start=warm_start))
     bad = {nonfinite_at} if isinstance(nonfinite_at, int) else set(nonfinite_at or ())
     for i, loss in enumerate(losses, 1):
         spread = (spreads or {}).get(i, 1.05)
@@ -1012,6 +1012,16 @@ def test_a_rise_under_updates_that_each_go_downhill_is_no_evidence():
     # Every one above 0 but the median under the line: the rise stands at the third.
     assert _evidence(rising[:3], aligned=[None, 0.05, 0.1])[0] is None  # waits
     assert "the loss rose" in _evidence(rising[:4], aligned=[None, 0.05, 0.1, 0.08])[0]
+
+
+def test_a_run_whose_optimizer_had_stepped_before_it_was_attached_is_past_its_start():
+    """An optimizer that held state at attach (a run continued from its own checkpoint,
+    without trimtab's state) has run at its LR already: no evidence, as for a run the
+    controller met past its start (a regression continued at its floor was swept on a 7%
+    rise of noise, and ended 1.07x worse than bare)."""
+    rising = [2.0 + 0.1 * i for i in range(6)]
+    assert "the loss rose" in _evidence(rising)[0]
+    assert _evidence(rising, warm_start=True) == (None, [])
 
 
 def test_a_run_at_a_sane_lr_is_never_swept():
