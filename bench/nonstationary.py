@@ -84,10 +84,9 @@ def _decisions(journal: str, jobs: list[str]) -> int:
         db.close()
 
 
-def curriculum(switch: int, lr: float, iterations: int, ctl: Controller | None,
-               job: str) -> tuple[float, int]:
-    """The regression's error on the harder data after ``iterations`` of the loop, and the
-    rollbacks taken (attached to ``ctl``; None: bare)."""
+def curriculum_task() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.nn.Module]:
+    """The curriculum's inputs, its easy and harder targets (a second, sharper function
+    added), and its model (seeded): shared with the tests that run it against a serve."""
     g = torch.Generator().manual_seed(1)
     x = torch.randn(8192, 16, generator=g)
     w1, w2 = torch.randn(16, 1, generator=g), torch.randn(16, 1, generator=g)
@@ -96,6 +95,14 @@ def curriculum(switch: int, lr: float, iterations: int, ctl: Controller | None,
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.GELU(),
                                 torch.nn.Linear(64, 64), torch.nn.GELU(), torch.nn.Linear(64, 1))
+    return x, easy, hard, model
+
+
+def curriculum(switch: int, lr: float, iterations: int, ctl: Controller | None,
+               job: str) -> tuple[float, int]:
+    """The regression's error on the harder data after ``iterations`` of the loop, and the
+    rollbacks taken (attached to ``ctl``; None: bare)."""
+    x, easy, hard, model = curriculum_task()
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     on = _Attached(ctl, model, opt, job, hooks=False) if ctl else None
     for i in range(iterations):
@@ -116,6 +123,17 @@ def curriculum(switch: int, lr: float, iterations: int, ctl: Controller | None,
 
 _MODES = torch.tensor([[2 * math.cos(2 * math.pi * k / 8), 2 * math.sin(2 * math.pi * k / 8)]
                        for k in range(8)])
+
+
+def _hooked_step(loss: torch.Tensor, opt: torch.optim.Optimizer, on: _Attached | None) -> None:
+    """One step of a loop that calls ``optimizer.step()`` itself (``hooks=True``)."""
+    opt.zero_grad()
+    loss.backward()
+    if on:
+        on.guard.observe_loss(loss)
+    opt.step()
+    if on:
+        on.lock.after_step()
 
 
 def gan(seed: int, steps: int, ctl: Controller | None,
@@ -142,22 +160,8 @@ def gan(seed: int, steps: int, ctl: Controller | None,
         real = _MODES[torch.randint(0, 8, (64,), generator=g)] + 0.05 * torch.randn(
             64, 2, generator=g)
         fake = net_g(torch.randn(64, 8, generator=g))
-        loss_d = bce(net_d(real), ones) + bce(net_d(fake.detach()), zeros)
-        opt_d.zero_grad()
-        loss_d.backward()
-        if on_d:
-            on_d.guard.observe_loss(loss_d)
-        opt_d.step()
-        if on_d:
-            on_d.lock.after_step()
-        loss_g = bce(net_d(fake), ones)
-        opt_g.zero_grad()
-        loss_g.backward()
-        if on_g:
-            on_g.guard.observe_loss(loss_g)
-        opt_g.step()
-        if on_g:
-            on_g.lock.after_step()
+        _hooked_step(bce(net_d(real), ones) + bce(net_d(fake.detach()), zeros), opt_d, on_d)
+        _hooked_step(bce(net_d(fake), ones), opt_g, on_g)
     rolled = (on_d.close() + on_g.close()) if on_d and on_g else 0
     with torch.no_grad():
         pts = net_g(torch.randn(2000, 8, generator=torch.Generator().manual_seed(99)))

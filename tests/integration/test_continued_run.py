@@ -22,6 +22,7 @@ import time
 import pytest
 import torch
 
+from bench.nonstationary import curriculum_task
 from trimtab.client import attach
 
 from .support import wait_for
@@ -31,27 +32,26 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 JOB = "continued"
 
 
-def test_a_run_continued_at_its_floor_is_not_swept(serve_factory, one_thread):
-    srv = serve_factory()
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(8192, 16, generator=g)
-    y = torch.tanh(x @ torch.randn(16, 1, generator=g)) + 0.1 * torch.randn(8192, 1,
-                                                                              generator=g)
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.GELU(),
-                                torch.nn.Linear(64, 64), torch.nn.GELU(), torch.nn.Linear(64, 1))
+def _trained(lr: float):
+    """The curriculum's model trained bare to its floor on the easy data, a function
+    drawing a batch's loss, and the optimizer that trained it."""
+    x, y, _, model = curriculum_task()
 
     def batch_loss() -> torch.Tensor:
         idx = torch.randint(0, 8192, (32,))
         return torch.nn.functional.mse_loss(model(x[idx]), y[idx])
 
-    first = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    for _ in range(1000):  # trained bare, to its floor
+    first = torch.optim.AdamW(model.parameters(), lr=lr)
+    for _ in range(1000):
         loss = batch_loss()
         first.zero_grad()
         loss.backward()
         first.step()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)  # a fresh optimizer, a new run
+    return model, batch_loss, first
+
+
+def _continue(srv, model, batch_loss, opt) -> list[dict]:
+    """300 steps attached to ``srv``; the reports journaled."""
     torch.manual_seed(5)
     with attach(model, opt, job=JOB, endpoint=srv.endpoint) as guard:
         for _ in range(300):
@@ -62,50 +62,32 @@ def test_a_run_continued_at_its_floor_is_not_swept(serve_factory, one_thread):
             time.sleep(0.002)  # a step's time: decisions land near the report they answer
     journal = srv.journal()
     wait_for(lambda: journal.events(JOB, "bye"))
-    reports = [e.data for e in journal.events(JOB, "report")][:20]
+    return [e.data for e in journal.events(JOB, "report")]
+
+
+def test_a_run_continued_at_its_floor_is_not_swept(serve_factory, one_thread):
+    srv = serve_factory()
+    model, batch_loss, _ = _trained(1e-3)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)  # a fresh optimizer, a new run
+    reports = _continue(srv, model, batch_loss, opt)[:20]
     means = [r["loss_mean"] for r in reports]
     # Flat as the range test reads it: the last three reports' mean not 2% below the
     # first three's, or the first report's lowest loss (the trial's reading: swept).
     start = min(sum(means[:3]) / 3, reports[0]["loss_min"])
     assert len(means) == 20 and sum(means[-3:]) / 3 > 0.98 * start
+    journal = srv.journal()
     assert journal.events(JOB, "decision") == [] and journal.events(JOB, "rollback") == []
 
 
 def test_a_run_continued_with_its_optimizer_state_is_past_its_start(serve_factory,
                                                                     one_thread):
     srv = serve_factory()
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(8192, 16, generator=g)
-    y = torch.tanh(x @ torch.randn(16, 1, generator=g)) + 0.1 * torch.randn(8192, 1,
-                                                                              generator=g)
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.GELU(),
-                                torch.nn.Linear(64, 64), torch.nn.GELU(), torch.nn.Linear(64, 1))
-
-    def batch_loss() -> torch.Tensor:
-        idx = torch.randint(0, 8192, (32,))
-        return torch.nn.functional.mse_loss(model(x[idx]), y[idx])
-
-    first = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(1000):  # trained bare, to its floor; then saved and loaded
-        loss = batch_loss()
-        first.zero_grad()
-        loss.backward()
-        first.step()
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model, batch_loss, first = _trained(3e-3)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)  # saved and loaded
     opt.load_state_dict(copy.deepcopy(first.state_dict()))
-    torch.manual_seed(5)
-    with attach(model, opt, job=JOB, endpoint=srv.endpoint) as guard:
-        for _ in range(300):
-            loss = batch_loss()
-            opt.zero_grad()
-            loss.backward()
-            guard.step(loss)
-            time.sleep(0.002)
+    means = [r["loss_mean"] for r in _continue(srv, model, batch_loss, opt)][:20]
     journal = srv.journal()
-    wait_for(lambda: journal.events(JOB, "bye"))
     (reg,) = journal.events(JOB, "register")
     assert reg.data["warm_start"] is True
-    means = [e.data["loss_mean"] for e in journal.events(JOB, "report")][:20]
     assert max(means[1:]) > 1.05 * means[0]  # a 5% rise of noise: "the loss rose" before
     assert journal.events(JOB, "decision") == [] and journal.events(JOB, "rollback") == []

@@ -13,6 +13,7 @@ import time
 import pytest
 import torch
 
+from bench.nonstationary import curriculum_task
 from trimtab.client import attach
 
 from .support import wait_for
@@ -24,14 +25,7 @@ JOB = "curriculum"
 
 def test_a_curriculum_stage_is_no_climb(serve_factory, one_thread):
     srv = serve_factory()
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(8192, 16, generator=g)
-    w1, w2 = torch.randn(16, 1, generator=g), torch.randn(16, 1, generator=g)
-    easy = torch.tanh(x @ w1) + 0.1 * torch.randn(8192, 1, generator=g)
-    hard = easy + 0.5 * torch.sin(3 * (x @ w2))
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.GELU(),
-                                torch.nn.Linear(64, 64), torch.nn.GELU(), torch.nn.Linear(64, 1))
+    x, easy, hard, model = curriculum_task()  # python -m bench.nonstationary's
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     with attach(model, opt, job=JOB, endpoint=srv.endpoint) as guard:
         for i in range(1000):
