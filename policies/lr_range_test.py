@@ -462,7 +462,7 @@ class LrRangeTest(Policy):
         model trained to its floor and attached fresh (a fine-tune or a continued run on
         the same data) sits there with batch noise of about twice a 2% fall over three
         reports (a regression at batch 32: 0.47-0.60 of the bar), and was swept and rolled
-        back, ending 1.04-1.15x worse than bare; the benchmark's runs whose loss did not
+        back, ending 1.08-1.15x worse than bare; the benchmark's runs whose loss did not
         fall (the digits CNN 10x and 100x too cold, the width MLP too hot) stood 17-123
         standard errors clear. True where no report has a range."""
         cfg: LrRangeTestConfig = self.config  # type: ignore[assignment]
