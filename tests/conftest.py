@@ -19,7 +19,16 @@ def serve_factory(tmp_path):
     started: list[Serve] = []
 
     def factory(config: str = "", port: int | None = None, journal: Path | None = None) -> Serve:
-        s = start_serve(tmp_path, port or free_port(), free_port(), config, journal)
+        for attempt in range(3):
+            try:
+                s = start_serve(tmp_path, port or free_port(), free_port(), config, journal)
+                break
+            except RuntimeError as e:
+                # free_port() hands its port back before the serve binds it, and another
+                # process on the machine can take it in between (a fresh-clone run beside
+                # a benchmark: "cannot serve metrics on ...: Address already in use").
+                if "Address already in use" not in str(e) or attempt == 2:
+                    raise
         started.append(s)
         return s
 
