@@ -229,9 +229,10 @@ def _climb(view: JobView, th: DivergenceThresholds) -> str | None:
     last_lr = view.last_change_step.get("lr")
     if last_lr is not None and sig.slope_since_step <= last_lr:
         return None  # the window spans an LR change: two regimes, not one trend
+    # The reports in the slope window, what both checks below read.
+    window = [s for s in view.history if s.step >= sig.slope_since_step]
     if th.climb_align is not None:
-        found = [s.update_alignment for s in view.history
-                 if s.step >= sig.slope_since_step and s.update_alignment is not None]
+        found = [s.update_alignment for s in window if s.update_alignment is not None]
         # At least half the window's reports: a few samples spread +-0.3.
         if lined_up(found, th.climb_align, max(3, sig.slope_n // 2)):
             return None  # descending at every step and rising: a moving target
@@ -240,9 +241,8 @@ def _climb(view: JobView, th: DivergenceThresholds) -> str | None:
     if rise < th.climb_min_rise:
         return None
     if th.climb_shift is not None:
-        window = [s for s in view.history if s.step >= sig.slope_since_step
-                  and s.loss_mean is not None and math.isfinite(s.loss_mean)]
-        if _level_shift(window, th.climb_shift * sig.slope * span, th.climb_t):
+        finite = [s for s in window if s.loss_mean is not None and math.isfinite(s.loss_mean)]
+        if _level_shift(finite, th.climb_shift * sig.slope * span, th.climb_t):
             return None  # one jump, then no climb: the data moved, the run adapts
     return (f"loss climbing: slope {sig.slope:.3g}/step, t={sig.slope_t:.1f} > {th.climb_t:g}, "
             f"{rise:+.0%} over {span} steps")

@@ -17,6 +17,7 @@ calls these to update them, so each formula is tested alone.
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Sequence
 
 __all__ = ["ema", "ema_var", "zscore", "ols_slope", "t_stat", "lined_up"]
@@ -129,7 +130,5 @@ def lined_up(alignments: Sequence[float], above: float, at_least: int) -> bool:
     """
     if len(alignments) < at_least:
         return False
-    ordered = sorted(alignments)
-    n = len(ordered)
-    median = ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2.0
-    return median > above and sum(1 for a in ordered if a <= 0.0) <= n // 5
+    against = sum(1 for a in alignments if a <= 0.0)
+    return statistics.median(alignments) > above and against <= len(alignments) // 5

@@ -466,10 +466,8 @@ class LrRangeTest(Policy):
         fall (the digits CNN 10x and 100x too cold, the width MLP too hot) stood 17-123
         standard errors clear. True where no report has a range."""
         cfg: LrRangeTestConfig = self.config  # type: ignore[assignment]
-        noise = [x for x in (mean_noise(s) for s in seen) if x is not None]
-        if not noise:
-            return True
-        return cfg.flat_drop * level >= cfg.min_drop_noise * statistics.median(noise) / math.sqrt(n)
+        noise = median_noise(seen)
+        return noise is None or cfg.flat_drop * level >= cfg.min_drop_noise * noise / math.sqrt(n)
 
     def _target_moves(self, seen: Sequence[Sample]) -> bool | None:
         """Whether the updates of ``seen`` (the reports so far) kept lining up with the
@@ -585,9 +583,7 @@ class LrRangeTest(Policy):
         (True, False)
         """
         cfg: LrRangeTestConfig = self.config  # type: ignore[assignment]
-        noise = [mean_noise(s) for s in samples]
-        noise = [x for x in noise if x is not None]
-        spread = statistics.median(noise) if noise else 0.0
+        spread = median_noise(samples) or 0.0
         first = smoothed[0]
         return min(smoothed) < min(fell_below(first, cfg.min_drop),
                                    first - cfg.min_drop_noise * spread)
@@ -817,6 +813,12 @@ def mean_noise(s: Sample) -> float | None:
         return None
     expected_range = 2.0 * statistics.NormalDist().inv_cdf((n - 0.375) / (n + 0.25))
     return (hi - lo) / expected_range / math.sqrt(n)
+
+
+def median_noise(samples: Sequence[Sample]) -> float | None:
+    """The median of :func:`mean_noise` over ``samples`` (None: no sample has a range)."""
+    noise = [x for x in (mean_noise(s) for s in samples) if x is not None]
+    return statistics.median(noise) if noise else None
 
 
 def _warming(samples: list) -> bool:
