@@ -38,7 +38,7 @@ from ._dist import DistLink, rank_directory
 from ._ema import Ema, check_decay
 from ._guard_state import GuardState
 from ._hooks import Losses, StepHooks
-from ._knobs import Actuator, check_optimizer, nominal_lr
+from ._knobs import Actuator, check_optimizer, lr_spread, nominal_lr
 from ._options import (
     NONFINITE_MODES,
     _check_checkpoint_options,
@@ -524,6 +524,7 @@ class Guard(GuardState):
             nominal_lr=self._nominal_lr,
             loss_trend=None if self.loss_trend else False,
             warm_start=True if self._warm_start else None,
+            lr_spread=self._lr_spread,
         )
 
     def _note_listing(self) -> None:
@@ -531,6 +532,7 @@ class Guard(GuardState):
         registration (swapped whole: the transport thread reads them; the store and the
         param groups are the training thread's)."""
         self._nominal_lr = nominal_lr(self.optimizer.param_groups)
+        self._lr_spread = lr_spread(self.optimizer.param_groups)
         store = self._store
         if store is None:
             self._listing = ([], None, None)

@@ -48,7 +48,7 @@ from trimtab.protocol import wire
 
 from ._live_schedule import LiveSchedules
 
-__all__ = ["Actuator", "knobs_of", "nominal_lr", "check_optimizer"]
+__all__ = ["Actuator", "knobs_of", "nominal_lr", "lr_spread", "check_optimizer"]
 
 log = logging.getLogger("trimtab.client")
 
@@ -134,6 +134,41 @@ def nominal_lr(groups: list[dict[str, Any]]) -> float | None:
                 and math.isfinite(value) and value > 0):
             return float(value)
     return None
+
+
+def lr_spread(groups: list[dict[str, Any]]) -> float | None:
+    """The highest lr of the param groups over group 0's, where it is higher (None: group 0
+    runs at the highest lr, or an lr is a tensor off the host, or group 0's is 0).
+    ``knobs.lr`` and ``nominal_lr`` are group 0's; with layer-wise LR decay (timm's
+    ``layer_decay``, BEiT/ViT fine-tuning recipes) group 0 is the input layer at a small
+    fraction of the head's lr, and an absolute lr -- a policy's, the optimizer family's sane
+    range -- relates to the head's, the lr a user configures (timm's ``lr`` is the head's).
+    The multiplier is the same for every group, so the ratio holds under it and under a
+    scheduler that scales every group alike.
+
+    >>> w = [torch.nn.Parameter(torch.zeros(1)) for _ in range(3)]
+    >>> opt = torch.optim.AdamW([{"params": [p], "lr": 1e-3 * 0.5 ** (2 - i)}
+    ...                          for i, p in enumerate(w)])
+    >>> lr_spread(opt.param_groups)
+    4.0
+    >>> lr_spread(torch.optim.AdamW(w, lr=1e-3).param_groups) is None
+    True
+    """
+    lrs = []
+    for g in groups:
+        value = g.get("lr")
+        if isinstance(value, torch.Tensor):
+            if value.numel() != 1 or value.device.type != "cpu":
+                return None
+            value = float(value)
+        if (not isinstance(value, (int, float)) or isinstance(value, bool)
+                or not math.isfinite(value)):
+            return None
+        lrs.append(float(value))
+    if not lrs or lrs[0] <= 0.0:
+        return None
+    spread = max(lrs) / lrs[0]
+    return spread if 1.0 + 1e-9 < spread <= 1e12 else None
 
 
 class Actuator:

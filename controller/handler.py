@@ -500,7 +500,7 @@ class Controller:
         :func:`~trimtab.controller.scale.derive_limits`), and log what was derived."""
         explicit = explicit_fields(self.config.governor)
         derived = derive_limits(ScaleContext.from_facts(state.facts), self.config.governor,
-                                explicit, state.registered)
+                                explicit, state.registered, state.lr_spread)
         rec = self._jobs[state.job]
         rec.governor, rec.engine = Governor(derived.config), None
         for note in derived.notes:

@@ -218,7 +218,8 @@ def replay(
     state = _rebuild(regs[0], reports, config)
     # The job's own limits, derived from its scale facts, as the live controller has them.
     limits = derive_limits(ScaleContext.from_facts(state.facts), config.governor,
-                           explicit_fields(config.governor), state.registered).config
+                           explicit_fields(config.governor), state.registered,
+                           state.lr_spread).config
     engine = Engine(policies, Governor(limits), rollback=config.rollback)
     result = ReplayResult(state.job)
     # What the replay commanded (controlled values), in force from the next report.
@@ -312,7 +313,9 @@ def _rebuild(reg: TraceRecord, reports: list[TraceRecord], config: ControllerCon
             report_every=int(every), knobs=_knobs(d["knobs"]),
             base=_knobs(d.get("base") or d["knobs"]), step=int(reg.step or 0),
             applied_seq=int(d.get("applied_seq", 0)), keep=d.get("keep"),
-            nominal_lr=d.get("nominal_lr"), origin=d.get("origin")), config.signals)
+            nominal_lr=d.get("nominal_lr"), origin=d.get("origin"),
+            loss_trend=d.get("loss_trend"), warm_start=d.get("warm_start"),
+            lr_spread=d.get("lr_spread")), config.signals)
     except (KeyError, ValueError) as exc:
         raise TraceError(f"the registration cannot rebuild a job: {type(exc).__name__}: "
                          f"{exc}") from None

@@ -227,11 +227,14 @@ def explicit_fields(cfg: GovernorConfig) -> set[str]:
 
 
 def derive_limits(
-    ctx: ScaleContext, cfg: GovernorConfig, explicit: set[str], registered: wire.Knobs
+    ctx: ScaleContext, cfg: GovernorConfig, explicit: set[str], registered: wire.Knobs,
+    lr_spread: float = 1.0,
 ) -> DerivedLimits:
     """``cfg`` with the lr bounds derived from ``ctx`` (see the module docstring), unless
     ``explicit`` (see :func:`explicit_fields`) names one of the lr's bound fields.
-    ``registered`` holds the user's own values at registration.
+    ``registered`` holds the user's own values at registration (group 0's lr);
+    ``lr_spread``, the highest group lr over group 0's (:attr:`wire.Register.lr_spread`):
+    the family's range bounds the highest, on which the client measures the cap too.
 
     >>> from trimtab.protocol import wire
     >>> facts = wire.ScaleFacts(param_count=10, group_sizes=[10], optimizer="SGD",
@@ -245,7 +248,7 @@ def derive_limits(
     lr = cfg.lr
     rng = ctx.lr_range()
     if rng is not None and not any(f"lr.{f}" in explicit for f in _BOUND_FIELDS):
-        lr0 = registered.lr
+        lr0 = None if registered.lr is None else registered.lr * lr_spread
         lo_m = lr.min_rel if lr.min_rel is not None else 0.0
         hi_m = lr.max_rel if lr.max_rel is not None else math.inf
         cap = rng[1]
@@ -264,6 +267,8 @@ def derive_limits(
             f"lr multiplier bounds [{lo_m:.3g}, {hi_m:.3g}], effective lr capped at "
             f"{cap:.3g}: {_whose(ctx)} range [{rng[0]:.3g}, {rng[1]:.3g}] ({rule}) "
             f"joined with the configured band around the registered lr {lr0}"
+            + (f" (the highest param group's, {lr_spread:.3g}x group 0's)"
+               if lr_spread > 1.0 else "")
         )
     return DerivedLimits(cfg.model_copy(update={"lr": lr}), tuple(notes))
 

@@ -185,6 +185,8 @@ class JobState(Persisted):
         self.loss_trend = True
         #: Whether the client's optimizer held state when it attached (as it registered).
         self.warm_start = False
+        #: The highest group lr over group 0's, as it registered (1: group 0's is highest).
+        self.lr_spread = 1.0
 
     # -- what a decision changes --------------------------------------------------------
 
@@ -246,6 +248,7 @@ class JobState(Persisted):
         self.nominal_lr = msg.nominal_lr
         self.loss_trend = msg.loss_trend is not False
         self.warm_start = msg.warm_start is True
+        self.lr_spread = msg.lr_spread or 1.0
 
     def on_register(self, msg: wire.Register) -> Observation | None:
         """This run registered (maybe again, after a reconnect; or resumed, :meth:`on_resumed`):
@@ -537,5 +540,5 @@ class JobState(Persisted):
             found_lr=self.found_lr, effective=self.effective, base=self.base,
             registered=self.registered, health=self.health,
             checkpoint_keep=self.checkpoint_keep, nominal_lr=self.nominal_lr,
-            loss_trend=self.loss_trend, warm_start=self.warm_start,
+            loss_trend=self.loss_trend, warm_start=self.warm_start, lr_spread=self.lr_spread,
         )

@@ -239,6 +239,11 @@ class JobView:
     #: continued from its own checkpoint without trimtab's state): its LR has run before,
     #: and a policy that looks for evidence at a run's start stays out.
     warm_start: bool = False
+    #: The highest lr of the client's param groups over group 0's, as it registered (1:
+    #: group 0's is the highest). ``effective.lr``, ``registered.lr`` and ``nominal_lr`` are
+    #: group 0's; with layer-wise LR decay group 0 is the input layer at a fraction of the
+    #: head's lr, and an absolute lr relates to the highest: group 0's times this.
+    lr_spread: float = 1.0
 
     def evicted_next(self) -> frozenset[int]:
         """The checkpoints of the latest report's listing that the client's next snapshot

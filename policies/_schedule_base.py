@@ -83,13 +83,15 @@ class ScheduleConfig(BaseModel):
 
 def _own_lr(view: JobView, what: str) -> float:
     """What an absolute lr relates to: the lr the user's own scheduler scales (the
-    client's ``nominal_lr``), else the user's lr at registration."""
+    client's ``nominal_lr``), else the user's lr at registration; both group 0's, taken to
+    the param group with the highest lr (``view.lr_spread``: with layer-wise LR decay,
+    the head's, the lr a user configures, not the input layer's)."""
     own = view.nominal_lr or view.registered.lr
     if not own:
         raise ValueError(f"{what} needs the job's own lr (its scheduler's, or at "
                          f"registration), and it registered {view.registered.lr!r} with no "
                          "scheduler's lr")
-    return own
+    return own * view.lr_spread
 
 
 def reference_multiplier(configured: float | None, cfg: ScheduleConfig, view: JobView) -> float:

@@ -220,6 +220,10 @@ def own_lr(view: JobView) -> float | None:
     registers a fraction of the lr it runs at (LambdaLR's first factor: 1/30 of it in
     the benchmark's GPT), and a range of absolute LRs divided by that fraction would sweep
     and pick 30x too high; its decay after the peak leaves the peak as the run's scale.
+    The reports' lr is param group 0's; it is taken to the highest group's
+    (``view.lr_spread``): with layer-wise LR decay group 0 is the input layer, at 1/270 of
+    the head's lr on a 12-block ViT, and a sweep of the family's range divided by it ran
+    the head from 2.7x its own lr up, held at the cap for most of the sweep.
 
     >>> from trimtab.controller.state import JobState
     >>> from trimtab.protocol import wire
@@ -231,7 +235,8 @@ def own_lr(view: JobView) -> float | None:
     seen = [x for x in (view.registered.lr, view.base.lr) if x is not None and x > 0]
     seen += [s.lr_used / s.lr for s in view.history
              if s.lr_used is not None and s.lr and s.lr_used > 0]
-    return max(seen, default=view.registered.lr)
+    top = max(seen, default=view.registered.lr)
+    return None if top is None else top * view.lr_spread
 
 
 class LrRangeTest(Policy):

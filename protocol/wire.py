@@ -160,6 +160,12 @@ class Register(_Model):
     #: before, so the range test looks for no evidence, as for a run met past its start.
     #: None: a fresh optimizer (and an older client).
     warm_start: Literal[True] | None = None
+    #: The highest lr of the param groups over group 0's, where it is higher (layer-wise LR
+    #: decay puts group 0, the input layer, at a fraction of the head's lr): ``knobs.lr``
+    #: and ``nominal_lr`` are group 0's, and an absolute lr (a policy's, the optimizer
+    #: family's sane range) relates to the highest, group 0's times this. None: group 0's
+    #: is the highest (and an older client).
+    lr_spread: Annotated[float, Field(gt=1.0, le=1e12, allow_inf_nan=False)] | None = None
 
 
 class Report(_Model):

@@ -231,35 +231,35 @@ def test_export_and_replay_rebuild_the_job_and_print_decisions(tmp_path, sdk_mod
 
 
 def test_replay_rebuilds_what_the_registration_said_of_the_clients_checkpoints():
-    """A replayed job knows how many checkpoints its client keeps and the lr its
-    scheduler scales, as the live one did, so a policy that reads them (the range test's
-    return, a schedule with an absolute lr) decides the same."""
+    """A replayed job knows how many checkpoints its client keeps, the lr its scheduler
+    scales, its param groups' lr spread, whether its loss is expected to fall and whether
+    its optimizer had stepped, as the live one did, so a policy that reads them (the range
+    test's return and its evidence, a schedule with an absolute lr) decides the same."""
     seen = []
 
     class Keeps(Policy):
         name = "keeps"
 
         def propose(self, view):
-            seen.append(view.checkpoint_keep)
-            nominal.append(view.nominal_lr)
+            seen.append((view.checkpoint_keep, view.nominal_lr, view.lr_spread,
+                         view.loss_trend, view.warm_start))
             return []
-
-    nominal: list = []
 
     facts = {"param_count": 1, "group_sizes": [1], "optimizer": "SGD", "dtype": "float32",
              "device": "cpu"}
-    for keep, lr in ((3, 0.5), (None, None)):
+    told = {"keep": 3, "nominal_lr": 0.5, "lr_spread": 270.0, "loss_trend": False,
+            "warm_start": True}
+    for said, expect in ((told, (3, 0.5, 270.0, False, True)),
+                         ({}, (None, None, 1.0, True, False))):
         seen.clear()
-        nominal.clear()
         register = {"job": "j", "run_id": "r", "facts": facts, "knobs": {"lr": 0.1},
-                    "report_every": 10, **({} if keep is None else {"keep": keep}),
-                    **({} if lr is None else {"nominal_lr": lr})}
+                    "report_every": 10, **said}
         trace = [rp.TraceRecord("register", 0, None, register)]
         trace += [rp.TraceRecord("report", s, s // 10, {"step": s, "window": 10,
                                                         "loss_mean": 1.0, "knobs": {"lr": 0.1}})
                   for s in (10, 20)]
         rp.replay(trace, [Keeps()])
-        assert seen == [keep, keep] and nominal == [lr, lr]
+        assert seen == [expect, expect]
 
 
 def test_replay_errors_name_the_problem(tmp_path):

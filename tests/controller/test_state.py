@@ -264,6 +264,7 @@ def _busy_state() -> JobState:
     st.pending_command = command(st.next_command_seq(), d.commands, reasons=d.reasons())
     st.disable("broken", "raised RuntimeError: boom")
     st.nominal_lr = 4e-3  # the lr its scheduler scales, as a registration says it
+    st.lr_spread = 270.0  # its head's lr over group 0's (layer decay)
     return st
 
 
@@ -276,7 +277,7 @@ def test_state_dict_is_json_and_round_trips():
     assert back.view() == st.view()
     assert (back.knobs.lr, back.effective.lr, back.base.lr, back.registered.lr) == (
         0.5, 1e-3, 2e-3, 1e-3)
-    assert back.view().nominal_lr == 4e-3
+    assert (back.view().nominal_lr, back.view().lr_spread) == (4e-3, 270.0)
     assert back.decision_counts == {("halve", "lr", "down"): 1, ("halve", "clip", "up"): 1}
     # Both go on identically.
     nxt = report(32, loss_mean=2.9, grad_norm_mean=1.1, applied_seq=1)
