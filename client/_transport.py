@@ -144,6 +144,9 @@ class Transport:
         self._thread = threading.Thread(target=self._run, name="trimtab-client", daemon=True)
         self._last_heard = float("-inf")
         self._started = time.monotonic()
+        #: When this thread last came round its loop (another thread reads it: a silence
+        #: while this one could not run is not the controller's; see :meth:`_stalled`).
+        self._turned = self._started
         #: Reports dropped because the queue was full.
         self.dropped = 0
         #: Frames from the controller that did not decode, ignored.
@@ -194,7 +197,8 @@ class Transport:
     def connected(self) -> bool:
         """Whether the controller was heard from within the liveness window (``liveness``
         heartbeats): False until its first answer, and while it is absent or restarting."""
-        return time.monotonic() - self._last_heard < self._liveness * self._heartbeat_s
+        now = time.monotonic()
+        return now - self._last_heard - self._stalled(now) < self._liveness * self._heartbeat_s
 
     @property
     def link(self) -> int:
@@ -206,8 +210,21 @@ class Transport:
         """Whether no controller was heard for a whole liveness window: since the last word
         from one, or since this transport started when none was ever heard (a report made
         in the first window of a run is not offline: its registration is on its way)."""
-        quiet = time.monotonic() - max(self._last_heard, self._started)
+        now = time.monotonic()
+        quiet = now - max(self._last_heard, self._started) - self._stalled(now)
         return quiet >= self._liveness * self._heartbeat_s
+
+    def _stalled(self, now: float) -> float:
+        """Seconds this thread has not come round its loop, beyond a poll, when that is a
+        heartbeat or more (0 otherwise): another thread held the GIL (torch.compile, a long
+        C call) or the process was stopped. It sent no heartbeat meanwhile, so no answer
+        could come: that silence is its own, not the controller's. The training thread,
+        whose compile it may have been, reads ``connected`` and ``offline`` through it
+        before this thread's next turn takes the stall off the silence (:meth:`_excuse`)."""
+        if self._stop.is_set():
+            return 0.0
+        stalled = now - self._turned - _POLL_MS / 1000.0
+        return stalled if stalled >= self._heartbeat_s else 0.0
 
     def close(self, bye: wire.Bye | None = None, timeout_s: float = 1.0) -> None:
         """Send ``bye`` (best effort), stop the thread and wait at most ``timeout_s``."""
@@ -249,6 +266,7 @@ class Transport:
     def _run(self) -> None:
         sock: zmq.Socket | None = None
         backoff = self._heartbeat_s
+        self._turned = time.monotonic()
         while not self._stop.is_set():
             try:
                 if sock is None:
@@ -260,16 +278,26 @@ class Transport:
                     backoff = self._heartbeat_s
                 self._flush(sock)
                 now = time.monotonic()
+                deaf = self._stalled(now)
+                if deaf:
+                    # This thread did not run for a beat or more: another held the GIL
+                    # (torch.compile, a long C call) or the process was stopped. It sent
+                    # no heartbeat then, so no answer could come: that silence is its own,
+                    # not the controller's, and does not count against the link.
+                    deadline += deaf
+                    self._excuse(deaf, now)
+                    next_beat = now
+                self._turned = now
                 self.watch.update(now, self._last_heard)
                 if now >= next_beat and not self._need_register:  # nothing before Register
                     next_beat = now + self._heartbeat_s
                     self._send(sock, wire.Heartbeat(job=self.job, step=self._step()))
-                if time.monotonic() >= deadline:
+                if now >= deadline:  # now: a stall since is the next turn's to take off
                     # Paranoid Pirate: silence for `liveness` beats; drop the socket, pause, retry.
                     log.debug("no word from %s; reconnecting in %.2f s", self.endpoint, backoff)
                     sock.close(linger=0)
                     sock = None
-                    self._stop.wait(backoff)
+                    self._pause(backoff)
                     backoff = min(backoff * 2, self._reconnect_max_s)
             except Exception as exc:  # the training loop must never see a transport failure
                 # Its traceback once; the same failure again at every retry only at DEBUG.
@@ -279,9 +307,28 @@ class Transport:
                 if sock is not None:
                     sock.close(linger=0)
                 sock = None
-                self._stop.wait(backoff)
+                self._pause(backoff)
                 backoff = min(backoff * 2, self._reconnect_max_s)
         self._shutdown(sock)
+
+    def _pause(self, seconds: float) -> None:
+        """Wait ``seconds`` between links (or until closed): a wait of this thread's own,
+        not a stall (:meth:`_stalled` counts from its planned end)."""
+        self._turned = time.monotonic() + seconds
+        self._stop.wait(seconds)
+
+    def _excuse(self, deaf: float, now: float) -> None:
+        """Take ``deaf`` seconds in which this thread could not run off the silence: the
+        controller counts as heard that much later (the first window, when none was
+        heard yet, as started that much later), so that neither ``connected``, ``offline``
+        (reports made right after would be set aside as made alone) nor the log reads
+        the stall as a lost controller. A controller that did die meanwhile is found a
+        liveness window later."""
+        if self._last_heard > float("-inf"):
+            self._last_heard = min(now, self._last_heard + deaf)
+        else:
+            self._started = min(now, self._started + deaf)
+            self.watch.started = self._started
 
     def _receive(self, sock: zmq.Socket) -> bool:
         """Handle what has arrived; True when the controller was heard from."""

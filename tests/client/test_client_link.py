@@ -3,8 +3,10 @@ acks, an absent or late controller, re-registration and garbage frames."""
 
 from __future__ import annotations
 
+import logging
 import math
 import statistics
+import time
 
 import pytest
 import torch
@@ -374,3 +376,65 @@ def test_the_registration_says_whether_the_optimizer_had_stepped(fake_controller
     with _attach(again, fake_controller.endpoint):
         fake_controller.wait_for(lambda c: c.of_type(wire.Register))
     assert fake_controller.of_type(wire.Register)[0].warm_start is True
+
+
+def _hold_the_gil(at_least_s: float) -> float:
+    """Hold the GIL in one C call, a big-integer product, for at least ``at_least_s``
+    (as torch.compile's Python-side work holds it for seconds): how long it held."""
+    exponent = 1_000_000
+    while True:
+        x, y = 3**exponent, 7**exponent
+        start = time.monotonic()
+        x * y  # noqa: B018 - the product is the point: one call that never lets go
+        held = time.monotonic() - start
+        if held >= at_least_s:
+            return held
+        exponent *= 2
+
+
+def test_a_stall_of_this_process_is_not_a_lost_controller(fake_controller, caplog) -> None:
+    """The transport thread cannot run while another holds the GIL (a compile on a small
+    host held it 3.1 s, past the liveness window). It sent no heartbeat then, so no
+    answer came: that silence is its own. The link stays up (no new socket, no second
+    registration, no "lost the controller" line), ``connected`` holds, and the reports made
+    right after are not set aside as made alone (``offline``). Before: the socket was
+    dropped and the run registered again, warned, and its next report went out offline."""
+    run = Run()
+    with caplog.at_level(logging.DEBUG, logger="trimtab.client"), \
+            _attach(run, fake_controller.endpoint) as guard:
+        fake_controller.wait_for(lambda c: guard.connected and c.of_type(wire.Report),
+                                 while_waiting=lambda: run.step(guard))
+        links, registered = guard._transport.connects, len(fake_controller.of_type(wire.Register))
+        seen = len(fake_controller.messages)
+        held = _hold_the_gil(0.6)
+        connected = guard.connected
+        for _ in range(5):
+            run.step(guard)  # a report, made right after the stall
+        fake_controller.wait_for(lambda c: any(isinstance(m, wire.Report)
+                                               for m in c.messages[seen:]))
+        time.sleep(0.3)  # the transport's turns after the stall
+        assert guard.connected
+    assert held > 3 * 3 * 0.05  # three liveness windows (3 beats of 0.05 s)
+    assert connected
+    assert guard._transport.connects == links
+    assert len(fake_controller.of_type(wire.Register)) == registered
+    assert "lost the controller" not in caplog.text
+    after = [m for m in fake_controller.messages[seen:] if isinstance(m, wire.Report)]
+    assert after and not any(r.offline for r in after)
+
+
+def test_a_controller_that_fell_silent_during_a_stall_is_still_found(fake_controller,
+                                                                     caplog) -> None:
+    """The stall is taken off the silence, not the silence after it: a controller that
+    stopped answering while this process stalled is found a liveness window later."""
+    run = Run()
+    with caplog.at_level(logging.DEBUG, logger="trimtab.client"), \
+            _attach(run, fake_controller.endpoint) as guard:
+        fake_controller.wait_for(lambda c: guard.connected, while_waiting=lambda: run.step(guard))
+        links = guard._transport.connects
+        fake_controller.answer_heartbeats = False
+        _hold_the_gil(0.6)
+        fake_controller.wait_for(lambda c: guard._transport.connects > links, timeout_s=5.0,
+                                 while_waiting=lambda: run.step(guard))
+        assert not guard.connected
+    assert "lost the controller" in caplog.text
