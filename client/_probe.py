@@ -39,12 +39,14 @@ negative, the steps overshoot along the sharp directions, as at a tuned LR. It r
 update kept for the update ratio (one more step, then freed; scaled and added to in
 place, so no new tensor of the model's size) and costs two ``foreach`` norms, a scale and
 an add once per window (a scale per dtype where the weights mix them, e.g. fp32 norms
-beside bf16 weights); it is not measured on sharded parameters or gradients spread over
-several devices.
+beside bf16 weights); it is not measured on gradients spread over several devices.
 
 Sharded parameters (FSDP2): with :attr:`Probe.sharding` set (see
 :mod:`trimtab.client._sharded`) the probe works on this rank's shards and turns local
-norms into global ones with one all-reduce of their squares per step.
+norms into global ones with one all-reduce of their squares per step. The alignment
+takes one more, once per window: each rank's dot product of its shards and the squared
+norms, summed (:meth:`Probe._sharded_alignment`; every rank reaches it whatever its
+shards hold).
 
 >>> import torch
 >>> p = torch.nn.Parameter(torch.ones(3)); opt = torch.optim.SGD([p], lr=0.1)
@@ -113,6 +115,11 @@ def _mean(xs: list[float]) -> float:
     return math.fsum(xs) / len(xs)
 
 
+def _sum_sq(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The squared 2-norm of ``tensors`` together, in float32 on their device."""
+    return torch.stack(torch._foreach_norm(tensors, 2.0, dtype=torch.float32)).square().sum()
+
+
 class Probe:
     """Per-step gradient and loss signals for one optimizer, kept on ``device``."""
 
@@ -142,6 +149,9 @@ class Probe:
         self._zero = torch.zeros((), dtype=torch.float32, device=self.device)
         self._before: list[torch.Tensor] = []
         self._params: list[torch.Tensor] = []
+        #: The parameters snapshotted, as the optimizer holds them (DTensors when sharded:
+        #: their ``.grad`` is where the next gradient lands).
+        self._sources: list[torch.Tensor] = []
         self._one_device = all(
             p.device == self.device for g in optimizer.param_groups for p in g["params"])
         #: Sharded parameters: this rank's shards and global norms (``_sharded.ShardNorms``);
@@ -315,6 +325,9 @@ class Probe:
         loop over the tensors and no new tensor of the model's size."""
         params, delta, norm = self._update  # type: ignore[misc]
         self._update = None
+        if self.sharding is not None:
+            self._sharded_alignment(params, delta, norm)
+            return
         grads = [p.grad for p in params]
         if any(g is None or g.shape != d.shape or g.dtype != d.dtype
                for g, d in zip(grads, delta, strict=True)):
@@ -335,9 +348,40 @@ class Probe:
             cos = 1.0 - (s / gn) ** 2 / 2.0
             self.buf[self.row, self._align_col] = cos.clamp(-1.0, 1.0)
 
+    def _sharded_alignment(self, params: list[torch.Tensor], delta: list[torch.Tensor],
+                           norm: torch.Tensor) -> None:
+        """:meth:`_alignment` for sharded parameters, with one all-reduce: each rank takes
+        the dot product of its shards, ``g_r . dtheta_r``, by the same identity on its own
+        scale (``c = |g_r| / |dtheta_r|``: ``|g_r + c dtheta_r|^2 = 2 |g_r|^2 + 2 c
+        g_r . dtheta_r``), and the ranks sum ``[dot, |g|^2, |dtheta|^2, unmeasured]``. Every
+        rank reaches the all-reduce whatever its shards hold (a rank with a missing or
+        mismatched gradient adds to ``unmeasured``, and the alignment is then NaN on every
+        rank): an early return on one rank alone would leave the others waiting in it."""
+        grads = [None if p.grad is None else self.sharding.local(p.grad) for p in params]
+        dev = self.device
+        ok = bool(grads) and all(g is not None and g.shape == d.shape and g.dtype == d.dtype
+                                 and g.device == dev for g, d in zip(grads, delta, strict=True))
+        with torch.no_grad():
+            if ok:
+                g2 = _sum_sq(grads)  # type: ignore[arg-type]
+                scale = torch.where(norm > 0, g2.sqrt() / norm, torch.zeros_like(norm))
+                for dtype in {d.dtype for d in delta}:
+                    torch._foreach_mul_([d for d in delta if d.dtype == dtype], scale.to(dtype))
+                torch._foreach_add_(delta, grads)  # type: ignore[arg-type]
+                s2 = _sum_sq(delta)
+                dot = torch.where(scale > 0, (s2 - 2.0 * g2) / (2.0 * scale), torch.zeros_like(s2))
+                sums = torch.stack([dot, g2, norm.square(), torch.zeros_like(dot)])
+            else:
+                sums = torch.tensor([0.0, 0.0, 0.0, 1.0], dtype=torch.float32, device=dev)
+            sums = self.sharding.sum(sums)
+            cos = -sums[0] / (sums[1] * sums[2]).sqrt()
+            cos = torch.where(sums[3] > 0, torch.full_like(cos, math.nan), cos.clamp(-1.0, 1.0))
+            self.buf[self.row, self._align_col] = cos
+
     def snapshot(self) -> None:
         """Copy the params about to be updated; called on the window's last step only."""
         params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        self._sources = params
         if self.sharding is not None:
             params = [self.sharding.local(p) for p in params]
         self._before = [p.detach().clone() for p in params]
@@ -359,9 +403,12 @@ class Probe:
             ratio = norms[0] / norms[1]
             # A skipped step's ratio says nothing of the step size; collect() drops it.
             self.buf[self.row, self._ratio_col] = ratio
-            if self.sharding is None and self._one_device and delta:
-                self._update = (self._params, delta, norms[0])
-        self._params = []
+            if self._one_device and delta:
+                # Sharded: the DTensor parameters (the next gradient lands on them) and
+                # this rank's own update norm (_sharded_alignment works per rank first).
+                self._update = ((self._params, delta, norms[0]) if self.sharding is None else
+                                (self._sources, delta, torch.linalg.vector_norm(dn)))
+        self._params, self._sources = [], []
 
     def total_norm(self, grads: Grads) -> torch.Tensor:
         """The global norm of ``grads`` on the device, without writing a row."""

@@ -15,6 +15,10 @@ gradient and optimizer state.
   the guard's one all-reduce serves the probe, the clip and the skip at once, where
   ``clip_grad_norm_`` would add a second. The norms are then the same on every rank, so
   the report's mean over ranks (:meth:`DistLink.reduce_rows`) leaves them as they are.
+* **Update alignment.** Once per report window, on its first step: one ``all_reduce``
+  (SUM) of four numbers per rank -- its shards' dot product of gradient and kept update,
+  their squared norms, and whether it could measure -- reached by every rank whatever
+  its shards hold (:meth:`ShardNorms.sum`; see ``Probe._sharded_alignment``).
 * **Snapshots** (:class:`ShardedStore`). ``get_state_dict(model, optimizer)`` (sharded
   DTensor state, optimizer state keyed by parameter name); every rank keeps host copies
   of its own local shards plus each DTensor's mesh, placements, shape and stride, and a
@@ -118,6 +122,12 @@ class ShardNorms:
             {device: [self.local(p.grad) for p in g["params"] if p.grad is not None]}
             for g in groups
         ]
+
+    def sum(self, values: torch.Tensor) -> torch.Tensor:
+        """``values`` summed over the ranks: one all-reduce (SUM), queued on the device."""
+        values = values.clone()
+        dist.all_reduce(values, op=dist.ReduceOp.SUM, group=self.group)
+        return values
 
     def global_norms(self, norms: list[torch.Tensor]) -> list[torch.Tensor]:
         """Local 2-norms of shards -> the norms of the whole tensors: one all-reduce (SUM)

@@ -5,9 +5,11 @@ Every rank trains a small ReLU MLP sharded with ``fully_shard`` (each Linear and
 root) on its own batches, and writes ``rank-<r>.json`` to ``--out``: per ``guard.step()``
 the iteration, global step, lr, a SHA-256 of this rank's local shards (parameters and
 momentum), a SHA-256 of the full (gathered) parameters, the local loss, the stable step,
-the rollbacks, and three gradient norms of the whole, gathered gradient: before the step
+the rollbacks, three gradient norms of the whole, gathered gradient: before the step
 (the reference for the reported norm), as ``torch.nn.utils.get_total_norm`` computes it
-on the DTensor gradients, and after the guard clipped it. Once a checkpoint is stable
+on the DTensor gradients, and after the guard clipped it; and the cosine of the whole
+gradient before the step with the opposite of the whole update the step before made (the
+reference for the reported update alignment). Once a checkpoint is stable
 past step 0 (the same step on every rank), rank 1 alone feeds one batch with a NaN. After the loop,
 with ``--checkpoint-dir``, it builds a fresh FSDP model and optimizer, loads the newest
 stable DCP directory into them with ``load_sharded`` and logs their local-shard hash.
@@ -65,6 +67,11 @@ def full_grad_norm(model: torch.nn.Module) -> float:
     return torch.linalg.vector_norm(torch.stack([g.norm() for g in full])).item()
 
 
+def full_flat(tensors) -> torch.Tensor:
+    """DTensors gathered (a collective) and flattened into one float64 vector."""
+    return torch.cat([t.full_tensor().reshape(-1).double() for t in tensors])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--endpoint", required=True)
@@ -75,6 +82,8 @@ def main() -> None:
     ap.add_argument("--report-every", type=int, default=5)
     ap.add_argument("--clip", type=float, default=0.5)
     ap.add_argument("--checkpoint-dir", default=None)
+    ap.add_argument("--drop-grad-at", type=int, default=None,
+                    help="rank 1 alone drops its last parameter's gradient at this iteration")
     args = ap.parse_args()
 
     torch.set_num_threads(1)
@@ -110,6 +119,7 @@ def main() -> None:
             time.sleep(0.01)
     fault_step = fault_iter = None
     after = 0
+    update = None  # the whole update the last step made
     for it in range(args.cap):
         idx = torch.randint(0, len(x), (64,), generator=data)
         xb, yb = x[idx], y[idx]
@@ -124,11 +134,23 @@ def main() -> None:
         loss = torch.nn.functional.mse_loss(model(xb), yb)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if it == args.drop_grad_at:  # no gathers of this worker's own: a grad is missing
+            if rank == 1:
+                list(model.parameters())[-1].grad = None  # one rank's gradient, missing
+            guard.step(loss)
+            rows.append([it, guard.global_step])
+            update = None
+            continue
         before = full_grad_norm(model)
         dtensor_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])
         dtensor_norm = dtensor_norm.full_tensor().item()
+        grad = full_flat([p.grad for p in model.parameters()])
+        align = (None if update is None else
+                 torch.nn.functional.cosine_similarity(grad, -update, dim=0).item())
+        weights = full_flat([p.detach() for p in model.parameters()])
         guard.step(loss)
         stepped = all(p.grad is not None for p in model.parameters())  # not a rollback
+        update = full_flat([p.detach() for p in model.parameters()]) - weights if stepped else None
         clipped = full_grad_norm(model) if stepped else None
         value = loss.item()
         rows.append(
@@ -144,6 +166,7 @@ def main() -> None:
                 before if math.isfinite(before) else None,
                 dtensor_norm if math.isfinite(dtensor_norm) else None,
                 clipped if clipped is not None and math.isfinite(clipped) else None,
+                align if align is not None and math.isfinite(align) else None,
             ]
         )
         after += guard.rollbacks > 0  # the same on every rank: the rollback is broadcast

@@ -21,14 +21,14 @@ import torch.distributed as dist
 from trimtab.client import attach
 from trimtab.client._sharded import is_sharded, step_name
 
-from ..integration.support import free_port
+from ..integration.support import free_port, wait_for
 from .test_distributed import CONFIG, REPORT_EVERY, TORCHRUN
 
 WORKER = Path(__file__).with_name("fsdp_worker.py")
 CLIP = 2.0
 
 # Columns of a worker's row.
-IT, STEP, LR, LOCAL, FULL, LOSS, STABLE, ROLLBACKS, NORM, DTENSOR_NORM, CLIPPED = range(11)
+IT, STEP, LR, LOCAL, FULL, LOSS, STABLE, ROLLBACKS, NORM, DTENSOR_NORM, CLIPPED, ALIGN = range(12)
 
 
 @pytest.fixture
@@ -53,6 +53,27 @@ def torchrun(out: Path, *args: str) -> list[dict]:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=150, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return [json.loads((out / f"rank-{r}.json").read_text()) for r in range(2)]
+
+
+@TORCHRUN
+def test_a_gradient_missing_on_one_rank_leaves_the_alignment_unmeasured_not_hung(serve,
+                                                                                  tmp_path):
+    """The alignment's all-reduce is reached by every rank whatever its shards hold: a
+    rank whose gradient is missing where the update was kept (rank 1 drops one at
+    iteration 10, the first step of a report window) adds to the 'unmeasured' count, and
+    that window reports no alignment on any rank; the windows around it do. Had that rank
+    returned early, the other would wait in the all-reduce forever."""
+    logs = torchrun(tmp_path / "out", "--endpoint", serve.endpoint, "--job", "fsdp2-drop",
+                    "--report-every", str(REPORT_EVERY), "--cap", "25", "--drop-grad-at", "10")
+    assert [len(log["rows"]) for log in logs] == [26, 26]
+    journal = serve.journal()
+    wait_for(lambda: journal.events("fsdp2-drop", "bye"))
+    aligned = {r.step: r.data.get("update_alignment")
+               for r in journal.events("fsdp2-drop", "report")}
+    assert set(aligned) >= {5, 10, 15, 20, 25}, aligned
+    assert aligned[5] is None  # the first window: no update before it
+    assert aligned[15] is None, aligned
+    assert all(aligned[s] is not None for s in (10, 20, 25)), aligned
 
 
 @TORCHRUN
@@ -124,6 +145,17 @@ def test_fsdp_rollback_restores_every_rank_and_dcp_files_load_back(serve, tmp_pa
         assert rep.data["grad_norm_mean"] == pytest.approx(sum(window) / len(window), rel=1e-4)
         assert rep.data["grad_norm_max"] == pytest.approx(max(window), rel=1e-4)
         checked += 1
+    # The update alignment is the whole gradient's and update's too: each report before
+    # the fault gives the cosine of its window's first gradient with the opposite of the
+    # update the step before it made, as the gathered tensors give it (one all-reduce of
+    # the ranks' sums; before, a sharded model reported none).
+    firsts = [rows0[1 + i * REPORT_EVERY] for i in range(len(reports))]
+    aligned = [(rep.data.get("update_alignment"), first[ALIGN])
+               for rep, first in zip(reports, firsts, strict=True)
+               if first[ROLLBACKS] == 0 and first[IT] < logs[0]["fault_iter"]]
+    assert len(aligned) >= 3 and aligned[0] == (None, None), aligned
+    for got, want in aligned[1:]:
+        assert got == pytest.approx(want, abs=1e-4), aligned
     bad = [w for w in windows if None in w]  # the fault: a whole window among them
     assert any(all(v is None for v in w) for w in bad)
     assert checked == len(windows) - len(bad)
