@@ -137,16 +137,45 @@ class Engine(PhaseRules, ScheduleRules):
         return dataclasses.replace(decision, draft=draft)
 
     def _shadow_pass(self, state: JobState) -> Decision:
-        """The shadow policies' decision, recorded in the shadow memory only."""
-        d = self._decide(state, self.shadow_policies, True, state.shadow_memory)
+        """The shadow policies' decision, recorded in the shadow memory only.
+
+        A shadow policy's measurement phase (the range test's sweep) cannot run in shadow:
+        its later proposals read the run's own sweep. Its opening is journaled once as live
+        would command it (the sweep's first value, bounds only, not the governor's step
+        limits), with what live would then do, and the policy is asked nothing more in
+        shadow for this job (``state.shadow_phases``): asked again, it would propose the
+        same opening at every report, a row each, governed as an ordinary change."""
+        asked = [p for p in self.shadow_policies if p.name not in state.shadow_phases]
+        d = self._decide(state, asked, True, state.shadow_memory)
         # A knob the governor brings back into bounds is the live pass's business.
         knobs = {k: kd for k, kd in d.knobs.items() if kd.policy != GOVERNOR}
+        opening = self._shadow_phase(state, d.proposals)
+        if opening is not None:
+            knobs[opening.knob] = opening
         d = dataclasses.replace(d, knobs=knobs)
         for knob, value in d.would_command.items():
             window = self.governor.limits(knob).slew_window_steps  # type: ignore[arg-type]
             state.note_shadow(knob, knobs[knob].policy or GOVERNOR, knobs[knob].current, value,
                               window)
         return d
+
+    def _shadow_phase(self, state: JobState,
+                      heard: Sequence[tuple[str, Proposal]]) -> KnobDecision | None:
+        """A shadow policy's sweep that live would open a phase with (a checkpoint listed
+        at or before the step to return to), as live would govern it (bounds only); the
+        policy is marked in ``state.shadow_phases``. None: no such proposal."""
+        opening = next(((n, p) for n, p in heard if p.sweep and p.knob is not None), None)
+        if opening is None or not any(s <= state.step for s in state.rollback.checkpoints):
+            return None
+        name, p = opening
+        knob = p.knob
+        initial = getattr(state.initial, knob)
+        gov = self.governor.govern_phase(knob, initial, p.value)  # type: ignore[arg-type]
+        state.shadow_phases = {**state.shadow_phases, name: state.step}
+        why = (f"{p.reason}; live, the run would sweep, and the phase end with a return to "
+               "the checkpoint it began from or in place; a sweep cannot run in shadow, so "
+               f"{name} proposes nothing more in shadow for this job")
+        return KnobDecision(knob, state.current(knob), p.value, gov.value, name, why, gov.limits)
 
     def _decide(
         self, state: JobState, policies: Sequence[Policy], shadow: bool,

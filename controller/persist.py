@@ -51,7 +51,8 @@ class Persisted:
     #: loads with them empty.
     _ADDED = frozenset({"validations_ema", "paused", "operator_actions", "signal_trail",
                         "checkpoint_keep", "nominal_lr", "resume_id", "nonfinite_faults",
-                        "loss_z_before", "loss_trend", "warm_start", "lr_spread"})
+                        "loss_z_before", "loss_trend", "warm_start", "lr_spread",
+                        "shadow_phases"})
 
     def state_dict(self) -> dict[str, Any]:
         """A JSON-serialisable copy (no NaN or infinity) for the journal."""
@@ -96,6 +97,7 @@ class Persisted:
             "resume_id": self.resume_id, "nonfinite_faults": self.nonfinite_faults,
             "loss_trend": self.loss_trend,
             "warm_start": self.warm_start, "lr_spread": self.lr_spread,
+            "shadow_phases": dict(self.shadow_phases),
         }
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
@@ -161,6 +163,7 @@ class Persisted:
         self.loss_trend = bool(sd.get("loss_trend", True))
         self.warm_start = bool(sd.get("warm_start", False))
         self.lr_spread = float(sd.get("lr_spread", 1.0))
+        self.shadow_phases = {str(k): int(v) for k, v in sd.get("shadow_phases", {}).items()}
         resume_id = sd.get("resume_id")
         self.resume_id = None if resume_id is None else str(resume_id)
 

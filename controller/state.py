@@ -151,6 +151,9 @@ class JobState(Persisted):
         self.shadow_memory: dict[str, KnobMemory] = {k: KnobMemory() for k in wire.KNOBS}
         #: Shadow policies' would-be changes by (policy, knob, "up"/"down").
         self.shadow_counts: dict[tuple[str, str, str], int] = {}
+        #: Shadow policies whose measurement phase live would have opened, and the step:
+        #: asked nothing more in shadow (a sweep cannot run there; see ``Engine``).
+        self.shadow_phases: dict[str, int] = {}
         #: Per scheduled knob, the product of the corrections made on top of its schedule
         #: (other policies' factors, rollback cuts); absent: 1.
         self.corrections: dict[str, float] = {}
@@ -195,8 +198,8 @@ class JobState(Persisted):
     #: disabled policies and the rollback bookkeeping. Everything else is the reports' and
     #: the acks', and a decision only reads it.
     DECIDED = ("memory", "shadow_memory", "last_change_step", "decision_counts",
-               "shadow_counts", "phase", "phases_done", "found_lr", "disabled_policies",
-               "corrections", "live", "rollback")
+               "shadow_counts", "shadow_phases", "phase", "phases_done", "found_lr",
+               "disabled_policies", "corrections", "live", "rollback")
 
     def fork(self) -> JobState:
         """A draft for a decision to work on: a copy whose :data:`DECIDED` parts are its own

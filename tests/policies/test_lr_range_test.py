@@ -1223,3 +1223,31 @@ def test_past_the_start_of_the_run_no_evidence_counts():
     rising = [2.0] + [2.5] * 25  # rose at once, but the verdict is only taken early on
     assert _evidence(rising[:5])[0] is not None
     assert _evidence(rising)[0] is None
+
+
+def test_in_shadow_the_sweep_is_journaled_once_as_live_would_open_it():
+    """A sweep cannot run in shadow (its later proposals read the run's own sweep). The
+    shadow decision that live would open the phase with carries the sweep's first value
+    with the bounds only (live's phase values are past the governor's step limits), says
+    what live would then do, and the range test proposes nothing more in shadow for the
+    job, also after a controller restart. Before: at every report a shadow row proposing
+    the same opening, governed as an ordinary change (x1 -> x0.5, then held by the
+    cooldown and shown as 'would propose')."""
+    c = client()
+    policy = LrRangeTest({"when": "always", "sweep_steps": 60})
+    lo, _ = policy.sweep_range(c.state.view())
+    engine = Engine([], WIDE, shadow_policies=[policy])
+    shadowed = []
+    for _ in range(12):
+        c.advance()
+        d = c.exchange(engine, loss_mean=1.0).decision
+        assert d.commands == {} and d.rollback is None  # nothing live
+        shadowed.append(d.shadowed)
+    opened = [s for s in shadowed if any(n == "lr_range_test" for n, _ in s.proposals)]
+    assert len(opened) == 1, [s.to_dict()["knobs"] for s in opened]
+    kd = opened[0].knobs["lr"]
+    assert (kd.current, kd.commanded) == (1.0, pytest.approx(lo))
+    assert "max_step_ratio" not in kd.limits and "sweep cannot run in shadow" in kd.reason
+    # Kept with the job's state: a restarted controller asks it nothing more either.
+    back = JobState.from_state_dict(json.loads(json.dumps(c.state.state_dict())))
+    assert back.shadow_phases == c.state.shadow_phases == {"lr_range_test": opened[0].step}
