@@ -438,7 +438,8 @@ class WireError(ValueError):
 #: fields) still takes every message that does not use them.
 _ADDED_IN_V2: dict[type[BaseModel], tuple[str, ...]] = {
     Report: ("validation_ema", "update_alignment"),
-    Register: ("keep", "nominal_lr", "resume_id", "origin", "loss_trend", "warm_start"),
+    Register: ("keep", "nominal_lr", "resume_id", "origin", "loss_trend", "warm_start",
+               "lr_spread"),
     Ack: ("rolled_back_from",)}
 
 

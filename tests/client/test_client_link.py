@@ -438,3 +438,21 @@ def test_a_controller_that_fell_silent_during_a_stall_is_still_found(fake_contro
                                  while_waiting=lambda: run.step(guard))
         assert not guard.connected
     assert "lost the controller" in caplog.text
+
+
+def test_the_registration_says_how_far_the_groups_lrs_spread(make_controller) -> None:
+    """``lr_spread``: the highest param group lr over group 0's (this Run's biases run at
+    twice its weights' lr), what an absolute lr relates to. A run whose group 0 has the
+    highest lr leaves the field out of the frame (a field added within protocol v2: a
+    controller from before it still takes the registration)."""
+    import json
+
+    for factory, said in ((None, 2.0),
+                          (lambda groups: torch.optim.SGD(groups[0]["params"], lr=0.05), None)):
+        controller = make_controller()
+        run = Run(factory)
+        with _attach(run, controller.endpoint):
+            controller.wait_for(lambda c: bool(c.of_type(wire.Register)))
+        register = controller.of_type(wire.Register)[0]
+        assert register.lr_spread == said
+        assert ("lr_spread" in json.loads(wire.encode(register))) == (said is not None)
