@@ -304,7 +304,9 @@ def train(
 ) -> None:
     """Train bench.faults' MLP attached to ``endpoint`` until ``stop``. ``fault="once"``
     scales the inputs of iterations FAULT_AT..FAULT_AT+2 by 1e3; ``"recurring"`` those of
-    optimizer steps FAULT_AT..FAULT_AT+2, so the fault comes back after every rollback."""
+    optimizer steps FAULT_AT..FAULT_AT+2, so the fault comes back after every rollback.
+    Every 50 iterations the validation loss of the model and of its weight average
+    (``ema=0.99``) goes to ``guard.report_validation``."""
     from trimtab.client import attach
 
     task = Task(seed)
@@ -319,6 +321,7 @@ def train(
         checkpoint_every=50,
         clip=clip,
         queue_size=queue_size,
+        ema=0.99,
     ) as guard:
         it = 0
         while not stop.is_set():
@@ -331,6 +334,11 @@ def train(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             guard.step(loss)
+            if it % 50 == 0:
+                with torch.no_grad():
+                    averaged = torch.nn.functional.mse_loss(guard.ema_model(task.xv),
+                                                            task.yv).item()
+                guard.report_validation(task.validation_loss(), ema=averaged)
             time.sleep(pace_s)
 
 
@@ -510,7 +518,7 @@ def render(prom: Prometheus, job: str, start: float, end: float, out: Path) -> N
 
     board = dashboard("trimtab-job.json")
     wanted = [
-        "Loss and LR",
+        "Loss, validation and LR",
         "Gradient norm and clip threshold",
         LR_PANEL,
         "Loss slope t and z-scores",
@@ -559,7 +567,7 @@ def render(prom: Prometheus, job: str, start: float, end: float, out: Path) -> N
                 )
         if title == LR_PANEL:
             ax.set_yscale("log")
-        if title in ("Loss and LR", "Gradient norm and clip threshold"):
+        if title in ("Loss, validation and LR", "Gradient norm and clip threshold"):
             ax.set_yscale("log")
         if title == "Loss slope t and z-scores":
             ax.set_yscale("symlog")

@@ -169,7 +169,7 @@ class RankTransport:
         if self.inner is not None:
             self.inner.start()
 
-    def put_report(self, report: wire.Report) -> None:
+    def put_report(self, report: wire.Report | wire.Validation) -> None:
         if self.inner is not None:
             self.inner.put_report(report)
 

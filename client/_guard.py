@@ -476,7 +476,9 @@ class Guard(GuardState):
 
     def report_validation(self, value: float, step: int | None = None,
                           ema: float | None = None) -> None:
-        """Hand the controller a validation result (lower is better) with the next report.
+        """Hand the controller a validation result (lower is better) with the next report
+        (one handed over after the last report, as at a run's last step, goes on its own as
+        the guard closes).
 
         ``value`` must be a Python number (call ``.item()`` on a tensor: this method never
         reads the device); ``step`` defaults to the step the host knows now; ``ema`` is the
@@ -589,6 +591,14 @@ class Guard(GuardState):
             self._commands.acknowledge(self._host_step())
         if self._probe.row and last_window:
             self._window.close()  # the last, partial window: one sync, at the end of the run
+        pending = self._reporter.validation
+        if pending is not None and last_window:
+            # Handed over after the last report (an evaluation at the last step, which
+            # ended a window): no step is left for a report to carry it.
+            self._transport.put_report(wire.Validation(
+                job=self.job, step=pending[1], value=pending[0],
+                ema=self._reporter.validation_ema))
+            self._reporter.validation = self._reporter.validation_ema = None
         self._closed = True
         if self._store is not None:
             self._store.close(checkpoint_timeout_s)

@@ -135,7 +135,8 @@ class Transport:
         self._hwm = hwm
         self._zmq_heartbeat = zmq_heartbeat
         self._lock = threading.Lock()
-        self._reports: collections.deque[wire.Report] = collections.deque(maxlen=queue_size)
+        self._reports: collections.deque[wire.Report | wire.Validation] = collections.deque(
+            maxlen=queue_size)
         self._control: collections.deque[wire.Ack] = collections.deque(maxlen=32)
         self._need_register = True
         self._command: wire.Command | None = None
@@ -168,8 +169,9 @@ class Transport:
         """Start the thread; it registers first."""
         self._thread.start()
 
-    def put_report(self, report: wire.Report) -> None:
-        """Queue a report; a full queue drops its oldest report and counts it."""
+    def put_report(self, report: wire.Report | wire.Validation) -> None:
+        """Queue a report (or the run's last validation result, behind the reports); a full
+        queue drops its oldest report and counts it."""
         with self._lock:
             if len(self._reports) == self._reports.maxlen:
                 self.dropped += 1

@@ -342,6 +342,17 @@ class Controller:
             return [self._unknown(peer, msg.job)]
         return [(peer, wire.encode(wire.Heartbeat(job=msg.job, step=state.step)))]
 
+    def _on_validation(self, peer: bytes, msg: wire.Validation) -> list[Reply]:
+        """A validation result no report carried, sent as the run ends: kept with the job's
+        results (policies, the metrics) and journaled; nothing is decided on it."""
+        state = self._live(peer, msg)
+        if state is None:
+            return [self._unknown(peer, msg.job)]
+        state.note_validation(msg.step, msg.value, msg.ema)
+        self.journal.append(msg.job, "validation", step=msg.step,
+                            data={"value": msg.value, "ema": msg.ema})
+        return []
+
     def _on_bye(self, peer: bytes, msg: wire.Bye) -> list[Reply]:
         state = self._live(peer, msg)
         if state is not None:

@@ -58,6 +58,8 @@ EVENT_KINDS = (
     "advice",
     # A person's request (trimtab set, pause, resume, rollback): who, why, and what came of it.
     "manual",
+    # A validation result sent as the run ended, after its last report (wire.Validation).
+    "validation",
 )
 
 _SCHEMA = """

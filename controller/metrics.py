@@ -63,6 +63,12 @@ _GAUGES = {
         (),
     ),
     "trimtab_job_step_time_seconds": ("Mean training step time, last report.", ()),
+    "trimtab_job_validation": (
+        "The newest validation result the job reported (guard.report_validation; lower is "
+        "better).", ()),
+    "trimtab_job_validation_ema": (
+        "The same validation measured on the job's weight average (report_validation's ema).",
+        ()),
     "trimtab_job_lr_window": (
         "The lowest (bound=min) and highest (bound=max) lr the optimizer was given over the "
         "last report's window (param group 0's: the user's own times trimtab's multiplier).",
@@ -256,6 +262,10 @@ class JobCollector(Collector):
             put("trimtab_job_step_time_seconds", [job], last.step_time_s)
             put("trimtab_job_lr_window", [job, "min"], last.lr_window_min)
             put("trimtab_job_lr_window", [job, "max"], last.lr_window_max)
+        if state.validations:
+            put("trimtab_job_validation", [job], state.validations[-1][1])
+        if state.validations_ema:
+            put("trimtab_job_validation_ema", [job], state.validations_ema[-1][1])
         sig = state.signals()
         put("trimtab_job_loss_ema", [job], sig.loss_ema)
         put("trimtab_job_loss_slope", [job], sig.slope)

@@ -357,9 +357,7 @@ class JobState(Persisted):
         self.history.append(Sample.of(report))
         if report.validation is not None:
             vstep = report.step if report.validation_step is None else report.validation_step
-            self.validations.append((vstep, report.validation))
-            if report.validation_ema is not None:
-                self.validations_ema.append((vstep, report.validation_ema))
+            self.note_validation(vstep, report.validation, report.validation_ema)
         self.last_report = report
 
     def grad_norm_scale(self) -> float | None:
@@ -405,6 +403,13 @@ class JobState(Persisted):
         if pending is not None and getattr(pending, knob) is not None:
             return getattr(pending, knob)
         return getattr(self.knobs, knob)
+
+    def note_validation(self, step: int, value: float, ema: float | None = None) -> None:
+        """A validation result measured at ``step`` (a report's, or one sent as the run
+        ended: :class:`wire.Validation`), and its weight average's."""
+        self.validations.append((step, value))
+        if ema is not None:
+            self.validations_ema.append((step, ema))
 
     def on_ack(self, ack: wire.Ack) -> bool:
         """Take the knobs now in force from an ack; False (ignored) if it is older than one seen."""

@@ -30,7 +30,7 @@ __all__ = ["DEFAULT_KINDS", "Row", "Timeline", "knob_text", "parse_kinds", "pars
 DEFAULT_KINDS = frozenset({
     "decision", "shadow", "command", "ack", "rollback", "restored", "restore_failed",
     "stable", "alert",
-    "policy_error", "advice", "register", "bye", "lost", "manual",
+    "policy_error", "advice", "register", "bye", "lost", "manual", "validation",
 })
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
@@ -193,6 +193,10 @@ class Timeline:
                         why=f"checkpoint {d.get('step')} marked stable ({d.get('source')})")]
         if ev.kind == "alert":
             return [make(why=f"rollback alert: {d.get('why')}")]
+        if ev.kind == "validation":
+            ema = "" if d.get("ema") is None else f", weight average {d.get('ema'):.6g}"
+            return [make(why=f"validation {d.get('value'):.6g}{ema}, sent as the run ended "
+                             "(after its last report)")]
         if ev.kind == "manual":
             return self._manual(make, d)
         if ev.kind == "proposal":

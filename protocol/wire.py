@@ -328,6 +328,23 @@ class Bye(_Model):
     reason: Text = "closed"
 
 
+class Validation(_Model):
+    """Client -> controller: a validation result no report carried, sent as the run ends
+    (:meth:`Guard.close`): one handed over after the run's last report -- an evaluation at
+    the last step, which ended a report window -- with no step left for a report to
+    carry it. (Added within protocol version 2: a controller from before it refuses it as
+    ``invalid``, an error reply and a count, and takes the Bye that follows.)"""
+
+    type: Literal["validation"] = "validation"
+    v: Literal[2] = PROTOCOL_VERSION
+    job: JobId
+    #: The step it was measured at (as :attr:`Report.validation_step`).
+    step: Count
+    value: Finite
+    #: The same validation of the weight average (as :attr:`Report.validation_ema`).
+    ema: Finite | None = None
+
+
 #: What a person can do to a job (:class:`Operate`).
 OPERATOR_ACTIONS: tuple[str, ...] = ("set", "pause", "resume", "rollback")
 
@@ -417,7 +434,8 @@ class Error(_Model):
 
 
 Message = Annotated[
-    Union[Register, Report, Command, Ack, Heartbeat, Bye, Error, Operate, Operated],  # noqa: UP007
+    Union[Register, Report, Command, Ack, Heartbeat, Bye, Error, Operate, Operated,  # noqa: UP007
+          Validation],
     Field(discriminator="type"),
 ]
 _ADAPTER: TypeAdapter[Message] = TypeAdapter(Message)

@@ -205,11 +205,18 @@ def test_monitored_metric_goes_to_the_controller(tmp_path, fake_controller) -> N
         eval_strategy="steps",
         eval_steps=10,
     )
-    fake_controller.wait_for(lambda c: len(c.of_type(wire.Report)) == 8)
+    fake_controller.wait_for(lambda c: len(c.of_type(wire.Report)) == 8
+                             and c.of_type(wire.Bye))
     reports = fake_controller.of_type(wire.Report)
     reported = [r.validation for r in reports if r.validation is not None]
-    # Each goes with the next report; the last evaluation (at step 40) has none after it.
+    # Each goes with the next report; the last evaluation (at step 40, after the last
+    # report) goes on its own as the guard closes in on_train_end, before the Bye.
     assert len(seen) == 4 and reported == pytest.approx(seen[:3])
+    final = fake_controller.of_type(wire.Validation)
+    assert [(v.step, v.value) for v in final] == [(40, pytest.approx(seen[3]))]
+    kinds = [m.type for m in fake_controller.messages]
+    assert kinds.index("validation") > max(i for i, k in enumerate(kinds) if k == "report")
+    assert kinds.index("validation") < kinds.index("bye")
     # Evaluation forward passes are not training losses: each window's are its steps' own.
     windows = [model.losses[i : i + 5] for i in range(0, 40, 5)]
     assert [r.loss_mean for r in reports] == pytest.approx([sum(w) / 5 for w in windows])

@@ -144,6 +144,8 @@ def _controller_with_a_job(tmp_path) -> Controller:
                     update_ratio=1e-3,
                     step_time_s=0.01,
                     knobs=wire.Knobs(lr=0.1),
+                    **({"validation": 0.5, "validation_step": 10 * seq,
+                        "validation_ema": 0.4} if seq == 24 else {}),
                 )
             ),
         )
@@ -240,7 +242,8 @@ def test_the_job_dashboard_is_templated_on_job():
     names = {a["name"] for a in board["annotations"]["list"]}
     assert {"Rollbacks", "Knob changes"} <= names
     titles = {p["title"] for p in panels(board)}
-    assert {"Loss and LR", "Gradient norm and clip threshold", "Knob changes by policy"} <= titles
+    assert {"Loss, validation and LR", "Gradient norm and clip threshold",
+            "Knob changes by policy"} <= titles
 
 
 # -- container, compose, systemd, Kubernetes -------------------------------------------------

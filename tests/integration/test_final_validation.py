@@ -1,0 +1,57 @@
+"""A validation result handed over after a run's last report reaches the controller.
+
+A loop that evaluates at its last step, when that step ended a report window (an
+evaluation every N steps with N a multiple of ``report_every``, the Hugging Face Trainer's
+``eval_strategy="steps"`` at ``max_steps``), hands its result to ``report_validation``
+after the last report went out; no step is left for a report to carry it. ``close()`` now
+sends it on its own (``wire.Validation``), before the Bye. A real ``trimtab serve``: the
+journal has it, ``trimtab decisions`` shows it, and ``/metrics`` exports it (the job's
+series stay through the grace after its Bye), with the weight average's beside it.
+Before, the run's final validation was lost, and no validation was exported at all.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from trimtab.client import attach
+
+from .support import Regression, cli, wait_for
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+
+def test_the_validation_at_the_last_step_reaches_the_journal_and_metrics(serve_factory,
+                                                                          one_thread):
+    srv = serve_factory()
+    task = Regression()
+    opt = torch.optim.AdamW(task.model.parameters(), lr=1e-3)
+    job = "final-eval"
+    guard = attach(task.model, opt, job=job, endpoint=srv.endpoint, report_every=5)
+    with guard:
+        for step in range(1, 21):
+            loss = task.loss(*task.batch())
+            opt.zero_grad()
+            loss.backward()
+            guard.step(loss)
+            if step % 10 == 0:  # an evaluation every 10 steps, the last at the last step
+                with torch.no_grad():
+                    value = task.loss(task.x, task.y).item()
+                guard.report_validation(value, ema=value * 0.9)
+    journal = srv.journal()
+    wait_for(lambda: journal.events(job, "bye"))
+    # The one at step 10 went with the next report; the one at step 20 on its own.
+    carried = [(e.data["validation_step"], e.data["validation"])
+               for e in journal.events(job, "report") if e.data.get("validation") is not None]
+    assert [s for s, _ in carried] == [10]
+    sent = journal.events(job, "validation")
+    assert [(e.step, e.data["value"], e.data["ema"]) for e in sent] == [
+        (20, value, pytest.approx(value * 0.9))]
+    kinds = [e.kind for e in journal.events(job)]
+    assert kinds.index("validation") < kinds.index("bye")
+    shown = cli("decisions", job, "--journal", str(srv.journal_path)).stdout
+    assert "sent as the run ended" in shown, shown
+    text = srv.metrics()
+    assert f'trimtab_job_validation{{job="{job}"}} {value!r}' in text, text[-3000:]
+    assert f'trimtab_job_validation_ema{{job="{job}"}}' in text
