@@ -166,7 +166,7 @@ def train(kind: str | None, endpoint: str | None, job: str, seed: int = 0,
           total: int = TOTAL, fault_every_attempt: bool = False,
           hook: Callable[[object], None] | None = None,
           journal: str | None = None, schedule: str = "constant",
-          device: str = "cpu", lr_scale: float = 1.0) -> Outcome:
+          device: str = "cpu", lr_scale: float = 1.0, fault_at: int = FAULT_AT) -> Outcome:
     """Train to ``total`` optimizer steps with fault ``kind`` on ``device``; attached when
     ``endpoint``; the loop writes its LR at every iteration unless ``schedule`` is
     ``constant``; ``lr_scale`` multiplies the loop's LR throughout (a run started hot).
@@ -176,6 +176,7 @@ def train(kind: str | None, endpoint: str | None, job: str, seed: int = 0,
     attached run goes in lockstep with the controller (:mod:`bench._lockstep`), so it
     repeats exactly; without, commands land whenever they arrive, as in a real run.
     ``device``: where the model trains (the data is drawn on the CPU, as always).
+    ``fault_at``: the iteration (or step) the fault starts at.
     """
     from trimtab.client import attach
 
@@ -201,11 +202,11 @@ def train(kind: str | None, endpoint: str | None, job: str, seed: int = 0,
             for group in opt.param_groups:
                 group["lr"] = lr_scale * scheduled_lr(schedule, it)
         xb, yb = (t.to(device) for t in task.batch())
-        xb, yb = poison(kind, where, opt, xb, yb)
+        xb, yb = poison(kind, where, opt, xb, yb, fault_at)
         loss = torch.nn.functional.mse_loss(task.model(xb), yb)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        poison_grad(kind, where, task.model)
+        poison_grad(kind, where, task.model, fault_at)
         if guard is None:
             opt.step()
         else:
@@ -238,7 +239,12 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--faults", default=",".join(FAULTS))
     ap.add_argument("--schedules", default=",".join(SCHEDULES))
+    ap.add_argument("--fault-at", type=int, default=FAULT_AT,
+                    help=f"the iteration the fault starts at (default {FAULT_AT}; the health "
+                         "judgement reads spikes from the 21st report, iteration 100, on)")
     args = ap.parse_args()
+    if not 0 < args.fault_at < TOTAL:
+        ap.error(f"--fault-at {args.fault_at}: allowed 1..{TOTAL - 1} (the run's iterations)")
     schedules = args.schedules.split(",")
     for name in schedules:
         try:
@@ -255,12 +261,14 @@ def main() -> None:
         try:
             for sched in schedules:
                 for kind in args.faults.split(","):
-                    rows.append((sched, kind, *_fault_row(kind, sched, args.seeds, endpoint)))
+                    rows.append((sched, kind, *_fault_row(kind, sched, args.seeds, endpoint,
+                                                          args.fault_at)))
         finally:
             ctl.stop()
     print(f"# fault recovery: {platform.machine()}, {os.cpu_count()} cpus, torch "
           f"{torch.__version__}, python {platform.python_version()}; seeds 0..{args.seeds - 1}; "
-          f"{TOTAL} steps, fault at iteration {FAULT_AT}, checkpoint every {CHECKPOINT_EVERY}")
+          f"{TOTAL} steps, fault at iteration {args.fault_at}, checkpoint every "
+          f"{CHECKPOINT_EVERY}")
     print("| schedule | fault | runs | bare runs damaged | trimtab runs recovered "
           "| steps redone (median) | steps redone (max) | reference's steps redone (median) "
           "| ratio to attached clean (median) | (best) | (worst) "
@@ -271,14 +279,15 @@ def main() -> None:
               f"| {pmed:.0f} | {rmed:.3f} | {rmin:.3f} | {rmax:.3f} | {bmed:.3f} | {bmax:.3f} |")
 
 
-def _fault_row(kind: str, sched: str, seeds: int, endpoint: str) -> tuple:
+def _fault_row(kind: str, sched: str, seeds: int, endpoint: str, at: int = FAULT_AT) -> tuple:
     dmg = rec = 0
     lost, planned, ratios, to_bare = [], [], [], []
     for seed in range(seeds):
         clean = train(None, endpoint, f"clean-{sched}-{kind}-{seed}", seed, schedule=sched)
         bare_clean = train(None, None, "bare-clean", seed, schedule=sched)
-        bare = train(kind, None, "bare", seed, schedule=sched)
-        run = train(kind, endpoint, f"{sched}-{kind}-{seed}", seed, schedule=sched)
+        bare = train(kind, None, "bare", seed, schedule=sched, fault_at=at)
+        run = train(kind, endpoint, f"{sched}-{kind}-{seed}", seed, schedule=sched,
+                    fault_at=at)
         dmg += damaged(bare, clean)
         rec += recovered(run, clean)
         lost.append(run.steps_lost)

@@ -176,3 +176,25 @@ def test_a_fault_on_the_gpu_path_is_rolled_back_to_an_early_snapshot_and_recover
     assert hit.restored and all(0 < s < faults.FAULT_AT and s % faults.CHECKPOINT_EVERY == 0
                                 for s in hit.restored), hit.restored
     assert hit.steps == faults.TOTAL and faults.recovered(hit, clean), (hit, clean)
+
+
+def test_an_early_fault_is_rolled_back_and_a_bad_fault_step_is_refused(tmp_path) -> None:
+    """``--fault-at``: a fault at iteration 110 (the 22nd report, just past the health
+    judgement's 20 warm-up reports, while the loss still falls fast and its EW variance
+    still holds that fall) is rolled back to a checkpoint before it and the run recovers;
+    a step outside the run is refused naming what is allowed."""
+    cfg = tmp_path / "trimtab.toml"
+    cfg.write_text(faults.CONTROLLER_CONFIG)
+    ctl = Controller(str(tmp_path), str(cfg))
+    try:
+        clean = faults.train(None, ctl.endpoint, "clean", 0)
+        hit = faults.train("corrupt_targets", ctl.endpoint, "hit", 0, fault_at=110)
+    finally:
+        ctl.stop()
+    bare = faults.train("corrupt_targets", None, "bare", 0, fault_at=110)
+    assert faults.damaged(bare, clean), (bare, clean)
+    assert hit.restored and all(0 <= s < 110 for s in hit.restored), hit.restored
+    assert faults.recovered(hit, clean), (hit, clean)
+    done = subprocess.run([sys.executable, "-m", "bench.faults", "--fault-at", "900"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "--fault-at 900: allowed 1..899" in done.stderr
