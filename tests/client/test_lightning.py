@@ -165,10 +165,14 @@ def test_monitored_metric_goes_to_the_controller(fake_controller) -> None:
     trainer = _trainer(callback, 40, val_check_interval=10, limit_val_batches=2)
     trainer.callbacks.append(Record())
     trainer.fit(WithValidation(), _loader(), _loader(256))
-    fake_controller.wait_for(lambda c: len(c.of_type(wire.Report)) == 8)
+    fake_controller.wait_for(lambda c: len(c.of_type(wire.Report)) == 8
+                             and c.of_type(wire.Bye))
     reported = [r.validation for r in fake_controller.of_type(wire.Report) if r.validation]
-    # Each goes with the next report; the last validation (at step 40) has none after it.
+    # Each goes with the next report; the last validation (at step 40, after the last
+    # report) goes on its own as the guard closes in on_fit_end, before the Bye.
     assert len(seen) == 4 and reported == pytest.approx(seen[:3])
+    final = fake_controller.of_type(wire.Validation)
+    assert [(v.step, v.value) for v in final] == [(40, pytest.approx(seen[3]))]
 
 
 def test_a_fit_resumed_from_a_lightning_checkpoint_continues_trimtabs_state(
