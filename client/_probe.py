@@ -358,9 +358,8 @@ class Probe:
         mismatched gradient adds to ``unmeasured``, and the alignment is then NaN on every
         rank): an early return on one rank alone would leave the others waiting in it."""
         grads = [None if p.grad is None else self.sharding.local(p.grad) for p in params]
-        dev = self.device
         ok = bool(grads) and all(g is not None and g.shape == d.shape and g.dtype == d.dtype
-                                 and g.device == dev for g, d in zip(grads, delta, strict=True))
+                                 for g, d in zip(grads, delta, strict=True))
         with torch.no_grad():
             if ok:
                 g2 = _sum_sq(grads)  # type: ignore[arg-type]
@@ -372,7 +371,8 @@ class Probe:
                 dot = torch.where(scale > 0, (s2 - 2.0 * g2) / (2.0 * scale), torch.zeros_like(s2))
                 sums = torch.stack([dot, g2, norm.square(), torch.zeros_like(dot)])
             else:
-                sums = torch.tensor([0.0, 0.0, 0.0, 1.0], dtype=torch.float32, device=dev)
+                sums = torch.tensor([0.0, 0.0, 0.0, 1.0], dtype=torch.float32,
+                                    device=self.device)
             sums = self.sharding.sum(sums)
             cos = -sums[0] / (sums[1] * sums[2]).sqrt()
             cos = torch.where(sums[3] > 0, torch.full_like(cos, math.nan), cos.clamp(-1.0, 1.0))
