@@ -83,7 +83,10 @@ def take(state: JobState, report: wire.Report, thresholds: DivergenceThresholds)
     state.health = verdict
     if verdict is not None and verdict.cause == "nonfinite":  # the most urgent cause
         state.nonfinite_faults += 1
-    return Taken(verdict, state.rollback.observe(view, verdict))
+    seen = state.rollback.observe(view, verdict)
+    if seen.data_moved is not None:
+        state.tracker.restart_loss()  # the loss's history is of the data before the move
+    return Taken(verdict, seen)
 
 
 def advance(state: JobState, report: wire.Report, engine: Engine) -> Advanced:

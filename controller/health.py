@@ -23,7 +23,8 @@ which reads it from the view (:attr:`~trimtab.controller.view.JobView.health`).
   moving target), and not a level shift (``climb_shift``: one jump, after which the loss
   does not climb and the gradients push harder, is data that got harder); not for a job
   whose loss is not expected to fall (``attach(loss_trend=False)``: a policy-gradient
-  loss climbs as the returns grow).
+  loss climbs as the returns grow), nor for one whose climb rollback restored weights
+  that then scored as high as the run before it (``view.climb_moved``: the data moved).
 """
 
 from __future__ import annotations
@@ -132,7 +133,11 @@ def assess(view: JobView, th: DivergenceThresholds) -> Unhealthy | None:
                       f"{last.nonfinite_losses} losses, {last.nonfinite_grads} gradients"))
     sig = view.signals
     if view.reports_seen > th.warmup_reports:
-        if sig.loss_z is not None and last.loss_mean is not None and sig.loss_z > th.loss_z:
+        # While a climb rollback's restored checkpoint is scored (its first two reports), a
+        # loss above the checkpoint's is what that check measures, not a spike.
+        if view.climb_checking:
+            pass
+        elif sig.loss_z is not None and last.loss_mean is not None and sig.loss_z > th.loss_z:
             rise = _rise(_lowest(last), sig.loss_ref)
             if rise >= th.loss_min_rise:
                 found.append(("loss_spike", f"loss spike: z={sig.loss_z:.1f} > {th.loss_z:g}, "
@@ -157,8 +162,11 @@ def assess(view: JobView, th: DivergenceThresholds) -> Unhealthy | None:
                 found.append(("grad_spike", f"grad norm spike: z={sig.grad_norm_z:.1f} > "
                               f"{th.grad_norm_z:g}, {ratio:.2g}x its EMA"))
         # A loss that is not expected to fall (attach(loss_trend=False): PPO's value loss
-        # grows with its returns) climbs as the run learns: no climb verdict for it.
-        climb = _climb(view, th) if view.loss_trend else None
+        # grows with its returns) climbs as the run learns: no climb verdict for it; nor
+        # once a climb rollback's restored checkpoint scored as high as the run before it
+        # (the data moved, not the weights).
+        climb = (_climb(view, th) if view.loss_trend and view.climb_moved is None
+                 else None)
         if climb is not None:
             found.append(("climb", climb))
     if not found:

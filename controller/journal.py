@@ -60,6 +60,9 @@ EVENT_KINDS = (
     "manual",
     # A validation result sent as the run ended, after its last report (wire.Validation).
     "validation",
+    # Climb verdicts turned off for a job: the checkpoint a climb rollback restored scored
+    # as high as the run before it (the data moved, not the weights).
+    "data_moved",
 )
 
 _SCHEMA = """

@@ -74,6 +74,10 @@ class Recorder:
         if obs.adopted_stable is not None:
             self.journal.append(state.job, "stable", step=obs.adopted_stable,
                                 data={"step": obs.adopted_stable, "source": source})
+        if obs.data_moved is not None:
+            self.journal.append(state.job, "data_moved", step=msg.step,
+                                data={"why": obs.data_moved})
+            log.warning("job %s: %s", state.job, obs.data_moved)
 
     #: The checkpoints a registration lists (a controller that starts, restarts or follows
     #: a resume learns them before the first report).

@@ -147,6 +147,9 @@ class RollbackRecord:
     restored_step: int | None = None
     #: Set when the client could not restore (and why).
     failed: str | None = None
+    #: The mean loss of the report the rollback was decided on (None: not finite, or an
+    #: older record).
+    loss_from: float | None = None
 
 
 @dataclass(frozen=True)
@@ -159,6 +162,10 @@ class Observation:
     disqualified: tuple[int, ...] = ()
     unhealthy: Unhealthy | None = None
     adopted_stable: int | None = None
+    #: Why climb verdicts were turned off for the job with this report (None: they were
+    #: not): the checkpoint a climb rollback restored scored as high as the run before it
+    #: (:meth:`RollbackState.check_climb`).
+    data_moved: str | None = None
 
 
 @dataclass(frozen=True)
@@ -250,6 +257,16 @@ class RollbackState:
     failed: int = 0
     checkpoints_seen: int = 0
     marked_stable: int = 0
+    #: The mean loss of the latest report (None: not finite).
+    last_loss: float | None = None
+    #: After a climb rollback's restore: the checkpoint's step, its loss when it was taken,
+    #: the loss the rollback was decided on, and the restored run's first report losses
+    #: (:meth:`check_climb`); None: nothing to check.
+    climb_check: dict[str, Any] | None = None
+    #: The step at which the restored checkpoint of a climb rollback scored as high as the
+    #: run before it: the loss rose with the data, not the weights, and climb verdicts are
+    #: off for the job from then on (None: they are on).
+    climb_moved: int | None = None
 
     @property
     def stable_step(self) -> int | None:
@@ -277,7 +294,11 @@ class RollbackState:
         self.step = report.step
         every = report.skipped_steps >= report.window
         self.skipped_reports = self.skipped_reports + 1 if every else 0
-        seen = {"knobs": view.knobs.model_dump(), "grad_norm_ema": view.signals.grad_norm_ema}
+        loss = report.loss_mean
+        self.last_loss = loss if loss is not None and math.isfinite(loss) else None
+        moved = self.check_climb(report.step, self.last_loss)
+        seen = {"knobs": view.knobs.model_dump(), "grad_norm_ema": view.signals.grad_norm_ema,
+                "loss": self.last_loss}
         if verdict is not None:
             self.last_unhealthy_step, self.last_unhealthy = report.step, verdict.reason
             self.candidates.clear()
@@ -285,8 +306,37 @@ class RollbackState:
             for c in self.candidates:
                 if report.step > c:
                     self.candidates[c] += 1
-        return self._take_listing(report.checkpoints, report.step, report.stable_step, seen,
-                                  verdict, report=True)
+        obs = self._take_listing(report.checkpoints, report.step, report.stable_step, seen,
+                                 verdict, report=True)
+        return obs if moved is None else dataclasses.replace(obs, data_moved=moved)
+
+    def check_climb(self, step: int, loss: float | None) -> str | None:
+        """After a climb rollback's restore, its first two reports' mean loss against the
+        checkpoint's loss when it was taken and the loss the rollback was decided on. The
+        restored weights are the checkpoint's: scoring as they did then, the climb was the
+        run's doing and the rollback mended it; scoring at least halfway up to the loss it
+        was decided on, the same weights do worse on what the run trains on now -- the data
+        moved (a gradual curriculum, a target that grows with the returns, noisier data),
+        not the weights, and a rollback replays into the same rise. Climb verdicts are
+        then off for the job (:attr:`climb_moved`); non-finite values and spikes still roll
+        it back. Returns why, once, when it turns them off."""
+        check = self.climb_check
+        if check is None or step <= check["to"] or loss is None:
+            return None
+        seen = [*check["seen"], loss]
+        if len(seen) < 2:
+            self.climb_check = {**check, "seen": seen}
+            return None
+        self.climb_check = None
+        post, ckpt, before = sum(seen) / len(seen), check["ckpt"], check["from"]
+        if post < ckpt + 0.5 * (before - ckpt):
+            return None
+        self.climb_moved = step
+        return (f"the checkpoint at step {check['to']} restored by the climb rollback scores "
+                f"{post:.4g} (when it was taken: {ckpt:.4g}; the run before the rollback: "
+                f"{before:.4g}): the same weights do as badly as the run that climbed, so the "
+                "loss rose with the data, not the weights; no more climb verdicts for this "
+                "job (non-finite values and spikes still roll it back)")
 
     def _take_listing(self, checkpoints: list[int], step: int, claimed: int | None,
                       seen: dict[str, Any], verdict: Unhealthy | None,
@@ -374,7 +424,7 @@ class RollbackState:
     def note_ordered(self, plan: RollbackPlan) -> RollbackRecord:
         """A rollback following ``plan`` is being sent."""
         rec = RollbackRecord(plan.from_step, plan.target_step, plan.cause, plan.reason,
-                             plan.level, plan.in_force.get("lr"))
+                             plan.level, plan.in_force.get("lr"), loss_from=self.last_loss)
         self.history.append(rec)
         del self.history[:-1000]  # bounded; escalation only looks near the current spot
         self.pending = rec
@@ -423,7 +473,12 @@ class RollbackState:
             self.cooldown_until = step + cfg.cooldown(rec.level) if rec.level else None
         self.steps_lost += lost
         self.restored += 1
+        ckpt = (self.at_checkpoint.get(step) or {}).get("loss")
         self._go_back(step, [s for s in self.checkpoints if s <= step])
+        self.climb_check = None
+        if (rec is not None and rec.cause == "climb" and self.climb_moved is None
+                and ckpt is not None and rec.loss_from is not None and rec.loss_from > ckpt):
+            self.climb_check = {"to": step, "ckpt": ckpt, "from": rec.loss_from, "seen": []}
         return lost
 
     def _go_back(self, step: int, held: list[int]) -> None:
@@ -458,10 +513,11 @@ class RollbackState:
         "pending_mark", "last_resort",
         "pending", "last_unhealthy_step", "last_unhealthy", "history", "cooldown_until",
         "alert", "steps_lost", "rollbacks", "restored", "checkpoints_seen", "marked_stable",
-        "skipped_reports", "failed",
+        "skipped_reports", "failed", "last_loss", "climb_check", "climb_moved",
     })
     #: Keys a state saved by an older version lacks, with the value they then take.
-    _ADDED = {"skipped_reports": 0, "last_resort": [], "failed": 0}
+    _ADDED = {"skipped_reports": 0, "last_resort": [], "failed": 0, "last_loss": None,
+              "climb_check": None, "climb_moved": None}
 
     def stranded(self, cfg: RollbackConfig) -> bool:
         """Whether every step of the last ``cfg.stranded_reports`` reports was skipped."""

@@ -549,4 +549,6 @@ class JobState(Persisted):
             registered=self.registered, health=self.health,
             checkpoint_keep=self.checkpoint_keep, nominal_lr=self.nominal_lr,
             loss_trend=self.loss_trend, warm_start=self.warm_start, lr_spread=self.lr_spread,
+            climb_moved=self.rollback.climb_moved,
+            climb_checking=self.rollback.climb_check is not None,
         )

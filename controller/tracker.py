@@ -123,6 +123,16 @@ class SignalTracker:
         for old in sorted(self._marks)[:-_SIGNAL_MARKS]:
             del self._marks[old]
 
+    def restart_loss(self) -> None:
+        """Start the loss's statistics afresh (its EW mean and variance, z-scores, slope
+        points), the gradient norm's kept: what the run trains on moved, and the loss's
+        history describes what it trained on before (``RollbackState.check_climb``)."""
+        self._loss = _EW()
+        self.loss_z = self.loss_z_before = None
+        self.refs = (None, self.refs[1])
+        self._points.clear()
+        self._slope = (None, None, None)
+
     def rewind(self, step: int) -> None:
         """The run went back to ``step``: the signals become those of the report that ended
         at it (the newest one at or before it; afresh when none is kept)."""

@@ -244,6 +244,13 @@ class JobView:
     #: group 0's; with layer-wise LR decay group 0 is the input layer at a fraction of the
     #: head's lr, and an absolute lr relates to the highest: group 0's times this.
     lr_spread: float = 1.0
+    #: The step at which a climb rollback's restored checkpoint scored as high as the run
+    #: before it (the loss rose with the data, not the weights): no climb verdicts for the
+    #: job from then on (None: none; see ``RollbackState.check_climb``).
+    climb_moved: int | None = None
+    #: Whether a climb rollback's restored checkpoint is being scored now (its first two
+    #: reports): a loss above the checkpoint's is then what the check measures, no spike.
+    climb_checking: bool = False
 
     def evicted_next(self) -> frozenset[int]:
         """The checkpoints of the latest report's listing that the client's next snapshot

@@ -345,3 +345,50 @@ def test_the_guard_acts_on_the_controllers_one_judgement():
     st, out = spike(DivergenceThresholds(loss_z=100))
     assert out.health is None and out.decision.proposals == ()
     assert st.rollback.last_unhealthy_step is None
+
+
+@pytest.mark.parametrize("moved", [True, False])
+def test_a_climb_the_restored_weights_score_as_high_as_turns_climb_verdicts_off(moved):
+    """The counterfactual a climb rollback runs: the restored checkpoint's first two
+    reports against its loss when it was taken. A loss that rises with the data (a target
+    that grows with the loop's own iteration count, which a rollback does not rewind, as a
+    value loss grows with the returns) is as high on the restored weights as on the run
+    that climbed: climb verdicts go off for the job, journaled once, and the next climb
+    rolls nothing back (before: 3 climb rollbacks and the budget's alert in a trial, a
+    2-rank FSDP run whose target's scale grew 1 -> 3). A climb the weights made (keyed on
+    the optimizer step, which the restore rewinds) is back at the checkpoint's loss on the
+    restored weights: verdicts stay on, and the next climb is rolled back again."""
+    from tests.policies.simclient import Client, one_param
+    from trimtab.controller.advance import advance
+
+    rb = RollbackConfig(cooldown_steps=0)
+    c = Client(one_param("AdamW", 1e-3), facts=FACTS, checkpoints=tuple(range(0, 3000, 50)),
+               rollback=rb)
+    engine = Engine([DivergenceGuard()], rollback=rb)
+    rng, it, moved_at, rollbacks = random.Random(0), 0, [], []
+
+    def loss(step: int) -> float:
+        t = it if moved else step  # the loop's own count, or the weights' (the step)
+        return 1.0 + (0.0 if t < 400 else 0.0015 * (t - 400))
+
+    for _ in range(150):
+        c.advance()
+        it += EVERY
+        level = loss(c.step)
+        out = advance(c.state, c._report(**window(
+            [level * (1 + rng.gauss(0, 0.05)) for _ in range(EVERY)], [1.0] * EVERY)), engine)
+        if out.observation.data_moved:
+            moved_at.append(c.step)
+        if out.command is not None:
+            c.take(out.command)
+            if out.command.rollback_to is not None:
+                rollbacks.append((c.step, out.command.reasons))
+                c.run(1)  # the step that runs from the restored checkpoint acknowledges it
+    climbs = [r for r in rollbacks if any("climbing" in x for x in r[1])]
+    if moved:
+        # One climb rollback, and no rollback of any kind after it: the restored weights
+        # scoring above the checkpoint's loss is what the check measures, not a spike.
+        assert len(climbs) == len(rollbacks) == 1 and len(moved_at) == 1, (rollbacks, moved_at)
+        assert c.state.view().climb_moved == moved_at[0]
+    else:
+        assert len(climbs) >= 2 and moved_at == [], (rollbacks, moved_at)
