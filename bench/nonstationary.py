@@ -11,6 +11,10 @@ the benchmark's lockstep so that a run repeats:
   as the model adapts), at four (switch step, LR) settings. ``guard.step``; the loop runs
   its own number of iterations (a rollback costs steps, not extra compute). Measured: the
   mean squared error on the harder data after the last iteration.
+* **growing**: a regression whose target's scale grows from 1 to 3 with the loop's own
+  counter, its noise with it, as a value loss grows with the returns (AdamW 3e-3): its
+  loss climbs while every step trains, and a climb verdict's rollback replays into the
+  same rise. Measured: the mean squared error against the last target.
 * **gan**: the toy GAN of 8 Gaussians in a ring (two 2-layer MLPs, Adam 1e-3, betas
   0.5/0.999), two guards with ``hooks=True`` and ``observe_loss``, one job per net.
   Measured: the share of 2000 generated points within 0.15 of a mode, times the share
@@ -45,6 +49,9 @@ __all__ = ["main"]
 
 #: (switch step, LR, iterations): where the harder data comes in, the run's tuned LR.
 CURRICULA = ((250, 1e-2, 1000), (300, 1e-3, 1000), (400, 3e-3, 1000), (600, 3e-3, 1500))
+#: The growing target's iterations and LR.
+GROWING = (1500, 3e-3)
+BATCH = 128
 
 
 @dataclass
@@ -119,6 +126,54 @@ def curriculum(switch: int, lr: float, iterations: int, ctl: Controller | None,
     rolled = on.close() if on else 0
     with torch.no_grad():
         return torch.nn.functional.mse_loss(model(x), hard).item(), rolled
+
+
+def growing_task() -> tuple[torch.Tensor, torch.Tensor, torch.nn.Module]:
+    """The growing target's inputs, its unscaled target, and its model (seeded): shared
+    with the test that runs it against a serve."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4096, 16, generator=g)
+    w = torch.randn(16, 1, generator=g)
+    f = torch.tanh(x @ w) + 0.5 * torch.sin(x[:, :1] * 2)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.GELU(),
+                                torch.nn.Linear(64, 64), torch.nn.GELU(), torch.nn.Linear(64, 1))
+    return x, f, model
+
+
+def growing(iterations: int, lr: float, ctl: Controller | None, job: str,
+            lockstep: bool = True) -> tuple[float, int]:
+    """The growing target's error against its last target after ``iterations`` of the
+    loop, and the rollbacks taken (attached to ``ctl``; None: bare; ``lockstep`` False: a
+    plain guard on ``ctl.endpoint``, any controller's, commands landing when they arrive,
+    as in a real run)."""
+    x, f, model = growing_task()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    on = None
+    if ctl is not None:
+        on = (_Attached(ctl, model, opt, job, hooks=False) if lockstep
+              else attach(model, opt, job=job, endpoint=ctl.endpoint, report_every=10))
+    guard = on.guard if isinstance(on, _Attached) else on
+    data = torch.Generator().manual_seed(100)
+    for t in range(iterations):
+        scale = 1.0 + 2.0 * t / iterations  # the loop's own count: a rollback keeps it
+        idx = torch.randint(0, len(x), (BATCH,), generator=data)
+        noise = torch.randn(BATCH, 1, generator=data)
+        loss = torch.nn.functional.mse_loss(model(x[idx]), scale * (f[idx] + 0.3 * noise))
+        opt.zero_grad()
+        loss.backward()
+        if guard is None:
+            opt.step()
+            continue
+        guard.step(loss)
+        if isinstance(on, _Attached):
+            on.lock.after_step()
+    rolled = 0
+    if guard is not None:
+        rolled = guard.rollbacks
+        guard.close()
+    with torch.no_grad():
+        return torch.nn.functional.mse_loss(model(x), 3.0 * f).item(), rolled
 
 
 _MODES = torch.tensor([[2 * math.cos(2 * math.pi * k / 8), 2 * math.sin(2 * math.pi * k / 8)]
@@ -207,6 +262,13 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(Row("curriculum", f"switch at {switch}, lr {lr:g}, {iters} steps",
                                 bare, att, rolled, _decisions(ctl.journal, [job])))
                 print("  ".join(_table(rows[-1:])[-1:]), flush=True)
+            iters, lr = GROWING[0] // shrink, GROWING[1]
+            job = f"growing-{os.getpid()}"
+            bare, _ = growing(iters, lr, None, job)
+            att, rolled = growing(iters, lr, ctl, job)
+            rows.append(Row("growing", f"target x1 -> x3 over {iters} steps, lr {lr:g}",
+                            bare, att, rolled, _decisions(ctl.journal, [job])))
+            print("  ".join(_table(rows[-1:])[-1:]), flush=True)
             for seed in seeds:
                 job = f"gan-s{seed}-{os.getpid()}"
                 bare, bare_modes, _ = gan(seed, gan_steps, None, job)
@@ -223,7 +285,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{platform.python_version()}; {len(rows)} runs in {time.perf_counter() - t0:.0f} s; "
             f"trimtab config: {args.config or 'defaults'}")
     legend = ("curriculum: mean squared error on the harder data after the loop's last "
-              "iteration (lower is better); gan: the share of generated points near a mode "
+              "iteration (lower is better); growing: mean squared error against the last "
+              "target (lower is better); gan: the share of generated points near a mode "
               "times the share of modes covered (higher is better). Each attached run on a "
               "live `trimtab serve`, lockstep; `python -m bench.nonstationary`.")
     text = "\n".join([head, "", legend, "", *_table(rows), ""])
