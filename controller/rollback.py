@@ -238,6 +238,10 @@ class RollbackState:
     #: the client lists is marked stable with the first report while nothing is, as the
     #: rollback target of last resort (empty: marked, or none).
     last_resort: list[int] = field(default_factory=list)
+    #: The last resort marked stable (while nothing else was): no climb's target -- a climb
+    #: is slow, and going back to where the run was handed over throws away all it trained;
+    #: an LR cut in place answers it there (empty: none marked).
+    resort_marked: list[int] = field(default_factory=list)
     #: The rollback ordered and not yet acknowledged.
     pending: RollbackRecord | None = None
     last_unhealthy_step: int | None = None
@@ -281,7 +285,7 @@ class RollbackState:
             self, checkpoints=list(self.checkpoints), at_checkpoint=dict(self.at_checkpoint),
             in_force_at=dict(self.in_force_at), candidates=dict(self.candidates),
             stable=list(self.stable), unusable=list(self.unusable), history=list(self.history),
-            last_resort=list(self.last_resort),
+            last_resort=list(self.last_resort), resort_marked=list(self.resort_marked),
             rollbacks=dict(self.rollbacks))
 
     def observe(self, view: JobView, verdict: Unhealthy | None) -> Observation:
@@ -442,6 +446,8 @@ class RollbackState:
         """The client marked the checkpoint at ``step`` stable."""
         if self.pending_mark == step:
             self.pending_mark = None
+        if step in self.last_resort and not self.stable:
+            self.resort_marked = [step]
         self.last_resort = []  # something is stable: no longer needed
         if step not in self.stable:
             self.stable = sorted([*self.stable, step])
@@ -510,13 +516,14 @@ class RollbackState:
     _KEYS = frozenset({
         "step", "checkpoints", "at_checkpoint", "in_force_at", "candidates", "stable",
         "unusable",
-        "pending_mark", "last_resort",
+        "pending_mark", "last_resort", "resort_marked",
         "pending", "last_unhealthy_step", "last_unhealthy", "history", "cooldown_until",
         "alert", "steps_lost", "rollbacks", "restored", "checkpoints_seen", "marked_stable",
         "skipped_reports", "failed", "last_loss", "climb_check", "climb_moved",
     })
     #: Keys a state saved by an older version lacks, with the value they then take.
-    _ADDED = {"skipped_reports": 0, "last_resort": [], "failed": 0, "last_loss": None,
+    _ADDED = {"skipped_reports": 0, "last_resort": [], "resort_marked": [], "failed": 0,
+              "last_loss": None,
               "climb_check": None, "climb_moved": None}
 
     def stranded(self, cfg: RollbackConfig) -> bool:
@@ -538,6 +545,7 @@ class RollbackState:
         sd["checkpoints"], sd["stable"] = list(self.checkpoints), list(self.stable)
         sd["unusable"] = list(self.unusable)
         sd["last_resort"] = list(self.last_resort)
+        sd["resort_marked"] = list(self.resort_marked)
         sd["rollbacks"] = dict(sorted(self.rollbacks.items()))
         return sd
 
@@ -552,6 +560,7 @@ class RollbackState:
         self.checkpoints, self.stable = [int(s) for s in sd["checkpoints"]], list(sd["stable"])
         self.unusable = [int(s) for s in sd["unusable"]]
         self.last_resort = [int(s) for s in sd["last_resort"]]
+        self.resort_marked = [int(s) for s in sd["resort_marked"]]
         self.rollbacks = {str(k): int(n) for k, n in sd["rollbacks"].items()}
         self.at_checkpoint = {int(s): dict(v) for s, v in sd["at_checkpoint"]}
         self.in_force_at = {int(s): dict(v) for s, v in sd["in_force_at"]}

@@ -43,8 +43,13 @@ def stable_to_mark(state: RollbackState, cfg: RollbackConfig) -> int | None:
 def _target(state: RollbackState, cause: str | None = None) -> int | None:
     """The newest stable checkpoint the client still lists, at or before the current step;
     for non-finite values with none stable, the oldest one it lists (the one taken at
-    attach while it is held): a run whose every step is skipped must not be stranded."""
+    attach while it is held): a run whose every step is skipped must not be stranded. Not,
+    for a climb, the last resort marked stable (:attr:`RollbackState.resort_marked`): a
+    climb is slow, and the run as it was handed over holds nothing it has trained since;
+    with no other, the climb's rollback becomes an LR cut in place."""
     ok = [s for s in state.stable if s in state.checkpoints and s <= state.step]
+    if cause == "climb":
+        ok = [s for s in ok if s not in state.resort_marked]
     if not ok and cause == "nonfinite":
         listed = [s for s in state.checkpoints if s <= state.step and s not in state.unusable]
         return min(listed, default=None)

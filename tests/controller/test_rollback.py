@@ -492,3 +492,29 @@ def test_signals_after_a_rollback_are_the_checkpoints():
     run.restore(100)
     fresh = run.job.signals()
     assert (fresh.loss_ema, fresh.slope_n, fresh.loss_ref) == (None, 0, None)
+
+
+def test_a_climb_never_goes_back_to_the_last_resort_it_becomes_an_lr_cut_there():
+    """The checkpoint taken at attach, marked stable as the last resort while nothing else
+    is, is no climb's target: a climb is slow, and going back there throws away all the
+    run trained (the growing-target run of bench.nonstationary --quick ended 9.5x bare
+    after such a rollback; with an LR cut in place instead, 2.2x). Non-finite values and
+    spikes still go back to it; a climb goes back to a checkpoint marked stable later."""
+    cfg = RollbackConfig()
+    rb = RollbackState()
+    rb.note_origin(0, None)  # the registration's step: the last resort
+    assert rb.last_resort == [0]
+    rb.note_marked(0)
+    rb.checkpoints, rb.step = [0, 100], 210
+    assert rb.resort_marked == [0] and rb.stable == [0]
+    code, why = why_no_rollback(rb, cfg, "climb")
+    assert code == "no_stable", why
+    for cause in ("loss_spike", "grad_spike", "nonfinite"):
+        assert why_no_rollback(rb, cfg, cause) is None
+        assert plan_rollback(cause, "x", rb, cfg).target_step == 0
+    rb.note_marked(100)
+    assert why_no_rollback(rb, cfg, "climb") is None
+    assert plan_rollback("climb", "x", rb, cfg).target_step == 100
+    back = RollbackState()
+    back.load_state_dict(json.loads(json.dumps(rb.state_dict())))
+    assert back.resort_marked == [0]
