@@ -91,6 +91,13 @@ def _decisions(journal: str, jobs: list[str]) -> int:
         db.close()
 
 
+def _regressor() -> torch.nn.Module:
+    """The regression tasks' MLP, seeded."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.GELU(),
+                               torch.nn.Linear(64, 64), torch.nn.GELU(), torch.nn.Linear(64, 1))
+
+
 def curriculum_task() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.nn.Module]:
     """The curriculum's inputs, its easy and harder targets (a second, sharper function
     added), and its model (seeded): shared with the tests that run it against a serve."""
@@ -99,10 +106,7 @@ def curriculum_task() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.n
     w1, w2 = torch.randn(16, 1, generator=g), torch.randn(16, 1, generator=g)
     easy = torch.tanh(x @ w1) + 0.1 * torch.randn(8192, 1, generator=g)
     hard = easy + 0.5 * torch.sin(3 * (x @ w2))
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.GELU(),
-                                torch.nn.Linear(64, 64), torch.nn.GELU(), torch.nn.Linear(64, 1))
-    return x, easy, hard, model
+    return x, easy, hard, _regressor()
 
 
 def curriculum(switch: int, lr: float, iterations: int, ctl: Controller | None,
@@ -135,10 +139,7 @@ def growing_task() -> tuple[torch.Tensor, torch.Tensor, torch.nn.Module]:
     x = torch.randn(4096, 16, generator=g)
     w = torch.randn(16, 1, generator=g)
     f = torch.tanh(x @ w) + 0.5 * torch.sin(x[:, :1] * 2)
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.GELU(),
-                                torch.nn.Linear(64, 64), torch.nn.GELU(), torch.nn.Linear(64, 1))
-    return x, f, model
+    return x, f, _regressor()
 
 
 def growing(iterations: int, lr: float, ctl: Controller | None, job: str,
@@ -149,11 +150,12 @@ def growing(iterations: int, lr: float, ctl: Controller | None, job: str,
     as in a real run)."""
     x, f, model = growing_task()
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    on = None
-    if ctl is not None:
-        on = (_Attached(ctl, model, opt, job, hooks=False) if lockstep
-              else attach(model, opt, job=job, endpoint=ctl.endpoint, report_every=10))
-    guard = on.guard if isinstance(on, _Attached) else on
+    guard, lock = None, None
+    if ctl is not None and lockstep:
+        on = _Attached(ctl, model, opt, job, hooks=False)
+        guard, lock = on.guard, on.lock
+    elif ctl is not None:
+        guard = attach(model, opt, job=job, endpoint=ctl.endpoint, report_every=10)
     data = torch.Generator().manual_seed(100)
     for t in range(iterations):
         scale = 1.0 + 2.0 * t / iterations  # the loop's own count: a rollback keeps it
@@ -166,8 +168,8 @@ def growing(iterations: int, lr: float, ctl: Controller | None, job: str,
             opt.step()
             continue
         guard.step(loss)
-        if isinstance(on, _Attached):
-            on.lock.after_step()
+        if lock is not None:
+            lock.after_step()
     rolled = 0
     if guard is not None:
         rolled = guard.rollbacks
