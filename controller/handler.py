@@ -252,12 +252,41 @@ class Controller:
         replies = [(peer, wire.encode(wire.Heartbeat(job=msg.job, step=state.step)))]
         pending = state.pending_command
         if pending is not None and pending.seq > msg.applied_seq:
-            replies.append((peer, wire.encode(pending)))  # lost with the old connection
-        elif pending is None and state.paused is None:
+            pending = self._void_unheld_mark(state, msg, pending, replies)
+            if pending is not None:
+                replies.append((peer, wire.encode(pending)))  # lost with the old connection
+        if pending is None and state.paused is None:
             # Schedules start at the run's first step, not after its first report window.
             replies += self._act(peer, state, self.engine_for(state.job).decide_schedules(state))
             self._save(state)
         return replies
+
+    def _void_unheld_mark(self, state: JobState, msg: wire.Register, pending: wire.Command,
+                          replies: list[Reply]) -> wire.Command | None:
+        """``pending`` was lost with the old connection and marks a checkpoint this
+        registration no longer lists: the client's ring moved past it meanwhile (a
+        controller down for a while, a link lost), so the mark can only fail. It is void
+        (its checkpoint is not proposed again), and a command that carries nothing else is
+        withdrawn, journaled as such, rather than sent for the client to refuse; one that
+        carries more goes as it is (its ack says the mark failed). Returns the command
+        still to send (None: withdrawn)."""
+        mark = pending.mark_stable
+        if mark is None or not msg.checkpoints or mark in msg.checkpoints:
+            return pending
+        state.rollback.mark_failed(mark)
+        held = ", ".join(map(str, msg.checkpoints))
+        if (pending.rollback_to is not None or pending.knobs.set() or pending.scale.set()
+                or pending.schedules is not None or pending.stop_advice is not None):
+            return pending
+        why = (f"it marks checkpoint {mark} stable, which the client no longer holds "
+               f"(it lists {held})")
+        state.pending_command = None
+        self.journal.append(state.job, "withdrawn", step=msg.step, seq=pending.seq,
+                            data={"why": why, "mark_stable": mark})
+        log.info("job %s: command %d withdrawn, never sent again: %s", state.job, pending.seq,
+                 why)
+        replies += self._never_applied(state.job, f"withdrawn: {why}")
+        return None
 
     def _retire(self, job: str, run_id: str, live: JobState | None) -> None:
         """Another run of ``job`` registers: keep the state of the one it replaces (the live

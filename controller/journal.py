@@ -63,6 +63,9 @@ EVENT_KINDS = (
     # Climb verdicts turned off for a job: the checkpoint a climb rollback restored scored
     # as high as the run before it (the data moved, not the weights).
     "data_moved",
+    # A pending command withdrawn unsent: a registration showed it could only fail (it
+    # marks stable a checkpoint the client no longer holds).
+    "withdrawn",
 )
 
 _SCHEMA = """

@@ -31,7 +31,7 @@ DEFAULT_KINDS = frozenset({
     "decision", "shadow", "command", "ack", "rollback", "restored", "restore_failed",
     "stable", "alert",
     "policy_error", "advice", "register", "bye", "lost", "manual", "validation",
-    "data_moved",
+    "data_moved", "withdrawn",
 })
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
@@ -196,6 +196,9 @@ class Timeline:
             return [make(why=f"rollback alert: {d.get('why')}")]
         if ev.kind == "data_moved":
             return [make(why=f"climb verdicts off: {d.get('why')}")]
+        if ev.kind == "withdrawn":
+            return [make(change=f"command {ev.seq}",
+                         why=f"withdrawn, never applied: {d.get('why')}")]
         if ev.kind == "validation":
             ema = "" if d.get("ema") is None else f", weight average {d.get('ema'):.6g}"
             return [make(why=f"validation {d.get('value'):.6g}{ema}, sent as the run ended "

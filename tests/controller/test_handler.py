@@ -195,6 +195,58 @@ def test_a_kill_loses_at_most_state_save_s_of_signals_and_never_a_command(tmp_pa
     assert ctl2.jobs["j1"].command_seq == 1
 
 
+def _listing(kind, step, checkpoints, **kw) -> bytes:
+    """A registration (``kind`` "register") or report at ``step`` listing ``checkpoints``."""
+    if kind == "register":
+        return wire.encode(wire.Register(
+            job="j1", run_id="r1", report_every=10, step=step, checkpoints=checkpoints,
+            origin=0, facts=wire.ScaleFacts(param_count=100, group_sizes=[100],
+                                            optimizer="SGD", dtype="float32", device="cpu"),
+            **in_force(), **kw))
+    return wire.encode(wire.Report(
+        job="j1", seq=step // 10, step=step, window=10, loss_mean=1.0, loss_last=1.0,
+        loss_min=1.0, loss_max=1.0, grad_norm_mean=1.0, grad_norm_max=1.0, grad_norm_std=0.0,
+        checkpoints=checkpoints, **in_force(), **kw))
+
+
+def test_a_lost_mark_of_a_checkpoint_no_longer_held_is_withdrawn_not_resent(tmp_path):
+    # The first report marks the checkpoint taken at attach (the last resort); the controller
+    # dies before the command reaches the client, whose ring has moved past step 0 by the
+    # time a restarted controller hears from it again.
+    ctl, _ = make(tmp_path)
+    ctl.handle(PEER, _listing("register", 0, [0]))
+    (mark,) = decoded(ctl.handle(PEER, _listing("report", 10, [0])))
+    assert (mark.seq, mark.mark_stable) == (1, 0)
+    ctl.journal.close()
+
+    ctl2, _ = make(tmp_path)
+    replies = decoded(ctl2.handle(b"peer-2", _listing("register", 520, [300, 400, 500])))
+    assert [type(r) for r in replies] == [wire.Heartbeat], "not sent to be refused"
+    st = ctl2.jobs["j1"]
+    assert st.pending_command is None and st.rollback.pending_mark is None
+    (withdrawn,) = ctl2.journal.events("j1", "withdrawn")
+    assert withdrawn.seq == 1 and withdrawn.data["mark_stable"] == 0
+    assert "no longer holds (it lists 300, 400, 500)" in withdrawn.data["why"]
+    # Nothing of the run is stranded: a checkpoint it holds is marked, in a new command.
+    for step in range(530, 700, 10):
+        out = decoded(ctl2.handle(b"peer-2", _listing("report", step, [400, 500, 600])))
+        if out:
+            (cmd,) = out
+            break
+    assert cmd.seq == 2 and cmd.mark_stable in (400, 500, 600)
+
+
+def test_a_lost_mark_of_a_checkpoint_still_held_is_sent_again(tmp_path):
+    ctl, _ = make(tmp_path)
+    ctl.handle(PEER, _listing("register", 0, [0]))
+    (mark,) = decoded(ctl.handle(PEER, _listing("report", 10, [0])))
+    ctl.journal.close()
+    ctl2, _ = make(tmp_path)
+    _, again = decoded(ctl2.handle(b"peer-2", _listing("register", 40, [0, 20, 40])))
+    assert again == mark and ctl2.jobs["j1"].rollback.pending_mark == 0
+    assert ctl2.journal.events("j1", "withdrawn") == []
+
+
 def test_with_state_save_s_0_every_report_is_saved(tmp_path):
     ctl, _ = make(tmp_path, state_save_s=0.0)
     ctl.handle(PEER, register())

@@ -43,6 +43,13 @@ def test_a_stable_mark_is_shown_at_the_step_it_was_marked_not_the_checkpoints():
                                              "checkpoint 200 marked stable (ack)")
 
 
+def test_a_withdrawn_command_is_shown_by_default_with_why():
+    why = "it marks checkpoint 0 stable, which the client no longer holds (it lists 300)"
+    (row,) = _rows(_events(("withdrawn", 520, 1, {"why": why, "mark_stable": 0})))
+    assert (row.step, row.kind, row.change, row.why) == (
+        520, "withdrawn", "command 1", f"withdrawn, never applied: {why}")
+
+
 def test_a_decision_row_per_changed_knob_and_shadow_rows_marked():
     knobs = {"lr": {"current": 1.0, "commanded": 0.5, "policy": "plateau", "reason": "flat",
                     "limits": []},
