@@ -485,6 +485,11 @@ class Guard(GuardState):
         same validation of the weight average (:attr:`ema_model`, or one of your own),
         reported beside it. A newer result before the next report replaces this one; a
         non-finite one is logged and dropped (a non-finite ``ema`` alone: only it).
+
+        After :meth:`close` (an evaluation after training: ``trainer.evaluate()`` after
+        ``train()``), the result goes at once on a link of its own, from a thread of its own,
+        and the controller adds it to the ended run's results; ``step`` defaults to the
+        run's last.
         """
         _check_validation(value, step, ema)
         if not math.isfinite(value):
@@ -494,7 +499,13 @@ class Guard(GuardState):
             log.warning("trimtab: non-finite validation value of the weight average %r not "
                         "reported", ema)
             ema = None
-        self._reporter.validation = (float(value), self._host_step() if step is None else step)
+        at = self._host_step() if step is None else step
+        if self._closed:
+            self._transport.send_late(wire.Validation(
+                job=self.job, step=at, value=float(value),
+                ema=None if ema is None else float(ema), run_id=self.run_id))
+            return
+        self._reporter.validation = (float(value), at)
         self._reporter.validation_ema = None if ema is None else float(ema)
 
     def observe_loss(self, loss: torch.Tensor | float) -> None:

@@ -28,11 +28,13 @@ handshake; the client then sees silence and keeps training, reconnecting with ba
 
 from __future__ import annotations
 
+import atexit
 import collections
 import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -53,6 +55,20 @@ _POLL_MS = 20
 _SEND_BURST = 64
 #: Close gives pending messages and the Bye this long to leave.
 _CLOSE_FLUSH_S = 0.25
+#: A message sent after close (:meth:`Transport.send_late`) waits this long at most for the
+#: controller's answer, and the interpreter's exit for that.
+_LATE_WAIT_S = 2.0
+#: The threads sending such messages now (the exit waits for them).
+_LATE_THREADS: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
+
+
+@atexit.register
+def _join_late() -> None:
+    """At exit: let messages sent after close (an evaluation as a script's last line) leave,
+    waiting at most :data:`_LATE_WAIT_S` in all."""
+    deadline = time.monotonic() + _LATE_WAIT_S
+    for thread in list(_LATE_THREADS):
+        thread.join(max(0.0, deadline - time.monotonic()))
 
 
 @dataclass(frozen=True, repr=False)
@@ -162,6 +178,12 @@ class Transport:
         #: What the log says of the link (a run alone, a controller back).
         self.watch = LinkWatch(job, endpoint, liveness * heartbeat_s, liveness, self._started)
         self._last_error: str | None = None
+        # After close: the newest message waiting to go on a link of its own, and the
+        # thread sending (see send_late).
+        self._late: wire.Validation | None = None
+        self._late_thread: threading.Thread | None = None
+        #: Messages sent after close, by outcome: answered, refused, unanswered.
+        self.late: dict[str, int] = {}
 
     # -- training-thread side: queues only, never the socket -------------------------------
 
@@ -238,6 +260,70 @@ class Transport:
             log.warning("trimtab client thread did not stop within %.1f s", timeout_s)
         elif self._own_context:
             self._context.term()
+
+    def send_late(self, message: wire.Validation) -> None:
+        """After :meth:`close`: send ``message`` (a validation result of the ended run) on a
+        link of its own, from a daemon thread, so the caller never waits on the network; a
+        newer one handed over while one is on its way replaces any still waiting (bounded).
+        The controller answers it (a heartbeat, or an error reply that is logged); the
+        interpreter's exit waits for the answer at most :data:`_LATE_WAIT_S`."""
+        with self._lock:
+            self._late = message
+            if self._late_thread is not None:
+                return  # the thread on its way takes it
+            thread = self._late_thread = threading.Thread(
+                target=self._send_late, name="trimtab-client-late", daemon=True)
+            _LATE_THREADS.add(thread)
+        thread.start()
+
+    def _send_late(self) -> None:
+        while True:
+            with self._lock:
+                message, self._late = self._late, None
+                if message is None:
+                    self._late_thread = None
+                    return
+            try:
+                outcome = self._deliver(message)
+            except Exception:  # the run is over: say so, never raise into the caller
+                log.exception("trimtab: job %r: could not send a %s after close", self.job,
+                              message.type)
+                outcome = "unanswered"
+            with self._lock:
+                self.late[outcome] = self.late.get(outcome, 0) + 1
+
+    def _deliver(self, message: wire.Validation) -> str:
+        """One message on a link of its own; its outcome (answered, refused, unanswered)."""
+        context = zmq.Context()
+        sock = context.socket(zmq.DEALER)
+        try:
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.MAXMSGSIZE, 4 * wire.MAX_MESSAGE_BYTES)
+            if self._curve is not None:
+                sock.curve_serverkey = self._curve.server_public
+                sock.curve_publickey = self._curve.public
+                sock.curve_secretkey = self._curve.secret
+            sock.connect(self.endpoint)
+            sock.send(wire.encode(message))  # queued until the connection is up
+            self.sent += 1
+            if not sock.poll(int(_LATE_WAIT_S * 1000)):
+                log.warning("trimtab: job %r: no answer from %s within %.0f s to the %s sent "
+                            "after the run ended; it may be lost", self.job, self.endpoint,
+                            _LATE_WAIT_S, message.type)
+                return "unanswered"
+            try:
+                reply = wire.decode(sock.recv())
+            except wire.WireError:
+                self.bad_frames += 1
+                return "unanswered"
+            if isinstance(reply, wire.Error):
+                log.warning("trimtab: job %r: the controller refused the %s sent after the run "
+                            "ended: %s: %s", self.job, message.type, reply.code, reply.detail)
+                return "refused"
+            return "answered"
+        finally:
+            sock.close(0)
+            context.term()
 
     # -- thread side ------------------------------------------------------------------------
 

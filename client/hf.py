@@ -240,7 +240,9 @@ class TrimtabCallback(TrainerCallback, ExportableState):
         metrics: Mapping[str, float] | None = None,
         **kwargs: Any,
     ) -> None:
-        if self.guard is None or self.guard._closed or self.monitor is None or not metrics:
+        # After train() too (the guard closed: trainer.evaluate() after training): the
+        # guard sends it on a link of its own, to the ended run's results.
+        if self.guard is None or self.monitor is None or not metrics:
             return
         value = metrics.get(self.monitor)
         if isinstance(value, (int, float)) and math.isfinite(value):

@@ -129,7 +129,9 @@ class TrimtabCallback(pl.Callback):
             trainer.should_stop = True
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.guard is None or self.guard._closed or self.monitor is None:
+        # After the fit too (the guard closed: trainer.validate() after fit()): the guard
+        # sends it on a link of its own, to the ended run's results.
+        if self.guard is None or self.monitor is None:
             return
         if trainer.sanity_checking:  # Lightning's pre-fit check says nothing of the run
             return

@@ -373,14 +373,54 @@ class Controller:
 
     def _on_validation(self, peer: bytes, msg: wire.Validation) -> list[Reply]:
         """A validation result no report carried, sent as the run ends: kept with the job's
-        results (policies, the metrics) and journaled; nothing is decided on it."""
-        state = self._live(peer, msg)
+        results (policies, the metrics) and journaled; nothing is decided on it. One naming
+        its run (``run_id``) was sent after close on a link of its own, which waits for an
+        answer (a heartbeat): that link never becomes the job's."""
+        if msg.run_id is not None:  # sent on a link of its own, after the run said Bye
+            rec = self._jobs.get(msg.job)
+            if rec is None:
+                return self._validation_after_end(peer, msg)
+            if rec.state.run_id != msg.run_id:
+                return [self._refuse(peer, "unknown_job", f"run {msg.run_id!r} of job "
+                                     f"{msg.job!r} is not the live one", msg.job)]
+            state = rec.state  # its Bye not in yet: that link stays the job's
+        else:
+            state = self._live(peer, msg)
         if state is None:
             return [self._unknown(peer, msg.job)]
         state.note_validation(msg.step, msg.value, msg.ema)
         self.journal.append(msg.job, "validation", step=msg.step,
                             data={"value": msg.value, "ema": msg.ema})
+        if msg.run_id is not None:  # its link waits for an answer
+            return [(peer, wire.encode(wire.Heartbeat(job=msg.job, step=state.step)))]
         return []
+
+    def _validation_after_end(self, peer: bytes, msg: wire.Validation) -> list[Reply]:
+        """A validation result sent after its run said Bye (``trainer.evaluate()`` after
+        ``train()``), on a link of its own: added to that run's results -- kept state,
+        journal, and its series while they are exported -- when it is the job's newest run
+        and no other run of the job is live; otherwise refused (``unknown_job``)."""
+        stored = None if msg.run_id is None else self.journal.load_state(msg.job)
+        if stored is None or stored.get("run_id") != msg.run_id:
+            return [self._refuse(peer, "unknown_job", (
+                f"job {msg.job!r} is not registered, and this validation names "
+                + ("no run that ended" if msg.run_id is None else
+                   f"run {msg.run_id!r}, which is not the job's newest")), msg.job)]
+        ended = self._ended.get(msg.job)
+        state = ended[0] if ended is not None and ended[0].run_id == msg.run_id else None
+        if state is None:
+            try:
+                state = JobState.from_state_dict(stored)
+            except ValueError as exc:  # written by an older controller
+                return [self._refuse(peer, "unknown_job", f"job {msg.job!r}: the state of "
+                                     f"run {msg.run_id!r} cannot be read ({exc})", msg.job)]
+        state.note_validation(msg.step, msg.value, msg.ema)
+        self.journal.append(msg.job, "validation", step=msg.step, data={
+            "value": msg.value, "ema": msg.ema, "after_end": True})
+        self._save(state, live=False)
+        log.info("job %s: validation %.6g at step %d, sent after the run ended", msg.job,
+                 msg.value, msg.step)
+        return [(peer, wire.encode(wire.Heartbeat(job=msg.job, step=state.step)))]
 
     def _on_bye(self, peer: bytes, msg: wire.Bye) -> list[Reply]:
         state = self._live(peer, msg)
@@ -591,7 +631,7 @@ class Controller:
             return False
         rec = self._jobs.get(msg.job)
         owner = None if rec is None else rec.owner
-        if owner is None and msg.type == "register":
+        if owner is None and msg.type in ("register", "validation"):
             for event in self.journal.iter_events(msg.job, "register"):
                 owner = event.data.get("key") or owner
         return owner is not None and owner != user

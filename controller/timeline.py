@@ -201,8 +201,9 @@ class Timeline:
                          why=f"withdrawn, never applied: {d.get('why')}")]
         if ev.kind == "validation":
             ema = "" if d.get("ema") is None else f", weight average {d.get('ema'):.6g}"
-            return [make(why=f"validation {d.get('value'):.6g}{ema}, sent as the run ended "
-                             "(after its last report)")]
+            when = ("sent after the run ended (an evaluation after training)"
+                    if d.get("after_end") else "sent as the run ended (after its last report)")
+            return [make(why=f"validation {d.get('value'):.6g}{ema}, {when}")]
         if ev.kind == "manual":
             return self._manual(make, d)
         if ev.kind == "proposal":

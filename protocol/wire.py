@@ -343,6 +343,10 @@ class Validation(_Model):
     value: Finite
     #: The same validation of the weight average (as :attr:`Report.validation_ema`).
     ema: Finite | None = None
+    #: The run it belongs to (:attr:`Register.run_id`): set on one sent after the run said
+    #: Bye (an evaluation after training, e.g. ``trainer.evaluate()`` after ``train()``),
+    #: which the controller adds to that ended run's results, if it is the job's newest.
+    run_id: Annotated[str, Field(min_length=1, max_length=64)] | None = None
 
 
 #: What a person can do to a job (:class:`Operate`).
@@ -458,7 +462,8 @@ _ADDED_IN_V2: dict[type[BaseModel], tuple[str, ...]] = {
     Report: ("validation_ema", "update_alignment"),
     Register: ("keep", "nominal_lr", "resume_id", "origin", "loss_trend", "warm_start",
                "lr_spread"),
-    Ack: ("rolled_back_from",)}
+    Ack: ("rolled_back_from",),
+    Validation: ("run_id",)}
 
 
 def encode(message: BaseModel) -> bytes:

@@ -55,7 +55,9 @@ class FakeController:
                 with self._lock:
                     self._identity = identity
                     self.messages.append(message)
-                if isinstance(message, wire.Heartbeat) and self.answer_heartbeats:
+                late = isinstance(message, wire.Validation) and message.run_id is not None
+                if (isinstance(message, wire.Heartbeat) and self.answer_heartbeats) or late:
+                    # A validation sent after close waits for an answer, as a serve gives.
                     beat = wire.encode(wire.Heartbeat(job=message.job))
                     self._sock.send_multipart([identity, beat])
             while self._outbox and self._identity is not None:

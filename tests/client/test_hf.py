@@ -197,7 +197,7 @@ def test_monitored_metric_goes_to_the_controller(tmp_path, fake_controller) -> N
         def on_evaluate(self, args, state, control, metrics=None, **kwargs):
             seen.append(metrics["eval_loss"])
 
-    _, model, _ = _train(
+    trainer, model, _ = _train(
         tmp_path,
         [callback, Record()],
         40,
@@ -207,13 +207,23 @@ def test_monitored_metric_goes_to_the_controller(tmp_path, fake_controller) -> N
     )
     fake_controller.wait_for(lambda c: len(c.of_type(wire.Report)) == 8
                              and c.of_type(wire.Bye))
+    # The usual last line, an evaluation after training: after the Bye, on a link of its
+    # own, naming the run (before, the closed guard dropped it).
+    after = trainer.evaluate()["eval_loss"]
+    fake_controller.wait_for(lambda c: len(c.of_type(wire.Validation)) == 2)
+    late = fake_controller.of_type(wire.Validation)[-1]
+    assert (late.step, late.value, late.run_id) == (40, pytest.approx(after),
+                                                    callback.guard.run_id)
+    assert after == seen[4]
+    assert fake_controller.messages[-1] == late
+    fake_controller.wait_for(lambda c: callback.guard._transport.late == {"answered": 1})
     reports = fake_controller.of_type(wire.Report)
     reported = [r.validation for r in reports if r.validation is not None]
     # Each goes with the next report; the last evaluation (at step 40, after the last
     # report) goes on its own as the guard closes in on_train_end, before the Bye.
-    assert len(seen) == 4 and reported == pytest.approx(seen[:3])
-    final = fake_controller.of_type(wire.Validation)
-    assert [(v.step, v.value) for v in final] == [(40, pytest.approx(seen[3]))]
+    assert len(seen) == 5 and reported == pytest.approx(seen[:3])  # the 5th: evaluate()
+    final = fake_controller.of_type(wire.Validation)[:1]
+    assert [(v.step, v.value, v.run_id) for v in final] == [(40, pytest.approx(seen[3]), None)]
     kinds = [m.type for m in fake_controller.messages]
     assert kinds.index("validation") > max(i for i, k in enumerate(kinds) if k == "report")
     assert kinds.index("validation") < kinds.index("bye")

@@ -164,7 +164,8 @@ def test_monitored_metric_goes_to_the_controller(fake_controller) -> None:
 
     trainer = _trainer(callback, 40, val_check_interval=10, limit_val_batches=2)
     trainer.callbacks.append(Record())
-    trainer.fit(WithValidation(), _loader(), _loader(256))
+    model = WithValidation()
+    trainer.fit(model, _loader(), _loader(256))
     fake_controller.wait_for(lambda c: len(c.of_type(wire.Report)) == 8
                              and c.of_type(wire.Bye))
     reported = [r.validation for r in fake_controller.of_type(wire.Report) if r.validation]
@@ -172,7 +173,15 @@ def test_monitored_metric_goes_to_the_controller(fake_controller) -> None:
     # report) goes on its own as the guard closes in on_fit_end, before the Bye.
     assert len(seen) == 4 and reported == pytest.approx(seen[:3])
     final = fake_controller.of_type(wire.Validation)
-    assert [(v.step, v.value) for v in final] == [(40, pytest.approx(seen[3]))]
+    assert [(v.step, v.value, v.run_id) for v in final] == [(40, pytest.approx(seen[3]), None)]
+    # A validation after the fit (trainer.validate()): after the Bye, on a link of its own,
+    # naming the run (before, the closed guard dropped it).
+    trainer.validate(model, _loader(256), verbose=False)
+    fake_controller.wait_for(lambda c: len(c.of_type(wire.Validation)) == 2)
+    late = fake_controller.of_type(wire.Validation)[-1]
+    assert (late.step, late.value, late.run_id) == (40, pytest.approx(seen[4]),
+                                                    callback.guard.run_id)
+    fake_controller.wait_for(lambda c: callback.guard._transport.late == {"answered": 1})
 
 
 def test_a_fit_resumed_from_a_lightning_checkpoint_continues_trimtabs_state(

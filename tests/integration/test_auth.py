@@ -158,6 +158,21 @@ def test_a_listed_key_trains_end_to_end(tmp_path, keys):
         alice_public = zmq.auth.load_certificate(keys / "allowed" / "alice.key")[0].decode()
         assert reg.data["key"] == alice_public  # the job is bound to alice's key
         assert "security: CURVE-authenticated and encrypted: the 2 client keys" in srv.log()
+        # An evaluation after the run ended: on a link of its own, over CURVE with alice's
+        # key, to the ended run's results; bob's key cannot add to them.
+        guard.report_validation(0.25)
+        assert wait_for(lambda: guard._transport.late)
+        assert guard._transport.late == {"answered": 1}
+        assert [e.data["value"] for e in journal.events("curve-e2e", "validation")] == [0.25]
+        ctx = zmq.Context()
+        try:
+            bob = dealer(ctx, srv.endpoint, keys, keys / "clients" / "bob.key_secret")
+            reply = ask(bob, wire.Validation(job="curve-e2e", step=1, value=9.0,
+                                             run_id=guard.run_id))
+            assert isinstance(reply, wire.Error) and reply.code == "forbidden", reply
+        finally:
+            ctx.destroy(linger=0)
+        assert len(journal.events("curve-e2e", "validation")) == 1
     finally:
         srv.proc.terminate()
         srv.proc.wait(timeout=10)

@@ -55,3 +55,54 @@ def test_the_validation_at_the_last_step_reaches_the_journal_and_metrics(serve_f
     text = srv.metrics()
     assert f'trimtab_job_validation{{job="{job}"}} {value!r}' in text, text[-3000:]
     assert f'trimtab_job_validation_ema{{job="{job}"}}' in text
+
+
+def test_a_validation_after_close_reaches_the_ended_runs_results(serve_factory, one_thread):
+    # An evaluation after training (trainer.evaluate() after train(), or a loop's own after
+    # guard.close()): sent on a link of its own to the ended run's results.
+    srv = serve_factory()
+    task = Regression()
+    opt = torch.optim.AdamW(task.model.parameters(), lr=1e-3)
+    job = "eval-after"
+    with attach(task.model, opt, job=job, endpoint=srv.endpoint, report_every=5) as guard:
+        for _ in range(20):
+            loss = task.loss(*task.batch())
+            opt.zero_grad()
+            loss.backward()
+            guard.step(loss)
+    journal = srv.journal()
+    wait_for(lambda: journal.events(job, "bye"))
+    with torch.no_grad():
+        value = task.loss(task.x, task.y).item()
+    guard.report_validation(value)  # after close: before, silently lost
+    wait_for(lambda: guard._transport.late)
+    assert guard._transport.late == {"answered": 1}
+    (sent,) = journal.events(job, "validation")
+    assert (sent.step, sent.data["value"], sent.data["after_end"]) == (20, value, True)
+    assert journal.load_state(job)["validations"][-1] == [20, value]
+    shown = cli("decisions", job, "--journal", str(srv.journal_path)).stdout
+    assert "sent after the run ended (an evaluation after training)" in shown, shown
+    text = srv.metrics()
+    assert f'trimtab_job_validation{{job="{job}"}} {value!r}' in text, text[-3000:]
+
+
+def test_a_validation_after_close_for_a_run_no_longer_the_newest_is_refused(serve_factory,
+                                                                             one_thread):
+    srv = serve_factory()
+    job = "eval-late"
+    guards = []
+    for seed in (1, 2):  # two runs of one job, one after the other
+        task = Regression(seed=seed)
+        opt = torch.optim.SGD(task.model.parameters(), lr=0.01)
+        with attach(task.model, opt, job=job, endpoint=srv.endpoint, report_every=5) as guard:
+            for _ in range(10):
+                loss = task.loss(*task.batch())
+                opt.zero_grad()
+                loss.backward()
+                guard.step(loss)
+        guards.append(guard)
+        wait_for(lambda n=seed: len(srv.journal().events(job, "bye")) == n)
+    guards[0].report_validation(0.5)
+    wait_for(lambda: guards[0]._transport.late)
+    assert guards[0]._transport.late == {"refused": 1}
+    assert srv.journal().events(job, "validation") == []
