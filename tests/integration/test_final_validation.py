@@ -12,6 +12,11 @@ Before, the run's final validation was lost, and no validation was exported at a
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
+import time
+
 import pytest
 import torch
 
@@ -106,3 +111,47 @@ def test_a_validation_after_close_for_a_run_no_longer_the_newest_is_refused(serv
     wait_for(lambda: guards[0]._transport.late)
     assert guards[0]._transport.late == {"refused": 1}
     assert srv.journal().events(job, "validation") == []
+
+
+def test_an_evaluation_as_the_scripts_last_line_is_delivered_before_exit(serve_factory,
+                                                                         tmp_path):
+    # The interpreter's exit waits (a bounded while) for the link that carries it: without
+    # that wait the daemon thread dies with the process and the result is lost. Here the
+    # controller is stopped (SIGSTOP) when the script hands it over and exits, and goes on
+    # 1 s later (the exit waits 2 s at most): the script has long handed it over by then.
+    srv = serve_factory()
+    script = tmp_path / "train.py"
+    script.write_text(
+        "import sys, torch\n"
+        "from trimtab.client import attach\n"
+        "model = torch.nn.Linear(4, 1)\n"
+        "opt = torch.optim.SGD(model.parameters(), lr=0.01)\n"
+        "guard = attach(model, opt, job='last-line', endpoint=sys.argv[1], report_every=5)\n"
+        "for _ in range(10):\n"
+        "    loss = model(torch.randn(8, 4)).pow(2).mean()\n"
+        "    opt.zero_grad(); loss.backward(); guard.step(loss)\n"
+        "guard.close()\n"
+        "print('closed', flush=True)\n"
+        "sys.stdin.readline()\n"
+        "guard.report_validation(0.125)\n")
+    proc = subprocess.Popen([sys.executable, str(script), srv.endpoint], text=True,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    try:
+        assert proc.stdout.readline() == "closed\n"
+        wait_for(lambda: srv.journal().events("last-line", "bye"))
+        srv.proc.send_signal(signal.SIGSTOP)
+        try:
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+            time.sleep(1.0)
+        finally:
+            srv.proc.send_signal(signal.SIGCONT)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err
+    finally:
+        proc.kill()
+    journal = srv.journal()
+    wait_for(lambda: journal.events("last-line", "validation"))
+    (sent,) = journal.events("last-line", "validation")
+    assert (sent.step, sent.data["value"], sent.data["after_end"]) == (10, 0.125, True)
