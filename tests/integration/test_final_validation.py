@@ -62,19 +62,25 @@ def test_the_validation_at_the_last_step_reaches_the_journal_and_metrics(serve_f
     assert f'trimtab_job_validation_ema{{job="{job}"}}' in text
 
 
-def test_a_validation_after_close_reaches_the_ended_runs_results(serve_factory, one_thread):
-    # An evaluation after training (trainer.evaluate() after train(), or a loop's own after
-    # guard.close()): sent on a link of its own to the ended run's results.
-    srv = serve_factory()
-    task = Regression()
+def _trained(srv, job: str, steps: int, seed: int = 0):
+    """A run of ``job`` on ``srv``, ``steps`` steps, closed: its task and guard."""
+    task = Regression(seed=seed)
     opt = torch.optim.AdamW(task.model.parameters(), lr=1e-3)
-    job = "eval-after"
     with attach(task.model, opt, job=job, endpoint=srv.endpoint, report_every=5) as guard:
-        for _ in range(20):
+        for _ in range(steps):
             loss = task.loss(*task.batch())
             opt.zero_grad()
             loss.backward()
             guard.step(loss)
+    return task, guard
+
+
+def test_a_validation_after_close_reaches_the_ended_runs_results(serve_factory, one_thread):
+    # An evaluation after training (trainer.evaluate() after train(), or a loop's own after
+    # guard.close()): sent on a link of its own to the ended run's results.
+    srv = serve_factory()
+    job = "eval-after"
+    task, guard = _trained(srv, job, 20)
     journal = srv.journal()
     wait_for(lambda: journal.events(job, "bye"))
     with torch.no_grad():
@@ -97,15 +103,7 @@ def test_a_validation_after_close_for_a_run_no_longer_the_newest_is_refused(serv
     job = "eval-late"
     guards = []
     for seed in (1, 2):  # two runs of one job, one after the other
-        task = Regression(seed=seed)
-        opt = torch.optim.SGD(task.model.parameters(), lr=0.01)
-        with attach(task.model, opt, job=job, endpoint=srv.endpoint, report_every=5) as guard:
-            for _ in range(10):
-                loss = task.loss(*task.batch())
-                opt.zero_grad()
-                loss.backward()
-                guard.step(loss)
-        guards.append(guard)
+        guards.append(_trained(srv, job, 10, seed)[1])
         wait_for(lambda n=seed: len(srv.journal().events(job, "bye")) == n)
     guards[0].report_validation(0.5)
     wait_for(lambda: guards[0]._transport.late)
