@@ -222,6 +222,46 @@ def test_a_loop_counting_its_own_iterations_keeps_its_position_through_a_rollbac
     assert ran == pytest.approx(expected, rel=1e-12)
 
 
+def test_reduce_lr_on_plateau_composes_and_rolls_back_with_the_run(dead_endpoint):
+    """ReduceLROnPlateau reads and writes the group's lr between steps, from a metric: it
+    sees the user's own lr (trimtab's multiplier is on only around the step), so its cuts
+    and trimtab's compose; a rollback brings back its counters with the lr it had then."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=1)
+    ran: list[float] = []
+    own: list[float] = []
+    g = torch.Generator().manual_seed(0)
+    with attach(model, opt, job="plateau-sched", endpoint=dead_endpoint, checkpoint_every=5,
+                heartbeat_s=0.05, scheduler=sched) as guard:
+        opt.register_step_pre_hook(lambda o, a, k: ran.append(o.param_groups[0]["lr"]))
+        for it in range(40):
+            if it == 3:
+                guard._transport._handle(wire.Command(job=guard.job, seq=1,
+                                                      scale=wire.ScaleTargets(lr=0.5)))
+            if it == 12:
+                guard._transport._handle(wire.Command(job=guard.job, seq=2, mark_stable=10))
+            if it == 25:
+                guard._transport._handle(wire.Command(job=guard.job, seq=3, rollback_to=10,
+                                                      scale=wire.ScaleTargets(lr=0.25)))
+            loss = model(torch.randn(8, 4, generator=g)).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            own.append(opt.param_groups[0]["lr"])  # the user's lr for this step
+            guard.step(loss)
+            sched.step(1.0)  # a flat metric: a cut every second epoch (patience 1)
+        assert guard.rollbacks == 1 and guard.global_step == 10 + 14
+    del own[25]  # iteration 25 rolled back: no step ran
+    multiplier = [1.0] * 3 + [0.5] * 22 + [0.25] * 14
+    assert ran == pytest.approx([m * o for m, o in zip(multiplier, own, strict=True)],
+                                rel=1e-12)
+    # The scheduler went on halving; after the rollback it replays its own trajectory from
+    # step 10 (its lr and counters as they were), under the new multiplier.
+    assert own[:25] == pytest.approx([0.1 * 0.5 ** max(0, (i - 1) // 2) for i in range(25)])
+    assert own[25:] == pytest.approx(own[10:24])
+
+
 # -- trainers ------------------------------------------------------------------------------
 
 
