@@ -49,6 +49,10 @@ SCHEDULERS = {
     "onecycle": lambda opt: torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=list(PEAKS), total_steps=TOTAL + 20),
     "steplr": lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=7, gamma=0.6),
+    # Warm-up, then cosine with warm restarts: schedulers chained, their state nested.
+    "sequential": lambda opt: torch.optim.lr_scheduler.SequentialLR(opt, [
+        torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.1, total_iters=5),
+        torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=8)], milestones=[5]),
 }
 KINDS = ["loop", "loop_hooks", *SCHEDULERS]
 
