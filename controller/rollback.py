@@ -14,7 +14,10 @@ learning rate. Here that is automatic, and bounded:
   that has then seen ``stable_window_steps`` steps and ``stable_min_reports`` reports,
   all healthy. One unhealthy report disqualifies every candidate not yet stable.
 * **Rollback.** :func:`~trimtab.controller.rollback_rules.plan_rollback` targets the newest
-  stable checkpoint the client can still restore, with ``level`` = 1 + the rollbacks
+  stable checkpoint the client can still restore (while the only one stable is the last
+  resort taken at attach, a spike or non-finite values go back instead to the newest
+  checkpoint that had ``stable_min_reports`` healthy reports after it when the fault was
+  judged, marked stable with the rollback, once near it), with ``level`` = 1 + the rollbacks
   already ordered to a step within ``near_steps`` of it. The cut is relative to the
   values *in force at the fault* (the lr multiplier on the user's own schedule, the knob
   model): the lr multiplier becomes ``base_cut * cut_growth ** (level - 1)`` times the
@@ -271,6 +274,11 @@ class RollbackState:
     #: run before it: the loss rose with the data, not the weights, and climb verdicts are
     #: off for the job from then on (None: they are on).
     climb_moved: int | None = None
+    #: The candidates (checkpoint step -> healthy reports after it) as they stood when the
+    #: last unhealthy report was judged, which cleared them: the young checkpoints a spike or
+    #: non-finite values may go back to while only the last resort is stable (see
+    #: :func:`~trimtab.controller.rollback_rules.plan_rollback`).
+    before_verdict: dict[int, int] = field(default_factory=dict)
 
     @property
     def stable_step(self) -> int | None:
@@ -286,7 +294,7 @@ class RollbackState:
             in_force_at=dict(self.in_force_at), candidates=dict(self.candidates),
             stable=list(self.stable), unusable=list(self.unusable), history=list(self.history),
             last_resort=list(self.last_resort), resort_marked=list(self.resort_marked),
-            rollbacks=dict(self.rollbacks))
+            rollbacks=dict(self.rollbacks), before_verdict=dict(self.before_verdict))
 
     def observe(self, view: JobView, verdict: Unhealthy | None) -> Observation:
         """Take the latest report in ``view``: its health (``verdict``, the controller's one
@@ -305,6 +313,7 @@ class RollbackState:
                 "loss": self.last_loss}
         if verdict is not None:
             self.last_unhealthy_step, self.last_unhealthy = report.step, verdict.reason
+            self.before_verdict = dict(self.candidates)
             self.candidates.clear()
         else:
             for c in self.candidates:
@@ -520,11 +529,12 @@ class RollbackState:
         "pending", "last_unhealthy_step", "last_unhealthy", "history", "cooldown_until",
         "alert", "steps_lost", "rollbacks", "restored", "checkpoints_seen", "marked_stable",
         "skipped_reports", "failed", "last_loss", "climb_check", "climb_moved",
+        "before_verdict",
     })
     #: Keys a state saved by an older version lacks, with the value they then take.
     _ADDED = {"skipped_reports": 0, "last_resort": [], "resort_marked": [], "failed": 0,
               "last_loss": None,
-              "climb_check": None, "climb_moved": None}
+              "climb_check": None, "climb_moved": None, "before_verdict": []}
 
     def stranded(self, cfg: RollbackConfig) -> bool:
         """Whether every step of the last ``cfg.stranded_reports`` reports was skipped."""
@@ -540,6 +550,7 @@ class RollbackState:
         sd["at_checkpoint"] = [[s, ema(v)] for s, v in sorted(self.at_checkpoint.items())]
         sd["in_force_at"] = [[s, ema(v)] for s, v in sorted(self.in_force_at.items())]
         sd["candidates"] = [[s, n] for s, n in sorted(self.candidates.items())]
+        sd["before_verdict"] = [[s, n] for s, n in sorted(self.before_verdict.items())]
         sd["pending"] = None if self.pending is None else asdict(self.pending)
         sd["history"] = [asdict(r) for r in self.history]
         sd["checkpoints"], sd["stable"] = list(self.checkpoints), list(self.stable)
@@ -555,7 +566,7 @@ class RollbackState:
         _check_keys("RollbackState", sd, set(self._KEYS))
         self.__init__()  # type: ignore[misc]
         for k in self._KEYS - {"at_checkpoint", "in_force_at", "candidates", "pending",
-                               "history"}:
+                               "history", "before_verdict"}:
             setattr(self, k, sd[k])
         self.checkpoints, self.stable = [int(s) for s in sd["checkpoints"]], list(sd["stable"])
         self.unusable = [int(s) for s in sd["unusable"]]
@@ -565,6 +576,7 @@ class RollbackState:
         self.at_checkpoint = {int(s): dict(v) for s, v in sd["at_checkpoint"]}
         self.in_force_at = {int(s): dict(v) for s, v in sd["in_force_at"]}
         self.candidates = {int(s): int(n) for s, n in sd["candidates"]}
+        self.before_verdict = {int(s): int(n) for s, n in sd["before_verdict"]}
         self.history = [RollbackRecord(**r) for r in sd["history"]]
         if sd["pending"] is not None:
             # The pending record is always the newest of the history: keep them one object.

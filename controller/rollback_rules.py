@@ -40,20 +40,44 @@ def stable_to_mark(state: RollbackState, cfg: RollbackConfig) -> int | None:
     return max(ready, default=None)
 
 
-def _target(state: RollbackState, cause: str | None = None) -> int | None:
+def _target(state: RollbackState, cfg: RollbackConfig,
+            cause: str | None = None) -> int | None:
     """The newest stable checkpoint the client still lists, at or before the current step;
     for non-finite values with none stable, the oldest one it lists (the one taken at
     attach while it is held): a run whose every step is skipped must not be stranded. Not,
     for a climb, the last resort marked stable (:attr:`RollbackState.resort_marked`): a
     climb is slow, and the run as it was handed over holds nothing it has trained since;
-    with no other, the climb's rollback becomes an LR cut in place."""
+    with no other, the climb's rollback becomes an LR cut in place. For a spike or
+    non-finite values while the last resort is the only one stable, :func:`_young`."""
     ok = [s for s in state.stable if s in state.checkpoints and s <= state.step]
     if cause == "climb":
         ok = [s for s in ok if s not in state.resort_marked]
+    elif cause is not None and ok and set(ok) <= set(state.resort_marked):
+        young = _young(state, cfg)
+        if young is not None:
+            return young
     if not ok and cause == "nonfinite":
         listed = [s for s in state.checkpoints if s <= state.step and s not in state.unusable]
         return min(listed, default=None)
     return max(ok, default=None)
+
+
+def _young(state: RollbackState, cfg: RollbackConfig) -> int | None:
+    """The newest checkpoint that had ``stable_min_reports`` healthy reports after it when
+    the latest fault was judged (:attr:`RollbackState.before_verdict`), newer than the last
+    resort, still listed and restorable; None if none, or if a rollback near it was already
+    ordered (a second fault there goes back to the last resort). A spike or non-finite
+    values early in a run -- before any checkpoint has seen ``stable_window_steps`` -- go
+    back there rather than to the run as it was handed over: the reports after it were
+    healthy, and the fault came after them; the rollback's command marks it stable."""
+    floor = max(state.resort_marked, default=-1)
+    young = [s for s, n in state.before_verdict.items()
+             if n >= cfg.stable_min_reports and s > floor and s in state.checkpoints
+             and s <= state.step and s not in state.unusable and s not in state.stable]
+    target = max(young, default=None)
+    if target is None or _near(state, cfg, target):
+        return None
+    return target
 
 
 def _near(state: RollbackState, cfg: RollbackConfig, target: int) -> list[RollbackRecord]:
@@ -93,7 +117,7 @@ def why_no_rollback(
         return "alert", f"job in rollback alert: {state.alert}"
     if state.pending is not None:
         return "pending", f"the rollback to step {state.pending.to_step} is not acknowledged yet"
-    target = _target(state, cause)
+    target = _target(state, cfg, cause)
     if target is None:
         return "no_stable", "no stable checkpoint to roll back to"
     # Before the cooldown: a fault that recurs inside it, with the budget spent, is the
@@ -143,8 +167,14 @@ def plan_rollback(
             cut=1.0, cooldown_steps=0, restored=dict(seen.get("knobs", {})),
             targets={} if lr is None else {"lr": lr}, in_force=in_force,
         )
-    target = _target(state, cause)
+    target = _target(state, cfg, cause)
     assert target is not None  # why_no_rollback checked it
+    if target not in state.stable:
+        healthy = state.before_verdict.get(target)
+        if healthy is not None:
+            reason = (f"{reason} (to checkpoint {target}, {healthy} healthy reports after "
+                      f"it, marked stable with this rollback: none but the one taken at "
+                      f"attach was stable yet)")[:1024]
     level = _level(state, cfg, target)
     if level > cfg.budget:
         reason = (f"{reason} (stranded: every step of the last {state.skipped_reports} "

@@ -8,7 +8,7 @@ import pytest
 from pydantic import ValidationError
 
 from trimtab.controller.advance import take
-from trimtab.controller.rollback import RollbackConfig, RollbackState
+from trimtab.controller.rollback import RollbackConfig, RollbackRecord, RollbackState
 from trimtab.controller.rollback_rules import plan_rollback, stable_to_mark, why_no_rollback
 from trimtab.controller.state import JobState
 from trimtab.protocol import wire
@@ -518,3 +518,47 @@ def test_a_climb_never_goes_back_to_the_last_resort_it_becomes_an_lr_cut_there()
     back = RollbackState()
     back.load_state_dict(json.loads(json.dumps(rb.state_dict())))
     assert back.resort_marked == [0]
+
+
+def test_an_early_spike_goes_back_to_the_young_checkpoint_before_it_not_to_attach():
+    """A spike at step 150 of a run checkpointing every 30, when only the checkpoint taken
+    at attach is stable (none has seen stable_window_steps yet): the rollback goes to the
+    newest checkpoint with stable_min_reports healthy reports after it (120), marked stable
+    with it, not to step 0 -- the quality grid's short runs lost every step since attach
+    there. A second fault near it goes back to the last resort; a climb still does not."""
+    run = Run(every=5, ckpt_every=30)
+    run.ckpts = [0]
+    run.rb.note_origin(0, None)
+    run.report()
+    run.rb.note_mark(0)
+    run.rb.note_marked(0)  # the last resort, marked at the first report
+    run.to(145, loss=1.0)
+    assert run.rb.stable == [0] and sorted(run.rb.candidates) == [30, 60, 90, 120]
+    run.report(loss=1e5)  # step 150: a spike, its checkpoint taken after the bad batch
+    assert run.obs[-1].unhealthy.cause == "loss_spike" and run.rb.candidates == {}
+    plan = plan_rollback("loss_spike", "spike", run.rb, CFG)
+    assert plan.target_step == 120
+    assert "to checkpoint 120, 5 healthy reports after it, marked stable" in plan.reason
+    for cause in ("grad_spike", "nonfinite"):
+        assert plan_rollback(cause, "x", run.rb, CFG).target_step == 120
+    assert why_no_rollback(run.rb, CFG, "climb")[0] == "no_stable"
+    # Ordered, marked and restored as the engine and the client would.
+    run.rb.note_mark(120)
+    run.rb.note_ordered(plan)
+    run.rb.note_marked(120)
+    run.restore(120)
+    run.to(140, loss=1.0)
+    run.rb.cooldown_until = None
+    run.report(loss=1e5)  # the fault again: 120 is stable now, an escalation there
+    plan = plan_rollback("loss_spike", "again", run.rb, CFG)
+    assert (plan.target_step, plan.level) == (120, 2)
+    # A young target whose rollback was not marked (it failed, say): a fault near it
+    # again goes back to the last resort.
+    fresh = RollbackState(step=300, checkpoints=[0, 240], stable=[0], resort_marked=[0],
+                          before_verdict={240: 6})
+    assert plan_rollback("loss_spike", "x", fresh, CFG).target_step == 240
+    fresh.history.append(RollbackRecord(300, 240, "loss_spike", "x", 1))
+    assert plan_rollback("loss_spike", "x", fresh, CFG).target_step == 0
+    back = RollbackState()
+    back.load_state_dict(json.loads(json.dumps(fresh.state_dict())))
+    assert back.before_verdict == {240: 6}
