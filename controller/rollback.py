@@ -24,10 +24,15 @@ learning rate. Here that is automatic, and bounded:
   one in force at the first of those faults (at this fault for a first rollback), and
   never more than ``base_cut`` times the one in force now: escalation does not compound
   when the run already carries an earlier cut. The restore puts the user's schedule back
-  at the checkpoint's position; the cut multiplies it from there. After a rollback none
-  is ordered for ``cooldown_steps * cooldown_growth ** (level - 1)`` steps past the
-  restored one, except for non-finite values: an LR cut cannot repair non-finite weights,
-  and a run whose every step is skipped never gets past a cooldown counted in steps. Past
+  at the checkpoint's position; the cut multiplies it from there. After a rollback no
+  climb rollback is ordered for ``cooldown_steps * cooldown_growth ** (level - 1)`` steps
+  past the restored one (a climb is slow: the restored run needs those steps to show its
+  new slope). Non-finite values are rolled back inside it (a run whose every step is
+  skipped never gets past a cooldown counted in steps), and so is a spike, unless that
+  would spend the budget's last rollback: both are damage an LR cut cannot repair (a spike
+  right after a restore, the rest of a burst of bad batches, left a run at chance level to
+  its end), and a burst of bad data longer than a report would otherwise use the whole
+  budget at once and leave the rest of it unguarded. Past
   ``budget`` rollbacks near one spot the job enters alert: no more rollbacks for it, only
   governed LR cuts. The budget bounds every path: there is never an endless rollback
   loop. One exception, bounded too: a **stranded** run, every step of the last
@@ -108,7 +113,9 @@ class RollbackConfig(BaseModel):
     #: gradient-norm EMA seen with the checkpoint, ``* clip_tighten ** (level - 1)``.
     clip_tighten: float | None = Field(None, gt=0.0, lt=1.0)
     clip_from_grad_norm: float = Field(2.0, **_Pos)
-    #: No new rollback until this many steps past the restored one (x growth per level).
+    #: No climb rollback until this many steps past the restored one (x growth per level;
+    #: non-finite values are rolled back inside it, and spikes while that leaves the
+    #: budget's last rollback unspent).
     cooldown_steps: int = Field(100, ge=0)
     cooldown_growth: float = Field(2.0, ge=1.0, allow_inf_nan=False)
     #: Rollbacks whose target steps lie within this distance are "near the same spot".

@@ -24,7 +24,14 @@ from trimtab.controller.rollback import (
     RollbackState,
 )
 
-__all__ = ["stable_to_mark", "why_no_rollback", "plan_rollback", "with_pending_mark"]
+__all__ = ["URGENT", "stable_to_mark", "why_no_rollback", "plan_rollback", "with_pending_mark"]
+
+#: The causes a rollback is urgent for: damage an LR cut cannot repair. Ordered inside the
+#: cooldown after a rollback (a spike only while that leaves the budget's last rollback
+#: unspent), and early in a run sent to the young checkpoint before the fault rather than
+#: to the last resort (:func:`_young`). Any other cause (a climb, a plugin's) waits the
+#: cooldown out.
+URGENT: tuple[str, ...] = ("nonfinite", "loss_spike", "grad_spike")
 
 
 def stable_to_mark(state: RollbackState, cfg: RollbackConfig) -> int | None:
@@ -52,7 +59,7 @@ def _target(state: RollbackState, cfg: RollbackConfig,
     ok = [s for s in state.stable if s in state.checkpoints and s <= state.step]
     if cause == "climb":
         ok = [s for s in ok if s not in state.resort_marked]
-    elif cause is not None and ok and set(ok) <= set(state.resort_marked):
+    elif cause in URGENT and ok and set(ok) <= set(state.resort_marked):
         young = _young(state, cfg)
         if young is not None:
             return young
@@ -138,7 +145,12 @@ def why_no_rollback(
                           f"{cfg.near_steps} steps of step {target} (budget {cfg.budget}): "
                           f"{steps}")
     cooling = state.cooldown_until is not None and state.step < state.cooldown_until
-    if cooling and cause != "nonfinite":
+    # Inside the cooldown: non-finite values are rolled back; a spike too, unless that
+    # would spend the budget's last rollback (a burst of bad data longer than the reports
+    # after a restore would use it all up at once, and leave nothing for after it); any
+    # other cause (a climb) waits it out.
+    last = _level(state, cfg, target) >= cfg.budget
+    if cooling and (cause not in URGENT or (cause != "nonfinite" and last)):
         return "cooldown", f"cooling down after a rollback until step {state.cooldown_until}"
     return None
 

@@ -17,8 +17,9 @@ urgent first:
   positive and a material rise.
 
 Any of them proposes a rollback (:meth:`Proposal.roll_back`); the engine rolls back, with
-an escalating LR cut, when a stable checkpoint, the cooldown and the budget allow, and
-otherwise cuts the LR by ``fallback_cut`` through the governor like any decrease.
+an escalating LR cut, when a stable checkpoint, the budget and (for a climb) the cooldown
+after a rollback allow, and otherwise cuts the LR by ``fallback_cut`` through the governor
+like any decrease.
 
 Where it comes from: PaLM (Chowdhery et al. 2022, section 5.1) handled loss spikes by
 restarting from a checkpoint about 100 steps before the spike and skipping 200-500
