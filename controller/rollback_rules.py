@@ -59,8 +59,8 @@ def _target(state: RollbackState, cfg: RollbackConfig,
     ok = [s for s in state.stable if s in state.checkpoints and s <= state.step]
     if cause == "climb":
         ok = [s for s in ok if s not in state.resort_marked]
-    elif cause in URGENT and ok and set(ok) <= set(state.resort_marked):
-        young = _young(state, cfg)
+    else:
+        young = _young(state, cfg, cause)
         if young is not None:
             return young
     if not ok and cause == "nonfinite":
@@ -69,15 +69,20 @@ def _target(state: RollbackState, cfg: RollbackConfig,
     return max(ok, default=None)
 
 
-def _young(state: RollbackState, cfg: RollbackConfig) -> int | None:
-    """The newest checkpoint that had ``stable_min_reports`` healthy reports after it when
-    the latest fault was judged (:attr:`RollbackState.before_verdict`), newer than the last
-    resort, still listed and restorable; None if none, or if a rollback near it was already
-    ordered (a second fault there goes back to the last resort). A spike or non-finite
-    values early in a run -- before any checkpoint has seen ``stable_window_steps`` -- go
-    back there rather than to the run as it was handed over: the reports after it were
-    healthy, and the fault came after them; the rollback's command marks it stable."""
-    floor = max(state.resort_marked, default=-1)
+def _young(state: RollbackState, cfg: RollbackConfig, cause: str | None) -> int | None:
+    """For a spike or non-finite values (:data:`URGENT`) while the only stable checkpoint
+    is the last resort (marked at the first report): the newest checkpoint that had
+    ``stable_min_reports`` healthy reports after it when the latest fault was judged
+    (:attr:`RollbackState.before_verdict`), newer than the last resort, still listed and
+    restorable; None if none, or if a rollback near it was already ordered (a second fault
+    there goes back to the last resort). A fault early in a run -- before any checkpoint
+    has seen ``stable_window_steps`` -- goes back there rather than to the run as it was
+    handed over: the reports after it were healthy, and the fault came after them; the
+    rollback's command marks it stable."""
+    ok = [s for s in state.stable if s in state.checkpoints and s <= state.step]
+    if cause not in URGENT or not ok or not set(ok) <= set(state.resort_marked):
+        return None
+    floor = max(state.resort_marked)
     young = [s for s, n in state.before_verdict.items()
              if n >= cfg.stable_min_reports and s > floor and s in state.checkpoints
              and s <= state.step and s not in state.unusable and s not in state.stable]
@@ -181,12 +186,10 @@ def plan_rollback(
         )
     target = _target(state, cfg, cause)
     assert target is not None  # why_no_rollback checked it
-    if target not in state.stable:
-        healthy = state.before_verdict.get(target)
-        if healthy is not None:
-            reason = (f"{reason} (to checkpoint {target}, {healthy} healthy reports after "
-                      f"it, marked stable with this rollback: none but the one taken at "
-                      f"attach was stable yet)")[:1024]
+    if target not in state.stable and target == _young(state, cfg, cause):
+        reason = (f"{reason} (to checkpoint {target}, {state.before_verdict[target]} healthy "
+                  f"reports after it, marked stable with this rollback: none but the one "
+                  f"taken at attach was stable yet)")[:1024]
     level = _level(state, cfg, target)
     if level > cfg.budget:
         reason = (f"{reason} (stranded: every step of the last {state.skipped_reports} "

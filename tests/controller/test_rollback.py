@@ -577,3 +577,12 @@ def test_an_early_spike_goes_back_to_the_young_checkpoint_before_it_not_to_attac
     back = RollbackState()
     back.load_state_dict(json.loads(json.dumps(fresh.state_dict())))
     assert back.before_verdict == {240: 6}
+
+
+def test_non_finite_values_with_nothing_stable_say_nothing_of_a_young_checkpoint():
+    # The attach checkpoint, never marked (no first report's mark yet), is a candidate with
+    # healthy reports after it: the rollback goes there as the oldest listed, and its
+    # reason does not call it a young checkpoint.
+    st = RollbackState(step=40, checkpoints=[0, 30], before_verdict={0: 6, 30: 1})
+    plan = plan_rollback("nonfinite", "NaN", st, CFG)
+    assert plan.target_step == 0 and plan.reason == "NaN"
