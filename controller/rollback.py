@@ -17,7 +17,8 @@ learning rate. Here that is automatic, and bounded:
   stable checkpoint the client can still restore (while the only one stable is the last
   resort taken at attach, a spike or non-finite values go back instead to the newest
   checkpoint that had ``stable_min_reports`` healthy reports after it when the fault was
-  judged, marked stable with the rollback, once near it), with ``level`` = 1 + the rollbacks
+  judged, marked stable with the rollback -- the client then lets the last resort go),
+  with ``level`` = 1 + the rollbacks
   already ordered to a step within ``near_steps`` of it. The cut is relative to the
   values *in force at the fault* (the lr multiplier on the user's own schedule, the knob
   model): the lr multiplier becomes ``base_cut * cut_growth ** (level - 1)`` times the
