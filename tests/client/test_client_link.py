@@ -456,3 +456,33 @@ def test_the_registration_says_how_far_the_groups_lrs_spread(make_controller) ->
         register = controller.of_type(wire.Register)[0]
         assert register.lr_spread == said
         assert ("lr_spread" in json.loads(wire.encode(register))) == (said is not None)
+
+
+def test_a_validation_after_close_never_waits_on_the_network(dead_endpoint, caplog) -> None:
+    """With no controller to answer, report_validation() after close returns at once; the
+    link of its own gives up after its bounded wait and says so; a newer result handed over
+    meanwhile replaces the one waiting (at most one thread, one message in hand)."""
+    caplog.set_level(logging.WARNING, logger="trimtab.client")
+    model = torch.nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with attach(model, opt, job="late-dead", endpoint=dead_endpoint, heartbeat_s=0.05) as guard:
+        loss = model(torch.randn(8, 4)).pow(2).mean()
+        loss.backward()
+        guard.step(loss)
+    transport = guard._transport
+    t0 = time.perf_counter()
+    guard.report_validation(0.5)
+    while transport._late is not None:  # the thread has it in hand
+        time.sleep(0.001)
+    for value in (0.4, 0.3):
+        guard.report_validation(value)
+    assert time.perf_counter() - t0 < 0.5  # handed to a thread: nothing waited here
+    deadline = time.monotonic() + 10
+    while sum(transport.late.values()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.2)
+    # The first went out at once; 0.4 was replaced by 0.3 while it waited: two sends.
+    assert transport.late == {"unanswered": 2}
+    assert transport._late is None and transport._late_thread is None
+    said = [r.getMessage() for r in caplog.records if "no answer" in r.getMessage()]
+    assert len(said) == 2 and "after the run ended; it may be lost" in said[0]
