@@ -298,15 +298,20 @@ class Transport:
         sock = context.socket(zmq.DEALER)
         try:
             sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.SNDTIMEO, int(_LATE_WAIT_S * 1000))  # bounded, whatever
             sock.setsockopt(zmq.MAXMSGSIZE, 4 * wire.MAX_MESSAGE_BYTES)
             if self._curve is not None:
                 sock.curve_serverkey = self._curve.server_public
                 sock.curve_publickey = self._curve.public
                 sock.curve_secretkey = self._curve.secret
             sock.connect(self.endpoint)
-            sock.send(wire.encode(message))  # queued until the connection is up
-            self.sent += 1
-            if not sock.poll(int(_LATE_WAIT_S * 1000)):
+            try:
+                sock.send(wire.encode(message))  # queued until the connection is up
+                self.sent += 1
+                answered = sock.poll(int(_LATE_WAIT_S * 1000))
+            except zmq.Again:
+                answered = False
+            if not answered:
                 log.warning("trimtab: job %r: no answer from %s within %.0f s to the %s sent "
                             "after the run ended; it may be lost", self.job, self.endpoint,
                             _LATE_WAIT_S, message.type)
