@@ -300,10 +300,7 @@ class Transport:
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.SNDTIMEO, int(_LATE_WAIT_S * 1000))  # bounded, whatever
             sock.setsockopt(zmq.MAXMSGSIZE, 4 * wire.MAX_MESSAGE_BYTES)
-            if self._curve is not None:
-                sock.curve_serverkey = self._curve.server_public
-                sock.curve_publickey = self._curve.public
-                sock.curve_secretkey = self._curve.secret
+            self._secure(sock)
             sock.connect(self.endpoint)
             try:
                 sock.send(wire.encode(message))  # queued until the connection is up
@@ -332,6 +329,13 @@ class Transport:
 
     # -- thread side ------------------------------------------------------------------------
 
+    def _secure(self, sock: zmq.Socket) -> None:
+        """With :class:`CurveKeys`: the controller's public key and this client's pair."""
+        if self._curve is not None:
+            sock.curve_serverkey = self._curve.server_public
+            sock.curve_publickey = self._curve.public
+            sock.curve_secretkey = self._curve.secret
+
     def _new_socket(self) -> zmq.Socket:
         sock = self._context.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)  # a dead controller must never hold up close()
@@ -340,10 +344,7 @@ class Transport:
         sock.setsockopt(zmq.IMMEDIATE, 1)  # queue only to a live connection; we keep the rest
         # Whatever the other end sends, one frame never costs more than this much memory.
         sock.setsockopt(zmq.MAXMSGSIZE, 4 * wire.MAX_MESSAGE_BYTES)
-        if self._curve is not None:
-            sock.curve_serverkey = self._curve.server_public
-            sock.curve_publickey = self._curve.public
-            sock.curve_secretkey = self._curve.secret
+        self._secure(sock)
         ivl_ms = max(1, int(self._heartbeat_s * 1000))
         sock.setsockopt(zmq.RECONNECT_IVL, min(ivl_ms, 100))
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, int(self._reconnect_max_s * 1000))

@@ -56,7 +56,7 @@ def _target(state: RollbackState, cfg: RollbackConfig,
     climb is slow, and the run as it was handed over holds nothing it has trained since;
     with no other, the climb's rollback becomes an LR cut in place. For a spike or
     non-finite values while the last resort is the only one stable, :func:`_young`."""
-    ok = [s for s in state.stable if s in state.checkpoints and s <= state.step]
+    ok = _stable_held(state)
     if cause == "climb":
         ok = [s for s in ok if s not in state.resort_marked]
     else:
@@ -69,6 +69,11 @@ def _target(state: RollbackState, cfg: RollbackConfig,
     return max(ok, default=None)
 
 
+def _stable_held(state: RollbackState) -> list[int]:
+    """The stable checkpoints the client still lists, at or before the current step."""
+    return [s for s in state.stable if s in state.checkpoints and s <= state.step]
+
+
 def _young(state: RollbackState, cfg: RollbackConfig, cause: str | None) -> int | None:
     """For a spike or non-finite values (:data:`URGENT`) while the only stable checkpoint
     is the last resort (marked at the first report): the newest checkpoint that had
@@ -79,7 +84,7 @@ def _young(state: RollbackState, cfg: RollbackConfig, cause: str | None) -> int 
     has seen ``stable_window_steps`` -- goes back there rather than to the run as it was
     handed over: the reports after it were healthy, and the fault came after them; the
     rollback's command marks it stable."""
-    ok = [s for s in state.stable if s in state.checkpoints and s <= state.step]
+    ok = _stable_held(state)
     if cause not in URGENT or not ok or not set(ok) <= set(state.resort_marked):
         return None
     floor = max(state.resort_marked)

@@ -21,6 +21,8 @@ KNOBS: tuple[str, ...] = ("lr", "momentum", "weight_decay", "clip")
 Knob = Literal["lr", "momentum", "weight_decay", "clip"]
 
 JobId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:@/-]+$")]
+#: A run's (or a resume's) identifier, as the client makes it.
+RunId = Annotated[str, Field(min_length=1, max_length=64)]
 Count = Annotated[int, Field(ge=0, le=2**62)]
 Finite = Annotated[float, Field(allow_inf_nan=False)]
 NonNeg = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]

@@ -40,6 +40,7 @@ from .values import (
     Knobs,
     LiveSchedule,
     NonNeg,
+    RunId,
     Scale,
     ScaleFacts,
     ScaleTargets,
@@ -103,7 +104,7 @@ class Register(_Model):
     type: Literal["register"] = "register"
     v: Literal[2] = PROTOCOL_VERSION
     job: JobId
-    run_id: Annotated[str, Field(min_length=1, max_length=64)]
+    run_id: RunId
     step: Count = 0
     report_every: Annotated[int, Field(ge=1, le=1_000_000)]
     facts: ScaleFacts
@@ -127,7 +128,7 @@ class Register(_Model):
     #: every registration of that process (a reconnect) and new in each process that
     #: loads one: two processes resumed from the same save count the same ``resume`` and
     #: are told apart by it (None: an older client; ``resume`` alone then).
-    resume_id: Annotated[str, Field(min_length=1, max_length=64)] | None = None
+    resume_id: RunId | None = None
     #: Steps of the checkpoints this client can restore, oldest first, and the newest the
     #: controller marked stable (as a report lists them), so that a controller that starts
     #: or restarts, or follows a resume, knows them before the first report.
@@ -346,7 +347,7 @@ class Validation(_Model):
     #: The run it belongs to (:attr:`Register.run_id`): set on one sent after the run said
     #: Bye (an evaluation after training, e.g. ``trainer.evaluate()`` after ``train()``),
     #: which the controller adds to that ended run's results, if it is the job's newest.
-    run_id: Annotated[str, Field(min_length=1, max_length=64)] | None = None
+    run_id: RunId | None = None
 
 
 #: What a person can do to a job (:class:`Operate`).
