@@ -52,6 +52,7 @@ from ._options import (
     _resolve_mode,
     _shown,
     check_endpoint,
+    ring_too_short,
 )
 from ._probe import Probe
 from ._report import Reporter
@@ -256,6 +257,9 @@ class Guard(GuardState):
         check_wrapper(wrapper, hooks)
         _check_checkpoint_options(checkpoint_every, keep, checkpoint_dir, scheduler,
                                   optimizer, on_rollback)
+        short = ring_too_short(checkpoint_every, keep, report_every)
+        if short:
+            log.warning(short)
         extra = _check_extra_state(extra_state, model=model, optimizer=optimizer,
                                    wrapper=wrapper, scheduler=scheduler,
                                    checkpoint_dir=checkpoint_dir)

@@ -164,6 +164,30 @@ def _check_checkpoint_options(
             raise _invalid(name, value, allowed)
 
 
+#: Healthy reports a controller (by default, ``[rollback] stable_min_reports``) sees after a
+#: checkpoint before it marks it stable: at the latest when the client's ring is about to
+#: drop it.
+STABLE_MIN_REPORTS = 5
+
+
+def ring_too_short(checkpoint_every: int, keep: int, report_every: int) -> str | None:
+    """Why no checkpoint of this ring can become stable on a default controller (None:
+    one can): each is held ``keep x checkpoint_every`` steps, and the controller marks one
+    only after ``STABLE_MIN_REPORTS`` healthy reports that end while the ring holds it.
+
+    >>> ring_too_short(100, 3, 10) is None, ring_too_short(10, 3, 10) is None
+    (True, False)
+    """
+    held = keep * checkpoint_every
+    if checkpoint_every == 0 or held >= (STABLE_MIN_REPORTS + 1) * report_every:
+        return None
+    return (f"trimtab: a checkpoint is held for keep x checkpoint_every = {keep} x "
+            f"{checkpoint_every} = {held} steps, fewer than the {STABLE_MIN_REPORTS + 1} reports "
+            f"of report_every={report_every} a default controller needs to mark one stable: "
+            f"only the checkpoint taken at attach can be a rollback target; raise keep or "
+            f"checkpoint_every")
+
+
 #: What each value of ``extra_state`` must be, as a refusal says it.
 _EXTRA_OBJECT = "an object with callable state_dict() and load_state_dict(state_dict)"
 

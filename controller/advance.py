@@ -83,7 +83,8 @@ def take(state: JobState, report: wire.Report, thresholds: DivergenceThresholds)
     state.health = verdict
     if verdict is not None and verdict.cause == "nonfinite":  # the most urgent cause
         state.nonfinite_faults += 1
-    seen = state.rollback.observe(view, verdict)
+    seen = state.rollback.observe(view, verdict,
+                                  judged=view.reports_seen > thresholds.warmup_reports)
     if seen.data_moved is not None:
         state.tracker.restart_loss()  # the loss's history is of the data before the move
     return Taken(verdict, seen)

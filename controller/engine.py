@@ -251,7 +251,8 @@ class Engine(PhaseRules, ScheduleRules):
             state.rewind_controls(at)
             state.rollback.note_ordered(plan)
         if mark is not None:
-            state.rollback.note_mark(mark)
+            state.rollback.note_mark(
+                mark, short=state.step - mark < self.rollback.stable_window_steps)
         for knob, value in decision.commands.items():
             kd = knobs[knob]
             window = self.governor.limits(knob).slew_window_steps  # type: ignore[arg-type]

@@ -171,7 +171,7 @@ class PhaseRules:
             # one is stable (a run too hot from its first steps, or soon after a resume, has
             # nothing else worth returning to).
             return last
-        return stable_to_mark(rb, self.rollback)
+        return stable_to_mark(rb, self.rollback, state.checkpoint_keep)
 
 
 def _safety(proposals: Sequence[tuple[str, Proposal]], phase_policy: str

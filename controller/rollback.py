@@ -12,12 +12,16 @@ learning rate. Here that is automatic, and bounded:
   after the last unhealthy report;
   :func:`~trimtab.controller.rollback_rules.stable_to_mark` names the newest candidate
   that has then seen ``stable_window_steps`` steps and ``stable_min_reports`` reports,
-  all healthy. One unhealthy report disqualifies every candidate not yet stable.
+  all healthy -- or, told the client's ``keep``, one its next snapshot drops before that
+  window ends, after ``stable_min_reports`` healthy reports. One unhealthy report
+  disqualifies every candidate not yet stable; a report of the health warm-up, not judged
+  for spikes and climbs, counts for none, and the window counts from after the warm-up.
 * **Rollback.** :func:`~trimtab.controller.rollback_rules.plan_rollback` targets the newest
-  stable checkpoint the client can still restore (while the only one stable is the last
-  resort taken at attach, a spike or non-finite values go back instead to the newest
-  checkpoint that had ``stable_min_reports`` healthy reports after it when the fault was
-  judged, marked stable with the rollback -- the client then lets the last resort go),
+  stable checkpoint the client can still restore (while no stable one has a full window
+  behind it -- the last resort taken at attach, or marked short of the window -- a spike
+  or non-finite values go back instead to the newest checkpoint that had
+  ``stable_min_reports`` healthy reports after it when the fault was judged, if newer,
+  marked stable with the rollback -- the client then lets the older stable one go),
   with ``level`` = 1 + the rollbacks
   already ordered to a step within ``near_steps`` of it. The cut is relative to the
   values *in force at the fault* (the lr multiplier on the user's own schedule, the knob
@@ -253,6 +257,15 @@ class RollbackState:
     #: is slow, and going back to where the run was handed over throws away all it trained;
     #: an LR cut in place answers it there (empty: none marked).
     resort_marked: list[int] = field(default_factory=list)
+    #: Checkpoints marked stable before a full ``stable_window_steps`` of healthy steps
+    #: after them (a ring that would drop them first, the return of a measurement phase, a
+    #: young rollback target): while every stable one is such or the last resort, a spike
+    #: or non-finite values go back to the newest checkpoint with
+    #: ``stable_min_reports`` healthy reports after it, if newer.
+    short_marked: list[int] = field(default_factory=list)
+    #: The step of the latest report not judged for spikes and climbs (the health
+    #: warm-up's): the healthy window after a checkpoint counts from there at the earliest.
+    unjudged_until: int | None = None
     #: The rollback ordered and not yet acknowledged.
     pending: RollbackRecord | None = None
     last_unhealthy_step: int | None = None
@@ -302,12 +315,16 @@ class RollbackState:
             in_force_at=dict(self.in_force_at), candidates=dict(self.candidates),
             stable=list(self.stable), unusable=list(self.unusable), history=list(self.history),
             last_resort=list(self.last_resort), resort_marked=list(self.resort_marked),
+            short_marked=list(self.short_marked),
             rollbacks=dict(self.rollbacks), before_verdict=dict(self.before_verdict))
 
-    def observe(self, view: JobView, verdict: Unhealthy | None) -> Observation:
+    def observe(self, view: JobView, verdict: Unhealthy | None,
+                judged: bool = True) -> Observation:
         """Take the latest report in ``view``: its health (``verdict``, the controller's one
         judgement of it, :func:`~trimtab.controller.health.assess`), and the checkpoints it
-        lists."""
+        lists. A report not ``judged`` for spikes and climbs (the health warm-up's, while
+        the controller has seen too few to judge them) is no evidence that a checkpoint
+        before it is sound: it counts as no healthy report after one."""
         report = view.last
         if report is None:
             return Observation()
@@ -323,12 +340,14 @@ class RollbackState:
             self.last_unhealthy_step, self.last_unhealthy = report.step, verdict.reason
             self.before_verdict = dict(self.candidates)
             self.candidates.clear()
-        else:
+        elif judged:
             for c in self.candidates:
                 if report.step > c:
                     self.candidates[c] += 1
+        if not judged:
+            self.unjudged_until = report.step
         obs = self._take_listing(report.checkpoints, report.step, report.stable_step, seen,
-                                 verdict, report=True)
+                                 verdict, report=judged)
         return obs if moved is None else dataclasses.replace(obs, data_moved=moved)
 
     def check_climb(self, step: int, loss: float | None) -> str | None:
@@ -396,6 +415,7 @@ class RollbackState:
         self.at_checkpoint = {s: v for s, v in self.at_checkpoint.items() if s in keep}
         self.candidates = {s: n for s, n in self.candidates.items() if s in keep}
         self.stable = [s for s in self.stable if s in keep]
+        self.short_marked = [s for s in self.short_marked if s in keep]
         self.unusable = [s for s in self.unusable if s in keep]
 
     def note_in_force(self, step: int, seen: dict[str, Any]) -> None:
@@ -438,9 +458,11 @@ class RollbackState:
 
     # -- what the engine records ----------------------------------------------------------
 
-    def note_mark(self, step: int) -> None:
-        """A mark_stable for ``step`` is being sent."""
+    def note_mark(self, step: int, short: bool = False) -> None:
+        """A mark_stable for ``step`` is being sent; ``short``: before its full window."""
         self.pending_mark = step
+        if short:
+            self.short_marked = sorted({*self.short_marked, step})
 
     def note_ordered(self, plan: RollbackPlan) -> RollbackRecord:
         """A rollback following ``plan`` is being sent."""
@@ -533,7 +555,7 @@ class RollbackState:
     _KEYS = frozenset({
         "step", "checkpoints", "at_checkpoint", "in_force_at", "candidates", "stable",
         "unusable",
-        "pending_mark", "last_resort", "resort_marked",
+        "pending_mark", "last_resort", "resort_marked", "short_marked", "unjudged_until",
         "pending", "last_unhealthy_step", "last_unhealthy", "history", "cooldown_until",
         "alert", "steps_lost", "rollbacks", "restored", "checkpoints_seen", "marked_stable",
         "skipped_reports", "failed", "last_loss", "climb_check", "climb_moved",
@@ -541,6 +563,7 @@ class RollbackState:
     })
     #: Keys a state saved by an older version lacks, with the value they then take.
     _ADDED = {"skipped_reports": 0, "last_resort": [], "resort_marked": [], "failed": 0,
+              "short_marked": [], "unjudged_until": None,
               "last_loss": None,
               "climb_check": None, "climb_moved": None, "before_verdict": []}
 
@@ -565,6 +588,7 @@ class RollbackState:
         sd["unusable"] = list(self.unusable)
         sd["last_resort"] = list(self.last_resort)
         sd["resort_marked"] = list(self.resort_marked)
+        sd["short_marked"] = list(self.short_marked)
         sd["rollbacks"] = dict(sorted(self.rollbacks.items()))
         return sd
 
@@ -580,6 +604,7 @@ class RollbackState:
         self.unusable = [int(s) for s in sd["unusable"]]
         self.last_resort = [int(s) for s in sd["last_resort"]]
         self.resort_marked = [int(s) for s in sd["resort_marked"]]
+        self.short_marked = [int(s) for s in sd["short_marked"]]
         self.rollbacks = {str(k): int(n) for k, n in sd["rollbacks"].items()}
         self.at_checkpoint = {int(s): dict(v) for s, v in sd["at_checkpoint"]}
         self.in_force_at = {int(s): dict(v) for s, v in sd["in_force_at"]}

@@ -23,6 +23,7 @@ from trimtab.controller.rollback import (
     RollbackRecord,
     RollbackState,
 )
+from trimtab.protocol.ring import evicted_next
 
 __all__ = ["URGENT", "stable_to_mark", "why_no_rollback", "plan_rollback", "with_pending_mark"]
 
@@ -34,15 +35,27 @@ __all__ = ["URGENT", "stable_to_mark", "why_no_rollback", "plan_rollback", "with
 URGENT: tuple[str, ...] = ("nonfinite", "loss_spike", "grad_spike")
 
 
-def stable_to_mark(state: RollbackState, cfg: RollbackConfig) -> int | None:
-    """The newest candidate healthy for a full window after it, to be marked stable now."""
+def stable_to_mark(state: RollbackState, cfg: RollbackConfig,
+                   keep: int | None = None) -> int | None:
+    """The newest candidate healthy for a full window after it, to be marked stable now
+    (the window counted from the health warm-up's end at the earliest: a report not judged
+    is no evidence).
+
+    With the client's ``keep`` (as it registered), also one its next snapshot drops from
+    the ring before that window ends, once ``stable_min_reports`` healthy reports followed
+    it: a ring that spans fewer steps than the window (a checkpoint every 50 steps, 3 kept)
+    would otherwise drop every checkpoint before it could be marked, and leave the run
+    nothing to go back to but the one taken at attach."""
     if state.pending_mark is not None or state.pending is not None:
         return None
     newest = state.stable_step
+    doomed = set() if keep is None else evicted_next(state.checkpoints, newest, keep)
+    judged = state.unjudged_until if state.unjudged_until is not None else -1
     ready = [
         c for c, healthy in state.candidates.items()
         if (newest is None or c > newest) and c in state.checkpoints
-        and state.step - c >= cfg.stable_window_steps and healthy >= cfg.stable_min_reports
+        and healthy >= cfg.stable_min_reports
+        and (state.step - max(c, judged) >= cfg.stable_window_steps or c in doomed)
     ]
     return max(ready, default=None)
 
@@ -75,19 +88,22 @@ def _stable_held(state: RollbackState) -> list[int]:
 
 
 def _young(state: RollbackState, cfg: RollbackConfig, cause: str | None) -> int | None:
-    """For a spike or non-finite values (:data:`URGENT`) while the only stable checkpoint
-    is the last resort (marked at the first report): the newest checkpoint that had
+    """For a spike or non-finite values (:data:`URGENT`) while no stable checkpoint has a
+    full healthy window after it (each is the last resort, marked at the first report, or
+    was marked short of ``stable_window_steps``: :attr:`RollbackState.short_marked`, e.g.
+    by a ring that would have dropped it): the newest checkpoint that had
     ``stable_min_reports`` healthy reports after it when the latest fault was judged
-    (:attr:`RollbackState.before_verdict`), newer than the last resort, still listed and
-    restorable; None if none, or if a rollback near it was already ordered (a second fault
-    there goes back to the last resort). A fault early in a run -- before any checkpoint
-    has seen ``stable_window_steps`` -- goes back there rather than to the run as it was
-    handed over: the reports after it were healthy, and the fault came after them; the
-    rollback's command marks it stable."""
+    (:attr:`RollbackState.before_verdict`), newer than the newest stable one, still listed
+    and restorable; None if none, or if a rollback near it was already ordered (a second
+    fault there goes back to the newest stable one). Such a checkpoint has the evidence a
+    short mark has, and the fault came after it: a fault early in a run goes back there
+    rather than to the run as it was handed over, or to the older checkpoint a short ring
+    marked. The rollback's command marks it stable."""
     ok = _stable_held(state)
-    if cause not in URGENT or not ok or not set(ok) <= set(state.resort_marked):
+    if cause not in URGENT or not ok or not set(ok) <= {*state.resort_marked,
+                                                         *state.short_marked}:
         return None
-    floor = max(state.resort_marked)
+    floor = max(ok)
     young = [s for s, n in state.before_verdict.items()
              if n >= cfg.stable_min_reports and s > floor and s in state.checkpoints
              and s <= state.step and s not in state.unusable and s not in state.stable]

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from trimtab.protocol import wire
-from trimtab.protocol.ring import kept
+from trimtab.protocol.ring import evicted_next
 
 __all__ = ["Signals", "Sample", "Phase", "Unhealthy", "JobView"]
 
@@ -273,10 +273,8 @@ class JobView:
         if self.checkpoint_keep is None:
             ring = [s for s in held if s != stable]
             return frozenset(ring[:1])
-        if not held:
-            return frozenset()
         # The client's own rule, on its listing with the next snapshot (newer than all).
-        return frozenset(set(held) - kept([*held, held[-1] + 1], stable, self.checkpoint_keep))
+        return frozenset(evicted_next(held, stable, self.checkpoint_keep))
 
     def since_change(self, knob: str) -> tuple[Sample, ...]:
         """History samples whose whole window ran after ``knob`` last changed."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-__all__ = ["kept"]
+__all__ = ["evicted_next", "kept"]
 
 
 def kept(steps: Iterable[int], stable: int | None, keep: int) -> set[int]:
@@ -28,3 +28,16 @@ def kept(steps: Iterable[int], stable: int | None, keep: int) -> set[int]:
     if stable is not None and stable in ordered:
         out.add(stable)
     return out
+
+
+def evicted_next(held: Iterable[int], stable: int | None, keep: int) -> set[int]:
+    """Of the checkpoints ``held`` (a listing, ``stable`` its newest stable one), those the
+    ring drops when it takes its next snapshot (newer than every one held).
+
+    >>> sorted(evicted_next([0, 40, 80], 0, 3)), sorted(evicted_next([0, 40, 80, 120], 0, 3))
+    ([], [40])
+    """
+    ordered = sorted(held)
+    if not ordered:
+        return set()
+    return set(ordered) - kept([*ordered, ordered[-1] + 1], stable, keep)

@@ -240,3 +240,23 @@ def test_a_second_open_guard_on_the_same_job_is_refused(dead_endpoint):
     again = attach(d, opt_d, job="gan", endpoint=dead_endpoint, checkpoint_every=0)
     again.close()
     other.close()
+
+
+def test_attach_warns_when_its_ring_drops_every_checkpoint_before_one_can_be_stable(
+    dead_endpoint, caplog
+):
+    """A checkpoint every 10 steps, 3 kept, a report every 10: each is held 30 steps, 3
+    reports, fewer than a default controller needs to mark one stable. attach says so,
+    naming the values; with the defaults (100 x 3 steps) it does not."""
+    caplog.set_level(logging.WARNING, logger="trimtab.client")
+    model = torch.nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = attach(model, opt, job="short-ring", endpoint=dead_endpoint, report_every=10,
+                   checkpoint_every=10, keep=3)
+    guard.close()
+    [said] = _lines(caplog, "keep x checkpoint_every")
+    assert "3 x 10 = 30 steps" in said.getMessage() and "report_every=10" in said.getMessage()
+    caplog.clear()
+    guard = attach(model, opt, job="default-ring", endpoint=dead_endpoint, report_every=10)
+    guard.close()
+    assert not _lines(caplog, "keep x checkpoint_every")

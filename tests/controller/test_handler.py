@@ -227,8 +227,9 @@ def test_a_lost_mark_of_a_checkpoint_no_longer_held_is_withdrawn_not_resent(tmp_
     (withdrawn,) = ctl2.journal.events("j1", "withdrawn")
     assert withdrawn.seq == 1 and withdrawn.data["mark_stable"] == 0
     assert "no longer holds (it lists 300, 400, 500)" in withdrawn.data["why"]
-    # Nothing of the run is stranded: a checkpoint it holds is marked, in a new command.
-    for step in range(530, 700, 10):
+    # Nothing of the run is stranded: a checkpoint it holds is marked, in a new command
+    # (once the restarted controller's health warm-up is over: 20 reports, then the window).
+    for step in range(530, 1200, 10):
         out = decoded(ctl2.handle(b"peer-2", _listing("report", step, [400, 500, 600])))
         if out:
             (cmd,) = out
@@ -346,9 +347,12 @@ class FakeClient:
 
 
 def make_rb(tmp_path, **rollback) -> Controller:
+    # No health warm-up: these runs' reports count as healthy evidence from the first (a
+    # warm-up's reports count as none; see test_rollback).
     ctl, _ = make(tmp_path, policies=[PolicySpec(name="divergence_guard")],
                   rollback={"stable_window_steps": 50, "stable_min_reports": 3,
-                            "cooldown_steps": 20, **rollback})
+                            "cooldown_steps": 20, "health": {"warmup_reports": 0},
+                            **rollback})
     return ctl
 
 

@@ -33,8 +33,7 @@ def make(tmp_path, policies=("spike_guard", "divergence_guard"), **over) -> Cont
         governor={"lr": {"min_rel": 0.01, "max_rel": 4, "max_step_ratio": 2,
                          "cooldown_steps": 50, "max": 0.3},
                   "momentum": {"min": 0.5, "max": 0.99}},
-        rollback={"stable_window_steps": 30, "stable_min_reports": 3},
-        **over)
+        **{"rollback": {"stable_window_steps": 30, "stable_min_reports": 3}, **over})
     return Controller(cfg, Journal(cfg.journal), registry=CollectorRegistry(), clock=Clock())
 
 
@@ -277,8 +276,10 @@ def test_rollback_without_a_step_goes_to_a_checkpoint_whose_mark_is_on_its_way(t
     """A person's rollback ordered while a stable mark is sent and not acknowledged goes to
     that checkpoint and carries the mark again, as the guard's own rollbacks do: the client
     may have applied the mark and let the older stable checkpoint go (a trial: the
-    rollback went to 100, dropping the mark of 200, and lost 300 steps)."""
-    ctl = make(tmp_path)
+    rollback went to 100, dropping the mark of 200, and lost 300 steps). No health
+    warm-up: these reports count as healthy evidence from the first."""
+    ctl = make(tmp_path, rollback={"stable_window_steps": 30, "stable_min_reports": 3,
+                                   "health": {"warmup_reports": 0}})
     ctl.handle(PEER, register())
     for seq in range(1, 7):
         tick(ctl, seq)

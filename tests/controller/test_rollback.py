@@ -12,10 +12,14 @@ from trimtab.controller.rollback import RollbackConfig, RollbackRecord, Rollback
 from trimtab.controller.rollback_rules import plan_rollback, stable_to_mark, why_no_rollback
 from trimtab.controller.state import JobState
 from trimtab.protocol import wire
+from trimtab.protocol.ring import kept
 
 FACTS = wire.ScaleFacts(param_count=10, group_sizes=[10], optimizer="SGD", dtype="float32",
                         device="cpu")
 CFG = RollbackConfig(stable_window_steps=200, stable_min_reports=5)
+#: The same without the health warm-up: every report is judged, so every healthy one counts.
+JUDGED = RollbackConfig(stable_window_steps=200, stable_min_reports=5,
+                        health={"warmup_reports": 0})
 
 
 class Run:
@@ -23,11 +27,15 @@ class Run:
     ``lr`` is the user's own lr, ``scale`` trimtab's multiplier on it (the knob model)."""
 
     def __init__(self, every: int = 10, ckpt_every: int = 100, cfg: RollbackConfig = CFG,
-                 lr: float = 0.1, clip: float | None = None) -> None:
+                 lr: float = 0.1, clip: float | None = None, keep: int | None = None) -> None:
         self.every, self.ckpt_every, self.cfg = every, ckpt_every, cfg
         self.lr, self.scale, self.clip = lr, 1.0, clip
+        #: With ``keep``, the listing is the client's ring (its ``keep`` newest and the
+        #: newest stable one) and the registration says so; else the last 8 taken.
+        self.keep = keep
         self.job = JobState.from_register(wire.Register(
-            job="j", run_id="r", report_every=every, facts=FACTS, **self.in_force()))
+            job="j", run_id="r", report_every=every, facts=FACTS, keep=keep,
+            **self.in_force()))
         self.seq, self.step, self.ckpts = 0, 0, []
         self.obs = []
 
@@ -45,8 +53,12 @@ class Run:
         self.step += self.every
         if self.step % self.ckpt_every == 0:
             self.ckpts = [*self.ckpts, self.step][-8:]
+            if self.keep is not None:
+                self.ckpts = sorted(kept(self.ckpts, self.rb.stable_step, self.keep))
         fields = {"loss_mean": loss, "loss_min": loss * 0.99, "grad_norm_mean": 1.0,
                   "checkpoints": list(self.ckpts), **self.in_force(), **over}
+        if self.keep is not None:
+            fields.setdefault("stable_step", self.rb.stable_step)
         report = wire.Report(job="j", seq=self.seq, step=self.step, window=self.every, **fields)
         self.obs.append(take(self.job, report, self.cfg.health).observation)
 
@@ -56,7 +68,7 @@ class Run:
 
     def mark(self) -> int | None:
         """Mark what is due, as the engine and an ack would."""
-        due = stable_to_mark(self.rb, self.cfg)
+        due = stable_to_mark(self.rb, self.cfg, self.keep)
         if due is not None:
             self.rb.note_mark(due)
             self.rb.note_marked(due)
@@ -72,7 +84,7 @@ class Run:
 
 
 def test_a_checkpoint_is_marked_stable_only_after_a_healthy_window():
-    run = Run()
+    run = Run(cfg=JUDGED)
     run.to(100)
     assert run.obs[-1].new_checkpoints == (100,) and run.rb.candidates == {100: 0}
     run.to(290)
@@ -83,12 +95,66 @@ def test_a_checkpoint_is_marked_stable_only_after_a_healthy_window():
     assert stable_to_mark(run.rb, CFG) is None
 
 
-def test_few_reports_are_not_a_window_even_when_the_steps_are():
-    run = Run(every=100, ckpt_every=100)
-    run.to(300)  # 200 steps after the checkpoint at 100, but only 2 reports
+def test_a_checkpoint_the_ring_drops_before_its_window_ends_is_marked_before_it_goes():
+    """A ring shorter than the window (a checkpoint every 50 steps, 3 kept: none is held
+    200 steps): a candidate with ``stable_min_reports`` healthy reports is marked when the
+    client's next snapshot would drop it. Without this no checkpoint but the one taken at
+    attach ever became stable, and a rollback at step 300 lost the whole run."""
+    run = Run(ckpt_every=50, keep=3, cfg=JUDGED)
+    run.ckpts = [0]
+    run.rb.note_mark(0)
+    run.rb.note_marked(0)  # the last resort, as at the first report
+    run.to(140)
+    assert stable_to_mark(run.rb, CFG, 3) is None  # 0 (stable), 50, 100: the ring is not full
+    run.to(150)  # 0, 50, 100, 150: the snapshot at 200 drops 50, healthy for 10 reports
+    assert run.ckpts == [0, 50, 100, 150]
+    assert run.mark() == 50
+    run.to(200)  # the ring drops the last resort, now that 50 is stable
+    assert run.ckpts == [50, 100, 150, 200] and run.mark() == 100
+    marked = []
+    for _ in range(10):
+        run.to(run.step + 50)
+        marked.append(run.mark())
+    assert marked == list(range(150, 650, 50))
+    # Too few reports after it (a report every 50 steps): not marked, even when dropped next.
+    sparse = Run(every=50, ckpt_every=50, keep=3, cfg=JUDGED)
+    sparse.to(150)
+    assert sparse.ckpts == [50, 100, 150] and stable_to_mark(sparse.rb, CFG, 3) is None
+    # A client that did not say its keep: the window as before.
+    untold = Run(ckpt_every=50, cfg=JUDGED)
+    untold.to(240)
+    assert stable_to_mark(untold.rb, CFG) is None
+
+
+def test_reports_of_the_health_warm_up_are_no_evidence_a_checkpoint_is_sound():
+    """Spikes and climbs are judged from the 21st report the controller sees (the health
+    warm-up: a controller started late meets a run mid-way, with nothing to measure a spike
+    against). A warm-up report is not judged, so it is no healthy report after a
+    checkpoint: before, a 1000x loss spike in a late controller's first reports was taken
+    as healthy, and the checkpoints across it were marked stable."""
+    run = Run(ckpt_every=50)  # the default warm-up: 20 reports
+    run.to(150)
+    run.report(loss=1000.0)  # step 160: a spike no one judges
+    assert run.rb.last_unhealthy_step is None
+    run.to(200)  # report 20
+    assert run.rb.candidates == {50: 0, 100: 0, 150: 0, 200: 0}
+    run.to(250)
+    assert run.rb.candidates == {50: 5, 100: 5, 150: 5, 200: 5, 250: 0}
+    run.to(390)  # 340 steps after the checkpoint at 50, but only 190 of them judged
     assert stable_to_mark(run.rb, CFG) is None
+    run.to(400)
+    assert stable_to_mark(run.rb, CFG) == 200  # the newest with 200 judged steps after it
+    judged = Run(ckpt_every=50, cfg=JUDGED)
+    judged.to(250)
+    assert stable_to_mark(judged.rb, JUDGED) == 50
+
+
+def test_few_reports_are_not_a_window_even_when_the_steps_are():
+    run = Run(every=100, ckpt_every=100, cfg=JUDGED)
+    run.to(300)  # 200 steps after the checkpoint at 100, but only 2 reports
+    assert stable_to_mark(run.rb, JUDGED) is None
     run.to(600)  # five healthy reports after it
-    assert stable_to_mark(run.rb, CFG) == 100
+    assert stable_to_mark(run.rb, JUDGED) == 100
 
 
 def test_a_burst_of_skipped_steps_is_healthy_and_a_persistent_one_is_not():
@@ -150,7 +216,7 @@ def test_a_checkpoint_first_listed_after_a_fault_at_or_before_it_never_counts():
 
 
 def test_the_newest_due_checkpoint_is_marked_and_the_older_ones_are_dropped():
-    run = Run(ckpt_every=50)
+    run = Run(ckpt_every=50, cfg=JUDGED)
     run.to(360)
     assert stable_to_mark(run.rb, CFG) == 150
     run.mark()

@@ -123,3 +123,17 @@ def test_a_run_far_too_hot_from_its_first_step_is_swept_from_its_attach_checkpoi
     assert swept, [e.data for e in journal.events("hot", "rollback")]
     assert 0 in run.restored
 
+
+
+def test_checkpoints_become_stable_in_a_ring_shorter_than_the_stable_window(serve_factory):
+    """The default controller (a 200-step window) and a client that takes a checkpoint
+    every 50 steps and keeps 3: no checkpoint is held 200 steps. Each is marked stable as
+    its ring is about to drop it, after 10 healthy reports; before, only the one taken at
+    attach ever was, and a rollback late in a run went back to its start."""
+    srv = serve_factory()
+    run = train(None, srv.endpoint, job="ring", journal=str(srv.journal_path))
+    assert run.steps == TOTAL and not run.restored
+    marks = [e.data["step"] for e in srv.journal().events("ring", "stable")]
+    assert marks[0] == 0  # the last resort, at the first report
+    # Then each checkpoint as the snapshot two after it is listed (at step 150: 50).
+    assert marks[1:] == list(range(50, TOTAL - 150 + 1, 50)), marks
