@@ -82,7 +82,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _policies(args: argparse.Namespace) -> int:
     from trimtab.controller.config import ConfigError, load_config
-    from trimtab.controller.policy import Policy, discover, is_allowed
+    from trimtab.controller.policy import Policy, discover, ignored, is_allowed
 
     try:
         allow = load_config(args.config).allow_plugins
@@ -90,22 +90,25 @@ def _policies(args: argparse.Namespace) -> int:
         print(f"trimtab policies: {exc}", file=sys.stderr)
         return 2
     for name, ep in discover().items():
-        verdict = ("allowed" if is_allowed(name, allow)
-                   else "not allowed: list it in allow_plugins")
+        if not is_allowed(name, allow):  # not imported: its module's code does not run
+            print(f"{name}: {ep.value} [not allowed: list it in allow_plugins]")
+            continue
         try:  # the class, not an instance: a policy may have required config fields
             cls = ep.load()
             if not (isinstance(cls, type) and issubclass(cls, Policy)):
                 raise TypeError(f"{cls!r} is not a trimtab Policy subclass")
         except Exception as exc:
             print(f"{name}: cannot load entry point {ep.value!r}: {type(exc).__name__}: {exc} "
-                  f"[{verdict}]")
+                  f"[allowed]")
             continue
         props = cls.Config.model_json_schema().get("properties", {})
         fields = ", ".join(f"{k}={v['default']!r}" if "default" in v else f"{k} (required)"
                            for k, v in props.items())
-        print(f"{name}: {cls.__module__}.{cls.__qualname__} ({fields}) [{verdict}]")
+        print(f"{name}: {cls.__module__}.{cls.__qualname__} ({fields}) [allowed]")
         compact = {k: {a: b for a, b in v.items() if a != "title"} for k, v in props.items()}
         print(f"  config schema: {json.dumps(compact, separators=(',', ':'))}")
+    for lost, used in ignored():
+        print(f"{lost.name}: {lost.value} [ignored: the name is {used.value}'s]")
     return 0
 
 
@@ -153,7 +156,7 @@ def _replay(args: argparse.Namespace) -> int:
         print(line)
     steps = [p.step for p in result.points]
     span = f"steps {steps[0]}-{steps[-1]}" if steps else "no steps"
-    print(f"# {policy.name} on {result.job}: {len(result.decisions)} decisions over "
+    print(f"# {policy.name} on {result.job}: {result.summary()} over "
           f"{len(steps)} reports ({span}); losses are the recorded ones, and each commanded "
           "value is assumed applied at the next report")
     if args.plot:

@@ -25,6 +25,7 @@ from contextlib import nullcontext
 from rich.cells import cell_len
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from trimtab.controller.jobs_view import JobLine, JobsView
 from trimtab.controller.journal import Journal, JournalError, no_such_job
@@ -93,7 +94,8 @@ def _print_rows(console: Console, rows: list[Row], *, with_job: bool, as_json: b
         cells = [r.when, *([r.job] if with_job else []),
                  "" if r.step is None else str(r.step), r.kind, r.policy, r.knob, r.change,
                  r.why]
-        table.add_row(*cells, style=_STYLE.get(r.kind))
+        # As Text: a reason is a policy's free text, never rich markup ("[limited: ...]").
+        table.add_row(*map(Text, cells), style=_STYLE.get(r.kind))
     _emit(console, table)
 
 
@@ -268,8 +270,8 @@ def _jobs_table(lines: Iterable[JobLine], width: int | None = None) -> Table:
         table.add_column(name, justify=justify, no_wrap=True, overflow="ellipsis",
                          max_width=cut.get(name))
     for ln, cells in zip(lines, rows, strict=True):
-        table.add_row(*cells, style="bold red" if ln.alert else ("green" if ln.state == "live"
-                                                                 else None))
+        table.add_row(*map(Text, cells), style="bold red" if ln.alert else (
+            "green" if ln.state == "live" else None))
     return table
 
 
@@ -309,7 +311,6 @@ def _top(args: argparse.Namespace) -> int:
     until interrupted. SIGTERM ends it as Ctrl-C does (exit status 0)."""
     from rich.console import Group
     from rich.live import Live
-    from rich.text import Text
 
     if not args.interval > 0:
         return _fail("top", f"--interval {args.interval}: must be a number of seconds > 0")

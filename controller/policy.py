@@ -101,11 +101,33 @@ class PolicyLoadError(Exception):
 
 
 def discover() -> dict[str, EntryPoint]:
-    """Installed policies by entry-point name, sorted; the first of duplicate names wins."""
+    """Installed policies by entry-point name, sorted. Of several entry points with one
+    name a built-in wins (a plugin cannot take the place of ``divergence_guard``, whatever
+    ``allow_plugins`` says), else the first by target; :func:`ignored` gives the others."""
+    return _scan()[0]
+
+
+def ignored() -> list[tuple[EntryPoint, EntryPoint]]:
+    """``(ignored, used)`` for each entry point that another of the same name wins over."""
+    return _scan()[1]
+
+
+def _scan() -> tuple[dict[str, EntryPoint], list[tuple[EntryPoint, EntryPoint]]]:
     found: dict[str, EntryPoint] = {}
-    for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: (e.name, e.value)):
-        found.setdefault(ep.name, ep)
-    return found
+    lost: list[tuple[EntryPoint, EntryPoint]] = []
+    eps = entry_points(group=ENTRY_POINT_GROUP)
+    for ep in sorted(eps, key=lambda e: (e.name, not _is_builtin(e.value), e.value)):
+        if ep.name in found:
+            lost.append((ep, found[ep.name]))
+        else:
+            found[ep.name] = ep
+    return found, lost
+
+
+def _is_builtin(target: str) -> bool:
+    """Whether an entry point's target (``pkg.module:Class``) is a built-in policy."""
+    module = target.partition(":")[0] if ":" in target else target.rpartition(".")[0]
+    return module == BUILTIN_PACKAGE or module.startswith(BUILTIN_PACKAGE + ".")
 
 
 def is_allowed(name: str, allow: Sequence[str]) -> bool:
@@ -118,8 +140,7 @@ def is_allowed(name: str, allow: Sequence[str]) -> bool:
     """
     eps = discover()
     target = eps[name].value if name in eps else name
-    module = target.partition(":")[0] if ":" in target else target.rpartition(".")[0]
-    if module == BUILTIN_PACKAGE or module.startswith(BUILTIN_PACKAGE + "."):
+    if _is_builtin(target):
         return True
     return any(fnmatchcase(name, pat) or fnmatchcase(target, pat) for pat in allow)
 

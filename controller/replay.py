@@ -50,6 +50,7 @@ from trimtab.controller.engine import Decision, Engine
 from trimtab.controller.governor import Governor
 from trimtab.controller.handler import Controller
 from trimtab.controller.journal import Journal, named_jobs, no_such_job
+from trimtab.controller.limits import MULTIPLIERS
 from trimtab.controller.policy import Policy
 from trimtab.controller.scale import ScaleContext, derive_limits, explicit_fields
 from trimtab.controller.state import JobState
@@ -180,7 +181,22 @@ class ReplayResult:
 
     job: str
     points: list[ReplayPoint] = field(default_factory=list)
+    #: Every decision with something to show: a change, a rollback, a policy disabled, or
+    #: a wish a hold or the governor kept from changing (shown with ``lines(holds=True)``).
     decisions: list[Decision] = field(default_factory=list)
+
+    @property
+    def acted(self) -> list[Decision]:
+        """The decisions that changed a knob or rolled back."""
+        return [d for d in self.decisions if d.commands or d.rollback is not None]
+
+    def summary(self) -> str:
+        """``N decisions``, and the holds and policies disabled besides, if any."""
+        held = sum(1 for d in self.decisions for k in _held(d))
+        errors = sum(len(d.errors) for d in self.decisions)
+        extra = "".join(f", {n} {what}" for n, what in ((held, "held"),
+                                                        (errors, "policies disabled")) if n)
+        return f"{len(self.acted)} decisions{extra}"
 
     def lines(self, *, holds: bool = False) -> list[str]:
         """One line per decision: step, knob, old -> new, reason, limits; a rollback's
@@ -195,14 +211,21 @@ class ReplayResult:
                     continue
                 if knob in d.would_command:
                     out.append(f"step {d.step}: {kd.describe()}")
-                elif holds and kd.policy is not None:
-                    wanted = "" if kd.target is None else f", wanted {kd.target:.6g}"
+                elif holds and knob in _held(d):
+                    x = "x" if knob in MULTIPLIERS else ""  # as describe() shows them
+                    held = "off" if kd.current is None else f"{x}{kd.current:.6g}"
+                    wanted = "" if kd.target is None else f", wanted {x}{kd.target:.6g}"
                     limits = f" [limited: {', '.join(kd.limits)}]" if kd.limits else ""
-                    out.append(f"step {d.step}: {knob} held at {kd.current}{wanted} by "
+                    out.append(f"step {d.step}: {knob} held at {held}{wanted} by "
                                f"{kd.policy}: {kd.reason}{limits}")
             for policy, error in d.errors:
                 out.append(f"step {d.step}: policy {policy} disabled: {error}")
         return out
+
+
+def _held(d: Decision) -> list[str]:
+    """The knobs a policy wished to change in ``d`` that a hold or the governor kept."""
+    return [k for k, kd in d.knobs.items() if kd.policy is not None and k not in d.would_command]
 
 
 def replay(
@@ -240,7 +263,7 @@ def replay(
         # so each report is decided in full, as the live controller does once acks came.
         decision = advance(state, report, engine).decision
         if decision is not None and (decision.commands or decision.rollback is not None
-                                     or decision.errors):
+                                     or decision.errors or _held(decision)):
             result.decisions.append(decision)
         if decision is not None and decision.commands:
             applied.update(decision.commands)
@@ -367,7 +390,7 @@ def plot(result: ReplayResult, path: str | Path) -> None:
     twin.plot(steps, [p.grad_norm for p in result.points], label="grad norm", color="C1",
               alpha=0.6)
     twin.set_ylabel("grad norm")
-    ax.set_title(f"replay of {result.job}: {len(result.decisions)} decisions")
+    ax.set_title(f"replay of {result.job}: {len(result.acted)} decisions")
     for row, knob in enumerate(knobs, 1):
         kax = axes[row][0]
         kax.step(steps, [p.knobs.get(knob) for p in result.points], where="post",
@@ -378,7 +401,7 @@ def plot(result: ReplayResult, path: str | Path) -> None:
         if knob == "lr":
             kax.set_yscale("log")
         kax.legend(loc="best", fontsize="small")
-    for d in result.decisions:
+    for d in result.acted:
         color = "k" if d.rollback is not None else "C3"
         for (a,) in axes:
             a.axvline(d.step, color=color, alpha=0.4, linewidth=1)

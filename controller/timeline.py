@@ -138,7 +138,14 @@ def _command_what(data: dict[str, Any]) -> str:
         what.append(f"roll back to {data['rollback_to']}")
     if data.get("supersedes") is not None:
         what.append(f"replaces #{data['supersedes']}")
-    return ", ".join(what) or "live schedules"
+    if data.get("schedules"):
+        what.append(" and ".join(s.get("knob", "?") for s in data["schedules"])
+                    + " live schedule")
+    if data.get("stop_advice") is not None:
+        what.append("stop advised")
+    if not what and data.get("schedules") == []:
+        what.append("live schedules stopped")
+    return ", ".join(what) or "nothing"
 
 
 class Timeline:

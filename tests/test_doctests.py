@@ -28,3 +28,15 @@ def test_docstring_examples(name):
     module = importlib.import_module(name)
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert result.failed == 0
+
+
+def test_the_example_plugins_docstring_examples(monkeypatch):
+    """The example plugin (examples/policy-plugin) is what a plugin author copies first."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "examples" / "policy-plugin"
+    monkeypatch.syspath_prepend(str(root))
+    module = importlib.import_module("trimtab_example_policy")
+    assert Path(module.__file__).resolve().parent == root / "trimtab_example_policy"
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0

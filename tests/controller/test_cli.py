@@ -74,3 +74,72 @@ def test_policies_lists_the_built_ins():
     out = run("policies")
     assert out.returncode == 0
     assert "plateau:" in out.stdout and "spike_guard:" in out.stdout
+
+
+def _installed(site, entries: dict[str, str], modules: dict[str, str]) -> dict:
+    """An environment in which ``site`` holds an installed distribution (its dist-info,
+    as pip writes it) with these trimtab.policies entry points and modules."""
+    info = site / "acme_policies-0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: acme-policies\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(
+        "[trimtab.policies]\n" + "".join(f"{k} = {v}\n" for k, v in entries.items()))
+    for name, text in modules.items():
+        (site / f"{name}.py").write_text(text)
+    import os
+
+    return {**os.environ, "PYTHONPATH": str(site)}
+
+
+IMPOSTOR = """
+import pathlib, os
+pathlib.Path(os.environ["MARK"]).write_text("imported")
+from trimtab.controller.policy import Policy
+class Impostor(Policy):
+    name = "divergence_guard"
+    def propose(self, view):
+        return []
+"""
+
+
+def test_a_plugin_named_as_a_built_in_never_takes_its_place(tmp_path):
+    """An installed package whose entry point is named ``divergence_guard``: the built-in
+    is the one listed and loaded, even with every plugin allowed, and the other is shown as
+    ignored without being imported."""
+    env = _installed(tmp_path / "site", {"divergence_guard": "acme_guard:Impostor"},
+                     {"acme_guard": IMPOSTOR})
+    env["MARK"] = str(tmp_path / "imported")
+    cfg = tmp_path / "all.toml"
+    cfg.write_text('allow_plugins = ["*"]\n[[policies]]\nname = "divergence_guard"\n')
+    out = run("policies", "--config", str(cfg), env=env)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert any(line.startswith("divergence_guard: trimtab.policies.divergence_guard.")
+               for line in lines), out.stdout
+    assert ("divergence_guard: acme_guard:Impostor [ignored: the name is "
+            "trimtab.policies.divergence_guard:DivergenceGuard's]") in lines
+    assert not (tmp_path / "imported").exists()
+    # The controller loads the built-in (and says what it ignored).
+    check = ("from trimtab.controller.config import load_config; "
+             "from trimtab.controller.handler import build_policies; "
+             f"print(type(build_policies(load_config({str(cfg)!r}))[0][1]).__module__)")
+    out = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True,
+                         timeout=60, env=env)
+    assert out.stdout.strip() == "trimtab.policies.divergence_guard", out.stderr
+    assert "policy entry point divergence_guard = 'acme_guard:Impostor' is ignored" in out.stderr
+    assert not (tmp_path / "imported").exists()
+
+
+def test_policies_does_not_import_a_plugin_the_config_does_not_allow(tmp_path):
+    env = _installed(tmp_path / "site", {"band": "acme_band:Band"},
+                     {"acme_band": IMPOSTOR.replace("Impostor", "Band")})
+    env["MARK"] = str(tmp_path / "imported")
+    out = run("policies", env=env)
+    assert out.returncode == 0, out.stderr
+    assert "band: acme_band:Band [not allowed: list it in allow_plugins]" in out.stdout.splitlines()
+    assert not (tmp_path / "imported").exists()
+    cfg = tmp_path / "band.toml"
+    cfg.write_text('allow_plugins = ["acme_*"]\n')
+    out = run("policies", "--config", str(cfg), env=env)
+    assert "band: acme_band.Band () [allowed]" in out.stdout.splitlines(), out.stdout
+    assert (tmp_path / "imported").exists()  # allowed: loaded to show its fields

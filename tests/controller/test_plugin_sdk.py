@@ -296,3 +296,30 @@ def test_export_then_replay_cli_with_a_plot(tmp_path):
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines()[-2].startswith("# spike_guard on j1: ")
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_replay_shows_what_the_governor_held_with_holds_and_counts_only_changes(tmp_path):
+    """``--holds`` prints the wishes a hold or the governor kept (before, such a decision
+    was dropped and the flag printed nothing more); the summary counts changes, and a
+    policy disabled is said as such, not counted as a decision."""
+    path = recorded(tmp_path)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[governor.lr]\ncooldown_steps = 50\n")
+    out = cli("replay", path, "--policy", "tests.controller.test_plugin_sdk:Cut",
+              "--config", str(cfg))
+    assert out.returncode == 0, out.stderr
+    plain = out.stdout.splitlines()
+    assert plain[0] == "step 30: lr x1 -> x0.5 by cut: loss 3.0 > 2" and len(plain) == 2
+    assert plain[1].startswith("# cut on j1: 1 decisions, 1 held over 5 reports"), plain
+    out = cli("replay", path, "--policy", "tests.controller.test_plugin_sdk:Cut",
+              "--config", str(cfg), "--holds")
+    lines = out.stdout.splitlines()
+    assert lines[0] == plain[0]
+    assert lines[1] == "step 40: lr held at x0.5, wanted x0.25 by cut: loss 3.0 > 2 " \
+        "[limited: cooldown]", lines
+    assert lines[2].startswith("# cut on j1: 1 decisions, 1 held over 5 reports"), lines
+    out = cli("replay", path, "--policy", "tests.controller.test_plugin_sdk:Boom")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("step 10: policy boom disabled: "), lines
+    assert lines[1].startswith("# boom on j1: 0 decisions, 1 policies disabled over"), lines

@@ -95,6 +95,16 @@ def test_discover_keeps_the_first_of_duplicate_names(monkeypatch):
     assert list(discover()) == ["a", "b"]
 
 
+def test_a_built_in_wins_over_a_plugin_of_the_same_name(monkeypatch):
+    eps = [EntryPoint("plateau", "aaa.first:Plateau", "trimtab.policies"),
+           EntryPoint("plateau", "trimtab.policies.plateau:Plateau", "trimtab.policies")]
+    monkeypatch.setattr(policy_mod, "entry_points", lambda group: eps)
+    assert discover()["plateau"].value == "trimtab.policies.plateau:Plateau"
+    assert [(a.value, b.value) for a, b in policy_mod.ignored()] == [
+        ("aaa.first:Plateau", "trimtab.policies.plateau:Plateau")]
+    assert isinstance(load_policy("plateau", allow=["*"]), Plateau)
+
+
 def test_load_by_entry_point_name_with_config():
     pol = load_policy("plateau", {"t_crit": 3.0})
     assert isinstance(pol, Plateau) and pol.config.t_crit == 3.0

@@ -83,3 +83,18 @@ def test_bad_kind_and_since_values_name_the_value_and_what_is_allowed():
                                          r"allowed: a number with s, m, h or d"):
         parse_since("5 weeks")
     assert parse_since("2h", now=10_000.0) == 10_000.0 - 7200.0
+
+
+def test_a_command_row_names_what_it_carries_stop_advice_and_schedules_included():
+    """A command that only advises stopping was shown as "live schedules" (the fallback of
+    a command with no knob, mark or rollback)."""
+    sched = {"knob": "lr", "kind": "sweep"}
+    events = _events(
+        ("command", 100, 1, {"scale": {}, "knobs": {}, "stop_advice": "plugin: done"}),
+        ("command", 110, 2, {"scale": {}, "knobs": {}, "schedules": [sched]}),
+        ("command", 120, 3, {"scale": {}, "knobs": {}, "schedules": []}),
+        ("command", 130, 4, {"scale": {"lr": 0.5}, "knobs": {}, "schedules": []}),
+    )
+    rows = _rows(events, kinds=frozenset({"command"}))
+    assert [r.change for r in rows] == ["stop advised", "lr live schedule",
+                                        "live schedules stopped", "lr x0.5"]

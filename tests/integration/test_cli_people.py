@@ -13,6 +13,7 @@ import queue
 import re
 import select
 import signal
+import sqlite3
 import struct
 import subprocess
 import sys
@@ -123,6 +124,32 @@ def test_decisions_is_a_table_of_knob_changes_with_from_to_and_why(served):
     assert not any(ln.split()[2] == "ack" for ln in lines if len(ln.split()) > 2 and
                    "differs" not in ln and "error" not in ln)  # acks as commanded: hidden
     assert "ended: closed" in lines[-1]
+
+
+def test_a_reason_in_brackets_is_shown_as_written_not_read_as_markup(served, tmp_path):
+    """A reason is a policy's free text: the governor's own ``[limited: ...]`` note, or a
+    plugin's ``[/x]``. The tables show it as written; before, rich read it as markup: the
+    note vanished, and ``[/x]`` stopped ``trimtab decisions`` with a MarkupError."""
+    srv, folder = served
+    copy = tmp_path / "copy.db"
+    src = sqlite3.connect(str(srv.journal_path))
+    dst = sqlite3.connect(str(copy))
+    src.backup(dst)
+    src.close(), dst.close()
+    first = _events(srv, "decision")[0]
+    why = "band [/x] crossed [limited: bounds, max_step_ratio]"
+    data = json.loads(json.dumps(first.data))
+    data["knobs"]["lr"]["reason"] = data["reason"] = why
+    j = Journal(str(copy))
+    j.append("people", "decision", step=first.step + 1, seq=first.seq, data=data)
+    j.commit()
+    j.close()
+    out = cli("decisions", "people", "--journal", str(copy), cwd=folder)
+    assert out.returncode == 0, out.stderr
+    assert any(ln.endswith(why) for ln in out.stdout.splitlines()), out.stdout
+    out = cli("jobs", "--journal", str(copy), "--wide", cwd=folder)
+    assert out.returncode == 0, out.stderr
+    assert why in out.stdout, out.stdout
 
 
 def test_shadow_decisions_are_shown_and_marked(served):

@@ -27,7 +27,7 @@ class LossEmaBand(Policy):
     >>> band.propose(view(1.0)), band.propose(view(0.8))
     ([], [])
     >>> band.propose(view(0.95))[0].reason
-    'loss EMA 0.95 is 19% above its best 0.8 since lr was 0.1 (band 10%)'
+    'loss EMA 0.95 is 19% above its best 0.8 since the lr multiplier was x0.1 (band 10%)'
     """
 
     name = "example_band"
