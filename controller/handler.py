@@ -37,7 +37,7 @@ from trimtab.controller.governor import Governor
 from trimtab.controller.journal import Journal
 from trimtab.controller.manual import Outcome, operate
 from trimtab.controller.metrics import ControllerMetrics
-from trimtab.controller.policy import Policy, load_policy
+from trimtab.controller.policy import Policy, ignored, load_policy
 from trimtab.controller.recorder import Recorder
 from trimtab.controller.scale import ScaleContext, derive_limits, explicit_fields
 from trimtab.controller.state import JobState
@@ -73,7 +73,11 @@ def _kept_now(state: JobState) -> tuple:
 
 def build_policies(config: ControllerConfig) -> list[tuple[PolicySpec, Policy]]:
     """The configured policies, in order; a bad or not allowed one stops the start with its
-    name and cause."""
+    name and cause. An installed entry point that another of its name wins over (a plugin
+    named as a built-in) is logged, never loaded."""
+    for lost, used in ignored():
+        log.warning("policy entry point %s = %r is ignored: the name is %r's", lost.name,
+                    lost.value, used.value)
     return [(spec, load_policy(spec.name, spec.config, allow=config.allow_plugins))
             for spec in config.policies]
 
@@ -145,6 +149,10 @@ class Controller:
         #: like), mapped to their names; set by the server from ``curve_operators``. None:
         #: none may (without keys, every peer may: the socket is loopback-only).
         self.operators: Callable[[], dict[str, str]] | None = None
+        #: With CURVE keys: the z85 public keys allowed to report as jobs
+        #: (``curve_allowed_clients``), set by the server. A key that is only an operator's
+        #: may steer jobs, never register or report as one. None: not checked (no keys).
+        self.clients: Callable[[], dict[str, str]] | None = None
         #: People waiting to hear that a command of theirs is applied (``Operate.wait``):
         #: job -> [(seq, their connection, their request id)], the newest few per job.
         self._waiting: dict[str, list[tuple[int, bytes, str]]] = {}
@@ -167,6 +175,12 @@ class Controller:
         if handler is None:
             return [self._refuse(peer, "unexpected",
                                  f"a client may not send {msg.type!r} messages", msg.job)]
+        if (msg.type != "operate" and user is not None and self.clients is not None
+                and user not in self.clients()):
+            return [self._refuse(peer, "forbidden",
+                                 "this key is an operator's (curve_operators), not a client "
+                                 "key (curve_allowed_clients): it may steer jobs, not report "
+                                 "as one", msg.job)]
         if msg.type != "operate" and self._forbidden(user, msg):
             return [self._refuse(peer, "forbidden",
                                  f"job {msg.job!r} is bound to another client key", msg.job)]

@@ -77,6 +77,8 @@ class Server:
             self._lock.release()
             raise
         metrics = self.controller.metrics
+        if self.curve:
+            self.controller.clients = allowed.named
         if self.curve and operators is not None:
             self.controller.operators = operators.named
         # A ZAP handler serves its whole context, so a CURVE server gets a context of its own.

@@ -413,6 +413,14 @@ def test_with_keys_only_an_operator_key_steers_a_job(tmp_path):
         assert main(["keys", "generate", str(stranger), "--name", "eve"]) == 0
         out = pause(str(stranger / "clients" / "eve.key_secret"))
         assert out.returncode == 2 and "no answer" in out.stderr
+        # The operator's key may steer, never report as a job: its registration (a name
+        # no key holds yet) and its report are refused, and no job of that name appears.
+        ops = dealer(ctx, srv.endpoint, d, d / "clients" / "ops.key_secret")
+        for msg in (register("ops-job"), report("ops-job", 1)):
+            reply = ask(ops, msg)
+            assert isinstance(reply, wire.Error) and reply.code == "forbidden", reply
+            assert "operator's" in reply.detail and "not report as one" in reply.detail
+        assert not srv.journal().events("ops-job", "register")
     finally:
         ctx.destroy(linger=0)
         srv.proc.terminate()
