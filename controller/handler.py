@@ -139,7 +139,8 @@ class Controller:
         self.metrics = ControllerMetrics(registry=registry,
                                          jobs=lambda: [r.state for r in self._jobs.values()],
                                          age=self.silent_for, bounds=self._bounds,
-                                         ended=lambda: [s for s, _ in self._ended.values()])
+                                         ended=lambda: [s for s, _ in self._ended.values()],
+                                         policies=self._policy_names)
         journal.on_commit = self.metrics.journal_commit.observe
         #: Journal entries, log lines and counters of what each message did.
         self.recorder = Recorder(config, journal, self.metrics)
@@ -226,6 +227,7 @@ class Controller:
         resumed = "live"
         if state is None or state.run_id != msg.run_id:
             self._retire(msg.job, msg.run_id, state)
+            self.metrics.new_run(msg.job)
             stored = self.journal.load_run_state(msg.job, msg.run_id)
             state = None
             if stored is not None:
@@ -563,6 +565,12 @@ class Controller:
         rec = self._jobs.get(job)
         governor = rec.governor if rec is not None and rec.governor is not None else self._governor
         return governor.bounds(knob, initial)  # type: ignore[arg-type]
+
+    def _policy_names(self, job: str) -> tuple[list[str], list[str]]:
+        """The names of ``job``'s live and shadow policies (for its counters' zeros)."""
+        engine = self.engine_for(job)
+        return ([p.name for p in engine.policies],
+                [p.name for p in engine.shadow_policies])
 
     def engine_for(self, job: str | None) -> Engine:
         """The engine with the policies configured for ``job`` (None: those for every job),

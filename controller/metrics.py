@@ -23,6 +23,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from trimtab.controller.decision import GOVERNOR
+from trimtab.controller.governor import LIMIT_NAMES
 from trimtab.controller.health import CAUSES
 from trimtab.controller.limits import MULTIPLIERS
 from trimtab.protocol.wire import ERROR_CODES, KNOBS, OPERATOR_ACTIONS
@@ -171,9 +173,11 @@ class JobCollector(Collector):
         age: Callable[[str], float | None] | None = None,
         bounds: Callable[[str, str, float | None], tuple[float, float]] | None = None,
         ended: Callable[[], Iterable[JobState]] | None = None,
+        policies: Callable[[str], tuple[Iterable[str], Iterable[str]]] | None = None,
     ) -> None:
         self._jobs = jobs
         self._ended = ended
+        self._policies = policies
         self._age = age
         self._bounds = bounds
         #: job -> {(knob, limit): count}, kept by :meth:`ControllerMetrics.note_decision`.
@@ -208,11 +212,24 @@ class JobCollector(Collector):
                     lo, hi = self._bounds(job, knob, getattr(state.initial, knob))
                     put("trimtab_knob_bound", [job, knob, "lower"], lo)
                     put("trimtab_knob_bound", [job, knob, "upper"], hi)
-            for (policy, knob, direction), n in dict(state.decision_counts).items():
+            # Counters a job can have start at zero for every label set it can come to have
+            # (each policy on the knobs in force, both ways; each governor limit), so that
+            # increase() and rate() see their first count: a series born at 1 has none.
+            live, shadow = self._policies(job) if self._policies is not None else ((), ())
+            knobs = [k for k in KNOBS if getattr(state.knobs, k) is not None]
+            for (policy, knob, direction), n in {
+                **_zeros((*live, GOVERNOR, "manual"), knobs, ("up", "down")),
+                **state.decision_counts,
+            }.items():
                 put("trimtab_decisions", [job, policy, knob, direction], n)
-            for (policy, knob, direction), n in dict(state.shadow_counts).items():
+            for (policy, knob, direction), n in {
+                **_zeros(shadow, knobs, ("up", "down")), **state.shadow_counts,
+            }.items():
                 put("trimtab_shadow_decisions", [job, policy, knob, direction], n)
-            for (knob, limit), n in dict(self.clamps.get(job, {})).items():
+            for (knob, limit), n in {
+                **{(k, lim): 0 for k in knobs for lim in LIMIT_NAMES},
+                **self.clamps.get(job, {}),
+            }.items():
                 put("trimtab_governor_clamps", [job, knob, limit], n)
             in_force = {k: 0 for k in KNOBS if getattr(state.knobs, k) is not None}
             for knob, n in {**in_force, **self.reversals.get(job, {})}.items():
@@ -274,11 +291,16 @@ class JobCollector(Collector):
         put("trimtab_job_zscore", [job, "grad_norm"], sig.grad_norm_z)
 
 
+def _zeros(policies: Iterable[str], knobs: Iterable[str],
+           directions: Iterable[str]) -> dict[tuple[str, str, str], int]:
+    return {(p, k, d): 0 for p in policies for k in knobs for d in directions}
+
+
 class ControllerMetrics:
     """The controller's own metrics, registered on ``registry``, and the per-job collector.
 
-    ``age``, ``bounds`` and ``ended`` (the jobs in their grace period after they ended) go
-    to :class:`JobCollector`.
+    ``age``, ``bounds``, ``ended`` (the jobs in their grace period after they ended) and
+    ``policies`` (a job's live and shadow policy names) go to :class:`JobCollector`.
     """
 
     def __init__(
@@ -289,6 +311,7 @@ class ControllerMetrics:
         age: Callable[[str], float | None] | None = None,
         bounds: Callable[[str, str, float | None], tuple[float, float]] | None = None,
         ended: Callable[[], Iterable[JobState]] | None = None,
+        policies: Callable[[str], tuple[Iterable[str], Iterable[str]]] | None = None,
     ) -> None:
         self.registry = registry
         self.jobs_connected = Gauge(
@@ -358,7 +381,8 @@ class ControllerMetrics:
         for action in OPERATOR_ACTIONS:
             for outcome in ("done", "refused"):
                 self.operator_requests.labels(action=action, outcome=outcome)
-        self.collector = JobCollector(jobs, age=age, bounds=bounds, ended=ended)
+        self.collector = JobCollector(jobs, age=age, bounds=bounds, ended=ended,
+                                      policies=policies)
         registry.register(self.collector)
 
     def note_decision(self, job: str, decision: Decision) -> None:
@@ -379,6 +403,11 @@ class ControllerMetrics:
                 reversals = col.reversals.setdefault(job, {})
                 reversals[knob] = reversals.get(knob, 0) + 1
             directions[knob] = way
+
+    def new_run(self, job: str) -> None:
+        """Another run of ``job`` registered: its knob changes are no reversals of the last
+        run's (the counts go on, as counters do)."""
+        self.collector.directions.pop(job, None)
 
     def forget(self, job: str) -> None:
         """The job ended: drop what is kept for it here."""

@@ -8,6 +8,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from trimtab.controller.config import ControllerConfig, PolicySpec
+from trimtab.controller.governor import LIMIT_NAMES
 from trimtab.controller.handler import Controller
 from trimtab.controller.health import CAUSES
 from trimtab.controller.journal import Journal
@@ -194,9 +195,47 @@ def test_known_label_values_start_at_zero(tmp_path):
         assert sample(ctl, "trimtab_rollbacks_total", job="j", reason=cause) == 0.0
 
 
-def test_controller_series_time_the_journal_and_give_the_job_timeout(tmp_path):
-    ctl, _ = make(tmp_path)
-    before = sample(ctl, "trimtab_journal_commit_seconds_count")
-    ctl.handle(PEER, report(1))
-    assert sample(ctl, "trimtab_journal_commit_seconds_count") == before + 1
-    assert sample(ctl, "trimtab_job_timeout_seconds") == 12.0
+def test_a_jobs_decision_and_clamp_counters_start_at_zero(tmp_path):
+    """A decision, a governor clamp or a shadow decision counted for the first time showed
+    on no dashboard: its series was born at 1, and increase() has no sample before it.
+    Each policy of the job, the governor and a person (manual) start at zero on every knob
+    in force, both ways, as does each governor limit; a knob not in force has none."""
+    ctl, _ = make(tmp_path, policies=(f"{HERE}:Seesaw",))
+    for policy in ("seesaw", "governor", "manual"):
+        for direction in ("up", "down"):
+            for knob in ("lr", "momentum"):
+                assert sample(ctl, "trimtab_decisions_total", job="j", policy=policy,
+                              knob=knob, direction=direction) == 0.0, (policy, knob)
+    for limit in LIMIT_NAMES:
+        assert sample(ctl, "trimtab_governor_clamps_total", job="j", knob="lr",
+                      limit=limit) == 0.0
+    assert sample(ctl, "trimtab_decisions_total", job="j", policy="seesaw", knob="clip",
+                  direction="down") is None
+    (frame,) = [f for _, f in ctl.handle(PEER, report(1))]
+    cmd = wire.decode(frame)
+    assert sample(ctl, "trimtab_decisions_total", job="j", policy="seesaw", knob="lr",
+                  direction="down" if cmd.scale.lr < 1 else "up") == 1.0
+    assert sample(ctl, "trimtab_governor_clamps_total", job="j", knob="lr",
+                  limit="max_step_ratio") == 1.0
+
+
+def test_a_new_run_of_a_job_inherits_no_direction_its_first_change_is_no_reversal(tmp_path):
+    """Run 1 moves the lr down, then up (one reversal); run 2 of the same job name starts
+    afresh and moves it down: no reversal of run 1's last move (it counted one, and
+    TrimtabDecisionChurn counts those)."""
+    ctl, _ = make(tmp_path, policies=(f"{HERE}:Seesaw",))
+    lr, applied = 1.0, 0
+    for seq in (1, 2):
+        (frame,) = [f for _, f in ctl.handle(PEER, report(seq, lr=lr, applied_seq=applied))]
+        cmd = wire.decode(frame)
+        lr, applied = cmd.scale.lr, cmd.seq
+        ctl.handle(PEER, wire.encode(wire.Ack(job="j", seq=cmd.seq, step=10 * seq,
+                                              **in_force(lr))))
+    assert sample(ctl, "trimtab_knob_reversals_total", job="j", knob="lr") == 1.0
+    facts = wire.ScaleFacts(param_count=100, group_sizes=[100], optimizer="SGD",
+                            dtype="float32", device="cpu")
+    ctl.handle(PEER, wire.encode(wire.Register(job="j", run_id="r2", report_every=10,
+                                               facts=facts, **in_force())))
+    (frame,) = [f for _, f in ctl.handle(PEER, report(1))]
+    assert wire.decode(frame).scale.lr < 1.0  # down, after run 1's last move up
+    assert sample(ctl, "trimtab_knob_reversals_total", job="j", knob="lr") == 1.0
