@@ -175,7 +175,10 @@ def test_a_shadow_policy_is_journaled_and_counted_but_never_sent(tmp_path, sdk_m
     text = generate_latest(ctl.metrics.registry).decode()
     assert ('trimtab_shadow_decisions_total{direction="down",job="j1",knob="lr",'
             'policy="cut"} 5.0') in text
-    assert "trimtab_decisions_total{" not in text
+    # Nothing was decided live: every live decision counter is at zero (they start there).
+    live = [ln for ln in text.splitlines() if ln.startswith("trimtab_decisions_total{")]
+    assert live and all(ln.endswith(" 0.0") for ln in live)
+    assert not any('policy="cut"' in ln for ln in live)  # a shadow policy has no live series
 
 
 def test_the_same_plugin_is_live_for_the_jobs_its_entry_names(tmp_path, sdk_module):
