@@ -195,6 +195,10 @@ def _keys(args: argparse.Namespace) -> int:
     from trimtab.controller.auth import SERVER_PUBLIC, SERVER_SECRET, AuthError, generate_keys
 
     operators = args.operator or []
+    if args.clients is not None and not (args.clients >= 1 or (args.clients == 0 and operators)):
+        print(f"trimtab keys: --clients {args.clients}: allowed: a number of client key pairs "
+              ">= 1 (0 only with --operator)", file=sys.stderr)
+        return 2
     clients = args.clients if args.clients is not None else (0 if operators else 1)
     names = args.name or [f"client-{i}" for i in range(1, clients + 1)]
     try:

@@ -201,6 +201,17 @@ class ControllerConfig(BaseModel):
                              "(*.key), e.g. the allowed/ of `trimtab keys generate`")
         return path
 
+    @field_validator("bind")
+    @classmethod
+    def _tcp_port(cls, bind: str) -> str:
+        # libzmq takes a port past 65535 modulo 65536 (99999 bound 34463).
+        if bind.startswith("tcp://"):
+            port = bind[len("tcp://"):].rpartition(":")[2]
+            if port != "*" and not (port.isdigit() and int(port) <= 65535):
+                raise ValueError(f"port {port!r} is not a TCP port; allowed: 0 to 65535, or * "
+                                 "for any free one (tcp://HOST:PORT)")
+        return bind
+
     @model_validator(mode="after")
     def _remote_needs_keys(self) -> ControllerConfig:
         if (self.curve_server_secret is None) != (self.curve_allowed_clients is None):

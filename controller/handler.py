@@ -126,6 +126,12 @@ class Controller:
         self.engine = self.engine_for(None)
         #: The live jobs, by name: each one's state and connection, in one record.
         self._jobs: dict[str, LiveJob] = {}
+        #: Jobs the journal has live (their controller stopped while they ran) that this one
+        #: has not heard from since it started, and since when it waits: marked lost, as a
+        #: silent live job is, if they stay silent ``job_timeout_s`` (a job that ended
+        #: while no controller ran would otherwise be live in ``trimtab jobs`` for good).
+        self._unheard: dict[str, float] = dict.fromkeys(
+            journal.states(live_only=True), clock())
         #: Jobs that ended (bye, lost) within ``metrics_grace_s``: their state and when they
         #: were last heard from; their series stay on /metrics until the grace ends.
         self._ended: dict[str, tuple[JobState, float]] = {}
@@ -205,6 +211,19 @@ class Controller:
         for job in [j for j, (_, ended) in self._ended.items()
                     if now - ended > self.config.metrics_grace_s]:
             self._drop_series(job)
+        for job, since in [(j, t) for j, t in self._unheard.items()
+                           if now - t > self.config.job_timeout_s]:
+            del self._unheard[job]
+            stored = self.journal.states(live_only=True).get(job)
+            if job in self._jobs or stored is None:
+                continue
+            log.warning("job %s lost: not heard from since this controller started, %.1f s "
+                        "ago", job, now - since)
+            with self.journal.batch():
+                self.journal.append(job, "lost", step=stored.get("step"),
+                                    data={"silent_s": now - since, "unheard": True})
+                self.journal.save_state(job, stored, live=False)
+            self.metrics.jobs_lost.inc()
         for job, rec in [(j, r) for j, r in self._jobs.items()
                          if now - r.last_seen > self.config.job_timeout_s]:
             state = rec.state
@@ -224,6 +243,7 @@ class Controller:
         rec = self._jobs.get(msg.job)
         state = None if rec is None else rec.state
         self._ended.pop(msg.job, None)  # live again: its series are the live job's
+        self._unheard.pop(msg.job, None)
         resumed = "live"
         if state is None or state.run_id != msg.run_id:
             self._retire(msg.job, msg.run_id, state)

@@ -15,6 +15,12 @@ clean up. Read-only commands (``trimtab decisions``) take no lock.
 ... except JournalError as exc:
 ...     print("in use by another trimtab serve" in str(exc))
 True
+>>> os.symlink(path, path + ".link")
+>>> try:
+...     JournalLock(path + ".link")
+... except JournalError as exc:
+...     print("in use by another trimtab serve" in str(exc))
+True
 >>> first.release()
 """
 
@@ -37,7 +43,10 @@ class JournalLock:
     """Held from construction until :meth:`release` (or the process ends)."""
 
     def __init__(self, journal: str) -> None:
-        self.path = None if journal == ":memory:" else f"{journal}.lock"
+        # The journal's real path: another name for the same file (a symlink, a path
+        # through one) must meet the same lock.
+        self.path = (None if journal == ":memory:"
+                     else f"{os.path.realpath(journal)}.lock")
         self._fd: int | None = None
         if self.path is None or fcntl is None:
             return

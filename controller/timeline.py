@@ -223,17 +223,24 @@ class Timeline:
         if ev.kind == "report":
             return [self._report(make, d)]
         if ev.kind == "register":
-            return [make(why=f"registered ({d.get('resumed', 'new')}, run {d.get('run_id')})")]
+            key = f", key {d['key']}" if d.get("key") else ""
+            return [make(why=f"registered ({d.get('resumed', 'new')}, run {d.get('run_id')}"
+                             f"{key})")]
         if ev.kind == "bye":
             return [make(why=f"ended: {d.get('reason')}")]
         if ev.kind == "lost":
+            if d.get("unheard"):
+                return [make(why=f"lost: not heard from since the controller started "
+                                 f"{_num(d.get('silent_s'), '.1f')} s before")]
             return [make(why=f"lost: silent for {_num(d.get('silent_s'), '.1f')} s")]
         return [make(why=json.dumps(d, separators=(",", ":"))[:200])]
 
     @staticmethod
     def _manual(make, d: dict[str, Any]) -> list[Row]:
         """A person's request: one row per knob a ``set`` asked for, else one row."""
-        who = f"{d.get('who')}: {d.get('reason')}"
+        # --who is the person's word; the key (CURVE) is what the controller checked.
+        key = f" (key {d['key']})" if d.get("key") else ""
+        who = f"{d.get('who')}{key}: {d.get('reason')}"
         outcome = "" if d.get("ok") else f" (refused: {d.get('detail')})"
         if d.get("action") == "set" and d.get("ok") and d.get("asked"):
             return [make(policy="manual", knob=k, change=f"set {knob_text(k, v)}",

@@ -143,3 +143,20 @@ def test_policies_does_not_import_a_plugin_the_config_does_not_allow(tmp_path):
     out = run("policies", "--config", str(cfg), env=env)
     assert "band: acme_band.Band () [allowed]" in out.stdout.splitlines(), out.stdout
     assert (tmp_path / "imported").exists()  # allowed: loaded to show its fields
+
+
+def test_serve_refuses_a_tcp_port_past_65535_naming_it(tmp_path):
+    """libzmq bound tcp://127.0.0.1:99999 as port 34463, and serve said ready there."""
+    out = run("serve", "--bind", "tcp://127.0.0.1:99999", "--journal", str(tmp_path / "j.db"),
+              "--metrics-port", "0")
+    assert out.returncode == 2, out.stdout
+    assert "bind" in out.stderr and "tcp://127.0.0.1:99999" in out.stderr
+    assert "port '99999' is not a TCP port; allowed: 0 to 65535" in out.stderr
+
+
+def test_keys_generate_refuses_a_number_of_clients_below_one(tmp_path):
+    for n in ("-1", "0"):
+        out = run("keys", "generate", str(tmp_path / n), "--clients", n)
+        assert out.returncode == 2, out.stdout
+        assert f"--clients {n}: allowed: a number of client key pairs >= 1" in out.stderr
+        assert not (tmp_path / n).exists()

@@ -109,6 +109,35 @@ def test_unknown_job_and_client_only_types_are_refused_and_counted(tmp_path):
     assert 'trimtab_message_errors_total{code="unexpected"} 1.0' in text
 
 
+def test_a_job_that_ends_while_no_controller_runs_is_marked_lost_after_the_restart(tmp_path):
+    """The controller stops while jobs a and b run; a ends before it is back, b registers
+    again. Before, a stayed live in the journal (and ``trimtab jobs``) for good."""
+    ctl, _ = make(tmp_path, job_timeout_s=5.0)
+    for job in ("a", "b"):
+        ctl.handle(PEER, register(job))
+        ctl.handle(PEER, report(1, job=job))
+    ctl.close()  # stopped (SIGTERM saves every live state), no bye from either job
+    assert set(Journal(str(tmp_path / "j.db")).states(live_only=True)) == {"a", "b"}
+
+    ctl, clock = make(tmp_path, job_timeout_s=5.0)
+    clock.t += 3
+    ctl.handle(PEER, register("b"))  # b's client reconnects
+    ctl.tick()
+    assert not ctl.journal.events("a", "lost")  # not yet: the timeout counts from the start
+    clock.t += 3
+    ctl.tick()
+    (lost,) = ctl.journal.events("a", "lost")
+    assert lost.step == 10 and lost.data["unheard"] is True
+    assert not ctl.journal.events("b", "lost")
+    ctl.journal.commit()
+    assert set(ctl.journal.states(live_only=True)) == {"b"}
+    assert "trimtab_jobs_lost_total 1.0" in generate_latest(ctl.metrics.registry).decode()
+    clock.t += 3
+    ctl.handle(PEER, report(2, job="b"))
+    ctl.tick()
+    assert len(ctl.journal.events("a", "lost")) == 1 and not ctl.journal.events("b", "lost")
+
+
 def test_job_series_end_with_bye_and_when_lost_after_the_grace(tmp_path):
     ctl, clock = make(tmp_path, job_timeout_s=5.0, metrics_grace_s=60.0)
     ctl.handle(PEER, register("a"))

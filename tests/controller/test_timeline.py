@@ -98,3 +98,23 @@ def test_a_command_row_names_what_it_carries_stop_advice_and_schedules_included(
     rows = _rows(events, kinds=frozenset({"command"}))
     assert [r.change for r in rows] == ["stop advised", "lr live schedule",
                                         "live schedules stopped", "lr x0.5"]
+
+
+def test_rows_name_the_key_a_request_or_registration_came_with():
+    """--who is the person's word; the key is what the controller checked (security.md:
+    ``trimtab decisions`` shows it)."""
+    events = _events(
+        ("register", 0, None, {"run_id": "r1", "key": "alice"}),
+        ("manual", 10, None, {"action": "pause", "ok": True, "who": "oncall", "key": "ops",
+                              "reason": "checking"}),
+        ("manual", 20, None, {"action": "pause", "ok": False, "who": "x", "key": None,
+                              "reason": "y", "detail": "not an operator key"}),
+        ("lost", 30, None, {"silent_s": 6.0, "unheard": True}),
+    )
+    rows = _rows(events, kinds=frozenset({"register", "manual", "lost"}))
+    assert [r.why for r in rows] == [
+        "registered (new, run r1, key alice)",
+        "oncall (key ops): checking",
+        "x: y (refused: not an operator key)",
+        "lost: not heard from since the controller started 6.0 s before",
+    ]
