@@ -15,7 +15,7 @@ learning rate. Here that is automatic, and bounded:
   all healthy -- or, told the client's ``keep``, one its next snapshot drops before that
   window ends, after ``stable_min_reports`` healthy reports. One unhealthy report
   disqualifies every candidate not yet stable; a report of the health warm-up, not judged
-  for spikes and climbs, counts for none, and the window counts from after the warm-up.
+  for spikes and climbs, is not one of those healthy reports.
 * **Rollback.** :func:`~trimtab.controller.rollback_rules.plan_rollback` targets the newest
   stable checkpoint the client can still restore (while no stable one has a full window
   behind it -- the last resort taken at attach, or marked short of the window -- a spike
@@ -263,9 +263,6 @@ class RollbackState:
     #: or non-finite values go back to the newest checkpoint with
     #: ``stable_min_reports`` healthy reports after it, if newer.
     short_marked: list[int] = field(default_factory=list)
-    #: The step of the latest report not judged for spikes and climbs (the health
-    #: warm-up's): the healthy window after a checkpoint counts from there at the earliest.
-    unjudged_until: int | None = None
     #: The rollback ordered and not yet acknowledged.
     pending: RollbackRecord | None = None
     last_unhealthy_step: int | None = None
@@ -344,8 +341,6 @@ class RollbackState:
             for c in self.candidates:
                 if report.step > c:
                     self.candidates[c] += 1
-        if not judged:
-            self.unjudged_until = report.step
         obs = self._take_listing(report.checkpoints, report.step, report.stable_step, seen,
                                  verdict, report=judged)
         return obs if moved is None else dataclasses.replace(obs, data_moved=moved)
@@ -555,7 +550,7 @@ class RollbackState:
     _KEYS = frozenset({
         "step", "checkpoints", "at_checkpoint", "in_force_at", "candidates", "stable",
         "unusable",
-        "pending_mark", "last_resort", "resort_marked", "short_marked", "unjudged_until",
+        "pending_mark", "last_resort", "resort_marked", "short_marked",
         "pending", "last_unhealthy_step", "last_unhealthy", "history", "cooldown_until",
         "alert", "steps_lost", "rollbacks", "restored", "checkpoints_seen", "marked_stable",
         "skipped_reports", "failed", "last_loss", "climb_check", "climb_moved",
@@ -563,7 +558,7 @@ class RollbackState:
     })
     #: Keys a state saved by an older version lacks, with the value they then take.
     _ADDED = {"skipped_reports": 0, "last_resort": [], "resort_marked": [], "failed": 0,
-              "short_marked": [], "unjudged_until": None,
+              "short_marked": [],
               "last_loss": None,
               "climb_check": None, "climb_moved": None, "before_verdict": []}
 

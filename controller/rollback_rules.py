@@ -38,8 +38,8 @@ URGENT: tuple[str, ...] = ("nonfinite", "loss_spike", "grad_spike")
 def stable_to_mark(state: RollbackState, cfg: RollbackConfig,
                    keep: int | None = None) -> int | None:
     """The newest candidate healthy for a full window after it, to be marked stable now
-    (the window counted from the health warm-up's end at the earliest: a report not judged
-    is no evidence).
+    (of its ``stable_min_reports`` healthy reports, none of the health warm-up's: a report
+    not judged for spikes is no evidence).
 
     With the client's ``keep`` (as it registered), also one its next snapshot drops from
     the ring before that window ends, once ``stable_min_reports`` healthy reports followed
@@ -50,12 +50,11 @@ def stable_to_mark(state: RollbackState, cfg: RollbackConfig,
         return None
     newest = state.stable_step
     doomed = set() if keep is None else evicted_next(state.checkpoints, newest, keep)
-    judged = state.unjudged_until if state.unjudged_until is not None else -1
     ready = [
         c for c, healthy in state.candidates.items()
         if (newest is None or c > newest) and c in state.checkpoints
         and healthy >= cfg.stable_min_reports
-        and (state.step - max(c, judged) >= cfg.stable_window_steps or c in doomed)
+        and (state.step - c >= cfg.stable_window_steps or c in doomed)
     ]
     return max(ready, default=None)
 
