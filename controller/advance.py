@@ -209,9 +209,25 @@ def settle_ack(state: JobState, ack: wire.Ack, cfg: RollbackConfig) -> Settled |
     fresh = state.on_ack(ack)
     if not fresh or command is None:
         return None
+    if ack.error is None and command.rollback_to is None:
+        _applied_at(state, [*command.knobs.set(), *command.scale.set()], ack.step)
     return settle(state, command, cfg, restored=ack.restored_step, marked=ack.error is None,
                   why=ack.error or "the ack carries no restored_step",
                   rolled_back_from=ack.rolled_back_from)
+
+
+def _applied_at(state: JobState, knobs: list[str], step: int) -> None:
+    """The knobs a command changed took effect at ``step``: their cooldown and the samples
+    since the change count from there, not from the report the command was decided on (a
+    controller that fell behind, a slow policy, decided at 120 what the run applied at 252;
+    counted from 120, the next change came 12 steps after it)."""
+    for knob in knobs:
+        mem = state.memory.get(knob)
+        if mem is not None and mem.last_change_step is not None and step > mem.last_change_step:
+            mem.last_change_step = step
+        last = state.last_change_step.get(knob)
+        if last is not None and step > last:
+            state.last_change_step[knob] = step
 
 
 def settle_from_report(state: JobState, report: wire.Report,

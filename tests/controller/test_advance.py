@@ -10,6 +10,7 @@ from trimtab.controller.engine import Engine
 from trimtab.controller.governor import Governor
 from trimtab.controller.health import DivergenceThresholds
 from trimtab.controller.limits import GovernorConfig, KnobLimits
+from trimtab.controller.policy import Policy, Proposal
 from trimtab.controller.state import JobState
 from trimtab.policies.divergence_guard import DivergenceGuard
 from trimtab.policies.lr_range_test import LrRangeTest
@@ -110,3 +111,40 @@ def test_advance_sends_ordinary_changes_only_once_the_pending_command_is_applied
     out3 = advance(st, report(st, 2.0), eng)
     assert out3.decision is not None and out3.command is not None
     assert out3.command.seq == out.command.seq + 1
+
+
+class _Cut(Policy):
+    """Asks for x0.8 of the lr multiplier at every report."""
+
+    name = "cut"
+
+    def propose(self, view):
+        return [Proposal("lr", factor=0.8, reason="always")]
+
+
+def test_the_cooldown_counts_from_the_step_a_change_was_applied_at():
+    """A controller that fell behind (a slow policy) decided at step 10 what the run
+    applied at step 130. Counted from 10, a 50-step cooldown let the next change through at
+    the report of step 140, 10 steps after the first took effect; counted from the ack's
+    step, not before 180."""
+    from trimtab.controller.advance import settle_ack
+    from trimtab.controller.rollback import RollbackConfig
+
+    gov = Governor(GovernorConfig(lr=KnobLimits(cooldown_steps=50)))
+    eng = Engine([_Cut()], gov)
+    st = job()
+    out = advance(st, report(st, 1.0), eng)
+    assert out.command is not None and out.command.scale.lr == 0.8
+    # The run goes on; its ack comes with step 130 (the reports between said applied_seq 0).
+    while st.step < 120:
+        assert advance(st, report(st, 1.0, applied_seq=0), eng).command is None
+    ack = wire.Ack(job="j", seq=out.command.seq, step=130, knobs=wire.Knobs(lr=0.08),
+                   base=wire.Knobs(lr=0.1), scale=wire.Scale(lr=0.8))
+    settle_ack(st, ack, RollbackConfig())
+    steps = []
+    while st.step < 200:
+        out = advance(st, report(st, 1.0), eng)
+        if out.command is not None:
+            steps.append(st.step)
+            st.on_applied(out.command.seq, st.knobs)
+    assert steps[0] == 180, steps
