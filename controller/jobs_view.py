@@ -1,7 +1,9 @@
 """Every job of a journal, one line each (``trimtab jobs``, ``trimtab top``).
 
-A line joins two sources: the job's saved state (the controller's own view after each
-message: step, the knobs in force, the rollback alert; ``job_state``) and its events (when
+A line joins two sources: the job's saved state (the controller's own view: step, the
+knobs in force, the rollback alert; ``job_state``, saved at once with a command, a rollback
+or a job's start and end, else at most ``state_save_s`` after a report changed it, so the
+step may lag the metrics by that much) and its events (when
 it was last heard, whether it said goodbye or was lost, its last decision that acted and
 why, its rollbacks). :class:`JobsView` reads the events incrementally — only those
 journaled since its last read — so that ``trimtab top`` refreshing every second reads a
@@ -58,14 +60,20 @@ class JobsView:
         self.journal = journal
         self._lines: dict[str, JobLine] = {}
         self._after = 0
+        #: Names something was heard from or saved for: not only people's requests (a
+        #: refused request names whatever it was sent for, a typo or another shard's job).
+        self._known: set[str] = set()
 
     def update(self) -> list[JobLine]:
         """Read what was journaled since the last call; every job's line, by name."""
         for ev in self.journal.iter_events(after_id=self._after):
             self._after = ev.id
             self._feed(self._lines.setdefault(ev.job, JobLine(ev.job)), ev)
+            if ev.kind != "manual":
+                self._known.add(ev.job)
         live = set(self.journal.states(live_only=True))
         for job, sd in self.journal.states().items():
+            self._known.add(job)
             line = self._lines.setdefault(job, JobLine(job))
             line.step = sd.get("step", line.step)
             line.knobs = dict(sd.get("effective") or {})
@@ -77,7 +85,7 @@ class JobsView:
                 line.state = "live"
             elif job not in live and line.state in ("?", "live"):
                 line.state = "ended"  # its bye or loss compacted away, or never journaled
-        return [self._lines[j] for j in sorted(self._lines)]
+        return [self._lines[j] for j in sorted(self._lines) if j in self._known]
 
     def lines(self, *, all_jobs: bool = False, now: float | None = None) -> list[JobLine]:
         """:meth:`update`, then the jobs to show: every one, or live and recent ones."""
@@ -87,7 +95,8 @@ class JobsView:
 
     @staticmethod
     def _feed(line: JobLine, ev: Event) -> None:
-        line.last_seen = max(line.last_seen, ev.ts)
+        if ev.kind != "manual":  # a person's request is not word from the job
+            line.last_seen = max(line.last_seen, ev.ts)
         if ev.step is not None and ev.kind in ("report", "register", "ack", "bye", "lost"):
             line.step = ev.step
         d = ev.data

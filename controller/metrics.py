@@ -46,8 +46,10 @@ _GAUGES = {
     "trimtab_job_step": ("Optimizer steps the job has taken.", ()),
     "trimtab_job_last_seen_age_seconds": ("Seconds since the job's last message.", ()),
     "trimtab_job_healthy": (
-        "1 when the latest report passed the divergence checks (no "
-        "non-finite value, spike or climb), else 0.",
+        "1 when the latest report passed the divergence checks (no persistent "
+        "non-finite values -- a short burst the guard skipped is healthy --, no spike or "
+        "climb; spikes and climbs are judged after the health warm-up, 20 reports by "
+        "default), else 0.",
         (),
     ),
     "trimtab_job_loss": ("Mean training loss over the last report's window.", ()),
@@ -342,7 +344,8 @@ class ControllerMetrics:
         self.commands = Counter("trimtab_commands", "Commands sent, all jobs.", registry=registry)
         self.decision_latency = Histogram(
             "trimtab_decision_latency_seconds",
-            "Time from a report's arrival to its decision being sent.",
+            "Time from a report's arrival to the end of its handling, the policies' decision "
+            "included, whether it brought a command or none.",
             buckets=(1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25),
             registry=registry,
         )

@@ -122,6 +122,9 @@ def test_every_signal_of_the_last_report_is_a_job_series(tmp_path):
     assert sample(ctl, "trimtab_job_zscore", job="j", signal="loss") == pytest.approx(sig.loss_z)
     assert sample(ctl, "trimtab_job_zscore", job="j", signal="grad_norm") is not None
     assert sample(ctl, "trimtab_job_nonfinite_total", job="j", kind="grad") == 1.0
+    # Every report's handling is timed, not only those that brought a command (7 of 15
+    # here: the fleet's latency panel was empty in any window without one).
+    assert sample(ctl, "trimtab_decision_latency_seconds_count") == 15.0
 
 
 def test_knob_bounds_are_the_governors_for_the_job(tmp_path):
