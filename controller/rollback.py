@@ -79,6 +79,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from trimtab.controller.governor import _check_keys
 from trimtab.controller.health import DivergenceThresholds, Unhealthy
 
+#: The unjudged report steps kept: a warm-up's (``warmup_reports`` is 20 by default).
+_MAX_UNJUDGED = 1000
+
 if TYPE_CHECKING:
     from trimtab.controller.view import JobView
 
@@ -263,6 +266,10 @@ class RollbackState:
     #: or non-finite values go back to the newest checkpoint with
     #: ``stable_min_reports`` healthy reports after it, if newer.
     short_marked: list[int] = field(default_factory=list)
+    #: The steps of the reports not judged for spikes and climbs (the health warm-up's,
+    #: newest last): a candidate's healthy reports include them, a stable mark's
+    #: :meth:`judged_after` does not.
+    unjudged: list[int] = field(default_factory=list)
     #: The rollback ordered and not yet acknowledged.
     pending: RollbackRecord | None = None
     last_unhealthy_step: int | None = None
@@ -298,6 +305,11 @@ class RollbackState:
     #: :func:`~trimtab.controller.rollback_rules.plan_rollback`).
     before_verdict: dict[int, int] = field(default_factory=dict)
 
+    def judged_after(self, step: int) -> int:
+        """The healthy reports after the checkpoint at ``step`` (a candidate) that were
+        judged for spikes and climbs: those a stable mark needs."""
+        return self.candidates.get(step, 0) - sum(1 for u in self.unjudged if u > step)
+
     @property
     def stable_step(self) -> int | None:
         """The newest checkpoint marked stable that the client still lists."""
@@ -312,7 +324,7 @@ class RollbackState:
             in_force_at=dict(self.in_force_at), candidates=dict(self.candidates),
             stable=list(self.stable), unusable=list(self.unusable), history=list(self.history),
             last_resort=list(self.last_resort), resort_marked=list(self.resort_marked),
-            short_marked=list(self.short_marked),
+            short_marked=list(self.short_marked), unjudged=list(self.unjudged),
             rollbacks=dict(self.rollbacks), before_verdict=dict(self.before_verdict))
 
     def observe(self, view: JobView, verdict: Unhealthy | None,
@@ -320,8 +332,8 @@ class RollbackState:
         """Take the latest report in ``view``: its health (``verdict``, the controller's one
         judgement of it, :func:`~trimtab.controller.health.assess`), and the checkpoints it
         lists. A report not ``judged`` for spikes and climbs (the health warm-up's, while
-        the controller has seen too few to judge them) is no evidence that a checkpoint
-        before it is sound: it counts as no healthy report after one."""
+        the controller has seen too few to judge them) is kept in :attr:`unjudged`: it is
+        none of the healthy reports a stable mark needs (:meth:`judged_after`)."""
         report = view.last
         if report is None:
             return Observation()
@@ -337,12 +349,14 @@ class RollbackState:
             self.last_unhealthy_step, self.last_unhealthy = report.step, verdict.reason
             self.before_verdict = dict(self.candidates)
             self.candidates.clear()
-        elif judged:
+        else:
             for c in self.candidates:
                 if report.step > c:
                     self.candidates[c] += 1
+        if not judged:
+            self.unjudged = [*self.unjudged, report.step][-_MAX_UNJUDGED:]
         obs = self._take_listing(report.checkpoints, report.step, report.stable_step, seen,
-                                 verdict, report=judged)
+                                 verdict, report=True)
         return obs if moved is None else dataclasses.replace(obs, data_moved=moved)
 
     def check_climb(self, step: int, loss: float | None) -> str | None:
@@ -528,6 +542,7 @@ class RollbackState:
         self.step = step
         self._keep(held)
         self.in_force_at = {s: v for s, v in self.in_force_at.items() if s <= step}
+        self.unjudged = [s for s in self.unjudged if s <= step]
         self.pending_mark = None
         self.skipped_reports = 0
         if self.last_unhealthy_step is not None and self.last_unhealthy_step > step:
@@ -550,7 +565,7 @@ class RollbackState:
     _KEYS = frozenset({
         "step", "checkpoints", "at_checkpoint", "in_force_at", "candidates", "stable",
         "unusable",
-        "pending_mark", "last_resort", "resort_marked", "short_marked",
+        "pending_mark", "last_resort", "resort_marked", "short_marked", "unjudged",
         "pending", "last_unhealthy_step", "last_unhealthy", "history", "cooldown_until",
         "alert", "steps_lost", "rollbacks", "restored", "checkpoints_seen", "marked_stable",
         "skipped_reports", "failed", "last_loss", "climb_check", "climb_moved",
@@ -558,7 +573,7 @@ class RollbackState:
     })
     #: Keys a state saved by an older version lacks, with the value they then take.
     _ADDED = {"skipped_reports": 0, "last_resort": [], "resort_marked": [], "failed": 0,
-              "short_marked": [],
+              "short_marked": [], "unjudged": [],
               "last_loss": None,
               "climb_check": None, "climb_moved": None, "before_verdict": []}
 
@@ -584,6 +599,7 @@ class RollbackState:
         sd["last_resort"] = list(self.last_resort)
         sd["resort_marked"] = list(self.resort_marked)
         sd["short_marked"] = list(self.short_marked)
+        sd["unjudged"] = list(self.unjudged)
         sd["rollbacks"] = dict(sorted(self.rollbacks.items()))
         return sd
 
@@ -600,6 +616,7 @@ class RollbackState:
         self.last_resort = [int(s) for s in sd["last_resort"]]
         self.resort_marked = [int(s) for s in sd["resort_marked"]]
         self.short_marked = [int(s) for s in sd["short_marked"]]
+        self.unjudged = [int(s) for s in sd["unjudged"]]
         self.rollbacks = {str(k): int(n) for k, n in sd["rollbacks"].items()}
         self.at_checkpoint = {int(s): dict(v) for s, v in sd["at_checkpoint"]}
         self.in_force_at = {int(s): dict(v) for s, v in sd["in_force_at"]}

@@ -51,9 +51,9 @@ def stable_to_mark(state: RollbackState, cfg: RollbackConfig,
     newest = state.stable_step
     doomed = set() if keep is None else evicted_next(state.checkpoints, newest, keep)
     ready = [
-        c for c, healthy in state.candidates.items()
+        c for c in state.candidates
         if (newest is None or c > newest) and c in state.checkpoints
-        and healthy >= cfg.stable_min_reports
+        and state.judged_after(c) >= cfg.stable_min_reports
         and (state.step - c >= cfg.stable_window_steps or c in doomed)
     ]
     return max(ready, default=None)

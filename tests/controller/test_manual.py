@@ -173,13 +173,15 @@ def test_pause_stops_the_policies_and_keeps_the_safety_rollback_and_resume_ends_
     proposals = [e for e in ctl.journal.events("j1") if e.kind == "proposal"]
     assert [e.step for e in proposals if e.data["policy"] == "spike_guard"] == [140]
     # Non-finite values: the divergence guard's rollback still goes out.
-    stable = ctl.jobs["j1"].rollback.stable_step
     cmds = tick(ctl, 15, nonfinite=10) or tick(ctl, 16, nonfinite=10)
-    assert cmds and cmds[-1].rollback_to == stable is not None
+    # To the newest stable checkpoint, or, with only the last resort stable, to the
+    # newest one with healthy reports after it (rollback_rules._young).
+    target = cmds[-1].rollback_to if cmds else None
+    assert target is not None and target in ctl.jobs["j1"].rollback.checkpoints
     text = generate_latest(ctl.metrics.registry).decode()
     assert 'trimtab_job_paused{job="j1"} 1.0' in text
-    ctl.handle(PEER, wire.encode(wire.Ack(job="j1", seq=cmds[-1].seq, step=stable,
-                                          restored_step=stable, **in_force(0.5))))
+    ctl.handle(PEER, wire.encode(wire.Ack(job="j1", seq=cmds[-1].seq, step=target,
+                                          restored_step=target, **in_force(0.5))))
     # Resume: the policies act again.
     reply, _ = answer(ctl, operate("resume", reason="done looking"))
     assert reply.ok and ctl.jobs["j1"].paused is None

@@ -137,11 +137,12 @@ def test_reports_of_the_health_warm_up_are_no_evidence_a_checkpoint_is_sound():
     run.report(loss=1000.0)  # step 160: a spike no one judges
     assert run.rb.last_unhealthy_step is None
     run.to(200)  # report 20
-    assert run.rb.candidates == {50: 0, 100: 0, 150: 0, 200: 0}
+    assert [run.rb.judged_after(c) for c in (50, 100, 150, 200)] == [0, 0, 0, 0]
+    assert run.rb.candidates == {50: 15, 100: 10, 150: 5, 200: 0}  # what a young rule sees
     run.to(240)  # 190 steps after the checkpoint at 50, 4 judged reports: not yet
     assert stable_to_mark(run.rb, CFG) is None
     run.to(250)  # 200 steps, 5 judged reports
-    assert run.rb.candidates == {50: 5, 100: 5, 150: 5, 200: 5, 250: 0}
+    assert [run.rb.judged_after(c) for c in (50, 100, 150, 200, 250)] == [5, 5, 5, 5, 0]
     assert stable_to_mark(run.rb, CFG) == 50
     judged = Run(ckpt_every=50, cfg=JUDGED)  # no warm-up: 50 was due at 250 as well...
     judged.to(150)
