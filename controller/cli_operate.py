@@ -91,6 +91,29 @@ def _request(args: argparse.Namespace):
         request=uuid.uuid4().hex[:16], wait=args.wait > 0)
 
 
+#: The option or argument a request's field comes from, as a refusal names it.
+_OPTION = {"job": "JOB", "to_step": "--to", "reason": "--reason", "who": "--who"}
+
+
+def _named(error: dict) -> str:
+    """A request's validation error as the person typed it: the option, the value, and
+    what is wrong (``--to -5: Input should be greater than or equal to 0``).
+
+    >>> _named({"loc": ("to_step",), "input": -5, "msg": "Input should be >= 0"})
+    '--to -5: Input should be >= 0'
+    >>> _named({"loc": ("lr",), "input": -1.0, "msg": "must be > 0"})
+    'lr=-1.0: must be > 0'
+    """
+    field = str(error["loc"][0]) if error.get("loc") else ""
+    value = error.get("input")
+    if field in _OPTION:
+        shown = repr(value) if isinstance(value, str) else str(value)
+        return f"{_OPTION[field]} {shown}: {error['msg']}"
+    if field:
+        return f"{field}={value}: {error['msg']}"
+    return str(error["msg"])
+
+
 def _operate(args: argparse.Namespace) -> int:
     import zmq
     import zmq.auth
@@ -100,6 +123,13 @@ def _operate(args: argparse.Namespace) -> int:
     from trimtab.protocol import wire
 
     command = f"trimtab {args.action}"
+    for option, value, ok in (("--timeout", args.timeout, args.timeout > 0),
+                              ("--wait", args.wait, args.wait >= 0)):
+        if not ok:
+            print(f"{command}: {option} {value:g}: allowed: a number of seconds "
+                  f"{'> 0' if option == '--timeout' else '>= 0 (0: do not wait)'}",
+                  file=sys.stderr)
+            return 2
     try:
         request = _request(args)
         endpoints = [e.strip() for e in _endpoint(args).split(",")]
@@ -111,7 +141,7 @@ def _operate(args: argparse.Namespace) -> int:
         # Jobs sharded across controllers: the one this job's client picks.
         endpoint = wire.shard_of(args.job, endpoints)
     except (ValueError, ValidationError, ConfigError) as exc:
-        why = exc.errors()[0]["msg"] if isinstance(exc, ValidationError) else str(exc)
+        why = _named(exc.errors()[0]) if isinstance(exc, ValidationError) else str(exc)
         print(f"{command}: {why}", file=sys.stderr)
         return 2
     ctx = zmq.Context()

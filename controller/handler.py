@@ -352,6 +352,7 @@ class Controller:
         if state.is_stale(msg):
             self.recorder.stale(state, msg)
             return []
+        self.recorder.observed(msg.job)
         kept = _kept_now(state)
         self.recorder.settled(state, settle_from_report(state, msg, self.config.rollback))
         told: list[Reply] = []

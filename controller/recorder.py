@@ -42,6 +42,8 @@ class Recorder:
         self.config, self.journal, self.metrics = config, journal, metrics
         # Per job: when its last resend line went out, and the resends since, unsaid.
         self._resends: dict[str, tuple[float, int]] = {}
+        # Jobs whose stale reports were logged since their last observed one.
+        self._stale_said: set[str] = set()
 
     def resent(self, job: str, seq: int, now: float) -> None:
         """Log (DEBUG) that a command not yet applied is sent again: at most one line per
@@ -104,8 +106,19 @@ class Recorder:
         self.metrics.reports_stale.inc()
         self.journal.append(msg.job, "stale", step=msg.step, seq=msg.seq, data={
             **msg.model_dump(exclude={"type", "v", "job"})})
-        log.info("job %s: report %d (step %d) was made while its client heard no controller: "
-                 "not observed", msg.job, msg.seq, msg.step)
+        # One line per run of them (a restart after downtime brings a queue of dozens):
+        # the first at INFO, the rest at DEBUG until a report is observed again.
+        said = msg.job in self._stale_said
+        self._stale_said.add(msg.job)
+        log.log(logging.DEBUG if said else logging.INFO,
+                "job %s: report %d (step %d) was made while its client heard no controller: "
+                "not observed%s", msg.job, msg.seq, msg.step,
+                "" if said else " (the next ones like it are journaled and counted, "
+                "trimtab_reports_stale_total, not logged)")
+
+    def observed(self, job: str) -> None:
+        """A report of ``job`` was observed: its next stale one is logged again."""
+        self._stale_said.discard(job)
 
     def settled(self, state: JobState, done: Settled | None) -> None:
         """Journal and log what settling an applied command recorded."""

@@ -20,6 +20,7 @@ binds every job to the key that registered it.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 
@@ -50,6 +51,8 @@ _KEEP_PARTS = 2
 #: Failed CURVE handshakes that never reach the ZAP handler (wrong mechanism, wrong server
 #: key, garbage): counted as ``trimtab_rejected_peers_total{reason="handshake"}``.
 _HANDSHAKE_EVENTS = zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+#: At most one log line about failed handshakes this often (seconds); each is counted.
+_HANDSHAKE_LOG_S = 60.0
 
 
 class Server:
@@ -86,6 +89,8 @@ class Server:
         self._ctx = context or (zmq.Context() if self.curve else zmq.Context.instance())
         self._auth = None
         self._monitor = None
+        # Failed handshakes: when one was last logged, and how many came since.
+        self._handshake_said, self._handshakes_quiet = -math.inf, 0
         self.limiter = RateLimiter(config.rate_limit)
         self.sock = self._ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -310,12 +315,24 @@ class Server:
             except zmq.Again:
                 return
             if event["event"] & _HANDSHAKE_EVENTS:
-                log.warning(
-                    "refused a peer at %s: CURVE handshake failed (%s)",
-                    event["endpoint"].decode(errors="replace"),
-                    event["value"],
-                )
                 self.controller.metrics.rejected_peers.labels(reason="handshake").inc()
+                self._say_handshake(event["endpoint"].decode(errors="replace"),
+                                    event["value"], time.monotonic())
+
+    def _say_handshake(self, endpoint: str, code: int, now: float) -> None:
+        """Log a failed CURVE handshake: the first at once, then at most one line a minute
+        saying how many more (a client with the wrong server key retries in bursts every
+        100 ms, about 90 lines in 20 s before). libzmq tells neither the peer nor its key."""
+        self._handshakes_quiet += 1
+        if now - self._handshake_said < _HANDSHAKE_LOG_S:
+            return
+        more = self._handshakes_quiet - 1
+        log.warning(
+            "refused a peer on %s: CURVE handshake failed (libzmq code %s: a wrong server "
+            "key, no CURVE, or not ZeroMQ)%s; counted in trimtab_rejected_peers_total",
+            endpoint, code,
+            f", and {more} more since the last such line" if more else "")
+        self._handshake_said, self._handshakes_quiet = now, 0
 
     def _send(self, replies) -> None:
         for peer, frame in replies:

@@ -160,3 +160,18 @@ def test_keys_generate_refuses_a_number_of_clients_below_one(tmp_path):
         assert out.returncode == 2, out.stdout
         assert f"--clients {n}: allowed: a number of client key pairs >= 1" in out.stderr
         assert not (tmp_path / n).exists()
+
+
+def test_an_operators_request_refused_before_it_is_sent_names_the_option_and_value():
+    """Before, pydantic's message alone: 'Input should be greater than or equal to 0', and
+    --timeout -1 was waited for and reported as no controller answering."""
+    cases = [
+        (("rollback", "x", "--to", "-5"), "--to -5: Input should be greater than or equal to 0"),
+        (("pause", "x", "--reason", ""), "--reason '': String should have at least 1 character"),
+        (("set", "bad name!", "lr=0.1"), "JOB 'bad name!': String should match pattern"),
+        (("pause", "x", "--timeout", "-1"), "--timeout -1: allowed: a number of seconds > 0"),
+    ]
+    for args, said in cases:
+        extra = () if "--reason" in args else ("--reason", "r")
+        out = run(*args, *extra, "--endpoint", "tcp://127.0.0.1:1")
+        assert out.returncode == 2 and said in out.stderr, (args, out.stderr)

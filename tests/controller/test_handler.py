@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
@@ -672,10 +674,12 @@ def test_a_report_sent_before_the_restore_is_journaled_not_observed(tmp_path):
     assert type(st).from_state_dict(st.state_dict()).branch_seq == cmd.seq
 
 
-def test_reports_made_before_the_controller_heard_the_run_are_stale(tmp_path):
+def test_reports_made_before_the_controller_heard_the_run_are_stale(tmp_path, caplog):
     """Only fresh evidence: reports the client made while it heard no controller (offline)
     are journaled as stale and counted, never observed: no signal, no checkpoint list, no
-    decision comes from them, not even a non-finite one's rollback or cut."""
+    decision comes from them, not even a non-finite one's rollback or cut. The log says so
+    once per run of them (before: a line each, 34 after 10 s of downtime)."""
+    caplog.set_level(logging.INFO, logger="trimtab.controller")
     ctl, _ = make(tmp_path)
     ctl.handle(PEER, wire.encode(wire.Register(
         job="j1", run_id="r1", report_every=10, step=364,
@@ -694,6 +698,9 @@ def test_reports_made_before_the_controller_heard_the_run_are_stale(tmp_path):
     assert st.rollback.checkpoints == [] and st.nonfinite_grads == 0
     assert [e.kind for e in ctl.journal.events("j1")] == ["register"] + ["stale"] * 37
     assert metric(ctl, "trimtab_reports_stale_total 37.0")
+    said = [r for r in caplog.records if "heard no controller" in r.getMessage()
+            and r.levelno >= logging.INFO]
+    assert len(said) == 1 and "not logged" in said[0].getMessage()
     # The first report made while the controller is heard is observed.
     fresh = late.model_copy(update={"seq": 38, "step": 375, "offline": False})
     ctl.handle(PEER, wire.encode(fresh))
@@ -707,5 +714,7 @@ def test_reports_made_before_the_controller_heard_the_run_are_stale(tmp_path):
     old = fresh.model_copy(update={"seq": 39, "step": 380, "link": 1})
     ctl.handle(PEER, wire.encode(old))
     assert st.reports_seen == 1 and ctl.journal.events("j1")[-1].kind == "stale"
+    assert len([r for r in caplog.records if "heard no controller" in r.getMessage()
+                and r.levelno >= logging.INFO]) == 2  # a new run of them, after one observed
     ctl.handle(PEER, wire.encode(old.model_copy(update={"seq": 40, "step": 385, "link": 2})))
     assert st.reports_seen == 2

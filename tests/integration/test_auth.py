@@ -199,6 +199,18 @@ def test_unlisted_and_keyless_peers_never_get_a_reply_and_are_counted(tmp_path, 
         text = wait_for(counted)
         assert metric(text, "trimtab_rejected_peers_total", 'reason="unknown_key"') >= 1
         assert metric(text, "trimtab_rejected_peers_total", 'reason="handshake"') >= 1
+        # A client with the wrong server key retries (libzmq reconnects every 100 ms):
+        # each failure is counted, one log line a minute (before: one each, about 90 in
+        # 20 s).
+        wrong = tmp_path / "wrong"
+        wrong.mkdir()
+        zmq.auth.create_certificates(wrong, "server")
+        lost = dealer(ctx, srv.endpoint, wrong, keys / "clients" / "alice.key_secret")
+        lost.send(wire.encode(register("alice-job")))
+        before = metric(text, "trimtab_rejected_peers_total", 'reason="handshake"')
+        assert wait_for(lambda: metric(srv.metrics(), "trimtab_rejected_peers_total",
+                                       'reason="handshake"') >= before + 3)
+        assert srv.log().count("CURVE handshake failed") == 1, srv.log()
         assert srv.journal().events("eve-job") == []
         assert isinstance(ask(alice, wire.Heartbeat(job="alice-job")), wire.Heartbeat)
         assert "refused a client with an unlisted CURVE key" in srv.log()
