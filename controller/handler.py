@@ -588,10 +588,14 @@ class Controller:
         return governor.bounds(knob, initial)  # type: ignore[arg-type]
 
     def _policy_names(self, job: str) -> tuple[list[str], list[str]]:
-        """The names of ``job``'s live and shadow policies (for its counters' zeros)."""
-        engine = self.engine_for(job)
-        return ([p.name for p in engine.policies],
-                [p.name for p in engine.shadow_policies])
+        """The names of ``job``'s live and shadow policies (for its counters' zeros). Called
+        from the metrics thread: it reads the configured policies, builds no engine."""
+        picked: dict[str, tuple[PolicySpec, Policy]] = {}
+        for spec, policy in self._policies:
+            if spec.applies_to(job):
+                picked.setdefault(spec.name, (spec, policy))
+        return ([p.name for spec, p in picked.values() if not spec.shadow],
+                [p.name for spec, p in picked.values() if spec.shadow])
 
     def engine_for(self, job: str | None) -> Engine:
         """The engine with the policies configured for ``job`` (None: those for every job),
