@@ -151,6 +151,10 @@ def why_no_rollback(
         return "pending", f"the rollback to step {state.pending.to_step} is not acknowledged yet"
     target = _target(state, cfg, cause)
     if target is None:
+        if cause == "climb" and _stable_held(state):
+            # Stable, but only the run as it was handed over: a climb does not go back there.
+            return "no_stable", ("no stable checkpoint but the one taken at attach, which a "
+                                 "climb does not go back to (an LR cut in place answers it)")
         return "no_stable", "no stable checkpoint to roll back to"
     # Before the cooldown: a fault that recurs inside it, with the budget spent, is the
     # clearest case for the alert; waiting out the cooldown would only hide it.
