@@ -16,6 +16,8 @@ import torch
 from bench._lockstep import Lockstep
 from trimtab.client import attach
 
+from .support import wait_for
+
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180),
               pytest.mark.usefixtures("one_thread")]
 
@@ -84,6 +86,9 @@ def test_the_average_and_its_validation_survive_a_rollback(serve_factory):
     lockstep.close()
     assert lockstep.timeouts == 0
     journal = srv.journal()
+    # The state the job ended with (saved with its bye; a report's changes are saved up to
+    # state_save_s later).
+    assert wait_for(lambda: journal.events(JOB, "bye"))
     (rollback,) = journal.events(JOB, "rollback")
     target = rollback.data["target"]
     assert rollback.data["reason"] == "nonfinite" and 10 <= target < FAULT

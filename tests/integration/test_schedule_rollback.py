@@ -37,6 +37,12 @@ cooldown_steps = 1000
 
 [rollback]
 stable_window_steps = 20
+
+# Every report judged from the first: the fault comes at step 50, inside the default health
+# warm-up (20 reports of 5 steps), whose reports are no evidence for a stable mark; this
+# test is about the schedule restored to a checkpoint's position, after the first one.
+[rollback.health]
+warmup_reports = 0
 """
 
 FAULT = 50
