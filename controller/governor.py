@@ -18,7 +18,10 @@ when the multiplier is above 1 (it never lowers the user's own lr).
 >>> mem = KnobMemory()
 >>> out = gov.govern("lr", mem, current=1.0, initial=1.0, target=1000.0, step=100)
 >>> (out.value, out.limits)
-(2.0, ('bounds', 'max_step_ratio', 'slew'))
+(2.0, ('max_step_ratio',))
+
+``limits`` names the limits the value stopped at: x1000 is past the bounds and the slew
+range too, but the step ratio, the tightest, set it.
 """
 
 from __future__ import annotations
@@ -302,7 +305,12 @@ class Governor:
             # The value in force left the slew range on its own (the user's schedule moved
             # it): the range would turn the change asked into one the other way. None.
             return None, acted or ("slew",)
-        return value, acted
+        # The limits that set the value: those whose edge it stopped at, not every range
+        # the target fell outside (a 4x move under max_step_ratio 2 is not slew-limited
+        # because slew, looser, would also have stopped it somewhere).
+        binding = tuple(name for name, a, b in ranges
+                        if (target < low and a == value) or (target > high and b == value))
+        return value, binding
 
     def _filter(
         self, lim: KnobLimits, memory: KnobMemory, current: float, value: float,

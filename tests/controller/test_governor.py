@@ -274,3 +274,28 @@ def _assert_slew(sent, initial, window, ratio):
         seen = [before[-1] if before else initial]
         seen += [v for s, v in sent if start < s <= end]
         assert max(seen) / min(seen) <= ratio * (1 + 1e-9), (end, seen)
+
+
+def test_limits_name_the_ones_the_value_stopped_at_not_every_range_the_target_missed():
+    """A reason's ``[limited: ...]`` said ``slew`` for a 4x move under slew_ratio 100 (a
+    plugin author's trial): every range the target fell outside was named. Now only those
+    whose edge the value stopped at."""
+    def gov(**lim) -> Governor:
+        return Governor(GovernorConfig(lr=KnobLimits(**{"cooldown_steps": 0, **lim})))
+
+    # The step ratio is the tightest: the slew range and the bounds would stop it later.
+    out = gov(max_step_ratio=2, slew_ratio=4, max_rel=10).govern(
+        "lr", KnobMemory(), current=1.0, initial=1.0, target=1000.0, step=100)
+    assert out == Governed(2.0, ("max_step_ratio",))
+    # The slew window is the tightest.
+    out = gov(max_step_ratio=4, slew_ratio=2, max_rel=10).govern(
+        "lr", KnobMemory(), current=1.0, initial=1.0, target=1000.0, step=100)
+    assert out == Governed(2.0, ("slew",))
+    # Two edges at the same value: both named.
+    out = gov(max_step_ratio=2, slew_ratio=2, max_rel=10).govern(
+        "lr", KnobMemory(), current=1.0, initial=1.0, target=1000.0, step=100)
+    assert out == Governed(2.0, ("max_step_ratio", "slew"))
+    # A looser slew range is not named when the step ratio set the value (the trial's case).
+    out = gov(max_step_ratio=2, slew_ratio=100, max_rel=1000).govern(
+        "lr", KnobMemory(), current=1.0, initial=1.0, target=4.0, step=100)
+    assert out == Governed(2.0, ("max_step_ratio",))
