@@ -425,12 +425,17 @@ class Controller:
             state = self._live(peer, msg)
         if state is None:
             return [self._unknown(peer, msg.job)]
-        state.note_validation(msg.step, msg.value, msg.ema)
-        self.journal.append(msg.job, "validation", step=msg.step,
-                            data={"value": msg.value, "ema": msg.ema})
+        self._note_validation(state, msg)
         if msg.run_id is not None:  # its link waits for an answer
             return [(peer, wire.encode(wire.Heartbeat(job=msg.job, step=state.step)))]
         return []
+
+    def _note_validation(self, state: JobState, msg: wire.Validation,
+                         after_end: bool = False) -> None:
+        """Keep a validation result with the run's results and journal it."""
+        state.note_validation(msg.step, msg.value, msg.ema)
+        data = {"value": msg.value, "ema": msg.ema, **({"after_end": True} if after_end else {})}
+        self.journal.append(msg.job, "validation", step=msg.step, data=data)
 
     def _validation_after_end(self, peer: bytes, msg: wire.Validation) -> list[Reply]:
         """A validation result sent after its run said Bye (``trainer.evaluate()`` after
@@ -451,9 +456,7 @@ class Controller:
             except ValueError as exc:  # written by an older controller
                 return [self._refuse(peer, "unknown_job", f"job {msg.job!r}: the state of "
                                      f"run {msg.run_id!r} cannot be read ({exc})", msg.job)]
-        state.note_validation(msg.step, msg.value, msg.ema)
-        self.journal.append(msg.job, "validation", step=msg.step, data={
-            "value": msg.value, "ema": msg.ema, "after_end": True})
+        self._note_validation(state, msg, after_end=True)
         self._save(state, live=False)
         log.info("job %s: validation %.6g at step %d, sent after the run ended", msg.job,
                  msg.value, msg.step)

@@ -301,7 +301,7 @@ class RollbackState:
     climb_moved: int | None = None
     #: The candidates (checkpoint step -> healthy reports after it) as they stood when the
     #: last unhealthy report was judged, which cleared them: the young checkpoints a spike or
-    #: non-finite values may go back to while only the last resort is stable (see
+    #: non-finite values may go back to while no stable one has a full window behind it (see
     #: :func:`~trimtab.controller.rollback_rules.plan_rollback`).
     before_verdict: dict[int, int] = field(default_factory=dict)
 

@@ -29,9 +29,9 @@ __all__ = ["URGENT", "stable_to_mark", "why_no_rollback", "plan_rollback", "with
 
 #: The causes a rollback is urgent for: damage an LR cut cannot repair. Ordered inside the
 #: cooldown after a rollback (a spike only while that leaves the budget's last rollback
-#: unspent), and early in a run sent to the young checkpoint before the fault rather than
-#: to the last resort (:func:`_young`). Any other cause (a climb, a plugin's) waits the
-#: cooldown out.
+#: unspent), and, while no stable checkpoint has a full window behind it, sent to the young
+#: checkpoint before the fault if it is newer (:func:`_young`). Any other cause (a climb, a
+#: plugin's) waits the cooldown out.
 URGENT: tuple[str, ...] = ("nonfinite", "loss_spike", "grad_spike")
 
 
@@ -67,7 +67,7 @@ def _target(state: RollbackState, cfg: RollbackConfig,
     for a climb, the last resort marked stable (:attr:`RollbackState.resort_marked`): a
     climb is slow, and the run as it was handed over holds nothing it has trained since;
     with no other, the climb's rollback becomes an LR cut in place. For a spike or
-    non-finite values while the last resort is the only one stable, :func:`_young`."""
+    non-finite values while no stable one has a full window behind it, :func:`_young`."""
     ok = _stable_held(state)
     if cause == "climb":
         ok = [s for s in ok if s not in state.resort_marked]
@@ -212,8 +212,8 @@ def plan_rollback(
     assert target is not None  # why_no_rollback checked it
     if target not in state.stable and target == _young(state, cfg, cause):
         reason = (f"{reason} (to checkpoint {target}, {state.before_verdict[target]} healthy "
-                  f"reports after it, marked stable with this rollback: none but the one "
-                  f"taken at attach was stable yet)")[:1024]
+                  f"reports after it, marked stable with this rollback: no stable checkpoint "
+                  f"had a full healthy window behind it yet)")[:1024]
     level = _level(state, cfg, target)
     if level > cfg.budget:
         reason = (f"{reason} (stranded: every step of the last {state.skipped_reports} "

@@ -654,3 +654,21 @@ def test_non_finite_values_with_nothing_stable_say_nothing_of_a_young_checkpoint
     st = RollbackState(step=40, checkpoints=[0, 30], before_verdict={0: 6, 30: 1})
     plan = plan_rollback("nonfinite", "NaN", st, CFG)
     assert plan.target_step == 0 and plan.reason == "NaN"
+
+
+def test_a_spike_goes_to_a_newer_young_checkpoint_while_the_stable_one_was_marked_short():
+    """A checkpoint marked stable short of its window (a ring that would have dropped it)
+    has no more evidence behind it than a young one: a spike goes to the newer young
+    checkpoint, marked in the same command, and its reason says why. One marked after a
+    full window keeps the rollback; a climb never takes the young one."""
+    def state(short: list[int]) -> RollbackState:
+        return RollbackState(step=300, checkpoints=[100, 240], stable=[100],
+                             short_marked=short, before_verdict={240: 6})
+
+    plan = plan_rollback("loss_spike", "spike", state([100]), CFG)
+    assert plan.target_step == 240
+    assert plan.reason == ("spike (to checkpoint 240, 6 healthy reports after it, marked "
+                           "stable with this rollback: no stable checkpoint had a full "
+                           "healthy window behind it yet)")
+    assert plan_rollback("loss_spike", "spike", state([]), CFG).target_step == 100
+    assert plan_rollback("climb", "c", state([100]), CFG).target_step == 100
