@@ -24,6 +24,10 @@ and at most 10% above the reference), optimizer steps redone after rollbacks by 
 faulted run and, beside them, by the reference, and the faulted run's final loss over the
 attached reference and over the bare clean run.
 
+The attached runs go in lockstep with the controller (each report waits for its answer,
+:mod:`bench._lockstep`), so a seed's row repeats whatever the machine's load;
+``--no-lockstep`` lets commands land whenever they arrive, as in a real run.
+
 The same harness is used by ``tests/integration/test_rollback.py``. The same four faults
 meet every contender of ``python -m bench run`` on its tasks (the ``faults`` scenario,
 :mod:`bench.recovery`), through :func:`poison_batch` and :func:`poison_grad`.
@@ -239,6 +243,10 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--faults", default=",".join(FAULTS))
     ap.add_argument("--schedules", default=",".join(SCHEDULES))
+    ap.add_argument("--no-lockstep", dest="lockstep", action="store_false",
+                    help="let commands land whenever they arrive, as in a real run (the "
+                         "runs then move with the machine's load); by default each report "
+                         "waits for its answer (bench/_lockstep.py) and the runs repeat")
     ap.add_argument("--fault-at", type=int, default=FAULT_AT,
                     help=f"the iteration the fault starts at (default {FAULT_AT}; the health "
                          "judgement reads spikes from the 21st report, iteration 100, on)")
@@ -257,18 +265,19 @@ def main() -> None:
             f.write(CONTROLLER_CONFIG)
         ctl = Controller(tmp, cfg)
         endpoint = ctl.endpoint
+        journal = ctl.journal if args.lockstep else None
         rows = []
         try:
             for sched in schedules:
                 for kind in args.faults.split(","):
                     rows.append((sched, kind, *_fault_row(kind, sched, args.seeds, endpoint,
-                                                          args.fault_at)))
+                                                          args.fault_at, journal)))
         finally:
             ctl.stop()
     print(f"# fault recovery: {platform.machine()}, {os.cpu_count()} cpus, torch "
           f"{torch.__version__}, python {platform.python_version()}; seeds 0..{args.seeds - 1}; "
           f"{TOTAL} steps, fault at iteration {args.fault_at}, checkpoint every "
-          f"{CHECKPOINT_EVERY}")
+          f"{CHECKPOINT_EVERY}; lockstep {'on' if args.lockstep else 'off'}")
     print("| schedule | fault | runs | bare runs damaged | trimtab runs recovered "
           "| steps redone (median) | steps redone (max) | reference's steps redone (median) "
           "| ratio to attached clean (median) | (best) | (worst) "
@@ -279,15 +288,18 @@ def main() -> None:
               f"| {pmed:.0f} | {rmed:.3f} | {rmin:.3f} | {rmax:.3f} | {bmed:.3f} | {bmax:.3f} |")
 
 
-def _fault_row(kind: str, sched: str, seeds: int, endpoint: str, at: int = FAULT_AT) -> tuple:
+def _fault_row(kind: str, sched: str, seeds: int, endpoint: str, at: int = FAULT_AT,
+               journal: str | None = None) -> tuple:
+    """One row of the table; with ``journal`` the attached runs go in lockstep."""
     dmg = rec = 0
     lost, planned, ratios, to_bare = [], [], [], []
     for seed in range(seeds):
-        clean = train(None, endpoint, f"clean-{sched}-{kind}-{seed}", seed, schedule=sched)
+        clean = train(None, endpoint, f"clean-{sched}-{kind}-{seed}", seed, schedule=sched,
+                      journal=journal)
         bare_clean = train(None, None, "bare-clean", seed, schedule=sched)
         bare = train(kind, None, "bare", seed, schedule=sched, fault_at=at)
         run = train(kind, endpoint, f"{sched}-{kind}-{seed}", seed, schedule=sched,
-                    fault_at=at)
+                    fault_at=at, journal=journal)
         dmg += damaged(bare, clean)
         rec += recovered(run, clean)
         lost.append(run.steps_lost)
