@@ -196,15 +196,22 @@ class Engine(PhaseRules, ScheduleRules):
         stop = "; ".join(f"{n}: {p.reason}" for n, p in advice)[:1024] or None
         phase = state.phase
         restart = None
-        if opened is not None and phase is not None and phase.start_step < state.step:
-            # A phase opened to start over from an earlier checkpoint: a planned rollback
-            # there, with the phase's sweep (it is not the phase's end: the phase goes on).
+        again = (not shadow and opened is None and ending is None
+                 and self._restarts_phase(state, proposals))
+        if phase is not None and (again or (opened is not None
+                                            and phase.start_step < state.step)):
+            # A phase opened to start over from an earlier checkpoint, or its policy starts
+            # it over from its checkpoint: a planned rollback there, with the phase's sweep
+            # (it is not the phase's end: the phase goes on).
             sweep = next(p for n, p in proposals if n == phase.policy and p.sweep)
             restart = plan_rollback(phase.policy, sweep.reason, state.rollback, self.rollback,
-                                    phase.start_step, sweep.value,
-                                    in_force=state.knobs.model_dump())
+                                    phase.checkpoint if again else phase.start_step,
+                                    sweep.value, in_force=state.knobs.model_dump())
             if restart is not None:
                 restart = dataclasses.replace(restart, policy=phase.policy)
+                if again:
+                    state.phase = phase = dataclasses.replace(
+                        phase, start_step=phase.checkpoint, restarts=phase.restarts + 1)
         # Advice changes no knob, so it never reaches the arbiter (a hold would block raises).
         if restart is not None:
             plan, alert, usable = restart, None, proposals

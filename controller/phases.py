@@ -14,6 +14,10 @@ only, no escalation, budget or cooldown, its ``detail["found_lr"]`` kept as the 
 ``found_lr``; or in place (``Proposal.end_in_place(knob, value, ...)``, the sweep's
 last value): no rollback, the value set with the bounds only and the phase recorded as
 ended in place at that step and value (:attr:`Decision.phase_end`, ``Phase.in_place``).
+Its policy may also start the phase over from its checkpoint while it is open (a sweep
+value with ``detail["restart_from"]`` that checkpoint): a planned rollback there, with
+the sweep, and the phase goes on (``Phase.restarts`` counts them; the range test does so
+while the data its sweep meets is bad).
 A return that cannot be made (no restorable checkpoint) ends the phase in place too,
 and is recorded so. A policy that fails mid-phase ends it with the return to the
 checkpoint at the LR that was in force there (cause ``phase_aborted``); so does a phase
@@ -117,6 +121,24 @@ class PhaseRules:
         if why_no_rollback(rb, self.rollback, name, want) is not None:
             return None
         return want
+
+    def _restarts_phase(self, state: JobState,
+                        proposals: Sequence[tuple[str, Proposal]]) -> bool:
+        """Whether the open phase's policy asks to start its phase over from the phase's
+        checkpoint (a sweep value, not its last, with ``detail["restart_from"]`` that
+        checkpoint), and a planned rollback there can be made: the engine then rolls the
+        run back there with the sweep, and the phase goes on (``Phase.restarts``)."""
+        phase = state.phase
+        if phase is None:
+            return False
+        p = next((p for n, p in proposals
+                  if n == phase.policy and p.sweep and not p.ends_phase), None)
+        want = None if p is None else (p.detail or {}).get("restart_from")
+        rb = state.rollback
+        if (want != phase.checkpoint or isinstance(want, bool) or want >= state.step
+                or want not in rb.checkpoints or want in rb.unusable):
+            return False
+        return why_no_rollback(rb, self.rollback, phase.policy, want) is None
 
     def _phase_knob(
         self, state: JobState, knob: str, mine: list[tuple[str, Proposal]]

@@ -137,6 +137,9 @@ class Phase:
     #: The opening proposal's ``detail``, as its policy recorded it for the phase (the LR
     #: range test: the sweep's range, fixed when it opened); None: none, or an older save.
     opened: dict[str, Any] | None = None
+    #: Times its policy started it over from ``checkpoint`` while it was open (the range
+    #: test, while the data its sweep met was bad: see its ``data_restarts``).
+    restarts: int = 0
 
     @property
     def resume_step(self) -> int:

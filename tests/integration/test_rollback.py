@@ -125,6 +125,38 @@ def test_a_run_far_too_hot_from_its_first_step_is_swept_from_its_attach_checkpoi
 
 
 
+@pytest.mark.parametrize("schedule", ["constant", "warmup_cosine"])
+def test_bad_batches_in_the_first_reports_are_skipped_by_the_sweep_they_opened(
+        serve_factory, schedule):
+    """Twenty batches of corrupted targets at iteration 50 of a tuned run: inside the first
+    20 reports, so the health judgement does not read spikes yet, and the loss's jump opens
+    the LR range test from the attach checkpoint. Its sweep's first report meets the
+    corrupted batches that are left: the loss stands far above anything the checkpoint's
+    weights gave, at LRs that barely move them, so the sweep starts over from step 0 while
+    they last, and once the data is clean ends in place with no pick, the run's own LR
+    kept. Before, the sweep read the bad batches as a loss curve and picked x0.003 of the
+    tuned LR: the runs ended 2.3x and 74x their clean ones."""
+    srv = serve_factory(CONTROLLER_CONFIG)
+    journal = str(srv.journal_path)
+    clean = train(None, srv.endpoint, job="clean", journal=journal, schedule=schedule)
+    bare = train("corrupt_targets", None, job="bare", schedule=schedule, fault_at=50)
+    run = train("corrupt_targets", srv.endpoint, job="early", journal=journal,
+                schedule=schedule, fault_at=50)
+    assert damaged(bare, clean), f"the fault is not real: bare {bare}, clean {clean}"
+    assert math.isfinite(run.val) and run.steps == TOTAL, run
+    assert recovered(run, clean), f"faulted {run}, clean {clean}"
+    events = srv.journal()
+    over = [e for e in events.events("early", "rollback")
+            if e.data["reason"] == "lr_range_test" and "starts over" in e.data["why"]]
+    assert over and all(e.data["target"] == 0 for e in over), \
+        [e.data for e in events.events("early", "rollback")]
+    said = [e.data["knobs"]["lr"]["reason"] for e in events.events("early", "decision")
+            if "lr" in e.data.get("knobs", {})]
+    ends = [r for r in said if "ends in place" in r]
+    assert ends and "no pick" in ends[0], ends
+    assert not events.events("clean", "rollback")
+
+
 def test_checkpoints_become_stable_in_a_ring_shorter_than_the_stable_window(serve_factory):
     """The default controller (a 200-step window) and a client that takes a checkpoint
     every 50 steps and keeps 3: no checkpoint is held 200 steps. Each is marked stable as

@@ -228,6 +228,87 @@ def test_a_run_too_hot_from_the_start_sweeps_again_from_its_first_checkpoint():
     # returns.
     assert st.phases_done["lr_range_test"].restarted
     assert end.detail["stop"].startswith("the loss turned up") and end.detail["end"] == "rollback"
+    # Its first reports stood near what the checkpoint's weights gave: no bad data.
+    assert st.phases_done["lr_range_test"].restarts == 0
+
+
+def _opened_by_bad_batches(**config):
+    """A run whose loss jumped 1e5x in its second report (a burst of corrupted batches): the
+    range test opens from the attach checkpoint. Returns (engine, client, the decision)."""
+    c = client(checkpoints=(0, 10, 100, 200))
+    engine = Engine([LrRangeTest({"beta": 0.0, "min_lr": 1e-5, "max_lr": 1e-1, **config})],
+                    WIDE, live_schedules=True)
+    c.advance()
+    c.observe(loss_mean=2.3, loss_min=2.2, loss_max=2.4)
+    c.send(decided(engine, c.state))
+    c.advance()
+    c.observe(loss_mean=3e5, loss_min=2e5, loss_max=5e5)
+    d = decided(engine, c.state)
+    assert d.rollback is not None and d.rollback.target_step == 0
+    assert c.state.phase.opened["before"] == [2.2, 2.4]  # the checkpoint's weights gave
+    c.send(d)
+    return engine, c, d
+
+
+def test_a_sweep_meeting_bad_batches_starts_over_and_ends_in_place_once_they_are_gone():
+    """The sweep's first reports, at LRs that barely move the weights, stand 1e5x above
+    anything the checkpoint's weights gave: bad data, not the LR. The sweep starts over
+    from its checkpoint (a planned rollback; the phase stays open) while they last, and
+    once a report is clean again ends in place with no pick, at the run's own LR: the
+    blow-up that opened it was the data's."""
+    engine, c, _ = _opened_by_bad_batches()
+    st = c.state
+    for n in (1, 2):
+        c.advance()
+        c.observe(loss_mean=4e5, loss_min=3e5, loss_max=6e5)
+        d = decided(engine, st)
+        assert d.rollback is not None and d.rollback.planned and d.rollback.target_step == 0
+        assert d.phase_end is None and st.phase is not None and st.phase.restarts == n
+        assert "starts over from the checkpoint at step 0" in d.rollback.reason
+        assert "bad data, not the LR" in d.rollback.reason
+        command = c.send(d)
+        assert command.rollback_to == 0
+    # Kept with the job's state: a restarted controller counts on from there.
+    assert JobState.from_state_dict(st.state_dict()).phase == st.phase
+    c.advance()
+    assert c.trace[-1][0] == EVERY - 1 and c.trace[-EVERY][0] == 0  # trained from step 0
+    c.observe(loss_mean=2.25, loss_min=2.2, loss_max=2.3)
+    d = decided(engine, st)
+    assert d.rollback is None and d.phase_end is not None and d.phase_end.in_place
+    assert d.phase_end.found_lr is None and st.found_lr is None and st.phase is None
+    assert d.knobs["lr"].commanded == pytest.approx(1.0)  # the run's own LR
+    assert "no pick" in d.knobs["lr"].reason and "data's" in d.knobs["lr"].reason
+    c.send(d)
+    c.run(1)
+    assert c.trace[-1][1] == pytest.approx(LR)
+    # One range test per job: a later jump opens none.
+    assert not [p for _, p in decided(engine, st).proposals if p.sweep]
+
+
+def test_bad_batches_past_the_restarts_end_the_sweep_back_at_the_checkpoint_and_own_lr():
+    engine, c, _ = _opened_by_bad_batches(data_restarts=1)
+    st = c.state
+    outcomes = []
+    for _ in range(2):
+        c.advance()
+        c.observe(loss_mean=4e5, loss_min=3e5, loss_max=6e5)
+        d = decided(engine, st)
+        outcomes.append(d)
+        c.send(d)
+    first, last = outcomes
+    assert first.phase_end is None and first.rollback.target_step == 0
+    assert last.phase_end is not None and not last.phase_end.in_place
+    assert last.rollback.target_step == 0 and last.phase_end.found_lr is None
+    assert "no pick" in last.rollback.reason and "after 1 restarts" in last.rollback.reason
+    assert last.rollback.targets == {"lr": pytest.approx(1.0)}
+
+
+def test_with_data_restarts_off_the_sweep_reads_the_bad_batches():
+    engine, c, _ = _opened_by_bad_batches(data_restarts=0)
+    c.advance()
+    c.observe(loss_mean=4e5, loss_min=3e5, loss_max=6e5)
+    d = decided(engine, c.state)
+    assert d.rollback is None and c.state.phase.restarts == 0
 
 
 def test_a_run_that_blew_up_before_its_sweep_keeps_nothing_of_it():
