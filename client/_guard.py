@@ -358,6 +358,9 @@ class Guard(GuardState):
         )
         if self._store is not None:
             self._ckpts.take_origin()  # the early rollback target
+        # What the run was handed over as, to tell at the first step whether the loop loaded
+        # a state after attach (see _handed_over_again).
+        self._handed = self._fingerprint()
         # The checkpoints held, as the registration tells them (read by the transport thread):
         # their steps, the newest stable one, and the origin's (Checkpointing.origin).
         self._listing: tuple[list[int], int | None, int | None] = ([], None, None)
@@ -427,6 +430,8 @@ class Guard(GuardState):
         """Before the optimizer step: command, probe, clip. ``None``: a rollback took the step."""
         if isinstance(loss, torch.Tensor) and loss.numel() != 1:
             raise ValueError(f"loss must be a scalar, got shape {tuple(loss.shape)}")
+        if self._step.calls == 0 and self._handed is not None:
+            self._handed_over_again()
         self._ckpts.before_step()
         micro = self._step.take_micro()
         if self._commands.take():
@@ -443,6 +448,41 @@ class Guard(GuardState):
         if self._commands.owed:
             self._commands.acknowledge(self._host_step())  # with the values this step uses
         return total, finite
+
+    def _fingerprint(self) -> tuple[Any, ...]:
+        """What changes when the loop loads a state into the run: the parameters' version
+        counters (``load_state_dict`` copies into them), how many parameters the optimizer
+        holds state for and the scheduler's position. Host values only, no device read."""
+        try:
+            versions: tuple[int, ...] | None = tuple(
+                p._version for p in self.model.parameters())
+        except Exception:  # a parameter type without version counters: not told apart
+            versions = None
+        sched = self._ckpts.scheduler
+        position = (None if sched is None else
+                    (getattr(sched, "last_epoch", None), getattr(sched, "_step_count", None)))
+        return versions, len(self.optimizer.state), position
+
+    def _handed_over_again(self) -> None:
+        """At the first step: when the loop loaded a state into the model, optimizer or
+        scheduler after ``attach`` (a pretrained or resumed checkpoint, without
+        ``guard.load_state_dict``), the snapshot taken at attach holds the state before it:
+        it is taken again, of the run as it is handed over now (the rollback target of last
+        resort), and an optimizer that holds state now tells the controller the run
+        continues (``warm_start``: no LR range test on it). Once, before the first step."""
+        handed, self._handed = self._handed, None
+        if self._fingerprint() == handed:
+            return
+        log.info("trimtab: job %s: the run's state changed between attach and its first step "
+                 "(a checkpoint loaded after attach): the snapshot of the run as handed over "
+                 "is taken again now", self.job)
+        if self._store is not None:
+            self._ckpts.replace_all()
+            self._note_listing()
+        if not self._warm_start and any(bool(v) for v in self.optimizer.state.values()):
+            self._warm_start = True
+            if self._transport is not None:
+                self._transport.reregister()  # the registration now says warm_start
 
     def _finish_step(self) -> None:
         """After the optimizer step: average the weights in, probe the update, count the

@@ -53,8 +53,12 @@ class GuardState:
     _resume_step: int | None
     _resume_id: str | None
     _ema: Any  # the weight average (None: off), see _ema
+    _handed: tuple[Any, ...] | None  # the run as handed over, until the first step
 
     def _note_listing(self) -> None:  # the guard's: the checkpoints its registration lists
+        raise NotImplementedError
+
+    def _fingerprint(self) -> tuple[Any, ...]:  # the guard's: see Guard._handed_over_again
         raise NotImplementedError
 
     @property

@@ -192,6 +192,7 @@ def load_state(guard: Guard, sd: Any) -> None:
     # resumes, and this id tells the controller that it is another resume all the same.
     guard._resume_id = uuid.uuid4().hex
     guard._ckpts.replace_all()  # the attach snapshot predates the state just loaded
+    guard._handed = guard._fingerprint()  # handed over as loaded: nothing to take again
     guard._note_listing()
     # Registered again, on the same link: as this run, resumed at ``step``.
     guard._transport.reregister()
