@@ -279,13 +279,22 @@ class Controller:
         self.journal.append(msg.job, "register", step=msg.step, data={
             "resumed": resumed, "key": rec.owner,
             **msg.model_dump(mode="json", exclude={"type", "v", "job", "step"})})
+        # A resume sets aside the command the old process had not applied: it never will be.
+        dropped = (state.pending_command if resumed == "resume"
+                   and state.pending_command is not None
+                   and state.pending_command.seq > msg.applied_seq else None)
         listing = state.on_register(msg)
+        if dropped is not None:
+            replies_dropped = self._withdraw_resumed(state, msg, dropped)
+        else:
+            replies_dropped = []
         if listing is not None:
             self.recorder.listed(state, msg, listing)
         self._save(state)
         log.info("job %s registered (%s), step %d", msg.job, resumed, msg.step)
         self._derive_limits(state)
-        replies = [(peer, wire.encode(wire.Heartbeat(job=msg.job, step=state.step)))]
+        replies = [(peer, wire.encode(wire.Heartbeat(job=msg.job, step=state.step))),
+                   *replies_dropped]
         pending = state.pending_command
         if pending is not None and pending.seq > msg.applied_seq:
             pending = self._void_unheld_mark(state, msg, pending, replies)
@@ -296,6 +305,21 @@ class Controller:
             replies += self._act(peer, state, self.engine_for(state.job).decide_schedules(state))
             self._save(state)
         return replies
+
+    def _withdraw_resumed(self, state: JobState, msg: wire.Register,
+                          dropped: wire.Command) -> list[Reply]:
+        """The run was resumed from a save made before ``dropped`` (pending, unapplied) was
+        applied: the resume set it aside (:meth:`JobState.on_resumed`) and it is never sent.
+        Journaled as withdrawn, and the people waiting on it told so."""
+        at = msg.step if msg.resume_step is None else min(msg.resume_step, msg.step)
+        why = (f"the run was resumed at step {at} in a new process, from a save made before "
+               "it was applied")
+        self.journal.append(state.job, "withdrawn", step=at, seq=dropped.seq,
+                            data={"why": why, **dropped.model_dump(
+                                mode="json", exclude={"type", "v", "job", "seq"},
+                                exclude_none=True)})
+        log.info("job %s: command %d withdrawn, never sent: %s", state.job, dropped.seq, why)
+        return self._never_applied(state.job, f"withdrawn: {why}")
 
     def _void_unheld_mark(self, state: JobState, msg: wire.Register, pending: wire.Command,
                           replies: list[Reply]) -> wire.Command | None:

@@ -102,6 +102,14 @@ class JobsView:
         d = ev.data
         if ev.kind == "register":
             line.state = "live"
+            at = d.get("resume_step")
+            at = at if isinstance(at, int) else ev.step
+            if (d.get("resumed") == "resume" and isinstance(at, int)
+                    and line.last_decision_step is not None and line.last_decision_step > at):
+                # Resumed from a save before it: what was decided after the save never was.
+                line.last_decision = (f"resumed from the save at step {at}: the decisions "
+                                      "after it set aside")
+                line.last_decision_step = at
         elif ev.kind == "bye":
             line.state = f"ended ({d.get('reason', 'bye')})"
         elif ev.kind == "lost":

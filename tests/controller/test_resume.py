@@ -95,6 +95,37 @@ def test_a_run_resumed_from_an_older_checkpoint_is_followed_from_there(tmp_path)
     assert cmd.seq > mark.seq and cmd.scale.lr == pytest.approx(0.5)
 
 
+def test_a_command_the_old_process_never_applied_is_journaled_withdrawn_at_the_resume(
+        tmp_path):
+    """A command pending when the process was preempted (here the guard's LR cut for a
+    non-finite window at step 310, never acknowledged) is set aside by the resume: the
+    journal says so (a withdrawn row naming it and why), and `trimtab jobs` no longer shows
+    the decisions after the save as the job's last."""
+    from trimtab.controller.jobs_view import JobsView
+
+    ctl, _ = make(tmp_path)
+    applied, lr = _first_run(ctl)
+    out = decoded(ctl.handle(PEER, report(31, 310, nonfinite=3, applied_seq=applied, lr=lr,
+                                          checkpoints=[100, 200, 300], stable=200)))
+    (cmd,) = [r for r in out if isinstance(r, wire.Command)]
+    assert ctl.jobs["j1"].pending_command == cmd
+    view = JobsView(ctl.journal)
+    (line,) = view.lines(all_jobs=True)
+    assert line.last_decision_step == 310
+    ctl.handle(PEER, register(run_id="fresh"))
+    ctl.handle(PEER, register(step=120, applied_seq=0, resume=1, checkpoints=[120]))
+    assert ctl.jobs["j1"].pending_command is None
+    (gone,) = ctl.journal.events("j1", "withdrawn")
+    assert gone.seq == cmd.seq and gone.step == 120
+    assert "resumed at step 120" in gone.data["why"] and "before it was applied" in \
+        gone.data["why"]
+    (line,) = view.lines(all_jobs=True)
+    assert line.last_decision_step == 120 and "set aside" in line.last_decision
+    # Registering again (a reconnect of the resumed process) withdraws nothing more.
+    ctl.handle(PEER, register(step=120, applied_seq=0, resume=1, checkpoints=[120]))
+    assert len(ctl.journal.events("j1", "withdrawn")) == 1
+
+
 def test_the_same_resume_registering_again_sets_nothing_aside_twice(tmp_path):
     ctl, _ = make(tmp_path)
     _first_run(ctl)
