@@ -185,13 +185,19 @@ class PhaseRules:
             return None
         last = next((s for s in rb.last_resort
                      if s in rb.checkpoints and s not in rb.unusable), None)
-        if last is not None and not rb.stable and rb.pending_mark is None:
+        spiking = state.health is not None and state.health.cause != "nonfinite"
+        if last is not None and not rb.stable and rb.pending_mark is None and not spiking:
             # The checkpoint at the registration, or taken at attach (or of the state a
             # resumed process loaded), holds the run as this controller met it or its user
             # handed it over, before any step trimtab saw: the rollback target of last
             # resort, marked at the first report so that the client keeps it until a newer
             # one is stable (a run too hot from its first steps, or soon after a resume, has
-            # nothing else worth returning to).
+            # nothing else worth returning to). Not with a report judged a spike or climb
+            # against the run's history from before it (a resume, a controller that took
+            # the run back up): the run was already in it there (a save made during a
+            # burst of bad batches), and rollbacks to it replay the burst's aftermath and
+            # cut the LR each time; marked with the first report that is not. Non-finite
+            # values keep it a target: the weights there were finite.
             return last
         return stable_to_mark(rb, self.rollback, state.checkpoint_keep)
 

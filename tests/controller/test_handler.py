@@ -402,7 +402,8 @@ def test_checkpoints_are_journaled_and_marked_stable_after_a_healthy_window(tmp_
     (cmd,) = c.report()  # step 100: the checkpoint at 50 has 50 healthy steps after it
     assert (cmd.mark_stable, cmd.rollback_to, cmd.knobs.set(), cmd.scale.set()) == (
         50, None, {}, {})
-    assert cmd.reasons == ["checkpoint at step 50 marked stable: healthy for 50 steps after it"]
+    assert cmd.reasons == ["checkpoint at step 50 marked stable: 5 healthy reports after it "
+                           "(50 steps)"]
     c.ack(cmd)
     assert [e.data["step"] for e in ctl.journal.events("rb", "checkpoint")] == [50, 100]
     (stable,) = ctl.journal.events("rb", "stable")

@@ -126,6 +126,36 @@ def test_a_command_the_old_process_never_applied_is_journaled_withdrawn_at_the_r
     assert len(ctl.journal.events("j1", "withdrawn")) == 1
 
 
+def test_a_resume_from_a_save_inside_a_spike_is_not_marked_stable_until_a_report_is_not(
+        tmp_path):
+    """A user's save at step 300 landed inside a burst of bad batches: the first report
+    after the resume is a spike against the run's history from before it. Its snapshot is
+    no rollback target then (rollbacks to it replay the burst's aftermath and cut the LR
+    each time: a trial ended 1.5x the bare resumed run); it is marked stable, as the last
+    resort, with the first report that is not a spike, and its words say why it was."""
+    ctl, _ = make(tmp_path)
+    applied, lr = _first_run(ctl)
+    ctl.handle(PEER, register(run_id="fresh"))
+    ctl.handle(PEER, register(step=300, applied_seq=applied, resume=1, checkpoints=[300],
+                              lr=lr))
+    st = ctl.jobs["j1"]
+    assert st.rollback.last_resort == [300]
+    out = [r for r in decoded(ctl.handle(PEER, report(31, 310, loss=40.0, applied_seq=applied,
+                                                      lr=lr, checkpoints=[300])))
+           if isinstance(r, wire.Command)]
+    assert st.health is not None and st.health.cause == "loss_spike"
+    assert all(c.mark_stable is None and c.rollback_to is None for c in out), out
+    for c in out:
+        applied = c.seq
+        lr = c.scale.lr if c.scale.lr is not None else lr
+        ctl.handle(PEER, wire.encode(wire.Ack(job="j1", seq=c.seq, step=310, **in_force(lr))))
+    (mark,) = [r for r in decoded(ctl.handle(PEER, report(32, 320, loss=1.0, applied_seq=applied,
+                                                         lr=lr, checkpoints=[300])))
+               if isinstance(r, wire.Command)]
+    assert st.health is None and mark.mark_stable == 300
+    assert "the rollback target of last resort" in mark.reasons[-1]
+
+
 def test_the_same_resume_registering_again_sets_nothing_aside_twice(tmp_path):
     ctl, _ = make(tmp_path)
     _first_run(ctl)
