@@ -40,7 +40,7 @@ from trimtab.controller.metrics import ControllerMetrics
 from trimtab.controller.policy import Policy, ignored, load_policy
 from trimtab.controller.recorder import Recorder
 from trimtab.controller.scale import ScaleContext, derive_limits, explicit_fields
-from trimtab.controller.state import JobState
+from trimtab.controller.state import JobState, resumed_at
 from trimtab.protocol import wire
 
 __all__ = ["Controller", "Reply"]
@@ -280,14 +280,12 @@ class Controller:
             "resumed": resumed, "key": rec.owner,
             **msg.model_dump(mode="json", exclude={"type", "v", "job", "step"})})
         # A resume sets aside the command the old process had not applied: it never will be.
-        dropped = (state.pending_command if resumed == "resume"
-                   and state.pending_command is not None
-                   and state.pending_command.seq > msg.applied_seq else None)
+        unapplied = state.pending_command
         listing = state.on_register(msg)
-        if dropped is not None:
-            replies_dropped = self._withdraw_resumed(state, msg, dropped)
-        else:
-            replies_dropped = []
+        replies_dropped = (
+            self._withdraw_resumed(state, msg, unapplied)
+            if resumed == "resume" and unapplied is not None
+            and unapplied.seq > msg.applied_seq else [])
         if listing is not None:
             self.recorder.listed(state, msg, listing)
         self._save(state)
@@ -311,7 +309,7 @@ class Controller:
         """The run was resumed from a save made before ``dropped`` (pending, unapplied) was
         applied: the resume set it aside (:meth:`JobState.on_resumed`) and it is never sent.
         Journaled as withdrawn, and the people waiting on it told so."""
-        at = msg.step if msg.resume_step is None else min(msg.resume_step, msg.step)
+        at = resumed_at(msg)
         why = (f"the run was resumed at step {at} in a new process, from a save made before "
                "it was applied")
         self.journal.append(state.job, "withdrawn", step=at, seq=dropped.seq,

@@ -233,8 +233,7 @@ class JobCollector(Collector):
                 **self.clamps.get(job, {}),
             }.items():
                 put("trimtab_governor_clamps", [job, knob, limit], n)
-            in_force = {k: 0 for k in KNOBS if getattr(state.knobs, k) is not None}
-            for knob, n in {**in_force, **self.reversals.get(job, {})}.items():
+            for knob, n in {**{k: 0 for k in knobs}, **self.reversals.get(job, {})}.items():
                 put("trimtab_knob_reversals", [job, knob], n)
             for policy in dict(state.disabled_policies):
                 put("trimtab_policy_errors", [job, policy], 1)

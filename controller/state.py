@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     from trimtab.controller.health import Unhealthy
     from trimtab.controller.rollback import Observation, RollbackConfig
 
-__all__ = ["JobState", "controls_of", "command_controls", "base_of"]
+__all__ = ["JobState", "controls_of", "command_controls", "base_of", "resumed_at"]
 
 
 
@@ -73,6 +73,12 @@ def command_controls(command: wire.Command) -> wire.Knobs:
 def base_of(msg: wire.Register | wire.Report | wire.Ack) -> wire.Knobs:
     """The user's own values a message carries (its effective ones where it has none)."""
     return msg.base if msg.base.lr is not None else msg.knobs
+
+
+def resumed_at(msg: wire.Register) -> int:
+    """The step a resume registration resumes the run at: its ``resume_step`` (never past
+    the step it registers at), else that step."""
+    return msg.step if msg.resume_step is None else min(msg.resume_step, msg.step)
 
 
 def _step_of(x: Sample | tuple[int, float]) -> int:
@@ -311,7 +317,7 @@ class JobState(Persisted):
         the new process (:meth:`RollbackState.note_resumed`). Sequence numbers keep growing:
         a new command is never mistaken for one the process already applied.
         """
-        step = msg.step if msg.resume_step is None else min(msg.resume_step, msg.step)
+        step = resumed_at(msg)
         self.resumes = max(self.resumes, msg.resume)
         self.resume_id = msg.resume_id
         self._go_back(step)
