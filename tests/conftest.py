@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.integration.support import Serve, free_port, start_serve
+from tests.integration.support import Serve, start_serve
 
 
 @pytest.fixture
@@ -19,16 +19,7 @@ def serve_factory(tmp_path):
     started: list[Serve] = []
 
     def factory(config: str = "", port: int | None = None, journal: Path | None = None) -> Serve:
-        for attempt in range(3):
-            try:
-                s = start_serve(tmp_path, port or free_port(), free_port(), config, journal)
-                break
-            except RuntimeError as e:
-                # free_port() hands its port back before the serve binds it, and another
-                # process on the machine can take it in between (a fresh-clone run beside
-                # a benchmark: "cannot serve metrics on ...: Address already in use").
-                if "Address already in use" not in str(e) or attempt == 2:
-                    raise
+        s = start_serve(tmp_path, port, None, config, journal)
         started.append(s)
         return s
 

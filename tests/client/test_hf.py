@@ -12,7 +12,7 @@ import torch
 
 from trimtab.protocol import wire
 
-from ..integration.support import STEP_DECAY, free_port, start_serve, wait_for
+from ..integration.support import STEP_DECAY, start_serve, wait_for
 
 transformers = pytest.importorskip("transformers", reason="the hf extra is not installed")
 from trimtab.client.hf import TrimtabCallback  # noqa: E402
@@ -118,7 +118,7 @@ def _train(tmp_path, callbacks: list, max_steps: int, eval_dataset=None, resume_
 
 @pytest.mark.integration
 def test_train_takes_the_controllers_lr_and_acks(tmp_path) -> None:
-    srv = start_serve(tmp_path, free_port(), free_port(), STEP_DECAY)
+    srv = start_serve(tmp_path, None, None, STEP_DECAY)
     try:
         callback = TrimtabCallback(
             job="hf", endpoint=srv.endpoint, report_every=5, heartbeat_s=0.05

@@ -15,7 +15,7 @@ import torch
 from trimtab.client import Guard, attach
 from trimtab.protocol import wire
 
-from ..integration.support import STEP_DECAY, Regression, free_port, start_serve, wait_for
+from ..integration.support import STEP_DECAY, Regression, start_serve, wait_for
 from .test_client_step import _backward, _model, _same, _state, sync_counter  # noqa: F401
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("one_thread")]
@@ -32,7 +32,7 @@ def _hook_count(opt: torch.optim.Optimizer) -> int:
 
 @pytest.mark.integration
 def test_plain_loop_gets_commands_applied_and_acked(tmp_path) -> None:
-    srv = start_serve(tmp_path, free_port(), free_port(), STEP_DECAY)
+    srv = start_serve(tmp_path, None, None, STEP_DECAY)
     try:
         task = Regression(seed=3)
         opt = torch.optim.SGD(task.model.parameters(), lr=0.05, momentum=0.9)

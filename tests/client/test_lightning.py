@@ -11,7 +11,7 @@ import torch
 
 from trimtab.protocol import wire
 
-from ..integration.support import STEP_DECAY, free_port, start_serve, wait_for
+from ..integration.support import STEP_DECAY, start_serve, wait_for
 
 pl = pytest.importorskip("pytorch_lightning", reason="the lightning extra is not installed")
 from trimtab.client.lightning import TrimtabCallback  # noqa: E402
@@ -69,7 +69,7 @@ def _trainer(callback: TrimtabCallback, max_steps: int, *others: pl.Callback,
 
 @pytest.mark.integration
 def test_fit_takes_the_controllers_lr_and_acks(tmp_path) -> None:
-    srv = start_serve(tmp_path, free_port(), free_port(), STEP_DECAY)
+    srv = start_serve(tmp_path, None, None, STEP_DECAY)
     try:
         model = Regression()
         callback = TrimtabCallback(

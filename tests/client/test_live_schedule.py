@@ -22,7 +22,6 @@ from trimtab.client._live_schedule import LiveSchedules
 from trimtab.protocol import schedules, wire
 
 from ..integration.support import Regression, start_serve, wait_for
-from .conftest import free_port
 
 TOL = 1e-6
 
@@ -269,7 +268,7 @@ def serve(tmp_path_factory):
         + OPEN.format(knob="lr")
         + OPEN.format(knob="momentum").replace("max = 1e6", "min = 0.0\nmax = 0.999")
     )
-    srv = start_serve(tmp_path_factory.mktemp("serve"), free_port(), free_port(), config)
+    srv = start_serve(tmp_path_factory.mktemp("serve"), None, None, config)
     yield srv
     srv.proc.terminate()
     srv.proc.wait(timeout=10)

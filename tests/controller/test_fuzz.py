@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
-from tests.integration.support import Regression, free_port, start_serve, wait_for
+from tests.integration.support import Regression, start_serve, wait_for
 from trimtab.client import attach
 from trimtab.controller.config import ControllerConfig, PolicySpec
 from trimtab.controller.handler import Controller
@@ -412,9 +412,7 @@ def _metric(text: str, name: str, label: str) -> float:
 
 def test_real_socket_garbage_then_a_normal_client_still_works(tmp_path):
     serve = start_serve(
-        tmp_path,
-        free_port(),
-        free_port(),
+        tmp_path, None, None,
         """
         [[policies]]
         name = "plateau"

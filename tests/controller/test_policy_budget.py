@@ -13,7 +13,7 @@ import torch
 
 from bench.scenario_policies import python_path
 from tests._decide import decided
-from tests.integration.support import Regression, free_port, start_serve, wait_for
+from tests.integration.support import Regression, start_serve, wait_for
 from trimtab.client import attach
 from trimtab.controller.budget import PolicyBudget, PolicyTimeout
 from trimtab.controller.config import ConfigError, load_config
@@ -220,7 +220,7 @@ def _train(srv_endpoint: str, job: str, steps: int, seed: int, out: dict) -> Non
 @pytest.mark.timeout(120)
 def test_a_plugin_hung_for_one_job_is_cut_off_while_the_other_job_is_served(tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", python_path(os.environ.get("PYTHONPATH")))
-    srv = start_serve(tmp_path, free_port(), free_port(), CONFIG)
+    srv = start_serve(tmp_path, None, None, CONFIG)
     try:
         out: dict = {"scrape": srv.metrics}
         threads = [

@@ -8,7 +8,7 @@ import threading
 import pytest
 import zmq
 
-from tests.integration.support import free_port, start_serve
+from tests.integration.support import start_serve
 from trimtab.controller.config import ConfigError, load_config
 from trimtab.controller.ratelimit import RateLimitConfig, RateLimiter, TokenBucket
 from trimtab.protocol import wire
@@ -73,9 +73,7 @@ def test_bad_limits_are_refused_naming_field_and_value(field, value, rule):
 
 def test_a_flooding_peer_is_limited_while_another_job_is_served(tmp_path):
     serve = start_serve(
-        tmp_path,
-        free_port(),
-        free_port(),
+        tmp_path, None, None,
         """
         [rate_limit]
         messages_per_s = 50

@@ -460,10 +460,10 @@ def _too_low_run(tmp_path, config: str) -> tuple[float, str]:
     real ``trimtab serve``; the effective lr of the last step and the controller's log."""
     from trimtab.client import attach
 
-    from ..integration.support import Regression, free_port, start_serve
+    from ..integration.support import Regression, start_serve
 
     tmp_path.mkdir(parents=True, exist_ok=True)
-    srv = start_serve(tmp_path, free_port(), free_port(), config)
+    srv = start_serve(tmp_path, None, None, config)
     try:
         task = Regression(seed=0)
         opt = torch.optim.AdamW(task.model.parameters(), lr=1e-5, weight_decay=0.0)

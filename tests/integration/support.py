@@ -55,8 +55,27 @@ class Serve:
         return self.log_path.read_text()
 
 
-def start_serve(tmp_path: Path, port: int, mport: int, config: str = "",
-                journal: Path | None = None) -> Serve:
+def start_serve(tmp_path: Path, port: int | None = None, mport: int | None = None,
+                config: str = "", journal: Path | None = None) -> Serve:
+    """A ``trimtab serve`` subprocess, ready. A port left as None is picked here, and picked
+    again if another process takes it first: :func:`free_port` hands its port back before
+    the serve binds it, and on a busy machine something else can bind it in between ("cannot
+    serve metrics on ...: Address already in use"). A port the caller names is used as is."""
+    for attempt in range(3):
+        try:
+            return _start_serve(tmp_path, port or free_port(), mport or free_port(), config,
+                                journal)
+        except RuntimeError as e:
+            said = str(e)
+            named = ((mport is not None and "cannot serve metrics" in said)
+                     or (port is not None and "cannot start on" in said))
+            if "Address already in use" not in said or named or attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _start_serve(tmp_path: Path, port: int, mport: int, config: str,
+                 journal: Path | None) -> Serve:
     cfg = tmp_path / "trimtab.toml"
     cfg.write_text(textwrap.dedent(config))
     journal = journal or tmp_path / "journal.db"
@@ -72,6 +91,7 @@ def start_serve(tmp_path: Path, port: int, mport: int, config: str = "",
     line = proc.stdout.readline()
     if "ready" not in line:
         proc.kill()
+        proc.wait(timeout=10)
         raise RuntimeError(f"trimtab serve did not start: {line!r}\n{log_path.read_text()}")
     return Serve(proc, f"tcp://127.0.0.1:{port}", f"http://127.0.0.1:{mport}/metrics",
                  journal, log_path)

@@ -113,9 +113,7 @@ def test_keys_generate_writes_key_pairs_and_an_allow_list(keys, capsys):
 
 def test_a_listed_key_trains_end_to_end(tmp_path, keys):
     srv = start_serve(
-        tmp_path,
-        free_port(),
-        free_port(),
+        tmp_path, None, None,
         curve_config(
             keys,
             """
@@ -179,7 +177,7 @@ def test_a_listed_key_trains_end_to_end(tmp_path, keys):
 
 
 def test_unlisted_and_keyless_peers_never_get_a_reply_and_are_counted(tmp_path, keys):
-    srv = start_serve(tmp_path, free_port(), free_port(), curve_config(keys))
+    srv = start_serve(tmp_path, None, None, curve_config(keys))
     eve = tmp_path / "eve"
     eve.mkdir()
     _, eve_secret = zmq.auth.create_certificates(eve, "eve")
@@ -238,7 +236,7 @@ def test_a_key_cannot_act_for_or_receive_commands_of_another_keys_job(tmp_path, 
     )
     port = free_port()
     journal = tmp_path / "journal.db"
-    srv = start_serve(tmp_path, port, free_port(), config, journal)
+    srv = start_serve(tmp_path, port, None, config, journal)
     ctx = zmq.Context()
     try:
         alice = dealer(ctx, srv.endpoint, keys, keys / "clients" / "alice.key_secret")
@@ -271,7 +269,7 @@ def test_a_key_cannot_act_for_or_receive_commands_of_another_keys_job(tmp_path, 
         # refused the job, and alice gets it back.
         srv.proc.send_signal(signal.SIGTERM)
         srv.proc.wait(timeout=10)
-        srv = start_serve(tmp_path, port, free_port(), config, journal)
+        srv = start_serve(tmp_path, port, None, config, journal)
         bob2 = dealer(ctx, srv.endpoint, keys, keys / "clients" / "bob.key_secret")
         reply = ask(bob2, register("a-job", run_id="bob-run"))
         assert isinstance(reply, wire.Error) and reply.code == "forbidden"
@@ -397,7 +395,7 @@ def test_with_keys_only_an_operator_key_steers_a_job(tmp_path):
     d = tmp_path / "keys"
     assert main(["keys", "generate", str(d), "--name", "alice", "--operator", "ops"]) == 0
     assert (d / "operators" / "ops.key").is_file() and not (d / "allowed" / "ops.key").exists()
-    srv = start_serve(tmp_path, free_port(), free_port(),
+    srv = start_serve(tmp_path, None, None,
                       curve_config(d, f'curve_operators = "{d / "operators"}"\n'))
     ctx = zmq.Context()
     try:

@@ -29,7 +29,7 @@ import torch
 from trimtab.client import attach
 from trimtab.controller.journal import Journal
 
-from .support import Regression, cli, free_port, start_serve, wait_for
+from .support import Regression, cli, start_serve, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -78,7 +78,7 @@ def train(endpoint: str, job: str, steps: int, folder: Path, stop=None) -> None:
 def served(tmp_path_factory):
     """A live serve whose journal holds one finished job, ``people``."""
     folder = tmp_path_factory.mktemp("people")
-    srv = start_serve(folder, free_port(), free_port(), CONFIG)
+    srv = start_serve(folder, None, None, CONFIG)
     try:
         train(srv.endpoint, "people", 150, folder)
 
@@ -342,7 +342,7 @@ def test_follow_waits_for_a_journal_that_serve_has_not_written_yet(tmp_path):
                                 "(Ctrl-C stops)"), said
         time.sleep(0.5)
         assert not jpath.exists()  # waiting reads nothing and creates nothing
-        srv = start_serve(tmp_path, free_port(), free_port(), CONFIG, journal=jpath)
+        srv = start_serve(tmp_path, None, None, CONFIG, journal=jpath)
         train(srv.endpoint, "fresh", 20, tmp_path)
         got = _read_until(lines, lambda ln: json.loads(ln)["kind"] == "bye")
         assert [(r["job"], r["kind"]) for r in map(json.loads, got)] == [

@@ -16,7 +16,7 @@ import pytest
 
 from bench.scenario_policies import REPO, python_path
 
-from .support import free_port, start_serve, wait_for
+from .support import start_serve, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -25,7 +25,7 @@ ITERS, REPORT_EVERY = 120, 5
 
 def test_compiled_fp16_example_runs_attached(tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", python_path(os.environ.get("PYTHONPATH")))
-    srv = start_serve(tmp_path, free_port(), free_port())
+    srv = start_serve(tmp_path, None, None)
     try:
         proc = subprocess.run(
             [sys.executable, str(REPO / "examples" / "train_compiled_fp16.py"),

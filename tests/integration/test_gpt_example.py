@@ -15,7 +15,7 @@ import pytest
 
 from bench.scenario_policies import REPO, python_path
 
-from .support import free_port, start_serve, wait_for
+from .support import start_serve, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -39,7 +39,7 @@ def _match(trace: list[dict], step: int, start: int) -> int:
 
 def test_every_ack_and_report_states_the_lr_the_optimizer_ran_with(tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", python_path(os.environ.get("PYTHONPATH")))
-    srv = start_serve(tmp_path, free_port(), free_port(), CONFIG)
+    srv = start_serve(tmp_path, None, None, CONFIG)
     try:
         out = tmp_path / "trace.json"
         proc = subprocess.run(
@@ -117,7 +117,7 @@ def test_no_bound_or_slew_limit_lifts_the_tail_of_the_users_schedule(tmp_path, m
     from .support import Regression
 
     monkeypatch.setenv("PYTHONPATH", python_path(os.environ.get("PYTHONPATH")))
-    srv = start_serve(tmp_path, free_port(), free_port(), NUDGE)
+    srv = start_serve(tmp_path, None, None, NUDGE)
     try:
         task = Regression(seed=2)
         opt = torch.optim.SGD(task.model.parameters(), lr=0.05, momentum=0.9)

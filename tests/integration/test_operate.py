@@ -105,7 +105,7 @@ def newest_id(srv) -> int:
 @pytest.fixture(scope="module")
 def steered(tmp_path_factory):
     folder = tmp_path_factory.mktemp("operate")
-    srv = start_serve(folder, free_port(), free_port(), CONFIG)
+    srv = start_serve(folder, None, None, CONFIG)
     run = Run(srv.endpoint, folder)
     run.start()
     try:

@@ -20,8 +20,6 @@ from pathlib import Path
 
 import pytest
 
-from .support import free_port
-
 #: The controller halves trimtab's lr multiplier every 100 steps (a live schedule sent at
 #: registration): the knobs in force change over the run, and must continue exactly.
 CONFIG = """
@@ -52,7 +50,7 @@ def uninterrupted(tmp_path_factory) -> dict:
     from .support import start_serve
 
     tmp = tmp_path_factory.mktemp("whole")
-    srv = start_serve(tmp, free_port(), free_port(), CONFIG)
+    srv = start_serve(tmp, None, None, CONFIG)
     try:
         return _worker(srv.endpoint, tmp, "--until", "300")
     finally:

@@ -226,7 +226,7 @@ class Soak:
 
     def serve(self) -> Serve:
         journal = self.tmp / "journal.db"
-        srv = start_serve(self.tmp, self.port, free_port(), CONFIG, journal)
+        srv = start_serve(self.tmp, self.port, None, CONFIG, journal)
         self.serves.append(srv)
         return srv
 
