@@ -139,7 +139,8 @@ def commit(state: JobState, decision: Decision,
     if advice is not None:
         reasons.append(f"stop advised: {advice}"[:1024])
     if mark is not None:
-        reasons.append(_mark_reason(state, decision, mark))
+        why = decision.mark_reason or "no reason given"
+        reasons.append(f"checkpoint at step {mark} marked stable: {why}"[:1024])
     scale = {k: v for k, v in targets.items() if k in MULTIPLIERS}
     absolute = {k: v for k, v in targets.items() if k not in scale}
     command = wire.Command(
@@ -151,25 +152,6 @@ def commit(state: JobState, decision: Decision,
     state.pending_command = command
     state.pending_since = state.reports_seen
     return command
-
-
-def _mark_reason(state: JobState, decision: Decision, mark: int) -> str:
-    """Why the checkpoint at ``mark`` is marked stable with ``decision``, as the engine
-    chose it (:meth:`PhaseRules._stable_mark`): the command's words must not claim a
-    healthy window the controller did not see."""
-    rb = state.rollback
-    head = f"checkpoint at step {mark} marked stable"
-    plan = None if decision.shadow else decision.rollback
-    if plan is not None and plan.target_step == mark:
-        return f"{head}: the rollback's target (the client restores stable ones only)"
-    if state.phase is not None and state.phase.checkpoint == mark:
-        return f"{head}: {state.phase.policy}'s phase returns to it"
-    if mark in rb.last_resort:
-        return (f"{head}: the run as this controller met it or its user handed it over, the "
-                "rollback target of last resort while nothing else is stable")
-    seen = rb.candidates.get(mark, 0)
-    return (f"{head}: {seen} healthy report{'s' if seen != 1 else ''} after it "
-            f"({state.step - mark} steps)")
 
 
 # -- what the client says it applied ----------------------------------------------------

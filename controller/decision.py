@@ -126,6 +126,8 @@ class Decision:
     rollback: RollbackPlan | None = None
     #: The checkpoint step to mark stable now; None: none.
     mark_stable: int | None = None
+    #: Why that checkpoint is marked, as the engine chose it (None with no mark).
+    mark_reason: str | None = None
     #: Why the job went into rollback alert with this decision; None: it did not.
     alert: str | None = None
     #: What the engine's shadow policies would have done (``shadow=True``; never sent).
@@ -174,6 +176,7 @@ class Decision:
             "commands": self.commands,
             "rollback": None if self.rollback is None else self.rollback.to_dict(),
             "mark_stable": self.mark_stable,
+            "mark_reason": self.mark_reason,
             "alert": self.alert,
             "stop_advice": self.stop_advice,
             "schedules": None if self.schedules is None else [

@@ -240,10 +240,12 @@ class Engine(PhaseRules, ScheduleRules):
                 if kd is not None:
                     knobs[knob] = kd
             self._couple_weight_decay(state, knobs)
-        mark = self._stable_mark(state, plan, opened, shadow)
+        marking = self._stable_mark(state, plan, opened, shadow)
+        mark, mark_why = (None, None) if marking is None else marking
         decision = Decision(
             step=state.step, proposals=tuple(heard), knobs=knobs, errors=tuple(errors),
-            shadow=shadow, rollback=plan, mark_stable=mark, alert=alert, stop_advice=stop,
+            shadow=shadow, rollback=plan, mark_stable=mark, mark_reason=mark_why,
+            alert=alert, stop_advice=stop,
         )
         if shadow:
             return decision

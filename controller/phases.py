@@ -165,22 +165,30 @@ class PhaseRules:
 
     def _stable_mark(
         self, state: JobState, plan: RollbackPlan | None, opened: int | None, shadow: bool,
-    ) -> int | None:
-        """The checkpoint to mark stable with this decision: a phase's, at its opening and
-        again with its return (the client restores stable checkpoints only, and keeps the
-        newest one); none during a phase; else one healthy for a full window."""
+    ) -> tuple[int, str] | None:
+        """The checkpoint to mark stable with this decision, and why: a phase's, at its
+        opening and again with its return (the client restores stable checkpoints only, and
+        keeps the newest one); none during a phase; else one healthy for a full window. The
+        why goes into the command's reasons and the journal as chosen here, never guessed
+        afterwards."""
         if shadow:
             return None
         rb = state.rollback
+        target = "the rollback's target (the client restores stable ones only)"
         if opened is not None or (plan is not None and plan.planned):
             step = opened if opened is not None else plan.target_step  # type: ignore[union-attr]
-            return None if step in rb.stable or rb.pending_mark is not None else step
+            if step in rb.stable or rb.pending_mark is not None:
+                return None
+            if plan is not None and plan.target_step == step:
+                return step, target
+            owner = state.phase.policy if state.phase is not None else "a measurement"
+            return step, f"{owner}'s phase returns to it"
         if plan is not None and plan.target_step == rb.pending_mark:
-            return rb.pending_mark  # sent again with the rollback to it (with_pending_mark)
+            return rb.pending_mark, target  # sent again with the rollback to it
         if plan is not None and plan.target_step not in rb.stable:
             # A run gone non-finite with nothing stable goes back to the checkpoint taken at
             # attach; the client restores stable checkpoints only: mark it in the same command.
-            return plan.target_step
+            return plan.target_step, target
         if plan is not None or state.phase is not None:
             return None
         last = next((s for s in rb.last_resort
@@ -198,8 +206,17 @@ class PhaseRules:
             # burst of bad batches), and rollbacks to it replay the burst's aftermath and
             # cut the LR each time; marked with the first report that is not. Non-finite
             # values keep it a target: the weights there were finite.
-            return last
-        return stable_to_mark(rb, self.rollback, state.checkpoint_keep)
+            return last, ("the run as this controller met it or its user handed it over, "
+                          "the rollback target of last resort while nothing else is stable")
+        mark = stable_to_mark(rb, self.rollback, state.checkpoint_keep)
+        if mark is None:
+            return None
+        seen, steps = rb.judged_after(mark), state.step - mark
+        why = f"{seen} healthy report{'s' if seen != 1 else ''} after it ({steps} steps)"
+        if steps < self.rollback.stable_window_steps:
+            why += (f", short of the {self.rollback.stable_window_steps}-step window: the "
+                    "client's next snapshot drops it from its ring")
+        return mark, why
 
 
 def _safety(proposals: Sequence[tuple[str, Proposal]], phase_policy: str

@@ -11,6 +11,7 @@ from trimtab.controller.config import ControllerConfig, PolicySpec
 from trimtab.controller.handler import Controller
 from trimtab.controller.journal import Journal
 from trimtab.protocol import wire
+from trimtab.protocol.ring import kept
 
 PEER = b"peer-1"
 
@@ -42,9 +43,9 @@ def in_force(lr: float = 1.0, base_lr: float = 0.1) -> dict:
             "scale": wire.Scale(lr=lr)}
 
 
-def register(job="j1", run_id="r1", applied_seq=0) -> bytes:
+def register(job="j1", run_id="r1", applied_seq=0, keep=None) -> bytes:
     return wire.encode(wire.Register(
-        job=job, run_id=run_id, report_every=10, applied_seq=applied_seq,
+        job=job, run_id=run_id, report_every=10, applied_seq=applied_seq, keep=keep,
         facts=wire.ScaleFacts(param_count=100, group_sizes=[100], optimizer="SGD",
                               dtype="float32", device="cpu"),
         **in_force()))
@@ -323,13 +324,13 @@ class FakeClient:
     """Reports like a client with a checkpoint every 50 steps; acks as told. ``base_lr`` is
     the user's own lr, ``lr`` trimtab's multiplier on it."""
 
-    def __init__(self, ctl: Controller, job: str = "rb") -> None:
-        self.ctl, self.job = ctl, job
+    def __init__(self, ctl: Controller, job: str = "rb", keep: int | None = None) -> None:
+        self.ctl, self.job, self.keep = ctl, job, keep
         self.seq = self.step = self.applied = 0
         self.ckpts: list[int] = []
         self.stable: int | None = None
         self.base_lr, self.lr = 0.1, 1.0
-        ctl.handle(PEER, register(job=job))
+        ctl.handle(PEER, register(job=job, keep=keep))
 
     def in_force(self) -> dict:
         return {"knobs": wire.Knobs(lr=self.base_lr * self.lr),
@@ -340,6 +341,8 @@ class FakeClient:
         self.step += 10
         if self.step % 50 == 0:
             self.ckpts.append(self.step)
+            if self.keep is not None:  # the client's ring: its keep newest and the stable one
+                self.ckpts = sorted(kept(self.ckpts, self.stable, self.keep))
         loss = 1.0 + 0.001 * (self.seq % 3)
         fields = {"loss_mean": loss, "loss_min": loss - 0.01, "grad_norm_mean": 1.0, **fault}
         frame = wire.encode(wire.Report(
@@ -411,6 +414,22 @@ def test_checkpoints_are_journaled_and_marked_stable_after_a_healthy_window(tmp_
     assert metric(ctl, 'trimtab_checkpoints_stable_step{job="rb"} 50.0')
     assert metric(ctl, 'trimtab_checkpoints_marked_stable_total{job="rb"} 1.0')
     assert metric(ctl, 'trimtab_checkpoints_total{job="rb"} 2.0')
+
+
+def test_a_marks_reason_is_the_engines_own_and_journaled_with_its_decision(tmp_path):
+    """The command's and the journal's words for a mark are those the engine chose it by,
+    never re-derived afterwards: a checkpoint marked early because the client's ring drops
+    it next says so, and says how many judged reports vouch for it."""
+    ctl = make_rb(tmp_path)  # a 50-step window, 3 healthy reports
+    c = FakeClient(ctl, keep=1)  # a ring of one: the snapshot at 100 drops the one at 50
+    marks = [cmd for cmd in c.run_to(80) if cmd.mark_stable is not None]
+    (cmd,) = marks
+    assert (cmd.mark_stable, c.step) == (50, 80)
+    assert cmd.reasons == ["checkpoint at step 50 marked stable: 3 healthy reports after it "
+                           "(30 steps), short of the 50-step window: the client's next "
+                           "snapshot drops it from its ring"]
+    (row,) = [e for e in ctl.journal.events("rb", "command") if e.data["mark_stable"] == 50]
+    assert row.data["reasons"] == cmd.reasons
 
 
 def test_the_steps_lost_are_counted_from_where_the_client_carried_the_rollback_out(tmp_path):
