@@ -252,8 +252,7 @@ def test_the_job_dashboard_is_templated_on_job():
 def test_the_dockerfile_installs_the_controller_without_torch():
     text = (DEPLOY / "Dockerfile").read_text()
     assert re.search(r"^FROM python:3\.\d+-slim", text, re.M)
-    for folder in ("client", "controller", "policies"):
-        assert f"COPY {folder}/ {folder}/" in text
+    # What it copies and installs, and that the controller runs so: tests/deploy/test_image.py
     assert "pip install --no-deps ." in text and "torch" not in text.split("RUN", 1)[1]
     assert 'ENTRYPOINT ["trimtab"]' in text and 'CMD ["serve"]' in text
     assert "USER trimtab" in text
