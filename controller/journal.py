@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import difflib
 import json
+import logging
+import math
 import os
 import sqlite3
 import time
@@ -35,9 +37,31 @@ from trimtab.controller.retention import RetentionConfig, plan_sql
 __all__ = ["EVENT_KINDS", "Event", "Journal", "JournalError", "JournalMissing", "named_jobs",
            "no_such_job"]
 
-def _dumps(data: Any) -> str:
-    """JSON for the journal: no NaN or infinity, no spaces (a journal keeps millions)."""
-    return json.dumps(data, allow_nan=False, separators=(",", ":"))
+log = logging.getLogger("trimtab.controller.journal")
+
+
+def _dumps(data: Any, what: str = "a record") -> str:
+    """JSON for the journal: no NaN or infinity, no spaces (a journal keeps millions). What
+    JSON cannot hold is written as null (a non-finite number) or its repr (anything else)
+    rather than lost with the event: a record must never fail to be written."""
+    try:
+        return json.dumps(data, allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError) as exc:
+        log.error("journal: %s held what JSON cannot (%s); written with null or repr in its "
+                  "place", what, exc)
+        return json.dumps(_jsonable(data), allow_nan=False, separators=(",", ":"))
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if x is None or isinstance(x, (str, int, bool)):
+        return x
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return repr(x)
 
 
 #: What an event can be.
@@ -226,7 +250,7 @@ class Journal:
         """Add one event; returns its id. Visible to readers after :meth:`commit`."""
         if kind not in EVENT_KINDS:
             raise ValueError(f"journal event kind {kind!r} is not one of {EVENT_KINDS}")
-        text = _dumps(data or {})
+        text = _dumps(data or {}, f"a {kind} event of job {job!r}")
         self._begin()
         cur = self._db.execute(
             "INSERT INTO events (ts, job, kind, step, seq, data) VALUES (?, ?, ?, ?, ?, ?)",

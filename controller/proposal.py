@@ -36,6 +36,7 @@ True
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import KW_ONLY, dataclass
@@ -46,6 +47,8 @@ from trimtab.protocol import wire
 __all__ = ["ADVICE", "Proposal", "Rollback", "Sweep", "Advice", "KINDS"]
 
 _CAUSE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+#: A proposal's reason is cut to this many characters (a command's reasons are as long).
+MAX_REASON = 1024
 #: Advice a proposal may carry instead of a knob change.
 ADVICE: tuple[str, ...] = ("stop",)
 
@@ -69,8 +72,20 @@ class _Kind:
     def _check_common(self) -> None:
         if not isinstance(self.reason, str) or not self.reason.strip():
             raise ValueError(f"a proposal for {self.knob or 'the run'} needs a non-empty reason")
+        if len(self.reason) > MAX_REASON:
+            # A command carries each reason within this many characters: the journal keeps
+            # what was sent, not a policy's essay (a frozen dataclass: set as it is built).
+            object.__setattr__(self, "reason", self.reason[:MAX_REASON - 3] + "...")
         if self.detail is not None and not isinstance(self.detail, dict):
             raise ValueError(f"detail must be a dict or None, got {type(self.detail).__name__}")
+        if self.detail is not None:
+            # Journaled with the decision: a detail the journal cannot write would leave a
+            # command sent with no record of it.
+            try:
+                json.dumps(self.detail, allow_nan=False)
+            except (TypeError, ValueError) as exc:
+                raise ValueError("detail must be JSON: str, int, float (finite), bool, None, "
+                                 f"lists and dicts with str keys; {exc}") from None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable record (the journal's; the same keys for every kind)."""

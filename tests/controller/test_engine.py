@@ -163,6 +163,29 @@ def test_a_forced_non_finite_proposal_disables_the_policy():
     assert d.knobs == {}
 
 
+@pytest.mark.parametrize("detail", [{"x": float("nan")}, {"obj": object()}, {"s": {1, 2}}])
+def test_a_detail_the_journal_cannot_write_disables_the_policy(detail):
+    """A plugin's trial: ``detail={"x": nan}`` raised in the journal after the command was
+    committed, so knob changes reached the run with no decision journaled."""
+    class Odd(Policy):
+        name = "odd"
+
+        def propose(self, view):
+            return [Proposal("lr", factor=0.5, reason="x", detail=detail)]
+
+    st = state()
+    d = decided(Engine([Odd(), Fixed("good", p("momentum", value=0.8))], LOOSE), st)
+    ((who, why),) = d.errors
+    assert who == "odd" and "detail must be JSON" in why, why
+    assert d.commands == {"momentum": 0.8}
+
+
+def test_a_reason_longer_than_a_commands_is_cut_where_it_is_made():
+    long = Proposal("lr", factor=0.5, reason="why " * 30000)
+    assert len(long.reason) == 1024 and long.reason.endswith("...")
+    assert Proposal("lr", factor=0.5, reason="short").reason == "short"
+
+
 def test_a_policy_that_cannot_build_a_proposal_is_disabled():
     class Sloppy(Policy):
         name = "sloppy"

@@ -45,10 +45,19 @@ class Boom(Policy):
         raise RuntimeError("boom")
 
 
+class NanDetail(Policy):
+    """Lowers the momentum with a detail JSON cannot hold."""
+
+    name = "nan_detail"
+
+    def propose(self, view):
+        return [Proposal("momentum", value=0.5, reason="m", detail={"x": float("nan")})]
+
+
 @pytest.fixture
 def sdk_module(monkeypatch):
     mod = types.ModuleType("sdk_test_policies")
-    mod.Cut, mod.Boom = Cut, Boom
+    mod.Cut, mod.Boom, mod.NanDetail = Cut, Boom, NanDetail
     monkeypatch.setitem(sys.modules, "sdk_test_policies", mod)
     return mod
 
@@ -199,6 +208,21 @@ def test_a_raising_plugin_is_isolated_through_the_service(tmp_path, sdk_module):
     assert err.data == {"policy": "boom", "error": "raised RuntimeError: boom"}
     text = generate_latest(ctl.metrics.registry).decode()
     assert 'trimtab_policy_errors_total{job="j1",policy="boom"} 1.0' in text
+
+
+def test_a_plugins_unwritable_detail_is_a_policy_error_and_every_command_sent_is_journaled(
+        tmp_path, sdk_module):
+    ctl = make(tmp_path, [{"name": "sdk_test_policies:NanDetail"},
+                          {"name": "sdk_test_policies:Cut"}])
+    ctl.handle(PEER, register())
+    (cmd,) = decoded(ctl.handle(PEER, report(1, loss=3.0)))
+    assert cmd.scale.lr == pytest.approx(0.5) and cmd.knobs.momentum is None
+    (err,) = ctl.journal.events("j1", "policy_error")
+    assert err.data["policy"] == "nan_detail" and "detail must be JSON" in err.data["error"]
+    (sent,) = ctl.journal.events("j1", "command")
+    assert sent.seq == cmd.seq
+    text = generate_latest(ctl.metrics.registry).decode()
+    assert 'trimtab_policy_errors_total{job="j1",policy="nan_detail"} 1.0' in text
 
 
 # -- replay --------------------------------------------------------------------------------
