@@ -97,15 +97,27 @@ class KnobDecision:
     live: wire.LiveSchedule | None = None
     #: The job's new correction factor for this knob (None: unchanged).
     correction: float | None = None
+    #: A rollback's: the value in force when it was decided, where ``current`` is the value
+    #: the restore brings back (the checkpoint's), which the command's value replaces.
+    in_force: float | None = None
+
+    @property
+    def before(self) -> float | None:
+        """The value the optimizer was using when this was decided."""
+        return self.current if self.in_force is None else self.in_force
 
     def describe(self) -> str:
         """One line for a Command's reasons and the log; lr and weight decay as trimtab's
         multipliers on the user's own values (``lr x1 -> x0.5``)."""
         x = "x" if self.knob in MULTIPLIERS else ""
-        line = f"{self.knob} {x}{self.current:.6g} -> {x}{self.commanded:.6g}" if (
-            self.current is not None and self.commanded is not None
-        ) else f"{self.knob} {self.current} -> {self.commanded}"
+        before = self.before
+        line = f"{self.knob} {x}{before:.6g} -> {x}{self.commanded:.6g}" if (
+            before is not None and self.commanded is not None
+        ) else f"{self.knob} {before} -> {self.commanded}"
         line += f" by {self.policy}: {self.reason}"
+        if self.in_force is not None and self.current != self.in_force:
+            restored = "none" if self.current is None else f"{x}{self.current:.6g}"
+            line += f" (the restore brings back {restored}, which this replaces)"
         if self.limits:
             line += f" [limited: {', '.join(self.limits)}]"
         return line
@@ -169,6 +181,7 @@ class Decision:
                     "current": _json_num(d.current), "target": _json_num(d.target),
                     "commanded": _json_num(d.commanded), "policy": d.policy,
                     "reason": d.reason, "limits": list(d.limits),
+                    **({} if d.in_force is None else {"in_force": _json_num(d.in_force)}),
                 }
                 for k, d in self.knobs.items()
             },

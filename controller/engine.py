@@ -265,7 +265,8 @@ class Engine(PhaseRules, ScheduleRules):
         for knob, value in decision.commands.items():
             kd = knobs[knob]
             window = self.governor.limits(knob).slew_window_steps  # type: ignore[arg-type]
-            state.note_change(knob, kd.policy or GOVERNOR, kd.current, value, window, step=at)
+            state.note_change(knob, kd.policy or GOVERNOR, kd.current, value, window, step=at,
+                              ran=kd.in_force)
             if plan is not None and plan.planned:
                 # The slew window starts afresh at the measured value: the value restored
                 # and the one set are not two points of one trajectory.
@@ -345,10 +346,11 @@ class Engine(PhaseRules, ScheduleRules):
             restored = plan.restored.get(knob)
             reference = plan.in_force.get(knob, restored)
             gov = self.governor.govern_rollback(
-                knob, reference, getattr(state.initial, knob), target, plan.level  # type: ignore[arg-type]
+                knob, reference, getattr(state.initial, knob), target, plan.level,  # type: ignore[arg-type]
+                restored=restored,
             )
             knobs[knob] = KnobDecision(knob, restored, target, gov.value, plan.policy, why,
-                                       gov.limits)
+                                       gov.limits, in_force=plan.in_force.get(knob))
         return knobs
 
     def _ask(

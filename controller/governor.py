@@ -62,22 +62,27 @@ class KnobMemory:
         """A copy with its own history list."""
         return KnobMemory(list(self.history), self.last_change_step, self.last_direction)
 
-    def record(self, step: int, previous: float | None, value: float, window_steps: int) -> None:
-        """Remember that ``value`` was commanded at ``step`` (replacing ``previous``)."""
+    def record(self, step: int, previous: float | None, value: float, window_steps: int,
+               keep_from: int | None = None) -> None:
+        """Remember that ``value`` was commanded at ``step`` (replacing ``previous``).
+        ``keep_from``: the oldest step the run may be rolled back to (the oldest checkpoint
+        listed): the window behind it is kept too, so that after a rollback there the slew
+        limit still sees the values that ran before it on the run's path."""
         if not self.history and previous is not None:
             # The value this change started from is part of the slew window too.
             self.history.append((step, previous))
         self.history.append((step, value))
-        self.history = _window(self.history, step, window_steps)
+        self.history = _window(self.history, _oldest(step, keep_from), window_steps)
         if previous is not None and value != previous:
             self.last_direction = 1 if value > previous else -1
         self.last_change_step = step
 
-    def observe(self, step: int, value: float, window_steps: int) -> None:
+    def observe(self, step: int, value: float, window_steps: int,
+                keep_from: int | None = None) -> None:
         """Remember that the knob was at ``value`` at ``step`` with no change decided (a point
         of a live schedule): it counts in the slew window, not for cooldown or direction."""
         self.history.append((step, value))
-        self.history = _window(self.history, step, window_steps)
+        self.history = _window(self.history, _oldest(step, keep_from), window_steps)
 
     def rewind(self, step: int) -> None:
         """Forget changes after ``step`` (the run is rolled back to it)."""
@@ -108,6 +113,10 @@ def _check_keys(what: str, sd: dict[str, Any], expected: set[str]) -> None:
             f"{what} state_dict: missing keys {sorted(missing)}, "
             f"unexpected keys {sorted(unexpected)}"
         )
+
+
+def _oldest(step: int, keep_from: int | None) -> int:
+    return step if keep_from is None else min(step, keep_from)
 
 
 def _window(
@@ -233,9 +242,12 @@ class Governor:
         initial: float | None,
         target: float,
         level: int,
+        restored: float | None = None,
     ) -> Governed:
         """The value to command for ``knob`` with a rollback at escalation ``level``;
-        ``reference`` is the value the cut is measured from (the one in force at the fault).
+        ``reference`` is the value the cut is measured from (the one in force at the fault),
+        ``restored`` the one the restore brings back (the checkpoint's): the step ratio
+        never keeps a knob from it, which the run already ran at on this path.
 
         A rollback is a safety action: the cooldown does not hold it back, and slew,
         deadband and hysteresis, which judge small steps along one trajectory, do not
@@ -258,8 +270,11 @@ class Governor:
         value, acted = target, []
         if reference is not None and lim.max_step_ratio is not None and level > 0:
             r = lim.max_step_ratio ** level
-            if not reference / r <= value <= reference * r:
-                value, acted = min(max(value, reference / r), reference * r), ["max_step_ratio"]
+            low, high = reference / r, reference * r
+            if restored is not None:
+                low, high = min(low, restored), max(high, restored)
+            if not low <= value <= high:
+                value, acted = min(max(value, low), high), ["max_step_ratio"]
         if not lo <= value <= hi:
             value = min(max(value, lo), hi)
             acted.append("bounds")

@@ -126,7 +126,8 @@ class JobsView:
                                   f"{d.get('why')}")
             line.last_decision_step = ev.step
         elif ev.kind == "decision":
-            acted = [f"{k} {knob_text(k, v.get('current'))} -> {knob_text(k, v['commanded'])} by "
+            acted = [f"{k} {knob_text(k, v.get('in_force', v.get('current')))} -> "
+                     f"{knob_text(k, v['commanded'])} by "
                      f"{v.get('policy')}: {v.get('reason')}"
                      for k, v in d.get("knobs", {}).items()
                      if v.get("commanded") is not None and v["commanded"] != v.get("current")]

@@ -397,7 +397,10 @@ class ControllerMetrics:
                 counts[(knob, limit)] = counts.get((knob, limit), 0) + 1
         directions = col.directions.setdefault(job, {})
         for knob, value in decision.commands.items():
-            current = decision.knobs[knob].current
+            # Against the value the optimizer was using: a rollback's command replaces the
+            # checkpoint's value, but the run goes from what it ran at (the range test's
+            # return to its pick is a cut from the sweep's top, not a raise).
+            current = decision.knobs[knob].before
             if current is None or value == current:
                 continue
             way = 1 if value > current else -1

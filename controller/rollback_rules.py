@@ -228,6 +228,11 @@ def plan_rollback(
         first = next((r.fault_lr for r in _near(state, cfg, target)
                       if r.fault_lr is not None), lr)
         targets["lr"] = min(first * cut, lr * cfg.base_cut)
+        if restored.get("lr") is not None:
+            # Never above what the checkpoint ran at: a run that diverged after a raise
+            # (a policy's, a person's) goes back to the value it was healthy at, not to half
+            # the one it diverged at, which it never ran from there.
+            targets["lr"] = min(targets["lr"], restored["lr"])
     if cfg.clip_tighten is not None:
         clip, ema = now.get("clip"), seen.get("grad_norm_ema")
         if clip is not None:

@@ -192,7 +192,8 @@ class ScheduleRules:
         for knob, spec in live.items():
             # The client follows it between decisions: its points count in the slew window.
             window = self.governor.limits(knob).slew_window_steps  # type: ignore[arg-type]
-            state.memory[knob].observe(state.step, spec.value(state.step), window)
+            state.memory[knob].observe(state.step, spec.value(state.step), window,
+                                       state.memory_from)
         if not self.live_schedules and not state.live:
             return decision
         if live == state.live:

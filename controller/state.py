@@ -467,15 +467,25 @@ class JobState(Persisted):
 
     def note_change(
         self, knob: str, policy: str, previous: float | None, value: float, window_steps: int,
-        step: int | None = None,
+        step: int | None = None, ran: float | None = None,
     ) -> None:
-        """Record that ``value`` will be commanded for ``knob`` at ``step`` (default: now)."""
+        """Record that ``value`` will be commanded for ``knob`` at ``step`` (default: now),
+        replacing ``previous`` there; ``ran``: the value the run was using when this was
+        decided, where a rollback's restore puts ``previous`` back first (the change's
+        direction is counted from it)."""
         step = self.step if step is None else step
-        self.memory[knob].record(step, previous, value, window_steps)
+        self.memory[knob].record(step, previous, value, window_steps, self.memory_from)
         self.last_change_step[knob] = step
+        previous = previous if ran is None else ran
         direction = "up" if previous is None or value > previous else "down"
         key = (policy, knob, direction)
         self.decision_counts[key] = self.decision_counts.get(key, 0) + 1
+
+    @property
+    def memory_from(self) -> int | None:
+        """The oldest step the governor's memory must reach back to: the oldest checkpoint
+        the client lists (a rollback may go there; None: none listed)."""
+        return min(self.rollback.checkpoints, default=None)
 
     def rewind_controls(self, step: int) -> None:
         """Forget knob changes after ``step`` (a rollback to it is being ordered); a knob

@@ -300,7 +300,7 @@ class Timeline:
                 continue
             limits = f" [limited: {', '.join(k['limits'])}]" if k.get("limits") else ""
             rows.append(make(policy=f"{k.get('policy') or '?'}{mark}", knob=knob,
-                             change=f"{knob_text(knob, k.get('current'))} -> "
+                             change=f"{knob_text(knob, k.get('in_force', k.get('current')))} -> "
                                     f"{knob_text(knob, k['commanded'])}",
                              why=f"{k.get('reason', '')}{limits}"))
         if shadow and not rows:

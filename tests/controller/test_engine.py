@@ -417,3 +417,16 @@ def test_a_rollback_proposal_must_be_an_lr_cut_with_a_cause():
     assert Proposal.roll_back("nonfinite", "x").knob == "lr"
     with pytest.raises(TypeError, match="rollback"):
         Proposal("clip", factor=0.5, reason="x", rollback="nonfinite")  # type: ignore[call-arg]
+
+
+def test_the_jobs_governor_memory_reaches_back_to_its_oldest_checkpoint():
+    """What a rollback to the oldest checkpoint listed needs for the slew window (see
+    test_governor): the job passes that checkpoint to its knobs' memory, and a change
+    counts its direction from the value the run was using, not the one a restore brings."""
+    st = state(step=0)
+    st.rollback.checkpoints = [100, 900]
+    for step, cur, value in [(30, 1.0, 2.0), (90, 2.0, 4.0), (1030, 4.0, 8.0)]:
+        st.note_change("lr", "p", cur, value, 200, step=step)
+    assert st.memory["lr"].history[:2] == [(30, 1.0), (30, 2.0)]  # kept: before 100
+    st.note_change("lr", "guard", 4.0, 8.0, 200, step=900, ran=16.0)  # a rollback's cut
+    assert st.decision_counts[("guard", "lr", "down")] == 1

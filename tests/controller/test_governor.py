@@ -210,6 +210,28 @@ def test_memory_keeps_only_the_slew_window_and_the_value_in_force_at_its_start()
     assert mem.history == [(60, 3.0), (200, 4.0)]
 
 
+def test_after_a_rollback_the_slew_window_still_holds_what_ran_before_the_checkpoint():
+    """A plugin's trial: raises to x2 at 30, x4 at 90 (the checkpoint at 900 ran at x4), x8
+    at 1030, x16 at 1090; a rollback to 900 set x8; at 950 the plugin's next raise to x16
+    went through, x1 -> x16 within 1000 steps of the run's final path, because the memory
+    had dropped the values before step 90 with the window at 1090. The memory keeps the
+    window behind the oldest checkpoint listed, so the rewind finds them."""
+    g = gov(max_step_ratio=2.0, slew_ratio=4.0, slew_window_steps=1000)
+    for keep_from, allowed in [(0, None), (None, 16.0)]:  # None: before the fix
+        mem = KnobMemory()
+        for step, cur, value in [(30, 1.0, 2.0), (90, 2.0, 4.0), (1030, 4.0, 8.0),
+                                 (1090, 8.0, 16.0)]:
+            mem.record(step, cur, value, 1000, keep_from)
+        mem.rewind(900)
+        mem.record(900, 4.0, 8.0, 1000, keep_from)  # the rollback's own change, at 900
+        assert g.govern("lr", mem, 8.0, 1.0, 16.0, 950).value == allowed
+    # Trimmed to the window behind keep_from, not kept for ever.
+    mem = KnobMemory()
+    for step in range(0, 5000, 100):
+        mem.record(step, 1.0, 1.0 + step / 1e4, 1000, keep_from=3000)
+    assert mem.history[0][0] == 2000 and mem.history[-1][0] == 4900
+
+
 # -- the property ------------------------------------------------------------------------
 
 SPECIAL = st.sampled_from([NAN, INF, -INF, 0.0, -0.0, -1.0, 1e300, 1e-300, 5e-324, 1.0])

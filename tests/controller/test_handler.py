@@ -454,6 +454,50 @@ def _stable_at_150(ctl: Controller) -> FakeClient:
     return c
 
 
+def test_a_rollbacks_change_reads_from_the_value_the_run_was_using(tmp_path):
+    """A monitoring trial: a rollback's row read "x1 -> x0.25" at step 610 where the run was
+    at x0.5; the "from" was the checkpoint's value. It is the value in force, and the line
+    says what the restore brings back; the decision counter's direction follows it."""
+    from trimtab.controller.timeline import Timeline
+
+    ctl = make_rb(tmp_path)
+    c = FakeClient(ctl)
+    c.lr = 2.0  # the checkpoint at 150 ran at x2
+    c.run_to(200)
+    assert c.stable == 150
+    c.lr = 0.8  # then the run went down to x0.8 (as a person's set would)
+    c.run_to(230)
+    (cmd,) = c.report(nonfinite_grads=10)
+    assert cmd.rollback_to == 150 and cmd.scale.lr == pytest.approx(0.4)
+    line = next(r for r in cmd.reasons if r.startswith("lr "))
+    assert line.startswith("lr x0.8 -> x0.4 by divergence_guard: rollback to step 150")
+    assert line.endswith("(the restore brings back x2, which this replaces)")
+    (row,) = [e for e in ctl.journal.events("rb", "decision") if e.data["rollback"]]
+    assert row.data["knobs"]["lr"]["in_force"] == pytest.approx(0.8)
+    assert row.data["knobs"]["lr"]["current"] == pytest.approx(2.0)
+    timeline = Timeline()
+    rows = [r for e in ctl.journal.events("rb") for r in timeline.feed(e)]
+    (shown,) = [r for r in rows if r.kind == "decision" and r.knob == "lr"]
+    assert shown.change == "x0.8 -> x0.4"
+    assert metric(ctl, 'trimtab_decisions_total{direction="down",job="rb",knob="lr",'
+                       'policy="divergence_guard"} 1.0')
+
+
+def test_a_rollback_never_sets_the_lr_above_what_the_checkpoint_ran_at(tmp_path):
+    """A plugin's trial: raised to x16 after the checkpoint at 900 (x4 there), it diverged,
+    and the rollback set half of x16: x8, twice what the run was healthy at."""
+    ctl = make_rb(tmp_path)
+    c = _stable_at_150(ctl)  # at x1
+    c.lr = 4.0
+    c.run_to(240)
+    (cmd,) = c.report(nonfinite_grads=10)
+    assert cmd.rollback_to == 150
+    assert cmd.scale.lr is None  # the restore brings back x1: nothing else to set
+    c.lr = 1.0  # what the client's restore of the checkpoint brings back
+    c.ack(cmd)
+    assert ctl.jobs["rb"].knobs.lr == pytest.approx(1.0)
+
+
 def test_a_nonfinite_report_rolls_back_to_the_newest_stable_checkpoint(tmp_path):
     ctl = make_rb(tmp_path)
     c = _stable_at_150(ctl)
