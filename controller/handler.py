@@ -566,7 +566,7 @@ class Controller:
                 ok = True
                 carried = f" (carried by command {seq})" if mine < seq else ""
                 back = f", rolled back to step {restored}" if restored is not None else ""
-                detail = f"applied at step {step}{back}{carried}, as {source} says: {used}"
+                detail = f"applied after step {step}{back}{carried}, as {source} says: {used}"
             replies.append((peer, wire.encode(wire.Operated(
                 job=job, request=request, ok=ok, detail=detail[:1024], seq=mine, applied=ok,
                 step=step, knobs=knobs, scale=scale))))

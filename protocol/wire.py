@@ -289,7 +289,8 @@ class Command(_Model):
 class Ack(_Model):
     """Client -> controller: a command was applied. Sent at the first optimizer step that
     runs with it (after a rollback, the next step taken): ``knobs`` are the effective
-    values that step used, ``base`` the user's own values then, ``scale`` the multipliers."""
+    values that step used, ``base`` the user's own values then, ``scale`` the multipliers;
+    ``step`` is ``global_step`` as that step begins (the steps taken without it)."""
 
     type: Literal["ack"] = "ack"
     v: Literal[2] = PROTOCOL_VERSION

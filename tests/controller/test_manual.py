@@ -363,7 +363,7 @@ def test_a_person_waiting_hears_the_values_the_job_used_once_it_applied_them(tmp
     assert peer == OPERATOR and told.request == "r-1" and told.applied and told.ok
     assert told.step == 17 and told.knobs.lr == pytest.approx(0.05)
     assert told.scale.lr == pytest.approx(0.5)
-    assert "applied at step 17, as its ack says: lr 0.05 (x0.5 of yours)" in told.detail
+    assert "applied after step 17, as its ack says: lr 0.05 (x0.5 of yours)" in told.detail
     # Told once: a repeated ack tells nobody.
     assert decoded(ctl.handle(PEER, wire.encode(wire.Ack(job="j1", seq=cmd.seq, step=17,
                                                          **in_force(0.5))))) == []

@@ -154,7 +154,7 @@ def test_a_person_pauses_sets_is_refused_rolls_back_and_resumes_a_real_run(steer
     assert acks and acks[0].data["scale"]["lr"] == pytest.approx(0.5)
     assert acks[0].data["knobs"]["momentum"] == pytest.approx(0.8)
     # The CLI waited for that ack and printed the values the job's step used.
-    used = re.search(r"applied at step (\d+), as its ack says: lr (\S+) \(x0\.5 of yours\), "
+    used = re.search(r"applied after step (\d+), as its ack says: lr (\S+) \(x0\.5 of yours\), "
                      r"momentum 0\.8", out.stdout)
     assert used and int(used[1]) == acks[0].step
     assert used[2] == f"{acks[0].data['knobs']['lr']:.6g}"  # the acked lr, as printed
