@@ -2,8 +2,9 @@
 
 Whatever a policy asks for, the governor holds each knob within absolute and
 relative bounds, moves it at most ``max_step_ratio`` per decision and
-``slew_ratio`` per window, waits ``cooldown_steps`` between changes, ignores
-changes inside a ``deadband`` and refuses small reversals (hysteresis). It is
+``slew_ratio`` per window (the momentum's on ``1 / (1 - momentum)``), waits
+``cooldown_steps`` between changes, ignores changes inside a ``deadband`` and refuses
+small reversals (hysteresis). It is
 pure: the per-knob :class:`KnobMemory` it reads lives in the job's state, and the
 engine records into it only what is actually sent.
 
@@ -113,6 +114,15 @@ def _check_keys(what: str, sd: dict[str, Any], expected: set[str]) -> None:
             f"{what} state_dict: missing keys {sorted(missing)}, "
             f"unexpected keys {sorted(unexpected)}"
         )
+
+
+def _to_horizon(momentum: float) -> float:
+    """``1 / (1 - momentum)``: the steps a gradient is averaged over (inf at 1 and above)."""
+    return math.inf if momentum >= 1.0 else 1.0 / (1.0 - momentum)
+
+
+def _from_horizon(h: float) -> float:
+    return 1.0 if math.isinf(h) else 1.0 - 1.0 / h
 
 
 def _oldest(step: int, keep_from: int | None) -> int:
@@ -230,7 +240,8 @@ class Governor:
             # Nothing to take a ratio of (e.g. clipping off): bounds only.
             value = min(max(target, lo), hi)
             return Governed(value, ("bounds",) if value != target else ())
-        value, acted = self._clamp(lim, memory, current, lo, hi, target, step)
+        value, acted = self._clamp(lim, memory, current, lo, hi, target, step,
+                                   horizon=knob == "momentum")
         if value is None or value == current:
             return Governed(None, acted)
         return self._filter(lim, memory, current, value, step, acted)
@@ -298,9 +309,23 @@ class Governor:
 
     def _clamp(
         self, lim: KnobLimits, memory: KnobMemory, current: float,
-        lo: float, hi: float, target: float, step: int,
+        lo: float, hi: float, target: float, step: int, horizon: bool = False,
     ) -> tuple[float | None, tuple[str, ...]]:
-        """Clamp into the intersection of bounds, step-ratio and slew ranges."""
+        """Clamp into the intersection of bounds, step-ratio and slew ranges. ``horizon``
+        (the momentum): the ratios are taken on ``1 / (1 - momentum)``, the number of steps
+        a gradient is averaged over, which scales the step as the lr does (0.9 -> 0.999 is
+        100x, not 1.11x); the value is mapped back."""
+        if horizon:
+            out, acted = self._clamp(lim, KnobMemory(
+                [(s, _to_horizon(v)) for s, v in memory.history], memory.last_change_step,
+                memory.last_direction), _to_horizon(current), _to_horizon(lo), _to_horizon(hi),
+                _to_horizon(target), step)
+            if out is None:
+                return None, acted
+            # The ends exactly (a round trip through 1 / (1 - m) moves the last digit).
+            back = (target if out == _to_horizon(target) else
+                    current if out == _to_horizon(current) else _from_horizon(out))
+            return min(max(back, min(current, target)), max(current, target)), acted
         ranges = [("bounds", lo, hi)]
         if lim.max_step_ratio is not None:
             r = lim.max_step_ratio

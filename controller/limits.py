@@ -81,7 +81,10 @@ def _lr_limits() -> KnobLimits:
 
 
 def _momentum_limits() -> KnobLimits:
-    return KnobLimits(min=0.0, max=0.999, allow_zero=True, cooldown_steps=50, deadband=0.01)
+    # The ratios on 1 / (1 - momentum), the steps a gradient is averaged over (the step's
+    # scale, as the lr's): 0.9 -> at most 0.95 or 0.8 in one decision, 0.975 in a window.
+    return KnobLimits(min=0.0, max=0.999, allow_zero=True, max_step_ratio=2.0, slew_ratio=4.0,
+                      cooldown_steps=50, deadband=0.01)
 
 
 def _weight_decay_limits() -> KnobLimits:

@@ -43,3 +43,48 @@ def test_the_example_plugins_docstring_examples():
     spec.loader.exec_module(module)
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+def _blocks(lang: str) -> list[str]:
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "writing-policies.md").read_text()
+    return re.findall(rf"```{lang}\n(.*?)```", text, re.S)
+
+
+def test_the_policy_guides_python_snippets_run_each_on_its_own(monkeypatch, capsys):
+    """A plugin author's trial pasted section 3's snippets alone and got a NameError: each
+    block runs by itself, with the example plugin importable as its README installs it."""
+    import sys
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "examples"
+                                    / "policy-plugin"))
+    monkeypatch.delitem(sys.modules, "trimtab_example_policy", raising=False)
+    blocks = _blocks("python")
+    assert len(blocks) >= 3
+    for block in blocks:
+        exec(compile(block, "writing-policies.md", "exec"), {})  # noqa: S102
+    assert "lr x1 -> x0.5" in capsys.readouterr().out
+
+
+def test_the_policy_guides_configs_load_and_the_range_test_keeps_the_lrs_other_limits():
+    """A trial: the range-test config's [governor.lr] table widened the bounds and, since a
+    knob's table replaces its defaults, switched every other lr limit off."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+
+    from trimtab.controller.config import ControllerConfig
+    from trimtab.controller.limits import GovernorConfig
+
+    blocks = [b for b in _blocks("toml") if "[project" not in b]  # not a pyproject.toml's
+    assert blocks
+    for block in blocks:
+        cfg = ControllerConfig(**tomllib.loads(block))
+        if "lr_range_test" in block:
+            got = cfg.governor.lr.model_dump()
+            want = {**GovernorConfig().lr.model_dump(), "max_rel": 100.0}
+            assert got == want

@@ -86,8 +86,23 @@ def test_relative_and_absolute_bounds():
     # The lr multiplier (1.0 at registration) within [min_rel, max_rel].
     out = gov(min_rel=0.1, max_rel=10).govern("lr", KnobMemory(), 1.0, 1.0, 1000.0, 0)
     assert out == Governed(pytest.approx(10.0), ("bounds",))
-    out = Governor().govern("momentum", KnobMemory(), 0.9, 0.9, 1.5, 0)
+    bare = Governor(GovernorConfig(momentum=KnobLimits(min=0.0, max=0.999, allow_zero=True)))
+    out = bare.govern("momentum", KnobMemory(), 0.9, 0.9, 1.5, 0)
     assert out == Governed(0.999, ("bounds",))
+
+
+def test_the_momentums_step_and_slew_are_ratios_of_the_steps_a_gradient_is_averaged_over():
+    """A plugin's trial: momentum 0.9 -> 0.999 in one decision (about 100x the effective step
+    of SGD) by default. The ratios are taken on 1 / (1 - momentum): 0.9 -> 0.95 at most."""
+    g, mem = Governor(), KnobMemory()
+    assert g.govern("momentum", mem, 0.9, 0.9, 0.999, 100) == Governed(
+        pytest.approx(0.95), ("max_step_ratio",))
+    assert g.govern("momentum", mem, 0.9, 0.9, 0.0, 100) == Governed(
+        pytest.approx(0.8), ("max_step_ratio",))
+    assert g.govern("momentum", mem, 0.9, 0.9, 0.92, 100) == Governed(0.92, ())
+    mem.record(100, 0.9, 0.95, 1000)
+    mem.record(200, 0.95, 0.975, 1000)  # 10 -> 40 steps: the window's 4x
+    assert g.govern("momentum", mem, 0.975, 0.9, 0.99, 300) == Governed(None, ("slew",))
 
 
 def test_absolute_bounds_beat_relative_ones_that_lie_outside_them():
@@ -167,8 +182,11 @@ def test_invalid_targets_are_refused(target):
 
 
 def test_zero_is_a_valid_target_where_allowed():
-    out = Governor().govern("momentum", KnobMemory(), 0.9, 0.9, 0.0, 0)
-    assert out == Governed(0.0, ())
+    bare = Governor(GovernorConfig(momentum=KnobLimits(min=0.0, max=0.999, allow_zero=True)))
+    assert bare.govern("momentum", KnobMemory(), 0.9, 0.9, 0.0, 0) == Governed(0.0, ())
+    # By default in steps: 1 / (1 - m) at most halves per decision (see below).
+    assert Governor().govern("momentum", KnobMemory(), 0.6, 0.9, 0.0, 0) == Governed(
+        pytest.approx(0.2), ("max_step_ratio",))
 
 
 def test_a_knob_with_no_value_in_force_takes_an_absolute_target_within_bounds():
@@ -262,6 +280,8 @@ def test_no_proposal_stream_gets_past_the_governor(config, knob, moves):
     lo, hi = g.bounds(knob, INITIAL[knob])
     cur, step, last = INITIAL[knob], 0, None
     sent, drifted = [], False
+    # The momentum's ratios are on 1 / (1 - m), the steps a gradient is averaged over.
+    f = (lambda m: 1.0 / (1.0 - m)) if knob == "momentum" else (lambda m: m)
     for inc, (kind, x) in moves:
         step += inc
         if kind == "drift":
@@ -278,14 +298,14 @@ def test_no_proposal_stream_gets_past_the_governor(config, knob, moves):
         # Never the other way from the one asked, nor past the target.
         assert min(cur, target) <= v <= max(cur, target), (cur, target, v)
         if lim.max_step_ratio is not None and cur > 0:
-            assert max(v, cur) / min(v, cur) <= lim.max_step_ratio * (1 + 1e-12)
+            assert max(f(v), f(cur)) / min(f(v), f(cur)) <= lim.max_step_ratio * (1 + 1e-9)
         assert last is None or step - last >= lim.cooldown_steps
         assert cur == 0 or abs(v - cur) / cur >= lim.deadband
         mem.record(step, cur, v, lim.slew_window_steps)
-        sent.append((step, v))
+        sent.append((step, f(v)))
         cur, last = v, step
     if lim.slew_ratio is not None and not drifted:  # the slew range is the commands' own
-        _assert_slew(sent, INITIAL[knob], lim.slew_window_steps, lim.slew_ratio)
+        _assert_slew(sent, f(INITIAL[knob]), lim.slew_window_steps, lim.slew_ratio)
 
 
 def _assert_slew(sent, initial, window, ratio):
