@@ -132,9 +132,21 @@ class Controller:
         #: while no controller ran would otherwise be live in ``trimtab jobs`` for good).
         self._unheard: dict[str, float] = dict.fromkeys(
             journal.states(live_only=True), clock())
+        #: Their states as the journal has them, and when each was last heard from (its last
+        #: event): exported as live until they register or are marked lost, so that a job
+        #: killed while no controller ran is seen going silent on /metrics too.
+        self._unheard_states: dict[str, tuple[JobState, float]] = {}
+        for job, stored in journal.states(live_only=True).items():
+            try:
+                state = JobState.from_state_dict(stored)
+            except (ValueError, KeyError, TypeError):  # written by an older controller
+                continue
+            heard = journal.last_heard(job)  # on the journal's (wall) clock: in ours
+            ago = 0.0 if heard is None else max(journal.clock() - heard, 0.0)
+            self._unheard_states[job] = (state, clock() - ago)
         #: Jobs that ended (bye, lost) within ``metrics_grace_s``: their state and when they
         #: were last heard from; their series stay on /metrics until the grace ends.
-        self._ended: dict[str, tuple[JobState, float]] = {}
+        self._ended: dict[str, tuple[JobState, float, str]] = {}
         # The journal's next compaction (wall time: the journal's timestamps are), and the
         # rows the one under way has deleted so far.
         self._compact_at = journal.clock()
@@ -143,9 +155,10 @@ class Controller:
         #: (oldest first): :meth:`save_due` saves them ``state_save_s`` later.
         self._unsaved: dict[str, float] = {}
         self.metrics = ControllerMetrics(registry=registry,
-                                         jobs=lambda: [r.state for r in self._jobs.values()],
+                                         jobs=self._exported_jobs,
                                          age=self.silent_for, bounds=self._bounds,
-                                         ended=lambda: [s for s, _ in self._ended.values()],
+                                         ended=lambda: [(s, how) for s, _, how
+                                                        in self._ended.values()],
                                          policies=self._policy_names)
         journal.on_commit = self.metrics.journal_commit.observe
         #: Journal entries, log lines and counters of what each message did.
@@ -208,12 +221,13 @@ class Controller:
         self._compact_slice()
         now = self.clock()
         replies: list[Reply] = []
-        for job in [j for j, (_, ended) in self._ended.items()
+        for job in [j for j, (_, ended, _) in self._ended.items()
                     if now - ended > self.config.metrics_grace_s]:
             self._drop_series(job)
         for job, since in [(j, t) for j, t in self._unheard.items()
                            if now - t > self.config.job_timeout_s]:
             del self._unheard[job]
+            unheard = self._unheard_states.pop(job, None)
             stored = self.journal.states(live_only=True).get(job)
             if job in self._jobs or stored is None:
                 continue
@@ -224,6 +238,8 @@ class Controller:
                                     data={"silent_s": now - since, "unheard": True})
                 self.journal.save_state(job, stored, live=False)
             self.metrics.jobs_lost.inc()
+            if unheard is not None and self.config.metrics_grace_s > 0:
+                self._ended[job] = (unheard[0], now, "lost")  # its series stay for the grace
         for job, rec in [(j, r) for j, r in self._jobs.items()
                          if now - r.last_seen > self.config.job_timeout_s]:
             state = rec.state
@@ -233,7 +249,7 @@ class Controller:
                                     data={"silent_s": now - rec.last_seen})
                 self._save(state, live=False)
             replies += self._never_applied(job, "the job was lost (silent) before applying it")
-            self._forget(job)
+            self._forget(job, "lost")
             self.metrics.jobs_lost.inc()
         return replies
 
@@ -244,6 +260,7 @@ class Controller:
         state = None if rec is None else rec.state
         self._ended.pop(msg.job, None)  # live again: its series are the live job's
         self._unheard.pop(msg.job, None)
+        self._unheard_states.pop(msg.job, None)
         resumed = "live"
         if state is None or state.run_id != msg.run_id:
             self._retire(msg.job, msg.run_id, state)
@@ -489,7 +506,7 @@ class Controller:
         if state is not None:
             self.journal.append(msg.job, "bye", step=msg.step, data={"reason": msg.reason})
             self._save(state, live=False)
-            self._forget(msg.job)
+            self._forget(msg.job, "bye")
             log.info("job %s said bye at step %d (%s)", msg.job, msg.step, msg.reason)
             return self._never_applied(msg.job, f"the job ended ({msg.reason}) before "
                                                 "applying it")
@@ -717,11 +734,12 @@ class Controller:
         rec = self._jobs.get(job)
         return peer if rec is None else rec.peer
 
-    def _forget(self, job: str) -> None:
-        """The job ended (bye, or lost): no longer live; its series stay for the grace."""
+    def _forget(self, job: str, how: str) -> None:
+        """The job ended (``how``: bye, or lost): no longer live; its series stay for the
+        grace."""
         rec = self._jobs.pop(job, None)
         if rec is not None and self.config.metrics_grace_s > 0:
-            self._ended[job] = (rec.state, self.clock())
+            self._ended[job] = (rec.state, self.clock(), how)
             while len(self._ended) > _MAX_ENDED:  # bounded: the oldest ends go first
                 self._drop_series(next(iter(self._ended)))
         else:
@@ -780,7 +798,16 @@ class Controller:
     def silent_for(self, job: str) -> float | None:
         """Seconds since ``job`` was last heard from (None: not live)."""
         rec = self._jobs.get(job)
-        return None if rec is None else self.clock() - rec.last_seen
+        if rec is None:
+            unheard = self._unheard_states.get(job)
+            return None if unheard is None else max(self.clock() - unheard[1], 0.0)
+        return self.clock() - rec.last_seen
+
+    def _exported_jobs(self) -> list[JobState]:
+        """The live jobs' states, and those of jobs the journal has live that this
+        controller has not heard from yet (until they register or are marked lost)."""
+        return [r.state for r in self._jobs.values()] + [
+            st for job, (st, _) in self._unheard_states.items() if job not in self._jobs]
 
     def live_jobs(self) -> Iterable[str]:
         return list(self._jobs)

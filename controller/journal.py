@@ -316,6 +316,12 @@ class Journal:
         row = self._db.execute("SELECT state FROM job_state WHERE job = ?", (job,)).fetchone()
         return json.loads(row[0]) if row else None
 
+    def last_heard(self, job: str) -> float | None:
+        """The time (the journal's clock) of ``job``'s newest event; None: it has none."""
+        row = self._db.execute("SELECT ts FROM events WHERE job = ? ORDER BY id DESC LIMIT 1",
+                               (job,)).fetchone()
+        return None if row is None else float(row[0])
+
     def states(self, *, live_only: bool = False) -> dict[str, dict[str, Any]]:
         """Every stored job state, by job."""
         sql = "SELECT job, state FROM job_state" + (" WHERE live = 1" if live_only else "")

@@ -43,6 +43,11 @@ _GAUGES = {
         "(the metrics_grace_s setting).",
         (),
     ),
+    "trimtab_job_lost": (
+        "1 during the grace period after the controller marked the job lost (silent for "
+        "job_timeout_s: killed, hung or cut off), 0 while it is live or after it said bye.",
+        (),
+    ),
     "trimtab_job_step": ("Optimizer steps the job has taken.", ()),
     "trimtab_job_last_seen_age_seconds": ("Seconds since the job's last message.", ()),
     "trimtab_job_healthy": (
@@ -161,8 +166,9 @@ class JobCollector(Collector):
     """Per-job series over the live job table: signals, knobs and their bounds, decisions,
     governor clamps, policy errors, checkpoints and rollbacks.
 
-    ``ended()`` gives the jobs that ended within the grace period (their series stay, with
-    ``trimtab_job_live`` 0); ``age(job)`` gives the seconds since a job was last heard
+    ``ended()`` gives the jobs that ended within the grace period and how (``"bye"`` or
+    ``"lost"``): their series stay, with ``trimtab_job_live`` 0 and ``trimtab_job_lost``
+    1 for a lost one; ``age(job)`` gives the seconds since a job was last heard
     from (None: unknown);
     ``bounds(job, knob, initial)`` the job governor's ``(lo, hi)`` for a knob (infinite ones are
     left out).
@@ -174,7 +180,7 @@ class JobCollector(Collector):
         *,
         age: Callable[[str], float | None] | None = None,
         bounds: Callable[[str, str, float | None], tuple[float, float]] | None = None,
-        ended: Callable[[], Iterable[JobState]] | None = None,
+        ended: Callable[[], Iterable[tuple[JobState, str]]] | None = None,
         policies: Callable[[str], tuple[Iterable[str], Iterable[str]]] | None = None,
     ) -> None:
         self._jobs = jobs
@@ -199,10 +205,11 @@ class JobCollector(Collector):
             if value is not None and math.isfinite(value):
                 fam[name].add_metric(labels, value)
 
-        ended = [] if self._ended is None else [(s, 0.0) for s in self._ended()]
-        for state, live in [(s, 1.0) for s in self._jobs()] + ended:
+        ended = [] if self._ended is None else [(s, how) for s, how in self._ended()]
+        for state, how in [(s, None) for s in self._jobs()] + ended:
             job = state.job
-            put("trimtab_job_live", [job], live)
+            put("trimtab_job_live", [job], 1.0 if how is None else 0.0)
+            put("trimtab_job_lost", [job], 1.0 if how == "lost" else 0.0)
             self._signals(put, job, state)
             for knob in KNOBS:
                 put("trimtab_knob_value", [job, knob], getattr(state.effective, knob))
@@ -311,7 +318,7 @@ class ControllerMetrics:
         jobs: Callable[[], Iterable[JobState]],
         age: Callable[[str], float | None] | None = None,
         bounds: Callable[[str, str, float | None], tuple[float, float]] | None = None,
-        ended: Callable[[], Iterable[JobState]] | None = None,
+        ended: Callable[[], Iterable[tuple[JobState, str]]] | None = None,
         policies: Callable[[str], tuple[Iterable[str], Iterable[str]]] | None = None,
     ) -> None:
         self.registry = registry

@@ -123,6 +123,12 @@ def test_a_job_that_ends_while_no_controller_runs_is_marked_lost_after_the_resta
     assert set(Journal(str(tmp_path / "j.db")).states(live_only=True)) == {"a", "b"}
 
     ctl, clock = make(tmp_path, job_timeout_s=5.0)
+    # Until it is heard or marked lost, a is exported from its saved state as live, its
+    # age counted from its last journaled event (a job killed while no controller ran
+    # had no series at all, so no silence alert could fire for it).
+    text = generate_latest(ctl.metrics.registry).decode()
+    assert 'trimtab_job_live{job="a"} 1.0' in text and 'trimtab_job_step{job="a"} 10.0' in text
+    assert 'trimtab_job_last_seen_age_seconds{job="a"}' in text
     clock.t += 3
     ctl.handle(PEER, register("b"))  # b's client reconnects
     ctl.tick()
@@ -134,7 +140,10 @@ def test_a_job_that_ends_while_no_controller_runs_is_marked_lost_after_the_resta
     assert not ctl.journal.events("b", "lost")
     ctl.journal.commit()
     assert set(ctl.journal.states(live_only=True)) == {"b"}
-    assert "trimtab_jobs_lost_total 1.0" in generate_latest(ctl.metrics.registry).decode()
+    text = generate_latest(ctl.metrics.registry).decode()
+    assert "trimtab_jobs_lost_total 1.0" in text
+    assert 'trimtab_job_live{job="a"} 0.0' in text and 'trimtab_job_lost{job="a"} 1.0' in text
+    assert 'trimtab_job_lost{job="b"} 0.0' in text
     clock.t += 3
     ctl.handle(PEER, report(2, job="b"))
     ctl.tick()
@@ -160,6 +169,8 @@ def test_job_series_end_with_bye_and_when_lost_after_the_grace(tmp_path):
     assert "trimtab_jobs_lost_total 1.0" in text
     assert [e.kind for e in ctl.journal.events("b")][-1] == "lost"
     assert 'trimtab_job_live{job="a"} 0.0' in text and 'trimtab_job_live{job="b"} 0.0' in text
+    # How each ended, per job (an alert names the job lost; a bye is no loss).
+    assert 'trimtab_job_lost{job="a"} 0.0' in text and 'trimtab_job_lost{job="b"} 1.0' in text
     assert 'trimtab_knob_value{job="a",knob="lr"} 0.1' in text
     # Back before the grace ends: live again, one series each.
     ctl.handle(PEER, register("b"))
