@@ -45,6 +45,7 @@ from typing import IO, Any
 from prometheus_client import CollectorRegistry
 
 from trimtab.controller.advance import advance
+from trimtab.controller.budget import PolicyBudget
 from trimtab.controller.config import ControllerConfig
 from trimtab.controller.engine import Decision, Engine
 from trimtab.controller.governor import Governor
@@ -243,7 +244,19 @@ def replay(
     limits = derive_limits(ScaleContext.from_facts(state.facts), config.governor,
                            explicit_fields(config.governor), state.registered,
                            state.lr_spread).config
-    engine = Engine(policies, Governor(limits), rollback=config.rollback)
+    # Under the same time budget as live: a policy too slow for it is disabled here too
+    # (inline, a slow one would make decisions the live controller never made).
+    budget = (PolicyBudget(config.policy_budget_ms / 1000.0)
+              if config.policy_budget_ms > 0 else None)
+    engine = Engine(policies, Governor(limits), rollback=config.rollback, budget=budget)
+    try:
+        return _replay(trace, state, engine)
+    finally:
+        if budget is not None:
+            budget.close()
+
+
+def _replay(trace: Sequence[TraceRecord], state: JobState, engine: Engine) -> ReplayResult:
     result = ReplayResult(state.job)
     # What the replay commanded (controlled values), in force from the next report.
     applied: dict[str, float] = {k: v for k, v in state.knobs.set().items()

@@ -257,6 +257,30 @@ def test_export_and_replay_rebuild_the_job_and_print_decisions(tmp_path, sdk_mod
     assert [p.recorded["lr"] for p in result.points] == [0.1] * 5
 
 
+def test_replay_holds_a_policy_to_the_live_time_budget(tmp_path):
+    """A trial: a policy sleeping 3 s per call was disabled live (policy_budget_ms 1000)
+    but replayed inline for three minutes, and a slow policy's proposals would have been
+    decisions in replay that live never made."""
+    import time as _time
+
+    class Slow(Cut):
+        name = "slow"
+
+        def propose(self, view):
+            _time.sleep(0.3)
+            return super().propose(view)
+
+    trace = rp.trace_records(Journal(recorded(tmp_path)), "j1")
+    result = rp.replay(trace, [Slow()], ControllerConfig(policy_budget_ms=50))
+    (first,) = result.decisions
+    ((who, why),) = first.errors
+    assert who == "slow" and "time budget of 50 ms" in why, why
+    assert not first.commands
+    inline = rp.replay(trace, [Slow()], ControllerConfig(policy_budget_ms=0,
+                                                         governor={"lr": {"cooldown_steps": 0}}))
+    assert [d.errors for d in inline.decisions] == [(), ()]
+
+
 def test_replay_rebuilds_what_the_registration_said_of_the_clients_checkpoints():
     """A replayed job knows how many checkpoints its client keeps, the lr its scheduler
     scales, its param groups' lr spread, whether its loss is expected to fall and whether
