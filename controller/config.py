@@ -16,6 +16,7 @@ import json
 import os
 import socket
 import sys
+import typing
 from collections.abc import Mapping
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -257,8 +258,37 @@ def _describe(exc: ValidationError, source: str) -> str:
             continue
         where = ".".join(str(p) for p in err["loc"])
         given = err.get("input")
-        lines.append(f"  {where} = {given!r:.120}: {err['msg']}")
+        allowed = ""
+        if err["type"] == "extra_forbidden":
+            fields = _fields_at(err["loc"][:-1])
+            allowed = f" (allowed fields: {', '.join(fields)})" if fields else ""
+        lines.append(f"  {where} = {given!r:.120}: {err['msg']}{allowed}")
     return "\n".join(lines)
+
+
+def _fields_at(loc: tuple[Any, ...]) -> list[str]:
+    """The field names of the configuration model at ``loc`` (list indices skipped); empty
+    where it is not a model."""
+    model: Any = ControllerConfig
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        model = _model_of(field.annotation)
+    return sorted(getattr(model, "model_fields", {}))
+
+
+def _model_of(annotation: Any) -> Any:
+    """The pydantic model an annotation holds (through Optional, list and Annotated)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_of(arg)
+        if found is not None:
+            return found
+    return None
 
 
 def _parse_env_value(text: str) -> Any:

@@ -85,3 +85,20 @@ def test_state_save_s_is_configured_and_checked():
         load_config(env={"TRIMTAB_STATE_SAVE_S": "-1"})
     with pytest.raises(ConfigError, match=r"state_save_s = 7200: .*less than or equal to 3600"):
         load_config(env={"TRIMTAB_STATE_SAVE_S": "7200"})
+
+
+def test_a_misspelled_key_is_named_with_the_fields_allowed_there(tmp_path):
+    """A trial: ``shaddow = true`` in a policy entry said only "Extra inputs are not
+    permitted"; a policy's own config listed its fields, the controller's did not."""
+    for text, where, allowed in [
+        ('[[policies]]\nname = "plateau"\nshaddow = true\n', "policies.0.shaddow = True",
+         "(allowed fields: config, jobs, name, shadow)"),
+        ("[governor.lr]\nmax_rell = 3\n", "governor.lr.max_rell = 3", "max_rel, "),
+        ('jurnal = "x"\n', "jurnal = 'x'", "journal, live_schedules"),
+    ]:
+        path = tmp_path / "c.toml"
+        path.write_text(text)
+        with pytest.raises(ConfigError) as err:
+            load_config(path)
+        line = next(ln for ln in str(err.value).splitlines() if where in ln)
+        assert "Extra inputs are not permitted (allowed fields: " in line and allowed in line
