@@ -366,7 +366,7 @@ class Engine(PhaseRules, ScheduleRules):
                     else [_inline(p, view) for p in asked])
         for policy, (ok, out) in zip(asked, outcomes, strict=True):
             if ok:
-                problem = _nonsense(out)
+                problem = _nonsense(out) or self._unallowed(out)
             elif isinstance(out, PolicyTimeout):  # hung: cut off, its thread abandoned
                 problem = str(out)
             else:  # a plugin's bug must not take the controller down
@@ -377,6 +377,18 @@ class Engine(PhaseRules, ScheduleRules):
                 continue
             proposals.extend((policy.name, p) for p in out)
         return proposals, errors
+
+    def _unallowed(self, out: Sequence[Proposal]) -> str | None:
+        """Why a valid proposal asks for a value its knob can never take (zero where the
+        knob's limits do not allow it), or None. The governor would refuse it at every
+        decision, and the policy would go on asking, its every wish lost without a word."""
+        for p in out:
+            if p.value == 0.0 and p.knob in wire.KNOBS and not p.hold:
+                lim = self.governor.limits(p.knob)
+                if not lim.allow_zero:
+                    return (f"proposed {p.knob} value 0, which the {p.knob}'s limits do not "
+                            f"allow ([governor.{p.knob}] allow_zero = false)")
+        return None
 
     def _couple_weight_decay(self, state: JobState, knobs: dict[str, KnobDecision]) -> None:
         """With ``wd_coupling="keep_product"``, an lr change by ``f`` that leaves wd alone

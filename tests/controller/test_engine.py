@@ -430,3 +430,25 @@ def test_the_jobs_governor_memory_reaches_back_to_its_oldest_checkpoint():
     assert st.memory["lr"].history[:2] == [(30, 1.0), (30, 2.0)]  # kept: before 100
     st.note_change("lr", "guard", 4.0, 8.0, 200, step=900, ran=16.0)  # a rollback's cut
     assert st.decision_counts[("guard", "lr", "down")] == 1
+
+
+def test_a_value_the_knob_can_never_take_disables_the_policy_with_a_reason():
+    """A trial: ``Proposal("lr", value=0.0)`` passed the SDK and the governor refused it at
+    every decision, with no log line, no policy error and the policy left enabled."""
+    class Zero(Policy):
+        name = "zero"
+
+        def propose(self, view):
+            return [Proposal("lr", value=0.0, reason="stop training")]
+
+    st = state()
+    d = decided(Engine([Zero(), Fixed("good", p(factor=0.5))], LOOSE), st)
+    assert d.errors == (("zero", "proposed lr value 0, which the lr's limits do not allow "
+                                 "([governor.lr] allow_zero = false)"),)
+    assert "zero" in st.disabled_policies
+    assert d.commands == {"lr": 0.5}
+    # Where the knob allows zero, zero is a value like any other.
+    st = state()
+    bare = Governor(GovernorConfig(momentum=KnobLimits(min=0.0, max=0.999, allow_zero=True)))
+    d = decided(Engine([Fixed("off", p("momentum", value=0.0))], bare), st)
+    assert d.errors == () and d.commands == {"momentum": 0.0}
