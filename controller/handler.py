@@ -130,13 +130,13 @@ class Controller:
         #: has not heard from since it started, and since when it waits: marked lost, as a
         #: silent live job is, if they stay silent ``job_timeout_s`` (a job that ended
         #: while no controller ran would otherwise be live in ``trimtab jobs`` for good).
-        self._unheard: dict[str, float] = dict.fromkeys(
-            journal.states(live_only=True), clock())
+        stored_live = journal.states(live_only=True)
+        self._unheard: dict[str, float] = dict.fromkeys(stored_live, clock())
         #: Their states as the journal has them, and when each was last heard from (its last
         #: event): exported as live until they register or are marked lost, so that a job
         #: killed while no controller ran is seen going silent on /metrics too.
         self._unheard_states: dict[str, tuple[JobState, float]] = {}
-        for job, stored in journal.states(live_only=True).items():
+        for job, stored in stored_live.items():
             try:
                 state = JobState.from_state_dict(stored)
             except (ValueError, KeyError, TypeError):  # written by an older controller
@@ -240,6 +240,8 @@ class Controller:
             self.metrics.jobs_lost.inc()
             if unheard is not None and self.config.metrics_grace_s > 0:
                 self._ended[job] = (unheard[0], now, "lost")  # its series stay for the grace
+                while len(self._ended) > _MAX_ENDED:
+                    self._drop_series(next(iter(self._ended)))
         for job, rec in [(j, r) for j, r in self._jobs.items()
                          if now - r.last_seen > self.config.job_timeout_s]:
             state = rec.state
