@@ -137,7 +137,9 @@ def _decisions(args: argparse.Namespace) -> int:
             # tail -F's way: a job that has not registered yet is waited for.
             print(f"trimtab decisions: {no_such_job(journal, job)}; following: its events "
                   "show once it registers (Ctrl-C stops)", file=sys.stderr, flush=True)
-        timeline, console = Timeline(kinds, since), _console()
+        # Acks asked for by name (or 'all'): every one, not only those that differ.
+        every_ack = args.kind is not None and "ack" in kinds
+        timeline, console = Timeline(kinds, since, every_ack=every_ack), _console()
         with_job = job is None
         last = 0
         rows: list[Row] = []
@@ -367,7 +369,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     dec.add_argument("--journal", default="trimtab-journal.db")
     dec.add_argument("--kind", metavar="KINDS",
                      help="event kinds, comma-separated, or 'all' (default: "
-                          f"{','.join(sorted(DEFAULT_KINDS))}; also proposal, report, ...)")
+                          f"{','.join(sorted(DEFAULT_KINDS))}; also proposal, report, ...); "
+                          "by default an ack shows only when it differs from its command "
+                          "or failed, named here every ack shows")
     dec.add_argument("--since", metavar="WHEN",
                      help="only events since a duration ago (10m, 2h, 1d) or an ISO time")
     dec.add_argument("--follow", "-f", action="store_true",

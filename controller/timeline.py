@@ -154,8 +154,11 @@ class Timeline:
     every kind and time, so that its memory is right; :meth:`feed` returns only the rows
     of the ``kinds`` asked for, at or after ``since``."""
 
-    def __init__(self, kinds: frozenset[str] = DEFAULT_KINDS, since: float | None = None):
-        self.kinds, self.since = kinds, since
+    def __init__(self, kinds: frozenset[str] = DEFAULT_KINDS, since: float | None = None,
+                 every_ack: bool = False):
+        #: ``every_ack``: a row for every ack (asked for by name), not only for those that
+        #: differ from their command or carry an error (the default view's).
+        self.kinds, self.since, self.every_ack = kinds, since, every_ack
         self._commands: dict[tuple[str, int], dict[str, Any]] = {}
         self._acked: set[tuple[str, int]] = set()
         self._at: dict[str, int | None] = {}
@@ -320,7 +323,7 @@ class Timeline:
             return [make(change=f"#{ev.seq} error", why=str(d["error"]))]
         cmd = self._commands.get(key)
         if cmd is None:
-            return []
+            return [make(change=f"#{ev.seq} applied", why="")] if self.every_ack else []
         off = [f"{k} {knob_text(k, v)} asked, {knob_text(k, d.get('scale', {}).get(k))} applied"
                for k, v in cmd.get("scale", {}).items()
                if not _close(v, d.get("scale", {}).get(k))]
@@ -330,4 +333,14 @@ class Timeline:
         if cmd.get("rollback_to") is not None and d.get("restored_step") != cmd["rollback_to"]:
             off.append(f"rollback to {cmd['rollback_to']} asked, "
                        f"restored {d.get('restored_step')}")
-        return [make(change=f"#{ev.seq} differs", why="; ".join(off))] if off else []
+        if off:
+            return [make(change=f"#{ev.seq} differs", why="; ".join(off))]
+        if not self.every_ack:
+            return []
+        applied = [f"{k} {knob_text(k, d.get('scale', {}).get(k))}" for k in cmd.get("scale", {})]
+        applied += [f"{k} {knob_text(k, d.get('knobs', {}).get(k))}"
+                    for k in cmd.get("knobs", {}) if k not in cmd.get("scale", {})]
+        if d.get("restored_step") is not None:
+            applied.append(f"restored step {d['restored_step']}")
+        return [make(change=f"#{ev.seq} applied", why="as asked" + (
+            f": {', '.join(applied)}" if applied else ""))]

@@ -68,6 +68,11 @@ def test_decisions_prints_a_command_and_hides_its_ack_that_says_nothing_new(tmp_
         ["20", "command", "momentum", "0.7"],
         ["22", "ack", "#2", "differs", "momentum", "0.7", "asked,", "0.75", "applied"],
     ]
+    # Asked for by name, every ack shows.
+    out = run("decisions", "--journal", path, "--job", "demo", "--kind", "ack")
+    assert out.returncode == 0, out.stderr
+    assert [r.split()[1:4] for r in out.stdout.splitlines()[1:]] == [
+        ["12", "ack", "#1"], ["22", "ack", "#2"]]
 
 
 def test_policies_lists_the_built_ins():

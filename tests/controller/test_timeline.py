@@ -32,6 +32,23 @@ def test_an_ack_repeating_an_acknowledged_command_is_shown_once_and_only_if_news
         (22, "#2 error", "mark_stable=80: no checkpoint at that step")]
 
 
+def test_acks_asked_for_by_name_are_all_shown_with_what_was_applied():
+    """A trial: `trimtab decisions JOB --kind ack` printed "nothing of kinds ack to show"
+    for a job with acks; by default only acks that differ are rows, but one who asks for
+    acks by name gets every one."""
+    events = _events(
+        ("command", 10, 1, {"scale": {"lr": 0.5}, "knobs": {"momentum": 0.8}}),
+        ("ack", 12, 1, {"scale": {"lr": 0.5}, "knobs": {"lr": 0.05, "momentum": 0.8}}),
+        ("command", 20, 2, {"scale": {}, "knobs": {}, "rollback_to": 0}),
+        ("ack", 0, 2, {"scale": {"lr": 0.5}, "knobs": {"lr": 0.05}, "restored_step": 0}),
+    )
+    assert [r for r in _rows(events) if r.kind == "ack"] == []
+    acks = [r for r in _rows(events, kinds=frozenset({"ack"}), every_ack=True)]
+    assert [(r.step, r.change, r.why) for r in acks] == [
+        (12, "#1 applied", "as asked: lr x0.5, momentum 0.8"),
+        (0, "#2 applied", "as asked: restored step 0")]
+
+
 def test_a_stable_mark_is_shown_at_the_step_it_was_marked_not_the_checkpoints():
     events = _events(
         ("report", 295, 30, {}),
