@@ -90,6 +90,9 @@ class LiveJob:
     #: The connection its commands go to, and when it was last heard from.
     peer: bytes
     last_seen: float
+    #: When its last report came (or it registered): its training's progress, which
+    #: heartbeats (sent by the client's thread whatever the loop does) never show.
+    last_report: float | None = None
     #: Connections a later registration replaced: a late message from one of those never
     #: takes the job back.
     retired: collections.deque[bytes] = field(
@@ -156,7 +159,8 @@ class Controller:
         self._unsaved: dict[str, float] = {}
         self.metrics = ControllerMetrics(registry=registry,
                                          jobs=self._exported_jobs,
-                                         age=self.silent_for, bounds=self._bounds,
+                                         age=self.silent_for,
+                                         report_age=self.reported_for, bounds=self._bounds,
                                          ended=lambda: [(s, how) for s, _, how
                                                         in self._ended.values()],
                                          policies=self._policy_names)
@@ -289,6 +293,7 @@ class Controller:
             rec.owner = user
         if peer in rec.retired:
             rec.retired.remove(peer)
+        rec.last_report = self.clock()  # registered: progress counts from here
         self._touch(rec, peer)
         if state.is_new_resume(msg):
             resumed = "resume"  # the run, resumed in a new process from the user's checkpoint
@@ -390,6 +395,7 @@ class Controller:
             return [self._refuse(peer, "invalid", f"applied_seq {msg.applied_seq}: no such "
                                  f"command was sent (newest {state.command_seq})", msg.job)]
         self.metrics.reports.inc()
+        self._jobs[msg.job].last_report = self.clock()
         if state.is_stale(msg):
             self.recorder.stale(state, msg)
             return []
@@ -804,6 +810,12 @@ class Controller:
             unheard = self._unheard_states.get(job)
             return None if unheard is None else max(self.clock() - unheard[1], 0.0)
         return self.clock() - rec.last_seen
+
+    def reported_for(self, job: str) -> float | None:
+        """Seconds since ``job``'s last report, or its registration (None: not live)."""
+        rec = self._jobs.get(job)
+        return None if rec is None or rec.last_report is None else (
+            self.clock() - rec.last_report)
 
     def _exported_jobs(self) -> list[JobState]:
         """The live jobs' states, and those of jobs the journal has live that this

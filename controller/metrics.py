@@ -50,6 +50,12 @@ _GAUGES = {
     ),
     "trimtab_job_step": ("Optimizer steps the job has taken.", ()),
     "trimtab_job_last_seen_age_seconds": ("Seconds since the job's last message.", ()),
+    "trimtab_job_last_report_age_seconds": (
+        "Seconds since the job's last report (or its registration): its training's progress. "
+        "Heartbeats keep last_seen fresh while a loop is stuck (a hung collective); this "
+        "grows.",
+        (),
+    ),
     "trimtab_job_healthy": (
         "1 when the latest report passed the divergence checks (no persistent "
         "non-finite values -- a short burst the guard skipped is healthy --, no spike or "
@@ -179,6 +185,7 @@ class JobCollector(Collector):
         jobs: Callable[[], Iterable[JobState]],
         *,
         age: Callable[[str], float | None] | None = None,
+        report_age: Callable[[str], float | None] | None = None,
         bounds: Callable[[str, str, float | None], tuple[float, float]] | None = None,
         ended: Callable[[], Iterable[tuple[JobState, str]]] | None = None,
         policies: Callable[[str], tuple[Iterable[str], Iterable[str]]] | None = None,
@@ -187,6 +194,7 @@ class JobCollector(Collector):
         self._ended = ended
         self._policies = policies
         self._age = age
+        self._report_age = report_age
         self._bounds = bounds
         #: job -> {(knob, limit): count}, kept by :meth:`ControllerMetrics.note_decision`.
         self.clamps: dict[str, dict[tuple[str, str], int]] = {}
@@ -276,6 +284,8 @@ class JobCollector(Collector):
         put("trimtab_job_nonfinite", [job, "grad"], state.nonfinite_grads)
         if self._age is not None:
             put("trimtab_job_last_seen_age_seconds", [job], self._age(job))
+        if self._report_age is not None:
+            put("trimtab_job_last_report_age_seconds", [job], self._report_age(job))
         last = state.last_report
         if last is not None:
             put("trimtab_job_loss", [job], last.loss_mean)
@@ -317,6 +327,7 @@ class ControllerMetrics:
         registry: CollectorRegistry,
         jobs: Callable[[], Iterable[JobState]],
         age: Callable[[str], float | None] | None = None,
+        report_age: Callable[[str], float | None] | None = None,
         bounds: Callable[[str, str, float | None], tuple[float, float]] | None = None,
         ended: Callable[[], Iterable[tuple[JobState, str]]] | None = None,
         policies: Callable[[str], tuple[Iterable[str], Iterable[str]]] | None = None,
@@ -390,7 +401,8 @@ class ControllerMetrics:
         for action in OPERATOR_ACTIONS:
             for outcome in ("done", "refused"):
                 self.operator_requests.labels(action=action, outcome=outcome)
-        self.collector = JobCollector(jobs, age=age, bounds=bounds, ended=ended,
+        self.collector = JobCollector(jobs, age=age, report_age=report_age, bounds=bounds,
+                                      ended=ended,
                                       policies=policies)
         registry.register(self.collector)
 

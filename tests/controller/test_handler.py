@@ -183,6 +183,27 @@ def test_job_series_end_with_bye_and_when_lost_after_the_grace(tmp_path):
     assert 'trimtab_job_live{job="b"} 0.0' in text  # lost again, in its own grace
 
 
+def test_a_connected_job_whose_loop_is_stuck_shows_its_reports_age(tmp_path):
+    """A DDP trial: a rank stopped, rank 0 hung in its backward, and its client's thread kept
+    sending heartbeats: live and healthy for good, last seen under a second ago. The age of
+    the last report shows the loop made no progress."""
+    ctl, clock = make(tmp_path, job_timeout_s=30.0)
+    ctl.handle(PEER, register("a"))
+    clock.t += 4
+    ctl.handle(PEER, report(1, job="a"))
+    for _ in range(10):
+        clock.t += 5
+        ctl.handle(PEER, wire.encode(wire.Heartbeat(job="a", step=10)))
+    ctl.tick()
+    text = generate_latest(ctl.metrics.registry).decode()
+    assert 'trimtab_job_last_seen_age_seconds{job="a"} 0.0' in text
+    assert 'trimtab_job_last_report_age_seconds{job="a"} 50.0' in text
+    assert 'trimtab_job_live{job="a"} 1.0' in text
+    ctl.handle(PEER, report(2, job="a"))
+    text = generate_latest(ctl.metrics.registry).decode()
+    assert 'trimtab_job_last_report_age_seconds{job="a"} 0.0' in text
+
+
 def test_with_no_grace_series_end_at_once(tmp_path):
     ctl, _ = make(tmp_path, metrics_grace_s=0.0)
     ctl.handle(PEER, register("a"))

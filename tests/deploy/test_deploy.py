@@ -82,7 +82,7 @@ def test_the_scrape_configs_pass_promtool_check_config(tmp_path, config):
         shutil.copy(src, tmp_path / "prometheus.yml")
         shutil.copy(DEPLOY / "prometheus" / "rules.yml", tmp_path / "rules.yml")
         src = tmp_path / "prometheus.yml"
-    assert "SUCCESS: 7 rules found" in _promtool("check", "config", str(src))
+    assert "SUCCESS: 8 rules found" in _promtool("check", "config", str(src))
     (scrape,) = yaml.safe_load(src.read_text())["scrape_configs"]
     # trimtab's own `job` label must win, and the rules expect job="trimtab".
     assert scrape["job_name"] == "trimtab" and scrape["honor_labels"] is True
