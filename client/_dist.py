@@ -29,8 +29,9 @@ launched by ``torchrun``, say), every rank attaches its own guard and they act a
   made global with one all-reduce per step, checkpoints hold each rank's shards and go to
   DCP directories shared by all ranks: see :mod:`trimtab.client._sharded`.
 
-Per report that is two small collectives (a third, only when a command is carried) and
-one host copy of each result; nothing per step. A collective waits for every rank, as
+Per report that is three small collectives (the rows, the window's lr range: a loop may
+write its own lr on one rank only; the command header) and a fourth only when a command is
+carried, and one host copy of each result; nothing per step. A collective waits for every rank, as
 DDP's own gradient all-reduce does every step.
 Every rank must attach with the same ``report_every`` and ``checkpoint_every``
 (:meth:`DistLink.check_same` refuses otherwise) and step and close in lockstep.
@@ -51,6 +52,7 @@ True
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -289,6 +291,24 @@ class DistLink:
             self._warn(
                 "could not reduce a report window across ranks; reporting this rank's own values"
             )
+
+    def reduce_lr_range(self, lr_range: tuple[float | None, float | None]
+                        ) -> tuple[float | None, float | None]:
+        """The lowest and highest lr any rank's steps were given in the window (one small
+        ``all_reduce``, MAX, on host-known floats): a loop that writes its own lr on one rank
+        only must not report rank 0's alone."""
+        lo, hi = lr_range
+        t = torch.tensor([-math.inf if hi is None else hi, -math.inf if lo is None else -lo],
+                         dtype=torch.float64, device=self.device)
+        try:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        except Exception:  # a broken group is the training loop's to report, not ours
+            self._warn("could not reduce a report window's lr range across ranks; reporting "
+                       "this rank's own")
+            return lr_range
+        top, neg_low = t.tolist()
+        return (None if math.isinf(neg_low) else -neg_low,
+                None if math.isinf(top) else top)
 
     def exchange(self, step: int) -> None:
         """Broadcast rank 0's newest command; every rank keeps it in :attr:`pending`.

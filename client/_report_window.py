@@ -61,8 +61,10 @@ class ReportWindow:
     def close(self) -> None:
         """Reduce the open window's rows and queue its report (none for an empty window)."""
         try:
+            lr_range = self._step.act.take_window_lr()
             if self._dist is not None:  # the window's rows become their mean over ranks
                 self._dist.reduce_rows(self._probe.buf[: self._probe.row])
+                lr_range = self._dist.reduce_lr_range(lr_range)  # and its lrs every rank's
             stats = self._probe.collect()
             if self._hooks is not None:  # a step without an observed loss is not a bad loss
                 stats = self._hooks.window_closed(stats)
@@ -74,7 +76,7 @@ class ReportWindow:
             store = self._store
             report = self._reporter.report(
                 stats, step=self._step.host_step, knobs=knobs, base=base, scale=scale,
-                lr_range=self._step.act.take_window_lr(),
+                lr_range=lr_range,
                 micro_counts=self._step.take_micro_counts(),
                 applied_seq=self._commands.applied_seq,
                 checkpoints=[] if store is None else store.steps(),

@@ -294,3 +294,37 @@ def test_shard_endpoint_is_stable_even_and_moves_few_jobs():
 def test_shard_endpoint_refuses_bad_input(job, endpoints, match):
     with pytest.raises(ValueError, match=match):
         shard_endpoint(job, endpoints)
+
+
+def _lr_range_rank(rank: int, init: str, ranges: list, out: str) -> None:
+    import torch.distributed as _dist
+
+    from trimtab.client._dist import DistLink
+
+    _dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        link = DistLink(rank, 2, torch.device("cpu"))
+        got = [link.reduce_lr_range(tuple(r[rank])) for r in ranges]
+        Path(out, f"rank-{rank}.json").write_text(json.dumps(got))
+    finally:
+        _dist.destroy_process_group()
+
+
+def test_a_windows_lr_range_is_every_ranks(tmp_path):
+    """A DDP trial: the loop set lr x100 on rank 1 only for three steps; the report's lr
+    window said 0.05..0.05, rank 0's, and nothing in the journal showed the 5.0 rank 1 ran
+    at. The window's range is reduced over ranks (one small MAX all-reduce)."""
+    import torch.multiprocessing as mp
+
+    ranges = [
+        [(0.05, 0.05), (0.05, 5.0)],  # one rank's own lr x100
+        [(None, None), (0.1, 0.2)],  # a rank with no step in the window
+        [(None, None), (None, None)],
+        [(0.001, 0.3), (0.01, 0.02)],
+    ]
+    init = f"file://{tmp_path / 'store'}"
+    mp.spawn(_lr_range_rank, args=(init, ranges, str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        got = json.loads((tmp_path / f"rank-{rank}.json").read_text())
+        assert [tuple(g) for g in got] == [(0.05, 5.0), (0.1, 0.2), (None, None),
+                                           (0.001, 0.3)]
