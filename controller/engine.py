@@ -383,7 +383,9 @@ class Engine(PhaseRules, ScheduleRules):
         knob's limits do not allow it), or None. The governor would refuse it at every
         decision, and the policy would go on asking, its every wish lost without a word."""
         for p in out:
-            if p.value == 0.0 and p.knob in wire.KNOBS and not p.hold:
+            # A schedule's value may reach 0 at its end (a cosine to eta_min = 0, as torch's):
+            # the client follows the schedule within the bounds; only a bare value is refused.
+            if p.value == 0.0 and p.knob in wire.KNOBS and not p.hold and p.schedule is None:
                 lim = self.governor.limits(p.knob)
                 if not lim.allow_zero:
                     return (f"proposed {p.knob} value 0, which the {p.knob}'s limits do not "

@@ -447,6 +447,12 @@ def test_a_value_the_knob_can_never_take_disables_the_policy_with_a_reason():
                                  "([governor.lr] allow_zero = false)"),)
     assert "zero" in st.disabled_policies
     assert d.commands == {"lr": 0.5}
+    # A schedule at its end (a cosine to eta_min = 0) is no error: the client follows it.
+    from trimtab.policies.cosine import Cosine
+
+    st = state(step=500)
+    d = decided(Engine([Cosine({"t_max": 100})], LOOSE), st)
+    assert d.errors == () and "cosine" not in st.disabled_policies
     # Where the knob allows zero, zero is a value like any other.
     st = state()
     bare = Governor(GovernorConfig(momentum=KnobLimits(min=0.0, max=0.999, allow_zero=True)))
