@@ -73,7 +73,8 @@ class KnobMemory:
             # The value this change started from is part of the slew window too.
             self.history.append((step, previous))
         self.history.append((step, value))
-        self.history = _window(self.history, _oldest(step, keep_from), window_steps)
+        self.history = _window(self.history, _oldest(step, keep_from, window_steps),
+                               window_steps)
         if previous is not None and value != previous:
             self.last_direction = 1 if value > previous else -1
         self.last_change_step = step
@@ -83,7 +84,8 @@ class KnobMemory:
         """Remember that the knob was at ``value`` at ``step`` with no change decided (a point
         of a live schedule): it counts in the slew window, not for cooldown or direction."""
         self.history.append((step, value))
-        self.history = _window(self.history, _oldest(step, keep_from), window_steps)
+        self.history = _window(self.history, _oldest(step, keep_from, window_steps),
+                               window_steps)
 
     def rewind(self, step: int) -> None:
         """Forget changes after ``step`` (the run is rolled back to it)."""
@@ -125,8 +127,16 @@ def _from_horizon(h: float) -> float:
     return 1.0 if math.isinf(h) else 1.0 - 1.0 / h
 
 
-def _oldest(step: int, keep_from: int | None) -> int:
-    return step if keep_from is None else min(step, keep_from)
+#: How far behind the current step the memory reaches for a rollback target, in slew
+#: windows: bounded, so that a checkpoint held for the whole run (the last resort of one
+#: that never gets a stable mark) never makes the memory grow with the run.
+_MAX_BACK_WINDOWS = 10
+
+
+def _oldest(step: int, keep_from: int | None, window_steps: int) -> int:
+    if keep_from is None:
+        return step
+    return max(min(step, keep_from), step - _MAX_BACK_WINDOWS * window_steps)
 
 
 def _window(

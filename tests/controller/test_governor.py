@@ -248,6 +248,11 @@ def test_after_a_rollback_the_slew_window_still_holds_what_ran_before_the_checkp
     for step in range(0, 5000, 100):
         mem.record(step, 1.0, 1.0 + step / 1e4, 1000, keep_from=3000)
     assert mem.history[0][0] == 2000 and mem.history[-1][0] == 4900
+    # A checkpoint held for the whole run (the last resort at 0): at most ten windows back.
+    mem = KnobMemory()
+    for step in range(0, 30000, 100):
+        mem.observe(step, 1.0, 1000, keep_from=0)
+    assert mem.history[0][0] >= 29900 - 11 * 1000 and len(mem.history) <= 111
 
 
 # -- the property ------------------------------------------------------------------------
