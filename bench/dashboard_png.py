@@ -18,8 +18,10 @@ path are changed) and the shipped alert rules (``deploy/prometheus/rules.yml``, 
   with a client queue of 4 reports;
 - the controller is stopped (SIGSTOP) for 3 s: TrimtabControllerDown, and ``churn-1``'s
   client drops reports (TrimtabReportsDropped);
-- ``silent-1``, a training process of its own, is killed (SIGKILL): TrimtabJobSilent,
-  then, after the controller's ``job_timeout_s``, TrimtabJobLost;
+- ``silent-1``, a training process of its own, stalls after 60 steps (its client's thread
+  goes on sending heartbeats): TrimtabJobStalled (its threshold cut to 10 s here); then it
+  is killed (SIGKILL): TrimtabJobSilent, then, after the controller's ``job_timeout_s``,
+  TrimtabJobLost;
 - a person pauses ``spike-1`` after its rollback (``trimtab pause``): the operator
   annotation and the fleet table's paused column.
 
@@ -96,7 +98,12 @@ stable_window_steps = 60
 budget = 2
 """
 
-#: A training process of its own, killed to make a job go silent.
+#: TrimtabJobStalled's threshold in the scenario (the rule's is 900 s).
+STALLED_S = 10
+
+#: A training process of its own: after 60 steps its loop stalls (its client's thread
+#: goes on sending heartbeats: TrimtabJobStalled), then it is killed to make the job go
+#: silent.
 SILENT_CLIENT = """
 import sys, time, torch
 from trimtab.client import attach
@@ -105,19 +112,22 @@ task = Task(3)
 opt = torch.optim.SGD(task.model.parameters(), lr=0.05, momentum=0.9)
 guard = attach(task.model, opt, job=sys.argv[2], endpoint=sys.argv[1], report_every=5,
                heartbeat_s=0.2)
-while True:
+for _ in range(60):
     xb, yb = task.batch()
     loss = torch.nn.functional.mse_loss(task.model(xb), yb)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     guard.step(loss)
     time.sleep(0.01)
+while True:  # stuck, as a loop in a hung collective is
+    time.sleep(1.0)
 """
 
 ALERTS = (
     "TrimtabControllerDown",
     "TrimtabRollbackBudgetExhausted",
     "TrimtabJobSilent",
+    "TrimtabJobStalled",
     "TrimtabJobLost",
     "TrimtabDecisionChurn",
     "TrimtabReportsDropped",
@@ -152,6 +162,10 @@ class Prometheus:
         for group in rules["groups"]:
             for rule in group["rules"]:
                 rule["for"] = "0s"
+                if rule["alert"] == "TrimtabJobStalled":  # 15 minutes: a short run's 10 s
+                    if "> 900" not in rule["expr"]:
+                        raise RuntimeError(f"TrimtabJobStalled's threshold moved: {rule['expr']}")
+                    rule["expr"] = rule["expr"].replace("> 900", f"> {STALLED_S}")
         (tmp / "rules.yml").write_text(yaml.safe_dump(rules, sort_keys=False))
         cfg = yaml.safe_load(SCRAPE.read_text())
         cfg["global"] = {
@@ -449,6 +463,10 @@ class Scenario:
             "churn-1 to report dropped reports",
             lambda: (srv.value("trimtab_job_dropped_reports_total", job=self.CHURN) or 0) > 0,
             60,
+        )
+        wait_until(
+            "silent-1's stalled loop to fire TrimtabJobStalled",
+            lambda: "TrimtabJobStalled" in self.prom.fired(), 60,
         )
         self.log("controller back; killing silent-1")
         self.silent.kill()
