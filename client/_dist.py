@@ -31,8 +31,8 @@ launched by ``torchrun``, say), every rank attaches its own guard and they act a
 
 Per report that is three small collectives (the rows, the window's lr range: a loop may
 write its own lr on one rank only; the command header) and a fourth only when a command is
-carried, and one host copy of each result; nothing per step. A collective waits for every rank, as
-DDP's own gradient all-reduce does every step.
+carried, and one host copy of each result; nothing per step. A collective waits for every
+rank, as DDP's own gradient all-reduce does every step.
 Every rank must attach with the same ``report_every`` and ``checkpoint_every``
 (:meth:`DistLink.check_same` refuses otherwise) and step and close in lockstep.
 

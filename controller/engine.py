@@ -385,11 +385,10 @@ class Engine(PhaseRules, ScheduleRules):
         for p in out:
             # A schedule's value may reach 0 at its end (a cosine to eta_min = 0, as torch's):
             # the client follows the schedule within the bounds; only a bare value is refused.
-            if p.value == 0.0 and p.knob in wire.KNOBS and not p.hold and p.schedule is None:
-                lim = self.governor.limits(p.knob)
-                if not lim.allow_zero:
-                    return (f"proposed {p.knob} value 0, which the {p.knob}'s limits do not "
-                            f"allow ([governor.{p.knob}] allow_zero = false)")
+            if (p.value is not None and p.knob in wire.KNOBS and p.schedule is None
+                    and not self.governor.allows(p.knob, p.value)):
+                return (f"proposed {p.knob} value {p.value:g}, which the {p.knob}'s limits do "
+                        f"not allow ([governor.{p.knob}] allow_zero = false)")
         return None
 
     def _couple_weight_decay(self, state: JobState, knobs: dict[str, KnobDecision]) -> None:

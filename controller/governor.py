@@ -172,6 +172,11 @@ class Governor:
         """The limits for ``knob``."""
         return getattr(self.config, knob)
 
+    def allows(self, knob: wire.Knob, value: float) -> bool:
+        """Whether ``knob`` can ever take ``value`` (finite, not negative, and 0 only where
+        its limits allow zero): a value it cannot is refused as ``invalid`` every time."""
+        return _valid(value, self.limits(knob))
+
     def bounds(self, knob: wire.Knob, initial: float | None) -> tuple[float, float]:
         """``(lo, hi)`` for ``knob`` given its value at registration.
 

@@ -83,6 +83,21 @@ def build_policies(config: ControllerConfig) -> list[tuple[PolicySpec, Policy]]:
 
 
 @dataclass
+class Unheard:
+    """A job the journal has live (its controller stopped while it ran) that this controller
+    has not heard from since it started."""
+
+    #: When this controller began to wait for it: its lost timeout counts from there.
+    since: float
+    #: Its state as the journal has it (None: unreadable, written by an older controller),
+    #: exported as live meanwhile, so that a job killed while no controller ran is seen
+    #: going silent on /metrics too.
+    state: JobState | None
+    #: When it was last heard from (its last journaled event), on this controller's clock.
+    heard: float
+
+
+@dataclass
 class LiveJob:
     """One live job: its state, and what the controller keeps beside it."""
 
@@ -129,24 +144,19 @@ class Controller:
         self.engine = self.engine_for(None)
         #: The live jobs, by name: each one's state and connection, in one record.
         self._jobs: dict[str, LiveJob] = {}
-        #: Jobs the journal has live (their controller stopped while they ran) that this one
-        #: has not heard from since it started, and since when it waits: marked lost, as a
-        #: silent live job is, if they stay silent ``job_timeout_s`` (a job that ended
-        #: while no controller ran would otherwise be live in ``trimtab jobs`` for good).
-        stored_live = journal.states(live_only=True)
-        self._unheard: dict[str, float] = dict.fromkeys(stored_live, clock())
-        #: Their states as the journal has them, and when each was last heard from (its last
-        #: event): exported as live until they register or are marked lost, so that a job
-        #: killed while no controller ran is seen going silent on /metrics too.
-        self._unheard_states: dict[str, tuple[JobState, float]] = {}
-        for job, stored in stored_live.items():
+        #: Jobs the journal has live that this controller has not heard from since it
+        #: started: marked lost, as a silent live job is, if they stay silent
+        #: ``job_timeout_s`` (a job that ended while no controller ran would otherwise be
+        #: live in ``trimtab jobs`` for good).
+        self._unheard: dict[str, Unheard] = {}
+        for job, stored in journal.states(live_only=True).items():
             try:
-                state = JobState.from_state_dict(stored)
+                state: JobState | None = JobState.from_state_dict(stored)
             except (ValueError, KeyError, TypeError):  # written by an older controller
-                continue
+                state = None
             heard = journal.last_heard(job)  # on the journal's (wall) clock: in ours
             ago = 0.0 if heard is None else max(journal.clock() - heard, 0.0)
-            self._unheard_states[job] = (state, clock() - ago)
+            self._unheard[job] = Unheard(clock(), state, clock() - ago)
         #: Jobs that ended (bye, lost) within ``metrics_grace_s``: their state and when they
         #: were last heard from; their series stay on /metrics until the grace ends.
         self._ended: dict[str, tuple[JobState, float, str]] = {}
@@ -228,10 +238,10 @@ class Controller:
         for job in [j for j, (_, ended, _) in self._ended.items()
                     if now - ended > self.config.metrics_grace_s]:
             self._drop_series(job)
-        for job, since in [(j, t) for j, t in self._unheard.items()
-                           if now - t > self.config.job_timeout_s]:
+        for job, unheard in [(j, u) for j, u in self._unheard.items()
+                             if now - u.since > self.config.job_timeout_s]:
             del self._unheard[job]
-            unheard = self._unheard_states.pop(job, None)
+            since = unheard.since
             stored = self.journal.states(live_only=True).get(job)
             if job in self._jobs or stored is None:
                 continue
@@ -242,10 +252,8 @@ class Controller:
                                     data={"silent_s": now - since, "unheard": True})
                 self.journal.save_state(job, stored, live=False)
             self.metrics.jobs_lost.inc()
-            if unheard is not None and self.config.metrics_grace_s > 0:
-                self._ended[job] = (unheard[0], now, "lost")  # its series stay for the grace
-                while len(self._ended) > _MAX_ENDED:
-                    self._drop_series(next(iter(self._ended)))
+            if unheard.state is not None and self.config.metrics_grace_s > 0:
+                self._end_series(job, unheard.state, "lost")
         for job, rec in [(j, r) for j, r in self._jobs.items()
                          if now - r.last_seen > self.config.job_timeout_s]:
             state = rec.state
@@ -266,7 +274,6 @@ class Controller:
         state = None if rec is None else rec.state
         self._ended.pop(msg.job, None)  # live again: its series are the live job's
         self._unheard.pop(msg.job, None)
-        self._unheard_states.pop(msg.job, None)
         resumed = "live"
         if state is None or state.run_id != msg.run_id:
             self._retire(msg.job, msg.run_id, state)
@@ -747,12 +754,16 @@ class Controller:
         grace."""
         rec = self._jobs.pop(job, None)
         if rec is not None and self.config.metrics_grace_s > 0:
-            self._ended[job] = (rec.state, self.clock(), how)
-            while len(self._ended) > _MAX_ENDED:  # bounded: the oldest ends go first
-                self._drop_series(next(iter(self._ended)))
+            self._end_series(job, rec.state, how)
         else:
             self.metrics.forget(job)
         self.metrics.jobs_connected.set(len(self._jobs))
+
+    def _end_series(self, job: str, state: JobState, how: str) -> None:
+        """``job`` ended (``how``): its series stay on /metrics for the grace, from now."""
+        self._ended[job] = (state, self.clock(), how)
+        while len(self._ended) > _MAX_ENDED:  # bounded: the oldest ends go first
+            self._drop_series(next(iter(self._ended)))
 
     def _compact_slice(self) -> None:
         """The journal's retention (:mod:`~trimtab.controller.retention`), applied every
@@ -807,8 +818,10 @@ class Controller:
         """Seconds since ``job`` was last heard from (None: not live)."""
         rec = self._jobs.get(job)
         if rec is None:
-            unheard = self._unheard_states.get(job)
-            return None if unheard is None else max(self.clock() - unheard[1], 0.0)
+            unheard = self._unheard.get(job)
+            if unheard is None or unheard.state is None:
+                return None
+            return max(self.clock() - unheard.heard, 0.0)
         return self.clock() - rec.last_seen
 
     def reported_for(self, job: str) -> float | None:
@@ -821,7 +834,8 @@ class Controller:
         """The live jobs' states, and those of jobs the journal has live that this
         controller has not heard from yet (until they register or are marked lost)."""
         return [r.state for r in self._jobs.values()] + [
-            st for job, (st, _) in self._unheard_states.items() if job not in self._jobs]
+            u.state for job, u in self._unheard.items()
+            if u.state is not None and job not in self._jobs]
 
     def live_jobs(self) -> Iterable[str]:
         return list(self._jobs)

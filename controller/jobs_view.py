@@ -17,7 +17,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from trimtab.controller.journal import Event, Journal
-from trimtab.controller.timeline import knob_text
+from trimtab.controller.timeline import knob_change
 
 __all__ = ["JobLine", "JobsView", "RECENT_S"]
 
@@ -126,9 +126,7 @@ class JobsView:
                                   f"{d.get('why')}")
             line.last_decision_step = ev.step
         elif ev.kind == "decision":
-            acted = [f"{k} {knob_text(k, v.get('in_force', v.get('current')))} -> "
-                     f"{knob_text(k, v['commanded'])} by "
-                     f"{v.get('policy')}: {v.get('reason')}"
+            acted = [f"{k} {knob_change(k, v)} by {v.get('policy')}: {v.get('reason')}"
                      for k, v in d.get("knobs", {}).items()
                      if v.get("commanded") is not None and v["commanded"] != v.get("current")]
             if acted:

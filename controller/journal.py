@@ -40,13 +40,14 @@ __all__ = ["EVENT_KINDS", "Event", "Journal", "JournalError", "JournalMissing", 
 log = logging.getLogger("trimtab.controller.journal")
 
 
-def _dumps(data: Any, what: str = "a record") -> str:
+def _dumps(data: Any, kind: str | None = None, job: str | None = None) -> str:
     """JSON for the journal: no NaN or infinity, no spaces (a journal keeps millions). What
     JSON cannot hold is written as null (a non-finite number) or its repr (anything else)
     rather than lost with the event: a record must never fail to be written."""
     try:
         return json.dumps(data, allow_nan=False, separators=(",", ":"))
     except (TypeError, ValueError) as exc:
+        what = "a saved state" if kind is None else f"a {kind} event of job {job!r}"
         log.error("journal: %s held what JSON cannot (%s); written with null or repr in its "
                   "place", what, exc)
         return json.dumps(_jsonable(data), allow_nan=False, separators=(",", ":"))
@@ -250,7 +251,7 @@ class Journal:
         """Add one event; returns its id. Visible to readers after :meth:`commit`."""
         if kind not in EVENT_KINDS:
             raise ValueError(f"journal event kind {kind!r} is not one of {EVENT_KINDS}")
-        text = _dumps(data or {}, f"a {kind} event of job {job!r}")
+        text = _dumps(data or {}, kind, job)
         self._begin()
         cur = self._db.execute(
             "INSERT INTO events (ts, job, kind, step, seq, data) VALUES (?, ?, ?, ?, ?, ?)",

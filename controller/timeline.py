@@ -110,6 +110,13 @@ def knob_text(knob: str, value: float | None) -> str:
     return f"{'x' if knob in MULTIPLIERS else ''}{value:.6g}"
 
 
+def knob_change(knob: str, record: dict[str, Any]) -> str:
+    """A journaled decision's change of one knob, from the value the run was using (a
+    rollback's ``in_force``; else ``current``) to the one commanded: ``x1 -> x0.5``."""
+    before = record.get("in_force", record.get("current"))
+    return f"{knob_text(knob, before)} -> {knob_text(knob, record.get('commanded'))}"
+
+
 def _num(value: Any, spec: str = ".4g") -> str:
     """A number a report or event may leave out or send as null (a window with no finite
     loss: ``loss_mean`` null), as text: ``none`` then, never a format error.
@@ -303,8 +310,7 @@ class Timeline:
                 continue
             limits = f" [limited: {', '.join(k['limits'])}]" if k.get("limits") else ""
             rows.append(make(policy=f"{k.get('policy') or '?'}{mark}", knob=knob,
-                             change=f"{knob_text(knob, k.get('in_force', k.get('current')))} -> "
-                                    f"{knob_text(knob, k['commanded'])}",
+                             change=knob_change(knob, k),
                              why=f"{k.get('reason', '')}{limits}"))
         if shadow and not rows:
             for p in ev.data.get("proposals", []):
