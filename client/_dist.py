@@ -28,11 +28,18 @@ launched by ``torchrun``, say), every rank attaches its own guard and they act a
 * **Sharded models** (FSDP2's ``fully_shard``: DTensor parameters). The gradient norm is
   made global with one all-reduce per step, checkpoints hold each rank's shards and go to
   DCP directories shared by all ranks: see :mod:`trimtab.client._sharded`.
+* **Replicas.** At the same boundary every rank takes a checksum of its parameters
+  (:func:`param_checksum`, on the device) and the ranks' highest and lowest travel with
+  the window's lr range: the report's ``replica_spread`` is 0 while the DDP replicas are
+  identical. A loop that writes its own lr on one rank only, or a device that corrupts a
+  value silently, parts them for good; the controller judges that report unhealthy
+  (cause ``replicas``) and rolls every rank back to a checkpoint they agreed at. Not
+  taken for sharded models, whose ranks hold different shards by design.
 
-Per report that is three small collectives (the rows, the window's lr range: a loop may
-write its own lr on one rank only; the command header) and a fourth only when a command is
-carried, and one host copy of each result; nothing per step. A collective waits for every
-rank, as DDP's own gradient all-reduce does every step.
+Per report that is three small collectives (the rows; the window's lr range, a loop may
+write its own lr on one rank only, with the replicas' checksums; the command header) and a
+fourth only when a command is carried, and one host copy of each result; nothing per step.
+A collective waits for every rank, as DDP's own gradient all-reduce does every step.
 Every rank must attach with the same ``report_every`` and ``checkpoint_every``
 (:meth:`DistLink.check_same` refuses otherwise) and step and close in lockstep.
 
@@ -69,6 +76,8 @@ from ._transport import Transport
 __all__ = [
     "HEADER_SIZE",
     "DistLink",
+    "param_checksum",
+    "replicated_params",
     "RankTransport",
     "encode_command",
     "decode_command",
@@ -153,6 +162,32 @@ def shard_endpoint(job: str, endpoints: Sequence[str]) -> str:
     for i, endpoint in enumerate(endpoints):
         check_endpoint(endpoint, f"endpoints[{i}]")
     return wire.shard_of(job, list(endpoints))
+
+
+def replicated_params(model: torch.nn.Module) -> list[torch.Tensor]:
+    """The parameters DDP keeps identical on every rank: all of ``model``'s but those a
+    module told DDP to leave alone (``DistributedDataParallel.
+    _set_params_and_buffers_to_ignore_for_model``), which each rank may hold its own of."""
+    skip: set[int] = set()
+    for m in model.modules():
+        names = getattr(m, "_ddp_params_and_buffers_to_ignore", None)
+        if names:
+            own = dict(m.named_parameters())
+            skip.update(id(own[n]) for n in names if n in own)
+    return [p for p in model.parameters() if id(p) not in skip]
+
+
+def param_checksum(params: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """A float64 checksum of ``params`` on their device, read by no one until the window's
+    reduction (no host sync): the sum of each tensor's float32 2-norm. Identical replicas
+    give identical checksums (the same kernels on the same bytes); parameters that differ
+    anywhere give a different one, but for a change too small to move a norm. None for no
+    parameters. A loop over the parameters, once per report window, never per step."""
+    norms = [torch.linalg.vector_norm(p.detach(), dtype=torch.float32) for p in params]
+    if not norms:
+        return None
+    device = norms[0].device
+    return torch.stack([n.to(device) for n in norms]).double().sum()
 
 
 class RankTransport:
@@ -292,23 +327,41 @@ class DistLink:
                 "could not reduce a report window across ranks; reporting this rank's own values"
             )
 
-    def reduce_lr_range(self, lr_range: tuple[float | None, float | None]
-                        ) -> tuple[float | None, float | None]:
-        """The lowest and highest lr any rank's steps were given in the window (one small
-        ``all_reduce``, MAX, on host-known floats): a loop that writes its own lr on one rank
-        only must not report rank 0's alone."""
+    def reduce_window(
+        self, lr_range: tuple[float | None, float | None],
+        checksum: torch.Tensor | None = None,
+    ) -> tuple[tuple[float | None, float | None], float | None]:
+        """The lowest and highest lr any rank's steps were given in the window, and how far
+        apart the ranks' parameter checksums stand (:func:`param_checksum`; None: none
+        given): one small ``all_reduce``, MAX, of four float64 values, read once on the
+        host. A loop that writes its own lr on one rank only must not report rank 0's
+        alone; and a replica whose parameters left the others' (that lr on one rank, a
+        silent data corruption on one device) is no longer the model the report speaks of.
+        The spread is ``(max - min) / max(|max|, |min|)`` over ranks: 0 while the DDP
+        replicas are identical, as they are bit for bit after every step."""
         lo, hi = lr_range
-        t = torch.tensor([-math.inf if hi is None else hi, -math.inf if lo is None else -lo],
-                         dtype=torch.float64, device=self.device)
+        t = torch.tensor([-math.inf if hi is None else hi, -math.inf if lo is None else -lo,
+                          0.0, 0.0], dtype=torch.float64, device=self.device)
+        if checksum is not None:
+            c = checksum.to(device=self.device, dtype=torch.float64).reshape(1)
+            t[2:] = torch.cat([c, -c])  # on the device: no host read before the reduction
         try:
             dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
         except Exception:  # a broken group is the training loop's to report, not ours
             self._warn("could not reduce a report window's lr range across ranks; reporting "
                        "this rank's own")
-            return lr_range
-        top, neg_low = t.tolist()
-        return (None if math.isinf(neg_low) else -neg_low,
-                None if math.isinf(top) else top)
+            return lr_range, None
+        top, neg_low, high, neg_least = t.tolist()
+        lr = (None if math.isinf(neg_low) else -neg_low, None if math.isinf(top) else top)
+        if checksum is None:
+            return lr, None
+        least = -neg_least
+        if not (math.isfinite(high) and math.isfinite(least)):
+            # Non-finite parameters: counted by the non-finite checks, not compared here.
+            return lr, None
+        scale = max(abs(high), abs(least))
+        return lr, 0.0 if high == least else (high - least) / scale
+
 
     def exchange(self, step: int) -> None:
         """Broadcast rank 0's newest command; every rank keeps it in :attr:`pending`.

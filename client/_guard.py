@@ -34,7 +34,7 @@ from ._checkpoint import CheckpointStore
 from ._checkpointing import Checkpointing, open_store
 from ._commands import Commands
 from ._compiled import CompileNote
-from ._dist import DistLink, rank_directory
+from ._dist import DistLink, param_checksum, rank_directory, replicated_params
 from ._ema import Ema, check_decay
 from ._guard_state import GuardState
 from ._hooks import Losses, StepHooks
@@ -382,6 +382,9 @@ class Guard(GuardState):
             probe=self._probe, step=self._step, reporter=self._reporter,
             commands=self._commands, transport=self._transport, store=self._store,
             dist=self._dist, hooks=self._hooks,
+            # DDP replicas compared at each report; sharded ranks hold different shards.
+            checksum=(None if self._dist is None or self._sharded
+                      else lambda: param_checksum(replicated_params(self.model))),
         )
         self._transport.start()
         # A script that ends without close() still reports its last window, says Bye at

@@ -22,9 +22,12 @@ stop training.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    import torch
+
     from ._checkpoint import CheckpointStore
     from ._commands import Commands
     from ._dist import DistLink
@@ -42,12 +45,14 @@ class ReportWindow:
     """One guard's open report window and what closing it reads: the probe's rows, the
     step counts, the commands' values in force, the checkpoints held, the link. ``dist``
     (``None``: one process) averages the rows over ranks; ``hooks`` (``None``: no
-    ``hooks=True``) corrects the loss counts of steps that saw no loss."""
+    ``hooks=True``) corrects the loss counts of steps that saw no loss; ``checksum`` (``None``:
+one process, or a sharded model) gives this rank's parameter checksum, compared over
+ranks."""
 
     def __init__(
         self, *, probe: Probe, step: Step, reporter: Reporter, commands: Commands,
         transport: Any, store: CheckpointStore | None, dist: DistLink | None,
-        hooks: StepHooks | None,
+        hooks: StepHooks | None, checksum: Callable[[], torch.Tensor | None] | None = None,
     ) -> None:
         self._probe = probe
         self._step = step
@@ -57,14 +62,18 @@ class ReportWindow:
         self._store = store
         self._dist = dist
         self._hooks = hooks
+        self._checksum = checksum
 
     def close(self) -> None:
         """Reduce the open window's rows and queue its report (none for an empty window)."""
         try:
             lr_range = self._step.act.take_window_lr()
+            spread = None
             if self._dist is not None:  # the window's rows become their mean over ranks
                 self._dist.reduce_rows(self._probe.buf[: self._probe.row])
-                lr_range = self._dist.reduce_lr_range(lr_range)  # and its lrs every rank's
+                # ...its lrs every rank's, and the replicas' checksums compared
+                checksum = None if self._checksum is None else self._checksum()
+                lr_range, spread = self._dist.reduce_window(lr_range, checksum)
             stats = self._probe.collect()
             if self._hooks is not None:  # a step without an observed loss is not a bad loss
                 stats = self._hooks.window_closed(stats)
@@ -76,7 +85,7 @@ class ReportWindow:
             store = self._store
             report = self._reporter.report(
                 stats, step=self._step.host_step, knobs=knobs, base=base, scale=scale,
-                lr_range=lr_range,
+                lr_range=lr_range, replica_spread=spread,
                 micro_counts=self._step.take_micro_counts(),
                 applied_seq=self._commands.applied_seq,
                 checkpoints=[] if store is None else store.steps(),

@@ -9,6 +9,8 @@ which reads it from the view (:attr:`~trimtab.controller.view.JobView.health`).
 * ``nonfinite``: at least ``nonfinite_min`` non-finite losses or gradient steps, unless
   they are a burst of bad batches that the client's skip already absorbed (over within
   the report or the next one: see :func:`_isolated`);
+* ``replicas``: under DDP, the ranks' parameter checksums more than ``replica_spread``
+  apart (relative): the replicas parted, which no later step mends;
 * ``loss_spike``: after ``warmup_reports``, the loss z-score (against the exponentially
   weighted mean and variance of the reports before it; one-sided, upward only) above
   ``loss_z`` and the window's lowest loss at least ``loss_min_rise`` above its EMA; or the
@@ -40,10 +42,14 @@ from trimtab.controller.view import Unhealthy
 if TYPE_CHECKING:
     from trimtab.controller.view import JobView
 
-__all__ = ["CAUSES", "DivergenceThresholds", "Unhealthy", "assess"]
+__all__ = ["CAUSES", "DAMAGE", "DivergenceThresholds", "Unhealthy", "assess"]
 
 #: The causes :func:`assess` gives, most urgent first (the ``reason`` label of the metrics).
-CAUSES: tuple[str, ...] = ("nonfinite", "loss_spike", "grad_spike", "climb")
+CAUSES: tuple[str, ...] = ("nonfinite", "replicas", "loss_spike", "grad_spike", "climb")
+#: The causes that are damage no wait mends: the weights are non-finite or stay so, or the
+#: replicas parted for good. They are rolled back inside a cooldown, end any phase, and,
+#: with nothing stable, go back to the run as it was handed over.
+DAMAGE: tuple[str, ...] = ("nonfinite", "replicas")
 
 _Pos = {"gt": 0.0, "allow_inf_nan": False}
 
@@ -110,8 +116,16 @@ class DivergenceThresholds(BaseModel):
     #: at step 400, its loss 0.023 -> 0.17, its gradient norm 0.2 -> 0.5, was rolled back
     #: 255 steps at x0.5; at steps 250 and 600, 237 and 245). None: not used.
     climb_shift: float | None = Field(0.5, gt=0.0, le=1.0, allow_inf_nan=False)
-    #: Reports seen before spikes and climbs are judged (non-finite values always are).
+    #: Reports seen before spikes and climbs are judged (non-finite values and parted
+    #: replicas always are).
     warmup_reports: int = Field(20, ge=0)
+    #: Under DDP, the report's ``replica_spread`` (the ranks' parameter checksums,
+    #: ``(max - min) / max(|max|, |min|)``) above this: the replicas parted. They are
+    #: identical bit for bit after every DDP step, so any spread is a fault (a loop that
+    #: wrote its own lr on one rank, a device that corrupted a value) that no later step
+    #: mends; the margin only keeps a mixed fleet's kernels, whose float rounding may
+    #: differ, from counting. None: not judged.
+    replica_spread: float | None = Field(1e-6, ge=0.0, allow_inf_nan=False)
 
 
 
@@ -131,6 +145,11 @@ def assess(view: JobView, th: DivergenceThresholds) -> Unhealthy | None:
     if bad >= th.nonfinite_min and not _isolated(view, bad, th):
         found.append(("nonfinite", f"non-finite values in the last report: "
                       f"{last.nonfinite_losses} losses, {last.nonfinite_grads} gradients"))
+    spread = last.replica_spread
+    if th.replica_spread is not None and spread is not None and spread > th.replica_spread:
+        found.append(("replicas", f"the ranks' parameters parted: checksums {spread:.2g} "
+                      f"apart (relative) > {th.replica_spread:g}; every rank must hold the "
+                      f"same replica"))
     sig = view.signals
     if view.reports_seen > th.warmup_reports:
         # While a climb rollback's restored checkpoint is scored (its first two reports), a

@@ -89,6 +89,12 @@ _GAUGES = {
         "last report's window (param group 0's: the user's own times trimtab's multiplier).",
         ("bound",),
     ),
+    "trimtab_job_replica_spread": (
+        "How far apart the ranks' parameter checksums stood at the last report's end, "
+        "(max - min) / max(|max|, |min|): 0 while DDP replicas are identical (no series for "
+        "one process or a sharded model).",
+        (),
+    ),
     "trimtab_job_loss_slope": (
         "Least-squares slope of the loss per optimizer step over the slope window.",
         (),
@@ -297,6 +303,7 @@ class JobCollector(Collector):
             put("trimtab_job_step_time_seconds", [job], last.step_time_s)
             put("trimtab_job_lr_window", [job, "min"], last.lr_window_min)
             put("trimtab_job_lr_window", [job, "max"], last.lr_window_max)
+            put("trimtab_job_replica_spread", [job], last.replica_spread)
         if state.validations:
             put("trimtab_job_validation", [job], state.validations[-1][1])
         if state.validations_ema:

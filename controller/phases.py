@@ -24,7 +24,8 @@ checkpoint at the LR that was in force there (cause ``phase_aborted``); so does 
 whose checkpoint the client no longer lists (a run resumed in a new process from the
 user's checkpoint): the return cannot restore it, and sets that LR only.
 
-Safety outranks a phase: persistent non-finite values (:data:`SAFETY`) end any phase at
+Safety outranks a phase: persistent non-finite values and parted replicas (:data:`SAFETY`)
+end any phase at
 once, with its return, also when its policy proposes to end it in place.
 """
 
@@ -34,6 +35,7 @@ import math
 from collections.abc import Sequence
 
 from trimtab.controller.decision import KnobDecision
+from trimtab.controller.health import DAMAGE
 from trimtab.controller.policy import Proposal
 from trimtab.controller.rollback import RollbackPlan
 from trimtab.controller.rollback_rules import stable_to_mark, why_no_rollback
@@ -44,7 +46,7 @@ __all__ = ["SAFETY", "PhaseRules"]
 
 
 #: Rollback causes that override every phase, sweep, schedule and cooldown.
-SAFETY: tuple[str, ...] = ("nonfinite",)
+SAFETY: tuple[str, ...] = DAMAGE
 
 
 class PhaseRules:
@@ -193,7 +195,7 @@ class PhaseRules:
             return None
         last = next((s for s in rb.last_resort
                      if s in rb.checkpoints and s not in rb.unusable), None)
-        spiking = state.health is not None and state.health.cause != "nonfinite"
+        spiking = state.health is not None and state.health.cause not in DAMAGE
         if last is not None and not rb.stable and rb.pending_mark is None and not spiking:
             # The checkpoint at the registration, or taken at attach (or of the state a
             # resumed process loaded), holds the run as this controller met it or its user

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from trimtab.controller.health import DAMAGE
 from trimtab.controller.rollback import (
     RollbackConfig,
     RollbackPlan,
@@ -32,7 +33,7 @@ __all__ = ["URGENT", "stable_to_mark", "why_no_rollback", "plan_rollback", "with
 #: unspent), and, while no stable checkpoint has a full window behind it, sent to the young
 #: checkpoint before the fault if it is newer (:func:`_young`). Any other cause (a climb, a
 #: plugin's) waits the cooldown out.
-URGENT: tuple[str, ...] = ("nonfinite", "loss_spike", "grad_spike")
+URGENT: tuple[str, ...] = (*DAMAGE, "loss_spike", "grad_spike")
 
 
 def stable_to_mark(state: RollbackState, cfg: RollbackConfig,
@@ -75,7 +76,7 @@ def _target(state: RollbackState, cfg: RollbackConfig,
         young = _young(state, cfg, cause)
         if young is not None:
             return young
-    if not ok and cause == "nonfinite":
+    if not ok and cause in DAMAGE:
         listed = [s for s in state.checkpoints if s <= state.step and s not in state.unusable]
         return min(listed, default=None)
     return max(ok, default=None)
@@ -174,12 +175,12 @@ def why_no_rollback(
                           f"{cfg.near_steps} steps of step {target} (budget {cfg.budget}): "
                           f"{steps}")
     cooling = state.cooldown_until is not None and state.step < state.cooldown_until
-    # Inside the cooldown: non-finite values are rolled back; a spike too, unless that
-    # would spend the budget's last rollback (a burst of bad data longer than the reports
-    # after a restore would use it all up at once, and leave nothing for after it); any
-    # other cause (a climb) waits it out.
+    # Inside the cooldown: non-finite values and parted replicas are rolled back; a spike
+    # too, unless that would spend the budget's last rollback (a burst of bad data longer
+    # than the reports after a restore would use it all up at once, and leave nothing for
+    # after it); any other cause (a climb) waits it out.
     last = _level(state, cfg, target) >= cfg.budget
-    if cooling and (cause not in URGENT or (cause != "nonfinite" and last)):
+    if cooling and (cause not in URGENT or (cause not in DAMAGE and last)):
         return "cooldown", f"cooling down after a rollback until step {state.cooldown_until}"
     return None
 

@@ -206,6 +206,11 @@ class Report(_Model):
     #: a loop that wrote another lr for a few steps mid-window shows it here, not in knobs.
     lr_window_min: NonNeg | None = None
     lr_window_max: NonNeg | None = None
+    #: Under torch.distributed with replicated parameters (DDP): how far apart the ranks'
+    #: parameter checksums stood at the window's end, ``(max - min) / max(|max|, |min|)``
+    #: over ranks; 0 while the replicas are identical (None: one process, a sharded model,
+    #: or non-finite parameters).
+    replica_spread: NonNeg | None = None
     #: The values the optimizer used at the window's last step (effective)...
     knobs: Knobs
     #: ...the user's own values at that step (``clip``: None), and trimtab's multipliers.

@@ -9,8 +9,9 @@ Without ``--fault`` it trains ``--iters`` iterations (whole report windows) and,
 ``--until-lr-moves``, on until a command has moved the lr. With ``--fault``, once a
 checkpoint is stable (the same step on every rank: the mark is broadcast), rank 1 alone
 feeds one batch with a NaN: DDP's gradient all-reduce spreads it to every rank, and only the
-reduced report shows the NaN loss. Every condition that ends the loop is the same on every
-rank, so the ranks stop together.
+reduced report shows the NaN loss; with ``--rank-lr`` rank 1 alone writes its own lr x3
+for three steps instead, and its replica parts from rank 0's. Every condition that ends
+the loop is the same on every rank, so the ranks stop together.
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ def main() -> None:
     ap.add_argument("--until-lr-moves", action="store_true", help="and until the lr changed")
     ap.add_argument("--after", type=int, default=30, help="iterations after the rollback")
     ap.add_argument("--fault", action="store_true")
+    ap.add_argument("--rank-lr", action="store_true",
+                    help="with --fault: rank 1 alone writes lr x3 for 3 steps, no NaN")
     ap.add_argument("--report-every", type=int, default=5)
     ap.add_argument("--uneven", action="store_true", help="rank 1 reports every N+1 steps")
     ap.add_argument("--checkpoint-dir", default=None)
@@ -101,9 +104,12 @@ def main() -> None:
         # Bad batches on one rank until a whole report window is non-finite: persistent (a
         # shorter burst is bad batches the guard's skip absorbs, with no rollback).
         if (fault_iter is not None and it - fault_iter < 2 * args.report_every
-                and guard.rollbacks == 0 and rank == 1):
+                and guard.rollbacks == 0 and rank == 1 and not args.rank_lr):
             xb = xb.clone()
             xb[0, 0] = math.nan
+        if args.rank_lr and rank == 1 and fault_iter is not None and guard.rollbacks == 0:
+            # The loop's own lr on this rank only: its replica leaves the others for good.
+            opt.param_groups[0]["lr"] = 0.15 if it - fault_iter < 3 else 0.05
         loss = torch.nn.functional.mse_loss(model(xb), yb)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -167,6 +167,42 @@ def test_ddp_rollback_restores_every_rank_to_the_same_checkpoint(serve, tmp_path
 
 
 @TORCHRUN
+def test_replicas_parted_by_one_ranks_lr_are_rolled_back_to_a_checkpoint_they_agreed_at(
+        serve, tmp_path):
+    """A DDP trial: the loop wrote its own lr on rank 1 only; the replicas parted for good
+    and the run went on, healthy by every signal, with two different models (here: x3 for
+    three steps, after which nothing else is judged unhealthy). The ranks' parameter
+    checksums are compared at each report; the parted report is unhealthy (``replicas``) and
+    every rank goes back to a checkpoint at which the replicas agreed."""
+    proc, logs = torchrun(2, tmp_path / "out", "--endpoint", serve.endpoint, "--job", "ddp-rl",
+                          "--fault", "--rank-lr", "--after", "30")
+    rows = [log["rows"] for log in logs]
+    assert len(rows[0]) == len(rows[1])
+    hashes = [[r[3] for r in rs] for rs in rows]
+    fault_iter = logs[0]["fault_iter"]
+    assert fault_iter is not None
+    parted = [i for i, (a, b) in enumerate(zip(*hashes, strict=True)) if a != b]
+    # The replicas agreed up to the fault, parted with rank 1's own lr, and agree again from
+    # the restore on, to the end.
+    assert parted and min(parted) == 1 + fault_iter
+    back = next((i for i, r in enumerate(rows[0]) if r[6] == 1), None)
+    assert back is not None, "the parted replicas were never rolled back"
+    assert max(parted) < back and hashes[0][-1] == hashes[1][-1]
+
+    journal = serve.journal()
+    rollbacks = journal.events("ddp-rl", "rollback")
+    assert [e.data["reason"] for e in rollbacks] == ["replicas"], [e.data for e in rollbacks]
+    target = journal.events("ddp-rl", "restored")[0].data["restored_step"]
+    assert rows[0][back][1] == target
+    first_time = next(r for r in rows[0] if r[1] == target)
+    assert rows[0][back][3] == rows[1][back][3] == first_time[3]
+    spreads = [(e.step, e.data["replica_spread"]) for e in journal.events("ddp-rl", "report")]
+    before = [s for step, s in spreads if step <= logs[0]["fault_step"]]
+    assert before and set(before) == {0.0}  # measured, and identical, before the fault
+    assert any(s is not None and s > 1e-6 for _, s in spreads)
+
+
+@TORCHRUN
 def test_ddp_reports_average_the_loss_and_commands_apply_at_one_step_on_4_ranks(serve, tmp_path):
     proc, logs = torchrun(
         4, tmp_path / "out", "--endpoint", serve.endpoint, "--job", "ddp4", "--until-lr-moves"
@@ -296,24 +332,45 @@ def test_shard_endpoint_refuses_bad_input(job, endpoints, match):
         shard_endpoint(job, endpoints)
 
 
-def _lr_range_rank(rank: int, init: str, ranges: list, out: str) -> None:
+def _window_rank(rank: int, init: str, ranges: list, params: list, out: str) -> None:
     import torch.distributed as _dist
 
-    from trimtab.client._dist import DistLink
+    from trimtab.client._dist import DistLink, param_checksum
 
     _dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
     try:
         link = DistLink(rank, 2, torch.device("cpu"))
-        got = [link.reduce_lr_range(tuple(r[rank])) for r in ranges]
+        got = []
+        for r, p in zip(ranges, params, strict=True):
+            mine = p[rank]
+            checksum = None if mine is None else param_checksum(
+                [torch.tensor(v, dtype=torch.float32) for v in mine])
+            lr, spread = link.reduce_window(tuple(r[rank]), checksum)
+            got.append([*lr, spread])
         Path(out, f"rank-{rank}.json").write_text(json.dumps(got))
     finally:
         _dist.destroy_process_group()
 
 
-def test_a_windows_lr_range_is_every_ranks(tmp_path):
+def test_the_replicas_compared_leave_out_what_ddp_was_told_to_ignore():
+    from torch.nn.parallel import DistributedDataParallel
+
+    from trimtab.client._dist import replicated_params
+
+    inner = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 1))
+    assert replicated_params(inner) == list(inner.parameters())
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(inner, ["1.weight"])
+    outer = torch.nn.ModuleDict({"body": inner, "head": torch.nn.Linear(1, 1)})
+    got = replicated_params(outer)
+    assert [id(p) for p in got] == [id(p) for p in outer.parameters()
+                                    if p is not inner[1].weight]
+
+
+def test_a_windows_lr_range_is_every_ranks_and_the_replicas_are_compared(tmp_path):
     """A DDP trial: the loop set lr x100 on rank 1 only for three steps; the report's lr
     window said 0.05..0.05, rank 0's, and nothing in the journal showed the 5.0 rank 1 ran
-    at. The window's range is reduced over ranks (one small MAX all-reduce)."""
+    at, nor that the two replicas had parted for good. The window's range and the ranks'
+    parameter checksums are reduced over ranks (one small MAX all-reduce)."""
     import torch.multiprocessing as mp
 
     ranges = [
@@ -321,10 +378,22 @@ def test_a_windows_lr_range_is_every_ranks(tmp_path):
         [(None, None), (0.1, 0.2)],  # a rank with no step in the window
         [(None, None), (None, None)],
         [(0.001, 0.3), (0.01, 0.02)],
+        [(0.1, 0.1), (0.1, 0.1)],
+    ]
+    same = [[3.0, 4.0], [1.0]]  # norms 5 and 1: checksum 6
+    params = [
+        [same, same],  # identical replicas
+        [same, [[3.0, 4.0], [2.0]]],  # rank 1's parted: checksums 6 and 7
+        [None, None],  # nothing compared
+        [same, [[3.0, float("nan")], [1.0]]],  # non-finite: the non-finite checks' business
+        [[[3.0, 4.0], [1.0 + 1e-6]], same],  # a single-precision ulp-scale difference
     ]
     init = f"file://{tmp_path / 'store'}"
-    mp.spawn(_lr_range_rank, args=(init, ranges, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_window_rank, args=(init, ranges, params, str(tmp_path)), nprocs=2, join=True)
     for rank in (0, 1):
         got = json.loads((tmp_path / f"rank-{rank}.json").read_text())
-        assert [tuple(g) for g in got] == [(0.05, 5.0), (0.1, 0.2), (None, None),
-                                           (0.001, 0.3)]
+        assert [tuple(g[:2]) for g in got] == [(0.05, 5.0), (0.1, 0.2), (None, None),
+                                               (0.001, 0.3), (0.1, 0.1)]
+        spreads = [g[2] for g in got]
+        assert spreads[:4] == [0.0, pytest.approx(1 / 7), None, None]
+        assert 0 < spreads[4] < 1e-6  # seen, and under the controller's default margin

@@ -63,7 +63,7 @@ def in_force(lr: float = 1.0, base_lr: float = 0.1) -> dict:
 
 
 def report(seq: int, lr: float = 1.0, loss: float = 1.0, applied_seq: int = 0,
-           base_lr: float = 0.1) -> bytes:
+           base_lr: float = 0.1, replica_spread: float | None = None) -> bytes:
     return wire.encode(
         wire.Report(
             job="j",
@@ -79,6 +79,7 @@ def report(seq: int, lr: float = 1.0, loss: float = 1.0, applied_seq: int = 0,
             nonfinite_grads=1 if seq == 2 else 0,
             dropped_reports=seq // 3,
             applied_seq=applied_seq,
+            replica_spread=replica_spread,
             **in_force(lr, base_lr),
         )
     )
@@ -125,6 +126,16 @@ def test_every_signal_of_the_last_report_is_a_job_series(tmp_path):
     # Every report's handling is timed, not only those that brought a command (7 of 15
     # here: the fleet's latency panel was empty in any window without one).
     assert sample(ctl, "trimtab_decision_latency_seconds_count") == 15.0
+
+
+def test_the_replicas_spread_is_a_job_series_where_the_ranks_compare_it(tmp_path):
+    ctl, _ = make(tmp_path)
+    ctl.handle(PEER, report(1))
+    assert sample(ctl, "trimtab_job_replica_spread", job="j") is None  # one process
+    ctl.handle(PEER, report(2, replica_spread=0.0))
+    assert sample(ctl, "trimtab_job_replica_spread", job="j") == 0.0
+    ctl.handle(PEER, report(3, replica_spread=0.25))
+    assert sample(ctl, "trimtab_job_replica_spread", job="j") == 0.25
 
 
 def test_knob_bounds_are_the_governors_for_the_job(tmp_path):

@@ -420,6 +420,52 @@ def test_non_finite_values_and_spikes_are_rolled_back_inside_the_cooldown_climbs
     assert (plan.target_step, plan.level) == (200, 3)
 
 
+@pytest.mark.parametrize("spread,threshold,unhealthy", [
+    (0.0, 1e-6, None),  # identical replicas
+    (5e-7, 1e-6, None),  # within the margin kept for a mixed fleet's rounding
+    (3e-3, 1e-6, 160),  # parted: judged at once, inside the health warm-up too
+    (3e-3, None, None),  # not judged
+])
+def test_parted_replicas_are_unhealthy_from_the_first_report(spread, threshold, unhealthy):
+    """Under DDP the ranks' parameter checksums are compared at every report; replicas that
+    parted (a loop's own lr on one rank, a device that corrupted a value) stay parted, so
+    the report is unhealthy at once: the checkpoints after the last healthy report are not
+    sound, on every rank alike."""
+    cfg = RollbackConfig(stable_window_steps=200, stable_min_reports=5,
+                         health={"replica_spread": threshold})
+    run = Run(cfg=cfg)
+    run.to(150, replica_spread=0.0)
+    assert run.job.reports_seen < cfg.health.warmup_reports  # no spike is judged yet
+    run.report(replica_spread=spread)
+    assert run.rb.last_unhealthy_step == unhealthy
+    if unhealthy is not None:
+        assert run.job.health.cause == "replicas"
+        assert "parameters parted" in run.job.health.reason and run.rb.candidates == {}
+
+
+def test_parted_replicas_are_rolled_back_inside_the_cooldown_like_non_finite_values():
+    """Waiting mends neither non-finite weights nor parted replicas: inside the cooldown
+    they are rolled back even with the budget's last rollback, where a spike is not."""
+    run = _stable_run()
+    _roll(run)
+    _roll(run)
+    run.to(230)
+    assert run.rb.cooldown_until > run.rb.step
+    assert why_no_rollback(run.rb, CFG, "loss_spike")[0] == "cooldown"
+    plan = plan_rollback("replicas", "parted", run.rb, CFG)
+    assert (plan.target_step, plan.level) == (200, 3)
+
+
+def test_parted_replicas_with_nothing_stable_go_back_to_the_attach_checkpoint():
+    """Like a run gone non-finite: the weights there were sound on every rank (DDP makes
+    every replica rank 0's at construction)."""
+    run = Run()
+    run.ckpts = [0]  # the snapshot the guard takes at attach
+    run.to(150)
+    assert plan_rollback("loss_spike", "s", run.rb, CFG) is None
+    assert plan_rollback("replicas", "r", run.rb, CFG).target_step == 0
+
+
 def test_nothing_is_planned_while_a_rollback_is_pending_or_without_a_stable_checkpoint():
     run = Run()
     run.to(300)

@@ -694,7 +694,8 @@ def test_the_return_is_kept_when_the_run_is_past_its_best_or_in_place_ends_are_o
     assert not finished(ds).detail["stop"].startswith("the loss turned up")
 
 
-def test_persistent_non_finite_values_outrank_an_end_in_place():
+@pytest.mark.parametrize("cause", ["nonfinite", "replicas"])
+def test_persistent_non_finite_values_and_parted_replicas_outrank_an_end_in_place(cause):
     class EndsNow(LrRangeTest):
         def propose(self, view):
             if view.phase is not None:
@@ -707,7 +708,7 @@ def test_persistent_non_finite_values_outrank_an_end_in_place():
         def propose(self, view):  # every step skipped, from the second report on
             if view.reports_seen < 2:
                 return []
-            return [Proposal.roll_back("nonfinite", "every step skipped")]
+            return [Proposal.roll_back(cause, "every step skipped, or the replicas parted")]
 
     c = client()
     st = c.state
@@ -715,8 +716,8 @@ def test_persistent_non_finite_values_outrank_an_end_in_place():
     ds = drive(engine, c, dip(3e-3), 3)
     assert st.phases_done["lr_range_test"].in_place is False
     plan = ds[-1].rollback
-    # The phase's return to its checkpoint, for the non-finite values, not an end in place.
-    assert plan is not None and plan.cause == "nonfinite" and plan.target_step == 0
+    # The phase's return to its checkpoint, for the damage, not an end in place.
+    assert plan is not None and plan.cause == cause and plan.target_step == 0
     assert ds[-1].phase_end.in_place is False and c.state.step == 0
 
 
