@@ -419,7 +419,8 @@ class CheckpointStore:
             self.files.close(timeout_s)
 
 
-def load_stable(directory: str | os.PathLike) -> Checkpoint | None:
+def load_stable(directory: str | os.PathLike, *, ranks_agree: bool = False
+                ) -> Checkpoint | None:
     """The newest stable checkpoint in ``directory`` whose file passes its checksum.
 
     Files that fail are skipped with a WARNING naming them, and the next older stable
@@ -428,10 +429,63 @@ def load_stable(directory: str | os.PathLike) -> Checkpoint | None:
     ``ema=guard.ema_model``, or an ``AveragedModel`` of your own: the weight average too;
     with ``extra_state={name: obj}``, the objects the run was attached with as its
     ``extra_state``: theirs).
+
+    ``ranks_agree=True`` (DDP, each rank resuming from its own directory): every rank of
+    the initialised default process group calls it, and every rank loads the same step.
+    Each rank writes and marks its own files, so a job killed between them (a preemption
+    while a stable mark was being written) may leave rank 0's newest stable checkpoint at
+    step 300 and rank 1's at 200: loaded as is, the replicas would start apart. The ranks
+    take the newest step that every rank holds a file of and that is stable on at least
+    one (the controller marks a step stable on every rank at once; only the writing lags),
+    whose file every rank loads; ``None`` on every rank when there is none. Two small
+    collectives, and one more per step tried. Without a process group of more than one
+    rank it is the plain load.
     """
+    if ranks_agree:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            return _load_agreed(directory, dist)
     for entry in reversed(scan(directory)):
         if entry.stable and (payload := read_payload(directory, entry.step)) is not None:
             ckpt = Checkpoint.from_payload(payload)
             ckpt.stable = True
             return ckpt
+    return None
+
+
+#: Checkpoints of one directory compared across ranks (the newest of them).
+_AGREE_MAX = 256
+
+
+def _load_agreed(directory: str | os.PathLike, dist: Any) -> Checkpoint | None:
+    """:func:`load_stable` with ``ranks_agree``: see there."""
+    entries = scan(directory)[-_AGREE_MAX:]
+    device = (torch.device("cuda", torch.cuda.current_device())
+              if dist.get_backend() == "nccl" else torch.device("cpu"))
+    mine = torch.full((2, _AGREE_MAX), -1, dtype=torch.int64)
+    for i, e in enumerate(entries):
+        mine[0, i], mine[1, i] = e.step, int(e.stable)
+    mine = mine.to(device)
+    every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, mine)
+    held = [{s: bool(f) for s, f in zip(*t.tolist(), strict=True) if s >= 0} for t in every]
+    common = set.intersection(*(set(h) for h in held))
+    tried = sorted((s for s in common if any(h[s] for h in held)), reverse=True)
+    newest = [max((s for s, f in h.items() if f), default=None) for h in held]
+    if len(set(newest)) > 1:
+        log.warning("trimtab: the ranks' newest stable checkpoints differ (%s, by rank): "
+                    "a job stopped while a stable mark was being written; every rank loads "
+                    "the newest step they all hold and one marked stable", newest)
+    for step in tried:
+        payload = read_payload(directory, step)
+        ok = torch.tensor([int(payload is not None)], dtype=torch.int64, device=device)
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        if ok.item() == 1:
+            ckpt = Checkpoint.from_payload(payload)
+            ckpt.stable = True
+            return ckpt
+    if tried or any(n is not None for n in newest):
+        log.warning("trimtab: no checkpoint step loads on every rank (newest stable by rank: "
+                    "%s); none loaded", newest)
     return None

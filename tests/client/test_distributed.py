@@ -397,3 +397,74 @@ def test_a_windows_lr_range_is_every_ranks_and_the_replicas_are_compared(tmp_pat
         spreads = [g[2] for g in got]
         assert spreads[:4] == [0.0, pytest.approx(1 / 7), None, None]
         assert 0 < spreads[4] < 1e-6  # seen, and under the controller's default margin
+
+
+def _ranks_files(directory: Path, marks: list[int], corrupt: int | None = None) -> None:
+    """One rank's checkpoint files: snapshots at steps 10, 20 and 30 (a ring of 2 on disk,
+    plus the newest stable one), ``marks`` marked stable in turn, the file at ``corrupt``
+    damaged afterwards."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    from trimtab.client import CheckpointStore
+
+    store = CheckpointStore(keep=2, directory=directory)
+    for step in (10, 20, 30):
+        with torch.no_grad():
+            model.weight.fill_(step)  # the step, readable from the weights
+        store.take(step, model, opt, block=True)
+        store.poll()
+        if step in marks:
+            assert store.mark_stable(step)
+    store.close()
+    if corrupt is not None:
+        path = directory / f"ckpt-{corrupt:012d}.pt"
+        path.write_bytes(path.read_bytes()[:-8] + b"\0" * 8)
+
+
+def _agree_rank(rank: int, init: str, root: str, out: str) -> None:
+    import torch.distributed as _dist
+
+    _dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        got = {}
+        for case in sorted(os.listdir(root)):
+            directory = Path(root, case, f"rank-{rank}")
+            plain = load_stable(directory)
+            agreed = load_stable(directory, ranks_agree=True)
+            got[case] = [None if c is None else c.step for c in (plain, agreed)]
+            if agreed is not None:
+                assert agreed.model["weight"].flatten().tolist() == [float(agreed.step)] * 3
+        Path(out, f"rank-{rank}.json").write_text(json.dumps(got))
+    finally:
+        _dist.destroy_process_group()
+
+
+def test_ranks_resuming_from_their_own_files_load_the_same_step(tmp_path):
+    """A DDP job killed while a stable mark was being written: rank 0's writer had marked
+    30 (and let 10 go), rank 1's had not. Each rank loading its own newest stable file
+    started its replica at another step (30 and 10); with ``ranks_agree`` both load the
+    newest step they both hold that one marked stable."""
+    import torch.multiprocessing as mp
+
+    cases = {
+        "a-killed-mid-mark": ([10, 30], [10]),
+        "b-in-step": ([10, 30], [10, 30]),
+        "c-corrupt-on-one": ([10, 30], [10, 30]),
+        "d-nothing-stable": ([], []),
+    }
+    root = tmp_path / "ckpt"
+    for case, marks in cases.items():
+        for rank, m in enumerate(marks):
+            _ranks_files(root / case / f"rank-{rank}", m,
+                         corrupt=30 if case.startswith("c") and rank == 1 else None)
+    init = f"file://{tmp_path / 'store'}"
+    mp.spawn(_agree_rank, args=(init, str(root), str(tmp_path)), nprocs=2, join=True)
+    got = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    # [plain, agreed] per rank
+    assert [g["a-killed-mid-mark"] for g in got] == [[30, 30], [10, 30]]
+    assert [g["b-in-step"] for g in got] == [[30, 30], [30, 30]]
+    # 30 fails its checksum on rank 1 and 10 is gone from rank 0: no step loads on both,
+    # and neither rank starts from a step the other cannot.
+    assert [g["c-corrupt-on-one"] for g in got] == [[30, None], [None, None]]
+    assert [g["d-nothing-stable"] for g in got] == [[None, None], [None, None]]
