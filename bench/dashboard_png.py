@@ -2,7 +2,7 @@
 
     python -m bench.dashboard_png [--out docs/img/job-dashboard.png]
 
-A real ``trimtab serve`` steers four real training runs (bench.faults' ReLU MLP, SGD with
+A real ``trimtab serve`` steers five real training runs (bench.faults' ReLU MLP, SGD with
 momentum) while a real Prometheus scrapes it every second with the shipped scrape config
 (``deploy/prometheus/prometheus.yml``: only the target, the intervals and the rule file's
 path are changed) and the shipped alert rules (``deploy/prometheus/rules.yml``, each
@@ -24,6 +24,9 @@ path are changed) and the shipped alert rules (``deploy/prometheus/rules.yml``, 
   TrimtabJobLost;
 - a person pauses ``spike-1`` after its rollback (``trimtab pause``): the operator
   annotation and the fleet table's paused column.
+- ``ddp-1``, a DDP job of two processes (``torchrun``, gloo), whose rank 1 alone writes
+  its own lr x3 for three steps once a checkpoint is stable: its replicas part, the
+  report's ``replica_spread`` says so, and the job is rolled back (reason ``replicas``).
 
 ``rb-1`` and ``spike-1`` also run the alternating policy in shadow mode, so that between
 the three jobs every series of the per-job dashboard has data.
@@ -121,6 +124,44 @@ for _ in range(60):
     time.sleep(0.01)
 while True:  # stuck, as a loop in a hung collective is
     time.sleep(1.0)
+"""
+
+#: A DDP job of two ranks (``torchrun --nproc_per_node=2``, gloo): once a checkpoint is
+#: stable, rank 1 alone writes its own lr x3 for three steps and its replica parts from
+#: rank 0's; the report's replica check rolls both back. It ends 150 iterations later.
+DDP_CLIENT = """
+import sys, time, torch, torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from trimtab.client import attach
+from bench.faults import Task
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+torch.set_num_threads(1)
+task = Task(4 + rank)  # each rank its own batches; DDP makes the replicas rank 0's
+model = DistributedDataParallel(task.model)
+opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+guard = attach(model, opt, job=sys.argv[2], endpoint=sys.argv[1], report_every=5,
+               checkpoint_every=25, heartbeat_s=0.2)
+fault = after = None
+for it in range(3000):
+    if fault is None and guard.stable_step is not None:
+        fault = it  # the same iteration on every rank: the mark reaches all at once
+    if rank == 1 and fault is not None and guard.rollbacks == 0:
+        opt.param_groups[0]["lr"] = 0.15 if it - fault < 3 else 0.05
+    xb, yb = task.batch()
+    loss = torch.nn.functional.mse_loss(model(xb), yb)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    guard.step(loss)
+    time.sleep(0.01)
+    if guard.rollbacks and after is None:
+        after = it
+    if after is not None and it - after >= 150:
+        break
+guard.close()
+del guard, opt, model
+dist.barrier()
+dist.destroy_process_group()
 """
 
 ALERTS = (
@@ -376,7 +417,7 @@ class Scenario:
     """Runs the scenario of the module docstring; ``with Scenario(tmp) as s:`` leaves the
     controller, Prometheus and jobs ``rb-1`` and ``churn-1`` running inside the block."""
 
-    RB, SPIKE, CHURN, SILENT = "rb-1", "spike-1", "churn-1", "silent-1"
+    RB, SPIKE, CHURN, SILENT, DDP = "rb-1", "spike-1", "churn-1", "silent-1", "ddp-1"
 
     def __init__(self, tmp: Path, log=print) -> None:
         self.tmp, self.log = Path(tmp), log
@@ -385,6 +426,7 @@ class Scenario:
         self.stop = threading.Event()
         self.threads: list[threading.Thread] = []
         self.silent: subprocess.Popen | None = None
+        self.ddp: subprocess.Popen | None = None
 
     def __enter__(self) -> Scenario:
         try:
@@ -406,6 +448,15 @@ class Scenario:
             cwd=REPO,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+        )
+        script = self.tmp / "ddp_client.py"
+        script.write_text(DDP_CLIENT)
+        self.ddp = subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone",
+             "--nproc_per_node=2", str(script), srv.endpoint, self.DDP],
+            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            env={**os.environ, "OMP_NUM_THREADS": "1",
+                 "PYTHONPATH": python_path(os.environ.get("PYTHONPATH"))},
         )
         for job, kw in (
             (self.RB, {"seed": 0, "fault": "recurring"}),
@@ -436,6 +487,14 @@ class Scenario:
             120,
         )
         wait_until("silent-1 to report", lambda: srv.value("trimtab_job_step", job=self.SILENT), 60)
+        wait_until(
+            "ddp-1's rollback of its parted replicas",
+            lambda: (srv.value("trimtab_rollbacks_total", job=self.DDP, reason="replicas")
+                     or 0) >= 1,
+            120,
+        )
+        # It ends by itself; before the controller is stopped, so that its Bye is heard.
+        wait_until("ddp-1 to end", lambda: self.ddp.poll() is not None, 60)
         wait_until(
             "Prometheus to scrape spike-1's rollback",
             lambda: self.prom.query(f'trimtab_rollback_steps_lost_total{{job="{self.SPIKE}"}} > 0'),
@@ -495,6 +554,12 @@ class Scenario:
         if self.silent is not None and self.silent.poll() is None:
             self.silent.kill()
             self.silent.wait()
+        if self.ddp is not None:
+            try:
+                self.ddp.wait(timeout=60)  # it ends by itself, 150 iterations after
+            except subprocess.TimeoutExpired:
+                self.ddp.kill()
+                self.ddp.wait()
         if self.prom is not None:
             self.prom.stop()
         if self.serve is not None:

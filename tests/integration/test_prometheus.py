@@ -25,6 +25,7 @@ from bench.dashboard_png import (
     panels,
     substitute,
 )
+from trimtab.controller.health import CAUSES
 
 pytestmark = [
     pytest.mark.integration,
@@ -56,7 +57,8 @@ def test_every_panel_query_returns_data(scenario, board):
     for panel in panels(dashboard(board)):
         for target in panel["targets"]:
             count += 1
-            if not any(_has_data(s, target, job) for job in (s.SPIKE, s.RB, s.CHURN)):
+            if not any(_has_data(s, target, job)
+                       for job in (s.SPIKE, s.RB, s.CHURN, s.DDP)):
                 empty.append(f"{panel['title']}: {target['expr']}")
     assert count >= 15
     assert not empty, "no data for:\n" + "\n".join(empty)
@@ -73,7 +75,7 @@ def test_every_annotation_query_marks_the_rollbacks_and_knob_changes(scenario, b
     rollbacks = next(a for a in annotations if a["name"] == "Rollbacks")
     got = s.prom.query_range(substitute(rollbacks["expr"], s.SPIKE), s.start, s.end + 5)
     reasons = {series["metric"].get("reason") for series in got}
-    assert reasons <= {"nonfinite", "loss_spike", "grad_spike", "climb"} and reasons
+    assert reasons <= set(CAUSES) and reasons  # the fleet's: ddp-1's replicas too
 
 
 def test_the_job_variable_lists_the_live_jobs(scenario):
