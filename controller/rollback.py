@@ -29,7 +29,9 @@ learning rate. Here that is automatic, and bounded:
   one in force at the first of those faults (at this fault for a first rollback), and
   never more than ``base_cut`` times the one in force now: escalation does not compound
   when the run already carries an earlier cut. The restore puts the user's schedule back
-  at the checkpoint's position; the cut multiplies it from there. After a rollback no
+  at the checkpoint's position; the cut multiplies it from there (no cut for DDP replicas
+  that parted, :data:`~trimtab.controller.rollback_rules.UNCUT`: the restore alone mends
+  them, and the lr goes back to the checkpoint's). After a rollback no
   climb rollback is ordered for ``cooldown_steps * cooldown_growth ** (level - 1)`` steps
   past the restored one (a climb is slow: the restored run needs those steps to show its
   new slope). Non-finite values are rolled back inside it (a run whose every step is
@@ -218,8 +220,9 @@ class RollbackPlan:
             return (f"planned rollback from step {self.from_step} to checkpoint "
                     f"{self.target_step} by {self.policy or '?'}: {self.cause}: "
                     f"{self.reason}")[:1024]
+        cut = "no lr cut" if self.cut == 1.0 else f"lr x{self.cut:.3g}"
         return (f"rollback from step {self.from_step} to stable step {self.target_step} "
-                f"(level {self.level}, lr x{self.cut:.3g}) by {self.policy or '?'}: "
+                f"(level {self.level}, {cut}) by {self.policy or '?'}: "
                 f"{self.cause}: {self.reason}")[:1024]
 
     def to_dict(self) -> dict[str, Any]:

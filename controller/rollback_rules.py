@@ -26,7 +26,8 @@ from trimtab.controller.rollback import (
 )
 from trimtab.protocol.ring import evicted_next
 
-__all__ = ["URGENT", "stable_to_mark", "why_no_rollback", "plan_rollback", "with_pending_mark"]
+__all__ = ["URGENT", "UNCUT", "stable_to_mark", "why_no_rollback", "plan_rollback",
+           "with_pending_mark"]
 
 #: The causes a rollback is urgent for: damage an LR cut cannot repair. Ordered inside the
 #: cooldown after a rollback (a spike only while that leaves the budget's last rollback
@@ -34,6 +35,10 @@ __all__ = ["URGENT", "stable_to_mark", "why_no_rollback", "plan_rollback", "with
 #: checkpoint before the fault if it is newer (:func:`_young`). Any other cause (a climb, a
 #: plugin's) waits the cooldown out.
 URGENT: tuple[str, ...] = (*DAMAGE, "loss_spike", "grad_spike")
+#: The causes whose rollback cuts neither the lr nor the clip: the restore alone mends them,
+#: and nothing says the run was too hot (DDP replicas that parted: a loop's own lr on one
+#: rank, a device's corrupted value). The lr goes back to the checkpoint's with it.
+UNCUT: tuple[str, ...] = ("replicas",)
 
 
 def stable_to_mark(state: RollbackState, cfg: RollbackConfig,
@@ -221,11 +226,12 @@ def plan_rollback(
                   f"reports skipped; rolled back past the budget of {cfg.budget})")[:1024]
     seen = state.at_checkpoint.get(target, {})
     restored: dict[str, float | None] = dict(seen.get("knobs", {}))
-    cut = cfg.cut(level)
+    uncut = cause in UNCUT
+    cut = 1.0 if uncut else cfg.cut(level)
     targets: dict[str, float] = {}
     now = {**restored, **{k: v for k, v in in_force.items() if v is not None}}
     lr = now.get("lr")
-    if lr is not None:
+    if lr is not None and not uncut:
         first = next((r.fault_lr for r in _near(state, cfg, target)
                       if r.fault_lr is not None), lr)
         targets["lr"] = min(first * cut, lr * cfg.base_cut)
@@ -234,7 +240,7 @@ def plan_rollback(
             # (a policy's, a person's) goes back to the value it was healthy at, not to half
             # the one it diverged at, which it never ran from there.
             targets["lr"] = min(targets["lr"], restored["lr"])
-    if cfg.clip_tighten is not None:
+    if cfg.clip_tighten is not None and not uncut:
         clip, ema = now.get("clip"), seen.get("grad_norm_ema")
         if clip is not None:
             targets["clip"] = clip * cfg.clip_tighten ** level

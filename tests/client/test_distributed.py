@@ -196,6 +196,9 @@ def test_replicas_parted_by_one_ranks_lr_are_rolled_back_to_a_checkpoint_they_ag
     assert rows[0][back][1] == target
     first_time = next(r for r in rows[0] if r[1] == target)
     assert rows[0][back][3] == rows[1][back][3] == first_time[3]
+    # No lr cut: the parting was not the lr's; the first step after the restore runs at the
+    # lr the run had when it first stood at that step (step_decay's commands move it later).
+    assert rows[0][back + 1][2] == rows[1][back + 1][2] == first_time[2]
     spreads = [(e.step, e.data["replica_spread"]) for e in journal.events("ddp-rl", "report")]
     before = [s for step, s in spreads if step <= logs[0]["fault_step"]]
     assert before and set(before) == {0.0}  # measured, and identical, before the fault

@@ -319,6 +319,22 @@ def test_the_cut_is_on_the_multiplier_not_the_users_lr_however_its_schedule_move
     assert plan.restored["lr"] == 1.0 and plan.targets == {"lr": 0.5}
 
 
+def test_parted_replicas_are_rolled_back_with_no_lr_or_clip_cut():
+    """DDP replicas that parted (a loop's own lr on one rank) are mended by the restore;
+    nothing says the run was too hot, so the lr is not cut (a permanent x0.5 on a tuned
+    run for a fault that was not the lr's), nor the clip: the restore brings the
+    checkpoint's values back."""
+    cfg = RollbackConfig(stable_window_steps=200, stable_min_reports=5, clip_tighten=0.5)
+    run = _stable_run()
+    run.cfg, run.clip = cfg, 1.0
+    run.report()
+    plan = _plan(run, "replicas", "parted", cfg)
+    assert (plan.target_step, plan.level, plan.cut, plan.targets) == (200, 1, 1.0, {})
+    assert "no lr cut" in plan.describe()
+    spike = _plan(run, "loss_spike", "z=9", cfg)
+    assert spike.targets == {"lr": 0.5, "clip": 0.5} and "lr x0.5" in spike.describe()
+
+
 def test_a_plan_without_the_values_in_force_cuts_from_the_checkpoints():
     run = _stable_run()
     run.scale = 0.5
