@@ -177,13 +177,28 @@ def replicated_params(model: torch.nn.Module) -> list[torch.Tensor]:
     return [p for p in model.parameters() if id(p) not in skip]
 
 
+def _norm(p: torch.Tensor) -> torch.Tensor:
+    """``p``'s 2-norm, in float32 or better (float64 stays float64; complex as its parts)."""
+    p = p.detach()
+    if p.is_complex():
+        p = torch.view_as_real(p)
+    if not p.is_floating_point():
+        p = p.double()
+    return torch.linalg.vector_norm(p, dtype=torch.promote_types(p.dtype, torch.float32))
+
+
 def param_checksum(params: Sequence[torch.Tensor]) -> torch.Tensor | None:
     """A float64 checksum of ``params`` on their device, read by no one until the window's
     reduction (no host sync): the sum of each tensor's float32 2-norm. Identical replicas
     give identical checksums (the same kernels on the same bytes); parameters that differ
     anywhere give a different one, but for a change too small to move a norm. None for no
-    parameters. A loop over the parameters, once per report window, never per step."""
-    norms = [torch.linalg.vector_norm(p.detach(), dtype=torch.float32) for p in params]
+    parameters. A loop over the parameters, once per report window, never per step.
+
+    >>> param_checksum([torch.tensor([3.0, 4.0]), torch.ones(1, dtype=torch.float64),
+    ...                 torch.tensor([1j]), torch.ones(4, dtype=torch.bfloat16)]).item()
+    9.0
+    """
+    norms = [_norm(p) for p in params]
     if not norms:
         return None
     device = norms[0].device
@@ -333,27 +348,32 @@ class DistLink:
     ) -> tuple[tuple[float | None, float | None], float | None]:
         """The lowest and highest lr any rank's steps were given in the window, and how far
         apart the ranks' parameter checksums stand (:func:`param_checksum`; None: none
-        given): one small ``all_reduce``, MAX, of four float64 values, read once on the
-        host. A loop that writes its own lr on one rank only must not report rank 0's
+        given, on any rank): one small ``all_reduce``, MAX, of five float64 values, read
+        once on the host. A loop that writes its own lr on one rank only must not report rank 0's
         alone; and a replica whose parameters left the others' (that lr on one rank, a
         silent data corruption on one device) is no longer the model the report speaks of.
         The spread is ``(max - min) / max(|max|, |min|)`` over ranks: 0 while the DDP
         replicas are identical, as they are bit for bit after every step."""
         lo, hi = lr_range
+        # The last value says a rank took no checksum: then none is compared.
         t = torch.tensor([-math.inf if hi is None else hi, -math.inf if lo is None else -lo,
-                          0.0, 0.0], dtype=torch.float64, device=self.device)
+                          0.0, 0.0, 1.0 if checksum is None else 0.0],
+                         dtype=torch.float64, device=self.device)
         if checksum is not None:
             c = checksum.to(device=self.device, dtype=torch.float64).reshape(1)
-            t[2:] = torch.cat([c, -c])  # on the device: no host read before the reduction
+            # NaN as +inf: a MAX over a NaN differs with the order the ranks meet in, and
+            # an infinite highest checksum means no comparison on every rank alike.
+            c = torch.nan_to_num(c, nan=math.inf)
+            t[2:4] = torch.cat([c, -c])  # on the device: no host read before the reduction
         try:
             dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
         except Exception:  # a broken group is the training loop's to report, not ours
             self._warn("could not reduce a report window's lr range across ranks; reporting "
                        "this rank's own")
             return lr_range, None
-        top, neg_low, high, neg_least = t.tolist()
+        top, neg_low, high, neg_least, missing = t.tolist()
         lr = (None if math.isinf(neg_low) else -neg_low, None if math.isinf(top) else top)
-        if checksum is None:
+        if missing:  # this rank's, or another's
             return lr, None
         least = -neg_least
         if not (math.isfinite(high) and math.isfinite(least)):
@@ -361,7 +381,6 @@ class DistLink:
             return lr, None
         scale = max(abs(high), abs(least))
         return lr, 0.0 if high == least else (high - least) / scale
-
 
     def exchange(self, step: int) -> None:
         """Broadcast rank 0's newest command; every rank keeps it in :attr:`pending`.

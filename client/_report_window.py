@@ -45,9 +45,9 @@ class ReportWindow:
     """One guard's open report window and what closing it reads: the probe's rows, the
     step counts, the commands' values in force, the checkpoints held, the link. ``dist``
     (``None``: one process) averages the rows over ranks; ``hooks`` (``None``: no
-    ``hooks=True``) corrects the loss counts of steps that saw no loss; ``checksum`` (``None``:
-one process, or a sharded model) gives this rank's parameter checksum, compared over
-ranks."""
+    ``hooks=True``) corrects the loss counts of steps that saw no loss; ``checksum``
+    (``None``: one process, or a sharded model) gives this rank's parameter checksum,
+    compared over ranks."""
 
     def __init__(
         self, *, probe: Probe, step: Step, reporter: Reporter, commands: Commands,
@@ -64,6 +64,19 @@ ranks."""
         self._hooks = hooks
         self._checksum = checksum
 
+    def _take_checksum(self) -> torch.Tensor | None:
+        """This rank's parameter checksum; None (every rank goes on, the report without a
+        replica comparison, a WARNING once) when it cannot be taken."""
+        if self._checksum is None:
+            return None
+        try:
+            return self._checksum()
+        except Exception:
+            log.warning("trimtab could not take a checksum of this rank's parameters; the "
+                        "replicas are not compared", exc_info=True)
+            self._checksum = None
+            return None
+
     def close(self) -> None:
         """Reduce the open window's rows and queue its report (none for an empty window)."""
         try:
@@ -72,8 +85,7 @@ ranks."""
             if self._dist is not None:  # the window's rows become their mean over ranks
                 self._dist.reduce_rows(self._probe.buf[: self._probe.row])
                 # ...its lrs every rank's, and the replicas' checksums compared
-                checksum = None if self._checksum is None else self._checksum()
-                lr_range, spread = self._dist.reduce_window(lr_range, checksum)
+                lr_range, spread = self._dist.reduce_window(lr_range, self._take_checksum())
             stats = self._probe.collect()
             if self._hooks is not None:  # a step without an observed loss is not a bad loss
                 stats = self._hooks.window_closed(stats)

@@ -382,6 +382,7 @@ def test_a_windows_lr_range_is_every_ranks_and_the_replicas_are_compared(tmp_pat
         [(None, None), (None, None)],
         [(0.001, 0.3), (0.01, 0.02)],
         [(0.1, 0.1), (0.1, 0.1)],
+        [(0.1, 0.1), (0.1, 0.1)],
     ]
     same = [[3.0, 4.0], [1.0]]  # norms 5 and 1: checksum 6
     params = [
@@ -390,16 +391,18 @@ def test_a_windows_lr_range_is_every_ranks_and_the_replicas_are_compared(tmp_pat
         [None, None],  # nothing compared
         [same, [[3.0, float("nan")], [1.0]]],  # non-finite: the non-finite checks' business
         [[[3.0, 4.0], [1.0 + 1e-6]], same],  # a single-precision ulp-scale difference
+        [same, None],  # one rank took none (it could not): nothing compared
     ]
     init = f"file://{tmp_path / 'store'}"
     mp.spawn(_window_rank, args=(init, ranges, params, str(tmp_path)), nprocs=2, join=True)
     for rank in (0, 1):
         got = json.loads((tmp_path / f"rank-{rank}.json").read_text())
         assert [tuple(g[:2]) for g in got] == [(0.05, 5.0), (0.1, 0.2), (None, None),
-                                               (0.001, 0.3), (0.1, 0.1)]
+                                               (0.001, 0.3), (0.1, 0.1), (0.1, 0.1)]
         spreads = [g[2] for g in got]
         assert spreads[:4] == [0.0, pytest.approx(1 / 7), None, None]
         assert 0 < spreads[4] < 1e-6  # seen, and under the controller's default margin
+        assert spreads[5] is None
 
 
 def _ranks_files(directory: Path, marks: list[int], corrupt: int | None = None) -> None:
