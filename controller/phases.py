@@ -25,8 +25,7 @@ whose checkpoint the client no longer lists (a run resumed in a new process from
 user's checkpoint): the return cannot restore it, and sets that LR only.
 
 Safety outranks a phase: persistent non-finite values and parted replicas (:data:`SAFETY`)
-end any phase at
-once, with its return, also when its policy proposes to end it in place.
+end any phase at once, with its return, also when its policy proposes to end it in place.
 """
 
 from __future__ import annotations
