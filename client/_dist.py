@@ -28,13 +28,15 @@ launched by ``torchrun``, say), every rank attaches its own guard and they act a
 * **Sharded models** (FSDP2's ``fully_shard``: DTensor parameters). The gradient norm is
   made global with one all-reduce per step, checkpoints hold each rank's shards and go to
   DCP directories shared by all ranks: see :mod:`trimtab.client._sharded`.
-* **Replicas.** At the same boundary every rank takes a checksum of its parameters
-  (:func:`param_checksum`, on the device) and the ranks' highest and lowest travel with
-  the window's lr range: the report's ``replica_spread`` is 0 while the DDP replicas are
-  identical. A loop that writes its own lr on one rank only, or a device that corrupts a
-  value silently, parts them for good; the controller judges that report unhealthy
-  (cause ``replicas``) and rolls every rank back to a checkpoint they agreed at. Not
-  taken for sharded models, whose ranks hold different shards by design.
+* **Replicas.** At the same boundary every rank takes two checksums of its parameters
+  (:func:`param_checksum`, on the device: their norms, and their bytes read as integers)
+  and the ranks' highest and lowest travel with the window's lr range: the report's
+  ``replicas_identical`` says whether the DDP replicas are identical bit for bit, and
+  ``replica_spread`` how far apart their norms stand. A loop that writes its own lr on
+  one rank only, or a device that corrupts a value silently, parts them for good; the
+  controller judges that report unhealthy (cause ``replicas``) and rolls every rank back
+  to a checkpoint they agreed at. Not taken for sharded models, whose ranks hold
+  different shards by design.
 
 Per report that is three small collectives (the rows; the window's lr range, a loop may
 write its own lr on one rank only, with the replicas' checksums; the command header) and a
@@ -179,7 +181,6 @@ def replicated_params(model: torch.nn.Module) -> list[torch.Tensor]:
 
 def _norm(p: torch.Tensor) -> torch.Tensor:
     """``p``'s 2-norm, in float32 or better (float64 stays float64; complex as its parts)."""
-    p = p.detach()
     if p.is_complex():
         p = torch.view_as_real(p)
     if not p.is_floating_point():
@@ -187,22 +188,46 @@ def _norm(p: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(p, dtype=torch.promote_types(p.dtype, torch.float32))
 
 
-def param_checksum(params: Sequence[torch.Tensor]) -> torch.Tensor | None:
-    """A float64 checksum of ``params`` on their device, read by no one until the window's
-    reduction (no host sync): the sum of each tensor's float32 2-norm. Identical replicas
-    give identical checksums (the same kernels on the same bytes); parameters that differ
-    anywhere give a different one, but for a change too small to move a norm. None for no
-    parameters. A loop over the parameters, once per report window, never per step.
+#: Integer views of a parameter's bytes, by element size.
+_BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+#: The bit sum is taken modulo this, so that float64 carries it exactly.
+_BITS_MOD = 2**52
 
-    >>> param_checksum([torch.tensor([3.0, 4.0]), torch.ones(1, dtype=torch.float64),
-    ...                 torch.tensor([1j]), torch.ones(4, dtype=torch.bfloat16)]).item()
+
+def _bits(p: torch.Tensor) -> torch.Tensor:
+    """The sum of ``p``'s elements read as integers of their width (int64, wrapping)."""
+    if p.is_complex():
+        p = torch.view_as_real(p)
+    p = p.contiguous()
+    return p.view(_BITS[p.element_size()]).sum(dtype=torch.int64)
+
+
+def param_checksum(params: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """Two float64 checksums of ``params`` on their device, read by no one until the
+    window's reduction (no host sync): the sum of each tensor's 2-norm (float32 or
+    better), whose spread over ranks says how far apart they are, and the sum of their
+    bytes read as integers, modulo 2**52, which any change of any element's bits moves (a
+    sign flip, a 1e-3 nudge of one weight, a bit a device flipped; all but two changes that
+    cancel exactly). Identical replicas give identical checksums (the same kernels on the
+    same bytes). None for no parameters. A loop over the parameters, once per report
+    window, never per step.
+
+    >>> c = param_checksum([torch.tensor([3.0, 4.0]), torch.ones(1, dtype=torch.float64),
+    ...                     torch.tensor([1j]), torch.ones(4, dtype=torch.bfloat16)])
+    >>> c[0].item()
     9.0
+    >>> flipped = param_checksum([torch.tensor([-3.0, 4.0]), torch.ones(1, dtype=torch.float64),
+    ...                           torch.tensor([1j]), torch.ones(4, dtype=torch.bfloat16)])
+    >>> flipped[0].item() == c[0].item(), flipped[1].item() == c[1].item()
+    (True, False)
     """
-    norms = [_norm(p) for p in params]
-    if not norms:
+    params = [p.detach() for p in params]
+    if not params:
         return None
-    device = norms[0].device
-    return torch.stack([n.to(device) for n in norms]).double().sum()
+    device = params[0].device
+    norms = torch.stack([_norm(p).to(device) for p in params]).double().sum()
+    bits = torch.stack([_bits(p).to(device) for p in params]).sum()
+    return torch.stack([norms, torch.remainder(bits, _BITS_MOD).double()])
 
 
 class RankTransport:
@@ -345,42 +370,44 @@ class DistLink:
     def reduce_window(
         self, lr_range: tuple[float | None, float | None],
         checksum: torch.Tensor | None = None,
-    ) -> tuple[tuple[float | None, float | None], float | None]:
-        """The lowest and highest lr any rank's steps were given in the window, and how far
-        apart the ranks' parameter checksums stand (:func:`param_checksum`; None: none
-        given, on any rank): one small ``all_reduce``, MAX, of five float64 values, read
-        once on the host. A loop that writes its own lr on one rank only must not report rank 0's
-        alone; and a replica whose parameters left the others' (that lr on one rank, a
-        silent data corruption on one device) is no longer the model the report speaks of.
-        The spread is ``(max - min) / max(|max|, |min|)`` over ranks: 0 while the DDP
+    ) -> tuple[tuple[float | None, float | None], float | None, bool | None]:
+        """The lowest and highest lr any rank's steps were given in the window, how far
+        apart the ranks' parameter norms stand and whether their bytes are identical
+        (:func:`param_checksum`; None, None: none given, on any rank): one small
+        ``all_reduce``, MAX, of seven float64 values, read once on the host. A loop that
+        writes its own lr on one rank only must not report rank 0's alone; and a replica
+        whose parameters left the others' (that lr on one rank, a silent data corruption
+        on one device) is no longer the model the report speaks of. The spread is
+        ``(max - min) / max(|max|, |min|)`` of the norm sums over ranks: 0 while the DDP
         replicas are identical, as they are bit for bit after every step."""
         lo, hi = lr_range
         # The last value says a rank took no checksum: then none is compared.
         t = torch.tensor([-math.inf if hi is None else hi, -math.inf if lo is None else -lo,
-                          0.0, 0.0, 1.0 if checksum is None else 0.0],
+                          0.0, 0.0, 0.0, 0.0, 1.0 if checksum is None else 0.0],
                          dtype=torch.float64, device=self.device)
         if checksum is not None:
-            c = checksum.to(device=self.device, dtype=torch.float64).reshape(1)
+            c = checksum.to(device=self.device, dtype=torch.float64).reshape(2)
             # NaN as +inf: a MAX over a NaN differs with the order the ranks meet in, and
-            # an infinite highest checksum means no comparison on every rank alike.
+            # an infinite highest norm means no comparison on every rank alike.
             c = torch.nan_to_num(c, nan=math.inf)
-            t[2:4] = torch.cat([c, -c])  # on the device: no host read before the reduction
+            t[2:6] = torch.stack([c[0], -c[0], c[1], -c[1]])  # no host read before it
         try:
             dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
         except Exception:  # a broken group is the training loop's to report, not ours
             self._warn("could not reduce a report window's lr range across ranks; reporting "
                        "this rank's own")
-            return lr_range, None
-        top, neg_low, high, neg_least, missing = t.tolist()
+            return lr_range, None, None
+        top, neg_low, high, neg_least, bits_high, neg_bits_low, missing = t.tolist()
         lr = (None if math.isinf(neg_low) else -neg_low, None if math.isinf(top) else top)
         if missing:  # this rank's, or another's
-            return lr, None
+            return lr, None, None
         least = -neg_least
         if not (math.isfinite(high) and math.isfinite(least)):
             # Non-finite parameters: counted by the non-finite checks, not compared here.
-            return lr, None
+            return lr, None, None
         scale = max(abs(high), abs(least))
-        return lr, 0.0 if high == least else (high - least) / scale
+        spread = 0.0 if high == least else (high - least) / scale
+        return lr, spread, bits_high == -neg_bits_low and high == least
 
     def exchange(self, step: int) -> None:
         """Broadcast rank 0's newest command; every rank keeps it in :attr:`pending`.

@@ -59,12 +59,13 @@ class Reporter:
         scale: wire.Scale, micro_counts: list[int], applied_seq: int, checkpoints: list[int],
         stable_step: int | None, transport: Any,
         lr_range: tuple[float | None, float | None] = (None, None),
-        replica_spread: float | None = None,
+        replica_spread: float | None = None, replicas_identical: bool | None = None,
     ) -> wire.Report:
         """The report of a window of ``stats.steps >= 1`` steps that ended at ``step``;
         ``transport`` (the link to the controller) supplies the link's fields; ``lr_range``
         the lowest and highest lr put in for the window's steps; ``replica_spread`` how far
-        apart the ranks' parameters stand (None: one process, or sharded)."""
+        apart the ranks' parameter norms stand and ``replicas_identical`` whether their bytes
+        are the same (None: one process, or sharded)."""
         now = time.perf_counter()
         step_time, self._window_start = (now - self._window_start) / stats.steps, now
         validation, vstep = self.validation if self.validation is not None else (None, None)
@@ -88,7 +89,7 @@ class Reporter:
             validation_ema=None if validation is None else self.validation_ema,
             micro_sq_norm_mean=stats.micro_sq_norm_mean if counts else None,
             micro_batches=micro_batches, lr_window_min=lr_range[0], lr_window_max=lr_range[1],
-            replica_spread=replica_spread,
+            replica_spread=replica_spread, replicas_identical=replicas_identical,
         )
         self.validation = self.validation_ema = None
         return report

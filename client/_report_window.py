@@ -81,11 +81,12 @@ class ReportWindow:
         """Reduce the open window's rows and queue its report (none for an empty window)."""
         try:
             lr_range = self._step.act.take_window_lr()
-            spread = None
+            spread = identical = None
             if self._dist is not None:  # the window's rows become their mean over ranks
                 self._dist.reduce_rows(self._probe.buf[: self._probe.row])
                 # ...its lrs every rank's, and the replicas' checksums compared
-                lr_range, spread = self._dist.reduce_window(lr_range, self._take_checksum())
+                lr_range, spread, identical = self._dist.reduce_window(
+                    lr_range, self._take_checksum())
             stats = self._probe.collect()
             if self._hooks is not None:  # a step without an observed loss is not a bad loss
                 stats = self._hooks.window_closed(stats)
@@ -97,7 +98,7 @@ class ReportWindow:
             store = self._store
             report = self._reporter.report(
                 stats, step=self._step.host_step, knobs=knobs, base=base, scale=scale,
-                lr_range=lr_range, replica_spread=spread,
+                lr_range=lr_range, replica_spread=spread, replicas_identical=identical,
                 micro_counts=self._step.take_micro_counts(),
                 applied_seq=self._commands.applied_seq,
                 checkpoints=[] if store is None else store.steps(),

@@ -56,7 +56,12 @@ from trimtab.controller.governor import Governor, KnobMemory
 from trimtab.controller.phases import PhaseRules, _found_lr, _safety
 from trimtab.controller.policy import KINDS, Policy, Proposal, Rollback, Sweep
 from trimtab.controller.rollback import RollbackConfig, RollbackPlan
-from trimtab.controller.rollback_rules import plan_rollback, why_no_rollback, with_pending_mark
+from trimtab.controller.rollback_rules import (
+    UNCUT,
+    plan_rollback,
+    why_no_rollback,
+    with_pending_mark,
+)
 from trimtab.controller.scale import decay_is_lr_times_wd
 from trimtab.controller.scheduling import ScheduleRules
 from trimtab.controller.state import JobState
@@ -218,8 +223,11 @@ class Engine(PhaseRules, ScheduleRules):
         else:
             plan, alert, usable = self._plan_rollback(
                 state, [(n, p) for n, p in proposals if p.advice is None])
-        if alert is not None and state.rollback.stranded(self.rollback):
-            # Rollbacks did not cure it and no step can: the run should end (or be looked at).
+        parted = state.health is not None and state.health.cause in UNCUT
+        if alert is not None and (state.rollback.stranded(self.rollback) or parted):
+            # Rollbacks did not cure it and no step can (a stranded run), or every rank goes
+            # on training a model of its own (parted replicas): the run should end (or be
+            # looked at).
             stop = stop or alert[:1024]
         if urgent and plan is None:
             return Decision(step=state.step, proposals=(), knobs={}, errors=tuple(errors),
@@ -333,6 +341,8 @@ class Engine(PhaseRules, ScheduleRules):
             (n, _as_change(p, f"{p.reason} (no rollback: {why})"))
             if p.rollback is not None else (n, p)
             for n, p in proposals
+            # A rollback with no fallback (parted replicas: no lr cut mends them) is none.
+            if p.rollback is None or p.to_step is not None or p.factor is not None
         ]
         return None, alert, usable
 

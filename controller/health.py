@@ -9,8 +9,9 @@ which reads it from the view (:attr:`~trimtab.controller.view.JobView.health`).
 * ``nonfinite``: at least ``nonfinite_min`` non-finite losses or gradient steps, unless
   they are a burst of bad batches that the client's skip already absorbed (over within
   the report or the next one: see :func:`_isolated`);
-* ``replicas``: under DDP, the ranks' parameter checksums more than ``replica_spread``
-  apart (relative): the replicas parted, which no later step mends;
+* ``replicas``: under DDP, the ranks' parameters no longer identical bit for bit (or,
+  with ``replica_spread`` above 0, their norms that far apart, relative): the replicas
+  parted, which no later step mends;
 * ``loss_spike``: after ``warmup_reports``, the loss z-score (against the exponentially
   weighted mean and variance of the reports before it; one-sided, upward only) above
   ``loss_z`` and the window's lowest loss at least ``loss_min_rise`` above its EMA; or the
@@ -119,13 +120,15 @@ class DivergenceThresholds(BaseModel):
     #: Reports seen before spikes and climbs are judged (non-finite values and parted
     #: replicas always are).
     warmup_reports: int = Field(20, ge=0)
-    #: Under DDP, the report's ``replica_spread`` (the ranks' parameter checksums,
-    #: ``(max - min) / max(|max|, |min|)``) above this: the replicas parted. They are
-    #: identical bit for bit after every DDP step, so any spread is a fault (a loop that
-    #: wrote its own lr on one rank, a device that corrupted a value) that no later step
-    #: mends; the margin only keeps a mixed fleet's kernels, whose float rounding may
-    #: differ, from counting. None: not judged.
-    replica_spread: float | None = Field(1e-6, ge=0.0, allow_inf_nan=False)
+    #: Under DDP, when the replicas parted. 0 (the default): any difference between the
+    #: ranks' parameter bytes (the report's ``replicas_identical`` False): DDP replicas
+    #: are identical bit for bit after every step, so any difference is a fault (a loop
+    #: that wrote its own lr on one rank, a device that corrupted a value) that no later
+    #: step mends. Above 0: the relative spread of the ranks' parameter norms
+    #: (``replica_spread``) must exceed it, for a fleet of mixed devices whose kernels
+    #: round differently (blind to a sign flip, and to a change too small for the norms
+    #: of a large model). None: not judged.
+    replica_spread: float | None = Field(0.0, ge=0.0, allow_inf_nan=False)
 
 
 
@@ -145,11 +148,9 @@ def assess(view: JobView, th: DivergenceThresholds) -> Unhealthy | None:
     if bad >= th.nonfinite_min and not _isolated(view, bad, th):
         found.append(("nonfinite", f"non-finite values in the last report: "
                       f"{last.nonfinite_losses} losses, {last.nonfinite_grads} gradients"))
-    spread = last.replica_spread
-    if th.replica_spread is not None and spread is not None and spread > th.replica_spread:
-        found.append(("replicas", f"the ranks' parameters parted: checksums {spread:.2g} "
-                      f"apart (relative) > {th.replica_spread:g}; every rank must hold the "
-                      f"same replica"))
+    parted = _parted(last, th.replica_spread)
+    if parted is not None:
+        found.append(("replicas", parted))
     sig = view.signals
     if view.reports_seen > th.warmup_reports:
         # While a climb rollback's restored checkpoint is scored (its first two reports), a
@@ -191,6 +192,24 @@ def assess(view: JobView, th: DivergenceThresholds) -> Unhealthy | None:
     if not found:
         return None
     return Unhealthy(found[0][0], "; ".join(r for _, r in found))
+
+
+def _parted(last: Any, threshold: float | None) -> str | None:
+    """Why the replicas of ``last`` parted under ``threshold`` (None: they did not, or
+    were not compared)."""
+    spread, identical = last.replica_spread, last.replicas_identical
+    if threshold is None or spread is None:
+        return None
+    shown = f"{spread:.3g}"
+    if threshold == 0.0:
+        if identical is not False and spread == 0.0:
+            return None
+        return (f"the ranks' parameters parted: their bytes differ (norms {shown} apart, "
+                f"relative); every rank must hold the same replica")
+    if spread <= threshold:
+        return None
+    return (f"the ranks' parameters parted: their norms {shown} apart (relative) > "
+            f"{threshold:g}; every rank must hold the same replica")
 
 
 def _isolated(view: JobView, bad: int, th: DivergenceThresholds) -> bool:

@@ -125,12 +125,13 @@ class Proposal(_Kind):
     detail: dict[str, Any] | None = None
 
     @staticmethod
-    def roll_back(cause: str, reason: str, *, fallback_factor: float = 0.5,
+    def roll_back(cause: str, reason: str, *, fallback_factor: float | None = 0.5,
                   to_step: int | None = None, value: float | None = None,
                   detail: dict[str, Any] | None = None) -> Rollback:
         """Roll back to the newest stable checkpoint for ``cause``; where no rollback can be
-        made, cut the LR by ``fallback_factor`` (< 1) instead. With ``to_step``: a planned
-        rollback to that checkpoint, the LR set to ``value`` (also where none can be made)."""
+        made, cut the LR by ``fallback_factor`` (< 1) instead (None: nothing instead). With
+        ``to_step``: a planned rollback to that checkpoint, the LR set to ``value`` (also
+        where none can be made)."""
         if to_step is not None:
             return Rollback(cause, reason=reason, to_step=to_step, value=value, detail=detail)
         return Rollback(cause, reason=reason, factor=fallback_factor, detail=detail)
@@ -210,7 +211,7 @@ class Sweep(_Kind):
 class Rollback(_Kind):
     """A rollback for ``cause`` (a short identifier, e.g. ``"nonfinite"``; it becomes a
     metric label). Without ``to_step``: to the newest stable checkpoint, ``factor`` (< 1)
-    the LR cut to make instead where none can be made. With ``to_step``: a planned
+    the LR cut to make instead where none can be made (None: none). With ``to_step``: a planned
     rollback to the checkpoint listed at that step, stable or not, the LR set to
     ``value``: the return at the end of a measurement phase, which the engine orders only
     for the policy holding that phase; it neither escalates nor counts against the
@@ -244,11 +245,12 @@ class Rollback(_Kind):
                     f"value, and no factor; got value={self.value!r} factor={self.factor!r}")
             _check_number("lr", "value", self.value, strictly_positive=False)
             return
-        if self.value is not None or self.factor is None or not self.factor < 1:
+        if self.value is not None or (self.factor is not None and not self.factor < 1):
             raise ValueError(
-                "a rollback proposal takes a fallback factor < 1 (a planned one, with "
+                "a rollback proposal takes a fallback factor < 1 or None (a planned one, with "
                 f"to_step, a value); got factor={self.factor!r} value={self.value!r}")
-        _check_number("lr", "factor", self.factor, strictly_positive=True)
+        if self.factor is not None:
+            _check_number("lr", "factor", self.factor, strictly_positive=True)
 
 
 @dataclass(frozen=True)

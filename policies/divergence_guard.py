@@ -19,7 +19,8 @@ urgent first:
 Any of them proposes a rollback (:meth:`Proposal.roll_back`); the engine rolls back, with
 an escalating LR cut, when a stable checkpoint, the budget and (for a climb) the cooldown
 after a rollback allow, and otherwise cuts the LR by ``fallback_cut`` through the governor
-like any decrease.
+like any decrease (not for parted replicas, ``replicas``, which no lr cut mends: there the
+rollback cuts nothing either, and past the budget the run is advised to stop).
 
 Where it comes from: PaLM (Chowdhery et al. 2022, section 5.1) handled loss spikes by
 restarting from a checkpoint about 100 steps before the spike and skipping 200-500
@@ -40,6 +41,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from trimtab.controller.rollback_rules import UNCUT
 from trimtab.policies.sdk import DivergenceThresholds, JobView, Policy, Proposal
 
 __all__ = ["DivergenceGuard", "DivergenceGuardConfig"]
@@ -79,4 +81,6 @@ class DivergenceGuard(Policy):
         verdict = view.health
         if verdict is None:
             return []
-        return [Proposal.roll_back(verdict.cause, verdict.reason, fallback_factor=cfg.fallback_cut)]
+        # Parted replicas: an lr cut mends nothing, with a rollback or without one.
+        cut = None if verdict.cause in UNCUT else cfg.fallback_cut
+        return [Proposal.roll_back(verdict.cause, verdict.reason, fallback_factor=cut)]

@@ -211,6 +211,9 @@ class Report(_Model):
     #: over ranks; 0 while the replicas are identical (None: one process, a sharded model,
     #: or non-finite parameters).
     replica_spread: NonNeg | None = None
+    #: ...and whether their bytes were identical, every parameter's, bit for bit (compared
+    #: by a sum of the bytes read as integers, which any change of an element moves).
+    replicas_identical: bool | None = None
     #: The values the optimizer used at the window's last step (effective)...
     knobs: Knobs
     #: ...the user's own values at that step (``clip``: None), and trimtab's multipliers.

@@ -202,6 +202,9 @@ def test_replicas_parted_by_one_ranks_lr_are_rolled_back_to_a_checkpoint_they_ag
     spreads = [(e.step, e.data["replica_spread"]) for e in journal.events("ddp-rl", "report")]
     before = [s for step, s in spreads if step <= logs[0]["fault_step"]]
     assert before and set(before) == {0.0}  # measured, and identical, before the fault
+    identical = [e.data["replicas_identical"] for e in journal.events("ddp-rl", "report")
+                 if e.step <= logs[0]["fault_step"]]
+    assert set(identical) == {True}
     assert any(s is not None and s > 1e-6 for _, s in spreads)
 
 
@@ -348,8 +351,8 @@ def _window_rank(rank: int, init: str, ranges: list, params: list, out: str) -> 
             mine = p[rank]
             checksum = None if mine is None else param_checksum(
                 [torch.tensor(v, dtype=torch.float32) for v in mine])
-            lr, spread = link.reduce_window(tuple(r[rank]), checksum)
-            got.append([*lr, spread])
+            lr, spread, identical = link.reduce_window(tuple(r[rank]), checksum)
+            got.append([*lr, spread, identical])
         Path(out, f"rank-{rank}.json").write_text(json.dumps(got))
     finally:
         _dist.destroy_process_group()
@@ -383,6 +386,7 @@ def test_a_windows_lr_range_is_every_ranks_and_the_replicas_are_compared(tmp_pat
         [(0.001, 0.3), (0.01, 0.02)],
         [(0.1, 0.1), (0.1, 0.1)],
         [(0.1, 0.1), (0.1, 0.1)],
+        [(0.1, 0.1), (0.1, 0.1)],
     ]
     same = [[3.0, 4.0], [1.0]]  # norms 5 and 1: checksum 6
     params = [
@@ -392,17 +396,22 @@ def test_a_windows_lr_range_is_every_ranks_and_the_replicas_are_compared(tmp_pat
         [same, [[3.0, float("nan")], [1.0]]],  # non-finite: the non-finite checks' business
         [[[3.0, 4.0], [1.0 + 1e-6]], same],  # a single-precision ulp-scale difference
         [same, None],  # one rank took none (it could not): nothing compared
+        [same, [[-3.0, 4.0], [1.0]]],  # a sign flipped: the norms cannot see it
     ]
     init = f"file://{tmp_path / 'store'}"
     mp.spawn(_window_rank, args=(init, ranges, params, str(tmp_path)), nprocs=2, join=True)
     for rank in (0, 1):
         got = json.loads((tmp_path / f"rank-{rank}.json").read_text())
         assert [tuple(g[:2]) for g in got] == [(0.05, 5.0), (0.1, 0.2), (None, None),
-                                               (0.001, 0.3), (0.1, 0.1), (0.1, 0.1)]
+                                               (0.001, 0.3), (0.1, 0.1), (0.1, 0.1),
+                                               (0.1, 0.1)]
         spreads = [g[2] for g in got]
         assert spreads[:4] == [0.0, pytest.approx(1 / 7), None, None]
-        assert 0 < spreads[4] < 1e-6  # seen, and under the controller's default margin
-        assert spreads[5] is None
+        assert 0 < spreads[4] < 1e-6  # a norm barely moved
+        assert spreads[5] is None and spreads[6] == 0.0
+        # The bytes: identical only for identical replicas; the ulp-scale nudge and the
+        # sign flip, which the norms hardly or never see, differ.
+        assert [g[3] for g in got] == [True, False, None, None, False, None, False]
 
 
 def _ranks_files(directory: Path, marks: list[int], corrupt: int | None = None) -> None:

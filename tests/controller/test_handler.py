@@ -814,3 +814,23 @@ def test_reports_made_before_the_controller_heard_the_run_are_stale(tmp_path, ca
                 and r.levelno >= logging.INFO]) == 2  # a new run of them, after one observed
     ctl.handle(PEER, wire.encode(old.model_copy(update={"seq": 40, "step": 385, "link": 2})))
     assert st.reports_seen == 2
+
+
+def test_replicas_parting_again_past_the_budget_are_advised_to_stop_with_no_lr_cut(tmp_path):
+    """A DDP trial: rank 1's own lr came back after every rollback; past the budget the run
+    trained on with two models and was cut x0.5 at every report (the guard's fallback), an
+    lr cut that mends nothing there. The rollback and the alert cut nothing; the run is
+    advised to stop (guard.should_stop), as every rank trains a model of its own."""
+    ctl = make_rb(tmp_path, budget=1)
+    c = _stable_at_150(ctl)
+    parted = {"replica_spread": 3e-3, "replicas_identical": False}
+    (cmd,) = c.report(**parted)
+    assert cmd.rollback_to == 150 and cmd.scale.lr is None and cmd.stop_advice is None
+    assert "no lr cut" in cmd.reasons[0]
+    c.ack(cmd)
+    c.run_to(c.step + 100)
+    (cmd,) = c.report(**parted)  # the budget is spent
+    assert cmd.rollback_to is None and cmd.scale.lr is None
+    assert cmd.stop_advice.startswith("rollback budget exhausted")
+    assert ctl.jobs["rb"].rollback.alert is not None
+    assert c.report(**parted) == []  # no cut after it either

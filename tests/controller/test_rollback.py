@@ -436,23 +436,28 @@ def test_non_finite_values_and_spikes_are_rolled_back_inside_the_cooldown_climbs
     assert (plan.target_step, plan.level) == (200, 3)
 
 
-@pytest.mark.parametrize("spread,threshold,unhealthy", [
-    (0.0, 1e-6, None),  # identical replicas
-    (5e-7, 1e-6, None),  # within the margin kept for a mixed fleet's rounding
-    (3e-3, 1e-6, 160),  # parted: judged at once, inside the health warm-up too
-    (3e-3, None, None),  # not judged
+@pytest.mark.parametrize("spread,identical,threshold,unhealthy", [
+    (0.0, True, 0.0, None),  # identical replicas
+    (0.0, False, 0.0, 160),  # a sign flipped: the norms agree, the bytes do not
+    (5e-9, False, 0.0, 160),  # one weight nudged by 1e-3 in a large model
+    (3e-3, False, 0.0, 160),  # parted: judged at once, inside the health warm-up too
+    (5e-7, False, 1e-6, None),  # a mixed fleet's margin on the norms
+    (3e-3, False, 1e-6, 160),
+    (3e-3, False, None, None),  # not judged
 ])
-def test_parted_replicas_are_unhealthy_from_the_first_report(spread, threshold, unhealthy):
-    """Under DDP the ranks' parameter checksums are compared at every report; replicas that
-    parted (a loop's own lr on one rank, a device that corrupted a value) stay parted, so
-    the report is unhealthy at once: the checkpoints after the last healthy report are not
-    sound, on every rank alike."""
+def test_parted_replicas_are_unhealthy_from_the_first_report(spread, identical, threshold,
+                                                              unhealthy):
+    """Under DDP the ranks' parameters are compared at every report; replicas that parted
+    (a loop's own lr on one rank, a device that corrupted a value) stay parted, so the
+    report is unhealthy at once: the checkpoints after the last healthy report are not
+    sound, on every rank alike. By default any difference in their bytes counts (a trial:
+    a 1e-3 nudge of one weight moved the norms by 3.5e-9, a sign flip not at all)."""
     cfg = RollbackConfig(stable_window_steps=200, stable_min_reports=5,
                          health={"replica_spread": threshold})
     run = Run(cfg=cfg)
-    run.to(150, replica_spread=0.0)
+    run.to(150, replica_spread=0.0, replicas_identical=True)
     assert run.job.reports_seen < cfg.health.warmup_reports  # no spike is judged yet
-    run.report(replica_spread=spread)
+    run.report(replica_spread=spread, replicas_identical=identical)
     assert run.rb.last_unhealthy_step == unhealthy
     if unhealthy is not None:
         assert run.job.health.cause == "replicas"
