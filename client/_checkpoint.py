@@ -437,7 +437,11 @@ def load_stable(directory: str | os.PathLike, *, ranks_agree: bool = False
     step 300 and rank 1's at 200: loaded as is, the replicas would start apart. The ranks
     take the newest step that every rank holds a file of and that is stable on at least
     one (the controller marks a step stable on every rank at once; only the writing lags),
-    whose file every rank loads; ``None`` on every rank when there is none. Two small
+    whose file every rank loads; ``None`` on every rank when there is none.
+
+    "Newest" is the most recently written or marked, not the highest step: a directory may
+    also hold an earlier run's files, or those of a trajectory a process left behind when
+    it resumed from an older save of yours, at higher steps (a WARNING names them). Two small
     collectives, and one more per step tried. Without a process group of more than one
     rank it is the plain load.
     """
@@ -446,12 +450,23 @@ def load_stable(directory: str | os.PathLike, *, ranks_agree: bool = False
 
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             return _load_agreed(directory, dist)
-    for entry in reversed(scan(directory)):
-        if entry.stable and (payload := read_payload(directory, entry.step)) is not None:
+    stable = _newest_first([e for e in scan(directory) if e.stable])
+    if stable and stable[0].step != max(e.step for e in stable):
+        log.warning("trimtab: %s holds stable checkpoints at higher steps (%s) than the newest "
+                    "one marked (%d), of an earlier run or of a trajectory a resume left "
+                    "behind; the newest marked is the one loaded", directory,
+                    sorted(e.step for e in stable if e.step > stable[0].step), stable[0].step)
+    for entry in stable:
+        if (payload := read_payload(directory, entry.step)) is not None:
             ckpt = Checkpoint.from_payload(payload)
             ckpt.stable = True
             return ckpt
     return None
+
+
+def _newest_first(entries: list[Any]) -> list[Any]:
+    """Checkpoints, the most recently written or marked first (then the higher step)."""
+    return sorted(entries, key=lambda e: (e.written, e.step), reverse=True)
 
 
 #: Checkpoints of one directory compared across ranks (the newest of them).
@@ -460,18 +475,26 @@ _AGREE_MAX = 256
 
 def _load_agreed(directory: str | os.PathLike, dist: Any) -> Checkpoint | None:
     """:func:`load_stable` with ``ranks_agree``: see there."""
-    entries = scan(directory)[-_AGREE_MAX:]
+    entries = _newest_first(scan(directory))[:_AGREE_MAX]
     device = (torch.device("cuda", torch.cuda.current_device())
               if dist.get_backend() == "nccl" else torch.device("cpu"))
-    mine = torch.full((2, _AGREE_MAX), -1, dtype=torch.int64)
+    mine = torch.full((3, _AGREE_MAX), -1, dtype=torch.int64)
     for i, e in enumerate(entries):
-        mine[0, i], mine[1, i] = e.step, int(e.stable)
+        mine[0, i], mine[1, i], mine[2, i] = e.step, int(e.stable), e.written
     mine = mine.to(device)
     every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
     dist.all_gather(every, mine)
-    held = [{s: bool(f) for s, f in zip(*t.tolist(), strict=True) if s >= 0} for t in every]
+    rows = [t.tolist() for t in every]
+    held = [{s: bool(f) for s, f in zip(r[0], r[1], strict=True) if s >= 0} for r in rows]
+    written: dict[int, int] = {}
+    for r in rows:
+        for s, w in zip(r[0], r[2], strict=True):
+            if s >= 0:
+                written[s] = max(written.get(s, 0), w)
     common = set.intersection(*(set(h) for h in held))
-    tried = sorted((s for s in common if any(h[s] for h in held)), reverse=True)
+    # The most recently written or marked first, on every rank alike (the same table).
+    tried = sorted((s for s in common if any(h[s] for h in held)),
+                   key=lambda s: (written[s], s), reverse=True)
     newest = [max((s for s, f in h.items() if f), default=None) for h in held]
     if len(set(newest)) > 1:
         log.warning("trimtab: the ranks' newest stable checkpoints differ (%s, by rank): "

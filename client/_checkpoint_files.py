@@ -36,6 +36,7 @@ import os
 import re
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,8 +125,11 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> tuple[str, i
 
 
 def _write_manifest(directory: Path, step: int, digest: str, size: int, stable: bool) -> None:
+    # written_ns: when (wall clock) it was written or marked stable; the newest stable one
+    # is the newest marked, whatever its step (an earlier run's files, or an abandoned
+    # trajectory's left by a process that resumed from an older save, may have higher ones).
     body = {"format": FORMAT, "step": step, "file": data_name(step), "bytes": size,
-            "sha256": digest, "stable": stable}
+            "sha256": digest, "stable": stable, "written_ns": time.time_ns()}
     atomic_write(directory / manifest_name(step), lambda f: f.write(json.dumps(body).encode()))
 
 
@@ -224,10 +228,13 @@ def unfileable(state: Any) -> str | None:
 
 @dataclass(frozen=True)
 class Entry:
-    """A committed checkpoint on disk, as its manifest says."""
+    """A committed checkpoint on disk, as its manifest says; ``written``: when its manifest
+    was written or marked stable (ns since the epoch; 0 for a manifest of an older trimtab
+    that did not say)."""
 
     step: int
     stable: bool
+    written: int = 0
 
 
 def scan(directory: str | os.PathLike) -> list[Entry]:
@@ -237,7 +244,9 @@ def scan(directory: str | os.PathLike) -> list[Entry]:
     for name in os.listdir(directory):
         match = _MANIFEST.match(name)
         if match and (meta := _read_manifest(directory, int(match[1]))) is not None:
-            entries.append(Entry(meta["step"], meta["stable"]))
+            written = meta.get("written_ns")
+            entries.append(Entry(meta["step"], meta["stable"],
+                                 written if isinstance(written, int) else 0))
     return sorted(entries, key=lambda e: e.step)
 
 

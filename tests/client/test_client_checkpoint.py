@@ -330,3 +330,32 @@ def test_an_unreadable_manifest_is_skipped_with_a_warning(tmp_path, caplog) -> N
     with caplog.at_level(logging.WARNING, logger="trimtab.client"):
         assert load_stable(tmp_path).step == 0
     assert "ckpt-000000000010.json skipped: unreadable" in caplog.text
+
+
+def test_a_new_runs_checkpoints_are_loaded_not_an_earlier_runs_at_higher_steps(
+        tmp_path, caplog) -> None:
+    """A DDP user trial: a fresh job started on a checkpoint_dir that held a finished run's
+    files (stable at 225), was killed at step 82, and load_stable returned the old run's
+    step 225, another job's weights. The newest stable checkpoint is the most recently
+    written or marked one, whatever its step; a WARNING names the higher ones left."""
+    old = Run(seed=1)
+    store = CheckpointStore(keep=2, directory=tmp_path)
+    for step in (200, 225):
+        old.take(store, step)
+        old.step()
+    store.mark_stable(225)
+    store.close()
+    new = Run(seed=2)
+    store = CheckpointStore(keep=2, directory=tmp_path)  # the new run, in the same folder
+    new.take(store, 0)
+    store.mark_stable(0)
+    new.step()
+    new.take(store, 25)
+    store.close()
+    with caplog.at_level(logging.WARNING, logger="trimtab.client"):
+        loaded = load_stable(tmp_path)
+    assert loaded.step == 0
+    seed2 = Run(seed=2)  # the new run's weights at its step 0
+    assert all(torch.equal(a, b) for a, b in zip(loaded.model.values(),
+                                                 seed2.model.state_dict().values(), strict=True))
+    assert "higher steps ([225])" in caplog.text
