@@ -218,6 +218,9 @@ class Recorder:
             "scale": scale, "knobs": absolute, "lr_max": command.lr_max,
             "reasons": command.reasons, "mark_stable": command.mark_stable,
             "rollback_to": command.rollback_to,
+            # The knobs it puts on a live schedule: the client applies the schedule's value
+            # at the step it takes the command, not the one computed here.
+            "live": [sched.knob for sched in command.schedules or []],
             "supersedes": None if superseded is None else superseded.seq})
         self.metrics.commands.inc()
         log.info("job %s: command %d %s (%s)", job, command.seq, decision.commands,

@@ -330,9 +330,10 @@ class Timeline:
         cmd = self._commands.get(key)
         if cmd is None:
             return [make(change=f"#{ev.seq} applied", why="")] if self.every_ack else []
+        live = set(cmd.get("live") or ())  # on a live schedule: its value where it applied
         off = [f"{k} {knob_text(k, v)} asked, {knob_text(k, d.get('scale', {}).get(k))} applied"
                for k, v in cmd.get("scale", {}).items()
-               if not _close(v, d.get("scale", {}).get(k))]
+               if k not in live and not _close(v, d.get("scale", {}).get(k))]
         off += [f"{k} {knob_text(k, v)} asked, {knob_text(k, d.get('knobs', {}).get(k))} applied"
                 for k, v in cmd.get("knobs", {}).items()
                 if k not in cmd.get("scale", {}) and not _close(v, d.get("knobs", {}).get(k))]
@@ -343,7 +344,9 @@ class Timeline:
             return [make(change=f"#{ev.seq} differs", why="; ".join(off))]
         if not self.every_ack:
             return []
-        applied = [f"{k} {knob_text(k, d.get('scale', {}).get(k))}" for k in cmd.get("scale", {})]
+        applied = [f"{k} {knob_text(k, d.get('scale', {}).get(k))}"
+                   + (" (its live schedule's value at the step it applied)" if k in live else "")
+                   for k in cmd.get("scale", {})]
         applied += [f"{k} {knob_text(k, d.get('knobs', {}).get(k))}"
                     for k in cmd.get("knobs", {}) if k not in cmd.get("scale", {})]
         if d.get("restored_step") is not None:

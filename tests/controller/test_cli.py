@@ -75,6 +75,28 @@ def test_decisions_prints_a_command_and_hides_its_ack_that_says_nothing_new(tmp_
         ["12", "ack", "#1"], ["22", "ack", "#2"]]
 
 
+def test_an_ack_of_a_live_schedule_is_not_read_as_differing(tmp_path):
+    """A DDP trial: during a sweep the ack read "lr x0.984 asked, x1.19 applied", like an
+    error; the command put the lr on a live schedule, which the client evaluates at the step
+    it applies it (a report later under DDP). Only a knob set to a value differs."""
+    path = str(tmp_path / "j.db")
+    j = Journal(path)
+    j.append("demo", "command", step=10, seq=1,
+             data={"scale": {"lr": 0.984}, "knobs": {"momentum": 0.8}, "live": ["lr"]})
+    j.append("demo", "ack", step=15, seq=1, data={"scale": {"lr": 1.19},
+                                                  "knobs": {"momentum": 0.8}})
+    j.append("demo", "command", step=20, seq=2, data={"scale": {"lr": 0.5}, "live": []})
+    j.append("demo", "ack", step=25, seq=2, data={"scale": {"lr": 0.6}})
+    j.close()
+    out = run("decisions", "--journal", path, "--job", "demo")
+    assert out.returncode == 0, out.stderr
+    acks = [r.split()[1:4] for r in out.stdout.splitlines()[1:] if " ack " in r]
+    assert acks == [["25", "ack", "#2"]]  # the plain value that differs, only
+    out = run("decisions", "--journal", path, "--job", "demo", "--kind", "ack")
+    first = next(r for r in out.stdout.splitlines() if " #1 " in r)
+    assert "live schedule" in first and "differs" not in first
+
+
 def test_policies_lists_the_built_ins():
     out = run("policies")
     assert out.returncode == 0
