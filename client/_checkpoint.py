@@ -137,7 +137,7 @@ class CheckpointStore:
         counters: dict[str, int] | None = None, scheduler_stepped: bool = False,
         controls: dict[str, Any] | None = None, block: bool = False,
         ema: dict[str, Any] | None = None, extra: dict[str, dict[str, Any]] | None = None,
-        provisional: bool = False,
+        provisional: bool = False, run: dict[str, Any] | None = None,
     ) -> Checkpoint | None:
         """Snapshot the run at ``step``; usable once its copies are done (see :meth:`poll`).
 
@@ -146,7 +146,8 @@ class CheckpointStore:
         average's state_dict (see :mod:`trimtab.client._ema`), snapshotted with the model;
         ``extra``: the state_dicts of the loop's own objects by name (``extra_state``).
         ``provisional``: ``step`` is only a bound, the snapshot stays out of the ring until
-        :meth:`settle` gives its step (or drops it)."""
+        :meth:`settle` gives its step (or drops it). ``run``: the guard's state to resume
+        from (:attr:`Checkpoint.run`)."""
         copier = _HostCopier(self._pool, self._streams, block=block)
         model_sd, opt = model.state_dict(), optimizer.state_dict()
         flat = flatten(model_sd, opt.get("state"))
@@ -180,12 +181,13 @@ class CheckpointStore:
             step=step, model=model_sd, optimizer=optim_sd, scheduler=sched,
             rng=capture_rng(), clip=clip, counters=dict(counters or {}),
             scheduler_stepped=scheduler_stepped, controls=dict(controls or {}), ema=ema_sd,
-            extra=extra_sd, _provisional=provisional,
+            extra=extra_sd, run=run, _provisional=provisional,
         )
         return self._admit(ckpt, copier, events)
 
     def settle(self, ckpt: Checkpoint, step: int | None,
-               counters: dict[str, int] | None = None) -> None:
+               counters: dict[str, int] | None = None,
+               run: dict[str, Any] | None = None) -> None:
         """Label a provisional snapshot with the step it was taken at, and the guard's
         counters then (it joins the ring once its copies are done); ``step=None``: drop it
         (its buffers go back to the pool, ordered after its copies)."""
@@ -199,6 +201,8 @@ class CheckpointStore:
             return
         ckpt.step = step
         ckpt.counters.update(counters or {})
+        if run is not None:
+            ckpt.run = run
         ckpt._provisional = False
         self.poll()
 

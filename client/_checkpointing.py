@@ -70,6 +70,8 @@ class Checkpointing:
         self.reseed = reseed
         #: The step of the last snapshot taken (or restored).
         self.last = 0
+        #: The guard's state for each snapshot (set by the guard once its parts exist).
+        self.run_state: Callable[[], dict[str, Any]] | None = None
         #: Rollbacks carried out so far.
         self.rollbacks = 0
         #: The step of the snapshot of the run as its user handed it over: taken at attach,
@@ -129,7 +131,9 @@ class Checkpointing:
             return  # deferred (tried again at the next chance) or failed (logged)
         step = self._step.host_step
         if step // self.every > self.last // self.every:
-            self.store.settle(ckpt, step, {"calls": self._step.calls})
+            # The guard's state once this window's report is queued, as a state_dict() after
+            # this step would be.
+            self.store.settle(ckpt, step, {"calls": self._step.calls}, run=self._run())
             self.last = step
         else:
             self.store.settle(ckpt, None)
@@ -146,7 +150,7 @@ class Checkpointing:
                                     scheduler_stepped=scheduler_stepped,
                                     controls=self._act.state_dict(), block=block,
                                     **({"provisional": True} if provisional else {}),
-                                    **self._own_state())
+                                    **self._own_state(), **self._run_kw(provisional))
         except Exception:  # a failed snapshot costs a rollback target, never the run
             log.exception("trimtab could not take a checkpoint at step %d", step)
             self.last = step
@@ -191,6 +195,24 @@ class Checkpointing:
             self.store.prepare(self.model, self.optimizer, **self._own_state())
         except Exception:
             log.exception("trimtab could not prepare snapshot buffers")
+
+    def _run(self) -> dict[str, Any] | None:
+        """The guard's state to resume from (:func:`~trimtab.client._resume.run_state`;
+        None: not set up, or it failed, logged: a snapshot never fails for it)."""
+        if self.run_state is None:
+            return None
+        try:
+            return self.run_state()
+        except Exception:
+            log.exception("trimtab could not read the guard's state for a snapshot")
+            return None
+
+    def _run_kw(self, provisional: bool) -> dict[str, Any]:
+        """``run=`` for the store (not for a sharded model's store, nor for a provisional
+        snapshot, which gets it with its step: :meth:`settle`)."""
+        if provisional or isinstance(self.store, ShardedStore):
+            return {}
+        return {"run": self._run()}
 
     def _own_state(self) -> dict[str, Any]:
         """The weight average's state and the loop's objects' (``extra_state``) for the store,

@@ -57,7 +57,7 @@ from ._options import (
 from ._probe import Probe
 from ._report import Reporter
 from ._report_window import ReportWindow
-from ._resume import load_state, state_of
+from ._resume import load_state, run_state, state_of
 from ._sharded import ShardNorms, is_sharded
 from ._step import Step
 from ._transport import Transport, load_curve_keys
@@ -356,6 +356,9 @@ class Guard(GuardState):
             scheduler=scheduler, act=self._act, step=self._step, reporter=self._reporter,
             on_rollback=on_rollback, reseed=reseed_on_rollback, ema=self._ema, extra=extra,
         )
+        # Each snapshot carries the guard's state, so that its file resumes the same run.
+        me = weakref.ref(self)
+        self._ckpts.run_state = lambda: run_state(me())  # type: ignore[arg-type]
         if self._store is not None:
             self._ckpts.take_origin()  # the early rollback target
         # What the run was handed over as, to tell at the first step whether the loop loaded

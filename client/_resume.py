@@ -53,7 +53,7 @@ from ._options import _invalid, _is_int
 if TYPE_CHECKING:
     from ._guard_state import GuardState as Guard  # the guard's parts; _guard imports this
 
-__all__ = ["FORMAT", "state_of", "load_state"]
+__all__ = ["FORMAT", "state_of", "run_state", "load_state"]
 
 log = logging.getLogger("trimtab.client")
 
@@ -91,6 +91,26 @@ def state_of(guard: Guard) -> dict[str, Any]:
         # not a plain value (None: no average).
         "ema": None if guard._ema is None else {
             k: v.detach().clone() for k, v in guard._ema.state_dict().items()},
+    }
+
+
+def run_state(guard: Guard) -> dict[str, Any]:
+    """:func:`state_of` without the step, the step count and the weight average, which a
+    snapshot holds itself: what each of trimtab's own snapshots carries so that a new
+    process can resume from its file as the same run (``Checkpoint.guard_state``). Host
+    values only, read when the snapshot is taken (or, for one taken at a window's end
+    before the window's read, when its step is settled)."""
+    act = guard._act
+    commands = getattr(guard, "_commands", None)  # none yet at the snapshot taken at attach
+    return {
+        "format": FORMAT, "job": guard.job, "run_id": guard.run_id, "resume": guard._resumes,
+        "report_seq": guard._reporter.seq,
+        "applied_seq": 0 if commands is None else commands.applied_seq,
+        "should_stop": False if commands is None else commands.should_stop,
+        "stop_reason": None if commands is None else commands.stop_reason,
+        "rollbacks": guard._ckpts.rollbacks, "controls": act.state_dict(),
+        "live": {"schedules": [s.model_dump(mode="json") for s in act.live.schedules],
+                 "last": dict(act.live.last)},
     }
 
 

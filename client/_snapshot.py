@@ -40,7 +40,7 @@ __all__ = ["Checkpoint", "Unrestorable", "PartlyRestored", "capture_rng", "resto
 log = logging.getLogger("trimtab.client")
 
 _PAYLOAD_KEYS = ("step", "model", "optimizer", "scheduler", "rng", "clip", "counters",
-                 "scheduler_stepped", "controls", "ema", "extra")
+                 "scheduler_stepped", "controls", "ema", "extra", "run")
 
 
 # -- RNG -------------------------------------------------------------------------------------
@@ -132,6 +132,10 @@ class Checkpoint:
     #: The loop's own objects' ``state_dict()`` by name (``attach(..., extra_state=...)``);
     #: ``None``: the run handed over none.
     extra: dict[str, dict[str, Any]] | None = None
+    #: The guard's state to resume from at this step, but for what the snapshot holds
+    #: itself (the step, the step count, the weight average): see :attr:`guard_state`.
+    #: None: a snapshot of a sharded model, or a file of an older trimtab.
+    run: dict[str, Any] | None = None
     stable: bool = False
     #: Set while the writer thread serializes it (read under the writer's lock).
     writing: bool = field(default=False, repr=False)
@@ -177,6 +181,20 @@ class Checkpoint:
         # Files written before the knob model have no controls (the user's values held),
         # those written before weight averaging no ema, before extra_state no extra.
         return cls(**{k: payload[k] for k in _PAYLOAD_KEYS if k in payload})
+
+    @property
+    def guard_state(self) -> dict[str, Any] | None:
+        """What ``guard.load_state_dict`` takes to resume from this checkpoint as the same
+        run (its run id on the controller, step counters, trimtab's multipliers and live
+        schedules, the last command applied), as ``guard.state_dict()`` would have given at
+        this step: ``ckpt.restore(model, optimizer, scheduler)``, then
+        ``guard.load_state_dict(ckpt.guard_state)``. None where the snapshot holds none (a
+        sharded model's, or an older trimtab's file)."""
+        if self.run is None:
+            return None
+        return {**self.run, "step": self.step,
+                "calls": max(self.step, int(self.counters.get("calls", self.step))),
+                "controls": dict(self.controls) or self.run.get("controls"), "ema": self.ema}
 
     def restore(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                 scheduler: Any = None, ema: AveragedModel | None = None,

@@ -4,7 +4,9 @@
 [--resume] [--die] [--spike-at K]``: trains a small regression attached to the controller
 at ENDPOINT up to step N (its batches a function of the step, so that any process draws
 the same one at the same step), saving ``{"model", "optimizer", "scheduler", "trimtab"}``
-to WORKDIR/ckpt.pt at step S. ``--resume`` starts from that file; ``--die`` ends the
+to WORKDIR/ckpt.pt at step S. ``--resume`` starts from that file (with ``--files``, the
+run writes trimtab's own checkpoint files to WORKDIR/ckpt, and ``--resume`` starts from
+the newest stable one, the guard's state with it); ``--die`` ends the
 process at step N without closing the guard (a preemption); ``--spike-at K`` runs the 3
 steps from step K on at 300x the lr, once (a bug in the loop). It writes
 WORKDIR/<name>.json: the knobs each step used, the final loss on the whole data set, the
@@ -41,6 +43,8 @@ def main() -> None:
     ap.add_argument("--die", action="store_true")
     ap.add_argument("--name", default="run")
     ap.add_argument("--spike-at", type=int, help="the loop's own bug: lr x300 for 3 steps")
+    ap.add_argument("--files", action="store_true",
+                    help="checkpoint_dir=WORKDIR/ckpt; --resume from trimtab's own files")
     args = ap.parse_args()
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)
@@ -51,8 +55,15 @@ def main() -> None:
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20))
     guard = attach(model, opt, job=JOB, endpoint=args.endpoint, report_every=5,
-                   heartbeat_s=0.05, checkpoint_every=25, scheduler=sched, clip=5.0)
-    if args.resume:
+                   heartbeat_s=0.05, checkpoint_every=25, scheduler=sched, clip=5.0,
+                   checkpoint_dir=args.workdir / "ckpt" if args.files else None)
+    if args.resume and args.files:
+        from trimtab.client import load_stable
+
+        ckpt = load_stable(args.workdir / "ckpt")
+        ckpt.restore(model, opt, sched)
+        guard.load_state_dict(ckpt.guard_state)
+    elif args.resume:
         saved = torch.load(args.workdir / "ckpt.pt", weights_only=False)
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["optimizer"])

@@ -110,6 +110,33 @@ def test_a_run_resumed_in_a_new_process_ends_as_the_uninterrupted_one(
     assert not [e for e in after if e.kind in ("abandoned", "stale")]
 
 
+def test_a_run_resumed_from_trimtabs_own_files_is_the_same_run(serve_factory, tmp_path,
+                                                               uninterrupted):
+    """A DDP user trial: resumed with load_stable + restore, the job registered as a new run,
+    its step from 0 and trimtab's multipliers at 1, and its new files took the old ones'
+    names. Each snapshot now carries the guard's state: restored with
+    guard.load_state_dict(ckpt.guard_state), the run resumes as the same run, at the
+    checkpoint's step, and goes on as the uninterrupted one."""
+    srv = serve_factory(CONFIG)
+    first = _worker(srv.endpoint, tmp_path, "--until", "260", "--files", "--die")
+    from trimtab.client import load_stable
+
+    saved = load_stable(tmp_path / "ckpt")
+    assert saved is not None and 0 < saved.step < 260 and saved.guard_state is not None
+    second = _worker(srv.endpoint, tmp_path, "--until", "300", "--files", "--resume")
+    assert second["run_id"] == first["run_id"]
+    resumed = _knobs_by_step(second)
+    assert sorted(resumed) == list(range(saved.step + 1, 301))
+    whole = _knobs_by_step(uninterrupted)
+    for step in (saved.step + 1, 201, 300):  # the multiplier step_decay halved at 200 too
+        assert resumed[step] == pytest.approx(whole[step], rel=1e-9), step
+    assert second["final"] == pytest.approx(uninterrupted["final"], rel=0.02)
+    regs = [e for e in srv.journal().events("resumable") if e.kind == "register"]
+    resume = next(e for e in regs if e.data["resumed"] == "resume")
+    assert resume.data["resume_step"] == saved.step
+    assert resume.data["run_id"] == first["run_id"]
+
+
 def test_a_run_resumed_twice_from_one_save_is_followed_and_rolled_back_after_it(
         serve_factory, tmp_path, uninterrupted):
     """Preempted twice before its next save: two processes resume from the same file. The
