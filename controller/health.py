@@ -43,7 +43,7 @@ from trimtab.controller.view import Unhealthy
 if TYPE_CHECKING:
     from trimtab.controller.view import JobView
 
-__all__ = ["CAUSES", "DAMAGE", "DivergenceThresholds", "Unhealthy", "assess"]
+__all__ = ["CAUSES", "DAMAGE", "UNCUT", "DivergenceThresholds", "Unhealthy", "assess"]
 
 #: The causes :func:`assess` gives, most urgent first (the ``reason`` label of the metrics).
 CAUSES: tuple[str, ...] = ("nonfinite", "replicas", "loss_spike", "grad_spike", "climb")
@@ -51,6 +51,10 @@ CAUSES: tuple[str, ...] = ("nonfinite", "replicas", "loss_spike", "grad_spike", 
 #: replicas parted for good. They are rolled back inside a cooldown, end any phase, and,
 #: with nothing stable, go back to the run as it was handed over.
 DAMAGE: tuple[str, ...] = ("nonfinite", "replicas")
+#: The causes whose rollback cuts neither the lr nor the clip, and that no lr cut mends
+#: without one: the restore alone mends them, and nothing says the run was too hot (DDP
+#: replicas that parted: a loop's own lr on one rank, a device's corrupted value).
+UNCUT: tuple[str, ...] = ("replicas",)
 
 _Pos = {"gt": 0.0, "allow_inf_nan": False}
 

@@ -30,7 +30,7 @@ learning rate. Here that is automatic, and bounded:
   never more than ``base_cut`` times the one in force now: escalation does not compound
   when the run already carries an earlier cut. The restore puts the user's schedule back
   at the checkpoint's position; the cut multiplies it from there (no cut for DDP replicas
-  that parted, :data:`~trimtab.controller.rollback_rules.UNCUT`: the restore alone mends
+  that parted, :data:`~trimtab.controller.health.UNCUT`: the restore alone mends
   them, and the lr goes back to the checkpoint's). After a rollback no
   climb rollback is ordered for ``cooldown_steps * cooldown_growth ** (level - 1)`` steps
   past the restored one (a climb is slow: the restored run needs those steps to show its

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from trimtab.controller.health import DAMAGE
+from trimtab.controller.health import DAMAGE, UNCUT
 from trimtab.controller.rollback import (
     RollbackConfig,
     RollbackPlan,
@@ -35,10 +35,6 @@ __all__ = ["URGENT", "UNCUT", "stable_to_mark", "why_no_rollback", "plan_rollbac
 #: checkpoint before the fault if it is newer (:func:`_young`). Any other cause (a climb, a
 #: plugin's) waits the cooldown out.
 URGENT: tuple[str, ...] = (*DAMAGE, "loss_spike", "grad_spike")
-#: The causes whose rollback cuts neither the lr nor the clip: the restore alone mends them,
-#: and nothing says the run was too hot (DDP replicas that parted: a loop's own lr on one
-#: rank, a device's corrupted value). The lr goes back to the checkpoint's with it.
-UNCUT: tuple[str, ...] = ("replicas",)
 
 
 def stable_to_mark(state: RollbackState, cfg: RollbackConfig,

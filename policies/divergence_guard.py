@@ -41,8 +41,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from trimtab.controller.rollback_rules import UNCUT
-from trimtab.policies.sdk import DivergenceThresholds, JobView, Policy, Proposal
+from trimtab.policies.sdk import UNCUT, DivergenceThresholds, JobView, Policy, Proposal
 
 __all__ = ["DivergenceGuard", "DivergenceGuardConfig"]
 

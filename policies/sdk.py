@@ -25,7 +25,8 @@ What is here:
 * **What a policy reads:** :class:`JobView` (its fields are listed in
   docs/writing-policies.md), :class:`Signals`, :class:`Sample` (one report of the
   history), :class:`Phase` (a measurement phase), :class:`Unhealthy` (the controller's
-  judgement of the latest report, :attr:`JobView.health`), :data:`CAUSES`, and the
+  judgement of the latest report, :attr:`JobView.health`), :data:`CAUSES` (and
+  :data:`UNCUT`, the causes no lr cut mends), and the
   thresholds it is made under, :class:`DivergenceThresholds` (``[rollback.health]``).
 * **Scale:** :class:`ScaleContext` (the job's optimizer family, global batch and the LR
   range that goes with them) and :class:`BatchScaling`.
@@ -46,7 +47,7 @@ import inspect
 import re
 
 from trimtab.controller import view as _view
-from trimtab.controller.health import CAUSES, DivergenceThresholds, Unhealthy
+from trimtab.controller.health import CAUSES, UNCUT, DivergenceThresholds, Unhealthy
 from trimtab.controller.policy import Advice, Policy, PolicyLoadError, Proposal, Rollback, Sweep
 from trimtab.controller.scale import BatchScaling, ScaleContext
 from trimtab.controller.signals import ema, ema_var, lined_up
@@ -63,8 +64,8 @@ from trimtab.protocol import schedules
 from trimtab.protocol.wire import SchedulePiece
 
 __all__ = [
-    "CAUSES", "Advice", "BatchScaling", "DivergenceThresholds", "JobView", "LrField", "Phase",
-    "Policy", "PolicyLoadError", "Proposal", "Rollback", "Sample", "ScaleContext",
+    "CAUSES", "UNCUT", "Advice", "BatchScaling", "DivergenceThresholds", "JobView", "LrField",
+    "Phase", "Policy", "PolicyLoadError", "Proposal", "Rollback", "Sample", "ScaleContext",
     "ScheduleConfig", "SchedulePiece", "SchedulePolicy", "Signals", "Sweep", "Unhealthy",
     "as_multiplier", "batch_factor", "ema", "ema_var", "lined_up", "schedules",
     "fields_markdown",
