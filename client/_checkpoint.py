@@ -428,11 +428,13 @@ def load_stable(directory: str | os.PathLike, *, ranks_agree: bool = False
     """The newest stable checkpoint in ``directory`` whose file passes its checksum.
 
     Files that fail are skipped with a WARNING naming them, and the next older stable
-    one is tried; ``None`` when none loads. Use it to resume a run after a crash:
-    ``ckpt = load_stable(d); ckpt.restore(model, optimizer, scheduler)`` (with
-    ``ema=guard.ema_model``, or an ``AveragedModel`` of your own: the weight average too;
-    with ``extra_state={name: obj}``, the objects the run was attached with as its
-    ``extra_state``: theirs).
+    one is tried; ``None`` when none loads. Use it to resume a run after a crash, after
+    ``attach``: ``ckpt = load_stable(d); ckpt.restore(model, optimizer, scheduler);
+    guard.load_state_dict(ckpt.guard_state)``. The last makes it the same run on the
+    controller, at ``ckpt.step``, with trimtab's multipliers as they were. ``restore``
+    with ``ema=guard.ema_model`` (or an ``AveragedModel`` of your own) puts the weight
+    average back too, and with ``extra_state={name: obj}`` the objects the run was
+    attached with as its ``extra_state``.
 
     ``ranks_agree=True`` (DDP, each rank resuming from its own directory): every rank of
     the initialised default process group calls it, and every rank loads the same step.
