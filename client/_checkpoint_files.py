@@ -278,6 +278,8 @@ class CheckpointFiles:
         self._generation = 0
         self._floors: dict[int, int] = {}  # generation -> the step its rollback returned to
         self._thread: threading.Thread | None = None
+        #: Queued work waits while held (see :meth:`hold`).
+        self._held = False
         self._remove_leftovers()
 
     def _remove_leftovers(self) -> None:
@@ -348,8 +350,23 @@ class CheckpointFiles:
             return None
         return read_payload(self.directory, step)
 
+    def hold(self) -> None:
+        """Queue work without doing it until :meth:`release`: the guard holds the snapshot
+        it takes at attach until the first step, so that a loop resuming from this directory
+        (``load_stable`` between ``attach`` and the first step) reads the earlier run's files
+        as they were, not one this run is writing over at the same step."""
+        with self._cond:
+            self._held = True
+
+    def release(self) -> None:
+        """Do the work queued while held, and what comes after."""
+        with self._cond:
+            self._held = False
+            self._cond.notify_all()
+
     def flush(self, timeout_s: float | None = None) -> bool:
-        """Wait until everything queued is done; False on timeout."""
+        """Wait until everything queued is done (released first); False on timeout."""
+        self.release()
         with self._cond:
             return self._cond.wait_for(lambda: not self._jobs and not self._busy, timeout_s)
 
@@ -367,7 +384,7 @@ class CheckpointFiles:
     def _run(self) -> None:
         while True:
             with self._cond:
-                self._cond.wait_for(lambda: bool(self._jobs))
+                self._cond.wait_for(lambda: bool(self._jobs) and not self._held)
                 job = self._jobs.popleft()
                 if job.kind == "stop":
                     return

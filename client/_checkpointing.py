@@ -70,6 +70,7 @@ class Checkpointing:
         self.reseed = reseed
         #: The step of the last snapshot taken (or restored).
         self.last = 0
+        self._files_held = False
         #: The guard's state for each snapshot (set by the guard once its parts exist).
         self.run_state: Callable[[], dict[str, Any]] | None = None
         #: Rollbacks carried out so far.
@@ -92,6 +93,9 @@ class Checkpointing:
         """At a step boundary: admit finished snapshots (never waits) and put back a
         schedule held since a rollback."""
         if self.store is not None:
+            if self._files_held:  # the first step: the snapshot taken at attach is written now
+                self._files_held = False
+                self.store.files.release()  # type: ignore[union-attr]
             self.store.poll()  # admits snapshots whose device copies completed; never waits
         if self._hold is not None:
             self._hold.put_back(self.scheduler, self.optimizer)
@@ -183,6 +187,11 @@ class Checkpointing:
         allocated ahead of need by a background thread). The scheduler has already stepped
         for the coming step here, unlike at every later snapshot: see
         :meth:`hold_schedule`."""
+        files = getattr(self.store, "files", None)
+        if files is not None and self._step.calls == 0:
+            # Not written before the first step: see CheckpointFiles.hold.
+            files.hold()
+            self._files_held = True
         if self.take(scheduler_stepped=True, block=True) is not None:
             self.origin = self._step.host_step
 

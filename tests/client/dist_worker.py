@@ -21,6 +21,7 @@ import gc
 import hashlib
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -55,6 +56,9 @@ def main() -> None:
     ap.add_argument("--uneven", action="store_true", help="rank 1 reports every N+1 steps")
     ap.add_argument("--checkpoint-dir", default=None)
     ap.add_argument("--ema", type=float, default=None, help="attach(..., ema=)")
+    ap.add_argument("--die", action="store_true", help="end without close(), as a kill")
+    ap.add_argument("--resume-files", action="store_true",
+                    help="resume from --checkpoint-dir: load_stable(ranks_agree) + guard_state")
     args = ap.parse_args()
 
     dist.init_process_group("gloo")
@@ -87,8 +91,16 @@ def main() -> None:
         print(f"rank {rank}: attach refused: {exc}", file=sys.stderr, flush=True)
         dist.destroy_process_group()
         sys.exit(3)
+    resumed_at = None
+    if args.resume_files:
+        from trimtab.client import load_stable
+
+        ckpt = load_stable(Path(args.checkpoint_dir) / f"rank-{rank}", ranks_agree=True)
+        ckpt.restore(model, opt)
+        guard.load_state_dict(ckpt.guard_state)
+        resumed_at = ckpt.step
     average = None if guard.ema_model is None else param_hash(guard.ema_model)
-    rows = [[-1, 0, guard.knobs.lr, param_hash(model), None, None, 0, average]]
+    rows = [[-1, guard.global_step, guard.knobs.lr, param_hash(model), None, None, 0, average]]
     if rank == 0:  # the others wait for rank 0 in DDP's first gradient all-reduce
         deadline = time.monotonic() + 60
         while not guard.connected and time.monotonic() < deadline:
@@ -135,7 +147,8 @@ def main() -> None:
         elif it + 1 >= args.iters and (it + 1) % args.report_every == 0:
             if not args.until_lr_moves or guard.knobs.lr != lr0:
                 break
-    guard.close()
+    if not args.die:
+        guard.close()
     out = {
         "rank": rank,
         "world": dist.get_world_size(),
@@ -143,8 +156,13 @@ def main() -> None:
         "restored": restored,
         "fault_step": fault_step,
         "fault_iter": fault_iter,
+        "resumed_at": resumed_at,
+        "run_id": guard.run_id,
     }
     Path(args.out, f"rank-{rank}.json").write_text(json.dumps(out))
+    if args.die:  # a preemption: no close, no Bye; every rank gone at once
+        dist.barrier()
+        os._exit(0)
     # DDP's reducer holds the process group: dropped only at interpreter exit, after
     # destroy_process_group, the gloo group's threads were torn down during finalization and
     # one 4-rank run in about ten aborted ("terminate called without an active exception").

@@ -8,6 +8,7 @@ import logging
 import os
 import random
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -359,3 +360,36 @@ def test_a_new_runs_checkpoints_are_loaded_not_an_earlier_runs_at_higher_steps(
     assert all(torch.equal(a, b) for a, b in zip(loaded.model.values(),
                                                  seed2.model.state_dict().values(), strict=True))
     assert "higher steps ([225])" in caplog.text
+
+
+def test_the_snapshot_at_attach_leaves_an_earlier_runs_files_for_the_loop_to_resume_from(
+        tmp_path, dead_endpoint, caplog) -> None:
+    """A DDP trial of the resume from trimtab's files: attach took its snapshot of step 0
+    and its writer wrote it over the earlier run's step 0 while the loop, between attach and
+    its first step, was loading that very file: 'checksum mismatch ... not loaded' on both
+    ranks, and nothing to resume from. The snapshot taken at attach is written from the
+    first step on."""
+    from trimtab.client import attach
+
+    old = Run(seed=1)
+    store = CheckpointStore(keep=2, directory=tmp_path)
+    old.take(store, 0)
+    store.mark_stable(0)
+    store.close()
+    before = (tmp_path / "ckpt-000000000000.pt").read_bytes()
+    new = Run(seed=2)
+    with caplog.at_level(logging.WARNING, logger="trimtab.client"):
+        guard = attach(new.model, new.opt, job="j", endpoint=dead_endpoint,
+                       checkpoint_every=10, checkpoint_dir=tmp_path)
+        time.sleep(0.2)  # the writer thread had all the time it needed
+        loaded = load_stable(tmp_path)
+    assert (tmp_path / "ckpt-000000000000.pt").read_bytes() == before
+    assert loaded is not None and "checksum" not in caplog.text
+    assert all(torch.equal(a, b) for a, b in zip(
+        loaded.model.values(), Run(seed=1).model.state_dict().values(), strict=True))
+    loaded.restore(new.model, new.opt)
+    loss = new.model(torch.randn(2, 4)).sum()
+    loss.backward()
+    guard.step(loss)  # the first step: now the snapshot of the run as handed over is written
+    guard.close()
+    assert (tmp_path / "ckpt-000000000000.pt").read_bytes() != before

@@ -209,6 +209,30 @@ def test_replicas_parted_by_one_ranks_lr_are_rolled_back_to_a_checkpoint_they_ag
 
 
 @TORCHRUN
+def test_a_ddp_job_killed_resumes_from_trimtabs_files_as_the_same_run(serve, tmp_path):
+    """Killed with no close (a preemption), the job comes back on 2 ranks from trimtab's own
+    files: every rank loads the same stable step (ranks_agree) with the guard's state, and
+    the controller follows the same run, resumed at that step, the replicas identical."""
+    ckpt = str(tmp_path / "ckpt")
+    _, first = torchrun(2, tmp_path / "a", "--endpoint", serve.endpoint, "--job", "ddp-res",
+                        "--iters", "240", "--checkpoint-dir", ckpt, "--die")
+    _, second = torchrun(2, tmp_path / "b", "--endpoint", serve.endpoint, "--job", "ddp-res",
+                         "--iters", "40", "--checkpoint-dir", ckpt, "--resume-files")
+    at = second[0]["resumed_at"]
+    assert at is not None and 0 < at < 240 and second[1]["resumed_at"] == at
+    # Each rank's guard goes on with its own identity (rank 0's is the job's on the link).
+    assert [log["run_id"] for log in second] == [log["run_id"] for log in first]
+    assert_in_step(second)
+    # Both ranks start at that step with the weights the run had there, bit for bit.
+    then = next(r for r in first[0]["rows"] if r[1] == at)
+    assert [log["rows"][0][1] for log in second] == [at, at]
+    assert [log["rows"][0][3] for log in second] == [then[3], then[3]]
+    regs = serve.journal().events("ddp-res", "register")
+    resumes = [e for e in regs if e.data["resumed"] == "resume"]
+    assert len(resumes) == 1 and resumes[0].data["resume_step"] == at
+
+
+@TORCHRUN
 def test_ddp_reports_average_the_loss_and_commands_apply_at_one_step_on_4_ranks(serve, tmp_path):
     proc, logs = torchrun(
         4, tmp_path / "out", "--endpoint", serve.endpoint, "--job", "ddp4", "--until-lr-moves"
