@@ -95,11 +95,12 @@ def state_of(guard: Guard) -> dict[str, Any]:
 
 
 def run_state(guard: Guard) -> dict[str, Any]:
-    """:func:`state_of` without the step, the step count and the weight average, which a
-    snapshot holds itself: what each of trimtab's own snapshots carries so that a new
-    process can resume from its file as the same run (``Checkpoint.guard_state``). Host
-    values only, read when the snapshot is taken (or, for one taken at a window's end
-    before the window's read, when its step is settled)."""
+    """:func:`state_of` without the step, the step count, the values in force
+    (``controls``) and the weight average, which a snapshot holds itself: what each of
+    trimtab's own snapshots carries so that a new process can resume from its file as the
+    same run (``Checkpoint.guard_state``). Host values only, read when the snapshot is
+    taken (or, for one taken at a window's end before the window's read, when its step is
+    settled)."""
     act = guard._act
     commands = getattr(guard, "_commands", None)  # none yet at the snapshot taken at attach
     return {
@@ -108,7 +109,7 @@ def run_state(guard: Guard) -> dict[str, Any]:
         "applied_seq": 0 if commands is None else commands.applied_seq,
         "should_stop": False if commands is None else commands.should_stop,
         "stop_reason": None if commands is None else commands.stop_reason,
-        "rollbacks": guard._ckpts.rollbacks, "controls": act.state_dict(),
+        "rollbacks": guard._ckpts.rollbacks,
         "live": {"schedules": [s.model_dump(mode="json") for s in act.live.schedules],
                  "last": dict(act.live.last)},
     }

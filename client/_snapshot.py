@@ -133,7 +133,8 @@ class Checkpoint:
     #: ``None``: the run handed over none.
     extra: dict[str, dict[str, Any]] | None = None
     #: The guard's state to resume from at this step, but for what the snapshot holds
-    #: itself (the step, the step count, the weight average): see :attr:`guard_state`.
+    #: itself (the step, the step count, ``controls``, the weight average): see
+    #: :attr:`guard_state`.
     #: None: a snapshot of a sharded model, or a file of an older trimtab.
     run: dict[str, Any] | None = None
     stable: bool = False
@@ -194,7 +195,7 @@ class Checkpoint:
             return None
         return {**self.run, "step": self.step,
                 "calls": max(self.step, int(self.counters.get("calls", self.step))),
-                "controls": dict(self.controls) or self.run.get("controls"), "ema": self.ema}
+                "controls": dict(self.controls), "ema": self.ema}
 
     def restore(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                 scheduler: Any = None, ema: AveragedModel | None = None,

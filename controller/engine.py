@@ -53,15 +53,11 @@ from trimtab.controller.decision import (
     arbitrate,
 )
 from trimtab.controller.governor import Governor, KnobMemory
+from trimtab.controller.health import UNCUT
 from trimtab.controller.phases import PhaseRules, _found_lr, _safety
 from trimtab.controller.policy import KINDS, Policy, Proposal, Rollback, Sweep
 from trimtab.controller.rollback import RollbackConfig, RollbackPlan
-from trimtab.controller.rollback_rules import (
-    UNCUT,
-    plan_rollback,
-    why_no_rollback,
-    with_pending_mark,
-)
+from trimtab.controller.rollback_rules import plan_rollback, why_no_rollback, with_pending_mark
 from trimtab.controller.scale import decay_is_lr_times_wd
 from trimtab.controller.scheduling import ScheduleRules
 from trimtab.controller.state import JobState

@@ -90,9 +90,10 @@ _GAUGES = {
         ("bound",),
     ),
     "trimtab_job_replica_spread": (
-        "How far apart the ranks' parameter checksums stood at the last report's end, "
-        "(max - min) / max(|max|, |min|): 0 while DDP replicas are identical (no series for "
-        "one process or a sharded model).",
+        "How far apart the ranks' parameter norms (their sum) stood at the last report's "
+        "end, (max - min) / max(|max|, |min|): 0 while DDP replicas are identical (no series "
+        "for one process or a sharded model); the rollback's reason says when their bytes "
+        "differ.",
         (),
     ),
     "trimtab_job_loss_slope": (

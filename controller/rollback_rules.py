@@ -26,8 +26,7 @@ from trimtab.controller.rollback import (
 )
 from trimtab.protocol.ring import evicted_next
 
-__all__ = ["URGENT", "UNCUT", "stable_to_mark", "why_no_rollback", "plan_rollback",
-           "with_pending_mark"]
+__all__ = ["URGENT", "stable_to_mark", "why_no_rollback", "plan_rollback", "with_pending_mark"]
 
 #: The causes a rollback is urgent for: damage an LR cut cannot repair. Ordered inside the
 #: cooldown after a rollback (a spike only while that leaves the budget's last rollback
