@@ -394,6 +394,13 @@ class CheckpointStore:
                             f"restored the stable one at step {ckpt.step}")
         return ckpt, "; ".join(notes) or None
 
+    def adopt(self, run_id: str, step: int) -> None:
+        """Take over the files run ``run_id``'s earlier processes left, as it resumes at
+        ``step`` in this one (see :meth:`CheckpointFiles.adopt`); the stable ones are this
+        store's stable checkpoints from now on."""
+        if self.files is not None:
+            self._stable |= {e.step for e in self.files.adopt(run_id, step) if e.stable}
+
     def drop_all(self) -> None:
         """Forget every snapshot, stable or not, and delete the files this store wrote."""
         self.fence()

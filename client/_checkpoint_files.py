@@ -4,7 +4,8 @@ A checkpoint at step ``s`` is two files in the directory:
 
 * ``ckpt-<s>.pt``: the payload, ``torch.save``\\ d;
 * ``ckpt-<s>.json``: its manifest, ``{"format", "step", "file", "bytes", "sha256",
-  "stable"}``; the SHA-256 is that of the ``.pt`` file's bytes.
+  "stable", "written_ns", "run"}``; the SHA-256 is that of the ``.pt`` file's bytes, ``run``
+  the run id on the controller (``None``: a snapshot that holds no guard state).
 
 Each file is written to a temporary file in the same directory, flushed and fsynced,
 renamed over its final name with ``os.replace`` (atomic on POSIX and Windows), and the
@@ -14,7 +15,8 @@ complete, checksummed one. Loading reads the bytes once, checks size and checksu
 only then unpickles them; a mismatch or an unreadable file is logged as a WARNING that
 names the file and the reason, and is skipped, never loaded. Deleting goes the other
 way (manifest first). A directory belongs to one run; this writer lists, prunes and
-deletes only the checkpoints it wrote itself.
+deletes only the checkpoints it wrote itself, and those of its own run that it takes over
+when the run resumes in a new process (:meth:`CheckpointFiles.adopt`).
 
 >>> import tempfile
 >>> with tempfile.TemporaryDirectory() as d:
@@ -64,6 +66,7 @@ class Writable(Protocol):
     step: int
     stable: bool
     writing: bool
+    run: dict[str, Any] | None
 
     def payload(self) -> dict[str, Any]: ...
 
@@ -124,12 +127,19 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> tuple[str, i
     return hashing.sha.hexdigest(), hashing.size
 
 
-def _write_manifest(directory: Path, step: int, digest: str, size: int, stable: bool) -> None:
+def _run_id(ckpt: Writable) -> str | None:
+    run = ckpt.run
+    return run.get("run_id") if isinstance(run, dict) else None
+
+
+def _write_manifest(directory: Path, step: int, digest: str, size: int, stable: bool,
+                    run: str | None) -> None:
     # written_ns: when (wall clock) it was written or marked stable; the newest stable one
     # is the newest marked, whatever its step (an earlier run's files, or an abandoned
     # trajectory's left by a process that resumed from an older save, may have higher ones).
+    # run: whose it is, so that a process resuming the run takes its files over.
     body = {"format": FORMAT, "step": step, "file": data_name(step), "bytes": size,
-            "sha256": digest, "stable": stable, "written_ns": time.time_ns()}
+            "sha256": digest, "stable": stable, "written_ns": time.time_ns(), "run": run}
     atomic_write(directory / manifest_name(step), lambda f: f.write(json.dumps(body).encode()))
 
 
@@ -140,7 +150,8 @@ def _read_manifest(directory: Path, step: int) -> dict[str, Any] | None:
         ok = (isinstance(meta, dict) and meta.get("format") == FORMAT
               and meta.get("step") == step and meta.get("file") == data_name(step)
               and isinstance(meta.get("sha256"), str) and isinstance(meta.get("bytes"), int)
-              and isinstance(meta.get("stable"), bool))
+              and isinstance(meta.get("stable"), bool)
+              and isinstance(meta.get("run"), (str, type(None))))
         if not ok:
             raise ValueError(f"not a trimtab checkpoint manifest of step {step}")
     except (OSError, ValueError) as exc:
@@ -230,11 +241,12 @@ def unfileable(state: Any) -> str | None:
 class Entry:
     """A committed checkpoint on disk, as its manifest says; ``written``: when its manifest
     was written or marked stable (ns since the epoch; 0 for a manifest of an older trimtab
-    that did not say)."""
+    that did not say); ``run``: the run id it belongs to (``None``: not said)."""
 
     step: int
     stable: bool
     written: int = 0
+    run: str | None = None
 
 
 def scan(directory: str | os.PathLike) -> list[Entry]:
@@ -246,13 +258,13 @@ def scan(directory: str | os.PathLike) -> list[Entry]:
         if match and (meta := _read_manifest(directory, int(match[1]))) is not None:
             written = meta.get("written_ns")
             entries.append(Entry(meta["step"], meta["stable"],
-                                 written if isinstance(written, int) else 0))
+                                 written if isinstance(written, int) else 0, meta.get("run")))
     return sorted(entries, key=lambda e: e.step)
 
 
 @dataclass
 class _Job:
-    kind: str  # "write", "mark", "delete", "stop"
+    kind: str  # "write", "mark", "delete", "prune", "stop"
     ckpt: Writable | None = None
     steps: tuple[int, ...] = ()
     generation: int = 0
@@ -275,6 +287,9 @@ class CheckpointFiles:
         self._jobs: collections.deque[_Job] = collections.deque()
         self._busy = False
         self._disk: dict[int, bool] = {}  # step -> stable, for what this writer committed
+        # Stable files taken over from an earlier process of the run (see adopt): kept as
+        # they are, not written again by this process's snapshot at the same step.
+        self._kept_stable: set[int] = set()
         self._generation = 0
         self._floors: dict[int, int] = {}  # generation -> the step its rollback returned to
         self._thread: threading.Thread | None = None
@@ -302,7 +317,37 @@ class CheckpointFiles:
 
     def write(self, ckpt: Writable) -> None:
         """Queue ``ckpt`` for writing (it must be complete: host copies finished)."""
+        with self._cond:
+            if ckpt.step in self._kept_stable:
+                return  # the stable file of this step stays (see adopt)
         self._put(_Job("write", ckpt, generation=self._generation))
+
+    def adopt(self, run_id: str, step: int) -> list[Entry]:
+        """A process resuming run ``run_id`` at ``step`` takes over the files the run's
+        earlier processes left in the directory: those up to ``step`` are this writer's from
+        now on (listed, kept and pruned as if it had written them; the stable ones stay
+        stable, and a stable one at ``step`` itself is not written over by the snapshot of
+        the resumed state, so that a process killed before its first stable mark leaves the
+        step it resumed from to resume from again); those after ``step`` belong to the
+        trajectory the resume left, and are deleted, as a rollback's are. Other runs' files,
+        and an older trimtab's that name no run, are left alone. Returns the entries taken
+        over, oldest first."""
+        entries = [e for e in scan(self.directory) if e.run == run_id]
+        mine = [e for e in entries if e.step <= step]
+        after = tuple(e.step for e in entries if e.step > step)
+        with self._cond:
+            for e in mine:
+                self._disk.setdefault(e.step, e.stable)
+                if e.stable:
+                    self._kept_stable.add(e.step)
+        if after:
+            log.info("trimtab: run %s resumed at step %d; its checkpoints after that step "
+                     "(%s), the trajectory left behind, are deleted", run_id, step,
+                     ", ".join(map(str, after)))
+            self._put(_Job("delete", steps=after))
+        if mine:
+            self._put(_Job("prune"))
+        return mine
 
     def mark(self, step: int) -> None:
         """Queue marking the checkpoint at ``step`` stable in its manifest."""
@@ -327,6 +372,7 @@ class CheckpointFiles:
             doomed = tuple(s for s in self._disk if s > step)
             for s in doomed:
                 del self._disk[s]
+            self._kept_stable = {s for s in self._kept_stable if s <= step}
         if doomed:
             self._put(_Job("delete", steps=doomed))
 
@@ -418,7 +464,7 @@ class CheckpointFiles:
             stale = self._stale(step, job.generation)  # a trajectory rolled back meanwhile
             stable = ckpt.stable
         if not stale:
-            _write_manifest(self.directory, step, digest, size, stable)
+            _write_manifest(self.directory, step, digest, size, stable, _run_id(ckpt))
             with self._cond:
                 # Checked again under the lock: a rollback during the manifest write must
                 # not see this step listed afterwards (it belongs to the abandoned run).
@@ -439,7 +485,8 @@ class CheckpointFiles:
         meta = _read_manifest(self.directory, step)
         if meta is None:
             return
-        _write_manifest(self.directory, step, meta["sha256"], meta["bytes"], True)
+        _write_manifest(self.directory, step, meta["sha256"], meta["bytes"], True,
+                        meta.get("run"))
         with self._cond:
             if step in self._disk:
                 self._disk[step] = True
@@ -453,6 +500,9 @@ class CheckpointFiles:
                     os.unlink(self.directory / name)
         _fsync_dir(self.directory)
 
+    def _do_prune(self, job: _Job) -> None:
+        self._prune()
+
     def _prune(self) -> None:
         with self._cond:
             steps = sorted(self._disk)
@@ -462,5 +512,6 @@ class CheckpointFiles:
             doomed = tuple(s for s in steps if s not in keep)
             for s in doomed:
                 del self._disk[s]
+            self._kept_stable -= set(doomed)
         if doomed:
             self._do_delete(_Job("delete", steps=doomed))

@@ -170,13 +170,18 @@ class Checkpointing:
             self.last = step
         return taken
 
-    def replace_all(self) -> None:
+    def replace_all(self, run_id: str | None = None) -> None:
         """Drop every snapshot held (and its file) and take one of the run as it is now: the
         state a resumed run starts from (:mod:`trimtab.client._resume`) replaces the one
-        snapshotted at attach. The scheduler has stepped for the coming step, as at attach."""
+        snapshotted at attach. The scheduler has stepped for the coming step, as at attach.
+        ``run_id``: the run resumed, whose files from its earlier processes this store takes
+        over (see :meth:`CheckpointStore.adopt`)."""
         if self.store is None:
             return
         self.store.drop_all()
+        adopt = getattr(self.store, "adopt", None)  # not for sharded snapshots
+        if run_id is not None and adopt is not None:
+            adopt(run_id, self._step.host_step)
         self.last = self._step.host_step
         self.origin = None
         self.take_origin()

@@ -33,7 +33,12 @@ weight average's tensors with ``attach(..., ema=)`` (``None`` without): it goes 
   the command sequence: a command the saving process applied is never applied again;
 - replaces the snapshot taken at attach (it holds the state before the user's own was
   loaded) by one of the resumed state, the new rollback target of last resort (the
-  controller marks it stable with the first report after the resume).
+  controller marks it stable with the first report after the resume);
+- with ``checkpoint_dir``, takes over the run's files that its earlier processes left
+  there: those up to the resumed step are kept to the same bound as this process's own
+  (``keep`` newest plus the newest stable; a stable file at the resumed step is kept as it
+  is, so that a process killed again before its first report resumes from it again), and
+  those after it, the trajectory left behind, are deleted, as a rollback's are.
 
 Call it after loading the model's, optimizer's and scheduler's state and before the first
 step (later, it raises: the steps already taken would be counted twice).
@@ -212,7 +217,9 @@ def load_state(guard: Guard, sd: Any) -> None:
     # This process's resume: a second process resumed from the same save counts the same
     # resumes, and this id tells the controller that it is another resume all the same.
     guard._resume_id = uuid.uuid4().hex
-    guard._ckpts.replace_all()  # the attach snapshot predates the state just loaded
+    # The attach snapshot predates the state just loaded; the run's files are this
+    # process's from now on (kept to the same bound; a stable one at ``step`` stays so).
+    guard._ckpts.replace_all(guard.run_id)
     guard._handed = guard._fingerprint()  # handed over as loaded: nothing to take again
     guard._note_listing()
     # Registered again, on the same link: as this run, resumed at ``step``.

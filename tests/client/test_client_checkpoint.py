@@ -393,3 +393,33 @@ def test_the_snapshot_at_attach_leaves_an_earlier_runs_files_for_the_loop_to_res
     guard.step(loss)  # the first step: now the snapshot of the run as handed over is written
     guard.close()
     assert (tmp_path / "ckpt-000000000000.pt").read_bytes() != before
+
+
+def test_a_resumed_run_takes_over_its_own_files_only(tmp_path) -> None:
+    """adopt (a process resuming run A at step 20): run A's files up to 20 become this
+    store's (listed, the stable one stable, pruned to the bound), A's file after 20 goes,
+    and another run's files and an older trimtab's, which name no run, stay as they were."""
+    run = Run()
+    older = CheckpointStore(keep=5, directory=tmp_path)
+    for step, owner in ((0, None), (5, "B"), (10, "A"), (20, "A"), (30, "A")):
+        older.take(step, run.model, run.opt, clip=1.0, counters={"calls": step},
+                   run=None if owner is None else {"run_id": owner})
+    for step in (5, 20):
+        older.mark_stable(step)
+    older.close()
+    assert [(e.step, e.run) for e in files_mod.scan(tmp_path)] == [
+        (0, None), (5, "B"), (10, "A"), (20, "A"), (30, "A")]
+
+    store = CheckpointStore(keep=1, directory=tmp_path)
+    store.adopt("A", 20)
+    assert store.flush(10)
+    # keep=1: the newest (20, stable too) survives; 10 is pruned, 30 deleted.
+    assert store.steps() == [20] and store.stable_step == 20
+    assert [(e.step, e.run) for e in files_mod.scan(tmp_path)] == [
+        (0, None), (5, "B"), (20, "A")]
+    before = (tmp_path / "ckpt-000000000020.pt").read_bytes()
+    run.take(store, 20)  # the snapshot of the resumed state leaves the stable file as it is
+    assert store.flush(10)
+    assert (tmp_path / "ckpt-000000000020.pt").read_bytes() == before
+    assert load_stable(tmp_path).step == 20
+    store.close()

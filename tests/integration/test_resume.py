@@ -137,6 +137,42 @@ def test_a_run_resumed_from_trimtabs_own_files_is_the_same_run(serve_factory, tm
     assert resume.data["run_id"] == first["run_id"]
 
 
+def test_a_process_killed_right_after_resuming_from_files_leaves_them_to_resume_from(
+        serve_factory, tmp_path, uninterrupted):
+    """A crash loop (a node that keeps dying a few steps into each restart): the resumed
+    process wrote its snapshot of the resumed step over the stable file it had loaded,
+    unmarked until the controller's first mark, so the next restart found an older
+    checkpoint or none and started over. And each process left the one before's files on
+    disk for good: a directory that grew by ``keep`` + 1 checkpoints per restart.
+
+    Now the resumed step's file stays stable, and the process adopts its run's earlier files:
+    the retention bound holds across restarts, and the steps after the resumed one (the
+    crashed trajectory) go as a rollback's do."""
+    from trimtab.client import load_stable
+    from trimtab.client._checkpoint_files import scan
+
+    srv = serve_factory(CONFIG)
+    ckdir = tmp_path / "ckpt"
+    first = _worker(srv.endpoint, tmp_path, "--until", "260", "--files", "--die")
+    saved = load_stable(ckdir)
+    assert saved is not None and 0 < saved.step < 260
+    for _ in range(2):  # killed twice before its first report after the resume
+        crashed = _worker(srv.endpoint, tmp_path, "--until", str(saved.step + 2), "--files",
+                          "--resume", "--die")
+        assert crashed["run_id"] == first["run_id"] and crashed["step"] == saved.step + 2
+        again = load_stable(ckdir)
+        assert again is not None and again.step == saved.step
+        on_disk = scan(ckdir)
+        assert max(e.step for e in on_disk) == saved.step, on_disk  # past it: gone
+    last = _worker(srv.endpoint, tmp_path, "--until", "300", "--files", "--resume")
+    assert last["run_id"] == first["run_id"] and last["step"] == 300
+    assert last["final"] == pytest.approx(uninterrupted["final"], rel=0.02)
+    on_disk = scan(ckdir)
+    # keep (default 3) newest plus the newest stable: the first process's files are gone.
+    assert len(on_disk) <= 4 and min(e.step for e in on_disk) > saved.step, on_disk
+    assert len(list(ckdir.glob("ckpt-*.pt"))) == len(on_disk)
+
+
 def test_a_run_resumed_twice_from_one_save_is_followed_and_rolled_back_after_it(
         serve_factory, tmp_path, uninterrupted):
     """Preempted twice before its next save: two processes resume from the same file. The
