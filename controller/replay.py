@@ -59,7 +59,7 @@ from trimtab.protocol import wire
 
 __all__ = [
     "TRACE_KINDS", "TraceError", "TraceRecord", "ReplayPoint", "ReplayResult",
-    "trace_records", "write_trace", "read_trace", "parse_sets", "replay", "rerun", "plot",
+    "trace_records", "write_trace", "read_trace", "parse_sets", "replay", "rerun", "plot", "paths",
 ]
 
 #: The journal events a trace keeps: what the client sent (reports the controller did not
@@ -382,9 +382,37 @@ def _num(x: float | None) -> float | None:
     return x if x is not None and math.isfinite(x) else None
 
 
+def paths(steps: list[int]) -> tuple[list[int], list[list[int]]]:
+    """The lines to draw through the points at ``steps`` (their indices): a rollback sends
+    the steps back, and one line must not join the path it left to the one it returned to.
+    A point is abandoned when a later one is at its step or before (the recorded run went
+    back over it). Returns the path kept, the points no later one went back over (their
+    steps rise), and each abandoned stretch, from the point it left the path at.
+
+    >>> paths([10, 20, 30, 40, 30, 40, 50])
+    ([0, 1, 4, 5, 6], [[1, 2, 3]])
+    """
+    later = math.inf
+    abandoned = [False] * len(steps)
+    for i in range(len(steps) - 1, -1, -1):
+        abandoned[i] = later <= steps[i]
+        later = min(later, steps[i])
+    kept = [i for i, gone in enumerate(abandoned) if not gone]
+    stretches: list[list[int]] = []
+    for i, gone in enumerate(abandoned):
+        if not gone:
+            continue
+        if stretches and stretches[-1][-1] == i - 1 and steps[i] > steps[i - 1]:
+            stretches[-1].append(i)
+        else:  # from the point before it, where it left the path
+            stretches.append([i - 1, i] if i and steps[i - 1] < steps[i] else [i])
+    return kept, stretches
+
+
 def plot(result: ReplayResult, path: str | Path) -> None:
     """Draw loss and gradient norm, the knobs (replayed, and recorded dashed) and the
-    decisions over steps into ``path`` (needs matplotlib: ``pip install 'trimtab[plots]'``)."""
+    decisions over steps into ``path`` (needs matplotlib: ``pip install 'trimtab[plots]'``).
+    The path a recorded rollback left is drawn faint, apart from the one it returned to."""
     try:
         import matplotlib
 
@@ -392,24 +420,32 @@ def plot(result: ReplayResult, path: str | Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise TraceError("--plot needs matplotlib: pip install 'trimtab[plots]'") from None
-    steps = [p.step for p in result.points]
-    knobs = [k for k in wire.KNOBS if any(p.knobs.get(k) is not None for p in result.points)]
+    points = result.points
+    steps = [p.step for p in points]
+    kept, stretches = paths(steps)
+    knobs = [k for k in wire.KNOBS if any(p.knobs.get(k) is not None for p in points)]
+
+    def draw(draw_fn: Any, values: list[Any], label: str, **kw: Any) -> None:
+        draw_fn([steps[i] for i in kept], [values[i] for i in kept], label=label, **kw)
+        for line in stretches:
+            draw_fn([steps[i] for i in line], [values[i] for i in line],
+                    **{**kw, "alpha": 0.3, "linewidth": 0.8})
+
     fig, axes = plt.subplots(1 + max(len(knobs), 1), 1, sharex=True,
                              figsize=(9, 2.2 * (1 + max(len(knobs), 1))), squeeze=False)
     ax = axes[0][0]
-    ax.plot(steps, [p.loss for p in result.points], label="loss", color="C0")
+    draw(ax.plot, [p.loss for p in points], "loss", color="C0")
     ax.set_ylabel("loss")
     twin = ax.twinx()
-    twin.plot(steps, [p.grad_norm for p in result.points], label="grad norm", color="C1",
-              alpha=0.6)
+    draw(twin.plot, [p.grad_norm for p in points], "grad norm", color="C1", alpha=0.6)
     twin.set_ylabel("grad norm")
     ax.set_title(f"replay of {result.job}: {len(result.acted)} decisions")
     for row, knob in enumerate(knobs, 1):
         kax = axes[row][0]
-        kax.step(steps, [p.knobs.get(knob) for p in result.points], where="post",
-                 label=f"{knob} (replay)", color="C2")
-        kax.step(steps, [p.recorded.get(knob) for p in result.points], where="post",
-                 label=f"{knob} (recorded)", color="C7", linestyle="--")
+        draw(kax.step, [p.knobs.get(knob) for p in points], f"{knob} (replay)",
+             where="post", color="C2")
+        draw(kax.step, [p.recorded.get(knob) for p in points], f"{knob} (recorded)",
+             where="post", color="C7", linestyle="--")
         kax.set_ylabel(knob)
         if knob == "lr":
             kax.set_yscale("log")

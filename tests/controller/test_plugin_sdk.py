@@ -374,3 +374,34 @@ def test_replay_shows_what_the_governor_held_with_holds_and_counts_only_changes(
     lines = out.stdout.splitlines()
     assert lines[0].startswith("step 10: policy boom disabled: "), lines
     assert lines[1].startswith("# boom on j1: 0 decisions, 1 policies disabled over"), lines
+
+
+def test_the_plot_does_not_join_a_rolled_back_path_to_the_one_it_returned_to(
+        tmp_path, monkeypatch):
+    """A plugin trial: `replay --plot` drew one line through the recorded reports, so after
+    a rollback the loss at step 180 was joined to the restored run's at step 110. Each line
+    now only goes forward in steps; the path left is drawn apart, faint."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from trimtab.controller.replay import ReplayPoint, ReplayResult, plot
+
+    steps = [10, 20, 30, 40, 50, 60, 30, 40, 50, 60, 70]
+    result = ReplayResult(job="j", points=[
+        ReplayPoint(step=s, loss=1.0 / (i + 1), grad_norm=1.0, knobs={"lr": 0.1},
+                    recorded={"lr": 0.1}) for i, s in enumerate(steps)])
+    figs = []
+    monkeypatch.setattr(plt, "close", figs.append)
+    plot(result, tmp_path / "p.png")
+    lines = [line for ax in figs[0].axes for line in ax.get_lines()
+             if len(line.get_xdata()) > 1]
+    assert lines
+    for line in lines:
+        xs = list(line.get_xdata())
+        assert all(b > a for a, b in zip(xs[:-1], xs[1:], strict=True)), (line.get_label(), xs)
+    faint = [line for line in lines if line.get_alpha() == 0.3]
+    # loss, grad norm, lr replayed and recorded: each has the abandoned 20..60 drawn apart
+    assert sorted(list(line.get_xdata()) for line in faint) == [[20, 30, 40, 50, 60]] * 4
+    kept = [line for line in figs[0].axes[0].get_lines() if line.get_label() == "loss"]
+    assert list(kept[0].get_xdata()) == [10, 20, 30, 40, 50, 60, 70]
+    plt.close(figs[0])
