@@ -394,6 +394,19 @@ class CheckpointStore:
                             f"restored the stable one at step {ckpt.step}")
         return ckpt, "; ".join(notes) or None
 
+    def hold(self) -> bool:
+        """Queue file writes without doing them until :meth:`release` (see
+        :meth:`CheckpointFiles.hold`); False when there are no files to hold."""
+        if self.files is None:
+            return False
+        self.files.hold()
+        return True
+
+    def release(self) -> None:
+        """Write what was held, and what comes after."""
+        if self.files is not None:
+            self.files.release()
+
     def adopt(self, run_id: str, step: int) -> None:
         """Take over the files run ``run_id``'s earlier processes left, as it resumes at
         ``step`` in this one (see :meth:`CheckpointFiles.adopt`); the stable ones are this

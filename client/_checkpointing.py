@@ -95,7 +95,7 @@ class Checkpointing:
         if self.store is not None:
             if self._files_held:  # the first step: the snapshot taken at attach is written now
                 self._files_held = False
-                self.store.files.release()  # type: ignore[union-attr]
+                self.store.release()
             self.store.poll()  # admits snapshots whose device copies completed; never waits
         if self._hold is not None:
             self._hold.put_back(self.scheduler, self.optimizer)
@@ -192,10 +192,8 @@ class Checkpointing:
         allocated ahead of need by a background thread). The scheduler has already stepped
         for the coming step here, unlike at every later snapshot: see
         :meth:`hold_schedule`."""
-        files = getattr(self.store, "files", None)
-        if files is not None and self._step.calls == 0:
+        if self._step.calls == 0 and self.store is not None and self.store.hold():
             # Not written before the first step: see CheckpointFiles.hold.
-            files.hold()
             self._files_held = True
         if self.take(scheduler_stepped=True, block=True) is not None:
             self.origin = self._step.host_step

@@ -205,6 +205,35 @@ class ShardedStore(CheckpointStore):
     def __init__(self, keep: int = 3, directory: str | os.PathLike | None = None) -> None:
         super().__init__(keep, None)  # the ring; files are DCP's, below
         self.dcp = None if directory is None else ShardedFiles(directory, keep)
+        self._dcp_held = False
+        self._unsaved: set[int] = set()  # snapshots taken while held, saved at release
+
+    def hold(self) -> bool:
+        """As :meth:`CheckpointStore.hold`: snapshots taken from now on are saved only at
+        :meth:`release` (the one taken at attach is saved at the first step, not over a
+        directory the loop may be loading with ``load_sharded`` before it)."""
+        if self.dcp is None:
+            return False
+        self._dcp_held = True
+        return True
+
+    def release(self) -> None:
+        """Save what was taken while held and is still in the ring, from its host copy
+        (a collective, as every save: every rank releases at the same step)."""
+        if not self._dcp_held:
+            return
+        self._dcp_held = False
+        assert self.dcp is not None
+        ring = {**{c.step: c for c in self._pending}, **self._held}
+        for step in sorted(self._unsaved & set(ring)):
+            ckpt = ring[step]
+            assert isinstance(ckpt, ShardedCheckpoint)
+            for _, event, _ in ckpt._events:  # once, at the first step: its copies done
+                event.synchronize()
+            self.dcp.save(step, {"model": _join(ckpt.model, ckpt.specs, ("model",)),
+                                 "optimizer": _join(ckpt.optimizer, ckpt.specs,
+                                                    ("optimizer",))})
+        self._unsaved.clear()
 
     def take(
         self,
@@ -224,7 +253,9 @@ class ShardedStore(CheckpointStore):
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         model_sd, optim_sd = get_state_dict(model, optimizer)
-        if self.dcp is not None:  # staged to host memory before it returns
+        if self.dcp is not None and self._dcp_held:
+            self._unsaved.add(step)  # saved from its host copy at release
+        elif self.dcp is not None:  # staged to host memory before it returns
             self.dcp.save(step, {"model": model_sd, "optimizer": optim_sd})
         specs: dict[tuple, tuple] = {}
         local = _split({"model": model_sd, "optimizer": optim_sd}, specs)

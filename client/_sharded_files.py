@@ -35,6 +35,12 @@ import torch.distributed as dist
 
 from ._checkpoint_files import atomic_write
 
+try:  # DCP's failures are BaseExceptions: they must be caught by name
+    from torch.distributed.checkpoint.api import CheckpointException as _DCPError
+except ImportError:  # pragma: no cover - torch without distributed checkpointing
+    class _DCPError(Exception):  # type: ignore[no-redef]
+        pass
+
 __all__ = ["ShardedFiles", "load_sharded", "step_name", "STABLE_FILE"]
 
 log = logging.getLogger("trimtab.client")
@@ -72,6 +78,7 @@ class ShardedFiles:
         self._futures: dict[int, Future] = {}
         self._saved: set[int] = set()
         self._stable: list[int] = []
+        self._marked = False  # stable.json is an earlier process's until this one marks
 
     def save(self, step: int, state: dict[str, Any]) -> None:
         import torch.distributed.checkpoint as dcp
@@ -88,7 +95,7 @@ class ShardedFiles:
         try:
             future.result(timeout_s)
             self._saved.add(step)
-        except Exception as exc:  # a failed write costs a file, never the run
+        except (Exception, _DCPError) as exc:  # a failed write costs a file, never the run
             log.warning("trimtab sharded checkpoint save of step %d failed: %s", step, exc)
 
     def poll(self, held: list[int]) -> None:
@@ -105,6 +112,7 @@ class ShardedFiles:
     def mark(self, stable: list[int]) -> None:
         """Rank 0: record ``stable`` in ``stable.json`` (atomic: temporary file, rename)."""
         self._stable = list(stable)
+        self._marked = True
         if self.rank == 0:
             body = json.dumps({"format": _FORMAT, "stable": self._stable}).encode()
             try:
@@ -122,7 +130,8 @@ class ShardedFiles:
         if self.rank == 0:
             for s in doomed:
                 shutil.rmtree(self.directory / step_name(s), ignore_errors=True)
-        self.mark(stable)
+        if self._marked or stable:  # an earlier process's list stays until this one marks
+            self.mark(stable)
 
     def flush(self, timeout_s: float | None = None) -> bool:
         """Wait for the saves in flight; False when one did not finish in time."""
@@ -162,7 +171,7 @@ def load_sharded(
         state = {"model": model_sd, "optimizer": optim_sd}
         try:
             dcp.load(state, checkpoint_id=path)
-        except Exception as exc:
+        except (Exception, _DCPError) as exc:  # CheckpointException is a BaseException
             log.warning("trimtab sharded checkpoint %s skipped: %s", path, exc)
             continue
         set_state_dict(

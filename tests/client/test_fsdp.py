@@ -250,3 +250,93 @@ def test_extra_state_is_refused_with_a_sharded_model(one_rank):
                                          r"with an FSDP2-sharded model"):
         attach(model, opt, job="sharded-extra", endpoint=f"tcp://127.0.0.1:{free_port()}",
                extra_state={"sched": sched})
+
+
+def _dir_bytes(path: Path) -> dict[str, bytes]:
+    return {str(f.relative_to(path)): f.read_bytes() for f in sorted(path.rglob("*"))
+            if f.is_file()}
+
+
+def test_the_sharded_snapshot_at_attach_leaves_the_directory_for_the_loop_to_load(
+        one_rank, tmp_path):
+    """An FSDP2 trial: the snapshot taken at attach was saved at once to step-0, over the
+    stable directory of the run the loop was about to resume with load_sharded (a crash
+    mid-load, and later the new process's random weights loaded as the run's). As on the
+    unsharded path, it is saved from the first step on, of the run as loaded."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from trimtab.client._sharded import ShardedStore, load_sharded
+
+    mesh = init_device_mesh("cpu", (1,))
+
+    def build(seed: int):
+        torch.manual_seed(seed)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 1))
+        fully_shard(model, mesh=mesh)
+        return model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+    def weights(model) -> list[torch.Tensor]:
+        return [p.full_tensor().clone() for p in model.parameters()]
+
+    old, old_opt = build(1)
+    store = ShardedStore(keep=2, directory=tmp_path)
+    store.take(0, old, old_opt)
+    store.mark_stable(0)
+    assert store.flush(30)
+    before = _dir_bytes(tmp_path / step_name(0))
+
+    new, new_opt = build(2)
+    guard = attach(new, new_opt, job="sharded-resume", checkpoint_every=10,
+                   endpoint=f"tcp://127.0.0.1:{free_port()}", checkpoint_dir=tmp_path)
+    try:
+        assert guard._store.flush(30)
+        assert _dir_bytes(tmp_path / step_name(0)) == before  # not saved over
+        assert load_sharded(tmp_path, new, new_opt) == 0
+        assert all(torch.equal(a, b) for a, b in zip(weights(new), weights(old), strict=True))
+        loss = new(torch.randn(3, 4)).pow(2).mean()
+        loss.backward()
+        guard.step(loss)  # the first step: the snapshot of the run as loaded is saved now
+        # The earlier process's stable list stays until this one marks a step of its own.
+        assert json.loads((tmp_path / "stable.json").read_text())["stable"] == [0]
+        assert guard._store.mark_stable(0)  # as the controller marks it at its first report
+        assert guard._store.flush(30)
+    finally:
+        guard.close()
+    assert _dir_bytes(tmp_path / step_name(0)) != before
+    check, check_opt = build(3)
+    assert load_sharded(tmp_path, check, check_opt) == 0
+    assert all(torch.equal(a, b) for a, b in zip(weights(check), weights(old), strict=True))
+
+
+def test_a_sharded_directory_that_fails_to_load_falls_back_to_the_older_stable_one(
+        one_rank, tmp_path, caplog):
+    """An FSDP2 trial: a truncated shard file made DCP raise CheckpointException, a
+    BaseException, which went past load_sharded's fallback to the training loop. It is
+    skipped with a WARNING and the next older stable directory loads."""
+    import logging
+
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from trimtab.client._sharded import ShardedStore, load_sharded
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    store = ShardedStore(keep=3, directory=tmp_path)
+    store.take(0, model, opt)
+    at_0 = model.weight.full_tensor().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    store.take(10, model, opt)
+    for step in (0, 10):
+        store.mark_stable(step)
+    assert store.flush(30)
+    shard = next((tmp_path / step_name(10)).glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    with caplog.at_level(logging.WARNING, logger="trimtab.client"):
+        assert load_sharded(tmp_path, model, opt) == 0
+    assert torch.equal(model.weight.full_tensor(), at_0)
+    assert f"{step_name(10)} skipped" in caplog.text
