@@ -58,6 +58,7 @@ from ._probe import Probe
 from ._report import Reporter
 from ._report_window import ReportWindow
 from ._resume import load_state, run_state, state_of
+from ._scheduler_hold import SchedulePattern
 from ._sharded import ShardNorms, is_sharded
 from ._step import Step
 from ._transport import Transport, load_curve_keys
@@ -289,6 +290,8 @@ class Guard(GuardState):
         self._resumed_here = False
         self._resume_step: int | None = None
         self._resume_id: str | None = None  # made by load_state_dict (see _resume)
+        # Whether the loop steps its scheduler after a given step (for a snapshot's resume).
+        self._sched_pattern = SchedulePattern()
         self.report_every = report_every
         # The knobs: multipliers on the user's lr and weight decay, momentum, clip.
         self._act = Actuator(optimizer, None if clip is None else float(clip))
@@ -496,6 +499,9 @@ class Guard(GuardState):
         if self._ema is not None:
             self._ema.after_step(self._step.taken)
         closing = self._step.finish()
+        sched = self._ckpts.scheduler
+        if sched is not None:  # a host int
+            self._sched_pattern.observe(self._step.calls, getattr(sched, "last_epoch", None))
         if self._step.calls == 1:
             self._ckpts.prepare()
         early = False

@@ -51,6 +51,8 @@ import math
 import uuid
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from trimtab.protocol import wire
 
 from ._options import _invalid, _is_int
@@ -117,6 +119,10 @@ def run_state(guard: Guard) -> dict[str, Any]:
         "rollbacks": guard._ckpts.rollbacks,
         "live": {"schedules": [s.model_dump(mode="json") for s in act.live.schedules],
                  "last": dict(act.live.last)},
+        # Whether the loop steps its scheduler right after this step: a snapshot is taken
+        # before that call, which a resume from its file makes for the loop.
+        "scheduler_follows": guard._sched_pattern.follows(guard._step.calls)
+        if hasattr(guard, "_step") else False,
     }
 
 
@@ -180,6 +186,23 @@ def check(sd: Any, job: str) -> dict[str, Any]:
                                                         last.items()})}
 
 
+def _catch_up_schedule(guard: Guard, sd: dict[str, Any]) -> None:
+    """A snapshot's state (``Checkpoint.guard_state``) holds the scheduler as it was inside
+    ``guard.step()`` of its step, before the loop's own ``scheduler.step()`` of that step
+    (a rollback restores it there, and the loop's call follows). Resumed before the next
+    step, that call must be made for the loop, when the loop made it after that step: one
+    step behind otherwise, one more per resume. A saved ``guard.state_dict()`` says
+    neither: the loop saved its scheduler where it chose."""
+    sched = guard._ckpts.scheduler
+    if (sd.get("scheduler_stepped") is not False or sd.get("scheduler_follows") is not True
+            or sched is None
+            or isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau)):
+        return
+    sched.step()
+    log.info("trimtab: the scheduler was stepped once at the resume, as the loop did after "
+             "step %d", sd["step"])
+
+
 def load_state(guard: Guard, sd: Any) -> None:
     """Put ``sd`` (:func:`state_of`'s) back into a guard that has taken no step yet; see
     the module docstring for what that means for the run and its controller."""
@@ -202,6 +225,7 @@ def load_state(guard: Guard, sd: Any) -> None:
     commands.should_stop, commands.stop_reason = bool(sd["should_stop"]), sd["stop_reason"]
     commands.note_in_force()
     guard._ckpts.rollbacks = sd["rollbacks"]
+    _catch_up_schedule(guard, sd)
     ema = sd.get("ema")
     if guard._ema is not None:
         if ema is not None:

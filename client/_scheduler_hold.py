@@ -57,3 +57,52 @@ class ScheduleHold:
         for group, saved in zip(optimizer.param_groups, self.groups, strict=False):
             for key, value in saved.items():
                 _put(group, key, copy.deepcopy(value))
+
+
+class SchedulePattern:
+    """Whether the loop steps its scheduler right after a given optimizer step, from what
+    it did after the ones before.
+
+    A snapshot is taken inside ``guard.step()``, before the loop's own
+    ``scheduler.step()`` of that step: a rollback restores it there, and the loop's call
+    follows. A run resumed from a snapshot's file starts before the next step instead, so
+    the call the loop made after the saved step must be made for it. Observed at each
+    optimizer step (host values only: the scheduler's ``last_epoch``): the optimizer steps
+    after which the loop stepped the scheduler; when the last three are evenly spaced
+    (every step, or every ``k``: an epoch's worth), a step ``k`` after the last one is
+    followed by one.
+
+    >>> p = SchedulePattern()
+    >>> for call, epoch in [(1, 0), (2, 1), (3, 2), (4, 3)]:
+    ...     p.observe(call, epoch)
+    >>> p.follows(4), SchedulePattern().follows(4)
+    (True, False)
+    >>> q = SchedulePattern()
+    >>> for call in range(1, 14):
+    ...     q.observe(call, (call - 1) // 4)
+    >>> q.follows(16), q.follows(14)
+    (True, False)
+    """
+
+    def __init__(self) -> None:
+        self._epoch: int | None = None
+        self._after: list[int] = []  # optimizer steps (calls) the loop's scheduler.step followed
+
+    def observe(self, calls: int, epoch: Any) -> None:
+        """At optimizer step ``calls`` (after it), the scheduler at ``epoch``."""
+        if not isinstance(epoch, int) or isinstance(epoch, bool):
+            self._epoch, self._after = None, []
+            return
+        if self._epoch is not None and epoch != self._epoch:
+            if epoch == self._epoch + 1:
+                self._after = [*self._after[-2:], calls - 1]
+            else:  # restored (a rollback), or stepped more than once: start over
+                self._after = []
+        self._epoch = epoch
+
+    def follows(self, calls: int) -> bool:
+        """Whether the loop steps the scheduler right after optimizer step ``calls``."""
+        if len(self._after) < 3:
+            return False
+        a, b, c = self._after
+        return b - a == c - b > 0 and calls - c == c - b

@@ -195,7 +195,8 @@ class Checkpoint:
             return None
         return {**self.run, "step": self.step,
                 "calls": max(self.step, int(self.counters.get("calls", self.step))),
-                "controls": dict(self.controls), "ema": self.ema}
+                "controls": dict(self.controls), "ema": self.ema,
+                "scheduler_stepped": self.scheduler_stepped}
 
     def restore(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                 scheduler: Any = None, ema: AveragedModel | None = None,

@@ -304,3 +304,52 @@ def test_the_weight_average_is_saved_and_resumed_with_the_guard(dead_endpoint) -
     plain.load_state_dict({**saved["trimtab"], "ema": None})
     assert int(plain.ema_model.n_averaged) == 0
     plain.close()
+
+
+@pytest.mark.parametrize("per", ["step", "epoch"])
+def test_a_run_resumed_from_trimtabs_files_keeps_its_scheduler_in_step(
+        dead_endpoint, tmp_path, per) -> None:
+    """An FSDP2/DDP trial: resumed with load_stable + restore + guard.load_state_dict, a
+    cosine schedule ran one step behind, one more per resume: a snapshot is taken inside
+    guard.step, before the loop's own scheduler.step() of that step. A loop that steps its
+    scheduler after every optimizer step has it stepped for it at the resume; one that
+    steps it every few steps (per epoch) is left as saved."""
+    from trimtab.client import load_stable
+
+    every = 1 if per == "step" else 4
+
+    def train(run: Run, guard: Guard, start: int, stop: int) -> dict[int, float]:
+        lrs = {}
+        for i in range(start, stop):
+            lrs[i + 1] = run.opt.param_groups[0]["lr"]  # what step i + 1 is scheduled at
+            idx = slice((i * 32) % 256, (i * 32) % 256 + 32)
+            loss = torch.nn.functional.mse_loss(run.model(run.x[idx]), run.y[idx])
+            run.opt.zero_grad()
+            loss.backward()
+            guard.step(loss)
+            if (i + 1) % every == 0:
+                run.sched.step()
+        return lrs
+
+    def fresh(seed: int, directory) -> tuple[Run, Guard]:
+        run = Run(seed=seed)
+        run.sched = torch.optim.lr_scheduler.CosineAnnealingLR(run.opt, T_max=40)
+        return run, _attach(run, dead_endpoint, checkpoint_every=10, checkpoint_dir=directory)
+
+    run, guard = fresh(0, tmp_path / "whole")
+    whole = train(run, guard, 0, 40)
+    guard.close()
+
+    run, guard = fresh(0, tmp_path / "ckpt")
+    train(run, guard, 0, 27)
+    assert guard._store.mark_stable(20)  # as the controller would
+    guard.close()
+    for restart in range(2):  # resumed twice from the same file: no lag either time
+        run, guard = fresh(1 + restart, tmp_path / "ckpt")
+        ckpt = load_stable(tmp_path / "ckpt")
+        assert ckpt is not None and ckpt.step == 20
+        ckpt.restore(run.model, run.opt, run.sched)
+        guard.load_state_dict(ckpt.guard_state)
+        resumed = train(run, guard, guard.global_step, 40)
+        guard.close()
+        assert resumed == pytest.approx({s: whole[s] for s in range(21, 41)}, rel=1e-12)
