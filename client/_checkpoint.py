@@ -409,10 +409,15 @@ class CheckpointStore:
 
     def adopt(self, run_id: str, step: int) -> None:
         """Take over the files run ``run_id``'s earlier processes left, as it resumes at
-        ``step`` in this one (see :meth:`CheckpointFiles.adopt`); the stable ones are this
-        store's stable checkpoints from now on."""
+        ``step`` in this one (see :meth:`CheckpointFiles.adopt`). Only a stable file at
+        ``step`` itself counts as this store's stable checkpoint (the registration tells
+        the controller so): an older one would send a fault soon after the resume further
+        back than the state resumed from (a preemption trial: a Trainer resumed at step
+        200 from its own checkpoint was rolled back to step 0, the old process's stable
+        file); the controller marks the resumed state itself."""
         if self.files is not None:
-            self._stable |= {e.step for e in self.files.adopt(run_id, step) if e.stable}
+            self._stable |= {e.step for e in self.files.adopt(run_id, step)
+                             if e.stable and e.step == step}
 
     def drop_all(self) -> None:
         """Forget every snapshot, stable or not, and delete the files this store wrote."""

@@ -423,3 +423,10 @@ def test_a_resumed_run_takes_over_its_own_files_only(tmp_path) -> None:
     assert (tmp_path / "ckpt-000000000020.pt").read_bytes() == before
     assert load_stable(tmp_path).step == 20
     store.close()
+    # Resumed at 30 from the loop's own checkpoint: A's stable file at 20 is kept on disk
+    # but is no stable checkpoint of the resumed run (a fault would go back past 30).
+    later = CheckpointStore(keep=1, directory=tmp_path)
+    later.adopt("A", 30)
+    assert later.flush(10)
+    assert later.steps() == [20] and later.stable_step is None
+    later.close()
