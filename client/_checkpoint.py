@@ -394,6 +394,20 @@ class CheckpointStore:
                             f"restored the stable one at step {ckpt.step}")
         return ckpt, "; ".join(notes) or None
 
+    def restate(self, step: int, run: dict[str, Any], controls: dict[str, Any]) -> None:
+        """A rollback restored the checkpoint at ``step``, and the run goes on from it with
+        the rollback's values: a process resumed from its file must too (the cut, the
+        rollback counted, its command applied), not with those of when it was taken. The
+        checkpoint keeps ``controls`` for a later rollback to it; its :attr:`guard_state`
+        and its manifest say the state after the rollback."""
+        ckpt = self._held.get(step)
+        if ckpt is None or ckpt.run is None:
+            return
+        ckpt.resume = {"run": {k: v for k, v in run.items() if k != "scheduler_follows"},
+                       "controls": dict(controls)}
+        if self.files is not None:
+            self.files.restate(ckpt)
+
     def hold(self) -> bool:
         """Queue file writes without doing them until :meth:`release` (see
         :meth:`CheckpointFiles.hold`); False when there are no files to hold."""

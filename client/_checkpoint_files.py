@@ -4,8 +4,10 @@ A checkpoint at step ``s`` is two files in the directory:
 
 * ``ckpt-<s>.pt``: the payload, ``torch.save``\\ d;
 * ``ckpt-<s>.json``: its manifest, ``{"format", "step", "file", "bytes", "sha256",
-  "stable", "written_ns", "run"}``; the SHA-256 is that of the ``.pt`` file's bytes, ``run``
-  the run id on the controller (``None``: a snapshot that holds no guard state).
+  "stable", "written_ns", "run", "resume"}``; the SHA-256 is that of the ``.pt`` file's
+  bytes, ``run`` the run id on the controller (``None``: a snapshot that holds no guard
+  state), ``resume`` the guard's state to resume from it after a rollback restored it
+  (``None``: none yet; see :meth:`CheckpointFiles.restate`).
 
 Each file is written to a temporary file in the same directory, flushed and fsynced,
 renamed over its final name with ``os.replace`` (atomic on POSIX and Windows), and the
@@ -67,6 +69,7 @@ class Writable(Protocol):
     stable: bool
     writing: bool
     run: dict[str, Any] | None
+    resume: dict[str, Any] | None
 
     def payload(self) -> dict[str, Any]: ...
 
@@ -133,13 +136,14 @@ def _run_id(ckpt: Writable) -> str | None:
 
 
 def _write_manifest(directory: Path, step: int, digest: str, size: int, stable: bool,
-                    run: str | None) -> None:
+                    run: str | None, resume: dict[str, Any] | None = None) -> None:
     # written_ns: when (wall clock) it was written or marked stable; the newest stable one
     # is the newest marked, whatever its step (an earlier run's files, or an abandoned
     # trajectory's left by a process that resumed from an older save, may have higher ones).
     # run: whose it is, so that a process resuming the run takes its files over.
     body = {"format": FORMAT, "step": step, "file": data_name(step), "bytes": size,
-            "sha256": digest, "stable": stable, "written_ns": time.time_ns(), "run": run}
+            "sha256": digest, "stable": stable, "written_ns": time.time_ns(), "run": run,
+            "resume": resume}
     atomic_write(directory / manifest_name(step), lambda f: f.write(json.dumps(body).encode()))
 
 
@@ -151,7 +155,8 @@ def _read_manifest(directory: Path, step: int) -> dict[str, Any] | None:
               and meta.get("step") == step and meta.get("file") == data_name(step)
               and isinstance(meta.get("sha256"), str) and isinstance(meta.get("bytes"), int)
               and isinstance(meta.get("stable"), bool)
-              and isinstance(meta.get("run"), (str, type(None))))
+              and isinstance(meta.get("run"), (str, type(None)))
+              and isinstance(meta.get("resume"), (dict, type(None))))
         if not ok:
             raise ValueError(f"not a trimtab checkpoint manifest of step {step}")
     except (OSError, ValueError) as exc:
@@ -194,6 +199,8 @@ def read_payload(directory: str | os.PathLike, step: int) -> dict[str, Any] | No
         log.warning("trimtab checkpoint file %s skipped: not a trimtab checkpoint of step %d",
                     path, step)
         return None
+    if meta.get("resume") is not None:  # restated after a rollback restored it
+        payload["resume"] = meta["resume"]
     return payload
 
 
@@ -264,7 +271,7 @@ def scan(directory: str | os.PathLike) -> list[Entry]:
 
 @dataclass
 class _Job:
-    kind: str  # "write", "mark", "delete", "prune", "stop"
+    kind: str  # "write", "mark", "restate", "delete", "prune", "stop"
     ckpt: Writable | None = None
     steps: tuple[int, ...] = ()
     generation: int = 0
@@ -352,6 +359,12 @@ class CheckpointFiles:
     def mark(self, step: int) -> None:
         """Queue marking the checkpoint at ``step`` stable in its manifest."""
         self._put(_Job("mark", steps=(step,)))
+
+    def restate(self, ckpt: Writable) -> None:
+        """Queue rewriting the manifest of ``ckpt`` (on disk, or written later) with its
+        ``resume`` state: a rollback restored it, and the run goes on from it with the
+        rollback's values. One atomic rename; the data file stays as it is."""
+        self._put(_Job("restate", ckpt))
 
     def forget(self, ckpt: Writable, cancel: bool = True) -> bool:
         """``ckpt`` left the memory ring: drop its queued write unless it is stable (or
@@ -464,7 +477,8 @@ class CheckpointFiles:
             stale = self._stale(step, job.generation)  # a trajectory rolled back meanwhile
             stable = ckpt.stable
         if not stale:
-            _write_manifest(self.directory, step, digest, size, stable, _run_id(ckpt))
+            _write_manifest(self.directory, step, digest, size, stable, _run_id(ckpt),
+                            ckpt.resume)
             with self._cond:
                 # Checked again under the lock: a rollback during the manifest write must
                 # not see this step listed afterwards (it belongs to the abandoned run).
@@ -486,7 +500,7 @@ class CheckpointFiles:
         if meta is None:
             return
         _write_manifest(self.directory, step, meta["sha256"], meta["bytes"], True,
-                        meta.get("run"))
+                        meta.get("run"), meta.get("resume"))
         with self._cond:
             if step in self._disk:
                 self._disk[step] = True
@@ -499,6 +513,18 @@ class CheckpointFiles:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self.directory / name)
         _fsync_dir(self.directory)
+
+    def _do_restate(self, job: _Job) -> None:
+        ckpt = job.ckpt
+        assert ckpt is not None
+        with self._cond:
+            if ckpt.step not in self._disk:  # its write, queued, carries it
+                return
+        meta = _read_manifest(self.directory, ckpt.step)
+        if meta is None:
+            return
+        _write_manifest(self.directory, ckpt.step, meta["sha256"], meta["bytes"],
+                        meta["stable"], meta.get("run"), ckpt.resume)
 
     def _do_prune(self, job: _Job) -> None:
         self._prune()

@@ -278,6 +278,12 @@ class Checkpointing:
                 notes.append(f"on_rollback raised {type(exc).__name__}: {exc}")
         return ckpt, notes
 
+    def restate(self, run: dict[str, Any] | None, controls: dict[str, Any]) -> None:
+        """After a rollback: the restored checkpoint (at :attr:`last`) resumes as the run
+        now goes on (see :meth:`CheckpointStore.restate`)."""
+        if self.store is not None and run is not None:
+            self.store.restate(self.last, run, controls)
+
     def hold_schedule(self, restored: Checkpoint) -> None:
         """After a rollback's command is carried out: the loop's scheduler.step() still
         follows this guard.step(); for a snapshot taken after the scheduler stepped that is

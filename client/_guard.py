@@ -446,6 +446,9 @@ class Guard(GuardState):
         if self._commands.take():
             # Rolled back: these gradients were computed on the abandoned trajectory.
             self.optimizer.zero_grad(set_to_none=True)
+            # A process resumed from the restored checkpoint's file goes on as this one
+            # does now: with the rollback's values, counted, its command applied.
+            self._ckpts.restate(run_state(self), self._act.state_dict())
             return None
         total, finite = self._step.measure(loss, micro)
         self._ckpts.fence()  # snapshot copies in flight finish first, on the device

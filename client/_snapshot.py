@@ -137,6 +137,11 @@ class Checkpoint:
     #: :attr:`guard_state`.
     #: None: a snapshot of a sharded model, or a file of an older trimtab.
     run: dict[str, Any] | None = None
+    #: After a rollback restored it: the guard's state to resume from it with, the
+    #: rollback's values and counts (``{"run": ..., "controls": ...}``), which
+    #: :attr:`guard_state` gives instead of those of when it was taken. Kept in the file's
+    #: manifest; a rollback still restores ``controls``.
+    resume: dict[str, Any] | None = None
     stable: bool = False
     #: Set while the writer thread serializes it (read under the writer's lock).
     writing: bool = field(default=False, repr=False)
@@ -181,7 +186,7 @@ class Checkpoint:
     def from_payload(cls, payload: dict[str, Any]) -> Checkpoint:
         # Files written before the knob model have no controls (the user's values held),
         # those written before weight averaging no ema, before extra_state no extra.
-        return cls(**{k: payload[k] for k in _PAYLOAD_KEYS if k in payload})
+        return cls(**{k: payload[k] for k in (*_PAYLOAD_KEYS, "resume") if k in payload})
 
     @property
     def guard_state(self) -> dict[str, Any] | None:
@@ -193,9 +198,10 @@ class Checkpoint:
         sharded model's, or an older trimtab's file)."""
         if self.run is None:
             return None
-        return {**self.run, "step": self.step,
+        resume = self.resume or {}
+        return {**self.run, **resume.get("run", {}), "step": self.step,
                 "calls": max(self.step, int(self.counters.get("calls", self.step))),
-                "controls": dict(self.controls), "ema": self.ema,
+                "controls": dict(resume.get("controls", self.controls)), "ema": self.ema,
                 "scheduler_stepped": self.scheduler_stepped}
 
     def restore(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,

@@ -173,6 +173,40 @@ def test_a_process_killed_right_after_resuming_from_files_leaves_them_to_resume_
     assert len(list(ckdir.glob("ckpt-*.pt"))) == len(on_disk)
 
 
+def test_a_process_killed_after_a_rollback_resumes_with_the_rollbacks_values(
+        serve_factory, tmp_path):
+    """A preemption trial: killed after a rollback and before the next stable mark, the
+    run resumed from the restored checkpoint's file with the values in force when that
+    file was written: the rollback's LR cut undone, its rollback uncounted, its command
+    journaled as 'withdrawn, never applied' although the process had run with it. After a
+    rollback the restored checkpoint's manifest holds the state the run goes on with."""
+    from trimtab.client import load_stable
+
+    srv = serve_factory(CONFIG + '\n[[policies]]\nname = "divergence_guard"\n')
+    first = _worker(srv.endpoint, tmp_path, "--until", "195", "--files", "--spike-at", "170",
+                    "--die")
+    events = srv.journal().events("resumable")
+    rollback = next(e for e in events if e.kind == "rollback")
+    target = rollback.data["target"]
+    assert first["rollbacks"] == 1 and target < 170
+    # What the run went on with after the rollback (its first step after it).
+    used = first["used"]
+    back = next(i for i in range(1, len(used)) if used[i][0] < used[i - 1][0])
+    assert used[back][0] == target
+    _, knobs_after, seq_after = used[back + 1]
+    saved = load_stable(tmp_path / "ckpt")
+    assert saved is not None and saved.step == target
+    state = saved.guard_state
+    assert state["rollbacks"] == 1 and state["applied_seq"] == seq_after
+    second = _worker(srv.endpoint, tmp_path, "--until", "300", "--files", "--resume")
+    step_resumed, knobs_resumed, _ = second["used"][0]
+    assert step_resumed == target + 1  # the same step as the one after the rollback
+    assert knobs_resumed["lr"] == pytest.approx(knobs_after["lr"], rel=1e-9)
+    assert second["rollbacks"] == 1
+    later = [e for e in srv.journal().events("resumable") if e.id > rollback.id]
+    assert not [e for e in later if e.kind == "withdrawn"], later
+
+
 def test_a_run_resumed_twice_from_one_save_is_followed_and_rolled_back_after_it(
         serve_factory, tmp_path, uninterrupted):
     """Preempted twice before its next save: two processes resume from the same file. The
