@@ -307,7 +307,10 @@ class Controller:
             at = msg.step if msg.resume_step is None else msg.resume_step
             log.warning("job %s resumed at step %d (resume %d): %d steps the controller saw "
                         "after it set aside", msg.job, at, msg.resume, max(state.step - at, 0))
-        self.journal.append(msg.job, "register", step=msg.step, data={
+        # A resume is journaled at the step it resumes at: the process may register a step
+        # or two later (its link ready after its first steps), which is not where it resumed.
+        self.journal.append(msg.job, "register",
+                            step=resumed_at(msg) if resumed == "resume" else msg.step, data={
             "resumed": resumed, "key": rec.owner,
             **msg.model_dump(mode="json", exclude={"type", "v", "job", "step"})})
         # A resume sets aside the command the old process had not applied: it never will be.

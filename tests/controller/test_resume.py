@@ -254,3 +254,17 @@ def test_retired_run_states_are_kept_per_job_up_to_a_bound(tmp_path):
     assert j.load_run_state("a", "run0") is None  # only the newest few are kept
     assert j.load_run_state("b", "run0")["i"] == 99
     j.close()
+
+
+def test_a_resume_is_journaled_at_the_step_it_resumed_at(tmp_path):
+    """Trials: a resumed process whose link came up after its first step registered at
+    step 121, and the journal and `decisions` showed the resume at 121 for a resume at 120.
+    A resume's registration is journaled at its resume step."""
+    ctl, _ = make(tmp_path)
+    _first_run(ctl)
+    reg = wire.Register(job="j1", run_id="r1", step=121, report_every=10, applied_seq=0,
+                        facts=FACTS, resume=1, resume_step=120, checkpoints=[120],
+                        schedules=[], **in_force(1.0))
+    ctl.handle(PEER, wire.encode(reg))
+    event = ctl.journal.events("j1", "register")[-1]
+    assert event.data["resumed"] == "resume" and event.step == 120
