@@ -313,9 +313,11 @@ class JobState(Persisted):
         rollback (the signals, reports and validation results; the knob changes, which now
         never happened), the reports' sequence starts again, the commands the process applied
         after its save are not in force (the registration tells what is) and none pending is
-        sent again, and the checkpoints, stable marks and a rollback under way are those of
-        the new process (:meth:`RollbackState.note_resumed`). Sequence numbers keep growing:
-        a new command is never mistaken for one the process already applied.
+        sent again, the checkpoints, stable marks and a rollback under way are those of
+        the new process (:meth:`RollbackState.note_resumed`), and a measurement phase that
+        began after that step starts over at it (or, its checkpoint past it, never was).
+        Sequence numbers keep growing: a new command is never mistaken for one the process
+        already applied.
         """
         step = resumed_at(msg)
         self.resumes = max(self.resumes, msg.resume)
@@ -329,6 +331,14 @@ class JobState(Persisted):
         self.pending_command = None
         self.pending_since = None
         self.rollback.note_resumed(step, msg.origin)
+        if self.phase is not None and self.phase.start_step > step:
+            # A phase that began after the resumed step began on the path set aside: the
+            # resumed process holds no sweep. With its checkpoint still behind the run, it
+            # starts over at the resumed step (its policy sends the sweep from there);
+            # without, it never happened. One under way at that step goes on: the resumed
+            # state holds its sweep.
+            self.phase = (dataclasses.replace(self.phase, start_step=step)
+                          if self.phase.checkpoint <= step else None)
 
     # -- reports, commands, acks ------------------------------------------------
 

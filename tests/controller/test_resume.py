@@ -268,3 +268,28 @@ def test_a_resume_is_journaled_at_the_step_it_resumed_at(tmp_path):
     ctl.handle(PEER, wire.encode(reg))
     event = ctl.journal.events("j1", "register")[-1]
     assert event.data["resumed"] == "resume" and event.step == 120
+
+
+@pytest.mark.parametrize("started, checkpoint", [(150, 100), (250, 100), (250, 250)])
+def test_a_phase_that_began_after_the_resumed_step_starts_over_there(tmp_path, started,
+                                                                      checkpoint):
+    """A preemption trial: the LR range test opened at step 150 and the run was resumed
+    from the stable checkpoint at 100, taken before it: the client resumed with no sweep,
+    the controller's phase went on ('LR range test: step -40 of 58', a sweep schedule from
+    step 150 sent at step 110). A phase that began after the resumed step starts over at
+    it, its checkpoint still behind the run; with its checkpoint past the resumed step it
+    never happened. One under way at the resumed step goes on (the resumed state holds its
+    sweep)."""
+    ctl, _ = make(tmp_path)
+    _first_run(ctl)
+    st = ctl.jobs["j1"]
+    st.step = started
+    st.begin_phase("lr_range_test", checkpoint=checkpoint)
+    ctl.handle(PEER, register(step=200, applied_seq=0, resume=1, checkpoints=[100, 200]))
+    st = ctl.jobs["j1"]
+    if started <= 200:
+        assert st.phase is not None and st.phase.start_step == started
+    elif checkpoint <= 200:
+        assert st.phase is not None and st.phase.start_step == 200
+    else:
+        assert st.phase is None and "lr_range_test" not in st.phases_done
