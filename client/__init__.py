@@ -17,7 +17,8 @@ your own checkpoint in a new process: save ``guard.state_dict()`` in it, and cal
 ``guard.load_state_dict(...)`` after ``attach`` and your other ``load_state_dict`` calls
 (see :mod:`trimtab.client._resume`); from trimtab's own files,
 ``load_stable("ckpt").restore(model, optimizer, sched, extra_state={...})`` (a model
-sharded with FSDP2: ``load_sharded("ckpt", model, optimizer)`` on every rank).
+sharded with FSDP2: ``step = load_sharded("ckpt", model, optimizer, sched)`` on every rank,
+then ``guard.load_state_dict(sharded_guard_state("ckpt", step))``).
 
 A loop that cannot change: ``attach(..., hooks=True)`` guards the loop's own
 ``optimizer.step()`` through the optimizer's step hooks, with ``guard.observe_loss(loss)``;
@@ -37,10 +38,10 @@ if TYPE_CHECKING:
     from ._checkpoint import Checkpoint, CheckpointStore, load_stable
     from ._dist import shard_endpoint
     from ._guard import Guard, attach
-    from ._sharded import load_sharded
+    from ._sharded import load_sharded, sharded_guard_state
 
 __all__ = ["attach", "Guard", "Checkpoint", "CheckpointStore", "load_stable", "load_sharded",
-           "shard_endpoint", "__version__"]
+           "sharded_guard_state", "shard_endpoint", "__version__"]
 
 try:
     __version__ = version("trimtab")
@@ -58,10 +59,10 @@ def __getattr__(name: str):
         from . import _checkpoint
 
         return getattr(_checkpoint, name)
-    if name == "load_sharded":
+    if name in ("load_sharded", "sharded_guard_state"):
         from . import _sharded
 
-        return _sharded.load_sharded
+        return getattr(_sharded, name)
     if name == "shard_endpoint":
         from . import _dist
 

@@ -421,17 +421,18 @@ class CheckpointStore:
         if self.files is not None:
             self.files.release()
 
-    def adopt(self, run_id: str, step: int) -> None:
+    def adopt(self, run_id: str, step: int) -> bool:
         """Take over the files run ``run_id``'s earlier processes left, as it resumes at
-        ``step`` in this one (see :meth:`CheckpointFiles.adopt`). Only a stable file at
-        ``step`` itself counts as this store's stable checkpoint (the registration tells
-        the controller so): an older one would send a fault soon after the resume further
-        back than the state resumed from (a preemption trial: a Trainer resumed at step
-        200 from its own checkpoint was rolled back to step 0, the old process's stable
-        file); the controller marks the resumed state itself."""
-        if self.files is not None:
-            self._stable |= {e.step for e in self.files.adopt(run_id, step)
-                             if e.stable and e.step == step}
+        ``step`` in this one (see :meth:`CheckpointFiles.adopt`); True when the file at
+        ``step`` itself is stable (the snapshot of the resumed state is then marked stable:
+        the registration tells the controller so). An older stable file counts for none:
+        it would send a fault soon after the resume further back than the state resumed
+        from (a preemption trial: a Trainer resumed at step 200 from its own checkpoint was
+        rolled back to step 0, the old process's stable file); the controller marks the
+        resumed state itself."""
+        if self.files is None:
+            return False
+        return any(e.stable and e.step == step for e in self.files.adopt(run_id, step))
 
     def drop_all(self) -> None:
         """Forget every snapshot, stable or not, and delete the files this store wrote."""

@@ -179,12 +179,14 @@ class Checkpointing:
         if self.store is None:
             return
         self.store.drop_all()
-        adopt = getattr(self.store, "adopt", None)  # not for sharded snapshots
-        if run_id is not None and adopt is not None:
-            adopt(run_id, self._step.host_step)
-        self.last = self._step.host_step
+        step = self._step.host_step
+        stable = run_id is not None and self.store.adopt(run_id, step)
+        self.last = step
         self.origin = None
         self.take_origin()
+        if stable and self.origin == step:
+            # The state resumed from is the file marked stable at this step, kept as it is.
+            self.store.mark_stable(step)
 
     def take_origin(self) -> None:
         """Snapshot the run as its user hands it over (at attach, or a resumed state); its
@@ -220,9 +222,9 @@ class Checkpointing:
             return None
 
     def _run_kw(self, provisional: bool) -> dict[str, Any]:
-        """``run=`` for the store (not for a sharded model's store, nor for a provisional
-        snapshot, which gets it with its step: :meth:`settle`)."""
-        if provisional or isinstance(self.store, ShardedStore):
+        """``run=`` for the store (not for a provisional snapshot, which gets it with its
+        step: :meth:`settle`)."""
+        if provisional:
             return {}
         return {"run": self._run()}
 

@@ -51,10 +51,17 @@ import torch.distributed as dist
 from ._checkpoint import Checkpoint, CheckpointStore, capture_rng, restore_rng
 from ._host_copy import _HostCopier
 from ._probe import Grads
-from ._sharded_files import STABLE_FILE, ShardedFiles, load_sharded, step_name
+from ._sharded_files import (
+    RESUME_FILE,
+    STABLE_FILE,
+    ShardedFiles,
+    load_sharded,
+    sharded_guard_state,
+    step_name,
+)
 
-__all__ = ["is_sharded", "ShardNorms", "ShardedStore", "load_sharded", "step_name",
-           "ShardedFiles", "STABLE_FILE"]
+__all__ = ["is_sharded", "ShardNorms", "ShardedStore", "load_sharded", "sharded_guard_state",
+           "step_name", "ShardedFiles", "STABLE_FILE", "RESUME_FILE"]
 
 
 def _dtensor_type() -> type | None:
@@ -181,6 +188,16 @@ class ShardedCheckpoint(Checkpoint):
     #: Per path in (model, optimizer): what rebuilds the DTensor there.
     specs: dict[tuple, tuple]
 
+    def resume_file(self) -> dict[str, Any] | None:
+        """The host part saved beside its shards (``trimtab.pt``): what resumes the same run
+        from its directory (None: it holds no guard state)."""
+        if self.run is None:
+            return None
+        return {"format": 1, "step": self.step, "run": self.run,
+                "counters": dict(self.counters), "controls": dict(self.controls),
+                "clip": self.clip, "scheduler": self.scheduler,
+                "scheduler_stepped": self.scheduler_stepped, "resume": self.resume}
+
     def restore(
         self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any = None
     ) -> None:
@@ -232,7 +249,7 @@ class ShardedStore(CheckpointStore):
                 event.synchronize()
             self.dcp.save(step, {"model": _join(ckpt.model, ckpt.specs, ("model",)),
                                  "optimizer": _join(ckpt.optimizer, ckpt.specs,
-                                                    ("optimizer",))})
+                                                    ("optimizer",))}, ckpt.resume_file())
         self._unsaved.clear()
 
     def take(
@@ -247,16 +264,13 @@ class ShardedStore(CheckpointStore):
         scheduler_stepped: bool = False,
         controls: dict[str, Any] | None = None,
         block: bool = True,
+        run: dict[str, Any] | None = None,
     ) -> Checkpoint:
         """Snapshot this rank's shards at ``step`` (every rank at the same step; its host
         buffers are allocated as it goes, whatever ``block`` says: every rank must take it)."""
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         model_sd, optim_sd = get_state_dict(model, optimizer)
-        if self.dcp is not None and self._dcp_held:
-            self._unsaved.add(step)  # saved from its host copy at release
-        elif self.dcp is not None:  # staged to host memory before it returns
-            self.dcp.save(step, {"model": model_sd, "optimizer": optim_sd})
         specs: dict[tuple, tuple] = {}
         local = _split({"model": model_sd, "optimizer": optim_sd}, specs)
         copier = _HostCopier(self._pool, block=True)  # as before: FSDP stages in place
@@ -270,9 +284,26 @@ class ShardedStore(CheckpointStore):
             counters=dict(counters or {}),
             scheduler_stepped=scheduler_stepped,
             controls=dict(controls or {}),
+            run=run,
         )
         ckpt.specs = specs
+        if self.dcp is not None and self._dcp_held:
+            self._unsaved.add(step)  # saved from its host copy at release
+        elif self.dcp is not None:  # staged to host memory before it returns
+            self.dcp.save(step, {"model": model_sd, "optimizer": optim_sd}, ckpt.resume_file())
         return self._admit(ckpt, copier)
+
+    def adopt(self, run_id: str, step: int) -> bool:
+        """Take over run ``run_id``'s directories as it resumes at ``step`` in this process
+        (see :meth:`ShardedFiles.adopt`); True when the one at ``step`` is stable."""
+        return self.dcp is not None and self.dcp.adopt(run_id, step)
+
+    def restate(self, step: int, run: dict[str, Any], controls: dict[str, Any]) -> None:
+        super().restate(step, run, controls)
+        ckpt = self._held.get(step)
+        if (self.dcp is not None and isinstance(ckpt, ShardedCheckpoint)
+                and ckpt.resume is not None and step in self.dcp._saved):
+            self.dcp.write_resume(step, ckpt.resume_file())  # type: ignore[arg-type]
 
     def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """Nothing ahead of time: sharded snapshots allocate as they are taken."""

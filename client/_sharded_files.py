@@ -41,13 +41,35 @@ except ImportError:  # pragma: no cover - torch without distributed checkpointin
     class _DCPError(Exception):  # type: ignore[no-redef]
         pass
 
-__all__ = ["ShardedFiles", "load_sharded", "step_name", "STABLE_FILE"]
+__all__ = ["ShardedFiles", "load_sharded", "sharded_guard_state", "step_name", "STABLE_FILE",
+           "RESUME_FILE"]
 
 log = logging.getLogger("trimtab.client")
 
 #: Rank 0's list of stable steps in a sharded ``checkpoint_dir``.
 STABLE_FILE = "stable.json"
+#: In each step directory, rank 0's host part of the snapshot: the guard's state to resume
+#: the same run from it (run id, counters, values in force), the scheduler's state.
+RESUME_FILE = "trimtab.pt"
 _FORMAT = 1
+
+
+def _read_resume(path: Path) -> dict[str, Any] | None:
+    """The host part of the step directory ``path`` (None: none, or unreadable)."""
+    try:
+        data = torch.load(path / RESUME_FILE, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        return None
+    except Exception as exc:  # an unreadable one is no state to resume from
+        log.warning("trimtab sharded checkpoint %s: %s unreadable (%s)", path, RESUME_FILE, exc)
+        return None
+    return data if isinstance(data, dict) and data.get("format") == _FORMAT else None
+
+
+def _run_of(path: Path) -> str | None:
+    resume = _read_resume(path)
+    run = None if resume is None else resume.get("run")
+    return run.get("run_id") if isinstance(run, dict) else None
 
 
 def step_name(step: int) -> str:
@@ -78,15 +100,70 @@ class ShardedFiles:
         self._futures: dict[int, Future] = {}
         self._saved: set[int] = set()
         self._stable: list[int] = []
+        # Stable directories taken over from an earlier process of the run (see adopt):
+        # kept as they are, not saved over by this process's snapshot of the same step.
+        self._kept: set[int] = set()
         self._marked = False  # stable.json is an earlier process's until this one marks
 
-    def save(self, step: int, state: dict[str, Any]) -> None:
+    def save(self, step: int, state: dict[str, Any],
+             resume: dict[str, Any] | None = None) -> None:
+        """Save ``state`` (every rank's shards: a collective) to the step's directory and,
+        on rank 0, ``resume`` (host values) beside it."""
         import torch.distributed.checkpoint as dcp
 
+        if step in self._kept:
+            return  # the stable directory of this step stays (see adopt)
         self._wait(step)  # an older save of the same step (before a rollback) goes first
         path = self.directory / step_name(step)
+        if resume is not None:
+            self.write_resume(step, resume)
         result = dcp.async_save(state, checkpoint_id=path, process_group=self.group)
         self._futures[step] = getattr(result, "upload_completion", result)
+
+    def write_resume(self, step: int, resume: dict[str, Any]) -> None:
+        """Rank 0: write the host part of the step's snapshot (atomic); a failure is logged,
+        never raised (the run goes on; the directory then resumes as a new run)."""
+        if self.rank != 0:
+            return
+        path = self.directory / step_name(step)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            atomic_write(path / RESUME_FILE, lambda f: torch.save(resume, f))
+        except Exception as exc:
+            log.warning("trimtab could not write %s of step %d: %s", RESUME_FILE, step, exc)
+
+    def adopt(self, run_id: str, step: int) -> bool:
+        """A process resuming run ``run_id`` at ``step`` takes over the run's directories
+        here: the one at ``step`` (complete) is this writer's from now on, kept as it is
+        (stable: not saved over; ``True`` when ``stable.json`` lists it), and the run's
+        others, those after ``step`` the trajectory the resume left, are deleted (rank 0).
+        Directories of other runs, and those with no ``trimtab.pt``, are left alone."""
+        try:
+            listed = json.loads((self.directory / STABLE_FILE).read_bytes())["stable"]
+            stable = {int(s) for s in listed}
+        except (OSError, ValueError, KeyError, TypeError):
+            stable = set()
+        mine = []
+        for path in sorted(self.directory.glob("step-*")):
+            try:
+                s = int(path.name.split("-", 1)[1])
+            except ValueError:
+                continue
+            if _run_of(path) == run_id:
+                mine.append(s)
+        here = step in mine and _complete(self.directory / step_name(step))
+        if here:
+            self._saved.add(step)
+            if step in stable:
+                self._kept.add(step)
+        doomed = [s for s in mine if s != step or not here]
+        if self.rank == 0:
+            for s in doomed:
+                shutil.rmtree(self.directory / step_name(s), ignore_errors=True)
+            if doomed:
+                log.info("trimtab: run %s resumed at step %d; its other sharded checkpoints "
+                         "(%s) are deleted", run_id, step, ", ".join(map(str, doomed)))
+        return here and step in stable
 
     def _wait(self, step: int, timeout_s: float | None = None) -> None:
         future = self._futures.pop(step, None)
@@ -105,6 +182,7 @@ class ShardedFiles:
         doomed = [s for s in self._saved if s not in held]
         for s in doomed:
             self._saved.discard(s)
+            self._kept.discard(s)
         if self.rank == 0:
             for s in doomed:
                 shutil.rmtree(self.directory / step_name(s), ignore_errors=True)
@@ -127,6 +205,7 @@ class ShardedFiles:
             self._wait(s)
         doomed = [s for s in self._saved if s > step]
         self._saved.difference_update(doomed)
+        self._kept = {s for s in self._kept if s <= step}
         if self.rank == 0:
             for s in doomed:
                 shutil.rmtree(self.directory / step_name(s), ignore_errors=True)
@@ -141,11 +220,14 @@ class ShardedFiles:
 
 
 def load_sharded(
-    directory: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+    directory: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+    scheduler: Any = None,
 ) -> int | None:
     """Load the newest stable, complete sharded checkpoint in ``directory`` into ``model``
-    (already ``fully_shard``-ed as when it was saved) and ``optimizer``; its step, or
-    ``None`` when none loads. A collective: call it on every rank.
+    (already ``fully_shard``-ed as when it was saved), ``optimizer`` and ``scheduler`` (when
+    given and saved); its step, or ``None`` when none loads. A collective: call it on every
+    rank. Then ``guard.load_state_dict(sharded_guard_state(directory, step))`` resumes the
+    same run at that step.
 
     A directory without DCP's ``.metadata`` (a save cut short) or that fails to load is
     skipped with a WARNING and the next older stable one is tried.
@@ -177,5 +259,23 @@ def load_sharded(
         set_state_dict(
             model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"]
         )
+        resume = _read_resume(path)
+        if scheduler is not None and resume is not None and resume.get("scheduler") is not None:
+            scheduler.load_state_dict(resume["scheduler"])
         return step
     return None
+
+
+def sharded_guard_state(directory: str | os.PathLike, step: int) -> dict[str, Any] | None:
+    """What ``guard.load_state_dict`` takes to resume the same run from the sharded
+    checkpoint at ``step`` (as :attr:`Checkpoint.guard_state` for an unsharded one); None
+    when its directory holds none (a save of an older trimtab)."""
+    resume = _read_resume(Path(directory) / step_name(step))
+    if resume is None or not isinstance(resume.get("run"), dict):
+        return None
+    after = resume.get("resume") or {}  # restated after a rollback restored it
+    counters = resume.get("counters") or {}
+    return {**resume["run"], **after.get("run", {}), "step": step,
+            "calls": max(step, int(counters.get("calls", step))),
+            "controls": dict(after.get("controls", resume.get("controls") or {})),
+            "ema": None, "scheduler_stepped": bool(resume.get("scheduler_stepped"))}

@@ -411,22 +411,23 @@ def test_a_resumed_run_takes_over_its_own_files_only(tmp_path) -> None:
         (0, None), (5, "B"), (10, "A"), (20, "A"), (30, "A")]
 
     store = CheckpointStore(keep=1, directory=tmp_path)
-    store.adopt("A", 20)
+    assert store.adopt("A", 20)  # the file at the resumed step is stable
     assert store.flush(10)
     # keep=1: the newest (20, stable too) survives; 10 is pruned, 30 deleted.
-    assert store.steps() == [20] and store.stable_step == 20
+    assert store.steps() == [20]
     assert [(e.step, e.run) for e in files_mod.scan(tmp_path)] == [
         (0, None), (5, "B"), (20, "A")]
     before = (tmp_path / "ckpt-000000000020.pt").read_bytes()
     run.take(store, 20)  # the snapshot of the resumed state leaves the stable file as it is
-    assert store.flush(10)
+    assert store.mark_stable(20)  # as the guard marks it, the file it was loaded from stable
+    assert store.flush(10) and store.stable_step == 20
     assert (tmp_path / "ckpt-000000000020.pt").read_bytes() == before
     assert load_stable(tmp_path).step == 20
     store.close()
     # Resumed at 30 from the loop's own checkpoint: A's stable file at 20 is kept on disk
     # but is no stable checkpoint of the resumed run (a fault would go back past 30).
     later = CheckpointStore(keep=1, directory=tmp_path)
-    later.adopt("A", 30)
+    assert not later.adopt("A", 30)
     assert later.flush(10)
     assert later.steps() == [20] and later.stable_step is None
     later.close()

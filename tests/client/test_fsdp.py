@@ -340,3 +340,64 @@ def test_a_sharded_directory_that_fails_to_load_falls_back_to_the_older_stable_o
         assert load_sharded(tmp_path, model, opt) == 0
     assert torch.equal(model.weight.full_tensor(), at_0)
     assert f"{step_name(10)} skipped" in caplog.text
+
+
+def test_a_sharded_run_resumed_from_its_files_is_the_same_run_at_its_step(one_rank, tmp_path):
+    """An FSDP2 trial: resumed with load_sharded, the job was a new run, its steps counted
+    from 0 again; stable.json took the new numbering, and a second restart loaded the right
+    weights as step 0. Each step directory now holds the guard's state beside the shards
+    (trimtab.pt): the run resumes as itself at the step, with its scheduler, keeps the
+    stable directory it resumed from as it is, and deletes its directories after it."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from trimtab.client._sharded import load_sharded, sharded_guard_state
+
+    mesh = init_device_mesh("cpu", (1,))
+
+    def build(seed: int):
+        torch.manual_seed(seed)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 1))
+        fully_shard(model, mesh=mesh)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=50)
+        guard = attach(model, opt, job="sharded-same-run", checkpoint_every=10,
+                       endpoint=f"tcp://127.0.0.1:{free_port()}", checkpoint_dir=tmp_path,
+                       scheduler=sched)
+        return model, opt, sched, guard
+
+    def train(model, opt, sched, guard, until: int) -> None:
+        g = torch.Generator().manual_seed(7)
+        while guard.global_step < until:
+            x = torch.randn(8, 4, generator=g)
+            loss = model(x).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            guard.step(loss)
+            sched.step()
+
+    model, opt, sched, guard = build(1)
+    train(model, opt, sched, guard, 25)
+    assert guard._store.mark_stable(20)  # as the controller would
+    at_20 = guard._store._held[20]
+    train(model, opt, sched, guard, 35)  # and on, past it: a directory at 30
+    assert guard._store.flush(30) and (tmp_path / step_name(30)).is_dir()
+    run_id = guard.run_id
+    guard.close()  # its files as a kill leaves them once written (close marks nothing)
+    assert (tmp_path / step_name(20) / "trimtab.pt").is_file()
+    before = _dir_bytes(tmp_path / step_name(20))
+
+    for restart in range(2):  # killed again before its first report, then resumed again
+        model, opt, sched, guard = build(2 + restart)
+        step = load_sharded(tmp_path, model, opt, sched)
+        assert step == 20
+        guard.load_state_dict(sharded_guard_state(tmp_path, step))
+        assert guard.run_id == run_id and guard.global_step == 20
+        assert sched.last_epoch == 20  # the loop's scheduler.step() after step 20, made
+        assert all(torch.equal(p.full_tensor(), at_20.model[k]) for k, p in
+                   zip(at_20.model, model.parameters(), strict=True))
+        train(model, opt, sched, guard, 23)
+        guard.close()
+        assert _dir_bytes(tmp_path / step_name(20)) == before  # kept, not saved over
+        assert not (tmp_path / step_name(30)).exists()  # the first process's past 20: gone
+        assert json.loads((tmp_path / "stable.json").read_text())["stable"] == [20]
