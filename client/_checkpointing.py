@@ -110,8 +110,14 @@ class Checkpointing:
     def take_if_due(self) -> None:
         """Take a snapshot when ``global_step`` passed the next multiple of ``every``; call
         where the host knows it exactly (every step in "skip" mode, else at window ends)."""
-        if self.store is not None and self._step.host_step // self.every > self.last // self.every:
+        if self.due():
             self.take()
+
+    def due(self) -> bool:
+        """Whether a snapshot is due at the step the host knows (exact after a window's
+        read): one taken before the read is settled at it, one after is taken then."""
+        return (self.store is not None
+                and self._step.host_step // self.every > self.last // self.every)
 
     def may_be_due(self) -> bool:
         """Whether a snapshot may be due at this window's end, before its skipped steps are

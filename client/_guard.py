@@ -391,6 +391,7 @@ class Guard(GuardState):
             # DDP replicas compared at each report; sharded ranks hold different shards.
             checksum=(None if self._dist is None or self._sharded
                       else lambda: param_checksum(replicated_params(self.model))),
+            snapshot_due=self._ckpts.due,
         )
         self._transport.start()
         # A script that ends without close() still reports its last window, says Bye at

@@ -25,6 +25,8 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from trimtab.protocol.ring import kept
+
 if TYPE_CHECKING:
     import torch
 
@@ -53,6 +55,7 @@ class ReportWindow:
         self, *, probe: Probe, step: Step, reporter: Reporter, commands: Commands,
         transport: Any, store: CheckpointStore | None, dist: DistLink | None,
         hooks: StepHooks | None, checksum: Callable[[], torch.Tensor | None] | None = None,
+        snapshot_due: Callable[[], bool] | None = None,
     ) -> None:
         self._probe = probe
         self._step = step
@@ -63,6 +66,19 @@ class ReportWindow:
         self._dist = dist
         self._hooks = hooks
         self._checksum = checksum
+        self._snapshot_due = snapshot_due
+
+    def _listing(self, store: CheckpointStore) -> list[int]:
+        """The checkpoints the report lists: those the ring holds once this step's snapshot,
+        when one is due, is in (it is taken or settled right after the report). Listed
+        before it, the checkpoint it drops looked held to the controller, which marked it
+        stable as 'the client's next snapshot drops it' and met an error (a WARNING in
+        every Hugging Face run of a trial: mark_stable=100, held 0, 150, 200, 250)."""
+        steps = store.steps()
+        if self._snapshot_due is None or not self._snapshot_due():
+            return steps
+        step = self._step.host_step
+        return sorted(kept([*steps, step], store.stable_step, store.keep) - {step})
 
     def _take_checksum(self) -> torch.Tensor | None:
         """This rank's parameter checksum; None (every rank goes on, the report without a
@@ -101,7 +117,7 @@ class ReportWindow:
                 lr_range=lr_range, replica_spread=spread, replicas_identical=identical,
                 micro_counts=self._step.take_micro_counts(),
                 applied_seq=self._commands.applied_seq,
-                checkpoints=[] if store is None else store.steps(),
+                checkpoints=[] if store is None else self._listing(store),
                 stable_step=None if store is None else store.stable_step,
                 transport=self._transport,
             )

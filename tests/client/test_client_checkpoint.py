@@ -431,3 +431,32 @@ def test_a_resumed_run_takes_over_its_own_files_only(tmp_path) -> None:
     assert later.flush(10)
     assert later.steps() == [20] and later.stable_step is None
     later.close()
+
+
+def test_a_report_lists_only_checkpoints_the_ring_still_holds_after_its_step(
+        fake_controller) -> None:
+    """A preemption trial: every Hugging Face run logged 'mark_stable=100: no checkpoint at
+    that step (held: 0, 150, 200, 250)'. The report at step 250 listed the ring as it was
+    before that step's snapshot, which dropped 100 right after; the controller marked 100
+    as 'the client's next snapshot drops it'. A report at a snapshot's step lists the ring
+    as that snapshot leaves it."""
+    from trimtab.client import attach
+    from trimtab.protocol import wire
+
+    run = Run()
+    guard = attach(run.model, run.opt, job="listing", endpoint=fake_controller.endpoint,
+                   report_every=10, checkpoint_every=20, keep=2, heartbeat_s=0.05)
+    held_after = {}
+    for _ in range(80):
+        x = torch.randn(16, 4)
+        loss = (run.model(x) - x.sum(1, keepdim=True)).pow(2).mean()
+        run.opt.zero_grad()
+        loss.backward()
+        guard.step(loss)
+        held_after[guard.global_step] = set(guard.checkpoints)
+    guard.close()
+    fake_controller.wait_for(lambda c: bool(c.of_type(wire.Bye)))
+    reports = [r for r in fake_controller.of_type(wire.Report) if r.step in held_after]
+    assert len(reports) >= 7
+    for r in reports:
+        assert set(r.checkpoints) <= held_after[r.step], (r.step, r.checkpoints)
