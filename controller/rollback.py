@@ -259,6 +259,10 @@ class RollbackState:
     #: the client lists is marked stable with the first report while nothing is, as the
     #: rollback target of last resort (empty: marked, or none).
     last_resort: list[int] = field(default_factory=list)
+    #: A resume at this step from a save made in a healthy stretch of the run (this
+    #: controller saw the run up to it, and no report near it was unhealthy): a spike
+    #: soon after it, with nothing stable yet, goes back there (None: no such resume).
+    clean_resume: int | None = None
     #: The last resort marked stable (while nothing else was): no climb's target -- a climb
     #: is slow, and going back to where the run was handed over throws away all it trained;
     #: an LR cut in place answers it there (empty: none marked).
@@ -500,6 +504,7 @@ class RollbackState:
         if step in self.last_resort and not self.stable:
             self.resort_marked = [step]
         self.last_resort = []  # something is stable: no longer needed
+        self.clean_resume = None
         if step not in self.stable:
             self.stable = sorted([*self.stable, step])
             self.marked_stable += 1
@@ -568,14 +573,16 @@ class RollbackState:
     _KEYS = frozenset({
         "step", "checkpoints", "at_checkpoint", "in_force_at", "candidates", "stable",
         "unusable",
-        "pending_mark", "last_resort", "resort_marked", "short_marked", "unjudged",
+        "pending_mark", "last_resort", "clean_resume", "resort_marked", "short_marked",
+        "unjudged",
         "pending", "last_unhealthy_step", "last_unhealthy", "history", "cooldown_until",
         "alert", "steps_lost", "rollbacks", "restored", "checkpoints_seen", "marked_stable",
         "skipped_reports", "failed", "last_loss", "climb_check", "climb_moved",
         "before_verdict",
     })
     #: Keys a state saved by an older version lacks, with the value they then take.
-    _ADDED = {"skipped_reports": 0, "last_resort": [], "resort_marked": [], "failed": 0,
+    _ADDED = {"skipped_reports": 0, "last_resort": [], "clean_resume": None,
+              "resort_marked": [], "failed": 0,
               "short_marked": [], "unjudged": [],
               "last_loss": None,
               "climb_check": None, "climb_moved": None, "before_verdict": []}

@@ -79,6 +79,14 @@ def _target(state: RollbackState, cfg: RollbackConfig,
     if not ok and cause in DAMAGE:
         listed = [s for s in state.checkpoints if s <= state.step and s not in state.unusable]
         return min(listed, default=None)
+    resumed = state.clean_resume
+    if (not ok and cause in URGENT and resumed is not None and resumed in state.checkpoints
+            and resumed <= state.step and resumed not in state.unusable):
+        # A resume from a save made in a healthy stretch, and nothing marked stable yet: a
+        # spike soon after it came after the save (the loop replays a bad batch), and goes
+        # back there; the rollback's command marks it. (A save inside a burst is not one:
+        # its last resort waits for a report that is not a spike, see the engine.)
+        return resumed
     return max(ok, default=None)
 
 

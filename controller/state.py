@@ -331,6 +331,14 @@ class JobState(Persisted):
         self.pending_command = None
         self.pending_since = None
         self.rollback.note_resumed(step, msg.origin)
+        # A save made in a healthy stretch: this controller saw the run up to it, and no
+        # report of the last two before it was unhealthy. A spike soon after the resume came
+        # after the save (a bad batch the loop replays), and goes back there.
+        unhealthy = self.rollback.last_unhealthy_step
+        seen = any(s.step <= step for s in self.history)
+        self.rollback.clean_resume = (
+            step if seen and (unhealthy is None or unhealthy <= step - 2 * self.report_every)
+            else None)
         if self.phase is not None and self.phase.start_step > step:
             # A phase that began after the resumed step began on the path set aside: the
             # resumed process holds no sweep. With its checkpoint still behind the run, it

@@ -293,3 +293,39 @@ def test_a_phase_that_began_after_the_resumed_step_starts_over_there(tmp_path, s
         assert st.phase is not None and st.phase.start_step == 200
     else:
         assert st.phase is None and "lr_range_test" not in st.phases_done
+
+
+@pytest.mark.parametrize("burst_before_save", [False, True], ids=["healthy-save", "save-in-burst"])
+def test_a_spike_right_after_a_resume_from_a_healthy_save_goes_back_to_it(
+        tmp_path, burst_before_save):
+    """A preemption re-trial: resumed from the loop's own save at step 700, the loop
+    replayed its bad batches in the first window; nothing was stable yet, so the spike got
+    an LR cut only and the bad updates stayed (final loss 0.0305 against 0.0041 with the
+    same fault and no kill; a Trainer 1.96 against 0.74). A save this controller saw made
+    in a healthy stretch is the spike's rollback target, marked with the rollback. A save
+    inside a burst (a report before it unhealthy) is not: rollbacks to it replay the burst's
+    aftermath (see the test above)."""
+    from trimtab.controller.config import PolicySpec
+
+    ctl, _ = make(tmp_path, policies=[PolicySpec(name="divergence_guard")])
+    applied, lr = _first_run(ctl)
+    st = ctl.jobs["j1"]
+    save = 300
+    if burst_before_save:  # the last report before the save was already a spike
+        ctl.handle(PEER, report(31, 310, loss=40.0, applied_seq=applied, lr=lr,
+                                checkpoints=[0, 100, 200, 300], stable=st.rollback.stable_step))
+        save = 310
+    ctl.handle(PEER, register(run_id="fresh"))
+    ctl.handle(PEER, register(step=save, applied_seq=applied, resume=1, checkpoints=[save],
+                              lr=lr))
+    st = ctl.jobs["j1"]
+    out = [r for r in decoded(ctl.handle(PEER, report(40, save + 10, loss=40.0,
+                                                      applied_seq=applied, lr=lr,
+                                                      checkpoints=[save])))
+           if isinstance(r, wire.Command)]
+    assert st.health is not None and st.health.cause == "loss_spike"
+    back = [c for c in out if c.rollback_to is not None]
+    if burst_before_save:
+        assert not back, out
+    else:
+        assert [(c.rollback_to, c.mark_stable) for c in back] == [(save, save)], out
