@@ -407,7 +407,8 @@ class LrRangeTest(Policy):
         """``(kind, why)``: the run's own LR looks far too ``"high"`` or too ``"low"``
         (None: no evidence, the sweep does not run).
 
-        Within the first ``evidence_reports`` reports (seen from the run's start), an LR far
+        Within the first ``evidence_reports`` reports of the run's path (from its start;
+        after a resume or a rollback to an early step, those before it and since), an LR far
         too high shows as persistent non-finite values, as a loss that blows up (a whole
         window, its lowest loss, above every loss before and ``explode_ratio`` times the
         lowest, in one of the first ``explode_reports`` reports after the first: a fast
@@ -425,7 +426,10 @@ class LrRangeTest(Policy):
         (``python -m bench.tuned``); a run that shows none keeps its own LR untouched.
         """
         cfg: LrRangeTestConfig = self.config  # type: ignore[assignment]
-        if view.reports_seen > cfg.evidence_reports or not view.history:
+        # Counted on the run's path (its history): a run resumed at an early step, or rolled
+        # back to one, is at its start again (counting every report seen, a run killed at
+        # step 120 and resumed from step 0 was past its evidence window by step 90).
+        if len(view.history) > cfg.evidence_reports or not view.history:
             return None  # past the start of the run: its LR has proved itself
         seen = view.history
         if seen[0].step - seen[0].window > cfg.evidence_reports * view.report_every:

@@ -1333,3 +1333,33 @@ def test_in_shadow_the_sweep_is_journaled_once_as_live_would_open_it():
     # Kept with the job's state: a restarted controller asks it nothing more either.
     back = JobState.from_state_dict(json.loads(json.dumps(c.state.state_dict())))
     assert back.shadow_phases == c.state.shadow_phases == {"lr_range_test": opened[0].step}
+
+
+def test_a_run_resumed_at_its_start_is_at_its_start_for_the_evidence():
+    """A preemption re-trial: killed at step 120 with only step 0 stable and resumed there,
+    the run never had its range test (final loss 0.0119 against 0.0089 uninterrupted): the
+    evidence window counted every report the controller had seen, those of the path the
+    resume set aside too, and was over by step 90 of the resumed path. It counts the
+    reports of the run's path."""
+    facts = wire.ScaleFacts(param_count=10, group_sizes=[10], optimizer="AdamW",
+                            dtype="float32", device="cpu")
+    st = JobState.from_register(wire.Register(
+        job="j", run_id="r", report_every=5, knobs=wire.Knobs(lr=LR), base=wire.Knobs(lr=LR),
+        step=0, facts=facts))
+
+    def report(seq: int, step: int, loss: float) -> None:
+        take(st, wire.Report(job="j", seq=seq, step=step, window=5, loss_mean=loss,
+                             loss_min=loss, loss_max=loss, loss_last=loss,
+                             knobs=wire.Knobs(lr=LR), base=wire.Knobs(lr=LR), checkpoints=[0]),
+             DivergenceThresholds())
+
+    for i in range(1, 25):  # the killed process: 24 reports of a steady fall
+        report(i, 5 * i, 4.0 * 0.99 ** i)
+    st.on_resumed(wire.Register(job="j", run_id="r", report_every=5, knobs=wire.Knobs(lr=LR),
+                                base=wire.Knobs(lr=LR), step=0, facts=facts, resume=1,
+                                resume_step=0, checkpoints=[0]))
+    for i, loss in enumerate([0.00082, 0.00105, 0.0009], 1):  # a rise, at the run's start
+        report(i, 5 * i, loss)
+    assert st.reports_seen == 27
+    why = LrRangeTest().far_off(st.view())
+    assert why is not None and "rose" in why
