@@ -7,7 +7,9 @@ A checkpoint at step ``s`` is two files in the directory:
   "stable", "written_ns", "run", "resume"}``; the SHA-256 is that of the ``.pt`` file's
   bytes, ``run`` the run id on the controller (``None``: a snapshot that holds no guard
   state), ``resume`` the guard's state to resume from it after a rollback restored it
-  (``None``: none yet; see :meth:`CheckpointFiles.restate`).
+  (``None``: none when it was written);
+* ``ckpt-<s>.resume.json``: that state, written when a rollback restores it later
+  (:meth:`CheckpointFiles.restate`).
 
 Each file is written to a temporary file in the same directory, flushed and fsynced,
 renamed over its final name with ``os.replace`` (atomic on POSIX and Windows), and the
@@ -80,6 +82,12 @@ def data_name(step: int) -> str:
 
 def manifest_name(step: int) -> str:
     return f"ckpt-{step:012d}.json"
+
+
+def resume_name(step: int) -> str:
+    """The restated guard state of the checkpoint at ``step`` (see
+    :meth:`CheckpointFiles.restate`)."""
+    return f"ckpt-{step:012d}.resume.json"
 
 
 class _Hashing:
@@ -201,6 +209,16 @@ def read_payload(directory: str | os.PathLike, step: int) -> dict[str, Any] | No
         return None
     if meta.get("resume") is not None:  # restated after a rollback restored it
         payload["resume"] = meta["resume"]
+    try:  # restated since, on the training thread (see CheckpointFiles.restate)
+        restated = json.loads((directory / resume_name(step)).read_bytes())
+    except FileNotFoundError:
+        restated = None
+    except (OSError, ValueError) as exc:
+        log.warning("trimtab checkpoint %s: %s unreadable (%s); it resumes with the state "
+                    "of when it was taken", path, resume_name(step), exc)
+        restated = None
+    if isinstance(restated, dict) and restated.get("step") == step:
+        payload["resume"] = restated.get("resume")
     return payload
 
 
@@ -271,7 +289,7 @@ def scan(directory: str | os.PathLike) -> list[Entry]:
 
 @dataclass
 class _Job:
-    kind: str  # "write", "mark", "restate", "delete", "prune", "stop"
+    kind: str  # "write", "mark", "delete", "prune", "stop"
     ckpt: Writable | None = None
     steps: tuple[int, ...] = ()
     generation: int = 0
@@ -361,10 +379,18 @@ class CheckpointFiles:
         self._put(_Job("mark", steps=(step,)))
 
     def restate(self, ckpt: Writable) -> None:
-        """Queue rewriting the manifest of ``ckpt`` (on disk, or written later) with its
-        ``resume`` state: a rollback restored it, and the run goes on from it with the
-        rollback's values. One atomic rename; the data file stays as it is."""
-        self._put(_Job("restate", ckpt))
+        """Write ``ckpt``'s ``resume`` state beside it now, on the calling thread: a
+        rollback restored it, and the run goes on from it with the rollback's values. A
+        small JSON file, written atomically (``ckpt-<s>.resume.json``, read with the
+        checkpoint); not queued behind a checkpoint being written, so that a process killed
+        a step after the rollback resumes with them (a re-trial lost the cut 2 times in 14
+        to a kill 1 step after it, the queued rewrite not yet done). A failure is logged."""
+        body = json.dumps({"step": ckpt.step, "resume": ckpt.resume}).encode()
+        try:
+            atomic_write(self.directory / resume_name(ckpt.step), lambda f: f.write(body))
+        except Exception as exc:
+            log.warning("trimtab could not write %s: %s; a process resumed from it goes on "
+                        "with the state of when it was taken", resume_name(ckpt.step), exc)
 
     def forget(self, ckpt: Writable, cancel: bool = True) -> bool:
         """``ckpt`` left the memory ring: drop its queued write unless it is stable (or
@@ -477,6 +503,10 @@ class CheckpointFiles:
             stale = self._stale(step, job.generation)  # a trajectory rolled back meanwhile
             stable = ckpt.stable
         if not stale:
+            # A state restated for an earlier file of this step is not this one's (first:
+            # a restate of this checkpoint from now on is in its manifest or a file after).
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.directory / resume_name(step))
             _write_manifest(self.directory, step, digest, size, stable, _run_id(ckpt),
                             ckpt.resume)
             with self._cond:
@@ -509,22 +539,10 @@ class CheckpointFiles:
     def _do_delete(self, job: _Job) -> None:
         for step in job.steps:
             # Manifest first: without it the data file is never read, whatever happens next.
-            for name in (manifest_name(step), data_name(step)):
+            for name in (manifest_name(step), data_name(step), resume_name(step)):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self.directory / name)
         _fsync_dir(self.directory)
-
-    def _do_restate(self, job: _Job) -> None:
-        ckpt = job.ckpt
-        assert ckpt is not None
-        with self._cond:
-            if ckpt.step not in self._disk:  # its write, queued, carries it
-                return
-        meta = _read_manifest(self.directory, ckpt.step)
-        if meta is None:
-            return
-        _write_manifest(self.directory, ckpt.step, meta["sha256"], meta["bytes"],
-                        meta["stable"], meta.get("run"), ckpt.resume)
 
     def _do_prune(self, job: _Job) -> None:
         self._prune()

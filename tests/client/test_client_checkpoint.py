@@ -460,3 +460,28 @@ def test_a_report_lists_only_checkpoints_the_ring_still_holds_after_its_step(
     assert len(reports) >= 7
     for r in reports:
         assert set(r.checkpoints) <= held_after[r.step], (r.step, r.checkpoints)
+
+
+def test_a_restated_checkpoint_resumes_with_the_rollbacks_state_even_with_the_writer_busy(
+        tmp_path) -> None:
+    """A preemption re-trial: killed one step after a rollback, a run resumed without the
+    rollback's cut (2 times in 14): the rewrite of the restored checkpoint's state was
+    queued behind the writer's work. It is written at once, on the rollback's thread."""
+    run = Run()
+    store = CheckpointStore(keep=2, directory=tmp_path)
+    state = {"format": 1, "job": "j", "run_id": "A", "resume": 0, "report_seq": 3,
+             "applied_seq": 2, "should_stop": False, "stop_reason": None, "rollbacks": 0,
+             "live": {"schedules": [], "last": {}}}
+    store.take(0, run.model, run.opt, clip=1.0, counters={"calls": 0},
+               controls={"lr_scale": 1.0}, run=state)
+    store.mark_stable(0)
+    assert store.flush(10)
+    store.files.hold()  # the writer busy with a large checkpoint: nothing queued runs
+    store.restate(0, {**state, "applied_seq": 5, "rollbacks": 1}, {"lr_scale": 0.5})
+    loaded = load_stable(tmp_path)  # a process that starts now (this one killed)
+    assert loaded.guard_state["controls"] == {"lr_scale": 0.5}
+    assert loaded.guard_state["rollbacks"] == 1 and loaded.guard_state["applied_seq"] == 5
+    assert loaded.controls == {"lr_scale": 1.0}  # a rollback to it restores these
+    store.files.release()
+    store.close()
+    assert not list(tmp_path.glob("*.resume.json.tmp"))
