@@ -323,7 +323,8 @@ class Controller:
         if listing is not None:
             self.recorder.listed(state, msg, listing)
         self._save(state)
-        log.info("job %s registered (%s), step %d", msg.job, resumed, msg.step)
+        log.info("job %s registered (%s), step %d", msg.job, resumed,
+                 resumed_at(msg) if resumed == "resume" else msg.step)
         self._derive_limits(state)
         replies = [(peer, wire.encode(wire.Heartbeat(job=msg.job, step=state.step))),
                    *replies_dropped]

@@ -256,7 +256,7 @@ def test_retired_run_states_are_kept_per_job_up_to_a_bound(tmp_path):
     j.close()
 
 
-def test_a_resume_is_journaled_at_the_step_it_resumed_at(tmp_path):
+def test_a_resume_is_journaled_at_the_step_it_resumed_at(tmp_path, caplog):
     """Trials: a resumed process whose link came up after its first step registered at
     step 121, and the journal and `decisions` showed the resume at 121 for a resume at 120.
     A resume's registration is journaled at its resume step."""
@@ -265,9 +265,11 @@ def test_a_resume_is_journaled_at_the_step_it_resumed_at(tmp_path):
     reg = wire.Register(job="j1", run_id="r1", step=121, report_every=10, applied_seq=0,
                         facts=FACTS, resume=1, resume_step=120, checkpoints=[120],
                         schedules=[], **in_force(1.0))
-    ctl.handle(PEER, wire.encode(reg))
+    with caplog.at_level("INFO", logger="trimtab.controller"):
+        ctl.handle(PEER, wire.encode(reg))
     event = ctl.journal.events("j1", "register")[-1]
     assert event.data["resumed"] == "resume" and event.step == 120
+    assert "job j1 registered (resume), step 120" in caplog.text  # the log says so too
 
 
 @pytest.mark.parametrize("started, checkpoint", [(150, 100), (250, 100), (250, 250)])
