@@ -4,12 +4,10 @@ A checkpoint at step ``s`` is two files in the directory:
 
 * ``ckpt-<s>.pt``: the payload, ``torch.save``\\ d;
 * ``ckpt-<s>.json``: its manifest, ``{"format", "step", "file", "bytes", "sha256",
-  "stable", "written_ns", "run", "resume"}``; the SHA-256 is that of the ``.pt`` file's
-  bytes, ``run`` the run id on the controller (``None``: a snapshot that holds no guard
-  state), ``resume`` the guard's state to resume from it after a rollback restored it
-  (``None``: none when it was written);
-* ``ckpt-<s>.resume.json``: that state, written when a rollback restores it later
-  (:meth:`CheckpointFiles.restate`).
+  "stable", "written_ns", "run"}``; the SHA-256 is that of the ``.pt`` file's bytes,
+  ``run`` the run id on the controller (``None``: a snapshot that holds no guard state);
+* ``ckpt-<s>.resume.json``, once a rollback restored it: the guard's state to resume from
+  it with (:meth:`CheckpointFiles.restate`).
 
 Each file is written to a temporary file in the same directory, flushed and fsynced,
 renamed over its final name with ``os.replace`` (atomic on POSIX and Windows), and the
@@ -144,14 +142,13 @@ def _run_id(ckpt: Writable) -> str | None:
 
 
 def _write_manifest(directory: Path, step: int, digest: str, size: int, stable: bool,
-                    run: str | None, resume: dict[str, Any] | None = None) -> None:
+                    run: str | None) -> None:
     # written_ns: when (wall clock) it was written or marked stable; the newest stable one
     # is the newest marked, whatever its step (an earlier run's files, or an abandoned
     # trajectory's left by a process that resumed from an older save, may have higher ones).
     # run: whose it is, so that a process resuming the run takes its files over.
     body = {"format": FORMAT, "step": step, "file": data_name(step), "bytes": size,
-            "sha256": digest, "stable": stable, "written_ns": time.time_ns(), "run": run,
-            "resume": resume}
+            "sha256": digest, "stable": stable, "written_ns": time.time_ns(), "run": run}
     atomic_write(directory / manifest_name(step), lambda f: f.write(json.dumps(body).encode()))
 
 
@@ -163,8 +160,7 @@ def _read_manifest(directory: Path, step: int) -> dict[str, Any] | None:
               and meta.get("step") == step and meta.get("file") == data_name(step)
               and isinstance(meta.get("sha256"), str) and isinstance(meta.get("bytes"), int)
               and isinstance(meta.get("stable"), bool)
-              and isinstance(meta.get("run"), (str, type(None)))
-              and isinstance(meta.get("resume"), (dict, type(None))))
+              and isinstance(meta.get("run"), (str, type(None))))
         if not ok:
             raise ValueError(f"not a trimtab checkpoint manifest of step {step}")
     except (OSError, ValueError) as exc:
@@ -207,9 +203,7 @@ def read_payload(directory: str | os.PathLike, step: int) -> dict[str, Any] | No
         log.warning("trimtab checkpoint file %s skipped: not a trimtab checkpoint of step %d",
                     path, step)
         return None
-    if meta.get("resume") is not None:  # restated after a rollback restored it
-        payload["resume"] = meta["resume"]
-    try:  # restated since, on the training thread (see CheckpointFiles.restate)
+    try:  # restated after a rollback restored it (see CheckpointFiles.restate)
         restated = json.loads((directory / resume_name(step)).read_bytes())
     except FileNotFoundError:
         restated = None
@@ -503,12 +497,14 @@ class CheckpointFiles:
             stale = self._stale(step, job.generation)  # a trajectory rolled back meanwhile
             stable = ckpt.stable
         if not stale:
-            # A state restated for an earlier file of this step is not this one's (first:
-            # a restate of this checkpoint from now on is in its manifest or a file after).
+            # A state restated for an earlier file of this step is not this one's; this
+            # one's, restated before it was written, is written again after the removal (a
+            # restate from now on writes its own).
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.directory / resume_name(step))
-            _write_manifest(self.directory, step, digest, size, stable, _run_id(ckpt),
-                            ckpt.resume)
+            if ckpt.resume is not None:
+                self.restate(ckpt)
+            _write_manifest(self.directory, step, digest, size, stable, _run_id(ckpt))
             with self._cond:
                 # Checked again under the lock: a rollback during the manifest write must
                 # not see this step listed afterwards (it belongs to the abandoned run).
@@ -530,7 +526,7 @@ class CheckpointFiles:
         if meta is None:
             return
         _write_manifest(self.directory, step, meta["sha256"], meta["bytes"], True,
-                        meta.get("run"), meta.get("resume"))
+                        meta.get("run"))
         with self._cond:
             if step in self._disk:
                 self._disk[step] = True

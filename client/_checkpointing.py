@@ -122,8 +122,7 @@ class Checkpointing:
     def may_be_due(self) -> bool:
         """Whether a snapshot may be due at this window's end, before its skipped steps are
         known (``global_step`` is at most the host's count then): see :meth:`take_early`."""
-        return (self.store is not None and not isinstance(self.store, ShardedStore)
-                and self._step.host_step // self.every > self.last // self.every)
+        return self.due() and not isinstance(self.store, ShardedStore)
 
     def take_early(self) -> Checkpoint | None:
         """Snapshot the run at a window's end before the window's rows are read, the one

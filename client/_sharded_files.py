@@ -66,6 +66,12 @@ def _read_resume(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) and data.get("format") == _FORMAT else None
 
 
+def _stable_steps(directory: Path) -> list[int]:
+    """The steps ``stable.json`` lists; raises ``OSError``, ``ValueError``, ``KeyError`` or
+    ``TypeError`` when it is missing or unreadable."""
+    return [int(s) for s in json.loads((directory / STABLE_FILE).read_bytes())["stable"]]
+
+
 def _run_of(path: Path) -> str | None:
     resume = _read_resume(path)
     run = None if resume is None else resume.get("run")
@@ -139,8 +145,7 @@ class ShardedFiles:
         others, those after ``step`` the trajectory the resume left, are deleted (rank 0).
         Directories of other runs, and those with no ``trimtab.pt``, are left alone."""
         try:
-            listed = json.loads((self.directory / STABLE_FILE).read_bytes())["stable"]
-            stable = {int(s) for s in listed}
+            stable = set(_stable_steps(self.directory))
         except (OSError, ValueError, KeyError, TypeError):
             stable = set()
         mine = []
@@ -237,8 +242,7 @@ def load_sharded(
 
     directory = Path(directory)
     try:
-        meta = json.loads((directory / STABLE_FILE).read_bytes())
-        stable = [int(s) for s in meta["stable"]]
+        stable = _stable_steps(directory)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         log.warning(
             "trimtab: no readable %s in %s (%s); nothing loaded", STABLE_FILE, directory, exc
@@ -270,12 +274,14 @@ def sharded_guard_state(directory: str | os.PathLike, step: int) -> dict[str, An
     """What ``guard.load_state_dict`` takes to resume the same run from the sharded
     checkpoint at ``step`` (as :attr:`Checkpoint.guard_state` for an unsharded one); None
     when its directory holds none (a save of an older trimtab)."""
+    from ._snapshot import Checkpoint
+
     resume = _read_resume(Path(directory) / step_name(step))
     if resume is None or not isinstance(resume.get("run"), dict):
         return None
-    after = resume.get("resume") or {}  # restated after a rollback restored it
-    counters = resume.get("counters") or {}
-    return {**resume["run"], **after.get("run", {}), "step": step,
-            "calls": max(step, int(counters.get("calls", step))),
-            "controls": dict(after.get("controls", resume.get("controls") or {})),
-            "ema": None, "scheduler_stepped": bool(resume.get("scheduler_stepped"))}
+    # The host part as a checkpoint without tensors: its guard_state is the unsharded one's.
+    return Checkpoint(step=step, model={}, optimizer={}, scheduler=None, rng={},
+                      counters=dict(resume.get("counters") or {}),
+                      controls=dict(resume.get("controls") or {}), run=resume["run"],
+                      resume=resume.get("resume"),
+                      scheduler_stepped=bool(resume.get("scheduler_stepped"))).guard_state

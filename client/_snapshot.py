@@ -139,8 +139,8 @@ class Checkpoint:
     run: dict[str, Any] | None = None
     #: After a rollback restored it: the guard's state to resume from it with, the
     #: rollback's values and counts (``{"run": ..., "controls": ...}``), which
-    #: :attr:`guard_state` gives instead of those of when it was taken. Kept in the file's
-    #: manifest; a rollback still restores ``controls``.
+    #: :attr:`guard_state` gives instead of those of when it was taken. Kept in a file
+    #: beside its own; a rollback still restores ``controls``.
     resume: dict[str, Any] | None = None
     stable: bool = False
     #: Set while the writer thread serializes it (read under the writer's lock).

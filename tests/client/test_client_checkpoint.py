@@ -485,3 +485,23 @@ def test_a_restated_checkpoint_resumes_with_the_rollbacks_state_even_with_the_wr
     store.files.release()
     store.close()
     assert not list(tmp_path.glob("*.resume.json.tmp"))
+
+
+def test_a_checkpoint_restated_before_its_file_is_written_keeps_the_restated_state(
+        tmp_path) -> None:
+    """The file of a checkpoint drops a restated state left by an earlier file of its step,
+    but not its own: a rollback that restated it before the writer got to it."""
+    run = Run()
+    store = CheckpointStore(keep=2, directory=tmp_path)
+    state = {"format": 1, "job": "j", "run_id": "A", "resume": 0, "report_seq": 3,
+             "applied_seq": 2, "should_stop": False, "stop_reason": None, "rollbacks": 0,
+             "live": {"schedules": [], "last": {}}}
+    store.files.hold()  # nothing written yet
+    store.take(0, run.model, run.opt, clip=1.0, counters={"calls": 0},
+               controls={"lr_scale": 1.0}, run=state)
+    store.mark_stable(0)
+    store.restate(0, {**state, "rollbacks": 1}, {"lr_scale": 0.5})
+    store.files.release()
+    assert store.flush(10)
+    assert load_stable(tmp_path).guard_state["controls"] == {"lr_scale": 0.5}
+    store.close()
