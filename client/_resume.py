@@ -121,8 +121,7 @@ def run_state(guard: Guard) -> dict[str, Any]:
                  "last": dict(act.live.last)},
         # Whether the loop steps its scheduler right after this step: a snapshot is taken
         # before that call, which a resume from its file makes for the loop.
-        "scheduler_follows": guard._sched_pattern.follows(guard._step.calls)
-        if hasattr(guard, "_step") else False,
+        "scheduler_follows": guard._sched_pattern.follows(guard._step.calls),
     }
 
 

@@ -302,15 +302,15 @@ class Controller:
             rec.retired.remove(peer)
         rec.last_report = self.clock()  # registered: progress counts from here
         self._touch(rec, peer)
+        # A resume is journaled (and logged) at the step it resumes at: the process may
+        # register a step or two later (its link ready after its first steps).
+        at = msg.step
         if state.is_new_resume(msg):
             resumed = "resume"  # the run, resumed in a new process from the user's checkpoint
-            at = msg.step if msg.resume_step is None else msg.resume_step
+            at = resumed_at(msg)
             log.warning("job %s resumed at step %d (resume %d): %d steps the controller saw "
                         "after it set aside", msg.job, at, msg.resume, max(state.step - at, 0))
-        # A resume is journaled at the step it resumes at: the process may register a step
-        # or two later (its link ready after its first steps), which is not where it resumed.
-        self.journal.append(msg.job, "register",
-                            step=resumed_at(msg) if resumed == "resume" else msg.step, data={
+        self.journal.append(msg.job, "register", step=at, data={
             "resumed": resumed, "key": rec.owner,
             **msg.model_dump(mode="json", exclude={"type", "v", "job", "step"})})
         # A resume sets aside the command the old process had not applied: it never will be.
@@ -323,8 +323,7 @@ class Controller:
         if listing is not None:
             self.recorder.listed(state, msg, listing)
         self._save(state)
-        log.info("job %s registered (%s), step %d", msg.job, resumed,
-                 resumed_at(msg) if resumed == "resume" else msg.step)
+        log.info("job %s registered (%s), step %d", msg.job, resumed, at)
         self._derive_limits(state)
         replies = [(peer, wire.encode(wire.Heartbeat(job=msg.job, step=state.step))),
                    *replies_dropped]

@@ -334,10 +334,11 @@ class JobState(Persisted):
         # A save made in a healthy stretch: this controller saw the run up to it, and no
         # report of the last two before it was unhealthy. A spike soon after the resume came
         # after the save (a bad batch the loop replays), and goes back there.
+        # (The history kept is up to the resumed step: _go_back set aside the rest.)
         unhealthy = self.rollback.last_unhealthy_step
-        seen = any(s.step <= step for s in self.history)
         self.rollback.clean_resume = (
-            step if seen and (unhealthy is None or unhealthy <= step - 2 * self.report_every)
+            step if self.history and (unhealthy is None
+                                      or unhealthy <= step - 2 * self.report_every)
             else None)
         if self.phase is not None and self.phase.start_step > step:
             # A phase that began after the resumed step began on the path set aside: the
