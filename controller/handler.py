@@ -275,6 +275,11 @@ class Controller:
         self._ended.pop(msg.job, None)  # live again: its series are the live job's
         self._unheard.pop(msg.job, None)
         resumed = "live"
+        # The process's own first registration, made at attach, which its load_state_dict
+        # then replaced with the run it resumes before any step (one link, no report).
+        replaces = (state.run_id if rec is not None and state is not None
+                    and rec.peer == peer and state.run_id != msg.run_id
+                    and not state.reports_seen and msg.resume > 0 else None)
         if state is None or state.run_id != msg.run_id:
             self._retire(msg.job, msg.run_id, state)
             self.metrics.new_run(msg.job)
@@ -312,6 +317,7 @@ class Controller:
                         "after it set aside", msg.job, at, msg.resume, max(state.step - at, 0))
         self.journal.append(msg.job, "register", step=at, data={
             "resumed": resumed, "key": rec.owner,
+            **({} if replaces is None else {"replaces": replaces}),
             **msg.model_dump(mode="json", exclude={"type", "v", "job", "step"})})
         # A resume sets aside the command the old process had not applied: it never will be.
         unapplied = state.pending_command

@@ -234,8 +234,10 @@ class Timeline:
             return [self._report(make, d)]
         if ev.kind == "register":
             key = f", key {d['key']}" if d.get("key") else ""
+            replaced = (f"; this process registered as run {d['replaces']} when it attached"
+                        " and took no step as it" if d.get("replaces") else "")
             return [make(why=f"registered ({d.get('resumed', 'new')}, run {d.get('run_id')}"
-                             f"{key})")]
+                             f"{key}){replaced}")]
         if ev.kind == "bye":
             return [make(why=f"ended: {d.get('reason')}")]
         if ev.kind == "lost":

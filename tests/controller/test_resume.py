@@ -331,3 +331,25 @@ def test_a_spike_right_after_a_resume_from_a_healthy_save_goes_back_to_it(
         assert not back, out
     else:
         assert [(c.rollback_to, c.mark_stable) for c in back] == [(save, save)], out
+
+
+def test_a_resume_says_which_registration_of_its_process_it_replaces(tmp_path):
+    """Trials: ``attach`` registers the new process as a new run, and ``load_state_dict``
+    then registers it as the resume; ``decisions`` showed a 'registered (new, run ...)' row
+    before every resume with nothing to say that the process never ran as it. The resume's
+    row names the run it replaces, when that registration came from the same process (one
+    link) and took no step; a resume straight from a new process replaces nothing."""
+    from trimtab.controller.timeline import Timeline
+
+    ctl, _ = make(tmp_path)
+    _first_run(ctl)
+    ctl.handle(b"peer-2", register(run_id="attach-2", step=0))  # the new process attaches
+    ctl.handle(b"peer-2", register(step=200, resume=1, resume_id="p2", checkpoints=[200]))
+    ctl.handle(b"peer-3", register(step=200, resume=2, resume_id="p3", checkpoints=[200]))
+    first, resumed, straight = ctl.journal.events("j1", "register")[-3:]
+    assert first.data["resumed"] == "new" and first.data["run_id"] == "attach-2"
+    assert resumed.data["resumed"] == "resume" and resumed.data["replaces"] == "attach-2"
+    assert straight.data["resumed"] == "resume" and "replaces" not in straight.data
+    (row,) = Timeline().feed(resumed)
+    assert row.why == ("registered (resume, run r1); this process registered as run attach-2 "
+                       "when it attached and took no step as it")
