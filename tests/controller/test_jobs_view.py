@@ -26,3 +26,25 @@ def test_a_name_only_people_sent_requests_for_is_no_job_and_requests_are_not_wor
     lines = JobsView(journal).lines(all_jobs=True, now=2000.0)
     assert [ln.job for ln in lines] == ["a"]
     assert lines[0].last_seen == 1000.0 and lines[0].state == "live"
+
+
+def test_a_resume_from_a_save_before_a_rollback_takes_it_off_the_rollbacks_column(tmp_path):
+    """Preemption re-trial: a run rolled back at step 250, then resumed in a new process
+    from its save at 200, still showed 1 in trimtab jobs' rollbacks column: that rollback
+    is on the path the resume set aside (the controller set it aside too). One before the
+    save stays counted; a rollback not restored is not counted."""
+    journal = Journal(str(tmp_path / "j.db"))
+    journal.append("a", "register", step=0, data={"run_id": "r1", "resumed": "new"})
+    journal.append("a", "rollback", step=120, data={"from_step": 120, "target": 100})
+    journal.append("a", "rollback", step=250, data={"from_step": 250, "target": 200})
+    journal.append("a", "rollback", step=260, data={"from_step": 260, "target": 200})
+    journal.append("a", "restore_failed", step=260, data={"target": 200, "why": "gone"})
+    journal.commit()
+    view = JobsView(journal)
+    assert view.lines(all_jobs=True)[0].rollbacks == 2
+    journal.append("a", "register", step=200, data={"run_id": "r1", "resumed": "resume",
+                                                    "resume_step": 200})
+    journal.commit()
+    (line,) = view.lines(all_jobs=True)
+    assert line.rollbacks == 1
+    assert "rollback_steps" not in line.to_json()
