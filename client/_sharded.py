@@ -302,8 +302,8 @@ class ShardedStore(CheckpointStore):
         super().restate(step, run, controls)
         ckpt = self._held.get(step)
         if (self.dcp is not None and isinstance(ckpt, ShardedCheckpoint)
-                and ckpt.resume is not None and step in self.dcp._saved):
-            self.dcp.write_resume(step, ckpt.resume_file())  # type: ignore[arg-type]
+                and ckpt.resume is not None):
+            self.dcp.restate(step, ckpt.resume_file())  # type: ignore[arg-type]
 
     def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """Nothing ahead of time: sharded snapshots allocate as they are taken."""

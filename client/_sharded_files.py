@@ -138,6 +138,13 @@ class ShardedFiles:
         except Exception as exc:
             log.warning("trimtab could not write %s of step %d: %s", RESUME_FILE, step, exc)
 
+    def restate(self, step: int, resume: dict[str, Any]) -> None:
+        """Rank 0: write the step's host part again (restated after a rollback to it), where
+        this writer saved the step's directory or is saving it; one not saved yet gets it
+        with its save."""
+        if step in self._saved or step in self._futures:
+            self.write_resume(step, resume)
+
     def adopt(self, run_id: str, step: int) -> bool:
         """A process resuming run ``run_id`` at ``step`` takes over the run's directories
         here: the one at ``step`` (complete) is this writer's from now on, kept as it is

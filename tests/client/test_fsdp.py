@@ -401,3 +401,34 @@ def test_a_sharded_run_resumed_from_its_files_is_the_same_run_at_its_step(one_ra
         assert _dir_bytes(tmp_path / step_name(20)) == before  # kept, not saved over
         assert not (tmp_path / step_name(30)).exists()  # the first process's past 20: gone
         assert json.loads((tmp_path / "stable.json").read_text())["stable"] == [20]
+
+
+@pytest.mark.parametrize("in_flight", [False, True])
+def test_a_sharded_checkpoint_restated_after_a_rollback_resumes_with_its_state(
+        one_rank, tmp_path, in_flight):
+    """After a rollback to a sharded step, its trimtab.pt says what the run goes on with
+    (the rollback counted, the cut in force), whether its directory was saved or still
+    being saved when the rollback came; a kill then does not undo the rollback."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from trimtab.client._sharded import ShardedStore, sharded_guard_state
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    state = {"format": 1, "job": "j", "run_id": "A", "resume": 0, "report_seq": 3,
+             "applied_seq": 2, "should_stop": False, "stop_reason": None, "rollbacks": 0,
+             "live": {"schedules": [], "last": {}}}
+    store = ShardedStore(keep=2, directory=tmp_path)
+    store.take(0, model, opt, counters={"calls": 0}, controls={"lr_scale": 1.0}, run=state)
+    store.mark_stable(0)
+    if not in_flight:
+        assert store.flush(30)
+    store.restate(0, {**state, "applied_seq": 5, "rollbacks": 1}, {"lr_scale": 0.5})
+    assert store.flush(30)
+    restated = sharded_guard_state(tmp_path, 0)
+    assert restated["rollbacks"] == 1 and restated["applied_seq"] == 5
+    assert restated["controls"] == {"lr_scale": 0.5}
+    store.close()
