@@ -24,7 +24,10 @@ its traceback and the others still run):
 - ``faults``: :mod:`bench.faults`' task on this device, a fault (``scaled_inputs``)
   injected, a live controller: whether trimtab rolled back and recovered, steps redone.
 - ``writer``: how much a checkpoint file write (torch.save + SHA-256 + fsync on the writer
-  thread) slows a Python loop on the training thread: the GIL's share.
+  thread) slows a Python loop on the training thread: the GIL's share; the time to load
+  the file back with its checksum checked, and the checksum's share; and the small files
+  the training thread writes itself (a sharded step's ``trimtab.pt``, a rollback's
+  restated state).
 - ``tail`` (CUDA only): an experiment for the per-step host time, not trimtab's code path:
   the guard's per-step ops on GPT-2 124M's count of gradients (tiny ones: the host's cost),
   eager as the guard runs them against the part after the norms captured once in a CUDA
@@ -41,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import itertools
 import math
 import os
@@ -558,13 +562,14 @@ def section_faults(out: Report, device: str, quick: bool) -> None:
 
 
 def section_writer(out: Report, device: str, quick: bool) -> None:
-    from trimtab.client._checkpoint_files import CheckpointFiles
+    from trimtab.client._checkpoint_files import CheckpointFiles, data_name, read_payload
 
     mb = 512 if device.startswith("cuda") else (64 if quick else 256)
 
     class Writable:
         def __init__(self, payload: dict) -> None:
             self.step, self.stable, self.writing, self._p = 1, False, False, payload
+            self.run = self.resume = None
 
         def payload(self) -> dict:
             return {"format": 1, "step": self.step, **self._p}
@@ -590,6 +595,18 @@ def section_writer(out: Report, device: str, quick: bool) -> None:
         threading.Thread(target=lambda: (files.flush(), done.set()), daemon=True).start()
         during, during_s = loop(120.0, done)
         wall = time.perf_counter() - t0
+        # Loading it back (a rollback from disk, a resume): read, size and SHA-256 checked,
+        # torch.load; and the checksum alone, over the same bytes.
+        t = time.perf_counter()
+        loaded = read_payload(tmp, 1)
+        load_s = time.perf_counter() - t
+        if loaded is None:
+            raise RuntimeError("the checkpoint just written did not load back")
+        raw = (Path(tmp) / data_name(1)).read_bytes()
+        t = time.perf_counter()
+        hashlib.sha256(raw).hexdigest()
+        sha_s = time.perf_counter() - t
+        del raw, loaded
         files.close()
     rate = (len(during) / during_s) / (len(base) / base_s)
     out(f"A {mb} MB checkpoint written by the writer thread (torch.save + SHA-256 + fsync) "
@@ -604,6 +621,68 @@ def section_writer(out: Report, device: str, quick: bool) -> None:
     out()
     out(f"write: {wall:.2f} s ({mb / wall:.0f} MB/s); main-loop throughput during it: "
         f"{rate:.2f} of before (1.00: the write takes none of the GIL the loop needs)")
+    out()
+    out(f"load (read_payload: read, size and SHA-256 checked, torch.load): {load_s:.2f} s; "
+        f"the SHA-256 alone: {sha_s:.2f} s ({mb / sha_s:.0f} MB/s)")
+    out()
+    _small_writes(out, quick)
+
+
+def _small_writes(out: Report, quick: bool) -> None:
+    """The files written on the training thread itself: a sharded step's ``trimtab.pt`` (rank
+    0, every snapshot) and a rollback's restated state (``ckpt-<s>.resume.json``)."""
+    from bench._serve import free_port
+    from trimtab.client import attach
+    from trimtab.client._checkpoint_files import CheckpointFiles
+    from trimtab.client._sharded_files import ShardedFiles
+
+    model = torch.nn.Linear(8, 8)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / 100))
+    guard = attach(model, opt, job="gpu-small-writes", scheduler=sched,
+                   endpoint=f"tcp://127.0.0.1:{free_port()}")
+    try:
+        run = guard.state_dict()
+        controls = guard._act.state_dict()
+    finally:
+        guard.close()
+    resume = {"format": 1, "step": 100, "run": run, "counters": {"calls": 100},
+              "controls": controls, "clip": 1.0, "scheduler": sched.state_dict(),
+              "scheduler_stepped": True, "resume": None}
+
+    class Restated:
+        step, stable, writing = 100, True, False
+
+        def __init__(self) -> None:
+            self.run, self.resume = run, {**run, "rollbacks": 1}
+
+        def payload(self) -> dict:
+            return {}
+
+    n = 10 if quick else 30
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="trimtab-gpu-small-") as tmp:
+        sharded = ShardedFiles(Path(tmp) / "sharded", keep=2)
+        files = CheckpointFiles(Path(tmp) / "files", keep=2)
+        for label, write in (
+                ("sharded step's trimtab.pt (rank 0, each snapshot)",
+                 lambda: sharded.write_resume(100, resume)),
+                ("rollback's ckpt-<s>.resume.json (each rollback)",
+                 lambda: files.restate(Restated()))):
+            ts = []
+            for _ in range(n):
+                t = time.perf_counter()
+                write()
+                ts.append((time.perf_counter() - t) * 1e3)
+            rows.append((label, ts))
+        files.close()
+    out("Small files written on the training thread (torch.save or JSON, fsync, rename), "
+        f"{n} writes each:")
+    out()
+    out("| file | median (ms) | max (ms) |")
+    out("|---|---|---|")
+    for label, ts in rows:
+        out(f"| {label} | {statistics.median(ts):.2f} | {max(ts):.2f} |")
 
 
 def section_tail(out: Report, device: str, quick: bool) -> None:
