@@ -665,8 +665,10 @@ def _small_writes(out: Report, quick: bool) -> None:
         sharded = ShardedFiles(Path(tmp) / "sharded", keep=2)
         files = CheckpointFiles(Path(tmp) / "files", keep=2)
         for label, write in (
-                ("sharded step's trimtab.pt (rank 0, each snapshot)",
-                 lambda: sharded.write_resume(100, resume)),
+                ("sharded step's trimtab.pt, the training thread's share (serialized, "
+                 "queued; rank 0, each snapshot)", lambda: sharded.write_resume(100, resume)),
+                ("the same written through (rank 0's I/O thread: write, fsync, rename)",
+                 lambda: sharded.write_resume(100, resume, wait=True)),
                 ("rollback's ckpt-<s>.resume.json (each rollback)",
                  lambda: files.restate(Restated()))):
             ts = []
@@ -675,8 +677,10 @@ def _small_writes(out: Report, quick: bool) -> None:
                 write()
                 ts.append((time.perf_counter() - t) * 1e3)
             rows.append((label, ts))
+            sharded.flush()
+        sharded.close()
         files.close()
-    out("Small files written on the training thread (torch.save or JSON, fsync, rename), "
+    out("Small files of the training thread (torch.save or JSON, fsync, rename), "
         f"{n} writes each:")
     out()
     out("| file | median (ms) | max (ms) |")

@@ -330,4 +330,4 @@ class ShardedStore(CheckpointStore):
 
     def close(self, timeout_s: float | None = 60.0) -> None:
         if self.dcp is not None:
-            self.dcp.flush(timeout_s)
+            self.dcp.close(timeout_s)

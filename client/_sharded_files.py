@@ -12,7 +12,10 @@ that its collectives never interleave with training's: the state is staged to ho
 memory before the call returns and written by DCP's background thread. A directory
 counts only once DCP's coordinator has renamed its ``.metadata`` into place, which it
 does after every rank wrote its part. Rank 0 keeps ``stable.json`` (the stable steps,
-written atomically) and deletes the directories the host ring no longer keeps.
+written atomically), writes each directory's ``trimtab.pt`` and deletes the directories
+the host ring no longer keeps, all on an I/O thread of its own, in order: the training
+thread only serializes the small host part (a file's fsync on a network filesystem can
+take tens of ms).
 :func:`load_sharded` resumes a freshly built FSDP model and its optimizer from the
 newest stable complete directory.
 
@@ -22,11 +25,13 @@ newest stable complete directory.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
 import shutil
-from concurrent.futures import Future
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +115,19 @@ class ShardedFiles:
         # kept as they are, not saved over by this process's snapshot of the same step.
         self._kept: set[int] = set()
         self._marked = False  # stable.json is an earlier process's until this one marks
+        # Rank 0's file work (trimtab.pt, stable.json, deletions), in the order asked for.
+        self._io = (ThreadPoolExecutor(1, thread_name_prefix="trimtab-sharded-io")
+                    if self.rank == 0 else None)
+
+    def _rank0(self, work: Callable[[], None]) -> Future | None:
+        """Rank 0: do ``work`` on the I/O thread, after what was asked before (inline once
+        closed); other ranks: nothing."""
+        if self.rank != 0:
+            return None
+        if self._io is None:
+            work()
+            return None
+        return self._io.submit(work)
 
     def save(self, step: int, state: dict[str, Any],
              resume: dict[str, Any] | None = None) -> None:
@@ -126,24 +144,35 @@ class ShardedFiles:
         result = dcp.async_save(state, checkpoint_id=path, process_group=self.group)
         self._futures[step] = getattr(result, "upload_completion", result)
 
-    def write_resume(self, step: int, resume: dict[str, Any]) -> None:
-        """Rank 0: write the host part of the step's snapshot (atomic); a failure is logged,
+    def write_resume(self, step: int, resume: dict[str, Any], wait: bool = False) -> None:
+        """Rank 0: write the host part of the step's snapshot (atomic), serialized now and
+        written on the I/O thread (``wait``: before this returns); a failure is logged,
         never raised (the run goes on; the directory then resumes as a new run)."""
         if self.rank != 0:
             return
+        buf = io.BytesIO()
+        torch.save(resume, buf)
+        body = buf.getvalue()
         path = self.directory / step_name(step)
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-            atomic_write(path / RESUME_FILE, lambda f: torch.save(resume, f))
-        except Exception as exc:
-            log.warning("trimtab could not write %s of step %d: %s", RESUME_FILE, step, exc)
+
+        def write() -> None:
+            try:
+                path.mkdir(parents=True, exist_ok=True)
+                atomic_write(path / RESUME_FILE, lambda f: f.write(body))
+            except Exception as exc:
+                log.warning("trimtab could not write %s of step %d: %s", RESUME_FILE, step,
+                            exc)
+
+        done = self._rank0(write)
+        if wait and done is not None:
+            done.result()
 
     def restate(self, step: int, resume: dict[str, Any]) -> None:
         """Rank 0: write the step's host part again (restated after a rollback to it), where
         this writer saved the step's directory or is saving it; one not saved yet gets it
         with its save."""
         if step in self._saved or step in self._futures:
-            self.write_resume(step, resume)
+            self.write_resume(step, resume, wait=True)
 
     def adopt(self, run_id: str, step: int) -> bool:
         """A process resuming run ``run_id`` at ``step`` takes over the run's directories
@@ -195,20 +224,29 @@ class ShardedFiles:
         for s in doomed:
             self._saved.discard(s)
             self._kept.discard(s)
-        if self.rank == 0:
-            for s in doomed:
-                shutil.rmtree(self.directory / step_name(s), ignore_errors=True)
+        self._delete(doomed)
+
+    def _delete(self, steps: list[int]) -> None:
+        """Rank 0: delete the directories of ``steps`` (on the I/O thread)."""
+        if steps:
+            directory = self.directory
+            self._rank0(lambda: [shutil.rmtree(directory / step_name(s), ignore_errors=True)
+                                 for s in steps])
 
     def mark(self, stable: list[int]) -> None:
         """Rank 0: record ``stable`` in ``stable.json`` (atomic: temporary file, rename)."""
         self._stable = list(stable)
         self._marked = True
-        if self.rank == 0:
-            body = json.dumps({"format": _FORMAT, "stable": self._stable}).encode()
+        body = json.dumps({"format": _FORMAT, "stable": self._stable}).encode()
+        path = self.directory / STABLE_FILE
+
+        def write() -> None:
             try:
-                atomic_write(self.directory / STABLE_FILE, lambda f: f.write(body))
+                atomic_write(path, lambda f: f.write(body))
             except OSError as exc:
                 log.warning("trimtab could not write %s: %s", STABLE_FILE, exc)
+
+        self._rank0(write)
 
     def drop_after(self, step: int, stable: list[int]) -> None:
         """After a rollback to ``step``: wait for the saves in flight (a rollback already
@@ -218,17 +256,30 @@ class ShardedFiles:
         doomed = [s for s in self._saved if s > step]
         self._saved.difference_update(doomed)
         self._kept = {s for s in self._kept if s <= step}
-        if self.rank == 0:
-            for s in doomed:
-                shutil.rmtree(self.directory / step_name(s), ignore_errors=True)
+        self._delete(doomed)
         if self._marked or stable:  # an earlier process's list stays until this one marks
             self.mark(stable)
 
     def flush(self, timeout_s: float | None = None) -> bool:
-        """Wait for the saves in flight; False when one did not finish in time."""
+        """Wait for the saves in flight, then for rank 0's file work; False when one did
+        not finish in time."""
         for s in list(self._futures):
             self._wait(s, timeout_s)
+        done = self._rank0(lambda: None)
+        if done is not None:
+            try:
+                done.result(timeout_s)
+            except TimeoutError:
+                return False
         return not self._futures
+
+    def close(self, timeout_s: float | None = None) -> bool:
+        """:meth:`flush`, then stop the I/O thread (what comes after is done inline)."""
+        flushed = self.flush(timeout_s)
+        if self._io is not None:
+            self._io.shutdown(wait=flushed)
+            self._io = None
+        return flushed
 
 
 def load_sharded(

@@ -34,7 +34,7 @@ def test_bench_gpu_runs_every_section_on_the_cpu(tmp_path) -> None:
     # The writer's checkpoint loads back (a write that failed was once timed as one), and
     # the training thread's own small files are timed.
     assert "load (read_payload" in text and "did not load back" not in text
-    assert "| sharded step's trimtab.pt (rank 0, each snapshot) |" in text
+    assert "| sharded step's trimtab.pt, the training thread's share" in text
 
 
 def test_a_failing_section_does_not_stop_the_others(tmp_path) -> None:
