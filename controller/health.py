@@ -16,7 +16,8 @@ which reads it from the view (:attr:`~trimtab.controller.view.JobView.health`).
   weighted mean and variance of the reports before it; one-sided, upward only) above
   ``loss_z`` and the window's lowest loss at least ``loss_min_rise`` above its EMA; or the
   report before's z-score above ``loss_z`` and this window's lowest loss that far above
-  the EMA (a spike that began at the first step of the window before);
+  the EMA from before that report (a spike that began at the first step of the window
+  before);
 * ``grad_spike``: the gradient-norm z-score above ``grad_norm_z`` and the norm at least
   ``grad_norm_min_ratio`` times its EMA;
 * ``climb``: over a full loss-slope window with no LR change in it, the least-squares slope
@@ -171,13 +172,16 @@ def assess(view: JobView, th: DivergenceThresholds) -> Unhealthy | None:
             # A spike that began at the first step of the window before: that window's
             # lowest loss was its first step's, from before it, so it did not count then,
             # and its mean has since lifted the variance this z-score is measured against.
-            # It counts now if this whole window stands above the EMA (a bad batch or two
-            # in the window before leaves this one's lowest loss below it).
-            rise = _rise(_lowest(last), sig.loss_ref)
+            # It counts now if this whole window stands above the EMA from before that
+            # window (a bad batch or two in it leaves this one's lowest loss below it). Not
+            # the EMA now: that window's mean lifted it too, 13-fold for a 250x jump (a
+            # trial's LR x100 bug under the user's clip went uncaught in 3 seeds of 4).
+            ref = sig.loss_ref if sig.loss_ref_before is None else sig.loss_ref_before
+            rise = _rise(_lowest(last), ref)
             if rise >= th.loss_min_rise:
                 found.append(("loss_spike", f"loss spike from the window before: "
                               f"z={sig.loss_z_before:.1f} > {th.loss_z:g} there, lowest loss "
-                              f"of this window {rise:+.0%} on the EMA"))
+                              f"of this window {rise:+.0%} on the EMA before it"))
         g = last.grad_norm_mean
         if sig.grad_norm_z is not None and g is not None and sig.grad_norm_z > th.grad_norm_z:
             ref = sig.grad_norm_ref

@@ -52,7 +52,7 @@ class Persisted:
     _ADDED = frozenset({"validations_ema", "paused", "operator_actions", "signal_trail",
                         "checkpoint_keep", "nominal_lr", "resume_id", "nonfinite_faults",
                         "loss_z_before", "loss_trend", "warm_start", "lr_spread",
-                        "shadow_phases"})
+                        "shadow_phases", "loss_ref_before"})
 
     def state_dict(self) -> dict[str, Any]:
         """A JSON-serialisable copy (no NaN or infinity) for the journal."""

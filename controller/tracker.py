@@ -94,6 +94,8 @@ class SignalTracker:
         self.loss_z_before: float | None = None
         #: The EMAs before the latest report was folded in (what its z-scores measure against).
         self.refs: tuple[float | None, float | None] = (None, None)
+        #: The loss EMA before the report before the latest was folded in.
+        self.loss_ref_before: float | None = None
         self._points: deque[tuple[int, float]] = deque(maxlen=cfg.slope_window)
         self._slope: tuple[float | None, float | None, float | None] = (None, None, None)
         #: The signals at the newest reported steps (and the registration's), for a rollback;
@@ -106,6 +108,7 @@ class SignalTracker:
 
     def fold(self, step: int, loss: float | None, grad_norm: float | None) -> None:
         """Fold one report (ending at ``step``) in, and mark the signals there."""
+        self.loss_ref_before = self.refs[0]
         self.refs = (_finite(self._loss.mean), _finite(self._grad.mean))
         self.loss_z_before = self.loss_z
         self.loss_z = self._fold(self._loss, loss)
@@ -128,7 +131,7 @@ class SignalTracker:
         points), the gradient norm's kept: what the run trains on moved, and the loss's
         history describes what it trained on before (``RollbackState.check_climb``)."""
         self._loss = _EW()
-        self.loss_z = self.loss_z_before = None
+        self.loss_z = self.loss_z_before = self.loss_ref_before = None
         self.refs = (None, self.refs[1])
         self._points.clear()
         self._slope = (None, None, None)
@@ -162,13 +165,13 @@ class SignalTracker:
             slope_n=len(points), slope_window=self.cfg.slope_window,
             slope_since_step=points[0][0] if points else None,
             loss_ref=self.refs[0], grad_norm_ref=self.refs[1],
-            loss_z_before=self.loss_z_before,
+            loss_z_before=self.loss_z_before, loss_ref_before=self.loss_ref_before,
         )
 
     # -- persistence (the keys of JobState.state_dict it owns) ----------------------------
 
     KEYS = ("loss", "grad_norm", "loss_z", "grad_norm_z", "refs", "slope_points",
-            "signal_marks", "signal_trail", "loss_z_before")
+            "signal_marks", "signal_trail", "loss_z_before", "loss_ref_before")
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -178,6 +181,7 @@ class SignalTracker:
             "signal_marks": [[s, v] for s, v in sorted(self._marks.items())],
             "signal_trail": [[s, y] for s, y in self._trail],
             "loss_z_before": _finite(self.loss_z_before),
+            "loss_ref_before": _finite(self.loss_ref_before),
         }
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
@@ -189,6 +193,7 @@ class SignalTracker:
         self._loss, self._grad = _EW.from_list(sd["loss"]), _EW.from_list(sd["grad_norm"])
         self.loss_z, self.grad_norm_z = sd["loss_z"], sd["grad_norm_z"]
         self.loss_z_before = sd.get("loss_z_before")
+        self.loss_ref_before = sd.get("loss_ref_before")
         self.refs = (sd["refs"][0], sd["refs"][1])
         self._points.clear()
         self._points.extend((int(s), float(y)) for s, y in sd["slope_points"])
@@ -200,18 +205,19 @@ class SignalTracker:
         """The signals as they are now (for :meth:`rewind`), JSON-serialisable."""
         return [self._loss.to_list(), self._grad.to_list(), _finite(self.loss_z),
                 _finite(self.grad_norm_z), [_finite(x) for x in self.refs], len(self._points),
-                _finite(self.loss_z_before)]
+                _finite(self.loss_z_before), _finite(self.loss_ref_before)]
 
     def _load(self, snap: list[Any] | None, at: int | None = None) -> None:
         """Put back what :meth:`_snapshot` gave at step ``at`` (None: afresh)."""
         self._loss, self._grad = _EW(), _EW()
-        self.loss_z = self.grad_norm_z = self.loss_z_before = None
+        self.loss_z = self.grad_norm_z = self.loss_z_before = self.loss_ref_before = None
         self.refs = (None, None)
         self._points.clear()
         if snap is not None:
             self._loss, self._grad = _EW.from_list(snap[0]), _EW.from_list(snap[1])
             self.loss_z, self.grad_norm_z = snap[2], snap[3]
             self.loss_z_before = snap[6] if len(snap) > 6 else None  # older marks: none
+            self.loss_ref_before = snap[7] if len(snap) > 7 else None
             self.refs = (snap[4][0], snap[4][1])
             # The mark's slope points: the newest ``n`` of the trail up to its step, or, in a
             # state saved before the trail, the points themselves.

@@ -50,6 +50,9 @@ class Signals:
     #: spike that began at the first step of that window shows there, its lowest loss not
     #: yet raised.
     loss_z_before: float | None = None
+    #: The loss EMA before the report before the latest was folded in: what a spike that
+    #: began in that report is measured against (its mean has lifted the EMA since).
+    loss_ref_before: float | None = None
 
 
 @dataclass(frozen=True)

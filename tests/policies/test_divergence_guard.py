@@ -303,6 +303,25 @@ def test_a_spike_that_begins_at_a_windows_first_step_is_caught_at_the_next_repor
             assert "from the window before" in props[0].reason
 
 
+def test_a_jump_too_large_for_the_ema_it_lifts_is_still_caught_at_the_next_report():
+    """A controller trial: a loop's LR x100 bug (LambdaLR's base_lrs) under the user's own
+    clip_grad_norm_(1.0), so no gradient spike: the loss went 0.049 -> 27.8 (window mean;
+    its lowest 0.015, the step before the bug acted) -> 8.5 (lowest 0.685), then stayed at
+    chance. The jump lifted the loss EMA 13-fold (alpha 0.05 of a 250x jump), and the next
+    window's lowest loss was measured against that: below it, no spike, in 3 seeds of 4.
+    The next window is measured against the EMA before the jump."""
+    st = job()
+    nxt = calm(st, 60, kind="floor")
+    ema = st.view().signals.loss_ema
+    first = [0.3 * ema]  # the first step's loss, from before the bug acted
+    feed(st, nxt, **window(first + [25 * ema * 30] * (EVERY - 1), [0.9] * EVERY))
+    assert DivergenceGuard().propose(st.view()) == []  # its lowest is from before
+    feed(st, nxt + 1, **window([0.685 / 0.049 * ema] + [8.5 / 0.049 * ema] * (EVERY - 1),
+                               [0.75] * EVERY))
+    (prop,) = DivergenceGuard().propose(st.view())
+    assert prop.rollback == "loss_spike" and "from the window before" in prop.reason
+
+
 def test_the_most_urgent_cause_leads_and_every_cause_is_in_the_reason():
     st = job()
     nxt = calm(st, 50)
