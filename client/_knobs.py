@@ -195,7 +195,10 @@ class Actuator:
         self._last: tuple[Any, Any, Any, Any, float | None, float] | None = None
         #: Whether no controller answers (the guard sets it: see :meth:`engage`).
         self.alone = False
-        self._held = False  # whether a live lr schedule is held for it, said once
+        #: The lr multiplier in force before the command that set the live lr schedule
+        #: (None: none set, or set before this process loaded its state): what a run alone
+        #: goes back to when that schedule would rise (see :meth:`engage`).
+        self.lr_before_live: float | None = None
         # The lowest and highest lr put in for the open report window's steps (group 0's,
         # effective; host floats), and whether a step's lr was a tensor (not read).
         self._window_lr: tuple[float, float] | None = None
@@ -228,6 +231,8 @@ class Actuator:
             if "momentum" in last:
                 self.momentum = last["momentum"]
             self.live.replace(schedules)
+            self.lr_before_live = (self.lr_scale if any(s.knob == "lr" for s in schedules)
+                                   else None)
         if scale.lr is not None:
             self.lr_scale = scale.lr
         if scale.weight_decay is not None:
@@ -265,19 +270,23 @@ class Actuator:
         live = self.live.values(step)
         lr_m = live.get("lr", self.lr_scale)
         if self.alone and lr_m > self.lr_scale:
-            # No controller to watch it: a live lr schedule is not followed above the value
-            # its command set (a range test's sweep rises to where runs blow up); it goes on
-            # from where its trajectory is once a controller answers.
-            if not self._held:
-                self._held = True
-                log.warning(
-                    "trimtab: no controller answers: the live lr schedule (x%.4g now) is held "
-                    "at its command's x%.4g until one does", lr_m, self.lr_scale)
-            lr_m = self.live.last["lr"] = self.lr_scale
-        elif self._held and not self.alone:
-            self._held = False
-            log.warning("trimtab: a controller answers: the live lr schedule goes on (x%.4g)",
-                        lr_m)
+            # No controller to watch it, and a live lr schedule rising past what its command
+            # set (a range test's sweep, up to where runs blow up, which only a controller
+            # ends): it is dropped, and the run goes back to the multiplier in force before
+            # that command. Not held at the command's value (a sweep for a run too hot
+            # starts at 1/400 of it: a trial's run stayed there 1,770 steps), nor taken up
+            # again when a controller answers (a trial's jumped to the sweep's x10): that
+            # controller decides anew, from a run that says it holds no schedule.
+            back = (self.lr_before_live if self.lr_before_live is not None
+                    else max(self.lr_scale, 1.0))
+            log.warning(
+                "trimtab: no controller answers: the live lr schedule (x%.4g now, from its "
+                "command's x%.4g) is dropped; the lr multiplier goes back to x%.4g, in force "
+                "before it, until a controller's next command", lr_m, self.lr_scale, back)
+            self.live.replace([s for s in self.live.schedules if s.knob != "lr"])
+            self.live.last = {k: v for k, v in live.items() if k != "lr"}
+            self.lr_scale = lr_m = back
+            self.lr_before_live = None
         momentum = live.get("momentum", self.momentum)
         groups = self.optimizer.param_groups
         g0 = groups[0]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -315,13 +316,19 @@ class Controller:
             at = resumed_at(msg)
             log.warning("job %s resumed at step %d (resume %d): %d steps the controller saw "
                         "after it set aside", msg.job, at, msg.resume, max(state.step - at, 0))
-        self.journal.append(msg.job, "register", step=at, data={
-            "resumed": resumed, "key": rec.owner,
-            **({} if replaces is None else {"replaces": replaces}),
-            **msg.model_dump(mode="json", exclude={"type", "v", "job", "step"})})
         # A resume sets aside the command the old process had not applied: it never will be.
         unapplied = state.pending_command
         listing = state.on_register(msg)
+        ended, state.dropped_phase = state.dropped_phase, None
+        self.journal.append(msg.job, "register", step=at, data={
+            "resumed": resumed, "key": rec.owner,
+            **({} if replaces is None else {"replaces": replaces}),
+            **({} if ended is None else {"phase_ended": dataclasses.asdict(ended)}),
+            **msg.model_dump(mode="json", exclude={"type", "v", "job", "step"})})
+        if ended is not None:
+            log.warning("job %s: %s's phase ended in place at step %d, nothing found: the "
+                        "client dropped its sweep while it heard no controller, and went back "
+                        "to the lr in force before it", msg.job, ended.policy, state.step)
         replies_dropped = (
             self._withdraw_resumed(state, msg, unapplied)
             if resumed == "resume" and unapplied is not None

@@ -169,6 +169,9 @@ class JobState(Persisted):
         #: the last one found.
         self.phase: Phase | None = None
         self.phases_done: dict[str, Phase] = {}
+        #: A phase the latest registration ended (the client dropped its sweep while it
+        #: heard no controller); the handler journals it and clears this. Not saved.
+        self.dropped_phase: Phase | None = None
         self.found_lr: float | None = None
         #: ``reports_seen`` when the pending command was last sent (None: not this process's
         #: sending): it is sent again after ``resend_after_reports`` without being applied.
@@ -283,7 +286,15 @@ class JobState(Persisted):
         if msg.schedules is not None and self.pending_command is None:
             # What the client runs (none sent is on its way): the controller's record
             # follows it, e.g. after a resume from a save made under older schedules.
+            dropped = set(self.live) - {s.knob for s in msg.schedules}
             self.live = {s.knob: s for s in msg.schedules}
+            if dropped and self.phase is not None and not resumed:
+                # The client dropped the phase's sweep: it heard no controller while the
+                # sweep rose, and went back to the lr before it. The phase ends where the
+                # run is, having found nothing (the run trained on since; a fault the sweep
+                # caused is the safety net's, as any other).
+                phase = self.end_phase(None, in_place=True)
+                self.dropped_phase = phase
         # The listing is taken where the controller knows none of the run's checkpoints: a
         # resume (the new process's), or a run it takes over (it started or restarted without
         # its journal). A run starting afresh lists them with its first report; one the

@@ -236,6 +236,10 @@ class Timeline:
             key = f", key {d['key']}" if d.get("key") else ""
             replaced = (f"; this process registered as run {d['replaces']} when it attached"
                         " and took no step as it" if d.get("replaces") else "")
+            if isinstance(d.get("phase_ended"), dict):
+                replaced += (f"; {d['phase_ended'].get('policy')}'s phase ended in place, "
+                             "nothing found: the client dropped its sweep while it heard no "
+                             "controller, and went back to the lr in force before it")
             return [make(why=f"registered ({d.get('resumed', 'new')}, run {d.get('run_id')}"
                              f"{key}){replaced}")]
         if ev.kind == "bye":

@@ -157,6 +157,47 @@ def test_a_stopped_schedule_leaves_its_last_value_in_force_unless_the_command_se
     act.release()
 
 
+def test_a_rising_schedule_alone_is_dropped_for_the_lr_before_it_and_not_taken_up_again(
+        caplog):
+    """A controller trial: killed mid-sweep (a range test for a run too hot, from x0.0025 up
+    to x10), the client held the sweep at its command's x0.0025, 1/400 of the run's own lr,
+    for the remaining 1,770 steps; a controller back on the journal made it jump to the
+    sweep's x10. Alone, a live lr schedule rising past its command's value is dropped and
+    the run goes back to the multiplier in force before that command; a controller that
+    answers again decides anew. A schedule falling below its command's value (a cosine) is
+    followed alone as before."""
+    opt = _sgd(lr=0.1)
+    act = Actuator(opt, clip=None)
+    act.command(wire.ScaleTargets(lr=0.8), wire.Knobs(), None, None)  # in force: x0.8
+    sweep = wire.SchedulePiece(name="exponential",
+                               params={"lr": 0.0025, "gamma": 4000 ** (1 / 200)}, origin=10)
+    act.command(wire.ScaleTargets(lr=0.0025), wire.Knobs(), None,
+                [wire.LiveSchedule(knob="lr", pieces=[sweep], hi=10.0)])
+    for step in range(10, 60):  # the sweep rises, a controller watching
+        act.engage(step)
+        act.release()
+    assert act.used().lr > 0.1 * 0.0025 * 5
+    act.alone = True
+    with caplog.at_level("WARNING", logger="trimtab.client"):
+        act.engage(60)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.08)  # x0.8, the lr before the sweep
+    act.release()
+    assert not act.live.schedules and act.lr_scale == pytest.approx(0.8)
+    assert "is dropped; the lr multiplier goes back to x0.8" in caplog.text
+    act.alone = False  # a controller answers: nothing is taken up again
+    for step in range(61, 300):
+        act.engage(step)
+        act.release()
+    assert act.used().lr == pytest.approx(0.08)
+    # A cosine below its command's value goes on alone.
+    act.command(wire.ScaleTargets(), wire.Knobs(), None, [_cosine(lr=0.8, t_max=100)])
+    act.alone = True
+    act.engage(50)
+    assert act.live.schedules
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * schedules.cosine(50, 0.8, 100))
+    act.release()
+
+
 @pytest.mark.parametrize(
     ("params", "match"),
     [

@@ -353,3 +353,36 @@ def test_a_resume_says_which_registration_of_its_process_it_replaces(tmp_path):
     (row,) = Timeline().feed(resumed)
     assert row.why == ("registered (resume, run r1); this process registered as run attach-2 "
                        "when it attached and took no step as it")
+
+
+@pytest.mark.parametrize("kept", [False, True])
+def test_a_reconnect_without_the_phases_sweep_ends_the_phase_in_place(tmp_path, kept):
+    """A controller trial: killed mid-sweep and back on its journal, the controller's range
+    test went on while the client no longer ran its sweep. A client alone drops a rising
+    live schedule (and goes back to the lr before it); its registration on a new link then
+    lists no sweep, and the phase ends where the run is, nothing found, journaled with the
+    registration. A reconnect that still lists the sweep keeps the phase."""
+    from trimtab.controller.timeline import Timeline
+
+    ctl, _ = make(tmp_path)
+    _first_run(ctl)
+    st = ctl.jobs["j1"]
+    st.begin_phase("lr_range_test", checkpoint=300)
+    sweep = wire.LiveSchedule(knob="lr", pieces=[wire.SchedulePiece(
+        name="exponential", params={"lr": 0.01, "gamma": 1.05}, origin=300)])
+    st.live = {"lr": sweep}
+    reg = wire.Register(job="j1", run_id="r1", step=340, report_every=10,
+                        applied_seq=st.command_seq, facts=FACTS, checkpoints=[300],
+                        stable_step=300, schedules=[sweep] if kept else [], **in_force(0.5))
+    ctl.handle(PEER, wire.encode(reg))
+    st = ctl.jobs["j1"]
+    event = ctl.journal.events("j1", "register")[-1]
+    if kept:
+        assert st.phase is not None and "phase_ended" not in event.data
+        return
+    assert st.phase is None and st.live == {}
+    done = st.phases_done["lr_range_test"]
+    assert done.in_place and done.found_lr is None and done.end_step == 340
+    assert event.data["phase_ended"]["policy"] == "lr_range_test"
+    (row,) = Timeline().feed(event)
+    assert "lr_range_test's phase ended in place, nothing found" in row.why

@@ -1,12 +1,15 @@
-"""A controller that dies during a range test's sweep does not leave the run climbing.
+"""A controller that dies during a range test's sweep leaves the run neither climbing nor
+stranded.
 
 The sweep is a live schedule the client follows step by step: an lr multiplier rising
 exponentially to where runs blow up, which only the controller ends (it reads the loss
 curve and rolls the run back). With the controller killed mid-sweep, a user's run went on
-climbing to the sweep's top and stayed there (x10 its own lr, uncontrolled). Now a client
-that hears no controller holds a live lr schedule at the value its command set (the
-sweep's start); once a controller answers again the schedule goes on from where its
-trajectory is. A real ``trimtab serve``, SIGKILLed and restarted on its journal.
+climbing to the sweep's top and stayed there (x10 its own lr, uncontrolled); held at the
+sweep's start instead, a trial's run stayed at 1/400 of its own lr for 1,770 steps, and
+jumped to the sweep's x10 when a controller came back. Now a client that hears no
+controller drops the sweep and goes back to the lr in force before it; a controller back
+on its journal sees a run with no sweep, ends the phase in place and journals why. A real
+``trimtab serve``, SIGKILLed and restarted on its journal.
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ config = { when = "always", sweep_steps = 2000 }
 """
 
 
-def test_a_sweep_is_held_at_its_start_while_no_controller_answers(serve_factory, one_thread):
+def test_a_sweep_alone_is_dropped_for_the_lr_before_it_and_its_phase_ends_in_place(
+        serve_factory, one_thread):
     srv = serve_factory(CONFIG)
     task = Regression()
     opt = torch.optim.SGD(task.model.parameters(), lr=LR)
@@ -63,10 +67,11 @@ def test_a_sweep_is_held_at_its_start_while_no_controller_answers(serve_factory,
             step()
         for _ in range(40):
             step()
-        # Alone: held at the sweep's start; what the guard says is what ran.
-        assert ran[-20:] == pytest.approx([start * LR] * 20)
-        assert guard.knobs.lr == pytest.approx(start * LR)
-        assert guard.scale.lr == pytest.approx(start)
+        # Alone: the sweep dropped, back at the lr before it (x1: the run's own); what the
+        # guard says is what ran.
+        assert ran[-20:] == pytest.approx([LR] * 20)
+        assert guard.knobs.lr == pytest.approx(LR) and guard.scale.lr == pytest.approx(1.0)
+        assert not guard._act.live.schedules
 
         back = serve_factory(CONFIG, port=int(srv.endpoint.rsplit(":", 1)[1]),
                              journal=srv.journal_path)
@@ -76,7 +81,12 @@ def test_a_sweep_is_held_at_its_start_while_no_controller_answers(serve_factory,
             if guard.connected:
                 break
         assert guard.connected
-        for _ in range(5):
+        for _ in range(20):
             step()
-        # The sweep goes on where its trajectory is: above where it was left.
-        assert ran[-1] > climbed
+        # Nothing taken up again: the run stays at its own lr, and the controller ended the
+        # phase in place, saying why.
+        assert max(ran[-20:]) == pytest.approx(LR)
+    events = back.journal().events("alone-sweep", "register")
+    ended = [e for e in events if e.data.get("phase_ended")]
+    assert ended and ended[-1].data["phase_ended"]["policy"] == "lr_range_test"
+    assert climbed > 2 * start * LR
