@@ -129,6 +129,12 @@ class ControllerConfig(BaseModel):
     journal: str = "trimtab-journal.db"
     #: A job not heard from for this long is marked lost and its series end.
     job_timeout_s: Annotated[float, Field(gt=0, le=86400)] = 30.0
+    #: A registration of another run under a job's name, from another connection, while
+    #: the job's run was heard within this long, is refused (``conflict``): two live runs
+    #: never share one job's state and commands. A client heartbeats every second by
+    #: default; a run silent this long (a crashed process, its replacement starting) is
+    #: taken over by the new one. Keep it above the clients' ``heartbeat_s``.
+    takeover_after_s: Annotated[float, Field(gt=0, le=86400)] = 10.0
     #: An ended job's series (it said bye, or was lost) stay on /metrics this long, with
     #: ``trimtab_job_live`` 0, so that a job shorter than a scrape interval is scraped and
     #: every job's end is seen; 0: they go at once. Keep it above the scrape interval.

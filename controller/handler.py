@@ -115,6 +115,10 @@ class LiveJob:
         default_factory=lambda: collections.deque(maxlen=8))
     #: With CURVE keys: the key (z85 public key, the ZAP User-Id) the job is bound to.
     owner: str | None = None
+    #: Connections whose registration of another run under this job's name was refused
+    #: (``conflict``): nothing they send is taken as this job's.
+    conflicting: collections.deque[bytes] = field(
+        default_factory=lambda: collections.deque(maxlen=8))
     #: Its governor, with the limits derived from its scale facts (None: the shared one),
     #: and its engine (the shared engine it was copied from, the copy).
     governor: Governor | None = None
@@ -272,6 +276,25 @@ class Controller:
     def _on_register(self, peer: bytes, msg: wire.Register, user: str | None = None
                      ) -> list[Reply]:
         rec = self._jobs.get(msg.job)
+        if rec is not None and peer != rec.peer and peer not in rec.retired:
+            silent = self.clock() - rec.last_seen
+            if rec.state.run_id != msg.run_id and silent < self.config.takeover_after_s:
+                # Another live run under this name (two trials of a sweep named alike): it
+                # would take over the job's state and commands. Refused until the run here
+                # ends, or is silent for takeover_after_s (crashed: its replacement goes on).
+                if peer not in rec.conflicting:
+                    rec.conflicting.append(peer)
+                    log.warning("job %s: a registration of run %s refused: the job is live as "
+                                "run %s on another connection", msg.job, msg.run_id,
+                                rec.state.run_id)
+                return [self._refuse(
+                    peer, "conflict",
+                    f"job {msg.job!r} is live as run {rec.state.run_id} on another "
+                    f"connection (heard {silent:.1f} s ago): two runs may not share a job "
+                    "name; give this run another job, or end that one (a run silent for "
+                    f"{self.config.takeover_after_s:g} s is taken over)", msg.job)]
+            if peer in rec.conflicting:
+                rec.conflicting.remove(peer)
         state = None if rec is None else rec.state
         self._ended.pop(msg.job, None)  # live again: its series are the live job's
         self._unheard.pop(msg.job, None)
@@ -735,7 +758,7 @@ class Controller:
 
     def _live(self, peer: bytes, msg: wire.Report | wire.Ack | wire.Heartbeat | wire.Bye):
         rec = self._jobs.get(msg.job)
-        if rec is None:
+        if rec is None or peer in rec.conflicting:  # another run under its name: not its
             return None
         if peer in rec.retired:  # a replaced connection's late message
             rec.last_seen = self.clock()

@@ -441,7 +441,7 @@ class Error(_Model):
     v: Literal[2] = PROTOCOL_VERSION
     code: Literal[
         "oversized", "malformed", "version", "nonfinite", "invalid", "unknown_job", "unexpected",
-        "stale", "forbidden", "rate_limited",
+        "stale", "forbidden", "rate_limited", "conflict",
     ]
     detail: Text
     job: Annotated[str, Field(max_length=128)] | None = None

@@ -834,3 +834,37 @@ def test_replicas_parting_again_past_the_budget_are_advised_to_stop_with_no_lr_c
     assert cmd.stop_advice.startswith("rollback budget exhausted")
     assert ctl.jobs["rb"].rollback.alert is not None
     assert c.report(**parted) == []  # no cut after it either
+
+
+def test_a_second_live_run_under_a_jobs_name_is_refused_until_the_first_is_silent(tmp_path):
+    """A fleet trial: two trials of a sweep named alike, both live. The second's
+    registration took the job over; the first's reports were then decided on under it and
+    its commands went to the second (a mark acknowledged at the other run's step), the
+    second's own reports were refused as stale, and the first's bye ended the job. A
+    registration of another run from another connection while the job's run is heard is
+    refused ``conflict``, and nothing that connection sends is taken as the job's; once the
+    run is silent for takeover_after_s (crashed), the new run takes the job over."""
+    ctl, clock = make(tmp_path)
+    a, b = b"peer-a", b"peer-b"
+    ctl.handle(a, register(run_id="run-a"))
+    ctl.handle(a, report(1))
+    clock.t += 3.0
+    (err,) = decoded(ctl.handle(b, register(run_id="run-b")))
+    assert isinstance(err, wire.Error) and err.code == "conflict"
+    assert "live as run run-a" in err.detail and "another job" in err.detail
+    (err,) = decoded(ctl.handle(b, report(1)))  # not the job's: it is told to register
+    assert err.code == "unknown_job"
+    ctl.handle(b, wire.encode(wire.Bye(job="j1", step=10, reason="closed")))
+    st = ctl.jobs["j1"]
+    assert st.run_id == "run-a" and st.reports_seen == 1  # the first run's, untouched
+    ctl.handle(a, report(2))  # the first run goes on
+    assert ctl.jobs["j1"].reports_seen == 2
+    # A process of the same run (resumed from its save, the old one not yet silent long)
+    # is no other run: it is followed as the resume.
+    (reply,) = decoded(ctl.handle(b"peer-c", register(run_id="run-a")))
+    assert isinstance(reply, wire.Heartbeat) and ctl.jobs["j1"].run_id == "run-a"
+    clock.t += 10.5  # the run silent past takeover_after_s: a crash; taken over
+    (reply,) = decoded(ctl.handle(b, register(run_id="run-b")))
+    assert isinstance(reply, wire.Heartbeat) and ctl.jobs["j1"].run_id == "run-b"
+    ctl.handle(b, report(1))
+    assert ctl.jobs["j1"].reports_seen == 1

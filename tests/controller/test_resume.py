@@ -341,8 +341,9 @@ def test_a_resume_says_which_registration_of_its_process_it_replaces(tmp_path):
     link) and took no step; a resume straight from a new process replaces nothing."""
     from trimtab.controller.timeline import Timeline
 
-    ctl, _ = make(tmp_path)
+    ctl, clock = make(tmp_path)
     _first_run(ctl)
+    clock.t += 60  # the first process was killed a minute ago
     ctl.handle(b"peer-2", register(run_id="attach-2", step=0))  # the new process attaches
     ctl.handle(b"peer-2", register(step=200, resume=1, resume_id="p2", checkpoints=[200]))
     ctl.handle(b"peer-3", register(step=200, resume=2, resume_id="p3", checkpoints=[200]))
