@@ -235,7 +235,8 @@ def _journal_compact(args: argparse.Namespace) -> int:
         print(f"trimtab journal compact: {exc}", file=sys.stderr)
         return 2
     try:
-        lock = JournalLock(args.journal)  # a running serve compacts its journal itself
+        lock = JournalLock(  # a running serve compacts its journal itself
+            args.journal, busy_advice="stop it first to compact by hand")
     except JournalError as exc:
         print(f"trimtab journal compact: {exc} (it compacts the journal itself every "
               f"{cfg.compact_every_s:g} s)", file=sys.stderr)

@@ -93,6 +93,9 @@ EVENT_KINDS = (
     "withdrawn",
 )
 
+#: Bytes the WAL file is truncated to after a checkpoint (SQLite's journal_size_limit).
+_WAL_LIMIT = 4 * 2**20
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
     id    INTEGER PRIMARY KEY,
@@ -197,6 +200,9 @@ class Journal:
                 # NORMAL in WAL mode: a commit survives a process kill; only power loss
                 # may lose the last transactions, never corrupt the file.
                 self._db.execute("PRAGMA synchronous=NORMAL")
+                # The WAL file is truncated to this after each checkpoint, not left at its
+                # high-water size (a fleet trial: 9.6 MB beside a 20 MB journal).
+                self._db.execute(f"PRAGMA journal_size_limit={_WAL_LIMIT}")
             self._check()
         except sqlite3.OperationalError as exc:  # locked, unreadable, no such directory
             self._close_quietly()

@@ -42,7 +42,11 @@ __all__ = ["JournalLock"]
 class JournalLock:
     """Held from construction until :meth:`release` (or the process ends)."""
 
-    def __init__(self, journal: str) -> None:
+    def __init__(self, journal: str,
+                 busy_advice: str = "stop that one, or give this one another --journal"
+                 ) -> None:
+        #: What the refusal tells the person, when another trimtab holds the journal.
+        self.busy_advice = busy_advice
         # The journal's real path: another name for the same file (a symlink, a path
         # through one) must meet the same lock.
         self.path = (None if journal == ":memory:"
@@ -61,7 +65,7 @@ class JournalLock:
             os.close(fd)
             raise JournalError(
                 f"journal {journal!r} is in use by another trimtab serve (pid {holder}; lock "
-                f"{self.path}); stop that one, or give this one another --journal") from None
+                f"{self.path}); {self.busy_advice}") from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
