@@ -115,9 +115,23 @@ def _mean(xs: list[float]) -> float:
     return math.fsum(xs) / len(xs)
 
 
+def _norms(tensors: list[torch.Tensor]) -> list[torch.Tensor] | tuple[torch.Tensor, ...]:
+    """Each tensor's 2-norm as a float32 scalar on its device: one ``_foreach_norm``,
+    accumulated in float32 (half-precision gradients never overflow it). ``dtype=float32``
+    refuses to narrow float64 tensors (a model in ``.double()``: a trial's loop crashed at
+    its first step): those are normed in float64, then cast, one op each."""
+    try:
+        return torch._foreach_norm(tensors, 2.0, dtype=torch.float32)
+    except RuntimeError:
+        if not any(t.dtype == torch.float64 for t in tensors):
+            raise
+        return [torch.linalg.vector_norm(t, 2.0).float() if t.dtype == torch.float64
+                else torch.linalg.vector_norm(t, 2.0, dtype=torch.float32) for t in tensors]
+
+
 def _sum_sq(tensors: list[torch.Tensor]) -> torch.Tensor:
     """The squared 2-norm of ``tensors`` together, in float32 on their device."""
-    return torch.stack(torch._foreach_norm(tensors, 2.0, dtype=torch.float32)).square().sum()
+    return torch.stack(_norms(tensors)).square().sum()
 
 
 class Probe:
@@ -199,7 +213,7 @@ class Probe:
         for grads in by_device.values():
             if not grads:
                 continue
-            per_tensor = torch._foreach_norm(grads, 2.0, dtype=torch.float32)
+            per_tensor = _norms(grads)
             norm = torch.linalg.vector_norm(torch.stack(per_tensor))
             norms.append(norm if norm.device == self.device else norm.to(self.device))
         if not norms:
@@ -221,7 +235,7 @@ class Probe:
         flat = lists[0] if len(lists) == 1 else [t for gs in lists for t in gs]
         if not flat:
             return [self._zero] * len(lists)
-        per_tensor = torch.stack(torch._foreach_norm(flat, 2.0, dtype=torch.float32))
+        per_tensor = torch.stack(_norms(flat))
         if len(lists) == 1:
             return [torch.linalg.vector_norm(per_tensor)]
         counts = [len(gs) for gs in lists]
@@ -286,7 +300,7 @@ class Probe:
         self.flat = flat
         loss_at, norms, total = self._views[self.row]
         with torch.no_grad():  # the loss is part of a graph: its copy is not
-            per_tensor = torch.stack(torch._foreach_norm(flat, 2.0, dtype=torch.float32))
+            per_tensor = torch.stack(_norms(flat))
             if len(lists) == 1 and self.groups == 1:
                 torch.linalg.vector_norm(per_tensor.expand(2, -1), dim=1, out=norms)
             else:
@@ -334,7 +348,7 @@ class Probe:
             return
         with torch.no_grad():
             gn = torch.linalg.vector_norm(torch.stack(
-                torch._foreach_norm(grads, 2.0, dtype=torch.float32)))
+                _norms(grads)))
             scale = gn / norm
             if len({d.dtype for d in delta}) == 1:
                 torch._foreach_mul_(delta, scale.to(delta[0].dtype))
@@ -344,7 +358,7 @@ class Probe:
                                         scale.to(dtype))
             torch._foreach_add_(delta, grads)  # type: ignore[arg-type]
             s = torch.linalg.vector_norm(torch.stack(
-                torch._foreach_norm(delta, 2.0, dtype=torch.float32)))
+                _norms(delta)))
             cos = 1.0 - (s / gn) ** 2 / 2.0
             self.buf[self.row, self._align_col] = cos.clamp(-1.0, 1.0)
 
@@ -395,8 +409,8 @@ class Probe:
         with torch.no_grad():
             after = [p.detach() for p in self._params]
             delta = torch._foreach_sub(after, before)
-            dn = torch.stack(torch._foreach_norm(delta, 2.0, dtype=torch.float32))
-            wn = torch.stack(torch._foreach_norm(before, 2.0, dtype=torch.float32))
+            dn = torch.stack(_norms(delta))
+            wn = torch.stack(_norms(before))
             norms = [torch.linalg.vector_norm(n.to(self.device)) for n in (dn, wn)]
             if self.sharding is not None:
                 norms = self.sharding.global_norms(norms)
