@@ -52,6 +52,7 @@ from ._options import (
     _resolve_mode,
     _shown,
     check_endpoint,
+    check_pairing,
     ring_too_short,
 )
 from ._probe import Probe
@@ -139,7 +140,10 @@ class Guard(GuardState):
     policy-gradient loss such as PPO's, whose value term grows with the returns; a GAN's
     generator): the controller then draws nothing from its trend or curve (no ``climb``
     rollback, no range test, no plateau cut); non-finite values and spikes are still
-    rolled back.
+    rolled back. Left out (``None``), it is True, unless another guard is open in the
+    same process (a GAN's two optimizers, an actor-critic's): then both register False.
+    A guard is refused on an optimizer another open guard steers, and for a model none of
+    whose parameters the optimizer steps.
 
     The loop's own state (``extra_state``: a dict of name -> object with ``state_dict()``
     and ``load_state_dict()``, e.g. ``{"swa": swa_model, "swa_sched": swalr, "ema":
@@ -240,13 +244,14 @@ class Guard(GuardState):
         reseed_on_rollback: bool = True,
         ema: float | None = None,
         extra_state: dict[str, Any] | None = None,
-        loss_trend: bool = True,
+        loss_trend: bool | None = None,
     ) -> None:
         _check_options(job, report_every, clip, batch_size, heartbeat_s, queue_size,
                        nonfinite, liveness)
         _check_switches(hooks, reseed_on_rollback, loss_trend)
         #: Whether the loss is expected to fall as the run learns (registered).
-        self.loss_trend = loss_trend
+        self.loss_trend = loss_trend is not False
+        self._loss_trend_given = loss_trend is not None
         # A wrapper (accelerate's): the guard works on the torch optimizer under it and
         # steps through it. See trimtab.client._wrapped.
         wrapper, optimizer = optimizer, unwrap(optimizer)
@@ -270,6 +275,14 @@ class Guard(GuardState):
         self._warm_start = any(bool(s) for s in optimizer.state.values())
         check_decay(ema)
         check_endpoint(endpoint)
+        check_pairing(model, optimizer)
+        steering = next((g for g in _OPEN.values() if not g._closed
+                         and g.optimizer is optimizer), None)
+        if steering is not None:
+            # Each would scale the lr the other put in, and journal the other's as the
+            # user's (an examples trial: one said base 0.025 for a user's 0.05).
+            raise _refused("optimizer", _shown(wrapper), f"one no open guard in this process "
+                           f"steers (job {steering.job!r} does: close it first)")
         other = _OPEN.get(job)
         if other is not None and not other._closed:
             # Two guards on one job would mix two runs' reports (and roll one back for the
@@ -341,6 +354,7 @@ class Guard(GuardState):
             self._abandon()
             raise
         _OPEN[job] = self
+        _a_game_if_shared()
 
     def _start(self, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, endpoint: str,
                job: str, context: zmq.Context | None, heartbeat_s: float, liveness: int,
@@ -689,6 +703,30 @@ class Guard(GuardState):
 #: The open guards of this process, by job (weakly: a guard never closed is not kept alive
 #: by it): a second guard on a job one already has is refused.
 _OPEN: weakref.WeakValueDictionary[str, Guard] = weakref.WeakValueDictionary()
+
+
+def _a_game_if_shared() -> None:
+    """Several open guards in one process are one loop's several optimizers: a GAN's
+    generator and discriminator, an actor-critic's two nets. Their losses are a game's,
+    not expected to fall as each learns (the other moves), so a guard left at
+    ``loss_trend=None`` registers ``loss_trend=False`` (again, if it registered already):
+    no climb verdict, no range test, no plateau cut; spikes and non-finite values are
+    still rolled back. An examples trial: a tuned DCGAN's discriminator got an LR range
+    test on 3 seeds of 3 (its updates lined up with the next gradient), up to x50 its lr,
+    and ended 6% worse (a pixel-space Frechet distance)."""
+    guards = [g for g in _OPEN.values() if not g._closed]
+    if len(guards) < 2:
+        return
+    flipped = [g for g in guards if not g._loss_trend_given and g.loss_trend]
+    for g in flipped:
+        g.loss_trend = False
+        if g._transport is not None:
+            g._transport.reregister()
+    if flipped:
+        log.info("trimtab: guards of jobs %s share this process (a GAN's or an actor-critic's "
+                 "optimizers): registered with loss_trend=False, no climb verdict or range "
+                 "test (attach(..., loss_trend=True) keeps them)",
+                 ", ".join(repr(g.job) for g in guards))
 
 
 def _finish(guard: weakref.ref[Guard], transport: Transport,

@@ -7,6 +7,7 @@ A refused option names the option, the value given and what is allowed.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 import re
 from typing import Any
@@ -16,6 +17,8 @@ import torch
 from trimtab.protocol import wire
 
 from ._checkpoint_files import unfileable
+
+log = logging.getLogger("trimtab.client")
 
 __all__ = ["NONFINITE_MODES", "check_endpoint"]
 
@@ -264,15 +267,37 @@ def _check_extra_state(
     return dict(extra_state)
 
 
+def check_pairing(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """The model is the one whose parameters the optimizer steps: refused when none of the
+    optimizer's parameters is the model's (an examples trial swapped a GAN's pair,
+    ``attach(netD, optimizerG)``: accepted, and a rollback reset the discriminator, which
+    the other optimizer trains, while the generator it steered stayed as it was, the
+    journal saying 'restored'); a WARNING when some are not (a rollback restores only the
+    model's)."""
+    owned = {id(p) for p in model.parameters()}
+    stepped = [p for g in optimizer.param_groups for p in g["params"]]
+    if not owned or not stepped:
+        return
+    outside = sum(id(p) not in owned for p in stepped)
+    if outside == len(stepped):
+        raise _refused("model", _shown(model), f"the module whose parameters the optimizer "
+                       f"steps: none of its {len(stepped)} parameters is one of this "
+                       "model's (two model-optimizer pairs swapped?)")
+    if outside:
+        log.warning("trimtab: %d of the optimizer's %d parameters are not the model's: a "
+                    "rollback restores the model's only", outside, len(stepped))
+
+
 def _check_switches(hooks: object, reseed_on_rollback: object,
                     loss_trend: object = True) -> None:
     if not isinstance(hooks, bool):
         raise _invalid("hooks", hooks, "True (the optimizer's step hooks) or False")
     if not isinstance(reseed_on_rollback, bool):
         raise _invalid("reseed_on_rollback", reseed_on_rollback, "True or False")
-    if not isinstance(loss_trend, bool):
-        raise _invalid("loss_trend", loss_trend, "True (the loss falls as the run learns) "
-                       "or False (a policy-gradient or GAN generator loss)")
+    if loss_trend is not None and not isinstance(loss_trend, bool):
+        raise _invalid("loss_trend", loss_trend, "True (the loss falls as the run learns), "
+                       "False (a policy-gradient loss, a GAN's) or None (True, unless "
+                       "other guards share the process)")
 
 
 def _check_validation(value: object, step: object, ema: object = None) -> None:

@@ -1,0 +1,78 @@
+"""Several optimizers in one loop (a GAN, an actor-critic): one guard per model-optimizer
+pair, registered as a game; and the pairings a user can get wrong refused.
+
+An examples trial (pytorch/examples' DCGAN): the discriminator's job got an LR range test
+on every seed and ended 6% worse than bare; ``attach(netD, optimizerG)`` (the pair
+swapped) was accepted and a rollback reset the wrong net while the journal said
+'restored'; two guards on one optimizer each scaled its lr and one journaled the other's
+lr as the user's."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from trimtab.client import attach
+from trimtab.protocol import wire
+
+
+def _pair(seed: int):
+    torch.manual_seed(seed)
+    net = torch.nn.Linear(4, 4)
+    return net, torch.optim.Adam(net.parameters(), lr=2e-4, betas=(0.5, 0.999))
+
+
+def test_two_guards_in_one_process_register_as_a_game_unless_told(fake_controller, caplog):
+    net_d, opt_d = _pair(0)
+    net_g, opt_g = _pair(1)
+    net_x, opt_x = _pair(2)
+    d = attach(net_d, opt_d, job="gan-D", endpoint=fake_controller.endpoint, hooks=True,
+               heartbeat_s=0.05)
+    fake_controller.wait_for(lambda c: any(r.job == "gan-D" for r in c.of_type(wire.Register)))
+    assert d.loss_trend  # alone in its process so far
+    with caplog.at_level("INFO", logger="trimtab.client"):
+        g = attach(net_g, opt_g, job="gan-G", endpoint=fake_controller.endpoint, hooks=True,
+                   heartbeat_s=0.05)
+    x = attach(net_x, opt_x, job="side", endpoint=fake_controller.endpoint, loss_trend=True,
+               heartbeat_s=0.05)
+    try:
+        assert (d.loss_trend, g.loss_trend, x.loss_trend) == (False, False, True)
+        assert "share this process" in caplog.text
+
+        def last(job):
+            return [r for r in fake_controller.of_type(wire.Register) if r.job == job][-1]
+
+        fake_controller.wait_for(lambda c: last("gan-D").loss_trend is False
+                                 and any(r.job == "gan-G" for r in c.of_type(wire.Register))
+                                 and any(r.job == "side" for r in c.of_type(wire.Register)))
+        assert last("gan-G").loss_trend is False and last("side").loss_trend is None
+    finally:
+        for guard in (d, g, x):
+            guard.close()
+    # Closed, they share nothing: a later guard alone is an ordinary run.
+    alone = attach(*_pair(3), job="later", endpoint=fake_controller.endpoint)
+    assert alone.loss_trend
+    alone.close()
+
+
+def test_a_swapped_pair_and_a_second_guard_on_one_optimizer_are_refused(dead_endpoint,
+                                                                        caplog):
+    net_d, opt_d = _pair(0)
+    net_g, opt_g = _pair(1)
+    with pytest.raises(ValueError, match=r"^model=Linear.* is invalid; allowed: the module "
+                                         r"whose parameters the optimizer steps: none of its 2"):
+        attach(net_d, opt_g, job="swapped", endpoint=dead_endpoint)
+    first = attach(net_g, opt_g, job="twoA", endpoint=dead_endpoint)
+    try:
+        with pytest.raises(ValueError, match=r"optimizer=.*allowed: one no open guard in this "
+                                             r"process steers \(job 'twoA' does"):
+            attach(net_g, opt_g, job="twoB", endpoint=dead_endpoint)
+    finally:
+        first.close()
+    # A model holding only some of the optimizer's parameters: a warning, not a refusal.
+    extra = torch.nn.Parameter(torch.zeros(3))
+    opt = torch.optim.SGD([*net_d.parameters(), extra], lr=0.1)
+    with caplog.at_level("WARNING", logger="trimtab.client"):
+        part = attach(net_d, opt, job="part", endpoint=dead_endpoint)
+    part.close()
+    assert "1 of the optimizer's 3 parameters are not the model's" in caplog.text
