@@ -51,7 +51,7 @@ except ImportError:  # pragma: no cover - the extra is not installed
 
 import torch
 
-from ._guard import Guard
+from ._guard import Guard, sigterm_left_alone
 from ._hooks import check_callback_options
 
 __all__ = ["TrimtabCallback"]
@@ -111,7 +111,8 @@ class TrimtabCallback(pl.Callback):
                 trainer.gradient_clip_val,
                 options["clip"],
             )
-        self.guard = Guard(pl_module, optimizer, job=self.job, hooks=True, **options)
+        with sigterm_left_alone():  # Lightning's own handler stops the fit on SIGTERM
+            self.guard = Guard(pl_module, optimizer, job=self.job, hooks=True, **options)
 
     def on_before_backward(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor

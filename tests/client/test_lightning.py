@@ -329,3 +329,33 @@ def test_a_rollback_leaves_the_trainers_step_ahead_by_the_steps_rolled_back_plus
     guard = callback.guard
     assert guard.rollbacks == 1 and trainer.global_step == 20
     assert trainer.global_step - guard.global_step == (12 - 10) + 1
+
+
+@pytest.mark.integration
+def test_the_callback_leaves_sigterm_to_lightning(fake_controller) -> None:
+    """Lightning stops a fit at a step boundary on SIGTERM (its handler sets a flag; with
+    SLURM it requeues). A plain guard closes on SIGTERM where nothing handles it, and
+    Lightning composes a handler it finds with its own: the callback's guard installs none,
+    and a plain guard's handler does nothing when another handler calls it."""
+    import signal
+
+    from trimtab.client import _guard
+
+    seen = []
+
+    class Watch(pl.Callback):
+        def on_train_start(self, trainer, pl_module) -> None:
+            handler = signal.getsignal(signal.SIGTERM)
+            seen.append(list(getattr(handler, "signal_handlers", [handler])))
+
+    before = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    hooked = _guard._SIGTERM_HOOKED
+    _guard._SIGTERM_HOOKED = False
+    try:
+        cb = TrimtabCallback(job="pl-sigterm", endpoint=fake_controller.endpoint)
+        _trainer(cb, 3, Watch()).fit(Regression(), _loader())
+        assert seen and _guard._on_sigterm not in seen[0]
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # Lightning's, undone
+    finally:
+        signal.signal(signal.SIGTERM, before)
+        _guard._SIGTERM_HOOKED = hooked
