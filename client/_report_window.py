@@ -22,6 +22,7 @@ stop training.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -67,6 +68,9 @@ class ReportWindow:
         self._hooks = hooks
         self._checksum = checksum
         self._snapshot_due = snapshot_due
+        #: When the log last said the run is stuck alone (every step skipped, no controller
+        #: heard); None: not stuck.
+        self._stuck_said: float | None = None
 
     def _listing(self, store: CheckpointStore) -> list[int]:
         """The checkpoints the report lists: those the ring holds once this step's snapshot,
@@ -93,6 +97,25 @@ class ReportWindow:
             self._checksum = None
             return None
 
+    def _note_stuck(self, steps: int, skipped: int) -> None:
+        """An ERROR when every step of a window was skipped (non-finite) while no controller
+        answers, and again every 10 minutes while it lasts: the weights no longer move, and
+        only a controller rolls the run back. A controller trial: a fault while the
+        controller was gone left a run skipping every step for 5,400 iterations, its only
+        log line the link's."""
+        if skipped < steps or not self._transport.offline:
+            self._stuck_said = None
+            return
+        now = time.monotonic()
+        if self._stuck_said is not None and now - self._stuck_said < 600.0:
+            return
+        self._stuck_said = now
+        log.error("trimtab: job %s: every step of the last window up to step %d was skipped "
+                  "(non-finite gradients or loss) and no controller answers to roll the run "
+                  "back: its weights no longer move. A controller that answers rolls it back; "
+                  "else restore a checkpoint (guard.checkpoints; load_stable) or stop the run",
+                  self._reporter.job, self._step.host_step)
+
     def close(self) -> None:
         """Reduce the open window's rows and queue its report (none for an empty window)."""
         try:
@@ -109,6 +132,7 @@ class ReportWindow:
             self._step.window_closed(stats.nonfinite_grads, stats.scaler_skips)
             if stats.steps == 0:
                 return
+            self._note_stuck(stats.steps, stats.nonfinite_grads)
             # What the window's last step used, the user's own values then, the multipliers.
             knobs, base, scale = self._commands.note_in_force()
             store = self._store

@@ -260,3 +260,28 @@ def test_attach_warns_when_its_ring_drops_every_checkpoint_before_one_can_be_sta
     guard = attach(model, opt, job="default-ring", endpoint=dead_endpoint, report_every=10)
     guard.close()
     assert not _lines(caplog, "keep x checkpoint_every")
+
+
+def test_a_run_alone_whose_every_step_is_skipped_says_it_is_stuck(dead_endpoint, caplog):
+    """A controller trial: a fault while no controller answered left a run with non-finite
+    weights skipping every step for 5,400 iterations; its only log line was the link's.
+    Every step of a window skipped while alone is an ERROR (once, then every 10 minutes);
+    a window with a step taken, or a controller heard, ends it."""
+    model, opt = _model_and_opt()
+    guard = attach(model, opt, job="stuck", endpoint=dead_endpoint, report_every=5,
+                   heartbeat_s=0.05, liveness=2)
+    try:
+        time.sleep(0.3)  # alone: a liveness window with no word
+        for _ in range(5):
+            _train_step(model, opt, guard)  # healthy: no error
+        with torch.no_grad():
+            model.weight.fill_(float("nan"))  # the fault: every step non-finite from here
+        with caplog.at_level(logging.ERROR, logger="trimtab.client"):
+            for _ in range(20):
+                _train_step(model, opt, guard)
+        said = [r.getMessage() for r in caplog.records
+                if "no longer move" in r.getMessage()]
+        assert len(said) == 1 and "job stuck: every step of the last window up to step 5" \
+            in said[0], said
+    finally:
+        guard.close()
