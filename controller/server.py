@@ -19,8 +19,10 @@ binds every job to the key that registered it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
 import threading
 import time
 
@@ -73,6 +75,9 @@ class Server:
             allowed = AllowList(config.curve_allowed_clients)
             operators = (None if config.curve_operators is None
                          else AllowList(config.curve_operators, "curve_operators"))
+        # A start that fails leaves no journal (nor lock) it created behind it.
+        self._new_journal = (config.journal != ":memory:"
+                             and not os.path.exists(config.journal))
         self._lock = JournalLock(config.journal)  # one controller per journal
         try:
             self.controller = Controller(config, Journal(config.journal), registry=self.registry)
@@ -141,6 +146,12 @@ class Server:
         self._close_sockets()
         self.controller.close()
         self._lock.release()
+        if self._new_journal:  # made by this start: nothing in it but the schema
+            for path in (self.config.journal, f"{self.config.journal}-wal",
+                         f"{self.config.journal}-shm", self._lock.path):
+                if path is not None:
+                    with contextlib.suppress(OSError):
+                        os.remove(path)
 
     @property
     def metrics_address(self) -> str | None:

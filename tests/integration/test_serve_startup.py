@@ -124,6 +124,8 @@ def test_a_busy_metrics_port_is_named(tmp_path):
         out, err = proc.communicate(timeout=30)
     assert proc.returncode == 2
     assert f"cannot serve metrics on 127.0.0.1:{port} (--metrics-addr, --metrics-port)" in err
+    # A refused start leaves no journal, nor lock, it made (a controller trial found both).
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 def test_a_busy_bind_address_is_named(tmp_path):
@@ -136,6 +138,7 @@ def test_a_busy_bind_address_is_named(tmp_path):
                str(tmp_path / "journal.db")]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2 and f"cannot bind tcp://127.0.0.1:{port}" in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 def test_sigterm_logs_the_jobs_whose_state_it_saved(tmp_path):
