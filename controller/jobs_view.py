@@ -67,6 +67,11 @@ class JobsView:
         #: Names something was heard from or saved for: not only people's requests (a
         #: refused request names whatever it was sent for, a typo or another shard's job).
         self._known: set[str] = set()
+        #: Per job: the run its line shows, and what the line said of each earlier run (a
+        #: name reused by another run, or an attach registration its process replaced with
+        #: a resume: the line follows the run that registered last).
+        self._run: dict[str, str] = {}
+        self._runs: dict[tuple[str, str], tuple[list[int], str, int | None]] = {}
 
     def update(self) -> list[JobLine]:
         """Read what was journaled since the last call; every job's line, by name."""
@@ -97,8 +102,21 @@ class JobsView:
         return [ln for ln in self.update()
                 if all_jobs or ln.state == "live" or now - ln.last_seen <= RECENT_S]
 
-    @staticmethod
-    def _feed(line: JobLine, ev: Event) -> None:
+    def _switch_run(self, line: JobLine, run: str) -> None:
+        """A registration of ``run``: the line's rollbacks and last decision are that run's
+        (none for a new one), not those of an earlier run under the same name."""
+        was = self._run.get(line.job)
+        if was == run:
+            return
+        if was is not None:
+            self._runs[(line.job, was)] = (line.rollback_steps, line.last_decision,
+                                           line.last_decision_step)
+        steps, line.last_decision, line.last_decision_step = self._runs.pop(
+            (line.job, run), ([], "", None))
+        line.rollback_steps, line.rollbacks = list(steps), len(steps)
+        self._run[line.job] = run
+
+    def _feed(self, line: JobLine, ev: Event) -> None:
         if ev.kind != "manual":  # a person's request is not word from the job
             line.last_seen = max(line.last_seen, ev.ts)
         if ev.step is not None and ev.kind in ("report", "register", "ack", "bye", "lost"):
@@ -106,6 +124,8 @@ class JobsView:
         d = ev.data
         if ev.kind == "register":
             line.state = "live"
+            if isinstance(d.get("run_id"), str):
+                self._switch_run(line, d["run_id"])
             at = d.get("resume_step")
             at = at if isinstance(at, int) else ev.step
             if (d.get("resumed") == "resume" and isinstance(at, int)

@@ -48,3 +48,28 @@ def test_a_resume_from_a_save_before_a_rollback_takes_it_off_the_rollbacks_colum
     (line,) = view.lines(all_jobs=True)
     assert line.rollbacks == 1
     assert "rollback_steps" not in line.to_json()
+
+
+def test_a_name_reused_by_another_run_shows_that_runs_rollbacks_and_decisions(tmp_path):
+    """A fleet trial: trials reusing a name showed the rollbacks and last decision of
+    earlier runs under it (14 names wrong; 'rollbacks 1, rollback 250 -> 100' for a latest
+    run that had none), where the metrics start each run from zero. A line follows the run
+    that registered last; an attach registration its process replaced with a resume gives
+    the resumed run its own history back."""
+    journal = Journal(str(tmp_path / "j.db"))
+    journal.append("a", "register", step=0, data={"run_id": "r1", "resumed": "new"})
+    journal.append("a", "rollback", step=250, data={"from_step": 250, "target": 100,
+                                                    "reason": "loss_spike", "why": "z"})
+    journal.append("a", "bye", step=400, data={"reason": "closed"})
+    journal.append("a", "register", step=0, data={"run_id": "r2", "resumed": "new"})
+    journal.commit()
+    view = JobsView(journal)
+    (line,) = view.lines(all_jobs=True)
+    assert (line.rollbacks, line.last_decision) == (0, "")
+    # r1 resumed in a new process that registered as r3 first, at attach.
+    journal.append("a", "register", step=0, data={"run_id": "r3", "resumed": "new"})
+    journal.append("a", "register", step=300, data={"run_id": "r1", "resumed": "resume",
+                                                    "resume_step": 300, "replaces": "r3"})
+    journal.commit()
+    (line,) = view.lines(all_jobs=True)
+    assert line.rollbacks == 1 and line.last_decision.startswith("rollback 250 -> 100")
