@@ -200,7 +200,9 @@ class Decision:
     def reasons(self) -> list[str]:
         """One line per commanded knob, for ``wire.Command.reasons`` (each within 1024 chars),
         led by the rollback's."""
-        lead = [self.rollback.describe()] if self.rollback is not None else []
+        lr = self.knobs.get("lr")
+        lead = [] if self.rollback is None else [self.rollback.describe(
+            *(() if lr is None else (lr.commanded, lr.limits)))]
         live = [] if self.schedules is None else [_describe_live(s) for s in self.schedules]
         if self.schedules == ():
             live = ["live schedules stopped: values per decision"]

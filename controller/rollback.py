@@ -73,6 +73,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -214,13 +215,18 @@ class RollbackPlan:
         """A planned rollback (level 0: to a named checkpoint, ending a phase)."""
         return self.level == 0
 
-    def describe(self) -> str:
-        """One line for a Command's reasons and the log."""
+    def describe(self, lr: float | None = None, limits: Sequence[str] = ()) -> str:
+        """One line for a Command's reasons and the log; ``lr`` and ``limits``: the lr
+        multiplier the command carries and the governor limits that made it other than
+        the cut asked (a controller trial: a reason said 'lr x0.25' of a command that
+        carried x0.5, max_step_ratio's)."""
         if self.planned:
             return (f"planned rollback from step {self.from_step} to checkpoint "
                     f"{self.target_step} by {self.policy or '?'}: {self.cause}: "
                     f"{self.reason}")[:1024]
         cut = "no lr cut" if self.cut == 1.0 else f"lr x{self.cut:.3g}"
+        if lr is not None and limits:
+            cut += f" asked, x{lr:.6g} commanded [limited: {', '.join(limits)}]"
         return (f"rollback from step {self.from_step} to stable step {self.target_step} "
                 f"(level {self.level}, {cut}) by {self.policy or '?'}: "
                 f"{self.cause}: {self.reason}")[:1024]

@@ -364,6 +364,11 @@ def test_the_governor_bounds_and_step_ratio_per_level_still_bound_the_cut():
     st = with_stable()
     d = decided(Engine([guard()], Governor(), rollback=deep), st)
     assert d.commands == {"lr": 0.5} and d.knobs["lr"].limits == ("max_step_ratio",)
+    # The command's reason says what it carries, not only the cut asked (a controller
+    # trial: 'lr x0.25' on a command that carried x0.5).
+    assert d.reasons()[0].startswith(
+        "rollback from step 1000 to stable step 500 (level 1, lr x0.01 asked, x0.5 "
+        "commanded [limited: max_step_ratio]) by guard")
     st = with_stable()
     floor = Governor(GovernorConfig(lr=KnobLimits(min_rel=0.8)))
     d = decided(Engine([guard()], floor, rollback=deep), st)
