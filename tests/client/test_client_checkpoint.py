@@ -505,3 +505,51 @@ def test_a_checkpoint_restated_before_its_file_is_written_keeps_the_restated_sta
     assert store.flush(10)
     assert load_stable(tmp_path).guard_state["controls"] == {"lr_scale": 0.5}
     store.close()
+
+
+def test_marks_that_come_after_their_checkpoint_left_the_ring_space_the_snapshots_out(
+        dead_endpoint, caplog) -> None:
+    """A controller trial: at ~1 ms a step, the controller's stable marks came after their
+    checkpoints left the ring (13 in a row, 'no checkpoint at that step'), and the only
+    stable checkpoint stayed at step 700 of 40,000. A mark for a checkpoint the ring
+    dropped doubles the snapshot interval (at most 8x), so that one stays until marked."""
+    from trimtab.client import attach
+    from trimtab.protocol import wire
+
+    run = Run()
+    guard = attach(run.model, run.opt, job="late-marks", endpoint=dead_endpoint,
+                   checkpoint_every=10, keep=2, report_every=5)
+
+    def steps(n: int) -> None:
+        for _ in range(n):
+            x = torch.randn(16, 4)
+            loss = (run.model(x) - x.sum(1, keepdim=True)).pow(2).mean()
+            run.opt.zero_grad()
+            loss.backward()
+            guard.step(loss)
+
+    def mark(seq: int, step: int) -> None:
+        guard._transport._handle(wire.Command(job="late-marks", seq=seq, mark_stable=step))
+        steps(1)
+
+    try:
+        steps(50)
+        assert guard.checkpoints[-2:] == [40, 50]
+        with caplog.at_level("WARNING", logger="trimtab.client"):
+            mark(1, 20)  # decided when 20 was held; the ring dropped it since
+        assert "snapshots are now taken every 20 steps (checkpoint_every=10)" in caplog.text
+        steps(49)  # to step 100: every 20 from here
+        assert [s for s in guard.checkpoints if s > 51] == [80, 100]
+        mark(2, 80)  # in time now
+        assert guard.stable_step == 80
+        mark(3, 90)  # no checkpoint was taken there: not a late mark
+        assert guard._ckpts.every == 20
+        for seq, late in enumerate((60, 60, 60, 60), start=4):  # late again: never past 8x
+            mark(seq, late)
+        assert guard._ckpts.every == 20  # 60 is older than the stable 80: not late either
+        steps(100)
+        for seq, late in enumerate((120, 120, 120, 120), start=8):
+            mark(seq, late)
+        assert guard._ckpts.every == 80
+    finally:
+        guard.close()
