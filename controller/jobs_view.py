@@ -71,6 +71,8 @@ class JobsView:
         #: name reused by another run, or an attach registration its process replaced with
         #: a resume: the line follows the run that registered last).
         self._run: dict[str, str] = {}
+        #: When each job's step was last taken from an event.
+        self._step_ts: dict[str, float] = {}
         self._runs: dict[tuple[str, str], tuple[list[int], str, int | None]] = {}
 
     def update(self) -> list[JobLine]:
@@ -81,10 +83,15 @@ class JobsView:
             if ev.kind != "manual":
                 self._known.add(ev.job)
         live = set(self.journal.states(live_only=True))
+        saved = self.journal.state_times()
         for job, sd in self.journal.states().items():
             self._known.add(job)
             line = self._lines.setdefault(job, JobLine(job))
-            line.step = sd.get("step", line.step)
+            if saved.get(job, 0.0) > self._step_ts.get(job, -1.0):
+                # The saved state is newer than the events' step (a state saved every
+                # few seconds lags the reports: a controller killed at step 110 had saved
+                # step 10; the reports say 110).
+                line.step = sd.get("step", line.step)
             line.knobs = dict(sd.get("effective") or {})
             line.alert = (sd.get("rollback") or {}).get("alert")
             p = sd.get("paused")
@@ -120,7 +127,11 @@ class JobsView:
         if ev.kind != "manual":  # a person's request is not word from the job
             line.last_seen = max(line.last_seen, ev.ts)
         if ev.step is not None and ev.kind in ("report", "register", "ack", "bye", "lost"):
-            line.step = ev.step
+            # A job marked lost by a restarted controller is at the step its saved state
+            # says, which may lag the reports journaled before the restart.
+            line.step = (max(ev.step, line.step) if ev.kind == "lost" and line.step is not None
+                         else ev.step)
+            self._step_ts[line.job] = ev.ts
         d = ev.data
         if ev.kind == "register":
             line.state = "live"

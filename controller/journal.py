@@ -334,6 +334,10 @@ class Journal:
         sql = "SELECT job, state FROM job_state" + (" WHERE live = 1" if live_only else "")
         return {job: json.loads(s) for job, s in self._db.execute(sql)}
 
+    def state_times(self) -> dict[str, float]:
+        """When each stored job state was saved, by job."""
+        return {job: ts for job, ts in self._db.execute("SELECT job, ts FROM job_state")}
+
     def events(
         self, job: str | None = None, kind: str | None = None, *, after_id: int = 0,
     ) -> list[Event]:

@@ -73,3 +73,26 @@ def test_a_name_reused_by_another_run_shows_that_runs_rollbacks_and_decisions(tm
     journal.commit()
     (line,) = view.lines(all_jobs=True)
     assert line.rollbacks == 1 and line.last_decision.startswith("rollback 250 -> 100")
+
+
+def test_the_step_shown_is_the_reports_when_the_saved_state_lags_them(tmp_path):
+    """An examples trial: a controller killed and restarted; trimtab jobs showed 'live step
+    10', then 'lost step 10', where the journal held reports to step 110 (the state is
+    saved every few seconds, the reports as they come)."""
+    journal = Journal(str(tmp_path / "j.db"))
+    now = [1000.0]
+    journal.clock = lambda: now[0]
+    journal.append("a", "register", step=0, data={"run_id": "r1", "resumed": "new"})
+    journal.save_state("a", {"step": 10, "effective": {}})
+    for i in range(1, 12):
+        now[0] += 1
+        journal.append("a", "report", step=10 * i, seq=i, data={})
+    journal.commit()
+    view = JobsView(journal)
+    assert view.lines(all_jobs=True)[0].step == 110
+    now[0] += 60  # the restarted controller marks it lost at its saved state's step
+    journal.append("a", "lost", step=10, data={"silent_s": 60.0, "unheard": True})
+    journal.save_state("a", {"step": 10, "effective": {}}, live=False)
+    journal.commit()
+    (line,) = view.lines(all_jobs=True)
+    assert (line.state, line.step) == ("lost", 110)
