@@ -377,6 +377,20 @@ class Journal:
             deleted[what] = cur.rowcount
             if left is not None:
                 left -= cur.rowcount
+        if cfg.ended_state_s > 0 and (left is None or left > 0):
+            old = now - cfg.ended_state_s
+            cap = "" if left is None else f" LIMIT {int(left)}"
+            n = 0
+            for table, where in (("job_state", "live = 0 AND ts < ?"), ("run_state", "ts < ?")):
+                self._begin()
+                cur = self._db.execute(f"DELETE FROM {table} WHERE rowid IN (SELECT rowid "
+                                       f"FROM {table} WHERE {where}{cap})", (old,))
+                self._autocommit_if_idle()
+                n += cur.rowcount
+                if left is not None:
+                    left -= cur.rowcount
+                    cap = f" LIMIT {max(int(left), 0)}"
+            deleted["ended job states"] = n
         return deleted
 
     def vacuum(self) -> None:

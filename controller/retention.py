@@ -16,7 +16,12 @@ coarser grain. So (``[retention]`` in the controller's config):
 - **then thinned** to one report per job per ``downsample_s`` (60 s): the curve stays;
   the per-report records of decisions that changed nothing, shadow, stale and abandoned
   reports, and the checkpoints never marked stable go;
-- **dropped after** ``max_age_s`` (90 days; 0: never): the thinned reports too.
+- **dropped after** ``max_age_s`` (90 days; 0: never): the thinned reports too;
+- **the saved state of a job that ended**, and of runs a later run under its name
+  replaced, **dropped after** ``ended_state_s`` (7 days; 0: never): each is ~20-30 KB
+  (its signals' history) and only resumes that run from the user's checkpoint; later
+  such a resume starts its controller state afresh. A fleet trial: 385 short trials left
+  one such row each for good, 28 KB a trial once reports were thinned.
 
 ``trimtab serve`` compacts every ``compact_every_s``, in slices of at most ``batch_rows``
 rows deleted, one per turn of its loop, between messages. Measured on a 2-core VM under
@@ -50,6 +55,9 @@ class RetentionConfig(BaseModel):
     downsample_s: Annotated[float, Field(gt=0)] = 60.0
     #: Thinned reports older than this are dropped (0: never).
     max_age_s: Annotated[float, Field(ge=0)] = 90 * 86400.0
+    #: The saved states of ended jobs, and of runs replaced under a job's name, older than
+    #: this are dropped (0: never).
+    ended_state_s: Annotated[float, Field(ge=0)] = 7 * 86400.0
     #: ``trimtab serve`` compacts this often (0: never; ``trimtab journal compact`` then).
     compact_every_s: Annotated[float, Field(ge=0)] = 600.0
     #: Rows deleted per slice (one slice per turn of the serve loop).
