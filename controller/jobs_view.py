@@ -77,23 +77,24 @@ class JobsView:
 
     def update(self) -> list[JobLine]:
         """Read what was journaled since the last call; every job's line, by name."""
-        for ev in self.journal.iter_events(after_id=self._after):
+        # A report's data is never read here: its step and time are the row's.
+        for ev in self.journal.iter_events(after_id=self._after, bare=frozenset({"report"})):
             self._after = ev.id
             self._feed(self._lines.setdefault(ev.job, JobLine(ev.job)), ev)
             if ev.kind != "manual":
                 self._known.add(ev.job)
-        live = set(self.journal.states(live_only=True))
-        saved = self.journal.state_times()
-        for job, sd in self.journal.states().items():
+        summaries = self.journal.state_summaries()
+        live = {job for job, (is_live, _, _) in summaries.items() if is_live}
+        for job, (_, saved, sd) in summaries.items():
             self._known.add(job)
             line = self._lines.setdefault(job, JobLine(job))
-            if saved.get(job, 0.0) > self._step_ts.get(job, -1.0):
+            if saved > self._step_ts.get(job, -1.0) and sd["step"] is not None:
                 # The saved state is newer than the events' step (a state saved every
                 # few seconds lags the reports: a controller killed at step 110 had saved
                 # step 10; the reports say 110).
-                line.step = sd.get("step", line.step)
+                line.step = sd["step"]
             line.knobs = dict(sd.get("effective") or {})
-            line.alert = (sd.get("rollback") or {}).get("alert")
+            line.alert = sd.get("alert")
             p = sd.get("paused")
             line.paused = None if not p else f"{p.get('who')} at step {p.get('step')}: " \
                                              f"{p.get('reason')}"

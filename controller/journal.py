@@ -334,6 +334,19 @@ class Journal:
         sql = "SELECT job, state FROM job_state" + (" WHERE live = 1" if live_only else "")
         return {job: json.loads(s) for job, s in self._db.execute(sql)}
 
+    def state_summaries(self) -> dict[str, tuple[bool, float, dict[str, Any]]]:
+        """Per job: whether live, when saved, and the few fields of its saved state that
+        ``trimtab jobs`` shows (``step``, ``effective``, ``alert``, ``paused``), read by
+        SQLite's JSON functions: a state is ~20-30 KB, its signals' history mostly."""
+        rows = self._db.execute(
+            "SELECT job, live, ts, json_extract(state, '$.step'), "
+            "json_extract(state, '$.effective'), json_extract(state, '$.rollback.alert'), "
+            "json_extract(state, '$.paused') FROM job_state")
+        return {job: (bool(live), ts, {
+            "step": step, "effective": json.loads(eff) if eff else None, "alert": alert,
+            "paused": json.loads(paused) if paused else None})
+            for job, live, ts, step, eff, alert, paused in rows}
+
     def state_times(self) -> dict[str, float]:
         """When each stored job state was saved, by job."""
         return {job: ts for job, ts in self._db.execute("SELECT job, ts FROM job_state")}
@@ -346,8 +359,15 @@ class Journal:
 
     def iter_events(
         self, job: str | None = None, kind: str | None = None, *, after_id: int = 0,
+        bare: frozenset[str] = frozenset(),
     ) -> Iterator[Event]:
-        sql, args = "SELECT id, ts, job, kind, step, seq, data FROM events WHERE id > ?", [after_id]
+        """Events in order, optionally for one job and/or of one kind; those of the kinds
+        in ``bare`` without their data (``{}``: not read, not decoded; most of a journal's
+        bytes are its reports', which a reader of steps and times never needs)."""
+        data = "data" if not bare else (
+            "CASE WHEN kind IN (" + ",".join("?" * len(bare)) + ") THEN '{}' ELSE data END")
+        sql = f"SELECT id, ts, job, kind, step, seq, {data} FROM events WHERE id > ?"
+        args: list[Any] = [*sorted(bare), after_id]
         if job is not None:
             sql, args = sql + " AND job = ?", [*args, job]
         if kind is not None:
