@@ -234,7 +234,7 @@ class Guard(GuardState):
         context: zmq.Context | None = None,
         nonfinite: str = "auto",
         liveness: int = 3,
-        reconnect_max_s: float = 32.0,
+        reconnect_max_s: float = 8.0,
         checkpoint_every: int = 100,
         keep: int = 3,
         checkpoint_dir: str | os.PathLike | None = None,

@@ -133,7 +133,7 @@ class Transport:
         heartbeat_s: float = 1.0,
         liveness: int = 3,
         queue_size: int = 64,
-        reconnect_max_s: float = 32.0,
+        reconnect_max_s: float = 8.0,
         hwm: int = 256,
         zmq_heartbeat: bool = True,
         curve: CurveKeys | None = None,
