@@ -403,16 +403,13 @@ def test_a_sharded_run_resumed_from_its_files_is_the_same_run_at_its_step(one_ra
         assert json.loads((tmp_path / "stable.json").read_text())["stable"] == [20]
 
 
-@pytest.mark.parametrize("in_flight", [False, True])
-def test_a_sharded_checkpoint_restated_after_a_rollback_resumes_with_its_state(
-        one_rank, tmp_path, in_flight):
-    """After a rollback to a sharded step, its trimtab.pt says what the run goes on with
-    (the rollback counted, the cut in force), whether its directory was saved or still
-    being saved when the rollback came; a kill then does not undo the rollback."""
+def _one_sharded_store(tmp_path):
+    """A 1-rank FSDP2 Linear, its SGD, a guard's run state and a ShardedStore on
+    ``tmp_path``."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from trimtab.client._sharded import ShardedStore, sharded_guard_state
+    from trimtab.client._sharded import ShardedStore
 
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 2)
@@ -421,7 +418,18 @@ def test_a_sharded_checkpoint_restated_after_a_rollback_resumes_with_its_state(
     state = {"format": 1, "job": "j", "run_id": "A", "resume": 0, "report_seq": 3,
              "applied_seq": 2, "should_stop": False, "stop_reason": None, "rollbacks": 0,
              "live": {"schedules": [], "last": {}}}
-    store = ShardedStore(keep=2, directory=tmp_path)
+    return model, opt, state, ShardedStore(keep=2, directory=tmp_path)
+
+
+@pytest.mark.parametrize("in_flight", [False, True])
+def test_a_sharded_checkpoint_restated_after_a_rollback_resumes_with_its_state(
+        one_rank, tmp_path, in_flight):
+    """After a rollback to a sharded step, its trimtab.pt says what the run goes on with
+    (the rollback counted, the cut in force), whether its directory was saved or still
+    being saved when the rollback came; a kill then does not undo the rollback."""
+    from trimtab.client._sharded import sharded_guard_state
+
+    model, opt, state, store = _one_sharded_store(tmp_path)
     store.take(0, model, opt, counters={"calls": 0}, controls={"lr_scale": 1.0}, run=state)
     store.mark_stable(0)
     if not in_flight:
@@ -442,19 +450,9 @@ def test_rank_0s_file_work_never_holds_the_snapshot_step(one_rank, tmp_path):
     mark return, and the files land, in order, once it goes on."""
     import threading
 
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from trimtab.client._sharded import sharded_guard_state
 
-    from trimtab.client._sharded import ShardedStore, sharded_guard_state
-
-    torch.manual_seed(0)
-    model = torch.nn.Linear(4, 2)
-    fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    state = {"format": 1, "job": "j", "run_id": "A", "resume": 0, "report_seq": 3,
-             "applied_seq": 2, "should_stop": False, "stop_reason": None, "rollbacks": 0,
-             "live": {"schedules": [], "last": {}}}
-    store = ShardedStore(keep=2, directory=tmp_path)
+    model, opt, state, store = _one_sharded_store(tmp_path)
     gate = threading.Event()
     store.dcp._rank0(gate.wait)  # the I/O thread stuck (a slow filesystem)
     try:
