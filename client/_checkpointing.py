@@ -268,7 +268,11 @@ class Checkpointing:
         stable = self.store.stable_step if self.store is not None else None
         unmarked = [s for s in held if s != stable]
         if (not unmarked or step >= min(unmarked) or step % self.every
-                or (stable is not None and step <= stable) or self.every >= 8 * self.every_set):
+                or (stable is not None and step <= stable) or self.every >= 8 * self.every_set
+                # Dropped lately, by the ring's last turn: a mark much older was decided on
+                # long-stale reports (a controller stopped, then working off its backlog),
+                # which no interval mends (a re-trial: a mark for 200 at step 2364).
+                or step < min(unmarked) - self.every * max(self.store.keep, 1)):
             return
         self.every *= 2
         log.warning("trimtab: the controller's stable mark for step %d came after that "

@@ -535,20 +535,22 @@ def test_marks_that_come_after_their_checkpoint_left_the_ring_space_the_snapshot
     try:
         steps(50)
         assert guard.checkpoints[-2:] == [40, 50]
+        mark(1, 10)  # long dropped (a controller working off a stale backlog): no change
+        assert guard._ckpts.every == 10
         with caplog.at_level("WARNING", logger="trimtab.client"):
-            mark(1, 20)  # decided when 20 was held; the ring dropped it since
+            mark(2, 20)  # decided when 20 was held; the ring dropped it lately
         assert "snapshots are now taken every 20 steps (checkpoint_every=10)" in caplog.text
         steps(49)  # to step 100: every 20 from here
         assert [s for s in guard.checkpoints if s > 51] == [80, 100]
-        mark(2, 80)  # in time now
+        mark(3, 80)  # in time now
         assert guard.stable_step == 80
-        mark(3, 90)  # no checkpoint was taken there: not a late mark
+        mark(4, 90)  # no checkpoint was taken there: not a late mark
         assert guard._ckpts.every == 20
-        for seq, late in enumerate((60, 60, 60, 60), start=4):  # late again: never past 8x
+        for seq, late in enumerate((60, 60, 60, 60), start=5):  # late again: never past 8x
             mark(seq, late)
         assert guard._ckpts.every == 20  # 60 is older than the stable 80: not late either
         steps(100)
-        for seq, late in enumerate((120, 120, 120, 120), start=8):
+        for seq, late in enumerate((160, 160, 160, 160), start=9):
             mark(seq, late)
         assert guard._ckpts.every == 80
     finally:
