@@ -18,6 +18,7 @@ stable DCP directory into them with ``load_sharded`` and logs their local-shard 
 from __future__ import annotations
 
 import argparse
+import gc
 import hashlib
 import json
 import math
@@ -191,7 +192,13 @@ def main() -> None:
         out["loaded"] = local_hash(fresh, fresh_opt)
         out["loaded_full"] = full_hash(fresh)
     Path(args.out, f"rank-{rank}.json").write_text(json.dumps(out))
-    dist.barrier()  # no rank tears the group down while a peer is still in a collective
+    # As in dist_worker: what holds the process group goes first (a fresh-clone run aborted
+    # once here with 'terminate called without an active exception' on rank 1, the gloo
+    # group's threads torn down during finalization), then every rank leaves its last
+    # collective before any tears the group down.
+    guard = opt = model = None  # (a closure refers to model and opt: dropped, not deleted)
+    gc.collect()
+    dist.barrier()
     dist.destroy_process_group()
 
 
