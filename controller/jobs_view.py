@@ -13,6 +13,7 @@ long journal once, not once a second.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -132,7 +133,9 @@ class JobsView:
             # says, which may lag the reports journaled before the restart.
             line.step = (max(ev.step, line.step) if ev.kind == "lost" and line.step is not None
                          else ev.step)
-            self._step_ts[line.job] = ev.ts
+            # A bye's step is where the run ended: the state saved with it holds the last
+            # report's (a re-trial: 'step 140' for a bye at 144), until the job's next event.
+            self._step_ts[line.job] = math.inf if ev.kind == "bye" else ev.ts
         d = ev.data
         if ev.kind == "register":
             line.state = "live"

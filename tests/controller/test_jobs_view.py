@@ -96,3 +96,20 @@ def test_the_step_shown_is_the_reports_when_the_saved_state_lags_them(tmp_path):
     journal.commit()
     (line,) = view.lines(all_jobs=True)
     assert (line.state, line.step) == ("lost", 110)
+
+
+def test_an_ended_job_shows_the_step_of_its_bye(tmp_path):
+    """A re-trial: trimtab jobs showed step 140 (the last report's, in the state saved with
+    the bye) for a run that said bye at step 144."""
+    journal = Journal(str(tmp_path / "j.db"))
+    now = [1000.0]
+    journal.clock = lambda: now[0]
+    journal.append("a", "register", step=0, data={"run_id": "r1", "resumed": "new"})
+    journal.append("a", "report", step=140, seq=1, data={})
+    now[0] += 1
+    journal.append("a", "bye", step=144, data={"reason": "closed"})
+    now[0] += 0.001
+    journal.save_state("a", {"step": 140, "effective": {}}, live=False)
+    journal.commit()
+    (line,) = JobsView(journal).lines(all_jobs=True)
+    assert (line.state, line.step) == ("ended (closed)", 144)
