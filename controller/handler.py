@@ -381,7 +381,7 @@ class Controller:
         Journaled as withdrawn, and the people waiting on it told so."""
         at = resumed_at(msg)
         why = (f"the run was resumed at step {at} in a new process, from a save made before "
-               "it was applied")
+               "it: the resumed run never applies it (the old process may have, unacknowledged)")
         self.journal.append(state.job, "withdrawn", step=at, seq=dropped.seq,
                             data={"why": why, **dropped.model_dump(
                                 mode="json", exclude={"type", "v", "job", "seq"},

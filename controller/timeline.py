@@ -215,7 +215,7 @@ class Timeline:
             return [make(why=f"climb verdicts off: {d.get('why')}")]
         if ev.kind == "withdrawn":
             return [make(change=f"command {ev.seq}",
-                         why=f"withdrawn, never applied: {d.get('why')}")]
+                         why=f"withdrawn: {d.get('why')}")]
         if ev.kind == "validation":
             ema = "" if d.get("ema") is None else f", weight average {d.get('ema'):.6g}"
             when = ("sent after the run ended (an evaluation after training)"

@@ -117,7 +117,7 @@ def test_a_command_the_old_process_never_applied_is_journaled_withdrawn_at_the_r
     assert ctl.jobs["j1"].pending_command is None
     (gone,) = ctl.journal.events("j1", "withdrawn")
     assert gone.seq == cmd.seq and gone.step == 120
-    assert "resumed at step 120" in gone.data["why"] and "before it was applied" in \
+    assert "resumed at step 120" in gone.data["why"] and "the resumed run never applies it" in \
         gone.data["why"]
     (line,) = view.lines(all_jobs=True)
     assert line.last_decision_step == 120 and "set aside" in line.last_decision

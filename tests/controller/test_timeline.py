@@ -64,7 +64,7 @@ def test_a_withdrawn_command_is_shown_by_default_with_why():
     why = "it marks checkpoint 0 stable, which the client no longer holds (it lists 300)"
     (row,) = _rows(_events(("withdrawn", 520, 1, {"why": why, "mark_stable": 0})))
     assert (row.step, row.kind, row.change, row.why) == (
-        520, "withdrawn", "command 1", f"withdrawn, never applied: {why}")
+        520, "withdrawn", "command 1", f"withdrawn: {why}")
 
 
 def test_a_decision_row_per_changed_knob_and_shadow_rows_marked():
