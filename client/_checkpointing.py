@@ -265,7 +265,7 @@ class Checkpointing:
         enough to be marked. A controller trial: at ~1 ms a step, 13 marks in a row missed,
         and the only stable checkpoint stayed at step 700 of 40,000, the one a fault would
         have gone back to."""
-        stable = self.store.stable_step if self.store is not None else None
+        stable = self.store.stable_step  # (only called with a store)
         unmarked = [s for s in held if s != stable]
         if (not unmarked or step >= min(unmarked) or step % self.every
                 or (stable is not None and step <= stable) or self.every >= 8 * self.every_set

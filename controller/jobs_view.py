@@ -39,21 +39,29 @@ class JobLine:
     knobs: dict[str, float | None] = field(default_factory=dict)
     last_decision: str = ""
     last_decision_step: int | None = None
-    #: Rollbacks on the run's path: one a resume from an earlier save set aside is gone.
-    rollbacks: int = 0
     alert: str | None = None
     last_seen: float = 0.0
     #: Who paused the job's policies, and why (``trimtab pause``); None: not paused.
     paused: str | None = None
-    #: The steps the rollbacks counted were ordered at (a resume sets aside those after it).
+    #: The steps the run's rollbacks were ordered at (a resume sets aside those after it).
     rollback_steps: list[int] = field(default_factory=list, repr=False)
+
+    @property
+    def rollbacks(self) -> int:
+        """Rollbacks on the run's path: one a resume from an earlier save set aside is gone."""
+        return len(self.rollback_steps)
 
     def knobs_text(self) -> str:
         return " ".join(f"{k}={'off' if v is None else f'{v:.4g}'}"
                         for k, v in self.knobs.items() if k in _KNOBS)
 
     def to_json(self) -> str:
-        shown = {k: v for k, v in asdict(self).items() if k != "rollback_steps"}
+        shown: dict[str, object] = {}
+        for k, v in asdict(self).items():
+            if k != "rollback_steps":
+                shown[k] = v
+            if k == "last_decision_step":
+                shown["rollbacks"] = self.rollbacks
         return json.dumps({**shown, "last_seen_time": time.strftime(
             "%Y-%m-%dT%H:%M:%S", time.localtime(self.last_seen))}, allow_nan=False)
 
@@ -122,7 +130,7 @@ class JobsView:
                                            line.last_decision_step)
         steps, line.last_decision, line.last_decision_step = self._runs.pop(
             (line.job, run), ([], "", None))
-        line.rollback_steps, line.rollbacks = list(steps), len(steps)
+        line.rollback_steps = list(steps)
         self._run[line.job] = run
 
     def _feed(self, line: JobLine, ev: Event) -> None:
@@ -151,21 +159,18 @@ class JobsView:
                 line.last_decision_step = at
             if d.get("resumed") == "resume" and isinstance(at, int):
                 line.rollback_steps = [s for s in line.rollback_steps if s <= at]
-                line.rollbacks = len(line.rollback_steps)
         elif ev.kind == "bye":
             line.state = f"ended ({d.get('reason', 'bye')})"
         elif ev.kind == "lost":
             line.state = "lost"
         elif ev.kind == "rollback":
             line.rollback_steps.append(ev.step if ev.step is not None else 0)
-            line.rollbacks = len(line.rollback_steps)
             line.last_decision = (f"rollback {d.get('from_step')} -> {d.get('target')}: "
                                   f"{d.get('reason')}: {d.get('why')}")
             line.last_decision_step = ev.step
         elif ev.kind == "restore_failed":
             # Ordered, not done: the client restored nothing.
             line.rollback_steps = line.rollback_steps[:-1]
-            line.rollbacks = len(line.rollback_steps)
             line.last_decision = (f"rollback to {d.get('target')} not restored: "
                                   f"{d.get('why')}")
             line.last_decision_step = ev.step

@@ -347,10 +347,6 @@ class Journal:
             "paused": json.loads(paused) if paused else None})
             for job, live, ts, step, eff, alert, paused in rows}
 
-    def state_times(self) -> dict[str, float]:
-        """When each stored job state was saved, by job."""
-        return {job: ts for job, ts in self._db.execute("SELECT job, ts FROM job_state")}
-
     def events(
         self, job: str | None = None, kind: str | None = None, *, after_id: int = 0,
     ) -> list[Event]:
