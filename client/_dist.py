@@ -91,20 +91,23 @@ log = logging.getLogger("trimtab.client")
 
 #: The header broadcast at every report boundary: the command's length in bytes (0: none),
 #: rank 0's global step, and 1 when rank 0 hears no controller (0 when it does).
-HEADER_SIZE = 3
+HEADER_SIZE = 4
 #: Integers above this are not exact in a float64.
 _EXACT = 2**53
 
 
-def encode_command(command: wire.Command | None, step: int,
-                   alone: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_command(command: wire.Command | None, step: int, alone: bool = False,
+                   seen: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``command`` (``None``: no command) as a float64 header of :data:`HEADER_SIZE` values
-    (its length in bytes, ``step``, ``alone``: no controller heard) and a uint8 body: its
-    wire frame (UTF-8 JSON)."""
+    (its length in bytes, ``step``, ``alone``: no controller heard, ``seen``: the newest
+    step the controller says it has seen, -1 for none) and a uint8 body: its wire frame
+    (UTF-8 JSON)."""
     if not 0 <= step <= _EXACT:
         raise ValueError(f"step={step!r} cannot travel in the header; allowed: 0 to 2**53")
     raw = b"" if command is None else wire.encode(command)
-    header = torch.tensor([float(len(raw)), float(step), float(alone)], dtype=torch.float64)
+    told = -1.0 if seen is None or not 0 <= seen <= _EXACT else float(seen)
+    header = torch.tensor([float(len(raw)), float(step), float(alone), told],
+                          dtype=torch.float64)
     return header, torch.tensor(list(raw), dtype=torch.uint8)
 
 
@@ -314,6 +317,9 @@ class DistLink:
         #: Whether rank 0 heard no controller at the last exchange (every rank holds a live
         #: lr schedule alike: see :class:`~trimtab.client._knobs.Actuator`).
         self.alone = False
+        #: The newest step the controller had seen at the last exchange, as rank 0 was told
+        #: (None: not told): every rank holds a live lr schedule at the same leash.
+        self.seen: int | None = None
         self._transport: Transport | None = None
         self._warned = False
 
@@ -417,12 +423,14 @@ class DistLink:
         """
         own = None if self._transport is None else self._transport.take_command()
         alone = self._transport is not None and not self._transport.connected
-        header, body = encode_command(own, step, alone)
+        seen = None if self._transport is None else self._transport.controller_step
+        header, body = encode_command(own, step, alone, seen)
         try:
             header = header.to(self.device)
             dist.broadcast(header, src=self._src, group=self.group)
-            size, step0, alone0 = header.tolist()  # a host copy (a sync), once per report
+            size, step0, alone0, seen0 = header.tolist()  # a host copy (a sync), per report
             self.alone = bool(alone0)
+            self.seen = None if seen0 < 0 else int(seen0)
             if size:  # a second broadcast only when there is a command
                 if self.rank != 0:
                     body = torch.empty(int(size), dtype=torch.uint8)

@@ -311,6 +311,10 @@ class Guard(GuardState):
         self.report_every = report_every
         # The knobs: multipliers on the user's lr and weight decay, momentum, clip.
         self._act = Actuator(optimizer, None if clip is None else float(clip))
+        # A live lr schedule runs at most three report windows past the newest step the
+        # controller has seen (a window to make the report, one for it to be decided on,
+        # one of slack): never far up a sweep that nobody watches.
+        self._act.leash = 3 * report_every
         self._hooks: StepHooks | None = None
         self.facts, device = _facts(model, optimizer, batch_size)
         self._compile_note = CompileNote(model)  # torch.compile: see trimtab.client._compiled
@@ -474,6 +478,7 @@ class Guard(GuardState):
         if self._dist is None and self._transport is not None:
             # (Under torch.distributed rank 0's link state travels with its commands.)
             self._act.alone = not self._transport.connected
+            self._act.seen = self._transport.controller_step
         # Last, so that only the optimizer step runs between engage and release.
         self._act.engage(self._host_step())  # host floats only (tensor entries: on device)
         if self._commands.owed:
@@ -546,6 +551,7 @@ class Guard(GuardState):
             if self._dist is not None:  # every rank takes rank 0's command, at this step
                 self._dist.exchange(self._host_step())
                 self._act.alone = self._dist.alone  # and its link state
+                self._act.seen = self._dist.seen
         # global_step is known on the host every step in "skip" mode, else at window ends.
         if (closing and not early) or self.nonfinite_mode == "skip":
             self._ckpts.take_if_due()

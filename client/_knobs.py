@@ -199,6 +199,14 @@ class Actuator:
         #: (None: none set, or set before this process loaded its state): what a run alone
         #: goes back to when that schedule would rise (see :meth:`engage`).
         self.lr_before_live: float | None = None
+        #: The newest step the controller says it has seen (its answers to reports and
+        #: heartbeats; None: not told yet), and how many steps a live lr schedule may run
+        #: past it (None: no leash). The guard sets both (see :meth:`engage`).
+        self.seen: int | None = None
+        self.leash: int | None = None
+        #: Optimizer steps a live lr schedule was held at its leash.
+        self.held_steps = 0
+        self._holding = False
         # The lowest and highest lr put in for the open report window's steps (group 0's,
         # effective; host floats), and whether a step's lr was a tensor (not read).
         self._window_lr: tuple[float, float] | None = None
@@ -269,6 +277,8 @@ class Actuator:
             self.release()
         live = self.live.values(step)
         lr_m = live.get("lr", self.lr_scale)
+        if "lr" in live:
+            lr_m = self._leashed(step, lr_m)
         if self.alone and lr_m > self.lr_scale:
             # No controller to watch it, and a live lr schedule rising past what its command
             # set (a range test's sweep, up to where runs blow up, which only a controller
@@ -307,6 +317,35 @@ class Actuator:
         self._saved = saved
         self._last = (*self._last[:3], lr_eff, momentum, self.wd_scale)
         self._note_lr(base_lr, lr_eff)
+
+    def _leashed(self, step: int, lr_m: float) -> float:
+        """The live lr schedule's value ``lr_m`` for the step after ``step``, held at its
+        value ``leash`` steps past the newest step the controller has seen when the run is
+        further on than that: a rising schedule (a range test's sweep, which only the
+        controller ends, reading the loss it causes) never runs more than ``leash`` steps
+        ahead of what the controller has seen. A controller stopped mid-sweep (SIGSTOP, a
+        stalled host) let a trial's sweep climb on unwatched for the liveness window, from
+        x2.5 to x764, and the run's weights went non-finite before it was dropped. A falling
+        schedule is not held (its value there is higher)."""
+        seen, leash = self.seen, self.leash
+        if seen is None or leash is None or step <= seen + leash:
+            if self._holding:
+                self._holding = False
+                log.debug("trimtab: the controller has caught up (step %s seen): the live lr "
+                          "schedule goes on", seen)
+            return lr_m
+        cap = next((s.value(seen + leash) for s in self.live.schedules if s.knob == "lr"),
+                   lr_m)
+        if cap >= lr_m:
+            return lr_m
+        self.held_steps += 1
+        self.live.last["lr"] = cap  # what the step runs at
+        if not self._holding:
+            self._holding = True
+            log.debug("trimtab: the live lr schedule is held at x%.4g at step %d: the "
+                      "controller has seen up to step %d (the schedule runs at most %d steps "
+                      "past it)", cap, step, seen, leash)
+        return cap
 
     def _note_lr(self, base: Any, m: Any) -> None:
         """Widen the open window's lr range by the lr just put in (``base x m``); an lr

@@ -174,6 +174,10 @@ class Transport:
         self.connects = 0
         #: Error replies from the controller, by code.
         self.refused: dict[str, int] = {}
+        #: The newest step the controller says it has seen (its heartbeats carry it, and
+        #: its answer to each report while a live lr schedule runs); None: not told yet.
+        #: Written by this thread, read by the training thread (one int: no lock needed).
+        self.controller_step: int | None = None
         self._warned: dict[str, float] = {}
         #: What the log says of the link (a run alone, a controller back).
         self.watch = LinkWatch(job, endpoint, liveness * heartbeat_s, liveness, self._started)
@@ -454,6 +458,9 @@ class Transport:
                 pending = self._command
                 if pending is None or message.seq >= pending.seq:
                     self._command = message
+        elif isinstance(message, wire.Heartbeat):
+            if message.job == self.job:
+                self.controller_step = message.step
         elif isinstance(message, wire.Error):
             if message.code == "unknown_job":  # the controller forgot us (restarted): re-register
                 self._need_register = True

@@ -72,6 +72,15 @@ def _kept_now(state: JobState) -> tuple:
             id(rb.history[-1]) if rb.history else None)
 
 
+def _unheld(step: int, listed: list[int]) -> bool:
+    """Whether a registration's listing ``listed`` shows the client no longer holds the
+    checkpoint at ``step`` (a full listing, :data:`~trimtab.protocol.wire.MAX_LISTED` long,
+    names only the newest: an older step may still be held)."""
+    if not listed or step in listed:
+        return False
+    return len(listed) < wire.MAX_LISTED or step > min(listed)
+
+
 def build_policies(config: ControllerConfig) -> list[tuple[PolicySpec, Policy]]:
     """The configured policies, in order; a bad or not allowed one stops the start with its
     name and cause. An installed entry point that another of its name wins over (a plugin
@@ -398,11 +407,14 @@ class Controller:
         withdrawn, journaled as such, rather than sent for the client to refuse; one that
         carries more goes as it is (its ack says the mark failed). Returns the command
         still to send (None: withdrawn)."""
+        held = ", ".join(map(str, msg.checkpoints))
+        target = pending.rollback_to
+        if target is not None and _unheld(target, msg.checkpoints):
+            return self._void_unheld_rollback(state, msg, pending, held, replies)
         mark = pending.mark_stable
-        if mark is None or not msg.checkpoints or mark in msg.checkpoints:
+        if mark is None or not _unheld(mark, msg.checkpoints):
             return pending
         state.rollback.mark_failed(mark)
-        held = ", ".join(map(str, msg.checkpoints))
         if (pending.rollback_to is not None or pending.knobs.set() or pending.scale.set()
                 or pending.schedules is not None or pending.stop_advice is not None):
             return pending
@@ -413,6 +425,34 @@ class Controller:
                             data={"why": why, "mark_stable": mark})
         log.info("job %s: command %d withdrawn, never sent again: %s", state.job, pending.seq,
                  why)
+        replies += self._never_applied(state.job, f"withdrawn: {why}")
+        return None
+
+    def _void_unheld_rollback(self, state: JobState, msg: wire.Register,
+                              pending: wire.Command, held: str, replies: list[Reply]) -> None:
+        """``pending``, lost with the old connection, rolls back to a checkpoint this
+        registration no longer lists: the client moved on meanwhile (a controller stopped
+        or stalled, which decided on the reports queued before it stopped, a link lost for
+        long), and the restore can only fail. A re-trial's client got such a rollback ~2,150
+        steps late: nothing restored, but the phase's pick applied to a run that had trained
+        on at another lr since. It is withdrawn whole, never sent: the rollback never
+        happened (not in the history that escalates or spends the budget), its checkpoint
+        is not targeted again, and the run is decided on afresh from its next report, at
+        the values this registration says are in force."""
+        target = pending.rollback_to
+        why = (f"it rolls back to step {target}, whose checkpoint the client no longer holds "
+               f"(it lists {held}): decided on reports from before its link was lost, it "
+               f"reached the client at step {msg.step} at the earliest; the run goes on from "
+               "there, at the values in force, and is decided on afresh")
+        state.rollback.note_withdrawn(why)
+        if pending.mark_stable is not None:
+            state.rollback.mark_failed(pending.mark_stable)
+        state.pending_command = None
+        self.journal.append(state.job, "withdrawn", step=msg.step, seq=pending.seq, data={
+            "why": why, "unheld_rollback": target, **pending.model_dump(
+                mode="json", exclude={"type", "v", "job", "seq"}, exclude_none=True)})
+        log.warning("job %s: command %d withdrawn, never sent again: %s", state.job,
+                    pending.seq, why)
         replies += self._never_applied(state.job, f"withdrawn: {why}")
         return None
 
@@ -474,6 +514,11 @@ class Controller:
             self._save(state)  # a command sent or settled, a decision: saved before replying
         elif msg.job not in self._unsaved:
             self._unsaved[msg.job] = self.clock()  # signals only: saved when due
+        if "lr" in state.live:
+            # Seen, after what it decided: the client runs a live lr schedule at most a few
+            # windows past the newest step it is told was seen (a sweep never climbs far
+            # unwatched: a controller stopped or behind holds it).
+            replies.append((peer, wire.encode(wire.Heartbeat(job=msg.job, step=state.step))))
         return replies
 
     def _on_ack(self, peer: bytes, msg: wire.Ack) -> list[Reply]:

@@ -168,11 +168,14 @@ class JobsView:
             line.last_decision = (f"rollback {d.get('from_step')} -> {d.get('target')}: "
                                   f"{d.get('reason')}: {d.get('why')}")
             line.last_decision_step = ev.step
-        elif ev.kind == "restore_failed":
-            # Ordered, not done: the client restored nothing.
+        elif ev.kind == "restore_failed" or (ev.kind == "withdrawn"
+                                             and d.get("unheld_rollback") is not None):
+            # Ordered, not done: the client restored nothing (or never got it).
             line.rollback_steps = line.rollback_steps[:-1]
-            line.last_decision = (f"rollback to {d.get('target')} not restored: "
-                                  f"{d.get('why')}")
+            target = d.get("target", d.get("unheld_rollback"))
+            line.last_decision = (f"rollback to {target} not restored: {d.get('why')}"
+                                  if ev.kind == "restore_failed"
+                                  else f"rollback to {target} withdrawn: {d.get('why')}")
             line.last_decision_step = ev.step
         elif ev.kind == "decision":
             acted = [f"{k} {knob_change(k, v)} by {v.get('policy')}: {v.get('reason')}"

@@ -574,6 +574,15 @@ class RollbackState:
         self.candidates.pop(rec.to_step, None)
         self.unusable = sorted({*self.unusable, rec.to_step})
 
+    def note_withdrawn(self, why: str) -> None:
+        """The rollback under way was withdrawn unsent (its checkpoint is no longer held):
+        counted as ordered and not restored, as a failed one (:meth:`note_failed`), but it
+        never happened, so it leaves the history that escalates and spends the budget."""
+        rec = self.pending
+        self.note_failed(why)
+        if rec is not None and rec in self.history:
+            self.history.remove(rec)
+
     # -- persistence ------------------------------------------------------------------------
 
     _KEYS = frozenset({

@@ -36,6 +36,8 @@ class FakeController:
         self.endpoint = f"tcp://127.0.0.1:{port}"
         self.answer_heartbeats = answer_heartbeats
         self.messages: list[wire.Message] = []
+        #: The newest report step received (what its heartbeats say was seen).
+        self.seen = 0
         self._identity: bytes | None = None
         self._outbox: collections.deque[bytes] = collections.deque()
         self._lock = threading.Lock()
@@ -56,9 +58,14 @@ class FakeController:
                     self._identity = identity
                     self.messages.append(message)
                 late = isinstance(message, wire.Validation) and message.run_id is not None
-                if (isinstance(message, wire.Heartbeat) and self.answer_heartbeats) or late:
+                if isinstance(message, wire.Report):
+                    self.seen = message.step
+                if ((isinstance(message, (wire.Heartbeat, wire.Report)) and self.answer_heartbeats)
+                        or late):
                     # A validation sent after close waits for an answer, as a serve gives.
-                    beat = wire.encode(wire.Heartbeat(job=message.job))
+                    # Answers say the newest step seen, as a serve's do (to every report
+                    # while a live lr schedule runs: the client holds one that gets ahead).
+                    beat = wire.encode(wire.Heartbeat(job=message.job, step=self.seen))
                     self._sock.send_multipart([identity, beat])
             while self._outbox and self._identity is not None:
                 self._sock.send_multipart([self._identity, self._outbox.popleft()])

@@ -305,8 +305,9 @@ def test_ranks_attached_with_different_report_every_are_refused(tmp_path):
 def test_command_travels_whole_in_a_fixed_header_and_its_wire_bytes(command):
     header, body = encode_command(command, step=123)
     assert header.shape == (HEADER_SIZE,) and header.dtype == torch.float64
-    assert header.tolist() == [body.numel(), 123.0, 0.0] and body.dtype == torch.uint8
-    assert encode_command(None, step=5, alone=True)[0].tolist() == [0.0, 5.0, 1.0]
+    assert header.tolist() == [body.numel(), 123.0, 0.0, -1.0] and body.dtype == torch.uint8
+    assert encode_command(None, step=5, alone=True)[0].tolist() == [0.0, 5.0, 1.0, -1.0]
+    assert encode_command(None, step=5, seen=120)[0].tolist() == [0.0, 5.0, 0.0, 120.0]
     assert decode_command(bytes(body.tolist())) == command
 
 

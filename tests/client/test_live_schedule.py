@@ -198,6 +198,89 @@ def test_a_rising_schedule_alone_is_dropped_for_the_lr_before_it_and_not_taken_u
     act.release()
 
 
+def test_a_rising_schedule_is_held_at_its_leash_past_the_step_the_controller_has_seen():
+    """A controller SIGSTOPped mid-sweep: the client, still within its liveness window,
+    followed the sweep on, unwatched, from x2.5 to x764, and the run's weights went
+    non-finite before the sweep was dropped. A live lr schedule now runs at most ``leash``
+    steps past the newest step the controller says it has seen: held at its value there,
+    it goes on once the controller has caught up. A falling schedule is not held."""
+    opt = _sgd(lr=0.1)
+    act = Actuator(opt, clip=None)
+    sweep = wire.SchedulePiece(name="exponential", params={"lr": 0.01, "gamma": 1.05})
+    schedule = wire.LiveSchedule(knob="lr", pieces=[sweep], hi=1000.0)
+    act.command(wire.ScaleTargets(lr=0.01), wire.Knobs(), None, [schedule])
+    act.leash, act.seen = 30, 100
+    ran = []
+    for step in range(100, 200):
+        act.engage(step)
+        ran.append(opt.param_groups[0]["lr"])
+        act.release()
+    expected = [0.1 * schedule.value(min(step, 130)) for step in range(100, 200)]
+    assert ran == pytest.approx(expected, rel=TOL)
+    assert act.held_steps == 69 and act.used().lr == pytest.approx(0.1 * schedule.value(130))
+    act.seen = 190  # the controller caught up: the sweep goes on where it is due
+    act.engage(200)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * schedule.value(200), rel=TOL)
+    act.release()
+    assert act.held_steps == 69
+    # Not told yet what was seen (a controller from before the leash): not held.
+    act.seen = None
+    act.engage(400)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * schedule.value(400), rel=TOL)
+    act.release()
+    # A cosine falling far past the step seen runs on: its value there is the higher.
+    act.command(wire.ScaleTargets(), wire.Knobs(), None, [_cosine(lr=1.0, t_max=100)])
+    act.seen = 0
+    act.engage(80)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * schedules.cosine(80, 1.0, 100))
+    act.release()
+    assert act.held_steps == 69
+
+
+def test_a_sweep_the_controller_stops_answering_is_held_until_it_answers_again(
+        make_controller):
+    """Through the guard and a real socket: a controller that stops answering (stalled, or
+    stopped, inside the client's liveness window) holds the sweep three report windows past
+    the last step it said it had seen; once it answers, the sweep goes on."""
+    ctl = make_controller()
+    task = Regression(seed=1)
+    opt = torch.optim.SGD(task.model.parameters(), lr=0.01)
+    used: list[float] = []
+    opt.register_step_pre_hook(lambda o, a, k: used.append(o.param_groups[0]["lr"]))
+    sweep = wire.SchedulePiece(name="exponential", params={"lr": 0.1, "gamma": 1.02})
+    schedule = wire.LiveSchedule(knob="lr", pieces=[sweep], hi=10.0)
+    # Heartbeats far apart: the client stays connected while the controller is silent.
+    with attach(task.model, opt, job="leash", endpoint=ctl.endpoint, report_every=5,
+                checkpoint_every=0, heartbeat_s=5.0) as guard:
+
+        def step() -> None:
+            loss = task.loss(*task.batch())
+            opt.zero_grad()
+            loss.backward()
+            guard.step(loss)
+
+        ctl.wait_for(lambda c: c.of_type(wire.Register))
+        ctl.send(wire.Command(job="leash", seq=1, schedules=[schedule]))
+        assert wait_for(lambda: guard._transport._command is not None, 10)
+        for _ in range(20):
+            step()
+        ctl.wait_for(lambda c: c.of_type(wire.Ack))
+        # Every report answered: the sweep follows its schedule.
+        assert wait_for(lambda: guard._transport.controller_step == 20, 10)
+        ctl.answer_heartbeats = False  # silent from here
+        for _ in range(60):
+            step()
+        assert guard.connected and guard._transport.controller_step == 20
+        assert used[20:35] == pytest.approx([0.01 * schedule.value(t) for t in range(20, 35)])
+        assert used[35:] == pytest.approx([0.01 * schedule.value(35)] * 45)  # 20 + 3 x 5
+        ctl.answer_heartbeats = True  # answers again, from its next report on
+        step()
+        assert wait_for(lambda: guard._transport.controller_step >= 80, 10)
+        for _ in range(10):
+            step()
+        assert used[-1] == pytest.approx(0.01 * schedule.value(90), rel=TOL)
+
+
 @pytest.mark.parametrize(
     ("params", "match"),
     [

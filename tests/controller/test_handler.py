@@ -301,6 +301,83 @@ def test_a_lost_mark_of_a_checkpoint_no_longer_held_is_withdrawn_not_resent(tmp_
     assert cmd.seq == 2 and cmd.mark_stable in (400, 500, 600)
 
 
+def _ring(step: int) -> list[int]:
+    """What a client snapshotting every 100 steps, keeping 3 and the one at attach, lists."""
+    return [0, *[c for c in range(100, step + 1, 100)][-3:]]
+
+
+def _to_rollback(ctl) -> tuple[wire.Command, int]:
+    """Drive ``ctl`` (divergence_guard) to a stable mark of a ring checkpoint, then to a
+    rollback there (a report of non-finite steps); the rollback command and its step."""
+    seq, applied, step = 0, 0, 0
+    while not [s for s in ctl.jobs["j1"].rollback.stable if s > 0]:
+        seq, step = seq + 1, step + 10
+        assert step < 3000, "no ring checkpoint marked stable"
+        out = decoded(ctl.handle(PEER, wire.encode(wire.Report(
+            job="j1", seq=seq, step=step, window=10, loss_mean=1.0, loss_last=1.0,
+            loss_min=1.0, loss_max=1.0, grad_norm_mean=1.0, grad_norm_max=1.0,
+            grad_norm_std=0.0, checkpoints=_ring(step), applied_seq=applied, **in_force()))))
+        for cmd in (r for r in out if isinstance(r, wire.Command)):
+            applied = cmd.seq
+            ctl.handle(PEER, wire.encode(wire.Ack(job="j1", seq=cmd.seq, step=step + 1,
+                                                  **in_force())))
+    bad = wire.Report(job="j1", seq=seq + 1, step=step + 10, window=10, loss_mean=None,
+                      nonfinite_losses=10, nonfinite_grads=10, checkpoints=_ring(step + 10),
+                      applied_seq=applied, **in_force())
+    (rollback,) = [r for r in decoded(ctl.handle(PEER, wire.encode(bad)))
+                   if isinstance(r, wire.Command)]
+    assert rollback.rollback_to is not None and rollback.rollback_to > 0
+    return rollback, step + 10
+
+
+def test_a_lost_rollback_to_a_checkpoint_no_longer_held_is_withdrawn_not_resent(tmp_path):
+    """A re-trial: a controller SIGSTOPped, then SIGCONTed, decided on the reports queued
+    before the stop, and its rollback, lost with the old link, went out again when the
+    client re-registered ~2,150 steps later: restore_failed, and the rest of the command
+    applied to a run that had moved on. A rollback to a checkpoint the registration no
+    longer lists can only fail: it is withdrawn, journaled, never sent; it never happened
+    (out of the history that escalates) and `trimtab jobs` does not count it."""
+    from trimtab.controller.jobs_view import JobsView
+
+    ctl, _ = make(tmp_path, policies=[PolicySpec(name="divergence_guard")])
+    ctl.handle(PEER, _listing("register", 0, [0]))
+    rollback, at = _to_rollback(ctl)
+    target = rollback.rollback_to
+    st = ctl.jobs["j1"]
+    assert st.rollback.pending is not None and len(st.rollback.history) == 1
+    (line,) = JobsView(ctl.journal).lines(all_jobs=True)
+    assert line.rollbacks == 1  # ordered
+    later = at + 2150
+    replies = decoded(ctl.handle(b"peer-2", _listing(
+        "register", later, _ring(later), applied_seq=rollback.seq - 1, link=2)))
+    assert [type(r) for r in replies] == [wire.Heartbeat], "not sent to fail"
+    assert st.pending_command is None and st.rollback.pending is None
+    assert st.rollback.history == [] and target in st.rollback.unusable
+    (withdrawn,) = ctl.journal.events("j1", "withdrawn")
+    assert withdrawn.seq == rollback.seq and withdrawn.data["unheld_rollback"] == target
+    assert (f"rolls back to step {target}, whose checkpoint the client no longer holds "
+            f"(it lists {', '.join(map(str, _ring(later)))})") in withdrawn.data["why"]
+    (line,) = JobsView(ctl.journal).lines(all_jobs=True)
+    assert line.rollbacks == 0
+    assert line.last_decision.startswith(f"rollback to {target} withdrawn: ")
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_a_lost_rollback_to_a_checkpoint_the_registration_may_hold_is_sent_again(tmp_path,
+                                                                                 full):
+    """Listed, or older than a full listing's oldest (it names the newest 256 only): the
+    client may hold it, and the rollback goes out again as it was."""
+    ctl, _ = make(tmp_path, policies=[PolicySpec(name="divergence_guard")])
+    ctl.handle(PEER, _listing("register", 0, [0]))
+    rollback, at = _to_rollback(ctl)
+    listed = ([at + 100 * i for i in range(1, wire.MAX_LISTED + 1)] if full
+              else [0, rollback.rollback_to, at])
+    replies = decoded(ctl.handle(b"peer-2", _listing(
+        "register", listed[-1], listed, applied_seq=rollback.seq - 1, link=2)))
+    assert replies[1:] == [rollback]
+    assert ctl.journal.events("j1", "withdrawn") == []
+
+
 def test_a_lost_mark_of_a_checkpoint_still_held_is_sent_again(tmp_path):
     ctl, _ = make(tmp_path)
     ctl.handle(PEER, _listing("register", 0, [0]))
@@ -868,3 +945,23 @@ def test_a_second_live_run_under_a_jobs_name_is_refused_until_the_first_is_silen
     assert isinstance(reply, wire.Heartbeat) and ctl.jobs["j1"].run_id == "run-b"
     ctl.handle(b, report(1))
     assert ctl.jobs["j1"].reports_seen == 1
+
+
+def test_each_report_is_answered_with_the_step_seen_while_a_live_lr_schedule_runs(tmp_path):
+    """The client holds a live lr schedule a few windows past the newest step the
+    controller says it has seen (a sweep never climbs far unwatched): while one runs, every
+    report it observes is answered with that step, after what it decided; without one, a
+    report is answered only by a command."""
+    ctl, _ = make(tmp_path, policies=[PolicySpec(name="step_decay",
+                                                 config={"step_size": 30, "gamma": 0.5})])
+    (_, sched) = decoded(ctl.handle(PEER, register()))
+    assert sched.schedules and ctl.jobs["j1"].live
+    ctl.handle(PEER, wire.encode(wire.Ack(job="j1", seq=sched.seq, step=1, **in_force())))
+    out = decoded(ctl.handle(PEER, report(1, applied_seq=sched.seq)))
+    assert out == [wire.Heartbeat(job="j1", step=10)]
+    assert decoded(ctl.handle(PEER, report(2, applied_seq=sched.seq)))[-1] == wire.Heartbeat(
+        job="j1", step=20)
+    (tmp_path / "quiet").mkdir()
+    quiet, _ = make(tmp_path / "quiet")
+    quiet.handle(PEER, register())
+    assert quiet.handle(PEER, report(1)) == []

@@ -14,6 +14,8 @@ on its journal sees a run with no sweep, ends the phase in place and journals wh
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 
 import pytest
@@ -90,3 +92,66 @@ def test_a_sweep_alone_is_dropped_for_the_lr_before_it_and_its_phase_ends_in_pla
     ended = [e for e in events if e.data.get("phase_ended")]
     assert ended and ended[-1].data["phase_ended"]["policy"] == "lr_range_test"
     assert climbed > 2 * start * LR
+
+
+def test_a_sweep_under_a_stopped_controller_is_held_and_its_late_rollback_withdrawn(
+        serve_factory, one_thread):
+    """A re-trial: a controller SIGSTOPped mid-sweep. The client, within its liveness window,
+    climbed on unwatched (x2.5 to x764 in one run: its weights went non-finite); after
+    SIGCONT the controller decided on the reports queued before the stop and its planned
+    rollback reached the client thousands of steps late, to a checkpoint long gone
+    (restore_failed, the pick applied). Now the sweep is held three report windows past the
+    last step the controller said it had seen, then dropped as the link is lost; and a late
+    rollback to a checkpoint the client no longer holds is withdrawn, never sent."""
+    srv = serve_factory(CONFIG)
+    task = Regression()
+    opt = torch.optim.SGD(task.model.parameters(), lr=LR)
+    ran: list[float] = []
+    opt.register_step_pre_hook(lambda o, a, k: ran.append(float(o.param_groups[0]["lr"])))
+    guard = attach(task.model, opt, job="stopped-sweep", endpoint=srv.endpoint,
+                   report_every=5, heartbeat_s=0.1, liveness=5)
+
+    def step() -> None:
+        loss = task.loss(*task.batch())
+        opt.zero_grad()
+        loss.backward()
+        guard.step(loss)
+        time.sleep(0.005)
+
+    with guard:
+        start = None
+        for _ in range(3000):
+            step()
+            if start is None and guard._act.live.schedules:
+                start = guard._act.lr_scale
+            if start is not None and ran[-1] > 4 * start * LR:
+                break
+        assert start is not None and ran[-1] > 4 * start * LR, (start, ran[-5:])
+        (schedule,) = guard._act.live.schedules
+        os.kill(srv.proc.pid, signal.SIGSTOP)
+        try:
+            stopped_at = len(ran)
+            while guard.connected:
+                step()
+            seen = guard._transport.controller_step
+            during = ran[stopped_at:]
+            # Never past the schedule's value three windows after the step seen.
+            assert max(during) <= LR * schedule.value(seen + 15) * (1 + 1e-9), (seen, during)
+            assert guard._act.held_steps > 0
+            for _ in range(400):  # the ring moves past every checkpoint of the sweep
+                step()
+            assert max(ran[-20:]) == pytest.approx(LR)
+        finally:
+            os.kill(srv.proc.pid, signal.SIGCONT)
+        for _ in range(3000):
+            step()
+            if guard.connected:
+                break
+        assert guard.connected
+        for _ in range(100):
+            step()
+        assert max(ran[-20:]) == pytest.approx(LR)
+    journal = srv.journal()
+    assert journal.events("stopped-sweep", "restore_failed") == []
+    for row in journal.events("stopped-sweep", "withdrawn"):
+        assert "no longer holds" in row.data["why"]
