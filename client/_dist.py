@@ -55,7 +55,7 @@ Many jobs: :func:`shard_endpoint` picks a job's controller from a list, stably.
 >>> decode_command(bytes(body.tolist())) == cmd
 True
 >>> encode_command(None, step=240)[0].tolist()
-[0.0, 240.0, 0.0]
+[0.0, 240.0, 0.0, -1.0]
 """
 
 from __future__ import annotations

@@ -99,6 +99,10 @@ def is_loopback_endpoint(endpoint: str) -> bool:
                                for i in infos)
 
 
+#: The policy every job runs unless a config says ``safety_net = false``.
+SAFETY_NET = "divergence_guard"
+
+
 def _default_policies() -> list[PolicySpec]:
     # Chosen by measurement, do no harm first (bench/results/tuned.md, python -m
     # bench.tuned, 4 seeds): at each task's tuned LR with its usual schedule, the set
@@ -154,6 +158,10 @@ class ControllerConfig(BaseModel):
     policy_budget_ms: Annotated[float, Field(ge=0, le=60_000, allow_inf_nan=False)] = 1000.0
     log_level: Annotated[str, Field(pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")] = "INFO"
     policies: list[PolicySpec] = Field(default_factory=_default_policies)
+    #: The safety net (``divergence_guard``: rollbacks for non-finite values, spikes, a
+    #: climb, a stranded run) runs for every job, first, when ``policies`` does not list it;
+    #: False: only the policies listed (no rollback at all unless one of them asks).
+    safety_net: bool = True
     #: Send schedule policies' trajectories to the client to evaluate at every optimizer
     #: step (where the governor's limits allow; see :mod:`trimtab.controller.engine`);
     #: False: a schedule moves its knob once per report.
@@ -237,6 +245,16 @@ class ControllerConfig(BaseModel):
                 "ipc://, inproc://. Set curve_server_secret and curve_allowed_clients (see "
                 "`trimtab keys generate`), or allow_remote = true (--allow-remote) to accept "
                 "unauthenticated peers")
+        return self
+
+    @model_validator(mode="after")
+    def _with_the_safety_net(self) -> ControllerConfig:
+        # A config that lists its policies replaces the default set; one that left out
+        # divergence_guard (a trial's: [[policies]] lr_range_test alone) had no rollback at
+        # all, and a run whose weights went non-finite skipped every step for good under a
+        # live controller. Safety is not opted out of by omission.
+        if self.safety_net and not any(s.name == SAFETY_NET for s in self.policies):
+            self.policies = [PolicySpec(name=SAFETY_NET), *self.policies]
         return self
 
     @model_validator(mode="after")

@@ -17,6 +17,24 @@ def test_defaults_serve_loopback_with_the_measured_default_policies():
     assert cfg.policies[1].config.get("when", "evidence") == "evidence"
 
 
+def test_a_config_that_lists_its_policies_keeps_the_safety_net_unless_it_says_not(tmp_path):
+    """A trial's config listed `lr_range_test` alone: no policy asked for a rollback, and a
+    run whose weights went non-finite skipped every step under a live controller for good.
+    The safety net (divergence_guard) runs first unless the config lists it (as it wants
+    it: in shadow, say) or says `safety_net = false`."""
+    cfg = tmp_path / "t.toml"
+    cfg.write_text('[[policies]]\nname = "lr_range_test"\n')
+    got = load_config(str(cfg), env={})
+    assert [(p.name, p.shadow) for p in got.policies] == [
+        ("divergence_guard", False), ("lr_range_test", False)]
+    cfg.write_text('[[policies]]\nname = "plateau"\n[[policies]]\nname = "divergence_guard"'
+                   '\nshadow = true\n')
+    assert [(p.name, p.shadow) for p in load_config(str(cfg), env={}).policies] == [
+        ("plateau", False), ("divergence_guard", True)]
+    cfg.write_text('safety_net = false\n[[policies]]\nname = "lr_range_test"\n')
+    assert [p.name for p in load_config(str(cfg), env={}).policies] == ["lr_range_test"]
+
+
 def test_rollback_settings_load_and_are_validated(tmp_path):
     path = tmp_path / "t.toml"
     path.write_text("[rollback]\nbudget = 2\nstable_window_steps = 60\n"

@@ -95,7 +95,8 @@ def test_a_name_twice_needs_jobs_on_each_entry():
         ControllerConfig(policies=[{"name": "plateau"}, {"name": "plateau", "shadow": True,
                                                          "jobs": ["a*"]}])
     cfg = ControllerConfig(policies=[{"name": "plateau", "jobs": ["b*"]},
-                                     {"name": "plateau", "shadow": True, "jobs": ["a*"]}])
+                                     {"name": "plateau", "shadow": True, "jobs": ["a*"]}],
+                           safety_net=False)
     assert [s.applies_to("abc") for s in cfg.policies] == [False, True]
 
 

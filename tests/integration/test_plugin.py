@@ -142,6 +142,8 @@ def test_a_plugin_not_in_allow_plugins_is_refused_at_start(plugin_env, tmp_path)
 
 LIVE_AND_SHADOW = f"""
 allow_plugins = ["example_band"]
+safety_net = false  # the plugin alone: what it decides, live and replayed
+
 
 [[policies]]
 name = "example_band"
@@ -232,6 +234,7 @@ def _same_decision_step(line: str, live_step: int) -> None:
 
 ISOLATION = f"""
 allow_plugins = ["example_band", "raising_policy:*"]
+safety_net = false  # the two plugins alone
 
 [[policies]]
 name = "raising_policy:Raising"
