@@ -119,14 +119,25 @@ def _norms(tensors: list[torch.Tensor]) -> list[torch.Tensor] | tuple[torch.Tens
     """Each tensor's 2-norm as a float32 scalar on its device: one ``_foreach_norm``,
     accumulated in float32 (half-precision gradients never overflow it). ``dtype=float32``
     refuses to narrow float64 tensors (a model in ``.double()``: a trial's loop crashed at
-    its first step): those are normed in float64, then cast, one op each."""
+    its first step): those are normed in float64, then cast, one op each. A sparse gradient
+    (``nn.Embedding(sparse=True)`` under SparseAdam, SGD or Adagrad: a trial's loop crashed
+    at its first step, no sparse kernel for the norm) is normed through its coalesced
+    values (duplicates summed first, as the optimizer applies them)."""
+    if any(t.is_sparse for t in tensors):
+        return [_dense_norm(t.coalesce().values() if t.is_sparse else t) for t in tensors]
     try:
         return torch._foreach_norm(tensors, 2.0, dtype=torch.float32)
     except RuntimeError:
         if not any(t.dtype == torch.float64 for t in tensors):
             raise
-        return [torch.linalg.vector_norm(t, 2.0).float() if t.dtype == torch.float64
-                else torch.linalg.vector_norm(t, 2.0, dtype=torch.float32) for t in tensors]
+        return [_dense_norm(t) for t in tensors]
+
+
+def _dense_norm(t: torch.Tensor) -> torch.Tensor:
+    """One tensor's 2-norm as a float32 scalar (a float64 one normed in float64, then cast)."""
+    if t.dtype == torch.float64:
+        return torch.linalg.vector_norm(t, 2.0).float()
+    return torch.linalg.vector_norm(t, 2.0, dtype=torch.float32)
 
 
 def _sum_sq(tensors: list[torch.Tensor]) -> torch.Tensor:
