@@ -59,6 +59,14 @@ def _scalar(value: Any) -> float:
     return float(value.item()) if isinstance(value, torch.Tensor) else float(value)
 
 
+def reads_lr_once(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer`` reads its param groups' ``lr`` only at its first step:
+    torch's Rprop sets each parameter's step size from it then, and adapts those on its own
+    after (an optimizer trial: a multiplier of x0.01 left Rprop's updates 1.94x larger, while
+    the journal said x0.01 was in force). An lr multiplier would change nothing it does."""
+    return isinstance(optimizer, torch.optim.Rprop)
+
+
 def _momentum_of(group: dict[str, Any]) -> Any:
     if "momentum" in group:
         return group["momentum"]
@@ -233,6 +241,12 @@ class Actuator:
         if momentum is not None and all(_momentum_of(g) is None
                                         for g in self.optimizer.param_groups):
             return ["knobs not applied: momentum commanded, but the optimizer has none"]
+        if reads_lr_once(self.optimizer) and (
+                (scale.lr is not None and scale.lr != self.lr_scale)
+                or any(s.knob == "lr" for s in schedules or ())):
+            return [f"knobs not applied: lr commanded, but {type(self.optimizer).__name__} "
+                    "reads its lr only at its first step (each parameter's step size adapts "
+                    "on its own after): a multiplier would change nothing it does"]
         if schedules is not None:
             last = self.live.last
             self.lr_scale = last.get("lr", self.lr_scale)
