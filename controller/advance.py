@@ -211,7 +211,11 @@ def settle_ack(state: JobState, ack: wire.Ack, cfg: RollbackConfig) -> Settled |
         return None
     if ack.error is None and command.rollback_to is None:
         _applied_at(state, [*command.knobs.set(), *command.scale.set()], ack.step)
-    return settle(state, command, cfg, restored=ack.restored_step, marked=ack.error is None,
+    # The client says which part failed: a knob refused (an optimizer with no momentum, or
+    # Rprop's lr) leaves the command's mark done.
+    marked = ack.error is None or (f"mark_stable={command.mark_stable}:" not in ack.error
+                                   and "client error" not in ack.error)
+    return settle(state, command, cfg, restored=ack.restored_step, marked=marked,
                   why=ack.error or "the ack carries no restored_step",
                   rolled_back_from=ack.rolled_back_from)
 

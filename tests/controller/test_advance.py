@@ -148,3 +148,31 @@ def test_the_cooldown_counts_from_the_step_a_change_was_applied_at():
             steps.append(st.step)
             st.on_applied(out.command.seq, st.knobs)
     assert steps[0] == 180, steps
+
+
+def test_a_knob_refused_in_an_ack_leaves_the_commands_mark_done():
+    """The ack names what failed. A command that marks a checkpoint stable and sets a knob
+    the client refuses (Rprop's lr, momentum for an optimizer without one) was marked: the
+    controller recorded the mark as failed, and never took that checkpoint as stable. A
+    failed mark, or a client error, is still a failed mark."""
+    from trimtab.controller.advance import settle_ack
+    from trimtab.controller.rollback import RollbackConfig
+    from trimtab.protocol import wire
+
+    facts = wire.ScaleFacts(param_count=1, group_sizes=[1], optimizer="Rprop",
+                            dtype="float32", device="cpu")
+    refused = ("knobs not applied: lr commanded, but Rprop reads its lr only at its first "
+               "step (each parameter's step size adapts on its own after): a multiplier "
+               "would change nothing it does")
+    for error, marked in [(refused, True), (None, True),
+                          ("mark_stable=100: no checkpoint at that step (held: 200)", False),
+                          ("client error: RuntimeError: boom", False)]:
+        st = JobState.register(wire.Register(job="j", run_id="r", report_every=10,
+                                             facts=facts, knobs=wire.Knobs(lr=0.1)))
+        st.rollback.checkpoints = [100]
+        st.rollback.note_mark(100)
+        st.pending_command = wire.Command(job="j", seq=1, mark_stable=100,
+                                          scale=wire.ScaleTargets(lr=0.5))
+        settle_ack(st, wire.Ack(job="j", seq=1, step=120, knobs=wire.Knobs(lr=0.1),
+                                error=error), RollbackConfig())
+        assert (st.rollback.stable == [100]) is marked, error
