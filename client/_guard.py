@@ -286,6 +286,21 @@ class Guard(GuardState):
             # user's (an examples trial: one said base 0.025 for a user's 0.05).
             raise _refused("optimizer", _shown(wrapper), f"one no open guard in this process "
                            f"steers (job {steering.job!r} does: close it first)")
+        mine = {id(p) for p in model.parameters()}
+        sharing = next((g for g in _OPEN.values() if not g._closed
+                        and any(id(p) in mine for p in g.model.parameters())), None)
+        if sharing is not None:
+            # An optimizer trial: Muon for a model's matrices, AdamW for the rest, a guard
+            # each. The AdamW job's rollback restored every parameter, Muon's too, while
+            # Muon's optimizer state, step and lr stayed, and its job journaled nothing.
+            log.warning(
+                "trimtab: job %r: its model shares parameters with the model of job %r (two "
+                "optimizers on one model): a rollback by either guard restores every "
+                "parameter of the model, but only its own optimizer's state, step count and "
+                "lr, and the other "
+                "job's journal does not show it. Attach each guard to the submodule its "
+                "optimizer steps where the split allows (a GAN's nets); see docs/adapters.md",
+                job, sharing.job)
         other = _OPEN.get(job)
         if other is not None and not other._closed:
             # Two guards on one job would mix two runs' reports (and roll one back for the

@@ -76,3 +76,34 @@ def test_a_swapped_pair_and_a_second_guard_on_one_optimizer_are_refused(dead_end
         part = attach(net_d, opt, job="part", endpoint=dead_endpoint)
     part.close()
     assert "1 of the optimizer's 3 parameters are not the model's" in caplog.text
+
+
+def test_a_second_guard_on_a_model_another_guard_holds_is_warned_of(dead_endpoint, caplog):
+    """An optimizer trial: Muon for a model's matrices and AdamW for the rest, a guard each
+    on the one model. A rollback by the AdamW job restored Muon's parameters too, while
+    Muon's state, step and lr stayed and its journal said nothing. The second attach says
+    so; a GAN's two nets (two models) are not warned of."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1))
+    matrices = [p for p in model.parameters() if p.ndim == 2]
+    rest = [p for p in model.parameters() if p.ndim != 2]
+    first = attach(model, torch.optim.SGD(matrices, lr=0.1, momentum=0.9), job="mA",
+                   endpoint=dead_endpoint)
+    try:
+        with caplog.at_level("WARNING", logger="trimtab.client"):
+            second = attach(model, torch.optim.AdamW(rest, lr=1e-3), job="mB",
+                            endpoint=dead_endpoint)
+        second.close()
+    finally:
+        first.close()
+    assert ("job 'mB': its model shares parameters with the model of job 'mA' (two "
+            "optimizers on one model): a rollback by either guard restores every parameter"
+            ) in caplog.text
+    caplog.clear()
+    net_d, opt_d = _pair(0)
+    net_g, opt_g = _pair(1)
+    with caplog.at_level("WARNING", logger="trimtab.client"):
+        with attach(net_d, opt_d, job="gD", endpoint=dead_endpoint), \
+                attach(net_g, opt_g, job="gG", endpoint=dead_endpoint):
+            pass
+    assert "shares parameters" not in caplog.text
