@@ -95,6 +95,21 @@ LR_SPAN = (1e-2, 10.0)
 _BOUND_FIELDS = ("min", "max", "min_rel", "max_rel")
 
 
+#: Optimizers that read their param groups' lr only at their first step (torch's Rprop
+#: sets each parameter's step size from it, then adapts them on its own): an lr multiplier
+#: would change nothing they do, so their lr is not steered (the client refuses it too).
+LR_READ_ONCE = frozenset({"rprop"})
+
+
+def reads_lr_once(name: str) -> bool:
+    """Whether optimizer ``name`` reads its lr only at its first step (:data:`LR_READ_ONCE`).
+
+    >>> reads_lr_once("Rprop"), reads_lr_once("RMSprop")
+    (True, False)
+    """
+    return name.lower() in LR_READ_ONCE
+
+
 def optimizer_family(name: str) -> OptimizerFamily:
     """``"adam"`` for the Adam family and other adaptive methods, ``"sgd"`` for SGD's.
 
@@ -133,6 +148,12 @@ class ScaleContext:
     batch_size: int | None
     optimizer: str
     family: OptimizerFamily
+
+    @property
+    def reads_lr_once(self) -> bool:
+        """Whether the job's optimizer reads its lr only at its first step (its lr is not
+        steered: :func:`reads_lr_once`)."""
+        return reads_lr_once(self.optimizer)
 
     @classmethod
     def from_facts(cls, facts: wire.ScaleFacts) -> ScaleContext:
@@ -246,6 +267,14 @@ def derive_limits(
     """
     notes: list[str] = []
     lr = cfg.lr
+    if ctx.reads_lr_once:
+        # An optimizer trial: Rprop's lr x0.01 left its updates 1.94x larger, while the
+        # journal said x0.01 was in force. Pinned: no command moves it, a rollback cuts none.
+        pinned = lr.model_copy(update={"min_rel": 1.0, "max_rel": 1.0, "min": None,
+                                       "max": None})
+        notes.append(f"lr not steered (multiplier bounds [1, 1]): {ctx.optimizer} reads its lr "
+                     "only at its first step, and adapts each parameter's step size on its own")
+        return DerivedLimits(cfg.model_copy(update={"lr": pinned}), tuple(notes))
     rng = ctx.lr_range()
     if rng is not None and not any(f"lr.{f}" in explicit for f in _BOUND_FIELDS):
         lr0 = None if registered.lr is None else registered.lr * lr_spread

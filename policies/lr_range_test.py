@@ -359,6 +359,8 @@ class LrRangeTest(Policy):
         phase = view.phase
         if phase is not None and phase.policy != self.name:
             return []
+        if phase is None and ScaleContext.from_facts(view.facts).reads_lr_once:
+            return []  # its lr is not steered (Rprop): a sweep would measure nothing
         lo, hi = self.sweep_range(view)
         if phase is None:
             listed = view.last.checkpoints if view.last is not None else []

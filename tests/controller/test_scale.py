@@ -91,3 +91,18 @@ def test_a_rule_can_be_forced_and_unknowns_are_refused():
         ctx(batch_size=None).batch_lr_factor(64)
     with pytest.raises(ValueError, match="reference_batch_size must be >= 1, got 0"):
         ctx().batch_lr_factor(0)
+
+
+def test_an_optimizer_that_reads_its_lr_once_has_its_lr_pinned():
+    """Rprop's lr is read at its first step only: its multiplier bounds are [1, 1], so no
+    command moves it and a rollback cuts none (the journal never says another is in force),
+    whatever the configured band; the log says why."""
+    facts = wire.ScaleFacts(param_count=10, group_sizes=[10], optimizer="Rprop",
+                            dtype="float32", device="cpu", batch_size=256)
+    d = derive_limits(ScaleContext.from_facts(facts), GovernorConfig(), set(),
+                      wire.Knobs(lr=0.01))
+    assert (d.config.lr.min_rel, d.config.lr.max_rel) == (1.0, 1.0)
+    assert d.notes and "Rprop reads its lr only at its first step" in d.notes[0]
+    sgd = facts.model_copy(update={"optimizer": "RMSprop"})
+    d = derive_limits(ScaleContext.from_facts(sgd), GovernorConfig(), set(), wire.Knobs(lr=0.01))
+    assert d.config.lr.max_rel > 1.0

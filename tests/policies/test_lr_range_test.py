@@ -1363,3 +1363,18 @@ def test_a_run_resumed_at_its_start_is_at_its_start_for_the_evidence():
     assert st.reports_seen == 27
     why = LrRangeTest().far_off(st.view())
     assert why is not None and "rose" in why
+
+
+def test_no_sweep_for_an_optimizer_that_reads_its_lr_once():
+    """torch's Rprop reads its lr only at its first step (an optimizer trial: x0.01 left its
+    updates 1.94x larger): a sweep of its multiplier would measure nothing. Configured to
+    run always, the range test still opens no phase for it; AdamW's does."""
+    rprop = wire.ScaleFacts(param_count=1000, group_sizes=[1000], optimizer="Rprop",
+                            dtype="float32", device="cpu")
+    c = Client(one_param("Rprop", LR), facts=rprop, checkpoints=(0, 100, 200), rollback=RB)
+    engine = Engine([LrRangeTest({"when": "always"})], WIDE, live_schedules=True)
+    assert not any(d.proposals for d in drive(engine, c, lambda lr: 1.0, 4))
+    assert c.state.phase is None
+    c = client()
+    drive(engine, c, lambda lr: 1.0, 2)
+    assert c.state.phase is not None
