@@ -45,6 +45,7 @@ from trimtab.controller.engine import Engine
 from trimtab.controller.limits import MULTIPLIERS
 from trimtab.controller.rollback import RollbackConfig
 from trimtab.controller.rollback_rules import plan_rollback, why_no_rollback, with_pending_mark
+from trimtab.controller.scale import ScaleContext
 from trimtab.controller.state import JobState
 from trimtab.controller.timeline import knob_text
 from trimtab.protocol import wire
@@ -152,8 +153,11 @@ def _out_of_bounds(state: JobState, engine: Engine, knob: str, target: float) ->
     if not lo <= target <= hi:
         where = (f" of the loop's own {knob} {base:.6g} at step {state.step}"
                  if base is not None else "")
+        source = (f"{state.facts.optimizer} reads its lr only at its first step: its lr is not "
+                  "steered" if knob == "lr" and ScaleContext.from_facts(state.facts).reads_lr_once
+                  else f"[governor.{knob}] in the controller's config")
         return (f"{knob}={text(target)} is out of the job's bounds [{text(lo)}, {text(hi)}]"
-                f"{where} ([governor.{knob}] in the controller's config)")
+                f"{where} ({source})")
     if knob == "lr" and lim.max is not None and base is not None and target > 1.0:
         if target * base > lim.max * (1 + 1e-9):
             return (f"lr={target * base:.6g} is above the lr cap {lim.max:.6g} "

@@ -400,3 +400,14 @@ def test_a_rollback_that_replaces_a_command_stopping_the_schedules_stops_them_it
     (rollback,) = cmds
     assert rollback.rollback_to == 0 and rollback.seq > stop.seq
     assert rollback.schedules == [], rollback
+
+
+def test_an_lr_set_for_rprop_is_refused_saying_its_lr_is_not_steered(tmp_path):
+    ctl = make(tmp_path)
+    frame = register().replace(b'"optimizer":"SGD"', b'"optimizer":"Rprop"')
+    ctl.handle(PEER, frame)
+    ctl.handle(PEER, report(1))
+    reply, sent = answer(ctl, operate("set", scale=wire.ScaleTargets(lr=0.5)))
+    assert not reply.ok and sent == []
+    assert "out of the job's bounds [0.1 (x1), 0.1 (x1)]" in reply.detail
+    assert "(Rprop reads its lr only at its first step: its lr is not steered)" in reply.detail
