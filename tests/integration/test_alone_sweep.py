@@ -35,33 +35,47 @@ config = { when = "always", sweep_steps = 2000 }
 """
 
 
+class _Sweeping:
+    """A small SGD run attached to ``srv`` (a heartbeat every 0.1 s), recording the lr every
+    optimizer step ran with (``ran``, as the optimizer saw it)."""
+
+    def __init__(self, srv, job: str, liveness: int) -> None:
+        self.task = Regression()
+        self.opt = torch.optim.SGD(self.task.model.parameters(), lr=LR)
+        self.ran: list[float] = []
+        self.opt.register_step_pre_hook(
+            lambda o, a, k: self.ran.append(float(o.param_groups[0]["lr"])))
+        self.guard = attach(self.task.model, self.opt, job=job, endpoint=srv.endpoint,
+                            report_every=5, heartbeat_s=0.1, liveness=liveness)
+
+    def step(self) -> None:
+        loss = self.task.loss(*self.task.batch())
+        self.opt.zero_grad()
+        loss.backward()
+        self.guard.step(loss)
+        time.sleep(0.005)
+
+    def until_past(self, times: float) -> float:
+        """Step until the sweep has begun and risen past ``times`` its start; the start (the
+        multiplier the sweep's command set)."""
+        start = None
+        for _ in range(3000):
+            self.step()
+            if start is None and self.guard._act.live.schedules:
+                start = self.guard._act.lr_scale
+            if start is not None and self.ran[-1] > times * start * LR:
+                return start
+        raise AssertionError(f"no sweep past x{times} its start: {start}, {self.ran[-5:]}")
+
+
 def test_a_sweep_alone_is_dropped_for_the_lr_before_it_and_its_phase_ends_in_place(
         serve_factory, one_thread):
     srv = serve_factory(CONFIG)
-    task = Regression()
-    opt = torch.optim.SGD(task.model.parameters(), lr=LR)
-    ran: list[float] = []  # the lr of every optimizer step, as the optimizer saw it
-    opt.register_step_pre_hook(lambda o, a, k: ran.append(float(o.param_groups[0]["lr"])))
-    guard = attach(task.model, opt, job="alone-sweep", endpoint=srv.endpoint, report_every=5,
-                   heartbeat_s=0.1, liveness=3)
-
-    def step() -> None:
-        loss = task.loss(*task.batch())
-        opt.zero_grad()
-        loss.backward()
-        guard.step(loss)
-        time.sleep(0.005)
-
+    run = _Sweeping(srv, "alone-sweep", liveness=3)
+    guard, ran, step = run.guard, run.ran, run.step
     with guard:
         # The sweep runs: its multiplier rises from its start, past 2x it.
-        start = None
-        for _ in range(3000):
-            step()
-            if start is None and guard._act.live.schedules:
-                start = guard._act.lr_scale  # the value the sweep's command set
-            if start is not None and ran[-1] > 2 * start * LR:
-                break
-        assert start is not None and ran[-1] > 2 * start * LR, (start, ran[-5:])
+        start = run.until_past(2)
         climbed = ran[-1]
 
         srv.kill()  # SIGKILL: no goodbye
@@ -104,29 +118,10 @@ def test_a_sweep_under_a_stopped_controller_is_held_and_its_late_rollback_withdr
     last step the controller said it had seen, then dropped as the link is lost; and a late
     rollback to a checkpoint the client no longer holds is withdrawn, never sent."""
     srv = serve_factory(CONFIG)
-    task = Regression()
-    opt = torch.optim.SGD(task.model.parameters(), lr=LR)
-    ran: list[float] = []
-    opt.register_step_pre_hook(lambda o, a, k: ran.append(float(o.param_groups[0]["lr"])))
-    guard = attach(task.model, opt, job="stopped-sweep", endpoint=srv.endpoint,
-                   report_every=5, heartbeat_s=0.1, liveness=5)
-
-    def step() -> None:
-        loss = task.loss(*task.batch())
-        opt.zero_grad()
-        loss.backward()
-        guard.step(loss)
-        time.sleep(0.005)
-
+    run = _Sweeping(srv, "stopped-sweep", liveness=5)
+    guard, ran, step = run.guard, run.ran, run.step
     with guard:
-        start = None
-        for _ in range(3000):
-            step()
-            if start is None and guard._act.live.schedules:
-                start = guard._act.lr_scale
-            if start is not None and ran[-1] > 4 * start * LR:
-                break
-        assert start is not None and ran[-1] > 4 * start * LR, (start, ran[-5:])
+        run.until_past(4)
         (schedule,) = guard._act.live.schedules
         os.kill(srv.proc.pid, signal.SIGSTOP)
         try:
