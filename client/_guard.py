@@ -297,9 +297,9 @@ class Guard(GuardState):
                 "trimtab: job %r: its model shares parameters with the model of job %r (two "
                 "optimizers on one model): a rollback by either guard restores every "
                 "parameter of the model, but only its own optimizer's state, step count and "
-                "lr, and the other "
-                "job's journal does not show it. Attach each guard to the submodule its "
-                "optimizer steps where the split allows (a GAN's nets); see docs/adapters.md",
+                "lr, and the other job's journal does not show it. Attach each guard to the "
+                "submodule its optimizer steps where the split allows (a GAN's nets); see "
+                "docs/adapters.md",
                 job, sharing.job)
         other = _OPEN.get(job)
         if other is not None and not other._closed:
@@ -326,9 +326,9 @@ class Guard(GuardState):
         self.report_every = report_every
         # The knobs: multipliers on the user's lr and weight decay, momentum, clip.
         self._act = Actuator(optimizer, None if clip is None else float(clip))
-        # A live lr schedule runs at most three report windows past the newest step the
-        # controller has seen (a window to make the report, one for it to be decided on,
-        # one of slack): never far up a sweep that nobody watches.
+        # A sweep runs at most three report windows past the newest step the controller
+        # has seen (a window to make the report, one for it to be decided on, one of
+        # slack): never far up a sweep that nobody watches.
         self._act.leash = 3 * report_every
         self._hooks: StepHooks | None = None
         self.facts, device = _facts(model, optimizer, batch_size)

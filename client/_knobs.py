@@ -67,6 +67,14 @@ def reads_lr_once(optimizer: torch.optim.Optimizer) -> bool:
     return isinstance(optimizer, torch.optim.Rprop)
 
 
+def _sweeps(schedule: wire.LiveSchedule) -> bool:
+    """Whether ``schedule`` rises geometrically with no end but its bound: an exponential
+    piece with ``gamma > 1``, the LR range test's sweep (up to where runs blow up, which
+    only the controller, reading the loss, ends)."""
+    return any(p.name == "exponential" and float(p.params.get("gamma", 1.0)) > 1.0
+               for p in schedule.pieces)
+
+
 def _momentum_of(group: dict[str, Any]) -> Any:
     if "momentum" in group:
         return group["momentum"]
@@ -290,10 +298,9 @@ class Actuator:
         if self._saved is not None:  # the last step raised before its release
             self.release()
         live = self.live.values(step)
-        lr_m = live.get("lr", self.lr_scale)
-        if "lr" in live:
-            lr_m = self._leashed(step, lr_m)
-        if self.alone and lr_m > self.lr_scale:
+        due = live.get("lr", self.lr_scale)  # where the schedule is due now
+        lr_m = self._leashed(step, due) if "lr" in live else due
+        if self.alone and due > self.lr_scale:
             # No controller to watch it, and a live lr schedule rising past what its command
             # set (a range test's sweep, up to where runs blow up, which only a controller
             # ends): it is dropped, and the run goes back to the multiplier in force before
@@ -304,7 +311,7 @@ class Actuator:
             back = (self.lr_before_live if self.lr_before_live is not None
                     else max(self.lr_scale, 1.0))
             log.warning(
-                "trimtab: no controller answers: the live lr schedule (x%.4g now, from its "
+                "trimtab: no controller answers: the live lr schedule (at x%.4g, from its "
                 "command's x%.4g) is dropped; the lr multiplier goes back to x%.4g, in force "
                 "before it, until a controller's next command", lr_m, self.lr_scale, back)
             self.live.replace([s for s in self.live.schedules if s.knob != "lr"])
@@ -339,17 +346,20 @@ class Actuator:
         controller ends, reading the loss it causes) never runs more than ``leash`` steps
         ahead of what the controller has seen. A controller stopped mid-sweep (SIGSTOP, a
         stalled host) let a trial's sweep climb on unwatched for the liveness window, from
-        x2.5 to x764, and the run's weights went non-finite before it was dropped. A falling
-        schedule is not held (its value there is higher)."""
+        x2.5 to x764, and the run's weights went non-finite before it was dropped. Only a
+        sweep is held (:func:`_sweeps`): a schedule policy's warm-up rises to a peak its
+        config bounds, and follows torch's step by step whatever the controller's lag; a
+        falling schedule is never held (its value there is higher)."""
         seen, leash = self.seen, self.leash
-        if seen is None or leash is None or step <= seen + leash:
+        schedule = next((s for s in self.live.schedules if s.knob == "lr"), None)
+        if (seen is None or leash is None or step <= seen + leash or schedule is None
+                or not _sweeps(schedule)):
             if self._holding:
                 self._holding = False
                 log.debug("trimtab: the controller has caught up (step %s seen): the live lr "
                           "schedule goes on", seen)
             return lr_m
-        cap = next((s.value(seen + leash) for s in self.live.schedules if s.knob == "lr"),
-                   lr_m)
+        cap = schedule.value(seen + leash)
         if cap >= lr_m:
             return lr_m
         self.held_steps += 1

@@ -175,7 +175,7 @@ class Transport:
         #: Error replies from the controller, by code.
         self.refused: dict[str, int] = {}
         #: The newest step the controller says it has seen (its heartbeats carry it, and
-        #: its answer to each report while a live lr schedule runs); None: not told yet.
+        #: its answer to each report while a sweep runs); None: not told yet.
         #: Written by this thread, read by the training thread (one int: no lock needed).
         self.controller_step: int | None = None
         self._warned: dict[str, float] = {}

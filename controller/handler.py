@@ -514,10 +514,10 @@ class Controller:
             self._save(state)  # a command sent or settled, a decision: saved before replying
         elif msg.job not in self._unsaved:
             self._unsaved[msg.job] = self.clock()  # signals only: saved when due
-        if "lr" in state.live:
-            # Seen, after what it decided: the client runs a live lr schedule at most a few
-            # windows past the newest step it is told was seen (a sweep never climbs far
-            # unwatched: a controller stopped or behind holds it).
+        if state.phase is not None and "lr" in state.live:
+            # Seen, after what it decided: the client runs a sweep at most a few windows
+            # past the newest step it is told was seen (it never climbs far unwatched: a
+            # controller stopped or behind holds it).
             replies.append((peer, wire.encode(wire.Heartbeat(job=msg.job, step=state.step))))
         return replies
 

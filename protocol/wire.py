@@ -321,10 +321,10 @@ class Ack(_Model):
 
 class Heartbeat(_Model):
     """Either way: I am alive. The controller answers each client heartbeat with one, and,
-    while the job runs a live lr schedule, each report it observes (after what it decided
-    on it). From the controller, ``step`` is the newest step it has seen: the client runs a
-    live lr schedule at most a few report windows past it (a sweep never climbs far while
-    no controller watches)."""
+    while the job's range test sweeps, each report it observes (after what it decided on
+    it). From the controller, ``step`` is the newest step it has seen: the client runs a
+    sweep at most a few report windows past it (it never climbs far while no controller
+    watches)."""
 
     type: Literal["heartbeat"] = "heartbeat"
     v: Literal[2] = PROTOCOL_VERSION

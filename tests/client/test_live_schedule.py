@@ -235,6 +235,17 @@ def test_a_rising_schedule_is_held_at_its_leash_past_the_step_the_controller_has
     assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * schedules.cosine(80, 1.0, 100))
     act.release()
     assert act.held_steps == 69
+    # Held at its command's own value (the step seen is a leash short of where the sweep
+    # begins) and alone: still a rising schedule nobody watches, dropped as any.
+    late = wire.SchedulePiece(name="exponential", params={"lr": 0.01, "gamma": 1.05},
+                              origin=200)
+    before = act.live.last.get("lr", act.lr_scale)  # in force before the sweep's command
+    act.command(wire.ScaleTargets(lr=0.01), wire.Knobs(), None,
+                [wire.LiveSchedule(knob="lr", pieces=[late], hi=1000.0)])
+    act.seen, act.alone = 100, True
+    act.engage(250)
+    assert not act.live.schedules and act.lr_scale == pytest.approx(before)
+    act.release()
 
 
 def test_a_sweep_the_controller_stops_answering_is_held_until_it_answers_again(

@@ -947,21 +947,25 @@ def test_a_second_live_run_under_a_jobs_name_is_refused_until_the_first_is_silen
     assert ctl.jobs["j1"].reports_seen == 1
 
 
-def test_each_report_is_answered_with_the_step_seen_while_a_live_lr_schedule_runs(tmp_path):
-    """The client holds a live lr schedule a few windows past the newest step the
-    controller says it has seen (a sweep never climbs far unwatched): while one runs, every
-    report it observes is answered with that step, after what it decided; without one, a
-    report is answered only by a command."""
-    ctl, _ = make(tmp_path, policies=[PolicySpec(name="step_decay",
-                                                 config={"step_size": 30, "gamma": 0.5})])
-    (_, sched) = decoded(ctl.handle(PEER, register()))
-    assert sched.schedules and ctl.jobs["j1"].live
-    ctl.handle(PEER, wire.encode(wire.Ack(job="j1", seq=sched.seq, step=1, **in_force())))
-    out = decoded(ctl.handle(PEER, report(1, applied_seq=sched.seq)))
-    assert out == [wire.Heartbeat(job="j1", step=10)]
-    assert decoded(ctl.handle(PEER, report(2, applied_seq=sched.seq)))[-1] == wire.Heartbeat(
-        job="j1", step=20)
-    (tmp_path / "quiet").mkdir()
-    quiet, _ = make(tmp_path / "quiet")
-    quiet.handle(PEER, register())
-    assert quiet.handle(PEER, report(1)) == []
+def test_each_report_is_answered_with_the_step_seen_while_a_sweep_runs(tmp_path):
+    """The client holds a sweep a few windows past the newest step the controller says it
+    has seen (it never climbs far unwatched): while one runs, every report the controller
+    observes is answered with that step, after what it decided. A schedule policy's live
+    schedule is not held, and its reports are answered only by commands."""
+    ctl, _ = make(tmp_path, policies=[PolicySpec(name="lr_range_test",
+                                                 config={"when": "always"})])
+    ctl.handle(PEER, _listing("register", 0, [0]))
+    out = decoded(ctl.handle(PEER, _listing("report", 10, [0])))
+    (sweep,) = [r for r in out if isinstance(r, wire.Command)]
+    assert sweep.schedules and ctl.jobs["j1"].phase is not None
+    assert out[-1] == wire.Heartbeat(job="j1", step=10)
+    ctl.handle(PEER, wire.encode(wire.Ack(job="j1", seq=sweep.seq, step=11, **in_force())))
+    out = decoded(ctl.handle(PEER, _listing("report", 20, [0], applied_seq=sweep.seq)))
+    assert out[-1] == wire.Heartbeat(job="j1", step=20)
+    (tmp_path / "decay").mkdir()
+    decay, _ = make(tmp_path / "decay", policies=[PolicySpec(
+        name="step_decay", config={"step_size": 30, "gamma": 0.5})])
+    (_, sched) = decoded(decay.handle(PEER, register()))
+    assert sched.schedules and decay.jobs["j1"].live and decay.jobs["j1"].phase is None
+    decay.handle(PEER, wire.encode(wire.Ack(job="j1", seq=sched.seq, step=1, **in_force())))
+    assert decay.handle(PEER, report(1, applied_seq=sched.seq)) == []
