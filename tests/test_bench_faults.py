@@ -193,7 +193,10 @@ def test_an_early_fault_is_rolled_back_and_a_bad_fault_step_is_refused(tmp_path)
         ctl.stop()
     bare = faults.train("corrupt_targets", None, "bare", 0, fault_at=110)
     assert faults.damaged(bare, clean), (bare, clean)
-    assert hit.restored and all(0 <= s < 110 for s in hit.restored), hit.restored
+    # The fault's rollback comes first; a range test the blow-up starts returns later to a
+    # checkpoint of its sweep, which depends on the controller's pace (not in lockstep here:
+    # a sweep runs at most three report windows past the step the controller has seen).
+    assert hit.restored and 0 <= hit.restored[0] < 110, hit.restored
     assert faults.recovered(hit, clean), (hit, clean)
     done = subprocess.run([sys.executable, "-m", "bench.faults", "--fault-at", "900"],
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
