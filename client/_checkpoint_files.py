@@ -451,7 +451,7 @@ class CheckpointFiles:
 
     def close(self, timeout_s: float | None = 60.0) -> None:
         """Finish the queued work (at most ``timeout_s``) and stop the thread."""
-        if self._thread is None:
+        if self._thread is None or not self._thread.is_alive():  # none, or stopped before
             return
         if not self.flush(timeout_s):
             log.warning("trimtab checkpoint writer did not finish within %s s", timeout_s)

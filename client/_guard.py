@@ -40,7 +40,7 @@ from ._compiled import CompileNote
 from ._dist import DistLink, param_checksum, rank_directory, replicated_params
 from ._ema import Ema, check_decay
 from ._guard_state import GuardState
-from ._hooks import Losses, StepHooks
+from ._hooks import Losses, StepHooks, restore_grad_mode
 from ._knobs import Actuator, check_optimizer, lr_spread, nominal_lr
 from ._options import (
     NONFINITE_MODES,
@@ -358,9 +358,11 @@ class Guard(GuardState):
         # The weight average (None: off): see trimtab.client._ema.
         self._ema = None if ema is None else Ema(model, ema)
         self._closed = False
+        self._ended = False  # close() done to its end (Bye sent, threads stopped)
         if hooks:  # the loop calls optimizer.step() itself: see trimtab.client._hooks
             # First: an optimizer that takes no hooks is refused before anything starts.
-            self._hooks = StepHooks(self._step, self._prepare, self._finish_step)
+            self._hooks = StepHooks(self._step, self._prepare, self._finish_step,
+                                    self._close_unfinished)
         self._store = None
         self._transport = None
         try:
@@ -463,13 +465,17 @@ class Guard(GuardState):
             if not syncs(self._wrapper):
                 return
             loss = self._micro_losses.take()  # the mean over the step's micro-batches
-        prepared = self._prepare(loss)
-        if prepared is not None:
-            try:
-                self._step.run(*prepared)
-            finally:
-                self._act.release()  # the user's own lr and weight decay are back
-            self._finish_step()
+        grad = torch.is_grad_enabled()
+        try:
+            prepared = self._prepare(loss)
+            if prepared is not None:
+                try:
+                    self._step.run(*prepared)
+                finally:
+                    self._act.release()  # the user's own lr and weight decay are back
+                self._finish_step()
+        finally:
+            restore_grad_mode(grad)  # whatever interrupted a measurement's no_grad block
 
     def _prepare(
         self, loss: torch.Tensor | float
@@ -479,6 +485,7 @@ class Guard(GuardState):
             raise ValueError(f"loss must be a scalar, got shape {tuple(loss.shape)}")
         if self._step.calls == 0 and self._handed is not None:
             self._handed_over_again()
+        self._close_unfinished()
         self._ckpts.before_step()
         micro = self._step.take_micro()
         if self._commands.take():
@@ -534,6 +541,15 @@ class Guard(GuardState):
             self._warm_start = True
             if self._transport is not None:
                 self._transport.reregister()  # the registration now says warm_start
+
+    def _close_unfinished(self) -> None:
+        """Close a window the last step filled but was interrupted (a notebook's Ctrl-C)
+        before closing: every later step would fail on a row past the window's end (the
+        interrupt fuzz test, tests/client/test_interrupts.py, found it). Under
+        torch.distributed an interrupt on one rank is the job's end anyway: left alone."""
+        if self._probe.row >= self.report_every and self._dist is None:
+            self._window.close()
+            self._note_listing()
 
     def _finish_step(self) -> None:
         """After the optimizer step: average the weights in, probe the update, count the
@@ -692,28 +708,33 @@ class Guard(GuardState):
     def _end(self, reason: str, checkpoint_timeout_s: float, *, last_window: bool) -> None:
         """:meth:`close`, and the finalizer's at exit: ``last_window``, whether the open,
         partial window is reported."""
-        if self._closed:
+        if self._ended:
             return
-        if self._hooks is not None:
-            self._hooks.remove()
-        self._act.release()
-        if self._commands.owed:  # a command taken after the last step ran
-            self._commands.acknowledge(self._host_step())
-        if self._probe.row and last_window:
-            self._window.close()  # the last, partial window: one sync, at the end of the run
-        pending = self._reporter.validation
-        if pending is not None and last_window:
-            # Handed over after the last report (an evaluation at the last step, which
-            # ended a window): no step is left for a report to carry it.
-            self._transport.put_report(wire.Validation(
-                job=self.job, step=pending[1], value=pending[0],
-                ema=self._reporter.validation_ema))
-            self._reporter.validation = self._reporter.validation_ema = None
-        self._closed = True
+        if not self._closed:
+            if self._hooks is not None:
+                self._hooks.remove()
+            self._act.release()
+            if self._commands.owed:  # a command taken after the last step ran
+                self._commands.acknowledge(self._host_step())
+            if self._probe.row and last_window:
+                self._window.close()  # the last, partial window: one sync, at the run's end
+            pending = self._reporter.validation
+            if pending is not None and last_window:
+                # Handed over after the last report (an evaluation at the last step, which
+                # ended a window): no step is left for a report to carry it.
+                self._transport.put_report(wire.Validation(
+                    job=self.job, step=pending[1], value=pending[0],
+                    ema=self._reporter.validation_ema))
+                self._reporter.validation = self._reporter.validation_ema = None
+            self._closed = True
+        # A close interrupted from here on (a notebook's Ctrl-C while checkpoint writes
+        # finish) is finished by the next close(): a notebook trial's left its threads and
+        # link up, the job live on the controller, and a new attach under its name refused.
         if self._store is not None:
             self._store.close(checkpoint_timeout_s)
         self._finalizer.detach()
         self._transport.close(wire.Bye(job=self.job, step=self._host_step(), reason=reason[:1024]))
+        self._ended = True
 
     def __enter__(self) -> Guard:
         return self

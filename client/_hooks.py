@@ -87,10 +87,12 @@ class StepHooks:
         self, step: Step,
         prepare: Callable[[torch.Tensor | float], tuple[torch.Tensor, torch.Tensor | None] | None],
         finish: Callable[[], None],
+        recover: Callable[[], None] = lambda: None,
     ) -> None:
         self._step = step
         self._prepare = prepare
         self._finish = finish
+        self._recover = recover  # closes a window an interrupted step left full
         self._losses = Losses()
         #: Per probe row: whether that step had no observed loss (its NaN is not a bad loss).
         self._missing = [False] * len(step.probe.buf)
@@ -143,8 +145,12 @@ class StepHooks:
     def _before(self) -> None:
         if not self._handles:  # removed (the guard closed)
             return
-        self._disarm()  # a step that raised never reached its post-hook; it is not counted
+        # A step that raised (or was interrupted) never reached its post-hook; it is not
+        # counted, and a value the user wrote since is theirs (a stale release keeps it).
+        self._disarm(stale=True)
+        self._recover()
         loss = self._take_loss()
+        grad = torch.is_grad_enabled()
         try:
             prepared = self._prepare(loss)
             if prepared is None:  # rolled back: gradients dropped, this step updates nothing
@@ -152,16 +158,21 @@ class StepHooks:
             self._arm(*prepared)
         except Exception:  # trimtab never stops the run; this step goes on unguarded
             log.exception("trimtab step hook failed; the step goes on unguarded")
+        finally:
+            restore_grad_mode(grad)
 
     def _post(self, opt: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
         self._step.act.release()  # the user's own lr and weight decay are back
         if not self._armed:
             return
         self._disarm()
+        grad = torch.is_grad_enabled()
         try:
             self._finish()
         except Exception:
             log.exception("trimtab step hook failed after the step")
+        finally:
+            restore_grad_mode(grad)
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -188,10 +199,19 @@ class StepHooks:
                     p.grad = None
         self._armed = True
 
-    def _disarm(self) -> None:
-        self._step.act.release()  # idempotent; a step that raised never reached _post
+    def _disarm(self, stale: bool = False) -> None:
+        self._step.act.release(stale)  # idempotent; a step that raised never reached _post
         self._step.disarm()
         self._armed = False
+
+
+def restore_grad_mode(enabled: bool) -> None:
+    """Put autograd's mode back as the loop had it. The guard's measurements run under
+    ``torch.no_grad()``, whose enter and exit are not atomic against an interrupt: a
+    notebook trial's Ctrl-C inside one left autograd off for the whole process (2 of 100
+    interrupts; every later ``loss.backward()`` failed). A host flag, no device work."""
+    if torch.is_grad_enabled() != enabled:
+        torch.set_grad_enabled(enabled)
 
 
 class Losses:

@@ -204,8 +204,8 @@ class Actuator:
         self.clip = clip
         #: The controller's per-step schedules (none at first).
         self.live = LiveSchedules()
-        # (group, key, base) to put back after the step; None: nothing engaged.
-        self._saved: list[tuple[dict[str, Any], str, Any]] | None = None
+        # (group, key, base, value put) to put back after the step; None: nothing engaged.
+        self._saved: list[tuple[dict[str, Any], str, Any, Any]] | None = None
         # What the last engaged step used: group 0's base lr, wd, momentum (floats, or
         # tensor copies), the lr multiplier after the cap, the momentum put in.
         self._last: tuple[Any, Any, Any, Any, float | None, float] | None = None
@@ -295,8 +295,8 @@ class Actuator:
     def engage(self, step: int) -> None:
         """Put the effective values in the param groups for the optimizer step after ``step``
         steps (host arithmetic on param-group entries; tensor entries in place on device)."""
-        if self._saved is not None:  # the last step raised before its release
-            self.release()
+        if self._saved is not None:  # the last step raised, or was interrupted, unreleased
+            self.release(stale=True)
         live = self.live.values(step)
         due = live.get("lr", self.lr_scale)  # where the schedule is due now
         lr_m = self._leashed(step, due) if "lr" in live else due
@@ -327,7 +327,10 @@ class Actuator:
         self._last = (_keep(base_lr), _keep(base_wd), _keep(base_mom), None, momentum,
                       self.wd_scale)
         lr_eff = self._capped(groups, lr_m)
-        saved: list[tuple[dict[str, Any], str, Any]] = []
+        # Kept before the first write, each entry before its own: an interrupt (Ctrl-C in a
+        # notebook) at any point leaves every value written findable by release().
+        saved: list[tuple[dict[str, Any], str, Any, Any]] = []
+        self._saved = saved
         for group in groups:
             if lr_m != 1.0:
                 _scale(group, "lr", lr_eff, saved)
@@ -335,7 +338,6 @@ class Actuator:
                 _scale(group, "weight_decay", self.wd_scale, saved)
             if momentum is not None:
                 _put_momentum(group, momentum, saved)
-        self._saved = saved
         self._last = (*self._last[:3], lr_eff, momentum, self.wd_scale)
         self._note_lr(base_lr, lr_eff)
 
@@ -403,18 +405,31 @@ class Actuator:
             base = float(base)
         return m if base <= 0.0 else min(m, max(1.0, self.lr_max / base))
 
-    def release(self) -> None:
-        """Put the user's values back after the optimizer step (idempotent)."""
-        saved, self._saved = self._saved, None
-        for group, key, base in reversed(saved or ()):
+    def release(self, stale: bool = False) -> None:
+        """Put the user's values back after the optimizer step (idempotent). Each entry
+        leaves the list only once put back, so an interrupt inside leaves the rest for the
+        next call. ``stale``: a release the step never reached (it raised, or a notebook's
+        Ctrl-C landed in it), made before the next step; the user's code ran in between,
+        and a value it wrote since (a new lr in the next cell) is the user's own, kept (one
+        held in a tensor, scaled in place, cannot be told apart: put back).
+
+        A notebook trial: an interrupt between clearing the list and the writes made
+        trimtab's multiplier part of the user's own lr and momentum for good (0.05 -> 0.025,
+        the report's 'base' 0.0125 after two); one inside the optimizer step under
+        ``hooks=True``, then the user's new lr 0.04, and the next step put 0.05 back."""
+        saved = self._saved
+        while saved:
+            group, key, base, put = saved[-1]
             live = group.get(key)
             if isinstance(live, torch.Tensor) and isinstance(base, torch.Tensor):
                 live.copy_(base)
             elif key == "betas" and isinstance(live, (tuple, list)) and isinstance(
                     live[0], torch.Tensor) and isinstance(base, torch.Tensor):
                 live[0].copy_(base)
-            else:
+            elif not stale or put is None or _same(live, put):
                 group[key] = base
+            saved.pop()
+        self._saved = None
 
     # -- what was in force ----------------------------------------------------------------------
 
@@ -474,33 +489,44 @@ def _keep(value: Any) -> Any:
     return value.detach().clone() if isinstance(value, torch.Tensor) else value
 
 
+def _same(live: Any, put: Any) -> bool:
+    """Whether a param-group entry still holds what engage put there."""
+    try:
+        return bool(live == put)
+    except Exception:  # an entry of the user's that does not compare: not ours
+        return False
+
+
+# Each entry is (group, key, the user's value, the value put in; None: a tensor changed in
+# place), appended before the write it undoes.
 def _scale(group: dict[str, Any], key: str, factor: Any, saved: list) -> None:
     base = group[key]
     if isinstance(base, torch.Tensor):
-        saved.append((group, key, base.clone()))
+        saved.append((group, key, base.clone(), None))
         base.mul_(factor)  # in place: a fused or captured step keeps its tensor
     else:
-        saved.append((group, key, base))
-        group[key] = base * (factor if not isinstance(factor, torch.Tensor)
-                             else _scalar(factor))
+        put = base * (factor if not isinstance(factor, torch.Tensor) else _scalar(factor))
+        saved.append((group, key, base, put))
+        group[key] = put
 
 
 def _put_momentum(group: dict[str, Any], value: float, saved: list) -> None:
     if "momentum" in group:
         base = group["momentum"]
         if isinstance(base, torch.Tensor):
-            saved.append((group, "momentum", base.clone()))
+            saved.append((group, "momentum", base.clone(), None))
             base.fill_(value)
         else:
-            saved.append((group, "momentum", base))
+            saved.append((group, "momentum", base, value))
             group["momentum"] = value
         return
     betas = group.get("betas")
     if isinstance(betas, (tuple, list)) and betas:
         if isinstance(betas[0], torch.Tensor):
-            saved.append((group, "betas", betas[0].clone()))
+            saved.append((group, "betas", betas[0].clone(), None))
             betas[0].fill_(value)
         else:
-            saved.append((group, "betas", betas))
-            group["betas"] = (value, *tuple(betas[1:]))
+            put = (value, *tuple(betas[1:]))
+            saved.append((group, "betas", betas, put))
+            group["betas"] = put
 
