@@ -178,6 +178,10 @@ class Transport:
         #: its answer to each report while a sweep runs); None: not told yet.
         #: Written by this thread, read by the training thread (one int: no lock needed).
         self.controller_step: int | None = None
+        #: The refusal of this run's registration (``conflict``: another live run holds the
+        #: job's name) still in force; None: none. A notebook trial's re-attach after a
+        #: kernel restart trained ~10 s uncontrolled while ``connected`` said True.
+        self._refused: str | None = None
         self._warned: dict[str, float] = {}
         #: What the log says of the link (a run alone, a controller back).
         self.watch = LinkWatch(job, endpoint, liveness * heartbeat_s, liveness, self._started)
@@ -225,6 +229,8 @@ class Transport:
     def connected(self) -> bool:
         """Whether the controller was heard from within the liveness window (``liveness``
         heartbeats): False until its first answer, and while it is absent or restarting."""
+        if self._refused:  # heard, but it refused this run's registration (conflict)
+            return False
         now = time.monotonic()
         return now - self._last_heard - self._stalled(now) < self._liveness * self._heartbeat_s
 
@@ -461,7 +467,14 @@ class Transport:
         elif isinstance(message, wire.Heartbeat):
             if message.job == self.job:
                 self.controller_step = message.step
+                if self._refused is not None:
+                    self._refused = None
+                    log.warning("trimtab: job %r: the controller took this run's registration "
+                                "(the run that held the name ended or went silent): it is "
+                                "controlled from now on", self.job)
         elif isinstance(message, wire.Error):
+            if message.code == "conflict":
+                self._refused = message.code
             if message.code == "unknown_job":  # the controller forgot us (restarted): re-register
                 self._need_register = True
             elif time.monotonic() - self._warned.get(message.code, float("-inf")) >= 60.0:
