@@ -229,7 +229,7 @@ class Transport:
     def connected(self) -> bool:
         """Whether the controller was heard from within the liveness window (``liveness``
         heartbeats): False until its first answer, and while it is absent or restarting."""
-        if self._refused:  # heard, but it refused this run's registration (conflict)
+        if self._refused or self._stop.is_set():  # refused this run (conflict), or closed
             return False
         now = time.monotonic()
         return now - self._last_heard - self._stalled(now) < self._liveness * self._heartbeat_s

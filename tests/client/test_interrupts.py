@@ -160,7 +160,7 @@ def test_a_close_interrupted_anywhere_is_finished_by_the_next(fake_controller, t
             break
         fired += 1
         guard.close()  # the cell run again
-        assert not guard._transport._thread.is_alive(), k
+        assert not guard._transport._thread.is_alive() and not guard.connected, k
         assert _user(opt) == (0.05, 0.9), k
         fake_controller.wait_for(
             lambda c, job=job: any(b.job == job for b in c.of_type(wire.Bye)), 10)
