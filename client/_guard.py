@@ -442,7 +442,7 @@ class Guard(GuardState):
     def _abandon(self) -> None:
         """Undo a failed attach: the hooks off the optimizer, the checkpoint store's writer
         and the link (not started: no job registered) closed."""
-        self._closed = True
+        self._closed = self._ended = True
         if self._hooks is not None:
             self._hooks.remove()
         if self._store is not None:
