@@ -46,6 +46,20 @@ class _InterruptAt:
         return None
 
 
+def _interrupted(k: int, call) -> bool:
+    """Run ``call()`` with a KeyboardInterrupt at its ``k``-th traced line (caught, as the
+    notebook's cell ends); whether it fired (False: the call ran whole)."""
+    trap = _InterruptAt(k)
+    sys.settrace(trap)
+    try:
+        call()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sys.settrace(None)
+    return trap.fired
+
+
 def _called_by_trimtab(frame) -> bool:
     """Whether a grad-mode switch was entered by the client's code (not by torch's own:
     the optimizer's step switches it too, and a bare loop shares that window)."""
@@ -67,17 +81,12 @@ def test_an_interrupt_anywhere_in_engage_or_release_leaves_the_users_values():
     used: list[tuple[float, float]] = []
     opt.register_step_pre_hook(lambda o, a, k: used.append(_user(o)))
     for k in range(200):
-        trap = _InterruptAt(k)
-        sys.settrace(trap)
-        try:
+        def whole_step() -> None:
             act.engage(0)
             opt.step()
             act.release()
-        except KeyboardInterrupt:
-            pass
-        finally:
-            sys.settrace(None)
-        if not trap.fired:
+
+        if not _interrupted(k, whole_step):
             break
         act.engage(1)
         opt.step()
@@ -113,15 +122,7 @@ def test_an_interrupt_anywhere_in_a_guarded_step_leaves_the_loop_as_it_was(dead_
     with guard:
         fired = 0
         for k in range(0, 700, 3):
-            trap = _InterruptAt(k)
-            sys.settrace(trap)
-            try:
-                step()
-            except KeyboardInterrupt:
-                pass
-            finally:
-                sys.settrace(None)
-            fired += trap.fired
+            fired += _interrupted(k, step)
             assert torch.is_grad_enabled(), k
             step()  # the next cell goes on
             assert torch.is_grad_enabled(), k
@@ -148,15 +149,7 @@ def test_a_close_interrupted_anywhere_is_finished_by_the_next(fake_controller, t
             opt.zero_grad()
             loss.backward()
             guard.step(loss)
-        trap = _InterruptAt(k)
-        sys.settrace(trap)
-        try:
-            guard.close()
-        except KeyboardInterrupt:
-            pass
-        finally:
-            sys.settrace(None)
-        if not trap.fired:
+        if not _interrupted(k, guard.close):
             break
         fired += 1
         guard.close()  # the cell run again
