@@ -374,7 +374,7 @@ class Controller:
                    *replies_dropped]
         pending = state.pending_command
         if pending is not None and pending.seq > msg.applied_seq:
-            pending = self._void_unheld_mark(state, msg, pending, replies)
+            pending = self._void_unheld(state, msg, pending, replies)
             if pending is not None:
                 replies.append((peer, wire.encode(pending)))  # lost with the old connection
         if pending is None and state.paused is None:
@@ -398,12 +398,13 @@ class Controller:
         log.info("job %s: command %d withdrawn, never sent: %s", state.job, dropped.seq, why)
         return self._never_applied(state.job, f"withdrawn: {why}")
 
-    def _void_unheld_mark(self, state: JobState, msg: wire.Register, pending: wire.Command,
-                          replies: list[Reply]) -> wire.Command | None:
-        """``pending`` was lost with the old connection and marks a checkpoint this
-        registration no longer lists: the client's ring moved past it meanwhile (a
-        controller down for a while, a link lost), so the mark can only fail. It is void
-        (its checkpoint is not proposed again), and a command that carries nothing else is
+    def _void_unheld(self, state: JobState, msg: wire.Register, pending: wire.Command,
+                     replies: list[Reply]) -> wire.Command | None:
+        """``pending`` was lost with the old connection. One that rolls back to a checkpoint
+        this registration no longer lists is withdrawn whole (:meth:`_void_unheld_rollback`).
+        One that marks such a checkpoint (the client's ring moved past it meanwhile: a
+        controller down for a while, a link lost) can only fail to: the mark is void (its
+        checkpoint is not proposed again), and a command that carries nothing else is
         withdrawn, journaled as such, rather than sent for the client to refuse; one that
         carries more goes as it is (its ack says the mark failed). Returns the command
         still to send (None: withdrawn)."""
