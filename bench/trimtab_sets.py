@@ -14,10 +14,12 @@ jobs (``bench-TASK-*``).
 >>> items[1], items[-1]
 (('lr_range_test', {'sweep_steps': '{steps/5}'}), ('warmup', {'warmup_steps': 20}))
 >>> print(to_toml([("warmup", {"warmup_steps": 20})]), end="")
+safety_net = false
 [[policies]]
 name = "warmup"
 config = { warmup_steps = 20 }
 >>> print(to_toml([("cosine", {"t_max": "{steps}"})], {"a": 300}), end="")
+safety_net = false
 [[policies]]
 name = "cosine"
 config = { t_max = 300 }
@@ -140,8 +142,12 @@ def to_toml(items: list[tuple[str, dict]], steps: dict[str, int] | None = None,
             base: dict | None = None) -> str:
     """The controller configuration that runs exactly ``items``; ``steps`` (task -> budget)
     fills in ``{steps}`` settings, one entry per task; ``base`` (a parsed configuration,
-    say ``--trimtab-config``) supplies every other setting, its own policies replaced."""
+    say ``--trimtab-config``) supplies every other setting, its own policies replaced.
+    Exactly: a set without ``divergence_guard`` says ``safety_net = false`` (else the
+    controller runs the safety net first), unless ``base`` says otherwise."""
     out = [f"{k} = {_toml_value(v)}" for k, v in (base or {}).items() if k != "policies"]
+    if "safety_net" not in (base or {}) and all(p != "divergence_guard" for p, _ in items):
+        out.append("safety_net = false")
     for policy, config in items:
         per_task = any(isinstance(v, str) and _STEPS.match(v) for v in config.values())
         if per_task and not steps:

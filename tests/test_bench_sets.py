@@ -57,6 +57,15 @@ def test_the_written_configuration_is_what_the_controller_runs(tmp_path):
     assert not cfg.policies[3].applies_to("bench-digits_cnn-trimtab:w-lr0.03-s0")
 
 
+def test_a_set_without_the_safety_net_runs_without_it(tmp_path):
+    # The controller runs divergence_guard first for a config that leaves it out; a
+    # candidate set is measured as written.
+    _, items = parse_set("p=plateau")
+    path = tmp_path / "set.toml"
+    path.write_text(to_toml(items))
+    assert [p.name for p in load_config(path, env={}).policies] == ["plateau"]
+
+
 def test_bench_run_refuses_a_bad_set_before_running_anything(tmp_path):
     done = subprocess.run([sys.executable, "-m", "bench", "run", "--trimtab-set", "x=nosuch",
                            "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
