@@ -236,6 +236,12 @@ class LrRangeTestConfig(BaseModel):
         return self
 
 
+#: A run whose first report the controller observed ends later than this many windows
+#: into it was met past its start (a registration and its first reports may be a window or
+#: two late): no evidence is read from it.
+_MET_LATE_WINDOWS = 3
+
+
 def own_lr(view: JobView) -> float | None:
     """The user's own lr that absolute lr settings relate to: the highest it has been so
     far (at registration, in the reports kept, at the latest report). A loop's warm-up
@@ -434,9 +440,13 @@ class LrRangeTest(Policy):
         if len(view.history) > cfg.evidence_reports or not view.history:
             return None  # past the start of the run: its LR has proved itself
         seen = view.history
-        if seen[0].step - seen[0].window > cfg.evidence_reports * view.report_every:
-            # The controller met the run past its start (it started late, or restarted
-            # without its journal): what it sees first is a run that has trained a while.
+        if seen[0].step - seen[0].window > _MET_LATE_WINDOWS * view.report_every:
+            # The controller met the run past its first windows (it started late, restarted
+            # without its journal, or took the name over from another run): what it sees
+            # first is a run that has trained a while, not its start. A notebook re-trial:
+            # a run taken over at ~step 120 (12 windows; 20 were allowed) was swept on a
+            # noise rise, rolled back to its attach snapshot, and its sweep then read the
+            # initial loss as bad data against losses it had only seen from step 120 on.
             return None
         if view.warm_start:
             # The optimizer had stepped before it was attached (a run continued from its

@@ -1149,6 +1149,11 @@ def test_a_controller_that_meets_a_run_past_its_start_looks_for_no_evidence():
     why, _ = _evidence(wobbling)
     assert why is not None and "rose" in why  # at the start of a run, that is a rise
     assert _evidence(wobbling, start=1505)[0] is None
+    # A notebook re-trial: a run whose name the controller took over from a dead one at
+    # ~12 windows in (a kernel restarted, the cell attached again) was swept on a noise
+    # rise, back to its attach snapshot. Met past its first windows: no evidence.
+    assert _evidence([0.02732, 0.031, 0.03398], start=60)[0] is None
+    assert _evidence([0.02732, 0.031, 0.03398], start=10)[0] is not None  # two windows late
 
 
 def test_a_fast_fall_from_the_initial_loss_is_no_blow_up():
