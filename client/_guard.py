@@ -467,6 +467,7 @@ class Guard(GuardState):
             loss = self._micro_losses.take()  # the mean over the step's micro-batches
         grad = torch.is_grad_enabled()
         try:
+            self._close_unfinished()
             prepared = self._prepare(loss)
             if prepared is not None:
                 try:
@@ -485,7 +486,6 @@ class Guard(GuardState):
             raise ValueError(f"loss must be a scalar, got shape {tuple(loss.shape)}")
         if self._step.calls == 0 and self._handed is not None:
             self._handed_over_again()
-        self._close_unfinished()
         self._ckpts.before_step()
         micro = self._step.take_micro()
         if self._commands.take():

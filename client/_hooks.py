@@ -92,7 +92,8 @@ class StepHooks:
         self._step = step
         self._prepare = prepare
         self._finish = finish
-        self._recover = recover  # closes a window an interrupted step left full
+        self._recover = recover  # closes a window an interrupted step left full (before
+        # the loss is taken: its row is the next one)
         self._losses = Losses()
         #: Per probe row: whether that step had no observed loss (its NaN is not a bad loss).
         self._missing = [False] * len(step.probe.buf)
