@@ -15,6 +15,8 @@ import torch
 from trimtab.client import attach
 from trimtab.protocol import wire
 
+from ..integration.support import optimizer_step
+
 
 def _model() -> torch.nn.Module:
     torch.manual_seed(0)
@@ -29,13 +31,7 @@ def _train(model, opt, steps: int, guard=None, hooks: bool = False) -> None:
         loss = (model(x) - x.sum(1, keepdim=True)).pow(2).mean()
         opt.zero_grad()
         loss.backward()
-        if guard is None:
-            opt.step()
-        elif hooks:
-            guard.observe_loss(loss)
-            opt.step()
-        else:
-            guard.step(loss)
+        optimizer_step(opt, loss, guard, hooks)
 
 
 @pytest.mark.parametrize("hooks", [False, True], ids=["guard.step", "hooks"])

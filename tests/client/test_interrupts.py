@@ -21,6 +21,8 @@ from trimtab.client import attach
 from trimtab.client._knobs import Actuator
 from trimtab.protocol import wire
 
+from ..integration.support import optimizer_step
+
 ROOT = os.path.dirname(trimtab.client.__file__)
 
 
@@ -113,11 +115,7 @@ def test_an_interrupt_anywhere_in_a_guarded_step_leaves_the_loop_as_it_was(dead_
         loss = model(torch.randn(16, 4)).pow(2).mean()
         opt.zero_grad()
         loss.backward()
-        if hooks:
-            guard.observe_loss(loss)
-            opt.step()
-        else:
-            guard.step(loss)
+        optimizer_step(opt, loss, guard, hooks)
 
     with guard:
         fired = 0

@@ -15,6 +15,8 @@ import torch
 from trimtab.client import attach
 from trimtab.protocol import wire
 
+from ..integration.support import optimizer_step
+
 V, D = 200, 8
 
 OPTIMIZERS = {
@@ -41,13 +43,7 @@ def _train(model, opt, steps: int, guard=None, hooks: bool = False) -> list[floa
         opt.zero_grad()
         loss.backward()
         norms.append(float(model["emb"].weight.grad.coalesce().values().norm()))
-        if guard is None:
-            opt.step()
-        elif hooks:
-            guard.observe_loss(loss)
-            opt.step()
-        else:
-            guard.step(loss)
+        optimizer_step(opt, loss, guard, hooks)
     return norms
 
 

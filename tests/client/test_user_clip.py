@@ -11,6 +11,8 @@ import torch
 from trimtab.client import attach
 from trimtab.protocol import wire
 
+from ..integration.support import optimizer_step
+
 pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("one_thread")]
 
 
@@ -34,11 +36,7 @@ def _run(endpoint: str, clip_at, steps: int = 40, hooks: bool = True):
         if limit is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), limit)
         seen.append((norm, limit is not None and norm > limit))
-        if hooks:
-            guard.observe_loss(loss)
-            opt.step()
-        else:
-            guard.step(loss)
+        optimizer_step(opt, loss, guard, hooks)
     guard.close()
     return guard, seen
 

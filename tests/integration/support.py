@@ -118,6 +118,19 @@ class Regression:
         return torch.nn.functional.mse_loss(self.model(xb), yb)
 
 
+def optimizer_step(opt, loss, guard=None, hooks: bool = False) -> None:
+    """The loop's optimizer step as a user writes it: bare (``guard`` None), through
+    ``guard.step(loss)``, or with ``hooks=True``: the loss handed over, then the loop's own
+    ``opt.step()``."""
+    if guard is None:
+        opt.step()
+    elif hooks:
+        guard.observe_loss(loss)
+        opt.step()
+    else:
+        guard.step(loss)
+
+
 def wait_for(predicate, timeout: float = 20.0, interval: float = 0.05):
     """Poll ``predicate`` until it returns a truthy value; returns it (or the last falsy)."""
     deadline = time.monotonic() + timeout

@@ -18,7 +18,7 @@ from torch import nn
 
 from trimtab.client import attach
 
-from .support import wait_for
+from .support import optimizer_step, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -39,11 +39,7 @@ def _run(srv, job: str, hooks: bool) -> None:
         loss = nn.functional.mse_loss(model(x), y)
         opt.zero_grad()
         loss.backward()
-        if hooks:
-            guard.observe_loss(loss)
-            opt.step()
-        else:
-            guard.step(loss)
+        optimizer_step(opt, loss, guard, hooks)
     # The last window's report (the guard still open) sets the metrics: read once the
     # controller has taken it (its step) -- its journal row is written just before.
 
