@@ -495,9 +495,14 @@ class Transport:
 
     def _flush(self, sock: zmq.Socket, burst: int = _SEND_BURST) -> None:
         if self._need_register:
-            if not self._send(sock, self._register().model_copy(update={"link": self.connects})):
-                return  # no live connection yet; the registration must go first
+            # Cleared before the registration is made: a ``reregister`` from the training
+            # thread landing while it is made or sent (a resume's load_state_dict right after
+            # the link came up) asks for one more, never is lost under it. A CI run: the
+            # resume's registration was dropped, and the controller never heard of it.
             self._need_register = False
+            if not self._send(sock, self._register().model_copy(update={"link": self.connects})):
+                self._need_register = True
+                return  # no live connection yet; the registration must go first
         queues: tuple[collections.deque, ...] = (self._control, self._reports)
         for queue in queues:
             while burst > 0:

@@ -1,5 +1,5 @@
 """Fixtures for every test: a factory of real ``trimtab serve`` subprocesses, stopped after
-each test, and torch on one thread."""
+each test, torch on one thread, and the guards a failed test left open closed after it."""
 
 from __future__ import annotations
 
@@ -56,3 +56,32 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         return _FIRST.index(path) if path in _FIRST else len(_FIRST)
 
     items.sort(key=rank)  # stable: every other test keeps its order
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
+    report = yield
+    if report.when == "call":
+        item.stash[_FAILED] = report.failed
+    return report
+
+
+_FAILED = pytest.StashKey[bool]()
+
+
+@pytest.fixture(autouse=True)
+def _close_what_a_failure_left_open(request) -> Iterator[None]:
+    """A test that fails before its ``close()`` leaves its guard open in the process, and
+    every later guard of that worker then counts as its game's other player (no climb
+    verdict, no range test, no plateau cut) or is refused its job's name: a CI run's one
+    failure became 17. The guards a failed test opened are closed after it; a passing
+    test's are left alone (a module's fixture may hold one across its tests)."""
+    from trimtab.client import _guard
+
+    before = {id(g) for g in _guard._OPEN.values()}
+    yield
+    if not request.node.stash.get(_FAILED, False):
+        return
+    for guard in list(_guard._OPEN.values()):
+        if id(guard) not in before and not guard._closed:
+            guard.close("the test failed")

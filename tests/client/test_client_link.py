@@ -486,3 +486,31 @@ def test_a_validation_after_close_never_waits_on_the_network(dead_endpoint, capl
     assert transport._late is None and transport._late_thread is None
     said = [r.getMessage() for r in caplog.records if "no answer" in r.getMessage()]
     assert len(said) == 2 and "after the run ended; it may be lost" in said[0]
+
+
+def test_a_reregistration_asked_while_the_registration_is_sent_is_not_lost(
+        fake_controller) -> None:
+    """A resume's ``load_state_dict`` asks for a registration again right after the link
+    came up, while the transport thread was still sending the first: that ask must be
+    answered by a second registration (a CI run lost it, and the controller never heard
+    of the resume)."""
+    run = Run()
+    guard = attach(run.model, run.opt, job="rereg", endpoint=fake_controller.endpoint,
+                   heartbeat_s=0.05)
+    transport = guard._transport
+    make = transport._register
+    asked = []
+
+    def made_then_asked_again():
+        message = make()
+        if not asked:  # the training thread's call landing between make and send
+            asked.append(True)
+            transport.reregister()
+        return message
+
+    transport._register = made_then_asked_again
+    try:
+        fake_controller.wait_for(lambda c: len(c.of_type(wire.Register)) >= 2, timeout_s=5.0)
+        assert asked == [True]
+    finally:
+        guard.close()
