@@ -253,6 +253,10 @@ class RankTransport:
         if self.inner is not None:
             self.inner.put_report(report)
 
+    @property
+    def newest_step(self) -> int:
+        return 0 if self.inner is None else self.inner.newest_step
+
     def put_control(self, message: wire.Ack) -> None:
         if self.inner is not None:  # one ack per job: rank 0's
             self.inner.put_control(message)

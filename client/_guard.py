@@ -17,6 +17,7 @@ commands in :mod:`~trimtab.client._commands`, the snapshots and rollbacks in
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import math
 import os
@@ -279,6 +280,7 @@ class Guard(GuardState):
         check_decay(ema)
         check_endpoint(endpoint)
         check_pairing(model, optimizer)
+        _end_abandoned_guards()
         steering = next((g for g in _OPEN.values() if not g._closed
                          and g.optimizer is optimizer), None)
         if steering is not None:
@@ -411,9 +413,13 @@ class Guard(GuardState):
         self._listing: tuple[list[int], int | None, int | None] = ([], None, None)
         self._note_listing()
 
+        # The transport thread reaches the guard only weakly (see _Link): a guard the loop
+        # dropped unclosed is collected, and its finalizer ends the link.
+        link = _Link(self)
+
         def make_transport() -> Transport:
             return Transport(
-                endpoint, job, register=self._registration, step=self._host_step,
+                endpoint, job, register=link.registration, step=link.step,
                 context=context, heartbeat_s=heartbeat_s, liveness=liveness,
                 queue_size=queue_size, reconnect_max_s=reconnect_max_s, curve=curve,
             )
@@ -434,9 +440,10 @@ class Guard(GuardState):
         )
         self._transport.start()
         # A script that ends without close() still reports its last window, says Bye at
-        # its last step and stops the threads at exit. The finalizer holds the guard weakly.
+        # its last step and stops the threads at exit; a guard dropped unclosed before the
+        # exit is ended when it is collected. The finalizer holds the guard weakly.
         self._finalizer = weakref.finalize(
-            self, _finish, weakref.ref(self), self._transport, self._store
+            self, _finish, weakref.ref(self), self._transport, self._store, link
         )
 
     def _abandon(self) -> None:
@@ -823,20 +830,96 @@ def _a_game_if_shared() -> None:
                  ", ".join(repr(g.job) for g in guards))
 
 
+class _Link:
+    """What the transport thread calls on its guard (the registration, the step count),
+    through a weak reference: a running thread holding the guard's bound methods kept every
+    guard alive until the process ended. An optuna-style sweep whose pruned trials raised
+    out of their loops without ``close()`` kept each trial's guard open, its threads, link
+    and checkpoint ring with it: every later trial's guard counted them as the other
+    players of a game (no climb verdict, no range test, no plateau cut), and one attached
+    under the same job name was refused. Dropped, a guard is now collected like any object,
+    and its finalizer ends the link (:func:`_finish`)."""
+
+    __slots__ = ("_guard", "job", "last_step")
+
+    def __init__(self, guard: Guard) -> None:
+        self._guard = weakref.ref(guard)
+        self.job = guard.job
+        #: The newest step the link read: the Bye's, when the guard is gone.
+        self.last_step = guard._host_step()
+
+    def registration(self) -> wire.Register | None:
+        """The guard's registration; ``None`` once it is gone (its link is ending)."""
+        guard = self._guard()
+        if guard is None:
+            return None
+        message = guard._registration()
+        self.last_step = message.step
+        return message
+
+    def step(self) -> int:
+        guard = self._guard()
+        if guard is not None:
+            self.last_step = guard._host_step()
+        return self.last_step
+
+
+#: Threads ending the links of guards collected unclosed (see _finish), joined by the next
+#: attach: a new guard under the same job name registers after the old run's Bye.
+_ENDING: list[threading.Thread] = []
+
+
+def _end_abandoned_guards() -> None:
+    """Before a new guard is checked against the open ones: collect those dropped unclosed
+    (reference cycles keep a guard until the cyclic collector runs) and let their links end,
+    at most about 12 s (their queued checkpoint writes get 10). Only when another guard is
+    open: a full collection at attach costs a few milliseconds to a second in a large
+    process, once."""
+    if any(not g._closed for g in _OPEN.values()):
+        gc.collect()
+    while _ENDING:
+        _ENDING.pop().join(12.0)
+
+
+def _end_dropped(job: str, transport: Transport, store: CheckpointStore | None,
+                 step: int) -> None:
+    """A dropped guard's end: its queued checkpoint writes finished, a Bye at ``step`` (the
+    newest the link read or a report carried: the run went at least that far, and the
+    reason says so) and its threads stopped."""
+    log.warning("trimtab: job %r: its guard was dropped without close() (a loop that ended by "
+                "an exception, an object let go): its link said Bye at step %d, the newest it "
+                "knew of, and its threads stopped. Use `with attach(...) as guard:` or close() "
+                "in a finally block to end a run at its own step", job, step)
+    if store is not None:
+        store.close(timeout_s=10.0)
+    transport.close(wire.Bye(job=job, step=step, reason="abandoned: the guard was dropped "
+                             "without close() (at least this step)"))
+
+
 def _finish(guard: weakref.ref[Guard], transport: Transport,
-            store: CheckpointStore | None) -> None:
+            store: CheckpointStore | None, link: _Link | None = None) -> None:
     """A guard never closed, at interpreter exit: what ``close("exit")`` does, so that the
     journal has its last window and its Bye at the step it ended at. Queued checkpoint
     writes get 10 s (the files stay consistent either way). Under torch.distributed the
     partial window is not reported: its reduction is a collective, and at exit the other
     ranks may be gone."""
     live = guard()
-    if live is not None:  # always: its transport holds it (the registration callback)
+    if live is not None:  # at exit, a guard still referenced
         live._end("exit", 10.0, last_window=live._dist is None)
         return
-    if store is not None:
-        store.close(timeout_s=10.0)
-    transport.close(None)  # the step it ended at is gone with it: no Bye rather than a wrong one
+    if link is None:
+        if store is not None:
+            store.close(timeout_s=10.0)
+        transport.close(None)
+        return
+    # Collected unclosed, by whichever thread ran the collector (the training thread, or
+    # the transport's own: it cannot join itself): ended on a thread of its own, so that
+    # no step waits for the checkpoint writes or the Bye.
+    step = max(link.last_step, transport.newest_step)
+    ending = threading.Thread(target=_end_dropped, name="trimtab-dropped", daemon=True,
+                              args=(link.job, transport, store, step))
+    _ENDING.append(ending)
+    ending.start()
 
 
 def attach(model: torch.nn.Module, optimizer: torch.optim.Optimizer, **options: Any) -> Guard:

@@ -127,7 +127,7 @@ class Transport:
         endpoint: str,
         job: str,
         *,
-        register: Callable[[], wire.Register],
+        register: Callable[[], wire.Register | None],
         step: Callable[[], int] = lambda: 0,
         context: zmq.Context | None = None,
         heartbeat_s: float = 1.0,
@@ -155,6 +155,8 @@ class Transport:
             maxlen=queue_size)
         self._control: collections.deque[wire.Ack] = collections.deque(maxlen=32)
         self._need_register = True
+        #: The newest step a report was queued at (a dropped guard's Bye, see _guard._finish).
+        self.newest_step = 0
         self._command: wire.Command | None = None
         self._stop = threading.Event()
         self._bye: wire.Bye | None = None
@@ -206,6 +208,7 @@ class Transport:
             if len(self._reports) == self._reports.maxlen:
                 self.dropped += 1
             self._reports.append(report)
+            self.newest_step = max(self.newest_step, report.step)
 
     def put_control(self, message: wire.Ack) -> None:
         """Queue a control message; it is sent before any queued report."""
@@ -500,7 +503,11 @@ class Transport:
             # the link came up) asks for one more, never is lost under it. A CI run: the
             # resume's registration was dropped, and the controller never heard of it.
             self._need_register = False
-            if not self._send(sock, self._register().model_copy(update={"link": self.connects})):
+            register = self._register()
+            if register is None:  # the guard is gone: its finalizer is ending this link
+                self._need_register = True
+                return
+            if not self._send(sock, register.model_copy(update={"link": self.connects})):
                 self._need_register = True
                 return  # no live connection yet; the registration must go first
         queues: tuple[collections.deque, ...] = (self._control, self._reports)
