@@ -83,7 +83,7 @@ def test_a_pruned_trials_guard_says_bye_and_the_next_trial_is_an_ordinary_run(
         fake_controller.wait_for(lambda c: c.of_type(wire.Register)[-1].run_id == guard.run_id)
         assert fake_controller.of_type(wire.Register)[-1].loss_trend is None
         assert _threads() == ["trimtab-client"]  # the new guard's only
-        assert [g.job for g in _guard._OPEN.values()] == ["sweep"]
+        assert [g.job for g in _guard._OPEN.values() if not g._closed] == ["sweep"]
     finally:
         guard.close()
     assert _threads() == []
@@ -124,7 +124,7 @@ def test_trials_in_a_row_each_pruned_leave_nothing_open(fake_controller) -> None
             _trial(fake_controller, 12, job=f"trial-{seed}", hooks=seed % 2 == 1,
                    seed=seed)
     _guard._end_abandoned_guards()  # what the next attach does
-    assert not list(_guard._OPEN.values())
+    assert not [g for g in _guard._OPEN.values() if not g._closed]
     assert _threads() == []
     fake_controller.wait_for(lambda c: len(c.of_type(wire.Bye)) == 4)
     assert sorted(b.job for b in fake_controller.of_type(wire.Bye)) == [
