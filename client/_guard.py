@@ -144,8 +144,9 @@ class Guard(GuardState):
     policy-gradient loss such as PPO's, whose value term grows with the returns; a GAN's
     generator): the controller then draws nothing from its trend or curve (no ``climb``
     rollback, no range test, no plateau cut); non-finite values and spikes are still
-    rolled back. Left out (``None``), it is True, unless another guard is open in the
-    same process (a GAN's two optimizers, an actor-critic's): then both register False.
+    rolled back. Left out (``None``), it is True, unless another guard attached by the same
+    thread is open (a GAN's two optimizers, an actor-critic's): then both register False.
+    Guards attached by different threads (a sweep's concurrent trials) are separate runs.
     A guard is refused on an optimizer another open guard steers, and for a model none of
     whose parameters the optimizer steps.
 
@@ -379,8 +380,10 @@ class Guard(GuardState):
         except BaseException:
             self._abandon()
             raise
+        # The thread that attached it: a game's players are attached by one loop's thread.
+        self._thread = threading.get_ident()
         _OPEN[job] = self
-        _a_game_if_shared()
+        _a_game_if_shared(self)
         _hook_sigterm()
 
     def _start(self, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, endpoint: str,
@@ -806,7 +809,7 @@ def _on_sigterm(signum: int, frame: object) -> None:
     os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _a_game_if_shared() -> None:
+def _a_game_if_shared(new: Guard) -> None:
     """Several open guards in one process are one loop's several optimizers: a GAN's
     generator and discriminator, an actor-critic's two nets. Their losses are a game's,
     not expected to fall as each learns (the other moves), so a guard left at
@@ -815,7 +818,9 @@ def _a_game_if_shared() -> None:
     still rolled back. An examples trial: a tuned DCGAN's discriminator got an LR range
     test on 3 seeds of 3 (its updates lined up with the next gradient), up to x50 its lr,
     and ended 6% worse (a pixel-space Frechet distance)."""
-    guards = [g for g in _OPEN.values() if not g._closed]
+    # Attached from the same thread: guards attached by other threads are other runs (an
+    # optuna study's n_jobs=2 trials, each in a thread of its own, are two ordinary runs).
+    guards = [g for g in _OPEN.values() if not g._closed and g._thread == new._thread]
     if len(guards) < 2:
         return
     flipped = [g for g in guards if not g._loss_trend_given and g.loss_trend]

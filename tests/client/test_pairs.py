@@ -9,6 +9,8 @@ lr as the user's."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -107,3 +109,30 @@ def test_a_second_guard_on_a_model_another_guard_holds_is_warned_of(dead_endpoin
                 attach(net_g, opt_g, job="gG", endpoint=dead_endpoint):
             pass
     assert "shares parameters" not in caplog.text
+
+
+def test_guards_attached_by_two_threads_are_two_runs_not_a_game(fake_controller):
+    """An optuna study with n_jobs=2 runs two trials at once, each in a thread of its own:
+    two ordinary runs, each with its range test and climb verdict."""
+    guards = {}
+    attached = threading.Barrier(2)
+
+    def trial(seed: int) -> None:
+        net, opt = _pair(seed)
+        guards[seed] = attach(net, opt, job=f"trial-{seed}", endpoint=fake_controller.endpoint,
+                              heartbeat_s=0.05)
+        attached.wait(10)  # both open at once
+
+    threads = [threading.Thread(target=trial, args=(s,)) for s in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    try:
+        assert [guards[s].loss_trend for s in (0, 1)] == [True, True]
+        fake_controller.wait_for(lambda c: {r.job for r in c.of_type(wire.Register)}
+                                 == {"trial-0", "trial-1"})
+        assert all(r.loss_trend is None for r in fake_controller.of_type(wire.Register))
+    finally:
+        for guard in guards.values():
+            guard.close()
