@@ -49,6 +49,7 @@ from trimtab.protocol.ring import kept
 from . import _host_copy
 from ._checkpoint_files import CheckpointFiles, read_payload, scan
 from ._copy_plan import CopyPlan, Flat, flatten
+from ._frozen import FrozenParts
 from ._host_copy import _CopyStreams, _HostCopier, _PinnedPool
 from ._snapshot import (
     Checkpoint,
@@ -106,6 +107,8 @@ class CheckpointStore:
         self._pool = _PinnedPool()
         self._streams = _CopyStreams()
         self._plan: CopyPlan | None = None  # the snapshots' copy plan, see _copy_plan
+        # Frozen parameters (a LoRA base): one host copy for every snapshot, see _frozen.
+        self._frozen = FrozenParts()
         #: Snapshots not taken because their pinned buffers were not allocated yet.
         self.deferred = 0
 
@@ -113,6 +116,11 @@ class CheckpointStore:
     def host_bytes(self) -> int:
         """Pinned host memory allocated for snapshots (0 when nothing is on CUDA)."""
         return self._pool.nbytes
+
+    @property
+    def frozen_bytes(self) -> int:
+        """Host memory of the frozen parameters' copies, held once for every snapshot."""
+        return self._frozen.nbytes
 
     @property
     def _copies(self) -> int:
@@ -127,8 +135,10 @@ class CheckpointStore:
         state exists (after the first step); :meth:`take` does it too. ``ema``: the weight
         average's state_dict, ``extra``: the loop's objects' (by name), snapshotted with
         them."""
-        layout = _host_copy.staged_layout(model.state_dict(), optimizer.state_dict()["state"],
-                                          ema, extra)
+        model_sd = model.state_dict()
+        frozen = self._frozen.names(model, optimizer, model_sd)  # held once, not pooled
+        layout = _host_copy.staged_layout({k: v for k, v in model_sd.items() if k not in frozen},
+                                          optimizer.state_dict()["state"], ema, extra)
         self._pool.reserve(layout, self._copies)
 
     def take(
@@ -150,6 +160,12 @@ class CheckpointStore:
         from (:attr:`Checkpoint.run`)."""
         copier = _HostCopier(self._pool, self._streams, block=block)
         model_sd, opt = model.state_dict(), optimizer.state_dict()
+        full_sd, frozen_names = model_sd, self._frozen.names(model, optimizer, model_sd)
+        if frozen_names:  # copied once (see _frozen); the rest as always
+            model_sd = collections.OrderedDict(
+                (k, v) for k, v in full_sd.items() if k not in frozen_names)
+            if hasattr(full_sd, "_metadata"):
+                model_sd._metadata = full_sd._metadata  # type: ignore[attr-defined]
         flat = flatten(model_sd, opt.get("state"))
         planned = None if flat is None else self._planned(copier, model, flat, block)
         if planned is None:  # an unusual shape of state: the generic walk
@@ -176,12 +192,29 @@ class CheckpointStore:
             self._pool.give(copier.pinned, copier.pinned_keys)
             self.deferred += 1
             return None
+        frozen = None
+        if frozen_names:
+            frozen = self._frozen.copies(full_sd, frozen_names, copier.queue_owned)
+            merged = type(full_sd)()
+            for key in full_sd:
+                merged[key] = frozen[key].host if key in frozen else model_sd[key]
+            if hasattr(model_sd, "_metadata"):
+                merged._metadata = model_sd._metadata  # type: ignore[attr-defined]
+            model_sd = merged
         events = copier.start()
+        if frozen:
+            for made in self._frozen.queued:
+                made.events = list(events)
+            # A copy an earlier snapshot queued and that is still in flight: this one is
+            # usable only once it is done too.
+            for held in {id(c): c for c in frozen.values()}.values():
+                if held not in self._frozen.queued and held.pending():
+                    events = [*events, *held.events]
         ckpt = Checkpoint(
             step=step, model=model_sd, optimizer=optim_sd, scheduler=sched,
             rng=capture_rng(), clip=clip, counters=dict(counters or {}),
             scheduler_stepped=scheduler_stepped, controls=dict(controls or {}), ema=ema_sd,
-            extra=extra_sd, run=run, _provisional=provisional,
+            extra=extra_sd, run=run, _provisional=provisional, frozen=frozen,
         )
         return self._admit(ckpt, copier, events)
 

@@ -316,6 +316,12 @@ class _HostCopier:
             self._memo[key] = out
         return out
 
+    def queue_owned(self, t: torch.Tensor, host: torch.Tensor) -> None:
+        """Queue ``host.copy_(t)`` with the snapshot's copies, into a buffer the pool does
+        not own (a frozen parameter's, see :mod:`trimtab.client._frozen`), on the side
+        stream: the optimizer step never changes it."""
+        self._pairs[(t.device, self.streams is not None)].append((host, t.detach()))
+
     def start(self) -> list[tuple[torch.device, Any, bool]]:
         """Queue the copies; ``(device, event, on the side stream)`` per group of copies."""
         events = []

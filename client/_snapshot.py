@@ -19,6 +19,7 @@ files and their stable marks are :class:`~trimtab.client._checkpoint.CheckpointS
 
 from __future__ import annotations
 
+import collections
 import copy
 import logging
 import random
@@ -143,6 +144,9 @@ class Checkpoint:
     #: beside its own; a rollback still restores ``controls``.
     resume: dict[str, Any] | None = None
     stable: bool = False
+    #: The frozen parameters' shared host copies by name (their tensors are in
+    #: :attr:`model` too; see :mod:`trimtab.client._frozen`); ``None``: none, or a file's.
+    frozen: dict[str, Any] | None = field(default=None, repr=False)
     #: Set while the writer thread serializes it (read under the writer's lock).
     writing: bool = field(default=False, repr=False)
     #: (device, event, copied on the side stream) per group of copies in flight.
@@ -223,7 +227,10 @@ class Checkpoint:
         optim_sd = _fit_groups(optimizer, self.optimizer, self.step)
         # Loading copies into the live tensors (a host-to-device copy that waits on CUDA:
         # a rollback is rare and the run is going nowhere until it is done).
-        model.load_state_dict(self.model)
+        if self.frozen:
+            self._load_model(model)
+        else:
+            model.load_state_dict(self.model)
         _load_optimizer(optimizer, optim_sd)
         if scheduler is not None and self.scheduler is not None:
             # load_state_dict adopts the dict's lists: give it a copy, keep ours intact.
@@ -242,6 +249,42 @@ class Checkpoint:
                 f"the checkpoint at step {self.step} was restored but for "
                 + "; ".join(f"{what} (it may hold part of the checkpoint's state)"
                             for what, _ in failed)) from failed[0][1]
+
+    def _load_model(self, model: torch.nn.Module) -> None:
+        """The model's state, but for the frozen parameters still as their copy holds them
+        (nothing to put back: a LoRA base is not copied onto itself at every rollback) and
+        those changed where torch did not count it (their copy cannot be trusted: left as
+        they are, with a WARNING, and copied into every snapshot from then on)."""
+        assert self.frozen is not None
+        live = model.state_dict()
+        skip = set()
+        untrusted = []
+        for name, held in self.frozen.items():
+            t = live.get(name)
+            if t is None:
+                continue  # load_state_dict names it
+            unchanged = held.unchanged(t)
+            if unchanged is None:
+                continue  # moved since: put back from the copy
+            skip.add(name)
+            if not unchanged:
+                held.stale = True
+                untrusted.append(name)
+        if untrusted:
+            log.warning(
+                "trimtab: rollback to step %d: frozen parameter(s) %s changed since they were "
+                "copied without torch counting it (an in-place change through .data): left "
+                "as they are, not put back; they are copied into every snapshot from now on",
+                self.step, ", ".join(untrusted[:5]) + (" ..." if len(untrusted) > 5 else ""))
+        state = collections.OrderedDict((k, v) for k, v in self.model.items() if k not in skip)
+        if hasattr(self.model, "_metadata"):  # module versions, read by load_state_dict
+            state._metadata = self.model._metadata  # type: ignore[attr-defined]
+        result = model.load_state_dict(state, strict=False)
+        missing = set(result.missing_keys) - skip
+        if missing or result.unexpected_keys:
+            raise RuntimeError(f"Error(s) in loading state_dict for {type(model).__name__}: "
+                               f"missing keys {sorted(missing)}, unexpected keys "
+                               f"{sorted(result.unexpected_keys)}")
 
     def _restore_extra(self, objects: dict[str, Any]) -> list[tuple[str, Exception]]:
         """Put back each object's state: a module's ``load_state_dict`` copies into its

@@ -10,6 +10,7 @@ SIGINT handler raises); after each, and a clean step, the loop is as the user le
 
 from __future__ import annotations
 
+import dis
 import os
 import sys
 
@@ -24,6 +25,7 @@ from trimtab.protocol import wire
 from ..integration.support import optimizer_step
 
 ROOT = os.path.dirname(trimtab.client.__file__)
+_NOP = dis.opmap["NOP"]
 
 
 class _InterruptAt:
@@ -34,7 +36,12 @@ class _InterruptAt:
         self.k, self.n, self.fired = k, 0, False
 
     def _local(self, frame, event, arg):
-        if event == "line" and not self.fired:
+        # Not at a NOP (a ``try:`` line): a SIGINT's KeyboardInterrupt is raised where the
+        # interpreter checks for signals, never there; and a NOP right inside a ``with``
+        # block is outside its exception table on CPython 3.11, so an exception raised
+        # there by the trace skips the block's ``__exit__`` (a lock left held), which no
+        # real interrupt can do.
+        if event == "line" and not self.fired and frame.f_code.co_code[frame.f_lasti] != _NOP:
             if self.n == self.k:
                 self.fired = True
                 raise KeyboardInterrupt
