@@ -37,11 +37,11 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from ._checkpoint import Checkpoint, CheckpointStore, load_stable
     from ._dist import shard_endpoint
-    from ._guard import Guard, attach
+    from ._guard import Guard, attach, hook_sigterm
     from ._sharded import load_sharded, sharded_guard_state
 
-__all__ = ["attach", "Guard", "Checkpoint", "CheckpointStore", "load_stable", "load_sharded",
-           "sharded_guard_state", "shard_endpoint", "__version__"]
+__all__ = ["attach", "Guard", "hook_sigterm", "Checkpoint", "CheckpointStore", "load_stable",
+           "load_sharded", "sharded_guard_state", "shard_endpoint", "__version__"]
 
 try:
     __version__ = version("trimtab")
@@ -51,7 +51,7 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 
 def __getattr__(name: str):
     # torch is imported on first use of attach/Guard: importing this package stays cheap.
-    if name in ("attach", "Guard"):
+    if name in ("attach", "Guard", "hook_sigterm"):
         from . import _guard
 
         return getattr(_guard, name)

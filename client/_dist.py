@@ -254,8 +254,8 @@ class RankTransport:
             self.inner.put_report(report)
 
     @property
-    def newest_step(self) -> int:
-        return 0 if self.inner is None else self.inner.newest_step
+    def last_report(self) -> tuple[float, int] | None:
+        return None if self.inner is None else self.inner.last_report
 
     def put_control(self, message: wire.Ack) -> None:
         if self.inner is not None:  # one ack per job: rank 0's

@@ -16,6 +16,7 @@ commands in :mod:`~trimtab.client._commands`, the snapshots and rollbacks in
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import gc
 import logging
@@ -23,6 +24,7 @@ import math
 import os
 import signal
 import threading
+import time
 import uuid
 import weakref
 from collections.abc import Callable
@@ -304,87 +306,97 @@ class Guard(GuardState):
                 "submodule its optimizer steps where the split allows (a GAN's nets); see "
                 "docs/adapters.md",
                 job, sharing.job)
-        other = _OPEN.get(job)
-        if other is not None and not other._closed:
-            # Two guards on one job would mix two runs' reports (and roll one back for the
-            # other's faults): a GAN's two optimizers are two jobs.
-            raise _invalid("job", job, "a job no open guard in this process has (close that "
-                                       "one first, or give each optimizer a job of its own, "
-                                       "e.g. 'gan-D' and 'gan-G')")
-        curve = load_curve_keys(server_key, client_key)
-        self.model = model
-        #: The torch optimizer (under accelerate's wrapper, when attached with one).
-        self.optimizer = optimizer
-        self._wrapper = None if wrapper is optimizer else wrapper
-        self._micro_losses = Losses()  # guard.step on a wrapper's micro-batches
-        self.job = job
-        self.run_id = uuid.uuid4().hex
-        # Resumes of this run from a saved guard state (see trimtab.client._resume).
-        self._resumes = 0
-        self._resumed_here = False
-        self._resume_step: int | None = None
-        self._resume_id: str | None = None  # made by load_state_dict (see _resume)
-        # Whether the loop steps its scheduler after a given step (for a snapshot's resume).
-        self._sched_pattern = SchedulePattern()
-        self.report_every = report_every
-        # The knobs: multipliers on the user's lr and weight decay, momentum, clip.
-        self._act = Actuator(optimizer, None if clip is None else float(clip))
-        # A sweep runs at most three report windows past the newest step the controller
-        # has seen (a window to make the report, one for it to be decided on, one of
-        # slack): never far up a sweep that nobody watches.
-        self._act.leash = 3 * report_every
-        self._hooks: StepHooks | None = None
-        self.facts, device = _facts(model, optimizer, batch_size)
-        self._compile_note = CompileNote(model)  # torch.compile: see trimtab.client._compiled
-        # Under torch.distributed: rank 0 links to the controller, all ranks act in step.
-        self._dist = DistLink.detect(device)
-        # FSDP2 (DTensor shards): global norms and sharded snapshots, see _sharded.
-        self._sharded = is_sharded(model)
-        if self._dist is not None:
-            self._dist.check_same(report_every=report_every, checkpoint_every=checkpoint_every)
-            if not self._sharded:  # DCP directories hold every rank's shards together
-                checkpoint_dir = rank_directory(checkpoint_dir, self._dist.rank)
-        self.nonfinite_mode = _resolve_mode(nonfinite, optimizer, device)
-        self._probe = Probe(optimizer, report_every, device)
-        if self._sharded:
-            self._probe.sharding = ShardNorms.of(model)
-        # Probe, clip, non-finite handling and the step counts: see trimtab.client._step.
-        self._step = Step(optimizer, self._probe, self._act, self.nonfinite_mode,
-                          driver=self._wrapper)
-        self._reporter = Reporter(job)  # the first window's clock starts here
-        if ema is not None and self._sharded:
-            raise _invalid("ema", ema, "None with an FSDP2-sharded model (its weight average "
-                                       "would need sharded snapshots of its own)")
-        if extra and self._sharded:
-            raise _refused("extra_state", _shown(extra_state), "None with an FSDP2-sharded "
-                           "model (its snapshots are DCP's, of the model and optimizer only)")
-        # The weight average (None: off): see trimtab.client._ema.
-        self._ema = None if ema is None else Ema(model, ema)
-        self._closed = False
-        self._ended = False  # close() done to its end (Bye sent, threads stopped)
-        if hooks:  # the loop calls optimizer.step() itself: see trimtab.client._hooks
-            # First: an optimizer that takes no hooks is refused before anything starts.
-            self._hooks = StepHooks(self._step, self._prepare, self._finish_step,
-                                    self._close_unfinished)
-        self._store = None
-        self._transport = None
+        with _OPEN_LOCK:  # checked and held at once: two threads attaching one job name
+            other = _OPEN.get(job)
+            if job in _ATTACHING or (other is not None and not other._closed):
+                # Two guards on one job would mix two runs' reports (and roll one back for
+                # the other's faults): a GAN's two optimizers are two jobs; a sweep's
+                # concurrent trials too (an optuna study with n_jobs=2 under one name: both
+                # passed this check before either was open, and the second's controller
+                # refused it, 'conflict').
+                raise _invalid("job", job, "a job no open guard in this process has (close "
+                                           "that one first, or give each optimizer, or each "
+                                           "concurrent trial, a job of its own, e.g. 'gan-D' "
+                                           "and 'gan-G', f'trial-{trial.number}')")
+            _ATTACHING.add(job)
         try:
-            self._start(
-                model=model, optimizer=optimizer, endpoint=endpoint, job=job,
-                context=context, heartbeat_s=heartbeat_s, liveness=liveness,
-                queue_size=queue_size, reconnect_max_s=reconnect_max_s, curve=curve,
-                checkpoint_every=checkpoint_every, keep=keep, checkpoint_dir=checkpoint_dir,
-                memory_keep=memory_keep, scheduler=scheduler, on_rollback=on_rollback,
-                reseed_on_rollback=reseed_on_rollback, extra=extra,
-            )
-        except BaseException:
-            self._abandon()
-            raise
-        # The thread that attached it: a game's players are attached by one loop's thread.
-        self._thread = threading.get_ident()
-        _OPEN[job] = self
-        _a_game_if_shared(self)
-        _hook_sigterm()
+            curve = load_curve_keys(server_key, client_key)
+            self.model = model
+            #: The torch optimizer (under accelerate's wrapper, when attached with one).
+            self.optimizer = optimizer
+            self._wrapper = None if wrapper is optimizer else wrapper
+            self._micro_losses = Losses()  # guard.step on a wrapper's micro-batches
+            self.job = job
+            self.run_id = uuid.uuid4().hex
+            # Resumes of this run from a saved guard state (see trimtab.client._resume).
+            self._resumes = 0
+            self._resumed_here = False
+            self._resume_step: int | None = None
+            self._resume_id: str | None = None  # made by load_state_dict (see _resume)
+            # Whether the loop steps its scheduler after a given step (for a snapshot's resume).
+            self._sched_pattern = SchedulePattern()
+            self.report_every = report_every
+            # The knobs: multipliers on the user's lr and weight decay, momentum, clip.
+            self._act = Actuator(optimizer, None if clip is None else float(clip))
+            # A sweep runs at most three report windows past the newest step the controller
+            # has seen (a window to make the report, one for it to be decided on, one of
+            # slack): never far up a sweep that nobody watches.
+            self._act.leash = 3 * report_every
+            self._hooks: StepHooks | None = None
+            self.facts, device = _facts(model, optimizer, batch_size)
+            self._compile_note = CompileNote(model)  # torch.compile: see trimtab.client._compiled
+            # Under torch.distributed: rank 0 links to the controller, all ranks act in step.
+            self._dist = DistLink.detect(device)
+            # FSDP2 (DTensor shards): global norms and sharded snapshots, see _sharded.
+            self._sharded = is_sharded(model)
+            if self._dist is not None:
+                self._dist.check_same(report_every=report_every, checkpoint_every=checkpoint_every)
+                if not self._sharded:  # DCP directories hold every rank's shards together
+                    checkpoint_dir = rank_directory(checkpoint_dir, self._dist.rank)
+            self.nonfinite_mode = _resolve_mode(nonfinite, optimizer, device)
+            self._probe = Probe(optimizer, report_every, device)
+            if self._sharded:
+                self._probe.sharding = ShardNorms.of(model)
+            # Probe, clip, non-finite handling and the step counts: see trimtab.client._step.
+            self._step = Step(optimizer, self._probe, self._act, self.nonfinite_mode,
+                              driver=self._wrapper)
+            self._reporter = Reporter(job)  # the first window's clock starts here
+            if ema is not None and self._sharded:
+                raise _invalid("ema", ema, "None with an FSDP2-sharded model (its weight average "
+                                           "would need sharded snapshots of its own)")
+            if extra and self._sharded:
+                raise _refused("extra_state", _shown(extra_state), "None with an FSDP2-sharded "
+                               "model (its snapshots are DCP's, of the model and optimizer only)")
+            # The weight average (None: off): see trimtab.client._ema.
+            self._ema = None if ema is None else Ema(model, ema)
+            self._closed = False
+            self._ended = False  # close() done to its end (Bye sent, threads stopped)
+            if hooks:  # the loop calls optimizer.step() itself: see trimtab.client._hooks
+                # First: an optimizer that takes no hooks is refused before anything starts.
+                self._hooks = StepHooks(self._step, self._prepare, self._finish_step,
+                                        self._close_unfinished)
+            self._store = None
+            self._transport = None
+            try:
+                self._start(
+                    model=model, optimizer=optimizer, endpoint=endpoint, job=job,
+                    context=context, heartbeat_s=heartbeat_s, liveness=liveness,
+                    queue_size=queue_size, reconnect_max_s=reconnect_max_s, curve=curve,
+                    checkpoint_every=checkpoint_every, keep=keep, checkpoint_dir=checkpoint_dir,
+                    memory_keep=memory_keep, scheduler=scheduler, on_rollback=on_rollback,
+                    reseed_on_rollback=reseed_on_rollback, extra=extra,
+                )
+            except BaseException:
+                self._abandon()
+                raise
+            # The thread that attached it: a game's players are attached by one loop's thread.
+            self._thread = threading.get_ident()
+            _OPEN[job] = self
+            _a_game_if_shared(self)
+            _hook_sigterm()
+        finally:
+            with _OPEN_LOCK:
+                _ATTACHING.discard(job)
 
     def _start(self, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, endpoint: str,
                job: str, context: zmq.Context | None, heartbeat_s: float, liveness: int,
@@ -759,9 +771,26 @@ class Guard(GuardState):
 #: The open guards of this process, by job (weakly: a guard never closed is not kept alive
 #: by it): a second guard on a job one already has is refused.
 _OPEN: weakref.WeakValueDictionary[str, Guard] = weakref.WeakValueDictionary()
+#: Job names of guards being attached (checked and added under _OPEN_LOCK).
+_ATTACHING: set[str] = set()
+_OPEN_LOCK = threading.Lock()
 
 
 _SIGTERM_HOOKED = False
+
+
+def hook_sigterm() -> bool:
+    """Install trimtab's SIGTERM handler now, from the main thread: every guard open when a
+    SIGTERM comes says Bye (``terminated (SIGTERM)``) before the process ends as it would
+    have. ``attach`` does this itself from the main thread; guards attached by other threads
+    (an optuna study's ``n_jobs=2`` trials) cannot (Python sets signal handlers from the
+    main thread only): call it once before the study starts. A handler of the user's is
+    left alone. Whether trimtab's handler is in place."""
+    _hook_sigterm()
+    return signal.getsignal(signal.SIGTERM) is _on_sigterm
+
+
+_WARNED_THREAD = False
 
 
 def _hook_sigterm() -> None:
@@ -771,8 +800,18 @@ def _hook_sigterm() -> None:
     SIGTERM died without its Bye, was marked lost 30 s later and fired TrimtabJobSilent and
     TrimtabJobLost (49 and 41 alerts in an hour). A handler of the user's (or a trainer's)
     is left alone; only from the main thread (where Python runs handlers)."""
-    global _SIGTERM_HOOKED
-    if _SIGTERM_HOOKED or threading.current_thread() is not threading.main_thread():
+    global _SIGTERM_HOOKED, _WARNED_THREAD
+    if _SIGTERM_HOOKED:
+        return
+    if threading.current_thread() is not threading.main_thread():
+        if not _WARNED_THREAD and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            _WARNED_THREAD = True
+            # A sweep trial: two concurrent trials SIGTERMed said no Bye, were marked lost
+            # 30 s later and fired TrimtabJobLost.
+            log.warning("trimtab: attached from a thread other than the main one: a SIGTERM "
+                        "ends this process without the guards' Bye (the controller marks "
+                        "them lost); call trimtab.client.hook_sigterm() once from the main "
+                        "thread (before the study starts) to have them say Bye")
         return
     try:
         if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
@@ -845,13 +884,14 @@ class _Link:
     under the same job name was refused. Dropped, a guard is now collected like any object,
     and its finalizer ends the link (:func:`_finish`)."""
 
-    __slots__ = ("_guard", "job", "last_step")
+    __slots__ = ("_guard", "job", "last_step", "last_at")
 
     def __init__(self, guard: Guard) -> None:
         self._guard = weakref.ref(guard)
         self.job = guard.job
-        #: The newest step the link read: the Bye's, when the guard is gone.
+        #: The step the link read last, and when: the Bye's, when the guard is gone.
         self.last_step = guard._host_step()
+        self.last_at = time.monotonic()
 
     def registration(self) -> wire.Register | None:
         """The guard's registration; ``None`` once it is gone (its link is ending)."""
@@ -859,19 +899,27 @@ class _Link:
         if guard is None:
             return None
         message = guard._registration()
-        self.last_step = message.step
+        self.last_step, self.last_at = message.step, time.monotonic()
         return message
 
     def step(self) -> int:
         guard = self._guard()
         if guard is not None:
-            self.last_step = guard._host_step()
+            self.last_step, self.last_at = guard._host_step(), time.monotonic()
         return self.last_step
 
 
 #: Threads ending the links of guards collected unclosed (see _finish), joined by the next
-#: attach: a new guard under the same job name registers after the old run's Bye.
+#: attach (a new guard under the same job name registers after the old run's Bye) and at
+#: exit (a sweep trial's trial dropped just before it: its Bye was lost with the thread).
 _ENDING: list[threading.Thread] = []
+
+
+@atexit.register
+def _join_ending() -> None:
+    deadline = time.monotonic() + 12.0
+    while _ENDING:
+        _ENDING.pop().join(max(0.0, deadline - time.monotonic()))
 
 
 def _end_abandoned_guards() -> None:
@@ -889,10 +937,10 @@ def _end_abandoned_guards() -> None:
 def _end_dropped(job: str, transport: Transport, store: CheckpointStore | None,
                  step: int) -> None:
     """A dropped guard's end: its queued checkpoint writes finished, a Bye at ``step`` (the
-    newest the link read or a report carried: the run went at least that far, and the
+    last one the link read or a report carried: the run went at least that far, and the
     reason says so) and its threads stopped."""
     log.warning("trimtab: job %r: its guard was dropped without close() (a loop that ended by "
-                "an exception, an object let go): its link said Bye at step %d, the newest it "
+                "an exception, an object let go): its link said Bye at step %d, the last it "
                 "knew of, and its threads stopped. Use `with attach(...) as guard:` or close() "
                 "in a finally block to end a run at its own step", job, step)
     if store is not None:
@@ -920,7 +968,13 @@ def _finish(guard: weakref.ref[Guard], transport: Transport,
     # Collected unclosed, by whichever thread ran the collector (the training thread, or
     # the transport's own: it cannot join itself): ended on a thread of its own, so that
     # no step waits for the checkpoint writes or the Bye.
-    step = max(link.last_step, transport.newest_step)
+    # The step read last, by the link or by the last report: not the highest (a rollback
+    # rewinds the step count; a pruned trial's last report said 190 for a run that had
+    # been rolled back to 72).
+    step = link.last_step
+    reported = transport.last_report
+    if reported is not None and reported[0] > link.last_at:
+        step = reported[1]
     ending = threading.Thread(target=_end_dropped, name="trimtab-dropped", daemon=True,
                               args=(link.job, transport, store, step))
     _ENDING.append(ending)

@@ -155,8 +155,9 @@ class Transport:
             maxlen=queue_size)
         self._control: collections.deque[wire.Ack] = collections.deque(maxlen=32)
         self._need_register = True
-        #: The newest step a report was queued at (a dropped guard's Bye, see _guard._finish).
-        self.newest_step = 0
+        #: When the last report was queued, and its step (a dropped guard's Bye, see
+        #: _guard._finish); None: none yet.
+        self.last_report: tuple[float, int] | None = None
         self._command: wire.Command | None = None
         self._stop = threading.Event()
         self._bye: wire.Bye | None = None
@@ -208,7 +209,7 @@ class Transport:
             if len(self._reports) == self._reports.maxlen:
                 self.dropped += 1
             self._reports.append(report)
-            self.newest_step = max(self.newest_step, report.step)
+            self.last_report = (time.monotonic(), report.step)
 
     def put_control(self, message: wire.Ack) -> None:
         """Queue a control message; it is sent before any queued report."""

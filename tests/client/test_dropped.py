@@ -6,7 +6,12 @@ from __future__ import annotations
 
 import gc
 import logging
+import signal
+import subprocess
+import sys
+import textwrap
 import threading
+import time
 
 import pytest
 import torch
@@ -129,3 +134,166 @@ def test_trials_in_a_row_each_pruned_leave_nothing_open(fake_controller) -> None
     fake_controller.wait_for(lambda c: len(c.of_type(wire.Bye)) == 4)
     assert sorted(b.job for b in fake_controller.of_type(wire.Bye)) == [
         f"trial-{s}" for s in range(4)]
+
+
+def test_a_dropped_guard_rolled_back_says_bye_at_the_step_it_reached_not_the_highest(
+        fake_controller) -> None:
+    """A trial rolled back from step 20 to 5, then trained 2 steps and pruned: its Bye says
+    7 (the step count rewound), not 20, the highest a report carried."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+
+    def trial() -> None:
+        guard = attach(model, opt, job="rewound", endpoint=fake_controller.endpoint,
+                       report_every=5, checkpoint_every=5, keep=6, heartbeat_s=0.05)
+
+        def train() -> None:
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            guard.step(loss)
+            opt.zero_grad()
+
+        fake_controller.wait_for(lambda c: bool(c.of_type(wire.Register)))
+        while guard.global_step < 5:
+            train()
+        fake_controller.mark_stable(guard, 5, 1, train)
+        while guard.global_step < 20:
+            train()
+        fake_controller.wait_for(lambda c: any(r.step == 20 for r in c.of_type(wire.Report)))
+        fake_controller.send_until(wire.Command(job="rewound", seq=2, rollback_to=5),
+                                   lambda c: guard.global_step <= 6, train)
+        while guard.global_step < 7:
+            train()
+        assert guard.global_step == 7
+        time.sleep(0.3)  # a few heartbeats: the link reads step 7
+        raise Pruned
+
+    with pytest.raises(Pruned):
+        trial()
+    _guard._end_abandoned_guards()
+    fake_controller.wait_for(lambda c: bool(c.of_type(wire.Bye)))
+    assert max(r.step for r in fake_controller.of_type(wire.Report)) >= 20
+    assert fake_controller.of_type(wire.Bye)[0].step == 7
+
+
+def test_two_threads_attaching_one_job_name_at_once_get_one_guard_and_one_clear_refusal(
+        fake_controller, monkeypatch) -> None:
+    """An optuna study with n_jobs=2 under one job name: both trials passed the name check
+    before either was open (the controller then refused one, 'conflict')."""
+    start = _guard.Guard._start
+
+    def slow_start(self, **kw):  # widen the window between the check and the open
+        time.sleep(0.3)
+        return start(self, **kw)
+
+    monkeypatch.setattr(_guard.Guard, "_start", slow_start)
+    both = threading.Barrier(2)
+    out: dict[int, object] = {}
+
+    def trial(seed: int) -> None:
+        torch.manual_seed(seed)
+        model = torch.nn.Linear(4, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        both.wait(10)
+        try:
+            out[seed] = attach(model, opt, job="one-name", endpoint=fake_controller.endpoint,
+                               heartbeat_s=0.05)
+        except ValueError as exc:
+            out[seed] = exc
+
+    threads = [threading.Thread(target=trial, args=(s,)) for s in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    try:
+        refused = [v for v in out.values() if isinstance(v, ValueError)]
+        assert len(refused) == 1 and len(out) == 2
+        assert "job='one-name' is invalid; allowed: a job no open guard in this process has" \
+            in str(refused[0])
+        assert "f'trial-{trial.number}'" in str(refused[0])
+    finally:
+        for v in out.values():
+            if not isinstance(v, ValueError):
+                v.close()
+
+
+def test_a_guard_dropped_just_before_exit_still_says_bye(fake_controller, tmp_path) -> None:
+    """A careless sweep's last trial, collected by a gc.collect() right before the script
+    ends: the thread ending its link was a daemon, killed at exit with the Bye unsent."""
+    script = tmp_path / "last_trial.py"
+    script.write_text(textwrap.dedent(f"""
+        import gc, time, torch
+        from trimtab.client import _guard, attach
+        end = _guard._end_dropped
+        def slow(*a):  # a Bye that takes a moment (checkpoint writes to finish)
+            time.sleep(0.5)
+            end(*a)
+        _guard._end_dropped = slow
+        def trial():
+            model = torch.nn.Linear(4, 1)
+            opt = torch.optim.SGD(model.parameters(), lr=0.05)
+            guard = attach(model, opt, job="last", endpoint={fake_controller.endpoint!r},
+                           heartbeat_s=0.05)
+            time.sleep(0.5)
+            raise RuntimeError("pruned")
+        try:
+            trial()
+        except RuntimeError:
+            pass
+        gc.collect()
+    """))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    fake_controller.wait_for(lambda c: bool(c.of_type(wire.Bye)), timeout_s=5.0)
+    assert fake_controller.of_type(wire.Bye)[0].reason.startswith("abandoned")
+
+
+@pytest.mark.parametrize("hooked", [True, False], ids=["hook_sigterm", "not-hooked"])
+def test_trials_attached_by_worker_threads_say_bye_on_sigterm_once_hooked(
+        fake_controller, tmp_path, hooked) -> None:
+    """An optuna study with n_jobs=2 attaches from worker threads, where Python cannot set
+    a signal handler: SIGTERMed, its trials said no Bye and were marked lost. With
+    ``hook_sigterm()`` called from the main thread they do; without, attach says so."""
+    script = tmp_path / "study.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, signal, threading, time, torch
+        import trimtab.client
+        if {hooked!r}:
+            assert trimtab.client.hook_sigterm()
+        ready = threading.Barrier(3)
+        def trial(i):
+            model = torch.nn.Linear(4, 1)
+            opt = torch.optim.SGD(model.parameters(), lr=0.05)
+            guard = trimtab.client.attach(model, opt, job=f"trial-{{i}}",
+                                          endpoint={fake_controller.endpoint!r},
+                                          heartbeat_s=0.05)
+            ready.wait()
+            while True:
+                loss = model(torch.randn(8, 4)).pow(2).mean()
+                loss.backward()
+                guard.step(loss)
+                opt.zero_grad()
+                time.sleep(0.01)
+        for i in range(2):
+            threading.Thread(target=trial, args=(i,), daemon=True).start()
+        ready.wait()
+        time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)
+    """))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == -signal.SIGTERM, done.stderr
+    if hooked:
+        fake_controller.wait_for(lambda c: len(c.of_type(wire.Bye)) == 2, timeout_s=5.0)
+        assert {b.reason for b in fake_controller.of_type(wire.Bye)} == {"terminated (SIGTERM)"}
+        assert "attached from a thread other than the main one" not in done.stderr
+    else:
+        time.sleep(1.0)
+        assert not fake_controller.of_type(wire.Bye)
+        assert done.stderr.count("attached from a thread other than the main one") == 1
+        assert "trimtab.client.hook_sigterm()" in done.stderr
