@@ -232,6 +232,9 @@ def _applied_at(state: JobState, knobs: list[str], step: int) -> None:
         last = state.last_change_step.get(knob)
         if last is not None and step > last:
             state.last_change_step[knob] = step
+            changes = state.change_steps.get(knob)
+            if changes and changes[-1][1] == last:
+                state.change_steps[knob] = [*changes[:-1], [changes[-1][0], step, changes[-1][2]]]
 
 
 def settle_from_report(state: JobState, report: wire.Report,

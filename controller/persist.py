@@ -52,7 +52,7 @@ class Persisted:
     _ADDED = frozenset({"validations_ema", "paused", "operator_actions", "signal_trail",
                         "checkpoint_keep", "nominal_lr", "resume_id", "nonfinite_faults",
                         "loss_z_before", "loss_trend", "warm_start", "lr_spread",
-                        "shadow_phases", "loss_ref_before"})
+                        "shadow_phases", "loss_ref_before", "change_steps"})
 
     def state_dict(self) -> dict[str, Any]:
         """A JSON-serialisable copy (no NaN or infinity) for the journal."""
@@ -68,7 +68,9 @@ class Persisted:
             "nonfinite_losses": self.nonfinite_losses, "nonfinite_grads": self.nonfinite_grads,
             "dropped_reports": self.dropped_reports, "last_report": dump(self.last_report),
             "memory": {k: m.state_dict() for k, m in self.memory.items()},
-            "last_change_step": dict(self.last_change_step), "command_seq": self.command_seq,
+            "last_change_step": dict(self.last_change_step),
+            "change_steps": {k: [list(c) for c in v] for k, v in self.change_steps.items()},
+            "command_seq": self.command_seq,
             "applied_seq": self.applied_seq, "last_command": dump(self.last_command),
             "awaiting_ack": self.awaiting_ack, "disabled_policies": dict(self.disabled_policies),
             "decision_counts": [
@@ -131,6 +133,9 @@ class Persisted:
             self.memory[knob].load_state_dict(msd)
         _check_keys("JobState.last_change_step", sd["last_change_step"], set(wire.KNOBS))
         self.last_change_step = dict(sd["last_change_step"])
+        changes = sd.get("change_steps") or {}
+        self.change_steps = {k: [[int(a), int(b), int(c)] for a, b, c in changes.get(k, [])]
+                             for k in wire.KNOBS}
         self.command_seq = sd["command_seq"]
         if sd["last_command"] is not None:
             self.last_command = wire.Command.model_validate(sd["last_command"])

@@ -507,7 +507,9 @@ class RollbackState:
         """The client marked the checkpoint at ``step`` stable."""
         if self.pending_mark == step:
             self.pending_mark = None
-        if step in self.last_resort and not self.stable:
+        if step in self.last_resort and not self.stable and step != self.clean_resume:
+            # (A resume from a save made in a healthy stretch is no mere hand-over: a climb
+            # after it, the loop replaying what the old process climbed on, goes back there.)
             self.resort_marked = [step]
         self.last_resort = []  # something is stable: no longer needed
         self.clean_resume = None

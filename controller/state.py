@@ -85,6 +85,10 @@ def _step_of(x: Sample | tuple[int, float]) -> int:
     return x.step if isinstance(x, Sample) else x[0]
 
 
+#: Changes remembered per knob (:attr:`JobState.change_steps`).
+_CHANGES_KEPT = 16
+
+
 class JobState(Persisted):
     """Everything the controller keeps for one job; see the module docstring for use."""
 
@@ -140,6 +144,11 @@ class JobState(Persisted):
         self.last_report: wire.Report | None = None
         self.memory: dict[str, KnobMemory] = {k: KnobMemory() for k in wire.KNOBS}
         self.last_change_step: dict[str, int | None] = {k: None for k in wire.KNOBS}
+        #: Each knob's latest changes as ``[decided at, in force from, command seq]`` (at
+        #: most :data:`_CHANGES_KEPT`, oldest first, whichever branch a rollback left; lists
+        #: replaced whole, never changed in place): where a resume finds the last change on
+        #: the path it resumes (:meth:`rewind_controls`).
+        self.change_steps: dict[str, list[list[int]]] = {k: [] for k in wire.KNOBS}
         # Sequence numbers continue past what the client has applied, even without a journal.
         self.command_seq = applied_seq
         self.applied_seq = applied_seq
@@ -206,7 +215,7 @@ class JobState(Persisted):
     #: memories and change records, the phases, the corrections and live schedules, the
     #: disabled policies and the rollback bookkeeping. Everything else is the reports' and
     #: the acks', and a decision only reads it.
-    DECIDED = ("memory", "shadow_memory", "last_change_step", "decision_counts",
+    DECIDED = ("memory", "shadow_memory", "last_change_step", "change_steps", "decision_counts",
                "shadow_counts", "shadow_phases", "phase", "phases_done", "found_lr",
                "disabled_policies", "corrections", "live", "rollback")
 
@@ -334,7 +343,7 @@ class JobState(Persisted):
         self.resumes = max(self.resumes, msg.resume)
         self.resume_id = msg.resume_id
         self._go_back(step)
-        self.rewind_controls(step)
+        self.rewind_controls(step, applied_seq=msg.applied_seq)
         self.last_report = None  # the resumed process numbers its reports from its save
         self.health = None
         self.applied_seq = msg.applied_seq
@@ -506,6 +515,9 @@ class JobState(Persisted):
         step = self.step if step is None else step
         self.memory[knob].record(step, previous, value, window_steps, self.memory_from)
         self.last_change_step[knob] = step
+        # The command that carries it is the next one made (see next_command_seq).
+        self.change_steps[knob] = [*self.change_steps.get(knob, []),
+                                   [self.step, step, self.command_seq + 1]][-_CHANGES_KEPT:]
         previous = previous if ran is None else ran
         direction = "up" if previous is None or value > previous else "down"
         key = (policy, knob, direction)
@@ -517,12 +529,30 @@ class JobState(Persisted):
         the client lists (a rollback may go there; None: none listed)."""
         return min(self.rollback.checkpoints, default=None)
 
-    def rewind_controls(self, step: int) -> None:
-        """Forget knob changes after ``step`` (a rollback to it is being ordered); a knob
-        changed after it counts as changed at it, since the restore changes it back."""
+    def rewind_controls(self, step: int, applied_seq: int | None = None) -> None:
+        """Forget knob changes after ``step``. A rollback to it is being ordered: a knob
+        changed after it counts as changed at it, since the restore changes it back. The
+        run was resumed at it in a new process (``applied_seq``: the last command the save
+        had applied): its last change is the newest of those the save had applied in force
+        by ``step``; the others never happened on the path it resumes (a preemption trial:
+        the old process's climb rollback, decided after the save and cutting the lr from its
+        earlier target, counted as a change inside the replayed climb's window; no climb
+        was judged for a full window, and the run ended ruined). Newer than the true last
+        change at worst (a change a later rollback undid): a window judged later, never one
+        across a change."""
         for knob, mem in self.memory.items():
             mem.rewind(step)
             last = self.last_change_step[knob]
+            if applied_seq is not None:
+                changes = self.change_steps.get(knob, [])
+                kept = [c for c in changes if c[2] <= applied_seq and c[1] <= step]
+                self.change_steps[knob] = kept
+                if len(kept) < len(changes):
+                    # Older changes than those listed may have been dropped: then, at the step.
+                    known = bool(kept) or len(changes) < _CHANGES_KEPT
+                    self.last_change_step[knob] = (max(c[1] for c in kept) if kept
+                                                   else None if known else step)
+                    continue
             if last is not None and last > step:
                 self.last_change_step[knob] = step
 

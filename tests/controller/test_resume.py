@@ -15,11 +15,11 @@ FACTS = wire.ScaleFacts(param_count=100, group_sizes=[100], optimizer="SGD", dty
 
 
 def register(run_id="r1", step=0, applied_seq=0, resume=0, checkpoints=(), stable=None,
-             lr=1.0, resume_id=None) -> bytes:
+             lr=1.0, resume_id=None, keep=None) -> bytes:
     return wire.encode(wire.Register(
         job="j1", run_id=run_id, step=step, report_every=10, applied_seq=applied_seq,
         facts=FACTS, resume=resume, resume_id=resume_id, checkpoints=list(checkpoints),
-        stable_step=stable, schedules=[], **in_force(lr)))
+        stable_step=stable, schedules=[], keep=keep, **in_force(lr)))
 
 
 def report(seq, step, loss=1.0, nonfinite=0, applied_seq=0, lr=1.0, checkpoints=(),
@@ -389,3 +389,75 @@ def test_a_reconnect_without_the_phases_sweep_ends_the_phase_in_place(tmp_path, 
     assert event.data["phase_ended"]["policy"] == "lr_range_test"
     (row,) = Timeline().feed(event)
     assert "lr_range_test's phase ended in place, nothing found" in row.why
+
+
+def _climb_after(ctl, seq0, step0, applied, lr, listed, stable, n=40, rate=0.01):
+    """Reports from ``step0`` on whose loss climbs ``rate`` per report (a loop's own lr
+    fault, replayed); the commands they brought, until a rollback comes."""
+    out = []
+    for i in range(1, n + 1):
+        step = step0 + 10 * i
+        got = [r for r in decoded(ctl.handle(PEER, report(
+            seq0 + i, step, loss=1.0 + rate * i, applied_seq=applied, lr=lr,
+            checkpoints=listed, stable=stable))) if isinstance(r, wire.Command)]
+        out += got
+        if any(c.rollback_to is not None for c in got):
+            return out, step
+    return out, None
+
+
+def test_a_climb_after_a_resume_from_a_healthy_save_goes_back_to_it(tmp_path):
+    """A preemption trial: killed inside a loop's own lr fault, resumed from its save
+    before it, the loop replayed the fault; the climb found nothing stable but the resumed
+    snapshot, which (as the run handed over) a climb did not go back to: an lr cut in place
+    only, and the run ended ruined (3.46 against 3.22 when rolled back)."""
+    from trimtab.controller.config import PolicySpec
+
+    ctl, _ = make(tmp_path, policies=[PolicySpec(name="divergence_guard")])
+    applied, lr = _first_run(ctl)
+    ctl.handle(PEER, register(step=300, applied_seq=applied, resume=1, checkpoints=[300],
+                              lr=lr))
+    out, at = _climb_after(ctl, 40, 300, applied, lr, [300], None)
+    back = [c for c in out if c.rollback_to is not None]
+    assert [c.rollback_to for c in back] == [300], out
+    assert ctl.jobs["j1"].health.cause == "climb"
+
+
+def _flat_to(ctl, seq, step, until, applied, lr, stable):
+    """Healthy reports from ``step`` to ``until`` (a checkpoint every 50 steps, a ring of
+    three), acknowledging the marks; the last seq, applied seq and stable step."""
+    while step < until:
+        seq, step = seq + 1, step + 10
+        listed = list(range(0, step + 1, 50))[-3:]
+        for cmd in decoded(ctl.handle(PEER, report(seq, step, applied_seq=applied, lr=lr,
+                                                   checkpoints=listed, stable=stable))):
+            if isinstance(cmd, wire.Command):
+                applied = cmd.seq
+                stable = cmd.mark_stable if cmd.mark_stable is not None else stable
+                ctl.handle(PEER, wire.encode(wire.Ack(job="j1", seq=cmd.seq, step=step,
+                                                      **in_force(lr))))
+    return seq, applied, stable
+
+
+def test_a_climb_the_old_process_was_rolled_back_for_is_judged_again_when_replayed(tmp_path):
+    """A preemption trial: the controller rolled the run back for a climb to its newest
+    stable checkpoint, the process was killed before it saved again, and the resumed one
+    replayed the climb from its save. The set-aside rollback's lr cut, in force from its
+    target inside the replayed climb's window, counted as a change there: no climb was
+    judged for a full slope window, by then the loss had stopped climbing, nothing was
+    proposed at all, and checkpoints inside the damage were marked stable."""
+    from trimtab.controller.config import PolicySpec
+
+    ctl, _ = make(tmp_path, policies=[PolicySpec(name="divergence_guard")])
+    ctl.handle(PEER, register(checkpoints=[0], keep=3))  # snapshots every 50, 3 kept
+    seq, applied, stable = _flat_to(ctl, 0, 0, 800, 0, 1.0, None)
+    lr = 1.0
+    out, first_at = _climb_after(ctl, seq, 800, applied, lr, [700, 750, 800], stable)
+    back = [c for c in out if c.rollback_to is not None]
+    assert first_at is not None and 800 - back[0].rollback_to < 190, out  # inside the window
+    # Killed before the rollback was acknowledged; resumed from its own save at step 800.
+    ctl.handle(PEER, register(step=800, applied_seq=applied, resume=1, checkpoints=[800],
+                              lr=lr))
+    out, again_at = _climb_after(ctl, seq + 100, 800, applied, lr, [800], None)
+    assert again_at == first_at, out  # judged as it was the first time
+    assert [c.rollback_to for c in out if c.rollback_to is not None] == [800]
