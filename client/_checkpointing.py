@@ -65,6 +65,7 @@ class Checkpointing:
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self._act, self._step, self._reporter = act, step, reporter
         self._on_rollback = on_rollback
+        self._on_rollback_due: int | None = None
         #: The weight average, snapshotted and restored with the model (None: none kept).
         self.ema = ema
         #: The loop's own objects by name (``extra_state``), snapshotted and restored with it.
@@ -306,13 +307,27 @@ class Checkpointing:
             reseed_rng(self.rollbacks)
         log.warning("trimtab rolled job %s back to step %d (rollback %d)", self._reporter.job,
                     ckpt.step, self.rollbacks)
-        if self._on_rollback is not None:
-            try:
-                self._on_rollback(ckpt.step)
-            except Exception as exc:
-                log.exception("on_rollback(%d) raised; training goes on", ckpt.step)
-                notes.append(f"on_rollback raised {type(exc).__name__}: {exc}")
+        # The loop's on_rollback runs once the rollback's values are in force and its file
+        # says so (see :meth:`call_on_rollback`).
+        self._on_rollback_due = ckpt.step
         return ckpt, notes
+
+    def call_on_rollback(self) -> str | None:
+        """The loop's ``on_rollback(step)`` for the rollback just carried out, last: after
+        the command's values are in force and the restored checkpoint's file says so
+        (:meth:`restate`), so that a process killed while it runs (a loader seeking for
+        seconds) resumes with them (a preemption trial killed it the moment on_rollback
+        ran, and the resumed run went on with the values of before the rollback). A note
+        for the ack when it raised."""
+        step, self._on_rollback_due = self._on_rollback_due, None
+        if step is None or self._on_rollback is None:
+            return None
+        try:
+            self._on_rollback(step)
+        except Exception as exc:
+            log.exception("on_rollback(%d) raised; training goes on", step)
+            return f"on_rollback raised {type(exc).__name__}: {exc}"
+        return None
 
     def restate(self, run: dict[str, Any] | None, controls: dict[str, Any]) -> None:
         """After a rollback: the restored checkpoint (at :attr:`last`) resumes as the run

@@ -102,6 +102,17 @@ class Commands:
         self._owed.append((command.seq, restored, before, error))
         return rolled_back
 
+    def note_error(self, error: str) -> None:
+        """Add ``error`` to the ack owed for the command just taken (the loop's
+        ``on_rollback`` raised, called after the command was carried out)."""
+        if not self._owed:
+            return
+        seq, restored, before, old = self._owed[-1]
+        joined = error if not old else f"{old}; {error}"
+        self._owed[-1] = (seq, restored, before, joined[:1024])
+        if self._outcome[0] == seq:
+            self._outcome = (seq, restored, before, joined[:1024])
+
     def _carry_out(self, command: wire.Command) -> Outcome:
         """mark_stable, then rollback_to, then knobs. Never raises: errors go in the ack."""
         errors: list[str] = []

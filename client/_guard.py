@@ -123,9 +123,10 @@ class Guard(GuardState):
     command's knobs still apply). That
     ``guard.step()`` then drops its gradients (they come from the abandoned trajectory)
     and takes no step; ``global_step`` is the checkpoint's, the open report window is
-    discarded, ``on_rollback(step)`` is called, then the command's knobs are applied
-    over the restored ones (multipliers, momentum and clip come back with the
-    checkpoint; the loop's own lr with the optimizer's and the scheduler's state). The
+    discarded, the command's knobs are applied over the restored ones (multipliers,
+    momentum and clip come back with the checkpoint; the loop's own lr with the
+    optimizer's and the scheduler's state), the restored checkpoint's file is told the
+    values the run goes on with, and then ``on_rollback(step)`` is called. The
     data stream is not rewound (the batches since the checkpoint are skipped); reposition
     a loader in ``on_rollback`` to replay them. With ``reseed_on_rollback`` (the default)
     the restored RNG states are re-seeded from themselves and the rollback count (see
@@ -516,6 +517,9 @@ class Guard(GuardState):
             # A process resumed from the restored checkpoint's file goes on as this one
             # does now: with the rollback's values, counted, its command applied.
             self._ckpts.restate(run_state(self), self._act.state_dict())
+            error = self._ckpts.call_on_rollback()  # last: the file says the values now
+            if error is not None:
+                self._commands.note_error(error)
             return None
         total, finite = self._step.measure(loss, micro)
         self._ckpts.fence()  # snapshot copies in flight finish first, on the device

@@ -374,3 +374,32 @@ def test_a_rollback_does_not_redraw_the_batches_that_led_to_it(dead_endpoint, re
     # Positions 5 and 6 were each reached twice: before the rollback at 12, and after it.
     first, second = once[6]
     assert (first != second) if reseed else (first == second)
+
+
+def test_a_process_killed_while_on_rollback_runs_resumes_with_the_rollbacks_values(
+        dead_endpoint, tmp_path) -> None:
+    """A preemption trial killed the process the moment its on_rollback ran (a loader
+    seeking for seconds is a wide window): resumed from trimtab's files, it went on with
+    the values of before the rollback. on_rollback now runs last, after the restored
+    checkpoint's file says the rollback's values: what a process started then loads."""
+    run = Run()
+    loaded: list = []
+
+    def on_rollback(step: int) -> None:  # the process is killed here; a new one loads
+        loaded.append((step, load_stable(tmp_path).guard_state))
+
+    with _attach(run, dead_endpoint, checkpoint_every=2, checkpoint_dir=tmp_path,
+                 on_rollback=on_rollback) as guard:
+        for _ in range(3):
+            run.step(guard)
+        assert guard._store.flush(10)
+        _deliver(guard, _command(1, mark_stable=2, rollback_to=2,
+                                 scale=wire.ScaleTargets(lr=0.5)))
+        run.step(guard)
+        run.step(guard)
+        ack = _last_ack(guard)
+        assert ack.restored_step == 2 and ack.error is None
+    (step, state), = loaded
+    assert step == 2
+    assert state["rollbacks"] == 1 and state["applied_seq"] == 1
+    assert state["controls"]["lr_scale"] == 0.5
