@@ -43,8 +43,12 @@ class JobLine:
     last_seen: float = 0.0
     #: Who paused the job's policies, and why (``trimtab pause``); None: not paused.
     paused: str | None = None
-    #: The steps the run's rollbacks were ordered at (a resume sets aside those after it).
+    #: The steps the run's rollbacks were ordered at (a resume sets aside those after it
+    #: that its save had not applied), and their commands' seqs.
     rollback_steps: list[int] = field(default_factory=list, repr=False)
+    rollback_seqs: list[int | None] = field(default_factory=list, repr=False)
+    #: The command of the last decision shown (None: none, or not a command's).
+    last_decision_seq: int | None = field(default=None, repr=False)
 
     @property
     def rollbacks(self) -> int:
@@ -58,7 +62,7 @@ class JobLine:
     def to_json(self) -> str:
         shown: dict[str, object] = {}
         for k, v in asdict(self).items():
-            if k != "rollback_steps":
+            if k not in ("rollback_steps", "rollback_seqs", "last_decision_seq"):
                 shown[k] = v
             if k == "last_decision_step":
                 shown["rollbacks"] = self.rollbacks
@@ -82,7 +86,8 @@ class JobsView:
         self._run: dict[str, str] = {}
         #: When each job's step was last taken from an event.
         self._step_ts: dict[str, float] = {}
-        self._runs: dict[tuple[str, str], tuple[list[int], str, int | None]] = {}
+        self._runs: dict[tuple[str, str], tuple[list[int], list[int | None], str, int | None,
+                                                int | None]] = {}
 
     def update(self) -> list[JobLine]:
         """Read what was journaled since the last call; every job's line, by name."""
@@ -126,11 +131,12 @@ class JobsView:
         if was == run:
             return
         if was is not None:
-            self._runs[(line.job, was)] = (line.rollback_steps, line.last_decision,
-                                           line.last_decision_step)
-        steps, line.last_decision, line.last_decision_step = self._runs.pop(
-            (line.job, run), ([], "", None))
-        line.rollback_steps = list(steps)
+            self._runs[(line.job, was)] = (line.rollback_steps, line.rollback_seqs,
+                                           line.last_decision, line.last_decision_step,
+                                           line.last_decision_seq)
+        (steps, seqs, line.last_decision, line.last_decision_step,
+         line.last_decision_seq) = self._runs.pop((line.job, run), ([], [], "", None, None))
+        line.rollback_steps, line.rollback_seqs = list(steps), list(seqs)
         self._run[line.job] = run
 
     def _feed(self, line: JobLine, ev: Event) -> None:
@@ -151,40 +157,59 @@ class JobsView:
                 self._switch_run(line, d["run_id"])
             at = d.get("resume_step")
             at = at if isinstance(at, int) else ev.step
+            applied = d.get("applied_seq")
+            applied = applied if isinstance(applied, int) else None
+
+            def on_path(step: int | None, seq: int | None) -> bool:
+                # Decided before the save, or applied by it (a rollback carried out, then
+                # the loop saved at the restored step: decided after that step, in force).
+                return ((step is not None and isinstance(at, int) and step <= at)
+                        or (seq is not None and applied is not None and seq <= applied))
+
             if (d.get("resumed") == "resume" and isinstance(at, int)
-                    and line.last_decision_step is not None and line.last_decision_step > at):
+                    and line.last_decision_step is not None
+                    and not on_path(line.last_decision_step, line.last_decision_seq)):
                 # Resumed from a save before it: what was decided after the save never was.
                 line.last_decision = (f"resumed from the save at step {at}: the decisions "
                                       "after it set aside")
-                line.last_decision_step = at
+                line.last_decision_step, line.last_decision_seq = at, None
             if d.get("resumed") == "resume" and isinstance(at, int):
-                line.rollback_steps = [s for s in line.rollback_steps if s <= at]
+                kept = [(s, q) for s, q in zip(line.rollback_steps, line.rollback_seqs,
+                                               strict=True) if on_path(s, q)]
+                line.rollback_steps = [s for s, _ in kept]
+                line.rollback_seqs = [q for _, q in kept]
         elif ev.kind == "bye":
             line.state = f"ended ({d.get('reason', 'bye')})"
         elif ev.kind == "lost":
             line.state = "lost"
         elif ev.kind == "rollback":
             line.rollback_steps.append(ev.step if ev.step is not None else 0)
+            line.rollback_seqs.append(ev.seq)
             line.last_decision = (f"rollback {d.get('from_step')} -> {d.get('target')}: "
                                   f"{d.get('reason')}: {d.get('why')}")
-            line.last_decision_step = ev.step
+            line.last_decision_step, line.last_decision_seq = ev.step, ev.seq
         elif ev.kind == "restore_failed" or (ev.kind == "withdrawn"
                                              and d.get("unheld_rollback") is not None):
             # Ordered, not done: the client restored nothing (or never got it).
             line.rollback_steps = line.rollback_steps[:-1]
+            line.rollback_seqs = line.rollback_seqs[:-1]
             target = d.get("target", d.get("unheld_rollback"))
             line.last_decision = (f"rollback to {target} not restored: {d.get('why')}"
                                   if ev.kind == "restore_failed"
                                   else f"rollback to {target} withdrawn: {d.get('why')}")
-            line.last_decision_step = ev.step
+            line.last_decision_step, line.last_decision_seq = ev.step, None
         elif ev.kind == "decision":
             acted = [f"{k} {knob_change(k, v)} by {v.get('policy')}: {v.get('reason')}"
                      for k, v in d.get("knobs", {}).items()
                      if v.get("commanded") is not None and v["commanded"] != v.get("current")]
             if acted:
                 line.last_decision, line.last_decision_step = "; ".join(acted), ev.step
+                line.last_decision_seq = None  # its command (if sent) follows
+        elif ev.kind == "command":
+            if line.last_decision_step == ev.step and line.last_decision_seq is None:
+                line.last_decision_seq = ev.seq  # the command the decision shown was sent as
         elif ev.kind == "alert":
             line.alert = d.get("why")
         elif ev.kind == "manual" and d.get("ok"):
             line.last_decision = f"{d.get('action')} by {d.get('who')}: {d.get('reason')}"
-            line.last_decision_step = ev.step
+            line.last_decision_step, line.last_decision_seq = ev.step, None

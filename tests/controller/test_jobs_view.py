@@ -113,3 +113,33 @@ def test_an_ended_job_shows_the_step_of_its_bye(tmp_path):
     journal.commit()
     (line,) = JobsView(journal).lines(all_jobs=True)
     assert (line.state, line.step) == ("ended (closed)", 144)
+
+
+def test_a_resume_from_a_save_made_after_a_rollback_restored_keeps_it(tmp_path):
+    """A preemption trial: SIGTERM during a rollback; the loop saved at the restored step
+    1100, with the rollback's cut (its command applied). Resumed, trimtab jobs said
+    'rollbacks 0' and 'resumed from the save at step 1100: the decisions after it set
+    aside' while the run went on at lr x0.5 and the metrics counted the rollback: the
+    rollback, decided at 1250, is on the resumed path, as the save's applied seq says."""
+    journal = Journal(str(tmp_path / "j.db"))
+    journal.append("a", "register", step=0, data={"run_id": "r1", "resumed": "new"})
+    journal.append("a", "decision", step=1250, data={"knobs": {"lr": {
+        "current": 1.0, "commanded": 0.5, "policy": "divergence_guard", "reason": "climb"}}})
+    journal.append("a", "rollback", step=1250, seq=22, data={
+        "from_step": 1250, "target": 1100, "reason": "climb", "why": "loss climbing"})
+    journal.append("a", "command", step=1250, seq=22, data={})
+    journal.commit()
+    view = JobsView(journal)
+    journal.append("a", "register", step=1100, data={
+        "run_id": "r1", "resumed": "resume", "resume_step": 1100, "applied_seq": 22})
+    journal.commit()
+    (line,) = view.lines(all_jobs=True)
+    assert line.rollbacks == 1
+    assert line.last_decision.startswith("rollback 1250 -> 1100: climb")
+    # A save made before the rollback was applied (seq 22 not applied) sets it aside.
+    journal.append("a", "register", step=1100, data={
+        "run_id": "r1", "resumed": "resume", "resume_step": 1100, "applied_seq": 21,
+        "resume_id": "second"})
+    journal.commit()
+    (line,) = view.lines(all_jobs=True)
+    assert line.rollbacks == 0 and line.last_decision.startswith("resumed from the save")
