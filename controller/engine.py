@@ -262,7 +262,7 @@ class Engine(PhaseRules, ScheduleRules):
             # rollback's own ones count from it.
             at = plan.target_step
             state.rewind_controls(at)
-            state.rollback.note_ordered(plan)
+            state.rollback.note_ordered(plan, seq=state.command_seq + 1)  # the next command
         if mark is not None:
             state.rollback.note_mark(
                 mark, short=state.step - mark < self.rollback.stable_window_steps)

@@ -305,7 +305,7 @@ def _rollback(state: JobState, msg: wire.Operate, engine: Engine,
     plan = dataclasses.replace(plan, policy=MANUAL)
     phase = state.end_phase(None, target) if state.phase is not None else None
     state.rewind_controls(target)
-    rb.note_ordered(plan)
+    rb.note_ordered(plan, seq=state.command_seq + 1)  # the command made below
     stopped = sorted(state.live)
     state.live = {}
     decision = Decision(step=state.step, proposals=(), knobs={}, rollback=plan,

@@ -171,6 +171,8 @@ class RollbackRecord:
     #: The mean loss of the report the rollback was decided on (None: not finite, or an
     #: older record).
     loss_from: float | None = None
+    #: The seq of the command that carries it (None: an older record).
+    seq: int | None = None
 
 
 @dataclass(frozen=True)
@@ -457,14 +459,24 @@ class RollbackState:
         the controller and the mark adopted."""
         return self._take_listing(listed, step, claimed, seen, None, report=False)
 
-    def note_resumed(self, step: int, origin: int | None = None) -> None:
+    def note_resumed(self, step: int, origin: int | None = None,
+                     applied_seq: int | None = None) -> None:
         """The run was resumed at ``step`` in a new process: a rollback or a mark sent to the
         old one is void, what happened after ``step`` never did, and the checkpoints are
         the new process's (its registration lists them, :meth:`note_registered`); its
-        snapshot of the state it loaded (at ``origin``, else ``step``) is the last resort."""
+        snapshot of the state it loaded (at ``origin``, else ``step``) is the last resort.
+        The rollbacks decided after ``step`` that the save had not applied (its
+        ``applied_seq``) leave the history that escalates and spends the budget: the
+        resumed run never ran with their cuts, so a fault it replays is judged as the
+        first one was (a preemption re-trial: the old process's rollback, withdrawn at the
+        resume, made the replayed fault's level 2, x0.25, and the run ended at 3.30 where
+        the uninterrupted one ended at 3.22)."""
         if self.pending is not None:
             self.pending.failed = f"the run was resumed at step {step} before it was applied"
             self.pending = None
+        if applied_seq is not None:
+            self.history = [r for r in self.history if r.from_step <= step
+                            or (r.seq is not None and r.seq <= applied_seq)]
         self._go_back(step, [])
         self.unusable = []
         self.note_origin(step, origin)
@@ -486,10 +498,11 @@ class RollbackState:
         if short:
             self.short_marked = sorted({*self.short_marked, step})
 
-    def note_ordered(self, plan: RollbackPlan) -> RollbackRecord:
-        """A rollback following ``plan`` is being sent."""
+    def note_ordered(self, plan: RollbackPlan, seq: int | None = None) -> RollbackRecord:
+        """A rollback following ``plan`` is being sent (``seq``: its command's)."""
         rec = RollbackRecord(plan.from_step, plan.target_step, plan.cause, plan.reason,
-                             plan.level, plan.in_force.get("lr"), loss_from=self.last_loss)
+                             plan.level, plan.in_force.get("lr"), loss_from=self.last_loss,
+                             seq=seq)
         self.history.append(rec)
         del self.history[:-1000]  # bounded; escalation only looks near the current spot
         self.pending = rec

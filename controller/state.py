@@ -350,7 +350,7 @@ class JobState(Persisted):
         self.branch_seq = min(self.branch_seq, msg.applied_seq)
         self.pending_command = None
         self.pending_since = None
-        self.rollback.note_resumed(step, msg.origin)
+        self.rollback.note_resumed(step, msg.origin, msg.applied_seq)
         # A save made in a healthy stretch: this controller saw the run up to it, and no
         # report of the last two before it was unhealthy. A spike soon after the resume came
         # after the save (a bad batch the loop replays), and goes back there.
