@@ -136,8 +136,11 @@ class Recorder:
                 "restored_step": done.restored, "from_step": rec.from_step,
                 "steps_lost": done.steps_lost, "reason": rec.cause, "level": rec.level,
                 "inferred": done.inferred})
-            log.warning("job %s: rolled back from step %d to %d (%s, level %d)", job,
-                        rec.from_step, done.restored, rec.cause, rec.level)
+            # A planned one (level 0: a measurement phase's start or return) at INFO: a
+            # sweep trial's 1000-trial study logged two WARNINGs per range test.
+            log.log(logging.WARNING if rec.level else logging.INFO,
+                    "job %s: rolled back from step %d to %d (%s, level %d)", job,
+                    rec.from_step, done.restored, rec.cause, rec.level)
         elif rec is not None:
             # Nothing was restored: the journal says so (the rollback event says only that
             # one was ordered), and that checkpoint is never targeted again.
@@ -213,7 +216,8 @@ class Recorder:
                 "target": plan.target_step, "from_step": plan.from_step, "policy": plan.policy,
                 "cut": plan.cut, "cooldown_steps": plan.cooldown_steps, "scale": scale,
                 "knobs": absolute})
-            log.warning("job %s: %s", job, plan.describe())
+            log.log(logging.INFO if plan.planned else logging.WARNING, "job %s: %s", job,
+                    plan.describe())
         self.journal.append(job, "command", step=decision.step, seq=command.seq, data={
             "scale": scale, "knobs": absolute, "lr_max": command.lr_max,
             "reasons": command.reasons, "mark_stable": command.mark_stable,

@@ -411,3 +411,22 @@ def test_an_lr_set_for_rprop_is_refused_saying_its_lr_is_not_steered(tmp_path):
     assert not reply.ok and sent == []
     assert "out of the job's bounds [0.1 (x1), 0.1 (x1)]" in reply.detail
     assert "(Rprop reads its lr only at its first step: its lr is not steered)" in reply.detail
+
+
+def test_a_planned_rollback_is_logged_at_info_not_as_a_warning(tmp_path, caplog):
+    """A sweep trial: a 1000-trial study logged two WARNINGs per range test for rollbacks
+    it planned (its start and its return). A planned rollback (level 0: a phase's, or a
+    person's to a named checkpoint) is logged at INFO; a fault's stays a WARNING."""
+    ctl = make(tmp_path)
+    ctl.handle(PEER, register())
+    for seq in range(1, 6):
+        ctl.handle(PEER, report(seq))
+    with caplog.at_level("INFO", logger="trimtab.controller"):
+        reply, (cmd,) = answer(ctl, operate("rollback", to_step=20, reason="bad data shard"))
+        ctl.handle(PEER, wire.encode(wire.Ack(job="j1", seq=cmd.seq, step=20, restored_step=20,
+                                              **in_force())))
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records
+             if "rolled back from step" in r.getMessage()
+             or "planned rollback" in r.getMessage()]
+    assert lines and all(level == "INFO" for level, _ in lines), lines
+    assert any("rolled back from step 50 to 20 (manual, level 0)" in m for _, m in lines), lines
