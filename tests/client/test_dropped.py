@@ -19,6 +19,8 @@ import torch
 from trimtab.client import _guard, attach
 from trimtab.protocol import wire
 
+from ..integration.support import optimizer_step
+
 pytestmark = pytest.mark.timeout(60)
 
 
@@ -41,11 +43,7 @@ def _trial(controller, steps: int, *, job: str = "sweep", hooks: bool = False,
     for _ in range(steps):
         loss = torch.nn.functional.mse_loss(model(x), y)
         loss.backward()
-        if hooks:
-            guard.observe_loss(loss)
-            opt.step()
-        else:
-            guard.step(loss)
+        optimizer_step(opt, loss, guard, hooks)
         opt.zero_grad()
     raise Pruned
 
