@@ -915,7 +915,8 @@ class _Link:
 
 #: Threads ending the links of guards collected unclosed (see _finish), joined by the next
 #: attach (a new guard under the same job name registers after the old run's Bye) and at
-#: exit (a sweep trial's trial dropped just before it: its Bye was lost with the thread).
+#: exit (a careless sweep's last trial, dropped just before it, lost its Bye with the
+#: thread).
 _ENDING: list[threading.Thread] = []
 
 
@@ -981,8 +982,12 @@ def _finish(guard: weakref.ref[Guard], transport: Transport,
         step = reported[1]
     ending = threading.Thread(target=_end_dropped, name="trimtab-dropped", daemon=True,
                               args=(link.job, transport, store, step))
+    try:
+        ending.start()
+    except RuntimeError:  # the interpreter is shutting down: no new thread, end it here
+        _end_dropped(link.job, transport, store, step)
+        return
     _ENDING.append(ending)
-    ending.start()
 
 
 def attach(model: torch.nn.Module, optimizer: torch.optim.Optimizer, **options: Any) -> Guard:
