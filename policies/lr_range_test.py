@@ -220,6 +220,16 @@ class LrRangeTestConfig(BaseModel):
     #: of -0.66..+0.09 up to the rise and one at or below 0 among their first two; a
     #: tuned PPO on CartPole lined up at +0.11..+0.30 from its first reports on.
     rise_align_reports: int = Field(3, ge=1)
+    #: A rise (``rise``) is no evidence while the median update ratio (``|dtheta| /
+    #: |theta|`` per step, reported by the client) of the reports so far is below this
+    #: (None: not used): updates that small do not overshoot, and a loss on a plateau
+    #: rises and falls with its batches' noise. A sweep trial's tanh MLP, its loss on a
+    #: plateau near its initial value for 100-150 steps at its best lrs (0.004-0.013),
+    #: was swept on a 5-7% rise and ended near that initial loss in 5 of 12 runs
+    #: (``python -m bench.plateau``). Measured (median of the first 6 reports): the
+    #: benchmark's too-hot starts whose loss rose at 0.019-0.12 (the GPT loop at 10x, the
+    #: digits CNN at 10x and 30x), its tuned runs at 0.0027-0.107 (none of which rose).
+    rise_update_ratio: float | None = Field(0.02, gt=0.0, allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _rising(self) -> LrRangeTestConfig:
@@ -465,6 +475,9 @@ class LrRangeTest(Policy):
         if hot is not None:
             return "high", hot
         rose = _rose(seen, losses, cfg.rise)
+        if rose is not None and self._small_updates(seen):
+            # Updates this small do not overshoot: a plateau's noise, not an lr far too high.
+            return None
         if rose is not None:
             moving = self._target_moves(seen)
             if moving is None:
@@ -514,6 +527,14 @@ class LrRangeTest(Policy):
         cfg: LrRangeTestConfig = self.config  # type: ignore[assignment]
         noise = median_noise(seen)
         return noise is None or cfg.flat_drop * level >= cfg.min_drop_noise * noise / math.sqrt(n)
+
+    def _small_updates(self, seen: Sequence[Sample]) -> bool:
+        """Whether the median update ratio of ``seen`` is below ``rise_update_ratio``
+        (False where that is off or no report carries a ratio)."""
+        cfg: LrRangeTestConfig = self.config  # type: ignore[assignment]
+        ratios = [s.update_ratio for s in seen if s.update_ratio is not None]
+        return (cfg.rise_update_ratio is not None and bool(ratios)
+                and statistics.median(ratios) < cfg.rise_update_ratio)
 
     def _target_moves(self, seen: Sequence[Sample]) -> bool | None:
         """Whether the updates of ``seen`` (the reports so far) kept lining up with the

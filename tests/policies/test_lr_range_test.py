@@ -1023,14 +1023,16 @@ def test_a_schedule_counts_its_steps_from_the_checkpoint_the_range_test_returned
 
 
 def _evidence(losses, spreads=None, nonfinite_at=None, used=None, aligned=None, lows=None,
-              nonfinite=5, start=0, lasts=None, loss_trend=None, warm_start=None):
+              nonfinite=5, start=0, lasts=None, loss_trend=None, warm_start=None,
+              ratios=None, config=None):
     """The range test's verdict on a job fed one report per loss (window 5, checkpoint 0
     listed, each report's health judged; ``used``: the loop's own LR per report, else
     ``LR``; ``aligned``: the update alignment per report; ``lows``: a report's lowest loss,
     where not the spread's; ``lasts``: a report's last loss, where not its mean;
     ``nonfinite`` non-finite steps in the reports ``nonfinite_at``
-    (a number or a set); ``start``: the step of the registration): the reason it starts
-    its sweep at the last report, or None."""
+    (a number or a set); ``start``: the step of the registration; ``ratios``: the update
+    ratio per report; ``config``: the policy's): the reason it starts its sweep at the
+    last report, or None."""
     st = JobState.from_register(wire.Register(
         job="j", run_id="r", report_every=5, knobs=wire.Knobs(lr=LR), base=wire.Knobs(lr=LR),
         step=start, facts=wire.ScaleFacts(param_count=10, group_sizes=[10], optimizer="AdamW",
@@ -1046,8 +1048,9 @@ def _evidence(losses, spreads=None, nonfinite_at=None, used=None, aligned=None, 
             knobs=wire.Knobs(lr=used[i - 1] if used else LR),
             base=wire.Knobs(lr=used[i - 1] if used else LR),
             checkpoints=[start], nonfinite_grads=nonfinite if i in bad else 0,
-            update_alignment=aligned[i - 1] if aligned else None), DivergenceThresholds())
-    policy = LrRangeTest()
+            update_alignment=aligned[i - 1] if aligned else None,
+            update_ratio=ratios[i - 1] if ratios else None), DivergenceThresholds())
+    policy = LrRangeTest(config or {})
     out = policy.propose(st.view())
     _evidence.kind = (policy.evidence(st.view()) or (None,))[0]
     return (policy.far_off(st.view()), out)
@@ -1383,3 +1386,20 @@ def test_no_sweep_for_an_optimizer_that_reads_its_lr_once():
     c = client()
     drive(engine, c, lambda lr: 1.0, 2)
     assert c.state.phase is not None
+
+
+def test_a_rise_under_small_updates_is_a_plateaus_noise_not_evidence():
+    """A sweep trial's tanh MLP at its best lrs: its loss on a plateau near its initial
+    value for 100-150 steps rose 5-7% over its first reports (the batches' noise) with
+    update ratios of 0.004-0.013, was swept from step 0 and ended near its initial loss in
+    5 of 12 runs (python -m bench.plateau). The same rise with updates of a too-hot start
+    (the digits CNN at 10x: 0.05-0.12) starts the sweep; so does it with the gate off."""
+    plateau = [0.626, 0.658, 0.635]
+    assert _evidence(plateau, ratios=[0.0067, 0.0064, 0.0045]) == (None, [])
+    why, (p,) = _evidence(plateau, ratios=[0.023, 0.032, 0.076])
+    assert "the loss rose" in why and p.sweep
+    off = {"rise_update_ratio": None}
+    assert "the loss rose" in _evidence(plateau, ratios=[0.0067, 0.0064, 0.0045],
+                                        config=off)[0]
+    # Reports that carry no ratio (an older client): the rise stands, as before.
+    assert "the loss rose" in _evidence(plateau)[0]
