@@ -476,8 +476,9 @@ class LrRangeTest(Policy):
             return "high", hot
         rose = _rose(seen, losses, cfg.rise)
         if rose is not None and self._small_updates(seen):
-            # Updates this small do not overshoot: a plateau's noise, not an lr far too high.
-            return None
+            # Updates this small do not overshoot: a plateau's noise, not an lr far too
+            # high. No evidence of that; the rules for an lr far too low still read the run.
+            rose = None
         if rose is not None:
             moving = self._target_moves(seen)
             if moving is None:

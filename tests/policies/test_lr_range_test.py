@@ -1403,3 +1403,17 @@ def test_a_rise_under_small_updates_is_a_plateaus_noise_not_evidence():
                                         config=off)[0]
     # Reports that carry no ratio (an older client): the rise stands, as before.
     assert "the loss rose" in _evidence(plateau)[0]
+
+
+def test_a_gated_rise_leaves_the_run_to_the_rules_for_an_lr_too_low():
+    """A rise the update-ratio gate sets aside is no evidence of an lr too high, and only
+    that: a run that then does not fall over its first 20 reports under tiny updates is
+    still found too cold (the gate once returned early, and no later rule read the run)."""
+    flat = [1.0, 1.06] + [1.0] * 18
+    why, out = _evidence(flat, ratios=[0.001] * 20)
+    assert "did not fall" in why and _evidence.kind == "low", why
+    assert out and out[0].sweep
+    # At the rise itself, nothing yet (the gate), where the gate off says "rose".
+    assert _evidence(flat[:3], ratios=[0.001] * 3)[0] is None
+    assert "the loss rose" in _evidence(flat[:3], ratios=[0.001] * 3,
+                                        config={"rise_update_ratio": 1e-12})[0]
