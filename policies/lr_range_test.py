@@ -435,7 +435,8 @@ class LrRangeTest(Policy):
         before (its lowest above that one's highest and twice its lowest), or as a window
         whose mean rises above the first report's by ``rise`` (in a run that has trained,
         its last or lowest loss too; not while the updates kept lining up with the next
-        gradient, see ``rise_align_reports``); one far too low as updates that keep lining up with
+        gradient, see ``rise_align_reports``, nor under updates smaller than
+        ``rise_update_ratio``); one far too low as updates that keep lining up with
         the next gradient (a median ``update_alignment``
         over ``align_low`` in the second half of the window, while the loop's LR holds), or
         a loss that fell less than ``flat_drop`` over the first ``flat_reports`` reports
