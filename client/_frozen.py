@@ -26,7 +26,6 @@ Files hold the frozen part like the rest: each checkpoint file is whole.
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import torch
@@ -34,8 +33,6 @@ import torch
 from . import _host_copy
 
 __all__ = ["FrozenCopy", "FrozenParts"]
-
-log = logging.getLogger("trimtab.client")
 
 #: Elements of a frozen tensor summed for its checksum (evenly spaced), at most.
 _SAMPLE = 4096
@@ -138,11 +135,11 @@ class FrozenParts:
         self.queued: list[FrozenCopy] = []
         for name in names:
             t = model_sd[name].detach()
+            sig = _signature(t)
             held = self._copies.get(name)
-            if held is not None and held.sig == _signature(t):
+            if held is not None and held.sig == sig:
                 out[name] = held
                 continue
-            sig = _signature(t)
             copy = made.get(sig)
             if copy is None:
                 staged = _host_copy._staged(t)
